@@ -1,0 +1,1 @@
+"""One module per kind of build step (run, copy/add, metadata)."""

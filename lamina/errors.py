@@ -1,0 +1,120 @@
+"""Every failure a user can cause or meet is a LaminaError.
+
+    LaminaError                      base; the CLI prints str(err) and exits 1
+    ├── DockerfileError              carries path, line, column of the Dockerfile
+    │   ├── DockerfileSyntaxError    the text does not parse
+    │   └── InstructionError         an instruction or flag is malformed/unsupported
+    ├── ExpansionError               ${VAR:?msg} and bad substitutions
+    ├── IgnoreFileError              an invalid .dockerignore pattern
+    ├── PlanError                    unknown stage, cycle, bad --target, bad --build-arg
+    ├── ContextError                 a COPY source is missing or escapes the context
+    ├── StoreError                   the content store or cache index
+    │   ├── DigestMismatch           bytes do not hash to the digest they claim
+    │   └── ImageNotFound            a name the store does not hold
+    ├── LayerError                   a hostile or broken layer tar
+    ├── SandboxError                 namespaces, mounts, process start
+    ├── BuildError                   a step failed (names stage and line, keeps output tail)
+    └── RegistryError                registry protocol, auth, transport
+
+Per-instruction parsers raise a bare error; the dispatcher that knows the
+node adds the location once (`with_location`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+class LaminaError(Exception):
+    """Base of all user-facing errors."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Location:
+    path: str
+    line: int  # 1-based; 0 when unknown
+    column: int = 0
+
+    def __str__(self) -> str:
+        if not self.line:
+            return self.path
+        return f"{self.path}:{self.line}"
+
+
+class DockerfileError(LaminaError):
+    """An error in a Dockerfile; `location` names the file and line."""
+
+    def __init__(self, message: str, location: Location | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.location = location
+
+    def with_location(self, location: Location) -> DockerfileError:
+        """Return a copy of this error located at `location` (kept if already set)."""
+        if self.location is not None:
+            return self
+        err = type(self).__new__(type(self))
+        DockerfileError.__init__(err, self.message, location)
+        err.__cause__ = self.__cause__
+        return err
+
+    def __str__(self) -> str:
+        if self.location is None:
+            return self.message
+        return f"{self.location}: {self.message}"
+
+
+class DockerfileSyntaxError(DockerfileError):
+    pass
+
+
+class InstructionError(DockerfileError):
+    pass
+
+
+class ExpansionError(LaminaError):
+    pass
+
+
+class IgnoreFileError(LaminaError):
+    pass
+
+
+class PlanError(LaminaError):
+    pass
+
+
+class ContextError(LaminaError):
+    pass
+
+
+class StoreError(LaminaError):
+    pass
+
+
+class DigestMismatch(StoreError):
+    pass
+
+
+class ImageNotFound(StoreError):
+    pass
+
+
+class LayerError(LaminaError):
+    pass
+
+
+class SandboxError(LaminaError):
+    pass
+
+
+class BuildError(LaminaError):
+    """A build step failed; `output_tail` holds the last lines the step printed."""
+
+    def __init__(self, message: str, output_tail: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.output_tail = output_tail
+
+
+class RegistryError(LaminaError):
+    pass

@@ -1,0 +1,41 @@
+"""One entry of a layer: the value that layer writers consume and readers yield.
+
+A snapshot (overlay upper dir, copy-and-compare diff), a directory walk and
+a tar reader all produce `LayerEntry` values; the layer writer turns a
+sorted sequence of them into a tar stream. Whiteouts are already in OCI form
+here (`.wh.NAME`, `.wh..wh..opq` as empty regular files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+from typing import BinaryIO
+
+
+class EntryType(enum.Enum):
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    HARDLINK = "hardlink"  # `linkname` is another path in the same layer
+    CHAR = "char"
+    BLOCK = "block"
+    FIFO = "fifo"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayerEntry:
+    path: str  # relative, '/'-separated, no leading '/' or './', no trailing '/'
+    type: EntryType
+    mode: int = 0o644  # permission bits incl. setuid/setgid/sticky, no type bits
+    uid: int = 0
+    gid: int = 0
+    size: int = 0  # bytes of content for FILE, else 0
+    mtime: int = 0  # seconds since the epoch
+    linkname: str = ""  # symlink target, or hardlink target path
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: tuple[tuple[str, bytes], ...] = ()  # sorted by name
+    # A fresh reader of exactly `size` bytes, for FILE entries.
+    open: Callable[[], BinaryIO] | None = dataclasses.field(default=None, compare=False)
