@@ -1,0 +1,68 @@
+"""What `--progress plain|json|quiet` print for a build's step events."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from lamina.engine.progress import (
+    BuildSummary,
+    JsonProgress,
+    PlainProgress,
+    QuietProgress,
+    StepEvent,
+    StepStatus,
+    make_progress,
+)
+
+RUN = StepEvent("builder", 2, 3, "RUN make", StepStatus.RUNNING)
+CACHED = StepEvent("builder", 1, 3, "COPY . /src", StepStatus.CACHED)
+FAILED = StepEvent("builder", 2, 3, "RUN make", StepStatus.ERROR, 1.5, ("make: *** no rule",))
+SUMMARY = BuildSummary("sha256:" + "a" * 64, steps_cached=1, steps_run=2, seconds=3.25)
+
+
+def test_plain_shows_cached_and_failure_tail() -> None:
+    out = io.StringIO()
+    sink = PlainProgress(out)
+    sink.step(CACHED)
+    sink.step(FAILED)
+    text = out.getvalue()
+    assert "[builder 1/3] COPY . /src  CACHED" in text
+    assert "[builder 2/3] RUN make  ERROR after 1.50s" in text
+    assert "  > make: *** no rule" in text
+
+
+def test_json_is_one_object_per_event_with_required_fields() -> None:
+    out = io.StringIO()
+    sink = JsonProgress(out)
+    sink.step(CACHED)
+    sink.step(RUN)
+    sink.finish(SUMMARY)
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["type"] for r in records] == ["step", "step", "summary"]
+    first = records[0]
+    assert first["stage"] == "builder"
+    assert first["step"] == 1
+    assert first["instruction"] == "COPY . /src"
+    assert first["status"] == "cached"
+    assert "seconds" in first
+    assert records[2]["steps_cached"] == 1
+
+
+def test_quiet_prints_only_failures() -> None:
+    out = io.StringIO()
+    sink = QuietProgress(out)
+    sink.step(CACHED)
+    sink.log("builder", 2, "compiling")
+    sink.finish(SUMMARY)
+    assert out.getvalue() == ""
+    sink.step(FAILED)
+    assert "ERROR" in out.getvalue()
+
+
+def test_summary_line_names_digest_and_counts() -> None:
+    assert SUMMARY.line() == f"built sha256:{'a' * 64} in 3.25s: 1 step(s) cached, 2 run"
+
+
+def test_auto_is_plain_when_not_a_terminal() -> None:
+    assert isinstance(make_progress("auto", io.StringIO()), PlainProgress)
