@@ -1,0 +1,80 @@
+"""Cache keys for build steps, and why a key missed.
+
+A step's key is sha256 over its `KeyInputs`: the parent step's key, the
+instruction after expansion, the ARG/ENV values the step can see, the
+platform, and the digest of its inputs' content (COPY sources by content and
+metadata, never mtime). Proxy ARGs and secrets never reach a `KeyInputs`:
+the caller leaves them out.
+
+The inputs are stored beside each result in the cache index, so that
+`lamina plan` can say which part changed when a key misses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+# Bump when the meaning of a key changes, so old cache entries simply miss.
+KEY_VERSION = "lamina-step-v1"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyInputs:
+    parent: str  # the parent step's key, or the base image's manifest digest, or "scratch"
+    instruction: str  # the instruction as it will run, after expansion
+    env: tuple[tuple[str, str], ...] = ()  # visible ARG/ENV, sorted by name
+    platform: str = ""
+    content: str = ""  # digest of the step's input files / mounted stages, "" when none
+
+    def key(self) -> str:
+        return "sha256:" + hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def to_json(self) -> str:
+        record = {"v": KEY_VERSION, **dataclasses.asdict(self)}
+        record["env"] = [list(pair) for pair in self.env]
+        return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> KeyInputs:
+        record = json.loads(text)
+        return cls(
+            parent=record["parent"],
+            instruction=record["instruction"],
+            env=tuple((name, value) for name, value in record["env"]),
+            platform=record["platform"],
+            content=record["content"],
+        )
+
+
+def make_inputs(
+    parent: str,
+    instruction: str,
+    env: dict[str, str] | None = None,
+    platform: str = "",
+    content: str = "",
+) -> KeyInputs:
+    return KeyInputs(parent, instruction, tuple(sorted((env or {}).items())), platform, content)
+
+
+def explain_miss(previous: KeyInputs | None, current: KeyInputs) -> str:
+    """One line saying why `current` did not hit where `previous` was cached before."""
+    if previous is None:
+        return "never built"
+    reasons = []
+    if previous.parent != current.parent:
+        reasons.append("the previous step changed")
+    if previous.instruction != current.instruction:
+        reasons.append("the instruction changed")
+    old_env, new_env = dict(previous.env), dict(current.env)
+    changed = sorted(
+        name for name in old_env.keys() | new_env.keys() if old_env.get(name) != new_env.get(name)
+    )
+    if changed:
+        reasons.append("ARG/ENV changed: " + ", ".join(changed))
+    if previous.platform != current.platform:
+        reasons.append(f"platform changed: {previous.platform} -> {current.platform}")
+    if previous.content != current.content:
+        reasons.append("input files changed")
+    return "; ".join(reasons) or "identical inputs"
