@@ -15,6 +15,8 @@
     ├── SandboxError                 namespaces, mounts, process start
     ├── BuildError                   a step failed (names stage and line, keeps output tail)
     └── RegistryError                registry protocol, auth, transport
+        ├── CredentialError          an auth file or docker-credential-* helper failed
+        └── InvalidReference         text that is not an image reference
 
 Per-instruction parsers raise a bare error; the dispatcher that knows the
 node adds the location once (`with_location`).
@@ -117,4 +119,12 @@ class BuildError(LaminaError):
 
 
 class RegistryError(LaminaError):
+    pass
+
+
+class CredentialError(RegistryError):
+    pass
+
+
+class InvalidReference(RegistryError):
     pass
