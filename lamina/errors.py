@@ -10,7 +10,9 @@
     ├── ContextError                 a COPY source is missing or escapes the context
     ├── StoreError                   the content store or cache index
     │   ├── DigestMismatch           bytes do not hash to the digest they claim
-    │   └── ImageNotFound            a name the store does not hold
+    │   ├── ImageNotFound            a name the store does not hold
+    │   └── StoreBusy                gc needs the store to itself
+    ├── ImageFormatError             a malformed image document, layout or archive
     ├── LayerError                   a hostile or broken layer tar
     ├── SandboxError                 namespaces, mounts, process start
     ├── BuildError                   a step failed (names stage and line, keeps output tail)
@@ -100,6 +102,14 @@ class DigestMismatch(StoreError):
 
 class ImageNotFound(StoreError):
     pass
+
+
+class StoreBusy(StoreError):
+    pass
+
+
+class ImageFormatError(LaminaError):
+    """A manifest, config, index, layout or archive is malformed; lists every problem."""
 
 
 class LayerError(LaminaError):
