@@ -1,0 +1,400 @@
+"""Shell-word expansion with BuildKit's lexer rules.
+
+ENV, ARG, COPY, WORKDIR and friends expand `$VAR` and `${VAR...}` in their
+arguments the way BuildKit's `shell.Lex` does: quotes are removed, the escape
+token (`\\` or `` ` ``) escapes one character, and variables expand from an
+environment mapping. RUN is not expanded here; its shell does that.
+
+Behaviour worth knowing (all checked by BuildKit's envVarTest/wordsTest):
+- an unset variable expands to "", positional and special parameters
+  (`$1`, `$@`, `$#`, ...) are never set;
+- the word after a modifier (`${A:-word}`) is always lexed, even when not
+  used, so its syntax errors surface and its variables count as read;
+- `split_words` splits at unquoted blanks, and also at blanks that come from
+  an unquoted expansion; quoted text and escaped blanks stay whole;
+- `#`, `%` and `/` patterns use `*` and `?` (no bracket expressions), and
+  keep escapes in the pattern so `\\*` is a literal star.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+
+from lamina.errors import ExpansionError
+
+__all__ = ["expand_word", "referenced_names", "split_words"]
+
+_EOF = ""
+_SPECIAL_PARAMS = frozenset("@*#?-$!0")
+_ASCII_SPACE = frozenset("\t\n\v\f\r \x85\xa0")
+
+Lookup = Callable[[str], "str | None"]  # None means unset
+
+
+def expand_word(word: str, env: Mapping[str, str], escape: str = "\\") -> str:
+    """Expand one word: quotes removed, escapes applied, no splitting."""
+    if not _needs_lexing(word, escape):
+        return word
+    return _Lexer(word, env.get, escape).run()[0]
+
+
+def split_words(word: str, env: Mapping[str, str], escape: str = "\\") -> list[str]:
+    """Expand `word` and split it into fields as BuildKit's ProcessWords does."""
+    if not _needs_lexing(word, escape):
+        return _split_plain(word)
+    return _Lexer(word, env.get, escape).run()[1]
+
+
+def referenced_names(word: str, escape: str = "\\") -> frozenset[str]:
+    """Names of every variable `word` reads when expanded, whatever their values.
+
+    A cache key built from these names (and their values) changes exactly when
+    the expansion could change. Raises ExpansionError on invalid syntax.
+    """
+    if "$" not in word:
+        return frozenset()
+    seen: set[str] = set()
+
+    def record(name: str) -> str:
+        seen.add(name)
+        return "x"  # set and non-empty: no `?` error, every branch still lexed
+
+    _Lexer(word, record, escape).run()
+    return frozenset(seen)
+
+
+def _needs_lexing(word: str, escape: str) -> bool:
+    return "$" in word or "'" in word or '"' in word or escape in word
+
+
+def _is_space(ch: str) -> bool:
+    # Go's unicode.IsSpace, which differs from str.isspace for \x1c-\x1f.
+    if ch in _ASCII_SPACE:
+        return True
+    return ch > "\x7f" and unicodedata.category(ch) in ("Zs", "Zl", "Zp")
+
+
+def _split_plain(word: str) -> list[str]:
+    words: list[str] = []
+    start = -1
+    for i, ch in enumerate(word):
+        if _is_space(ch):
+            if start >= 0:
+                words.append(word[start:i])
+                start = -1
+        elif start < 0:
+            start = i
+    if start >= 0:
+        words.append(word[start:])
+    return words
+
+
+class _Fields:
+    """Collects the fields of a word while it is being lexed."""
+
+    __slots__ = ("current", "in_word", "words")
+
+    def __init__(self) -> None:
+        self.words: list[str] = []
+        self.current: list[str] = []
+        self.in_word = False
+
+    def add_char(self, ch: str) -> None:
+        if not _is_space(ch):
+            self.add_raw(ch)
+        elif self.in_word and self.current:
+            self.words.append("".join(self.current))
+            self.current = []
+            self.in_word = False
+
+    def add_raw(self, text: str) -> None:
+        self.current.append(text)
+        self.in_word = True
+
+    def add_expanded(self, text: str) -> None:
+        for ch in text:
+            self.add_char(ch)
+
+    def finish(self) -> list[str]:
+        word = "".join(self.current)
+        if word:
+            self.words.append(word)
+        return self.words
+
+
+class _Lexer:
+    """One pass over one word; its position is the state."""
+
+    def __init__(self, text: str, lookup: Lookup, escape: str) -> None:
+        self.text = text
+        self.pos = 0
+        self.lookup = lookup
+        self.escape = escape
+        self.raw_escapes = False
+
+    def run(self) -> tuple[str, list[str]]:
+        try:
+            return self.until(_EOF, raw_escapes=False)
+        except ExpansionError as err:
+            raise ExpansionError(f'failed to process "{self.text}": {err}') from None
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else _EOF
+
+    def next(self) -> str:
+        ch = self.peek()
+        self.pos += 1 if ch else 0
+        return ch
+
+    def until(self, stop: str, raw_escapes: bool) -> tuple[str, list[str]]:
+        """Lex up to and including `stop` (or to the end when `stop` is EOF)."""
+        saved, self.raw_escapes = self.raw_escapes, raw_escapes
+        try:
+            return self._until(stop)
+        finally:
+            self.raw_escapes = saved
+
+    def _until(self, stop: str) -> tuple[str, list[str]]:
+        out: list[str] = []
+        fields = _Fields()
+        while (ch := self.peek()) != _EOF:
+            if stop and ch == stop:
+                self.next()
+                return "".join(out), fields.finish()
+            if ch == "$":
+                value = self.dollar()
+                out.append(value)
+                fields.add_expanded(value)
+            elif ch == "'":
+                value = self.single_quoted()
+                out.append(value)
+                fields.add_raw(value)
+            elif ch == '"':
+                value = self.double_quoted()
+                out.append(value)
+                fields.add_raw(value)
+            elif self.next() == self.escape:
+                if self.raw_escapes:
+                    out.append(ch)
+                    fields.add_raw(ch)
+                escaped = self.next()
+                if escaped == _EOF:  # a trailing escape is dropped
+                    break
+                out.append(escaped)
+                fields.add_raw(escaped)
+            else:
+                out.append(ch)
+                fields.add_char(ch)
+        if stop:
+            raise ExpansionError(f"unexpected end of statement while looking for matching {stop}")
+        return "".join(out), fields.finish()
+
+    def single_quoted(self) -> str:
+        self.next()
+        end = self.text.find("'", self.pos)
+        if end < 0:
+            raise ExpansionError("unexpected end of statement while looking for matching single-quote")
+        value = self.text[self.pos : end]
+        self.pos = end + 1
+        return value
+
+    def double_quoted(self) -> str:
+        self.next()
+        out: list[str] = []
+        while True:
+            ch = self.peek()
+            if ch == _EOF:
+                raise ExpansionError("unexpected end of statement while looking for matching double-quote")
+            if ch == '"':
+                self.next()
+                return "".join(out)
+            if ch == "$":
+                out.append(self.dollar())
+                continue
+            self.next()
+            if ch == self.escape:
+                if self.raw_escapes:
+                    out.append(ch)
+                following = self.peek()
+                if following == _EOF:
+                    continue  # the loop then reports the missing quote
+                if following in ('"', "$", self.escape):
+                    ch = self.next()
+                # any other escape stays literal inside double quotes
+            out.append(ch)
+
+    def name(self) -> str:
+        """A variable name: digits, one special parameter, or [letters digits _]."""
+        start = self.pos
+        ch = self.peek()
+        if ch and ch.isdecimal():
+            while self.peek() and self.peek().isdecimal():
+                self.pos += 1
+            return self.text[start : self.pos]
+        if ch in _SPECIAL_PARAMS:
+            self.pos += 1
+            return ch
+        while (ch := self.peek()) and (ch.isalpha() or ch.isdecimal() or ch == "_"):
+            self.pos += 1
+        return self.text[start : self.pos]
+
+    def dollar(self) -> str:
+        self.next()  # the '$'
+        if self.peek() != "{":
+            name = self.name()
+            if not name:
+                return "$"
+            return self.lookup(name) or ""
+        self.next()  # the '{'
+        first = self.peek()
+        if first == _EOF:
+            raise ExpansionError("syntax error: missing '}'")
+        if first in "{}:":
+            raise ExpansionError("syntax error: bad substitution")
+        name = self.name()
+        op = self.next()
+        if op == "}":
+            return self.lookup(name) or ""
+        if op == "/":
+            return self.substitute(name)
+        if op == _EOF:
+            raise ExpansionError("syntax error: missing '}'")
+        null_is_unset = op == ":"
+        if null_is_unset:
+            op = self.next()
+        modifier = (":" if null_is_unset else "") + op
+        if op not in ("+", "-", "?", "#", "%"):
+            raise ExpansionError(f"unsupported modifier ({modifier}) in substitution")
+        word = self.braced_word(raw_escapes=op in "#%")
+        value = self.lookup(name)
+        unset = value is None or (null_is_unset and value == "")
+        if op == "-":
+            return word if unset else (value or "")
+        if op == "+":
+            return "" if unset else word
+        if op == "?":
+            if value is None:
+                raise ExpansionError(f"{name}: {word or 'is not allowed to be unset'}")
+            if unset:
+                raise ExpansionError(f"{name}: {word or 'is not allowed to be empty'}")
+            return value
+        # `#`/`%` trim the shortest match, `##`/`%%` the longest.
+        greedy = word.startswith(op)
+        pattern = word[1:] if greedy else word
+        if op == "#":
+            return _trim_prefix(pattern, value or "", greedy)
+        return _trim_suffix(pattern, value or "", greedy)
+
+    def braced_word(self, raw_escapes: bool) -> str:
+        try:
+            return self.until("}", raw_escapes)[0]
+        except ExpansionError:
+            if self.peek() == _EOF:
+                raise ExpansionError("syntax error: missing '}'") from None
+            raise
+
+    def substitute(self, name: str) -> str:
+        """`${name/pattern/replacement}` and `${name//pattern/replacement}`."""
+        replace_all = self.peek() == "/"
+        if replace_all:
+            self.next()
+        try:
+            pattern = self.until("/", raw_escapes=True)[0]
+        except ExpansionError:
+            if self.peek() == _EOF:
+                raise ExpansionError("syntax error: missing '/' in ${}") from None
+            raise
+        replacement = self.braced_word(raw_escapes=True)
+        value = self.lookup(name) or ""
+        regex = _pattern_regex(pattern, greedy=True, anchored=False)
+        if not replace_all:
+            match = regex.search(value)
+            if match is None:
+                return value
+            return value[: match.start()] + replacement + value[match.end() :]
+        return _replace_all(regex, value, replacement)
+
+
+def _pattern_regex(pattern: str, greedy: bool, anchored: bool) -> re.Pattern[str]:
+    """A shell pattern (`*`, `?`, `\\` escapes; no brackets) as a regex."""
+    parts = ["^"] if anchored else []
+    star = ".*" if greedy else ".*?"
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        i += 1
+        if ch == "*":
+            parts.append(star)
+        elif ch == "?":
+            parts.append(".")
+        elif ch == "\\":
+            following = pattern[i] if i < len(pattern) else _EOF
+            if following in ("}", "/"):
+                continue  # escaped only to get past the ${} lexer
+            if following not in ("*", "?", "\\"):
+                raise ExpansionError(
+                    f"invalid pattern ({pattern}) in substitution: invalid escape '\\{following}'"
+                )
+            parts.append(re.escape(following))
+            i += 1
+        else:
+            parts.append(re.escape(ch))
+    return re.compile("".join(parts))
+
+
+def _trim_prefix(pattern: str, value: str, greedy: bool) -> str:
+    match = _pattern_regex(pattern, greedy, anchored=True).search(value)
+    return value[match.end() :] if match else value
+
+
+def _trim_suffix(pattern: str, value: str, greedy: bool) -> str:
+    # A regex cannot find the shortest rightmost match; reverse both pattern
+    # (keeping `\x` escape pairs in order) and value, and trim a prefix.
+    tokens: list[str] = []
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "\\" and i + 1 < len(pattern):
+            tokens.append(pattern[i : i + 2])
+            i += 2
+        else:
+            tokens.append(pattern[i])
+            i += 1
+    reversed_pattern = "".join(reversed(tokens))
+    return _trim_prefix(reversed_pattern, value[::-1], greedy)[::-1]
+
+
+def _replace_all(regex: re.Pattern[str], value: str, template: str) -> str:
+    # Go's ReplaceAllString: an empty match right after the previous match is
+    # skipped (Python would replace it), and `$` in the replacement is a template.
+    out: list[str] = []
+    pos = 0
+    previous_end = -1
+    for match in regex.finditer(value):
+        start, end = match.span()
+        if start == end and start == previous_end:
+            continue
+        out.append(value[pos:start])
+        out.append(_go_template(template, match.group(0)))
+        pos = end
+        previous_end = end
+    out.append(value[pos:])
+    return "".join(out)
+
+
+_TEMPLATE_NAME = re.compile(r"\$(?:(\$)|\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
+
+
+def _go_template(template: str, whole: str) -> str:
+    """Go's Regexp.Expand for a pattern with no groups: `$0` is the match."""
+    if "$" not in template:
+        return template
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(1):
+            return "$"
+        name = match.group(2) or match.group(3)
+        return whole if name.isdigit() and int(name) == 0 else ""
+
+    return _TEMPLATE_NAME.sub(one, template)
