@@ -1,0 +1,653 @@
+"""The content-addressed store: blobs, unpacked layers and the index.
+
+Layout under the root (see `default_cache_root` for where that is):
+
+    blobs/sha256/<hex>       content; immutable once it has a name
+    blobs/sha256/.tmp-*      writes in flight (same directory: rename is atomic)
+    unpacked/<hex>/          a layer unpacked, keyed by its diff_id
+    unpacked/.tmp-*/         unpacks in flight
+    index.db (-wal, -shm)    SQLite in WAL mode: names, layers, cache results
+    lock                     flock: shared while a Store is open, exclusive for gc
+
+Invariants, and what keeps them:
+- A name under blobs/ always holds exactly the bytes its digest says. Bytes
+  are written to a temporary file, fsynced, hashed while written, compared
+  with the expected digest and only then renamed; a crash or a mismatch
+  leaves at most a `.tmp-*` file, which gc removes.
+- An unpacked/<hex> directory is complete: it is filled under a temporary
+  name and renamed. When two processes unpack the same layer, the first
+  rename wins and the loser drops its copy.
+- Several lamina processes share one store. Blob and unpack publishing is
+  rename-based and needs no lock; SQLite serialises the index (WAL, busy
+  timeout); gc takes the store lock exclusively so that nothing it deletes
+  is in use.
+
+Typical use by the executor:
+
+    with Store(default_cache_root(os.environ)) as store:
+        with store.blob_writer() as out:
+            info = write_layer(entries, out, "gzip")   # lamina.oci.layer
+            blob = out.commit(info.digest)
+        store.record_layer(LayerRecord(blob.digest, info.diff_id, info.media_type, blob.size))
+        store.cache_put(key, json.dumps(result), refs=[blob.digest])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from lamina.errors import DigestMismatch, ImageNotFound, StoreBusy, StoreError
+from lamina.oci.digest import Digest
+
+if TYPE_CHECKING:
+    import sqlite3
+
+CHUNK = 1 << 20
+_BUSY_TIMEOUT_S = 60.0
+_STALE_TMP_S = 24 * 3600  # a temp file this old belongs to a dead process
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    name TEXT PRIMARY KEY,
+    manifest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created TEXT NOT NULL,
+    tagged_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layers (
+    blob TEXT PRIMARY KEY,
+    diff_id TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS layers_by_diff_id ON layers (diff_id);
+CREATE TABLE IF NOT EXISTS cache (
+    key TEXT PRIMARY KEY,
+    result TEXT NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cache_refs (
+    key TEXT NOT NULL REFERENCES cache (key) ON DELETE CASCADE,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (key, digest)
+);
+CREATE TABLE IF NOT EXISTS unpacked (
+    diff_id TEXT PRIMARY KEY,
+    last_used REAL NOT NULL
+);
+"""
+
+
+def default_cache_root(environ: Mapping[str, str]) -> Path:
+    """`$LAMINA_CACHE`, else `$XDG_CACHE_HOME/lamina`, else `~/.cache/lamina`."""
+    if environ.get("LAMINA_CACHE"):
+        return Path(environ["LAMINA_CACHE"])
+    if environ.get("XDG_CACHE_HOME"):
+        return Path(environ["XDG_CACHE_HOME"]) / "lamina"
+    home = environ.get("HOME")
+    if not home:
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    return Path(home) / ".cache" / "lamina"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlobInfo:
+    digest: Digest
+    size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayerRecord:
+    """A layer blob and what it is: the diff_id of its tar and how it is compressed."""
+
+    blob: Digest
+    diff_id: Digest
+    media_type: str
+    size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImageRecord:
+    name: str
+    manifest: Digest
+    size: int  # bytes of config and layer blobs as stored
+    created: str  # the config's `created`, RFC 3339, or "" when it has none
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Usage:
+    blobs: int
+    blob_count: int
+    unpacked: int
+    unpacked_count: int
+    index: int
+
+    @property
+    def total(self) -> int:
+        return self.blobs + self.unpacked + self.index
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GcReport:
+    blobs_removed: int
+    unpacked_removed: int
+    cache_entries_removed: int
+    bytes_freed: int
+
+
+class BlobWriter:
+    """A forward-only file that hashes and counts what it is given.
+
+    Nothing has a real name until `commit()`; leaving the `with` block
+    without committing (or with an exception) removes the temporary file.
+    `tell()` is there for tarfile, which asks for the position.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        self._path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._done = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._hash.update(data)
+        self._file.write(data)
+        self._size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def commit(self, expected: Digest | None = None, size: int | None = None) -> BlobInfo:
+        """Check the digest (and size), fsync and give the blob its name."""
+        if self._done:
+            raise StoreError("blob writer already committed or aborted")
+        digest = Digest("sha256", self._hash.hexdigest())
+        try:
+            if expected is not None and expected != digest:
+                raise DigestMismatch(
+                    f"blob {expected}: the bytes hash to {digest} ({self._size} bytes), not stored"
+                )
+            if size is not None and size != self._size:
+                raise DigestMismatch(f"blob {digest}: {self._size} bytes, expected {size}")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            final = self._path.parent / digest.hex
+            os.replace(self._path, final)  # an existing blob has the same bytes
+            _fsync_dir(self._path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return BlobInfo(digest, self._size)
+
+    def abort(self) -> None:
+        self._done = True
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.abort()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """One content store on disk; open it with `with Store(root) as store:`."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self._blobs = self.root / "blobs" / "sha256"
+        self._unpacked = self.root / "unpacked"
+        self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._mutex = threading.RLock()  # one connection shared by the executor's threads
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def open(self) -> Store:
+        import sqlite3
+
+        try:
+            self._blobs.mkdir(parents=True, exist_ok=True)
+            self._unpacked.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            _flock(self._lock_fd, exclusive=False, wait=True)
+            db = sqlite3.connect(
+                self.root / "index.db",
+                timeout=_BUSY_TIMEOUT_S,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                with _transaction(db):
+                    # executescript() would COMMIT first: run the statements one by one.
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            self._db = db
+        except (OSError, sqlite3.Error) as err:
+            self.close()
+            raise StoreError(f"open store {self.root}: {err}") from err
+        return self
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Store:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"store {self.root} is not open")
+        return self._db
+
+    @contextlib.contextmanager
+    def _sql(self) -> Iterator[sqlite3.Connection]:
+        import sqlite3
+
+        with self._mutex:
+            try:
+                yield self.db
+            except sqlite3.Error as err:
+                raise StoreError(f"store index {self.root / 'index.db'}: {err}") from err
+
+    # --- blobs -----------------------------------------------------------------
+
+    def blob_path(self, digest: Digest) -> Path:
+        if digest.algorithm != "sha256":
+            raise StoreError(f"blob {digest}: only sha256 blobs are stored")
+        return self._blobs / digest.hex
+
+    def has_blob(self, digest: Digest) -> bool:
+        return digest.algorithm == "sha256" and self.blob_path(digest).is_file()
+
+    def blob_size(self, digest: Digest) -> int:
+        try:
+            return self.blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest} is not in the store") from None
+
+    def open_blob(self, digest: Digest) -> BinaryIO:
+        """A fresh reader of the blob's bytes."""
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest} is not in the store") from None
+
+    def read_blob(self, digest: Digest, limit: int) -> bytes:
+        """The whole blob, refusing (without reading) one larger than `limit` bytes."""
+        size = self.blob_size(digest)
+        if size > limit:
+            raise StoreError(f"blob {digest}: {size} bytes, more than the {limit} expected")
+        with self.open_blob(digest) as f:
+            return f.read(limit + 1)
+
+    def blob_writer(self) -> BlobWriter:
+        """A writer whose `commit(expected)` publishes the blob (see BlobWriter)."""
+        return BlobWriter(self._blobs)
+
+    def put_blob(self, stream: BinaryIO, expected: Digest | None = None, size: int | None = None) -> BlobInfo:
+        """Copy `stream` into the store; with `expected`, refuse bytes that hash otherwise.
+
+        When `expected` is already stored the stream is not read at all.
+        """
+        if expected is not None and self.has_blob(expected):
+            have = self.blob_size(expected)
+            if size is None or size == have:
+                return BlobInfo(expected, have)
+        with self.blob_writer() as out:
+            while chunk := stream.read(CHUNK):
+                out.write(chunk)
+            return out.commit(expected, size)
+
+    def put_bytes(self, data: bytes, expected: Digest | None = None) -> BlobInfo:
+        import io
+
+        return self.put_blob(io.BytesIO(data), expected, len(data))
+
+    # --- layers: blob <-> diff_id ----------------------------------------------
+
+    def record_layer(self, layer: LayerRecord) -> None:
+        """Remember that blob `layer.blob` is the tar `layer.diff_id`, compressed as its media type."""
+        with self._sql() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO layers (blob, diff_id, media_type, size) VALUES (?, ?, ?, ?)",
+                (str(layer.blob), str(layer.diff_id), layer.media_type, layer.size),
+            )
+
+    def layer(self, blob: Digest) -> LayerRecord | None:
+        with self._sql() as db:
+            row = db.execute(
+                "SELECT blob, diff_id, media_type, size FROM layers WHERE blob = ?", (str(blob),)
+            ).fetchone()
+        return _layer_record(row) if row else None
+
+    def layers_for_diff_id(self, diff_id: Digest) -> tuple[LayerRecord, ...]:
+        """Every stored blob of this tar (one per compression made so far), present blobs only."""
+        with self._sql() as db:
+            rows = db.execute(
+                "SELECT blob, diff_id, media_type, size FROM layers WHERE diff_id = ? ORDER BY blob",
+                (str(diff_id),),
+            ).fetchall()
+        records = (_layer_record(row) for row in rows)
+        return tuple(r for r in records if self.has_blob(r.blob))
+
+    def find_layer(self, diff_id: Digest, media_types: Iterable[str]) -> LayerRecord | None:
+        """A stored blob of `diff_id` with one of `media_types`, to reuse instead of compressing again."""
+        wanted = set(media_types)
+        for record in self.layers_for_diff_id(diff_id):
+            if record.media_type in wanted:
+                return record
+        return None
+
+    # --- unpacked layers -------------------------------------------------------
+
+    def unpacked_path(self, diff_id: Digest) -> Path:
+        """Where the unpacked tree of `diff_id` lives (it may not exist: see has_unpacked)."""
+        return self._unpacked / diff_id.hex
+
+    def has_unpacked(self, diff_id: Digest) -> bool:
+        return self.unpacked_path(diff_id).is_dir()
+
+    def new_unpack_dir(self) -> Path:
+        """An empty temporary directory on the store's file system, for publish_unpacked."""
+        return Path(tempfile.mkdtemp(dir=self._unpacked, prefix=".tmp-"))
+
+    def publish_unpacked(self, tmpdir: Path, diff_id: Digest) -> Path:
+        """Give a fully unpacked `tmpdir` its name; if another process won, drop ours."""
+        final = self.unpacked_path(diff_id)
+        try:
+            os.rename(tmpdir, final)
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise StoreError(f"publish unpacked layer {diff_id}: {err}") from err
+            # FIXME: files owned by subordinate ids can only be removed inside the
+            # sandbox's namespace; what is left here is cleared by gc's stale sweep.
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        self.touch_unpacked(diff_id)
+        return final
+
+    def touch_unpacked(self, diff_id: Digest) -> None:
+        with self._sql() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO unpacked (diff_id, last_used) VALUES (?, ?)",
+                (str(diff_id), time.time()),
+            )
+
+    # --- image names -----------------------------------------------------------
+
+    def tag(self, name: str, manifest: Digest, *, size: int, created: str = "") -> ImageRecord:
+        """Point `name` at a manifest already in the store (replacing what it named)."""
+        if not self.has_blob(manifest):
+            raise StoreError(f"tag {name}: manifest {manifest} is not in the store")
+        with self._sql() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO images (name, manifest, size, created, tagged_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (name, str(manifest), size, created, time.time()),
+            )
+        return ImageRecord(name, manifest, size, created)
+
+    def resolve(self, name: str) -> ImageRecord:
+        with self._sql() as db:
+            row = db.execute(
+                "SELECT name, manifest, size, created FROM images WHERE name = ?", (name,)
+            ).fetchone()
+        if row is None:
+            raise ImageNotFound(f"image {name} is not in the store (see `lamina images`)")
+        return _image_record(row)
+
+    def images(self) -> tuple[ImageRecord, ...]:
+        with self._sql() as db:
+            rows = db.execute("SELECT name, manifest, size, created FROM images ORDER BY name").fetchall()
+        return tuple(_image_record(row) for row in rows)
+
+    def untag(self, name: str) -> ImageRecord:
+        """Remove a name; its blobs stay until gc finds nothing else uses them."""
+        record = self.resolve(name)
+        with self._sql() as db:
+            db.execute("DELETE FROM images WHERE name = ?", (name,))
+        return record
+
+    # --- cache results (the executor's key -> result table) --------------------
+
+    def cache_get(self, key: str) -> str | None:
+        """The result stored under `key` (JSON text), marking it used now; None on a miss."""
+        with self._sql() as db:
+            row = db.execute("SELECT result FROM cache WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE cache SET last_used = ? WHERE key = ?", (time.time(), key))
+        return row[0]
+
+    def cache_put(self, key: str, result: str, refs: Iterable[Digest] = ()) -> None:
+        """Store `result` (JSON text) under `key`; `refs` are the blobs and diff_ids gc must keep for it."""
+        now = time.time()
+        with self._sql() as db, _transaction(db):
+            db.execute(
+                "INSERT OR REPLACE INTO cache (key, result, created, last_used) VALUES (?, ?, ?, ?)",
+                (key, result, now, now),
+            )
+            db.execute("DELETE FROM cache_refs WHERE key = ?", (key,))
+            db.executemany(
+                "INSERT OR IGNORE INTO cache_refs (key, digest) VALUES (?, ?)", [(key, str(d)) for d in refs]
+            )
+
+    def cache_delete(self, key: str) -> None:
+        with self._sql() as db:
+            db.execute("DELETE FROM cache WHERE key = ?", (key,))
+
+    # --- usage and garbage collection -------------------------------------------
+
+    def du(self) -> Usage:
+        """Bytes on disk by kind: blobs, unpacked layers, the index."""
+        blobs = count = 0
+        for entry in os.scandir(self._blobs):
+            if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
+                blobs += entry.stat(follow_symlinks=False).st_size
+                count += 1
+        unpacked = 0
+        unpacked_count = 0
+        for entry in os.scandir(self._unpacked):
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                unpacked_count += 1
+                unpacked += _tree_size(Path(entry.path))
+        index = sum(p.stat().st_size for p in self.root.glob("index.db*") if p.is_file())
+        return Usage(blobs, count, unpacked, unpacked_count, index)
+
+    def gc(self, *, cache_older_than: float | None = None) -> GcReport:
+        """Remove what no image name and no cache entry needs.
+
+        `cache_older_than` (seconds) first drops cache entries not used for
+        that long. Needs the store to itself: raises StoreBusy while another
+        lamina process has it open.
+        """
+        assert self._lock_fd is not None, "store not open"
+        try:
+            _flock(self._lock_fd, exclusive=True, wait=False)
+        except BlockingIOError:
+            _flock(self._lock_fd, exclusive=False, wait=True)  # flock conversion may drop ours
+            raise StoreBusy(f"gc {self.root}: another lamina process is using the store") from None
+        try:
+            return self._gc(cache_older_than)
+        finally:
+            _flock(self._lock_fd, exclusive=False, wait=True)
+
+    def _gc(self, cache_older_than: float | None) -> GcReport:
+        from lamina.oci.image import MAX_DOCUMENT, ImageFormatError, Index, Manifest, parse_document
+
+        dropped = 0
+        if cache_older_than is not None:
+            with self._sql() as db:
+                dropped = db.execute(
+                    "DELETE FROM cache WHERE last_used < ?", (time.time() - cache_older_than,)
+                ).rowcount
+        with self._sql() as db:
+            roots = [Digest.parse(row[0]) for row in db.execute("SELECT manifest FROM images")]
+            refs = {Digest.parse(row[0]) for row in db.execute("SELECT DISTINCT digest FROM cache_refs")}
+        keep: set[Digest] = set(refs)
+        pending = list(roots)
+        while pending:  # walk index -> manifests -> config and layers
+            digest = pending.pop()
+            if digest in keep:
+                continue
+            keep.add(digest)
+            if not self.has_blob(digest):
+                continue
+            try:
+                data = self.read_blob(digest, MAX_DOCUMENT)
+                media_type = parse_document(data, str(digest)).get("mediaType", "")
+                if "index" in media_type or "list" in media_type:
+                    pending.extend(m.digest for m in Index.from_bytes(data).manifests)
+                else:
+                    manifest = Manifest.from_bytes(data)
+                    pending.append(manifest.config.digest)
+                    pending.extend(layer.digest for layer in manifest.layers)
+            except (ImageFormatError, StoreError):
+                continue  # a root that is not a document keeps only itself
+        keep_diff_ids = set(refs)
+        for digest in list(keep):
+            record = self.layer(digest)
+            if record is not None:
+                keep_diff_ids.add(record.diff_id)
+
+        freed = blobs_removed = unpacked_removed = 0
+        now = time.time()
+        for entry in os.scandir(self._blobs):
+            stat = entry.stat(follow_symlinks=False)
+            if entry.name.startswith(".tmp-"):
+                if now - stat.st_mtime > _STALE_TMP_S:
+                    os.unlink(entry.path)
+                    freed += stat.st_size
+                continue
+            if Digest("sha256", entry.name) not in keep:
+                os.unlink(entry.path)
+                freed += stat.st_size
+                blobs_removed += 1
+        with self._sql() as db:
+            db.execute(
+                "DELETE FROM layers WHERE blob NOT IN (SELECT value FROM json_each(?))",
+                (_json_list(str(d) for d in keep),),
+            )
+        for entry in os.scandir(self._unpacked):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            stale_tmp = entry.name.startswith(".tmp-") and now - entry.stat().st_mtime > _STALE_TMP_S
+            unused = not entry.name.startswith(".") and Digest("sha256", entry.name) not in keep_diff_ids
+            if stale_tmp or unused:
+                size = _tree_size(Path(entry.path))
+                shutil.rmtree(entry.path, ignore_errors=True)
+                if not os.path.exists(entry.path):
+                    freed += size
+                    unpacked_removed += 1
+        with self._sql() as db:
+            db.execute(
+                "DELETE FROM unpacked WHERE diff_id NOT IN (SELECT value FROM json_each(?))",
+                (_json_list(str(d) for d in keep_diff_ids),),
+            )
+        return GcReport(blobs_removed, unpacked_removed, dropped, freed)
+
+
+def _json_list(items: Iterable[str]) -> str:
+    import json
+
+    return json.dumps(sorted(items))
+
+
+def _layer_record(row: tuple[str, str, str, int]) -> LayerRecord:
+    return LayerRecord(Digest.parse(row[0]), Digest.parse(row[1]), row[2], row[3])
+
+
+def _image_record(row: tuple[str, str, int, str]) -> ImageRecord:
+    return ImageRecord(row[0], Digest.parse(row[1]), row[2], row[3])
+
+
+def _tree_size(root: Path) -> int:
+    """Apparent size of a tree, each hard-linked inode counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
+def _flock(fd: int, *, exclusive: bool, wait: bool) -> None:
+    import fcntl
+
+    op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    fcntl.flock(fd, op if wait else op | fcntl.LOCK_NB)
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    # BEGIN IMMEDIATE takes the write lock up front, so two writers queue on the
+    # busy timeout instead of one failing halfway with "database is locked".
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
