@@ -16,6 +16,7 @@
     ├── LayerError                   a hostile or broken layer tar
     ├── SandboxError                 namespaces, mounts, process start
     ├── BuildError                   a step failed (names stage and line, keeps output tail)
+    │   └── OutputError              a malformed --output spec, or an output that cannot be written
     └── RegistryError                registry protocol, auth, transport
         ├── CredentialError          an auth file or docker-credential-* helper failed
         └── InvalidReference         text that is not an image reference
@@ -126,6 +127,10 @@ class BuildError(LaminaError):
     def __init__(self, message: str, output_tail: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.output_tail = output_tail
+
+
+class OutputError(BuildError):
+    pass
 
 
 class RegistryError(LaminaError):
