@@ -1,0 +1,79 @@
+"""`-o/--output` specs parse as buildx reads them; rootfs merge honours whiteouts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lamina.engine.output import OutputType, merge_layers, parse_output, parse_outputs
+from lamina.errors import OutputError
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "dest"),
+    [
+        ("type=oci,dest=out.tar", OutputType.OCI, "out.tar"),
+        ("type=docker,dest=-", OutputType.DOCKER, "-"),
+        ("type=local,dest=dir", OutputType.LOCAL, "dir"),
+        ("type=tar,dest=r.tar", OutputType.TAR, "r.tar"),
+        ("type=image", OutputType.IMAGE, ""),
+        ("outdir", OutputType.LOCAL, "outdir"),
+        ("-", OutputType.TAR, "-"),
+    ],
+)
+def test_parse_output(spec, kind, dest):
+    output = parse_output(spec)
+    assert (output.type, output.dest) == (kind, dest)
+
+
+def test_parse_output_names_and_compression():
+    output = parse_output("type=oci,dest=x.tar,name=a:1,name=b:2,compression=zstd")
+    assert output.names == ("a:1", "b:2") and output.compression == "zstd"
+    assert parse_output("type=oci,dest=d,tar=false").tar is False
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("type=oci", "needs dest="),
+        ("type=nope,dest=x", "unknown type"),
+        ("type=registry,name=x", "not supported"),
+        ("dest=x", "missing type"),
+        ("type=oci,dest=x,bogus=1", "unknown key"),
+        ("type=oci,dest=x,compression=lz4", "compression"),
+        ("", "empty"),
+    ],
+)
+def test_parse_output_errors(spec, message):
+    with pytest.raises(OutputError, match=message):
+        parse_output(spec)
+
+
+def test_only_one_stdout_output():
+    with pytest.raises(OutputError, match="stdout"):
+        parse_outputs(["-", "type=oci,dest=-"])
+
+
+def test_merge_layers_applies_whiteouts_and_opaque_dirs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("whiteout char devices need root to create")
+    low, up, dest = tmp_path / "low", tmp_path / "up", tmp_path / "dest"
+    (low / "keep").mkdir(parents=True)
+    (low / "keep" / "a").write_text("a")
+    (low / "gone").write_text("x")
+    (low / "opq").mkdir()
+    (low / "opq" / "old").write_text("old")
+    up.mkdir()
+    os.mknod(up / "gone", 0o600 | 0o020000, os.makedev(0, 0))
+    (up / "opq").mkdir()
+    os.setxattr(up / "opq", "trusted.overlay.opaque", b"y")
+    (up / "opq" / "new").write_text("new")
+    (up / "keep" / "b").parent.mkdir()
+    (up / "keep" / "b").write_text("b")
+    os.symlink("keep/a", up / "link")
+    merge_layers([low, up], dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["keep", "link", "opq"]
+    assert sorted(p.name for p in (dest / "keep").iterdir()) == ["a", "b"]
+    assert [p.name for p in (dest / "opq").iterdir()] == ["new"]
+    assert os.readlink(dest / "link") == "keep/a"
