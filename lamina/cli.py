@@ -48,6 +48,105 @@ def main() -> None:
 
 # --- build ---------------------------------------------------------------------
 
+
+def _pairs(values: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
+    """`K=V` flag values; `--build-arg K` alone takes K from the environment, as docker does."""
+    import os
+
+    out = []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not name:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint=flag)
+        if not sep:
+            if flag != "--build-arg":
+                raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint=flag)
+            if name not in os.environ:
+                continue
+            rest = os.environ[name]
+        out.append((name, rest))
+    return tuple(out)
+
+
+@cli.command()
+@click.argument("context", default=".", type=click.Path(file_okay=False))
+@click.option("-f", "--file", "dockerfile", type=click.Path(dir_okay=False), help="Dockerfile path.")
+@click.option("-t", "--tag", "tags", multiple=True, help="Name the image NAME[:TAG] (repeatable).")
+@click.option("--target", help="Build this stage (default: the last one).")
+@click.option("--build-arg", "build_args", multiple=True, help="Set a build-time ARG: KEY=VALUE.")
+@click.option("--no-cache", is_flag=True, help="Run every step, ignoring the cache.")
+@click.option("--no-cache-filter", "no_cache_filter", multiple=True, help="Run this stage's steps uncached.")
+@click.option("--label", "labels", multiple=True, help="Set a label on the image: KEY=VALUE.")
+@click.option("--secret", "secrets", multiple=True, help="Expose a secret to RUN --mount: id=ID,src=PATH.")
+@click.option("--network", type=click.Choice(["host", "none", "default"]), default="host", show_default=True)
+@click.option(
+    "--progress",
+    type=click.Choice(["auto", "tty", "plain", "json", "quiet"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("-o", "--output", "outputs", multiple=True, help="type=oci|docker|local|tar,dest=PATH; DIR; -")
+@click.option("--iidfile", type=click.Path(dir_okay=False), help="Write the image ID (config digest) here.")
+@click.option("--metadata-file", type=click.Path(dir_okay=False), help="Write build metadata JSON here.")
+@click.option("--compression", type=click.Choice(["gzip", "zstd"]), default="gzip", show_default=True)
+@click.option("--jobs", type=click.IntRange(min=1), help="Stages to build at once (default: CPU count).")
+@click.option("--pull", is_flag=True, help="Pull base images even when the store has them.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
+def build(
+    context: str,
+    dockerfile: str | None,
+    tags: tuple[str, ...],
+    target: str | None,
+    build_args: tuple[str, ...],
+    no_cache: bool,
+    no_cache_filter: tuple[str, ...],
+    labels: tuple[str, ...],
+    secrets: tuple[str, ...],
+    network: str,
+    progress: str,
+    outputs: tuple[str, ...],
+    iidfile: str | None,
+    metadata_file: str | None,
+    compression: str,
+    jobs: int | None,
+    pull: bool,
+    quiet: bool,
+) -> None:
+    """Build an image from a Dockerfile and a context directory."""
+    from lamina import api
+    from lamina.engine.progress import make_progress
+
+    sink = make_progress("quiet" if quiet else progress)
+    result = api.build(
+        context,
+        dockerfile=dockerfile,
+        target=target,
+        build_args=dict(_pairs(build_args, "--build-arg")),
+        tags=tags,
+        outputs=outputs,
+        no_cache=no_cache,
+        no_cache_filter=no_cache_filter,
+        labels=dict(_pairs(labels, "--label")),
+        secrets=secrets,
+        network="host" if network == "default" else network,
+        progress=sink,
+        compression=compression,
+        jobs=jobs,
+        pull=pull,
+    )
+    if iidfile:
+        with open(iidfile, "w") as out:
+            out.write(result.config_digest)
+    if metadata_file:
+        import json
+
+        with open(metadata_file, "w") as out:
+            json.dump(result.metadata(), out, indent=2, sort_keys=True)
+            out.write("\n")
+    if quiet:
+        click.echo(result.config_digest)
+
+
 # --- registry: pull, push, login, logout ---------------------------------------
 
 if __name__ == "__main__":  # pragma: no cover
