@@ -36,26 +36,33 @@ import platform as host
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from lamina.errors import DigestMismatch, RegistryError
 from lamina.oci.auth import Challenge, Credential, parse_challenges
-from lamina.oci.digest import Digest, InvalidDigest
+from lamina.oci.digest import Digest
+from lamina.oci.image import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    Index,
+    Manifest,
+    Platform,
+)
 from lamina.oci.reference import DOCKER_HUB, DOCKER_HUB_API, Reference
 
 if TYPE_CHECKING:
     import httpx
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_SCHEMA1 = (
     "application/vnd.docker.distribution.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
 )
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+_ACCEPT = ", ".join((OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_MANIFEST_LIST))
 
 MAX_MANIFEST = 4 * 1024 * 1024  # distribution's own limit for a manifest body
 CHUNK = 1024 * 1024
@@ -63,28 +70,14 @@ _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _MAX_RETRY_AFTER = 30.0  # seconds; a longer Retry-After is a failure, not a wait
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str | None = None
+class Sink(Protocol):
+    """Where a fetched blob goes: anything with write() (a file, the store's BlobWriter)."""
 
-    def __str__(self) -> str:
-        text = f"{self.os}/{self.architecture}"
-        return f"{text}/{self.variant}" if self.variant else text
+    def write(self, data: bytes, /) -> object: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Blob:
-    """A descriptor: what a manifest says about one blob."""
-
-    media_type: str
-    digest: Digest
-    size: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Manifest:
+class RemoteManifest:
     """A manifest or index as the registry served it: exact bytes, their digest and media type."""
 
     media_type: str
@@ -95,20 +88,14 @@ class Manifest:
     def is_index(self) -> bool:
         return self.media_type in INDEX_TYPES
 
-    def json(self) -> dict[str, object]:
-        value = json.loads(self.data)
-        if not isinstance(value, dict):
-            raise ValueError("not a JSON object")
-        return value
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Resolved:
     """The outcome of resolving a reference for a platform: the image manifest and the index it came from."""
 
     reference: Reference
-    manifest: Manifest
-    index: Manifest | None = None
+    manifest: RemoteManifest
+    index: RemoteManifest | None = None
 
 
 def host_platform() -> Platform:
@@ -124,7 +111,7 @@ def host_platform() -> Platform:
         "i386": ("386", None),
         "i686": ("386", None),
     }.get(machine, (machine, None))
-    return Platform("linux", arch, variant)
+    return Platform(architecture=arch, os="linux", variant=variant or "")
 
 
 def is_loopback(registry: str) -> bool:
@@ -137,47 +124,28 @@ def is_loopback(registry: str) -> bool:
         return False
 
 
-def select_platform(index: Manifest, want: Platform, what: str) -> Blob:
+def select_platform(index: RemoteManifest, want: Platform, what: str) -> Descriptor:
     """The descriptor in `index` for platform `want`; an exact variant match wins."""
-    try:
-        entries = index.json().get("manifests")
-        if not isinstance(entries, list):
-            raise ValueError("no manifests list")
-        candidates: list[tuple[Platform, Blob]] = []
-        for entry in entries:
-            plat = entry.get("platform") or {}
-            blob = Blob(str(entry["mediaType"]), Digest.parse(entry["digest"]), int(entry["size"]))
-            found = Platform(plat.get("os", ""), plat.get("architecture", ""), plat.get("variant"))
-            candidates.append((found, blob))
-    except (ValueError, KeyError, TypeError, AttributeError, InvalidDigest) as err:
-        raise RegistryError(f"{what}: malformed index {index.digest.short}: {err}") from err
-    same_arch = [(p, b) for p, b in candidates if p.os == want.os and p.architecture == want.architecture]
-    for plat, blob in same_arch:
-        if plat.variant == want.variant:
-            return blob
+    entries = Index.from_bytes(index.data, f"{what}: index {index.digest.short}").manifests
+    same_arch = [
+        d
+        for d in entries
+        if d.platform is not None and (d.platform.os, d.platform.architecture) == (want.os, want.architecture)
+    ]
+    for descriptor in same_arch:
+        assert descriptor.platform is not None
+        if descriptor.platform.variant == want.variant:
+            return descriptor
     # arm64 images rarely spell out v8; any variant of the right arch beats none.
-    if same_arch and (want.variant is None or want.architecture == "arm64"):
-        return same_arch[0][1]
-    have = ", ".join(sorted({str(p) for p, _ in candidates})) or "nothing"
+    if same_arch and (not want.variant or want.architecture == "arm64"):
+        return same_arch[0]
+    have = ", ".join(sorted({str(d.platform) for d in entries if d.platform is not None})) or "nothing"
     raise RegistryError(f"{what}: no image for {want} in the index (it has {have})")
 
 
-def manifest_blobs(manifest: Manifest, what: str) -> tuple[Blob, tuple[Blob, ...]]:
-    """The config and layer descriptors of an image manifest."""
-    try:
-        value = manifest.json()
-        config = _blob(value["config"])
-        layers = tuple(_blob(layer) for layer in value["layers"])
-    except (ValueError, KeyError, TypeError, AttributeError, InvalidDigest) as err:
-        raise RegistryError(f"{what}: malformed manifest {manifest.digest.short}: {err}") from err
-    return config, layers
-
-
-def _blob(value: dict[str, object]) -> Blob:
-    size = value["size"]
-    if not isinstance(size, int) or size < 0:
-        raise ValueError(f"bad size {size!r}")
-    return Blob(str(value["mediaType"]), Digest.parse(str(value["digest"])), size)
+def parse_manifest(manifest: RemoteManifest, what: str) -> Manifest:
+    """The image manifest's config and layer descriptors; ImageFormatError names `what` if malformed."""
+    return Manifest.from_bytes(manifest.data, f"{what}: manifest {manifest.digest.short}")
 
 
 def _hostname(registry: str) -> str:
@@ -250,17 +218,16 @@ class RegistryClient:
         response = self._send(what, registry, "GET", url, scopes=(), require_credential=login)
         response.close()
 
-    def get_manifest(self, ref: Reference, *, what: str | None = None) -> Manifest:
+    def get_manifest(self, ref: Reference, *, what: str | None = None) -> RemoteManifest:
         """Fetch the manifest or index `ref` names; a digest in `ref` is verified."""
         what = what or f"pull {ref}"
-        accept = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
         response = self._send(
             what,
             ref.registry,
             "GET",
             self._url(ref, "manifests", ref.identifier),
             scopes=(f"repository:{ref.repository}:pull",),
-            headers={"Accept": accept},
+            headers={"Accept": _ACCEPT},
             stream=True,
         )
         try:
@@ -268,11 +235,11 @@ class RegistryClient:
         finally:
             response.close()
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        if media_type not in (*MANIFEST_TYPES, *INDEX_TYPES):
+        if media_type not in MANIFEST_TYPES | INDEX_TYPES:
             media_type = _embedded_media_type(data) or media_type
         if media_type in DOCKER_SCHEMA1:
             raise RegistryError(f"{what}: Docker schema 1 manifests are not supported; re-push the image")
-        if media_type not in (*MANIFEST_TYPES, *INDEX_TYPES):
+        if media_type not in MANIFEST_TYPES | INDEX_TYPES:
             raise RegistryError(f"{what}: unsupported manifest media type {media_type or 'none'!r}")
         algorithm = ref.digest.algorithm if ref.digest else "sha256"
         digest = _digest_of(data, algorithm)
@@ -281,7 +248,7 @@ class RegistryClient:
         served = response.headers.get("Docker-Content-Digest")
         if served and served.startswith(f"{algorithm}:") and served != str(digest):
             raise DigestMismatch(f"{what}: manifest hashes to {digest}, registry says {served}")
-        return Manifest(media_type, digest, data)
+        return RemoteManifest(media_type, digest, data)
 
     def resolve(self, ref: Reference, platform: Platform | None = None) -> Resolved:
         """Resolve `ref` to one image manifest, choosing `platform` (default: this host) from an index."""
@@ -298,14 +265,13 @@ class RegistryClient:
     def head_manifest(self, ref: Reference, *, what: str | None = None) -> Digest | None:
         """The digest the registry holds for `ref`, or None when it has none (404)."""
         what = what or f"inspect {ref}"
-        accept = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
         response = self._send(
             what,
             ref.registry,
             "HEAD",
             self._url(ref, "manifests", ref.identifier),
             scopes=(f"repository:{ref.repository}:pull",),
-            headers={"Accept": accept},
+            headers={"Accept": _ACCEPT},
             ok=(200, 404),
         )
         response.close()
@@ -314,7 +280,7 @@ class RegistryClient:
             return None
         return Digest.parse(served)
 
-    def put_manifest(self, ref: Reference, manifest: Manifest) -> Digest:
+    def put_manifest(self, ref: Reference, manifest: RemoteManifest) -> Digest:
         """PUT `manifest` under `ref`'s tag (or digest); return the digest the registry confirmed."""
         what = f"push {ref}"
         tail = ref.tag if ref.tag is not None else str(manifest.digest)
@@ -339,8 +305,8 @@ class RegistryClient:
     def fetch_blob(
         self,
         ref: Reference,
-        blob: Blob,
-        out: BinaryIO,
+        blob: Descriptor,
+        out: Sink,
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """Stream `blob` of `ref`'s repository into `out`, verifying size and digest.
@@ -420,7 +386,7 @@ class RegistryClient:
     def push_blob(
         self,
         ref: Reference,
-        blob: Blob,
+        blob: Descriptor,
         opener: Callable[[], BinaryIO],
         *,
         mount_from: Sequence[str] = (),
@@ -488,7 +454,7 @@ class RegistryClient:
         return str(response.url.join(location))
 
     def _upload_monolithic(
-        self, ref: Reference, blob: Blob, opener: Callable[[], BinaryIO], location: str, what: str
+        self, ref: Reference, blob: Descriptor, opener: Callable[[], BinaryIO], location: str, what: str
     ) -> None:
         import httpx
 
@@ -510,7 +476,7 @@ class RegistryClient:
     def _upload_chunked(
         self,
         ref: Reference,
-        blob: Blob,
+        blob: Descriptor,
         opener: Callable[[], BinaryIO],
         location: str,
         chunk_size: int,
