@@ -5,3 +5,120 @@ every setting as an argument (no global state) and raise LaminaError.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lamina.errors import DockerfileError
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Iterable, Mapping
+
+    from lamina.engine.dockerfile.parser import Dockerfile
+    from lamina.engine.executor import BuildResult
+    from lamina.engine.progress import ProgressSink
+
+
+# --- front end: parse, plan ---------------------------------------------------
+
+
+def _display_path(path: str) -> str:
+    import os
+
+    return os.path.normpath(path)
+
+
+def parse_dockerfile(path: str) -> Dockerfile:
+    """Read and parse one Dockerfile; errors name `path:line`."""
+    from lamina.engine.dockerfile.parser import parse
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DockerfileError(f"cannot read Dockerfile {path}: {err.strerror}") from err
+    return parse(data, _display_path(path))
+
+
+# --- build -------------------------------------------------------------------------
+
+
+def build(
+    context: str | os.PathLike[str] = ".",
+    dockerfile: str | os.PathLike[str] | None = None,
+    *,
+    target: str | None = None,
+    build_args: Mapping[str, str] | None = None,
+    tags: Iterable[str] = (),
+    outputs: Iterable[str] = (),
+    output: str | None = None,
+    no_cache: bool = False,
+    no_cache_filter: Iterable[str] = (),
+    labels: Mapping[str, str] | None = None,
+    secrets: Iterable[str] = (),
+    network: str = "host",
+    progress: ProgressSink | None = None,
+    compression: str = "gzip",
+    jobs: int | None = None,
+    pull: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    source_date_epoch: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> BuildResult:
+    """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
+
+    With no `outputs`, the image goes into the local store under `tags`.
+    `outputs` take buildx `-o` specs (`type=oci,dest=x.tar`, `DIR`, `-`);
+    `output` is a shorthand for one. `secrets` are `id=ID,src=PATH` specs.
+    `SOURCE_DATE_EPOCH` comes from `source_date_epoch`, else a build arg of
+    that name, else the environment. The cache lives in `cache_dir`, else
+    `$LAMINA_CACHE`, else `$XDG_CACHE_HOME/lamina`.
+    """
+    import os
+    from pathlib import Path
+
+    from lamina.cache.store import default_cache_root
+    from lamina.engine.executor import BuildOptions, execute, parse_secret
+    from lamina.engine.output import parse_outputs
+    from lamina.engine.progress import QuietProgress
+    from lamina.errors import PlanError
+
+    env = dict(os.environ if environ is None else environ)
+    args = dict(build_args or {})
+    if source_date_epoch is None:
+        text = args.get("SOURCE_DATE_EPOCH") or env.get("SOURCE_DATE_EPOCH")
+        if text:
+            try:
+                source_date_epoch = int(text)
+            except ValueError:
+                raise PlanError(f"SOURCE_DATE_EPOCH must be an integer, not {text!r}") from None
+    specs = [*outputs, *([output] if output else [])]
+    options = BuildOptions(
+        context=Path(context),
+        dockerfile=Path(dockerfile) if dockerfile is not None else None,
+        target=target,
+        build_args=tuple(args.items()),
+        tags=tuple(tags),
+        outputs=parse_outputs(specs),
+        no_cache=no_cache,
+        no_cache_filter=tuple(no_cache_filter),
+        labels=tuple((labels or {}).items()),
+        secrets=tuple(parse_secret(spec) for spec in secrets),
+        network=network,
+        compression=compression,
+        jobs=jobs or os.cpu_count() or 1,
+        pull=pull,
+        cache_root=Path(cache_dir) if cache_dir is not None else default_cache_root(env),
+        source_date_epoch=source_date_epoch,
+    )
+    return execute(options, progress if progress is not None else QuietProgress())
+
+
+def __getattr__(name: str) -> Any:
+    # The result types live in the engine; importing them here lazily keeps
+    # `import lamina.api` light.
+    if name in ("BuildResult", "StepRecord"):
+        from lamina.engine import executor
+
+        return getattr(executor, name)
+    raise AttributeError(name)

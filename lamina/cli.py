@@ -42,6 +42,80 @@ def main() -> None:
 
 # --- front end: parse, plan ---------------------------------------------------
 
+
+def _dockerfile_path(path: str | None, dockerfile: str | None) -> str:
+    """-f wins; else PATH when it is a file; else PATH/Dockerfile."""
+    import os
+
+    if dockerfile is not None:
+        return dockerfile if path is None or os.path.isabs(dockerfile) else os.path.join(path, dockerfile)
+    if path is not None and not os.path.isdir(path):
+        return path
+    return os.path.join(path or ".", "Dockerfile")
+
+
+@cli.command()
+@click.option("-f", "--file", "dockerfile", help="Dockerfile to read (default: PATH/Dockerfile).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["buildkit", "json"]),
+    default="buildkit",
+    show_default=True,
+    help="buildkit: BuildKit's AST dump; json: instructions with flags, args, heredocs and lines.",
+)
+@click.argument("path", required=False)
+def parse(dockerfile: str | None, fmt: str, path: str | None) -> None:
+    """Print the parsed Dockerfile (PATH is a Dockerfile or a context directory)."""
+    from lamina import api
+
+    parsed = api.parse_dockerfile(_dockerfile_path(path, dockerfile))
+    if fmt == "buildkit":
+        click.echo(parsed.dump(), nl=False)
+    else:
+        import json
+
+        from lamina.engine.dockerfile.parser import to_json
+
+        click.echo(json.dumps(to_json(parsed), indent=2, ensure_ascii=False))
+
+
+@cli.command()
+@click.option("-f", "--file", "dockerfile", help="Dockerfile to read (default: CONTEXT/Dockerfile).")
+@click.option("--target", help="Stage to build (default: the last one).")
+@click.option(
+    "--build-arg", "build_args", multiple=True, metavar="K=V", help="Set a build argument (repeatable)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "dot"]),
+    default="text",
+    show_default=True,
+    help="text for people, json for programs, dot for Graphviz.",
+)
+@click.argument("context", default=".", required=False)
+def plan(
+    dockerfile: str | None, target: str | None, build_args: tuple[str, ...], fmt: str, context: str
+) -> None:
+    """Show the stage graph: bases, dependencies, run order, concurrency, skipped stages."""
+    from lamina import api
+    from lamina.engine import plan as planning
+
+    args = planning.parse_build_args(build_args)
+    result = api.plan(context=context, dockerfile=dockerfile, target=target, build_args=args)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if fmt == "json":
+        import json
+
+        click.echo(json.dumps(planning.to_json(result), indent=2, ensure_ascii=False))
+    elif fmt == "dot":
+        click.echo(planning.to_dot(result), nl=False)
+    else:
+        click.echo(planning.to_text(result), nl=False)
+
+
 # --- images: load, save, images, rmi, cache ----------------------------------
 
 # --- sandbox: run --------------------------------------------------------------
