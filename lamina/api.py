@@ -14,9 +14,12 @@ if TYPE_CHECKING:
     import os
     from collections.abc import Iterable, Mapping
 
+    from lamina.cache.transfer import PullResult, PushResult
     from lamina.engine.dockerfile.parser import Dockerfile
     from lamina.engine.executor import BuildResult
     from lamina.engine.progress import ProgressSink
+    from lamina.oci.image import Platform
+    from lamina.oci.registry import RegistryClient
 
 
 # --- front end: parse, plan ---------------------------------------------------
@@ -112,6 +115,132 @@ def build(
         source_date_epoch=source_date_epoch,
     )
     return execute(options, progress if progress is not None else QuietProgress())
+
+
+# --- registry: pull, push, login, logout ------------------------------------------
+
+
+def registry_client(
+    environ: Mapping[str, str] | None = None, insecure_registries: Iterable[str] = ()
+) -> RegistryClient:
+    """A registry client that finds credentials as docker and podman do (see lamina.oci.auth).
+
+    Plain HTTP is used for loopback hosts and `insecure_registries` only.
+    Use it as a context manager.
+    """
+    import os
+
+    from lamina.oci.auth import find_credential
+    from lamina.oci.registry import RegistryClient
+
+    env = dict(os.environ if environ is None else environ)
+    return RegistryClient(
+        credentials=lambda registry: find_credential(registry, env),
+        insecure_registries=tuple(insecure_registries),
+    )
+
+
+def pull(
+    reference: str,
+    *,
+    platform: str | None = None,
+    insecure_registries: Iterable[str] = (),
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> PullResult:
+    """Pull `reference` into the local store, named by its normalised reference.
+
+    `platform` is `os/arch[/variant]` (default: this host's) and picks the
+    image from an index. A digest in `reference` is verified.
+    """
+    import os
+
+    from lamina.cache import transfer
+    from lamina.cache.store import Store, default_cache_root
+    from lamina.oci.reference import parse_reference
+
+    env = dict(os.environ if environ is None else environ)
+    ref = parse_reference(reference)
+    want = _parse_platform(platform) if platform else None
+    root = cache_dir if cache_dir is not None else default_cache_root(env)
+    with Store(root) as store, registry_client(env, insecure_registries) as client:
+        return transfer.pull(client, store, ref, platform=want)
+
+
+def push(
+    name: str,
+    reference: str | None = None,
+    *,
+    insecure_registries: Iterable[str] = (),
+    chunk_size: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> PushResult:
+    """Push the stored image `name` to `reference` (default: `name` itself); return the pushed digest."""
+    import os
+
+    from lamina.cache import transfer
+    from lamina.cache.store import Store, default_cache_root
+    from lamina.oci.reference import parse_reference
+
+    env = dict(os.environ if environ is None else environ)
+    ref = parse_reference(reference if reference is not None else name)
+    root = cache_dir if cache_dir is not None else default_cache_root(env)
+    with Store(root) as store, registry_client(env, insecure_registries) as client:
+        return transfer.push(client, store, name, ref, chunk_size=chunk_size)
+
+
+def login(
+    registry: str,
+    username: str,
+    password: str,
+    *,
+    insecure_registries: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """Check the credentials against `registry`, then store them; return the auth file written."""
+    import os
+
+    from lamina.oci.auth import Credential, store_credential
+    from lamina.oci.registry import RegistryClient
+
+    env = dict(os.environ if environ is None else environ)
+    registry = _registry_name(registry)
+    credential = Credential(username, password)
+    insecure = tuple(insecure_registries)
+    with RegistryClient(credentials=lambda _: credential, insecure_registries=insecure) as client:
+        client.ping(registry, login=True)
+    return str(store_credential(registry, credential, env))
+
+
+def logout(registry: str, *, environ: Mapping[str, str] | None = None) -> bool:
+    """Forget the credentials for `registry`; return whether there were any."""
+    import os
+
+    from lamina.oci.auth import erase_credential
+
+    env = dict(os.environ if environ is None else environ)
+    return erase_credential(_registry_name(registry), env)
+
+
+def _registry_name(text: str) -> str:
+    """`https://ghcr.io/` -> `ghcr.io`; Docker Hub's aliases -> `docker.io`."""
+    from lamina.oci.reference import DOCKER_HUB, DOCKER_HUB_API, DOCKER_HUB_LEGACY_KEYS
+
+    name = text.strip().removeprefix("https://").removeprefix("http://").split("/")[0]
+    if name in (DOCKER_HUB_API, "index.docker.io") or text in DOCKER_HUB_LEGACY_KEYS:
+        return DOCKER_HUB
+    return name
+
+
+def _parse_platform(text: str) -> Platform:
+    from lamina.errors import RegistryError
+    from lamina.oci.image import Platform
+
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise RegistryError(f"invalid platform {text!r}: want os/arch[/variant], e.g. linux/amd64")
+    return Platform(architecture=parts[1], os=parts[0], variant=parts[2] if len(parts) == 3 else "")
 
 
 def __getattr__(name: str) -> Any:

@@ -223,5 +223,100 @@ def build(
 
 # --- registry: pull, push, login, logout ---------------------------------------
 
+_insecure_option = click.option(
+    "--insecure-registry",
+    "insecure_registries",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="Talk plain HTTP to this registry (loopback hosts always are). Repeatable.",
+)
+
+
+@cli.command()
+@click.argument("reference")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Pick this platform from an index.")
+@_insecure_option
+@click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+def pull(reference: str, platform: str | None, insecure_registries: tuple[str, ...], quiet: bool) -> None:
+    """Pull an image from a registry into the local store."""
+    from lamina import api
+
+    result = api.pull(reference, platform=platform, insecure_registries=insecure_registries)
+    if quiet:
+        click.echo(str(result.record.manifest))
+        return
+    fetched = f"{result.fetched} blobs, {result.fetched_bytes / 1e6:.1f} MB fetched"
+    click.echo(f"{result.record.name}: {result.record.manifest} ({fetched})")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("reference", required=False)
+@_insecure_option
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    metavar="BYTES",
+    help="Upload blobs in PATCH chunks of this size (default: one request per blob).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print only the pushed digest.")
+def push(
+    name: str,
+    reference: str | None,
+    insecure_registries: tuple[str, ...],
+    chunk_size: int | None,
+    quiet: bool,
+) -> None:
+    """Push the stored image NAME to REFERENCE (default: NAME)."""
+    from lamina import api
+
+    result = api.push(name, reference, insecure_registries=insecure_registries, chunk_size=chunk_size)
+    if quiet:
+        click.echo(str(result.digest))
+        return
+    counts = f"{result.uploaded} uploaded, {result.mounted} mounted, {result.existing} already there"
+    click.echo(f"{result.reference.name}@{result.digest} ({counts})")
+
+
+@cli.command()
+@click.argument("registry")
+@click.option("-u", "--username", help="User name (prompted for when missing).")
+@click.option("-p", "--password", help="Password; prefer --password-stdin, this one shows up in `ps`.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@_insecure_option
+def login(
+    registry: str,
+    username: str | None,
+    password: str | None,
+    password_stdin: bool,
+    insecure_registries: tuple[str, ...],
+) -> None:
+    """Check credentials for REGISTRY and save them (docker's config.json or $REGISTRY_AUTH_FILE)."""
+    from lamina import api
+
+    if password_stdin:
+        if password is not None:
+            raise click.UsageError("--password and --password-stdin are mutually exclusive")
+        password = sys.stdin.readline().rstrip("\r\n")
+    if username is None:
+        username = click.prompt("Username")
+    if password is None:
+        password = click.prompt("Password", hide_input=True)
+    path = api.login(registry, username, password, insecure_registries=insecure_registries)
+    click.echo(f"Login succeeded (saved in {path})")
+
+
+@cli.command()
+@click.argument("registry")
+def logout(registry: str) -> None:
+    """Forget the saved credentials for REGISTRY."""
+    from lamina import api
+
+    if api.logout(registry):
+        click.echo(f"Removed login credentials for {registry}")
+    else:
+        click.echo(f"Not logged in to {registry}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
