@@ -14,6 +14,7 @@
     │   └── StoreBusy                gc needs the store to itself
     ├── ImageFormatError             a malformed image document, layout or archive
     ├── LayerError                   a hostile or broken layer tar
+    │   └── UnsafePath               a path (tar entry, link target) that would leave its root
     ├── SandboxError                 namespaces, mounts, process start
     ├── BuildError                   a step failed (names stage and line, keeps output tail)
     │   └── OutputError              a malformed --output spec, or an output that cannot be written
@@ -115,6 +116,10 @@ class ImageFormatError(LaminaError):
 
 class LayerError(LaminaError):
     pass
+
+
+class UnsafePath(LayerError):
+    """A hostile path; callers add which layer or context and which entry."""
 
 
 class SandboxError(LaminaError):
