@@ -1,0 +1,379 @@
+"""Inside the namespaces (helper side): PID 1, the container process, its mounts and user.
+
+Process tree, all in the new user namespace:
+
+    helper (unshared user/mount/pid/uts/ipc[/net])
+      └── init, PID 1 of the new PID namespace: builds the rootfs, reaps, forwards
+          signals, kills what is left when the command exits; the copy
+          snapshotter's compare runs here, after everything else is dead
+            └── command: its own mount namespace, /proc, /dev, mounts,
+                pivot_root, user, cwd, then exec
+
+The spec is the plain dict made by `runner._wire()`. Failures before exec
+are reported to the parent as one line on the report pipe (`E` + text).
+"""
+
+# Helper start-up is sandbox start-up: try/except/pass here instead of importing contextlib.
+# ruff: noqa: SIM105
+
+from __future__ import annotations
+
+import _signal
+import os
+import stat
+
+from lamina.engine.sandbox import _libc, _rootfs
+
+SETUP_FAILED = 125
+EXEC_FAILED = 127
+_FORWARDED = (
+    _signal.SIGINT,
+    _signal.SIGTERM,
+    _signal.SIGHUP,
+    _signal.SIGQUIT,
+    _signal.SIGUSR1,
+    _signal.SIGUSR2,
+)
+_DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+_DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+)
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+APT_SNIPPET = "etc/apt/apt.conf.d/zz-lamina-sandbox-user"
+
+
+class SetupError(Exception):
+    """Setting up the sandbox failed; the message is for the user."""
+
+
+def report(fd: int, message: str) -> None:
+    try:
+        os.write(fd, b"E" + message.encode(errors="replace") + b"\n")
+    except OSError:
+        pass
+
+
+def exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def forward_signals(pid: int) -> None:
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in _FORWARDED:
+        _signal.signal(signum, forward)
+
+
+# --- PID 1 -----------------------------------------------------------------
+
+
+def init(spec: dict, report_fd: int) -> int:
+    """Run as PID 1 of the new PID namespace; returns the command's exit code."""
+    _libc.set_parent_death_signal(_signal.SIGKILL)
+    try:
+        _libc.sethostname(spec["hostname"])
+        if spec["network"] == "none":
+            _loopback_up()
+        baseline = _prepare_root(spec)
+    except (OSError, SetupError) as err:
+        report(report_fd, f"prepare the sandbox root: {_describe(err)}")
+        return SETUP_FAILED
+    child = os.fork()
+    if child == 0:
+        try:
+            _command(spec, report_fd)
+        finally:
+            os._exit(EXEC_FAILED)
+    forward_signals(child)
+    status = 0
+    while True:
+        pid, st = os.waitpid(-1, 0)
+        if pid == child:
+            status = st
+            break
+    _kill_all()
+    if baseline is not None:
+        try:
+            from lamina.engine import snapshot
+
+            snapshot.write_diff(baseline, spec["rootfs"], spec["upper"])
+        except Exception as err:  # reported, not a traceback: the parent turns it into SandboxError
+            report(report_fd, f"compare the copied rootfs: {_describe(err)}")
+            return SETUP_FAILED
+    return exit_code(status)
+
+
+def _kill_all() -> None:
+    # PID 1 signalling -1 reaches every other process of its namespace.
+    try:
+        os.kill(-1, _signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        where = f" {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where}"
+    return str(err)
+
+
+def _loopback_up() -> None:
+    import _socket
+    import fcntl
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        raw = fcntl.ioctl(sock.fileno(), siocgifflags, struct.pack("16sH14x", b"lo", 0))
+        flags = struct.unpack("16sH14x", raw)[1]
+        fcntl.ioctl(sock.fileno(), siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+    finally:
+        sock.close()
+
+
+def _mount_targets(spec: dict) -> list[tuple[str, bool]]:
+    """Every mount point the command's mounts need, as (root-relative path, is_dir)."""
+    targets = [("proc", True), ("dev", True)]
+    for rel, _source in spec["host_binds"]:
+        targets.append((rel, False))
+    for m in spec["mounts"]:
+        targets.append((m["target"], m["is_dir"]))
+    return targets
+
+
+def _prepare_root(spec: dict) -> object | None:
+    """Mount (overlay) or build (copy) the rootfs at spec["rootfs"]; the copy baseline or None."""
+    lowers = spec["lowers"]
+    if spec["snapshotter"] == "overlay":
+        stack = _rootfs.LayerStack(lowers)
+        if spec["apt_snippet"]:
+            hit = stack.find(os.path.dirname(APT_SNIPPET))
+            if hit is not None and stat.S_ISDIR(hit[1].st_mode):
+                spec["host_binds"].append((APT_SNIPPET, spec["apt_snippet"]))
+        _rootfs.add_mountpoints(stack, spec["mountpoints"], _mount_targets(spec))
+        _rootfs.mount_overlay([spec["mountpoints"], *lowers], spec["upper"], spec["work"], spec["rootfs"])
+        return None
+    from lamina.engine import snapshot
+
+    _rootfs.merge_copy(lowers, spec["rootfs"])
+    if spec["apt_snippet"] and os.path.isdir(os.path.join(spec["rootfs"], os.path.dirname(APT_SNIPPET))):
+        spec["host_binds"].append((APT_SNIPPET, spec["apt_snippet"]))
+    stack = _rootfs.LayerStack([spec["rootfs"]])
+    _rootfs.add_mountpoints(stack, spec["rootfs"], _mount_targets(spec))
+    return snapshot.record(spec["rootfs"])
+
+
+# --- the command -------------------------------------------------------------
+
+
+def _command(spec: dict, report_fd: int) -> None:
+    """Runs in the forked child: mounts, pivot_root, user, exec. Returns only on failure."""
+    try:
+        for signum in _FORWARDED:
+            _signal.signal(signum, _signal.SIG_DFL)
+        _libc.unshare(_libc.CLONE_NEWNS)
+        root = spec["rootfs"]
+        if spec["snapshotter"] == "copy":
+            _libc.mount(root, root, None, _libc.MS_BIND | _libc.MS_REC)
+        _system_mounts(spec, root)
+        for m in spec["mounts"]:
+            _user_mount(m, root)
+        os.chdir(root)
+        _libc.pivot_root(".", ".")
+        _libc.umount(".", _libc.MNT_DETACH)
+        os.chdir("/")
+        uid, gid, groups, home = resolve_user(spec["user"])
+        cwd = spec["cwd"] or "/"
+        os.makedirs(cwd, exist_ok=True)
+        _become(spec, uid, gid, groups)
+        os.chdir(cwd)
+    except (OSError, SetupError) as err:
+        report(report_fd, f"set up the sandbox: {_describe(err)}")
+        os._exit(SETUP_FAILED)
+    env = dict(kv.split("=", 1) for kv in spec["env"])
+    env.setdefault("PATH", _DEFAULT_PATH)
+    env.setdefault("HOME", home)
+    env.setdefault("HOSTNAME", spec["hostname"])
+    argv = spec["argv"]
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as err:
+        if isinstance(err, FileNotFoundError) and "/" not in argv[0]:
+            why = "executable file not found in $PATH"
+        else:
+            why = err.strerror or str(err)
+        report(report_fd, f'exec "{argv[0]}": {why}')
+        os._exit(EXEC_FAILED if isinstance(err, FileNotFoundError) else 126)
+
+
+def _at(root: str, target: str, is_dir: bool) -> str:
+    """The host path for `target` inside `root`, symlinks resolved inside root, created if missing."""
+    path = os.path.join(root, _rootfs.resolve_in_dir(root, target))
+    if not os.path.lexists(path):
+        if is_dir:
+            os.makedirs(path, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+    return path
+
+
+def _system_mounts(spec: dict, root: str) -> None:
+    m = _libc
+    m.mount("proc", _at(root, "proc", True), "proc", m.MS_NOSUID | m.MS_NODEV | m.MS_NOEXEC)
+    dev = _at(root, "dev", True)
+    m.mount("tmpfs", dev, "tmpfs", m.MS_NOSUID | m.MS_STRICTATIME, "mode=755,size=65536k")
+    for name in _DEV_NODES:
+        node = os.path.join(dev, name)
+        os.close(os.open(node, os.O_CREAT | os.O_WRONLY, 0o666))
+        m.mount("/dev/" + name, node, None, m.MS_BIND)
+    for name, target in _DEV_LINKS:
+        os.symlink(target, os.path.join(dev, name))
+    os.mkdir(os.path.join(dev, "pts"), 0o755)
+    os.mkdir(os.path.join(dev, "shm"), 0o1777)
+    os.chmod(os.path.join(dev, "shm"), 0o1777)
+    pts = os.path.join(dev, "pts")
+    try:
+        m.mount(
+            "devpts", pts, "devpts", m.MS_NOSUID | m.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620,gid=5"
+        )
+    except OSError:
+        # gid 5 (tty) is not mapped with a single-id map.
+        m.mount("devpts", pts, "devpts", m.MS_NOSUID | m.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    m.mount("shm", os.path.join(dev, "shm"), "tmpfs", m.MS_NOSUID | m.MS_NODEV, "mode=1777,size=65536k")
+    for rel, source in spec["host_binds"]:
+        _bind(source, _at(root, rel, False), readonly=True)
+
+
+def _locked_flags(source: str) -> int:
+    """Flags a read-only remount must keep: a user namespace may not clear them."""
+    f = os.statvfs(source).f_flag
+    flags = f & (_libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC | _libc.MS_NOATIME | _libc.MS_NODIRATIME)
+    if f & os.ST_RELATIME:
+        flags |= _libc.MS_RELATIME
+    return flags
+
+
+def _bind(source: str, target: str, readonly: bool) -> None:
+    _libc.mount(source, target, None, _libc.MS_BIND | _libc.MS_REC)
+    if readonly:
+        flags = _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY | _locked_flags(source)
+        _libc.mount(None, target, None, flags)
+
+
+def _user_mount(m: dict, root: str) -> None:
+    target = _at(root, m["target"], m["is_dir"])
+    kind = m["kind"]
+    if kind == "tmpfs":
+        opts = "mode=755" + (f",size={m['size']}" if m["size"] else "")
+        _libc.mount("tmpfs", target, "tmpfs", _libc.MS_NOSUID | _libc.MS_NODEV, opts)
+    elif kind == "bind":
+        if m["discard"]:
+            # Writes land in a scratch upper dir that the runner throws away.
+            _libc.mount(
+                "overlay",
+                target,
+                "overlay",
+                0,
+                f"lowerdir={m['source']},upperdir={m['upper']},workdir={m['work']},userxattr",
+            )
+        else:
+            _bind(m["source"], target, m["readonly"])
+    elif kind == "cache":
+        if m["fresh"]:
+            os.chown(m["source"], m["uid"], m["gid"])
+            os.chmod(m["source"], m["mode"])
+        _bind(m["source"], target, readonly=False)
+    elif kind == "secret":
+        # A private tmpfs holds the copy with the asked owner and mode; it
+        # lives only in this mount namespace, never in a layer.
+        stage = m["stage"]
+        _libc.mount("tmpfs", stage, "tmpfs", _libc.MS_NOSUID | _libc.MS_NODEV, "mode=700")
+        copy = os.path.join(stage, "secret")
+        with open(m["source"], "rb") as src, open(copy, "wb") as dst:
+            dst.write(src.read())
+        os.chown(copy, m["uid"], m["gid"])
+        os.chmod(copy, m["mode"])
+        _bind(copy, target, readonly=True)
+    else:
+        raise SetupError(f"unknown mount type {kind!r}")
+
+
+# --- user and groups -----------------------------------------------------------
+
+
+def _table(path: str) -> list[list[str]]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+    except FileNotFoundError:
+        return []
+
+
+def resolve_user(spec: str) -> tuple[int, int, list[int], str]:
+    """(uid, gid, supplementary gids, home) for `user[:group]`, read from the rootfs like Docker."""
+    user, _, group = spec.partition(":")
+    passwd = [row for row in _table("/etc/passwd") if len(row) >= 7]
+    entry = None
+    if user.isdigit():
+        uid = int(user)
+        entry = next((row for row in passwd if row[2] == user), None)
+    elif user:
+        entry = next((row for row in passwd if row[0] == user), None)
+        if entry is None:
+            raise SetupError(f"unable to find user {user}: no matching entries in passwd file")
+        uid = int(entry[2])
+    else:
+        uid = 0
+        entry = next((row for row in passwd if row[2] == "0"), None)
+    gid = int(entry[3]) if entry else 0
+    home = entry[5] if entry and entry[5] else "/"
+    groups_table = [row for row in _table("/etc/group") if len(row) >= 3]
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            match = next((row for row in groups_table if row[0] == group), None)
+            if match is None:
+                raise SetupError(f"unable to find group {group}: no matching entries in group file")
+            gid = int(match[2])
+    groups = [gid]
+    if entry is not None and not group:
+        for row in groups_table:
+            members = row[3].split(",") if len(row) > 3 else []
+            if entry[0] in members and row[2].isdigit() and int(row[2]) not in groups:
+                groups.append(int(row[2]))
+    return uid, gid, groups, home
+
+
+def _become(spec: dict, uid: int, gid: int, groups: list[int]) -> None:
+    try:
+        if not spec["single_id"]:
+            os.setgroups(groups)
+        if gid != 0:
+            os.setgid(gid)
+        if uid != 0:
+            os.setuid(uid)
+    except OSError as err:
+        if spec["single_id"]:
+            raise SetupError(
+                f"user {spec['user']!r} (uid {uid}, gid {gid}) is not mapped: this sandbox maps only root "
+                "(no subordinate ids for the caller in /etc/subuid and /etc/subgid)"
+            ) from err
+        raise

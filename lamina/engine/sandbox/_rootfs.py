@@ -1,0 +1,308 @@
+"""The sandbox's root filesystem, built inside the user namespace (helper side).
+
+Lower dirs are unpacked layers in overlay form: a whiteout is a 0/0 char
+device, an opaque directory carries `user.overlay.opaque` (or
+`trusted.overlay.opaque`) = "y". `LayerStack` answers "what does the merged
+view hold at this path" without mounting anything, which is how mount
+points are placed in a separate top lower dir (never in the upper dir, so
+never in a layer) and how the copy snapshotter builds its tree.
+
+Imported by the helper: os and stat only.
+"""
+
+# Helper start-up is sandbox start-up: try/except/pass here instead of importing contextlib.
+# ruff: noqa: SIM105
+
+from __future__ import annotations
+
+import os
+import stat
+
+from lamina.engine.sandbox._libc import mount
+
+OPAQUE_XATTRS = ("user.overlay.opaque", "trusted.overlay.opaque")
+_MAX_SYMLINKS = 40
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_opaque(path: str) -> bool:
+    for name in OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class LayerStack:
+    """The merged view of overlay-form lower dirs (top-most first), read without mounting."""
+
+    def __init__(self, lowers: list[str]) -> None:
+        self.lowers = lowers
+
+    def find(self, rel: str) -> tuple[str, os.stat_result] | None:
+        """The host path and lstat of what the merged view shows at `rel`, or None."""
+        parts = [p for p in rel.split("/") if p]
+        limit = len(self.lowers)
+        found: tuple[str, os.stat_result] | None = None
+        for depth in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:depth])
+            found = None
+            for i in range(limit):
+                path = os.path.join(self.lowers[i], prefix)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if is_whiteout(st):
+                    return None
+                found = (path, st)
+                # An opaque dir, or a dir over a non-dir, hides everything below it.
+                if stat.S_ISDIR(st.st_mode) and is_opaque(path):
+                    limit = i + 1
+                break
+            if found is None:
+                return None
+            if depth < len(parts) and not stat.S_ISDIR(found[1].st_mode):
+                return None
+        return found
+
+
+def resolve(rel: str, lstat_at, readlink_at) -> str:  # type: ignore[no-untyped-def]
+    """`rel` with every symlink resolved as the container would, never leaving the root.
+
+    `lstat_at(rel)` returns a stat result or None, `readlink_at(rel)` the
+    link text; both take root-relative paths. The result is root-relative
+    and may name a missing path (its missing tail is taken literally).
+    """
+    todo = [p for p in rel.split("/") if p]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = "/".join([*done, part])
+        st = lstat_at(here)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > _MAX_SYMLINKS:
+                raise OSError(40, "too many levels of symbolic links", "/" + rel)
+            target = readlink_at(here)
+            if target.startswith("/"):
+                done = []
+            todo[0:0] = [p for p in target.split("/") if p]
+            continue
+        done.append(part)
+    return "/".join(done)
+
+
+def resolve_in_stack(stack: LayerStack, rel: str) -> str:
+    def lstat_at(r: str) -> os.stat_result | None:
+        hit = stack.find(r)
+        return None if hit is None else hit[1]
+
+    def readlink_at(r: str) -> str:
+        hit = stack.find(r)
+        assert hit is not None
+        return os.readlink(hit[0])
+
+    return resolve(rel, lstat_at, readlink_at)
+
+
+def resolve_in_dir(root: str, rel: str) -> str:
+    def lstat_at(r: str) -> os.stat_result | None:
+        try:
+            return os.lstat(os.path.join(root, r))
+        except OSError:
+            return None
+
+    return resolve(rel, lstat_at, lambda r: os.readlink(os.path.join(root, r)))
+
+
+def _copy_owner_mode(src_st: os.stat_result, path: str) -> None:
+    try:
+        os.chown(path, src_st.st_uid, src_st.st_gid, follow_symlinks=False)
+    except OSError:
+        pass  # an owner this namespace does not map stays ours
+    os.chmod(path, stat.S_IMODE(src_st.st_mode))
+
+
+def add_mountpoints(stack: LayerStack, layer: str, targets: list[tuple[str, bool]]) -> list[str]:
+    """Create in `layer` (a fresh top lower dir) each missing (target, is_dir) mount point.
+
+    Directories already in the stack along the way are recreated in
+    `layer` with their owner and mode, so the merged view keeps them.
+    Returns the root-relative resolved targets, in the order given.
+    """
+    resolved = []
+    for target, is_dir in targets:
+        rel = resolve_in_stack(stack, target)
+        resolved.append(rel)
+        parts = rel.split("/") if rel else []
+        for depth in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:depth])
+            path = os.path.join(layer, prefix)
+            if os.path.lexists(path):
+                continue
+            hit = stack.find(prefix)
+            last = depth == len(parts)
+            if hit is not None:
+                if last:
+                    break  # the target exists below; nothing to add
+                os.mkdir(path)
+                _copy_owner_mode(hit[1], path)
+            elif last and not is_dir:
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+            else:
+                os.mkdir(path, 0o755)
+    return resolved
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None:
+    """Mount overlayfs; rootless it needs `userxattr` or replacing a directory fails with EIO."""
+    base = os.path.commonpath([*lowers, upper, work])
+    # A mount's options must fit in one page: relative paths keep long stacks short.
+    rel = [os.path.relpath(p, base) for p in lowers]
+    opts = "lowerdir={},upperdir={},workdir={},userxattr".format(
+        ":".join(_escape(p) for p in rel),
+        _escape(os.path.relpath(upper, base)),
+        _escape(os.path.relpath(work, base)),
+    )
+    cwd = os.open(".", os.O_RDONLY)
+    try:
+        os.chdir(base)
+        mount("overlay", target, "overlay", 0, opts)
+    finally:
+        os.fchdir(cwd)
+        os.close(cwd)
+
+
+def merge_copy(lowers: list[str], dest: str) -> None:
+    """Copy the merged view of `lowers` into `dest`: the copy snapshotter's rootfs."""
+    for layer in reversed(lowers):
+        _apply_tree(layer, dest, {})
+
+
+def _apply_tree(src: str, dest: str, links: dict[tuple[int, int], str]) -> None:
+    if is_opaque(src):
+        for name in os.listdir(dest):
+            _remove(os.path.join(dest, name))
+    with os.scandir(src) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        s = entry.path
+        d = os.path.join(dest, entry.name)
+        st = entry.stat(follow_symlinks=False)
+        if is_whiteout(st):
+            _remove(d)
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if os.path.lexists(d) and not (os.path.isdir(d) and not os.path.islink(d)):
+                _remove(d)
+            if not os.path.lexists(d):
+                os.mkdir(d, 0o700)
+            _apply_tree(s, d, links)
+            copy_meta(s, d, st)
+            continue
+        if os.path.lexists(d):
+            _remove(d)
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in links:
+            os.link(links[key], d)
+            continue
+        copy_node(s, d, st)
+        copy_meta(s, d, st)
+        if st.st_nlink > 1:
+            links[key] = d
+
+
+def copy_node(src: str, dest: str, st: os.stat_result) -> None:
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fd_out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                remaining = st.st_size
+                while remaining > 0:
+                    n = os.copy_file_range(fd_in, fd_out, min(remaining, 1 << 30))
+                    if n == 0:
+                        break
+                    remaining -= n
+            finally:
+                os.close(fd_out)
+        finally:
+            os.close(fd_in)
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink(src), dest)
+    elif stat.S_ISFIFO(mode):
+        os.mkfifo(dest, 0o600)
+    else:
+        os.mknod(dest, mode, st.st_rdev)
+
+
+def copy_meta(src: str, dest: str, st: os.stat_result) -> None:
+    """Owner, xattrs (not overlay's own), mode, then times: chown clears setuid, so mode after."""
+    try:
+        os.chown(dest, st.st_uid, st.st_gid, follow_symlinks=False)
+    except OSError:
+        pass
+    if not stat.S_ISLNK(st.st_mode):
+        try:
+            names = os.listxattr(src, follow_symlinks=False)
+        except OSError:
+            names = []
+        for name in names:
+            if ".overlay." in name:
+                continue
+            try:
+                os.setxattr(dest, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+            except OSError:
+                pass
+        os.chmod(dest, stat.S_IMODE(st.st_mode))
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _remove(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        remove_tree(path)
+    else:
+        os.unlink(path)
+
+
+def remove_tree(path: str) -> None:
+    """rm -rf that also enters directories with mode 000 (overlay's work/work)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+        os.chmod(path, 0o700)
+    with os.scandir(path) as it:
+        children = list(it)
+    for child in children:
+        if child.is_dir(follow_symlinks=False):
+            remove_tree(child.path)
+        else:
+            os.unlink(child.path)
+    os.rmdir(path)

@@ -1,0 +1,134 @@
+"""Entry point of the sandbox helper: `python -I -S helper.py REQUEST_FD REPORT_FD`.
+
+A fresh interpreter, never a fork of the caller (which may have threads).
+Its start-up is the sandbox's start-up, so it runs with -I -S and imports
+only os, marshal, ctypes and its sibling helper-side modules, reached through
+stub package modules rather than by running `lamina/__init__.py`.
+
+Protocol, over two pipes:
+    caller -> helper   4-byte length + marshal'd request dict (`runner._wire`)
+    helper -> caller   b"U" once the namespaces exist
+    caller -> helper   b"G" once the id maps are written (anything else: give up)
+    helper -> caller   b"E" + message + b"\\n" for each failure, then EOF
+The exit status is the command's (run), or 0 / 125.
+
+Modes: "run" (a command in a sandbox), "remove" (rm -rf paths inside the user
+namespace, for trees owned by subordinate ids), "extract" (unpack a layer
+inside the user namespace so its owners are the namespace's ids).
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import sys
+
+
+def _install_package_stubs() -> None:
+    # Empty package modules with the right __path__: sibling imports work
+    # without paying for the real package __init__ files.
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
+    sys.path.insert(0, root)
+    packages = ("lamina", "lamina.engine", "lamina.engine.sandbox")
+    for name in packages:
+        module = type(sys)(name)
+        module.__path__ = [os.path.join(root, *name.split("."))]  # type: ignore[attr-defined]
+        sys.modules[name] = module
+
+
+def _read_request(fd: int) -> dict:
+    head = _read_exact(fd, 4)
+    return marshal.loads(_read_exact(fd, int.from_bytes(head, "big")))
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = os.read(fd, n)
+        if not chunk:
+            raise EOFError("request pipe closed")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def main() -> int:
+    request_fd, report_fd = int(sys.argv[1]), int(sys.argv[2])
+    _install_package_stubs()
+    import _signal
+
+    from lamina.engine.sandbox import _inside, _libc
+
+    try:
+        spec = _read_request(request_fd)
+    except (EOFError, ValueError):
+        return _inside.SETUP_FAILED
+    _libc.set_parent_death_signal(_signal.SIGKILL)
+    if os.getppid() != spec["parent"]:
+        return _inside.SETUP_FAILED  # the caller died before we could arm the death signal
+    flags = _libc.CLONE_NEWUSER | _libc.CLONE_NEWNS
+    if spec["mode"] == "run":
+        flags |= _libc.CLONE_NEWPID | _libc.CLONE_NEWUTS | _libc.CLONE_NEWIPC
+        if spec["network"] == "none":
+            flags |= _libc.CLONE_NEWNET
+    try:
+        _libc.unshare(flags)
+    except OSError as err:
+        _inside.report(report_fd, f"create namespaces: {err.strerror} (are user namespaces enabled?)")
+        return _inside.SETUP_FAILED
+    os.write(report_fd, b"U")
+    if os.read(request_fd, 1) != b"G":
+        return _inside.SETUP_FAILED
+    os.close(request_fd)
+    try:
+        _libc.mount(None, "/", None, _libc.MS_REC | _libc.MS_PRIVATE)
+    except OSError as err:
+        _inside.report(report_fd, f"make mounts private: {err.strerror}")
+        return _inside.SETUP_FAILED
+    if spec["mode"] == "remove":
+        return _remove(spec, report_fd)
+    if spec["mode"] == "extract":
+        return _extract(spec, report_fd)
+    child = os.fork()
+    if child == 0:
+        code = _inside.SETUP_FAILED
+        try:
+            code = _inside.init(spec, report_fd)
+        finally:
+            os._exit(code)
+    _inside.forward_signals(child)
+    _, status = os.waitpid(child, 0)
+    return _inside.exit_code(status)
+
+
+def _remove(spec: dict, report_fd: int) -> int:
+    from lamina.engine.sandbox import _rootfs
+
+    failed = 0
+    for path in spec["paths"]:
+        try:
+            _rootfs.remove_tree(path)
+        except OSError as err:
+            _inside_report(report_fd, f"remove {path}: {err.strerror} {err.filename or ''}".rstrip())
+            failed = 1
+    return failed
+
+
+def _extract(spec: dict, report_fd: int) -> int:
+    from lamina.engine.sandbox import _extract
+
+    try:
+        _extract.extract(spec)
+    except Exception as err:  # reported to the caller, which raises it as a LaminaError
+        _inside_report(report_fd, str(err))
+        return 1
+    return 0
+
+
+def _inside_report(fd: int, message: str) -> None:
+    os.write(fd, b"E" + message.encode(errors="replace") + b"\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

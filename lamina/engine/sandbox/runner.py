@@ -1,0 +1,310 @@
+"""The caller's side of a sandbox: scratch dirs, the helper process, id maps, cleanup."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lamina.engine.sandbox import _rootfs
+from lamina.engine.sandbox.idmap import IdMap, IdMode, detect_ids, write_maps
+from lamina.engine.sandbox.spec import (
+    BindMount,
+    CacheMount,
+    Network,
+    SandboxSpec,
+    SecretMount,
+    Sharing,
+    Snapshotter,
+    TmpfsMount,
+)
+from lamina.errors import SandboxError
+
+_HELPER = str(Path(__file__).with_name("helper.py"))
+_APT_SANDBOX_ROOT = 'APT::Sandbox::User "root";\n'
+_KILL_GRACE_SECONDS = 2.0
+_OVERLAY_FAILED_PREFIX = "prepare the sandbox root: "
+
+
+def default_snapshotter() -> Snapshotter | None:
+    """`$LAMINA_SNAPSHOTTER` if set, else None (overlay, falling back to copy)."""
+    value = os.environ.get("LAMINA_SNAPSHOTTER", "").strip().lower()
+    if not value:
+        return None
+    try:
+        return Snapshotter(value)
+    except ValueError:
+        raise SandboxError(f"LAMINA_SNAPSHOTTER={value}: expected overlay or copy") from None
+
+
+def run(
+    spec: SandboxSpec,
+    *,
+    ids: IdMap | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> int:
+    """Run `spec.argv` in a fresh sandbox; return its exit code (128+N when killed by signal N).
+
+    The changes land in `spec.upper_dir` in overlay form, whichever the
+    snapshotter. Raises SandboxError when the sandbox cannot be set up or
+    the command cannot be executed.
+    """
+    if not spec.argv:
+        raise SandboxError("run: no command given")
+    ids = ids or detect_ids()
+    if ids.warning and on_warning is not None:
+        on_warning(ids.warning)
+    chosen = spec.snapshotter or default_snapshotter()
+    order = [chosen] if chosen else [Snapshotter.OVERLAY, Snapshotter.COPY]
+    for i, snapshotter in enumerate(order):
+        try:
+            return _run_once(spec, ids, snapshotter)
+        except _OverlayUnavailable as err:
+            if i + 1 == len(order):
+                raise SandboxError(str(err)) from None
+    raise AssertionError("unreachable")
+
+
+class _OverlayUnavailable(SandboxError):
+    pass
+
+
+def _run_once(spec: SandboxSpec, ids: IdMap, snapshotter: Snapshotter) -> int:
+    upper = spec.upper_dir
+    scratch_parent = spec.scratch_dir or (upper.parent if upper else None)
+    if scratch_parent is not None:
+        scratch_parent.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="lamina-sandbox-", dir=scratch_parent))
+    try:
+        with contextlib.ExitStack() as locks:
+            if upper is None:
+                upper = base / "upper"
+            upper.mkdir(parents=True, exist_ok=True)
+            if any(upper.iterdir()):
+                raise SandboxError(f"upper dir {upper} is not empty")
+            for name in ("work", "rootfs", "mountpoints"):
+                (base / name).mkdir()
+            wire = _wire(spec, ids, snapshotter, base, upper, locks)
+            code, errors = _helper(wire, ids, spec)
+            if errors:
+                message = errors[0]
+                if snapshotter is Snapshotter.OVERLAY and "mount overlay" in message:
+                    raise _OverlayUnavailable(message)
+                raise SandboxError(message)
+            return code
+    except BaseException:
+        if spec.upper_dir is not None:
+            remove_tree(spec.upper_dir, ids, keep_root=True)
+        raise
+    finally:
+        remove_tree(base, ids)
+
+
+def _wire(
+    spec: SandboxSpec,
+    ids: IdMap,
+    snapshotter: Snapshotter,
+    base: Path,
+    upper: Path,
+    locks: contextlib.ExitStack,
+) -> dict[str, Any]:
+    """The plain dict the helper reads (marshal: no imports on its side)."""
+    host_binds: list[tuple[str, str]] = []
+    if spec.network is Network.HOST:
+        for rel, host in (("etc/resolv.conf", "/etc/resolv.conf"), ("etc/hosts", "/etc/hosts")):
+            real = os.path.realpath(host)
+            if os.path.isfile(real):
+                host_binds.append((rel, real))
+    apt_snippet = ""
+    if ids.mode is IdMode.SINGLE:
+        # apt drops to user _apt, which a single-id map does not have. The
+        # setting is bind-mounted, so it never reaches the upper dir.
+        apt = base / "apt.conf"
+        apt.write_text(_APT_SANDBOX_ROOT)
+        apt_snippet = str(apt)
+    return {
+        "mode": "run",
+        "parent": os.getpid(),
+        "snapshotter": snapshotter.value,
+        "lowers": [str(Path(p).absolute()) for p in spec.lower_dirs] or [str(_empty_dir(base))],
+        "upper": str(upper.absolute()),
+        "work": str(base / "work"),
+        "rootfs": str(base / "rootfs"),
+        "mountpoints": str(base / "mountpoints"),
+        "argv": list(spec.argv),
+        "env": [f"{k}={v}" for k, v in spec.env],
+        "cwd": spec.cwd,
+        "user": spec.user,
+        "hostname": spec.hostname,
+        "network": spec.network.value,
+        "single_id": ids.mode is IdMode.SINGLE,
+        "host_binds": host_binds,
+        "apt_snippet": apt_snippet,
+        "mounts": [_wire_mount(m, i, base, locks) for i, m in enumerate(spec.mounts)],
+    }
+
+
+def _empty_dir(base: Path) -> Path:
+    empty = base / "empty"
+    empty.mkdir(exist_ok=True)
+    return empty
+
+
+def _wire_mount(m: object, index: int, base: Path, locks: contextlib.ExitStack) -> dict[str, Any]:
+    target = getattr(m, "path", None) or getattr(m, "target", "")
+    if not str(target).startswith("/"):
+        raise SandboxError(f"mount target {target!r}: must be an absolute path")
+    out: dict[str, Any] = {"target": str(target).lstrip("/"), "is_dir": True}
+    if isinstance(m, BindMount):
+        source = m.source.absolute()
+        if not source.exists():
+            raise SandboxError(f"bind mount {target}: source {source} does not exist")
+        out.update(kind="bind", source=str(source), readonly=m.readonly, discard=False)
+        out["is_dir"] = source.is_dir()
+        if m.discard_writes and not m.readonly:
+            scratch = base / f"bind-{index}"
+            if out["is_dir"]:
+                (scratch / "upper").mkdir(parents=True)
+                (scratch / "work").mkdir()
+                out.update(discard=True, upper=str(scratch / "upper"), work=str(scratch / "work"))
+            else:
+                scratch.mkdir()
+                copy = scratch / source.name
+                copy.write_bytes(source.read_bytes())
+                out["source"] = str(copy)
+    elif isinstance(m, CacheMount):
+        out.update(_cache_source(m, index, base, locks), kind="cache", uid=m.uid, gid=m.gid, mode=m.mode)
+    elif isinstance(m, TmpfsMount):
+        out.update(kind="tmpfs", size=m.size)
+    elif isinstance(m, SecretMount):
+        if not m.source.is_file():
+            raise SandboxError(f"secret {m.id}: {m.source} is not a readable file")
+        stage = base / f"secret-{index}"
+        stage.mkdir()
+        out.update(
+            kind="secret",
+            source=str(m.source.absolute()),
+            stage=str(stage),
+            uid=m.uid,
+            gid=m.gid,
+            mode=m.mode,
+            is_dir=False,
+        )
+    else:
+        raise SandboxError(f"unsupported mount {m!r}")
+    return out
+
+
+def _cache_source(m: CacheMount, index: int, base: Path, locks: contextlib.ExitStack) -> dict[str, Any]:
+    fresh = not m.source.exists()
+    m.source.mkdir(parents=True, exist_ok=True)
+    lock_file = locks.enter_context(open(str(m.source) + ".lock", "a+b"))  # noqa: SIM115
+    if m.sharing is Sharing.SHARED:
+        fcntl.flock(lock_file, fcntl.LOCK_SH)
+    elif m.sharing is Sharing.LOCKED:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+    else:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Busy: this run gets its own empty directory, discarded afterwards.
+            private = base / f"cache-{index}"
+            private.mkdir()
+            return {"source": str(private), "fresh": True}
+    return {"source": str(m.source.absolute()), "fresh": fresh}
+
+
+def _helper(
+    wire: dict[str, Any],
+    ids: IdMap,
+    spec: SandboxSpec | None = None,
+) -> tuple[int, list[str]]:
+    """Start the helper with `wire`, map its ids, wait; (exit code, error messages)."""
+    import marshal
+
+    request_r, request_w = os.pipe()
+    report_r, report_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", _HELPER, str(request_r), str(report_w)],
+            pass_fds=(request_r, report_w),
+            stdin=spec.stdin if spec else subprocess.DEVNULL,
+            stdout=spec.stdout if spec else subprocess.DEVNULL,
+            stderr=spec.stderr if spec else subprocess.DEVNULL,
+        )
+    except OSError as err:
+        for fd in (request_r, request_w, report_r, report_w):
+            os.close(fd)
+        raise SandboxError(f"start the sandbox helper: {err}") from err
+    os.close(request_r)
+    os.close(report_w)
+    try:
+        with open(request_w, "wb", buffering=0) as request, open(report_r, "rb", buffering=0) as report:
+            payload = marshal.dumps(wire)
+            request.write(len(payload).to_bytes(4, "big") + payload)
+            first = report.read(1)
+            if first == b"U":
+                write_maps(proc.pid, ids)
+                request.write(b"G")
+                first = b""
+            request.close()
+            messages = (first + report.read()).decode(errors="replace")
+        code = proc.wait()
+    except BaseException:
+        _stop(proc)
+        raise
+    errors = [line[1:] for line in messages.splitlines() if line.startswith("E")]
+    return (128 - code if code < 0 else code), errors
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Interrupt the sandbox, then kill it: the helper's death takes PID 1 and its tree along."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=_KILL_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.kill()
+        proc.wait()
+
+
+def remove_tree(path: Path, ids: IdMap | None = None, *, keep_root: bool = False) -> None:
+    """rm -rf `path`, from inside a user namespace when subordinate ids may own files in it."""
+    ids = ids or detect_ids()
+    if not os.path.lexists(path):
+        return
+    paths = [str(p) for p in Path(path).iterdir()] if keep_root else [str(path)]
+    if not paths:
+        return
+    if ids.mode is IdMode.SUBORDINATE:
+        _, errors = _helper({"mode": "remove", "parent": os.getpid(), "paths": paths}, ids)
+        if errors:
+            raise SandboxError(errors[0])
+        return
+    try:
+        for p in paths:
+            _rootfs.remove_tree(p)
+    except OSError as err:
+        raise SandboxError(f"remove {err.filename or path}: {err.strerror}") from err
+
+
+@contextlib.contextmanager
+def scratch_upper(parent: Path | None = None, ids: IdMap | None = None) -> Iterator[Path]:
+    """A fresh empty upper dir, removed on exit (even on Ctrl-C)."""
+    path = Path(tempfile.mkdtemp(prefix="lamina-upper-", dir=parent))
+    try:
+        yield path
+    finally:
+        remove_tree(path, ids)

@@ -1,0 +1,112 @@
+"""What a sandboxed process is: the typed values the executor and `lamina run` fill in."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from pathlib import Path
+from typing import IO
+
+
+class Network(enum.Enum):
+    HOST = "host"  # the host's network, /etc/resolv.conf and /etc/hosts bound read-only
+    NONE = "none"  # a new network namespace with only loopback, up
+
+
+class Snapshotter(enum.Enum):
+    OVERLAY = "overlay"  # overlayfs over the lower dirs; the upper dir is the diff
+    COPY = "copy"  # copy the lowers, run, compare: for where overlayfs will not mount
+
+
+class Sharing(enum.Enum):
+    SHARED = "shared"  # concurrent runs use the same directory
+    PRIVATE = "private"  # a busy cache directory is replaced by a fresh empty one
+    LOCKED = "locked"  # concurrent runs wait for each other
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BindMount:
+    """A host file or directory (or a stage's rootfs) at `target`.
+
+    Read-only by default, as for `RUN --mount=type=bind`; with `readonly=False`
+    writes reach the source unless `discard_writes`, when they go to a
+    scratch upper dir that is thrown away.
+    """
+
+    source: Path
+    target: str
+    readonly: bool = True
+    discard_writes: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheMount:
+    """A persistent directory (the caller picks it, e.g. keyed by cache id) at `target`.
+
+    `uid`, `gid` and `mode` apply when the directory is first created.
+    """
+
+    source: Path
+    target: str
+    sharing: Sharing = Sharing.SHARED
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0o755
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TmpfsMount:
+    target: str
+    size: int = 0  # bytes; 0 is the kernel default (half of RAM)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SecretMount:
+    """A secret file at `target` (default /run/secrets/ID), on a tmpfs: never in a layer."""
+
+    id: str
+    source: Path
+    target: str = ""
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0o400
+
+    @property
+    def path(self) -> str:
+        return self.target or f"/run/secrets/{self.id}"
+
+
+Mount = BindMount | CacheMount | TmpfsMount | SecretMount
+
+# Where a stream goes: None inherits ours, an int is a file descriptor, else a file object.
+Output = int | IO[bytes] | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    """One process to run in a fresh sandbox over `lower_dirs`.
+
+    `lower_dirs` are unpacked layers in overlay form (top-most first).
+    `upper_dir` receives the changes (it must be empty or missing, and is
+    kept); None runs on a scratch upper dir that is removed afterwards.
+    `user` is `name`, `uid`, `name:group` or `uid:gid`, resolved in the
+    image's /etc/passwd and /etc/group. `snapshotter` None picks
+    `$LAMINA_SNAPSHOTTER`, else overlay where it mounts, else copy.
+    `scratch_dir` is where temporary dirs go (default: beside `upper_dir`,
+    else the system temp dir).
+    """
+
+    argv: tuple[str, ...]
+    lower_dirs: tuple[Path, ...] = ()
+    upper_dir: Path | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str = "/"
+    user: str = ""
+    hostname: str = "lamina"
+    network: Network = Network.HOST
+    mounts: tuple[Mount, ...] = ()
+    snapshotter: Snapshotter | None = None
+    stdin: Output = None
+    stdout: Output = None
+    stderr: Output = None
+    scratch_dir: Path | None = None
