@@ -345,7 +345,7 @@ class RegistryClient:
                     f"bytes {written}-"
                 ):
                     raise RegistryError(f"{what}: registry answered a different range than asked")
-                for chunk in response.iter_raw(CHUNK):  # raw: a blob's bytes are its digest's input
+                for chunk in response.iter_bytes():  # as received: nothing buffered is lost on a break
                     if skip:
                         dropped = min(skip, len(chunk))
                         chunk, skip = chunk[dropped:], skip - dropped
