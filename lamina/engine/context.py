@@ -1,0 +1,273 @@
+"""Source trees for COPY/ADD: the build context, or a stage's root filesystem.
+
+A `SourceTree` is a directory that COPY may read from. For the build context
+it applies .dockerignore (pruning whole directories when no `!` exception can
+reach inside them) and refuses any path that leaves the directory, by `..`
+or through a symlink. For a stage's root filesystem it resolves symlinks as
+a chroot would (`/` is the tree's root), since absolute links are normal
+there.
+
+File contents are digested through a `StatCache` (passed in, so several
+builds share it and a no-op rebuild reads no file), never by mtime.
+
+Paths inside a tree are relative, `/`-separated, clean, with "" for the root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from lamina.cache.statcache import StatCache, StatKey, stat_key
+from lamina.engine.dockerfile.ignore import DockerIgnore, IgnoreMatch, read_ignore_file
+from lamina.errors import ContextError
+from lamina.oci.digest import Digest
+from lamina.oci.entry import EntryType
+
+__all__ = ["SourceTree", "TreeEntry", "entry_record", "open_build_context", "open_rootfs"]
+
+_MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS
+
+_TYPES = {
+    stat.S_IFREG: EntryType.FILE,
+    stat.S_IFDIR: EntryType.DIR,
+    stat.S_IFLNK: EntryType.SYMLINK,
+    stat.S_IFCHR: EntryType.CHAR,
+    stat.S_IFBLK: EntryType.BLOCK,
+    stat.S_IFIFO: EntryType.FIFO,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """One path of a source tree, as lstat saw it."""
+
+    path: str  # relative to the tree root
+    type: EntryType
+    mode: int  # permission bits incl. setuid/setgid/sticky
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    linkname: str = ""  # symlink target
+    rdev: int = 0
+    key: StatKey = dataclasses.field(default=(0, 0, 0, 0, 0), compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition("/")[2]
+
+
+def entry_record(path: str, entry: TreeEntry, mode: int, uid: int, gid: int, content: bytes) -> bytes:
+    """The bytes a content key hashes for one entry: never its mtime or inode."""
+    device = f"{os.major(entry.rdev)},{os.minor(entry.rdev)}" if entry.rdev else ""
+    fields = (path, entry.type.value, f"{mode:o}", str(uid), str(gid), entry.linkname, device)
+    return "\0".join(fields).encode("utf-8", "surrogateescape") + b"\0" + content + b"\n"
+
+
+class SourceTree:
+    """A directory COPY/ADD reads from; see the module docstring."""
+
+    __slots__ = ("chroot", "ignore", "root", "stat_cache")
+
+    def __init__(
+        self,
+        root: Path,
+        stat_cache: StatCache,
+        ignore: DockerIgnore | None = None,
+        chroot: bool = False,
+    ) -> None:
+        self.root = root
+        self.stat_cache = stat_cache
+        self.ignore = ignore if ignore else None
+        self.chroot = chroot
+
+    def __repr__(self) -> str:
+        return f"SourceTree({str(self.root)!r}, chroot={self.chroot})"
+
+    def abspath(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if rel else str(self.root)
+
+    def resolve(self, rel: str, follow_last: bool = True) -> str:
+        """Resolve `..` and symlinks in `rel` without leaving the tree.
+
+        Missing components are kept as written (the caller reports them).
+        Raises ContextError when a build-context path escapes the context.
+        """
+        pending = [p for p in reversed(rel.split("/")) if p not in ("", ".")]
+        resolved: list[str] = []
+        followed = 0
+        while pending:
+            part = pending.pop()
+            if part == "..":
+                if resolved:
+                    resolved.pop()
+                elif not self.chroot:
+                    raise ContextError(f"{rel}: path is outside of the build context")
+                continue
+            candidate = "/".join([*resolved, part])
+            if pending or follow_last:
+                try:
+                    st = os.lstat(self.abspath(candidate))
+                except OSError:
+                    st = None
+                if st is not None and stat.S_ISLNK(st.st_mode):
+                    followed += 1
+                    if followed > _MAX_SYMLINKS:
+                        raise ContextError(f"{rel}: too many levels of symbolic links")
+                    target = os.readlink(self.abspath(candidate))
+                    if target.startswith("/"):
+                        if not self.chroot:
+                            raise ContextError(
+                                f"{rel}: symlink {candidate} -> {target} points outside of the build context"
+                            )
+                        resolved = []
+                    elif not self.chroot and _climbs_out(resolved, target):
+                        raise ContextError(
+                            f"{rel}: symlink {candidate} -> {target} points outside of the build context"
+                        )
+                    pending.extend(p for p in reversed(target.split("/")) if p not in ("", "."))
+                    continue
+            resolved.append(part)
+        return "/".join(resolved)
+
+    def entry(self, rel: str) -> TreeEntry | None:
+        """The entry at `rel` (not following a final symlink), or None if missing or ignored."""
+        try:
+            st = os.lstat(self.abspath(rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        entry = self._entry(rel, st)
+        if entry is None or not rel or self.ignore is None:
+            return entry
+        if not self.excluded(rel):
+            return entry
+        # An excluded directory still exists when a `!` exception keeps something inside it.
+        if entry.type is EntryType.DIR and not self.ignore.can_prune(rel):
+            for _ in self.walk(rel):
+                return entry
+        return None
+
+    def excluded(self, rel: str) -> bool:
+        return self.ignore is not None and bool(rel) and self.ignore.excludes(rel)
+
+    def walk(self, rel: str = "") -> Iterator[TreeEntry]:
+        """Entries below the directory `rel`, depth first, by name, ignore applied.
+
+        Symlinks are listed, not followed. An excluded directory is listed
+        only when something below it is kept.
+        """
+        state: IgnoreMatch | None = None
+        if self.ignore is not None and rel:
+            parts = rel.split("/")
+            for depth in range(1, len(parts) + 1):
+                state = self.ignore.match("/".join(parts[:depth]), state)
+        yield from self._walk(rel, state, [])
+
+    def _walk(self, rel: str, state: IgnoreMatch | None, pending: list[TreeEntry]) -> Iterator[TreeEntry]:
+        try:
+            with os.scandir(self.abspath(rel)) as it:
+                children = sorted(it, key=lambda d: d.name)
+        except OSError as err:
+            raise ContextError(f"{rel or '.'}: cannot read directory: {err.strerror}") from None
+        ignore = self.ignore
+        for child in children:
+            path = f"{rel}/{child.name}" if rel else child.name
+            entry = self._entry(path, child.stat(follow_symlinks=False))
+            if entry is None:
+                continue
+            is_dir = entry.type is EntryType.DIR
+            match = None
+            if ignore is not None:
+                match = ignore.match(path, state)
+                if match.excluded:
+                    if is_dir and not ignore.can_prune(path):
+                        pending.append(entry)
+                        yield from self._walk(path, match, pending)
+                        if pending and pending[-1] is entry:
+                            pending.pop()
+                    continue
+            if pending:  # the excluded parents of a kept entry come first
+                yield from pending
+                pending.clear()
+            yield entry
+            if is_dir:
+                yield from self._walk(path, match, pending)
+
+    def _entry(self, rel: str, st: os.stat_result) -> TreeEntry | None:
+        kind = _TYPES.get(stat.S_IFMT(st.st_mode))
+        if kind is None:
+            return None  # sockets cannot be copied or stored in a layer
+        link = os.readlink(self.abspath(rel)) if kind is EntryType.SYMLINK else ""
+        return TreeEntry(
+            path=rel,
+            type=kind,
+            mode=stat.S_IMODE(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size if kind is EntryType.FILE else 0,
+            mtime_ns=st.st_mtime_ns,
+            linkname=link,
+            rdev=st.st_rdev if kind in (EntryType.CHAR, EntryType.BLOCK) else 0,
+            key=stat_key(st),
+        )
+
+    def file_digest(self, entry: TreeEntry) -> bytes:
+        """sha256 of a FILE entry's content (from the stat cache when unchanged)."""
+        try:
+            return self.stat_cache.digest(self.abspath(entry.path), entry.key)
+        except OSError as err:
+            raise ContextError(f"{entry.path}: cannot read: {err.strerror or err}") from None
+
+    def checksum(self, rel: str = "") -> Digest:
+        """One digest over everything below `rel`: paths, types, modes, owners, links, contents."""
+        h = hashlib.sha256()
+        for entry in self.walk(self.resolve(rel)):
+            content = self.file_digest(entry) if entry.type is EntryType.FILE else b""
+            h.update(entry_record(entry.path, entry, entry.mode, entry.uid, entry.gid, content))
+        return Digest("sha256", h.hexdigest())
+
+
+def _climbs_out(resolved: list[str], target: str) -> bool:
+    depth = len(resolved)
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
+def open_build_context(root: Path, stat_cache: StatCache, dockerfile: Path | None = None) -> SourceTree:
+    """The build context at `root`, with its ignore file.
+
+    `<Dockerfile>.dockerignore` beside a named Dockerfile wins over
+    `<root>/.dockerignore`, as in BuildKit.
+    """
+    if not root.is_dir():
+        raise ContextError(f"build context {root}: not a directory")
+    candidates = [root / ".dockerignore"]
+    if dockerfile is not None:
+        candidates.insert(0, dockerfile.with_name(dockerfile.name + ".dockerignore"))
+    ignore = None
+    for candidate in candidates:
+        try:
+            text = candidate.read_text(encoding="utf-8", errors="surrogateescape")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            continue
+        except OSError as err:
+            raise ContextError(f"{candidate}: cannot read: {err.strerror}") from None
+        ignore = read_ignore_file(text, source=str(candidate))
+        break
+    return SourceTree(root, stat_cache, ignore=ignore)
+
+
+def open_rootfs(root: Path, stat_cache: StatCache) -> SourceTree:
+    """A stage's root filesystem (for COPY --from): symlinks resolve inside it."""
+    return SourceTree(root, stat_cache, chroot=True)
