@@ -20,3 +20,13 @@ from lamina.cache.store import Store
 def store(tmp_path: Path) -> Iterator[Store]:
     with Store(tmp_path / "cache") as opened:
         yield opened
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An OCI archive of lamina-test/busybox:1.35 (made once per session)."""
+    from tests.support.busybox import BUSYBOX, make_busybox_image
+
+    if not BUSYBOX.exists():
+        pytest.skip(f"{BUSYBOX} is missing (apt-get install busybox-static)")
+    return make_busybox_image(tmp_path_factory.mktemp("busybox"))

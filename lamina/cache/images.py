@@ -1,0 +1,322 @@
+"""Images in the store: load them in, make them, write them out.
+
+The source/destination split of pypa/installer: `lamina.oci.archive` says
+what an image file offers, the `Store` is where its blobs go, and these
+functions join the two. Nothing here parses a tar member name or a
+Dockerfile.
+
+- `load_image_file(store, path, name)`: every image of an OCI archive, OCI
+  layout or docker-archive into the store, each blob verified as it is
+  copied (digest, size, and for layers the diff_id of the uncompressed
+  tar, in the same pass).
+- `commit_image(store, config, layers, names)`: a new image from a config
+  and layer blobs already in the store (what a build ends with).
+- `save_image(store, name, path, format, compression)`: write an image out
+  as an OCI archive (with docker's manifest.json) or a docker-archive.
+  Layers are recompressed only when asked for a compression they are not
+  in, and a blob made that way is recorded and reused next time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from lamina.cache.store import BlobWriter, ImageRecord, LayerRecord, Store
+from lamina.errors import DigestMismatch, ImageFormatError, LayerError, StoreError
+from lamina.oci.compression import CHUNK, Compression, open_decompressed
+from lamina.oci.digest import Digest
+from lamina.oci.image import (
+    DOCKER_CONFIG,
+    MAX_DOCUMENT,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    Descriptor,
+    ImageConfig,
+    Manifest,
+    descriptor_of,
+    layer_compression,
+    layer_media_type,
+)
+from lamina.oci.layout import BlobSource, ExportImage, SourceImage, atomic_output
+from lamina.oci.reference import InvalidReference, parse_reference
+
+if TYPE_CHECKING:
+    from lamina.oci.dockerarchive import DockerLayer
+
+FORMATS = ("oci", "docker")
+
+
+def normalize_name(name: str) -> str:
+    """The store's form of an image name: `app` -> `docker.io/library/app:latest`."""
+    try:
+        ref = parse_reference(name)
+    except InvalidReference as err:
+        raise StoreError(str(err)) from err
+    if ref.tag is None:
+        raise StoreError(f"image name {name!r} needs a tag, not only a digest")
+    return str(dataclasses.replace(ref, digest=None))
+
+
+def display_name(name: str) -> str:
+    """docker's short form: docker.io/library/app:1 -> app:1."""
+    from lamina.oci.layout import familiar_name
+
+    return familiar_name(name)
+
+
+# --- loading ----------------------------------------------------------------------
+
+
+def load_image_file(store: Store, path: Path, name: str | None = None) -> tuple[ImageRecord, ...]:
+    """Import every image in `path`; `name` (only for a file holding one image) replaces its names."""
+    from lamina.oci.archive import open_image_source
+
+    records: list[ImageRecord] = []
+    with open_image_source(path) as source:
+        images = source.images()
+        if not images:
+            raise ImageFormatError(f"{path}: holds no image")
+        if name is not None and len({i.manifest.digest for i in images}) != 1:
+            raise ImageFormatError(f"{path}: holds {len(images)} images; -t names only a single image")
+        for image in images:
+            names = (name,) if name is not None else image.names
+            if not names:
+                raise ImageFormatError(
+                    f"{path}: image {image.manifest.digest.short} has no name "
+                    "(no io.containerd.image.name nor a full org.opencontainers.image.ref.name); "
+                    "give one with -t"
+                )
+            records.extend(import_image(store, source, image, names))
+    return tuple(records)
+
+
+def import_image(
+    store: Store, source: BlobSource, image: SourceImage, names: Sequence[str]
+) -> tuple[ImageRecord, ...]:
+    """Copy one image's blobs into the store (verifying each) and tag it with `names`."""
+    normalized = [normalize_name(n) for n in names]  # fail on a bad name before copying anything
+    for i, (layer, diff_id) in enumerate(zip(image.layers, image.diff_ids, strict=True)):
+        known = store.layer(layer.digest)
+        if known is not None and known.diff_id == diff_id and store.has_blob(layer.digest):
+            continue
+        compression = Compression(layer_compression(layer.media_type))
+        with source.open_blob(layer.digest) as blob, store.blob_writer() as out:
+            try:
+                got = copy_layer(blob, out, compression)
+            except (LayerError, OSError) as err:
+                raise ImageFormatError(f"layer {i} ({layer.digest.short}): {err}") from err
+            if got != diff_id:
+                raise DigestMismatch(
+                    f"layer {i} ({layer.digest.short}): the tar hashes to {got}, not {diff_id}"
+                )
+            out.commit(layer.digest, layer.size)
+        store.record_layer(LayerRecord(layer.digest, diff_id, layer.media_type, layer.size))
+    manifest = Manifest.from_bytes(image.manifest_bytes)
+    store.put_bytes(image.config_bytes, manifest.config.digest)
+    store.put_bytes(image.manifest_bytes, image.manifest.digest)
+    return _tag_all(store, image.manifest.digest, manifest, image.config_bytes, normalized)
+
+
+def _tag_all(
+    store: Store, manifest_digest: Digest, manifest: Manifest, config_bytes: bytes, names: Sequence[str]
+) -> tuple[ImageRecord, ...]:
+    size = manifest.config.size + sum(layer.size for layer in manifest.layers)
+    created = ImageConfig.from_bytes(config_bytes).created or ""
+    return tuple(store.tag(name, manifest_digest, size=size, created=created) for name in names)
+
+
+class _Tee(io.RawIOBase):
+    """Reads from `inner`, writing every byte read to `out` as well."""
+
+    def __init__(self, inner: BinaryIO, out: BlobWriter) -> None:
+        self._inner = inner
+        self._out = out
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self._out.write(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+
+def copy_layer(blob: BinaryIO, out: BlobWriter, compression: Compression) -> Digest:
+    """Copy a layer blob to `out` and return the diff_id of its tar, in one pass."""
+    tee = _Tee(blob, out)
+    tar = open_decompressed(tee, compression)  # type: ignore[arg-type]
+    diff = hashlib.sha256()
+    while chunk := tar.read(CHUNK):
+        diff.update(chunk)
+    while tee.read(CHUNK):  # bytes after the end of the compressed stream
+        pass
+    return Digest("sha256", diff.hexdigest())
+
+
+# --- making an image ----------------------------------------------------------------
+
+
+def commit_image(
+    store: Store, config: ImageConfig, layers: Sequence[LayerRecord], names: Sequence[str] = ()
+) -> tuple[Descriptor, tuple[ImageRecord, ...]]:
+    """Store `config` and a manifest over `layers` (blobs already in the store); tag `names`.
+
+    The config's diff_ids are set from `layers`. Returns the manifest's
+    descriptor and the name records.
+    """
+    for layer in layers:
+        if not store.has_blob(layer.blob):
+            raise StoreError(f"commit image: layer blob {layer.blob} is not in the store")
+    config = dataclasses.replace(config, diff_ids=tuple(layer.diff_id for layer in layers))
+    config_bytes = config.to_bytes()
+    store.put_bytes(config_bytes)
+    manifest = Manifest(
+        descriptor_of(config_bytes, OCI_CONFIG),
+        tuple(Descriptor(layer.media_type, layer.blob, layer.size) for layer in layers),
+    )
+    manifest_bytes = manifest.to_bytes()
+    descriptor = store.put_bytes(manifest_bytes)
+    normalized = [normalize_name(n) for n in names]
+    records = _tag_all(store, descriptor.digest, manifest, config_bytes, normalized)
+    return descriptor_of(manifest_bytes, OCI_MANIFEST), records
+
+
+# --- reading back and writing out --------------------------------------------------------
+
+
+def stored_image(store: Store, name: str) -> tuple[ImageRecord, SourceImage]:
+    """The record and documents of a named image in the store."""
+    record = store.resolve(normalize_name(name))
+    manifest_bytes = store.read_blob(record.manifest, MAX_DOCUMENT)
+    manifest = Manifest.from_bytes(manifest_bytes, f"manifest {record.manifest}")
+    config_bytes = store.read_blob(manifest.config.digest, MAX_DOCUMENT)
+    config = ImageConfig.from_bytes(config_bytes, f"config {manifest.config.digest}")
+    descriptor = Descriptor(manifest.media_type, record.manifest, len(manifest_bytes))
+    return record, SourceImage(
+        (record.name,), descriptor, manifest_bytes, config_bytes, manifest.layers, config.diff_ids
+    )
+
+
+def with_compression(store: Store, image: SourceImage, compression: Compression | None) -> SourceImage:
+    """`image` with OCI media types and every layer in `compression` (None: as stored).
+
+    Blobs are reused when the store already has the layer in that
+    compression; otherwise they are made once and recorded.
+    """
+    manifest = Manifest.from_bytes(image.manifest_bytes)
+    layers: list[Descriptor] = []
+    for layer, diff_id in zip(image.layers, image.diff_ids, strict=True):
+        current = Compression(layer_compression(layer.media_type))
+        target = current if compression is None else compression
+        media_type = layer_media_type(target.value)
+        if target is not current:
+            layer = _layer_as(store, layer, diff_id, current, target)
+        layers.append(dataclasses.replace(layer, media_type=media_type))
+    config = manifest.config
+    if config.media_type == DOCKER_CONFIG:
+        config = dataclasses.replace(config, media_type=OCI_CONFIG)
+    new = dataclasses.replace(manifest, media_type=OCI_MANIFEST, config=config, layers=tuple(layers))
+    if new == manifest:
+        return image
+    manifest_bytes = new.to_bytes()
+    store.put_bytes(manifest_bytes)
+    return dataclasses.replace(
+        image,
+        manifest=descriptor_of(manifest_bytes, OCI_MANIFEST),
+        manifest_bytes=manifest_bytes,
+        layers=new.layers,
+    )
+
+
+def _layer_as(
+    store: Store, layer: Descriptor, diff_id: Digest, current: Compression, target: Compression
+) -> Descriptor:
+    from lamina.oci.layer import recompress
+
+    found = store.find_layer(
+        diff_id, [layer_media_type(target.value), layer_media_type(target.value, docker=True)]
+    )
+    if found is not None:
+        return Descriptor(found.media_type, found.blob, found.size)
+    with store.open_blob(layer.digest) as blob, store.blob_writer() as out:
+        info = recompress(blob, current, target, out)  # type: ignore[arg-type]
+        if info.diff_id != diff_id:
+            raise DigestMismatch(
+                f"layer {layer.digest.short}: the stored tar hashes to {info.diff_id}, not {diff_id}"
+            )
+        committed = out.commit(info.digest, info.size)
+    store.record_layer(LayerRecord(committed.digest, diff_id, info.media_type, committed.size))
+    return Descriptor(info.media_type, committed.digest, committed.size)
+
+
+def save_image(
+    store: Store,
+    name: str,
+    path: Path,
+    *,
+    format: str = "oci",
+    compression: Compression | None = None,
+) -> Descriptor:
+    """Write the image `name` to `path` (replaced only once complete); return its manifest descriptor."""
+    if format not in FORMATS:
+        raise StoreError(f"unknown output format {format!r}: use oci or docker")
+    record, image = stored_image(store, name)
+    if format == "oci":
+        from lamina.oci.layout import write_oci_archive
+
+        image = with_compression(store, image, compression)
+        manifest = Manifest.from_bytes(image.manifest_bytes)
+        export = ExportImage(record.name, image.manifest, manifest.config, manifest.layers)
+        with atomic_output(path) as out:
+            write_oci_archive(out, [export], store)
+        return image.manifest
+    with tempfile.TemporaryDirectory(dir=store.root, prefix=".tmp-save-") as tmp, atomic_output(path) as out:
+        _write_docker(store, record, image, Path(tmp), out)
+    return image.manifest
+
+
+def _write_docker(store: Store, record: ImageRecord, image: SourceImage, tmp: Path, out: BinaryIO) -> None:
+    from lamina.oci.dockerarchive import DockerImage, write_docker_archive
+
+    layers: list[DockerLayer] = []
+    for layer, diff_id in zip(image.layers, image.diff_ids, strict=True):
+        layers.append(_uncompressed(store, layer, diff_id, tmp))
+    write_docker_archive(out, [DockerImage((record.name,), image.config_bytes, tuple(layers))])
+
+
+def _uncompressed(store: Store, layer: Descriptor, diff_id: Digest, tmp: Path) -> DockerLayer:
+    """The layer as an uncompressed tar: the stored one, or a decompressed temporary copy."""
+    from lamina.oci.dockerarchive import DockerLayer
+
+    if store.has_blob(diff_id):
+        return DockerLayer(diff_id, store.blob_size(diff_id), _opener(store.blob_path(diff_id)))
+    target = tmp / diff_id.hex
+    digest = hashlib.sha256()
+    size = 0
+    with store.open_blob(layer.digest) as blob, open(target, "wb") as f:
+        reader = open_decompressed(blob, Compression(layer_compression(layer.media_type)))
+        while chunk := reader.read(CHUNK):
+            digest.update(chunk)
+            f.write(chunk)
+            size += len(chunk)
+    if digest.hexdigest() != diff_id.hex:
+        raise DigestMismatch(
+            f"layer {layer.digest.short}: the stored tar hashes to sha256:{digest.hexdigest()}"
+        )
+    return DockerLayer(diff_id, size, _opener(target))
+
+
+def _opener(path: Path) -> Callable[[], BinaryIO]:
+    return lambda: open(path, "rb")

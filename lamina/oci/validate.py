@@ -1,0 +1,152 @@
+"""Trust nothing: recompute every digest, diff_id and size of an image from its bytes.
+
+`validate_image(path)` opens an OCI archive, layout directory or
+docker-archive, and checks, for every image in it:
+- the manifest and config blobs hash to their descriptors (done on read);
+- every layer blob has its descriptor's size and digest, decompresses as
+  its media type says, is a readable tar with no absolute or `..` member
+  names, and its uncompressed bytes hash to the config's diff_id;
+- the config's extra rules the JSON schema does not check: `created` and
+  history times are RFC 3339, every `Env` entry is `NAME=value`;
+- in an OCI tarball that carries docker's `manifest.json`, that its
+  Config and Layers paths exist.
+Every problem is gathered and raised as one ImageFormatError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import BinaryIO
+
+from lamina.errors import ImageFormatError, LaminaError
+from lamina.oci.compression import Compression, open_decompressed
+from lamina.oci.image import ImageConfig, is_env_entry, is_rfc3339, layer_compression
+from lamina.oci.layout import CHUNK, BlobSource, Files, SourceImage, read_capped
+
+
+class _Hashing(io.RawIOBase):
+    """A reader that hashes and counts what passes through it."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def config_problems(config_bytes: bytes, what: str = "config") -> list[str]:
+    """Rules of the image config that the JSON schema leaves out."""
+    problems: list[str] = []
+    try:
+        config = ImageConfig.from_bytes(config_bytes, what)
+    except ImageFormatError as err:
+        return [str(err)]
+    if config.created is not None and not is_rfc3339(config.created):
+        problems.append(f"{what}: created {config.created!r} is not an RFC 3339 time")
+    for i, history in enumerate(config.history):
+        if history.created is not None and not is_rfc3339(history.created):
+            problems.append(f"{what}: history {i} created {history.created!r} is not an RFC 3339 time")
+    for entry in config.config.env:
+        if not is_env_entry(entry):
+            problems.append(f"{what}: Env entry {entry!r} is not NAME=value")
+    if not config.architecture or not config.os:
+        problems.append(f"{what}: architecture and os are required")
+    return problems
+
+
+def layer_problems(source: BlobSource, image: SourceImage) -> list[str]:
+    """Recompute digest, size and diff_id of every layer of `image` from `source`'s blobs."""
+    problems: list[str] = []
+    if len(image.layers) != len(image.diff_ids):
+        problems.append(f"{len(image.layers)} layers but {len(image.diff_ids)} diff_ids")
+    for i, (layer, diff_id) in enumerate(zip(image.layers, image.diff_ids, strict=False)):
+        what = f"layer {i} ({layer.digest.short})"
+        try:
+            compression = Compression(layer_compression(layer.media_type))
+        except ImageFormatError as err:
+            problems.append(f"{what}: {err}")
+            continue
+        try:
+            with source.open_blob(layer.digest) as blob:
+                raw = _Hashing(blob)
+                tar_bytes = _Hashing(open_decompressed(raw, compression))
+                try:
+                    with tarfile.open(fileobj=tar_bytes, mode="r|") as tar:
+                        for member in tar:
+                            parts = member.name.split("/")
+                            if member.name.startswith("/") or ".." in parts:
+                                problems.append(f"{what}: member {member.name!r} escapes the root")
+                except tarfile.TarError as err:
+                    problems.append(f"{what}: not a readable tar: {err}")
+                tar_bytes.drain()
+                raw.drain()
+        except LaminaError as err:
+            problems.append(f"{what}: {err}")
+            continue
+        if raw.size != layer.size:
+            problems.append(f"{what}: {raw.size} bytes, descriptor says {layer.size}")
+        if raw.hash.hexdigest() != layer.digest.hex:
+            problems.append(f"{what}: blob hashes to sha256:{raw.hash.hexdigest()}, not {layer.digest}")
+        if f"sha256:{tar_bytes.hash.hexdigest()}" != str(diff_id):
+            problems.append(
+                f"{what}: uncompressed tar hashes to sha256:{tar_bytes.hash.hexdigest()}, not {diff_id}"
+            )
+    return problems
+
+
+def _docker_manifest_problems(files: Files) -> list[str]:
+    if not files.exists("manifest.json"):
+        return []
+    try:
+        entries = json.loads(read_capped(files, "manifest.json"))
+    except (ValueError, ImageFormatError) as err:
+        return [f"manifest.json: not valid JSON: {err}"]
+    problems = []
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        for path in [entry.get("Config", ""), *entry.get("Layers", [])]:
+            if not isinstance(path, str) or not files.exists(path):
+                problems.append(f"manifest.json entry {i}: {path!r} is not in the archive")
+    return problems
+
+
+def validate_image(path: Path) -> tuple[SourceImage, ...]:
+    """Check every image in `path`; return them, or raise one error listing every problem."""
+    from lamina.oci.archive import open_image_source
+    from lamina.oci.layout import LayoutReader
+
+    problems: list[str] = []
+    with open_image_source(path) as source:
+        images = source.images()
+        if not images:
+            problems.append("holds no image")
+        for image in images:
+            label = f"image {image.manifest.digest.short}"
+            problems += [f"{label}: {p}" for p in config_problems(image.config_bytes)]
+            problems += [f"{label}: {p}" for p in layer_problems(source, image)]
+        if isinstance(source, LayoutReader):
+            problems += _docker_manifest_problems(source.files)
+    if problems:
+        raise ImageFormatError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return images
