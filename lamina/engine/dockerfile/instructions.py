@@ -1,0 +1,1029 @@
+"""Parsed `Node`s -> typed, validated instructions, and the file -> stages.
+
+Each instruction is a frozen dataclass carrying its `Location`. Parsers for
+single instructions raise a bare InstructionError; `parse_instruction`, the
+one dispatcher, adds the node's location. No instruction holds an
+environment: those that the builder expands offer `expand(expander)`, which
+returns a new instruction with every expandable word passed through
+`expander` (BuildKit's SupportsSingleWordExpansion). RUN, CMD and ENTRYPOINT
+are never expanded here; the shell does that.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import enum
+import posixpath
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, TypeAlias, TypeVar
+
+from lamina.engine.dockerfile.parser import Dockerfile, Heredoc, Node, parse_heredoc_marker
+from lamina.errors import DockerfileError, InstructionError, Location
+
+Expander: TypeAlias = Callable[[str], str]
+
+INSTRUCTIONS = (
+    "ADD",
+    "ARG",
+    "CMD",
+    "COPY",
+    "ENTRYPOINT",
+    "ENV",
+    "EXPOSE",
+    "FROM",
+    "HEALTHCHECK",
+    "LABEL",
+    "MAINTAINER",
+    "ONBUILD",
+    "RUN",
+    "SHELL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
+)
+
+# --- values ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: str
+    value: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ArgDecl:
+    """One `name[=default]` of an ARG; `default` is None without `=`."""
+
+    name: str
+    default: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SourceContent:
+    """A COPY/ADD source given inline as a heredoc: the file `path` holding `data`."""
+
+    path: str
+    data: str  # already chomped for `<<-`
+    expand: bool
+
+
+class MountType(enum.Enum):
+    BIND = "bind"
+    CACHE = "cache"
+    TMPFS = "tmpfs"
+    SECRET = "secret"
+    SSH = "ssh"
+
+
+class Sharing(enum.Enum):
+    SHARED = "shared"
+    PRIVATE = "private"
+    LOCKED = "locked"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Mount:
+    """One `RUN --mount=...`, with BuildKit's defaults filled in.
+
+    `from_` empty means the build context (bind) or an empty cache.
+    Numbers are None when not given (or still holding an unexpanded `$`).
+    """
+
+    type: MountType
+    target: str = ""
+    source: str = ""
+    from_: str = ""
+    read_only: bool = False
+    id: str = ""
+    sharing: Sharing = Sharing.SHARED
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None  # tmpfs upper limit in bytes
+    env: str | None = None  # secret exposed as this environment variable
+    required: bool = False
+
+
+# --- instructions -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Instruction:
+    """Shared by every instruction: where it is and how it was written."""
+
+    location: Location
+    original: str
+
+    @property
+    def name(self) -> str:
+        return _NAMES[type(self)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class FromInstruction(Instruction):
+    image: str  # as written; expanded with the global ARGs by the planner
+    stage_name: str | None  # lower case; None without `AS name`
+    platform: str | None = None
+
+    def expand(self, expander: Expander) -> FromInstruction:
+        platform = expander(self.platform) if self.platform is not None else None
+        return dataclasses.replace(self, image=expander(self.image), platform=platform)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RunInstruction(Instruction):
+    command: tuple[str, ...]  # exec form: argv; shell form: one string for SHELL
+    exec_form: bool
+    heredocs: tuple[Heredoc, ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    mount_specs: tuple[str, ...] = ()  # the raw --mount values, re-parsed by expand()
+    network: str | None = None  # default, none or host
+    security: str | None = None  # sandbox or insecure
+    devices: tuple[str, ...] = ()
+
+    def expand(self, expander: Expander) -> RunInstruction:
+        """Expand the mount options only; the command is left to the shell."""
+        return dataclasses.replace(self, mounts=tuple(parse_mount(s, expander) for s in self.mount_specs))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CmdInstruction(Instruction):
+    command: tuple[str, ...]
+    exec_form: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EntrypointInstruction(Instruction):
+    command: tuple[str, ...]
+    exec_form: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ShellInstruction(Instruction):
+    shell: tuple[str, ...]
+
+
+def _expand_pairs(pairs: tuple[KeyValue, ...], expander: Expander) -> tuple[KeyValue, ...]:
+    # Every pair sees the environment from before the instruction, so that
+    # `ENV a=1 b=$a` gives b the old a, as BuildKit does.
+    return tuple(KeyValue(expander(p.key), expander(p.value)) for p in pairs)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EnvInstruction(Instruction):
+    env: tuple[KeyValue, ...]
+
+    def expand(self, expander: Expander) -> EnvInstruction:
+        return dataclasses.replace(self, env=_expand_pairs(self.env, expander))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LabelInstruction(Instruction):
+    labels: tuple[KeyValue, ...]
+
+    def expand(self, expander: Expander) -> LabelInstruction:
+        return dataclasses.replace(self, labels=_expand_pairs(self.labels, expander))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MaintainerInstruction(Instruction):
+    maintainer: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ExposeInstruction(Instruction):
+    ports: tuple[str, ...]  # `80`, `80/tcp`, `53/udp`, `8000-8010`
+
+    def expand(self, expander: Expander) -> ExposeInstruction:
+        ports = tuple(word for port in self.ports for word in expander(port).split())
+        return dataclasses.replace(self, ports=ports)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _SourcesAndDest(Instruction):
+    sources: tuple[str, ...]  # context (or --from) paths, globs, URLs
+    contents: tuple[SourceContent, ...]  # heredoc sources
+    dest: str
+    chown: str | None = None
+    chmod: str | None = None
+    link: bool = False
+    excludes: tuple[str, ...] = ()
+
+    def _expanded(self, expander: Expander) -> dict[str, object]:
+        contents = tuple(
+            dataclasses.replace(c, path=expander(c.path)) if c.expand else c for c in self.contents
+        )
+        chmod = expander(self.chmod) if self.chmod is not None else None
+        if chmod is not None:
+            _check_chmod(chmod)
+        return {
+            "sources": tuple(expander(s) for s in self.sources),
+            "contents": contents,
+            "dest": expander(self.dest),
+            "chown": expander(self.chown) if self.chown is not None else None,
+            "chmod": chmod,
+            "excludes": tuple(expander(e) for e in self.excludes),
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CopyInstruction(_SourcesAndDest):
+    from_: str | None = None  # stage name, stage index or image reference
+    parents: bool = False
+
+    def expand(self, expander: Expander) -> CopyInstruction:
+        from_ = expander(self.from_) if self.from_ is not None else None
+        return dataclasses.replace(self, from_=from_, **self._expanded(expander))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AddInstruction(_SourcesAndDest):
+    keep_git_dir: bool = False
+    checksum: str | None = None
+    unpack: bool | None = None  # None: BuildKit's default (unpack local tars)
+
+    def expand(self, expander: Expander) -> AddInstruction:
+        checksum = expander(self.checksum) if self.checksum is not None else None
+        return dataclasses.replace(self, checksum=checksum, **self._expanded(expander))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class VolumeInstruction(Instruction):
+    volumes: tuple[str, ...]
+
+    def expand(self, expander: Expander) -> VolumeInstruction:
+        volumes = tuple(expander(v) for v in self.volumes)
+        if any(not v.strip() for v in volumes):
+            raise InstructionError("VOLUME specified can not be an empty string", self.location)
+        return dataclasses.replace(self, volumes=volumes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class UserInstruction(Instruction):
+    user: str
+
+    def expand(self, expander: Expander) -> UserInstruction:
+        return dataclasses.replace(self, user=expander(self.user))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class WorkdirInstruction(Instruction):
+    path: str
+
+    def expand(self, expander: Expander) -> WorkdirInstruction:
+        return dataclasses.replace(self, path=expander(self.path))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ArgInstruction(Instruction):
+    args: tuple[ArgDecl, ...]
+
+    def expand(self, expander: Expander) -> ArgInstruction:
+        """Expand the defaults (names are never expanded)."""
+        args = tuple(
+            ArgDecl(a.name, expander(a.default) if a.default is not None else None) for a in self.args
+        )
+        return dataclasses.replace(self, args=args)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class OnbuildInstruction(Instruction):
+    expression: str  # the trigger as written, stored in the image config
+    trigger: Instruction  # the same, parsed (validated now, run in child builds)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StopsignalInstruction(Instruction):
+    signal: str
+
+    def expand(self, expander: Expander) -> StopsignalInstruction:
+        return dataclasses.replace(self, signal=expander(self.signal))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class HealthcheckInstruction(Instruction):
+    """`test` is ("NONE",), ("CMD", argv...) or ("CMD-SHELL", command).
+
+    Durations are nanoseconds (the image config's unit); None = not given.
+    """
+
+    test: tuple[str, ...]
+    interval: int | None = None
+    timeout: int | None = None
+    start_period: int | None = None
+    start_interval: int | None = None
+    retries: int | None = None
+
+
+_NAMES: dict[type, str] = {
+    FromInstruction: "FROM",
+    RunInstruction: "RUN",
+    CmdInstruction: "CMD",
+    EntrypointInstruction: "ENTRYPOINT",
+    ShellInstruction: "SHELL",
+    EnvInstruction: "ENV",
+    LabelInstruction: "LABEL",
+    MaintainerInstruction: "MAINTAINER",
+    ExposeInstruction: "EXPOSE",
+    CopyInstruction: "COPY",
+    AddInstruction: "ADD",
+    VolumeInstruction: "VOLUME",
+    UserInstruction: "USER",
+    WorkdirInstruction: "WORKDIR",
+    ArgInstruction: "ARG",
+    OnbuildInstruction: "ONBUILD",
+    StopsignalInstruction: "STOPSIGNAL",
+    HealthcheckInstruction: "HEALTHCHECK",
+}
+
+
+# --- flags ---------------------------------------------------------------------------
+
+
+class _Kind(enum.Enum):
+    BOOL = "bool"
+    STRING = "string"
+    STRINGS = "strings"  # repeatable
+
+
+def _parse_flags(flags: Iterable[str], spec: dict[str, _Kind]) -> dict[str, object]:
+    """BuildKit's BFlags: `--name=value`, bare booleans, repeatable lists."""
+    values: dict[str, object] = {}
+    for flag in flags:
+        if flag == "--":
+            continue
+        if not flag.startswith("--"):
+            raise InstructionError(f"argument {flag!r} must start with --")
+        name, eq, value = flag[2:].partition("=")
+        kind = spec.get(name)
+        if kind is None:
+            raise InstructionError(f"unknown flag: --{name}")
+        if name in values and kind is not _Kind.STRINGS:
+            raise InstructionError(f"duplicate flag specified: --{name}")
+        if kind is _Kind.BOOL:
+            if not eq:
+                values[name] = True
+            elif value.lower() in ("true", "false"):
+                values[name] = value.lower() == "true"
+            else:
+                raise InstructionError(f"expecting boolean value for flag --{name}, not: {value!r}")
+            continue
+        if not eq:
+            raise InstructionError(f"missing a value on flag: --{name} (write --{name}=VALUE)")
+        if kind is _Kind.STRINGS:
+            values.setdefault(name, [])
+            values[name].append(value)  # type: ignore[attr-defined]
+        else:
+            values[name] = value
+    return values
+
+
+def _str(values: dict[str, object], name: str) -> str | None:
+    value = values.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _strs(values: dict[str, object], name: str) -> tuple[str, ...]:
+    value = values.get(name)
+    return tuple(value) if isinstance(value, list) else ()
+
+
+_OCTAL = re.compile(r"[0-7]+")
+_SYMBOLIC_CLAUSE = r"[ugoa]*(?:[-+=](?:[rwxXst]*|[ugo]))+"
+_SYMBOLIC = re.compile(rf"{_SYMBOLIC_CLAUSE}(?:,{_SYMBOLIC_CLAUSE})*")
+
+
+def _check_chmod(value: str) -> None:
+    if _OCTAL.fullmatch(value):
+        if int(value, 8) <= 0o7777:
+            return
+    elif _SYMBOLIC.fullmatch(value):
+        return
+    raise InstructionError(
+        f"invalid chmod parameter: {value!r}: use an octal mode between 0 and 07777"
+        " or a symbolic mode like u+x"
+    )
+
+
+_DURATION_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "μs": 1_000,
+    "ms": 1_000_000,
+    "s": 10**9,
+    "m": 60 * 10**9,
+}
+_DURATION_UNITS["h"] = 3600 * 10**9
+_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)([^0-9.]+)")
+
+
+def parse_go_duration(text: str) -> int:
+    """Go's time.ParseDuration, in nanoseconds (`1m30s`, `1.5h`, `300ms`, `0`)."""
+    rest = text
+    sign = 1
+    if rest[:1] in ("-", "+"):
+        sign = -1 if rest[0] == "-" else 1
+        rest = rest[1:]
+    if rest == "0":
+        return 0
+    if not rest:
+        raise ValueError(f"time: invalid duration {text!r}")
+    total = 0.0
+    pos = 0
+    while pos < len(rest):
+        match = _DURATION_PART.match(rest, pos)
+        if match is None or match.group(1) in ("", "."):
+            raise ValueError(f"time: invalid duration {text!r}")
+        unit = _DURATION_UNITS.get(match.group(2))
+        if unit is None:
+            raise ValueError(f"time: unknown unit {match.group(2)!r} in duration {text!r}")
+        total += float(match.group(1)) * unit
+        pos = match.end()
+    return sign * round(total)
+
+
+_MIN_HEALTH_DURATION = 1_000_000  # 1ms: Docker's container.MinimumDuration
+
+
+def _health_duration(values: dict[str, object], name: str) -> int | None:
+    text = _str(values, name)
+    if text is None or text == "":
+        return None
+    try:
+        value = parse_go_duration(text)
+    except ValueError as err:
+        raise InstructionError(f"invalid value for --{name}: {err}") from None
+    if value < 0:
+        raise InstructionError(f"--{name} cannot be negative ({text})")
+    if 0 < value < _MIN_HEALTH_DURATION:
+        raise InstructionError(f"--{name} cannot be less than 1ms ({text})")
+    return value
+
+
+# --- RUN --mount --------------------------------------------------------------------
+
+_MOUNT_KEYS: dict[MountType, frozenset[str]] = {
+    MountType.BIND: frozenset({"target", "source", "from", "readonly", "readwrite"}),
+    MountType.CACHE: frozenset(
+        {"target", "source", "from", "readonly", "readwrite", "id", "sharing", "mode", "uid", "gid"}
+    ),
+    MountType.TMPFS: frozenset({"target", "size"}),
+    MountType.SECRET: frozenset({"target", "id", "env", "required", "mode", "uid", "gid"}),
+    MountType.SSH: frozenset({"target", "id", "required", "mode", "uid", "gid"}),
+}
+_MOUNT_ALIASES = {
+    "dst": "target",
+    "destination": "target",
+    "src": "source",
+    "ro": "readonly",
+    "rw": "readwrite",
+}
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?) *([kKmMgGtTpP]?)[iI]?[bB]?")
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "t", "true"):
+        return True
+    if lowered in ("0", "f", "false"):
+        return False
+    raise InstructionError(f"invalid value {value!r} for mount option {key}: expecting true or false")
+
+
+def _parse_uint(key: str, value: str, base: int) -> int | None:
+    if "$" in value:
+        return None  # checked again once expanded
+    try:
+        number = int(value, base)
+    except ValueError:
+        raise InstructionError(f"invalid value {value!r} for mount option {key}") from None
+    if not 0 <= number < 2**32:
+        raise InstructionError(f"invalid value {value!r} for mount option {key}")
+    return number
+
+
+def _parse_size(value: str) -> int | None:
+    if "$" in value:
+        return None
+    match = _SIZE.fullmatch(value)
+    if match is None:
+        raise InstructionError(f"invalid size {value!r} for tmpfs mount")
+    factor = 1024 ** " kmgtp".index(match.group(2).lower() or " ")
+    return int(float(match.group(1)) * factor)
+
+
+def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
+    """One `--mount` value (CSV of key=value) -> Mount, expanding values if asked."""
+    try:
+        fields = next(csv.reader([spec]), [])
+    except csv.Error as err:
+        raise InstructionError(f"invalid --mount {spec!r}: {err}") from None
+    options: dict[str, str] = {}
+    for field in fields:
+        key, eq, value = field.partition("=")
+        key = _MOUNT_ALIASES.get(key.strip().lower(), key.strip().lower())
+        if not eq:
+            if key not in ("readonly", "readwrite", "required"):
+                raise InstructionError(f"invalid --mount {spec!r}: option {field!r} needs a value")
+            value = "true"
+        elif expander is not None and key != "type":
+            value = expander(value)
+        if key in options:
+            raise InstructionError(f"invalid --mount {spec!r}: {key} given twice")
+        options[key] = value
+    type_text = options.pop("type", "bind").lower()
+    try:
+        mount_type = MountType(type_text)
+    except ValueError:
+        raise InstructionError(f"unsupported mount type {type_text!r}") from None
+    allowed = _MOUNT_KEYS[mount_type]
+    for key in options:
+        if key not in allowed:
+            raise InstructionError(f"unexpected key {key!r} for mount type {mount_type.value!r}")
+    read_only = mount_type is MountType.BIND
+    if "readonly" in options:
+        read_only = _parse_bool("readonly", options["readonly"])
+    if "readwrite" in options:
+        read_only = not _parse_bool("readwrite", options["readwrite"])
+    sharing = Sharing.SHARED
+    if options.get("sharing"):
+        try:
+            sharing = Sharing(options["sharing"].lower())
+        except ValueError:
+            raise InstructionError(f"unsupported sharing value {options['sharing']!r}") from None
+    target = options.get("target", "")
+    mount_id = options.get("id", "")
+    env = options.get("env")
+    if mount_type in (MountType.BIND, MountType.CACHE, MountType.TMPFS) and not target:
+        raise InstructionError(f"mount type={mount_type.value} requires a target")
+    if mount_type is MountType.CACHE and not mount_id:
+        mount_id = target
+    if mount_type is MountType.SECRET:
+        if not mount_id:
+            if not target:
+                raise InstructionError("secret mount requires an id or a target")
+            mount_id = posixpath.basename(target)
+        if not target and env is None:
+            target = "/run/secrets/" + mount_id
+    if mount_type is MountType.SSH and not mount_id:
+        mount_id = "default"
+    return Mount(
+        type=mount_type,
+        target=target,
+        source=options.get("source", ""),
+        from_=options.get("from", ""),
+        read_only=read_only,
+        id=mount_id,
+        sharing=sharing,
+        mode=_parse_uint("mode", options["mode"], 8) if "mode" in options else None,
+        uid=_parse_uint("uid", options["uid"], 10) if "uid" in options else None,
+        gid=_parse_uint("gid", options["gid"], 10) if "gid" in options else None,
+        size=_parse_size(options["size"]) if "size" in options else None,
+        env=env,
+        required=_parse_bool("required", options["required"]) if "required" in options else False,
+    )
+
+
+# --- per-instruction parsers ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Request:
+    node: Node
+    location: Location
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return self.node.args
+
+    def flags(self, spec: dict[str, _Kind] | None = None) -> dict[str, object]:
+        return _parse_flags(self.node.flags, spec or {})
+
+
+_I = TypeVar("_I", bound=Instruction)
+
+
+def _make(cls: type[_I], req: _Request, **fields: Any) -> _I:
+    return cls(location=req.location, original=req.node.original, **fields)
+
+
+def _at_least_one(req: _Request, name: str) -> None:
+    if not req.args:
+        raise InstructionError(f"{name} requires at least one argument")
+
+
+def _exactly_one(req: _Request, name: str) -> str:
+    if len(req.args) != 1:
+        raise InstructionError(f"{name} requires exactly one argument")
+    return req.args[0]
+
+
+def _pairs(req: _Request, name: str) -> tuple[KeyValue, ...]:
+    args = req.args
+    if not args:
+        raise InstructionError(f"{name} requires at least one argument")
+    if len(args) % 3:
+        raise InstructionError(f"bad input to {name}, too many arguments")
+    return tuple(KeyValue(args[i], args[i + 1]) for i in range(0, len(args), 3))
+
+
+_STAGE_NAME = re.compile(r"[a-z][a-z0-9-_.]*")
+
+
+def _from(req: _Request) -> FromInstruction:
+    values = req.flags({"platform": _Kind.STRING})
+    args = req.args
+    if not (len(args) == 1 or (len(args) == 3 and args[1].lower() == "as")):
+        raise InstructionError("FROM requires either one or three arguments (FROM image [AS name])")
+    stage_name = None
+    if len(args) == 3:
+        stage_name = args[2].lower()
+        if not _STAGE_NAME.fullmatch(stage_name):
+            raise InstructionError(
+                f"invalid name for build stage: {args[2]!r},"
+                " name can't start with a number or contain symbols"
+            )
+    return _make(
+        FromInstruction, req, image=args[0], stage_name=stage_name, platform=_str(values, "platform")
+    )
+
+
+def _command(req: _Request) -> tuple[tuple[str, ...], bool]:
+    if req.node.json:
+        return req.args, True
+    return ((" ".join(req.args),) if req.args else ()), False
+
+
+def _run(req: _Request) -> RunInstruction:
+    values = req.flags(
+        {"mount": _Kind.STRINGS, "network": _Kind.STRING, "security": _Kind.STRING, "device": _Kind.STRINGS}
+    )
+    _at_least_one(req, "RUN")
+    network = _str(values, "network")
+    if network is not None and network not in ("default", "none", "host"):
+        raise InstructionError(f"unsupported network mode {network!r} (use default, none or host)")
+    security = _str(values, "security")
+    if security is not None and security not in ("sandbox", "insecure"):
+        raise InstructionError(f"unsupported security mode {security!r} (use sandbox or insecure)")
+    specs = _strs(values, "mount")
+    command, exec_form = _command(req)
+    return _make(
+        RunInstruction,
+        req,
+        command=command,
+        exec_form=exec_form,
+        heredocs=req.node.heredocs,
+        mounts=tuple(parse_mount(s) for s in specs),
+        mount_specs=specs,
+        network=network,
+        security=security,
+        devices=_strs(values, "device"),
+    )
+
+
+def _cmd(req: _Request) -> CmdInstruction:
+    req.flags()
+    command, exec_form = _command(req)
+    return _make(CmdInstruction, req, command=command, exec_form=exec_form)
+
+
+def _entrypoint(req: _Request) -> EntrypointInstruction:
+    req.flags()
+    command, exec_form = _command(req)
+    return _make(EntrypointInstruction, req, command=command, exec_form=exec_form)
+
+
+def _shell(req: _Request) -> ShellInstruction:
+    req.flags()
+    _at_least_one(req, "SHELL")
+    if not req.node.json:
+        raise InstructionError(
+            'SHELL requires the arguments to be in JSON form, e.g. SHELL ["/bin/sh", "-c"]'
+        )
+    return _make(ShellInstruction, req, shell=req.args)
+
+
+def _env(req: _Request) -> EnvInstruction:
+    req.flags()
+    return _make(EnvInstruction, req, env=_pairs(req, "ENV"))
+
+
+def _label(req: _Request) -> LabelInstruction:
+    req.flags()
+    return _make(LabelInstruction, req, labels=_pairs(req, "LABEL"))
+
+
+def _maintainer(req: _Request) -> MaintainerInstruction:
+    req.flags()
+    return _make(MaintainerInstruction, req, maintainer=_exactly_one(req, "MAINTAINER"))
+
+
+def _expose(req: _Request) -> ExposeInstruction:
+    req.flags()
+    _at_least_one(req, "EXPOSE")
+    return _make(ExposeInstruction, req, ports=req.args)
+
+
+def _sources_and_dest(req: _Request, name: str) -> dict[str, object]:
+    args = req.args
+    if len(args) < 2:
+        raise InstructionError(
+            f"{name} requires at least two arguments, but only one was provided."
+            " Destination could not be determined."
+        )
+    heredocs = {h.name: h for h in req.node.heredocs}
+    sources: list[str] = []
+    contents: list[SourceContent] = []
+    for src in args[:-1]:
+        marker = parse_heredoc_marker(src) if heredocs and not req.node.json else None
+        if marker is not None and marker.name in heredocs:
+            doc = heredocs[marker.name]
+            contents.append(SourceContent(path=doc.name, data=doc.chomped(), expand=doc.expand))
+        else:
+            sources.append(src)
+    dest = args[-1]
+    if heredocs and parse_heredoc_marker(dest) is not None:
+        raise InstructionError(f"{name} cannot use a heredoc as its destination")
+    return {"sources": tuple(sources), "contents": tuple(contents), "dest": dest}
+
+
+def _file_flags(values: dict[str, object]) -> dict[str, object]:
+    chmod = _str(values, "chmod")
+    if chmod is not None and "$" not in chmod:
+        _check_chmod(chmod)
+    return {
+        "chown": _str(values, "chown"),
+        "chmod": chmod,
+        "link": bool(values.get("link", False)),
+        "excludes": _strs(values, "exclude"),
+    }
+
+
+_FILE_FLAGS = {"chown": _Kind.STRING, "chmod": _Kind.STRING, "link": _Kind.BOOL, "exclude": _Kind.STRINGS}
+
+
+def _copy(req: _Request) -> CopyInstruction:
+    values = req.flags({**_FILE_FLAGS, "from": _Kind.STRING, "parents": _Kind.BOOL})
+    parts = _sources_and_dest(req, "COPY")
+    from_ = _str(values, "from")
+    if from_ == "":
+        raise InstructionError("--from requires a stage name, a stage index or an image")
+    return _make(
+        CopyInstruction,
+        req,
+        **parts,
+        **_file_flags(values),
+        from_=from_,
+        parents=bool(values.get("parents", False)),
+    )
+
+
+def _add(req: _Request) -> AddInstruction:
+    values = req.flags(
+        {**_FILE_FLAGS, "keep-git-dir": _Kind.BOOL, "checksum": _Kind.STRING, "unpack": _Kind.BOOL}
+    )
+    parts = _sources_and_dest(req, "ADD")
+    unpack = values.get("unpack")
+    return _make(
+        AddInstruction,
+        req,
+        **parts,
+        **_file_flags(values),
+        keep_git_dir=bool(values.get("keep-git-dir", False)),
+        checksum=_str(values, "checksum"),
+        unpack=unpack if isinstance(unpack, bool) else None,
+    )
+
+
+def _volume(req: _Request) -> VolumeInstruction:
+    req.flags()
+    _at_least_one(req, "VOLUME")
+    volumes = tuple(v.strip() for v in req.args)
+    if any(not v for v in volumes):
+        raise InstructionError("VOLUME specified can not be an empty string")
+    return _make(VolumeInstruction, req, volumes=volumes)
+
+
+def _user(req: _Request) -> UserInstruction:
+    req.flags()
+    return _make(UserInstruction, req, user=_exactly_one(req, "USER"))
+
+
+def _workdir(req: _Request) -> WorkdirInstruction:
+    req.flags()
+    return _make(WorkdirInstruction, req, path=_exactly_one(req, "WORKDIR"))
+
+
+def _arg(req: _Request) -> ArgInstruction:
+    req.flags()
+    _at_least_one(req, "ARG")
+    decls = []
+    for word in req.args:
+        name, eq, default = word.partition("=")
+        if not name:
+            raise InstructionError("ARG names can not be blank")
+        decls.append(ArgDecl(name, default if eq else None))
+    return _make(ArgInstruction, req, args=tuple(decls))
+
+
+def _stopsignal(req: _Request) -> StopsignalInstruction:
+    req.flags()
+    return _make(StopsignalInstruction, req, signal=_exactly_one(req, "STOPSIGNAL"))
+
+
+def _healthcheck(req: _Request) -> HealthcheckInstruction:
+    values = req.flags(
+        {
+            "interval": _Kind.STRING,
+            "timeout": _Kind.STRING,
+            "start-period": _Kind.STRING,
+            "start-interval": _Kind.STRING,
+            "retries": _Kind.STRING,
+        }
+    )
+    _at_least_one(req, "HEALTHCHECK")
+    kind = req.args[0].upper()
+    rest = req.args[1:]
+    if kind == "NONE":
+        if rest:
+            raise InstructionError("HEALTHCHECK NONE takes no arguments")
+        return _make(HealthcheckInstruction, req, test=("NONE",))
+    if kind != "CMD":
+        raise InstructionError(f"unknown type {req.args[0]!r} in HEALTHCHECK (try CMD)")
+    if not rest:
+        raise InstructionError("missing command after HEALTHCHECK CMD")
+    test = ("CMD", *rest) if req.node.json else ("CMD-SHELL", " ".join(rest))
+    retries = None
+    text = _str(values, "retries")
+    if text:
+        try:
+            retries = int(text)
+        except ValueError:
+            raise InstructionError(f"invalid value for --retries: {text!r} is not an integer") from None
+        if retries < 0:
+            raise InstructionError(f"--retries cannot be negative ({retries})")
+    return _make(
+        HealthcheckInstruction,
+        req,
+        test=test,
+        interval=_health_duration(values, "interval"),
+        timeout=_health_duration(values, "timeout"),
+        start_period=_health_duration(values, "start-period"),
+        start_interval=_health_duration(values, "start-interval"),
+        retries=retries,
+    )
+
+
+def _onbuild(req: _Request) -> OnbuildInstruction:
+    req.flags()
+    child = req.node.child
+    if child is None:
+        raise InstructionError("ONBUILD requires at least one argument")
+    trigger_name = child.keyword.upper()
+    if trigger_name == "ONBUILD":
+        raise InstructionError("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed")
+    if trigger_name in ("FROM", "MAINTAINER"):
+        raise InstructionError(f"{trigger_name} isn't allowed as an ONBUILD trigger")
+    # Heredocs of the trigger are attached to the ONBUILD node by the parser.
+    trigger_node = dataclasses.replace(child, heredocs=req.node.heredocs)
+    trigger = _dispatch(_Request(trigger_node, req.location))
+    expression = re.sub(r"(?i)^\s*ONBUILD\s*", "", req.node.original)
+    return _make(OnbuildInstruction, req, expression=expression, trigger=trigger)
+
+
+_PARSERS: dict[str, Callable[[_Request], Instruction]] = {
+    "add": _add,
+    "arg": _arg,
+    "cmd": _cmd,
+    "copy": _copy,
+    "entrypoint": _entrypoint,
+    "env": _env,
+    "expose": _expose,
+    "from": _from,
+    "healthcheck": _healthcheck,
+    "label": _label,
+    "maintainer": _maintainer,
+    "onbuild": _onbuild,
+    "run": _run,
+    "shell": _shell,
+    "stopsignal": _stopsignal,
+    "user": _user,
+    "volume": _volume,
+    "workdir": _workdir,
+}
+
+
+def _levenshtein(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def suggest(word: str, options: Iterable[str]) -> str | None:
+    """The closest option when it is close enough to be a likely typo."""
+    limit = 1 if len(word) <= 3 else 2
+    best, best_distance = None, limit + 1
+    for option in options:
+        distance = _levenshtein(word.lower(), option.lower())
+        if distance < best_distance:
+            best, best_distance = option, distance
+    return best
+
+
+def _dispatch(req: _Request) -> Instruction:
+    parser = _PARSERS.get(req.node.name)
+    if parser is None:
+        message = f"unknown instruction: {req.node.keyword}"
+        hint = suggest(req.node.keyword, INSTRUCTIONS)
+        if hint is not None:
+            message += f" (did you mean {hint}?)"
+        raise InstructionError(message)
+    return parser(req)
+
+
+def parse_instruction(node: Node, path: str = "Dockerfile") -> Instruction:
+    """Node -> typed instruction; every error is located at the node's line."""
+    location = Location(path, node.start_line)
+    try:
+        return _dispatch(_Request(node, location))
+    except DockerfileError as err:
+        raise err.with_location(location) from None
+
+
+# --- stages ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stage:
+    """One `FROM` and the instructions up to the next one."""
+
+    index: int
+    from_: FromInstruction
+    instructions: tuple[Instruction, ...]
+
+    @property
+    def name(self) -> str | None:
+        return self.from_.stage_name
+
+    @property
+    def location(self) -> Location:
+        return self.from_.location
+
+    def display_name(self) -> str:
+        return self.name if self.name is not None else f"stage-{self.index}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stages:
+    """BuildKit's instructions.Parse: the stages and the ARGs before the first FROM."""
+
+    stages: tuple[Stage, ...]
+    meta_args: tuple[ArgInstruction, ...]
+
+
+def parse_stages(dockerfile: Dockerfile) -> Stages:
+    """Split a parsed Dockerfile into stages, validating every instruction."""
+    meta_args: list[ArgInstruction] = []
+    stages: list[Stage] = []
+    current: FromInstruction | None = None
+    body: list[Instruction] = []
+    seen: dict[str, Location] = {}
+    for node in dockerfile.children:
+        instruction = parse_instruction(node, dockerfile.path)
+        if isinstance(instruction, FromInstruction):
+            if current is not None:
+                stages.append(Stage(len(stages), current, tuple(body)))
+            if instruction.stage_name is not None:
+                earlier = seen.get(instruction.stage_name)
+                if earlier is not None:
+                    raise InstructionError(
+                        f"duplicate stage name {instruction.stage_name!r}"
+                        f" (first defined on line {earlier.line})",
+                        instruction.location,
+                    )
+                seen[instruction.stage_name] = instruction.location
+            current, body = instruction, []
+        elif current is None:
+            if not isinstance(instruction, ArgInstruction):
+                raise InstructionError(
+                    f"{instruction.name} before the first FROM: only ARG may come before FROM",
+                    instruction.location,
+                )
+            meta_args.append(instruction)
+        else:
+            body.append(instruction)
+    if current is None:
+        raise InstructionError(
+            "no FROM instruction: a Dockerfile needs at least one stage", Location(dockerfile.path, 0)
+        )
+    stages.append(Stage(len(stages), current, tuple(body)))
+    return Stages(tuple(stages), tuple(meta_args))
