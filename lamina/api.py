@@ -14,11 +14,12 @@ if TYPE_CHECKING:
     import os
     from collections.abc import Iterable, Mapping
 
+    from lamina.cache.store import GcReport, ImageRecord, Usage
     from lamina.cache.transfer import PullResult, PushResult
     from lamina.engine.dockerfile.parser import Dockerfile
     from lamina.engine.executor import BuildResult
     from lamina.engine.progress import ProgressSink
-    from lamina.oci.image import Platform
+    from lamina.oci.image import Descriptor, Platform
     from lamina.oci.registry import RegistryClient
 
 
@@ -41,6 +42,110 @@ def parse_dockerfile(path: str) -> Dockerfile:
     except OSError as err:
         raise DockerfileError(f"cannot read Dockerfile {path}: {err.strerror}") from err
     return parse(data, _display_path(path))
+
+
+# --- images: load, save, images, rmi, cache ------------------------------------------
+
+
+def _store_root(cache_dir: str | os.PathLike[str] | None, environ: Mapping[str, str] | None) -> str:
+    import os
+
+    from lamina.cache.store import default_cache_root
+
+    if cache_dir is not None:
+        return os.fspath(cache_dir)
+    return os.fspath(default_cache_root(os.environ if environ is None else environ))
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[ImageRecord, ...]:
+    """Import the images of an OCI archive, OCI layout dir or docker-archive into the store.
+
+    Each image is named as the file names it; `name` overrides that (for a
+    file that holds a single image). Returns the name records made.
+    """
+    from pathlib import Path
+
+    from lamina.cache.images import load_image_file
+    from lamina.cache.store import Store
+
+    with Store(_store_root(cache_dir, environ)) as store:
+        return load_image_file(store, Path(path), name)
+
+
+def save(
+    name: str,
+    path: str | os.PathLike[str],
+    *,
+    format: str = "oci",
+    compression: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Descriptor:
+    """Write the stored image `name` to `path` as an OCI archive or (`format="docker"`) a docker-archive.
+
+    `compression` ("gzip", "zstd", "none") recompresses the layers of an
+    OCI archive; None keeps them as stored, so a loaded image saves with
+    its manifest digest unchanged. Returns the written manifest's descriptor.
+    """
+    from pathlib import Path
+
+    from lamina.cache.images import save_image
+    from lamina.cache.store import Store
+    from lamina.oci.compression import Compression
+
+    wanted = Compression.parse(compression) if compression is not None else None
+    with Store(_store_root(cache_dir, environ)) as store:
+        return save_image(store, name, Path(path), format=format, compression=wanted)
+
+
+def images(
+    *, cache_dir: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[ImageRecord, ...]:
+    """Every named image in the store, sorted by name."""
+    from lamina.cache.store import Store
+
+    with Store(_store_root(cache_dir, environ)) as store:
+        return store.images()
+
+
+def rmi(
+    name: str, *, cache_dir: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ImageRecord:
+    """Remove the name `name` (its blobs stay until `cache_gc` finds them unused)."""
+    from lamina.cache.images import normalize_name
+    from lamina.cache.store import Store
+
+    with Store(_store_root(cache_dir, environ)) as store:
+        return store.untag(normalize_name(name))
+
+
+def cache_du(
+    *, cache_dir: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Usage:
+    """Bytes the store uses, by kind (blobs, unpacked layers, index)."""
+    from lamina.cache.store import Store
+
+    with Store(_store_root(cache_dir, environ)) as store:
+        return store.du()
+
+
+def cache_gc(
+    *,
+    older_than: float | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> GcReport:
+    """Drop cache results unused for `older_than` seconds, then everything no name or result needs."""
+    from lamina.cache.store import Store
+
+    with Store(_store_root(cache_dir, environ)) as store:
+        return store.gc(cache_older_than=older_than)
 
 
 # --- build -------------------------------------------------------------------------

@@ -118,6 +118,106 @@ def plan(
 
 # --- images: load, save, images, rmi, cache ----------------------------------
 
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1000
+    return f"{n}B"  # pragma: no cover
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True))
+@click.option("-t", "--tag", "name", help="Name the image NAME[:TAG] instead of the name the file gives.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+def load(file: str, name: str | None, quiet: bool) -> None:
+    """Import images from an OCI archive, OCI layout directory or docker-archive."""
+    from lamina import api
+    from lamina.cache.images import display_name
+
+    for record in api.load(file, name=name):
+        if not quiet:
+            click.echo(f"Loaded image: {display_name(record.name)} ({record.manifest.short})")
+
+
+@cli.command()
+@click.option("--digests", is_flag=True, help="Show full manifest digests.")
+def images(digests: bool) -> None:
+    """List the images in the store: name, manifest digest, size, created."""
+    from lamina import api
+    from lamina.cache.images import display_name
+
+    rows = [("NAME", "DIGEST", "SIZE", "CREATED")]
+    for record in api.images():
+        digest = str(record.manifest) if digests else record.manifest.short
+        rows.append((display_name(record.name), digest, _human_size(record.size), record.created or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        click.echo("  ".join([*cells, row[3]]))
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+def rmi(names: tuple[str, ...]) -> None:
+    """Remove image names (blobs go with `lamina cache gc` once nothing uses them)."""
+    from lamina import api
+    from lamina.cache.images import display_name
+
+    for name in names:
+        record = api.rmi(name)
+        click.echo(f"Untagged: {display_name(record.name)}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-o", "--output", "path", required=True, type=click.Path(dir_okay=False), help="File to write.")
+@click.option("--format", "fmt", type=click.Choice(["oci", "docker"]), default="oci", show_default=True)
+@click.option(
+    "--compression",
+    type=click.Choice(["gzip", "zstd", "none"]),
+    help="Recompress layers (OCI format; default: as stored).",
+)
+def save(name: str, path: str, fmt: str, compression: str | None) -> None:
+    """Write an image to a file: an OCI archive (docker and podman load it) or a docker-archive."""
+    from lamina import api
+
+    descriptor = api.save(name, path, format=fmt, compression=compression)
+    click.echo(f"Saved {name} ({descriptor.digest}) to {path}", err=True)
+
+
+@cli.group()
+def cache() -> None:
+    """Inspect and clean the local cache ($LAMINA_CACHE, $XDG_CACHE_HOME/lamina, ~/.cache/lamina)."""
+
+
+@cache.command("du")
+def cache_du() -> None:
+    """Show the cache's size by kind."""
+    from lamina import api
+
+    usage = api.cache_du()
+    click.echo(f"{'blobs':<10}{_human_size(usage.blobs):>10}  ({usage.blob_count} blobs)")
+    click.echo(f"{'unpacked':<10}{_human_size(usage.unpacked):>10}  ({usage.unpacked_count} layers)")
+    click.echo(f"{'index':<10}{_human_size(usage.index):>10}")
+    click.echo(f"{'total':<10}{_human_size(usage.total):>10}")
+
+
+@cache.command("gc")
+@click.option("--older-than", type=click.FloatRange(min=0), help="Also drop build results unused for DAYS.")
+def cache_gc(older_than: float | None) -> None:
+    """Remove blobs and unpacked layers that no image name or build result needs."""
+    from lamina import api
+
+    report = api.cache_gc(older_than=older_than * 86400 if older_than is not None else None)
+    click.echo(
+        f"removed {report.blobs_removed} blobs, {report.unpacked_removed} unpacked layers, "
+        f"{report.cache_entries_removed} build results; freed {_human_size(report.bytes_freed)}"
+    )
+
+
 # --- sandbox: run --------------------------------------------------------------
 
 # --- build ---------------------------------------------------------------------
