@@ -176,7 +176,7 @@ def _prepare_root(spec: dict) -> object | None:
         spec["host_binds"].append((APT_SNIPPET, spec["apt_snippet"]))
     stack = _rootfs.LayerStack([spec["rootfs"]])
     _rootfs.add_mountpoints(stack, spec["rootfs"], _mount_targets(spec))
-    return snapshot.record(spec["rootfs"])
+    return snapshot.record(spec["rootfs"], lowers)
 
 
 # --- the command -------------------------------------------------------------

@@ -1,0 +1,238 @@
+"""A step's filesystem change -> a layer.
+
+Both snapshotters leave the change as an overlay-form upper dir (whiteouts
+as 0/0 char devices, opaque dirs marked `user.overlay.opaque`), so one
+function turns either into layer entries:
+
+- overlay: the kernel writes the upper dir while the command runs;
+- copy: `record()` notes the copied rootfs before the command runs and
+  `write_diff()` compares after, by inode, ctime, mtime, size, mode and
+  owner, hashing content only for files whose ctime moved while all else
+  stayed the same. Both run inside the sandbox's user namespace.
+
+`capture()` reads the upper dir as the container saw it: host ids are
+translated back through the sandbox's id map, overlay's own xattrs are
+dropped, whiteouts become `.wh.NAME` and opaque dirs `.wh..wh..opq`
+(recognised before hard links: the kernel links all whiteouts to one inode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node
+from lamina.engine.sandbox.idmap import IdMap
+from lamina.oci.entry import LayerEntry
+from lamina.oci.walk import entries_from_tree
+
+OPAQUE_XATTR = "user.overlay.opaque"
+
+
+def capture(upper_dir: Path, ids: IdMap | None = None) -> Iterator[LayerEntry]:
+    """The layer entries of an upper dir, sorted for `write_layer`, owners as the container saw them."""
+    uid_map = None
+    if ids is not None and ids.rootless:
+
+        def uid_map(uid: int, gid: int) -> tuple[int, int]:
+            return ids.uid_inside(uid), ids.gid_inside(gid)
+
+    return entries_from_tree(upper_dir, uid_map=uid_map, overlay=True)
+
+
+# --- copy snapshotter ---------------------------------------------------------
+
+# (file type and mode, inode, ctime_ns, mtime_ns, size, uid, gid, links): the
+# link count tells a file that gained a hard link, so both come out linked.
+_Facts = tuple[int, int, int, int, int, int, int, int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Baseline:
+    """The copied rootfs as it was before the command ran."""
+
+    lowers: tuple[str, ...]
+    facts: dict[str, _Facts]  # root-relative path -> facts; "" is the root
+
+
+def _facts(st: os.stat_result) -> _Facts:
+    links = 0 if stat.S_ISDIR(st.st_mode) else st.st_nlink
+    return (st.st_mode, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size, st.st_uid, st.st_gid, links)
+
+
+def record(root: str, lowers: list[str] | tuple[str, ...] = ()) -> Baseline:
+    """Note every path under `root` (the copy of `lowers`) before the command runs."""
+    facts: dict[str, _Facts] = {"": _facts(os.lstat(root))}
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        with os.scandir(os.path.join(root, rel)) as it:
+            for entry in it:
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                st = entry.stat(follow_symlinks=False)
+                facts[child] = _facts(st)
+                if stat.S_ISDIR(st.st_mode):
+                    todo.append(child)
+    return Baseline(tuple(lowers), facts)
+
+
+def write_diff(baseline: Baseline, root: str, upper: str) -> None:
+    """Write into `upper` (empty) the overlay-form difference between `baseline` and `root` now."""
+    _Differ(baseline, root, upper).run()
+
+
+class _Differ:
+    def __init__(self, baseline: Baseline, root: str, upper: str) -> None:
+        self.before = baseline.facts
+        self.stack = LayerStack(list(baseline.lowers))
+        self.root = root
+        self.upper = upper
+        self.made_dirs: list[str] = []  # upper dirs whose times are set last
+        self.linked: dict[tuple[int, int], str] = {}  # inode in root -> its copy in upper
+        self.children_before: dict[str, list[str]] = {}
+        for path in self.before:
+            if path:
+                self.children_before.setdefault(os.path.dirname(path), []).append(path)
+
+    def run(self) -> None:
+        self._dir("")
+        for rel in reversed(self.made_dirs):
+            copy_meta(self._src(rel), self._dst(rel), os.lstat(self._src(rel)))
+
+    def _src(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def _dst(self, rel: str) -> str:
+        return os.path.join(self.upper, rel) if rel else self.upper
+
+    def _dir(self, rel: str) -> None:
+        """Compare directory `rel`, which existed before with the same inode."""
+        with os.scandir(self._src(rel)) as it:
+            now = {e.name: e.stat(follow_symlinks=False) for e in it}
+        prefix = f"{rel}/" if rel else ""
+        before_names = {p[len(prefix) :] for p in self.children_before.get(rel, ())}
+        for name in sorted(before_names - now.keys()):
+            self._whiteout(prefix + name)
+        for name in sorted(now):
+            child, st = prefix + name, now[name]
+            old = self.before.get(child)
+            if old is None or stat.S_IFMT(old[0]) != stat.S_IFMT(st.st_mode):
+                self._copy(child, st, replaced_dir=old is not None and stat.S_ISDIR(old[0]))
+            elif stat.S_ISDIR(st.st_mode):
+                if old[1] != st.st_ino:
+                    self._copy(child, st, replaced_dir=True)  # removed and made again
+                    continue
+                if _facts(st)[:2] + _facts(st)[3:] != old[:2] + old[3:] or (
+                    old[2] != st.st_ctime_ns and self._meta_changed(child, st)
+                ):
+                    self._ensure_dir(child)
+                self._dir(child)
+            elif self._changed(child, st, old):
+                self._copy(child, st)
+        if rel == "" and _owner_mode(os.lstat(self.root)) != _owner_mode_of(self.before[""]):
+            self._ensure_dir("")
+
+    def _changed(self, rel: str, st: os.stat_result, old: _Facts) -> bool:
+        now = _facts(st)
+        if now == old:
+            return False
+        if now[:2] + now[3:] != old[:2] + old[3:]:
+            return True
+        # Only the ctime moved (a chmod back, a touch to the same time, a
+        # link count change): ambiguous, so compare with what the layers hold.
+        return self._meta_changed(rel, st) or (stat.S_ISREG(st.st_mode) and not self._same_content(rel))
+
+    def _meta_changed(self, rel: str, st: os.stat_result) -> bool:
+        hit = self.stack.find(rel)
+        if hit is None:
+            return True
+        lower, lst = hit
+        if (lst.st_mode, lst.st_uid, lst.st_gid) != (st.st_mode, st.st_uid, st.st_gid):
+            return True
+        return _xattrs(lower) != _xattrs(self._src(rel))
+
+    def _same_content(self, rel: str) -> bool:
+        hit = self.stack.find(rel)
+        if hit is None:
+            return False
+        if stat.S_ISLNK(hit[1].st_mode):
+            return os.readlink(hit[0]) == os.readlink(self._src(rel))
+        return _digest(hit[0]) == _digest(self._src(rel))
+
+    def _ensure_dir(self, rel: str) -> None:
+        """Make `rel` and its parents exist in upper as directories (overlay's copy-up)."""
+        if not rel:
+            if "" not in self.made_dirs:
+                self.made_dirs.insert(0, "")
+            return
+        dst = self._dst(rel)
+        if os.path.lexists(dst):
+            return
+        self._ensure_dir(os.path.dirname(rel))
+        os.mkdir(dst, 0o700)
+        self.made_dirs.append(rel)
+
+    def _whiteout(self, rel: str) -> None:
+        self._ensure_dir(os.path.dirname(rel))
+        os.mknod(self._dst(rel), stat.S_IFCHR, os.makedev(0, 0))
+
+    def _copy(self, rel: str, st: os.stat_result, replaced_dir: bool = False) -> None:
+        """Copy `rel` (and, for a directory, all under it) from root to upper."""
+        self._ensure_dir(os.path.dirname(rel))
+        src, dst = self._src(rel), self._dst(rel)
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(dst, 0o700)
+            if replaced_dir:
+                # A new directory over an old one: nothing below may show through.
+                os.setxattr(dst, OPAQUE_XATTR, b"y", follow_symlinks=False)
+            self.made_dirs.append(rel)
+            with os.scandir(src) as it:
+                children = sorted((e.name, e.stat(follow_symlinks=False)) for e in it)
+            for name, child_st in children:
+                self._copy(f"{rel}/{name}", child_st)
+            return
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self.linked:
+            os.link(self.linked[key], dst)
+            return
+        copy_node(src, dst, st)
+        copy_meta(src, dst, st)
+        if st.st_nlink > 1:
+            self.linked[key] = dst
+
+
+def _owner_mode(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_mode, st.st_uid, st.st_gid
+
+
+def _owner_mode_of(facts: _Facts) -> tuple[int, int, int]:
+    return facts[0], facts[5], facts[6]
+
+
+def _xattrs(path: str) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for name in names:
+        if ".overlay." in name:
+            continue
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue
+    return out
+
+
+def _digest(path: str) -> bytes:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
