@@ -1,6 +1,9 @@
 """Shared fixtures.
 
 - `store`: an open, empty `lamina.cache.store.Store` under tmp_path.
+- `from tests.support import make_busybox_rootfs, make_busybox_image`
+  for the base image helpers; `tests.support.schema.check_document` for
+  the OCI JSON schemas.
 - `busybox_image`: path of an OCI archive of `lamina-test/busybox:1.35`
   built once per session from /bin/busybox (skips when that is missing);
   see tests/support/busybox.py.
@@ -8,12 +11,19 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lamina.cache.store import Store
+
+# tests/ is not a package (other tests import their siblings by bare name), so
+# put the repository root on the path for `from tests.support import ...`.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 
 @pytest.fixture
