@@ -140,8 +140,9 @@ def _token_service(workdir: Path) -> Iterator[tuple[str, Path]]:
                     return
                 user = name
             access = []
-            for scope in query.get("scope", []):
-                kind, name, actions = scope.split(":")
+            for scope in (one for value in query.get("scope", []) for one in value.split()):
+                kind, rest = scope.split(":", 1)
+                name, actions = rest.rsplit(":", 1)
                 # Anonymous users may pull; only the known user may push.
                 allowed = [a for a in actions.split(",") if user is not None or a == "pull"]
                 access.append({"type": kind, "name": name, "actions": allowed})

@@ -67,6 +67,7 @@ _ACCEPT = ", ".join((OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_MANIFEST_L
 MAX_MANIFEST = 4 * 1024 * 1024  # distribution's own limit for a manifest body
 CHUNK = 1024 * 1024
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_CONNECT_ATTEMPTS = 3
 _MAX_RETRY_AFTER = 30.0  # seconds; a longer Retry-After is a failure, not a wait
 
 
@@ -558,7 +559,9 @@ class RegistryClient:
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as err:
                 attempt += 1
-                if attempt >= attempts:
+                # A refused connection is rarely transient: give it two more tries, not all.
+                limit = min(attempts, _CONNECT_ATTEMPTS) if isinstance(err, httpx.ConnectError) else attempts
+                if attempt >= limit:
                     if not retry:
                         raise
                     raise RegistryError(f"{what}: cannot reach {registry}: {_reason(err)}") from err
@@ -668,9 +671,9 @@ class RegistryClient:
         if not realm:
             raise RegistryError(f"{what}: bearer challenge without a realm")
         service = challenge.get("service")
-        scope_list = list(scopes)
-        if challenge.get("scope") and challenge.get("scope") not in scope_list:
-            scope_list.append(challenge.get("scope") or "")
+        # The challenge may name several space-separated scopes (a mount asks for two).
+        wanted = [*scopes, *(challenge.get("scope") or "").split()]
+        scope_list = list(dict.fromkeys(wanted))
         try:
             if credential is not None and credential.identity_token:
                 form = {"grant_type": "refresh_token", "client_id": "lamina"}
