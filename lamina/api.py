@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from lamina.cache.transfer import PullResult, PushResult
     from lamina.engine.dockerfile.parser import Dockerfile
     from lamina.engine.executor import BuildResult
+    from lamina.engine.plan import Plan
     from lamina.engine.progress import ProgressSink
     from lamina.oci.image import Descriptor, Platform
     from lamina.oci.registry import RegistryClient
@@ -42,6 +43,28 @@ def parse_dockerfile(path: str) -> Dockerfile:
     except OSError as err:
         raise DockerfileError(f"cannot read Dockerfile {path}: {err.strerror}") from err
     return parse(data, _display_path(path))
+
+
+def plan(
+    context: str | os.PathLike[str] = ".",
+    dockerfile: str | os.PathLike[str] | None = None,
+    target: str | None = None,
+    build_args: Mapping[str, str] | None = None,
+) -> Plan:
+    """Parse CONTEXT/Dockerfile (or `dockerfile`) and plan the build of `target`.
+
+    The plan lists every stage with its base and dependencies, the order and
+    concurrency waves of the stages the target needs, and the skipped ones;
+    `Plan.warnings` reports unused build args.
+    """
+    import os
+
+    from lamina.engine.plan import make_plan
+
+    context = os.fspath(context)
+    path = os.path.join(context, "Dockerfile") if dockerfile is None else os.fspath(dockerfile)
+    parsed = parse_dockerfile(path)
+    return make_plan(parsed, target=target, build_args=build_args, context=context)
 
 
 # --- images: load, save, images, rmi, cache ------------------------------------------

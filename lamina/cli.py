@@ -48,7 +48,7 @@ def _dockerfile_path(path: str | None, dockerfile: str | None) -> str:
     import os
 
     if dockerfile is not None:
-        return dockerfile if path is None or os.path.isabs(dockerfile) else os.path.join(path, dockerfile)
+        return dockerfile  # like docker: -f is relative to the working directory
     if path is not None and not os.path.isdir(path):
         return path
     return os.path.join(path or ".", "Dockerfile")

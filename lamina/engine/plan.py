@@ -1,0 +1,622 @@
+"""Stages -> a build plan: the stage DAG, ARG scoping and target pruning.
+
+`make_plan` is a pure function over a parsed Dockerfile. The resulting
+`Plan` is what the executor consumes:
+
+- every stage as a `PlannedStage` (instructions, base, dependencies), by index;
+- `order`: the stages the target needs, dependencies first;
+- `waves`: the same stages grouped so that each wave only needs earlier waves
+  (the stages of one wave can build concurrently);
+- `skipped`: stages the target does not reach;
+- `global_args`: the global ARG scope (platform ARGs, then the ARGs before
+  the first FROM with --build-arg applied), used to expand FROM lines and to
+  give a stage's `ARG NAME` (no default) its value; `resolve_arg` applies the
+  precedence rules when the executor meets an ARG.
+
+Dependencies come from `FROM <stage>`, `COPY --from=<stage|index>` and
+`RUN --mount=from=<stage>`. A `--from` naming neither a stage nor an index
+is an image reference (listed in `PlannedStage.images`). `--from` values are
+expanded with the ARG/ENV values the Dockerfile itself sets before that line;
+values inherited from a base image are unknown here (FIXME: the executor
+could refine this once base configs are pulled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import platform as _platform
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
+
+from lamina.engine.dockerfile.instructions import (
+    ArgDecl,
+    ArgInstruction,
+    CopyInstruction,
+    EnvInstruction,
+    Expander,
+    FromInstruction,
+    Instruction,
+    KeyValue,
+    RunInstruction,
+    Stage,
+    parse_mount,
+    parse_stages,
+)
+from lamina.engine.dockerfile.parser import Dockerfile
+from lamina.errors import ExpansionError, InstructionError, Location, PlanError
+
+PROXY_ARGS = frozenset(
+    {
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "FTP_PROXY",
+        "ftp_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    }
+)
+PLATFORM_ARGS = (
+    "TARGETPLATFORM",
+    "TARGETOS",
+    "TARGETARCH",
+    "TARGETVARIANT",
+    "BUILDPLATFORM",
+    "BUILDOS",
+    "BUILDARCH",
+    "BUILDVARIANT",
+)
+# Build args BuildKit itself reads: never reported as unused.
+BUILTIN_ARGS = frozenset({"SOURCE_DATE_EPOCH", "TARGETSTAGE"})
+SCRATCH = "scratch"
+
+_ARCHES = {
+    "x86_64": ("amd64", ""),
+    "amd64": ("amd64", ""),
+    "aarch64": ("arm64", ""),
+    "arm64": ("arm64", ""),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i386": ("386", ""),
+    "i686": ("386", ""),
+    "ppc64le": ("ppc64le", ""),
+    "s390x": ("s390x", ""),
+    "riscv64": ("riscv64", ""),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.os}/{self.architecture}"
+        return f"{text}/{self.variant}" if self.variant else text
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        parts = text.strip().lower().split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise PlanError(f"invalid platform {text!r}: expected os/arch[/variant]")
+        return cls(*parts)
+
+
+def host_platform() -> Platform:
+    """The platform of this machine (linux/amd64 on x86_64, linux/arm64 on aarch64...)."""
+    machine = _platform.machine().lower()
+    arch, variant = _ARCHES.get(machine, (machine, ""))
+    return Platform("linux", arch, variant)
+
+
+def platform_args(target: Platform, build: Platform) -> tuple[KeyValue, ...]:
+    return (
+        KeyValue("TARGETPLATFORM", str(target)),
+        KeyValue("TARGETOS", target.os),
+        KeyValue("TARGETARCH", target.architecture),
+        KeyValue("TARGETVARIANT", target.variant),
+        KeyValue("BUILDPLATFORM", str(build)),
+        KeyValue("BUILDOS", build.os),
+        KeyValue("BUILDARCH", build.architecture),
+        KeyValue("BUILDVARIANT", build.variant),
+    )
+
+
+class BaseKind(enum.Enum):
+    IMAGE = "image"
+    STAGE = "stage"
+    SCRATCH = "scratch"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Base:
+    """What a stage starts from: an image reference, an earlier stage, or nothing."""
+
+    kind: BaseKind
+    image: str | None = None  # the reference after ARG expansion, as written
+    stage: int | None = None
+
+    def describe(self, plan: Plan | None = None) -> str:
+        if self.kind is BaseKind.STAGE:
+            assert self.stage is not None
+            name = plan.stages[self.stage].display_name if plan is not None else f"stage-{self.stage}"
+            return f"stage {name}"
+        return self.image or SCRATCH
+
+
+class DependencyKind(enum.Enum):
+    FROM = "FROM"
+    COPY_FROM = "COPY --from"
+    MOUNT_FROM = "RUN --mount from"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dependency:
+    stage: int
+    kind: DependencyKind
+    location: Location
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlannedStage:
+    """One stage as the executor sees it.
+
+    `instructions` excludes the FROM (which is `from_`, expanded). `args`
+    holds the values the stage's own ARG lines take, resolved statically (a
+    default that refers to a base image's ENV expands to empty here).
+    """
+
+    index: int
+    name: str | None
+    from_: FromInstruction
+    instructions: tuple[Instruction, ...]
+    base: Base
+    platform: str | None
+    dependencies: tuple[Dependency, ...]
+    images: tuple[str, ...]  # image references read with COPY --from / mount from=
+    args: tuple[KeyValue, ...]
+
+    @property
+    def deps(self) -> tuple[int, ...]:
+        """Indices of the stages this one needs, ascending."""
+        return tuple(sorted({d.stage for d in self.dependencies}))
+
+    @property
+    def display_name(self) -> str:
+        return self.name if self.name is not None else f"stage-{self.index}"
+
+    @property
+    def location(self) -> Location:
+        return self.from_.location
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    path: str  # the Dockerfile, for messages
+    context: str
+    stages: tuple[PlannedStage, ...]  # every stage, by index
+    target: int
+    order: tuple[int, ...]  # stages to build, each after what it needs
+    waves: tuple[tuple[int, ...], ...]
+    skipped: tuple[int, ...]
+    global_args: tuple[KeyValue, ...]
+    build_args: tuple[KeyValue, ...]
+    target_platform: Platform
+    build_platform: Platform
+    escape: str = "\\"
+    syntax: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    def stage(self, ref: str | int) -> PlannedStage:
+        """A stage by index or (case-insensitive) name."""
+        found = _find_stage(self.stages, ref)
+        if found is None:
+            raise PlanError(f"no stage {ref!r} in {self.path}")
+        return found
+
+    @property
+    def target_stage(self) -> PlannedStage:
+        return self.stages[self.target]
+
+    def resolve_arg(self, decl: ArgDecl, expander: Expander) -> str | None:
+        """The value an in-stage `ARG` takes; None when declared without one.
+
+        --build-arg beats the default; without a default the global value
+        (a pre-FROM ARG or a platform ARG) is taken; `expander` expands the
+        default with what the stage has set so far.
+        """
+        build_args = dict((kv.key, kv.value) for kv in self.build_args)
+        if decl.name in build_args:
+            return build_args[decl.name]
+        if decl.default is not None:
+            return expander(decl.default)
+        return dict((kv.key, kv.value) for kv in self.global_args).get(decl.name)
+
+
+_S = TypeVar("_S", Stage, PlannedStage)
+
+
+def _find_stage(stages: Sequence[_S], ref: str | int) -> _S | None:
+    items = stages
+    if isinstance(ref, int) or ref.isdigit():
+        index = int(ref)
+        return items[index] if 0 <= index < len(items) else None
+    wanted = ref.lower()
+    for stage in items:
+        if stage.name == wanted:
+            return stage
+    return None
+
+
+def parse_build_args(specs: Iterable[str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`K=V` -> {K: V}; a bare `K` takes K from the environment, like docker."""
+    import os
+
+    env = os.environ if environ is None else environ
+    args: dict[str, str] = {}
+    for spec in specs:
+        key, eq, value = spec.partition("=")
+        if not key:
+            raise PlanError(f"invalid --build-arg {spec!r}: expected KEY=VALUE")
+        if eq:
+            args[key] = value
+        elif key in env:
+            args[key] = env[key]
+    return args
+
+
+# --- planning -------------------------------------------------------------------------
+
+
+def _expander(env: Mapping[str, str], escape: str, location: Location) -> Expander:
+    from lamina.engine.dockerfile.shell import expand_word
+
+    def expand(word: str) -> str:
+        try:
+            return expand_word(word, env, escape)
+        except ExpansionError as err:
+            raise InstructionError(str(err), location) from None
+
+    return expand
+
+
+def _global_scope(
+    meta_args: Iterable[ArgInstruction],
+    build_args: Mapping[str, str],
+    predefined: Iterable[KeyValue],
+    escape: str,
+) -> tuple[dict[str, str], set[str]]:
+    """The values visible to FROM lines and the names the meta ARGs declare."""
+    scope = {kv.key: kv.value for kv in predefined}
+    declared: set[str] = set()
+    for instruction in meta_args:
+        expand = _expander(scope, escape, instruction.location)
+        # Every name of one ARG line sees the scope from before that line.
+        values: dict[str, str] = {}
+        for decl in instruction.args:
+            declared.add(decl.name)
+            if decl.name in build_args:
+                values[decl.name] = build_args[decl.name]
+            elif decl.default is not None:
+                values[decl.name] = expand(decl.default)
+            elif decl.name in scope:
+                values[decl.name] = scope[decl.name]
+        scope.update(values)
+    return scope, declared
+
+
+@dataclasses.dataclass(slots=True)
+class _StageWalk:
+    """What one stage's own lines tell statically: its ARG values and its --from uses."""
+
+    args: list[KeyValue] = dataclasses.field(default_factory=list)
+    froms: list[tuple[str, DependencyKind, Location]] = dataclasses.field(default_factory=list)
+    declared: set[str] = dataclasses.field(default_factory=set)
+
+
+def _walk_stage(
+    stage: Stage, scope: Mapping[str, str], build_args: Mapping[str, str], escape: str
+) -> _StageWalk:
+    walk = _StageWalk()
+    env: dict[str, str] = {}
+    for instruction in stage.instructions:
+        expand = _expander(env, escape, instruction.location)
+        if isinstance(instruction, ArgInstruction):
+            for decl in instruction.args:
+                walk.declared.add(decl.name)
+                if decl.name in build_args:
+                    value: str | None = build_args[decl.name]
+                elif decl.default is not None:
+                    value = expand(decl.default)
+                else:
+                    value = scope.get(decl.name)
+                if value is not None:
+                    env[decl.name] = value
+                    walk.args.append(KeyValue(decl.name, value))
+        elif isinstance(instruction, EnvInstruction):
+            env.update((kv.key, kv.value) for kv in instruction.expand(expand).env)
+        elif isinstance(instruction, CopyInstruction) and instruction.from_ is not None:
+            walk.froms.append((expand(instruction.from_), DependencyKind.COPY_FROM, instruction.location))
+        elif isinstance(instruction, RunInstruction):
+            for spec in instruction.mount_specs:
+                mount = parse_mount(spec, expand)
+                if mount.from_:
+                    walk.froms.append((mount.from_, DependencyKind.MOUNT_FROM, instruction.location))
+    return walk
+
+
+def _check_reference(text: str, location: Location, what: str) -> None:
+    from lamina.errors import InvalidReference
+    from lamina.oci.reference import parse_reference
+
+    try:
+        parse_reference(text)
+    except InvalidReference as err:
+        raise InstructionError(f"{what}: {err}", location) from None
+
+
+def _resolve_from(
+    text: str, kind: DependencyKind, location: Location, stages: tuple[Stage, ...]
+) -> Dependency | str:
+    """A --from value -> a dependency on a stage, or an image reference."""
+    if not text:
+        raise InstructionError(f"{kind.value}: empty stage or image name", location)
+    if text.isdigit():
+        index = int(text)
+        if index >= len(stages):
+            raise PlanError(
+                f"{location}: {kind.value}={text}: there is no stage {index} ({len(stages)} stages)"
+            )
+        return Dependency(index, kind, location)
+    stage = _find_stage(stages, text)
+    if stage is not None:
+        return Dependency(stage.index, kind, location)
+    _check_reference(text, location, f"{kind.value}={text}")
+    return text
+
+
+def make_plan(
+    dockerfile: Dockerfile,
+    *,
+    target: str | None = None,
+    build_args: Mapping[str, str] | None = None,
+    context: str = ".",
+    target_platform: Platform | None = None,
+    build_platform: Platform | None = None,
+) -> Plan:
+    """Plan the build of `target` (default: the last stage) from a parsed Dockerfile."""
+    parsed = parse_stages(dockerfile)
+    stages = parsed.stages
+    build_args = dict(build_args or {})
+    build = build_platform or host_platform()
+    target_platform = target_platform or build
+    predefined = platform_args(target_platform, build)
+    escape = dockerfile.escape
+    scope, meta_declared = _global_scope(parsed.meta_args, build_args, predefined, escape)
+    scope.setdefault("TARGETSTAGE", "default")
+
+    target_index = len(stages) - 1
+    if target is not None:
+        found = _find_stage(stages, target) if not target.isdigit() else None
+        if found is None:
+            names = ", ".join(s.name for s in stages if s.name) or "none"
+            raise PlanError(
+                f"target stage {target!r} could not be found in {dockerfile.path} (named stages: {names})"
+            )
+        target_index = found.index
+        if stages[target_index].name:
+            scope["TARGETSTAGE"] = stages[target_index].name or "default"
+
+    planned: list[PlannedStage] = []
+    declared = set(meta_declared)
+    walks: list[_StageWalk] = []
+    for stage in stages:
+        location = stage.from_.location
+        from_ = stage.from_.expand(_expander(scope, escape, location))
+        if not from_.image:
+            raise InstructionError(f"base name ({stage.from_.image}) should not be blank", location)
+        dependencies: list[Dependency] = []
+        earlier = _find_stage(stages[: stage.index], from_.image)
+        if earlier is not None and not from_.image.isdigit():
+            base = Base(BaseKind.STAGE, stage=earlier.index)
+            dependencies.append(Dependency(earlier.index, DependencyKind.FROM, location))
+        elif from_.image == SCRATCH:
+            base = Base(BaseKind.SCRATCH)
+        else:
+            _check_reference(from_.image, location, "FROM")
+            base = Base(BaseKind.IMAGE, image=from_.image)
+        walk = _walk_stage(stage, scope, build_args, escape)
+        walks.append(walk)
+        images: list[str] = []
+        for text, kind, where in walk.froms:
+            resolved = _resolve_from(text, kind, where, stages)
+            if isinstance(resolved, str):
+                images.append(resolved)
+            elif resolved.stage == stage.index:
+                raise PlanError(f"{where}: {kind.value}={text}: a stage cannot depend on itself")
+            else:
+                dependencies.append(resolved)
+        planned.append(
+            PlannedStage(
+                index=stage.index,
+                name=stage.name,
+                from_=from_,
+                instructions=stage.instructions,
+                base=base,
+                platform=from_.platform,
+                dependencies=tuple(dependencies),
+                images=tuple(dict.fromkeys(images)),
+                args=tuple(walk.args),
+            )
+        )
+
+    order = _topological_order(planned, target_index, dockerfile.path)
+    needed = set(order)
+    for index in order:
+        declared |= walks[index].declared
+    unused = sorted(k for k in build_args if k not in declared and k not in PROXY_ARGS and not _builtin(k))
+    warnings = []
+    if unused:
+        warnings.append(f"build args not consumed by any stage the target needs: {', '.join(unused)}")
+    return Plan(
+        path=dockerfile.path,
+        context=context,
+        stages=tuple(planned),
+        target=target_index,
+        order=order,
+        waves=_waves(planned, order),
+        skipped=tuple(i for i in range(len(planned)) if i not in needed),
+        global_args=tuple(KeyValue(k, v) for k, v in scope.items()),
+        build_args=tuple(KeyValue(k, v) for k, v in build_args.items()),
+        target_platform=target_platform,
+        build_platform=build,
+        escape=escape,
+        syntax=dockerfile.directive("syntax"),
+        warnings=tuple(warnings),
+    )
+
+
+def _builtin(name: str) -> bool:
+    return name in BUILTIN_ARGS or name in PLATFORM_ARGS or name.startswith("BUILDKIT_")
+
+
+def _topological_order(stages: list[PlannedStage], target: int, path: str) -> tuple[int, ...]:
+    """Stages reachable from `target`, dependencies first, ties by file order."""
+    order: list[int] = []
+    state: dict[int, str] = {}  # "visiting" or "done"
+
+    def visit(index: int, chain: tuple[int, ...]) -> None:
+        mark = state.get(index)
+        if mark == "done":
+            return
+        if mark == "visiting":
+            names = " -> ".join(stages[i].display_name for i in (*chain, index))
+            raise PlanError(f"{path}: circular dependency between stages: {names}")
+        state[index] = "visiting"
+        for dep in stages[index].deps:
+            visit(dep, (*chain, index))
+        state[index] = "done"
+        order.append(index)
+
+    visit(target, ())
+    # Depth-first post-order already puts dependencies first; sorting by
+    # (wave, index) keeps the order stable and readable.
+    level = _levels(stages, order)
+    return tuple(sorted(order, key=lambda i: (level[i], i)))
+
+
+def _levels(stages: list[PlannedStage], order: Iterable[int]) -> dict[int, int]:
+    level: dict[int, int] = {}
+    for index in order:  # dependencies come before dependents in `order`
+        deps = stages[index].deps
+        level[index] = 1 + max((level[d] for d in deps), default=-1)
+    return level
+
+
+def _waves(stages: list[PlannedStage], order: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    level = _levels(stages, order)
+    count = max(level.values(), default=-1) + 1
+    return tuple(tuple(i for i in order if level[i] == n) for n in range(count))
+
+
+# --- rendering --------------------------------------------------------------------------
+
+
+def _dep_text(plan: Plan, dep: Dependency) -> str:
+    return f"{plan.stages[dep.stage].display_name} ({dep.kind.value}, line {dep.location.line})"
+
+
+def to_text(plan: Plan) -> str:
+    """The `lamina plan` report for people."""
+    names = {s.index: s.display_name for s in plan.stages}
+    lines = [
+        f"Dockerfile: {plan.path}",
+        f"target: {names[plan.target]} (stage {plan.target})",
+        f"platform: {plan.target_platform} (build platform {plan.build_platform})",
+        "",
+        "stages:",
+    ]
+    for stage in plan.stages:
+        skipped = "  [skipped]" if stage.index in plan.skipped else ""
+        platform = f" --platform={stage.platform}" if stage.platform else ""
+        lines.append(
+            f"  {stage.index}  {stage.display_name}  FROM{platform} {stage.base.describe(plan)}{skipped}"
+        )
+        lines.append(f"       line {stage.location.line}, {len(stage.instructions)} instructions")
+        deps = ", ".join(_dep_text(plan, d) for d in stage.dependencies)
+        lines.append(f"       needs: {deps or '-'}")
+        if stage.images:
+            lines.append(f"       images: {', '.join(stage.images)}")
+    lines += ["", "run order: " + " -> ".join(names[i] for i in plan.order), "concurrency waves:"]
+    for number, wave in enumerate(plan.waves, 1):
+        lines.append(f"  {number}: {', '.join(names[i] for i in wave)}")
+    lines.append("skipped: " + (", ".join(names[i] for i in plan.skipped) or "-"))
+    return "\n".join(lines) + "\n"
+
+
+def to_json(plan: Plan) -> dict[str, object]:
+    """The `lamina plan --format json` document."""
+    return {
+        "dockerfile": plan.path,
+        "context": plan.context,
+        "syntax": plan.syntax,
+        "target": plan.target,
+        "target_platform": str(plan.target_platform),
+        "build_platform": str(plan.build_platform),
+        "stages": [
+            {
+                "index": s.index,
+                "name": s.name,
+                "line": s.location.line,
+                "base": {"kind": s.base.kind.value, "image": s.base.image, "stage": s.base.stage},
+                "platform": s.platform,
+                "deps": list(s.deps),
+                "dependencies": [
+                    {"stage": d.stage, "kind": d.kind.value, "line": d.location.line} for d in s.dependencies
+                ],
+                "images": list(s.images),
+                "instructions": [{"keyword": i.name, "line": i.location.line} for i in s.instructions],
+                "args": {kv.key: kv.value for kv in s.args},
+                "skipped": s.index in plan.skipped,
+            }
+            for s in plan.stages
+        ],
+        "order": list(plan.order),
+        "waves": [list(w) for w in plan.waves],
+        "skipped": list(plan.skipped),
+        "global_args": {kv.key: kv.value for kv in plan.global_args},
+        "warnings": list(plan.warnings),
+    }
+
+
+def _dot_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_dot(plan: Plan) -> str:
+    """The stage graph for Graphviz: stages as boxes, images as ellipses, skipped greyed."""
+    lines = ["digraph stages {", "  rankdir=LR;", "  node [shape=box];"]
+    images: dict[str, str] = {}
+    for stage in plan.stages:
+        label = f"{stage.index}: {stage.display_name}"
+        if stage.base.kind is not BaseKind.STAGE:
+            label += f"\\nFROM {stage.base.describe()}"
+        style = ", style=dashed, color=gray, fontcolor=gray" if stage.index in plan.skipped else ""
+        if stage.index == plan.target:
+            style += ", penwidth=2"
+        lines.append(f'  s{stage.index} [label="{label}"{style}];')
+    for stage in plan.stages:
+        for dep in stage.dependencies:
+            lines.append(f"  s{dep.stage} -> s{stage.index} [label={_dot_quote(dep.kind.value)}];")
+        for image in stage.images:
+            node = images.setdefault(image, f"i{len(images)}")
+            lines.append(f"  {node} -> s{stage.index} [style=dotted];")
+    for image, node in images.items():
+        lines.append(f"  {node} [shape=ellipse, label={_dot_quote(image)}];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
