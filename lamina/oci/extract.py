@@ -133,7 +133,7 @@ def iter_layer(stream: BinaryIO, *, digest: Digest | None = None) -> Iterator[La
                 path = clean(member.name)
                 linkname = clean(member.linkname) if member.islnk() else member.linkname
             except UnsafePath as err:
-                raise LayerError(f"{label}: {member.name!r}: {err}") from None
+                raise LayerError(f"{label}: {show(member.name)}: {err}") from None
             if not path:
                 continue
             yield LayerEntry(
@@ -149,6 +149,14 @@ def iter_layer(stream: BinaryIO, *, digest: Digest | None = None) -> Iterator[La
                 devminor=member.devminor if member.ischr() or member.isblk() else 0,
                 xattrs=tuple(sorted(_xattrs(member))),
             )
+
+
+def show(name: str, limit: int = 120) -> str:
+    """A tar name fit for a one-line message: odd bytes escaped, long names cut."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    if len(text) > limit:
+        return f"{text[: limit // 2]}...{text[-limit // 2 :]} ({len(name)} characters)"
+    return text
 
 
 # -- reading the tar ------------------------------------------------------
@@ -251,7 +259,7 @@ def _entry_type(member: tarfile.TarInfo, label: str) -> EntryType:
         return EntryType.BLOCK
     if member.isfifo():
         return EntryType.FIFO
-    raise LayerError(f"{label}: {member.name}: unsupported tar entry type {member.type!r}")
+    raise LayerError(f"{label}: {show(member.name)}: unsupported tar entry type {member.type!r}")
 
 
 def _xattrs(member: tarfile.TarInfo) -> Iterator[tuple[str, bytes]]:
@@ -300,11 +308,11 @@ class _Unpacker:
             rel = clean(member.name)
             self._add(rel, member, tar)
         except LayerError as err:
-            raise LayerError(f"{self._label}: {member.name}: {err}") from err
+            raise LayerError(f"{self._label}: {show(member.name)}: {err}") from err
         except OSError as err:
-            raise LayerError(f"{self._label}: {member.name}: {err.strerror or err}") from err
+            raise LayerError(f"{self._label}: {show(member.name)}: {err.strerror or err}") from err
         except (tarfile.TarError, EOFError) as err:
-            raise LayerError(f"{self._label}: {member.name}: broken tar stream: {err}") from err
+            raise LayerError(f"{self._label}: {show(member.name)}: broken tar stream: {err}") from err
 
     def _add(self, rel: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         kind = _entry_type(member, self._label)
@@ -395,7 +403,10 @@ class _Unpacker:
         view = memoryview(buffer)
         copied = 0
         while copied < member.size:
-            n = source.readinto(view[: min(CHUNK, member.size - copied)])
+            try:
+                n = source.readinto(view[: min(CHUNK, member.size - copied)])
+            except tarfile.ReadError:
+                raise LayerError(f"short file: the stream ends inside its {member.size} bytes") from None
             if not n:
                 break
             written = 0
