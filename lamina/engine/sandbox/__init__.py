@@ -1,5 +1,76 @@
 """Rootless sandbox: Linux namespaces, overlay mounts, process execution.
 
 Knows nothing of Dockerfiles or of the cache index; it is given lower
-directories, an upper directory and a process spec.
+directories, an upper directory and a process spec. It must not import
+lamina.engine.dockerfile, lamina.cache or lamina.api.
+
+Public surface (re-exported here, loaded on first use):
+
+    run(spec: SandboxSpec, *, ids: IdMap | None = None,
+        on_warning: Callable[[str], None] | None = None) -> int
+        Run spec.argv over spec.lower_dirs (unpacked layers in overlay
+        form, top-most first); changes land in spec.upper_dir in overlay
+        form whichever the snapshotter; returns the exit code (128+N if
+        killed by signal N); SandboxError if it cannot start or exec.
+    SandboxSpec(argv, lower_dirs, upper_dir, env, cwd, user, hostname,
+        network, mounts, snapshotter, stdin, stdout, stderr, scratch_dir)
+    Network.HOST | Network.NONE; Snapshotter.OVERLAY | Snapshotter.COPY
+    BindMount, CacheMount (+ Sharing), TmpfsMount, SecretMount
+    detect_ids() -> IdMap: the id map sandboxes will use; IdMap.warning
+        is the one-time "only your own id is mapped" message, if any.
+    remove_tree(path, ids=None, keep_root=False): rm -rf from inside a user
+        namespace, for trees holding files of subordinate ids.
+    extract_layer(blob, dest, ids=None): unpack a layer blob in overlay form
+        inside the user namespace, for use as a lower dir.
+    lamina.engine.snapshot.capture(upper_dir, ids) -> Iterator[LayerEntry]
+
+How it runs: `runner` starts `helper.py` in a fresh interpreter (never a
+fork of a threaded one) which unshares user, mount, PID, UTS, IPC (and
+network for Network.NONE) namespaces; the caller writes its id maps; the
+helper forks PID 1 (`_inside.init`), which mounts the rootfs and forks the
+command. Helper-side modules (`helper`, `_inside`, `_rootfs`, `_libc`)
+import only the stdlib's cheapest modules: their import time is the
+sandbox's start-up time.
+
+apt without subordinate ids: a single-id map has no `_apt` user, so the
+sandbox bind-mounts `APT::Sandbox::User "root";` at
+/etc/apt/apt.conf.d/zz-lamina-sandbox-user when that directory exists. It
+is a mount over a file in the mount-point lower dir, so it never reaches a
+layer.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "run": "runner",
+    "remove_tree": "runner",
+    "scratch_upper": "runner",
+    "extract_layer": "runner",
+    "default_snapshotter": "runner",
+    "SandboxSpec": "spec",
+    "Network": "spec",
+    "Snapshotter": "spec",
+    "Sharing": "spec",
+    "BindMount": "spec",
+    "CacheMount": "spec",
+    "TmpfsMount": "spec",
+    "SecretMount": "spec",
+    "IdMap": "idmap",
+    "IdMode": "idmap",
+    "detect_ids": "idmap",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the helper process imports this package's private modules and
+    # must not pay for dataclasses, enum and subprocess.
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lamina.engine.sandbox' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"lamina.engine.sandbox.{module}"), name)

@@ -212,7 +212,7 @@ def _command(spec: dict, report_fd: int) -> None:
     env.setdefault("HOSTNAME", spec["hostname"])
     argv = spec["argv"]
     try:
-        os.execvpe(argv[0], argv, env)
+        _exec(argv, env)
     except OSError as err:
         if isinstance(err, FileNotFoundError) and "/" not in argv[0]:
             why = "executable file not found in $PATH"
@@ -220,6 +220,22 @@ def _command(spec: dict, report_fd: int) -> None:
             why = err.strerror or str(err)
         report(report_fd, f'exec "{argv[0]}": {why}')
         os._exit(EXEC_FAILED if isinstance(err, FileNotFoundError) else 126)
+
+
+def _exec(argv: list[str], env: dict[str, str]) -> None:
+    """execvpe without os.execvpe, which imports `warnings`: the host's stdlib is gone after pivot_root."""
+    name = argv[0]
+    if "/" in name:
+        os.execve(name, argv, env)
+    denied: OSError | None = None
+    for directory in env["PATH"].split(":"):
+        try:
+            os.execve(os.path.join(directory or ".", name), argv, env)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError as err:
+            denied = err
+    raise denied or FileNotFoundError(2, "No such file or directory", name)
 
 
 def _at(root: str, target: str, is_dir: bool) -> str:

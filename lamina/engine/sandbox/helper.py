@@ -55,6 +55,8 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 def main() -> int:
     request_fd, report_fd = int(sys.argv[1]), int(sys.argv[2])
+    # Forked children keep it; the command's exec closes it.
+    os.set_inheritable(report_fd, False)
     _install_package_stubs()
     import _signal
 

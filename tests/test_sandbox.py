@@ -1,0 +1,309 @@
+"""The rootless sandbox: what a command inside sees, and what it cannot reach.
+
+Every test here needs user namespaces (`-m sandbox`); tests/test_unprivileged.py
+runs them again as an unprivileged user with and without subordinate ids.
+Each runs under both snapshotters (LAMINA_SNAPSHOTTER=overlay|copy).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from lamina.engine.sandbox import (
+    BindMount,
+    CacheMount,
+    IdMode,
+    Network,
+    SandboxSpec,
+    SecretMount,
+    TmpfsMount,
+    detect_ids,
+    run,
+)
+from lamina.engine.snapshot import capture
+from lamina.errors import SandboxError
+from tests.support.busybox import BUSYBOX, make_busybox_rootfs
+
+pytestmark = pytest.mark.sandbox
+
+PASSWD_EXTRA = "app:x:1000:1000:app:/home/app:/bin/sh\n"
+GROUP_EXTRA = "app:x:1000:\nextra:x:2000:app\n"
+
+
+def _userns_available() -> bool:
+    try:
+        done = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "true"], capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+if not BUSYBOX.exists():
+    pytest.skip(f"{BUSYBOX} is missing (apt-get install busybox-static)", allow_module_level=True)
+if not _userns_available():
+    pytest.skip("user namespaces are not available here", allow_module_level=True)
+
+
+def make_rootfs(root: Path) -> Path:
+    """The busybox base, plus a user `app` (1000) in groups app and extra (2000), plus /data."""
+    make_busybox_rootfs(root)
+    with open(root / "etc/passwd", "a") as f:
+        f.write(PASSWD_EXTRA)
+    with open(root / "etc/group", "a") as f:
+        f.write(GROUP_EXTRA)
+    (root / "data/sub").mkdir(parents=True)
+    (root / "data/a").write_text("a\n")
+    (root / "data/sub/b").write_text("b\n")
+    (root / "etc/marker").write_text("from the image\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_rootfs(tmp_path_factory.mktemp("sandbox") / "rootfs")
+
+
+@pytest.fixture(params=["overlay", "copy"], autouse=True)
+def snapshotter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("LAMINA_SNAPSHOTTER", request.param)
+    return request.param
+
+
+def sh(rootfs: Path, script: str, tmp_path: Path, **kw: object) -> tuple[int, str]:
+    """Run `sh -c script` over `rootfs`; (exit code, stdout+stderr)."""
+    out = tmp_path / f"out-{time.monotonic_ns()}"
+    with open(out, "wb") as f:
+        spec = SandboxSpec(
+            argv=("/bin/sh", "-c", script),
+            lower_dirs=(rootfs,),
+            stdout=f,
+            stderr=f,
+            stdin=subprocess.DEVNULL,
+            scratch_dir=tmp_path / "scratch",
+            **kw,  # type: ignore[arg-type]
+        )
+        code = run(spec)
+    return code, out.read_text()
+
+
+def test_command_sees_image_files_and_its_exit_code(rootfs: Path, tmp_path: Path) -> None:
+    code, out = sh(rootfs, "cat /etc/marker; exit 7", tmp_path)
+    assert (code, out) == (7, "from the image\n")
+
+
+def test_command_is_in_its_own_pid_namespace(rootfs: Path, tmp_path: Path) -> None:
+    code, out = sh(rootfs, "echo $$; ls /proc | grep -c '^[0-9]'", tmp_path)
+    shell_pid, processes = out.split()
+    assert code == 0
+    assert shell_pid == "2"  # PID 1 is the sandbox's init
+    assert int(processes) <= 4  # init, sh, ls, grep: nothing of the host
+
+
+def test_hostname_env_workdir(rootfs: Path, tmp_path: Path) -> None:
+    code, out = sh(
+        rootfs,
+        'hostname; echo "$GREETING"; pwd; echo "$PATH"',
+        tmp_path,
+        hostname="box1",
+        env=(("GREETING", "hello world"),),
+        cwd="/work/here",
+    )
+    assert code == 0, out
+    assert out.splitlines() == [
+        "box1",
+        "hello world",
+        "/work/here",  # created because it was missing
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ]
+
+
+def test_user_by_name_gets_its_groups_and_home(rootfs: Path, tmp_path: Path) -> None:
+    if detect_ids().mode is IdMode.SINGLE:
+        with pytest.raises(SandboxError, match="not mapped"):
+            sh(rootfs, "id", tmp_path, user="app")
+        return
+    code, out = sh(rootfs, "id -u; id -g; id -G; echo $HOME", tmp_path, user="app")
+    assert code == 0, out
+    assert out.split("\n")[:4] == ["1000", "1000", "1000 2000", "/home/app"]
+
+
+def test_numeric_user_and_group(rootfs: Path, tmp_path: Path) -> None:
+    if detect_ids().mode is IdMode.SINGLE:
+        pytest.skip("a single-id map has only root")
+    code, out = sh(rootfs, "id -u; id -g", tmp_path, user="4321:5678")
+    assert (code, out.split()) == (0, ["4321", "5678"])
+
+
+def test_unknown_user_is_a_clear_error(rootfs: Path, tmp_path: Path) -> None:
+    with pytest.raises(SandboxError, match="unable to find user ghost: no matching entries in passwd file"):
+        sh(rootfs, "true", tmp_path, user="ghost")
+
+
+def test_missing_command_is_a_clear_error(rootfs: Path, tmp_path: Path) -> None:
+    spec = SandboxSpec(argv=("no-such-tool",), lower_dirs=(rootfs,), scratch_dir=tmp_path)
+    with pytest.raises(SandboxError, match='exec "no-such-tool": executable file not found in'):
+        run(spec)
+
+
+def test_host_paths_are_not_visible(rootfs: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("host data\n")
+    checkout = Path(__file__).resolve().parent.parent
+    cache = os.environ.get("LAMINA_CACHE", str(Path.home() / ".cache/lamina"))
+    probes = [str(secret), str(checkout / "pyproject.toml"), "/root/.bashrc", "/etc/shadow", cache]
+    script = "".join(f"cat {p} /proc/1/root{p} 2>/dev/null && echo LEAK {p}; " for p in probes)
+    # The image's /home and /root are empty; the host's must not show through.
+    script += "ls -A /home /root /proc/1/root/home; "
+    script += f"mkdir -p {tmp_path}/made-inside; echo x > {secret}"
+    code, out = sh(rootfs, script, tmp_path)
+    assert "LEAK" not in out and "host data" not in out
+    assert out.split() == ["/home:", "/proc/1/root/home:", "/root:"]
+    assert not (tmp_path / "made-inside").exists()
+    assert secret.read_text() == "host data\n"
+    assert code == 0
+
+
+def test_network_none_has_only_loopback_up(rootfs: Path, tmp_path: Path) -> None:
+    script = (
+        "cat /proc/net/dev | tail -n +3 | cut -d: -f1; ip link show lo | head -1; "
+        "ip route; echo end-of-routes; echo | nc 192.0.2.1 80 2>&1"
+    )
+    code, out = sh(rootfs, script, tmp_path, network=Network.NONE)
+    lines = out.splitlines()
+    assert lines[0].strip() == "lo"
+    assert "UP" in lines[1]
+    assert lines[2] == "end-of-routes"  # no route at all
+    assert "unreachable" in out.lower()
+    assert code != 0
+
+
+def test_host_network_sees_host_resolv_conf(rootfs: Path, tmp_path: Path) -> None:
+    host = Path("/etc/resolv.conf")
+    if not host.is_file():
+        pytest.skip("the host has no /etc/resolv.conf")
+    _, out = sh(rootfs, "cat /etc/resolv.conf; echo x >> /etc/resolv.conf && echo WROTE", tmp_path)
+    assert out.startswith(host.read_text())
+    assert "WROTE" not in out  # bound read-only
+
+
+def test_mounts_bind_tmpfs_secret_cache(rootfs: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "in.txt").write_text("bound\n")
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    secret = tmp_path / "token"
+    secret.write_text("s3cret\n")
+    cache = tmp_path / "cache" / "pip"
+    upper = tmp_path / "upper"
+    script = textwrap.dedent(
+        """
+        cat /src/in.txt
+        touch /src/nope 2>/dev/null || echo ro-ok
+        echo out > /rw/out.txt
+        echo scratch > /scratch/t && grep -c tmpfs /proc/mounts >/dev/null && echo tmpfs-ok
+        cat /run/secrets/token; stat -c %a /run/secrets/token
+        echo cached >> /var/cache/pip/log
+        """
+    )
+    mounts = (
+        BindMount(src, "/src"),
+        BindMount(rw, "/rw", readonly=False),
+        TmpfsMount("/scratch"),
+        SecretMount("token", secret),
+        CacheMount(cache, "/var/cache/pip"),
+    )
+    code, out = sh(rootfs, script, tmp_path, mounts=mounts, upper_dir=upper)
+    assert code == 0, out
+    assert out.split() == ["bound", "ro-ok", "tmpfs-ok", "s3cret", "400"]
+    assert (rw / "out.txt").read_text() == "out\n"
+    assert not (src / "nope").exists()
+    assert (cache / "log").read_text() == "cached\n"
+    # Mount points never reach the layer; neither does anything under them.
+    paths = {e.path for e in capture(upper, detect_ids())}
+    assert paths == set(), paths
+    code, out = sh(rootfs, "cat /var/cache/pip/log", tmp_path, mounts=(CacheMount(cache, "/var/cache/pip"),))
+    assert out == "cached\n"
+
+
+def test_bind_with_discarded_writes(rootfs: Path, tmp_path: Path) -> None:
+    src = tmp_path / "ctx"
+    src.mkdir()
+    (src / "f").write_text("orig\n")
+    mount = BindMount(src, "/ctx", readonly=False, discard_writes=True)
+    code, out = sh(rootfs, "echo changed > /ctx/f; echo new > /ctx/g; cat /ctx/f", tmp_path, mounts=(mount,))
+    assert (code, out) == (0, "changed\n")
+    assert (src / "f").read_text() == "orig\n"
+    assert not (src / "g").exists()
+
+
+def test_mount_target_symlink_cannot_escape_root(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path / "evil")
+    os.symlink("/../../../../" + str(tmp_path / "outside"), root / "data/link")
+    (tmp_path / "outside").mkdir()
+    code, out = sh(root, "ls /data/link/", tmp_path, mounts=(TmpfsMount("/data/link/t"),))
+    assert code == 0, out
+    assert list((tmp_path / "outside").iterdir()) == []
+
+
+def test_no_process_outlives_the_sandbox(rootfs: Path, tmp_path: Path) -> None:
+    code, _ = sh(rootfs, "sleep 4242 & sleep 4243 & echo started", tmp_path)
+    assert code == 0
+    assert _processes_with("sleep 424") == []
+
+
+def test_interrupt_stops_everything_and_cleans_up(rootfs: Path, tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    program = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from lamina.engine.sandbox import SandboxSpec, run
+        spec = SandboxSpec(argv=("/bin/sh", "-c", "sleep 4244 & sleep 4245; echo done"),
+                           lower_dirs=(Path({str(rootfs)!r}),), scratch_dir=Path({str(scratch)!r}))
+        try:
+            run(spec)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while not _processes_with("sleep 4245") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_with("sleep 4245"), "the sandboxed command never started"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 130
+    assert b"done" not in proc.stdout.read()  # type: ignore[union-attr]
+    assert _processes_with("sleep 424") == []
+    assert list(scratch.iterdir()) == []
+
+
+def test_scratch_dirs_are_removed(rootfs: Path, tmp_path: Path) -> None:
+    code, out = sh(rootfs, "mkdir -p /x/y; chmod 000 /x; echo done", tmp_path)
+    assert code == 0, out
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def _processes_with(text: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline and "python" not in cmdline:
+            found.append(int(pid))
+    return found
