@@ -110,6 +110,11 @@ def import_image(
             try:
                 got = copy_layer(blob, out, compression)
             except (LayerError, OSError) as err:
+                # Bytes that do not decode are most often bytes that are not the
+                # blob: say so when the digest shows it.
+                while chunk := blob.read(CHUNK):
+                    out.write(chunk)
+                out.commit(layer.digest, layer.size)  # raises DigestMismatch
                 raise ImageFormatError(f"layer {i} ({layer.digest.short}): {err}") from err
             if got != diff_id:
                 raise DigestMismatch(
