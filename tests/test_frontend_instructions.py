@@ -1,0 +1,217 @@
+"""Typed instructions: flag validation (cases as data), values, expansion rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lamina.engine.dockerfile.instructions import (
+    AddInstruction,
+    ArgDecl,
+    CopyInstruction,
+    EnvInstruction,
+    ExposeInstruction,
+    HealthcheckInstruction,
+    KeyValue,
+    LabelInstruction,
+    MountType,
+    OnbuildInstruction,
+    RunInstruction,
+    Sharing,
+    SourceContent,
+    parse_go_duration,
+    parse_mount,
+    parse_stages,
+)
+from lamina.engine.dockerfile.parser import parse
+from lamina.engine.dockerfile.shell import expand_word
+from lamina.errors import InstructionError
+
+ERRORS_TSV = Path(__file__).with_name("frontend_instruction_errors.tsv")
+
+
+def _error_rows() -> list[tuple[str, str, int, str]]:
+    rows = []
+    for line in ERRORS_TSV.read_text(encoding="utf-8").splitlines():
+        if not line or line.startswith("#") or line.startswith("id\t"):
+            continue
+        case_id, text, number, message = line.split("\t")
+        rows.append((case_id, json.loads(text), int(number), message))
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("case_id", "text", "line", "message"),
+    _error_rows(),
+    ids=lambda v: v if isinstance(v, str) and "\n" not in v and " " not in v else "",
+)
+def test_instruction_error(case_id: str, text: str, line: int, message: str) -> None:
+    with pytest.raises(InstructionError) as info:
+        parse_stages(parse(text + "\n", "Dockerfile"))
+    assert message in str(info.value)
+    assert info.value.location is not None
+    assert info.value.location.line == line
+    assert str(info.value).startswith(f"Dockerfile:{line}: " if line else "Dockerfile: ")
+
+
+def _only(text: str, index: int = 0) -> object:
+    stages = parse_stages(parse("FROM base\n" + text))
+    return stages.stages[0].instructions[index]
+
+
+def test_env_keeps_order_and_both_forms() -> None:
+    env = _only('ENV b=2 a="x y"')
+    assert isinstance(env, EnvInstruction)
+    assert env.env == (KeyValue("b", "2"), KeyValue("a", '"x y"'))
+    legacy = _only("ENV PATH /a b")
+    assert isinstance(legacy, EnvInstruction) and legacy.env == (KeyValue("PATH", "/a b"),)
+
+
+def test_env_values_see_only_the_environment_before_the_instruction() -> None:
+    env = _only("ENV abc=bye def=$abc")
+    assert isinstance(env, EnvInstruction)
+    before = {"abc": "hi"}
+    expanded = env.expand(lambda w: expand_word(w, before))
+    assert expanded.env == (KeyValue("abc", "bye"), KeyValue("def", "hi"))
+
+
+def test_label_values_lose_their_quotes_when_expanded() -> None:
+    label = _only('LABEL "com.x"="a b" v=$V')
+    assert isinstance(label, LabelInstruction)
+    assert label.expand(lambda w: expand_word(w, {"V": "1"})).labels == (
+        KeyValue("com.x", "a b"),
+        KeyValue("v", "1"),
+    )
+
+
+def test_run_is_never_expanded() -> None:
+    run = _only("RUN --mount=type=cache,target=$DIR echo $HOME")
+    assert isinstance(run, RunInstruction)
+    expanded = run.expand(lambda w: expand_word(w, {"DIR": "/cache", "HOME": "/root"}))
+    assert expanded.command == ("echo $HOME",)
+    assert expanded.mounts[0].target == "/cache"
+
+
+def test_run_exec_and_shell_forms() -> None:
+    run = _only('RUN ["echo", "$HOME"]')
+    assert isinstance(run, RunInstruction) and run.exec_form and run.command == ("echo", "$HOME")
+    shell = _only("RUN echo a &&   b")
+    assert isinstance(shell, RunInstruction) and not shell.exec_form and shell.command == ("echo a &&   b",)
+
+
+def test_run_heredoc_is_kept() -> None:
+    run = _only("RUN <<EOF\necho hi\nEOF")
+    assert isinstance(run, RunInstruction) and run.heredocs[0].content == "echo hi\n"
+
+
+def test_copy_flags_and_heredoc_sources() -> None:
+    copy = _only(
+        "COPY --from=build --chown=1:2 --chmod=0755 --link --parents --exclude=*.o --exclude=x"
+        " a <<EOF /d/\nbody\nEOF"
+    )
+    assert isinstance(copy, CopyInstruction)
+    assert copy.from_ == "build" and copy.chown == "1:2" and copy.chmod == "0755"
+    assert copy.link and copy.parents and copy.excludes == ("*.o", "x")
+    assert copy.sources == ("a",) and copy.dest == "/d/"
+    assert copy.contents == (SourceContent(path="EOF", data="body\n", expand=True),)
+
+
+def test_copy_json_form_has_no_heredocs() -> None:
+    copy = _only('COPY ["<<EOF", "/d"]')
+    assert isinstance(copy, CopyInstruction) and copy.sources == ("<<EOF",) and copy.contents == ()
+
+
+def test_copy_symbolic_chmod_and_variable_chmod_checked_after_expansion() -> None:
+    assert isinstance(_only("COPY --chmod=u+x,g-w a b"), CopyInstruction)
+    copy = _only("COPY --chmod=$MODE a b")
+    assert isinstance(copy, CopyInstruction)
+    with pytest.raises(InstructionError, match="invalid chmod"):
+        copy.expand(lambda w: expand_word(w, {"MODE": "888"}))
+
+
+def test_add_flags() -> None:
+    add = _only("ADD --keep-git-dir --checksum=sha256:ab --unpack=false --link=TRUE https://x/y.tar /y")
+    assert isinstance(add, AddInstruction)
+    assert add.keep_git_dir and add.link and add.unpack is False and add.checksum == "sha256:ab"
+
+
+def test_healthcheck_values() -> None:
+    health = _only("HEALTHCHECK --interval=1m30s --timeout=500ms --start-period=0s --retries=3 CMD curl -f x")
+    assert isinstance(health, HealthcheckInstruction)
+    assert health.test == ("CMD-SHELL", "curl -f x")
+    assert (health.interval, health.timeout, health.start_period, health.retries) == (
+        90 * 10**9,
+        5 * 10**8,
+        0,
+        3,
+    )
+    assert isinstance(none := _only("HEALTHCHECK NONE"), HealthcheckInstruction) and none.test == ("NONE",)
+    exec_form = _only('HEALTHCHECK CMD ["a", "b"]')
+    assert isinstance(exec_form, HealthcheckInstruction) and exec_form.test == ("CMD", "a", "b")
+
+
+@pytest.mark.parametrize(
+    ("text", "nanoseconds"),
+    [
+        ("0", 0),
+        ("1s", 10**9),
+        ("1.5h", 5400 * 10**9),
+        ("1m30s", 90 * 10**9),
+        ("300ms", 3 * 10**8),
+        ("2us", 2000),
+    ],
+)
+def test_go_durations(text: str, nanoseconds: int) -> None:
+    assert parse_go_duration(text) == nanoseconds
+
+
+@pytest.mark.parametrize("text", ["", "1", "s", "1x", "1.s.", "--1s"])
+def test_bad_go_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_go_duration(text)
+
+
+def test_mount_defaults_per_type() -> None:
+    bind = parse_mount("target=/src")
+    assert bind.type is MountType.BIND and bind.read_only
+    assert not parse_mount("target=/src,rw").read_only
+    cache = parse_mount("type=cache,target=/root/.cache,sharing=locked,mode=0700,uid=1000")
+    assert (cache.id, cache.sharing, cache.mode, cache.uid, cache.read_only) == (
+        "/root/.cache",
+        Sharing.LOCKED,
+        0o700,
+        1000,
+        False,
+    )
+    secret = parse_mount("type=secret,id=token")
+    assert (secret.target, secret.required) == ("/run/secrets/token", False)
+    by_target = parse_mount("type=secret,target=/etc/key,required")
+    assert (by_target.id, by_target.required) == ("key", True)
+    assert parse_mount("type=secret,id=t,env=TOKEN").target == ""
+    assert parse_mount("type=ssh").id == "default"
+    assert parse_mount("type=tmpfs,dst=/t,size=64m").size == 64 * 1024 * 1024
+    assert parse_mount("type=bind,from=build,source=/out,target=/in").from_ == "build"
+
+
+def test_onbuild_trigger_is_parsed_and_kept_as_written() -> None:
+    onbuild = _only("ONBUILD COPY --from=x a b")
+    assert isinstance(onbuild, OnbuildInstruction)
+    assert onbuild.expression == "COPY --from=x a b"
+    assert isinstance(onbuild.trigger, CopyInstruction) and onbuild.trigger.from_ == "x"
+
+
+def test_expose_expansion_can_split() -> None:
+    expose = _only("EXPOSE $PORTS 53/udp")
+    assert isinstance(expose, ExposeInstruction)
+    assert expose.expand(lambda w: expand_word(w, {"PORTS": "80 443"})).ports == ("80", "443", "53/udp")
+
+
+def test_stages_and_meta_args() -> None:
+    parsed = parse_stages(parse("ARG A=1\nARG B\nFROM x AS One\nRUN a\nFROM one\nARG C=3\n"))
+    assert [a.args for a in parsed.meta_args] == [(ArgDecl("A", "1"),), (ArgDecl("B", None),)]
+    assert [(s.index, s.name, len(s.instructions)) for s in parsed.stages] == [(0, "one", 1), (1, None, 1)]
+    assert parsed.stages[1].display_name() == "stage-1"
+    assert all(i.location.path == "Dockerfile" for s in parsed.stages for i in s.instructions)
+    assert type(parsed.stages[0].instructions[0]).__name__ == "RunInstruction"
