@@ -155,48 +155,28 @@ class SourceTree:
     def excluded(self, rel: str) -> bool:
         return self.ignore is not None and bool(rel) and self.ignore.excludes(rel)
 
-    def walk(self, rel: str = "") -> Iterator[TreeEntry]:
+    def walk(
+        self,
+        rel: str = "",
+        *,
+        include: DockerIgnore | None = None,
+        exclude: DockerIgnore | None = None,
+    ) -> Iterator[TreeEntry]:
         """Entries below the directory `rel`, depth first, by name, ignore applied.
 
-        Symlinks are listed, not followed. An excluded directory is listed
-        only when something below it is kept.
+        Symlinks are listed, not followed. `include` (COPY --parents) and
+        `exclude` (COPY --exclude) match paths relative to `rel`: an entry is
+        listed when `include` matches it or a parent and `exclude` does not.
+        A directory that is left out is still listed, before its first
+        descendant, when something below it is kept.
         """
         state: IgnoreMatch | None = None
         if self.ignore is not None and rel:
             parts = rel.split("/")
             for depth in range(1, len(parts) + 1):
                 state = self.ignore.match("/".join(parts[:depth]), state)
-        yield from self._walk(rel, state, [])
-
-    def _walk(self, rel: str, state: IgnoreMatch | None, pending: list[TreeEntry]) -> Iterator[TreeEntry]:
-        try:
-            with os.scandir(self.abspath(rel)) as it:
-                children = sorted(it, key=lambda d: d.name)
-        except OSError as err:
-            raise ContextError(f"{rel or '.'}: cannot read directory: {err.strerror}") from None
-        ignore = self.ignore
-        for child in children:
-            path = f"{rel}/{child.name}" if rel else child.name
-            entry = self._entry(path, child.stat(follow_symlinks=False))
-            if entry is None:
-                continue
-            is_dir = entry.type is EntryType.DIR
-            match = None
-            if ignore is not None:
-                match = ignore.match(path, state)
-                if match.excluded:
-                    if is_dir and not ignore.can_prune(path):
-                        pending.append(entry)
-                        yield from self._walk(path, match, pending)
-                        if pending and pending[-1] is entry:
-                            pending.pop()
-                    continue
-            if pending:  # the excluded parents of a kept entry come first
-                yield from pending
-                pending.clear()
-            yield entry
-            if is_dir:
-                yield from self._walk(path, match, pending)
+        walk = _Walk(self, len(rel) + 1 if rel else 0, include, exclude)
+        yield from walk.directory(rel, state, None, None)
 
     def _entry(self, rel: str, st: os.stat_result) -> TreeEntry | None:
         kind = _TYPES.get(stat.S_IFMT(st.st_mode))
@@ -230,6 +210,68 @@ class SourceTree:
             content = self.file_digest(entry) if entry.type is EntryType.FILE else b""
             h.update(entry_record(entry.path, entry, entry.mode, entry.uid, entry.gid, content))
         return Digest("sha256", h.hexdigest())
+
+
+class _Walk:
+    """One walk's filters; `pending` holds left-out directories awaiting a kept descendant."""
+
+    def __init__(
+        self, tree: SourceTree, cut: int, include: DockerIgnore | None, exclude: DockerIgnore | None
+    ) -> None:
+        self.tree = tree
+        self.cut = cut
+        self.include = include
+        self.exclude = exclude
+        self.pending: list[TreeEntry] = []
+
+    def directory(
+        self,
+        rel: str,
+        state: IgnoreMatch | None,
+        xstate: IgnoreMatch | None,
+        istate: IgnoreMatch | None,
+    ) -> Iterator[TreeEntry]:
+        tree = self.tree
+        try:
+            with os.scandir(tree.abspath(rel)) as it:
+                children = sorted(it, key=lambda d: d.name)
+        except OSError as err:
+            raise ContextError(f"{rel or '.'}: cannot read directory: {err.strerror}") from None
+        ignore, include, exclude, pending = tree.ignore, self.include, self.exclude, self.pending
+        for child in children:
+            path = f"{rel}/{child.name}" if rel else child.name
+            entry = tree._entry(path, child.stat(follow_symlinks=False))
+            if entry is None:
+                continue
+            is_dir = entry.type is EntryType.DIR
+            keep, descend = True, is_dir
+            match = xmatch = imatch = None
+            if ignore is not None:
+                match = ignore.match(path, state)
+                if match.excluded:
+                    keep, descend = False, descend and not ignore.can_prune(path)
+            if include is not None or exclude is not None:
+                local = path[self.cut :]
+                if exclude is not None:
+                    xmatch = exclude.match(local, xstate)
+                    if xmatch.excluded:
+                        keep, descend = False, descend and not exclude.can_prune(local)
+                if include is not None:
+                    imatch = include.match(local, istate)
+                    if not imatch.excluded:  # the include pattern did not match
+                        keep, descend = False, descend and include.may_match_below(local)
+            if keep:
+                if pending:  # the left-out parents of a kept entry come first
+                    yield from pending
+                    pending.clear()
+                yield entry
+                if is_dir:
+                    yield from self.directory(path, match, xmatch, imatch)
+            elif descend:
+                pending.append(entry)
+                yield from self.directory(path, match, xmatch, imatch)
+                if pending and pending[-1] is entry:
+                    pending.pop()
 
 
 def _climbs_out(resolved: list[str], target: str) -> bool:

@@ -297,6 +297,11 @@ class DockerIgnore:
         parts = directory.split("/")
         return not any(p.may_match_under(parts) for p in self._exceptions)
 
+    def may_match_below(self, directory: str) -> bool:
+        """Whether some (non-exception) pattern could match `directory` or a path under it."""
+        parts = directory.split("/")
+        return any(p.may_match_under(parts) for p in self._patterns if not p.exception)
+
 
 def read_ignore_file(text: str, source: str = ".dockerignore") -> DockerIgnore:
     """Parse the text of a .dockerignore file."""
