@@ -76,16 +76,40 @@ def forward_signals(pid: int) -> None:
 # --- PID 1 -----------------------------------------------------------------
 
 
-def init(spec: dict, report_fd: int) -> int:
-    """Run as PID 1 of the new PID namespace; returns the command's exit code."""
-    _libc.set_parent_death_signal(_signal.SIGKILL)
+def prepare(spec: dict, report_fd: int) -> object | None:
+    """In the helper: hostname, loopback, the rootfs; the copy baseline or None. Raises SetupError."""
     try:
         _libc.sethostname(spec["hostname"])
         if spec["network"] == "none":
             _loopback_up()
-        baseline = _prepare_root(spec)
+        return _prepare_root(spec)
+    except OSError as err:
+        raise SetupError(f"prepare the sandbox root: {_describe(err)}") from err
+
+
+def finish(spec: dict, baseline: object | None) -> None:
+    """In the helper, once PID 1 is gone: the copy snapshotter's compare."""
+    if baseline is None:
+        return
+    try:
+        from lamina.engine import snapshot
+
+        snapshot.write_diff(baseline, spec["rootfs"], spec["upper"])  # type: ignore[arg-type]
+    except Exception as err:  # reported, not a traceback: the caller raises SandboxError
+        raise SetupError(f"compare the copied rootfs: {_describe(err)}") from err
+
+
+def init(spec: dict, report_fd: int) -> int:
+    """PID 1 of the new PID namespace: enter the rootfs, start the command, reap, return its code.
+
+    PID 1 pivots into the rootfs too (in a mount namespace of its own, so the
+    helper keeps the host view): a command may read /proc/1/root.
+    """
+    _libc.set_parent_death_signal(_signal.SIGKILL)
+    try:
+        _enter_root(spec)
     except (OSError, SetupError) as err:
-        report(report_fd, f"prepare the sandbox root: {_describe(err)}")
+        report(report_fd, f"set up the sandbox: {_describe(err)}")
         return SETUP_FAILED
     child = os.fork()
     if child == 0:
@@ -101,14 +125,6 @@ def init(spec: dict, report_fd: int) -> int:
             status = st
             break
     _kill_all()
-    if baseline is not None:
-        try:
-            from lamina.engine import snapshot
-
-            snapshot.write_diff(baseline, spec["rootfs"], spec["upper"])
-        except Exception as err:  # reported, not a traceback: the parent turns it into SandboxError
-            report(report_fd, f"compare the copied rootfs: {_describe(err)}")
-            return SETUP_FAILED
     return exit_code(status)
 
 
@@ -182,22 +198,26 @@ def _prepare_root(spec: dict) -> object | None:
 # --- the command -------------------------------------------------------------
 
 
+def _enter_root(spec: dict) -> None:
+    """Mounts and pivot_root, in a mount namespace of PID 1's own. Nothing can be imported after this."""
+    _libc.unshare(_libc.CLONE_NEWNS)
+    root = spec["rootfs"]
+    if spec["snapshotter"] == "copy":
+        _libc.mount(root, root, None, _libc.MS_BIND | _libc.MS_REC)
+    _system_mounts(spec, root)
+    for m in spec["mounts"]:
+        _user_mount(m, root)
+    os.chdir(root)
+    _libc.pivot_root(".", ".")
+    _libc.umount(".", _libc.MNT_DETACH)
+    os.chdir("/")
+
+
 def _command(spec: dict, report_fd: int) -> None:
-    """Runs in the forked child: mounts, pivot_root, user, exec. Returns only on failure."""
+    """Runs in PID 1's child: user, cwd, exec. Returns only on failure."""
     try:
         for signum in _FORWARDED:
             _signal.signal(signum, _signal.SIG_DFL)
-        _libc.unshare(_libc.CLONE_NEWNS)
-        root = spec["rootfs"]
-        if spec["snapshotter"] == "copy":
-            _libc.mount(root, root, None, _libc.MS_BIND | _libc.MS_REC)
-        _system_mounts(spec, root)
-        for m in spec["mounts"]:
-            _user_mount(m, root)
-        os.chdir(root)
-        _libc.pivot_root(".", ".")
-        _libc.umount(".", _libc.MNT_DETACH)
-        os.chdir("/")
         uid, gid, groups, home = resolve_user(spec["user"])
         cwd = spec["cwd"] or "/"
         os.makedirs(cwd, exist_ok=True)

@@ -92,6 +92,11 @@ def main() -> int:
         return _remove(spec, report_fd)
     if spec["mode"] == "extract":
         return _extract(spec, report_fd)
+    try:
+        baseline = _inside.prepare(spec, report_fd)
+    except _inside.SetupError as err:
+        _inside.report(report_fd, str(err))
+        return _inside.SETUP_FAILED
     child = os.fork()
     if child == 0:
         code = _inside.SETUP_FAILED
@@ -101,6 +106,11 @@ def main() -> int:
             os._exit(code)
     _inside.forward_signals(child)
     _, status = os.waitpid(child, 0)
+    try:
+        _inside.finish(spec, baseline)
+    except _inside.SetupError as err:
+        _inside.report(report_fd, str(err))
+        return _inside.SETUP_FAILED
     return _inside.exit_code(status)
 
 
