@@ -402,7 +402,7 @@ def make_plan(
 
     target_index = len(stages) - 1
     if target is not None:
-        found = _find_stage(stages, target) if not target.isdigit() else None
+        found = _find_stage(stages, target)  # a name, or an index (names cannot start with a digit)
         if found is None:
             names = ", ".join(s.name for s in stages if s.name) or "none"
             raise PlanError(
