@@ -19,28 +19,113 @@ dropped, whiteouts become `.wh.NAME` and opaque dirs `.wh..wh..opq`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node
+from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node, is_opaque
 from lamina.engine.sandbox.idmap import IdMap
-from lamina.oci.entry import LayerEntry
-from lamina.oci.walk import entries_from_tree
+from lamina.errors import LayerError
+from lamina.oci.entry import EntryType, LayerEntry
 
 OPAQUE_XATTR = "user.overlay.opaque"
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
 
 
 def capture(upper_dir: Path, ids: IdMap | None = None) -> Iterator[LayerEntry]:
-    """The layer entries of an upper dir, sorted for `write_layer`, owners as the container saw them."""
-    uid_map = None
+    """The layer entries of an upper dir, in `write_layer` order, owners as the container saw them.
+
+    Whiteouts and opaque markers come out as BuildKit writes them: empty
+    regular files, mode 0, owner 0:0.
+    """
+    root = os.fspath(upper_dir)
+    links: dict[tuple[int, int], str] = {}
+    try:
+        stack = [("", iter(_children(root)))]
+    except OSError as err:
+        raise LayerError(f"capture {upper_dir}: {err.strerror or err}") from err
+    while stack:
+        prefix, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            continue
+        name, st = child
+        path = prefix + name
+        if st is None:  # a whiteout or opaque marker
+            yield LayerEntry(path, EntryType.FILE, 0, mtime=0)
+            continue
+        host = os.path.join(root, path)
+        try:
+            entry = _entry(host, path, st, links, ids)
+            if entry.type is EntryType.DIR:
+                stack.append((path + "/", iter(_children(host))))
+        except OSError as err:
+            raise LayerError(f"capture {upper_dir}: {path}: {err.strerror or err}") from err
+        yield entry
+
+
+def _children(host_dir: str) -> list[tuple[str, os.stat_result | None]]:
+    """(name in the layer, lstat or None for a whiteout) of one directory, in entry_key order."""
+    out: list[tuple[str, os.stat_result | None]] = []
+    with os.scandir(host_dir) as it:
+        for dirent in it:
+            st = dirent.stat(follow_symlinks=False)
+            # Before hard links: overlayfs links all its whiteouts to one inode.
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                out.append((WHITEOUT_PREFIX + dirent.name, None))
+            elif not stat.S_ISSOCK(st.st_mode):
+                out.append((dirent.name, st))
+    if is_opaque(host_dir):
+        out.append((OPAQUE_MARKER, None))
+    out.sort(key=lambda child: os.fsencode(child[0]))
+    return out
+
+
+_KINDS = {
+    stat.S_IFDIR: EntryType.DIR,
+    stat.S_IFREG: EntryType.FILE,
+    stat.S_IFLNK: EntryType.SYMLINK,
+    stat.S_IFCHR: EntryType.CHAR,
+    stat.S_IFBLK: EntryType.BLOCK,
+    stat.S_IFIFO: EntryType.FIFO,
+}
+
+
+def _entry(
+    host: str, path: str, st: os.stat_result, links: dict[tuple[int, int], str], ids: IdMap | None
+) -> LayerEntry:
+    kind = _KINDS[stat.S_IFMT(st.st_mode)]
+    uid, gid = st.st_uid, st.st_gid
     if ids is not None and ids.rootless:
-
-        def uid_map(uid: int, gid: int) -> tuple[int, int]:
-            return ids.uid_inside(uid), ids.gid_inside(gid)
-
-    return entries_from_tree(upper_dir, uid_map=uid_map, overlay=True)
+        uid, gid = ids.uid_inside(uid), ids.gid_inside(gid)
+    linkname, size, opener = "", 0, None
+    if kind is EntryType.FILE and st.st_nlink > 1:
+        first = links.setdefault((st.st_dev, st.st_ino), path)
+        if first != path:
+            kind, linkname = EntryType.HARDLINK, first
+    if kind is EntryType.FILE:
+        size, opener = st.st_size, functools.partial(open, host, "rb")
+    elif kind is EntryType.SYMLINK:
+        linkname = os.readlink(host)
+    device = kind in (EntryType.CHAR, EntryType.BLOCK)
+    return LayerEntry(
+        path,
+        kind,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=uid,
+        gid=gid,
+        size=size,
+        mtime=int(st.st_mtime),
+        linkname=linkname,
+        devmajor=os.major(st.st_rdev) if device else 0,
+        devminor=os.minor(st.st_rdev) if device else 0,
+        xattrs=() if kind is EntryType.HARDLINK else tuple(sorted(_xattrs(host).items())),
+        open=opener,
+    )
 
 
 # --- copy snapshotter ---------------------------------------------------------
@@ -219,7 +304,8 @@ def _xattrs(path: str) -> dict[str, bytes]:
         return {}
     out = {}
     for name in names:
-        if ".overlay." in name:
+        # overlayfs bookkeeping is not content; an SELinux label is the host's.
+        if name.startswith(("trusted.overlay.", "user.overlay.", "security.selinux")):
             continue
         try:
             out[name] = os.getxattr(path, name, follow_symlinks=False)
