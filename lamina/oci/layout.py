@@ -130,7 +130,13 @@ class TarFiles:
         try:
             self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
         except (OSError, tarfile.TarError) as err:
-            raise ImageFormatError(f"{path}: not a readable tar archive: {err}") from err
+            # tarfile's message lists every method it tried, over several lines.
+            reason = (
+                err.strerror
+                if isinstance(err, OSError) and err.strerror
+                else "not a tar, tar.gz, tar.bz2 or tar.xz"
+            )
+            raise ImageFormatError(f"{path}: not a readable tar archive: {reason}") from err
         self._members: dict[str, tarfile.TarInfo] = {}
         try:
             for count, member in enumerate(self._tar):
