@@ -140,6 +140,32 @@ def sniff_stream(stream: BinaryIO) -> tuple[Compression, BinaryIO]:
     return Compression.sniff(head), _Prefixed(head, stream)  # type: ignore[return-value]
 
 
+class HashingReader(io.RawIOBase):
+    """Hashes (sha256) and counts the bytes read through it."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        import hashlib
+
+        self._inner = inner
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self.hash.update(data)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+
 def iter_chunks(reader: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
     while chunk := reader.read(size):
         yield chunk

@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import enum
 import errno
-import hashlib
 import os
 import shutil
 import stat
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina.errors import LayerError, UnsafePath
-from lamina.oci.compression import CHUNK, open_decompressed, sniff_stream
+from lamina.oci.compression import CHUNK, HashingReader, open_decompressed, sniff_stream
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType, LayerEntry
 from lamina.oci.safepath import Root, clean, split
@@ -162,21 +161,6 @@ def show(name: str, limit: int = 120) -> str:
 # -- reading the tar ------------------------------------------------------
 
 
-class _HashingReader:
-    """Hashes and counts the bytes read through it."""
-
-    def __init__(self, inner: BinaryIO) -> None:
-        self._inner = inner
-        self.hash = hashlib.sha256()
-        self.count = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        self.hash.update(data)
-        self.count += len(data)
-        return data
-
-
 class _StrictTarInfo(tarfile.TarInfo):
     """tarfile ends an archive silently at a damaged or missing header once
     past the first member; a layer must end with a zero block instead."""
@@ -194,13 +178,11 @@ class _StrictTarInfo(tarfile.TarInfo):
 
 
 @contextlib.contextmanager
-def _open_tar(
-    stream: BinaryIO, label: str
-) -> Iterator[tuple[tarfile.TarFile, _HashingReader, _HashingReader]]:
-    compressed = _HashingReader(stream)
+def _open_tar(stream: BinaryIO, label: str) -> Iterator[tuple[tarfile.TarFile, HashingReader, HashingReader]]:
+    compressed = HashingReader(stream)
     try:
         compression, raw = sniff_stream(compressed)  # type: ignore[arg-type]
-        uncompressed = _HashingReader(open_decompressed(raw, compression))
+        uncompressed = HashingReader(open_decompressed(raw, compression))
         # Stream mode: never seeks; 64 KiB keeps tarfile's buffer re-slicing cheap.
         tar = tarfile.open(  # noqa: SIM115 - closed by the with below
             fileobj=uncompressed,  # type: ignore[arg-type]
@@ -232,7 +214,7 @@ def _members(tar: tarfile.TarFile, label: str) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _drain(reader: _HashingReader, label: str) -> None:
+def _drain(reader: HashingReader, label: str) -> None:
     """Read to the end: the digests cover all bytes, and a compressed stream
     is only known to be intact once its end is decoded."""
     try:

@@ -24,7 +24,15 @@ from collections.abc import Iterable
 from typing import BinaryIO
 
 from lamina.errors import LayerError
-from lamina.oci.compression import CHUNK, Compression, Encoder, encoder, open_decompressed, sniff_stream
+from lamina.oci.compression import (
+    CHUNK,
+    Compression,
+    Encoder,
+    HashingReader,
+    encoder,
+    open_decompressed,
+    sniff_stream,
+)
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType, LayerEntry
 
@@ -135,7 +143,7 @@ def describe_layer(blob: BinaryIO, compression: Compression | None = None) -> La
     `compression` None sniffs it from the magic; the media type reported is
     the OCI one for that compression.
     """
-    compressed = _CountingReader(blob)
+    compressed = HashingReader(blob)
     stream: BinaryIO = compressed  # type: ignore[assignment]
     if compression is None:
         compression, stream = sniff_stream(stream)
@@ -222,6 +230,7 @@ class _HashingSink:
         self._blob = hashlib.sha256()
         self._position = 0
         self._size = 0
+        self._pending = bytearray()
 
     def tell(self) -> int:
         return self._position
@@ -229,7 +238,22 @@ class _HashingSink:
     def write(self, data: bytes | memoryview) -> int:
         self._diff.update(data)
         self._position += len(data)
-        self._emit(self._encoder.compress(data))
+        # The encoder always gets whole CHUNKs: ISA-L's output depends on how
+        # its input is split, and the blob must depend on the tar bytes only
+        # (so `recompress` and `write_layer` agree, whatever tarfile does).
+        view = memoryview(data).cast("B")
+        if self._pending:
+            taken = CHUNK - len(self._pending)
+            self._pending += view[:taken]
+            view = view[taken:]
+            if len(self._pending) < CHUNK:
+                return len(data)
+            self._emit(self._encoder.compress(self._pending))
+            self._pending.clear()
+        while len(view) >= CHUNK:
+            self._emit(self._encoder.compress(view[:CHUNK]))
+            view = view[CHUNK:]
+        self._pending += view
         return len(data)
 
     def _emit(self, compressed: bytes) -> None:
@@ -239,6 +263,8 @@ class _HashingSink:
             self._out.write(compressed)
 
     def finish(self, compression: Compression) -> LayerInfo:
+        if self._pending:
+            self._emit(self._encoder.compress(self._pending))
         self._emit(self._encoder.flush())
         return LayerInfo(
             digest=Digest("sha256", self._blob.hexdigest()),
@@ -246,18 +272,3 @@ class _HashingSink:
             size=self._size,
             media_type=compression.media_type,
         )
-
-
-class _CountingReader:
-    """Hashes and counts what is read through it."""
-
-    def __init__(self, inner: BinaryIO) -> None:
-        self._inner = inner
-        self.hash = hashlib.sha256()
-        self.count = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        self.hash.update(data)
-        self.count += len(data)
-        return data

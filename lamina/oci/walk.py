@@ -78,7 +78,7 @@ def _children(host_dir: str, overlay: bool) -> list[tuple[bytes, str, str | None
     with os.scandir(host_dir) as it:
         for dirent in it:
             name = dirent.name
-            if overlay and dirent.is_char_device() and os.lstat(dirent.path).st_rdev == 0:
+            if overlay and _is_whiteout(dirent):
                 name = WHITEOUT_PREFIX + name
                 children.append((os.fsencode(name), name, None))
             else:
@@ -87,6 +87,13 @@ def _children(host_dir: str, overlay: bool) -> list[tuple[bytes, str, str | None
         children.append((os.fsencode(OPAQUE_MARKER), OPAQUE_MARKER, None))
     children.sort(key=lambda child: child[0])
     return children
+
+
+def _is_whiteout(dirent: os.DirEntry[str]) -> bool:
+    if dirent.is_dir(follow_symlinks=False) or dirent.is_file(follow_symlinks=False):
+        return False
+    st = dirent.stat(follow_symlinks=False)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _is_opaque(host_dir: str) -> bool:
