@@ -571,3 +571,58 @@ def test_put_manifest_sends_exact_bytes_and_type() -> None:
     assert seen[0].content == data
     assert seen[0].headers["Content-Type"] == OCI_MANIFEST
     assert seen[0].url.path == "/v2/x/manifests/1"
+
+
+def test_expired_token_is_renewed_once() -> None:
+    tokens: list[str] = []
+    uses = {"tok1": 1, "tok2": 99}  # the first token expires after one request
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            tokens.append(f"tok{len(tokens) + 1}")
+            return httpx.Response(200, json={"access_token": tokens[-1]})
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if uses.get(token, 0) > 0:
+            uses[token] -= 1
+            return serve_manifest(manifest_bytes())
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Bearer realm="https://auth.example/t"'})
+
+    with client(handler) as c:
+        c.get_manifest(REF)
+        c.get_manifest(REF)
+    assert tokens == ["tok1", "tok2"]
+
+
+def test_challenge_with_several_scopes_asks_for_each() -> None:
+    asked: list[list[str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            asked.append(request.url.params.get_list("scope"))
+            return httpx.Response(200, json={"token": "t"})
+        if request.headers.get("Authorization") == "Bearer t":
+            return httpx.Response(404 if request.method == "HEAD" else 201)
+        challenge = (
+            'Bearer realm="https://auth.example/t",scope="repository:x:pull,push repository:base:pull"'
+        )
+        return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+
+    with client(handler) as c:
+        assert c.push_blob(REF, BLOB_DESC, lambda: io.BytesIO(b""), mount_from=["base"]) == "mounted"
+    assert "repository:base:pull" in asked[-1] and "repository:x:pull,push" in asked[-1]
+
+
+def test_upload_resent_after_401_starts_from_the_first_byte() -> None:
+    registry = UploadRegistry()
+    put_401 = [1]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and put_401:
+            put_401.pop()
+            request.read()
+            return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+        return registry(request)
+
+    with client(handler, credentials=lambda reg: Credential("u", "p")) as c:
+        assert c.push_blob(REF, BLOB_DESC, lambda: io.BytesIO(BLOB)) == "uploaded"
+    assert registry.received == BLOB

@@ -460,18 +460,23 @@ class RegistryClient:
         import httpx
 
         url = httpx.URL(location).copy_merge_params({"digest": str(blob.digest)})
-        with opener() as stream:
-            response = self._send(
-                what,
-                ref.registry,
-                "PUT",
-                str(url),
-                scopes=(f"repository:{ref.repository}:pull,push",),
-                headers={"Content-Type": "application/octet-stream", "Content-Length": str(blob.size)},
-                content=lambda: _chunks(stream, blob.size),
-                ok=(201,),
-                retry=False,
-            )
+
+        def body() -> Iterator[bytes]:
+            # A fresh stream per send: a re-sent PUT (after a 401) starts from byte 0.
+            with opener() as stream:
+                yield from _chunks(stream, blob.size)
+
+        response = self._send(
+            what,
+            ref.registry,
+            "PUT",
+            str(url),
+            scopes=(f"repository:{ref.repository}:pull,push",),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(blob.size)},
+            content=body,
+            ok=(201,),
+            retry=False,
+        )
         response.close()
 
     def _upload_chunked(
