@@ -83,3 +83,10 @@ def test_cache_location_follows_the_environment(
     result = CliRunner().invoke(cli, ["load", str(busybox_image)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "xdg" / "lamina" / "index.db").exists()
+
+
+def test_save_into_a_missing_directory_is_a_clear_error(run, busybox_image: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run("load", str(busybox_image))
+    code, out = run("save", "lamina-test/busybox:1.35", "-o", str(tmp_path / "no" / "such" / "x.tar"))
+    assert code == 1
+    assert out.startswith("error: save lamina-test/busybox:1.35 to ") and out.count("\n") == 1

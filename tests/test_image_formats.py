@@ -366,3 +366,16 @@ def test_config_named_by_the_wrong_digest_is_refused(store: Store, tmp_path: Pat
     members[config_name] = members[config_name].replace(b'"os": "linux"', b'"os": "linux" ')
     with pytest.raises(ImageFormatError, match="not the digest in its name"):
         load_image_file(store, _tar(tmp_path / "bad.tar", members))
+
+
+def test_layout_dir_blob_symlinked_outside_is_refused(loaded: Store, tmp_path: Path) -> None:
+    _, image = stored_image(loaded, NAME)
+    manifest = Manifest.from_bytes(image.manifest_bytes)
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, [ExportImage(NAME, image.manifest, manifest.config, manifest.layers)], loaded)
+    outside = tmp_path / "outside"
+    blob = layout / "blobs" / "sha256" / manifest.config.digest.hex
+    blob.rename(outside)
+    blob.symlink_to(outside)
+    with pytest.raises(ImageFormatError, match="outside the layout"):
+        load_image_file(loaded, layout)

@@ -75,6 +75,13 @@ def display_name(name: str) -> str:
 
 def load_image_file(store: Store, path: Path, name: str | None = None) -> tuple[ImageRecord, ...]:
     """Import every image in `path`; `name` (only for a file holding one image) replaces its names."""
+    try:
+        return _load(store, path, name)
+    except OSError as err:
+        raise ImageFormatError(f"load {path}: {err.strerror or err}") from err
+
+
+def _load(store: Store, path: Path, name: str | None) -> tuple[ImageRecord, ...]:
     from lamina.oci.archive import open_image_source
 
     records: list[ImageRecord] = []
@@ -277,6 +284,13 @@ def save_image(
     """Write the image `name` to `path` (replaced only once complete); return its manifest descriptor."""
     if format not in FORMATS:
         raise StoreError(f"unknown output format {format!r}: use oci or docker")
+    try:
+        return _save(store, name, path, format, compression)
+    except OSError as err:
+        raise StoreError(f"save {name} to {path}: {err.strerror or err}") from err
+
+
+def _save(store: Store, name: str, path: Path, format: str, compression: Compression | None) -> Descriptor:
     record, image = stored_image(store, name)
     if format == "oci":
         from lamina.oci.layout import write_oci_archive
