@@ -23,8 +23,14 @@ import shutil
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.errors import OutputError
+from lamina.oci.digest import Digest
+
+if TYPE_CHECKING:
+    from lamina.cache.store import Store
+    from lamina.oci.image import Descriptor, ImageConfig
 
 
 class OutputType(enum.Enum):
@@ -214,3 +220,187 @@ def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> None:
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"--output type=local: {dest} exists and is not a directory")
     merge_layers(layer_dirs, dest)
+
+
+# --- committing an image to the store ------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImageLayer:
+    """One layer of a built image: where its files are, and what is known of its blob.
+
+    Base-image layers arrive with their blob descriptor and diff_id; layers
+    the build made have only a directory (`dir_id` names it in the store) and
+    are compressed the first time an output needs them.
+    """
+
+    path: Path  # unpacked, overlay form
+    dir_id: str = ""  # hex naming a built layer's directory
+    diff_id: Digest | None = None
+    blob: Descriptor | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CommittedImage:
+    manifest: Descriptor
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    config_bytes: bytes
+    diff_ids: tuple[Digest, ...]
+
+
+def layer_blob(
+    store: Store, layer: ImageLayer, compression: str, epoch: int | None
+) -> tuple[Descriptor, Digest]:
+    """The blob of `layer` in `compression` (made once, then found in the store's index)."""
+    import json
+
+    from lamina.cache.store import LayerRecord
+    from lamina.oci.compression import Compression
+    from lamina.oci.image import Descriptor
+
+    if layer.blob is not None and layer.diff_id is not None:
+        return layer.blob, layer.diff_id
+    memo = f"layer-blob:{layer.dir_id}:{compression}:{epoch if epoch is not None else ''}"
+    found = store.cache_get(memo)
+    if found is not None:
+        record = json.loads(found)
+        digest = Digest.parse(record["digest"])
+        if store.has_blob(digest):
+            descriptor = Descriptor(record["media_type"], digest, record["size"])
+            return descriptor, Digest.parse(record["diff_id"])
+    from lamina.oci.layer import write_layer
+    from lamina.oci.walk import entries_from_tree
+
+    with store.blob_writer() as out:
+        info = write_layer(
+            entries_from_tree(layer.path, overlay=True),
+            out,
+            Compression.parse(compression),
+            source_date_epoch=epoch,
+        )
+        blob = out.commit(info.digest)
+    store.record_layer(LayerRecord(blob.digest, info.diff_id, info.media_type, blob.size))
+    record = {
+        "digest": str(blob.digest),
+        "diff_id": str(info.diff_id),
+        "size": blob.size,
+        "media_type": info.media_type,
+    }
+    refs = [blob.digest, Digest("sha256", layer.dir_id)] if layer.dir_id else [blob.digest]
+    store.cache_put(memo, json.dumps(record), refs=refs)
+    return Descriptor(info.media_type, blob.digest, blob.size), info.diff_id
+
+
+def commit_image(
+    store: Store,
+    config: ImageConfig,
+    layers: Sequence[ImageLayer],
+    compression: str,
+    epoch: int | None,
+) -> CommittedImage:
+    """Make every layer blob, then write the config and manifest into the store."""
+    from lamina.oci.image import OCI_CONFIG, OCI_MANIFEST, Manifest, descriptor_of
+
+    blobs: list[Descriptor] = []
+    diff_ids: list[Digest] = []
+    for layer in layers:
+        descriptor, diff_id = layer_blob(store, layer, compression, epoch)
+        blobs.append(descriptor)
+        diff_ids.append(diff_id)
+    final = dataclasses.replace(config, diff_ids=tuple(diff_ids))
+    config_bytes = final.to_bytes()
+    store.put_bytes(config_bytes)
+    config_desc = descriptor_of(config_bytes, OCI_CONFIG)
+    manifest_bytes = Manifest(config_desc, tuple(blobs)).to_bytes()
+    store.put_bytes(manifest_bytes)
+    return CommittedImage(
+        descriptor_of(manifest_bytes, OCI_MANIFEST), config_desc, tuple(blobs), config_bytes, tuple(diff_ids)
+    )
+
+
+# --- writing outputs -------------------------------------------------------------------
+
+
+def _open_dest(output: OutputSpec) -> contextlib.AbstractContextManager[BinaryIO]:
+    import sys
+
+    if output.to_stdout:
+        return contextlib.nullcontext(sys.stdout.buffer)
+    from lamina.oci.layout import atomic_output
+
+    return atomic_output(Path(output.dest))
+
+
+def _uncompressed_layer(store: Store, blob: Descriptor, diff_id: Digest) -> tuple[Digest, int]:
+    """The uncompressed tar of a layer as a store blob (its digest is the diff_id)."""
+    from lamina.cache.store import LayerRecord
+    from lamina.oci.compression import Compression, open_decompressed
+    from lamina.oci.image import OCI_LAYER
+
+    if store.has_blob(diff_id):
+        return diff_id, store.blob_size(diff_id)
+    with store.open_blob(blob.digest) as raw:
+        stream = open_decompressed(raw, Compression.from_media_type(blob.media_type))
+        info = store.put_blob(stream, expected=diff_id)
+    store.record_layer(LayerRecord(info.digest, diff_id, OCI_LAYER, info.size))
+    return info.digest, info.size
+
+
+def write_output(
+    output: OutputSpec,
+    store: Store,
+    image: CommittedImage,
+    layer_dirs: Sequence[Path],
+    names: Sequence[str],
+    epoch: int | None,
+) -> None:
+    """Write one non-store output of a committed image."""
+    if output.type is OutputType.LOCAL:
+        write_rootfs(layer_dirs, Path(output.dest))
+        return
+    if output.type is OutputType.TAR:
+        _write_rootfs_tar(output, store, layer_dirs, epoch)
+        return
+    if output.type is OutputType.OCI:
+        from lamina.oci.layout import ExportImage, write_oci_archive, write_oci_layout
+
+        image_names = [*output.names, *names] or [None]
+        images = [ExportImage(name, image.manifest, image.config, image.layers) for name in image_names]
+        if not output.tar:
+            write_oci_layout(Path(output.dest), images, store)
+            return
+        with _open_dest(output) as out:
+            write_oci_archive(out, images, store)
+        return
+    if output.type is OutputType.DOCKER:
+        from lamina.oci.dockerarchive import DockerImage, DockerLayer, write_docker_archive
+
+        docker_layers = []
+        for blob, diff_id in zip(image.layers, image.diff_ids, strict=True):
+            digest, size = _uncompressed_layer(store, blob, diff_id)
+            docker_layers.append(DockerLayer(diff_id, size, lambda d=digest: store.open_blob(d)))
+        docker = DockerImage(tuple([*output.names, *names]), image.config_bytes, tuple(docker_layers))
+        with _open_dest(output) as out:
+            write_docker_archive(out, [docker])
+        return
+    raise OutputError(f"output type {output.type.value} is written by the executor")  # IMAGE
+
+
+def _write_rootfs_tar(
+    output: OutputSpec, store: Store, layer_dirs: Sequence[Path], epoch: int | None
+) -> None:
+    """type=tar: the merged root filesystem as one uncompressed tar."""
+    import tempfile
+
+    from lamina.oci.compression import Compression
+    from lamina.oci.layer import write_layer
+    from lamina.oci.walk import entries_from_tree
+
+    scratch = Path(tempfile.mkdtemp(prefix=".tmp-rootfs-", dir=store.root))
+    try:
+        merge_layers(layer_dirs, scratch / "root")
+        with _open_dest(output) as out:
+            write_layer(entries_from_tree(scratch / "root"), out, Compression.NONE, source_date_epoch=epoch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,523 @@
+"""The executor: run a plan's stages, cache every step, export the target.
+
+This is the one module where the front end (the plan), the sandbox, the
+content store and the OCI writers meet.
+
+How a stage runs. A stage starts from its base: an image in the store (its
+layers unpacked in overlay form), an earlier stage's outcome, or scratch.
+Its steps then run in order on a `_StageState`: the image config so far,
+the stack of layer directories, and the chain key. Metadata steps (ENV,
+LABEL, USER, ...) only change the config and are recomputed every build;
+they are pure and cheap. Filesystem steps (RUN, COPY, ADD, WORKDIR) are
+cached: each has a key (cachekey.KeyInputs: the chain key, the expanded
+instruction, the ARG/ENV values it can see, the platform, and the digest
+of its input files) and a result (the layer directory it made, or none when
+the step changed nothing, and when it was made). A RUN's upper directory
+*is* the step's layer directory; nothing is compressed until an output
+needs a blob (output.layer_blob), and a blob once made is reused.
+
+Why metadata steps do not enter the chain key: a changed ARG must re-run
+only the steps that can see it (BuildKit's behaviour). RUN sees the whole
+environment (ENV and declared ARGs), the user, the working directory and
+the shell, so its key includes them; COPY sees only what its expanded
+instruction and its files say.
+
+Stages run in the plan's waves: the stages of a wave are independent and
+run concurrently on a thread pool bounded by `--jobs`; each RUN is its own
+sandbox helper process, so threads only wait.
+
+Timestamps: a history entry's `created` is the time its step's result was
+made (kept in the cache result, so a no-op rebuild gives the same config and
+the same digest); metadata steps take the time of the step before them.
+SOURCE_DATE_EPOCH replaces all of them and clamps new layers' mtimes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamina.engine.cachekey import KeyInputs
+from lamina.engine.output import ImageLayer, OutputSpec, OutputType
+from lamina.engine.progress import BuildSummary, ProgressSink
+from lamina.engine.steps import metadata as md
+from lamina.errors import BuildError, LaminaError, PlanError
+from lamina.oci.digest import Digest
+
+if TYPE_CHECKING:
+    from lamina.cache.statcache import StatCache
+    from lamina.cache.store import Store
+    from lamina.engine.context import SourceTree
+    from lamina.oci.image import ImageConfig
+
+PLATFORM = "linux/amd64"  # replaced by the host's at import below
+PROXY_ARGS = frozenset(
+    name
+    for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
+    for name in (base, base.lower())
+)
+OUTPUT_TAIL = 20  # lines of a failing step's output kept for the error
+SANDBOX_HOSTNAME = "buildkitsandbox"  # BuildKit's default, so `hostname` output matches
+
+
+def host_platform() -> str:
+    machine = os.uname().machine
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
+    return f"linux/{arch}"
+
+
+PLATFORM = host_platform()
+
+
+# --- options and results ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SecretSpec:
+    id: str
+    source: Path
+
+
+def parse_secret(spec: str) -> SecretSpec:
+    """`--secret id=ID,src=PATH` (also `source=`, `type=file`, or `env=VAR`)."""
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise PlanError(f"invalid --secret {spec!r}: {part!r} is not key=value")
+        fields[key.strip().lower()] = value
+    secret_id = fields.get("id", "")
+    if not secret_id:
+        raise PlanError(f"invalid --secret {spec!r}: missing id=")
+    source = fields.get("src") or fields.get("source")
+    if source is None and "env" in fields:
+        source = "env:" + fields["env"]
+    if source is None:
+        raise PlanError(f"invalid --secret {spec!r}: missing src=")
+    if fields.get("type", "file") not in ("file", "env"):
+        raise PlanError(f"invalid --secret {spec!r}: type must be file or env")
+    return SecretSpec(secret_id, Path(source))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BuildOptions:
+    context: Path
+    dockerfile: Path | None = None
+    target: str | None = None
+    build_args: tuple[tuple[str, str], ...] = ()
+    tags: tuple[str, ...] = ()
+    outputs: tuple[OutputSpec, ...] = ()
+    no_cache: bool = False
+    no_cache_filter: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    secrets: tuple[SecretSpec, ...] = ()
+    network: str = "host"
+    compression: str = "gzip"
+    jobs: int = 1
+    pull: bool = False
+    cache_root: Path = Path(".lamina-cache")
+    source_date_epoch: int | None = None
+    # Makes a registry client when a base image must be pulled; None: never pull.
+    client_factory: Callable[[], Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepRecord:
+    stage: str
+    index: int  # 1-based within the stage
+    instruction: str
+    cached: bool
+    seconds: float
+    key: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BuildResult:
+    """What a build made: the target image's digests and config, and every step's fate."""
+
+    image_digest: str  # the manifest digest
+    config_digest: str  # the image ID, as `docker build` prints it
+    config: ImageConfig
+    names: tuple[str, ...]
+    steps: tuple[StepRecord, ...]
+    seconds: float
+    target: str
+
+    @property
+    def steps_cached(self) -> int:
+        return sum(1 for step in self.steps if step.cached)
+
+    @property
+    def steps_run(self) -> int:
+        return sum(1 for step in self.steps if not step.cached)
+
+    def metadata(self) -> dict[str, Any]:
+        """The `--metadata-file` document, with buildx's keys where they exist."""
+        return {
+            "containerimage.digest": self.image_digest,
+            "containerimage.config.digest": self.config_digest,
+            "image.name": ",".join(self.names),
+            "lamina.build.target": self.target,
+            "lamina.build.seconds": round(self.seconds, 3),
+            "lamina.build.steps": [
+                {
+                    "stage": step.stage,
+                    "step": step.index,
+                    "instruction": step.instruction,
+                    "cache": "cached" if step.cached else "run",
+                    "seconds": round(step.seconds, 3),
+                }
+                for step in self.steps
+            ],
+        }
+
+
+# --- stage state --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StageOutcome:
+    """A finished stage: what a later stage, COPY --from or an output needs of it."""
+
+    name: str
+    config: ImageConfig
+    layers: tuple[ImageLayer, ...]
+    key: str  # the chain key after the last filesystem step
+    created: str | None
+    args: tuple[tuple[str, str | None], ...]  # ARGs declared, passed to stages built FROM it
+
+    @property
+    def layer_dirs(self) -> tuple[Path, ...]:
+        return tuple(layer.path for layer in self.layers)
+
+
+@dataclasses.dataclass(slots=True)
+class _StageState:
+    name: str
+    config: ImageConfig
+    layers: list[ImageLayer]
+    key: str
+    created: str | None
+    args: dict[str, str | None]
+    total: int
+    index: int = 0
+    cmd_set: bool = False
+    no_cache: bool = False
+
+    def outcome(self) -> StageOutcome:
+        return StageOutcome(
+            self.name, self.config, tuple(self.layers), self.key, self.created, tuple(self.args.items())
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CacheResult:
+    layer: str | None  # hex naming the layer dir in the store, None when the step changed nothing
+    created: str
+    inputs: str  # KeyInputs JSON, to explain a later miss
+
+    def to_json(self) -> str:
+        return json.dumps({"layer": self.layer, "created": self.created, "inputs": self.inputs})
+
+    @classmethod
+    def from_json(cls, text: str) -> _CacheResult | None:
+        try:
+            record = json.loads(text)
+            return cls(record["layer"], record["created"], record["inputs"])
+        except (ValueError, KeyError, TypeError):
+            return None  # a result from another version of lamina is a miss
+
+
+def _now() -> str:
+    from lamina.oci.image import format_time
+
+    return format_time(int(time.time()))
+
+
+# --- the build ----------------------------------------------------------------------------
+
+
+class Executor:
+    """One build: the plan, the store, the progress sink, the records of every step."""
+
+    def __init__(self, options: BuildOptions, sink: ProgressSink, store: Store, plan: Any) -> None:
+        self.options = options
+        self.sink = sink
+        self.store = store
+        self.plan = plan
+        self.records: list[StepRecord] = []
+        self._lock = threading.Lock()
+        self._outcomes: dict[int, StageOutcome] = {}
+        self._rootfs: dict[str, Path] = {}  # stage key -> merged rootfs dir (for COPY --from)
+        self._rootfs_lock = threading.Lock()
+        self._context: SourceTree | None = None
+        self._stat_cache: StatCache | None = None
+        self._scratch = Path(store.root) / "tmp"
+        self._scratch.mkdir(exist_ok=True)
+        self._warned: set[str] = set()
+        self.epoch = options.source_date_epoch
+        self.images: dict[str, StageOutcome] = {}  # base images loaded by this build
+        self._image_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+
+    def image_lock(self, ref: str) -> threading.Lock:
+        with self._lock:
+            return self._image_locks[ref]
+
+    # --- helpers used by steps ------------------------------------------------------------
+
+    def warn_once(self, message: str) -> None:
+        with self._lock:
+            if message in self._warned:
+                return
+            self._warned.add(message)
+        self.sink.warn(message)
+
+    def created(self, state: _StageState) -> str | None:
+        if self.epoch is not None:
+            from lamina.oci.image import format_time
+
+            return format_time(self.epoch)
+        return state.created
+
+    def context(self) -> SourceTree:
+        """The build context, opened on first use (a build with no COPY never walks it)."""
+        with self._lock:
+            if self._context is None:
+                from lamina.cache.statcache import StatCache
+                from lamina.engine.context import open_build_context
+
+                self._stat_cache = StatCache(Path(self.store.root))
+                dockerfile = self.options.dockerfile
+                self._context = open_build_context(self.options.context, self._stat_cache, dockerfile)
+            return self._context
+
+    def stat_cache(self) -> StatCache:
+        self.context()
+        assert self._stat_cache is not None
+        return self._stat_cache
+
+    def stage_rootfs(self, outcome: StageOutcome) -> Path:
+        """A merged copy of a stage's root filesystem, made once per build (COPY --from, mounts)."""
+        with self._rootfs_lock:
+            found = self._rootfs.get(outcome.key)
+            if found is not None:
+                return found
+            from lamina.engine.output import merge_layers
+
+            dest = Path(self._tmpdir("rootfs-")) / "root"
+            merge_layers(outcome.layer_dirs, dest)
+            self._rootfs[outcome.key] = dest
+            return dest
+
+    def _tmpdir(self, prefix: str) -> str:
+        import tempfile
+
+        return tempfile.mkdtemp(prefix=prefix, dir=self._scratch)
+
+    def record(self, record: StepRecord) -> None:
+        with self._lock:
+            self.records.append(record)
+
+    def cleanup(self) -> None:
+        for path in self._rootfs.values():
+            shutil.rmtree(path.parent, ignore_errors=True)
+        if self._stat_cache is not None:
+            self._stat_cache.save()
+
+    # --- cache ------------------------------------------------------------------------------
+
+    def lookup(self, inputs: KeyInputs, state: _StageState) -> _CacheResult | None:
+        if self.options.no_cache or state.no_cache:
+            return None
+        text = self.store.cache_get(inputs.key())
+        if text is None:
+            return None
+        result = _CacheResult.from_json(text)
+        if result is None:
+            return None
+        if result.layer is not None and not self.store.has_unpacked(Digest("sha256", result.layer)):
+            return None  # gc took the layer dir
+        return result
+
+    def commit_layer(self, inputs: KeyInputs, state: _StageState, upper: Path) -> _CacheResult:
+        """Publish a step's upper dir as its layer (or drop it when empty) and record the result."""
+        key = inputs.key()
+        layer: str | None = None
+        if any(upper.iterdir()):
+            layer = key.split(":", 1)[1]
+            if self.options.no_cache or state.no_cache:
+                # Uncached runs must not collide with the cached dir of the same key.
+                salt = f"{key}:{time.time_ns()}:{os.getpid()}:{threading.get_ident()}"
+                layer = hashlib.sha256(salt.encode()).hexdigest()
+            self.store.publish_unpacked(upper, Digest("sha256", layer))
+        else:
+            _remove_tree(upper)
+        result = _CacheResult(layer, _now(), inputs.to_json())
+        # Two builds racing on one key: the first result stored wins, so both
+        # end with the same layer and timestamps (and the same image digest).
+        existing = self.store.cache_get(key) if not (self.options.no_cache or state.no_cache) else None
+        if existing is not None:
+            found = _CacheResult.from_json(existing)
+            if found is not None and (
+                found.layer is None or self.store.has_unpacked(Digest("sha256", found.layer))
+            ):
+                return found
+        refs = [Digest("sha256", layer)] if layer else []
+        self.store.cache_put(key, result.to_json(), refs=refs)
+        return result
+
+    def apply_result(self, state: _StageState, inputs: KeyInputs, result: _CacheResult) -> None:
+        state.key = inputs.key()
+        state.created = result.created
+        if result.layer is not None:
+            digest = Digest("sha256", result.layer)
+            state.layers.append(ImageLayer(self.store.unpacked_path(digest), dir_id=result.layer))
+
+    def new_upper(self) -> Path:
+        return self.store.new_unpack_dir()
+
+    # --- running --------------------------------------------------------------------------
+
+    def run(self) -> BuildResult:
+        from lamina.engine.steps.dispatch import run_stage
+
+        start = time.monotonic()
+        waves = self.plan.waves
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.options.jobs)) as pool:
+            for wave in waves:
+                futures = {pool.submit(run_stage, self, self.plan.stages[i]): i for i in wave}
+                failure: BaseException | None = None
+                for future in concurrent.futures.as_completed(futures):
+                    try:
+                        self._outcomes[futures[future]] = future.result()
+                    except BaseException as err:  # keep the first; let the others finish
+                        failure = failure or err
+                if failure is not None:
+                    raise failure
+        target = self._outcomes[self.plan.target]
+        return self._finish(target, start)
+
+    def outcome(self, index: int) -> StageOutcome:
+        try:
+            return self._outcomes[index]
+        except KeyError:
+            raise BuildError(f"stage {index} was needed before it was built") from None
+
+    def _finish(self, target: StageOutcome, start: float) -> BuildResult:
+        from lamina.engine.output import commit_image, write_output
+
+        config = md.merge_labels(target.config, self.options.labels)
+        created = self.created_for_image(target)
+        config = dataclasses.replace(config, created=created)
+        image = commit_image(self.store, config, target.layers, self.options.compression, self.epoch)
+        names = self._tag(image, config)
+        for output in self.options.outputs:
+            if output.type is OutputType.IMAGE:
+                self._tag(image, config, output.names)
+                continue
+            write_output(output, self.store, image, target.layer_dirs, names, self.epoch)
+        seconds = time.monotonic() - start
+        records = tuple(self.records)
+        result = BuildResult(
+            str(image.manifest.digest),
+            str(image.config.digest),
+            dataclasses.replace(config, diff_ids=image.diff_ids),
+            names,
+            records,
+            seconds,
+            target.name,
+        )
+        self.sink.finish(BuildSummary(result.image_digest, result.steps_cached, result.steps_run, seconds))
+        return result
+
+    def created_for_image(self, target: StageOutcome) -> str:
+        if self.epoch is not None:
+            from lamina.oci.image import format_time
+
+            return format_time(self.epoch)
+        return target.created or _now()
+
+    def _tag(self, image: Any, config: ImageConfig, names: Sequence[str] | None = None) -> tuple[str, ...]:
+        from lamina.cache.images import normalize_name
+
+        wanted = tuple(self.options.tags if names is None else names)
+        size = image.config.size + sum(layer.size for layer in image.layers)
+        done = []
+        for name in wanted:
+            full = normalize_name(name)
+            self.store.tag(full, image.manifest.digest, size=size, created=config.created or "")
+            done.append(full)
+        return tuple(done)
+
+
+def _remove_tree(path: Path) -> None:
+    from lamina.engine.sandbox.runner import remove_tree
+
+    remove_tree(path)
+
+
+def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
+    """Plan the Dockerfile, run the stages the target needs, write the outputs."""
+    from lamina.cache.store import Store
+    from lamina.engine.steps.dispatch import make_plan
+
+    plan = make_plan(options)
+    options.cache_root.mkdir(parents=True, exist_ok=True)
+    with Store(options.cache_root) as store:
+        executor = Executor(options, sink, store, plan)
+        try:
+            return executor.run()
+        except LaminaError:
+            sink.finish(None)
+            raise
+        finally:
+            executor.cleanup()
+
+
+# --- output capture ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def captured_output(on_line: Callable[[str], None]) -> Iterator[tuple[int, collections.deque[str]]]:
+    """A pipe whose write end a sandbox gets as stdout/stderr; lines go to `on_line`.
+
+    Yields (write fd, tail); the tail keeps the last OUTPUT_TAIL lines.
+    """
+    read_fd, write_fd = os.pipe()
+    tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "rb") as stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                tail.append(line)
+                on_line(line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    closed = False
+    try:
+        yield write_fd, tail
+        os.close(write_fd)
+        closed = True
+        thread.join()
+    finally:
+        if not closed:
+            os.close(write_fd)
+            thread.join(timeout=5)
+
+
+def visible_env(env: Mapping[str, str]) -> dict[str, str]:
+    """What a key may hold of an environment: never proxy values."""
+    return {name: value for name, value in env.items() if name not in PROXY_ARGS}

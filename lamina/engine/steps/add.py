@@ -1,0 +1,205 @@
+"""ADD's extras over COPY: local tar archives are unpacked, http(s) URLs fetched.
+
+- A local source file that is a tar archive, plain or compressed with gzip,
+  bzip2, xz or zstd, is unpacked into the destination directory instead of
+  copied (unless `--unpack=false`); every path in it is hostile and goes
+  through the layer extractor's checks.
+- A URL is downloaded (redirects followed) into a file named after the
+  URL's last path component, mode 0600 as BuildKit writes it, with the
+  server's Last-Modified time; it is never unpacked. `--checksum=sha256:...`
+  is verified before anything is written. The download's content digest is
+  what keys the step, so a changed remote file re-runs it.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import dataclasses
+import email.utils
+import hashlib
+import lzma
+import os
+import posixpath
+import stat
+import tempfile
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from lamina.errors import BuildError, LaminaError
+
+if TYPE_CHECKING:
+    from lamina.engine.executor import Executor
+
+_MAX_DOWNLOAD = 8 << 30  # refuse anything larger than 8 GiB
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fetched:
+    url: str
+    path: Path  # the downloaded bytes, in the store's scratch dir
+    digest: str
+    name: str  # the file name BuildKit gives it
+    mtime: int | None
+
+
+def _filename(url: str) -> str:
+    base = posixpath.basename(urllib.parse.urlparse(url).path)
+    return base if base not in ("", ".", "/") else "__unnamed__"
+
+
+def fetch_url(executor: Executor, url: str, checksum: str | None) -> Fetched:
+    """Download `url` once per build (memoised on the executor), verifying `checksum`."""
+    memo: dict[str, Fetched] = executor.__dict__.setdefault("fetched", {})
+    found = memo.get(url)
+    if found is not None:
+        _check(found, checksum)
+        return found
+    import httpx
+
+    scratch = executor.store.root / "tmp"
+    fd, name = tempfile.mkstemp(prefix="add-", dir=scratch)
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out, httpx.stream("GET", url, follow_redirects=True, timeout=60) as reply:
+            if reply.status_code != 200:
+                raise BuildError(f"ADD {url}: the server answered {reply.status_code}")
+            for chunk in reply.iter_bytes(1 << 20):
+                size += len(chunk)
+                if size > _MAX_DOWNLOAD:
+                    raise BuildError(f"ADD {url}: larger than {_MAX_DOWNLOAD} bytes")
+                h.update(chunk)
+                out.write(chunk)
+            modified = reply.headers.get("last-modified")
+    except httpx.HTTPError as err:
+        os.unlink(name)
+        raise BuildError(f"ADD {url}: {err}") from None
+    except LaminaError:
+        os.unlink(name)
+        raise
+    mtime = None
+    if modified:
+        try:
+            mtime = int(email.utils.parsedate_to_datetime(modified).timestamp())
+        except (TypeError, ValueError):
+            mtime = None
+    fetched = Fetched(url, Path(name), "sha256:" + h.hexdigest(), _filename(url), mtime)
+    memo[url] = fetched
+    _check(fetched, checksum)
+    return fetched
+
+
+def _check(fetched: Fetched, checksum: str | None) -> None:
+    if checksum and checksum != fetched.digest:
+        raise BuildError(f"ADD {fetched.url}: digest mismatch: want {checksum}, got {fetched.digest}")
+
+
+def write_fetched(fetched: Fetched, upper: Path, dest: str, owner: Any, chmod: Any, image: Any) -> None:
+    """Put a downloaded file at `dest` (or `dest/NAME` when dest is a directory)."""
+    import shutil
+
+    into_dir = dest.endswith("/")
+    if not into_dir and image is not None:
+        st = image.stat(dest)
+        into_dir = st is not None and stat.S_ISDIR(st.st_mode)
+    rel = posixpath.join(dest, fetched.name) if into_dir else dest
+    target = upper / rel.lstrip("/")
+    if not target.parent.exists():
+        target.parent.mkdir(parents=True, mode=0o755)
+        if image is not None:
+            from lamina.engine.steps.dispatch import keep_lower_dir_meta
+
+            keep_lower_dir_meta(image, upper, posixpath.dirname(rel))
+    shutil.copyfile(fetched.path, target)
+    uid, gid = owner if owner else (0, 0)
+    os.lchown(target, uid, gid)
+    os.chmod(target, chmod.apply(0o600, False) if chmod is not None else 0o600)
+    if fetched.mtime is not None:
+        os.utime(target, (fetched.mtime, fetched.mtime))
+
+
+# --- local archives -------------------------------------------------------------------------
+
+
+def is_archive(path: str) -> bool:
+    """True when `path` holds a tar, plain or gzip/bzip2/xz/zstd compressed."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return True
+    if not head.startswith((b"BZh", b"\xfd7zXZ\x00", b"\x1f\x8b", b"\x28\xb5\x2f\xfd")):
+        return False
+    try:
+        with _archive_stream(path) as stream:
+            block = _read_upto(stream, 512)
+    except (OSError, EOFError, lzma.LZMAError, LaminaError):
+        return False
+    return len(block) >= 262 and block[257:262] == b"ustar"
+
+
+def _read_upto(stream: BinaryIO, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = stream.read(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@contextlib.contextmanager
+def _archive_stream(path: str) -> Iterator[BinaryIO]:
+    """The uncompressed tar stream of an archive file."""
+    from lamina.oci.compression import open_decompressed
+
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith(b"BZh"):
+        with bz2.open(path, "rb") as stream:
+            yield stream  # type: ignore[misc]
+    elif head.startswith(b"\xfd7zXZ\x00"):
+        with lzma.open(path, "rb") as stream:
+            yield stream  # type: ignore[misc]
+    else:
+        with open(path, "rb") as raw:
+            yield open_decompressed(raw)
+
+
+def unpack_archives(tree: Any, selection: Any, upper: Path, dest: str, owner: Any, image: Any) -> Any:
+    """Unpack the selection's archive files into `dest`; return the selection without them."""
+    from lamina.engine.steps.copy import Selection
+    from lamina.oci.entry import EntryType
+    from lamina.oci.extract import Whiteouts, extract_layer
+
+    keep = []
+    for item in selection.items:
+        source = tree.abspath(item.entry.path)
+        if item.entry.type is not EntryType.FILE or not is_archive(source):
+            keep.append(item)
+            continue
+        # An archive is unpacked as a directory at dest, with or without a trailing slash.
+        target_rel = dest.strip("/")
+        target = upper / target_rel
+        if not target.exists():
+            target.mkdir(parents=True, mode=0o755)
+            if image is not None:
+                from lamina.engine.steps.dispatch import keep_lower_dir_meta
+
+                keep_lower_dir_meta(image, upper, "/" + target_rel)
+        with _archive_stream(source) as stream:
+            try:
+                extract_layer(stream, target, whiteouts=Whiteouts.APPLY, ignore_owners=os.geteuid() != 0)
+            except LaminaError as err:
+                raise BuildError(f"ADD {item.entry.path}: {err}") from err
+        if owner:
+            _chown_tree(target, owner)
+    return Selection(selection.made_dirs, tuple(keep))
+
+
+def _chown_tree(root: Path, owner: tuple[int, int]) -> None:
+    for base, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.lchown(os.path.join(base, name), *owner)

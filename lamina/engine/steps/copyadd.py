@@ -1,0 +1,207 @@
+"""COPY and ADD as build steps: pick the source tree, key the selection, write the layer.
+
+Source selection, keying and writing are B's `steps.copy`; this module
+joins them to the stage: `--from` (stage name, index or image), `--chown`
+names resolved in the stage's /etc/passwd and /etc/group, heredoc sources,
+and ADD's extras (`steps.add`: local archives unpacked, URLs fetched).
+
+`COPY --from=stage` is keyed by the content of the files it selects in that
+stage, never by the stage's key: a builder rebuilt to the same output keeps
+its consumers cached. To skip merging the stage's layers on a no-op
+rebuild, the content digest is memoised under (stage key, instruction):
+the same stage key means the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamina.engine.cachekey import make_inputs
+from lamina.engine.steps import metadata as md
+from lamina.engine.steps.dispatch import executor_base_image, layer_step
+from lamina.errors import BuildError
+
+if TYPE_CHECKING:
+    from lamina.engine.executor import Executor, StageOutcome, _StageState
+    from lamina.engine.steps.dispatch import StagePlan
+
+
+def source_stage(executor: Executor, ref: str, location: Any) -> StageOutcome:
+    """What `--from=ref` names: an earlier stage (by index or name), else an image."""
+    plan = executor.plan
+    index: int | None = int(ref) if ref.isdigit() else plan.names.get(ref.lower())
+    if index is not None:
+        return executor.outcome(index)
+    return executor_base_image(executor, ref, location)
+
+
+def copy_step(executor: Executor, state: _StageState, plan: StagePlan, instruction: Any) -> None:
+    from lamina.engine.dockerfile.instructions import AddInstruction
+    from lamina.engine.executor import PLATFORM
+    from lamina.engine.steps.copy import CopyOptions, destination_path, parse_chmod
+    from lamina.engine.steps.layerview import LayerView
+
+    is_add = isinstance(instruction, AddInstruction)
+    keyword = "ADD" if is_add else "COPY"
+    view = LayerView([layer.path for layer in state.layers])
+    owner = None
+    if instruction.chown:
+        from lamina.engine.steps.users import resolve_owner
+
+        owner = resolve_owner(view, instruction.chown)
+    chmod = parse_chmod(instruction.chmod) if instruction.chmod else None
+    from_ = getattr(instruction, "from_", None)
+    dest = destination_path(instruction.dest, state.config.config.working_dir or "/")
+    options = CopyOptions(
+        chown=owner,
+        chmod=chmod,
+        excludes=tuple(instruction.excludes),
+        parents=bool(getattr(instruction, "parents", False)),
+        source_name=f"stage {from_}" if from_ else "build context",
+    )
+    described = {
+        "op": keyword,
+        "sources": list(instruction.sources),
+        "dest": dest,
+        "owner": list(owner) if owner else None,
+        "chmod": instruction.chmod,
+        "excludes": list(instruction.excludes),
+        "parents": options.parents,
+        "link": instruction.link,
+        "heredocs": [[c.path, hashlib.sha256(c.data.encode()).hexdigest()] for c in instruction.contents],
+        "checksum": getattr(instruction, "checksum", None),
+        "unpack": getattr(instruction, "unpack", None),
+    }
+    described_text = json.dumps(described, sort_keys=True)
+    image = None if instruction.link else view
+    urls = [s for s in instruction.sources if is_add and _is_url(s)]
+    local = [s for s in instruction.sources if s not in urls]
+
+    produce_parts: list[Any] = []
+    content = hashlib.sha256()
+    if local:
+        materialize, digest = _select(executor, state, instruction, from_, local, dest, options, image)
+        content.update(f"files\0{digest}\n".encode())
+        produce_parts.append(("files", materialize))
+    for url in urls:
+        from lamina.engine.steps.add import fetch_url
+
+        fetched = fetch_url(executor, url, instruction.checksum)
+        content.update(f"url\0{url}\0{fetched.digest}\n".encode())
+        produce_parts.append(("url", fetched))
+    inputs = make_inputs(state.key, keyword + " " + described_text, {}, PLATFORM, content.hexdigest())
+
+    def produce(upper: Path) -> None:
+        from lamina.engine.steps.add import unpack_archives, write_fetched
+        from lamina.engine.steps.copy import write_selection
+
+        for kind, part in produce_parts:
+            if kind == "files":
+                tree, selection = part()
+                if is_add and instruction.unpack is not False:
+                    selection = unpack_archives(tree, selection, upper, dest, owner, image)
+                write_selection(tree, selection, upper, image)
+            else:
+                write_fetched(part, upper, dest, owner, chmod, image)
+        for heredoc in instruction.contents:
+            _write_heredoc(upper, dest, heredoc, owner, chmod, image, len(instruction.contents) > 1)
+
+    layer_step(executor, state, instruction, inputs, produce)
+    created_by = md.copy_created_by(
+        keyword,
+        instruction.sources,
+        instruction.dest,
+        chown=instruction.chown or "",
+        chmod=instruction.chmod or "",
+        parents=options.parents,
+        heredoc_names=[c.path for c in instruction.contents],
+    )
+    has_layer = bool(state.layers) and state.layers[-1].dir_id == state.key.split(":", 1)[1]
+    state.config = md.add_history(
+        state.config, created_by, created=executor.created(state), empty_layer=not has_layer, ran=True
+    )
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def _select(
+    executor: Executor,
+    state: _StageState,
+    instruction: Any,
+    from_: str | None,
+    sources: list[str],
+    dest: str,
+    options: Any,
+    image: Any,
+) -> tuple[Any, str]:
+    """(a function giving (source tree, selection), content digest) of the local sources.
+
+    For an unchanged `--from` stage the digest comes from a memo, and the
+    stage's files are only merged if the step must actually run.
+    """
+    from lamina.engine.context import open_rootfs
+    from lamina.engine.steps.copy import select_sources, selection_key
+
+    if not from_:
+        tree = executor.context()
+        selection = select_sources(tree, sources, dest, options, image)
+        digest = str(selection_key(tree, selection))
+        return (lambda: (tree, selection)), digest
+    outcome = source_stage(executor, from_, instruction.location)
+    # The selection also depends on what the destination stage holds: its key says.
+    memo_key = _memo_key(outcome.key, state.key, sources, dest, options, image is None)
+
+    def materialize() -> tuple[Any, Any]:
+        tree = open_rootfs(executor.stage_rootfs(outcome), executor.stat_cache())
+        return tree, select_sources(tree, sources, dest, options, image)
+
+    memo = executor.store.cache_get(memo_key)
+    if memo is not None:
+        return materialize, memo
+    tree, selection = materialize()
+    digest = str(selection_key(tree, selection))
+    executor.store.cache_put(memo_key, digest)
+    return (lambda: (tree, selection)), digest
+
+
+def _memo_key(stage_key: str, dest_key: str, sources: list[str], dest: str, options: Any, link: bool) -> str:
+    text = json.dumps([stage_key, dest_key, sources, dest, repr(options), link])
+    return "copy-from:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_heredoc(
+    upper: Path, dest: str, heredoc: Any, owner: Any, chmod: Any, image: Any, several: bool
+) -> None:
+    """`COPY <<EOF /dest`: the body as a file (0644 unless --chmod), into dest/ when it is a dir."""
+    into_dir = dest.endswith("/") or several
+    if not into_dir and image is not None:
+        import stat as stat_module
+
+        st = image.stat(dest)
+        into_dir = st is not None and stat_module.S_ISDIR(st.st_mode)
+    target_rel = posixpath.join(dest, heredoc.path) if into_dir else dest
+    target = upper / target_rel.lstrip("/")
+    parent = target.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, mode=0o755)
+        if image is not None:
+            from lamina.engine.steps.dispatch import keep_lower_dir_meta
+
+            keep_lower_dir_meta(image, upper, posixpath.dirname(target_rel))
+    target.write_text(heredoc.data)
+    mode = chmod.apply(0o644, False) if chmod is not None else 0o644
+    uid, gid = owner if owner else (0, 0)
+    os.lchown(target, uid, gid)
+    os.chmod(target, mode)
+
+
+def require_files(paths: list[str]) -> None:
+    if not paths:
+        raise BuildError("COPY failed: no source files were specified")

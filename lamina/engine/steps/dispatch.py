@@ -1,0 +1,466 @@
+"""Run one stage: its base, its ONBUILD triggers, then each instruction.
+
+`run_stage(executor, stage_plan)` is what the executor's thread pool calls.
+Instruction handlers live here for the metadata instructions (thin wrappers
+over `steps.metadata`) and WORKDIR; RUN is in `steps.run`, COPY/ADD in
+`steps.copyadd`. Each filesystem step goes through `layer_step()`: key,
+look up, on a miss produce an upper dir, commit, record, report.
+
+`make_plan(options)` reads the Dockerfile and asks the front end's planner
+for the stages the target needs and the order to build them in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import posixpath
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamina.engine.cachekey import KeyInputs
+from lamina.engine.output import ImageLayer
+from lamina.engine.progress import StepEvent, StepStatus
+from lamina.engine.steps import metadata as md
+from lamina.errors import BuildError, DockerfileError, ImageNotFound, LaminaError, Location
+from lamina.oci.digest import Digest
+
+if TYPE_CHECKING:
+    from lamina.engine.dockerfile.instructions import Instruction
+    from lamina.engine.executor import BuildOptions, Executor, StageOutcome, _StageState
+
+# Instructions that make a layer; the others only change the config.
+FILESYSTEM_STEPS = frozenset({"RUN", "COPY", "ADD", "WORKDIR"})
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StagePlan:
+    index: int
+    name: str  # display name: the stage's name, or stage-N
+    instructions: tuple[Instruction, ...]
+    location: Location
+    base_image: str | None  # an image reference (expanded), None for a stage or scratch
+    base_stage: int | None
+    deps: tuple[int, ...]  # every stage this one needs first (base, --from, mounts)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BuildPlan:
+    path: str  # the Dockerfile's display path
+    escape: str
+    stages: Mapping[int, StagePlan]  # only the stages the target needs
+    target: int
+    waves: tuple[tuple[int, ...], ...]
+    global_args: Mapping[str, str]  # meta ARGs (with build-arg overrides) and platform ARGs
+    build_args: Mapping[str, str]
+    names: Mapping[str, int]  # stage name (lower case) -> index
+    warnings: tuple[str, ...] = ()
+
+
+def make_plan(options: BuildOptions) -> BuildPlan:
+    """Parse the Dockerfile and let the front end's planner order the stages the target needs."""
+    from lamina.engine.dockerfile.parser import parse
+    from lamina.engine.plan import BaseKind
+    from lamina.engine.plan import make_plan as plan_stages
+
+    path = options.dockerfile or options.context / "Dockerfile"
+    display = os.path.relpath(path) if not path.is_absolute() else str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DockerfileError(f"cannot read Dockerfile {display}: {err.strerror}") from None
+    dockerfile = parse(data, display)
+    plan = plan_stages(
+        dockerfile, target=options.target, build_args=dict(options.build_args), context=str(options.context)
+    )
+    needed = {index for wave in plan.waves for index in wave}
+    stages = {}
+    for planned in plan.stages:
+        if planned.index not in needed:
+            continue
+        base = planned.base
+        stages[planned.index] = StagePlan(
+            planned.index,
+            planned.display_name,
+            planned.instructions,
+            planned.location,
+            base.image if base.kind is BaseKind.IMAGE else None,
+            base.stage if base.kind is BaseKind.STAGE else None,
+            planned.deps,
+        )
+    names = {s.name.lower(): s.index for s in plan.stages if s.name}
+    return BuildPlan(
+        display,
+        plan.escape,
+        stages,
+        plan.target,
+        plan.waves,
+        {kv.key: kv.value for kv in plan.global_args},
+        {kv.key: kv.value for kv in plan.build_args},
+        names,
+        plan.warnings,
+    )
+
+
+# --- running a stage ---------------------------------------------------------------------------
+
+
+def _expander(state: _StageState, escape: str) -> Callable[[str], str]:
+    from lamina.engine.dockerfile.shell import expand_word
+
+    env = step_env(state)
+    return lambda word: expand_word(word, env, escape)
+
+
+def step_env(state: _StageState) -> dict[str, str]:
+    """What expansion and RUN see: the stage's ARGs, then ENV (which wins)."""
+    env = {name: value for name, value in state.args.items() if value is not None}
+    env.update(md.env_dict(state.config.config))
+    return env
+
+
+def _base(executor: Executor, plan: StagePlan) -> StageOutcome:
+    from lamina.engine.executor import PLATFORM, StageOutcome
+    from lamina.oci.image import Platform, default_config
+
+    if plan.base_stage is not None:
+        return executor.outcome(plan.base_stage)
+    if plan.base_image is None:
+        os_name, arch = PLATFORM.split("/", 1)
+        return StageOutcome(plan.name, default_config(Platform(arch, os_name)), (), "scratch", None, ())
+    return executor_base_image(executor, plan.base_image, plan.location)
+
+
+def executor_base_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
+    """An image from the store (pulled first when allowed and needed), unpacked; once per build."""
+    with executor.image_lock(ref):
+        found = executor.images.get(ref)
+        if found is None:
+            found = load_image(executor, ref, location)
+            executor.images[ref] = found
+        return found
+
+
+def load_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
+    from lamina.cache.images import normalize_name, stored_image
+    from lamina.engine.executor import StageOutcome
+    from lamina.oci.image import ImageConfig
+
+    store = executor.store
+    record = None
+    if executor.options.pull or not _in_store(store, ref):
+        record = _pull(executor, ref, location)
+    try:
+        _, image = stored_image(store, record.name if record is not None else ref)
+    except ImageNotFound:
+        raise BuildError(
+            f"{location}: FROM {ref}: image {normalize_name(ref)} is not in the store"
+            " (lamina load or lamina pull it first)"
+        ) from None
+    config = ImageConfig.from_bytes(image.config_bytes, f"config of {ref}")
+    layers = []
+    for blob, diff_id in zip(image.layers, config.diff_ids, strict=True):
+        path = unpack_layer(executor, blob, diff_id)
+        layers.append(ImageLayer(path, diff_id=diff_id, blob=blob))
+    key = f"image:{image.manifest.digest}"
+    return StageOutcome(ref, config, tuple(layers), key, config.created, ())
+
+
+def _in_store(store: Any, ref: str) -> bool:
+    from lamina.cache.images import normalize_name
+
+    try:
+        store.resolve(normalize_name(ref))
+    except (ImageNotFound, LaminaError):
+        return False
+    return True
+
+
+def _pull(executor: Executor, ref: str, location: Any) -> Any:
+    factory = executor.options.client_factory
+    if factory is None:
+        if executor.options.pull:
+            raise BuildError(f"{location}: FROM {ref}: --pull needs a registry client")
+        return None
+    from lamina.cache.transfer import ensure_image
+    from lamina.oci.reference import parse_reference
+
+    policy = "always" if executor.options.pull else "missing"
+    try:
+        return ensure_image(factory, executor.store, parse_reference(ref), policy)
+    except LaminaError as err:
+        raise BuildError(f"{location}: FROM {ref}: {err}") from err
+
+
+def unpack_layer(executor: Executor, blob: Any, diff_id: Digest) -> Path:
+    """The layer's unpacked dir (overlay form), extracting the blob the first time."""
+    store = executor.store
+    if store.has_unpacked(diff_id):
+        store.touch_unpacked(diff_id)
+        return store.unpacked_path(diff_id)
+    from lamina.oci.extract import Whiteouts, extract_layer
+
+    tmp = store.new_unpack_dir()
+    try:
+        with store.open_blob(blob.digest) as stream:
+            extract_layer(stream, tmp, whiteouts=Whiteouts.OVERLAY)
+    except BaseException:
+        from lamina.engine.executor import _remove_tree
+
+        _remove_tree(tmp)
+        raise
+    return store.publish_unpacked(tmp, diff_id)
+
+
+def run_stage(executor: Executor, plan: StagePlan) -> StageOutcome:
+    """Build one stage on top of its base and return its outcome."""
+    from lamina.engine.dockerfile.instructions import parse_instruction
+    from lamina.engine.dockerfile.parser import parse
+    from lamina.engine.executor import _StageState
+
+    base = _base(executor, plan)
+    config = md.ensure_path(base.config)
+    instructions: list[Instruction] = list(plan.instructions)
+    triggers = config.config.on_build
+    if triggers:
+        config = md.clear_onbuild(config)
+        parsed_triggers = []
+        for text in triggers:
+            try:
+                node = parse(text, plan.location.path).children[0]
+                parsed_triggers.append(parse_instruction(node, plan.location.path))
+            except (DockerfileError, IndexError) as err:
+                raise BuildError(f"{plan.location}: ONBUILD trigger {text!r}: {err}") from None
+        instructions = parsed_triggers + instructions
+    no_cache = any(name.lower() == plan.name.lower() for name in executor.options.no_cache_filter)
+    state = _StageState(
+        name=plan.name,
+        config=config,
+        layers=list(base.layers),
+        key=base.key,
+        created=base.created,
+        args=dict(base.args),
+        total=sum(1 for i in instructions if i.name in FILESYSTEM_STEPS),
+        no_cache=no_cache,
+    )
+    for instruction in instructions:
+        try:
+            dispatch(executor, state, plan, instruction)
+        except DockerfileError:
+            raise
+        except BuildError as err:
+            if err.args and str(err).startswith(str(instruction.location)):
+                raise
+            raise BuildError(
+                f"{instruction.location}: stage {plan.name}: {_one_line(instruction)}: {err}", err.output_tail
+            ) from err
+        except LaminaError as err:
+            raise BuildError(
+                f"{instruction.location}: stage {plan.name}: {_one_line(instruction)}: {err}"
+            ) from err
+    return state.outcome()
+
+
+def _one_line(instruction: Instruction) -> str:
+    text = " ".join(instruction.original.split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def dispatch(executor: Executor, state: _StageState, plan: StagePlan, instruction: Instruction) -> None:
+    from lamina.engine.dockerfile import instructions as ins
+
+    created = executor.created(state)
+    escape = executor.plan.escape
+    expand = _expander(state, escape)
+    config = state.config
+    if isinstance(instruction, ins.ArgInstruction):
+        _arg(executor, state, instruction, expand)
+    elif isinstance(instruction, ins.EnvInstruction):
+        expanded = instruction.expand(expand)
+        state.config = md.apply_env(config, [(kv.key, kv.value) for kv in expanded.env], created)
+    elif isinstance(instruction, ins.LabelInstruction):
+        expanded_label = instruction.expand(expand)
+        pairs = [(kv.key, kv.value) for kv in expanded_label.labels]
+        state.config = md.apply_label(config, pairs, created)
+    elif isinstance(instruction, ins.ExposeInstruction):
+        state.config = md.apply_expose(config, instruction.expand(expand).ports, created)
+    elif isinstance(instruction, ins.VolumeInstruction):
+        state.config = md.apply_volume(config, instruction.expand(expand).volumes, created)
+    elif isinstance(instruction, ins.UserInstruction):
+        state.config = md.apply_user(config, instruction.expand(expand).user, created)
+    elif isinstance(instruction, ins.StopsignalInstruction):
+        state.config = md.apply_stopsignal(config, instruction.expand(expand).signal, created)
+    elif isinstance(instruction, ins.MaintainerInstruction):
+        state.config = md.apply_maintainer(config, instruction.maintainer, created)
+    elif isinstance(instruction, ins.CmdInstruction):
+        state.config = md.apply_cmd(
+            config, instruction.command, shell_form=not instruction.exec_form, created=created
+        )
+        state.cmd_set = True
+    elif isinstance(instruction, ins.EntrypointInstruction):
+        state.config = md.apply_entrypoint(
+            config,
+            instruction.command,
+            shell_form=not instruction.exec_form,
+            cmd_set=state.cmd_set,
+            created=created,
+        )
+    elif isinstance(instruction, ins.ShellInstruction):
+        state.config = md.apply_shell(config, instruction.shell, created)
+    elif isinstance(instruction, ins.HealthcheckInstruction):
+        state.config = md.apply_healthcheck(config, _healthcheck(instruction), created)
+    elif isinstance(instruction, ins.OnbuildInstruction):
+        state.config = md.apply_onbuild(config, instruction.expression)
+    elif isinstance(instruction, ins.WorkdirInstruction):
+        _workdir(executor, state, instruction.expand(expand))
+    elif isinstance(instruction, ins.RunInstruction):
+        from lamina.engine.steps.run import run_step
+
+        run_step(executor, state, plan, instruction.expand(expand))
+    elif isinstance(instruction, ins.CopyInstruction | ins.AddInstruction):
+        from lamina.engine.steps.copyadd import copy_step
+
+        copy_step(executor, state, plan, instruction.expand(expand))
+    elif isinstance(instruction, ins.FromInstruction):
+        raise BuildError("FROM inside a stage")  # parse_stages never gives one
+    else:
+        raise BuildError(f"{instruction.name} is not supported")
+
+
+def _arg(executor: Executor, state: _StageState, instruction: Any, expand: Callable[[str], str]) -> None:
+    build_args = executor.plan.build_args
+    global_args = executor.plan.global_args
+    pairs: list[tuple[str, str | None]] = []
+    for decl in instruction.args:
+        value: str | None
+        if decl.name in build_args:
+            value = build_args[decl.name]
+        elif decl.default is not None:
+            value = expand(decl.default)
+        else:
+            value = global_args.get(decl.name)
+        state.args.pop(decl.name, None)  # a redeclared ARG moves to the end, as in BuildKit's list
+        state.args[decl.name] = value
+        pairs.append((decl.name, value))
+    state.config = md.arg_history(state.config, pairs, executor.created(state))
+
+
+def _healthcheck(instruction: Any) -> Any:
+    from lamina.oci.image import Healthcheck
+
+    if tuple(instruction.test[:1]) == ("NONE",):
+        return Healthcheck(test=("NONE",))
+    return Healthcheck(
+        test=tuple(instruction.test),
+        interval=instruction.interval or 0,
+        timeout=instruction.timeout or 0,
+        start_period=instruction.start_period or 0,
+        start_interval=instruction.start_interval or 0,
+        retries=instruction.retries or 0,
+    )
+
+
+# --- filesystem steps --------------------------------------------------------------------------
+
+
+def layer_step(
+    executor: Executor,
+    state: _StageState,
+    instruction: Instruction,
+    inputs: KeyInputs,
+    produce: Callable[[Path], None],
+) -> bool:
+    """Look `inputs` up; on a miss run `produce(upper_dir)` and commit. True when cached."""
+    state.index += 1
+    text = _one_line(instruction)
+    start = time.monotonic()
+    result = executor.lookup(inputs, state)
+    sink = executor.sink
+    if result is not None:
+        sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.CACHED))
+        cached = True
+    else:
+        sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.RUNNING))
+        upper = executor.new_upper()
+        try:
+            produce(upper)
+        except BaseException as err:
+            from lamina.engine.executor import _remove_tree
+
+            tail = getattr(err, "output_tail", ())
+            seconds = time.monotonic() - start
+            sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.ERROR, seconds, tail))
+            with contextlib.suppress(LaminaError):
+                _remove_tree(upper)
+            raise
+        result = executor.commit_layer(inputs, state, upper)
+        sink.step(
+            StepEvent(state.name, state.index, state.total, text, StepStatus.DONE, time.monotonic() - start)
+        )
+        cached = False
+    from lamina.engine.executor import StepRecord
+
+    executor.record(StepRecord(state.name, state.index, text, cached, time.monotonic() - start, inputs.key()))
+    executor.apply_result(state, inputs, result)
+    return cached
+
+
+def _workdir(executor: Executor, state: _StageState, instruction: Any) -> None:
+    from lamina.engine.cachekey import make_inputs
+    from lamina.engine.executor import PLATFORM
+    from lamina.engine.steps.layerview import LayerView
+
+    workdir = md.resolve_workdir(state.config.config.working_dir, instruction.path)
+    if workdir == "/":
+        state.config = md.apply_workdir(state.config, "/", executor.created(state), has_layer=False)
+        return
+    user = state.config.config.user
+    inputs = make_inputs(state.key, f"WORKDIR {workdir}", {"user": user} if user else {}, PLATFORM)
+
+    def produce(upper: Path) -> None:
+        view = LayerView([layer.path for layer in state.layers])
+        missing = view.missing_dirs(workdir)
+        if not missing:
+            return
+        uid = gid = 0
+        if user:
+            from lamina.engine.steps.users import resolve_owner
+
+            uid, gid = resolve_owner(view, user)
+        for path in missing:
+            target = upper / path.lstrip("/")
+            target.mkdir(mode=0o755, parents=True, exist_ok=True)
+            os.chmod(target, 0o755)
+            os.lchown(target, uid, gid)
+        keep_lower_dir_meta(view, upper, posixpath.dirname(missing[0]))
+
+    layer_step(executor, state, instruction, inputs, produce)
+    has_layer = bool(state.layers) and state.layers[-1].dir_id == state.key.split(":", 1)[1]
+    state.config = md.apply_workdir(state.config, workdir, executor.created(state), has_layer=has_layer)
+
+
+def keep_lower_dir_meta(view: Any, upper: Path, path: str) -> None:
+    """Directories of `path` (and its ancestors) that exist below keep their metadata.
+
+    Writing `a/b/c` into an upper dir creates `a` and `a/b` there, which
+    would shadow the lower dirs' mode, owner and times in the merged view;
+    BuildKit leaves existing directories alone, so copy theirs over.
+    """
+    current = ""
+    for part in [p for p in path.split("/") if p]:
+        current = f"{current}/{part}"
+        target = upper / current.lstrip("/")
+        if target.is_symlink() or not target.is_dir():
+            return
+        st = view.stat(current)
+        if st is None:
+            return
+        os.chmod(target, st.st_mode & 0o7777)
+        os.lchown(target, st.st_uid, st.st_gid)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))

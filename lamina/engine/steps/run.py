@@ -1,0 +1,283 @@
+"""RUN: a command in a fresh sandbox over the stage's layers; its upper dir is the layer.
+
+The command line is built as BuildKit builds it: exec form as given; shell
+form wrapped in SHELL (default `/bin/sh -c`); a lone heredoc runs its body
+with the shell, or, when the body starts with `#!`, as a script file
+mounted read-only at /dev/pipes/NAME; other heredocs are appended to the
+command text for the shell to read.
+
+The key holds what the command can see: argv, the environment (ENV and
+the stage's ARGs; never proxy values or secrets), user, working dir,
+network, the mounts' specs, and the content of bind-mounted sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamina.engine.cachekey import make_inputs
+from lamina.engine.steps import metadata as md
+from lamina.engine.steps.dispatch import layer_step, step_env
+from lamina.errors import BuildError
+
+if TYPE_CHECKING:
+    from lamina.engine.executor import Executor, _StageState
+    from lamina.engine.steps.dispatch import StagePlan
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def command_line(
+    state: _StageState, instruction: Any, pipes_dir: Path | None
+) -> tuple[list[str], str | None]:
+    """(argv, script) for a RUN; `script` is a heredoc body to mount as an executable."""
+    from lamina.engine.dockerfile.parser import parse_heredoc_marker
+
+    args = list(instruction.command)
+    script = None
+    if instruction.heredocs and not instruction.exec_form:
+        first = instruction.heredocs[0]
+        if (
+            len(args) == 1
+            and parse_heredoc_marker(args[0].strip()) is not None
+            and len(instruction.heredocs) == 1
+        ):
+            data = first.chomped()
+            if data.startswith("#!"):
+                script = data
+                args = [f"/dev/pipes/{first.name}"]
+            else:
+                args = [data]
+        else:
+            full = args[0] if args else ""
+            for heredoc in instruction.heredocs:
+                full += "\n" + heredoc.content + heredoc.name
+            args = [full]
+    if instruction.exec_form:
+        return args, script
+    return list(md.with_shell(state.config, args)), script
+
+
+def run_step(executor: Executor, state: _StageState, plan: StagePlan, instruction: Any) -> None:
+    from lamina.engine.executor import PLATFORM, PROXY_ARGS, visible_env
+
+    if instruction.security == "insecure":
+        raise BuildError("RUN --security=insecure is not supported")
+    if instruction.devices:
+        raise BuildError("RUN --device is not supported")
+    argv, script = command_line(state, instruction, None)
+    env = step_env(state)
+    env.setdefault("PATH", DEFAULT_PATH)
+    declared = set(state.args)
+    run_env = dict(env)
+    for name, value in executor.plan.build_args.items():
+        if name in PROXY_ARGS and name not in declared:
+            run_env[name] = value  # proxies reach RUN undeclared, but never the key or history
+    network = (
+        instruction.network if instruction.network not in (None, "default") else executor.options.network
+    )
+    config = state.config.config
+    workdir = config.working_dir or "/"
+    mounts, mount_keys, content, secret_env = _mounts(executor, state, instruction)
+    key_env = visible_env({k: v for k, v in env.items() if k in declared or k in md.env_dict(config)})
+    described = {
+        "argv": argv,
+        "user": config.user,
+        "cwd": workdir,
+        "network": network,
+        "mounts": mount_keys,
+        "script": hashlib.sha256(script.encode()).hexdigest() if script is not None else "",
+    }
+    inputs = make_inputs(
+        state.key, "RUN " + json.dumps(described, sort_keys=True), key_env, PLATFORM, content
+    )
+
+    def produce(upper: Path) -> None:
+        full_env = {**run_env, **secret_env}  # secrets reach the command, never the key
+        _sandbox_run(executor, state, instruction, argv, script, full_env, network, mounts, upper)
+
+    layer_step(executor, state, instruction, inputs, produce)
+    build_args = [(name, value or "") for name, value in state.args.items() if name not in PROXY_ARGS]
+    created_by = md.run_created_by(argv, _history_args(state, build_args))
+    has_layer = bool(state.layers) and state.layers[-1].dir_id == state.key.split(":", 1)[1]
+    state.config = md.add_history(
+        state.config, created_by, created=executor.created(state), empty_layer=not has_layer, ran=True
+    )
+
+
+def _history_args(state: _StageState, build_args: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """BuildKit takes each ARG's value from the environment, where ENV wins."""
+    env = md.env_dict(state.config.config)
+    return [(name, env.get(name, value)) for name, value in build_args]
+
+
+def _sandbox_run(
+    executor: Executor,
+    state: _StageState,
+    instruction: Any,
+    argv: list[str],
+    script: str | None,
+    env: dict[str, str],
+    network: str,
+    mounts: list[Any],
+    upper: Path,
+) -> None:
+    from lamina.engine.executor import SANDBOX_HOSTNAME, captured_output
+    from lamina.engine.sandbox.runner import run
+    from lamina.engine.sandbox.spec import BindMount, Network, SandboxSpec
+
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=executor.store.root / "tmp"))
+    try:
+        if script is not None:
+            pipes = scratch / "pipes"
+            pipes.mkdir()
+            name = posixpath.basename(argv[-1])
+            (pipes / name).write_text(script)
+            os.chmod(pipes / name, 0o755)
+            os.chmod(pipes, 0o755)
+            mounts = [*mounts, BindMount(pipes, "/dev/pipes", readonly=True)]
+        index = state.index
+        spec = SandboxSpec(
+            argv=tuple(argv),
+            lower_dirs=tuple(layer.path for layer in reversed(state.layers)),
+            upper_dir=upper,
+            env=tuple(env.items()),
+            cwd=state.config.config.working_dir or "/",
+            user=state.config.config.user,
+            hostname=SANDBOX_HOSTNAME,
+            network=Network.NONE if network == "none" else Network.HOST,
+            mounts=tuple(mounts),
+            scratch_dir=scratch,
+        )
+        with captured_output(lambda line: executor.sink.log(state.name, index, line)) as (fd, tail):
+            spec = _with_output(spec, fd)
+            code = run(spec, on_warning=executor.warn_once)
+        if code != 0:
+            raise BuildError(
+                f"{instruction.location}: stage {state.name}: "
+                f"process {json.dumps(argv)} did not complete successfully: exit code {code}",
+                tuple(tail),
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _with_output(spec: Any, fd: int) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(spec, stdout=fd, stderr=fd)
+
+
+def _mounts(
+    executor: Executor, state: _StageState, instruction: Any
+) -> tuple[list[Any], list[str], str, dict[str, str]]:
+    """Sandbox mounts for RUN --mount, their key text, the digest of bound content, secret env."""
+    from lamina.engine.dockerfile.instructions import MountType
+    from lamina.engine.sandbox.spec import BindMount, CacheMount, SecretMount, Sharing, TmpfsMount
+
+    mounts: list[Any] = []
+    keys: list[str] = []
+    content = hashlib.sha256()
+    secrets = {secret.id: secret.source for secret in executor.options.secrets}
+    workdir = state.config.config.working_dir or "/"
+    secret_env: dict[str, str] = {}
+    for mount in instruction.mounts:
+        target = mount.target if mount.target.startswith("/") else posixpath.join(workdir, mount.target)
+        if mount.type is MountType.BIND:
+            source_root, digest = _bind_source(executor, mount)
+            source = _inside(source_root, mount.source, mount)
+            mounts.append(
+                BindMount(source, target, readonly=mount.read_only, discard_writes=not mount.read_only)
+            )
+            keys.append(f"bind:{mount.from_}:{mount.source}:{target}:{mount.read_only}")
+            content.update(f"{target}\0{digest}\n".encode())
+        elif mount.type is MountType.CACHE:
+            cache_dir = (
+                executor.store.root / "cachemounts" / hashlib.sha256(mount.id.encode()).hexdigest()[:32]
+            )
+            cache_dir.parent.mkdir(exist_ok=True)
+            mounts.append(
+                CacheMount(
+                    cache_dir,
+                    target,
+                    sharing=Sharing(mount.sharing.value),
+                    uid=mount.uid or 0,
+                    gid=mount.gid or 0,
+                    mode=mount.mode if mount.mode is not None else 0o755,
+                )
+            )
+            keys.append(f"cache:{mount.id}:{target}")
+        elif mount.type is MountType.TMPFS:
+            mounts.append(TmpfsMount(target, mount.size or 0))
+            keys.append(f"tmpfs:{target}:{mount.size or 0}")
+        elif mount.type is MountType.SECRET:
+            source = secrets.get(mount.id)
+            if source is None:
+                if mount.required:
+                    raise BuildError(
+                        f"secret {mount.id} is required but was not given (--secret id={mount.id},src=...)"
+                    )
+                continue
+            path = _secret_file(executor, source, mount.id)
+            if mount.env:
+                secret_env[mount.env] = path.read_text()
+            if mount.target:
+                mounts.append(
+                    SecretMount(
+                        mount.id,
+                        path,
+                        target,
+                        uid=mount.uid or 0,
+                        gid=mount.gid or 0,
+                        mode=mount.mode if mount.mode is not None else 0o400,
+                    )
+                )
+            keys.append(f"secret:{mount.id}:{target}:{mount.env or ''}")  # never the value
+        else:  # SSH
+            if mount.required:
+                raise BuildError("RUN --mount=type=ssh is not supported")
+            executor.warn_once("RUN --mount=type=ssh is not supported; the mount is skipped")
+    return mounts, keys, content.hexdigest() if keys else "", secret_env
+
+
+def _secret_file(executor: Executor, source: Path, secret_id: str) -> Path:
+    text = str(source)
+    if text.startswith("env:"):
+        value = os.environ.get(text[4:])
+        if value is None:
+            raise BuildError(f"secret {secret_id}: environment variable {text[4:]} is not set")
+        fd, name = tempfile.mkstemp(prefix="secret-", dir=executor.store.root / "tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(value)
+        return Path(name)
+    if not source.is_file():
+        raise BuildError(f"secret {secret_id}: {source} is not a readable file")
+    return source.resolve()
+
+
+def _bind_source(executor: Executor, mount: Any) -> tuple[Path, str]:
+    """The host directory a bind mount reads from and a digest of what it holds."""
+    if not mount.from_:
+        context = executor.context()
+        rel = context.resolve(mount.source.strip("/"))
+        return executor.options.context.resolve(), str(context.checksum(rel))
+    from lamina.engine.steps.copyadd import source_stage
+
+    outcome = source_stage(executor, mount.from_, None)
+    return executor.stage_rootfs(outcome), outcome.key
+
+
+def _inside(root: Path, source: str, mount: Any) -> Path:
+    path = (root / source.lstrip("/")).resolve() if source else root
+    if path != root and root not in path.parents:
+        raise BuildError(f"--mount source {source!r} is outside of its root")
+    if not path.exists():
+        raise BuildError(f"--mount source {source!r} not found")
+    return path
