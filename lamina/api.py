@@ -241,6 +241,7 @@ def build(
         pull=pull,
         cache_root=Path(cache_dir) if cache_dir is not None else default_cache_root(env),
         source_date_epoch=source_date_epoch,
+        client_factory=lambda: registry_client(env),
     )
     return execute(options, progress if progress is not None else QuietProgress())
 

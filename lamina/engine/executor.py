@@ -393,6 +393,8 @@ class Executor:
         from lamina.engine.steps.dispatch import run_stage
 
         start = time.monotonic()
+        for warning in self.plan.warnings:
+            self.sink.warn(warning)
         waves = self.plan.waves
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.options.jobs)) as pool:
             for wave in waves:
