@@ -399,7 +399,8 @@ _SYMBOLIC = re.compile(rf"{_SYMBOLIC_CLAUSE}(?:,{_SYMBOLIC_CLAUSE})*")
 
 def _check_chmod(value: str) -> None:
     if _OCTAL.fullmatch(value):
-        if int(value, 8) <= 0o7777:
+        digits = value.lstrip("0")
+        if len(digits) <= 4 and int(digits or "0", 8) <= 0o7777:
             return
     elif _SYMBOLIC.fullmatch(value):
         return

@@ -695,7 +695,9 @@ def parse_heredoc_marker(word: str) -> Heredoc | None:
     name = words[0]
     quotes = name.count("'") + name.count('"')
     raw_quotes = raw_words[0].count("'") + raw_words[0].count('"')
-    fd = int(match.group(1)) if match.group(1) else 0
+    digits = match.group(1)
+    # Go's ParseUint error (overflow) is ignored: the descriptor becomes 0.
+    fd = int(digits) if digits and len(digits) < 20 and int(digits) < 2**64 else 0
     return Heredoc(
         name=name, file_descriptor=fd, expand=quotes == raw_quotes, chomp=match.group(2) == "-", content=""
     )
