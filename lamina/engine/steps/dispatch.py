@@ -204,12 +204,13 @@ def unpack_layer(executor: Executor, blob: Any, diff_id: Digest) -> Path:
     if store.has_unpacked(diff_id):
         store.touch_unpacked(diff_id)
         return store.unpacked_path(diff_id)
-    from lamina.oci.extract import Whiteouts, extract_layer
+    # The sandbox package unpacks inside the user namespace when rootless, so
+    # files owned by subordinate ids stay manageable.
+    from lamina.engine.sandbox.runner import extract_layer
 
     tmp = store.new_unpack_dir()
     try:
-        with store.open_blob(blob.digest) as stream:
-            extract_layer(stream, tmp, whiteouts=Whiteouts.OVERLAY)
+        extract_layer(store.blob_path(blob.digest), tmp, digest=blob.digest)
     except BaseException:
         from lamina.engine.executor import _remove_tree
 
