@@ -91,8 +91,8 @@ class ImageLookup(Protocol):
 # --- --chmod --------------------------------------------------------------------------------
 
 _WHO_BITS = {"u": 0o4700, "g": 0o2070, "o": 0o1007}
-_SYMBOLIC_CLAUSE = re.compile(r"([ugoa]*)((?:[-+=](?:[rwxXst]*|[ugo]))+)")
-_ACTION = re.compile(r"([-+=])([rwxXst]*|[ugo])")
+_SYMBOLIC_CLAUSE = re.compile(r"([ugoa]*)((?:[-+=](?:[ugo]|[rwxXst]*))+)")
+_ACTION = re.compile(r"([-+=])([ugo]|[rwxXst]*)")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
