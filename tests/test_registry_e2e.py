@@ -390,3 +390,54 @@ def test_host_platform_is_used_by_default() -> None:
 
     platform = host_platform()
     assert isinstance(platform, Platform) and platform.os == "linux" and platform.architecture
+
+
+def test_build_from_registry_image_then_push(
+    open_registry: registry_server.Registry, busybox_image: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    base = f"{open_registry.host}/base-for-build:1"
+    skopeo_push(busybox_image, base)
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "hello.txt").write_text("hello from the context\n")
+    (context / "Dockerfile").write_text(f"FROM {base}\nCOPY hello.txt /hello.txt\nENV GREETING=hi\n")
+    result = api.build(context, tags=["built/app:1"], environ=env, cache_dir=env["LAMINA_CACHE"])
+    with Store(env["LAMINA_CACHE"]) as store:
+        assert store.resolve(base).manifest == remote_digest(base)  # FROM pulled the base into the store
+    dest = f"{open_registry.host}/built/app:1"
+    code, out = run_cli(env, "push", "built/app:1", dest)
+    assert code == 0, out
+    pushed = Digest.parse(out.split("@", 1)[1].split()[0])
+    assert remote_digest(dest) == pushed
+    inspect = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{dest}"))
+    assert inspect["Digest"] == str(pushed)
+    assert "GREETING=hi" in inspect["Env"]
+    assert len(inspect["Layers"]) == 2
+    oci_dir = tmp_path / "copied"
+    skopeo("copy", "--quiet", "--src-tls-verify=false", f"docker://{dest}", f"oci:{oci_dir}:1")
+    assert result is not None
+
+
+def test_ensure_image_uses_the_stored_copy_unless_asked(
+    open_registry: registry_server.Registry, busybox_image: Path, env: dict[str, str]
+) -> None:
+    from lamina.cache.transfer import ensure_image
+    from lamina.errors import ImageNotFound
+
+    ref = parse_reference(f"{open_registry.host}/ensure:1")
+    skopeo_push(busybox_image, str(ref))
+    made: list[int] = []
+
+    def factory() -> RegistryClient:
+        made.append(1)
+        return RegistryClient()
+
+    with Store(env["LAMINA_CACHE"]) as store:
+        with pytest.raises(ImageNotFound):
+            ensure_image(factory, store, ref, "never")
+        first = ensure_image(factory, store, ref, "missing")
+        assert made == [1]
+        assert ensure_image(factory, store, ref, "missing") == first
+        assert made == [1]  # stored: no client, no connection
+        assert ensure_image(factory, store, ref, "always").manifest == first.manifest
+        assert made == [1, 1]
