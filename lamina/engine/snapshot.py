@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node, is_opaque
@@ -35,21 +35,33 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 
 
-def capture(upper_dir: Path, ids: IdMap | None = None) -> Iterator[LayerEntry]:
+def capture(upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = ()) -> Iterator[LayerEntry]:
     """The layer entries of an upper dir, in `write_layer` order, owners as the container saw them.
 
     Whiteouts and opaque markers come out as BuildKit writes them: empty
-    regular files, mode 0, owner 0:0.
+    regular files, mode 0, owner 0:0. Given the `lowers` (top-most first),
+    an opaque marker that would hide nothing (overlayfs marks a directory
+    made where a file was deleted) is left out, as the copy snapshotter does.
     """
     root = os.fspath(upper_dir)
     links: dict[tuple[int, int], str] = {}
+    below = LayerStack([os.fspath(p) for p in lowers]) if lowers else None
+
+    def listing(rel: str) -> list[tuple[str, os.stat_result | None]]:
+        found = _children(os.path.join(root, rel) if rel else root)
+        if below is not None and any(name == OPAQUE_MARKER for name, _ in found):
+            hit = below.find(rel)
+            if hit is None or not stat.S_ISDIR(hit[1].st_mode):
+                found = [child for child in found if child[0] != OPAQUE_MARKER]
+        return found
+
     try:
-        stack = [("", iter(_children(root)))]
+        stack = [("", iter(listing("")))]
     except OSError as err:
         raise LayerError(f"capture {upper_dir}: {err.strerror or err}") from err
     while stack:
-        prefix, children = stack[-1]
-        child = next(children, None)
+        prefix, pending = stack[-1]
+        child = next(pending, None)
         if child is None:
             stack.pop()
             continue
@@ -62,7 +74,7 @@ def capture(upper_dir: Path, ids: IdMap | None = None) -> Iterator[LayerEntry]:
         try:
             entry = _entry(host, path, st, links, ids)
             if entry.type is EntryType.DIR:
-                stack.append((path + "/", iter(_children(host))))
+                stack.append((path + "/", iter(listing(path))))
         except OSError as err:
             raise LayerError(f"capture {upper_dir}: {path}: {err.strerror or err}") from err
         yield entry

@@ -131,10 +131,11 @@ def _extract(spec: dict, report_fd: int) -> int:
     from lamina.engine.sandbox import _extract
 
     try:
-        _extract.extract(spec)
+        result = _extract.extract(spec)
     except Exception as err:  # reported to the caller, which raises it as a LaminaError
         _inside_report(report_fd, str(err))
         return 1
+    os.write(report_fd, b"R" + result.encode() + b"\n")
     return 0
 
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamina.engine.sandbox import _rootfs
 from lamina.engine.sandbox.idmap import IdMap, IdMode, detect_ids, write_maps
@@ -26,6 +26,10 @@ from lamina.engine.sandbox.spec import (
     TmpfsMount,
 )
 from lamina.errors import SandboxError
+
+if TYPE_CHECKING:
+    from lamina.oci.digest import Digest
+    from lamina.oci.extract import ExtractResult
 
 _HELPER = str(Path(__file__).with_name("helper.py"))
 _APT_SANDBOX_ROOT = 'APT::Sandbox::User "root";\n'
@@ -225,6 +229,7 @@ def _helper(
     wire: dict[str, Any],
     ids: IdMap,
     spec: SandboxSpec | None = None,
+    results: list[str] | None = None,
 ) -> tuple[int, list[str]]:
     """Start the helper with `wire`, map its ids, wait; (exit code, error messages)."""
     import marshal
@@ -260,7 +265,10 @@ def _helper(
     except BaseException:
         _stop(proc)
         raise
-    errors = [line[1:] for line in messages.splitlines() if line.startswith("E")]
+    lines = messages.splitlines()
+    errors = [line[1:] for line in lines if line.startswith("E")]
+    if results is not None:
+        results.extend(line[1:] for line in lines if line.startswith("R"))
     return (128 - code if code < 0 else code), errors
 
 
@@ -298,6 +306,48 @@ def remove_tree(path: Path, ids: IdMap | None = None, *, keep_root: bool = False
             _rootfs.remove_tree(p)
     except OSError as err:
         raise SandboxError(f"remove {err.filename or path}: {err.strerror}") from err
+
+
+def extract_layer(
+    blob: Path, dest: Path, ids: IdMap | None = None, digest: Digest | None = None
+) -> ExtractResult:
+    """Unpack the layer blob at `blob` into `dest` in overlay form, for use as a lower dir.
+
+    Rootless, it runs inside a user namespace with the sandbox's id map, so
+    the layer's owners become the ids the sandbox shows; with a single-id
+    map every file is the caller's (owners cannot be kept).
+    """
+    from lamina.oci.extract import ExtractResult, Whiteouts
+    from lamina.oci.extract import extract_layer as unpack
+
+    ids = ids or detect_ids()
+    if ids.mode is IdMode.ROOT:
+        with open(blob, "rb") as stream:
+            return unpack(stream, dest, whiteouts=Whiteouts.OVERLAY, userxattr=True, digest=digest)
+    wire = {
+        "mode": "extract",
+        "parent": os.getpid(),
+        "blob": str(Path(blob).absolute()),
+        "dest": str(Path(dest).absolute()),
+        "digest": str(digest) if digest else "",
+        "ignore_owners": ids.mode is IdMode.SINGLE,
+    }
+    results: list[str] = []
+    _, errors = _helper(wire, ids, results=results)
+    if errors or not results:
+        raise SandboxError(errors[0] if errors else f"unpack {blob}: the helper gave no result")
+    import json
+
+    from lamina.oci.digest import Digest
+
+    fields = json.loads(results[0])
+    return ExtractResult(
+        digest=Digest.parse(fields["digest"]),
+        diff_id=Digest.parse(fields["diff_id"]),
+        size=fields["size"],
+        entries=fields["entries"],
+        warnings=tuple(fields["warnings"]),
+    )
 
 
 @contextlib.contextmanager
