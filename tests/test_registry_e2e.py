@@ -359,9 +359,17 @@ def test_push_of_unknown_image(env: dict[str, str]) -> None:
     assert (code, out) == (1, "error: image never/built:1 is not in the store (see `lamina images`)\n")
 
 
+@pytest.fixture
+def private_registry(tmp_path: Path) -> Iterator[registry_server.Registry]:
+    """A registry of its own, for tests that damage its storage (blobs are shared across repositories)."""
+    with registry_server.running_registry(tmp_path / "private-registry", "none") as registry:
+        yield registry
+
+
 def test_corrupted_blob_in_registry_is_refused(
-    open_registry: registry_server.Registry, busybox_image: Path, env: dict[str, str]
+    private_registry: registry_server.Registry, busybox_image: Path, env: dict[str, str]
 ) -> None:
+    open_registry = private_registry
     ref = f"{open_registry.host}/corrupt:1"
     skopeo_push(busybox_image, ref)
     with RegistryClient() as client:
