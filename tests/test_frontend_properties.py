@@ -152,3 +152,17 @@ def test_generated_dockerfile_parses_stably(case: tuple[str, list[str]]) -> None
     lines = [c.start_line for c in parsed.children]
     assert lines == sorted(lines) and all(c.end_line >= c.start_line for c in parsed.children)
     parse_stages(parsed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(["--a", "--b=1", "--", "x", "-", " ", "\t", "--c=d=e", "y z"]), max_size=12).map(
+        "".join
+    )
+)
+def test_flag_fast_path_agrees_with_bytewise_scanner(line: str) -> None:
+    from lamina.engine.dockerfile import parser
+
+    line = line.lstrip(" \t")
+    if line.startswith("--"):
+        assert parser._extract_plain_flags(line) == parser._extract_flags_bytewise(line, "\\")

@@ -397,6 +397,12 @@ def _extract_flags(line: str, escape: str) -> tuple[str, list[str]]:
     """
     if not line.startswith("--"):
         return line, []
+    if line.isascii() and "'" not in line and '"' not in line and escape not in line:
+        return _extract_plain_flags(line)
+    return _extract_flags_bytewise(line, escape)
+
+
+def _extract_flags_bytewise(line: str, escape: str) -> tuple[str, list[str]]:
     raw = _encode(line)
     esc = ord(escape)
     words: list[str] = []
@@ -457,6 +463,24 @@ def _extract_flags(line: str, escape: str) -> tuple[str, list[str]]:
     if (in_word or quote) and text != "--" and (blank_ok or word):
         words.append(text)
     return "", words
+
+
+def _extract_plain_flags(line: str) -> tuple[str, list[str]]:
+    """The common case of `_extract_flags`: ASCII, no quotes, no escapes."""
+    flags: list[str] = []
+    pos, n = 0, len(line)
+    while True:
+        while pos < n and line[pos] in _GO_SPACE_SET:
+            pos += 1
+        if not line.startswith("--", pos):
+            return line[pos:], flags
+        end = pos
+        while end < n and line[end] not in _GO_SPACE_SET:
+            end += 1
+        if end - pos == 2:  # a bare `--` ends the flags
+            return line[end:], flags
+        flags.append(line[pos:end])
+        pos = end
 
 
 def split_command(line: str, escape: str) -> tuple[str, list[str], str]:
@@ -864,8 +888,17 @@ def parse(source: str | bytes, path: str = "Dockerfile") -> Dockerfile:
                     body.append(raw)
                 heredocs.append(dataclasses.replace(marker, content="".join(body)))
         children.append(
-            dataclasses.replace(
-                node, start_line=start, end_line=current, heredocs=tuple(heredocs), comments=tuple(comments)
+            Node(
+                keyword=node.keyword,
+                args=node.args,
+                flags=node.flags,
+                child=node.child,
+                json=node.json,
+                original=line,
+                start_line=start,
+                end_line=current,
+                heredocs=tuple(heredocs),
+                comments=tuple(comments),
             )
         )
         comments = []
