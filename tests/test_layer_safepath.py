@@ -1,0 +1,86 @@
+"""safepath: the one door for hostile paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lamina.errors import UnsafePath
+from lamina.oci.safepath import Root, clean, resolve_in_root, safe_join
+
+
+@pytest.mark.parametrize(
+    ("name", "cleaned"),
+    [("a/b", "a/b"), ("./a//b/", "a/b"), (".", ""), ("./", ""), ("a/./b/.", "a/b"), ("..a/b..", "..a/b..")],
+)
+def test_clean(name: str, cleaned: str) -> None:
+    assert clean(name) == cleaned
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("/etc/passwd", "absolute"),
+        ("../x", r"'\.\.'"),
+        ("a/../b", r"'\.\.'"),
+        ("a/..", r"'\.\.'"),
+        ("a\0b", "NUL"),
+    ],
+)
+def test_clean_refuses(name: str, why: str) -> None:
+    with pytest.raises(UnsafePath, match=why):
+        clean(name)
+
+
+def test_safe_join_refuses_symlinked_parents(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("/etc")
+    assert safe_join(tmp_path, "real/x") == tmp_path / "real" / "x"
+    assert safe_join(tmp_path, "link") == tmp_path / "link"  # the last component is the caller's
+    assert safe_join(tmp_path, "missing/a/b") == tmp_path / "missing" / "a" / "b"
+    with pytest.raises(UnsafePath, match="link is a symlink"):
+        safe_join(tmp_path, "link/passwd")
+
+
+def test_resolve_in_root_is_a_chroot(tmp_path: Path) -> None:
+    (tmp_path / "usr" / "lib").mkdir(parents=True)
+    (tmp_path / "lib").symlink_to("/usr/lib")  # absolute: from the root, not the host
+    (tmp_path / "up").symlink_to("../../../../etc")  # climbing stops at the root
+    (tmp_path / "rel").symlink_to("usr/lib")
+    assert resolve_in_root(tmp_path, "/lib/x.so") == tmp_path / "usr" / "lib" / "x.so"
+    assert resolve_in_root(tmp_path, "rel/../lib") == tmp_path / "usr" / "lib"
+    assert resolve_in_root(tmp_path, "up/passwd") == tmp_path / "etc" / "passwd"
+    assert resolve_in_root(tmp_path, "../../x") == tmp_path / "x"
+
+
+def test_resolve_in_root_stops_loops(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(UnsafePath, match="too many levels"):
+        resolve_in_root(tmp_path, "a/x")
+
+
+def test_root_open_dir_creates_and_refuses_symlinks(tmp_path: Path) -> None:
+    root_dir, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root_dir.mkdir()
+    elsewhere.mkdir()
+    (root_dir / "link").symlink_to(elsewhere)
+    (root_dir / "file").write_bytes(b"")
+    old_umask = os.umask(0o077)
+    try:
+        with Root(root_dir) as root:
+            fd = root.open_dir("x/y", create=True)
+            assert fd is not None
+            os.close(fd)
+            assert root.open_dir("nope/z", create=False) is None
+            with pytest.raises(UnsafePath, match="link is a symlink"):
+                root.open_dir("link/x", create=True)
+            with pytest.raises(UnsafePath, match="file is not a directory"):
+                root.open_dir("file/x", create=True)
+    finally:
+        os.umask(old_umask)
+    assert (root_dir / "x" / "y").is_dir()
+    assert (root_dir / "x").stat().st_mode & 0o777 == 0o755  # not subject to the umask
+    assert os.listdir(elsewhere) == []
