@@ -234,3 +234,28 @@ def test_two_processes_share_one_store(tmp_path: Path) -> None:
         assert store.cache_get("2-39") == '"39"'
         for name in os.listdir(tmp_path / "blobs" / "sha256"):
             assert Digest.of_bytes(store.blob_path(Digest("sha256", name)).read_bytes()).hex == name
+
+
+def _crash_mid_write(root: str) -> None:
+    with Store(root) as store:
+        out = store.blob_writer()
+        out.write(b"half a blob")
+        out.flush()
+        os._exit(3)  # a crash: no commit, no cleanup
+
+
+def test_crash_mid_write_leaves_only_a_temp_file_that_gc_sweeps(tmp_path: Path) -> None:
+    proc = multiprocessing.get_context("spawn").Process(target=_crash_mid_write, args=(str(tmp_path),))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 3
+    blobs = tmp_path / "blobs" / "sha256"
+    (leftover,) = os.listdir(blobs)
+    assert leftover.startswith(".tmp-")
+    with Store(tmp_path) as store:
+        assert store.du().blob_count == 0
+        store.gc()
+        assert os.listdir(blobs) == [leftover]  # young: may belong to a live writer
+        os.utime(blobs / leftover, (0, 0))
+        store.gc()
+        assert os.listdir(blobs) == []

@@ -25,11 +25,23 @@ Invariants, and what keeps them:
 Typical use by the executor:
 
     with Store(default_cache_root(os.environ)) as store:
-        with store.blob_writer() as out:
-            info = write_layer(entries, out, "gzip")   # lamina.oci.layer
-            blob = out.commit(info.digest)
+        with store.blob_writer() as out:                      # nothing named yet
+            info = write_layer(entries, out, Compression.GZIP)  # lamina.oci.layer
+            blob = out.commit(info.digest)                    # verified, fsynced, renamed
         store.record_layer(LayerRecord(blob.digest, info.diff_id, info.media_type, blob.size))
-        store.cache_put(key, json.dumps(result), refs=[blob.digest])
+        store.cache_put(key, json.dumps(result), refs=[blob.digest, info.diff_id])
+
+The API, by kind (all methods are safe to call from several threads):
+- blobs: `blob_writer()`, `put_blob(stream, expected, size)`, `put_bytes`,
+  `has_blob`, `blob_path`, `blob_size`, `open_blob`, `read_blob(digest, limit)`;
+- layers: `record_layer(LayerRecord)`, `layer(blob)`, `layers_for_diff_id`,
+  `find_layer(diff_id, media_types)` (reuse a compression made earlier);
+- unpacked trees: `new_unpack_dir()`, `publish_unpacked(tmp, diff_id)`,
+  `unpacked_path(diff_id)`, `has_unpacked`, `touch_unpacked`;
+- names: `tag(name, manifest, size=, created=)`, `resolve`, `images`, `untag`;
+- build cache: `cache_get(key)`, `cache_put(key, result, refs)`, `cache_delete`;
+- housekeeping: `du()`, `gc(cache_older_than=)`.
+Loading, saving and committing whole images is in lamina.cache.images.
 """
 
 from __future__ import annotations
