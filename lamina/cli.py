@@ -71,13 +71,16 @@ def parse(dockerfile: str | None, fmt: str, path: str | None) -> None:
 
     parsed = api.parse_dockerfile(_dockerfile_path(path, dockerfile))
     if fmt == "buildkit":
-        click.echo(parsed.dump(), nl=False)
+        # Bytes, so that invalid UTF-8 in a keyword comes out as BuildKit prints it.
+        click.echo(parsed.dump().encode("utf-8", "surrogateescape"), nl=False)
     else:
         import json
 
         from lamina.engine.dockerfile.parser import to_json
 
-        click.echo(json.dumps(to_json(parsed), indent=2, ensure_ascii=False))
+        # An invalid UTF-8 byte (kept as a lone surrogate) becomes a JSON \udcXX escape.
+        text = json.dumps(to_json(parsed), indent=2, ensure_ascii=False) + "\n"
+        click.echo(text.encode("utf-8", "backslashreplace"), nl=False)
 
 
 @cli.command()
@@ -341,7 +344,8 @@ def pull(reference: str, platform: str | None, insecure_registries: tuple[str, .
     """Pull an image from a registry into the local store."""
     from lamina import api
 
-    result = api.pull(reference, platform=platform, insecure_registries=insecure_registries)
+    log = None if quiet else lambda line: click.echo(line, err=True)
+    result = api.pull(reference, platform=platform, insecure_registries=insecure_registries, log=log)
     if quiet:
         click.echo(str(result.record.manifest))
         return
@@ -370,7 +374,10 @@ def push(
     """Push the stored image NAME to REFERENCE (default: NAME)."""
     from lamina import api
 
-    result = api.push(name, reference, insecure_registries=insecure_registries, chunk_size=chunk_size)
+    log = None if quiet else lambda line: click.echo(line, err=True)
+    result = api.push(
+        name, reference, insecure_registries=insecure_registries, chunk_size=chunk_size, log=log
+    )
     if quiet:
         click.echo(str(result.digest))
         return

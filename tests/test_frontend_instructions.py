@@ -215,3 +215,16 @@ def test_stages_and_meta_args() -> None:
     assert parsed.stages[1].display_name() == "stage-1"
     assert all(i.location.path == "Dockerfile" for s in parsed.stages for i in s.instructions)
     assert type(parsed.stages[0].instructions[0]).__name__ == "RunInstruction"
+
+
+def test_parse_trigger_from_base_image_config() -> None:
+    from lamina.engine.dockerfile.instructions import parse_trigger
+    from lamina.errors import Location
+
+    where = Location("Dockerfile", 3)
+    trigger = parse_trigger("COPY --from=x a b", where)
+    assert isinstance(trigger, CopyInstruction) and trigger.location == where
+    with pytest.raises(InstructionError, match="Dockerfile:3: ONBUILD trigger 'SET x': unknown instruction"):
+        parse_trigger("SET x", where)
+    with pytest.raises(InstructionError, match="FROM isn't allowed"):
+        parse_trigger("FROM y", where)

@@ -230,3 +230,13 @@ def test_json_document_shape() -> None:
     doc = to_json(parse("FROM a\nONBUILD COPY --from=x a b\n"))
     onbuild = doc["instructions"][1]  # type: ignore[index]
     assert onbuild["child"]["flags"] == ["--from=x"]
+
+
+def test_cli_parse_keeps_invalid_utf8(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_bytes(b"FROM a\xff\nRUN\xfe x\n")
+    raw = CliRunner().invoke(cli, ["parse", str(tmp_path)])
+    assert raw.exit_code == 0
+    assert raw.stdout_bytes == b'(from "a\\xff")\n(run\xfe "")\n'
+    as_json = CliRunner().invoke(cli, ["parse", "--format", "json", str(tmp_path)])
+    assert as_json.exit_code == 0
+    assert json.loads(as_json.stdout_bytes)["instructions"][1]["keyword"] == "RUN\udcfe"

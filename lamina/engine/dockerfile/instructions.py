@@ -1028,3 +1028,26 @@ def parse_stages(dockerfile: Dockerfile) -> Stages:
         )
     stages.append(Stage(len(stages), current, tuple(body)))
     return Stages(tuple(stages), tuple(meta_args))
+
+
+def parse_trigger(expression: str, location: Location) -> Instruction:
+    """An ONBUILD trigger stored in a base image's config, parsed as its own line.
+
+    The executor runs these right after the child's FROM; `location` is that
+    FROM line, where any error in the trigger is reported.
+    """
+    from lamina.engine.dockerfile.parser import parse
+
+    try:
+        nodes = parse(expression, location.path).children
+    except DockerfileError as err:
+        raise InstructionError(f"ONBUILD trigger {expression!r}: {err.message}", location) from None
+    if len(nodes) != 1:
+        raise InstructionError(f"ONBUILD trigger {expression!r} is not one instruction", location)
+    node = nodes[0]
+    if node.name in ("onbuild", "from", "maintainer"):
+        raise InstructionError(f"{node.keyword.upper()} isn't allowed as an ONBUILD trigger", location)
+    try:
+        return _dispatch(_Request(node, location))
+    except DockerfileError as err:
+        raise InstructionError(f"ONBUILD trigger {expression!r}: {err.message}", location) from None
