@@ -12,7 +12,7 @@ from lamina.errors import DockerfileError
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from lamina.cache.store import GcReport, ImageRecord, Usage
     from lamina.cache.transfer import PullResult, PushResult
@@ -276,11 +276,13 @@ def pull(
     insecure_registries: Iterable[str] = (),
     cache_dir: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> PullResult:
     """Pull `reference` into the local store, named by its normalised reference.
 
     `platform` is `os/arch[/variant]` (default: this host's) and picks the
-    image from an index. A digest in `reference` is verified.
+    image from an index. A digest in `reference` is verified. `log` gets
+    one line per blob fetched.
     """
     import os
 
@@ -293,7 +295,7 @@ def pull(
     want = _parse_platform(platform) if platform else None
     root = cache_dir if cache_dir is not None else default_cache_root(env)
     with Store(root) as store, registry_client(env, insecure_registries) as client:
-        return transfer.pull(client, store, ref, platform=want)
+        return transfer.pull(client, store, ref, platform=want, log=log)
 
 
 def push(
@@ -304,6 +306,7 @@ def push(
     chunk_size: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> PushResult:
     """Push the stored image `name` to `reference` (default: `name` itself); return the pushed digest."""
     import os
@@ -316,7 +319,7 @@ def push(
     ref = parse_reference(reference if reference is not None else name)
     root = cache_dir if cache_dir is not None else default_cache_root(env)
     with Store(root) as store, registry_client(env, insecure_registries) as client:
-        return transfer.push(client, store, name, ref, chunk_size=chunk_size)
+        return transfer.push(client, store, name, ref, chunk_size=chunk_size, log=log)
 
 
 def login(

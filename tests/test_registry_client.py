@@ -626,3 +626,13 @@ def test_upload_resent_after_401_starts_from_the_first_byte() -> None:
     with client(handler, credentials=lambda reg: Credential("u", "p")) as c:
         assert c.push_blob(REF, BLOB_DESC, lambda: io.BytesIO(BLOB)) == "uploaded"
     assert registry.received == BLOB
+
+
+def test_manifest_without_media_type_is_recognised_by_shape() -> None:
+    doc = json.loads(manifest_bytes())
+    del doc["mediaType"]
+    data = json.dumps(doc).encode()
+    with client(
+        lambda r: httpx.Response(200, content=data, headers={"Content-Type": "application/json"})
+    ) as c:
+        assert c.get_manifest(REF).media_type == OCI_MANIFEST

@@ -97,8 +97,9 @@ def remote_digest(ref: str, *, creds: bool = False) -> Digest:
 
 
 def run_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> tuple[int, str]:
+    """Exit code and what the user reads: stdout on success, stderr (the error line) on failure."""
     result = CliRunner().invoke(cli, list(args), env=env, input=stdin, catch_exceptions=False)
-    return result.exit_code, result.output
+    return result.exit_code, result.stderr if result.exit_code else result.stdout
 
 
 def assert_store_clean(cache: Path) -> None:

@@ -739,15 +739,22 @@ def _read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
 
 
 def _embedded_media_type(data: bytes) -> str | None:
+    """The media type a manifest names itself, or (OCI allows omitting it) what its shape says."""
     try:
         value = json.loads(data)
     except ValueError:
         return None
-    media_type = value.get("mediaType") if isinstance(value, dict) else None
-    if isinstance(media_type, str):
+    if not isinstance(value, dict):
+        return None
+    media_type = value.get("mediaType")
+    if isinstance(media_type, str) and media_type:
         return media_type
-    if isinstance(value, dict) and value.get("schemaVersion") == 1:
+    if value.get("schemaVersion") == 1:
         return DOCKER_SCHEMA1[0]
+    if value.get("schemaVersion") == 2 and "manifests" in value:
+        return OCI_INDEX
+    if value.get("schemaVersion") == 2 and "config" in value:
+        return OCI_MANIFEST
     return None
 
 
