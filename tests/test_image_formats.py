@@ -379,3 +379,15 @@ def test_layout_dir_blob_symlinked_outside_is_refused(loaded: Store, tmp_path: P
     blob.symlink_to(outside)
     with pytest.raises(ImageFormatError, match="outside the layout"):
         load_image_file(loaded, layout)
+
+
+def test_gzipped_archive_loads(loaded: Store, tmp_path: Path) -> None:
+    """`docker save img | gzip > img.tar.gz` is a common way to ship images."""
+    out = tmp_path / "docker.tar"
+    save_image(loaded, NAME, out, format="docker")
+    zipped = tmp_path / "docker.tar.gz"
+    zipped.write_bytes(gzip.compress(out.read_bytes()))
+    with Store(tmp_path / "other") as other:
+        (record,) = load_image_file(other, zipped)
+        assert record.name == NAME
+    validate_image(zipped)
