@@ -252,3 +252,9 @@ def test_json_and_dot_renderers_cover_images() -> None:
     plan = _plan("FROM a\nCOPY --from=nginx /x /y\n")
     assert to_json(plan)["stages"][0]["images"] == ["nginx"]  # type: ignore[index]
     assert '"nginx"' in to_dot(plan)
+
+
+def test_proxy_args_are_available_without_declaration() -> None:
+    plan = _plan("FROM a\nRUN env\n", build_args={"https_proxy": "http://p:3128", "X": "1"})
+    assert [(kv.key, kv.value) for kv in plan.proxy_args] == [("https_proxy", "http://p:3128")]
+    assert plan.warnings == ("build args not consumed by any stage the target needs: X",)

@@ -223,6 +223,12 @@ class Plan:
     def target_stage(self) -> PlannedStage:
         return self.stages[self.target]
 
+    @property
+    def proxy_args(self) -> tuple[KeyValue, ...]:
+        """Proxy build args: in every RUN's environment without an ARG line,
+        but kept out of cache keys and history unless a stage declares them."""
+        return tuple(kv for kv in self.build_args if kv.key in PROXY_ARGS)
+
     def resolve_arg(self, decl: ArgDecl, expander: Expander) -> str | None:
         """The value an in-stage `ARG` takes; None when declared without one.
 
