@@ -164,3 +164,19 @@ def test_oci_check_script(saved: Path) -> None:
         pytest.skip(f"{OCI_CHECK} not found")
     _run(sys.executable, OCI_CHECK, saved)
     validate_image(saved)
+
+
+def test_image_without_layers_is_accepted(tmp_path: Path, podman_base: list[str | Path]) -> None:
+    """`FROM scratch` plus metadata: `"layers": []`, which the schema dislikes but tools take."""
+    from lamina.cache.images import commit_image
+    from lamina.oci.image import default_config
+
+    skopeo = _need("skopeo")
+    with Store(tmp_path / "cache") as store:
+        commit_image(store, default_config(), [], ["empty:1"])
+        out = tmp_path / "empty.tar"
+        save_image(store, "empty:1", out)
+    assert json.loads(_run(skopeo, "inspect", "--raw", f"oci-archive:{out}"))["layers"] == []
+    _run(*podman_base, "load", "-i", out)
+    assert "docker.io/library/empty:1" in _run(*podman_base, "images", "--format", "{{.Repository}}:{{.Tag}}")
+    validate_image(out)

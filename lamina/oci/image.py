@@ -259,6 +259,14 @@ def descriptor_of(data: bytes, media_type: str) -> Descriptor:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Manifest:
+    """An image manifest.
+
+    An image with no layers (`FROM scratch` and only metadata) gets
+    `"layers": []`, as BuildKit writes it and docker, podman and skopeo
+    accept it, although the spec's JSON schema says minItems 1 (its prose
+    only says SHOULD). Deliberate: an empty layer would change the image.
+    """
+
     config: Descriptor
     layers: tuple[Descriptor, ...]
     media_type: str = OCI_MANIFEST

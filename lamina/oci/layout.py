@@ -282,7 +282,7 @@ class LayoutReader:
             if chosen is None:
                 raise ImageFormatError(f"{self.label}: index {descriptor.digest} has no linux image")
             return self._images_of(chosen, names, depth + 1)
-        if descriptor.media_type not in MANIFEST_TYPES:
+        if descriptor.media_type and descriptor.media_type not in MANIFEST_TYPES:
             return []  # artifacts and attestations are not images: skipped
         data = read_document(self.files, descriptor, "manifest")
         manifest = Manifest.from_bytes(data, f"{self.label}: manifest {descriptor.digest}")
