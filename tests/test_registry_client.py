@@ -636,3 +636,18 @@ def test_manifest_without_media_type_is_recognised_by_shape() -> None:
         lambda r: httpx.Response(200, content=data, headers={"Content-Type": "application/json"})
     ) as c:
         assert c.get_manifest(REF).media_type == OCI_MANIFEST
+
+
+def test_huge_error_body_is_not_read_whole() -> None:
+    served: list[int] = []
+
+    class Endless(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            for _ in range(10_000):  # 640 MB if anyone read it all
+                served.append(1)
+                yield b"x" * 65536
+
+    with client(lambda r: httpx.Response(404, stream=Endless())) as c, pytest.raises(RegistryError) as info:
+        c.get_manifest(REF)
+    assert str(info.value) == "pull localhost:5000/x:1: not found (404)"
+    assert len(served) < 10

@@ -68,6 +68,8 @@ MAX_MANIFEST = 4 * 1024 * 1024  # distribution's own limit for a manifest body
 CHUNK = 1024 * 1024
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _CONNECT_ATTEMPTS = 3
+_MAX_ERROR_BODY = 64 * 1024  # an error body is a sentence or two; read no more
+_MAX_TOKEN_BODY = 1024 * 1024
 _MAX_RETRY_AFTER = 30.0  # seconds; a longer Retry-After is a failure, not a wait
 
 
@@ -337,8 +339,8 @@ class RegistryClient:
                 url,
                 scopes=(f"repository:{ref.repository}:pull",),
                 headers=headers,
-                stream=True,
                 ok=(200, 206),
+                stream=True,
             )
             try:
                 skip = written if response.status_code == 200 else 0
@@ -541,12 +543,17 @@ class RegistryClient:
         scopes: tuple[str, ...],
         headers: dict[str, str] | None = None,
         content: Callable[[], bytes | Iterator[bytes]] | None = None,
-        stream: bool = False,
         ok: tuple[int, ...] = (200,),
+        stream: bool = False,
         retry: bool = True,
         require_credential: bool = False,
     ) -> httpx.Response:
-        """Send one request with auth, retrying transient failures; raise RegistryError otherwise."""
+        """Send one request with auth, retrying transient failures; raise RegistryError otherwise.
+
+        With `stream`, the caller reads the body (and closes the response);
+        without, a small body is read here, so the connection goes back to
+        the pool, and the response is returned closed.
+        """
         import httpx
 
         attempts = self._retries + 1 if retry else 1
@@ -561,7 +568,8 @@ class RegistryClient:
                 request = self._http.build_request(
                     method, url, headers=request_headers, content=content() if content else None
                 )
-                response = self._http.send(request, stream=stream)
+                # Always streamed: no body is read unless a caller reads it, with a cap.
+                response = self._http.send(request, stream=True)
             except httpx.TransportError as err:
                 attempt += 1
                 # A refused connection is rarely transient: give it two more tries, not all.
@@ -575,13 +583,13 @@ class RegistryClient:
             if response.status_code == 401 and not authenticated:
                 # A first 401 (or an expired token) earns one fresh authentication.
                 challenges = parse_challenges(response.headers.get("WWW-Authenticate", ""))
-                response.close()
+                _drain(response, what)
                 self._authenticate(what, registry, challenges, scopes, require_credential)
                 authenticated = True
                 continue
             if response.status_code in _RETRY_STATUS and attempt + 1 < attempts:
                 delay = self._retry_after(response) or self._delay(attempt)
-                response.close()
+                _drain(response, what)
                 attempt += 1
                 self._sleep(delay)
                 continue
@@ -593,6 +601,8 @@ class RegistryClient:
                 raise RegistryError(f"{what}: the credentials for {registry} were rejected (401)")
             if response.status_code not in ok:
                 raise self._status_error(what, response)
+            if not stream:
+                _drain(response, what)
             return response
 
     def _delay(self, attempt: int) -> float:
@@ -606,12 +616,12 @@ class RegistryClient:
         return seconds if 0 <= seconds <= _MAX_RETRY_AFTER else None
 
     def _status_error(self, what: str, response: httpx.Response) -> RegistryError:
-        if not response.is_closed:
-            # The body only improves the message; failing to read it is not the error.
-            with contextlib.suppress(Exception):
-                response.read()
-            response.close()
-        message = _registry_message(response) or response.reason_phrase.lower() or "error"
+        body = b""
+        # The body only improves the message; failing to read it is not the error.
+        with contextlib.suppress(Exception):
+            body = _read_capped(response, _MAX_ERROR_BODY, what)
+        response.close()
+        message = _registry_message(body) or response.reason_phrase.lower() or "error"
         status = response.status_code
         hint = ""
         if status == 401:
@@ -659,11 +669,8 @@ class RegistryClient:
         if basic is not None:
             if credential is None:
                 raise RegistryError(f"{what}: authentication required (401); run `lamina login {registry}`")
-            import base64
-
-            pair = base64.b64encode(f"{credential.username}:{credential.password}".encode()).decode()
             with self._lock:
-                self._basic[registry] = f"Basic {pair}"
+                self._basic[registry] = _basic(credential.username, credential.password)
             return
         raise RegistryError(f"{what}: unauthorized (401) and no supported auth challenge")
 
@@ -687,14 +694,21 @@ class RegistryClient:
                     form["service"] = service
                 if scope_list:
                     form["scope"] = " ".join(scope_list)
-                response = self._http.post(realm, data=form)
+                request = self._http.build_request("POST", realm, data=form)
             else:
                 params: list[tuple[str, str]] = [("service", service)] if service else []
                 params += [("scope", s) for s in scope_list]
                 auth = (credential.username, credential.password) if credential else None
                 if auth:
                     params.append(("account", credential.username if credential else ""))
-                response = self._http.get(realm, params=params, auth=auth)
+                request = self._http.build_request("GET", realm, params=params)
+                if auth:
+                    request.headers["Authorization"] = _basic(*auth)
+            response = self._http.send(request, stream=True)
+            try:
+                body = _read_capped(response, _MAX_TOKEN_BODY, what)
+            finally:
+                response.close()
         except httpx.TransportError as err:
             raise RegistryError(f"{what}: cannot reach token service {realm}: {_reason(err)}") from err
         if response.status_code in (401, 403):
@@ -703,8 +717,8 @@ class RegistryClient:
         if response.status_code != 200:
             raise RegistryError(f"{what}: token service {realm} answered {response.status_code}")
         try:
-            body = response.json()
-            token = body.get("token") or body.get("access_token")
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
         except (ValueError, AttributeError) as err:
             raise RegistryError(f"{what}: token service {realm} sent no token") from err
         if not isinstance(token, str) or not token:
@@ -725,6 +739,19 @@ def _chunks(stream: BinaryIO, size: int) -> Iterator[bytes]:
             raise RegistryError(f"local blob ended {left} bytes short of {size}")
         left -= len(data)
         yield data
+
+
+def _drain(response: httpx.Response, what: str) -> None:
+    """Read a small body (keeping the connection reusable) and close; a large one is dropped."""
+    with contextlib.suppress(Exception):
+        _read_capped(response, _MAX_ERROR_BODY, what)
+    response.close()
+
+
+def _basic(username: str, password: str) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
 def _read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
@@ -762,10 +789,10 @@ def _digest_of(data: bytes, algorithm: str) -> Digest:
     return Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
 
 
-def _registry_message(response: httpx.Response) -> str:
+def _registry_message(body: bytes) -> str:
     """The first message of a distribution-spec error body, lowercased like the spec's codes."""
     try:
-        errors = response.json().get("errors")
+        errors = json.loads(body).get("errors")
         first = errors[0]
         message = first.get("message") or first.get("code", "")
     except (ValueError, AttributeError, IndexError, TypeError, KeyError):
