@@ -377,12 +377,15 @@ class Executor:
         self.store.cache_put(key, result.to_json(), refs=refs)
         return result
 
-    def apply_result(self, state: _StageState, inputs: KeyInputs, result: _CacheResult) -> None:
+    def apply_result(self, state: _StageState, inputs: KeyInputs, result: _CacheResult) -> bool:
+        """Move the stage past a step; True when the step added a layer."""
         state.key = inputs.key()
         state.created = result.created
-        if result.layer is not None:
-            digest = Digest("sha256", result.layer)
-            state.layers.append(ImageLayer(self.store.unpacked_path(digest), dir_id=result.layer))
+        if result.layer is None:
+            return False
+        digest = Digest("sha256", result.layer)
+        state.layers.append(ImageLayer(self.store.unpacked_path(digest), dir_id=result.layer))
+        return True
 
     def new_upper(self) -> Path:
         return self.store.new_unpack_dir()

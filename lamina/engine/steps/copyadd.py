@@ -111,7 +111,7 @@ def copy_step(executor: Executor, state: _StageState, plan: StagePlan, instructi
         for heredoc in instruction.contents:
             _write_heredoc(upper, dest, heredoc, owner, chmod, image, len(instruction.contents) > 1)
 
-    layer_step(executor, state, instruction, inputs, produce)
+    has_layer = layer_step(executor, state, instruction, inputs, produce)
     created_by = md.copy_created_by(
         keyword,
         instruction.sources,
@@ -121,7 +121,6 @@ def copy_step(executor: Executor, state: _StageState, plan: StagePlan, instructi
         parents=options.parents,
         heredoc_names=[c.path for c in instruction.contents],
     )
-    has_layer = bool(state.layers) and state.layers[-1].dir_id == state.key.split(":", 1)[1]
     state.config = md.add_history(
         state.config, created_by, created=executor.created(state), empty_layer=not has_layer, ran=True
     )

@@ -377,7 +377,7 @@ def layer_step(
     inputs: KeyInputs,
     produce: Callable[[Path], None],
 ) -> bool:
-    """Look `inputs` up; on a miss run `produce(upper_dir)` and commit. True when cached."""
+    """Look `inputs` up; on a miss run `produce(upper_dir)` and commit. True when it made a layer."""
     state.index += 1
     text = _one_line(instruction)
     start = time.monotonic()
@@ -408,8 +408,7 @@ def layer_step(
     from lamina.engine.executor import StepRecord
 
     executor.record(StepRecord(state.name, state.index, text, cached, time.monotonic() - start, inputs.key()))
-    executor.apply_result(state, inputs, result)
-    return cached
+    return executor.apply_result(state, inputs, result)
 
 
 def _workdir(executor: Executor, state: _StageState, instruction: Any) -> None:
@@ -441,8 +440,7 @@ def _workdir(executor: Executor, state: _StageState, instruction: Any) -> None:
             os.lchown(target, uid, gid)
         keep_lower_dir_meta(view, upper, posixpath.dirname(missing[0]))
 
-    layer_step(executor, state, instruction, inputs, produce)
-    has_layer = bool(state.layers) and state.layers[-1].dir_id == state.key.split(":", 1)[1]
+    has_layer = layer_step(executor, state, instruction, inputs, produce)
     state.config = md.apply_workdir(state.config, workdir, executor.created(state), has_layer=has_layer)
 
 

@@ -103,10 +103,9 @@ def run_step(executor: Executor, state: _StageState, plan: StagePlan, instructio
         full_env = {**run_env, **secret_env}  # secrets reach the command, never the key
         _sandbox_run(executor, state, instruction, argv, script, full_env, network, mounts, upper)
 
-    layer_step(executor, state, instruction, inputs, produce)
+    has_layer = layer_step(executor, state, instruction, inputs, produce)
     build_args = [(name, value or "") for name, value in state.args.items() if name not in PROXY_ARGS]
     created_by = md.run_created_by(argv, _history_args(state, build_args))
-    has_layer = bool(state.layers) and state.layers[-1].dir_id == state.key.split(":", 1)[1]
     state.config = md.add_history(
         state.config, created_by, created=executor.created(state), empty_layer=not has_layer, ran=True
     )

@@ -1,0 +1,336 @@
+"""End-to-end builds on the busybox base: root filesystems and configs as the reference says."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from test_build_helpers import BASE, build, cached_steps, make_cache, rootfs, run_cli, write_context
+
+pytestmark = pytest.mark.sandbox
+
+MULTISTAGE = f"""\
+ARG BASE={BASE}
+FROM $BASE AS builder
+ARG FLAVOUR=plain
+WORKDIR /src
+COPY app/ ./app/
+COPY --chmod=750 tool.sh /usr/local/bin/tool
+RUN mkdir -p /out && cat app/*.txt > /out/all.txt && echo "$FLAVOUR" > /out/flavour \\
+    && ln -s all.txt /out/link && tool > /out/tool.out
+
+FROM {BASE} AS unused
+RUN exit 42
+
+FROM {BASE}
+LABEL org.example.title="demo app" version=1
+ENV APP_HOME=/opt/app MODE=prod
+WORKDIR $APP_HOME
+COPY --from=builder /out/ ./
+COPY --from=0 --chown=nobody:nogroup /src/app/a.txt owned.txt
+RUN mkdir -p var && chown nobody:nogroup var && echo "$MODE" > mode
+EXPOSE 8080 53/udp
+VOLUME /data
+STOPSIGNAL SIGINT
+MAINTAINER someone@example.com
+HEALTHCHECK --interval=30s --retries=2 CMD true
+SHELL ["/bin/sh", "-ec"]
+USER nobody
+ENTRYPOINT ["/bin/sh", "-c"]
+CMD ["cat /opt/app/all.txt"]
+"""
+
+FILES = {
+    "app/a.txt": "alpha\n",
+    "app/b.txt": "beta\n",
+    "tool.sh": "#!/bin/sh\necho tool ran\n",
+    "ignored.txt": "not copied\n",
+}
+
+
+@pytest.fixture
+def cache(tmp_path: Path, busybox_image: Path) -> Path:
+    return make_cache(tmp_path, busybox_image)
+
+
+def test_multistage_rootfs(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", MULTISTAGE, FILES)
+    out = tmp_path / "out"
+    result = rootfs(cache, ctx, out)
+    app = out / "opt/app"
+    assert (app / "all.txt").read_text() == "alpha\nbeta\n"
+    assert (app / "flavour").read_text() == "plain\n"
+    assert (app / "tool.out").read_text() == "tool ran\n"
+    assert os.readlink(app / "link") == "all.txt"
+    assert (app / "mode").read_text() == "prod\n"
+    owned = (app / "owned.txt").stat()
+    assert (owned.st_uid, owned.st_gid) == (65534, 65534)
+    var = (app / "var").lstat()
+    assert stat.S_ISDIR(var.st_mode) and var.st_uid == 65534
+    assert not (out / "src").exists(), "only the final stage is exported"
+    assert (out / "bin/busybox").is_file()
+    # The unused stage (RUN exit 42) is never run.
+    assert {step.stage for step in result.steps} == {"builder", "stage-2"}
+
+
+def test_multistage_config_and_history(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", MULTISTAGE, FILES)
+    result = build(cache, ctx, tags=["demo:1"])
+    config = result.config.config
+    assert config.user == "nobody"
+    assert config.working_dir == "/opt/app"
+    assert config.entrypoint == ("/bin/sh", "-c")
+    assert config.cmd == ("cat /opt/app/all.txt",)
+    assert "APP_HOME=/opt/app" in config.env and "MODE=prod" in config.env
+    assert any(e.startswith("PATH=") for e in config.env)
+    assert "FLAVOUR=plain" not in " ".join(config.env), "ARGs never reach the config"
+    assert dict(config.labels) == {"org.example.title": "demo app", "version": "1"}
+    assert config.exposed_ports == ("53/udp", "8080/tcp")
+    assert config.volumes == ("/data",)
+    assert config.stop_signal == "SIGINT"
+    assert config.shell == ("/bin/sh", "-ec")
+    assert config.healthcheck is not None and config.healthcheck.retries == 2
+    assert config.healthcheck.interval == 30_000_000_000
+    assert result.config.author == "someone@example.com"
+    history = [h.created_by for h in result.config.history]
+    assert "COPY --from=builder" not in " ".join(history)
+    assert "COPY /out/ ./ # buildkit" in history
+    assert "COPY --chown=nobody:nogroup /src/app/a.txt owned.txt # buildkit" in history
+    assert "ENV APP_HOME=/opt/app MODE=prod" in history
+    assert "WORKDIR /opt/app" in history
+    assert any(h.startswith("RUN /bin/sh -c mkdir -p var") and h.endswith("# buildkit") for h in history)
+    assert 'CMD ["cat /opt/app/all.txt"]' in history
+    non_empty = [h for h in result.config.history if not h.empty_layer]
+    assert len(non_empty) == len(result.config.diff_ids)
+    assert result.names == ("docker.io/library/demo:1",)
+
+
+def test_run_sees_stage_args_in_history(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nARG A=1\nARG B\nRUN echo $A > /a\n")
+    result = build(cache, ctx, build_args={"B": "two"})
+    runs = [h.created_by for h in result.config.history if h.created_by.startswith("RUN")]
+    assert runs == ["RUN |2 A=1 B=two /bin/sh -c echo $A > /a # buildkit"]
+    args = [h.created_by for h in result.config.history if h.created_by.startswith("ARG")]
+    assert args == ["ARG A=1", "ARG B=two"]
+
+
+def test_exec_form_heredoc_and_shell(cache: Path, tmp_path: Path) -> None:
+    text = f"""\
+FROM {BASE}
+RUN ["/bin/sh", "-c", "echo exec > /exec"]
+RUN <<EOF
+echo one > /heredoc
+echo two >> /heredoc
+EOF
+RUN <<EOF
+#!/bin/sh
+echo script > /script
+EOF
+COPY <<EOF /etc/inline.conf
+key=value
+EOF
+SHELL ["/bin/sh", "-c"]
+RUN echo "$0" > /shell
+"""
+    ctx = write_context(tmp_path / "ctx", text)
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out)
+    assert (out / "exec").read_text() == "exec\n"
+    assert (out / "heredoc").read_text() == "one\ntwo\n"
+    assert (out / "script").read_text() == "script\n"
+    assert (out / "etc/inline.conf").read_text() == "key=value\n"
+    assert ((out / "etc/inline.conf").stat().st_mode & 0o777) == 0o644
+
+
+def test_onbuild_triggers_run_in_child_stage(cache: Path, tmp_path: Path) -> None:
+    text = f"""\
+FROM {BASE} AS parent
+ONBUILD RUN echo triggered > /onbuild
+ONBUILD COPY marker.txt /marker.txt
+
+FROM parent
+RUN cat /onbuild > /seen
+"""
+    ctx = write_context(tmp_path / "ctx", text, {"marker.txt": "m\n"})
+    out = tmp_path / "out"
+    result = rootfs(cache, ctx, out)
+    assert (out / "seen").read_text() == "triggered\n"
+    assert (out / "marker.txt").read_text() == "m\n"
+    assert result.config.config.on_build == (), "triggers are not passed on"
+
+
+def test_workdir_is_created_owned_by_user(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nUSER nobody\nWORKDIR /srv/data\n")
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out)
+    st = (out / "srv/data").stat()
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 65534
+    assert (out / "tmp").stat().st_mode & 0o7777 == 0o1777, "existing dirs keep their mode"
+
+
+def test_scratch_stage_and_copy_from_image(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM scratch\nCOPY --from={BASE} /bin/busybox /busybox\nCOPY hello /hello\n"
+    ctx = write_context(tmp_path / "ctx", text, {"hello": "hi\n"})
+    out = tmp_path / "out"
+    result = rootfs(cache, ctx, out)
+    assert sorted(p.name for p in out.iterdir()) == ["busybox", "hello"]
+    path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert result.config.config.env == (path,)
+
+
+def test_add_unpacks_local_archives(cache: Path, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    def archive(mode: str) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode=mode) as tar:  # type: ignore[call-overload]
+            data = b"inside\n"
+            info = tarfile.TarInfo("pkg/file.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    files = {"a.tar.gz": archive("w:gz"), "b.tar.bz2": archive("w:bz2"), "c.tar.xz": archive("w:xz")}
+    text = f"FROM {BASE}\nADD a.tar.gz /gz/\nADD b.tar.bz2 /bz2\nADD c.tar.xz /xz/\nCOPY a.tar.gz /copied/\n"
+    ctx = write_context(tmp_path / "ctx", text, files)
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out)
+    for name in ("gz", "bz2", "xz"):
+        assert (out / name / "pkg/file.txt").read_text() == "inside\n"
+    assert (out / "copied/a.tar.gz").is_file(), "COPY never unpacks"
+
+
+def test_add_url_with_checksum(cache: Path, tmp_path: Path) -> None:
+    import hashlib
+    import http.server
+    import threading
+
+    from lamina.errors import BuildError
+
+    payload = b"remote file\n"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/files/data.txt"
+        good = "sha256:" + hashlib.sha256(payload).hexdigest()
+        ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nADD --checksum={good} {url} /dl/\n")
+        out = tmp_path / "out"
+        rootfs(cache, ctx, out)
+        assert (out / "dl/data.txt").read_bytes() == payload
+        assert (out / "dl/data.txt").stat().st_mode & 0o777 == 0o600
+        bad = "sha256:" + "0" * 64
+        ctx2 = write_context(tmp_path / "ctx2", f"FROM {BASE}\nADD --checksum={bad} {url} /dl/\n")
+        with pytest.raises(BuildError, match="digest mismatch"):
+            build(cache, ctx2)
+    finally:
+        server.shutdown()
+
+
+def test_run_mounts_secret_cache_bind_tmpfs(cache: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret")
+    text = f"""\
+FROM {BASE}
+RUN --mount=type=secret,id=token cat /run/secrets/token > /got-secret
+RUN --mount=type=cache,target=/cache sh -c 'echo x >> /cache/log; wc -l < /cache/log > /cache-lines'
+RUN --mount=type=bind,source=data,target=/mnt cat /mnt/d.txt > /from-bind
+RUN --mount=type=tmpfs,target=/scratch touch /scratch/x && test ! -e /x
+"""
+    ctx = write_context(tmp_path / "ctx", text, {"data/d.txt": "bound\n"})
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out, secrets=[f"id=token,src={secret}"])
+    assert (out / "got-secret").read_text() == "s3cret"
+    assert not (out / "run/secrets/token").exists(), "a secret never lands in a layer"
+    assert (out / "from-bind").read_text() == "bound\n"
+    assert (out / "cache-lines").read_text().strip() == "1"
+    assert not (out / "cache/log").exists(), "cache mounts stay out of the layer"
+    assert not (out / "scratch/x").exists()
+
+
+def test_failing_run_names_line_stage_and_output(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM {BASE} AS broken\nRUN echo first line && echo oops >&2 && exit 3\n"
+    ctx = write_context(tmp_path / "ctx", text)
+    proc = run_cli("build", "--progress", "plain", str(ctx), cache=cache, check=False)
+    assert proc.returncode != 0
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, proc.stderr
+    assert "Dockerfile:2" in error[0] and "broken" in error[0] and "exit code 3" in error[0]
+    assert "oops" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_outputs_iidfile_metadata(cache: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import tarfile
+
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nCOPY f /f\n", {"f": "x\n"})
+    iid, meta = tmp_path / "iid", tmp_path / "meta.json"
+    oci, docker, tar = tmp_path / "img.tar", tmp_path / "docker.tar", tmp_path / "rootfs.tar"
+    run_cli(
+        "build", "-t", "cli:1", "--iidfile", str(iid), "--metadata-file", str(meta),
+        "-o", f"type=oci,dest={oci}", "-o", f"type=docker,dest={docker}", "-o", f"type=tar,dest={tar}",
+        "--progress", "json", str(ctx), cache=cache,
+    )  # fmt: skip
+    data = json.loads(meta.read_text())
+    assert data["containerimage.config.digest"] == iid.read_text()
+    assert data["containerimage.digest"].startswith("sha256:")
+    assert [s["cache"] for s in data["lamina.build.steps"]] == ["run"]
+    with tarfile.open(tar) as t:
+        assert "f" in t.getnames() and "bin/busybox" in t.getnames()
+    with tarfile.open(docker) as t:
+        member = t.extractfile("manifest.json")
+        assert member is not None
+        assert json.loads(member.read())[0]["RepoTags"] == ["cli:1"]
+    checker = Path("/work/shared/bench/oci_check.py")
+    if checker.exists():
+        proc = subprocess.run([sys.executable, str(checker), str(oci)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_progress_json_events(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN true\n")
+    proc = run_cli("build", "--progress", "json", str(ctx), cache=cache)
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["status"] for e in steps] == ["running", "done"]
+    assert steps[0]["instruction"] == "RUN true" and steps[0]["step"] == 1
+    assert events[-1]["type"] == "summary"
+    again = run_cli("build", "--progress", "json", str(ctx), cache=cache)
+    statuses = [json.loads(x)["status"] for x in again.stderr.splitlines() if '"type": "step"' in x]
+    assert statuses == ["cached"]
+
+
+def test_source_date_epoch_gives_byte_identical_tarballs(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN echo hi > /hi\nCOPY f /f\n", {"f": "x\n"})
+    first, second = tmp_path / "a.tar", tmp_path / "b.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={first}"], build_args={"SOURCE_DATE_EPOCH": "1700000000"})
+    result = build(
+        cache, ctx, outputs=[f"type=oci,dest={second}"], no_cache=True, source_date_epoch=1700000000
+    )
+    assert cached_steps(result) == [False, False]
+    assert first.read_bytes() == second.read_bytes()
+    assert result.config.created == "2023-11-14T22:13:20Z"
+    assert all(h.created == "2023-11-14T22:13:20Z" for h in result.config.history[-2:])
+
+
+def test_missing_base_image_is_one_line_error(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", "FROM 127.0.0.1:9/nosuch/image:1\nRUN true\n")
+    proc = run_cli("build", str(ctx), cache=cache, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "nosuch/image" in proc.stderr

@@ -1,0 +1,83 @@
+"""Helpers for the build tests: a cache holding the busybox base, and a one-call build.
+
+cache = make_cache(tmp_path, busybox_image)      # a store with lamina-test/busybox:1.35
+result = build(cache, ctx, dockerfile_text)      # lamina.api.build, quiet
+tree = rootfs(cache, ctx, text)                   # -o type=local, returns the dir
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+BASE = "lamina-test/busybox:1.35"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_cache(tmp_path: Path, busybox_image: Path) -> Path:
+    from lamina.cache.images import load_image_file
+    from lamina.cache.store import Store
+
+    cache = tmp_path / "cache"
+    with Store(cache) as store:
+        load_image_file(store, busybox_image)
+    return cache
+
+
+def write_context(ctx: Path, dockerfile: str, files: dict[str, str | bytes] | None = None) -> Path:
+    ctx.mkdir(parents=True, exist_ok=True)
+    (ctx / "Dockerfile").write_text(dockerfile)
+    for name, data in (files or {}).items():
+        path = ctx / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data)
+    return ctx
+
+
+def build(cache: Path, ctx: Path, **kwargs: Any) -> Any:
+    from lamina import api
+
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    return api.build(ctx, cache_dir=cache, environ=env, **kwargs)
+
+
+def rootfs(cache: Path, ctx: Path, dest: Path, **kwargs: Any) -> Any:
+    return build(cache, ctx, outputs=[f"type=local,dest={dest}"], **kwargs)
+
+
+def cached_steps(result: Any) -> list[bool]:
+    return [step.cached for step in result.steps]
+
+
+def run_cli(*args: str, cache: Path, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LAMINA_CACHE": str(cache)}
+    env.pop("SOURCE_DATE_EPOCH", None)
+    env.update(kwargs.pop("env", {}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lamina", *args], capture_output=True, text=True, env=env, cwd=ROOT, **kwargs
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lamina {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def oci_config(archive: Path) -> dict[str, Any]:
+    """The image config inside an OCI archive written by `-o type=oci`."""
+    with tarfile.open(archive) as tar:
+
+        def read(name: str) -> bytes:
+            member = tar.extractfile(name)
+            assert member is not None
+            return member.read()
+
+        index = json.loads(read("index.json"))
+        manifest = json.loads(read("blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]))
+        return json.loads(read("blobs/sha256/" + manifest["config"]["digest"].split(":")[1]))
