@@ -757,7 +757,7 @@ def _basic(username: str, password: str) -> str:
 def _read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
     parts: list[bytes] = []
     total = 0
-    for chunk in response.iter_bytes(CHUNK):
+    for chunk in response.iter_bytes():
         total += len(chunk)
         if total > limit:
             raise RegistryError(f"{what}: manifest larger than {limit} bytes")
