@@ -1,4 +1,10 @@
 """The content-addressed store, the cache index and garbage collection.
 
-Knows nothing of Dockerfiles; may use `lamina.oci` types.
+- store.py: `Store` (blobs, unpacked layers, names, build-cache results in
+  SQLite, gc) and `default_cache_root(environ)`.
+- images.py: whole images in and out of the store (load, commit, save).
+- statcache.py: the build context's stat cache.
+- transfer.py: pull and push between a registry and the store.
+
+Knows nothing of Dockerfiles; may use `lamina.oci` types and formats.
 """
