@@ -24,6 +24,7 @@ import stat
 import struct
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -35,7 +36,7 @@ _MAGIC = b"lamina-statcache-1\n"
 _RECORD = struct.Struct("<QQQqq32s")
 _SETTLE_NS = 100_000_000  # far above any kernel timestamp granularity
 _MAX_ENTRIES = 500_000  # beyond this, entries unused by this process are dropped
-_CHUNK = 1 << 20
+_PARALLEL_FROM = 16  # fewer files than this are hashed on the calling thread
 FILE_NAME = "statcache.bin"
 
 
@@ -103,15 +104,40 @@ class StatCache:
             return digest
         self.misses += 1
         digest, after = hash_file(path)
-        done = time.time_ns()
-        after_key = stat_key(after)
-        # Remember it only if nothing changed while reading and the file has
+        self._remember(key, digest, after)
+        return digest
+
+    def digest_many(self, items: Sequence[tuple[str, StatKey]]) -> list[bytes]:
+        """`digest` for many files; the ones not cached are hashed on a few threads.
+
+        hashlib and file reads release the GIL, so a cold context hashes on
+        every core; a warm one never starts a thread.
+        """
+        found = [self._entries.get(key) for _, key in items]
+        missing = [i for i, digest in enumerate(found) if digest is None]
+        self.hits += len(items) - len(missing)
+        self.misses += len(missing)
+        for _, key in items:
+            self._used.add(key)
+        if len(missing) < _PARALLEL_FROM:
+            results = [hash_file(items[i][0]) for i in missing]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                results = list(pool.map(hash_file, (items[i][0] for i in missing)))
+        for i, (digest, after) in zip(missing, results, strict=True):
+            self._remember(items[i][1], digest, after)
+            found[i] = digest
+        return [d for d in found if d is not None]
+
+    def _remember(self, key: StatKey, digest: bytes, after: os.stat_result) -> None:
+        # Keep it only if nothing changed while reading and the file has
         # settled: a later write in the same timestamp tick would go unseen.
-        if after_key == key and done - after.st_ctime_ns > _SETTLE_NS:
+        if stat_key(after) == key and time.time_ns() - after.st_ctime_ns > _SETTLE_NS:
             self._entries[key] = digest
             self._new[key] = digest
             self._used.add(key)
-        return digest
 
     def save(self) -> None:
         """Write new digests to disk (merged with what other processes wrote)."""

@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lamina.cache.statcache import StatCache, StatKey, stat_key
@@ -72,7 +72,7 @@ def entry_record(path: str, entry: TreeEntry, mode: int, uid: int, gid: int, con
 class SourceTree:
     """A directory COPY/ADD reads from; see the module docstring."""
 
-    __slots__ = ("chroot", "ignore", "root", "stat_cache")
+    __slots__ = ("_root", "chroot", "ignore", "root", "stat_cache")
 
     def __init__(
         self,
@@ -82,6 +82,7 @@ class SourceTree:
         chroot: bool = False,
     ) -> None:
         self.root = root
+        self._root = str(root)
         self.stat_cache = stat_cache
         self.ignore = ignore if ignore else None
         self.chroot = chroot
@@ -90,7 +91,7 @@ class SourceTree:
         return f"SourceTree({str(self.root)!r}, chroot={self.chroot})"
 
     def abspath(self, rel: str) -> str:
-        return os.path.join(self.root, rel) if rel else str(self.root)
+        return f"{self._root}/{rel}" if rel else self._root
 
     def resolve(self, rel: str, follow_last: bool = True) -> str:
         """Resolve `..` and symlinks in `rel` without leaving the tree.
@@ -176,7 +177,7 @@ class SourceTree:
             for depth in range(1, len(parts) + 1):
                 state = self.ignore.match("/".join(parts[:depth]), state)
         walk = _Walk(self, len(rel) + 1 if rel else 0, include, exclude)
-        yield from walk.directory(rel, state, None, None)
+        yield from walk.entries(rel, state)
 
     def _entry(self, rel: str, st: os.stat_result) -> TreeEntry | None:
         kind = _TYPES.get(stat.S_IFMT(st.st_mode))
@@ -203,11 +204,22 @@ class SourceTree:
         except OSError as err:
             raise ContextError(f"{entry.path}: cannot read: {err.strerror or err}") from None
 
+    def file_digests(self, entries: Sequence[TreeEntry]) -> dict[str, bytes]:
+        """Content digests of the FILE entries among `entries`, by path (hashed in parallel)."""
+        files = [e for e in entries if e.type is EntryType.FILE]
+        try:
+            digests = self.stat_cache.digest_many([(self.abspath(e.path), e.key) for e in files])
+        except OSError as err:
+            raise ContextError(f"{err.filename or '?'}: cannot read: {err.strerror or err}") from None
+        return {e.path: d for e, d in zip(files, digests, strict=True)}
+
     def checksum(self, rel: str = "") -> Digest:
         """One digest over everything below `rel`: paths, types, modes, owners, links, contents."""
         h = hashlib.sha256()
-        for entry in self.walk(self.resolve(rel)):
-            content = self.file_digest(entry) if entry.type is EntryType.FILE else b""
+        entries = list(self.walk(self.resolve(rel)))
+        digests = self.file_digests(entries)
+        for entry in entries:
+            content = digests.get(entry.path, b"")
             h.update(entry_record(entry.path, entry, entry.mode, entry.uid, entry.gid, content))
         return Digest("sha256", h.hexdigest())
 
@@ -224,21 +236,22 @@ class _Walk:
         self.exclude = exclude
         self.pending: list[TreeEntry] = []
 
-    def directory(
-        self,
-        rel: str,
-        state: IgnoreMatch | None,
-        xstate: IgnoreMatch | None,
-        istate: IgnoreMatch | None,
-    ) -> Iterator[TreeEntry]:
+    def entries(self, rel: str, state: IgnoreMatch | None) -> Iterator[TreeEntry]:
+        # An explicit stack, not recursion: one generator frame however deep the tree.
         tree = self.tree
-        try:
-            with os.scandir(tree.abspath(rel)) as it:
-                children = sorted(it, key=lambda d: d.name)
-        except OSError as err:
-            raise ContextError(f"{rel or '.'}: cannot read directory: {err.strerror}") from None
         ignore, include, exclude, pending = tree.ignore, self.include, self.exclude, self.pending
-        for child in children:
+        Frame = tuple[str, IgnoreMatch | None, IgnoreMatch | None, IgnoreMatch | None]
+        stack: list[tuple[Frame, Iterator[os.DirEntry[str]], TreeEntry | None]] = [
+            ((rel, state, None, None), iter(self.children(rel)), None)
+        ]
+        while stack:
+            (rel, state, xstate, istate), children, own = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                if own is not None and pending and pending[-1] is own:
+                    pending.pop()
+                continue
             path = f"{rel}/{child.name}" if rel else child.name
             entry = tree._entry(path, child.stat(follow_symlinks=False))
             if entry is None:
@@ -266,12 +279,21 @@ class _Walk:
                     pending.clear()
                 yield entry
                 if is_dir:
-                    yield from self.directory(path, match, xmatch, imatch)
+                    stack.append(((path, match, xmatch, imatch), iter(self.children(path)), None))
             elif descend:
                 pending.append(entry)
-                yield from self.directory(path, match, xmatch, imatch)
-                if pending and pending[-1] is entry:
-                    pending.pop()
+                stack.append(((path, match, xmatch, imatch), iter(self.children(path)), entry))
+
+    def children(self, rel: str) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(self.tree.abspath(rel)) as it:
+                return sorted(it, key=_name)
+        except OSError as err:
+            raise ContextError(f"{rel or '.'}: cannot read directory: {err.strerror}") from None
+
+
+def _name(entry: os.DirEntry[str]) -> str:
+    return entry.name
 
 
 def _climbs_out(resolved: list[str], target: str) -> bool:

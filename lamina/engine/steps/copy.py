@@ -423,8 +423,9 @@ def selection_key(tree: SourceTree, selection: Selection) -> Digest:
     for made in selection.made_dirs:
         mode = made.entry.mode if made.entry is not None else _DIR_MODE
         h.update(f"mkdir\0{made.dest}\0{mode:o}\0{made.uid}\0{made.gid}\n".encode("utf-8", "surrogateescape"))
+    digests = tree.file_digests([item.entry for item in selection.items])
     for item in selection.items:
-        content = tree.file_digest(item.entry) if item.entry.type is EntryType.FILE else b""
+        content = digests.get(item.entry.path, b"")
         h.update(entry_record(item.dest, item.entry, item.mode, item.uid, item.gid, content))
     return Digest("sha256", h.hexdigest())
 
