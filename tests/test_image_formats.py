@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -391,3 +392,15 @@ def test_gzipped_archive_loads(loaded: Store, tmp_path: Path) -> None:
         (record,) = load_image_file(other, zipped)
         assert record.name == NAME
     validate_image(zipped)
+
+
+def test_layout_dir_with_a_fifo_blob_does_not_hang(loaded: Store, tmp_path: Path) -> None:
+    _, image = stored_image(loaded, NAME)
+    manifest = Manifest.from_bytes(image.manifest_bytes)
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, [ExportImage(NAME, image.manifest, manifest.config, manifest.layers)], loaded)
+    blob = layout / "blobs" / "sha256" / manifest.config.digest.hex
+    blob.unlink()
+    os.mkfifo(blob)
+    with pytest.raises(ImageFormatError, match="not a regular file"):
+        load_image_file(loaded, layout)

@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import os
+import stat
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -109,17 +110,21 @@ class DirFiles:
         except ImageFormatError:
             return False
 
-    def size(self, path: str) -> int:
+    def _regular(self, path: str) -> tuple[Path, os.stat_result]:
+        full = self._path(path)
         try:
-            return self._path(path).stat().st_size
+            st = full.stat()
         except FileNotFoundError:
             raise ImageFormatError(f"{self.label}: {path} is missing") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader forever
+            raise ImageFormatError(f"{self.label}: {path} is not a regular file")
+        return full, st
+
+    def size(self, path: str) -> int:
+        return self._regular(path)[1].st_size
 
     def open(self, path: str) -> BinaryIO:
-        try:
-            return open(self._path(path), "rb")
-        except FileNotFoundError:
-            raise ImageFormatError(f"{self.label}: {path} is missing") from None
+        return open(self._regular(path)[0], "rb")
 
 
 class TarFiles:
