@@ -404,3 +404,16 @@ def test_layout_dir_with_a_fifo_blob_does_not_hang(loaded: Store, tmp_path: Path
     os.mkfifo(blob)
     with pytest.raises(ImageFormatError, match="not a regular file"):
         load_image_file(loaded, layout)
+
+
+def test_validate_stored_finds_a_rotten_blob(loaded: Store) -> None:
+    from lamina.cache.images import validate_stored
+
+    image = validate_stored(loaded, NAME)
+    path = loaded.blob_path(image.layers[0].digest)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageFormatError, match="layer 0"):
+        validate_stored(loaded, NAME)

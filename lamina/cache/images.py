@@ -339,3 +339,14 @@ def _uncompressed(store: Store, layer: Descriptor, diff_id: Digest, tmp: Path) -
 
 def _opener(path: Path) -> Callable[[], BinaryIO]:
     return lambda: open(path, "rb")
+
+
+def validate_stored(store: Store, name: str) -> SourceImage:
+    """validate_image for an image in the store: every digest, size and diff_id recomputed."""
+    from lamina.oci.validate import config_problems, layer_problems
+
+    _, image = stored_image(store, name)
+    problems = config_problems(image.config_bytes) + layer_problems(store, image)
+    if problems:
+        raise ImageFormatError(f"image {name}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return image
