@@ -128,6 +128,8 @@ def _remove(spec: dict, report_fd: int) -> int:
 
 
 def _extract(spec: dict, report_fd: int) -> int:
+    # Unpacking needs the caller's site-packages (isal, zstandard); start-up time does not matter here.
+    sys.path.extend(p for p in spec["sys_path"] if p not in sys.path)
     from lamina.engine.sandbox import _extract
 
     try:

@@ -331,6 +331,7 @@ def extract_layer(
         "dest": str(Path(dest).absolute()),
         "digest": str(digest) if digest else "",
         "ignore_owners": ids.mode is IdMode.SINGLE,
+        "sys_path": [p for p in sys.path if p],
     }
     results: list[str] = []
     _, errors = _helper(wire, ids, results=results)
