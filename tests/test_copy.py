@@ -82,6 +82,8 @@ def _copy(
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             st = path.lstat()
+            if os.geteuid() != 0:  # unprivileged: our own ids stand for root (the layer writer maps them)
+                st = os.stat_result((*st[:4], 0, 0, *st[6:]))
             rel = str(path.relative_to(out))
             if stat.S_ISLNK(st.st_mode):
                 listing[rel] = ("link", 0o777, st.st_uid, st.st_gid, os.readlink(path))

@@ -495,7 +495,7 @@ class _Writer:
     def mkdir(self, rel: str, mode: int, uid: int, gid: int) -> None:
         path = self.target(rel)
         os.mkdir(path, 0o700)
-        os.lchown(path, uid, gid)
+        _chown(path, uid, gid)
         os.chmod(path, mode)  # after chown, which clears setuid/setgid
 
     def make_dir(self, made: MadeDir) -> None:
@@ -538,7 +538,7 @@ class _Writer:
                 os.mkdir(path, 0o700)
             elif not stat.S_ISDIR(existing.st_mode):
                 raise ContextError(f"COPY failed: cannot copy to non-directory: /{item.dest}")
-            os.lchown(path, item.uid, item.gid)
+            _chown(path, item.uid, item.gid)
             os.chmod(path, item.mode)
             self.known_dirs.add(item.dest)
             self.dir_times.append((item.dest, entry.mtime_ns))
@@ -559,7 +559,7 @@ class _Writer:
                 os.mknod(path, kind | 0o600, entry.rdev)
             except PermissionError:
                 raise ContextError(f"COPY failed: {entry.path}: creating a device node needs root") from None
-        os.lchown(path, item.uid, item.gid)
+        _chown(path, item.uid, item.gid)
         if entry.type is not EntryType.SYMLINK:
             os.chmod(path, item.mode)
         when = self.mtime_ns if self.mtime_ns is not None else entry.mtime_ns
@@ -598,6 +598,16 @@ class _Writer:
         for rel, mtime_ns in reversed(self.dir_times):
             when = self.mtime_ns if self.mtime_ns is not None else mtime_ns
             os.utime(self.target(rel), ns=(when, when), follow_symlinks=False)
+
+
+def _chown(path: str, uid: int, gid: int) -> None:
+    try:
+        os.lchown(path, uid, gid)
+    except PermissionError:
+        # Unprivileged with no user namespace: the files stay the caller's,
+        # whose id the layer writer maps to root. As root this is a real error.
+        if os.geteuid() == 0:
+            raise
 
 
 def _copy_fd(src: int, dst: int, size: int) -> int:
