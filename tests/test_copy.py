@@ -378,6 +378,30 @@ def test_source_date_epoch_sets_mtimes(ctx: SourceTree, tmp_path: Path) -> None:
     assert (out / "app" / "util").stat().st_mtime_ns == 10**18
 
 
+def test_hardlinks_stay_hardlinks(tmp_path: Path) -> None:
+    root = tmp_path / "stage"
+    _write(root, {"bin/busybox": "bb"})
+    os.link(root / "bin" / "busybox", root / "bin" / "sh")
+    tree = open_rootfs(root, StatCache(None))
+    out = tmp_path / "out"
+    out.mkdir()
+    selection = select_sources(tree, ["/bin"], "/usr/bin/", CopyOptions())
+    write_selection(tree, selection, out)
+    assert (out / "usr/bin/sh").stat().st_ino == (out / "usr/bin/busybox").stat().st_ino
+    # Two separate files of the same content give a different layer, so a different key.
+    other = tmp_path / "other"
+    _write(other, {"bin/busybox": "bb", "bin/sh": "bb"})
+    copies = open_rootfs(other, StatCache(None))
+    assert selection_key(tree, selection) != selection_key(
+        copies, select_sources(copies, ["/bin"], "/usr/bin/", CopyOptions())
+    )
+
+
+def test_same_source_twice_is_written_once(ctx: SourceTree, tmp_path: Path) -> None:
+    got = _copy(ctx, ["a.txt", "a.txt"], "/app/", tmp_path / "out")
+    assert got["app/a.txt"][4] == "a"
+
+
 # --- the key ---------------------------------------------------------------------------------------
 
 

@@ -36,8 +36,8 @@ Rules (BuildKit's dockerfile2llb + fsutil copy, and the Dockerfile reference):
 - The key covers exactly what is written: destination path, type, mode,
   owner, link target, device numbers and content digest, never mtimes.
 
-FIXME: hardlinks inside a copied tree are written as separate files, and
-xattrs are not copied.
+Files that are hardlinks of each other in the source stay hardlinked in the
+destination, as with fsutil's copier. FIXME: xattrs are not copied.
 """
 
 from __future__ import annotations
@@ -424,9 +424,14 @@ def selection_key(tree: SourceTree, selection: Selection) -> Digest:
         mode = made.entry.mode if made.entry is not None else _DIR_MODE
         h.update(f"mkdir\0{made.dest}\0{mode:o}\0{made.uid}\0{made.gid}\n".encode("utf-8", "surrogateescape"))
     digests = tree.file_digests([item.entry for item in selection.items])
+    first_links: dict[tuple[int, int], str] = {}
     for item in selection.items:
         content = digests.get(item.entry.path, b"")
         h.update(entry_record(item.dest, item.entry, item.mode, item.uid, item.gid, content))
+        if item.entry.type is EntryType.FILE:
+            first = first_links.setdefault(item.entry.key[:2], item.dest)
+            if first != item.dest:  # written as a hardlink: the layer differs
+                h.update(f"hardlink\0{item.dest}\0{first}\n".encode("utf-8", "surrogateescape"))
     return Digest("sha256", h.hexdigest())
 
 
@@ -467,6 +472,7 @@ class _Writer:
         self.dir_times: list[tuple[str, int]] = []
         self.bytes_written = 0
         self.known_dirs: set[str] = {""}
+        self.links: dict[tuple[int, int], str] = {}  # source (dev, inode) -> first path written
 
     def target(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -548,7 +554,13 @@ class _Writer:
                 raise ContextError(f"COPY failed: cannot replace directory /{item.dest} with a file")
             os.unlink(path)
         if entry.type is EntryType.FILE:
-            self.copy_file(entry, path)
+            inode = entry.key[:2]
+            first = self.links.get(inode)
+            if first is not None and first != path and os.path.lexists(first):
+                os.link(first, path)  # a hardlink of a file this copy already wrote
+            else:
+                self.copy_file(entry, path)
+                self.links[inode] = path
         elif entry.type is EntryType.SYMLINK:
             os.symlink(entry.linkname, path)
         elif entry.type is EntryType.FIFO:
