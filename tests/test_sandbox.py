@@ -26,7 +26,9 @@ from lamina.engine.sandbox import (
     SecretMount,
     TmpfsMount,
     detect_ids,
+    remove_tree,
     run,
+    set_owners,
 )
 from lamina.engine.snapshot import capture
 from lamina.errors import SandboxError
@@ -307,3 +309,30 @@ def _processes_with(text: str) -> list[int]:
         if text in cmdline and "python" not in cmdline:
             found.append(int(pid))
     return found
+
+
+def test_set_owners_shows_container_ids_inside(rootfs: Path, tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    (layer / "srv").mkdir(parents=True)
+    (layer / "srv/app.conf").write_text("x\n")
+    set_owners([(layer / "srv", 1000, 2000), (layer / "srv/app.conf", 1000, 2000)])
+    out_file = tmp_path / "out"
+    with open(out_file, "wb") as f:
+        spec = SandboxSpec(
+            argv=("stat", "-c", "%u:%g", "/srv", "/srv/app.conf"), lower_dirs=(layer, rootfs), stdout=f
+        )
+        code = run(spec)
+    out = out_file.read_text()
+    single = detect_ids().mode is IdMode.SINGLE
+    assert (code, out.split()) == (0, ["0:0", "0:0"] if single else ["1000:2000", "1000:2000"])
+
+
+def test_remove_tree_removes_files_of_other_ids(rootfs: Path, tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    script = "mkdir -p /x/y && echo s > /x/y/f && chmod 600 /x/y/f && chmod 500 /x/y"
+    if detect_ids().mode is not IdMode.SINGLE:
+        script += " && chown -R 1000:1000 /x"
+    code, out = sh(rootfs, script, tmp_path, upper_dir=upper)
+    assert code == 0, out
+    remove_tree(upper)
+    assert not upper.exists()

@@ -20,8 +20,11 @@ Public surface (re-exported here, loaded on first use):
         is the one-time "only your own id is mapped" message, if any.
     remove_tree(path, ids=None, keep_root=False): rm -rf from inside a user
         namespace, for trees holding files of subordinate ids.
-    extract_layer(blob, dest, ids=None): unpack a layer blob in overlay form
-        inside the user namespace, for use as a lower dir.
+    extract_layer(blob, dest, ids=None, digest=None) -> ExtractResult: unpack
+        a layer blob in overlay form inside the user namespace (owners kept
+        as the sandbox will show them), for use as a lower dir.
+    set_owners([(path, uid, gid), ...], ids=None): lchown to container ids
+        from inside the user namespace (no-op with a single-id map).
     lamina.engine.snapshot.capture(upper_dir, ids) -> Iterator[LayerEntry]
 
 How it runs: `runner` starts `helper.py` in a fresh interpreter (never a
@@ -48,6 +51,7 @@ _EXPORTS = {
     "remove_tree": "runner",
     "scratch_upper": "runner",
     "extract_layer": "runner",
+    "set_owners": "runner",
     "default_snapshotter": "runner",
     "SandboxSpec": "spec",
     "Network": "spec",

@@ -14,7 +14,8 @@ The exit status is the command's (run), or 0 / 125.
 
 Modes: "run" (a command in a sandbox), "remove" (rm -rf paths inside the user
 namespace, for trees owned by subordinate ids), "extract" (unpack a layer
-inside the user namespace so its owners are the namespace's ids).
+inside the user namespace so its owners are the namespace's ids), "chown"
+(set container owners on files the caller wrote, e.g. COPY --chown).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def main() -> int:
         return _remove(spec, report_fd)
     if spec["mode"] == "extract":
         return _extract(spec, report_fd)
+    if spec["mode"] == "chown":
+        return _chown(spec, report_fd)
     try:
         baseline = _inside.prepare(spec, report_fd)
     except _inside.SetupError as err:
@@ -125,6 +128,16 @@ def _remove(spec: dict, report_fd: int) -> int:
             _inside_report(report_fd, f"remove {path}: {err.strerror} {err.filename or ''}".rstrip())
             failed = 1
     return failed
+
+
+def _chown(spec: dict, report_fd: int) -> int:
+    for path, uid, gid in spec["owners"]:
+        try:
+            os.lchown(path, uid, gid)
+        except OSError as err:
+            _inside_report(report_fd, f"chown {path} to {uid}:{gid}: {err.strerror}")
+            return 1
+    return 0
 
 
 def _extract(spec: dict, report_fd: int) -> int:

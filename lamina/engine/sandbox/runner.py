@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -306,6 +306,34 @@ def remove_tree(path: Path, ids: IdMap | None = None, *, keep_root: bool = False
             _rootfs.remove_tree(p)
     except OSError as err:
         raise SandboxError(f"remove {err.filename or path}: {err.strerror}") from err
+
+
+def set_owners(owners: Sequence[tuple[Path, int, int]], ids: IdMap | None = None) -> None:
+    """lchown each path to a container (uid, gid), as the sandbox will show it.
+
+    For files the caller wrote outside any sandbox (COPY --chown, WORKDIR
+    as USER): as root the ids are the host's; with subordinate ids the
+    chown runs inside a user namespace; with a single-id map only 0:0
+    exists, so other owners are left as they are (IdMap.warning says so).
+    """
+    ids = ids or detect_ids()
+    if not owners or ids.mode is IdMode.SINGLE:
+        return
+    if ids.mode is IdMode.ROOT:
+        for path, uid, gid in owners:
+            try:
+                os.lchown(path, uid, gid)
+            except OSError as err:
+                raise SandboxError(f"chown {path} to {uid}:{gid}: {err.strerror}") from err
+        return
+    wire = {
+        "mode": "chown",
+        "parent": os.getpid(),
+        "owners": [(str(Path(p).absolute()), uid, gid) for p, uid, gid in owners],
+    }
+    _, errors = _helper(wire, ids)
+    if errors:
+        raise SandboxError(errors[0])
 
 
 def extract_layer(
