@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lamina.cache.statcache import StatCache
 from lamina.engine.context import SourceTree, open_build_context, open_rootfs
@@ -402,6 +405,28 @@ def test_same_source_twice_is_written_once(ctx: SourceTree, tmp_path: Path) -> N
     assert got["app/a.txt"][4] == "a"
 
 
+def test_symlink_in_destination_is_replaced_not_followed(ctx: SourceTree, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    out = tmp_path / "out"
+    (out / "app").mkdir(parents=True)
+    os.symlink(victim, out / "app" / "a.txt")
+    write_selection(ctx, select_sources(ctx, ["a.txt"], "/app/", CopyOptions()), out)
+    assert victim.read_text() == "untouched"
+    assert not (out / "app" / "a.txt").is_symlink()
+
+
+def test_symlinked_parent_in_destination_is_refused(ctx: SourceTree, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(elsewhere, out / "app")
+    with pytest.raises(ContextError, match="cannot copy to non-directory: /app"):
+        write_selection(ctx, select_sources(ctx, ["src"], "/app/", CopyOptions()), out)
+    assert list(elsewhere.iterdir()) == []
+
+
 # --- the key ---------------------------------------------------------------------------------------
 
 
@@ -445,3 +470,66 @@ def test_identical_stage_output_gives_the_same_key(tmp_path: Path) -> None:
         for t in (open_rootfs(first, StatCache(None)), open_rootfs(second, StatCache(None)))
     }
     assert len(keys) == 1
+
+
+# --- properties ------------------------------------------------------------------------------------
+
+_NAMES = st.sampled_from(["a", "b", "c.txt", ".hidden", "d d"])
+_LEAF = st.one_of(
+    st.tuples(st.just("file"), st.binary(max_size=64), st.sampled_from([0o644, 0o755, 0o600, 0o4755])),
+    st.tuples(st.just("link"), st.sampled_from(["a", "../x", "/abs/target", "."]), st.just(0o777)),
+)
+_TREE = st.recursive(
+    _LEAF,
+    lambda children: st.dictionaries(_NAMES, children, max_size=4).map(lambda d: ("dir", d, 0o755)),
+    max_leaves=12,
+)
+
+
+def _build(root: Path, node: tuple[str, object, int]) -> None:
+    kind, payload, mode = node
+    if kind == "dir":
+        root.mkdir()
+        for name, child in payload.items():  # type: ignore[attr-defined]
+            _build(root / name, child)
+    elif kind == "file":
+        root.write_bytes(payload)  # type: ignore[arg-type]
+    else:
+        os.symlink(payload, root)  # type: ignore[arg-type]
+    if kind != "link":
+        os.chmod(root, mode)
+
+
+def _listing(root: Path) -> dict[str, tuple[str, int, bytes | str]]:
+    out: dict[str, tuple[str, int, bytes | str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st_ = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(st_.st_mode):
+                out[rel] = ("link", 0, os.readlink(path))
+            elif stat.S_ISDIR(st_.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st_.st_mode), b"")
+            else:
+                out[rel] = ("file", stat.S_IMODE(st_.st_mode), path.read_bytes())
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(_NAMES, _TREE, max_size=4))
+def test_copying_a_directory_reproduces_it(layout: dict[str, tuple[str, object, int]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "ctx" / "src"
+        src.parent.mkdir()
+        _build(src, ("dir", layout, 0o755))
+        tree = open_build_context(src.parent, StatCache(None))
+        out = Path(tmp) / "out"
+        out.mkdir()
+        selection = select_sources(tree, ["src"], "/d/", CopyOptions())
+        key = selection_key(tree, selection)
+        write_selection(tree, selection, out)
+        assert _listing(out / "d") == _listing(src)
+        for path in src.rglob("*"):  # new mtimes, same everything else: same key
+            os.utime(path, (7, 7), follow_symlinks=False)
+        assert selection_key(tree, select_sources(tree, ["src"], "/d/", CopyOptions())) == key
