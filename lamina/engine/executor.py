@@ -259,7 +259,7 @@ class Executor:
         self.records: list[StepRecord] = []
         self._lock = threading.Lock()
         self._outcomes: dict[int, StageOutcome] = {}
-        self._rootfs: dict[str, Path] = {}  # stage key -> merged rootfs dir (for COPY --from)
+        self._rootfs: dict[tuple[str, tuple[str, ...]], Path] = {}  # (stage key, paths) -> tree
         self._rootfs_lock = threading.Lock()
         self._context: SourceTree | None = None
         self._stat_cache: StatCache | None = None
@@ -307,17 +307,23 @@ class Executor:
         assert self._stat_cache is not None
         return self._stat_cache
 
-    def stage_rootfs(self, outcome: StageOutcome) -> Path:
-        """A merged copy of a stage's root filesystem, made once per build (COPY --from, mounts)."""
+    def stage_rootfs(self, outcome: StageOutcome, paths: Sequence[str] = ("/",)) -> Path:
+        """A read-only-use tree of a stage's files under `paths` (COPY --from, mounts).
+
+        Only the subtrees asked for are made, with files hard-linked from the
+        layer dirs, so copying one directory out of a big builder stage costs
+        little. Made once per (stage, paths) per build.
+        """
+        wanted = tuple(sorted(set(paths)))
         with self._rootfs_lock:
-            found = self._rootfs.get(outcome.key)
+            found = self._rootfs.get((outcome.key, wanted))
             if found is not None:
                 return found
-            from lamina.engine.output import merge_layers
+            from lamina.engine.steps.layerview import LayerView, materialize
 
             dest = Path(self._tmpdir("rootfs-")) / "root"
-            merge_layers(outcome.layer_dirs, dest)
-            self._rootfs[outcome.key] = dest
+            materialize(LayerView(outcome.layer_dirs), list(wanted), dest)
+            self._rootfs[(outcome.key, wanted)] = dest
             return dest
 
     def _tmpdir(self, prefix: str) -> str:
@@ -388,7 +394,11 @@ class Executor:
         return True
 
     def new_upper(self) -> Path:
-        return self.store.new_unpack_dir()
+        upper = self.store.new_unpack_dir()
+        # The upper dir's own mode becomes the merged root's: mkdtemp's 0700
+        # would lock every other user out of `/`.
+        os.chmod(upper, 0o755)
+        return upper
 
     # --- running --------------------------------------------------------------------------
 

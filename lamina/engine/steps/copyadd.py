@@ -158,7 +158,8 @@ def _select(
     memo_key = _memo_key(outcome.key, state.key, sources, dest, options, image is None)
 
     def materialize() -> tuple[Any, Any]:
-        tree = open_rootfs(executor.stage_rootfs(outcome), executor.stat_cache())
+        roots = [_literal_prefix(source) for source in sources]
+        tree = open_rootfs(executor.stage_rootfs(outcome, roots), executor.stat_cache())
         return tree, select_sources(tree, sources, dest, options, image)
 
     memo = executor.store.cache_get(memo_key)
@@ -168,6 +169,16 @@ def _select(
     digest = str(selection_key(tree, selection))
     executor.store.cache_put(memo_key, digest)
     return (lambda: (tree, selection)), digest
+
+
+def _literal_prefix(source: str) -> str:
+    """The part of a source path before its first wildcard component (`/a/*/b` -> `/a`)."""
+    parts = []
+    for part in source.split("/"):
+        if any(ch in part for ch in "*?[\\"):
+            break
+        parts.append(part)
+    return "/" + "/".join(p for p in parts if p and p != ".")
 
 
 def _memo_key(stage_key: str, dest_key: str, sources: list[str], dest: str, options: Any, link: bool) -> str:

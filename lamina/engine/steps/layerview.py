@@ -133,3 +133,121 @@ class LayerView:
             if missing or self.stat(current) is None:
                 missing.append(current)
         return missing
+
+
+# --- materialising part of a view -------------------------------------------------------------
+
+
+def _listdir(view: LayerView, rel: str) -> list[str]:
+    """Names in the merged directory `rel` (relative, resolved), whiteouts and opaque dirs applied."""
+    parts = rel.split("/") if rel else []
+    names: dict[str, bool] = {}  # name -> visible
+    for layer in reversed(view.layers):
+        if parts and view._hidden_below(layer, [*parts, "x"]):
+            break
+        host = layer.joinpath(*parts)
+        try:
+            st = host.lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if is_whiteout(st) or not stat.S_ISDIR(st.st_mode):
+            break
+        with os.scandir(host) as entries:
+            for entry in entries:
+                if entry.name in names:
+                    continue
+                names[entry.name] = not is_whiteout(entry.stat(follow_symlinks=False))
+        if parts and is_opaque(host):
+            break
+    return sorted(name for name, visible in names.items() if visible)
+
+
+def _copy_meta(dst: Path, st: os.stat_result) -> None:
+    os.lchown(dst, st.st_uid, st.st_gid)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _node(view: LayerView, rel: str, dest: Path, dirs: list[tuple[Path, os.stat_result]]) -> None:
+    """Put the view's entry at `rel` into `dest`, recursing into directories."""
+    import shutil
+
+    found = view._lookup_exact(rel)
+    if found is None:
+        return
+    real, st = found
+    target = dest / rel
+    if os.path.lexists(target):
+        if not stat.S_ISDIR(st.st_mode):
+            return
+    elif stat.S_ISDIR(st.st_mode):
+        target.mkdir()
+    elif stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(real), target)
+        _copy_meta(target, st)
+        return
+    elif stat.S_ISREG(st.st_mode):
+        # A hard link: this tree is only read from, and linking costs no copy.
+        try:
+            os.link(real, target)
+        except OSError:
+            shutil.copy2(real, target, follow_symlinks=False)
+            _copy_meta(target, st)
+        return
+    else:
+        return  # devices and fifos are not needed to read files from a stage
+    dirs.append((target, st))
+    os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))
+    for name in _listdir(view, rel):
+        _node(view, f"{rel}/{name}" if rel else name, dest, dirs)
+
+
+def materialize(view: LayerView, paths: list[str], dest: Path) -> None:
+    """Make `dest` a read-only-use copy of the view's subtrees at `paths` (absolute image paths).
+
+    Symlinks met on the way to each path are recreated, so that resolving
+    the path inside `dest` (chroot-style) reaches the same subtree. Files
+    are hard-linked from the layer dirs where possible.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    dirs: list[tuple[Path, os.stat_result]] = []
+    pending = list(paths)
+    seen: set[str] = set()
+    while pending:
+        path = posixpath.normpath("/" + pending.pop()).lstrip("/")
+        if path in seen:
+            continue
+        seen.add(path)
+        # Walk the components; a symlink is recreated and its target queued.
+        parts = [p for p in path.split("/") if p]
+        done: list[str] = []
+        complete = True
+        for i, part in enumerate(parts):
+            rel = "/".join([*done, part])
+            found = view._lookup_exact(rel)
+            if found is None:
+                complete = False
+                break
+            real, st = found
+            if stat.S_ISLNK(st.st_mode):
+                target = dest / rel
+                (dest / "/".join(done)).mkdir(parents=True, exist_ok=True)
+                if not os.path.lexists(target):
+                    os.symlink(os.readlink(real), target)
+                link = os.readlink(real)
+                base = "/" if link.startswith("/") else "/" + "/".join(done)
+                pending.append(posixpath.join(base, link, *parts[i + 1 :]))
+                complete = False
+                break
+            if not stat.S_ISDIR(st.st_mode) and i < len(parts) - 1:
+                complete = False
+                break
+            done.append(part)
+            if i < len(parts) - 1 and not (dest / rel).exists():
+                (dest / rel).mkdir()
+                dirs.append((dest / rel, st))
+        if complete:
+            _node(view, "/".join(parts), dest, dirs)
+    for target, st in reversed(dirs):
+        _copy_meta(target, st)

@@ -270,7 +270,7 @@ def _bind_source(executor: Executor, mount: Any) -> tuple[Path, str]:
     from lamina.engine.steps.copyadd import source_stage
 
     outcome = source_stage(executor, mount.from_, None)
-    return executor.stage_rootfs(outcome), outcome.key
+    return executor.stage_rootfs(outcome, ["/" + mount.source.strip("/")]), outcome.key
 
 
 def _inside(root: Path, source: str, mount: Any) -> Path:

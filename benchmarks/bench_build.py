@@ -1,0 +1,243 @@
+"""Time `lamina build` on the shared workloads: cold, no-op, one-file change, export.
+
+    .venv/bin/python benchmarks/bench_build.py [--rounds 3] [--workloads multistage,manysteps,bigcopy]
+                                               [--peers] [--lab /tmp/lamina-bench]
+
+Workloads are ../shared/bench/dockerfiles/*.Dockerfile over the context that
+../shared/bench/gen_context.py makes, on the base image lamina-test/busybox:1.35.
+Scenarios, as ../shared/bench/run_peers.sh defines them:
+
+    cold    an empty cache holding only the base image
+    noop    the same build again
+    mod     one line appended to src/pkg07/mod3/f07312.c
+    export  the (cached) build written to an OCI archive with -o type=oci
+
+Each number is the median wall time of the whole command (Python start-up
+included) over the rounds. With --peers, BuildKit (docker 20.10,
+`DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none`) and Buildah
+(`buildah bud --layers`, overlay) are timed the same way when they are
+installed and working (../shared/bench/peers-setup.sh), and the table gets
+their times and lamina's ratio to each (below 1.0: lamina is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "bench"
+WORKLOADS = ("multistage", "manysteps", "bigcopy")
+SCENARIOS = ("cold", "noop", "mod", "export")
+MOD_FILE = "src/pkg07/mod3/f07312.c"
+BASE = "lamina-test/busybox:1.35"
+DOCKER = "/usr/bin/docker"
+
+
+def sh(*args: str, env: dict[str, str] | None = None, check: bool = True) -> float:
+    start = time.monotonic()
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    if check and proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr[-2000:]}")
+    return seconds
+
+
+class Lab:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ctx = root / "ctx"
+        self.base = root / "base"
+        root.mkdir(parents=True, exist_ok=True)
+
+    def prepare(self) -> None:
+        if not (self.ctx / "src").is_dir():
+            sh(sys.executable, str(SHARED / "gen_context.py"), str(self.ctx))
+        if not (self.base / "busybox-oci.tar").exists():
+            sh(sys.executable, str(SHARED / "mkbase.py"), str(self.base))
+        self.pristine = (self.ctx / MOD_FILE).read_bytes()
+
+    def reset_context(self) -> None:
+        (self.ctx / MOD_FILE).write_bytes(self.pristine)
+
+    def modify(self, round_no: int) -> None:
+        with open(self.ctx / MOD_FILE, "a") as f:
+            f.write(f"/* bench change {round_no} {time.time_ns()} */\n")
+
+
+class Lamina:
+    name = "lamina"
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.cache = lab.root / "lamina-cache"
+        self.env = {**os.environ, "LAMINA_CACHE": str(self.cache)}
+        self.env.pop("SOURCE_DATE_EPOCH", None)
+        self.exe = [sys.executable, "-m", "lamina"]
+
+    def available(self) -> bool:
+        return True
+
+    def prune(self) -> None:
+        shutil.rmtree(self.cache, ignore_errors=True)
+        sh(*self.exe, "load", str(self.lab.base / "busybox-oci.tar"), env=self.env)
+
+    def build(self, workload: str) -> float:
+        dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
+        return sh(
+            *self.exe, "build", "--progress", "quiet", "-f", str(dockerfile),
+            "-t", f"bench/{workload}:lamina", str(self.lab.ctx), env=self.env,
+        )  # fmt: skip
+
+    def export(self, workload: str) -> float:
+        dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
+        out = self.lab.root / f"lamina-{workload}-oci.tar"
+        return sh(
+            *self.exe, "build", "--progress", "quiet", "-f", str(dockerfile),
+            "-t", f"bench/{workload}:lamina", "-o", f"type=oci,dest={out}", str(self.lab.ctx), env=self.env,
+        )  # fmt: skip
+
+
+class BuildKit:
+    name = "buildkit"
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+
+    def available(self) -> bool:
+        if not Path(DOCKER).exists():
+            return False
+        return subprocess.run([DOCKER, "info"], capture_output=True).returncode == 0
+
+    def prune(self) -> None:
+        images = subprocess.run(
+            [DOCKER, "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True, text=True
+        ).stdout.split()
+        for image in images:
+            if image.startswith("bench/"):
+                sh(DOCKER, "rmi", "-f", image, check=False)
+        sh(DOCKER, "builder", "prune", "-af", check=False)
+        if subprocess.run([DOCKER, "image", "inspect", BASE], capture_output=True).returncode:
+            sh(DOCKER, "load", "-i", str(self.lab.base / "busybox-docker.tar"))
+
+    def build(self, workload: str) -> float:
+        dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
+        return sh(
+            DOCKER, "build", "--network=none", "-q", "-f", str(dockerfile),
+            "-t", f"bench/{workload}:bk", str(self.lab.ctx), env=self.env,
+        )  # fmt: skip
+
+    def export(self, workload: str) -> float:
+        out = self.lab.root / f"bk-{workload}-oci.tar"
+        out.unlink(missing_ok=True)
+        return sh(
+            "skopeo", "copy", "-q", f"docker-daemon:bench/{workload}:bk",
+            f"oci-archive:{out}:bench/{workload}:bk",
+        )  # fmt: skip
+
+
+class Buildah:
+    name = "buildah"
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        store = lab.root / "buildah"
+        self.cmd = [
+            "buildah", "--root", str(store / "root"), "--runroot", str(store / "run"),
+            "--storage-driver", "overlay",
+        ]  # fmt: skip
+
+    def available(self) -> bool:
+        return shutil.which("buildah") is not None and os.geteuid() == 0
+
+    def prune(self) -> None:
+        sh(*self.cmd, "rm", "-a", check=False)
+        sh(*self.cmd, "rmi", "-a", "-f", check=False)
+        sh(*self.cmd, "pull", "-q", f"oci-archive:{self.lab.base / 'busybox-oci.tar'}")
+
+    def build(self, workload: str) -> float:
+        dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
+        return sh(
+            *self.cmd, "bud", "--isolation", "chroot", "--layers", "-q", "-f", str(dockerfile),
+            "-t", f"localhost/bench/{workload}:bah", str(self.lab.ctx),
+        )  # fmt: skip
+
+    def export(self, workload: str) -> float:
+        out = self.lab.root / f"bah-{workload}-oci.tar"
+        out.unlink(missing_ok=True)
+        return sh(
+            *self.cmd,
+            "push",
+            "-q",
+            f"localhost/bench/{workload}:bah",
+            f"oci-archive:{out}:bench/{workload}:bah",
+        )
+
+
+def measure(
+    tool: object, lab: Lab, workload: str, rounds: int, log: Callable[[str], None]
+) -> dict[str, float]:
+    times: dict[str, list[float]] = {s: [] for s in SCENARIOS}
+    for round_no in range(rounds):
+        lab.reset_context()
+        tool.prune()  # type: ignore[attr-defined]
+        times["cold"].append(tool.build(workload))  # type: ignore[attr-defined]
+        times["noop"].append(tool.build(workload))  # type: ignore[attr-defined]
+        lab.modify(round_no)
+        times["mod"].append(tool.build(workload))  # type: ignore[attr-defined]
+        times["export"].append(tool.export(workload))  # type: ignore[attr-defined]
+        log(
+            f"  {tool.name:9} {workload:11} round {round_no + 1}: "  # type: ignore[attr-defined]
+            + " ".join(f"{s}={times[s][-1]:.2f}" for s in SCENARIOS)
+        )
+    lab.reset_context()
+    return {s: statistics.median(v) for s, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--peers", action="store_true", help="also time BuildKit and Buildah when available")
+    parser.add_argument("--lab", type=Path, default=Path("/tmp/lamina-bench"))
+    args = parser.parse_args()
+    lab = Lab(args.lab)
+    lab.prepare()
+    tools: list[object] = [Lamina(lab)]
+    if args.peers:
+        tools += [tool for tool in (BuildKit(lab), Buildah(lab)) if tool.available()]
+    workloads = [w for w in args.workloads.split(",") if w]
+    results: dict[tuple[str, str], dict[str, float]] = {}
+    for workload in workloads:
+        for tool in tools:
+            results[tool.name, workload] = measure(  # type: ignore[attr-defined]
+                tool, lab, workload, args.rounds, lambda line: print(line, file=sys.stderr)
+            )
+    names = [tool.name for tool in tools]  # type: ignore[attr-defined]
+    print(f"median wall seconds over {args.rounds} round(s); ratio = lamina / peer (< 1: lamina faster)")
+    header = f"| {'workload':11} | {'tool':9} | " + " | ".join(f"{s:>7}" for s in SCENARIOS) + " |"
+    print(header)
+    print("|" + "|".join("-" * (len(part) + 0) for part in header.split("|")[1:-1]) + "|")
+    for workload in workloads:
+        for name in names:
+            row = results[name, workload]
+            cells = " | ".join(f"{row[s]:7.2f}" for s in SCENARIOS)
+            print(f"| {workload:11} | {name:9} | {cells} |")
+            if name != "lamina":
+                mine = results["lamina", workload]
+                ratios = " | ".join(f"{mine[s] / row[s]:6.2f}x" for s in SCENARIOS)
+                print(f"| {workload:11} | {'ratio':9} | {ratios} |")
+
+
+if __name__ == "__main__":
+    main()
