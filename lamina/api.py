@@ -12,7 +12,8 @@ from lamina.errors import DockerfileError
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from typing import IO
 
     from lamina.cache.store import GcReport, ImageRecord, Usage
     from lamina.cache.transfer import PullResult, PushResult
@@ -169,6 +170,99 @@ def cache_gc(
 
     with Store(_store_root(cache_dir, environ)) as store:
         return store.gc(cache_older_than=older_than)
+
+
+# --- sandbox: run -----------------------------------------------------------------
+
+
+def run(
+    image: str,
+    command: Sequence[str] = (),
+    *,
+    env: Iterable[str] = (),
+    workdir: str | None = None,
+    user: str | None = None,
+    network: str = "host",
+    mounts: Iterable[str] = (),
+    hostname: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    stdin: int | IO[bytes] | None = None,
+    stdout: int | IO[bytes] | None = None,
+    stderr: int | IO[bytes] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> int:
+    """Run `command` in the stored `image`, as `docker run --rm` does; return its exit code.
+
+    The image's Entrypoint, Cmd, Env, WorkingDir and User apply; `command`
+    replaces Cmd, `env` (`K=V`, or `K` to pass the caller's value) adds to
+    Env, `workdir`/`user` replace theirs. `mounts` are `docker run --mount`
+    strings (`type=bind,source=S,target=T[,ro]`, `type=tmpfs,target=T`).
+    Nothing the command changes is kept. Raises LaminaError (ImageNotFound,
+    SandboxError) when it cannot start.
+    """
+    import os
+
+    from lamina.cache.images import stored_image
+    from lamina.cache.store import Store
+    from lamina.engine import sandbox
+    from lamina.errors import SandboxError
+
+    environ = os.environ if environ is None else environ
+    with Store(_store_root(cache_dir, environ)) as store:
+        _, source = stored_image(store, image)
+        config = source.config.config
+        argv = (*(config.entrypoint or ()), *(command or config.cmd or ()))
+        if not argv:
+            raise SandboxError(f"run {image}: no command given and the image has no Entrypoint or Cmd")
+        variables = dict(item.partition("=")[::2] for item in config.env)
+        for item in env:
+            key, sep, value = item.partition("=")
+            if not sep:
+                if key not in environ:
+                    continue
+                value = environ[key]
+            variables[key] = value
+        ids = sandbox.detect_ids()
+        layers = zip(source.layers, source.diff_ids, strict=True)
+        lowers = [_unpacked(store, layer, diff_id, ids) for layer, diff_id in layers]
+        try:
+            net = sandbox.Network(network)
+        except ValueError:
+            raise SandboxError(f"--network {network}: expected host or none") from None
+        scratch = store.root / "tmp"
+        scratch.mkdir(exist_ok=True)
+        spec = sandbox.SandboxSpec(
+            argv=argv,
+            lower_dirs=tuple(reversed(lowers)),
+            env=tuple(variables.items()),
+            cwd=workdir or config.working_dir or "/",
+            user=config.user if user is None else user,
+            hostname=hostname or "lamina",
+            network=net,
+            mounts=tuple(sandbox.parse_mount(m) for m in mounts),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            scratch_dir=scratch,
+        )
+        return sandbox.run(spec, ids=ids, on_warning=on_warning)
+
+
+def _unpacked(store: Any, layer: Descriptor, diff_id: Any, ids: Any) -> Any:
+    """The layer's unpacked dir (overlay form) in the store, unpacked in the user namespace once."""
+    from lamina.engine import sandbox
+
+    if store.has_unpacked(diff_id):
+        store.touch_unpacked(diff_id)
+        return store.unpacked_path(diff_id)
+    tmp = store.new_unpack_dir()
+    try:
+        sandbox.extract_layer(store.blob_path(layer.digest), tmp, ids, digest=layer.digest)
+    except BaseException:
+        sandbox.remove_tree(tmp, ids)
+        raise
+    return store.publish_unpacked(tmp, diff_id)
 
 
 # --- build -------------------------------------------------------------------------

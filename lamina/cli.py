@@ -223,6 +223,59 @@ def cache_gc(older_than: float | None) -> None:
 
 # --- sandbox: run --------------------------------------------------------------
 
+
+# Options after IMAGE belong to COMMAND, as with docker run.
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.option("--rm", "remove", is_flag=True, help="Accepted for docker compatibility: nothing is ever kept.")
+@click.option("-e", "--env", "env", multiple=True, metavar="K=V", help="Set a variable (K alone: pass ours).")
+@click.option("-w", "--workdir", help="Working directory inside (created if missing).")
+@click.option("-u", "--user", help="USER[:GROUP] or UID[:GID], looked up in the image.")
+@click.option("--network", type=click.Choice(["host", "none"]), default="host", show_default=True)
+@click.option("--hostname", help="Hostname inside (default: lamina).")
+@click.option(
+    "--mount",
+    "mounts",
+    multiple=True,
+    metavar="SPEC",
+    help="type=bind,source=S,target=T[,ro] or type=tmpfs,target=T.",
+)
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(
+    remove: bool,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    network: str,
+    hostname: str | None,
+    mounts: tuple[str, ...],
+    image: str,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in IMAGE from the local store, rootless, like `docker run --rm`.
+
+    The image's Entrypoint, Cmd, Env, WorkingDir and User apply; output
+    streams through and the exit code is the command's.
+    """
+    from lamina import api
+
+    def warn(message: str) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    code = api.run(
+        image,
+        command,
+        env=env,
+        workdir=workdir,
+        user=user,
+        network=network,
+        mounts=mounts,
+        hostname=hostname,
+        on_warning=warn,
+    )
+    sys.exit(code)
+
+
 # --- build ---------------------------------------------------------------------
 
 

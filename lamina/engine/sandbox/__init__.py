@@ -15,7 +15,8 @@ Public surface (re-exported here, loaded on first use):
     SandboxSpec(argv, lower_dirs, upper_dir, env, cwd, user, hostname,
         network, mounts, snapshotter, stdin, stdout, stderr, scratch_dir)
     Network.HOST | Network.NONE; Snapshotter.OVERLAY | Snapshotter.COPY
-    BindMount, CacheMount (+ Sharing), TmpfsMount, SecretMount
+    BindMount, CacheMount (+ Sharing), TmpfsMount, SecretMount;
+        parse_mount("type=bind,source=S,target=T[,ro]") as `docker run --mount`
     detect_ids() -> IdMap: the id map sandboxes will use; IdMap.warning
         is the one-time "only your own id is mapped" message, if any.
     remove_tree(path, ids=None, keep_root=False): rm -rf from inside a user
@@ -54,6 +55,7 @@ _EXPORTS = {
     "set_owners": "runner",
     "default_snapshotter": "runner",
     "SandboxSpec": "spec",
+    "parse_mount": "spec",
     "Network": "spec",
     "Snapshotter": "spec",
     "Sharing": "spec",

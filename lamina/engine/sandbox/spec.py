@@ -110,3 +110,44 @@ class SandboxSpec:
     stdout: Output = None
     stderr: Output = None
     scratch_dir: Path | None = None
+
+
+def parse_mount(text: str) -> Mount:
+    """A `--mount` flag as `docker run` takes it: `type=bind,source=S,target=T[,readonly]`,
+    `type=tmpfs,target=T[,tmpfs-size=N]`. Bind mounts are writable unless `ro`/`readonly`.
+    """
+    from lamina.errors import SandboxError
+
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not key:
+            continue
+        if key in ("ro", "readonly") and (not sep or value.lower() in ("1", "true")):
+            fields["readonly"] = "true"
+            continue
+        if not sep:
+            raise SandboxError(f"--mount {text}: {key!r} needs a value (key=value)")
+        fields[{"src": "source", "dst": "target", "destination": "target"}.get(key, key)] = value
+    kind = fields.pop("type", "volume")
+    target = fields.pop("target", "")
+    if not target.startswith("/"):
+        raise SandboxError(f"--mount {text}: target must be an absolute path")
+    if kind == "bind":
+        source = fields.pop("source", "")
+        if not source:
+            raise SandboxError(f"--mount {text}: a bind mount needs source=")
+        readonly = fields.pop("readonly", "false").lower() in ("1", "true")
+        mount: Mount = BindMount(Path(source).absolute(), target, readonly=readonly)
+    elif kind == "tmpfs":
+        size = fields.pop("tmpfs-size", "0")
+        try:
+            mount = TmpfsMount(target, int(size))
+        except ValueError:
+            raise SandboxError(f"--mount {text}: tmpfs-size must be a number of bytes") from None
+    else:
+        raise SandboxError(f"--mount {text}: type {kind!r} is not supported (bind or tmpfs)")
+    if fields:
+        raise SandboxError(f"--mount {text}: unknown option {sorted(fields)[0]!r}")
+    return mount

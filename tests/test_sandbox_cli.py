@@ -1,0 +1,129 @@
+"""`lamina run IMAGE [COMMAND...]` on an image in the local store, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lamina import api
+from lamina.engine.sandbox import parse_mount
+from lamina.engine.sandbox.spec import BindMount, TmpfsMount
+from lamina.errors import SandboxError
+from tests.test_sandbox import _userns_available
+
+pytestmark = pytest.mark.sandbox
+
+if not _userns_available():
+    pytest.skip("user namespaces are not available here", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def cache(busybox_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run-cache") / "cache"
+    api.load(busybox_image, name="bb:test", cache_dir=root)
+    return root
+
+
+def lamina(cache: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LAMINA_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "lamina", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_run_streams_output_and_returns_the_exit_code(cache: Path) -> None:
+    done = lamina(cache, "run", "--rm", "bb:test", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (done.returncode, done.stdout, done.stderr.splitlines()[-1]) == (3, "out\n", "err")
+
+
+def test_run_flags_env_workdir_user_hostname(cache: Path) -> None:
+    script = 'echo "$A $B"; pwd; id -u; hostname'
+    done = lamina(
+        cache,
+        "run",
+        "-e",
+        "A=1",
+        "-e",
+        "B=two words",
+        "-w",
+        "/tmp/w",
+        "-u",
+        "0:0",
+        "--hostname",
+        "hosty",
+        "bb:test",
+        "sh",
+        "-c",
+        script,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["1 two words", "/tmp/w", "0", "hosty"]
+
+
+def test_run_stdin_reaches_the_command(cache: Path) -> None:
+    done = lamina(cache, "run", "bb:test", "cat", stdin="piped in\n")
+    assert (done.returncode, done.stdout) == (0, "piped in\n")
+
+
+def test_run_without_command_uses_the_image_cmd(cache: Path) -> None:
+    done = lamina(cache, "run", "bb:test", stdin="echo from the image cmd; echo $PATH\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "from the image cmd",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ]
+
+
+def test_run_network_none_and_bind_mount(cache: Path, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("host file\n")
+    mount = f"type=bind,source={tmp_path},target=/host,ro"
+    done = lamina(
+        cache,
+        "run",
+        "--network",
+        "none",
+        "--mount",
+        mount,
+        "bb:test",
+        "sh",
+        "-c",
+        "cat /host/in.txt; ip route | wc -l; touch /host/x || echo ro",
+    )
+    assert done.stdout.split() == ["host", "file", "0", "ro"], done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_changes_are_not_kept(cache: Path) -> None:
+    assert lamina(cache, "run", "bb:test", "sh", "-c", "echo x > /kept").returncode == 0
+    done = lamina(cache, "run", "bb:test", "cat", "/kept")
+    assert done.returncode == 1 and "No such file" in done.stderr
+
+
+def test_run_unknown_image_is_one_line_error(cache: Path) -> None:
+    done = lamina(cache, "run", "nope:latest", "true")
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+
+
+def test_run_missing_command_is_one_line_error(cache: Path) -> None:
+    done = lamina(cache, "run", "bb:test", "no-such-tool")
+    assert done.returncode == 1
+    assert done.stderr.strip() == 'error: exec "no-such-tool": executable file not found in $PATH'
+
+
+def test_parse_mount_flags() -> None:
+    assert parse_mount("type=bind,src=/a,dst=/b,readonly") == BindMount(Path("/a"), "/b", readonly=True)
+    assert parse_mount("type=bind,source=/a,target=/b") == BindMount(Path("/a"), "/b", readonly=False)
+    assert parse_mount("type=tmpfs,target=/t,tmpfs-size=1024") == TmpfsMount("/t", 1024)
+    for bad in ("type=bind,target=/b", "type=volume,target=/v", "type=tmpfs,target=rel", "type=bind,x=1"):
+        with pytest.raises(SandboxError, match="--mount"):
+            parse_mount(bad)
