@@ -30,6 +30,10 @@ ZSTD_LEVEL = 3
 # Always at least one worker: zstd's multi-threaded format differs from the
 # single-threaded one, but not between worker counts.
 ZSTD_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Small jobs bound the multi-threaded compressor's buffers (the default job
+# size for level 3 costs ~50 MB more RSS) at no measurable cost in ratio.
+# Part of the output format: changing it changes every zstd digest.
+ZSTD_JOB_SIZE = 1 << 20
 
 CHUNK = 1 << 20
 
@@ -100,7 +104,10 @@ class _Zstd:
     def __init__(self) -> None:
         import zstandard
 
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_WORKERS, write_checksum=True)
+        params = zstandard.ZstdCompressionParameters.from_level(
+            ZSTD_LEVEL, threads=ZSTD_WORKERS, job_size=ZSTD_JOB_SIZE, write_checksum=True
+        )
+        compressor = zstandard.ZstdCompressor(compression_params=params)
         self._obj = compressor.compressobj()
 
     def compress(self, data: bytes | memoryview, /) -> bytes:

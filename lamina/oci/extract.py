@@ -284,6 +284,7 @@ class _Unpacker:
         self._touched: set[str] = set()
         self._dirs: dict[str, tuple[int, int]] = {}  # path -> (mode, mtime_ns), set last
         self.warnings = _Warnings()
+        self._buffer = memoryview(bytearray(CHUNK))  # one copy buffer for every file
 
     def add(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         try:
@@ -381,8 +382,7 @@ class _Unpacker:
     def _copy_content(self, fd: int, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         source = tar.extractfile(member)
         assert source is not None  # a regular file
-        buffer = bytearray(CHUNK)
-        view = memoryview(buffer)
+        view = self._buffer
         copied = 0
         while copied < member.size:
             try:

@@ -212,7 +212,7 @@ def _add(tar: tarfile.TarFile, entry: LayerEntry, source_date_epoch: int | None)
     assert entry.open is not None  # checked in _check_entry
     try:
         with entry.open() as content:
-            tar.addfile(info, content)
+            tar.addfile(info, _FullReads(content))
     except OSError as err:
         if str(err) == "unexpected end of data":  # tarfile.copyfileobj's short read
             raise LayerError(f"write layer: {entry.path}: file shorter than its {entry.size} bytes") from err
@@ -272,3 +272,25 @@ class _HashingSink:
             size=self._size,
             media_type=compression.media_type,
         )
+
+
+class _FullReads:
+    """tarfile takes a short read for the end of the file; openers may give
+    raw streams (pipes, decoders) whose reads are short before the end."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+
+    def read(self, size: int) -> bytes:
+        data = self._inner.read(size)
+        if len(data) >= size or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < size:
+            more = self._inner.read(size - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
