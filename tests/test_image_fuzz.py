@@ -81,6 +81,8 @@ def _archive() -> bytes:
 
 
 ARCHIVE = _archive()
+with tarfile.open(fileobj=io.BytesIO(ARCHIVE)) as _tar:
+    MANIFEST = Digest.parse(json.load(_tar.extractfile("index.json"))["manifests"][0]["digest"])  # type: ignore[arg-type]
 
 
 def test_the_unbroken_archive_loads(tmp_path: Path) -> None:
@@ -110,5 +112,6 @@ def test_flipped_or_cut_archive_never_tracebacks(flips: list[tuple[int, int]], c
                 assert "\n" not in str(err)
                 assert store.images() == ()
                 return
-            # A flip in padding or an ignored header field changes nothing that matters.
-            assert [r.name for r in records] == ["docker.io/library/fuzz:1"]
+            # A flip in padding or an ignored header field changes nothing that matters;
+            # index.json is not content-addressed, so a flip there may rename the image.
+            assert [r.manifest for r in records] == [MANIFEST]

@@ -259,3 +259,9 @@ def test_crash_mid_write_leaves_only_a_temp_file_that_gc_sweeps(tmp_path: Path) 
         os.utime(blobs / leftover, (0, 0))
         store.gc()
         assert os.listdir(blobs) == []
+
+
+def test_blobs_are_read_only(store: Store) -> None:
+    info = store.put_bytes(b"sealed")
+    assert store.blob_path(info.digest).stat().st_mode & 0o777 == 0o444
+    store.put_bytes(b"sealed")  # writing the same blob again still works

@@ -209,6 +209,7 @@ class BlobWriter:
             if size is not None and size != self._size:
                 raise DigestMismatch(f"blob {digest}: {self._size} bytes, expected {size}")
             self._file.flush()
+            os.fchmod(self._file.fileno(), 0o444)  # content-addressed: never edited in place
             os.fsync(self._file.fileno())
             self._file.close()
             final = self._path.parent / digest.hex
