@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lamina.cache.statcache import FILE_NAME, StatCache
+from lamina.cache.statcache import DIR_NAME, StatCache
 from lamina.engine import context as context_module
 from lamina.engine.context import SourceTree, open_build_context, open_rootfs
 from lamina.errors import ContextError
@@ -170,7 +170,7 @@ def test_noop_rewalk_reads_no_file(ctx: Path, tmp_path: Path) -> None:
     with StatCache(cache_dir) as cache:
         first = open_build_context(ctx, cache).checksum()
         assert cache.misses == 6 and cache.hits == 0
-    assert (cache_dir / FILE_NAME).is_file()
+    assert len(list((cache_dir / DIR_NAME).glob("*.bin"))) == 1
     with StatCache(cache_dir) as cache:  # a new process: loads the persisted digests
         again = open_build_context(ctx, cache).checksum()
         assert (cache.misses, cache.hits) == (0, 6)
@@ -204,7 +204,7 @@ def test_fresh_files_are_not_persisted(tmp_path: Path) -> None:
     _write(tmp_path / "ctx", {"new": "data"})
     with StatCache(tmp_path / "cache") as cache:
         open_build_context(tmp_path / "ctx", cache).checksum()
-    assert len(StatCache(tmp_path / "cache")) == 0
+    assert StatCache(tmp_path / "cache").size(os.path.realpath(tmp_path / "ctx")) == 0
 
 
 def test_checksum_ignores_mtime_but_sees_mode(ctx: Path) -> None:
@@ -217,27 +217,39 @@ def test_checksum_ignores_mtime_but_sees_mode(ctx: Path) -> None:
 
 
 def test_statcache_survives_a_torn_or_foreign_file(tmp_path: Path) -> None:
-    (tmp_path / FILE_NAME).write_bytes(b"garbage")
-    assert len(StatCache(tmp_path)) == 0
     _write(tmp_path / "ctx", {"f": "x"})
+    scope = os.path.realpath(tmp_path / "ctx")
+    shard = StatCache(tmp_path).shard_path(scope)
+    assert shard is not None
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"garbage")
+    assert StatCache(tmp_path).size(scope) == 0
     _settle(tmp_path)
     with StatCache(tmp_path) as cache:
         open_build_context(tmp_path / "ctx", cache).checksum()
-    data = (tmp_path / FILE_NAME).read_bytes()
-    (tmp_path / FILE_NAME).write_bytes(data + b"\x01\x02")  # a torn tail record
-    assert len(StatCache(tmp_path)) == 1
+    shard.write_bytes(shard.read_bytes() + b"\x01\x02")  # a torn tail record
+    assert StatCache(tmp_path).size(scope) == 1
 
 
 def test_two_writers_merge_their_entries(tmp_path: Path) -> None:
-    _write(tmp_path / "a", {"one": "1"})
-    _write(tmp_path / "b", {"two": "2"})
+    _write(tmp_path / "ctx", {"one": "1", "two": "2"})
     _settle(tmp_path)
     first, second = StatCache(tmp_path / "cache"), StatCache(tmp_path / "cache")
-    open_build_context(tmp_path / "a", first).checksum()
-    open_build_context(tmp_path / "b", second).checksum()
+    context = tmp_path / "ctx"
+    tree_one, tree_two = open_build_context(context, first), open_build_context(context, second)
+    tree_one.file_digests([e for e in tree_one.walk() if e.path == "one"])
+    tree_two.file_digests([e for e in tree_two.walk() if e.path == "two"])
     first.save()
     second.save()
-    assert len(StatCache(tmp_path / "cache")) == 2
+    assert StatCache(tmp_path / "cache").size(os.path.realpath(context)) == 2
+
+
+def test_rootfs_digests_are_not_persisted(tmp_path: Path) -> None:
+    _write(tmp_path / "rootfs", {"bin/sh": "sh"})
+    _settle(tmp_path)
+    with StatCache(tmp_path / "cache") as cache:
+        open_rootfs(tmp_path / "rootfs", cache).checksum()
+    assert not (tmp_path / "cache" / DIR_NAME).exists()
 
 
 def test_unreadable_directory_is_a_context_error(ctx: Path) -> None:
@@ -249,3 +261,21 @@ def test_unreadable_directory_is_a_context_error(ctx: Path) -> None:
             list(open_build_context(ctx, StatCache(None)).walk())
     finally:
         os.chmod(ctx / "app", 0o755)
+
+
+def test_stale_entries_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lamina.cache import statcache
+
+    monkeypatch.setattr(statcache, "_SLACK", 0)
+    context = tmp_path / "ctx"
+    _write(context, {name: name for name in "abcdef"})
+    _settle(context)
+    with StatCache(tmp_path / "cache") as cache:
+        open_build_context(context, cache).checksum()
+    for name in "bcdef":
+        (context / name).unlink()
+    _write(context, {"g": "g"})
+    _settle(context)
+    with StatCache(tmp_path / "cache") as cache:
+        open_build_context(context, cache).checksum()
+    assert StatCache(tmp_path / "cache").size(os.path.realpath(context)) == 2

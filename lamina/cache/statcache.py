@@ -8,9 +8,9 @@ except for a write in the same clock tick as the hash (the kernel's
 timestamps are coarse), so an entry is only kept when the file's ctime was
 at least `_SETTLE_NS` older than the end of the hash ("racy git" rule).
 
-Storage is one small binary file of fixed-size records, loaded whole (a
-dict lookup per file is the cheapest thing a no-op rebuild can do) and
-replaced atomically by rename when new digests were added. Several lamina
+Storage is one small binary file of fixed-size records per build context,
+loaded whole (a dict lookup per file is the cheapest thing a no-op rebuild
+can do) and replaced atomically by rename when new digests were added. Several lamina
 processes may share it: a writer merges what is on disk before replacing
 it, and a lost update only costs a re-hash, never a wrong digest.
 """
@@ -23,6 +23,7 @@ import os
 import stat
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,9 +36,10 @@ StatKey = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 _MAGIC = b"lamina-statcache-1\n"
 _RECORD = struct.Struct("<QQQqq32s")
 _SETTLE_NS = 100_000_000  # far above any kernel timestamp granularity
-_MAX_ENTRIES = 500_000  # beyond this, entries unused by this process are dropped
+_SLACK = 10_000  # stale entries a shard may carry before it is pruned to what a build used
+_SHARD_DAYS = 30
 _PARALLEL_FROM = 16  # fewer files than this are hashed on the calling thread
-FILE_NAME = "statcache.bin"
+DIR_NAME = "statcache"
 
 
 def stat_key(st: os.stat_result) -> StatKey:
@@ -60,23 +62,36 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[bytes, os.stat_result]:
         os.close(fd)
 
 
-class StatCache:
-    """Digests of files by stat identity, persisted in `<directory>/statcache.bin`.
+class _Shard:
+    """The digests of one scope (one build context), loaded from one file."""
 
-    `directory=None` keeps everything in memory (tests, one-off walks).
-    Use as a context manager, or call `save()`; nothing is written unless
-    a new digest was added.
+    __slots__ = ("entries", "new", "path", "used")
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[StatKey, bytes] = _load(path) if path is not None else {}
+        self.new: dict[StatKey, bytes] = {}
+        self.used: set[StatKey] = set()
+
+
+class StatCache:
+    """Digests of files by stat identity, persisted under `<directory>/statcache/`.
+
+    Digests are grouped by *scope*, one file per scope (the build context's
+    real path), so a no-op rebuild loads only its own context's entries.
+    Scope None is kept in memory only: a stage's merged root filesystem is
+    a fresh copy every build, its inodes never come back. `directory=None`
+    keeps everything in memory. Use as a context manager, or call
+    `save()`; nothing is written unless a new digest was added. Safe to
+    share between the executor's threads.
     """
 
     def __init__(self, directory: Path | None) -> None:
-        self.path = directory / FILE_NAME if directory is not None else None
-        self._entries: dict[StatKey, bytes] = {}
-        self._new: dict[StatKey, bytes] = {}
-        self._used: set[StatKey] = set()
+        self.directory = directory / DIR_NAME if directory is not None else None
+        self._shards: dict[str | None, _Shard] = {}
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
-        if self.path is not None:
-            self._entries = _load(self.path)
 
     def __enter__(self) -> StatCache:
         return self
@@ -86,39 +101,43 @@ class StatCache:
     ) -> None:
         self.save()
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    def shard_path(self, scope: str) -> Path | None:
+        if self.directory is None:
+            return None
+        name = hashlib.sha256(scope.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return self.directory / f"{name}.bin"
 
-    def lookup(self, key: StatKey) -> bytes | None:
-        digest = self._entries.get(key)
-        if digest is not None:
-            self._used.add(key)
-        return digest
+    def _shard(self, scope: str | None) -> _Shard:
+        shard = self._shards.get(scope)
+        if shard is None:
+            with self._lock:
+                shard = self._shards.get(scope)
+                if shard is None:
+                    shard = _Shard(self.shard_path(scope) if scope is not None else None)
+                    self._shards[scope] = shard
+        return shard
 
-    def digest(self, path: str | os.PathLike[str], key: StatKey) -> bytes:
+    def size(self, scope: str | None) -> int:
+        """How many digests the scope holds (loading it)."""
+        return len(self._shard(scope).entries)
+
+    def digest(self, path: str | os.PathLike[str], key: StatKey, scope: str | None = None) -> bytes:
         """The sha256 of the regular file at `path`, whose `stat_key` of its lstat is `key`."""
-        digest = self._entries.get(key)
-        if digest is not None:
-            self.hits += 1
-            self._used.add(key)
-            return digest
-        self.misses += 1
-        digest, after = hash_file(path)
-        self._remember(key, digest, after)
-        return digest
+        return self.digest_many([(os.fspath(path), key)], scope)[0]
 
-    def digest_many(self, items: Sequence[tuple[str, StatKey]]) -> list[bytes]:
+    def digest_many(self, items: Sequence[tuple[str, StatKey]], scope: str | None = None) -> list[bytes]:
         """`digest` for many files; the ones not cached are hashed on a few threads.
 
         hashlib and file reads release the GIL, so a cold context hashes on
         every core; a warm one never starts a thread.
         """
-        found = [self._entries.get(key) for _, key in items]
+        shard = self._shard(scope)
+        entries = shard.entries
+        found = [entries.get(key) for _, key in items]
         missing = [i for i, digest in enumerate(found) if digest is None]
         self.hits += len(items) - len(missing)
         self.misses += len(missing)
-        for _, key in items:
-            self._used.add(key)
+        shard.used.update(key for _, key in items)
         if len(missing) < _PARALLEL_FROM:
             results = [hash_file(items[i][0]) for i in missing]
         else:
@@ -127,30 +146,42 @@ class StatCache:
             with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
                 results = list(pool.map(hash_file, (items[i][0] for i in missing)))
         for i, (digest, after) in zip(missing, results, strict=True):
-            self._remember(items[i][1], digest, after)
+            key = items[i][1]
+            # Keep it only if nothing changed while reading and the file has
+            # settled: a later write in the same timestamp tick would go unseen.
+            if stat_key(after) == key and time.time_ns() - after.st_ctime_ns > _SETTLE_NS:
+                entries[key] = digest
+                shard.new[key] = digest
             found[i] = digest
         return [d for d in found if d is not None]
 
-    def _remember(self, key: StatKey, digest: bytes, after: os.stat_result) -> None:
-        # Keep it only if nothing changed while reading and the file has
-        # settled: a later write in the same timestamp tick would go unseen.
-        if stat_key(after) == key and time.time_ns() - after.st_ctime_ns > _SETTLE_NS:
-            self._entries[key] = digest
-            self._new[key] = digest
-            self._used.add(key)
-
     def save(self) -> None:
         """Write new digests to disk (merged with what other processes wrote)."""
-        if self.path is None or not self._new:
-            return
-        merged = _load(self.path)
-        merged.update(self._entries)
-        if len(merged) > _MAX_ENTRIES:
-            merged = {k: v for k, v in merged.items() if k in self._used or k in self._new}
-        with contextlib.suppress(OSError):  # an unwritable cache only costs re-hashing
-            _store(self.path, merged)
-        self._entries = merged
-        self._new = {}
+        with self._lock:
+            for shard in self._shards.values():
+                if shard.path is None or not shard.new:
+                    continue
+                merged = _load(shard.path)
+                merged.update(shard.entries)
+                # Bound a shard to about its context's size: drop what this
+                # build did not see once stale entries dominate.
+                if len(merged) > 2 * len(shard.used) + _SLACK:
+                    merged = {k: v for k, v in merged.items() if k in shard.used}
+                with contextlib.suppress(OSError):  # an unwritable cache only costs re-hashing
+                    _store(shard.path, merged)
+                    _forget_old_shards(shard.path.parent)
+                shard.entries = merged
+                shard.new = {}
+
+
+def _forget_old_shards(directory: Path) -> None:
+    """Remove shards of contexts not built for `_SHARD_DAYS` days."""
+    cutoff = time.time() - _SHARD_DAYS * 86400
+    with os.scandir(directory) as it:
+        for entry in it:
+            if entry.name.endswith(".bin") and entry.stat().st_mtime < cutoff:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def _load(path: Path) -> dict[StatKey, bytes]:

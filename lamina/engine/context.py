@@ -72,7 +72,7 @@ def entry_record(path: str, entry: TreeEntry, mode: int, uid: int, gid: int, con
 class SourceTree:
     """A directory COPY/ADD reads from; see the module docstring."""
 
-    __slots__ = ("_root", "chroot", "ignore", "root", "stat_cache")
+    __slots__ = ("_root", "chroot", "ignore", "root", "scope", "stat_cache")
 
     def __init__(
         self,
@@ -80,12 +80,14 @@ class SourceTree:
         stat_cache: StatCache,
         ignore: DockerIgnore | None = None,
         chroot: bool = False,
+        scope: str | None = None,
     ) -> None:
         self.root = root
         self._root = str(root)
         self.stat_cache = stat_cache
         self.ignore = ignore if ignore else None
         self.chroot = chroot
+        self.scope = scope  # the stat cache's persistent scope; None: remember in memory only
 
     def __repr__(self) -> str:
         return f"SourceTree({str(self.root)!r}, chroot={self.chroot})"
@@ -200,7 +202,7 @@ class SourceTree:
     def file_digest(self, entry: TreeEntry) -> bytes:
         """sha256 of a FILE entry's content (from the stat cache when unchanged)."""
         try:
-            return self.stat_cache.digest(self.abspath(entry.path), entry.key)
+            return self.stat_cache.digest(self.abspath(entry.path), entry.key, self.scope)
         except OSError as err:
             raise ContextError(f"{entry.path}: cannot read: {err.strerror or err}") from None
 
@@ -208,7 +210,7 @@ class SourceTree:
         """Content digests of the FILE entries among `entries`, by path (hashed in parallel)."""
         files = [e for e in entries if e.type is EntryType.FILE]
         try:
-            digests = self.stat_cache.digest_many([(self.abspath(e.path), e.key) for e in files])
+            digests = self.stat_cache.digest_many([(self.abspath(e.path), e.key) for e in files], self.scope)
         except OSError as err:
             raise ContextError(f"{err.filename or '?'}: cannot read: {err.strerror or err}") from None
         return {e.path: d for e, d in zip(files, digests, strict=True)}
@@ -329,9 +331,12 @@ def open_build_context(root: Path, stat_cache: StatCache, dockerfile: Path | Non
             raise ContextError(f"{candidate}: cannot read: {err.strerror}") from None
         ignore = read_ignore_file(text, source=str(candidate))
         break
-    return SourceTree(root, stat_cache, ignore=ignore)
+    return SourceTree(root, stat_cache, ignore=ignore, scope=os.path.realpath(root))
 
 
 def open_rootfs(root: Path, stat_cache: StatCache) -> SourceTree:
-    """A stage's root filesystem (for COPY --from): symlinks resolve inside it."""
+    """A stage's root filesystem (for COPY --from): symlinks resolve inside it.
+
+    Its digests are not persisted: the executor merges a fresh copy each build.
+    """
     return SourceTree(root, stat_cache, chroot=True)
