@@ -464,13 +464,13 @@ class Executor:
         return target.created or _now()
 
     def _tag(self, image: Any, config: ImageConfig, names: Sequence[str] | None = None) -> tuple[str, ...]:
-        from lamina.cache.images import normalize_name
+        from lamina.engine.steps.dispatch import store_name
 
         wanted = tuple(self.options.tags if names is None else names)
         size = image.config.size + sum(layer.size for layer in image.layers)
         done = []
         for name in wanted:
-            full = normalize_name(name)
+            full = store_name(name)
             self.store.tag(full, image.manifest.digest, size=size, created=config.created or "")
             done.append(full)
         return tuple(done)

@@ -310,13 +310,13 @@ def commit_image(
         diff_ids.append(diff_id)
     final = dataclasses.replace(config, diff_ids=tuple(diff_ids))
     config_bytes = final.to_bytes()
-    store.put_bytes(config_bytes)
     config_desc = descriptor_of(config_bytes, OCI_CONFIG)
     manifest_bytes = Manifest(config_desc, tuple(blobs)).to_bytes()
-    store.put_bytes(manifest_bytes)
-    return CommittedImage(
-        descriptor_of(manifest_bytes, OCI_MANIFEST), config_desc, tuple(blobs), config_bytes, tuple(diff_ids)
-    )
+    manifest_desc = descriptor_of(manifest_bytes, OCI_MANIFEST)
+    for data, descriptor in ((config_bytes, config_desc), (manifest_bytes, manifest_desc)):
+        if not store.has_blob(descriptor.digest):  # a no-op rebuild writes nothing
+            store.put_bytes(data, descriptor.digest)
+    return CommittedImage(manifest_desc, config_desc, tuple(blobs), config_bytes, tuple(diff_ids))
 
 
 # --- writing outputs -------------------------------------------------------------------

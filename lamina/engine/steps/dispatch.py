@@ -147,37 +147,54 @@ def executor_base_image(executor: Executor, ref: str, location: Any) -> StageOut
         return found
 
 
+def store_name(name: str) -> str:
+    """The store's form of an image name (`app` -> `docker.io/library/app:latest`).
+
+    Same rule as lamina.cache.images.normalize_name, without importing the
+    archive formats a no-op rebuild never needs.
+    """
+    import dataclasses as _dc
+
+    from lamina.oci.reference import parse_reference
+
+    ref = parse_reference(name)
+    if ref.tag is None:
+        raise BuildError(f"image name {name!r} needs a tag, not only a digest")
+    return str(_dc.replace(ref, digest=None))
+
+
 def load_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
-    from lamina.cache.images import normalize_name, stored_image
     from lamina.engine.executor import StageOutcome
-    from lamina.oci.image import ImageConfig
+    from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
 
     store = executor.store
+    name = store_name(ref)
     record = None
-    if executor.options.pull or not _in_store(store, ref):
+    if executor.options.pull or not _in_store(store, name):
         record = _pull(executor, ref, location)
     try:
-        _, image = stored_image(store, record.name if record is not None else ref)
+        record = record or store.resolve(name)
     except ImageNotFound:
         raise BuildError(
-            f"{location}: FROM {ref}: image {normalize_name(ref)} is not in the store"
-            " (lamina load or lamina pull it first)"
+            f"{location}: FROM {ref}: image {name} is not in the store (lamina load or lamina pull it first)"
         ) from None
-    config = ImageConfig.from_bytes(image.config_bytes, f"config of {ref}")
+    manifest = Manifest.from_bytes(store.read_blob(record.manifest, MAX_DOCUMENT), f"manifest of {ref}")
+    config_bytes = store.read_blob(manifest.config.digest, MAX_DOCUMENT)
+    config = ImageConfig.from_bytes(config_bytes, f"config of {ref}")
+    if len(config.diff_ids) != len(manifest.layers):
+        raise BuildError(f"{location}: FROM {ref}: the config and the manifest disagree on the layers")
     layers = []
-    for blob, diff_id in zip(image.layers, config.diff_ids, strict=True):
+    for blob, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
         path = unpack_layer(executor, blob, diff_id)
         layers.append(ImageLayer(path, diff_id=diff_id, blob=blob))
-    key = f"image:{image.manifest.digest}"
+    key = f"image:{record.manifest}"
     return StageOutcome(ref, config, tuple(layers), key, config.created, ())
 
 
-def _in_store(store: Any, ref: str) -> bool:
-    from lamina.cache.images import normalize_name
-
+def _in_store(store: Any, name: str) -> bool:
     try:
-        store.resolve(normalize_name(ref))
-    except (ImageNotFound, LaminaError):
+        store.resolve(name)
+    except LaminaError:
         return False
     return True
 
