@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from lamina.engine import sandbox
+from lamina.engine import sandbox, snapshot
 from lamina.engine.sandbox import IdMode, Network, SandboxSpec, detect_ids
 from lamina.engine.sandbox._rootfs import merge_copy
 from lamina.engine.snapshot import capture
 from lamina.oci.entry import EntryType, LayerEntry
-from lamina.oci.extract import Whiteouts, extract_layer
+from lamina.oci.extract import Whiteouts, extract_layer, iter_layer
 from lamina.oci.layer import Compression, write_layer
 from tests.test_sandbox import make_rootfs
 
@@ -179,7 +179,7 @@ def test_layer_round_trip_reproduces_the_final_view(
     # capture -> tar -> unpack in overlay form -> the same view, file by file.
     blob = tmp_path / "layer.tar.gz"
     with open(blob, "wb") as f:
-        write_layer(capture(upper, detect_ids(), lowers), f, Compression.GZIP)
+        snapshot.write_layer(upper, f, Compression.GZIP, lowers=lowers)
     unpacked = tmp_path / "unpacked"
     sandbox.extract_layer(blob, unpacked)
     assert _run((unpacked, *lowers), LISTING, tmp_path) == final_view
@@ -212,3 +212,23 @@ def _read(entry: LayerEntry) -> bytes:
     assert entry.open is not None
     with entry.open() as f:
         return f.read()
+
+
+def test_private_files_of_other_users_reach_the_layer(
+    snapshotter: str, lowers: tuple[Path, ...], tmp_path: Path
+) -> None:
+    upper = tmp_path / "upper"
+    script = "mkdir -p /home/app/.ssh && echo key > /home/app/.ssh/id && chmod 600 /home/app/.ssh/id"
+    script += " && chmod 700 /home/app/.ssh"
+    single = detect_ids().mode is IdMode.SINGLE
+    if not single:
+        script += " && chown -R 1000:1000 /home/app"
+    _run(lowers, script, tmp_path, upper)
+    blob = io.BytesIO()
+    info = snapshot.write_layer(upper, blob, Compression.GZIP, lowers=lowers)
+    blob.seek(0)
+    found = {e.path: e for e in iter_layer(blob, digest=info.digest)}
+    key = found["home/app/.ssh/id"]
+    assert (key.size, key.mode) == (4, 0o600)
+    assert (key.uid, key.gid) == ((0, 0) if single else (1000, 1000))
+    assert found["home/app/.ssh"].mode == 0o700

@@ -24,11 +24,15 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node, is_opaque
 from lamina.engine.sandbox.idmap import IdMap
 from lamina.errors import LayerError
 from lamina.oci.entry import EntryType, LayerEntry
+
+if TYPE_CHECKING:
+    from lamina.oci.layer import Compression, LayerInfo
 
 OPAQUE_XATTR = "user.overlay.opaque"
 WHITEOUT_PREFIX = ".wh."
@@ -137,6 +141,39 @@ def _entry(
         devminor=os.minor(st.st_rdev) if device else 0,
         xattrs=() if kind is EntryType.HARDLINK else tuple(sorted(_xattrs(host).items())),
         open=opener,
+    )
+
+
+def write_layer(
+    upper_dir: Path,
+    out: BinaryIO,
+    compression: Compression,
+    *,
+    lowers: Sequence[Path] = (),
+    source_date_epoch: int | None = None,
+    ids: IdMap | None = None,
+) -> LayerInfo:
+    """Capture `upper_dir` and write it as a layer blob to `out` (only `out.write` is called).
+
+    Rootless with subordinate ids, this runs inside a user namespace, where
+    files the container made private to one of its users can be read.
+    """
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+    from lamina.oci import layer
+
+    ids = ids or detect_ids()
+    if ids.mode is not IdMode.SUBORDINATE:
+        entries = capture(upper_dir, ids, lowers)
+        return layer.write_layer(entries, out, compression, source_date_epoch=source_date_epoch)
+    from lamina.engine.sandbox.runner import write_layer_inside
+    from lamina.oci.digest import Digest
+
+    fields = write_layer_inside(upper_dir, out, compression.value, lowers, source_date_epoch, ids)
+    return layer.LayerInfo(
+        digest=Digest.parse(fields["digest"]),
+        diff_id=Digest.parse(fields["diff_id"]),
+        size=fields["size"],
+        media_type=fields["media_type"],
     )
 
 

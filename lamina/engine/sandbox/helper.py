@@ -15,7 +15,8 @@ The exit status is the command's (run), or 0 / 125.
 Modes: "run" (a command in a sandbox), "remove" (rm -rf paths inside the user
 namespace, for trees owned by subordinate ids), "extract" (unpack a layer
 inside the user namespace so its owners are the namespace's ids), "chown"
-(set container owners on files the caller wrote, e.g. COPY --chown).
+(set container owners on files the caller wrote, e.g. COPY --chown), "layer"
+(capture an upper dir and write its layer tar to stdout).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def main() -> int:
         return _extract(spec, report_fd)
     if spec["mode"] == "chown":
         return _chown(spec, report_fd)
+    if spec["mode"] == "layer":
+        return _layer(spec, report_fd)
     try:
         baseline = _inside.prepare(spec, report_fd)
     except _inside.SetupError as err:
@@ -137,6 +140,29 @@ def _chown(spec: dict, report_fd: int) -> int:
         except OSError as err:
             _inside_report(report_fd, f"chown {path} to {uid}:{gid}: {err.strerror}")
             return 1
+    return 0
+
+
+def _layer(spec: dict, report_fd: int) -> int:
+    sys.path.extend(p for p in spec["sys_path"] if p not in sys.path)
+    import json
+
+    from lamina.engine.snapshot import capture
+    from lamina.oci.layer import Compression, write_layer
+
+    try:
+        # Inside, stat shows the container's ids: no translation needed.
+        entries = capture(spec["upper"], None, spec["lowers"])
+        with open(1, "wb", closefd=False) as out:
+            info = write_layer(
+                entries, out, Compression(spec["compression"]), source_date_epoch=spec["epoch"]
+            )
+    except Exception as err:  # reported to the caller, which raises it as a LaminaError
+        _inside_report(report_fd, str(err))
+        return 1
+    fields = {"digest": str(info.digest), "diff_id": str(info.diff_id), "size": info.size}
+    fields["media_type"] = info.media_type
+    os.write(report_fd, b"R" + json.dumps(fields).encode() + b"\n")
     return 0
 
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from lamina.engine.sandbox import _rootfs
 from lamina.engine.sandbox.idmap import IdMap, IdMode, detect_ids, write_maps
@@ -230,8 +230,13 @@ def _helper(
     ids: IdMap,
     spec: SandboxSpec | None = None,
     results: list[str] | None = None,
+    sink: BinaryIO | None = None,
 ) -> tuple[int, list[str]]:
-    """Start the helper with `wire`, map its ids, wait; (exit code, error messages)."""
+    """Start the helper with `wire`, map its ids, wait; (exit code, error messages).
+
+    `results` receives the helper's result lines; `sink` its stdout, copied
+    by a thread while the helper runs.
+    """
     import marshal
 
     request_r, request_w = os.pipe()
@@ -241,8 +246,8 @@ def _helper(
             [sys.executable, "-I", "-S", _HELPER, str(request_r), str(report_w)],
             pass_fds=(request_r, report_w),
             stdin=spec.stdin if spec else subprocess.DEVNULL,
-            stdout=spec.stdout if spec else subprocess.DEVNULL,
-            stderr=spec.stderr if spec else subprocess.DEVNULL,
+            stdout=spec.stdout if spec else (subprocess.PIPE if sink else subprocess.DEVNULL),
+            stderr=spec.stderr if spec else None,
         )
     except OSError as err:
         for fd in (request_r, request_w, report_r, report_w):
@@ -250,6 +255,7 @@ def _helper(
         raise SandboxError(f"start the sandbox helper: {err}") from err
     os.close(request_r)
     os.close(report_w)
+    pump = _Pump(proc.stdout, sink) if sink is not None else None
     try:
         with open(request_w, "wb", buffering=0) as request, open(report_r, "rb", buffering=0) as report:
             payload = marshal.dumps(wire)
@@ -262,6 +268,8 @@ def _helper(
             request.close()
             messages = (first + report.read()).decode(errors="replace")
         code = proc.wait()
+        if pump is not None:
+            pump.finish()
     except BaseException:
         _stop(proc)
         raise
@@ -270,6 +278,35 @@ def _helper(
     if results is not None:
         results.extend(line[1:] for line in lines if line.startswith("R"))
     return (128 - code if code < 0 else code), errors
+
+
+class _Pump:
+    """Copies a pipe into a file object on a thread, so neither side can fill up and block."""
+
+    def __init__(self, source: IO[bytes] | None, sink: BinaryIO) -> None:
+        import threading
+
+        assert source is not None
+        self._source, self._sink = source, sink
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lamina-sandbox-pump", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while chunk := self._source.read(1 << 20):
+                self._sink.write(chunk)
+        except BaseException as err:  # re-raised on the caller's thread by finish()
+            self._error = err
+            while self._source.read(1 << 20):
+                pass
+        finally:
+            self._source.close()
+
+    def finish(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -334,6 +371,35 @@ def set_owners(owners: Sequence[tuple[Path, int, int]], ids: IdMap | None = None
     _, errors = _helper(wire, ids)
     if errors:
         raise SandboxError(errors[0])
+
+
+def write_layer_inside(
+    upper: Path,
+    out: BinaryIO,
+    compression: str,
+    lowers: Sequence[Path],
+    source_date_epoch: int | None,
+    ids: IdMap,
+) -> dict[str, Any]:
+    """`snapshot.write_layer` run inside a user namespace: files of subordinate
+    ids that the caller may not read are read there. Returns LayerInfo fields."""
+    import json
+
+    wire = {
+        "mode": "layer",
+        "parent": os.getpid(),
+        "upper": str(Path(upper).absolute()),
+        "lowers": [str(Path(p).absolute()) for p in lowers],
+        "compression": compression,
+        "epoch": source_date_epoch,
+        "sys_path": [p for p in sys.path if p],
+    }
+    results: list[str] = []
+    _, errors = _helper(wire, ids, results=results, sink=out)
+    if errors or not results:
+        raise SandboxError(errors[0] if errors else f"write the layer of {upper}: the helper gave no result")
+    fields: dict[str, Any] = json.loads(results[0])
+    return fields
 
 
 def extract_layer(
