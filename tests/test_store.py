@@ -265,3 +265,20 @@ def test_blobs_are_read_only(store: Store) -> None:
     info = store.put_bytes(b"sealed")
     assert store.blob_path(info.digest).stat().st_mode & 0o777 == 0o444
     store.put_bytes(b"sealed")  # writing the same blob again still works
+
+
+def test_one_store_shared_by_threads(store: Store) -> None:
+    """The executor builds independent stages in threads over one Store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(i: int) -> None:
+        data = f"thread blob {i % 7}".encode() * 500
+        info = store.put_bytes(data)
+        store.cache_put(f"k{i}", f'"{i}"', refs=[info.digest])
+        store.tag(f"t:{i}", info.digest, size=info.size)
+        assert store.cache_get(f"k{i}") == f'"{i}"'
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(200)))
+    assert len(store.images()) == 200
+    assert store.du().blob_count == 7
