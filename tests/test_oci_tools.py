@@ -180,3 +180,18 @@ def test_image_without_layers_is_accepted(tmp_path: Path, podman_base: list[str 
     _run(*podman_base, "load", "-i", out)
     assert "docker.io/library/empty:1" in _run(*podman_base, "images", "--format", "{{.Repository}}:{{.Tag}}")
     validate_image(out)
+
+
+@pytest.mark.parametrize("fmt", ["oci-archive", "docker-archive"])
+def test_lamina_loads_what_podman_saves(
+    fmt: str, busybox_image: Path, tmp_path: Path, podman_base: list[str | Path]
+) -> None:
+    _run(*podman_base, "load", "-i", busybox_image)
+    out = tmp_path / f"podman-{fmt}.tar"
+    _run(*podman_base, "save", "--format", fmt, "-o", out, "docker.io/lamina-test/busybox:1.35")
+    with Store(tmp_path / "cache") as store:
+        (record,) = load_image_file(store, out)
+        assert record.name == "docker.io/lamina-test/busybox:1.35"
+        save_image(store, BUSYBOX_NAME, tmp_path / "again.tar")
+    validate_image(out)
+    validate_image(tmp_path / "again.tar")
