@@ -195,3 +195,13 @@ def test_lamina_loads_what_podman_saves(
         save_image(store, BUSYBOX_NAME, tmp_path / "again.tar")
     validate_image(out)
     validate_image(tmp_path / "again.tar")
+
+
+def test_docker_style_readers_accept_the_oci_archive(saved: Path, tmp_path: Path) -> None:
+    """The manifest.json inside lamina's OCI archive is what `docker load` reads; skopeo's
+    docker-archive transport reads it the same way."""
+    skopeo = _need("skopeo")
+    info = json.loads(_run(skopeo, "inspect", f"docker-archive:{saved}"))
+    assert (info["Os"], info["Created"]) == ("linux", "2024-01-01T00:00:00Z")
+    _run(skopeo, "copy", "-q", f"docker-archive:{saved}", f"oci:{tmp_path / 'copy'}:z")
+    validate_image(saved)
