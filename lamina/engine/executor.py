@@ -310,9 +310,9 @@ class Executor:
     def stage_rootfs(self, outcome: StageOutcome, paths: Sequence[str] = ("/",)) -> Path:
         """A read-only-use tree of a stage's files under `paths` (COPY --from, mounts).
 
-        Only the subtrees asked for are made, with files hard-linked from the
-        layer dirs, so copying one directory out of a big builder stage costs
-        little. Made once per (stage, paths) per build.
+        Only the subtrees asked for are copied out of the layer dirs, so
+        taking one directory from a big builder stage costs little. Made
+        once per (stage, paths) per build.
         """
         wanted = tuple(sorted(set(paths)))
         with self._rootfs_lock:

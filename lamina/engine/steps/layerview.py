@@ -188,12 +188,10 @@ def _node(view: LayerView, rel: str, dest: Path, dirs: list[tuple[Path, os.stat_
         _copy_meta(target, st)
         return
     elif stat.S_ISREG(st.st_mode):
-        # A hard link: this tree is only read from, and linking costs no copy.
-        try:
-            os.link(real, target)
-        except OSError:
-            shutil.copy2(real, target, follow_symlinks=False)
-            _copy_meta(target, st)
+        # A copy, not a hard link: linking changes the layer file's ctime,
+        # which a concurrent build reading the same file takes for a change.
+        shutil.copyfile(real, target, follow_symlinks=False)
+        _copy_meta(target, st)
         return
     else:
         return  # devices and fifos are not needed to read files from a stage
@@ -207,8 +205,7 @@ def materialize(view: LayerView, paths: list[str], dest: Path) -> None:
     """Make `dest` a read-only-use copy of the view's subtrees at `paths` (absolute image paths).
 
     Symlinks met on the way to each path are recreated, so that resolving
-    the path inside `dest` (chroot-style) reaches the same subtree. Files
-    are hard-linked from the layer dirs where possible.
+    the path inside `dest` (chroot-style) reaches the same subtree.
     """
     dest.mkdir(parents=True, exist_ok=True)
     dirs: list[tuple[Path, os.stat_result]] = []
