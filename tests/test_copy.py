@@ -264,6 +264,15 @@ def test_parents_with_double_star(ctx: SourceTree, tmp_path: Path) -> None:
     assert set(got) == {"app", "app/src", "app/src/main.go", "app/src/util", "app/src/util/util.go"}
 
 
+def test_parents_directories_take_source_metadata_and_chmod(ctx: SourceTree, tmp_path: Path) -> None:
+    os.chmod(ctx.root / "src" / "util", 0o750)
+    got = _copy(ctx, ["src/util/util.go"], "/app/", tmp_path / "one", parents=True)
+    assert got["app/src/util"][1] == 0o750
+    got = _copy(ctx, ["src/util/util.go"], "/app/", tmp_path / "two", parents=True, chmod=parse_chmod("700"))
+    assert (got["app/src/util"][1], got["app/src/util/util.go"][1]) == (0o700, 0o700)
+    assert got["app"][1] == 0o755
+
+
 def test_parents_missing_literal_source(ctx: SourceTree) -> None:
     with pytest.raises(ContextError, match="not found in build context: src/nope"):
         select_sources(ctx, ["src/nope"], "/app/", CopyOptions(parents=True))

@@ -179,7 +179,8 @@ def _forget_old_shards(directory: Path) -> None:
     cutoff = time.time() - _SHARD_DAYS * 86400
     with os.scandir(directory) as it:
         for entry in it:
-            if entry.name.endswith(".bin") and entry.stat().st_mtime < cutoff:
+            stale = entry.name.endswith(".bin") or entry.name.startswith(".tmp-")  # or a crashed write
+            if stale and entry.stat().st_mtime < cutoff:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
 

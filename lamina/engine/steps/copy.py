@@ -185,7 +185,8 @@ class MadeDir:
     dest: str
     uid: int
     gid: int
-    entry: TreeEntry | None = None  # --parents: copy this source dir's metadata
+    mode: int = _DIR_MODE
+    entry: TreeEntry | None = None  # --parents: the source dir whose metadata it takes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -407,9 +408,10 @@ def _select_parents(
         relative = entry.path[len(base) + 1 :] if base else entry.path
         target = _join(dest_rel, relative)
         if entry.type is EntryType.DIR and not include.excludes(relative):
-            # a parent of what the pattern selects: made with its own metadata
-            parent = _item(tree, target, entry, dataclasses.replace(options, chmod=None))
-            made.append(MadeDir(target, parent.uid, parent.gid, entry))
+            # a parent of what the pattern selects: made with the source dir's
+            # metadata (and --chmod/--chown, as fsutil's createParentDirs does)
+            parent = _item(tree, target, entry, options)
+            made.append(MadeDir(target, parent.uid, parent.gid, parent.mode, entry))
             continue
         items.append(_item(tree, target, entry, options))
 
@@ -421,8 +423,8 @@ def selection_key(tree: SourceTree, selection: Selection) -> Digest:
     """sha256 over what the selection writes (never mtimes); reads only changed files."""
     h = hashlib.sha256()
     for made in selection.made_dirs:
-        mode = made.entry.mode if made.entry is not None else _DIR_MODE
-        h.update(f"mkdir\0{made.dest}\0{mode:o}\0{made.uid}\0{made.gid}\n".encode("utf-8", "surrogateescape"))
+        record = f"mkdir\0{made.dest}\0{made.mode:o}\0{made.uid}\0{made.gid}\n"
+        h.update(record.encode("utf-8", "surrogateescape"))
     digests = tree.file_digests([item.entry for item in selection.items])
     first_links: dict[tuple[int, int], str] = {}
     for item in selection.items:
@@ -517,7 +519,7 @@ class _Writer:
             if not stat.S_ISDIR(st.st_mode):
                 raise ContextError(f"COPY failed: cannot copy to non-directory: /{made.dest}")
         elif made.entry is not None:
-            self.mkdir(made.dest, made.entry.mode, made.uid, made.gid)
+            self.mkdir(made.dest, made.mode, made.uid, made.gid)
             self.dir_times.append((made.dest, made.entry.mtime_ns))
         else:
             image_st = self.image.stat("/" + made.dest) if self.image is not None else None
