@@ -312,3 +312,25 @@ def test_walk_then_write_a_tree(tmp_path: Path) -> None:
 def test_walk_of_a_missing_root_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(LayerError, match=r"walk .*missing"):
         list(entries_from_tree(tmp_path / "missing"))
+
+
+def test_pax_records_of_every_length_read_back() -> None:
+    # A pax record's length counts its own digits: lengths around 10**n are the trap.
+    entries = [
+        LayerEntry(f"{n:04d}" + "p" * n, EntryType.SYMLINK, linkname="t" * (n + 3)) for n in range(80, 1010)
+    ]
+    blob, _ = write(sorted_entries(entries), Compression.NONE)
+    members = read_tar(blob)
+    assert [(m.name, m.linkname) for m in members] == [(e.path, e.linkname) for e in sorted_entries(entries)]
+
+
+def test_fields_beyond_ustar_go_to_pax_records() -> None:
+    name = b"caf\xe9-\xff".decode("utf-8", "surrogateescape")  # not UTF-8
+    entries = [
+        LayerEntry(name, EntryType.FILE, uid=3_000_000, gid=2**31, mtime=-5, size=1, open=_content(b"z")),
+    ]
+    blob, info = write(entries, Compression.NONE)
+    (member,) = read_tar(blob)
+    assert (member.name, member.uid, member.gid, member.mtime) == (name, 3_000_000, 2**31, -5)
+    assert len(blob) == 512 * 6  # pax header, records, ustar header, content, two zero blocks
+    assert describe_layer(io.BytesIO(blob)) == info
