@@ -121,11 +121,16 @@ def write_maps(pid: int, ids: IdMap) -> None:
     """Give the user namespace of `pid` (just unshared, still unmapped) its maps."""
     try:
         if ids.mode is IdMode.SUBORDINATE:
+            # Both at once: each is a setuid process start, a few ms of the sandbox's start-up.
+            running = []
             for tool, ranges in (("newuidmap", ids.uids), ("newgidmap", ids.gids)):
                 args = [str(n) for r in ranges for n in (r.inside, r.outside, r.count)]
-                done = subprocess.run([tool, str(pid), *args], capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise SandboxError(f"{tool} {pid}: {done.stderr.strip() or 'failed'}")
+                running.append((tool, subprocess.Popen([tool, str(pid), *args], stderr=subprocess.PIPE)))
+            for tool, proc in running:
+                _, stderr = proc.communicate()
+                if proc.returncode != 0:
+                    message = stderr.decode(errors="replace").strip() or "failed"
+                    raise SandboxError(f"{tool} {pid}: {message}")
             return
         if ids.mode is IdMode.SINGLE:
             # An unprivileged process may map only its own id, and only after

@@ -326,23 +326,26 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def remove_tree(path: Path, ids: IdMap | None = None, *, keep_root: bool = False) -> None:
-    """rm -rf `path`, from inside a user namespace when subordinate ids may own files in it."""
+    """rm -rf `path`; what subordinate ids own is removed from inside a user namespace."""
     ids = ids or detect_ids()
     if not os.path.lexists(path):
         return
     paths = [str(p) for p in Path(path).iterdir()] if keep_root else [str(path)]
-    if not paths:
-        return
-    if ids.mode is IdMode.SUBORDINATE:
-        _, errors = _helper({"mode": "remove", "parent": os.getpid(), "paths": paths}, ids)
-        if errors:
-            raise SandboxError(errors[0])
-        return
     try:
         for p in paths:
             _rootfs.remove_tree(p)
+        return
+    except PermissionError:
+        if ids.mode is not IdMode.SUBORDINATE:
+            raise SandboxError(f"remove {path}: permission denied") from None
     except OSError as err:
         raise SandboxError(f"remove {err.filename or path}: {err.strerror}") from err
+    # Usually everything is the caller's and the loop above is enough; a
+    # directory of another container user needs that user's namespace.
+    paths = [p for p in paths if os.path.lexists(p)]
+    _, errors = _helper({"mode": "remove", "parent": os.getpid(), "paths": paths}, ids)
+    if errors:
+        raise SandboxError(errors[0])
 
 
 def set_owners(owners: Sequence[tuple[Path, int, int]], ids: IdMap | None = None) -> None:
