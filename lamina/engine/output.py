@@ -250,7 +250,7 @@ class CommittedImage:
 
 
 def layer_blob(
-    store: Store, layer: ImageLayer, compression: str, epoch: int | None
+    store: Store, layer: ImageLayer, compression: str, epoch: int | None, lowers: Sequence[Path] = ()
 ) -> tuple[Descriptor, Digest]:
     """The blob of `layer` in `compression` (made once, then found in the store's index)."""
     import json
@@ -269,14 +269,16 @@ def layer_blob(
         if store.has_blob(digest):
             descriptor = Descriptor(record["media_type"], digest, record["size"])
             return descriptor, Digest.parse(record["diff_id"])
-    from lamina.oci.layer import write_layer
-    from lamina.oci.walk import entries_from_tree
+    # snapshot.write_layer maps a rootless sandbox's ids back to the container's
+    # and reads files private to subordinate ids inside the user namespace.
+    from lamina.engine.snapshot import write_layer
 
     with store.blob_writer() as out:
         info = write_layer(
-            entries_from_tree(layer.path, overlay=True),
+            layer.path,
             out,
             Compression.parse(compression),
+            lowers=lowers,
             source_date_epoch=epoch,
         )
         blob = out.commit(info.digest)
@@ -304,8 +306,9 @@ def commit_image(
 
     blobs: list[Descriptor] = []
     diff_ids: list[Digest] = []
-    for layer in layers:
-        descriptor, diff_id = layer_blob(store, layer, compression, epoch)
+    for i, layer in enumerate(layers):
+        lowers = [below.path for below in reversed(layers[:i])]
+        descriptor, diff_id = layer_blob(store, layer, compression, epoch, lowers)
         blobs.append(descriptor)
         diff_ids.append(diff_id)
     final = dataclasses.replace(config, diff_ids=tuple(diff_ids))

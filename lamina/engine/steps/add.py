@@ -115,7 +115,9 @@ def write_fetched(fetched: Fetched, upper: Path, dest: str, owner: Any, chmod: A
             keep_lower_dir_meta(image, upper, posixpath.dirname(rel))
     shutil.copyfile(fetched.path, target)
     uid, gid = owner if owner else (0, 0)
-    os.lchown(target, uid, gid)
+    from lamina.engine.steps.dispatch import chown
+
+    chown(target, uid, gid)
     os.chmod(target, chmod.apply(0o600, False) if chmod is not None else 0o600)
     if fetched.mtime is not None:
         os.utime(target, (fetched.mtime, fetched.mtime))
@@ -200,6 +202,8 @@ def unpack_archives(tree: Any, selection: Any, upper: Path, dest: str, owner: An
 
 
 def _chown_tree(root: Path, owner: tuple[int, int]) -> None:
+    from lamina.engine.steps.dispatch import chown
+
     for base, dirs, files in os.walk(root):
         for name in dirs + files:
-            os.lchown(os.path.join(base, name), *owner)
+            chown(os.path.join(base, name), *owner)

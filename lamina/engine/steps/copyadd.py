@@ -106,6 +106,8 @@ def copy_step(executor: Executor, state: _StageState, plan: StagePlan, instructi
                 if is_add and instruction.unpack is not False:
                     selection = unpack_archives(tree, selection, upper, dest, owner, image)
                 write_selection(tree, selection, upper, image)
+                if os.geteuid() != 0:
+                    _rootless_owners(upper, selection)
             else:
                 write_fetched(part, upper, dest, owner, chmod, image)
         for heredoc in instruction.contents:
@@ -124,6 +126,17 @@ def copy_step(executor: Executor, state: _StageState, plan: StagePlan, instructi
     state.config = md.add_history(
         state.config, created_by, created=executor.created(state), empty_layer=not has_layer, ran=True
     )
+
+
+def _rootless_owners(upper: Path, selection: Any) -> None:
+    """Unprivileged, the copy could not chown: set container owners inside the user namespace."""
+    from lamina.engine.sandbox.runner import set_owners
+
+    owners = [(upper / made.dest, made.uid, made.gid) for made in selection.made_dirs]
+    owners += [(upper / item.dest, item.uid, item.gid) for item in selection.items]
+    owners = [(path, uid, gid) for path, uid, gid in owners if (uid, gid) != (0, 0) and os.path.lexists(path)]
+    if owners:
+        set_owners(owners)
 
 
 def _is_url(source: str) -> bool:
@@ -208,7 +221,9 @@ def _write_heredoc(
     target.write_text(heredoc.data)
     mode = chmod.apply(0o644, False) if chmod is not None else 0o644
     uid, gid = owner if owner else (0, 0)
-    os.lchown(target, uid, gid)
+    from lamina.engine.steps.dispatch import chown
+
+    chown(target, uid, gid)
     os.chmod(target, mode)
 
 

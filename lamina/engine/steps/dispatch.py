@@ -454,11 +454,28 @@ def _workdir(executor: Executor, state: _StageState, instruction: Any) -> None:
             target = upper / path.lstrip("/")
             target.mkdir(mode=0o755, parents=True, exist_ok=True)
             os.chmod(target, 0o755)
-            os.lchown(target, uid, gid)
+            chown(target, uid, gid)
         keep_lower_dir_meta(view, upper, posixpath.dirname(missing[0]))
 
     has_layer = layer_step(executor, state, instruction, inputs, produce)
     state.config = md.apply_workdir(state.config, workdir, executor.created(state), has_layer=has_layer)
+
+
+def chown(path: Path | str, uid: int, gid: int) -> None:
+    """Give a file the build wrote a container owner.
+
+    As root that is a plain lchown. Rootless, the sandbox package does it
+    inside the user namespace (subordinate ids), or leaves the caller's id,
+    which the sandbox shows as root, when there is no id range.
+    """
+    if os.geteuid() == 0:
+        os.lchown(path, uid, gid)
+        return
+    if (uid, gid) == (0, 0):
+        return  # the caller's own files already are root in the sandbox
+    from lamina.engine.sandbox.runner import set_owners
+
+    set_owners([(Path(path), uid, gid)])
 
 
 def keep_lower_dir_meta(view: Any, upper: Path, path: str) -> None:
@@ -478,5 +495,5 @@ def keep_lower_dir_meta(view: Any, upper: Path, path: str) -> None:
         if st is None:
             return
         os.chmod(target, st.st_mode & 0o7777)
-        os.lchown(target, st.st_uid, st.st_gid)
+        chown(target, st.st_uid, st.st_gid)
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -10,6 +10,7 @@ out of it), which is what WORKDIR, `--chown` name lookups and USER need.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import stat
@@ -163,7 +164,10 @@ def _listdir(view: LayerView, rel: str) -> list[str]:
 
 
 def _copy_meta(dst: Path, st: os.stat_result) -> None:
-    os.lchown(dst, st.st_uid, st.st_gid)
+    # FIXME(rootless): unprivileged, the copy stays the caller's (root in the
+    # sandbox), so COPY --from cannot keep a stage file's non-root owner.
+    with contextlib.suppress(PermissionError):
+        os.lchown(dst, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(dst, stat.S_IMODE(st.st_mode))
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
