@@ -279,3 +279,12 @@ def test_stale_entries_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with StatCache(tmp_path / "cache") as cache:
         open_build_context(context, cache).checksum()
     assert StatCache(tmp_path / "cache").size(os.path.realpath(context)) == 2
+
+
+def test_a_file_swapped_for_a_fifo_is_not_read(ctx: Path) -> None:
+    tree = open_build_context(ctx, StatCache(None))
+    entries = [e for e in tree.walk() if e.path == "README.md"]
+    (ctx / "README.md").unlink()
+    os.mkfifo(ctx / "README.md")  # opening it for reading would block forever
+    with pytest.raises(ContextError, match=r"^README\.md: cannot read: not a regular file$"):
+        tree.file_digests(entries)

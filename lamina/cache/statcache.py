@@ -18,6 +18,7 @@ it, and a lost update only costs a re-hash, never a wrong digest.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -54,7 +55,7 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[bytes, os.stat_result]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{os.fspath(path)}: not a regular file")
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             digest = hashlib.file_digest(f, "sha256").digest()
         return digest, os.fstat(fd)

@@ -212,7 +212,8 @@ class SourceTree:
         try:
             digests = self.stat_cache.digest_many([(self.abspath(e.path), e.key) for e in files], self.scope)
         except OSError as err:
-            raise ContextError(f"{err.filename or '?'}: cannot read: {err.strerror or err}") from None
+            name = os.path.relpath(err.filename, self._root) if err.filename else "?"
+            raise ContextError(f"{name}: cannot read: {err.strerror or err}") from None
         return {e.path: d for e, d in zip(files, digests, strict=True)}
 
     def checksum(self, rel: str = "") -> Digest:
