@@ -92,18 +92,28 @@ def _listing(root: Path) -> dict[str, tuple[str, int, int, int, str]]:
     return out
 
 
-@pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed")
-@pytest.mark.skipif(os.geteuid() != 0, reason="a rootful podman build needs root")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="a rootful podman build needs root"),
+]
+
+
+def _podman_build(context: Path, tmp_path: Path) -> Path:
+    """Build `context` with podman (its own throwaway storage); return the root filesystem."""
+    out = tmp_path / "podman-out"
+    with tempfile.TemporaryDirectory(prefix="lamina-pd-") as run:  # podman wants a short runroot
+        storage = ["--root", str(tmp_path / "storage"), "--runroot", run, "--storage-driver", "vfs"]
+        build = ["build", "--network=none", "--pull=never", "-o", f"type=local,dest={out}", str(context)]
+        result = subprocess.run(["podman", *storage, *build], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
 def test_copy_matches_podman(tmp_path: Path) -> None:
     context = tmp_path / "ctx"
     context.mkdir()
     _context(context)
-    theirs = tmp_path / "podman-out"
-    with tempfile.TemporaryDirectory(prefix="lamina-pd-") as run:  # podman wants a short runroot
-        storage = ["--root", str(tmp_path / "storage"), "--runroot", run, "--storage-driver", "vfs"]
-        build = ["build", "--network=none", "--pull=never", "-o", f"type=local,dest={theirs}", str(context)]
-        result = subprocess.run(["podman", *storage, *build], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    theirs = _podman_build(context, tmp_path)
 
     ours = tmp_path / "lamina-out"
     ours.mkdir()
@@ -116,3 +126,59 @@ def test_copy_matches_podman(tmp_path: Path) -> None:
     assert len(want) > 40  # podman really wrote the tree
     assert sorted(got) == sorted(want)
     assert {p: v for p, v in got.items() if v != want[p]} == {}
+
+
+IGNORE_FILE = """# comment
+**/*.log
+!important.log
+docs/**
+!docs/keep/**
+vendor
+*/tmp
+[ab]?.txt
+!a1.txt
+/root-only
+.*
+!.dockerignore
+**/node_modules
+sp?ace.txt
+"""
+IGNORE_TREE = [
+    "x.log",
+    "important.log",
+    "sub/y.log",
+    "sub/important.log",
+    "docs/a.md",
+    "docs/keep/b.md",
+    "docs/keep/deep/c.md",
+    "vendor/v.go",
+    "vendor/a/b/c.go",
+    "p/tmp/t",
+    "p/q/tmp/t",
+    "a1.txt",
+    "a2.txt",
+    "b3.txt",
+    "c4.txt",
+    "root-only",
+    "sub/root-only",
+    "sp ace.txt",
+    ".env",
+    ".git/config",
+    "node_modules/m/i.js",
+    "src/node_modules/x.js",
+]
+
+
+def test_dockerignore_walk_matches_podman(tmp_path: Path) -> None:
+    """What `COPY . /` sends: exceptions re-including files under excluded directories."""
+    context = tmp_path / "ctx"
+    for rel in IGNORE_TREE:
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        (context / rel).write_text(rel)
+    (context / ".dockerignore").write_text(IGNORE_FILE)
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY . /\n")
+    theirs = _podman_build(context, tmp_path)
+    want = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*"))
+    got = sorted(e.path for e in open_build_context(context, StatCache(None)).walk())
+    assert "docs/keep/deep/c.md" in want and "vendor" not in want
+    assert got == want
