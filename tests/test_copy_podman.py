@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lamina.cache.statcache import StatCache
-from lamina.engine.context import open_build_context
+from lamina.engine.context import open_build_context, open_rootfs
 from lamina.engine.steps.copy import CopyOptions, parse_chmod, select_sources, write_selection
 
 # (flags as written in the Dockerfile, sources, dest)
@@ -39,6 +39,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("", ["dir/sub/../c.txt"], "/s12/"),
     ("", ["build"], "/s13/"),
     ("--chmod=4755", ["a.txt"], "/s14/x/y/"),
+    ("", ["b.txt"], "/s1"),  # /s1 is a directory by now: b.txt goes into it
+    ("--chown=7:7", ["dir"], "/s3/"),  # existing /s3 keeps its owner, new entries get 7:7
 ]
 
 
@@ -65,6 +67,21 @@ def _context(root: Path) -> None:
     for flags, sources, dest in CASES:
         dockerfile.append(" ".join(["COPY", flags, *sources, dest]).replace("  ", " "))
     (root / "Dockerfile").write_text("\n".join(dockerfile) + "\n")
+
+
+class _Image:
+    """The stage so far, for `dest is an existing directory` (symlinks resolved inside it)."""
+
+    def __init__(self, root: Path) -> None:
+        self.tree = open_rootfs(root, StatCache(None))
+
+    def resolve(self, path: str, *, follow_last: bool = True) -> str | None:
+        resolved = self.tree.resolve(path.lstrip("/"), follow_last=follow_last)
+        return "/" + resolved if os.path.lexists(self.tree.abspath(resolved)) else None
+
+    def stat(self, path: str) -> os.stat_result | None:
+        resolved = self.resolve(path)
+        return os.lstat(self.tree.abspath(resolved.lstrip("/"))) if resolved else None
 
 
 def _options(flags: str) -> CopyOptions:
@@ -118,9 +135,10 @@ def test_copy_matches_podman(tmp_path: Path) -> None:
     ours = tmp_path / "lamina-out"
     ours.mkdir()
     tree = open_build_context(context, StatCache(None))
+    image = _Image(ours)  # the image so far is what the earlier cases wrote
     for flags, sources, dest in CASES:
-        selection = select_sources(tree, sources, dest, _options(flags))
-        write_selection(tree, selection, ours)
+        selection = select_sources(tree, sources, dest, _options(flags), image)
+        write_selection(tree, selection, ours, image)
 
     want, got = _listing(theirs), _listing(ours)
     assert len(want) > 40  # podman really wrote the tree
