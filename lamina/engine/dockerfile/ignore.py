@@ -304,5 +304,5 @@ class DockerIgnore:
 
 
 def read_ignore_file(text: str, source: str = ".dockerignore") -> DockerIgnore:
-    """Parse the text of a .dockerignore file."""
-    return DockerIgnore(text.splitlines(), source)
+    """Parse the text of a .dockerignore file (lines end at `\n`; a trailing `\r` is dropped)."""
+    return DockerIgnore((line.removesuffix("\r") for line in text.split("\n")), source)
