@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from lamina.engine.sandbox import (
     run,
     set_owners,
 )
+from lamina.engine.sandbox import remove_tree as sandbox_remove_tree
 from lamina.engine.snapshot import capture
 from lamina.errors import SandboxError
 from tests.support.busybox import BUSYBOX, make_busybox_rootfs
@@ -79,6 +81,13 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def snapshotter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("LAMINA_SNAPSHOTTER", request.param)
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _remove_files_of_other_ids(tmp_path: Path) -> Iterator[None]:
+    # Files a sandbox chowned to subordinate ids: pytest could not delete them.
+    yield
+    sandbox_remove_tree(tmp_path, keep_root=True)
 
 
 def sh(rootfs: Path, script: str, tmp_path: Path, **kw: object) -> tuple[int, str]:
@@ -336,3 +345,24 @@ def test_remove_tree_removes_files_of_other_ids(rootfs: Path, tmp_path: Path) ->
     assert code == 0, out
     remove_tree(upper)
     assert not upper.exists()
+
+
+def test_apt_runs_as_root_without_subordinate_ids(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path / "debianish")
+    (root / "etc/apt/apt.conf.d").mkdir(parents=True)
+    upper = tmp_path / "upper"
+    code, out = sh(root, "cat /etc/apt/apt.conf.d/* 2>/dev/null; echo end", tmp_path, upper_dir=upper)
+    assert code == 0
+    if detect_ids().mode is IdMode.SINGLE:
+        assert out == 'APT::Sandbox::User "root";\nend\n'
+    else:
+        assert out == "end\n"
+    assert list(capture(upper, detect_ids())) == []  # the setting never reaches a layer
+
+
+def test_fresh_cache_mount_gets_its_owner_and_mode(rootfs: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "caches" / "c1"
+    mount = CacheMount(cache, "/cache", uid=1000, gid=1000, mode=0o700)
+    code, out = sh(rootfs, "stat -c '%u:%g %a' /cache", tmp_path, mounts=(mount,))
+    single = detect_ids().mode is IdMode.SINGLE
+    assert (code, out) == (0, "0:0 700\n" if single else "1000:1000 700\n")

@@ -12,12 +12,14 @@ import io
 import os
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lamina.engine import sandbox, snapshot
 from lamina.engine.sandbox import IdMode, Network, SandboxSpec, detect_ids
+from lamina.engine.sandbox import remove_tree as sandbox_remove_tree
 from lamina.engine.sandbox._rootfs import merge_copy
 from lamina.engine.snapshot import capture
 from lamina.oci.entry import EntryType, LayerEntry
@@ -106,6 +108,13 @@ def lowers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ...]:
     os.setxattr(top / "data/opq", "user.overlay.opaque", b"y")
     (top / "data/opq/kept").write_text("from the top layer\n")
     return (top, base)
+
+
+@pytest.fixture(autouse=True)
+def _remove_files_of_other_ids(tmp_path: Path) -> Iterator[None]:
+    # Files a sandbox chowned to subordinate ids: pytest could not delete them.
+    yield
+    sandbox_remove_tree(tmp_path, keep_root=True)
 
 
 def _run(lower_dirs: tuple[Path, ...], script: str, tmp_path: Path, upper: Path | None = None) -> str:

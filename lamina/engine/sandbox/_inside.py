@@ -206,7 +206,7 @@ def _enter_root(spec: dict) -> None:
         _libc.mount(root, root, None, _libc.MS_BIND | _libc.MS_REC)
     _system_mounts(spec, root)
     for m in spec["mounts"]:
-        _user_mount(m, root)
+        _user_mount(m, root, spec["single_id"])
     os.chdir(root)
     _libc.pivot_root(".", ".")
     _libc.umount(".", _libc.MNT_DETACH)
@@ -313,7 +313,16 @@ def _bind(source: str, target: str, readonly: bool) -> None:
         _libc.mount(None, target, None, flags)
 
 
-def _user_mount(m: dict, root: str) -> None:
+def _chown(path: str, uid: int, gid: int, single_id: bool) -> None:
+    try:
+        os.chown(path, uid, gid)
+    except OSError:
+        if not single_id:
+            raise
+        # A single-id map has only root: the owner stays root (IdMap.warning said so).
+
+
+def _user_mount(m: dict, root: str, single_id: bool) -> None:
     target = _at(root, m["target"], m["is_dir"])
     kind = m["kind"]
     if kind == "tmpfs":
@@ -333,7 +342,7 @@ def _user_mount(m: dict, root: str) -> None:
             _bind(m["source"], target, m["readonly"])
     elif kind == "cache":
         if m["fresh"]:
-            os.chown(m["source"], m["uid"], m["gid"])
+            _chown(m["source"], m["uid"], m["gid"], single_id)
             os.chmod(m["source"], m["mode"])
         _bind(m["source"], target, readonly=False)
     elif kind == "secret":
@@ -344,7 +353,7 @@ def _user_mount(m: dict, root: str) -> None:
         copy = os.path.join(stage, "secret")
         with open(m["source"], "rb") as src, open(copy, "wb") as dst:
             dst.write(src.read())
-        os.chown(copy, m["uid"], m["gid"])
+        _chown(copy, m["uid"], m["gid"], single_id)
         os.chmod(copy, m["mode"])
         _bind(copy, target, readonly=True)
     else:
