@@ -227,6 +227,8 @@ def cache_gc(older_than: float | None) -> None:
 # Options after IMAGE belong to COMMAND, as with docker run.
 @cli.command(context_settings={"allow_interspersed_args": False})
 @click.option("--rm", "remove", is_flag=True, help="Accepted for docker compatibility: nothing is ever kept.")
+@click.option("-i", "--interactive", is_flag=True, help="Accepted: stdin is always passed through.")
+@click.option("-t", "--tty", is_flag=True, help="Accepted: the command gets lamina's own terminal, if any.")
 @click.option("-e", "--env", "env", multiple=True, metavar="K=V", help="Set a variable (K alone: pass ours).")
 @click.option("-w", "--workdir", help="Working directory inside (created if missing).")
 @click.option("-u", "--user", help="USER[:GROUP] or UID[:GID], looked up in the image.")
@@ -243,6 +245,8 @@ def cache_gc(older_than: float | None) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
     remove: bool,
+    interactive: bool,
+    tty: bool,
     env: tuple[str, ...],
     workdir: str | None,
     user: str | None,
