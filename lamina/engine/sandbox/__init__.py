@@ -26,7 +26,15 @@ Public surface (re-exported here, loaded on first use):
         as the sandbox will show them), for use as a lower dir.
     set_owners([(path, uid, gid), ...], ids=None): lchown to container ids
         from inside the user namespace (no-op with a single-id map).
-    lamina.engine.snapshot.capture(upper_dir, ids) -> Iterator[LayerEntry]
+    lamina.engine.snapshot.capture(upper_dir, ids=None, lowers=()) -> Iterator[LayerEntry]
+    lamina.engine.snapshot.write_layer(upper_dir, out, compression, *, lowers=(),
+        source_date_epoch=None, ids=None) -> LayerInfo: capture + write, inside
+        the user namespace when subordinate ids may own files the caller cannot read.
+
+Known gaps: PID 1 is the helper's Python, so /proc/1/exe inside is the
+host's interpreter binary (read-only; its root is the container's). /sys
+is not mounted. There is no pseudo-terminal allocation: the command gets
+the caller's stdin/stdout/stderr as they are.
 
 How it runs: `runner` starts `helper.py` in a fresh interpreter (never a
 fork of a threaded one) which unshares user, mount, PID, UTS, IPC (and
