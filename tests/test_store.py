@@ -211,6 +211,16 @@ def test_gc_refuses_while_another_store_is_open(store: Store) -> None:
 
 
 def _writer_process(root: str, seed: int, n: int) -> None:
+    try:
+        _write_and_read(root, seed, n)
+    except BaseException:
+        import traceback
+
+        Path(root, f"error-{seed}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _write_and_read(root: str, seed: int, n: int) -> None:
     with Store(root) as store:
         for i in range(n):
             data = f"blob {i % 10}".encode() * 1000  # the two writers share half their blobs
@@ -226,8 +236,9 @@ def test_two_processes_share_one_store(tmp_path: Path) -> None:
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+        p.join(120)
+    errors = "".join(f.read_text() for f in tmp_path.glob("error-*.txt"))
+    assert [p.exitcode for p in procs] == [0, 0], errors
     with Store(tmp_path) as store:
         assert len(store.images()) == 80
         assert store.du().blob_count == 10
