@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, build, cached_steps, make_cache, rootfs, run_cli, write_context
+from test_build_helpers import (
+    BASE,
+    build,
+    cached_steps,
+    image_entries,
+    make_cache,
+    needs_id_range,
+    rootfs,
+    run_cli,
+    write_context,
+)
 
 pytestmark = pytest.mark.sandbox
 
@@ -57,19 +66,22 @@ def cache(tmp_path: Path, busybox_image: Path) -> Path:
 
 
 def test_multistage_rootfs(cache: Path, tmp_path: Path) -> None:
+    needs_id_range()
     ctx = write_context(tmp_path / "ctx", MULTISTAGE, FILES)
-    out = tmp_path / "out"
-    result = rootfs(cache, ctx, out)
+    out, archive = tmp_path / "out", tmp_path / "image.tar"
+    result = build(cache, ctx, outputs=[f"type=local,dest={out}", f"type=oci,dest={archive}"])
     app = out / "opt/app"
     assert (app / "all.txt").read_text() == "alpha\nbeta\n"
     assert (app / "flavour").read_text() == "plain\n"
     assert (app / "tool.out").read_text() == "tool ran\n"
     assert os.readlink(app / "link") == "all.txt"
     assert (app / "mode").read_text() == "prod\n"
-    owned = (app / "owned.txt").stat()
-    assert (owned.st_uid, owned.st_gid) == (65534, 65534)
-    var = (app / "var").lstat()
-    assert stat.S_ISDIR(var.st_mode) and var.st_uid == 65534
+    # Owners as the image records them (a local export is owned by its writer when unprivileged).
+    entries = image_entries(archive)
+    owned = entries["opt/app/owned.txt"]
+    assert (owned.uid, owned.gid) == (65534, 65534)
+    assert entries["opt/app/var"].isdir() and entries["opt/app/var"].uid == 65534
+    assert entries["opt/app/all.txt"].uid == 0
     assert not (out / "src").exists(), "only the final stage is exported"
     assert (out / "bin/busybox").is_file()
     # The unused stage (RUN exit 42) is never run.
@@ -77,6 +89,7 @@ def test_multistage_rootfs(cache: Path, tmp_path: Path) -> None:
 
 
 def test_multistage_config_and_history(cache: Path, tmp_path: Path) -> None:
+    needs_id_range()
     ctx = write_context(tmp_path / "ctx", MULTISTAGE, FILES)
     result = build(cache, ctx, tags=["demo:1"])
     config = result.config.config
@@ -163,12 +176,14 @@ RUN cat /onbuild > /seen
 
 
 def test_workdir_is_created_owned_by_user(cache: Path, tmp_path: Path) -> None:
+    needs_id_range()
     ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nUSER nobody\nWORKDIR /srv/data\n")
-    out = tmp_path / "out"
-    rootfs(cache, ctx, out)
-    st = (out / "srv/data").stat()
-    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 65534
-    assert (out / "tmp").stat().st_mode & 0o7777 == 0o1777, "existing dirs keep their mode"
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    entries = image_entries(archive)
+    assert entries["srv/data"].isdir() and entries["srv/data"].uid == 65534
+    assert entries["srv"].uid == 65534, "missing parents are made as the user too"
+    assert entries["tmp"].mode & 0o7777 == 0o1777, "existing dirs keep their mode"
 
 
 def test_scratch_stage_and_copy_from_image(cache: Path, tmp_path: Path) -> None:

@@ -19,6 +19,16 @@ BASE = "lamina-test/busybox:1.35"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def needs_id_range() -> None:
+    """Skip when the sandbox maps only the caller (no subordinate ids): other owners cannot exist."""
+    import pytest
+
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+    if detect_ids().mode is IdMode.SINGLE:
+        pytest.skip("no subordinate id range: only root exists inside the sandbox")
+
+
 def make_cache(tmp_path: Path, busybox_image: Path) -> Path:
     from lamina.cache.images import load_image_file
     from lamina.cache.store import Store
@@ -81,3 +91,42 @@ def oci_config(archive: Path) -> dict[str, Any]:
         index = json.loads(read("index.json"))
         manifest = json.loads(read("blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]))
         return json.loads(read("blobs/sha256/" + manifest["config"]["digest"].split(":")[1]))
+
+
+def image_entries(archive: Path) -> dict[str, tarfile.TarInfo]:
+    """The final tree of an OCI archive's image, from its layer tars (whiteouts applied).
+
+    Owners come from the layers, so this is how a test checks them when it
+    runs unprivileged (a type=local export is owned by whoever wrote it).
+    """
+    import io
+
+    from lamina.oci.compression import open_decompressed
+
+    entries: dict[str, tarfile.TarInfo] = {}
+    with tarfile.open(archive) as outer:
+
+        def read(name: str) -> bytes:
+            member = outer.extractfile(name)
+            assert member is not None
+            return member.read()
+
+        index = json.loads(read("index.json"))
+        manifest = json.loads(read("blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]))
+        for layer in manifest["layers"]:
+            blob = io.BytesIO(read("blobs/sha256/" + layer["digest"].split(":")[1]))
+            with tarfile.open(fileobj=open_decompressed(blob), mode="r|") as tar:
+                for info in tar:
+                    name = info.name.rstrip("/")
+                    base = name.rsplit("/", 1)[-1]
+                    parent = name.rsplit("/", 1)[0] if "/" in name else ""
+                    if base == ".wh..wh..opq":
+                        for path in [p for p in entries if p.startswith(parent + "/")]:
+                            del entries[path]
+                    elif base.startswith(".wh."):
+                        gone = (parent + "/" if parent else "") + base[4:]
+                        for path in [p for p in entries if p == gone or p.startswith(gone + "/")]:
+                            del entries[path]
+                    else:
+                        entries[name] = info
+    return entries

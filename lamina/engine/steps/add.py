@@ -115,12 +115,11 @@ def write_fetched(fetched: Fetched, upper: Path, dest: str, owner: Any, chmod: A
             keep_lower_dir_meta(image, upper, posixpath.dirname(rel))
     shutil.copyfile(fetched.path, target)
     uid, gid = owner if owner else (0, 0)
-    from lamina.engine.steps.dispatch import chown
+    from lamina.engine.steps.dispatch import set_owner_and_mode
 
-    chown(target, uid, gid)
-    os.chmod(target, chmod.apply(0o600, False) if chmod is not None else 0o600)
     if fetched.mtime is not None:
         os.utime(target, (fetched.mtime, fetched.mtime))
+    set_owner_and_mode(target, uid, gid, chmod.apply(0o600, False) if chmod is not None else 0o600)
 
 
 # --- local archives -------------------------------------------------------------------------

@@ -106,8 +106,8 @@ def copy_step(executor: Executor, state: _StageState, plan: StagePlan, instructi
                 if is_add and instruction.unpack is not False:
                     selection = unpack_archives(tree, selection, upper, dest, owner, image)
                 write_selection(tree, selection, upper, image)
-                if os.geteuid() != 0:
-                    _rootless_owners(upper, selection)
+                if os.geteuid() != 0 and owner is not None:
+                    _rootless_owners(upper, selection, owner)
             else:
                 write_fetched(part, upper, dest, owner, chmod, image)
         for heredoc in instruction.contents:
@@ -128,15 +128,13 @@ def copy_step(executor: Executor, state: _StageState, plan: StagePlan, instructi
     )
 
 
-def _rootless_owners(upper: Path, selection: Any) -> None:
-    """Unprivileged, the copy could not chown: set container owners inside the user namespace."""
-    from lamina.engine.sandbox.runner import set_owners
+def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int]) -> None:
+    """Unprivileged, the copy could not --chown: set the owner inside the user namespace."""
+    from lamina.engine.steps.dispatch import chown_all
 
-    owners = [(upper / made.dest, made.uid, made.gid) for made in selection.made_dirs]
-    owners += [(upper / item.dest, item.uid, item.gid) for item in selection.items]
-    owners = [(path, uid, gid) for path, uid, gid in owners if (uid, gid) != (0, 0) and os.path.lexists(path)]
-    if owners:
-        set_owners(owners)
+    paths = [upper / made.dest for made in selection.made_dirs]
+    paths += [upper / item.dest for item in selection.items]
+    chown_all([(path, *owner) for path in paths if os.path.lexists(path)])
 
 
 def _is_url(source: str) -> bool:
@@ -221,10 +219,9 @@ def _write_heredoc(
     target.write_text(heredoc.data)
     mode = chmod.apply(0o644, False) if chmod is not None else 0o644
     uid, gid = owner if owner else (0, 0)
-    from lamina.engine.steps.dispatch import chown
+    from lamina.engine.steps.dispatch import set_owner_and_mode
 
-    chown(target, uid, gid)
-    os.chmod(target, mode)
+    set_owner_and_mode(target, uid, gid, mode)
 
 
 def require_files(paths: list[str]) -> None:

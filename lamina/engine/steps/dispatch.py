@@ -454,28 +454,54 @@ def _workdir(executor: Executor, state: _StageState, instruction: Any) -> None:
             target = upper / path.lstrip("/")
             target.mkdir(mode=0o755, parents=True, exist_ok=True)
             os.chmod(target, 0o755)
-            chown(target, uid, gid)
         keep_lower_dir_meta(view, upper, posixpath.dirname(missing[0]))
+        chown_all([(upper / path.lstrip("/"), uid, gid) for path in missing])
 
     has_layer = layer_step(executor, state, instruction, inputs, produce)
     state.config = md.apply_workdir(state.config, workdir, executor.created(state), has_layer=has_layer)
 
 
-def chown(path: Path | str, uid: int, gid: int) -> None:
-    """Give a file the build wrote a container owner.
+def chown_all(owners: list[tuple[Path, int, int]]) -> None:
+    """Give files the build wrote their container owners (call it last: it may lock us out).
 
     As root that is a plain lchown. Rootless, the sandbox package does it
     inside the user namespace (subordinate ids), or leaves the caller's id,
     which the sandbox shows as root, when there is no id range.
     """
     if os.geteuid() == 0:
-        os.lchown(path, uid, gid)
+        for path, uid, gid in owners:
+            os.lchown(path, uid, gid)
         return
-    if (uid, gid) == (0, 0):
-        return  # the caller's own files already are root in the sandbox
-    from lamina.engine.sandbox.runner import set_owners
+    wanted = [(Path(path), uid, gid) for path, uid, gid in owners if (uid, gid) != (0, 0)]
+    if wanted:
+        from lamina.engine.sandbox.runner import set_owners
 
-    set_owners([(Path(path), uid, gid)])
+        set_owners(wanted)
+
+
+def chown(path: Path | str, uid: int, gid: int) -> None:
+    chown_all([(Path(path), uid, gid)])
+
+
+def set_owner_and_mode(path: Path, uid: int, gid: int, mode: int) -> None:
+    """Owner, then mode (chown clears setuid); rootless the other way round, since
+    the caller may not chmod a file it gave to a subordinate id."""
+    if os.geteuid() == 0:
+        os.lchown(path, uid, gid)
+        os.chmod(path, mode)
+    else:
+        os.chmod(path, mode)
+        chown(path, uid, gid)
+
+
+def container_owner(st: os.stat_result) -> tuple[int, int]:
+    """The (uid, gid) the sandbox shows for a file of a layer dir (host ids, rootless)."""
+    if os.geteuid() == 0:
+        return st.st_uid, st.st_gid
+    from lamina.engine.sandbox.idmap import detect_ids
+
+    ids = detect_ids()
+    return ids.uid_inside(st.st_uid), ids.gid_inside(st.st_gid)
 
 
 def keep_lower_dir_meta(view: Any, upper: Path, path: str) -> None:
@@ -486,14 +512,16 @@ def keep_lower_dir_meta(view: Any, upper: Path, path: str) -> None:
     BuildKit leaves existing directories alone, so copy theirs over.
     """
     current = ""
+    owners: list[tuple[Path, int, int]] = []
     for part in [p for p in path.split("/") if p]:
         current = f"{current}/{part}"
         target = upper / current.lstrip("/")
         if target.is_symlink() or not target.is_dir():
-            return
+            break
         st = view.stat(current)
         if st is None:
-            return
+            break
         os.chmod(target, st.st_mode & 0o7777)
-        chown(target, st.st_uid, st.st_gid)
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        owners.append((target, *container_owner(st)))
+    chown_all(owners)
