@@ -349,3 +349,15 @@ def test_missing_base_image_is_one_line_error(cache: Path, tmp_path: Path) -> No
     proc = run_cli("build", str(ctx), cache=cache, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "nosuch/image" in proc.stderr
+
+
+def test_from_platform_host_only(cache: Path, tmp_path: Path) -> None:
+    from lamina.engine.executor import PLATFORM
+    from lamina.errors import PlanError
+
+    ok = write_context(tmp_path / "ok", f"FROM --platform=$BUILDPLATFORM {BASE}\nRUN true\n")
+    assert build(cache, ok).config.architecture == PLATFORM.split("/")[1]
+    other = "linux/s390x" if not PLATFORM.endswith("s390x") else "linux/amd64"
+    bad = write_context(tmp_path / "bad", f"FROM --platform={other} {BASE}\nRUN true\n")
+    with pytest.raises(PlanError, match="only the host platform"):
+        build(cache, bad)

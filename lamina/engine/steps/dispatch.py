@@ -25,7 +25,7 @@ from lamina.engine.cachekey import KeyInputs
 from lamina.engine.output import ImageLayer
 from lamina.engine.progress import StepEvent, StepStatus
 from lamina.engine.steps import metadata as md
-from lamina.errors import BuildError, DockerfileError, ImageNotFound, LaminaError, Location
+from lamina.errors import BuildError, DockerfileError, ImageNotFound, LaminaError, Location, PlanError
 from lamina.oci.digest import Digest
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ def make_plan(options: BuildOptions) -> BuildPlan:
         if planned.index not in needed:
             continue
         base = planned.base
+        _check_platform(planned)
         stages[planned.index] = StagePlan(
             planned.index,
             planned.display_name,
@@ -106,6 +107,21 @@ def make_plan(options: BuildOptions) -> BuildPlan:
         names,
         plan.warnings,
     )
+
+
+def _check_platform(planned: Any) -> None:
+    """`FROM --platform=P` is accepted for the host's platform only (no emulation)."""
+    from lamina.engine.executor import PLATFORM
+
+    if not planned.platform:
+        return
+    wanted = planned.platform.lower().split("/")
+    host = PLATFORM.split("/")
+    if wanted[:2] != host[:2]:
+        raise PlanError(
+            f"{planned.location}: FROM --platform={planned.platform}: only the host platform"
+            f" ({PLATFORM}) can be built; lamina does not emulate other platforms"
+        )
 
 
 # --- running a stage ---------------------------------------------------------------------------
