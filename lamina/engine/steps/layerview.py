@@ -144,7 +144,7 @@ def _listdir(view: LayerView, rel: str) -> list[str]:
     parts = rel.split("/") if rel else []
     names: dict[str, bool] = {}  # name -> visible
     for layer in reversed(view.layers):
-        if parts and view._hidden_below(layer, [*parts, "x"]):
+        if parts and view._hidden_below(layer, parts):
             break
         host = layer.joinpath(*parts)
         try:
