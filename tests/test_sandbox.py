@@ -366,3 +366,11 @@ def test_fresh_cache_mount_gets_its_owner_and_mode(rootfs: Path, tmp_path: Path)
     code, out = sh(rootfs, "stat -c '%u:%g %a' /cache", tmp_path, mounts=(mount,))
     single = detect_ids().mode is IdMode.SINGLE
     assert (code, out) == (0, "0:0 700\n" if single else "1000:1000 700\n")
+
+
+def test_root_dir_keeps_the_image_mode_over_a_private_upper_dir(rootfs: Path, tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    upper.mkdir(mode=0o700)  # as mkdtemp makes it
+    user = "" if detect_ids().mode is IdMode.SINGLE else "app"
+    code, out = sh(rootfs, "stat -c %a /; cat /etc/marker", tmp_path, upper_dir=upper, user=user)
+    assert (code, out) == (0, "755\nfrom the image\n")

@@ -183,6 +183,8 @@ def _prepare_root(spec: dict) -> object | None:
             if hit is not None and stat.S_ISDIR(hit[1].st_mode):
                 spec["host_binds"].append((APT_SNIPPET, spec["apt_snippet"]))
         _rootfs.add_mountpoints(stack, spec["mountpoints"], _mount_targets(spec))
+        for root in (spec["upper"], spec["mountpoints"]):
+            _rootfs.copy_root_meta(lowers[0], root)
         _rootfs.mount_overlay([spec["mountpoints"], *lowers], spec["upper"], spec["work"], spec["rootfs"])
         return None
     from lamina.engine import snapshot

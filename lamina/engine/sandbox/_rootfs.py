@@ -128,22 +128,16 @@ def resolve_in_dir(root: str, rel: str) -> str:
     return resolve(rel, lstat_at, lambda r: os.readlink(os.path.join(root, r)))
 
 
-def _copy_owner_mode(src_st: os.stat_result, path: str) -> None:
-    try:
-        os.chown(path, src_st.st_uid, src_st.st_gid, follow_symlinks=False)
-    except OSError:
-        pass  # an owner this namespace does not map stays ours
-    os.chmod(path, stat.S_IMODE(src_st.st_mode))
-
-
 def add_mountpoints(stack: LayerStack, layer: str, targets: list[tuple[str, bool]]) -> list[str]:
     """Create in `layer` (a fresh top lower dir) each missing (target, is_dir) mount point.
 
     Directories already in the stack along the way are recreated in
-    `layer` with their owner and mode, so the merged view keeps them.
+    `layer` with their owner, mode, xattrs and mtime (overlayfs shows the
+    top-most one's), so the merged view keeps them.
     Returns the root-relative resolved targets, in the order given.
     """
     resolved = []
+    copied: list[tuple[str, str, os.stat_result]] = []
     for target, is_dir in targets:
         rel = resolve_in_stack(stack, target)
         resolved.append(rel)
@@ -158,12 +152,15 @@ def add_mountpoints(stack: LayerStack, layer: str, targets: list[tuple[str, bool
             if hit is not None:
                 if last:
                     break  # the target exists below; nothing to add
-                os.mkdir(path)
-                _copy_owner_mode(hit[1], path)
+                os.mkdir(path, 0o700)
+                copied.append((hit[0], path, hit[1]))
             elif last and not is_dir:
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
             else:
                 os.mkdir(path, 0o755)
+    # Last, deepest first: making children changes a directory's mtime.
+    for src, dst, st in reversed(copied):
+        copy_meta(src, dst, st)
     return resolved
 
 
@@ -194,6 +191,16 @@ def merge_copy(lowers: list[str], dest: str) -> None:
     """Copy the merged view of `lowers` into `dest`: the copy snapshotter's rootfs."""
     for layer in reversed(lowers):
         _apply_tree(layer, dest, {})
+    copy_root_meta(lowers[0], dest)
+
+
+def copy_root_meta(top_lower: str, dest: str) -> None:
+    """Give `dest` (an upper dir, or a fresh top layer) the root directory's owner, mode and times.
+
+    overlayfs shows the top-most layer's root, and a scratch dir made with
+    mkdtemp is 0700: USER app could not even traverse /.
+    """
+    copy_meta(top_lower, dest, os.lstat(top_lower))
 
 
 def _apply_tree(src: str, dest: str, links: dict[tuple[int, int], str]) -> None:

@@ -156,8 +156,10 @@ def _wire(
 
 
 def _empty_dir(base: Path) -> Path:
+    """The lower dir of an image with no layers (FROM scratch): an empty root, mode 0755."""
     empty = base / "empty"
     empty.mkdir(exist_ok=True)
+    empty.chmod(0o755)
     return empty
 
 
