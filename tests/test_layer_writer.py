@@ -334,3 +334,10 @@ def test_fields_beyond_ustar_go_to_pax_records() -> None:
     assert (member.name, member.uid, member.gid, member.mtime) == (name, 3_000_000, 2**31, -5)
     assert len(blob) == 512 * 6  # pax header, records, ustar header, content, two zero blocks
     assert describe_layer(io.BytesIO(blob)) == info
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_empty_layer_has_dockers_well_known_diff_id(compression: Compression) -> None:
+    # Docker and BuildKit write the same 1024 zero bytes for an empty layer.
+    _, info = write([], compression)
+    assert str(info.diff_id) == "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
