@@ -86,6 +86,7 @@ def _run_once(spec: SandboxSpec, ids: IdMap, snapshotter: Snapshotter) -> int:
     if scratch_parent is not None:
         scratch_parent.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="lamina-sandbox-", dir=scratch_parent))
+    work: Path | None = None
     try:
         with contextlib.ExitStack() as locks:
             if upper is None:
@@ -93,9 +94,12 @@ def _run_once(spec: SandboxSpec, ids: IdMap, snapshotter: Snapshotter) -> int:
             upper.mkdir(parents=True, exist_ok=True)
             if any(upper.iterdir()):
                 raise SandboxError(f"upper dir {upper} is not empty")
-            for name in ("work", "rootfs", "mountpoints"):
+            # overlayfs wants the work dir on the upper dir's file system.
+            work = Path(tempfile.mkdtemp(prefix=".lamina-work-", dir=upper.parent))
+            for name in ("rootfs", "mountpoints"):
                 (base / name).mkdir()
             wire = _wire(spec, ids, snapshotter, base, upper, locks)
+            wire["work"] = str(work)
             code, errors = _helper(wire, ids, spec)
             if errors:
                 message = errors[0]
@@ -108,7 +112,11 @@ def _run_once(spec: SandboxSpec, ids: IdMap, snapshotter: Snapshotter) -> int:
             remove_tree(spec.upper_dir, ids, keep_root=True)
         raise
     finally:
-        remove_tree(base, ids)
+        try:
+            if work is not None:
+                remove_tree(work, ids)
+        finally:
+            remove_tree(base, ids)
 
 
 def _wire(
@@ -139,7 +147,6 @@ def _wire(
         "snapshotter": snapshotter.value,
         "lowers": [str(Path(p).absolute()) for p in spec.lower_dirs] or [str(_empty_dir(base))],
         "upper": str(upper.absolute()),
-        "work": str(base / "work"),
         "rootfs": str(base / "rootfs"),
         "mountpoints": str(base / "mountpoints"),
         "argv": list(spec.argv),
