@@ -341,3 +341,26 @@ def test_empty_layer_has_dockers_well_known_diff_id(compression: Compression) ->
     # Docker and BuildKit write the same 1024 zero bytes for an empty layer.
     _, info = write([], compression)
     assert str(info.diff_id) == "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
+
+
+def test_zstd_cut_anywhere_in_the_last_frame_is_an_error() -> None:
+    blob, _ = write(sample_entries(), Compression.ZSTD)
+    for cut in (1, 4, 5, 17, len(blob) // 2):
+        with pytest.raises(LayerError, match="zstd"):
+            describe_layer(io.BytesIO(blob[:-cut]), Compression.ZSTD)
+
+
+def test_zstd_concatenated_and_skippable_frames_decode() -> None:
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd is not installed")
+    blob, info = write(sample_entries(), Compression.NONE)
+    half = len(blob) // 2
+    frames = [
+        subprocess.run(["zstd", "-c"], input=part, capture_output=True, check=True).stdout
+        for part in (blob[:half], blob[half:])
+    ]
+    skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"pad"
+    described = describe_layer(io.BytesIO(frames[0] + skippable + frames[1]))
+    assert described.diff_id == info.diff_id
+    with pytest.raises(LayerError, match="bad frame magic"):
+        describe_layer(io.BytesIO(frames[0] + b"trailing garbage"))

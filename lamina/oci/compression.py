@@ -230,39 +230,30 @@ class _Prefixed(io.RawIOBase):
 class _ZstdReader(io.RawIOBase):
     """Decodes concatenated zstd frames; a stream cut inside a frame is an error.
 
-    zstandard's own `stream_reader` returns a short result, silently, when
-    its input ends mid-frame, so frames are tracked here via `eof`.
+    zstandard's `stream_reader` bounds its output per read (a frame of RLE
+    blocks expands 32768-fold, so unbounded decoding of hostile input could
+    exhaust memory), but returns a short result, silently, when its input
+    ends mid-frame. `_FrameTracker` follows the frame structure of the bytes
+    on their way in, to tell a clean end from a cut.
     """
-
-    # Input is fed in small pieces to bound the output of one call.
-    # FIXME: a crafted frame of RLE blocks can still expand 64 KiB into
-    # several hundred MiB in one call; zstandard's decompressobj has no
-    # output limit.
-    _FEED = 1 << 16
 
     def __init__(self, stream: BinaryIO) -> None:
         import zstandard
 
-        self._stream = stream
-        self._decompressor = zstandard.ZstdDecompressor()
-        self._obj = self._decompressor.decompressobj()
-        self._in_frame = False
-        self._pending = b""
-        self._buffer = bytearray()
+        self._source = _FrameTracker(stream)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            self._source, read_size=CHUNK, read_across_frames=True, closefd=False
+        )
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        want = size if size >= 0 else 1 << 62
-        while len(self._buffer) < want and self._fill():
-            pass
-        if size < 0:
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            return data
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
+        data = self._reader.read(size)
+        if size < 0 or (size and not data):  # at the end
+            while self._source.read(CHUNK):  # anything the decoder left unread
+                pass
+            self._source.check_complete()
         return data
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
@@ -271,21 +262,76 @@ class _ZstdReader(io.RawIOBase):
         view[: len(data)] = data
         return len(data)
 
-    def _fill(self) -> bool:
-        """Decode some more; False at the clean end of the input."""
-        data = self._pending or self._stream.read(self._FEED)
-        self._pending = b""
-        if not data:
-            if self._in_frame:
-                raise LayerError("corrupt zstd stream: truncated inside a frame")
-            return False
-        self._in_frame = True
-        self._buffer += self._obj.decompress(data)
-        if self._obj.eof:
-            self._pending = self._obj.unused_data
-            self._obj = self._decompressor.decompressobj()
-            self._in_frame = False
-        return True
+
+class _FrameTracker:
+    """Passes bytes through while walking zstd's frame format (RFC 8878):
+    frame header, blocks (3-byte headers with their sizes), optional
+    checksum; skippable frames are skipped."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+        self._state = "magic"
+        self._want = 4  # bytes the current field needs
+        self._field = bytearray()
+        self._skip = 0  # bytes of block content or skippable frame to pass
+        self._checksum = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self._feed(memoryview(data))
+        return data
+
+    def check_complete(self) -> None:
+        if self._state != "magic" or self._field or self._skip:
+            raise LayerError("corrupt zstd stream: truncated inside a frame")
+
+    def _feed(self, data: memoryview) -> None:
+        pos = 0
+        while pos < len(data):
+            if self._skip:
+                step = min(self._skip, len(data) - pos)
+                self._skip -= step
+                pos += step
+                continue
+            step = min(self._want - len(self._field), len(data) - pos)
+            self._field += data[pos : pos + step]
+            pos += step
+            if len(self._field) == self._want:
+                field = bytes(self._field)
+                self._field.clear()
+                self._advance(field)
+
+    def _advance(self, field: bytes) -> None:
+        state = self._state
+        if state == "magic":
+            magic = int.from_bytes(field, "little")
+            if magic == 0xFD2FB528:
+                self._state, self._want = "descriptor", 1
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                self._state, self._want = "skippable", 4
+            else:
+                raise LayerError("corrupt zstd stream: bad frame magic")
+        elif state == "skippable":
+            self._skip = int.from_bytes(field, "little")
+            self._state, self._want = "magic", 4
+        elif state == "descriptor":
+            fhd = field[0]
+            single_segment = (fhd >> 5) & 1
+            self._checksum = bool((fhd >> 2) & 1)
+            content_size = (single_segment, 2, 4, 8)[fhd >> 6]
+            rest = (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + content_size
+            self._skip = rest
+            self._state, self._want = "block", 3
+        elif state == "block":
+            header = int.from_bytes(field, "little")
+            last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+            if kind == 3:
+                raise LayerError("corrupt zstd stream: reserved block type")
+            self._skip = 1 if kind == 1 else size
+            if last:
+                if self._checksum:
+                    self._skip += 4
+                self._state, self._want = "magic", 4
 
 
 class _Checked(io.RawIOBase):
