@@ -332,3 +332,12 @@ def test_wrong_digest(arena: Arena) -> None:
 
 def test_not_a_tar(arena: Arena) -> None:
     arena.refuse(b"\x1f\x8b\x08\x00garbage" * 10, "gzip|tar")
+
+
+def test_target_directory_that_is_a_symlink(arena: Arena) -> None:
+    link = arena.top / "link-target"
+    link.symlink_to(arena.outside)
+    arena.before = _snapshot(arena.top, arena.target)
+    with pytest.raises(LayerError, match="target directory"):
+        extract_layer(io.BytesIO(build_tar(member("pwned", data=b"x"))), link)
+    arena.assert_untouched()

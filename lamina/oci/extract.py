@@ -100,8 +100,12 @@ def extract_layer(
     for rootless unpacking where every file ends up owned by the caller.
     """
     label = f"unpack {digest.short if digest else 'layer'}"
-    dest.mkdir(parents=True, exist_ok=True)
-    with _open_tar(stream, label) as (tar, compressed, uncompressed), Root(dest) as root:
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        root = Root(dest)  # O_NOFOLLOW: the target itself must be a real directory
+    except OSError as err:
+        raise LayerError(f"{label}: target directory {dest}: {err.strerror or err}") from err
+    with root, _open_tar(stream, label) as (tar, compressed, uncompressed):
         unpacker = _Unpacker(root, label, whiteouts, userxattr, ignore_owners)
         count = 0
         for member in _members(tar, label):
