@@ -102,12 +102,17 @@ def _tree(root: Path) -> dict[str, tuple[str, int, str | bytes]]:
 
 def test_umoci_unpack_gives_the_source_tree(saved: Path, busybox_image: Path, tmp_path: Path) -> None:
     umoci = _need("umoci")
-    version = _run(umoci, "--version")
-    if "zstd" in saved.name and " 0.4." in version:
-        pytest.skip(f"{version.strip()} predates zstd layers (0.5 reads them)")
     layout = tmp_path / "layout"
-    layout.mkdir()
-    _run("tar", "-xf", saved, "-C", layout)
+    if "zstd" in saved.name and " 0.4." in _run(umoci, "--version"):
+        # Debian's umoci 0.4 predates zstd layers: let skopeo (which reads them and
+        # re-verifies every digest) re-encode to gzip, so umoci still checks the tree.
+        _run(
+            _need("skopeo"), "copy", "--dest-compress-format", "gzip",
+            f"oci-archive:{saved}", f"oci:{layout}:1.35",
+        )  # fmt: skip
+    else:
+        layout.mkdir()
+        _run("tar", "-xf", saved, "-C", layout)
     bundle = tmp_path / "bundle"
     _run(umoci, "unpack", "--rootless", "--image", f"{layout}:1.35", bundle)
     source = busybox_image.parent / "rootfs"  # where make_busybox_image built it
