@@ -361,3 +361,70 @@ def test_from_platform_host_only(cache: Path, tmp_path: Path) -> None:
     bad = write_context(tmp_path / "bad", f"FROM --platform={other} {BASE}\nRUN true\n")
     with pytest.raises(PlanError, match="only the host platform"):
         build(cache, bad)
+
+
+def test_copy_flags_link_exclude_parents_chmod(cache: Path, tmp_path: Path) -> None:
+    text = f"""\
+FROM {BASE} AS src
+RUN mkdir -p /stage/x && echo s > /stage/x/s.txt
+
+FROM {BASE}
+COPY --link files/ /linked/
+COPY --exclude=*.log files/ /filtered/
+COPY --parents tree/./a/b/c.txt /parents/
+COPY --chmod=600 files/keep.txt /modes/private.txt
+COPY --from=0 /stage/x /fromindex/
+ADD --chown=nobody:nogroup --chmod=640 files/keep.txt /added.txt
+"""
+    files = {"files/keep.txt": "k\n", "files/drop.log": "d\n", "tree/a/b/c.txt": "c\n"}
+    ctx = write_context(tmp_path / "ctx", text, files)
+    out, archive = tmp_path / "out", tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=local,dest={out}", f"type=oci,dest={archive}"])
+    assert sorted(p.name for p in (out / "linked").iterdir()) == ["drop.log", "keep.txt"]
+    assert sorted(p.name for p in (out / "filtered").iterdir()) == ["keep.txt"]
+    assert (out / "parents/a/b/c.txt").read_text() == "c\n"
+    assert (out / "modes/private.txt").stat().st_mode & 0o777 == 0o600
+    assert (out / "fromindex/s.txt").read_text() == "s\n"
+    added = image_entries(archive)["added.txt"]
+    assert added.mode & 0o777 == 0o640
+    if os.geteuid() == 0 or _has_id_range():
+        assert (added.uid, added.gid) == (65534, 65534)
+
+
+def _has_id_range() -> bool:
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+    return detect_ids().mode is IdMode.SUBORDINATE
+
+
+def test_run_network_none_user_and_target(cache: Path, tmp_path: Path) -> None:
+    text = f"""\
+FROM {BASE} AS first
+RUN --network=none sh -c 'ip route 2>/dev/null | grep -q default && echo route || echo isolated' > /net
+USER nobody
+RUN id -u > /tmp/uid
+
+FROM first AS second
+RUN exit 1
+"""
+    ctx = write_context(tmp_path / "ctx", text)
+    out = tmp_path / "out"
+    result = build(cache, ctx, target="first", outputs=[f"type=local,dest={out}"], labels={"k": "v"})
+    assert (out / "net").read_text() == "isolated\n"
+    assert (out / "tmp/uid").read_text() == ("65534\n" if _has_id_range() or os.geteuid() == 0 else "0\n")
+    assert dict(result.config.config.labels)["k"] == "v", "--label lands on the target"
+    assert all(step.stage == "first" for step in result.steps), "the target's dependents never run"
+
+
+def test_zstd_compression_and_jobs(cache: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nCOPY f /f\n", {"f": "z\n"})
+    archive = tmp_path / "img.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"], compression="zstd", jobs=1)
+    with tarfile.open(archive) as tar:
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        digest = index["manifests"][0]["digest"].split(":")[1]
+        manifest = json.loads(tar.extractfile(f"blobs/sha256/{digest}").read())  # type: ignore[union-attr]
+    assert manifest["layers"][-1]["mediaType"].endswith("+zstd")
+    assert image_entries(archive)["f"].size == 2

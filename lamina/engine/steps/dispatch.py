@@ -242,6 +242,9 @@ def unpack_layer(executor: Executor, blob: Any, diff_id: Digest) -> Path:
     from lamina.engine.sandbox.runner import extract_layer
 
     tmp = store.new_unpack_dir()
+    # A layer's root is `/`: mkdtemp's 0700 would lock every user but root out
+    # (the sandbox copies the top lower's root metadata onto the upper dir).
+    os.chmod(tmp, 0o755)
     try:
         extract_layer(store.blob_path(blob.digest), tmp, digest=blob.digest)
     except BaseException:
