@@ -219,7 +219,12 @@ def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> None:
     """type=local: the merged root filesystem in `dest` (created if missing)."""
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"--output type=local: {dest} exists and is not a directory")
-    merge_layers(layer_dirs, dest)
+    try:
+        merge_layers(layer_dirs, dest)
+    except OSError as err:
+        # Rootless, a file the container made private to one of its users
+        # cannot be read from outside the user namespace.
+        raise OutputError(f"--output type=local,dest={dest}: {err.filename}: {err.strerror}") from err
 
 
 # --- committing an image to the store ------------------------------------------------
