@@ -268,19 +268,22 @@ def test_mount_target_symlink_cannot_escape_root(tmp_path: Path) -> None:
 
 
 def test_no_process_outlives_the_sandbox(rootfs: Path, tmp_path: Path) -> None:
-    code, _ = sh(rootfs, "sleep 4242 & sleep 4243 & echo started", tmp_path)
+    # Unique durations: other test runs (other users, other sessions) may share the machine.
+    a, b = _unique_seconds(), _unique_seconds()
+    code, _ = sh(rootfs, f"sleep {a} & sleep {b} & echo started", tmp_path)
     assert code == 0
-    assert _processes_with("sleep 424") == []
+    assert _processes_with(f"sleep {a}") == _processes_with(f"sleep {b}") == []
 
 
 def test_interrupt_stops_everything_and_cleans_up(rootfs: Path, tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"
+    a, b = _unique_seconds(), _unique_seconds()
     program = textwrap.dedent(
         f"""
         import sys
         from pathlib import Path
         from lamina.engine.sandbox import SandboxSpec, run
-        spec = SandboxSpec(argv=("/bin/sh", "-c", "sleep 4244 & sleep 4245; echo done"),
+        spec = SandboxSpec(argv=("/bin/sh", "-c", "sleep {a} & sleep {b}; echo done"),
                            lower_dirs=(Path({str(rootfs)!r}),), scratch_dir=Path({str(scratch)!r}))
         try:
             run(spec)
@@ -290,13 +293,13 @@ def test_interrupt_stops_everything_and_cleans_up(rootfs: Path, tmp_path: Path) 
     )
     proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE)
     deadline = time.monotonic() + 10
-    while not _processes_with("sleep 4245") and time.monotonic() < deadline:
+    while not _processes_with(f"sleep {b}") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _processes_with("sleep 4245"), "the sandboxed command never started"
+    assert _processes_with(f"sleep {b}"), "the sandboxed command never started"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) == 130
     assert b"done" not in proc.stdout.read()  # type: ignore[union-attr]
-    assert _processes_with("sleep 424") == []
+    assert _processes_with(f"sleep {a}") == _processes_with(f"sleep {b}") == []
     assert list(scratch.iterdir()) == []
 
 
@@ -304,6 +307,10 @@ def test_scratch_dirs_are_removed(rootfs: Path, tmp_path: Path) -> None:
     code, out = sh(rootfs, "mkdir -p /x/y; chmod 000 /x; echo done", tmp_path)
     assert code == 0, out
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def _unique_seconds() -> int:
+    return 100_000 + int.from_bytes(os.urandom(3), "big")
 
 
 def _processes_with(text: str) -> list[int]:
