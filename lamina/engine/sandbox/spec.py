@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import subprocess
 from pathlib import Path
 from typing import IO
 
@@ -78,7 +79,8 @@ class SecretMount:
 
 Mount = BindMount | CacheMount | TmpfsMount | SecretMount
 
-# Where a stream goes: None inherits ours, an int is a file descriptor, else a file object.
+# Where a stream goes: None inherits ours, an int is a file descriptor
+# (or subprocess.DEVNULL), else a file object.
 Output = int | IO[bytes] | None
 
 
@@ -106,7 +108,7 @@ class SandboxSpec:
     network: Network = Network.HOST
     mounts: tuple[Mount, ...] = ()
     snapshotter: Snapshotter | None = None
-    stdin: Output = None
+    stdin: Output = subprocess.DEVNULL  # a build step reads nothing; None passes ours through
     stdout: Output = None
     stderr: Output = None
     scratch_dir: Path | None = None
