@@ -179,9 +179,12 @@ def _mounts(
 ) -> tuple[list[Any], list[str], str, dict[str, str]]:
     """Sandbox mounts for RUN --mount, their key text, the digest of bound content, secret env."""
     from lamina.engine.dockerfile.instructions import MountType
-    from lamina.engine.sandbox.spec import BindMount, CacheMount, SecretMount, Sharing, TmpfsMount
 
     mounts: list[Any] = []
+    if not instruction.mounts:
+        return mounts, [], "", {}  # the common case, without importing the sandbox's types
+    from lamina.engine.sandbox.spec import BindMount, CacheMount, SecretMount, Sharing, TmpfsMount
+
     keys: list[str] = []
     content = hashlib.sha256()
     secrets = {secret.id: secret.source for secret in executor.options.secrets}
