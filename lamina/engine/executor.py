@@ -485,8 +485,10 @@ def _remove_tree(path: Path) -> None:
 def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
     """Plan the Dockerfile, run the stages the target needs, write the outputs."""
     from lamina.cache.store import Store
-    from lamina.engine.steps.dispatch import make_plan
+    from lamina.engine.steps.dispatch import make_plan, store_name
 
+    for name in options.tags:
+        store_name(name)  # a bad -t fails before the build, not after it
     plan = make_plan(options)
     options.cache_root.mkdir(parents=True, exist_ok=True)
     with Store(options.cache_root) as store:
