@@ -381,3 +381,12 @@ def test_root_dir_keeps_the_image_mode_over_a_private_upper_dir(rootfs: Path, tm
     user = "" if detect_ids().mode is IdMode.SINGLE else "app"
     code, out = sh(rootfs, "stat -c %a /; cat /etc/marker", tmp_path, upper_dir=upper, user=user)
     assert (code, out) == (0, "755\nfrom the image\n")
+
+
+def test_non_empty_upper_dir_is_refused_and_kept(rootfs: Path, tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "precious").write_text("keep me\n")
+    with pytest.raises(SandboxError, match="is not empty"):
+        sh(rootfs, "true", tmp_path, upper_dir=upper)
+    assert (upper / "precious").read_text() == "keep me\n"

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 _HELPER = str(Path(__file__).with_name("helper.py"))
 _APT_SANDBOX_ROOT = 'APT::Sandbox::User "root";\n'
 _KILL_GRACE_SECONDS = 2.0
-_OVERLAY_FAILED_PREFIX = "prepare the sandbox root: "
 
 
 def default_snapshotter() -> Snapshotter | None:
@@ -73,6 +72,8 @@ def run(
         except _OverlayUnavailable as err:
             if i + 1 == len(order):
                 raise SandboxError(str(err)) from None
+            if on_warning is not None:
+                on_warning(f"{err}: using the copy snapshotter (slower; LAMINA_SNAPSHOTTER=copy says so)")
     raise AssertionError("unreachable")
 
 
@@ -82,6 +83,10 @@ class _OverlayUnavailable(SandboxError):
 
 def _run_once(spec: SandboxSpec, ids: IdMap, snapshotter: Snapshotter) -> int:
     upper = spec.upper_dir
+    if upper is not None:
+        upper.mkdir(parents=True, exist_ok=True)
+        if any(upper.iterdir()):  # checked first: on failure an upper dir is emptied
+            raise SandboxError(f"upper dir {upper} is not empty")
     scratch_parent = spec.scratch_dir or (upper.parent if upper else None)
     if scratch_parent is not None:
         scratch_parent.mkdir(parents=True, exist_ok=True)
@@ -91,9 +96,7 @@ def _run_once(spec: SandboxSpec, ids: IdMap, snapshotter: Snapshotter) -> int:
         with contextlib.ExitStack() as locks:
             if upper is None:
                 upper = base / "upper"
-            upper.mkdir(parents=True, exist_ok=True)
-            if any(upper.iterdir()):
-                raise SandboxError(f"upper dir {upper} is not empty")
+                upper.mkdir()
             # overlayfs wants the work dir on the upper dir's file system.
             work = Path(tempfile.mkdtemp(prefix=".lamina-work-", dir=upper.parent))
             for name in ("rootfs", "mountpoints"):
