@@ -1,16 +1,17 @@
-"""Inside the namespaces (helper side): PID 1, the container process, its mounts and user.
+"""Inside the namespaces (helper side): the rootfs, PID 1, the command's mounts and user.
 
 Process tree, all in the new user namespace:
 
-    helper (unshared user/mount/pid/uts/ipc[/net])
-      └── init, PID 1 of the new PID namespace: builds the rootfs, reaps, forwards
-          signals, kills what is left when the command exits; the copy
-          snapshotter's compare runs here, after everything else is dead
-            └── command: its own mount namespace, /proc, /dev, mounts,
-                pivot_root, user, cwd, then exec
+    helper (unshared user/mount/pid/uts/ipc[/net]): hostname, loopback, the
+    │   rootfs (overlay mount, or the copy and its baseline); once PID 1 is
+    │   gone, the copy snapshotter's compare (it keeps the host view)
+    └── init, PID 1 of the new PID namespace: its own mount namespace with
+        │   /proc, /dev, /etc/resolv.conf, the spec's mounts, then pivot_root;
+        │   reaps, forwards signals, kills what is left when the command exits
+        └── command: user and groups, cwd, then exec
 
 The spec is the plain dict made by `runner._wire()`. Failures before exec
-are reported to the parent as one line on the report pipe (`E` + text).
+are reported to the caller as one line on the report pipe (`E` + text).
 """
 
 # Helper start-up is sandbox start-up: try/except/pass here instead of importing contextlib.
@@ -73,10 +74,10 @@ def forward_signals(pid: int) -> None:
         _signal.signal(signum, forward)
 
 
-# --- PID 1 -----------------------------------------------------------------
+# --- the helper and PID 1 --------------------------------------------------------
 
 
-def prepare(spec: dict, report_fd: int) -> object | None:
+def prepare(spec: dict) -> object | None:
     """In the helper: hostname, loopback, the rootfs; the copy baseline or None. Raises SetupError."""
     try:
         _libc.sethostname(spec["hostname"])
@@ -197,7 +198,7 @@ def _prepare_root(spec: dict) -> object | None:
     return snapshot.record(spec["rootfs"], lowers)
 
 
-# --- the command -------------------------------------------------------------
+# --- PID 1's mounts, then the command ---------------------------------------------
 
 
 def _enter_root(spec: dict) -> None:

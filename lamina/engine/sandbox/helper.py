@@ -99,7 +99,7 @@ def main() -> int:
     if spec["mode"] == "layer":
         return _layer(spec, report_fd)
     try:
-        baseline = _inside.prepare(spec, report_fd)
+        baseline = _inside.prepare(spec)
     except _inside.SetupError as err:
         _inside.report(report_fd, str(err))
         return _inside.SETUP_FAILED
