@@ -390,3 +390,15 @@ def test_non_empty_upper_dir_is_refused_and_kept(rootfs: Path, tmp_path: Path) -
     with pytest.raises(SandboxError, match="is not empty"):
         sh(rootfs, "true", tmp_path, upper_dir=upper)
     assert (upper / "precious").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("network", [Network.HOST, Network.NONE])
+def test_sys_is_read_only(rootfs: Path, tmp_path: Path, network: Network) -> None:
+    script = "for f in /sys/x /sys/kernel/x /sys/fs/cgroup/x; do touch $f 2>/dev/null && echo WROTE $f; done"
+    script += "; grep ' /sys' /proc/self/mountinfo | grep -v ' ro,' ; ls /sys/class/net 2>/dev/null"
+    _, out = sh(rootfs, script, tmp_path, network=network)
+    assert "WROTE" not in out
+    if network is Network.NONE:
+        assert out.split() == ["lo"]  # a sysfs of its own network namespace
+    else:
+        assert not [line for line in out.splitlines() if " /sys" in line]  # every /sys mount is ro

@@ -166,7 +166,7 @@ def _loopback_up() -> None:
 
 def _mount_targets(spec: dict) -> list[tuple[str, bool]]:
     """Every mount point the command's mounts need, as (root-relative path, is_dir)."""
-    targets = [("proc", True), ("dev", True)]
+    targets = [("proc", True), ("dev", True), ("sys", True)]
     for rel, _source in spec["host_binds"]:
         targets.append((rel, False))
     for m in spec["mounts"]:
@@ -296,8 +296,49 @@ def _system_mounts(spec: dict, root: str) -> None:
         # gid 5 (tty) is not mapped with a single-id map.
         m.mount("devpts", pts, "devpts", m.MS_NOSUID | m.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
     m.mount("shm", os.path.join(dev, "shm"), "tmpfs", m.MS_NOSUID | m.MS_NODEV, "mode=1777,size=65536k")
+    _mount_sys(_at(root, "sys", True))
     for rel, source in spec["host_binds"]:
         _bind(source, _at(root, rel, False), readonly=True)
+
+
+def _mount_sys(target: str) -> None:
+    """A read-only /sys: a fresh sysfs when the network namespace is ours, else the host's, bound.
+
+    Best effort, as /sys is not part of what a build may rely on; without
+    either it stays an empty directory, never a writable one.
+    """
+    flags = _libc.MS_RDONLY | _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC
+    try:
+        _libc.mount("sysfs", target, "sysfs", flags)
+        return
+    except OSError:
+        pass  # the host's network namespace: sysfs may not be mounted from here
+    try:
+        # Recursive (the host's submounts are locked to it), and every one of
+        # them read-only: with an identity map, root inside owns the host's cgroup files.
+        _libc.mount("/sys", target, None, _libc.MS_BIND | _libc.MS_REC)
+    except OSError:
+        return
+    try:
+        for point in _mount_points_under(target):
+            remount = _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY
+            _libc.mount(None, point, None, remount | _locked_flags(point))
+    except OSError:
+        _libc.umount(target, _libc.MNT_DETACH)
+
+
+def _mount_points_under(top: str) -> list[str]:
+    """Mount points at or below `top` in this mount namespace, parents first."""
+    points = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            # Field 5 is the mount point, with space, tab, newline and \\ octal-escaped.
+            point = line.split(" ")[4]
+            for raw, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+                point = point.replace(raw, char)
+            if point == top or point.startswith(top + "/"):
+                points.append(point)
+    return points
 
 
 def _locked_flags(source: str) -> int:
