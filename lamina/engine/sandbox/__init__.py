@@ -33,8 +33,9 @@ Public surface (re-exported here, loaded on first use):
 
 Known gaps: PID 1 is the helper's Python, so /proc/1/exe inside is the
 host's interpreter binary (read-only; its root is the container's). /sys
-is not mounted. There is no pseudo-terminal allocation: the command gets
-the caller's stdin/stdout/stderr as they are.
+is read-only (the host's, with the host network). There is no
+pseudo-terminal allocation: the command gets the caller's stdin/stdout/stderr
+as they are.
 
 How it runs: `runner` starts `helper.py` in a fresh interpreter (never a
 fork of a threaded one) which unshares user, mount, PID, UTS, IPC (and
