@@ -5,7 +5,7 @@ content store and the OCI writers meet.
 
 How a stage runs. A stage starts from its base: an image in the store (its
 layers unpacked in overlay form), an earlier stage's outcome, or scratch.
-Its steps then run in order on a `_StageState`: the image config so far,
+Its steps then run in order on a `StageState`: the image config so far,
 the stack of layer directories, and the chain key. Metadata steps (ENV,
 LABEL, USER, ...) only change the config and are recomputed every build;
 they are pure and cheap. Filesystem steps (RUN, COPY, ADD, WORKDIR) are
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from lamina.cache.statcache import StatCache
     from lamina.cache.store import Store
     from lamina.engine.context import SourceTree
+    from lamina.engine.steps.dispatch import BuildPlan
     from lamina.oci.image import ImageConfig
 
 PLATFORM = "linux/amd64"  # replaced by the host's at import below
@@ -203,7 +204,7 @@ class StageOutcome:
 
 
 @dataclasses.dataclass(slots=True)
-class _StageState:
+class StageState:
     name: str
     config: ImageConfig
     layers: list[ImageLayer]
@@ -251,7 +252,7 @@ def _now() -> str:
 class Executor:
     """One build: the plan, the store, the progress sink, the records of every step."""
 
-    def __init__(self, options: BuildOptions, sink: ProgressSink, store: Store, plan: Any) -> None:
+    def __init__(self, options: BuildOptions, sink: ProgressSink, store: Store, plan: BuildPlan) -> None:
         self.options = options
         self.sink = sink
         self.store = store
@@ -283,7 +284,7 @@ class Executor:
             self._warned.add(message)
         self.sink.warn(message)
 
-    def created(self, state: _StageState) -> str | None:
+    def created(self, state: StageState) -> str | None:
         if self.epoch is not None:
             from lamina.oci.image import format_time
 
@@ -343,7 +344,7 @@ class Executor:
 
     # --- cache ------------------------------------------------------------------------------
 
-    def lookup(self, inputs: KeyInputs, state: _StageState) -> _CacheResult | None:
+    def lookup(self, inputs: KeyInputs, state: StageState) -> _CacheResult | None:
         if self.options.no_cache or state.no_cache:
             return None
         text = self.store.cache_get(inputs.key())
@@ -356,7 +357,7 @@ class Executor:
             return None  # gc took the layer dir
         return result
 
-    def commit_layer(self, inputs: KeyInputs, state: _StageState, upper: Path) -> _CacheResult:
+    def commit_layer(self, inputs: KeyInputs, state: StageState, upper: Path) -> _CacheResult:
         """Publish a step's upper dir as its layer (or drop it when empty) and record the result."""
         key = inputs.key()
         layer: str | None = None
@@ -368,7 +369,7 @@ class Executor:
                 layer = hashlib.sha256(salt.encode()).hexdigest()
             self.store.publish_unpacked(upper, Digest("sha256", layer))
         else:
-            _remove_tree(upper)
+            remove_tree(upper)
         result = _CacheResult(layer, _now(), inputs.to_json())
         # Two builds racing on one key: the first result stored wins, so both
         # end with the same layer and timestamps (and the same image digest).
@@ -383,7 +384,7 @@ class Executor:
         self.store.cache_put(key, result.to_json(), refs=refs)
         return result
 
-    def apply_result(self, state: _StageState, inputs: KeyInputs, result: _CacheResult) -> bool:
+    def apply_result(self, state: StageState, inputs: KeyInputs, result: _CacheResult) -> bool:
         """Move the stage past a step; True when the step added a layer."""
         state.key = inputs.key()
         state.created = result.created
@@ -476,10 +477,11 @@ class Executor:
         return tuple(done)
 
 
-def _remove_tree(path: Path) -> None:
-    from lamina.engine.sandbox.runner import remove_tree
+def remove_tree(path: Path) -> None:
+    """rm -rf, inside the user namespace when subordinate ids may own files in `path`."""
+    from lamina.engine.sandbox import runner
 
-    remove_tree(path)
+    runner.remove_tree(path)
 
 
 def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:

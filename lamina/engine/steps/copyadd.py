@@ -27,7 +27,7 @@ from lamina.engine.steps.dispatch import executor_base_image, layer_step
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
-    from lamina.engine.executor import Executor, StageOutcome, _StageState
+    from lamina.engine.executor import Executor, StageOutcome, StageState
     from lamina.engine.steps.dispatch import StagePlan
 
 
@@ -40,7 +40,7 @@ def source_stage(executor: Executor, ref: str, location: Any) -> StageOutcome:
     return executor_base_image(executor, ref, location)
 
 
-def copy_step(executor: Executor, state: _StageState, plan: StagePlan, instruction: Any) -> None:
+def copy_step(executor: Executor, state: StageState, plan: StagePlan, instruction: Any) -> None:
     from lamina.engine.dockerfile.instructions import AddInstruction
     from lamina.engine.executor import PLATFORM
     from lamina.engine.steps.copy import CopyOptions, destination_path, parse_chmod
@@ -143,7 +143,7 @@ def _is_url(source: str) -> bool:
 
 def _select(
     executor: Executor,
-    state: _StageState,
+    state: StageState,
     instruction: Any,
     from_: str | None,
     sources: list[str],

@@ -30,7 +30,7 @@ from lamina.oci.digest import Digest
 
 if TYPE_CHECKING:
     from lamina.engine.dockerfile.instructions import Instruction
-    from lamina.engine.executor import BuildOptions, Executor, StageOutcome, _StageState
+    from lamina.engine.executor import BuildOptions, Executor, StageOutcome, StageState
 
 # Instructions that make a layer; the others only change the config.
 FILESYSTEM_STEPS = frozenset({"RUN", "COPY", "ADD", "WORKDIR"})
@@ -127,14 +127,14 @@ def _check_platform(planned: Any) -> None:
 # --- running a stage ---------------------------------------------------------------------------
 
 
-def _expander(state: _StageState, escape: str) -> Callable[[str], str]:
+def _expander(state: StageState, escape: str) -> Callable[[str], str]:
     from lamina.engine.dockerfile.shell import expand_word
 
     env = step_env(state)
     return lambda word: expand_word(word, env, escape)
 
 
-def step_env(state: _StageState) -> dict[str, str]:
+def step_env(state: StageState) -> dict[str, str]:
     """What expansion and RUN see: the stage's ARGs, then ENV (which wins)."""
     env = {name: value for name, value in state.args.items() if value is not None}
     env.update(md.env_dict(state.config.config))
@@ -248,9 +248,9 @@ def unpack_layer(executor: Executor, blob: Any, diff_id: Digest) -> Path:
     try:
         extract_layer(store.blob_path(blob.digest), tmp, digest=blob.digest)
     except BaseException:
-        from lamina.engine.executor import _remove_tree
+        from lamina.engine.executor import remove_tree
 
-        _remove_tree(tmp)
+        remove_tree(tmp)
         raise
     return store.publish_unpacked(tmp, diff_id)
 
@@ -259,7 +259,7 @@ def run_stage(executor: Executor, plan: StagePlan) -> StageOutcome:
     """Build one stage on top of its base and return its outcome."""
     from lamina.engine.dockerfile.instructions import parse_instruction
     from lamina.engine.dockerfile.parser import parse
-    from lamina.engine.executor import _StageState
+    from lamina.engine.executor import StageState
 
     base = _base(executor, plan)
     config = md.ensure_path(base.config)
@@ -276,7 +276,7 @@ def run_stage(executor: Executor, plan: StagePlan) -> StageOutcome:
                 raise BuildError(f"{plan.location}: ONBUILD trigger {text!r}: {err}") from None
         instructions = parsed_triggers + instructions
     no_cache = any(name.lower() == plan.name.lower() for name in executor.options.no_cache_filter)
-    state = _StageState(
+    state = StageState(
         name=plan.name,
         config=config,
         layers=list(base.layers),
@@ -309,7 +309,7 @@ def _one_line(instruction: Instruction) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def dispatch(executor: Executor, state: _StageState, plan: StagePlan, instruction: Instruction) -> None:
+def dispatch(executor: Executor, state: StageState, plan: StagePlan, instruction: Instruction) -> None:
     from lamina.engine.dockerfile import instructions as ins
 
     created = executor.created(state)
@@ -370,7 +370,7 @@ def dispatch(executor: Executor, state: _StageState, plan: StagePlan, instructio
         raise BuildError(f"{instruction.name} is not supported")
 
 
-def _arg(executor: Executor, state: _StageState, instruction: Any, expand: Callable[[str], str]) -> None:
+def _arg(executor: Executor, state: StageState, instruction: Any, expand: Callable[[str], str]) -> None:
     build_args = executor.plan.build_args
     global_args = executor.plan.global_args
     pairs: list[tuple[str, str | None]] = []
@@ -408,7 +408,7 @@ def _healthcheck(instruction: Any) -> Any:
 
 def layer_step(
     executor: Executor,
-    state: _StageState,
+    state: StageState,
     instruction: Instruction,
     inputs: KeyInputs,
     produce: Callable[[Path], None],
@@ -428,13 +428,13 @@ def layer_step(
         try:
             produce(upper)
         except BaseException as err:
-            from lamina.engine.executor import _remove_tree
+            from lamina.engine.executor import remove_tree
 
             tail = getattr(err, "output_tail", ())
             seconds = time.monotonic() - start
             sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.ERROR, seconds, tail))
             with contextlib.suppress(LaminaError):
-                _remove_tree(upper)
+                remove_tree(upper)
             raise
         result = executor.commit_layer(inputs, state, upper)
         sink.step(
@@ -447,7 +447,7 @@ def layer_step(
     return executor.apply_result(state, inputs, result)
 
 
-def _workdir(executor: Executor, state: _StageState, instruction: Any) -> None:
+def _workdir(executor: Executor, state: StageState, instruction: Any) -> None:
     from lamina.engine.cachekey import make_inputs
     from lamina.engine.executor import PLATFORM
     from lamina.engine.steps.layerview import LayerView

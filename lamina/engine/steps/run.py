@@ -28,15 +28,13 @@ from lamina.engine.steps.dispatch import layer_step, step_env
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
-    from lamina.engine.executor import Executor, _StageState
+    from lamina.engine.executor import Executor, StageState
     from lamina.engine.steps.dispatch import StagePlan
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def command_line(
-    state: _StageState, instruction: Any, pipes_dir: Path | None
-) -> tuple[list[str], str | None]:
+def command_line(state: StageState, instruction: Any, pipes_dir: Path | None) -> tuple[list[str], str | None]:
     """(argv, script) for a RUN; `script` is a heredoc body to mount as an executable."""
     from lamina.engine.dockerfile.parser import parse_heredoc_marker
 
@@ -65,7 +63,7 @@ def command_line(
     return list(md.with_shell(state.config, args)), script
 
 
-def run_step(executor: Executor, state: _StageState, plan: StagePlan, instruction: Any) -> None:
+def run_step(executor: Executor, state: StageState, plan: StagePlan, instruction: Any) -> None:
     from lamina.engine.executor import PLATFORM, PROXY_ARGS, visible_env
 
     if instruction.security == "insecure":
@@ -111,7 +109,7 @@ def run_step(executor: Executor, state: _StageState, plan: StagePlan, instructio
     )
 
 
-def _history_args(state: _StageState, build_args: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _history_args(state: StageState, build_args: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """BuildKit takes each ARG's value from the environment, where ENV wins."""
     env = md.env_dict(state.config.config)
     return [(name, env.get(name, value)) for name, value in build_args]
@@ -119,7 +117,7 @@ def _history_args(state: _StageState, build_args: list[tuple[str, str]]) -> list
 
 def _sandbox_run(
     executor: Executor,
-    state: _StageState,
+    state: StageState,
     instruction: Any,
     argv: list[str],
     script: str | None,
@@ -175,7 +173,7 @@ def _with_output(spec: Any, fd: int) -> Any:
 
 
 def _mounts(
-    executor: Executor, state: _StageState, instruction: Any
+    executor: Executor, state: StageState, instruction: Any
 ) -> tuple[list[Any], list[str], str, dict[str, str]]:
     """Sandbox mounts for RUN --mount, their key text, the digest of bound content, secret env."""
     from lamina.engine.dockerfile.instructions import MountType
