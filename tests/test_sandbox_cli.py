@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lamina import api
-from lamina.engine.sandbox import parse_mount
+from lamina.engine.sandbox import IdMode, detect_ids, parse_mount
 from lamina.engine.sandbox.spec import BindMount, TmpfsMount
 from lamina.errors import SandboxError
 from tests.test_sandbox import _userns_available
@@ -67,6 +67,26 @@ def test_run_flags_env_workdir_user_hostname(cache: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["1 two words", "/tmp/w", "0", "hosty"]
+
+
+def test_run_applies_entrypoint_cmd_env_workdir_user_of_a_built_image(cache: Path, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text(
+        "FROM bb:test\n"
+        "RUN echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd\n"
+        "ENV GREETING=hello\n"
+        "WORKDIR /srv\n"
+        "USER app\n"
+        'ENTRYPOINT ["sh", "-c", "echo $GREETING $(pwd) $(id -u) \\"$@\\"", "ep"]\n'
+        'CMD ["default"]\n'
+    )
+    api.build(tmp_path, tags=["ep:test"], cache_dir=cache, environ={**os.environ, "LAMINA_CACHE": str(cache)})
+    done = lamina(cache, "run", "ep:test")
+    if detect_ids().mode is IdMode.SINGLE:
+        assert done.returncode == 1 and "user 'app' (uid 1000, gid 1000) is not mapped" in done.stderr
+    else:
+        assert (done.returncode, done.stdout) == (0, "hello /srv 1000 default\n"), done.stderr
+    done = lamina(cache, "run", "-e", "GREETING=hi", "-w", "/tmp", "-u", "0", "ep:test", "x", "y")
+    assert (done.returncode, done.stdout) == (0, "hi /tmp 0 x y\n"), done.stderr
 
 
 def test_run_stdin_reaches_the_command(cache: Path) -> None:

@@ -185,7 +185,7 @@ def _prepare_root(spec: dict) -> object | None:
                 spec["host_binds"].append((APT_SNIPPET, spec["apt_snippet"]))
         _rootfs.add_mountpoints(stack, spec["mountpoints"], _mount_targets(spec))
         for root in (spec["upper"], spec["mountpoints"]):
-            _rootfs.copy_root_meta(lowers[0], root)
+            _rootfs.set_root_meta(root)
         _rootfs.mount_overlay([spec["mountpoints"], *lowers], spec["upper"], spec["work"], spec["rootfs"])
         return None
     from lamina.engine import snapshot

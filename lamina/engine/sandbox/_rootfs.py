@@ -191,16 +191,21 @@ def merge_copy(lowers: list[str], dest: str) -> None:
     """Copy the merged view of `lowers` into `dest`: the copy snapshotter's rootfs."""
     for layer in reversed(lowers):
         _apply_tree(layer, dest, {})
-    copy_root_meta(lowers[0], dest)
+    set_root_meta(dest)
 
 
-def copy_root_meta(top_lower: str, dest: str) -> None:
-    """Give `dest` (an upper dir, or a fresh top layer) the root directory's owner, mode and times.
+def set_root_meta(dest: str) -> None:
+    """Make `dest` (an upper dir, the mount-point layer, a copied rootfs) a container's "/": 0755, root's.
 
-    overlayfs shows the top-most layer's root, and a scratch dir made with
-    mkdtemp is 0700: USER app could not even traverse /.
+    overlayfs shows the top-most layer's root, yet layers do not record
+    their root and a dir made with mkdtemp is 0700: USER app could not even
+    traverse /. Docker's "/" is 0755 root:root too.
     """
-    copy_meta(top_lower, dest, os.lstat(top_lower))
+    try:
+        os.chown(dest, 0, 0)
+    except OSError:
+        pass  # only the caller is mapped, and it already owns dest
+    os.chmod(dest, 0o755)
 
 
 def _apply_tree(src: str, dest: str, links: dict[tuple[int, int], str]) -> None:
