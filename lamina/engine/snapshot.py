@@ -46,6 +46,8 @@ def capture(upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = 
     regular files, mode 0, owner 0:0. Given the `lowers` (top-most first),
     an opaque marker that would hide nothing (overlayfs marks a directory
     made where a file was deleted) is left out, as the copy snapshotter does.
+    Rootless with subordinate ids, files a container user kept private are
+    unreadable from here: `write_layer()` reads them inside the namespace.
     """
     root = os.fspath(upper_dir)
     links: dict[tuple[int, int], str] = {}
