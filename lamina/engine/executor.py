@@ -394,6 +394,26 @@ class Executor:
         state.layers.append(ImageLayer(self.store.unpacked_path(digest), dir_id=result.layer))
         return True
 
+    @contextlib.contextmanager
+    def step_lock(self, key: str) -> Iterator[None]:
+        """Exclusive use of one cache key across threads and lamina processes (flock).
+
+        Uncached runs (--no-cache) do not wait: their layers never collide.
+        """
+        if self.options.no_cache:
+            yield
+            return
+        import fcntl
+
+        locks = Path(self.store.root) / "locks"
+        locks.mkdir(exist_ok=True)
+        fd = os.open(locks / key.split(":", 1)[1], os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
     def new_upper(self) -> Path:
         upper = self.store.new_unpack_dir()
         # The upper dir's own mode becomes the merged root's: mkdtemp's 0700

@@ -417,34 +417,52 @@ def layer_step(
     state.index += 1
     text = _one_line(instruction)
     start = time.monotonic()
-    result = executor.lookup(inputs, state)
     sink = executor.sink
-    if result is not None:
+    result = executor.lookup(inputs, state)
+    cached = result is not None
+    if result is None:
+        # Another build (or stage) making the same step right now: wait for it
+        # and take its result, so that both end with the same layer and digest.
+        with executor.step_lock(inputs.key()):
+            result = executor.lookup(inputs, state)
+            cached = result is not None
+            if result is None:
+                result = _produce(executor, state, text, inputs, produce, start)
+    if cached:
         sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.CACHED))
-        cached = True
-    else:
-        sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.RUNNING))
-        upper = executor.new_upper()
-        try:
-            produce(upper)
-        except BaseException as err:
-            from lamina.engine.executor import remove_tree
-
-            tail = getattr(err, "output_tail", ())
-            seconds = time.monotonic() - start
-            sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.ERROR, seconds, tail))
-            with contextlib.suppress(LaminaError):
-                remove_tree(upper)
-            raise
-        result = executor.commit_layer(inputs, state, upper)
-        sink.step(
-            StepEvent(state.name, state.index, state.total, text, StepStatus.DONE, time.monotonic() - start)
-        )
-        cached = False
     from lamina.engine.executor import StepRecord
 
     executor.record(StepRecord(state.name, state.index, text, cached, time.monotonic() - start, inputs.key()))
     return executor.apply_result(state, inputs, result)
+
+
+def _produce(
+    executor: Executor,
+    state: StageState,
+    text: str,
+    inputs: KeyInputs,
+    produce: Callable[[Path], None],
+    start: float,
+) -> Any:
+    """Run a step that missed: a fresh upper dir, `produce`, then commit it as the step's layer."""
+    sink = executor.sink
+    sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.RUNNING))
+    upper = executor.new_upper()
+    try:
+        produce(upper)
+    except BaseException as err:
+        from lamina.engine.executor import remove_tree
+
+        tail = getattr(err, "output_tail", ())
+        seconds = time.monotonic() - start
+        sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.ERROR, seconds, tail))
+        with contextlib.suppress(LaminaError):
+            remove_tree(upper)
+        raise
+    result = executor.commit_layer(inputs, state, upper)
+    seconds = time.monotonic() - start
+    sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.DONE, seconds))
+    return result
 
 
 def _workdir(executor: Executor, state: StageState, instruction: Any) -> None:
