@@ -14,9 +14,12 @@ import hashlib
 import io
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from lamina.errors import LayerError
 from lamina.oci.digest import Digest
@@ -341,3 +344,62 @@ def test_target_directory_that_is_a_symlink(arena: Arena) -> None:
     with pytest.raises(LayerError, match="target directory"):
         extract_layer(io.BytesIO(build_tar(member("pwned", data=b"x"))), link)
     arena.assert_untouched()
+
+
+# -- fuzzing ------------------------------------------------------------------
+
+# Weighted by repetition: hostile parts rare enough that most layers get
+# past the name checks to the symlink, hard-link and whiteout logic.
+_PARTS = st.sampled_from(
+    ["a"] * 6
+    + ["b"] * 6
+    + ["link"] * 6
+    + [".", "", "..", ".wh.a", ".wh.link", ".wh..wh..opq", ".wh...", "ü\udcff"]
+)
+_NAMES = st.builds(
+    lambda absolute, parts: ("/" if absolute else "") + "/".join(parts),
+    st.integers(0, 30).map(lambda n: n == 0),
+    st.lists(_PARTS, min_size=1, max_size=3),
+)
+_TARGETS = st.sampled_from(["..", "../outside", "/", "OUTSIDE", "a", "link/secret", "a/b", "../../.."])
+_MEMBERS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE]
+        ),
+        _NAMES,
+        _TARGETS,
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(members=_MEMBERS, mode=st.sampled_from(list(Whiteouts)))
+def test_random_hostile_layers_never_escape(members: list[tuple[bytes, str, str]], mode: Whiteouts) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        top = Path(tmp)
+        (top / "outside").mkdir()
+        (top / "outside" / "secret").write_bytes(b"keep")
+        arena = Arena(top, top / "target", top / "outside")
+        arena.target.mkdir()
+        arena.before = _snapshot(top, arena.target)
+        crafted = []
+        for kind, name, target in members:
+            target = target.replace("OUTSIDE", str(arena.outside))
+            if kind == tarfile.REGTYPE:
+                crafted.append(member(name, data=b"pwned"))
+            elif kind == tarfile.DIRTYPE:
+                crafted.append(directory(name))
+            elif kind == tarfile.SYMTYPE:
+                crafted.append(symlink(name, target))
+            elif kind == tarfile.LNKTYPE:
+                crafted.append(hardlink(name, target))
+            else:
+                crafted.append(member(name, tarfile.FIFOTYPE))
+        try:
+            extract_layer(io.BytesIO(build_tar(*crafted)), arena.target, whiteouts=mode)
+            event("extracted")
+        except LayerError as err:  # refusing is fine; escaping or crashing is not
+            event(str(err).split(": ")[-1][:30])
+        arena.assert_untouched()
