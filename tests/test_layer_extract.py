@@ -389,3 +389,17 @@ def test_overlay_form_unprivileged(as_nobody) -> None:  # type: ignore[no-untype
     assert out == {"warnings": []}
     assert stat.S_ISCHR(os.lstat(dest / "gone").st_mode)
     assert os.getxattr(dest / "o", "user.overlay.opaque") == b"y"
+
+
+def test_round_trip_of_non_utf8_names_and_binary_xattrs(tmp_path: Path) -> None:
+    source, dest = tmp_path / "source", tmp_path / "dest"
+    source.mkdir()
+    name = os.fsdecode(b"latin1-caf\xe9")
+    (source / name).write_bytes(b"x")
+    os.setxattr(source / name, "user.blob", b"\x00\xff\xfe\n=")
+    (source / "link").symlink_to(os.fsdecode(b"\xff" * 150))
+    blob = io.BytesIO()
+    write_layer(entries_from_tree(source), blob, Compression.GZIP)
+    extract_layer(io.BytesIO(blob.getvalue()), dest)
+    assert list(entries_from_tree(dest)) == list(entries_from_tree(source))
+    assert os.getxattr(dest / name, "user.blob") == b"\x00\xff\xfe\n="
