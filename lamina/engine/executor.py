@@ -430,17 +430,25 @@ class Executor:
         for warning in self.plan.warnings:
             self.sink.warn(warning)
         waves = self.plan.waves
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.options.jobs)) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.options.jobs))
+        try:
             for wave in waves:
                 futures = {pool.submit(run_stage, self, self.plan.stages[i]): i for i in wave}
                 failure: BaseException | None = None
                 for future in concurrent.futures.as_completed(futures):
                     try:
                         self._outcomes[futures[future]] = future.result()
-                    except BaseException as err:  # keep the first; let the others finish
+                    except BaseException as err:
+                        # Keep the first failure; stages not started yet are dropped.
                         failure = failure or err
+                        for pending in futures:
+                            pending.cancel()
                 if failure is not None:
                     raise failure
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         target = self._outcomes[self.plan.target]
         return self._finish(target, start)
 
