@@ -158,9 +158,8 @@ def main() -> None:
         print(f"tree: {args.files} files, {made / MB:.1f} MB; {os.cpu_count()} cores, load {load:.1f}\n")
         with open(os.devnull, "wb") as null:
             tar_bytes = write_layer(entries_from_tree(tree), null, Compression.NONE).size
-        print(
-            f"{'write':<14}{'tar MB':>9}{'blob MB':>9}{'seconds':>9}{'CPU s':>9}{'MB/s':>9}{'target':>9}  ok"
-        )
+        columns = ("tar MB", "blob MB", "seconds", "CPU s", "MB/s", "MB/CPU-s", "target")
+        print(f"{'write':<14}" + "".join(f"{column:>9}" for column in columns) + "  ok")
         for compression in (Compression.NONE, Compression.ZSTD, Compression.GZIP):
             out_path = work / f"layer.{compression.value}"
             elapsed, cpu, size = time_write(tree, compression, out_path, args.runs)
