@@ -162,3 +162,24 @@ def test_two_builds_at_once_on_one_cache(cache: Path, ctx: Path, tmp_path: Path)
     digests = {out.strip() for out, _ in outputs}
     assert len(digests) == 1, digests
     assert build(cache, ctx).image_digest in digests
+
+
+def test_unchanged_build_is_replayed_and_a_retagged_base_is_not(
+    cache: Path, ctx: Path, tmp_path: Path, busybox_image: Path
+) -> None:
+    from lamina.cache.store import Store
+
+    first = build(cache, ctx, tags=["replay:1"])
+    replayed = build(cache, ctx, tags=["replay:2"])
+    assert replayed.image_digest == first.image_digest and all(cached_steps(replayed))
+    assert [s.key for s in replayed.steps] == [s.key for s in first.steps]
+    with Store(cache) as store:
+        assert (
+            store.resolve("docker.io/library/replay:2").manifest
+            == store.resolve("docker.io/library/replay:1").manifest
+        )
+        # Point the base name at another image: the memo must not be trusted.
+        store.tag("docker.io/lamina-test/busybox:1.35", store.resolve("docker.io/library/replay:1").manifest,
+                  size=1)  # fmt: skip
+    rebuilt = build(cache, ctx)
+    assert not all(cached_steps(rebuilt)), "steps on a new base run again"

@@ -269,6 +269,7 @@ class Executor:
         self._warned: set[str] = set()
         self.epoch = options.source_date_epoch
         self.images: dict[str, StageOutcome] = {}  # base images loaded by this build
+        self.totals: dict[str, int] = {}  # stage name -> its filesystem steps, for replays
         self._image_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 
     def image_lock(self, ref: str) -> threading.Lock:
@@ -513,23 +514,48 @@ def remove_tree(path: Path) -> None:
 
 
 def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
-    """Plan the Dockerfile, run the stages the target needs, write the outputs."""
-    from lamina.cache.store import Store
-    from lamina.engine.steps.dispatch import make_plan, store_name
+    """Plan the Dockerfile, run the stages the target needs, write the outputs.
 
+    An unchanged build that went to the store is replayed from its memo
+    (steps.replay) without planning it again.
+    """
+    from lamina.cache.store import Store
+    from lamina.engine.steps.dispatch import store_name
+    from lamina.engine.steps.replay import memo_key, record, replay
+
+    start = time.monotonic()
     for name in options.tags:
         store_name(name)  # a bad -t fails before the build, not after it
-    plan = make_plan(options)
+    dockerfile = options.dockerfile or options.context / "Dockerfile"
+    try:
+        data: bytes | None = dockerfile.read_bytes()
+    except OSError:
+        data = None  # make_plan reports it
     options.cache_root.mkdir(parents=True, exist_ok=True)
     with Store(options.cache_root) as store:
+        key = memo_key(options, dockerfile, data) if data is not None else None
+        if key is not None:
+            replayed = replay(store, key, options, sink, start)
+            if replayed is not None:
+                return replayed
+        from lamina.engine.steps.dispatch import make_plan
+
+        plan = make_plan(options)
         executor = Executor(options, sink, store, plan)
         try:
-            return executor.run()
+            result = executor.run()
         except LaminaError:
             sink.finish(None)
             raise
         finally:
             executor.cleanup()
+        if key is not None:
+            images = {
+                store_name(ref, pinned=True): outcome.key.split(":", 1)[1]
+                for ref, outcome in executor.images.items()
+            }
+            record(store, key, result, images, dict(executor.totals), plan.warnings)
+        return result
 
 
 # --- output capture ---------------------------------------------------------------------------

@@ -163,17 +163,20 @@ def executor_base_image(executor: Executor, ref: str, location: Any) -> StageOut
         return found
 
 
-def store_name(name: str) -> str:
+def store_name(name: str, *, pinned: bool = False) -> str:
     """The store's form of an image name (`app` -> `docker.io/library/app:latest`).
 
     Same rule as lamina.cache.images.normalize_name, without importing the
-    archive formats a no-op rebuild never needs.
+    archive formats a no-op rebuild never needs. With `pinned`, a reference
+    with a digest (`FROM app@sha256:...`) keeps it: a pull names it so.
     """
     import dataclasses as _dc
 
     from lamina.oci.reference import parse_reference
 
     ref = parse_reference(name)
+    if pinned and ref.digest is not None:
+        return str(ref)
     if ref.tag is None:
         raise BuildError(f"image name {name!r} needs a tag, not only a digest")
     return str(_dc.replace(ref, digest=None))
@@ -184,7 +187,7 @@ def load_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
     from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
 
     store = executor.store
-    name = store_name(ref)
+    name = store_name(ref, pinned=True)
     record = None
     if executor.options.pull or not _in_store(store, name):
         record = _pull(executor, ref, location)
@@ -286,6 +289,7 @@ def run_stage(executor: Executor, plan: StagePlan) -> StageOutcome:
         total=sum(1 for i in instructions if i.name in FILESYSTEM_STEPS),
         no_cache=no_cache,
     )
+    executor.totals[state.name] = state.total
     for instruction in instructions:
         try:
             dispatch(executor, state, plan, instruction)

@@ -1,0 +1,157 @@
+"""Replay a build whose inputs did not change at all, without planning it again.
+
+A no-op rebuild is judged against BuildKit's ~0.1 s, and most of lamina's
+time there goes to importing and running the front end and walking the
+context through .dockerignore. So a finished build that went to the store
+(no `-o` other than `type=image`) records a *build memo*:
+
+    key   = sha256(lamina version, Dockerfile bytes, every option that can
+            change the result, and a stat fingerprint of the whole context:
+            path, type, mode, owner, size, mtime, ctime, inode of each entry)
+    value = the image made, the base images it used (name -> manifest
+            digest), its steps and the plan's warnings
+
+The next build with the same key checks that each base image name still
+resolves to the same manifest and that the image's blobs are still in the
+store, then re-tags and reports every step as cached. Anything else (a
+changed file, even an ignored one; a re-tagged base; `--no-cache`; `--pull`;
+an `ADD` of a URL, whose remote content may change; an output to write)
+goes the normal way, which is always correct: the memo can only say "same
+as last time".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lamina.cache.store import Store
+    from lamina.engine.executor import BuildOptions, BuildResult
+    from lamina.engine.progress import ProgressSink
+
+MEMO_VERSION = "lamina-build-memo-v1"
+_URL_ADD = re.compile(rb"(?im)^[ \t]*(?:onbuild[ \t]+)?add\b[^\n]*\bhttps?://")
+
+
+def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None:
+    """The memo key of this build, or None when it must not be replayed."""
+    from lamina.engine.output import OutputType
+
+    if options.no_cache or options.no_cache_filter or options.pull:
+        return None
+    if any(output.type is not OutputType.IMAGE for output in options.outputs):
+        return None
+    if _URL_ADD.search(data):
+        return None
+    h = hashlib.sha256()
+    settings = {
+        "v": MEMO_VERSION,
+        "dockerfile": str(dockerfile.resolve()),
+        "target": options.target,
+        "build_args": sorted(options.build_args),
+        "labels": sorted(options.labels),
+        "secrets": sorted((s.id, str(s.source)) for s in options.secrets),
+        "network": options.network,
+        "compression": options.compression,
+        "epoch": options.source_date_epoch,
+        "outputs": [(o.type.value, list(o.names)) for o in options.outputs],
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(b"\0dockerfile\0" + data)
+    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    if ignore.is_file():
+        h.update(b"\0ignore\0" + ignore.read_bytes())
+    try:
+        _fingerprint(options.context, h)
+    except OSError:
+        return None  # an unreadable context: let the normal path report it
+    return "build-memo:" + h.hexdigest()
+
+
+def _fingerprint(root: Path, h: Any) -> None:
+    """Feed the stat identity of every entry under `root` into `h` (no file is read)."""
+    pending = [os.fspath(root)]
+    while pending:
+        directory = pending.pop()
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            st = entry.stat(follow_symlinks=False)
+            h.update(
+                f"{entry.path}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0"
+                f"{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}\n".encode(
+                    "utf-8", "surrogateescape"
+                )
+            )
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(entry.path)
+
+
+def record(store: Store, key: str, result: BuildResult, images: dict[str, str], totals: dict[str, int],
+           warnings: tuple[str, ...]) -> None:  # fmt: skip
+    """Remember a finished build under its memo key."""
+    value = {
+        "image": result.image_digest,
+        "config": result.config_digest,
+        "target": result.target,
+        "images": images,
+        "warnings": list(warnings),
+        "totals": totals,
+        "steps": [[s.stage, s.index, s.instruction, s.key] for s in result.steps],
+    }
+    store.cache_put(key, json.dumps(value))
+
+
+def replay(
+    store: Store, key: str, options: BuildOptions, sink: ProgressSink, start: float
+) -> BuildResult | None:
+    """The recorded result of an unchanged build (tags renewed), or None to build normally."""
+    import time
+
+    from lamina.engine.executor import BuildResult, StepRecord
+    from lamina.engine.progress import BuildSummary, StepEvent, StepStatus
+    from lamina.engine.steps.dispatch import store_name
+    from lamina.errors import LaminaError
+    from lamina.oci.digest import Digest
+    from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
+
+    text = store.cache_get(key)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+        for name, digest in value["images"].items():
+            if str(store.resolve(name).manifest) != digest:
+                return None
+        manifest_digest = Digest.parse(value["image"])
+        manifest = Manifest.from_bytes(store.read_blob(manifest_digest, MAX_DOCUMENT))
+        if not all(store.has_blob(layer.digest) for layer in manifest.layers):
+            return None
+        config = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT))
+    except (LaminaError, ValueError, KeyError, TypeError):
+        return None
+    for warning in value["warnings"]:
+        sink.warn(warning)
+    steps = []
+    for stage, index, instruction, step_key in value["steps"]:
+        total = value["totals"].get(stage, index)
+        sink.step(StepEvent(stage, index, total, instruction, StepStatus.CACHED))
+        steps.append(StepRecord(stage, index, instruction, True, 0.0, step_key))
+    size = manifest.config.size + sum(layer.size for layer in manifest.layers)
+    names = []
+    for name in options.tags:
+        full = store_name(name)
+        store.tag(full, manifest_digest, size=size, created=config.created or "")
+        names.append(full)
+    seconds = time.monotonic() - start
+    result = BuildResult(
+        value["image"], value["config"], config, tuple(names), tuple(steps), seconds, value["target"]
+    )
+    sink.finish(BuildSummary(result.image_digest, len(steps), 0, seconds))
+    return result
