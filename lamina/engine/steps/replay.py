@@ -144,11 +144,15 @@ def replay(
         sink.step(StepEvent(stage, index, total, instruction, StepStatus.CACHED))
         steps.append(StepRecord(stage, index, instruction, True, 0.0, step_key))
     size = manifest.config.size + sum(layer.size for layer in manifest.layers)
+    from lamina.engine.output import OutputType
+
+    wanted = [*options.tags, *(n for o in options.outputs if o.type is OutputType.IMAGE for n in o.names)]
     names = []
-    for name in options.tags:
+    for name in wanted:
         full = store_name(name)
         store.tag(full, manifest_digest, size=size, created=config.created or "")
-        names.append(full)
+        if name in options.tags:
+            names.append(full)
     seconds = time.monotonic() - start
     result = BuildResult(
         value["image"], value["config"], config, tuple(names), tuple(steps), seconds, value["target"]
