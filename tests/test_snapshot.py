@@ -11,14 +11,17 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lamina.engine import sandbox, snapshot
-from lamina.engine.sandbox import IdMode, Network, SandboxSpec, detect_ids
+from lamina.engine.sandbox import IdMode, Network, SandboxSpec, Snapshotter, detect_ids
 from lamina.engine.sandbox import remove_tree as sandbox_remove_tree
 from lamina.engine.sandbox._rootfs import merge_copy
 from lamina.engine.snapshot import capture
@@ -117,7 +120,13 @@ def _remove_files_of_other_ids(tmp_path: Path) -> Iterator[None]:
     sandbox_remove_tree(tmp_path, keep_root=True)
 
 
-def _run(lower_dirs: tuple[Path, ...], script: str, tmp_path: Path, upper: Path | None = None) -> str:
+def _run(
+    lower_dirs: tuple[Path, ...],
+    script: str,
+    tmp_path: Path,
+    upper: Path | None = None,
+    snapshotter: Snapshotter | None = None,
+) -> str:
     out = tmp_path / "out.txt"
     with open(out, "wb") as f:
         code = sandbox.run(
@@ -126,6 +135,7 @@ def _run(lower_dirs: tuple[Path, ...], script: str, tmp_path: Path, upper: Path 
                 lower_dirs=lower_dirs,
                 upper_dir=upper,
                 network=Network.NONE,
+                snapshotter=snapshotter,
                 stdout=f,
                 stderr=f,
                 stdin=subprocess.DEVNULL,
@@ -241,3 +251,51 @@ def test_private_files_of_other_users_reach_the_layer(
     assert (key.size, key.mode) == (4, 0o600)
     assert (key.uid, key.gid) == ((0, 0) if single else (1000, 1000))
     assert found["home/app/.ssh"].mode == 0o700
+
+
+_NAMES = ("data/a", "data/sub", "data/sub/b", "data/opq", "data/new", "data/new/x", "top", "data/sub2")
+_OPS = (
+    "echo {n} > /{p}",
+    "echo more >> /{p}",
+    "rm -rf /{p}",
+    "mkdir -p /{p}",
+    "chmod 70{m} /{p}",
+    "ln -sf /{q} /{p}",
+    "ln -f /{q} /{p}",
+    "mv /{q} /{p}",
+    "touch -d @{n} /{p}",
+)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    database=None,  # the unprivileged runs cannot write .hypothesis/ in the project copy
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(_OPS),
+            st.sampled_from(_NAMES),
+            st.sampled_from(_NAMES),
+            st.integers(0, 7),
+            st.integers(1, 10**9),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_copy_snapshotter_gives_the_view_overlay_gives(
+    steps: list[tuple[str, str, str, int, int]], lowers: tuple[Path, ...]
+) -> None:
+    script = "; ".join(op.format(p=p, q=q, m=m, n=n) + " 2>/dev/null" for op, p, q, m, n in steps) + "; true"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        views = []
+        for snapshotter in (Snapshotter.OVERLAY, Snapshotter.COPY):
+            upper = tmp_path / snapshotter.value
+            _run(lowers, script, tmp_path, upper, snapshotter)
+            views.append(_run((upper, *lowers), LISTING, tmp_path))
+        assert views[0] == views[1], script
+        sandbox_remove_tree(tmp_path, keep_root=True)
