@@ -403,3 +403,27 @@ def test_random_hostile_layers_never_escape(members: list[tuple[bytes, str, str]
         except LayerError as err:  # refusing is fine; escaping or crashing is not
             event(str(err).split(": ")[-1][:30])
         arena.assert_untouched()
+
+
+@pytest.mark.parametrize("marker", [".wh..wh..opq", ".wh.d"])
+def test_deep_tree_under_a_whiteout(arena: Arena, marker: str) -> None:
+    # 1500 levels: deeper than Python's recursion limit.
+    deep = [directory("/".join(["d"] * (i + 1))) for i in range(1500)]
+    arena.extract(build_tar(*deep))
+    try:
+        arena.extract(build_tar(member(marker)))
+    except LayerError as err:
+        assert "too deep" in str(err)
+    arena.assert_untouched()
+
+
+def test_directory_with_content_replaced_by_symlink_then_write(arena: Arena) -> None:
+    # `d` was resolved (and remembered) for `d/x` before the symlink replaced it.
+    data = build_tar(
+        directory("d"),
+        directory("d/e"),
+        member("d/e/x", data=b"x"),
+        symlink("d", str(arena.outside)),
+        member("d/e/pwned", data=b"x"),
+    )
+    arena.refuse(data, "d is a symlink")

@@ -300,6 +300,10 @@ class _Unpacker:
             raise LayerError(f"{self._label}: {show(member.name)}: {err.strerror or err}") from err
         except (tarfile.TarError, EOFError) as err:
             raise LayerError(f"{self._label}: {show(member.name)}: broken tar stream: {err}") from err
+        except RecursionError:  # removing a tree nested deeper than Python's stack
+            raise LayerError(
+                f"{self._label}: {show(member.name)}: directory tree too deep to remove"
+            ) from None
 
     def _add(self, rel: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         kind = _entry_type(member, self._label)
@@ -323,8 +327,7 @@ class _Unpacker:
             self._touched.add(rel)
             rel = split(rel)[0]
 
-    @staticmethod
-    def _make_room(parent_fd: int, name: str, is_dir: bool) -> None:
+    def _make_room(self, parent_fd: int, name: str, is_dir: bool) -> None:
         """Remove what is at `name` unless both it and the new entry are directories."""
         try:
             mode = os.lstat(name, dir_fd=parent_fd).st_mode
@@ -332,6 +335,7 @@ class _Unpacker:
             return
         if stat.S_ISDIR(mode):
             if not is_dir:
+                self._root.forget()  # never inside this tree (its parent was resolved last); cheap insurance
                 shutil.rmtree(name, dir_fd=parent_fd)
         else:
             os.unlink(name, dir_fd=parent_fd)

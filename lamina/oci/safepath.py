@@ -121,11 +121,23 @@ class Root:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, _DIR_FLAGS)
+        # The last directory resolved, kept open: layers list paths in tree
+        # order, so the next entry's parent is almost always it or below
+        # it, and a deep tree does not cost a walk from the top per entry.
+        self._last: tuple[str, int] | None = None
 
     def close(self) -> None:
+        self.forget()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def forget(self) -> None:
+        """Drop the remembered directory; call after removing a directory,
+        so that a path is never resolved through a stale descriptor."""
+        if self._last is not None:
+            os.close(self._last[1])
+            self._last = None
 
     def __enter__(self) -> Root:
         return self
@@ -141,20 +153,21 @@ class Root:
         is true. A component that is a symlink or not a directory raises
         UnsafePath: nothing is ever written through a symlink.
         """
-        fd = os.dup(self.fd)
-        done = 0
+        parts = rel.split("/") if rel else []
+        fd, done = self._nearest(parts)
         try:
-            for part in rel.split("/") if rel else []:
-                next_fd = self._step(fd, part, rel.split("/")[: done + 1], create)
+            for i in range(done, len(parts)):
+                next_fd = self._step(fd, parts[i], parts, i, create)
                 os.close(fd)
                 fd = next_fd
                 if fd < 0:
                     return None
-                done += 1
         except BaseException:
             if fd >= 0:
                 os.close(fd)
             raise
+        self.forget()
+        self._last = (rel, os.dup(fd))
         return fd
 
     @contextlib.contextmanager
@@ -169,9 +182,33 @@ class Root:
             if fd is not None:
                 os.close(fd)
 
+    def _nearest(self, parts: list[str]) -> tuple[int, int]:
+        """A new descriptor of the deepest known directory on the way to
+        `parts`, and how many of `parts` it covers: the remembered directory
+        or one of its ancestors (reached by `..`, which is never a symlink),
+        else the root."""
+        if self._last is None:
+            return os.dup(self.fd), 0
+        last_path, last_fd = self._last
+        last_parts = last_path.split("/") if last_path else []
+        common = 0
+        for mine, theirs in zip(parts, last_parts, strict=False):
+            if mine != theirs:
+                break
+            common += 1
+        ups = len(last_parts) - common
+        if ups > common:  # as cheap to walk down from the root
+            return os.dup(self.fd), 0
+        fd = os.dup(last_fd)
+        for _ in range(ups):
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+        return fd, common
+
     @staticmethod
-    def _step(fd: int, part: str, so_far: list[str], create: bool) -> int:
-        """Descend one component; -1 when it is missing and not to be created."""
+    def _step(fd: int, part: str, parts: list[str], index: int, create: bool) -> int:
+        """Descend into parts[index]; -1 when it is missing and not to be created."""
         for attempt in range(2):
             try:
                 return os.open(part, _DIR_FLAGS, dir_fd=fd)
@@ -184,7 +221,7 @@ class Root:
             except OSError as err:
                 if err.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
-                where = "/".join(so_far)
+                where = "/".join(parts[: index + 1])
                 if stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
                     raise UnsafePath(f"{where} is a symlink; refusing to write through it") from None
                 raise UnsafePath(f"{where} is not a directory") from None
