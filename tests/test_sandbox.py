@@ -96,7 +96,7 @@ def sh(rootfs: Path, script: str, tmp_path: Path, **kw: object) -> tuple[int, st
     with open(out, "wb") as f:
         spec = SandboxSpec(
             argv=("/bin/sh", "-c", script),
-            lower_dirs=(rootfs,),
+            lower_dirs=kw.pop("lower_dirs", (rootfs,)),  # type: ignore[arg-type]
             stdout=f,
             stderr=f,
             stdin=subprocess.DEVNULL,
@@ -402,3 +402,16 @@ def test_sys_is_read_only(rootfs: Path, tmp_path: Path, network: Network) -> Non
         assert out.split() == ["lo"]  # a sysfs of its own network namespace
     else:
         assert not [line for line in out.splitlines() if " /sys" in line]  # every /sys mount is ro
+
+
+def test_a_stack_of_many_layers_with_long_paths(rootfs: Path, tmp_path: Path) -> None:
+    # Their overlay options exceed one page: the sandbox sets them one by one.
+    layers = []
+    for i in range(120):
+        layer = tmp_path / "layers" / (f"{i:03d}-" + "x" * 60)
+        (layer / "stack").mkdir(parents=True)
+        (layer / "stack" / f"f{i:03d}").write_text(f"{i}\n")
+        layers.append(layer)
+    script = "ls /stack | wc -l; cat /stack/f000 /stack/f119"
+    code, out = sh(rootfs, script, tmp_path, lower_dirs=(*layers, rootfs))
+    assert (code, out.split()) == (0, ["120", "0", "119"])

@@ -83,3 +83,43 @@ def sethostname(name: str) -> None:
 
 def set_parent_death_signal(signum: int) -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+# The new mount API, for overlay stacks whose options exceed one page.
+_SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT, _SYS_MOVE_MOUNT = 430, 431, 432, 429  # same on all 64-bit arches
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+_FSOPEN_CLOEXEC = 1
+_FSMOUNT_CLOEXEC = 1
+_MOVE_MOUNT_F_EMPTY_PATH = 4
+_AT_FDCWD = -100
+
+
+def _syscall_fd(what: str, path: str | None, number: int, *args: object) -> int:
+    fd = _libc.syscall(number, *args)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return fd
+
+
+def mount_fs(fstype: str, target: str, options: list[tuple[str, str | None]]) -> None:
+    """Mount `fstype` at `target`, options set one by one (key, value or None for a flag)."""
+    fs = _syscall_fd(f"fsopen {fstype}", target, _SYS_FSOPEN, fstype.encode(), _FSOPEN_CLOEXEC)
+    try:
+        for key, value in options:
+            if value is None:
+                args = (fs, FSCONFIG_SET_FLAG, key.encode(), None, 0)
+            else:
+                args = (fs, FSCONFIG_SET_STRING, key.encode(), os.fsencode(value), 0)
+            _syscall_fd(f"mount {fstype}: {key}", value, _SYS_FSCONFIG, *args)
+        _syscall_fd(f"mount {fstype}", target, _SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0)
+        mnt = _syscall_fd(f"mount {fstype}", target, _SYS_FSMOUNT, fs, _FSMOUNT_CLOEXEC, 0)
+        try:
+            flags = _MOVE_MOUNT_F_EMPTY_PATH
+            _syscall_fd(f"mount {fstype}", target, _SYS_MOVE_MOUNT, mnt, b"", _AT_FDCWD, _b(target), flags)
+        finally:
+            os.close(mnt)
+    finally:
+        os.close(fs)

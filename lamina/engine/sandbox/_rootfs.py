@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import stat
 
-from lamina.engine.sandbox._libc import mount
+from lamina.engine.sandbox import _libc
 
 OPAQUE_XATTRS = ("user.overlay.opaque", "trusted.overlay.opaque")
 _MAX_SYMLINKS = 40
@@ -168,6 +168,9 @@ def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
+_PAGE = 4096
+
+
 def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None:
     """Mount overlayfs; rootless it needs `userxattr` or replacing a directory fails with EIO."""
     base = os.path.commonpath([*lowers, upper, work])
@@ -178,10 +181,16 @@ def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None
         _escape(os.path.relpath(upper, base)),
         _escape(os.path.relpath(work, base)),
     )
+    if len(opts) >= _PAGE:
+        # Still too long: one fsconfig per lower dir (`lowerdir+`, Linux 6.8).
+        options: list[tuple[str, str | None]] = [("lowerdir+", p) for p in lowers]
+        options += [("upperdir", upper), ("workdir", work), ("userxattr", None)]
+        _libc.mount_fs("overlay", target, options)
+        return
     cwd = os.open(".", os.O_RDONLY)
     try:
         os.chdir(base)
-        mount("overlay", target, "overlay", 0, opts)
+        _libc.mount("overlay", target, "overlay", 0, opts)
     finally:
         os.fchdir(cwd)
         os.close(cwd)
@@ -300,7 +309,10 @@ def _remove(path: str) -> None:
 
 
 def remove_tree(path: str) -> None:
-    """rm -rf that also enters directories with mode 000 (overlay's work/work)."""
+    """rm -rf that also enters directories with mode 000 (overlay's work/work).
+
+    Iterative: a hostile layer may nest directories deeper than Python recurses.
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -308,13 +320,20 @@ def remove_tree(path: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
         return
-    if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
-        os.chmod(path, 0o700)
-    with os.scandir(path) as it:
-        children = list(it)
-    for child in children:
-        if child.is_dir(follow_symlinks=False):
-            remove_tree(child.path)
+    stack = [path]
+    while stack:
+        current = stack[-1]
+        if stat.S_IMODE(os.lstat(current).st_mode) & 0o700 != 0o700:
+            os.chmod(current, 0o700)
+        subdirs = []
+        with os.scandir(current) as it:
+            for child in it:
+                if child.is_dir(follow_symlinks=False):
+                    subdirs.append(child.path)
+                else:
+                    os.unlink(child.path)
+        if subdirs:
+            stack.extend(subdirs)
         else:
-            os.unlink(child.path)
-    os.rmdir(path)
+            os.rmdir(current)
+            stack.pop()
