@@ -23,6 +23,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from lamina.errors import LayerError
 from lamina.oci.entry import EntryType, LayerEntry
@@ -135,7 +136,7 @@ def _entry(
         else:
             linkname = ""
     if kind is EntryType.FILE:
-        size, opener = st.st_size, functools.partial(open, host_path, "rb")
+        size, opener = st.st_size, functools.partial(_open_file, host_path)
     elif kind is EntryType.SYMLINK:
         linkname = os.readlink(host_path)
     is_device = kind in (EntryType.CHAR, EntryType.BLOCK)
@@ -154,6 +155,12 @@ def _entry(
         xattrs=() if kind is EntryType.HARDLINK else _xattrs(host_path),
         open=opener,
     )
+
+
+def _open_file(host_path: str) -> BinaryIO:
+    # O_NOFOLLOW: the walk saw a regular file here; if a symlink has taken
+    # its place since, fail rather than read what the link points at.
+    return os.fdopen(os.open(host_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
 
 
 def _xattrs(host_path: str) -> tuple[tuple[str, bytes], ...]:
