@@ -273,7 +273,8 @@ def _helper(
             payload = marshal.dumps(wire)
             request.write(len(payload).to_bytes(4, "big") + payload)
             first = report.read(1)
-            if first == b"U":
+            started = first == b"U"
+            if started:
                 write_maps(proc.pid, ids)
                 request.write(b"G")
                 first = b""
@@ -287,6 +288,9 @@ def _helper(
         raise
     lines = messages.splitlines()
     errors = [line[1:] for line in lines if line.startswith("E")]
+    if not started and not errors:
+        # It died before making the namespaces (its traceback went to stderr).
+        errors = [f"the sandbox helper failed before starting anything (exit status {code})"]
     if results is not None:
         results.extend(line[1:] for line in lines if line.startswith("R"))
     return (128 - code if code < 0 else code), errors
