@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lamina.errors import UnsafePath
-from lamina.oci.safepath import Root, clean, resolve_in_root, safe_join
+from lamina.oci.safepath import Root, clean, remove_tree, resolve_in_root, safe_join
 
 
 @pytest.mark.parametrize(
@@ -84,3 +84,31 @@ def test_root_open_dir_creates_and_refuses_symlinks(tmp_path: Path) -> None:
     assert (root_dir / "x" / "y").is_dir()
     assert (root_dir / "x").stat().st_mode & 0o777 == 0o755  # not subject to the umask
     assert os.listdir(elsewhere) == []
+
+
+def test_remove_tree_deeper_than_the_stack(tmp_path: Path) -> None:
+    # 1500 levels: shutil.rmtree would hit Python's recursion limit.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"k")
+    top = tmp_path / "top"
+    depth = 1500
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        os.mkdir("top", dir_fd=fd)
+        for _ in range(depth):
+            next_fd = os.open("top" if _ == 0 else "d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+            os.mkdir("d", dir_fd=fd)
+            (Path(f"/proc/self/fd/{fd}") / "file").write_bytes(b"x")
+            os.symlink(str(outside), "link", dir_fd=fd)
+    finally:
+        os.close(fd)
+    remove_tree(top)
+    assert not top.exists()
+    assert (outside / "keep").read_bytes() == b"k"
+    remove_tree(top)  # already gone: fine
+    (tmp_path / "f").write_bytes(b"")
+    remove_tree(tmp_path / "f")
+    assert not (tmp_path / "f").exists()

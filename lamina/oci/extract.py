@@ -37,7 +37,6 @@ import dataclasses
 import enum
 import errno
 import os
-import shutil
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
@@ -48,7 +47,7 @@ from lamina.errors import LayerError, UnsafePath
 from lamina.oci.compression import CHUNK, HashingReader, open_decompressed, sniff_stream
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType, LayerEntry
-from lamina.oci.safepath import Root, clean, split
+from lamina.oci.safepath import Root, clean, remove_tree, split
 
 __all__ = ["ExtractResult", "Whiteouts", "extract_layer", "iter_layer"]
 
@@ -300,10 +299,8 @@ class _Unpacker:
             raise LayerError(f"{self._label}: {show(member.name)}: {err.strerror or err}") from err
         except (tarfile.TarError, EOFError) as err:
             raise LayerError(f"{self._label}: {show(member.name)}: broken tar stream: {err}") from err
-        except RecursionError:  # removing a tree nested deeper than Python's stack
-            raise LayerError(
-                f"{self._label}: {show(member.name)}: directory tree too deep to remove"
-            ) from None
+        except RecursionError:  # an opaque marker above this layer's own very deep tree
+            raise LayerError(f"{self._label}: {show(member.name)}: directory tree too deep") from None
 
     def _add(self, rel: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         kind = _entry_type(member, self._label)
@@ -336,7 +333,7 @@ class _Unpacker:
         if stat.S_ISDIR(mode):
             if not is_dir:
                 self._root.forget()  # never inside this tree (its parent was resolved last); cheap insurance
-                shutil.rmtree(name, dir_fd=parent_fd)
+                remove_tree(name, dir_fd=parent_fd)
         else:
             os.unlink(name, dir_fd=parent_fd)
 

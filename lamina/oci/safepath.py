@@ -28,6 +28,7 @@ from pathlib import Path
 from lamina.errors import UnsafePath
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS
 IMPLICIT_DIR_MODE = 0o755  # parents a layer does not list, as Docker creates them
 
@@ -110,6 +111,52 @@ def resolve_in_root(root: Path, name: str) -> Path:
             done = []
         todo.extend(part for part in reversed(target.split("/")) if part not in ("", "."))
     return root.joinpath(*done)
+
+
+def remove_tree(path: str | Path, *, dir_fd: int | None = None) -> None:
+    """Remove a file, or a directory and everything in it, without following
+    symlinks and without recursion: a layer can nest directories deeper than
+    Python's stack (shutil.rmtree recurses) or the open-files limit, so this
+    holds one descriptor and climbs back up with `..`. Missing is fine."""
+    try:
+        mode = os.lstat(path, dir_fd=dir_fd).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(mode):
+        os.unlink(path, dir_fd=dir_fd)
+        return
+    fd = os.open(path, _LIST_FLAGS, dir_fd=dir_fd)
+    below: list[str] = []  # names from `path` down to the directory `fd` is
+    try:
+        while True:
+            child = _empty_but_directories(fd)
+            if child is not None:
+                next_fd = os.open(child, _LIST_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+                below.append(child)
+                continue
+            if not below:
+                break
+            parent = os.open("..", _LIST_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(below.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path, dir_fd=dir_fd)
+
+
+def _empty_but_directories(fd: int) -> str | None:
+    """Unlink every non-directory in `fd`; the name of a subdirectory, if any."""
+    for name in os.listdir(fd):
+        try:
+            if stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode):
+                return name
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            continue
+    return None
 
 
 class Root:
