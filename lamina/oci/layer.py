@@ -338,19 +338,14 @@ class _HashingSink:
         self._encoder = enc
         self._diff = hashlib.sha256()
         self._blob = hashlib.sha256()
-        self._position = 0
         self._size = 0
         self._pending = bytearray()
 
-    def tell(self) -> int:
-        return self._position
-
     def write(self, data: bytes | memoryview) -> int:
         self._diff.update(data)
-        self._position += len(data)
         # The encoder always gets whole CHUNKs: ISA-L's output depends on how
         # its input is split, and the blob must depend on the tar bytes only
-        # (so `recompress` and `write_layer` agree, whatever tarfile does).
+        # (so `recompress` and `write_layer` agree, however they write).
         view = memoryview(data).cast("B")
         if self._pending:
             taken = CHUNK - len(self._pending)
@@ -370,7 +365,10 @@ class _HashingSink:
         if compressed:
             self._blob.update(compressed)
             self._size += len(compressed)
-            self._out.write(compressed)
+            view = memoryview(compressed)
+            while view:  # a raw (unbuffered) file may take part of a write
+                written = self._out.write(view)
+                view = view[written if written is not None else len(view) :]
 
     def finish(self, compression: Compression) -> LayerInfo:
         if self._pending:
