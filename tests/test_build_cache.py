@@ -183,3 +183,11 @@ def test_unchanged_build_is_replayed_and_a_retagged_base_is_not(
                   size=1)  # fmt: skip
     rebuilt = build(cache, ctx)
     assert not all(cached_steps(rebuilt)), "steps on a new base run again"
+
+
+def test_a_declared_proxy_arg_is_an_ordinary_arg(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "c4", f'FROM {BASE}\nARG HTTP_PROXY\nRUN echo "$HTTP_PROXY" > /proxy\n')
+    build(cache, ctx, build_args={"HTTP_PROXY": "http://one:3128"})
+    result = build(cache, ctx, build_args={"HTTP_PROXY": "http://two:3128"})
+    assert cached_steps(result) == [False]
+    assert "HTTP_PROXY=http://two:3128" in str(result.config.history)

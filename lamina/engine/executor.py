@@ -44,7 +44,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -589,8 +589,3 @@ def captured_output(on_line: Callable[[str], None]) -> Iterator[tuple[int, colle
         if not closed:
             os.close(write_fd)
             thread.join(timeout=5)
-
-
-def visible_env(env: Mapping[str, str]) -> dict[str, str]:
-    """What a key may hold of an environment: never proxy values."""
-    return {name: value for name, value in env.items() if name not in PROXY_ARGS}

@@ -64,7 +64,7 @@ def command_line(state: StageState, instruction: Any, pipes_dir: Path | None) ->
 
 
 def run_step(executor: Executor, state: StageState, plan: StagePlan, instruction: Any) -> None:
-    from lamina.engine.executor import PLATFORM, PROXY_ARGS, visible_env
+    from lamina.engine.executor import PLATFORM, PROXY_ARGS
 
     if instruction.security == "insecure":
         raise BuildError("RUN --security=insecure is not supported")
@@ -84,7 +84,9 @@ def run_step(executor: Executor, state: StageState, plan: StagePlan, instruction
     config = state.config.config
     workdir = config.working_dir or "/"
     mounts, mount_keys, content, secret_env = _mounts(executor, state, instruction)
-    key_env = visible_env({k: v for k, v in env.items() if k in declared or k in md.env_dict(config)})
+    # What the command sees: ENV and declared ARGs. An undeclared proxy value
+    # never gets here (it is added to run_env only); a declared one counts.
+    key_env = {k: v for k, v in env.items() if k in declared or k in md.env_dict(config)}
     described = {
         "argv": argv,
         "user": config.user,
@@ -102,7 +104,7 @@ def run_step(executor: Executor, state: StageState, plan: StagePlan, instruction
         _sandbox_run(executor, state, instruction, argv, script, full_env, network, mounts, upper)
 
     has_layer = layer_step(executor, state, instruction, inputs, produce)
-    build_args = [(name, value or "") for name, value in state.args.items() if name not in PROXY_ARGS]
+    build_args = [(name, value or "") for name, value in state.args.items()]
     created_by = md.run_created_by(argv, _history_args(state, build_args))
     state.config = md.add_history(
         state.config, created_by, created=executor.created(state), empty_layer=not has_layer, ran=True
