@@ -430,3 +430,21 @@ def test_zstd_compression_and_jobs(cache: Path, tmp_path: Path) -> None:
         manifest = json.loads(tar.extractfile(f"blobs/sha256/{digest}").read())  # type: ignore[union-attr]
     assert manifest["layers"][-1]["mediaType"].endswith("+zstd")
     assert image_entries(archive)["f"].size == 2
+
+
+def test_copy_from_keeps_the_stage_owners(cache: Path, tmp_path: Path) -> None:
+    needs_id_range()
+    text = f"""\
+FROM {BASE} AS owner
+RUN mkdir -p /out/sub && echo x > /out/sub/f && chown -R nobody:nogroup /out/sub
+
+FROM {BASE}
+COPY --from=owner /out/ /copied/
+"""
+    ctx = write_context(tmp_path / "ctx", text)
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    entries = image_entries(archive)
+    assert (entries["copied/sub/f"].uid, entries["copied/sub/f"].gid) == (65534, 65534)
+    assert entries["copied/sub"].uid == 65534
+    assert entries["copied"].uid == 0

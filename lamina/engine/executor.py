@@ -262,6 +262,8 @@ class Executor:
         self._outcomes: dict[int, StageOutcome] = {}
         self._rootfs: dict[tuple[str, tuple[str, ...]], Path] = {}  # (stage key, paths) -> tree
         self._rootfs_lock = threading.Lock()
+        # Rootless: stage-view root -> {path: host owner} the view copy could not keep.
+        self.lost_owners: dict[Path, dict[str, tuple[int, int]]] = {}
         self._context: SourceTree | None = None
         self._stat_cache: StatCache | None = None
         self._scratch = Path(store.root) / "tmp"
@@ -324,8 +326,9 @@ class Executor:
             from lamina.engine.steps.layerview import LayerView, materialize
 
             dest = Path(self._tmpdir("rootfs-")) / "root"
-            materialize(LayerView(outcome.layer_dirs), list(wanted), dest)
+            lost = materialize(LayerView(outcome.layer_dirs), list(wanted), dest)
             self._rootfs[(outcome.key, wanted)] = dest
+            self.lost_owners[dest] = lost
             return dest
 
     def _tmpdir(self, prefix: str) -> str:

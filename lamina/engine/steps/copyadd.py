@@ -108,6 +108,8 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
                 write_selection(tree, selection, upper, image)
                 if os.geteuid() != 0 and owner is not None:
                     _rootless_owners(upper, selection, owner)
+                elif os.geteuid() != 0 and from_:
+                    _restore_stage_owners(executor, tree, upper, selection)
             else:
                 write_fetched(part, upper, dest, owner, chmod, image)
         for heredoc in instruction.contents:
@@ -135,6 +137,28 @@ def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int]) -> Non
     paths = [upper / made.dest for made in selection.made_dirs]
     paths += [upper / item.dest for item in selection.items]
     chown_all([(path, *owner) for path in paths if os.path.lexists(path)])
+
+
+def _restore_stage_owners(executor: Executor, tree: Any, upper: Path, selection: Any) -> None:
+    """Unprivileged COPY --from: give copied files the owners they have in the stage.
+
+    The stage view is a copy owned by the caller (root in the sandbox); the
+    owners it could not keep are mapped back to container ids and set inside
+    the user namespace.
+    """
+    lost = executor.lost_owners.get(Path(tree.root), {})
+    if not lost:
+        return
+    from lamina.engine.sandbox.idmap import detect_ids
+    from lamina.engine.steps.dispatch import chown_all
+
+    ids = detect_ids()
+    owners = []
+    for item in selection.items:
+        host = lost.get(tree.abspath(item.entry.path))
+        if host is not None:
+            owners.append((upper / item.dest, ids.uid_inside(host[0]), ids.gid_inside(host[1])))
+    chown_all(owners)
 
 
 def _is_url(source: str) -> bool:

@@ -10,7 +10,6 @@ out of it), which is what WORKDIR, `--chown` name lookups and USER need.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import posixpath
 import stat
@@ -163,17 +162,26 @@ def _listdir(view: LayerView, rel: str) -> list[str]:
     return sorted(name for name, visible in names.items() if visible)
 
 
-def _copy_meta(dst: Path, st: os.stat_result) -> None:
-    # FIXME(rootless): unprivileged, the copy stays the caller's (root in the
-    # sandbox), so COPY --from cannot keep a stage file's non-root owner.
-    with contextlib.suppress(PermissionError):
+def _copy_meta(dst: Path, st: os.stat_result, lost: dict[str, tuple[int, int]] | None = None) -> None:
+    try:
         os.lchown(dst, st.st_uid, st.st_gid)
+    except PermissionError:
+        # Unprivileged: the copy stays the caller's. Remember the owner so the
+        # caller can give it back inside the user namespace.
+        if lost is not None and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+            lost[os.fspath(dst)] = (st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(dst, stat.S_IMODE(st.st_mode))
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def _node(view: LayerView, rel: str, dest: Path, dirs: list[tuple[Path, os.stat_result]]) -> None:
+def _node(
+    view: LayerView,
+    rel: str,
+    dest: Path,
+    dirs: list[tuple[Path, os.stat_result]],
+    lost: dict[str, tuple[int, int]],
+) -> None:
     """Put the view's entry at `rel` into `dest`, recursing into directories."""
     import shutil
 
@@ -189,28 +197,31 @@ def _node(view: LayerView, rel: str, dest: Path, dirs: list[tuple[Path, os.stat_
         target.mkdir()
     elif stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(real), target)
-        _copy_meta(target, st)
+        _copy_meta(target, st, lost)
         return
     elif stat.S_ISREG(st.st_mode):
         # A copy, not a hard link: linking changes the layer file's ctime,
         # which a concurrent build reading the same file takes for a change.
         shutil.copyfile(real, target, follow_symlinks=False)
-        _copy_meta(target, st)
+        _copy_meta(target, st, lost)
         return
     else:
         return  # devices and fifos are not needed to read files from a stage
     dirs.append((target, st))
     os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))
     for name in _listdir(view, rel):
-        _node(view, f"{rel}/{name}" if rel else name, dest, dirs)
+        _node(view, f"{rel}/{name}" if rel else name, dest, dirs, lost)
 
 
-def materialize(view: LayerView, paths: list[str], dest: Path) -> None:
+def materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tuple[int, int]]:
     """Make `dest` a read-only-use copy of the view's subtrees at `paths` (absolute image paths).
 
     Symlinks met on the way to each path are recreated, so that resolving
-    the path inside `dest` (chroot-style) reaches the same subtree.
+    the path inside `dest` (chroot-style) reaches the same subtree. Returns
+    the (host) owners the copy could not keep, by path under `dest`
+    (unprivileged runs only).
     """
+    lost: dict[str, tuple[int, int]] = {}
     dest.mkdir(parents=True, exist_ok=True)
     dirs: list[tuple[Path, os.stat_result]] = []
     pending = list(paths)
@@ -249,6 +260,7 @@ def materialize(view: LayerView, paths: list[str], dest: Path) -> None:
                 (dest / rel).mkdir()
                 dirs.append((dest / rel, st))
         if complete:
-            _node(view, "/".join(parts), dest, dirs)
+            _node(view, "/".join(parts), dest, dirs, lost)
     for target, st in reversed(dirs):
-        _copy_meta(target, st)
+        _copy_meta(target, st, lost)
+    return lost
