@@ -262,14 +262,21 @@ def test_run_mounts_secret_cache_bind_tmpfs(cache: Path, tmp_path: Path) -> None
     text = f"""\
 FROM {BASE}
 RUN --mount=type=secret,id=token cat /run/secrets/token > /got-secret
+RUN --mount=type=secret,id=envtok,env=TOKEN sh -c 'printf %s "$TOKEN" > /env-secret'
 RUN --mount=type=cache,target=/cache sh -c 'echo x >> /cache/log; wc -l < /cache/log > /cache-lines'
 RUN --mount=type=bind,source=data,target=/mnt cat /mnt/d.txt > /from-bind
 RUN --mount=type=tmpfs,target=/scratch touch /scratch/x && test ! -e /x
 """
     ctx = write_context(tmp_path / "ctx", text, {"data/d.txt": "bound\n"})
     out = tmp_path / "out"
-    rootfs(cache, ctx, out, secrets=[f"id=token,src={secret}"])
+    os.environ["LAMINA_TEST_SECRET"] = "from-env"
+    try:
+        rootfs(cache, ctx, out, secrets=[f"id=token,src={secret}", "id=envtok,env=LAMINA_TEST_SECRET"])
+    finally:
+        del os.environ["LAMINA_TEST_SECRET"]
     assert (out / "got-secret").read_text() == "s3cret"
+    assert (out / "env-secret").read_text() == "from-env"
+    assert not list((cache / "tmp").glob("secret-*")), "a secret from the environment is not left behind"
     assert not (out / "run/secrets/token").exists(), "a secret never lands in a layer"
     assert (out / "from-bind").read_text() == "bound\n"
     assert (out / "cache-lines").read_text().strip() == "1"

@@ -272,6 +272,7 @@ class Executor:
         self.epoch = options.source_date_epoch
         self.images: dict[str, StageOutcome] = {}  # base images loaded by this build
         self.totals: dict[str, int] = {}  # stage name -> its filesystem steps, for replays
+        self.temp_files: list[Path] = []  # e.g. secrets given by environment variable
         self._image_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 
     def image_lock(self, ref: str) -> threading.Lock:
@@ -343,6 +344,8 @@ class Executor:
     def cleanup(self) -> None:
         for path in self._rootfs.values():
             shutil.rmtree(path.parent, ignore_errors=True)
+        for path in self.temp_files:
+            path.unlink(missing_ok=True)
         if self._stat_cache is not None:
             self._stat_cache.save()
 

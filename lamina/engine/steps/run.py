@@ -256,6 +256,7 @@ def _secret_file(executor: Executor, source: Path, secret_id: str) -> Path:
         if value is None:
             raise BuildError(f"secret {secret_id}: environment variable {text[4:]} is not set")
         fd, name = tempfile.mkstemp(prefix="secret-", dir=executor.store.root / "tmp")
+        executor.temp_files.append(Path(name))  # removed when the build ends
         with os.fdopen(fd, "w") as f:
             f.write(value)
         return Path(name)
