@@ -266,6 +266,7 @@ RUN --mount=type=secret,id=envtok,env=TOKEN sh -c 'printf %s "$TOKEN" > /env-sec
 RUN --mount=type=cache,target=/cache sh -c 'echo x >> /cache/log; wc -l < /cache/log > /cache-lines'
 RUN --mount=type=bind,source=data,target=/mnt cat /mnt/d.txt > /from-bind
 RUN --mount=type=tmpfs,target=/scratch touch /scratch/x && test ! -e /x
+RUN --mount=type=cache,target=/seeded,from={BASE},source=/etc cat /seeded/group > /seeded-group
 """
     ctx = write_context(tmp_path / "ctx", text, {"data/d.txt": "bound\n"})
     out = tmp_path / "out"
@@ -282,6 +283,7 @@ RUN --mount=type=tmpfs,target=/scratch touch /scratch/x && test ! -e /x
     assert (out / "cache-lines").read_text().strip() == "1"
     assert not (out / "cache/log").exists(), "cache mounts stay out of the layer"
     assert not (out / "scratch/x").exists()
+    assert "nogroup" in (out / "seeded-group").read_text(), "a cache mount from= starts with that content"
 
 
 def test_failing_run_names_line_stage_and_output(cache: Path, tmp_path: Path) -> None:

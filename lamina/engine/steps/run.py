@@ -205,6 +205,8 @@ def _mounts(
                 executor.store.root / "cachemounts" / hashlib.sha256(mount.id.encode()).hexdigest()[:32]
             )
             cache_dir.parent.mkdir(exist_ok=True)
+            if mount.from_ and not cache_dir.exists():
+                _seed_cache(executor, mount, cache_dir)
             mounts.append(
                 CacheMount(
                     cache_dir,
@@ -247,6 +249,22 @@ def _mounts(
                 raise BuildError("RUN --mount=type=ssh is not supported")
             executor.warn_once("RUN --mount=type=ssh is not supported; the mount is skipped")
     return mounts, keys, content.hexdigest() if keys else "", secret_env
+
+
+def _seed_cache(executor: Executor, mount: Any, cache_dir: Path) -> None:
+    """A new cache mount with `from=` starts as a copy of that stage's (or image's) `source`."""
+    from lamina.engine.steps.copyadd import source_stage
+
+    outcome = source_stage(executor, mount.from_, None)
+    source = "/" + mount.source.strip("/")
+    root = executor.stage_rootfs(outcome, [source])
+    seed = _inside(root, mount.source, mount)
+    tmp = cache_dir.with_name(cache_dir.name + f".seed-{os.getpid()}")
+    shutil.copytree(seed, tmp, symlinks=True)
+    try:
+        os.rename(tmp, cache_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another build seeded it first
 
 
 def _secret_file(executor: Executor, source: Path, secret_id: str) -> Path:
