@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API_NAMES = ("build", "plan")
+_API_NAMES = ("build", "plan", "run", "load", "save", "images", "pull", "push")
 
 
 def __getattr__(name: str) -> Any:
