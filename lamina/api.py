@@ -289,6 +289,7 @@ def build(
     cache_dir: str | os.PathLike[str] | None = None,
     source_date_epoch: int | None = None,
     environ: Mapping[str, str] | None = None,
+    dry_run: bool = False,
 ) -> BuildResult:
     """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
 
@@ -297,7 +298,9 @@ def build(
     `output` is a shorthand for one. `secrets` are `id=ID,src=PATH` specs.
     `SOURCE_DATE_EPOCH` comes from `source_date_epoch`, else a build arg of
     that name, else the environment. The cache lives in `cache_dir`, else
-    `$LAMINA_CACHE`, else `$XDG_CACHE_HOME/lamina`.
+    `$LAMINA_CACHE`, else `$XDG_CACHE_HOME/lamina`. With `dry_run` nothing
+    runs or is written: each step record says whether it would hit the cache
+    and, if not, why (`StepRecord.reason`).
     """
     import os
     from pathlib import Path
@@ -336,6 +339,7 @@ def build(
         cache_root=Path(cache_dir) if cache_dir is not None else default_cache_root(env),
         source_date_epoch=source_date_epoch,
         client_factory=lambda: registry_client(env),
+        dry_run=dry_run,
     )
     return execute(options, progress if progress is not None else QuietProgress())
 

@@ -326,6 +326,7 @@ def _pairs(values: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
 @click.option("--jobs", type=click.IntRange(min=1), help="Stages to build at once (default: CPU count).")
 @click.option("--pull", is_flag=True, help="Pull base images even when the store has them.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
+@click.option("--dry-run", is_flag=True, help="Run nothing: say which steps would run, and why.")
 def build(
     context: str,
     dockerfile: str | None,
@@ -345,12 +346,13 @@ def build(
     jobs: int | None,
     pull: bool,
     quiet: bool,
+    dry_run: bool,
 ) -> None:
     """Build an image from a Dockerfile and a context directory."""
     from lamina import api
     from lamina.engine.progress import make_progress
 
-    sink = make_progress("quiet" if quiet else progress)
+    sink = make_progress("quiet" if quiet or dry_run else progress)
     result = api.build(
         context,
         dockerfile=dockerfile,
@@ -367,7 +369,14 @@ def build(
         compression=compression,
         jobs=jobs,
         pull=pull,
+        dry_run=dry_run,
     )
+    if dry_run:
+        width = max((len(f"[{s.stage} {s.index}] {s.instruction}") for s in result.steps), default=0)
+        for step in result.steps:
+            label = f"[{step.stage} {step.index}] {step.instruction}"
+            click.echo(f"{label:<{width}}  " + ("cached" if step.cached else f"will run: {step.reason}"))
+        return
     if iidfile:
         with open(iidfile, "w") as out:
             out.write(result.config_digest)

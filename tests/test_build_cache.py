@@ -191,3 +191,28 @@ def test_a_declared_proxy_arg_is_an_ordinary_arg(cache: Path, tmp_path: Path) ->
     result = build(cache, ctx, build_args={"HTTP_PROXY": "http://two:3128"})
     assert cached_steps(result) == [False]
     assert "HTTP_PROXY=http://two:3128" in str(result.config.history)
+
+
+def test_dry_run_says_what_would_run_and_why(cache: Path, ctx: Path) -> None:
+    first = build(cache, ctx)
+    (ctx / "src/b.txt").write_text("B\n")
+    plan = build(cache, ctx, dry_run=True, build_args={"LATE": "z"})
+    reasons = {s.instruction: (s.cached, s.reason) for s in plan.steps}
+    assert reasons["WORKDIR /src"] == (True, "")
+    assert reasons["COPY src/ ./"] == (False, "input files changed")
+    assert reasons['RUN echo "$LATE" > /app/late'][0] is False
+    assert "will run first" in reasons["COPY --from=builder /combined /app/combined"][1]
+    assert plan.image_digest == "", "a dry run makes no image"
+    # Nothing ran: the real build still has everything to do for the changed file.
+    assert not all(cached_steps(build(cache, ctx)))
+    assert first.image_digest
+
+
+def test_dry_run_names_a_changed_arg(cache: Path, ctx: Path) -> None:
+    build(cache, ctx)
+    plan = build(cache, ctx, dry_run=True, build_args={"VERSION": "9"})
+    reasons = {s.instruction: s.reason for s in plan.steps if not s.cached}
+    first_run = 'RUN cat *.txt | sort > /combined && echo "version $VERSION" > /version'
+    assert reasons[first_run] == "ARG/ENV changed: VERSION"
+    assert "ARG/ENV changed: VERSION" in reasons["RUN echo untouched-by-arg > /stable"]
+    assert "COPY src/ ./" not in reasons, "COPY does not see VERSION"

@@ -131,6 +131,7 @@ class BuildOptions:
     source_date_epoch: int | None = None
     # Makes a registry client when a base image must be pulled; None: never pull.
     client_factory: Callable[[], Any] | None = None
+    dry_run: bool = False  # say which steps would run and why; run nothing, write nothing
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -141,6 +142,7 @@ class StepRecord:
     cached: bool
     seconds: float
     key: str = ""
+    reason: str = ""  # --dry-run: why the step would run
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -273,6 +275,7 @@ class Executor:
         self.images: dict[str, StageOutcome] = {}  # base images loaded by this build
         self.totals: dict[str, int] = {}  # stage name -> its filesystem steps, for replays
         self.temp_files: list[Path] = []  # e.g. secrets given by environment variable
+        self.dirty: set[str] = set()  # --dry-run: stages with a step that would run
         self._image_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 
     def image_lock(self, ref: str) -> threading.Lock:
@@ -391,6 +394,30 @@ class Executor:
         self.store.cache_put(key, result.to_json(), refs=refs)
         return result
 
+    # --- explaining misses ------------------------------------------------------------------
+
+    def step_position(self, state: StageState, instruction: Any) -> str:
+        """Names one step of one Dockerfile across builds, for explaining its next miss."""
+        dockerfile = os.path.abspath(self.options.dockerfile or self.options.context / "Dockerfile")
+        text = f"{dockerfile}\0{state.name}\0{state.index}\0{instruction.name}"
+        return "step-last:" + hashlib.sha256(text.encode()).hexdigest()
+
+    def remember_position(self, where: str, inputs: KeyInputs) -> None:
+        if self.store.cache_get(where) != inputs.to_json():
+            self.store.cache_put(where, inputs.to_json())
+
+    def explain(self, where: str, inputs: KeyInputs, state: StageState) -> str:
+        from lamina.engine.cachekey import explain_miss
+
+        if self.options.no_cache or state.no_cache:
+            return "--no-cache"
+        text = self.store.cache_get(where)
+        previous = KeyInputs.from_json(text) if text is not None else None
+        reason = explain_miss(previous, inputs)
+        if reason == "the previous step changed" and state.name in self.dirty:
+            return "an earlier step of this stage will run"
+        return reason
+
     def apply_result(self, state: StageState, inputs: KeyInputs, result: _CacheResult) -> bool:
         """Move the stage past a step; True when the step added a layer."""
         state.key = inputs.key()
@@ -467,6 +494,10 @@ class Executor:
 
     def _finish(self, target: StageOutcome, start: float) -> BuildResult:
         from lamina.engine.output import commit_image, write_output
+
+        if self.options.dry_run:
+            seconds = time.monotonic() - start
+            return BuildResult("", "", target.config, (), tuple(self.records), seconds, target.name)
 
         config = md.merge_labels(target.config, self.options.labels)
         created = self.created_for_image(target)

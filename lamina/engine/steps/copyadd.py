@@ -82,6 +82,14 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
     urls = [s for s in instruction.sources if is_add and _is_url(s)]
     local = [s for s in instruction.sources if s not in urls]
 
+    if executor.options.dry_run and from_:
+        source = source_stage(executor, from_, instruction.location)
+        if source.name in executor.dirty:
+            # Its files are not known before it runs (identical output would still hit).
+            reason = f"stage {source.name} will run first; the files it selects decide"
+            inputs = make_inputs(state.key, keyword + " " + described_text, {}, PLATFORM, "pending")
+            layer_step(executor, state, instruction, inputs, lambda upper: None, pending=reason)
+            return
     produce_parts: list[Any] = []
     content = hashlib.sha256()
     if local:

@@ -416,13 +416,31 @@ def layer_step(
     instruction: Instruction,
     inputs: KeyInputs,
     produce: Callable[[Path], None],
+    pending: str = "",
 ) -> bool:
-    """Look `inputs` up; on a miss run `produce(upper_dir)` and commit. True when it made a layer."""
+    """Look `inputs` up; on a miss run `produce(upper_dir)` and commit. True when it made a layer.
+
+    With `dry_run`, nothing runs: a miss is recorded with the reason
+    (cachekey.explain_miss against the inputs this step had last time);
+    `pending` says the inputs are not known yet (a stage it reads will run).
+    """
+    from lamina.engine.executor import StepRecord
+
     state.index += 1
     text = _one_line(instruction)
     start = time.monotonic()
     sink = executor.sink
-    result = executor.lookup(inputs, state)
+    where = executor.step_position(state, instruction)
+    result = None if pending else executor.lookup(inputs, state)
+    if executor.options.dry_run:
+        reason = pending or ("" if result is not None else executor.explain(where, inputs, state))
+        record = StepRecord(state.name, state.index, text, result is not None, 0.0, inputs.key(), reason)
+        executor.record(record)
+        if result is None:
+            executor.dirty.add(state.name)
+            state.key = inputs.key()
+            return True
+        return executor.apply_result(state, inputs, result)
     cached = result is not None
     if result is None:
         # Another build (or stage) making the same step right now: wait for it
@@ -434,8 +452,7 @@ def layer_step(
                 result = _produce(executor, state, text, inputs, produce, start)
     if cached:
         sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.CACHED))
-    from lamina.engine.executor import StepRecord
-
+    executor.remember_position(where, inputs)
     executor.record(StepRecord(state.name, state.index, text, cached, time.monotonic() - start, inputs.key()))
     return executor.apply_result(state, inputs, result)
 

@@ -43,7 +43,7 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
     """The memo key of this build, or None when it must not be replayed."""
     from lamina.engine.output import OutputType
 
-    if options.no_cache or options.no_cache_filter or options.pull:
+    if options.no_cache or options.no_cache_filter or options.pull or options.dry_run:
         return None
     if any(output.type is not OutputType.IMAGE for output in options.outputs):
         return None
