@@ -298,9 +298,9 @@ def build(
     `output` is a shorthand for one. `secrets` are `id=ID,src=PATH` specs.
     `SOURCE_DATE_EPOCH` comes from `source_date_epoch`, else a build arg of
     that name, else the environment. The cache lives in `cache_dir`, else
-    `$LAMINA_CACHE`, else `$XDG_CACHE_HOME/lamina`. With `dry_run` nothing
-    runs or is written: each step record says whether it would hit the cache
-    and, if not, why (`StepRecord.reason`).
+    `$LAMINA_CACHE`, else `$XDG_CACHE_HOME/lamina`. With `dry_run` no step
+    runs and no image is made: each step record says whether it would hit
+    the cache and, if not, why (`StepRecord.reason`).
     """
     import os
     from pathlib import Path

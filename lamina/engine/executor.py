@@ -131,7 +131,7 @@ class BuildOptions:
     source_date_epoch: int | None = None
     # Makes a registry client when a base image must be pulled; None: never pull.
     client_factory: Callable[[], Any] | None = None
-    dry_run: bool = False  # say which steps would run and why; run nothing, write nothing
+    dry_run: bool = False  # say which steps would run and why; run none, make no image
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
