@@ -287,16 +287,27 @@ class RegistryClient:
         """PUT `manifest` under `ref`'s tag (or digest); return the digest the registry confirmed."""
         what = f"push {ref}"
         tail = ref.tag if ref.tag is not None else str(manifest.digest)
-        response = self._send(
-            what,
-            ref.registry,
-            "PUT",
-            self._url(ref, "manifests", tail),
-            scopes=(f"repository:{ref.repository}:pull,push",),
-            headers={"Content-Type": manifest.media_type},
-            content=lambda: manifest.data,
-            ok=(200, 201),
-        )
+        for attempt in range(2):
+            try:
+                response = self._send(
+                    what,
+                    ref.registry,
+                    "PUT",
+                    self._url(ref, "manifests", tail),
+                    scopes=(f"repository:{ref.repository}:pull,push",),
+                    headers={"Content-Type": manifest.media_type},
+                    content=lambda: manifest.data,
+                    ok=(200, 201),
+                )
+                break
+            except RegistryError:
+                # distribution stores a manifest as a blob: two writers putting the
+                # same bytes at once race there, and the loser hears DIGEST_INVALID.
+                # The writer that won put the very same manifest; else try once more.
+                if self.head_manifest(ref, what=what) == manifest.digest:
+                    return manifest.digest
+                if attempt:
+                    raise
         response.close()
         served = response.headers.get("Docker-Content-Digest")
         if served and served != str(manifest.digest):
@@ -418,10 +429,18 @@ class RegistryClient:
                     break  # not there: upload through the session the failed mount opened
                 if location is None:
                     location = self._start_upload(ref, what)
-                if chunk_size:
-                    self._upload_chunked(ref, blob, opener, location, chunk_size, what)
-                else:
-                    self._upload_monolithic(ref, blob, opener, location, what)
+                try:
+                    if chunk_size:
+                        self._upload_chunked(ref, blob, opener, location, chunk_size, what)
+                    else:
+                        self._upload_monolithic(ref, blob, opener, location, what)
+                except RegistryError:
+                    # Two writers finishing the same blob at once race inside the
+                    # registry's storage (distribution answers DIGEST_INVALID to the
+                    # loser); when the blob is there now, the push has succeeded.
+                    if self.blob_exists(ref, blob.digest, what=what):
+                        return "exists"
+                    raise
                 return "uploaded"
             except (httpx.TransportError, _Transient) as err:
                 if attempt == self._retries:
