@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.engine.cachekey import make_inputs
 from lamina.engine.steps import metadata as md
-from lamina.engine.steps.dispatch import executor_base_image, layer_step
+from lamina.engine.steps.dispatch import base_image, layer_step
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def source_stage(executor: Executor, ref: str, location: Any) -> StageOutcome:
     index: int | None = int(ref) if ref.isdigit() else plan.names.get(ref.lower())
     if index is not None:
         return executor.outcome(index)
-    return executor_base_image(executor, ref, location)
+    return base_image(executor, ref, location)
 
 
 def copy_step(executor: Executor, state: StageState, plan: StagePlan, instruction: Any) -> None:

@@ -150,10 +150,10 @@ def _base(executor: Executor, plan: StagePlan) -> StageOutcome:
     if plan.base_image is None:
         os_name, arch = PLATFORM.split("/", 1)
         return StageOutcome(plan.name, default_config(Platform(arch, os_name)), (), "scratch", None, ())
-    return executor_base_image(executor, plan.base_image, plan.location)
+    return base_image(executor, plan.base_image, plan.location)
 
 
-def executor_base_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
+def base_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
     """An image from the store (pulled first when allowed and needed), unpacked; once per build."""
     with executor.image_lock(ref):
         found = executor.images.get(ref)
