@@ -210,13 +210,19 @@ def test_add_unpacks_local_archives(cache: Path, tmp_path: Path) -> None:
         return buf.getvalue()
 
     files = {"a.tar.gz": archive("w:gz"), "b.tar.bz2": archive("w:bz2"), "c.tar.xz": archive("w:xz")}
-    text = f"FROM {BASE}\nADD a.tar.gz /gz/\nADD b.tar.bz2 /bz2\nADD c.tar.xz /xz/\nCOPY a.tar.gz /copied/\n"
+    files["dir/inner.tar.gz"] = files["a.tar.gz"]
+    text = (
+        f"FROM {BASE}\nADD a.tar.gz /gz/\nADD b.tar.bz2 /bz2\nADD c.tar.xz /xz/\nCOPY a.tar.gz /copied/\n"
+        "ADD dir/ /dir/\nADD *.tar.gz /glob/\n"
+    )
     ctx = write_context(tmp_path / "ctx", text, files)
     out = tmp_path / "out"
     rootfs(cache, ctx, out)
     for name in ("gz", "bz2", "xz"):
         assert (out / name / "pkg/file.txt").read_text() == "inside\n"
     assert (out / "copied/a.tar.gz").is_file(), "COPY never unpacks"
+    assert (out / "dir/inner.tar.gz").is_file(), "an archive inside an added directory stays packed"
+    assert (out / "glob/pkg/file.txt").read_text() == "inside\n", "a wildcard match is a named source"
 
 
 def test_add_url_with_checksum(cache: Path, tmp_path: Path) -> None:

@@ -169,16 +169,53 @@ def _archive_stream(path: str) -> Iterator[BinaryIO]:
             yield open_decompressed(raw)
 
 
-def unpack_archives(tree: Any, selection: Any, upper: Path, dest: str, owner: Any, image: Any) -> Any:
-    """Unpack the selection's archive files into `dest`; return the selection without them."""
+def _named_sources(tree: Any, sources: list[str]) -> tuple[set[str], list[list[str]]]:
+    """The tree paths the ADD sources name themselves (not files inside a named directory):
+    literal paths resolved, and wildcard patterns split into components."""
+    literal: set[str] = set()
+    patterns: list[list[str]] = []
+    for source in sources:
+        clean = posixpath.normpath("/" + source).lstrip("/")
+        if any(ch in clean for ch in "*?["):
+            patterns.append(clean.split("/"))
+        else:
+            literal.add(tree.resolve(clean))
+    return literal, patterns
+
+
+def _is_named(path: str, literal: set[str], patterns: list[list[str]]) -> bool:
+    import fnmatch
+
+    if path in literal:
+        return True
+    parts = path.split("/")
+    return any(
+        len(p) == len(parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, p, strict=True))
+        for p in patterns
+    )
+
+
+def unpack_archives(
+    tree: Any, selection: Any, upper: Path, dest: str, owner: Any, image: Any, sources: list[str]
+) -> Any:
+    """Unpack the archives the sources name into `dest`; return the selection without them.
+
+    Only an archive given as a source is unpacked, never one inside a copied
+    directory (as BuildKit does).
+    """
     from lamina.engine.steps.copy import Selection
     from lamina.oci.entry import EntryType
     from lamina.oci.extract import Whiteouts, extract_layer
 
+    literal, patterns = _named_sources(tree, sources)
     keep = []
     for item in selection.items:
         source = tree.abspath(item.entry.path)
-        if item.entry.type is not EntryType.FILE or not is_archive(source):
+        if (
+            item.entry.type is not EntryType.FILE
+            or not _is_named(item.entry.path, literal, patterns)
+            or not is_archive(source)
+        ):
             keep.append(item)
             continue
         # An archive is unpacked as a directory at dest, with or without a trailing slash.

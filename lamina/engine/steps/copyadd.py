@@ -112,7 +112,7 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
             if kind == "files":
                 tree, selection = part()
                 if is_add and instruction.unpack is not False:
-                    selection = unpack_archives(tree, selection, upper, dest, owner, image)
+                    selection = unpack_archives(tree, selection, upper, dest, owner, image, local)
                 write_selection(tree, selection, upper, image)
                 if os.geteuid() != 0 and owner is not None:
                     _rootless_owners(upper, selection, owner)
