@@ -305,6 +305,13 @@ def run_stage(executor: Executor, plan: StagePlan) -> StageOutcome:
             raise BuildError(
                 f"{instruction.location}: stage {plan.name}: {_one_line(instruction)}: {err}"
             ) from err
+        except OSError as err:
+            # A full disk or a vanished file is still one line naming the step.
+            what = f"{err.filename}: " if err.filename else ""
+            raise BuildError(
+                f"{instruction.location}: stage {plan.name}: {_one_line(instruction)}: "
+                f"{what}{err.strerror or err}"
+            ) from err
     return state.outcome()
 
 
