@@ -584,6 +584,10 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         except LaminaError:
             sink.finish(None)
             raise
+        except OSError as err:  # writing the image or an output: still one line
+            sink.finish(None)
+            what = f"{err.filename}: " if err.filename else ""
+            raise BuildError(f"build: {what}{err.strerror or err}") from err
         finally:
             executor.cleanup()
         if key is not None:
