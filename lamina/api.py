@@ -290,6 +290,10 @@ def build(
     source_date_epoch: int | None = None,
     environ: Mapping[str, str] | None = None,
     dry_run: bool = False,
+    push: bool = False,
+    cache_from: Iterable[str] = (),
+    cache_to: Iterable[str] = (),
+    insecure_registries: Iterable[str] = (),
 ) -> BuildResult:
     """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
 
@@ -301,6 +305,11 @@ def build(
     `$LAMINA_CACHE`, else `$XDG_CACHE_HOME/lamina`. With `dry_run` no step
     runs and no image is made: each step record says whether it would hit
     the cache and, if not, why (`StepRecord.reason`).
+
+    Registries: `push` pushes the image to every tag afterwards
+    (`BuildResult.pushed` has the confirmed digests); `cache_to` /
+    `cache_from` take `type=registry,ref=REF[,mode=min|max]` specs (see
+    lamina.engine.remote_cache); `insecure_registries` may use plain HTTP.
     """
     import os
     from pathlib import Path
@@ -309,9 +318,12 @@ def build(
     from lamina.engine.executor import BuildOptions, execute, parse_secret
     from lamina.engine.output import parse_outputs
     from lamina.engine.progress import QuietProgress
+    from lamina.engine.push import check_push, push_result
+    from lamina.engine.remote_cache import parse_cache_specs
     from lamina.errors import PlanError
 
     env = dict(os.environ if environ is None else environ)
+    insecure = tuple(insecure_registries)
     args = dict(build_args or {})
     if source_date_epoch is None:
         text = args.get("SOURCE_DATE_EPOCH") or env.get("SOURCE_DATE_EPOCH")
@@ -338,10 +350,17 @@ def build(
         pull=pull,
         cache_root=Path(cache_dir) if cache_dir is not None else default_cache_root(env),
         source_date_epoch=source_date_epoch,
-        client_factory=lambda: registry_client(env),
+        client_factory=lambda: registry_client(env, insecure),
         dry_run=dry_run,
+        cache_from=parse_cache_specs(cache_from, "--cache-from"),
+        cache_to=parse_cache_specs(cache_to, "--cache-to"),
     )
-    return execute(options, progress if progress is not None else QuietProgress())
+    if push:
+        check_push(options.tags)
+    result = execute(options, progress if progress is not None else QuietProgress())
+    if push and not dry_run:
+        result = push_result(options, result)
+    return result
 
 
 # --- registry: pull, push, login, logout ------------------------------------------

@@ -327,6 +327,18 @@ def _pairs(values: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
 @click.option("--pull", is_flag=True, help="Pull base images even when the store has them.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
 @click.option("--dry-run", is_flag=True, help="Run nothing: say which steps would run, and why.")
+@click.option("--push", is_flag=True, help="Push the image to every -t reference after the build.")
+@click.option(
+    "--cache-to", "cache_to", multiple=True, metavar="SPEC", help="type=registry,ref=REF[,mode=min|max]"
+)
+@click.option("--cache-from", "cache_from", multiple=True, metavar="SPEC", help="type=registry,ref=REF")
+@click.option(
+    "--insecure-registry",
+    "insecure_registries",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="Talk plain HTTP to this registry (loopback hosts always are). Repeatable.",
+)
 def build(
     context: str,
     dockerfile: str | None,
@@ -347,6 +359,10 @@ def build(
     pull: bool,
     quiet: bool,
     dry_run: bool,
+    push: bool,
+    cache_to: tuple[str, ...],
+    cache_from: tuple[str, ...],
+    insecure_registries: tuple[str, ...],
 ) -> None:
     """Build an image from a Dockerfile and a context directory."""
     from lamina import api
@@ -370,6 +386,10 @@ def build(
         jobs=jobs,
         pull=pull,
         dry_run=dry_run,
+        push=push,
+        cache_to=cache_to,
+        cache_from=cache_from,
+        insecure_registries=insecure_registries,
     )
     if dry_run:
         width = max((len(f"[{s.stage} {s.index}] {s.instruction}") for s in result.steps), default=0)
@@ -386,6 +406,9 @@ def build(
         with open(metadata_file, "w") as out:
             json.dump(result.metadata(), out, indent=2, sort_keys=True)
             out.write("\n")
+    if not quiet:
+        for ref, digest in result.pushed:
+            click.echo(f"pushed {ref}@{digest}", err=True)
     if quiet:
         click.echo(result.config_digest)
 

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from lamina.cache.statcache import StatCache
     from lamina.cache.store import Store
     from lamina.engine.context import SourceTree
+    from lamina.engine.remote_cache import CacheSpec, RemoteCache
     from lamina.engine.steps.dispatch import BuildPlan
     from lamina.oci.image import ImageConfig
 
@@ -132,6 +133,9 @@ class BuildOptions:
     # Makes a registry client when a base image must be pulled; None: never pull.
     client_factory: Callable[[], Any] | None = None
     dry_run: bool = False  # say which steps would run and why; run none, make no image
+    # Registry cache (engine.remote_cache): refs to import from on a miss, refs to export to.
+    cache_from: tuple[CacheSpec, ...] = ()
+    cache_to: tuple[CacheSpec, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -156,6 +160,7 @@ class BuildResult:
     steps: tuple[StepRecord, ...]
     seconds: float
     target: str
+    pushed: tuple[tuple[str, str], ...] = ()  # (reference, digest the registry confirmed) per --push
 
     @property
     def steps_cached(self) -> int:
@@ -183,6 +188,7 @@ class BuildResult:
                 }
                 for step in self.steps
             ],
+            **({"lamina.push": [{"ref": ref, "digest": d} for ref, d in self.pushed]} if self.pushed else {}),
         }
 
 
@@ -277,6 +283,11 @@ class Executor:
         self.temp_files: list[Path] = []  # e.g. secrets given by environment variable
         self.dirty: set[str] = set()  # --dry-run: stages with a step that would run
         self._image_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self.remote: RemoteCache | None = None  # --cache-from: asked on a local miss
+        if options.cache_from:
+            from lamina.engine.remote_cache import RemoteCache
+
+            self.remote = RemoteCache(options.cache_from, options.client_factory, self.warn_once)
 
     def image_lock(self, ref: str) -> threading.Lock:
         with self._lock:
@@ -351,6 +362,8 @@ class Executor:
             path.unlink(missing_ok=True)
         if self._stat_cache is not None:
             self._stat_cache.save()
+        if self.remote is not None:
+            self.remote.close()
 
     # --- cache ------------------------------------------------------------------------------
 
@@ -570,7 +583,8 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         data = None  # make_plan reports it
     options.cache_root.mkdir(parents=True, exist_ok=True)
     with Store(options.cache_root) as store:
-        key = memo_key(options, dockerfile, data) if data is not None else None
+        # A --cache-to build runs for real: a replay has no step results to export.
+        key = memo_key(options, dockerfile, data) if data is not None and not options.cache_to else None
         if key is not None:
             replayed = replay(store, key, options, sink, start)
             if replayed is not None:
@@ -581,6 +595,10 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         executor = Executor(options, sink, store, plan)
         try:
             result = executor.run()
+            if options.cache_to and not options.dry_run:
+                from lamina.engine.remote_cache import export_cache
+
+                export_cache(executor, result)
         except LaminaError:
             sink.finish(None)
             raise

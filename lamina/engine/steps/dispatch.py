@@ -454,6 +454,8 @@ def layer_step(
         # and take its result, so that both end with the same layer and digest.
         with executor.step_lock(inputs.key()):
             result = executor.lookup(inputs, state)
+            if result is None and executor.remote is not None:
+                result = executor.remote.fetch(executor, inputs, state)  # --cache-from
             cached = result is not None
             if result is None:
                 result = _produce(executor, state, text, inputs, produce, start)
