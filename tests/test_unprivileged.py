@@ -111,9 +111,10 @@ def _run_as(user: str, project: Path) -> subprocess.CompletedProcess[str]:
     files = sorted(
         str(p.relative_to(project))
         for p in (project / "tests").glob("test_*.py")
-        if "mark.sandbox" in p.read_text() and p.name != Path(__file__).name
+        if ("mark.sandbox" in p.read_text() or "mark.unprivileged" in p.read_text())
+        and p.name != Path(__file__).name
     )
-    args = [python, "-m", "pytest", "-m", "sandbox", "-q", "-p", "no:cacheprovider", *files]
+    args = [python, "-m", "pytest", "-m", "sandbox or unprivileged", "-q", "-p", "no:cacheprovider", *files]
     return subprocess.run(
         [_tool("runuser"), "-u", user, "--", *args],
         cwd=project,
