@@ -309,3 +309,37 @@ def test_push_again_from_a_replayed_build(
     first = build(cache, ctx, tags=[target], push=True)
     second = build(cache, ctx, tags=[target], push=True)  # nothing changed: replayed, pushed again
     assert first.pushed == second.pushed == ((target, first.image_digest),)
+
+
+@needs_registry
+def test_entry_naming_a_directory_outside_the_store_is_refused(
+    registry: registry_server.Registry, tmp_path: Path
+) -> None:
+    from lamina.cache.remote import CacheEntry, export_entries
+    from lamina.cache.store import Store
+    from lamina.oci.digest import Digest
+    from lamina.oci.image import Descriptor
+    from lamina.oci.reference import parse_reference
+    from lamina.oci.registry import RegistryClient
+
+    ctx = scratch_context(tmp_path / "ctx")
+    ref = f"{registry.host}/cache/hostile:main"
+    first = build(tmp_path / "a", ctx, cache_to=[f"type=registry,ref={ref},mode=max"])
+    key = first.steps[0].key
+    # Rewrite the first step's entry: same (valid) layer, a result naming `../../escape` as its dir.
+    hostile = json.dumps(
+        {"compression": "gzip", "epoch": None, "step": json.dumps({"layer": "../../escape"})}
+    )
+    digest = Digest("sha256", layer_of_entry(registry, ref, key).parent.name)
+    with Store(tmp_path / "a") as store, RegistryClient() as client:
+        record = store.layer(digest)
+        assert record is not None
+        blob = Descriptor(record.media_type, digest, record.size)
+        export_entries(client, store, parse_reference(ref), [CacheEntry(key, hostile, blob, record.diff_id)])
+    sink = Recorder()
+    second = build(tmp_path / "b", ctx, cache_from=[f"type=registry,ref={ref}"], progress=sink)
+    assert [step.cached for step in second.steps] == [False, True, True, True]
+    (warning,) = sink.cache_warnings()
+    assert "not a result this lamina understands" in warning
+    assert not (tmp_path / "escape").exists()
+    assert second.image_digest == first.image_digest

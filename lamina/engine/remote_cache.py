@@ -221,6 +221,7 @@ class RemoteCache:
             return False
         refs: list[Digest] = []
         if wrapped.layer is not None and entry.layer is not None and entry.diff_id is not None:
+            wrapped = _named_by_key(wrapped, key)
             try:
                 _unpack(store, entry.layer, wrapped.layer)
             except LaminaError as err:  # a verified blob can still be a hostile tar
@@ -230,6 +231,19 @@ class RemoteCache:
             refs.append(Digest("sha256", wrapped.layer))
         store.cache_put(key, wrapped.step, refs=refs)
         return True
+
+
+def _named_by_key(wrapped: _Wrapped, key: str) -> _Wrapped:
+    """The result with its layer dir named by the step's key, whatever the exporter called it.
+
+    A remote entry must not be able to point a step at a directory this
+    store already has for something else (a base layer's diff_id, another
+    step's result); the key's own name can only hold this step's result.
+    """
+    hexdigest = key.split(":", 1)[1]
+    step = json.loads(wrapped.step)
+    step["layer"] = hexdigest
+    return dataclasses.replace(wrapped, step=json.dumps(step), layer=hexdigest)
 
 
 def _unpack(store: Store, blob: Descriptor, dir_id: str) -> None:
