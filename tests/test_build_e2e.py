@@ -463,3 +463,27 @@ COPY --from=owner /out/ /copied/
     assert (entries["copied/sub/f"].uid, entries["copied/sub/f"].gid) == (65534, 65534)
     assert entries["copied/sub"].uid == 65534
     assert entries["copied"].uid == 0
+
+
+def test_independent_stages_run_at_the_same_time(cache: Path, tmp_path: Path) -> None:
+    # Each stage leaves a mark in a shared cache mount and waits for the other's:
+    # run one after the other, the first would give up after 60 s and fail.
+    wait = (
+        "touch /meet/{me}; i=0; while [ ! -e /meet/{other} ]; do "
+        "i=$((i+1)); [ $i -lt 600 ] || exit 1; sleep 0.1; done"
+    )
+    mount = "--mount=type=cache,id=meet,target=/meet,sharing=shared"
+    text = f"""\
+FROM {BASE} AS left
+RUN {mount} {wait.format(me="left", other="right")}
+
+FROM {BASE} AS right
+RUN {mount} {wait.format(me="right", other="left")}
+
+FROM {BASE}
+COPY --from=left /etc/passwd /left
+COPY --from=right /etc/passwd /right
+"""
+    ctx = write_context(tmp_path / "ctx", text)
+    result = build(cache, ctx, jobs=2)
+    assert {s.stage for s in result.steps} == {"left", "right", "stage-2"}
