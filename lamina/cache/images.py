@@ -20,8 +20,7 @@ Dockerfile.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.cache.store import BlobWriter, ImageRecord, LayerRecord, Store
 from lamina.errors import DigestMismatch, ImageFormatError, LayerError, StoreError
-from lamina.oci.compression import CHUNK, Compression, open_decompressed
+from lamina.oci.compression import CHUNK, Compression, TeeReader, hash_decoded
 from lamina.oci.digest import Digest
 from lamina.oci.image import (
     DOCKER_CONFIG,
@@ -143,38 +142,10 @@ def _tag_all(
     return tuple(store.tag(name, manifest_digest, size=size, created=created) for name in names)
 
 
-class _Tee(io.RawIOBase):
-    """Reads from `inner`, writing every byte read to `out` as well."""
-
-    def __init__(self, inner: BinaryIO, out: BlobWriter) -> None:
-        self._inner = inner
-        self._out = out
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        self._out.write(data)
-        return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-
 def copy_layer(blob: BinaryIO, out: BlobWriter, compression: Compression) -> Digest:
     """Copy a layer blob to `out` and return the diff_id of its tar, in one pass."""
-    tee = _Tee(blob, out)
-    tar = open_decompressed(tee, compression)  # type: ignore[arg-type]
-    diff = hashlib.sha256()
-    while chunk := tar.read(CHUNK):
-        diff.update(chunk)
-    while tee.read(CHUNK):  # bytes after the end of the compressed stream
-        pass
-    return Digest("sha256", diff.hexdigest())
+    diff_id, _ = hash_decoded(TeeReader(blob, out.write), compression)  # type: ignore[arg-type]
+    return diff_id
 
 
 # --- making an image ----------------------------------------------------------------
@@ -322,18 +293,11 @@ def _uncompressed(store: Store, layer: Descriptor, diff_id: Digest, tmp: Path) -
     if store.has_blob(diff_id):
         return DockerLayer(diff_id, store.blob_size(diff_id), _opener(store.blob_path(diff_id)))
     target = tmp / diff_id.hex
-    digest = hashlib.sha256()
-    size = 0
+    compression = Compression(layer_compression(layer.media_type))
     with store.open_blob(layer.digest) as blob, open(target, "wb") as f:
-        reader = open_decompressed(blob, Compression(layer_compression(layer.media_type)))
-        while chunk := reader.read(CHUNK):
-            digest.update(chunk)
-            f.write(chunk)
-            size += len(chunk)
-    if digest.hexdigest() != diff_id.hex:
-        raise DigestMismatch(
-            f"layer {layer.digest.short}: the stored tar hashes to sha256:{digest.hexdigest()}"
-        )
+        got, size = hash_decoded(blob, compression, lambda tar: shutil.copyfileobj(tar, f, CHUNK))
+    if got != diff_id:
+        raise DigestMismatch(f"layer {layer.digest.short}: the stored tar hashes to {got}")
     return DockerLayer(diff_id, size, _opener(target))
 
 

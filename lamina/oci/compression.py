@@ -16,10 +16,11 @@ from __future__ import annotations
 import enum
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
 
 from lamina.errors import LayerError
+from lamina.oci.digest import Digest
 
 MEDIA_TYPE_TAR = "application/vnd.oci.image.layer.v1.tar"
 
@@ -143,34 +144,78 @@ def open_decompressed(stream: BinaryIO, compression: Compression | None = None) 
 
 def sniff_stream(stream: BinaryIO) -> tuple[Compression, BinaryIO]:
     """The compression of `stream` by its magic, and a reader of the same bytes."""
-    head = _read_exactly_upto(stream, 4)
+    head = read_upto(stream, 4)
     return Compression.sniff(head), _Prefixed(head, stream)  # type: ignore[return-value]
 
 
-class HashingReader(io.RawIOBase):
-    """Hashes (sha256) and counts the bytes read through it."""
-
-    def __init__(self, inner: BinaryIO) -> None:
-        import hashlib
-
-        self._inner = inner
-        self.hash = hashlib.sha256()
-        self.count = 0
+class _Reader(io.RawIOBase):
+    """A raw reader defined by its `read`; `readinto`, which buffered readers
+    and tarfile call, follows from it."""
 
     def readable(self) -> bool:
         return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        self.hash.update(data)
-        self.count += len(data)
-        return data
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
         data = self.read(len(view))
         view[: len(data)] = data
         return len(data)
+
+
+class TeeReader(_Reader):
+    """Passes every byte read from `inner` to `sink` as well (a file's `write`, a hash's `update`)."""
+
+    def __init__(self, inner: BinaryIO, sink: Callable[[bytes], object]) -> None:
+        self._inner = inner
+        self._sink = sink
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self._sink(data)
+        return data
+
+
+class HashingReader(TeeReader):
+    """Hashes (sha256) and counts the bytes read through it."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        import hashlib
+
+        super().__init__(inner, self._take)
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def _take(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.count += len(data)
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256", self.hash.hexdigest())
+
+
+def hash_decoded(
+    stream: BinaryIO, compression: Compression, inspect: Callable[[BinaryIO], object] | None = None
+) -> tuple[Digest, int]:
+    """Digest and size of the decoded bytes of `stream`, in one pass.
+
+    `inspect`, if given, reads the decoded bytes first (to check or copy
+    them); what it leaves is read after it. Then `stream` is read to its end:
+    bytes after the compressed data still belong to a blob, and a wrapper
+    that hashes or copies `stream` must see them all.
+    """
+    decoded = HashingReader(open_decompressed(stream, compression))
+    if inspect is not None:
+        inspect(decoded)  # type: ignore[arg-type]
+    drain(decoded)  # type: ignore[arg-type]
+    drain(stream)
+    return decoded.digest, decoded.count
+
+
+def drain(reader: BinaryIO) -> None:
+    """Read `reader` to its end, for what its wrappers do with the bytes."""
+    while reader.read(CHUNK):
+        pass
 
 
 def iter_chunks(reader: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
@@ -186,36 +231,25 @@ def _decoder(stream: BinaryIO, compression: Compression) -> BinaryIO:
     return _ZstdReader(stream)  # type: ignore[return-value]
 
 
-def _read_exactly_upto(stream: BinaryIO, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        more = stream.read(n - len(data))
-        if not more:
-            break
-        data += more
+def read_upto(stream: BinaryIO, n: int) -> bytes:
+    """`n` bytes of `stream`, fewer only at its end (a raw stream may return short reads before it)."""
+    data = stream.read(n)
+    if len(data) < n:
+        parts = [data]
+        got = len(data)
+        while got < n and (more := stream.read(n - got)):
+            parts.append(more)
+            got += len(more)
+        data = b"".join(parts)
     return data
 
 
-class _Prefixed(io.RawIOBase):
+class _Prefixed(_Reader):
     """`head` followed by the rest of `stream`: sniffing without seeking."""
 
     def __init__(self, head: bytes, stream: BinaryIO) -> None:
         self._head = head
         self._stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        view = memoryview(buffer).cast("B")
-        if self._head:
-            n = min(len(view), len(self._head))
-            view[:n] = self._head[:n]
-            self._head = self._head[n:]
-            return n
-        data = self._stream.read(len(view))
-        view[: len(data)] = data
-        return len(data)
 
     def read(self, size: int = -1) -> bytes:
         if self._head:
@@ -227,7 +261,7 @@ class _Prefixed(io.RawIOBase):
         return self._stream.read(size)
 
 
-class _ZstdReader(io.RawIOBase):
+class _ZstdReader(_Reader):
     """Decodes concatenated zstd frames; a stream cut inside a frame is an error.
 
     zstandard's `stream_reader` bounds its output per read (a frame of RLE
@@ -245,22 +279,12 @@ class _ZstdReader(io.RawIOBase):
             self._source, read_size=CHUNK, read_across_frames=True, closefd=False
         )
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int = -1) -> bytes:
         data = self._reader.read(size)
         if size < 0 or (size and not data):  # at the end
-            while self._source.read(CHUNK):  # anything the decoder left unread
-                pass
+            drain(self._source)  # type: ignore[arg-type]  # anything the decoder left unread
             self._source.check_complete()
         return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
 
 
 class _FrameTracker:
@@ -334,15 +358,12 @@ class _FrameTracker:
                 self._state, self._want = "magic", 4
 
 
-class _Checked(io.RawIOBase):
+class _Checked(_Reader):
     """Turns a decoder's exceptions (zlib, zstd, EOF) into LayerError."""
 
     def __init__(self, inner: BinaryIO, compression: Compression) -> None:
         self._inner = inner
         self._compression = compression
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         try:
@@ -352,9 +373,3 @@ class _Checked(io.RawIOBase):
         except Exception as err:  # zlib.error, zstd.ZstdError, EOFError, OSError...
             raise LayerError(f"corrupt {self._compression.value} stream: {err}") from err
         return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)

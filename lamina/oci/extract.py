@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina.errors import LayerError, UnsafePath
-from lamina.oci.compression import CHUNK, HashingReader, open_decompressed, sniff_stream
+from lamina.oci.compression import CHUNK, HashingReader, drain, open_decompressed, sniff_stream
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType, LayerEntry
 from lamina.oci.safepath import Root, clean, remove_tree, split
@@ -221,8 +221,7 @@ def _drain(reader: HashingReader, label: str) -> None:
     """Read to the end: the digests cover all bytes, and a compressed stream
     is only known to be intact once its end is decoded."""
     try:
-        while reader.read(CHUNK):
-            pass
+        drain(reader)  # type: ignore[arg-type]
     except LayerError as err:
         raise LayerError(f"{label}: {err}") from err
     except (OSError, EOFError) as err:

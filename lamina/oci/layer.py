@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 from lamina.errors import LayerError
@@ -30,7 +30,9 @@ from lamina.oci.compression import (
     Encoder,
     HashingReader,
     encoder,
+    hash_decoded,
     open_decompressed,
+    read_upto,
     sniff_stream,
 )
 from lamina.oci.digest import Digest
@@ -116,26 +118,25 @@ def recompress(
     return sink.finish(target)
 
 
-def describe_layer(blob: BinaryIO, compression: Compression | None = None) -> LayerInfo:
+def describe_layer(
+    blob: BinaryIO,
+    compression: Compression | None = None,
+    inspect: Callable[[BinaryIO], object] | None = None,
+) -> LayerInfo:
     """Recompute a blob's digest, size and diff_id from its bytes (streamed).
 
     `compression` None sniffs it from the magic; the media type reported is
-    the OCI one for that compression.
+    the OCI one for that compression. `inspect`, if given, reads the tar
+    stream on the way (see `hash_decoded`).
     """
     compressed = HashingReader(blob)
     stream: BinaryIO = compressed  # type: ignore[assignment]
     if compression is None:
         compression, stream = sniff_stream(stream)
-    reader = open_decompressed(stream, compression)
-    diff = hashlib.sha256()
-    while chunk := reader.read(CHUNK):
-        diff.update(chunk)
-    # Bytes after the end of the compressed stream still belong to the blob.
-    while compressed.read(CHUNK):
-        pass
+    diff_id, _ = hash_decoded(stream, compression, inspect)
     return LayerInfo(
-        digest=Digest("sha256", compressed.hash.hexdigest()),
-        diff_id=Digest("sha256", diff.hexdigest()),
+        digest=compressed.digest,
+        diff_id=diff_id,
         size=compressed.count,
         media_type=compression.media_type,
     )
@@ -194,14 +195,7 @@ def _add(sink: _HashingSink, entry: LayerEntry, source_date_epoch: int | None) -
 
 
 def _read_exactly(content: BinaryIO, size: int, path: str) -> bytes:
-    data = content.read(size)
-    if len(data) < size:  # a raw stream may return short reads before its end
-        parts = [data]
-        got = len(data)
-        while got < size and (more := content.read(size - got)):
-            parts.append(more)
-            got += len(more)
-        data = b"".join(parts)
+    data = read_upto(content, size)
     if len(data) != size:
         raise LayerError(f"write layer: {path}: file shorter than its {size} bytes")
     return data

@@ -15,45 +15,17 @@ Every problem is gathered and raised as one ImageFormatError.
 
 from __future__ import annotations
 
-import hashlib
-import io
+import functools
 import json
 import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
 from lamina.errors import ImageFormatError, LaminaError
-from lamina.oci.compression import Compression, open_decompressed
+from lamina.oci.compression import Compression
 from lamina.oci.image import ImageConfig, is_env_entry, is_rfc3339, layer_compression
-from lamina.oci.layout import CHUNK, BlobSource, Files, SourceImage, read_capped
-
-
-class _Hashing(io.RawIOBase):
-    """A reader that hashes and counts what passes through it."""
-
-    def __init__(self, inner: BinaryIO) -> None:
-        self._inner = inner
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
+from lamina.oci.layer import describe_layer
+from lamina.oci.layout import BlobSource, Files, SourceImage, read_capped
 
 
 def config_problems(config_bytes: bytes, what: str = "config") -> list[str]:
@@ -88,32 +60,32 @@ def layer_problems(source: BlobSource, image: SourceImage) -> list[str]:
         except ImageFormatError as err:
             problems.append(f"{what}: {err}")
             continue
+
+        check = functools.partial(_check_members, what=what, problems=problems)
         try:
             with source.open_blob(layer.digest) as blob:
-                raw = _Hashing(blob)
-                tar_bytes = _Hashing(open_decompressed(raw, compression))
-                try:
-                    with tarfile.open(fileobj=tar_bytes, mode="r|") as tar:
-                        for member in tar:
-                            parts = member.name.split("/")
-                            if member.name.startswith("/") or ".." in parts:
-                                problems.append(f"{what}: member {member.name!r} escapes the root")
-                except tarfile.TarError as err:
-                    problems.append(f"{what}: not a readable tar: {err}")
-                tar_bytes.drain()
-                raw.drain()
+                info = describe_layer(blob, compression, check)
         except LaminaError as err:
             problems.append(f"{what}: {err}")
             continue
-        if raw.size != layer.size:
-            problems.append(f"{what}: {raw.size} bytes, descriptor says {layer.size}")
-        if raw.hash.hexdigest() != layer.digest.hex:
-            problems.append(f"{what}: blob hashes to sha256:{raw.hash.hexdigest()}, not {layer.digest}")
-        if f"sha256:{tar_bytes.hash.hexdigest()}" != str(diff_id):
-            problems.append(
-                f"{what}: uncompressed tar hashes to sha256:{tar_bytes.hash.hexdigest()}, not {diff_id}"
-            )
+        if info.size != layer.size:
+            problems.append(f"{what}: {info.size} bytes, descriptor says {layer.size}")
+        if info.digest != layer.digest:
+            problems.append(f"{what}: blob hashes to {info.digest}, not {layer.digest}")
+        if info.diff_id != diff_id:
+            problems.append(f"{what}: uncompressed tar hashes to {info.diff_id}, not {diff_id}")
     return problems
+
+
+def _check_members(tar_bytes: BinaryIO, what: str, problems: list[str]) -> None:
+    try:
+        with tarfile.open(fileobj=tar_bytes, mode="r|") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if member.name.startswith("/") or ".." in parts:
+                    problems.append(f"{what}: member {member.name!r} escapes the root")
+    except tarfile.TarError as err:
+        problems.append(f"{what}: not a readable tar: {err}")
 
 
 def _docker_manifest_problems(files: Files) -> list[str]:
