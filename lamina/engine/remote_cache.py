@@ -38,6 +38,7 @@ asked again during this build.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from lamina.oci.registry import RegistryClient
 
 MODES = ("min", "max")
+_WORKERS = 4  # parallel layer compressions and uploads of an export
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # buildx keys that mean nothing for lamina's format; accepted so copied flags work.
 _IGNORED_KEYS = frozenset({"oci-mediatypes", "image-manifest", "compression", "compression-level"})
@@ -313,6 +315,7 @@ def cache_entries(executor: Executor, result: BuildResult, mode: str) -> list[Ca
     layers = _layers_by_dir(executor)
     chain = stage_chain(executor) if mode == "min" else None
     entries: list[CacheEntry] = []
+    jobs: list[tuple[int, ImageLayer, list[Any]]] = []  # entries whose layer blob is still to be found
     seen: set[str] = set()
     for step in result.steps:
         if not step.key or step.key in seen or (chain is not None and step.stage not in chain):
@@ -332,9 +335,26 @@ def cache_entries(executor: Executor, result: BuildResult, mode: str) -> list[Ca
         if found is None:
             continue  # a result another build wrote for this key, with a layer this one never used
         layer, lowers = found
+        jobs.append((len(entries), layer, lowers))
+        entries.append(CacheEntry(step.key, wrapped))
+
+    def compress(job: tuple[int, ImageLayer, list[Any]]) -> None:
+        index, layer, lowers = job
         blob, diff_id = layer_blob(store, layer, options.compression, executor.epoch, lowers)
-        entries.append(CacheEntry(step.key, wrapped, blob, diff_id))
+        entries[index] = dataclasses.replace(entries[index], layer=blob, diff_id=diff_id)
+
+    _in_parallel(jobs, compress)  # a blob made once (e.g. for the image) is found, not redone
     return entries
+
+
+def _in_parallel(items: Sequence[Any], work: Callable[[Any], Any]) -> list[Any]:
+    """`work` over `items` on a few threads (compression and HTTP release the GIL); first error raised."""
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(_WORKERS, len(items))) as pool:
+        return list(pool.map(work, items))
 
 
 def _layers_by_dir(executor: Executor) -> dict[str, tuple[ImageLayer, list[Any]]]:
@@ -351,10 +371,14 @@ def _layers_by_dir(executor: Executor) -> dict[str, tuple[ImageLayer, list[Any]]
     return out
 
 
-def export_cache(executor: Executor, result: BuildResult) -> int:
-    """Push this build's cache to every --cache-to ref; return the entries written."""
+def _export_one(client: RegistryClient, store: Store, ref: Reference, entry: CacheEntry) -> int:
     from lamina.cache.remote import export_entries
 
+    return export_entries(client, store, ref, [entry])
+
+
+def export_cache(executor: Executor, result: BuildResult) -> int:
+    """Push this build's cache to every --cache-to ref; return the entries written."""
     factory = executor.options.client_factory
     written = 0
     for spec in executor.options.cache_to:
@@ -363,7 +387,10 @@ def export_cache(executor: Executor, result: BuildResult) -> int:
                 raise RegistryError("--cache-to needs a registry client")
             entries = cache_entries(executor, result, spec.mode)
             with factory() as client:
-                written += export_entries(client, executor.store, spec.ref, entries)
+                # One entry per call: entries are independent, so they go up side by side.
+                one = functools.partial(_export_one, client, executor.store, spec.ref)
+                counts = _in_parallel(entries, one)
+                written += sum(counts)
         except LaminaError as err:
             if not spec.ignore_error:
                 raise
