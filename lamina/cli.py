@@ -7,6 +7,8 @@ and a no-op rebuild do not pay for modules they never use.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -97,9 +99,20 @@ def parse(dockerfile: str | None, fmt: str, path: str | None) -> None:
     show_default=True,
     help="text for people, json for programs, dot for Graphviz.",
 )
+@click.option(
+    "--cache",
+    "show_cache",
+    is_flag=True,
+    help="Also say, for every step, whether it would hit the cache and why not (hashes the context).",
+)
 @click.argument("context", default=".", required=False)
 def plan(
-    dockerfile: str | None, target: str | None, build_args: tuple[str, ...], fmt: str, context: str
+    dockerfile: str | None,
+    target: str | None,
+    build_args: tuple[str, ...],
+    fmt: str,
+    show_cache: bool,
+    context: str,
 ) -> None:
     """Show the stage graph: bases, dependencies, run order, concurrency, skipped stages."""
     from lamina import api
@@ -117,6 +130,18 @@ def plan(
         click.echo(planning.to_dot(result), nl=False)
     else:
         click.echo(planning.to_text(result), nl=False)
+    if show_cache:
+        forecast = api.build(context, dockerfile, target=target, build_args=args, dry_run=True)
+        click.echo("\ncache:")
+        _print_forecast(forecast.steps)
+
+
+def _print_forecast(steps: Sequence[Any]) -> None:
+    """One line per step: cached, or why it would run (from a dry-run build)."""
+    width = max((len(f"[{s.stage} {s.index}] {s.instruction}") for s in steps), default=0)
+    for step in steps:
+        label = f"[{step.stage} {step.index}] {step.instruction}"
+        click.echo(f"{label:<{width}}  " + ("cached" if step.cached else f"will run: {step.reason}"))
 
 
 # --- images: load, save, images, rmi, cache ----------------------------------
@@ -392,10 +417,7 @@ def build(
         insecure_registries=insecure_registries,
     )
     if dry_run:
-        width = max((len(f"[{s.stage} {s.index}] {s.instruction}") for s in result.steps), default=0)
-        for step in result.steps:
-            label = f"[{step.stage} {step.index}] {step.instruction}"
-            click.echo(f"{label:<{width}}  " + ("cached" if step.cached else f"will run: {step.reason}"))
+        _print_forecast(result.steps)
         return
     if iidfile:
         with open(iidfile, "w") as out:
