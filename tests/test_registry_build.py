@@ -343,3 +343,26 @@ def test_entry_naming_a_directory_outside_the_store_is_refused(
     assert "not a result this lamina understands" in warning
     assert not (tmp_path / "escape").exists()
     assert second.image_digest == first.image_digest
+
+
+@needs_registry
+def test_cache_from_fetches_only_what_the_target_needs(
+    registry: registry_server.Registry, tmp_path: Path
+) -> None:
+    from lamina.cache.store import Store
+
+    text = "FROM scratch AS other\nCOPY other.txt /other.txt\nFROM scratch AS app\nCOPY app.txt /app.txt\n"
+    ctx = write_context(tmp_path / "ctx", text, {"other.txt": "other\n", "app.txt": "app\n"})
+    ref = f"{registry.host}/cache/targets:main"
+    spec = f"type=registry,ref={ref},mode=max"
+    other = build(tmp_path / "a", ctx, target="other", cache_to=[spec])
+    app = build(tmp_path / "a", ctx, target="app", cache_to=[spec])
+    other_blob = layer_of_entry(registry, ref, other.steps[0].key).parent.name
+    app_blob = layer_of_entry(registry, ref, app.steps[0].key).parent.name
+    fresh = build(tmp_path / "b", ctx, target="app", cache_from=[f"type=registry,ref={ref}"])
+    assert [step.cached for step in fresh.steps] == [True]
+    with Store(tmp_path / "b") as store:
+        from lamina.oci.digest import Digest
+
+        assert store.has_blob(Digest("sha256", app_blob))
+        assert not store.has_blob(Digest("sha256", other_blob))  # the other stage's layer stayed remote
