@@ -366,3 +366,39 @@ def test_cache_from_fetches_only_what_the_target_needs(
 
         assert store.has_blob(Digest("sha256", app_blob))
         assert not store.has_blob(Digest("sha256", other_blob))  # the other stage's layer stayed remote
+
+
+@pytest.fixture(scope="module")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registry_server.Registry]:
+    if registry_server.REGISTRY is None or registry_server.HTPASSWD is None:
+        pytest.skip("docker-registry or htpasswd (apache2-utils) is not installed")
+    with registry_server.running_registry(tmp_path_factory.mktemp("basic"), "basic") as running:
+        yield running
+
+
+def test_push_and_cache_through_a_registry_with_basic_auth(
+    basic_registry: registry_server.Registry, tmp_path: Path
+) -> None:
+    from lamina import api
+
+    env = {"HOME": str(tmp_path / "home"), "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
+    ctx = scratch_context(tmp_path / "ctx")
+    host = basic_registry.host
+    target, cache_ref = f"{host}/app/auth:1", f"type=registry,ref={host}/cache/auth:main,mode=max"
+    with pytest.raises(RegistryError, match=f"{host}.*401"):  # not logged in yet: one clear error
+        api.build(ctx, cache_dir=tmp_path / "a", environ=env, tags=[target], push=True)
+    api.login(host, registry_server.USER, registry_server.PASSWORD, environ=env)
+    first = api.build(
+        ctx, cache_dir=tmp_path / "a", environ=env, tags=[target], push=True, cache_to=[cache_ref]
+    )
+    assert first.pushed == ((target, first.image_digest),)
+    sink = Recorder()
+    second = api.build(
+        ctx,
+        cache_dir=tmp_path / "b",
+        environ=env,
+        cache_from=[cache_ref.removesuffix(",mode=max")],
+        progress=sink,
+    )
+    assert second.steps_run == 0 and sink.cache_warnings() == []
+    assert second.image_digest == first.image_digest
