@@ -170,7 +170,6 @@ class RemoteCache:
         self._client: RegistryClient | None = None
         self._lock = threading.Lock()
         self._disabled: set[Reference] = set()
-        self.imported = 0  # steps whose result came from a registry
 
     def close(self) -> None:
         with self._lock:
@@ -198,8 +197,6 @@ class RemoteCache:
             if spec.ref in self._disabled:
                 continue
             if self._import(executor, spec.ref, key):
-                with self._lock:
-                    self.imported += 1
                 return executor.lookup(inputs, state)
         return None
 
@@ -249,7 +246,7 @@ def _named_by_key(wrapped: _Wrapped, key: str) -> _Wrapped:
 
 
 def _unpack(store: Store, blob: Descriptor, dir_id: str) -> None:
-    """Unpack `blob` as the layer dir `dir_id` (the name the exporter's result gives it)."""
+    """Unpack `blob` as the store's layer dir `dir_id` (kept if another build made it first)."""
     target = Digest("sha256", dir_id)
     if store.has_unpacked(target):
         store.touch_unpacked(target)
