@@ -22,21 +22,19 @@ import dataclasses
 import functools
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node, is_opaque
+from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node
 from lamina.engine.sandbox.idmap import IdMap
-from lamina.errors import LayerError
-from lamina.oci.entry import EntryType, LayerEntry
+from lamina.oci.entry import LayerEntry
+from lamina.oci.walk import entries_from_tree, read_xattrs
 
 if TYPE_CHECKING:
     from lamina.oci.layer import Compression, LayerInfo
 
 OPAQUE_XATTR = "user.overlay.opaque"
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
 
 
 def capture(upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = ()) -> Iterator[LayerEntry]:
@@ -49,101 +47,20 @@ def capture(upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = 
     Rootless with subordinate ids, files a container user kept private are
     unreadable from here: `write_layer()` reads them inside the namespace.
     """
-    root = os.fspath(upper_dir)
-    links: dict[tuple[int, int], str] = {}
-    below = LayerStack([os.fspath(p) for p in lowers]) if lowers else None
-
-    def listing(rel: str) -> list[tuple[str, os.stat_result | None]]:
-        found = _children(os.path.join(root, rel) if rel else root)
-        if below is not None and any(name == OPAQUE_MARKER for name, _ in found):
-            hit = below.find(rel)
-            if hit is None or not stat.S_ISDIR(hit[1].st_mode):
-                found = [child for child in found if child[0] != OPAQUE_MARKER]
-        return found
-
-    try:
-        stack = [("", iter(listing("")))]
-    except OSError as err:
-        raise LayerError(f"capture {upper_dir}: {err.strerror or err}") from err
-    while stack:
-        prefix, pending = stack[-1]
-        child = next(pending, None)
-        if child is None:
-            stack.pop()
-            continue
-        name, st = child
-        path = prefix + name
-        if st is None:  # a whiteout or opaque marker
-            yield LayerEntry(path, EntryType.FILE, 0, mtime=0)
-            continue
-        host = os.path.join(root, path)
-        try:
-            entry = _entry(host, path, st, links, ids)
-            if entry.type is EntryType.DIR:
-                stack.append((path + "/", iter(listing(path))))
-        except OSError as err:
-            raise LayerError(f"capture {upper_dir}: {path}: {err.strerror or err}") from err
-        yield entry
+    uid_map = _inside(ids) if ids is not None and ids.rootless else None
+    below = functools.partial(_shows_dir, LayerStack([os.fspath(p) for p in lowers])) if lowers else None
+    return entries_from_tree(upper_dir, uid_map=uid_map, overlay=True, opaque_hides=below)
 
 
-def _children(host_dir: str) -> list[tuple[str, os.stat_result | None]]:
-    """(name in the layer, lstat or None for a whiteout) of one directory, in entry_key order."""
-    out: list[tuple[str, os.stat_result | None]] = []
-    with os.scandir(host_dir) as it:
-        for dirent in it:
-            st = dirent.stat(follow_symlinks=False)
-            # Before hard links: overlayfs links all its whiteouts to one inode.
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                out.append((WHITEOUT_PREFIX + dirent.name, None))
-            elif not stat.S_ISSOCK(st.st_mode):
-                out.append((dirent.name, st))
-    if is_opaque(host_dir):
-        out.append((OPAQUE_MARKER, None))
-    out.sort(key=lambda child: os.fsencode(child[0]))
-    return out
+def _inside(ids: IdMap) -> Callable[[int, int], tuple[int, int]]:
+    """Host ids -> the ids the container saw."""
+    return lambda uid, gid: (ids.uid_inside(uid), ids.gid_inside(gid))
 
 
-_KINDS = {
-    stat.S_IFDIR: EntryType.DIR,
-    stat.S_IFREG: EntryType.FILE,
-    stat.S_IFLNK: EntryType.SYMLINK,
-    stat.S_IFCHR: EntryType.CHAR,
-    stat.S_IFBLK: EntryType.BLOCK,
-    stat.S_IFIFO: EntryType.FIFO,
-}
-
-
-def _entry(
-    host: str, path: str, st: os.stat_result, links: dict[tuple[int, int], str], ids: IdMap | None
-) -> LayerEntry:
-    kind = _KINDS[stat.S_IFMT(st.st_mode)]
-    uid, gid = st.st_uid, st.st_gid
-    if ids is not None and ids.rootless:
-        uid, gid = ids.uid_inside(uid), ids.gid_inside(gid)
-    linkname, size, opener = "", 0, None
-    if kind is EntryType.FILE and st.st_nlink > 1:
-        first = links.setdefault((st.st_dev, st.st_ino), path)
-        if first != path:
-            kind, linkname = EntryType.HARDLINK, first
-    if kind is EntryType.FILE:
-        size, opener = st.st_size, functools.partial(open, host, "rb")
-    elif kind is EntryType.SYMLINK:
-        linkname = os.readlink(host)
-    device = kind in (EntryType.CHAR, EntryType.BLOCK)
-    return LayerEntry(
-        path,
-        kind,
-        mode=stat.S_IMODE(st.st_mode),
-        uid=uid,
-        gid=gid,
-        size=size,
-        mtime=int(st.st_mtime),
-        linkname=linkname,
-        devmajor=os.major(st.st_rdev) if device else 0,
-        devminor=os.minor(st.st_rdev) if device else 0,
-        xattrs=() if kind is EntryType.HARDLINK else tuple(sorted(_xattrs(host).items())),
-        open=opener,
-    )
+def _shows_dir(stack: LayerStack, rel: str) -> bool:
+    """Whether the lower dirs show a directory at `rel` (an opaque marker there hides something)."""
+    hit = stack.find(rel)
+    return hit is not None and stat.S_ISDIR(hit[1].st_mode)
 
 
 def write_layer(
@@ -288,7 +205,7 @@ class _Differ:
         lower, lst = hit
         if (lst.st_mode, lst.st_uid, lst.st_gid) != (st.st_mode, st.st_uid, st.st_gid):
             return True
-        return _xattrs(lower) != _xattrs(self._src(rel))
+        return read_xattrs(lower) != read_xattrs(self._src(rel))
 
     def _same_content(self, rel: str) -> bool:
         hit = self.stack.find(rel)
@@ -346,23 +263,6 @@ def _owner_mode(st: os.stat_result) -> tuple[int, int, int]:
 
 def _owner_mode_of(facts: _Facts) -> tuple[int, int, int]:
     return facts[0], facts[5], facts[6]
-
-
-def _xattrs(path: str) -> dict[str, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
-    out = {}
-    for name in names:
-        # overlayfs bookkeeping is not content; an SELinux label is the host's.
-        if name.startswith(("trusted.overlay.", "user.overlay.", "security.selinux")):
-            continue
-        try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
-        except OSError:
-            continue
-    return out
 
 
 def _digest(path: str) -> bytes:

@@ -47,12 +47,11 @@ from lamina.errors import LayerError, UnsafePath
 from lamina.oci.compression import CHUNK, HashingReader, drain, open_decompressed, sniff_stream
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType, LayerEntry
+from lamina.oci.overlay import OPAQUE_MARKER, WHITEOUT_PREFIX
 from lamina.oci.safepath import Root, clean, remove_tree, split
 
 __all__ = ["ExtractResult", "Whiteouts", "extract_layer", "iter_layer"]
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
 _AUFS_META_PREFIX = ".wh..wh."  # aufs bookkeeping (.wh..wh.plnk...), not a whiteout
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
 _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")

@@ -10,10 +10,10 @@ a HARDLINK entry to the first path (in sort order) with that inode, the way
 tar and Docker record them. Only regular files are linked; overlayfs hard
 links all its whiteout devices to one inode, and those are not files.
 
-With `overlay=True` the tree is read as an overlayfs upper dir and its
-whiteouts are turned into OCI form: a char device 0/0 NAME becomes an empty
-file `.wh.NAME`, and a directory marked opaque (`trusted.overlay.opaque` or
-`user.overlay.opaque` = y) gets a `.wh..wh..opq` child.
+With `overlay=True` the tree is read as an overlayfs upper dir (see
+`overlay.py`) and its whiteouts are turned into OCI form: a char device 0/0
+NAME becomes an empty file `.wh.NAME`, and a directory marked opaque gets a
+`.wh..wh..opq` child. A step's snapshot is this walk (`snapshot.capture`).
 """
 
 from __future__ import annotations
@@ -27,84 +27,85 @@ from typing import BinaryIO
 
 from lamina.errors import LayerError
 from lamina.oci.entry import EntryType, LayerEntry
+from lamina.oci.overlay import OPAQUE_MARKER, WHITEOUT_PREFIX, is_opaque, is_whiteout
 
 # (uid, gid) on the host -> (uid, gid) recorded in the layer, e.g. to map a
 # rootless sandbox's subordinate ids back to the container's.
 IdMap = Callable[[int, int], tuple[int, int]]
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 # overlayfs bookkeeping (opaque, redirect, origin...) is not file content;
 # an SELinux label is the host's, not the image's.
 _SKIPPED_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "security.selinux")
 
+# (name in the layer, lstat; None for a synthesised whiteout or opaque marker)
+_Child = tuple[str, os.stat_result | None]
+
 
 def entries_from_tree(
-    root: Path, *, uid_map: IdMap | None = None, overlay: bool = False
+    root: Path | str,
+    *,
+    uid_map: IdMap | None = None,
+    overlay: bool = False,
+    opaque_hides: Callable[[str], bool] | None = None,
 ) -> Iterator[LayerEntry]:
     """Every file, directory, link and device under `root` (not `root` itself),
-    sorted by `entry_key`. Sockets are skipped, as Docker does."""
+    sorted by `entry_key`. Sockets are skipped, as Docker does.
+
+    With `overlay`, whiteouts and opaque markers come out as BuildKit writes
+    them: empty regular files, mode 0, owner 0:0. `opaque_hides(dir)`, if
+    given, says whether the opaque marker of directory `dir` (a layer path,
+    "" for the top) hides anything below; a marker that hides nothing is
+    left out (overlayfs marks a directory made where a file was deleted).
+    """
+    top = os.fspath(root)
+
+    def listing(path: str) -> list[_Child]:
+        found = _children(os.path.join(top, path) if path else top, overlay)
+        marked = opaque_hides is not None and any(name == OPAQUE_MARKER for name, _ in found)
+        if marked and not opaque_hides(path):  # type: ignore[misc]
+            found = [child for child in found if child[0] != OPAQUE_MARKER]
+        return found
+
     try:
-        top = _children(os.fspath(root), overlay)
+        stack = [("", iter(listing("")))]
     except OSError as err:
         raise LayerError(f"walk {root}: {err.strerror or err}") from err
-    stack: list[tuple[str, str, Iterator[tuple[bytes, str, str | None]]]] = [(os.fspath(root), "", iter(top))]
     first_path: dict[tuple[int, int], str] = {}
     while stack:
-        host_dir, prefix, children = stack[-1]
+        prefix, children = stack[-1]
         child = next(children, None)
         if child is None:
             stack.pop()
             continue
-        _, layer_name, host_name = child
-        layer_path = prefix + layer_name
-        if host_name is None:  # a synthesised whiteout entry
-            yield LayerEntry(layer_path, EntryType.FILE, 0o644)
+        name, st = child
+        layer_path = prefix + name
+        if st is None:
+            yield LayerEntry(layer_path, EntryType.FILE, 0)
             continue
-        host_path = os.path.join(host_dir, host_name)
         try:
-            entry = _entry(host_path, layer_path, first_path, uid_map)
-            if entry is not None and entry.type is EntryType.DIR:
-                stack.append((host_path, layer_path + "/", iter(_children(host_path, overlay))))
+            entry = _entry(os.path.join(top, layer_path), layer_path, st, first_path, uid_map)
+            if entry.type is EntryType.DIR:
+                stack.append((layer_path + "/", iter(listing(layer_path))))
         except OSError as err:
             raise LayerError(f"walk {root}: {layer_path}: {err.strerror or err}") from err
-        if entry is not None:
-            yield entry
+        yield entry
 
 
-def _children(host_dir: str, overlay: bool) -> list[tuple[bytes, str, str | None]]:
-    """(sort key, name in the layer, name on disk or None) for one directory."""
-    children: list[tuple[bytes, str, str | None]] = []
+def _children(host_dir: str, overlay: bool) -> list[_Child]:
+    """The entries of one directory, in `entry_key` order."""
+    children: list[_Child] = []
     with os.scandir(host_dir) as it:
         for dirent in it:
-            name = dirent.name
-            if overlay and _is_whiteout(dirent):
-                name = WHITEOUT_PREFIX + name
-                children.append((os.fsencode(name), name, None))
-            else:
-                children.append((os.fsencode(name), name, name))
-    if overlay and _is_opaque(host_dir):
-        children.append((os.fsencode(OPAQUE_MARKER), OPAQUE_MARKER, None))
-    children.sort(key=lambda child: child[0])
+            st = dirent.stat(follow_symlinks=False)
+            # Before hard links: overlayfs links all its whiteouts to one inode.
+            if overlay and is_whiteout(st):
+                children.append((WHITEOUT_PREFIX + dirent.name, None))
+            elif not stat.S_ISSOCK(st.st_mode):
+                children.append((dirent.name, st))
+    if overlay and is_opaque(host_dir):
+        children.append((OPAQUE_MARKER, None))
+    children.sort(key=lambda child: os.fsencode(child[0]))
     return children
-
-
-def _is_whiteout(dirent: os.DirEntry[str]) -> bool:
-    if dirent.is_dir(follow_symlinks=False) or dirent.is_file(follow_symlinks=False):
-        return False
-    st = dirent.stat(follow_symlinks=False)
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def _is_opaque(host_dir: str) -> bool:
-    for name in _OPAQUE_XATTRS:
-        try:
-            if os.getxattr(host_dir, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            continue
-    return False
 
 
 _KINDS = {
@@ -120,21 +121,17 @@ _KINDS = {
 def _entry(
     host_path: str,
     layer_path: str,
+    st: os.stat_result,
     first_path: dict[tuple[int, int], str],
     uid_map: IdMap | None,
-) -> LayerEntry | None:
-    st = os.lstat(host_path)
-    kind = _KINDS.get(stat.S_IFMT(st.st_mode))
-    if kind is None:  # a socket
-        return None
+) -> LayerEntry:
+    kind = _KINDS[stat.S_IFMT(st.st_mode)]
     uid, gid = (st.st_uid, st.st_gid) if uid_map is None else uid_map(st.st_uid, st.st_gid)
     size, linkname, opener = 0, "", None
     if kind is EntryType.FILE and st.st_nlink > 1:
-        linkname = first_path.setdefault((st.st_dev, st.st_ino), layer_path)
-        if linkname != layer_path:
-            kind = EntryType.HARDLINK
-        else:
-            linkname = ""
+        first = first_path.setdefault((st.st_dev, st.st_ino), layer_path)
+        if first != layer_path:
+            kind, linkname = EntryType.HARDLINK, first
     if kind is EntryType.FILE:
         size, opener = st.st_size, functools.partial(_open_file, host_path)
     elif kind is EntryType.SYMLINK:
@@ -152,7 +149,7 @@ def _entry(
         devmajor=os.major(st.st_rdev) if is_device else 0,
         devminor=os.minor(st.st_rdev) if is_device else 0,
         # A hard link shares its target's inode, xattrs included.
-        xattrs=() if kind is EntryType.HARDLINK else _xattrs(host_path),
+        xattrs=() if kind is EntryType.HARDLINK else read_xattrs(host_path),
         open=opener,
     )
 
@@ -163,7 +160,8 @@ def _open_file(host_path: str) -> BinaryIO:
     return os.fdopen(os.open(host_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
 
 
-def _xattrs(host_path: str) -> tuple[tuple[str, bytes], ...]:
+def read_xattrs(host_path: str) -> tuple[tuple[str, bytes], ...]:
+    """The xattrs of `host_path` that belong in a layer, sorted by name."""
     try:
         names = os.listxattr(host_path, follow_symlinks=False)
     except OSError:  # ENOTSUP on filesystems without xattrs

@@ -7,7 +7,7 @@ view hold at this path" without mounting anything, which is how mount
 points are placed in a separate top lower dir (never in the upper dir, so
 never in a layer) and how the copy snapshotter builds its tree.
 
-Imported by the helper: os and stat only.
+Imported by the helper: os and stat only (`lamina.oci.overlay` too).
 """
 
 # Helper start-up is sandbox start-up: try/except/pass here instead of importing contextlib.
@@ -19,23 +19,9 @@ import os
 import stat
 
 from lamina.engine.sandbox import _libc
+from lamina.oci.overlay import is_opaque, is_whiteout
 
-OPAQUE_XATTRS = ("user.overlay.opaque", "trusted.overlay.opaque")
 _MAX_SYMLINKS = 40
-
-
-def is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def is_opaque(path: str) -> bool:
-    for name in OPAQUE_XATTRS:
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            continue
-    return False
 
 
 class LayerStack:

@@ -32,7 +32,7 @@ def _install_package_stubs() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
     sys.path.insert(0, root)
-    packages = ("lamina", "lamina.engine", "lamina.engine.sandbox")
+    packages = ("lamina", "lamina.engine", "lamina.engine.sandbox", "lamina.oci")
     for name in packages:
         module = type(sys)(name)
         module.__path__ = [os.path.join(root, *name.split("."))]  # type: ignore[attr-defined]
