@@ -257,6 +257,30 @@ def descriptor_of(data: bytes, media_type: str) -> Descriptor:
 # --- manifest, index ---------------------------------------------------------------
 
 
+def _versioned(
+    media_type: str, body: dict[str, Any], annotations: tuple[tuple[str, str], ...]
+) -> dict[str, Any]:
+    """A schemaVersion 2 document (manifest or index) in Go struct order."""
+    obj: dict[str, Any] = {"schemaVersion": 2, "mediaType": media_type, **body}
+    if annotations:
+        obj["annotations"] = _sorted_map(annotations)
+    return obj
+
+
+def _parse_versioned(
+    data: bytes, what: str, oci_type: str, media_types: frozenset[str], kind: str
+) -> tuple[dict[str, Any], str]:
+    """The JSON object of a schemaVersion 2 document and its media type, one of
+    `media_types`; `oci_type` when it has none (the field is optional)."""
+    obj = parse_document(data, what)
+    if obj.get("schemaVersion") != 2:
+        raise ImageFormatError(f"{what}: schemaVersion must be 2")
+    media_type = _get(obj, "mediaType", str, what, oci_type)
+    if media_type not in media_types:
+        raise ImageFormatError(f"{what}: media type {media_type!r} is not {kind}")
+    return obj, media_type
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Manifest:
     """An image manifest.
@@ -273,27 +297,15 @@ class Manifest:
     annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        obj: dict[str, Any] = {
-            "schemaVersion": 2,
-            "mediaType": self.media_type,
-            "config": self.config.to_json(),
-            "layers": [layer.to_json() for layer in self.layers],
-        }
-        if self.annotations:
-            obj["annotations"] = _sorted_map(self.annotations)
-        return obj
+        body = {"config": self.config.to_json(), "layers": [layer.to_json() for layer in self.layers]}
+        return _versioned(self.media_type, body, self.annotations)
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_json())
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "manifest") -> Manifest:
-        obj = parse_document(data, what)
-        if obj.get("schemaVersion") != 2:
-            raise ImageFormatError(f"{what}: schemaVersion must be 2")
-        media_type = _get(obj, "mediaType", str, what, OCI_MANIFEST)
-        if media_type not in MANIFEST_TYPES:
-            raise ImageFormatError(f"{what}: media type {media_type!r} is not an image manifest")
+        obj, media_type = _parse_versioned(data, what, OCI_MANIFEST, MANIFEST_TYPES, "an image manifest")
         layers = _get(obj, "layers", list, what, [])
         return cls(
             config=Descriptor.from_json(obj.get("config"), f"{what}: config"),
@@ -310,26 +322,15 @@ class Index:
     annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        obj: dict[str, Any] = {
-            "schemaVersion": 2,
-            "mediaType": self.media_type,
-            "manifests": [m.to_json() for m in self.manifests],
-        }
-        if self.annotations:
-            obj["annotations"] = _sorted_map(self.annotations)
-        return obj
+        body = {"manifests": [m.to_json() for m in self.manifests]}
+        return _versioned(self.media_type, body, self.annotations)
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_json())
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "index") -> Index:
-        obj = parse_document(data, what)
-        if obj.get("schemaVersion") != 2:
-            raise ImageFormatError(f"{what}: schemaVersion must be 2")
-        media_type = _get(obj, "mediaType", str, what, OCI_INDEX)
-        if media_type not in INDEX_TYPES:
-            raise ImageFormatError(f"{what}: media type {media_type!r} is not an image index")
+        obj, media_type = _parse_versioned(data, what, OCI_INDEX, INDEX_TYPES, "an image index")
         manifests = _get(obj, "manifests", list, what, [])
         return cls(
             manifests=tuple(
