@@ -36,7 +36,7 @@ from lamina.oci.image import (
     descriptor_of,
     layer_media_type,
 )
-from lamina.oci.layout import CHUNK, Files, SourceImage, familiar_name, read_capped
+from lamina.oci.layout import CHUNK, Files, SourceImage, archive_member, familiar_name, read_capped
 
 _HEX_PATH = re.compile(r"(?:^|/)(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?$")
 
@@ -109,10 +109,8 @@ class DockerArchiveReader:
             return compression, Digest("sha256", named.group(1)), size  # checked when copied
         if compression is Compression.NONE:
             return compression, diff_id, size  # an uncompressed layer is its diff_id; checked when copied
-        digest = hashlib.sha256()
         with self.files.open(path) as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
+            digest = hashlib.file_digest(f, "sha256")
         return compression, Digest("sha256", digest.hexdigest()), size
 
 
@@ -172,19 +170,12 @@ def write_docker_archive(out: BinaryIO, images: Sequence[DockerImage]) -> None:
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
         members = [(d, None) for d in directories] + [(n, files[n]) for n in files]
         for name, content in sorted(members, key=lambda m: m[0]):
-            info = tarfile.TarInfo(name)
-            info.mtime = 0
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
             if content is None:
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tar.addfile(info)
+                tar.addfile(archive_member(name, tarfile.DIRTYPE, 0))
                 continue
-            info.mode = 0o644
-            info.size, opener = content
+            size, opener = content
             with opener() as stream:
-                tar.addfile(info, stream)
+                tar.addfile(archive_member(name, tarfile.REGTYPE, size), stream)
 
 
 def _bytes_opener(data: bytes) -> Callable[[], BinaryIO]:

@@ -399,7 +399,7 @@ def write_oci_archive(out: BinaryIO, images: Sequence[ExportImage], source: Blob
     """
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
         for directory in ("blobs", "blobs/sha256"):
-            tar.addfile(_tarinfo(directory, tarfile.DIRTYPE, 0))
+            tar.addfile(archive_member(directory, tarfile.DIRTYPE, 0))
         for descriptor in _blobs_of(images):
             size = source.blob_size(descriptor.digest)
             if size != descriptor.size:
@@ -407,9 +407,9 @@ def write_oci_archive(out: BinaryIO, images: Sequence[ExportImage], source: Blob
                     f"blob {descriptor.digest}: {size} bytes stored, descriptor says {descriptor.size}"
                 )
             with source.open_blob(descriptor.digest) as blob:
-                tar.addfile(_tarinfo(blob_path(descriptor.digest), tarfile.REGTYPE, size), blob)
+                tar.addfile(archive_member(blob_path(descriptor.digest), tarfile.REGTYPE, size), blob)
         for name, data in sorted(_layout_documents(images).items()):
-            tar.addfile(_tarinfo(name, tarfile.REGTYPE, len(data)), io.BytesIO(data))
+            tar.addfile(archive_member(name, tarfile.REGTYPE, len(data)), io.BytesIO(data))
 
 
 def write_oci_layout(dest: Path, images: Sequence[ExportImage], source: BlobSource) -> None:
@@ -429,7 +429,8 @@ def write_oci_layout(dest: Path, images: Sequence[ExportImage], source: BlobSour
         (dest / name).write_bytes(data)
 
 
-def _tarinfo(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
+def archive_member(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
+    """A member of an image archive: fixed mode, owner 0:0 with no names, mtime 0."""
     info = tarfile.TarInfo(name)
     info.type = kind
     info.size = size
