@@ -1,15 +1,27 @@
 """Build the example Dockerfiles with lamina and with BuildKit; diff root filesystems and configs.
 
-    .venv/bin/python benchmarks/differential.py [examples/NAME ...] [--keep DIR]
+    .venv/bin/python benchmarks/differential.py [CASE_DIR ...] [--keep DIR]
 
 Needs dockerd (../shared/bench/peers-setup.sh starts one) and the base image
-lamina-test/busybox:1.35 loaded into both lamina's store and docker. For each
-example directory (default: every examples/*/Dockerfile):
+lamina-test/busybox:1.35 loaded into both lamina's store and docker. The
+cases (default: every examples/*/Dockerfile and benchmarks/diffcases/*/Dockerfile)
+are directories holding a Dockerfile and its context. A case may also hold:
 
-- lamina: `lamina build -o type=local,dest=...` and the image config;
+- `base/` (a Dockerfile and context): built first by each tool and tagged
+  lamina-diff/CASE-base:latest, for a case that builds FROM an image made by
+  the same builder (ONBUILD triggers);
+- `build-args`: one K=V per line, passed to both builds.
+
+Each case is copied to a scratch directory first (examples/base also gets
+the host's /bin/busybox, as examples/quickstart.sh does). Then:
+
+- lamina: `lamina.build(...)` with `-o type=local,dest=...` and the config;
 - BuildKit: `DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none`, then
   `docker create` + `docker export` for the root filesystem (extracted as
-  root so owners survive) and `docker image inspect` for the config.
+  root so owners survive) and `docker image inspect` for the config. A
+  `# syntax=` directive is dropped for BuildKit: docker 20.10 would pull the
+  named frontend image (no network here) and its built-in frontend reads
+  the same Dockerfile language, heredocs aside.
 
 Trees are compared path by path: type, mode, owner, size and sha256 of
 files, symlink targets (mtimes are not compared: they are build times).
@@ -27,11 +39,11 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,11 +58,48 @@ CONFIG_FIELDS = (
     "Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts", "Volumes",
     "StopSignal", "Healthcheck", "Shell", "OnBuild",
 )  # fmt: skip
-# (example, what) pairs whose difference is deliberate; see README.
+# Differences that are deliberate or not lamina's (see README "Differences from BuildKit").
 EXPLAINED: dict[str, str] = {
     "history:empty-layer": "lamina drops a step's layer when the step changed nothing (BuildKit keeps "
     "an empty tar); the history line is the same, only empty_layer differs",
+    # Lines docker 20.10's BuildKit (0.8) writes differently from current BuildKit, which lamina follows.
+    "history:copy-flags": "BuildKit 0.8 leaves --chown/--chmod out of COPY/ADD history lines; "
+    "current BuildKit writes them (convert_copy.go), as lamina does",
+    "history:healthcheck": "BuildKit 0.8 prints HEALTHCHECK's settings without StartInterval "
+    "(Docker 25 added it); current BuildKit prints four durations, as lamina does",
+    "history:inherited-arg": "for `ARG NAME` that inherits a global default, BuildKit 0.8 writes "
+    "`ARG NAME`; current BuildKit writes `ARG NAME=value`, as lamina does",
+    "history:parent-stage-args": "in a stage built FROM another stage, BuildKit 0.8 leaves the parent's "
+    "ARGs out of RUN's `|N K=V` prefix (they are still in the environment); current BuildKit "
+    "carries them over (dispatchState.init), as lamina does",
+    # Files whose content is not a function of the Dockerfile and context.
+    "instructions:/srv/app/listing.txt": "`ls -la` output: holds modification times and the host "
+    "filesystem's block counts",
 }
+_HEALTHCHECK_DURATIONS = re.compile(r'^(HEALTHCHECK &\{\[.*\] "[^"]*" "[^"]*" "[^"]*") "[^"]*"')
+_RUN_ARGS = re.compile(r"^RUN \|(\d+) ")
+
+
+def explain_history_line(ours: str, theirs: str) -> str | None:
+    """The EXPLAINED key for a history line BuildKit 0.8 writes differently, else None."""
+    if ours.startswith(("COPY ", "ADD ")) and re.sub(r" --ch(own|mod)=\S+", "", ours) == theirs:
+        return "history:copy-flags"
+    if _HEALTHCHECK_DURATIONS.sub(r"\1", ours) == theirs:
+        return "history:healthcheck"
+    if ours.startswith("ARG ") and [w.partition("=")[0] for w in ours.split()] == theirs.split():
+        return "history:inherited-arg"
+    match = _RUN_ARGS.match(ours)
+    if match and theirs.startswith("RUN ") and not _RUN_ARGS.match(theirs):
+        words = ours[match.end() :].split(" ")
+        if "RUN " + " ".join(words[int(match.group(1)) :]) == theirs:
+            return "history:parent-stage-args"
+    return None
+
+
+def same_but_content(ours: tuple[Any, ...] | None, theirs: tuple[Any, ...] | None) -> bool:
+    return (
+        ours is not None and theirs is not None and ours[0] == theirs[0] == "file" and ours[:4] == theirs[:4]
+    )
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> str:
@@ -86,21 +135,60 @@ def describe_tree(root: Path) -> dict[str, tuple[Any, ...]]:
 Result = tuple[dict[str, tuple[Any, ...]], dict[str, Any], list[tuple[str, bool]]]
 
 
-def lamina_build(example: Path, work: Path) -> Result:
+def stage_context(case: Path, work: Path) -> Path:
+    """Copy CASE to a scratch directory (examples/base gets the host's busybox)."""
+    ctx = work / "ctx"
+    shutil.copytree(case, ctx, symlinks=True)
+    if case.resolve() == (ROOT / "examples" / "base").resolve():
+        shutil.copy2("/bin/busybox", ctx / "busybox")
+    return ctx
+
+
+def read_build_args(ctx: Path) -> dict[str, str]:
+    path = ctx / "build-args"
+    if not path.exists():
+        return {}
+    pairs = (line.partition("=") for line in path.read_text().splitlines() if line.strip())
+    return {key: value for key, _, value in pairs}
+
+
+def base_tag(case: Path) -> str:
+    return f"lamina-diff/{case.name}-base:latest"
+
+
+def lamina_build(case: Path, ctx: Path, work: Path) -> Result:
     sys.path.insert(0, str(ROOT))
     from lamina import api
 
+    args = read_build_args(ctx)
+    if (ctx / "base" / "Dockerfile").exists():
+        api.build(ctx / "base", build_args=args, tags=[base_tag(case)])
     dest = work / "lamina-root"
-    result = api.build(example, outputs=[f"type=local,dest={dest}"])
+    result = api.build(ctx, build_args=args, outputs=[f"type=local,dest={dest}"])
     config = json.loads(result.config.to_bytes())
     history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
     return describe_tree(dest), config.get("config", {}), history
 
 
-def buildkit_build(example: Path, work: Path) -> Result:
-    tag = f"lamina-diff/{example.name}:bk"
+def drop_syntax_directive(dockerfile: Path) -> None:
+    lines = dockerfile.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.replace(" ", "").lower().startswith("#syntax=")]
+    dockerfile.write_text("".join(kept))
+
+
+def docker_build(ctx: Path, tag: str, args: dict[str, str]) -> None:
+    drop_syntax_directive(ctx / "Dockerfile")
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
-    run(DOCKER, "build", "--network=none", "-q", "-t", tag, str(example), env=env)
+    flags = [part for key, value in args.items() for part in ("--build-arg", f"{key}={value}")]
+    run(DOCKER, "build", "--network=none", "-q", *flags, "-t", tag, str(ctx), env=env)
+
+
+def buildkit_build(case: Path, ctx: Path, work: Path) -> Result:
+    args = read_build_args(ctx)
+    if (ctx / "base" / "Dockerfile").exists():
+        docker_build(ctx / "base", base_tag(case), args)
+    tag = f"lamina-diff/{case.name}:bk"
+    docker_build(ctx, tag, args)
     container = run(DOCKER, "create", tag).strip()
     archive = work / "bk.tar"
     try:
@@ -109,8 +197,8 @@ def buildkit_build(example: Path, work: Path) -> Result:
         run(DOCKER, "rm", container)
     dest = work / "bk-root"
     dest.mkdir()
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, numeric_owner=True, filter="tar")
+    # GNU tar as root keeps owners, modes and special files (tarfile's filters need 3.11.4+)
+    run("tar", "--numeric-owner", "--same-permissions", "-xf", str(archive), "-C", str(dest))
     inspect = json.loads(run(DOCKER, "image", "inspect", tag))[0]
     lines = run(DOCKER, "image", "history", "--no-trunc", "--format", "{{.CreatedBy}}\t{{.Size}}", tag)
     history = []
@@ -126,17 +214,35 @@ def compare(name: str, lamina: Result, buildkit: Result) -> tuple[list[str], lis
     tree_l, config_l, history_l = lamina
     tree_b, config_b, history_b = buildkit
     for path in sorted(set(tree_l) | set(tree_b)):
-        if tree_l.get(path) != tree_b.get(path):
-            problems.append(f"{name}: /{path}: lamina {tree_l.get(path)} != buildkit {tree_b.get(path)}")
+        ours, theirs = tree_l.get(path), tree_b.get(path)
+        if ours == theirs:
+            continue
+        line = f"{name}: /{path}: lamina {ours} != buildkit {theirs}"
+        reason = EXPLAINED.get(f"{name}:/{path}")
+        if reason and same_but_content(ours, theirs):
+            explained.append(f"{name}: /{path}: content differs ({reason})")
+        else:
+            problems.append(line)
     for field in CONFIG_FIELDS:
         left, right = config_l.get(field) or None, config_b.get(field) or None
         if left != right:
             problems.append(f"{name}: config {field}: lamina {left!r} != buildkit {right!r}")
-    lines_l = [line for line, _ in history_l]
-    lines_b = [line for line, _ in history_b]
-    if lines_l[-len(lines_b) :] != lines_b[-len(lines_l) :]:
-        problems.append(f"{name}: history: lamina {lines_l} != buildkit {lines_b}")
-    elif [e for _, e in history_l] != [e for _, e in history_b]:
+    # Compare the entries both have: a base made by mkbase.py may carry one line fewer or more.
+    count = min(len(history_l), len(history_b))
+    pairs = list(zip(history_l[len(history_l) - count :], history_b[len(history_b) - count :], strict=True))
+    if len(history_l) != len(history_b):
+        problems.append(
+            f"{name}: history has {len(history_l)} entries in lamina, {len(history_b)} in buildkit"
+        )
+    for (ours, _), (theirs, _) in pairs:
+        if ours == theirs:
+            continue
+        key = explain_history_line(ours, theirs)
+        if key is None:
+            problems.append(f"{name}: history: lamina {ours!r} != buildkit {theirs!r}")
+        else:
+            explained.append(f"{name}: history {ours!r} ({EXPLAINED[key]})")
+    if any(e_l != e_b for (_, e_l), (_, e_b) in pairs):
         explained.append(f"{name}: history empty_layer flags differ ({EXPLAINED['history:empty-layer']})")
     return problems, explained
 
@@ -151,14 +257,18 @@ def main() -> None:
     if not Path(DOCKER).exists() or subprocess.run([DOCKER, "info"], capture_output=True).returncode:
         print("differential: skipped, no working dockerd (run ../shared/bench/peers-setup.sh as root)")
         return
-    examples = args.examples or sorted(p.parent for p in (ROOT / "examples").glob("*/Dockerfile"))
+    cases = args.examples or sorted(
+        path.parent
+        for folder in ("examples", "benchmarks/diffcases")
+        for path in (ROOT / folder).glob("*/Dockerfile")
+    )
     all_problems: list[str] = []
-    for example in examples:
+    for example in cases:
         work = Path(tempfile.mkdtemp(prefix=f"diff-{example.name}-", dir=args.keep))
         try:
-            problems, explained = compare(
-                example.name, lamina_build(example, work), buildkit_build(example, work)
-            )
+            ours = lamina_build(example, stage_context(example, work / "lamina"), work)
+            theirs = buildkit_build(example, stage_context(example, work / "buildkit"), work)
+            problems, explained = compare(example.name, ours, theirs)
         finally:
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)
