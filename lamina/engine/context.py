@@ -26,20 +26,11 @@ from lamina.cache.statcache import StatCache, StatKey, stat_key
 from lamina.engine.dockerfile.ignore import DockerIgnore, IgnoreMatch, read_ignore_file
 from lamina.errors import ContextError
 from lamina.oci.digest import Digest
-from lamina.oci.entry import EntryType
+from lamina.oci.entry import EntryType, type_of_mode
 
 __all__ = ["SourceTree", "TreeEntry", "entry_record", "open_build_context", "open_rootfs"]
 
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS
-
-_TYPES = {
-    stat.S_IFREG: EntryType.FILE,
-    stat.S_IFDIR: EntryType.DIR,
-    stat.S_IFLNK: EntryType.SYMLINK,
-    stat.S_IFCHR: EntryType.CHAR,
-    stat.S_IFBLK: EntryType.BLOCK,
-    stat.S_IFIFO: EntryType.FIFO,
-}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -182,7 +173,7 @@ class SourceTree:
         yield from walk.entries(rel, state)
 
     def _entry(self, rel: str, st: os.stat_result) -> TreeEntry | None:
-        kind = _TYPES.get(stat.S_IFMT(st.st_mode))
+        kind = type_of_mode(st.st_mode)
         if kind is None:
             return None  # sockets cannot be copied or stored in a layer
         link = os.readlink(self.abspath(rel)) if kind is EntryType.SYMLINK else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import stat
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -22,6 +23,21 @@ class EntryType(enum.Enum):
     CHAR = "char"
     BLOCK = "block"
     FIFO = "fifo"
+
+
+_MODE_TYPES = {
+    stat.S_IFREG: EntryType.FILE,
+    stat.S_IFDIR: EntryType.DIR,
+    stat.S_IFLNK: EntryType.SYMLINK,
+    stat.S_IFCHR: EntryType.CHAR,
+    stat.S_IFBLK: EntryType.BLOCK,
+    stat.S_IFIFO: EntryType.FIFO,
+}
+
+
+def type_of_mode(st_mode: int) -> EntryType | None:
+    """The entry type of a stat mode; None for a socket, which no layer holds."""
+    return _MODE_TYPES.get(stat.S_IFMT(st_mode))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina.errors import LayerError
-from lamina.oci.entry import EntryType, LayerEntry
+from lamina.oci.entry import EntryType, LayerEntry, type_of_mode
 from lamina.oci.overlay import OPAQUE_MARKER, WHITEOUT_PREFIX, is_opaque, is_whiteout
 
 # (uid, gid) on the host -> (uid, gid) recorded in the layer, e.g. to map a
@@ -100,22 +100,12 @@ def _children(host_dir: str, overlay: bool) -> list[_Child]:
             # Before hard links: overlayfs links all its whiteouts to one inode.
             if overlay and is_whiteout(st):
                 children.append((WHITEOUT_PREFIX + dirent.name, None))
-            elif not stat.S_ISSOCK(st.st_mode):
+            elif type_of_mode(st.st_mode) is not None:  # sockets are left out
                 children.append((dirent.name, st))
     if overlay and is_opaque(host_dir):
         children.append((OPAQUE_MARKER, None))
     children.sort(key=lambda child: os.fsencode(child[0]))
     return children
-
-
-_KINDS = {
-    stat.S_IFDIR: EntryType.DIR,
-    stat.S_IFREG: EntryType.FILE,
-    stat.S_IFLNK: EntryType.SYMLINK,
-    stat.S_IFCHR: EntryType.CHAR,
-    stat.S_IFBLK: EntryType.BLOCK,
-    stat.S_IFIFO: EntryType.FIFO,
-}
 
 
 def _entry(
@@ -125,7 +115,8 @@ def _entry(
     first_path: dict[tuple[int, int], str],
     uid_map: IdMap | None,
 ) -> LayerEntry:
-    kind = _KINDS[stat.S_IFMT(st.st_mode)]
+    kind = type_of_mode(st.st_mode)
+    assert kind is not None  # `_children` leaves sockets out
     uid, gid = (st.st_uid, st.st_gid) if uid_map is None else uid_map(st.st_uid, st.st_gid)
     size, linkname, opener = 0, "", None
     if kind is EntryType.FILE and st.st_nlink > 1:
