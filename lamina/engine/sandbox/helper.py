@@ -93,11 +93,11 @@ def main() -> int:
     if spec["mode"] == "remove":
         return _remove(spec, report_fd)
     if spec["mode"] == "extract":
-        return _extract(spec, report_fd)
+        return _answer(spec, report_fd, _extract)
     if spec["mode"] == "chown":
         return _chown(spec, report_fd)
     if spec["mode"] == "layer":
-        return _layer(spec, report_fd)
+        return _answer(spec, report_fd, _layer)
     try:
         baseline = _inside.prepare(spec)
     except _inside.SetupError as err:
@@ -122,66 +122,64 @@ def main() -> int:
 
 def _remove(spec: dict, report_fd: int) -> int:
     from lamina.engine.sandbox import _rootfs
+    from lamina.engine.sandbox._inside import report
 
     failed = 0
     for path in spec["paths"]:
         try:
             _rootfs.remove_tree(path)
         except OSError as err:
-            _inside_report(report_fd, f"remove {path}: {err.strerror} {err.filename or ''}".rstrip())
+            report(report_fd, f"remove {path}: {err.strerror} {err.filename or ''}".rstrip())
             failed = 1
     return failed
 
 
 def _chown(spec: dict, report_fd: int) -> int:
+    from lamina.engine.sandbox._inside import report
+
     for path, uid, gid in spec["owners"]:
         try:
             os.lchown(path, uid, gid)
         except OSError as err:
-            _inside_report(report_fd, f"chown {path} to {uid}:{gid}: {err.strerror}")
+            report(report_fd, f"chown {path} to {uid}:{gid}: {err.strerror}")
             return 1
     return 0
 
 
-def _layer(spec: dict, report_fd: int) -> int:
+def _answer(spec: dict, report_fd: int, work) -> int:  # type: ignore[no-untyped-def]
+    """Run `work(spec) -> str`, a mode that needs lamina's dependencies; its result goes back as one line."""
+    # The caller's site-packages (isal, zstandard); start-up time does not matter here.
     sys.path.extend(p for p in spec["sys_path"] if p not in sys.path)
-    import json
-
-    from lamina.engine.snapshot import capture
-    from lamina.oci.layer import Compression, write_layer
+    from lamina.engine.sandbox._inside import report
 
     try:
-        # Inside, stat shows the container's ids: no translation needed.
-        entries = capture(spec["upper"], None, spec["lowers"])
-        with open(1, "wb", closefd=False) as out:
-            info = write_layer(
-                entries, out, Compression(spec["compression"]), source_date_epoch=spec["epoch"]
-            )
+        result = work(spec)
     except Exception as err:  # reported to the caller, which raises it as a LaminaError
-        _inside_report(report_fd, str(err))
-        return 1
-    fields = {"digest": str(info.digest), "diff_id": str(info.diff_id), "size": info.size}
-    fields["media_type"] = info.media_type
-    os.write(report_fd, b"R" + json.dumps(fields).encode() + b"\n")
-    return 0
-
-
-def _extract(spec: dict, report_fd: int) -> int:
-    # Unpacking needs the caller's site-packages (isal, zstandard); start-up time does not matter here.
-    sys.path.extend(p for p in spec["sys_path"] if p not in sys.path)
-    from lamina.engine.sandbox import _extract
-
-    try:
-        result = _extract.extract(spec)
-    except Exception as err:  # reported to the caller, which raises it as a LaminaError
-        _inside_report(report_fd, str(err))
+        report(report_fd, str(err))
         return 1
     os.write(report_fd, b"R" + result.encode() + b"\n")
     return 0
 
 
-def _inside_report(fd: int, message: str) -> None:
-    os.write(fd, b"E" + message.encode(errors="replace") + b"\n")
+def _layer(spec: dict) -> str:
+    import json
+
+    from lamina.engine.snapshot import capture
+    from lamina.oci.layer import Compression, write_layer
+
+    # Inside, stat shows the container's ids: no translation needed.
+    entries = capture(spec["upper"], None, spec["lowers"])
+    with open(1, "wb", closefd=False) as out:
+        info = write_layer(entries, out, Compression(spec["compression"]), source_date_epoch=spec["epoch"])
+    fields = {"digest": str(info.digest), "diff_id": str(info.diff_id), "size": info.size}
+    fields["media_type"] = info.media_type
+    return json.dumps(fields)
+
+
+def _extract(spec: dict) -> str:
+    from lamina.engine.sandbox._extract import extract
+
+    return extract(spec)
 
 
 if __name__ == "__main__":

@@ -402,23 +402,14 @@ def write_layer_inside(
 ) -> dict[str, Any]:
     """`snapshot.write_layer` run inside a user namespace: files of subordinate
     ids that the caller may not read are read there. Returns LayerInfo fields."""
-    import json
-
     wire = {
         "mode": "layer",
-        "parent": os.getpid(),
         "upper": str(Path(upper).absolute()),
         "lowers": [str(Path(p).absolute()) for p in lowers],
         "compression": compression,
         "epoch": source_date_epoch,
-        "sys_path": [p for p in sys.path if p],
     }
-    results: list[str] = []
-    _, errors = _helper(wire, ids, results=results, sink=out)
-    if errors or not results:
-        raise SandboxError(errors[0] if errors else f"write the layer of {upper}: the helper gave no result")
-    fields: dict[str, Any] = json.loads(results[0])
-    return fields
+    return _helper_result(wire, ids, f"write the layer of {upper}", sink=out)
 
 
 def extract_layer(
@@ -439,22 +430,14 @@ def extract_layer(
             return unpack(stream, dest, whiteouts=Whiteouts.OVERLAY, userxattr=True, digest=digest)
     wire = {
         "mode": "extract",
-        "parent": os.getpid(),
         "blob": str(Path(blob).absolute()),
         "dest": str(Path(dest).absolute()),
         "digest": str(digest) if digest else "",
         "ignore_owners": ids.mode is IdMode.SINGLE,
-        "sys_path": [p for p in sys.path if p],
     }
-    results: list[str] = []
-    _, errors = _helper(wire, ids, results=results)
-    if errors or not results:
-        raise SandboxError(errors[0] if errors else f"unpack {blob}: the helper gave no result")
-    import json
-
+    fields = _helper_result(wire, ids, f"unpack {blob}")
     from lamina.oci.digest import Digest
 
-    fields = json.loads(results[0])
     return ExtractResult(
         digest=Digest.parse(fields["digest"]),
         diff_id=Digest.parse(fields["diff_id"]),
@@ -462,6 +445,22 @@ def extract_layer(
         entries=fields["entries"],
         warnings=tuple(fields["warnings"]),
     )
+
+
+def _helper_result(
+    wire: dict[str, Any], ids: IdMap, what: str, sink: BinaryIO | None = None
+) -> dict[str, Any]:
+    """Run a helper mode that imports lamina's dependencies (the caller's
+    sys.path) and answers with one JSON line; its first error is raised."""
+    import json
+
+    wire = {**wire, "parent": os.getpid(), "sys_path": [p for p in sys.path if p]}
+    results: list[str] = []
+    _, errors = _helper(wire, ids, results=results, sink=sink)
+    if errors or not results:
+        raise SandboxError(errors[0] if errors else f"{what}: the helper gave no result")
+    fields: dict[str, Any] = json.loads(results[0])
+    return fields
 
 
 @contextlib.contextmanager
