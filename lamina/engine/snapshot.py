@@ -268,8 +268,5 @@ def _owner_mode_of(facts: _Facts) -> tuple[int, int, int]:
 def _digest(path: str) -> bytes:
     import hashlib
 
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.digest()
+        return hashlib.file_digest(f, "sha256").digest()

@@ -59,7 +59,6 @@ LAYER_COMPRESSION: Mapping[str, str] = {
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
 }
-COMPRESSIONS = ("gzip", "zstd", "none")
 
 # Annotations that name an image in a layout's index.json.
 REF_NAME = "org.opencontainers.image.ref.name"
