@@ -76,6 +76,10 @@ EXPLAINED: dict[str, str] = {
     "history:parent-stage-args": "in a stage built FROM another stage, BuildKit 0.8 leaves the parent's "
     "ARGs out of RUN's `|N K=V` prefix (they are still in the environment); current BuildKit "
     "carries them over (dispatchState.init), as lamina does",
+    # Trees where only owners differ, below a path (key ends with "/").
+    "archives:/chowned/": "ADD --chown of a local archive: BuildKit 0.8 keeps the owners recorded in "
+    "the archive; current BuildKit gives every unpacked entry the --chown owner (its unpack's "
+    "ownerMapper), as lamina does",
     # Files whose content is not a function of the Dockerfile and context.
     "instructions:/srv/app/listing.txt": "`ls -la` output: holds modification times and the host "
     "filesystem's block counts",
@@ -116,6 +120,16 @@ def mount_stubs(dockerfile: Path) -> set[str]:
             stubs.add(str(path).lstrip("/"))
             path = path.parent
     return stubs
+
+
+def owners_only(ours: tuple[Any, ...] | None, theirs: tuple[Any, ...] | None) -> bool:
+    """Both exist and differ only in uid/gid."""
+    if ours is None or theirs is None or ours[0] != theirs[0]:
+        return False
+    drop = (1, 2) if ours[0] == "link" else (2, 3)
+    return [v for i, v in enumerate(ours) if i not in drop] == [
+        v for i, v in enumerate(theirs) if i not in drop
+    ]
 
 
 def same_but_content(ours: tuple[Any, ...] | None, theirs: tuple[Any, ...] | None) -> bool:
@@ -184,9 +198,10 @@ def lamina_build(case: Path, ctx: Path, work: Path) -> Result:
 
     args = read_build_args(ctx)
     if (ctx / "base" / "Dockerfile").exists():
-        api.build(ctx / "base", build_args=args, tags=[base_tag(case)])
+        api.build(ctx / "base", build_args=args, tags=[base_tag(case)], no_cache=True)
     dest = work / "lamina-root"
-    result = api.build(ctx, build_args=args, outputs=[f"type=local,dest={dest}"])
+    # --no-cache: a result cached by an older lamina must not stand in for this one's.
+    result = api.build(ctx, build_args=args, outputs=[f"type=local,dest={dest}"], no_cache=True)
     config = json.loads(result.config.to_bytes())
     history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
     return describe_tree(dest), config.get("config", {}), history
@@ -247,6 +262,18 @@ def compare(
         reason = EXPLAINED.get(f"{name}:/{path}")
         if reason and same_but_content(ours, theirs):
             explained.append(f"{name}: /{path}: content differs ({reason})")
+        elif owner_reason := next(
+            (
+                text
+                for key, text in EXPLAINED.items()
+                if key.endswith("/") and f"{name}:/{path}".startswith(key)
+            ),
+            None,
+        ):
+            if owners_only(ours, theirs):
+                explained.append(f"{name}: /{path}: owners differ ({owner_reason})")
+            else:
+                problems.append(line)
         elif ours is None and path in stubs and theirs == ("dir", "0o755", 0, 0):
             explained.append(f"{name}: /{path}: only in buildkit ({EXPLAINED['tree:mount-stub']})")
         else:

@@ -204,6 +204,7 @@ def unpack_archives(
     directory (as BuildKit does).
     """
     from lamina.engine.steps.copy import Selection
+    from lamina.engine.steps.dispatch import chown_all
     from lamina.oci.entry import EntryType
     from lamina.oci.extract import Whiteouts, extract_layer
 
@@ -219,22 +220,61 @@ def unpack_archives(
             keep.append(item)
             continue
         # An archive is unpacked as a directory at dest, with or without a trailing slash.
-        target_rel = dest.strip("/")
-        target = upper / target_rel
-        if not target.exists():
-            target.mkdir(parents=True, mode=0o755)
-            if image is not None:
-                from lamina.engine.steps.dispatch import keep_lower_dir_meta
-
-                keep_lower_dir_meta(image, upper, "/" + target_rel)
+        target, made = _make_dest_dir(upper, dest.strip("/"), image)
         with _archive_stream(source) as stream:
             try:
                 extract_layer(stream, target, whiteouts=Whiteouts.APPLY, ignore_owners=os.geteuid() != 0)
             except LaminaError as err:
                 raise BuildError(f"ADD {item.entry.path}: {err}") from err
+        # Owners last: unprivileged, a directory given to another id is no longer writable.
         if owner:
             _chown_tree(target, owner)
+            chown_all([(path, *owner) for path in made])
+        elif os.geteuid() != 0:
+            _rootless_archive_owners(source, target)
     return Selection(selection.made_dirs, tuple(keep))
+
+
+def _rootless_archive_owners(source: str, target: Path) -> None:
+    """Unprivileged, the extractor could not chown: give the unpacked entries
+    the archive's owners inside the user namespace."""
+    from lamina.engine.steps.dispatch import chown_all
+    from lamina.oci.extract import iter_layer
+    from lamina.oci.safepath import UnsafePath, safe_join
+
+    owners: dict[Path, tuple[int, int]] = {}
+    with _archive_stream(source) as stream:
+        for entry in iter_layer(stream):
+            name = entry.path.rsplit("/", 1)[-1]
+            if name.startswith(".wh.") or (entry.uid, entry.gid) == (0, 0):
+                continue
+            try:
+                owners[safe_join(target, entry.path)] = (entry.uid, entry.gid)
+            except UnsafePath:
+                continue  # the extractor refused it too
+    chown_all([(path, uid, gid) for path, (uid, gid) in owners.items() if os.path.lexists(path)])
+
+
+def _make_dest_dir(upper: Path, target_rel: str, image: Any) -> tuple[Path, list[Path]]:
+    """Create an archive's destination directory; return it and the directories
+    made for it (dest and missing parents), which BuildKit's MkdirAll gives the
+    --chown owner."""
+    from lamina.engine.steps.dispatch import keep_lower_dir_meta
+
+    target = upper / target_rel
+    if target.exists():
+        return target, []
+    made: list[Path] = []
+    rel = ""
+    for part in [p for p in target_rel.split("/") if p]:
+        rel = f"{rel}/{part}"
+        path = upper / rel.lstrip("/")
+        if not os.path.lexists(path) and (image is None or image.stat(rel) is None):
+            made.append(path)
+    target.mkdir(parents=True, mode=0o755)
+    if image is not None:
+        keep_lower_dir_meta(image, upper, "/" + target_rel)
+    return target, made
 
 
 def _chown_tree(root: Path, owner: tuple[int, int]) -> None:

@@ -1,0 +1,50 @@
+"""Regressions found by benchmarks/differential.py: lamina's image against BuildKit's, case by case."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+from test_build_helpers import BASE, build, image_entries, make_cache, needs_id_range, write_context
+
+pytestmark = pytest.mark.sandbox
+
+
+@pytest.fixture
+def cache(tmp_path: Path, busybox_image: Path) -> Path:
+    return make_cache(tmp_path, busybox_image)
+
+
+def _archive(owner: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        members = (("./", tarfile.DIRTYPE), ("dir/", tarfile.DIRTYPE), ("dir/a.txt", tarfile.REGTYPE))
+        for name, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            info.uid, info.gid = owner
+            data = b"a\n" if kind == tarfile.REGTYPE else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_add_chown_archive_owns_the_directories_it_makes(cache: Path, tmp_path: Path) -> None:
+    # BuildKit makes a missing destination (and its missing parents) with the
+    # --chown owner before unpacking; lamina made them root's.
+    needs_id_range()
+    dockerfile = f"FROM {BASE}\nADD --chown=7:8 x.tar.gz /new/chowned/\nADD x.tar.gz /plain/\n"
+    ctx = write_context(tmp_path / "ctx", dockerfile, {"x.tar.gz": _archive((1234, 5678))})
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    entries = image_entries(archive)
+    owners = {path: (entries[path].uid, entries[path].gid) for path in entries}
+    assert owners["new"] == (7, 8)
+    assert owners["new/chowned"] == (7, 8)
+    assert owners["new/chowned/dir"] == owners["new/chowned/dir/a.txt"] == (7, 8)
+    # Without --chown the archive's owners are kept (rootless too) and the made directory is root's.
+    assert owners["plain"] == (0, 0)
+    assert owners["plain/dir/a.txt"] == (1234, 5678)
