@@ -113,8 +113,8 @@ def extract_layer(
         _drain(compressed, label)
         unpacker.finish_dirs()
     result = ExtractResult(
-        digest=Digest("sha256", compressed.hash.hexdigest()),
-        diff_id=Digest("sha256", uncompressed.hash.hexdigest()),
+        digest=compressed.digest,
+        diff_id=uncompressed.digest,
         size=compressed.count,
         entries=count,
         warnings=unpacker.warnings.summary(),
