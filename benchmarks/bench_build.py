@@ -182,24 +182,38 @@ class Buildah:
         )
 
 
-def measure(
-    tool: object, lab: Lab, workload: str, rounds: int, log: Callable[[str], None]
-) -> dict[str, float]:
-    times: dict[str, list[float]] = {s: [] for s in SCENARIOS}
-    for round_no in range(rounds):
-        lab.reset_context()
-        tool.prune()  # type: ignore[attr-defined]
-        times["cold"].append(tool.build(workload))  # type: ignore[attr-defined]
-        times["noop"].append(tool.build(workload))  # type: ignore[attr-defined]
-        lab.modify(round_no)
-        times["mod"].append(tool.build(workload))  # type: ignore[attr-defined]
-        times["export"].append(tool.export(workload))  # type: ignore[attr-defined]
-        log(
-            f"  {tool.name:9} {workload:11} round {round_no + 1}: "  # type: ignore[attr-defined]
-            + " ".join(f"{s}={times[s][-1]:.2f}" for s in SCENARIOS)
-        )
+def measure_round(tool: object, lab: Lab, workload: str, round_no: int) -> dict[str, float]:
+    """One round of the four scenarios, from a pruned cache."""
     lab.reset_context()
-    return {s: statistics.median(v) for s, v in times.items()}
+    tool.prune()  # type: ignore[attr-defined]
+    times = {"cold": tool.build(workload)}  # type: ignore[attr-defined]
+    times["noop"] = tool.build(workload)  # type: ignore[attr-defined]
+    lab.modify(round_no)
+    times["mod"] = tool.build(workload)  # type: ignore[attr-defined]
+    times["export"] = tool.export(workload)  # type: ignore[attr-defined]
+    lab.reset_context()
+    return times
+
+
+def measure(
+    tools: list[object], lab: Lab, workload: str, rounds: int, log: Callable[[str], None]
+) -> dict[str, dict[str, float]]:
+    """Median seconds per tool and scenario; the tools take turns round by round,
+    so a burst of load on the machine hits them alike."""
+    times: dict[str, dict[str, list[float]]] = {
+        tool.name: {s: [] for s in SCENARIOS}  # type: ignore[attr-defined]
+        for tool in tools
+    }
+    for round_no in range(rounds):
+        for tool in tools:
+            result = measure_round(tool, lab, workload, round_no)
+            for scenario, seconds in result.items():
+                times[tool.name][scenario].append(seconds)  # type: ignore[attr-defined]
+            log(
+                f"  {tool.name:9} {workload:11} round {round_no + 1}: "  # type: ignore[attr-defined]
+                + " ".join(f"{s}={result[s]:.2f}" for s in SCENARIOS)
+            )
+    return {name: {s: statistics.median(v) for s, v in row.items()} for name, row in times.items()}
 
 
 def main() -> None:
@@ -219,10 +233,9 @@ def main() -> None:
     workloads = [w for w in args.workloads.split(",") if w]
     results: dict[tuple[str, str], dict[str, float]] = {}
     for workload in workloads:
-        for tool in tools:
-            results[tool.name, workload] = measure(  # type: ignore[attr-defined]
-                tool, lab, workload, args.rounds, lambda line: print(line, file=sys.stderr)
-            )
+        medians = measure(tools, lab, workload, args.rounds, lambda line: print(line, file=sys.stderr))
+        for name, row in medians.items():
+            results[name, workload] = row
     names = [tool.name for tool in tools]  # type: ignore[attr-defined]
     print(f"median wall seconds over {args.rounds} round(s); ratio = lamina / peer (< 1: lamina faster)")
     header = f"| {'workload':11} | {'tool':9} | " + " | ".join(f"{s:>7}" for s in SCENARIOS) + " |"
