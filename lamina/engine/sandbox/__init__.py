@@ -41,9 +41,9 @@ How it runs: `runner` starts `helper.py` in a fresh interpreter (never a
 fork of a threaded one) which unshares user, mount, PID, UTS, IPC (and
 network for Network.NONE) namespaces; the caller writes its id maps; the
 helper forks PID 1 (`_inside.init`), which mounts the rootfs and forks the
-command. Helper-side modules (`helper`, `_inside`, `_rootfs`, `_libc`)
-import only the stdlib's cheapest modules: their import time is the
-sandbox's start-up time.
+command. Helper-side modules (`helper`, `_inside`, `_rootfs`, `_libc`,
+and `lamina.oci.overlay`) import only the stdlib's cheapest modules: their
+import time is the sandbox's start-up time.
 
 apt without subordinate ids: a single-id map has no `_apt` user, so the
 sandbox bind-mounts `APT::Sandbox::User "root";` at
