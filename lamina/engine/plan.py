@@ -236,12 +236,20 @@ class Plan:
         (a pre-FROM ARG or a platform ARG) is taken; `expander` expands the
         default with what the stage has set so far.
         """
-        build_args = dict((kv.key, kv.value) for kv in self.build_args)
-        if decl.name in build_args:
-            return build_args[decl.name]
-        if decl.default is not None:
-            return expander(decl.default)
-        return dict((kv.key, kv.value) for kv in self.global_args).get(decl.name)
+        build_args = {kv.key: kv.value for kv in self.build_args}
+        return arg_value(decl, build_args, expander, {kv.key: kv.value for kv in self.global_args})
+
+
+def arg_value(
+    decl: ArgDecl, build_args: Mapping[str, str], expand: Expander, outer: Mapping[str, str]
+) -> str | None:
+    """What an ARG line sets `decl.name` to: the --build-arg, else its default
+    expanded, else the value from the outer scope; None when none of them."""
+    if decl.name in build_args:
+        return build_args[decl.name]
+    if decl.default is not None:
+        return expand(decl.default)
+    return outer.get(decl.name)
 
 
 _S = TypeVar("_S", Stage, PlannedStage)
@@ -306,12 +314,9 @@ def _global_scope(
         values: dict[str, str] = {}
         for decl in instruction.args:
             declared.add(decl.name)
-            if decl.name in build_args:
-                values[decl.name] = build_args[decl.name]
-            elif decl.default is not None:
-                values[decl.name] = expand(decl.default)
-            elif decl.name in scope:
-                values[decl.name] = scope[decl.name]
+            value = arg_value(decl, build_args, expand, scope)
+            if value is not None:
+                values[decl.name] = value
         scope.update(values)
     return scope, declared
 
@@ -335,12 +340,7 @@ def _walk_stage(
         if isinstance(instruction, ArgInstruction):
             for decl in instruction.args:
                 walk.declared.add(decl.name)
-                if decl.name in build_args:
-                    value: str | None = build_args[decl.name]
-                elif decl.default is not None:
-                    value = expand(decl.default)
-                else:
-                    value = scope.get(decl.name)
+                value = arg_value(decl, build_args, expand, scope)
                 if value is not None:
                     env[decl.name] = value
                     walk.args.append(KeyValue(decl.name, value))
