@@ -307,10 +307,8 @@ def _opener(path: Path) -> Callable[[], BinaryIO]:
 
 def validate_stored(store: Store, name: str) -> SourceImage:
     """validate_image for an image in the store: every digest, size and diff_id recomputed."""
-    from lamina.oci.validate import config_problems, layer_problems
+    from lamina.oci.validate import image_problems, raise_problems
 
     _, image = stored_image(store, name)
-    problems = config_problems(image.config_bytes) + layer_problems(store, image)
-    if problems:
-        raise ImageFormatError(f"image {name}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    raise_problems(f"image {name}", image_problems(store, image))
     return image

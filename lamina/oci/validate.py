@@ -115,10 +115,19 @@ def validate_image(path: Path) -> tuple[SourceImage, ...]:
             problems.append("holds no image")
         for image in images:
             label = f"image {image.manifest.digest.short}"
-            problems += [f"{label}: {p}" for p in config_problems(image.config_bytes)]
-            problems += [f"{label}: {p}" for p in layer_problems(source, image)]
+            problems += [f"{label}: {p}" for p in image_problems(source, image)]
         if isinstance(source, LayoutReader):
             problems += _docker_manifest_problems(source.files)
-    if problems:
-        raise ImageFormatError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    raise_problems(str(path), problems)
     return images
+
+
+def image_problems(source: BlobSource, image: SourceImage) -> list[str]:
+    """Every problem of one image's config and layers."""
+    return config_problems(image.config_bytes) + layer_problems(source, image)
+
+
+def raise_problems(label: str, problems: list[str]) -> None:
+    """One ImageFormatError listing every problem, if there is any."""
+    if problems:
+        raise ImageFormatError(f"{label}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
