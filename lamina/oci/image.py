@@ -203,6 +203,24 @@ class Platform:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
+def host_platform() -> Platform:
+    """The platform of this machine in OCI terms (`linux/amd64`, `linux/arm64/v8`, ...)."""
+    import platform
+
+    machine = platform.machine().lower()
+    arch, variant = {
+        "x86_64": ("amd64", None),
+        "amd64": ("amd64", None),
+        "aarch64": ("arm64", "v8"),
+        "arm64": ("arm64", "v8"),
+        "armv7l": ("arm", "v7"),
+        "armv6l": ("arm", "v6"),
+        "i386": ("386", None),
+        "i686": ("386", None),
+    }.get(machine, (machine, None))
+    return Platform(architecture=arch, os="linux", variant=variant or "")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Descriptor:
     """A typed pointer to a blob: media type, digest, exact size."""

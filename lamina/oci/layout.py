@@ -40,6 +40,7 @@ from lamina.oci.image import (
     Index,
     Manifest,
     canonical_json,
+    host_platform,
     parse_document,
 )
 
@@ -302,17 +303,12 @@ class LayoutReader:
 
 
 def _pick_platform(manifests: Sequence[Descriptor]) -> Descriptor | None:
-    arch = _host_arch()
+    arch = host_platform().architecture
     linux = [m for m in manifests if m.platform is None or m.platform.os in ("linux", "")]
     for m in linux:
         if m.platform is not None and m.platform.architecture == arch:
             return m
     return linux[0] if linux else None
-
-
-def _host_arch() -> str:
-    machine = os.uname().machine
-    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
 
 
 # --- writing ----------------------------------------------------------------------

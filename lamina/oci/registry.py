@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import ipaddress
 import json
-import platform as host
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -52,6 +51,7 @@ from lamina.oci.image import (
     Index,
     Manifest,
     Platform,
+    host_platform,
 )
 from lamina.oci.reference import DOCKER_HUB, DOCKER_HUB_API, Reference
 
@@ -99,22 +99,6 @@ class Resolved:
     reference: Reference
     manifest: RemoteManifest
     index: RemoteManifest | None = None
-
-
-def host_platform() -> Platform:
-    """The platform of this machine in OCI terms (`linux/amd64`, `linux/arm64/v8`, ...)."""
-    machine = host.machine().lower()
-    arch, variant = {
-        "x86_64": ("amd64", None),
-        "amd64": ("amd64", None),
-        "aarch64": ("arm64", "v8"),
-        "arm64": ("arm64", "v8"),
-        "armv7l": ("arm", "v7"),
-        "armv6l": ("arm", "v6"),
-        "i386": ("386", None),
-        "i686": ("386", None),
-    }.get(machine, (machine, None))
-    return Platform(architecture=arch, os="linux", variant=variant or "")
 
 
 def is_loopback(registry: str) -> bool:
