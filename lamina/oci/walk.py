@@ -61,10 +61,9 @@ def entries_from_tree(
 
     def listing(path: str) -> list[_Child]:
         found = _children(os.path.join(top, path) if path else top, overlay)
-        marked = opaque_hides is not None and any(name == OPAQUE_MARKER for name, _ in found)
-        if marked and not opaque_hides(path):  # type: ignore[misc]
-            found = [child for child in found if child[0] != OPAQUE_MARKER]
-        return found
+        if opaque_hides is None or not any(name == OPAQUE_MARKER for name, _ in found):
+            return found
+        return found if opaque_hides(path) else [child for child in found if child[0] != OPAQUE_MARKER]
 
     try:
         stack = [("", iter(listing("")))]
