@@ -18,10 +18,11 @@ the host's /bin/busybox, as examples/quickstart.sh does). Then:
 - lamina: `lamina.build(...)` with `-o type=local,dest=...` and the config;
 - BuildKit: `DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none`, then
   `docker create` + `docker export` for the root filesystem (extracted as
-  root so owners survive) and `docker image inspect` for the config. A
-  `# syntax=` directive is dropped for BuildKit: docker 20.10 would pull the
-  named frontend image (no network here) and its built-in frontend reads
-  the same Dockerfile language, heredocs aside.
+  root so owners survive), `docker image inspect` for the config and
+  `skopeo inspect --config` for the history. A `# syntax=` directive is
+  dropped for BuildKit: docker 20.10 would pull the named frontend image (no
+  network here) and its built-in frontend reads the same Dockerfile
+  language, heredocs aside.
 
 Trees are compared path by path: type, mode, owner, size and sha256 of
 files, symlink targets (mtimes are not compared: they are build times).
@@ -241,11 +242,9 @@ def buildkit_build(case: Path, ctx: Path, work: Path) -> Result:
     # GNU tar as root keeps owners, modes and special files (tarfile's filters need 3.11.4+)
     run("tar", "--numeric-owner", "--same-permissions", "-xf", str(archive), "-C", str(dest))
     inspect = json.loads(run(DOCKER, "image", "inspect", tag))[0]
-    lines = run(DOCKER, "image", "history", "--no-trunc", "--format", "{{.CreatedBy}}\t{{.Size}}", tag)
-    history = []
-    for line in reversed(lines.strip().splitlines()):
-        created_by, _, size = line.partition("\t")
-        history.append((created_by, size in ("0B", "0")))
+    # The image's own config: `docker image history` shows tabs as spaces.
+    config = json.loads(run("skopeo", "inspect", "--config", f"docker-daemon:{tag}"))
+    history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
     return describe_tree(dest), inspect.get("Config", {}), history
 
 
