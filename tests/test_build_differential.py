@@ -7,7 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, build, image_entries, make_cache, needs_id_range, write_context
+from test_build_helpers import BASE, build, image_entries, make_cache, needs_id_range, rootfs, write_context
 
 pytestmark = pytest.mark.sandbox
 
@@ -48,3 +48,31 @@ def test_add_chown_archive_owns_the_directories_it_makes(cache: Path, tmp_path: 
     # Without --chown the archive's owners are kept (rootless too) and the made directory is root's.
     assert owners["plain"] == (0, 0)
     assert owners["plain/dir/a.txt"] == (1234, 5678)
+
+
+def test_copy_heredoc_expands_like_buildkit(cache: Path, tmp_path: Path) -> None:
+    # BuildKit expands an unquoted COPY/ADD heredoc's body from ARG and ENV,
+    # keeping quotes and applying backslash escapes; a quoted delimiter keeps it raw.
+    dockerfile = (
+        f"FROM {BASE}\nARG NAME=world\nENV GREETING=hello\n"
+        "COPY <<EOF /expanded\n"
+        "$GREETING ${NAME} \"$NAME\" '$NAME' \\$NAME [$1] ${UNSET:-fallback}\nEOF\n"
+        'COPY <<"EOF" /literal\n$GREETING \\$x "q"\nEOF\n'
+        "ADD <<EOF /added\nadded $NAME\nEOF\n"
+    )
+    ctx = write_context(tmp_path / "ctx", dockerfile)
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out, build_args={"NAME": "lamina"})
+    assert (out / "expanded").read_text() == "hello lamina \"lamina\" 'lamina' $NAME [] fallback\n"
+    assert (out / "literal").read_text() == '$GREETING \\$x "q"\n'
+    assert (out / "added").read_text() == "added lamina\n"
+
+
+def test_copy_heredoc_follows_its_arg(cache: Path, tmp_path: Path) -> None:
+    # The expanded body keys the step: a changed ARG re-runs it.
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nARG V=1\nCOPY <<EOF /v\n$V\nEOF\n")
+    out1, out2 = tmp_path / "out1", tmp_path / "out2"
+    rootfs(cache, ctx, out1)
+    rootfs(cache, ctx, out2, build_args={"V": "2"})
+    assert (out1 / "v").read_text() == "1\n"
+    assert (out2 / "v").read_text() == "2\n"

@@ -14,6 +14,7 @@ the same stage key means the same files.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -48,6 +49,12 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
 
     is_add = isinstance(instruction, AddInstruction)
     keyword = "ADD" if is_add else "COPY"
+    if any(content.expand for content in instruction.contents):
+        from lamina.engine.steps.dispatch import step_env
+
+        env = step_env(state)
+        contents = tuple(_expand_heredoc(content, env) for content in instruction.contents)
+        instruction = dataclasses.replace(instruction, contents=contents)
     view = LayerView([layer.path for layer in state.layers])
     owner = None
     if instruction.chown:
@@ -227,6 +234,27 @@ def _literal_prefix(source: str) -> str:
 def _memo_key(stage_key: str, dest_key: str, sources: list[str], dest: str, options: Any, link: bool) -> str:
     text = json.dumps([stage_key, dest_key, sources, dest, repr(options), link])
     return "copy-from:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _expand_heredoc(content: Any, env: dict[str, str]) -> Any:
+    """An unquoted heredoc's body with `$VAR`/`${VAR...}` expanded from the stage's
+    ARG and ENV, as BuildKit's ExpandRaw does: quotes stay as written, a backslash
+    escapes the next character (so `\\$` keeps a dollar). `<<"EOF"` is left alone."""
+    from lamina.engine.dockerfile.shell import expand_word
+
+    if not content.expand:
+        return content
+    # The shared lexer removes quotes; escape each unescaped one so it comes out as written.
+    raw: list[str] = []
+    chars = iter(content.data)
+    for ch in chars:
+        if ch == "\\":
+            raw.append(ch + next(chars, ""))
+        elif ch in "'\"":
+            raw.append("\\" + ch)
+        else:
+            raw.append(ch)
+    return dataclasses.replace(content, data=expand_word("".join(raw), env, "\\"))
 
 
 def _write_heredoc(
