@@ -81,6 +81,8 @@ EXPLAINED: dict[str, str] = {
     "archives:/chowned/": "ADD --chown of a local archive: BuildKit 0.8 keeps the owners recorded in "
     "the archive; current BuildKit gives every unpacked entry the --chown owner (its unpack's "
     "ownerMapper), as lamina does",
+    "chmod:/etc/suid": "COPY --chmod=4755: BuildKit's copy dropped setuid/setgid/sticky bits "
+    "(moby/buildkit#3920); lamina sets the mode asked for",
     # Files whose content is not a function of the Dockerfile and context.
     "runenv:/hosts": "RUN's /etc/hosts is the sandbox's: lamina shares the host's (network host "
     "by default, like `docker build --network=host`); BuildKit writes its own naming buildkitsandbox",
@@ -135,6 +137,14 @@ def owners_only(ours: tuple[Any, ...] | None, theirs: tuple[Any, ...] | None) ->
     return [v for i, v in enumerate(ours) if i not in drop] == [
         v for i, v in enumerate(theirs) if i not in drop
     ]
+
+
+def special_bits_only(ours: tuple[Any, ...] | None, theirs: tuple[Any, ...] | None) -> bool:
+    """Both exist and differ only in the setuid/setgid/sticky bits of their mode."""
+    if ours is None or theirs is None or ours[0] != theirs[0] or ours[0] == "link":
+        return False
+    low = (oct(int(ours[1], 8) & 0o777), oct(int(theirs[1], 8) & 0o777))
+    return low[0] == low[1] and ours[2:] == theirs[2:]
 
 
 def same_but_content(ours: tuple[Any, ...] | None, theirs: tuple[Any, ...] | None) -> bool:
@@ -265,6 +275,8 @@ def compare(
         reason = EXPLAINED.get(f"{name}:/{path}")
         if reason and same_but_content(ours, theirs):
             explained.append(f"{name}: /{path}: content differs ({reason})")
+        elif reason and special_bits_only(ours, theirs):
+            explained.append(f"{name}: /{path}: mode differs ({reason})")
         elif owner_reason := next(
             (
                 text
