@@ -167,9 +167,12 @@ def cache_gc(
 ) -> GcReport:
     """Drop cache results unused for `older_than` seconds, then everything no name or result needs."""
     from lamina.cache.store import Store
+    from lamina.engine.sandbox import remove_tree
 
     with Store(_store_root(cache_dir, environ)) as store:
-        return store.gc(cache_older_than=older_than)
+        # Rootless builds leave files owned by subordinate ids in unpacked
+        # layers: only a remover inside the user namespace can delete them.
+        return store.gc(cache_older_than=older_than, remove_tree=remove_tree)
 
 
 # --- sandbox: run -----------------------------------------------------------------

@@ -55,11 +55,11 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from lamina.errors import DigestMismatch, ImageNotFound, StoreBusy, StoreError
+from lamina.errors import DigestMismatch, ImageNotFound, LaminaError, StoreBusy, StoreError
 from lamina.oci.digest import Digest
 
 if TYPE_CHECKING:
@@ -522,12 +522,20 @@ class Store:
         index = sum(p.stat().st_size for p in self.root.glob("index.db*") if p.is_file())
         return Usage(blobs, count, unpacked, unpacked_count, index)
 
-    def gc(self, *, cache_older_than: float | None = None) -> GcReport:
+    def gc(
+        self,
+        *,
+        cache_older_than: float | None = None,
+        remove_tree: Callable[[Path], None] | None = None,
+    ) -> GcReport:
         """Remove what no image name and no cache entry needs.
 
         `cache_older_than` (seconds) first drops cache entries not used for
-        that long. Needs the store to itself: raises StoreBusy while another
-        lamina process has it open.
+        that long. `remove_tree` removes one unpacked layer directory; the
+        default cannot remove files that subordinate ids own (rootless builds
+        make them), so the API passes the sandbox's remover, which can. Needs
+        the store to itself: raises StoreBusy while another lamina process has
+        it open.
         """
         assert self._lock_fd is not None, "store not open"
         try:
@@ -536,11 +544,11 @@ class Store:
             _flock(self._lock_fd, exclusive=False, wait=True)  # flock conversion may drop ours
             raise StoreBusy(f"gc {self.root}: another lamina process is using the store") from None
         try:
-            return self._gc(cache_older_than)
+            return self._gc(cache_older_than, remove_tree or _remove_tree)
         finally:
             _flock(self._lock_fd, exclusive=False, wait=True)
 
-    def _gc(self, cache_older_than: float | None) -> GcReport:
+    def _gc(self, cache_older_than: float | None, remove_tree: Callable[[Path], None]) -> GcReport:
         from lamina.oci.image import MAX_DOCUMENT, ImageFormatError, Index, Manifest, parse_document
 
         dropped = 0
@@ -603,7 +611,8 @@ class Store:
             unused = not entry.name.startswith(".") and Digest("sha256", entry.name) not in keep_diff_ids
             if stale_tmp or unused:
                 size = _tree_size(Path(entry.path))
-                shutil.rmtree(entry.path, ignore_errors=True)
+                with contextlib.suppress(OSError, LaminaError):
+                    remove_tree(Path(entry.path))  # what cannot go stays, and is not counted
                 if not os.path.exists(entry.path):
                     freed += size
                     unpacked_removed += 1
@@ -613,6 +622,12 @@ class Store:
                 (_json_list(str(d) for d in keep_diff_ids),),
             )
         return GcReport(blobs_removed, unpacked_removed, dropped, freed)
+
+
+def _remove_tree(path: Path) -> None:
+    from lamina.oci.safepath import remove_tree
+
+    remove_tree(path)  # any depth, no recursion, never follows links
 
 
 def _json_list(items: Iterable[str]) -> str:
