@@ -76,3 +76,21 @@ def test_copy_heredoc_follows_its_arg(cache: Path, tmp_path: Path) -> None:
     rootfs(cache, ctx, out2, build_args={"V": "2"})
     assert (out1 / "v").read_text() == "1\n"
     assert (out2 / "v").read_text() == "2\n"
+
+
+def test_workdir_keeps_an_absolute_path_as_written(cache: Path, tmp_path: Path) -> None:
+    # BuildKit records `WORKDIR /app/` as "/app/" (a relative one is joined and
+    # cleaned), while the directory made and entered is the clean path.
+    dockerfile = (
+        f"FROM {BASE}\nWORKDIR /app/\nRUN pwd > /pwd1\nWORKDIR sub/../lib/\nRUN pwd > /pwd2\n"
+        "WORKDIR //x//y/\n"
+    )
+    ctx = write_context(tmp_path / "ctx", dockerfile)
+    out = tmp_path / "out"
+    result = rootfs(cache, ctx, out)
+    assert result.config.config.working_dir == "//x//y/"
+    lines = [h.created_by for h in result.config.history if h.created_by.startswith("WORKDIR")]
+    assert lines == ["WORKDIR /app/", "WORKDIR /app/lib", "WORKDIR //x//y/"]
+    assert (out / "pwd1").read_text() == "/app\n"
+    assert (out / "pwd2").read_text() == "/app/lib\n"
+    assert (out / "x/y").is_dir()

@@ -501,15 +501,16 @@ def _workdir(executor: Executor, state: StageState, instruction: Any) -> None:
     from lamina.engine.steps.layerview import LayerView
 
     workdir = md.resolve_workdir(state.config.config.working_dir, instruction.path)
-    if workdir == "/":
-        state.config = md.apply_workdir(state.config, "/", executor.created(state), has_layer=False)
+    directory = md.clean_path(workdir)  # the config keeps `/app/` as written; the directory is /app
+    if directory == "/":
+        state.config = md.apply_workdir(state.config, workdir, executor.created(state), has_layer=False)
         return
     user = state.config.config.user
     inputs = make_inputs(state.key, f"WORKDIR {workdir}", {"user": user} if user else {}, PLATFORM)
 
     def produce(upper: Path) -> None:
         view = LayerView([layer.path for layer in state.layers])
-        missing = view.missing_dirs(workdir)
+        missing = view.missing_dirs(directory)
         if not missing:
             return
         uid = gid = 0

@@ -237,9 +237,18 @@ def apply_user(config: ImageConfig, user: str, created: str | None) -> ImageConf
 
 
 def resolve_workdir(current: str, path: str) -> str:
-    """The absolute, cleaned working directory after `WORKDIR path`."""
-    joined = path if path.startswith("/") else posixpath.join("/", current or "/", path)
-    return posixpath.normpath(joined).replace("//", "/")
+    """The working directory the config records after `WORKDIR path`, as BuildKit's
+    NormalizeWorkdir: an absolute path exactly as written (`/app/` stays `/app/`),
+    a relative one joined to the current directory and cleaned."""
+    if path.startswith("/"):
+        return path
+    return clean_path(posixpath.join("/", current or "/", path))
+
+
+def clean_path(path: str) -> str:
+    """`path` cleaned like Go's path.Clean: the directory WORKDIR makes."""
+    cleaned = posixpath.normpath(path)
+    return "/" + cleaned.lstrip("/") if cleaned.startswith("//") else cleaned
 
 
 def apply_workdir(config: ImageConfig, path: str, created: str | None, *, has_layer: bool) -> ImageConfig:
