@@ -10,7 +10,8 @@ are directories holding a Dockerfile and its context. A case may also hold:
 - `base/` (a Dockerfile and context): built first by each tool and tagged
   lamina-diff/CASE-base:latest, for a case that builds FROM an image made by
   the same builder (ONBUILD triggers);
-- `build-args`: one K=V per line, passed to both builds.
+- `build-args`: one K=V per line, passed to both builds;
+- `secrets`: one ID=PATH per line, passed to both as `--secret id=ID,src=PATH`.
 
 Each case is copied to a scratch directory first (examples/base also gets
 the host's /bin/busybox, as examples/quickstart.sh does). Then:
@@ -115,14 +116,19 @@ def explain_history_line(ours: str, theirs: str) -> str | None:
     return None
 
 
-_MOUNT_TARGET = re.compile(r"--mount=\S*?\b(?:target|dst|destination)=([^,\s]+)")
+_MOUNT = re.compile(r"--mount=(\S+)")
 
 
 def mount_stubs(dockerfile: Path) -> set[str]:
-    """Absolute RUN --mount targets and their parents: where BuildKit 0.8 leaves empty directories."""
+    """RUN --mount targets (a secret's default is /run/secrets/ID) and their parents:
+    where BuildKit 0.8 leaves empty directories."""
     stubs: set[str] = set()
-    for target in _MOUNT_TARGET.findall(dockerfile.read_text()):
-        path = Path(target)
+    for spec in _MOUNT.findall(dockerfile.read_text()):
+        fields = dict(part.partition("=")[::2] for part in spec.split(","))
+        target = fields.get("target") or fields.get("dst") or fields.get("destination")
+        if target is None and fields.get("type") == "secret":
+            target = f"/run/secrets/{fields.get('id', '')}"
+        path = Path(target or "")
         while path.is_absolute() and str(path) != "/":
             stubs.add(str(path).lstrip("/"))
             path = path.parent
@@ -203,6 +209,15 @@ def read_build_args(ctx: Path) -> dict[str, str]:
     return {key: value for key, _, value in pairs}
 
 
+def read_secrets(ctx: Path) -> list[str]:
+    """`secrets`: one ID=PATH per line (PATH relative to the case) -> `id=ID,src=ABS` specs."""
+    path = ctx / "secrets"
+    if not path.exists():
+        return []
+    pairs = (line.partition("=") for line in path.read_text().splitlines() if line.strip())
+    return [f"id={key},src={ctx / value}" for key, _, value in pairs]
+
+
 def base_tag(case: Path) -> str:
     return f"lamina-diff/{case.name}-base:latest"
 
@@ -216,7 +231,9 @@ def lamina_build(case: Path, ctx: Path, work: Path) -> Result:
         api.build(ctx / "base", build_args=args, tags=[base_tag(case)], no_cache=True)
     dest = work / "lamina-root"
     # --no-cache: a result cached by an older lamina must not stand in for this one's.
-    result = api.build(ctx, build_args=args, outputs=[f"type=local,dest={dest}"], no_cache=True)
+    result = api.build(
+        ctx, build_args=args, secrets=read_secrets(ctx), outputs=[f"type=local,dest={dest}"], no_cache=True
+    )
     config = json.loads(result.config.to_bytes())
     history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
     return describe_tree(dest), config.get("config", {}), history
@@ -232,6 +249,7 @@ def docker_build(ctx: Path, tag: str, args: dict[str, str]) -> None:
     drop_syntax_directive(ctx / "Dockerfile")
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
     flags = [part for key, value in args.items() for part in ("--build-arg", f"{key}={value}")]
+    flags += [part for spec in read_secrets(ctx) for part in ("--secret", spec)]
     run(DOCKER, "build", "--network=none", "-q", *flags, "-t", tag, str(ctx), env=env)
 
 
