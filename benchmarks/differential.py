@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import re
@@ -46,6 +47,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -239,6 +241,82 @@ def lamina_build(case: Path, ctx: Path, work: Path) -> Result:
     return describe_tree(dest), config.get("config", {}), history
 
 
+def lamina_build_as(user: str, case: Path, ctx: Path, work: Path) -> Result:
+    """lamina run by an unprivileged `user` (its own cache); the tree comes from the
+    OCI archive, unpacked here as root, since a rootless local export is the caller's."""
+    import pwd
+
+    mine = work / "user"  # the user's HOME, cache and output
+    mine.mkdir()
+    entry = pwd.getpwnam(user)
+    os.chown(mine, entry.pw_uid, entry.pw_gid)
+    for path in (work.parent, work):
+        os.chmod(path, 0o755)
+    for path in (ctx, *ctx.rglob("*")):  # the user's own context, modes untouched
+        os.lchown(path, entry.pw_uid, entry.pw_gid)
+    archive = mine / "lamina-oci.tar"
+    flags = [part for k, v in read_build_args(ctx).items() for part in ("--build-arg", f"{k}={v}")]
+    flags += [part for spec in read_secrets(ctx) for part in ("--secret", spec)]
+    flags += ["--progress", "quiet", "--no-cache"]
+    # runuser with a plain environment, as ../shared/bench/peers-setup.sh's asuser.sh does
+    env = [
+        "env",
+        "-i",
+        f"HOME={mine}",
+        f"LAMINA_CACHE={mine / 'cache'}",
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+    ]
+    lamina = ["runuser", "-u", user, "--", *env, sys.executable, "-m", "lamina"]
+    base = Path(os.environ.get("LAB", "/tmp/lamina-lab")) / "base" / "busybox-oci.tar"
+    run(*lamina, "load", str(base))
+    if (ctx / "base" / "Dockerfile").exists():
+        run(*lamina, "build", *flags, "-t", base_tag(case), str(ctx / "base"))
+    run(*lamina, "build", *flags, "-o", f"type=oci,dest={archive}", str(ctx))
+    dest = work / "lamina-root"
+    config = unpack_oci(archive, dest)
+    history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
+    return describe_tree(dest), config.get("config", {}), history
+
+
+def unpack_oci(archive: Path, dest: Path) -> dict[str, Any]:
+    """Apply an OCI archive's layers (our own output: trusted) onto `dest`; return its config."""
+    with tarfile.open(archive) as outer:
+
+        def blob(digest: str) -> bytes:
+            return read_member(outer, "blobs/sha256/" + digest.split(":")[1])
+
+        index = json.loads(read_member(outer, "index.json"))
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        dest.mkdir(parents=True)
+        for layer in manifest["layers"]:
+            with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"]))) as tar:
+                for member in tar:
+                    parent, _, name = member.name.rstrip("/").rpartition("/")
+                    if name == ".wh..wh..opq":
+                        for child in (dest / parent).iterdir():
+                            remove(child)
+                    elif name.startswith(".wh."):
+                        remove(dest / parent / name[4:])
+                    else:
+                        if not member.isdir():
+                            remove(dest / member.name)
+                        tar.extract(member, dest, numeric_owner=True)
+        return json.loads(blob(manifest["config"]["digest"]))
+
+
+def read_member(tar: tarfile.TarFile, name: str) -> bytes:
+    member = tar.extractfile(name)
+    assert member is not None
+    return member.read()
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def drop_syntax_directive(dockerfile: Path) -> None:
     lines = dockerfile.read_text().splitlines(keepends=True)
     kept = [line for line in lines if not line.replace(" ", "").lower().startswith("#syntax=")]
@@ -341,6 +419,7 @@ def main() -> None:
     )
     parser.add_argument("examples", nargs="*", type=Path)
     parser.add_argument("--keep", type=Path, help="keep the trees here instead of a temp dir")
+    parser.add_argument("--as-user", metavar="USER", help="run lamina as this unprivileged user (rootless)")
     args = parser.parse_args()
     if not Path(DOCKER).exists() or subprocess.run([DOCKER, "info"], capture_output=True).returncode:
         print("differential: skipped, no working dockerd (run ../shared/bench/peers-setup.sh as root)")
@@ -354,7 +433,11 @@ def main() -> None:
     for example in cases:
         work = Path(tempfile.mkdtemp(prefix=f"diff-{example.name}-", dir=args.keep))
         try:
-            ours = lamina_build(example, stage_context(example, work / "lamina"), work)
+            ctx = stage_context(example, work / "lamina")
+            if args.as_user:
+                ours = lamina_build_as(args.as_user, example, ctx, work / "lamina")
+            else:
+                ours = lamina_build(example, ctx, work)
             theirs = buildkit_build(example, stage_context(example, work / "buildkit"), work)
             stubs = mount_stubs(example / "Dockerfile")
             problems, explained = compare(example.name, ours, theirs, stubs)

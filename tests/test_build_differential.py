@@ -94,3 +94,27 @@ def test_workdir_keeps_an_absolute_path_as_written(cache: Path, tmp_path: Path) 
     assert (out / "pwd1").read_text() == "/app\n"
     assert (out / "pwd2").read_text() == "/app/lib\n"
     assert (out / "x/y").is_dir()
+
+
+def test_copy_and_add_into_a_directory_of_another_user(cache: Path, tmp_path: Path) -> None:
+    # Rootless, COPY/ADD into a directory a RUN gave to uid 1000 re-owned it to
+    # root in the new layer, and ADD of an archive there failed (the directory
+    # was given to 1000 before anything was written into it).
+    needs_id_range()
+    dockerfile = (
+        f"FROM {BASE}\nRUN mkdir -p /d/e && chown 1000:1000 /d /d/e\n"
+        "COPY f /d/e/\nADD x.tar /d/e/\nCOPY <<EOF /d/e/h.txt\nhi\nEOF\n"
+    )
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("in.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"in\n"))
+    ctx = write_context(tmp_path / "ctx", dockerfile, {"f": "f\n", "x.tar": buf.getvalue()})
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    entries = image_entries(archive)
+    for path in ("d", "d/e"):
+        assert (entries[path].uid, entries[path].gid) == (1000, 1000), path
+    for path in ("d/e/f", "d/e/in.txt", "d/e/h.txt"):
+        assert (entries[path].uid, entries[path].gid) == (0, 0), path

@@ -97,7 +97,15 @@ def _check(fetched: Fetched, checksum: str | None) -> None:
         raise BuildError(f"ADD {fetched.url}: digest mismatch: want {checksum}, got {fetched.digest}")
 
 
-def write_fetched(fetched: Fetched, upper: Path, dest: str, owner: Any, chmod: Any, image: Any) -> None:
+def write_fetched(
+    fetched: Fetched,
+    upper: Path,
+    dest: str,
+    owner: Any,
+    chmod: Any,
+    image: Any,
+    late: list[tuple[Path, int, int]] | None = None,
+) -> None:
     """Put a downloaded file at `dest` (or `dest/NAME` when dest is a directory)."""
     import shutil
 
@@ -112,7 +120,7 @@ def write_fetched(fetched: Fetched, upper: Path, dest: str, owner: Any, chmod: A
         if image is not None:
             from lamina.engine.steps.dispatch import keep_lower_dir_meta
 
-            keep_lower_dir_meta(image, upper, posixpath.dirname(rel))
+            keep_lower_dir_meta(image, upper, posixpath.dirname(rel), late)
     shutil.copyfile(fetched.path, target)
     uid, gid = owner if owner else (0, 0)
     from lamina.engine.steps.dispatch import set_owner_and_mode
@@ -196,7 +204,14 @@ def _is_named(path: str, literal: set[str], patterns: list[list[str]]) -> bool:
 
 
 def unpack_archives(
-    tree: Any, selection: Any, upper: Path, dest: str, owner: Any, image: Any, sources: list[str]
+    tree: Any,
+    selection: Any,
+    upper: Path,
+    dest: str,
+    owner: Any,
+    image: Any,
+    sources: list[str],
+    late: list[tuple[Path, int, int]] | None = None,
 ) -> Any:
     """Unpack the archives the sources name into `dest`; return the selection without them.
 
@@ -220,7 +235,7 @@ def unpack_archives(
             keep.append(item)
             continue
         # An archive is unpacked as a directory at dest, with or without a trailing slash.
-        target, made = _make_dest_dir(upper, dest.strip("/"), image)
+        target, made = _make_dest_dir(upper, dest.strip("/"), image, late)
         with _archive_stream(source) as stream:
             try:
                 extract_layer(stream, target, whiteouts=Whiteouts.APPLY, ignore_owners=os.geteuid() != 0)
@@ -255,7 +270,9 @@ def _rootless_archive_owners(source: str, target: Path) -> None:
     chown_all([(path, uid, gid) for path, (uid, gid) in owners.items() if os.path.lexists(path)])
 
 
-def _make_dest_dir(upper: Path, target_rel: str, image: Any) -> tuple[Path, list[Path]]:
+def _make_dest_dir(
+    upper: Path, target_rel: str, image: Any, late: list[tuple[Path, int, int]] | None
+) -> tuple[Path, list[Path]]:
     """Create an archive's destination directory; return it and the directories
     made for it (dest and missing parents), which BuildKit's MkdirAll gives the
     --chown owner."""
@@ -273,7 +290,7 @@ def _make_dest_dir(upper: Path, target_rel: str, image: Any) -> tuple[Path, list
             made.append(path)
     target.mkdir(parents=True, mode=0o755)
     if image is not None:
-        keep_lower_dir_meta(image, upper, "/" + target_rel)
+        keep_lower_dir_meta(image, upper, "/" + target_rel, late)
     return target, made
 
 

@@ -446,13 +446,16 @@ def write_selection(
     dest_root: Path,
     image: ImageLookup | None = None,
     mtime_ns: int | None = None,
+    late_owners: list[tuple[Path, int, int]] | None = None,
 ) -> int:
     """Write the selection under `dest_root` (a layer dir or a root filesystem).
 
     Parent directories that exist in `image` but not yet in `dest_root` are
     created with the image's mode, owner and mtime, so an overlay merge does
     not change them. `mtime_ns` (SOURCE_DATE_EPOCH) replaces copied mtimes.
-    Returns the number of bytes of file content written.
+    Returns the number of bytes of file content written. Unprivileged, the
+    owners of directories that belong to other ids are set at the end, or
+    appended to `late_owners` for a caller that writes more first.
     """
     writer = _Writer(tree, dest_root, image, mtime_ns)
     for made in selection.made_dirs:
@@ -460,6 +463,12 @@ def write_selection(
     for item in selection.items:
         writer.write(item)
     writer.finish()
+    if late_owners is not None:
+        late_owners.extend(writer.late_owners)
+    elif writer.late_owners:
+        from lamina.engine.steps.dispatch import chown_all
+
+        chown_all(writer.late_owners)
     return writer.bytes_written
 
 
@@ -475,6 +484,7 @@ class _Writer:
         self.bytes_written = 0
         self.known_dirs: set[str] = {""}
         self.links: dict[tuple[int, int], str] = {}  # source (dev, inode) -> first path written
+        self.late_owners: list[tuple[Path, int, int]] = []
 
     def target(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -492,7 +502,7 @@ class _Writer:
         if st is None:
             image_st = self.image.stat("/" + parent) if self.image is not None else None
             if image_st is not None and stat.S_ISDIR(image_st.st_mode):
-                self.mkdir(parent, stat.S_IMODE(image_st.st_mode), image_st.st_uid, image_st.st_gid)
+                self.mkdir(parent, stat.S_IMODE(image_st.st_mode), *_image_owner(image_st))
                 self.dir_times.append((parent, image_st.st_mtime_ns))
             else:
                 self.mkdir(parent, _DIR_MODE, 0, 0)
@@ -503,7 +513,12 @@ class _Writer:
     def mkdir(self, rel: str, mode: int, uid: int, gid: int) -> None:
         path = self.target(rel)
         os.mkdir(path, 0o700)
-        _chown(path, uid, gid)
+        if os.geteuid() == 0 or (uid, gid) == (0, 0):
+            _chown(path, uid, gid)
+        else:
+            # Unprivileged, a directory given to another id is no longer
+            # writable: its owner is set (inside the user namespace) last.
+            self.late_owners.append((Path(path), uid, gid))
         os.chmod(path, mode)  # after chown, which clears setuid/setgid
 
     def make_dir(self, made: MadeDir) -> None:
@@ -525,7 +540,7 @@ class _Writer:
             image_st = self.image.stat("/" + made.dest) if self.image is not None else None
             if image_st is not None and stat.S_ISDIR(image_st.st_mode):
                 # it exists below: keep the image's metadata in this layer
-                self.mkdir(made.dest, stat.S_IMODE(image_st.st_mode), image_st.st_uid, image_st.st_gid)
+                self.mkdir(made.dest, stat.S_IMODE(image_st.st_mode), *_image_owner(image_st))
                 self.dir_times.append((made.dest, image_st.st_mtime_ns))
             elif image_st is not None:
                 raise ContextError(f"COPY failed: cannot copy to non-directory: /{made.dest}")
@@ -612,6 +627,13 @@ class _Writer:
         for rel, mtime_ns in reversed(self.dir_times):
             when = self.mtime_ns if self.mtime_ns is not None else mtime_ns
             os.utime(self.target(rel), ns=(when, when), follow_symlinks=False)
+
+
+def _image_owner(st: os.stat_result) -> tuple[int, int]:
+    """The container owner of a directory of the layers below (rootless, they hold host ids)."""
+    from lamina.engine.steps.dispatch import container_owner
+
+    return container_owner(st)
 
 
 def _chown(path: str, uid: int, gid: int) -> None:

@@ -114,21 +114,26 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
     def produce(upper: Path) -> None:
         from lamina.engine.steps.add import unpack_archives, write_fetched
         from lamina.engine.steps.copy import write_selection
+        from lamina.engine.steps.dispatch import chown_all
 
+        # Owners of directories kept from the layers below: set after every write
+        # (unprivileged, a directory given to another id is no longer writable).
+        late: list[tuple[Path, int, int]] = []
         for kind, part in produce_parts:
             if kind == "files":
                 tree, selection = part()
                 if is_add and instruction.unpack is not False:
-                    selection = unpack_archives(tree, selection, upper, dest, owner, image, local)
-                write_selection(tree, selection, upper, image)
+                    selection = unpack_archives(tree, selection, upper, dest, owner, image, local, late)
+                write_selection(tree, selection, upper, image, late_owners=late)
                 if os.geteuid() != 0 and owner is not None:
                     _rootless_owners(upper, selection, owner)
                 elif os.geteuid() != 0 and from_:
                     _restore_stage_owners(executor, tree, upper, selection)
             else:
-                write_fetched(part, upper, dest, owner, chmod, image)
+                write_fetched(part, upper, dest, owner, chmod, image, late)
         for heredoc in instruction.contents:
-            _write_heredoc(upper, dest, heredoc, owner, chmod, image, len(instruction.contents) > 1)
+            _write_heredoc(upper, dest, heredoc, owner, chmod, image, len(instruction.contents) > 1, late)
+        chown_all(late)
 
     has_layer = layer_step(executor, state, instruction, inputs, produce)
     created_by = md.copy_created_by(
@@ -258,7 +263,14 @@ def _expand_heredoc(content: Any, env: dict[str, str]) -> Any:
 
 
 def _write_heredoc(
-    upper: Path, dest: str, heredoc: Any, owner: Any, chmod: Any, image: Any, several: bool
+    upper: Path,
+    dest: str,
+    heredoc: Any,
+    owner: Any,
+    chmod: Any,
+    image: Any,
+    several: bool,
+    late: list[tuple[Path, int, int]],
 ) -> None:
     """`COPY <<EOF /dest`: the body as a file (0644 unless --chmod), into dest/ when it is a dir."""
     into_dir = dest.endswith("/") or several
@@ -275,7 +287,7 @@ def _write_heredoc(
         if image is not None:
             from lamina.engine.steps.dispatch import keep_lower_dir_meta
 
-            keep_lower_dir_meta(image, upper, posixpath.dirname(target_rel))
+            keep_lower_dir_meta(image, upper, posixpath.dirname(target_rel), late)
     target.write_text(heredoc.data)
     mode = chmod.apply(0o644, False) if chmod is not None else 0o644
     uid, gid = owner if owner else (0, 0)

@@ -572,7 +572,9 @@ def container_owner(st: os.stat_result) -> tuple[int, int]:
     return ids.uid_inside(st.st_uid), ids.gid_inside(st.st_gid)
 
 
-def keep_lower_dir_meta(view: Any, upper: Path, path: str) -> None:
+def keep_lower_dir_meta(
+    view: Any, upper: Path, path: str, late_owners: list[tuple[Path, int, int]] | None = None
+) -> None:
     """Directories of `path` (and its ancestors) that exist below keep their metadata.
 
     Writing `a/b/c` into an upper dir creates `a` and `a/b` there, which
@@ -592,4 +594,9 @@ def keep_lower_dir_meta(view: Any, upper: Path, path: str) -> None:
         os.chmod(target, st.st_mode & 0o7777)
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
         owners.append((target, *container_owner(st)))
-    chown_all(owners)
+    if late_owners is not None:
+        # The caller writes into these first: unprivileged, a directory given
+        # to another id would no longer be writable.
+        late_owners.extend(owners)
+    else:
+        chown_all(owners)
