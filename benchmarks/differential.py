@@ -298,8 +298,10 @@ def unpack_oci(archive: Path, dest: Path) -> dict[str, Any]:
                     elif name.startswith(".wh."):
                         remove(dest / parent / name[4:])
                     else:
-                        if not member.isdir():
-                            remove(dest / member.name)
+                        target = dest / member.name
+                        a_real_dir = target.is_dir() and not target.is_symlink()
+                        if not (member.isdir() and a_real_dir):
+                            remove(target)  # a directory entry keeps a directory below, nothing else
                         tar.extract(member, dest, numeric_owner=True)
         return json.loads(blob(manifest["config"]["digest"]))
 

@@ -118,3 +118,32 @@ def test_copy_and_add_into_a_directory_of_another_user(cache: Path, tmp_path: Pa
         assert (entries[path].uid, entries[path].gid) == (1000, 1000), path
     for path in ("d/e/f", "d/e/in.txt", "d/e/h.txt"):
         assert (entries[path].uid, entries[path].gid) == (0, 0), path
+
+
+def test_copy_chmod_of_a_directory_without_search_permission(cache: Path, tmp_path: Path) -> None:
+    # --chmod=640 applies to the copied directories too; rootless, lamina could
+    # not fill a directory it had already made 0640. (Without an id range the
+    # layer writer walks the layer outside a user namespace and cannot enter
+    # such a directory: that case needs the range.)
+    needs_id_range()
+    files = {"tree/t": "t\n", "tree/sub/s": "s\n"}
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nCOPY --chmod=640 tree/ /tree/\n", files)
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    entries = image_entries(archive)
+    assert entries["tree/sub"].mode & 0o7777 == 0o640
+    assert entries["tree/sub/s"].mode & 0o7777 == 0o640
+
+
+def test_copy_chown_keeps_the_owner_of_existing_parents(cache: Path, tmp_path: Path) -> None:
+    # Rootless, COPY --chown gave the owner to the directories above the
+    # destination that already existed (BuildKit leaves them alone).
+    needs_id_range()
+    dockerfile = f"FROM {BASE}\nWORKDIR /srv/app\nCOPY --chown=nobody:nogroup f ./etc/\n"
+    ctx = write_context(tmp_path / "ctx", dockerfile, {"f": "f\n"})
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    entries = image_entries(archive)
+    owners = {path: (entries[path].uid, entries[path].gid) for path in ("srv", "srv/app", "srv/app/etc")}
+    assert owners == {"srv": (0, 0), "srv/app": (0, 0), "srv/app/etc": (65534, 65534)}
+    assert (entries["srv/app/etc/f"].uid, entries["srv/app/etc/f"].gid) == (65534, 65534)

@@ -485,6 +485,7 @@ class _Writer:
         self.known_dirs: set[str] = {""}
         self.links: dict[tuple[int, int], str] = {}  # source (dev, inode) -> first path written
         self.late_owners: list[tuple[Path, int, int]] = []
+        self.dir_modes: list[tuple[str, int]] = []  # unprivileged: modes set at the end
 
     def target(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -519,7 +520,15 @@ class _Writer:
             # Unprivileged, a directory given to another id is no longer
             # writable: its owner is set (inside the user namespace) last.
             self.late_owners.append((Path(path), uid, gid))
-        os.chmod(path, mode)  # after chown, which clears setuid/setgid
+        self.dir_mode(path, mode)  # after chown, which clears setuid/setgid
+
+    def dir_mode(self, path: str, mode: int) -> None:
+        if os.geteuid() == 0:
+            os.chmod(path, mode)
+        else:
+            # Unprivileged, permissions bind us: fill it as 0700, give it its mode last.
+            os.chmod(path, mode | 0o700)
+            self.dir_modes.append((path, mode))
 
     def make_dir(self, made: MadeDir) -> None:
         if made.dest in self.known_dirs:
@@ -562,7 +571,7 @@ class _Writer:
             elif not stat.S_ISDIR(existing.st_mode):
                 raise ContextError(f"COPY failed: cannot copy to non-directory: /{item.dest}")
             _chown(path, item.uid, item.gid)
-            os.chmod(path, item.mode)
+            self.dir_mode(path, item.mode)
             self.known_dirs.add(item.dest)
             self.dir_times.append((item.dest, entry.mtime_ns))
             return
@@ -623,6 +632,8 @@ class _Writer:
         self.bytes_written += copied
 
     def finish(self) -> None:
+        for path, mode in reversed(self.dir_modes):
+            os.chmod(path, mode)
         # Directory times last: writing their children changed them.
         for rel, mtime_ns in reversed(self.dir_times):
             when = self.mtime_ns if self.mtime_ns is not None else mtime_ns

@@ -126,7 +126,7 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
                     selection = unpack_archives(tree, selection, upper, dest, owner, image, local, late)
                 write_selection(tree, selection, upper, image, late_owners=late)
                 if os.geteuid() != 0 and owner is not None:
-                    _rootless_owners(upper, selection, owner)
+                    _rootless_owners(upper, selection, owner, image)
                 elif os.geteuid() != 0 and from_:
                     _restore_stage_owners(executor, tree, upper, selection)
             else:
@@ -150,11 +150,15 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
     )
 
 
-def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int]) -> None:
-    """Unprivileged, the copy could not --chown: set the owner inside the user namespace."""
+def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int], image: Any) -> None:
+    """Unprivileged, the copy could not --chown: set the owner inside the user namespace
+    (not on directories that exist below: those keep their owner, as BuildKit's do)."""
     from lamina.engine.steps.dispatch import chown_all
 
-    paths = [upper / made.dest for made in selection.made_dirs]
+    def below(dest: str) -> bool:
+        return image is not None and image.stat("/" + dest) is not None
+
+    paths = [upper / made.dest for made in selection.made_dirs if not below(made.dest)]
     paths += [upper / item.dest for item in selection.items]
     chown_all([(path, *owner) for path in paths if os.path.lexists(path)])
 
