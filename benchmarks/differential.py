@@ -11,7 +11,9 @@ are directories holding a Dockerfile and its context. A case may also hold:
   lamina-diff/CASE-base:latest, for a case that builds FROM an image made by
   the same builder (ONBUILD triggers);
 - `build-args`: one K=V per line, passed to both builds;
-- `secrets`: one ID=PATH per line, passed to both as `--secret id=ID,src=PATH`.
+- `secrets`: one ID=PATH per line, passed to both as `--secret id=ID,src=PATH`;
+- `served/`: served over HTTP on 127.0.0.1 while the case builds, its base
+  URL passed to both as the build arg URL_BASE (for ADD of a URL).
 
 Each case is copied to a scratch directory first (examples/base also gets
 the host's /bin/busybox, as examples/quickstart.sh does). Then:
@@ -38,6 +40,7 @@ the exit status 1. Without docker the script says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -49,6 +52,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +204,41 @@ def stage_context(case: Path, work: Path) -> Path:
     shutil.copytree(case, ctx, symlinks=True)
     if case.resolve() == (ROOT / "examples" / "base").resolve():
         shutil.copy2("/bin/busybox", ctx / "busybox")
+    return ctx
+
+
+@contextlib.contextmanager
+def serving(case: Path) -> Iterator[str | None]:
+    """Serve CASE/served/ over HTTP on 127.0.0.1 (for ADD of a URL); yield its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    if not (case / "served").is_dir():
+        yield None
+        return
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(case / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def stage_with_url(case: Path, dest: Path, url: str | None) -> Path:
+    """stage_context, plus URL_BASE=url among the build args when the case serves files."""
+    ctx = stage_context(case, dest)
+    if url is not None:
+        with open(ctx / "build-args", "a") as f:
+            f.write(f"URL_BASE={url}\n")
     return ctx
 
 
@@ -435,12 +474,13 @@ def main() -> None:
     for example in cases:
         work = Path(tempfile.mkdtemp(prefix=f"diff-{example.name}-", dir=args.keep))
         try:
-            ctx = stage_context(example, work / "lamina")
-            if args.as_user:
-                ours = lamina_build_as(args.as_user, example, ctx, work / "lamina")
-            else:
-                ours = lamina_build(example, ctx, work)
-            theirs = buildkit_build(example, stage_context(example, work / "buildkit"), work)
+            with serving(example) as url:
+                ctx = stage_with_url(example, work / "lamina", url)
+                if args.as_user:
+                    ours = lamina_build_as(args.as_user, example, ctx, work / "lamina")
+                else:
+                    ours = lamina_build(example, ctx, work)
+                theirs = buildkit_build(example, stage_with_url(example, work / "buildkit", url), work)
             stubs = mount_stubs(example / "Dockerfile")
             problems, explained = compare(example.name, ours, theirs, stubs)
         finally:

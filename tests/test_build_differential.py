@@ -147,3 +147,35 @@ def test_copy_chown_keeps_the_owner_of_existing_parents(cache: Path, tmp_path: P
     owners = {path: (entries[path].uid, entries[path].gid) for path in ("srv", "srv/app", "srv/app/etc")}
     assert owners == {"srv": (0, 0), "srv/app": (0, 0), "srv/app/etc": (65534, 65534)}
     assert (entries["srv/app/etc/f"].uid, entries["srv/app/etc/f"].gid) == (65534, 65534)
+
+
+def test_add_url_names_and_owners(cache: Path, tmp_path: Path) -> None:
+    # A URL ending in `/` is named after its last segment (Go's path.Base), and
+    # the directories ADD --chown makes for a download or a heredoc are the owner's.
+    import functools
+    import http.server
+    import threading
+
+    needs_id_range()
+    served = tmp_path / "served"
+    (served / "dir").mkdir(parents=True)
+    (served / "dir" / "index.html").write_text("index\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dir/"
+        dockerfile = (
+            f"FROM {BASE}\nADD {url} /index/\nADD --chown=nobody:nogroup {url}index.html /web/\n"
+            "COPY --chown=nobody:nogroup <<EOF /made/by/heredoc/x\nx\nEOF\n"
+        )
+        ctx = write_context(tmp_path / "ctx", dockerfile)
+        archive = tmp_path / "image.tar"
+        build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    entries = image_entries(archive)
+    assert "index/dir" in entries and entries["index/dir"].mode & 0o777 == 0o600
+    for path in ("web", "web/index.html", "made", "made/by", "made/by/heredoc", "made/by/heredoc/x"):
+        assert (entries[path].uid, entries[path].gid) == (65534, 65534), path

@@ -46,7 +46,8 @@ class Fetched:
 
 
 def _filename(url: str) -> str:
-    base = posixpath.basename(urllib.parse.urlparse(url).path)
+    # Go's path.Base: trailing slashes do not count (`.../dir/` is named `dir`).
+    base = posixpath.basename(urllib.parse.urlparse(url).path.rstrip("/"))
     return base if base not in ("", ".", "/") else "__unnamed__"
 
 
@@ -115,15 +116,17 @@ def write_fetched(
         into_dir = st is not None and stat.S_ISDIR(st.st_mode)
     rel = posixpath.join(dest, fetched.name) if into_dir else dest
     target = upper / rel.lstrip("/")
-    if not target.parent.exists():
-        target.parent.mkdir(parents=True, mode=0o755)
-        if image is not None:
-            from lamina.engine.steps.dispatch import keep_lower_dir_meta
-
-            keep_lower_dir_meta(image, upper, posixpath.dirname(rel), late)
+    _, made = make_dest_dirs(upper, posixpath.dirname(rel).strip("/"), image, late)
     shutil.copyfile(fetched.path, target)
     uid, gid = owner if owner else (0, 0)
-    from lamina.engine.steps.dispatch import set_owner_and_mode
+    from lamina.engine.steps.dispatch import chown_all, set_owner_and_mode
+
+    if owner and made:  # the directories made for it are the --chown owner's, as BuildKit's
+        owners = [(path, uid, gid) for path in made]
+        if late is not None:
+            late.extend(owners)
+        else:
+            chown_all(owners)
 
     if fetched.mtime is not None:
         os.utime(target, (fetched.mtime, fetched.mtime))
@@ -235,7 +238,7 @@ def unpack_archives(
             keep.append(item)
             continue
         # An archive is unpacked as a directory at dest, with or without a trailing slash.
-        target, made = _make_dest_dir(upper, dest.strip("/"), image, late)
+        target, made = make_dest_dirs(upper, dest.strip("/"), image, late)
         with _archive_stream(source) as stream:
             try:
                 extract_layer(stream, target, whiteouts=Whiteouts.APPLY, ignore_owners=os.geteuid() != 0)
@@ -270,7 +273,7 @@ def _rootless_archive_owners(source: str, target: Path) -> None:
     chown_all([(path, uid, gid) for path, (uid, gid) in owners.items() if os.path.lexists(path)])
 
 
-def _make_dest_dir(
+def make_dest_dirs(
     upper: Path, target_rel: str, image: Any, late: list[tuple[Path, int, int]] | None
 ) -> tuple[Path, list[Path]]:
     """Create an archive's destination directory; return it and the directories

@@ -285,13 +285,11 @@ def _write_heredoc(
         into_dir = st is not None and stat_module.S_ISDIR(st.st_mode)
     target_rel = posixpath.join(dest, heredoc.path) if into_dir else dest
     target = upper / target_rel.lstrip("/")
-    parent = target.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, mode=0o755)
-        if image is not None:
-            from lamina.engine.steps.dispatch import keep_lower_dir_meta
+    from lamina.engine.steps.add import make_dest_dirs
 
-            keep_lower_dir_meta(image, upper, posixpath.dirname(target_rel), late)
+    _, made = make_dest_dirs(upper, posixpath.dirname(target_rel).strip("/"), image, late)
+    if owner:  # the directories made for it are the --chown owner's, as BuildKit's
+        late.extend((path, *owner) for path in made)
     target.write_text(heredoc.data)
     mode = chmod.apply(0o644, False) if chmod is not None else 0o644
     uid, gid = owner if owner else (0, 0)
