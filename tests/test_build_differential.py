@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -179,3 +180,19 @@ def test_add_url_names_and_owners(cache: Path, tmp_path: Path) -> None:
     assert "index/dir" in entries and entries["index/dir"].mode & 0o777 == 0o600
     for path in ("web", "web/index.html", "made", "made/by", "made/by/heredoc", "made/by/heredoc/x"):
         assert (entries[path].uid, entries[path].gid) == (65534, 65534), path
+
+
+def test_copy_onto_a_dangling_symlink_writes_its_target(cache: Path, tmp_path: Path) -> None:
+    # fsutil's RootPath follows the destination's symlinks even when the target
+    # is missing: BuildKit writes /nowhere and keeps /dangling a link.
+    dockerfile = (
+        f"FROM {BASE}\nRUN ln -s /nowhere /dangling && ln -s /target /file-link && echo old > /target\n"
+        "COPY f /dangling\nCOPY f /file-link\n"
+    )
+    ctx = write_context(tmp_path / "ctx", dockerfile, {"f": "new\n"})
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out)
+    assert os.readlink(out / "dangling") == "/nowhere"
+    assert (out / "nowhere").read_text() == "new\n"
+    assert os.readlink(out / "file-link") == "/target"
+    assert (out / "target").read_text() == "new\n"

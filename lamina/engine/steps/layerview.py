@@ -106,6 +106,14 @@ class LayerView:
         found = self._lookup_exact(resolved.lstrip("/"))
         return found[1] if found else None
 
+    def readlink(self, path: str) -> str | None:
+        """The target of the symlink at `path` (its parents followed); None if it is not one."""
+        resolved = self.resolve(path, follow_last=False)
+        found = self._lookup_exact(resolved.lstrip("/")) if resolved is not None else None
+        if found is None or not stat.S_ISLNK(found[1].st_mode):
+            return None
+        return os.readlink(found[0])
+
     def real_path(self, path: str) -> Path | None:
         """The host path of the top-most copy of the file at `path` (symlinks followed)."""
         resolved = self.resolve(path)
