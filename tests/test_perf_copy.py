@@ -1,0 +1,94 @@
+"""COPY writes plain files with a few threads: the result must be that of
+writing the items one by one, in order."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+import lamina.engine.steps.copy as copy
+from lamina.cache.statcache import StatCache
+from lamina.engine.context import SourceTree, open_build_context
+from lamina.engine.steps.copy import CopyOptions, select_sources, write_selection
+from lamina.errors import ContextError
+
+
+def _context(root: Path) -> SourceTree:
+    """Several batches of files, nested dirs, symlinks, hard links far apart,
+    and two directories holding the same names."""
+    for i in range(300):
+        path = root / "src" / f"d{i % 7}" / f"f{i:03}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"file {i}\n" * (i % 13))
+        os.utime(path, ns=(10**18 + i, 10**18 + i))
+    os.link(root / "src" / "d0" / "f000.txt", root / "src" / "d6" / "zz-link")
+    os.symlink("d1/f001.txt", root / "src" / "sym")
+    for side in ("one", "two"):
+        (root / side / "same").mkdir(parents=True)
+        for i in range(80):
+            (root / side / "same" / f"n{i:02}").write_text(f"{side} {i}\n")
+    return open_build_context(root, StatCache(None))
+
+
+def _listing(out: Path) -> dict[str, tuple[object, ...]]:
+    found: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(out):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            kind = stat.S_IFMT(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                body: object = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                body = (path.read_bytes(), st.st_nlink)
+            else:
+                body = None
+            found[str(path.relative_to(out))] = (kind, stat.S_IMODE(st.st_mode), st.st_mtime_ns, body)
+    return found
+
+
+def _write(tree: SourceTree, sources: list[str], out: Path, **options: object) -> int:
+    selection = select_sources(tree, sources, "/dest/", CopyOptions(**options))  # type: ignore[arg-type]
+    out.mkdir()
+    return write_selection(tree, selection, out)
+
+
+def test_threaded_copy_is_the_ordered_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = _context(tmp_path / "ctx")
+    chmod = copy.parse_chmod("640")
+    threaded = _write(tree, ["src", "one/", "two/"], tmp_path / "threaded", chmod=chmod)
+    monkeypatch.setattr(copy, "_BATCH", 10**9)  # everything written by the calling thread
+    ordered = _write(tree, ["src", "one/", "two/"], tmp_path / "ordered", chmod=chmod)
+    assert threaded == ordered > 0
+    threaded_tree, ordered_tree = _listing(tmp_path / "threaded"), _listing(tmp_path / "ordered")
+    del threaded_tree["dest"], ordered_tree["dest"]  # made now, not copied: its mtime is the clock's
+    assert threaded_tree == ordered_tree
+
+
+def test_later_source_wins_and_hard_links_stay(tmp_path: Path) -> None:
+    tree = _context(tmp_path / "ctx")
+    written = _write(tree, ["src", "one/", "two/"], tmp_path / "out")
+    dest = tmp_path / "out" / "dest"
+    assert (dest / "same" / "n07").read_text() == "two 7\n"
+    assert (dest / "d6" / "zz-link").stat().st_ino == (dest / "d0" / "f000.txt").stat().st_ino
+    assert os.readlink(dest / "sym") == "d1/f001.txt"
+    assert (dest / "d3" / "f010.txt").stat().st_mtime_ns == 10**18 + 10
+    sizes = sum(p.stat().st_size for p in (tmp_path / "ctx").rglob("*") if p.is_file() and not p.is_symlink())
+    assert written == sizes - (dest / "d6" / "zz-link").stat().st_size  # a hard link copies nothing
+
+
+def test_a_file_changed_after_selection_fails_and_stops_the_threads(tmp_path: Path) -> None:
+    tree = _context(tmp_path / "ctx")
+    selection = select_sources(tree, ["src"], "/dest/", CopyOptions())
+    changed = tmp_path / "ctx" / "src" / "d4" / "f200.txt"
+    changed.write_text("changed after the key was made\n")
+    before = threading.active_count()
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ContextError, match=r"d4/f200\.txt changed while the build was reading it"):
+        write_selection(tree, selection, out)
+    assert threading.active_count() == before
