@@ -196,3 +196,33 @@ def test_copy_onto_a_dangling_symlink_writes_its_target(cache: Path, tmp_path: P
     assert (out / "nowhere").read_text() == "new\n"
     assert os.readlink(out / "file-link") == "/target"
     assert (out / "target").read_text() == "new\n"
+
+
+def test_onbuild_trigger_names_a_stage_of_the_child(cache: Path, tmp_path: Path) -> None:
+    # A base image's `ONBUILD COPY --from=builder` names a stage of the
+    # Dockerfile that uses it; current BuildKit builds that stage first
+    # (docker 20.10's cannot), lamina said "needed before it was built".
+    base = write_context(
+        tmp_path / "base", f"FROM {BASE}\nONBUILD COPY --from=builder /out/ /app/\nONBUILD WORKDIR /app\n"
+    )
+    build(cache, base, tags=["lamina-test/onbuild-from:1"])
+    dockerfile = (
+        f"FROM {BASE} AS builder\nRUN mkdir /out && echo built > /out/artifact\n"
+        "FROM lamina-test/onbuild-from:1 AS app\nRUN pwd > /cwd\n"
+        "FROM app\nRUN cat /app/artifact > /seen\n"
+    )
+    out = tmp_path / "out"
+    rootfs(cache, write_context(tmp_path / "ctx", dockerfile), out)
+    assert (out / "app/artifact").read_text() == "built\n"
+    assert (out / "cwd").read_text() == "/app\n"
+    assert (out / "seen").read_text() == "built\n"
+
+
+def test_onbuild_trigger_naming_its_own_stage_is_one_error(cache: Path, tmp_path: Path) -> None:
+    from lamina.errors import BuildError
+
+    base = write_context(tmp_path / "base", f"FROM {BASE}\nONBUILD COPY --from=app /etc/passwd /x\n")
+    build(cache, base, tags=["lamina-test/onbuild-self:1"])
+    ctx = write_context(tmp_path / "ctx", "FROM lamina-test/onbuild-self:1 AS app\nRUN true\n")
+    with pytest.raises(BuildError, match="circular"):
+        build(cache, ctx)

@@ -283,6 +283,8 @@ class Executor:
         self.temp_files: list[Path] = []  # e.g. secrets given by environment variable
         self.dirty: set[str] = set()  # --dry-run: stages with a step that would run
         self._image_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._stage_locks: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._building = threading.local()  # the stages this thread is building, innermost last
         self.remote: RemoteCache | None = None  # --cache-from: asked on a local miss
         if options.cache_from:
             from lamina.engine.remote_cache import RemoteCache
@@ -471,7 +473,6 @@ class Executor:
     # --- running --------------------------------------------------------------------------
 
     def run(self) -> BuildResult:
-        from lamina.engine.steps.dispatch import run_stage
 
         start = time.monotonic()
         for warning in self.plan.warnings:
@@ -480,7 +481,7 @@ class Executor:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.options.jobs))
         try:
             for wave in waves:
-                futures = {pool.submit(run_stage, self, self.plan.stages[i]): i for i in wave}
+                futures = {pool.submit(self.outcome, i): i for i in wave}
                 failure: BaseException | None = None
                 for future in concurrent.futures.as_completed(futures):
                     try:
@@ -492,7 +493,12 @@ class Executor:
                             pending.cancel()
                 if failure is not None:
                     raise failure
-        except BaseException:
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt):
+                # Only this thread saw it: stop the sandboxes the workers wait on.
+                from lamina.engine.sandbox.runner import stop_all
+
+                stop_all()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
@@ -500,10 +506,38 @@ class Executor:
         return self._finish(target, start)
 
     def outcome(self, index: int) -> StageOutcome:
-        try:
-            return self._outcomes[index]
-        except KeyError:
-            raise BuildError(f"stage {index} was needed before it was built") from None
+        """Stage `index` built (once, whoever asks first; others wait for it).
+
+        The plan's waves build every stage the target needs as the Dockerfile
+        shows it; a base image's ONBUILD trigger may still name another stage
+        (`COPY --from=builder`), which is then built here, when first needed,
+        as BuildKit re-plans after reading the triggers.
+        """
+        from lamina.engine.steps.dispatch import run_stage
+
+        with self._lock:
+            lock = self._stage_locks[index]
+        building: list[int] = self._building.__dict__.setdefault("stack", [])
+        if index in building:
+            raise BuildError(f"stage {self._stage_name(index)} needs itself (a circular dependency)")
+        with lock:
+            found = self._outcomes.get(index)
+            if found is not None:
+                return found
+            stage = self.plan.stages.get(index) or self.plan.unplanned.get(index)
+            if stage is None:
+                raise BuildError(f"stage {index} does not exist")
+            building.append(index)
+            try:
+                outcome = run_stage(self, stage)
+            finally:
+                building.pop()
+            self._outcomes[index] = outcome
+            return outcome
+
+    def _stage_name(self, index: int) -> str:
+        stage = self.plan.stages.get(index) or self.plan.unplanned.get(index)
+        return stage.name if stage is not None else str(index)
 
     def _finish(self, target: StageOutcome, start: float) -> BuildResult:
         from lamina.engine.output import commit_image, write_output

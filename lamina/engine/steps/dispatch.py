@@ -61,6 +61,8 @@ class BuildPlan:
     build_args: Mapping[str, str]
     names: Mapping[str, int]  # stage name (lower case) -> index
     warnings: tuple[str, ...] = ()
+    # Stages the target does not reach as written; an ONBUILD trigger of a base image may still name one.
+    unplanned: Mapping[int, StagePlan] = dataclasses.field(default_factory=dict)
 
 
 def make_plan(options: BuildOptions) -> BuildPlan:
@@ -81,12 +83,12 @@ def make_plan(options: BuildOptions) -> BuildPlan:
     )
     needed = {index for wave in plan.waves for index in wave}
     stages = {}
+    unplanned = {}
     for planned in plan.stages:
-        if planned.index not in needed:
-            continue
         base = planned.base
-        _check_platform(planned)
-        stages[planned.index] = StagePlan(
+        if planned.index in needed:
+            _check_platform(planned)
+        (stages if planned.index in needed else unplanned)[planned.index] = StagePlan(
             planned.index,
             planned.display_name,
             planned.instructions,
@@ -106,6 +108,7 @@ def make_plan(options: BuildOptions) -> BuildPlan:
         {kv.key: kv.value for kv in plan.build_args},
         names,
         plan.warnings,
+        unplanned,
     )
 
 
