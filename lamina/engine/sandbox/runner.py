@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
@@ -34,6 +35,19 @@ if TYPE_CHECKING:
 _HELPER = str(Path(__file__).with_name("helper.py"))
 _APT_SANDBOX_ROOT = 'APT::Sandbox::User "root";\n'
 _KILL_GRACE_SECONDS = 2.0
+
+# Helpers running now, so that an interrupt seen by the main thread can stop
+# those that worker threads are waiting on (only the main thread gets SIGINT).
+_LIVE: set[subprocess.Popen[bytes]] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def stop_all() -> None:
+    """Interrupt, then kill, every sandbox this process is running (on Ctrl-C)."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for proc in live:
+        _stop(proc)
 
 
 def default_snapshotter() -> Snapshotter | None:
@@ -267,6 +281,8 @@ def _helper(
         raise SandboxError(f"start the sandbox helper: {err}") from err
     os.close(request_r)
     os.close(report_w)
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
     pump = _Pump(proc.stdout, sink) if sink is not None else None
     try:
         with open(request_w, "wb", buffering=0) as request, open(report_r, "rb", buffering=0) as report:
@@ -286,6 +302,9 @@ def _helper(
     except BaseException:
         _stop(proc)
         raise
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
     lines = messages.splitlines()
     errors = [line[1:] for line in lines if line.startswith("E")]
     if not started and not errors:
@@ -300,8 +319,6 @@ class _Pump:
     """Copies a pipe into a file object on a thread, so neither side can fill up and block."""
 
     def __init__(self, source: IO[bytes] | None, sink: BinaryIO) -> None:
-        import threading
-
         assert source is not None
         self._source, self._sink = source, sink
         self._error: BaseException | None = None
