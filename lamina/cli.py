@@ -24,6 +24,11 @@ class _Group(click.Group):
         except LaminaError as err:
             click.echo(f"error: {err}", err=True)
             ctx.exit(1)
+        except click.UsageError as err:
+            # One line like every other failure, not click's usage banner.
+            hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+            click.echo(f"error: {err.format_message()}{hint}", err=True)
+            ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
