@@ -107,7 +107,25 @@ def parse_outputs(specs: Sequence[str]) -> tuple[OutputSpec, ...]:
     outputs = tuple(parse_output(spec) for spec in specs)
     if sum(1 for output in outputs if output.to_stdout) > 1:
         raise OutputError("only one --output can write to stdout")
+    for output in outputs:
+        check_dest(output)
     return outputs
+
+
+def check_dest(output: OutputSpec) -> None:
+    """Refuse a destination that cannot be written, before the build rather than after it."""
+    if output.type is OutputType.IMAGE or output.to_stdout:
+        return
+    dest = Path(output.dest)
+    what = f"--output type={output.type.value},dest={output.dest}"
+    if output.type is OutputType.LOCAL or not output.tar:
+        if dest.exists() and not dest.is_dir():
+            raise OutputError(f"{what}: {dest} exists and is not a directory")
+        return
+    if dest.is_dir():
+        raise OutputError(f"{what}: {dest} is a directory (a file is written here)")
+    if not dest.parent.is_dir():
+        raise OutputError(f"{what}: directory {dest.parent} does not exist")
 
 
 # --- root filesystem from overlay-form layer directories ----------------------------------
@@ -335,6 +353,7 @@ def _open_dest(output: OutputSpec) -> contextlib.AbstractContextManager[BinaryIO
 
     if output.to_stdout:
         return contextlib.nullcontext(sys.stdout.buffer)
+    check_dest(output)  # again: the build may have taken a while
     from lamina.oci.layout import atomic_output
 
     return atomic_output(Path(output.dest))
