@@ -335,6 +335,11 @@ def build(
                 source_date_epoch = int(text)
             except ValueError:
                 raise PlanError(f"SOURCE_DATE_EPOCH must be an integer, not {text!r}") from None
+    if not Path(context).is_dir():
+        from lamina.errors import ContextError
+
+        why = "is not a directory" if Path(context).exists() else "does not exist"
+        raise ContextError(f"build context {context} {why}")
     specs = [*outputs, *([output] if output else [])]
     options = BuildOptions(
         context=Path(context),

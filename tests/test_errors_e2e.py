@@ -135,7 +135,7 @@ def test_copy_symlink_out_of_context(cache: Path, ctx: Path, tmp_path: Path) -> 
 
 def test_context_dir_missing(cache: Path, tmp_path: Path) -> None:
     line = fails(cache, "build", str(tmp_path / "nonexistent"))
-    assert str(tmp_path / "nonexistent") in line
+    assert line == f"error: build context {tmp_path / 'nonexistent'} does not exist"
 
 
 def test_dockerfile_is_a_directory(cache: Path, ctx: Path) -> None:
@@ -299,7 +299,7 @@ def test_run_killed_by_signal(cache: Path, ctx: Path) -> None:
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "bad.Dockerfile:2" in line
-    assert "signal 9" in line or "SIGKILL" in line or "137" in line
+    assert "exit code 137 (128+SIGKILL)" in line
 
 
 def _children(pid: int) -> list[int]:
