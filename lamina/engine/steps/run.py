@@ -161,11 +161,24 @@ def _sandbox_run(
         if code != 0:
             raise BuildError(
                 f"{instruction.location}: stage {state.name}: "
-                f"process {json.dumps(argv)} did not complete successfully: exit code {code}",
+                f"process {json.dumps(argv)} did not complete successfully: "
+                f"exit code {code}{_signal_note(code)}",
                 tuple(tail),
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _signal_note(code: int) -> str:
+    """` (128+SIGKILL)` for an exit code that says a signal killed the command (a shell's 128+N)."""
+    import signal
+
+    if code <= 128:
+        return ""
+    try:
+        return f" (128+{signal.Signals(code - 128).name})"
+    except ValueError:
+        return ""
 
 
 def _with_output(spec: Any, fd: int) -> Any:
