@@ -198,19 +198,25 @@ def load_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
         record = record or store.resolve(name)
     except ImageNotFound:
         raise BuildError(
-            f"{location}: FROM {ref}: image {name} is not in the store (lamina load or lamina pull it first)"
+            f"{_source(location, ref)}: image {name} is not in the store "
+            "(lamina load or lamina pull it first)"
         ) from None
     manifest = Manifest.from_bytes(store.read_blob(record.manifest, MAX_DOCUMENT), f"manifest of {ref}")
     config_bytes = store.read_blob(manifest.config.digest, MAX_DOCUMENT)
     config = ImageConfig.from_bytes(config_bytes, f"config of {ref}")
     if len(config.diff_ids) != len(manifest.layers):
-        raise BuildError(f"{location}: FROM {ref}: the config and the manifest disagree on the layers")
+        raise BuildError(f"{_source(location, ref)}: the config and the manifest disagree on the layers")
     layers = []
     for blob, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
         path = unpack_layer(executor, blob, diff_id)
         layers.append(ImageLayer(path, diff_id=diff_id, blob=blob))
     key = f"image:{record.manifest}"
     return StageOutcome(ref, config, tuple(layers), key, config.created, ())
+
+
+def _source(location: Any, ref: str) -> str:
+    """How an image error starts: `Dockerfile:3: FROM ref`, or `from=ref` for a mount."""
+    return f"{location}: FROM {ref}" if location is not None else f"from={ref}"
 
 
 def _in_store(store: Any, name: str) -> bool:
@@ -225,7 +231,7 @@ def _pull(executor: Executor, ref: str, location: Any) -> Any:
     factory = executor.options.client_factory
     if factory is None:
         if executor.options.pull:
-            raise BuildError(f"{location}: FROM {ref}: --pull needs a registry client")
+            raise BuildError(f"{_source(location, ref)}: --pull needs a registry client")
         return None
     from lamina.cache.transfer import ensure_image
     from lamina.oci.reference import parse_reference
@@ -234,7 +240,7 @@ def _pull(executor: Executor, ref: str, location: Any) -> Any:
     try:
         return ensure_image(factory, executor.store, parse_reference(ref), policy)
     except LaminaError as err:
-        raise BuildError(f"{location}: FROM {ref}: {err}") from err
+        raise BuildError(f"{_source(location, ref)}: {err}") from err
 
 
 def unpack_layer(executor: Executor, blob: Any, diff_id: Digest) -> Path:
