@@ -363,6 +363,10 @@ def build(
         cache_from=parse_cache_specs(cache_from, "--cache-from"),
         cache_to=parse_cache_specs(cache_to, "--cache-to"),
     )
+    for secret in options.secrets:
+        # As buildx: a secret file that is not there fails the build before it starts.
+        if not str(secret.source).startswith("env:") and not secret.source.is_file():
+            raise PlanError(f"--secret id={secret.id}: {secret.source} is not a readable file")
     if push:
         check_push(options.tags)
     result = execute(options, progress if progress is not None else QuietProgress())
