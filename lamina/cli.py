@@ -30,7 +30,7 @@ class _Group(click.Group):
             click.echo(f"error: {err.format_message()}{hint}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            click.echo("error: interrupted", err=True)
             ctx.exit(130)
 
 

@@ -167,6 +167,18 @@ def test_from_missing_image(cache: Path, ctx: Path) -> None:
     assert "bad.Dockerfile:1" in line and "nosuchimage" in line
 
 
+def test_mount_from_missing_image(cache: Path, ctx: Path) -> None:
+    line = bad_build(
+        cache, ctx, f"FROM {BASE}\nRUN --mount=type=bind,from=lamina-test/nosuch:1,target=/m true\n"
+    )
+    assert "bad.Dockerfile:2" in line and "from=lamina-test/nosuch:1" in line and "None" not in line
+
+
+def test_secret_file_missing(cache: Path, ctx: Path, tmp_path: Path) -> None:
+    line = bad_build(cache, ctx, GOOD, "--secret", f"id=tok,src={tmp_path / 'nosuch'}")
+    assert line == f"error: --secret id=tok: {tmp_path / 'nosuch'} is not a readable file"
+
+
 def test_run_missing_image(cache: Path) -> None:
     line = fails(cache, "run", "lamina-test/nosuch:1", "true")
     assert "lamina-test/nosuch:1" in line
@@ -355,7 +367,8 @@ def test_interrupt_long_run(cache: Path, tmp_path: Path, group: bool) -> None:
         pytest.fail("lamina did not stop within 5 s of SIGINT")
     assert time.monotonic() - start < 5
     assert code != 0
-    assert "Traceback" not in proc.stderr.read()
+    stderr = proc.stderr.read()
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: interrupted"
     time.sleep(0.2)
     assert [pid for pid in kids if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)] == []
     assert (set(scratch.iterdir()) if scratch.exists() else set()) == before
