@@ -109,6 +109,12 @@ def test_build_arg_malformed(cache: Path, ctx: Path) -> None:
     assert "--build-arg" in line and "=oops" in line
 
 
+@pytest.mark.parametrize("path", ["/etc/passwd", "/etc/passwd/sub"])
+def test_workdir_on_a_file(cache: Path, ctx: Path, path: str) -> None:
+    line = bad_build(cache, ctx, f"FROM {BASE}\nWORKDIR {path}\n")
+    assert "bad.Dockerfile:2" in line and "/etc/passwd exists and is not a directory" in line
+
+
 # --- context ---------------------------------------------------------------------------
 
 

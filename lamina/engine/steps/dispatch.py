@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import posixpath
+import stat
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -520,6 +521,12 @@ def _workdir(executor: Executor, state: StageState, instruction: Any) -> None:
     def produce(upper: Path) -> None:
         view = LayerView([layer.path for layer in state.layers])
         missing = view.missing_dirs(directory)
+        # mkdir -p fails on a file where a directory goes, as BuildKit's does.
+        last = posixpath.dirname(missing[0]) if missing else directory
+        found = view.stat(last)
+        if found is not None and not stat.S_ISDIR(found.st_mode):
+            where = "" if last == directory else f"mkdir {directory}: "
+            raise BuildError(f"{where}{last} exists and is not a directory")
         if not missing:
             return
         uid = gid = 0
