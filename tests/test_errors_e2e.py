@@ -275,6 +275,15 @@ def test_add_tar_writes_through_symlink_stay_inside(cache: Path, ctx: Path, tmp_
     still_good(cache, ctx)
 
 
+@pytest.mark.parametrize("dest", ["/etc/passwd/", "/etc/passwd/sub/"])
+def test_add_tar_onto_a_file(cache: Path, ctx: Path, dest: str) -> None:
+    """The base's file stays a file: the unpack is refused, as BuildKit's mkdir fails."""
+    line = bad_build(
+        cache, ctx, f"FROM {BASE}\nADD ok.tar {dest}\n", files={"ok.tar": _tar([("f.txt", b"x")])}
+    )
+    assert "bad.Dockerfile:2" in line and "non-directory: /etc/passwd" in line
+
+
 # --- outputs -----------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from lamina.errors import BuildError, LaminaError
+from lamina.errors import BuildError, ContextError, LaminaError
 
 if TYPE_CHECKING:
     from lamina.engine.executor import Executor
@@ -289,7 +289,11 @@ def make_dest_dirs(
     for part in [p for p in target_rel.split("/") if p]:
         rel = f"{rel}/{part}"
         path = upper / rel.lstrip("/")
-        if not os.path.lexists(path) and (image is None or image.stat(rel) is None):
+        found = image.stat(rel) if image is not None else None
+        if found is not None and not stat.S_ISDIR(found.st_mode):
+            # BuildKit's MkdirAll fails here too; never turn the file into a directory.
+            raise ContextError(f"ADD failed: cannot unpack to non-directory: {rel}")
+        if not os.path.lexists(path) and found is None:
             made.append(path)
     target.mkdir(parents=True, mode=0o755)
     if image is not None:
