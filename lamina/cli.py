@@ -22,16 +22,22 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except LaminaError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {_printable(str(err))}", err=True)
             ctx.exit(1)
         except click.UsageError as err:
             # One line like every other failure, not click's usage banner.
             hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
-            click.echo(f"error: {err.format_message()}{hint}", err=True)
+            click.echo(f"error: {_printable(err.format_message())}{hint}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
+
+
+def _printable(text: str) -> str:
+    """`text` on one line, control characters escaped: a hostile Dockerfile or tar
+    name must not move the cursor or recolour the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @click.group(cls=_Group)

@@ -99,6 +99,12 @@ def test_unterminated_heredoc(cache: Path, ctx: Path) -> None:
     assert "bad.Dockerfile:2" in line and "heredoc" in line
 
 
+def test_control_characters_escaped(cache: Path, ctx: Path) -> None:
+    """A hostile Dockerfile cannot send terminal escapes or extra lines through the error."""
+    line = bad_build(cache, ctx, f"FROM {BASE}\n\x00\x1b[2Jboom\n")
+    assert "bad.Dockerfile:2" in line and "\\x1b[2Jboom" in line and "\x1b" not in line
+
+
 def test_target_missing(cache: Path, ctx: Path) -> None:
     line = bad_build(cache, ctx, f"FROM {BASE} AS one\nLABEL a=1\n", "--target", "nosuch")
     assert "nosuch" in line and "one" in line
@@ -262,6 +268,12 @@ def test_add_tar_with_parent_entry(cache: Path, ctx: Path, tmp_path: Path) -> No
     line = bad_build(cache, ctx, f"FROM {BASE}\nADD evil.tar /dst/\n", files={"evil.tar": evil})
     assert "bad.Dockerfile:2" in line and "escape.txt" in line
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path.parent / "escape.txt").exists()
+
+
+def test_add_tar_with_escapes_in_a_name(cache: Path, ctx: Path) -> None:
+    evil = _tar([("../\x1b[2J\nerror: fake", b"x")])
+    line = bad_build(cache, ctx, f"FROM {BASE}\nADD evil.tar /dst/\n", files={"evil.tar": evil})
+    assert "bad.Dockerfile:2" in line and "\\x1b[2J\\nerror: fake" in line
 
 
 def test_add_tar_writes_through_symlink_stay_inside(cache: Path, ctx: Path, tmp_path: Path) -> None:
