@@ -404,6 +404,9 @@ def build(
     from lamina import api
     from lamina.engine.progress import make_progress
 
+    for path, flag in ((iidfile, "--iidfile"), (metadata_file, "--metadata-file")):
+        if path:
+            _check_file_dest(path, flag)  # before the build, not after it
     sink = make_progress("quiet" if quiet or dry_run else progress)
     result = api.build(
         context,
@@ -431,19 +434,36 @@ def build(
         _print_forecast(result.steps)
         return
     if iidfile:
-        with open(iidfile, "w") as out:
-            out.write(result.config_digest)
+        _write_text(iidfile, "--iidfile", result.config_digest)
     if metadata_file:
         import json
 
-        with open(metadata_file, "w") as out:
-            json.dump(result.metadata(), out, indent=2, sort_keys=True)
-            out.write("\n")
+        _write_text(
+            metadata_file, "--metadata-file", json.dumps(result.metadata(), indent=2, sort_keys=True) + "\n"
+        )
     if not quiet:
         for ref, digest in result.pushed:
             click.echo(f"pushed {ref}@{digest}", err=True)
     if quiet:
         click.echo(result.config_digest)
+
+
+def _check_file_dest(path: str, flag: str) -> None:
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"directory {parent} does not exist", param_hint=flag)
+
+
+def _write_text(path: str, flag: str, text: str) -> None:
+    from lamina.errors import OutputError
+
+    try:
+        with open(path, "w") as out:
+            out.write(text)
+    except OSError as err:
+        raise OutputError(f"{flag} {path}: {err.strerror}") from err
 
 
 # --- registry: pull, push, login, logout ---------------------------------------

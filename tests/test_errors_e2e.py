@@ -340,6 +340,13 @@ def test_oci_output_in_missing_dir(cache: Path, ctx: Path, tmp_path: Path) -> No
     assert not dest.parent.exists()
 
 
+@pytest.mark.parametrize("flag", ["--iidfile", "--metadata-file"])
+def test_result_file_in_missing_dir(cache: Path, ctx: Path, tmp_path: Path, flag: str) -> None:
+    dest = tmp_path / "nonexistent" / "out"
+    line = bad_build(cache, ctx, GOOD, flag, str(dest))
+    assert flag in line and f"directory {dest.parent} does not exist" in line
+
+
 # --- RUN --------------------------------------------------------------------------------------
 
 
