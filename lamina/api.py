@@ -221,6 +221,8 @@ def run(
         variables = dict(item.partition("=")[::2] for item in config.env)
         for item in env:
             key, sep, value = item.partition("=")
+            if not key:
+                raise SandboxError(f"-e {item!r}: the variable needs a name (K=V)")
             if not sep:
                 if key not in environ:
                     continue

@@ -222,6 +222,10 @@ def test_run_missing_image(cache: Path) -> None:
     assert "lamina-test/nosuch:1" in line
 
 
+def test_run_env_without_name(cache: Path) -> None:
+    assert fails(cache, "run", "-e", "=x", BASE, "true") == "error: -e '=x': the variable needs a name (K=V)"
+
+
 def test_save_missing_image(cache: Path, tmp_path: Path) -> None:
     line = fails(cache, "save", "lamina-test/nosuch:1", "-o", str(tmp_path / "s.tar"))
     assert "lamina-test/nosuch:1" in line
