@@ -29,9 +29,20 @@ class _Group(click.Group):
             hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
             click.echo(f"error: {_printable(err.format_message())}{hint}", err=True)
             ctx.exit(err.exit_code)
+        except _Terminated:
+            click.echo("error: terminated", err=True)
+            ctx.exit(143)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, a CI runner), taken like Ctrl-C so sandboxes and scratch dirs are cleaned up."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _printable(text: str) -> str:
@@ -47,6 +58,9 @@ def cli() -> None:
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli(prog_name="lamina")
 
 

@@ -397,9 +397,17 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.sandbox
-@pytest.mark.parametrize("group", [True, False], ids=["ctrl-c", "kill-int"])
-def test_interrupt_long_run(cache: Path, tmp_path: Path, group: bool) -> None:
-    """Ctrl-C (the whole process group) or `kill -INT` (lamina alone) stops a RUN promptly."""
+@pytest.mark.parametrize(
+    ("group", "signum", "message"),
+    [
+        (True, signal.SIGINT, "error: interrupted"),
+        (False, signal.SIGINT, "error: interrupted"),
+        (False, signal.SIGTERM, "error: terminated"),
+    ],
+    ids=["ctrl-c", "kill-int", "kill-term"],
+)
+def test_interrupt_long_run(cache: Path, tmp_path: Path, group: bool, signum: int, message: str) -> None:
+    """Ctrl-C (the whole process group), `kill -INT` or `kill` (lamina alone) stop a RUN promptly."""
     ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN echo started; sleep 30\n")
     env = {**os.environ, "LAMINA_CACHE": str(cache)}
     env.pop("SOURCE_DATE_EPOCH", None)
@@ -420,9 +428,9 @@ def test_interrupt_long_run(cache: Path, tmp_path: Path, group: bool) -> None:
     assert kids, "no sandbox process"
     start = time.monotonic()
     if group:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signum)
     else:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
     try:
         code = proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -432,7 +440,7 @@ def test_interrupt_long_run(cache: Path, tmp_path: Path, group: bool) -> None:
     assert time.monotonic() - start < 5
     assert code != 0
     stderr = proc.stderr.read()
-    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: interrupted"
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == message
     time.sleep(0.2)
     assert [pid for pid in kids if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)] == []
     assert (set(scratch.iterdir()) if scratch.exists() else set()) == before
