@@ -454,3 +454,35 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+@pytest.mark.sandbox
+def test_sigkill_scratch_removed_by_gc(cache: Path, tmp_path: Path) -> None:
+    """SIGKILL cannot be caught: the sandbox dies with lamina, its scratch dir stays until `cache gc`."""
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN echo started; sleep 30\n")
+    env = {**os.environ, "LAMINA_CACHE": str(cache)}
+    env.pop("SOURCE_DATE_EPOCH", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lamina", "build", "--progress=plain", str(ctx)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.rstrip().endswith("] started"):
+            break
+    kids = _children(proc.pid)
+    proc.kill()
+    proc.wait()
+    proc.stderr.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in kids):
+        time.sleep(0.05)
+    assert [pid for pid in kids if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)] == []
+    assert list((cache / "tmp").iterdir()), "expected the killed build's scratch dir"
+    run_cli("cache", "gc", cache=cache)
+    assert list((cache / "tmp").iterdir()) == []
+    (ctx / "Dockerfile").write_text(f"FROM {BASE}\nRUN echo started\n")
+    assert cached_steps(build(cache, ctx)) == [False]

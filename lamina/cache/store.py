@@ -621,7 +621,26 @@ class Store:
                 "DELETE FROM unpacked WHERE diff_id NOT IN (SELECT value FROM json_each(?))",
                 (_json_list(str(d) for d in keep_diff_ids),),
             )
+        freed += self._clear_scratch(remove_tree)
         return GcReport(blobs_removed, unpacked_removed, dropped, freed)
+
+    def _clear_scratch(self, remove_tree: Callable[[Path], None]) -> int:
+        """Empty `tmp/`, where builds keep scratch dirs; a killed build (SIGKILL) leaves its own
+        there. gc holds the store alone, so none is in use. Returns the bytes freed."""
+        freed = 0
+        scratch = self.root / "tmp"
+        for entry in os.scandir(scratch) if scratch.is_dir() else ():
+            path = Path(entry.path)
+            is_dir = entry.is_dir(follow_symlinks=False)
+            size = _tree_size(path) if is_dir else entry.stat(follow_symlinks=False).st_size
+            with contextlib.suppress(OSError, LaminaError):
+                if is_dir:
+                    remove_tree(path)
+                else:
+                    path.unlink()
+            if not os.path.lexists(path):
+                freed += size
+        return freed
 
 
 def _remove_tree(path: Path) -> None:
