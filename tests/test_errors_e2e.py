@@ -486,3 +486,18 @@ def test_sigkill_scratch_removed_by_gc(cache: Path, tmp_path: Path) -> None:
     assert list((cache / "tmp").iterdir()) == []
     (ctx / "Dockerfile").write_text(f"FROM {BASE}\nRUN echo started\n")
     assert cached_steps(build(cache, ctx)) == [False]
+
+
+def test_non_utf8_dockerfile_and_name(cache: Path, tmp_path: Path) -> None:
+    """A Latin-1 Dockerfile naming a Latin-1 file builds; the history shows U+FFFD, as Go's JSON does."""
+    from test_build_helpers import oci_config
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_bytes(f"FROM {BASE}\nCOPY caf\xe9.txt /x\n".encode("latin-1"))
+    (ctx / os.fsdecode(b"caf\xe9.txt")).write_text("latin\n")
+    archive = tmp_path / "image.tar"
+    proc = run_cli("build", "-o", f"type=oci,dest={archive}", str(ctx), cache=cache, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    created_by = [h.get("created_by", "") for h in oci_config(archive)["history"]]
+    assert any("caf\ufffd.txt" in line for line in created_by), created_by

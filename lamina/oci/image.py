@@ -115,7 +115,12 @@ def canonical_json(obj: Any) -> bytes:
         ("\u2029", "\\u2029"),
     ):
         text = text.replace(char, escaped)
-    return text.encode()
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # Bytes that were not UTF-8 (a Dockerfile line, a file name) arrive as lone
+        # surrogates; Go's encoder writes U+FFFD for invalid UTF-8, and so do we.
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
 
 
 def _sorted_map(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
