@@ -402,7 +402,8 @@ def test_random_hostile_layers_never_escape(members: list[tuple[bytes, str, str]
             extract_layer(io.BytesIO(build_tar(*crafted)), arena.target, whiteouts=mode)
             event("extracted")
         except LayerError as err:  # refusing is fine; escaping or crashing is not
-            event(str(err).split(": ")[-1][:30])
+            label = str(err).split(": ")[-1][:30]
+            event(label.encode("utf-8", "backslashreplace").decode("ascii", "replace"))
         arena.assert_untouched()
 
 
