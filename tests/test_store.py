@@ -221,8 +221,9 @@ def _writer_process(root: str, seed: int, n: int) -> None:
 
 
 def _write_and_read(root: str, seed: int, n: int) -> None:
-    with Store(root) as store:
-        for i in range(n):
+    # A store per blob, as separate lamina commands do: opening and closing meet too.
+    for i in range(n):
+        with Store(root) as store:
             data = f"blob {i % 10}".encode() * 1000  # the two writers share half their blobs
             info = store.put_bytes(data, Digest.of_bytes(data))
             store.tag(f"w{seed}:{i}", info.digest, size=info.size)

@@ -8,6 +8,7 @@ Layout under the root (see `default_cache_root` for where that is):
     unpacked/.tmp-*/         unpacks in flight
     index.db (-wal, -shm)    SQLite in WAL mode: names, layers, cache results
     lock                     flock: shared while a Store is open, exclusive for gc
+    open.lock                flock: openers take turns setting up the index
 
 Invariants, and what keeps them:
 - A name under blobs/ always holds exactly the bytes its digest says. Bytes
@@ -265,24 +266,7 @@ class Store:
             self._unpacked.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             _flock(self._lock_fd, exclusive=False, wait=True)
-            db = sqlite3.connect(
-                self.root / "index.db",
-                timeout=_BUSY_TIMEOUT_S,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
-            db.execute("PRAGMA foreign_keys = ON")
-            if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
-                with _transaction(db):
-                    # executescript() would COMMIT first: run the statements one by one.
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            db.execute(statement)
-                    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            self._db = db
+            self._db = _open_index(self.root)
         except (OSError, sqlite3.Error) as err:
             self.close()
             raise StoreError(f"open store {self.root}: {err}") from err
@@ -290,7 +274,10 @@ class Store:
 
     def close(self) -> None:
         if self._db is not None:
-            self._db.close()
+            # The last connection to close checkpoints and removes the WAL file: an
+            # opener meeting that halfway gets "database is locked" without waiting.
+            with _open_lock(self.root):
+                self._db.close()
             self._db = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -678,6 +665,47 @@ def _tree_size(root: Path) -> int:
             seen.add((st.st_dev, st.st_ino))
             total += st.st_size
     return total
+
+
+def _open_index(root: Path) -> sqlite3.Connection:
+    import sqlite3
+
+    # Switching a new database to WAL answers "database is locked" at once, without
+    # waiting on the busy timeout, when another process is doing the same: openers
+    # take turns on a lock of their own (not the store lock, which gc upgrades).
+    with _open_lock(root):
+        db = sqlite3.connect(
+            root / "index.db",
+            timeout=_BUSY_TIMEOUT_S,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                with _transaction(db):
+                    # executescript() would COMMIT first: run the statements one by one.
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+
+@contextlib.contextmanager
+def _open_lock(root: Path) -> Iterator[None]:
+    fd = os.open(root / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        _flock(fd, exclusive=True, wait=True)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _flock(fd: int, *, exclusive: bool, wait: bool) -> None:
