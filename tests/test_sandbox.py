@@ -143,9 +143,19 @@ def test_user_by_name_gets_its_groups_and_home(rootfs: Path, tmp_path: Path) -> 
         with pytest.raises(SandboxError, match="not mapped"):
             sh(rootfs, "id", tmp_path, user="app")
         return
-    code, out = sh(rootfs, "id -u; id -g; id -G; echo $HOME", tmp_path, user="app")
+    script = "id -u; id -g; id -G; echo $HOME; grep Groups: /proc/self/status"
+    code, out = sh(rootfs, script, tmp_path, user="app")
     assert code == 0, out
-    assert out.split("\n")[:4] == ["1000", "1000", "1000 2000", "/home/app"]
+    # As runc: the supplementary groups are the memberships alone, not the primary group.
+    assert out.split("\n")[:5] == ["1000", "1000", "1000 2000", "/home/app", "Groups:\t2000 "]
+
+
+def test_root_and_user_with_group_get_no_supplementary_groups(rootfs: Path, tmp_path: Path) -> None:
+    if detect_ids().mode is IdMode.SINGLE:
+        pytest.skip("a single-id map cannot set groups")
+    for user in ("", "app:app"):
+        code, out = sh(rootfs, "grep Groups: /proc/self/status", tmp_path, user=user)
+        assert (code, out.strip()) == (0, "Groups:"), user
 
 
 def test_numeric_user_and_group(rootfs: Path, tmp_path: Path) -> None:

@@ -442,8 +442,11 @@ def resolve_user(spec: str) -> tuple[int, int, list[int], str]:
             if match is None:
                 raise SetupError(f"unable to find group {group}: no matching entries in group file")
             gid = int(match[2])
-    groups = [gid]
-    if entry is not None and not group:
+    # As runc's GetExecUser: supplementary groups are the /etc/group entries that
+    # list the user, only when the spec names a user and no group; the primary
+    # group is not added to them (BuildKit's RUN shows `Groups:` empty otherwise).
+    groups: list[int] = []
+    if user and entry is not None and not group:
         for row in groups_table:
             members = row[3].split(",") if len(row) > 3 else []
             if entry[0] in members and row[2].isdigit() and int(row[2]) not in groups:
