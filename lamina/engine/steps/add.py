@@ -117,6 +117,7 @@ def write_fetched(
     rel = posixpath.join(dest, fetched.name) if into_dir else dest
     target = upper / rel.lstrip("/")
     _, made = make_dest_dirs(upper, posixpath.dirname(rel).strip("/"), image, late)
+    clear_target(target)
     shutil.copyfile(fetched.path, target)
     uid, gid = owner if owner else (0, 0)
     from lamina.engine.steps.dispatch import chown_all, set_owner_and_mode
@@ -271,6 +272,14 @@ def _rootless_archive_owners(source: str, target: Path) -> None:
             except UnsafePath:
                 continue  # the extractor refused it too
     chown_all([(path, uid, gid) for path, (uid, gid) in owners.items() if os.path.lexists(path)])
+
+
+def clear_target(target: Path) -> None:
+    """Remove a file or symlink this step already wrote at `target`, rather than
+    write through it (a symlink may point anywhere; a file may be a hard link
+    into an earlier layer, see steps/copy.py)."""
+    if target.is_symlink() or target.is_file():
+        target.unlink()
 
 
 def make_dest_dirs(

@@ -29,6 +29,7 @@ from lamina.errors import BuildError
 
 if TYPE_CHECKING:
     from lamina.engine.executor import Executor, StageOutcome, StageState
+    from lamina.engine.steps.copy import PriorCopy, WrittenFile
     from lamina.engine.steps.dispatch import StagePlan
 
 
@@ -111,7 +112,14 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
         produce_parts.append(("url", fetched))
     inputs = make_inputs(state.key, keyword + " " + described_text, {}, PLATFORM, content.hexdigest())
 
+    # Unchanged files are linked from the last run's layer, unless something
+    # after the copy would chown them (unprivileged --chown or --from).
+    link_prior = os.geteuid() == 0 or (owner is None and not from_)
+    written: dict[str, WrittenFile] = {}
+    where = ""
+
     def produce(upper: Path) -> None:
+        nonlocal where
         from lamina.engine.steps.add import unpack_archives, write_fetched
         from lamina.engine.steps.copy import write_selection
         from lamina.engine.steps.dispatch import chown_all
@@ -124,7 +132,11 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
                 tree, selection = part()
                 if is_add and instruction.unpack is not False:
                     selection = unpack_archives(tree, selection, upper, dest, owner, image, local, late)
-                write_selection(tree, selection, upper, image, late_owners=late)
+                prior = None
+                if link_prior:
+                    where = "copy-files:" + executor.step_position(state, instruction)
+                    prior = _load_prior_copy(executor, where)
+                write_selection(tree, selection, upper, image, late_owners=late, prior=prior, written=written)
                 if os.geteuid() != 0 and owner is not None:
                     _rootless_owners(upper, selection, owner, image)
                 elif os.geteuid() != 0 and from_:
@@ -136,6 +148,8 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
         chown_all(late)
 
     has_layer = layer_step(executor, state, instruction, inputs, produce)
+    if where and written and has_layer:
+        _save_prior_copy(executor, where, state.layers[-1].dir_id, written)
     created_by = md.copy_created_by(
         keyword,
         instruction.sources,
@@ -148,6 +162,35 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
     state.config = md.add_history(
         state.config, created_by, created=executor.created(state), empty_layer=not has_layer, ran=True
     )
+
+
+def _load_prior_copy(executor: Executor, where: str) -> PriorCopy | None:
+    """The files the last run of this COPY wrote, if its layer directory is still there."""
+    from lamina.engine.steps.copy import PriorCopy, WrittenFile
+    from lamina.oci.digest import Digest
+
+    text = executor.store.cache_get(where)
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+        root = executor.store.unpacked_path(Digest("sha256", record["dir"]))
+        files = {
+            dest: WrittenFile(bytes.fromhex(content), *numbers)
+            for dest, (content, *numbers) in record["files"].items()
+        }
+    except (ValueError, KeyError, TypeError):
+        return None  # an older record: copy everything
+    return PriorCopy(root, files) if root.is_dir() else None
+
+
+def _save_prior_copy(executor: Executor, where: str, dir_id: str, written: dict[str, WrittenFile]) -> None:
+    files = {
+        dest: [f.content.hex(), f.mode, f.uid, f.gid, f.mtime_ns, f.size, f.inode]
+        for dest, f in written.items()
+    }
+    # No refs: this record keeps no layer from gc; a missing directory means copying.
+    executor.store.cache_put(where, json.dumps({"dir": dir_id, "files": files}))
 
 
 def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int], image: Any) -> None:
@@ -285,11 +328,12 @@ def _write_heredoc(
         into_dir = st is not None and stat_module.S_ISDIR(st.st_mode)
     target_rel = posixpath.join(dest, heredoc.path) if into_dir else dest
     target = upper / target_rel.lstrip("/")
-    from lamina.engine.steps.add import make_dest_dirs
+    from lamina.engine.steps.add import clear_target, make_dest_dirs
 
     _, made = make_dest_dirs(upper, posixpath.dirname(target_rel).strip("/"), image, late)
     if owner:  # the directories made for it are the --chown owner's, as BuildKit's
         late.extend((path, *owner) for path in made)
+    clear_target(target)
     target.write_text(heredoc.data)
     mode = chmod.apply(0o644, False) if chmod is not None else 0o644
     uid, gid = owner if owner else (0, 0)

@@ -1,0 +1,97 @@
+"""A COPY that re-runs after a small change links unchanged files from its last layer.
+
+The layers must stay what their keys say: the old layer keeps its bytes and
+metadata, the new one holds exactly what a full copy would have written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_build_helpers import BASE, build, make_cache, rootfs, write_context
+
+pytestmark = pytest.mark.sandbox
+
+DOCKERFILE = f"""\
+FROM {BASE}
+COPY . /data/
+"""
+
+
+@pytest.fixture
+def cache(tmp_path: Path, busybox_image: Path) -> Path:
+    return make_cache(tmp_path, busybox_image)
+
+
+def _layer_files(cache: Path, rel: str) -> dict[Path, os.stat_result]:
+    """Every built layer directory's copy of /data/<rel>, by directory."""
+    found = {}
+    for layer in (cache / "unpacked").iterdir():
+        path = layer / "data" / rel
+        if not layer.name.startswith(".") and path.is_file():
+            found[layer] = path.stat()
+    return found
+
+
+def test_unchanged_files_share_the_last_layers_inodes(cache: Path, tmp_path: Path) -> None:
+    files = {f"src/f{i}.txt": f"file {i}\n" for i in range(40)}
+    ctx = write_context(tmp_path / "ctx", DOCKERFILE, files)
+    first = build(cache, ctx)
+    (ctx / "src/f7.txt").write_text("changed\n")
+    second = build(cache, ctx)
+    assert second.image_digest != first.image_digest
+
+    same = _layer_files(cache, "src/f3.txt")
+    assert len(same) == 2 and len({st.st_ino for st in same.values()}) == 1
+    changed = _layer_files(cache, "src/f7.txt")
+    assert len({st.st_ino for st in changed.values()}) == 2
+    assert sorted(path.read_text() for path in (layer / "data/src/f7.txt" for layer in changed)) == [
+        "changed\n",
+        "file 7\n",
+    ]
+
+
+def test_a_file_whose_mode_changed_is_copied_and_the_old_layer_keeps_its_mode(
+    cache: Path, tmp_path: Path
+) -> None:
+    ctx = write_context(tmp_path / "ctx", DOCKERFILE, {"tool.sh": "echo hi\n", "other": "x\n"})
+    (ctx / "tool.sh").chmod(0o644)
+    build(cache, ctx)
+    (ctx / "tool.sh").chmod(0o755)
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out)
+    assert (out / "data/tool.sh").stat().st_mode & 0o777 == 0o755
+    modes = sorted(st.st_mode & 0o777 for st in _layer_files(cache, "tool.sh").values())
+    assert modes == [0o644, 0o755]
+
+
+def test_rebuild_equals_a_build_from_an_empty_cache(cache: Path, tmp_path: Path, busybox_image: Path) -> None:
+    files = {f"d{i % 3}/f{i}": f"{i}\n" * i for i in range(30)}
+    ctx = write_context(tmp_path / "ctx", DOCKERFILE, files)
+    build(cache, ctx)
+    (ctx / "d1/f4").write_text("new\n")
+    (ctx / "d2/f5").unlink()
+    (ctx / "d0/new").write_text("added\n")
+    linked = build(cache, ctx)
+    fresh = build(make_cache(tmp_path / "fresh", busybox_image), ctx)
+    assert linked.image_digest == fresh.image_digest
+
+
+def test_heredoc_over_a_copied_symlink_does_not_write_through_it(cache: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("host file\n")
+    text = f"""\
+FROM {BASE}
+COPY src/ <<EOF /d/
+from the heredoc
+EOF
+"""
+    ctx = write_context(tmp_path / "ctx", text)
+    (ctx / "src").mkdir()
+    (ctx / "src/EOF").symlink_to(outside)  # inside a copied directory: copied as a symlink
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out)
+    assert outside.read_text() == "host file\n"
+    assert (out / "d/EOF").read_text() == "from the heredoc\n"
