@@ -170,6 +170,17 @@ def test_du_by_kind(store: Store) -> None:
     assert usage.total == usage.blobs + usage.unpacked + usage.index
 
 
+def test_du_counts_a_file_two_layers_share_once(store: Store) -> None:
+    first = store.new_unpack_dir()
+    (first / "f").write_bytes(b"y" * 500)
+    second = store.new_unpack_dir()
+    os.link(first / "f", second / "f")  # a re-run COPY links what did not change
+    (second / "new").write_bytes(b"z" * 20)
+    store.publish_unpacked(first, Digest.of_bytes(b"1"))
+    store.publish_unpacked(second, Digest.of_bytes(b"2"))
+    assert (store.du().unpacked, store.du().unpacked_count) == (520, 2)
+
+
 def test_gc_keeps_what_names_and_cache_refs_need(store: Store) -> None:
     from lamina.oci.image import OCI_CONFIG, OCI_LAYER, Manifest, descriptor_of
 

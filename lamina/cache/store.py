@@ -502,10 +502,11 @@ class Store:
                 count += 1
         unpacked = 0
         unpacked_count = 0
+        seen: set[tuple[int, int]] = set()  # a COPY's layer shares inodes with its last run's
         for entry in os.scandir(self._unpacked):
             if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
                 unpacked_count += 1
-                unpacked += _tree_size(Path(entry.path))
+                unpacked += _tree_size(Path(entry.path), seen)
         index = sum(p.stat().st_size for p in self.root.glob("index.db*") if p.is_file())
         return Usage(blobs, count, unpacked, unpacked_count, index)
 
@@ -597,7 +598,7 @@ class Store:
             stale_tmp = entry.name.startswith(".tmp-") and now - entry.stat().st_mtime > _STALE_TMP_S
             unused = not entry.name.startswith(".") and Digest("sha256", entry.name) not in keep_diff_ids
             if stale_tmp or unused:
-                size = _tree_size(Path(entry.path))
+                size = _tree_size(Path(entry.path), set())
                 with contextlib.suppress(OSError, LaminaError):
                     remove_tree(Path(entry.path))  # what cannot go stays, and is not counted
                 if not os.path.exists(entry.path):
@@ -619,7 +620,7 @@ class Store:
         for entry in os.scandir(scratch) if scratch.is_dir() else ():
             path = Path(entry.path)
             is_dir = entry.is_dir(follow_symlinks=False)
-            size = _tree_size(path) if is_dir else entry.stat(follow_symlinks=False).st_size
+            size = _tree_size(path, set()) if is_dir else entry.stat(follow_symlinks=False).st_size
             with contextlib.suppress(OSError, LaminaError):
                 if is_dir:
                     remove_tree(path)
@@ -650,9 +651,8 @@ def _image_record(row: tuple[str, str, int, str]) -> ImageRecord:
     return ImageRecord(row[0], Digest.parse(row[1]), row[2], row[3])
 
 
-def _tree_size(root: Path) -> int:
-    """Apparent size of a tree, each hard-linked inode counted once."""
-    seen: set[tuple[int, int]] = set()
+def _tree_size(root: Path, seen: set[tuple[int, int]]) -> int:
+    """Apparent size of a tree, each hard-linked inode not in `seen` counted once."""
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
