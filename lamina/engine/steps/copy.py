@@ -527,17 +527,19 @@ def write_selection(
             writer.make_dir(made)
         for item in selection.items:
             writer.write(item)
+        writer.drain()
+        if written is not None and digests is not None:
+            # Before finish(): unprivileged, it may leave directories we cannot search.
+            for item in selection.items:  # in order: the last write of a path is what it holds
+                if item.entry.type is EntryType.FILE:
+                    st = os.lstat(writer.target(item.dest))
+                    content = digests[item.entry.path]
+                    written[item.dest] = WrittenFile(
+                        content, item.mode, item.uid, item.gid, st.st_mtime_ns, st.st_size, st.st_ino
+                    )
         writer.finish()
     finally:
         writer.close()
-    if written is not None and digests is not None:
-        for item in selection.items:  # in order: the last write of a path is what it holds
-            if item.entry.type is EntryType.FILE:
-                st = os.lstat(writer.target(item.dest))
-                content = digests[item.entry.path]
-                written[item.dest] = WrittenFile(
-                    content, item.mode, item.uid, item.gid, st.st_mtime_ns, st.st_size, st.st_ino
-                )
     if late_owners is not None:
         late_owners.extend(writer.late_owners)
     elif writer.late_owners:
