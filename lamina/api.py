@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from lamina.engine.executor import BuildResult
     from lamina.engine.plan import Plan
     from lamina.engine.progress import ProgressSink
-    from lamina.oci.image import Descriptor, Platform
+    from lamina.oci.image import Descriptor
     from lamina.oci.registry import RegistryClient
 
 
@@ -423,7 +423,9 @@ def pull(
 
     env = dict(os.environ if environ is None else environ)
     ref = parse_reference(reference)
-    want = _parse_platform(platform) if platform else None
+    from lamina.oci.image import Platform
+
+    want = Platform.parse(platform) if platform else None
     root = cache_dir if cache_dir is not None else default_cache_root(env)
     with Store(root) as store, registry_client(env, insecure_registries) as client:
         return transfer.pull(client, store, ref, platform=want, log=log)
@@ -494,16 +496,6 @@ def _registry_name(text: str) -> str:
     if name in (DOCKER_HUB_API, "index.docker.io") or text in DOCKER_HUB_LEGACY_KEYS:
         return DOCKER_HUB
     return name
-
-
-def _parse_platform(text: str) -> Platform:
-    from lamina.errors import RegistryError
-    from lamina.oci.image import Platform
-
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise RegistryError(f"invalid platform {text!r}: want os/arch[/variant], e.g. linux/amd64")
-    return Platform(architecture=parts[1], os=parts[0], variant=parts[2] if len(parts) == 3 else "")
 
 
 def __getattr__(name: str) -> Any:

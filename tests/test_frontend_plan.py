@@ -26,7 +26,7 @@ from lamina.engine.plan import (
 from lamina.errors import DockerfileError, PlanError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "multistage"
-AMD64 = Platform("linux", "amd64")
+AMD64 = Platform(architecture="amd64", os="linux")
 
 
 def _plan(text: str, **kwargs: object) -> Plan:
@@ -177,12 +177,11 @@ def test_platform_args_come_from_the_host() -> None:
 
 
 def test_host_platform_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lamina.engine.plan as plan_module
-
-    monkeypatch.setattr(plan_module._platform, "machine", lambda: "aarch64")
-    assert str(host_platform()) == "linux/arm64"
-    monkeypatch.setattr(plan_module._platform, "machine", lambda: "x86_64")
-    assert str(host_platform()) == "linux/amd64"
+    # As BuildKit's TARGETPLATFORM: arm64 without its implied v8, arm with its variant.
+    cases = (("aarch64", "linux/arm64"), ("x86_64", "linux/amd64"), ("armv7l", "linux/arm/v7"))
+    for machine, expected in cases:
+        monkeypatch.setattr("platform.machine", lambda m=machine: m)
+        assert str(host_platform()) == expected
 
 
 def test_parse_build_args() -> None:

@@ -80,7 +80,7 @@ def _front_end(data: str | bytes) -> None:
     parsed = parse(data)
     parsed.dump()
     parse_stages(parsed)
-    make_plan(parsed, build_platform=Platform("linux", "amd64"))
+    make_plan(parsed, build_platform=Platform(architecture="amd64", os="linux"))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -32,8 +32,6 @@ from lamina.oci.image import (
     default_config,
     descriptor_of,
     format_time,
-    layer_compression,
-    layer_media_type,
 )
 from lamina.oci.validate import config_problems
 from tests.support import schema
@@ -178,11 +176,17 @@ def test_default_config_is_buildkit_scratch() -> None:
 
 
 def test_media_types_and_compressions() -> None:
-    assert layer_media_type("zstd") == "application/vnd.oci.image.layer.v1.tar+zstd"
-    assert layer_media_type("gzip", docker=True) == "application/vnd.docker.image.rootfs.diff.tar.gzip"
-    assert layer_compression("application/vnd.docker.image.rootfs.diff.tar.gzip") == "gzip"
-    with pytest.raises(ImageFormatError, match="unsupported layer media type"):
-        layer_compression(OCI_CONFIG)
+    from lamina.errors import LayerError
+    from lamina.oci.compression import Compression
+
+    assert Compression.ZSTD.media_type == "application/vnd.oci.image.layer.v1.tar+zstd"
+    docker_gzip = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    assert Compression.GZIP.docker_media_type == docker_gzip
+    assert Compression.from_media_type(docker_gzip) is Compression.GZIP
+    nondistributable = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+    assert Compression.from_media_type(nondistributable) is Compression.ZSTD
+    with pytest.raises(LayerError, match="unsupported layer media type"):
+        Compression.from_media_type(OCI_CONFIG)
 
 
 def test_format_time() -> None:

@@ -353,6 +353,12 @@ def test_select_platform_from_index(want: Platform, picked: str) -> None:
     assert descriptor.platform.variant == want.variant or picked == "arm64"
 
 
+def test_select_platform_arm64_host_takes_an_entry_that_spells_out_v8() -> None:
+    index, _ = make_index(("linux", "amd64", ""), ("linux", "arm64", "v8"))
+    descriptor = select_platform(index, Platform(architecture="arm64", os="linux"), "pull x")
+    assert descriptor.platform is not None and str(descriptor.platform) == "linux/arm64/v8"
+
+
 def test_select_platform_missing_lists_what_is_there() -> None:
     index, _ = make_index(("linux", "arm64", ""), ("linux", "s390x", ""))
     with pytest.raises(RegistryError) as info:

@@ -39,8 +39,6 @@ from lamina.oci.image import (
     ImageConfig,
     Manifest,
     descriptor_of,
-    layer_compression,
-    layer_media_type,
 )
 from lamina.oci.layout import BlobSource, ExportImage, SourceImage, atomic_output
 from lamina.oci.reference import InvalidReference, parse_reference
@@ -111,7 +109,7 @@ def import_image(
         known = store.layer(layer.digest)
         if known is not None and known.diff_id == diff_id and store.has_blob(layer.digest):
             continue
-        compression = Compression(layer_compression(layer.media_type))
+        compression = Compression.from_media_type(layer.media_type)
         with source.open_blob(layer.digest) as blob, store.blob_writer() as out:
             try:
                 got = copy_layer(blob, out, compression)
@@ -201,9 +199,9 @@ def with_compression(store: Store, image: SourceImage, compression: Compression 
     manifest = Manifest.from_bytes(image.manifest_bytes)
     layers: list[Descriptor] = []
     for layer, diff_id in zip(image.layers, image.diff_ids, strict=True):
-        current = Compression(layer_compression(layer.media_type))
+        current = Compression.from_media_type(layer.media_type)
         target = current if compression is None else compression
-        media_type = layer_media_type(target.value)
+        media_type = target.media_type
         if target is not current:
             layer = _layer_as(store, layer, diff_id, current, target)
         layers.append(dataclasses.replace(layer, media_type=media_type))
@@ -228,9 +226,7 @@ def _layer_as(
 ) -> Descriptor:
     from lamina.oci.layer import recompress
 
-    found = store.find_layer(
-        diff_id, [layer_media_type(target.value), layer_media_type(target.value, docker=True)]
-    )
+    found = store.find_layer(diff_id, [target.media_type, target.docker_media_type])
     if found is not None:
         return Descriptor(found.media_type, found.blob, found.size)
     with store.open_blob(layer.digest) as blob, store.blob_writer() as out:
@@ -293,7 +289,7 @@ def _uncompressed(store: Store, layer: Descriptor, diff_id: Digest, tmp: Path) -
     if store.has_blob(diff_id):
         return DockerLayer(diff_id, store.blob_size(diff_id), _opener(store.blob_path(diff_id)))
     target = tmp / diff_id.hex
-    compression = Compression(layer_compression(layer.media_type))
+    compression = Compression.from_media_type(layer.media_type)
     with store.open_blob(layer.digest) as blob, open(target, "wb") as f:
         got, size = hash_decoded(blob, compression, lambda tar: shutil.copyfileobj(tar, f, CHUNK))
     if got != diff_id:

@@ -34,7 +34,6 @@ Why this shape:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -196,21 +195,18 @@ def _parse_config(data: bytes, what: str) -> CacheEntry:
 def _check_diff_id(store: Store, layer: Descriptor, diff_id: Digest, what: str) -> None:
     """Decompress the stored layer and compare its digest with `diff_id` (the tar the step made)."""
     from lamina.errors import DigestMismatch, ImageFormatError
-    from lamina.oci.compression import Compression, iter_chunks, open_decompressed
+    from lamina.oci.compression import Compression, hash_decoded
 
     try:
         compression = Compression.from_media_type(layer.media_type)
     except LaminaError as err:
         raise ImageFormatError(f"{what}: {err}") from err
-    hasher = hashlib.sha256()
     try:
         with store.open_blob(layer.digest) as raw:
-            for chunk in iter_chunks(open_decompressed(raw, compression)):
-                hasher.update(chunk)
+            got, _ = hash_decoded(raw, compression)
     except (OSError, EOFError, LaminaError, ValueError) as err:
         raise DigestMismatch(f"{what}: layer {layer.digest.short} does not decompress: {err}") from err
-    if hasher.hexdigest() != diff_id.hex:
-        got = f"sha256:{hasher.hexdigest()}"
+    if got != diff_id:
         raise DigestMismatch(f"{what}: layer {layer.digest.short} unpacks to {got}, not {diff_id}")
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.errors import OutputError
 from lamina.oci.digest import Digest
+from lamina.oci.overlay import is_opaque, is_whiteout
 
 if TYPE_CHECKING:
     from lamina.cache.store import Store
@@ -130,22 +131,6 @@ def check_dest(output: OutputSpec) -> None:
 
 # --- root filesystem from overlay-form layer directories ----------------------------------
 
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
-
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def _is_opaque(path: Path) -> bool:
-    for name in _OPAQUE_XATTRS:
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            continue
-    return False
-
 
 def _remove(path: Path) -> None:
     try:
@@ -212,7 +197,7 @@ def merge_layers(layer_dirs: Sequence[Path], dest: Path) -> None:
                 src = Path(root, name)
                 st = src.lstat()
                 target = dest / rel / name
-                if _is_whiteout(st):
+                if is_whiteout(st):
                     _remove(target)
                 else:
                     _copy_entry(src, target, st, links)
@@ -223,7 +208,7 @@ def merge_layers(layer_dirs: Sequence[Path], dest: Path) -> None:
                     continue
                 st = src.lstat()
                 target = dest / rel / name
-                if _is_opaque(src):
+                if is_opaque(src):
                     _remove(target)
                 _copy_entry(src, target, st, links)
                 os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import platform as _platform
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
@@ -45,6 +44,7 @@ from lamina.engine.dockerfile.instructions import (
 )
 from lamina.engine.dockerfile.parser import Dockerfile
 from lamina.errors import ExpansionError, InstructionError, Location, PlanError
+from lamina.oci.image import Platform, host_platform
 
 PROXY_ARGS = frozenset(
     {
@@ -73,45 +73,6 @@ PLATFORM_ARGS = (
 # Build args BuildKit itself reads: never reported as unused.
 BUILTIN_ARGS = frozenset({"SOURCE_DATE_EPOCH", "TARGETSTAGE"})
 SCRATCH = "scratch"
-
-_ARCHES = {
-    "x86_64": ("amd64", ""),
-    "amd64": ("amd64", ""),
-    "aarch64": ("arm64", ""),
-    "arm64": ("arm64", ""),
-    "armv7l": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "i386": ("386", ""),
-    "i686": ("386", ""),
-    "ppc64le": ("ppc64le", ""),
-    "s390x": ("s390x", ""),
-    "riscv64": ("riscv64", ""),
-}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str = ""
-
-    def __str__(self) -> str:
-        text = f"{self.os}/{self.architecture}"
-        return f"{text}/{self.variant}" if self.variant else text
-
-    @classmethod
-    def parse(cls, text: str) -> Platform:
-        parts = text.strip().lower().split("/")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise PlanError(f"invalid platform {text!r}: expected os/arch[/variant]")
-        return cls(*parts)
-
-
-def host_platform() -> Platform:
-    """The platform of this machine (linux/amd64 on x86_64, linux/arm64 on aarch64...)."""
-    machine = _platform.machine().lower()
-    arch, variant = _ARCHES.get(machine, (machine, ""))
-    return Platform("linux", arch, variant)
 
 
 def platform_args(target: Platform, build: Platform) -> tuple[KeyValue, ...]:

@@ -21,8 +21,14 @@ from typing import BinaryIO, Protocol
 
 from lamina.errors import LayerError
 from lamina.oci.digest import Digest
-
-MEDIA_TYPE_TAR = "application/vnd.oci.image.layer.v1.tar"
+from lamina.oci.image import (
+    DOCKER_LAYER,
+    DOCKER_LAYER_GZIP,
+    DOCKER_LAYER_ZSTD,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+)
 
 # ISA-L levels run 0-3; 1 and 2 are the fast ones (~1 GB/s a core here) and
 # compress like zlib's level 4-6 on real file trees.
@@ -49,9 +55,13 @@ class Compression(enum.Enum):
 
     @property
     def media_type(self) -> str:
-        if self is Compression.NONE:
-            return MEDIA_TYPE_TAR
-        return f"{MEDIA_TYPE_TAR}+{self.value}"
+        """The OCI layer media type of a layer in this compression."""
+        return _OCI_LAYER_TYPES[self]
+
+    @property
+    def docker_media_type(self) -> str:
+        """The Docker (schema 2) layer media type of a layer in this compression."""
+        return _DOCKER_LAYER_TYPES[self]
 
     @classmethod
     def parse(cls, name: str) -> Compression:
@@ -66,14 +76,12 @@ class Compression(enum.Enum):
 
     @classmethod
     def from_media_type(cls, media_type: str) -> Compression:
-        """The compression a layer media type (OCI or Docker) declares."""
-        if media_type.endswith(("+gzip", ".gzip")):
-            return cls.GZIP
-        if media_type.endswith(("+zstd", ".zstd")):
-            return cls.ZSTD
-        if media_type.endswith((".tar", "tar.diff")) or media_type == MEDIA_TYPE_TAR:
-            return cls.NONE
-        raise LayerError(f"unsupported layer media type {media_type!r}")
+        """The compression a layer media type (OCI or Docker) declares; LayerError for
+        anything that is not a layer."""
+        try:
+            return _LAYER_TYPES[media_type]
+        except KeyError:
+            raise LayerError(f"unsupported layer media type {media_type!r}") from None
 
     @classmethod
     def sniff(cls, head: bytes) -> Compression:
@@ -83,6 +91,27 @@ class Compression(enum.Enum):
         if head.startswith(_ZSTD_MAGIC):
             return cls.ZSTD
         return cls.NONE
+
+
+_OCI_LAYER_TYPES = {
+    Compression.NONE: OCI_LAYER,
+    Compression.GZIP: OCI_LAYER_GZIP,
+    Compression.ZSTD: OCI_LAYER_ZSTD,
+}
+_DOCKER_LAYER_TYPES = {
+    Compression.NONE: DOCKER_LAYER,
+    Compression.GZIP: DOCKER_LAYER_GZIP,
+    Compression.ZSTD: DOCKER_LAYER_ZSTD,
+}
+_LAYER_TYPES: dict[str, Compression] = {
+    **{media_type: c for c, media_type in _OCI_LAYER_TYPES.items()},
+    **{media_type: c for c, media_type in _DOCKER_LAYER_TYPES.items()},
+    # Non-distributable layers: the same bytes, a different promise about pushing.
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": Compression.NONE,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": Compression.GZIP,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": Compression.ZSTD,
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": Compression.GZIP,
+}
 
 
 class Encoder(Protocol):

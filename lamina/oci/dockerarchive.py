@@ -34,7 +34,6 @@ from lamina.oci.image import (
     ImageConfig,
     Manifest,
     descriptor_of,
-    layer_media_type,
 )
 from lamina.oci.layout import CHUNK, Files, SourceImage, archive_member, familiar_name, read_capped
 
@@ -91,7 +90,7 @@ class DockerArchiveReader:
         for path, diff_id in zip(map(_clean, layer_paths), config.diff_ids, strict=True):
             compression, digest, size = self._layer_facts(path, diff_id)
             self._paths[digest] = path
-            layers.append(Descriptor(layer_media_type(compression.value), digest, size))
+            layers.append(Descriptor(compression.media_type, digest, size))
         manifest = Manifest(descriptor_of(config_bytes, OCI_CONFIG), tuple(layers))
         manifest_bytes = manifest.to_bytes()
         descriptor = descriptor_of(manifest_bytes, manifest.media_type)

@@ -45,21 +45,6 @@ MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 
-# Layer media type -> compression name ("none", "gzip", "zstd").
-LAYER_COMPRESSION: Mapping[str, str] = {
-    OCI_LAYER: "none",
-    OCI_LAYER_GZIP: "gzip",
-    OCI_LAYER_ZSTD: "zstd",
-    DOCKER_LAYER: "none",
-    DOCKER_LAYER_GZIP: "gzip",
-    DOCKER_LAYER_ZSTD: "zstd",
-    # Non-distributable layers: same bytes, a different promise about pushing.
-    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
-}
-
 # Annotations that name an image in a layout's index.json.
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -71,30 +56,6 @@ MAX_DOCUMENT = 4 * 1024 * 1024
 
 _ENV = re.compile(r"^[^=]+=.*$", re.DOTALL)
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
-
-
-def layer_media_type(compression: str, *, docker: bool = False) -> str:
-    """The layer media type for a compression name ("gzip", "zstd", "none")."""
-    table = {
-        ("none", False): OCI_LAYER,
-        ("gzip", False): OCI_LAYER_GZIP,
-        ("zstd", False): OCI_LAYER_ZSTD,
-        ("none", True): DOCKER_LAYER,
-        ("gzip", True): DOCKER_LAYER_GZIP,
-        ("zstd", True): DOCKER_LAYER_ZSTD,
-    }
-    try:
-        return table[compression, docker]
-    except KeyError:
-        raise ImageFormatError(f"unknown compression {compression!r}: use gzip, zstd or none") from None
-
-
-def layer_compression(media_type: str) -> str:
-    """The compression name of a layer media type; ImageFormatError if it is not a layer."""
-    try:
-        return LAYER_COMPRESSION[media_type]
-    except KeyError:
-        raise ImageFormatError(f"unsupported layer media type {media_type!r}") from None
 
 
 # --- canonical JSON -------------------------------------------------------------
@@ -207,23 +168,32 @@ class Platform:
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        """`os/arch[/variant]`, as --platform takes it."""
+        parts = text.strip().lower().split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ImageFormatError(f"invalid platform {text!r}: expected os/arch[/variant], e.g. linux/amd64")
+        return cls(architecture=parts[1], os=parts[0], variant=parts[2] if len(parts) == 3 else "")
+
 
 def host_platform() -> Platform:
-    """The platform of this machine in OCI terms (`linux/amd64`, `linux/arm64/v8`, ...)."""
+    """The platform of this machine, as BuildKit names it (`linux/amd64`, `linux/arm64`,
+    `linux/arm/v7`): arm64 without its implied v8, as containerd normalises it."""
     import platform
 
     machine = platform.machine().lower()
     arch, variant = {
-        "x86_64": ("amd64", None),
-        "amd64": ("amd64", None),
-        "aarch64": ("arm64", "v8"),
-        "arm64": ("arm64", "v8"),
+        "x86_64": ("amd64", ""),
+        "amd64": ("amd64", ""),
+        "aarch64": ("arm64", ""),
+        "arm64": ("arm64", ""),
         "armv7l": ("arm", "v7"),
         "armv6l": ("arm", "v6"),
-        "i386": ("386", None),
-        "i686": ("386", None),
-    }.get(machine, (machine, None))
-    return Platform(architecture=arch, os="linux", variant=variant or "")
+        "i386": ("386", ""),
+        "i686": ("386", ""),
+    }.get(machine, (machine, ""))
+    return Platform(architecture=arch, os="linux", variant=variant)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

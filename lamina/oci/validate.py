@@ -21,9 +21,9 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
-from lamina.errors import ImageFormatError, LaminaError
+from lamina.errors import ImageFormatError, LaminaError, LayerError
 from lamina.oci.compression import Compression
-from lamina.oci.image import ImageConfig, is_env_entry, is_rfc3339, layer_compression
+from lamina.oci.image import ImageConfig, is_env_entry, is_rfc3339
 from lamina.oci.layer import describe_layer
 from lamina.oci.layout import BlobSource, Files, SourceImage, read_capped
 
@@ -56,8 +56,8 @@ def layer_problems(source: BlobSource, image: SourceImage) -> list[str]:
     for i, (layer, diff_id) in enumerate(zip(image.layers, image.diff_ids, strict=False)):
         what = f"layer {i} ({layer.digest.short})"
         try:
-            compression = Compression(layer_compression(layer.media_type))
-        except ImageFormatError as err:
+            compression = Compression.from_media_type(layer.media_type)
+        except LayerError as err:
             problems.append(f"{what}: {err}")
             continue
 

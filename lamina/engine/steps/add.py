@@ -145,22 +145,14 @@ def is_archive(path: str) -> bool:
         return True
     if not head.startswith((b"BZh", b"\xfd7zXZ\x00", b"\x1f\x8b", b"\x28\xb5\x2f\xfd")):
         return False
+    from lamina.oci.compression import read_upto
+
     try:
         with _archive_stream(path) as stream:
-            block = _read_upto(stream, 512)
+            block = read_upto(stream, 512)
     except (OSError, EOFError, lzma.LZMAError, LaminaError):
         return False
     return len(block) >= 262 and block[257:262] == b"ustar"
-
-
-def _read_upto(stream: BinaryIO, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = stream.read(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 @contextlib.contextmanager

@@ -392,17 +392,11 @@ def dispatch(executor: Executor, state: StageState, plan: StagePlan, instruction
 
 
 def _arg(executor: Executor, state: StageState, instruction: Any, expand: Callable[[str], str]) -> None:
-    build_args = executor.plan.build_args
-    global_args = executor.plan.global_args
+    from lamina.engine.plan import arg_value
+
     pairs: list[tuple[str, str | None]] = []
     for decl in instruction.args:
-        value: str | None
-        if decl.name in build_args:
-            value = build_args[decl.name]
-        elif decl.default is not None:
-            value = expand(decl.default)
-        else:
-            value = global_args.get(decl.name)
+        value = arg_value(decl, executor.plan.build_args, expand, executor.plan.global_args)
         state.args.pop(decl.name, None)  # a redeclared ARG moves to the end, as in BuildKit's list
         state.args[decl.name] = value
         pairs.append((decl.name, value))

@@ -16,22 +16,9 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+from lamina.oci.overlay import is_opaque, is_whiteout
+
 _MAX_SYMLINKS = 40
-
-
-def is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def is_opaque(path: Path | str) -> bool:
-    for name in _OPAQUE_XATTRS:
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            continue
-    return False
 
 
 class LayerView:
