@@ -323,8 +323,6 @@ def build(
     from lamina.engine.executor import BuildOptions, execute, parse_secret
     from lamina.engine.output import parse_outputs
     from lamina.engine.progress import QuietProgress
-    from lamina.engine.push import check_push, push_result
-    from lamina.engine.remote_cache import parse_cache_specs
     from lamina.errors import PlanError
 
     env = dict(os.environ if environ is None else environ)
@@ -362,19 +360,32 @@ def build(
         source_date_epoch=source_date_epoch,
         client_factory=lambda: registry_client(env, insecure),
         dry_run=dry_run,
-        cache_from=parse_cache_specs(cache_from, "--cache-from"),
-        cache_to=parse_cache_specs(cache_to, "--cache-to"),
+        cache_from=_cache_specs(cache_from, "--cache-from"),
+        cache_to=_cache_specs(cache_to, "--cache-to"),
     )
     for secret in options.secrets:
         # As buildx: a secret file that is not there fails the build before it starts.
         if not str(secret.source).startswith("env:") and not secret.source.is_file():
             raise PlanError(f"--secret id={secret.id}: {secret.source} is not a readable file")
     if push:
+        from lamina.engine.push import check_push
+
         check_push(options.tags)
     result = execute(options, progress if progress is not None else QuietProgress())
     if push and not dry_run:
+        from lamina.engine.push import push_result
+
         result = push_result(options, result)
     return result
+
+
+def _cache_specs(texts: Iterable[str], flag: str) -> tuple[Any, ...]:
+    texts = tuple(texts)
+    if not texts:
+        return ()  # the common case; a no-op rebuild need not import the registry cache
+    from lamina.engine.remote_cache import parse_cache_specs
+
+    return parse_cache_specs(texts, flag)
 
 
 # --- registry: pull, push, login, logout ------------------------------------------

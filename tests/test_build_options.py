@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from lamina.engine.executor import BuildResult, StepRecord, parse_secret
-from lamina.engine.steps.dispatch import store_name
 from lamina.errors import LaminaError, PlanError
 from lamina.oci.image import default_config
+from lamina.oci.reference import store_name
 
 
 def test_parse_secret_forms() -> None:

@@ -41,7 +41,7 @@ from lamina.oci.image import (
     descriptor_of,
 )
 from lamina.oci.layout import BlobSource, ExportImage, SourceImage, atomic_output
-from lamina.oci.reference import InvalidReference, parse_reference
+from lamina.oci.reference import InvalidReference, store_name
 
 if TYPE_CHECKING:
     from lamina.oci.dockerarchive import DockerLayer
@@ -52,12 +52,9 @@ FORMATS = ("oci", "docker")
 def normalize_name(name: str) -> str:
     """The store's form of an image name: `app` -> `docker.io/library/app:latest`."""
     try:
-        ref = parse_reference(name)
+        return store_name(name)
     except InvalidReference as err:
         raise StoreError(str(err)) from err
-    if ref.tag is None:
-        raise StoreError(f"image name {name!r} needs a tag, not only a digest")
-    return str(dataclasses.replace(ref, digest=None))
 
 
 def display_name(name: str) -> str:

@@ -35,7 +35,6 @@ SOURCE_DATE_EPOCH replaces all of them and clamps new layers' mtimes.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -48,22 +47,23 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamina.engine.cachekey import KeyInputs
-from lamina.engine.output import ImageLayer, OutputSpec, OutputType
 from lamina.engine.progress import BuildSummary, ProgressSink
-from lamina.engine.steps import metadata as md
 from lamina.errors import BuildError, LaminaError, PlanError
 from lamina.oci.digest import Digest
+from lamina.oci.image import host_platform
 
+# A no-op rebuild imports this module and replays its memo: what only a real
+# build needs (thread pools, outputs, step metadata) is imported where used.
 if TYPE_CHECKING:
     from lamina.cache.statcache import StatCache
     from lamina.cache.store import Store
+    from lamina.engine.cachekey import KeyInputs
     from lamina.engine.context import SourceTree
+    from lamina.engine.output import ImageLayer, OutputSpec
     from lamina.engine.remote_cache import CacheSpec, RemoteCache
     from lamina.engine.steps.dispatch import BuildPlan
     from lamina.oci.image import ImageConfig
 
-PLATFORM = "linux/amd64"  # replaced by the host's at import below
 PROXY_ARGS = frozenset(
     name
     for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
@@ -73,13 +73,7 @@ OUTPUT_TAIL = 20  # lines of a failing step's output kept for the error
 SANDBOX_HOSTNAME = "buildkitsandbox"  # BuildKit's default, so `hostname` output matches
 
 
-def host_platform() -> str:
-    machine = os.uname().machine
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
-    return f"linux/{arch}"
-
-
-PLATFORM = host_platform()
+PLATFORM = str(host_platform())  # in every cache key
 
 
 # --- options and results ------------------------------------------------------------------
@@ -427,6 +421,8 @@ class Executor:
         if self.options.no_cache or state.no_cache:
             return "--no-cache"
         text = self.store.cache_get(where)
+        from lamina.engine.cachekey import KeyInputs
+
         previous = KeyInputs.from_json(text) if text is not None else None
         reason = explain_miss(previous, inputs)
         if reason == "the previous step changed" and state.name in self.dirty:
@@ -440,6 +436,8 @@ class Executor:
         if result.layer is None:
             return False
         digest = Digest("sha256", result.layer)
+        from lamina.engine.output import ImageLayer
+
         state.layers.append(ImageLayer(self.store.unpacked_path(digest), dir_id=result.layer))
         return True
 
@@ -473,6 +471,7 @@ class Executor:
     # --- running --------------------------------------------------------------------------
 
     def run(self) -> BuildResult:
+        import concurrent.futures
 
         start = time.monotonic()
         for warning in self.plan.warnings:
@@ -540,7 +539,8 @@ class Executor:
         return stage.name if stage is not None else str(index)
 
     def _finish(self, target: StageOutcome, start: float) -> BuildResult:
-        from lamina.engine.output import commit_image, write_output
+        from lamina.engine.output import OutputType, commit_image, write_output
+        from lamina.engine.steps import metadata as md
 
         if self.options.dry_run:
             seconds = time.monotonic() - start
@@ -578,7 +578,7 @@ class Executor:
         return target.created or _now()
 
     def _tag(self, image: Any, config: ImageConfig, names: Sequence[str] | None = None) -> tuple[str, ...]:
-        from lamina.engine.steps.dispatch import store_name
+        from lamina.oci.reference import store_name
 
         wanted = tuple(self.options.tags if names is None else names)
         size = image.config.size + sum(layer.size for layer in image.layers)
@@ -604,8 +604,8 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
     (steps.replay) without planning it again.
     """
     from lamina.cache.store import Store
-    from lamina.engine.steps.dispatch import store_name
     from lamina.engine.steps.replay import memo_key, record, replay
+    from lamina.oci.reference import store_name
 
     start = time.monotonic()
     for name in options.tags:

@@ -103,6 +103,20 @@ def parse_reference(text: str) -> Reference:
     return Reference(registry, repository, tag, digest)
 
 
+def store_name(name: str, *, pinned: bool = False) -> str:
+    """The form of an image name in the local store (`app` -> `docker.io/library/app:latest`).
+
+    A name must carry a tag; with `pinned`, a reference with a digest
+    (`FROM app@sha256:...`) keeps it instead, as a pull names it.
+    """
+    ref = parse_reference(name)
+    if pinned and ref.digest is not None:
+        return str(ref)
+    if ref.tag is None:
+        raise InvalidReference(f"image name {name!r} needs a tag, not only a digest")
+    return str(dataclasses.replace(ref, digest=None))
+
+
 def _split_registry(name: str, text: str) -> tuple[str, str]:
     first, slash, remainder = name.partition("/")
     # docker's rule: the first component is a registry if it has a '.' or ':',

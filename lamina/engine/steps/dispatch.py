@@ -167,30 +167,13 @@ def base_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
         return found
 
 
-def store_name(name: str, *, pinned: bool = False) -> str:
-    """The store's form of an image name (`app` -> `docker.io/library/app:latest`).
-
-    Same rule as lamina.cache.images.normalize_name, without importing the
-    archive formats a no-op rebuild never needs. With `pinned`, a reference
-    with a digest (`FROM app@sha256:...`) keeps it: a pull names it so.
-    """
-    import dataclasses as _dc
-
-    from lamina.oci.reference import parse_reference
-
-    ref = parse_reference(name)
-    if pinned and ref.digest is not None:
-        return str(ref)
-    if ref.tag is None:
-        raise BuildError(f"image name {name!r} needs a tag, not only a digest")
-    return str(_dc.replace(ref, digest=None))
-
-
 def load_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
     from lamina.engine.executor import StageOutcome
     from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
 
     store = executor.store
+    from lamina.oci.reference import store_name
+
     name = store_name(ref, pinned=True)
     record = None
     if executor.options.pull or not _in_store(store, name):

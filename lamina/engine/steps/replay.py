@@ -116,10 +116,10 @@ def replay(
 
     from lamina.engine.executor import BuildResult, StepRecord
     from lamina.engine.progress import BuildSummary, StepEvent, StepStatus
-    from lamina.engine.steps.dispatch import store_name
     from lamina.errors import LaminaError
     from lamina.oci.digest import Digest
     from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
+    from lamina.oci.reference import store_name
 
     text = store.cache_get(key)
     if text is None:
