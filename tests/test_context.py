@@ -111,6 +111,12 @@ def test_invalid_ignore_file_names_the_file(ctx: Path) -> None:
         open_build_context(ctx, StatCache(None))
 
 
+def test_ignore_file_that_is_a_directory_is_an_error(ctx: Path) -> None:
+    (ctx / ".dockerignore").mkdir()
+    with pytest.raises(ContextError, match=r"\.dockerignore: is a directory, not an ignore file"):
+        open_build_context(ctx, StatCache(None))
+
+
 def test_dotdot_out_of_context_is_refused(ctx: Path) -> None:
     tree = open_build_context(ctx, StatCache(None))
     with pytest.raises(ContextError, match=r"\.\./etc/passwd: path is outside of the build context"):

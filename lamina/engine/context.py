@@ -317,8 +317,11 @@ def open_build_context(root: Path, stat_cache: StatCache, dockerfile: Path | Non
     for candidate in candidates:
         try:
             text = candidate.read_text(encoding="utf-8", errors="surrogateescape")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        except (FileNotFoundError, NotADirectoryError):
             continue
+        except IsADirectoryError:
+            # Silently building without it would send what it meant to leave out.
+            raise ContextError(f"{candidate}: is a directory, not an ignore file") from None
         except OSError as err:
             raise ContextError(f"{candidate}: cannot read: {err.strerror}") from None
         ignore = read_ignore_file(text, source=str(candidate))
