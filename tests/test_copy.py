@@ -542,3 +542,36 @@ def test_copying_a_directory_reproduces_it(layout: dict[str, tuple[str, object, 
         for path in src.rglob("*"):  # new mtimes, same everything else: same key
             os.utime(path, (7, 7), follow_symlinks=False)
         assert selection_key(tree, select_sources(tree, ["src"], "/d/", CopyOptions())) == key
+
+
+# --- stopping (Ctrl-C reaches only the main thread; the copy polls a flag) -----------------------
+
+
+def test_a_stop_set_during_the_copy_ends_it_at_the_next_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from lamina.engine.steps import copy as copy_module
+
+    root = tmp_path / "ctx"
+    _write(root, {f"d{i % 4}/f{i:03}": "x" for i in range(400)})
+    tree = open_build_context(root, StatCache(None))
+    selection = select_sources(tree, ["."], "/out/", CopyOptions(), None)
+    stop = threading.Event()
+    copied = []
+    real_copy = copy_module._Writer.copy_file
+
+    def copy_then_stop(self: object, entry: object, path: str) -> int:
+        copied.append(path)
+        if len(copied) == 10:
+            stop.set()
+        return real_copy(self, entry, path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(copy_module._Writer, "copy_file", copy_then_stop)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        write_selection(tree, selection, out, None, stop=stop)
+    # The copy threads each finish the file in hand, no more.
+    assert len(copied) < 10 + 8

@@ -279,6 +279,8 @@ class Executor:
         self._image_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._stage_locks: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)
         self._building = threading.local()  # the stages this thread is building, innermost last
+        # Set on Ctrl-C, which only the main thread sees: long steps in the workers poll it.
+        self.stop = threading.Event()
         self.remote: RemoteCache | None = None  # --cache-from: asked on a local miss
         if options.cache_from:
             from lamina.engine.remote_cache import RemoteCache
@@ -494,9 +496,11 @@ class Executor:
                     raise failure
         except BaseException as err:
             if isinstance(err, KeyboardInterrupt):
-                # Only this thread saw it: stop the sandboxes the workers wait on.
+                # Only this thread saw it: stop the sandboxes the workers wait on,
+                # and the copies they are making.
                 from lamina.engine.sandbox.runner import stop_all
 
+                self.stop.set()
                 stop_all()
             pool.shutdown(wait=True, cancel_futures=True)
             raise

@@ -56,6 +56,7 @@ import os
 import posixpath
 import re
 import stat
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -504,6 +505,7 @@ def write_selection(
     late_owners: list[tuple[Path, int, int]] | None = None,
     prior: PriorCopy | None = None,
     written: dict[str, WrittenFile] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Write the selection under `dest_root` (a layer dir or a root filesystem).
 
@@ -516,12 +518,13 @@ def write_selection(
 
     Unchanged files are linked from `prior` (the caller makes sure nothing
     changes the metadata of what this writes afterwards); `written` receives
-    what the plain files became, for the next run's `prior`.
+    what the plain files became, for the next run's `prior`. Once `stop` is
+    set (Ctrl-C), the copy ends with KeyboardInterrupt at the next file.
     """
     digests = None
     if prior is not None or written is not None:
         digests = tree.file_digests([item.entry for item in selection.items])
-    writer = _Writer(tree, dest_root, image, mtime_ns, prior, digests)
+    writer = _Writer(tree, dest_root, image, mtime_ns, prior, digests, stop)
     try:
         for made in selection.made_dirs:
             writer.make_dir(made)
@@ -568,6 +571,7 @@ class _Writer:
         mtime_ns: int | None,
         prior: PriorCopy | None = None,
         digests: Mapping[str, bytes] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.tree = tree
         self.root = root
@@ -575,6 +579,7 @@ class _Writer:
         self.mtime_ns = mtime_ns
         self.prior = prior
         self.digests = digests or {}
+        self.stop = stop
         self.dir_times: list[tuple[str, int]] = []
         self.bytes_written = 0
         self.known_dirs: set[str] = {""}
@@ -656,7 +661,12 @@ class _Writer:
                 self.mkdir(made.dest, _DIR_MODE, made.uid, made.gid)
         self.known_dirs.add(made.dest)
 
+    def check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise KeyboardInterrupt
+
     def write(self, item: CopyItem) -> None:
+        self.check_stop()
         entry = item.entry
         if entry.type is EntryType.FILE and self.may_queue(item):
             self.ensure_parent(item.dest)
@@ -770,6 +780,7 @@ class _Writer:
         """Write plain files whose parents exist (in a copy thread); the bytes copied."""
         copied = 0
         for item, path in batch:
+            self.check_stop()
             try:
                 existing = os.lstat(path)
             except FileNotFoundError:

@@ -136,7 +136,16 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
                 if link_prior:
                     where = "copy-files:" + executor.step_position(state, instruction)
                     prior = _load_prior_copy(executor, where)
-                write_selection(tree, selection, upper, image, late_owners=late, prior=prior, written=written)
+                write_selection(
+                    tree,
+                    selection,
+                    upper,
+                    image,
+                    late_owners=late,
+                    prior=prior,
+                    written=written,
+                    stop=executor.stop,
+                )
                 if os.geteuid() != 0 and owner is not None:
                     _rootless_owners(upper, selection, owner, image)
                 elif os.geteuid() != 0 and from_:
