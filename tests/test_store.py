@@ -305,3 +305,22 @@ def test_one_store_shared_by_threads(store: Store) -> None:
         list(pool.map(work, range(200)))
     assert len(store.images()) == 200
     assert store.du().blob_count == 7
+
+
+def test_reading_a_fresh_cache_entry_and_retagging_write_nothing(tmp_path: Path) -> None:
+    # A no-op rebuild reads its memo and renews its tags; a write would make SQLite
+    # checkpoint with fsyncs on close, which waits on a disk busy with the last build.
+    root = tmp_path / "store"
+    with Store(root) as store:
+        manifest = store.put_bytes(b"{}").digest
+        store.tag("app:1", manifest, size=2, created="c")
+        store.cache_put("memo", '"result"')
+    index = root / "index.db"
+    before = index.stat().st_mtime_ns
+    with Store(root) as store:
+        assert store.cache_get("memo") == '"result"'
+        store.tag("app:1", manifest, size=2, created="c")
+    assert index.stat().st_mtime_ns == before
+    with Store(root) as store:
+        store.tag("app:1", manifest, size=2, created="other")  # a real change is written
+    assert index.stat().st_mtime_ns != before

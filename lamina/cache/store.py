@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 20
 _BUSY_TIMEOUT_S = 60.0
+_LAST_USED_GRAIN_S = 60.0  # gc ages cache entries in hours: a minute's precision is plenty
 _STALE_TMP_S = 24 * 3600  # a temp file this old belongs to a dead process
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -435,6 +436,12 @@ class Store:
         if not self.has_blob(manifest):
             raise StoreError(f"tag {name}: manifest {manifest} is not in the store")
         with self._sql() as db:
+            same = db.execute(
+                "SELECT 1 FROM images WHERE name = ? AND manifest = ? AND size = ? AND created = ?",
+                (name, str(manifest), size, created),
+            ).fetchone()
+            if same is not None:
+                return ImageRecord(name, manifest, size, created)  # nothing to write (see cache_get)
             db.execute(
                 "INSERT OR REPLACE INTO images (name, manifest, size, created, tagged_at)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -467,11 +474,15 @@ class Store:
 
     def cache_get(self, key: str) -> str | None:
         """The result stored under `key` (JSON text), marking it used now; None on a miss."""
+        now = time.time()
         with self._sql() as db:
-            row = db.execute("SELECT result FROM cache WHERE key = ?", (key,)).fetchone()
+            row = db.execute("SELECT result, last_used FROM cache WHERE key = ?", (key,)).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE cache SET last_used = ? WHERE key = ?", (time.time(), key))
+            # A read that writes makes SQLite checkpoint, with fsyncs, when the store
+            # closes: a no-op rebuild right after a build waited on the disk for it.
+            if now - row[1] > _LAST_USED_GRAIN_S:
+                db.execute("UPDATE cache SET last_used = ? WHERE key = ?", (now, key))
         return row[0]
 
     def cache_put(self, key: str, result: str, refs: Iterable[Digest] = ()) -> None:
