@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -290,6 +291,37 @@ RUN --mount=type=cache,target=/seeded,from={BASE},source=/etc cat /seeded/group 
     assert not (out / "cache/log").exists(), "cache mounts stay out of the layer"
     assert not (out / "scratch/x").exists()
     assert "nogroup" in (out / "seeded-group").read_text(), "a cache mount from= starts with that content"
+
+
+def test_run_bind_mounts_a_single_file_and_keys_on_its_content(cache: Path, tmp_path: Path) -> None:
+    # The pip idiom: RUN --mount=type=bind,source=requirements.txt,target=/tmp/requirements.txt
+    text = f"FROM {BASE}\nRUN --mount=type=bind,source=req.txt,target=/tmp/req.txt cp /tmp/req.txt /copied\n"
+    ctx = write_context(tmp_path / "ctx", text, {"req.txt": "v1\n"})
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out)
+    assert (out / "copied").read_text() == "v1\n"
+    assert not (out / "tmp/req.txt").exists(), "the mount point stays out of the layer"
+    (ctx / "req.txt").write_text("v2\n")
+    rootfs(cache, ctx, tmp_path / "out2")
+    assert (tmp_path / "out2/copied").read_text() == "v2\n"
+
+
+@pytest.mark.parametrize(
+    ("mount", "message"),
+    [
+        ("type=cache,target=/etc/passwd", "--mount target /etc/passwd: the image has a file there"),
+        ("type=tmpfs,target=/etc/group", "--mount target /etc/group: the image has a file there"),
+        ("type=bind,source=f,target=/bin", "--mount target /bin: the image has a directory there"),
+    ],
+)
+def test_mount_onto_the_wrong_kind_of_target_names_it(
+    cache: Path, tmp_path: Path, mount: str, message: str
+) -> None:
+    from lamina.errors import BuildError
+
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN --mount={mount} true\n", {"f": "x\n"})
+    with pytest.raises(BuildError, match=re.escape(message)):
+        build(cache, ctx)
 
 
 def test_failing_run_names_line_stage_and_output(cache: Path, tmp_path: Path) -> None:

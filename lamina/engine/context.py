@@ -210,7 +210,11 @@ class SourceTree:
     def checksum(self, rel: str = "") -> Digest:
         """One digest over everything below `rel`: paths, types, modes, owners, links, contents."""
         h = hashlib.sha256()
-        entries = list(self.walk(self.resolve(rel)))
+        resolved = self.resolve(rel)
+        top = self.entry(resolved) if resolved else None
+        # A single file too (RUN --mount=type=bind,source=requirements.txt,...).
+        single = top is not None and top.type is not EntryType.DIR
+        entries = [top] if single and top is not None else list(self.walk(resolved))
         digests = self.file_digests(entries)
         for entry in entries:
             content = digests.get(entry.path, b"")

@@ -369,6 +369,12 @@ def _chown(path: str, uid: int, gid: int, single_id: bool) -> None:
 def _user_mount(m: dict, root: str, single_id: bool) -> None:
     target = _at(root, m["target"], m["is_dir"])
     kind = m["kind"]
+    # Said here, with the container's path: mount(2) would only say ENOTDIR, of ours.
+    where = "/" + m["target"].lstrip("/")
+    if m["is_dir"] and not os.path.isdir(target):
+        raise SetupError(f"--mount target {where}: the image has a file there; a {kind} mount is a directory")
+    if not m["is_dir"] and os.path.isdir(target):
+        raise SetupError(f"--mount target {where}: the image has a directory there; the mount is a file")
     if kind == "tmpfs":
         opts = "mode=755" + (f",size={m['size']}" if m["size"] else "")
         _libc.mount("tmpfs", target, "tmpfs", _libc.MS_NOSUID | _libc.MS_NODEV, opts)
