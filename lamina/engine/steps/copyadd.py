@@ -112,9 +112,10 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
         produce_parts.append(("url", fetched))
     inputs = make_inputs(state.key, keyword + " " + described_text, {}, PLATFORM, content.hexdigest())
 
-    # Unchanged files are linked from the last run's layer, unless something
-    # after the copy would chown them (unprivileged --chown or --from).
-    link_prior = os.geteuid() == 0 or (owner is None and not from_)
+    # Unchanged files of the build context are linked from the last run's layer
+    # (their digests are in the stat cache; a stage's files would be hashed
+    # again), unless something after the copy would chown them (unprivileged --chown).
+    link_prior = not from_ and (os.geteuid() == 0 or owner is None)
     written: dict[str, WrittenFile] = {}
     where = ""
 
