@@ -275,11 +275,18 @@ class Store:
 
     def close(self) -> None:
         if self._db is not None:
+            db, self._db = self._db, None
             # The last connection to close checkpoints and removes the WAL file: an
             # opener meeting that halfway gets "database is locked" without waiting.
-            with _open_lock(self.root):
-                self._db.close()
-            self._db = None
+            try:
+                fd: int | None = _take_open_lock(self.root)
+            except OSError:  # the store was removed under us: nobody to take turns with
+                fd = None
+            try:
+                db.close()
+            finally:
+                if fd is not None:
+                    os.close(fd)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -709,11 +716,21 @@ def _open_index(root: Path) -> sqlite3.Connection:
         return db
 
 
-@contextlib.contextmanager
-def _open_lock(root: Path) -> Iterator[None]:
+def _take_open_lock(root: Path) -> int:
+    """The open.lock held exclusively: close the fd to let go."""
     fd = os.open(root / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         _flock(fd, exclusive=True, wait=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def _open_lock(root: Path) -> Iterator[None]:
+    fd = _take_open_lock(root)
+    try:
         yield
     finally:
         os.close(fd)
