@@ -324,6 +324,24 @@ def test_mount_onto_the_wrong_kind_of_target_names_it(
         build(cache, ctx)
 
 
+def test_heredoc_and_archive_destinations_follow_an_image_symlink(cache: Path, tmp_path: Path) -> None:
+    # As COPY of a file does (and BuildKit): /lnk/f lands in /tmp, /lnk stays a symlink.
+    import io
+    import tarfile
+
+    text = f"FROM {BASE}\nRUN ln -s /tmp /lnk\nCOPY <<EOF /lnk/f\nhello\nEOF\nADD a.tar /lnk/\n"
+    ctx = write_context(tmp_path / "ctx", text)
+    with tarfile.open(ctx / "a.tar", "w") as tar:
+        info = tarfile.TarInfo("from-archive")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"ar\n"))
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out)
+    assert os.readlink(out / "lnk") == "/tmp"
+    assert (out / "tmp/f").read_text() == "hello\n"
+    assert (out / "tmp/from-archive").read_text() == "ar\n"
+
+
 def test_failing_run_names_line_stage_and_output(cache: Path, tmp_path: Path) -> None:
     text = f"FROM {BASE} AS broken\nRUN echo first line && echo oops >&2 && exit 3\n"
     ctx = write_context(tmp_path / "ctx", text)

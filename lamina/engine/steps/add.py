@@ -115,8 +115,8 @@ def write_fetched(
         st = image.stat(dest)
         into_dir = st is not None and stat.S_ISDIR(st.st_mode)
     rel = posixpath.join(dest, fetched.name) if into_dir else dest
-    target = upper / rel.lstrip("/")
-    _, made = make_dest_dirs(upper, posixpath.dirname(rel).strip("/"), image, late)
+    directory, made = make_dest_dirs(upper, posixpath.dirname(rel).strip("/"), image, late)
+    target = directory / posixpath.basename(rel)
     clear_target(target)
     shutil.copyfile(fetched.path, target)
     uid, gid = owner if owner else (0, 0)
@@ -280,8 +280,13 @@ def make_dest_dirs(
     """Create an archive's destination directory; return it and the directories
     made for it (dest and missing parents), which BuildKit's MkdirAll gives the
     --chown owner."""
+    from lamina.engine.steps.copy import resolve_in_image
     from lamina.engine.steps.dispatch import keep_lower_dir_meta
 
+    if image is not None:
+        # Through the image's symlinks (`/lnk/` -> /tmp), as COPY and BuildKit go:
+        # a directory made at the link's path would hide the link.
+        target_rel = resolve_in_image(image, posixpath.normpath("/" + target_rel).lstrip("/"))
     target = upper / target_rel
     if target.exists():
         return target, []

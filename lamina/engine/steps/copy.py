@@ -78,6 +78,7 @@ __all__ = [
     "WrittenFile",
     "destination_path",
     "parse_chmod",
+    "resolve_in_image",
     "select_sources",
     "selection_key",
     "write_selection",
@@ -268,7 +269,7 @@ def select_sources(
     dest_dir = dest.endswith("/") or dest in ("", ".")
     dest_rel = _clean_rel(dest)
     if image is not None:
-        dest_rel = _resolve_in_image(image, dest_rel)
+        dest_rel = resolve_in_image(image, dest_rel)
     owner = options.chown
     made: list[MadeDir] = []
     items: list[CopyItem] = []
@@ -341,7 +342,7 @@ def _item(tree: SourceTree, dest: str, entry: TreeEntry, options: CopyOptions) -
     return CopyItem(dest, entry, mode, uid, gid)
 
 
-def _resolve_in_image(image: ImageLookup, rel: str, hops: int = 0) -> str:
+def resolve_in_image(image: ImageLookup, rel: str, hops: int = 0) -> str:
     """Follow the image's symlinks along `rel` as far as it exists (fsutil's RootPath).
 
     Like RootPath, a dangling symlink is followed too: `COPY f /dangling`
@@ -353,13 +354,13 @@ def _resolve_in_image(image: ImageLookup, rel: str, hops: int = 0) -> str:
     if resolved is not None:
         return resolved.lstrip("/")
     parent, name = posixpath.split(rel)
-    base = _resolve_in_image(image, parent, hops)
+    base = resolve_in_image(image, parent, hops)
     joined = _join(base, name)
     if isinstance(image, LinkReader) and hops < _MAX_LINK_HOPS:
         target = image.readlink("/" + joined)
         if target is not None:
             start = "/" if target.startswith("/") else "/" + base
-            return _resolve_in_image(image, _clean_rel(posixpath.join(start, target)), hops + 1)
+            return resolve_in_image(image, _clean_rel(posixpath.join(start, target)), hops + 1)
     return joined
 
 

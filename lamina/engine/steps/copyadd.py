@@ -337,10 +337,10 @@ def _write_heredoc(
         st = image.stat(dest)
         into_dir = st is not None and stat_module.S_ISDIR(st.st_mode)
     target_rel = posixpath.join(dest, heredoc.path) if into_dir else dest
-    target = upper / target_rel.lstrip("/")
     from lamina.engine.steps.add import clear_target, make_dest_dirs
 
-    _, made = make_dest_dirs(upper, posixpath.dirname(target_rel).strip("/"), image, late)
+    directory, made = make_dest_dirs(upper, posixpath.dirname(target_rel).strip("/"), image, late)
+    target = directory / posixpath.basename(target_rel)
     if owner:  # the directories made for it are the --chown owner's, as BuildKit's
         late.extend((path, *owner) for path in made)
     clear_target(target)
