@@ -106,6 +106,10 @@ def _run_as(user: str, project: Path) -> subprocess.CompletedProcess[str]:
         "HOME": str(project.parent),
         "LANG": "C.UTF-8",
     }
+    from tests.support.minbase import CACHED, ENV_VAR
+
+    if CACHED.is_file():  # the Debian root tests/test_build_apt.py made as root
+        env[ENV_VAR] = str(CACHED)
     # Only the files that have sandbox tests: a half-written unrelated test
     # file must not stop the run at collection.
     files = sorted(
