@@ -321,7 +321,7 @@ def build(
 
     from lamina.cache.store import default_cache_root
     from lamina.engine.executor import BuildOptions, execute, parse_secret
-    from lamina.engine.output import parse_outputs
+    from lamina.engine.outputspec import parse_outputs
     from lamina.engine.progress import QuietProgress
     from lamina.errors import PlanError
 

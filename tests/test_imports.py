@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 HEAVY = ("httpx", "rich", "zstandard", "isal", "sqlite3")
 
@@ -29,3 +30,32 @@ def test_help_runs_without_traceback() -> None:
     out = subprocess.run([sys.executable, "-m", "lamina", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "Usage:" in out.stdout
+
+
+def test_noop_rebuild_replays_without_the_build_machinery(tmp_path: Path) -> None:
+    # The replay path (steps/replay.py) must not pull in planning, the sandbox,
+    # thread pools or the output writers: each costs a no-op rebuild milliseconds.
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY f /f\n")
+    (ctx / "f").write_text("x\n")
+    build = (
+        "import lamina.api, sys; "
+        f"lamina.api.build({str(ctx)!r}, cache_dir={str(tmp_path / 'cache')!r}, tags=['t:1'], environ={{}}); "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    first = subprocess.run([sys.executable, "-c", build], check=True, capture_output=True, text=True)
+    assert "lamina.engine.plan" in first.stdout.split()  # the first build plans
+    again = set(
+        subprocess.run(
+            [sys.executable, "-c", build], check=True, capture_output=True, text=True
+        ).stdout.split()
+    )
+    heavy = {
+        "lamina.engine.plan",
+        "lamina.engine.sandbox.runner",
+        "concurrent.futures",
+        "lamina.engine.output",
+        "shutil",
+    }
+    assert not again & heavy, sorted(again & heavy)

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from lamina.engine.output import OutputType, merge_layers, parse_output, parse_outputs
+from lamina.engine.output import merge_layers
+from lamina.engine.outputspec import OutputType, parse_output, parse_outputs
 from lamina.errors import OutputError
 
 

@@ -52,8 +52,6 @@ import dataclasses
 import errno
 import hashlib
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -172,6 +170,8 @@ class BlobWriter:
     """
 
     def __init__(self, directory: Path) -> None:
+        import tempfile
+
         fd, name = tempfile.mkstemp(dir=directory, prefix=".tmp-")
         self._path = Path(name)
         self._file = os.fdopen(fd, "wb")
@@ -413,6 +413,8 @@ class Store:
 
     def new_unpack_dir(self) -> Path:
         """An empty temporary directory on the store's file system, for publish_unpacked."""
+        import tempfile
+
         return Path(tempfile.mkdtemp(dir=self._unpacked, prefix=".tmp-"))
 
     def publish_unpacked(self, tmpdir: Path, diff_id: Digest) -> Path:
@@ -425,6 +427,8 @@ class Store:
                 raise StoreError(f"publish unpacked layer {diff_id}: {err}") from err
             # FIXME: files owned by subordinate ids can only be removed inside the
             # sandbox's namespace; what is left here is cleared by gc's stale sweep.
+            import shutil
+
             shutil.rmtree(tmpdir, ignore_errors=True)
         self.touch_unpacked(diff_id)
         return final

@@ -40,7 +40,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,7 +58,8 @@ if TYPE_CHECKING:
     from lamina.cache.store import Store
     from lamina.engine.cachekey import KeyInputs
     from lamina.engine.context import SourceTree
-    from lamina.engine.output import ImageLayer, OutputSpec
+    from lamina.engine.output import ImageLayer
+    from lamina.engine.outputspec import OutputSpec
     from lamina.engine.remote_cache import CacheSpec, RemoteCache
     from lamina.engine.steps.dispatch import BuildPlan
     from lamina.oci.image import ImageConfig
@@ -354,6 +354,8 @@ class Executor:
             self.records.append(record)
 
     def cleanup(self) -> None:
+        import shutil
+
         for path in self._rootfs.values():
             shutil.rmtree(path.parent, ignore_errors=True)
         for path in self.temp_files:
@@ -543,7 +545,8 @@ class Executor:
         return stage.name if stage is not None else str(index)
 
     def _finish(self, target: StageOutcome, start: float) -> BuildResult:
-        from lamina.engine.output import OutputType, commit_image, write_output
+        from lamina.engine.output import commit_image, write_output
+        from lamina.engine.outputspec import OutputType
         from lamina.engine.steps import metadata as md
 
         if self.options.dry_run:

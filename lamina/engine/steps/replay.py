@@ -41,7 +41,7 @@ _URL_ADD = re.compile(rb"(?im)^[ \t]*(?:onbuild[ \t]+)?add\b[^\n]*\bhttps?://")
 
 def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None:
     """The memo key of this build, or None when it must not be replayed."""
-    from lamina.engine.output import OutputType
+    from lamina.engine.outputspec import OutputType
 
     if options.no_cache or options.no_cache_filter or options.pull or options.dry_run:
         return None
@@ -144,7 +144,7 @@ def replay(
         sink.step(StepEvent(stage, index, total, instruction, StepStatus.CACHED))
         steps.append(StepRecord(stage, index, instruction, True, 0.0, step_key))
     size = manifest.config.size + sum(layer.size for layer in manifest.layers)
-    from lamina.engine.output import OutputType
+    from lamina.engine.outputspec import OutputType
 
     wanted = [*options.tags, *(n for o in options.outputs if o.type is OutputType.IMAGE for n in o.names)]
     names = []
