@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lamina.engine.dockerfile.instructions import parse_stages
 from lamina.engine.dockerfile.parser import parse
-from lamina.engine.plan import Platform, make_plan
+from lamina.engine.plan import make_plan
+from lamina.oci.image import Platform
 
 TARGET_MS = 50.0
 
@@ -71,7 +72,7 @@ def main() -> int:
     text = generate(args.instructions, args.stages)
     parsed = parse(text)
     stages = parse_stages(parsed)
-    amd64 = Platform("linux", "amd64")
+    amd64 = Platform(architecture="amd64", os="linux")
     plan = make_plan(parsed, build_platform=amd64)
     count = len(parsed.children)
     print(f"Dockerfile: {count} instructions, {len(stages.stages)} stages, {len(text.splitlines())} lines")

@@ -16,14 +16,13 @@ from lamina.engine.plan import (
     BaseKind,
     DependencyKind,
     Plan,
-    Platform,
-    host_platform,
     make_plan,
     parse_build_args,
     to_dot,
     to_json,
 )
 from lamina.errors import DockerfileError, PlanError
+from lamina.oci.image import Platform, host_platform
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "multistage"
 AMD64 = Platform(architecture="amd64", os="linux")

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from lamina.engine.dockerfile.instructions import parse_stages
 from lamina.engine.dockerfile.parser import parse
-from lamina.engine.plan import Platform, make_plan
+from lamina.engine.plan import make_plan
 from lamina.errors import LaminaError
+from lamina.oci.image import Platform
 
 # Text that is likely to hit the parser's corners: keywords, flags, quotes,
 # escapes, JSON brackets, heredoc markers, continuations and comments.
