@@ -114,12 +114,23 @@ def explain_history_line(ours: str, theirs: str) -> str | None:
             return "history:inherited-arg"
         if names == [word.partition("=")[0] for word in theirs.split()]:
             return "history:arg-value"
-    match = _RUN_ARGS.match(ours)
-    if match and theirs.startswith("RUN ") and not _RUN_ARGS.match(theirs):
-        words = ours[match.end() :].split(" ")
-        if "RUN " + " ".join(words[int(match.group(1)) :]) == theirs:
-            return "history:parent-stage-args"
+    ours_args, ours_cmd = _run_args(ours)
+    theirs_args, theirs_cmd = _run_args(theirs)
+    if ours_cmd is not None and ours_cmd == theirs_cmd and set(theirs_args) < set(ours_args):
+        return "history:parent-stage-args"  # 0.8 lists the stage's own ARGs only, or none
     return None
+
+
+def _run_args(line: str) -> tuple[list[str], str | None]:
+    """A RUN history line's `|N K=V` build args and the command after them."""
+    if not line.startswith("RUN "):
+        return [], None
+    match = _RUN_ARGS.match(line)
+    if match is None:
+        return [], line[len("RUN ") :]
+    words = line[match.end() :].split(" ")
+    count = int(match.group(1))
+    return words[:count], " ".join(words[count:])
 
 
 _MOUNT = re.compile(r"--mount=(\S+)")
