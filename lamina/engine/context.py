@@ -213,8 +213,7 @@ class SourceTree:
         resolved = self.resolve(rel)
         top = self.entry(resolved) if resolved else None
         # A single file too (RUN --mount=type=bind,source=requirements.txt,...).
-        single = top is not None and top.type is not EntryType.DIR
-        entries = [top] if single and top is not None else list(self.walk(resolved))
+        entries = list(self.walk(resolved)) if top is None or top.type is EntryType.DIR else [top]
         digests = self.file_digests(entries)
         for entry in entries:
             content = digests.get(entry.path, b"")
