@@ -408,22 +408,9 @@ def _children(pid: int) -> list[int]:
 )
 def test_interrupt_long_run(cache: Path, tmp_path: Path, group: bool, signum: int, message: str) -> None:
     """Ctrl-C (the whole process group), `kill -INT` or `kill` (lamina alone) stop a RUN promptly."""
-    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN echo started; sleep 30\n")
-    env = {**os.environ, "LAMINA_CACHE": str(cache)}
-    env.pop("SOURCE_DATE_EPOCH", None)
     scratch = cache / "tmp"
     before = set(scratch.iterdir()) if scratch.exists() else set()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lamina", "build", "--progress=plain", str(ctx)],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if line.rstrip().endswith("] started"):
-            break
+    ctx, proc = _start_sleeping_build(cache, tmp_path)
     kids = _children(proc.pid)
     assert kids, "no sandbox process"
     start = time.monotonic()
@@ -449,16 +436,8 @@ def test_interrupt_long_run(cache: Path, tmp_path: Path, group: bool, signum: in
     assert cached_steps(build(cache, ctx)) == [False]
 
 
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
-
-
-@pytest.mark.sandbox
-def test_sigkill_scratch_removed_by_gc(cache: Path, tmp_path: Path) -> None:
-    """SIGKILL cannot be caught: the sandbox dies with lamina, its scratch dir stays until `cache gc`."""
+def _start_sleeping_build(cache: Path, tmp_path: Path) -> tuple[Path, subprocess.Popen[str]]:
+    """`lamina build` of a RUN that sleeps 30 s, in its own session, once the RUN has started."""
     ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN echo started; sleep 30\n")
     env = {**os.environ, "LAMINA_CACHE": str(cache)}
     env.pop("SOURCE_DATE_EPOCH", None)
@@ -473,6 +452,20 @@ def test_sigkill_scratch_removed_by_gc(cache: Path, tmp_path: Path) -> None:
     for line in proc.stderr:
         if line.rstrip().endswith("] started"):
             break
+    return ctx, proc
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+@pytest.mark.sandbox
+def test_sigkill_scratch_removed_by_gc(cache: Path, tmp_path: Path) -> None:
+    """SIGKILL cannot be caught: the sandbox dies with lamina, its scratch dir stays until `cache gc`."""
+    ctx, proc = _start_sleeping_build(cache, tmp_path)
     kids = _children(proc.pid)
     proc.kill()
     proc.wait()
