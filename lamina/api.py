@@ -159,20 +159,43 @@ def cache_du(
         return store.du()
 
 
-def cache_gc(
+def cache_prune(
     *,
-    older_than: float | None = None,
+    all: bool = False,  # docker's word: `docker builder prune --all`, docker-py's prune_builds(all=)
+    until: float | None = None,
+    keep_storage: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> GcReport:
-    """Drop cache results unused for `older_than` seconds, then everything no name or result needs."""
+    """Free cache space; what named images need always stays.
+
+    Always removes blobs and unpacked layers that no image name or build result
+    needs. `until` (seconds) also drops build results unused for that long;
+    `all` drops every build result and every unpacked layer (those unused for
+    `until`, when given). `keep_storage` (bytes) then drops the least recently
+    used build results and unpacked layers until the store takes at most that.
+    Raises StoreBusy while another lamina process has the store open.
+    """
     from lamina.cache.store import Store
     from lamina.engine.sandbox import remove_tree
 
     with Store(_store_root(cache_dir, environ)) as store:
         # Rootless builds leave files owned by subordinate ids in unpacked
         # layers: only a remover inside the user namespace can delete them.
-        return store.gc(cache_older_than=older_than, remove_tree=remove_tree)
+        return store.gc(
+            cache_older_than=until, drop_all=all, keep_bytes=keep_storage, remove_tree=remove_tree
+        )
+
+
+def cache_gc(
+    *,
+    older_than: float | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> GcReport:
+    """`cache_prune(until=older_than)`: drop cache results unused for `older_than` seconds, then
+    everything no name or result needs."""
+    return cache_prune(until=older_than, cache_dir=cache_dir, environ=environ)
 
 
 # --- sandbox: run -----------------------------------------------------------------

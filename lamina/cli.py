@@ -258,17 +258,111 @@ def cache_du() -> None:
     click.echo(f"{'total':<10}{_human_size(usage.total):>10}")
 
 
-@cache.command("gc")
-@click.option("--older-than", type=click.FloatRange(min=0), help="Also drop build results unused for DAYS.")
-def cache_gc(older_than: float | None) -> None:
-    """Remove blobs and unpacked layers that no image name or build result needs."""
+@cache.command("prune")
+@click.option("-a", "--all", "everything", is_flag=True, help="Drop every build result and unpacked layer.")
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="until=DURATION",
+    help="Only what was not used for DURATION (24h, 30m, 1h30m, 7d).",
+)
+@click.option(
+    "--keep-storage",
+    metavar="SIZE",
+    help="Then drop the least recently used until the cache takes at most SIZE (5GB, 512MB, 2GiB).",
+)
+@click.option("-f", "--force", is_flag=True, help="Accepted for docker compatibility: lamina never prompts.")
+@click.option(
+    "--older-than", type=click.FloatRange(min=0), hidden=True, help="Like --filter until=DAYS*24h (old gc)."
+)
+def cache_prune(
+    everything: bool,
+    filters: tuple[str, ...],
+    keep_storage: str | None,
+    force: bool,
+    older_than: float | None,
+) -> None:
+    """Remove what no image name needs: unused blobs and unpacked layers, old build results.
+
+    Without options only what nothing uses goes; `--filter until=` also drops build
+    results unused for that long, `--all` drops all of them. Images named in
+    `lamina images` and their blobs stay (`lamina rmi` first). `cache gc` is the
+    same command.
+    """
     from lamina import api
 
-    report = api.cache_gc(older_than=older_than * 86400 if older_than is not None else None)
-    click.echo(
+    until = _prune_until(filters)
+    if older_than is not None:
+        if until is not None:
+            raise click.BadParameter("give --older-than or --filter until=, not both", param_hint="--filter")
+        until = older_than * 86400
+    keep = _parse_size(keep_storage) if keep_storage is not None else None
+    report = api.cache_prune(all=everything, until=until, keep_storage=keep)
+    line = (
         f"removed {report.blobs_removed} blobs, {report.unpacked_removed} unpacked layers, "
         f"{report.cache_entries_removed} build results; freed {_human_size(report.bytes_freed)}"
     )
+    if keep is not None and report.size_after is not None:
+        line += f"; the cache now takes {_human_size(report.size_after)}"
+        if report.size_after > keep:
+            line += " (the rest is named images: `lamina rmi` them to go lower)"
+    click.echo(line)
+
+
+cache.add_command(cache_prune, "gc")  # lamina's first word for it; `prune` is docker's and buildah's
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def _prune_until(filters: Sequence[str]) -> float | None:
+    """Seconds from `--filter until=DURATION` (the only key lamina's cache can filter on)."""
+    import re
+
+    until: float | None = None
+    for item in filters:
+        key, sep, value = item.partition("=")
+        if key.strip() != "until" or not sep:
+            raise click.BadParameter(
+                f"{item!r}: lamina's cache filters only on until=DURATION (e.g. until=24h)",
+                param_hint="--filter",
+            )
+        parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", value.strip())
+        if not parts or "".join(n + u for n, u in parts) != value.strip():
+            raise click.BadParameter(
+                f"until={value}: not a duration (use e.g. 24h, 30m, 1h30m, 7d)", param_hint="--filter"
+            )
+        until = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    return until
+
+
+def _parse_size(text: str) -> int:
+    """Bytes from 5GB, 512MB, 2GiB or 1000: kB/MB/GB/TB are powers of 1000, as `cache du` prints."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise click.BadParameter(
+            f"{text!r}: not a size (use e.g. 5GB, 512MB, 2GiB or bytes)", param_hint="--keep-storage"
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 # --- sandbox: run --------------------------------------------------------------

@@ -41,7 +41,7 @@ The API, by kind (all methods are safe to call from several threads):
   `unpacked_path(diff_id)`, `has_unpacked`, `touch_unpacked`;
 - names: `tag(name, manifest, size=, created=)`, `resolve`, `images`, `untag`;
 - build cache: `cache_get(key)`, `cache_put(key, result, refs)`, `cache_delete`;
-- housekeeping: `du()`, `gc(cache_older_than=)`.
+- housekeeping: `du()`, `gc(cache_older_than=, drop_all=, keep_bytes=)`.
 Loading, saving and committing whole images is in lamina.cache.images.
 """
 
@@ -51,6 +51,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import math
 import os
 import threading
 import time
@@ -159,6 +160,16 @@ class GcReport:
     unpacked_removed: int
     cache_entries_removed: int
     bytes_freed: int
+    size_after: int | None = None  # the store's size when gc finished, when it measured it (keep_bytes)
+
+    def __add__(self, other: GcReport) -> GcReport:
+        return GcReport(
+            self.blobs_removed + other.blobs_removed,
+            self.unpacked_removed + other.unpacked_removed,
+            self.cache_entries_removed + other.cache_entries_removed,
+            self.bytes_freed + other.bytes_freed,
+            other.size_after if other.size_after is not None else self.size_after,
+        )
 
 
 class BlobWriter:
@@ -536,16 +547,23 @@ class Store:
         self,
         *,
         cache_older_than: float | None = None,
+        drop_all: bool = False,
+        keep_bytes: int | None = None,
         remove_tree: Callable[[Path], None] | None = None,
     ) -> GcReport:
-        """Remove what no image name and no cache entry needs.
+        """Remove what no image name and no cache entry needs (`lamina cache prune`).
 
-        `cache_older_than` (seconds) first drops cache entries not used for
-        that long. `remove_tree` removes one unpacked layer directory; the
-        default cannot remove files that subordinate ids own (rootless builds
-        make them), so the API passes the sandbox's remover, which can. Needs
-        the store to itself: raises StoreBusy while another lamina process has
-        it open.
+        First drops cache entries: those not used for `cache_older_than`
+        seconds, or with `drop_all` every one (every one that old, with both).
+        `drop_all` also removes the unpacked trees of named images' layers
+        (they are unpacked again when used). Then sweeps blobs and unpacked
+        layers nothing needs. With `keep_bytes`, then drops the least recently
+        used cache entries and unpacked trees until the store takes at most
+        that many bytes; blobs of named images always stay, so it may not get
+        there. `remove_tree` removes one unpacked layer directory; the default
+        cannot remove files that subordinate ids own (rootless builds make
+        them), so the API passes the sandbox's remover, which can. Needs the
+        store to itself: raises StoreBusy while another lamina process has it open.
         """
         assert self._lock_fd is not None, "store not open"
         try:
@@ -553,26 +571,31 @@ class Store:
         except BlockingIOError:
             _flock(self._lock_fd, exclusive=False, wait=True)  # flock conversion may drop ours
             raise StoreBusy(f"gc {self.root}: another lamina process is using the store") from None
+        remove = remove_tree or _remove_tree
         try:
-            return self._gc(cache_older_than, remove_tree or _remove_tree)
+            cutoff = math.inf if drop_all else None
+            if cache_older_than is not None:
+                cutoff = time.time() - cache_older_than
+            dropped = 0
+            if cutoff is not None:
+                with self._sql() as db:
+                    dropped = db.execute("DELETE FROM cache WHERE last_used < ?", (cutoff,)).rowcount
+            report = GcReport(0, 0, dropped, 0)
+            report += self._sweep(remove, unpacked_unused_since=cutoff if drop_all else None)
+            if keep_bytes is not None:
+                report += self._shrink(keep_bytes, remove)
+            return report
         finally:
             _flock(self._lock_fd, exclusive=False, wait=True)
 
-    def _gc(self, cache_older_than: float | None, remove_tree: Callable[[Path], None]) -> GcReport:
+    def _needed_by_images(self) -> tuple[set[Digest], set[Digest]]:
+        """The blobs named images need (index -> manifests -> config and layers), and their diff_ids."""
         from lamina.oci.image import MAX_DOCUMENT, ImageFormatError, Index, Manifest, parse_document
 
-        dropped = 0
-        if cache_older_than is not None:
-            with self._sql() as db:
-                dropped = db.execute(
-                    "DELETE FROM cache WHERE last_used < ?", (time.time() - cache_older_than,)
-                ).rowcount
         with self._sql() as db:
-            roots = [Digest.parse(row[0]) for row in db.execute("SELECT manifest FROM images")]
-            refs = {Digest.parse(row[0]) for row in db.execute("SELECT DISTINCT digest FROM cache_refs")}
-        keep: set[Digest] = set(refs)
-        pending = list(roots)
-        while pending:  # walk index -> manifests -> config and layers
+            pending = [Digest.parse(row[0]) for row in db.execute("SELECT manifest FROM images")]
+        keep: set[Digest] = set()
+        while pending:
             digest = pending.pop()
             if digest in keep:
                 continue
@@ -590,11 +613,28 @@ class Store:
                     pending.extend(layer.digest for layer in manifest.layers)
             except (ImageFormatError, StoreError):
                 continue  # a root that is not a document keeps only itself
+        diff_ids = {record.diff_id for record in map(self.layer, keep) if record is not None}
+        return keep, diff_ids
+
+    def _sweep(self, remove_tree: Callable[[Path], None], unpacked_unused_since: float | None) -> GcReport:
+        """Remove the blobs and unpacked trees that neither a named image nor a cache entry needs.
+
+        With `unpacked_unused_since`, named images' unpacked trees not used since then go too.
+        """
+        image_blobs, image_diff_ids = self._needed_by_images()
+        with self._sql() as db:
+            refs = {Digest.parse(row[0]) for row in db.execute("SELECT DISTINCT digest FROM cache_refs")}
+            last_used = dict(db.execute("SELECT diff_id, last_used FROM unpacked").fetchall())
+        keep = image_blobs | refs
         keep_diff_ids = set(refs)
-        for digest in list(keep):
+        for digest in refs:
             record = self.layer(digest)
             if record is not None:
                 keep_diff_ids.add(record.diff_id)
+        if unpacked_unused_since is None:
+            keep_diff_ids |= image_diff_ids
+        else:
+            keep_diff_ids |= {d for d in image_diff_ids if last_used.get(str(d), 0) >= unpacked_unused_since}
 
         freed = blobs_removed = unpacked_removed = 0
         now = time.time()
@@ -620,11 +660,9 @@ class Store:
             stale_tmp = entry.name.startswith(".tmp-") and now - entry.stat().st_mtime > _STALE_TMP_S
             unused = not entry.name.startswith(".") and Digest("sha256", entry.name) not in keep_diff_ids
             if stale_tmp or unused:
-                size = _tree_size(Path(entry.path), set())
-                with contextlib.suppress(OSError, LaminaError):
-                    remove_tree(Path(entry.path))  # what cannot go stays, and is not counted
-                if not os.path.exists(entry.path):
-                    freed += size
+                removed = self._remove_unpacked(Path(entry.path), remove_tree)
+                if removed is not None:
+                    freed += removed
                     unpacked_removed += 1
         with self._sql() as db:
             db.execute(
@@ -632,7 +670,84 @@ class Store:
                 (_json_list(str(d) for d in keep_diff_ids),),
             )
         freed += self._clear_scratch(remove_tree)
-        return GcReport(blobs_removed, unpacked_removed, dropped, freed)
+        return GcReport(blobs_removed, unpacked_removed, 0, freed)
+
+    @staticmethod
+    def _remove_unpacked(path: Path, remove_tree: Callable[[Path], None]) -> int | None:
+        """Bytes freed by removing one unpacked tree, None when it could not go."""
+        size = _tree_size(path, set())
+        with contextlib.suppress(OSError, LaminaError):
+            remove_tree(path)  # what cannot go stays, and is not counted
+        return None if os.path.exists(path) else size
+
+    def _shrink(self, keep_bytes: int, remove_tree: Callable[[Path], None]) -> GcReport:
+        """Drop the least recently used cache entries and named images' unpacked trees, oldest
+        first, until the store takes at most `keep_bytes` (or nothing is left to drop).
+
+        What an entry frees is estimated (the blobs and trees that only it refers to);
+        the sweep then frees the real amount, and a short estimate (trees sharing
+        inodes) makes another round.
+        """
+        report = GcReport(0, 0, 0, 0)
+        while (total := self.du().total) > keep_bytes:
+            image_blobs, image_diff_ids = self._needed_by_images()
+            with self._sql() as db:
+                entries = db.execute("SELECT key, last_used FROM cache").fetchall()
+                refs: dict[str, list[str]] = {}
+                for key, digest in db.execute("SELECT key, digest FROM cache_refs"):
+                    refs.setdefault(key, []).append(digest)
+                unpacked_used = dict(db.execute("SELECT diff_id, last_used FROM unpacked").fetchall())
+            users: dict[str, int] = {}
+            for digests in refs.values():
+                for digest in digests:
+                    users[digest] = users.get(digest, 0) + 1
+            pinned = {str(d) for d in image_blobs | image_diff_ids}
+            # (last used, kind, name): cache entries and the unpacked trees of named images' layers
+            candidates = [(used, 0, key) for key, used in entries]
+            candidates += [
+                (unpacked_used.get(str(d), 0.0), 1, d.hex)
+                for d in image_diff_ids
+                if d.algorithm == "sha256" and (self._unpacked / d.hex).is_dir()
+            ]
+            candidates.sort()
+            excess = total - keep_bytes
+            drop_keys: list[str] = []
+            drop_trees: list[Path] = []
+            for _, kind, name in candidates:
+                if excess <= 0:
+                    break
+                if kind == 1:
+                    drop_trees.append(self._unpacked / name)
+                    excess -= _tree_size(self._unpacked / name, set())
+                    continue
+                drop_keys.append(name)
+                for digest in refs.get(name, ()):
+                    users[digest] -= 1
+                    if users[digest] == 0 and digest not in pinned:
+                        excess -= self._bytes_of(Digest.parse(digest))
+            if not drop_keys and not drop_trees:
+                break  # what is left is named images' blobs and the index
+            with self._sql() as db:
+                db.execute(
+                    "DELETE FROM cache WHERE key IN (SELECT value FROM json_each(?))",
+                    (_json_list(drop_keys),),
+                )
+            report += GcReport(0, 0, len(drop_keys), 0)
+            for tree in drop_trees:
+                removed = self._remove_unpacked(tree, remove_tree)
+                if removed is not None:
+                    report += GcReport(0, 1, 0, removed)
+            report += self._sweep(remove_tree, unpacked_unused_since=None)
+        return dataclasses.replace(report, size_after=self.du().total)
+
+    def _bytes_of(self, digest: Digest) -> int:
+        """What a cache ref takes: its blob, and its unpacked tree if it names one."""
+        size = 0
+        with contextlib.suppress(OSError, StoreError):
+            size += self.blob_size(digest)
+        if digest.algorithm == "sha256" and (self._unpacked / digest.hex).is_dir():
+            size += _tree_size(self._unpacked / digest.hex, set())
+        return size
 
     def _clear_scratch(self, remove_tree: Callable[[Path], None]) -> int:
         """Empty `tmp/`, where builds keep scratch dirs; a killed build (SIGKILL) leaves its own
