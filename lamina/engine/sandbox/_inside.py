@@ -23,7 +23,7 @@ import _signal
 import os
 import stat
 
-from lamina.engine.sandbox import _libc, _rootfs
+from lamina.engine.sandbox import _confine, _libc, _rootfs
 
 SETUP_FAILED = 125
 EXEC_FAILED = 127
@@ -81,7 +81,7 @@ def prepare(spec: dict) -> object | None:
     """In the helper: hostname, loopback, the rootfs; the copy baseline or None. Raises SetupError."""
     try:
         _libc.sethostname(spec["hostname"])
-        if spec["network"] == "none":
+        if spec["network"] != "host":
             _loopback_up()
         return _prepare_root(spec)
     except OSError as err:
@@ -108,6 +108,9 @@ def init(spec: dict, report_fd: int) -> int:
     """
     _libc.set_parent_death_signal(_signal.SIGKILL)
     try:
+        _confine.hide_process("init")
+        # Built while the host's libseccomp is still reachable; loaded by the command before exec.
+        seccomp = None if spec["insecure"] else _confine.Filter()
         _enter_root(spec)
     except (OSError, SetupError) as err:
         report(report_fd, f"set up the sandbox: {_describe(err)}")
@@ -115,9 +118,10 @@ def init(spec: dict, report_fd: int) -> int:
     child = os.fork()
     if child == 0:
         try:
-            _command(spec, report_fd)
+            _command(spec, report_fd, seccomp)
         finally:
             os._exit(EXEC_FAILED)
+    os.close(report_fd)  # the command has its own copy until exec; PID 1 holds nothing of the caller's
     forward_signals(child)
     status = 0
     while True:
@@ -216,14 +220,19 @@ def _enter_root(spec: dict) -> None:
     os.chdir("/")
 
 
-def _command(spec: dict, report_fd: int) -> None:
-    """Runs in PID 1's child: user, cwd, exec. Returns only on failure."""
+def _command(spec: dict, report_fd: int, seccomp: _confine.Filter | None) -> None:
+    """Runs in PID 1's child: signals, user, cwd, confinement, exec. Returns only on failure."""
     try:
-        for signum in _FORWARDED:
-            _signal.signal(signum, _signal.SIG_DFL)
+        _default_signals()
+        os.umask(0o022)  # runc's
         uid, gid, groups, home = resolve_user(spec["user"])
         cwd = spec["cwd"] or "/"
         os.makedirs(cwd, exist_ok=True)
+        if seccomp is not None:
+            # Root keeps, after exec, exactly the bounding set; the filter
+            # needs CAP_SYS_ADMIN to load, so it goes before the user switch.
+            _confine.drop_bounding_set(_confine.DEFAULT_CAP_MASK)
+            seccomp.load()
         _become(spec, uid, gid, groups)
         os.chdir(cwd)
     except (OSError, SetupError) as err:
@@ -243,6 +252,21 @@ def _command(spec: dict, report_fd: int) -> None:
             why = err.strerror or str(err)
         report(report_fd, f'exec "{argv[0]}": {why}')
         os._exit(EXEC_FAILED if isinstance(err, FileNotFoundError) else 126)
+
+
+def _default_signals() -> None:
+    """Every disposition default and nothing blocked, as runc starts a process.
+
+    Python ignores SIGPIPE and SIGXFSZ; inherited, `yes | head -1` would never end.
+    """
+    for signum in range(1, _signal.NSIG):
+        if signum in (_signal.SIGKILL, _signal.SIGSTOP):
+            continue
+        try:
+            _signal.signal(signum, _signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # the C library's own real-time signals
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
 
 
 def _exec(argv: list[str], env: dict[str, str]) -> None:
@@ -276,6 +300,8 @@ def _at(root: str, target: str, is_dir: bool) -> str:
 def _system_mounts(spec: dict, root: str) -> None:
     m = _libc
     m.mount("proc", _at(root, "proc", True), "proc", m.MS_NOSUID | m.MS_NODEV | m.MS_NOEXEC)
+    if not spec["insecure"]:
+        _hide_kernel_paths(root, _confine.READONLY_PATHS, _confine.MASKED_PATHS, "/proc/")
     dev = _at(root, "dev", True)
     m.mount("tmpfs", dev, "tmpfs", m.MS_NOSUID | m.MS_STRICTATIME, "mode=755,size=65536k")
     for name in _DEV_NODES:
@@ -297,8 +323,30 @@ def _system_mounts(spec: dict, root: str) -> None:
         m.mount("devpts", pts, "devpts", m.MS_NOSUID | m.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
     m.mount("shm", os.path.join(dev, "shm"), "tmpfs", m.MS_NOSUID | m.MS_NODEV, "mode=1777,size=65536k")
     _mount_sys(_at(root, "sys", True))
+    if not spec["insecure"]:
+        _hide_kernel_paths(root, (), _confine.MASKED_PATHS, "/sys/")
     for rel, source in spec["host_binds"]:
         _bind(source, _at(root, rel, False), readonly=True)
+
+
+def _hide_kernel_paths(root: str, readonly: tuple[str, ...], masked: tuple[str, ...], under: str) -> None:
+    """runc's read-only paths (bound onto themselves, read-only) and masked paths (an
+    empty read-only tmpfs over a directory, /dev/null over a file), those `under` a prefix."""
+    for path in readonly:
+        if path.startswith(under) and os.path.lexists(host := root + path):
+            _bind(host, host, readonly=True)
+    for path in masked:
+        if not path.startswith(under):
+            continue
+        host = root + path
+        try:
+            st = os.lstat(host)
+        except OSError:
+            continue  # not on this kernel
+        if stat.S_ISDIR(st.st_mode):
+            _libc.mount("tmpfs", host, "tmpfs", _libc.MS_RDONLY)
+        else:
+            _libc.mount("/dev/null", host, None, _libc.MS_BIND)
 
 
 def _mount_sys(target: str) -> None:

@@ -82,7 +82,11 @@ def sethostname(name: str) -> None:
 
 
 def set_parent_death_signal(signum: int) -> None:
-    _check(_libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    prctl(PR_SET_PDEATHSIG, signum)
+
+
+def prctl(option: int, arg2: int = 0) -> None:
+    _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option})")
 
 
 # The new mount API, for overlay stacks whose options exceed one page.

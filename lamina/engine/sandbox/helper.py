@@ -74,7 +74,7 @@ def main() -> int:
     flags = _libc.CLONE_NEWUSER | _libc.CLONE_NEWNS
     if spec["mode"] == "run":
         flags |= _libc.CLONE_NEWPID | _libc.CLONE_NEWUTS | _libc.CLONE_NEWIPC
-        if spec["network"] == "none":
+        if spec["network"] != "host":
             flags |= _libc.CLONE_NEWNET
     try:
         _libc.unshare(flags)

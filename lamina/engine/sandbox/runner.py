@@ -145,12 +145,7 @@ def _wire(
     locks: contextlib.ExitStack,
 ) -> dict[str, Any]:
     """The plain dict the helper reads (marshal: no imports on its side)."""
-    host_binds: list[tuple[str, str]] = []
-    if spec.network is Network.HOST:
-        for rel, host in (("etc/resolv.conf", "/etc/resolv.conf"), ("etc/hosts", "/etc/hosts")):
-            real = os.path.realpath(host)
-            if os.path.isfile(real):
-                host_binds.append((rel, real))
+    host_binds = _network_files(spec, base)
     apt_snippet = ""
     if ids.mode is IdMode.SINGLE:
         # apt drops to user _apt, which a single-id map does not have. The
@@ -172,11 +167,40 @@ def _wire(
         "user": spec.user,
         "hostname": spec.hostname,
         "network": spec.network.value,
+        "insecure": spec.insecure,
         "single_id": ids.mode is IdMode.SINGLE,
         "host_binds": host_binds,
         "apt_snippet": apt_snippet,
         "mounts": [_wire_mount(m, i, base, locks) for i, m in enumerate(spec.mounts)],
     }
+
+
+def _network_files(spec: SandboxSpec, base: Path) -> list[tuple[str, str]]:
+    """(root-relative path, host file) for /etc/resolv.conf and /etc/hosts, bound read-only."""
+    from lamina.engine.sandbox import network
+
+    binds: list[tuple[str, str]] = []
+    if spec.network is Network.NONE:
+        return binds
+    resolv = os.path.realpath("/etc/resolv.conf")
+    if spec.network is Network.HOST:
+        for rel, host in (("etc/resolv.conf", resolv), ("etc/hosts", os.path.realpath("/etc/hosts"))):
+            if os.path.isfile(host):
+                binds.append((rel, host))
+        return binds
+    if network.slirp4netns() is None:
+        raise SandboxError(network.missing_backend_message())
+    try:
+        host_text = Path(resolv).read_text(errors="replace")
+    except OSError:
+        host_text = ""
+    made = (("etc/resolv.conf", network.resolv_conf(host_text)), ("etc/hosts", network.hosts(spec.hostname)))
+    for rel, text in made:
+        path = base / rel.replace("/", "-")
+        path.write_text(text)
+        path.chmod(0o644)
+        binds.append((rel, str(path)))
+    return binds
 
 
 def _empty_dir(base: Path) -> Path:
@@ -271,6 +295,8 @@ def _helper(
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", _HELPER, str(request_r), str(report_w)],
             pass_fds=(request_r, report_w),
+            # Nothing of ours reaches a step: the helper, PID 1's parent, starts with no environment.
+            env={},
             stdin=spec.stdin if spec else subprocess.DEVNULL,
             stdout=spec.stdout if spec else (subprocess.PIPE if sink else subprocess.DEVNULL),
             stderr=spec.stderr if spec else None,
@@ -290,13 +316,18 @@ def _helper(
             request.write(len(payload).to_bytes(4, "big") + payload)
             first = report.read(1)
             started = first == b"U"
-            if started:
-                write_maps(proc.pid, ids)
-                request.write(b"G")
-                first = b""
-            request.close()
-            messages = (first + report.read()).decode(errors="replace")
-        code = proc.wait()
+            with contextlib.ExitStack() as net:
+                if started:
+                    write_maps(proc.pid, ids)
+                    if wire.get("network") == "default":
+                        from lamina.engine.sandbox import network
+
+                        net.enter_context(network.attached(proc.pid))
+                    request.write(b"G")
+                    first = b""
+                request.close()
+                messages = (first + report.read()).decode(errors="replace")
+                code = proc.wait()
         if pump is not None:
             pump.finish()
     except BaseException:

@@ -10,6 +10,9 @@ from typing import IO
 
 
 class Network(enum.Enum):
+    # A network namespace of its own with outbound access through slirp4netns
+    # (sandbox.network); the host's loopback is out of reach. BuildKit's default.
+    DEFAULT = "default"
     HOST = "host"  # the host's network, /etc/resolv.conf and /etc/hosts bound read-only
     NONE = "none"  # a new network namespace with only loopback, up
 
@@ -105,7 +108,10 @@ class SandboxSpec:
     cwd: str = "/"
     user: str = ""
     hostname: str = "lamina"
-    network: Network = Network.HOST
+    network: Network = Network.DEFAULT
+    # `RUN --security=insecure`: all capabilities, no seccomp filter, no masked
+    # or read-only /proc and /sys paths (runc's default spec otherwise).
+    insecure: bool = False
     mounts: tuple[Mount, ...] = ()
     snapshotter: Snapshotter | None = None
     stdin: Output = subprocess.DEVNULL  # a build step reads nothing; None passes ours through
