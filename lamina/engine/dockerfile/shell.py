@@ -14,21 +14,36 @@ Behaviour worth knowing (all checked by BuildKit's envVarTest/wordsTest):
   an unquoted expansion; quoted text and escaped blanks stay whole;
 - `#`, `%` and `/` patterns use `*` and `?` (no bracket expressions), and
   keep escapes in the pattern so `\\*` is a literal star.
+
+Two limits BuildKit does not have (Go's stack and memory just grow), so that
+a hostile Dockerfile ends in an ExpansionError rather than a RecursionError
+or a MemoryError: `${...}` may nest MAX_NESTING deep, and one expanded word
+may be MAX_EXPANDED characters long. Text is copied in runs (literal text
+between special characters, whole variable values), never char by char, so
+a long value costs what its string operations cost.
 """
 
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Callable, Mapping
 
 from lamina.errors import ExpansionError
 
 __all__ = ["expand_word", "referenced_names", "split_words"]
 
+MAX_NESTING = 64  # `${A:-${B:-...}}` levels; each costs a few Python frames
+MAX_EXPANDED = 4 * 1024 * 1024  # characters in one expanded word (4 MiB of ASCII)
+
 _EOF = ""
 _SPECIAL_PARAMS = frozenset("@*#?-$!0")
-_ASCII_SPACE = frozenset("\t\n\v\f\r \x85\xa0")
+# Go's unicode.IsSpace: the Latin-1 blanks and Unicode's White_Space property
+# (str.isspace() differs: it also accepts \x1c-\x1f).
+_SPACES = (
+    "\t\n\v\f\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
+_SPACE_SET = frozenset(_SPACES)
+_BLANKS = re.compile(f"[{_SPACES}]+")
 
 Lookup = Callable[[str], "str | None"]  # None means unset
 
@@ -69,26 +84,34 @@ def _needs_lexing(word: str, escape: str) -> bool:
     return "$" in word or "'" in word or '"' in word or escape in word
 
 
-def _is_space(ch: str) -> bool:
-    # Go's unicode.IsSpace, which differs from str.isspace for \x1c-\x1f.
-    if ch in _ASCII_SPACE:
-        return True
-    return ch > "\x7f" and unicodedata.category(ch) in ("Zs", "Zl", "Zp")
-
-
 def _split_plain(word: str) -> list[str]:
-    words: list[str] = []
-    start = -1
-    for i, ch in enumerate(word):
-        if _is_space(ch):
-            if start >= 0:
-                words.append(word[start:i])
-                start = -1
-        elif start < 0:
-            start = i
-    if start >= 0:
-        words.append(word[start:])
-    return words
+    return [field for field in _BLANKS.split(word) if field]
+
+
+def _too_long() -> ExpansionError:
+    return ExpansionError(
+        f"the expanded word would be longer than {MAX_EXPANDED} characters (lamina's limit, 4 MiB)"
+    )
+
+
+def _quote_for_message(text: str) -> str:
+    """The word as BuildKit's `failed to process "%s"` shows it, cut to one short line."""
+    line, newline, _ = text.partition("\n")
+    if newline or len(line) > 200:
+        return line[:200] + "..."
+    return line
+
+
+_STOPS: dict[tuple[str, str], re.Pattern[str]] = {}
+
+
+def _specials(stop: str, escape: str) -> re.Pattern[str]:
+    """The characters `_Lexer._until` must look at; everything else is copied in runs."""
+    regex = _STOPS.get((stop, escape))
+    if regex is None:
+        regex = re.compile("[" + re.escape("$'\"" + escape + stop) + "]")
+        _STOPS[(stop, escape)] = regex
+    return regex
 
 
 class _Fields:
@@ -101,10 +124,8 @@ class _Fields:
         self.current: list[str] = []
         self.in_word = False
 
-    def add_char(self, ch: str) -> None:
-        if not _is_space(ch):
-            self.add_raw(ch)
-        elif self.in_word and self.current:
+    def blank(self) -> None:
+        if self.in_word and self.current:
             self.words.append("".join(self.current))
             self.current = []
             self.in_word = False
@@ -114,8 +135,16 @@ class _Fields:
         self.in_word = True
 
     def add_expanded(self, text: str) -> None:
-        for ch in text:
-            self.add_char(ch)
+        """Unquoted text: blanks split fields (a run of blanks is one split)."""
+        if not text:
+            return
+        parts = _BLANKS.split(text)
+        if parts[0]:
+            self.add_raw(parts[0])
+        for part in parts[1:]:
+            self.blank()
+            if part:
+                self.add_raw(part)
 
     def finish(self) -> list[str]:
         word = "".join(self.current)
@@ -133,12 +162,14 @@ class _Lexer:
         self.lookup = lookup
         self.escape = escape
         self.raw_escapes = False
+        self.depth = 0
 
     def run(self) -> tuple[str, list[str]]:
         try:
             return self.until(_EOF, raw_escapes=False)
         except ExpansionError as err:
-            raise ExpansionError(f'failed to process "{self.text}": {err}') from None
+            text = _quote_for_message(self.text)
+            raise ExpansionError(f'failed to process "{text}": {err}') from None
 
     def peek(self) -> str:
         return self.text[self.pos] if self.pos < len(self.text) else _EOF
@@ -150,43 +181,62 @@ class _Lexer:
 
     def until(self, stop: str, raw_escapes: bool) -> tuple[str, list[str]]:
         """Lex up to and including `stop` (or to the end when `stop` is EOF)."""
+        if self.depth > MAX_NESTING:
+            raise ExpansionError(
+                f"variable substitutions nested more than {MAX_NESTING} deep (lamina's limit)"
+            )
         saved, self.raw_escapes = self.raw_escapes, raw_escapes
+        self.depth += 1
         try:
             return self._until(stop)
         finally:
             self.raw_escapes = saved
+            self.depth -= 1
 
     def _until(self, stop: str) -> tuple[str, list[str]]:
         out: list[str] = []
+        size = 0
         fields = _Fields()
-        while (ch := self.peek()) != _EOF:
+        text = self.text
+        specials = _specials(stop, self.escape)
+        while True:
+            match = specials.search(text, self.pos)
+            end = match.start() if match is not None else len(text)
+            if end > self.pos:  # a run of plain text: copied whole
+                run = text[self.pos : end]
+                self.pos = end
+                size += len(run)
+                out.append(run)
+                fields.add_expanded(run)
+            if match is None:
+                break
+            ch = text[end]
             if stop and ch == stop:
-                self.next()
+                self.pos += 1
                 return "".join(out), fields.finish()
             if ch == "$":
                 value = self.dollar()
-                out.append(value)
-                fields.add_expanded(value)
             elif ch == "'":
                 value = self.single_quoted()
-                out.append(value)
-                fields.add_raw(value)
             elif ch == '"':
                 value = self.double_quoted()
-                out.append(value)
-                fields.add_raw(value)
-            elif self.next() == self.escape:
+            else:  # the escape token
+                self.pos += 1
                 if self.raw_escapes:
                     out.append(ch)
                     fields.add_raw(ch)
-                escaped = self.next()
-                if escaped == _EOF:  # a trailing escape is dropped
+                    size += 1
+                value = self.next()
+                if value == _EOF:  # a trailing escape is dropped
                     break
-                out.append(escaped)
-                fields.add_raw(escaped)
+            size += len(value)
+            if size > MAX_EXPANDED:
+                raise _too_long()
+            out.append(value)
+            if ch == "$":
+                fields.add_expanded(value)
             else:
-                out.append(ch)
-                fields.add_char(ch)
+                fields.add_raw(value)
         if stop:
             raise ExpansionError(f"unexpected end of statement while looking for matching {stop}")
         return "".join(out), fields.finish()
@@ -203,30 +253,53 @@ class _Lexer:
     def double_quoted(self) -> str:
         self.next()
         out: list[str] = []
+        size = 0
+        text = self.text
+        specials = _specials('"', self.escape)
         while True:
-            ch = self.peek()
-            if ch == _EOF:
+            match = specials.search(text, self.pos)
+            if match is None:
                 raise ExpansionError("unexpected end of statement while looking for matching double-quote")
+            end = match.start()
+            if end > self.pos:
+                out.append(text[self.pos : end])
+                size += end - self.pos
+                self.pos = end
+            ch = text[end]
             if ch == '"':
-                self.next()
+                self.pos += 1
                 return "".join(out)
             if ch == "$":
-                out.append(self.dollar())
+                value = self.dollar()
+                size += len(value)
+                if size > MAX_EXPANDED:
+                    raise _too_long()
+                out.append(value)
                 continue
-            self.next()
-            if ch == self.escape:
-                if self.raw_escapes:
-                    out.append(ch)
-                following = self.peek()
-                if following == _EOF:
-                    continue  # the loop then reports the missing quote
-                if following in ('"', "$", self.escape):
-                    ch = self.next()
-                # any other escape stays literal inside double quotes
+            if ch == "'":  # not special inside double quotes
+                self.pos += 1
+                out.append(ch)
+                size += 1
+                continue
+            # the escape token
+            self.pos += 1
+            if self.raw_escapes:
+                out.append(ch)
+                size += 1
+            following = self.peek()
+            if following == _EOF:
+                continue  # the search then reports the missing quote
+            if following in ('"', "$", self.escape):
+                ch = self.next()
+            # any other escape stays literal inside double quotes
             out.append(ch)
+            size += 1
 
     def name(self) -> str:
-        """A variable name: digits, one special parameter, or [letters digits _]."""
+        """A variable name: digits, one special parameter, or [letters digits _].
+
+        Go's unicode.IsDigit and IsLetter: str.isdecimal and str.isalpha
+        (str.isdigit would also take `²`, which Go does not)."""
         start = self.pos
         ch = self.peek()
         if ch and ch.isdecimal():
@@ -326,6 +399,8 @@ def _pattern_regex(pattern: str, greedy: bool, anchored: bool) -> re.Pattern[str
         ch = pattern[i]
         i += 1
         if ch == "*":
+            if parts and parts[-1] == star:
+                continue  # `**` is `*`; two regex stars in a row only add backtracking
             parts.append(star)
         elif ch == "?":
             parts.append(".")
@@ -369,32 +444,66 @@ def _replace_all(regex: re.Pattern[str], value: str, template: str) -> str:
     # Go's ReplaceAllString: an empty match right after the previous match is
     # skipped (Python would replace it), and `$` in the replacement is a template.
     out: list[str] = []
+    size = 0
     pos = 0
     previous_end = -1
     for match in regex.finditer(value):
         start, end = match.span()
         if start == end and start == previous_end:
             continue
+        piece = _go_template(template, match.group(0))
+        size += start - pos + len(piece)
+        if size > MAX_EXPANDED:  # each match can add the whole replacement
+            raise _too_long()
         out.append(value[pos:start])
-        out.append(_go_template(template, match.group(0)))
+        out.append(piece)
         pos = end
         previous_end = end
     out.append(value[pos:])
     return "".join(out)
 
 
-_TEMPLATE_NAME = re.compile(r"\$(?:(\$)|\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
-
-
 def _go_template(template: str, whole: str) -> str:
-    """Go's Regexp.Expand for a pattern with no groups: `$0` is the match."""
+    """Go's Regexp.Expand for a pattern with no groups: `$0` and `${0}` are the match,
+    `$$` is `$`, any other name is empty, and a malformed `$` stays as it is."""
     if "$" not in template:
         return template
+    out: list[str] = []
+    size = 0
+    rest = template
+    while True:
+        before, dollar, rest = rest.partition("$")
+        out.append(before)
+        if not dollar:
+            return "".join(out)
+        if rest.startswith("$"):
+            out.append("$")
+            rest = rest[1:]
+            continue
+        name, after = _template_name(rest)
+        if name is None:
+            out.append("$")
+            continue
+        rest = after
+        if name == "0":  # Go: "00" is a name, not group 0
+            size += len(whole)
+            if size > MAX_EXPANDED:
+                raise _too_long()
+            out.append(whole)
 
-    def one(match: re.Match[str]) -> str:
-        if match.group(1):
-            return "$"
-        name = match.group(2) or match.group(3)
-        return whole if name.isdigit() and int(name) == 0 else ""
 
-    return _TEMPLATE_NAME.sub(one, template)
+def _template_name(text: str) -> tuple[str | None, str]:
+    """Go's regexp `extract`: a name of letters, digits and `_`, maybe in braces."""
+    brace = text.startswith("{")
+    i = 1 if brace else 0
+    start = i
+    while i < len(text) and (text[i].isalpha() or text[i].isdecimal() or text[i] == "_"):
+        i += 1
+    if i == start:
+        return None, text
+    name = text[start:i]
+    if brace:
+        if i >= len(text) or text[i] != "}":
+            return None, text
+        i += 1
+    return name, text[i:]
