@@ -16,12 +16,17 @@ import json
 import re
 from collections.abc import Callable
 
+from lamina.engine.dockerfile.shell import MAX_NESTING
 from lamina.errors import DockerfileSyntaxError, Location
 
 DEFAULT_ESCAPE = "\\"
 MAX_LINE_BYTES = 65536  # Go's bufio.MaxScanTokenSize: a longer line is an error
 HEREDOC_KEYWORDS = frozenset({"add", "copy", "run"})
 KNOWN_DIRECTIVES = frozenset({"syntax", "escape", "check"})
+# `ONBUILD ONBUILD ...` levels the parser nests before it refuses. BuildKit has
+# no bound here (its instruction parser rejects any `ONBUILD ONBUILD` later);
+# every level costs Python frames here, in dump() and in the dataclass methods.
+MAX_ONBUILD_NESTING = 64
 
 # Go's unicode.IsSpace (strings.TrimSpace uses it); str.isspace() also
 # accepts \x1c-\x1f, which Go does not.
@@ -358,10 +363,12 @@ def _parse_name_or_name_val(rest: str, escape: str) -> _Parsed:
     return _Parsed(tuple(parse_words(rest, escape)))
 
 
-def _parse_sub_command(rest: str, escape: str) -> _Parsed:
+def _parse_sub_command(rest: str, escape: str, depth: int = 0) -> _Parsed:
     if not rest:
         return _Parsed()
-    return _Parsed(child=_node_from_line(rest, escape))
+    if depth >= MAX_ONBUILD_NESTING:
+        raise DockerfileSyntaxError(f"ONBUILD nested more than {MAX_ONBUILD_NESTING} deep (lamina's limit)")
+    return _Parsed(child=_node_from_line(rest, escape, depth + 1))
 
 
 _LINE_PARSERS: dict[str, Callable[[str, str], _Parsed]] = {
@@ -376,7 +383,7 @@ _LINE_PARSERS: dict[str, Callable[[str, str], _Parsed]] = {
     "healthcheck": _parse_health_config,
     "label": _parse_label,
     "maintainer": _parse_string,
-    "onbuild": _parse_sub_command,
+    # "onbuild" is _parse_sub_command, called by _node_from_line, which counts the nesting
     "run": _parse_maybe_json,
     "shell": _parse_maybe_json,
     "stopsignal": _parse_string,
@@ -493,10 +500,14 @@ def split_command(line: str, escape: str) -> tuple[str, list[str], str]:
     return parts[0], flags, rest.strip(GO_SPACE)
 
 
-def _node_from_line(line: str, escape: str) -> Node:
+def _node_from_line(line: str, escape: str, depth: int = 0) -> Node:
+    """One logical line -> its Node; `depth` counts the ONBUILDs around it."""
     keyword, flags, rest = split_command(line, escape)
-    parser = _LINE_PARSERS.get(go_lower(keyword), _parse_ignore)
-    parsed = parser(rest, escape)
+    name = go_lower(keyword)
+    if name == "onbuild":
+        parsed = _parse_sub_command(rest, escape, depth)
+    else:
+        parsed = _LINE_PARSERS.get(name, _parse_ignore)(rest, escape)
     return Node(
         keyword=keyword,
         args=parsed.args,
@@ -525,6 +536,7 @@ class _RawLexer:
         self.pos = 0
         self.raw_quotes = raw_quotes
         self.raw_escapes = raw_escapes
+        self.depth = 0
 
     def peek(self) -> str:
         return self.text[self.pos] if self.pos < len(self.text) else ""
@@ -538,11 +550,19 @@ class _RawLexer:
         return self.until("", self.raw_escapes)[1]
 
     def until(self, stop: str, raw_escapes: bool) -> tuple[str, list[str]]:
+        if self.depth > MAX_NESTING:
+            # Not a _LexError: BuildKit would find the heredocs, lamina cannot.
+            raise DockerfileSyntaxError(
+                f"heredoc detection: variable substitutions nested more than {MAX_NESTING} deep"
+                " (lamina's limit)"
+            )
         saved, self.raw_escapes = self.raw_escapes, raw_escapes
+        self.depth += 1
         try:
             return self._until(stop)
         finally:
             self.raw_escapes = saved
+            self.depth -= 1
 
     def _until(self, stop: str) -> tuple[str, list[str]]:
         result: list[str] = []
@@ -561,6 +581,12 @@ class _RawLexer:
                 word.append(c)
                 in_word = True
 
+        special = {
+            "$": self.dollar,
+            "'": self.single_quote,
+            '"': self.double_quote,
+            "<": self.heredoc_marker,
+        }
         while self.pos < len(self.text):
             ch = self.peek()
             if stop and ch == stop:
@@ -568,12 +594,6 @@ class _RawLexer:
                 if word:
                     words.append("".join(word))
                 return "".join(result), words
-            special = {
-                "$": self.dollar,
-                "'": self.single_quote,
-                '"': self.double_quote,
-                "<": self.heredoc_marker,
-            }
             if ch in special:
                 tmp = special[ch]()
                 result.append(tmp)
@@ -643,17 +663,18 @@ class _RawLexer:
             out.append(ch)
 
     def name(self) -> str:
+        # Go's unicode.IsDigit/IsLetter: isdecimal/isalpha (isdigit takes `²`, isalnum `½`).
         ch = self.peek()
-        if ch and ch.isdigit():
+        if ch and ch.isdecimal():
             start = self.pos
-            while self.peek() and self.peek().isdigit():
+            while self.peek() and self.peek().isdecimal():
                 self.pos += 1
             return self.text[start : self.pos]
         if ch and ch in "@*#?-$!0":
             self.pos += 1
             return ch
         start = self.pos
-        while self.peek() and (self.peek().isalnum() or self.peek() == "_"):
+        while (ch := self.peek()) and (ch.isalpha() or ch.isdecimal() or ch == "_"):
             self.pos += 1
         return self.text[start : self.pos]
 

@@ -97,8 +97,8 @@ def _too_long() -> ExpansionError:
 def _quote_for_message(text: str) -> str:
     """The word as BuildKit's `failed to process "%s"` shows it, cut to one short line."""
     line, newline, _ = text.partition("\n")
-    if newline or len(line) > 200:
-        return line[:200] + "..."
+    if newline or len(line) > 100:
+        return line[:80] + "..."
     return line
 
 
