@@ -208,7 +208,7 @@ def run(
     env: Iterable[str] = (),
     workdir: str | None = None,
     user: str | None = None,
-    network: str = "host",
+    network: str = "default",
     mounts: Iterable[str] = (),
     hostname: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -257,7 +257,7 @@ def run(
         try:
             net = sandbox.Network(network)
         except ValueError:
-            raise SandboxError(f"--network {network}: expected host or none") from None
+            raise SandboxError(f"--network {network}: expected default, host or none") from None
         scratch = store.root / "tmp"
         scratch.mkdir(exist_ok=True)
         spec = sandbox.SandboxSpec(
@@ -275,6 +275,35 @@ def run(
             scratch_dir=scratch,
         )
         return sandbox.run(spec, ids=ids, on_warning=on_warning)
+
+
+def sandbox_info() -> Any:
+    """What a RUN step gets on this host (lamina.engine.sandbox.info.SandboxInfo)."""
+    from lamina.engine.sandbox.info import describe
+
+    return describe()
+
+
+def _network_mode(network: str) -> str:
+    from lamina.errors import PlanError
+
+    if network not in ("default", "host", "none"):
+        raise PlanError(f"--network {network}: expected default, host or none")
+    return network
+
+
+def _entitlements(allow: Iterable[str], network: str) -> frozenset[str]:
+    """BuildKit's entitlements for RUN; `--network host` for the whole build grants
+    network.host, as buildx does."""
+    from lamina.errors import PlanError
+
+    granted = set(allow)
+    for name in granted:
+        if name not in ("network.host", "security.insecure"):
+            raise PlanError(f"--allow {name}: expected network.host or security.insecure")
+    if network == "host":
+        granted.add("network.host")
+    return frozenset(granted)
 
 
 def _unpacked(store: Any, layer: Descriptor, diff_id: Any, ids: Any) -> Any:
@@ -309,7 +338,8 @@ def build(
     no_cache_filter: Iterable[str] = (),
     labels: Mapping[str, str] | None = None,
     secrets: Iterable[str] = (),
-    network: str = "host",
+    network: str = "default",
+    allow: Iterable[str] = (),
     progress: ProgressSink | None = None,
     compression: str = "gzip",
     jobs: int | None = None,
@@ -375,7 +405,8 @@ def build(
         no_cache_filter=tuple(no_cache_filter),
         labels=tuple((labels or {}).items()),
         secrets=tuple(parse_secret(spec) for spec in secrets),
-        network=network,
+        network=_network_mode(network),
+        allow=_entitlements(allow, network),
         compression=compression,
         jobs=jobs or os.cpu_count() or 1,
         pull=pull,

@@ -376,7 +376,13 @@ def _parse_size(text: str) -> int:
 @click.option("-e", "--env", "env", multiple=True, metavar="K=V", help="Set a variable (K alone: pass ours).")
 @click.option("-w", "--workdir", help="Working directory inside (created if missing).")
 @click.option("-u", "--user", help="USER[:GROUP] or UID[:GID], looked up in the image.")
-@click.option("--network", type=click.Choice(["host", "none"]), default="host", show_default=True)
+@click.option(
+    "--network",
+    type=click.Choice(["default", "host", "none"]),
+    default="default",
+    show_default=True,
+    help="default: a network of its own (slirp4netns), the host's loopback out of reach.",
+)
 @click.option("--hostname", help="Hostname inside (default: lamina).")
 @click.option(
     "--mount",
@@ -424,6 +430,15 @@ def run(
     sys.exit(code)
 
 
+@cli.command()
+def info() -> None:
+    """What a RUN step gets on this host: namespaces, id map, capabilities, seccomp, paths, network."""
+    from lamina import api
+
+    for line in api.sandbox_info().lines():
+        click.echo(line)
+
+
 # --- build ---------------------------------------------------------------------
 
 
@@ -456,7 +471,20 @@ def _pairs(values: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
 @click.option("--no-cache-filter", "no_cache_filter", multiple=True, help="Run this stage's steps uncached.")
 @click.option("--label", "labels", multiple=True, help="Set a label on the image: KEY=VALUE.")
 @click.option("--secret", "secrets", multiple=True, help="Expose a secret to RUN --mount: id=ID,src=PATH.")
-@click.option("--network", type=click.Choice(["host", "none", "default"]), default="host", show_default=True)
+@click.option(
+    "--network",
+    type=click.Choice(["default", "host", "none"]),
+    default="default",
+    show_default=True,
+    help="RUN's network. default: one of its own (slirp4netns), the host's loopback out of reach.",
+)
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    type=click.Choice(["network.host", "security.insecure"]),
+    help="Entitlement for RUN --network=host or RUN --security=insecure (repeatable).",
+)
 @click.option(
     "--progress",
     type=click.Choice(["auto", "tty", "plain", "json", "quiet"]),
@@ -494,6 +522,7 @@ def build(
     labels: tuple[str, ...],
     secrets: tuple[str, ...],
     network: str,
+    allow: tuple[str, ...],
     progress: str,
     outputs: tuple[str, ...],
     iidfile: str | None,
@@ -527,7 +556,8 @@ def build(
         no_cache_filter=no_cache_filter,
         labels=dict(_pairs(labels, "--label")),
         secrets=secrets,
-        network="host" if network == "default" else network,
+        network=network,
+        allow=allow,
         progress=sink,
         compression=compression,
         jobs=jobs,

@@ -118,7 +118,8 @@ class BuildOptions:
     no_cache_filter: tuple[str, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
     secrets: tuple[SecretSpec, ...] = ()
-    network: str = "host"
+    network: str = "default"  # RUN's network: default (its own), host or none
+    allow: frozenset[str] = frozenset()  # entitlements: network.host, security.insecure
     compression: str = "gzip"
     jobs: int = 1
     pull: bool = False

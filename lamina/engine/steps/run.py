@@ -66,8 +66,12 @@ def command_line(state: StageState, instruction: Any, pipes_dir: Path | None) ->
 def run_step(executor: Executor, state: StageState, plan: StagePlan, instruction: Any) -> None:
     from lamina.engine.executor import PLATFORM, PROXY_ARGS
 
-    if instruction.security == "insecure":
-        raise BuildError("RUN --security=insecure is not supported")
+    insecure = instruction.security == "insecure"
+    for needed, asked in (("security.insecure", insecure), ("network.host", instruction.network == "host")):
+        if asked and needed not in executor.options.allow:
+            flag = "--security=insecure" if needed == "security.insecure" else "--network=host"
+            why = f"RUN {flag} needs the {needed} entitlement: lamina build --allow {needed}"
+            raise BuildError(f"{instruction.location}: {why}")
     if instruction.devices:
         raise BuildError("RUN --device is not supported")
     argv, script = command_line(state, instruction, None)
@@ -95,13 +99,15 @@ def run_step(executor: Executor, state: StageState, plan: StagePlan, instruction
         "mounts": mount_keys,
         "script": hashlib.sha256(script.encode()).hexdigest() if script is not None else "",
     }
+    if insecure:
+        described["security"] = "insecure"
     inputs = make_inputs(
         state.key, "RUN " + json.dumps(described, sort_keys=True), key_env, PLATFORM, content
     )
 
     def produce(upper: Path) -> None:
         full_env = {**run_env, **secret_env}  # secrets reach the command, never the key
-        _sandbox_run(executor, state, instruction, argv, script, full_env, network, mounts, upper)
+        _sandbox_run(executor, state, instruction, argv, script, full_env, network, mounts, upper, insecure)
 
     has_layer = layer_step(executor, state, instruction, inputs, produce)
     build_args = [(name, value or "") for name, value in state.args.items()]
@@ -127,6 +133,7 @@ def _sandbox_run(
     network: str,
     mounts: list[Any],
     upper: Path,
+    insecure: bool,
 ) -> None:
     from lamina.engine.executor import SANDBOX_HOSTNAME, captured_output
     from lamina.engine.sandbox.runner import run
@@ -151,7 +158,8 @@ def _sandbox_run(
             cwd=state.config.config.working_dir or "/",
             user=state.config.config.user,
             hostname=SANDBOX_HOSTNAME,
-            network=Network.NONE if network == "none" else Network.HOST,
+            network=Network(network),
+            insecure=insecure,
             mounts=tuple(mounts),
             scratch_dir=scratch,
         )

@@ -1,0 +1,79 @@
+"""What a step gets on this host, for `lamina info`: namespaces, ids, capabilities, seccomp, network."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lamina.engine.sandbox import _confine, network
+from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    namespaces: tuple[str, ...]
+    id_mode: str
+    uid_map: tuple[tuple[int, int, int], ...]  # (inside, outside, count)
+    gid_map: tuple[tuple[int, int, int], ...]
+    id_warning: str
+    capabilities: tuple[str, ...]
+    capability_mask: int
+    seccomp: str
+    masked_paths: tuple[str, ...]
+    readonly_paths: tuple[str, ...]
+    network: str
+
+    def lines(self) -> list[str]:
+        def ranges(rs: tuple[tuple[int, int, int], ...]) -> str:
+            return ", ".join(f"{i}->{o} ({c})" for i, o, c in rs)
+
+        out = [
+            f"namespaces:      {' '.join(self.namespaces)}",
+            f"id map:          {self.id_mode}: uids {ranges(self.uid_map)}; gids {ranges(self.gid_map)}",
+        ]
+        if self.id_warning:
+            out.append(f"                 {self.id_warning}")
+        out += [
+            f"capabilities:    bounding set {self.capability_mask:#010x}: {' '.join(self.capabilities)}",
+            f"seccomp:         {self.seccomp}",
+            f"masked paths:    {' '.join(self.masked_paths)}",
+            f"read-only paths: {' '.join(self.readonly_paths)} /sys",
+            f"network:         {self.network}",
+            "opt-ins:         RUN --security=insecure (--allow security.insecure): all capabilities, "
+            "no seccomp, no masked paths; --network=host (RUN: --allow network.host): the host's network",
+        ]
+        return out
+
+
+def describe() -> SandboxInfo:
+    ids = detect_ids()
+    try:
+        _confine.Filter()
+        seccomp = (
+            f"Docker's default profile's denials ({len(_confine.DENIED_SYSCALLS)} calls, clone's namespace "
+            "flags, personality), EPERM; no_new_privs off"
+        )
+    except OSError as err:
+        seccomp = f"unavailable: {err.strerror or err} (RUN steps will fail to start)"
+    slirp = network.slirp4netns()
+    net = (
+        f"default: a namespace of its own through {slirp}, host loopback unreachable"
+        if slirp
+        else f"default: unavailable ({network.missing_backend_message()})"
+    )
+    return SandboxInfo(
+        namespaces=("user", "mount", "pid", "uts", "ipc", "network"),
+        id_mode={
+            IdMode.ROOT: "root (identity map; /proc/sys read-only, capabilities limited)",
+            IdMode.SUBORDINATE: "subordinate ids",
+            IdMode.SINGLE: "single id (yours, as root)",
+        }[ids.mode],
+        uid_map=tuple((r.inside, r.outside, r.count) for r in ids.uids),
+        gid_map=tuple((r.inside, r.outside, r.count) for r in ids.gids),
+        id_warning=ids.warning,
+        capabilities=tuple(_confine.DEFAULT_CAPS),
+        capability_mask=_confine.DEFAULT_CAP_MASK,
+        seccomp=seccomp,
+        masked_paths=_confine.MASKED_PATHS,
+        readonly_paths=_confine.READONLY_PATHS,
+        network=net,
+    )
