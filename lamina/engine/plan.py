@@ -34,16 +34,20 @@ from lamina.engine.dockerfile.instructions import (
     CopyInstruction,
     EnvInstruction,
     Expander,
+    ExposeInstruction,
     FromInstruction,
     Instruction,
     KeyValue,
     RunInstruction,
     Stage,
+    StopsignalInstruction,
+    check_signal,
     parse_mount,
+    parse_ports,
     parse_stages,
 )
 from lamina.engine.dockerfile.parser import Dockerfile
-from lamina.errors import ExpansionError, InstructionError, Location, PlanError
+from lamina.errors import DockerfileError, ExpansionError, InstructionError, Location, PlanError
 from lamina.oci.image import Platform, host_platform
 
 PROXY_ARGS = frozenset(
@@ -216,10 +220,19 @@ def arg_value(
 _S = TypeVar("_S", Stage, PlannedStage)
 
 
+def _stage_index(text: str) -> int | None:
+    """`text` as a stage index: ASCII digits only (str.isdigit also takes `²`,
+    which int() then refuses); a very long one is some index past the end."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0")
+    return int(digits or "0") if len(digits) <= 18 else 10**18
+
+
 def _find_stage(stages: Sequence[_S], ref: str | int) -> _S | None:
     items = stages
-    if isinstance(ref, int) or ref.isdigit():
-        index = int(ref)
+    index = ref if isinstance(ref, int) else _stage_index(ref)
+    if index is not None:
         return items[index] if 0 <= index < len(items) else None
     wanted = ref.lower()
     for stage in items:
@@ -333,8 +346,8 @@ def _resolve_from(
     """A --from value -> a dependency on a stage, or an image reference."""
     if not text:
         raise InstructionError(f"{kind.value}: empty stage or image name", location)
-    if text.isdigit():
-        index = int(text)
+    index = _stage_index(text)
+    if index is not None:
         if index >= len(stages):
             raise PlanError(
                 f"{location}: {kind.value}={text}: there is no stage {index} ({len(stages)} stages)"
@@ -389,7 +402,7 @@ def make_plan(
             raise InstructionError(f"base name ({stage.from_.image}) should not be blank", location)
         dependencies: list[Dependency] = []
         earlier = _find_stage(stages[: stage.index], from_.image)
-        if earlier is not None and not from_.image.isdigit():
+        if earlier is not None and _stage_index(from_.image) is None:
             base = Base(BaseKind.STAGE, stage=earlier.index)
             dependencies.append(Dependency(earlier.index, DependencyKind.FROM, location))
         elif from_.image == SCRATCH:
@@ -425,6 +438,9 @@ def make_plan(
     order = _topological_order(planned, target_index, dockerfile.path)
     needed = set(order)
     for index in order:
+        for instruction in stages[index].instructions:
+            _check_literal_words(instruction, escape)
+    for index in order:
         declared |= walks[index].declared
     unused = sorted(k for k in build_args if k not in declared and k not in PROXY_ARGS and not _builtin(k))
     warnings = []
@@ -446,6 +462,32 @@ def make_plan(
         syntax=dockerfile.directive("syntax"),
         warnings=tuple(warnings),
     )
+
+
+def _check_literal_words(instruction: Instruction, escape: str) -> None:
+    """STOPSIGNAL and EXPOSE words that read no variable are final already:
+    check them before anything runs, at their line (the executor checks the
+    others once expanded). Only stages the target needs, as BuildKit."""
+    from lamina.engine.dockerfile.shell import expand_word, referenced_names
+
+    if isinstance(instruction, StopsignalInstruction):
+        words: tuple[str, ...] = (instruction.signal,)
+    elif isinstance(instruction, ExposeInstruction):
+        words = instruction.ports
+    else:
+        return
+    try:
+        if any(referenced_names(word, escape) for word in words):
+            return
+        expanded = instruction.expand(lambda word: expand_word(word, {}, escape))
+        if isinstance(expanded, StopsignalInstruction):
+            check_signal(expanded.signal)
+        else:
+            parse_ports(expanded.ports)
+    except ExpansionError as err:
+        raise InstructionError(str(err), instruction.location) from None
+    except DockerfileError as err:
+        raise err.with_location(instruction.location) from None
 
 
 def _builtin(name: str) -> bool:

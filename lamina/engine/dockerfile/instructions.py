@@ -413,39 +413,89 @@ def _check_chmod(value: str) -> None:
 _DURATION_UNITS = {
     "ns": 1,
     "us": 1_000,
-    "µs": 1_000,
-    "μs": 1_000,
+    "µs": 1_000,  # U+00B5
+    "μs": 1_000,  # U+03BC
     "ms": 1_000_000,
     "s": 10**9,
     "m": 60 * 10**9,
+    "h": 3600 * 10**9,
 }
-_DURATION_UNITS["h"] = 3600 * 10**9
-_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)([^0-9.]+)")
+MAX_DURATION = 2**63 - 1  # nanoseconds: Go's time.Duration is an int64
+_DIGITS = re.compile(r"[0-9]*")
+_UNIT = re.compile(r"[^0-9.]*")
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # Go's strconv.ParseInt, base 10: ASCII digits only
+
+
+def _shown(text: str) -> str:
+    """A user's value in a message: repr'd (one line), long ones cut."""
+    return repr(text) if len(text) <= 40 else repr(text[:32]) + f"... ({len(text)} characters)"
 
 
 def parse_go_duration(text: str) -> int:
-    """Go's time.ParseDuration, in nanoseconds (`1m30s`, `1.5h`, `300ms`, `0`)."""
+    """Go's time.ParseDuration, in nanoseconds (`1m30s`, `1.5h`, `300ms`, `0`).
+
+    Ported step by step, integer arithmetic included, so the accepted range is
+    Go's: up to MAX_DURATION ns (about 292 years) either way.
+    """
+    invalid = ValueError(f"time: invalid duration {_shown(text)}")
+    out_of_range = ValueError(
+        f"time: duration {_shown(text)} is out of range"
+        " (at most 2562047h47m16.854775807s, Go's time.Duration)"
+    )
     rest = text
-    sign = 1
+    negative = False
     if rest[:1] in ("-", "+"):
-        sign = -1 if rest[0] == "-" else 1
+        negative = rest[0] == "-"
         rest = rest[1:]
     if rest == "0":
         return 0
     if not rest:
-        raise ValueError(f"time: invalid duration {text!r}")
-    total = 0.0
+        raise invalid
+    total = 0
     pos = 0
     while pos < len(rest):
-        match = _DURATION_PART.match(rest, pos)
-        if match is None or match.group(1) in ("", "."):
-            raise ValueError(f"time: invalid duration {text!r}")
-        unit = _DURATION_UNITS.get(match.group(2))
+        if not (rest[pos] == "." or "0" <= rest[pos] <= "9"):
+            raise invalid
+        digits = _DIGITS.match(rest, pos).group()  # type: ignore[union-attr]
+        pos += len(digits)
+        significant = digits.lstrip("0")
+        if len(significant) > 19 or int(significant or "0") > 2**63:
+            raise out_of_range
+        whole = int(significant or "0")
+        fraction, scale, fraction_digits = 0, 1.0, ""
+        if rest[pos : pos + 1] == ".":
+            fraction_digits = _DIGITS.match(rest, pos + 1).group()  # type: ignore[union-attr]
+            pos += 1 + len(fraction_digits)
+            # Go keeps the digits that fit in an int64 and drops the rest.
+            for ch in fraction_digits:
+                following = fraction * 10 + ord(ch) - 48
+                if fraction > (2**63 - 1) // 10 or following > 2**63:
+                    break
+                fraction, scale = following, scale * 10
+        if not digits and not fraction_digits:
+            raise invalid  # ".s" or "-.s"
+        unit_text = _UNIT.match(rest, pos).group()  # type: ignore[union-attr]
+        pos += len(unit_text)
+        if not unit_text:
+            raise ValueError(f"time: missing unit in duration {_shown(text)}")
+        unit = _DURATION_UNITS.get(unit_text)
         if unit is None:
-            raise ValueError(f"time: unknown unit {match.group(2)!r} in duration {text!r}")
-        total += float(match.group(1)) * unit
-        pos = match.end()
-    return sign * round(total)
+            raise ValueError(f"time: unknown unit {_shown(unit_text)} in duration {_shown(text)}")
+        if whole > 2**63 // unit:
+            raise out_of_range
+        value = whole * unit
+        if fraction:
+            value += int(float(fraction) * (float(unit) / scale))
+            if value > 2**63:
+                raise out_of_range
+        total += value
+        if total > 2**63:
+            raise out_of_range
+    if negative:
+        return -total
+    if total > MAX_DURATION:
+        raise out_of_range
+    return total
 
 
 _MIN_HEALTH_DURATION = 1_000_000  # 1ms: Docker's container.MinimumDuration
@@ -464,6 +514,75 @@ def _health_duration(values: dict[str, object], name: str) -> int | None:
     if 0 < value < _MIN_HEALTH_DURATION:
         raise InstructionError(f"--{name} cannot be less than 1ms ({text})")
     return value
+
+
+# --- words checked once expanded (EXPOSE, STOPSIGNAL) ----------------------------------
+# The executor checks the expanded words at the step; the planner checks literal
+# words (no variable) of the stages the target needs before anything runs.
+
+
+def parse_ports(specs: Iterable[str]) -> tuple[str, ...]:
+    """docker's nat.ParsePortSpecs for EXPOSE: `80`, `80/udp`, `8000-8002/tcp` -> `80/tcp`, ..."""
+    ports: list[str] = []
+    for spec in specs:
+        raw = spec
+        # An `ip:host:container` form is accepted by nat; only the container part is exposed.
+        if spec.count(":") >= 1:
+            spec = spec.rsplit(":", 1)[1]
+        port, _, proto = spec.partition("/")
+        proto = proto.lower() or "tcp"
+        if proto not in ("tcp", "udp", "sctp"):
+            raise InstructionError(f"invalid proto: {proto}")
+        first, _, last = port.partition("-")
+        start = _port_number(first)
+        end = _port_number(last) if last else start
+        if start is None or end is None:
+            raise InstructionError(f"invalid containerPort: {raw}")
+        if not (0 <= start <= 65535 and 0 <= end <= 65535) or end < start:
+            raise InstructionError(f"invalid port range: {raw}")
+        ports.extend(f"{number}/{proto}" for number in range(start, end + 1))
+    return tuple(dict.fromkeys(ports))
+
+
+def _port_number(text: str) -> int | None:
+    """ASCII digits (Go's strconv.ParseUint), or None; a long one is out of range."""
+    if not _ASCII_NUMBER.fullmatch(text):
+        return None
+    digits = text.lstrip("0")
+    return int(digits or "0") if len(digits) <= 5 else 65536
+
+
+_ASCII_NUMBER = re.compile(r"[0-9]+")
+
+
+_SIGNALS = {
+    "ABRT": 6, "ALRM": 14, "BUS": 7, "CHLD": 17, "CLD": 17, "CONT": 18, "FPE": 8, "HUP": 1, "ILL": 4,
+    "INT": 2, "IO": 29, "IOT": 6, "KILL": 9, "PIPE": 13, "POLL": 29, "PROF": 27, "PWR": 30, "QUIT": 3,
+    "SEGV": 11, "STKFLT": 16, "STOP": 19, "SYS": 31, "TERM": 15, "TRAP": 5, "TSTP": 20, "TTIN": 21,
+    "TTOU": 22, "URG": 23, "USR1": 10, "USR2": 12, "VTALRM": 26, "WINCH": 28, "XCPU": 24, "XFSZ": 25,
+}  # fmt: skip
+
+
+_REALTIME_SIGNALS = frozenset(
+    ["RTMIN", "RTMAX"] + [f"RTMIN+{n}" for n in range(1, 16)] + [f"RTMAX-{n}" for n in range(1, 15)]
+)
+_SIGNAL_NUMBER = re.compile(r"[+-]?[0-9]+")  # strconv.Atoi: ASCII digits only (not `²`)
+
+
+def check_signal(signal: str) -> None:
+    """moby's signal.ParseSignal: a non-zero int64, or a NAME or SIGNAME of Linux's map."""
+    if _SIGNAL_NUMBER.fullmatch(signal):
+        digits = signal.lstrip("+-").lstrip("0")
+        if not digits:
+            raise InstructionError(f"invalid signal: {signal}")
+        limit = 2**63 if signal.startswith("-") else 2**63 - 1
+        if len(digits) <= 19 and int(digits) <= limit:  # else Atoi fails: looked up as a name
+            return
+    name = signal.upper().removeprefix("SIG")
+    if name in _SIGNALS or name in _REALTIME_SIGNALS:
+        return
+    shown = signal if len(signal) <= 80 else signal[:77] + "..."
+    raise InstructionError(f"invalid signal: {shown}")
 
 
 # --- RUN --mount --------------------------------------------------------------------
@@ -496,16 +615,24 @@ def _parse_bool(key: str, value: str) -> bool:
     raise InstructionError(f"invalid value {value!r} for mount option {key}: expecting true or false")
 
 
+_UINT = {8: re.compile(r"[0-7]+"), 10: re.compile(r"[0-9]+")}
+
+
 def _parse_uint(key: str, value: str, base: int) -> int | None:
+    """Go's strconv.ParseUint(value, base, 32): ASCII digits, no sign, below 2**32."""
     if "$" in value:
         return None  # checked again once expanded
-    try:
-        number = int(value, base)
-    except ValueError:
-        raise InstructionError(f"invalid value {value!r} for mount option {key}") from None
-    if not 0 <= number < 2**32:
-        raise InstructionError(f"invalid value {value!r} for mount option {key}")
-    return number
+    if not _UINT[base].fullmatch(value):
+        raise InstructionError(f"invalid value {_shown(value)} for mount option {key}")
+    significant = value.lstrip("0")
+    if len(significant) > 12 or int(significant or "0", base) >= 2**32:
+        raise InstructionError(
+            f"invalid value {_shown(value)} for mount option {key}: out of range (at most {2**32 - 1})"
+        )
+    return int(significant or "0", base)
+
+
+MAX_TMPFS_SIZE = 2**63 - 1  # bytes: docker/go-units gives an int64
 
 
 def _parse_size(value: str) -> int | None:
@@ -513,9 +640,14 @@ def _parse_size(value: str) -> int | None:
         return None
     match = _SIZE.fullmatch(value)
     if match is None:
-        raise InstructionError(f"invalid size {value!r} for tmpfs mount")
+        raise InstructionError(f"invalid size {_shown(value)} for tmpfs mount")
     factor = 1024 ** " kmgtp".index(match.group(2).lower() or " ")
-    return int(float(match.group(1)) * factor)
+    size = float(match.group(1)) * factor  # go-units multiplies a float64 too
+    if not size < 2**63:  # also infinity, where Go's ParseFloat fails
+        raise InstructionError(
+            f"invalid size {_shown(value)} for tmpfs mount: out of range (at most {MAX_TMPFS_SIZE} bytes)"
+        )
+    return int(size)
 
 
 def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
@@ -862,10 +994,16 @@ def _healthcheck(req: _Request) -> HealthcheckInstruction:
     retries = None
     text = _str(values, "retries")
     if text:
-        try:
-            retries = int(text)
-        except ValueError:
-            raise InstructionError(f"invalid value for --retries: {text!r} is not an integer") from None
+        # BuildKit: strconv.ParseInt(text, 10, 32), then not negative.
+        if not _INTEGER.fullmatch(text):
+            raise InstructionError(f"invalid value for --retries: {_shown(text)} is not an integer")
+        sign = -1 if text[0] == "-" else 1
+        digits = text.lstrip("+-").lstrip("0") or "0"
+        if len(digits) > 10 or not -(2**31) <= sign * int(digits) < 2**31:
+            raise InstructionError(
+                f"invalid value for --retries: {_shown(text)} is out of range (at most {2**31 - 1})"
+            )
+        retries = sign * int(digits)
         if retries < 0:
             raise InstructionError(f"--retries cannot be negative ({retries})")
     return _make(

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
-import re
 from collections.abc import Sequence
 
+from lamina.engine.dockerfile.instructions import check_signal, parse_ports
 from lamina.errors import InstructionError
 from lamina.oci.image import ContainerConfig, Healthcheck, History, ImageConfig
 
@@ -92,7 +92,13 @@ def _decimal(value: int, unit: int) -> str:
 
 
 def _go_quote_rune(value: int) -> str:
-    """`%q` of an int: a quoted rune literal, as Go prints HealthcheckConfig.Retries."""
+    """`%q` of an int: a quoted rune literal, as Go prints HealthcheckConfig.Retries.
+
+    A value that is no Unicode scalar (above U+10FFFF, a surrogate, negative:
+    --retries goes up to 2**31-1) prints as U+FFFD, as Go's fmt and strconv do.
+    """
+    if not 0 <= value <= 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+        value = 0xFFFD
     char = chr(value)
     if char == "'":
         return "'\\''"
@@ -189,30 +195,8 @@ def arg_history(
 
 
 # --- ports, volumes, user, workdir ----------------------------------------------------
-
-
-def parse_ports(specs: Sequence[str]) -> tuple[str, ...]:
-    """docker's nat.ParsePortSpecs for EXPOSE: `80`, `80/udp`, `8000-8002/tcp` -> `80/tcp`, ..."""
-    ports: list[str] = []
-    for spec in specs:
-        raw = spec
-        # An `ip:host:container` form is accepted by nat; only the container part is exposed.
-        if spec.count(":") >= 1:
-            spec = spec.rsplit(":", 1)[1]
-        port, _, proto = spec.partition("/")
-        proto = proto.lower() or "tcp"
-        if proto not in ("tcp", "udp", "sctp"):
-            raise InstructionError(f"invalid proto: {proto}")
-        first, _, last = port.partition("-")
-        try:
-            start = int(first)
-            end = int(last) if last else start
-        except ValueError:
-            raise InstructionError(f"invalid containerPort: {raw}") from None
-        if not (0 <= start <= 65535 and 0 <= end <= 65535) or end < start:
-            raise InstructionError(f"invalid port range: {raw}")
-        ports.extend(f"{number}/{proto}" for number in range(start, end + 1))
-    return tuple(dict.fromkeys(ports))
+# parse_ports and check_signal are the front end's (the planner checks literal
+# values before anything runs); they are used here on the expanded words.
 
 
 def apply_expose(config: ImageConfig, specs: Sequence[str], created: str | None) -> ImageConfig:
@@ -305,28 +289,6 @@ def apply_healthcheck(config: ImageConfig, check: Healthcheck, created: str | No
     ]
     message = "HEALTHCHECK &{" + " ".join(fields) + "}"
     return add_history(_with(config, healthcheck=check), message, created=created, empty_layer=True)
-
-
-_SIGNALS = {
-    "ABRT": 6, "ALRM": 14, "BUS": 7, "CHLD": 17, "CLD": 17, "CONT": 18, "FPE": 8, "HUP": 1, "ILL": 4,
-    "INT": 2, "IO": 29, "IOT": 6, "KILL": 9, "PIPE": 13, "POLL": 29, "PROF": 27, "PWR": 30, "QUIT": 3,
-    "SEGV": 11, "STKFLT": 16, "STOP": 19, "SYS": 31, "TERM": 15, "TRAP": 5, "TSTP": 20, "TTIN": 21,
-    "TTOU": 22, "URG": 23, "USR1": 10, "USR2": 12, "VTALRM": 26, "WINCH": 28, "XCPU": 24, "XFSZ": 25,
-}  # fmt: skip
-
-
-def check_signal(signal: str) -> None:
-    """moby's signal.ParseSignal: a number, NAME, SIGNAME or SIGRTMIN+n."""
-    if signal.isdigit():
-        if int(signal) == 0:
-            raise InstructionError(f"invalid signal: {signal}")
-        return
-    name = signal.upper().removeprefix("SIG")
-    if name in _SIGNALS:
-        return
-    if re.fullmatch(r"RTM(IN|AX)([+-]\d{1,2})?", name):
-        return
-    raise InstructionError(f"invalid signal: {signal}")
 
 
 def apply_stopsignal(config: ImageConfig, signal: str, created: str | None) -> ImageConfig:
