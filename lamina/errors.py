@@ -16,6 +16,7 @@
     ├── LayerError                   a hostile or broken layer tar
     │   └── UnsafePath               a path (tar entry, link target) that would leave its root
     ├── SandboxError                 namespaces, mounts, process start
+    ├── DiskFull                     a write found no space (ENOSPC) or quota (EDQUOT); names the path
     ├── BuildError                   a step failed (names stage and line, keeps output tail)
     │   └── OutputError              a malformed --output spec, or an output that cannot be written
     └── RegistryError                registry protocol, auth, transport
@@ -29,6 +30,7 @@ node adds the location once (`with_location`).
 from __future__ import annotations
 
 import dataclasses
+import errno
 
 
 class LaminaError(Exception):
@@ -124,6 +126,43 @@ class UnsafePath(LayerError):
 
 class SandboxError(LaminaError):
     pass
+
+
+# What a write that found no room fails with: the disk is full, or the user's quota is.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
+
+class DiskFull(LaminaError):
+    """A write found no room: `write PATH: No space left on device`, PATH the file being written.
+
+    Whoever knows more (the Dockerfile step, the output, the file being loaded)
+    puts it in front with `within()`, so the user reads one line: what was being
+    done, where it was being written, and that the disk is full.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+    @classmethod
+    def writing(cls, path: object | None, err: OSError) -> DiskFull:
+        """The error for `err` (ENOSPC or EDQUOT) met while writing `path`; with None,
+        the file `err` names (shutil.copyfile names the destination second)."""
+        import os
+
+        if path is None:
+            path = err.filename2 or err.filename or "(a file)"
+        return cls(f"write {path}: {err.strerror or os.strerror(err.errno or errno.ENOSPC)}", str(path))
+
+    def within(self, what: str) -> DiskFull:
+        """The same error, said to happen while doing `what` (a step, an output)."""
+        wrapped = DiskFull(f"{what}: {self}", self.path)
+        wrapped.__cause__ = self.__cause__
+        return wrapped
 
 
 class BuildError(LaminaError):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.cache.store import BlobWriter, ImageRecord, LayerRecord, Store
-from lamina.errors import DigestMismatch, ImageFormatError, LayerError, StoreError
+from lamina.errors import DigestMismatch, DiskFull, ImageFormatError, LayerError, StoreError, is_disk_full
 from lamina.oci.compression import CHUNK, Compression, TeeReader, hash_decoded
 from lamina.oci.digest import Digest
 from lamina.oci.image import (
@@ -71,7 +71,11 @@ def load_image_file(store: Store, path: Path, name: str | None = None) -> tuple[
     """Import every image in `path`; `name` (only for a file holding one image) replaces its names."""
     try:
         return _load(store, path, name)
+    except DiskFull as err:  # the store's writers name the blob: the input is fine
+        raise err.within(f"load {path}") from err
     except OSError as err:
+        if is_disk_full(err):
+            raise DiskFull.writing(None, err).within(f"load {path}") from err
         raise ImageFormatError(f"load {path}: {err.strerror or err}") from err
 
 
@@ -250,7 +254,11 @@ def save_image(
         raise StoreError(f"unknown output format {format!r}: use oci or docker")
     try:
         return _save(store, name, path, format, compression)
+    except DiskFull as err:
+        raise err.within(f"save {name} to {path}") from err
     except OSError as err:
+        if is_disk_full(err):
+            raise DiskFull.writing(None, err).within(f"save {name} to {path}") from err
         raise StoreError(f"save {name} to {path}: {err.strerror or err}") from err
 
 
@@ -287,8 +295,13 @@ def _uncompressed(store: Store, layer: Descriptor, diff_id: Digest, tmp: Path) -
         return DockerLayer(diff_id, store.blob_size(diff_id), _opener(store.blob_path(diff_id)))
     target = tmp / diff_id.hex
     compression = Compression.from_media_type(layer.media_type)
-    with store.open_blob(layer.digest) as blob, open(target, "wb") as f:
-        got, size = hash_decoded(blob, compression, lambda tar: shutil.copyfileobj(tar, f, CHUNK))
+    try:
+        with store.open_blob(layer.digest) as blob, open(target, "wb") as f:
+            got, size = hash_decoded(blob, compression, lambda tar: shutil.copyfileobj(tar, f, CHUNK))
+    except OSError as err:
+        if is_disk_full(err):  # the cache's disk, not the output's: say which file
+            raise DiskFull.writing(target, err) from err
+        raise
     if got != diff_id:
         raise DigestMismatch(f"layer {layer.digest.short}: the stored tar hashes to {got}")
     return DockerLayer(diff_id, size, _opener(target))

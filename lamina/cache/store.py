@@ -59,7 +59,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from lamina.errors import DigestMismatch, ImageNotFound, LaminaError, StoreBusy, StoreError
+from lamina.errors import (
+    DigestMismatch,
+    DiskFull,
+    ImageNotFound,
+    LaminaError,
+    StoreBusy,
+    StoreError,
+    is_disk_full,
+)
 from lamina.oci.digest import Digest
 
 if TYPE_CHECKING:
@@ -70,6 +78,7 @@ _BUSY_TIMEOUT_S = 60.0
 _LAST_USED_GRAIN_S = 60.0  # gc ages cache entries in hours: a minute's precision is plenty
 _STALE_TMP_S = 24 * 3600  # a temp file this old belongs to a dead process
 _SCHEMA_VERSION = 1
+_SQLITE_FULL = 13  # "database or disk is full": sqlite3.SQLITE_FULL from Python 3.11.4 on
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     name TEXT PRIMARY KEY,
@@ -191,10 +200,20 @@ class BlobWriter:
         self._done = False
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            self._file.write(data)
+        except OSError as err:
+            raise self._failed(err) from err
         self._hash.update(data)
-        self._file.write(data)
         self._size += len(data)
         return len(data)
+
+    def _failed(self, err: OSError) -> LaminaError:
+        """A write error as the user should read it: a full disk names the blob being written,
+        not the bytes coming in (a load must not call its input corrupt)."""
+        if is_disk_full(err):
+            return DiskFull.writing(self._path, err)
+        return StoreError(f"write {self._path}: {err.strerror or err}")
 
     def tell(self) -> int:
         return self._size
@@ -221,10 +240,13 @@ class BlobWriter:
                 )
             if size is not None and size != self._size:
                 raise DigestMismatch(f"blob {digest}: {self._size} bytes, expected {size}")
-            self._file.flush()
-            os.fchmod(self._file.fileno(), 0o444)  # content-addressed: never edited in place
-            os.fsync(self._file.fileno())
-            self._file.close()
+            try:
+                self._file.flush()
+                os.fchmod(self._file.fileno(), 0o444)  # content-addressed: never edited in place
+                os.fsync(self._file.fileno())
+                self._file.close()
+            except OSError as err:  # the last buffered bytes find the disk full
+                raise self._failed(err) from err
             final = self._path.parent / digest.hex
             os.replace(self._path, final)  # an existing blob has the same bytes
             _fsync_dir(self._path.parent)
@@ -322,7 +344,10 @@ class Store:
             try:
                 yield self.db
             except sqlite3.Error as err:
-                raise StoreError(f"store index {self.root / 'index.db'}: {err}") from err
+                index = self.root / "index.db"
+                if getattr(err, "sqlite_errorcode", None) == _SQLITE_FULL:
+                    raise DiskFull(f"write {index}: No space left on device ({err})", str(index)) from err
+                raise StoreError(f"store index {index}: {err}") from err
 
     # --- blobs -----------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.engine.progress import BuildSummary, ProgressSink
-from lamina.errors import BuildError, LaminaError, PlanError
+from lamina.errors import BuildError, DiskFull, LaminaError, PlanError, is_disk_full
 from lamina.oci.digest import Digest
 from lamina.oci.image import host_platform
 
@@ -434,8 +434,10 @@ class Executor:
             return "an earlier step of this stage will run"
         return reason
 
-    def apply_result(self, state: StageState, inputs: KeyInputs, result: _CacheResult) -> bool:
-        """Move the stage past a step; True when the step added a layer."""
+    def apply_result(
+        self, state: StageState, inputs: KeyInputs, result: _CacheResult, step: str = ""
+    ) -> bool:
+        """Move the stage past a step; True when the step added a layer (`step` names it in errors)."""
         state.key = inputs.key()
         state.created = result.created
         if result.layer is None:
@@ -443,7 +445,7 @@ class Executor:
         digest = Digest("sha256", result.layer)
         from lamina.engine.output import ImageLayer
 
-        state.layers.append(ImageLayer(self.store.unpacked_path(digest), dir_id=result.layer))
+        state.layers.append(ImageLayer(self.store.unpacked_path(digest), dir_id=result.layer, step=step))
         return True
 
     @contextlib.contextmanager
@@ -646,6 +648,8 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
             raise
         except OSError as err:  # writing the image or an output: still one line
             sink.finish(None)
+            if is_disk_full(err):
+                raise BuildError(f"build: {DiskFull.writing(None, err)}") from err
             what = f"{err.filename}: " if err.filename else ""
             raise BuildError(f"build: {what}{err.strerror or err}") from err
         finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.engine.outputspec import OutputSpec, OutputType, check_dest
-from lamina.errors import OutputError
+from lamina.errors import BuildError, DiskFull, OutputError, is_disk_full
 from lamina.oci.digest import Digest
 from lamina.oci.overlay import is_opaque, is_whiteout
 
@@ -116,15 +116,115 @@ def merge_layers(layer_dirs: Sequence[Path], dest: Path) -> None:
 
 
 def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> None:
-    """type=local: the merged root filesystem in `dest` (created if missing)."""
+    """type=local: the merged root filesystem in `dest` (created if missing).
+
+    The tree is written in full under a temporary name first, then moved into
+    place, so a failure (a full disk) leaves `dest` as it was: a new `dest` is
+    made beside it and renamed; into an existing one (perhaps a mount point)
+    the tree is written in a hidden directory inside and its entries renamed
+    over what is there, as a merge onto `dest` would have left them.
+    """
+    what = f"--output type=local,dest={dest}"
     if dest.exists() and not dest.is_dir():
-        raise OutputError(f"--output type=local: {dest} exists and is not a directory")
+        raise OutputError(f"{what}: {dest} exists and is not a directory")
+    made = _make_parents(dest.parent)
+    existed = dest.is_dir()
+    tmp = _temp_dir(dest if existed else dest.parent, f".{dest.name}.tmp-" if not existed else ".lamina-tmp-")
     try:
-        merge_layers(layer_dirs, dest)
-    except OSError as err:
+        merge_layers(layer_dirs, tmp)
+        if existed:
+            _move_entries(tmp, dest)
+            os.rmdir(tmp)
+        else:
+            os.rename(tmp, dest)
+    except BaseException as err:
+        _discard(tmp)
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        if not isinstance(err, OSError):
+            raise
+        # Name what the user asked for, not the temporary name it had.
+        shown = _shown_path(err.filename2 or err.filename, tmp, dest)
+        if is_disk_full(err):
+            raise OutputError(f"{what}: {DiskFull.writing(shown, err)}") from err
         # Rootless, a file the container made private to one of its users
         # cannot be read from outside the user namespace.
-        raise OutputError(f"--output type=local,dest={dest}: {err.filename}: {err.strerror}") from err
+        raise OutputError(f"{what}: {shown}: {err.strerror or err}") from err
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """mkdir -p `path`; the directories it made, outermost first (to remove on failure)."""
+    missing: list[Path] = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir()
+    return list(reversed(missing))
+
+
+def _temp_dir(parent: Path, prefix: str) -> Path:
+    """A new directory in `parent`, made with the umask's mode (as `mkdir` would make `dest`)."""
+    import secrets
+
+    while True:
+        path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+
+
+def _move_entries(src: Path, dest: Path) -> None:
+    """Rename every entry of `src` into `dest`: a directory onto a directory merges, anything
+    else replaces what is there. Renames need no space, so this cannot find the disk full."""
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        target = dest / entry.name
+        if entry.is_dir(follow_symlinks=False) and target.is_dir() and not target.is_symlink():
+            st = entry.stat(follow_symlinks=False)
+            # Both may be read-only (the image's mode): open them up, set the mode after.
+            os.chmod(entry.path, 0o700)
+            os.chmod(target, 0o700 | stat.S_IMODE(target.lstat().st_mode))
+            _move_entries(Path(entry.path), target)
+            os.rmdir(entry.path)
+            with contextlib.suppress(PermissionError):
+                os.lchown(target, st.st_uid, st.st_gid)
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+            continue
+        _remove(target)
+        os.rename(entry.path, target)
+
+
+def _discard(path: Path) -> None:
+    """Remove a partly written tree, read-only directories included."""
+    from lamina.oci.safepath import remove_tree
+
+    try:
+        remove_tree(path)
+    except PermissionError:  # unprivileged: a directory of the image made read-only
+        for root, dirs, _ in os.walk(path):
+            for name in [root, *(os.path.join(root, d) for d in dirs)]:
+                if not os.path.islink(name):
+                    with contextlib.suppress(OSError):
+                        os.chmod(name, 0o700)
+        with contextlib.suppress(OSError):
+            remove_tree(path)
+    except OSError:
+        pass
+
+
+def _shown_path(path: object, tmp: Path, dest: Path) -> str:
+    """`path` as the user knows it: under `dest` rather than the temporary `tmp`."""
+    text = os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else ""
+    if not text:
+        return str(dest)
+    if text == str(tmp) or text.startswith(str(tmp) + os.sep):
+        return str(dest) + text[len(str(tmp)) :]
+    return text
 
 
 # --- committing an image to the store ------------------------------------------------
@@ -143,6 +243,7 @@ class ImageLayer:
     dir_id: str = ""  # hex naming a built layer's directory
     diff_id: Digest | None = None
     blob: Descriptor | None = None
+    step: str = ""  # the step that made it (`Dockerfile:3: stage s: RUN ...`), for errors
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -213,7 +314,12 @@ def commit_image(
     diff_ids: list[Digest] = []
     for i, layer in enumerate(layers):
         lowers = [below.path for below in reversed(layers[:i])]
-        descriptor, diff_id = layer_blob(store, layer, compression, epoch, lowers)
+        try:
+            descriptor, diff_id = layer_blob(store, layer, compression, epoch, lowers)
+        except DiskFull as err:
+            # The layer was made by a step (maybe cached from an earlier build):
+            # name it, as a failure while the step ran would.
+            raise BuildError(f"{layer.step or f'layer {i + 1}'}: compress the layer: {err}") from err
         blobs.append(descriptor)
         diff_ids.append(diff_id)
     final = dataclasses.replace(config, diff_ids=tuple(diff_ids))
@@ -223,7 +329,10 @@ def commit_image(
     manifest_desc = descriptor_of(manifest_bytes, OCI_MANIFEST)
     for data, descriptor in ((config_bytes, config_desc), (manifest_bytes, manifest_desc)):
         if not store.has_blob(descriptor.digest):  # a no-op rebuild writes nothing
-            store.put_bytes(data, descriptor.digest)
+            try:
+                store.put_bytes(data, descriptor.digest)
+            except DiskFull as err:
+                raise BuildError(f"store the image's config and manifest: {err}") from err
     return CommittedImage(manifest_desc, config_desc, tuple(blobs), config_bytes, tuple(diff_ids))
 
 
@@ -264,7 +373,32 @@ def write_output(
     names: Sequence[str],
     epoch: int | None,
 ) -> None:
-    """Write one non-store output of a committed image."""
+    """Write one non-store output of a committed image; a full disk names the output and the path.
+
+    Files are written under a temporary name beside `dest` and renamed when
+    complete, so a failure leaves nothing under the output's name.
+    """
+    what = f"--output type={output.type.value},dest={output.dest}"
+    try:
+        _write_output(output, store, image, layer_dirs, names, epoch)
+    except OutputError:
+        raise
+    except DiskFull as err:
+        raise OutputError(f"{what}: {err}") from err
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        raise OutputError(f"{what}: {DiskFull.writing(None, err)}") from err
+
+
+def _write_output(
+    output: OutputSpec,
+    store: Store,
+    image: CommittedImage,
+    layer_dirs: Sequence[Path],
+    names: Sequence[str],
+    epoch: int | None,
+) -> None:
     if output.type is OutputType.LOCAL:
         write_rootfs(layer_dirs, Path(output.dest))
         return

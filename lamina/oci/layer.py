@@ -183,27 +183,40 @@ def _add(sink: _HashingSink, entry: LayerEntry, source_date_epoch: int | None) -
         return
     assert entry.open is not None  # checked in _check_entry
     size = entry.size
+    # Only reading is this entry's fault: an error from `sink` (the disk the
+    # layer goes to is full) must not be reported as one of this file.
     try:
-        with entry.open() as content:
-            if size <= _SMALL_FILE:  # one write for header, content and padding
-                data = _read_exactly(content, size, entry.path)
-                sink.write(header + data + bytes(-size % BLOCK))
-                return
-            sink.write(header)
-            remaining = size
-            while remaining:
-                chunk = content.read(min(CHUNK, remaining))
-                if not chunk:
-                    raise LayerError(f"write layer: {entry.path}: file shorter than its {size} bytes")
-                sink.write(chunk)
-                remaining -= len(chunk)
+        content = entry.open()
     except OSError as err:
         raise LayerError(f"write layer: {entry.path}: {err.strerror or err}") from err
+    with content:
+        if size <= _SMALL_FILE:  # one write for header, content and padding
+            data = _read_exactly(content, size, entry.path)
+            sink.write(header + data + bytes(-size % BLOCK))
+            return
+        sink.write(header)
+        remaining = size
+        while remaining:
+            chunk = _read(content, min(CHUNK, remaining), entry.path)
+            if not chunk:
+                raise LayerError(f"write layer: {entry.path}: file shorter than its {size} bytes")
+            sink.write(chunk)
+            remaining -= len(chunk)
     sink.write(bytes(-size % BLOCK))
 
 
+def _read(content: BinaryIO, size: int, path: str) -> bytes:
+    try:
+        return content.read(size)
+    except OSError as err:
+        raise LayerError(f"write layer: {path}: {err.strerror or err}") from err
+
+
 def _read_exactly(content: BinaryIO, size: int, path: str) -> bytes:
-    data = read_upto(content, size)
+    try:
+        data = read_upto(content, size)
+    except OSError as err:
+        raise LayerError(f"write layer: {path}: {err.strerror or err}") from err
     if len(data) != size:
         raise LayerError(f"write layer: {path}: file shorter than its {size} bytes")
     return data

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from lamina.errors import ImageFormatError
+from lamina.errors import DiskFull, ImageFormatError, is_disk_full
 from lamina.oci.digest import Digest
 from lamina.oci.image import (
     CONTAINERD_NAME,
@@ -409,20 +409,85 @@ def write_oci_archive(out: BinaryIO, images: Sequence[ExportImage], source: Blob
 
 
 def write_oci_layout(dest: Path, images: Sequence[ExportImage], source: BlobSource) -> None:
-    """Write (or add to) an OCI layout directory; an existing index.json is replaced."""
-    blobs = dest / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
+    """Write (or add to) an OCI layout directory; an existing index.json is replaced.
+
+    A failure (a full disk) leaves nothing behind: a new layout is written under
+    a temporary name beside `dest` and renamed; blobs added to an existing one
+    are removed again, and its documents are replaced only once every blob is in.
+    """
+    if dest.is_dir():
+        added: list[Path] = []
+        try:
+            _fill_layout(dest, dest, images, source, added)
+        except BaseException:
+            for path in reversed(added):
+                with contextlib.suppress(OSError):
+                    if path.is_dir():
+                        path.rmdir()
+                    else:
+                        path.unlink()
+            raise
+        return
+    import secrets
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(tmp)
+    try:
+        _fill_layout(tmp, dest, images, source, [])
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fill_layout(
+    root: Path, shown: Path, images: Sequence[ExportImage], source: BlobSource, added: list[Path]
+) -> None:
+    """Write the blobs and documents of `images` into `root`, which the user knows as `shown`;
+    `added` receives every path made (blobs, directories, temporary files), to undo."""
+    blobs = root / "blobs" / "sha256"
+    for directory in (root / "blobs", blobs):
+        if not directory.is_dir():
+            directory.mkdir()
+            added.append(directory)
     for descriptor in _blobs_of(images):
-        target = dest / blob_path(descriptor.digest)
+        name = blob_path(descriptor.digest)
+        target = root / name
         if target.exists() and target.stat().st_size == descriptor.size:
             continue
         tmp = target.with_name(f".tmp-{descriptor.digest.hex}")
-        with source.open_blob(descriptor.digest) as blob, open(tmp, "wb") as f:
+        added.append(tmp)
+        with (
+            source.open_blob(descriptor.digest) as blob,
+            _full_disk_names(shown / name),
+            open(tmp, "wb") as f,
+        ):
             while chunk := blob.read(CHUNK):
                 f.write(chunk)
         os.replace(tmp, target)
-    for name, data in _layout_documents(images).items():
-        (dest / name).write_bytes(data)
+        added[-1] = target
+    documents = _layout_documents(images)
+    staged = []
+    for name, data in documents.items():
+        tmp = root / f".tmp-{name}"
+        added.append(tmp)
+        with _full_disk_names(shown / name):
+            tmp.write_bytes(data)
+        staged.append((tmp, root / name))
+    for tmp, target in staged:  # renames: no space needed, nothing can be half written
+        os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def _full_disk_names(path: Path) -> Iterator[None]:
+    """A full disk in the block is reported as writing `path` (file writes name no file)."""
+    try:
+        yield
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        raise DiskFull.writing(path, err) from err
 
 
 def archive_member(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
@@ -439,10 +504,15 @@ def archive_member(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
 
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
-    """A file written beside `path` and renamed over it only when the block succeeds."""
+    """A file written beside `path` and renamed over it only when the block succeeds.
+
+    A full disk while writing it is reported as writing `path`: the user never
+    sees the temporary name, which is gone by then. Whatever the block writes
+    elsewhere must name its own files (the store's writers do).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with _full_disk_names(path), open(tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -64,7 +64,7 @@ from typing import Protocol, runtime_checkable
 
 from lamina.engine.context import SourceTree, TreeEntry, entry_record
 from lamina.engine.dockerfile.ignore import DockerIgnore, compile_glob
-from lamina.errors import ContextError, InstructionError
+from lamina.errors import ContextError, DiskFull, InstructionError, is_disk_full
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType
 
@@ -847,6 +847,10 @@ class _Writer:
             dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 copied = _copy_fd(src, dst, st.st_size)
+            except OSError as err:
+                if is_disk_full(err):  # copy_file_range and write name no file: say which
+                    raise DiskFull.writing(path, err) from err
+                raise
             finally:
                 os.close(dst)
         finally:

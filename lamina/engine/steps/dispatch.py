@@ -26,7 +26,16 @@ from lamina.engine.cachekey import KeyInputs
 from lamina.engine.output import ImageLayer
 from lamina.engine.progress import StepEvent, StepStatus
 from lamina.engine.steps import metadata as md
-from lamina.errors import BuildError, DockerfileError, ImageNotFound, LaminaError, Location, PlanError
+from lamina.errors import (
+    BuildError,
+    DiskFull,
+    DockerfileError,
+    ImageNotFound,
+    LaminaError,
+    Location,
+    PlanError,
+    is_disk_full,
+)
 from lamina.oci.digest import Digest
 
 if TYPE_CHECKING:
@@ -300,11 +309,11 @@ def run_stage(executor: Executor, plan: StagePlan) -> StageOutcome:
             ) from err
         except OSError as err:
             # A full disk or a vanished file is still one line naming the step.
+            step = f"{instruction.location}: stage {plan.name}: {_one_line(instruction)}"
+            if is_disk_full(err):
+                raise BuildError(f"{step}: {DiskFull.writing(None, err)}") from err
             what = f"{err.filename}: " if err.filename else ""
-            raise BuildError(
-                f"{instruction.location}: stage {plan.name}: {_one_line(instruction)}: "
-                f"{what}{err.strerror or err}"
-            ) from err
+            raise BuildError(f"{step}: {what}{err.strerror or err}") from err
     return state.outcome()
 
 
@@ -422,6 +431,7 @@ def layer_step(
 
     state.index += 1
     text = _one_line(instruction)
+    step = f"{instruction.location}: stage {state.name}: {text}"  # how errors name it
     start = time.monotonic()
     sink = executor.sink
     where = executor.step_position(state, instruction)
@@ -434,7 +444,7 @@ def layer_step(
             executor.dirty.add(state.name)
             state.key = inputs.key()
             return True
-        return executor.apply_result(state, inputs, result)
+        return executor.apply_result(state, inputs, result, step)
     cached = result is not None
     if result is None:
         # Another build (or stage) making the same step right now: wait for it
@@ -450,7 +460,7 @@ def layer_step(
         sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.CACHED))
     executor.remember_position(where, inputs)
     executor.record(StepRecord(state.name, state.index, text, cached, time.monotonic() - start, inputs.key()))
-    return executor.apply_result(state, inputs, result)
+    return executor.apply_result(state, inputs, result, step)
 
 
 def _produce(
@@ -473,13 +483,47 @@ def _produce(
         tail = getattr(err, "output_tail", ())
         seconds = time.monotonic() - start
         sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.ERROR, seconds, tail))
+        why = _disk_full_reason(err, upper) if isinstance(err, BuildError) else ""
         with contextlib.suppress(LaminaError):
             remove_tree(upper)
+        if why:
+            raise BuildError(f"{err}: {why}", tuple(tail)) from err
         raise
     result = executor.commit_layer(inputs, state, upper)
     seconds = time.monotonic() - start
     sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.DONE, seconds))
     return result
+
+
+_DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded")
+
+
+def _disk_full_reason(err: BuildError, upper: Path) -> str:
+    """Why a command failed, when the disk is the reason: its exit code alone does not say.
+
+    The step's files go to `upper`: if that file system is full now (before the
+    upper dir is removed), the step filled it. A line of the command's own
+    output that says so names the path it was writing.
+    """
+    if any(word in str(err).lower() for word in _DISK_FULL_WORDS):
+        return ""  # said already
+    said = next(
+        (
+            line.strip()
+            for line in reversed(err.output_tail)
+            if any(w in line.lower() for w in _DISK_FULL_WORDS)
+        ),
+        "",
+    )
+    said = said if len(said) <= 200 else said[:197] + "..."
+    try:
+        fs = os.statvfs(upper)
+        full = fs.f_bavail == 0 or (fs.f_files > 0 and fs.f_favail == 0)
+    except OSError:
+        full = False
+    if full:
+        return f"write {upper}: No space left on device" + (f" ({said})" if said else "")
+    return said
 
 
 def _workdir(executor: Executor, state: StageState, instruction: Any) -> None:
