@@ -496,6 +496,7 @@ def _produce(
 
 
 _DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded")
+_NEARLY_FULL = 1 << 20  # bytes free: nothing a command writes fits in less
 
 
 def _disk_full_reason(err: BuildError, upper: Path) -> str:
@@ -518,11 +519,16 @@ def _disk_full_reason(err: BuildError, upper: Path) -> str:
     said = said if len(said) <= 200 else said[:197] + "..."
     try:
         fs = os.statvfs(upper)
-        full = fs.f_bavail == 0 or (fs.f_files > 0 and fs.f_favail == 0)
     except OSError:
         full = False
+    else:
+        # Root may use the blocks ext4 reserves; a user namespace may not. A command
+        # that met ENOSPC leaves a few blocks at most (its last write was partial).
+        blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
+        full = blocks * fs.f_frsize < _NEARLY_FULL or (fs.f_files > 0 and fs.f_favail == 0)
     if full:
-        return f"write {upper}: No space left on device" + (f" ({said})" if said else "")
+        told = f"; the command said: {said}" if said else ""
+        return f"write {upper}: No space left on device (its file system is full){told}"
     return said
 
 
