@@ -196,7 +196,15 @@ def _move_entries(src: Path, dest: Path) -> None:
             os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
             continue
         _remove(target)
-        os.rename(entry.path, target)
+        if entry.is_dir(follow_symlinks=False):
+            # Moving a directory rewrites its `..`: it must be writable for that.
+            st = entry.stat(follow_symlinks=False)
+            os.chmod(entry.path, 0o700 | stat.S_IMODE(st.st_mode))
+            os.rename(entry.path, target)
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        else:
+            os.rename(entry.path, target)
 
 
 def _discard(path: Path) -> None:
