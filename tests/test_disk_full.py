@@ -145,6 +145,21 @@ def test_run_that_fills_the_cache(
     run_cli("build", "-q", str(ctx), cache=cache, env=EPOCH)
 
 
+def test_base_image_unpacked_into_a_full_cache(tmpfs: Mount, busybox_image: Path, tmp_path: Path) -> None:
+    cache = tmpfs("cache", "2m")  # the blob fits, its 1.9 MB unpacked beside it does not
+    load_base(cache, busybox_image)
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nCOPY Dockerfile /\n")
+
+    line = one_error_line(run_cli("build", str(ctx), cache=cache, env=EPOCH, check=False))
+    assert line.startswith(f"error: {ctx}/Dockerfile:1: FROM {BASE}: unpack sha256:")
+    assert f": write {cache}/unpacked/.tmp-" in line and line.lower().endswith(f"/bin/busybox: {NO_SPACE}")
+    assert os.listdir(cache / "unpacked") == []  # no half-unpacked layer
+
+    grow(cache)
+    again = run_cli("build", "-q", str(ctx), cache=cache, env=EPOCH)
+    assert built_digest(again) == clean_digest(tmp_path, busybox_image, ctx)
+
+
 def test_load_into_a_full_cache(tmpfs: Mount, busybox_image: Path) -> None:
     cache = tmpfs("cache", "1m")
 

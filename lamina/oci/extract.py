@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from lamina.errors import LayerError, UnsafePath
+from lamina.errors import DiskFull, LayerError, UnsafePath, is_disk_full
 from lamina.oci.compression import CHUNK, HashingReader, drain, open_decompressed, sniff_stream
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType, LayerEntry
@@ -288,12 +288,16 @@ class _Unpacker:
         self._buffer = memoryview(bytearray(CHUNK))  # one copy buffer for every file
 
     def add(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        rel = ""
         try:
             rel = clean(member.name)
             self._add(rel, member, tar)
         except LayerError as err:
             raise LayerError(f"{self._label}: {show(member.name)}: {err}") from err
         except OSError as err:
+            if is_disk_full(err):  # not the layer's fault: say where it was going
+                path = os.path.join(self._root.path, rel)
+                raise DiskFull.writing(path, err).within(self._label) from err
             raise LayerError(f"{self._label}: {show(member.name)}: {err.strerror or err}") from err
         except (tarfile.TarError, EOFError) as err:
             raise LayerError(f"{self._label}: {show(member.name)}: broken tar stream: {err}") from err

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from lamina.errors import BuildError, ContextError, LaminaError
+from lamina.errors import BuildError, ContextError, DiskFull, LaminaError, is_disk_full
 
 if TYPE_CHECKING:
     from lamina.engine.executor import Executor
@@ -80,6 +80,11 @@ def fetch_url(executor: Executor, url: str, checksum: str | None) -> Fetched:
         raise BuildError(f"ADD {url}: {err}") from None
     except LaminaError:
         os.unlink(name)
+        raise
+    except OSError as err:
+        os.unlink(name)
+        if is_disk_full(err):  # the download's write names no file: say which
+            raise DiskFull.writing(name, err).within(f"ADD {url}") from err
         raise
     mtime = None
     if modified:

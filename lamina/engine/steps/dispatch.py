@@ -201,7 +201,12 @@ def load_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
         raise BuildError(f"{_source(location, ref)}: the config and the manifest disagree on the layers")
     layers = []
     for blob, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
-        path = unpack_layer(executor, blob, diff_id)
+        try:
+            path = unpack_layer(executor, blob, diff_id)
+        except BuildError:
+            raise
+        except LaminaError as err:  # a full disk, a broken layer: name the FROM (or mount) needing it
+            raise BuildError(f"{_source(location, ref)}: {err}") from err
         layers.append(ImageLayer(path, diff_id=diff_id, blob=blob))
     key = f"image:{record.manifest}"
     return StageOutcome(ref, config, tuple(layers), key, config.created, ())
