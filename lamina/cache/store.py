@@ -714,6 +714,7 @@ class Store:
         inodes) makes another round.
         """
         report = GcReport(0, 0, 0, 0)
+        tried: set[str] = set()  # trees asked to go: one that cannot must not be tried forever
         while (total := self.du().total) > keep_bytes:
             image_blobs, image_diff_ids = self._needed_by_images()
             with self._sql() as db:
@@ -732,7 +733,7 @@ class Store:
             candidates += [
                 (unpacked_used.get(str(d), 0.0), 1, d.hex)
                 for d in image_diff_ids
-                if d.algorithm == "sha256" and (self._unpacked / d.hex).is_dir()
+                if d.algorithm == "sha256" and d.hex not in tried and (self._unpacked / d.hex).is_dir()
             ]
             candidates.sort()
             excess = total - keep_bytes
@@ -742,6 +743,7 @@ class Store:
                 if excess <= 0:
                     break
                 if kind == 1:
+                    tried.add(name)
                     drop_trees.append(self._unpacked / name)
                     excess -= _tree_size(self._unpacked / name, set())
                     continue
