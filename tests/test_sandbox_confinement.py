@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lamina.engine.sandbox import Network, SandboxSpec, remove_tree, run
-from lamina.engine.sandbox.network import slirp4netns
+from lamina.engine.sandbox import Network, SandboxSpec, network, remove_tree, run
 from tests.support.busybox import BUSYBOX, make_busybox_rootfs
 
 pytestmark = pytest.mark.sandbox
@@ -31,9 +30,7 @@ if not BUSYBOX.exists():
 if subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True).returncode != 0:
     pytest.skip("user namespaces are not available here", allow_module_level=True)
 
-needs_slirp = pytest.mark.skipif(
-    slirp4netns() is None, reason="slirp4netns is not installed (the default network needs it)"
-)
+needs_slirp = pytest.mark.skipif(bool(network.unavailable()), reason=network.unavailable())
 
 # runc's default spec (what Docker and BuildKit give a RUN), kept here as data:
 # the module under test has its own copy, and the two must agree with runc, not with each other.
@@ -262,7 +259,6 @@ def host_loopback_server() -> Iterator[_Listener]:
     server.close()
 
 
-@needs_slirp
 def test_default_network_cannot_reach_host_loopback(
     rootfs: Path, tmp_path: Path, host_loopback_server: _Listener
 ) -> None:
@@ -310,3 +306,22 @@ def test_default_network_has_outbound_access(rootfs: Path, tmp_path: Path) -> No
     assert "default via 10.0.2.2" in out
     assert "127.0.0.1\tlocalhost" in out
     assert "hello-from-host" in out  # an ordinary outbound connection, made by slirp4netns for the step
+
+
+def test_without_slirp_the_default_network_is_isolated_and_says_so(
+    rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(network, "_TUN", str(tmp_path / "no-tun-device"))
+    warnings: list[str] = []
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        spec = SandboxSpec(
+            argv=("/bin/sh", "-c", "cat /proc/net/dev | tail -n +3 | cut -d: -f1"),
+            lower_dirs=(rootfs,),
+            stdout=f,
+            stderr=f,
+            scratch_dir=tmp_path / "scratch",
+        )
+        assert run(spec, on_warning=warnings.append) == 0
+    assert out.read_text().split() == ["lo"]
+    assert len(warnings) == 1 and "no-tun-device" in warnings[0] and "--network=none" in warnings[0]

@@ -54,11 +54,11 @@ def describe() -> SandboxInfo:
         )
     except OSError as err:
         seccomp = f"unavailable: {err.strerror or err} (RUN steps will fail to start)"
-    slirp = network.slirp4netns()
+    why = network.unavailable()
     net = (
-        f"default: a namespace of its own through {slirp}, host loopback unreachable"
-        if slirp
-        else f"default: unavailable ({network.missing_backend_message()})"
+        f"default: a namespace of its own through {network.slirp4netns()}, host loopback unreachable"
+        if not why
+        else f"default: {network.fallback_warning(why)}"
     )
     return SandboxInfo(
         namespaces=("user", "mount", "pid", "uts", "ipc", "network"),

@@ -31,10 +31,25 @@ def slirp4netns() -> str | None:
     return shutil.which("slirp4netns") or shutil.which("slirp4netns", path="/usr/bin:/usr/local/bin")
 
 
-def missing_backend_message() -> str:
+_TUN = "/dev/net/tun"
+
+
+def unavailable() -> str:
+    """Why the default network cannot be given here, or "" when it can."""
+    if slirp4netns() is None:
+        return "the default network needs slirp4netns, which is not installed (apt-get install slirp4netns)"
+    if not os.access(_TUN, os.R_OK | os.W_OK):
+        return (
+            f"the default network needs {_TUN}, which you cannot open "
+            "(Debian's udev makes it mode 0666; this host has it closed)"
+        )
+    return ""
+
+
+def fallback_warning(why: str) -> str:
     return (
-        "the default network needs slirp4netns (apt-get install slirp4netns); "
-        "or build with --network=none, or --network=host to share the host's network"
+        f"{why}: RUN steps get a network namespace with loopback only, as --network=none; "
+        "--network=host shares the host's network instead"
     )
 
 
@@ -43,7 +58,7 @@ def attached(pid: int) -> Iterator[None]:
     """Give the (just unshared, mapped) network namespace of `pid` an outbound interface while inside."""
     binary = slirp4netns()
     if binary is None:
-        raise SandboxError(missing_backend_message())
+        raise SandboxError(unavailable())
     ready_r, ready_w = os.pipe()
     exit_r, exit_w = os.pipe()
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import signal
@@ -78,6 +79,15 @@ def run(
     ids = ids or detect_ids()
     if ids.warning and on_warning is not None:
         on_warning(ids.warning)
+    if spec.network is Network.DEFAULT:
+        from lamina.engine.sandbox import network
+
+        why = network.unavailable()
+        if why:
+            # Isolated still: a step that needs the network fails, and this says why.
+            if on_warning is not None:
+                on_warning(network.fallback_warning(why))
+            spec = dataclasses.replace(spec, network=Network.NONE)
     chosen = spec.snapshotter or default_snapshotter()
     order = [chosen] if chosen else [Snapshotter.OVERLAY, Snapshotter.COPY]
     for i, snapshotter in enumerate(order):
@@ -188,8 +198,6 @@ def _network_files(spec: SandboxSpec, base: Path) -> list[tuple[str, str]]:
             if os.path.isfile(host):
                 binds.append((rel, host))
         return binds
-    if network.slirp4netns() is None:
-        raise SandboxError(network.missing_backend_message())
     try:
         host_text = Path(resolv).read_text(errors="replace")
     except OSError:
