@@ -13,8 +13,9 @@ Public surface (re-exported here, loaded on first use):
         form whichever the snapshotter; returns the exit code (128+N if
         killed by signal N); SandboxError if it cannot start or exec.
     SandboxSpec(argv, lower_dirs, upper_dir, env, cwd, user, hostname,
-        network, mounts, snapshotter, stdin, stdout, stderr, scratch_dir)
-    Network.HOST | Network.NONE; Snapshotter.OVERLAY | Snapshotter.COPY
+        network, insecure, mounts, snapshotter, stdin, stdout, stderr, scratch_dir)
+    Network.DEFAULT (own namespace, slirp4netns) | HOST | NONE;
+        Snapshotter.OVERLAY | Snapshotter.COPY
     BindMount, CacheMount (+ Sharing), TmpfsMount, SecretMount;
         parse_mount("type=bind,source=S,target=T[,ro]") as `docker run --mount`
     detect_ids() -> IdMap: the id map sandboxes will use; IdMap.warning
@@ -31,17 +32,21 @@ Public surface (re-exported here, loaded on first use):
         source_date_epoch=None, ids=None) -> LayerInfo: capture + write, inside
         the user namespace when subordinate ids may own files the caller cannot read.
 
-Known gaps: PID 1 is the helper's Python, so /proc/1/exe inside is the
-host's interpreter binary (read-only; its root is the container's). /sys
-is read-only (the host's, with the host network). There is no
-pseudo-terminal allocation: the command gets the caller's stdin/stdout/stderr
-as they are.
+Confinement (`_confine`): runc's masked and read-only paths, Docker's 14
+capabilities as the bounding set, Docker's seccomp denials; `insecure`
+lifts all three. PID 1 is the helper's Python with no environment, blanked
+arguments and not dumpable (a step cannot open its /proc entries); BuildKit
+runs the command itself as PID 1. /sys is read-only (the host's, with the
+host network). There is no pseudo-terminal allocation: the command gets the
+caller's stdin/stdout/stderr as they are.
 
 How it runs: `runner` starts `helper.py` in a fresh interpreter (never a
-fork of a threaded one) which unshares user, mount, PID, UTS, IPC (and
-network for Network.NONE) namespaces; the caller writes its id maps; the
-helper forks PID 1 (`_inside.init`), which mounts the rootfs and forks the
-command. Helper-side modules (`helper`, `_inside`, `_rootfs`, `_libc`,
+fork of a threaded one), with an empty environment, which unshares user,
+mount, PID, UTS, IPC (and network, unless Network.HOST) namespaces; the
+caller writes its id maps and, for Network.DEFAULT, attaches slirp4netns
+(`network`) before it lets the helper go on; the helper forks PID 1
+(`_inside.init`), which mounts the rootfs and forks the command.
+Helper-side modules (`helper`, `_inside`, `_rootfs`, `_libc`, `_confine`
 and `lamina.oci.overlay`) import only the stdlib's cheapest modules: their
 import time is the sandbox's start-up time.
 
