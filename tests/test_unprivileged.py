@@ -97,6 +97,16 @@ def _interpreter(user: str, project: Path) -> tuple[str, str]:
     return "/usr/bin/python3", f"{project}:{site_copy}"
 
 
+def _runtime_dir(user: str, parent: Path) -> str:
+    import pwd
+
+    path = parent / f"run-{user}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    return str(path)
+
+
 def _run_as(user: str, project: Path) -> subprocess.CompletedProcess[str]:
     python, pythonpath = _interpreter(user, project)
     env = {
@@ -105,6 +115,9 @@ def _run_as(user: str, project: Path) -> subprocess.CompletedProcess[str]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "HOME": str(project.parent),
         "LANG": "C.UTF-8",
+        # A login session's own runtime dir: without one, skopeo and podman look in
+        # /run/containers/UID, which a root podman or buildah leaves closed (0700).
+        "XDG_RUNTIME_DIR": _runtime_dir(user, project.parent),
     }
     from tests.support.minbase import CACHED, ENV_VAR
 
