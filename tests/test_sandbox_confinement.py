@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lamina.engine.sandbox import Network, SandboxSpec, network, remove_tree, run
+from lamina.engine.sandbox import IdMode, Network, SandboxSpec, detect_ids, network, remove_tree, run
 from tests.support.busybox import BUSYBOX, make_busybox_rootfs
 
 pytestmark = pytest.mark.sandbox
