@@ -505,22 +505,34 @@ def _check_located(err: LaminaError, text: str) -> None:
         raise AssertionError(f"{type(err).__name__} from the front end names no line: {message}")
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-)
-@given(_dockerfile(), _BUILD_ARGS, _TARGETS)
-def test_generated_dockerfiles_raise_only_located_lamina_errors(
-    text: str, build_args: dict[str, str], target: str | None
-) -> None:
-    try:
-        _front_end(text, build_args, target)
-    except LaminaError as err:
-        _check_located(err, text)
-        event(f"{type(err).__name__}: {err.message if isinstance(err, DockerfileError) else err}"[:60])
-    else:
-        event("planned and expanded")
+# Hypothesis keeps every example of a run in memory (about 100 kB each here),
+# so a long run is cut into batches of a thousand, each its own run.
+_BATCH = 1000
+_BATCHES = [min(_BATCH, EXAMPLES - start) for start in range(0, EXAMPLES, _BATCH)]
+
+
+@pytest.mark.parametrize("examples", _BATCHES, ids=[f"batch{i}" for i in range(len(_BATCHES))])
+def test_generated_dockerfiles_raise_only_located_lamina_errors(examples: int) -> None:
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+        ],
+    )
+    @given(_dockerfile(), _BUILD_ARGS, _TARGETS)
+    def check(text: str, build_args: dict[str, str], target: str | None) -> None:
+        try:
+            _front_end(text, build_args, target)
+        except LaminaError as err:
+            _check_located(err, text)
+            event(f"{type(err).__name__}: {err.message if isinstance(err, DockerfileError) else err}"[:60])
+        else:
+            event("planned and expanded")
+
+    check()
 
 
 # --- the reproducers of issue 20 ---------------------------------------------------------

@@ -42,7 +42,6 @@ _SPECIAL_PARAMS = frozenset("@*#?-$!0")
 _SPACES = (
     "\t\n\v\f\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 )
-_SPACE_SET = frozenset(_SPACES)
 _BLANKS = re.compile(f"[{_SPACES}]+")
 
 Lookup = Callable[[str], "str | None"]  # None means unset
