@@ -91,8 +91,6 @@ EXPLAINED: dict[str, str] = {
     "chmod:/etc/suid": "COPY --chmod=4755: BuildKit's copy dropped setuid/setgid/sticky bits "
     "(moby/buildkit#3920); lamina sets the mode asked for",
     # Files whose content is not a function of the Dockerfile and context.
-    "runenv:/hosts": "RUN's /etc/hosts is the sandbox's: lamina shares the host's (network host "
-    "by default, like `docker build --network=host`); BuildKit writes its own naming buildkitsandbox",
     "runenv:/dev-list": "the sandbox's /dev: BuildKit (runc) also mounts /dev/mqueue, lamina's "
     "minimal /dev has no POSIX message queue mount",
     "instructions:/srv/app/listing.txt": "`ls -la` output: holds modification times and the host "
