@@ -104,3 +104,12 @@ def test_info_says_what_a_step_gets(cache: Path) -> None:
     assert "0xa80425fb" in out
     assert "/proc/sys" in out and "/proc/keys" in out
     assert "network:         default:" in out
+
+
+def test_a_replayed_build_still_needs_its_entitlement(cache: Path, tmp_path: Path) -> None:
+    # An unchanged build is replayed from a memo of its inputs: --allow must be one of them.
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN --security=insecure true\n")
+    run_cli("build", "-t", "insecure:1", "--allow", "security.insecure", str(ctx), cache=cache)
+    again = run_cli("build", "-t", "insecure:1", str(ctx), cache=cache, check=False)
+    assert again.returncode != 0
+    assert "--allow security.insecure" in again.stderr

@@ -58,6 +58,7 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
         "labels": sorted(options.labels),
         "secrets": sorted((s.id, str(s.source)) for s in options.secrets),
         "network": options.network,
+        "allow": sorted(options.allow),  # a build replayed without its --allow must fail as it would
         "compression": options.compression,
         "epoch": options.source_date_epoch,
         "outputs": [(o.type.value, list(o.names)) for o in options.outputs],
