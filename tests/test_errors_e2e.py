@@ -121,6 +121,21 @@ def test_workdir_on_a_file(cache: Path, ctx: Path, path: str) -> None:
     assert "bad.Dockerfile:2" in line and "/etc/passwd exists and is not a directory" in line
 
 
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ("ARG S=²\nSTOPSIGNAL $S\n", "invalid signal: ²"),
+        ("ARG P=²\nEXPOSE $P\n", "invalid containerPort: ²"),
+        ("ARG P=80/sctp2\nEXPOSE $P\n", "invalid proto: sctp2"),
+    ],
+    ids=["stopsignal", "expose", "expose-protocol"],
+)
+def test_metadata_word_from_variable_located(cache: Path, ctx: Path, step: str, message: str) -> None:
+    """A word only a build can check (it holds a variable) fails naming the file and line (issue 20)."""
+    line = bad_build(cache, ctx, f"FROM {BASE}\n{step}")
+    assert "bad.Dockerfile:3: " in line and message in line, line
+
+
 # --- context ---------------------------------------------------------------------------
 
 

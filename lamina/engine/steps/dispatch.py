@@ -300,8 +300,9 @@ def run_stage(executor: Executor, plan: StagePlan) -> StageOutcome:
     for instruction in instructions:
         try:
             dispatch(executor, state, plan, instruction)
-        except DockerfileError:
-            raise
+        except DockerfileError as err:
+            # A metadata step's check (a signal, a port, a volume) knows no line.
+            raise err.with_location(instruction.location) from None
         except BuildError as err:
             if err.args and str(err).startswith(str(instruction.location)):
                 raise
