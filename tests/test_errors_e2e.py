@@ -136,6 +136,35 @@ def test_metadata_word_from_variable_located(cache: Path, ctx: Path, step: str, 
     assert "bad.Dockerfile:3: " in line and message in line, line
 
 
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ("USER ²\nWORKDIR /w\n", "unable to find user ²"),
+        ("ARG U=²\nCOPY --chown=$U a.txt /b\n", "unable to find user ²"),
+        ("ARG G=1:²\nCOPY --chown=$G a.txt /b\n", "unable to find group ²"),
+        ("COPY --chown=4294967296 a.txt /b\n", "unable to find user 4294967296"),
+        ("COPY --chown=0:4294967296 a.txt /b\n", "unable to find group 4294967296"),
+    ],
+    ids=["user-workdir", "chown-user", "chown-group", "uid-past-32-bits", "gid-past-32-bits"],
+)
+def test_owner_unicode_digits_and_huge_ids_are_names(cache: Path, ctx: Path, step: str, message: str) -> None:
+    """`²` passes str.isdigit but not int(); an id is ASCII digits within 32 bits, as BuildKit's
+    ParseUint(s, 10, 32); anything else is a name the image must define (issue 20)."""
+    line = bad_build(cache, ctx, f"FROM {BASE}\n{step}")
+    assert "bad.Dockerfile:" in line and message in line, line
+
+
+def test_owner_from_passwd_with_garbage_uid(cache: Path, ctx: Path) -> None:
+    passwd = b"root:x:0:0:root:/root:/bin/sh\nevil:x:\xc2\xb2:0::/:/bin/sh\n"
+    line = bad_build(
+        cache,
+        ctx,
+        f"FROM {BASE}\nCOPY passwd /etc/passwd\nCOPY --chown=evil a.txt /b\n",
+        files={"passwd": passwd},
+    )
+    assert "bad.Dockerfile:3: " in line and "/etc/passwd: entry 'evil' has an invalid id '²'" in line, line
+
+
 # --- context ---------------------------------------------------------------------------
 
 
