@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +37,21 @@ if TYPE_CHECKING:
 def source_stage(executor: Executor, ref: str, location: Any) -> StageOutcome:
     """What `--from=ref` names: an earlier stage (by index or name), else an image."""
     plan = executor.plan
-    index: int | None = int(ref) if ref.isdigit() else plan.names.get(ref.lower())
+    index = _stage_index(ref)
+    if index is None:
+        index = plan.names.get(ref.lower())
     if index is not None:
         return executor.outcome(index)
     return base_image(executor, ref, location)
+
+
+def _stage_index(ref: str) -> int | None:
+    """`ref` as a stage index: ASCII digits only (str.isdigit also takes `²`, which
+    int() refuses), as the planner reads it; it has checked the index is a stage."""
+    if not (ref.isascii() and ref.isdigit()):
+        return None
+    digits = ref.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else None
 
 
 def copy_step(executor: Executor, state: StageState, plan: StagePlan, instruction: Any) -> None:
@@ -298,25 +310,40 @@ def _memo_key(stage_key: str, dest_key: str, sources: list[str], dest: str, opti
     return "copy-from:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+# An escape and the character it escapes, kept as a pair (a trailing escape alone).
+_ESCAPE_PAIR = re.compile(r"(\\[\s\S]?)")
+
+
 def _expand_heredoc(content: Any, env: dict[str, str]) -> Any:
     """An unquoted heredoc's body with `$VAR`/`${VAR...}` expanded from the stage's
     ARG and ENV, as BuildKit's ExpandRaw does: quotes stay as written, a backslash
-    escapes the next character (so `\\$` keeps a dollar). `<<"EOF"` is left alone."""
-    from lamina.engine.dockerfile.shell import expand_word
+    escapes the next character (so `\\$` keeps a dollar). `<<"EOF"` is left alone.
+
+    The body is prepared in string operations (one per escape, not one per
+    character) and is bounded as every expanded word is (shell.MAX_EXPANDED)."""
+    from lamina.engine.dockerfile.shell import MAX_EXPANDED, expand_word
+    from lamina.errors import ExpansionError
 
     if not content.expand:
         return content
+    data = content.data
+    if len(data) > MAX_EXPANDED:
+        raise ExpansionError(
+            f"heredoc {content.path}: {len(data)} characters, longer than an expanded word"
+            f" may be ({MAX_EXPANDED}, lamina's limit, 4 MiB)"
+        )
     # The shared lexer removes quotes; escape each unescaped one so it comes out as written.
-    raw: list[str] = []
-    chars = iter(content.data)
-    for ch in chars:
-        if ch == "\\":
-            raw.append(ch + next(chars, ""))
-        elif ch in "'\"":
-            raw.append("\\" + ch)
-        else:
-            raw.append(ch)
-    return dataclasses.replace(content, data=expand_word("".join(raw), env, "\\"))
+    parts = _ESCAPE_PAIR.split(data)  # text, escape pair, text, ...
+    parts[::2] = [_escape_quotes(text) for text in parts[::2]]
+    return dataclasses.replace(content, data=expand_word("".join(parts), env, "\\"))
+
+
+def _escape_quotes(text: str) -> str:
+    if "'" in text:
+        text = text.replace("'", "\\'")
+    if '"' in text:
+        text = text.replace('"', '\\"')
+    return text
 
 
 def _write_heredoc(
