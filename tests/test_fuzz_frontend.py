@@ -71,6 +71,18 @@ _TAME = st.one_of(
         ['"a"', "'$A'", '"$A"', "'a'", '"${A:-a}"', "${A//a/b}", "${PATH%%:*}", "${A/#/x}", "a\\$A"]
     ),
 )
+# `#`/`%`/`/` patterns of many stars (`${BIG##*x*x*x...*y}`): a backtracking matcher
+# takes seconds at eight stars against 40 characters, and BIG grows to megabytes.
+_STARS = st.builds(
+    lambda name, op, pieces, tail: (
+        "${" + name + op + "*".join(["", *pieces, tail]) + ("/r}" if "/" in op else "}")
+    ),
+    _NAMES,
+    st.sampled_from(["#", "##", "%", "%%", "/", "//"]),
+    st.lists(st.sampled_from(["x", "x", "?", "xx", "", "\\*", "\\?"]), min_size=1, max_size=30),
+    st.sampled_from(["y", "x", "", "?y"]),
+)
+_TAME = st.one_of(_TAME, _STARS)
 _LITERALS = st.sampled_from(
     [
         *"=-,:*?[]{}\\`'\"#$ ",

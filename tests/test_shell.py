@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,44 @@ def test_random_words_only_raise_expansion_errors(word: str) -> None:
 @given(st.text(alphabet=st.characters(blacklist_characters="$'\"\\"), max_size=40))
 def test_words_without_specials_are_unchanged(word: str) -> None:
     assert expand_word(word, {"A": "1"}) == word
+
+
+@pytest.mark.parametrize("op", ["#", "##", "%", "%%", "/", "//"])
+def test_star_pattern_backtracking_bomb(op: str) -> None:
+    """`*x` twenty times then `y`, against a thousand x's: a regex that backtracks
+    tries every split of the value between the stars (eight stars and forty
+    characters took 3 s); segments placed at their earliest places take one pass."""
+    word = "${V" + op + "*x" * 20 + "*y" + ("/r}" if "/" in op else "}")
+    started = time.perf_counter()
+    for value in ("x" * 1000, ("x" * 99 + "\n") * 10, "x" * 998 + "\ny"):
+        assert expand_word(word, {"V": value}) == value, op
+    assert time.perf_counter() - started < 0.5  # about a millisecond
+
+
+# Expected values checked against Python's backtracking regex engine, which
+# agrees with Go's leftmost-first RE2 on these shapes.
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [
+        ("${V#*a?}", "b-a\nb-a?b"),  # shortest: the first `a` and one more character
+        ("${V##*a?}", "b-a\nb-a?b"),  # longest, but a star stops at a newline
+        ("${V#*-}", "a\nb-a?b"),
+        ("${V%a*}", "a?b-a\nb-"),
+        ("${V%%a*}", "a?b-a\nb-"),  # `%%a*` cannot cross the newline either
+        ("${V%%?-*}", "a?b-a\n"),
+        ("${V/\\?*/X}", "aX\nb-a?b"),  # an escaped `?` is literal; `*` stops at the newline
+        ("${V//a?/X}", "Xb-a\nb-Xb"),  # `?` does not match a newline
+        ("${V//b*a/X}", "a?X\nX?b"),
+        ("${V//\n*/X}", "a?b-aX"),
+    ],
+)
+def test_star_patterns_keep_go_semantics(word: str, expected: str) -> None:
+    assert expand_word(word, {"V": "a?b-a\nb-a?b"}) == expected
+
+
+def test_star_pattern_against_four_mib_is_linear() -> None:
+    value = ("x" * 63 + "\n") * (4 * 1024 * 1024 // 64 - 1)
+    started = time.perf_counter()
+    assert expand_word("${V//x*?x*y/r}", {"V": value}) == value
+    assert expand_word("${V##*?x?x?x*x}", {"V": value}) == "\n" + ("x" * 63 + "\n") * (len(value) // 64 - 1)
+    assert time.perf_counter() - started < 2.0  # about 0.1 s

@@ -13,7 +13,8 @@ Behaviour worth knowing (all checked by BuildKit's envVarTest/wordsTest):
 - `split_words` splits at unquoted blanks, and also at blanks that come from
   an unquoted expansion; quoted text and escaped blanks stay whole;
 - `#`, `%` and `/` patterns use `*` and `?` (no bracket expressions), and
-  keep escapes in the pattern so `\\*` is a literal star.
+  keep escapes in the pattern so `\\*` is a literal star; they are matched in
+  one pass (`_Glob`), not by a backtracking regex (`*x*x*x*y` was exponential).
 
 Two limits BuildKit does not have (Go's stack and memory just grow), so that
 a hostile Dockerfile ends in an ExpansionError rather than a RecursionError
@@ -380,52 +381,184 @@ class _Lexer:
             raise
         replacement = self.braced_word(raw_escapes=True)
         value = self.lookup(name) or ""
-        regex = _pattern_regex(pattern, greedy=True, anchored=False)
         if not replace_all:
-            match = regex.search(value)
-            if match is None:
-                return value
-            return value[: match.start()] + replacement + value[match.end() :]
-        return _replace_all(regex, value, replacement)
+            return _replace_first(pattern, value, replacement)
+        return _replace_all(pattern, value, replacement)
 
 
-def _pattern_regex(pattern: str, greedy: bool, anchored: bool) -> re.Pattern[str]:
-    """A shell pattern (`*`, `?`, `\\` escapes; no brackets) as a regex."""
-    parts = ["^"] if anchored else []
-    star = ".*" if greedy else ".*?"
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        i += 1
-        if ch == "*":
-            if parts and parts[-1] == star:
-                continue  # `**` is `*`; two regex stars in a row only add backtracking
-            parts.append(star)
-        elif ch == "?":
-            parts.append(".")
-        elif ch == "\\":
-            following = pattern[i] if i < len(pattern) else _EOF
-            if following in ("}", "/"):
-                continue  # escaped only to get past the ${} lexer
-            if following not in ("*", "?", "\\"):
-                raise ExpansionError(
-                    f"invalid pattern ({pattern}) in substitution: invalid escape '\\{following}'"
-                )
-            parts.append(re.escape(following))
+class _Segment:
+    """Fixed-length text between two stars of a pattern: literal characters and `?`.
+
+    Each method finds the segment in `value`; `first` and `last` only where a
+    star before it could reach: from `pos` up to the next newline (a star is
+    Go's `.*`, which does not cross one).
+    """
+
+    __slots__ = ("_at", "_greedy", "_lazy", "size", "text")
+
+    def __init__(self, tokens: list[str]) -> None:
+        self.size = len(tokens)
+        self.text: str | None = None  # set when the segment is all literal (str methods, no regex)
+        if "?" not in tokens:
+            self.text = "".join(tokens)[1::2]  # the escape-free pairs, below
+            return
+        parts: list[str] = []
+        for token in tokens:
+            if token == "?":
+                parts.append(".")  # Go's `.`: anything but a newline, as Python's
+            else:
+                parts.append(re.escape(token[1]))
+        regex = "".join(parts)
+        self._at = re.compile(regex)
+        self._lazy = re.compile(f".*?(?:{regex})")  # one quantifier before a fixed length: linear
+        self._greedy = re.compile(f".*(?:{regex})")
+
+    def search_match(self, value: str, pos: int) -> tuple[int, int] | None:
+        start = self.search(value, pos) if pos <= len(value) else -1
+        return (start, start + self.size) if start >= 0 else None
+
+    def at(self, value: str, pos: int) -> bool:
+        if self.text is not None:
+            return value.startswith(self.text, pos)
+        return self._at.match(value, pos) is not None
+
+    def search(self, value: str, pos: int) -> int:
+        """The first place at or after `pos`, anywhere."""
+        if self.text is not None:
+            return value.find(self.text, pos)
+        match = self._at.search(value, pos)
+        return match.start() if match else -1
+
+    def replace_all(self, value: str, template: str) -> str:
+        """Every match replaced, for a pattern that is this one segment: its matches
+        all have one length, never empty, so they are str.replace's or re.sub's."""
+        if self.text is not None:
+            piece = _go_template(template, self.text)  # every match is this text
+            if len(value) + value.count(self.text) * (len(piece) - self.size) > MAX_EXPANDED:
+                raise _too_long()
+            return value.replace(self.text, piece)
+        if "$" in template:
+            return _replace_each(self, value, template)
+        if len(template) > self.size:
+            count = sum(1 for _ in self._at.finditer(value))
+            if len(value) + count * (len(template) - self.size) > MAX_EXPANDED:
+                raise _too_long()
+        return self._at.sub(template.replace("\\", "\\\\"), value)  # no group references: literal
+
+    def first(self, value: str, pos: int) -> int:
+        if self.text is not None:
+            return value.find(self.text, pos, _line_end(value, pos) + self.size)
+        match = self._lazy.match(value, pos)
+        return match.end() - self.size if match else -1
+
+    def last(self, value: str, pos: int) -> int:
+        if self.text is not None:
+            return value.rfind(self.text, pos, _line_end(value, pos) + self.size)
+        match = self._greedy.match(value, pos)
+        return match.end() - self.size if match else -1
+
+
+def _line_end(value: str, pos: int) -> int:
+    end = value.find("\n", pos)
+    return len(value) if end < 0 else end
+
+
+class _Glob:
+    """A `#`, `%` or `/` pattern, matched without backtracking.
+
+    BuildKit turns the pattern into a Go regexp (`*` is `.*`, or `.*?` for the
+    shortest match; `?` is `.`) and RE2 runs it in linear time; a Python regex
+    of the same shape backtracks exponentially in the stars (`*x*x*x*y`). Here
+    the pattern is fixed-length segments between stars, and each segment is
+    put at its earliest place after the one before. That is where Go's lazy
+    stars put it, and it leaves every later segment the most room, so:
+    the shortest match is that chain's end, the longest the same chain with
+    the last segment at its latest place, and a chain that fails from one
+    start fails from every later start before the next newline. Each step is
+    a str.find or a regex with a single quantifier: linear in the value.
+    """
+
+    __slots__ = ("segments",)
+
+    def __init__(self, pattern: str) -> None:
+        segments: list[list[str]] = [[]]
+        i = 0
+        while i < len(pattern):
+            ch = pattern[i]
             i += 1
-        else:
-            parts.append(re.escape(ch))
-    return re.compile("".join(parts))
+            if ch == "*":
+                if segments[-1] or len(segments) == 1:
+                    segments.append([])  # `**` is `*`
+            elif ch == "?":
+                segments[-1].append("?")
+            elif ch == "\\":
+                following = pattern[i] if i < len(pattern) else _EOF
+                if following in ("}", "/"):
+                    continue  # escaped only to get past the ${} lexer
+                if following not in ("*", "?", "\\"):
+                    raise ExpansionError(
+                        f"invalid pattern ({pattern}) in substitution: invalid escape '\\{following}'"
+                    )
+                segments[-1].append("\\" + following)
+                i += 1
+            else:
+                segments[-1].append("\\" + ch)  # a literal, as an escape pair
+        self.segments = tuple(_Segment(tokens) for tokens in segments)
+
+    def end_at(self, value: str, start: int, longest: bool) -> int:
+        """The end of the shortest (or longest) match starting at `start`; -1 if none."""
+        head, *rest = self.segments
+        if not head.at(value, start):
+            return -1
+        pos = start + head.size
+        for i, segment in enumerate(rest):
+            found = segment.last(value, pos) if longest and i == len(rest) - 1 else segment.first(value, pos)
+            if found < 0:
+                return -1
+            pos = found + segment.size
+        return pos
+
+    def search_match(self, value: str, pos: int) -> tuple[int, int] | None:
+        """Go's leftmost-first match at or after `pos` with greedy stars: the leftmost
+        start, and the longest match from it."""
+        head = self.segments[0]
+        while pos <= len(value):
+            start = head.search(value, pos)
+            if start < 0:
+                return None
+            end = self.end_at(value, start, longest=True)
+            if end >= 0:
+                return start, end
+            # The segments after the head failed from start + head.size, so they fail
+            # from every later place up to the next newline: skip past it.
+            newline = value.find("\n", start + head.size)
+            if newline < 0:
+                return None
+            pos = max(start + 1, newline - head.size + 1)
+        return None
+
+
+_GLOBS: dict[str, _Glob] = {}
+
+
+def _glob(pattern: str) -> _Glob:
+    glob = _GLOBS.get(pattern)
+    if glob is None:
+        glob = _Glob(pattern)
+        if len(_GLOBS) >= 256:
+            _GLOBS.clear()
+        _GLOBS[pattern] = glob
+    return glob
 
 
 def _trim_prefix(pattern: str, value: str, greedy: bool) -> str:
-    match = _pattern_regex(pattern, greedy, anchored=True).search(value)
-    return value[match.end() :] if match else value
+    end = _glob(pattern).end_at(value, 0, longest=greedy)
+    return value[end:] if end >= 0 else value
 
 
 def _trim_suffix(pattern: str, value: str, greedy: bool) -> str:
-    # A regex cannot find the shortest rightmost match; reverse both pattern
-    # (keeping `\x` escape pairs in order) and value, and trim a prefix.
+    # As BuildKit: reverse both pattern (keeping `\x` escape pairs in order)
+    # and value, and trim a prefix.
     tokens: list[str] = []
     i = 0
     while i < len(pattern):
@@ -439,26 +572,44 @@ def _trim_suffix(pattern: str, value: str, greedy: bool) -> str:
     return _trim_prefix(reversed_pattern, value[::-1], greedy)[::-1]
 
 
-def _replace_all(regex: re.Pattern[str], value: str, template: str) -> str:
-    # Go's ReplaceAllString: an empty match right after the previous match is
-    # skipped (Python would replace it), and `$` in the replacement is a template.
+def _replace_first(pattern: str, value: str, replacement: str) -> str:
+    found = _glob(pattern).search_match(value, 0)
+    if found is None:
+        return value
+    start, end = found
+    return value[:start] + replacement + value[end:]
+
+
+def _replace_all(pattern: str, value: str, template: str) -> str:
+    glob = _glob(pattern)
+    if len(glob.segments) == 1 and glob.segments[0].size:
+        return glob.segments[0].replace_all(value, template)
+    return _replace_each(glob, value, template)
+
+
+def _replace_each(glob: _Glob | _Segment, value: str, template: str) -> str:
+    """Go's Regexp.ReplaceAllString: `$` in the replacement is a template, and an
+    empty match right after the previous match is not replaced."""
     out: list[str] = []
     size = 0
+    last_end = 0
     pos = 0
-    previous_end = -1
-    for match in regex.finditer(value):
-        start, end = match.span()
-        if start == end and start == previous_end:
-            continue
-        piece = _go_template(template, match.group(0))
-        size += start - pos + len(piece)
-        if size > MAX_EXPANDED:  # each match can add the whole replacement
-            raise _too_long()
-        out.append(value[pos:start])
-        out.append(piece)
-        pos = end
-        previous_end = end
-    out.append(value[pos:])
+    while pos <= len(value):
+        found = glob.search_match(value, pos)
+        if found is None:
+            break
+        start, end = found
+        out.append(value[last_end:start])
+        size += start - last_end
+        if end > last_end or start == 0:
+            piece = _go_template(template, value[start:end])
+            size += len(piece)
+            if size > MAX_EXPANDED:  # each match can add the whole replacement
+                raise _too_long()
+            out.append(piece)
+        last_end = end
+        pos = pos + 1 if end <= pos else end  # always advance at least one character
+    out.append(value[last_end:])
     return "".join(out)
 
 
