@@ -328,3 +328,12 @@ def test_without_slirp_the_default_network_is_isolated_and_says_so(
     assert out.read_text().split() == ["lo"]
     said = [w for w in warnings if "network" in w]  # not the single-id map's own warning
     assert len(said) == 1 and "no-tun-device" in said[0] and "--network=none" in said[0]
+
+
+@pytest.mark.parametrize("user", ["²", "99999999999", "app:²"])
+def test_user_that_is_not_a_number_is_a_name(rootfs: Path, tmp_path: Path, user: str) -> None:
+    # `²`.isdigit() is True in Python; runc reads ASCII digits only, so these are names, not found.
+    from lamina.errors import SandboxError
+
+    with pytest.raises(SandboxError, match=r"unable to find (user|group)"):
+        run_in(rootfs, tmp_path, ("/bin/true",), user=user, network=Network.NONE)

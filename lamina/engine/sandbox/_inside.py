@@ -469,12 +469,18 @@ def _table(path: str) -> list[list[str]]:
         return []
 
 
+def _is_id(text: str) -> bool:
+    """A numeric uid or gid as runc reads one: ASCII digits, below 2**32 (`²` is a name)."""
+    return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < 1 << 32
+
+
 def resolve_user(spec: str) -> tuple[int, int, list[int], str]:
     """(uid, gid, supplementary gids, home) for `user[:group]`, read from the rootfs like Docker."""
     user, _, group = spec.partition(":")
-    passwd = [row for row in _table("/etc/passwd") if len(row) >= 7]
+    # Rows whose ids are not numbers are skipped, as a libc lookup would.
+    passwd = [row for row in _table("/etc/passwd") if len(row) >= 7 and _is_id(row[2]) and _is_id(row[3])]
     entry = None
-    if user.isdigit():
+    if _is_id(user):
         uid = int(user)
         entry = next((row for row in passwd if row[2] == user), None)
     elif user:
@@ -487,9 +493,9 @@ def resolve_user(spec: str) -> tuple[int, int, list[int], str]:
         entry = next((row for row in passwd if row[2] == "0"), None)
     gid = int(entry[3]) if entry else 0
     home = entry[5] if entry and entry[5] else "/"
-    groups_table = [row for row in _table("/etc/group") if len(row) >= 3]
+    groups_table = [row for row in _table("/etc/group") if len(row) >= 3 and _is_id(row[2])]
     if group:
-        if group.isdigit():
+        if _is_id(group):
             gid = int(group)
         else:
             match = next((row for row in groups_table if row[0] == group), None)
@@ -503,7 +509,7 @@ def resolve_user(spec: str) -> tuple[int, int, list[int], str]:
     if user and entry is not None and not group:
         for row in groups_table:
             members = row[3].split(",") if len(row) > 3 else []
-            if entry[0] in members and row[2].isdigit() and int(row[2]) not in groups:
+            if entry[0] in members and int(row[2]) not in groups:
                 groups.append(int(row[2]))
     return uid, gid, groups, home
 
