@@ -226,3 +226,30 @@ def test_onbuild_trigger_naming_its_own_stage_is_one_error(cache: Path, tmp_path
     ctx = write_context(tmp_path / "ctx", "FROM lamina-test/onbuild-self:1 AS app\nRUN true\n")
     with pytest.raises(BuildError, match="circular"):
         build(cache, ctx)
+
+
+def test_run_process_starts_as_buildkit_starts_it(cache: Path, tmp_path: Path) -> None:
+    # Recorded from DOCKER_BUILDKIT=1 docker build (docker 20.10.24, runc 1.1.5) with the
+    # exec form, so no shell stands between: BuildKit's values, for root.
+    dockerfile = (
+        f"FROM {BASE}\n"
+        'RUN ["/bin/sh", "-c", "exec grep -E \'^(SigIgn|SigBlk|CapBnd|CapEff|Seccomp|NoNewPrivs):\' '
+        '/proc/self/status > /status"]\n'
+        'RUN ["/bin/sh", "-c", "umask > /umask; exec ls /proc/self/fd > /fds"]\n'
+        "RUN cat /etc/hosts > /hosts\n"
+    )
+    out = tmp_path / "out"
+    rootfs(cache, write_context(tmp_path / "ctx", dockerfile), out)
+    assert (out / "status").read_text() == (
+        "SigBlk:\t0000000000000000\n"
+        "SigIgn:\t0000000000000000\n"
+        "CapEff:\t00000000a80425fb\n"
+        "CapBnd:\t00000000a80425fb\n"
+        "NoNewPrivs:\t0\n"
+        "Seccomp:\t2\n"
+    )
+    assert (out / "umask").read_text() == "0022\n"
+    assert (out / "fds").read_text().split() == ["0", "1", "2", "3"]
+    assert (
+        out / "hosts"
+    ).read_text() == "127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n"
