@@ -1,0 +1,195 @@
+"""lamina's pytest plugin: images as test fixtures, with no daemon and no root.
+
+Registered by the `pytest11` entry point `lamina` (`-p no:lamina` turns it
+off). Fixtures:
+
+    lamina_cache    (session) Path of the store every build and run uses:
+                    --lamina-cache DIR, else $LAMINA_CACHE, else
+                    $XDG_CACHE_HOME/lamina (shared by every run on the machine,
+                    so a second pytest rebuilds nothing)
+    lamina_build    (session) build(context, dockerfile=None, *, target=None,
+                    build_args=None, secrets=(), tag=None, network="default")
+                    -> lamina.fixtures.images.Image; once per session, with
+                    SOURCE_DATE_EPOCH (--lamina-source-date-epoch, else the
+                    environment's, else 0); a build error fails the test with
+                    the Dockerfile line
+    lamina_run      run(image, command=(), *, env=, workdir=, user=, mounts=,
+                    network="default", input=None, timeout=60, check=False)
+                    -> RunResult (exit_code, stdout, stderr); check=True fails
+                    the test on a non-zero exit; a timeout always fails it
+    lamina_service  service(image, command=(), *, ports=EXPOSEd, ready="tcp",
+                    timeout=30, env=, workdir=, user=, mounts=) -> Service
+                    (port(80), url(path), logs()); stopped at the test's end
+
+A failing test's report carries the output of every command it ran and the
+log of every service it started. Services left by a killed pytest are
+killed at the next start (the cache's pytest/services directory).
+
+Importing this module must stay cheap: pytest imports it in every session
+of an environment where lamina is installed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from lamina.fixtures.images import Builder, Image
+    from lamina.fixtures.runs import RunResult
+    from lamina.fixtures.services import Service
+
+_REPORTS = pytest.StashKey[list[Callable[[], tuple[str, str]]]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("lamina", "lamina: images as test fixtures")
+    group.addoption(
+        "--lamina-cache",
+        metavar="DIR",
+        help="lamina's store for builds and runs (default: $LAMINA_CACHE, else $XDG_CACHE_HOME/lamina)",
+    )
+    group.addoption(
+        "--lamina-source-date-epoch",
+        metavar="N",
+        type=int,
+        help="SOURCE_DATE_EPOCH for fixture builds (default: the environment's, else 0)",
+    )
+
+
+def _cache_dir(config: pytest.Config) -> Path:
+    chosen = config.getoption("--lamina-cache", None)
+    if chosen:
+        return Path(chosen).absolute()
+    from lamina.cache.store import default_cache_root
+
+    return Path(default_cache_root(os.environ)).absolute()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    services = _cache_dir(session.config) / "pytest" / "services"
+    if not services.is_dir():
+        return  # no service ever ran with this cache: nothing to import or sweep
+    from lamina.fixtures.services import sweep
+
+    swept = sweep(services)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if swept and reporter is not None:
+        reporter.write_line(f"lamina: stopped {len(swept)} service(s) a previous pytest left running")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for section in item.stash.get(_REPORTS, []):
+            report.sections.append(section())
+
+
+def _reports(request: pytest.FixtureRequest) -> list[Callable[[], tuple[str, str]]]:
+    node = request.node
+    if _REPORTS not in node.stash:
+        node.stash[_REPORTS] = []
+    return node.stash[_REPORTS]
+
+
+@pytest.fixture(scope="session")
+def lamina_cache(pytestconfig: pytest.Config) -> Path:
+    """The lamina store the fixtures build into and run from."""
+    path = _cache_dir(pytestconfig)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lamina_build(
+    lamina_cache: Path, pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Image]:
+    """build(context, dockerfile=None, *, target, build_args, secrets, tag, network) -> Image."""
+    from lamina.fixtures.images import Builder, BuildFailed
+
+    epoch = pytestconfig.getoption("--lamina-source-date-epoch", None)
+    if epoch is None:
+        text = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+        epoch = int(text) if text.isdigit() else 0
+    builder: Builder = Builder(lamina_cache, tmp_path_factory.mktemp("lamina"), source_date_epoch=epoch)
+
+    def build(context: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Image:
+        try:
+            return builder(context, *args, **kwargs)
+        except BuildFailed as err:
+            pytest.fail(f"lamina build {context}: {err}", pytrace=False)
+
+    return build
+
+
+@pytest.fixture
+def lamina_run(lamina_cache: Path, request: pytest.FixtureRequest) -> Callable[..., RunResult]:
+    """run(image, command=(), *, env, workdir, user, mounts, network, input, timeout=60, check=False)."""
+    from lamina.errors import LaminaError
+    from lamina.fixtures.runs import RunTimeout, run_command
+
+    reports = _reports(request)
+
+    def run(image: Image | str, command: Any = (), *, check: bool = False, **kwargs: Any) -> RunResult:
+        if isinstance(command, str):
+            command = ["/bin/sh", "-c", command]
+        try:
+            result = run_command(str(image), command, cache_dir=lamina_cache, **kwargs)
+        except RunTimeout as err:
+            pytest.fail(f"{err}\n{err.result.describe()}", pytrace=False)
+        except LaminaError as err:
+            pytest.fail(f"lamina run {image}: {err}", pytrace=False)
+        reports.append(lambda: (f"lamina run {' '.join(result.argv)}"[:120], result.describe()))
+        if check and result.exit_code != 0:
+            pytest.fail(f"command failed:\n{result.describe()}", pytrace=False)
+        return result
+
+    return run
+
+
+@pytest.fixture
+def lamina_service(lamina_cache: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Service]]:
+    """service(image, command=(), *, ports=(), ready="tcp", timeout=30, env, workdir, user, mounts)."""
+    from lamina.errors import LaminaError
+    from lamina.fixtures import services
+
+    started: list[Service] = []
+    reports = _reports(request)
+
+    def service(image: Image | str, command: Any = (), **kwargs: Any) -> Service:
+        if isinstance(command, str):
+            command = ["/bin/sh", "-c", command]
+        if "ports" not in kwargs:  # as `docker run -P`: every TCP port the image EXPOSEs
+            exposed = image.config.config.exposed_ports if not isinstance(image, str) else ()
+            kwargs["ports"] = [int(p.split("/")[0]) for p in exposed if p.partition("/")[2] in ("", "tcp")]
+        env = kwargs.pop("env", ())
+        if isinstance(env, dict):
+            env = [f"{k}={v}" for k, v in env.items()]
+        try:
+            svc = services.start(
+                str(image),
+                services_dir=lamina_cache / "pytest" / "services",
+                cache_dir=lamina_cache,
+                command=command,
+                env=env,
+                **kwargs,
+            )
+        except services.Unavailable as err:
+            pytest.skip(f"lamina service {image}: {err}")
+        except LaminaError as err:
+            pytest.fail(f"lamina service {image}: {err}", pytrace=False)
+        started.append(svc)
+        reports.append(lambda: (f"lamina service {svc.name} log", svc.logs()))
+        return svc
+
+    try:
+        yield service
+    finally:
+        for svc in reversed(started):
+            svc.stop()

@@ -1,0 +1,287 @@
+"""The pytest plugin (lamina.pytest_plugin), driven as a user drives it: pytest in a subprocess.
+
+Each test writes a small project (or uses examples/pytest-fixtures), runs
+pytest on it with a cache of this module's, and reads the outcome and the
+report. Most runs load the plugin with `-p lamina.pytest_plugin` and no
+other plugin (PYTEST_DISABLE_PLUGIN_AUTOLOAD: fast start); the example's
+run goes through the installed `pytest11` entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "pytest-fixtures"
+
+pytestmark = pytest.mark.skipif(not Path("/bin/busybox").is_file(), reason="needs /bin/busybox")
+
+CONFTEST = f"""
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def bb(lamina_build, tmp_path_factory):
+    context = tmp_path_factory.mktemp("base")
+    shutil.copytree({str(EXAMPLE / "base")!r}, context, dirs_exist_ok=True)
+    shutil.copy2("/bin/busybox", context / "busybox")
+    return lamina_build(context, tag="plugin-test/busybox:latest")
+"""
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("plugin-cache")
+
+
+def _project(root: Path, tests: str, files: dict[str, str] | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pytest.ini").write_text("[pytest]\n")
+    (root / "conftest.py").write_text(CONFTEST)
+    (root / "test_it.py").write_text(textwrap.dedent(tests))
+    for name, text in (files or {}).items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+def _pytest(
+    project: Path, cache: Path, *args: str, autoload: bool = False, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--lamina-cache={cache}", *args]
+    if not autoload:
+        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+        argv[3:3] = ["-p", "lamina.pytest_plugin"]
+    return subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_entry_point_registers_the_plugin() -> None:
+    from importlib.metadata import entry_points
+
+    found = {e.name: e.value for e in entry_points(group="pytest11")}
+    assert found.get("lamina") == "lamina.pytest_plugin"
+
+
+@pytest.mark.sandbox
+def test_the_example_suite_passes_twice(cache: Path) -> None:
+    first = _pytest(EXAMPLE, cache, "-q", autoload=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "6 passed" in first.stdout
+    second = _pytest(EXAMPLE, cache, "-q", autoload=True)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "6 passed" in second.stdout
+
+
+@pytest.mark.sandbox
+def test_a_second_session_builds_nothing_and_digests_are_reproducible(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        import json, os
+        def test_build(lamina_build, bb):
+            image = lamina_build("app", build_args={"BASE": bb.name})
+            with open(os.environ["OUT"], "w") as f:
+                json.dump({"digest": image.digest, "run": image.result.steps_run}, f)
+    """
+    files = {"app/Dockerfile": "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /\nRUN wc -c /hello.txt > /size\n"}
+    files["app/hello.txt"] = "hello\n"
+    project = _project(tmp_path / "p", tests, files)
+    seen = []
+    for run_cache in (cache, cache, tmp_path / "other-cache"):
+        out = tmp_path / "out.json"
+        os.environ["OUT"] = str(out)
+        try:
+            done = _pytest(project, run_cache, "-q")
+        finally:
+            del os.environ["OUT"]
+        assert done.returncode == 0, done.stdout + done.stderr
+        seen.append(json.loads(out.read_text()))
+    assert seen[1]["run"] == 0  # the second session found every step cached
+    # SOURCE_DATE_EPOCH is applied by default: another cache, the same bytes.
+    assert seen[0]["digest"] == seen[1]["digest"] == seen[2]["digest"]
+
+
+def test_a_build_error_names_the_dockerfile_line(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        def test_build(lamina_build):
+            lamina_build("app")
+    """
+    files = {"app/Dockerfile": "FROM scratch\nCOPY missing.txt /\n"}
+    done = _pytest(_project(tmp_path / "p", tests, files), cache, "-q")
+    assert done.returncode == 1, done.stdout
+    assert "lamina build app: " in done.stdout
+    assert "Dockerfile:2" in done.stdout
+    assert "Traceback" not in done.stdout
+
+
+@pytest.mark.sandbox
+def test_a_failing_command_shows_its_output_in_the_report(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        def test_checked(bb, lamina_run):
+            lamina_run(bb, "echo to-out; echo to-err >&2; exit 3", check=True)
+
+        def test_asserted(bb, lamina_run):
+            result = lamina_run(bb, ["sh", "-c", "echo some-output; exit 4"])
+            assert result.exit_code == 0
+
+        def test_env_workdir_input(bb, lamina_run, tmp_path):
+            (tmp_path / "f.txt").write_text("mounted")
+            result = lamina_run(
+                bb, 'echo "$A $(pwd) $(cat /m/f.txt) $(cat)"', env={"A": "a"}, workdir="/tmp",
+                mounts=[(tmp_path, "/m")], input="from-stdin",
+            )
+            assert result.stdout == "a /tmp mounted from-stdin\\n"
+    """
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q")
+    out = done.stdout
+    assert "2 failed, 1 passed" in out, out
+    assert "exit code 3" in out and "to-out" in out and "to-err" in out
+    assert "lamina run sh -c echo some-output; exit 4" in out  # the report section
+    assert "some-output" in out
+
+
+@pytest.mark.sandbox
+def test_a_command_that_runs_too_long_is_stopped(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        def test_slow(bb, lamina_run):
+            lamina_run(bb, "echo started; sleep 60", timeout=1)
+    """
+    started = time.monotonic()
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q")
+    assert done.returncode == 1
+    assert "timed out after 1 s" in done.stdout and "started" in done.stdout
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.sandbox
+def test_a_service_that_never_gets_ready_fails_in_time_with_its_log(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        def test_never_ready(bb, lamina_service):
+            lamina_service(bb, "echo waiting-forever; sleep 60", ports=[80], timeout=2)
+
+        def test_fails_later(bb, lamina_service):
+            svc = lamina_service(bb, "echo served-and-logged; exec httpd -f -p 80 -h /tmp", ports=[80])
+            assert svc.port(80) != 80
+            assert False, "the test fails"
+    """
+    started = time.monotonic()
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
+    assert time.monotonic() - started < 60
+    out = done.stdout
+    if "publishing a port needs" in out:
+        pytest.skip(out.split("publishing a port needs", 1)[1].splitlines()[0])
+    assert "2 failed" in out, out + done.stderr
+    assert "was not ready (tcp) within 2 s" in out
+    assert "waiting-forever" in out
+    assert "lamina service" in out and "served-and-logged" in out  # the failing test's report section
+    assert not list((cache / "pytest" / "services").iterdir())
+
+
+@pytest.mark.sandbox
+def test_a_service_is_reachable_and_stopped_at_teardown(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        import os, urllib.request
+        def test_serve(bb, lamina_service):
+            svc = lamina_service(
+                bb, "mkdir /w; echo hi > /w/index.html; sleep 0.3; exec httpd -f -v -p 8080 -h /w",
+                ports=[8080], ready="http:/",
+            )
+            assert urllib.request.urlopen(svc.url("/"), timeout=5).read() == b"hi\\n"
+            with open(os.environ["OUT"], "w") as f:
+                f.write(str(svc._proc.pid))
+    """
+    out = tmp_path / "pid"
+    os.environ["OUT"] = str(out)
+    try:
+        done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
+    finally:
+        del os.environ["OUT"]
+    if "skipped" in done.stdout:
+        pytest.skip(done.stdout.splitlines()[-1])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not Path(f"/proc/{out.read_text()}").exists()
+
+
+@pytest.mark.sandbox
+def test_a_killed_pytest_leaves_no_service_behind(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        import os, time
+        def test_hang(bb, lamina_service):
+            svc = lamina_service(bb, "exec httpd -f -p 80 -h /tmp", ports=[80])
+            with open(os.environ["OUT"] + ".tmp", "w") as f:
+                f.write(str(svc._proc.pid))
+            os.rename(os.environ["OUT"] + ".tmp", os.environ["OUT"])
+            time.sleep(120)
+    """
+    out = tmp_path / "pid"
+    project = _project(tmp_path / "p", tests)
+    env = dict(os.environ, OUT=str(out), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    argv = [sys.executable, "-m", "pytest", "-p", "lamina.pytest_plugin", "-p", "no:cacheprovider"]
+    proc = subprocess.Popen(
+        [*argv, f"--lamina-cache={cache}", "-q", "-rs"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not out.exists():
+        proc.kill()
+        output = proc.communicate()[0]
+        if "skipped" in output:
+            pytest.skip(output.splitlines()[-1])
+        raise AssertionError(output)
+    supervisor = int(out.read_text())
+    proc.kill()  # SIGKILL: no teardown runs
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{supervisor}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{supervisor}").exists()  # it died with its owner
+    # Its directory stays until the next session sweeps it.
+    assert list((cache / "pytest" / "services").iterdir())
+    again = _pytest(_project(tmp_path / "q", "def test_nothing():\n    pass\n"), cache, "-q")
+    assert again.returncode == 0, again.stdout
+    assert not list((cache / "pytest" / "services").iterdir())
+
+
+def test_the_next_session_kills_what_a_dead_pytest_left(tmp_path: Path, cache: Path) -> None:
+    # A supervisor that survived its owner (say, the owner was killed between
+    # starting it and its parent-death signal being set): a process group of
+    # its own, and an owner.json naming a pytest that is gone.
+    leftover = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    from lamina.fixtures.services import _start_time
+
+    directory = cache / "pytest" / "services" / "leftover"
+    directory.mkdir(parents=True)
+    owner = {"pid": leftover.pid, "start": _start_time(leftover.pid), "owner": gone.pid, "owner_start": 1}
+    (directory / "owner.json").write_text(json.dumps(owner))
+    try:
+        done = _pytest(_project(tmp_path / "p", "def test_nothing():\n    pass\n"), cache, "-q")
+        assert done.returncode == 0, done.stdout
+        assert "lamina: stopped 1 service(s) a previous pytest left running" in done.stdout
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert not directory.exists()
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()
+        shutil.rmtree(directory, ignore_errors=True)
