@@ -213,7 +213,8 @@ def test_host_network_sees_host_resolv_conf(rootfs: Path, tmp_path: Path) -> Non
     host = Path("/etc/resolv.conf")
     if not host.is_file():
         pytest.skip("the host has no /etc/resolv.conf")
-    _, out = sh(rootfs, "cat /etc/resolv.conf; echo x >> /etc/resolv.conf && echo WROTE", tmp_path)
+    script = "cat /etc/resolv.conf; echo x >> /etc/resolv.conf && echo WROTE"
+    _, out = sh(rootfs, script, tmp_path, network=Network.HOST)
     assert out.startswith(host.read_text())
     assert "WROTE" not in out  # bound read-only
 
