@@ -210,6 +210,7 @@ def run(
     user: str | None = None,
     network: str = "default",
     mounts: Iterable[str] = (),
+    publish: Iterable[str] = (),
     hostname: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -217,13 +218,17 @@ def run(
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    on_started: Callable[[Any], None] | None = None,
 ) -> int:
     """Run `command` in the stored `image`, as `docker run --rm` does; return its exit code.
 
     The image's Entrypoint, Cmd, Env, WorkingDir and User apply; `command`
     replaces Cmd, `env` (`K=V`, or `K` to pass the caller's value) adds to
     Env, `workdir`/`user` replace theirs. `mounts` are `docker run --mount`
-    strings (`type=bind,source=S,target=T[,ro]`, `type=tmpfs,target=T`).
+    strings (`type=bind,source=S,target=T[,ro]`, `type=tmpfs,target=T`);
+    `publish` are `-p` strings (`8080:80`, `127.0.0.1:8080:80`, TCP) forwarded
+    into the default network. `on_started` gets a `sandbox.Started` (pid,
+    stop()) once the command's namespaces exist and its ports listen.
     Nothing the command changes is kept. Raises LaminaError (ImageNotFound,
     SandboxError) when it cannot start.
     """
@@ -269,12 +274,13 @@ def run(
             hostname=hostname or "lamina",
             network=net,
             mounts=tuple(sandbox.parse_mount(m) for m in mounts),
+            publish=tuple(sandbox.parse_publish(p) for p in publish),
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,
             scratch_dir=scratch,
         )
-        return sandbox.run(spec, ids=ids, on_warning=on_warning)
+        return sandbox.run(spec, ids=ids, on_warning=on_warning, on_started=on_started)
 
 
 def sandbox_info() -> Any:

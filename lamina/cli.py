@@ -383,6 +383,14 @@ def _parse_size(text: str) -> int:
     show_default=True,
     help="default: a network of its own (slirp4netns), the host's loopback out of reach.",
 )
+@click.option(
+    "-p",
+    "--publish",
+    "publish",
+    multiple=True,
+    metavar="[ADDR:]HOST:CONTAINER",
+    help="Forward a TCP port of the host (127.0.0.1 unless ADDR) to the command (default network).",
+)
 @click.option("--hostname", help="Hostname inside (default: lamina).")
 @click.option(
     "--mount",
@@ -401,6 +409,7 @@ def run(
     workdir: str | None,
     user: str | None,
     network: str,
+    publish: tuple[str, ...],
     hostname: str | None,
     mounts: tuple[str, ...],
     image: str,
@@ -424,6 +433,7 @@ def run(
         user=user,
         network=network,
         mounts=mounts,
+        publish=publish,
         hostname=hostname,
         on_warning=warn,
     )

@@ -20,7 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from lamina.engine.sandbox import IdMode, Network, SandboxSpec, detect_ids, network, remove_tree, run
+from lamina.engine.sandbox import (
+    BindMount,
+    IdMode,
+    Network,
+    PublishedPort,
+    SandboxSpec,
+    Started,
+    detect_ids,
+    network,
+    remove_tree,
+    run,
+)
+from lamina.errors import SandboxError
 from tests.support.busybox import BUSYBOX, make_busybox_rootfs
 
 pytestmark = pytest.mark.sandbox
@@ -333,7 +345,45 @@ def test_without_slirp_the_default_network_is_isolated_and_says_so(
 @pytest.mark.parametrize("user", ["²", "99999999999", "app:²"])
 def test_user_that_is_not_a_number_is_a_name(rootfs: Path, tmp_path: Path, user: str) -> None:
     # `²`.isdigit() is True in Python; runc reads ASCII digits only, so these are names, not found.
-    from lamina.errors import SandboxError
-
     with pytest.raises(SandboxError, match=r"unable to find (user|group)"):
         run_in(rootfs, tmp_path, ("/bin/true",), user=user, network=Network.NONE)
+
+
+@needs_slirp
+def test_published_port_reaches_the_command_and_stop_ends_it(rootfs: Path, tmp_path: Path) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    host_port = probe.getsockname()[1]
+    probe.close()
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www/index.html").write_text("served-from-the-sandbox\n")
+    started: list[Started] = []
+    spec = SandboxSpec(
+        argv=("/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"),
+        lower_dirs=(rootfs,),
+        mounts=(BindMount(tmp_path / "www", "/www"),),
+        publish=(PublishedPort(host_port, 8080),),
+        scratch_dir=tmp_path / "scratch",
+    )
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(run(spec, on_started=started.append)))
+    runner.start()
+    body = b""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and b"served-from-the-sandbox" not in body:
+        try:
+            with socket.create_connection(("127.0.0.1", host_port), timeout=2) as conn:
+                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                body = b"".join(iter(lambda: conn.recv(4096), b""))
+        except OSError:
+            time.sleep(0.05)
+    assert len(started) == 1
+    started[0].stop()
+    runner.join(10)
+    assert not runner.is_alive() and codes  # stopped: the run returned
+    assert b"served-from-the-sandbox" in body
+
+
+def test_publishing_needs_the_default_network(rootfs: Path, tmp_path: Path) -> None:
+    with pytest.raises(SandboxError, match="needs the default network"):
+        run_in(rootfs, tmp_path, ("/bin/true",), network=Network.NONE, publish=(PublishedPort(1, 2),))

@@ -7,13 +7,16 @@ lamina.engine.dockerfile, lamina.cache or lamina.api.
 Public surface (re-exported here, loaded on first use):
 
     run(spec: SandboxSpec, *, ids: IdMap | None = None,
-        on_warning: Callable[[str], None] | None = None) -> int
+        on_warning: Callable[[str], None] | None = None,
+        on_started: Callable[[Started], None] | None = None) -> int
         Run spec.argv over spec.lower_dirs (unpacked layers in overlay
         form, top-most first); changes land in spec.upper_dir in overlay
         form whichever the snapshotter; returns the exit code (128+N if
         killed by signal N); SandboxError if it cannot start or exec.
     SandboxSpec(argv, lower_dirs, upper_dir, env, cwd, user, hostname,
-        network, insecure, mounts, snapshotter, stdin, stdout, stderr, scratch_dir)
+        network, insecure, publish, mounts, snapshotter, stdin, stdout, stderr, scratch_dir)
+    PublishedPort(host_port, guest_port, host_addr); parse_publish("8080:80") as -p
+    Started(pid, stop): what on_started is given, to stop that sandbox alone
     Network.DEFAULT (own namespace, slirp4netns) | HOST | NONE;
         Snapshotter.OVERLAY | Snapshotter.COPY
     BindMount, CacheMount (+ Sharing), TmpfsMount, SecretMount;
@@ -70,6 +73,9 @@ _EXPORTS = {
     "default_snapshotter": "runner",
     "SandboxSpec": "spec",
     "parse_mount": "spec",
+    "parse_publish": "spec",
+    "PublishedPort": "spec",
+    "Started": "spec",
     "Network": "spec",
     "Snapshotter": "spec",
     "Sharing": "spec",

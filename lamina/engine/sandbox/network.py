@@ -19,9 +19,11 @@ import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+from lamina.engine.sandbox.spec import PublishedPort
 from lamina.errors import SandboxError
 
 SLIRP_DNS = "10.0.2.3"
@@ -55,11 +57,14 @@ def fallback_warning(why: str) -> str:
 
 
 @contextlib.contextmanager
-def attached(pid: int) -> Iterator[None]:
-    """Give the (just unshared, mapped) network namespace of `pid` an outbound interface while inside."""
+def attached(pid: int, publish: Sequence[PublishedPort] = ()) -> Iterator[None]:
+    """Give the (just unshared, mapped) network namespace of `pid` an outbound interface while inside,
+    and forward each published port of the host to it."""
     binary = slirp4netns()
     if binary is None:
         raise SandboxError(unavailable())
+    api_dir = tempfile.mkdtemp(prefix="lamina-slirp-") if publish else ""  # a socket path: short
+    api = [f"--api-socket={api_dir}/api.sock"] if publish else []
     ready_r, ready_w = os.pipe()
     exit_r, exit_w = os.pipe()
     try:
@@ -69,6 +74,7 @@ def attached(pid: int) -> Iterator[None]:
                 "--configure",
                 "--mtu=65520",
                 "--disable-host-loopback",
+                *api,
                 f"--ready-fd={ready_w}",
                 f"--exit-fd={exit_r}",  # our end closing (even if we are killed) stops it
                 str(pid),
@@ -93,8 +99,12 @@ def attached(pid: int) -> Iterator[None]:
             why = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace").strip()
             last = why.splitlines()[-1] if why else f"exit status {proc.returncode}"
             raise SandboxError(f"set up the default network (slirp4netns): {last}")
+        for port in publish:
+            _forward(f"{api_dir}/api.sock", port)
         yield
     finally:
+        if api_dir:
+            shutil.rmtree(api_dir, ignore_errors=True)
         os.close(exit_w)
         # The namespace is gone with the step: nothing to flush. Killed, and
         # reaped on a thread: its poll loop takes ~30 ms to notice the exit
@@ -103,6 +113,39 @@ def attached(pid: int) -> Iterator[None]:
         if proc.stderr is not None:
             proc.stderr.close()
         threading.Thread(target=proc.wait, name="lamina-slirp-reaper", daemon=True).start()
+
+
+def _forward(api_socket: str, port: PublishedPort) -> None:
+    """Ask slirp4netns (its API socket) to listen on the host side and forward to the sandbox."""
+    import json
+    import socket
+
+    request = {
+        "execute": "add_hostfwd",
+        "arguments": {
+            "proto": "tcp",
+            "host_addr": port.host_addr,
+            "host_port": port.host_port,
+            "guest_port": port.guest_port,
+        },
+    }
+    where = f"publish {port.host_addr}:{port.host_port} -> {port.guest_port}"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(_READY_TIMEOUT_SECONDS)
+            s.connect(api_socket)
+            s.sendall(json.dumps(request).encode())
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while len(reply) < 65536 and (chunk := s.recv(4096)):
+                reply += chunk
+        answer = json.loads(reply)
+    except (OSError, ValueError) as err:
+        raise SandboxError(f"{where}: slirp4netns's API: {err}") from None
+    if not isinstance(answer, dict) or "error" in answer:
+        error = answer.get("error") if isinstance(answer, dict) else answer
+        desc = error.get("desc", error) if isinstance(error, dict) else error
+        raise SandboxError(f"{where}: {desc}")
 
 
 def _read_ready(fd: int) -> bool:

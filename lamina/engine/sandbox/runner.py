@@ -25,6 +25,7 @@ from lamina.engine.sandbox.spec import (
     SecretMount,
     Sharing,
     Snapshotter,
+    Started,
     TmpfsMount,
 )
 from lamina.errors import SandboxError
@@ -67,15 +68,20 @@ def run(
     *,
     ids: IdMap | None = None,
     on_warning: Callable[[str], None] | None = None,
+    on_started: Callable[[Started], None] | None = None,
 ) -> int:
     """Run `spec.argv` in a fresh sandbox; return its exit code (128+N when killed by signal N).
 
     The changes land in `spec.upper_dir` in overlay form, whichever the
-    snapshotter. Raises SandboxError when the sandbox cannot be set up or
-    the command cannot be executed.
+    snapshotter. `on_started` is told once the namespaces exist (and its
+    ports are published), with a handle that can stop this sandbox alone.
+    Raises SandboxError when the sandbox cannot be set up or the command
+    cannot be executed.
     """
     if not spec.argv:
         raise SandboxError("run: no command given")
+    if spec.publish and spec.network is not Network.DEFAULT:
+        raise SandboxError(f"publishing a port needs the default network, not --network={spec.network.value}")
     ids = ids or detect_ids()
     if ids.warning and on_warning is not None:
         on_warning(ids.warning)
@@ -83,6 +89,8 @@ def run(
         from lamina.engine.sandbox import network
 
         why = network.unavailable()
+        if why and spec.publish:
+            raise SandboxError(why.replace("the default network", "publishing a port"))
         if why:
             # Isolated still: a step that needs the network fails, and this says why.
             if on_warning is not None:
@@ -92,7 +100,7 @@ def run(
     order = [chosen] if chosen else [Snapshotter.OVERLAY, Snapshotter.COPY]
     for i, snapshotter in enumerate(order):
         try:
-            return _run_once(spec, ids, snapshotter)
+            return _run_once(spec, ids, snapshotter, on_started)
         except _OverlayUnavailable as err:
             if i + 1 == len(order):
                 raise SandboxError(str(err)) from None
@@ -105,7 +113,9 @@ class _OverlayUnavailable(SandboxError):
     pass
 
 
-def _run_once(spec: SandboxSpec, ids: IdMap, snapshotter: Snapshotter) -> int:
+def _run_once(
+    spec: SandboxSpec, ids: IdMap, snapshotter: Snapshotter, on_started: Callable[[Started], None] | None
+) -> int:
     upper = spec.upper_dir
     if upper is not None:
         upper.mkdir(parents=True, exist_ok=True)
@@ -127,7 +137,7 @@ def _run_once(spec: SandboxSpec, ids: IdMap, snapshotter: Snapshotter) -> int:
                 (base / name).mkdir()
             wire = _wire(spec, ids, snapshotter, base, upper, locks)
             wire["work"] = str(work)
-            code, errors = _helper(wire, ids, spec)
+            code, errors = _helper(wire, ids, spec, on_started=on_started)
             if errors:
                 message = errors[0]
                 if snapshotter is Snapshotter.OVERLAY and "mount overlay" in message:
@@ -289,6 +299,7 @@ def _helper(
     spec: SandboxSpec | None = None,
     results: list[str] | None = None,
     sink: BinaryIO | None = None,
+    on_started: Callable[[Started], None] | None = None,
 ) -> tuple[int, list[str]]:
     """Start the helper with `wire`, map its ids, wait; (exit code, error messages).
 
@@ -330,9 +341,11 @@ def _helper(
                     if wire.get("network") == "default":
                         from lamina.engine.sandbox import network
 
-                        net.enter_context(network.attached(proc.pid))
+                        net.enter_context(network.attached(proc.pid, spec.publish if spec else ()))
                     request.write(b"G")
                     first = b""
+                    if on_started is not None:
+                        on_started(Started(proc.pid, lambda: _stop(proc)))
                 request.close()
                 messages = (first + report.read()).decode(errors="replace")
                 code = proc.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -82,6 +83,28 @@ class SecretMount:
 
 Mount = BindMount | CacheMount | TmpfsMount | SecretMount
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PublishedPort:
+    """`host_addr:host_port` on the host forwarded to `guest_port` in the sandbox (TCP), as `-p`.
+
+    Only with Network.DEFAULT: slirp4netns listens on the host side.
+    """
+
+    host_port: int
+    guest_port: int
+    host_addr: str = "127.0.0.1"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Started:
+    """A sandbox that is running: `pid` is the helper's (its namespaces are the command's);
+    `stop()` interrupts it, then kills it after a grace period."""
+
+    pid: int
+    stop: Callable[[], None]
+
+
 # Where a stream goes: None inherits ours, an int is a file descriptor
 # (or subprocess.DEVNULL), else a file object.
 Output = int | IO[bytes] | None
@@ -112,12 +135,26 @@ class SandboxSpec:
     # `RUN --security=insecure`: all capabilities, no seccomp filter, no masked
     # or read-only /proc and /sys paths (runc's default spec otherwise).
     insecure: bool = False
+    publish: tuple[PublishedPort, ...] = ()  # Network.DEFAULT only
     mounts: tuple[Mount, ...] = ()
     snapshotter: Snapshotter | None = None
     stdin: Output = subprocess.DEVNULL  # a build step reads nothing; None passes ours through
     stdout: Output = None
     stderr: Output = None
     scratch_dir: Path | None = None
+
+
+def parse_publish(text: str) -> PublishedPort:
+    """`-p` as `docker run` takes it, TCP only: `HOST:GUEST` or `ADDR:HOST:GUEST` (ADDR default 127.0.0.1)."""
+    from lamina.errors import SandboxError
+
+    parts = text.removesuffix("/tcp").rsplit(":", 2)
+    if len(parts) == 2:
+        parts.insert(0, "127.0.0.1")
+    numbers = parts[1:]
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and 0 < int(p) < 65536 for p in numbers):
+        raise SandboxError(f"-p {text}: expected HOST_PORT:CONTAINER_PORT or ADDR:HOST_PORT:CONTAINER_PORT")
+    return PublishedPort(int(parts[1]), int(parts[2]), parts[0] or "127.0.0.1")
 
 
 def parse_mount(text: str) -> Mount:
