@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from lamina.cache.store import GcReport, ImageRecord, Usage
     from lamina.cache.transfer import PullResult, PushResult
     from lamina.engine.dockerfile.parser import Dockerfile
-    from lamina.engine.executor import BuildResult
+    from lamina.engine.model import BuildResult
     from lamina.engine.plan import Plan
     from lamina.engine.progress import ProgressSink
     from lamina.oci.image import Descriptor
@@ -379,7 +379,8 @@ def build(
     from pathlib import Path
 
     from lamina.cache.store import default_cache_root
-    from lamina.engine.executor import BuildOptions, execute, parse_secret
+    from lamina.engine.executor import execute
+    from lamina.engine.model import BuildOptions, parse_secret
     from lamina.engine.outputspec import parse_outputs
     from lamina.engine.progress import QuietProgress
     from lamina.errors import PlanError
@@ -573,7 +574,7 @@ def __getattr__(name: str) -> Any:
     # The result types live in the engine; importing them here lazily keeps
     # `import lamina.api` light.
     if name in ("BuildResult", "StepRecord"):
-        from lamina.engine import executor
+        from lamina.engine import model
 
-        return getattr(executor, name)
+        return getattr(model, name)
     raise AttributeError(name)

@@ -417,7 +417,7 @@ def test_missing_base_image_is_one_line_error(cache: Path, tmp_path: Path) -> No
 
 
 def test_from_platform_host_only(cache: Path, tmp_path: Path) -> None:
-    from lamina.engine.executor import PLATFORM
+    from lamina.engine.model import PLATFORM
     from lamina.errors import PlanError
 
     ok = write_context(tmp_path / "ok", f"FROM --platform=$BUILDPLATFORM {BASE}\nRUN true\n")

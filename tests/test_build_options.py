@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lamina.engine.executor import BuildResult, StepRecord, parse_secret
+from lamina.engine.model import BuildResult, StepRecord, parse_secret
 from lamina.errors import LaminaError, PlanError
 from lamina.oci.image import default_config
 from lamina.oci.reference import store_name

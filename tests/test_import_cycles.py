@@ -23,7 +23,6 @@ KNOWN_CYCLES: set[tuple[str, ...]] = {
         "lamina.engine.steps.copy",
         "lamina.engine.steps.copyadd",
         "lamina.engine.steps.dispatch",
-        "lamina.engine.steps.replay",
         "lamina.engine.steps.run",
     ),
 }

@@ -38,7 +38,6 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import threading
 import time
@@ -46,10 +45,18 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lamina.engine.model import (
+    BuildOptions,
+    BuildPlan,
+    BuildResult,
+    CacheResult,
+    StageOutcome,
+    StageState,
+    StepRecord,
+)
 from lamina.engine.progress import BuildSummary, ProgressSink
-from lamina.errors import BuildError, DiskFull, LaminaError, PlanError, is_disk_full
+from lamina.errors import BuildError, DiskFull, LaminaError, is_disk_full
 from lamina.oci.digest import Digest
-from lamina.oci.image import host_platform
 
 # A no-op rebuild imports this module and replays its memo: what only a real
 # build needs (thread pools, outputs, step metadata) is imported where used.
@@ -58,189 +65,11 @@ if TYPE_CHECKING:
     from lamina.cache.store import Store
     from lamina.engine.cachekey import KeyInputs
     from lamina.engine.context import SourceTree
-    from lamina.engine.output import ImageLayer
-    from lamina.engine.outputspec import OutputSpec
-    from lamina.engine.remote_cache import CacheSpec, RemoteCache
-    from lamina.engine.steps.dispatch import BuildPlan
+    from lamina.engine.remote_cache import RemoteCache
     from lamina.oci.image import ImageConfig
 
-PROXY_ARGS = frozenset(
-    name
-    for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
-    for name in (base, base.lower())
-)
 OUTPUT_TAIL = 20  # lines of a failing step's output kept for the error
 SANDBOX_HOSTNAME = "buildkitsandbox"  # BuildKit's default, so `hostname` output matches
-
-
-PLATFORM = str(host_platform())  # in every cache key
-
-
-# --- options and results ------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SecretSpec:
-    id: str
-    source: Path
-
-
-def parse_secret(spec: str) -> SecretSpec:
-    """`--secret id=ID,src=PATH` (also `source=`, `type=file`, or `env=VAR`)."""
-    fields: dict[str, str] = {}
-    for part in spec.split(","):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise PlanError(f"invalid --secret {spec!r}: {part!r} is not key=value")
-        fields[key.strip().lower()] = value
-    secret_id = fields.get("id", "")
-    if not secret_id:
-        raise PlanError(f"invalid --secret {spec!r}: missing id=")
-    source = fields.get("src") or fields.get("source")
-    if source is None and "env" in fields:
-        source = "env:" + fields["env"]
-    if source is None:
-        raise PlanError(f"invalid --secret {spec!r}: missing src=")
-    if fields.get("type", "file") not in ("file", "env"):
-        raise PlanError(f"invalid --secret {spec!r}: type must be file or env")
-    return SecretSpec(secret_id, Path(source))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BuildOptions:
-    context: Path
-    dockerfile: Path | None = None
-    target: str | None = None
-    build_args: tuple[tuple[str, str], ...] = ()
-    tags: tuple[str, ...] = ()
-    outputs: tuple[OutputSpec, ...] = ()
-    no_cache: bool = False
-    no_cache_filter: tuple[str, ...] = ()
-    labels: tuple[tuple[str, str], ...] = ()
-    secrets: tuple[SecretSpec, ...] = ()
-    network: str = "default"  # RUN's network: default (its own), host or none
-    allow: frozenset[str] = frozenset()  # entitlements: network.host, security.insecure
-    compression: str = "gzip"
-    jobs: int = 1
-    pull: bool = False
-    cache_root: Path = Path(".lamina-cache")
-    source_date_epoch: int | None = None
-    # Makes a registry client when a base image must be pulled; None: never pull.
-    client_factory: Callable[[], Any] | None = None
-    dry_run: bool = False  # say which steps would run and why; run none, make no image
-    # Registry cache (engine.remote_cache): refs to import from on a miss, refs to export to.
-    cache_from: tuple[CacheSpec, ...] = ()
-    cache_to: tuple[CacheSpec, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StepRecord:
-    stage: str
-    index: int  # 1-based within the stage
-    instruction: str
-    cached: bool
-    seconds: float
-    key: str = ""
-    reason: str = ""  # --dry-run: why the step would run
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BuildResult:
-    """What a build made: the target image's digests and config, and every step's fate."""
-
-    image_digest: str  # the manifest digest
-    config_digest: str  # the image ID, as `docker build` prints it
-    config: ImageConfig
-    names: tuple[str, ...]
-    steps: tuple[StepRecord, ...]
-    seconds: float
-    target: str
-    pushed: tuple[tuple[str, str], ...] = ()  # (reference, digest the registry confirmed) per --push
-
-    @property
-    def steps_cached(self) -> int:
-        return sum(1 for step in self.steps if step.cached)
-
-    @property
-    def steps_run(self) -> int:
-        return sum(1 for step in self.steps if not step.cached)
-
-    def metadata(self) -> dict[str, Any]:
-        """The `--metadata-file` document, with buildx's keys where they exist."""
-        return {
-            "containerimage.digest": self.image_digest,
-            "containerimage.config.digest": self.config_digest,
-            "image.name": ",".join(self.names),
-            "lamina.build.target": self.target,
-            "lamina.build.seconds": round(self.seconds, 3),
-            "lamina.build.steps": [
-                {
-                    "stage": step.stage,
-                    "step": step.index,
-                    "instruction": step.instruction,
-                    "cache": "cached" if step.cached else "run",
-                    "seconds": round(step.seconds, 3),
-                }
-                for step in self.steps
-            ],
-            **({"lamina.push": [{"ref": ref, "digest": d} for ref, d in self.pushed]} if self.pushed else {}),
-        }
-
-
-# --- stage state --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StageOutcome:
-    """A finished stage: what a later stage, COPY --from or an output needs of it."""
-
-    name: str
-    config: ImageConfig
-    layers: tuple[ImageLayer, ...]
-    key: str  # the chain key after the last filesystem step
-    created: str | None
-    args: tuple[tuple[str, str | None], ...]  # ARGs declared, passed to stages built FROM it
-
-    @property
-    def layer_dirs(self) -> tuple[Path, ...]:
-        return tuple(layer.path for layer in self.layers)
-
-
-@dataclasses.dataclass(slots=True)
-class StageState:
-    name: str
-    config: ImageConfig
-    layers: list[ImageLayer]
-    key: str
-    created: str | None
-    args: dict[str, str | None]
-    total: int
-    index: int = 0
-    cmd_set: bool = False
-    no_cache: bool = False
-
-    def outcome(self) -> StageOutcome:
-        return StageOutcome(
-            self.name, self.config, tuple(self.layers), self.key, self.created, tuple(self.args.items())
-        )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _CacheResult:
-    layer: str | None  # hex naming the layer dir in the store, None when the step changed nothing
-    created: str
-    inputs: str  # KeyInputs JSON, to explain a later miss
-
-    def to_json(self) -> str:
-        return json.dumps({"layer": self.layer, "created": self.created, "inputs": self.inputs})
-
-    @classmethod
-    def from_json(cls, text: str) -> _CacheResult | None:
-        try:
-            record = json.loads(text)
-            return cls(record["layer"], record["created"], record["inputs"])
-        except (ValueError, KeyError, TypeError):
-            return None  # a result from another version of lamina is a miss
 
 
 def _now() -> str:
@@ -368,20 +197,20 @@ class Executor:
 
     # --- cache ------------------------------------------------------------------------------
 
-    def lookup(self, inputs: KeyInputs, state: StageState) -> _CacheResult | None:
+    def lookup(self, inputs: KeyInputs, state: StageState) -> CacheResult | None:
         if self.options.no_cache or state.no_cache:
             return None
         text = self.store.cache_get(inputs.key())
         if text is None:
             return None
-        result = _CacheResult.from_json(text)
+        result = CacheResult.from_json(text)
         if result is None:
             return None
         if result.layer is not None and not self.store.has_unpacked(Digest("sha256", result.layer)):
             return None  # gc took the layer dir
         return result
 
-    def commit_layer(self, inputs: KeyInputs, state: StageState, upper: Path) -> _CacheResult:
+    def commit_layer(self, inputs: KeyInputs, state: StageState, upper: Path) -> CacheResult:
         """Publish a step's upper dir as its layer (or drop it when empty) and record the result."""
         key = inputs.key()
         layer: str | None = None
@@ -394,12 +223,12 @@ class Executor:
             self.store.publish_unpacked(upper, Digest("sha256", layer))
         else:
             remove_tree(upper)
-        result = _CacheResult(layer, _now(), inputs.to_json())
+        result = CacheResult(layer, _now(), inputs.to_json())
         # Two builds racing on one key: the first result stored wins, so both
         # end with the same layer and timestamps (and the same image digest).
         existing = self.store.cache_get(key) if not (self.options.no_cache or state.no_cache) else None
         if existing is not None:
-            found = _CacheResult.from_json(existing)
+            found = CacheResult.from_json(existing)
             if found is not None and (
                 found.layer is None or self.store.has_unpacked(Digest("sha256", found.layer))
             ):
@@ -434,9 +263,7 @@ class Executor:
             return "an earlier step of this stage will run"
         return reason
 
-    def apply_result(
-        self, state: StageState, inputs: KeyInputs, result: _CacheResult, step: str = ""
-    ) -> bool:
+    def apply_result(self, state: StageState, inputs: KeyInputs, result: CacheResult, step: str = "") -> bool:
         """Move the stage past a step; True when the step added a layer (`step` names it in errors)."""
         state.key = inputs.key()
         state.created = result.created

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from lamina.errors import PlanError
 
 if TYPE_CHECKING:
-    from lamina.engine.executor import BuildOptions, BuildResult
+    from lamina.engine.model import BuildOptions, BuildResult
 
 Log = Callable[[str], None]
 

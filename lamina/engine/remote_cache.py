@@ -46,6 +46,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from lamina.engine.model import CacheSpec
 from lamina.errors import LaminaError, PlanError, RegistryError
 from lamina.oci.digest import Digest
 
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
     from lamina.cache.remote import CacheEntry
     from lamina.cache.store import Store
     from lamina.engine.cachekey import KeyInputs
-    from lamina.engine.executor import BuildResult, Executor, StageState
+    from lamina.engine.executor import Executor
+    from lamina.engine.model import BuildResult, StageState
     from lamina.engine.output import ImageLayer
     from lamina.oci.image import Descriptor
     from lamina.oci.reference import Reference
@@ -64,15 +66,6 @@ _WORKERS = 4  # parallel layer compressions and uploads of an export
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # buildx keys that mean nothing for lamina's format; accepted so copied flags work.
 _IGNORED_KEYS = frozenset({"oci-mediatypes", "image-manifest", "compression", "compression-level"})
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CacheSpec:
-    """One `--cache-to` or `--cache-from` value."""
-
-    ref: Reference
-    mode: str = "min"  # --cache-to only
-    ignore_error: bool = False  # --cache-to only: a failed export is a warning
 
 
 def parse_cache_spec(text: str, flag: str) -> CacheSpec:

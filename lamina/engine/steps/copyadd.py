@@ -29,9 +29,9 @@ from lamina.engine.steps.dispatch import base_image, layer_step
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
-    from lamina.engine.executor import Executor, StageOutcome, StageState
+    from lamina.engine.executor import Executor
+    from lamina.engine.model import StageOutcome, StagePlan, StageState
     from lamina.engine.steps.copy import PriorCopy, WrittenFile
-    from lamina.engine.steps.dispatch import StagePlan
 
 
 def source_stage(executor: Executor, ref: str, location: Any) -> StageOutcome:
@@ -56,7 +56,7 @@ def _stage_index(ref: str) -> int | None:
 
 def copy_step(executor: Executor, state: StageState, plan: StagePlan, instruction: Any) -> None:
     from lamina.engine.dockerfile.instructions import AddInstruction
-    from lamina.engine.executor import PLATFORM
+    from lamina.engine.model import PLATFORM
     from lamina.engine.steps.copy import CopyOptions, destination_path, parse_chmod
     from lamina.engine.steps.layerview import LayerView
 

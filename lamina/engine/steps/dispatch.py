@@ -13,16 +13,25 @@ for the stages the target needs and the order to build them in.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import posixpath
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.engine.cachekey import KeyInputs
+from lamina.engine.model import (
+    FILESYSTEM_STEPS,
+    PLATFORM,
+    BuildOptions,
+    BuildPlan,
+    StageOutcome,
+    StagePlan,
+    StageState,
+    StepRecord,
+)
 from lamina.engine.output import ImageLayer
 from lamina.engine.progress import StepEvent, StepStatus
 from lamina.engine.steps import metadata as md
@@ -32,7 +41,6 @@ from lamina.errors import (
     DockerfileError,
     ImageNotFound,
     LaminaError,
-    Location,
     PlanError,
     is_disk_full,
 )
@@ -40,39 +48,7 @@ from lamina.oci.digest import Digest
 
 if TYPE_CHECKING:
     from lamina.engine.dockerfile.instructions import Instruction
-    from lamina.engine.executor import BuildOptions, Executor, StageOutcome, StageState
-
-# Instructions that make a layer; the others only change the config.
-FILESYSTEM_STEPS = frozenset({"RUN", "COPY", "ADD", "WORKDIR"})
-
-
-# --- the plan ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StagePlan:
-    index: int
-    name: str  # display name: the stage's name, or stage-N
-    instructions: tuple[Instruction, ...]
-    location: Location
-    base_image: str | None  # an image reference (expanded), None for a stage or scratch
-    base_stage: int | None
-    deps: tuple[int, ...]  # every stage this one needs first (base, --from, mounts)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BuildPlan:
-    path: str  # the Dockerfile's display path
-    escape: str
-    stages: Mapping[int, StagePlan]  # only the stages the target needs
-    target: int
-    waves: tuple[tuple[int, ...], ...]
-    global_args: Mapping[str, str]  # meta ARGs (with build-arg overrides) and platform ARGs
-    build_args: Mapping[str, str]
-    names: Mapping[str, int]  # stage name (lower case) -> index
-    warnings: tuple[str, ...] = ()
-    # Stages the target does not reach as written; an ONBUILD trigger of a base image may still name one.
-    unplanned: Mapping[int, StagePlan] = dataclasses.field(default_factory=dict)
+    from lamina.engine.executor import Executor
 
 
 def make_plan(options: BuildOptions) -> BuildPlan:
@@ -124,8 +100,6 @@ def make_plan(options: BuildOptions) -> BuildPlan:
 
 def _check_platform(planned: Any) -> None:
     """`FROM --platform=P` is accepted for the host's platform only (no emulation)."""
-    from lamina.engine.executor import PLATFORM
-
     if not planned.platform:
         return
     wanted = planned.platform.lower().split("/")
@@ -155,7 +129,6 @@ def step_env(state: StageState) -> dict[str, str]:
 
 
 def _base(executor: Executor, plan: StagePlan) -> StageOutcome:
-    from lamina.engine.executor import PLATFORM, StageOutcome
     from lamina.oci.image import Platform, default_config
 
     if plan.base_stage is not None:
@@ -177,7 +150,6 @@ def base_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
 
 
 def load_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
-    from lamina.engine.executor import StageOutcome
     from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
 
     store = executor.store
@@ -269,7 +241,6 @@ def run_stage(executor: Executor, plan: StagePlan) -> StageOutcome:
     """Build one stage on top of its base and return its outcome."""
     from lamina.engine.dockerfile.instructions import parse_instruction
     from lamina.engine.dockerfile.parser import parse
-    from lamina.engine.executor import StageState
 
     base = _base(executor, plan)
     config = md.ensure_path(base.config)
@@ -433,8 +404,6 @@ def layer_step(
     (cachekey.explain_miss against the inputs this step had last time);
     `pending` says the inputs are not known yet (a stage it reads will run).
     """
-    from lamina.engine.executor import StepRecord
-
     state.index += 1
     text = _one_line(instruction)
     step = f"{instruction.location}: stage {state.name}: {text}"  # how errors name it
@@ -540,7 +509,6 @@ def _disk_full_reason(err: BuildError, upper: Path) -> str:
 
 def _workdir(executor: Executor, state: StageState, instruction: Any) -> None:
     from lamina.engine.cachekey import make_inputs
-    from lamina.engine.executor import PLATFORM
     from lamina.engine.steps.layerview import LayerView
 
     workdir = md.resolve_workdir(state.config.config.working_dir, instruction.path)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lamina.cache.store import Store
-    from lamina.engine.executor import BuildOptions, BuildResult
+    from lamina.engine.model import BuildOptions, BuildResult
     from lamina.engine.progress import ProgressSink
 
 MEMO_VERSION = "lamina-build-memo-v1"
@@ -115,7 +115,7 @@ def replay(
     """The recorded result of an unchanged build (tags renewed), or None to build normally."""
     import time
 
-    from lamina.engine.executor import BuildResult, StepRecord
+    from lamina.engine.model import BuildResult, StepRecord
     from lamina.engine.progress import BuildSummary, StepEvent, StepStatus
     from lamina.errors import LaminaError
     from lamina.oci.digest import Digest

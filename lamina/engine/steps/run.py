@@ -28,8 +28,8 @@ from lamina.engine.steps.dispatch import layer_step, step_env
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
-    from lamina.engine.executor import Executor, StageState
-    from lamina.engine.steps.dispatch import StagePlan
+    from lamina.engine.executor import Executor
+    from lamina.engine.model import StagePlan, StageState
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -64,7 +64,7 @@ def command_line(state: StageState, instruction: Any, pipes_dir: Path | None) ->
 
 
 def run_step(executor: Executor, state: StageState, plan: StagePlan, instruction: Any) -> None:
-    from lamina.engine.executor import PLATFORM, PROXY_ARGS
+    from lamina.engine.model import PLATFORM, PROXY_ARGS
 
     insecure = instruction.security == "insecure"
     for needed, asked in (("security.insecure", insecure), ("network.host", instruction.network == "host")):
