@@ -20,9 +20,10 @@ KNOWN_CYCLES: set[tuple[str, ...]] = {
         "lamina.engine.executor",
         "lamina.engine.remote_cache",
         "lamina.engine.steps.add",
-        "lamina.engine.steps.copy",
+        "lamina.engine.steps.base",
         "lamina.engine.steps.copyadd",
         "lamina.engine.steps.dispatch",
+        "lamina.engine.steps.layerstep",
         "lamina.engine.steps.run",
     ),
 }

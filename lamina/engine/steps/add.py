@@ -125,7 +125,7 @@ def write_fetched(
     clear_target(target)
     shutil.copyfile(fetched.path, target)
     uid, gid = owner if owner else (0, 0)
-    from lamina.engine.steps.dispatch import chown_all, set_owner_and_mode
+    from lamina.engine.steps.owners import chown_all, set_owner_and_mode
 
     if owner and made:  # the directories made for it are the --chown owner's, as BuildKit's
         owners = [(path, uid, gid) for path in made]
@@ -220,7 +220,7 @@ def unpack_archives(
     directory (as BuildKit does).
     """
     from lamina.engine.steps.copy import Selection
-    from lamina.engine.steps.dispatch import chown_all
+    from lamina.engine.steps.owners import chown_all
     from lamina.oci.entry import EntryType
     from lamina.oci.extract import Whiteouts, extract_layer
 
@@ -254,7 +254,7 @@ def unpack_archives(
 def _rootless_archive_owners(source: str, target: Path) -> None:
     """Unprivileged, the extractor could not chown: give the unpacked entries
     the archive's owners inside the user namespace."""
-    from lamina.engine.steps.dispatch import chown_all
+    from lamina.engine.steps.owners import chown_all
     from lamina.oci.extract import iter_layer
     from lamina.oci.safepath import UnsafePath, safe_join
 
@@ -286,7 +286,7 @@ def make_dest_dirs(
     made for it (dest and missing parents), which BuildKit's MkdirAll gives the
     --chown owner."""
     from lamina.engine.steps.copy import resolve_in_image
-    from lamina.engine.steps.dispatch import keep_lower_dir_meta
+    from lamina.engine.steps.owners import keep_lower_dir_meta
 
     if image is not None:
         # Through the image's symlinks (`/lnk/` -> /tmp), as COPY and BuildKit go:
@@ -313,7 +313,7 @@ def make_dest_dirs(
 
 
 def _chown_tree(root: Path, owner: tuple[int, int]) -> None:
-    from lamina.engine.steps.dispatch import chown
+    from lamina.engine.steps.owners import chown
 
     for base, dirs, files in os.walk(root):
         for name in dirs + files:

@@ -547,7 +547,7 @@ def write_selection(
     if late_owners is not None:
         late_owners.extend(writer.late_owners)
     elif writer.late_owners:
-        from lamina.engine.steps.dispatch import chown_all
+        from lamina.engine.steps.owners import chown_all
 
         chown_all(writer.late_owners)
     return writer.bytes_written
@@ -871,7 +871,7 @@ class _Writer:
 
 def _image_owner(st: os.stat_result) -> tuple[int, int]:
     """The container owner of a directory of the layers below (rootless, they hold host ids)."""
-    from lamina.engine.steps.dispatch import container_owner
+    from lamina.engine.steps.owners import container_owner
 
     return container_owner(st)
 

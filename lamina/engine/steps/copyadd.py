@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.engine.cachekey import make_inputs
 from lamina.engine.steps import metadata as md
-from lamina.engine.steps.dispatch import base_image, layer_step
+from lamina.engine.steps.base import base_image
+from lamina.engine.steps.layerstep import layer_step
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
     is_add = isinstance(instruction, AddInstruction)
     keyword = "ADD" if is_add else "COPY"
     if any(content.expand for content in instruction.contents):
-        from lamina.engine.steps.dispatch import step_env
+        from lamina.engine.steps.layerstep import step_env
 
         env = step_env(state)
         contents = tuple(_expand_heredoc(content, env) for content in instruction.contents)
@@ -135,7 +136,7 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
         nonlocal where
         from lamina.engine.steps.add import unpack_archives, write_fetched
         from lamina.engine.steps.copy import write_selection
-        from lamina.engine.steps.dispatch import chown_all
+        from lamina.engine.steps.owners import chown_all
 
         # Owners of directories kept from the layers below: set after every write
         # (unprivileged, a directory given to another id is no longer writable).
@@ -218,7 +219,7 @@ def _save_prior_copy(executor: Executor, where: str, dir_id: str, written: dict[
 def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int], image: Any) -> None:
     """Unprivileged, the copy could not --chown: set the owner inside the user namespace
     (not on directories that exist below: those keep their owner, as BuildKit's do)."""
-    from lamina.engine.steps.dispatch import chown_all
+    from lamina.engine.steps.owners import chown_all
 
     def below(dest: str) -> bool:
         return image is not None and image.stat("/" + dest) is not None
@@ -239,7 +240,7 @@ def _restore_stage_owners(executor: Executor, tree: Any, upper: Path, selection:
     if not lost:
         return
     from lamina.engine.sandbox.idmap import detect_ids
-    from lamina.engine.steps.dispatch import chown_all
+    from lamina.engine.steps.owners import chown_all
 
     ids = detect_ids()
     owners = []
@@ -374,7 +375,7 @@ def _write_heredoc(
     target.write_text(heredoc.data)
     mode = chmod.apply(0o644, False) if chmod is not None else 0o644
     uid, gid = owner if owner else (0, 0)
-    from lamina.engine.steps.dispatch import set_owner_and_mode
+    from lamina.engine.steps.owners import set_owner_and_mode
 
     set_owner_and_mode(target, uid, gid, mode)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.engine.cachekey import make_inputs
 from lamina.engine.steps import metadata as md
-from lamina.engine.steps.dispatch import layer_step, step_env
+from lamina.engine.steps.layerstep import layer_step, step_env
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:

@@ -1,0 +1,117 @@
+"""A stage's base image: found in the store (pulled first when allowed), its layers unpacked.
+
+`base_image(executor, ref, location)` is what FROM, `COPY --from=image` and
+`RUN --mount=from=image` use; each image is loaded once per build.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamina.engine.model import StageOutcome
+from lamina.engine.output import ImageLayer
+from lamina.errors import BuildError, ImageNotFound, LaminaError
+from lamina.oci.digest import Digest
+
+if TYPE_CHECKING:
+    from lamina.engine.executor import Executor
+
+
+def base_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
+    """An image from the store (pulled first when allowed and needed), unpacked; once per build."""
+    with executor.image_lock(ref):
+        found = executor.images.get(ref)
+        if found is None:
+            found = load_image(executor, ref, location)
+            executor.images[ref] = found
+        return found
+
+
+def load_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
+    from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
+
+    store = executor.store
+    from lamina.oci.reference import store_name
+
+    name = store_name(ref, pinned=True)
+    record = None
+    if executor.options.pull or not _in_store(store, name):
+        record = _pull(executor, ref, location)
+    try:
+        record = record or store.resolve(name)
+    except ImageNotFound:
+        raise BuildError(
+            f"{_source(location, ref)}: image {name} is not in the store "
+            "(lamina load or lamina pull it first)"
+        ) from None
+    manifest = Manifest.from_bytes(store.read_blob(record.manifest, MAX_DOCUMENT), f"manifest of {ref}")
+    config_bytes = store.read_blob(manifest.config.digest, MAX_DOCUMENT)
+    config = ImageConfig.from_bytes(config_bytes, f"config of {ref}")
+    if len(config.diff_ids) != len(manifest.layers):
+        raise BuildError(f"{_source(location, ref)}: the config and the manifest disagree on the layers")
+    layers = []
+    for blob, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
+        try:
+            path = unpack_layer(executor, blob, diff_id)
+        except BuildError:
+            raise
+        except LaminaError as err:  # a full disk, a broken layer: name the FROM (or mount) needing it
+            raise BuildError(f"{_source(location, ref)}: {err}") from err
+        layers.append(ImageLayer(path, diff_id=diff_id, blob=blob))
+    key = f"image:{record.manifest}"
+    return StageOutcome(ref, config, tuple(layers), key, config.created, ())
+
+
+def _source(location: Any, ref: str) -> str:
+    """How an image error starts: `Dockerfile:3: FROM ref`, or `from=ref` for a mount."""
+    return f"{location}: FROM {ref}" if location is not None else f"from={ref}"
+
+
+def _in_store(store: Any, name: str) -> bool:
+    try:
+        store.resolve(name)
+    except LaminaError:
+        return False
+    return True
+
+
+def _pull(executor: Executor, ref: str, location: Any) -> Any:
+    factory = executor.options.client_factory
+    if factory is None:
+        if executor.options.pull:
+            raise BuildError(f"{_source(location, ref)}: --pull needs a registry client")
+        return None
+    from lamina.cache.transfer import ensure_image
+    from lamina.oci.reference import parse_reference
+
+    policy = "always" if executor.options.pull else "missing"
+    try:
+        return ensure_image(factory, executor.store, parse_reference(ref), policy)
+    except LaminaError as err:
+        raise BuildError(f"{_source(location, ref)}: {err}") from err
+
+
+def unpack_layer(executor: Executor, blob: Any, diff_id: Digest) -> Path:
+    """The layer's unpacked dir (overlay form), extracting the blob the first time."""
+    store = executor.store
+    if store.has_unpacked(diff_id):
+        store.touch_unpacked(diff_id)
+        return store.unpacked_path(diff_id)
+    # The sandbox package unpacks inside the user namespace when rootless, so
+    # files owned by subordinate ids stay manageable.
+    from lamina.engine.sandbox.runner import extract_layer
+
+    tmp = store.new_unpack_dir()
+    # A layer's root is `/`: mkdtemp's 0700 would lock every user but root out
+    # (the sandbox copies the top lower's root metadata onto the upper dir).
+    os.chmod(tmp, 0o755)
+    try:
+        extract_layer(store.blob_path(blob.digest), tmp, digest=blob.digest)
+    except BaseException:
+        from lamina.engine.sandbox.runner import remove_tree  # rootless: inside the user namespace
+
+        remove_tree(tmp)
+        raise
+    return store.publish_unpacked(tmp, diff_id)

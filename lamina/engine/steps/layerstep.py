@@ -1,0 +1,155 @@
+"""A filesystem step's life: key, look up, on a miss produce an upper dir, commit, record, report.
+
+RUN, COPY, ADD and WORKDIR each describe their inputs (cachekey.KeyInputs)
+and a `produce(upper_dir)`; `layer_step` does the rest the same way for all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamina.engine.cachekey import KeyInputs
+from lamina.engine.model import StageState, StepRecord
+from lamina.engine.progress import StepEvent, StepStatus
+from lamina.engine.steps import metadata as md
+from lamina.errors import BuildError, LaminaError
+
+if TYPE_CHECKING:
+    from lamina.engine.dockerfile.instructions import Instruction
+    from lamina.engine.executor import Executor
+
+
+def step_env(state: StageState) -> dict[str, str]:
+    """What expansion and RUN see: the stage's ARGs, then ENV (which wins)."""
+    env = {name: value for name, value in state.args.items() if value is not None}
+    env.update(md.env_dict(state.config.config))
+    return env
+
+
+def one_line(instruction: Instruction) -> str:
+    text = " ".join(instruction.original.split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def layer_step(
+    executor: Executor,
+    state: StageState,
+    instruction: Instruction,
+    inputs: KeyInputs,
+    produce: Callable[[Path], None],
+    pending: str = "",
+) -> bool:
+    """Look `inputs` up; on a miss run `produce(upper_dir)` and commit. True when it made a layer.
+
+    With `dry_run`, nothing runs: a miss is recorded with the reason
+    (cachekey.explain_miss against the inputs this step had last time);
+    `pending` says the inputs are not known yet (a stage it reads will run).
+    """
+    state.index += 1
+    text = one_line(instruction)
+    step = f"{instruction.location}: stage {state.name}: {text}"  # how errors name it
+    start = time.monotonic()
+    sink = executor.sink
+    where = executor.step_position(state, instruction)
+    result = None if pending else executor.lookup(inputs, state)
+    if executor.options.dry_run:
+        reason = pending or ("" if result is not None else executor.explain(where, inputs, state))
+        record = StepRecord(state.name, state.index, text, result is not None, 0.0, inputs.key(), reason)
+        executor.record(record)
+        if result is None:
+            executor.dirty.add(state.name)
+            state.key = inputs.key()
+            return True
+        return executor.apply_result(state, inputs, result, step)
+    cached = result is not None
+    if result is None:
+        # Another build (or stage) making the same step right now: wait for it
+        # and take its result, so that both end with the same layer and digest.
+        with executor.step_lock(inputs.key()):
+            result = executor.lookup(inputs, state)
+            if result is None and executor.remote is not None:
+                result = executor.remote.fetch(executor, inputs, state)  # --cache-from
+            cached = result is not None
+            if result is None:
+                result = _produce(executor, state, text, inputs, produce, start)
+    if cached:
+        sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.CACHED))
+    executor.remember_position(where, inputs)
+    executor.record(StepRecord(state.name, state.index, text, cached, time.monotonic() - start, inputs.key()))
+    return executor.apply_result(state, inputs, result, step)
+
+
+def _produce(
+    executor: Executor,
+    state: StageState,
+    text: str,
+    inputs: KeyInputs,
+    produce: Callable[[Path], None],
+    start: float,
+) -> Any:
+    """Run a step that missed: a fresh upper dir, `produce`, then commit it as the step's layer."""
+    sink = executor.sink
+    sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.RUNNING))
+    upper = executor.new_upper()
+    try:
+        produce(upper)
+    except BaseException as err:
+        from lamina.engine.sandbox.runner import remove_tree  # rootless: inside the user namespace
+
+        tail = getattr(err, "output_tail", ())
+        seconds = time.monotonic() - start
+        sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.ERROR, seconds, tail))
+        why = _disk_full_reason(err, upper) if isinstance(err, BuildError) else ""
+        with contextlib.suppress(LaminaError):
+            remove_tree(upper)
+        if why:
+            raise BuildError(f"{err}: {why}", tuple(tail)) from err
+        raise
+    result = executor.commit_layer(inputs, state, upper)
+    seconds = time.monotonic() - start
+    sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.DONE, seconds))
+    return result
+
+
+_DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded")
+
+
+_NEARLY_FULL = 1 << 20  # bytes free: nothing a command writes fits in less
+
+
+def _disk_full_reason(err: BuildError, upper: Path) -> str:
+    """Why a command failed, when the disk is the reason: its exit code alone does not say.
+
+    The step's files go to `upper`: if that file system is full now (before the
+    upper dir is removed), the step filled it. A line of the command's own
+    output that says so names the path it was writing.
+    """
+    if any(word in str(err).lower() for word in _DISK_FULL_WORDS):
+        return ""  # said already
+    said = next(
+        (
+            line.strip()
+            for line in reversed(err.output_tail)
+            if any(w in line.lower() for w in _DISK_FULL_WORDS)
+        ),
+        "",
+    )
+    said = said if len(said) <= 200 else said[:197] + "..."
+    try:
+        fs = os.statvfs(upper)
+    except OSError:
+        full = False
+    else:
+        # Root may use the blocks ext4 reserves; a user namespace may not. A command
+        # that met ENOSPC leaves a few blocks at most (its last write was partial).
+        blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
+        full = blocks * fs.f_frsize < _NEARLY_FULL or (fs.f_files > 0 and fs.f_favail == 0)
+    if full:
+        told = f"; the command said: {said}" if said else ""
+        return f"write {upper}: No space left on device (its file system is full){told}"
+    return said
