@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lamina.errors import Location, PlanError
 from lamina.oci.image import host_platform
 
 if TYPE_CHECKING:
+    import threading
+
+    from lamina.cache.statcache import StatCache
+    from lamina.cache.store import Store
+    from lamina.engine.cachekey import KeyInputs
+    from lamina.engine.context import SourceTree
     from lamina.engine.dockerfile.instructions import Instruction
     from lamina.engine.output import ImageLayer
     from lamina.engine.outputspec import OutputSpec
+    from lamina.engine.progress import ProgressSink
     from lamina.oci.image import ImageConfig
     from lamina.oci.reference import Reference
 
@@ -243,3 +251,64 @@ class BuildPlan:
     warnings: tuple[str, ...] = ()
     # Stages the target does not reach as written; an ONBUILD trigger of a base image may still name one.
     unplanned: Mapping[int, StagePlan] = dataclasses.field(default_factory=dict)
+
+
+# --- what a step is given --------------------------------------------------------------------
+
+
+class RemoteLookup(Protocol):
+    """The --cache-from side of a build, as a step sees it (engine.remote_cache.RemoteCache)."""
+
+    def fetch(self, host: StepHost, inputs: KeyInputs, state: StageState) -> CacheResult | None: ...
+
+
+@runtime_checkable
+class StepHost(Protocol):
+    """Everything a step may read and do; the executor is the one implementation.
+
+    Steps, the base-image loader and the remote cache are given this and
+    import it from here, never the executor, so that a step can be read
+    (and tested) without the scheduler behind it.
+
+    Read: the build options and plan, the store, the build context (opened on
+    first use), other stages' outcomes (built on first use) and read-only
+    trees of their files, the stage's `created` time. Do: report progress
+    (`sink`, `warn_once`, `record`), look a step's key up in the cache and
+    commit an upper dir as its layer (`lookup`, `commit_layer`, `apply_result`,
+    `step_lock`, `new_upper`), explain a miss (`step_position`, `explain`,
+    `remember_position`). A RUN's process is started by the step itself through
+    the sandbox package.
+    """
+
+    options: BuildOptions
+    plan: BuildPlan
+    store: Store
+    sink: ProgressSink
+    epoch: int | None  # SOURCE_DATE_EPOCH
+    stop: threading.Event  # set on Ctrl-C: long copies poll it
+    remote: RemoteLookup | None  # --cache-from, asked on a local miss
+    dirty: set[str]  # --dry-run: stages with a step that would run
+    images: dict[str, StageOutcome]  # base images loaded by this build, by reference
+    totals: dict[str, int]  # stage name -> its filesystem steps, for the replay memo
+    temp_files: list[Path]  # removed when the build ends
+    lost_owners: dict[Path, dict[str, tuple[int, int]]]  # stage_rootfs tree -> owners it could not keep
+    fetched: dict[str, Any]  # ADD <url>: what this build fetched, by URL
+
+    def outcome(self, index: int) -> StageOutcome: ...
+    def image_lock(self, ref: str) -> threading.Lock: ...
+    def context(self) -> SourceTree: ...
+    def stat_cache(self) -> StatCache: ...
+    def stage_rootfs(self, outcome: StageOutcome, paths: Sequence[str] = ("/",)) -> Path: ...
+    def created(self, state: StageState) -> str | None: ...
+    def warn_once(self, message: str) -> None: ...
+    def record(self, record: StepRecord) -> None: ...
+    def lookup(self, inputs: KeyInputs, state: StageState) -> CacheResult | None: ...
+    def commit_layer(self, inputs: KeyInputs, state: StageState, upper: Path) -> CacheResult: ...
+    def apply_result(
+        self, state: StageState, inputs: KeyInputs, result: CacheResult, step: str = ""
+    ) -> bool: ...
+    def step_lock(self, key: str) -> AbstractContextManager[None]: ...
+    def new_upper(self) -> Path: ...
+    def step_position(self, state: StageState, instruction: Any) -> str: ...
+    def remember_position(self, where: str, inputs: KeyInputs) -> None: ...
+    def explain(self, where: str, inputs: KeyInputs, state: StageState) -> str: ...

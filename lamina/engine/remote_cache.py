@@ -54,8 +54,7 @@ if TYPE_CHECKING:
     from lamina.cache.remote import CacheEntry
     from lamina.cache.store import Store
     from lamina.engine.cachekey import KeyInputs
-    from lamina.engine.executor import Executor
-    from lamina.engine.model import BuildResult, StageState
+    from lamina.engine.model import BuildResult, StageState, StepHost
     from lamina.engine.output import ImageLayer
     from lamina.oci.image import Descriptor
     from lamina.oci.reference import Reference
@@ -178,7 +177,7 @@ class RemoteCache:
                 self._client = self._factory()
             return self._client
 
-    def fetch(self, executor: Executor, inputs: KeyInputs, state: StageState) -> Any:
+    def fetch(self, executor: StepHost, inputs: KeyInputs, state: StageState) -> Any:
         """The step's result after importing it from a --cache-from ref, or None (run the step).
 
         Call it under the step's key lock, after a local miss.
@@ -193,7 +192,7 @@ class RemoteCache:
                 return executor.lookup(inputs, state)
         return None
 
-    def _import(self, executor: Executor, ref: Reference, key: str) -> bool:
+    def _import(self, executor: StepHost, ref: Reference, key: str) -> bool:
         from lamina.cache.remote import import_entry
 
         store = executor.store
@@ -284,7 +283,7 @@ def _remember_blob(store: Store, wrapped: _Wrapped, blob: Descriptor, diff_id: D
 # --- export ---------------------------------------------------------------------------
 
 
-def stage_chain(executor: Executor) -> set[str]:
+def stage_chain(executor: StepHost) -> set[str]:
     """Names of the target stage and the stages it is built FROM (mode=min's steps)."""
     plan = executor.plan
     names: set[str] = set()
@@ -295,7 +294,7 @@ def stage_chain(executor: Executor) -> set[str]:
     return names
 
 
-def cache_entries(executor: Executor, result: BuildResult, mode: str) -> list[CacheEntry]:
+def cache_entries(executor: StepHost, result: BuildResult, mode: str) -> list[CacheEntry]:
     """The entries to export: each step's result and (compressed on demand) layer blob."""
     from lamina.cache.remote import CacheEntry
     from lamina.engine.output import layer_blob
@@ -347,7 +346,7 @@ def _in_parallel(items: Sequence[Any], work: Callable[[Any], Any]) -> list[Any]:
         return list(pool.map(work, items))
 
 
-def _layers_by_dir(executor: Executor) -> dict[str, tuple[ImageLayer, list[Any]]]:
+def _layers_by_dir(executor: StepHost) -> dict[str, tuple[ImageLayer, list[Any]]]:
     """Every built layer of every stage of this build, with the layer dirs below it (top-most first)."""
     out: dict[str, tuple[ImageLayer, list[Any]]] = {}
     for index in executor.plan.stages:
@@ -367,7 +366,7 @@ def _export_one(client: RegistryClient, store: Store, ref: Reference, entry: Cac
     return export_entries(client, store, ref, [entry])
 
 
-def export_cache(executor: Executor, result: BuildResult) -> int:
+def export_cache(executor: StepHost, result: BuildResult) -> int:
     """Push this build's cache to every --cache-to ref; return the entries written."""
     factory = executor.options.client_factory
     written = 0

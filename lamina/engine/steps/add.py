@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from lamina.errors import BuildError, ContextError, DiskFull, LaminaError, is_disk_full
 
 if TYPE_CHECKING:
-    from lamina.engine.executor import Executor
+    from lamina.engine.model import StepHost
 
 _MAX_DOWNLOAD = 8 << 30  # refuse anything larger than 8 GiB
 
@@ -51,9 +51,9 @@ def _filename(url: str) -> str:
     return base if base not in ("", ".", "/") else "__unnamed__"
 
 
-def fetch_url(executor: Executor, url: str, checksum: str | None) -> Fetched:
+def fetch_url(executor: StepHost, url: str, checksum: str | None) -> Fetched:
     """Download `url` once per build (memoised on the executor), verifying `checksum`."""
-    memo: dict[str, Fetched] = executor.__dict__.setdefault("fetched", {})
+    memo: dict[str, Fetched] = executor.fetched
     found = memo.get(url)
     if found is not None:
         _check(found, checksum)

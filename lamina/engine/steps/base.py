@@ -16,10 +16,10 @@ from lamina.errors import BuildError, ImageNotFound, LaminaError
 from lamina.oci.digest import Digest
 
 if TYPE_CHECKING:
-    from lamina.engine.executor import Executor
+    from lamina.engine.model import StepHost
 
 
-def base_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
+def base_image(executor: StepHost, ref: str, location: Any) -> StageOutcome:
     """An image from the store (pulled first when allowed and needed), unpacked; once per build."""
     with executor.image_lock(ref):
         found = executor.images.get(ref)
@@ -29,7 +29,7 @@ def base_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
         return found
 
 
-def load_image(executor: Executor, ref: str, location: Any) -> StageOutcome:
+def load_image(executor: StepHost, ref: str, location: Any) -> StageOutcome:
     from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
 
     store = executor.store
@@ -77,7 +77,7 @@ def _in_store(store: Any, name: str) -> bool:
     return True
 
 
-def _pull(executor: Executor, ref: str, location: Any) -> Any:
+def _pull(executor: StepHost, ref: str, location: Any) -> Any:
     factory = executor.options.client_factory
     if factory is None:
         if executor.options.pull:
@@ -93,7 +93,7 @@ def _pull(executor: Executor, ref: str, location: Any) -> Any:
         raise BuildError(f"{_source(location, ref)}: {err}") from err
 
 
-def unpack_layer(executor: Executor, blob: Any, diff_id: Digest) -> Path:
+def unpack_layer(executor: StepHost, blob: Any, diff_id: Digest) -> Path:
     """The layer's unpacked dir (overlay form), extracting the blob the first time."""
     store = executor.store
     if store.has_unpacked(diff_id):

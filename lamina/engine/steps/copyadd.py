@@ -30,12 +30,11 @@ from lamina.engine.steps.layerstep import layer_step
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
-    from lamina.engine.executor import Executor
-    from lamina.engine.model import StageOutcome, StagePlan, StageState
+    from lamina.engine.model import StageOutcome, StagePlan, StageState, StepHost
     from lamina.engine.steps.copy import PriorCopy, WrittenFile
 
 
-def source_stage(executor: Executor, ref: str, location: Any) -> StageOutcome:
+def source_stage(executor: StepHost, ref: str, location: Any) -> StageOutcome:
     """What `--from=ref` names: an earlier stage (by index or name), else an image."""
     plan = executor.plan
     index = _stage_index(ref)
@@ -55,7 +54,7 @@ def _stage_index(ref: str) -> int | None:
     return int(digits) if len(digits) <= 18 else None
 
 
-def copy_step(executor: Executor, state: StageState, plan: StagePlan, instruction: Any) -> None:
+def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instruction: Any) -> None:
     from lamina.engine.dockerfile.instructions import AddInstruction
     from lamina.engine.model import PLATFORM
     from lamina.engine.steps.copy import CopyOptions, destination_path, parse_chmod
@@ -187,7 +186,7 @@ def copy_step(executor: Executor, state: StageState, plan: StagePlan, instructio
     )
 
 
-def _load_prior_copy(executor: Executor, where: str) -> PriorCopy | None:
+def _load_prior_copy(executor: StepHost, where: str) -> PriorCopy | None:
     """The files the last run of this COPY wrote, if its layer directory is still there."""
     from lamina.engine.steps.copy import PriorCopy, WrittenFile
     from lamina.oci.digest import Digest
@@ -207,7 +206,7 @@ def _load_prior_copy(executor: Executor, where: str) -> PriorCopy | None:
     return PriorCopy(root, files) if root.is_dir() else None
 
 
-def _save_prior_copy(executor: Executor, where: str, dir_id: str, written: dict[str, WrittenFile]) -> None:
+def _save_prior_copy(executor: StepHost, where: str, dir_id: str, written: dict[str, WrittenFile]) -> None:
     files = {
         dest: [f.content.hex(), f.mode, f.uid, f.gid, f.mtime_ns, f.size, f.inode]
         for dest, f in written.items()
@@ -229,7 +228,7 @@ def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int], image:
     chown_all([(path, *owner) for path in paths if os.path.lexists(path)])
 
 
-def _restore_stage_owners(executor: Executor, tree: Any, upper: Path, selection: Any) -> None:
+def _restore_stage_owners(executor: StepHost, tree: Any, upper: Path, selection: Any) -> None:
     """Unprivileged COPY --from: give copied files the owners they have in the stage.
 
     The stage view is a copy owned by the caller (root in the sandbox); the
@@ -256,7 +255,7 @@ def _is_url(source: str) -> bool:
 
 
 def _select(
-    executor: Executor,
+    executor: StepHost,
     state: StageState,
     instruction: Any,
     from_: str | None,

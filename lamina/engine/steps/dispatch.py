@@ -44,7 +44,7 @@ from lamina.errors import (
 
 if TYPE_CHECKING:
     from lamina.engine.dockerfile.instructions import Instruction
-    from lamina.engine.executor import Executor
+    from lamina.engine.model import StepHost
 
 
 def make_plan(options: BuildOptions) -> BuildPlan:
@@ -117,7 +117,7 @@ def _expander(state: StageState, escape: str) -> Callable[[str], str]:
     return lambda word: expand_word(word, env, escape)
 
 
-def _base(executor: Executor, plan: StagePlan) -> StageOutcome:
+def _base(executor: StepHost, plan: StagePlan) -> StageOutcome:
     from lamina.oci.image import Platform, default_config
 
     if plan.base_stage is not None:
@@ -128,7 +128,7 @@ def _base(executor: Executor, plan: StagePlan) -> StageOutcome:
     return base_image(executor, plan.base_image, plan.location)
 
 
-def run_stage(executor: Executor, plan: StagePlan) -> StageOutcome:
+def run_stage(executor: StepHost, plan: StagePlan) -> StageOutcome:
     """Build one stage on top of its base and return its outcome."""
     from lamina.engine.dockerfile.instructions import parse_instruction
     from lamina.engine.dockerfile.parser import parse
@@ -185,7 +185,7 @@ def run_stage(executor: Executor, plan: StagePlan) -> StageOutcome:
     return state.outcome()
 
 
-def dispatch(executor: Executor, state: StageState, plan: StagePlan, instruction: Instruction) -> None:
+def dispatch(executor: StepHost, state: StageState, plan: StagePlan, instruction: Instruction) -> None:
     from lamina.engine.dockerfile import instructions as ins
 
     created = executor.created(state)
@@ -246,7 +246,7 @@ def dispatch(executor: Executor, state: StageState, plan: StagePlan, instruction
         raise BuildError(f"{instruction.name} is not supported")
 
 
-def _arg(executor: Executor, state: StageState, instruction: Any, expand: Callable[[str], str]) -> None:
+def _arg(executor: StepHost, state: StageState, instruction: Any, expand: Callable[[str], str]) -> None:
     from lamina.engine.plan import arg_value
 
     pairs: list[tuple[str, str | None]] = []
@@ -276,7 +276,7 @@ def _healthcheck(instruction: Any) -> Any:
 # --- filesystem steps --------------------------------------------------------------------------
 
 
-def _workdir(executor: Executor, state: StageState, instruction: Any) -> None:
+def _workdir(executor: StepHost, state: StageState, instruction: Any) -> None:
     from lamina.engine.cachekey import make_inputs
     from lamina.engine.steps.layerview import LayerView
 

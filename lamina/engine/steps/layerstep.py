@@ -21,7 +21,7 @@ from lamina.errors import BuildError, LaminaError
 
 if TYPE_CHECKING:
     from lamina.engine.dockerfile.instructions import Instruction
-    from lamina.engine.executor import Executor
+    from lamina.engine.model import StepHost
 
 
 def step_env(state: StageState) -> dict[str, str]:
@@ -37,7 +37,7 @@ def one_line(instruction: Instruction) -> str:
 
 
 def layer_step(
-    executor: Executor,
+    executor: StepHost,
     state: StageState,
     instruction: Instruction,
     inputs: KeyInputs,
@@ -85,7 +85,7 @@ def layer_step(
 
 
 def _produce(
-    executor: Executor,
+    executor: StepHost,
     state: StageState,
     text: str,
     inputs: KeyInputs,

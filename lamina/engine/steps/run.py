@@ -28,8 +28,7 @@ from lamina.engine.steps.layerstep import layer_step, step_env
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
-    from lamina.engine.executor import Executor
-    from lamina.engine.model import StagePlan, StageState
+    from lamina.engine.model import StagePlan, StageState, StepHost
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -63,7 +62,7 @@ def command_line(state: StageState, instruction: Any, pipes_dir: Path | None) ->
     return list(md.with_shell(state.config, args)), script
 
 
-def run_step(executor: Executor, state: StageState, plan: StagePlan, instruction: Any) -> None:
+def run_step(executor: StepHost, state: StageState, plan: StagePlan, instruction: Any) -> None:
     from lamina.engine.model import PLATFORM, PROXY_ARGS
 
     insecure = instruction.security == "insecure"
@@ -124,7 +123,7 @@ def _history_args(state: StageState, build_args: list[tuple[str, str]]) -> list[
 
 
 def _sandbox_run(
-    executor: Executor,
+    executor: StepHost,
     state: StageState,
     instruction: Any,
     argv: list[str],
@@ -196,7 +195,7 @@ def _with_output(spec: Any, fd: int) -> Any:
 
 
 def _mounts(
-    executor: Executor, state: StageState, instruction: Any
+    executor: StepHost, state: StageState, instruction: Any
 ) -> tuple[list[Any], list[str], str, dict[str, str]]:
     """Sandbox mounts for RUN --mount, their key text, the digest of bound content, secret env."""
     from lamina.engine.dockerfile.instructions import MountType
@@ -272,7 +271,7 @@ def _mounts(
     return mounts, keys, content.hexdigest() if keys else "", secret_env
 
 
-def _seed_cache(executor: Executor, mount: Any, cache_dir: Path) -> None:
+def _seed_cache(executor: StepHost, mount: Any, cache_dir: Path) -> None:
     """A new cache mount with `from=` starts as a copy of that stage's (or image's) `source`."""
     from lamina.engine.steps.copyadd import source_stage
 
@@ -288,7 +287,7 @@ def _seed_cache(executor: Executor, mount: Any, cache_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another build seeded it first
 
 
-def _secret_file(executor: Executor, source: Path, secret_id: str) -> Path:
+def _secret_file(executor: StepHost, source: Path, secret_id: str) -> Path:
     text = str(source)
     if text.startswith("env:"):
         value = os.environ.get(text[4:])
@@ -304,7 +303,7 @@ def _secret_file(executor: Executor, source: Path, secret_id: str) -> Path:
     return source.resolve()
 
 
-def _bind_source(executor: Executor, mount: Any) -> tuple[Path, str]:
+def _bind_source(executor: StepHost, mount: Any) -> tuple[Path, str]:
     """The host directory a bind mount reads from and a digest of what it holds."""
     if not mount.from_:
         context = executor.context()

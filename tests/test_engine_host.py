@@ -1,0 +1,24 @@
+"""The executor is what a step is given: it must keep every member of `model.StepHost`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lamina.cache.store import Store
+from lamina.engine.executor import Executor
+from lamina.engine.model import BuildOptions, BuildPlan, StepHost
+from lamina.engine.progress import QuietProgress
+
+
+def test_executor_is_a_step_host(store: Store, tmp_path: Path) -> None:
+    plan = BuildPlan("Dockerfile", "\\", {}, 0, (), {}, {}, {})
+    executor = Executor(BuildOptions(context=tmp_path, cache_root=store.root), QuietProgress(), store, plan)
+    assert isinstance(executor, StepHost)
+    executor.cleanup()
+
+
+def test_a_step_host_lacking_a_member_is_not_one(store: Store, tmp_path: Path) -> None:
+    class Partial:
+        options = BuildOptions(context=tmp_path)
+
+    assert not isinstance(Partial(), StepHost)
