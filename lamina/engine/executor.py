@@ -41,7 +41,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,9 +67,6 @@ if TYPE_CHECKING:
     from lamina.engine.context import SourceTree
     from lamina.engine.remote_cache import RemoteCache
     from lamina.oci.image import ImageConfig
-
-OUTPUT_TAIL = 20  # lines of a failing step's output kept for the error
-SANDBOX_HOSTNAME = "buildkitsandbox"  # BuildKit's default, so `hostname` output matches
 
 
 def _now() -> str:
@@ -489,36 +486,3 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
             }
             record(store, key, result, images, dict(executor.totals), plan.warnings)
         return result
-
-
-# --- output capture ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def captured_output(on_line: Callable[[str], None]) -> Iterator[tuple[int, collections.deque[str]]]:
-    """A pipe whose write end a sandbox gets as stdout/stderr; lines go to `on_line`.
-
-    Yields (write fd, tail); the tail keeps the last OUTPUT_TAIL lines.
-    """
-    read_fd, write_fd = os.pipe()
-    tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
-
-    def pump() -> None:
-        with os.fdopen(read_fd, "rb") as stream:
-            for raw in stream:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                tail.append(line)
-                on_line(line)
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    closed = False
-    try:
-        yield write_fd, tail
-        os.close(write_fd)
-        closed = True
-        thread.join()
-    finally:
-        if not closed:
-            os.close(write_fd)
-            thread.join(timeout=5)

@@ -13,12 +13,16 @@ network, the mounts' specs, and the content of bind-mounted sources.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
     from lamina.engine.model import StagePlan, StageState, StepHost
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+OUTPUT_TAIL = 20  # lines of a failing step's output kept for the error
+SANDBOX_HOSTNAME = "buildkitsandbox"  # BuildKit's default, so `hostname` output matches
 
 
 def command_line(state: StageState, instruction: Any, pipes_dir: Path | None) -> tuple[list[str], str | None]:
@@ -134,7 +140,6 @@ def _sandbox_run(
     upper: Path,
     insecure: bool,
 ) -> None:
-    from lamina.engine.executor import SANDBOX_HOSTNAME, captured_output
     from lamina.engine.sandbox.runner import run
     from lamina.engine.sandbox.spec import BindMount, Network, SandboxSpec
 
@@ -322,3 +327,36 @@ def _inside(root: Path, source: str, mount: Any) -> Path:
     if not path.exists():
         raise BuildError(f"--mount source {source!r} not found")
     return path
+
+
+# --- output capture ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def captured_output(on_line: Callable[[str], None]) -> Iterator[tuple[int, collections.deque[str]]]:
+    """A pipe whose write end a sandbox gets as stdout/stderr; lines go to `on_line`.
+
+    Yields (write fd, tail); the tail keeps the last OUTPUT_TAIL lines.
+    """
+    read_fd, write_fd = os.pipe()
+    tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "rb") as stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                tail.append(line)
+                on_line(line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    closed = False
+    try:
+        yield write_fd, tail
+        os.close(write_fd)
+        closed = True
+        thread.join()
+    finally:
+        if not closed:
+            os.close(write_fd)
+            thread.join(timeout=5)
