@@ -191,7 +191,7 @@ def _errno_action(errno: int) -> int:
 class Filter:
     """A seccomp filter built before pivot_root (the library is the host's) and loaded just before exec."""
 
-    def __init__(self) -> None:
+    def __init__(self, no_new_privs: bool = False) -> None:
         try:
             lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
         except OSError as err:
@@ -216,7 +216,10 @@ class Filter:
         if not self._ctx:
             raise OSError(12, "seccomp: seccomp_init failed")
         # As Docker: no_new_privs stays off, so setuid programs (su, sudo) keep working.
-        self._check(lib.seccomp_attr_set(self._ctx, _ATTR_CTL_NNP, 0), "no_new_privs attribute")
+        # Without CAP_SYS_ADMIN (chroot isolation) the kernel loads a filter only with it on.
+        self._check(
+            lib.seccomp_attr_set(self._ctx, _ATTR_CTL_NNP, int(no_new_privs)), "no_new_privs attribute"
+        )
         for arch in _EXTRA_ARCHES.get(os.uname().machine, ()):
             lib.seccomp_arch_add(self._ctx, arch)  # a kernel without that ABI: native only
         eperm = _errno_action(_EPERM)

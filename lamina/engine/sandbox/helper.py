@@ -55,7 +55,43 @@ def _read_exact(fd: int, n: int) -> bytes:
     return b"".join(chunks)
 
 
+def _probe() -> int:
+    """`helper.py --probe`: one line per attempt, "" if it worked, else why not.
+
+    Each attempt is a forked child (this interpreter has no threads), so
+    this process's namespaces stay as they are.
+    """
+    from lamina.engine.sandbox import _libc
+
+    others = (
+        _libc.CLONE_NEWNS | _libc.CLONE_NEWPID | _libc.CLONE_NEWUTS | _libc.CLONE_NEWIPC | _libc.CLONE_NEWNET
+    )
+    for flags in (_libc.CLONE_NEWUSER | others, others):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                _libc.unshare(flags)
+                message = b""
+            except OSError as err:
+                message = f"unshare: {os.strerror(err.errno)}".encode()
+            os.write(w, message)
+            os._exit(0)
+        os.close(w)
+        answer = b""
+        while chunk := os.read(r, 4096):
+            answer += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        os.write(1, answer.replace(b"\n", b" ") + b"\n")
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1] == "--probe":
+        _install_package_stubs()
+        return _probe()
     request_fd, report_fd = int(sys.argv[1]), int(sys.argv[2])
     # Forked children keep it; the command's exec closes it.
     os.set_inheritable(report_fd, False)
@@ -71,20 +107,32 @@ def main() -> int:
     _libc.set_parent_death_signal(_signal.SIGKILL)
     if os.getppid() != spec["parent"]:
         return _inside.SETUP_FAILED  # the caller died before we could arm the death signal
-    flags = _libc.CLONE_NEWUSER | _libc.CLONE_NEWNS
-    if spec["mode"] == "run":
+    isolation = spec.get("isolation", "userns")
+    # rootns: root where user namespaces are off makes the others without one;
+    # chroot: none at all (the caller has nothing to map either way).
+    flags = 0 if isolation == "chroot" else _libc.CLONE_NEWNS
+    if isolation == "userns":
+        flags |= _libc.CLONE_NEWUSER
+    if spec["mode"] == "run" and flags:
         flags |= _libc.CLONE_NEWPID | _libc.CLONE_NEWUTS | _libc.CLONE_NEWIPC
         if spec["network"] != "host":
             flags |= _libc.CLONE_NEWNET
     try:
-        _libc.unshare(flags)
+        if flags:
+            _libc.unshare(flags)
     except OSError as err:
-        _inside.report(report_fd, f"create namespaces: {err.strerror} (are user namespaces enabled?)")
+        _inside.report(
+            report_fd, f"create namespaces: {err.strerror} (are user namespaces enabled? `lamina info` says)"
+        )
         return _inside.SETUP_FAILED
     os.write(report_fd, b"U")
     if os.read(request_fd, 1) != b"G":
         return _inside.SETUP_FAILED
     os.close(request_fd)
+    if isolation == "chroot":
+        from lamina.engine.sandbox import _chroot
+
+        return _chroot.run(spec, report_fd)
     try:
         _libc.mount(None, "/", None, _libc.MS_REC | _libc.MS_PRIVATE)
     except OSError as err:

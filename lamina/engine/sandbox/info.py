@@ -21,13 +21,19 @@ class SandboxInfo:
     masked_paths: tuple[str, ...]
     readonly_paths: tuple[str, ...]
     network: str
+    isolation: str = ""  # the isolation a build would use, and why
+    isolation_lacks: str = ""
+    allowed: tuple[str, ...] = ()  # what this process may do, as probed
 
     def lines(self) -> list[str]:
         def ranges(rs: tuple[tuple[int, int, int], ...]) -> str:
             return ", ".join(f"{i}->{o} ({c})" for i, o, c in rs)
 
         out = [
-            f"namespaces:      {' '.join(self.namespaces)}",
+            f"isolation:       {self.isolation}",
+            *([f"                 lacks: {self.isolation_lacks}"] if self.isolation_lacks else []),
+            f"this process:    {'; '.join(self.allowed)}",
+            f"namespaces:      {' '.join(self.namespaces) or 'none'}",
             f"id map:          {self.id_mode}: uids {ranges(self.uid_map)}; gids {ranges(self.gid_map)}",
         ]
         if self.id_warning:
@@ -45,6 +51,24 @@ class SandboxInfo:
 
 
 def describe() -> SandboxInfo:
+    from lamina.engine.sandbox import isolation
+    from lamina.errors import SandboxError
+
+    found = isolation.probe()
+    try:
+        choice = isolation.choose(isolation.requested(), found)
+        mode, why, lacks = choice.isolation, choice.why, choice.lacks
+        chosen = f"{mode.value} ({why})"
+    except SandboxError as err:
+        mode, lacks, chosen = None, "", f"none: {err}"
+    namespaces = (
+        {
+            isolation.Isolation.USERNS: ("user", "mount", "pid", "uts", "ipc", "network"),
+            isolation.Isolation.ROOTNS: ("mount", "pid", "uts", "ipc", "network"),
+        }.get(mode, ())
+        if mode
+        else ()
+    )
     ids = detect_ids()
     try:
         _confine.Filter()
@@ -61,7 +85,7 @@ def describe() -> SandboxInfo:
         else f"default: {network.fallback_warning(why)}"
     )
     return SandboxInfo(
-        namespaces=("user", "mount", "pid", "uts", "ipc", "network"),
+        namespaces=namespaces,
         id_mode={
             IdMode.ROOT: "root (identity map; /proc/sys read-only, capabilities limited)",
             IdMode.SUBORDINATE: "subordinate ids",
@@ -75,5 +99,8 @@ def describe() -> SandboxInfo:
         seccomp=seccomp,
         masked_paths=_confine.MASKED_PATHS,
         readonly_paths=_confine.READONLY_PATHS,
-        network=net,
+        network=net if namespaces else "the host's (no network namespace)",
+        isolation=chosen,
+        isolation_lacks=lacks,
+        allowed=tuple(found.facts()),
     )

@@ -85,7 +85,14 @@ def run(
     ids = ids or detect_ids()
     if ids.warning and on_warning is not None:
         on_warning(ids.warning)
-    if spec.network is Network.DEFAULT:
+    from lamina.engine.sandbox import isolation
+
+    choice = isolation.choose(isolation.requested())
+    if choice.notice() and on_warning is not None:
+        on_warning(choice.notice())
+    if choice.isolation is isolation.Isolation.CHROOT:
+        spec = _without_namespaces(spec, choice)
+    elif spec.network is Network.DEFAULT:
         from lamina.engine.sandbox import network
 
         why = network.unavailable()
@@ -97,10 +104,12 @@ def run(
                 on_warning(network.fallback_warning(why))
             spec = dataclasses.replace(spec, network=Network.NONE)
     chosen = spec.snapshotter or default_snapshotter()
+    if choice.isolation is isolation.Isolation.CHROOT:
+        chosen = Snapshotter.COPY  # nothing can be mounted
     order = [chosen] if chosen else [Snapshotter.OVERLAY, Snapshotter.COPY]
     for i, snapshotter in enumerate(order):
         try:
-            return _run_once(spec, ids, snapshotter, on_started)
+            return _run_once(spec, ids, snapshotter, on_started, choice.isolation.value)
         except _OverlayUnavailable as err:
             if i + 1 == len(order):
                 raise SandboxError(str(err)) from None
@@ -113,8 +122,30 @@ class _OverlayUnavailable(SandboxError):
     pass
 
 
+def _without_namespaces(spec: SandboxSpec, choice: Any) -> SandboxSpec:
+    """The spec as chroot isolation can run it: the host's network, or a one-line refusal."""
+    from lamina.engine.sandbox import isolation
+
+    why = isolation.probe().userns or f"${isolation.ENV_VAR} asks for it"
+    lacking = f"which {choice.isolation.value} isolation cannot make ({why})"
+    if spec.network is Network.NONE:
+        raise SandboxError(
+            f"--network=none needs a network namespace, {lacking}; drop the flag, "
+            "or build where `lamina info` shows user namespaces"
+        )
+    if spec.publish:
+        raise SandboxError(f"publishing a port needs a network namespace, {lacking}")
+    # DEFAULT asks for isolation from the host's loopback, which cannot be
+    # had: the step shares the host's network, as the once-per-build notice said.
+    return dataclasses.replace(spec, network=Network.HOST)
+
+
 def _run_once(
-    spec: SandboxSpec, ids: IdMap, snapshotter: Snapshotter, on_started: Callable[[Started], None] | None
+    spec: SandboxSpec,
+    ids: IdMap,
+    snapshotter: Snapshotter,
+    on_started: Callable[[Started], None] | None,
+    isolation: str = "userns",
 ) -> int:
     upper = spec.upper_dir
     if upper is not None:
@@ -135,7 +166,7 @@ def _run_once(
             work = Path(tempfile.mkdtemp(prefix=".lamina-work-", dir=upper.parent))
             for name in ("rootfs", "mountpoints"):
                 (base / name).mkdir()
-            wire = _wire(spec, ids, snapshotter, base, upper, locks)
+            wire = _wire(spec, ids, snapshotter, base, upper, locks, isolation)
             wire["work"] = str(work)
             code, errors = _helper(wire, ids, spec, on_started=on_started)
             if errors:
@@ -163,6 +194,7 @@ def _wire(
     base: Path,
     upper: Path,
     locks: contextlib.ExitStack,
+    isolation: str = "userns",
 ) -> dict[str, Any]:
     """The plain dict the helper reads (marshal: no imports on its side)."""
     host_binds = _network_files(spec, base)
@@ -175,6 +207,7 @@ def _wire(
         apt_snippet = str(apt)
     return {
         "mode": "run",
+        "isolation": isolation,
         "parent": os.getpid(),
         "snapshotter": snapshotter.value,
         "lowers": [str(Path(p).absolute()) for p in spec.lower_dirs] or [str(_empty_dir(base))],
@@ -191,7 +224,8 @@ def _wire(
         "single_id": ids.mode is IdMode.SINGLE,
         "host_binds": host_binds,
         "apt_snippet": apt_snippet,
-        "mounts": [_wire_mount(m, i, base, locks) for i, m in enumerate(spec.mounts)],
+        # chroot isolation moves a cache directory in: no sharing it while it is away.
+        "mounts": [_wire_mount(m, i, base, locks, isolation == "chroot") for i, m in enumerate(spec.mounts)],
     }
 
 
@@ -229,7 +263,9 @@ def _empty_dir(base: Path) -> Path:
     return empty
 
 
-def _wire_mount(m: object, index: int, base: Path, locks: contextlib.ExitStack) -> dict[str, Any]:
+def _wire_mount(
+    m: object, index: int, base: Path, locks: contextlib.ExitStack, exclusive: bool = False
+) -> dict[str, Any]:
     target = getattr(m, "path", None) or getattr(m, "target", "")
     if not str(target).startswith("/"):
         raise SandboxError(f"mount target {target!r}: must be an absolute path")
@@ -252,6 +288,8 @@ def _wire_mount(m: object, index: int, base: Path, locks: contextlib.ExitStack) 
                 copy.write_bytes(source.read_bytes())
                 out["source"] = str(copy)
     elif isinstance(m, CacheMount):
+        if exclusive and m.sharing is Sharing.SHARED:
+            m = dataclasses.replace(m, sharing=Sharing.LOCKED)
         out.update(_cache_source(m, index, base, locks), kind="cache", uid=m.uid, gid=m.gid, mode=m.mode)
     elif isinstance(m, TmpfsMount):
         out.update(kind="tmpfs", size=m.size)
@@ -337,7 +375,8 @@ def _helper(
             started = first == b"U"
             with contextlib.ExitStack() as net:
                 if started:
-                    write_maps(proc.pid, ids)
+                    if wire.get("isolation", "userns") == "userns":
+                        write_maps(proc.pid, ids)
                     if wire.get("network") == "default":
                         from lamina.engine.sandbox import network
 

@@ -1,0 +1,358 @@
+"""Isolation modes (issue 10): which one a process gets, and builds where namespaces are denied.
+
+- `choose()` over probed facts, as data: no namespaces are needed for these.
+- chroot isolation at the sandbox level (root only): the layer is the
+  command's change and nothing of what was staged for it (/dev, mounts,
+  resolv.conf), leftovers are killed, what cannot be given is one line.
+- Builds under tests/support/no_namespaces.py (docker's seccomp denials and
+  capabilities, or user namespaces off) give the same image, byte for byte,
+  as the build with user namespaces.
+- The same build inside `docker run --network=none` with docker's default
+  seccomp profile and capabilities, as uid 0 (skipped where docker is absent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from lamina.engine.sandbox import BindMount, CacheMount, Network, SandboxSpec, SecretMount, TmpfsMount, run
+from lamina.engine.sandbox.isolation import CAP_MKNOD, CAP_SYS_CHROOT, Isolation, Probe, choose
+from lamina.engine.snapshot import capture
+from lamina.errors import SandboxError
+from tests.support.busybox import BUSYBOX, make_busybox_rootfs
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_NAMESPACES = ROOT / "tests/support/no_namespaces.py"
+DOCKER_CAPS = 0xA80425FB  # docker's 14 default capabilities: no CAP_SYS_ADMIN
+
+
+def _probe(**kw: object) -> Probe:
+    facts: dict[str, object] = {
+        "uid": 0,
+        "userns": "",
+        "rootns": "",
+        "effective_caps": (1 << 41) - 1,
+        "proot": None,
+    }
+    facts.update(kw)
+    return Probe(**facts)  # type: ignore[arg-type]
+
+
+DENIED = "unshare: Operation not permitted"
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        ({}, Isolation.USERNS),
+        ({"uid": 1000, "effective_caps": 0}, Isolation.USERNS),
+        ({"userns": DENIED}, Isolation.ROOTNS),  # a host with user namespaces off, as root
+        ({"userns": DENIED, "rootns": DENIED, "effective_caps": DOCKER_CAPS}, Isolation.CHROOT),  # docker
+    ],
+    ids=["laptop", "user-laptop", "userns-off-root", "docker-root"],
+)
+def test_auto_picks_the_strongest_allowed(facts: dict[str, object], expected: Isolation) -> None:
+    choice = choose(None, _probe(**facts))
+    assert choice.isolation is expected
+    assert bool(choice.notice()) is (expected is Isolation.CHROOT)  # said once per build when weaker
+
+
+def test_chroot_notice_names_what_a_step_lacks() -> None:
+    notice = choose(None, _probe(userns=DENIED, rootns=DENIED, effective_caps=DOCKER_CAPS)).notice()
+    assert notice.startswith("isolation chroot: ")
+    for lack in ("network", "/proc", "--mount", "PID"):
+        assert lack in notice
+
+
+def test_nothing_allowed_is_one_error_naming_each_mode() -> None:
+    # A plain user in docker: no namespaces, no capabilities, no proot.
+    with pytest.raises(SandboxError) as err:
+        choose(None, _probe(uid=1000, userns=DENIED, rootns=DENIED, effective_caps=0))
+    message = str(err.value)
+    assert "\n" not in message
+    for mode in ("userns: unshare", "rootns: needs uid 0", "chroot: needs uid 0", "proot:"):
+        assert mode in message
+
+
+def test_an_explicit_mode_that_is_not_allowed_says_why() -> None:
+    with pytest.raises(SandboxError, match="--isolation chroot: needs CAP_SYS_CHROOT"):
+        choose(Isolation.CHROOT, _probe(effective_caps=(1 << CAP_MKNOD)))
+    with pytest.raises(SandboxError, match="--isolation userns: unshare: Operation not permitted"):
+        choose(Isolation.USERNS, _probe(userns=DENIED))
+    assert choose(Isolation.CHROOT, _probe(effective_caps=1 << CAP_SYS_CHROOT)).isolation is Isolation.CHROOT
+
+
+# --- chroot isolation, sandbox level -------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot isolation needs uid 0 (CAP_SYS_CHROOT)")
+
+
+@pytest.fixture
+def chroot_rootfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    if not BUSYBOX.exists():
+        pytest.skip(f"{BUSYBOX} is missing (apt-get install busybox-static)")
+    monkeypatch.setenv("LAMINA_ISOLATION", "chroot")
+    root = make_busybox_rootfs(tmp_path / "rootfs")
+    (root / "etc/hosts").write_text("from the image\n")
+    return root
+
+
+def _sh(root: Path, script: str, tmp_path: Path, **kw: object) -> tuple[int, str, list[str]]:
+    out = tmp_path / f"out-{time.monotonic_ns()}"
+    warnings: list[str] = []
+    with open(out, "wb") as f:
+        spec = SandboxSpec(
+            argv=("/bin/sh", "-c", script),
+            lower_dirs=(root,),
+            stdout=f,
+            stderr=f,
+            scratch_dir=tmp_path / "scratch",
+            **kw,  # type: ignore[arg-type]
+        )
+        code = run(spec, on_warning=warnings.append)
+    return code, out.read_text(), warnings
+
+
+@needs_root
+def test_chroot_layer_holds_the_change_and_nothing_staged(chroot_rootfs: Path, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/in").write_text("bound\n")
+    (tmp_path / "token").write_text("s3cret\n")
+    cache = tmp_path / "cache/dir"
+    upper = tmp_path / "upper"
+    script = textwrap.dedent(
+        """
+        cat /src/in; echo dropped > /src/in
+        cat /run/secrets/token; stat -c %a /run/secrets/token
+        echo one >> /var/cache/x/log
+        echo t > /tmp/scratch/t
+        echo hi > /etc/new && chown 1000:2000 /etc/new
+        ls /dev/null /dev/urandom >/dev/null && echo dev-ok
+        grep -q 'from the image' /etc/hosts || echo hosts-staged
+        test -e /proc/self || echo no-proc
+        """
+    )
+    mounts = (
+        BindMount(tmp_path / "src", "/src"),
+        SecretMount("token", tmp_path / "token"),
+        CacheMount(cache, "/var/cache/x"),
+        TmpfsMount("/tmp/scratch"),
+    )
+    code, out, warnings = _sh(
+        chroot_rootfs, script, tmp_path, mounts=mounts, upper_dir=upper, network=Network.HOST
+    )
+    assert code == 0, out
+    assert out.split() == ["bound", "s3cret", "400", "dev-ok", "hosts-staged", "no-proc"]
+    assert any(w.startswith("isolation chroot:") for w in warnings)
+    entries = {e.path: (e.uid, e.gid) for e in capture(upper)}
+    assert entries == {"etc": (0, 0), "etc/new": (1000, 2000)}, entries
+    assert (tmp_path / "src/in").read_text() == "bound\n"  # a bind is a copy: writes are dropped
+    assert (cache / "log").read_text() == "one\n"  # the cache dir went in and came back
+    assert (chroot_rootfs / "etc/hosts").read_text() == "from the image\n"
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
+@needs_root
+def test_chroot_network_none_is_one_line_naming_what_is_missing(chroot_rootfs: Path, tmp_path: Path) -> None:
+    with pytest.raises(SandboxError) as err:
+        _sh(chroot_rootfs, "true", tmp_path, network=Network.NONE)
+    assert str(err.value).startswith(
+        "--network=none needs a network namespace, which chroot isolation cannot make"
+    )
+    assert "\n" not in str(err.value)
+
+
+@needs_root
+def test_chroot_step_cannot_chroot_out(chroot_rootfs: Path, tmp_path: Path) -> None:
+    # Root holding CAP_SYS_CHROOT leaves a chroot with mkdir x; chroot x; cd ../..
+    script = "mkdir -p /x/bin && cp /bin/busybox /x/bin/true && chroot /x /bin/true && echo escaped"
+    code, out, _ = _sh(chroot_rootfs, script, tmp_path)
+    assert code != 0 and "Operation not permitted" in out and "escaped" not in out, out
+
+
+@needs_root
+def test_chroot_no_process_outlives_the_step(chroot_rootfs: Path, tmp_path: Path) -> None:
+    seconds = 4000 + time.monotonic_ns() % 1000
+    code, _, _ = _sh(chroot_rootfs, f"(setsid sleep {seconds} &) ; sleep {seconds + 1} & echo ok", tmp_path)
+    assert code == 0
+    found = subprocess.run(["pgrep", "-f", f"sleep {seconds}"], capture_output=True, text=True)
+    assert found.stdout == ""
+
+
+@needs_root
+def test_chroot_staged_dir_swapped_for_a_symlink_does_not_reach_the_host(
+    chroot_rootfs: Path, tmp_path: Path
+) -> None:
+    host = tmp_path / "host-dir"
+    host.mkdir()
+    (host / "keep").write_text("mine\n")
+    (tmp_path / "token").write_text("s3cret\n")
+    # The step swaps the secret's directory for a symlink to a host path
+    # (absolute: the undo runs outside the chroot) and plants the same name.
+    script = f"rm -rf /run/secrets && ln -s {host} /run/secrets && echo ok"
+    code, out, _ = _sh(chroot_rootfs, script, tmp_path, mounts=(SecretMount("token", tmp_path / "token"),))
+    assert (code, out) == (0, "ok\n")
+    assert sorted(p.name for p in host.iterdir()) == ["keep"]
+
+
+# --- builds where namespaces are denied -------------------------------------------------
+
+DOCKERFILE = """\
+FROM lamina-test/busybox:1.35 AS builder
+WORKDIR /src
+COPY app.txt .
+RUN --mount=type=cache,target=/cache --mount=type=secret,id=tok \\
+    mkdir -p /out && cat app.txt /run/secrets/tok | wc -c > /out/size && echo run >> /cache/log \\
+    && cp /cache/log /out/cachelog && chown -R 1000:1000 /out && chmod 750 /out
+RUN <<EOT
+echo heredoc > /out/here
+ln -s here /out/link
+rm -f /etc/motd /etc/group- && ls /dev > /out/devlist
+EOT
+
+FROM lamina-test/busybox:1.35
+COPY --from=builder /out /app
+RUN chown nobody:nogroup /app/here && mkdir -p /var/empty2 && echo "$(id -u)" > /app/uid
+USER nobody
+CMD ["cat", "/app/here"]
+"""
+
+
+def _context(where: Path, busybox_image: Path) -> Path:
+    where.mkdir(parents=True)
+    (where / "ctx").mkdir()
+    (where / "ctx/Dockerfile").write_text(DOCKERFILE)
+    (where / "ctx/app.txt").write_text("hello\n")
+    (where / "tok").write_text("s3cret\n")
+    shutil.copy(busybox_image, where / "base.tar")
+    return where
+
+
+def _build_args(where: Path, out: Path) -> list[str]:
+    return [
+        "build",
+        "--progress",
+        "plain",
+        "--secret",
+        f"id=tok,src={where}/tok",
+        "-o",
+        f"type=oci,dest={out}",
+        f"{where}/ctx",
+    ]
+
+
+def _lamina(where: Path, args: list[str], wrap: list[str] = ()) -> subprocess.CompletedProcess[str]:  # type: ignore[assignment]
+    env = {**os.environ, "LAMINA_CACHE": str(where / "cache"), "SOURCE_DATE_EPOCH": "0"}
+    env.pop("LAMINA_ISOLATION", None)
+    return subprocess.run(
+        [*wrap, sys.executable, "-m", "lamina", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def host_image(tmp_path_factory: pytest.TempPathFactory, busybox_image: Path) -> Path:
+    """The image as a build with user namespaces makes it."""
+    where = _context(tmp_path_factory.mktemp("host") / "w", busybox_image)
+    assert _lamina(where, ["load", str(where / "base.tar")]).returncode == 0
+    done = _lamina(where, _build_args(where, where / "image.tar"))
+    assert done.returncode == 0, done.stderr
+    assert "isolation" not in done.stderr
+    return where / "image.tar"
+
+
+@needs_root
+@pytest.mark.parametrize(("denial", "isolation"), [("docker", "chroot"), ("nouserns", "rootns")])
+def test_build_without_namespaces_makes_the_same_image(
+    denial: str, isolation: str, host_image: Path, busybox_image: Path, tmp_path: Path
+) -> None:
+    where = _context(tmp_path / "w", busybox_image)
+    wrap = [sys.executable, str(NO_NAMESPACES), denial, "--"]
+    info = _lamina(where, ["info"], wrap)
+    assert info.returncode == 0, info.stderr
+    assert info.stdout.startswith(f"isolation:       {isolation} ")
+    assert _lamina(where, ["load", str(where / "base.tar")], wrap).returncode == 0
+    done = _lamina(where, _build_args(where, where / "image.tar"), wrap)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "isolation" in line]
+    assert len(said) == (1 if isolation == "chroot" else 0), said
+    assert _digest(where / "image.tar") == _digest(host_image)
+
+
+@needs_root
+def test_build_network_none_without_namespaces_names_the_line(busybox_image: Path, tmp_path: Path) -> None:
+    where = _context(tmp_path / "w", busybox_image)
+    (where / "ctx/Dockerfile").write_text(
+        "FROM lamina-test/busybox:1.35\nRUN true\nRUN --network=none true\n"
+    )
+    wrap = [sys.executable, str(NO_NAMESPACES), "docker", "--"]
+    assert _lamina(where, ["load", str(where / "base.tar")], wrap).returncode == 0
+    done = _lamina(where, ["build", "--progress", "quiet", f"{where}/ctx"], wrap)
+    assert done.returncode == 1
+    error = done.stderr.strip().splitlines()[-1]
+    assert "Dockerfile:3" in error and "--network=none needs a network namespace" in error, done.stderr
+
+
+# --- inside docker ------------------------------------------------------------------
+
+DOCKER = shutil.which("docker")
+
+
+def _docker_ready() -> str:
+    """Why the docker test cannot run here, or ""."""
+    if os.geteuid() != 0:
+        return "the docker test runs as root (it talks to dockerd's socket)"
+    if DOCKER is None:
+        return "docker is not installed (.ci/run: apt-get install docker.io, start dockerd)"
+    done = subprocess.run([DOCKER, "info"], capture_output=True, check=False, timeout=60)
+    if done.returncode != 0:
+        return "dockerd is not answering (.ci/run: start it as ../shared/bench/peers-setup.sh does)"
+    return ""
+
+
+@pytest.mark.skipif(bool(_docker_ready()), reason=_docker_ready() or "ready")
+def test_build_in_an_unprivileged_docker_container_as_root(
+    host_image: Path, busybox_image: Path, tmp_path: Path
+) -> None:
+    assert DOCKER is not None
+    image = "lamina-test/busybox:1.35"
+    if subprocess.run([DOCKER, "image", "inspect", image], capture_output=True, check=False).returncode != 0:
+        subprocess.run([DOCKER, "load", "-i", str(busybox_image)], check=True, capture_output=True)
+    where = _context(tmp_path / "w", busybox_image)
+    python = Path(sys.executable)
+    # lamina without an image build: the host's /usr (python, libseccomp) read-only over busybox,
+    # the project and its venv at the same paths.
+    binds = ["/usr:/usr:ro", "/usr/lib:/lib:ro", "/usr/lib64:/lib64:ro", f"{ROOT}:{ROOT}:ro", f"{where}:/w"]
+    venv = Path(sys.prefix)
+    if not str(venv).startswith(str(ROOT) + "/") and venv != Path("/usr"):
+        binds.append(f"{venv}:{venv}:ro")
+    script = (
+        f"cd {ROOT} && {python} -m lamina load /w/base.tar >/dev/null && "
+        f"{python} -m lamina {' '.join(_build_args(Path('/w'), Path('/w/image.tar')))}"
+    )
+    done = subprocess.run(
+        [DOCKER, "run", "--rm", "--network=none", *(a for b in binds for a in ("-v", b)),
+         "-e", "LAMINA_CACHE=/w/cache", "-e", "TMPDIR=/w", "-e", "SOURCE_DATE_EPOCH=0",
+         image, "sh", "-c", script],
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "isolation chroot:" in done.stderr
+    assert _digest(where / "image.tar") == _digest(host_image)
