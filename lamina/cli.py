@@ -365,6 +365,26 @@ def _parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def _isolation_option(f: Any) -> Any:
+    """`--isolation`: how RUN steps are isolated (it sets $LAMINA_ISOLATION, which the sandbox reads)."""
+
+    def remember(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        import os
+
+        if value is not None:
+            os.environ["LAMINA_ISOLATION"] = value
+
+    return click.option(
+        "--isolation",
+        type=click.Choice(["auto", "userns", "rootns", "chroot"]),
+        default=None,
+        expose_value=False,
+        callback=remember,
+        help="How RUN steps are isolated (default auto: the strongest this process may use; "
+        "`lamina info` says which). Also $LAMINA_ISOLATION.",
+    )(f)
+
+
 # --- sandbox: run --------------------------------------------------------------
 
 
@@ -399,6 +419,7 @@ def _parse_size(text: str) -> int:
     metavar="SPEC",
     help="type=bind,source=S,target=T[,ro] or type=tmpfs,target=T.",
 )
+@_isolation_option
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
@@ -441,6 +462,7 @@ def run(
 
 
 @cli.command()
+@_isolation_option
 def info() -> None:
     """What a RUN step gets on this host: namespaces, id map, capabilities, seccomp, paths, network."""
     from lamina import api
@@ -521,6 +543,7 @@ def _pairs(values: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
     metavar="HOST[:PORT]",
     help="Talk plain HTTP to this registry (loopback hosts always are). Repeatable.",
 )
+@_isolation_option
 def build(
     context: str,
     dockerfile: str | None,
