@@ -237,6 +237,7 @@ def run(
     from lamina.cache.images import stored_image
     from lamina.cache.store import Store
     from lamina.engine import sandbox
+    from lamina.engine.unpack import unpacked_layer
     from lamina.errors import SandboxError
 
     environ = os.environ if environ is None else environ
@@ -258,7 +259,7 @@ def run(
             variables[key] = value
         ids = sandbox.detect_ids()
         layers = zip(source.layers, source.diff_ids, strict=True)
-        lowers = [_unpacked(store, layer, diff_id, ids) for layer, diff_id in layers]
+        lowers = [unpacked_layer(store, layer.digest, diff_id, ids) for layer, diff_id in layers]
         try:
             net = sandbox.Network(network)
         except ValueError:
@@ -310,22 +311,6 @@ def _entitlements(allow: Iterable[str], network: str) -> frozenset[str]:
     if network == "host":
         granted.add("network.host")
     return frozenset(granted)
-
-
-def _unpacked(store: Any, layer: Descriptor, diff_id: Any, ids: Any) -> Any:
-    """The layer's unpacked dir (overlay form) in the store, unpacked in the user namespace once."""
-    from lamina.engine import sandbox
-
-    if store.has_unpacked(diff_id):
-        store.touch_unpacked(diff_id)
-        return store.unpacked_path(diff_id)
-    tmp = store.new_unpack_dir()
-    try:
-        sandbox.extract_layer(store.blob_path(layer.digest), tmp, ids, digest=layer.digest)
-    except BaseException:
-        sandbox.remove_tree(tmp, ids)
-        raise
-    return store.publish_unpacked(tmp, diff_id)
 
 
 # --- build -------------------------------------------------------------------------

@@ -149,3 +149,18 @@ def test_parse_mount_flags() -> None:
     for bad in ("type=bind,target=/b", "type=volume,target=/v", "type=tmpfs,target=rel", "type=bind,x=1"):
         with pytest.raises(SandboxError, match="--mount"):
             parse_mount(bad)
+
+
+def test_run_root_of_an_unpacked_image_is_0755(busybox_image: Path, tmp_path: Path) -> None:
+    # The store's layer dirs are made with mkdtemp (0700), and a layer dir's root
+    # is `/` in the sandbox: unpacked without the chmod, `/` is closed to every
+    # user but root. `lamina run` unpacking an image first must open it as a build does.
+    cache = tmp_path / "cache"
+    api.load(busybox_image, name="bb:fresh", cache_dir=cache)
+    done = lamina(cache, "run", "--rm", "bb:fresh", "stat", "-c", "%a", "/")
+    assert (done.returncode, done.stdout) == (0, "755\n"), done.stderr
+    layers = [path for path in (cache / "unpacked").iterdir() if not path.name.startswith(".")]
+    assert layers
+    assert all(layer.stat().st_mode & 0o7777 == 0o755 for layer in layers), [
+        oct(layer.stat().st_mode) for layer in layers
+    ]

@@ -40,13 +40,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lamina.engine.model import CacheSpec
+from lamina.engine.unpack import unpacked_layer
 from lamina.errors import LaminaError, PlanError, RegistryError
 from lamina.oci.digest import Digest
 
@@ -214,7 +214,7 @@ class RemoteCache:
         if wrapped.layer is not None and entry.layer is not None and entry.diff_id is not None:
             wrapped = _named_by_key(wrapped, key)
             try:
-                _unpack(store, entry.layer, wrapped.layer)
+                unpacked_layer(store, entry.layer.digest, Digest("sha256", wrapped.layer))
             except LaminaError as err:  # a verified blob can still be a hostile tar
                 self._warn(f"{what}: {err}; rebuilding the step instead")
                 return False
@@ -235,24 +235,6 @@ def _named_by_key(wrapped: _Wrapped, key: str) -> _Wrapped:
     step = json.loads(wrapped.step)
     step["layer"] = hexdigest
     return dataclasses.replace(wrapped, step=json.dumps(step), layer=hexdigest)
-
-
-def _unpack(store: Store, blob: Descriptor, dir_id: str) -> None:
-    """Unpack `blob` as the store's layer dir `dir_id` (kept if another build made it first)."""
-    target = Digest("sha256", dir_id)
-    if store.has_unpacked(target):
-        store.touch_unpacked(target)
-        return
-    from lamina.engine.sandbox import extract_layer, remove_tree
-
-    tmp = store.new_unpack_dir()
-    os.chmod(tmp, 0o755)  # a layer's root is `/`, not mkdtemp's 0700
-    try:
-        extract_layer(store.blob_path(blob.digest), tmp, digest=blob.digest)
-    except BaseException:
-        remove_tree(tmp)
-        raise
-    store.publish_unpacked(tmp, target)
 
 
 def _remember_blob(store: Store, wrapped: _Wrapped, blob: Descriptor, diff_id: Digest) -> None:

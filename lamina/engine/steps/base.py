@@ -6,14 +6,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.engine.model import StageOutcome
 from lamina.engine.output import ImageLayer
+from lamina.engine.unpack import unpacked_layer
 from lamina.errors import BuildError, ImageNotFound, LaminaError
-from lamina.oci.digest import Digest
 
 if TYPE_CHECKING:
     from lamina.engine.model import StepHost
@@ -54,7 +52,7 @@ def load_image(executor: StepHost, ref: str, location: Any) -> StageOutcome:
     layers = []
     for blob, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
         try:
-            path = unpack_layer(executor, blob, diff_id)
+            path = unpacked_layer(executor.store, blob.digest, diff_id)
         except BuildError:
             raise
         except LaminaError as err:  # a full disk, a broken layer: name the FROM (or mount) needing it
@@ -91,27 +89,3 @@ def _pull(executor: StepHost, ref: str, location: Any) -> Any:
         return ensure_image(factory, executor.store, parse_reference(ref), policy)
     except LaminaError as err:
         raise BuildError(f"{_source(location, ref)}: {err}") from err
-
-
-def unpack_layer(executor: StepHost, blob: Any, diff_id: Digest) -> Path:
-    """The layer's unpacked dir (overlay form), extracting the blob the first time."""
-    store = executor.store
-    if store.has_unpacked(diff_id):
-        store.touch_unpacked(diff_id)
-        return store.unpacked_path(diff_id)
-    # The sandbox package unpacks inside the user namespace when rootless, so
-    # files owned by subordinate ids stay manageable.
-    from lamina.engine.sandbox.runner import extract_layer
-
-    tmp = store.new_unpack_dir()
-    # A layer's root is `/`: mkdtemp's 0700 would lock every user but root out
-    # (the sandbox copies the top lower's root metadata onto the upper dir).
-    os.chmod(tmp, 0o755)
-    try:
-        extract_layer(store.blob_path(blob.digest), tmp, digest=blob.digest)
-    except BaseException:
-        from lamina.engine.sandbox.runner import remove_tree  # rootless: inside the user namespace
-
-        remove_tree(tmp)
-        raise
-    return store.publish_unpacked(tmp, diff_id)

@@ -1,0 +1,43 @@
+"""A layer blob unpacked into the store, once: the one way a base layer becomes a lower dir.
+
+FROM (steps.base), an imported --cache-from result (remote_cache) and
+`lamina run` (api) all come here. The store names the directory: a base
+layer by its diff_id, an imported step result by the step's layer id.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lamina.cache.store import Store
+    from lamina.oci.digest import Digest
+
+
+def unpacked_layer(store: Store, blob: Digest, name: Digest, ids: Any = None) -> Path:
+    """The store's unpacked dir `name` (overlay form), unpacking the blob `blob` into it the first time.
+
+    A dir another build published first is kept (and touched for gc). `ids`
+    is the sandbox's id map (`sandbox.detect_ids()` when None).
+    """
+    if store.has_unpacked(name):
+        store.touch_unpacked(name)
+        return store.unpacked_path(name)
+    # Imported here, not at the top: the sandbox package is not needed when the
+    # layer is unpacked already (a cached build, a second `lamina run`). It
+    # unpacks inside the user namespace when rootless, so files owned by
+    # subordinate ids stay manageable.
+    from lamina.engine.sandbox import extract_layer, remove_tree
+
+    tmp = store.new_unpack_dir()
+    # A layer's root is `/`: mkdtemp's 0700 would lock every user but root out
+    # (the sandbox copies the top lower's root metadata onto the upper dir).
+    os.chmod(tmp, 0o755)
+    try:
+        extract_layer(store.blob_path(blob), tmp, ids, digest=blob)
+    except BaseException:
+        remove_tree(tmp, ids)
+        raise
+    return store.publish_unpacked(tmp, name)
