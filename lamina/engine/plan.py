@@ -185,10 +185,6 @@ class Plan:
         return found
 
     @property
-    def target_stage(self) -> PlannedStage:
-        return self.stages[self.target]
-
-    @property
     def proxy_args(self) -> tuple[KeyValue, ...]:
         """Proxy build args: in every RUN's environment without an ARG line,
         but kept out of cache keys and history unless a stage declares them."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import BinaryIO, Protocol
 
 from lamina.errors import LayerError
@@ -245,11 +245,6 @@ def drain(reader: BinaryIO) -> None:
     """Read `reader` to its end, for what its wrappers do with the bytes."""
     while reader.read(CHUNK):
         pass
-
-
-def iter_chunks(reader: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
-    while chunk := reader.read(size):
-        yield chunk
 
 
 def _decoder(stream: BinaryIO, compression: Compression) -> BinaryIO:

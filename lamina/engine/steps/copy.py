@@ -57,7 +57,7 @@ import posixpath
 import re
 import stat
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -219,10 +219,6 @@ class Selection:
 
     made_dirs: tuple[MadeDir, ...]
     items: tuple[CopyItem, ...]
-
-    @property
-    def file_count(self) -> int:
-        return sum(1 for i in self.items if i.entry.type is EntryType.FILE)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -909,11 +905,3 @@ def _copy_fd(src: int, dst: int, size: int) -> int:
             view = view[written:]
         copied += len(chunk)
     return copied
-
-
-def iter_written(selection: Selection) -> Iterator[str]:
-    """Destination paths the selection writes (directories made included), in order."""
-    for made in selection.made_dirs:
-        yield made.dest
-    for item in selection.items:
-        yield item.dest

@@ -27,7 +27,6 @@ from lamina.engine.cachekey import make_inputs
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.base import base_image
 from lamina.engine.steps.layerstep import layer_step
-from lamina.errors import BuildError
 
 if TYPE_CHECKING:
     from lamina.engine.model import StageOutcome, StagePlan, StageState, StepHost
@@ -377,8 +376,3 @@ def _write_heredoc(
     from lamina.engine.steps.owners import set_owner_and_mode
 
     set_owner_and_mode(target, uid, gid, mode)
-
-
-def require_files(paths: list[str]) -> None:
-    if not paths:
-        raise BuildError("COPY failed: no source files were specified")
