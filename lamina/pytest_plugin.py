@@ -18,8 +18,19 @@ off). Fixtures:
                     -> RunResult (exit_code, stdout, stderr); check=True fails
                     the test on a non-zero exit; a timeout always fails it
     lamina_service  service(image, command=(), *, ports=EXPOSEd, ready="tcp",
-                    timeout=30, env=, workdir=, user=, mounts=) -> Service
-                    (port(80), url(path), logs()); stopped at the test's end
+                    timeout=30, stop_timeout=0, env=, workdir=, user=,
+                    mounts=) -> Service (port(80), url(path), logs());
+                    stopped at the test's end
+    lamina_session_service
+                    (session) the same, stopped at the session's end: for a
+                    session fixture of your own that many tests share
+
+Marker: `@pytest.mark.lamina_sandbox` skips a test, with the reason, where
+this host cannot make a sandbox (no user namespaces: an unprivileged
+container, or a kernel with them off); `lamina_sandbox(ports=True)` also
+where no port can be published (no slirp4netns, /dev/net/tun closed).
+`--lamina-require-sandbox` turns those skips (and lamina_service's own)
+into failures, for a CI that must not pass by skipping.
 
 A failing test's report carries the output of every command it ran and the
 log of every service it started. Services left by a killed pytest are
@@ -59,6 +70,51 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type=int,
         help="SOURCE_DATE_EPOCH for fixture builds (default: the environment's, else 0)",
     )
+    group.addoption(
+        "--lamina-require-sandbox",
+        action="store_true",
+        help="fail, rather than skip, a test that needs a sandbox (or a port) this host cannot give",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "lamina_sandbox(ports=False): skip (with the reason) where this host cannot make a lamina "
+        "sandbox, or with ports=True publish a port; --lamina-require-sandbox fails instead",
+    )
+
+
+_NO_SANDBOX = pytest.StashKey[str]()
+
+
+def _cannot(config: pytest.Config, ports: bool) -> str:
+    """Why this host cannot run a sandbox (or publish a port with `ports`), or ""."""
+    if _NO_SANDBOX not in config.stash:
+        from lamina.fixtures.probe import why_no_sandbox
+
+        config.stash[_NO_SANDBOX] = why_no_sandbox()
+    why = config.stash[_NO_SANDBOX]
+    if not why and ports:
+        from lamina.fixtures.services import unavailable
+
+        why = unavailable()
+    return why
+
+
+def _skip(config: pytest.Config, why: str, *, at_item: bool = False) -> None:
+    if config.getoption("--lamina-require-sandbox", False):
+        pytest.fail(f"{why} (--lamina-require-sandbox)", pytrace=False)
+    # at_item: the skip summary names the test, as skipif's does, not this file.
+    raise pytest.skip.Exception(why, _use_item_location=at_item)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marker = item.get_closest_marker("lamina_sandbox")
+    if marker is not None:
+        why = _cannot(item.config, bool(marker.kwargs.get("ports", False)))
+        if why:
+            _skip(item.config, why, at_item=True)
 
 
 def _cache_dir(config: pytest.Config) -> Path:
@@ -89,6 +145,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed:
         for section in item.stash.get(_REPORTS, []):
             report.sections.append(section())
+        if "lamina_session_service" in getattr(item, "fixturenames", ()):
+            for svc in item.config.stash.get(_SESSION_SERVICES, []):
+                report.sections.append((f"lamina session service {svc.name} log", svc.logs()))
 
 
 def _reports(request: pytest.FixtureRequest) -> list[Callable[[], tuple[str, str]]]:
@@ -155,12 +214,49 @@ def lamina_run(lamina_cache: Path, request: pytest.FixtureRequest) -> Callable[.
 
 @pytest.fixture
 def lamina_service(lamina_cache: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Service]]:
-    """service(image, command=(), *, ports=(), ready="tcp", timeout=30, env, workdir, user, mounts)."""
-    from lamina.errors import LaminaError
-    from lamina.fixtures import services
+    """service(image, command=(), *, ports, ready, timeout, stop_timeout, env, workdir, user, mounts)
 
+    -> Service, stopped at the end of the test.
+    """
     started: list[Service] = []
     reports = _reports(request)
+    try:
+        yield _service_factory(lamina_cache, request.config, started, reports.append)
+    finally:
+        for svc in reversed(started):
+            svc.stop()
+
+
+_SESSION_SERVICES = pytest.StashKey[list["Service"]]()
+
+
+@pytest.fixture(scope="session")
+def lamina_session_service(
+    lamina_cache: Path, pytestconfig: pytest.Config
+) -> Iterator[Callable[..., Service]]:
+    """As lamina_service, but each service runs until the session ends (one per xdist worker).
+
+    A failing test that depends on this fixture gets the log of every
+    session service in its report.
+    """
+    started: list[Service] = []
+    pytestconfig.stash[_SESSION_SERVICES] = started
+    try:
+        yield _service_factory(lamina_cache, pytestconfig, started, lambda section: None)
+    finally:
+        for svc in reversed(started):
+            svc.stop()
+        del pytestconfig.stash[_SESSION_SERVICES]
+
+
+def _service_factory(
+    lamina_cache: Path,
+    config: pytest.Config,
+    started: list[Service],
+    report: Callable[[Callable[[], tuple[str, str]]], None],
+) -> Callable[..., Service]:
+    from lamina.errors import LaminaError
+    from lamina.fixtures import services
 
     def service(image: Image | str, command: Any = (), **kwargs: Any) -> Service:
         if isinstance(command, str):
@@ -181,15 +277,11 @@ def lamina_service(lamina_cache: Path, request: pytest.FixtureRequest) -> Iterat
                 **kwargs,
             )
         except services.Unavailable as err:
-            pytest.skip(f"lamina service {image}: {err}")
+            _skip(config, f"lamina service {image}: {err}")
         except LaminaError as err:
             pytest.fail(f"lamina service {image}: {err}", pytrace=False)
         started.append(svc)
-        reports.append(lambda: (f"lamina service {svc.name} log", svc.logs()))
+        report(lambda: (f"lamina service {svc.name} log", svc.logs()))
         return svc
 
-    try:
-        yield service
-    finally:
-        for svc in reversed(started):
-            svc.stop()
+    return service

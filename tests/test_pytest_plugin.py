@@ -285,3 +285,169 @@ def test_the_next_session_kills_what_a_dead_pytest_left(tmp_path: Path, cache: P
             leftover.kill()
             leftover.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_build_lock_is_keyed_by_content_not_by_path(tmp_path: Path) -> None:
+    from lamina.fixtures.images import _Request
+
+    def request(context: Path, **changes: object) -> _Request:
+        fields: dict[str, object] = dict(
+            context=str(context),
+            dockerfile=None,
+            target="web",
+            build_args=(("A", "1"),),
+            secrets=(),
+            tag=None,
+            network="default",
+        )
+        fields.update(changes)
+        return _Request(**fields)  # type: ignore[arg-type]
+
+    one = tmp_path / "one"
+    shutil.copytree(EXAMPLE / "app", one)
+    two = tmp_path / "elsewhere" / "two"
+    shutil.copytree(EXAMPLE / "app", two)
+    # Two copies (as xdist workers make of a context): one lock, one default name.
+    assert request(one).key() == request(two).key()
+    assert request(one).key() != request(one, target="tool").key()
+    assert request(one).key() != request(one, build_args=(("A", "2"),)).key()
+    (two / "check.sh").chmod(0o700)
+    assert request(one).key() != request(two).key()
+    (two / "check.sh").chmod((one / "check.sh").stat().st_mode)
+    (two / "site" / "VERSION").write_text("1.2.4\n")
+    assert request(one).key() != request(two).key()
+
+
+@pytest.mark.sandbox
+def test_an_image_as_an_oci_archive_and_a_root_filesystem(tmp_path: Path, cache: Path) -> None:
+    tests = f"""
+        import hashlib, json, tarfile
+        from pathlib import Path
+
+        PASSWD = Path({str(EXAMPLE / "base" / "etc" / "passwd")!r}).read_text()
+
+        def test_oci_archive(bb):
+            path = bb.oci_archive()
+            assert bb.oci_archive() == path  # written once per session
+            with tarfile.open(path) as tar:
+                names = tar.getnames()
+                assert {{"oci-layout", "index.json", "manifest.json"}} <= set(names)
+                index = json.load(tar.extractfile("index.json"))
+                assert index["manifests"][0]["digest"] == bb.digest
+                # Every blob is what its name says.
+                for name in names:
+                    if name.startswith("blobs/sha256/") and tar.getmember(name).isfile():
+                        data = tar.extractfile(name).read()
+                        assert "blobs/sha256/" + hashlib.sha256(data).hexdigest() == name
+                manifest = json.load(tar.extractfile("blobs/sha256/" + bb.digest.split(":")[1]))
+                assert manifest["config"]["digest"] == bb.config_digest
+
+        def test_rootfs(bb):
+            root = bb.rootfs()
+            assert bb.rootfs() == root
+            assert (root / "bin" / "busybox").is_file()
+            assert (root / "bin" / "sh").is_symlink()
+            assert (root / "etc" / "passwd").read_text() == PASSWD
+    """
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
+
+
+def test_the_marker_skips_with_the_reason_or_fails_when_required(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        import pytest
+
+        @pytest.mark.lamina_sandbox
+        def test_needs_a_sandbox():
+            pass
+
+        @pytest.mark.lamina_sandbox(ports=True)
+        def test_needs_a_port():
+            pass
+
+        def test_needs_nothing():
+            pass
+    """
+    # This host can sandbox: the marked tests run.
+    project = _project(tmp_path / "p", tests)
+    done = _pytest(project, cache, "-q", "-rs")
+    assert done.returncode == 0, done.stdout
+    assert "3 passed" in done.stdout or "publishing a port needs" in done.stdout, done.stdout
+    # A host that cannot (as the probe says): skipped, with the reason; required: failed.
+    conftest = project / "conftest.py"
+    conftest.write_text(
+        "import lamina.fixtures.probe as probe\n"
+        "probe.why_no_sandbox = lambda: 'lamina cannot sandbox here: no namespaces (test)'\n"
+    )
+    done = _pytest(project, cache, "-q", "-rs")
+    assert done.returncode == 0, done.stdout
+    assert "1 passed, 2 skipped" in done.stdout
+    assert done.stdout.count("SKIPPED [1] test_it.py:") == 2  # at the tests, as skipif says it
+    assert "lamina cannot sandbox here: no namespaces (test)" in done.stdout
+    done = _pytest(project, cache, "-q", "--lamina-require-sandbox")
+    assert done.returncode == 1, done.stdout
+    assert "1 passed, 2 errors" in done.stdout  # failed in setup, where the marker is read
+    assert "no namespaces (test) (--lamina-require-sandbox)" in done.stdout
+
+
+@pytest.mark.sandbox
+def test_a_session_service_is_shared_and_stopped_at_the_session_end(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        import os, urllib.request
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def web(bb, lamina_session_service):
+            return lamina_session_service(
+                bb, "mkdir /w; echo hi > /w/index.html; exec httpd -f -v -p 80 -h /w", ports=[80]
+            )
+
+        @pytest.mark.parametrize("n", [1, 2])
+        def test_uses(web, n):
+            assert urllib.request.urlopen(web.url("/"), timeout=5).read() == b"hi\\n"
+            with open(os.environ["OUT"], "a") as f:
+                f.write(f"{web._proc.pid}\\n")
+
+        def test_fails(web):
+            urllib.request.urlopen(web.url("/missing"), timeout=5)
+    """
+    out = tmp_path / "pids"
+    os.environ["OUT"] = str(out)
+    try:
+        done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
+    finally:
+        del os.environ["OUT"]
+    if "publishing a port needs" in done.stdout:
+        pytest.skip(done.stdout.split("publishing a port needs", 1)[1].splitlines()[0])
+    assert "1 failed, 2 passed" in done.stdout, done.stdout + done.stderr
+    pids = set(out.read_text().split())
+    assert len(pids) == 1  # one service for the session
+    assert not Path(f"/proc/{pids.pop()}").exists()
+    assert "lamina session service" in done.stdout and "/missing" in done.stdout  # its log, in the report
+
+
+@pytest.mark.sandbox
+def test_a_service_stops_at_once_or_gets_stop_timeout_to_exit(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        import time
+
+        COMMAND = "trap 'echo got-term; exit 0' TERM; echo up; sleep 60 & wait"
+
+        def test_killed_at_once(bb, lamina_service):
+            svc = lamina_service(bb, COMMAND, ports=[], ready="log:up")
+            started = time.monotonic()
+            svc.stop()
+            assert time.monotonic() - started < 1.0
+            assert svc.exit_code == 137 and "got-term" not in svc.logs()
+
+        def test_given_time(bb, lamina_service):
+            svc = lamina_service(bb, COMMAND, ports=[], ready="log:up", stop_timeout=10)
+            started = time.monotonic()
+            svc.stop()
+            assert time.monotonic() - started < 5.0
+            assert svc.exit_code == 0 and "got-term" in svc.logs()
+    """
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
