@@ -52,3 +52,20 @@ def test_inputs_round_trip_through_json(
 ) -> None:
     inputs = make_inputs(parent, instruction, env, platform, content)
     assert KeyInputs.from_json(inputs.to_json()) == inputs
+
+
+def test_cache_index_prefixes_are_written_in_cachekey_alone() -> None:
+    # The index's key layout is read in one place (cachekey's layout comment).
+    from pathlib import Path
+
+    import lamina
+
+    prefixes = ('"step-last:', '"copy-files:', '"copy-from:', '"build-memo:', '"layer-blob:')
+    root = Path(lamina.__file__).parent
+    writers = {
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        for prefix in prefixes
+        if prefix in path.read_text() or prefix.replace('"', 'f"', 1) in path.read_text()
+    }
+    assert writers == {"engine/cachekey.py"}

@@ -78,3 +78,38 @@ def explain_miss(previous: KeyInputs | None, current: KeyInputs) -> str:
     if previous.content != current.content:
         reasons.append("input files changed")
     return "; ".join(reasons) or "identical inputs"
+
+
+# --- the cache index's key layout ------------------------------------------------------
+# Every name the engine writes into the store's cache index (Store.cache_get and
+# cache_put) is made here, so the layout can be read in one place:
+#   sha256:<hex>                     a step's result (KeyInputs.key())
+#   step-last:<hex>                  the KeyInputs a step position had last time (explains a miss)
+#   copy-files:step-last:<hex>       the files that position's last COPY wrote (re-linked if unchanged)
+#   copy-from:<hex>                  a COPY --from selection's content digest, per (stage key, instruction)
+#   build-memo:<hex>                 an unchanged build's replay memo (steps.replay)
+#   layer-blob:<dir>:<comp>:<epoch>  the compressed blob made from a layer dir
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def step_position_key(text: str) -> str:
+    return "step-last:" + _sha256(text)
+
+
+def copy_files_key(position: str) -> str:
+    return "copy-files:" + position
+
+
+def copy_from_key(text: str) -> str:
+    return "copy-from:" + _sha256(text)
+
+
+def build_memo_key(hexdigest: str) -> str:
+    return "build-memo:" + hexdigest
+
+
+def layer_blob_key(dir_id: str, compression: str, epoch: int | None) -> str:
+    return f"layer-blob:{dir_id}:{compression}:{epoch if epoch is not None else ''}"

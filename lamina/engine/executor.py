@@ -241,7 +241,9 @@ class Executor:
         """Names one step of one Dockerfile across builds, for explaining its next miss."""
         dockerfile = os.path.abspath(self.options.dockerfile or self.options.context / "Dockerfile")
         text = f"{dockerfile}\0{state.name}\0{state.index}\0{instruction.name}"
-        return "step-last:" + hashlib.sha256(text.encode()).hexdigest()
+        from lamina.engine.cachekey import step_position_key
+
+        return step_position_key(text)
 
     def remember_position(self, where: str, inputs: KeyInputs) -> None:
         if self.store.cache_get(where) != inputs.to_json():

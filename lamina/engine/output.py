@@ -275,7 +275,9 @@ def layer_blob(
 
     if layer.blob is not None and layer.diff_id is not None:
         return layer.blob, layer.diff_id
-    memo = f"layer-blob:{layer.dir_id}:{compression}:{epoch if epoch is not None else ''}"
+    from lamina.engine.cachekey import layer_blob_key
+
+    memo = layer_blob_key(layer.dir_id, compression, epoch)
     found = store.cache_get(memo)
     if found is not None:
         record = json.loads(found)

@@ -251,8 +251,9 @@ def _remember_blob(store: Store, wrapped: _Wrapped, blob: Descriptor, diff_id: D
             return
     except LaminaError:
         return
-    epoch = wrapped.epoch if wrapped.epoch is not None else ""
-    memo = f"layer-blob:{wrapped.layer}:{wrapped.compression}:{epoch}"
+    from lamina.engine.cachekey import layer_blob_key
+
+    memo = layer_blob_key(str(wrapped.layer), wrapped.compression, wrapped.epoch)
     record = {
         "digest": str(blob.digest),
         "diff_id": str(diff_id),

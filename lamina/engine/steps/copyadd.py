@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamina.engine.cachekey import make_inputs
+from lamina.engine.cachekey import copy_files_key, copy_from_key, make_inputs
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.base import base_image
 from lamina.engine.steps.layerstep import layer_step
@@ -146,7 +146,7 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
                     selection = unpack_archives(tree, selection, upper, dest, owner, image, local, late)
                 prior = None
                 if link_prior:
-                    where = "copy-files:" + executor.step_position(state, instruction)
+                    where = copy_files_key(executor.step_position(state, instruction))
                     prior = _load_prior_copy(executor, where)
                 write_selection(
                     tree,
@@ -306,7 +306,7 @@ def _literal_prefix(source: str) -> str:
 
 def _memo_key(stage_key: str, dest_key: str, sources: list[str], dest: str, options: Any, link: bool) -> str:
     text = json.dumps([stage_key, dest_key, sources, dest, repr(options), link])
-    return "copy-from:" + hashlib.sha256(text.encode()).hexdigest()
+    return copy_from_key(text)
 
 
 # An escape and the character it escapes, kept as a pair (a trailing escape alone).

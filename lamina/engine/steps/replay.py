@@ -72,7 +72,9 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
         _fingerprint(options.context, h)
     except OSError:
         return None  # an unreadable context: let the normal path report it
-    return "build-memo:" + h.hexdigest()
+    from lamina.engine.cachekey import build_memo_key
+
+    return build_memo_key(h.hexdigest())
 
 
 def _fingerprint(root: Path, h: Any) -> None:
