@@ -385,6 +385,16 @@ def _isolation_option(f: Any) -> Any:
     )(f)
 
 
+# The network a RUN step (or `lamina run`'s command) gets: BuildKit's words.
+_network_option = click.option(
+    "--network",
+    type=click.Choice(["default", "host", "none"]),
+    default="default",
+    show_default=True,
+    help="default: a network of its own (slirp4netns), the host's loopback out of reach.",
+)
+
+
 # --- sandbox: run --------------------------------------------------------------
 
 
@@ -396,13 +406,7 @@ def _isolation_option(f: Any) -> Any:
 @click.option("-e", "--env", "env", multiple=True, metavar="K=V", help="Set a variable (K alone: pass ours).")
 @click.option("-w", "--workdir", help="Working directory inside (created if missing).")
 @click.option("-u", "--user", help="USER[:GROUP] or UID[:GID], looked up in the image.")
-@click.option(
-    "--network",
-    type=click.Choice(["default", "host", "none"]),
-    default="default",
-    show_default=True,
-    help="default: a network of its own (slirp4netns), the host's loopback out of reach.",
-)
+@_network_option
 @click.option(
     "-p",
     "--publish",
@@ -503,13 +507,7 @@ def _pairs(values: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
 @click.option("--no-cache-filter", "no_cache_filter", multiple=True, help="Run this stage's steps uncached.")
 @click.option("--label", "labels", multiple=True, help="Set a label on the image: KEY=VALUE.")
 @click.option("--secret", "secrets", multiple=True, help="Expose a secret to RUN --mount: id=ID,src=PATH.")
-@click.option(
-    "--network",
-    type=click.Choice(["default", "host", "none"]),
-    default="default",
-    show_default=True,
-    help="RUN's network. default: one of its own (slirp4netns), the host's loopback out of reach.",
-)
+@_network_option
 @click.option(
     "--allow",
     "allow",
