@@ -19,8 +19,10 @@ off). Fixtures:
                     the test on a non-zero exit; a timeout always fails it
     lamina_service  service(image, command=(), *, ports=EXPOSEd, ready="tcp",
                     timeout=30, stop_timeout=0, env=, workdir=, user=,
-                    mounts=) -> Service (port(80), url(path), logs());
-                    stopped at the test's end
+                    mounts=, name=None) -> Service (port(80), url(path),
+                    logs()); stopped at the test's end. Services given a
+                    `name` reach each other by it (name:PORT for each port
+                    the peer publishes; lamina.fixtures.peers)
     lamina_session_service
                     (session) the same, stopped at the session's end: for a
                     session fixture of your own that many tests share
@@ -51,6 +53,7 @@ import pytest
 
 if TYPE_CHECKING:
     from lamina.fixtures.images import Builder, Image
+    from lamina.fixtures.peers import Group
     from lamina.fixtures.runs import RunResult
     from lamina.fixtures.services import Service
 
@@ -219,12 +222,12 @@ def lamina_service(lamina_cache: Path, request: pytest.FixtureRequest) -> Iterat
     -> Service, stopped at the end of the test.
     """
     started: list[Service] = []
+    group: list[Group] = []
     reports = _reports(request)
     try:
-        yield _service_factory(lamina_cache, request.config, started, reports.append)
+        yield _service_factory(lamina_cache, request.config, started, reports.append, group)
     finally:
-        for svc in reversed(started):
-            svc.stop()
+        _stop_all(started, group)
 
 
 _SESSION_SERVICES = pytest.StashKey[list["Service"]]()
@@ -240,13 +243,22 @@ def lamina_session_service(
     session service in its report.
     """
     started: list[Service] = []
+    group: list[Group] = []
     pytestconfig.stash[_SESSION_SERVICES] = started
     try:
-        yield _service_factory(lamina_cache, pytestconfig, started, lambda section: None)
+        yield _service_factory(lamina_cache, pytestconfig, started, lambda section: None, group)
     finally:
-        for svc in reversed(started):
-            svc.stop()
+        _stop_all(started, group)
         del pytestconfig.stash[_SESSION_SERVICES]
+
+
+def _stop_all(started: list[Service], group: list[Group]) -> None:
+    import shutil
+
+    for svc in reversed(started):
+        svc.stop()
+    for g in group:
+        shutil.rmtree(g.directory, ignore_errors=True)
 
 
 def _service_factory(
@@ -254,11 +266,12 @@ def _service_factory(
     config: pytest.Config,
     started: list[Service],
     report: Callable[[Callable[[], tuple[str, str]]], None],
+    group: list[Group],  # its named services' group, made on the first
 ) -> Callable[..., Service]:
     from lamina.errors import LaminaError
     from lamina.fixtures import services
 
-    def service(image: Image | str, command: Any = (), **kwargs: Any) -> Service:
+    def service(image: Image | str, command: Any = (), *, name: str | None = None, **kwargs: Any) -> Service:
         if isinstance(command, str):
             command = ["/bin/sh", "-c", command]
         if "ports" not in kwargs:  # as `docker run -P`: every TCP port the image EXPOSEs
@@ -267,10 +280,17 @@ def _service_factory(
         env = kwargs.pop("env", ())
         if isinstance(env, dict):
             env = [f"{k}={v}" for k, v in env.items()]
+        services_dir = lamina_cache / "pytest" / "services"
         try:
+            if name is not None:
+                if not group:
+                    group.append(_group(services_dir))
+                kwargs["mounts"] = [*kwargs.get("mounts", ()), group[0].reserve(name)]
+                kwargs.setdefault("hostname", name)
+                kwargs["on_running"] = lambda svc: _join(group[0], name, svc)
             svc = services.start(
                 str(image),
-                services_dir=lamina_cache / "pytest" / "services",
+                services_dir=services_dir,
                 cache_dir=lamina_cache,
                 command=command,
                 env=env,
@@ -285,3 +305,20 @@ def _service_factory(
         return svc
 
     return service
+
+
+def _group(services_dir: Path) -> Group:
+    """A group of named services, its hosts files in a directory swept as a service's is."""
+    import uuid
+
+    from lamina.fixtures import peers, services
+
+    directory = services_dir / f"peers-{uuid.uuid4().hex[:12]}"
+    directory.mkdir(parents=True)
+    services.write_owner(directory, os.getpid())
+    return peers.Group(directory)
+
+
+def _join(group: Group, name: str, svc: Service) -> None:
+    group.join(name, svc.sandbox_pid, svc.ports)
+    svc.on_stop.append(lambda: group.leave(name))

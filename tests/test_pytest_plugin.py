@@ -432,17 +432,17 @@ def test_a_service_stops_at_once_or_gets_stop_timeout_to_exit(tmp_path: Path, ca
     tests = """
         import time
 
-        COMMAND = "trap 'echo got-term; exit 0' TERM; echo up; sleep 60 & wait"
+        COMMAND = "trap 'echo got-term; exit 0' TERM; echo trap-set; sleep 60 & wait"
 
         def test_killed_at_once(bb, lamina_service):
-            svc = lamina_service(bb, COMMAND, ports=[], ready="log:up")
+            svc = lamina_service(bb, COMMAND, ports=[], ready="log:^trap-set$")
             started = time.monotonic()
             svc.stop()
             assert time.monotonic() - started < 1.0
             assert svc.exit_code == 137 and "got-term" not in svc.logs()
 
         def test_given_time(bb, lamina_service):
-            svc = lamina_service(bb, COMMAND, ports=[], ready="log:up", stop_timeout=10)
+            svc = lamina_service(bb, COMMAND, ports=[], ready="log:^trap-set$", stop_timeout=10)
             started = time.monotonic()
             svc.stop()
             assert time.monotonic() - started < 5.0
@@ -451,3 +451,37 @@ def test_a_service_stops_at_once_or_gets_stop_timeout_to_exit(tmp_path: Path, ca
     done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 passed" in done.stdout
+
+
+@pytest.mark.sandbox
+def test_two_services_of_a_test_reach_each_other_by_name(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        import time
+
+        def serve(text, port, peer, peer_port):
+            return (
+                f"mkdir /w; echo {text} > /w/index.html; httpd -p {port} -h /w; cat /etc/hosts; "
+                "wget -q -T 2 -O- http://10.0.2.2:$ELSEWHERE/ || echo host-loopback-unreachable; "
+                f"until wget -q -O- http://{peer}:{peer_port}/ > /tmp/r 2>/dev/null; do sleep 0.05; done; "
+                f'echo "got: $(cat /tmp/r) from {peer}"; exec sleep 60'
+            )
+
+        def test_by_name(bb, lamina_service):
+            api = lamina_service(bb, serve("from-api", 8080, "web", 80), ports=[8080], name="api",
+                                 env={"ELSEWHERE": "1"})
+            web = lamina_service(bb, serve("from-web", 80, "api", 8080), ports=[80], name="web",
+                                 env={"ELSEWHERE": str(api.port(8080))})
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not all("got:" in s.logs() for s in (api, web)):
+                time.sleep(0.05)
+            assert "got: from-web from web" in api.logs(), api.logs()
+            assert "got: from-api from api" in web.logs(), web.logs()
+            assert "127.0.1.1\\tapi" in web.logs()  # its /etc/hosts
+            # The host's loopback stays out of reach: api's published port is not, by its host port.
+            assert "host-loopback-unreachable" in web.logs()
+    """
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
+    if "publishing a port needs" in done.stdout:
+        pytest.skip(done.stdout.split("publishing a port needs", 1)[1].splitlines()[0])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not list((cache / "pytest" / "services").iterdir())  # the group's directory too
