@@ -283,6 +283,8 @@ def _service_factory(
         services_dir = lamina_cache / "pytest" / "services"
         try:
             if name is not None:
+                if kwargs.get("network", "default") != "default":
+                    pytest.fail(f"lamina service {image}: name= needs the default network", pytrace=False)
                 if not group:
                     group.append(_group(services_dir))
                 kwargs["mounts"] = [*kwargs.get("mounts", ()), group[0].reserve(name)]

@@ -485,3 +485,24 @@ def test_two_services_of_a_test_reach_each_other_by_name(tmp_path: Path, cache: 
         pytest.skip(done.stdout.split("publishing a port needs", 1)[1].splitlines()[0])
     assert done.returncode == 0, done.stdout + done.stderr
     assert not list((cache / "pytest" / "services").iterdir())  # the group's directory too
+
+
+@pytest.mark.sandbox
+def test_a_service_on_the_host_network_listens_on_the_host(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        import socket, urllib.request
+
+        def test_host(bb, lamina_service):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            svc = lamina_service(
+                bb, f"mkdir /w; echo on-host > /w/index.html; exec httpd -f -p 127.0.0.1:{port} -h /w",
+                ports=[port], network="host",
+            )
+            assert svc.port() == port
+            assert urllib.request.urlopen(svc.url("/"), timeout=5).read() == b"on-host\\n"
+    """
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
