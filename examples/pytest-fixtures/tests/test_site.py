@@ -16,6 +16,21 @@ def test_the_site_is_served(web, lamina_service):
     assert "GET /" in server.logs() or "response:200" in server.logs()
 
 
+def test_a_mirror_reaches_the_site_by_name(web, base, lamina_service):
+    # Services given a name reach each other by it (as a podman pod's do), and nothing else of the host.
+    lamina_service(web, name="site")
+    mirror = lamina_service(
+        base,
+        "mkdir /m; until wget -q -O /m/index.html http://site/; do sleep 0.05; done; "
+        "exec httpd -f -p 8080 -h /m",
+        ports=[8080],
+        ready="http:/",
+        name="mirror",
+    )
+    with urllib.request.urlopen(mirror.url("/"), timeout=10) as response:
+        assert "version 1.2.3" in response.read().decode()
+
+
 def test_the_version_file(web, lamina_run):
     result = lamina_run(web, ["cat", "/www/version.txt"], check=True)
     assert result.stdout == "1.2.3\n"
