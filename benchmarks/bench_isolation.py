@@ -1,0 +1,88 @@
+"""What each isolation mode costs: a RUN step's start-to-exit, and a small two-stage build.
+
+    .venv/bin/python benchmarks/bench_isolation.py [--rounds 10]
+
+Run as root (chroot and rootns need uid 0). For each mode this process may
+use (`lamina info` lists them): the sandbox's start-to-exit for /bin/true
+over the busybox base (median of --rounds), then a cold and a no-op build
+of tests/test_sandbox_isolation.py's Dockerfile (two stages, four RUN
+steps with a cache mount, a secret and a heredoc). Prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lamina.engine import sandbox  # noqa: E402
+from lamina.engine.sandbox.isolation import Isolation, choose  # noqa: E402
+from lamina.errors import SandboxError  # noqa: E402
+from tests.support.busybox import make_busybox_image, make_busybox_rootfs  # noqa: E402
+from tests.test_sandbox_isolation import DOCKERFILE  # noqa: E402
+
+
+def _true(rootfs: Path, scratch: Path, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        spec = sandbox.SandboxSpec(
+            argv=("/bin/true",), lower_dirs=(rootfs,), network=sandbox.Network.HOST, scratch_dir=scratch
+        )
+        start = time.perf_counter()
+        code = sandbox.run(spec)
+        times.append(time.perf_counter() - start)
+        assert code == 0
+    return statistics.median(times)
+
+
+def _build(work: Path, mode: str, base: Path) -> tuple[float, float]:
+    cache, ctx = work / f"cache-{mode}", work / "ctx"
+    env = {**os.environ, "LAMINA_CACHE": str(cache), "SOURCE_DATE_EPOCH": "0", "LAMINA_ISOLATION": mode}
+    lamina = [sys.executable, "-m", "lamina"]
+    subprocess.run([*lamina, "load", str(base)], env=env, check=True, capture_output=True, cwd=ROOT)
+    args = [*lamina, "build", "--progress", "quiet", "--secret", f"id=tok,src={work}/tok", str(ctx)]
+    out = []
+    for _ in range(2):
+        start = time.perf_counter()
+        subprocess.run(args, env=env, check=True, capture_output=True, cwd=ROOT)
+        out.append(time.perf_counter() - start)
+    return out[0], out[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=10)
+    rounds = parser.parse_args().rounds
+    with tempfile.TemporaryDirectory(prefix="bench-isolation-") as tmp:
+        work = Path(tmp)
+        rootfs = make_busybox_rootfs(work / "rootfs")
+        base = make_busybox_image(work / "base")
+        (work / "ctx").mkdir()
+        (work / "ctx/Dockerfile").write_text(DOCKERFILE)
+        (work / "ctx/app.txt").write_text("hello\n")
+        (work / "tok").write_text("s3cret\n")
+        print(f"{'mode':8} {'/bin/true ms':>13} {'cold build s':>13} {'no-op s':>8}")
+        for mode in Isolation:
+            try:
+                choose(mode)
+            except SandboxError as err:
+                print(f"{mode.value:8} skipped: {err}")
+                continue
+            os.environ["LAMINA_ISOLATION"] = mode.value
+            true_s = _true(rootfs, work / "scratch", rounds)
+            cold, noop = _build(work, mode.value, base)
+            print(f"{mode.value:8} {true_s * 1000:13.1f} {cold:13.2f} {noop:8.2f}")
+        shutil.rmtree(work / "scratch", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
