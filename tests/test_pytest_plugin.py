@@ -201,7 +201,7 @@ def test_a_service_is_reachable_and_stopped_at_teardown(tmp_path: Path, cache: P
             )
             assert urllib.request.urlopen(svc.url("/"), timeout=5).read() == b"hi\\n"
             with open(os.environ["OUT"], "w") as f:
-                f.write(str(svc._proc.pid))
+                f.write(str(svc.sandbox_pid))
     """
     out = tmp_path / "pid"
     os.environ["OUT"] = str(out)
@@ -222,7 +222,7 @@ def test_a_killed_pytest_leaves_no_service_behind(tmp_path: Path, cache: Path) -
         def test_hang(bb, lamina_service):
             svc = lamina_service(bb, "exec httpd -f -p 80 -h /tmp", ports=[80])
             with open(os.environ["OUT"] + ".tmp", "w") as f:
-                f.write(str(svc._proc.pid))
+                f.write(str(svc.sandbox_pid))
             os.rename(os.environ["OUT"] + ".tmp", os.environ["OUT"])
             time.sleep(120)
     """
@@ -247,13 +247,13 @@ def test_a_killed_pytest_leaves_no_service_behind(tmp_path: Path, cache: Path) -
         if "skipped" in output:
             pytest.skip(output.splitlines()[-1])
         raise AssertionError(output)
-    supervisor = int(out.read_text())
+    helper = int(out.read_text())
     proc.kill()  # SIGKILL: no teardown runs
     proc.wait()
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{supervisor}").exists() and time.monotonic() < deadline:
+    while Path(f"/proc/{helper}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not Path(f"/proc/{supervisor}").exists()  # it died with its owner
+    assert not Path(f"/proc/{helper}").exists()  # the sandbox died with its owner
     # Its directory stays until the next session sweeps it.
     assert list((cache / "pytest" / "services").iterdir())
     again = _pytest(_project(tmp_path / "q", "def test_nothing():\n    pass\n"), cache, "-q")
@@ -262,9 +262,9 @@ def test_a_killed_pytest_leaves_no_service_behind(tmp_path: Path, cache: Path) -
 
 
 def test_the_next_session_kills_what_a_dead_pytest_left(tmp_path: Path, cache: Path) -> None:
-    # A supervisor that survived its owner (say, the owner was killed between
-    # starting it and its parent-death signal being set): a process group of
-    # its own, and an owner.json naming a pytest that is gone.
+    # A process that survived its owner (the sandbox helper dies with its
+    # parent; this stands for one that did not): a process group of its own,
+    # and an owner.json naming a pytest that is gone.
     leftover = subprocess.Popen(["sleep", "300"], start_new_session=True)
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -407,7 +407,7 @@ def test_a_session_service_is_shared_and_stopped_at_the_session_end(tmp_path: Pa
         def test_uses(web, n):
             assert urllib.request.urlopen(web.url("/"), timeout=5).read() == b"hi\\n"
             with open(os.environ["OUT"], "a") as f:
-                f.write(f"{web._proc.pid}\\n")
+                f.write(f"{web.sandbox_pid}\\n")
 
         def test_fails(web):
             urllib.request.urlopen(web.url("/missing"), timeout=5)
