@@ -506,3 +506,38 @@ def test_a_service_on_the_host_network_listens_on_the_host(tmp_path: Path, cache
     done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
+
+
+@pytest.mark.sandbox
+def test_xdist_workers_build_a_copied_context_once(tmp_path: Path, cache: Path) -> None:
+    pytest.importorskip("xdist")
+    tests = """
+        import json, os, shutil
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def image(lamina_build, bb, tmp_path_factory):
+            # Each worker copies the context to a directory of its own: another path, the same content.
+            context = tmp_path_factory.mktemp("ctx")
+            shutil.copytree(os.environ["SRC"], context, dirs_exist_ok=True)
+            return lamina_build(context, build_args={"BASE": bb.name})
+
+        @pytest.mark.parametrize("n", [1, 2])
+        def test_build(image, n):
+            with open(os.environ["OUT"] + f".{os.environ['PYTEST_XDIST_WORKER']}", "w") as f:
+                json.dump({"digest": image.digest, "run": image.result.steps_run, "name": image.name}, f)
+    """
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "Dockerfile").write_text("ARG BASE\nFROM ${BASE}\nRUN sleep 0.5; echo built > /built\n")
+    out = tmp_path / "out"
+    os.environ.update(SRC=str(src), OUT=str(out))
+    try:
+        done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-p", "xdist.plugin", "-n", "2")
+    finally:
+        del os.environ["SRC"], os.environ["OUT"]
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("out.gw*"))]
+    assert len(seen) == 2
+    assert seen[0]["digest"] == seen[1]["digest"] and seen[0]["name"] == seen[1]["name"]
+    assert sorted(s["run"] for s in seen)[0] == 0  # one built it, the other waited and found it cached
