@@ -225,12 +225,13 @@ def lamina_service(lamina_cache: Path, request: pytest.FixtureRequest) -> Iterat
     group: list[Group] = []
     reports = _reports(request)
     try:
-        yield _service_factory(lamina_cache, request.config, started, reports.append, group)
+        yield _service_factory(lamina_cache, request.config, started, reports.append, group, test=True)
     finally:
         _stop_all(started, group)
 
 
 _SESSION_SERVICES = pytest.StashKey[list["Service"]]()
+_SESSION_GROUP = pytest.StashKey[list["Group"]]()  # empty until a session service has a name
 
 
 @pytest.fixture(scope="session")
@@ -245,11 +246,12 @@ def lamina_session_service(
     started: list[Service] = []
     group: list[Group] = []
     pytestconfig.stash[_SESSION_SERVICES] = started
+    pytestconfig.stash[_SESSION_GROUP] = group
     try:
         yield _service_factory(lamina_cache, pytestconfig, started, lambda section: None, group)
     finally:
         _stop_all(started, group)
-        del pytestconfig.stash[_SESSION_SERVICES]
+        del pytestconfig.stash[_SESSION_SERVICES], pytestconfig.stash[_SESSION_GROUP]
 
 
 def _stop_all(started: list[Service], group: list[Group]) -> None:
@@ -267,6 +269,8 @@ def _service_factory(
     started: list[Service],
     report: Callable[[Callable[[], tuple[str, str]]], None],
     group: list[Group],  # its named services' group, made on the first
+    *,
+    test: bool = False,  # a test's factory: its services reach the session's by name
 ) -> Callable[..., Service]:
     from lamina.errors import LaminaError
     from lamina.fixtures import services
@@ -286,7 +290,7 @@ def _service_factory(
                 if kwargs.get("network", "default") != "default":
                     pytest.fail(f"lamina service {image}: name= needs the default network", pytrace=False)
                 if not group:
-                    group.append(_group(services_dir))
+                    group.append(_group(services_dir, config if test else None))
                 kwargs["mounts"] = [*kwargs.get("mounts", ()), group[0].reserve(name)]
                 kwargs.setdefault("hostname", name)
                 kwargs["on_running"] = lambda svc: _join(group[0], name, svc)
@@ -309,8 +313,11 @@ def _service_factory(
     return service
 
 
-def _group(services_dir: Path) -> Group:
-    """A group of named services, its hosts files in a directory swept as a service's is."""
+def _group(services_dir: Path, test_of: pytest.Config | None) -> Group:
+    """A group of named services, its hosts files in a directory swept as a service's is.
+
+    A test's (`test_of` its config) has the session's group, if any, as parent.
+    """
     import uuid
 
     from lamina.fixtures import peers, services
@@ -318,7 +325,14 @@ def _group(services_dir: Path) -> Group:
     directory = services_dir / f"peers-{uuid.uuid4().hex[:12]}"
     directory.mkdir(parents=True)
     services.write_owner(directory, os.getpid())
-    return peers.Group(directory)
+    if test_of is None:
+        return peers.Group(directory)
+
+    def parent() -> Group | None:
+        session = test_of.stash.get(_SESSION_GROUP, [])
+        return session[0] if session else None
+
+    return peers.Group(directory, prefix=peers.TEST_PREFIX, parent=parent)
 
 
 def _join(group: Group, name: str, svc: Service) -> None:

@@ -392,7 +392,9 @@ def test_the_marker_skips_with_the_reason_or_fails_when_required(tmp_path: Path,
 
 
 @pytest.mark.sandbox
-def test_a_session_service_is_shared_and_stopped_at_the_session_end(tmp_path: Path, cache: Path) -> None:
+def test_a_session_service_is_shared_reached_by_name_and_stopped_at_the_session_end(
+    tmp_path: Path, cache: Path
+) -> None:
     tests = """
         import os, urllib.request
         import pytest
@@ -400,7 +402,7 @@ def test_a_session_service_is_shared_and_stopped_at_the_session_end(tmp_path: Pa
         @pytest.fixture(scope="session")
         def web(bb, lamina_session_service):
             return lamina_session_service(
-                bb, "mkdir /w; echo hi > /w/index.html; exec httpd -f -v -p 80 -h /w", ports=[80]
+                bb, "mkdir /w; echo hi > /w/index.html; exec httpd -f -v -p 80 -h /w", ports=[80], name="site"
             )
 
         @pytest.mark.parametrize("n", [1, 2])
@@ -411,6 +413,11 @@ def test_a_session_service_is_shared_and_stopped_at_the_session_end(tmp_path: Pa
 
         def test_fails(web):
             urllib.request.urlopen(web.url("/missing"), timeout=5)
+
+        def test_a_test_service_reaches_it_by_name(web, bb, lamina_service):
+            fetch = "until wget -q -O /tmp/r http://site/; do sleep 0.05; done; echo got-$(cat /tmp/r)"
+            client = lamina_service(bb, fetch + "; exec sleep 60", ports=[], ready="log:got-", name="client")
+            assert "got-hi" in client.logs()
     """
     out = tmp_path / "pids"
     os.environ["OUT"] = str(out)
@@ -420,7 +427,7 @@ def test_a_session_service_is_shared_and_stopped_at_the_session_end(tmp_path: Pa
         del os.environ["OUT"]
     if "publishing a port needs" in done.stdout:
         pytest.skip(done.stdout.split("publishing a port needs", 1)[1].splitlines()[0])
-    assert "1 failed, 2 passed" in done.stdout, done.stdout + done.stderr
+    assert "1 failed, 3 passed" in done.stdout, done.stdout + done.stderr
     pids = set(out.read_text().split())
     assert len(pids) == 1  # one service for the session
     assert not Path(f"/proc/{pids.pop()}").exists()
@@ -461,7 +468,8 @@ def test_two_services_of_a_test_reach_each_other_by_name(tmp_path: Path, cache: 
         def serve(text, port, peer, peer_port):
             return (
                 f"mkdir /w; echo {text} > /w/index.html; httpd -p {port} -h /w; cat /etc/hosts; "
-                "wget -q -T 2 -O- http://10.0.2.2:$ELSEWHERE/ || echo host-loopback-unreachable; "
+                "wget -q -O- http://10.0.2.2:$ELSEWHERE/ 2>&1 | grep -q unreachable "
+                "&& echo host-loopback-unreachable; "
                 f"until wget -q -O- http://{peer}:{peer_port}/ > /tmp/r 2>/dev/null; do sleep 0.05; done; "
                 f'echo "got: $(cat /tmp/r) from {peer}"; exec sleep 60'
             )
@@ -476,7 +484,7 @@ def test_two_services_of_a_test_reach_each_other_by_name(tmp_path: Path, cache: 
                 time.sleep(0.05)
             assert "got: from-web from web" in api.logs(), api.logs()
             assert "got: from-api from api" in web.logs(), web.logs()
-            assert "127.0.1.1\\tapi" in web.logs()  # its /etc/hosts
+            assert "127.0.2.1\\tapi" in web.logs()  # its /etc/hosts
             # The host's loopback stays out of reach: api's published port is not, by its host port.
             assert "host-loopback-unreachable" in web.logs()
     """
