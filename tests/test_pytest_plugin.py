@@ -70,6 +70,12 @@ def _pytest(
     return subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _skip_where_no_port(output: str) -> None:
+    """Skip as the inner run did where no port can be published here, with its reason."""
+    if "publishing a port needs" in output:
+        pytest.skip("publishing a port needs" + output.split("publishing a port needs", 1)[1].splitlines()[0])
+
+
 def test_the_entry_point_registers_the_plugin() -> None:
     from importlib.metadata import entry_points
 
@@ -181,8 +187,7 @@ def test_a_service_that_never_gets_ready_fails_in_time_with_its_log(tmp_path: Pa
     done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
     assert time.monotonic() - started < 60
     out = done.stdout
-    if "publishing a port needs" in out:
-        pytest.skip(out.split("publishing a port needs", 1)[1].splitlines()[0])
+    _skip_where_no_port(out)
     assert "2 failed" in out, out + done.stderr
     assert "was not ready (tcp) within 2 s" in out
     assert "waiting-forever" in out
@@ -209,8 +214,7 @@ def test_a_service_is_reachable_and_stopped_at_teardown(tmp_path: Path, cache: P
         done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
     finally:
         del os.environ["OUT"]
-    if "skipped" in done.stdout:
-        pytest.skip(done.stdout.splitlines()[-1])
+    _skip_where_no_port(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not Path(f"/proc/{out.read_text()}").exists()
 
@@ -244,8 +248,7 @@ def test_a_killed_pytest_leaves_no_service_behind(tmp_path: Path, cache: Path) -
     if not out.exists():
         proc.kill()
         output = proc.communicate()[0]
-        if "skipped" in output:
-            pytest.skip(output.splitlines()[-1])
+        _skip_where_no_port(output)
         raise AssertionError(output)
     helper = int(out.read_text())
     proc.kill()  # SIGKILL: no teardown runs
@@ -425,8 +428,7 @@ def test_a_session_service_is_shared_reached_by_name_and_stopped_at_the_session_
         done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
     finally:
         del os.environ["OUT"]
-    if "publishing a port needs" in done.stdout:
-        pytest.skip(done.stdout.split("publishing a port needs", 1)[1].splitlines()[0])
+    _skip_where_no_port(done.stdout)
     assert "1 failed, 3 passed" in done.stdout, done.stdout + done.stderr
     pids = set(out.read_text().split())
     assert len(pids) == 1  # one service for the session
@@ -489,8 +491,7 @@ def test_two_services_of_a_test_reach_each_other_by_name(tmp_path: Path, cache: 
             assert "host-loopback-unreachable" in web.logs()
     """
     done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
-    if "publishing a port needs" in done.stdout:
-        pytest.skip(done.stdout.split("publishing a port needs", 1)[1].splitlines()[0])
+    _skip_where_no_port(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not list((cache / "pytest" / "services").iterdir())  # the group's directory too
 
