@@ -169,6 +169,22 @@ def _print_forecast(steps: Sequence[Any]) -> None:
         click.echo(f"{label:<{width}}  " + ("cached" if step.cached else f"will run: {step.reason}"))
 
 
+def _print_forecast_json(steps: Sequence[Any]) -> None:
+    """`--dry-run --progress json`: one JSON object per step on stdout, as the progress events are."""
+    import json
+
+    for step in steps:
+        record = {
+            "type": "forecast",
+            "stage": step.stage,
+            "step": step.index,
+            "instruction": step.instruction,
+            "cache": "cached" if step.cached else "run",
+            **({"reason": step.reason} if step.reason else {}),
+        }
+        click.echo(json.dumps(record, sort_keys=True))
+
+
 # --- images: load, save, images, rmi, cache ----------------------------------
 
 
@@ -600,7 +616,10 @@ def build(
         insecure_registries=insecure_registries,
     )
     if dry_run:
-        _print_forecast(result.steps)
+        if progress == "json":
+            _print_forecast_json(result.steps)
+        else:
+            _print_forecast(result.steps)
         return
     if iidfile:
         _write_text(iidfile, "--iidfile", result.config_digest)

@@ -199,7 +199,7 @@ def test_dry_run_says_what_would_run_and_why(cache: Path, ctx: Path) -> None:
     plan = build(cache, ctx, dry_run=True, build_args={"LATE": "z"})
     reasons = {s.instruction: (s.cached, s.reason) for s in plan.steps}
     assert reasons["WORKDIR /src"] == (True, "")
-    assert reasons["COPY src/ ./"] == (False, "input files changed")
+    assert reasons["COPY src/ ./"] == (False, "file content changed: src/b.txt")
     assert reasons['RUN echo "$LATE" > /app/late'][0] is False
     assert "will run first" in reasons["COPY --from=builder /combined /app/combined"][1]
     assert plan.image_digest == "", "a dry run makes no image"
@@ -213,6 +213,8 @@ def test_dry_run_names_a_changed_arg(cache: Path, ctx: Path) -> None:
     plan = build(cache, ctx, dry_run=True, build_args={"VERSION": "9"})
     reasons = {s.instruction: s.reason for s in plan.steps if not s.cached}
     first_run = 'RUN cat *.txt | sort > /combined && echo "version $VERSION" > /version'
-    assert reasons[first_run] == "ARG/ENV changed: VERSION"
-    assert "ARG/ENV changed: VERSION" in reasons["RUN echo untouched-by-arg > /stable"]
+    assert reasons[first_run] == 'build arg VERSION changed: "1" -> "9"'
+    assert reasons["RUN echo untouched-by-arg > /stable"] == (
+        f'the previous step changed: step 3 ({first_run}) will run; build arg VERSION changed: "1" -> "9"'
+    )
     assert "COPY src/ ./" not in reasons, "COPY does not see VERSION"

@@ -27,13 +27,33 @@ class KeyInputs:
     env: tuple[tuple[str, str], ...] = ()  # visible ARG/ENV, sorted by name
     platform: str = ""
     content: str = ""  # digest of the step's input files / mounted stages, "" when none
+    # Not in the key: what explain_miss needs to name a cause exactly. Stored
+    # under the step's position (step-last:), never beside a result.
+    files: tuple[tuple[str, str, str], ...] = ()  # (path, content digest, "type mode uid:gid link")
+    env_from: tuple[str, ...] = ()  # names of `env` that ENV set (the others are ARGs)
+    base: str = ""  # the stage's base: "image REF@DIGEST", "stage NAME@KEY" or "scratch"
 
     def key(self) -> str:
         return "sha256:" + hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def to_json(self) -> str:
-        record = {"v": KEY_VERSION, **dataclasses.asdict(self)}
-        record["env"] = [list(pair) for pair in self.env]
+        """The keyed fields only: the same JSON (and key) as before the explaining fields."""
+        record = {
+            "v": KEY_VERSION,
+            "parent": self.parent,
+            "instruction": self.instruction,
+            "env": [list(pair) for pair in self.env],
+            "platform": self.platform,
+            "content": self.content,
+        }
+        return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+    def record_json(self) -> str:
+        """Every field, for the step's position: what the next miss is explained against."""
+        record = json.loads(self.to_json())
+        record["files"] = [list(f) for f in self.files]
+        record["env_from"] = list(self.env_from)
+        record["base"] = self.base
         return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -45,6 +65,9 @@ class KeyInputs:
             env=tuple((name, value) for name, value in record["env"]),
             platform=record["platform"],
             content=record["content"],
+            files=tuple((p, c, m) for p, c, m in record.get("files", ())),
+            env_from=tuple(record.get("env_from", ())),
+            base=record.get("base", ""),
         )
 
 
@@ -58,26 +81,173 @@ def make_inputs(
     return KeyInputs(parent, instruction, tuple(sorted((env or {}).items())), platform, content)
 
 
-def explain_miss(previous: KeyInputs | None, current: KeyInputs) -> str:
-    """One line saying why `current` did not hit where `previous` was cached before."""
+FIRST_BUILD = "first build of this step"
+_FEW = 3  # paths named before "and N more"
+# Values never shown: proxy ARGs may carry credentials, and so may names like these.
+_MASKED_WORDS = ("PROXY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "API_KEY", "PRIVATE")
+
+
+def explain_miss(previous: KeyInputs | None, current: KeyInputs, parent_ran: str = "") -> str:
+    """One line saying why `current` did not hit where `previous` was cached before.
+
+    `parent_ran` names the earlier step of the stage that ran (or will), when
+    one did: a changed parent is then that step's doing.
+    """
+    return "; ".join(miss_causes(previous, current, parent_ran)) or "identical inputs"
+
+
+def miss_causes(previous: KeyInputs | None, current: KeyInputs, parent_ran: str = "") -> list[str]:
+    """Every cause of a miss, each with its particulars, in the order a reader checks them."""
     if previous is None:
-        return "never built"
-    reasons = []
-    if previous.parent != current.parent:
-        reasons.append("the previous step changed")
+        return [FIRST_BUILD]
+    causes = []
+    if previous.base and current.base and previous.base != current.base:
+        causes.append(_base_cause(previous.base, current.base))
+    elif previous.parent != current.parent:
+        causes.append(
+            f"the previous step changed: {parent_ran}" if parent_ran else "the previous step changed"
+        )
     if previous.instruction != current.instruction:
-        reasons.append("the instruction changed")
-    old_env, new_env = dict(previous.env), dict(current.env)
-    changed = sorted(
-        name for name in old_env.keys() | new_env.keys() if old_env.get(name) != new_env.get(name)
-    )
-    if changed:
-        reasons.append("ARG/ENV changed: " + ", ".join(changed))
+        causes.extend(_instruction_causes(previous.instruction, current.instruction))
+    causes.extend(_env_causes(previous, current))
     if previous.platform != current.platform:
-        reasons.append(f"platform changed: {previous.platform} -> {current.platform}")
+        causes.append(f"platform changed: {previous.platform} -> {current.platform}")
     if previous.content != current.content:
-        reasons.append("input files changed")
-    return "; ".join(reasons) or "identical inputs"
+        named = _file_causes(previous.files, current.files)
+        if named:
+            causes.extend(named)
+        elif not current.instruction.startswith("RUN "):
+            causes.append("input files changed")
+        elif not any(cause.startswith("RUN options changed") and "mounts" in cause for cause in causes):
+            causes.append("mounted files changed")  # else: a mount added or removed, said already
+    return causes
+
+
+def _short(digest: str) -> str:
+    algo, _, hexdigest = digest.removeprefix("image:").partition(":")
+    return f"{algo}:{hexdigest[:12]}" if hexdigest else digest
+
+
+def _base_cause(old: str, new: str) -> str:
+    old_ref, _, old_digest = old.rpartition("@")
+    new_ref, _, new_digest = new.rpartition("@")
+    kind = "base stage" if new_ref.startswith("stage ") else "base image"
+    new_name = new_ref.split(" ", 1)[-1]
+    if old_ref == new_ref:
+        if kind == "base stage":
+            return f"upstream stage {new_name} changed"
+        return f"{kind} changed: {new_name} {_short(old_digest)} -> {_short(new_digest)}"
+    old_name = old_ref.split(" ", 1)[-1]
+    return f"base changed: {old_name} -> {new_name}"
+
+
+def _instruction_causes(old: str, new: str) -> list[str]:
+    old_word, _, old_rest = old.partition(" ")
+    new_word, _, new_rest = new.partition(" ")
+    try:
+        before, after = json.loads(old_rest), json.loads(new_rest)
+    except ValueError:
+        before = after = None
+    if old_word != new_word or not isinstance(before, dict) or not isinstance(after, dict):
+        return ["instruction text changed"]
+    if old_word == "RUN":
+        return _run_causes(before, after)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return [f"instruction text changed ({', '.join(changed)})"]
+
+
+_RUN_OPTIONS = ("network", "security", "mounts")
+
+
+def _run_causes(before: dict[str, object], after: dict[str, object]) -> list[str]:
+    causes = []
+    if before.get("argv") != after.get("argv") or before.get("script") != after.get("script"):
+        causes.append("instruction text changed (the command)")
+    options = []
+    for name in _RUN_OPTIONS:
+        old, new = before.get(name), after.get(name)
+        if old == new:
+            continue
+        if name == "mounts":
+            options.append("mounts " + _mounts_change(old, new))
+        else:
+            options.append(f"{name} {old or 'default'} -> {new or 'default'}")
+    if options:
+        causes.append("RUN options changed: " + ", ".join(options))
+    if before.get("user") != after.get("user"):
+        causes.append(f"USER changed: {before.get('user') or 'root'} -> {after.get('user') or 'root'}")
+    if before.get("cwd") != after.get("cwd"):
+        causes.append(f"WORKDIR changed: {before.get('cwd')} -> {after.get('cwd')}")
+    return causes or ["instruction text changed"]
+
+
+def _mounts_change(old: object, new: object) -> str:
+    def targets(mounts: object) -> dict[str, str]:
+        found = {}
+        for mount in mounts if isinstance(mounts, list) else ():
+            text = mount if isinstance(mount, str) else json.dumps(mount, sort_keys=True)
+            found[text] = text  # "type:...:target:..." (steps.run): the kind and the target
+        return found
+
+    a, b = targets(old), targets(new)
+    parts = [f"+{t}" for t in sorted(b.keys() - a.keys())]
+    parts += [f"-{t}" for t in sorted(a.keys() - b.keys())]
+    return f"({' '.join(parts)})" if parts else "changed"
+
+
+def masked(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in _MASKED_WORDS)
+
+
+def _env_causes(previous: KeyInputs, current: KeyInputs) -> list[str]:
+    old_env, new_env = dict(previous.env), dict(current.env)
+    set_by_env = set(previous.env_from) | set(current.env_from)
+    causes = []
+    for name in sorted(old_env.keys() | new_env.keys()):
+        old, new = old_env.get(name), new_env.get(name)
+        if old == new:
+            continue
+        kind = "ENV" if name in set_by_env else "build arg"
+        values = "(value masked)" if masked(name) else f"{_value(old)} -> {_value(new)}"
+        causes.append(f"{kind} {name} changed: {values}")
+    return causes
+
+
+def _value(value: str | None) -> str:
+    if value is None:
+        return "(unset)"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + '..."'
+
+
+def _few(paths: list[str]) -> str:
+    named = ", ".join(paths[:_FEW])
+    return named + (f" and {len(paths) - _FEW} more" if len(paths) > _FEW else "")
+
+
+def _file_causes(old: tuple[tuple[str, str, str], ...], new: tuple[tuple[str, str, str], ...]) -> list[str]:
+    """Which files changed and how: content, mode or owner, added, removed (a few, then a count)."""
+    if not old and not new:
+        return []
+    before = {path: (content, meta) for path, content, meta in old}
+    after = {path: (content, meta) for path, content, meta in new}
+    content = sorted(p for p in before.keys() & after.keys() if before[p][0] != after[p][0])
+    meta = sorted(
+        p for p in before.keys() & after.keys() if before[p][0] == after[p][0] and before[p][1] != after[p][1]
+    )
+    added = sorted(after.keys() - before.keys())
+    removed = sorted(before.keys() - after.keys())
+    causes = []
+    for label, paths in (
+        ("file content changed", content),
+        ("mode or owner changed", meta),
+        ("file added", added),
+        ("file removed", removed),
+    ):
+        if paths:
+            causes.append(f"{label}: {_few(paths)}")
+    return causes
 
 
 # --- the cache index's key layout ------------------------------------------------------

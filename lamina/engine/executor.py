@@ -246,21 +246,26 @@ class Executor:
         return step_position_key(text)
 
     def remember_position(self, where: str, inputs: KeyInputs) -> None:
-        if self.store.cache_get(where) != inputs.to_json():
-            self.store.cache_put(where, inputs.to_json())
+        record = inputs.record_json()
+        if self.store.cache_get(where) != record:
+            self.store.cache_put(where, record)
 
     def explain(self, where: str, inputs: KeyInputs, state: StageState) -> str:
-        from lamina.engine.cachekey import explain_miss
+        """Why `inputs` missed: compared with what this step position had last time (cachekey.miss_causes)."""
+        from lamina.engine.cachekey import KeyInputs, explain_miss
 
-        if self.options.no_cache or state.no_cache:
+        if self.options.no_cache:
             return "--no-cache"
+        if state.no_cache:
+            return f"--no-cache-filter {state.name}"
         text = self.store.cache_get(where)
-        from lamina.engine.cachekey import KeyInputs
-
-        previous = KeyInputs.from_json(text) if text is not None else None
-        reason = explain_miss(previous, inputs)
-        if reason == "the previous step changed" and state.name in self.dirty:
-            return "an earlier step of this stage will run"
+        try:
+            previous = KeyInputs.from_json(text) if text is not None else None
+        except (ValueError, KeyError, TypeError):
+            previous = None  # written by another version of lamina
+        reason = explain_miss(previous, inputs, state.ran)
+        if reason == "identical inputs":
+            return "the cached result is gone (pruned)"
         return reason
 
     def apply_result(self, state: StageState, inputs: KeyInputs, result: CacheResult, step: str = "") -> bool:

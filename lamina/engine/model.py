@@ -115,7 +115,7 @@ class StepRecord:
     cached: bool
     seconds: float
     key: str = ""
-    reason: str = ""  # --dry-run: why the step would run
+    reason: str = ""  # why the step ran (or, with --dry-run, would run); "" when cached
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -154,6 +154,7 @@ class BuildResult:
                     "instruction": step.instruction,
                     "cache": "cached" if step.cached else "run",
                     "seconds": round(step.seconds, 3),
+                    **({"reason": step.reason} if step.reason else {}),
                 }
                 for step in self.steps
             ],
@@ -192,6 +193,8 @@ class StageState:
     index: int = 0
     cmd_set: bool = False
     no_cache: bool = False
+    base: str = ""  # "image REF@DIGEST", "stage NAME@KEY" or "scratch": names a changed base in a miss
+    ran: str = ""  # the last step of this stage that ran (or will): names the cause of a later miss
 
     def outcome(self) -> StageOutcome:
         return StageOutcome(

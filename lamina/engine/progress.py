@@ -37,6 +37,7 @@ class StepEvent:
     status: StepStatus
     seconds: float = 0.0
     output_tail: tuple[str, ...] = ()  # last lines of a failing step
+    reason: str = ""  # why a step runs (cachekey.explain_miss); "" when cached
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,7 +86,7 @@ class PlainProgress:
         if event.status is StepStatus.CACHED:
             self._write(f"{_label(event)}  CACHED")
         elif event.status is StepStatus.RUNNING:
-            self._write(_label(event))
+            self._write(f"{_label(event)}  ({event.reason})" if event.reason else _label(event))
         elif event.status is StepStatus.DONE:
             self._write(f"{_label(event)}  DONE {event.seconds:.2f}s")
         else:
@@ -143,6 +144,8 @@ class JsonProgress:
         }
         if event.output_tail:
             record["output_tail"] = list(event.output_tail)
+        if event.reason:
+            record["reason"] = event.reason
         self._emit(record)
 
     def log(self, stage: str, index: int, line: str) -> None:
@@ -183,6 +186,8 @@ class TtyProgress:
             }[event.status]
             text.append(f"{_label(event)} ")
             text.append(status[0], style=status[1])
+            if event.reason and event.status is not StepStatus.CACHED:
+                text.append(f"  ({event.reason})", style="dim")
             text.append("\n")
             if event.status is StepStatus.RUNNING and key in self._tail:
                 text.append(f"  {self._tail[key][:120]}\n", style="dim")

@@ -111,10 +111,15 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
             return
     produce_parts: list[Any] = []
     content = hashlib.sha256()
+    files: tuple[tuple[str, str, str], ...] = ()
     if local:
         materialize, digest = _select(executor, state, instruction, from_, local, dest, options, image)
         content.update(f"files\0{digest}\n".encode())
         produce_parts.append(("files", materialize))
+        if not from_:  # the context's selection is made already; a stage's may not be
+            from lamina.engine.steps.missfacts import selection_files
+
+            files = selection_files(*materialize())
     for url in urls:
         from lamina.engine.steps.add import fetch_url
 
@@ -122,6 +127,7 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
         content.update(f"url\0{url}\0{fetched.digest}\n".encode())
         produce_parts.append(("url", fetched))
     inputs = make_inputs(state.key, keyword + " " + described_text, {}, PLATFORM, content.hexdigest())
+    inputs = dataclasses.replace(inputs, files=files)  # not keyed: names the files of a later miss
 
     # Unchanged files of the build context are linked from the last run's layer
     # (their digests are in the stat cache; a stage's files would be hashed

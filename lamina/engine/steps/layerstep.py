@@ -7,6 +7,7 @@ and a `produce(upper_dir)`; `layer_step` does the rest the same way for all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -46,11 +47,15 @@ def layer_step(
 ) -> bool:
     """Look `inputs` up; on a miss run `produce(upper_dir)` and commit. True when it made a layer.
 
-    With `dry_run`, nothing runs: a miss is recorded with the reason
-    (cachekey.explain_miss against the inputs this step had last time);
-    `pending` says the inputs are not known yet (a stage it reads will run).
+    A miss carries its cause (cachekey.explain_miss against the inputs this
+    step position had last time) on the step's events and its record. With
+    `dry_run`, nothing runs: the miss is recorded with that reason; `pending`
+    says the inputs are not known yet (a stage it reads will run).
     """
+    if state.index == 0 and not state.base:
+        state.base = _base_label(executor, state)
     state.index += 1
+    inputs = _explaining(inputs, state)
     text = one_line(instruction)
     step = f"{instruction.location}: stage {state.name}: {text}"  # how errors name it
     start = time.monotonic()
@@ -63,10 +68,12 @@ def layer_step(
         executor.record(record)
         if result is None:
             executor.dirty.add(state.name)
+            state.ran = f"step {state.index} ({text}) will run"
             state.key = inputs.key()
             return True
         return executor.apply_result(state, inputs, result, step)
     cached = result is not None
+    reason = ""
     if result is None:
         # Another build (or stage) making the same step right now: wait for it
         # and take its result, so that both end with the same layer and digest.
@@ -76,12 +83,33 @@ def layer_step(
                 result = executor.remote.fetch(executor, inputs, state)  # --cache-from
             cached = result is not None
             if result is None:
-                result = _produce(executor, state, text, inputs, produce, start)
+                reason = executor.explain(where, inputs, state)
+                result = _produce(executor, state, text, inputs, produce, start, reason)
+                state.ran = f"step {state.index} ({text}) ran"
     if cached:
         sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.CACHED))
     executor.remember_position(where, inputs)
-    executor.record(StepRecord(state.name, state.index, text, cached, time.monotonic() - start, inputs.key()))
+    seconds = time.monotonic() - start
+    executor.record(StepRecord(state.name, state.index, text, cached, seconds, inputs.key(), reason))
     return executor.apply_result(state, inputs, result, step)
+
+
+def _base_label(executor: StepHost, state: StageState) -> str:
+    """The stage's base as a miss names it; called at its first filesystem step (state.key is the base's)."""
+    plan = next((p for p in executor.plan.stages.values() if p.name == state.name), None)
+    if state.key == "scratch" or plan is None:
+        return "scratch" if state.key == "scratch" else ""
+    if plan.base_stage is not None:
+        base = executor.plan.stages.get(plan.base_stage)
+        return f"stage {base.name if base else plan.base_stage}@{state.key}"
+    return f"image {plan.base_image}@{state.key}"
+
+
+def _explaining(inputs: KeyInputs, state: StageState) -> KeyInputs:
+    """`inputs` with what names a later miss's cause (none of it keyed): the base, which names ENV set."""
+    env_set = md.env_dict(state.config.config)
+    env_from = tuple(name for name, _ in inputs.env if name in env_set)
+    return dataclasses.replace(inputs, env_from=env_from, base=state.base)
 
 
 def _produce(
@@ -91,10 +119,11 @@ def _produce(
     inputs: KeyInputs,
     produce: Callable[[Path], None],
     start: float,
+    reason: str = "",
 ) -> Any:
     """Run a step that missed: a fresh upper dir, `produce`, then commit it as the step's layer."""
     sink = executor.sink
-    sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.RUNNING))
+    sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.RUNNING, reason=reason))
     upper = executor.new_upper()
     try:
         produce(upper)
@@ -103,7 +132,9 @@ def _produce(
 
         tail = getattr(err, "output_tail", ())
         seconds = time.monotonic() - start
-        sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.ERROR, seconds, tail))
+        sink.step(
+            StepEvent(state.name, state.index, state.total, text, StepStatus.ERROR, seconds, tail, reason)
+        )
         why = _disk_full_reason(err, upper) if isinstance(err, BuildError) else ""
         with contextlib.suppress(LaminaError):
             remove_tree(upper)
@@ -112,7 +143,7 @@ def _produce(
         raise
     result = executor.commit_layer(inputs, state, upper)
     seconds = time.monotonic() - start
-    sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.DONE, seconds))
+    sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.DONE, seconds, reason=reason))
     return result
 
 

@@ -1,0 +1,135 @@
+"""Every step that runs says why, exactly: in plain and json progress, in --metadata-file, in --dry-run.
+
+One scenario per cause kind: a first build, a file's content / mode changed,
+added, removed; a build arg and an ENV changed (proxy and secret values
+masked); RUN options changed; the base image's tag moved; --no-cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_build_helpers import BASE, build, make_cache, run_cli, write_context
+
+pytestmark = pytest.mark.sandbox
+
+DOCKERFILE = f"""\
+FROM {BASE}
+ARG MODE=debug
+ARG HTTP_PROXY
+ENV LEVEL=1
+COPY src/ /src/
+RUN echo "$MODE $LEVEL" > /mode
+"""
+FILES = {"src/a.txt": "a\n", "src/b.txt": "b\n", "src/c.txt": "c\n"}
+
+
+@pytest.fixture
+def cache(tmp_path: Path, busybox_image: Path) -> Path:
+    return make_cache(tmp_path, busybox_image)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Path:
+    return write_context(tmp_path / "ctx", DOCKERFILE, FILES)
+
+
+def reasons(result) -> dict[str, str]:
+    return {s.instruction: s.reason for s in result.steps if not s.cached}
+
+
+def test_first_build_then_each_kind_of_file_change(cache: Path, ctx: Path) -> None:
+    first = build(cache, ctx)
+    assert set(reasons(first).values()) == {"first build of this step"}
+    (ctx / "src/a.txt").write_text("A\n")
+    (ctx / "src/b.txt").chmod(0o755)
+    (ctx / "src/c.txt").unlink()
+    (ctx / "src/d.txt").write_text("d\n")
+    told = reasons(build(cache, ctx))
+    assert told["COPY src/ /src/"] == (
+        "file content changed: src/a.txt; mode or owner changed: src/b.txt; "
+        "file added: src/d.txt; file removed: src/c.txt"
+    )
+    assert (
+        told['RUN echo "$MODE $LEVEL" > /mode'] == "the previous step changed: step 1 (COPY src/ /src/) ran"
+    )
+
+
+def test_many_changed_files_are_a_few_names_then_a_count(cache: Path, ctx: Path) -> None:
+    for i in range(6):
+        (ctx / f"src/n{i}.txt").write_text("1")
+    build(cache, ctx)
+    for i in range(6):
+        (ctx / f"src/n{i}.txt").write_text("2")
+    told = reasons(build(cache, ctx, dry_run=True))
+    assert told["COPY src/ /src/"] == "file content changed: src/n0.txt, src/n1.txt, src/n2.txt and 3 more"
+
+
+def test_build_arg_and_env_changes_name_old_and_new_with_proxies_masked(cache: Path, ctx: Path) -> None:
+    build(cache, ctx, build_args={"HTTP_PROXY": "http://user:pw@one:3128"})
+    (ctx / "Dockerfile").write_text(DOCKERFILE.replace("LEVEL=1", "LEVEL=2"))
+    told = reasons(build(cache, ctx, build_args={"MODE": "release", "HTTP_PROXY": "http://user:pw@two:3128"}))
+    assert told == {
+        'RUN echo "$MODE $LEVEL" > /mode': (
+            'build arg HTTP_PROXY changed: (value masked); ENV LEVEL changed: "1" -> "2"; '
+            'build arg MODE changed: "debug" -> "release"'
+        )
+    }
+    assert "pw@" not in json.dumps(told)
+
+
+def test_run_options_changed_are_named(cache: Path, ctx: Path) -> None:
+    build(cache, ctx)
+    text = DOCKERFILE.replace("RUN echo", "RUN --network=none --mount=type=tmpfs,target=/scratch echo")
+    (ctx / "Dockerfile").write_text(text)
+    told = reasons(build(cache, ctx))
+    assert list(told.values()) == ["RUN options changed: network default -> none, mounts (+tmpfs:/scratch:0)"]
+
+
+def test_a_moved_base_tag_names_the_reference_and_both_digests(
+    cache: Path, ctx: Path, tmp_path: Path
+) -> None:
+    first = build(cache, ctx)
+    from lamina.cache.store import Store
+
+    with Store(cache) as store:
+        old = str(store.resolve(f"docker.io/{BASE}").manifest)
+    other = write_context(tmp_path / "other", f"FROM {BASE}\nRUN echo new > /new\n")
+    build(cache, other, tags=[BASE])
+    with Store(cache) as store:
+        new = str(store.resolve(f"docker.io/{BASE}").manifest)
+    assert old != new and first.image_digest
+    told = reasons(build(cache, ctx))
+    expected = f"base image changed: {BASE} {old[:19]} -> {new[:19]}"
+    assert told["COPY src/ /src/"] == expected
+    assert told['RUN echo "$MODE $LEVEL" > /mode'] == expected
+
+
+def test_no_cache_is_the_cause(cache: Path, ctx: Path) -> None:
+    build(cache, ctx)
+    assert set(reasons(build(cache, ctx, no_cache=True)).values()) == {"--no-cache"}
+
+
+def test_plain_json_and_metadata_file_carry_the_cause(cache: Path, ctx: Path, tmp_path: Path) -> None:
+    run_cli("build", "--progress", "plain", str(ctx), cache=cache)
+    (ctx / "src/a.txt").write_text("A\n")
+    plain = run_cli("build", "--progress", "plain", str(ctx), cache=cache).stderr
+    assert "[stage-0 1/2] COPY src/ /src/  (file content changed: src/a.txt)" in plain.splitlines()
+
+    (ctx / "src/a.txt").write_text("AA\n")
+    forecast = run_cli("build", "--dry-run", "--progress", "json", str(ctx), cache=cache).stdout
+    events = [json.loads(line) for line in forecast.splitlines()]
+    assert events[0] == {
+        "type": "forecast", "stage": "stage-0", "step": 1, "instruction": "COPY src/ /src/",
+        "cache": "run", "reason": "file content changed: src/a.txt",
+    }  # fmt: skip
+
+    meta = tmp_path / "meta.json"
+    proc = run_cli("build", "--progress", "json", "--metadata-file", str(meta), str(ctx), cache=cache)
+    running = [json.loads(line) for line in proc.stderr.splitlines() if '"running"' in line]
+    assert running[0]["reason"] == "file content changed: src/a.txt"
+    steps = json.loads(meta.read_text())["lamina.build.steps"]
+    assert steps[0]["reason"] == "file content changed: src/a.txt"
+    assert steps[1]["reason"] == "the previous step changed: step 1 (COPY src/ /src/) ran"
