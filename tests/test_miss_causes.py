@@ -133,3 +133,15 @@ def test_plain_json_and_metadata_file_carry_the_cause(cache: Path, ctx: Path, tm
     steps = json.loads(meta.read_text())["lamina.build.steps"]
     assert steps[0]["reason"] == "file content changed: src/a.txt"
     assert steps[1]["reason"] == "the previous step changed: step 1 (COPY src/ /src/) ran"
+
+
+def test_an_upstream_stage_names_the_files_this_step_takes_from_it(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM {BASE} AS build\nCOPY src/ /out/\nRUN echo x > /out/made\n\n"
+    text += f"FROM {BASE}\nCOPY --from=build /out/ /app/\n"
+    ctx = write_context(tmp_path / "two", text, {"src/a.txt": "a\n", "src/b.txt": "b\n"})
+    build(cache, ctx)
+    assert all(s.cached for s in build(cache, ctx).steps)  # a hit keeps the files listed by the run
+    (ctx / "src/b.txt").write_text("B\n")
+    told = reasons(build(cache, ctx))
+    assert told["COPY --from=build /out/ /app/"] == "stage build: file content changed: out/b.txt"
+    assert told["RUN echo x > /out/made"] == "the previous step changed: step 1 (COPY src/ /out/) ran"

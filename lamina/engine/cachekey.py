@@ -32,6 +32,7 @@ class KeyInputs:
     files: tuple[tuple[str, str, str], ...] = ()  # (path, content digest, "type mode uid:gid link")
     env_from: tuple[str, ...] = ()  # names of `env` that ENV set (the others are ARGs)
     base: str = ""  # the stage's base: "image REF@DIGEST", "stage NAME@KEY" or "scratch"
+    source: str = ""  # where `files` come from when not the context: "stage NAME", "image REF"
 
     def key(self) -> str:
         return "sha256:" + hashlib.sha256(self.to_json().encode()).hexdigest()
@@ -54,6 +55,7 @@ class KeyInputs:
         record["files"] = [list(f) for f in self.files]
         record["env_from"] = list(self.env_from)
         record["base"] = self.base
+        record["source"] = self.source
         return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -68,6 +70,7 @@ class KeyInputs:
             files=tuple((p, c, m) for p, c, m in record.get("files", ())),
             env_from=tuple(record.get("env_from", ())),
             base=record.get("base", ""),
+            source=record.get("source", ""),
         )
 
 
@@ -115,7 +118,7 @@ def miss_causes(previous: KeyInputs | None, current: KeyInputs, parent_ran: str 
     if previous.content != current.content:
         named = _file_causes(previous.files, current.files)
         if named:
-            causes.extend(named)
+            causes.extend(f"{current.source}: {cause}" if current.source else cause for cause in named)
         elif not current.instruction.startswith("RUN "):
             causes.append("input files changed")
         elif not any(cause.startswith("RUN options changed") and "mounts" in cause for cause in causes):

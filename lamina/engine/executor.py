@@ -247,8 +247,19 @@ class Executor:
 
     def remember_position(self, where: str, inputs: KeyInputs) -> None:
         record = inputs.record_json()
-        if self.store.cache_get(where) != record:
-            self.store.cache_put(where, record)
+        stored = self.store.cache_get(where)
+        if stored == record:
+            return
+        if stored is not None and not inputs.files:
+            from lamina.engine.cachekey import KeyInputs
+
+            try:
+                before = KeyInputs.from_json(stored)
+            except (ValueError, KeyError, TypeError):
+                before = None
+            if before is not None and before.files and before.key() == inputs.key():
+                return  # a hit that listed no files (COPY --from): keep the list of the run that made it
+        self.store.cache_put(where, record)
 
     def explain(self, where: str, inputs: KeyInputs, state: StageState) -> str:
         """Why `inputs` missed: compared with what this step position had last time (cachekey.miss_causes)."""

@@ -112,14 +112,22 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
     produce_parts: list[Any] = []
     content = hashlib.sha256()
     files: tuple[tuple[str, str, str], ...] = ()
+    source = ""
+    list_files = None
     if local:
         materialize, digest = _select(executor, state, instruction, from_, local, dest, options, image)
         content.update(f"files\0{digest}\n".encode())
         produce_parts.append(("files", materialize))
-        if not from_:  # the context's selection is made already; a stage's may not be
-            from lamina.engine.steps.missfacts import selection_files
+        from lamina.engine.steps.missfacts import selection_files
 
+        if not from_:  # the context's selection is made already; a stage's may not be
             files = selection_files(*materialize())
+        else:
+            index = _stage_index(from_)
+            index = executor.plan.names.get(from_.lower()) if index is None else index
+            stage = executor.plan.stages.get(index) if index is not None else None
+            source = f"stage {stage.name}" if stage is not None else f"image {from_}"
+            list_files = lambda: selection_files(*materialize())  # noqa: E731 (on a miss only)
     for url in urls:
         from lamina.engine.steps.add import fetch_url
 
@@ -127,7 +135,7 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
         content.update(f"url\0{url}\0{fetched.digest}\n".encode())
         produce_parts.append(("url", fetched))
     inputs = make_inputs(state.key, keyword + " " + described_text, {}, PLATFORM, content.hexdigest())
-    inputs = dataclasses.replace(inputs, files=files)  # not keyed: names the files of a later miss
+    inputs = dataclasses.replace(inputs, files=files, source=source)  # not keyed: names a later miss's files
 
     # Unchanged files of the build context are linked from the last run's layer
     # (their digests are in the stat cache; a stage's files would be hashed
@@ -174,7 +182,7 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
             _write_heredoc(upper, dest, heredoc, owner, chmod, image, len(instruction.contents) > 1, late)
         chown_all(late)
 
-    has_layer = layer_step(executor, state, instruction, inputs, produce)
+    has_layer = layer_step(executor, state, instruction, inputs, produce, files=list_files)
     if where and written and has_layer:
         _save_prior_copy(executor, where, state.layers[-1].dir_id, written)
     created_by = md.copy_created_by(

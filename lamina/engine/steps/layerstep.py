@@ -44,13 +44,16 @@ def layer_step(
     inputs: KeyInputs,
     produce: Callable[[Path], None],
     pending: str = "",
+    files: Callable[[], tuple[tuple[str, str, str], ...]] | None = None,
 ) -> bool:
     """Look `inputs` up; on a miss run `produce(upper_dir)` and commit. True when it made a layer.
 
     A miss carries its cause (cachekey.explain_miss against the inputs this
     step position had last time) on the step's events and its record. With
     `dry_run`, nothing runs: the miss is recorded with that reason; `pending`
-    says the inputs are not known yet (a stage it reads will run).
+    says the inputs are not known yet (a stage it reads will run). `files`
+    lists the input files (missfacts) where that costs work a hit would not
+    do: called on a real miss only, to name the files that changed.
     """
     if state.index == 0 and not state.base:
         state.base = _base_label(executor, state)
@@ -83,6 +86,8 @@ def layer_step(
                 result = executor.remote.fetch(executor, inputs, state)  # --cache-from
             cached = result is not None
             if result is None:
+                if files is not None:
+                    inputs = dataclasses.replace(inputs, files=files())
                 reason = executor.explain(where, inputs, state)
                 result = _produce(executor, state, text, inputs, produce, start, reason)
                 state.ran = f"step {state.index} ({text}) ran"
