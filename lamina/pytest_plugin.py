@@ -28,9 +28,10 @@ off). Fixtures:
                     session fixture of your own that many tests share
 
 Marker: `@pytest.mark.lamina_sandbox` skips a test, with the reason, where
-this host cannot make a sandbox (no user namespaces: an unprivileged
-container, or a kernel with them off); `lamina_sandbox(ports=True)` also
-where no port can be published (no slirp4netns, /dev/net/tun closed).
+no isolation for a RUN step is possible here (the sandbox's own probe:
+no namespaces, and not root for chroot); `lamina_sandbox(ports=True)` also
+where no port can be published (no network namespace, no slirp4netns,
+/dev/net/tun closed).
 `--lamina-require-sandbox` turns those skips (and lamina_service's own)
 into failures, for a CI that must not pass by skipping.
 
@@ -99,9 +100,9 @@ def _cannot(config: pytest.Config, ports: bool) -> str:
         config.stash[_NO_SANDBOX] = why_no_sandbox()
     why = config.stash[_NO_SANDBOX]
     if not why and ports:
-        from lamina.fixtures.services import unavailable
+        from lamina.fixtures.probe import why_no_port
 
-        why = unavailable()
+        why = why_no_port()
     return why
 
 

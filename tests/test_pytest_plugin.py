@@ -377,6 +377,15 @@ def test_the_marker_skips_with_the_reason_or_fails_when_required(tmp_path: Path,
     done = _pytest(project, cache, "-q", "-rs")
     assert done.returncode == 0, done.stdout
     assert "3 passed" in done.stdout or "publishing a port needs" in done.stdout, done.stdout
+    if os.geteuid() == 0:
+        # Root in chroot isolation (a container's root): a sandbox, but no network namespace.
+        os.environ["LAMINA_ISOLATION"] = "chroot"
+        try:
+            done = _pytest(project, cache, "-q", "-rs")
+        finally:
+            del os.environ["LAMINA_ISOLATION"]
+        assert "2 passed, 1 skipped" in done.stdout, done.stdout
+        assert "a network namespace, which isolation chroot does not make" in done.stdout
     # A host that cannot (as the probe says): skipped, with the reason; required: failed.
     conftest = project / "conftest.py"
     conftest.write_text(
