@@ -142,3 +142,11 @@ def test_cache_index_prefixes_are_written_in_cachekey_alone() -> None:
         if prefix in path.read_text() or prefix.replace('"', 'f"', 1) in path.read_text()
     }
     assert writers == {"engine/cachekey.py"}
+
+
+def test_explain_names_the_line_of_changed_text_and_source_date_epoch() -> None:
+    old = make_inputs("p", "WORKDIR /a", {"SOURCE_DATE_EPOCH": "1"})
+    new = make_inputs("p", "WORKDIR /b", {"SOURCE_DATE_EPOCH": "2"})
+    assert explain_miss(old, new, line="line 7") == (
+        'instruction text changed (line 7); SOURCE_DATE_EPOCH changed: "1" -> "2"'
+    )

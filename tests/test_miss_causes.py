@@ -145,3 +145,22 @@ def test_an_upstream_stage_names_the_files_this_step_takes_from_it(cache: Path, 
     told = reasons(build(cache, ctx))
     assert told["COPY --from=build /out/ /app/"] == "stage build: file content changed: out/b.txt"
     assert told["RUN echo x > /out/made"] == "the previous step changed: step 1 (COPY src/ /out/) ran"
+
+
+def test_changed_instruction_text_names_its_line(cache: Path, ctx: Path) -> None:
+    build(cache, ctx)
+    (ctx / "Dockerfile").write_text(DOCKERFILE.replace("> /mode", "> /mode2"))
+    told = reasons(build(cache, ctx))
+    assert told == {
+        'RUN echo "$MODE $LEVEL" > /mode2': "instruction text changed (line 6: the command)"
+    }
+
+
+def test_dry_run_says_may_run_after_a_step_it_cannot_know(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM {BASE} AS build\nCOPY src/ /out/\n\nFROM {BASE}\nCOPY --from=build /out/ /app/\nRUN echo 1 > /one\n"
+    ctx = write_context(tmp_path / "may", text, {"src/a.txt": "a\n"})
+    build(cache, ctx)
+    (ctx / "src/a.txt").write_text("A\n")
+    told = reasons(build(cache, ctx, dry_run=True))
+    assert told["COPY --from=build /out/ /app/"] == "stage build will run first; the files it selects decide"
+    assert told["RUN echo 1 > /one"] == "may run: depends on step 1 (COPY --from=build /out/ /app/)"

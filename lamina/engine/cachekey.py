@@ -90,16 +90,19 @@ _FEW = 3  # paths named before "and N more"
 _MASKED_WORDS = ("PROXY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "API_KEY", "PRIVATE")
 
 
-def explain_miss(previous: KeyInputs | None, current: KeyInputs, parent_ran: str = "") -> str:
+def explain_miss(previous: KeyInputs | None, current: KeyInputs, parent_ran: str = "", line: str = "") -> str:
     """One line saying why `current` did not hit where `previous` was cached before.
 
     `parent_ran` names the earlier step of the stage that ran (or will), when
-    one did: a changed parent is then that step's doing.
+    one did: a changed parent is then that step's doing. `line` is where the
+    instruction is written ("line 7"), named when its text changed.
     """
-    return "; ".join(miss_causes(previous, current, parent_ran)) or "identical inputs"
+    return "; ".join(miss_causes(previous, current, parent_ran, line)) or "identical inputs"
 
 
-def miss_causes(previous: KeyInputs | None, current: KeyInputs, parent_ran: str = "") -> list[str]:
+def miss_causes(
+    previous: KeyInputs | None, current: KeyInputs, parent_ran: str = "", line: str = ""
+) -> list[str]:
     """Every cause of a miss, each with its particulars, in the order a reader checks them."""
     if previous is None:
         return [FIRST_BUILD]
@@ -111,7 +114,8 @@ def miss_causes(previous: KeyInputs | None, current: KeyInputs, parent_ran: str 
             f"the previous step changed: {parent_ran}" if parent_ran else "the previous step changed"
         )
     if previous.instruction != current.instruction:
-        causes.extend(_instruction_causes(previous.instruction, current.instruction))
+        said = _instruction_causes(previous.instruction, current.instruction)
+        causes.extend(_at(cause, line) if cause.startswith("instruction text") else cause for cause in said)
     causes.extend(_env_causes(previous, current))
     if previous.platform != current.platform:
         causes.append(f"platform changed: {previous.platform} -> {current.platform}")
@@ -124,6 +128,16 @@ def miss_causes(previous: KeyInputs | None, current: KeyInputs, parent_ran: str 
         elif not any(cause.startswith("RUN options changed") and "mounts" in cause for cause in causes):
             causes.append("mounted files changed")  # else: a mount added or removed, said already
     return causes
+
+
+def _at(cause: str, line: str) -> str:
+    """'instruction text changed (the command)' at 'line 7' -> '... (line 7: the command)'."""
+    if not line:
+        return cause
+    if cause.endswith(")"):
+        head, _, detail = cause[:-1].partition(" (")
+        return f"{head} ({line}: {detail})"
+    return f"{cause} ({line})"
 
 
 def _short(digest: str) -> str:
@@ -212,6 +226,9 @@ def _env_causes(previous: KeyInputs, current: KeyInputs) -> list[str]:
         if old == new:
             continue
         kind = "ENV" if name in set_by_env else "build arg"
+        if name == "SOURCE_DATE_EPOCH":
+            causes.append(f"SOURCE_DATE_EPOCH changed: {_value(old)} -> {_value(new)}")
+            continue
         values = "(value masked)" if masked(name) else f"{_value(old)} -> {_value(new)}"
         causes.append(f"{kind} {name} changed: {values}")
     return causes

@@ -261,7 +261,7 @@ class Executor:
                 return  # a hit that listed no files (COPY --from): keep the list of the run that made it
         self.store.cache_put(where, record)
 
-    def explain(self, where: str, inputs: KeyInputs, state: StageState) -> str:
+    def explain(self, where: str, inputs: KeyInputs, state: StageState, line: str = "") -> str:
         """Why `inputs` missed: compared with what this step position had last time (cachekey.miss_causes)."""
         from lamina.engine.cachekey import KeyInputs, explain_miss
 
@@ -274,7 +274,7 @@ class Executor:
             previous = KeyInputs.from_json(text) if text is not None else None
         except (ValueError, KeyError, TypeError):
             previous = None  # written by another version of lamina
-        reason = explain_miss(previous, inputs, state.ran)
+        reason = explain_miss(previous, inputs, state.ran, line)
         if reason == "identical inputs":
             return "the cached result is gone (pruned)"
         return reason

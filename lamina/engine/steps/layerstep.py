@@ -65,13 +65,19 @@ def layer_step(
     sink = executor.sink
     where = executor.step_position(state, instruction)
     result = None if pending else executor.lookup(inputs, state)
+    line = f"line {instruction.location.line}" if instruction.location.line else ""
     if executor.options.dry_run:
-        reason = pending or ("" if result is not None else executor.explain(where, inputs, state))
+        reason = pending or ("" if result is not None else executor.explain(where, inputs, state, line))
+        if state.unknown and reason.startswith("the previous step changed") and "; " not in reason:
+            # Its parent's key is a guess: the step that decides may make what it made before.
+            reason = f"may run: depends on {state.unknown}"
         record = StepRecord(state.name, state.index, text, result is not None, 0.0, inputs.key(), reason)
         executor.record(record)
         if result is None:
             executor.dirty.add(state.name)
             state.ran = f"step {state.index} ({text}) will run"
+            if pending:
+                state.unknown = f"step {state.index} ({text})"
             state.key = inputs.key()
             return True
         return executor.apply_result(state, inputs, result, step)
@@ -88,7 +94,7 @@ def layer_step(
             if result is None:
                 if files is not None:
                     inputs = dataclasses.replace(inputs, files=files())
-                reason = executor.explain(where, inputs, state)
+                reason = executor.explain(where, inputs, state, line)
                 result = _produce(executor, state, text, inputs, produce, start, reason)
                 state.ran = f"step {state.index} ({text}) ran"
     if cached:
