@@ -90,6 +90,12 @@ EXPLAINED: dict[str, str] = {
     "ownerMapper), as lamina does",
     "chmod:/etc/suid": "COPY --chmod=4755: BuildKit's copy dropped setuid/setgid/sticky bits "
     "(moby/buildkit#3920); lamina sets the mode asked for",
+    # Directories COPY creates: BuildKit 0.8 makes them 0755; current BuildKit's fsutil MkdirAll
+    # gives them an octal --chmod (testCopyChmod's parentperm), as lamina does.
+    "chmod:/newdir": "COPY --chmod=700 f /newdir/: BuildKit 0.8 makes /newdir 0755; current BuildKit "
+    "makes the directories it creates with the octal --chmod, as lamina does",
+    "chmod:/tree": "COPY --chmod=640 tree/ /tree/: BuildKit 0.8 makes /tree 0755; current BuildKit "
+    "makes the directories it creates with the octal --chmod, as lamina does",
     # Files whose content is not a function of the Dockerfile and context.
     "runenv:/dev-list": "the sandbox's /dev: BuildKit (runc) also mounts /dev/mqueue, lamina's "
     "minimal /dev has no POSIX message queue mount",
@@ -166,6 +172,17 @@ def special_bits_only(ours: tuple[Any, ...] | None, theirs: tuple[Any, ...] | No
         return False
     low = (oct(int(ours[1], 8) & 0o777), oct(int(theirs[1], 8) & 0o777))
     return low[0] == low[1] and ours[2:] == theirs[2:]
+
+
+def made_dir_mode_only(ours: tuple[Any, ...] | None, theirs: tuple[Any, ...] | None) -> bool:
+    """Both are directories with the same owners, BuildKit 0.8's made 0755 (a created parent)."""
+    return (
+        ours is not None
+        and theirs is not None
+        and ours[0] == theirs[0] == "dir"
+        and theirs[1] == "0o755"
+        and ours[2:] == theirs[2:]
+    )
 
 
 def same_but_content(ours: tuple[Any, ...] | None, theirs: tuple[Any, ...] | None) -> bool:
@@ -421,7 +438,7 @@ def compare(
         reason = EXPLAINED.get(f"{name}:/{path}")
         if reason and same_but_content(ours, theirs):
             explained.append(f"{name}: /{path}: content differs ({reason})")
-        elif reason and special_bits_only(ours, theirs):
+        elif reason and (special_bits_only(ours, theirs) or made_dir_mode_only(ours, theirs)):
             explained.append(f"{name}: /{path}: mode differs ({reason})")
         elif owner_reason := next(
             (

@@ -190,8 +190,20 @@ def test_missing_source_in_a_stage_names_the_stage(tmp_path: Path) -> None:
 
 
 def test_wildcard_matches_one_level_only(ctx: SourceTree, tmp_path: Path) -> None:
-    got = _copy(ctx, ["*.txt"], "/app", tmp_path / "out")
+    got = _copy(ctx, ["*.txt"], "/app/", tmp_path / "out")
     assert set(got) == {"app", "app/a.txt", "app/b.txt"}  # docs/guide.txt is one level down
+
+
+def test_wildcard_matching_one_file_to_a_file_destination(ctx: SourceTree, tmp_path: Path) -> None:
+    """BuildKit's testCopyWildcards: `COPY f*.go foo2.go` writes the file foo2.go."""
+    got = _copy(ctx, ["a*.txt"], "/one.txt", tmp_path / "out")
+    assert set(got) == {"one.txt"} and got["one.txt"][0] == "file"
+
+
+def test_wildcard_matches_to_a_plain_destination_last_wins(ctx: SourceTree, tmp_path: Path) -> None:
+    """Each match is copied as if named (fsutil): the last is the file `/app` (so in docker 20.10)."""
+    got = _copy(ctx, ["*.txt"], "/app", tmp_path / "out")
+    assert set(got) == {"app"} and got["app"][4] == "bb"
 
 
 def test_wildcard_matching_a_directory_copies_its_contents(ctx: SourceTree, tmp_path: Path) -> None:
@@ -270,7 +282,7 @@ def test_parents_directories_take_source_metadata_and_chmod(ctx: SourceTree, tmp
     assert got["app/src/util"][1] == 0o750
     got = _copy(ctx, ["src/util/util.go"], "/app/", tmp_path / "two", parents=True, chmod=parse_chmod("700"))
     assert (got["app/src/util"][1], got["app/src/util/util.go"][1]) == (0o700, 0o700)
-    assert got["app"][1] == 0o755
+    assert got["app"][1] == 0o700  # the destination, made by MkdirAll with the octal --chmod
 
 
 def test_parents_missing_literal_source(ctx: SourceTree) -> None:
@@ -302,8 +314,18 @@ def test_chmod_octal_applies_to_files_and_directories(ctx: SourceTree, tmp_path:
     got = _copy(ctx, ["src"], "/app/", tmp_path / "out", chmod=parse_chmod("0750"))
     assert got["app/main.go"][1] == 0o750
     assert got["app/util"][1] == 0o750
-    assert got["app"][1] == 0o755  # the destination directory itself is made 0755
+    # the destination directory itself is made with the mode too (fsutil's MkdirAll
+    # takes the octal --chmod; BuildKit 0.8, in docker 20.10, still made it 0755)
+    assert got["app"][1] == 0o750
     assert got["app/up-link"][0] == "link"
+
+
+def test_chmod_octal_on_created_parents(ctx: SourceTree, tmp_path: Path) -> None:
+    """BuildKit's testCopyChmod: `COPY --chmod=777 foo /parent/foo` makes /parent 0777."""
+    got = _copy(ctx, ["a.txt"], "/parent/sub/f", tmp_path / "out", chmod=parse_chmod("770"))
+    assert (got["parent"][1], got["parent/sub"][1], got["parent/sub/f"][1]) == (0o770, 0o770, 0o770)
+    got = _copy(ctx, ["a.txt"], "/p/f", tmp_path / "sym", chmod=parse_chmod("u+x"))
+    assert got["p"][1] == 0o755  # a symbolic mode is not a directory mode
 
 
 def test_chmod_symbolic(ctx: SourceTree, tmp_path: Path) -> None:

@@ -16,10 +16,12 @@ Rules (BuildKit's dockerfile2llb + fsutil copy, and the Dockerfile reference):
   context. A top-level source that is a symlink is followed; symlinks met
   inside a copied directory are copied as symlinks.
 - A directory source copies its *contents* into the destination; the
-  destination directory is created 0755, owned by the --chown user.
+  destination directory is created 0755 (or the octal --chmod), owned by the
+  --chown user.
 - A file goes to `dest/<name>` when dest ends in `/` (or is `.`), when there
-  are several sources or a wildcard, or when dest is an existing directory
-  of the image; otherwise it becomes `dest` itself.
+  are several sources, or when dest is an existing directory of the image;
+  otherwise it becomes `dest` itself, also when it is a wildcard's one
+  match (fsutil copies each match as if it had been named).
 - Wildcards are Go filepath.Match globs (`*`, `?`, `[...]`, no `**`)
   resolved component by component without following symlinks; a wildcard
   that matches nothing copies nothing (BuildKit's AllowEmptyWildcard); a
@@ -272,15 +274,19 @@ def select_sources(
     excludes = DockerIgnore(options.excludes, source="--exclude") if options.excludes else None
     base_uid, base_gid = owner if owner is not None else (0, 0)
     made_dirs_seen: set[str] = set()
+    # fsutil's MkdirAll takes an octal --chmod as the mode of the directories it
+    # creates (`COPY --chmod=777 f /parent/f` makes /parent 0777); symbolic modes do not.
+    octal = options.chmod.octal if options.chmod is not None else None
+    made_mode = octal if octal is not None else _DIR_MODE
 
     def make_dirs(path: str) -> None:
-        """MkdirAll of `path` and its parents: 0755, owned by the --chown user."""
+        """MkdirAll of `path` and its parents, owned by the --chown user."""
         parts = path.split("/") if path else []
         for depth in range(1, len(parts) + 1):
             sub = "/".join(parts[:depth])
             if sub not in made_dirs_seen:
                 made_dirs_seen.add(sub)
-                made.append(MadeDir(sub, base_uid, base_gid))
+                made.append(MadeDir(sub, base_uid, base_gid, made_mode))
 
     def is_dir_in_image(path: str) -> bool:
         if path in made_dirs_seen or any(i.dest == path and i.entry.type is EntryType.DIR for i in items):
@@ -314,7 +320,9 @@ def select_sources(
                     target = _join(dest_rel, child.path[len(real) + 1 :] if real else child.path)
                     items.append(_item(tree, target, child, options))
                 continue
-            into_dir = dest_dir or several or wildcard or is_dir_in_image(dest_rel)
+            # fsutil's prepareTargetDir: a wildcard's matches are copied one by one like a
+            # named file, so one match to `foo2.go` writes the file `foo2.go`.
+            into_dir = dest_dir or several or is_dir_in_image(dest_rel)
             target = _join(dest_rel, posixpath.basename(match)) if into_dir else dest_rel
             if not target:
                 raise ContextError(f"COPY failed: cannot copy {source} over the root directory")
@@ -655,7 +663,7 @@ class _Writer:
             elif image_st is not None:
                 raise ContextError(f"COPY failed: cannot copy to non-directory: /{made.dest}")
             else:
-                self.mkdir(made.dest, _DIR_MODE, made.uid, made.gid)
+                self.mkdir(made.dest, made.mode, made.uid, made.gid)
         self.known_dirs.add(made.dest)
 
     def check_stop(self) -> None:
