@@ -636,6 +636,39 @@ def build(
         click.echo(result.config_digest)
 
 
+def _explain(fmt: str, **flags: Any) -> None:
+    """Which steps of the target a build with these flags would run, and exactly why; runs nothing.
+
+    Every step that would run is compared with the inputs the last build of
+    that step had (`lamina build --dry-run`). It takes exactly the build's
+    flags, so its answer is the build's: paste a build command line after
+    `lamina explain`.
+    """
+    flags.update(dry_run=True, push=False, quiet=False, progress="json" if fmt == "json" else "plain")
+    click.get_current_context().invoke(build, **flags)
+
+
+# `lamina explain` shares `lamina build`'s option set (one list, never two that drift)
+# and adds --format; --dry-run is implied.
+explain = click.Command(
+    "explain",
+    callback=_explain,
+    params=[
+        *(param for param in build.params if param.name != "dry_run"),
+        click.Option(
+            ["--format", "fmt"],
+            type=click.Choice(["text", "json"]),
+            default="text",
+            show_default=True,
+            help="json: one object per step (stage, step, instruction, cache, reason).",
+        ),
+    ],
+    help=_explain.__doc__,
+    short_help="Say which steps a build would run, and exactly why; run nothing.",
+)
+cli.add_command(explain)
+
+
 def _check_file_dest(path: str, flag: str) -> None:
     import os
 

@@ -151,16 +151,43 @@ def test_changed_instruction_text_names_its_line(cache: Path, ctx: Path) -> None
     build(cache, ctx)
     (ctx / "Dockerfile").write_text(DOCKERFILE.replace("> /mode", "> /mode2"))
     told = reasons(build(cache, ctx))
-    assert told == {
-        'RUN echo "$MODE $LEVEL" > /mode2': "instruction text changed (line 6: the command)"
-    }
+    assert told == {'RUN echo "$MODE $LEVEL" > /mode2': "instruction text changed (line 6: the command)"}
 
 
 def test_dry_run_says_may_run_after_a_step_it_cannot_know(cache: Path, tmp_path: Path) -> None:
-    text = f"FROM {BASE} AS build\nCOPY src/ /out/\n\nFROM {BASE}\nCOPY --from=build /out/ /app/\nRUN echo 1 > /one\n"
+    text = f"FROM {BASE} AS build\nCOPY src/ /out/\n\n"
+    text += f"FROM {BASE}\nCOPY --from=build /out/ /app/\nRUN echo 1 > /one\n"
     ctx = write_context(tmp_path / "may", text, {"src/a.txt": "a\n"})
     build(cache, ctx)
     (ctx / "src/a.txt").write_text("A\n")
     told = reasons(build(cache, ctx, dry_run=True))
     assert told["COPY --from=build /out/ /app/"] == "stage build will run first; the files it selects decide"
     assert told["RUN echo 1 > /one"] == "may run: depends on step 1 (COPY --from=build /out/ /app/)"
+
+
+def test_explain_takes_the_build_flags_and_agrees_with_the_next_build(cache: Path, ctx: Path) -> None:
+    run_cli("build", "--progress", "quiet", str(ctx), cache=cache)
+    (ctx / "src/a.txt").write_text("A\n")
+    flags = ("--build-arg", "MODE=release", "--network", "none", str(ctx))
+    text = run_cli("explain", *flags, cache=cache).stdout.splitlines()
+    assert [line.split("  ")[0].strip() for line in text if "will run" in line] == [
+        "[stage-0 1] COPY src/ /src/",
+        '[stage-0 2] RUN echo "$MODE $LEVEL" > /mode',
+    ]
+    assert text[0].endswith("will run: file content changed: src/a.txt")
+    said = [
+        json.loads(line)
+        for line in run_cli("explain", "--format", "json", *flags, cache=cache).stdout.splitlines()
+    ]
+    assert said[1]["reason"] == (
+        "the previous step changed: step 1 (COPY src/ /src/) will run; "
+        "RUN options changed: network default -> none; "
+        'build arg MODE changed: "debug" -> "release"'
+    )
+    meta = ctx.parent / "meta.json"
+    run_cli("build", "--progress", "quiet", "--metadata-file", str(meta), *flags, cache=cache)
+    ran = [step for step in json.loads(meta.read_text())["lamina.build.steps"] if step["cache"] == "run"]
+    forecast = [
+        (s["step"], s["reason"].replace(") will run;", ") ran;")) for s in said if s["cache"] == "run"
+    ]
+    assert [(s["step"], s["reason"]) for s in ran] == forecast
