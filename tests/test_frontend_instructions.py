@@ -195,6 +195,20 @@ def test_mount_defaults_per_type() -> None:
     assert parse_mount("type=bind,from=build,source=/out,target=/in").from_ == "build"
 
 
+def test_mount_type_from_a_variable_is_expanded() -> None:
+    """BuildKit's testMountArg: every --mount value is expanded, `type` too; parsing waits for the values."""
+    assert parse_mount("type=$MNT_TYPE,target=/c").type is MountType.BIND  # a placeholder until expanded
+    env = {"MNT_TYPE": "cache", "ID": "mine"}
+    mount = parse_mount("type=$MNT_TYPE,id=${ID},target=/c", lambda word: expand_word(word, env))
+    assert (mount.type, mount.id) == (MountType.CACHE, "mine")
+
+
+def test_mount_from_a_variable_is_refused() -> None:
+    """BuildKit's testMountFromError: `from` is a literal stage or image name."""
+    with pytest.raises(InstructionError, match="'from' doesn't support variable expansion, define alias"):
+        parse_mount("from=$ttt,type=cache,target=/tmp")
+
+
 def test_onbuild_trigger_is_parsed_and_kept_as_written() -> None:
     onbuild = _only("ONBUILD COPY --from=x a b")
     assert isinstance(onbuild, OnbuildInstruction)

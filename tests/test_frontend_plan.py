@@ -21,7 +21,7 @@ from lamina.engine.plan import (
     to_dot,
     to_json,
 )
-from lamina.errors import DockerfileError, PlanError
+from lamina.errors import DockerfileError, InstructionError, PlanError
 from lamina.oci.image import Platform, host_platform
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "multistage"
@@ -82,8 +82,19 @@ def test_copy_from_index_name_and_image() -> None:
     assert plan.waves == ((0, 1), (2,))
 
 
-def test_copy_from_forward_reference_is_a_dependency() -> None:
-    plan = _plan("FROM a\nCOPY --from=late /x /x\nFROM b AS late\n", target="0")
+def test_copy_from_a_later_stage_is_refused() -> None:
+    """BuildKit's testOutOfOrderStage: stages are dispatched in file order."""
+    with pytest.raises(
+        PlanError, match="cannot copy from stage late, it needs to be defined before current stage 0"
+    ):
+        _plan("FROM a\nCOPY --from=late /x /x\nFROM b AS late\n", target="0")
+    with pytest.raises(PlanError, match="needs to be defined before current stage"):
+        _plan("FROM a\nCOPY --from=1 /x /x\nFROM b\n", target="0")
+    _plan("FROM a\nCOPY --from=late /x /x\nFROM b AS late\nFROM c\n")  # unless the target never needs it
+
+
+def test_run_mount_from_a_later_stage_is_a_dependency() -> None:
+    plan = _plan("FROM a\nRUN --mount=from=late,target=/d true\nFROM b AS late\n", target="0")
     assert plan.order == (1, 0)
 
 
@@ -93,9 +104,22 @@ def test_run_mount_from_is_a_dependency() -> None:
     assert plan.order == (0, 1)
 
 
-def test_copy_from_expands_stage_args() -> None:
-    plan = _plan("FROM a AS src\nFROM b\nARG FROM_STAGE=src\nCOPY --from=${FROM_STAGE} /x /x\n")
-    assert plan.stages[1].deps == (0,)
+def test_targetstage_defaults_to_the_last_stage_name() -> None:
+    """BuildKit's testTargetStageNameArg: --target, else the last stage's name, else default."""
+    text = "FROM a AS base\nARG TARGETSTAGE\nFROM base AS {last}\nARG TARGETSTAGE\n"
+    for last, target, want in (("final", None, "final"), ("final", "base", "base"), ("", None, "default")):
+        dockerfile = text.format(last=last).replace(" AS \n", "\n")
+        plan = _plan(dockerfile, target=target)
+        stage = plan.stages[0 if target == "base" else 1]
+        assert dict((kv.key, kv.value) for kv in stage.args) == {"TARGETSTAGE": want}
+
+
+def test_copy_from_variable_is_refused() -> None:
+    """BuildKit's testDockerfileCopyFromArgs: --from is not expanded, and says what to do instead."""
+    with pytest.raises(
+        InstructionError, match="variable expansion is not supported for --from, define a new stage"
+    ):
+        _plan("FROM a AS src\nFROM b\nARG FROM_STAGE=src\nCOPY --from=${FROM_STAGE} /x /x\n")
 
 
 def test_copy_from_missing_index() -> None:

@@ -42,7 +42,6 @@ from lamina.engine.dockerfile.instructions import (
     Stage,
     StopsignalInstruction,
     check_signal,
-    parse_mount,
     parse_ports,
     parse_stages,
 )
@@ -317,10 +316,16 @@ def _walk_stage(
         elif isinstance(instruction, EnvInstruction):
             env.update((kv.key, kv.value) for kv in instruction.expand(expand).env)
         elif isinstance(instruction, CopyInstruction) and instruction.from_ is not None:
-            walk.froms.append((expand(instruction.from_), DependencyKind.COPY_FROM, instruction.location))
+            # BuildKit's toCommand: --from is a literal; a word the shell would change is refused.
+            if _expander({}, escape, instruction.location)(instruction.from_) != instruction.from_:
+                raise InstructionError(
+                    f"COPY --from={instruction.from_}: variable expansion is not supported for --from,"
+                    " define a new stage with FROM using ARG from global scope as a workaround",
+                    instruction.location,
+                )
+            walk.froms.append((instruction.from_, DependencyKind.COPY_FROM, instruction.location))
         elif isinstance(instruction, RunInstruction):
-            for spec in instruction.mount_specs:
-                mount = parse_mount(spec, expand)
+            for mount in instruction.mounts:  # `from` is a literal: no expansion needed
                 if mount.from_:
                     walk.froms.append((mount.from_, DependencyKind.MOUNT_FROM, instruction.location))
     return walk
@@ -374,9 +379,9 @@ def make_plan(
     predefined = platform_args(target_platform, build)
     escape = dockerfile.escape
     scope, meta_declared = _global_scope(parsed.meta_args, build_args, predefined, escape)
-    scope.setdefault("TARGETSTAGE", "default")
-
     target_index = len(stages) - 1
+    # BuildKit's defaultArgs: the target's name, else the last stage's, else "default".
+    scope.setdefault("TARGETSTAGE", (stages[target_index].name if stages else "") or "default")
     if target is not None:
         found = _find_stage(stages, target)  # a name, or an index (names cannot start with a digit)
         if found is None:
@@ -433,6 +438,16 @@ def make_plan(
 
     order = _topological_order(planned, target_index, dockerfile.path)
     needed = set(order)
+    for index in order:
+        # BuildKit dispatches the stages in file order and copies only from one
+        # already dispatched (convert.go); a RUN --mount=from may look ahead.
+        for dep in planned[index].dependencies:
+            if dep.kind is DependencyKind.COPY_FROM and dep.stage > index:
+                source, current = stages[dep.stage], stages[index]
+                raise PlanError(
+                    f"{dep.location}: cannot copy from stage {source.name or dep.stage!s},"
+                    f" it needs to be defined before current stage {current.name or index!s}"
+                )
     for index in order:
         for instruction in stages[index].instructions:
             _check_literal_words(instruction, escape)

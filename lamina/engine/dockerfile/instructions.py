@@ -657,6 +657,7 @@ def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
     except csv.Error as err:
         raise InstructionError(f"invalid --mount {spec!r}: {err}") from None
     options: dict[str, str] = {}
+    deferred = False
     for field in fields:
         key, eq, value = field.partition("=")
         key = _MOUNT_ALIASES.get(key.strip().lower(), key.strip().lower())
@@ -664,11 +665,21 @@ def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
             if key not in ("readonly", "readwrite", "required"):
                 raise InstructionError(f"invalid --mount {spec!r}: option {field!r} needs a value")
             value = "true"
-        elif expander is not None and key != "type":
-            value = expander(value)
+        elif expander is not None:
+            value = expander(value)  # every value, `type` too (BuildKit's parseMount)
+        elif key == "from" and "$" in value[:-1]:
+            raise InstructionError(
+                f"--mount from={value}: 'from' doesn't support variable expansion, define alias stage instead"
+            )
+        elif "$" in value:
+            deferred = True  # checked when the stage's ARG and ENV are known
         if key in options:
             raise InstructionError(f"invalid --mount {spec!r}: {key} given twice")
         options[key] = value
+    if deferred:
+        # A placeholder until RunInstruction.expand parses the spec again;
+        # only `from` (a literal, checked above) is read before that.
+        return Mount(type=MountType.BIND, from_=options.get("from", ""))
     type_text = options.pop("type", "bind").lower()
     try:
         mount_type = MountType(type_text)
