@@ -66,3 +66,25 @@ def test_summary_line_names_digest_and_counts() -> None:
 
 def test_auto_is_plain_when_not_a_terminal() -> None:
     assert isinstance(make_progress("auto", io.StringIO()), PlainProgress)
+
+
+def test_a_running_step_says_why_in_plain_json_and_tty() -> None:
+    import dataclasses
+
+    why = "file content changed: src/a.txt"
+    running = dataclasses.replace(RUN, reason=why)
+    plain, js = io.StringIO(), io.StringIO()
+    PlainProgress(plain).step(running)
+    JsonProgress(js).step(running)
+    JsonProgress(js).step(CACHED)
+    assert plain.getvalue() == f"[builder 2/3] RUN make  ({why})\n"
+    first, cached = (json.loads(line) for line in js.getvalue().splitlines())
+    assert first["reason"] == why and "reason" not in cached
+
+    from lamina.engine.progress import TtyProgress
+
+    tty = io.StringIO()
+    sink = TtyProgress(tty)
+    sink.step(dataclasses.replace(running, status=StepStatus.DONE, seconds=0.5))
+    sink.finish(None)
+    assert f"[builder 2/3] RUN make 0.5s  ({why})" in tty.getvalue()
