@@ -59,11 +59,13 @@ def plan(
     `Plan.warnings` reports unused build args.
     """
     import os
+    from pathlib import Path
 
+    from lamina.engine.buildfiles import default_dockerfile
     from lamina.engine.plan import make_plan
 
     context = os.fspath(context)
-    path = os.path.join(context, "Dockerfile") if dockerfile is None else os.fspath(dockerfile)
+    path = os.fspath(default_dockerfile(Path(context)) if dockerfile is None else dockerfile)
     parsed = parse_dockerfile(path)
     return make_plan(parsed, target=target, build_args=build_args, context=context)
 
@@ -364,6 +366,7 @@ def build(
     from pathlib import Path
 
     from lamina.cache.store import default_cache_root
+    from lamina.engine.buildfiles import default_dockerfile
     from lamina.engine.executor import execute
     from lamina.engine.model import BuildOptions, parse_secret
     from lamina.engine.outputspec import parse_outputs
@@ -388,7 +391,7 @@ def build(
     specs = [*outputs, *([output] if output else [])]
     options = BuildOptions(
         context=Path(context),
-        dockerfile=Path(dockerfile) if dockerfile is not None else None,
+        dockerfile=Path(dockerfile) if dockerfile is not None else default_dockerfile(Path(context)),
         target=target,
         build_args=tuple(args.items()),
         tags=tuple(tags),

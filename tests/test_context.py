@@ -10,6 +10,7 @@ import pytest
 
 from lamina.cache.statcache import DIR_NAME, StatCache
 from lamina.engine import context as context_module
+from lamina.engine.buildfiles import default_dockerfile
 from lamina.engine.context import SourceTree, open_build_context, open_rootfs
 from lamina.errors import ContextError
 from lamina.oci.entry import EntryType
@@ -98,6 +99,24 @@ def test_named_dockerfile_ignore_file_wins(ctx: Path, tmp_path: Path) -> None:
     paths = _paths(tree)
     assert "app/main.py" in paths
     assert "build" not in paths
+
+
+def test_default_dockerfile_ignore_file_wins(ctx: Path) -> None:
+    """BuildKit's testDockerignoreOverride: Dockerfile.dockerignore beside the default Dockerfile."""
+    (ctx / ".dockerignore").write_text("app\n")
+    (ctx / "Dockerfile.dockerignore").write_text("build\n")
+    for dockerfile in (None, ctx / "Dockerfile"):
+        paths = _paths(open_build_context(ctx, StatCache(None), dockerfile=dockerfile))
+        assert "app/main.py" in paths and "build" not in paths
+
+
+def test_lowercase_dockerfile_fallback(tmp_path: Path) -> None:
+    """BuildKit's testDockerfileLowercase: `dockerfile` when there is no `Dockerfile`."""
+    assert default_dockerfile(tmp_path) == tmp_path / "Dockerfile"
+    (tmp_path / "dockerfile").write_text("FROM scratch\n")
+    assert default_dockerfile(tmp_path) == tmp_path / "dockerfile"
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    assert default_dockerfile(tmp_path) == tmp_path / "Dockerfile"
 
 
 def test_context_must_be_a_directory(tmp_path: Path) -> None:

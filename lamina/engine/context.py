@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lamina.cache.statcache import StatCache, StatKey, stat_key
+from lamina.engine.buildfiles import dockerfile_ignore_file
 from lamina.engine.dockerfile.ignore import DockerIgnore, IgnoreMatch, read_ignore_file
 from lamina.errors import ContextError
 from lamina.oci.digest import Digest
@@ -313,9 +314,7 @@ def open_build_context(root: Path, stat_cache: StatCache, dockerfile: Path | Non
     """
     if not root.is_dir():
         raise ContextError(f"build context {root}: not a directory")
-    candidates = [root / ".dockerignore"]
-    if dockerfile is not None:
-        candidates.insert(0, dockerfile.with_name(dockerfile.name + ".dockerignore"))
+    candidates = [dockerfile_ignore_file(root, dockerfile), root / ".dockerignore"]
     ignore = None
     for candidate in candidates:
         try:

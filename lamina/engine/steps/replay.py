@@ -41,6 +41,7 @@ _URL_ADD = re.compile(rb"(?im)^[ \t]*(?:onbuild[ \t]+)?add\b[^\n]*\bhttps?://")
 
 def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None:
     """The memo key of this build, or None when it must not be replayed."""
+    from lamina.engine.buildfiles import dockerfile_ignore_file
     from lamina.engine.outputspec import OutputType
 
     if options.no_cache or options.no_cache_filter or options.pull or options.dry_run:
@@ -65,7 +66,7 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(b"\0dockerfile\0" + data)
-    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    ignore = dockerfile_ignore_file(options.context, dockerfile)
     if ignore.is_file():
         h.update(b"\0ignore\0" + ignore.read_bytes())
     try:
