@@ -150,3 +150,8 @@ def test_explain_names_the_line_of_changed_text_and_source_date_epoch() -> None:
     assert explain_miss(old, new, line="line 7") == (
         'instruction text changed (line 7); SOURCE_DATE_EPOCH changed: "1" -> "2"'
     )
+
+
+def test_a_workdir_keyed_by_user_says_user_changed() -> None:
+    old = make_inputs("p", "WORKDIR /app", {"user": "app"})
+    assert explain_miss(old, make_inputs("p", "WORKDIR /app", {})) == "USER changed: app -> root"

@@ -226,6 +226,9 @@ def _env_causes(previous: KeyInputs, current: KeyInputs) -> list[str]:
         if old == new:
             continue
         kind = "ENV" if name in set_by_env else "build arg"
+        if name == "user" and current.instruction.startswith("WORKDIR "):  # steps.dispatch keys USER so
+            causes.append(f"USER changed: {old or 'root'} -> {new or 'root'}")
+            continue
         if name == "SOURCE_DATE_EPOCH":
             causes.append(f"SOURCE_DATE_EPOCH changed: {_value(old)} -> {_value(new)}")
             continue

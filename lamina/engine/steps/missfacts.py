@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+# Past this many files a step's list is not kept (its JSON is read and written with each
+# build of the step): a miss then says "input files changed", without the paths.
+MAX_FILES = 10_000
+
 
 def selection_files(tree: Any, selection: Any) -> tuple[tuple[str, str, str], ...]:
     """(source path, content digest, "type mode uid:gid link") per item a COPY/ADD selection writes."""
+    if len(selection.items) > MAX_FILES:
+        return ()
     digests = tree.file_digests([item.entry for item in selection.items])
     facts: dict[str, tuple[str, str, str]] = {}
     for item in selection.items:
