@@ -98,6 +98,9 @@ def main() -> int:
     _install_package_stubs()
     import _signal
 
+    # Until it forwards signals (_inside.forward_signals), an interrupt ends the
+    # helper quietly: a KeyboardInterrupt traceback would land in the command's stderr.
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     from lamina.engine.sandbox import _inside, _libc
 
     try:
