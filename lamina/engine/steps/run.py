@@ -22,7 +22,7 @@ import posixpath
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,8 +68,23 @@ def command_line(state: StageState, instruction: Any, pipes_dir: Path | None) ->
     return list(md.with_shell(state.config, args)), script
 
 
+def proxy_env(build_args: Mapping[str, str]) -> dict[str, str]:
+    """The proxy variables a RUN sees from `--build-arg`: each in upper and lower case."""
+    from lamina.engine.model import PROXY_ARGS
+
+    chosen: dict[str, str] = {}
+    for name in sorted(build_args):  # BuildKit walks the args sorted: the last spelling wins
+        if name.upper() in PROXY_ARGS:  # strings.EqualFold: any case
+            chosen[name.upper()] = build_args[name]
+    env: dict[str, str] = {}
+    for upper, value in chosen.items():
+        if value:  # an empty proxy value is not passed on
+            env[upper] = env[upper.lower()] = value
+    return env
+
+
 def run_step(executor: StepHost, state: StageState, plan: StagePlan, instruction: Any) -> None:
-    from lamina.engine.model import PLATFORM, PROXY_ARGS
+    from lamina.engine.model import PLATFORM
 
     insecure = instruction.security == "insecure"
     for needed, asked in (("security.insecure", insecure), ("network.host", instruction.network == "host")):
@@ -83,10 +98,10 @@ def run_step(executor: StepHost, state: StageState, plan: StagePlan, instruction
     env = step_env(state)
     env.setdefault("PATH", DEFAULT_PATH)
     declared = set(state.args)
-    run_env = dict(env)
-    for name, value in executor.plan.build_args.items():
-        if name in PROXY_ARGS and name not in declared:
-            run_env[name] = value  # proxies reach RUN undeclared, but never the key or history
+    # Proxies reach RUN undeclared, but never the key or history. As BuildKit's
+    # proxyEnvFromBuildArgs + proxyEnvList: a build arg of either case sets both
+    # spellings (HTTP_PROXY and http_proxy), after ENV and ARG, so it wins.
+    run_env = {**env, **proxy_env(executor.plan.build_args)}
     network = (
         instruction.network if instruction.network not in (None, "default") else executor.options.network
     )
