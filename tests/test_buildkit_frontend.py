@@ -45,6 +45,8 @@ def _write_context(ctx: Path, case: dict[str, Any]) -> None:
             path.mkdir(exist_ok=True)
         else:
             path.write_text(data.replace("{BASE}", BASE))
+    for name, target in case.get("symlinks", {}).items():
+        os.symlink(target, ctx / name)
     for name in case.get("sockets", []):
         with socket.socket(socket.AF_UNIX) as sock:  # closing leaves the socket file behind
             sock.bind(os.fspath(ctx / name))
@@ -71,6 +73,10 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
         assert path.read_text() == content, name
     for name in case.get("expect_dirs", []):
         assert (out / name).is_dir(), f"{name}: not a directory"
+    for name, target in case.get("expect_links", {}).items():
+        assert os.readlink(out / name) == target, name
+    for name in case.get("expect_empty_dirs", []):
+        assert (out / name).is_dir() and not any((out / name).iterdir()), f"{name}: not an empty directory"
     for name in case.get("expect_absent", []):
         assert not os.path.lexists(out / name), f"{name}: exists"
     for name, mode in case.get("expect_modes", {}).items():

@@ -248,8 +248,15 @@ def test_exclude_applies_inside_directories(ctx: SourceTree, tmp_path: Path) -> 
 
 
 def test_exclude_applies_to_wildcard_matches(ctx: SourceTree, tmp_path: Path) -> None:
-    got = _copy(ctx, ["*"], "/app/", tmp_path / "out", excludes=("*.txt", "src", "docs"))
-    assert set(got) == {"app", "app/notes.md", "app/link-to-a"}
+    """Files a wildcard matches are left out (the Dockerfile reference); directories are filtered inside."""
+    got = _copy(ctx, ["*"], "/app/", tmp_path / "out", excludes=("*.txt", "src", "docs", "util"))
+    assert set(got) == {"app", "app/notes.md", "app/link-to-a", "app/main.go", "app/README", "app/up-link"}
+
+
+def test_exclude_never_drops_a_matched_directory(ctx: SourceTree, tmp_path: Path) -> None:
+    """BuildKit's testExcludedFilesOnCopy: `ADD --exclude=* dir* /6` makes an empty /6."""
+    got = _copy(ctx, ["d*", "s*"], "/six", tmp_path / "out", excludes=("*",))
+    assert got == {"six": ("dir", 0o755, 0, 0, "")}
 
 
 def test_exclude_exception_reincludes(ctx: SourceTree, tmp_path: Path) -> None:

@@ -27,8 +27,10 @@ Rules (BuildKit's dockerfile2llb + fsutil copy, and the Dockerfile reference):
   that matches nothing copies nothing (BuildKit's AllowEmptyWildcard); a
   literal source that does not exist is an error.
 - `--exclude` patterns (.dockerignore syntax) apply to paths below a
-  copied directory, relative to it, and to wildcard matches, relative to the
-  wildcard's directory (`COPY --exclude=*.txt hom* /d/`).
+  copied directory, relative to it, and to the files a wildcard matches,
+  relative to the wildcard's directory (`COPY --exclude=*.txt hom* /d/`, as
+  the Dockerfile reference says); a directory a wildcard matches is copied
+  with its contents filtered, never left out whole (fsutil).
 - `--parents`: the source path is kept under dest; `a/./b/c` keeps only
   `b/c`. The source is a .dockerignore-style pattern (`**` allowed), and
   the parent directories of what it selects are created with their metadata.
@@ -436,13 +438,23 @@ def _glob(tree: SourceTree, pattern: str, excludes: DockerIgnore | None) -> list
                 continue
             if last:
                 relative = shown_path[len(literal) + 1 :] if literal else shown_path
-                if excludes is None or not excludes.excludes(relative):
+                # A matched directory is the root of its own copy, which --exclude
+                # never removes (fsutil matches it against paths below the root):
+                # `ADD --exclude=* dir* /6` still makes an empty /6.
+                is_dir = entry.type is EntryType.DIR or _is_dir(tree, path)
+                if excludes is None or is_dir or not excludes.excludes(relative):
                     found.append(shown_path)
             elif entry.type is EntryType.DIR:  # like filepath.Walk: no symlinked dirs
                 descend(path, shown_path, depth + 1)
 
     descend(base, literal, 0)
     return found
+
+
+def _is_dir(tree: SourceTree, path: str) -> bool:
+    """A symlink to a directory counts as one: the top-level source is followed."""
+    entry = tree.entry(tree.resolve(path))
+    return entry is not None and entry.type is EntryType.DIR
 
 
 def _select_parents(
