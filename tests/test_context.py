@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -108,6 +109,22 @@ def test_default_dockerfile_ignore_file_wins(ctx: Path) -> None:
     for dockerfile in (None, ctx / "Dockerfile"):
         paths = _paths(open_build_context(ctx, StatCache(None), dockerfile=dockerfile))
         assert "app/main.py" in paths and "build" not in paths
+
+
+def test_unix_socket_is_an_empty_regular_file(tmp_path: Path) -> None:
+    """BuildKit's testCopySocket: a socket in the context is copied as an empty regular file."""
+    import socket
+
+    root = tmp_path / "ctx"
+    root.mkdir()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "s.sock"))
+    os.chmod(root / "s.sock", 0o600)
+    tree = open_build_context(root, StatCache(None))
+    (entry,) = list(tree.walk())
+    assert (entry.type, entry.size, entry.mode, entry.socket) == (EntryType.FILE, 0, 0o600, True)
+    assert tree.file_digests([entry]) == {"s.sock": hashlib.sha256(b"").digest()}
+    assert tree.checksum() == tree.checksum()  # content is never read
 
 
 def test_lowercase_dockerfile_fallback(tmp_path: Path) -> None:

@@ -34,6 +34,9 @@ __all__ = ["SourceTree", "TreeEntry", "entry_record", "open_build_context", "ope
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS
 
 
+_EMPTY_DIGEST = hashlib.sha256(b"").digest()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class TreeEntry:
     """One path of a source tree, as lstat saw it."""
@@ -48,6 +51,10 @@ class TreeEntry:
     linkname: str = ""  # symlink target
     rdev: int = 0
     key: StatKey = dataclasses.field(default=(0, 0, 0, 0, 0), compare=False)
+    # A unix socket, which no layer can hold: copied as an empty regular file
+    # with its permission bits (fsutil clears the socket bit, and its copier
+    # writes a stub), so its content is never read.
+    socket: bool = False
 
     @property
     def name(self) -> str:
@@ -176,7 +183,19 @@ class SourceTree:
     def _entry(self, rel: str, st: os.stat_result) -> TreeEntry | None:
         kind = type_of_mode(st.st_mode)
         if kind is None:
-            return None  # sockets cannot be copied or stored in a layer
+            if not stat.S_ISSOCK(st.st_mode):
+                return None
+            return TreeEntry(
+                path=rel,
+                type=EntryType.FILE,
+                mode=stat.S_IMODE(st.st_mode),
+                uid=st.st_uid,
+                gid=st.st_gid,
+                size=0,
+                mtime_ns=st.st_mtime_ns,
+                key=stat_key(st),
+                socket=True,
+            )
         link = os.readlink(self.abspath(rel)) if kind is EntryType.SYMLINK else ""
         return TreeEntry(
             path=rel,
@@ -193,6 +212,8 @@ class SourceTree:
 
     def file_digest(self, entry: TreeEntry) -> bytes:
         """sha256 of a FILE entry's content (from the stat cache when unchanged)."""
+        if entry.socket:
+            return _EMPTY_DIGEST
         try:
             return self.stat_cache.digest(self.abspath(entry.path), entry.key, self.scope)
         except OSError as err:
@@ -200,13 +221,15 @@ class SourceTree:
 
     def file_digests(self, entries: Sequence[TreeEntry]) -> dict[str, bytes]:
         """Content digests of the FILE entries among `entries`, by path (hashed in parallel)."""
-        files = [e for e in entries if e.type is EntryType.FILE]
+        files = [e for e in entries if e.type is EntryType.FILE and not e.socket]
         try:
             digests = self.stat_cache.digest_many([(self.abspath(e.path), e.key) for e in files], self.scope)
         except OSError as err:
             name = os.path.relpath(err.filename, self._root) if err.filename else "?"
             raise ContextError(f"{name}: cannot read: {err.strerror or err}") from None
-        return {e.path: d for e, d in zip(files, digests, strict=True)}
+        found = {e.path: _EMPTY_DIGEST for e in entries if e.socket}
+        found.update((e.path, d) for e, d in zip(files, digests, strict=True))
+        return found
 
     def checksum(self, rel: str = "") -> Digest:
         """One digest over everything below `rel`: paths, types, modes, owners, links, contents."""

@@ -230,6 +230,7 @@ def unpack_archives(
         source = tree.abspath(item.entry.path)
         if (
             item.entry.type is not EntryType.FILE
+            or item.entry.socket
             or not _is_named(item.entry.path, literal, patterns)
             or not is_archive(source)
         ):

@@ -844,6 +844,10 @@ class _Writer:
             self.pool = None
 
     def copy_file(self, entry: TreeEntry, path: str) -> int:
+        if entry.socket:  # a stub: an empty regular file (see TreeEntry.socket)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            os.close(os.open(path, flags, 0o600))
+            return 0
         source = self.tree.abspath(entry.path)
         try:
             src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
