@@ -96,6 +96,14 @@ EXPLAINED: dict[str, str] = {
     "makes the directories it creates with the octal --chmod, as lamina does",
     "chmod:/tree": "COPY --chmod=640 tree/ /tree/: BuildKit 0.8 makes /tree 0755; current BuildKit "
     "makes the directories it creates with the octal --chmod, as lamina does",
+    **dict.fromkeys(
+        [f"users:/ids/{name}" for name in ("root", "app", "app-nomem", "1000", "1000-1000", "4242")]
+        + ["users:/ids/nobody-extra", "common:/home/app/work/whoami"],
+        "`id` in RUN: BuildKit 0.8 sets only the /etc/group memberships of a named user as "
+        "supplementary groups; current BuildKit also gives no USER root's memberships and puts the "
+        "primary group first among them (GetUser, ensureAdditionalGids: testUserAdditionalGids), "
+        "as lamina does",
+    ),
     # Files whose content is not a function of the Dockerfile and context.
     "runenv:/dev-list": "the sandbox's /dev: BuildKit (runc) also mounts /dev/mqueue, lamina's "
     "minimal /dev has no POSIX message queue mount",

@@ -39,7 +39,7 @@ from tests.support.busybox import BUSYBOX, make_busybox_rootfs
 pytestmark = pytest.mark.sandbox
 
 PASSWD_EXTRA = "app:x:1000:1000:app:/home/app:/bin/sh\n"
-GROUP_EXTRA = "app:x:1000:\nextra:x:2000:app\n"
+GROUP_EXTRA = "app:x:1000:\nextra:x:2000:app\nwheel:x:10:root\n"
 
 
 def _userns_available() -> bool:
@@ -59,7 +59,7 @@ if not _userns_available():
 
 
 def make_rootfs(root: Path) -> Path:
-    """The busybox base, plus a user `app` (1000) in groups app and extra (2000), plus /data."""
+    """The busybox base, plus a user `app` (1000) in groups app and extra (2000), root in wheel, /data."""
     make_busybox_rootfs(root)
     with open(root / "etc/passwd", "a") as f:
         f.write(PASSWD_EXTRA)
@@ -146,16 +146,18 @@ def test_user_by_name_gets_its_groups_and_home(rootfs: Path, tmp_path: Path) -> 
     script = "id -u; id -g; id -G; echo $HOME; grep Groups: /proc/self/status"
     code, out = sh(rootfs, script, tmp_path, user="app")
     assert code == 0, out
-    # As runc: the supplementary groups are the memberships alone, not the primary group.
-    assert out.split("\n")[:5] == ["1000", "1000", "1000 2000", "/home/app", "Groups:\t2000 "]
+    # As current BuildKit: the primary group, then the memberships.
+    assert out.split("\n")[:5] == ["1000", "1000", "1000 2000", "/home/app", "Groups:\t1000 2000 "]
 
 
-def test_root_and_user_with_group_get_no_supplementary_groups(rootfs: Path, tmp_path: Path) -> None:
+def test_user_additional_gids(rootfs: Path, tmp_path: Path) -> None:
+    """BuildKit's testUserAdditionalGids: the primary gid is among the supplementary ones; no USER is root
+    with root's memberships; a spec with a group gets that group alone."""
     if detect_ids().mode is IdMode.SINGLE:
         pytest.skip("a single-id map cannot set groups")
-    for user in ("", "app:app"):
+    for user, want in (("", "0 10"), ("app:app", "1000"), ("4321", "0"), ("4321:5678", "5678")):
         code, out = sh(rootfs, "grep Groups: /proc/self/status", tmp_path, user=user)
-        assert (code, out.strip()) == (0, "Groups:"), user
+        assert (code, out.split()) == (0, ["Groups:", *want.split()]), user
 
 
 def test_numeric_user_and_group(rootfs: Path, tmp_path: Path) -> None:

@@ -502,15 +502,19 @@ def resolve_user(spec: str) -> tuple[int, int, list[int], str]:
             if match is None:
                 raise SetupError(f"unable to find group {group}: no matching entries in group file")
             gid = int(match[2])
-    # As runc's GetExecUser: supplementary groups are the /etc/group entries that
-    # list the user, only when the spec names a user and no group; the primary
-    # group is not added to them (BuildKit's RUN shows `Groups:` empty otherwise).
+    # As BuildKit's GetUser: no USER is user "0", resolved like any other, so root
+    # gets its /etc/group memberships too (`groups=0(root),10(wheel)`). As runc's
+    # GetExecUser: those memberships, only when the spec names no group. And as
+    # BuildKit's ensureAdditionalGids (containerd after CVE-2023-25173): the
+    # primary group first among them. BuildKit 0.8 (docker 20.10) did neither.
     groups: list[int] = []
-    if user and entry is not None and not group:
+    if entry is not None and not group:
         for row in groups_table:
             members = row[3].split(",") if len(row) > 3 else []
             if entry[0] in members and int(row[2]) not in groups:
                 groups.append(int(row[2]))
+    if gid not in groups:
+        groups.insert(0, gid)
     return uid, gid, groups, home
 
 
