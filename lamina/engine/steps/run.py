@@ -83,6 +83,12 @@ def proxy_env(build_args: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def sandbox_hostname(build_args: Mapping[str, str]) -> str:
+    """The RUN sandbox's hostname (also in /etc/hosts and $HOSTNAME): BuildKit's dockerui
+    takes `--build-arg BUILDKIT_SANDBOX_HOSTNAME`, else `buildkitsandbox`."""
+    return build_args.get("BUILDKIT_SANDBOX_HOSTNAME") or SANDBOX_HOSTNAME
+
+
 def run_step(executor: StepHost, state: StageState, plan: StagePlan, instruction: Any) -> None:
     from lamina.engine.model import PLATFORM
 
@@ -119,6 +125,9 @@ def run_step(executor: StepHost, state: StageState, plan: StagePlan, instruction
         "mounts": mount_keys,
         "script": hashlib.sha256(script.encode()).hexdigest() if script is not None else "",
     }
+    hostname = sandbox_hostname(executor.plan.build_args)
+    if hostname != SANDBOX_HOSTNAME:  # the exec op's key holds it in BuildKit
+        described["hostname"] = hostname
     if insecure:
         described["security"] = "insecure"
     inputs = make_inputs(
@@ -176,7 +185,7 @@ def _sandbox_run(
             env=tuple(env.items()),
             cwd=state.config.config.working_dir or "/",
             user=state.config.config.user,
-            hostname=SANDBOX_HOSTNAME,
+            hostname=sandbox_hostname(executor.plan.build_args),
             network=Network(network),
             insecure=insecure,
             mounts=tuple(mounts),
