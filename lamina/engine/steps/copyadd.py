@@ -100,6 +100,18 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
     image = None if instruction.link else view
     urls = [s for s in instruction.sources if is_add and _is_url(s)]
     local = [s for s in instruction.sources if s not in urls]
+    if getattr(instruction, "checksum", None):
+        # BuildKit's dispatchCopy: a checksum pins one downloaded source.
+        from lamina.errors import InstructionError
+
+        if len(instruction.sources) != 1:
+            why = "ADD --checksum can't be specified for multiple sources"
+            raise InstructionError(why, instruction.location)
+        if not urls:
+            raise InstructionError(
+                f"ADD --checksum {instruction.sources[0]}: checksum requires HTTP(S) or Git sources",
+                instruction.location,
+            )
 
     if executor.options.dry_run and from_:
         source = source_stage(executor, from_, instruction.location)
