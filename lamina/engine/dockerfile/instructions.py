@@ -1173,7 +1173,7 @@ def parse_stages(dockerfile: Dockerfile) -> Stages:
             body.append(instruction)
     if current is None:
         raise InstructionError(
-            "no FROM instruction: a Dockerfile needs at least one stage", Location(dockerfile.path, 0)
+            "no FROM instruction: the dockerfile contains no stages to build", Location(dockerfile.path, 0)
         )
     stages.append(Stage(len(stages), current, tuple(body)))
     return Stages(tuple(stages), tuple(meta_args))
