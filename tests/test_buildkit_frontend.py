@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_build_helpers import BASE, make_cache, rootfs
+from test_build_helpers import BASE, make_cache, needs_id_range, rootfs
 
 CASES = Path(__file__).parent / "conformance" / "buildkit" / "cases"
 
@@ -54,6 +54,8 @@ def _write_context(ctx: Path, case: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("case", _cases())
 def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path) -> None:
+    if case.get("needs_id_range"):
+        needs_id_range()
     cache = make_cache(tmp_path, busybox_image)
     ctx, out = tmp_path / "ctx", tmp_path / "out"
     _write_context(ctx, case)

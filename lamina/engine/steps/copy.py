@@ -881,12 +881,15 @@ class _Writer:
 
     def finish(self) -> None:
         self.drain()
-        for path, mode in reversed(self.dir_modes):
-            os.chmod(path, mode)
-        # Directory times last: writing their children changed them.
+        # Directory times after every write (writing their children changed them),
+        # and before the final modes: unprivileged, a directory made 0640 (an octal
+        # --chmod on the directories COPY creates) cannot be searched to reach those
+        # below it. chmod leaves mtimes alone.
         for rel, mtime_ns in reversed(self.dir_times):
             when = self.mtime_ns if self.mtime_ns is not None else mtime_ns
             os.utime(self.target(rel), ns=(when, when), follow_symlinks=False)
+        for path, mode in reversed(self.dir_modes):
+            os.chmod(path, mode)
 
 
 def _image_owner(st: os.stat_result) -> tuple[int, int]:
