@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
@@ -331,6 +332,25 @@ def _walk_stage(
     return walk
 
 
+# The frontends lamina's own front end stands for: docker/dockerfile and
+# docker/dockerfile-upstream, any tag or digest, with or without docker.io/.
+_DOCKERFILE_FRONTEND = re.compile(
+    r"(?:(?:docker\.io|index\.docker\.io|registry-1\.docker\.io)/)?docker/dockerfile(?:-upstream)?"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+
+
+def _check_syntax(dockerfile: Dockerfile) -> None:
+    """`# syntax=` naming another frontend image: BuildKit would run that image; lamina cannot."""
+    for directive in dockerfile.directives:
+        if directive.name == "syntax" and not _DOCKERFILE_FRONTEND.fullmatch(directive.value.strip()):
+            raise InstructionError(
+                f"# syntax={directive.value}: lamina builds with its own Dockerfile front end and cannot"
+                " run another frontend image (only docker/dockerfile[:tag] is understood)",
+                Location(dockerfile.path, directive.line),
+            )
+
+
 def _check_reference(text: str, location: Location, what: str) -> None:
     from lamina.errors import InvalidReference
     from lamina.oci.reference import parse_reference
@@ -371,6 +391,7 @@ def make_plan(
     build_platform: Platform | None = None,
 ) -> Plan:
     """Plan the build of `target` (default: the last stage) from a parsed Dockerfile."""
+    _check_syntax(dockerfile)
     parsed = parse_stages(dockerfile)
     stages = parsed.stages
     build_args = dict(build_args or {})
