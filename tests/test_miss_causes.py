@@ -191,3 +191,31 @@ def test_explain_takes_the_build_flags_and_agrees_with_the_next_build(cache: Pat
         (s["step"], s["reason"].replace(") will run;", ") ran;")) for s in said if s["cache"] == "run"
     ]
     assert [(s["step"], s["reason"]) for s in ran] == forecast
+
+
+def test_add_url_names_the_url_whose_content_changed(cache: Path, tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    payload = [b"one\n"]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload[0])))
+            self.end_headers()
+            self.wfile.write(payload[0])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/data.txt"
+        ctx = write_context(tmp_path / "url", f"FROM {BASE}\nADD {url} /dl/\n")
+        build(cache, ctx)
+        payload[0] = b"two\n"
+        assert reasons(build(cache, ctx)) == {f"ADD {url} /dl/": f"file content changed: {url}"}
+    finally:
+        server.shutdown()

@@ -145,6 +145,7 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
 
         fetched = fetch_url(executor, url, instruction.checksum)
         content.update(f"url\0{url}\0{fetched.digest}\n".encode())
+        files += ((url, fetched.digest, "url"),)  # a miss names the URL whose content changed
         produce_parts.append(("url", fetched))
     inputs = make_inputs(state.key, keyword + " " + described_text, {}, PLATFORM, content.hexdigest())
     inputs = dataclasses.replace(inputs, files=files, source=source)  # not keyed: names a later miss's files
