@@ -219,3 +219,13 @@ def test_add_url_names_the_url_whose_content_changed(cache: Path, tmp_path: Path
         assert reasons(build(cache, ctx)) == {f"ADD {url} /dl/": f"file content changed: {url}"}
     finally:
         server.shutdown()
+
+
+def test_a_line_inserted_above_does_not_shift_the_comparison(cache: Path, ctx: Path) -> None:
+    build(cache, ctx)
+    (ctx / "Dockerfile").write_text(DOCKERFILE.replace("COPY src/", "RUN echo new > /new\nCOPY src/"))
+    told = reasons(build(cache, ctx))
+    assert told["COPY src/ /src/"] == "the previous step changed: step 1 (RUN echo new > /new) ran"
+    assert told['RUN echo "$MODE $LEVEL" > /mode'] == (
+        "the previous step changed: step 2 (COPY src/ /src/) ran"
+    )

@@ -237,10 +237,16 @@ class Executor:
 
     # --- explaining misses ------------------------------------------------------------------
 
-    def step_position(self, state: StageState, instruction: Any) -> str:
-        """Names one step of one Dockerfile across builds, for explaining its next miss."""
+    def step_position(self, state: StageState, instruction: Any, same_text: str = "") -> str:
+        """Names one step of one Dockerfile across builds, for explaining its next miss.
+
+        By its place in the stage; with `same_text` (the expanded instruction), by
+        that text in the stage instead, which a line inserted above does not move.
+        """
         dockerfile = os.path.abspath(self.options.dockerfile or self.options.context / "Dockerfile")
         text = f"{dockerfile}\0{state.name}\0{state.index}\0{instruction.name}"
+        if same_text:
+            text = f"{dockerfile}\0{state.name}\0text\0{same_text}"
         from lamina.engine.cachekey import step_position_key
 
         return step_position_key(text)
@@ -261,7 +267,9 @@ class Executor:
                 return  # a hit that listed no files (COPY --from): keep the list of the run that made it
         self.store.cache_put(where, record)
 
-    def explain(self, where: str, inputs: KeyInputs, state: StageState, line: str = "") -> str:
+    def explain(
+        self, where: str, inputs: KeyInputs, state: StageState, line: str = "", same_text: str = ""
+    ) -> str:
         """Why `inputs` missed: compared with what this step position had last time (cachekey.miss_causes)."""
         from lamina.engine.cachekey import KeyInputs, explain_miss
 
@@ -269,7 +277,8 @@ class Executor:
             return "--no-cache"
         if state.no_cache:
             return f"--no-cache-filter {state.name}"
-        text = self.store.cache_get(where)
+        # The same instruction's last inputs, else those of the step that stood in its place.
+        text = (self.store.cache_get(same_text) if same_text else None) or self.store.cache_get(where)
         try:
             previous = KeyInputs.from_json(text) if text is not None else None
         except (ValueError, KeyError, TypeError):

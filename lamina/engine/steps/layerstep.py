@@ -64,10 +64,13 @@ def layer_step(
     start = time.monotonic()
     sink = executor.sink
     where = executor.step_position(state, instruction)
+    same_text = executor.step_position(state, instruction, inputs.instruction)
     result = None if pending else executor.lookup(inputs, state)
     line = f"line {instruction.location.line}" if instruction.location.line else ""
     if executor.options.dry_run:
-        reason = pending or ("" if result is not None else executor.explain(where, inputs, state, line))
+        reason = pending or (
+            "" if result is not None else executor.explain(where, inputs, state, line, same_text)
+        )
         if state.unknown and reason.startswith("the previous step changed") and "; " not in reason:
             # Its parent's key is a guess: the step that decides may make what it made before.
             reason = f"may run: depends on {state.unknown}"
@@ -94,12 +97,13 @@ def layer_step(
             if result is None:
                 if files is not None:
                     inputs = dataclasses.replace(inputs, files=files())
-                reason = executor.explain(where, inputs, state, line)
+                reason = executor.explain(where, inputs, state, line, same_text)
                 result = _produce(executor, state, text, inputs, produce, start, reason)
                 state.ran = f"step {state.index} ({text}) ran"
     if cached:
         sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.CACHED))
     executor.remember_position(where, inputs)
+    executor.remember_position(same_text, inputs)
     seconds = time.monotonic() - start
     executor.record(StepRecord(state.name, state.index, text, cached, seconds, inputs.key(), reason))
     return executor.apply_result(state, inputs, result, step)
