@@ -361,7 +361,8 @@ def _parse_flags(flags: Iterable[str], spec: dict[str, _Kind]) -> dict[str, obje
         name, eq, value = flag[2:].partition("=")
         kind = spec.get(name)
         if kind is None:
-            raise InstructionError(f"unknown flag: --{name}")
+            hint = suggest(name, spec)
+            raise InstructionError(f"unknown flag: --{name}" + (f" (did you mean {hint}?)" if hint else ""))
         if name in values and kind is not _Kind.STRINGS:
             raise InstructionError(f"duplicate flag specified: --{name}")
         if kind is _Kind.BOOL:
@@ -684,11 +685,19 @@ def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
     try:
         mount_type = MountType(type_text)
     except ValueError:
-        raise InstructionError(f"unsupported mount type {type_text!r}") from None
+        hint = suggest(type_text, [t.value for t in MountType])
+        raise InstructionError(
+            f"unsupported mount type {type_text!r}" + (f" (did you mean {hint}?)" if hint else "")
+        ) from None
     allowed = _MOUNT_KEYS[mount_type]
     for key in options:
         if key not in allowed:
-            raise InstructionError(f"unexpected key {key!r} for mount type {mount_type.value!r}")
+            known = set().union(*_MOUNT_KEYS.values()) | {"type"}
+            hint = suggest(key, sorted(known)) if key not in known else None
+            raise InstructionError(
+                f"unexpected key {key!r} for mount type {mount_type.value!r}"
+                + (f" (did you mean {hint}?)" if hint else "")
+            )
     read_only = mount_type is MountType.BIND
     if "readonly" in options:
         read_only = _parse_bool("readonly", options["readonly"])

@@ -197,7 +197,8 @@ def _sandbox_run(
         if code != 0:
             raise BuildError(
                 f"{instruction.location}: stage {state.name}: "
-                f"process {json.dumps(argv)} did not complete successfully: "
+                # BuildKit's exec op: the argv joined by spaces, quoted (Go's %q)
+                f"process {json.dumps(' '.join(argv))} did not complete successfully: "
                 f"exit code {code}{_signal_note(code)}",
                 tuple(tail),
             )
