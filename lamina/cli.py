@@ -166,7 +166,10 @@ def _print_forecast(steps: Sequence[Any]) -> None:
     width = max((len(f"[{s.stage} {s.index}] {s.instruction}") for s in steps), default=0)
     for step in steps:
         label = f"[{step.stage} {step.index}] {step.instruction}"
-        click.echo(f"{label:<{width}}  " + ("cached" if step.cached else f"will run: {step.reason}"))
+        fate = "cached" if step.cached else f"will run: {step.reason}"
+        if step.reason.startswith("may run:"):  # its parent is not known before an earlier step runs
+            fate = step.reason
+        click.echo(f"{label:<{width}}  " + fate)
 
 
 def _print_forecast_json(steps: Sequence[Any]) -> None:
@@ -179,7 +182,7 @@ def _print_forecast_json(steps: Sequence[Any]) -> None:
             "stage": step.stage,
             "step": step.index,
             "instruction": step.instruction,
-            "cache": "cached" if step.cached else "run",
+            "cache": "cached" if step.cached else "maybe" if step.reason.startswith("may run:") else "run",
             **({"reason": step.reason} if step.reason else {}),
         }
         click.echo(json.dumps(record, sort_keys=True))

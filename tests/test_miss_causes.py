@@ -163,6 +163,10 @@ def test_dry_run_says_may_run_after_a_step_it_cannot_know(cache: Path, tmp_path:
     told = reasons(build(cache, ctx, dry_run=True))
     assert told["COPY --from=build /out/ /app/"] == "stage build will run first; the files it selects decide"
     assert told["RUN echo 1 > /one"] == "may run: depends on step 1 (COPY --from=build /out/ /app/)"
+    lines = run_cli("explain", str(ctx), cache=cache).stdout.splitlines()
+    assert lines[-1].endswith("  may run: depends on step 1 (COPY --from=build /out/ /app/)")
+    said = run_cli("explain", "--format", "json", str(ctx), cache=cache).stdout.splitlines()
+    assert json.loads(said[-1])["cache"] == "maybe"
 
 
 def test_explain_takes_the_build_flags_and_agrees_with_the_next_build(cache: Path, ctx: Path) -> None:
