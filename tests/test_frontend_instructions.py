@@ -216,6 +216,15 @@ def test_onbuild_trigger_is_parsed_and_kept_as_written() -> None:
     assert isinstance(onbuild.trigger, CopyInstruction) and onbuild.trigger.from_ == "x"
 
 
+def test_onbuild_heredoc_trigger_keeps_its_body() -> None:
+    """BuildKit's testOnBuildHeredoc: the trigger in the image parses again in the child."""
+    onbuild = _only("ONBUILD RUN <<EOF\necho hi > /f\nEOF\n")
+    assert isinstance(onbuild, OnbuildInstruction)
+    assert onbuild.expression == "RUN <<EOF\necho hi > /f\nEOF"
+    again = parse_stages(parse("FROM base\n" + onbuild.expression + "\n")).stages[0].instructions[0]
+    assert isinstance(again, RunInstruction) and again.heredocs[0].content == "echo hi > /f\n"
+
+
 def test_expose_expansion_can_split() -> None:
     expose = _only("EXPOSE $PORTS 53/udp")
     assert isinstance(expose, ExposeInstruction)

@@ -1052,6 +1052,9 @@ def _onbuild(req: _Request) -> OnbuildInstruction:
     trigger_node = dataclasses.replace(child, heredocs=req.node.heredocs)
     trigger = _dispatch(_Request(trigger_node, req.location))
     expression = re.sub(r"(?i)^\s*ONBUILD\s*", "", req.node.original)
+    # As BuildKit's parseOnBuild: the trigger kept in the image carries its heredoc
+    # bodies and terminators, so the child build can parse `RUN <<EOF` again.
+    expression += "".join(f"\n{heredoc.content}{heredoc.name}" for heredoc in req.node.heredocs)
     return _make(OnbuildInstruction, req, expression=expression, trigger=trigger)
 
 
