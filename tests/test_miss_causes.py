@@ -107,9 +107,11 @@ def test_a_moved_base_tag_names_the_reference_and_both_digests(
     assert told['RUN echo "$MODE $LEVEL" > /mode'] == expected
 
 
-def test_no_cache_is_the_cause(cache: Path, ctx: Path) -> None:
+def test_no_cache_and_no_cache_filter_are_the_cause(cache: Path, ctx: Path) -> None:
     build(cache, ctx)
     assert set(reasons(build(cache, ctx, no_cache=True)).values()) == {"--no-cache"}
+    filtered = reasons(build(cache, ctx, no_cache_filter=["stage-0"]))
+    assert set(filtered.values()) == {"--no-cache-filter stage-0"}
 
 
 def test_plain_json_and_metadata_file_carry_the_cause(cache: Path, ctx: Path, tmp_path: Path) -> None:
