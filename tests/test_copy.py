@@ -292,6 +292,12 @@ def test_parents_directories_take_source_metadata_and_chmod(ctx: SourceTree, tmp
     assert got["app"][1] == 0o700  # the destination, made by MkdirAll with the octal --chmod
 
 
+def test_parents_wildcard_before_the_pivot(ctx: SourceTree, tmp_path: Path) -> None:
+    """BuildKit's testCopyParents doublewildcard: each directory `s*` matches is a pivot."""
+    got = _copy(ctx, ["s*/./util/*.go", "d*/./*.txt"], "/app/", tmp_path / "out", parents=True)
+    assert {"app/util/util.go", "app/guide.txt"} <= set(got) and "app/src" not in got
+
+
 def test_parents_missing_literal_source(ctx: SourceTree) -> None:
     with pytest.raises(ContextError, match="not found in build context: src/nope"):
         select_sources(ctx, ["src/nope"], "/app/", CopyOptions(parents=True))

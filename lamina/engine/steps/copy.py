@@ -471,22 +471,28 @@ def _select_parents(
         pivot, pattern = "", source
     pivot_rel = _source_rel(tree, pivot, options) if pivot else ""
     pattern_rel = _clean_rel(pattern)
-    base = tree.resolve(pivot_rel) if pivot_rel else ""
     if not pattern_rel:
         raise ContextError(f"COPY --parents failed: empty source path: {source}")
-    if not _has_wildcards(pattern_rel) and tree.entry(tree.resolve(_join(base, pattern_rel))) is None:
-        raise ContextError(f"COPY failed: file not found in {options.source_name}: {source}")
+    if _has_wildcards(pivot_rel):
+        # `/a/b*/./c/**/e`: every directory the part before the pivot matches is a
+        # pivot of its own (BuildKit copies each wildcard match with the pattern).
+        bases = [base for base in map(tree.resolve, _glob(tree, pivot_rel, None)) if _is_dir(tree, base)]
+    else:
+        bases = [tree.resolve(pivot_rel) if pivot_rel else ""]
+        if not _has_wildcards(pattern_rel) and tree.entry(tree.resolve(_join(bases[0], pattern_rel))) is None:
+            raise ContextError(f"COPY failed: file not found in {options.source_name}: {source}")
     include = DockerIgnore([pattern_rel], source="--parents")
-    for entry in tree.walk(base, include=include, exclude=excludes):
-        relative = entry.path[len(base) + 1 :] if base else entry.path
-        target = _join(dest_rel, relative)
-        if entry.type is EntryType.DIR and not include.excludes(relative):
-            # a parent of what the pattern selects: made with the source dir's
-            # metadata (and --chmod/--chown, as fsutil's createParentDirs does)
-            parent = _item(tree, target, entry, options)
-            made.append(MadeDir(target, parent.uid, parent.gid, parent.mode, entry))
-            continue
-        items.append(_item(tree, target, entry, options))
+    for base in bases:
+        for entry in tree.walk(base, include=include, exclude=excludes):
+            relative = entry.path[len(base) + 1 :] if base else entry.path
+            target = _join(dest_rel, relative)
+            if entry.type is EntryType.DIR and not include.excludes(relative):
+                # a parent of what the pattern selects: made with the source dir's
+                # metadata (and --chmod/--chown, as fsutil's createParentDirs does)
+                parent = _item(tree, target, entry, options)
+                made.append(MadeDir(target, parent.uid, parent.gid, parent.mode, entry))
+                continue
+            items.append(_item(tree, target, entry, options))
 
 
 # --- the key ------------------------------------------------------------------------------------
