@@ -226,6 +226,43 @@ def test_add_unpacks_local_archives(cache: Path, tmp_path: Path) -> None:
     assert (out / "glob/pkg/file.txt").read_text() == "inside\n", "a wildcard match is a named source"
 
 
+def test_add_url_unpack_true(cache: Path, tmp_path: Path) -> None:
+    """BuildKit's ADD --unpack=true of an HTTP source unpacks a tar; without it the file is kept."""
+    import http.server
+    import io
+    import tarfile
+    import threading
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("inner/hello.txt")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"hello\n"))
+    payload = buf.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/a.tar.gz"
+        text = f"FROM {BASE}\nADD --unpack=true {url} /unpacked/\nADD {url} /kept/\n"
+        out = tmp_path / "out"
+        rootfs(cache, write_context(tmp_path / "ctx", text), out)
+        assert (out / "unpacked/inner/hello.txt").read_bytes() == b"hello\n"
+        assert (out / "kept/a.tar.gz").read_bytes() == payload
+    finally:
+        server.shutdown()
+
+
 def test_add_url_with_checksum(cache: Path, tmp_path: Path) -> None:
     import hashlib
     import http.server

@@ -6,7 +6,7 @@
   through the layer extractor's checks.
 - A URL is downloaded (redirects followed) into a file named after the
   URL's last path component, mode 0600 as BuildKit writes it, with the
-  server's Last-Modified time; it is never unpacked. `--checksum=sha256:...`
+  server's Last-Modified time; it is unpacked only with `--unpack=true`. `--checksum=sha256:...`
   is verified before anything is written. The download's content digest is
   what keys the step, so a changed remote file re-runs it.
 """
@@ -111,9 +111,18 @@ def write_fetched(
     chmod: Any,
     image: Any,
     late: list[tuple[Path, int, int]] | None = None,
+    unpack: bool = False,
 ) -> None:
-    """Put a downloaded file at `dest` (or `dest/NAME` when dest is a directory)."""
+    """Put a downloaded file at `dest` (or `dest/NAME` when dest is a directory).
+
+    With `ADD --unpack=true` a downloaded tar archive is unpacked at dest
+    instead, as BuildKit's AttemptUnpack does for an HTTP source.
+    """
     import shutil
+
+    if unpack and is_archive(str(fetched.path)):
+        unpack_into(str(fetched.path), fetched.url, upper, dest, owner, image, late)
+        return
 
     into_dir = dest.endswith("/")
     if not into_dir and image is not None:
@@ -220,9 +229,7 @@ def unpack_archives(
     directory (as BuildKit does).
     """
     from lamina.engine.steps.copy import Selection
-    from lamina.engine.steps.owners import chown_all
     from lamina.oci.entry import EntryType
-    from lamina.oci.extract import Whiteouts, extract_layer
 
     literal, patterns = _named_sources(tree, sources)
     keep = []
@@ -236,20 +243,35 @@ def unpack_archives(
         ):
             keep.append(item)
             continue
-        # An archive is unpacked as a directory at dest, with or without a trailing slash.
-        target, made = make_dest_dirs(upper, dest.strip("/"), image, late)
-        with _archive_stream(source) as stream:
-            try:
-                extract_layer(stream, target, whiteouts=Whiteouts.APPLY, ignore_owners=os.geteuid() != 0)
-            except LaminaError as err:
-                raise BuildError(f"ADD {item.entry.path}: {err}") from err
-        # Owners last: unprivileged, a directory given to another id is no longer writable.
-        if owner:
-            _chown_tree(target, owner)
-            chown_all([(path, *owner) for path in made])
-        elif os.geteuid() != 0:
-            _rootless_archive_owners(source, target)
+        unpack_into(source, item.entry.path, upper, dest, owner, image, late)
     return Selection(selection.made_dirs, tuple(keep))
+
+
+def unpack_into(
+    source: str,
+    shown: str,
+    upper: Path,
+    dest: str,
+    owner: Any,
+    image: Any,
+    late: list[tuple[Path, int, int]] | None = None,
+) -> None:
+    """Unpack the archive at `source` as a directory at dest, with or without a trailing slash."""
+    from lamina.engine.steps.owners import chown_all
+    from lamina.oci.extract import Whiteouts, extract_layer
+
+    target, made = make_dest_dirs(upper, dest.strip("/"), image, late)
+    with _archive_stream(source) as stream:
+        try:
+            extract_layer(stream, target, whiteouts=Whiteouts.APPLY, ignore_owners=os.geteuid() != 0)
+        except LaminaError as err:
+            raise BuildError(f"ADD {shown}: {err}") from err
+    # Owners last: unprivileged, a directory given to another id is no longer writable.
+    if owner:
+        _chown_tree(target, owner)
+        chown_all([(path, *owner) for path in made])
+    elif os.geteuid() != 0:
+        _rootless_archive_owners(source, target)
 
 
 def _rootless_archive_owners(source: str, target: Path) -> None:

@@ -190,7 +190,8 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
                 elif os.geteuid() != 0 and from_:
                     _restore_stage_owners(executor, tree, upper, selection)
             else:
-                write_fetched(part, upper, dest, owner, chmod, image, late)
+                unpack = is_add and instruction.unpack is True
+                write_fetched(part, upper, dest, owner, chmod, image, late, unpack=unpack)
         for heredoc in instruction.contents:
             _write_heredoc(upper, dest, heredoc, owner, chmod, image, len(instruction.contents) > 1, late)
         chown_all(late)
