@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -226,12 +228,34 @@ def test_add_unpacks_local_archives(cache: Path, tmp_path: Path) -> None:
     assert (out / "glob/pkg/file.txt").read_text() == "inside\n", "a wildcard match is a named source"
 
 
+@contextlib.contextmanager
+def _served(payload: bytes) -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 answering every GET with `payload`; yields its port."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+
+
 def test_add_url_unpack_true(cache: Path, tmp_path: Path) -> None:
     """BuildKit's ADD --unpack=true of an HTTP source unpacks a tar; without it the file is kept."""
-    import http.server
     import io
     import tarfile
-    import threading
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -240,52 +264,24 @@ def test_add_url_unpack_true(cache: Path, tmp_path: Path) -> None:
         tar.addfile(info, io.BytesIO(b"hello\n"))
     payload = buf.getvalue()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/a.tar.gz"
+    with _served(payload) as port:
+        url = f"http://127.0.0.1:{port}/a.tar.gz"
         text = f"FROM {BASE}\nADD --unpack=true {url} /unpacked/\nADD {url} /kept/\n"
         out = tmp_path / "out"
         rootfs(cache, write_context(tmp_path / "ctx", text), out)
         assert (out / "unpacked/inner/hello.txt").read_bytes() == b"hello\n"
         assert (out / "kept/a.tar.gz").read_bytes() == payload
-    finally:
-        server.shutdown()
 
 
 def test_add_url_with_checksum(cache: Path, tmp_path: Path) -> None:
     import hashlib
-    import http.server
-    import threading
 
     from lamina.errors import BuildError
 
     payload = b"remote file\n"
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/files/data.txt"
+    with _served(payload) as port:
+        url = f"http://127.0.0.1:{port}/files/data.txt"
         good = "sha256:" + hashlib.sha256(payload).hexdigest()
         ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nADD --checksum={good} {url} /dl/\n")
         out = tmp_path / "out"
@@ -296,8 +292,6 @@ def test_add_url_with_checksum(cache: Path, tmp_path: Path) -> None:
         ctx2 = write_context(tmp_path / "ctx2", f"FROM {BASE}\nADD --checksum={bad} {url} /dl/\n")
         with pytest.raises(BuildError, match="digest mismatch"):
             build(cache, ctx2)
-    finally:
-        server.shutdown()
 
 
 def test_run_mounts_secret_cache_bind_tmpfs(cache: Path, tmp_path: Path) -> None:
