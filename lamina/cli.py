@@ -71,14 +71,17 @@ def main() -> None:
 
 
 def _dockerfile_path(path: str | None, dockerfile: str | None) -> str:
-    """-f wins; else PATH when it is a file; else PATH/Dockerfile."""
+    """-f wins; else PATH when it is a file; else PATH/Dockerfile, or PATH/dockerfile as a build finds it."""
     import os
+    from pathlib import Path
+
+    from lamina.engine.buildfiles import default_dockerfile
 
     if dockerfile is not None:
         return dockerfile  # like docker: -f is relative to the working directory
     if path is not None and not os.path.isdir(path):
         return path
-    return os.path.join(path or ".", "Dockerfile")
+    return str(default_dockerfile(Path(path or ".")))
 
 
 @cli.command()

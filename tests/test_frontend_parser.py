@@ -240,3 +240,11 @@ def test_cli_parse_keeps_invalid_utf8(tmp_path: Path) -> None:
     as_json = CliRunner().invoke(cli, ["parse", "--format", "json", str(tmp_path)])
     assert as_json.exit_code == 0
     assert json.loads(as_json.stdout_bytes)["instructions"][1]["keyword"] == "RUN\udcfe"
+
+
+def test_parse_of_a_directory_finds_a_lower_case_dockerfile(tmp_path: Path) -> None:
+    # As a build does (BuildKit's dockerui): `dockerfile` when there is no `Dockerfile`.
+    (tmp_path / "dockerfile").write_text("FROM scratch\nCOPY a /a\n")
+    result = CliRunner().invoke(cli, ["parse", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert '(copy "a" "/a")' in result.output
