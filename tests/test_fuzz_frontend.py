@@ -229,27 +229,7 @@ def _flags(rate: int, keyword: str, stages: st.SearchStrategy[str]) -> list[st.S
     return []
 
 
-_KEYWORDS = st.sampled_from(
-    [
-        "ADD",
-        "ARG",
-        "CMD",
-        "COPY",
-        "ENTRYPOINT",
-        "ENV",
-        "EXPOSE",
-        "HEALTHCHECK",
-        "LABEL",
-        "MAINTAINER",
-        "ONBUILD",
-        "RUN",
-        "SHELL",
-        "STOPSIGNAL",
-        "USER",
-        "VOLUME",
-        "WORKDIR",
-    ]
-)
+_KEYWORDS = st.sampled_from([k for k in ins.INSTRUCTIONS if k != "FROM"])  # FROM starts each stage
 _ARGS: dict[str, st.SearchStrategy[str]] = {
     "EXPOSE": st.sampled_from(["80", "80/udp", "1-3", "443/tcp 80", "0080", "${B:-8080}"]),
     "STOPSIGNAL": st.sampled_from(["TERM", "SIGKILL", "9", "-5", "RTMIN+15", "sigint", "${B:-TERM}"]),

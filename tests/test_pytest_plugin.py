@@ -60,9 +60,14 @@ def _project(root: Path, tests: str, files: dict[str, str] | None = None) -> Pat
 
 
 def _pytest(
-    project: Path, cache: Path, *args: str, autoload: bool = False, timeout: float = 300
+    project: Path,
+    cache: Path,
+    *args: str,
+    autoload: bool = False,
+    timeout: float = 300,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
+    env = {**os.environ, **(extra_env or {})}
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--lamina-cache={cache}", *args]
     if not autoload:
         env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
@@ -108,11 +113,7 @@ def test_a_second_session_builds_nothing_and_digests_are_reproducible(tmp_path: 
     seen = []
     for run_cache in (cache, cache, tmp_path / "other-cache"):
         out = tmp_path / "out.json"
-        os.environ["OUT"] = str(out)
-        try:
-            done = _pytest(project, run_cache, "-q")
-        finally:
-            del os.environ["OUT"]
+        done = _pytest(project, run_cache, "-q", extra_env={"OUT": str(out)})
         assert done.returncode == 0, done.stdout + done.stderr
         seen.append(json.loads(out.read_text()))
     assert seen[1]["run"] == 0  # the second session found every step cached
@@ -209,11 +210,7 @@ def test_a_service_is_reachable_and_stopped_at_teardown(tmp_path: Path, cache: P
                 f.write(str(svc.sandbox_pid))
     """
     out = tmp_path / "pid"
-    os.environ["OUT"] = str(out)
-    try:
-        done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
-    finally:
-        del os.environ["OUT"]
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs", extra_env={"OUT": str(out)})
     _skip_where_no_port(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not Path(f"/proc/{out.read_text()}").exists()
@@ -432,11 +429,7 @@ def test_a_session_service_is_shared_reached_by_name_and_stopped_at_the_session_
             assert "got-hi" in client.logs()
     """
     out = tmp_path / "pids"
-    os.environ["OUT"] = str(out)
-    try:
-        done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
-    finally:
-        del os.environ["OUT"]
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs", extra_env={"OUT": str(out)})
     _skip_where_no_port(done.stdout)
     assert "1 failed, 3 passed" in done.stdout, done.stdout + done.stderr
     pids = set(out.read_text().split())
@@ -549,11 +542,9 @@ def test_xdist_workers_build_a_copied_context_once(tmp_path: Path, cache: Path) 
     src.mkdir()
     (src / "Dockerfile").write_text("ARG BASE\nFROM ${BASE}\nRUN sleep 0.5; echo built > /built\n")
     out = tmp_path / "out"
-    os.environ.update(SRC=str(src), OUT=str(out))
-    try:
-        done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-p", "xdist.plugin", "-n", "2")
-    finally:
-        del os.environ["SRC"], os.environ["OUT"]
+    project = _project(tmp_path / "p", tests)
+    extra = {"SRC": str(src), "OUT": str(out)}
+    done = _pytest(project, cache, "-q", "-p", "xdist.plugin", "-n", "2", extra_env=extra)
     assert done.returncode == 0, done.stdout + done.stderr
     seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("out.gw*"))]
     assert len(seen) == 2
