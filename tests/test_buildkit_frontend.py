@@ -6,7 +6,7 @@ args and what the Go test asserts, as `expect_*` tables. The runner builds
 with a local export and checks those facts; `expect_error` cases must fail
 with every listed fragment in the message (the information BuildKit gives,
 not its exact wording). See the directory's README for the format and the
-upstream commit.
+upstream commit; `count.py` there prints how much of the suite is ported.
 """
 
 from __future__ import annotations
@@ -19,9 +19,60 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_build_helpers import BASE, make_cache, needs_id_range, rootfs
+from test_build_helpers import BASE, build, image_entries, make_cache, needs_id_range
 
-CASES = Path(__file__).parent / "conformance" / "buildkit" / "cases"
+BUILDKIT = Path(__file__).parent / "conformance" / "buildkit"
+CASES = BUILDKIT / "cases"
+
+# /etc/passwd and /etc/group of docker.io/library/busybox, for cases whose
+# Dockerfile names its users and groups ({ETC} copies them in).
+ETC_PASSWD = """root:x:0:0:root:/root:/bin/sh
+daemon:x:1:1:daemon:/usr/sbin:/bin/false
+bin:x:2:2:bin:/bin:/bin/false
+sys:x:3:3:sys:/dev:/bin/false
+sync:x:4:100:sync:/bin:/bin/sync
+mail:x:8:8:mail:/var/spool/mail:/bin/false
+www-data:x:33:33:www-data:/var/www:/bin/false
+operator:x:37:37:Operator:/var:/bin/false
+nobody:x:65534:65534:nobody:/home:/bin/false
+"""
+ETC_GROUP = """root:x:0:
+daemon:x:1:
+bin:x:2:
+sys:x:3:
+adm:x:4:
+tty:x:5:
+disk:x:6:
+lp:x:7:
+mail:x:8:
+kmem:x:9:
+wheel:x:10:root
+cdrom:x:11:
+dialout:x:18:
+floppy:x:19:
+video:x:28:
+audio:x:29:
+tape:x:32:
+www-data:x:33:
+operator:x:37:
+utmp:x:43:
+plugdev:x:46:
+staff:x:50:
+lock:x:54:
+netdev:x:82:
+users:x:100:
+nobody:x:65534:
+"""
+
+
+def xfails() -> dict[str, str]:
+    """skipped.tsv's expected failures: upstream test -> what differs (reason `fails: ...`)."""
+    out = {}
+    for line in (BUILDKIT / "skipped.tsv").read_text().splitlines()[1:]:
+        name, reason = line.split("\t")
+        if reason.startswith("fails: "):
+            out[name] = reason.removeprefix("fails: ")
+    return out
 
 
 def _cases() -> list[Any]:
@@ -29,46 +80,49 @@ def _cases() -> list[Any]:
     for path in sorted(CASES.glob("*.toml")):
         case = tomllib.loads(path.read_text())
         marks = [pytest.mark.sandbox] if case.get("sandbox") else []
+        if "xfail" in case:
+            marks.append(pytest.mark.xfail(reason=case["xfail"], strict=True))
         params.append(pytest.param(case, id=path.stem, marks=marks))
     return params
 
 
-def _write_context(ctx: Path, case: dict[str, Any]) -> None:
-    ctx.mkdir()
-    if "dockerfile" in case:
-        name = case.get("dockerfile_name", "Dockerfile")
-        (ctx / name).write_text(case["dockerfile"].replace("{BASE}", BASE))
+def _text(data: str) -> str:
+    etc = "COPY --chmod=644 .etc/passwd .etc/group /etc/"
+    return data.replace("{BASE}", BASE).replace("{ETC}", etc)
+
+
+def _write_files(ctx: Path, case: dict[str, Any]) -> None:
     for name, data in case.get("files", {}).items():
         path = ctx / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if name.endswith("/"):
             path.mkdir(exist_ok=True)
         else:
-            path.write_text(data.replace("{BASE}", BASE))
+            path.write_text(_text(data))
     for name, target in case.get("symlinks", {}).items():
+        (ctx / name).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(target, ctx / name)
     for name in case.get("sockets", []):
         with socket.socket(socket.AF_UNIX) as sock:  # closing leaves the socket file behind
             sock.bind(os.fspath(ctx / name))
+    for name, mode in case.get("file_modes", {}).items():
+        os.chmod(ctx / name, int(mode, 8))
 
 
-@pytest.mark.parametrize("case", _cases())
-def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path) -> None:
-    if case.get("needs_id_range"):
-        needs_id_range()
-    cache = make_cache(tmp_path, busybox_image)
-    ctx, out = tmp_path / "ctx", tmp_path / "out"
-    _write_context(ctx, case)
-    kwargs: dict[str, Any] = {"build_args": case.get("build_args", {})}
-    if "target" in case:
-        kwargs["target"] = case["target"]
-    if "expect_error" in case:
-        with pytest.raises(Exception) as caught:
-            rootfs(cache, ctx, out, **kwargs)
-        for fragment in case["expect_error"]:
-            assert fragment in str(caught.value)
-        return
-    rootfs(cache, ctx, out, **kwargs)
+def _write_context(ctx: Path, case: dict[str, Any]) -> None:
+    ctx.mkdir()
+    if "dockerfile" in case:
+        name = ctx / case.get("dockerfile_name", "Dockerfile")
+        name.parent.mkdir(parents=True, exist_ok=True)
+        name.write_text(_text(case["dockerfile"]))
+        if "{ETC}" in case["dockerfile"]:
+            (ctx / ".etc").mkdir()
+            (ctx / ".etc/passwd").write_text(ETC_PASSWD)
+            (ctx / ".etc/group").write_text(ETC_GROUP)
+    _write_files(ctx, case)
+
+
+def _check_tree(out: Path, case: dict[str, Any]) -> None:
     for name, content in case.get("expect_files", {}).items():
         path = out / name
         assert path.is_file() and not path.is_symlink(), f"{name}: not a regular file"
@@ -89,14 +143,87 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
             assert line in text.splitlines(), f"{name}: no line {line!r} in {text!r}"
 
 
+def _check_config(result: Any, case: dict[str, Any]) -> None:
+    config = result.config.config.to_json()
+    for key, value in case.get("expect_config", {}).items():
+        assert config.get(key) == value, f"config {key}: {config.get(key)!r}"
+    for entry in case.get("expect_env", []):
+        assert entry in config.get("Env", []), f"no {entry} in Env {config.get('Env')}"
+    history = [h.to_json() for h in result.config.history]
+    for index, fields in case.get("expect_history", {}).items():
+        for key, value in fields.items():
+            assert history[int(index)].get(key) == value, f"history[{index}].{key}: {history[int(index)]}"
+
+
+def _build(cache: Path, ctx: Path, out: Path, case: dict[str, Any], archive: Path | None = None) -> Any:
+    kwargs: dict[str, Any] = {"build_args": case.get("build_args", {})}
+    for key in ("target", "no_cache", "labels"):
+        if key in case:
+            kwargs[key] = case[key]
+    if "dockerfile_path" in case:
+        kwargs["dockerfile"] = ctx / case["dockerfile_path"]
+    outputs = [f"type=local,dest={out}"] + ([f"type=oci,dest={archive}"] if archive else [])
+    return build(cache, ctx, outputs=outputs, **kwargs)
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path) -> None:
+    if case.get("needs_id_range"):
+        needs_id_range()
+    cache = make_cache(tmp_path, busybox_image)
+    ctx, out = tmp_path / "ctx", tmp_path / "out"
+    _write_context(ctx, case)
+    if "expect_error" in case:
+        with pytest.raises(Exception) as caught:
+            _build(cache, ctx, out, case)
+        for fragment in case["expect_error"]:
+            assert fragment in str(caught.value)
+        return
+    archive = tmp_path / "image.tar" if "expect_owners" in case else None
+    result = _build(cache, ctx, out, case, archive)
+    _check_tree(out, case)
+    _check_config(result, case)
+    if archive is not None:
+        entries = image_entries(archive)
+        for name, owner in case["expect_owners"].items():
+            info = entries[name]
+            assert f"{info.uid}:{info.gid}" == owner, name
+    for number, again in enumerate(case.get("rebuilds", [])):
+        # A later build of the same context, changed: which outputs must stay and which must change.
+        for name in again.get("remove", []):
+            (ctx / name).unlink()
+        _write_files(ctx, again)
+        out2 = tmp_path / f"out{number + 2}"
+        _build(
+            cache, ctx, out2, {**case, **{k: v for k, v in again.items() if k in ("build_args", "no_cache")}}
+        )
+        for name in again.get("expect_same", []):
+            assert (out2 / name).read_bytes() == (out / name).read_bytes(), (
+                f"build {number + 2}: {name} changed"
+            )
+        for name in again.get("expect_changed", []):
+            assert (out2 / name).read_bytes() != (out / name).read_bytes(), (
+                f"build {number + 2}: {name} is the same"
+            )
+        _check_tree(out2, again)
+        out = out2
+
+
 def test_buildkit_skips_are_counted() -> None:
-    """Every case file names its upstream test; the skip list gives each skipped test a reason."""
-    skips = (CASES.parent / "skipped.tsv").read_text().splitlines()[1:]
-    for line in skips:
+    """Every case names its upstream test; every skip has a reason; an xfail case is listed as failing."""
+    names = {line.split("\t")[0] for line in (BUILDKIT / "upstream.tsv").read_text().splitlines()[1:]}
+    listed = xfails()
+    failing: set[str] = set()
+    for line in (BUILDKIT / "skipped.tsv").read_text().splitlines()[1:]:
         name, reason = line.split("\t")
-        assert name.startswith("test") and reason
+        assert name in names and reason, line
     for path in CASES.glob("*.toml"):
-        assert tomllib.loads(path.read_text())["upstream"].startswith("test"), path.name
+        case = tomllib.loads(path.read_text())
+        assert case["upstream"] in names, path.name
+        if "xfail" in case:
+            assert case["upstream"] in listed, f"{path.name}: xfail but not in skipped.tsv as fails:"
+        failing.update([case["upstream"]] if "xfail" in case else [])
+    assert set(listed) <= failing, "skipped.tsv lists as failing a test with no xfail case"
 
 
 def test_proxy_env_from_build_args_deterministic_order() -> None:
