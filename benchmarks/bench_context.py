@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from lamina.cache.statcache import StatCache  # noqa: E402
 from lamina.engine.context import open_build_context  # noqa: E402
-from lamina.engine.steps.copy import CopyOptions, select_sources, selection_key, write_selection  # noqa: E402
+from lamina.engine.steps.copyadd.placement import write_selection  # noqa: E402
+from lamina.engine.steps.copyadd.selection import CopyOptions, select_sources, selection_key  # noqa: E402
 
 GEN = ROOT.parent / "shared" / "bench" / "gen_context.py"
 MOD_FILE = "src/pkg07/mod3/f07312.c"

@@ -1,4 +1,4 @@
-"""COPY/ADD source selection, keys and writing (lamina.engine.steps.copy)."""
+"""COPY/ADD source selection, keys and writing (lamina.engine.steps.copyadd: selection, placement)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,9 @@ from hypothesis import strategies as st
 
 from lamina.cache.statcache import StatCache
 from lamina.engine.context import SourceTree, open_build_context, open_rootfs
-from lamina.engine.steps.copy import (
-    CopyOptions,
-    destination_path,
-    parse_chmod,
-    select_sources,
-    selection_key,
-    write_selection,
-)
+from lamina.engine.steps.copyadd.chmod import parse_chmod
+from lamina.engine.steps.copyadd.placement import write_selection
+from lamina.engine.steps.copyadd.selection import CopyOptions, destination_path, select_sources, selection_key
 from lamina.errors import ContextError, InstructionError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to other ids needs root")
@@ -587,7 +582,7 @@ def test_a_stop_set_during_the_copy_ends_it_at_the_next_file(
 ) -> None:
     import threading
 
-    from lamina.engine.steps import copy as copy_module
+    from lamina.engine.steps.copyadd import placement as copy_module
 
     root = tmp_path / "ctx"
     _write(root, {f"d{i % 4}/f{i:03}": "x" for i in range(400)})

@@ -21,7 +21,9 @@ import pytest
 
 from lamina.cache.statcache import StatCache
 from lamina.engine.context import open_build_context, open_rootfs
-from lamina.engine.steps.copy import CopyOptions, parse_chmod, select_sources, write_selection
+from lamina.engine.steps.copyadd.chmod import parse_chmod
+from lamina.engine.steps.copyadd.placement import write_selection
+from lamina.engine.steps.copyadd.selection import CopyOptions, select_sources
 
 # (flags as written in the Dockerfile, sources, dest)
 CASES: list[tuple[str, list[str], str]] = [

@@ -636,20 +636,20 @@ def _heredoc_content(body: str) -> ins.SourceContent:
 
 
 def test_copy_heredoc_of_four_mib_expands_at_string_speed() -> None:
-    from lamina.engine.steps.copyadd import _expand_heredoc
+    from lamina.engine.steps.copyadd.heredoc import expand_heredoc
 
     line = 'key = "' + "v" * 4000 + '" # \\$HOME is $HOME\n'
     body = line * (MAX_EXPANDED // len(line))
     started = time.perf_counter()
-    expanded = _expand_heredoc(_heredoc_content(body), {"HOME": "/root"})
+    expanded = expand_heredoc(_heredoc_content(body), {"HOME": "/root"})
     elapsed = time.perf_counter() - started
     assert expanded.data == body.replace("\\$HOME is $HOME", "$HOME is /root")
     assert elapsed < 0.25, elapsed  # one string operation per quote or escape (was one per character)
 
 
 def test_copy_heredoc_past_the_expansion_limit_is_an_error() -> None:
-    from lamina.engine.steps.copyadd import _expand_heredoc
+    from lamina.engine.steps.copyadd.heredoc import expand_heredoc
 
     content = _heredoc_content(("x" * 1023 + "\n") * (MAX_EXPANDED // 1024 + 1))
     with pytest.raises(LaminaError, match=rf"heredoc EOF: {MAX_EXPANDED + 1024} characters, longer than"):
-        _expand_heredoc(content, {})
+        expand_heredoc(content, {})

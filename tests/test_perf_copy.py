@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import lamina.engine.steps.copy as copy
 from lamina.cache.statcache import StatCache
 from lamina.engine.context import SourceTree, open_build_context
-from lamina.engine.steps.copy import CopyOptions, select_sources, write_selection
+from lamina.engine.steps.copyadd import placement
+from lamina.engine.steps.copyadd.chmod import parse_chmod
+from lamina.engine.steps.copyadd.placement import write_selection
+from lamina.engine.steps.copyadd.selection import CopyOptions, select_sources
 from lamina.errors import ContextError
 
 
@@ -59,9 +61,9 @@ def _write(tree: SourceTree, sources: list[str], out: Path, **options: object) -
 
 def test_threaded_copy_is_the_ordered_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tree = _context(tmp_path / "ctx")
-    chmod = copy.parse_chmod("640")
+    chmod = parse_chmod("640")
     threaded = _write(tree, ["src", "one/", "two/"], tmp_path / "threaded", chmod=chmod)
-    monkeypatch.setattr(copy, "_BATCH", 10**9)  # everything written by the calling thread
+    monkeypatch.setattr(placement, "_BATCH", 10**9)  # everything written by the calling thread
     ordered = _write(tree, ["src", "one/", "two/"], tmp_path / "ordered", chmod=chmod)
     assert threaded == ordered > 0
     threaded_tree, ordered_tree = _listing(tmp_path / "threaded"), _listing(tmp_path / "ordered")

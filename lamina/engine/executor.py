@@ -102,7 +102,7 @@ class Executor:
         self.images: dict[str, StageOutcome] = {}  # base images loaded by this build
         self.totals: dict[str, int] = {}  # stage name -> its filesystem steps, for replays
         self.temp_files: list[Path] = []  # e.g. secrets given by environment variable
-        self.fetched: dict[str, Any] = {}  # ADD <url>: fetched once per build (steps.add)
+        self.fetched: dict[str, Any] = {}  # ADD <url>: fetched once per build (steps.copyadd.fetch)
         self.dirty: set[str] = set()  # --dry-run: stages with a step that would run
         self._image_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._stage_locks: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)

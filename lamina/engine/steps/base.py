@@ -2,6 +2,7 @@
 
 `base_image(executor, ref, location)` is what FROM, `COPY --from=image` and
 `RUN --mount=from=image` use; each image is loaded once per build.
+`source_stage` reads a `--from` reference: an earlier stage, else an image.
 """
 
 from __future__ import annotations
@@ -89,3 +90,23 @@ def _pull(executor: StepHost, ref: str, location: Any) -> Any:
         return ensure_image(factory, executor.store, parse_reference(ref), policy)
     except LaminaError as err:
         raise BuildError(f"{_source(location, ref)}: {err}") from err
+
+
+def source_stage(executor: StepHost, ref: str, location: Any) -> StageOutcome:
+    """What `--from=ref` names: an earlier stage (by index or name), else an image."""
+    plan = executor.plan
+    index = stage_index(ref)
+    if index is None:
+        index = plan.names.get(ref.lower())
+    if index is not None:
+        return executor.outcome(index)
+    return base_image(executor, ref, location)
+
+
+def stage_index(ref: str) -> int | None:
+    """`ref` as a stage index: ASCII digits only (str.isdigit also takes `²`, which
+    int() refuses), as the planner reads it; it has checked the index is a stage."""
+    if not (ref.isascii() and ref.isdigit()):
+        return None
+    digits = ref.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else None

@@ -237,7 +237,7 @@ def dispatch(executor: StepHost, state: StageState, plan: StagePlan, instruction
 
         run_step(executor, state, plan, instruction.expand(expand))
     elif isinstance(instruction, ins.CopyInstruction | ins.AddInstruction):
-        from lamina.engine.steps.copyadd import copy_step
+        from lamina.engine.steps.copyadd.step import copy_step
 
         copy_step(executor, state, plan, instruction.expand(expand))
     elif isinstance(instruction, ins.FromInstruction):

@@ -303,7 +303,7 @@ def _mounts(
 
 def _seed_cache(executor: StepHost, mount: Any, cache_dir: Path) -> None:
     """A new cache mount with `from=` starts as a copy of that stage's (or image's) `source`."""
-    from lamina.engine.steps.copyadd import source_stage
+    from lamina.engine.steps.base import source_stage
 
     outcome = source_stage(executor, mount.from_, None)
     source = "/" + mount.source.strip("/")
@@ -339,7 +339,7 @@ def _bind_source(executor: StepHost, mount: Any) -> tuple[Path, str]:
         context = executor.context()
         rel = context.resolve(mount.source.strip("/"))
         return executor.options.context.resolve(), str(context.checksum(rel))
-    from lamina.engine.steps.copyadd import source_stage
+    from lamina.engine.steps.base import source_stage
 
     outcome = source_stage(executor, mount.from_, None)
     return executor.stage_rootfs(outcome, ["/" + mount.source.strip("/")]), outcome.key

@@ -1,9 +1,10 @@
-"""COPY and ADD as build steps: pick the source tree, key the selection, write the layer.
+"""COPY and ADD as a build step: the source tree, the key, the layer.
 
-Source selection, keying and writing are B's `steps.copy`; this module
-joins them to the stage: `--from` (stage name, index or image), `--chown`
-names resolved in the stage's /etc/passwd and /etc/group, heredoc sources,
-and ADD's extras (`steps.add`: local archives unpacked, URLs fetched).
+This module joins the concerns of `steps.copyadd` to the stage: `--from`
+(stage name, index or image, `base.source_stage`), `--chown` names resolved
+in the stage's /etc/passwd and /etc/group, the key, and the `produce` that
+writes the layer on a miss (`selection`, `placement`, `heredoc`, and ADD's
+`fetch` and `archive`).
 
 `COPY --from=stage` is keyed by the content of the files it selects in that
 stage, never by the stage's key: a builder rebuilt to the same output keeps
@@ -18,60 +19,43 @@ import dataclasses
 import hashlib
 import json
 import os
-import posixpath
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.engine.cachekey import copy_files_key, copy_from_key, make_inputs
+from lamina.engine.context import open_rootfs
+from lamina.engine.dockerfile.instructions import AddInstruction
+from lamina.engine.model import PLATFORM
 from lamina.engine.steps import metadata as md
-from lamina.engine.steps.base import base_image
-from lamina.engine.steps.layerstep import layer_step
+from lamina.engine.steps.base import source_stage, stage_index
+from lamina.engine.steps.copyadd.archive import unpack_archives
+from lamina.engine.steps.copyadd.chmod import parse_chmod
+from lamina.engine.steps.copyadd.fetch import fetch_url, write_fetched
+from lamina.engine.steps.copyadd.heredoc import expand_heredoc, write_heredoc
+from lamina.engine.steps.copyadd.placement import PriorCopy, WrittenFile, write_selection
+from lamina.engine.steps.copyadd.selection import CopyOptions, destination_path, select_sources, selection_key
+from lamina.engine.steps.layerstep import layer_step, step_env
+from lamina.engine.steps.layerview import LayerView
+from lamina.engine.steps.missfacts import selection_files
+from lamina.engine.steps.owners import chown_all
+from lamina.engine.steps.users import resolve_owner
+from lamina.errors import InstructionError
+from lamina.oci.digest import Digest
 
 if TYPE_CHECKING:
-    from lamina.engine.model import StageOutcome, StagePlan, StageState, StepHost
-    from lamina.engine.steps.copy import PriorCopy, WrittenFile
-
-
-def source_stage(executor: StepHost, ref: str, location: Any) -> StageOutcome:
-    """What `--from=ref` names: an earlier stage (by index or name), else an image."""
-    plan = executor.plan
-    index = _stage_index(ref)
-    if index is None:
-        index = plan.names.get(ref.lower())
-    if index is not None:
-        return executor.outcome(index)
-    return base_image(executor, ref, location)
-
-
-def _stage_index(ref: str) -> int | None:
-    """`ref` as a stage index: ASCII digits only (str.isdigit also takes `²`, which
-    int() refuses), as the planner reads it; it has checked the index is a stage."""
-    if not (ref.isascii() and ref.isdigit()):
-        return None
-    digits = ref.lstrip("0") or "0"
-    return int(digits) if len(digits) <= 18 else None
+    from lamina.engine.model import StagePlan, StageState, StepHost
 
 
 def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instruction: Any) -> None:
-    from lamina.engine.dockerfile.instructions import AddInstruction
-    from lamina.engine.model import PLATFORM
-    from lamina.engine.steps.copy import CopyOptions, destination_path, parse_chmod
-    from lamina.engine.steps.layerview import LayerView
-
     is_add = isinstance(instruction, AddInstruction)
     keyword = "ADD" if is_add else "COPY"
     if any(content.expand for content in instruction.contents):
-        from lamina.engine.steps.layerstep import step_env
-
         env = step_env(state)
-        contents = tuple(_expand_heredoc(content, env) for content in instruction.contents)
+        contents = tuple(expand_heredoc(content, env) for content in instruction.contents)
         instruction = dataclasses.replace(instruction, contents=contents)
     view = LayerView([layer.path for layer in state.layers])
     owner = None
     if instruction.chown:
-        from lamina.engine.steps.users import resolve_owner
-
         owner = resolve_owner(view, instruction.chown)
     chmod = parse_chmod(instruction.chmod) if instruction.chmod else None
     from_ = getattr(instruction, "from_", None)
@@ -102,8 +86,6 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
     local = [s for s in instruction.sources if s not in urls]
     if getattr(instruction, "checksum", None):
         # BuildKit's dispatchCopy: a checksum pins one downloaded source.
-        from lamina.errors import InstructionError
-
         if len(instruction.sources) != 1:
             why = "ADD --checksum can't be specified for multiple sources"
             raise InstructionError(why, instruction.location)
@@ -130,19 +112,15 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
         materialize, digest = _select(executor, state, instruction, from_, local, dest, options, image)
         content.update(f"files\0{digest}\n".encode())
         produce_parts.append(("files", materialize))
-        from lamina.engine.steps.missfacts import selection_files
-
         if not from_:  # the context's selection is made already; a stage's may not be
             files = selection_files(*materialize())
         else:
-            index = _stage_index(from_)
+            index = stage_index(from_)
             index = executor.plan.names.get(from_.lower()) if index is None else index
             stage = executor.plan.stages.get(index) if index is not None else None
             source = f"stage {stage.name}" if stage is not None else f"image {from_}"
             list_files = lambda: selection_files(*materialize())  # noqa: E731 (on a miss only)
     for url in urls:
-        from lamina.engine.steps.add import fetch_url
-
         fetched = fetch_url(executor, url, instruction.checksum)
         content.update(f"url\0{url}\0{fetched.digest}\n".encode())
         files += ((url, fetched.digest, "url"),)  # a miss names the URL whose content changed
@@ -159,10 +137,6 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
 
     def produce(upper: Path) -> None:
         nonlocal where
-        from lamina.engine.steps.add import unpack_archives, write_fetched
-        from lamina.engine.steps.copy import write_selection
-        from lamina.engine.steps.owners import chown_all
-
         # Owners of directories kept from the layers below: set after every write
         # (unprivileged, a directory given to another id is no longer writable).
         late: list[tuple[Path, int, int]] = []
@@ -193,7 +167,7 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
                 unpack = is_add and instruction.unpack is True
                 write_fetched(part, upper, dest, owner, chmod, image, late, unpack=unpack)
         for heredoc in instruction.contents:
-            _write_heredoc(upper, dest, heredoc, owner, chmod, image, len(instruction.contents) > 1, late)
+            write_heredoc(upper, dest, heredoc, owner, chmod, image, len(instruction.contents) > 1, late)
         chown_all(late)
 
     has_layer = layer_step(executor, state, instruction, inputs, produce, files=list_files)
@@ -215,9 +189,6 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
 
 def _load_prior_copy(executor: StepHost, where: str) -> PriorCopy | None:
     """The files the last run of this COPY wrote, if its layer directory is still there."""
-    from lamina.engine.steps.copy import PriorCopy, WrittenFile
-    from lamina.oci.digest import Digest
-
     text = executor.store.cache_get(where)
     if text is None:
         return None
@@ -245,7 +216,6 @@ def _save_prior_copy(executor: StepHost, where: str, dir_id: str, written: dict[
 def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int], image: Any) -> None:
     """Unprivileged, the copy could not --chown: set the owner inside the user namespace
     (not on directories that exist below: those keep their owner, as BuildKit's do)."""
-    from lamina.engine.steps.owners import chown_all
 
     def below(dest: str) -> bool:
         return image is not None and image.stat("/" + dest) is not None
@@ -266,7 +236,6 @@ def _restore_stage_owners(executor: StepHost, tree: Any, upper: Path, selection:
     if not lost:
         return
     from lamina.engine.sandbox.idmap import detect_ids
-    from lamina.engine.steps.owners import chown_all
 
     ids = detect_ids()
     owners = []
@@ -296,9 +265,6 @@ def _select(
     For an unchanged `--from` stage the digest comes from a memo, and the
     stage's files are only merged if the step must actually run.
     """
-    from lamina.engine.context import open_rootfs
-    from lamina.engine.steps.copy import select_sources, selection_key
-
     if not from_:
         tree = executor.context()
         selection = select_sources(tree, sources, dest, options, image)
@@ -335,72 +301,3 @@ def _literal_prefix(source: str) -> str:
 def _memo_key(stage_key: str, dest_key: str, sources: list[str], dest: str, options: Any, link: bool) -> str:
     text = json.dumps([stage_key, dest_key, sources, dest, repr(options), link])
     return copy_from_key(text)
-
-
-# An escape and the character it escapes, kept as a pair (a trailing escape alone).
-_ESCAPE_PAIR = re.compile(r"(\\[\s\S]?)")
-
-
-def _expand_heredoc(content: Any, env: dict[str, str]) -> Any:
-    """An unquoted heredoc's body with `$VAR`/`${VAR...}` expanded from the stage's
-    ARG and ENV, as BuildKit's ExpandRaw does: quotes stay as written, a backslash
-    escapes the next character (so `\\$` keeps a dollar). `<<"EOF"` is left alone.
-
-    The body is prepared in string operations (one per escape, not one per
-    character) and is bounded as every expanded word is (shell.MAX_EXPANDED)."""
-    from lamina.engine.dockerfile.shell import MAX_EXPANDED, expand_word
-    from lamina.errors import ExpansionError
-
-    if not content.expand:
-        return content
-    data = content.data
-    if len(data) > MAX_EXPANDED:
-        raise ExpansionError(
-            f"heredoc {content.path}: {len(data)} characters, longer than an expanded word"
-            f" may be ({MAX_EXPANDED}, lamina's limit, 4 MiB)"
-        )
-    # The shared lexer removes quotes; escape each unescaped one so it comes out as written.
-    parts = _ESCAPE_PAIR.split(data)  # text, escape pair, text, ...
-    parts[::2] = [_escape_quotes(text) for text in parts[::2]]
-    return dataclasses.replace(content, data=expand_word("".join(parts), env, "\\"))
-
-
-def _escape_quotes(text: str) -> str:
-    if "'" in text:
-        text = text.replace("'", "\\'")
-    if '"' in text:
-        text = text.replace('"', '\\"')
-    return text
-
-
-def _write_heredoc(
-    upper: Path,
-    dest: str,
-    heredoc: Any,
-    owner: Any,
-    chmod: Any,
-    image: Any,
-    several: bool,
-    late: list[tuple[Path, int, int]],
-) -> None:
-    """`COPY <<EOF /dest`: the body as a file (0644 unless --chmod), into dest/ when it is a dir."""
-    into_dir = dest.endswith("/") or several
-    if not into_dir and image is not None:
-        import stat as stat_module
-
-        st = image.stat(dest)
-        into_dir = st is not None and stat_module.S_ISDIR(st.st_mode)
-    target_rel = posixpath.join(dest, heredoc.path) if into_dir else dest
-    from lamina.engine.steps.add import clear_target, make_dest_dirs
-
-    directory, made = make_dest_dirs(upper, posixpath.dirname(target_rel).strip("/"), image, late)
-    target = directory / posixpath.basename(target_rel)
-    if owner:  # the directories made for it are the --chown owner's, as BuildKit's
-        late.extend((path, *owner) for path in made)
-    clear_target(target)
-    target.write_text(heredoc.data)
-    mode = chmod.apply(0o644, False) if chmod is not None else 0o644
-    uid, gid = owner if owner else (0, 0)
-    from lamina.engine.steps.owners import set_owner_and_mode
-
-    set_owner_and_mode(target, uid, gid, mode)

@@ -1,0 +1,530 @@
+"""COPY/ADD placement: writing a selection, a downloaded file or a heredoc's
+destination directories into the step's upper dir.
+
+Parent directories that exist in the image below are made in the layer
+with the image's mode, owner and mtime, so an overlay merge does not
+change them; a file or symlink this step wrote is replaced, never written
+through (`clear_target`).
+
+Files that are hardlinks of each other in the source stay hardlinked in the
+destination, as with fsutil's copier. FIXME: xattrs are not copied.
+
+A rebuild after a small change copies mostly what the last run of the same
+COPY already wrote into its layer directory, which never changes once
+published: given that run's `PriorCopy`, a file with the same content,
+mode, owner and mtime is hard-linked from there (a metadata write instead of
+a data copy: 3,000 files take 0.05 s instead of about 1 s here). The new
+layer shares those inodes and touches none of their metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import posixpath
+import stat
+import threading
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from lamina.engine.context import SourceTree, TreeEntry
+from lamina.engine.steps.copyadd.selection import (
+    DIR_MODE,
+    CopyItem,
+    ImageLookup,
+    MadeDir,
+    Selection,
+    resolve_in_image,
+)
+from lamina.engine.steps.owners import chown_all, container_owner, keep_lower_dir_meta
+from lamina.errors import ContextError, DiskFull, is_disk_full
+from lamina.oci.entry import EntryType
+
+__all__ = ["PriorCopy", "WrittenFile", "clear_target", "make_dest_dirs", "write_selection"]
+
+_CHUNK = 1 << 20
+_BATCH = 64  # files per job of the copy threads
+_THREADS = max(2, min(4, os.cpu_count() or 1))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WrittenFile:
+    """A plain file a copy wrote: what it holds and, on disk, which inode it is."""
+
+    content: bytes  # sha256 of the bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int
+    inode: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PriorCopy:
+    """The files an earlier run of the same COPY wrote, by destination, in `root`
+    (its published layer directory), to be hard-linked when unchanged."""
+
+    root: Path
+    files: Mapping[str, WrittenFile]
+
+
+def write_selection(
+    tree: SourceTree,
+    selection: Selection,
+    dest_root: Path,
+    image: ImageLookup | None = None,
+    mtime_ns: int | None = None,
+    late_owners: list[tuple[Path, int, int]] | None = None,
+    prior: PriorCopy | None = None,
+    written: dict[str, WrittenFile] | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Write the selection under `dest_root` (a layer dir or a root filesystem).
+
+    Parent directories that exist in `image` but not yet in `dest_root` are
+    created with the image's mode, owner and mtime, so an overlay merge does
+    not change them. `mtime_ns` (SOURCE_DATE_EPOCH) replaces copied mtimes.
+    Returns the number of bytes of file content written. Unprivileged, the
+    owners of directories that belong to other ids are set at the end, or
+    appended to `late_owners` for a caller that writes more first.
+
+    Unchanged files are linked from `prior` (the caller makes sure nothing
+    changes the metadata of what this writes afterwards); `written` receives
+    what the plain files became, for the next run's `prior`. Once `stop` is
+    set (Ctrl-C), the copy ends with KeyboardInterrupt at the next file.
+    """
+    digests = None
+    if prior is not None or written is not None:
+        digests = tree.file_digests([item.entry for item in selection.items])
+    writer = _Writer(tree, dest_root, image, mtime_ns, prior, digests, stop)
+    try:
+        for made in selection.made_dirs:
+            writer.make_dir(made)
+        for item in selection.items:
+            writer.write(item)
+        writer.drain()
+        if written is not None and digests is not None:
+            # Before finish(): unprivileged, it may leave directories we cannot search.
+            for item in selection.items:  # in order: the last write of a path is what it holds
+                if item.entry.type is EntryType.FILE:
+                    st = os.lstat(writer.target(item.dest))
+                    content = digests[item.entry.path]
+                    written[item.dest] = WrittenFile(
+                        content, item.mode, item.uid, item.gid, st.st_mtime_ns, st.st_size, st.st_ino
+                    )
+        writer.finish()
+    finally:
+        writer.close()
+    if late_owners is not None:
+        late_owners.extend(writer.late_owners)
+    elif writer.late_owners:
+        chown_all(writer.late_owners)
+    return writer.bytes_written
+
+
+class _Writer:
+    """The state of one copy: directories whose times are set last, bytes counted.
+
+    Plain files are written by a few threads, _BATCH at a time (creating,
+    copying and stamping a file is ~10 system calls that release the GIL; the
+    3,000 files of the benchmark context take 0.15 s instead of 0.24 s).
+    Whatever depends on a queued file (a file at or below its destination, a
+    hard link to it, any entry not a plain file) waits for the queue to
+    drain, so the result is that of writing the items in order.
+    """
+
+    def __init__(
+        self,
+        tree: SourceTree,
+        root: Path,
+        image: ImageLookup | None,
+        mtime_ns: int | None,
+        prior: PriorCopy | None = None,
+        digests: Mapping[str, bytes] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.tree = tree
+        self.root = root
+        self.image = image
+        self.mtime_ns = mtime_ns
+        self.prior = prior
+        self.digests = digests or {}
+        self.stop = stop
+        self.dir_times: list[tuple[str, int]] = []
+        self.bytes_written = 0
+        self.known_dirs: set[str] = {""}
+        self.links: dict[tuple[int, int], str] = {}  # source (dev, inode) -> first path written
+        self.late_owners: list[tuple[Path, int, int]] = []
+        self.dir_modes: list[tuple[str, int]] = []  # unprivileged: modes set at the end
+        self.batch: list[tuple[CopyItem, str]] = []
+        self.queued: set[str] = set()  # destinations of files batched or being written
+        self.jobs: list[Future[int]] = []
+        self.pool: ThreadPoolExecutor | None = None
+
+    def target(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def ensure_parent(self, rel: str) -> None:
+        parent = posixpath.dirname(rel)
+        if parent in self.known_dirs:
+            return
+        self.ensure_parent(parent)
+        path = self.target(parent)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is None:
+            image_st = self.image.stat("/" + parent) if self.image is not None else None
+            if image_st is not None and stat.S_ISDIR(image_st.st_mode):
+                self.mkdir(parent, stat.S_IMODE(image_st.st_mode), *_image_owner(image_st))
+                self.dir_times.append((parent, image_st.st_mtime_ns))
+            else:
+                self.mkdir(parent, DIR_MODE, 0, 0)
+        elif not stat.S_ISDIR(st.st_mode):
+            raise ContextError(f"COPY failed: cannot copy to non-directory: /{parent}")
+        self.known_dirs.add(parent)
+
+    def mkdir(self, rel: str, mode: int, uid: int, gid: int) -> None:
+        path = self.target(rel)
+        os.mkdir(path, 0o700)
+        if os.geteuid() == 0 or (uid, gid) == (0, 0):
+            _chown(path, uid, gid)
+        else:
+            # Unprivileged, a directory given to another id is no longer
+            # writable: its owner is set (inside the user namespace) last.
+            self.late_owners.append((Path(path), uid, gid))
+        self.dir_mode(path, mode)  # after chown, which clears setuid/setgid
+
+    def dir_mode(self, path: str, mode: int) -> None:
+        if os.geteuid() == 0:
+            os.chmod(path, mode)
+        else:
+            # Unprivileged, permissions bind us: fill it as 0700, give it its mode last.
+            os.chmod(path, mode | 0o700)
+            self.dir_modes.append((path, mode))
+
+    def make_dir(self, made: MadeDir) -> None:
+        if made.dest in self.known_dirs:
+            return
+        self.ensure_parent(made.dest)
+        path = self.target(made.dest)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISDIR(st.st_mode):
+                raise ContextError(f"COPY failed: cannot copy to non-directory: /{made.dest}")
+        elif made.entry is not None:
+            self.mkdir(made.dest, made.mode, made.uid, made.gid)
+            self.dir_times.append((made.dest, made.entry.mtime_ns))
+        else:
+            image_st = self.image.stat("/" + made.dest) if self.image is not None else None
+            if image_st is not None and stat.S_ISDIR(image_st.st_mode):
+                # it exists below: keep the image's metadata in this layer
+                self.mkdir(made.dest, stat.S_IMODE(image_st.st_mode), *_image_owner(image_st))
+                self.dir_times.append((made.dest, image_st.st_mtime_ns))
+            elif image_st is not None:
+                raise ContextError(f"COPY failed: cannot copy to non-directory: /{made.dest}")
+            else:
+                self.mkdir(made.dest, made.mode, made.uid, made.gid)
+        self.known_dirs.add(made.dest)
+
+    def check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise KeyboardInterrupt
+
+    def write(self, item: CopyItem) -> None:
+        self.check_stop()
+        entry = item.entry
+        if entry.type is EntryType.FILE and self.may_queue(item):
+            self.ensure_parent(item.dest)
+            path = self.target(item.dest)
+            self.links[entry.key[:2]] = path
+            self.queued.add(item.dest)
+            self.batch.append((item, path))
+            if len(self.batch) >= _BATCH:
+                self.submit()
+            return
+        if entry.type is not EntryType.DIR or self.below_queued(item.dest):
+            self.drain()  # a directory of its own does not wait for the files queued
+        self.ensure_parent(item.dest)
+        path = self.target(item.dest)
+        try:
+            existing = os.lstat(path)
+        except FileNotFoundError:
+            existing = None
+        if entry.type is EntryType.DIR:
+            if existing is None:
+                os.mkdir(path, 0o700)
+            elif not stat.S_ISDIR(existing.st_mode):
+                raise ContextError(f"COPY failed: cannot copy to non-directory: /{item.dest}")
+            _chown(path, item.uid, item.gid)
+            self.dir_mode(path, item.mode)
+            self.known_dirs.add(item.dest)
+            self.dir_times.append((item.dest, entry.mtime_ns))
+            return
+        if existing is not None:
+            if stat.S_ISDIR(existing.st_mode):
+                raise ContextError(f"COPY failed: cannot replace directory /{item.dest} with a file")
+            os.unlink(path)
+        if entry.type is EntryType.FILE:
+            inode = entry.key[:2]
+            first = self.links.get(inode)
+            if first is not None and first != path and os.path.lexists(first):
+                os.link(first, path)  # a hardlink of a file this copy already wrote
+            elif self.link_prior(item, path):
+                self.links[inode] = path
+                return  # the inode has its metadata already: leave it alone
+            else:
+                self.bytes_written += self.copy_file(entry, path)
+                self.links[inode] = path
+        elif entry.type is EntryType.SYMLINK:
+            os.symlink(entry.linkname, path)
+        elif entry.type is EntryType.FIFO:
+            os.mkfifo(path, 0o600)
+        else:
+            kind = stat.S_IFCHR if entry.type is EntryType.CHAR else stat.S_IFBLK
+            try:
+                os.mknod(path, kind | 0o600, entry.rdev)
+            except PermissionError:
+                raise ContextError(f"COPY failed: {entry.path}: creating a device node needs root") from None
+        _chown(path, item.uid, item.gid)
+        if entry.type is not EntryType.SYMLINK:
+            os.chmod(path, item.mode)
+        when = self.mtime_ns if self.mtime_ns is not None else entry.mtime_ns
+        os.utime(path, ns=(when, when), follow_symlinks=False)
+
+    def may_queue(self, item: CopyItem) -> bool:
+        """Whether a file can be written beside the queued ones: it is no hard
+        link of a file met before, and lands neither on nor below a queued one."""
+        return item.entry.key[:2] not in self.links and not self.below_queued(item.dest)
+
+    def below_queued(self, rel: str) -> bool:
+        """Whether `rel` is a queued file or below one."""
+        while rel:
+            if rel in self.queued:
+                return True
+            rel = posixpath.dirname(rel)
+        return False
+
+    def link_prior(self, item: CopyItem, path: str) -> bool:
+        """Hard-link the file the last run wrote for `item`, if it is exactly this one."""
+        if self.prior is None:
+            return False
+        before = self.prior.files.get(item.dest)
+        when = self.mtime_ns if self.mtime_ns is not None else item.entry.mtime_ns
+        wanted = (self.digests.get(item.entry.path), item.mode, item.uid, item.gid, when, item.entry.size)
+        if before is None or wanted != (
+            before.content,
+            before.mode,
+            before.uid,
+            before.gid,
+            before.mtime_ns,
+            before.size,
+        ):
+            return False
+        source = os.path.join(self.prior.root, item.dest)
+        try:
+            st = os.lstat(source)
+            # The very inode recorded, unchanged since (a layer dir is never written to).
+            if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_size, st.st_mtime_ns) != (
+                before.inode,
+                before.size,
+                before.mtime_ns,
+            ):
+                return False
+            os.link(source, path)
+        except OSError:  # gone, another file system, too many links: copy it
+            return False
+        return True
+
+    def submit(self) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="copy")
+        self.jobs.append(self.pool.submit(self.write_files, self.batch))
+        self.batch = []
+
+    def write_files(self, batch: list[tuple[CopyItem, str]]) -> int:
+        """Write plain files whose parents exist (in a copy thread); the bytes copied."""
+        copied = 0
+        for item, path in batch:
+            self.check_stop()
+            try:
+                existing = os.lstat(path)
+            except FileNotFoundError:
+                existing = None
+            if existing is not None:
+                if stat.S_ISDIR(existing.st_mode):
+                    raise ContextError(f"COPY failed: cannot replace directory /{item.dest} with a file")
+                os.unlink(path)
+            if self.link_prior(item, path):
+                continue
+            copied += self.copy_file(item.entry, path)
+            _chown(path, item.uid, item.gid)
+            os.chmod(path, item.mode)
+            when = self.mtime_ns if self.mtime_ns is not None else item.entry.mtime_ns
+            os.utime(path, ns=(when, when), follow_symlinks=False)
+        return copied
+
+    def drain(self, *, check: bool = True) -> None:
+        """Write every queued file; with `check`, raise the first failure."""
+        if self.batch and self.pool is None:
+            batch, self.batch = self.batch, []
+            self.queued.clear()
+            self.bytes_written += self.write_files(batch)  # a small copy: no threads
+            return
+        if self.batch:
+            self.submit()
+        jobs, self.jobs = self.jobs, []
+        self.queued.clear()
+        failure: BaseException | None = None
+        for job in jobs:  # every one, so that no thread writes after we return
+            try:
+                self.bytes_written += job.result()
+            except BaseException as err:
+                failure = failure or err
+        if failure is not None and check:
+            raise failure
+
+    def close(self) -> None:
+        """Stop the copy threads (after a failure: once the files they hold are written)."""
+        self.batch = []
+        self.drain(check=False)
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def copy_file(self, entry: TreeEntry, path: str) -> int:
+        if entry.socket:  # a stub: an empty regular file (see TreeEntry.socket)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            os.close(os.open(path, flags, 0o600))
+            return 0
+        source = self.tree.abspath(entry.path)
+        try:
+            src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as err:
+            raise ContextError(f"COPY failed: {entry.path}: {err.strerror}") from None
+        try:
+            st = os.fstat(src)
+            # The key was made from this stat; a file changed since must not be
+            # stored under it.
+            if (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != (
+                entry.key[2],
+                entry.key[3],
+                entry.key[4],
+                entry.key[1],
+            ):
+                raise ContextError(f"COPY failed: {entry.path} changed while the build was reading it")
+            dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                copied = _copy_fd(src, dst, st.st_size)
+            except OSError as err:
+                if is_disk_full(err):  # copy_file_range and write name no file: say which
+                    raise DiskFull.writing(path, err) from err
+                raise
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        if copied != entry.size:
+            raise ContextError(f"COPY failed: {entry.path}: short copy, {copied} of {entry.size} bytes")
+        return copied
+
+    def finish(self) -> None:
+        self.drain()
+        # Directory times after every write (writing their children changed them),
+        # and before the final modes: unprivileged, a directory made 0640 (an octal
+        # --chmod on the directories COPY creates) cannot be searched to reach those
+        # below it. chmod leaves mtimes alone.
+        for rel, mtime_ns in reversed(self.dir_times):
+            when = self.mtime_ns if self.mtime_ns is not None else mtime_ns
+            os.utime(self.target(rel), ns=(when, when), follow_symlinks=False)
+        for path, mode in reversed(self.dir_modes):
+            os.chmod(path, mode)
+
+
+def _image_owner(st: os.stat_result) -> tuple[int, int]:
+    """The container owner of a directory of the layers below (rootless, they hold host ids)."""
+    return container_owner(st)
+
+
+def _chown(path: str, uid: int, gid: int) -> None:
+    try:
+        os.lchown(path, uid, gid)
+    except PermissionError:
+        # Unprivileged with no user namespace: the files stay the caller's,
+        # whose id the layer writer maps to root. As root this is a real error.
+        if os.geteuid() == 0:
+            raise
+
+
+def _copy_fd(src: int, dst: int, size: int) -> int:
+    """Copy exactly what `src` holds (up to `size` + 1 bytes, to notice growth)."""
+    copied = 0
+    try:
+        while copied <= size:
+            n = os.copy_file_range(src, dst, max(size + 1 - copied, 1))
+            if n == 0:
+                return copied
+            copied += n
+        return copied
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or copied:
+            raise
+    while copied <= size:
+        chunk = os.read(src, min(_CHUNK, size + 1 - copied))
+        if not chunk:
+            break
+        view = memoryview(chunk)
+        while view:
+            written = os.write(dst, view)
+            view = view[written:]
+        copied += len(chunk)
+    return copied
+
+
+# --- destinations of ADD's files and archives and of heredocs ---------------------------------
+
+
+def clear_target(target: Path) -> None:
+    """Remove a file or symlink this step already wrote at `target`, rather than
+    write through it (a symlink may point anywhere; a file may be a hard link
+    into an earlier layer, see write_selection)."""
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+
+
+def make_dest_dirs(
+    upper: Path, target_rel: str, image: Any, late: list[tuple[Path, int, int]] | None
+) -> tuple[Path, list[Path]]:
+    """Create an archive's destination directory; return it and the directories
+    made for it (dest and missing parents), which BuildKit's MkdirAll gives the
+    --chown owner."""
+    if image is not None:
+        # Through the image's symlinks (`/lnk/` -> /tmp), as COPY and BuildKit go:
+        # a directory made at the link's path would hide the link.
+        target_rel = resolve_in_image(image, posixpath.normpath("/" + target_rel).lstrip("/"))
+    target = upper / target_rel
+    if target.exists():
+        return target, []
+    made: list[Path] = []
+    rel = ""
+    for part in [p for p in target_rel.split("/") if p]:
+        rel = f"{rel}/{part}"
+        path = upper / rel.lstrip("/")
+        found = image.stat(rel) if image is not None else None
+        if found is not None and not stat.S_ISDIR(found.st_mode):
+            # BuildKit's MkdirAll fails here too; never turn the file into a directory.
+            raise ContextError(f"ADD failed: cannot unpack to non-directory: {rel}")
+        if not os.path.lexists(path) and found is None:
+            made.append(path)
+    target.mkdir(parents=True, mode=0o755)
+    if image is not None:
+        keep_lower_dir_meta(image, upper, "/" + target_rel, late)
+    return target, made
