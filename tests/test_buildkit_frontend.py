@@ -11,9 +11,12 @@ upstream commit; `count.py` there prints how much of the suite is ported.
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import socket
 import stat
+import tarfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -91,7 +94,49 @@ def _text(data: str) -> str:
     return data.replace("{BASE}", BASE).replace("{ETC}", etc)
 
 
+class _Steps:
+    """A progress sink that keeps each step's label as BuildKit names its vertex, and the warnings."""
+
+    def __init__(self) -> None:
+        self.labels: list[str] = []
+        self.warnings: list[str] = []
+
+    def step(self, event: Any) -> None:
+        self.labels.append(f"[{event.stage} {event.index}/{event.total}] {event.instruction}")
+
+    def log(self, stage: str, index: int, line: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def finish(self, summary: Any) -> None:
+        pass
+
+
+def _write_tar(path: Path, members: list[dict[str, Any]]) -> None:
+    """A tar archive of `members` (name, and data, or type = "dir" / "symlink" with linkname)."""
+    with tarfile.open(path, "w:gz" if path.name.endswith("gz") else "w") as tar:
+        for member in members:
+            info = tarfile.TarInfo(member["name"])
+            info.mode = int(member.get("mode", "644"), 8)
+            data = member.get("data", "").encode()
+            kind = member.get("type", "file")
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, member["linkname"]
+            else:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if kind == "file" else None)
+
+
 def _write_files(ctx: Path, case: dict[str, Any]) -> None:
+    for name in case.get("remove", []):
+        if (ctx / name).is_dir() and not (ctx / name).is_symlink():
+            shutil.rmtree(ctx / name)
+        else:
+            (ctx / name).unlink()
     for name, data in case.get("files", {}).items():
         path = ctx / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +150,8 @@ def _write_files(ctx: Path, case: dict[str, Any]) -> None:
     for name in case.get("sockets", []):
         with socket.socket(socket.AF_UNIX) as sock:  # closing leaves the socket file behind
             sock.bind(os.fspath(ctx / name))
+    for name, members in case.get("tar_files", {}).items():
+        _write_tar(ctx / name, members)
     for name, mode in case.get("file_modes", {}).items():
         os.chmod(ctx / name, int(mode, 8))
 
@@ -155,8 +202,10 @@ def _check_config(result: Any, case: dict[str, Any]) -> None:
             assert history[int(index)].get(key) == value, f"history[{index}].{key}: {history[int(index)]}"
 
 
-def _build(cache: Path, ctx: Path, out: Path, case: dict[str, Any], archive: Path | None = None) -> Any:
-    kwargs: dict[str, Any] = {"build_args": case.get("build_args", {})}
+def _build(
+    cache: Path, ctx: Path, out: Path, case: dict[str, Any], archive: Path | None = None, sink: Any = None
+) -> Any:
+    kwargs: dict[str, Any] = {"build_args": case.get("build_args", {}), "progress": sink}
     for key in ("target", "no_cache", "labels"):
         if key in case:
             kwargs[key] = case[key]
@@ -180,9 +229,16 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
             assert fragment in str(caught.value)
         return
     archive = tmp_path / "image.tar" if "expect_owners" in case else None
-    result = _build(cache, ctx, out, case, archive)
+    sink = _Steps()
+    result = _build(cache, ctx, out, case, archive, sink)
     _check_tree(out, case)
     _check_config(result, case)
+    for label in case.get("expect_steps", []):
+        assert label in sink.labels, f"no step {label!r} among {sink.labels}"
+    for fragment in case.get("expect_warnings", []):
+        assert any(fragment in warning for warning in sink.warnings), (
+            f"no warning {fragment!r}: {sink.warnings}"
+        )
     if archive is not None:
         entries = image_entries(archive)
         for name, owner in case["expect_owners"].items():
@@ -190,8 +246,6 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
             assert f"{info.uid}:{info.gid}" == owner, name
     for number, again in enumerate(case.get("rebuilds", [])):
         # A later build of the same context, changed: which outputs must stay and which must change.
-        for name in again.get("remove", []):
-            (ctx / name).unlink()
         _write_files(ctx, again)
         out2 = tmp_path / f"out{number + 2}"
         _build(
