@@ -179,9 +179,11 @@ def cache_prune(
     Raises StoreBusy while another lamina process has the store open.
     """
     from lamina.cache.store import Store
+    from lamina.engine import failures
     from lamina.engine.sandbox import remove_tree
 
     with Store(_store_root(cache_dir, environ)) as store:
+        failures.prune(store.root, remove_tree)  # failed steps kept for `lamina debug`
         # Rootless builds leave files owned by subordinate ids in unpacked
         # layers: only a remover inside the user namespace can delete them.
         return store.gc(
@@ -198,6 +200,35 @@ def cache_gc(
     """`cache_prune(until=older_than)`: drop cache results unused for `older_than` seconds, then
     everything no name or result needs."""
     return cache_prune(until=older_than, cache_dir=cache_dir, environ=environ)
+
+
+def failures(
+    *, cache_dir: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> list[Any]:
+    """The failed RUN steps kept for `debug` (engine.failures.KeptFailure), oldest first."""
+    from pathlib import Path
+
+    from lamina.engine import failures as kept
+
+    return kept.list_failures(Path(_store_root(cache_dir, environ)))
+
+
+def debug(
+    failure: str = "last",
+    command: Sequence[str] = (),
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> int:
+    """Run `command` (default: the stage's shell) in a failed RUN step's kept filesystem,
+    with its env, workdir, user and mounts; stdin/stdout/stderr are the caller's. Returns
+    its exit code. `failure` is an id (`BuildError`s of a failed RUN name it), a prefix, or `last`."""
+    from pathlib import Path
+
+    from lamina.engine import failures as kept
+
+    return kept.enter(Path(_store_root(cache_dir, environ)), failure, command, on_warning)
 
 
 # --- sandbox: run -----------------------------------------------------------------

@@ -23,6 +23,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except LaminaError as err:
             click.echo(f"error: {_printable(str(err))}", err=True)
+            _failed_step(ctx, err)
             ctx.exit(1)
         except click.UsageError as err:
             # One line like every other failure, not click's usage banner.
@@ -39,6 +40,25 @@ class _Group(click.Group):
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (`timeout`, a CI runner), taken like Ctrl-C so sandboxes and scratch dirs are cleaned up."""
+
+
+def _failed_step(ctx: click.Context, err: LaminaError) -> None:
+    """A failed RUN keeps its filesystem: name the command that enters it, or enter it (--on-error=shell)."""
+    from lamina.engine.failures import debug_id_of
+
+    ident = debug_id_of(err)
+    if not ident:
+        return
+    if ctx.meta.get("lamina.on_error") != "shell":
+        click.echo(f"debug: lamina debug {ident}  (a shell in the failed step's filesystem)", err=True)
+        return
+    from lamina import api
+
+    click.echo(f"debug: a shell in the failed step's filesystem ({ident}); exit to end the build", err=True)
+    try:
+        api.debug(ident, on_warning=lambda message: click.echo(f"warning: {message}", err=True))
+    except LaminaError as failed:
+        click.echo(f"error: {_printable(str(failed))}", err=True)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -141,11 +161,20 @@ def plan(
     fmt: str,
     show_cache: bool,
     context: str,
+    **cache_flags: Any,
 ) -> None:
-    """Show the stage graph: bases, dependencies, run order, concurrency, skipped stages."""
+    """Show the stage graph: bases, dependencies, run order, concurrency, skipped stages.
+
+    With --cache, every build flag that changes a cache key (--network, --secret,
+    --no-cache-filter, ...) is taken as `lamina build` takes it, so the answer is the build's.
+    """
     from lamina import api
     from lamina.engine import plan as planning
 
+    given = [name for name, value in cache_flags.items() if value not in (None, False, (), "default")]
+    if given and not show_cache:
+        flag = next(p.opts[0] for p in build.params if p.name == given[0])
+        raise click.UsageError(f"{flag} changes only the answer of `lamina plan --cache`: add --cache")
     args = planning.parse_build_args(build_args)
     result = api.plan(context=context, dockerfile=dockerfile, target=target, build_args=args)
     for warning in result.warnings:
@@ -159,7 +188,7 @@ def plan(
     else:
         click.echo(planning.to_text(result), nl=False)
     if show_cache:
-        forecast = api.build(context, dockerfile, target=target, build_args=args, dry_run=True)
+        forecast = api.build(context, dockerfile, target=target, build_args=args, dry_run=True, **cache_flags)
         click.echo("\ncache:")
         _print_forecast(forecast.steps)
 
@@ -519,6 +548,21 @@ def _pairs(values: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _remember_on_error(ctx: click.Context, _param: click.Parameter, value: str) -> None:
+    ctx.meta["lamina.on_error"] = value  # read where the error is printed (_Group.invoke)
+
+
+_on_error_option = click.option(
+    "--on-error",
+    type=click.Choice(["fail", "shell"]),
+    default="fail",
+    show_default=True,
+    expose_value=False,
+    callback=_remember_on_error,
+    help="shell: when a RUN fails, open a shell in its filesystem (env, workdir, user, mounts) at once.",
+)
+
+
 @cli.command()
 @click.argument("context", default=".", type=click.Path(file_okay=False))
 @click.option("-f", "--file", "dockerfile", type=click.Path(dir_okay=False), help="Dockerfile path.")
@@ -564,6 +608,7 @@ def _pairs(values: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
     help="Talk plain HTTP to this registry (loopback hosts always are). Repeatable.",
 )
 @_isolation_option
+@_on_error_option
 def build(
     context: str,
     dockerfile: str | None,
@@ -660,7 +705,7 @@ explain = click.Command(
     "explain",
     callback=_explain,
     params=[
-        *(param for param in build.params if param.name != "dry_run"),
+        *(param for param in build.params if param.name not in ("dry_run", "on_error")),
         click.Option(
             ["--format", "fmt"],
             type=click.Choice(["text", "json"]),
@@ -691,6 +736,38 @@ def _write_text(path: str, flag: str, text: str) -> None:
             out.write(text)
     except OSError as err:
         raise OutputError(f"{flag} {path}: {err.strerror}") from err
+
+# `lamina plan --cache` takes the build's flags that change a cache key or decide a hit
+# (the build's own option objects, so the two never drift).
+_PLAN_CACHE_FLAGS = (
+    *("no_cache", "no_cache_filter", "secrets", "network", "allow", "pull", "cache_from"),
+    *("insecure_registries", "isolation"),
+)
+plan.params.extend(param for param in build.params if param.name in _PLAN_CACHE_FLAGS)
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.argument("failure", required=False)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def debug(failure: str | None, command: tuple[str, ...]) -> None:
+    """Enter a failed RUN step's filesystem: FAILURE is the id its error named, or `last`.
+
+    Runs COMMAND (default: the stage's shell) with the step's env, workdir,
+    user and mounts over what the command left; nothing it changes is kept.
+    With no FAILURE, lists the kept failures (`lamina cache prune` removes them).
+    """
+    import datetime
+
+    from lamina import api
+
+    if failure is None:
+        for kept in api.failures():
+            when = datetime.datetime.fromtimestamp(kept.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+            click.echo(f"{kept.id}  {when}  stage {kept.stage}  {_printable(kept.step)}")
+        return
+    sys.exit(
+        api.debug(failure, command, on_warning=lambda message: click.echo(f"warning: {message}", err=True))
+    )
 
 
 # --- registry: pull, push, login, logout ---------------------------------------

@@ -2,7 +2,9 @@
 
 One scenario per cause kind: a first build, a file's content / mode changed,
 added, removed; a build arg and an ENV changed (proxy and secret values
-masked); RUN options changed; the base image's tag moved; --no-cache.
+masked); RUN options changed; a bind mount's files; the base image's tag
+moved; an upstream stage changed; --no-cache. `explain` and `plan --cache`
+take the build's flags and agree with the next build.
 """
 
 from __future__ import annotations
@@ -235,3 +237,54 @@ def test_a_line_inserted_above_does_not_shift_the_comparison(cache: Path, ctx: P
     assert told['RUN echo "$MODE $LEVEL" > /mode'] == (
         "the previous step changed: step 2 (COPY src/ /src/) ran"
     )
+
+
+def test_a_bind_mount_names_the_mounted_files_that_changed(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM {BASE}\nRUN --mount=type=bind,source=conf,target=/conf cat /conf/* > /all\n"
+    ctx = write_context(tmp_path / "bind", text, {"conf/a.ini": "a\n", "conf/b.ini": "b\n"})
+    build(cache, ctx)
+    (ctx / "conf/a.ini").write_text("A\n")
+    (ctx / "conf/c.ini").write_text("c\n")
+    step = "RUN --mount=type=bind,source=conf,target=/conf cat /conf/* > /all"
+    expected = "mounted file content changed: conf/a.ini; mounted file added: conf/c.ini"
+    assert reasons(build(cache, ctx, dry_run=True)) == {step: expected}
+    assert reasons(build(cache, ctx)) == {step: expected}
+
+
+def test_a_stage_built_from_an_upstream_stage_names_its_step_and_files(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM {BASE} AS build\nCOPY src/ /out/\nRUN echo x > /out/made\n\n"
+    text += "FROM build\nRUN cat /out/* > /all\n"
+    ctx = write_context(tmp_path / "from", text, {"src/a.txt": "a\n", "src/b.txt": "b\n"})
+    build(cache, ctx)
+    (ctx / "src/b.txt").write_text("B\n")
+    (ctx / "src/c.txt").write_text("c\n")
+    forecast = reasons(build(cache, ctx, dry_run=True))
+    assert forecast["RUN cat /out/* > /all"] == (
+        "upstream stage build changed: step 1 (COPY src/ /out/) will run and 1 more"
+    )
+    told = reasons(build(cache, ctx))
+    assert told["RUN cat /out/* > /all"] == (
+        "upstream stage build changed: step 1 (COPY src/ /out/) ran and 1 more; "
+        "file content changed: out/b.txt; file added: out/c.txt"
+    )
+
+
+def test_plan_cache_takes_the_build_flags_and_agrees_with_the_next_build(cache: Path, ctx: Path) -> None:
+    run_cli("build", "--progress", "quiet", str(ctx), cache=cache)
+    flags = ("--network", "none", "--build-arg", "MODE=release", str(ctx))
+    lines = run_cli("plan", "--cache", *flags, cache=cache).stdout.split("\ncache:\n", 1)[1].splitlines()
+    assert lines == [
+        "[stage-0 1] COPY src/ /src/                  cached",
+        '[stage-0 2] RUN echo "$MODE $LEVEL" > /mode  will run: '
+        'RUN options changed: network default -> none; build arg MODE changed: "debug" -> "release"',
+    ]
+    filtered = run_cli("plan", "--cache", "--no-cache-filter", "stage-0", *flags, cache=cache).stdout
+    assert filtered.count("will run: --no-cache-filter stage-0") == 2
+    refused = run_cli("plan", "--network", "none", str(ctx), cache=cache, check=False)
+    assert refused.returncode == 2
+    assert "--network changes only the answer of `lamina plan --cache`: add --cache" in refused.stderr
+
+    meta = ctx.parent / "meta.json"
+    run_cli("build", "--progress", "quiet", "--metadata-file", str(meta), *flags, cache=cache)
+    ran = [s["step"] for s in json.loads(meta.read_text())["lamina.build.steps"] if s["cache"] == "run"]
+    assert ran == [i + 1 for i, line in enumerate(lines) if "will run" in line]

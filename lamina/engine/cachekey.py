@@ -90,25 +90,28 @@ _FEW = 3  # paths named before "and N more"
 _MASKED_WORDS = ("PROXY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "API_KEY", "PRIVATE")
 
 
-def explain_miss(previous: KeyInputs | None, current: KeyInputs, parent_ran: str = "", line: str = "") -> str:
+def explain_miss(
+    previous: KeyInputs | None, current: KeyInputs, parent_ran: str = "", line: str = "", upstream: str = ""
+) -> str:
     """One line saying why `current` did not hit where `previous` was cached before.
 
     `parent_ran` names the earlier step of the stage that ran (or will), when
     one did: a changed parent is then that step's doing. `line` is where the
-    instruction is written ("line 7"), named when its text changed.
+    instruction is written ("line 7"), named when its text changed. `upstream`
+    says what changed in the stage this one is built FROM (missfacts.upstream_change).
     """
-    return "; ".join(miss_causes(previous, current, parent_ran, line)) or "identical inputs"
+    return "; ".join(miss_causes(previous, current, parent_ran, line, upstream)) or "identical inputs"
 
 
 def miss_causes(
-    previous: KeyInputs | None, current: KeyInputs, parent_ran: str = "", line: str = ""
+    previous: KeyInputs | None, current: KeyInputs, parent_ran: str = "", line: str = "", upstream: str = ""
 ) -> list[str]:
     """Every cause of a miss, each with its particulars, in the order a reader checks them."""
     if previous is None:
         return [FIRST_BUILD]
     causes = []
     if previous.base and current.base and previous.base != current.base:
-        causes.append(_base_cause(previous.base, current.base))
+        causes.append(_base_cause(previous.base, current.base, upstream))
     elif previous.parent != current.parent:
         causes.append(
             f"the previous step changed: {parent_ran}" if parent_ran else "the previous step changed"
@@ -120,8 +123,10 @@ def miss_causes(
     if previous.platform != current.platform:
         causes.append(f"platform changed: {previous.platform} -> {current.platform}")
     if previous.content != current.content:
-        named = _file_causes(previous.files, current.files)
-        if named:
+        named = file_causes(previous.files, current.files)
+        if named and current.instruction.startswith("RUN "):  # a bind mount's files (missfacts.bind_files)
+            causes.extend(f"mounted {cause}" for cause in named)
+        elif named:
             causes.extend(f"{current.source}: {cause}" if current.source else cause for cause in named)
         elif not current.instruction.startswith("RUN "):
             causes.append("input files changed")
@@ -145,14 +150,14 @@ def _short(digest: str) -> str:
     return f"{algo}:{hexdigest[:12]}" if hexdigest else digest
 
 
-def _base_cause(old: str, new: str) -> str:
+def _base_cause(old: str, new: str, upstream: str = "") -> str:
     old_ref, _, old_digest = old.rpartition("@")
     new_ref, _, new_digest = new.rpartition("@")
     kind = "base stage" if new_ref.startswith("stage ") else "base image"
     new_name = new_ref.split(" ", 1)[-1]
     if old_ref == new_ref:
         if kind == "base stage":
-            return f"upstream stage {new_name} changed"
+            return f"upstream stage {new_name} changed" + (f": {upstream}" if upstream else "")
         return f"{kind} changed: {new_name} {_short(old_digest)} -> {_short(new_digest)}"
     old_name = old_ref.split(" ", 1)[-1]
     return f"base changed: {old_name} -> {new_name}"
@@ -249,7 +254,7 @@ def _few(paths: list[str]) -> str:
     return named + (f" and {len(paths) - _FEW} more" if len(paths) > _FEW else "")
 
 
-def _file_causes(old: tuple[tuple[str, str, str], ...], new: tuple[tuple[str, str, str], ...]) -> list[str]:
+def file_causes(old: tuple[tuple[str, str, str], ...], new: tuple[tuple[str, str, str], ...]) -> list[str]:
     """Which files changed and how: content, mode or owner, added, removed (a few, then a count)."""
     if not old and not new:
         return []

@@ -283,7 +283,10 @@ class Executor:
             previous = KeyInputs.from_json(text) if text is not None else None
         except (ValueError, KeyError, TypeError):
             previous = None  # written by another version of lamina
-        reason = explain_miss(previous, inputs, state.ran, line)
+        from lamina.engine.steps.missfacts import upstream_change
+
+        upstream = upstream_change(self, previous.base, inputs.base) if previous is not None else ""
+        reason = explain_miss(previous, inputs, state.ran, line, upstream)
         if reason == "identical inputs":
             return "the cached result is gone (pruned)"
         return reason

@@ -68,6 +68,8 @@ def layer_step(
     result = None if pending else executor.lookup(inputs, state)
     line = f"line {instruction.location.line}" if instruction.location.line else ""
     if executor.options.dry_run:
+        if result is None and files is not None and not pending:
+            inputs = dataclasses.replace(inputs, files=files())  # names the files that changed
         reason = pending or (
             "" if result is not None else executor.explain(where, inputs, state, line, same_text)
         )

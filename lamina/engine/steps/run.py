@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from lamina.engine.cachekey import make_inputs
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.layerstep import layer_step, step_env
+from lamina.engine.steps.missfacts import bind_files
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
@@ -138,7 +139,9 @@ def run_step(executor: StepHost, state: StageState, plan: StagePlan, instruction
         full_env = {**run_env, **secret_env}  # secrets reach the command, never the key
         _sandbox_run(executor, state, instruction, argv, script, full_env, network, mounts, upper, insecure)
 
-    has_layer = layer_step(executor, state, instruction, inputs, produce)
+    binds = any(mount.type.value == "bind" for mount in instruction.mounts)
+    files = (lambda: bind_files(executor, instruction)) if binds else None  # a miss names mounted files
+    has_layer = layer_step(executor, state, instruction, inputs, produce, files=files)
     build_args = [(name, value or "") for name, value in state.args.items()]
     created_by = md.run_created_by(argv, _history_args(state, build_args))
     state.config = md.add_history(
@@ -195,13 +198,17 @@ def _sandbox_run(
             spec = _with_output(spec, fd)
             code = run(spec, on_warning=executor.warn_once)
         if code != 0:
-            raise BuildError(
+            from lamina.engine.failures import RunFailed, keep_step
+
+            err = RunFailed(
                 f"{instruction.location}: stage {state.name}: "
                 # BuildKit's exec op: the argv joined by spaces, quoted (Go's %q)
                 f"process {json.dumps(' '.join(argv))} did not complete successfully: "
                 f"exit code {code}{_signal_note(code)}",
                 tuple(tail),
             )
+            err.debug_id = keep_step(executor, state, instruction, spec)  # `lamina debug ID` enters it
+            raise err
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
