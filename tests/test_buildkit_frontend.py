@@ -188,12 +188,18 @@ def _check_tree(out: Path, case: dict[str, Any]) -> None:
         text = (out / name).read_text()
         for line in lines:
             assert line in text.splitlines(), f"{name}: no line {line!r} in {text!r}"
+    for name, fragments in case.get("expect_not_in", {}).items():
+        text = (out / name).read_text()
+        for fragment in fragments:
+            assert fragment not in text, f"{name}: {fragment!r} in {text!r}"
 
 
 def _check_config(result: Any, case: dict[str, Any]) -> None:
     config = result.config.config.to_json()
     for key, value in case.get("expect_config", {}).items():
         assert config.get(key) == value, f"config {key}: {config.get(key)!r}"
+    for key in case.get("expect_config_unset", []):
+        assert key not in config, f"config {key}: {config[key]!r}, expected unset"
     for entry in case.get("expect_env", []):
         assert entry in config.get("Env", []), f"no {entry} in Env {config.get('Env')}"
     history = [h.to_json() for h in result.config.history]
@@ -248,9 +254,10 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
         # A later build of the same context, changed: which outputs must stay and which must change.
         _write_files(ctx, again)
         out2 = tmp_path / f"out{number + 2}"
-        _build(
-            cache, ctx, out2, {**case, **{k: v for k, v in again.items() if k in ("build_args", "no_cache")}}
-        )
+        overrides = {k: v for k, v in again.items() if k in ("build_args", "no_cache")}
+        result2 = _build(cache, ctx, out2, {**case, **overrides})
+        if "expect_same_image" in again:
+            assert (result2.image_digest == result.image_digest) is again["expect_same_image"], "image digest"
         for name in again.get("expect_same", []):
             assert (out2 / name).read_bytes() == (out / name).read_bytes(), (
                 f"build {number + 2}: {name} changed"
@@ -260,7 +267,7 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
                 f"build {number + 2}: {name} is the same"
             )
         _check_tree(out2, again)
-        out = out2
+        out, result = out2, result2
 
 
 def test_buildkit_skips_are_counted() -> None:
