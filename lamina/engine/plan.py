@@ -231,7 +231,7 @@ def _find_stage(stages: Sequence[_S], ref: str | int) -> _S | None:
     if index is not None:
         return items[index] if 0 <= index < len(items) else None
     wanted = ref.lower()
-    for stage in items:
+    for stage in reversed(items):  # a duplicated name means its last stage, as BuildKit's statesByName
         if stage.name == wanted:
             return stage
     return None
@@ -351,6 +351,32 @@ def _check_syntax(dockerfile: Dockerfile) -> None:
             )
 
 
+_PLATFORM_PART = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _check_platform_value(written: str, value: str, scope: Mapping[str, str], location: Location) -> None:
+    """`FROM --platform=` expanding to nothing or to no platform is an error, as BuildKit's (not ignored)."""
+    from lamina.engine.dockerfile.instructions import suggest
+    from lamina.engine.dockerfile.shell import referenced_names
+
+    if not value:
+        message = f"empty platform value from expression {written}"
+        unset = sorted(name for name in referenced_names(written) if name not in scope)
+        hint = suggest(unset[0], scope) if unset else None
+        raise InstructionError(message + (f" (did you mean {hint}?)" if hint else ""), location)
+    for part in value.split("/"):
+        if not _PLATFORM_PART.fullmatch(part):
+            raise InstructionError(
+                f"failed to parse platform {written}: {_go_quote(part)} is an invalid component of"
+                f' {_go_quote(value)}: platform specifier component must match "^[A-Za-z0-9_.-]+$"',
+                location,
+            )
+
+
+def _go_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _check_reference(text: str, location: Location, what: str) -> None:
     from lamina.errors import InvalidReference
     from lamina.oci.reference import parse_reference
@@ -422,6 +448,8 @@ def make_plan(
         from_ = stage.from_.expand(_expander(scope, escape, location))
         if not from_.image:
             raise InstructionError(f"base name ({stage.from_.image}) should not be blank", location)
+        if from_.platform is not None:
+            _check_platform_value(stage.from_.platform or "", from_.platform, scope, location)
         dependencies: list[Dependency] = []
         earlier = _find_stage(stages[: stage.index], from_.image)
         if earlier is not None and _stage_index(from_.image) is None:

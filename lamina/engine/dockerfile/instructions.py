@@ -1158,21 +1158,13 @@ def parse_stages(dockerfile: Dockerfile) -> Stages:
     stages: list[Stage] = []
     current: FromInstruction | None = None
     body: list[Instruction] = []
-    seen: dict[str, Location] = {}
     for node in dockerfile.children:
         instruction = parse_instruction(node, dockerfile.path)
         if isinstance(instruction, FromInstruction):
+            # A name given twice is BuildKit's DuplicateStageName warning (engine/dockerfile/checks),
+            # not an error: a later reference means the last stage of that name.
             if current is not None:
                 stages.append(Stage(len(stages), current, tuple(body)))
-            if instruction.stage_name is not None:
-                earlier = seen.get(instruction.stage_name)
-                if earlier is not None:
-                    raise InstructionError(
-                        f"duplicate stage name {instruction.stage_name!r}"
-                        f" (first defined on line {earlier.line})",
-                        instruction.location,
-                    )
-                seen[instruction.stage_name] = instruction.location
             current, body = instruction, []
         elif current is None:
             if not isinstance(instruction, ArgInstruction):
