@@ -391,7 +391,7 @@ def build(
     Registries: `push` pushes the image to every tag afterwards
     (`BuildResult.pushed` has the confirmed digests); `cache_to` /
     `cache_from` take `type=registry,ref=REF[,mode=min|max]` specs (see
-    lamina.engine.remote_cache); `insecure_registries` may use plain HTTP.
+    lamina.cache.remote); `insecure_registries` may use plain HTTP.
     """
     import os
     from pathlib import Path
@@ -463,7 +463,7 @@ def _cache_specs(texts: Iterable[str], flag: str) -> tuple[Any, ...]:
     texts = tuple(texts)
     if not texts:
         return ()  # the common case; a no-op rebuild need not import the registry cache
-    from lamina.engine.remote_cache import parse_cache_specs
+    from lamina.cache.remote import parse_cache_specs
 
     return parse_cache_specs(texts, flag)
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from test_build_helpers import BASE, build, make_cache, run_cli, write_context
 
+from lamina.cache.remote import parse_cache_spec
 from lamina.engine.progress import BuildSummary, StepEvent, StepStatus
-from lamina.engine.remote_cache import parse_cache_spec
 from lamina.errors import PlanError, RegistryError
 from tests import registry_server
 

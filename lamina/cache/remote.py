@@ -1,4 +1,13 @@
-"""Share build cache results through a registry (`--cache-to/--cache-from type=registry,ref=REF`).
+"""The remote step cache: build cache results shared through a registry
+(`--cache-to/--cache-from type=registry,ref=REF`), beside the local one (`store`).
+
+This module knows nothing of builds: the engine (engine.stepcache) asks it
+for a step's key on a local miss and hands it the entries to export. Its
+parts: the registry format (one OCI manifest per step key, below), the
+`--cache-from`/`--cache-to` values (`CacheSpec`), the result an entry holds
+(`wrap_result`), importing one key into the store (`RemoteCache`) and
+pushing entries (`push_entries`).
+
 
 Format (version 1). For a cache reference `host/repo:TAG` (TAG defaults to
 `cache`), each step cache key `sha256:<hex>` is one tag of `host/repo`:
@@ -34,11 +43,15 @@ Why this shape:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+import json
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from lamina.errors import LaminaError, RegistryError
+from lamina.errors import LaminaError, PlanError, RegistryError
 from lamina.oci.digest import Digest
 from lamina.oci.image import OCI_MANIFEST, Descriptor, Manifest, canonical_json, descriptor_of
 from lamina.oci.reference import Reference
@@ -218,3 +231,264 @@ def _fetch_bytes(client: RegistryClient, ref: Reference, blob: Descriptor) -> by
 
 def _reader(data: bytes) -> io.BytesIO:
     return io.BytesIO(data)
+
+
+# --- --cache-from / --cache-to values -------------------------------------------------------
+
+MODES = ("min", "max")
+_WORKERS = 4  # parallel uploads of an export
+# buildx keys that mean nothing for lamina's format; accepted so copied flags work.
+_IGNORED_KEYS = frozenset({"oci-mediatypes", "image-manifest", "compression", "compression-level"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheSpec:
+    """One `--cache-to` or `--cache-from` value."""
+
+    ref: Reference
+    mode: str = "min"  # --cache-to only
+    ignore_error: bool = False  # --cache-to only: a failed export is a warning
+
+
+def parse_cache_spec(text: str, flag: str) -> CacheSpec:
+    """`type=registry,ref=REF[,mode=min|max][,ignore-error=true]`; a bare REF means type=registry."""
+    from lamina.oci.reference import parse_reference
+
+    fields: dict[str, str] = {}
+    if "=" not in text:
+        fields = {"type": "registry", "ref": text.strip()}
+    for part in text.split(",") if not fields else ():
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not sep:
+            raise PlanError(f"invalid {flag} {text!r}: {part!r} is not key=value")
+        fields[key] = value.strip()
+    kind = fields.pop("type", "registry")
+    if kind != "registry":
+        raise PlanError(f"invalid {flag} {text!r}: only type=registry is supported, not {kind!r}")
+    ref_text = fields.pop("ref", "")
+    if not ref_text:
+        raise PlanError(f"invalid {flag} {text!r}: missing ref=")
+    mode = fields.pop("mode", "min").lower()
+    if mode not in MODES or (mode != "min" and flag == "--cache-from"):
+        raise PlanError(f"invalid {flag} {text!r}: mode must be min or max (and only for --cache-to)")
+    ignore = fields.pop("ignore-error", "false").lower()
+    if ignore not in ("true", "false"):
+        raise PlanError(f"invalid {flag} {text!r}: ignore-error must be true or false")
+    unknown = sorted(set(fields) - _IGNORED_KEYS)
+    if unknown:
+        raise PlanError(f"invalid {flag} {text!r}: unknown key {unknown[0]!r}")
+    try:
+        ref = parse_reference(ref_text)
+    except RegistryError as err:
+        raise PlanError(f"invalid {flag} {text!r}: {err}") from err
+    if ref.digest is not None:
+        raise PlanError(f"invalid {flag} {text!r}: a cache ref takes a tag, not a digest")
+    return CacheSpec(ref, mode, ignore == "true")
+
+
+def parse_cache_specs(texts: Iterable[str], flag: str) -> tuple[CacheSpec, ...]:
+    return tuple(parse_cache_spec(text, flag) for text in texts)
+
+
+# --- the result an entry holds ----------------------------------------------------------------
+#
+# The engine's own result JSON (layer dir id, created time, inputs; opaque
+# here but for its "layer") wrapped with the compression and
+# SOURCE_DATE_EPOCH its layer blob was written with. An importer whose build
+# uses the same two records the fetched blob as that layer dir's blob, so its
+# image reuses the exact bytes and gets the exporter's digest; with other
+# settings the layer is recompressed from the unpacked dir when needed.
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WrappedResult:
+    step: str  # the engine's result JSON
+    layer: str | None  # its layer dir id (64 hex digits), None for a step that changed nothing
+    compression: str
+    epoch: int | None
+
+
+def wrap_result(step: str, compression: str, epoch: int | None) -> str:
+    return canonical_json({"compression": compression, "epoch": epoch, "step": step}).decode()
+
+
+def unwrap_result(text: str) -> WrappedResult | None:
+    """The wrapped result, or None when it is not one lamina wrote (a remote value is untrusted)."""
+    try:
+        outer = json.loads(text)
+        step = outer["step"]
+        layer = json.loads(step)["layer"]
+        compression, epoch = outer["compression"], outer["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(step, str) or not isinstance(compression, str):
+        return None
+    if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
+        return None
+    # The layer id names a directory of the store: nothing but 64 hex digits.
+    if layer is not None and not (isinstance(layer, str) and _HEX64.fullmatch(layer)):
+        return None
+    return WrappedResult(step, layer, compression, epoch)
+
+
+def _named_by_key(wrapped: WrappedResult, key: str) -> WrappedResult:
+    """The result with its layer dir named by the step's key, whatever the exporter called it.
+
+    A remote entry must not be able to point a step at a directory this
+    store already has for something else (a base layer's diff_id, another
+    step's result); the key's own name can only hold this step's result.
+    """
+    hexdigest = key.split(":", 1)[1]
+    step = json.loads(wrapped.step)
+    step["layer"] = hexdigest
+    return dataclasses.replace(wrapped, step=json.dumps(step), layer=hexdigest)
+
+
+# --- import, on a local miss ------------------------------------------------------------------
+
+# Unpack a fetched blob as the store's layer dir `name` (engine.unpack.unpacked_layer).
+Unpack = Callable[["Store", Digest, Digest], Any]
+# The index key under which a layer dir's blob is remembered (engine.cachekey.layer_blob_key).
+BlobMemoKey = Callable[[str, str, "int | None"], str]
+
+
+class RemoteCache:
+    """The --cache-from side of one build: a registry client made on first use, refs that failed.
+
+    Each reference in order is asked for a step's key; a hit's layer is
+    fetched, verified (digest, size, diff_id), unpacked into the store
+    (`unpack`: inside the user namespace when rootless) and indexed, so the
+    step is cached and a later RUN has its lower layers. An import never
+    fails a build: a corrupted or malformed entry is a warning and the step
+    is rebuilt, and a registry that cannot be reached or refuses us is warned
+    about once and not asked again during this build.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[CacheSpec],
+        client_factory: Callable[[], RegistryClient] | None,
+        warn: Warn,
+        unpack: Unpack,
+        blob_memo_key: BlobMemoKey,
+    ) -> None:
+        self.specs = tuple(specs)
+        self._factory = client_factory
+        self._warn = warn
+        self._unpack = unpack
+        self._blob_memo_key = blob_memo_key
+        self._client: RegistryClient | None = None
+        self._lock = threading.Lock()
+        self._disabled: set[Reference] = set()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def _get_client(self) -> RegistryClient:
+        with self._lock:
+            if self._client is None:
+                if self._factory is None:
+                    raise RegistryError("--cache-from needs a registry client")
+                self._client = self._factory()
+            return self._client
+
+    def fetch(self, store: Store, key: str) -> bool:
+        """Import `key`'s result into `store` from the first reference that has it; True if one did.
+
+        Call it under the step's key lock, after a local miss.
+        """
+        for spec in self.specs:
+            if spec.ref in self._disabled:
+                continue
+            if self._import(store, spec.ref, key):
+                return True
+        return False
+
+    def _import(self, store: Store, ref: Reference, key: str) -> bool:
+        try:
+            entry = import_entry(self._get_client(), store, ref, key, warn=self._warn)
+        except RegistryError as err:
+            with self._lock:
+                self._disabled.add(ref)
+            self._warn(f"--cache-from {ref}: {err}; not using it for the rest of this build")
+            return False
+        if entry is None:
+            return False
+        what = f"import cache {ref} key {key}"
+        wrapped = unwrap_result(entry.result)
+        if wrapped is None or (wrapped.layer is None) != (entry.layer is None):
+            self._warn(f"{what}: not a result this lamina understands; rebuilding the step instead")
+            return False
+        refs: list[Digest] = []
+        if wrapped.layer is not None and entry.layer is not None and entry.diff_id is not None:
+            wrapped = _named_by_key(wrapped, key)
+            try:
+                self._unpack(store, entry.layer.digest, Digest("sha256", wrapped.layer))
+            except LaminaError as err:  # a verified blob can still be a hostile tar
+                self._warn(f"{what}: {err}; rebuilding the step instead")
+                return False
+            self._remember_blob(store, wrapped, entry.layer, entry.diff_id)
+            refs.append(Digest("sha256", wrapped.layer))
+        store.cache_put(key, wrapped.step, refs=refs)
+        return True
+
+    def _remember_blob(self, store: Store, wrapped: WrappedResult, blob: Descriptor, diff_id: Digest) -> None:
+        """Record `blob` as the layer dir's blob, as engine.output.layer_blob's memo does.
+
+        The dir was unpacked from exactly this blob, made by the exporter from
+        its dir with this compression and epoch, so an output with the same
+        settings uses these bytes instead of writing new ones.
+        """
+        from lamina.oci.compression import Compression
+
+        try:
+            if Compression.parse(wrapped.compression).media_type != blob.media_type:
+                return
+        except LaminaError:
+            return
+        memo = self._blob_memo_key(str(wrapped.layer), wrapped.compression, wrapped.epoch)
+        record = {
+            "digest": str(blob.digest),
+            "diff_id": str(diff_id),
+            "size": blob.size,
+            "media_type": blob.media_type,
+        }
+        store.cache_put(memo, json.dumps(record), refs=[blob.digest, Digest("sha256", str(wrapped.layer))])
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def in_parallel(items: Sequence[Any], work: Callable[[Any], Any]) -> list[Any]:
+    """`work` over `items` on a few threads (compression and HTTP release the GIL); first error raised."""
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(_WORKERS, len(items))) as pool:
+        return list(pool.map(work, items))
+
+
+def _export_one(client: RegistryClient, store: Store, ref: Reference, entry: CacheEntry) -> int:
+    return export_entries(client, store, ref, [entry])
+
+
+def push_entries(
+    client_factory: Callable[[], RegistryClient] | None,
+    store: Store,
+    ref: Reference,
+    entries: Sequence[CacheEntry],
+) -> int:
+    """Push `entries` under `ref` (--cache-to), side by side; return how many were written."""
+    if client_factory is None:
+        raise RegistryError("--cache-to needs a registry client")
+    with client_factory() as client:
+        # One entry per call: entries are independent, so they go up side by side.
+        one = functools.partial(_export_one, client, store, ref)
+        return sum(in_parallel(entries, one))

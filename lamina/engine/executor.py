@@ -35,13 +35,10 @@ SOURCE_DATE_EPOCH replaces all of them and clamps new layers' mtimes.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import hashlib
-import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,23 +46,20 @@ from lamina.engine.model import (
     BuildOptions,
     BuildPlan,
     BuildResult,
-    CacheResult,
     StageOutcome,
     StageState,
     StepRecord,
 )
 from lamina.engine.progress import BuildSummary, ProgressSink
+from lamina.engine.stepcache import BuildStepCache
 from lamina.errors import BuildError, DiskFull, LaminaError, is_disk_full
-from lamina.oci.digest import Digest
 
 # A no-op rebuild imports this module and replays its memo: what only a real
 # build needs (thread pools, outputs, step metadata) is imported where used.
 if TYPE_CHECKING:
     from lamina.cache.statcache import StatCache
     from lamina.cache.store import Store
-    from lamina.engine.cachekey import KeyInputs
     from lamina.engine.context import SourceTree
-    from lamina.engine.remote_cache import RemoteCache
     from lamina.oci.image import ImageConfig
 
 
@@ -109,11 +103,7 @@ class Executor:
         self._building = threading.local()  # the stages this thread is building, innermost last
         # Set on Ctrl-C, which only the main thread sees: long steps in the workers poll it.
         self.stop = threading.Event()
-        self.remote: RemoteCache | None = None  # --cache-from: asked on a local miss
-        if options.cache_from:
-            from lamina.engine.remote_cache import RemoteCache
-
-            self.remote = RemoteCache(options.cache_from, options.client_factory, self.warn_once)
+        self.cache = BuildStepCache(options, store, self.records, self.warn_once)
 
     def image_lock(self, ref: str) -> threading.Lock:
         with self._lock:
@@ -190,145 +180,7 @@ class Executor:
             path.unlink(missing_ok=True)
         if self._stat_cache is not None:
             self._stat_cache.save()
-        if self.remote is not None:
-            self.remote.close()
-
-    # --- cache ------------------------------------------------------------------------------
-
-    def lookup(self, inputs: KeyInputs, state: StageState) -> CacheResult | None:
-        if self.options.no_cache or state.no_cache:
-            return None
-        text = self.store.cache_get(inputs.key())
-        if text is None:
-            return None
-        result = CacheResult.from_json(text)
-        if result is None:
-            return None
-        if result.layer is not None and not self.store.has_unpacked(Digest("sha256", result.layer)):
-            return None  # gc took the layer dir
-        return result
-
-    def commit_layer(self, inputs: KeyInputs, state: StageState, upper: Path) -> CacheResult:
-        """Publish a step's upper dir as its layer (or drop it when empty) and record the result."""
-        key = inputs.key()
-        layer: str | None = None
-        if any(upper.iterdir()):
-            layer = key.split(":", 1)[1]
-            if self.options.no_cache or state.no_cache:
-                # Uncached runs must not collide with the cached dir of the same key.
-                salt = f"{key}:{time.time_ns()}:{os.getpid()}:{threading.get_ident()}"
-                layer = hashlib.sha256(salt.encode()).hexdigest()
-            self.store.publish_unpacked(upper, Digest("sha256", layer))
-        else:
-            remove_tree(upper)
-        result = CacheResult(layer, _now(), inputs.to_json())
-        # Two builds racing on one key: the first result stored wins, so both
-        # end with the same layer and timestamps (and the same image digest).
-        existing = self.store.cache_get(key) if not (self.options.no_cache or state.no_cache) else None
-        if existing is not None:
-            found = CacheResult.from_json(existing)
-            if found is not None and (
-                found.layer is None or self.store.has_unpacked(Digest("sha256", found.layer))
-            ):
-                return found
-        refs = [Digest("sha256", layer)] if layer else []
-        self.store.cache_put(key, result.to_json(), refs=refs)
-        return result
-
-    # --- explaining misses ------------------------------------------------------------------
-
-    def step_position(self, state: StageState, instruction: Any, same_text: str = "") -> str:
-        """Names one step of one Dockerfile across builds, for explaining its next miss.
-
-        By its place in the stage; with `same_text` (the expanded instruction), by
-        that text in the stage instead, which a line inserted above does not move.
-        """
-        dockerfile = os.path.abspath(self.options.dockerfile or self.options.context / "Dockerfile")
-        text = f"{dockerfile}\0{state.name}\0{state.index}\0{instruction.name}"
-        if same_text:
-            text = f"{dockerfile}\0{state.name}\0text\0{same_text}"
-        from lamina.engine.cachekey import step_position_key
-
-        return step_position_key(text)
-
-    def remember_position(self, where: str, inputs: KeyInputs) -> None:
-        record = inputs.record_json()
-        stored = self.store.cache_get(where)
-        if stored == record:
-            return
-        if stored is not None and not inputs.files:
-            from lamina.engine.cachekey import KeyInputs
-
-            try:
-                before = KeyInputs.from_json(stored)
-            except (ValueError, KeyError, TypeError):
-                before = None
-            if before is not None and before.files and before.key() == inputs.key():
-                return  # a hit that listed no files (COPY --from): keep the list of the run that made it
-        self.store.cache_put(where, record)
-
-    def explain(
-        self, where: str, inputs: KeyInputs, state: StageState, line: str = "", same_text: str = ""
-    ) -> str:
-        """Why `inputs` missed: compared with what this step position had last time (cachekey.miss_causes)."""
-        from lamina.engine.cachekey import KeyInputs, explain_miss
-
-        if self.options.no_cache:
-            return "--no-cache"
-        if state.no_cache:
-            return f"--no-cache-filter {state.name}"
-        # The same instruction's last inputs, else those of the step that stood in its place.
-        text = (self.store.cache_get(same_text) if same_text else None) or self.store.cache_get(where)
-        try:
-            previous = KeyInputs.from_json(text) if text is not None else None
-        except (ValueError, KeyError, TypeError):
-            previous = None  # written by another version of lamina
-        from lamina.engine.steps.missfacts import upstream_change
-
-        upstream = upstream_change(self, previous.base, inputs.base) if previous is not None else ""
-        reason = explain_miss(previous, inputs, state.ran, line, upstream)
-        if reason == "identical inputs":
-            return "the cached result is gone (pruned)"
-        return reason
-
-    def apply_result(self, state: StageState, inputs: KeyInputs, result: CacheResult, step: str = "") -> bool:
-        """Move the stage past a step; True when the step added a layer (`step` names it in errors)."""
-        state.key = inputs.key()
-        state.created = result.created
-        if result.layer is None:
-            return False
-        digest = Digest("sha256", result.layer)
-        from lamina.engine.output import ImageLayer
-
-        state.layers.append(ImageLayer(self.store.unpacked_path(digest), dir_id=result.layer, step=step))
-        return True
-
-    @contextlib.contextmanager
-    def step_lock(self, key: str) -> Iterator[None]:
-        """Exclusive use of one cache key across threads and lamina processes (flock).
-
-        Uncached runs (--no-cache) do not wait: their layers never collide.
-        """
-        if self.options.no_cache:
-            yield
-            return
-        import fcntl
-
-        locks = Path(self.store.root) / "locks"
-        locks.mkdir(exist_ok=True)
-        fd = os.open(locks / key.split(":", 1)[1], os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
-
-    def new_upper(self) -> Path:
-        upper = self.store.new_unpack_dir()
-        # The upper dir's own mode becomes the merged root's: mkdtemp's 0700
-        # would lock every other user out of `/`.
-        os.chmod(upper, 0o755)
-        return upper
+        self.cache.close()
 
     # --- running --------------------------------------------------------------------------
 
@@ -455,13 +307,6 @@ class Executor:
         return tuple(done)
 
 
-def remove_tree(path: Path) -> None:
-    """rm -rf, inside the user namespace when subordinate ids may own files in `path`."""
-    from lamina.engine.sandbox import runner
-
-    runner.remove_tree(path)
-
-
 def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
     """Plan the Dockerfile, run the stages the target needs, write the outputs.
 
@@ -495,7 +340,7 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         try:
             result = executor.run()
             if options.cache_to and not options.dry_run:
-                from lamina.engine.remote_cache import export_cache
+                from lamina.engine.stepcache import export_cache
 
                 export_cache(executor, result)
         except LaminaError:

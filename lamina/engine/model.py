@@ -1,7 +1,7 @@
 """The values that cross the engine's boundaries, and what a step is given.
 
 Types only, and the constants every step reads (the platform in each cache
-key, the proxy ARGs kept out of keys and history). Steps, the remote cache
+key, the proxy ARGs kept out of keys and history). Steps, the step cache
 and the replay memo import this module, never the executor: the executor
 makes these values and runs the steps over them.
 """
@@ -21,6 +21,7 @@ from lamina.oci.image import host_platform
 if TYPE_CHECKING:
     import threading
 
+    from lamina.cache.remote import CacheSpec
     from lamina.cache.statcache import StatCache
     from lamina.cache.store import Store
     from lamina.engine.cachekey import KeyInputs
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from lamina.engine.outputspec import OutputSpec
     from lamina.engine.progress import ProgressSink
     from lamina.oci.image import ImageConfig
-    from lamina.oci.reference import Reference
 
 PROXY_ARGS = frozenset(
     name
@@ -72,15 +72,6 @@ def parse_secret(spec: str) -> SecretSpec:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class CacheSpec:
-    """One `--cache-to` or `--cache-from` value."""
-
-    ref: Reference
-    mode: str = "min"  # --cache-to only
-    ignore_error: bool = False  # --cache-to only: a failed export is a warning
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class BuildOptions:
     context: Path
     dockerfile: Path | None = None
@@ -102,7 +93,7 @@ class BuildOptions:
     # Makes a registry client when a base image must be pulled; None: never pull.
     client_factory: Callable[[], Any] | None = None
     dry_run: bool = False  # say which steps would run and why; run none, make no image
-    # Registry cache (engine.remote_cache): refs to import from on a miss, refs to export to.
+    # Registry cache (cache.remote): refs to import from on a miss, refs to export to.
     cache_from: tuple[CacheSpec, ...] = ()
     cache_to: tuple[CacheSpec, ...] = ()
 
@@ -260,28 +251,39 @@ class BuildPlan:
 # --- what a step is given --------------------------------------------------------------------
 
 
-class RemoteLookup(Protocol):
-    """The --cache-from side of a build, as a step sees it (engine.remote_cache.RemoteCache)."""
+class StepCache(Protocol):
+    """The step cache as a step sees it (engine.stepcache.BuildStepCache): look a key up
+    (locally, then --cache-from), commit an upper dir as a step's layer, explain a miss."""
 
-    def fetch(self, host: StepHost, inputs: KeyInputs, state: StageState) -> CacheResult | None: ...
+    def lookup(self, inputs: KeyInputs, state: StageState) -> CacheResult | None: ...
+    def fetch_remote(self, inputs: KeyInputs, state: StageState) -> CacheResult | None: ...
+    def commit_layer(self, inputs: KeyInputs, state: StageState, upper: Path) -> CacheResult: ...
+    def apply_result(
+        self, state: StageState, inputs: KeyInputs, result: CacheResult, step: str = ""
+    ) -> bool: ...
+    def step_lock(self, key: str) -> AbstractContextManager[None]: ...
+    def new_upper(self) -> Path: ...
+    def step_position(self, state: StageState, instruction: Any, same_text: str = "") -> str: ...
+    def remember_position(self, where: str, inputs: KeyInputs) -> None: ...
+    def explain(
+        self, where: str, inputs: KeyInputs, state: StageState, line: str = "", same_text: str = ""
+    ) -> str: ...
 
 
 @runtime_checkable
 class StepHost(Protocol):
     """Everything a step may read and do; the executor is the one implementation.
 
-    Steps, the base-image loader and the remote cache are given this and
-    import it from here, never the executor, so that a step can be read
-    (and tested) without the scheduler behind it.
+    Steps and the base-image loader are given this and import it from here,
+    never the executor, so that a step can be read (and tested) without the
+    scheduler behind it.
 
     Read: the build options and plan, the store, the build context (opened on
     first use), other stages' outcomes (built on first use) and read-only
     trees of their files, the stage's `created` time. Do: report progress
-    (`sink`, `warn_once`, `record`), look a step's key up in the cache and
-    commit an upper dir as its layer (`lookup`, `commit_layer`, `apply_result`,
-    `step_lock`, `new_upper`), explain a miss (`step_position`, `explain`,
-    `remember_position`). A RUN's process is started by the step itself through
-    the sandbox package.
+    (`sink`, `warn_once`, `record`); look a step up in the cache, commit its
+    layer and explain a miss through `cache` (a `StepCache`). A RUN's process
+    is started by the step itself through the sandbox package.
     """
 
     options: BuildOptions
@@ -290,7 +292,7 @@ class StepHost(Protocol):
     sink: ProgressSink
     epoch: int | None  # SOURCE_DATE_EPOCH
     stop: threading.Event  # set on Ctrl-C: long copies poll it
-    remote: RemoteLookup | None  # --cache-from, asked on a local miss
+    cache: StepCache  # the step cache: local index, --cache-from, miss explanations
     dirty: set[str]  # --dry-run: stages with a step that would run
     images: dict[str, StageOutcome]  # base images loaded by this build, by reference
     totals: dict[str, int]  # stage name -> its filesystem steps, for the replay memo
@@ -306,15 +308,3 @@ class StepHost(Protocol):
     def created(self, state: StageState) -> str | None: ...
     def warn_once(self, message: str) -> None: ...
     def record(self, record: StepRecord) -> None: ...
-    def lookup(self, inputs: KeyInputs, state: StageState) -> CacheResult | None: ...
-    def commit_layer(self, inputs: KeyInputs, state: StageState, upper: Path) -> CacheResult: ...
-    def apply_result(
-        self, state: StageState, inputs: KeyInputs, result: CacheResult, step: str = ""
-    ) -> bool: ...
-    def step_lock(self, key: str) -> AbstractContextManager[None]: ...
-    def new_upper(self) -> Path: ...
-    def step_position(self, state: StageState, instruction: Any, same_text: str = "") -> str: ...
-    def remember_position(self, where: str, inputs: KeyInputs) -> None: ...
-    def explain(
-        self, where: str, inputs: KeyInputs, state: StageState, line: str = "", same_text: str = ""
-    ) -> str: ...

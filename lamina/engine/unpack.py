@@ -1,6 +1,6 @@
 """A layer blob unpacked into the store, once: the one way a base layer becomes a lower dir.
 
-FROM (steps.base), an imported --cache-from result (remote_cache) and
+FROM (steps.base), an imported --cache-from result (cache.remote) and
 `lamina run` (api) all come here. The store names the directory: a base
 layer by its diff_id, an imported step result by the step's layer id.
 """

@@ -63,15 +63,15 @@ def layer_step(
     step = f"{instruction.location}: stage {state.name}: {text}"  # how errors name it
     start = time.monotonic()
     sink = executor.sink
-    where = executor.step_position(state, instruction)
-    same_text = executor.step_position(state, instruction, inputs.instruction)
-    result = None if pending else executor.lookup(inputs, state)
+    where = executor.cache.step_position(state, instruction)
+    same_text = executor.cache.step_position(state, instruction, inputs.instruction)
+    result = None if pending else executor.cache.lookup(inputs, state)
     line = f"line {instruction.location.line}" if instruction.location.line else ""
     if executor.options.dry_run:
         if result is None and files is not None and not pending:
             inputs = dataclasses.replace(inputs, files=files())  # names the files that changed
         reason = pending or (
-            "" if result is not None else executor.explain(where, inputs, state, line, same_text)
+            "" if result is not None else executor.cache.explain(where, inputs, state, line, same_text)
         )
         if state.unknown and reason.startswith("the previous step changed") and "; " not in reason:
             # Its parent's key is a guess: the step that decides may make what it made before.
@@ -85,30 +85,30 @@ def layer_step(
                 state.unknown = f"step {state.index} ({text})"
             state.key = inputs.key()
             return True
-        return executor.apply_result(state, inputs, result, step)
+        return executor.cache.apply_result(state, inputs, result, step)
     cached = result is not None
     reason = ""
     if result is None:
         # Another build (or stage) making the same step right now: wait for it
         # and take its result, so that both end with the same layer and digest.
-        with executor.step_lock(inputs.key()):
-            result = executor.lookup(inputs, state)
-            if result is None and executor.remote is not None:
-                result = executor.remote.fetch(executor, inputs, state)  # --cache-from
+        with executor.cache.step_lock(inputs.key()):
+            result = executor.cache.lookup(inputs, state)
+            if result is None:
+                result = executor.cache.fetch_remote(inputs, state)  # --cache-from
             cached = result is not None
             if result is None:
                 if files is not None:
                     inputs = dataclasses.replace(inputs, files=files())
-                reason = executor.explain(where, inputs, state, line, same_text)
+                reason = executor.cache.explain(where, inputs, state, line, same_text)
                 result = _produce(executor, state, text, inputs, produce, start, reason)
                 state.ran = f"step {state.index} ({text}) ran"
     if cached:
         sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.CACHED))
-    executor.remember_position(where, inputs)
-    executor.remember_position(same_text, inputs)
+    executor.cache.remember_position(where, inputs)
+    executor.cache.remember_position(same_text, inputs)
     seconds = time.monotonic() - start
     executor.record(StepRecord(state.name, state.index, text, cached, seconds, inputs.key(), reason))
-    return executor.apply_result(state, inputs, result, step)
+    return executor.cache.apply_result(state, inputs, result, step)
 
 
 def _base_label(executor: StepHost, state: StageState) -> str:
@@ -141,7 +141,7 @@ def _produce(
     """Run a step that missed: a fresh upper dir, `produce`, then commit it as the step's layer."""
     sink = executor.sink
     sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.RUNNING, reason=reason))
-    upper = executor.new_upper()
+    upper = executor.cache.new_upper()
     try:
         produce(upper)
     except BaseException as err:
@@ -158,7 +158,7 @@ def _produce(
         if why:
             raise BuildError(f"{err}: {why}", tuple(tail)) from err
         raise
-    result = executor.commit_layer(inputs, state, upper)
+    result = executor.cache.commit_layer(inputs, state, upper)
     seconds = time.monotonic() - start
     sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.DONE, seconds, reason=reason))
     return result

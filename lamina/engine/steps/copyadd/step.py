@@ -147,7 +147,7 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
                     selection = unpack_archives(tree, selection, upper, dest, owner, image, local, late)
                 prior = None
                 if link_prior:
-                    where = copy_files_key(executor.step_position(state, instruction))
+                    where = copy_files_key(executor.cache.step_position(state, instruction))
                     prior = _load_prior_copy(executor, where)
                 write_selection(
                     tree,
