@@ -376,6 +376,10 @@ def build(
     cache_from: Iterable[str] = (),
     cache_to: Iterable[str] = (),
     insecure_registries: Iterable[str] = (),
+    ssh: Iterable[str] = (),
+    add_hosts: Iterable[str] = (),
+    ulimits: Iterable[str] = (),
+    shm_size: str | int | None = None,
 ) -> BuildResult:
     """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
 
@@ -392,7 +396,12 @@ def build(
     (`BuildResult.pushed` has the confirmed digests); `cache_to` /
     `cache_from` take `type=registry,ref=REF[,mode=min|max]` specs (see
     lamina.cache.remote); `insecure_registries` may use plain HTTP.
+
+    RUN steps, as buildx's flags: `ssh` forwards ssh-agents to `RUN --mount=type=ssh`
+    (`default`, `ID=SOCKET`, `ID=KEYFILE[,KEYFILE]`); `add_hosts` (`NAME:IP`) adds to
+    /etc/hosts, `ulimits` (`nofile=1024:2048`) sets limits, `shm_size` (`128m`) sizes /dev/shm.
     """
+    import dataclasses
     import os
     from pathlib import Path
 
@@ -442,6 +451,7 @@ def build(
         dry_run=dry_run,
         cache_from=_cache_specs(cache_from, "--cache-from"),
         cache_to=_cache_specs(cache_to, "--cache-to"),
+        **_run_inputs(add_hosts, ulimits, shm_size),
     )
     for secret in options.secrets:
         # As buildx: a secret file that is not there fails the build before it starts.
@@ -451,12 +461,42 @@ def build(
         from lamina.engine.push import check_push
 
         check_push(options.tags)
-    result = execute(options, progress if progress is not None else QuietProgress())
+    with _ssh_agents(ssh, env) as agents:
+        options = dataclasses.replace(options, ssh=agents) if agents else options
+        result = execute(options, progress if progress is not None else QuietProgress())
     if push and not dry_run:
         from lamina.engine.push import push_result
 
         result = push_result(options, result)
     return result
+
+
+def _ssh_agents(specs: Iterable[str], env: Mapping[str, str]) -> Any:
+    """The `--ssh` agents, checked before the build and kept for its length (engine.sshforward)."""
+    import contextlib
+
+    specs = tuple(specs)
+    if not specs:
+        return contextlib.nullcontext(())
+    from lamina.engine import sshforward
+
+    return sshforward.agents([sshforward.parse_ssh(spec) for spec in specs], env)
+
+
+def _run_inputs(
+    add_hosts: Iterable[str], ulimits: Iterable[str], shm_size: str | int | None
+) -> dict[str, Any]:
+    """BuildOptions' --add-host, --ulimit and --shm-size fields, parsed (engine.runflags)."""
+    add_hosts, ulimits = tuple(add_hosts), tuple(ulimits)
+    if not add_hosts and not ulimits and shm_size in (None, "", 0):
+        return {}  # the common case, without importing the sandbox's types
+    from lamina.engine import runflags
+
+    return {
+        "add_hosts": tuple(runflags.parse_add_host(text) for text in add_hosts),
+        "ulimits": tuple(runflags.parse_ulimit(text) for text in ulimits),
+        "shm_size": runflags.parse_shm_size(shm_size) if shm_size not in (None, "", 0) else 0,
+    }
 
 
 def _cache_specs(texts: Iterable[str], flag: str) -> tuple[Any, ...]:

@@ -572,7 +572,19 @@ _on_error_option = click.option(
 @click.option("--no-cache", is_flag=True, help="Run every step, ignoring the cache.")
 @click.option("--no-cache-filter", "no_cache_filter", multiple=True, help="Run this stage's steps uncached.")
 @click.option("--label", "labels", multiple=True, help="Set a label on the image: KEY=VALUE.")
-@click.option("--secret", "secrets", multiple=True, help="Expose a secret to RUN --mount: id=ID,src=PATH.")
+@click.option(
+    "--secret", "secrets", multiple=True, help="Expose a secret to RUN --mount: id=ID[,src=PATH|env=VAR]."
+)
+@click.option(
+    "--ssh",
+    "ssh",
+    multiple=True,
+    metavar="default|ID[=SOCKET|KEY[,KEY]]",
+    help="Forward an ssh-agent (default: $SSH_AUTH_SOCK) to RUN --mount=type=ssh.",
+)
+@click.option("--add-host", "add_hosts", multiple=True, metavar="HOST:IP", help="A line of RUN's /etc/hosts.")
+@click.option("--ulimit", "ulimits", multiple=True, metavar="NAME=SOFT[:HARD]", help="RUN's limit.")
+@click.option("--shm-size", metavar="SIZE", help="Size of RUN's /dev/shm (default 64m).")
 @_network_option
 @click.option(
     "--allow",
@@ -619,6 +631,10 @@ def build(
     no_cache_filter: tuple[str, ...],
     labels: tuple[str, ...],
     secrets: tuple[str, ...],
+    ssh: tuple[str, ...],
+    add_hosts: tuple[str, ...],
+    ulimits: tuple[str, ...],
+    shm_size: str | None,
     network: str,
     allow: tuple[str, ...],
     progress: str,
@@ -654,6 +670,10 @@ def build(
         no_cache_filter=no_cache_filter,
         labels=dict(_pairs(labels, "--label")),
         secrets=secrets,
+        ssh=ssh,
+        add_hosts=add_hosts,
+        ulimits=ulimits,
+        shm_size=shm_size,
         network=network,
         allow=allow,
         progress=sink,

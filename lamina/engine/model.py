@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from lamina.engine.output import ImageLayer
     from lamina.engine.outputspec import OutputSpec
     from lamina.engine.progress import ProgressSink
+    from lamina.engine.sandbox.spec import Ulimit
+    from lamina.engine.sshforward import SshAgent
     from lamina.oci.image import ImageConfig
 
 PROXY_ARGS = frozenset(
@@ -96,6 +98,11 @@ class BuildOptions:
     # Registry cache (cache.remote): refs to import from on a miss, refs to export to.
     cache_from: tuple[CacheSpec, ...] = ()
     cache_to: tuple[CacheSpec, ...] = ()
+    # Build inputs as buildx takes them (engine.sshforward, sandbox.spec, engine.namedcontext):
+    ssh: tuple[SshAgent, ...] = ()  # --ssh: agents RUN --mount=type=ssh reaches, by id
+    add_hosts: tuple[tuple[str, str], ...] = ()  # --add-host NAME:IP, appended to RUN's /etc/hosts
+    ulimits: tuple[Ulimit, ...] = ()  # --ulimit NAME=SOFT:HARD for every RUN
+    shm_size: int = 0  # --shm-size: bytes of RUN's /dev/shm; 0 is the default 64 MiB
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -111,6 +111,8 @@ def init(spec: dict, report_fd: int) -> int:
         _confine.hide_process("init")
         # Built while the host's libseccomp is still reachable; loaded by the command before exec.
         seccomp = None if spec["insecure"] else _confine.Filter()
+        if spec.get("ulimits"):
+            import resource  # noqa: F401  (for _command: the host's stdlib is gone after pivot_root)
         _enter_root(spec)
     except (OSError, SetupError) as err:
         report(report_fd, f"set up the sandbox: {_describe(err)}")
@@ -225,6 +227,13 @@ def _command(spec: dict, report_fd: int, seccomp: _confine.Filter | None) -> Non
     try:
         _default_signals()
         os.umask(0o022)  # runc's
+        for number, soft, hard in spec.get("ulimits", ()):  # --ulimit, as runc's rlimits before exec
+            import resource
+
+            try:
+                resource.setrlimit(number, (soft, hard))
+            except ValueError as err:  # Python's word for EPERM/EINVAL here
+                raise SetupError(f"ulimit {number}={soft}:{hard}: {err}") from None
         uid, gid, groups, home = resolve_user(spec["user"])
         cwd = spec["cwd"] or "/"
         os.makedirs(cwd, exist_ok=True)
@@ -321,7 +330,8 @@ def _system_mounts(spec: dict, root: str) -> None:
     except OSError:
         # gid 5 (tty) is not mapped with a single-id map.
         m.mount("devpts", pts, "devpts", m.MS_NOSUID | m.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
-    m.mount("shm", os.path.join(dev, "shm"), "tmpfs", m.MS_NOSUID | m.MS_NODEV, "mode=1777,size=65536k")
+    shm = f"size={spec['shm_size'] // 1024}k" if spec.get("shm_size") else "size=65536k"  # --shm-size
+    m.mount("shm", os.path.join(dev, "shm"), "tmpfs", m.MS_NOSUID | m.MS_NODEV, "mode=1777," + shm)
     _mount_sys(_at(root, "sys", True))
     if not spec["insecure"]:
         _hide_kernel_paths(root, (), _confine.MASKED_PATHS, "/sys/")

@@ -224,9 +224,19 @@ def _wire(
         "single_id": ids.mode is IdMode.SINGLE,
         "host_binds": host_binds,
         "apt_snippet": apt_snippet,
+        "ulimits": [(_ulimit_number(u.name), u.soft, u.hard) for u in spec.ulimits],
+        "shm_size": spec.shm_size,
         # chroot isolation moves a cache directory in: no sharing it while it is away.
         "mounts": [_wire_mount(m, i, base, locks, isolation == "chroot") for i, m in enumerate(spec.mounts)],
     }
+
+
+def _ulimit_number(name: str) -> int:
+    from lamina.engine.sandbox.spec import RLIMITS
+
+    if name not in RLIMITS:
+        raise SandboxError(f"ulimit {name}: not a resource limit ({', '.join(RLIMITS)})")
+    return RLIMITS[name]
 
 
 def _network_files(spec: SandboxSpec, base: Path) -> list[tuple[str, str]]:
@@ -234,25 +244,43 @@ def _network_files(spec: SandboxSpec, base: Path) -> list[tuple[str, str]]:
     from lamina.engine.sandbox import network
 
     binds: list[tuple[str, str]] = []
+    # --add-host: BuildKit's GetHostsFile appends "IP\tNAME" lines to the hosts file it makes.
+    extra = "".join(f"{ip}\t{name}\n" for name, ip in spec.extra_hosts)
     if spec.network is Network.NONE:
+        if extra:
+            binds.append(_write_net_file(base, "etc/hosts", network.hosts(spec.hostname) + extra))
         return binds
     resolv = os.path.realpath("/etc/resolv.conf")
     if spec.network is Network.HOST:
         for rel, host in (("etc/resolv.conf", resolv), ("etc/hosts", os.path.realpath("/etc/hosts"))):
-            if os.path.isfile(host):
+            if extra and rel == "etc/hosts":
+                text = Path(host).read_text(errors="replace") if os.path.isfile(host) else ""
+                binds.append(
+                    _write_net_file(
+                        base, rel, text + ("" if text.endswith("\n") or not text else "\n") + extra
+                    )
+                )
+            elif os.path.isfile(host):
                 binds.append((rel, host))
         return binds
     try:
         host_text = Path(resolv).read_text(errors="replace")
     except OSError:
         host_text = ""
-    made = (("etc/resolv.conf", network.resolv_conf(host_text)), ("etc/hosts", network.hosts(spec.hostname)))
+    made = (
+        ("etc/resolv.conf", network.resolv_conf(host_text)),
+        ("etc/hosts", network.hosts(spec.hostname) + extra),
+    )
     for rel, text in made:
-        path = base / rel.replace("/", "-")
-        path.write_text(text)
-        path.chmod(0o644)
-        binds.append((rel, str(path)))
+        binds.append(_write_net_file(base, rel, text))
     return binds
+
+
+def _write_net_file(base: Path, rel: str, text: str) -> tuple[str, str]:
+    path = base / rel.replace("/", "-")
+    path.write_text(text)
+    path.chmod(0o644)
+    return rel, str(path)
 
 
 def _empty_dir(base: Path) -> Path:

@@ -84,6 +84,35 @@ class SecretMount:
 Mount = BindMount | CacheMount | TmpfsMount | SecretMount
 
 
+# docker's ulimitNameMapping, with Linux's RLIMIT_* numbers (asm-generic/resource.h).
+RLIMITS = {
+    "cpu": 0,
+    "fsize": 1,
+    "data": 2,
+    "stack": 3,
+    "core": 4,
+    "rss": 5,
+    "nproc": 6,
+    "nofile": 7,
+    "memlock": 8,
+    "locks": 10,
+    "sigpending": 11,
+    "msgqueue": 12,
+    "nice": 13,
+    "rtprio": 14,
+    "rttime": 15,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ulimit:
+    """`--ulimit NAME=SOFT[:HARD]`: a resource limit (RLIMIT_<NAME>) set before exec; -1 is unlimited."""
+
+    name: str  # docker's names: nofile, nproc, core, stack, memlock, ...
+    soft: int
+    hard: int
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PublishedPort:
     """`host_addr:host_port` on the host forwarded to `guest_port` in the sandbox (TCP), as `-p`.
@@ -142,6 +171,9 @@ class SandboxSpec:
     stdout: Output = None
     stderr: Output = None
     scratch_dir: Path | None = None
+    extra_hosts: tuple[tuple[str, str], ...] = ()  # (name, ip) lines added to /etc/hosts
+    ulimits: tuple[Ulimit, ...] = ()
+    shm_size: int = 0  # bytes of the /dev/shm tmpfs; 0: 64 MiB, runc's and BuildKit's default
 
 
 def parse_publish(text: str) -> PublishedPort:

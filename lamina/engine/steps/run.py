@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -109,6 +110,9 @@ def run_step(executor: StepHost, state: StageState, plan: StagePlan, instruction
     # proxyEnvFromBuildArgs + proxyEnvList: a build arg of either case sets both
     # spellings (HTTP_PROXY and http_proxy), after ENV and ARG, so it wins.
     run_env = {**env, **proxy_env(executor.plan.build_args)}
+    agent_sock = ssh_auth_sock(instruction, env, state.config.config.working_dir or "/")
+    if agent_sock is not None:
+        run_env["SSH_AUTH_SOCK"] = agent_sock
     network = (
         instruction.network if instruction.network not in (None, "default") else executor.options.network
     )
@@ -131,6 +135,14 @@ def run_step(executor: StepHost, state: StageState, plan: StagePlan, instruction
         described["hostname"] = hostname
     if insecure:
         described["security"] = "insecure"
+    options = executor.options
+    for field, value in (  # in the exec op's meta, and so its key, in BuildKit; only when set
+        ("hosts", [f"{name}={ip}" for name, ip in options.add_hosts]),
+        ("ulimits", [f"{u.name}={u.soft}:{u.hard}" for u in options.ulimits]),
+        ("shm", options.shm_size),
+    ):
+        if value:
+            described[field] = value
     inputs = make_inputs(
         state.key, "RUN " + json.dumps(described, sort_keys=True), key_env, PLATFORM, content
     )
@@ -171,7 +183,9 @@ def _sandbox_run(
     from lamina.engine.sandbox.spec import BindMount, Network, SandboxSpec
 
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=executor.store.root / "tmp"))
+    relays = contextlib.ExitStack()  # ssh-agent relays live as long as the command
     try:
+        mounts = relays.enter_context(_ssh_relays(mounts, scratch))
         if script is not None:
             pipes = scratch / "pipes"
             pipes.mkdir()
@@ -193,6 +207,9 @@ def _sandbox_run(
             insecure=insecure,
             mounts=tuple(mounts),
             scratch_dir=scratch,
+            extra_hosts=executor.options.add_hosts,
+            ulimits=executor.options.ulimits,
+            shm_size=executor.options.shm_size,
         )
         with captured_output(lambda line: executor.sink.log(state.name, index, line)) as (fd, tail):
             spec = _with_output(spec, fd)
@@ -210,6 +227,7 @@ def _sandbox_run(
             err.debug_id = keep_step(executor, state, instruction, spec)  # `lamina debug ID` enters it
             raise err
     finally:
+        relays.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -247,6 +265,8 @@ def _mounts(
     secrets = {secret.id: secret.source for secret in executor.options.secrets}
     workdir = state.config.config.working_dir or "/"
     secret_env: dict[str, str] = {}
+    agents = {agent.id: agent for agent in executor.options.ssh}
+    ssh_index = 0
     for mount in instruction.mounts:
         target = mount.target if mount.target.startswith("/") else posixpath.join(workdir, mount.target)
         if mount.type is MountType.BIND:
@@ -301,11 +321,81 @@ def _mounts(
                     )
                 )
             keys.append(f"secret:{mount.id}:{target}:{mount.env or ''}")  # never the value
-        else:  # SSH
-            if mount.required:
-                raise BuildError("RUN --mount=type=ssh is not supported")
-            executor.warn_once("RUN --mount=type=ssh is not supported; the mount is skipped")
+        else:  # SSH: llb.AddSSHSocket numbers the default targets per ssh mount
+            target = _ssh_target(mount, workdir, ssh_index)
+            ssh_index += 1
+            uid, gid = mount.uid or 0, mount.gid or 0
+            mode = mount.mode if mount.mode is not None else DEFAULT_SSH_MODE
+            # The key holds the mount as written, never the socket: forwarded or not, the same.
+            keys.append(f"ssh:{mount.id}:{target}:{uid}:{gid}:{mode:o}:{mount.required}")
+            agent = agents.get(mount.id)
+            if agent is None:
+                if mount.required:
+                    why = (
+                        f"unset ssh forward key {mount.id}"
+                        if agents
+                        else f"no SSH key {json.dumps(mount.id)} forwarded from the client"
+                    )
+                    raise BuildError(f"{instruction.location}: {why} (lamina build --ssh {mount.id}=...)")
+                continue  # as BuildKit: an optional ssh mount with nothing forwarded is skipped
+            mounts.append(SshMount(agent.socket, target, uid, gid, mode))
     return mounts, keys, content.hexdigest() if keys else "", secret_env
+
+
+DEFAULT_SSH_MODE = 0o600
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SshMount:
+    """An ssh mount still to be made: a relay to `upstream` at `target` while the step runs."""
+
+    upstream: Path
+    target: str
+    uid: int
+    gid: int
+    mode: int
+
+
+def _ssh_target(mount: Any, workdir: str, index: int) -> str:
+    if not mount.target:
+        return f"/run/buildkit/ssh_agent.{index}"
+    return mount.target if mount.target.startswith("/") else posixpath.join(workdir, mount.target)
+
+
+def ssh_auth_sock(instruction: Any, env: Mapping[str, str], workdir: str) -> str | None:
+    """$SSH_AUTH_SOCK for a RUN with ssh mounts: the first one's target, unless ENV or ARG set it
+    (llb's ExecState sets it so); None without ssh mounts."""
+    from lamina.engine.dockerfile.instructions import MountType
+
+    for mount in instruction.mounts:
+        if mount.type is MountType.SSH:
+            return None if "SSH_AUTH_SOCK" in env else _ssh_target(mount, workdir, 0)
+    return None
+
+
+@contextlib.contextmanager
+def _ssh_relays(mounts: list[Any], scratch: Path) -> Iterator[list[Any]]:
+    """`mounts` with each SshMount made a bind mount of a relay socket of the step's own."""
+    if not any(isinstance(m, SshMount) for m in mounts):
+        yield mounts
+        return
+    from lamina.engine.sandbox.runner import set_owners
+    from lamina.engine.sandbox.spec import BindMount
+    from lamina.engine.sshforward import Relay
+
+    out: list[Any] = []
+    with contextlib.ExitStack() as stack:
+        for i, mount in enumerate(mounts):
+            if not isinstance(mount, SshMount):
+                out.append(mount)
+                continue
+            path = scratch / f"ssh-{i}"
+            stack.enter_context(Relay(mount.upstream, path))
+            os.chmod(path, mount.mode)
+            set_owners([(path, mount.uid, mount.gid)])
+            # Read-only: connect(2) needs no write access to the file system, only to the socket.
+            out.append(BindMount(path, mount.target, readonly=True))
+        yield out
 
 
 def _seed_cache(executor: StepHost, mount: Any, cache_dir: Path) -> None:
