@@ -151,7 +151,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(section())
         if "lamina_session_service" in getattr(item, "fixturenames", ()):
             for svc in item.config.stash.get(_SESSION_SERVICES, []):
-                report.sections.append((f"lamina session service {svc.name} log", svc.logs()))
+                report.sections.append((f"lamina session service {svc.name} log", _service_report(svc)))
+
+
+_TEST_GROUP = pytest.StashKey[list["Group"]]()  # a test's named services (and runs), once it has one
+
+
+def _test_group(request: pytest.FixtureRequest) -> list[Group]:
+    """The test's group of named services, shared by lamina_service and lamina_run: [] or [group]."""
+    node = request.node
+    if _TEST_GROUP not in node.stash:
+        node.stash[_TEST_GROUP] = []
+    return node.stash[_TEST_GROUP]
 
 
 def _reports(request: pytest.FixtureRequest) -> list[Callable[[], tuple[str, str]]]:
@@ -192,28 +203,56 @@ def lamina_build(
 
 
 @pytest.fixture
-def lamina_run(lamina_cache: Path, request: pytest.FixtureRequest) -> Callable[..., RunResult]:
-    """run(image, command=(), *, env, workdir, user, mounts, network, input, timeout=60, check=False)."""
+def lamina_run(lamina_cache: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunResult]]:
+    """run(image, command=(), *, env, workdir, user, mounts, network, input, timeout=60, check=False,
+    name=None).
+
+    On the default network the command reaches the test's (and the
+    session's) named services by name, as a service does; `name` is its
+    own host name then.
+    """
     from lamina.errors import LaminaError
     from lamina.fixtures.runs import RunTimeout, run_command
 
     reports = _reports(request)
+    group = _test_group(request)
+    count = iter(range(1, 1 << 30))
 
-    def run(image: Image | str, command: Any = (), *, check: bool = False, **kwargs: Any) -> RunResult:
+    def run(
+        image: Image | str, command: Any = (), *, check: bool = False, name: str | None = None, **kwargs: Any
+    ) -> RunResult:
         if isinstance(command, str):
             command = ["/bin/sh", "-c", command]
+        member = None
         try:
+            if kwargs.get("network", "default") == "default" and (
+                group or request.config.stash.get(_SESSION_GROUP, []) or name
+            ):
+                # Named services to reach: the command joins their group, publishing nothing.
+                if not group:
+                    group.append(_group(lamina_cache / "pytest" / "services", request.config))
+                member = name or f"run-{next(count)}"
+                kwargs["mounts"] = [*kwargs.get("mounts", ()), group[0].reserve(member)]
+                kwargs.setdefault("hostname", member)
+                peers = group[0]
+                kwargs["on_running"] = lambda pid: peers.join(member, pid, {})
             result = run_command(str(image), command, cache_dir=lamina_cache, **kwargs)
         except RunTimeout as err:
             pytest.fail(f"{err}\n{err.result.describe()}", pytrace=False)
         except LaminaError as err:
             pytest.fail(f"lamina run {image}: {err}", pytrace=False)
+        finally:
+            if member is not None:
+                group[0].leave(member)
         reports.append(lambda: (f"lamina run {' '.join(result.argv)}"[:120], result.describe()))
         if check and result.exit_code != 0:
             pytest.fail(f"command failed:\n{result.describe()}", pytrace=False)
         return result
 
-    return run
+    try:
+        yield run
+    finally:
+        _stop_all([], group)
 
 
 @pytest.fixture
@@ -223,7 +262,7 @@ def lamina_service(lamina_cache: Path, request: pytest.FixtureRequest) -> Iterat
     -> Service, stopped at the end of the test.
     """
     started: list[Service] = []
-    group: list[Group] = []
+    group = _test_group(request)
     reports = _reports(request)
     try:
         yield _service_factory(lamina_cache, request.config, started, reports.append, group, test=True)
@@ -308,10 +347,15 @@ def _service_factory(
         except LaminaError as err:
             pytest.fail(f"lamina service {image}: {err}", pytrace=False)
         started.append(svc)
-        report(lambda: (f"lamina service {svc.name} log", svc.logs()))
+        report(lambda: (f"lamina service {svc.name} log", _service_report(svc)))
         return svc
 
     return service
+
+
+def _service_report(svc: Service) -> str:
+    """Its log, then each command exec'd in it with its output."""
+    return "\n".join([svc.logs().rstrip("\n"), *(f"--- exec ---\n{r.describe()}" for r in svc.execs)])
 
 
 def _group(services_dir: Path, test_of: pytest.Config | None) -> Group:

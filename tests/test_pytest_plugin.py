@@ -550,3 +550,86 @@ def test_xdist_workers_build_a_copied_context_once(tmp_path: Path, cache: Path) 
     assert len(seen) == 2
     assert seen[0]["digest"] == seen[1]["digest"] and seen[0]["name"] == seen[1]["name"]
     assert sorted(s["run"] for s in seen)[0] == 0  # one built it, the other waited and found it cached
+
+
+@pytest.mark.sandbox
+def test_a_command_runs_inside_a_running_service_and_can_be_its_readiness(
+    tmp_path: Path, cache: Path
+) -> None:
+    tests = """
+        import pytest
+        from lamina.fixtures.runs import RunTimeout
+
+        SERVE = "echo started; sleep 0.3; echo up > /tmp/ready; exec sleep 60"
+
+        def test_exec(bb, lamina_service):
+            ready = "exec:test -e /tmp/ready"
+            svc = lamina_service(bb, SERVE, ports=[], ready=ready, env={"A": "from-service"}, workdir="/tmp")
+            # The service's environment, directory, host name, files and processes.
+            result = svc.exec('echo "$A $B $(pwd) $(hostname) $(cat /tmp/ready)"', env={"B": "added"})
+            assert (result.exit_code, result.stdout) == (0, "from-service added /tmp lamina up\\n")
+            assert "sleep 60" in svc.exec(["ps", "-o", "args"]).stdout
+            assert svc.exec(["cat"], input="in").stdout == "in"
+            assert svc.exec("echo out; echo err >&2; exit 3").exit_code == 3
+            assert svc.exec(["id", "-u"], user="65534").stdout == "65534\\n"
+            assert svc.exec(["pwd"], workdir="/").stdout == "/\\n"
+            with pytest.raises(RunTimeout):
+                svc.exec("sleep 30", timeout=0.5)
+            svc.stop()
+            with pytest.raises(Exception, match="not running"):
+                svc.exec("true")
+
+        def test_ready_by_an_argv(bb, lamina_service):
+            svc = lamina_service(bb, SERVE, ports=[], ready=["test", "-e", "/tmp/ready"])
+            assert svc.exec(["cat", "/tmp/ready"]).stdout == "up\\n"
+
+        def test_never_ready(bb, lamina_service):
+            never = "exec:test -e /no"
+            lamina_service(bb, "echo waiting-for-nothing; exec sleep 60", ports=[], ready=never, timeout=2)
+
+        def test_exec_output_in_the_report(bb, lamina_service):
+            svc = lamina_service(bb, SERVE, ports=[], ready="log:^started$")
+            svc.exec("echo exec-said-this")
+            assert False, "the test fails"
+    """
+    started = time.monotonic()
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
+    assert time.monotonic() - started < 120
+    out = done.stdout
+    assert "2 failed, 2 passed" in out, out + done.stderr
+    assert "was not ready (exec:test -e /no) within 2 s" in out and "waiting-for-nothing" in out
+    assert "exec-said-this" in out  # the exec'd command, in the failing test's service section
+    assert not list((cache / "pytest" / "services").iterdir())
+
+
+@pytest.mark.sandbox
+def test_a_one_shot_command_reaches_named_services_by_name(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        import pytest
+
+        SITE = "mkdir /w; echo {} > /w/index.html; exec httpd -f -p {} -h /w"
+
+        @pytest.fixture(scope="session")
+        def shared(bb, lamina_session_service):
+            return lamina_session_service(bb, SITE.format("from-session", 8080), ports=[8080], name="shared")
+
+        def test_run(bb, shared, lamina_service, lamina_run):
+            lamina_service(bb, SITE.format("from-test", 80), ports=[80], name="site")
+            result = lamina_run(bb, "wget -q -O- http://site/; wget -q -O- http://shared:8080/", check=True)
+            assert result.stdout == "from-test\\nfrom-session\\n"
+            # Its own name, in its /etc/hosts as the services' are.
+            result = lamina_run(bb, "hostname; grep -c site /etc/hosts", name="client", check=True)
+            assert result.stdout == "client\\n1\\n"
+
+        def test_run_reaches_the_session_service_alone(bb, shared, lamina_run):
+            assert lamina_run(bb, "wget -q -O- http://shared:8080/", check=True).stdout == "from-session\\n"
+
+        def test_two_services_on_one_port(bb, shared, lamina_service):
+            with pytest.raises(pytest.fail.Exception, match="publishes port 8080, as its peer shared does"):
+                lamina_service(bb, SITE.format("clash", 8080), ports=[8080], name="clash")
+    """
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs")
+    _skip_where_no_port(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout
+    assert not list((cache / "pytest" / "services").iterdir())

@@ -409,10 +409,12 @@ def _helper(
                         from lamina.engine.sandbox import network
 
                         net.enter_context(network.attached(proc.pid, spec.publish if spec else ()))
+                    if on_started is not None:
+                        # Before the helper goes on: what it sets up (a peer's relay
+                        # listener) is there before the command runs.
+                        on_started(Started(proc.pid, lambda: _stop(proc), spec))
                     request.write(b"G")
                     first = b""
-                    if on_started is not None:
-                        on_started(Started(proc.pid, lambda: _stop(proc)))
                 request.close()
                 messages = (first + report.read()).decode(errors="replace")
                 code = proc.wait()

@@ -132,6 +132,7 @@ class Started:
 
     pid: int
     stop: Callable[[], None]
+    spec: SandboxSpec | None = None  # what it runs, as the runner resolved it (an exec into it reads it)
 
 
 # Where a stream goes: None inherits ours, an int is a file descriptor
