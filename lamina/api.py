@@ -231,6 +231,28 @@ def debug(
     return kept.enter(Path(_store_root(cache_dir, environ)), failure, command, on_warning)
 
 
+def diff_builds(
+    context: str | os.PathLike[str] = ".",
+    dockerfile: str | os.PathLike[str] | None = None,
+    *,
+    target: str | None = None,
+    metadata_files: Sequence[str | os.PathLike[str]] = (),
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Any:
+    """The last two builds of (context, Dockerfile, target) compared step by step, or two
+    `--metadata-file` documents (older first): a diffbuilds.BuildDiff."""
+    from pathlib import Path
+
+    from lamina import diffbuilds
+
+    if metadata_files:
+        return diffbuilds.diff_paths([Path(p) for p in metadata_files])
+    root = Path(_store_root(cache_dir, environ))
+    path = diffbuilds.history_path(root, Path(context), Path(dockerfile) if dockerfile else None, target)
+    return diffbuilds.compare(*diffbuilds.last_two(path, str(context)))
+
+
 # --- sandbox: run -----------------------------------------------------------------
 
 
@@ -464,6 +486,11 @@ def build(
     with _ssh_agents(ssh, env) as agents:
         options = dataclasses.replace(options, ssh=agents) if agents else options
         result = execute(options, progress if progress is not None else QuietProgress())
+    if not dry_run:
+        from lamina import diffbuilds  # `lamina diff` compares the last two builds
+
+        history = diffbuilds.history_path(options.cache_root, Path(context), dockerfile, target)
+        diffbuilds.remember(history, result)
     if push and not dry_run:
         from lamina.engine.push import push_result
 

@@ -790,6 +790,39 @@ def debug(failure: str | None, command: tuple[str, ...]) -> None:
     )
 
 
+@cli.command("diff")
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("-f", "--file", "dockerfile", type=click.Path(dir_okay=False), help="Dockerfile path.")
+@click.option("--target", help="The stage the builds were for (default: the last one).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def diff_command(paths: tuple[str, ...], dockerfile: str | None, target: str | None, fmt: str) -> None:
+    """Compare the last two builds of CONTEXT (default .), step by step: which steps ran, why,
+    and what differs. With two files, compare two --metadata-file documents (older first)."""
+    import os
+
+    from lamina import api
+    from lamina.diffbuilds import to_text
+
+    if len(paths) > 2 or (len(paths) == 2 and not all(os.path.isfile(p) for p in paths)):
+        raise click.UsageError("give a build context, or two --metadata-file documents")
+    if len(paths) == 2:
+        if dockerfile or target:
+            raise click.UsageError("-f and --target choose a context's builds, not metadata files")
+        found = api.diff_builds(metadata_files=paths)
+    else:
+        found = api.diff_builds(paths[0] if paths else ".", dockerfile, target=target)
+    if fmt == "json":
+        import json
+
+        click.echo(json.dumps(found.to_json(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(_printable_lines(to_text(found)), nl=False)
+
+
+def _printable_lines(text: str) -> str:
+    return "".join(_printable(line) + "\n" for line in text.splitlines())
+
+
 # --- registry: pull, push, login, logout ---------------------------------------
 
 _insecure_option = click.option(

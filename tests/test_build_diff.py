@@ -1,0 +1,88 @@
+"""`lamina diff`: the last two builds of a context (or two --metadata-file documents), step by step."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from test_build_helpers import BASE, make_cache, run_cli, write_context
+
+pytestmark = pytest.mark.sandbox
+
+DOCKERFILE = f"""\
+FROM {BASE} AS build
+COPY src/ /src/
+RUN cat /src/* > /all
+
+FROM {BASE}
+COPY --from=build /all /all
+RUN echo done > /done
+"""
+
+
+@pytest.fixture
+def cache(tmp_path: Path, busybox_image: Path) -> Path:
+    return make_cache(tmp_path, busybox_image)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Path:
+    return write_context(tmp_path / "ctx", DOCKERFILE, {"src/a.txt": "a\n", "src/b.txt": "b\n"})
+
+
+def _normal(text: str) -> str:
+    text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", "TIME", text)
+    return re.sub(r"sha256:[0-9a-f]{12}", "sha256:DIGEST", text)
+
+
+def test_diff_names_each_step_that_ran_again_and_why(cache: Path, ctx: Path) -> None:
+    one = run_cli("diff", str(ctx), cache=cache, check=False)
+    assert one.returncode == 1
+    assert "no build recorded yet; `lamina diff` compares the last two" in one.stderr
+    run_cli("build", "--progress", "quiet", str(ctx), cache=cache)
+    (ctx / "src/b.txt").write_text("B\n")
+    run_cli("build", "--progress", "quiet", str(ctx), cache=cache)
+    text = _normal(run_cli("diff", str(ctx), cache=cache).stdout)
+    assert text.splitlines() == [
+        "before: TIME  image sha256:DIGEST  (4 of 4 steps ran)",
+        "after:  TIME  image sha256:DIGEST  (4 of 4 steps ran)",
+        "[build 1] COPY src/ /src/                changed, ran: file content changed: src/b.txt",
+        "[build 2] RUN cat /src/* > /all          changed, ran: the previous step changed: "
+        "step 1 (COPY src/ /src/) ran",
+        "[stage-1 1] COPY --from=build /all /all  changed, ran: stage build: file content changed: all",
+        "[stage-1 2] RUN echo done > /done        changed, ran: the previous step changed: "
+        "step 1 (COPY --from=build /all /all) ran",
+    ]
+    said = json.loads(run_cli("diff", "--format", "json", str(ctx), cache=cache).stdout)
+    assert [(s["stage"], s["step"], s["change"], s["before"], s["after"]) for s in said["steps"]] == [
+        ("build", 1, "changed", "run", "run"),
+        ("build", 2, "changed", "run", "run"),
+        ("stage-1", 1, "changed", "run", "run"),
+        ("stage-1", 2, "changed", "run", "run"),
+    ]
+    assert said["before"]["ran"] == 4 and said["after"]["ran"] == 4
+
+    # A no-op rebuild: every step unchanged and cached.
+    run_cli("build", "--progress", "quiet", str(ctx), cache=cache)
+    again = json.loads(run_cli("diff", "--format", "json", str(ctx), cache=cache).stdout)
+    assert {(s["change"], s["after"]) for s in again["steps"]} == {("unchanged", "cached")}
+    assert run_cli("diff", str(ctx), cache=cache).stdout.count("unchanged (cached)") == 4
+
+
+def test_diff_of_two_metadata_files_and_a_changed_instruction(cache: Path, ctx: Path) -> None:
+    old, new = ctx.parent / "old.json", ctx.parent / "new.json"
+    run_cli("build", "--progress", "quiet", "--metadata-file", str(old), str(ctx), cache=cache)
+    (ctx / "Dockerfile").write_text(DOCKERFILE.replace("echo done", "echo finished"))
+    run_cli("build", "--progress", "quiet", "--metadata-file", str(new), str(ctx), cache=cache)
+    lines = run_cli("diff", str(old), str(new), cache=cache).stdout.splitlines()
+    assert lines[2].endswith("unchanged (cached)")
+    assert lines[-1] == (
+        "[stage-1 2] RUN echo finished > /done    changed, ran: instruction was: RUN echo done > /done; "
+        "instruction text changed (line 7: the command)"
+    )
+    history = json.loads(run_cli("diff", "--format", "json", str(ctx), cache=cache).stdout)
+    assert [s["change"] for s in history["steps"]] == ["unchanged", "unchanged", "unchanged", "changed"]
+    refused = run_cli("diff", str(old), cache=cache, check=False)
+    assert refused.returncode == 1 and "no build recorded yet" in refused.stderr
