@@ -11,13 +11,18 @@ upstream commit; `count.py` there prints how much of the suite is ported.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import io
 import os
 import shutil
 import socket
 import stat
 import tarfile
+import threading
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,9 +131,36 @@ def _write_tar(path: Path, members: list[dict[str, Any]]) -> None:
                 info.type = tarfile.DIRTYPE
             elif kind == "symlink":
                 info.type, info.linkname = tarfile.SYMTYPE, member["linkname"]
+            elif kind == "link":
+                info.type, info.linkname = tarfile.LNKTYPE, member["linkname"]
             else:
                 info.size = len(data)
             tar.addfile(info, io.BytesIO(data) if kind == "file" else None)
+
+
+HTTP_MTIME = 1700000000  # Last-Modified of every served file: 2023-11-14T22:13:20Z
+
+
+@contextlib.contextmanager
+def _http_server(root: Path, case: dict[str, Any]) -> Iterator[str]:
+    """Serve `http` (path -> text; `/` is index.html) and `http_tars` on loopback; yields the base URL."""
+    root.mkdir()
+    for name, data in case.get("http", {}).items():
+        (root / (name.strip("/") or "index.html")).write_text(data)
+    for name, members in case.get("http_tars", {}).items():
+        _write_tar(root / name.strip("/"), members)
+    for path in root.iterdir():
+        os.utime(path, (HTTP_MTIME, HTTP_MTIME))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.fspath(root))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _write_files(ctx: Path, case: dict[str, Any]) -> None:
@@ -184,6 +216,10 @@ def _check_tree(out: Path, case: dict[str, Any]) -> None:
         assert not os.path.lexists(out / name), f"{name}: exists"
     for name, mode in case.get("expect_modes", {}).items():
         assert stat.S_IMODE((out / name).lstat().st_mode) == int(mode, 8), name
+    for name, mtime in case.get("expect_mtimes", {}).items():
+        assert (out / name).lstat().st_mtime == mtime, f"{name}: mtime {(out / name).lstat().st_mtime}"
+    for first, second in case.get("expect_hardlinks", []):
+        assert os.path.samefile(out / first, out / second), f"{first} and {second}: not one file"
     for name, lines in case.get("expect_lines", {}).items():
         text = (out / name).read_text()
         for line in lines:
@@ -227,7 +263,18 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
         needs_id_range()
     cache = make_cache(tmp_path, busybox_image)
     ctx, out = tmp_path / "ctx", tmp_path / "out"
-    _write_context(ctx, case)
+    with contextlib.ExitStack() as stack:
+        if "http" in case or "http_tars" in case:
+            url = stack.enter_context(_http_server(tmp_path / "http", case))
+            case = {**case, "dockerfile": case["dockerfile"].replace("{URL}", url)}
+        _write_context(ctx, case)
+        _run_case(case, cache, ctx, out, tmp_path)
+        for name, served in case.get("expect_same_as_http", {}).items():
+            data = (tmp_path / "http" / served.strip("/")).read_bytes()
+            assert (out / name).read_bytes() == data, f"{name}: not the bytes served at {served}"
+
+
+def _run_case(case: dict[str, Any], cache: Path, ctx: Path, out: Path, tmp_path: Path) -> None:
     if "expect_error" in case:
         with pytest.raises(Exception) as caught:
             _build(cache, ctx, out, case)
@@ -238,6 +285,8 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
     sink = _Steps()
     result = _build(cache, ctx, out, case, archive, sink)
     _check_tree(out, case)
+    for name, source in case.get("expect_same_as_context", {}).items():
+        assert (out / name).read_bytes() == (ctx / source).read_bytes(), f"{name}: not the bytes of {source}"
     _check_config(result, case)
     for label in case.get("expect_steps", []):
         assert label in sink.labels, f"no step {label!r} among {sink.labels}"

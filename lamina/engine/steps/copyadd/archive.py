@@ -15,13 +15,16 @@ import fnmatch
 import lzma
 import os
 import posixpath
+import stat
+import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from lamina.engine.steps.copyadd.placement import make_dest_dirs
 from lamina.engine.steps.copyadd.selection import Selection
-from lamina.engine.steps.owners import chown, chown_all
+from lamina.engine.steps.owners import chown, chown_all, container_owner
 from lamina.errors import BuildError, LaminaError
 from lamina.oci.compression import open_decompressed, read_upto
 from lamina.oci.entry import EntryType
@@ -127,17 +130,121 @@ def unpack_into(
 ) -> None:
     """Unpack the archive at `source` as a directory at dest, with or without a trailing slash."""
     target, made = make_dest_dirs(upper, dest.strip("/"), image, late)
+    base = "" if target == upper else target.relative_to(upper).as_posix()
     with _archive_stream(source) as stream:
+        try:
+            names = [entry.path for entry in iter_layer(stream)]
+        except LaminaError as err:
+            raise BuildError(f"ADD {shown}: {err}") from err
+    renames = _through_image_links(image, base, names)
+    with contextlib.ExitStack() as stack:
+        stream = stack.enter_context(_archive_stream(source))
+        if renames:
+            stream = stack.enter_context(_renamed(stream, renames))
         try:
             extract_layer(stream, target, whiteouts=Whiteouts.APPLY, ignore_owners=os.geteuid() != 0)
         except LaminaError as err:
             raise BuildError(f"ADD {shown}: {err}") from err
+    if image is not None:
+        _keep_implied_dirs(image, target, base, [renames.get(name, name) for name in names], late)
     # Owners last: unprivileged, a directory given to another id is no longer writable.
     if owner:
         _chown_tree(target, owner)
         chown_all([(path, *owner) for path in made])
     elif os.geteuid() != 0:
         _rootless_archive_owners(source, target)
+
+
+def _resolve_under(image: Any, base: str, rel: str) -> str:
+    """`rel` inside the image directory `base`, its symlinks followed with `base`
+    as the root (absolute targets restart there, `..` stops there), as
+    BuildKit's chrootarchive.Untar into the destination resolves them."""
+    pending = [p for p in rel.split("/") if p and p != "."]
+    done: list[str] = []
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        target = image.readlink("/" + "/".join(p for p in [base, *done, part] if p))
+        if target is None:
+            done.append(part)
+            continue
+        hops += 1
+        if hops > 40:  # a loop: leave the name alone, the extractor refuses what it must
+            return rel
+        if target.startswith("/"):
+            done = []
+        pending = [p for p in target.split("/") if p and p != "."] + pending
+    return "/".join(done)
+
+
+def _through_image_links(image: Any, base: str, names: list[str]) -> dict[str, str]:
+    """Archive names whose parent directory goes through a symlink of the image,
+    mapped to where they land (`var/run/x` -> `run/x` when the image has
+    `var/run -> /run`). The last component is never followed: an entry
+    replaces a link of its own name, as Untar does."""
+    if image is None or not hasattr(image, "readlink"):
+        return {}
+    parents: dict[str, str] = {}
+    renames: dict[str, str] = {}
+    for name in names:
+        parent, leaf = posixpath.split(name)
+        if parent not in parents:
+            parents[parent] = _resolve_under(image, base, parent)
+        if parents[parent] != parent:
+            renames[name] = posixpath.join(parents[parent], leaf) if parents[parent] else leaf
+    return renames
+
+
+@contextlib.contextmanager
+def _renamed(stream: BinaryIO, renames: dict[str, str]) -> Iterator[BinaryIO]:
+    """A copy of the tar `stream` with its members (and hard link targets) renamed."""
+    with tempfile.TemporaryFile() as out:
+        with (
+            tarfile.open(fileobj=stream, mode="r|") as src,
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst,
+        ):
+            for info in src:
+                name = posixpath.normpath("/" + info.name).lstrip("/")
+                info.name = renames.get(name, info.name)
+                if info.islnk():
+                    link = posixpath.normpath("/" + info.linkname).lstrip("/")
+                    info.linkname = renames.get(link, info.linkname)
+                dst.addfile(info, src.extractfile(info) if info.isreg() else None)
+        out.seek(0)
+        yield out  # type: ignore[misc]
+
+
+def _keep_implied_dirs(
+    image: Any, target: Path, base: str, names: list[str], late: list[tuple[Path, int, int]] | None
+) -> None:
+    """Directories the archive implies without an entry of their own, which
+    exist in the image, keep the image's mode, owner and times: Untar's
+    MkdirAll leaves an existing directory alone."""
+    entries = set(names)
+    implied = {parent for name in names for parent in _ancestors(name)} - entries
+    owners: list[tuple[Path, int, int]] = []
+    for rel in sorted(implied):
+        path = target / rel
+        st = image.stat("/" + posixpath.join(base, rel))
+        if st is None or not stat.S_ISDIR(st.st_mode) or path.is_symlink() or not path.is_dir():
+            continue
+        os.chmod(path, st.st_mode & 0o7777)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        owners.append((path, *container_owner(st)))
+    if late is not None:
+        late.extend(owners)
+    else:
+        chown_all(owners)
+
+
+def _ancestors(name: str) -> Iterator[str]:
+    parts = name.split("/")
+    for i in range(1, len(parts)):
+        yield "/".join(parts[:i])
 
 
 def _rootless_archive_owners(source: str, target: Path) -> None:
