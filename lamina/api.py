@@ -461,7 +461,7 @@ def build(
         no_cache=no_cache,
         no_cache_filter=tuple(no_cache_filter),
         labels=tuple((labels or {}).items()),
-        secrets=tuple(parse_secret(spec) for spec in secrets),
+        secrets=tuple(parse_secret(spec, env) for spec in secrets),
         network=_network_mode(network),
         allow=_entitlements(allow, network),
         compression=compression,
@@ -479,6 +479,8 @@ def build(
         # As buildx: a secret file that is not there fails the build before it starts.
         if not str(secret.source).startswith("env:") and not secret.source.is_file():
             raise PlanError(f"--secret id={secret.id}: {secret.source} is not a readable file")
+        if not str(secret.source).startswith("env:") and secret.source.stat().st_size > 500 * 1024:
+            raise PlanError(f"--secret id={secret.id}: secret {secret.id} too big. max size 500KiB")
     if push:
         from lamina.engine.push import check_push
 

@@ -16,10 +16,21 @@ def test_parse_secret_forms() -> None:
     assert parse_secret("id=tok,src=/run/tok").source == Path("/run/tok")
     assert parse_secret("id=tok,source=/x,type=file").id == "tok"
     assert str(parse_secret("id=tok,env=TOKEN").source) == "env:TOKEN"
+    assert str(parse_secret("id=tok,type=env,src=TOKEN").source) == "env:TOKEN"
+    assert str(parse_secret('"id=tok","src=/a,b"').source) == "/a,b", "CSV, as buildx"
+    # An id alone: the variable of that name when set, else the file of that name (buildx).
+    assert str(parse_secret("id=TOK", {"TOK": "x"}).source) == "env:TOK"
+    assert str(parse_secret("id=tok.txt", {}).source) == "tok.txt"
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"), [("src=/x", "missing id"), ("id=a", "missing src"), ("id", "key=value")]
+    ("spec", "message"),
+    [
+        ("src=/x", "missing id"),
+        ("id", "key=value"),
+        ("id=a,type=vault", "unsupported secret type"),
+        ("id=a,path=/x", "unexpected key 'path'"),
+    ],
 )
 def test_parse_secret_errors(spec: str, message: str) -> None:
     with pytest.raises(PlanError, match=message):

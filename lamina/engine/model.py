@@ -52,25 +52,43 @@ class SecretSpec:
     source: Path
 
 
-def parse_secret(spec: str) -> SecretSpec:
-    """`--secret id=ID,src=PATH` (also `source=`, `type=file`, or `env=VAR`)."""
+def parse_secret(spec: str, environ: Mapping[str, str] | None = None) -> SecretSpec:
+    """`--secret` as buildx reads it: `id=ID[,src=PATH|source=PATH][,env=VAR][,type=file|env]`,
+    CSV fields. With neither src nor env, ID names an environment variable when `environ` (default
+    os.environ) has it, else a file (BuildKit's secretsprovider.NewStore). An env secret's source
+    is `env:VAR`; `env=` wins over `src=`, as there."""
+    import csv
+    import os
+
+    try:
+        parts = next(csv.reader([spec]))
+    except (csv.Error, StopIteration):
+        raise PlanError(f"invalid --secret {spec!r}: not CSV") from None
     fields: dict[str, str] = {}
-    for part in spec.split(","):
+    kind = ""
+    for part in parts:
         key, sep, value = part.partition("=")
+        key = key.lower()
         if not sep:
-            raise PlanError(f"invalid --secret {spec!r}: {part!r} is not key=value")
-        fields[key.strip().lower()] = value
+            raise PlanError(f"invalid --secret {spec!r}: field {part!r} must be a key=value pair")
+        if key == "type":
+            if value not in ("file", "env"):
+                raise PlanError(f"invalid --secret {spec!r}: unsupported secret type {value!r}")
+            kind = value
+        elif key in ("id", "src", "source", "env"):
+            fields["source" if key == "src" else key] = value
+        else:
+            raise PlanError(f"invalid --secret {spec!r}: unexpected key {key!r} in {part!r}")
+    if kind == "env" and not fields.get("env"):
+        fields["env"] = fields.pop("source", "")
     secret_id = fields.get("id", "")
     if not secret_id:
         raise PlanError(f"invalid --secret {spec!r}: missing id=")
-    source = fields.get("src") or fields.get("source")
-    if source is None and "env" in fields:
-        source = "env:" + fields["env"]
-    if source is None:
-        raise PlanError(f"invalid --secret {spec!r}: missing src=")
-    if fields.get("type", "file") not in ("file", "env"):
-        raise PlanError(f"invalid --secret {spec!r}: type must be file or env")
-    return SecretSpec(secret_id, Path(source))
+    env, source = fields.get("env", ""), fields.get("source", "")
+    if not env and not source:
+        env = secret_id if secret_id in (os.environ if environ is None else environ) else ""
+        source = "" if env else secret_id
+    return SecretSpec(secret_id, Path("env:" + env) if env else Path(source))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

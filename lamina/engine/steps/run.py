@@ -417,9 +417,7 @@ def _seed_cache(executor: StepHost, mount: Any, cache_dir: Path) -> None:
 def _secret_file(executor: StepHost, source: Path, secret_id: str) -> Path:
     text = str(source)
     if text.startswith("env:"):
-        value = os.environ.get(text[4:])
-        if value is None:
-            raise BuildError(f"secret {secret_id}: environment variable {text[4:]} is not set")
+        value = os.environ.get(text[4:], "")  # unset is empty, as BuildKit's os.Getenv
         fd, name = tempfile.mkstemp(prefix="secret-", dir=executor.store.root / "tmp")
         executor.temp_files.append(Path(name))  # removed when the build ends
         with os.fdopen(fd, "w") as f:
