@@ -658,6 +658,42 @@ def _registry_name(text: str) -> str:
     return name
 
 
+def call(
+    method: str,
+    context: str | os.PathLike[str] = ".",
+    dockerfile: str | os.PathLike[str] | None = None,
+    *,
+    target: str | None = None,
+    build_args: Mapping[str, str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[str, str, int]:
+    """A frontend method instead of a build, as buildx's `--call`: `check`, `outline`, `targets`.
+
+    `method` may end in `,format=json` and `,ignorestatus=true`. Returns what
+    buildx prints on stdout, the error it would print on stderr (or ""), and
+    the exit status (1 when `check` finds a warning or an error).
+    """
+    from pathlib import Path
+
+    from lamina.cache.store import Store
+    from lamina.engine.buildchecks import call as call_method
+    from lamina.engine.buildfiles import default_dockerfile
+    from lamina.engine.model import BuildOptions
+
+    options = BuildOptions(
+        context=Path(context),
+        dockerfile=Path(dockerfile) if dockerfile is not None else default_dockerfile(Path(context)),
+        target=target,
+        build_args=tuple(dict(build_args or {}).items()),
+    )
+    root = Path(_store_root(cache_dir, environ))
+    if not root.is_dir():  # nothing pulled yet: the checks know no base image's config
+        return call_method(method, options, None)
+    with Store(root) as store:
+        return call_method(method, options, store)
+
+
 def __getattr__(name: str) -> Any:
     # The result types live in the engine; importing them here lazily keeps
     # `import lamina.api` light.

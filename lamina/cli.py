@@ -600,6 +600,15 @@ _on_error_option = click.option(
     show_default=True,
 )
 @click.option("-o", "--output", "outputs", multiple=True, help="type=oci|docker|local|tar,dest=PATH; DIR; -")
+@click.option(
+    "--call",
+    "call_method",
+    default="build",
+    show_default=True,
+    metavar="build|check|outline|targets[,format=json]",
+    help="Run a frontend method instead of the build: build checks, the target's args, the targets.",
+)
+@click.option("--check", is_flag=True, help="Shorthand for --call=check: build checks only, no build.")
 @click.option("--iidfile", type=click.Path(dir_okay=False), help="Write the image ID (config digest) here.")
 @click.option("--metadata-file", type=click.Path(dir_okay=False), help="Write build metadata JSON here.")
 @click.option("--compression", type=click.Choice(["gzip", "zstd"]), default="gzip", show_default=True)
@@ -639,6 +648,8 @@ def build(
     allow: tuple[str, ...],
     progress: str,
     outputs: tuple[str, ...],
+    call_method: str,
+    check: bool,
     iidfile: str | None,
     metadata_file: str | None,
     compression: str,
@@ -655,6 +666,9 @@ def build(
     from lamina import api
     from lamina.engine.progress import make_progress
 
+    if check or call_method != "build":
+        _call("check" if check else call_method, context, dockerfile, target, build_args)
+        return
     for path, flag in ((iidfile, "--iidfile"), (metadata_file, "--metadata-file")):
         if path:
             _check_file_dest(path, flag)  # before the build, not after it
@@ -707,6 +721,22 @@ def build(
         click.echo(result.config_digest)
 
 
+def _call(
+    method: str, context: str, dockerfile: str | None, target: str | None, args: tuple[str, ...]
+) -> None:
+    """`--call`/`--check`: print what the frontend method gives; exit 1 when a check finds something."""
+    from lamina import api
+
+    out, error, status = api.call(
+        method, context, dockerfile, target=target, build_args=dict(_pairs(args, "--build-arg"))
+    )
+    click.echo(out, nl=False)
+    if error:
+        click.echo(f"error: {error}", err=True, nl=False)
+    if status:
+        sys.exit(status)
+
+
 def _explain(fmt: str, **flags: Any) -> None:
     """Which steps of the target a build with these flags would run, and exactly why; runs nothing.
 
@@ -725,7 +755,11 @@ explain = click.Command(
     "explain",
     callback=_explain,
     params=[
-        *(param for param in build.params if param.name not in ("dry_run", "on_error")),
+        *(
+            param
+            for param in build.params
+            if param.name not in ("dry_run", "on_error", "call_method", "check")
+        ),
         click.Option(
             ["--format", "fmt"],
             type=click.Choice(["text", "json"]),

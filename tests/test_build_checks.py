@@ -168,3 +168,220 @@ def test_unknown_base_image_skips_dispatch_rules() -> None:
     assert [w.rule for w in report.warnings] == ["StageNameCasing"]
     report = run_checks(dockerfile, config=CheckConfig(), base_facts=lambda ref: PATH_ONLY)
     assert [w.rule for w in report.warnings] == ["StageNameCasing", "UndefinedVar"]
+
+
+# --- through the CLI: a build shows the warnings, --check/--call print them as buildx --------------
+
+
+def _cli(args: list[str], cache: Path) -> tuple[int, str, str]:
+    from click.testing import CliRunner
+
+    from lamina.cli import cli
+
+    result = CliRunner().invoke(cli, args, env={"LAMINA_CACHE": str(cache)})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+WARNED = "FROM scratch as base\nCOPY Dockerfile /\nENV a b\n"
+
+
+def test_build_prints_warnings_and_writes_them_to_the_metadata_file(tmp_path: Path) -> None:
+    import base64
+    import json
+
+    (tmp_path / "Dockerfile").write_text(WARNED)
+    meta = tmp_path / "meta.json"
+    status, _, err = _cli(
+        ["build", "--progress", "plain", "--metadata-file", str(meta), str(tmp_path)], tmp_path / "cache"
+    )
+    assert status == 0, err
+    assert "warning: FromAsCasing: 'as' and 'FROM' keywords' casing do not match (line 1)" in err
+    assert 'warning: LegacyKeyValueFormat: "ENV key=value" should be used instead' in err
+    warnings = json.loads(meta.read_text())["buildx.build.warnings"]
+    assert [base64.b64decode(w["short"]).decode() for w in warnings] == [
+        "FromAsCasing: 'as' and 'FROM' keywords' casing do not match (line 1)",
+        'LegacyKeyValueFormat: "ENV key=value" should be used instead of legacy "ENV key value" format'
+        " (line 3)",
+    ]
+    assert warnings[1]["range"] == [{"start": {"line": 3}, "end": {"line": 3}}]
+    assert warnings[1]["url"] == "https://docs.docker.com/go/dockerfile/rule/legacy-key-value-format/"
+    # The no-op rebuild (replayed from its memo) warns the same.
+    status, _, err = _cli(["build", "--progress", "plain", str(tmp_path)], tmp_path / "cache")
+    assert status == 0 and "warning: FromAsCasing" in err
+
+
+def test_json_progress_carries_the_warnings(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "Dockerfile").write_text(WARNED)
+    status, _, err = _cli(["build", "--progress", "json", str(tmp_path)], tmp_path / "cache")
+    assert status == 0, err
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    messages = [r["message"] for r in records if r["type"] == "warning"]
+    assert messages[0] == "FromAsCasing: 'as' and 'FROM' keywords' casing do not match (line 1)"
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "build_arg"),
+    [("# check=error=true\n" + WARNED, None), (WARNED, "BUILDKIT_DOCKERFILE_CHECK=error=true")],
+)
+def test_error_true_fails_the_build_after_the_warnings(
+    tmp_path: Path, dockerfile: str, build_arg: str | None
+) -> None:
+    (tmp_path / "Dockerfile").write_text(dockerfile)
+    args = ["build", "--progress", "plain", "-t", "checked:1", str(tmp_path)]
+    if build_arg:
+        args[1:1] = ["--build-arg", build_arg]
+    status, _, err = _cli(args, tmp_path / "cache")
+    assert status == 1
+    assert "warning: FromAsCasing" in err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .endswith("lint violation found for rules: FromAsCasing, LegacyKeyValueFormat")
+    )
+    assert "COPY" not in err  # no step ran
+
+
+def test_skip_all_by_build_arg_overrides_the_directive(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("# check=error=true\n" + WARNED)
+    args = [
+        "build",
+        "--progress",
+        "plain",
+        "--build-arg",
+        "BUILDKIT_DOCKERFILE_CHECK=skip=all",
+        str(tmp_path),
+    ]
+    status, _, err = _cli(args, tmp_path / "cache")
+    assert status == 0, err
+    assert "warning:" not in err
+
+
+def test_check_prints_each_warning_with_its_source(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY a /\nMAINTAINER me\nCOPY b /\n")
+    status, out, _ = _cli(["build", "--check", str(tmp_path)], tmp_path / "cache")
+    assert status == 1
+    path = f"{tmp_path}/Dockerfile"
+    assert out == (
+        "Check complete, 1 warning has been found!\n"
+        "\n"
+        "WARNING: MaintainerDeprecated - https://docs.docker.com/go/dockerfile/rule/maintainer-deprecated/\n"
+        "Maintainer instruction is deprecated in favor of using label\n"
+        f"{path}:3\n"
+        "--------------------\n"
+        "   1 |     FROM scratch\n"
+        "   2 |     COPY a /\n"
+        "   3 | >>> MAINTAINER me\n"
+        "   4 |     COPY b /\n"
+        "   5 |     \n"
+        "--------------------\n"
+    )
+
+
+def test_check_clean_dockerfile_exits_zero(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY a /\n")
+    status, out, _ = _cli(["build", "--call", "check", str(tmp_path)], tmp_path / "cache")
+    assert (status, out) == (0, "Check complete, no warnings found.\n")
+
+
+def test_check_json_and_ignorestatus(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "Dockerfile").write_text("FROM scratch AS Base\n")
+    status, out, _ = _cli(
+        ["build", "--call", "check,format=json,ignorestatus=true", str(tmp_path)], tmp_path / "c"
+    )
+    assert status == 0
+    (warning,) = json.loads(out)["warnings"]
+    assert warning["ruleName"] == "StageNameCasing"
+    assert warning["detail"] == "Stage name 'Base' should be lowercase"
+    assert warning["location"]["ranges"][0]["start"]["line"] == 1
+
+
+def test_check_reports_the_error_after_the_warnings(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM scratch AS BadName\nMAINTAINER me\nBADCMD\n")
+    status, out, err = _cli(["build", "--check", str(tmp_path)], tmp_path / "cache")
+    assert status == 1
+    assert out.startswith("Check complete, 2 warnings have been found!\n")
+    assert err.startswith("error: unknown instruction: BADCMD")
+    assert ">>> BADCMD" in err
+
+
+def test_check_covers_every_stage_unless_a_target_is_given(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM scratch AS a\nENV x y\nFROM scratch AS b\n")
+    status, out, _ = _cli(["build", "--check", str(tmp_path)], tmp_path / "cache")
+    assert status == 1 and "LegacyKeyValueFormat" in out
+    status, out, _ = _cli(["build", "--check", "--target", "b", str(tmp_path)], tmp_path / "cache")
+    assert (status, out) == (0, "Check complete, no warnings found.\n")
+
+
+OUTLINED = """\
+# GO_VERSION sets the Go version
+ARG GO_VERSION=1.22
+ARG UNUSED=1
+
+# base is the base stage
+FROM busybox:${GO_VERSION} AS base
+# HUGO sets hugo
+ARG HUGO=0.1
+RUN --mount=type=secret,id=tok,required true
+
+# release is the final image
+FROM scratch AS release
+COPY --from=base /x /x
+"""
+
+
+def test_call_targets_lists_stages_like_buildx(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text(OUTLINED)
+    status, out, _ = _cli(["build", "--call", "targets", str(tmp_path)], tmp_path / "cache")
+    assert status == 0
+    assert out.splitlines() == [
+        "TARGET            DESCRIPTION",
+        "base              is the base stage",
+        "release (default) is the final image",
+    ]
+
+
+def test_call_outline_names_args_and_secrets_the_target_reads(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "Dockerfile").write_text(OUTLINED)
+    status, out, _ = _cli(["build", "--call", "outline", str(tmp_path)], tmp_path / "cache")
+    assert status == 0
+    assert out == (
+        "TARGET:      release\n"
+        "DESCRIPTION: is the final image\n"
+        "\n"
+        "BUILD ARG    VALUE   DESCRIPTION\n"
+        "GO_VERSION   1.22    sets the Go version\n"
+        "HUGO         0.1     sets hugo\n"
+        "\n"
+        "SECRET   REQUIRED\n"
+        "tok      true\n"
+        "\n"
+    )
+    args = [
+        "build",
+        "--call",
+        "outline,format=json",
+        "--build-arg",
+        "HUGO=2",
+        "--target",
+        "base",
+        str(tmp_path),
+    ]
+    status, out, _ = _cli(args, tmp_path / "cache")
+    result = json.loads(out)
+    assert result["name"] == "base"
+    assert [(a["name"], a.get("value")) for a in result["args"]] == [("GO_VERSION", "1.22"), ("HUGO", "2")]
+
+
+def test_unknown_call_method_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    status, _, err = _cli(["build", "--call", "subrequests.describe", str(tmp_path)], tmp_path / "cache")
+    assert status == 1
+    assert "--call=subrequests.describe: unknown method 'subrequests.describe'" in err

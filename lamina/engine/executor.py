@@ -327,12 +327,15 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         data = None  # make_plan reports it
     options.cache_root.mkdir(parents=True, exist_ok=True)
     with Store(options.cache_root) as store:
+        from lamina.engine.buildchecks import for_build
+
+        checks = for_build(options, data, store, sink)  # BuildKit's build checks; error=true raises
         # A --cache-to build runs for real: a replay has no step results to export.
         key = memo_key(options, dockerfile, data) if data is not None and not options.cache_to else None
         if key is not None:
             replayed = replay(store, key, options, sink, start)
             if replayed is not None:
-                return replayed
+                return dataclasses.replace(replayed, checks=checks)
         from lamina.engine.steps.dispatch import make_plan
 
         plan = make_plan(options)
@@ -360,4 +363,4 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
                 for ref, outcome in executor.images.items()
             }
             record(store, key, result, images, dict(executor.totals), plan.warnings)
-        return result
+        return dataclasses.replace(result, checks=checks)

@@ -146,6 +146,7 @@ class BuildResult:
     seconds: float
     target: str
     pushed: tuple[tuple[str, str], ...] = ()  # (reference, digest the registry confirmed) per --push
+    checks: tuple[Any, ...] = ()  # build-check warnings (engine/dockerfile/checks.CheckWarning)
 
     @property
     def steps_cached(self) -> int:
@@ -175,7 +176,24 @@ class BuildResult:
                 for step in self.steps
             ],
             **({"lamina.push": [{"ref": ref, "digest": d} for ref, d in self.pushed]} if self.pushed else {}),
+            **({"buildx.build.warnings": [_warning_json(w) for w in self.checks]} if self.checks else {}),
         }
+
+
+def _warning_json(warning: Any) -> dict[str, Any]:
+    """A build-check warning as buildx writes it to the metadata file (a VertexWarning: bytes in base64)."""
+    import base64
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    return {
+        "level": 1,
+        "short": b64(warning.short()),
+        "detail": [b64(warning.description)],
+        **({"url": warning.url} if warning.url else {}),
+        "range": [{"start": {"line": warning.start_line}, "end": {"line": warning.end_line}}],
+    }
 
 
 # --- stage state --------------------------------------------------------------------------

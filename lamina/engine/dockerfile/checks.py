@@ -229,8 +229,8 @@ class CheckConfig:
         )
 
 
-_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 
 
 def parse_check_options(text: str) -> CheckConfig:
@@ -253,12 +253,12 @@ def parse_check_options(text: str) -> CheckConfig:
             else:
                 config = dataclasses.replace(config, experimental_all=every, experimental=names)
         elif key == "error":
-            if value not in _GO_TRUE and value not in _GO_FALSE:
+            if value not in GO_TRUE and value not in GO_FALSE:
                 raise ValueError(
                     f"failed to parse check option {_go_quote(part)}:"
                     f" strconv.ParseBool: parsing {_go_quote(value)}: invalid syntax"
                 )
-            config = dataclasses.replace(config, error=value in _GO_TRUE)
+            config = dataclasses.replace(config, error=value in GO_TRUE)
         else:
             raise ValueError(f"invalid check option {_go_quote(key)}")
     return config
@@ -346,16 +346,20 @@ class _Linter:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Step:
+class Step:
+    """An instruction with its node: the lines and the words as written."""
+
     node: Node
     instruction: Instruction
 
 
 @dataclasses.dataclass(slots=True)
-class _Stage:
+class StageSteps:
+    """A FROM and the instructions up to the next one."""
+
     index: int
-    step: _Step  # the FROM
-    steps: list[_Step]
+    step: Step  # the FROM
+    steps: list[Step]
 
     @property
     def from_(self) -> FromInstruction:
@@ -378,7 +382,7 @@ class _State:
     used: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # CMD/... -> lines
 
 
-class _Recorder(collections.abc.Mapping[str, str]):
+class Recorder(collections.abc.Mapping[str, str]):
     """An environment that notes which names a word read and which of them were unset."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
@@ -400,10 +404,10 @@ class _Recorder(collections.abc.Mapping[str, str]):
         return len(self._env)
 
 
-def _expand(word: str, env: Mapping[str, str], escape: str) -> tuple[str | None, _Recorder]:
+def expand_recording(word: str, env: Mapping[str, str], escape: str) -> tuple[str | None, Recorder]:
     from lamina.engine.dockerfile.shell import expand_word
 
-    recorder = _Recorder(env)
+    recorder = Recorder(env)
     try:
         return expand_word(word, recorder, escape), recorder
     except LaminaError:
@@ -418,6 +422,23 @@ _SECRET_DENY = re.compile(
     r"(?:_|^)(?:apikey|auth|credential|credentials|key|password|pword|passwd|secret|token)(?:_|$)", re.I
 )
 _SECRET_ALLOW = re.compile(r"(?:_|^)(?:public|file|version)(?:_|$)", re.I)
+
+
+def split(dockerfile: Dockerfile) -> tuple[list[Step], list[StageSteps]]:
+    """The ARGs before the first FROM, and the stages; an invalid instruction raises."""
+    meta: list[Step] = []
+    stages: list[StageSteps] = []
+    for node in dockerfile.children:
+        step = Step(node, parse_instruction(node, dockerfile.path))
+        if isinstance(step.instruction, FromInstruction):
+            stages.append(StageSteps(len(stages), step, []))
+        elif stages:
+            stages[-1].steps.append(step)
+        else:
+            meta.append(step)
+    if not stages:
+        raise DockerfileError("dockerfile contains no stages to build", Location(dockerfile.path, 0))
+    return meta, stages
 
 
 def run_checks(
@@ -445,8 +466,8 @@ def run_checks(
         line = _warning_line(message, path)
         lint.run(config, "NoEmptyContinuation", "Empty continuation line", line)
 
-    meta: list[_Step] = []
-    stages: list[_Stage] = []
+    meta: list[Step] = []
+    stages: list[StageSteps] = []
     for node in dockerfile.children:
         try:
             instruction = parse_instruction(node, path)
@@ -454,9 +475,9 @@ def run_checks(
             return CheckReport(tuple(lint.found), config, err)
         own = comment_config(config, node.comments)
         _parse_time(lint, own, node, instruction)
-        step = _Step(node, instruction)
+        step = Step(node, instruction)
         if isinstance(instruction, FromInstruction):
-            stages.append(_Stage(len(stages), step, []))
+            stages.append(StageSteps(len(stages), step, []))
         elif stages:
             stages[-1].steps.append(step)
         else:
@@ -469,7 +490,7 @@ def run_checks(
     escape = dockerfile.escape
     target_index = len(stages) - 1
     if target is not None:
-        found = _find_stage(stages, target)
+        found = find_stage(stages, target)
         if found is None:
             err = DockerfileError(f"target stage {target!r} could not be found", Location(path, 0))
             return CheckReport(tuple(lint.found), config, err)
@@ -486,7 +507,7 @@ def run_checks(
             lint, comment_config(config, stage.step.node.comments), stage, global_args, meta_keys, escape
         )
 
-    wanted = set(range(len(stages))) if all_stages and target is None else _reachable(stages, target_index)
+    wanted = set(range(len(stages))) if all_stages and target is None else reachable(stages, target_index)
     states: dict[int, _State | None] = {}
     for stage in stages:
         if stage.index not in wanted:
@@ -546,7 +567,7 @@ def _definition_description(
     lint.run(config, "InvalidDefinitionDescription", detail, *_lines(node))
 
 
-def _stage_names(lint: _Linter, stages: list[_Stage]) -> None:
+def _stage_names(lint: _Linter, stages: list[StageSteps]) -> None:
     seen: set[str] = set()
     for stage in stages:
         name = stage.name
@@ -562,7 +583,7 @@ def _stage_names(lint: _Linter, stages: list[_Stage]) -> None:
         seen.add(name)
 
 
-def _command_casing(lint: _Linter, stages: list[_Stage]) -> None:
+def _command_casing(lint: _Linter, stages: list[StageSteps]) -> None:
     keywords = [step.node for stage in stages for step in (stage.step, *stage.steps)]
     lower = sum(1 for n in keywords if n.keyword == n.keyword.lower())
     upper = sum(1 for n in keywords if n.keyword != n.keyword.lower() and n.keyword == n.keyword.upper())
@@ -579,7 +600,7 @@ def _command_casing(lint: _Linter, stages: list[_Stage]) -> None:
             lint.run(lint.config, "ConsistentInstructionCasing", detail, *_lines(node))
 
 
-def _find_stage(stages: list[_Stage], ref: str) -> _Stage | None:
+def find_stage(stages: list[StageSteps], ref: str) -> StageSteps | None:
     if ref.isdigit() and ref.isascii():
         index = int(ref)
         return stages[index] if index < len(stages) else None
@@ -590,7 +611,7 @@ def _find_stage(stages: list[_Stage], ref: str) -> _Stage | None:
     return found
 
 
-def _reachable(stages: list[_Stage], target: int) -> set[int]:
+def reachable(stages: list[StageSteps], target: int) -> set[int]:
     """The stages the target needs: its base stages, COPY --from and RUN --mount from= stages."""
     wanted: set[int] = set()
     pending = [target]
@@ -608,14 +629,14 @@ def _reachable(stages: list[_Stage], target: int) -> set[int]:
             elif isinstance(instruction, RunInstruction):
                 refs.extend(m.from_ for m in instruction.mounts if m.from_)
         for ref in refs:
-            earlier = _find_stage(stages[:index] if ref == stage.from_.image else stages, ref)
+            earlier = find_stage(stages[:index] if ref == stage.from_.image else stages, ref)
             if earlier is not None and earlier.index != index:
                 pending.append(earlier.index)
     return wanted
 
 
 def _meta_args(
-    meta: list[_Step], scope: Mapping[str, str], build_args: Mapping[str, str], escape: str
+    meta: list[Step], scope: Mapping[str, str], build_args: Mapping[str, str], escape: str
 ) -> tuple[dict[str, str], set[str]]:
     """BuildKit's buildMetaArgs: the global scope FROM lines see, and every name a meta ARG declares."""
     values = dict(scope)
@@ -627,7 +648,7 @@ def _meta_args(
             if decl.name in build_args:
                 values[decl.name] = build_args[decl.name]
             elif decl.default is not None:
-                expanded, _ = _expand(decl.default, values, escape)
+                expanded, _ = expand_recording(decl.default, values, escape)
                 if expanded is None:
                     continue
                 values[decl.name] = expanded
@@ -635,7 +656,7 @@ def _meta_args(
 
 
 def _default_base_names(
-    lint: _Linter, stages: list[_Stage], meta: list[_Step], scope: Mapping[str, str], escape: str
+    lint: _Linter, stages: list[StageSteps], meta: list[Step], scope: Mapping[str, str], escape: str
 ) -> None:
     """InvalidDefaultArgInFrom: each FROM with the meta ARGs' defaults only must name an image."""
     from lamina.errors import InvalidReference
@@ -643,7 +664,7 @@ def _default_base_names(
 
     defaults, _ = _meta_args(meta, scope, {}, escape)
     for stage in stages:
-        name, _ = _expand(stage.from_.image, defaults, escape)
+        name, _ = expand_recording(stage.from_.image, defaults, escape)
         if name is None:
             return  # the build stops at this error later; the check gives up, as BuildKit's
         valid = bool(name) and name == name.strip()
@@ -674,7 +695,7 @@ def _normalized_name_ok(name: str) -> bool:
 def _from_args(
     lint: _Linter,
     config: CheckConfig,
-    stage: _Stage,
+    stage: StageSteps,
     global_args: Mapping[str, str],
     meta_keys: set[str],
     escape: str,
@@ -682,11 +703,11 @@ def _from_args(
     from_ = stage.from_
     start, end = _lines(stage.step.node)
     known = sorted(meta_keys | set(global_args))
-    _, recorder = _expand(from_.image, global_args, escape)
+    _, recorder = expand_recording(from_.image, global_args, escape)
     _undeclared_in_from(lint, config, recorder, known, start, end)
     if not from_.platform:
         return
-    result, recorder = _expand(from_.platform, global_args, escape)
+    result, recorder = expand_recording(from_.platform, global_args, escape)
     _undeclared_in_from(lint, config, recorder, known, start, end)
     if result is None:
         return
@@ -709,7 +730,7 @@ def _from_args(
 
 
 def _undeclared_in_from(
-    lint: _Linter, config: CheckConfig, recorder: _Recorder, known: list[str], start: int, end: int
+    lint: _Linter, config: CheckConfig, recorder: Recorder, known: list[str], start: int, end: int
 ) -> None:
     for name in recorder.unmatched:
         if name in known:
@@ -763,8 +784,8 @@ _ONCE = (CmdInstruction, EntrypointInstruction, HealthcheckInstruction)
 
 def _dispatch(
     lint: _Linter,
-    stage: _Stage,
-    stages: list[_Stage],
+    stage: StageSteps,
+    stages: list[StageSteps],
     states: Mapping[int, _State | None],
     global_args: Mapping[str, str],
     build_args: Mapping[str, str],
@@ -773,8 +794,8 @@ def _dispatch(
     base_facts: BaseLookup | None,
 ) -> _State | None:
     """Walk one stage's instructions as dispatchStages does; None when its base image is unknown here."""
-    image, _ = _expand(stage.from_.image, global_args, escape)
-    base = _find_stage(stages[: stage.index], image) if image else None
+    image, _ = expand_recording(stage.from_.image, global_args, escape)
+    base = find_stage(stages[: stage.index], image) if image else None
     if base is not None and base.index in states:
         parent = states[base.index]
         if parent is None:
@@ -800,7 +821,7 @@ def _dispatch(
 def _dispatch_step(
     lint: _Linter,
     state: _State,
-    step: _Step,
+    step: Step,
     global_args: Mapping[str, str],
     build_args: Mapping[str, str],
     escape: str,
@@ -812,7 +833,7 @@ def _dispatch_step(
     name = node.keyword  # the instruction as written, as BuildKit's c.Name()
 
     def expander(word: str) -> str:
-        result, recorder = _expand(word, state.env, escape)
+        result, recorder = expand_recording(word, state.env, escape)
         _undefined(lint, config, recorder, state, start, end)
         if result is None:
             raise DockerfileError("expansion failed")  # the build reports it; the checks stop here
@@ -827,7 +848,7 @@ def _dispatch_step(
         if isinstance(expanded, (CopyInstruction, AddInstruction)):
             for content in instruction.contents:
                 if content.expand:
-                    _, recorder = _expand(content.data, state.env, "\\")
+                    _, recorder = expand_recording(content.data, state.env, "\\")
                     _undefined(lint, config, recorder, state, start, end)
 
     if isinstance(expanded, EnvInstruction):
@@ -849,7 +870,7 @@ def _dispatch_step(
             if decl.name in build_args:
                 value = build_args[decl.name]
             elif decl.default is not None:
-                result, recorder = _expand(decl.default, state.env, escape)
+                result, recorder = expand_recording(decl.default, state.env, escape)
                 _undefined(lint, config, recorder, state, start, end)
                 if result is None:
                     return
@@ -894,7 +915,7 @@ def _from_stage(instruction: CopyInstruction | AddInstruction) -> bool:
 
 
 def _undefined(
-    lint: _Linter, config: CheckConfig, recorder: _Recorder, state: _State, start: int, end: int
+    lint: _Linter, config: CheckConfig, recorder: Recorder, state: _State, start: int, end: int
 ) -> None:
     for name in recorder.unmatched:
         if name in state.declared or name in _NON_ENV_ARGS:

@@ -1,0 +1,295 @@
+"""Build checks for a build and for `--call check`: the front end's rules given the build's files.
+
+`engine/dockerfile/checks.py` holds the rules and reads nothing; this module
+gives them what a build has: the Dockerfile's text, the ignore file the
+context uses, the build args, and the Env and Shell of base images already in
+the store (an image not pulled yet is unknown, and the rules that need its
+config skip that stage rather than guess).
+
+`for_build` is called once per build, before the no-op replay, so a replayed
+build shows the same warnings and `error=true` fails it the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lamina.errors import LaminaError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from lamina.cache.store import Store
+    from lamina.engine.dockerfile.checks import BaseFacts, CheckReport, CheckWarning
+    from lamina.engine.dockerfile.parser import Dockerfile
+    from lamina.engine.model import BuildOptions
+    from lamina.engine.progress import ProgressSink
+
+
+def platform_args() -> dict[str, str]:
+    """The automatic platform ARGs: lamina builds for the host (plan.platform_args, without
+    importing the planner, which a replayed no-op build must not load)."""
+    from lamina.oci.image import host_platform
+
+    host = host_platform()
+    values = {}
+    for prefix in ("TARGET", "BUILD"):
+        values |= {
+            f"{prefix}PLATFORM": str(host),
+            f"{prefix}OS": host.os,
+            f"{prefix}ARCH": host.architecture,
+            f"{prefix}VARIANT": host.variant,
+        }
+    return values
+
+
+def display_path(options: BuildOptions) -> str:
+    path = options.dockerfile or options.context / "Dockerfile"
+    return os.path.relpath(path) if not path.is_absolute() else str(path)
+
+
+def ignore_patterns(context: Path, dockerfile: Path | None) -> tuple[str, ...] | None:
+    """The patterns of the ignore file the build context uses (`!` for exceptions), None without one."""
+    from lamina.engine.buildfiles import dockerfile_ignore_file
+    from lamina.engine.dockerfile.ignore import read_ignore_file
+
+    for candidate in (dockerfile_ignore_file(context, dockerfile), context / ".dockerignore"):
+        try:
+            text = candidate.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError:
+            continue
+        try:
+            return read_ignore_file(text, source=str(candidate)).patterns or None
+        except LaminaError:
+            return None  # the build reports a bad ignore file as it opens the context
+    return None
+
+
+def store_base_facts(store: Store) -> Callable[[str], BaseFacts | None]:
+    """Env and Shell of an image in the store, by reference; None when it is not there."""
+    from lamina.engine.dockerfile.checks import BaseFacts
+    from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
+    from lamina.oci.reference import store_name
+
+    def facts(ref: str) -> BaseFacts | None:
+        try:
+            record = store.resolve(store_name(ref, pinned=True))
+            manifest = Manifest.from_bytes(store.read_blob(record.manifest, MAX_DOCUMENT), ref)
+            config = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT), ref)
+        except (LaminaError, OSError):
+            return None
+        return BaseFacts(config.config.env, config.config.shell)
+
+    return facts
+
+
+def check(
+    dockerfile: Dockerfile,
+    options: BuildOptions,
+    *,
+    all_stages: bool,
+    base_facts: Callable[[str], BaseFacts | None] | None,
+) -> CheckReport:
+    from lamina.engine.dockerfile.checks import config_for, run_checks
+
+    build_args = dict(options.build_args)
+    return run_checks(
+        dockerfile,
+        config=config_for(dockerfile, build_args),
+        build_args=build_args,
+        predefined=platform_args(),
+        target=options.target,
+        all_stages=all_stages,
+        ignore=ignore_patterns(options.context, options.dockerfile),
+        base_facts=base_facts,
+    )
+
+
+def for_build(
+    options: BuildOptions, data: bytes | None, store: Store, sink: ProgressSink
+) -> tuple[CheckWarning, ...]:
+    """Warn about what the checks find in the stages the build needs; raise when `error=true`.
+
+    A Dockerfile that does not parse is left to the planner, which reports it.
+    """
+    from lamina.engine.dockerfile.parser import parse
+
+    if data is None:
+        return ()
+    try:
+        dockerfile = parse(data, display_path(options))
+    except LaminaError:
+        return ()
+    report = check(dockerfile, options, all_stages=False, base_facts=store_base_facts(store))
+    for warning in report.warnings:
+        sink.warn(warning.short())
+    violation = report.violation(dockerfile.path)
+    if violation is not None:
+        sink.finish(None)
+        raise violation
+    return report.warnings
+
+
+# --- --call check|outline|targets ---------------------------------------------------------------
+
+
+def print_source(path: str, data: bytes, start: int, end: int) -> str:
+    """BuildKit's errdefs.Source.Print: the lines around a range, the range marked `>>>`."""
+    lines = data.decode("utf-8", "replace").split("\n")
+    if start < 1 or start > len(lines):
+        return ""
+    end = min(max(end, start), len(lines))
+    first, last = start, end
+    pad = 4 if start == end else 2
+    p = 0
+    while p < pad:
+        if first > 1:
+            first -= 1
+            p += 1
+        if last != len(lines):
+            last += 1
+            p += 1
+        p += 1
+    out = [f"{path}:{start}", "-" * 20]
+    for number in range(first, last + 1):
+        mark = ">>>" if start <= number <= end else "   "
+        out.append(f" {number:3d} | {mark} {lines[number - 1]}")
+    out.append("-" * 20)
+    return "\n".join(out) + "\n"
+
+
+def _check_result(
+    report: CheckReport | None, error: LaminaError | None, path: str, data: bytes
+) -> dict[str, object]:
+    """BuildKit's lint.LintResults as JSON (`--call check,format=json`)."""
+    import base64
+
+    result: dict[str, object] = {
+        "warnings": [
+            {
+                "ruleName": w.rule,
+                "description": w.description,
+                **({"url": w.url} if w.url else {}),
+                "detail": w.detail,
+                "location": {"ranges": [{"start": {"line": w.start_line}, "end": {"line": w.end_line}}]},
+            }
+            for w in (report.warnings if report is not None else ())
+        ],
+        "sources": [{"filename": path, "language": "Dockerfile", "data": base64.b64encode(data).decode()}],
+    }
+    if error is not None:
+        line = getattr(getattr(error, "location", None), "line", 0) or 0
+        message = getattr(error, "message", None) or str(error)
+        build_error: dict[str, object] = {"message": message}
+        if line:
+            build_error["location"] = {"ranges": [{"start": {"line": line}, "end": {"line": line}}]}
+        result["buildError"] = build_error
+    return result
+
+
+def call(method: str, options: BuildOptions, store: Store | None) -> tuple[str, str, int]:
+    """Run a frontend method instead of the build: (what to print on stdout, an error for stderr, status).
+
+    `method` is buildx's `--call` value: `check`, `outline` or `targets`, optionally
+    followed by `,format=json` and `,ignorestatus=true`.
+    """
+    import json
+
+    from lamina.engine.dockerfile.parser import parse
+    from lamina.errors import PlanError
+
+    name, fmt, ignore_status = parse_call(method)
+    path = display_path(options)
+    try:
+        data = (options.dockerfile or options.context / "Dockerfile").read_bytes()
+    except OSError as err:
+        raise PlanError(f"cannot read Dockerfile {path}: {err.strerror}") from None
+    if name in ("outline", "targets"):
+        from lamina.engine.dockerfile import subrequests
+
+        dockerfile = parse(data, path)
+        if name == "targets":
+            result = subrequests.targets(dockerfile, data)
+            text = subrequests.print_targets(result)
+        else:
+            result = subrequests.outline(
+                dockerfile,
+                data,
+                target=options.target,
+                build_args=dict(options.build_args),
+                predefined=platform_args(),
+            )
+            text = subrequests.print_outline(result)
+        return (json.dumps(result, indent=2) + "\n" if fmt == "json" else text), "", 0
+
+    report: CheckReport | None = None
+    error: LaminaError | None = None
+    try:
+        dockerfile = parse(data, path)
+        report = check(
+            dockerfile,
+            options,
+            all_stages=True,
+            base_facts=store_base_facts(store) if store is not None else None,
+        )
+        error = report.error or report.violation(path)
+    except LaminaError as err:
+        error = err
+    status = 1 if error is not None or (report is not None and report.warnings) else 0
+    status = 0 if ignore_status else status
+    if fmt == "json":
+        return json.dumps(_check_result(report, error, path, data), indent=2) + "\n", "", status
+    out = []
+    warnings = sorted(report.warnings if report is not None else (), key=lambda w: w.start_line)
+    if warnings:
+        count = (
+            "1 warning has been found!"
+            if len(warnings) == 1
+            else f"{len(warnings)} warnings have been found!"
+        )
+        out.append(f"Check complete, {count}\n")
+    for w in warnings:
+        out.append(f"\nWARNING: {w.rule}" + (f" - {w.url}" if w.url else "") + f"\n{w.detail}\n")
+        out.append(print_source(path, data, w.start_line, w.end_line))
+    message = ""
+    if error is not None:
+        line = getattr(getattr(error, "location", None), "line", 0) or 0
+        message = (getattr(error, "message", None) or str(error)) + "\n"
+        message += print_source(path, data, line, line) if line else ""
+    elif not warnings:
+        out.append("Check complete, no warnings found.\n")
+    return "".join(out), message, status
+
+
+def parse_call(value: str) -> tuple[str, str, bool]:
+    """buildx's ParseCallFunc: `NAME[,format=json|text][,ignorestatus=BOOL]`; an error names the field."""
+    from lamina.errors import PlanError
+
+    name, fmt, ignore_status = "", "", False
+    for field in value.split(","):
+        key, sep, rest = field.partition("=")
+        if sep and key == "format":
+            fmt = rest
+        elif sep and key == "ignorestatus":
+            from lamina.engine.dockerfile.checks import GO_FALSE, GO_TRUE
+
+            if rest not in GO_TRUE and rest not in GO_FALSE:
+                raise PlanError(f"invalid ignorestatus print value: {rest}")
+            ignore_status = rest in GO_TRUE
+        elif sep:
+            raise PlanError(f"invalid print field: {field}")
+        elif name:
+            raise PlanError(f"invalid print value: {value}")
+        else:
+            name = field
+    name = "check" if name == "lint" else name
+    if name not in ("build", "check", "outline", "targets"):
+        raise PlanError(
+            f"--call={value}: unknown method {name!r} (lamina's Dockerfile front end has build, check,"
+            " outline and targets)"
+        )
+    if fmt not in ("", "json", "text"):
+        raise PlanError(f"--call={value}: unknown format {fmt!r} (json or text)")
+    return name, fmt, ignore_status
