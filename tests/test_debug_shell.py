@@ -86,3 +86,19 @@ def test_at_most_five_failures_are_kept(cache: Path, ctx: Path) -> None:
         made.append(_failed_build(cache, ctx)[0])
     listed = [line.split()[0] for line in run_cli("debug", cache=cache).stdout.splitlines()]
     assert listed == made[1:]
+
+
+def test_secrets_are_not_kept_and_run_flags_are(cache: Path, tmp_path: Path) -> None:
+    text = f'FROM {BASE}\nRUN --mount=type=secret,id=tok,env=TOK test -z "$TOK"\n'
+    ctx = write_context(tmp_path / "secret", text)
+    proc = run_cli(
+        "build", "--secret", "id=tok,env=TOKEN_VALUE", "--add-host", "db.test:10.1.2.3", str(ctx),
+        cache=cache, check=False, env={"TOKEN_VALUE": "s3cret"},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    ident = re.search(r"^debug: lamina debug ([0-9a-f]{12})", proc.stderr, re.M).group(1)  # type: ignore[union-attr]
+    kept = (cache / "failures" / ident / "failure.json").read_text()
+    assert "s3cret" not in kept
+    shell = run_cli("debug", ident, "sh", "-c", 'echo "${TOK:-unset}"; grep db.test /etc/hosts', cache=cache)
+    assert shell.stdout.split() == ["unset", "10.1.2.3", "db.test"]
+    assert "warning: debug " + ident + ": secret variable TOK is not kept, so it is not there" in shell.stderr

@@ -100,6 +100,9 @@ class KeptFailure:
     shell: tuple[str, ...]  # the stage's SHELL: what `lamina debug ID` starts with no command
     mounts: tuple[dict[str, Any], ...]  # sandbox mounts as JSON (see _mount_json)
     left_out: tuple[str, ...]  # what could not be kept (secret values), said on entry
+    extra_hosts: tuple[tuple[str, str], ...] = ()  # --add-host
+    ulimits: tuple[tuple[str, int, int], ...] = ()  # --ulimit (name, soft, hard)
+    shm_size: int = 0  # --shm-size
 
     @property
     def upper(self) -> Path:
@@ -138,7 +141,11 @@ def keep(
     left_out = [f"secret variable {name}" for name in secret_env]
     mounts = []
     for i, mount in enumerate(spec.mounts):
-        record = _mount_json(mount)
+        try:
+            record = _mount_json(mount)
+        except TypeError:
+            left_out.append(f"the mount at {getattr(mount, 'target', '?')}")
+            continue
         source = Path(record.get("source", "")).resolve() if record.get("source") else None
         if source is not None and scratch in source.parents:
             if record["type"] == "secret":
@@ -146,10 +153,17 @@ def keep(
                 continue
             copy = path / "mounts" / str(i)
             copy.parent.mkdir(exist_ok=True)
-            if source.is_dir():
-                shutil.copytree(source, copy, symlinks=True)
-            else:
-                shutil.copy2(source, copy)
+            try:
+                if source.is_dir():
+                    shutil.copytree(source, copy, symlinks=True)
+                elif source.is_file():
+                    shutil.copy2(source, copy)
+                else:  # an ssh agent's relay socket lives only as long as the build
+                    left_out.append(f"the mount at {record['target']} (not a file or directory)")
+                    continue
+            except OSError as err:
+                left_out.append(f"the mount at {record['target']} ({err.strerror or err})")
+                continue
             record["source"] = str(copy)
         mounts.append(record)
     env = [(k, v) for k, v in spec.env if k not in secret_env]
@@ -167,6 +181,9 @@ def keep(
         "shell": list(shell),
         "mounts": mounts,
         "left_out": left_out,
+        "extra_hosts": [list(pair) for pair in getattr(spec, "extra_hosts", ())],
+        "ulimits": [[u.name, u.soft, u.hard] for u in getattr(spec, "ulimits", ())],
+        "shm_size": getattr(spec, "shm_size", 0),
     }
     (path / "failure.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     for old in list_failures(store_root)[:-MAX_KEPT]:
@@ -249,6 +266,9 @@ def _load(path: Path) -> KeptFailure | None:
             shell=tuple(record["shell"]),
             mounts=tuple(record["mounts"]),
             left_out=tuple(record["left_out"]),
+            extra_hosts=tuple((name, ip) for name, ip in record.get("extra_hosts", ())),
+            ulimits=tuple((name, soft, hard) for name, soft, hard in record.get("ulimits", ())),
+            shm_size=int(record.get("shm_size", 0)),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None  # being written, or by another version of lamina
@@ -313,7 +333,17 @@ def spec_for(failure: KeptFailure, argv: Sequence[str], scratch: Path) -> Any:
         raise FailureNotFound(
             f"debug {failure.id}: a layer it ran on was removed ({missing[0]}); run the build again"
         )
+    from lamina.engine.sandbox.spec import Ulimit
+
+    run_flags: dict[str, Any] = {}  # as the step had them (--add-host, --ulimit, --shm-size)
+    if failure.extra_hosts:
+        run_flags["extra_hosts"] = failure.extra_hosts
+    if failure.ulimits:
+        run_flags["ulimits"] = tuple(Ulimit(*limit) for limit in failure.ulimits)
+    if failure.shm_size:
+        run_flags["shm_size"] = failure.shm_size
     return SandboxSpec(
+        **run_flags,
         argv=tuple(argv or failure.shell),
         lower_dirs=lowers,
         upper_dir=None,
