@@ -275,6 +275,11 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
 
 
 def _run_case(case: dict[str, Any], cache: Path, ctx: Path, out: Path, tmp_path: Path) -> None:
+    for number, image in enumerate(case.get("images", [])):
+        # An image upstream pushes to a registry and builds FROM: here it goes into the store.
+        image_ctx = tmp_path / f"image{number}"
+        _write_context(image_ctx, image)
+        build(cache, image_ctx, tags=[image["tag"]], build_args=image.get("build_args", {}))
     if "expect_error" in case:
         with pytest.raises(Exception) as caught:
             _build(cache, ctx, out, case)
