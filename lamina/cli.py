@@ -601,15 +601,6 @@ _on_error_option = click.option(
 )
 @click.option("-o", "--output", "outputs", multiple=True, help="type=oci|docker|local|tar,dest=PATH; DIR; -")
 @click.option(
-    "--annotation",
-    "annotations",
-    multiple=True,
-    metavar="[TYPE:]KEY=VALUE",
-    help="Annotate the image (TYPE: manifest, manifest-descriptor, index, index-descriptor).",
-)
-@click.option("--provenance", metavar="true|false|mode=min|max", help="Attach SLSA provenance (OCI index).")
-@click.option("--sbom", metavar="false", help="SBOM attestation: refused unless false (no generator).")
-@click.option(
     "--call",
     "call_method",
     default="build",
@@ -657,9 +648,6 @@ def build(
     allow: tuple[str, ...],
     progress: str,
     outputs: tuple[str, ...],
-    annotations: tuple[str, ...],
-    provenance: str | None,
-    sbom: str | None,
     call_method: str,
     check: bool,
     iidfile: str | None,
@@ -692,9 +680,6 @@ def build(
         build_args=dict(_pairs(build_args, "--build-arg")),
         tags=tags,
         outputs=outputs,
-        annotations=annotations,
-        provenance=provenance,
-        sbom=sbom,
         no_cache=no_cache,
         no_cache_filter=no_cache_filter,
         labels=dict(_pairs(labels, "--label")),
@@ -788,6 +773,25 @@ explain = click.Command(
 )
 cli.add_command(explain)
 
+
+def _check_file_dest(path: str, flag: str) -> None:
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"directory {parent} does not exist", param_hint=flag)
+
+
+def _write_text(path: str, flag: str, text: str) -> None:
+    from lamina.errors import OutputError
+
+    try:
+        with open(path, "w") as out:
+            out.write(text)
+    except OSError as err:
+        raise OutputError(f"{flag} {path}: {err.strerror}") from err
+
+
 # `lamina plan --cache` takes the build's flags that change a cache key or decide a hit
 # (the build's own option objects, so the two never drift).
 _PLAN_CACHE_FLAGS = (
@@ -852,24 +856,6 @@ def diff_command(paths: tuple[str, ...], dockerfile: str | None, target: str | N
 
 def _printable_lines(text: str) -> str:
     return "".join(_printable(line) + "\n" for line in text.splitlines())
-
-
-def _check_file_dest(path: str, flag: str) -> None:
-    import os
-
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise click.BadParameter(f"directory {parent} does not exist", param_hint=flag)
-
-
-def _write_text(path: str, flag: str, text: str) -> None:
-    from lamina.errors import OutputError
-
-    try:
-        with open(path, "w") as out:
-            out.write(text)
-    except OSError as err:
-        raise OutputError(f"{flag} {path}: {err.strerror}") from err
 
 
 # --- registry: pull, push, login, logout ---------------------------------------
