@@ -288,3 +288,19 @@ def test_plan_cache_takes_the_build_flags_and_agrees_with_the_next_build(cache: 
     run_cli("build", "--progress", "quiet", "--metadata-file", str(meta), *flags, cache=cache)
     ran = [s["step"] for s in json.loads(meta.read_text())["lamina.build.steps"] if s["cache"] == "run"]
     assert ran == [i + 1 for i, line in enumerate(lines) if "will run" in line]
+
+
+def test_two_causes_at_once_are_both_named_everywhere(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM {BASE}\nARG V=1\nUSER nobody\nRUN echo $V > /tmp/v\n"
+    ctx = write_context(tmp_path / "two", text)
+    run_cli("build", "--progress", "quiet", str(ctx), cache=cache)
+    (ctx / "Dockerfile").write_text(text.replace("USER nobody", "USER root"))
+    flags = ("--build-arg", "V=2", str(ctx))
+    expected = 'USER changed: nobody -> root; build arg V changed: "1" -> "2"'
+    said = run_cli("explain", "--format", "json", *flags, cache=cache).stdout.splitlines()
+    assert [json.loads(line)["reason"] for line in said] == [expected]
+    meta = tmp_path / "two.json"
+    proc = run_cli("build", "--progress", "json", "--metadata-file", str(meta), *flags, cache=cache)
+    running = [json.loads(line) for line in proc.stderr.splitlines() if '"running"' in line]
+    assert [event["reason"] for event in running] == [expected]
+    assert [s["reason"] for s in json.loads(meta.read_text())["lamina.build.steps"]] == [expected]
