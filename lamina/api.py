@@ -405,6 +405,10 @@ def build(
 ) -> BuildResult:
     """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
 
+    As buildx: `context` may be `-` (stdin holds a tar of the context, or a Dockerfile
+    and the context is empty) or a git URL (`https://host/repo.git#ref:subdir`,
+    `git@host:repo.git`), checked out with `git`; `dockerfile` may be `-` (stdin).
+
     With no `outputs`, the image goes into the local store under `tags`.
     `outputs` take buildx `-o` specs (`type=oci,dest=x.tar`, `DIR`, `-`);
     `output` is a shorthand for one. `secrets` are `id=ID,src=PATH` specs.
@@ -445,7 +449,7 @@ def build(
                 source_date_epoch = int(text)
             except ValueError:
                 raise PlanError(f"SOURCE_DATE_EPOCH must be an integer, not {text!r}") from None
-    if not Path(context).is_dir():
+    if not Path(context).is_dir() and _local_context(context, dockerfile):
         from lamina.errors import ContextError
 
         why = "is not a directory" if Path(context).exists() else "does not exist"
@@ -485,7 +489,7 @@ def build(
         from lamina.engine.push import check_push
 
         check_push(options.tags)
-    with _ssh_agents(ssh, env) as agents:
+    with _ssh_agents(ssh, env) as agents, _local_inputs(options, context, dockerfile, env) as options:
         options = dataclasses.replace(options, ssh=agents) if agents else options
         result = execute(options, progress if progress is not None else QuietProgress())
     if not dry_run:
@@ -498,6 +502,37 @@ def build(
 
         result = push_result(options, result)
     return result
+
+
+def _local_context(context: str | os.PathLike[str], dockerfile: str | os.PathLike[str] | None) -> bool:
+    """False for a context of `-` (stdin), a git URL, or `-f -` (engine.contextsource)."""
+    import os
+
+    stdin = os.fspath(context) == "-" or (dockerfile is not None and os.fspath(dockerfile) == "-")
+    if not stdin and os.path.exists(context):
+        return True
+    from lamina.engine.contextsource import is_local
+
+    return is_local(os.fspath(context), None if dockerfile is None else os.fspath(dockerfile))
+
+
+def _local_inputs(
+    options: Any,
+    context: str | os.PathLike[str],
+    dockerfile: str | os.PathLike[str] | None,
+    env: Mapping[str, str],
+) -> Any:
+    """`options` with a stdin or git context (or `-f -`) made local for the build's length."""
+    import contextlib
+
+    if _local_context(context, dockerfile):
+        return contextlib.nullcontext(options)
+    import os
+
+    from lamina.engine.contextsource import local_options
+
+    named = None if dockerfile is None else os.fspath(dockerfile)
+    return local_options(options, os.fspath(context), named, env)
 
 
 def _ssh_agents(specs: Iterable[str], env: Mapping[str, str]) -> Any:

@@ -1,0 +1,179 @@
+"""Where a build's context and Dockerfile come from when they are not a local directory and file.
+
+As buildx reads its positional context and `-f`:
+- `-f -`: the Dockerfile is read from stdin; the context is the directory given;
+- a context of `-`: stdin is a tar archive (plain, gzip, bzip2, xz or zstd), which is
+  the context, with `-f` naming a file inside it; or else it is a Dockerfile, and the
+  context is empty (`-f` is then ambiguous and refused);
+- a git URL (`https://host/repo.git#ref:subdir`, `git@host:repo.git`, `git://...`,
+  `github.com/...`): the repository checked out by `git` (engine.gitsource), `subdir`
+  of it the context, `-f` a path inside it.
+
+`resolved()` yields the local directory and Dockerfile the build reads, and removes
+whatever it made when the build ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from lamina.errors import ContextError
+
+if TYPE_CHECKING:
+    from lamina.engine.model import BuildOptions
+
+STDIN = "-"
+_MAX_STDIN_DOCKERFILE = 16 * 1024 * 1024  # read into memory by the parser anyway
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resolved:
+    context: Path
+    dockerfile: Path | None  # None: the context's default Dockerfile
+
+
+def is_local(context: str, dockerfile: str | None) -> bool:
+    """The common case, cheaply: a local context directory and Dockerfile (or none)."""
+    return context != STDIN and dockerfile != STDIN and (os.path.exists(context) or not is_remote(context))
+
+
+@contextlib.contextmanager
+def local_options(
+    options: BuildOptions, context: str, dockerfile: str | None, environ: Mapping[str, str]
+) -> Iterator[BuildOptions]:
+    """`options` with the context and Dockerfile made local, for the length of the build."""
+    from lamina.engine.buildfiles import default_dockerfile
+
+    # BuildKit's dockerui takes this build arg for a git context.
+    keep = dict(options.build_args).get("BUILDKIT_CONTEXT_KEEP_GIT_DIR", "") in ("1", "true")
+    with resolved(context, dockerfile, environ, keep_git_dir=keep) as found:
+        chosen = found.dockerfile or default_dockerfile(found.context)
+        yield dataclasses.replace(options, context=found.context, dockerfile=chosen)
+
+
+def is_remote(context: str) -> bool:
+    """True for a context that is not a local path: stdin or a git URL."""
+    from lamina.engine.gitsource import is_git_url
+
+    return context == STDIN or (not os.path.exists(context) and is_git_url(context))
+
+
+@contextlib.contextmanager
+def resolved(
+    context: str,
+    dockerfile: str | None,
+    environ: Mapping[str, str],
+    stdin: BinaryIO | None = None,
+    *,
+    keep_git_dir: bool = False,
+) -> Iterator[Resolved]:
+    """The local context directory and Dockerfile for `context` and `-f` as given."""
+    if context == STDIN and dockerfile == STDIN:
+        raise ContextError("invalid argument: can't use stdin for both build context and dockerfile")
+    if context != STDIN and dockerfile != STDIN and not is_remote(context):
+        yield Resolved(Path(context), Path(dockerfile) if dockerfile is not None else None)
+        return
+    work = Path(tempfile.mkdtemp(prefix="lamina-context-"))
+    try:
+        yield _resolve(context, dockerfile, environ, stdin, work, keep_git_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _resolve(
+    context: str,
+    dockerfile: str | None,
+    environ: Mapping[str, str],
+    stdin: BinaryIO | None,
+    work: Path,
+    keep_git_dir: bool,
+) -> Resolved:
+    import sys
+
+    source = stdin if stdin is not None else sys.stdin.buffer
+    if dockerfile == STDIN:
+        path = work / "stdin" / "Dockerfile"
+        path.parent.mkdir()
+        path.write_bytes(_read_bounded(source, "-f -"))
+        if is_remote(context):
+            return Resolved(_remote_context(context, environ, work, keep_git_dir), path)
+        return Resolved(Path(context), path)
+    if context == STDIN:
+        spooled = work / "stdin.bin"
+        with open(spooled, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+        from lamina.engine.steps.copyadd.archive import is_archive
+
+        if is_archive(str(spooled)):
+            root = work / "context"
+            _unpack(spooled, root)
+            spooled.unlink()
+            return Resolved(root, _inside(root, dockerfile) if dockerfile else None)
+        if dockerfile is not None:
+            raise ContextError("ambiguous Dockerfile source: both stdin and flag correspond to Dockerfiles")
+        if spooled.stat().st_size > _MAX_STDIN_DOCKERFILE:
+            raise ContextError("stdin: a Dockerfile of more than 16 MiB")
+        (work / "empty").mkdir(mode=0o755)
+        path = work / "stdin" / "Dockerfile"
+        path.parent.mkdir()
+        spooled.rename(path)
+        return Resolved(work / "empty", path)
+    root = _remote_context(context, environ, work, keep_git_dir)
+    return Resolved(root, _inside(root, dockerfile) if dockerfile else None)
+
+
+def _remote_context(context: str, environ: Mapping[str, str], work: Path, keep_git_dir: bool) -> Path:
+    from lamina.engine.gitsource import checkout, parse_git_url
+
+    ref = parse_git_url(context)
+    repo = work / "git"
+    checkout(ref, repo, environ, keep_git_dir=keep_git_dir)
+    return _inside(repo, ref.subdir) if ref.subdir else repo
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """`rel` under `root`, never outside it (a hostile subdir or -f of a remote context)."""
+    path = Path(os.path.normpath(root / rel.lstrip("/")))
+    if path != root and root not in path.parents:
+        raise ContextError(f"{rel}: path is outside of the build context")
+    return path
+
+
+def _read_bounded(source: BinaryIO, what: str) -> bytes:
+    data = source.read(_MAX_STDIN_DOCKERFILE + 1)
+    if len(data) > _MAX_STDIN_DOCKERFILE:
+        raise ContextError(f"{what}: a Dockerfile of more than 16 MiB on stdin")
+    return data
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    """The tar context, every path hostile (the layer extractor's checks), owners not kept."""
+    import bz2
+    import lzma
+
+    from lamina.errors import LaminaError
+    from lamina.oci.compression import open_decompressed
+    from lamina.oci.extract import Whiteouts, extract_layer
+
+    with open(archive, "rb") as raw:
+        head = raw.read(6)
+        raw.seek(0)
+        stream: BinaryIO
+        if head.startswith(b"BZh"):
+            stream = bz2.open(raw, "rb")  # type: ignore[assignment]  # noqa: SIM115 (closes with raw)
+        elif head.startswith(b"\xfd7zXZ\x00"):
+            stream = lzma.open(raw, "rb")  # type: ignore[assignment]  # noqa: SIM115 (closes with raw)
+        else:
+            stream = open_decompressed(raw)
+        try:
+            extract_layer(stream, dest, whiteouts=Whiteouts.APPLY, ignore_owners=True)
+        except LaminaError as err:
+            raise ContextError(f"build context from stdin: {err}") from err
+    os.chmod(dest, 0o755)

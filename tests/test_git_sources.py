@@ -1,0 +1,149 @@
+"""Git sources: a build context given as a git URL, checked out with `git` from a local `git daemon`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_build_helpers import BASE, make_cache, run_cli
+
+from lamina.engine.gitsource import GitRef, is_git_url, parse_git_url
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "HOME": "/nonexistent",
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("https://example.com/org/repo.git", True),
+        ("https://example.com/org/repo.git#v1:sub/dir", True),
+        ("http://example.com/repo.git#main", True),
+        ("git@github.com:org/repo.git", True),
+        ("git://example.com/repo", True),
+        ("github.com/org/repo", True),
+        ("ssh://git@example.com/repo.git", True),
+        ("https://example.com/context.tar.gz", False),
+        ("https://example.com/repo", False),
+        ("./repo.git", False),
+    ],
+)
+def test_git_urls_as_docker_tells_them(text: str, expected: bool) -> None:
+    assert is_git_url(text) is expected
+
+
+def test_git_url_fragment() -> None:
+    assert parse_git_url("https://h/r.git#v1:a/b") == GitRef("https://h/r.git", "v1", "a/b")
+    assert parse_git_url("git@h:r.git") == GitRef("git@h:r.git")
+    assert parse_git_url("github.com/o/r#main") == GitRef("https://github.com/o/r", "main")
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {**os.environ, **GIT_ENV}
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], env=env, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """git://127.0.0.1:PORT/repo.git: tag v1 and branch main (one commit later), with the
+    commit of v1; the Dockerfile and files live in app/."""
+    if shutil.which("git") is None:
+        pytest.skip("git is missing (apt-get install git)")
+    base = tmp_path / "served"
+    repo = base / "repo.git"
+    work = tmp_path / "work"
+    (work / "app").mkdir(parents=True)
+    _git(work, "init", "-q", "-b", "main")
+    (work / "app/Dockerfile").write_text(f"FROM {BASE}\nCOPY . /ctx/\n")
+    (work / "app/version.txt").write_text("one\n")
+    (work / "top.txt").write_text("outside app\n")
+    _git(work, "add", ".")
+    _git(work, "commit", "-q", "-m", "one")
+    _git(work, "tag", "v1")
+    first = _git(work, "rev-parse", "HEAD").strip()
+    (work / "app/version.txt").write_text("two\n")
+    _git(work, "commit", "-q", "-am", "two")
+    base.mkdir()
+    _git(base, "clone", "-q", "--bare", str(work), str(repo))
+    port = _free_port()
+    daemon = subprocess.Popen(
+        [
+            "git",
+            "daemon",
+            "--export-all",
+            f"--base-path={base}",
+            "--listen=127.0.0.1",
+            f"--port={port}",
+            str(base),
+        ],
+        env={**os.environ, **GIT_ENV},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(500):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.01)
+        yield f"git://127.0.0.1:{port}/repo.git", {"first": first}
+    finally:
+        daemon.terminate()
+        daemon.wait()
+
+
+@pytest.mark.sandbox
+def test_context_from_git_refs_and_subdir(
+    served: tuple[str, dict[str, str]], tmp_path: Path, busybox_image: Path
+) -> None:
+    url, facts = served
+    cache = make_cache(tmp_path, busybox_image)
+    for ref, version in (("main", "two"), ("v1", "one"), (facts["first"], "one"), ("", "two")):
+        out = tmp_path / f"out-{ref or 'head'}"
+        fragment = f"#{ref}:app" if ref else "#:app"
+        run_cli("build", "-o", f"type=local,dest={out}", url + fragment, cache=cache)
+        assert (out / "ctx/version.txt").read_text() == f"{version}\n", ref
+        assert not (out / "ctx/.git").exists(), "the .git directory is not part of the context"
+        assert not (out / "ctx/top.txt").exists(), "the subdir is the context"
+
+
+@pytest.mark.sandbox
+def test_git_context_keep_git_dir_and_dockerfile_path(
+    served: tuple[str, dict[str, str]], tmp_path: Path, busybox_image: Path
+) -> None:
+    url, _ = served
+    cache = make_cache(tmp_path, busybox_image)
+    out = tmp_path / "out"
+    args = ("--build-arg", "BUILDKIT_CONTEXT_KEEP_GIT_DIR=1", "-f", "app/Dockerfile")
+    run_cli("build", *args, "-o", f"type=local,dest={out}", url + "#v1", cache=cache)
+    assert (out / "ctx/.git/HEAD").is_file(), "BUILDKIT_CONTEXT_KEEP_GIT_DIR keeps .git, as BuildKit"
+    assert (out / "ctx/top.txt").read_text() == "outside app\n"
+
+
+def test_git_context_errors_in_one_line(served: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    url, _ = served
+    proc = run_cli("build", url + "#nosuchref", cache=tmp_path / "cache", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: {url}: git fetch nosuchref: ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("build", url + "#main:../..", cache=tmp_path / "cache", check=False)
+    assert proc.stderr.strip() == f"error: {url}#main:../..: subdir '../..' leaves the repository"
