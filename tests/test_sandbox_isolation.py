@@ -7,8 +7,13 @@
 - Builds under tests/support/no_namespaces.py (docker's seccomp denials and
   capabilities, or user namespaces off) give the same image, byte for byte,
   as the build with user namespaces.
+- proot isolation for a plain uid with no namespaces: owners a RUN gives
+  (chown, its USER) and device nodes are recorded in xattrs and come out in
+  the layer; the same build as a plain user under docker's seccomp denials
+  gives the same image, byte for byte; what cannot be recorded is one line.
 - The same build inside `docker run --network=none` with docker's default
-  seccomp profile and capabilities, as uid 0 (skipped where docker is absent).
+  seccomp profile and capabilities, as uid 0 and as uid 1000 (skipped where
+  docker is absent).
 """
 
 from __future__ import annotations
@@ -57,13 +62,18 @@ DENIED = "unshare: Operation not permitted"
         ({"uid": 1000, "effective_caps": 0}, Isolation.USERNS),
         ({"userns": DENIED}, Isolation.ROOTNS),  # a host with user namespaces off, as root
         ({"userns": DENIED, "rootns": DENIED, "effective_caps": DOCKER_CAPS}, Isolation.CHROOT),  # docker
+        (
+            {"uid": 1000, "userns": DENIED, "rootns": DENIED, "effective_caps": 0, "proot": "/usr/bin/proot"},
+            Isolation.PROOT,
+        ),  # docker run --user 1000
     ],
-    ids=["laptop", "user-laptop", "userns-off-root", "docker-root"],
+    ids=["laptop", "user-laptop", "userns-off-root", "docker-root", "docker-user"],
 )
 def test_auto_picks_the_strongest_allowed(facts: dict[str, object], expected: Isolation) -> None:
     choice = choose(None, _probe(**facts))
     assert choice.isolation is expected
-    assert bool(choice.notice()) is (expected is Isolation.CHROOT)  # said once per build when weaker
+    # said once per build when weaker
+    assert bool(choice.notice()) is (expected in (Isolation.CHROOT, Isolation.PROOT))
 
 
 def test_chroot_notice_names_what_a_step_lacks() -> None:
@@ -81,6 +91,20 @@ def test_nothing_allowed_is_one_error_naming_each_mode() -> None:
     assert "\n" not in message
     for mode in ("userns: unshare", "rootns: needs uid 0", "chroot: needs uid 0", "proot:"):
         assert mode in message
+
+
+def test_proot_notice_and_refusals_say_what_is_missing() -> None:
+    plain = {"uid": 1000, "userns": DENIED, "rootns": DENIED, "effective_caps": 0}
+    notice = choose(None, _probe(**plain, proot="/usr/bin/proot")).notice()
+    assert notice.startswith("isolation proot: ")
+    for lack in ("network", "PID", "su, setuid", "chown is recorded"):
+        assert lack in notice
+    with pytest.raises(
+        SandboxError, match=r"--isolation proot: proot is not installed \(apt-get install proot\)"
+    ):
+        choose(Isolation.PROOT, _probe(**plain))
+    with pytest.raises(SandboxError, match="--isolation proot: is for a plain uid"):
+        choose(Isolation.PROOT, _probe(proot="/usr/bin/proot"))
 
 
 def test_an_explicit_mode_that_is_not_allowed_says_why() -> None:
@@ -328,14 +352,18 @@ def _docker_ready() -> str:
 
 
 @pytest.mark.skipif(bool(_docker_ready()), reason=_docker_ready() or "ready")
-def test_build_in_an_unprivileged_docker_container_as_root(
-    host_image: Path, busybox_image: Path, tmp_path: Path
+@pytest.mark.parametrize(("user", "isolation"), [("0", "chroot"), ("1000", "proot")], ids=["root", "uid1000"])
+def test_build_in_an_unprivileged_docker_container(
+    user: str, isolation: str, host_image: Path, busybox_image: Path, tmp_path: Path
 ) -> None:
     assert DOCKER is not None
     image = "lamina-test/busybox:1.35"
     if subprocess.run([DOCKER, "image", "inspect", image], capture_output=True, check=False).returncode != 0:
         subprocess.run([DOCKER, "load", "-i", str(busybox_image)], check=True, capture_output=True)
     where = _context(tmp_path / "w", busybox_image)
+    if user != "0" and shutil.which("proot") is None:
+        pytest.skip("uid 1000 builds under proot: apt-get install proot")
+    subprocess.run(["chown", "-R", f"{user}:{user}", str(where)], check=True)
     python = Path(sys.executable)
     # lamina without an image build: the host's /usr (python, libseccomp) read-only over busybox,
     # the project and its venv at the same paths.
@@ -348,11 +376,163 @@ def test_build_in_an_unprivileged_docker_container_as_root(
         f"{python} -m lamina {' '.join(_build_args(Path('/w'), Path('/w/image.tar')))}"
     )
     done = subprocess.run(
-        [DOCKER, "run", "--rm", "--network=none", *(a for b in binds for a in ("-v", b)),
+        [DOCKER, "run", "--rm", "--network=none", "--user", user, *(a for b in binds for a in ("-v", b)),
          "-e", "LAMINA_CACHE=/w/cache", "-e", "TMPDIR=/w", "-e", "SOURCE_DATE_EPOCH=0",
          image, "sh", "-c", script],
         capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "isolation chroot:" in done.stderr
+    assert f"isolation {isolation}:" in done.stderr
     assert _digest(where / "image.tar") == _digest(host_image)
+
+
+# --- proot isolation: owners recorded where nothing may be chowned ----------------------
+
+
+def test_recorded_owners_survive_unpack_and_come_out_in_the_layer(tmp_path: Path) -> None:
+    # What `lamina load` + unpack does for a plain uid with no user namespace:
+    # no chown, no mknod; the owners and the device are in xattrs, and the
+    # layer written from that dir has them back (and no lamina xattrs).
+    import io
+    import tarfile
+
+    from lamina.oci.extract import Whiteouts, extract_layer
+
+    members = [("d", "d", 5, 6), ("d/f", "f", 0, 0), ("d/g", "f", 1000, 1000), ("dev-null", "c", 0, 0)]
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        for name, kind, uid, gid in members:
+            info = tarfile.TarInfo(name)
+            info.uid, info.gid, info.mode = uid, gid, 0o750 if kind == "d" else 0o640
+            if kind == "d":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif kind == "c":
+                info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+                tar.addfile(info)
+            else:
+                info.size = 3
+                tar.addfile(info, io.BytesIO(b"hi\n"))
+    data.seek(0)
+    dest = tmp_path / "layer"
+    extract_layer(data, dest, whiteouts=Whiteouts.OVERLAY, userxattr=True, record_owners=True)
+    me = (os.stat(dest / "d/f").st_uid, os.stat(dest / "d/f").st_gid)
+    assert all((os.lstat(p).st_uid, os.lstat(p).st_gid) == me for p in dest.rglob("*"))  # nothing chowned
+    assert (dest / "dev-null").is_file()  # a placeholder, not a node
+    got = {
+        e.path: (e.type.value, e.uid, e.gid, e.mode, e.devmajor, e.devminor, e.xattrs) for e in capture(dest)
+    }
+    assert got == {
+        "d": ("dir", 5, 6, 0o750, 0, 0, ()),
+        "d/f": (
+            "file",
+            *me,
+            0o640,
+            0,
+            0,
+            (),
+        ),  # no record: the caller's, which a layer shows through its id map
+        "d/g": ("file", 1000, 1000, 0o640, 0, 0, ()),
+        "dev-null": ("char", *me, 0o640, 1, 3, ()),
+    }
+
+
+def test_an_owner_a_symlink_cannot_record_is_an_error(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from lamina.errors import LayerError
+    from lamina.oci.extract import extract_layer
+
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        info = tarfile.TarInfo("link")
+        info.type, info.linkname, info.uid, info.gid = tarfile.SYMTYPE, "x", 7, 7
+        tar.addfile(info)
+    data.seek(0)
+    with pytest.raises(LayerError, match="link: cannot record owner 7:7 of a symlink"):
+        extract_layer(data, tmp_path / "layer", record_owners=True)
+
+
+PLAIN_USER = "lamina-sb-nosub"
+
+
+def _plain_user_ready() -> str:
+    if os.geteuid() != 0:
+        return "runs lamina as the plain user lamina-sb-nosub through runuser, as root"
+    if shutil.which("runuser") is None:
+        return "runuser is not installed"
+    if shutil.which("proot") is None:
+        return "proot is not installed (apt-get install proot)"
+    return ""
+
+
+@pytest.fixture
+def plain_user_dir(busybox_image: Path) -> Path:
+    """A context dir owned by lamina-sb-nosub (pytest's tmp is root's, 0700)."""
+    import pwd
+    import tempfile
+
+    from tests.test_unprivileged import _ensure_user
+
+    _ensure_user(PLAIN_USER)
+    entry = pwd.getpwnam(PLAIN_USER)
+    base = Path(tempfile.mkdtemp(prefix="lamina-proot-"))
+    base.chmod(0o755)
+    where = _context(base / "w", busybox_image)
+    subprocess.run(["chown", "-R", f"{entry.pw_uid}:{entry.pw_gid}", str(where)], check=True)
+    probe = subprocess.run(
+        ["runuser", "-u", PLAIN_USER, "--", sys.executable, "-c", "import lamina"], cwd=ROOT
+    )
+    if probe.returncode != 0:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(f"{PLAIN_USER} cannot run {sys.executable} with lamina importable")
+    yield where
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _as_plain_user(where: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    deny = [sys.executable, str(NO_NAMESPACES), "docker", "--"]
+    return _lamina(where, args, ["runuser", "-u", PLAIN_USER, "--", *deny])
+
+
+@pytest.mark.skipif(bool(_plain_user_ready()), reason=_plain_user_ready() or "ready")
+def test_build_as_a_plain_user_without_namespaces_makes_the_same_image(
+    host_image: Path, plain_user_dir: Path
+) -> None:
+    # docker's seccomp denials as uid != 0: no namespace, no chown, no mknod.
+    where = plain_user_dir
+    info = _as_plain_user(where, ["info"])
+    assert info.returncode == 0, info.stderr
+    assert info.stdout.startswith("isolation:       proot "), info.stdout
+    assert _as_plain_user(where, ["load", str(where / "base.tar")]).returncode == 0
+    done = _as_plain_user(where, _build_args(where, where / "image.tar"))
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "isolation proot" in line]
+    assert len(said) == 1, done.stderr
+    assert _digest(where / "image.tar") == _digest(host_image)
+
+
+@pytest.mark.skipif(bool(_plain_user_ready()), reason=_plain_user_ready() or "ready")
+@pytest.mark.parametrize(
+    ("step", "reason"),
+    [
+        (
+            "USER nobody\nRUN ln -s /etc /tmp/etc",
+            "/tmp/etc is a symlink or special file made as user 65534:65534",
+        )
+    ],
+    ids=["symlink-owner"],
+)
+def test_what_proot_cannot_record_fails_the_step_in_one_line(
+    plain_user_dir: Path, step: str, reason: str
+) -> None:
+    where = plain_user_dir
+    (where / "ctx/Dockerfile").write_text(f"FROM lamina-test/busybox:1.35\n{step}\n")
+    assert _as_plain_user(where, ["load", str(where / "base.tar")]).returncode == 0
+    done = _as_plain_user(where, ["build", "--progress", "quiet", f"{where}/ctx"])
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    assert "Dockerfile:" in errors[0] and reason in errors[0], done.stderr
+    assert "proot isolation cannot record in the layer" in errors[0], done.stderr

@@ -198,7 +198,7 @@ def test_layer_round_trip_reproduces_the_final_view(
     # capture -> tar -> unpack in overlay form -> the same view, file by file.
     blob = tmp_path / "layer.tar.gz"
     with open(blob, "wb") as f:
-        snapshot.write_layer(upper, f, Compression.GZIP, lowers=lowers)
+        snapshot.write_upper(upper, f, Compression.GZIP, lowers=lowers)
     unpacked = tmp_path / "unpacked"
     sandbox.extract_layer(blob, unpacked)
     assert _run((unpacked, *lowers), LISTING, tmp_path) == final_view
@@ -244,7 +244,7 @@ def test_private_files_of_other_users_reach_the_layer(
         script += " && chown -R 1000:1000 /home/app"
     _run(lowers, script, tmp_path, upper)
     blob = io.BytesIO()
-    info = snapshot.write_layer(upper, blob, Compression.GZIP, lowers=lowers)
+    info = snapshot.write_upper(upper, blob, Compression.GZIP, lowers=lowers)
     blob.seek(0)
     found = {e.path: e for e in iter_layer(blob, digest=info.digest)}
     key = found["home/app/.ssh/id"]

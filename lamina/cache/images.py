@@ -150,29 +150,46 @@ def copy_layer(blob: BinaryIO, out: BlobWriter, compression: Compression) -> Dig
 # --- making an image ----------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CommittedImage:
+    """An image written into the store: its documents, layer blobs and diff_ids."""
+
+    manifest: Descriptor
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    config_bytes: bytes
+    diff_ids: tuple[Digest, ...]
+    names: tuple[ImageRecord, ...] = ()  # the names tagged
+
+
 def commit_image(
     store: Store, config: ImageConfig, layers: Sequence[LayerRecord], names: Sequence[str] = ()
-) -> tuple[Descriptor, tuple[ImageRecord, ...]]:
+) -> CommittedImage:
     """Store `config` and a manifest over `layers` (blobs already in the store); tag `names`.
 
-    The config's diff_ids are set from `layers`. Returns the manifest's
-    descriptor and the name records.
+    The config's diff_ids are set from `layers`. The one place an image's
+    config and manifest are written (a build's too: engine.output.make_image);
+    documents already in the store are not written again, so a no-op rebuild
+    writes nothing.
     """
     for layer in layers:
         if not store.has_blob(layer.blob):
             raise StoreError(f"commit image: layer blob {layer.blob} is not in the store")
-    config = dataclasses.replace(config, diff_ids=tuple(layer.diff_id for layer in layers))
-    config_bytes = config.to_bytes()
-    store.put_bytes(config_bytes)
-    manifest = Manifest(
-        descriptor_of(config_bytes, OCI_CONFIG),
-        tuple(Descriptor(layer.media_type, layer.blob, layer.size) for layer in layers),
-    )
+    blobs = tuple(Descriptor(layer.media_type, layer.blob, layer.size) for layer in layers)
+    diff_ids = tuple(layer.diff_id for layer in layers)
+    config_bytes = dataclasses.replace(config, diff_ids=diff_ids).to_bytes()
+    config_desc = descriptor_of(config_bytes, OCI_CONFIG)
+    manifest = Manifest(config_desc, blobs)
     manifest_bytes = manifest.to_bytes()
-    descriptor = store.put_bytes(manifest_bytes)
-    normalized = [normalize_name(n) for n in names]
-    records = _tag_all(store, descriptor.digest, manifest, config_bytes, normalized)
-    return descriptor_of(manifest_bytes, OCI_MANIFEST), records
+    manifest_desc = descriptor_of(manifest_bytes, OCI_MANIFEST)
+    for data, descriptor in ((config_bytes, config_desc), (manifest_bytes, manifest_desc)):
+        if not store.has_blob(descriptor.digest):
+            store.put_bytes(data, descriptor.digest)
+    records: tuple[ImageRecord, ...] = ()
+    if names:
+        normalized = [normalize_name(n) for n in names]
+        records = _tag_all(store, manifest_desc.digest, manifest, config_bytes, normalized)
+    return CommittedImage(manifest_desc, config_desc, blobs, config_bytes, diff_ids, records)
 
 
 # --- reading back and writing out --------------------------------------------------------

@@ -255,7 +255,7 @@ class Executor:
         return stage.name if stage is not None else str(index)
 
     def _finish(self, target: StageOutcome, start: float) -> BuildResult:
-        from lamina.engine.output import commit_image, write_output
+        from lamina.engine.output import make_image, write_output
         from lamina.engine.outputspec import OutputType
         from lamina.engine.steps import metadata as md
 
@@ -266,7 +266,7 @@ class Executor:
         config = md.merge_labels(target.config, self.options.labels)
         created = self.created_for_image(target)
         config = dataclasses.replace(config, created=created)
-        image = commit_image(self.store, config, target.layers, self.options.compression, self.epoch)
+        image = make_image(self.store, config, target.layers, self.options.compression, self.epoch)
         names = self._tag(image, config)
         for output in self.options.outputs:
             if output.type is OutputType.IMAGE:

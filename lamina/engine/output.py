@@ -1,4 +1,8 @@
-"""Build outputs: write the image and the `-o` outputs (lamina.engine.outputspec parses them).
+"""Build outputs: make the image and write the `-o` outputs (lamina.engine.outputspec parses them).
+
+`make_image` makes each layer's blob once (`layer_blob`, memoised in the
+store's index) and commits the image with cache.images.commit_image, the one
+place an image's config and manifest are written.
 
 Writing is done by the OCI writers (lamina.oci.layout / dockerarchive) and
 by `write_rootfs()` here, which merges a stack of overlay-form layer
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from lamina.cache.images import CommittedImage
 from lamina.engine.outputspec import OutputSpec, OutputType, check_dest
 from lamina.errors import BuildError, DiskFull, OutputError, is_disk_full
 from lamina.oci.digest import Digest
@@ -254,15 +259,6 @@ class ImageLayer:
     step: str = ""  # the step that made it (`Dockerfile:3: stage s: RUN ...`), for errors
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class CommittedImage:
-    manifest: Descriptor
-    config: Descriptor
-    layers: tuple[Descriptor, ...]
-    config_bytes: bytes
-    diff_ids: tuple[Digest, ...]
-
-
 def layer_blob(
     store: Store, layer: ImageLayer, compression: str, epoch: int | None, lowers: Sequence[Path] = ()
 ) -> tuple[Descriptor, Digest]:
@@ -285,12 +281,12 @@ def layer_blob(
         if store.has_blob(digest):
             descriptor = Descriptor(record["media_type"], digest, record["size"])
             return descriptor, Digest.parse(record["diff_id"])
-    # snapshot.write_layer maps a rootless sandbox's ids back to the container's
+    # snapshot.write_upper maps a rootless sandbox's ids back to the container's
     # and reads files private to subordinate ids inside the user namespace.
-    from lamina.engine.snapshot import write_layer
+    from lamina.engine.snapshot import write_upper
 
     with store.blob_writer() as out:
-        info = write_layer(
+        info = write_upper(
             layer.path,
             out,
             Compression.parse(compression),
@@ -310,18 +306,18 @@ def layer_blob(
     return Descriptor(info.media_type, blob.digest, blob.size), info.diff_id
 
 
-def commit_image(
+def make_image(
     store: Store,
     config: ImageConfig,
     layers: Sequence[ImageLayer],
     compression: str,
     epoch: int | None,
 ) -> CommittedImage:
-    """Make every layer blob, then write the config and manifest into the store."""
-    from lamina.oci.image import OCI_CONFIG, OCI_MANIFEST, Manifest, descriptor_of
+    """Make every layer blob (`layer_blob`), then commit the image (cache.images.commit_image)."""
+    from lamina.cache.images import commit_image
+    from lamina.cache.store import LayerRecord
 
-    blobs: list[Descriptor] = []
-    diff_ids: list[Digest] = []
+    records: list[LayerRecord] = []
     for i, layer in enumerate(layers):
         lowers = [below.path for below in reversed(layers[:i])]
         try:
@@ -330,20 +326,11 @@ def commit_image(
             # The layer was made by a step (maybe cached from an earlier build):
             # name it, as a failure while the step ran would.
             raise BuildError(f"{layer.step or f'layer {i + 1}'}: compress the layer: {err}") from err
-        blobs.append(descriptor)
-        diff_ids.append(diff_id)
-    final = dataclasses.replace(config, diff_ids=tuple(diff_ids))
-    config_bytes = final.to_bytes()
-    config_desc = descriptor_of(config_bytes, OCI_CONFIG)
-    manifest_bytes = Manifest(config_desc, tuple(blobs)).to_bytes()
-    manifest_desc = descriptor_of(manifest_bytes, OCI_MANIFEST)
-    for data, descriptor in ((config_bytes, config_desc), (manifest_bytes, manifest_desc)):
-        if not store.has_blob(descriptor.digest):  # a no-op rebuild writes nothing
-            try:
-                store.put_bytes(data, descriptor.digest)
-            except DiskFull as err:
-                raise BuildError(f"store the image's config and manifest: {err}") from err
-    return CommittedImage(manifest_desc, config_desc, tuple(blobs), config_bytes, tuple(diff_ids))
+        records.append(LayerRecord(descriptor.digest, diff_id, descriptor.media_type, descriptor.size))
+    try:
+        return commit_image(store, config, records)
+    except DiskFull as err:
+        raise BuildError(f"store the image's config and manifest: {err}") from err
 
 
 # --- writing outputs -------------------------------------------------------------------

@@ -24,7 +24,11 @@ magic) into a directory. What it guarantees, and where:
   the directory is used as an overlay lower dir.
 
 Not privileged: device nodes are skipped and a chown failure is an error
-unless `ignore_owners`; both are said once in the returned warnings.
+unless `ignore_owners`; both are said once in the returned warnings. With
+`record_owners` (a plain uid with no user namespace) nothing is chowned:
+owners other than 0:0 are recorded in `user.lamina.owner` xattrs and device
+nodes become placeholder files (`lamina.engine.sandbox.recorded`), so the
+layer dir still knows them; an owner a symlink would need is an error.
 
 On error the target directory is left half-written; callers unpack into a
 temporary directory and rename it on success.
@@ -89,6 +93,7 @@ def extract_layer(
     userxattr: bool = False,
     ignore_owners: bool = False,
     digest: Digest | None = None,
+    record_owners: bool = False,
 ) -> ExtractResult:
     """Unpack the layer `stream` into the directory `dest` (made if missing).
 
@@ -104,7 +109,7 @@ def extract_layer(
     except OSError as err:
         raise LayerError(f"{label}: target directory {dest}: {err.strerror or err}") from err
     with root, _open_tar(stream, label) as (tar, compressed, uncompressed):
-        unpacker = _Unpacker(root, label, whiteouts, userxattr, ignore_owners)
+        unpacker = _Unpacker(root, label, whiteouts, userxattr, ignore_owners, record_owners)
         count = 0
         for member in _members(tar, label):
             unpacker.add(member, tar)
@@ -273,13 +278,20 @@ class _Warnings:
 
 class _Unpacker:
     def __init__(
-        self, root: Root, label: str, whiteouts: Whiteouts, userxattr: bool, ignore_owners: bool
+        self,
+        root: Root,
+        label: str,
+        whiteouts: Whiteouts,
+        userxattr: bool,
+        ignore_owners: bool,
+        record_owners: bool = False,
     ) -> None:
         self._root = root
         self._label = label
         self._whiteouts = whiteouts
         self._opaque_xattr = ("user" if userxattr else "trusted") + ".overlay.opaque"
         self._ignore_owners = ignore_owners
+        self._record = record_owners
         # Paths written by this layer, with all their ancestors: a whiteout
         # or opaque marker of the same layer must leave them alone.
         self._touched: set[str] = set()
@@ -355,7 +367,7 @@ class _Unpacker:
                 os.mkdir(name, 0o700, dir_fd=parent_fd)
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
             try:
-                self._chown(lambda: os.fchown(fd, member.uid, member.gid), member)
+                self._chown(lambda: os.fchown(fd, member.uid, member.gid), member, fd)
                 self._set_xattrs(fd, member, rel)
             finally:
                 os.close(fd)
@@ -364,7 +376,7 @@ class _Unpacker:
             fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent_fd)
             try:
                 self._copy_content(fd, member, tar)
-                self._chown(lambda: os.fchown(fd, member.uid, member.gid), member)
+                self._chown(lambda: os.fchown(fd, member.uid, member.gid), member, fd)
                 self._set_xattrs(fd, member, rel)
                 os.fchmod(fd, mode)
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
@@ -379,6 +391,7 @@ class _Unpacker:
             self._chown(
                 lambda: os.chown(name, member.uid, member.gid, dir_fd=parent_fd, follow_symlinks=False),
                 member,
+                -1,
             )
             if any(True for _ in _xattrs(member)):
                 self.warnings.add("xattrs on symlinks are not restored", rel)
@@ -435,6 +448,19 @@ class _Unpacker:
         mode: int,
         mtime_ns: int,
     ) -> None:
+        if self._record and kind is not EntryType.FIFO:
+            from lamina.oci import recorded
+
+            which = "c" if kind is EntryType.CHAR else "b"
+            recorded.make_device(name, which, member.devmajor, member.devminor, 0o600, dir_fd=parent_fd)
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+            try:
+                self._chown(lambda: None, member, fd)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+            os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
+            return
         try:
             if kind is EntryType.FIFO:
                 os.mkfifo(name, 0o600, dir_fd=parent_fd)
@@ -444,13 +470,26 @@ class _Unpacker:
         except PermissionError:
             self.warnings.add("device nodes skipped (creating them needs privilege)", rel)
             return
-        self._chown(lambda: os.chown(name, member.uid, member.gid, dir_fd=parent_fd), member)
+        self._chown(lambda: os.chown(name, member.uid, member.gid, dir_fd=parent_fd), member, -1)
         # Just created by us, not a symlink: following is safe, and Linux
         # cannot chmod without following anyway.
         os.chmod(name, mode, dir_fd=parent_fd)
         os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
 
-    def _chown(self, do: Callable[[], None], member: tarfile.TarInfo) -> None:
+    def _chown(self, do: Callable[[], None], member: tarfile.TarInfo, fd: int) -> None:
+        """`do` the chown; recording owners, set the xattr on `fd` instead (-1: none can be set)."""
+        if self._record:
+            if (member.uid, member.gid) == (0, 0):
+                return
+            if fd < 0:
+                raise LayerError(
+                    f"cannot record owner {member.uid}:{member.gid} of a symlink or FIFO without "
+                    "chown privilege (unpack as root or where user namespaces work)"
+                )
+            from lamina.oci import recorded
+
+            recorded.set_owner_fd(fd, member.uid, member.gid)
+            return
         try:
             do()
         except OSError as err:

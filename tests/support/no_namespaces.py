@@ -10,8 +10,10 @@ container's root: unshare, setns, mount and clone with any namespace flag
 `nouserns`: a host with user namespaces off (user.max_user_namespaces=0):
 only CLONE_NEWUSER is refused, root keeps CAP_SYS_ADMIN.
 
-Needs root (the filter is loaded with CAP_SYS_ADMIN, so no_new_privs stays
-off and exec keeps root's capabilities) and libseccomp.so.2.
+As root the filter is loaded with CAP_SYS_ADMIN, so no_new_privs stays off
+and exec keeps root's capabilities; as a plain user (`docker run --user
+1000`) it is loaded with no_new_privs, as the kernel requires. Needs
+libseccomp.so.2.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _MASKED_EQ = 7
 _CLONE_NEWUSER = 0x10000000
 _NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 _PR_CAPBSET_DROP, _CAP_SYS_ADMIN = 24, 21
+_ATTR_CTL_NNP = 3
 
 
 class _Cmp(ctypes.Structure):
@@ -44,7 +47,15 @@ def deny(kind: str) -> None:
         ctypes.POINTER(_Cmp),
     )
     lib.seccomp_load.argtypes = (ctypes.c_void_p,)
+    lib.seccomp_attr_set.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32)
     ctx = lib.seccomp_init(_ALLOW)
+    if lib.seccomp_attr_set(ctx, _ATTR_CTL_NNP, int(os.geteuid() != 0)) < 0:
+        raise OSError("seccomp no_new_privs attribute")
+    # As docker's profile: x86 and x32 too, so a number no ABI knows (proot cancels
+    # a call with -2) is not the "bad architecture" kill.
+    lib.seccomp_arch_add.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
+    for arch in {"x86_64": (0x40000003, 0x4000003E), "aarch64": (0x40000028,)}.get(os.uname().machine, ()):
+        lib.seccomp_arch_add(ctx, arch)
 
     def rule(action: int, name: str, flag: int | None = None) -> None:
         number = lib.seccomp_syscall_resolve_name(name.encode())
@@ -62,8 +73,8 @@ def deny(kind: str) -> None:
         rule(_EPERM, "clone", _CLONE_NEWUSER)
     rule(_ENOSYS, "clone3")
     if lib.seccomp_load(ctx) < 0:
-        raise OSError("seccomp_load failed (needs root)")
-    if kind == "docker":
+        raise OSError("seccomp_load failed")
+    if kind == "docker" and os.geteuid() == 0:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_CAPBSET_DROP, _CAP_SYS_ADMIN, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "drop CAP_SYS_ADMIN")

@@ -31,7 +31,7 @@ Public surface (re-exported here, loaded on first use):
     set_owners([(path, uid, gid), ...], ids=None): lchown to container ids
         from inside the user namespace (no-op with a single-id map).
     lamina.engine.snapshot.capture(upper_dir, ids=None, lowers=()) -> Iterator[LayerEntry]
-    lamina.engine.snapshot.write_layer(upper_dir, out, compression, *, lowers=(),
+    lamina.engine.snapshot.write_upper(upper_dir, out, compression, *, lowers=(),
         source_date_epoch=None, ids=None) -> LayerInfo: capture + write, inside
         the user namespace when subordinate ids may own files the caller cannot read.
 

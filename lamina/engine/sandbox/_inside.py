@@ -479,16 +479,25 @@ def _table(path: str) -> list[list[str]]:
         return []
 
 
+def _in_root(root: str, path: str) -> str:
+    """`path` of the rootfs at `root` ("" when chrooted), symlinks resolved inside it."""
+    return os.path.join(root, _rootfs.resolve_in_dir(root, path)) if root else path
+
+
 def _is_id(text: str) -> bool:
     """A numeric uid or gid as runc reads one: ASCII digits, below 2**32 (`²` is a name)."""
     return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < 1 << 32
 
 
-def resolve_user(spec: str) -> tuple[int, int, list[int], str]:
-    """(uid, gid, supplementary gids, home) for `user[:group]`, read from the rootfs like Docker."""
+def resolve_user(spec: str, root: str = "") -> tuple[int, int, list[int], str]:
+    """(uid, gid, supplementary gids, home) for `user[:group]`, read from the rootfs like Docker.
+
+    `root`: the rootfs's host path when this process is not chrooted into it (proot).
+    """
     user, _, group = spec.partition(":")
     # Rows whose ids are not numbers are skipped, as a libc lookup would.
-    passwd = [row for row in _table("/etc/passwd") if len(row) >= 7 and _is_id(row[2]) and _is_id(row[3])]
+    rows = _table(_in_root(root, "/etc/passwd"))
+    passwd = [row for row in rows if len(row) >= 7 and _is_id(row[2]) and _is_id(row[3])]
     entry = None
     if _is_id(user):
         uid = int(user)
@@ -503,7 +512,7 @@ def resolve_user(spec: str) -> tuple[int, int, list[int], str]:
         entry = next((row for row in passwd if row[2] == "0"), None)
     gid = int(entry[3]) if entry else 0
     home = entry[5] if entry and entry[5] else "/"
-    groups_table = [row for row in _table("/etc/group") if len(row) >= 3 and _is_id(row[2])]
+    groups_table = [row for row in _table(_in_root(root, "/etc/group")) if len(row) >= 3 and _is_id(row[2])]
     if group:
         if _is_id(group):
             gid = int(group)

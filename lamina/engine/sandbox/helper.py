@@ -112,8 +112,8 @@ def main() -> int:
         return _inside.SETUP_FAILED  # the caller died before we could arm the death signal
     isolation = spec.get("isolation", "userns")
     # rootns: root where user namespaces are off makes the others without one;
-    # chroot: none at all (the caller has nothing to map either way).
-    flags = 0 if isolation == "chroot" else _libc.CLONE_NEWNS
+    # chroot and proot: none at all (the caller has nothing to map either way).
+    flags = 0 if isolation in ("chroot", "proot") else _libc.CLONE_NEWNS
     if isolation == "userns":
         flags |= _libc.CLONE_NEWUSER
     if spec["mode"] == "run" and flags:
@@ -136,6 +136,10 @@ def main() -> int:
         from lamina.engine.sandbox import _chroot
 
         return _chroot.run(spec, report_fd)
+    if isolation == "proot":
+        from lamina.engine.sandbox import _proot
+
+        return _proot.run(spec, report_fd)
     try:
         _libc.mount(None, "/", None, _libc.MS_REC | _libc.MS_PRIVATE)
     except OSError as err:

@@ -4,7 +4,10 @@ Three cases, chosen once by `detect_ids()`:
 - host root: the identity map of the whole id space;
 - a caller with /etc/subuid and /etc/subgid ranges and newuidmap/newgidmap:
   0 -> the caller, 1..N -> the subordinate ranges, so chown and USER work;
-- anyone else: only the caller, as root; `IdMap.warning` says what breaks.
+- anyone else: only the caller, as root; `IdMap.warning` says what breaks;
+- a plain uid where no user namespace can be made (or `--isolation proot`):
+  no map at all; files are the caller's and their container owners are
+  recorded in `user.lamina.owner` xattrs (`recorded`), so nothing is lost.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class IdMode(enum.Enum):
     ROOT = "root"
     SUBORDINATE = "subordinate"
     SINGLE = "single"
+    RECORDED = "recorded"  # no user namespace: owners kept in xattrs (sandbox.recorded)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,6 +98,8 @@ def detect_ids(etc: Path = Path("/etc")) -> IdMap:
     if uid == 0:
         full = (IdRange(0, 0, _FULL_RANGE),)
         return IdMap(IdMode.ROOT, full, full)
+    if _without_userns():
+        return IdMap(IdMode.RECORDED, (IdRange(0, uid, 1),), (IdRange(0, gid, 1),))
     import pwd
 
     try:
@@ -115,6 +121,16 @@ def detect_ids(etc: Path = Path("/etc")) -> IdMap:
             "chown to other ids, USER with another id and setgroups will fail"
         ),
     )
+
+
+def _without_userns() -> bool:
+    """Whether sandboxes run without a user namespace: proot asked for, or none allowed (probed once)."""
+    from lamina.engine.sandbox import isolation
+
+    want = isolation.requested()
+    if want is not None:
+        return want is isolation.Isolation.PROOT
+    return bool(isolation.probe().userns)
 
 
 def write_maps(pid: int, ids: IdMap) -> None:

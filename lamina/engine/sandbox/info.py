@@ -90,6 +90,7 @@ def describe() -> SandboxInfo:
             IdMode.ROOT: "root (identity map; /proc/sys read-only, capabilities limited)",
             IdMode.SUBORDINATE: "subordinate ids",
             IdMode.SINGLE: "single id (yours, as root)",
+            IdMode.RECORDED: "none (no user namespace): files are yours; owners are recorded in xattrs",
         }[ids.mode],
         uid_map=tuple((r.inside, r.outside, r.count) for r in ids.uids),
         gid_map=tuple((r.inside, r.outside, r.count) for r in ids.gids),

@@ -12,7 +12,9 @@ a weaker mechanism that `auto` picks and names once on stderr:
              capabilities, seccomp filter and read-only /proc/sys)
     chroot   chroot(2) into a copy of the step's root filesystem, no
              namespaces: container root with Docker's default capabilities
-    proot    ptrace path translation as a plain user (not implemented yet)
+    proot    a plain uid with no namespaces: Debian's proot (ptrace path
+             translation, fake root) over a copy of the step's root
+             filesystem; chown is recorded in xattrs (`_proot`, `lamina.oci.recorded`)
 
 The probe forks nothing from this (maybe threaded) interpreter: it asks a
 fresh helper (`helper.py --probe`) which unshare(2) calls succeed.
@@ -98,7 +100,13 @@ LACKS = {
         "device nodes, gets --mount contents as copies (writes to binds are dropped, cache dirs "
         "are moved in), may not chroot itself, and each step copies its root filesystem"
     ),
-    Isolation.PROOT: "",
+    Isolation.PROOT: (
+        "no namespaces, a plain uid: RUN runs under proot (ptrace, slower system calls), shares "
+        "this host's network (--network=none cannot be given), PID space and /proc, sees a /dev of "
+        "the host's null/zero/random/tty, sees files as owned by the uid running lamina (chown is "
+        "recorded for the layer, not shown), may not switch users (su, setuid), and each step copies "
+        "its root filesystem"
+    ),
 }
 
 
@@ -178,6 +186,9 @@ def _allowed(p: Probe) -> list[Choice]:
     if p.uid == 0 and p.has_cap(CAP_SYS_CHROOT):
         why = f"no namespaces ({p.userns or p.rootns or 'asked for'}); root holds CAP_SYS_CHROOT"
         out.append(Choice(Isolation.CHROOT, why, LACKS[Isolation.CHROOT]))
+    if p.uid != 0 and p.proot:
+        why = f"no namespaces ({p.userns or p.rootns or 'asked for'}) and uid {p.uid}; proot is installed"
+        out.append(Choice(Isolation.PROOT, why, LACKS[Isolation.PROOT]))
     return out
 
 
@@ -190,4 +201,6 @@ def _refusal(want: Isolation, p: Probe) -> str:
         if p.uid != 0:
             return f"needs uid 0 (this is uid {p.uid})"
         return "needs CAP_SYS_CHROOT" if not p.has_cap(CAP_SYS_CHROOT) else "allowed"
-    return "not implemented yet" + ("" if p.proot else "; and proot is not installed (apt-get install proot)")
+    if p.uid == 0:
+        return "is for a plain uid (uid 0 uses chroot)"
+    return "allowed" if p.proot else "proot is not installed (apt-get install proot)"

@@ -90,7 +90,7 @@ def run(
     choice = isolation.choose(isolation.requested())
     if choice.notice() and on_warning is not None:
         on_warning(choice.notice())
-    if choice.isolation is isolation.Isolation.CHROOT:
+    if choice.isolation in (isolation.Isolation.CHROOT, isolation.Isolation.PROOT):
         spec = _without_namespaces(spec, choice)
     elif spec.network is Network.DEFAULT:
         from lamina.engine.sandbox import network
@@ -104,7 +104,7 @@ def run(
                 on_warning(network.fallback_warning(why))
             spec = dataclasses.replace(spec, network=Network.NONE)
     chosen = spec.snapshotter or default_snapshotter()
-    if choice.isolation is isolation.Isolation.CHROOT:
+    if choice.isolation in (isolation.Isolation.CHROOT, isolation.Isolation.PROOT):
         chosen = Snapshotter.COPY  # nothing can be mounted
     order = [chosen] if chosen else [Snapshotter.OVERLAY, Snapshotter.COPY]
     for i, snapshotter in enumerate(order):
@@ -116,6 +116,15 @@ def run(
             if on_warning is not None:
                 on_warning(f"{err}: using the copy snapshotter (slower; LAMINA_SNAPSHOTTER=copy says so)")
     raise AssertionError("unreachable")
+
+
+def _proot_path() -> str:
+    from lamina.engine.sandbox import isolation
+
+    found = isolation.probe().proot
+    if not found:
+        raise SandboxError("proot isolation: proot is not installed (apt-get install proot)")
+    return found
 
 
 class _OverlayUnavailable(SandboxError):
@@ -199,7 +208,7 @@ def _wire(
     """The plain dict the helper reads (marshal: no imports on its side)."""
     host_binds = _network_files(spec, base)
     apt_snippet = ""
-    if ids.mode is IdMode.SINGLE:
+    if ids.mode in (IdMode.SINGLE, IdMode.RECORDED):
         # apt drops to user _apt, which a single-id map does not have. The
         # setting is bind-mounted, so it never reaches the upper dir.
         apt = base / "apt.conf"
@@ -222,6 +231,7 @@ def _wire(
         "network": spec.network.value,
         "insecure": spec.insecure,
         "single_id": ids.mode is IdMode.SINGLE,
+        "proot": _proot_path() if isolation == "proot" else "",
         "host_binds": host_binds,
         "apt_snippet": apt_snippet,
         "ulimits": [(_ulimit_number(u.name), u.soft, u.hard) for u in spec.ulimits],
@@ -513,6 +523,15 @@ def set_owners(owners: Sequence[tuple[Path, int, int]], ids: IdMap | None = None
     ids = ids or detect_ids()
     if not owners or ids.mode is IdMode.SINGLE:
         return
+    if ids.mode is IdMode.RECORDED:
+        from lamina.oci import recorded
+
+        for path, uid, gid in owners:
+            try:
+                recorded.set_owner(os.fspath(path), uid, gid)
+            except OSError as err:
+                raise SandboxError(f"chown {path} to {uid}:{gid}: {err.strerror}") from err
+        return
     if ids.mode is IdMode.ROOT:
         for path, uid, gid in owners:
             try:
@@ -538,7 +557,7 @@ def write_layer_inside(
     source_date_epoch: int | None,
     ids: IdMap,
 ) -> dict[str, Any]:
-    """`snapshot.write_layer` run inside a user namespace: files of subordinate
+    """`snapshot.write_upper` run inside a user namespace: files of subordinate
     ids that the caller may not read are read there. Returns LayerInfo fields."""
     wire = {
         "mode": "layer",
@@ -563,9 +582,17 @@ def extract_layer(
     from lamina.oci.extract import extract_layer as unpack
 
     ids = ids or detect_ids()
-    if ids.mode is IdMode.ROOT:
+    if ids.mode in (IdMode.ROOT, IdMode.RECORDED):
+        # Recorded: no namespace to unpack in; owners and device nodes go to xattrs.
         with open(blob, "rb") as stream:
-            return unpack(stream, dest, whiteouts=Whiteouts.OVERLAY, userxattr=True, digest=digest)
+            return unpack(
+                stream,
+                dest,
+                whiteouts=Whiteouts.OVERLAY,
+                userxattr=True,
+                digest=digest,
+                record_owners=ids.mode is IdMode.RECORDED,
+            )
     wire = {
         "mode": "extract",
         "blob": str(Path(blob).absolute()),

@@ -157,7 +157,17 @@ def _listdir(view: LayerView, rel: str) -> list[str]:
     return sorted(name for name, visible in names.items() if visible)
 
 
-def _copy_meta(dst: Path, st: os.stat_result, lost: dict[str, tuple[int, int]] | None = None) -> None:
+def _copy_meta(
+    dst: Path, st: os.stat_result, lost: dict[str, tuple[int, int]] | None = None, real: Path | None = None
+) -> None:
+    if lost is not None and real is not None and not stat.S_ISLNK(st.st_mode):
+        # Where no user namespace could be made, the layer holds the owner in
+        # an xattr (lamina.oci.recorded): that is a container owner already.
+        from lamina.oci import recorded
+
+        owner = recorded.owner_of(os.fspath(real), (-1, -1))
+        if owner != (-1, -1):
+            lost[os.fspath(dst)] = owner
     try:
         os.lchown(dst, st.st_uid, st.st_gid)
     except PermissionError:
@@ -174,7 +184,7 @@ def _node(
     view: LayerView,
     rel: str,
     dest: Path,
-    dirs: list[tuple[Path, os.stat_result]],
+    dirs: list[tuple[Path, os.stat_result, Path]],
     lost: dict[str, tuple[int, int]],
 ) -> None:
     """Put the view's entry at `rel` into `dest`, recursing into directories."""
@@ -192,17 +202,17 @@ def _node(
         target.mkdir()
     elif stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(real), target)
-        _copy_meta(target, st, lost)
+        _copy_meta(target, st, lost, real)
         return
     elif stat.S_ISREG(st.st_mode):
         # A copy, not a hard link: linking changes the layer file's ctime,
         # which a concurrent build reading the same file takes for a change.
         shutil.copyfile(real, target, follow_symlinks=False)
-        _copy_meta(target, st, lost)
+        _copy_meta(target, st, lost, real)
         return
     else:
         return  # devices and fifos are not needed to read files from a stage
-    dirs.append((target, st))
+    dirs.append((target, st, real))
     os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))
     for name in _listdir(view, rel):
         _node(view, f"{rel}/{name}" if rel else name, dest, dirs, lost)
@@ -218,7 +228,7 @@ def materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tupl
     """
     lost: dict[str, tuple[int, int]] = {}
     dest.mkdir(parents=True, exist_ok=True)
-    dirs: list[tuple[Path, os.stat_result]] = []
+    dirs: list[tuple[Path, os.stat_result, Path]] = []
     pending = list(paths)
     seen: set[str] = set()
     while pending:
@@ -253,9 +263,9 @@ def materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tupl
             done.append(part)
             if i < len(parts) - 1 and not (dest / rel).exists():
                 (dest / rel).mkdir()
-                dirs.append((dest / rel, st))
+                dirs.append((dest / rel, st, real))
         if complete:
             _node(view, "/".join(parts), dest, dirs, lost)
-    for target, st in reversed(dirs):
-        _copy_meta(target, st, lost)
+    for target, st, real in reversed(dirs):
+        _copy_meta(target, st, lost, real)
     return lost

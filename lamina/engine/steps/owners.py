@@ -45,13 +45,21 @@ def set_owner_and_mode(path: Path, uid: int, gid: int, mode: int) -> None:
         chown(path, uid, gid)
 
 
-def container_owner(st: os.stat_result) -> tuple[int, int]:
-    """The (uid, gid) the sandbox shows for a file of a layer dir (host ids, rootless)."""
+def container_owner(st: os.stat_result, path: Path | str | None = None) -> tuple[int, int]:
+    """The (uid, gid) a layer shows for a file of a layer dir (host ids, rootless).
+
+    Given its `path`, an owner recorded in the file's xattr (no user
+    namespace: `lamina.oci.recorded`) wins.
+    """
     if os.geteuid() == 0:
         return st.st_uid, st.st_gid
-    from lamina.engine.sandbox.idmap import detect_ids
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
 
     ids = detect_ids()
+    if ids.mode is IdMode.RECORDED and path is not None:
+        from lamina.oci import recorded
+
+        return recorded.owner_of(os.fspath(path), (ids.uid_inside(st.st_uid), ids.gid_inside(st.st_gid)))
     return ids.uid_inside(st.st_uid), ids.gid_inside(st.st_gid)
 
 
@@ -76,7 +84,7 @@ def keep_lower_dir_meta(
             break
         os.chmod(target, st.st_mode & 0o7777)
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-        owners.append((target, *container_owner(st)))
+        owners.append((target, *container_owner(st, view.real_path(current))))
     if late_owners is not None:
         # The caller writes into these first: unprivileged, a directory given
         # to another id would no longer be writable.

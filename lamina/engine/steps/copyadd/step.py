@@ -235,13 +235,15 @@ def _restore_stage_owners(executor: StepHost, tree: Any, upper: Path, selection:
     lost = executor.lost_owners.get(Path(tree.root), {})
     if not lost:
         return
-    from lamina.engine.sandbox.idmap import detect_ids
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
 
     ids = detect_ids()
     owners = []
     for item in selection.items:
         host = lost.get(tree.abspath(item.entry.path))
-        if host is not None:
+        if host is not None and ids.mode is IdMode.RECORDED:
+            owners.append((upper / item.dest, *host))  # recorded: container ids already
+        elif host is not None:
             owners.append((upper / item.dest, ids.uid_inside(host[0]), ids.gid_inside(host[1])))
     chown_all(owners)
 

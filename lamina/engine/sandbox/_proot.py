@@ -1,0 +1,595 @@
+"""proot isolation (helper side): a RUN step for a plain uid where no namespace can be made.
+
+For `docker run --user 1000` under Docker's default seccomp profile, or a
+host with `user.max_user_namespaces=0`: nothing can be mounted, chrooted or
+chowned. The step runs under Debian's proot (ptrace path translation) over
+a copy of its root filesystem, and the layer is the copy snapshotter's
+compare, as in chroot isolation (`_chroot.Stage` stages /dev, resolv.conf,
+hosts, tmpfs and secrets into the copy and takes them out again before the
+compare; bind and cache mounts are proot binds, so their writes reach the
+source).
+
+proot's own fake root (`-0`) is not used: it rewrites chown(0) into a chown
+to the caller's uid, so a chown to that uid could not be told from one to
+root. Instead the helper installs a seccomp filter that hands the step's
+get*id, set*id, chown, fchown, lchown, fchownat, mknod(at) and exit_group
+calls to this process (SECCOMP_RET_USER_NOTIF; proot, in ptrace mode on
+kernels since 4.8, has already translated the path):
+- get*id answer the step's USER (root unless USER says otherwise);
+- a chown is recorded in the file's `user.lamina.owner` xattr
+  (`lamina.oci.recorded`), a device node becomes a placeholder file, and a
+  file the step made gets the step's USER as owner;
+- exit_group of the command's process gives the step's exit code; what it
+  leaves running is killed then (proot 5.1 would wait for it).
+What cannot be recorded (the owner of a symlink, a process switching to
+another uid, a 32-bit system call) fails the step with one line.
+
+Helper-side: the stdlib only, plus `socket` and `select` here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+import socket
+import stat
+import struct
+
+from lamina.engine.sandbox import _chroot, _confine, _inside, _libc, _rootfs
+from lamina.oci import recorded
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_CHILD_SUBREAPER = 36
+_SECCOMP_SET_MODE_FILTER = 1
+_SECCOMP_FILTER_FLAG_NEW_LISTENER = 8
+_RET_ALLOW = 0x7FFF0000
+_RET_USER_NOTIF = 0x7FC00000
+_NOTIF_RECV = 0xC0502100
+_NOTIF_SEND = 0xC0182101
+_NOTIF_ID_VALID = 0x40082102
+_FLAG_CONTINUE = 1
+_AT_FDCWD = -100
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_EMPTY_PATH = 0x1000
+_UNCHANGED = 0xFFFFFFFF  # (uid_t)-1
+_X32_BIT = 0x40000000
+
+# (audit arch, seccomp syscall number, {name: number}); x86_64 keeps its x32 numbers too.
+_ARCHES = {
+    "x86_64": (
+        0xC000003E,
+        317,
+        {
+            "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260, "mknod": 133, "mknodat": 259,
+            "setuid": 105, "setgid": 106, "setreuid": 113, "setregid": 114, "setresuid": 117,
+            "setresgid": 119, "setfsuid": 122, "setfsgid": 123, "exit_group": 231, "getuid": 102,
+            "geteuid": 107, "getgid": 104, "getegid": 108, "getresuid": 118, "getresgid": 120,
+        },
+    ),
+    "aarch64": (
+        0xC00000B7,
+        277,
+        {
+            "fchown": 55, "fchownat": 54, "mknodat": 33, "setuid": 146, "setgid": 144, "setreuid": 145,
+            "setregid": 143, "setresuid": 147, "setresgid": 149, "setfsuid": 151, "setfsgid": 152,
+            "exit_group": 94, "getuid": 174, "geteuid": 175, "getgid": 176, "getegid": 177,
+            "getresuid": 148, "getresgid": 150,
+        },
+    ),
+}  # fmt: skip
+_DEV_HOST = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+class _Failed(Exception):
+    pass
+
+
+class _Answer(Exception):  # not an error: the value a call returns
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def run(spec: dict, report_fd: int) -> int:
+    """The "run" mode under proot: copy, stage, run with chown recorded, kill leftovers, compare."""
+    from lamina.engine import snapshot
+
+    root = spec["rootfs"]
+    machine = os.uname().machine
+    if machine not in _ARCHES:
+        _inside.report(report_fd, f"proot isolation: not supported on {machine} (x86_64 and aarch64 only)")
+        return _inside.SETUP_FAILED
+    stage = _chroot.Stage(root)
+    try:
+        _rootfs.merge_copy(spec["lowers"], root)
+        baseline = snapshot.record(root, spec["lowers"])
+        uid, gid, _groups, home = _inside.resolve_user(spec["user"], root)
+        cwd = spec["cwd"] or "/"
+        os.makedirs(os.path.join(root, _rootfs.resolve_in_dir(root, cwd)), exist_ok=True)
+        seccomp = None if spec["insecure"] else _confine.Filter(no_new_privs=True)
+    except (OSError, _inside.SetupError) as err:
+        _inside.report(report_fd, f"prepare the sandbox root: {_inside._describe(err)}")
+        return _inside.SETUP_FAILED
+    known = {facts[1] for facts in baseline.facts.values()}
+    code = _inside.SETUP_FAILED
+    failures: list[str] = []
+    try:
+        try:
+            binds = _stage_all(spec, stage)
+        except (OSError, _inside.SetupError) as err:
+            _inside.report(report_fd, f"set up the sandbox: {_inside._describe(err)}")
+            return _inside.SETUP_FAILED
+        stage.settle()
+        _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        argv = _proot_argv(spec, root, cwd, uid, gid, binds)
+        env = dict(kv.split("=", 1) for kv in spec["env"])
+        env.setdefault("PATH", _inside._DEFAULT_PATH)
+        env.setdefault("HOME", home)
+        env.setdefault("HOSTNAME", spec["hostname"])
+        ours, theirs = socket.socketpair()
+        child = os.fork()
+        if child == 0:
+            ours.close()
+            try:
+                _command(argv, env, theirs, seccomp, report_fd)
+            finally:
+                os._exit(_inside.EXEC_FAILED)
+        theirs.close()
+        _inside.forward_signals(child)
+        supervisor = _Supervisor(root, known, (uid, gid), failures)
+        code = supervisor.serve(ours, child)
+        _chroot._kill_leftovers()
+    finally:
+        try:
+            stage.undo()
+        except OSError as err:
+            _inside.report(report_fd, f"take the mounts back out of the root: {_inside._describe(err)}")
+            code = _inside.SETUP_FAILED
+    if (uid, gid) != (0, 0) and not failures:
+        _own_new_files(root, known, (uid, gid), failures)
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        _inside.report(report_fd, f"{failures[0]}{more}, which proot isolation cannot record in the layer")
+        return _inside.SETUP_FAILED
+    try:
+        snapshot.write_diff(baseline, root, spec["upper"])
+    except Exception as err:  # reported, not a traceback: the caller raises SandboxError
+        _inside.report(report_fd, f"compare the copied rootfs: {_inside._describe(err)}")
+        return _inside.SETUP_FAILED
+    return code
+
+
+def _stage_all(spec: dict, stage: _chroot.Stage) -> list[tuple[str, str]]:
+    """Stage what chroot isolation stages; return the proot binds (host path, guest path)."""
+    binds: list[tuple[str, str]] = []
+
+    def dev(path: str) -> None:
+        os.mkdir(path, 0o755)
+        for name in _DEV_HOST:
+            fd = os.open(os.path.join(path, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            os.close(fd)
+            if os.path.exists("/dev/" + name):
+                binds.append(("/dev/" + name, "/dev/" + name))
+        for name, target in _inside._DEV_LINKS:
+            os.symlink(target, os.path.join(path, name))
+        os.mkdir(os.path.join(path, "pts"), 0o755)
+        os.mkdir(os.path.join(path, "shm"))
+        os.chmod(os.path.join(path, "shm"), 0o1777)
+
+    stage.place("/dev", dev)
+    for rel, source in spec["host_binds"]:
+        stage.place("/" + rel, lambda p, s=source: _copy_secret(s, p, 0o644))
+    for m in spec["mounts"]:
+        target, kind = "/" + m["target"], m["kind"]
+        if kind == "tmpfs":
+            stage.place(target, lambda p: os.mkdir(p, 0o755))
+        elif kind == "bind" and (m["readonly"] or m["discard"]):
+            stage.place(target, lambda p, s=m["source"]: _chroot._copy_tree(s, p))  # writes dropped
+        elif kind in ("bind", "cache"):
+            source = m["source"]
+            if kind == "cache" and m["fresh"]:
+                os.chmod(source, m["mode"])
+            is_dir = os.path.isdir(source)
+            path = stage.place(
+                target,
+                lambda p, d=is_dir: (
+                    os.mkdir(p, 0o755)
+                    if d
+                    else os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                ),
+            )
+            binds.append((source, "/" + os.path.relpath(path, stage.root)))
+        elif kind == "secret":
+            stage.place(target, lambda p, m=m: _copy_secret(m["source"], p, m["mode"]))
+        else:
+            raise _inside.SetupError(f"unknown mount type {kind!r}")
+    return binds
+
+
+def _copy_secret(source: str, dest: str, mode: int) -> None:
+    with open(source, "rb") as src:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            while chunk := src.read(1 << 20):
+                os.write(fd, chunk)
+            os.fchmod(fd, mode | 0o400)  # the step is this uid, shown as its USER: it must read it
+        finally:
+            os.close(fd)
+
+
+def _proot_argv(
+    spec: dict, root: str, cwd: str, uid: int, gid: int, binds: list[tuple[str, str]]
+) -> list[str]:
+    argv = [spec["proot"], "-v", "-1", "-r", root, "-w", cwd]
+    if os.path.isdir("/proc"):
+        argv += ["-b", "/proc"]
+    for host, guest in binds:
+        argv += ["-b", f"{host}:{guest}"]
+    return argv + list(spec["argv"])
+
+
+def _command(
+    argv: list[str], env: dict[str, str], sock: socket.socket, seccomp: object, report_fd: int
+) -> None:
+    """In the forked child: the recording filter (its listener to the parent), confinement, exec proot."""
+    try:
+        _inside._default_signals()
+        os.setsid()
+        os.umask(0o022)  # runc's
+        listener = _install_filter()
+        socket.send_fds(sock, [b"L"], [listener])
+        os.close(listener)
+        sock.close()
+        if seccomp is not None:
+            seccomp.load()  # type: ignore[attr-defined]
+    except OSError as err:
+        _inside.report(report_fd, f"set up the sandbox: {_inside._describe(err)}")
+        os._exit(_inside.SETUP_FAILED)
+    # proot's own settings: ptrace mode (its seccomp mode would let a chown
+    # reach our filter untranslated) and its scratch files next to the root.
+    proot_env = env
+    try:
+        os.execve(argv[0], argv, proot_env)
+    except OSError as err:
+        _inside.report(report_fd, f"exec {argv[0]}: {err.strerror}")
+        os._exit(_inside.EXEC_FAILED)
+
+
+def _install_filter() -> int:
+    """Load the filter that hands chown, device mknod and set*id to our listener; return its fd."""
+    arch, seccomp_nr, numbers = _ARCHES[os.uname().machine]
+    nrs = sorted(set(numbers.values()))
+    code: list[bytes] = []
+
+    def op(kind: int, jt: int, jf: int, k: int) -> None:
+        code.append(struct.pack("=HBBI", kind, jt, jf, k))
+
+    n = len(nrs)
+    op(0x20, 0, 0, 4)  # ld arch
+    op(0x15, 1, 0, arch)  # native: go on
+    op(0x06, 0, 0, _RET_USER_NOTIF)  # another ABI (i386): the supervisor refuses to follow it
+    op(0x20, 0, 0, 0)  # ld nr
+    op(0x54, 0, 0, ~_X32_BIT & 0xFFFFFFFF)  # x32 numbers are the x86_64 ones with a bit set
+    for i, nr in enumerate(nrs):
+        op(0x15, n - i, 0, nr)
+    op(0x06, 0, 0, _RET_ALLOW)
+    op(0x06, 0, 0, _RET_USER_NOTIF)
+    program = ctypes.create_string_buffer(b"".join(code))
+    fprog = ctypes.create_string_buffer(struct.pack("=HxxxxxxQ", len(code), ctypes.addressof(program)))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "no_new_privs")
+    fd = libc.syscall(seccomp_nr, _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_NEW_LISTENER, fprog)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp user notification: {os.strerror(err)}")
+    return int(fd)
+
+
+class _Supervisor:
+    """Answers the step's chown, mknod and set*id calls, recording owners in xattrs."""
+
+    def __init__(self, root: str, known: set[int], owner: tuple[int, int], failures: list[str]) -> None:
+        self.root = root.rstrip("/")
+        self.known = known  # inodes of the root before the step: the rest default to its USER
+        self.owner = owner
+        self.failures = failures
+        arch, _, numbers = _ARCHES[os.uname().machine]
+        self.arch = arch
+        self.names = {nr: name for name, nr in numbers.items()}
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+        self.main = -1  # the command's process (proot's first child): its exit ends the step
+        self.code = -1  # its exit code, once it called exit_group
+
+    def serve(self, sock: socket.socket, child: int) -> int:
+        """Answer notifications until proot exits; the step's code is its first process's.
+
+        proot (5.1) waits for every traced process and exits with the last
+        one's status; as in a PID namespace, what the command leaves running
+        is killed once the command itself exits.
+        """
+        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        sock.close()
+        listener = fds[0] if fds else -1
+        pidfd = os.pidfd_open(child)
+        main_fd = -1
+        try:
+            poll = select.poll()
+            poll.register(pidfd, select.POLLIN)
+            if listener >= 0:
+                poll.register(listener, select.POLLIN)
+            while True:
+                if self.main < 0:
+                    self.main = _first_child(child)
+                    if self.main > 0:
+                        main_fd = os.pidfd_open(self.main)
+                        poll.register(main_fd, select.POLLIN)
+                ready = dict(poll.poll(10 if self.main < 0 else -1))
+                if listener in ready:
+                    if ready[listener] & select.POLLIN:
+                        self._one(listener)
+                    else:
+                        poll.unregister(listener)  # every filtered process is gone
+                if main_fd in ready:
+                    poll.unregister(main_fd)
+                    if self.code < 0:
+                        self.code = _zombie_code(self.main)
+                    _kill_tree(child, self.main)
+                if pidfd in ready:
+                    _, status = os.waitpid(child, 0)
+                    return self.code if self.code >= 0 else _inside.exit_code(status)
+        finally:
+            for fd in (pidfd, main_fd, listener):
+                if fd >= 0:
+                    os.close(fd)
+
+    def _one(self, listener: int) -> None:
+        buf = ctypes.create_string_buffer(80)
+        if self.libc.ioctl(listener, _NOTIF_RECV, buf) != 0:
+            return  # the caller died (ENOENT) or an interrupt: nothing to answer
+        nid, pid, _flags, nr, arch = struct.unpack_from("=QIIiI", buf.raw)
+        args = struct.unpack_from("=6Q", buf.raw, 32)
+        error, cont, value = 0, False, 0
+        try:
+            if arch != self.arch:
+                self._fail("a 32-bit system call")
+                cont = True
+            else:
+                error, cont = self._handle(self.names.get(nr & ~_X32_BIT, ""), pid, args, nid, listener)
+        except _Answer as answer:
+            value = answer.value
+        except _Failed:
+            error = errno.EPERM
+        except OSError as err:
+            error = err.errno or errno.EPERM
+        resp = ctypes.create_string_buffer(
+            struct.pack("=QqiI", nid, value, -error if error else 0, _FLAG_CONTINUE if cont else 0), 24
+        )
+        self.libc.ioctl(listener, _NOTIF_SEND, resp)
+
+    def _fail(self, what: str) -> None:
+        if what not in self.failures:
+            self.failures.append(what)
+
+    def _handle(
+        self, name: str, pid: int, args: tuple[int, ...], nid: int, listener: int
+    ) -> tuple[int, bool]:
+        """(errno to answer, 0 for success; whether the kernel runs the call itself)."""
+        if name == "exit_group":
+            if pid == self.main:
+                self.code = args[0] & 0xFF
+            return 0, True
+        if name.startswith("get"):
+            return self._get_ids(name, pid, args, nid, listener)
+        if name.startswith("set"):
+            self._identity(name, args)
+            if name.startswith("setfs"):
+                raise _Answer(self.owner[0] if name == "setfsuid" else self.owner[1])
+            return 0, False
+        if name in ("mknod", "mknodat"):
+            path_arg, mode, dev = (
+                (args[0], args[1], args[2]) if name == "mknod" else (args[1], args[2], args[3])
+            )
+            kind = stat.S_IFMT(mode)
+            if kind not in (stat.S_IFCHR, stat.S_IFBLK):
+                return 0, True
+            dirfd = _AT_FDCWD if name == "mknod" else _signed(args[0])
+            path = self._path(pid, dirfd, path_arg, 0)
+            self._valid(listener, nid)
+            if not self._inside(path):
+                return errno.EPERM, False
+            if os.path.lexists(path):
+                return errno.EEXIST, False
+            umask = _umask(pid)
+            recorded.make_device(
+                path,
+                "c" if kind == stat.S_IFCHR else "b",
+                os.major(dev),
+                os.minor(dev),
+                mode & ~umask & 0o7777,
+            )
+            return 0, False
+        if name == "fchown":
+            path, follow, uid, gid = f"/proc/{pid}/fd/{args[0]}", True, args[1], args[2]
+            path = os.readlink(path)
+        elif name in ("chown", "lchown"):
+            follow = name == "chown"
+            path, uid, gid = self._path(pid, _AT_FDCWD, args[0], 0), args[1], args[2]
+        else:  # fchownat
+            flags = args[4]
+            follow = not flags & _AT_SYMLINK_NOFOLLOW
+            path, uid, gid = self._path(pid, _signed(args[0]), args[1], flags), args[2], args[3]
+        self._valid(listener, nid)
+        self._chown(path, follow, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF)
+        return 0, False
+
+    def _get_ids(
+        self, name: str, pid: int, args: tuple[int, ...], nid: int, listener: int
+    ) -> tuple[int, bool]:
+        """The step's USER as its real, effective and saved ids (proot's fake root, our way)."""
+        value = self.owner[0] if "uid" in name else self.owner[1]
+        if not name.startswith("getres"):
+            raise _Answer(value)
+        self._valid(listener, nid)
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for address in args[:3]:
+                os.pwrite(fd, struct.pack("=I", value), address)
+        finally:
+            os.close(fd)
+        return 0, False
+
+    def _identity(self, name: str, args: tuple[int, ...]) -> None:
+        count = {"setreuid": 2, "setregid": 2, "setresuid": 3, "setresgid": 3}.get(name, 1)
+        wanted = {a & 0xFFFFFFFF for a in args[:count]} - {_UNCHANGED}
+        mine = self.owner[0] if "uid" in name else self.owner[1]
+        for value in sorted(wanted - {mine}):
+            what = "user" if "uid" in name else "group"
+            self._fail(
+                f"the step switches to {what} id {value} ({name}): files it makes would get the wrong owner"
+            )
+
+    def _path(self, pid: int, dirfd: int, address: int, flags: int) -> str:
+        text = _read_string(pid, address)
+        if not text and flags & _AT_EMPTY_PATH:
+            return os.readlink(f"/proc/{pid}/fd/{dirfd}")
+        if text.startswith("/"):
+            return text
+        base = os.readlink(f"/proc/{pid}/cwd" if dirfd == _AT_FDCWD else f"/proc/{pid}/fd/{dirfd}")
+        return os.path.join(base, text)
+
+    def _valid(self, listener: int, nid: int) -> None:
+        ident = ctypes.c_uint64(nid)
+        if self.libc.ioctl(listener, _NOTIF_ID_VALID, ctypes.byref(ident)) != 0:
+            raise _Failed  # the caller is gone: what was read may be another process's
+
+    def _inside(self, path: str) -> bool:
+        return path == self.root or path.startswith(self.root + "/")
+
+    def _chown(self, path: str, follow: bool, uid: int, gid: int) -> None:
+        if not self._inside(path):
+            if not os.path.lexists(path):
+                raise FileNotFoundError(errno.ENOENT, "no such file")
+            return  # a cache or bind mount: not in the layer
+        if follow and os.path.islink(path):
+            rel = os.path.relpath(path, self.root)
+            path = os.path.join(self.root, _rootfs.resolve_in_dir(self.root, rel))
+        st = os.lstat(path)  # FileNotFoundError: ENOENT, as chown would say
+        default = (0, 0) if st.st_ino in self.known else self.owner
+        old = recorded.owner_of(path, default)
+        new = (old[0] if uid == _UNCHANGED else uid, old[1] if gid == _UNCHANGED else gid)
+        if (uid, gid) == (_UNCHANGED, _UNCHANGED):
+            return
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISREG(st.st_mode) and mode & (stat.S_ISUID | stat.S_ISGID):
+            # chown clears setuid, and setgid of a group-executable file, as the kernel does
+            kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+            os.chmod(path, mode & ~kill)
+        try:
+            recorded.set_owner(path, *new)
+        except recorded.CannotRecord:
+            if new != old:
+                rel = os.path.relpath(path, self.root)
+                self._fail(f"chown {new[0]}:{new[1]} of the symlink or special file /{rel}")
+
+
+def _own_new_files(root: str, known: set[int], owner: tuple[int, int], failures: list[str]) -> None:
+    """Files the step made as its (non-root) USER are that user's, unless it chowned them."""
+    todo = [root]
+    while todo:
+        current = todo.pop()
+        with os.scandir(current) as it:
+            entries = list(it)
+        for entry in entries:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                todo.append(entry.path)
+            if st.st_ino in known:
+                continue
+            try:
+                os.getxattr(entry.path, recorded.OWNER_XATTR, follow_symlinks=False)
+                continue  # chowned by the step
+            except OSError:
+                pass
+            try:
+                recorded.set_owner(entry.path, *owner)
+            except recorded.CannotRecord:
+                rel = os.path.relpath(entry.path, root)
+                failures.append(f"/{rel} is a symlink or special file made as user {owner[0]}:{owner[1]}")
+                return
+
+
+def _first_child(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+    except OSError:
+        return -1
+    return int(kids[0]) if kids else -1
+
+
+def _zombie_code(pid: int) -> int:
+    """The exit code of `pid` (not our child) from /proc while it is a zombie, else -1."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return _inside.exit_code(int(fields[-1]))
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _kill_tree(top: int, spare: int) -> None:
+    """SIGKILL every descendant of `top` but `spare` (and `top`): what the command left running."""
+    todo, found = [top], []
+    while todo:
+        pid = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                todo += kids
+                found += kids
+        except OSError:
+            continue
+    for pid in found:
+        if pid != spare:
+            try:  # noqa: SIM105 (contextlib is not imported helper-side)
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def _signed(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def _umask(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _read_string(pid: int, address: int, limit: int = 4096) -> str:
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        out = b""
+        while len(out) < limit:
+            chunk = os.pread(fd, 4096 - address % 4096, address)
+            if not chunk:
+                break
+            end = chunk.find(b"\0")
+            if end >= 0:
+                return (out + chunk[:end]).decode("utf-8", "surrogateescape")
+            out += chunk
+            address += len(chunk)
+        raise OSError(errno.ENAMETOOLONG, "path too long")
+    finally:
+        os.close(fd)
