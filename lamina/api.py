@@ -253,6 +253,21 @@ def diff_builds(
     return diffbuilds.compare(*diffbuilds.last_two(path, str(context)))
 
 
+def diff_images(
+    image_a: str,
+    image_b: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Any:
+    """Two stored images compared: config, layer by layer, file by file (diffimages.ImageDiff)."""
+    from lamina import diffimages
+    from lamina.cache.store import Store
+
+    with Store(_store_root(cache_dir, environ)) as store:
+        return diffimages.compare(store, image_a, image_b)
+
+
 # --- sandbox: run -----------------------------------------------------------------
 
 

@@ -832,14 +832,25 @@ def debug(failure: str | None, command: tuple[str, ...]) -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def diff_command(paths: tuple[str, ...], dockerfile: str | None, target: str | None, fmt: str) -> None:
     """Compare the last two builds of CONTEXT (default .), step by step: which steps ran, why,
-    and what differs. With two files, compare two --metadata-file documents (older first)."""
+    and what differs. With two files, compare two --metadata-file documents (older first);
+    with two image names, two images in the store: config, layer by layer, file by file."""
     import os
 
     from lamina import api
     from lamina.diffbuilds import to_text
 
-    if len(paths) > 2 or (len(paths) == 2 and not all(os.path.isfile(p) for p in paths)):
-        raise click.UsageError("give a build context, or two --metadata-file documents")
+    images = len(paths) == 2 and not any(os.path.exists(p) for p in paths)
+    if len(paths) > 2 or (len(paths) == 2 and not images and not all(os.path.isfile(p) for p in paths)):
+        raise click.UsageError("give a build context, two --metadata-file documents or two image names")
+    if images:
+        from lamina import diffimages
+
+        if dockerfile or target:
+            raise click.UsageError("-f and --target choose a context's builds, not images")
+        compared = api.diff_images(*paths)
+        text = diffimages.to_text(compared) if fmt == "text" else ""
+        click.echo(_printable_lines(text) if text else _json(compared.to_json()), nl=not text)
+        return
     if len(paths) == 2:
         if dockerfile or target:
             raise click.UsageError("-f and --target choose a context's builds, not metadata files")
@@ -852,6 +863,12 @@ def diff_command(paths: tuple[str, ...], dockerfile: str | None, target: str | N
         click.echo(json.dumps(found.to_json(), indent=2, ensure_ascii=False))
     else:
         click.echo(_printable_lines(to_text(found)), nl=False)
+
+
+def _json(doc: Any) -> str:
+    import json
+
+    return json.dumps(doc, indent=2, ensure_ascii=False)
 
 
 def _printable_lines(text: str) -> str:

@@ -1,4 +1,5 @@
-"""`lamina diff`: the last two builds of a context (or two --metadata-file documents), step by step."""
+"""`lamina diff`: the last two builds of a context (or two --metadata-file documents), step by step;
+two images: config, layer by layer, file by file."""
 
 from __future__ import annotations
 
@@ -86,3 +87,40 @@ def test_diff_of_two_metadata_files_and_a_changed_instruction(cache: Path, ctx: 
     assert [s["change"] for s in history["steps"]] == ["unchanged", "unchanged", "unchanged", "changed"]
     refused = run_cli("diff", str(old), cache=cache, check=False)
     assert refused.returncode == 1 and "no build recorded yet" in refused.stderr
+
+
+def test_diff_of_two_images_config_layers_and_files(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM {BASE}\nCOPY src/ /src/\nRUN rm /bin/true && chmod 700 /src/b\nENV A=1\n"
+    ctx = write_context(tmp_path / "img", text, {"src/a": "a\n", "src/b": "b\n", "src/gone": "x\n"})
+    run_cli("build", "--progress", "quiet", "-t", "one:1", str(ctx), cache=cache)
+    (ctx / "src/a").write_text("A2\n")
+    (ctx / "src/c").write_text("c\n")
+    (ctx / "src/gone").unlink()
+    (ctx / "Dockerfile").write_text(text.replace("A=1", "A=2").replace("chmod 700", "chmod 750"))
+    run_cli("build", "--progress", "quiet", "-t", "one:2", str(ctx), cache=cache)
+    lines = _normal(run_cli("diff", "one:1", "one:2", cache=cache).stdout).splitlines()
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert lines[2] == f'config: Env: ["PATH={path}", "A=1"] -> ["PATH={path}", "A=2"]'
+    assert lines[3].startswith("layer 1: same  sha256:DIGEST ")
+    assert lines[4] == (
+        "layer 2: changed  sha256:DIGEST COPY src/ /src/ # buildkit  ->  "
+        "sha256:DIGEST COPY src/ /src/ # buildkit"
+    )
+    assert lines[5].startswith("layer 3: changed  sha256:DIGEST RUN /bin/sh -c rm /bin/true && chmod 700")
+    assert lines[6:] == [
+        "changed  /src/a     content (2 -> 3 bytes), layer 2",
+        "changed  /src/b     mode 700 -> 750, layer 3",
+        "added    /src/c     file, layer 2",
+        "removed  /src/gone  file, was in layer 2",
+    ]
+    said = json.loads(run_cli("diff", "--format", "json", "one:1", "one:2", cache=cache).stdout)
+    assert [(f["path"], f["change"]) for f in said["files"]] == [
+        ("src/a", "changed"),
+        ("src/b", "changed"),
+        ("src/c", "added"),
+        ("src/gone", "removed"),
+    ]
+    assert [layer["change"] for layer in said["layers"]] == ["same", "changed", "changed"]
+    # busybox's /bin/true, removed by a whiteout in layer 3 of both, is in neither.
+    base = run_cli("diff", BASE, "one:2", cache=cache).stdout
+    assert "removed  /bin/true" in base and "layer 2: only in b" in base
