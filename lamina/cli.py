@@ -820,6 +820,7 @@ def debug(failure: str | None, command: tuple[str, ...]) -> None:
             when = datetime.datetime.fromtimestamp(kept.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
             click.echo(f"{kept.id}  {when}  stage {kept.stage}  {_printable(kept.step)}")
         return
+    command = command[1:] if command[:1] == ("--",) else command  # `lamina debug ID -- CMD...`
     sys.exit(
         api.debug(failure, command, on_warning=lambda message: click.echo(f"warning: {message}", err=True))
     )

@@ -44,7 +44,7 @@ def _failed_build(cache: Path, ctx: Path, *flags: str, stdin: str = "") -> tuple
 def test_a_failed_run_names_the_command_that_enters_what_it_left(cache: Path, ctx: Path) -> None:
     ident, output = _failed_build(cache, ctx)
     assert f"\ndebug: lamina debug {ident}  (a shell in the failed step's filesystem)\n" in output
-    proc = run_cli("debug", ident, "cat", "/work/made", "/work/before", "/data/in.txt", cache=cache)
+    proc = run_cli("debug", ident, "--", "cat", "/work/made", "/work/before", "/data/in.txt", cache=cache)
     assert proc.stdout == "partial\nkept\nmounted input\n"
     # The step's env, workdir and a shell read from stdin, as `--on-error=shell` gets it.
     script = 'echo "$STAGE_VAR in $(pwd)"\nls /work\nexit 3\n'
