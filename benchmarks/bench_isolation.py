@@ -1,8 +1,9 @@
 """What each isolation mode costs: a RUN step's start-to-exit, and a small two-stage build.
 
-    .venv/bin/python benchmarks/bench_isolation.py [--rounds 10]
+    .venv/bin/python benchmarks/bench_isolation.py [--rounds 10] [--plain-user lamina-sb-nosub]
 
-Run as root (chroot and rootns need uid 0). For each mode this process may
+Run as root (chroot and rootns need uid 0); proot is for a plain uid, so as
+root its row is measured by re-running this script as --plain-user. For each mode this process may
 use (`lamina info` lists them): the sandbox's start-to-exit for /bin/true
 over the busybox base (median of --rounds), then a cold and a no-op build
 of tests/test_sandbox_isolation.py's Dockerfile (two stages, four RUN
@@ -61,17 +62,32 @@ def _build(work: Path, mode: str, base: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=10)
-    rounds = parser.parse_args().rounds
+    parser.add_argument("--plain-user", default="", help="as root: measure proot as this user")
+    parser.add_argument("--only", default="", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    rounds = opts.rounds
     with tempfile.TemporaryDirectory(prefix="bench-isolation-") as tmp:
         work = Path(tmp)
+        work.chmod(0o755)
         rootfs = make_busybox_rootfs(work / "rootfs")
         base = make_busybox_image(work / "base")
         (work / "ctx").mkdir()
         (work / "ctx/Dockerfile").write_text(DOCKERFILE)
         (work / "ctx/app.txt").write_text("hello\n")
         (work / "tok").write_text("s3cret\n")
-        print(f"{'mode':8} {'/bin/true ms':>13} {'cold build s':>13} {'no-op s':>8}")
+        if not opts.only:
+            print(f"{'mode':8} {'/bin/true ms':>13} {'cold build s':>13} {'no-op s':>8}")
         for mode in Isolation:
+            if opts.only and mode.value != opts.only:
+                continue
+            if mode is Isolation.PROOT and os.geteuid() == 0 and opts.plain_user:
+                again = [sys.executable, __file__, "--only", "proot", "--rounds", str(rounds)]
+                done = subprocess.run(
+                    ["runuser", "-u", opts.plain_user, "--", *again], cwd="/tmp", check=False
+                )
+                if done.returncode:
+                    print(f"{mode.value:8} failed as {opts.plain_user}")
+                continue
             try:
                 choose(mode)
             except SandboxError as err:
