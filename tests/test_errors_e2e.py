@@ -404,10 +404,11 @@ def test_run_exit_code(cache: Path, ctx: Path) -> None:
     (ctx / "bad.Dockerfile").write_text(f"FROM {BASE} AS work\nRUN echo first-line; echo last-line; exit 3\n")
     proc = run_cli("build", "-f", str(ctx / "bad.Dockerfile"), str(ctx), cache=cache, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
+    line, hint = proc.stderr.strip().splitlines()[-2:]  # the error, then how to enter what the step left
     assert (
         line.startswith("error: ") and "bad.Dockerfile:2" in line and "work" in line and "exit code 3" in line
     )
+    assert hint.startswith("debug: lamina debug ")
     assert "last-line" in proc.stderr
     still_good(cache, ctx)
 
@@ -417,7 +418,7 @@ def test_run_killed_by_signal(cache: Path, ctx: Path) -> None:
     (ctx / "bad.Dockerfile").write_text(f"FROM {BASE}\nRUN kill -9 $$\n")
     proc = run_cli("build", "-f", str(ctx / "bad.Dockerfile"), str(ctx), cache=cache, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
+    line = proc.stderr.strip().splitlines()[-2]  # the last is `debug: lamina debug ID`
     assert line.startswith("error: ") and "bad.Dockerfile:2" in line
     assert "exit code 137 (128+SIGKILL)" in line
 
