@@ -224,6 +224,10 @@ def _check_tree(out: Path, case: dict[str, Any]) -> None:
         text = (out / name).read_text()
         for line in lines:
             assert line in text.splitlines(), f"{name}: no line {line!r} in {text!r}"
+    for name, fragments in case.get("expect_in", {}).items():
+        text = (out / name).read_text()
+        for fragment in fragments:
+            assert fragment in text, f"{name}: no {fragment!r} in {text!r}"
     for name, fragments in case.get("expect_not_in", {}).items():
         text = (out / name).read_text()
         for fragment in fragments:

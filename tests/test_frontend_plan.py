@@ -258,7 +258,7 @@ def test_cli_plan_error_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "Dockerfile").write_text("FROM a\nRUN x\n\nSET y\n")
     result = CliRunner().invoke(cli, ["plan", str(tmp_path)])
     assert result.exit_code == 1
-    assert result.output == f"error: {tmp_path}/Dockerfile:4: unknown instruction: SET\n"
+    assert result.output == f"error: {tmp_path}/Dockerfile:4: unknown instruction: SET (did you mean USER?)\n"
 
 
 def test_cli_plan_dash_f(tmp_path: Path) -> None:

@@ -520,9 +520,10 @@ def test_build_as_a_plain_user_without_namespaces_makes_the_same_image(
         (
             "USER nobody\nRUN ln -s /etc /tmp/etc",
             "/tmp/etc is a symlink or special file made as user 65534:65534",
-        )
+        ),
+        ("RUN su nobody -s /bin/sh -c true", "the step switches to group id 65534 (setgid)"),
     ],
-    ids=["symlink-owner"],
+    ids=["symlink-owner", "switch-user"],
 )
 def test_what_proot_cannot_record_fails_the_step_in_one_line(
     plain_user_dir: Path, step: str, reason: str

@@ -1091,11 +1091,16 @@ def _levenshtein(a: str, b: str) -> int:
 
 
 def suggest(word: str, options: Iterable[str]) -> str | None:
-    """The closest option when it is close enough to be a likely typo."""
-    limit = 1 if len(word) <= 3 else 2
-    best, best_distance = None, limit + 1
+    """The closest option when it is close enough to be a likely typo.
+
+    BuildKit's util/suggest.Search: fewer than 3 edits away, whatever the
+    length (`tmp` -> tmpfs), and no suggestion when the word is an option.
+    """
+    best, best_distance = None, 3
     for option in options:
         distance = _levenshtein(word.lower(), option.lower())
+        if distance == 0:
+            return None
         if distance < best_distance:
             best, best_distance = option, distance
     return best

@@ -64,7 +64,8 @@ _ARCHES = {
         {
             "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260, "mknod": 133, "mknodat": 259,
             "setuid": 105, "setgid": 106, "setreuid": 113, "setregid": 114, "setresuid": 117,
-            "setresgid": 119, "setfsuid": 122, "setfsgid": 123, "exit_group": 231, "getuid": 102,
+            "setresgid": 119, "setfsuid": 122, "setfsgid": 123,
+            "setgroups": 116, "exit_group": 231, "getuid": 102,
             "geteuid": 107, "getgid": 104, "getegid": 108, "getresuid": 118, "getresgid": 120,
         },
     ),
@@ -74,6 +75,7 @@ _ARCHES = {
         {
             "fchown": 55, "fchownat": 54, "mknodat": 33, "setuid": 146, "setgid": 144, "setreuid": 145,
             "setregid": 143, "setresuid": 147, "setresgid": 149, "setfsuid": 151, "setfsgid": 152,
+            "setgroups": 159,
             "exit_group": 94, "getuid": 174, "geteuid": 175, "getgid": 176, "getegid": 177,
             "getresuid": 148, "getresgid": 150,
         },
@@ -383,6 +385,8 @@ class _Supervisor:
             return 0, True
         if name.startswith("get"):
             return self._get_ids(name, pid, args, nid, listener)
+        if name == "setgroups":
+            return 0, False  # as root's would; supplementary groups own no files
         if name.startswith("set"):
             self._identity(name, args)
             if name.startswith("setfs"):
