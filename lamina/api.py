@@ -395,6 +395,9 @@ def build(
     tags: Iterable[str] = (),
     outputs: Iterable[str] = (),
     output: str | None = None,
+    annotations: Iterable[str] = (),
+    provenance: str | None = None,
+    sbom: str | None = None,
     no_cache: bool = False,
     no_cache_filter: Iterable[str] = (),
     labels: Mapping[str, str] | None = None,
@@ -450,7 +453,6 @@ def build(
     from lamina.engine.buildfiles import default_dockerfile
     from lamina.engine.executor import execute
     from lamina.engine.model import BuildOptions, parse_secret
-    from lamina.engine.outputspec import parse_outputs
     from lamina.engine.progress import QuietProgress
     from lamina.errors import PlanError
 
@@ -470,13 +472,19 @@ def build(
         why = "is not a directory" if Path(context).exists() else "does not exist"
         raise ContextError(f"build context {context} {why}")
     specs = [*outputs, *([output] if output else [])]
+    output_specs, attestations = _output_specs(specs, annotations, provenance, sbom, compression)
+    if any(spec.insecure for spec in output_specs):
+        from lamina.engine.push import insecure_hosts
+
+        insecure = (*insecure, *insecure_hosts(output_specs))
     options = BuildOptions(
         context=Path(context),
         dockerfile=Path(dockerfile) if dockerfile is not None else default_dockerfile(Path(context)),
         target=target,
         build_args=tuple(args.items()),
         tags=tuple(tags),
-        outputs=parse_outputs(specs),
+        outputs=output_specs,
+        provenance=attestations,
         no_cache=no_cache,
         no_cache_filter=tuple(no_cache_filter),
         labels=tuple((labels or {}).items()),
@@ -494,6 +502,7 @@ def build(
         cache_to=_cache_specs(cache_to, "--cache-to"),
         **_run_inputs(add_hosts, ulimits, shm_size),
     )
+    to_push = _push_names(options)
     for secret in options.secrets:
         # As buildx: a secret file that is not there fails the build before it starts.
         if not str(secret.source).startswith("env:") and not secret.source.is_file():
@@ -516,6 +525,10 @@ def build(
         from lamina.engine.push import push_result
 
         result = push_result(options, result)
+    if to_push and not dry_run:  # -o type=image,push=true and type=registry
+        from lamina.engine.push import push_result
+
+        result = push_result(options, result, names=to_push)
     return result
 
 
@@ -585,6 +598,48 @@ def _cache_specs(texts: Iterable[str], flag: str) -> tuple[Any, ...]:
     from lamina.cache.remote import parse_cache_specs
 
     return parse_cache_specs(texts, flag)
+
+
+def _output_specs(
+    specs: Sequence[str],
+    annotations: Iterable[str],
+    provenance: str | None,
+    sbom: str | None,
+    compression: str,
+) -> tuple[tuple[Any, ...], tuple[tuple[str, str], ...] | None]:
+    """The -o outputs with --annotation applied, and the --provenance attributes, all checked."""
+    from lamina.engine.outputspec import (
+        check_outputs,
+        parse_annotation_flags,
+        parse_outputs,
+        with_annotations,
+    )
+
+    outputs = with_annotations(parse_outputs(specs), parse_annotation_flags(tuple(annotations)))
+    attestations = None
+    if provenance is not None:
+        from lamina.engine.provenance import parse_provenance
+
+        attestations = parse_provenance(provenance)
+    if sbom is not None:
+        from lamina.engine.provenance import check_sbom
+
+        check_sbom(sbom)
+    if attestations is not None and not outputs:  # the store's image gets them, as buildx's default
+        from lamina.engine.outputspec import OutputSpec, OutputType
+
+        outputs = (OutputSpec(OutputType.IMAGE),)
+    check_outputs(outputs, compression, attestations is not None)
+    return outputs, attestations
+
+
+def _push_names(options: Any) -> tuple[str, ...]:
+    """The names the pushing outputs (`-o type=image,push=true`, `type=registry`) push to."""
+    if not any(output.push for output in options.outputs):
+        return ()
+    from lamina.engine.push import push_names
+
+    return push_names(options, False)
 
 
 # --- registry: pull, push, login, logout ------------------------------------------

@@ -601,6 +601,15 @@ _on_error_option = click.option(
 )
 @click.option("-o", "--output", "outputs", multiple=True, help="type=oci|docker|local|tar,dest=PATH; DIR; -")
 @click.option(
+    "--annotation",
+    "annotations",
+    multiple=True,
+    metavar="[TYPE:]KEY=VALUE",
+    help="Annotate the image (TYPE: manifest, manifest-descriptor, index, index-descriptor).",
+)
+@click.option("--provenance", metavar="true|false|mode=min|max", help="Attach SLSA provenance (OCI index).")
+@click.option("--sbom", metavar="false", help="SBOM attestation: refused unless false (no generator).")
+@click.option(
     "--call",
     "call_method",
     default="build",
@@ -648,6 +657,9 @@ def build(
     allow: tuple[str, ...],
     progress: str,
     outputs: tuple[str, ...],
+    annotations: tuple[str, ...],
+    provenance: str | None,
+    sbom: str | None,
     call_method: str,
     check: bool,
     iidfile: str | None,
@@ -680,6 +692,9 @@ def build(
         build_args=dict(_pairs(build_args, "--build-arg")),
         tags=tags,
         outputs=outputs,
+        annotations=annotations,
+        provenance=provenance,
+        sbom=sbom,
         no_cache=no_cache,
         no_cache_filter=no_cache_filter,
         labels=dict(_pairs(labels, "--label")),

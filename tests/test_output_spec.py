@@ -39,7 +39,7 @@ def test_parse_output_names_and_compression():
     [
         ("type=oci", "needs dest="),
         ("type=nope,dest=x", "unknown type"),
-        ("type=registry,name=x", "not supported"),
+        ("type=image,name=x,push-by-digest=true", "not supported"),
         ("dest=x", "missing type"),
         ("type=oci,dest=x,bogus=1", "unknown key"),
         ("type=oci,dest=x,compression=lz4", "compression"),
@@ -49,6 +49,16 @@ def test_parse_output_names_and_compression():
 def test_parse_output_errors(spec, message):
     with pytest.raises(OutputError, match=message):
         parse_output(spec)
+
+
+def test_registry_is_image_with_push_and_attributes_parse():
+    output = parse_output('type=registry,"name=a:1,b:2",compression=uncompressed,annotation[linux/amd64].k=v')
+    assert (output.type, output.push, output.names) == (OutputType.IMAGE, True, ("a:1", "b:2"))
+    assert output.compression == "none" and output.oci_types
+    assert [(a.kind, a.key, a.value, a.platform) for a in output.annotations] == [
+        ("manifest", "k", "v", "linux/amd64")
+    ]
+    assert not parse_output("type=docker,dest=x").oci_types
 
 
 def test_only_one_stdout_output():

@@ -267,16 +267,26 @@ class Executor:
         created = self.created_for_image(target)
         config = dataclasses.replace(config, created=created)
         image = make_image(self.store, config, target.layers, self.options.compression, self.epoch)
-        names = self._tag(image, config)
-        for output in self.options.outputs:
+        # Each output's image as its exporter attributes make it (engine.imageexport); the
+        # tags name the first type=image output's, as buildx fills its name= with them.
+        from lamina.engine.imageexport import export_all, remember_index
+
+        outputs = self.options.outputs
+        args = (self.options.compression, self.epoch, config.platform, self.statements(image, config))
+        exported = export_all(self.store, image, target.layers, outputs, *args, self.options.tags)
+        images = [e for o, e in zip(outputs, exported, strict=True) if o.type is OutputType.IMAGE and e]
+        tagged = images[0] if images else image
+        names = self._tag(tagged, config)
+        remember_index(self.store, names, tagged)
+        for output, made in zip(outputs, exported, strict=True):
             if output.type is OutputType.IMAGE:
-                self._tag(image, config, output.names)
+                remember_index(self.store, self._tag(made, config, output.names), made)
                 continue
-            write_output(output, self.store, image, target.layer_dirs, names, self.epoch)
+            write_output(output, self.store, made or image, target.layer_dirs, names, self.epoch)
         seconds = time.monotonic() - start
         records = tuple(self.records)
         result = BuildResult(
-            str(image.manifest.digest),
+            str(tagged.manifest.digest),
             str(image.config.digest),
             dataclasses.replace(config, diff_ids=image.diff_ids),
             names,
@@ -286,6 +296,14 @@ class Executor:
         )
         self.sink.finish(BuildSummary(result.image_digest, result.steps_cached, result.steps_run, seconds))
         return result
+
+    def statements(self, image: Any, config: ImageConfig) -> tuple[Any, ...]:
+        """The attestations to attach (--provenance), as in-toto statements without subjects."""
+        if self.options.provenance is None:
+            return ()
+        from lamina.engine.provenance import provenance_statement
+
+        return (provenance_statement(self, config),)
 
     def created_for_image(self, target: StageOutcome) -> str:
         if self.epoch is not None:

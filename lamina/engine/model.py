@@ -99,6 +99,8 @@ class BuildOptions:
     build_args: tuple[tuple[str, str], ...] = ()
     tags: tuple[str, ...] = ()
     outputs: tuple[OutputSpec, ...] = ()
+    # --provenance: its attributes (mode=min|max, builder-id=, reproducible=); None attaches none.
+    provenance: tuple[tuple[str, str], ...] | None = None
     no_cache: bool = False
     no_cache_filter: tuple[str, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()

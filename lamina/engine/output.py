@@ -18,7 +18,7 @@ import shutil
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from lamina.cache.images import CommittedImage
 from lamina.engine.outputspec import OutputSpec, OutputType, check_dest
@@ -347,33 +347,20 @@ def _open_dest(output: OutputSpec) -> contextlib.AbstractContextManager[BinaryIO
     return atomic_output(Path(output.dest))
 
 
-def _uncompressed_layer(store: Store, blob: Descriptor, diff_id: Digest) -> tuple[Digest, int]:
-    """The uncompressed tar of a layer as a store blob (its digest is the diff_id)."""
-    from lamina.cache.store import LayerRecord
-    from lamina.oci.compression import Compression, open_decompressed
-    from lamina.oci.image import OCI_LAYER
-
-    if store.has_blob(diff_id):
-        return diff_id, store.blob_size(diff_id)
-    with store.open_blob(blob.digest) as raw:
-        stream = open_decompressed(raw, Compression.from_media_type(blob.media_type))
-        info = store.put_blob(stream, expected=diff_id)
-    store.record_layer(LayerRecord(info.digest, diff_id, OCI_LAYER, info.size))
-    return info.digest, info.size
-
-
 def write_output(
     output: OutputSpec,
     store: Store,
-    image: CommittedImage,
+    image: ImageToWrite,
     layer_dirs: Sequence[Path],
     names: Sequence[str],
     epoch: int | None,
 ) -> None:
-    """Write one non-store output of a committed image; a full disk names the output and the path.
+    """Write one non-store output of an image; a full disk names the output and the path.
 
-    Files are written under a temporary name beside `dest` and renamed when
-    complete, so a failure leaves nothing under the output's name.
+    `image` is what the output's attributes made of the committed image
+    (engine.imageexport), or the committed image itself. Files are written
+    under a temporary name beside `dest` and renamed when complete, so a
+    failure leaves nothing under the output's name.
     """
     what = f"--output type={output.type.value},dest={output.dest}"
     try:
@@ -391,40 +378,58 @@ def write_output(
 def _write_output(
     output: OutputSpec,
     store: Store,
-    image: CommittedImage,
+    image: ImageToWrite,
     layer_dirs: Sequence[Path],
     names: Sequence[str],
     epoch: int | None,
 ) -> None:
     if output.type is OutputType.LOCAL:
-        write_rootfs(layer_dirs, Path(output.dest))
+        dest = Path(output.dest)
+        write_rootfs(layer_dirs, dest / _platform_dir() if output.platform_split else dest)
         return
     if output.type is OutputType.TAR:
         _write_rootfs_tar(output, store, layer_dirs, epoch)
         return
-    if output.type is OutputType.OCI:
+    if output.type in (OutputType.OCI, OutputType.DOCKER):
+        # BuildKit's docker exporter writes the same tarball as its oci one (an OCI
+        # layout with docker's manifest.json), in docker's media types by default.
         from lamina.oci.layout import ExportImage, write_oci_archive, write_oci_layout
 
-        image_names = [*output.names, *names] or [None]
-        images = [ExportImage(name, image.manifest, image.config, image.layers) for name in image_names]
+        index = getattr(image, "index", None)
+        extra = getattr(image, "extra", ())
+        image_names = list(dict.fromkeys([*output.names, *names])) or [None]
+        images = [
+            ExportImage(name, image.manifest, image.config, image.layers, index, extra)
+            for name in image_names
+        ]
         if not output.tar:
             write_oci_layout(Path(output.dest), images, store)
             return
         with _open_dest(output) as out:
             write_oci_archive(out, images, store)
         return
-    if output.type is OutputType.DOCKER:
-        from lamina.oci.dockerarchive import DockerImage, DockerLayer, write_docker_archive
-
-        docker_layers = []
-        for blob, diff_id in zip(image.layers, image.diff_ids, strict=True):
-            digest, size = _uncompressed_layer(store, blob, diff_id)
-            docker_layers.append(DockerLayer(diff_id, size, lambda d=digest: store.open_blob(d)))
-        docker = DockerImage(tuple([*output.names, *names]), image.config_bytes, tuple(docker_layers))
-        with _open_dest(output) as out:
-            write_docker_archive(out, [docker])
-        return
     raise OutputError(f"output type {output.type.value} is written by the executor")  # IMAGE
+
+
+class ImageToWrite(Protocol):
+    """What an image output writes: the committed image or what an output's attributes made
+    of it (engine.imageexport.ExportedImage, which may add `index` and `extra` blobs)."""
+
+    @property
+    def manifest(self) -> Descriptor: ...
+
+    @property
+    def config(self) -> Descriptor: ...
+
+    @property
+    def layers(self) -> tuple[Descriptor, ...]: ...
+
+
+def _platform_dir() -> str:
+    """platform-split=true: BuildKit's directory for the build's one platform (`linux_amd64`)."""
+    from lamina.oci.image import host_platform
+
+    return str(host_platform()).replace("/", "_")
 
 
 def _write_rootfs_tar(
@@ -439,7 +444,12 @@ def _write_rootfs_tar(
 
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-rootfs-", dir=store.root))
     try:
-        merge_layers(layer_dirs, scratch / "root")
+        if output.platform_split:  # the tree under linux_amd64/, as BuildKit splits it
+            (scratch / "root").mkdir(mode=0o755)
+            merge_layers(layer_dirs, scratch / "root" / _platform_dir())
+            os.chmod(scratch / "root" / _platform_dir(), 0o755)
+        else:
+            merge_layers(layer_dirs, scratch / "root")
         with _open_dest(output) as out:
             write_layer(entries_from_tree(scratch / "root"), out, Compression.NONE, source_date_epoch=epoch)
     finally:

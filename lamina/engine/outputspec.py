@@ -1,12 +1,20 @@
 """`-o/--output` specs, parsed as buildx does (writing them is lamina.engine.output).
 
     -o type=oci,dest=img.tar         OCI archive (also carries manifest.json)
-    -o type=docker,dest=img.tar      docker-archive, for `docker load`
+    -o type=docker,dest=img.tar      the same with docker media types, for `docker load`
     -o type=local,dest=DIR           the target's root filesystem
     -o type=tar,dest=rootfs.tar      the root filesystem as one tar
     -o type=image[,name=a:b]         the local image store (the default)
+    -o type=registry,name=r/a:b      the store, then pushed (type=image,push=true)
     -o DIR                           shorthand for type=local,dest=DIR
     -o -                             shorthand for type=tar to stdout
+
+The image types take BuildKit's exporter attributes: compression=gzip|zstd|
+uncompressed, compression-level=, force-compression=, oci-mediatypes=,
+annotation[-manifest|-manifest-descriptor|-index|-index-descriptor][[os/arch]].KEY=,
+push=, registry.insecure= (type=image), tar= (oci, docker); local and tar
+take platform-split=. An attribute BuildKit knows and lamina cannot honour is
+refused with one line naming it (_REFUSED), never ignored.
 
 `dest=-` writes the archive to stdout. A no-op rebuild parses its outputs
 and writes none: this module keeps that path light.
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,20 +39,134 @@ class OutputType(enum.Enum):
     TAR = "tar"
 
 
+# Where an annotation goes, as BuildKit's exptypes names the levels.
+ANNOTATION_KINDS = ("manifest", "manifest-descriptor", "index", "index-descriptor")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Annotation:
+    """`annotation[-KIND][[PLATFORM]].KEY=VALUE` of an output, or buildx's `--annotation`."""
+
+    kind: str  # one of ANNOTATION_KINDS
+    key: str
+    value: str
+    platform: str = ""  # "os/arch[/variant]" when qualified; only the build's platform exists
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class OutputSpec:
     type: OutputType
     dest: str = ""  # a path, or "-" for stdout; "" for type=image
-    names: tuple[str, ...] = ()  # name=... (comma-joined in buildx; quoted form not supported)
-    compression: str = ""  # "" means the build's --compression
+    names: tuple[str, ...] = ()  # name=... (comma-joined, or repeated)
+    compression: str = ""  # gzip, zstd or none; "" means the build's --compression
     tar: bool = True  # type=oci,tar=false writes a layout directory
+    compression_level: int | None = None
+    force_compression: bool = False  # recompress base-image layers too
+    oci_mediatypes: bool | None = None  # None: the type's default (see oci_types)
+    annotations: tuple[Annotation, ...] = ()
+    push: bool = False  # type=image,push=true and type=registry
+    insecure: bool = False  # registry.insecure=true: plain HTTP for the push
+    platform_split: bool = False  # type=local/tar: the tree under linux_amd64/
 
     @property
     def to_stdout(self) -> bool:
         return self.dest == "-"
 
+    @property
+    def oci_types(self) -> bool:
+        """OCI media types unless asked otherwise; docker's for type=docker, as BuildKit.
 
-_KNOWN_KEYS = {"type", "dest", "name", "compression", "tar", "oci-mediatypes", "force-compression"}
+        BuildKit's type=image defaults to docker's types too (without attestations);
+        lamina's store holds OCI types, so type=image keeps them unless
+        `oci-mediatypes=false` (README: deliberate differences)."""
+        if self.oci_mediatypes is not None:
+            return self.oci_mediatypes
+        return self.type is not OutputType.DOCKER
+
+    @property
+    def is_image(self) -> bool:
+        return self.type in (OutputType.IMAGE, OutputType.OCI, OutputType.DOCKER)
+
+
+_IMAGE_KEYS = {
+    "name",
+    "compression",
+    "compression-level",
+    "force-compression",
+    "oci-mediatypes",
+    "rewrite-timestamp",
+}
+_KEYS: dict[OutputType, set[str]] = {
+    OutputType.IMAGE: _IMAGE_KEYS | {"push", "registry.insecure", "unpack", "store"},
+    OutputType.OCI: _IMAGE_KEYS | {"dest", "tar"},
+    OutputType.DOCKER: _IMAGE_KEYS | {"dest", "tar"},
+    OutputType.LOCAL: {"dest", "platform-split", "mode"},
+    OutputType.TAR: {"dest", "platform-split"},
+}
+# Attributes BuildKit (or buildx) takes that lamina cannot honour: refused, never ignored.
+_REFUSED = {
+    "push-by-digest": "an image pushed without a name is not supported; name it with name= or -t",
+    "dangling-name-prefix": "lamina's store names images only by name=/-t",
+    "danging-name-empty-only": "lamina's store names images only by name=/-t",
+    "name-canonical": "lamina's store names images only by name=/-t",
+    "oci-artifact": "attestation manifests are written as BuildKit's default image manifests",
+    "attestation-inline": "attestations are attached only with --provenance",
+    "attestation-prefix": "no attestation is written into a filesystem output",
+    "prefer-nondist-layers": "lamina writes only distributable layer media types",
+    "source-date-epoch": "set SOURCE_DATE_EPOCH with --build-arg or the environment",
+    "context": "there is no docker context to load into; write the archive with dest=",
+    "buildinfo": "build info is not recorded",
+    "buildinfo-attrs": "build info is not recorded",
+}
+_COMPRESSIONS = {"gzip": "gzip", "zstd": "zstd", "uncompressed": "none"}
+_MAX_LEVEL = {"gzip": 9, "zstd": 22, "none": 0}
+
+
+def _bool(spec: str, key: str, value: str) -> bool:
+    """A bool as Go's strconv.ParseBool reads it (BuildKit's attribute parser)."""
+    lowered = value.strip()
+    if lowered in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if lowered in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise OutputError(f"invalid --output {spec!r}: non-bool value {value!r} specified for {key}")
+
+
+def _split_fields(spec: str) -> list[str]:
+    """The comma-separated fields of a spec, quoted ones (`"name=a,b"`) kept whole, as buildx's CSV."""
+    import csv
+
+    try:
+        rows = list(csv.reader([spec], skipinitialspace=False, strict=True))
+    except csv.Error as err:
+        raise OutputError(f"invalid --output {spec!r}: {err}") from None
+    return rows[0] if rows else []
+
+
+_ANNOTATION_KEY = re.compile(r"^annotation(?:-([a-z-]+))?(?:\[([A-Za-z0-9_/-]+)\])?\.(\S+)$")
+
+
+def parse_annotation_attr(key: str, value: str) -> Annotation | None:
+    """`annotation[-KIND][[PLATFORM]].KEY` as BuildKit's ParseAnnotationKey reads it; None if not one."""
+    match = _ANNOTATION_KEY.match(key)
+    if match is None:
+        return None
+    kind, platform, name = match.group(1) or "manifest", match.group(2) or "", match.group(3)
+    if kind not in ANNOTATION_KINDS:
+        raise OutputError(f"unrecognized annotation type {kind}")
+    return Annotation(kind, name, value, _platform(platform))
+
+
+def _platform(text: str) -> str:
+    if not text:
+        return ""
+    from lamina.errors import LaminaError
+    from lamina.oci.image import Platform
+
+    try:
+        return str(Platform.parse(text))
+    except LaminaError as err:
+        raise OutputError(str(err)) from None
 
 
 def parse_output(spec: str) -> OutputSpec:
@@ -56,40 +179,124 @@ def parse_output(spec: str) -> OutputSpec:
     if "=" not in text:
         return OutputSpec(OutputType.LOCAL, dest=text)
     fields: dict[str, str] = {}
-    for part in text.split(","):
+    annotations: list[Annotation] = []
+    for part in _split_fields(text):
         key, sep, value = part.partition("=")
-        key = key.strip().lower()
+        key = key.strip().lower() if not key.strip().startswith("annotation") else key.strip()
         if not sep:
             raise OutputError(f"invalid --output {spec!r}: {part!r} is not key=value")
-        if key not in _KNOWN_KEYS:
-            raise OutputError(f"invalid --output {spec!r}: unknown key {key!r}")
+        if key.startswith("annotation"):
+            annotation = parse_annotation_attr(key, value)
+            if annotation is None:
+                raise OutputError(f"invalid --output {spec!r}: {key!r} is not annotation[-TYPE].KEY")
+            annotations.append(annotation)
+            continue
         if key == "name" and "name" in fields:
             fields["name"] += "," + value
         else:
             fields[key] = value
-    kind = fields.get("type", "")
+    kind = fields.pop("type", "")
     if not kind:
         raise OutputError(f"invalid --output {spec!r}: missing type=")
-    if kind == "registry":
-        raise OutputError("--output type=registry is not supported: build, then `lamina push`")
+    push = False
+    if kind == "registry":  # BuildKit: the image exporter with push=true
+        kind, push = "image", True
     try:
         output_type = OutputType(kind)
     except ValueError:
-        choices = ", ".join(t.value for t in OutputType)
+        choices = ", ".join([*(t.value for t in OutputType), "registry"])
         raise OutputError(f"invalid --output {spec!r}: unknown type {kind!r} (use {choices})") from None
+    for key in fields:
+        if key in _REFUSED:
+            raise OutputError(f"--output {key}= is not supported: {_REFUSED[key]}")
+        if key not in _KEYS[output_type]:
+            raise OutputError(f"invalid --output {spec!r}: unknown key {key!r} for type={kind}")
+    if annotations and not output_type_is_image(output_type):
+        raise OutputError(f"invalid --output {spec!r}: type={kind} has no manifest to annotate")
     dest = fields.get("dest", "")
     if output_type is not OutputType.IMAGE and not dest:
         raise OutputError(f"invalid --output {spec!r}: type={kind} needs dest=")
     compression = fields.get("compression", "")
-    if compression and compression not in ("gzip", "zstd", "uncompressed", "none"):
+    if compression == "estargz":
+        raise OutputError("--output compression=estargz is not supported: use gzip, zstd or uncompressed")
+    if compression and compression not in _COMPRESSIONS:
         raise OutputError(f"invalid --output {spec!r}: compression must be gzip, zstd or uncompressed")
-    if compression == "uncompressed":
-        compression = "none"
-    tar_value = fields.get("tar", "true").lower()
-    if tar_value not in ("true", "false"):
-        raise OutputError(f"invalid --output {spec!r}: tar must be true or false")
+    compression = _COMPRESSIONS.get(compression, "")
+    level: int | None = None
+    if "compression-level" in fields:
+        try:
+            level = int(fields["compression-level"])
+        except ValueError:
+            raise OutputError(
+                f"non-integer value {fields['compression-level']} specified for compression-level"
+            ) from None
+    tar_value = _bool(spec, "tar", fields.get("tar") or "true")
+    force = "force-compression" in fields and (
+        fields["force-compression"] == "" or _bool(spec, "force-compression", fields["force-compression"])
+    )
+    oci_types = (
+        _bool(spec, "oci-mediatypes", fields["oci-mediatypes"]) if "oci-mediatypes" in fields else None
+    )
+    if "push" in fields:
+        push = _bool(spec, "push", fields["push"])
+    insecure = (
+        _bool(spec, "registry.insecure", fields["registry.insecure"])
+        if "registry.insecure" in fields
+        else False
+    )
+    for key, meaning in (
+        ("unpack", "layers are always kept unpacked"),
+        ("store", "the image always goes into the store"),
+    ):
+        if key in fields and not _bool(spec, key, fields[key]):
+            raise OutputError(f"--output {key}=false is not supported: in lamina's store {meaning}")
+    if "rewrite-timestamp" in fields and not _bool(spec, "rewrite-timestamp", fields["rewrite-timestamp"]):
+        raise OutputError(
+            "--output rewrite-timestamp=false is not supported: with SOURCE_DATE_EPOCH set, "
+            "lamina always clamps the times of the files its steps write"
+        )
+    if fields.get("mode", "copy") != "copy":
+        raise OutputError(
+            f"--output mode={fields['mode']} is not supported: a local export only adds files (mode=copy)"
+        )
+    split = _bool(spec, "platform-split", fields["platform-split"]) if "platform-split" in fields else False
     names = tuple(name for name in fields.get("name", "").split(",") if name)
-    return OutputSpec(output_type, dest, names, compression, tar_value == "true")
+    return OutputSpec(
+        output_type,
+        dest,
+        names,
+        compression,
+        tar_value,
+        compression_level=level,
+        force_compression=force,
+        oci_mediatypes=oci_types,
+        annotations=tuple(annotations),
+        push=push,
+        insecure=insecure,
+        platform_split=split,
+    )
+
+
+def output_type_is_image(kind: OutputType) -> bool:
+    return kind in (OutputType.IMAGE, OutputType.OCI, OutputType.DOCKER)
+
+
+def check_image_attrs(output: OutputSpec, build_compression: str) -> None:
+    """Refuse attribute combinations BuildKit refuses, before the build: one line each."""
+    compression = output.compression or build_compression
+    if output.compression_level is not None:
+        top = _MAX_LEVEL.get(compression, 0)
+        low = -7 if compression == "zstd" else 0
+        if compression == "none":
+            raise OutputError("--output compression-level= has no meaning for uncompressed layers")
+        if not low <= output.compression_level <= top:
+            raise OutputError(
+                f"--output compression-level={output.compression_level}: {compression} takes {low}..{top}"
+            )
+    if not output.oci_types:
+        extra = [a for a in output.annotations if a.kind != "manifest"]
+        if extra:
+            raise OutputError('cannot export annotations with "oci-mediatypes=false"')
 
 
 def parse_outputs(specs: Sequence[str]) -> tuple[OutputSpec, ...]:
@@ -115,3 +322,80 @@ def check_dest(output: OutputSpec) -> None:
         raise OutputError(f"{what}: {dest} is a directory (a file is written here)")
     if not dest.parent.is_dir():
         raise OutputError(f"{what}: directory {dest.parent} does not exist")
+
+
+_FLAG_TYPE = re.compile(r"^([a-z-]+)(?:\[([A-Za-z0-9_/-]+)\])?$")
+
+
+def parse_annotation_flags(values: Sequence[str]) -> tuple[Annotation, ...]:
+    """buildx's `--annotation [TYPE[,TYPE...]:]KEY=VALUE` (TYPE may carry `[os/arch]`);
+    no TYPE means the manifest, as buildx passes `annotation.KEY`."""
+    out: list[Annotation] = []
+    for text in values:
+        if not text:
+            continue
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise OutputError(f'parse annotations: invalid annotation "{text}", expected key=value')
+        types, colon, name = key.partition(":")
+        if not colon:
+            out.append(Annotation("manifest", key, value))
+            continue
+        for part in types.split(","):
+            match = _FLAG_TYPE.match(part)
+            if match is None:
+                raise OutputError(
+                    f'parse annotations: invalid annotation type "{part}", '
+                    "expected type and optional platform in square brackets"
+                )
+            if match.group(1) not in ANNOTATION_KINDS:
+                raise OutputError(f'parse annotations: unknown annotation type "{match.group(1)}"')
+            out.append(Annotation(match.group(1), name, value, _platform(match.group(2) or "")))
+    return tuple(out)
+
+
+def with_annotations(
+    outputs: Sequence[OutputSpec], annotations: Sequence[Annotation]
+) -> tuple[OutputSpec, ...]:
+    """`--annotation`s added to every image output (buildx adds them to every output's
+    attributes); with no `-o` at all, to the store's image, the default output."""
+    if not annotations:
+        return tuple(outputs)
+    if not outputs:
+        outputs = (OutputSpec(OutputType.IMAGE),)
+    if not any(output.is_image for output in outputs):
+        raise OutputError("--annotation: no output of this build is an image (type=local and tar have none)")
+    return tuple(
+        dataclasses.replace(output, annotations=(*annotations, *output.annotations))
+        if output.is_image
+        else output
+        for output in outputs
+    )
+
+
+def check_outputs(outputs: Sequence[OutputSpec], build_compression: str, attestations: bool) -> None:
+    """What BuildKit's exporters refuse, refused before the build (one line each)."""
+    for output in outputs:
+        if not output.is_image:
+            continue
+        check_image_attrs(output, build_compression)
+        if output.type is OutputType.IMAGE and any(
+            a.kind in ("manifest-descriptor", "index-descriptor") for a in output.annotations
+        ):
+            raise OutputError(
+                "--output type=image: descriptor annotations are not kept by lamina's image store "
+                "(write them into a layout with -o type=oci)"
+            )
+        platforms = {a.platform for a in output.annotations if a.platform}
+        if platforms:
+            from lamina.oci.image import host_platform
+
+            for platform in sorted(platforms - {str(host_platform())}):
+                raise OutputError(f"invalid annotation: no platform {platform} found in source")
+        kinds = {a.kind for a in output.annotations}
+        if not attestations and kinds & {"index", "index-descriptor"}:
+            raise OutputError("index annotations not supported for single platform export")
+        if attestations and output.type is OutputType.DOCKER:
+            raise OutputError("docker exporter does not currently support exporting manifest lists")
+        if attestations and not output.oci_types:
+            raise OutputError('cannot export attestations with "oci-mediatypes=false"')

@@ -1,22 +1,24 @@
-"""`lamina build --push`: after a successful build, push the image to each -t reference.
+"""`lamina build --push`, `-o type=image,push=true`, `-o type=registry`: push after the build.
 
-The build has already named the image in the store under every tag, so a
-push is lamina.cache.transfer.push of each name to itself: blobs the
-registry lacks go up (after an existence check or a cross-repository
-mount), then the manifest exactly as stored, so the digest the registry
-confirms is the build's own.
+The build has already named the image in the store under every tag (and
+each type=image output under its name= and the tags, with that output's
+attributes applied), so a push is lamina.cache.transfer.push of each name
+to itself: blobs the registry lacks go up (after an existence check or a
+cross-repository mount), then the manifest exactly as stored, so the
+digest the registry confirms is the build's own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lamina.errors import PlanError
 
 if TYPE_CHECKING:
     from lamina.engine.model import BuildOptions, BuildResult
+    from lamina.engine.outputspec import OutputSpec
 
 Log = Callable[[str], None]
 
@@ -27,10 +29,39 @@ def check_push(tags: Sequence[str]) -> None:
         raise PlanError("--push needs at least one -t/--tag reference to push to")
 
 
-def push_result(options: BuildOptions, result: BuildResult, log: Log | None = None) -> BuildResult:
-    """Push the built image to every name it was given; the result records what the registry confirmed."""
+def push_names(options: BuildOptions, push: bool) -> tuple[str, ...]:
+    """Every name to push after the build: the tags for --push, and each pushing
+    type=image output's name= and tags (buildx fills an image output's names from -t)."""
+    from lamina.engine.outputspec import OutputType
+    from lamina.oci.reference import store_name
+
+    names = list(options.tags) if push else []
+    for output in options.outputs:
+        if output.type is OutputType.IMAGE and output.push:
+            wanted = [*output.names, *options.tags]
+            if not wanted:
+                raise PlanError("tag is needed when pushing to registry")
+            names.extend(wanted)
+    return tuple(dict.fromkeys(store_name(name) for name in names))
+
+
+def insecure_hosts(outputs: Sequence[OutputSpec]) -> tuple[str, ...]:
+    """Registries of outputs with `registry.insecure=true`: pushed to over plain HTTP."""
+    from lamina.oci.reference import parse_reference
+
+    return tuple(
+        dict.fromkeys(
+            parse_reference(name).registry for output in outputs if output.insecure for name in output.names
+        )
+    )
+
+
+def push_result(
+    options: BuildOptions, result: BuildResult, log: Log | None = None, names: Sequence[str] | None = None
+) -> BuildResult:
+    """Push the built image to every name in `names` (default: every name it was given);
+    the result records what the registry confirmed."""
     from lamina.cache.store import Store
-    from lamina.cache.transfer import push
     from lamina.oci.reference import parse_reference
 
     factory = options.client_factory
@@ -38,10 +69,32 @@ def push_result(options: BuildOptions, result: BuildResult, log: Log | None = No
         raise PlanError("--push needs a registry client")
     pushed: list[tuple[str, str]] = []
     with Store(options.cache_root) as store, factory() as client:
-        for name in result.names:
+        for name in result.names if names is None else names:
             ref = parse_reference(name)
-            done = push(client, store, name, ref)
+            done = _push_one(client, store, name, ref)
             pushed.append((str(ref), str(done.digest)))
             if log is not None:
                 log(f"pushed {ref.name}@{done.digest}")
-    return dataclasses.replace(result, pushed=tuple(pushed))
+    return dataclasses.replace(result, pushed=(*result.pushed, *pushed))
+
+
+def _push_one(client: Any, store: Any, name: str, ref: Any) -> Any:
+    """Push `name`; an image built with attestations goes up as its index (image + attestation
+    manifest), as buildx pushes it, through a store name made for the push and removed after."""
+    import json
+
+    from lamina.cache.transfer import push
+    from lamina.engine.imageexport import attested_key
+    from lamina.oci.digest import Digest
+
+    found = store.cache_get(attested_key(name))
+    record = store.resolve(name)
+    if found is None or json.loads(found)["manifest"] != str(record.manifest):
+        return push(client, store, name, ref)
+    index = Digest.parse(json.loads(found)["index"])
+    temporary = f"lamina.invalid/attested/{index.hex}:push"
+    store.tag(temporary, index, size=record.size, created=record.created)
+    try:
+        return push(client, store, temporary, ref)
+    finally:
+        store.untag(temporary)

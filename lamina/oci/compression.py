@@ -131,11 +131,11 @@ class _Identity:
 class _Zstd:
     """zstandard's compressobj with a `flush()` that ends the frame."""
 
-    def __init__(self) -> None:
+    def __init__(self, level: int = ZSTD_LEVEL) -> None:
         import zstandard
 
         params = zstandard.ZstdCompressionParameters.from_level(
-            ZSTD_LEVEL, threads=ZSTD_WORKERS, job_size=ZSTD_JOB_SIZE, write_checksum=True
+            level, threads=ZSTD_WORKERS, job_size=ZSTD_JOB_SIZE, write_checksum=True
         )
         compressor = zstandard.ZstdCompressor(compression_params=params)
         self._obj = compressor.compressobj()
@@ -147,15 +147,30 @@ class _Zstd:
         return self._obj.flush()
 
 
-def encoder(compression: Compression) -> Encoder:
-    """A fresh deterministic encoder for one stream."""
+def encoder(compression: Compression, level: int | None = None) -> Encoder:
+    """A fresh deterministic encoder for one stream.
+
+    `level` is BuildKit's `compression-level=`: gzip 0-9 as zlib (and Go's
+    compress/gzip) number them, zstd's own levels. None is lamina's default
+    (ISA-L level 1 for gzip, zstd 3). An explicit gzip level is zlib's, not
+    ISA-L's 0-3 scale: level 9 then means what it means to BuildKit.
+    """
     if compression is Compression.GZIP:
+        if level is not None:
+            import zlib
+
+            if not 0 <= level <= 9:
+                raise LayerError(f"gzip compression level {level}: use 0..9")
+            # wbits 31: gzip wrapper; zlib writes mtime 0 and no name for a raw stream.
+            return zlib.compressobj(level, zlib.DEFLATED, 31)
         from isal import isal_zlib
 
         # wbits 31: gzip wrapper; ISA-L writes mtime 0, no name, OS 0xff.
         return isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)
     if compression is Compression.ZSTD:
-        return _Zstd()
+        if level is not None and not 0 <= level <= 22:
+            raise LayerError(f"zstd compression level {level}: use 0..22")
+        return _Zstd(ZSTD_LEVEL if level is None else level)
     return _Identity()
 
 

@@ -112,11 +112,12 @@ def recompress(
     source: Compression | None,
     target: Compression,
     out: BinaryIO,
+    level: int | None = None,
 ) -> LayerInfo:
     """Re-encode a layer blob: decode `blob` (`source`, or sniffed when None)
-    and encode it as `target` into `out`. The tar bytes, hence the diff_id,
-    are unchanged."""
-    sink = _HashingSink(out, encoder(target))
+    and encode it as `target` (at `level`, see compression.encoder) into `out`.
+    The tar bytes, hence the diff_id, are unchanged."""
+    sink = _HashingSink(out, encoder(target, level))
     try:
         reader = open_decompressed(blob, source)
         while chunk := reader.read(CHUNK):

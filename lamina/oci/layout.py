@@ -322,6 +322,8 @@ class ExportImage:
     manifest: Descriptor
     config: Descriptor
     layers: tuple[Descriptor, ...]
+    index: Descriptor | None = None  # an index over the manifest (attestations): index.json names it
+    extra: tuple[Descriptor, ...] = ()  # further blobs the index reaches (attestation manifests, ...)
 
 
 def familiar_name(name: str) -> str:
@@ -343,15 +345,21 @@ def _split_tag(name: str) -> tuple[str, str | None]:
 
 
 def index_entry(image: ExportImage) -> Descriptor:
-    """The index.json entry for an image, annotated the way BuildKit does."""
-    annotations: dict[str, str] = {}
+    """The index.json entry for an image, annotated the way BuildKit does.
+
+    The entry is the image's index when it has one, else its manifest; the
+    descriptor's own annotations (`annotation-manifest-descriptor.*`) stay,
+    with the name annotations added, as containerd's archive exporter does.
+    """
+    top = image.index if image.index is not None else image.manifest
+    annotations: dict[str, str] = dict(top.annotations)
     if image.name:
         annotations[CONTAINERD_NAME] = image.name
         _, tag = _split_tag(image.name)
         if tag:
             # umoci --image DIR:REF and skopeo oci:DIR:REF look up this tag.
             annotations[REF_NAME] = tag
-    return image.manifest.replace_annotations(annotations)
+    return dataclasses.replace(top, platform=None).replace_annotations(annotations)
 
 
 def _docker_manifest(images: Sequence[ExportImage]) -> bytes:
@@ -382,7 +390,8 @@ def _layout_documents(images: Sequence[ExportImage]) -> dict[str, bytes]:
 def _blobs_of(images: Sequence[ExportImage]) -> list[Descriptor]:
     blobs: dict[Digest, Descriptor] = {}
     for image in images:
-        for descriptor in (image.manifest, image.config, *image.layers):
+        top = (image.index,) if image.index is not None else ()
+        for descriptor in (*top, image.manifest, image.config, *image.layers, *image.extra):
             blobs.setdefault(descriptor.digest, descriptor)
     return [blobs[d] for d in sorted(blobs)]
 

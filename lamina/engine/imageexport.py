@@ -1,0 +1,356 @@
+"""The image one output gets: BuildKit's image exporter attributes applied to a committed image.
+
+`output.commit_image` makes the build's image once, in the build's
+`--compression`, with OCI media types; that is what the store holds by
+default. An `-o type=image|oci|docker` output may ask for something else, as
+BuildKit's exporters take it:
+
+- `compression=` / `compression-level=`: layers the build made are written
+  in that compression (the same blobs `--compression` would give; a level
+  recompresses the build's blob at that level). Base-image layers keep the
+  compression they came in, as BuildKit keeps existing blobs, unless
+  `force-compression=true`.
+- `oci-mediatypes=false` (type=docker's default): docker's schema 2 media
+  types for the manifest, config and layers; the bytes of config and layers
+  are the same.
+- annotations: `manifest` ones go into the manifest, `manifest-descriptor`
+  ones onto its descriptor (the index.json entry of a layout), `index` and
+  `index-descriptor` ones need an index, which only a build with
+  attestations (`--provenance`) makes, as in BuildKit.
+- attestations: an image index holding the image manifest (with its
+  platform) and an attestation manifest (`unknown/unknown`, annotated
+  `vnd.docker.reference.type=attestation-manifest`) whose layers are in-toto
+  statements (see lamina.engine.provenance).
+
+Nothing here writes an output file; new documents and blobs go into the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from lamina.engine.outputspec import Annotation, OutputSpec
+from lamina.errors import OutputError
+from lamina.oci.digest import Digest
+
+if TYPE_CHECKING:
+    from lamina.cache.store import Store
+    from lamina.engine.output import CommittedImage, ImageLayer
+    from lamina.oci.compression import Compression
+    from lamina.oci.image import Descriptor, Platform
+
+IN_TOTO_LAYER = "application/vnd.in-toto+json"
+REFERENCE_TYPE = "vnd.docker.reference.type"
+REFERENCE_DIGEST = "vnd.docker.reference.digest"
+PREDICATE_TYPE = "in-toto.io/predicate-type"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Statement:
+    """An in-toto statement to attach, its subject filled in by `export_image`."""
+
+    predicate_type: str
+    predicate: dict[str, object]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExportedImage:
+    """One output's image: descriptors of its documents, all blobs in the store."""
+
+    manifest: Descriptor  # media type and manifest-descriptor annotations as the output wants
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    index: Descriptor | None = None  # when attestations are attached
+    extra: tuple[Descriptor, ...] = ()  # attestation manifest, its config and statements
+
+    @property
+    def top(self) -> Descriptor:
+        """What names the image: the index when there is one, else the manifest."""
+        return self.index if self.index is not None else self.manifest
+
+
+def default_export(output: OutputSpec, build_compression: str) -> bool:
+    """True when the output wants exactly the committed image (no attribute changes it)."""
+    return (
+        output.compression in ("", build_compression)
+        and output.compression_level is None
+        and not output.force_compression
+        and output.oci_types
+        and not output.annotations
+    )
+
+
+def export_image(
+    store: Store,
+    image: CommittedImage,
+    layers: Sequence[ImageLayer],
+    output: OutputSpec,
+    build_compression: str,
+    epoch: int | None,
+    platform: Platform,
+    statements: Sequence[Statement] = (),
+    names: Sequence[str] = (),
+) -> ExportedImage:
+    """The image `output` asks for, made from the committed `image` (whose layer dirs are `layers`).
+
+    `names` are the image's names in this output (attestation subjects)."""
+    from lamina.oci.image import (
+        DOCKER_CONFIG,
+        DOCKER_MANIFEST,
+        OCI_CONFIG,
+        OCI_MANIFEST,
+        Manifest,
+        descriptor_of,
+    )
+
+    annotations = _annotations_by_kind(output.annotations, platform, bool(statements))
+    if not output.oci_types and statements:
+        raise OutputError('cannot export attestations with "oci-mediatypes=false"')
+    if default_export(output, build_compression) and not statements:
+        return ExportedImage(image.manifest, image.config, image.layers)
+    blobs = _layer_blobs(store, image, layers, output, build_compression, epoch)
+    oci = output.oci_types
+    config = dataclasses.replace(image.config, media_type=OCI_CONFIG if oci else DOCKER_CONFIG)
+    media_type = OCI_MANIFEST if oci else DOCKER_MANIFEST
+    manifest = Manifest(config, blobs, media_type, tuple(sorted(annotations["manifest"].items())))
+    data = manifest.to_bytes()
+    _put(store, data)
+    descriptor = descriptor_of(data, media_type).replace_annotations(annotations["manifest-descriptor"])
+    exported = ExportedImage(descriptor, config, blobs)
+    if statements:
+        exported = _with_attestations(store, exported, names, platform, statements, annotations)
+    return exported
+
+
+def _annotations_by_kind(
+    annotations: Sequence[Annotation], platform: Platform, has_index: bool
+) -> dict[str, dict[str, str]]:
+    by_kind: dict[str, dict[str, str]] = {
+        "manifest": {},
+        "manifest-descriptor": {},
+        "index": {},
+        "index-descriptor": {},
+    }
+    for annotation in annotations:
+        if annotation.platform and annotation.platform != str(platform):
+            raise OutputError(f"invalid annotation: no platform {annotation.platform} found in source")
+        by_kind[annotation.kind][annotation.key] = annotation.value
+    if not has_index and (by_kind["index"] or by_kind["index-descriptor"]):
+        raise OutputError("index annotations not supported for single platform export")
+    return by_kind
+
+
+def _put(store: Store, data: bytes) -> None:
+    digest = Digest.of_bytes(data)
+    if not store.has_blob(digest):
+        store.put_bytes(data, digest)
+
+
+def _layer_blobs(
+    store: Store,
+    image: CommittedImage,
+    layers: Sequence[ImageLayer],
+    output: OutputSpec,
+    build_compression: str,
+    epoch: int | None,
+) -> tuple[Descriptor, ...]:
+    from lamina.engine.output import layer_blob
+    from lamina.oci.compression import Compression
+
+    target = Compression.parse(output.compression or build_compression)
+    level = output.compression_level
+    out: list[Descriptor] = []
+    for i, (layer, blob, diff_id) in enumerate(zip(layers, image.layers, image.diff_ids, strict=True)):
+        current = Compression.from_media_type(blob.media_type)
+        if layer.blob is not None:  # a base image's layer, as it came
+            if output.force_compression and (current is not target or level is not None):
+                blob = _recompressed(store, blob, diff_id, current, target, level)
+        elif level is not None:
+            blob = _recompressed(store, blob, diff_id, current, target, level)
+        elif current is not target:
+            lowers = [below.path for below in reversed(layers[:i])]
+            blob, _ = layer_blob(store, layer, target.value, epoch, lowers)
+        kind = Compression.from_media_type(blob.media_type)
+        media_type = kind.media_type if output.oci_types else kind.docker_media_type
+        out.append(dataclasses.replace(blob, media_type=media_type, annotations=()))
+    return tuple(out)
+
+
+def _recompressed(
+    store: Store,
+    blob: Descriptor,
+    diff_id: Digest,
+    current: Compression,
+    target: Compression,
+    level: int | None,
+) -> Descriptor:
+    """`blob` re-encoded as `target` at `level`: made once, then found by its memo.
+
+    A blob at an explicit level is not recorded as *the* blob of its diff_id in
+    that compression: a later default export must not pick it up by chance.
+    """
+    from lamina.cache.store import LayerRecord
+    from lamina.oci.image import Descriptor
+    from lamina.oci.layer import recompress
+
+    memo = f"layer-recompress:{diff_id}:{target.value}:{'' if level is None else level}"
+    found = store.cache_get(memo)
+    if found is not None:
+        record = json.loads(found)
+        digest = Digest.parse(record["digest"])
+        if store.has_blob(digest):
+            return Descriptor(target.media_type, digest, record["size"])
+    if level is None:
+        known = store.find_layer(diff_id, [target.media_type, target.docker_media_type])
+        if known is not None:
+            return Descriptor(target.media_type, known.blob, known.size)
+    with store.open_blob(blob.digest) as source, store.blob_writer() as writer:
+        info = recompress(source, current, target, writer, level)  # type: ignore[arg-type]
+        if info.diff_id != diff_id:
+            raise OutputError(f"layer {blob.digest}: its tar hashes to {info.diff_id}, not {diff_id}")
+        committed = writer.commit(info.digest, info.size)
+    if level is None:
+        store.record_layer(LayerRecord(committed.digest, diff_id, info.media_type, committed.size))
+    record = {"digest": str(committed.digest), "size": committed.size}
+    store.cache_put(memo, json.dumps(record), refs=[committed.digest])
+    return Descriptor(target.media_type, committed.digest, committed.size)
+
+
+def _with_attestations(
+    store: Store,
+    image: ExportedImage,
+    names: Sequence[str],
+    platform: Platform,
+    statements: Sequence[Statement],
+    annotations: dict[str, dict[str, str]],
+) -> ExportedImage:
+    """An index of the image and one attestation manifest over `statements`, as BuildKit's writer."""
+    from lamina.oci.image import (
+        OCI_CONFIG,
+        OCI_INDEX,
+        OCI_MANIFEST,
+        Index,
+        Manifest,
+        Platform,
+        canonical_json,
+        descriptor_of,
+    )
+
+    # BuildKit's default subjects: each name the image is exported under, as a purl.
+    digest = {image.manifest.digest.algorithm: image.manifest.digest.hex}
+    subjects = [{"name": image_purl(name, str(platform)), "digest": digest} for name in names]
+    layers: list[Descriptor] = []
+    for statement in statements:
+        body = {
+            "_type": STATEMENT_TYPE,
+            "predicateType": statement.predicate_type,
+            "subject": subjects,
+            "predicate": statement.predicate,
+        }
+        data = canonical_json(body)
+        _put(store, data)
+        layers.append(
+            descriptor_of(data, IN_TOTO_LAYER).replace_annotations({PREDICATE_TYPE: statement.predicate_type})
+        )
+    unknown = Platform(architecture="unknown", os="unknown")
+    config_obj = {
+        "architecture": "unknown",
+        "os": "unknown",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [str(layer.digest) for layer in layers]},
+    }
+    config_bytes = canonical_json(config_obj)
+    _put(store, config_bytes)
+    config = descriptor_of(config_bytes, OCI_CONFIG)
+    manifest_bytes = Manifest(config, tuple(layers)).to_bytes()
+    _put(store, manifest_bytes)
+    attestation = dataclasses.replace(
+        descriptor_of(manifest_bytes, OCI_MANIFEST),
+        annotations=(
+            (REFERENCE_DIGEST, str(image.manifest.digest)),
+            (REFERENCE_TYPE, "attestation-manifest"),
+        ),
+        platform=unknown,
+    )
+    entry = dataclasses.replace(image.manifest, platform=platform)
+    index = Index((entry, attestation), OCI_INDEX, tuple(sorted(annotations["index"].items())))
+    index_bytes = index.to_bytes()
+    _put(store, index_bytes)
+    index_desc = descriptor_of(index_bytes, OCI_INDEX).replace_annotations(annotations["index-descriptor"])
+    return dataclasses.replace(image, index=index_desc, extra=(attestation, config, *layers))
+
+
+def export_all(
+    store: Store,
+    image: CommittedImage,
+    layers: Sequence[ImageLayer],
+    outputs: Sequence[OutputSpec],
+    build_compression: str,
+    epoch: int | None,
+    platform: Platform,
+    statements: Sequence[Statement] = (),
+    tags: Sequence[str] = (),
+) -> tuple[ExportedImage | None, ...]:
+    """The image of each output (None for local and tar, which take the layer dirs)."""
+    return tuple(
+        export_image(
+            store,
+            image,
+            layers,
+            output,
+            build_compression,
+            epoch,
+            platform,
+            statements,
+            list(dict.fromkeys([*output.names, *tags])),
+        )
+        if output.is_image
+        else None
+        for output in outputs
+    )
+
+
+def attested_key(name: str) -> str:
+    return f"attested-index:{name}"
+
+
+def remember_index(store: Store, names: Sequence[str], image: object) -> None:
+    """The store names an image by its manifest; an image with attestations also has an index,
+    which a push sends instead (engine.push): remembered per name, with the manifest it goes with."""
+    index = getattr(image, "index", None)
+    manifest = getattr(image, "manifest", None)
+    if index is None or manifest is None:
+        return
+    record = json.dumps({"manifest": str(manifest.digest), "index": str(index.digest)})
+    for name in names:
+        store.cache_put(attested_key(name), record, refs=[index.digest])
+
+
+def image_purl(ref: str, platform: str = "") -> str:
+    """A reference as BuildKit's purl.RefToPURL writes it: pkg:docker/NS/NAME@TAG?platform=..."""
+    from urllib.parse import quote
+
+    from lamina.oci.reference import parse_reference
+
+    parsed = parse_reference(ref)
+    name = parsed.repository
+    if parsed.registry == "docker.io" and name.startswith("library/"):
+        name = name[len("library/") :]
+    elif parsed.registry != "docker.io":
+        name = f"{parsed.registry}/{name}"
+    qualifiers = []
+    version = parsed.tag or ""  # a bare name is `latest` already
+    if parsed.digest is not None:
+        qualifiers.append(f"digest={quote(str(parsed.digest), safe='')}")
+    if platform:
+        qualifiers.append(f"platform={quote(platform, safe='')}")
+    purl = f"pkg:docker/{quote(name, safe='/')}"
+    if version:
+        purl += f"@{quote(version, safe='')}"
+    if qualifiers:
+        purl += "?" + "&".join(qualifiers)
+    return purl
