@@ -102,3 +102,12 @@ def test_secrets_are_not_kept_and_run_flags_are(cache: Path, tmp_path: Path) -> 
     shell = run_cli("debug", ident, "sh", "-c", 'echo "${TOK:-unset}"; grep db.test /etc/hosts', cache=cache)
     assert shell.stdout.split() == ["unset", "10.1.2.3", "db.test"]
     assert "warning: debug " + ident + ": secret variable TOK is not kept, so it is not there" in shell.stderr
+
+
+def test_a_mount_from_a_stage_is_kept_after_the_build_ends(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM {BASE} AS build\nRUN mkdir /out && echo built > /out/x\n\n"
+    text += f"FROM {BASE}\nRUN --mount=type=bind,from=build,source=/out,target=/in false\n"
+    ctx = write_context(tmp_path / "stage", text)
+    proc = run_cli("build", str(ctx), cache=cache, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert run_cli("debug", "last", "cat", "/in/x", cache=cache).stdout == "built\n"

@@ -31,6 +31,9 @@ from typing import Any
 from lamina.errors import BuildError, LaminaError
 
 MAX_KEPT = 5
+# A mount read from a build's scratch tree is copied into the failure up to this size; a
+# failing step must not cost a copy of a whole builder stage.
+MAX_COPY = 256 << 20
 _DIR = "failures"
 
 
@@ -154,6 +157,9 @@ def keep(
             copy = path / "mounts" / str(i)
             copy.parent.mkdir(exist_ok=True)
             try:
+                if _size(source) > MAX_COPY:
+                    left_out.append(f"the mount at {record['target']} (over {MAX_COPY >> 20} MiB)")
+                    continue
                 if source.is_dir():
                     shutil.copytree(source, copy, symlinks=True)
                 elif source.is_file():
@@ -189,6 +195,19 @@ def keep(
     for old in list_failures(store_root)[:-MAX_KEPT]:
         remove(old, remove_tree)
     return ident
+
+
+def _size(path: Path) -> int:
+    """Bytes below `path` (lstat sizes), counting stops past MAX_COPY."""
+    if not path.is_dir():
+        return path.lstat().st_size
+    total = 0
+    for top, _dirs, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(top, name)).st_size
+            if total > MAX_COPY:
+                return total
+    return total
 
 
 def _mount_json(mount: Any) -> dict[str, Any]:
