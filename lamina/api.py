@@ -420,12 +420,15 @@ def build(
     add_hosts: Iterable[str] = (),
     ulimits: Iterable[str] = (),
     shm_size: str | int | None = None,
+    build_contexts: Iterable[str] = (),
 ) -> BuildResult:
     """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
 
     As buildx: `context` may be `-` (stdin holds a tar of the context, or a Dockerfile
     and the context is empty) or a git URL (`https://host/repo.git#ref:subdir`,
     `git@host:repo.git`), checked out with `git`; `dockerfile` may be `-` (stdin).
+    `build_contexts` (`NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG|@DIGEST]`, or a
+    git URL) stand in for the image or stage NAME (lamina.engine.namedcontext).
 
     With no `outputs`, the image goes into the local store under `tags`.
     `outputs` take buildx `-o` specs (`type=oci,dest=x.tar`, `DIR`, `-`);
@@ -513,8 +516,12 @@ def build(
         from lamina.engine.push import check_push
 
         check_push(options.tags)
-    with _ssh_agents(ssh, env) as agents, _local_inputs(options, context, dockerfile, env) as options:
-        options = dataclasses.replace(options, ssh=agents) if agents else options
+    with (
+        _ssh_agents(ssh, env) as agents,
+        _local_inputs(options, context, dockerfile, env) as options,
+        _named_contexts(build_contexts, options.cache_root, env) as named,
+    ):
+        options = dataclasses.replace(options, ssh=agents, build_contexts=named)
         result = execute(options, progress if progress is not None else QuietProgress())
     if not dry_run:
         from lamina import diffbuilds  # `lamina diff` compares the last two builds
@@ -561,6 +568,29 @@ def _local_inputs(
 
     named = None if dockerfile is None else os.fspath(dockerfile)
     return local_options(options, os.fspath(context), named, env)
+
+
+def _named_contexts(flags: Iterable[str], cache_root: Any, env: Mapping[str, str]) -> Any:
+    """The `--build-context` stand-ins, their images made before the build (engine.namedcontext)."""
+    import contextlib
+
+    flags = tuple(flags)
+    if not flags:
+        return contextlib.nullcontext(())
+    from lamina.engine.namedcontext import prepared
+
+    def build_dir(directory: Any, name: str) -> str:
+        # A directory's image, as BuildKit's llb.Local of it: its files as COPY takes them.
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory(prefix="lamina-context-") as tmp:
+            dockerfile = Path(tmp) / "Dockerfile"
+            dockerfile.write_text("FROM scratch\nCOPY . /\n")
+            made = build(directory, dockerfile, tags=[name], cache_dir=cache_root, environ=env)
+        return made.image_digest
+
+    return prepared(flags, cache_root, env, build_dir)
 
 
 def _ssh_agents(specs: Iterable[str], env: Mapping[str, str]) -> Any:

@@ -585,6 +585,13 @@ _on_error_option = click.option(
 @click.option("--add-host", "add_hosts", multiple=True, metavar="HOST:IP", help="A line of RUN's /etc/hosts.")
 @click.option("--ulimit", "ulimits", multiple=True, metavar="NAME=SOFT[:HARD]", help="RUN's limit.")
 @click.option("--shm-size", metavar="SIZE", help="Size of RUN's /dev/shm (default 64m).")
+@click.option(
+    "--build-context",
+    "build_contexts",
+    multiple=True,
+    metavar="NAME=DIR|docker-image://REF|oci-layout://PATH",
+    help="Use this instead of the image or stage NAME (repeatable).",
+)
 @_network_option
 @click.option(
     "--allow",
@@ -653,6 +660,7 @@ def build(
     add_hosts: tuple[str, ...],
     ulimits: tuple[str, ...],
     shm_size: str | None,
+    build_contexts: tuple[str, ...],
     network: str,
     allow: tuple[str, ...],
     progress: str,
@@ -703,6 +711,7 @@ def build(
         add_hosts=add_hosts,
         ulimits=ulimits,
         shm_size=shm_size,
+        build_contexts=build_contexts,
         network=network,
         allow=allow,
         progress=sink,

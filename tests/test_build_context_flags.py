@@ -102,3 +102,100 @@ def test_stdin_refusals(cache: Path, args: tuple[str, ...], message: str) -> Non
     proc = lamina("build", *args, cache=cache, stdin=f"FROM {BASE}\n".encode())
     assert proc.returncode == 1
     assert proc.stderr.decode().strip() == message
+
+
+# --- --build-context -----------------------------------------------------------------------
+
+
+def _build(cache: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    proc = lamina("build", *args, cache=cache)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc
+
+
+def test_build_context_dir_replaces_image_and_stage(cache: Path, tmp_path: Path) -> None:
+    extra = write_context(
+        tmp_path / "extra", "", {"hello.txt": "from extra\n", ".dockerignore": "Dockerfile\n"}
+    )
+    text = f"""\
+FROM {BASE} AS deps
+RUN exit 3
+FROM {BASE}
+COPY --from=deps /hello.txt /from-stage
+COPY --from=tools /hello.txt /from-image
+RUN --mount=from=tools,target=/t cat /t/hello.txt > /from-mount
+"""
+    ctx = write_context(tmp_path / "ctx", text)
+    out = tmp_path / "out"
+    flags = ("--build-context", f"deps={extra}", "--build-context", f"tools={extra}")
+    _build(cache, *flags, "-o", f"type=local,dest={out}", str(ctx))
+    for name in ("from-stage", "from-image", "from-mount"):
+        assert (out / name).read_text() == "from extra\n", name
+    # the directory is an image of its files: owners 0:0, its .dockerignore applied
+    out2 = tmp_path / "out2"
+    ctx2 = write_context(tmp_path / "ctx2", "FROM tools\n")
+    _build(cache, "--build-context", f"tools={extra}", "-o", f"type=local,dest={out2}", str(ctx2))
+    assert sorted(p.name for p in out2.iterdir()) == [".dockerignore", "hello.txt"]
+    proc = lamina("images", cache=cache)
+    assert b"lamina-build-context" not in proc.stdout, "the stand-in images are untagged afterwards"
+
+
+def test_build_context_docker_image_replaces_from(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", "FROM alpine:3.19\nRUN busybox --help | head -1 > /which\n")
+    out = tmp_path / "out"
+    _build(
+        cache,
+        "--build-context",
+        f"alpine:3.19=docker-image://{BASE}",
+        "-o",
+        f"type=local,dest={out}",
+        str(ctx),
+    )
+    assert (out / "which").read_text().startswith("BusyBox")
+
+
+def test_build_context_oci_layout(cache: Path, tmp_path: Path) -> None:
+    src = write_context(tmp_path / "src", f"FROM {BASE}\nRUN echo layout > /marker\n")
+    archive = tmp_path / "img.tar"
+    _build(cache, "-t", "made:1", "-o", f"type=oci,dest={archive}", str(src))
+    layout = tmp_path / "layout"
+    with tarfile.open(archive) as tar:
+        tar.extractall(layout)  # the archive lamina just wrote
+    import json
+
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"]
+    ctx = write_context(tmp_path / "ctx", "FROM base\nRUN cat /marker > /seen\n")
+    for value in (f"oci-layout://{layout}@{digest}", f"oci-layout://{layout}:1"):
+        out = tmp_path / f"out-{value[-1]}"
+        _build(cache, "--build-context", f"base={value}", "-o", f"type=local,dest={out}", str(ctx))
+        assert (out / "seen").read_text() == "layout\n", value
+
+
+def test_build_context_dir_change_is_seen_by_a_rebuild(cache: Path, tmp_path: Path) -> None:
+    extra = write_context(tmp_path / "extra", "", {"v.txt": "one\n"})
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nCOPY --from=extra /v.txt /v.txt\n")
+    _build(cache, "--build-context", f"extra={extra}", "-t", "ctxtest:1", str(ctx))
+    (extra / "v.txt").write_text("two\n")
+    _build(cache, "--build-context", f"extra={extra}", "-t", "ctxtest:1", str(ctx))
+    out = tmp_path / "out"
+    _build(cache, "--build-context", f"extra={extra}", "-o", f"type=local,dest={out}", str(ctx))
+    assert (out / "v.txt").read_text() == "two\n"
+    proc = lamina("run", "ctxtest:1", "cat", "/v.txt", cache=cache)
+    assert proc.stdout == b"two\n", "the no-op replay did not keep the old image"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("x=https://example.com/ctx.tar.gz", "only a directory, a git URL, docker-image:// or oci-layout://"),
+        ("x=/nonexistent/dir", "/nonexistent/dir is not a directory"),
+        ("novalue", "expected NAME=VALUE"),
+    ],
+)
+def test_build_context_refusals(cache: Path, tmp_path: Path, value: str, message: str) -> None:
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\n")
+    proc = lamina("build", "--build-context", value, str(ctx), cache=cache)
+    assert proc.returncode == 1
+    assert len(proc.stderr.decode().strip().splitlines()) == 1
+    assert message in proc.stderr.decode()

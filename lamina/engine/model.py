@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from lamina.engine.cachekey import KeyInputs
     from lamina.engine.context import SourceTree
     from lamina.engine.dockerfile.instructions import Instruction
+    from lamina.engine.namedcontext import NamedContext
     from lamina.engine.output import ImageLayer
     from lamina.engine.outputspec import OutputSpec
     from lamina.engine.progress import ProgressSink
@@ -123,6 +124,7 @@ class BuildOptions:
     add_hosts: tuple[tuple[str, str], ...] = ()  # --add-host NAME:IP, appended to RUN's /etc/hosts
     ulimits: tuple[Ulimit, ...] = ()  # --ulimit NAME=SOFT:HARD for every RUN
     shm_size: int = 0  # --shm-size: bytes of RUN's /dev/shm; 0 is the default 64 MiB
+    build_contexts: tuple[NamedContext, ...] = ()  # --build-context NAME=...: images/stages replaced
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

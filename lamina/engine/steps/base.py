@@ -19,16 +19,23 @@ if TYPE_CHECKING:
 
 
 def base_image(executor: StepHost, ref: str, location: Any) -> StageOutcome:
-    """An image from the store (pulled first when allowed and needed), unpacked; once per build."""
+    """An image from the store (pulled first when allowed and needed), unpacked; once per build.
+
+    A `--build-context` of the image's name stands in for it (engine.namedcontext).
+    """
+    from lamina.engine.namedcontext import lookup
+
+    named = lookup(executor.options.build_contexts, ref)
+    ref = named.ref if named is not None else ref
     with executor.image_lock(ref):
         found = executor.images.get(ref)
         if found is None:
-            found = load_image(executor, ref, location)
+            found = load_image(executor, ref, location, local=named is not None and named.local)
             executor.images[ref] = found
         return found
 
 
-def load_image(executor: StepHost, ref: str, location: Any) -> StageOutcome:
+def load_image(executor: StepHost, ref: str, location: Any, local: bool = False) -> StageOutcome:
     from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
 
     store = executor.store
@@ -36,7 +43,7 @@ def load_image(executor: StepHost, ref: str, location: Any) -> StageOutcome:
 
     name = store_name(ref, pinned=True)
     record = None
-    if executor.options.pull or not _in_store(store, name):
+    if (executor.options.pull and not local) or not _in_store(store, name):
         record = _pull(executor, ref, location)
     try:
         record = record or store.resolve(name)

@@ -29,6 +29,7 @@ from lamina.engine.model import (
     StagePlan,
     StageState,
 )
+from lamina.engine.namedcontext import lookup
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.base import base_image
 from lamina.engine.steps.layerstep import layer_step, one_line, step_env
@@ -133,6 +134,8 @@ def run_stage(executor: StepHost, plan: StagePlan) -> StageOutcome:
     from lamina.engine.dockerfile.instructions import parse_instruction
     from lamina.engine.dockerfile.parser import parse
 
+    if plan.name.lower() in executor.plan.names and lookup(executor.options.build_contexts, plan.name):
+        return base_image(executor, plan.name, plan.location)  # --build-context replaces the stage
     base = _base(executor, plan)
     config = md.ensure_path(base.config)
     instructions: list[Instruction] = list(plan.instructions)

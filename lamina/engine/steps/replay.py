@@ -63,6 +63,11 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
         "compression": options.compression,
         "epoch": options.source_date_epoch,
         "outputs": [(o.type.value, list(o.names)) for o in options.outputs],
+        # what a RUN sees beyond its key (a required ssh mount fails without --ssh), and the
+        # images a --build-context stands in for
+        "ssh": sorted(agent.id for agent in options.ssh),
+        "run": [options.add_hosts, [(u.name, u.soft, u.hard) for u in options.ulimits], options.shm_size],
+        "contexts": sorted((c.name, c.ref, c.digest) for c in options.build_contexts),
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(b"\0dockerfile\0" + data)

@@ -1,0 +1,206 @@
+"""`--build-context NAME=VALUE`: a named context that stands in for an image or a stage, as buildx's.
+
+NAME is matched as BuildKit's dockerui.NamedContext matches it: the image
+reference in docker's short form without `:latest` (`alpine`, `alpine:3.19`,
+`ghcr.io/o/app:1`), so `--build-context alpine=...` replaces `FROM alpine`,
+`FROM docker.io/library/alpine:latest`, `COPY --from=alpine` and
+`RUN --mount=from=alpine`; a stage of that name is replaced whole (its
+instructions do not run), and stages built FROM it or copying from it get
+the context instead.
+
+VALUE is, as buildx takes it:
+- `docker-image://REF`: that image instead (pulled as any base is);
+- `oci-layout://PATH[:TAG|@DIGEST]`: an image of a local OCI layout (tag
+  `latest` by default), imported into the store;
+- a local directory, or a git URL (engine.gitsource): an image of one layer
+  holding its files as a COPY from a context holds them (its .dockerignore
+  applied, owners 0:0), as BuildKit's llb.Local of that directory.
+Other values (an HTTP URL, `target:`) are refused.
+
+Images made or imported for a build are named `lamina-build-context/...`
+in the store while the build runs, and untagged afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from lamina.errors import LaminaError, PlanError
+
+INTERNAL_REPO = "lamina-build-context"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NamedContext:
+    name: str  # the key it replaces (`key_of`)
+    ref: str  # the image reference used instead
+    local: bool = False  # only in the local store: never pulled, even with --pull
+    digest: str = ""  # the manifest of an image made or imported here (the replay memo's)
+
+
+def key_of(name: str) -> str:
+    """dockerui's key: docker's short form of the reference, without `:latest`."""
+    from lamina.oci.layout import familiar_name
+    from lamina.oci.reference import parse_reference
+
+    try:
+        full = str(parse_reference(name))
+    except LaminaError:
+        return name.lower()
+    return familiar_name(full).removesuffix(":latest")
+
+
+def lookup(contexts: tuple[NamedContext, ...], name: str) -> NamedContext | None:
+    """The named context (of BuildOptions.build_contexts) that replaces the image or stage `name`."""
+    if not contexts:
+        return None
+    key = key_of(name)
+    for context in contexts:
+        if context.name == key:
+            return context
+    return None
+
+
+def parse_flag(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise PlanError(f"--build-context {text}: expected NAME=VALUE")
+    return key_of(name), value
+
+
+@contextlib.contextmanager
+def prepared(
+    flags: Iterable[str],
+    store_root: Path,
+    environ: Mapping[str, str],
+    build_dir: Callable[[Path, str], str],
+) -> Iterator[tuple[NamedContext, ...]]:
+    """The named contexts of `--build-context` flags, images made or imported as needed.
+
+    `build_dir(directory, name)` builds the one-layer image of a directory under `name`
+    and returns its manifest digest (api.build, run on its own: no nested store).
+    """
+    made: list[str] = []
+    try:
+        with contextlib.ExitStack() as temporary:
+            found: dict[str, NamedContext] = {}
+            for flag in flags:
+                key, value = parse_flag(flag)
+                if key in found:
+                    raise PlanError(f"--build-context {flag}: {key} is given twice")
+                found[key] = _context(key, value, store_root, environ, build_dir, made, temporary)
+            yield tuple(found.values())
+    finally:
+        if made:
+            _untag(store_root, made)
+
+
+def _context(
+    key: str,
+    value: str,
+    store_root: Path,
+    environ: Mapping[str, str],
+    build_dir: Callable[[Path, str], str],
+    made: list[str],
+    temporary: contextlib.ExitStack,
+) -> NamedContext:
+    from lamina.engine.gitsource import checkout, is_git_url, parse_git_url
+
+    flag = f"--build-context {key}={value}"
+    internal = f"{INTERNAL_REPO}/{hashlib.sha256(f'{key}={value}'.encode()).hexdigest()[:16]}:{os.getpid()}"
+    if value.startswith("docker-image://"):
+        ref = value.removeprefix("docker-image://")
+        _check_reference(ref, flag)
+        return NamedContext(key, ref)
+    if value.startswith("oci-layout://"):
+        made.append(internal)
+        digest = _import_layout(value.removeprefix("oci-layout://"), store_root, internal, flag)
+        return NamedContext(key, internal, local=True, digest=digest)
+    directory = Path(value)
+    if not directory.is_dir() and is_git_url(value):
+        work = Path(temporary.enter_context(tempfile.TemporaryDirectory(prefix="lamina-context-")))
+        ref = parse_git_url(value)
+        checkout(ref, work / "git", environ)
+        directory = work / "git" / ref.subdir if ref.subdir else work / "git"
+    if value.startswith(("http://", "https://", "target:", "input:")) and not directory.is_dir():
+        raise PlanError(f"{flag}: only a directory, a git URL, docker-image:// or oci-layout:// is supported")
+    if not directory.is_dir():
+        raise PlanError(f"{flag}: {value} is not a directory")
+    made.append(internal)
+    return NamedContext(key, internal, local=True, digest=build_dir(directory, internal))
+
+
+def _check_reference(ref: str, flag: str) -> None:
+    from lamina.oci.reference import parse_reference
+
+    try:
+        parse_reference(ref)
+    except LaminaError as err:
+        raise PlanError(f"{flag}: {err}") from None
+
+
+def _import_layout(text: str, store_root: Path, internal: str, flag: str) -> str:
+    """The image of a layout that `PATH[:TAG|@DIGEST]` names, imported as `internal`; its digest."""
+    from lamina.cache.images import import_image
+    from lamina.cache.store import Store
+    from lamina.oci.archive import open_image_source
+
+    path, at, digest = text.partition("@")
+    tag = "latest"
+    if not at:
+        path, colon, tag = path.rpartition(":") if ":" in Path(path).name else (path, "", "latest")
+        if not colon:
+            path, tag = text, "latest"
+    try:
+        with open_image_source(Path(path)) as source, Store(store_root) as store:
+            image = _pick(source, Path(path), tag, digest)
+            if image is None:
+                what = f"digest {digest}" if digest else f"tag {tag}"
+                raise PlanError(f"{flag}: the layout has no image of {what}")
+            import_image(store, source, image, [internal])
+            return str(image.manifest.digest)
+    except PlanError:
+        raise
+    except LaminaError as err:
+        raise PlanError(f"{flag}: {err}") from None
+
+
+def _pick(source: Any, path: Path, tag: str, digest: str) -> Any:
+    """The image of `source` whose index entry has ref.name `tag` (or whose digest is `digest`)."""
+    import json
+
+    images = source.images()
+    if digest:
+        return next((image for image in images if str(image.manifest.digest) == digest), None)
+    try:
+        index = json.loads((path / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    entries = [e for e in index.get("manifests", []) if isinstance(e, dict)]
+    for position, entry in enumerate(entries):
+        names = (entry.get("annotations") or {}).values()
+        if not any(name == tag or str(name).endswith(":" + tag) for name in names):
+            continue
+        for image in images:  # a manifest entry is its image
+            if str(image.manifest.digest) == entry.get("digest"):
+                return image
+        # An index entry: LayoutReader lists one image per entry, in order.
+        return images[position] if len(images) == len(entries) else None
+    return None
+
+
+def _untag(store_root: Path, names: list[str]) -> None:
+    from lamina.cache.images import normalize_name
+    from lamina.cache.store import Store
+
+    with Store(store_root) as store:
+        for name in names:
+            with contextlib.suppress(LaminaError):
+                store.untag(normalize_name(name))
