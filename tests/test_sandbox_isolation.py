@@ -537,3 +537,28 @@ def test_what_proot_cannot_record_fails_the_step_in_one_line(
     assert len(errors) == 1, done.stderr
     assert "Dockerfile:" in errors[0] and reason in errors[0], done.stderr
     assert "proot isolation cannot record in the layer" in errors[0], done.stderr
+
+
+@pytest.mark.skipif(bool(_plain_user_ready()), reason=_plain_user_ready() or "ready")
+def test_proot_copy_from_key_sees_a_changed_owner(plain_user_dir: Path) -> None:
+    # The source stage changes only an owner (recorded in an xattr): the COPY
+    # --from must miss, giving the image a fresh cache gives.
+    where = plain_user_dir
+    assert _as_plain_user(where, ["load", str(where / "base.tar")]).returncode == 0
+    dockerfile = "FROM lamina-test/busybox:1.35 AS a\nRUN echo x > /f && chown {0}:{0} /f\n" + (
+        "FROM lamina-test/busybox:1.35\nCOPY --from=a /f /f\n"
+    )
+    digests = []
+    for owner, cache in ((5, "cache"), (6, "cache"), (6, "fresh")):
+        (where / "ctx/Dockerfile").write_text(dockerfile.format(owner))
+        if cache == "fresh":
+            shutil.rmtree(where / "cache")
+            assert _as_plain_user(where, ["load", str(where / "base.tar")]).returncode == 0
+        out = where / f"image-{owner}-{cache}.tar"
+        done = _as_plain_user(
+            where, ["build", "--progress", "quiet", "-o", f"type=oci,dest={out}", f"{where}/ctx"]
+        )
+        assert done.returncode == 0, done.stderr
+        digests.append(_digest(out))
+    assert digests[0] != digests[1]
+    assert digests[1] == digests[2]

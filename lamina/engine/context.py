@@ -71,7 +71,7 @@ def entry_record(path: str, entry: TreeEntry, mode: int, uid: int, gid: int, con
 class SourceTree:
     """A directory COPY/ADD reads from; see the module docstring."""
 
-    __slots__ = ("_root", "chroot", "ignore", "root", "scope", "stat_cache")
+    __slots__ = ("_recorded", "_root", "chroot", "ignore", "root", "scope", "stat_cache")
 
     def __init__(
         self,
@@ -87,6 +87,7 @@ class SourceTree:
         self.ignore = ignore if ignore else None
         self.chroot = chroot
         self.scope = scope  # the stat cache's persistent scope; None: remember in memory only
+        self._recorded: bool | None = None  # a stage tree whose owners are in xattrs (lamina.oci.recorded)
 
     def __repr__(self) -> str:
         return f"SourceTree({str(self.root)!r}, chroot={self.chroot})"
@@ -180,6 +181,21 @@ class SourceTree:
         walk = _Walk(self, len(rel) + 1 if rel else 0, include, exclude)
         yield from walk.entries(rel, state)
 
+    def _owner(self, rel: str, st: os.stat_result) -> tuple[int, int]:
+        """A stage's file owner; where no user namespace could be made, its recorded container owner."""
+        if not self.chroot or os.geteuid() == 0:
+            return st.st_uid, st.st_gid
+        if self._recorded is None:
+            from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+            self._recorded = detect_ids().mode is IdMode.RECORDED
+        if not self._recorded:
+            return st.st_uid, st.st_gid
+        from lamina.oci import recorded
+
+        mine = (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+        return recorded.owner_of(self.abspath(rel), (0, 0) if mine else (st.st_uid, st.st_gid))
+
     def _entry(self, rel: str, st: os.stat_result) -> TreeEntry | None:
         kind = type_of_mode(st.st_mode)
         if kind is None:
@@ -197,12 +213,13 @@ class SourceTree:
                 socket=True,
             )
         link = os.readlink(self.abspath(rel)) if kind is EntryType.SYMLINK else ""
+        uid, gid = self._owner(rel, st)
         return TreeEntry(
             path=rel,
             type=kind,
             mode=stat.S_IMODE(st.st_mode),
-            uid=st.st_uid,
-            gid=st.st_gid,
+            uid=uid,
+            gid=gid,
             size=st.st_size if kind is EntryType.FILE else 0,
             mtime_ns=st.st_mtime_ns,
             linkname=link,

@@ -168,6 +168,7 @@ def _copy_meta(
         owner = recorded.owner_of(os.fspath(real), (-1, -1))
         if owner != (-1, -1):
             lost[os.fspath(dst)] = owner
+            recorded.set_owner(os.fspath(dst), *owner)  # for the tree's entries (and COPY --from keys)
     try:
         os.lchown(dst, st.st_uid, st.st_gid)
     except PermissionError:
