@@ -175,20 +175,27 @@ def plan(
     if given and not show_cache:
         flag = next(p.opts[0] for p in build.params if p.name == given[0])
         raise click.UsageError(f"{flag} changes only the answer of `lamina plan --cache`: add --cache")
+    if show_cache and fmt == "dot":
+        raise click.UsageError("--cache adds to the text or json plan, not to --format dot")
     args = planning.parse_build_args(build_args)
     result = api.plan(context=context, dockerfile=dockerfile, target=target, build_args=args)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
+    forecast = None
+    if show_cache:
+        forecast = api.build(context, dockerfile, target=target, build_args=args, dry_run=True, **cache_flags)
     if fmt == "json":
         import json
 
-        click.echo(json.dumps(planning.to_json(result), indent=2, ensure_ascii=False))
+        doc = planning.to_json(result)
+        if forecast is not None:  # one document: the steps as `--dry-run --progress json` prints them
+            doc["cache"] = [_forecast_record(step) for step in forecast.steps]
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
     elif fmt == "dot":
         click.echo(planning.to_dot(result), nl=False)
     else:
         click.echo(planning.to_text(result), nl=False)
-    if show_cache:
-        forecast = api.build(context, dockerfile, target=target, build_args=args, dry_run=True, **cache_flags)
+    if forecast is not None and fmt == "text":
         click.echo("\ncache:")
         _print_forecast(forecast.steps)
 
@@ -209,15 +216,18 @@ def _print_forecast_json(steps: Sequence[Any]) -> None:
     import json
 
     for step in steps:
-        record = {
-            "type": "forecast",
-            "stage": step.stage,
-            "step": step.index,
-            "instruction": step.instruction,
-            "cache": "cached" if step.cached else "maybe" if step.reason.startswith("may run:") else "run",
-            **({"reason": step.reason} if step.reason else {}),
-        }
-        click.echo(json.dumps(record, sort_keys=True))
+        click.echo(json.dumps(_forecast_record(step), sort_keys=True))
+
+
+def _forecast_record(step: Any) -> dict[str, Any]:
+    return {
+        "type": "forecast",
+        "stage": step.stage,
+        "step": step.index,
+        "instruction": step.instruction,
+        "cache": "cached" if step.cached else "maybe" if step.reason.startswith("may run:") else "run",
+        **({"reason": step.reason} if step.reason else {}),
+    }
 
 
 # --- images: load, save, images, rmi, cache ----------------------------------

@@ -280,6 +280,9 @@ def test_plan_cache_takes_the_build_flags_and_agrees_with_the_next_build(cache: 
     ]
     filtered = run_cli("plan", "--cache", "--no-cache-filter", "stage-0", *flags, cache=cache).stdout
     assert filtered.count("will run: --no-cache-filter stage-0") == 2
+    doc = json.loads(run_cli("plan", "--cache", "--format", "json", *flags, cache=cache).stdout)
+    assert [(s["step"], s["cache"]) for s in doc["cache"]] == [(1, "cached"), (2, "run")]
+    assert doc["cache"][1]["reason"] == lines[1].split("will run: ", 1)[1]
     refused = run_cli("plan", "--network", "none", str(ctx), cache=cache, check=False)
     assert refused.returncode == 2
     assert "--network changes only the answer of `lamina plan --cache`: add --cache" in refused.stderr
