@@ -573,6 +573,24 @@ _on_error_option = click.option(
 )
 
 
+def _usage(
+    ctx: click.Context, param: click.Parameter, value: Any, module: str, name: str, each: bool = False
+) -> Any:
+    """A click callback: a flag value lamina's parser refuses is a usage error (exit 2, in
+    click's words: "Invalid value for '--output': ..."), as every other bad flag value is."""
+    import importlib
+
+    if not value:
+        return value
+    parse = getattr(importlib.import_module(f"lamina.engine.{module}"), name)
+    try:
+        for item in value if each else [value]:
+            parse(item)
+    except LaminaError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return value
+
+
 @cli.command()
 @click.argument("context", default=".", type=click.Path(file_okay=False))
 @click.option("-f", "--file", "dockerfile", type=click.Path(dir_okay=False), help="Dockerfile path.")
@@ -612,19 +630,32 @@ _on_error_option = click.option(
 )
 @click.option(
     "--progress",
-    type=click.Choice(["auto", "tty", "plain", "json", "quiet"]),
+    type=click.Choice(["auto", "tty", "plain", "json", "rawjson", "quiet"]),
     default="auto",
     show_default=True,
 )
-@click.option("-o", "--output", "outputs", multiple=True, help="type=oci|docker|local|tar,dest=PATH; DIR; -")
+@click.option(
+    "-o",
+    "--output",
+    "outputs",
+    multiple=True,
+    callback=lambda ctx, param, value: _usage(ctx, param, value, "outputspec", "parse_output", each=True),
+    help="type=oci|docker|image|registry|local|tar,dest=PATH[,ATTR=...]; DIR; -",
+)
 @click.option(
     "--annotation",
     "annotations",
     multiple=True,
     metavar="[TYPE:]KEY=VALUE",
+    callback=lambda ctx, param, value: _usage(ctx, param, value, "outputspec", "parse_annotation_flags"),
     help="Annotate the image (TYPE: manifest, manifest-descriptor, index, index-descriptor).",
 )
-@click.option("--provenance", metavar="true|false|mode=min|max", help="Attach SLSA provenance (OCI index).")
+@click.option(
+    "--provenance",
+    metavar="true|false|mode=min|max",
+    callback=lambda ctx, param, value: _usage(ctx, param, value, "provenance", "parse_provenance"),
+    help="Attach SLSA provenance (OCI index).",
+)
 @click.option("--sbom", metavar="false", help="SBOM attestation: refused unless false (no generator).")
 @click.option(
     "--call",

@@ -5,6 +5,7 @@ picks the sink from `--progress`. Sinks never raise into the build.
 
     plain   one log line per event, like BuildKit's `--progress=plain`
     json    one JSON object per line per event
+    rawjson BuildKit's SolveStatus documents, as buildx prints them (progress_raw)
     tty     a live view of the stages and their steps (rich), falls back
             to plain when stderr is not a terminal
     quiet   nothing but errors
@@ -232,4 +233,8 @@ def make_progress(mode: str, stream: TextIO | None = None) -> ProgressSink:
         return JsonProgress(target)
     if mode == "quiet":
         return QuietProgress(target)
+    if mode == "rawjson":  # buildx's raw BuildKit status stream
+        from lamina.engine.progress_raw import RawJsonProgress
+
+        return RawJsonProgress(target)
     raise ValueError(f"unknown progress mode {mode!r}")
