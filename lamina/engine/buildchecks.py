@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from lamina.errors import LaminaError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from lamina.cache.store import Store
     from lamina.engine.dockerfile.checks import BaseFacts, CheckReport, CheckWarning
@@ -107,6 +107,38 @@ def check(
     )
 
 
+# Build args with a meaning to BuildKit that lamina does not give them: refused when they ask for
+# something (a true value, a name), so that a build never silently does less than it was asked.
+_UNSUPPORTED_BUILD_ARGS = {
+    "BUILDKIT_INLINE_CACHE": "inline cache metadata in the image config is not written by lamina",
+    "BUILDKIT_MULTI_PLATFORM": "lamina builds one platform, the host's",
+    "BUILDKIT_CACHE_MOUNT_NS": "cache mount ids are not namespaced by lamina",
+    "BUILDKIT_BUILD_NAME": "lamina keeps no build history to name",
+    "BUILDKIT_SBOM_SCAN_CONTEXT": "lamina makes no SBOM",
+    "BUILDKIT_SBOM_SCAN_STAGE": "lamina makes no SBOM",
+}
+_OFF = frozenset({"", "0", "f", "F", "false", "FALSE", "False"})
+
+
+def refuse_unsupported_build_args(build_args: Mapping[str, str]) -> None:
+    """A --build-arg BuildKit gives a meaning lamina cannot honour is a one-line error naming it."""
+    from lamina.errors import PlanError
+
+    for name, why in _UNSUPPORTED_BUILD_ARGS.items():
+        value = build_args.get(name)
+        if value is not None and value not in _OFF:
+            raise PlanError(f"--build-arg {name}={value}: not supported: {why}")
+    syntax = build_args.get("BUILDKIT_SYNTAX")
+    if syntax:
+        from lamina.engine.plan import is_dockerfile_frontend
+
+        if not is_dockerfile_frontend(syntax):
+            raise PlanError(
+                f"--build-arg BUILDKIT_SYNTAX={syntax}: lamina builds with its own Dockerfile front end and"
+                " cannot run another frontend image (only docker/dockerfile[:tag] is understood)"
+            )
+
+
 def for_build(
     options: BuildOptions, data: bytes | None, store: Store, sink: ProgressSink
 ) -> tuple[CheckWarning, ...]:
@@ -116,6 +148,7 @@ def for_build(
     """
     from lamina.engine.dockerfile.parser import parse
 
+    refuse_unsupported_build_args(dict(options.build_args))
     if data is None:
         return ()
     try:

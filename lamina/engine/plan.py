@@ -340,6 +340,11 @@ _DOCKERFILE_FRONTEND = re.compile(
 )
 
 
+def is_dockerfile_frontend(ref: str) -> bool:
+    """Whether a `# syntax=` (or BUILDKIT_SYNTAX) image is the docker/dockerfile front end."""
+    return _DOCKERFILE_FRONTEND.fullmatch(ref.strip()) is not None
+
+
 def _check_syntax(dockerfile: Dockerfile) -> None:
     """`# syntax=` naming another frontend image: BuildKit would run that image; lamina cannot."""
     for directive in dockerfile.directives:
@@ -417,10 +422,11 @@ def make_plan(
     build_platform: Platform | None = None,
 ) -> Plan:
     """Plan the build of `target` (default: the last stage) from a parsed Dockerfile."""
-    _check_syntax(dockerfile)
+    build_args = dict(build_args or {})
+    if "BUILDKIT_SYNTAX" not in build_args:  # the build arg stands for the directive (buildchecks)
+        _check_syntax(dockerfile)
     parsed = parse_stages(dockerfile)
     stages = parsed.stages
-    build_args = dict(build_args or {})
     build = build_platform or host_platform()
     target_platform = target_platform or build
     predefined = platform_args(target_platform, build)
