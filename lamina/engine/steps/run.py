@@ -284,9 +284,14 @@ def _mounts(
             cache_dir.parent.mkdir(exist_ok=True)
             if mount.from_ and not cache_dir.exists():
                 _seed_cache(executor, mount, cache_dir)
+            source_dir, subpath = cache_dir, mount.source.strip("/") if not mount.from_ else ""
+            if subpath:
+                # BuildKit's SourcePath on the cache: that directory of it, never a way out of it.
+                cache_dir.mkdir(exist_ok=True)
+                source_dir = _inside(cache_dir, subpath, mount)
             mounts.append(
                 CacheMount(
-                    cache_dir,
+                    source_dir,
                     target,
                     sharing=Sharing(mount.sharing.value),
                     uid=mount.uid or 0,
@@ -294,7 +299,7 @@ def _mounts(
                     mode=mount.mode if mount.mode is not None else 0o755,
                 )
             )
-            keys.append(f"cache:{mount.id}:{target}")
+            keys.append(f"cache:{mount.id}:{target}" + (f":{subpath}" if subpath else ""))
         elif mount.type is MountType.TMPFS:
             mounts.append(TmpfsMount(target, mount.size or 0))
             keys.append(f"tmpfs:{target}:{mount.size or 0}")
