@@ -562,3 +562,34 @@ def test_proot_copy_from_key_sees_a_changed_owner(plain_user_dir: Path) -> None:
         digests.append(_digest(out))
     assert digests[0] != digests[1]
     assert digests[1] == digests[2]
+
+
+@pytest.mark.skipif(bool(_plain_user_ready()), reason=_plain_user_ready() or "ready")
+@pytest.mark.parametrize(
+    "steps",
+    [
+        "RUN mkdir -p /app/sub && chown -R 5:6 /app && chmod 700 /app\nCOPY app.txt /app/sub/x\n",
+        "RUN mkdir /data && chown 5:5 /data && ln -s data /l\n"
+        "USER nobody\nRUN mkdir /tmp/n && echo x > /tmp/n/f\n",
+    ],
+    ids=["copy-into-chowned-dir", "user-nobody"],
+)
+def test_proot_build_matches_the_host_build(
+    plain_user_dir: Path, tmp_path: Path, busybox_image: Path, steps: str
+) -> None:
+    dockerfile = f"FROM lamina-test/busybox:1.35\n{steps}"
+    host = _context(tmp_path / "host", busybox_image)
+    (host / "ctx/Dockerfile").write_text(dockerfile)
+    assert _lamina(host, ["load", str(host / "base.tar")]).returncode == 0
+    done = _lamina(
+        host, ["build", "--progress", "quiet", "-o", f"type=oci,dest={host}/image.tar", f"{host}/ctx"]
+    )
+    assert done.returncode == 0, done.stderr
+    where = plain_user_dir
+    (where / "ctx/Dockerfile").write_text(dockerfile)
+    assert _as_plain_user(where, ["load", str(where / "base.tar")]).returncode == 0
+    done = _as_plain_user(
+        where, ["build", "--progress", "quiet", "-o", f"type=oci,dest={where}/image.tar", f"{where}/ctx"]
+    )
+    assert done.returncode == 0, done.stderr
+    assert _digest(where / "image.tar") == _digest(host / "image.tar")

@@ -181,7 +181,9 @@ class _Writer:
         if st is None:
             image_st = self.image.stat("/" + parent) if self.image is not None else None
             if image_st is not None and stat.S_ISDIR(image_st.st_mode):
-                self.mkdir(parent, stat.S_IMODE(image_st.st_mode), *_image_owner(image_st))
+                self.mkdir(
+                    parent, stat.S_IMODE(image_st.st_mode), *_image_owner(image_st, self.image, parent)
+                )
                 self.dir_times.append((parent, image_st.st_mtime_ns))
             else:
                 self.mkdir(parent, DIR_MODE, 0, 0)
@@ -227,7 +229,9 @@ class _Writer:
             image_st = self.image.stat("/" + made.dest) if self.image is not None else None
             if image_st is not None and stat.S_ISDIR(image_st.st_mode):
                 # it exists below: keep the image's metadata in this layer
-                self.mkdir(made.dest, stat.S_IMODE(image_st.st_mode), *_image_owner(image_st))
+                self.mkdir(
+                    made.dest, stat.S_IMODE(image_st.st_mode), *_image_owner(image_st, self.image, made.dest)
+                )
                 self.dir_times.append((made.dest, image_st.st_mtime_ns))
             elif image_st is not None:
                 raise ContextError(f"COPY failed: cannot copy to non-directory: /{made.dest}")
@@ -449,9 +453,10 @@ class _Writer:
             os.chmod(path, mode)
 
 
-def _image_owner(st: os.stat_result) -> tuple[int, int]:
-    """The container owner of a directory of the layers below (rootless, they hold host ids)."""
-    return container_owner(st)
+def _image_owner(st: os.stat_result, image: Any = None, rel: str = "") -> tuple[int, int]:
+    """The container owner of a directory of the layers below (rootless, they hold host ids;
+    with no user namespace, the owner recorded on the layer's file)."""
+    return container_owner(st, image.real_path("/" + rel) if image is not None else None)
 
 
 def _chown(path: str, uid: int, gid: int) -> None:
