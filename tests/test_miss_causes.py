@@ -307,3 +307,90 @@ def test_two_causes_at_once_are_both_named_everywhere(cache: Path, tmp_path: Pat
     running = [json.loads(line) for line in proc.stderr.splitlines() if '"running"' in line]
     assert [event["reason"] for event in running] == [expected]
     assert [s["reason"] for s in json.loads(meta.read_text())["lamina.build.steps"]] == [expected]
+
+
+class _Tee:
+    """One build's events to the plain, json and tty sinks at once."""
+
+    def __init__(self) -> None:
+        import io
+
+        from lamina.engine.progress import JsonProgress, PlainProgress, TtyProgress
+
+        self.streams = {"plain": io.StringIO(), "json": io.StringIO(), "tty": io.StringIO()}
+        self.sinks = [
+            PlainProgress(self.streams["plain"]),
+            JsonProgress(self.streams["json"]),
+            TtyProgress(self.streams["tty"]),
+        ]
+
+    def step(self, event: object) -> None:
+        for sink in self.sinks:
+            sink.step(event)  # type: ignore[arg-type]
+
+    def log(self, stage: str, index: int, line: str) -> None:
+        for sink in self.sinks:
+            sink.log(stage, index, line)
+
+    def warn(self, message: str) -> None:
+        for sink in self.sinks:
+            sink.warn(message)
+
+    def finish(self, summary: object) -> None:
+        for sink in self.sinks:
+            sink.finish(summary)  # type: ignore[arg-type]
+
+
+_SCENARIOS = {
+    "file": (
+        f"FROM {BASE}\nCOPY src/ /src/\nRUN cat /src/* > /all\n",
+        lambda ctx: (ctx / "src/a.txt").write_text("A\n"),
+        {},
+    ),
+    "bind-mount": (
+        f"FROM {BASE}\nRUN --mount=type=bind,source=src,target=/s cat /s/* > /all\n",
+        lambda ctx: (ctx / "src/b.txt").unlink(),
+        {},
+    ),
+    "arg-and-proxy": (
+        f"FROM {BASE}\nARG MODE=a\nARG HTTPS_PROXY\nRUN echo $MODE > /m\n",
+        lambda ctx: None,
+        {"MODE": "b", "HTTPS_PROXY": "http://u:secret@proxy:1"},
+    ),
+    "run-options": (
+        f"FROM {BASE}\nRUN echo x > /x\n",
+        lambda ctx: (ctx / "Dockerfile").write_text(f"FROM {BASE}\nRUN --network=none echo x > /x\n"),
+        {},
+    ),
+    "upstream-stage": (
+        f"FROM {BASE} AS base\nCOPY src/ /src/\n\nFROM base\nRUN cat /src/* > /all\n",
+        lambda ctx: (ctx / "src/b.txt").write_text("B\n"),
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", list(_SCENARIOS))
+def test_every_channel_says_the_same_cause_and_explain_agrees(
+    cache: Path, tmp_path: Path, scenario: str
+) -> None:
+    text, change, args = _SCENARIOS[scenario]
+    ctx = write_context(tmp_path / scenario, text, {"src/a.txt": "a\n", "src/b.txt": "b\n"})
+    build(cache, ctx)
+    change(ctx)
+    forecast = build(cache, ctx, build_args=args, dry_run=True)
+    tee = _Tee()
+    result = build(cache, ctx, build_args=args, progress=tee)
+    ran = {(s.stage, s.index): s.reason for s in result.steps if not s.cached}
+    told = {(s.stage, s.index): s.reason.replace(" will run", " ran") for s in forecast.steps if not s.cached}
+    if scenario == "upstream-stage":  # the files an upstream step makes are known once it ran
+        assert ran.pop(("stage-1", 1)) == told.pop(("stage-1", 1)) + "; file content changed: src/b.txt"
+    assert ran == told
+    assert "secret" not in json.dumps(list(ran.values()))
+    events = [json.loads(line) for line in tee.streams["json"].getvalue().splitlines()]
+    meta = {s["stage"] + str(s["step"]): s.get("reason", "") for s in result.metadata()["lamina.build.steps"]}
+    for step in (s for s in result.steps if not s.cached):
+        assert f"{step.instruction}  ({step.reason})" in tee.streams["plain"].getvalue()
+        assert any(e.get("reason") == step.reason and e["step"] == step.index for e in events)
+        assert f"({step.reason})" in " ".join(tee.streams["tty"].getvalue().split())
+        assert meta[step.stage + str(step.index)] == step.reason
