@@ -101,7 +101,7 @@ def test_cache_spec_forms() -> None:
 @pytest.mark.parametrize(
     ("text", "flag", "message"),
     [
-        ("type=local,dest=/tmp/x", "--cache-to", "only type=registry"),
+        ("type=local,src=/tmp/x", "--cache-to", "type=local needs dest="),
         ("type=registry", "--cache-from", "missing ref="),
         ("type=registry,ref=h:1/c,mode=max", "--cache-from", "mode must be"),
         ("type=registry,ref=h:1/c,mode=all", "--cache-to", "mode must be"),
@@ -129,7 +129,7 @@ def test_cli_bad_cache_spec_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("build", "--cache-to", "type=gha", str(ctx), cache=tmp_path / "cache", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "error: invalid --cache-to 'type=gha': only type=registry is supported, not 'gha'"
+        "error: --cache-to type=gha is not supported: use type=registry or type=local"
     ]
 
 

@@ -237,8 +237,15 @@ def _reader(data: bytes) -> io.BytesIO:
 
 MODES = ("min", "max")
 _WORKERS = 4  # parallel uploads of an export
-# buildx keys that mean nothing for lamina's format; accepted so copied flags work.
-_IGNORED_KEYS = frozenset({"oci-mediatypes", "image-manifest", "compression", "compression-level"})
+# BuildKit's cache attributes that lamina's format already honours at these values (its entries
+# are OCI image manifests); any other value, or an attribute not listed, is refused.
+_HONOURED = {"oci-mediatypes": "true", "image-manifest": "true"}
+_REFUSED_KEYS = {
+    "compression": "cache layers are written in the build's --compression",
+    "compression-level": "cache layers are written in the build's --compression",
+    "force-compression": "cache layers are written in the build's --compression",
+    "digest": "a local cache is read by its tag (tag=)",
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -248,10 +255,13 @@ class CacheSpec:
     ref: Reference
     mode: str = "min"  # --cache-to only
     ignore_error: bool = False  # --cache-to only: a failed export is a warning
+    path: str = ""  # type=local: the OCI layout directory (dest= / src=); ref's tag is tag=
 
 
 def parse_cache_spec(text: str, flag: str) -> CacheSpec:
-    """`type=registry,ref=REF[,mode=min|max][,ignore-error=true]`; a bare REF means type=registry."""
+    """`type=registry,ref=REF[,mode=min|max][,ignore-error=true]`; a bare REF means type=registry;
+    `type=local,dest=DIR` (--cache-to) / `type=local,src=DIR` (--cache-from), `[,tag=T]`: the same
+    entries in an OCI layout directory (lamina.oci.layoutclient), as BuildKit's local cache."""
     from lamina.oci.reference import parse_reference
 
     fields: dict[str, str] = {}
@@ -264,8 +274,31 @@ def parse_cache_spec(text: str, flag: str) -> CacheSpec:
             raise PlanError(f"invalid {flag} {text!r}: {part!r} is not key=value")
         fields[key] = value.strip()
     kind = fields.pop("type", "registry")
-    if kind != "registry":
-        raise PlanError(f"invalid {flag} {text!r}: only type=registry is supported, not {kind!r}")
+    if kind == "inline":
+        raise PlanError(
+            f"{flag} type=inline is not supported: lamina's image config carries no cache; "
+            "use type=registry,ref=REF or type=local"
+        )
+    if kind in ("gha", "s3", "azblob"):
+        raise PlanError(f"{flag} type={kind} is not supported: use type=registry or type=local")
+    if kind not in ("registry", "local"):
+        raise PlanError(f"invalid {flag} {text!r}: type must be registry or local, not {kind!r}")
+    path = ""
+    if kind == "local":
+        path = fields.pop("dest" if flag == "--cache-to" else "src", "")
+        if not path:
+            need = "dest" if flag == "--cache-to" else "src"
+            raise PlanError(f"invalid {flag} {text!r}: type=local needs {need}=")
+        fields["ref"] = f"local/cache:{fields.pop('tag', DEFAULT_TAG)}"
+    for key, value in _HONOURED.items():
+        given = fields.pop(key, value)
+        if given.lower() != value:
+            raise PlanError(
+                f"{flag} {key}={given} is not supported: lamina's cache entries are OCI manifests"
+            )
+    for key, why in _REFUSED_KEYS.items():
+        if key in fields:
+            raise PlanError(f"{flag} {key}= is not supported: {why}")
     ref_text = fields.pop("ref", "")
     if not ref_text:
         raise PlanError(f"invalid {flag} {text!r}: missing ref=")
@@ -275,7 +308,7 @@ def parse_cache_spec(text: str, flag: str) -> CacheSpec:
     ignore = fields.pop("ignore-error", "false").lower()
     if ignore not in ("true", "false"):
         raise PlanError(f"invalid {flag} {text!r}: ignore-error must be true or false")
-    unknown = sorted(set(fields) - _IGNORED_KEYS)
+    unknown = sorted(fields)
     if unknown:
         raise PlanError(f"invalid {flag} {text!r}: unknown key {unknown[0]!r}")
     try:
@@ -284,7 +317,7 @@ def parse_cache_spec(text: str, flag: str) -> CacheSpec:
         raise PlanError(f"invalid {flag} {text!r}: {err}") from err
     if ref.digest is not None:
         raise PlanError(f"invalid {flag} {text!r}: a cache ref takes a tag, not a digest")
-    return CacheSpec(ref, mode, ignore == "true")
+    return CacheSpec(ref, mode, ignore == "true", path)
 
 
 def parse_cache_specs(texts: Iterable[str], flag: str) -> tuple[CacheSpec, ...]:
@@ -381,6 +414,7 @@ class RemoteCache:
         self._unpack = unpack
         self._blob_memo_key = blob_memo_key
         self._client: RegistryClient | None = None
+        self._layouts: dict[str, Any] = {}  # type=local: a LayoutClient per directory
         self._lock = threading.Lock()
         self._disabled: set[Reference] = set()
 
@@ -390,7 +424,16 @@ class RemoteCache:
                 self._client.close()
                 self._client = None
 
-    def _get_client(self) -> RegistryClient:
+    def _get_client(self, spec: CacheSpec | None = None) -> RegistryClient:
+        if spec is not None and spec.path:
+            from pathlib import Path
+
+            from lamina.oci.layoutclient import LayoutClient
+
+            with self._lock:
+                if spec.path not in self._layouts:
+                    self._layouts[spec.path] = LayoutClient(Path(spec.path))
+                return self._layouts[spec.path]  # type: ignore[no-any-return]
         with self._lock:
             if self._client is None:
                 if self._factory is None:
@@ -406,17 +449,19 @@ class RemoteCache:
         for spec in self.specs:
             if spec.ref in self._disabled:
                 continue
-            if self._import(store, spec.ref, key):
+            if self._import(store, spec, key):
                 return True
         return False
 
-    def _import(self, store: Store, ref: Reference, key: str) -> bool:
+    def _import(self, store: Store, spec: CacheSpec, key: str) -> bool:
+        ref = spec.ref
         try:
-            entry = import_entry(self._get_client(), store, ref, key, warn=self._warn)
+            entry = import_entry(self._get_client(spec), store, ref, key, warn=self._warn)
         except RegistryError as err:
             with self._lock:
                 self._disabled.add(ref)
-            self._warn(f"--cache-from {ref}: {err}; not using it for the rest of this build")
+            where = f"type=local,src={spec.path}" if spec.path else str(ref)
+            self._warn(f"--cache-from {where}: {err}; not using it for the rest of this build")
             return False
         if entry is None:
             return False
@@ -484,8 +529,17 @@ def push_entries(
     store: Store,
     ref: Reference,
     entries: Sequence[CacheEntry],
+    path: str = "",
 ) -> int:
-    """Push `entries` under `ref` (--cache-to), side by side; return how many were written."""
+    """Push `entries` under `ref` (--cache-to), side by side; return how many were written.
+    With `path` (type=local) they go into that OCI layout directory instead."""
+    if path:
+        from pathlib import Path
+
+        from lamina.oci.layoutclient import LayoutClient
+
+        layout: Any = LayoutClient(Path(path), create=True)
+        return sum(in_parallel(entries, functools.partial(_export_one, layout, store, ref)))
     if client_factory is None:
         raise RegistryError("--cache-to needs a registry client")
     with client_factory() as client:

@@ -308,7 +308,7 @@ def export_cache(host: StepHost, result: BuildResult) -> int:
             if factory is None:
                 raise RegistryError("--cache-to needs a registry client")
             entries = cache_entries(host, result, spec.mode)
-            written += push_entries(factory, host.store, spec.ref, entries)
+            written += push_entries(factory, host.store, spec.ref, entries, spec.path)
         except LaminaError as err:
             if not spec.ignore_error:
                 raise
