@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from lamina.engine.model import BuildResult
     from lamina.engine.plan import Plan
     from lamina.engine.progress import ProgressSink
+    from lamina.engine.sandbox.isolation import Isolation
     from lamina.oci.image import Descriptor
     from lamina.oci.registry import RegistryClient
 
@@ -421,6 +422,7 @@ def build(
     ulimits: Iterable[str] = (),
     shm_size: str | int | None = None,
     build_contexts: Iterable[str] = (),
+    isolation: str | Isolation | None = None,
 ) -> BuildResult:
     """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
 
@@ -447,6 +449,8 @@ def build(
     RUN steps, as buildx's flags: `ssh` forwards ssh-agents to `RUN --mount=type=ssh`
     (`default`, `ID=SOCKET`, `ID=KEYFILE[,KEYFILE]`); `add_hosts` (`NAME:IP`) adds to
     /etc/hosts, `ulimits` (`nofile=1024:2048`) sets limits, `shm_size` (`128m`) sizes /dev/shm.
+    `isolation` (`sandbox.isolation.Isolation` or its name; None or "auto": `$LAMINA_ISOLATION`,
+    else the strongest allowed) is checked before the build: one not allowed here is an error.
     """
     import dataclasses
     import os
@@ -460,6 +464,7 @@ def build(
     from lamina.errors import PlanError
 
     env = dict(os.environ if environ is None else environ)
+    wanted = _isolation(isolation)
     insecure = tuple(insecure_registries)
     args = dict(build_args or {})
     if source_date_epoch is None:
@@ -504,6 +509,7 @@ def build(
         cache_from=_cache_specs(cache_from, "--cache-from"),
         cache_to=_cache_specs(cache_to, "--cache-to"),
         **_run_inputs(add_hosts, ulimits, shm_size),
+        isolation=wanted,
     )
     to_push = _push_names(options)
     for secret in options.secrets:
@@ -537,6 +543,17 @@ def build(
 
         result = push_result(options, result, names=to_push)
     return result
+
+
+def _isolation(value: str | Isolation | None) -> Isolation | None:
+    """The typed isolation asked for, refused now (one line) if this process may not use it."""
+    from lamina.engine.sandbox import isolation
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+    wanted = isolation.parse(value)
+    if wanted is not None:
+        isolation.check_ids(isolation.choose(wanted).isolation, detect_ids().mode is IdMode.RECORDED)
+    return wanted
 
 
 def _local_context(context: str | os.PathLike[str], dockerfile: str | os.PathLike[str] | None) -> bool:

@@ -437,7 +437,7 @@ def _isolation_option(f: Any) -> Any:
 
     return click.option(
         "--isolation",
-        type=click.Choice(["auto", "userns", "rootns", "chroot"]),
+        type=click.Choice(["auto", "userns", "rootns", "chroot", "proot"]),
         default=None,
         expose_value=False,
         callback=remember,

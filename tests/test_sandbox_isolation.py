@@ -593,3 +593,33 @@ def test_proot_build_matches_the_host_build(
     )
     assert done.returncode == 0, done.stderr
     assert _digest(where / "image.tar") == _digest(host / "image.tar")
+
+
+@needs_root
+def test_api_build_takes_a_typed_isolation(
+    tmp_path: Path, busybox_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lamina
+    from lamina.engine.sandbox.isolation import Isolation
+
+    monkeypatch.delenv("LAMINA_ISOLATION", raising=False)
+    where = _context(tmp_path / "w", busybox_image)
+    (where / "ctx/Dockerfile").write_text(
+        "FROM lamina-test/busybox:1.35\nRUN (test -e /proc/self && echo proc || echo no-proc) > /where\n"
+    )
+    cache = tmp_path / "cache"
+    assert _lamina(where, ["load", str(where / "base.tar")]).returncode == 0
+    for value, expected in ((Isolation.CHROOT, "no-proc"), ("userns", "proc")):
+        out = tmp_path / f"out-{expected}"
+        lamina.build(
+            where / "ctx",
+            cache_dir=where / "cache",
+            output=f"type=local,dest={out}",
+            isolation=value,
+            no_cache=True,
+        )
+        assert (out / "where").read_text() == expected + "\n"
+    with pytest.raises(SandboxError, match="--isolation proot: is for a plain uid"):
+        lamina.build(where / "ctx", cache_dir=cache, isolation="proot")
+    with pytest.raises(SandboxError, match=r"isolation 'jail': expected auto\|userns"):
+        lamina.build(where / "ctx", cache_dir=cache, isolation="jail")

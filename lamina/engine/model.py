@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from lamina.engine.output import ImageLayer
     from lamina.engine.outputspec import OutputSpec
     from lamina.engine.progress import ProgressSink
+    from lamina.engine.sandbox.isolation import Isolation
     from lamina.engine.sandbox.spec import Ulimit
     from lamina.engine.sshforward import SshAgent
     from lamina.oci.image import ImageConfig
@@ -125,6 +126,7 @@ class BuildOptions:
     ulimits: tuple[Ulimit, ...] = ()  # --ulimit NAME=SOFT:HARD for every RUN
     shm_size: int = 0  # --shm-size: bytes of RUN's /dev/shm; 0 is the default 64 MiB
     build_contexts: tuple[NamedContext, ...] = ()  # --build-context NAME=...: images/stages replaced
+    isolation: Isolation | None = None  # --isolation for RUN steps; None: $LAMINA_ISOLATION, else auto
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

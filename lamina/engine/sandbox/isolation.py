@@ -148,14 +148,12 @@ def probe() -> Probe:
 
 def requested() -> Isolation | None:
     """`$LAMINA_ISOLATION` (what `--isolation` sets): None for auto."""
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    if value in ("", "auto"):
-        return None
+    value = os.environ.get(ENV_VAR, "")
     try:
-        return Isolation(value)
-    except ValueError:
+        return parse(value)
+    except SandboxError:
         names = "|".join(i.value for i in Isolation)
-        raise SandboxError(f"{ENV_VAR}={value}: expected auto|{names}") from None
+        raise SandboxError(f"{ENV_VAR}={value.strip().lower()}: expected auto|{names}") from None
 
 
 def choose(want: Isolation | None = None, found: Probe | None = None) -> Choice:
@@ -174,6 +172,38 @@ def choose(want: Isolation | None = None, found: Probe | None = None) -> Choice:
         return options[0]
     reasons = "; ".join(f"{i.value}: {_refusal(i, p)}" for i in Isolation)
     raise SandboxError(f"no isolation for RUN steps is possible here ({reasons})")
+
+
+def parse(value: str | Isolation | None) -> Isolation | None:
+    """An isolation as the API and `--isolation` take it: a name, "auto" / None for auto."""
+    if value is None or isinstance(value, Isolation):
+        return value
+    if value.strip().lower() in ("", "auto"):
+        return None
+    try:
+        return Isolation(value.strip().lower())
+    except ValueError:
+        names = "|".join(i.value for i in Isolation)
+        raise SandboxError(f"isolation {value!r}: expected auto|{names}") from None
+
+
+def check_ids(chosen: Isolation, recorded: bool) -> None:
+    """Refuse proot where layers keep owners on disk, and the other modes where xattrs keep them.
+
+    The id map (`idmap.detect_ids`) follows $LAMINA_ISOLATION and the probe, and layer dirs
+    unpacked under one cannot serve the other: a typed request that disagrees is one line.
+    """
+    if os.geteuid() == 0 or (chosen is Isolation.PROOT) == recorded:
+        return
+    if chosen is Isolation.PROOT:
+        raise SandboxError(
+            f"isolation proot where user namespaces work: set ${ENV_VAR}=proot (or --isolation proot) "
+            "for the whole process, so that layers are unpacked for it too"
+        )
+    raise SandboxError(
+        f"isolation {chosen.value}: this process keeps owners in xattrs (proot: ${ENV_VAR} or no user "
+        f"namespaces); set ${ENV_VAR}={chosen.value} for the whole process"
+    )
 
 
 def _allowed(p: Probe) -> list[Choice]:

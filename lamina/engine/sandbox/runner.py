@@ -87,7 +87,8 @@ def run(
         on_warning(ids.warning)
     from lamina.engine.sandbox import isolation
 
-    choice = isolation.choose(isolation.requested())
+    choice = isolation.choose(spec.isolation if spec.isolation is not None else isolation.requested())
+    isolation.check_ids(choice.isolation, ids.mode is IdMode.RECORDED)
     if choice.notice() and on_warning is not None:
         on_warning(choice.notice())
     if choice.isolation in (isolation.Isolation.CHROOT, isolation.Isolation.PROOT):

@@ -7,7 +7,10 @@ import enum
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lamina.engine.sandbox.isolation import Isolation
 
 
 class Network(enum.Enum):
@@ -175,6 +178,8 @@ class SandboxSpec:
     extra_hosts: tuple[tuple[str, str], ...] = ()  # (name, ip) lines added to /etc/hosts
     ulimits: tuple[Ulimit, ...] = ()
     shm_size: int = 0  # bytes of the /dev/shm tmpfs; 0: 64 MiB, runc's and BuildKit's default
+    # How the step is isolated (isolation.Isolation); None: $LAMINA_ISOLATION, else auto.
+    isolation: Isolation | None = None
 
 
 def parse_publish(text: str) -> PublishedPort:

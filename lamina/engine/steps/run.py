@@ -34,7 +34,8 @@ from lamina.engine.steps.missfacts import bind_files
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
-    from lamina.engine.model import StagePlan, StageState, StepHost
+    from lamina.engine.model import StageState, StepHost
+    from lamina.engine.plan import PlannedStage
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_TAIL = 20  # lines of a failing step's output kept for the error
@@ -91,7 +92,7 @@ def sandbox_hostname(build_args: Mapping[str, str]) -> str:
     return build_args.get("BUILDKIT_SANDBOX_HOSTNAME") or SANDBOX_HOSTNAME
 
 
-def run_step(executor: StepHost, state: StageState, plan: StagePlan, instruction: Any) -> None:
+def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruction: Any) -> None:
     from lamina.engine.model import PLATFORM
 
     insecure = instruction.security == "insecure"
@@ -210,6 +211,7 @@ def _sandbox_run(
             extra_hosts=executor.options.add_hosts,
             ulimits=executor.options.ulimits,
             shm_size=executor.options.shm_size,
+            isolation=executor.options.isolation,
         )
         with captured_output(lambda line: executor.sink.log(state.name, index, line)) as (fd, tail):
             spec = _with_output(spec, fd)
