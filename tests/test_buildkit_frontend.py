@@ -15,6 +15,7 @@ import contextlib
 import functools
 import http.server
 import io
+import json
 import os
 import shutil
 import socket
@@ -278,7 +279,42 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
             assert (out / name).read_bytes() == data, f"{name}: not the bytes served at {served}"
 
 
+def _subset(expected: Any, actual: Any, where: str = "") -> None:
+    """`expected` is within `actual`: dict keys recursively, lists item by item and of equal length."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{where}: {actual!r}"
+        for key, value in expected.items():
+            assert key in actual, f"{where}.{key}: missing in {actual!r}"
+            _subset(value, actual[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), f"{where}: {actual!r}"
+        for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
+            _subset(want, got, f"{where}[{index}]")
+    else:
+        assert expected == actual, f"{where}: {actual!r}, expected {expected!r}"
+
+
+def _run_call(case: dict[str, Any], cache: Path, ctx: Path) -> None:
+    """A frontend method (buildx --call) instead of a build: its JSON against `expect_call`."""
+    from lamina import api
+
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    out, error, _ = api.call(
+        case["call"] + ",format=json",
+        ctx,
+        target=case.get("target"),
+        build_args=case.get("build_args", {}),
+        cache_dir=cache,
+        environ=env,
+    )
+    assert not error, error
+    _subset(case["expect_call"], json.loads(out))
+
+
 def _run_case(case: dict[str, Any], cache: Path, ctx: Path, out: Path, tmp_path: Path) -> None:
+    if "call" in case:
+        _run_call(case, cache, ctx)
+        return
     for number, image in enumerate(case.get("images", [])):
         # An image upstream pushes to a registry and builds FROM: here it goes into the store.
         image_ctx = tmp_path / f"image{number}"
