@@ -186,6 +186,39 @@ def test_chroot_layer_holds_the_change_and_nothing_staged(chroot_rootfs: Path, t
 
 
 @needs_root
+def test_chroot_writable_bind_is_written_back(chroot_rootfs: Path, tmp_path: Path) -> None:
+    # `lamina run --mount type=bind,source=S,target=/src` (writable): no mount namespace,
+    # so a copy goes in and is mirrored back; nothing of it reaches the layer.
+    src = tmp_path / "src"
+    (src / "keep").mkdir(parents=True)
+    (src / "keep/same").write_text("same\n")
+    (src / "edit").write_text("old\n")
+    (src / "gone").write_text("bye\n")
+    outside = tmp_path / "outside"
+    outside.write_text("host\n")
+    script = (
+        "echo new > /src/edit && rm /src/gone && "
+        f"mkdir /src/made && echo m > /src/made/f && ln -s {outside} /src/l"
+    )
+    upper = tmp_path / "upper"
+    code, out, _ = _sh(
+        chroot_rootfs, script, tmp_path, mounts=(BindMount(src, "/src", readonly=False),), upper_dir=upper
+    )
+    assert code == 0, out
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == [
+        "edit",
+        "keep",
+        "keep/same",
+        "l",
+        "made",
+        "made/f",
+    ]
+    assert (src / "edit").read_text() == "new\n" and (src / "made/f").read_text() == "m\n"
+    assert os.readlink(src / "l") == str(outside) and outside.read_text() == "host\n"  # a link, not followed
+    assert [e.path for e in capture(upper)] == []
+
+
+@needs_root
 def test_chroot_network_none_is_one_line_naming_what_is_missing(chroot_rootfs: Path, tmp_path: Path) -> None:
     with pytest.raises(SandboxError) as err:
         _sh(chroot_rootfs, "true", tmp_path, network=Network.NONE)

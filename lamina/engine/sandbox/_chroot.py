@@ -10,7 +10,9 @@ For container root under Docker's default seccomp profile and capabilities
   with CAP_MKNOD), /etc/resolv.conf and /etc/hosts, and every --mount
   (bind: a copy, writes dropped; tmpfs: an empty dir; secret: a copy with
   its owner and mode; cache: the cache directory itself, renamed in and
-  back). Whatever the image had at a staged path is renamed aside while
+  back; a writable bind of `lamina run --mount`: a copy, mirrored back onto
+  the source when the command is done, without following any link).
+  Whatever the image had at a staged path is renamed aside while
   the command runs and back afterwards, and the parent directories' times
   are restored, so none of it reaches the layer;
 - there is no /proc or /sys, no PID, network, UTS or IPC namespace;
@@ -56,6 +58,7 @@ class _Staged:
     def __init__(self, rel: str, path: str, aside: str | None, ino: tuple[int, int], move_back: str) -> None:
         self.rel, self.path, self.aside, self.ino, self.move_back = rel, path, aside, ino, move_back
         self.aside_ino = (0, 0)
+        self.write_back = ""  # a writable bind's source: mirrored from the copy before it goes
 
 
 class Stage:
@@ -68,7 +71,7 @@ class Stage:
         self.times: dict[str, tuple[int, int]] = {}  # dir -> (atime, mtime) before staging
         self.after: dict[str, int] = {}  # dir -> mtime once staged
 
-    def place(self, target: str, make, move_back: str = "") -> str:  # type: ignore[no-untyped-def]
+    def place(self, target: str, make, move_back: str = "", write_back: str = "") -> str:  # type: ignore[no-untyped-def]
         """Put `make(path)`'s object at `target` (container path); what was there goes aside."""
         rel = _rootfs.resolve_in_dir(self.root, target)
         if not rel:
@@ -83,6 +86,7 @@ class Stage:
         make(path)
         st = os.lstat(path)
         item = _Staged(rel, path, aside, (st.st_dev, st.st_ino), move_back)
+        item.write_back = write_back
         if aside is not None:
             ast = os.lstat(aside)
             item.aside_ino = (ast.st_dev, ast.st_ino)
@@ -118,6 +122,8 @@ class Stage:
             if item.move_back:
                 os.rename(item.path, item.move_back)
             else:
+                if item.write_back:
+                    mirror(item.path, item.write_back)
                 _rootfs.remove_tree(item.path)
             if item.aside is not None and self._still_aside(item):
                 os.rename(item.aside, item.path)
@@ -168,6 +174,42 @@ def _copy_tree(src: str, dest: str) -> None:
     _rootfs.copy_meta(src, dest, st)
 
 
+def mirror(src: str, dest: str) -> None:
+    """Make `dest` what `src` is now (a writable bind's copy back onto its source), following no link.
+
+    Unchanged files (same type, size, mtime, mode and owner as the copy was
+    made with) are left alone; the rest are replaced, and what the copy no
+    longer has is removed.
+    """
+    st = os.lstat(src)
+    try:
+        dst: os.stat_result | None = os.lstat(dest)
+    except FileNotFoundError:
+        dst = None
+    if dst is not None and stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(dst.st_mode):
+        with os.scandir(src) as it:
+            names = {e.name for e in it}
+        with os.scandir(dest) as it:
+            gone = [e.path for e in it if e.name not in names]
+        for path in gone:
+            _rootfs.remove_tree(path)
+        for name in sorted(names):
+            mirror(os.path.join(src, name), os.path.join(dest, name))
+        _rootfs.copy_meta(src, dest, st)
+        return
+    same = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_gid)
+    if (
+        dst is not None
+        and not stat.S_ISDIR(st.st_mode)
+        and same
+        == (stat.S_IFMT(dst.st_mode), dst.st_size, dst.st_mtime_ns, dst.st_mode, dst.st_uid, dst.st_gid)
+    ):
+        return
+    if dst is not None:
+        _rootfs.remove_tree(dest)
+    _copy_tree(src, dest)
+
+
 def _make_dev(path: str) -> None:
     os.mkdir(path, 0o755)
     for name, major, minor in _DEV_NODES:
@@ -189,12 +231,10 @@ def _stage_all(spec: dict, stage: Stage) -> None:
         if kind == "tmpfs":
             stage.place(target, lambda p: os.mkdir(p, 0o755))
         elif kind == "bind":
-            if not m["readonly"] and not m["discard"]:
-                raise _inside.SetupError(
-                    f"--mount target {target}: a writable bind mount needs a mount namespace, "
-                    "which chroot isolation cannot make"
-                )
-            stage.place(target, lambda p, s=m["source"]: _copy_tree(s, p))
+            writable = not m["readonly"] and not m["discard"]
+            stage.place(
+                target, lambda p, s=m["source"]: _copy_tree(s, p), write_back=m["source"] if writable else ""
+            )
         elif kind == "secret":
             stage.place(target, lambda p, m=m: _copy_file(m["source"], p, m["mode"], m["uid"], m["gid"]))
         elif kind == "cache":

@@ -97,7 +97,8 @@ LACKS = {
     Isolation.CHROOT: (
         "no namespaces: RUN shares this host's network "
         "(--network=none cannot be given) and PID space, sees no /proc or /sys and a /dev of "
-        "device nodes, gets --mount contents as copies (writes to binds are dropped, cache dirs "
+        "device nodes, gets --mount contents as copies (writes to a RUN's binds are dropped, a "
+        "writable `lamina run --mount` bind is written back when the command ends, cache dirs "
         "are moved in), may not chroot itself, and each step copies its root filesystem"
     ),
     Isolation.PROOT: (
