@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, make_cache, run_cli
+from test_build_helpers import BASE, cached_steps, make_cache, rootfs, run_cli, write_context
 
 from lamina.engine.gitsource import GitRef, is_git_url, parse_git_url
 
@@ -85,6 +85,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     _git(work, "commit", "-q", "-am", "two")
     base.mkdir()
     _git(base, "clone", "-q", "--bare", str(work), str(repo))
+    _git(repo, "update-server-info")  # for git's dumb HTTP protocol (the http:// test)
     port = _free_port()
     daemon = subprocess.Popen(
         [
@@ -105,7 +106,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.01)
-        yield f"git://127.0.0.1:{port}/repo.git", {"first": first}
+        yield f"git://127.0.0.1:{port}/repo.git", {"first": first, "work": str(work), "base": str(base)}
     finally:
         daemon.terminate()
         daemon.wait()
@@ -147,3 +148,85 @@ def test_git_context_errors_in_one_line(served: tuple[str, dict[str, str]], tmp_
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = run_cli("build", url + "#main:../..", cache=tmp_path / "cache", check=False)
     assert proc.stderr.strip() == f"error: {url}#main:../..: subdir '../..' leaves the repository"
+
+
+# --- ADD of a git URL ------------------------------------------------------------------------
+
+
+@pytest.mark.sandbox
+def test_add_git_url_clones(served: tuple[str, dict[str, str]], tmp_path: Path, busybox_image: Path) -> None:
+    url, facts = served
+    cache = make_cache(tmp_path, busybox_image)
+    first = facts["first"]
+    text = f"""\
+FROM {BASE}
+ADD {url}#v1:app /v1
+ADD --keep-git-dir=true {url}#main /main/
+ADD --checksum={first} {url}#v1 /pinned
+ADD --chown=7:8 {url}#main:app /owned
+"""
+    ctx = write_context(tmp_path / "ctx", text)
+    out = tmp_path / "out"
+    result = rootfs(cache, ctx, out)
+    assert (out / "v1/version.txt").read_text() == "one\n"
+    assert (out / "v1/Dockerfile").is_file() and not (out / "v1/.git").exists()
+    assert (out / "main/app/version.txt").read_text() == "two\n"
+    assert (out / "main/top.txt").read_text() == "outside app\n"
+    assert (out / "main/.git/HEAD").is_file(), "--keep-git-dir keeps .git, as BuildKit"
+    assert (out / "pinned/app/version.txt").read_text() == "one\n"
+    st = (out / "owned/version.txt").stat()
+    if os.geteuid() == 0:  # an unprivileged local export is owned by whoever wrote it
+        assert (st.st_uid, st.st_gid) == (7, 8)
+    assert not any(cached_steps(result))
+    # Keyed by the commit the ref names: nothing changed, all cached; a new commit on main re-runs
+    # what names main, and only that.
+    assert all(cached_steps(rootfs(cache, ctx, tmp_path / "again")))
+    work = Path(facts["work"])
+    (work / "app/version.txt").write_text("three\n")
+    _git(work, "commit", "-q", "-am", "three")
+    _git(work, "push", "-q", str(Path(facts["base"]) / "repo.git"), "main")
+    out3 = tmp_path / "out3"
+    result = rootfs(cache, ctx, out3)
+    assert cached_steps(result) == [True, False, False, False]
+    assert (out3 / "owned/version.txt").read_text() == "three\n"
+    assert (out3 / "v1/version.txt").read_text() == "one\n"
+
+
+@pytest.mark.sandbox
+def test_add_git_checksum_mismatch_fails(
+    served: tuple[str, dict[str, str]], tmp_path: Path, busybox_image: Path
+) -> None:
+    url, facts = served
+    cache = make_cache(tmp_path, busybox_image)
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nADD --checksum={facts['first']} {url}#main /x\n")
+    proc = run_cli("build", str(ctx), cache=cache, check=False)
+    assert proc.returncode == 1
+    line = proc.stderr.strip()
+    assert line.startswith(
+        f"error: {ctx / 'Dockerfile'}:2: ADD {url}#main: expected checksum to match {facts['first']}"
+    )
+    assert len(line.splitlines()) == 1
+
+
+@pytest.mark.sandbox
+def test_add_http_git_url_clones_not_the_page(
+    served: tuple[str, dict[str, str]], tmp_path: Path, busybox_image: Path
+) -> None:
+    """`ADD http://host/repo.git` is a git source (was: the server's page saved as a file)."""
+    import functools
+    import http.server
+    import threading
+
+    _, facts = served
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=facts["base"])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/repo.git"
+        cache = make_cache(tmp_path, busybox_image)
+        ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nADD {url}#v1:app /src\n")
+        out = tmp_path / "out"
+        rootfs(cache, ctx, out)
+        assert (out / "src/version.txt").read_text() == "one\n"
+    finally:
+        server.shutdown()

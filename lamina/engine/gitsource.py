@@ -56,17 +56,48 @@ def parse_git_url(text: str) -> GitRef:
     return GitRef(remote, ref, subdir.strip("/"))
 
 
-def checkout(ref: GitRef, dest: Path, environ: Mapping[str, str], *, keep_git_dir: bool = False) -> str:
-    """Fetch `ref` into the new directory `dest` and check it out; return the commit."""
+def _git_env(remote: str, environ: Mapping[str, str]) -> tuple[str, dict[str, str]]:
     git = shutil.which("git", path=environ.get("PATH") or os.defpath)
     if git is None:
-        raise ContextError(f"{ref.remote}: a git source needs the git command (apt-get install git)")
+        raise ContextError(f"{remote}: a git source needs the git command (apt-get install git)")
     env = {
         **environ,
         "GIT_TERMINAL_PROMPT": "0",  # fail, never wait for a password
         "GIT_ASKPASS": "true",
         "GIT_SSH_COMMAND": environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"),
     }
+    return git, env
+
+
+def remote_commit(ref: GitRef, environ: Mapping[str, str]) -> str | None:
+    """The commit `ref` names on the remote, asked with `git ls-remote` (nothing fetched); None when
+    the remote does not advertise it (a commit: then only a fetch can tell)."""
+    if _COMMIT.match(ref.ref):
+        return ref.ref
+    git, env = _git_env(ref.remote, environ)
+    wanted = ref.ref or "HEAD"
+    done = subprocess.run(
+        [git, "ls-remote", ref.remote, wanted],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise ContextError(f"{ref.remote}: git ls-remote {wanted}: {lines[-1] if lines else 'failed'}")
+    found = dict(reversed(line.split("\t", 1)) for line in done.stdout.splitlines() if "\t" in line)
+    # git's own order for a short name: itself, a tag (peeled), a branch.
+    for name in (wanted, f"refs/tags/{wanted}^{{}}", f"refs/tags/{wanted}", f"refs/heads/{wanted}"):
+        if name in found:
+            return found[name]
+    return None
+
+
+def checkout(ref: GitRef, dest: Path, environ: Mapping[str, str], *, keep_git_dir: bool = False) -> str:
+    """Fetch `ref` into the new directory `dest` and check it out; return the commit."""
+    git, env = _git_env(ref.remote, environ)
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
@@ -92,9 +123,12 @@ def checkout(ref: GitRef, dest: Path, environ: Mapping[str, str], *, keep_git_di
     if shallow.returncode == 0:
         target = "FETCH_HEAD"
     elif _COMMIT.match(wanted):
-        # A server that will not send an unadvertised commit: fetch everything, then pick it.
+        # A server that will not send an unadvertised commit, or no shallow fetch (git's dumb
+        # HTTP): fetch everything, then pick it.
         run("fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*")
         target = wanted
+    elif run("fetch", "-q", "--no-tags", "origin", wanted, check=False).returncode == 0:
+        target = "FETCH_HEAD"  # the whole history of the ref, where a shallow fetch is refused
     else:
         lines = shallow.stderr.strip().splitlines()
         raise ContextError(f"{ref.remote}: git fetch {wanted}: {lines[-1] if lines else 'failed'}")

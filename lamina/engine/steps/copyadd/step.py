@@ -82,14 +82,15 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
     }
     described_text = json.dumps(described, sort_keys=True)
     image = None if instruction.link else view
-    urls = [s for s in instruction.sources if is_add and _is_url(s)]
-    local = [s for s in instruction.sources if s not in urls]
+    gits = _git_sources(instruction.sources) if is_add else []  # before URLs: https://h/r.git is one
+    urls = [s for s in instruction.sources if is_add and _is_url(s) and s not in gits]
+    local = [s for s in instruction.sources if s not in urls and s not in gits]
     if getattr(instruction, "checksum", None):
         # BuildKit's dispatchCopy: a checksum pins one downloaded source.
         if len(instruction.sources) != 1:
             why = "ADD --checksum can't be specified for multiple sources"
             raise InstructionError(why, instruction.location)
-        if not urls:
+        if not urls and not gits:
             raise InstructionError(
                 f"ADD --checksum {instruction.sources[0]}: checksum requires HTTP(S) or Git sources",
                 instruction.location,
@@ -125,6 +126,13 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
         content.update(f"url\0{url}\0{fetched.digest}\n".encode())
         files += ((url, fetched.digest, "url"),)  # a miss names the URL whose content changed
         produce_parts.append(("url", fetched))
+    for src in gits:
+        from lamina.engine.steps.copyadd.gitadd import commit_of
+
+        commit = commit_of(src, instruction.checksum, instruction.location)  # keyed by the commit
+        content.update(f"git\0{src}\0{commit}\0{instruction.keep_git_dir}\n".encode())
+        files += ((src, commit, "git"),)
+        produce_parts.append(("git", (src, commit)))
     inputs = make_inputs(state.key, keyword + " " + described_text, {}, PLATFORM, content.hexdigest())
     inputs = dataclasses.replace(inputs, files=files, source=source)  # not keyed: names a later miss's files
 
@@ -163,6 +171,14 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
                     _rootless_owners(upper, selection, owner, image)
                 elif os.geteuid() != 0 and from_:
                     _restore_stage_owners(executor, tree, upper, selection)
+            elif kind == "git":
+                from lamina.engine.steps.copyadd.gitadd import git_tree
+
+                with git_tree(executor, *part, instruction.keep_git_dir) as tree:
+                    selection = select_sources(tree, ["."], dest, options, image)
+                    write_selection(tree, selection, upper, image, late_owners=late, stop=executor.stop)
+                    if os.geteuid() != 0 and owner is not None:
+                        _rootless_owners(upper, selection, owner, image)
             else:
                 unpack = is_add and instruction.unpack is True
                 write_fetched(part, upper, dest, owner, chmod, image, late, unpack=unpack)
@@ -246,6 +262,13 @@ def _restore_stage_owners(executor: StepHost, tree: Any, upper: Path, selection:
         elif host is not None:
             owners.append((upper / item.dest, ids.uid_inside(host[0]), ids.gid_inside(host[1])))
     chown_all(owners)
+
+
+def _git_sources(sources: list[str]) -> list[str]:
+    """ADD's git sources (engine.gitsource's rule: a `.git` URL, `git@`, `git://`, ...)."""
+    from lamina.engine.steps.copyadd.gitadd import is_git_url
+
+    return [source for source in sources if is_git_url(source)]
 
 
 def _is_url(source: str) -> bool:

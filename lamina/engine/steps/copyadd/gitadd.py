@@ -1,0 +1,60 @@
+"""ADD of a git URL: the repository's files at the destination, as BuildKit's llb.Git and a copy.
+
+`ADD https://host/repo.git#ref:subdir /dest` puts the files of that ref
+(of `subdir`) into /dest, owned by 0:0 unless `--chown`; `.git` only with
+`--keep-git-dir`. The step is keyed by the commit the ref names now (asked
+with `git ls-remote`, so a cache hit fetches nothing), never by the
+checkout's bytes. `--checksum=COMMIT` pins it: a ref naming another commit
+fails the step, as BuildKit's git source checksum does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamina.engine.context import SourceTree
+from lamina.engine.gitsource import GitRef, checkout, is_git_url, parse_git_url, remote_commit
+from lamina.errors import BuildError, ContextError
+
+if TYPE_CHECKING:
+    from lamina.engine.model import StepHost
+
+__all__ = ["commit_of", "git_tree", "is_git_url"]
+
+
+def commit_of(source: str, checksum: str | None, location: Any) -> str:
+    """The commit `source` names on its remote now, checked against `--checksum`."""
+    ref = parse_git_url(source)
+    try:
+        commit = remote_commit(ref, os.environ)
+    except ContextError as err:
+        raise BuildError(f"{location}: ADD {err}") from None
+    if commit is None:
+        raise BuildError(f"{location}: ADD {source}: the remote has no ref {ref.ref or 'HEAD'}")
+    if checksum and not commit.startswith(checksum.removeprefix("sha1:")):
+        raise BuildError(f"{location}: ADD {source}: expected checksum to match {checksum}, got {commit}")
+    return commit
+
+
+@contextlib.contextmanager
+def git_tree(executor: StepHost, source: str, commit: str, keep_git_dir: bool) -> Iterator[SourceTree]:
+    """The checkout of `commit` (its subdir) as a source tree, removed afterwards."""
+    ref = parse_git_url(source)
+    scratch = Path(tempfile.mkdtemp(prefix="git-", dir=executor.store.root / "tmp"))
+    try:
+        try:
+            checkout(GitRef(ref.remote, commit), scratch / "repo", os.environ, keep_git_dir=keep_git_dir)
+        except ContextError as err:
+            raise BuildError(f"ADD {err}") from None
+        root = scratch / "repo" / ref.subdir if ref.subdir else scratch / "repo"
+        if not root.is_dir():
+            raise BuildError(f"ADD {source}: no directory {ref.subdir} at {commit[:12]}")
+        yield SourceTree(root, executor.stat_cache())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
