@@ -316,7 +316,11 @@ def cache_du() -> None:
     click.echo(f"{'blobs':<10}{_human_size(usage.blobs):>10}  ({usage.blob_count} blobs)")
     click.echo(f"{'unpacked':<10}{_human_size(usage.unpacked):>10}  ({usage.unpacked_count} layers)")
     click.echo(f"{'index':<10}{_human_size(usage.index):>10}")
-    click.echo(f"{'total':<10}{_human_size(usage.total):>10}")
+    kept = api.failures()
+    failed = sum(failure.disk_size() for failure in kept)
+    if kept:
+        click.echo(f"{'failures':<10}{_human_size(failed):>10}  ({len(kept)} kept for `lamina debug`)")
+    click.echo(f"{'total':<10}{_human_size(usage.total + failed):>10}")
 
 
 @cache.command("prune")
@@ -359,10 +363,14 @@ def cache_prune(
             raise click.BadParameter("give --older-than or --filter until=, not both", param_hint="--filter")
         until = older_than * 86400
     keep = _parse_size(keep_storage) if keep_storage is not None else None
+    kept = api.failures()  # failed steps kept for `lamina debug`: a prune removes them all
+    failed = sum(failure.disk_size() for failure in kept)
     report = api.cache_prune(all=everything, until=until, keep_storage=keep)
     line = (
         f"removed {report.blobs_removed} blobs, {report.unpacked_removed} unpacked layers, "
-        f"{report.cache_entries_removed} build results; freed {_human_size(report.bytes_freed)}"
+        f"{report.cache_entries_removed} build results"
+        + (f", {len(kept)} kept failures" if kept else "")
+        + f"; freed {_human_size(report.bytes_freed + failed)}"
     )
     if keep is not None and report.size_after is not None:
         line += f"; the cache now takes {_human_size(report.size_after)}"

@@ -111,6 +111,17 @@ class KeptFailure:
     def upper(self) -> Path:
         return self.path / "upper"
 
+    def disk_size(self) -> int:
+        """Bytes it takes (lstat sizes; what cannot be read, in a subordinate id's dir, is not counted)."""
+        total = 0
+        for top, _dirs, files in os.walk(self.path):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(top, name)).st_size
+                except OSError:
+                    continue
+        return total
+
 
 def failures_dir(store_root: Path) -> Path:
     return Path(store_root) / _DIR
