@@ -253,6 +253,17 @@ def test_type_image_attributes_apply_to_the_stored_image(cache: Path, ctx: Path,
         assert [m["mediaType"] for m in layers] == [OCI_LAYER_GZIP, OCI_LAYER_ZSTD]
 
 
+def test_a_no_op_rebuild_with_attributes_is_not_replayed_as_the_plain_image(
+    cache: Path, ctx: Path, tmp_path: Path
+) -> None:
+    build(cache, ctx, "-t", "attrs:replay", "-o", "type=image")
+    build(cache, ctx, "-t", "attrs:replay", "-o", "type=image")  # replayed from its memo
+    build(cache, ctx, "-t", "attrs:replay", "-o", "type=image,compression=zstd")
+    run_cli("save", "attrs:replay", "-o", str(tmp_path / "r.tar"), cache=cache)
+    layers = Archive(tmp_path / "r.tar").manifest()["layers"]
+    assert [m["mediaType"] for m in layers] == [OCI_LAYER_GZIP, OCI_LAYER_ZSTD]
+
+
 def test_platform_split_puts_the_tree_under_the_platform(cache: Path, ctx: Path, tmp_path: Path) -> None:
     from lamina.oci.image import host_platform
 

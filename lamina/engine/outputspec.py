@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lamina.errors import OutputError
+from lamina.oci.reference import parse_reference
 
 
 class OutputType(enum.Enum):
@@ -82,6 +83,17 @@ class OutputSpec:
         if self.oci_mediatypes is not None:
             return self.oci_mediatypes
         return self.type is not OutputType.DOCKER
+
+    @property
+    def has_image_attributes(self) -> bool:
+        """Asks for an image other than the committed one (so a no-op rebuild cannot be replayed)."""
+        return bool(
+            self.compression
+            or self.compression_level is not None
+            or self.force_compression
+            or self.oci_mediatypes is not None
+            or self.annotations
+        )
 
     @property
     def is_image(self) -> bool:
@@ -260,7 +272,8 @@ def parse_output(spec: str) -> OutputSpec:
             f"--output mode={fields['mode']} is not supported: a local export only adds files (mode=copy)"
         )
     split = _bool(spec, "platform-split", fields["platform-split"]) if "platform-split" in fields else False
-    names = tuple(name for name in fields.get("name", "").split(",") if name)
+    # BuildKit's exporters name images as reference.ParseNormalizedNamed does (org/repo -> docker.io/...).
+    names = tuple(str(parse_reference(name)) for name in fields.get("name", "").split(",") if name)
     return OutputSpec(
         output_type,
         dest,

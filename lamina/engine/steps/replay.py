@@ -48,6 +48,9 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
         return None
     if any(output.type is not OutputType.IMAGE for output in options.outputs):
         return None
+    # An image output with exporter attributes, or attestations, makes its own image (imageexport).
+    if options.provenance is not None or any(o.has_image_attributes for o in options.outputs):
+        return None
     if _URL_ADD.search(data):
         return None
     h = hashlib.sha256()
