@@ -219,8 +219,35 @@ def test_json_progress_carries_the_warnings(tmp_path: Path) -> None:
     status, _, err = _cli(["build", "--progress", "json", str(tmp_path)], tmp_path / "cache")
     assert status == 0, err
     records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    messages = [r["message"] for r in records if r["type"] == "warning"]
-    assert messages[0] == "FromAsCasing: 'as' and 'FROM' keywords' casing do not match (line 1)"
+    warnings = [r for r in records if r["type"] == "warning"]
+    assert warnings[0]["message"] == "FromAsCasing: 'as' and 'FROM' keywords' casing do not match (line 1)"
+    assert [(w["rule"], w["line"], w["end_line"]) for w in warnings] == [
+        ("FromAsCasing", 1, 1),
+        ("LegacyKeyValueFormat", 3, 3),
+    ]
+    assert warnings[1]["url"] == "https://docs.docker.com/go/dockerfile/rule/legacy-key-value-format/"
+    assert warnings[1]["detail"] == '"ENV key=value" should be used instead of legacy "ENV key value" format'
+
+
+def test_rawjson_progress_carries_buildkit_vertex_warnings(tmp_path: Path) -> None:
+    import base64
+    import json
+
+    (tmp_path / "Dockerfile").write_text(WARNED)
+    status, _, err = _cli(["build", "--progress", "rawjson", str(tmp_path)], tmp_path / "cache")
+    assert status == 0, err
+    found = [
+        w for line in err.splitlines() if line.startswith("{") for w in json.loads(line).get("warnings", [])
+    ]
+    first = found[0]
+    assert base64.b64decode(first["short"]).decode() == (
+        "FromAsCasing: 'as' and 'FROM' keywords' casing do not match (line 1)"
+    )
+    assert base64.b64decode(first["detail"][0]).decode() == (
+        "The 'as' keyword should match the case of the 'from' keyword"
+    )
+    assert first["url"] == "https://docs.docker.com/go/dockerfile/rule/from-as-casing/"
+    assert first["range"] == [{"start": {"line": 1}, "end": {"line": 1}}]
 
 
 @pytest.mark.parametrize(
@@ -385,3 +412,40 @@ def test_unknown_call_method_is_refused(tmp_path: Path) -> None:
     status, _, err = _cli(["build", "--call", "subrequests.describe", str(tmp_path)], tmp_path / "cache")
     assert status == 1
     assert "--call=subrequests.describe: unknown method 'subrequests.describe'" in err
+
+
+REMEMBERED = """\
+import sys
+import lamina.api
+from lamina.engine.progress import PlainProgress
+lamina.api.build(sys.argv[1], cache_dir=sys.argv[2], environ={}, progress=PlainProgress(sys.stderr))
+print("lamina.engine.dockerfile.instructions" in sys.modules)
+"""
+
+
+def test_a_rebuild_replays_the_findings_without_the_parser(tmp_path: Path) -> None:
+    """The findings of the same inputs are remembered: a no-op rebuild warns the same, loading no parser."""
+    import subprocess
+    import sys
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(WARNED)
+
+    def run(status: int = 0) -> tuple[bool, str]:
+        args = [sys.executable, "-c", REMEMBERED, str(ctx), str(tmp_path / "cache")]
+        done = subprocess.run(args, capture_output=True, text=True)
+        assert done.returncode == status, done.stderr
+        return done.stdout.strip() == "True", done.stderr
+
+    first, warned = run()
+    again, rewarned = run()
+    assert first and not again
+    assert "warning: FromAsCasing" in warned
+    assert [line for line in rewarned.splitlines() if line.startswith("warning:")] == [
+        line for line in warned.splitlines() if line.startswith("warning:")
+    ]
+    # Another ignore file is another input: the checks run again and see it (and the COPY then fails).
+    (ctx / ".dockerignore").write_text("Dockerfile\n")
+    _, found = run(status=1)
+    assert 'CopyIgnoredFile: Attempting to Copy file "Dockerfile" that is excluded by .dockerignore' in found

@@ -7,14 +7,16 @@ the store (an image not pulled yet is unknown, and the rules that need its
 config skip that stage rather than guess).
 
 `for_build` is called once per build, before the no-op replay, so a replayed
-build shows the same warnings and `error=true` fails it the same way.
+build shows the same warnings and `error=true` fails it the same way. What
+the checks found is kept in the store (`checks/<key>.json`, keyed by every
+input they read) so that a no-op rebuild replays it without the parser.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lamina.errors import LaminaError
 
@@ -67,15 +69,23 @@ def ignore_patterns(context: Path, dockerfile: Path | None) -> tuple[str, ...] |
     return None
 
 
-def store_base_facts(store: Store) -> Callable[[str], BaseFacts | None]:
-    """Env and Shell of an image in the store, by reference; None when it is not there."""
+def store_base_facts(
+    store: Store, seen: dict[str, str | None] | None = None
+) -> Callable[[str], BaseFacts | None]:
+    """Env and Shell of an image in the store, by reference; None when it is not there.
+
+    `seen` gets each reference looked up and its manifest digest (None: not in the store).
+    """
     from lamina.engine.dockerfile.checks import BaseFacts
     from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
-    from lamina.oci.reference import store_name
 
     def facts(ref: str) -> BaseFacts | None:
+        record = _record(store, ref)
+        if seen is not None:
+            seen[ref] = str(record.manifest) if record is not None else None
+        if record is None:
+            return None
         try:
-            record = store.resolve(store_name(ref, pinned=True))
             manifest = Manifest.from_bytes(store.read_blob(record.manifest, MAX_DOCUMENT), ref)
             config = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT), ref)
         except (LaminaError, OSError):
@@ -83,6 +93,15 @@ def store_base_facts(store: Store) -> Callable[[str], BaseFacts | None]:
         return BaseFacts(config.config.env, config.config.shell)
 
     return facts
+
+
+def _record(store: Store, ref: str) -> Any:
+    from lamina.oci.reference import store_name
+
+    try:
+        return store.resolve(store_name(ref, pinned=True))
+    except LaminaError:
+        return None
 
 
 def check(
@@ -139,30 +158,118 @@ def refuse_unsupported_build_args(build_args: Mapping[str, str]) -> None:
             )
 
 
+# Bump when a rule changes what it finds: a remembered finding of the old rules is then not replayed.
+CHECKS_VERSION = "1"
+
+
 def for_build(
     options: BuildOptions, data: bytes | None, store: Store, sink: ProgressSink
 ) -> tuple[CheckWarning, ...]:
     """Warn about what the checks find in the stages the build needs; raise when `error=true`.
 
     A Dockerfile that does not parse is left to the planner, which reports it.
+    The findings are remembered in the store under everything they were made
+    from (the Dockerfile, its ignore file, the build args and target, the base
+    images the rules read), so that a no-op rebuild replays them without
+    loading the instruction parser.
     """
-    from lamina.engine.dockerfile.parser import parse
+    from lamina.engine.dockerfile.checkrules import violation
 
     refuse_unsupported_build_args(dict(options.build_args))
     if data is None:
         return ()
-    try:
-        dockerfile = parse(data, display_path(options))
-    except LaminaError:
-        return ()
-    report = check(dockerfile, options, all_stages=False, base_facts=store_base_facts(store))
-    for warning in report.warnings:
-        sink.warn(warning.short())
-    violation = report.violation(dockerfile.path)
-    if violation is not None:
+    path = display_path(options)
+    memo = _memo_path(store, options, data, path)
+    remembered = _remembered(store, memo)
+    if remembered is not None:
+        warnings, error = remembered
+    else:
+        found = _check_for_build(options, data, path, store, memo)
+        if found is None:
+            return ()
+        warnings, error = found
+    from lamina.engine.progress import CheckSink
+
+    for warning in warnings:
+        if isinstance(sink, CheckSink):
+            sink.check(warning)
+        else:
+            sink.warn(warning.short())
+    failure = violation(warnings, error, path)
+    if failure is not None:
         sink.finish(None)
-        raise violation
-    return report.warnings
+        raise failure
+    return warnings
+
+
+def _check_for_build(
+    options: BuildOptions, data: bytes, path: str, store: Store, memo: Path
+) -> tuple[tuple[CheckWarning, ...], bool] | None:
+    """Run the checks and remember what they found; None when the Dockerfile does not parse."""
+    import json
+
+    from lamina.engine.dockerfile.parser import parse
+
+    try:
+        dockerfile = parse(data, path)
+    except LaminaError:
+        return None
+    seen: dict[str, str | None] = {}
+    report = check(dockerfile, options, all_stages=False, base_facts=store_base_facts(store, seen))
+    if report.error is None:  # an instruction error: the planner stops the build at it
+        entry = {
+            "warnings": [w.to_dict() for w in report.warnings],
+            "error": report.config.error,
+            "bases": seen,
+        }
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            partial = memo.with_name(f".{memo.name}.{os.getpid()}")
+            partial.write_text(json.dumps(entry))
+            os.replace(partial, memo)
+        except OSError:
+            pass  # only a later rebuild's speed depends on it
+    return report.warnings, report.config.error
+
+
+def _memo_path(store: Store, options: BuildOptions, data: bytes, path: str) -> Path:
+    import hashlib
+    import json
+
+    from lamina.engine.buildfiles import dockerfile_ignore_file
+
+    ignore = b""
+    for candidate in (
+        dockerfile_ignore_file(options.context, options.dockerfile),
+        options.context / ".dockerignore",
+    ):
+        try:
+            ignore = candidate.read_bytes()
+            break
+        except OSError:
+            continue
+    digest = hashlib.sha256()
+    key = [CHECKS_VERSION, path, options.target or "", sorted(options.build_args)]
+    for part in (json.dumps(key).encode(), data, ignore):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return store.root / "checks" / f"{digest.hexdigest()}.json"
+
+
+def _remembered(store: Store, memo: Path) -> tuple[tuple[CheckWarning, ...], bool] | None:
+    """The findings kept for these inputs, unless a base image they read is another one now."""
+    import json
+
+    from lamina.engine.dockerfile.checkrules import CheckWarning
+
+    try:
+        entry = json.loads(memo.read_text())
+        for ref, digest in entry["bases"].items():
+            record = _record(store, ref)
+            if (str(record.manifest) if record is not None else None) != digest:
+                return None
+        return tuple(CheckWarning.from_dict(w) for w in entry["warnings"]), bool(entry["error"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 # --- --call check|outline|targets ---------------------------------------------------------------

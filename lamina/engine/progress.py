@@ -19,7 +19,7 @@ import json
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO, runtime_checkable
 
 
 class StepStatus(enum.Enum):
@@ -64,6 +64,16 @@ class ProgressSink(Protocol):
     def warn(self, message: str) -> None: ...
 
     def finish(self, summary: BuildSummary | None) -> None: ...
+
+
+@runtime_checkable
+class CheckSink(Protocol):
+    """A sink that shows a build check's warning with its rule, link and lines (json, rawjson).
+
+    `warning` is an engine.dockerfile.checks.CheckWarning; other sinks get its `short()` by warn().
+    """
+
+    def check(self, warning: Any) -> None: ...
 
 
 def _label(event: StepEvent) -> str:
@@ -154,6 +164,19 @@ class JsonProgress:
 
     def warn(self, message: str) -> None:
         self._emit({"type": "warning", "message": message})
+
+    def check(self, warning: Any) -> None:
+        self._emit(
+            {
+                "type": "warning",
+                "message": warning.short(),
+                "rule": warning.rule,
+                "detail": warning.detail,
+                "url": warning.url,
+                "line": warning.start_line,
+                "end_line": warning.end_line,
+            }
+        )
 
     def finish(self, summary: BuildSummary | None) -> None:
         if summary is not None:

@@ -77,5 +77,23 @@ class RawJsonProgress:
         short = base64.b64encode(message.encode()).decode()
         self._emit({"warnings": [{"level": 1, "short": short}]})
 
+    def check(self, warning: Any) -> None:
+        """A build check's warning as BuildKit's VertexWarning: detail, url and the lines it points at."""
+
+        def b64(text: str) -> str:
+            return base64.b64encode(text.encode()).decode()
+
+        lines = {"start": {"line": warning.start_line}, "end": {"line": warning.end_line}}
+        found: dict[str, Any] = {
+            "level": 1,
+            "short": b64(warning.short()),
+            "detail": [b64(warning.description)],
+        }
+        if warning.url:
+            found["url"] = warning.url
+        if warning.start_line:
+            found["range"] = [lines]
+        self._emit({"warnings": [found]})
+
     def finish(self, summary: Any) -> None:
         pass
