@@ -82,7 +82,9 @@ def upstream_change(host: Any, previous_base: str, current_base: str) -> str:
     between the two chains of cache results), a few then a count; "" when unknown.
     """
     name = current_base.removeprefix("stage ").rpartition("@")[0]
-    if not current_base.startswith("stage ") or previous_base.rpartition("@")[0] != f"stage {name}":
+    if previous_base == current_base or not current_base.startswith("stage "):
+        return ""  # the base did not change (or is no stage): nothing to walk
+    if previous_base.rpartition("@")[0] != f"stage {name}":
         return ""
     ran = [r for r in getattr(host, "records", ()) if r.stage == name and not r.cached]
     said = []
