@@ -394,3 +394,19 @@ def test_every_channel_says_the_same_cause_and_explain_agrees(
         assert any(e.get("reason") == step.reason and e["step"] == step.index for e in events)
         assert f"({step.reason})" in " ".join(tee.streams["tty"].getvalue().split())
         assert meta[step.stage + str(step.index)] == step.reason
+
+
+def test_a_bind_mount_from_a_stage_that_will_run_is_not_guessed(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM {BASE} AS b\nCOPY src/ /out/\n\nFROM {BASE}\n"
+    text += "RUN --mount=type=bind,from=b,source=/out,target=/in cat /in/* > /all\nRUN echo 1 > /one\n"
+    ctx = write_context(tmp_path / "bindstage", text, {"src/a.txt": "a\n"})
+    build(cache, ctx)
+    (ctx / "src/a.txt").write_text("A\n")
+    mounted = "RUN --mount=type=bind,from=b,source=/out,target=/in cat /in/* > /all"
+    assert reasons(build(cache, ctx, dry_run=True)) == {
+        "COPY src/ /out/": "file content changed: src/a.txt",
+        mounted: "stage b will run first; the files it mounts decide",
+        "RUN echo 1 > /one": f"may run: depends on step 1 ({mounted})",
+    }
+    told = reasons(build(cache, ctx))
+    assert told[mounted] == "mounted file content changed: b:/out/a.txt"

@@ -71,6 +71,21 @@ def bind_files(host: Any, instruction: Any) -> tuple[tuple[str, str, str], ...]:
     return tuple(sorted(set(facts))) if len(facts) <= MAX_FILES else ()
 
 
+def pending_mount(host: Any, instruction: Any) -> str:
+    """--dry-run: why a RUN cannot be keyed yet, when it bind-mounts a stage that will run first."""
+    from lamina.engine.dockerfile.instructions import MountType
+    from lamina.engine.steps.base import source_stage
+
+    if not host.options.dry_run:
+        return ""
+    for mount in instruction.mounts:
+        if mount.type is MountType.BIND and mount.from_:
+            outcome = source_stage(host, mount.from_, None)
+            if outcome.name in host.dirty:
+                return f"stage {outcome.name} will run first; the files it mounts decide"
+    return ""
+
+
 # --- a stage this one is built FROM ------------------------------------------------------------
 
 

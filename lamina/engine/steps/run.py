@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from lamina.engine.cachekey import make_inputs
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.layerstep import layer_step, step_env
-from lamina.engine.steps.missfacts import bind_files
+from lamina.engine.steps.missfacts import bind_files, pending_mount
 from lamina.errors import BuildError
 
 if TYPE_CHECKING:
@@ -119,6 +119,11 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
     )
     config = state.config.config
     workdir = config.working_dir or "/"
+    pending = pending_mount(executor, instruction)
+    if pending:  # --dry-run: the stage it mounts will run first, so its files are not known
+        inputs = make_inputs(state.key, "RUN " + json.dumps(argv), {}, PLATFORM, "pending")
+        layer_step(executor, state, instruction, inputs, lambda upper: None, pending=pending)
+        return
     mounts, mount_keys, content, secret_env = _mounts(executor, state, instruction)
     # What the command sees: ENV and declared ARGs. An undeclared proxy value
     # never gets here (it is added to run_env only); a declared one counts.
