@@ -264,6 +264,8 @@ def test_a_killed_pytest_leaves_no_service_behind(tmp_path: Path, cache: Path) -
     while Path(f"/proc/{helper}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{helper}").exists()  # the sandbox died with its owner
+    # Its mounts were in its own mount namespace: none is left in ours.
+    assert str(cache) not in Path("/proc/self/mountinfo").read_text()
     # Its directory stays until the next session sweeps it.
     assert list((cache / "pytest" / "services").iterdir())
     again = _pytest(_project(tmp_path / "q", "def test_nothing():\n    pass\n"), cache, "-q")

@@ -94,7 +94,9 @@ def _minbase_tar() -> Path:
     if debootstrap is None:
         pytest.skip("the Debian base needs debootstrap (apt-get install debootstrap)")
     if os.geteuid() != 0:
-        pytest.skip(f"debootstrap needs root: run this suite as root once, or set ${MINBASE_ENV} to a minbase tar")
+        pytest.skip(
+            f"debootstrap needs root: run this suite as root once, or set ${MINBASE_ENV} to a minbase tar"
+        )
     found = _suite_and_mirror()
     if found is None:
         pytest.skip("no Debian suite and mirror in /etc/os-release and /etc/apt/sources*")
