@@ -195,7 +195,7 @@ def test_platform_args_come_from_the_host() -> None:
     host = host_platform()
     assert plan.stages[0].platform == str(host)
     assert dict((kv.key, kv.value) for kv in plan.stages[0].args) == {"TARGETARCH": host.architecture}
-    globals_ = {kv.key: kv.value for kv in plan.global_args}
+    globals_ = dict(plan.global_args)
     assert globals_["BUILDOS"] == "linux" and globals_["TARGETPLATFORM"] == str(host)
 
 

@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.engine.model import (
     BuildOptions,
-    BuildPlan,
     BuildResult,
     StageOutcome,
     StageState,
@@ -60,6 +59,7 @@ if TYPE_CHECKING:
     from lamina.cache.statcache import StatCache
     from lamina.cache.store import Store
     from lamina.engine.context import SourceTree
+    from lamina.engine.plan import Plan
     from lamina.oci.image import ImageConfig
 
 
@@ -75,7 +75,7 @@ def _now() -> str:
 class Executor:
     """One build: the plan, the store, the progress sink, the records of every step."""
 
-    def __init__(self, options: BuildOptions, sink: ProgressSink, store: Store, plan: BuildPlan) -> None:
+    def __init__(self, options: BuildOptions, sink: ProgressSink, store: Store, plan: Plan) -> None:
         self.options = options
         self.sink = sink
         self.store = store
@@ -239,9 +239,9 @@ class Executor:
             found = self._outcomes.get(index)
             if found is not None:
                 return found
-            stage = self.plan.stages.get(index) or self.plan.unplanned.get(index)
-            if stage is None:
+            if not 0 <= index < len(self.plan.stages):
                 raise BuildError(f"stage {index} does not exist")
+            stage = self.plan.stages[index]
             building.append(index)
             try:
                 outcome = run_stage(self, stage)
@@ -251,8 +251,9 @@ class Executor:
             return outcome
 
     def _stage_name(self, index: int) -> str:
-        stage = self.plan.stages.get(index) or self.plan.unplanned.get(index)
-        return stage.name if stage is not None else str(index)
+        if 0 <= index < len(self.plan.stages):
+            return self.plan.stages[index].display_name
+        return str(index)
 
     def _finish(self, target: StageOutcome, start: float) -> BuildResult:
         from lamina.engine.output import make_image, write_output
@@ -342,7 +343,7 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
     try:
         data: bytes | None = dockerfile.read_bytes()
     except OSError:
-        data = None  # make_plan reports it
+        data = None  # make_plan says why
     options.cache_root.mkdir(parents=True, exist_ok=True)
     with Store(options.cache_root) as store:
         from lamina.engine.buildchecks import for_build
@@ -356,7 +357,7 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
                 return dataclasses.replace(replayed, checks=checks)
         from lamina.engine.steps.dispatch import make_plan
 
-        plan = make_plan(options)
+        plan = make_plan(options, data)  # the bytes read once, above
         executor = Executor(options, sink, store, plan)
         try:
             result = executor.run()

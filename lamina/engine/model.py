@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from lamina.errors import Location, PlanError
+from lamina.errors import PlanError
 from lamina.oci.image import host_platform
 
 if TYPE_CHECKING:
@@ -26,10 +26,10 @@ if TYPE_CHECKING:
     from lamina.cache.store import Store
     from lamina.engine.cachekey import KeyInputs
     from lamina.engine.context import SourceTree
-    from lamina.engine.dockerfile.instructions import Instruction
     from lamina.engine.namedcontext import NamedContext
     from lamina.engine.output import ImageLayer
     from lamina.engine.outputspec import OutputSpec
+    from lamina.engine.plan import Plan
     from lamina.engine.progress import ProgressSink
     from lamina.engine.sandbox.isolation import Isolation
     from lamina.engine.sandbox.spec import Ulimit
@@ -268,35 +268,6 @@ class CacheResult:
 FILESYSTEM_STEPS = frozenset({"RUN", "COPY", "ADD", "WORKDIR"})
 
 
-# --- the plan ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StagePlan:
-    index: int
-    name: str  # display name: the stage's name, or stage-N
-    instructions: tuple[Instruction, ...]
-    location: Location
-    base_image: str | None  # an image reference (expanded), None for a stage or scratch
-    base_stage: int | None
-    deps: tuple[int, ...]  # every stage this one needs first (base, --from, mounts)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BuildPlan:
-    path: str  # the Dockerfile's display path
-    escape: str
-    stages: Mapping[int, StagePlan]  # only the stages the target needs
-    target: int
-    waves: tuple[tuple[int, ...], ...]
-    global_args: Mapping[str, str]  # meta ARGs (with build-arg overrides) and platform ARGs
-    build_args: Mapping[str, str]
-    names: Mapping[str, int]  # stage name (lower case) -> index
-    warnings: tuple[str, ...] = ()
-    # Stages the target does not reach as written; an ONBUILD trigger of a base image may still name one.
-    unplanned: Mapping[int, StagePlan] = dataclasses.field(default_factory=dict)
-
-
 # --- what a step is given --------------------------------------------------------------------
 
 
@@ -336,7 +307,7 @@ class StepHost(Protocol):
     """
 
     options: BuildOptions
-    plan: BuildPlan
+    plan: Plan  # the front end's plan (lamina.engine.plan), the one plan type
     store: Store
     sink: ProgressSink
     epoch: int | None  # SOURCE_DATE_EPOCH

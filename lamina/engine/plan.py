@@ -1,13 +1,16 @@
 """Stages -> a build plan: the stage DAG, ARG scoping and target pruning.
 
 `make_plan` is a pure function over a parsed Dockerfile. The resulting
-`Plan` is what the executor consumes:
+`Plan` is what the executor runs (the one plan type: `lamina plan` prints
+it, the executor schedules its `waves` and hands each `PlannedStage` to
+steps.dispatch.run_stage):
 
 - every stage as a `PlannedStage` (instructions, base, dependencies), by index;
 - `order`: the stages the target needs, dependencies first;
 - `waves`: the same stages grouped so that each wave only needs earlier waves
   (the stages of one wave can build concurrently);
-- `skipped`: stages the target does not reach;
+- `skipped`: stages the target does not reach (`needed` maps the others by
+  index; `names` maps every stage name, lower case, to its index);
 - `global_args`: the global ARG scope (platform ARGs, then the ARGs before
   the first FROM with --build-arg applied), used to expand FROM lines and to
   give a stage's `ARG NAME` (no default) its value; `resolve_arg` applies the
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import types
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
@@ -159,6 +163,16 @@ class PlannedStage:
     def location(self) -> Location:
         return self.from_.location
 
+    @property
+    def base_image(self) -> str | None:
+        """The image reference (expanded) the stage starts from; None for a stage or scratch."""
+        return self.base.image if self.base.kind is BaseKind.IMAGE else None
+
+    @property
+    def base_stage(self) -> int | None:
+        """The index of the stage this one is built FROM, if any."""
+        return self.base.stage if self.base.kind is BaseKind.STAGE else None
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Plan:
@@ -169,8 +183,8 @@ class Plan:
     order: tuple[int, ...]  # stages to build, each after what it needs
     waves: tuple[tuple[int, ...], ...]
     skipped: tuple[int, ...]
-    global_args: tuple[KeyValue, ...]
-    build_args: tuple[KeyValue, ...]
+    global_args: Mapping[str, str]  # read-only, in declaration order
+    build_args: Mapping[str, str]  # --build-arg values, read-only
     target_platform: Platform
     build_platform: Platform
     escape: str = "\\"
@@ -185,10 +199,20 @@ class Plan:
         return found
 
     @property
+    def needed(self) -> Mapping[int, PlannedStage]:
+        """The stages the target needs, by index (an ONBUILD trigger may still name another)."""
+        return {index: self.stages[index] for index in self.order}
+
+    @property
+    def names(self) -> Mapping[str, int]:
+        """Stage name (lower case) -> index, for every named stage."""
+        return {s.name.lower(): s.index for s in self.stages if s.name}
+
+    @property
     def proxy_args(self) -> tuple[KeyValue, ...]:
         """Proxy build args: in every RUN's environment without an ARG line,
         but kept out of cache keys and history unless a stage declares them."""
-        return tuple(kv for kv in self.build_args if kv.key in PROXY_ARGS)
+        return tuple(KeyValue(key, value) for key, value in self.build_args.items() if key in PROXY_ARGS)
 
     def resolve_arg(self, decl: ArgDecl, expander: Expander) -> str | None:
         """The value an in-stage `ARG` takes; None when declared without one.
@@ -197,8 +221,7 @@ class Plan:
         (a pre-FROM ARG or a platform ARG) is taken; `expander` expands the
         default with what the stage has set so far.
         """
-        build_args = {kv.key: kv.value for kv in self.build_args}
-        return arg_value(decl, build_args, expander, {kv.key: kv.value for kv in self.global_args})
+        return arg_value(decl, self.build_args, expander, self.global_args)
 
 
 def arg_value(
@@ -520,8 +543,8 @@ def make_plan(
         order=order,
         waves=_waves(planned, order),
         skipped=tuple(i for i in range(len(planned)) if i not in needed),
-        global_args=tuple(KeyValue(k, v) for k, v in scope.items()),
-        build_args=tuple(KeyValue(k, v) for k, v in build_args.items()),
+        global_args=types.MappingProxyType(dict(scope)),
+        build_args=types.MappingProxyType(dict(build_args)),
         target_platform=target_platform,
         build_platform=build,
         escape=escape,
@@ -664,7 +687,7 @@ def to_json(plan: Plan) -> dict[str, object]:
         "order": list(plan.order),
         "waves": [list(w) for w in plan.waves],
         "skipped": list(plan.skipped),
-        "global_args": {kv.key: kv.value for kv in plan.global_args},
+        "global_args": dict(plan.global_args),
         "warnings": list(plan.warnings),
     }
 

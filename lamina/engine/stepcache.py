@@ -235,9 +235,10 @@ def stage_chain(host: StepHost) -> set[str]:
     plan = host.plan
     names: set[str] = set()
     index: int | None = plan.target
-    while index is not None and index in plan.stages:
-        names.add(plan.stages[index].name)
-        index = plan.stages[index].base_stage
+    needed = plan.needed
+    while index is not None and index in needed:
+        names.add(needed[index].display_name)
+        index = needed[index].base_stage
     return names
 
 
@@ -286,7 +287,7 @@ def cache_entries(host: StepHost, result: BuildResult, mode: str) -> list[CacheE
 def _layers_by_dir(host: StepHost) -> dict[str, tuple[ImageLayer, list[Any]]]:
     """Every built layer of every stage of this build, with the layer dirs below it (top-most first)."""
     out: dict[str, tuple[ImageLayer, list[Any]]] = {}
-    for index in host.plan.stages:
+    for index in host.plan.needed:
         try:
             outcome = host.outcome(index)
         except LaminaError:

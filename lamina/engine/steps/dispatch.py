@@ -7,8 +7,9 @@ over `steps.metadata`) and WORKDIR; RUN is in `steps.run`, COPY/ADD in
 through `steps.layerstep.layer_step()`: key, look up, on a miss produce an
 upper dir, commit, record, report; `steps.owners` sets what it wrote.
 
-`make_plan(options)` reads the Dockerfile and asks the front end's planner
-for the stages the target needs and the order to build them in.
+`make_plan(options, data)` asks the front end's planner, over the
+Dockerfile's bytes (read once, by executor.execute), for the stages the
+target needs and the order to build them in: a `plan.Plan`, the one plan type.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from lamina.engine.model import (
     FILESYSTEM_STEPS,
     PLATFORM,
     BuildOptions,
-    BuildPlan,
     StageOutcome,
-    StagePlan,
     StageState,
 )
 from lamina.engine.namedcontext import lookup
@@ -46,53 +45,29 @@ from lamina.errors import (
 if TYPE_CHECKING:
     from lamina.engine.dockerfile.instructions import Instruction
     from lamina.engine.model import StepHost
+    from lamina.engine.plan import Plan, PlannedStage
 
 
-def make_plan(options: BuildOptions) -> BuildPlan:
-    """Parse the Dockerfile and let the front end's planner order the stages the target needs."""
+def make_plan(options: BuildOptions, data: bytes | None) -> Plan:
+    """Parse the Dockerfile's bytes and let the front end's planner order the stages the target
+    needs; `data` None: it could not be read (said here, naming it)."""
     from lamina.engine.dockerfile.parser import parse
-    from lamina.engine.plan import BaseKind
     from lamina.engine.plan import make_plan as plan_stages
 
     path = options.dockerfile or options.context / "Dockerfile"
     display = os.path.relpath(path) if not path.is_absolute() else str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DockerfileError(f"cannot read Dockerfile {display}: {err.strerror}") from None
+    if data is None:
+        try:
+            data = path.read_bytes()  # again, for the reason it failed
+        except OSError as err:
+            raise DockerfileError(f"cannot read Dockerfile {display}: {err.strerror}") from None
     dockerfile = parse(data, display)
     plan = plan_stages(
         dockerfile, target=options.target, build_args=dict(options.build_args), context=str(options.context)
     )
-    needed = {index for wave in plan.waves for index in wave}
-    stages = {}
-    unplanned = {}
-    for planned in plan.stages:
-        base = planned.base
-        if planned.index in needed:
-            _check_platform(planned)
-        (stages if planned.index in needed else unplanned)[planned.index] = StagePlan(
-            planned.index,
-            planned.display_name,
-            planned.instructions,
-            planned.location,
-            base.image if base.kind is BaseKind.IMAGE else None,
-            base.stage if base.kind is BaseKind.STAGE else None,
-            planned.deps,
-        )
-    names = {s.name.lower(): s.index for s in plan.stages if s.name}
-    return BuildPlan(
-        display,
-        plan.escape,
-        stages,
-        plan.target,
-        plan.waves,
-        {kv.key: kv.value for kv in plan.global_args},
-        {kv.key: kv.value for kv in plan.build_args},
-        names,
-        plan.warnings,
-        unplanned,
-    )
+    for planned in plan.needed.values():
+        _check_platform(planned)
+    return plan
 
 
 def _check_platform(planned: Any) -> None:
@@ -118,23 +93,24 @@ def _expander(state: StageState, escape: str) -> Callable[[str], str]:
     return lambda word: expand_word(word, env, escape)
 
 
-def _base(executor: StepHost, plan: StagePlan) -> StageOutcome:
+def _base(executor: StepHost, plan: PlannedStage) -> StageOutcome:
     from lamina.oci.image import Platform, default_config
 
     if plan.base_stage is not None:
         return executor.outcome(plan.base_stage)
     if plan.base_image is None:
         os_name, arch = PLATFORM.split("/", 1)
-        return StageOutcome(plan.name, default_config(Platform(arch, os_name)), (), "scratch", None, ())
+        config = default_config(Platform(arch, os_name))
+        return StageOutcome(plan.display_name, config, (), "scratch", None, ())
     return base_image(executor, plan.base_image, plan.location)
 
 
-def run_stage(executor: StepHost, plan: StagePlan) -> StageOutcome:
+def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
     """Build one stage on top of its base and return its outcome."""
     from lamina.engine.dockerfile.instructions import parse_instruction
     from lamina.engine.dockerfile.parser import parse
 
-    if plan.name.lower() in executor.plan.names and lookup(executor.options.build_contexts, plan.name):
+    if plan.name and lookup(executor.options.build_contexts, plan.name):  # a named stage
         return base_image(executor, plan.name, plan.location)  # --build-context replaces the stage
     base = _base(executor, plan)
     config = md.ensure_path(base.config)
@@ -150,9 +126,9 @@ def run_stage(executor: StepHost, plan: StagePlan) -> StageOutcome:
             except (DockerfileError, IndexError) as err:
                 raise BuildError(f"{plan.location}: ONBUILD trigger {text!r}: {err}") from None
         instructions = parsed_triggers + instructions
-    no_cache = any(name.lower() == plan.name.lower() for name in executor.options.no_cache_filter)
+    no_cache = any(name.lower() == plan.display_name.lower() for name in executor.options.no_cache_filter)
     state = StageState(
-        name=plan.name,
+        name=plan.display_name,
         config=config,
         layers=list(base.layers),
         key=base.key,
@@ -172,15 +148,16 @@ def run_stage(executor: StepHost, plan: StagePlan) -> StageOutcome:
             if err.args and str(err).startswith(str(instruction.location)):
                 raise
             raise BuildError(
-                f"{instruction.location}: stage {plan.name}: {one_line(instruction)}: {err}", err.output_tail
+                f"{instruction.location}: stage {plan.display_name}: {one_line(instruction)}: {err}",
+                err.output_tail,
             ) from err
         except LaminaError as err:
             raise BuildError(
-                f"{instruction.location}: stage {plan.name}: {one_line(instruction)}: {err}"
+                f"{instruction.location}: stage {plan.display_name}: {one_line(instruction)}: {err}"
             ) from err
         except OSError as err:
             # A full disk or a vanished file is still one line naming the step.
-            step = f"{instruction.location}: stage {plan.name}: {one_line(instruction)}"
+            step = f"{instruction.location}: stage {plan.display_name}: {one_line(instruction)}"
             if is_disk_full(err):
                 raise BuildError(f"{step}: {DiskFull.writing(None, err)}") from err
             what = f"{err.filename}: " if err.filename else ""
@@ -188,7 +165,7 @@ def run_stage(executor: StepHost, plan: StagePlan) -> StageOutcome:
     return state.outcome()
 
 
-def dispatch(executor: StepHost, state: StageState, plan: StagePlan, instruction: Instruction) -> None:
+def dispatch(executor: StepHost, state: StageState, plan: PlannedStage, instruction: Instruction) -> None:
     from lamina.engine.dockerfile import instructions as ins
 
     created = executor.created(state)
@@ -250,11 +227,9 @@ def dispatch(executor: StepHost, state: StageState, plan: StagePlan, instruction
 
 
 def _arg(executor: StepHost, state: StageState, instruction: Any, expand: Callable[[str], str]) -> None:
-    from lamina.engine.plan import arg_value
-
     pairs: list[tuple[str, str | None]] = []
     for decl in instruction.args:
-        value = arg_value(decl, executor.plan.build_args, expand, executor.plan.global_args)
+        value = executor.plan.resolve_arg(decl, expand)
         state.args.pop(decl.name, None)  # a redeclared ARG moves to the end, as in BuildKit's list
         state.args[decl.name] = value
         pairs.append((decl.name, value))

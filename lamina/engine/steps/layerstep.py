@@ -113,12 +113,12 @@ def layer_step(
 
 def _base_label(executor: StepHost, state: StageState) -> str:
     """The stage's base as a miss names it; called at its first filesystem step (state.key is the base's)."""
-    plan = next((p for p in executor.plan.stages.values() if p.name == state.name), None)
+    plan = next((p for p in executor.plan.needed.values() if p.display_name == state.name), None)
     if state.key == "scratch" or plan is None:
         return "scratch" if state.key == "scratch" else ""
     if plan.base_stage is not None:
-        base = executor.plan.stages.get(plan.base_stage)
-        return f"stage {base.name if base else plan.base_stage}@{state.key}"
+        base = executor.plan.needed.get(plan.base_stage)
+        return f"stage {base.display_name if base else plan.base_stage}@{state.key}"
     return f"image {plan.base_image}@{state.key}"
 
 

@@ -43,10 +43,11 @@ from lamina.errors import InstructionError
 from lamina.oci.digest import Digest
 
 if TYPE_CHECKING:
-    from lamina.engine.model import StagePlan, StageState, StepHost
+    from lamina.engine.model import StageState, StepHost
+    from lamina.engine.plan import PlannedStage
 
 
-def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instruction: Any) -> None:
+def copy_step(executor: StepHost, state: StageState, plan: PlannedStage, instruction: Any) -> None:
     is_add = isinstance(instruction, AddInstruction)
     keyword = "ADD" if is_add else "COPY"
     if any(content.expand for content in instruction.contents):
@@ -118,8 +119,8 @@ def copy_step(executor: StepHost, state: StageState, plan: StagePlan, instructio
         else:
             index = stage_index(from_)
             index = executor.plan.names.get(from_.lower()) if index is None else index
-            stage = executor.plan.stages.get(index) if index is not None else None
-            source = f"stage {stage.name}" if stage is not None else f"image {from_}"
+            stage = executor.plan.needed.get(index) if index is not None else None
+            source = f"stage {stage.display_name}" if stage is not None else f"image {from_}"
             list_files = lambda: selection_files(*materialize())  # noqa: E731 (on a miss only)
     for url in urls:
         fetched = fetch_url(executor, url, instruction.checksum)
