@@ -169,3 +169,37 @@ def test_ssh_flag_errors(
     proc = run_cli("build", "--ssh", flag, str(ctx), cache=cache, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: {message}"
+
+
+def test_relay_answers_only_list_and_sign_and_takes_long_paths(tmp_path: Path) -> None:
+    """BuildKit's readOnlyAgent: add, remove, lock and extensions fail; socket paths past
+    the 107 bytes a sockaddr_un holds still work (a deep cache directory)."""
+    import socket
+    import threading
+
+    from lamina.engine.sshforward import Relay
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    seen: list[bytes] = []
+    agent = socket.socket(socket.AF_UNIX)
+    agent.bind(str(tmp_path / "agent"))
+    agent.listen(1)
+
+    def serve() -> None:
+        conn, _ = agent.accept()
+        with conn:
+            while request := conn.recv(64):
+                seen.append(request)
+                conn.sendall(b"\x00\x00\x00\x05\x0c\x00\x00\x00\x00")  # IDENTITIES_ANSWER, no keys
+
+    threading.Thread(target=serve, daemon=True).start()
+    with Relay(tmp_path / "agent", deep / "relay"), socket.socket(socket.AF_UNIX) as client:
+        client.connect(f"/proc/self/fd/{os.open(deep, os.O_PATH)}/relay")
+        for kind in (17, 18, 19, 22, 27):  # add, remove, remove all, lock, extension
+            client.sendall(b"\x00\x00\x00\x01" + bytes([kind]))
+            assert client.recv(16) == b"\x00\x00\x00\x01\x05", kind  # SSH_AGENT_FAILURE
+        client.sendall(b"\x00\x00\x00\x01\x0b")  # REQUEST_IDENTITIES
+        assert client.recv(16) == b"\x00\x00\x00\x05\x0c\x00\x00\x00\x00"
+    assert seen == [b"\x00\x00\x00\x01\x0b"], "only the list request reached the agent"
+    agent.close()

@@ -158,8 +158,10 @@ class Relay:
     def __init__(self, upstream: Path, path: Path) -> None:
         self.upstream = upstream
         self.path = path
+        self._dir_fds: list[int] = []
+        self._upstream_address = self._address(upstream)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
+        self._listener.bind(self._address(path))
         self._listener.listen(16)
         self._closed = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -171,6 +173,18 @@ class Relay:
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         self._thread.join(timeout=5)
+        for fd in self._dir_fds:
+            os.close(fd)
+        self._dir_fds.clear()
+
+    def _address(self, path: Path) -> str:
+        """`path` as a socket address: a unix socket's path holds at most 107 bytes, so a
+        longer one goes through its directory's /proc/self/fd link."""
+        if len(os.fsencode(path)) < 100:
+            return str(path)
+        fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir_fds.append(fd)
+        return f"/proc/self/fd/{fd}/{path.name}"
 
     def __enter__(self) -> Relay:
         return self
@@ -200,7 +214,7 @@ class Relay:
                     if upstream is None:
                         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                         upstream.settimeout(30)
-                        upstream.connect(str(self.upstream))
+                        upstream.connect(self._upstream_address)
                     upstream.sendall(request)
                     answer = _read_message(upstream)
                     if answer is None:
