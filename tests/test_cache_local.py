@@ -1,4 +1,5 @@
-"""`--cache-to type=local,dest=DIR` / `--cache-from type=local,src=DIR`: the build cache in an OCI layout.
+"""`--cache-to type=local,dest=DIR` / `--cache-from type=local,src=DIR`: the build cache in an OCI layout;
+`--cache-to type=inline`: the target's entries in the image config, read back from the pushed image.
 
 As with the registry cache (tests/test_registry_build.py), sharing is shown
 the way a second machine sees it: export from one store, import into an
@@ -10,13 +11,16 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_build_helpers import build, run_cli, write_context
 
 from lamina.cache.remote import parse_cache_spec
 from lamina.errors import PlanError
+from lamina.oci.digest import Digest
 
 DOCKERFILE = """\
 FROM scratch AS builder
@@ -95,7 +99,8 @@ def test_local_cache_from_a_damaged_directory_warns_and_rebuilds(tmp_path: Path)
 @pytest.mark.parametrize(
     ("text", "flag", "message"),
     [
-        ("type=inline", "--cache-to", "--cache-to type=inline is not supported"),
+        ("type=inline,mode=max", "--cache-to", "an inline cache is mode=min only"),
+        ("type=inline", "--cache-from", "read an inline cache with type=registry,ref=IMAGE"),
         ("type=local,dest=/x,compression=zstd", "--cache-to", "compression= is not supported"),
         ("type=local,dest=/x,oci-mediatypes=false", "--cache-to", "oci-mediatypes=false is not supported"),
         (
@@ -110,3 +115,39 @@ def test_local_cache_from_a_damaged_directory_warns_and_rebuilds(tmp_path: Path)
 def test_cache_attributes_not_honoured_are_refused(text: str, flag: str, message: str) -> None:
     with pytest.raises(PlanError, match=message.replace("(", r"\(")):
         parse_cache_spec(text, flag)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests import registry_server
+
+    if registry_server.REGISTRY is None:
+        pytest.skip("docker-registry is not installed")
+    with registry_server.running_registry(tmp_path_factory.mktemp("registry"), "none") as running:
+        yield running
+
+
+def test_inline_cache_rides_in_the_pushed_image_and_is_read_back(registry: Any, tmp_path: Path) -> None:
+    from lamina.cache.store import Store
+    from lamina.oci.image import ImageConfig, Manifest
+
+    ctx = context(tmp_path / "ctx")
+    image = f"{registry.host}/inline/app:1"
+    first = build(tmp_path / "a", ctx, tags=[image], push=True, cache_to=["type=inline"])
+    with Store(tmp_path / "a") as store:
+        manifest = Manifest.from_bytes(store.read_blob(Digest.parse(first.image_digest), 1 << 20))
+        config = json.loads(store.read_blob(manifest.config.digest, 1 << 20))
+    entries = config["dev.lamina.cache.v1"]["entries"]
+    final = [s.key for s in first.steps if s.stage != "builder"]
+    assert [e["key"] for e in entries] == final  # mode=min: the target's chain only
+    assert [e["layer"] for e in entries] == [0, 1]
+    assert ImageConfig.from_bytes(json.dumps(config).encode()).diff_ids == tuple(
+        Digest.parse(d) for d in config["rootfs"]["diff_ids"]
+    )
+    second = build(tmp_path / "b", ctx, cache_from=[f"type=registry,ref={image}"])
+    assert [(s.stage, s.cached) for s in second.steps] == [
+        ("builder", False),
+        ("stage-1", True),
+        ("stage-1", True),
+    ]
+    assert second.config.diff_ids == first.config.diff_ids

@@ -256,6 +256,7 @@ class CacheSpec:
     mode: str = "min"  # --cache-to only
     ignore_error: bool = False  # --cache-to only: a failed export is a warning
     path: str = ""  # type=local: the OCI layout directory (dest= / src=); ref's tag is tag=
+    inline: bool = False  # --cache-to type=inline: the entries ride in the image config
 
 
 def parse_cache_spec(text: str, flag: str) -> CacheSpec:
@@ -275,10 +276,13 @@ def parse_cache_spec(text: str, flag: str) -> CacheSpec:
         fields[key] = value.strip()
     kind = fields.pop("type", "registry")
     if kind == "inline":
-        raise PlanError(
-            f"{flag} type=inline is not supported: lamina's image config carries no cache; "
-            "use type=registry,ref=REF or type=local"
-        )
+        if flag != "--cache-to":
+            raise PlanError(f"invalid {flag} {text!r}: read an inline cache with type=registry,ref=IMAGE")
+        if fields.pop("mode", "min") != "min":
+            raise PlanError(f"invalid {flag} {text!r}: an inline cache is mode=min only, as BuildKit's")
+        if fields:
+            raise PlanError(f"invalid {flag} {text!r}: unknown key {sorted(fields)[0]!r}")
+        return CacheSpec(Reference("inline", "cache"), inline=True)
     if kind in ("gha", "s3", "azblob"):
         raise PlanError(f"{flag} type={kind} is not supported: use type=registry or type=local")
     if kind not in ("registry", "local"):
@@ -415,6 +419,7 @@ class RemoteCache:
         self._blob_memo_key = blob_memo_key
         self._client: RegistryClient | None = None
         self._layouts: dict[str, Any] = {}  # type=local: a LayoutClient per directory
+        self._inline: dict[Reference, dict[str, CacheEntry]] = {}  # an image's inline cache, by ref
         self._lock = threading.Lock()
         self._disabled: set[Reference] = set()
 
@@ -456,7 +461,9 @@ class RemoteCache:
     def _import(self, store: Store, spec: CacheSpec, key: str) -> bool:
         ref = spec.ref
         try:
-            entry = import_entry(self._get_client(spec), store, ref, key, warn=self._warn)
+            entry = self._inline_entry(store, spec, key)
+            if entry is None:
+                entry = import_entry(self._get_client(spec), store, ref, key, warn=self._warn)
         except RegistryError as err:
             with self._lock:
                 self._disabled.add(ref)
@@ -483,6 +490,38 @@ class RemoteCache:
         store.cache_put(key, wrapped.step, refs=refs)
         return True
 
+    def _inline_entry(self, store: Store, spec: CacheSpec, key: str) -> CacheEntry | None:
+        """`key` from the inline cache of the image `spec.ref` names (`--cache-to type=inline`),
+        its layer fetched and checked as import_entry checks a registry entry; None on a miss."""
+        if spec.path:
+            return None
+        client = self._get_client(spec)
+        with self._lock:
+            table = self._inline.get(spec.ref)
+        if table is None:
+            table = read_inline(client, spec.ref, self._warn)
+            with self._lock:
+                self._inline[spec.ref] = table
+        entry = table.get(key)
+        if entry is None or entry.layer is None or entry.diff_id is None:
+            return entry
+        from lamina.cache.store import LayerRecord
+        from lamina.errors import DigestMismatch
+
+        layer = entry.layer
+        what = f"import inline cache {spec.ref} key {key}"
+        try:
+            if not (store.has_blob(layer.digest) and store.blob_size(layer.digest) == layer.size):
+                with store.blob_writer() as out:
+                    client.fetch_blob(spec.ref, layer, out)
+                    out.commit(layer.digest, layer.size)
+            _check_diff_id(store, layer, entry.diff_id, what)
+        except DigestMismatch as err:
+            self._warn(f"{err}; rebuilding the step instead")
+            return None
+        store.record_layer(LayerRecord(layer.digest, entry.diff_id, layer.media_type, layer.size))
+        return entry
+
     def _remember_blob(self, store: Store, wrapped: WrappedResult, blob: Descriptor, diff_id: Digest) -> None:
         """Record `blob` as the layer dir's blob, as engine.output.layer_blob's memo does.
 
@@ -505,6 +544,83 @@ class RemoteCache:
             "media_type": blob.media_type,
         }
         store.cache_put(memo, json.dumps(record), refs=[blob.digest, Digest("sha256", str(wrapped.layer))])
+
+
+# --- inline: the entries of the image's own steps in its config ------------------------------
+#
+# `--cache-to type=inline` (BuildKit writes `moby.buildkit.cache.v0` into the image config): the
+# config gets INLINE_FIELD = {"entries": [{"key", "result", "layer"}], "version": 1}, where
+# "layer" is the index of the step's layer among the image's own layers (null for a step that
+# changed no file). `--cache-from type=registry,ref=IMAGE` reads it back: the layer blob and
+# diff_id come from the image's manifest and config, checked as a registry entry's are.
+
+INLINE_FIELD = "dev.lamina.cache.v1"
+_MAX_INLINE = 1 << 22
+
+
+def inline_value(entries: Sequence[CacheEntry], diff_ids: Sequence[Digest]) -> str:
+    """The INLINE_FIELD value (JSON text) for `entries` of an image whose layers are `diff_ids`."""
+    position = {diff_id: i for i, diff_id in enumerate(diff_ids)}
+    out = []
+    for entry in entries:
+        if entry.diff_id is not None and entry.diff_id not in position:
+            continue  # a layer that is not the image's own (mode=min keeps the target's chain)
+        layer = position[entry.diff_id] if entry.diff_id is not None else None
+        out.append({"key": entry.key, "layer": layer, "result": entry.result})
+    return canonical_json({"entries": out, "version": FORMAT_VERSION}).decode()
+
+
+def read_inline(client: RegistryClient, ref: Reference, warn: Warn) -> dict[str, CacheEntry]:
+    """The inline cache entries of the image `ref` names, by key (none when it has none).
+
+    Only an image manifest is read (an index's first image: attestations and other platforms
+    are skipped); its config is fetched by digest and size-capped.
+    """
+    from lamina.errors import DigestMismatch, ImageFormatError
+    from lamina.oci.image import INDEX_TYPES, MANIFEST_TYPES, Index
+
+    what = f"inline cache {ref}"
+    try:
+        if client.head_manifest(ref, what=what) is None:
+            return {}
+        remote = client.get_manifest(ref, what=what)
+        if remote.media_type in INDEX_TYPES:
+            images = [
+                m
+                for m in Index.from_bytes(remote.data, what).manifests
+                if m.media_type in MANIFEST_TYPES and (m.platform is None or m.platform.os != "unknown")
+            ]
+            if not images:
+                return {}
+            child = Reference(ref.registry, ref.repository, None, images[0].digest)
+            remote = client.get_manifest(child, what=what)
+        if remote.media_type not in MANIFEST_TYPES:
+            return {}
+        manifest = Manifest.from_bytes(remote.data, f"{what}: manifest")
+        if manifest.config.media_type == CACHE_CONFIG or manifest.config.size > _MAX_INLINE:
+            return {}
+        config = json.loads(_fetch_bytes(client, ref, manifest.config))
+        table = config.get(INLINE_FIELD) if isinstance(config, dict) else None
+        if table is None:
+            return {}
+        diff_ids = [Digest.parse(d) for d in config["rootfs"]["diff_ids"]]
+        if table.get("version") != FORMAT_VERSION or len(diff_ids) != len(manifest.layers):
+            raise ImageFormatError(f"{what}: not an inline cache this lamina reads")
+        out: dict[str, CacheEntry] = {}
+        for item in table["entries"]:
+            key, result, layer = item["key"], item["result"], item["layer"]
+            if not isinstance(key, str) or not isinstance(result, str):
+                raise ImageFormatError(f"{what}: a malformed entry")
+            if layer is None:
+                out[key] = CacheEntry(key, result)
+            elif isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < len(diff_ids):
+                out[key] = CacheEntry(key, result, manifest.layers[layer], diff_ids[layer])
+            else:
+                raise ImageFormatError(f"{what}: entry {key} names layer {layer!r}")
+        return out
+    except (DigestMismatch, ImageFormatError, ValueError, KeyError, TypeError, AttributeError) as err:
+        warn(f"{what}: {err}; not using it")
+        return {}
 
 
 # --- export ------------------------------------------------------------------------------------

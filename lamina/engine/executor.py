@@ -268,6 +268,11 @@ class Executor:
         created = self.created_for_image(target)
         config = dataclasses.replace(config, created=created)
         image = make_image(self.store, config, target.layers, self.options.compression, self.epoch)
+        if any(spec.inline for spec in self.options.cache_to):  # --cache-to type=inline
+            from lamina.engine.stepcache import inline_field
+
+            config = dataclasses.replace(config, extra=(inline_field(self, self.records, image.diff_ids),))
+            image = make_image(self.store, config, target.layers, self.options.compression, self.epoch)
         # Each output's image as its exporter attributes make it (engine.imageexport); the
         # tags name the first type=image output's, as buildx fills its name= with them.
         from lamina.engine.imageexport import export_all, remember_index

@@ -28,7 +28,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -298,6 +298,17 @@ def _layers_by_dir(host: StepHost) -> dict[str, tuple[ImageLayer, list[Any]]]:
     return out
 
 
+def inline_field(host: StepHost, records: Iterable[Any], diff_ids: Iterable[Any]) -> tuple[str, str]:
+    """`--cache-to type=inline`: the image config's field holding the target chain's entries
+    (mode=min, as BuildKit's inline cache), the layers by their index in the image."""
+    import types
+
+    from lamina.cache.remote import INLINE_FIELD, inline_value
+
+    entries = cache_entries(host, types.SimpleNamespace(steps=tuple(records)), "min")  # type: ignore[arg-type]
+    return INLINE_FIELD, inline_value(entries, diff_ids)
+
+
 def export_cache(host: StepHost, result: BuildResult) -> int:
     """Push this build's cache to every --cache-to ref; return the entries written."""
     from lamina.cache.remote import push_entries
@@ -305,6 +316,8 @@ def export_cache(host: StepHost, result: BuildResult) -> int:
     factory = host.options.client_factory
     written = 0
     for spec in host.options.cache_to:
+        if spec.inline:
+            continue  # in the image config already (inline_field)
         try:
             if factory is None:
                 raise RegistryError("--cache-to needs a registry client")

@@ -497,6 +497,10 @@ class ImageConfig:
     config: ContainerConfig = ContainerConfig()
     diff_ids: tuple[Digest, ...] = ()
     history: tuple[History, ...] = ()
+    # Further top-level fields, (name, JSON text), written after the others: an inline build
+    # cache (lamina.cache.remote.INLINE_FIELD) as BuildKit writes moby.buildkit.cache.v0.
+    # Not read back from a config: a base image's never reaches the images built on it.
+    extra: tuple[tuple[str, str], ...] = ()
 
     @property
     def platform(self) -> Platform:
@@ -517,6 +521,8 @@ class ImageConfig:
         obj["rootfs"] = {"type": "layers", "diff_ids": [str(d) for d in self.diff_ids]}
         if self.history:
             obj["history"] = [h.to_json() for h in self.history]
+        for name, text in self.extra:
+            obj[name] = json.loads(text)
         return obj
 
     def to_bytes(self) -> bytes:
