@@ -15,11 +15,18 @@ Not ported, with the reason:
   the host platform only and refuses another before it pulls, so a base image
   of another platform never reaches the check.
 - the Windows variants of each case (nanoserver): lamina builds Linux images.
+
+BuildKit's outline and targets tests (dockerfile_outline_test.go,
+dockerfile_targets_test.go) are ported at the end; their DescribeDefinition
+cases are not: `--call subrequests.describe` is refused (lamina's front end
+has no other methods to describe).
 """
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -449,3 +456,146 @@ def test_a_rebuild_replays_the_findings_without_the_parser(tmp_path: Path) -> No
     (ctx / ".dockerignore").write_text("Dockerfile\n")
     _, found = run(status=1)
     assert 'CopyIgnoredFile: Attempting to Copy file "Dockerfile" that is excluded by .dockerignore' in found
+
+
+# --- BuildKit's outline tests (dockerfile_outline_test.go), through subrequests.outline ------------
+
+
+def _outline(text: str, target: str | None, build_args: dict[str, str]) -> dict[str, Any]:
+    from lamina.engine.buildchecks import platform_args
+    from lamina.engine.dockerfile.subrequests import outline
+
+    data = text.encode()
+    result = outline(parse(data), data, target=target, build_args=build_args, predefined=platform_args())
+    return result
+
+
+def test_outline_args_as_buildkit() -> None:
+    """BuildKit's testOutlineArgs: the args the target reads, through its base and --from stages."""
+    text = """
+ARG inherited=box
+ARG inherited2=box2
+ARG unused=abc${inherited2}
+# sfx is a suffix
+ARG sfx="usy${inherited}"
+
+FROM b${sfx} AS first
+# this is not assigned to anything
+ARG FOO=123
+# BAR is a number
+ARG BAR=456
+RUN true
+
+FROM alpine${unused} AS second
+ARG BAZ
+RUN true
+
+FROM scratch AS third
+ARG ABC=a
+# check=skip=all
+ARG password
+# alternate_password will show up in the outline
+# check=skip=all
+ARG alternate_password
+
+# target defines build target
+FROM third AS target
+COPY --from=first /etc/passwd /
+
+FROM second
+"""
+    result = _outline(text, "target", {"BAR": "678"})
+    assert (result["name"], result["description"]) == ("target", "defines build target")
+    got = [
+        (a["name"], a.get("value", ""), a.get("description", ""), a["location"]["ranges"][0]["start"]["line"])
+        for a in result["args"]
+    ]
+    assert got == [
+        ("inherited", "box", "", 2),
+        ("sfx", "usybox", "is a suffix", 6),
+        ("FOO", "123", "", 10),
+        ("BAR", "678", "is a number", 12),
+        ("ABC", "a", "", 20),
+        ("password", "", "", 22),
+        ("alternate_password", "", "will show up in the outline", 25),
+    ]
+
+
+def test_outline_secrets_as_buildkit() -> None:
+    """BuildKit's testOutlineSecrets: secret and ssh ids of the target's stages, ids expanded."""
+    text = """
+FROM busybox AS first
+RUN --mount=type=secret,target=/etc/passwd,required=true --mount=type=ssh true
+FROM alpine AS second
+RUN --mount=type=secret,id=unused --mount=type=ssh,id=ssh2 true
+FROM scratch AS third
+ARG BAR
+RUN --mount=type=secret,id=second${BAR} true
+FROM third AS target
+COPY --from=first /foo /
+RUN --mount=type=ssh,id=ssh3,required true
+FROM second
+"""
+    result = _outline(text, "target", {"BAR": "678"})
+    assert result["secrets"] == [{"name": "passwd", "required": True}, {"name": "second678"}]
+    assert result["ssh"] == [{"name": "default"}, {"name": "ssh3", "required": True}]
+
+
+def test_outline_recursive_args_as_buildkit() -> None:
+    """BuildKit's testOutlineRecursiveArgs: an ARG that reads itself and others, global and in a stage."""
+    text = """
+ARG FOO=123
+ARG ABC=abc
+ARG DEF=def
+ARG FOO=${FOO}${ABC}
+ARG BAR=${FOO}456
+ARG FOO=${FOO}456${BAR}
+FROM scratch
+ARG FOO
+ARG INFOO=123
+ARG INBAR=${INFOO}456
+ARG INFOO=${INFOO}456${INBAR}
+"""
+    result = _outline(text, None, {})
+    assert [(a["name"], a["value"]) for a in result["args"]] == [
+        ("ABC", "abc"),
+        ("BAR", "123abc456"),
+        ("FOO", "123abc456123abc456"),
+        ("INBAR", "123456"),
+        ("INFOO", "123456123456"),
+    ]
+
+
+def test_targets_list_as_buildkit() -> None:
+    """BuildKit's testTargetsList: every stage, its base, description and line; the last is the default."""
+    from lamina.engine.dockerfile.subrequests import targets
+
+    text = """
+# build defines stage for compiling the binary
+FROM alpine AS build
+RUN true
+
+FROM busybox as second
+RUN false
+
+FROM alpine
+RUN false
+
+# binary returns the compiled binary
+FROM second AS binary
+"""
+    data = text.encode()
+    result = targets(parse(data), data)
+    got = [
+        (t.get("name", ""), t["base"], t.get("description", ""), t.get("default", False), t["location"])
+        for t in result["targets"]
+    ]
+    lines = [g[4]["ranges"][0]["start"]["line"] for g in got]
+    assert [g[:4] for g in got] == [
+        ("build", "alpine", "defines stage for compiling the binary", False),
+        ("second", "busybox", "", False),
+        ("", "alpine", "", False),
+        ("binary", "second", "returns the compiled binary", True),
+    ]
+    assert lines == [3, 6, 9, 13]
+    assert result["sources"] == [base64.b64encode(data).decode()]

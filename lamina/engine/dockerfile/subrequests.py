@@ -15,10 +15,10 @@ import base64
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from lamina.engine.dockerfile.checks import expand_recording, find_stage, reachable, split
-from lamina.engine.dockerfile.instructions import ArgInstruction, MountType, RunInstruction
+from lamina.engine.dockerfile.checks import Step, expand_recording, find_stage, reachable, split
+from lamina.engine.dockerfile.instructions import ArgInstruction, EnvInstruction, MountType, RunInstruction
 from lamina.engine.dockerfile.parser import Dockerfile, Node
-from lamina.errors import InstructionError, Location
+from lamina.errors import InstructionError, LaminaError, Location
 
 
 def doc_comment(comments: Sequence[str], name: str) -> str:
@@ -89,6 +89,52 @@ class _Arg:
     deps: frozenset[str] = frozenset()
 
 
+@dataclasses.dataclass(slots=True)
+class _View:
+    """A stage as the outline sees it: its args (with their deps), the names it reads, its env."""
+
+    infos: dict[str, _Arg]
+    used: set[str]
+    env: dict[str, str]  # ARG and ENV values so far, to expand defaults and mount ids
+    mounts: list[tuple[MountType, str, bool, int]]  # secret and ssh mounts: kind, id, required, line
+
+
+def _outline_step(
+    view: _View, step: Step, build_args: Mapping[str, str], scope: Mapping[str, str], escape: str
+) -> None:
+    instruction = step.instruction
+
+    def expand(word: str) -> str:
+        return expand_recording(word, view.env, escape)[0] or ""
+
+    if isinstance(instruction, ArgInstruction):
+        for decl in instruction.args:
+            view.used.add(decl.name)
+            description = doc_comment(step.node.comments, decl.name)
+            if decl.name in build_args:
+                value: str | None = build_args[decl.name]
+            elif decl.default is not None:
+                value = expand(decl.default)
+            elif decl.name in scope:
+                view.env[decl.name] = scope[decl.name]
+                continue  # the global ARG's own entry stands
+            else:
+                value = None
+            if value is not None:
+                view.env[decl.name] = value
+            view.infos[decl.name] = _Arg(decl.name, value, description, step.node.start_line)
+    elif isinstance(instruction, EnvInstruction):
+        view.env.update((kv.key, kv.value) for kv in instruction.expand(expand).env)
+    elif isinstance(instruction, RunInstruction):
+        try:
+            mounts = instruction.expand(expand).mounts
+        except LaminaError:
+            return  # the build stops at it
+        for mount in mounts:
+            if mount.type in (MountType.SECRET, MountType.SSH):
+                view.mounts.append((mount.type, mount.id, mount.required, step.node.start_line))
+
+
 def outline(
     dockerfile: Dockerfile,
     data: bytes,
@@ -130,58 +176,38 @@ def outline(
                 scope[decl.name] = value
             meta_infos[decl.name] = _Arg(decl.name, value, description, step.node.start_line, deps)
 
-    views: dict[int, tuple[dict[str, _Arg], set[str]]] = {}
+    views: dict[int, _View] = {}
     for stage in stages:
         base = find_stage(stages[: stage.index], expand_recording(stage.from_.image, scope, escape)[0] or "")
-        if base is not None and base.index in views:
-            infos, used = dict(views[base.index][0]), set(views[base.index][1])
-        else:
-            infos, used = dict(meta_infos), set()
+        parent = views.get(base.index) if base is not None else None
+        view = _View(dict(meta_infos), set(), {}, [])
+        if parent is not None:
+            view = _View(dict(parent.infos), set(parent.used), dict(parent.env), [])
         for word in (stage.from_.image, stage.from_.platform or ""):
-            used |= set(expand_recording(word, scope, escape)[1].matched)
+            view.used |= set(expand_recording(word, scope, escape)[1].matched)
         for step in stage.steps:
-            if not isinstance(step.instruction, ArgInstruction):
-                continue
-            for decl in step.instruction.args:
-                used.add(decl.name)
-                if decl.name in build_args:
-                    value: str | None = build_args[decl.name]
-                elif decl.default is not None:
-                    value = decl.default
-                elif decl.name in scope:
-                    continue  # the global ARG's own entry stands
-                else:
-                    value = None
-                description = doc_comment(step.node.comments, decl.name)
-                infos[decl.name] = _Arg(decl.name, value, description, step.node.start_line)
-        views[stage.index] = (infos, used)
+            _outline_step(view, step, build_args, scope, escape)
+        views[stage.index] = view
 
     wanted = sorted(reachable(stages, index), key=lambda i: (i != index, i))
     args: dict[str, _Arg] = {}
     for i in wanted:
-        infos, used = views[i]
-        pending = list(used)
+        view = views[i]
+        pending = list(view.used)
         seen: set[str] = set()
         while pending:
             name = pending.pop()
             if name in seen:
                 continue
             seen.add(name)
-            if name in infos:
-                pending.extend(infos[name].deps)
-                args.setdefault(name, infos[name])
+            if name in view.infos:
+                pending.extend(view.infos[name].deps)
+                args.setdefault(name, view.infos[name])
     secrets: dict[str, tuple[bool, int]] = {}
     ssh: dict[str, tuple[bool, int]] = {}
     for i in sorted(wanted):
-        for step in stages[i].steps:
-            if not isinstance(step.instruction, RunInstruction):
-                continue
-            for mount in step.instruction.mounts:
-                if mount.type is MountType.SECRET:
-                    name = mount.id or mount.target.rsplit("/", 1)[-1]
-                    secrets.setdefault(name, (mount.required, step.node.start_line))
-                elif mount.type is MountType.SSH:
-                    ssh.setdefault(mount.id or "default", (mount.required, step.node.start_line))
+        for kind, name, required, line in views[i].mounts:
+            (secrets if kind is MountType.SECRET else ssh).setdefault(name, (required, line))
     stage = stages[index]
     result: dict[str, object] = {}
     if stage.name:
