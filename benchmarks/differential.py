@@ -13,7 +13,9 @@ are directories holding a Dockerfile and its context. A case may also hold:
 - `build-args`: one K=V per line, passed to both builds;
 - `secrets`: one ID=PATH per line, passed to both as `--secret id=ID,src=PATH`;
 - `served/`: served over HTTP on 127.0.0.1 while the case builds, its base
-  URL passed to both as the build arg URL_BASE (for ADD of a URL).
+  URL passed to both as the build arg URL_BASE (for ADD of a URL);
+- `ssh`: an ssh-agent holding a fresh key runs while the case builds, and
+  both builds get `--ssh default` (RUN --mount=type=ssh).
 
 Each case is copied to a scratch directory first (examples/base also gets
 the host's /bin/busybox, as examples/quickstart.sh does). Then:
@@ -157,6 +159,8 @@ def mount_stubs(dockerfile: Path) -> set[str]:
         target = fields.get("target") or fields.get("dst") or fields.get("destination")
         if target is None and fields.get("type") == "secret":
             target = f"/run/secrets/{fields.get('id', '')}"
+        if target is None and fields.get("type") == "ssh":
+            target = "/run/buildkit/ssh_agent.0"
         path = Path(target or "")
         while path.is_absolute() and str(path) != "/":
             stubs.add(str(path).lstrip("/"))
@@ -293,6 +297,40 @@ def read_secrets(ctx: Path) -> list[str]:
     return [f"id={key},src={ctx / value}" for key, _, value in pairs]
 
 
+@contextlib.contextmanager
+def forwarding(case: Path) -> Iterator[None]:
+    """For a case with an `ssh` file: an ssh-agent with a fresh key, as $SSH_AUTH_SOCK."""
+    if not (case / "ssh").exists():
+        yield
+        return
+    home = Path(tempfile.mkdtemp(prefix="diff-agent-"))
+    sock = home / "agent"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    saved = os.environ.get("SSH_AUTH_SOCK")
+    try:
+        while not sock.exists():
+            if agent.poll() is not None:
+                raise SystemExit("differential: ssh-agent did not start")
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / "key"))
+        run("ssh-add", "-q", str(home / "key"), env={**os.environ, "SSH_AUTH_SOCK": str(sock)})
+        os.chmod(home, 0o711)  # a throwaway agent: --as-user's lamina may reach it
+        os.chmod(sock, 0o666)
+        os.environ["SSH_AUTH_SOCK"] = str(sock)
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("SSH_AUTH_SOCK", None)
+        else:
+            os.environ["SSH_AUTH_SOCK"] = saved
+        agent.kill()
+        agent.wait()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def ssh_flags(ctx: Path) -> list[str]:
+    return ["--ssh", "default"] if (ctx / "ssh").exists() else []
+
+
 def base_tag(case: Path) -> str:
     return f"lamina-diff/{case.name}-base:latest"
 
@@ -307,7 +345,12 @@ def lamina_build(case: Path, ctx: Path, work: Path) -> Result:
     dest = work / "lamina-root"
     # --no-cache: a result cached by an older lamina must not stand in for this one's.
     result = api.build(
-        ctx, build_args=args, secrets=read_secrets(ctx), outputs=[f"type=local,dest={dest}"], no_cache=True
+        ctx,
+        build_args=args,
+        secrets=read_secrets(ctx),
+        ssh=ssh_flags(ctx)[1:],
+        outputs=[f"type=local,dest={dest}"],
+        no_cache=True,
     )
     config = json.loads(result.config.to_bytes())
     history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
@@ -330,7 +373,7 @@ def lamina_build_as(user: str, case: Path, ctx: Path, work: Path) -> Result:
     archive = mine / "lamina-oci.tar"
     flags = [part for k, v in read_build_args(ctx).items() for part in ("--build-arg", f"{k}={v}")]
     flags += [part for spec in read_secrets(ctx) for part in ("--secret", spec)]
-    flags += ["--progress", "quiet", "--no-cache"]
+    flags += ["--progress", "quiet", "--no-cache", *ssh_flags(ctx)]
     # runuser with a plain environment, as ../shared/bench/peers-setup.sh's asuser.sh does
     env = [
         "env",
@@ -338,6 +381,7 @@ def lamina_build_as(user: str, case: Path, ctx: Path, work: Path) -> Result:
         f"HOME={mine}",
         f"LAMINA_CACHE={mine / 'cache'}",
         "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        *([f"SSH_AUTH_SOCK={os.environ['SSH_AUTH_SOCK']}"] if ssh_flags(ctx) else []),
     ]
     lamina = ["runuser", "-u", user, "--", *env, sys.executable, "-m", "lamina"]
     base = Path(os.environ.get("LAB", "/tmp/lamina-lab")) / "base" / "busybox-oci.tar"
@@ -403,6 +447,7 @@ def docker_build(ctx: Path, tag: str, args: dict[str, str]) -> None:
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
     flags = [part for key, value in args.items() for part in ("--build-arg", f"{key}={value}")]
     flags += [part for spec in read_secrets(ctx) for part in ("--secret", spec)]
+    flags += ssh_flags(ctx)
     run(DOCKER, "build", "--network=none", "-q", *flags, "-t", tag, str(ctx), env=env)
 
 
@@ -508,7 +553,7 @@ def main() -> None:
     for example in cases:
         work = Path(tempfile.mkdtemp(prefix=f"diff-{example.name}-", dir=args.keep))
         try:
-            with serving(example) as url:
+            with serving(example) as url, forwarding(example):
                 ctx = stage_with_url(example, work / "lamina", url)
                 if args.as_user:
                     ours = lamina_build_as(args.as_user, example, ctx, work / "lamina")
