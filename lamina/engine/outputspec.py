@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lamina.errors import OutputError
-from lamina.oci.reference import parse_reference
 
 
 class OutputType(enum.Enum):
@@ -272,8 +271,7 @@ def parse_output(spec: str) -> OutputSpec:
             f"--output mode={fields['mode']} is not supported: a local export only adds files (mode=copy)"
         )
     split = _bool(spec, "platform-split", fields["platform-split"]) if "platform-split" in fields else False
-    # BuildKit's exporters name images as reference.ParseNormalizedNamed does (org/repo -> docker.io/...).
-    names = tuple(str(parse_reference(name)) for name in fields.get("name", "").split(",") if name)
+    names = tuple(name for name in fields.get("name", "").split(",") if name)
     return OutputSpec(
         output_type,
         dest,
