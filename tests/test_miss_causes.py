@@ -410,3 +410,14 @@ def test_a_bind_mount_from_a_stage_that_will_run_is_not_guessed(cache: Path, tmp
     }
     told = reasons(build(cache, ctx))
     assert told[mounted] == "mounted file content changed: b:/out/a.txt"
+
+
+def test_a_dry_run_seeds_no_cache_mount(cache: Path, tmp_path: Path) -> None:
+    text = f"FROM {BASE} AS seed\nCOPY src/ /seed/\n\nFROM {BASE}\n"
+    text += "RUN --mount=type=cache,id=c1,from=seed,source=/seed,target=/c cat /c/a.txt > /got\n"
+    ctx = write_context(tmp_path / "seed", text, {"src/a.txt": "old\n"})
+    build(cache, ctx, dry_run=True)
+    (ctx / "src/a.txt").write_text("new\n")
+    out = tmp_path / "out"
+    build(cache, ctx, outputs=[f"type=local,dest={out}"])
+    assert (out / "got").read_text() == "new\n"

@@ -289,7 +289,8 @@ def _mounts(
                 executor.store.root / "cachemounts" / hashlib.sha256(mount.id.encode()).hexdigest()[:32]
             )
             cache_dir.parent.mkdir(exist_ok=True)
-            if mount.from_ and not cache_dir.exists():
+            # A dry run seeds nothing: the next build seeds from the stage as it then is.
+            if mount.from_ and not cache_dir.exists() and not executor.options.dry_run:
                 _seed_cache(executor, mount, cache_dir)
             source_dir, subpath = cache_dir, mount.source.strip("/") if not mount.from_ else ""
             if subpath:
