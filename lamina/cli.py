@@ -900,7 +900,7 @@ def debug(failure: str | None, command: tuple[str, ...]) -> None:
 
 
 @cli.command("diff")
-@click.argument("paths", nargs=-1, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path(), metavar="[CONTEXT | OLD.json NEW.json | IMG_A IMG_B]")
 @click.option("-f", "--file", "dockerfile", type=click.Path(dir_okay=False), help="Dockerfile path.")
 @click.option("--target", help="The stage the builds were for (default: the last one).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
