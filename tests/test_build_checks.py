@@ -25,6 +25,7 @@ has no other methods to describe).
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -599,3 +600,43 @@ FROM second AS binary
     ]
     assert lines == [3, 6, 9, 13]
     assert result["sources"] == [base64.b64encode(data).decode()]
+
+
+# --- the examples of BuildKit's rule pages ----------------------------------------------------------
+
+DOCS = Path(__file__).parent / "conformance" / "buildkit_lint_docs.tsv"
+# Base images the examples name, with the ENV their configs have (python's PYTHON_VERSION).
+IMAGE_ENV = {"python": ("PYTHON_VERSION=3.12.4",)}
+
+
+def _doc_examples() -> list[Any]:
+    rows = []
+    for number, line in enumerate(DOCS.read_text().splitlines(), start=1):
+        if line.startswith("#") or not line:
+            continue
+        rule, verdict, text, ignore, differs = line.split("\t")
+        if differs:  # the page's example disagrees with BuildKit's code: lamina follows the code
+            verdict = "good" if verdict == "bad" else "bad"
+        rows.append(pytest.param(rule, verdict, json.loads(text), json.loads(ignore), id=f"{rule}-{number}"))
+    return rows
+
+
+@pytest.mark.parametrize(("rule", "verdict", "text", "ignore"), _doc_examples())
+def test_rule_page_example(rule: str, verdict: str, text: str, ignore: str) -> None:
+    from lamina.engine.buildchecks import platform_args
+    from lamina.engine.dockerfile.ignore import read_ignore_file
+
+    if not any(line.strip().upper().startswith("FROM") for line in text.splitlines()):
+        text = "FROM scratch\n" + text
+    env = PATH_ONLY.env
+    report = run_checks(
+        parse(text),
+        config=CheckConfig(experimental_all=True),
+        predefined=platform_args(),
+        all_stages=True,
+        ignore=read_ignore_file(ignore).patterns or None if ignore else None,
+        base_facts=lambda ref: BaseFacts(env + IMAGE_ENV.get(ref.split(":")[0], ()), ()),
+    )
+    assert report.error is None
+    found = [w.short() for w in report.warnings if w.rule == rule]
+    assert bool(found) == (verdict == "bad"), found
