@@ -507,7 +507,7 @@ def build(
         client_factory=lambda: registry_client(env, insecure),
         dry_run=dry_run,
         cache_from=_cache_specs(cache_from, "--cache-from"),
-        cache_to=_cache_specs(cache_to, "--cache-to"),
+        cache_to=_cache_specs(_with_inline_cache(cache_to, args), "--cache-to"),
         **_run_inputs(add_hosts, ulimits, shm_size),
         isolation=wanted,
     )
@@ -808,6 +808,14 @@ def _registry_name(text: str) -> str:
     if name in (DOCKER_HUB_API, "index.docker.io") or text in DOCKER_HUB_LEGACY_KEYS:
         return DOCKER_HUB
     return name
+
+
+def _with_inline_cache(cache_to: Iterable[str], build_args: Mapping[str, str]) -> tuple[str, ...]:
+    """BuildKit's BUILDKIT_INLINE_CACHE build arg asks for what `--cache-to type=inline` does."""
+    specs = tuple(cache_to)
+    if build_args.get("BUILDKIT_INLINE_CACHE", "") in ("", "0", "f", "F", "false", "FALSE", "False"):
+        return specs
+    return specs if "type=inline" in specs else (*specs, "type=inline")
 
 
 def call(

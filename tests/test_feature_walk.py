@@ -18,6 +18,7 @@ The tests after the walk cover what no other test did when the walk was written.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import sys
 from functools import cache
@@ -236,7 +237,6 @@ def test_healthcheck_start_interval_reaches_the_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("BUILDKIT_INLINE_CACHE", "1"),
         ("BUILDKIT_MULTI_PLATFORM", "true"),
         ("BUILDKIT_CACHE_MOUNT_NS", "ns"),
         ("BUILDKIT_BUILD_NAME", "nightly"),
@@ -340,3 +340,23 @@ def test_add_link_writes_an_independent_layer(cache: Path, tmp_path: Path) -> No
     rootfs(cache, ctx, out)
     assert not (out / "real" / "f.txt").exists()
     assert (out / "d" / "f.txt").read_text() == "f\n"
+
+
+def test_buildkit_inline_cache_build_arg_writes_the_inline_cache(tmp_path: Path) -> None:
+    """--build-arg BUILDKIT_INLINE_CACHE=1 is --cache-to type=inline, as in BuildKit."""
+    from lamina import api
+    from lamina.cache.store import Store
+    from lamina.oci.digest import Digest
+    from lamina.oci.image import Manifest
+
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY Dockerfile /\n")
+
+    def inline_entries(build_args: dict[str, str], cache: str) -> object:
+        result = api.build(tmp_path, cache_dir=tmp_path / cache, build_args=build_args, environ={})
+        with Store(tmp_path / cache) as store:
+            manifest = Manifest.from_bytes(store.read_blob(Digest.parse(result.image_digest), 1 << 20))
+            config = json.loads(store.read_blob(manifest.config.digest, 1 << 20))
+        return config.get("dev.lamina.cache.v1")
+
+    assert inline_entries({"BUILDKIT_INLINE_CACHE": "1"}, "a") is not None
+    assert inline_entries({"BUILDKIT_INLINE_CACHE": "0"}, "b") is None
