@@ -7,7 +7,9 @@ Each round runs `pytest examples/pytest-fixtures` twice with a fresh
 cached. It prints the median wall time of the whole pytest command
 (interpreter start-up included) and the time the suite spent in tests
 (setup + call + teardown from `--durations=0`: the tests do little but
-build, run and serve through the plugin, so this is fixture time), for the
+build, run and serve through the plugin, so this is fixture time), and the
+CPU time of pytest and every process it started (sandboxes included: on a
+loaded machine the wall times grow, this much less), for the
 whole suite and for its busybox part alone (tests/test_site.py: no Debian
 base, whose first build is mostly apt-get).
 
@@ -41,11 +43,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "pytest-fixtures"
-Rows = list[tuple[str, list[tuple[float, float]]]]  # (label, [(wall, in tests)] per round)
+Rows = list[tuple[str, list[tuple[float, float, float]]]]  # (label, [(wall, in tests, CPU)] per round)
 
 
-def run_suite(cache: Path, workers: int, autoload: bool, *paths: str) -> tuple[float, float]:
-    """(wall seconds, seconds in tests) of one pytest run of the example."""
+def run_suite(cache: Path, workers: int, autoload: bool, *paths: str) -> tuple[float, float, float]:
+    """(wall seconds, seconds in tests, CPU seconds of pytest and all it started) of one run."""
+    import resource
+
     env = dict(os.environ)
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", "-vv"]
     if not autoload and not workers:
@@ -53,24 +57,29 @@ def run_suite(cache: Path, workers: int, autoload: bool, *paths: str) -> tuple[f
         argv += ["-p", "lamina.pytest_plugin"]
     if workers:
         argv += ["-n", str(workers)]
-    argv += [f"--lamina-cache={cache}", *paths]
+    # A basetemp of its own: at start pytest removes old session dirs of the shared
+    # /tmp/pytest-of-USER, which on a busy machine costs more than the suite.
+    argv += [f"--lamina-cache={cache}", f"--basetemp={cache.parent / 'basetemp'}", *paths]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     done = subprocess.run(argv, cwd=EXAMPLE, env=env, capture_output=True, text=True)
     wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         sys.exit(f"the example suite failed:\n{done.stdout}{done.stderr}")
     in_tests = sum(
         float(m.group(1))
         for m in re.finditer(r"^([0-9.]+)s (?:setup|call|teardown) ", done.stdout, re.MULTILINE)
     )
-    return wall, in_tests
+    return wall, in_tests, cpu
 
 
 def suite_rows(args: argparse.Namespace, paths: tuple[str, ...]) -> Rows:
     from lamina import api
 
-    first: list[tuple[float, float]] = []
-    second: list[tuple[float, float]] = []
+    first: list[tuple[float, float, float]] = []
+    second: list[tuple[float, float, float]] = []
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="bench-fixtures-") as tmp:
             cache = Path(tmp) / "cache"
@@ -82,11 +91,12 @@ def suite_rows(args: argparse.Namespace, paths: tuple[str, ...]) -> Rows:
 
 
 def print_suite(title: str, rows: Rows, rounds: int) -> None:
-    print(f"{title:34} {'wall s':>8} {'in tests s':>11}   (median of {rounds})")
+    print(f"{title:34} {'wall s':>8} {'in tests s':>11} {'CPU s':>7}   (median of {rounds})")
     for label, values in rows:
         wall = statistics.median(v[0] for v in values)
         in_tests = statistics.median(v[1] for v in values)
-        print(f"  {label:32} {wall:8.2f} {in_tests:11.2f}")
+        cpu = statistics.median(v[2] for v in values)
+        print(f"  {label:32} {wall:8.2f} {in_tests:11.2f} {cpu:7.2f}")
     ratio = statistics.median(v[0] for v in rows[1][1]) / statistics.median(v[0] for v in rows[0][1])
     print(f"  {'second / first wall':32} {ratio:8.2f}")
 

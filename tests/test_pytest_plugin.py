@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,14 @@ def bb(lamina_build, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("plugin-cache")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("plugin-cache")
+    yield path
+    # The example's Debian layers are big: not left for pytest's basetemp rotation to remove.
+    from lamina import api
+
+    api.cache_prune(all=True, cache_dir=path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _project(root: Path, tests: str, files: dict[str, str] | None = None) -> Path:

@@ -80,6 +80,13 @@ def exec_in(
         raise SandboxError("exec: no command given")
     import time
 
+    try:
+        entered = os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        raise SandboxError(f"exec: the sandbox of helper {pid} is not running") from None
+    if not entered:
+        # chroot isolation: no namespace to enter, and a chroot alone is not the command's confinement.
+        raise SandboxError("exec: the sandbox has no namespaces to enter (chroot isolation makes none)")
     # A sandbox that is starting has no command yet: wait for it (as long as the helper lives).
     deadline = time.monotonic() + (_START_WAIT if timeout is None else min(timeout, _START_WAIT))
     while not (targets := _targets(pid)):
