@@ -259,6 +259,7 @@ def _build(
     if "dockerfile_path" in case:
         kwargs["dockerfile"] = ctx / case["dockerfile_path"]
     outputs = [f"type=local,dest={out}"] + ([f"type=oci,dest={archive}"] if archive else [])
+    outputs += [spec.replace("{TMP}", os.fspath(out.parent)) for spec in case.get("outputs", [])]
     return build(cache, ctx, outputs=outputs, **kwargs)
 
 
@@ -333,6 +334,15 @@ def _run_case(case: dict[str, Any], cache: Path, ctx: Path, out: Path, tmp_path:
     for name, source in case.get("expect_same_as_context", {}).items():
         assert (out / name).read_bytes() == (ctx / source).read_bytes(), f"{name}: not the bytes of {source}"
     _check_config(result, case)
+    for name, expected in case.get("expect_json_files", {}).items():
+        _subset(expected, json.loads((tmp_path / name).read_text()), name)
+    image = result.config.to_json()
+    if "expect_layer_count" in case:
+        assert len(image["rootfs"]["diff_ids"]) == case["expect_layer_count"], image["rootfs"]
+    if "expect_history_count" in case:
+        assert len(image.get("history", [])) == case["expect_history_count"], image.get("history")
+    for key in case.get("expect_config_set", []):
+        assert image["config"].get(key), f"config {key} unset"
     for label in case.get("expect_steps", []):
         assert label in sink.labels, f"no step {label!r} among {sink.labels}"
     for fragment in case.get("expect_warnings", []):

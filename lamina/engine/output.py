@@ -397,7 +397,11 @@ def _write_output(
 
         index = getattr(image, "index", None)
         extra = getattr(image, "extra", ())
-        image_names = list(dict.fromkeys([*output.names, *names])) or [None]
+        from lamina.oci.reference import parse_reference
+
+        # name= values as BuildKit's exporter reads them (ParseNormalizedNamed): org/r -> docker.io/org/r.
+        wanted = [str(parse_reference(name)) for name in output.names]
+        image_names = list(dict.fromkeys([*wanted, *names])) or [None]
         images = [
             ExportImage(name, image.manifest, image.config, image.layers, index, extra)
             for name in image_names
