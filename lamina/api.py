@@ -834,6 +834,7 @@ def call(
     buildx prints on stdout, the error it would print on stderr (or ""), and
     the exit status (1 when `check` finds a warning or an error).
     """
+    import os
     from pathlib import Path
 
     from lamina.cache.store import Store
@@ -847,11 +848,13 @@ def call(
         target=target,
         build_args=tuple(dict(build_args or {}).items()),
     )
+    env = dict(os.environ if environ is None else environ)
     root = Path(_store_root(cache_dir, environ))
-    if not root.is_dir():  # nothing pulled yet: the checks know no base image's config
-        return call_method(method, options, None)
-    with Store(root) as store:
-        return call_method(method, options, store)
+    with _local_inputs(options, context, dockerfile, env) as local:  # `-f -`, `-` and git contexts
+        if not root.is_dir():  # nothing pulled yet: the checks know no base image's config
+            return call_method(method, local, None)
+        with Store(root) as store:
+            return call_method(method, local, store)
 
 
 def __getattr__(name: str) -> Any:

@@ -181,12 +181,12 @@ def test_unknown_base_image_skips_dispatch_rules() -> None:
 # --- through the CLI: a build shows the warnings, --check/--call print them as buildx --------------
 
 
-def _cli(args: list[str], cache: Path) -> tuple[int, str, str]:
+def _cli(args: list[str], cache: Path, stdin: str | None = None) -> tuple[int, str, str]:
     from click.testing import CliRunner
 
     from lamina.cli import cli
 
-    result = CliRunner().invoke(cli, args, env={"LAMINA_CACHE": str(cache)})
+    result = CliRunner().invoke(cli, args, env={"LAMINA_CACHE": str(cache)}, input=stdin)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
@@ -314,6 +314,15 @@ def test_check_prints_each_warning_with_its_source(tmp_path: Path) -> None:
         "   5 |     \n"
         "--------------------\n"
     )
+
+
+def test_check_reads_the_dockerfile_from_stdin(tmp_path: Path) -> None:
+    """`--check -f -` and a context of `-` take the Dockerfile from stdin, as a build does."""
+    for args in (["-f", "-", str(tmp_path)], ["-"]):
+        status, out, _ = _cli(["build", "--check", *args], tmp_path / "cache", stdin="FROM scratch AS Base\n")
+        assert status == 1
+        assert "WARNING: StageNameCasing" in out
+        assert ">>> FROM scratch AS Base" in out
 
 
 def test_check_clean_dockerfile_exits_zero(tmp_path: Path) -> None:
