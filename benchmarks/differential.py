@@ -15,7 +15,10 @@ are directories holding a Dockerfile and its context. A case may also hold:
 - `served/`: served over HTTP on 127.0.0.1 while the case builds, its base
   URL passed to both as the build arg URL_BASE (for ADD of a URL);
 - `ssh`: an ssh-agent holding a fresh key runs while the case builds, and
-  both builds get `--ssh default` (RUN --mount=type=ssh).
+  both builds get `--ssh default` (RUN --mount=type=ssh);
+- `git-context`: the case is committed to a git repository (tag v1) served
+  by `git daemon` on 127.0.0.1, and both build the context
+  `git://127.0.0.1:PORT/repo.git#FRAGMENT`, FRAGMENT being the file's text.
 
 Each case is copied to a scratch directory first (examples/base also gets
 the host's /bin/busybox, as examples/quickstart.sh does). Then:
@@ -327,6 +330,52 @@ def forwarding(case: Path) -> Iterator[None]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def git_served(ctx: Path) -> Iterator[str | None]:
+    """For a case with a `git-context` file: CTX committed and served by `git daemon`; the
+    context URL (else None)."""
+    marker = ctx / "git-context"
+    if not marker.exists():
+        yield None
+        return
+    import socket
+    import time
+
+    fragment = marker.read_text().strip()
+    base = Path(tempfile.mkdtemp(prefix="diff-git-"))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "d", "GIT_AUTHOR_EMAIL": "d@example.com"}
+    env |= {"GIT_COMMITTER_NAME": "d", "GIT_COMMITTER_EMAIL": "d@example.com"}
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "case"], ["tag", "v1"]):
+        run("git", "-c", "safe.directory=*", "-C", str(ctx), *args, env=env)  # --as-user chowns CTX
+    run("git", "-c", "safe.directory=*", "clone", "-q", "--bare", str(ctx), str(base / "repo.git"), env=env)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = subprocess.Popen(
+        [
+            "git",
+            "daemon",
+            "--export-all",
+            f"--base-path={base}",
+            "--listen=127.0.0.1",
+            f"--port={port}",
+            str(base),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(500):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.01)
+        yield f"git://127.0.0.1:{port}/repo.git#{fragment}"
+    finally:
+        daemon.terminate()
+        daemon.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def ssh_flags(ctx: Path) -> list[str]:
     return ["--ssh", "default"] if (ctx / "ssh").exists() else []
 
@@ -344,14 +393,15 @@ def lamina_build(case: Path, ctx: Path, work: Path) -> Result:
         api.build(ctx / "base", build_args=args, tags=[base_tag(case)], no_cache=True)
     dest = work / "lamina-root"
     # --no-cache: a result cached by an older lamina must not stand in for this one's.
-    result = api.build(
-        ctx,
-        build_args=args,
-        secrets=read_secrets(ctx),
-        ssh=ssh_flags(ctx)[1:],
-        outputs=[f"type=local,dest={dest}"],
-        no_cache=True,
-    )
+    with git_served(ctx) as url:
+        result = api.build(
+            url or ctx,
+            build_args=args,
+            secrets=read_secrets(ctx),
+            ssh=ssh_flags(ctx)[1:],
+            outputs=[f"type=local,dest={dest}"],
+            no_cache=True,
+        )
     config = json.loads(result.config.to_bytes())
     history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
     return describe_tree(dest), config.get("config", {}), history
@@ -388,7 +438,8 @@ def lamina_build_as(user: str, case: Path, ctx: Path, work: Path) -> Result:
     run(*lamina, "load", str(base))
     if (ctx / "base" / "Dockerfile").exists():
         run(*lamina, "build", *flags, "-t", base_tag(case), str(ctx / "base"))
-    run(*lamina, "build", *flags, "-o", f"type=oci,dest={archive}", str(ctx))
+    with git_served(ctx) as url:
+        run(*lamina, "build", *flags, "-o", f"type=oci,dest={archive}", url or str(ctx))
     dest = work / "lamina-root"
     config = unpack_oci(archive, dest)
     history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
@@ -448,7 +499,8 @@ def docker_build(ctx: Path, tag: str, args: dict[str, str]) -> None:
     flags = [part for key, value in args.items() for part in ("--build-arg", f"{key}={value}")]
     flags += [part for spec in read_secrets(ctx) for part in ("--secret", spec)]
     flags += ssh_flags(ctx)
-    run(DOCKER, "build", "--network=none", "-q", *flags, "-t", tag, str(ctx), env=env)
+    with git_served(ctx) as url:
+        run(DOCKER, "build", "--network=none", "-q", *flags, "-t", tag, url or str(ctx), env=env)
 
 
 def buildkit_build(case: Path, ctx: Path, work: Path) -> Result:

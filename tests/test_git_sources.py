@@ -77,6 +77,9 @@ def served(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     (work / "app/Dockerfile").write_text(f"FROM {BASE}\nCOPY . /ctx/\n")
     (work / "app/version.txt").write_text("one\n")
     (work / "top.txt").write_text("outside app\n")
+    # BuildKit applies no .dockerignore to a git context (only to a local upload): both stay.
+    (work / ".dockerignore").write_text("top.txt\n")
+    (work / "app/.dockerignore").write_text("version.txt\n")
     _git(work, "add", ".")
     _git(work, "commit", "-q", "-m", "one")
     _git(work, "tag", "v1")
@@ -122,7 +125,7 @@ def test_context_from_git_refs_and_subdir(
         out = tmp_path / f"out-{ref or 'head'}"
         fragment = f"#{ref}:app" if ref else "#:app"
         run_cli("build", "-o", f"type=local,dest={out}", url + fragment, cache=cache)
-        assert (out / "ctx/version.txt").read_text() == f"{version}\n", ref
+        assert (out / "ctx/version.txt").read_text() == f"{version}\n", ref  # .dockerignore: not applied
         assert not (out / "ctx/.git").exists(), "the .git directory is not part of the context"
         assert not (out / "ctx/top.txt").exists(), "the subdir is the context"
 
@@ -137,7 +140,9 @@ def test_git_context_keep_git_dir_and_dockerfile_path(
     args = ("--build-arg", "BUILDKIT_CONTEXT_KEEP_GIT_DIR=1", "-f", "app/Dockerfile")
     run_cli("build", *args, "-o", f"type=local,dest={out}", url + "#v1", cache=cache)
     assert (out / "ctx/.git/HEAD").is_file(), "BUILDKIT_CONTEXT_KEEP_GIT_DIR keeps .git, as BuildKit"
-    assert (out / "ctx/top.txt").read_text() == "outside app\n"
+    assert (out / "ctx/top.txt").read_text() == "outside app\n", (
+        "a git context's .dockerignore filters nothing"
+    )
 
 
 def test_git_context_errors_in_one_line(served: tuple[str, dict[str, str]], tmp_path: Path) -> None:

@@ -346,16 +346,20 @@ def _climbs_out(resolved: list[str], target: str) -> bool:
     return False
 
 
-def open_build_context(root: Path, stat_cache: StatCache, dockerfile: Path | None = None) -> SourceTree:
+def open_build_context(
+    root: Path, stat_cache: StatCache, dockerfile: Path | None = None, *, ignore: bool = True
+) -> SourceTree:
     """The build context at `root`, with its ignore file.
 
     `<Dockerfile>.dockerignore` beside a named Dockerfile wins over
-    `<root>/.dockerignore`, as in BuildKit.
+    `<root>/.dockerignore`, as in BuildKit. `ignore=False` reads none: a git
+    or tar context, which BuildKit fetches itself, is never filtered (the
+    ignore file only ever applied to the client's upload of a local directory).
     """
     if not root.is_dir():
         raise ContextError(f"build context {root}: not a directory")
-    candidates = [dockerfile_ignore_file(root, dockerfile), root / ".dockerignore"]
-    ignore = None
+    candidates = [dockerfile_ignore_file(root, dockerfile), root / ".dockerignore"] if ignore else []
+    rules = None
     for candidate in candidates:
         try:
             text = candidate.read_text(encoding="utf-8", errors="surrogateescape")
@@ -366,9 +370,9 @@ def open_build_context(root: Path, stat_cache: StatCache, dockerfile: Path | Non
             raise ContextError(f"{candidate}: is a directory, not an ignore file") from None
         except OSError as err:
             raise ContextError(f"{candidate}: cannot read: {err.strerror}") from None
-        ignore = read_ignore_file(text, source=str(candidate))
+        rules = read_ignore_file(text, source=str(candidate))
         break
-    return SourceTree(root, stat_cache, ignore=ignore, scope=os.path.realpath(root))
+    return SourceTree(root, stat_cache, ignore=rules, scope=os.path.realpath(root))
 
 
 def open_rootfs(root: Path, stat_cache: StatCache) -> SourceTree:

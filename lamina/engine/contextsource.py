@@ -9,6 +9,10 @@ As buildx reads its positional context and `-f`:
   `github.com/...`): the repository checked out by `git` (engine.gitsource), `subdir`
   of it the context, `-f` a path inside it.
 
+A git or tar context is taken whole, as BuildKit takes one it fetches itself: its
+`.dockerignore` filters nothing (moby/buildkit: the ignore file applies to the upload of
+a local directory only; docker/buildx#2353).
+
 `resolved()` yields the local directory and Dockerfile the build reads, and removes
 whatever it made when the build ends.
 """
@@ -55,7 +59,8 @@ def local_options(
     keep = dict(options.build_args).get("BUILDKIT_CONTEXT_KEEP_GIT_DIR", "") in ("1", "true")
     with resolved(context, dockerfile, environ, keep_git_dir=keep) as found:
         chosen = found.dockerfile or default_dockerfile(found.context)
-        yield dataclasses.replace(options, context=found.context, dockerfile=chosen)
+        remote = context == STDIN or is_remote(context)  # `-f -` alone keeps a local context's ignore
+        yield dataclasses.replace(options, context=found.context, dockerfile=chosen, remote_context=remote)
 
 
 def is_remote(context: str) -> bool:

@@ -134,7 +134,9 @@ class Executor:
 
                 self._stat_cache = StatCache(Path(self.store.root))
                 dockerfile = self.options.dockerfile
-                self._context = open_build_context(self.options.context, self._stat_cache, dockerfile)
+                self._context = open_build_context(
+                    self.options.context, self._stat_cache, dockerfile, ignore=not self.options.remote_context
+                )
             return self._context
 
     def stat_cache(self) -> StatCache:

@@ -126,6 +126,7 @@ class BuildOptions:
     ulimits: tuple[Ulimit, ...] = ()  # --ulimit NAME=SOFT:HARD for every RUN
     shm_size: int = 0  # --shm-size: bytes of RUN's /dev/shm; 0 is the default 64 MiB
     build_contexts: tuple[NamedContext, ...] = ()  # --build-context NAME=...: images/stages replaced
+    remote_context: bool = False  # a git or tar (stdin) context: BuildKit applies no .dockerignore
     isolation: Isolation | None = None  # --isolation for RUN steps; None: $LAMINA_ISOLATION, else auto
 
 
