@@ -290,6 +290,7 @@ def run(
     stderr: int | IO[bytes] | None = None,
     on_warning: Callable[[str], None] | None = None,
     on_started: Callable[[Any], None] | None = None,
+    isolation: str | Isolation | None = None,
 ) -> int:
     """Run `command` in the stored `image`, as `docker run --rm` does; return its exit code.
 
@@ -300,7 +301,7 @@ def run(
     `publish` are `-p` strings (`8080:80`, `127.0.0.1:8080:80`, TCP) forwarded
     into the default network. `on_started` gets a `sandbox.Started` (pid,
     stop()) once the command's namespaces exist and its ports listen.
-    Nothing the command changes is kept. Raises LaminaError (ImageNotFound,
+    `isolation` as for `build`. Nothing the command changes is kept. Raises LaminaError (ImageNotFound,
     SandboxError) when it cannot start.
     """
     import os
@@ -312,6 +313,7 @@ def run(
     from lamina.errors import SandboxError
 
     environ = os.environ if environ is None else environ
+    wanted = _isolation(isolation)
     with Store(_store_root(cache_dir, environ)) as store:
         _, source = stored_image(store, image)
         config = source.config.config
@@ -351,6 +353,7 @@ def run(
             stdout=stdout,
             stderr=stderr,
             scratch_dir=scratch,
+            isolation=wanted,
         )
         return sandbox.run(spec, ids=ids, on_warning=on_warning, on_started=on_started)
 

@@ -628,6 +628,9 @@ def test_proot_build_matches_the_host_build(
     assert _digest(where / "image.tar") == _digest(host / "image.tar")
 
 
+BASE = "lamina-test/busybox:1.35"
+
+
 @needs_root
 def test_api_build_takes_a_typed_isolation(
     tmp_path: Path, busybox_image: Path, monkeypatch: pytest.MonkeyPatch
@@ -652,6 +655,13 @@ def test_api_build_takes_a_typed_isolation(
             no_cache=True,
         )
         assert (out / "where").read_text() == expected + "\n"
+    with open(tmp_path / "run-out", "wb") as out:
+        script = "test -e /proc/self && echo proc || echo no-proc"
+        argv = ["sh", "-c", script]
+        code = lamina.run(
+            BASE, argv, cache_dir=where / "cache", isolation="chroot", stdout=out, network="host"
+        )
+    assert (code, (tmp_path / "run-out").read_text()) == (0, "no-proc\n")
     with pytest.raises(SandboxError, match="--isolation proot: is for a plain uid"):
         lamina.build(where / "ctx", cache_dir=cache, isolation="proot")
     with pytest.raises(SandboxError, match=r"isolation 'jail': expected auto\|userns"):
