@@ -870,6 +870,7 @@ def _write_text(path: str, flag: str, text: str) -> None:
 _PLAN_CACHE_FLAGS = (
     *("no_cache", "no_cache_filter", "secrets", "network", "allow", "pull", "cache_from"),
     *("insecure_registries", "isolation"),
+    *("ssh", "add_hosts", "ulimits", "shm_size", "build_contexts"),
 )
 plan.params.extend(param for param in build.params if param.name in _PLAN_CACHE_FLAGS)
 

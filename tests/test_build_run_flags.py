@@ -72,3 +72,14 @@ def test_bad_values_fail_in_one_line(cache: Path, tmp_path: Path, flag: str, mes
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith(f"error: {message}")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_plan_cache_takes_the_run_flags(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", PROBE)
+    run_cli("build", "-t", "flags:1", str(ctx), cache=cache)
+    same = run_cli("plan", "--cache", str(ctx), cache=cache).stdout
+    assert "RUN cat /etc/hosts" in same and "will run" not in same
+    for flag in ("--add-host=a:1.2.3.4", "--ulimit=nofile=100:200", "--shm-size=8m"):
+        forecast = run_cli("plan", "--cache", flag, str(ctx), cache=cache).stdout
+        line = next(line for line in forecast.splitlines() if "RUN cat /etc/hosts" in line)
+        assert "will run" in line, (flag, line)
