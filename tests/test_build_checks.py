@@ -350,7 +350,9 @@ def test_check_reports_the_error_after_the_warnings(tmp_path: Path) -> None:
     status, out, err = _cli(["build", "--check", str(tmp_path)], tmp_path / "cache")
     assert status == 1
     assert out.startswith("Check complete, 2 warnings have been found!\n")
-    assert err.startswith("error: unknown instruction: BADCMD")
+    assert err.startswith("error: ") and err.splitlines()[0].endswith(
+        "Dockerfile:3: unknown instruction: BADCMD"
+    )
     assert ">>> BADCMD" in err
 
 
@@ -649,3 +651,15 @@ def test_rule_page_example(rule: str, verdict: str, text: str, ignore: str) -> N
     assert report.error is None
     found = [w.short() for w in report.warnings if w.rule == rule]
     assert bool(found) == (verdict == "bad"), found
+
+
+def test_a_base_stage_named_through_an_arg_is_checked_with_its_target(tmp_path: Path) -> None:
+    """`FROM build-${VARIANT}`: the stage it names is one the build needs, so its rules run too."""
+    text = (
+        "ARG VARIANT=release\nFROM scratch AS build-release\nENV a b\nFROM scratch AS build-debug\nENV c d\n"
+    )
+    text += "FROM build-${VARIANT}\n"
+    report = run_checks(parse(text), config=CheckConfig(), predefined={}, base_facts=lambda ref: PATH_ONLY)
+    assert [(w.rule, w.start_line) for w in report.warnings] == [("LegacyKeyValueFormat", 3)]
+    result = _outline(text + "ARG MODE=fast\n", None, {})
+    assert [a["name"] for a in result["args"]] == ["VARIANT", "MODE"]

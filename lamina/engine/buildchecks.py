@@ -320,8 +320,7 @@ def _check_result(
     }
     if error is not None:
         line = getattr(getattr(error, "location", None), "line", 0) or 0
-        message = getattr(error, "message", None) or str(error)
-        build_error: dict[str, object] = {"message": message}
+        build_error: dict[str, object] = {"message": str(error)}
         if line:
             build_error["location"] = {"ranges": [{"start": {"line": line}, "end": {"line": line}}]}
         result["buildError"] = build_error
@@ -395,7 +394,7 @@ def call(method: str, options: BuildOptions, store: Store | None) -> tuple[str, 
     message = ""
     if error is not None:
         line = getattr(getattr(error, "location", None), "line", 0) or 0
-        message = (getattr(error, "message", None) or str(error)) + "\n"
+        message = str(error) + "\n"
         message += print_source(path, data, line, line) if line else ""
     elif not warnings:
         out.append("Check complete, no warnings found.\n")

@@ -306,7 +306,12 @@ def run_checks(
             lint, comment_config(config, stage.step.node.comments), stage, global_args, meta_keys, escape
         )
 
-    wanted = set(range(len(stages))) if all_stages and target is None else reachable(stages, target_index)
+    if all_stages and target is None:
+        wanted = set(range(len(stages)))
+    else:
+        wanted = reachable(
+            stages, target_index, lambda s: expand_recording(s.from_.image, global_args, escape)[0] or ""
+        )
     states: dict[int, _State | None] = {}
     for stage in stages:
         if stage.index not in wanted:
@@ -410,8 +415,14 @@ def find_stage(stages: list[StageSteps], ref: str) -> StageSteps | None:
     return found
 
 
-def reachable(stages: list[StageSteps], target: int) -> set[int]:
-    """The stages the target needs: its base stages, COPY --from and RUN --mount from= stages."""
+def reachable(
+    stages: list[StageSteps], target: int, base_name: Callable[[StageSteps], str] | None = None
+) -> set[int]:
+    """The stages the target needs: its base stages, COPY --from and RUN --mount from= stages.
+
+    `base_name` gives a stage's FROM name after expansion with the global ARGs
+    (`FROM build-${TARGETOS}`); without it the name is taken as written.
+    """
     wanted: set[int] = set()
     pending = [target]
     while pending:
@@ -420,7 +431,10 @@ def reachable(stages: list[StageSteps], target: int) -> set[int]:
             continue
         wanted.add(index)
         stage = stages[index]
-        refs = [stage.from_.image]
+        base = find_stage(stages[:index], base_name(stage) if base_name else stage.from_.image)
+        if base is not None:
+            pending.append(base.index)
+        refs: list[str] = []
         for step in stage.steps:
             instruction = step.instruction
             if isinstance(instruction, CopyInstruction) and instruction.from_:
@@ -428,9 +442,9 @@ def reachable(stages: list[StageSteps], target: int) -> set[int]:
             elif isinstance(instruction, RunInstruction):
                 refs.extend(m.from_ for m in instruction.mounts if m.from_)
         for ref in refs:
-            earlier = find_stage(stages[:index] if ref == stage.from_.image else stages, ref)
-            if earlier is not None and earlier.index != index:
-                pending.append(earlier.index)
+            found = find_stage(stages, ref)
+            if found is not None and found.index != index:
+                pending.append(found.index)
     return wanted
 
 

@@ -15,7 +15,7 @@ import base64
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from lamina.engine.dockerfile.checks import Step, expand_recording, find_stage, reachable, split
+from lamina.engine.dockerfile.checks import StageSteps, Step, expand_recording, find_stage, reachable, split
 from lamina.engine.dockerfile.instructions import ArgInstruction, EnvInstruction, MountType, RunInstruction
 from lamina.engine.dockerfile.parser import Dockerfile, Node
 from lamina.errors import InstructionError, LaminaError, Location
@@ -189,7 +189,10 @@ def outline(
             _outline_step(view, step, build_args, scope, escape)
         views[stage.index] = view
 
-    wanted = sorted(reachable(stages, index), key=lambda i: (i != index, i))
+    def base_name(stage: StageSteps) -> str:
+        return expand_recording(stage.from_.image, scope, escape)[0] or ""
+
+    wanted = sorted(reachable(stages, index, base_name), key=lambda i: (i != index, i))
     args: dict[str, _Arg] = {}
     for i in wanted:
         view = views[i]
