@@ -888,7 +888,7 @@ def _maintainer(req: _Request) -> MaintainerInstruction:
 def _expose(req: _Request) -> ExposeInstruction:
     req.flags()
     _at_least_one(req, "EXPOSE")
-    return _make(ExposeInstruction, req, ports=req.args)
+    return _make(ExposeInstruction, req, ports=tuple(sorted(req.args)))  # as BuildKit's parseExpose
 
 
 def _sources_and_dest(req: _Request, name: str) -> dict[str, object]:

@@ -230,7 +230,8 @@ def _arg(executor: StepHost, state: StageState, instruction: Any, expand: Callab
     pairs: list[tuple[str, str | None]] = []
     for decl in instruction.args:
         value = executor.plan.resolve_arg(decl, expand)
-        state.args.pop(decl.name, None)  # a redeclared ARG moves to the end, as in BuildKit's list
+        # A redeclared ARG keeps its first place with its new value, as BuildKit's
+        # runCommandString lists d.buildArgs in the RUN's history (`|2 foo=bar2 bar=123`).
         state.args[decl.name] = value
         pairs.append((decl.name, value))
     state.config = md.arg_history(state.config, pairs, executor.created(state))

@@ -202,8 +202,9 @@ def arg_history(
 def apply_expose(config: ImageConfig, specs: Sequence[str], created: str | None) -> ImageConfig:
     ports = parse_ports(specs)
     exposed = tuple(sorted(set(config.config.exposed_ports) | set(ports)))
-    # Go prints the map of the ports given here, keys sorted: `map[80/tcp:{} 443/tcp:{}]`.
-    message = "EXPOSE map[" + " ".join(f"{port}:{{}}" for port in sorted(set(ports))) + "]"
+    # BuildKit's dispatchExpose prints the parsed ports in order (the words were
+    # sorted when parsed): `EXPOSE [1234/udp 2375/tcp 5000/tcp]`.
+    message = "EXPOSE [" + " ".join(ports) + "]"
     return add_history(_with(config, exposed_ports=exposed), message, created=created, empty_layer=True)
 
 
