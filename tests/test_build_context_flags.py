@@ -199,3 +199,17 @@ def test_build_context_refusals(cache: Path, tmp_path: Path, value: str, message
     assert proc.returncode == 1
     assert len(proc.stderr.decode().strip().splitlines()) == 1
     assert message in proc.stderr.decode()
+
+
+def test_tar_context_dockerfile_symlink_out_is_refused(cache: Path, tmp_path: Path) -> None:
+    """A hostile tar's Dockerfile -> /etc/passwd must not make the build read the host's file."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        link = tarfile.TarInfo("Dockerfile")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    proc = lamina("build", "-", cache=cache, stdin=out.getvalue())
+    assert proc.returncode == 1
+    message = "error: Dockerfile Dockerfile: a symlink that points outside of the build context"
+    assert proc.stderr.decode().strip() == message

@@ -41,6 +41,7 @@ _MAX_STDIN_DOCKERFILE = 16 * 1024 * 1024  # read into memory by the parser anywa
 class Resolved:
     context: Path
     dockerfile: Path | None  # None: the context's default Dockerfile
+    dockerfile_outside: bool = False  # read from stdin, not from the context
 
 
 def is_local(context: str, dockerfile: str | None) -> bool:
@@ -60,6 +61,8 @@ def local_options(
     with resolved(context, dockerfile, environ, keep_git_dir=keep) as found:
         chosen = found.dockerfile or default_dockerfile(found.context)
         remote = context == STDIN or is_remote(context)  # `-f -` alone keeps a local context's ignore
+        if remote and not found.dockerfile_outside:
+            _within(found.context, chosen)
         yield dataclasses.replace(options, context=found.context, dockerfile=chosen, remote_context=remote)
 
 
@@ -108,8 +111,8 @@ def _resolve(
         path.parent.mkdir()
         path.write_bytes(_read_bounded(source, "-f -"))
         if is_remote(context):
-            return Resolved(_remote_context(context, environ, work, keep_git_dir), path)
-        return Resolved(Path(context), path)
+            return Resolved(_remote_context(context, environ, work, keep_git_dir), path, True)
+        return Resolved(Path(context), path, True)
     if context == STDIN:
         spooled = work / "stdin.bin"
         with open(spooled, "wb") as out:
@@ -129,7 +132,7 @@ def _resolve(
         path = work / "stdin" / "Dockerfile"
         path.parent.mkdir()
         spooled.rename(path)
-        return Resolved(work / "empty", path)
+        return Resolved(work / "empty", path, True)
     root = _remote_context(context, environ, work, keep_git_dir)
     return Resolved(root, _inside(root, dockerfile) if dockerfile else None)
 
@@ -149,6 +152,15 @@ def _inside(root: Path, rel: str) -> Path:
     if path != root and root not in path.parents:
         raise ContextError(f"{rel}: path is outside of the build context")
     return path
+
+
+def _within(root: Path, dockerfile: Path) -> None:
+    """A fetched context's Dockerfile must be a file of it: a symlink in a hostile tar or
+    repository may not make the build read a file of this host."""
+    real_root, real = os.path.realpath(root), os.path.realpath(dockerfile)
+    if os.path.commonpath([real_root, real]) != real_root:
+        rel = os.path.relpath(dockerfile, root)
+        raise ContextError(f"Dockerfile {rel}: a symlink that points outside of the build context")
 
 
 def _read_bounded(source: BinaryIO, what: str) -> bytes:
