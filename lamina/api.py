@@ -203,6 +203,24 @@ def cache_gc(
     return cache_prune(until=older_than, cache_dir=cache_dir, environ=environ)
 
 
+def cache_verify(
+    *,
+    repair: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Any:
+    """Check every blob's digest, every name's and build result's references, and what a
+    killed process tore (lamina.cache.verify.VerifyReport); `repair` removes torn and corrupt
+    entries, never what is intact and still referenced. Raises StoreBusy for `repair` while
+    another lamina process has the store open."""
+    from lamina.cache.store import Store
+    from lamina.cache.verify import verify
+    from lamina.engine.sandbox import remove_tree
+
+    with Store(_store_root(cache_dir, environ)) as store:
+        return verify(store, repair=repair, remove_tree=remove_tree)
+
+
 def failures(
     *, cache_dir: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> list[Any]:

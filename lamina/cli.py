@@ -381,6 +381,24 @@ def cache_prune(
 
 cache.add_command(cache_prune, "gc")  # lamina's first word for it; `prune` is docker's and buildah's
 
+
+@cache.command("verify")
+@click.option(
+    "--repair", is_flag=True, help="Remove torn and corrupt entries (never what is intact and in use)."
+)
+def cache_verify(repair: bool) -> None:
+    """Check every blob's digest, every image's and build result's references, and the files
+    a killed lamina left; exit 1 while a problem remains."""
+    from lamina import api
+    from lamina.cache.verify import describe
+
+    report = api.cache_verify(repair=repair)
+    for line in describe(report):
+        click.echo(line)
+    if not report.clean:
+        raise SystemExit(1)
+
+
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {
     "": 1,

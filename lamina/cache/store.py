@@ -200,6 +200,7 @@ class BlobWriter:
         self._done = False
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        crash_point("blob-write")
         try:
             self._file.write(data)
         except OSError as err:
@@ -248,6 +249,7 @@ class BlobWriter:
             except OSError as err:  # the last buffered bytes find the disk full
                 raise self._failed(err) from err
             final = self._path.parent / digest.hex
+            crash_point("blob-commit")
             os.replace(self._path, final)  # an existing blob has the same bytes
             _fsync_dir(self._path.parent)
         except BaseException:
@@ -269,6 +271,46 @@ class BlobWriter:
     def __exit__(self, *exc: object) -> None:
         if not self._done:
             self.abort()
+
+
+# --- crash points (tests only) ---------------------------------------------------------------
+# tests/test_crash_safety.py kills builds at chosen moments: with
+# LAMINA_TEST_CRASH_AT=POINT:N[:SECONDS] the Nth pass of POINT in this process SIGKILLs it
+# (after SECONDS, from a timer, when given: "during the RUN that follows"); with
+# LAMINA_TEST_CRASH_LOG=FILE every pass appends its point's name to FILE, so a test can
+# count a build's moments first. Unset (always, outside those tests) each point costs one
+# environment lookup. The points are the store's writes a crash can tear: a blob half
+# written (blob-write), written and fsynced but not named (blob-commit), an unpacked layer
+# about to be named (unpack-publish), a cache result inside its transaction (cache-put),
+# an image name (tag), and a new upper or unpack dir (unpack-dir, before a step fills it).
+_crash_lock = threading.Lock()
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Tests only: see the comment above."""
+    log = os.environ.get("LAMINA_TEST_CRASH_LOG")
+    if log:
+        with _crash_lock, open(log, "a") as f:
+            f.write(name + "\n")
+    spec = os.environ.get("LAMINA_TEST_CRASH_AT")
+    if not spec:
+        return
+    point, _, rest = spec.partition(":")
+    if point != name:
+        return
+    nth, _, delay = rest.partition(":")
+    with _crash_lock:
+        _crash_counts[name] = count = _crash_counts.get(name, 0) + 1
+    if count != int(nth or 1):
+        return
+    import signal
+
+    if not delay:
+        os.kill(os.getpid(), signal.SIGKILL)
+    timer = threading.Timer(float(delay), os.kill, (os.getpid(), signal.SIGKILL))
+    timer.daemon = True
+    timer.start()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -451,11 +493,14 @@ class Store:
         """An empty temporary directory on the store's file system, for publish_unpacked."""
         import tempfile
 
-        return Path(tempfile.mkdtemp(dir=self._unpacked, prefix=".tmp-"))
+        path = Path(tempfile.mkdtemp(dir=self._unpacked, prefix=".tmp-"))
+        crash_point("unpack-dir")
+        return path
 
     def publish_unpacked(self, tmpdir: Path, diff_id: Digest) -> Path:
         """Give a fully unpacked `tmpdir` its name; if another process won, drop ours."""
         final = self.unpacked_path(diff_id)
+        crash_point("unpack-publish")
         try:
             os.rename(tmpdir, final)
         except OSError as err:
@@ -489,6 +534,7 @@ class Store:
             ).fetchone()
             if same is not None:
                 return ImageRecord(name, manifest, size, created)  # nothing to write (see cache_get)
+            crash_point("tag")
             db.execute(
                 "INSERT OR REPLACE INTO images (name, manifest, size, created, tagged_at)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -544,6 +590,7 @@ class Store:
             db.executemany(
                 "INSERT OR IGNORE INTO cache_refs (key, digest) VALUES (?, ?)", [(key, str(d)) for d in refs]
             )
+            crash_point("cache-put")  # killed here, the transaction never happened
 
     def cache_delete(self, key: str) -> None:
         with self._sql() as db:
@@ -610,6 +657,22 @@ class Store:
             if keep_bytes is not None:
                 report += self._shrink(keep_bytes, remove)
             return report
+        finally:
+            _flock(self._lock_fd, exclusive=False, wait=True)
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[bool]:
+        """Try to hold the store to ourselves (no other lamina process has it open), as gc does;
+        yields whether we do. Inside, with True, every temporary file is a dead process's."""
+        assert self._lock_fd is not None, "store not open"
+        try:
+            _flock(self._lock_fd, exclusive=True, wait=False)
+        except BlockingIOError:
+            _flock(self._lock_fd, exclusive=False, wait=True)  # flock conversion may drop ours
+            yield False
+            return
+        try:
+            yield True
         finally:
             _flock(self._lock_fd, exclusive=False, wait=True)
 
