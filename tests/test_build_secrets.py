@@ -79,3 +79,25 @@ def test_secret_too_big(cache: Path, tmp_path: Path) -> None:
     (tmp_path / "big").write_bytes(b"x" * (500 * 1024 + 1))
     proc = run_cli("build", "--secret", f"id=big,src={tmp_path / 'big'}", str(ctx), cache=cache, cwd=tmp_path)
     assert proc.stderr.strip() == "error: --secret id=big: secret big too big. max size 500KiB"
+
+
+def test_api_secret_from_the_given_environ(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lamina.build(environ=...)`: an env secret comes from that mapping, not the process's."""
+    from lamina import api
+
+    monkeypatch.delenv("LAMINA_T_API", raising=False)
+    ctx = write_context(
+        tmp_path / "ctx",
+        f"FROM {BASE}\nRUN --mount=type=secret,id=LAMINA_T_API,env=V sh -c 'printf %s \"$V\" > /v'\n",
+    )
+    out = tmp_path / "out"
+    api.build(
+        ctx,
+        cache_dir=cache,
+        environ={"LAMINA_T_API": "given"},
+        secrets=["id=LAMINA_T_API"],
+        outputs=[f"type=local,dest={out}"],
+    )
+    assert (out / "v").read_text() == "given"

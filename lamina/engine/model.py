@@ -51,7 +51,9 @@ PLATFORM = str(host_platform())  # in every cache key
 @dataclasses.dataclass(frozen=True, slots=True)
 class SecretSpec:
     id: str
-    source: Path
+    source: Path  # a file, or `env:VAR`
+    # An env secret's value as the build's environment had it (None: read os.environ when used).
+    value: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def parse_secret(spec: str, environ: Mapping[str, str] | None = None) -> SecretSpec:
@@ -90,7 +92,10 @@ def parse_secret(spec: str, environ: Mapping[str, str] | None = None) -> SecretS
     if not env and not source:
         env = secret_id if secret_id in (os.environ if environ is None else environ) else ""
         source = "" if env else secret_id
-    return SecretSpec(secret_id, Path("env:" + env) if env else Path(source))
+    if not env:
+        return SecretSpec(secret_id, Path(source))
+    value = None if environ is None else environ.get(env, "")  # unset: empty, as BuildKit's os.Getenv
+    return SecretSpec(secret_id, Path("env:" + env), value)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -269,7 +269,7 @@ def _mounts(
 
     keys: list[str] = []
     content = hashlib.sha256()
-    secrets = {secret.id: secret.source for secret in executor.options.secrets}
+    secrets = {secret.id: secret for secret in executor.options.secrets}
     workdir = state.config.config.working_dir or "/"
     secret_env: dict[str, str] = {}
     agents = {agent.id: agent for agent in executor.options.ssh}
@@ -312,14 +312,14 @@ def _mounts(
             mounts.append(TmpfsMount(target, mount.size or 0))
             keys.append(f"tmpfs:{target}:{mount.size or 0}")
         elif mount.type is MountType.SECRET:
-            source = secrets.get(mount.id)
-            if source is None:
+            secret = secrets.get(mount.id)
+            if secret is None:
                 if mount.required:
                     raise BuildError(
                         f"secret {mount.id} is required but was not given (--secret id={mount.id},src=...)"
                     )
                 continue
-            path = _secret_file(executor, source, mount.id)
+            path = _secret_file(executor, secret)
             if mount.env:
                 secret_env[mount.env] = path.read_text()
             if mount.target:
@@ -427,10 +427,13 @@ def _seed_cache(executor: StepHost, mount: Any, cache_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another build seeded it first
 
 
-def _secret_file(executor: StepHost, source: Path, secret_id: str) -> Path:
+def _secret_file(executor: StepHost, secret: Any) -> Path:
+    source, secret_id = secret.source, secret.id
     text = str(source)
     if text.startswith("env:"):
-        value = os.environ.get(text[4:], "")  # unset is empty, as BuildKit's os.Getenv
+        value = secret.value  # the build's environment (api.build's environ=)
+        if value is None:
+            value = os.environ.get(text[4:], "")  # unset is empty, as BuildKit's os.Getenv
         fd, name = tempfile.mkstemp(prefix="secret-", dir=executor.store.root / "tmp")
         executor.temp_files.append(Path(name))  # removed when the build ends
         with os.fdopen(fd, "w") as f:
