@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from lamina.engine.model import PLATFORM
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.base import source_stage, stage_index
 from lamina.engine.steps.copyadd.archive import unpack_archives
-from lamina.engine.steps.copyadd.chmod import parse_chmod
+from lamina.engine.steps.copyadd.chmod import Chmod, parse_chmod
 from lamina.engine.steps.copyadd.fetch import fetch_url, write_fetched
 from lamina.engine.steps.copyadd.heredoc import expand_heredoc, write_heredoc
 from lamina.engine.steps.copyadd.placement import PriorCopy, WrittenFile, write_selection
@@ -47,17 +48,93 @@ if TYPE_CHECKING:
     from lamina.engine.plan import PlannedStage
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Copy:
+    """One COPY/ADD resolved against its stage: owner, mode, destination, sources by kind."""
+
+    instruction: Any  # its heredocs expanded
+    keyword: str  # COPY or ADD
+    owner: tuple[int, int] | None  # --chown, numeric
+    chmod: Chmod | None
+    from_: str | None
+    dest: str  # absolute, a trailing `/` kept
+    options: CopyOptions
+    image: LayerView | None  # what the stage holds below (None with --link)
+    local: list[str]  # the build context's (or the --from stage's) paths
+    urls: list[str]  # ADD <http(s) URL>
+    gits: list[str]  # ADD <git URL>
+    described: str  # the instruction as keyed (JSON)
+
+    @property
+    def is_add(self) -> bool:
+        return self.keyword == "ADD"
+
+
+@dataclasses.dataclass(slots=True)
+class _Sources:
+    """What a COPY/ADD reads, keyed: the parts `produce` writes and the facts a miss names."""
+
+    parts: list[tuple[str, Any]]  # ("files", materialize) | ("url", Fetched) | ("git", (url, commit))
+    digest: str  # of all of their content
+    files: tuple[tuple[str, str, str], ...] = ()  # not keyed: names a later miss's files
+    source: str = ""  # "stage NAME" / "image REF" for a --from
+    list_files: Callable[[], tuple[tuple[str, str, str], ...]] | None = None  # on a miss only
+
+
+class _PriorRun:
+    """The last run of this COPY (build context only): its unchanged files are linked
+    from its layer, and what this run wrote is recorded for the next."""
+
+    def __init__(self, executor: StepHost, state: StageState, instruction: Any) -> None:
+        self.executor = executor
+        self.state = state
+        self.instruction = instruction
+        self.where = ""
+        self.written: dict[str, WrittenFile] = {}
+
+    def load(self) -> PriorCopy | None:
+        """Called when the step runs (its position in the stage is known then)."""
+        self.where = copy_files_key(self.executor.cache.step_position(self.state, self.instruction))
+        return _load_prior_copy(self.executor, self.where)
+
+    def save(self, dir_id: str) -> None:
+        if self.where and self.written:
+            _save_prior_copy(self.executor, self.where, dir_id, self.written)
+
+
 def copy_step(executor: StepHost, state: StageState, plan: PlannedStage, instruction: Any) -> None:
+    """COPY or ADD in a stage: key what it reads; on a miss write it into the step's layer."""
+    copy = _resolve(state, instruction)
+    if executor.options.dry_run and copy.from_ and _pending_source(executor, state, copy):
+        return
+    sources = _read_sources(executor, state, copy)
+    inputs = make_inputs(state.key, copy.keyword + " " + copy.described, {}, PLATFORM, sources.digest)
+    inputs = dataclasses.replace(inputs, files=sources.files, source=sources.source)
+    # Unchanged files of the build context are linked from the last run's layer
+    # (their digests are in the stat cache; a stage's files would be hashed
+    # again), unless something after the copy would chown them (unprivileged --chown).
+    link_prior = not copy.from_ and (os.geteuid() == 0 or copy.owner is None)
+    prior = _PriorRun(executor, state, copy.instruction) if link_prior else None
+
+    def produce(upper: Path) -> None:
+        _produce(executor, copy, sources.parts, prior, upper)
+
+    has_layer = layer_step(executor, state, copy.instruction, inputs, produce, files=sources.list_files)
+    if prior is not None and has_layer:
+        prior.save(state.layers[-1].dir_id)
+    _add_history(executor, state, copy, has_layer)
+
+
+def _resolve(state: StageState, instruction: Any) -> _Copy:
+    """The instruction read against the stage: heredocs expanded, --chown and --chmod
+    resolved, the destination made absolute, the sources sorted by kind."""
     is_add = isinstance(instruction, AddInstruction)
-    keyword = "ADD" if is_add else "COPY"
     if any(content.expand for content in instruction.contents):
         env = step_env(state)
         contents = tuple(expand_heredoc(content, env) for content in instruction.contents)
         instruction = dataclasses.replace(instruction, contents=contents)
     view = LayerView([layer.path for layer in state.layers])
-    owner = None
-    if instruction.chown:
-        owner = resolve_owner(view, instruction.chown)
+    owner = resolve_owner(view, instruction.chown) if instruction.chown else None
     chmod = parse_chmod(instruction.chmod) if instruction.chmod else None
     from_ = getattr(instruction, "from_", None)
     dest = destination_path(instruction.dest, state.config.config.working_dir or "/")
@@ -68,6 +145,20 @@ def copy_step(executor: StepHost, state: StageState, plan: PlannedStage, instruc
         parents=bool(getattr(instruction, "parents", False)),
         source_name=f"stage {from_}" if from_ else "build context",
     )
+    keyword = "ADD" if is_add else "COPY"
+    described = _describe(keyword, instruction, dest, owner, options.parents)
+    gits = _git_sources(instruction.sources) if is_add else []  # before URLs: https://h/r.git is one
+    urls = [s for s in instruction.sources if is_add and _is_url(s) and s not in gits]
+    local = [s for s in instruction.sources if s not in urls and s not in gits]
+    _check_checksum(instruction, urls, gits)
+    image = None if instruction.link else view
+    return _Copy(
+        instruction, keyword, owner, chmod, from_, dest, options, image, local, urls, gits, described
+    )
+
+
+def _describe(keyword: str, instruction: Any, dest: str, owner: tuple[int, int] | None, parents: bool) -> str:
+    """The instruction as its key reads it (JSON, sorted keys)."""
     described = {
         "op": keyword,
         "sources": list(instruction.sources),
@@ -75,128 +166,152 @@ def copy_step(executor: StepHost, state: StageState, plan: PlannedStage, instruc
         "owner": list(owner) if owner else None,
         "chmod": instruction.chmod,
         "excludes": list(instruction.excludes),
-        "parents": options.parents,
+        "parents": parents,
         "link": instruction.link,
         "heredocs": [[c.path, hashlib.sha256(c.data.encode()).hexdigest()] for c in instruction.contents],
         "checksum": getattr(instruction, "checksum", None),
         "unpack": getattr(instruction, "unpack", None),
     }
-    described_text = json.dumps(described, sort_keys=True)
-    image = None if instruction.link else view
-    gits = _git_sources(instruction.sources) if is_add else []  # before URLs: https://h/r.git is one
-    urls = [s for s in instruction.sources if is_add and _is_url(s) and s not in gits]
-    local = [s for s in instruction.sources if s not in urls and s not in gits]
-    if getattr(instruction, "checksum", None):
-        # BuildKit's dispatchCopy: a checksum pins one downloaded source.
-        if len(instruction.sources) != 1:
-            why = "ADD --checksum can't be specified for multiple sources"
-            raise InstructionError(why, instruction.location)
-        if not urls and not gits:
-            raise InstructionError(
-                f"ADD --checksum {instruction.sources[0]}: checksum requires HTTP(S) or Git sources",
-                instruction.location,
-            )
+    return json.dumps(described, sort_keys=True)
 
-    if executor.options.dry_run and from_:
-        source = source_stage(executor, from_, instruction.location)
-        if source.name in executor.dirty:
-            # Its files are not known before it runs (identical output would still hit).
-            reason = f"stage {source.name} will run first; the files it selects decide"
-            inputs = make_inputs(state.key, keyword + " " + described_text, {}, PLATFORM, "pending")
-            layer_step(executor, state, instruction, inputs, lambda upper: None, pending=reason)
-            return
-    produce_parts: list[Any] = []
+
+def _check_checksum(instruction: Any, urls: list[str], gits: list[str]) -> None:
+    """BuildKit's dispatchCopy: a checksum pins one downloaded source."""
+    if not getattr(instruction, "checksum", None):
+        return
+    if len(instruction.sources) != 1:
+        why = "ADD --checksum can't be specified for multiple sources"
+        raise InstructionError(why, instruction.location)
+    if not urls and not gits:
+        raise InstructionError(
+            f"ADD --checksum {instruction.sources[0]}: checksum requires HTTP(S) or Git sources",
+            instruction.location,
+        )
+
+
+def _pending_source(executor: StepHost, state: StageState, copy: _Copy) -> bool:
+    """--dry-run: a --from stage that will run first has no files to key yet; record the
+    step as pending on it (identical output would still hit). True when recorded."""
+    assert copy.from_ is not None
+    source = source_stage(executor, copy.from_, copy.instruction.location)
+    if source.name not in executor.dirty:
+        return False
+    reason = f"stage {source.name} will run first; the files it selects decide"
+    inputs = make_inputs(state.key, copy.keyword + " " + copy.described, {}, PLATFORM, "pending")
+    layer_step(executor, state, copy.instruction, inputs, lambda upper: None, pending=reason)
+    return True
+
+
+def _read_sources(executor: StepHost, state: StageState, copy: _Copy) -> _Sources:
+    """Select the local files, fetch the URLs, find the git commits: their content keys the step."""
     content = hashlib.sha256()
-    files: tuple[tuple[str, str, str], ...] = ()
-    source = ""
-    list_files = None
-    if local:
-        materialize, digest = _select(executor, state, instruction, from_, local, dest, options, image)
+    sources = _Sources([], "")
+    if copy.local:
+        from_ = copy.from_
+        materialize, digest = _select(
+            executor, state, copy.instruction, from_, copy.local, copy.dest, copy.options, copy.image
+        )
         content.update(f"files\0{digest}\n".encode())
-        produce_parts.append(("files", materialize))
+        sources.parts.append(("files", materialize))
         if not from_:  # the context's selection is made already; a stage's may not be
-            files = selection_files(*materialize())
+            sources.files = selection_files(*materialize())
         else:
             index = stage_index(from_)
             index = executor.plan.names.get(from_.lower()) if index is None else index
             stage = executor.plan.needed.get(index) if index is not None else None
-            source = f"stage {stage.display_name}" if stage is not None else f"image {from_}"
-            list_files = lambda: selection_files(*materialize())  # noqa: E731 (on a miss only)
-    for url in urls:
-        fetched = fetch_url(executor, url, instruction.checksum)
+            sources.source = f"stage {stage.display_name}" if stage is not None else f"image {from_}"
+            sources.list_files = lambda: selection_files(*materialize())
+    for url in copy.urls:
+        fetched = fetch_url(executor, url, copy.instruction.checksum)
         content.update(f"url\0{url}\0{fetched.digest}\n".encode())
-        files += ((url, fetched.digest, "url"),)  # a miss names the URL whose content changed
-        produce_parts.append(("url", fetched))
-    for src in gits:
+        sources.files += ((url, fetched.digest, "url"),)  # a miss names the URL whose content changed
+        sources.parts.append(("url", fetched))
+    for src in copy.gits:
         from lamina.engine.steps.copyadd.gitadd import commit_of
 
-        commit = commit_of(src, instruction.checksum, instruction.location)  # keyed by the commit
-        content.update(f"git\0{src}\0{commit}\0{instruction.keep_git_dir}\n".encode())
-        files += ((src, commit, "git"),)
-        produce_parts.append(("git", (src, commit)))
-    inputs = make_inputs(state.key, keyword + " " + described_text, {}, PLATFORM, content.hexdigest())
-    inputs = dataclasses.replace(inputs, files=files, source=source)  # not keyed: names a later miss's files
+        commit = commit_of(src, copy.instruction.checksum, copy.instruction.location)  # keyed by the commit
+        content.update(f"git\0{src}\0{commit}\0{copy.instruction.keep_git_dir}\n".encode())
+        sources.files += ((src, commit, "git"),)
+        sources.parts.append(("git", (src, commit)))
+    sources.digest = content.hexdigest()
+    return sources
 
-    # Unchanged files of the build context are linked from the last run's layer
-    # (their digests are in the stat cache; a stage's files would be hashed
-    # again), unless something after the copy would chown them (unprivileged --chown).
-    link_prior = not from_ and (os.geteuid() == 0 or owner is None)
-    written: dict[str, WrittenFile] = {}
-    where = ""
 
-    def produce(upper: Path) -> None:
-        nonlocal where
-        # Owners of directories kept from the layers below: set after every write
-        # (unprivileged, a directory given to another id is no longer writable).
-        late: list[tuple[Path, int, int]] = []
-        for kind, part in produce_parts:
-            if kind == "files":
-                tree, selection = part()
-                if is_add and instruction.unpack is not False:
-                    selection = unpack_archives(tree, selection, upper, dest, owner, image, local, late)
-                prior = None
-                if link_prior:
-                    where = copy_files_key(executor.cache.step_position(state, instruction))
-                    prior = _load_prior_copy(executor, where)
-                write_selection(
-                    tree,
-                    selection,
-                    upper,
-                    image,
-                    late_owners=late,
-                    prior=prior,
-                    written=written,
-                    stop=executor.stop,
-                )
-                if os.geteuid() != 0 and owner is not None:
-                    _rootless_owners(upper, selection, owner, image)
-                elif os.geteuid() != 0 and from_:
-                    _restore_stage_owners(executor, tree, upper, selection)
-            elif kind == "git":
-                from lamina.engine.steps.copyadd.gitadd import git_tree
+def _produce(
+    executor: StepHost, copy: _Copy, parts: list[tuple[str, Any]], prior: _PriorRun | None, upper: Path
+) -> None:
+    """Write every part into the step's upper dir, then the heredocs, then the late owners."""
+    # Owners of directories kept from the layers below: set after every write
+    # (unprivileged, a directory given to another id is no longer writable).
+    late: list[tuple[Path, int, int]] = []
+    for kind, part in parts:
+        if kind == "files":
+            _write_files(executor, copy, part, prior, upper, late)
+        elif kind == "git":
+            _write_git(executor, copy, part, upper, late)
+        else:
+            unpack = copy.is_add and copy.instruction.unpack is True
+            write_fetched(part, upper, copy.dest, copy.owner, copy.chmod, copy.image, late, unpack=unpack)
+    several = len(copy.instruction.contents) > 1
+    for heredoc in copy.instruction.contents:
+        write_heredoc(upper, copy.dest, heredoc, copy.owner, copy.chmod, copy.image, several, late)
+    chown_all(late)
 
-                with git_tree(executor, *part, instruction.keep_git_dir) as tree:
-                    selection = select_sources(tree, ["."], dest, options, image)
-                    write_selection(tree, selection, upper, image, late_owners=late, stop=executor.stop)
-                    if os.geteuid() != 0 and owner is not None:
-                        _rootless_owners(upper, selection, owner, image)
-            else:
-                unpack = is_add and instruction.unpack is True
-                write_fetched(part, upper, dest, owner, chmod, image, late, unpack=unpack)
-        for heredoc in instruction.contents:
-            write_heredoc(upper, dest, heredoc, owner, chmod, image, len(instruction.contents) > 1, late)
-        chown_all(late)
 
-    has_layer = layer_step(executor, state, instruction, inputs, produce, files=list_files)
-    if where and written and has_layer:
-        _save_prior_copy(executor, where, state.layers[-1].dir_id, written)
+def _write_files(
+    executor: StepHost,
+    copy: _Copy,
+    materialize: Callable[[], tuple[Any, Any]],
+    prior: _PriorRun | None,
+    upper: Path,
+    late: list[tuple[Path, int, int]],
+) -> None:
+    """The local sources: ADD's archives unpacked, the rest written (linked from the last
+    run where unchanged), then the owners an unprivileged copy could not give."""
+    tree, selection = materialize()
+    if copy.is_add and copy.instruction.unpack is not False:
+        selection = unpack_archives(
+            tree, selection, upper, copy.dest, copy.owner, copy.image, copy.local, late
+        )
+    written = prior.written if prior is not None else {}
+    write_selection(
+        tree,
+        selection,
+        upper,
+        copy.image,
+        late_owners=late,
+        prior=prior.load() if prior is not None else None,
+        written=written,
+        stop=executor.stop,
+    )
+    if os.geteuid() != 0 and copy.owner is not None:
+        _rootless_owners(upper, selection, copy.owner, copy.image)
+    elif os.geteuid() != 0 and copy.from_:
+        _restore_stage_owners(executor, tree, upper, selection)
+
+
+def _write_git(
+    executor: StepHost, copy: _Copy, part: tuple[str, str], upper: Path, late: list[tuple[Path, int, int]]
+) -> None:
+    """ADD <git URL>: the repository's tree at the keyed commit."""
+    from lamina.engine.steps.copyadd.gitadd import git_tree
+
+    with git_tree(executor, *part, copy.instruction.keep_git_dir) as tree:
+        selection = select_sources(tree, ["."], copy.dest, copy.options, copy.image)
+        write_selection(tree, selection, upper, copy.image, late_owners=late, stop=executor.stop)
+        if os.geteuid() != 0 and copy.owner is not None:
+            _rootless_owners(upper, selection, copy.owner, copy.image)
+
+
+def _add_history(executor: StepHost, state: StageState, copy: _Copy, has_layer: bool) -> None:
+    instruction = copy.instruction
     created_by = md.copy_created_by(
-        keyword,
+        copy.keyword,
         instruction.sources,
         instruction.dest,
         chown=instruction.chown or "",
         chmod=instruction.chmod or "",
-        parents=options.parents,
+        parents=copy.options.parents,
         heredoc_names=[c.path for c in instruction.contents],
     )
     state.config = md.add_history(
