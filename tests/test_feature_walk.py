@@ -360,3 +360,32 @@ def test_buildkit_inline_cache_build_arg_writes_the_inline_cache(tmp_path: Path)
 
     assert inline_entries({"BUILDKIT_INLINE_CACHE": "1"}, "a") is not None
     assert inline_entries({"BUILDKIT_INLINE_CACHE": "0"}, "b") is None
+
+
+@pytest.mark.sandbox
+def test_a_mount_without_a_target_is_mounted_at_the_workdir(cache: Path, tmp_path: Path) -> None:
+    """BuildKit's own Dockerfiles (`RUN --mount=from=binaries`, `--mount=type=bind xx-go build .`):
+    no target is WORKDIR, a relative one is under it; only `/` is refused."""
+    from test_build_helpers import BASE, rootfs, write_context
+
+    text = (
+        f"FROM {BASE} AS bin\n"
+        "RUN mkdir /out && echo hi > /out/x\n"
+        f"FROM {BASE}\n"
+        "WORKDIR /w\n"
+        "RUN --mount=from=bin,source=/out cat /w/x > /at-workdir\n"
+        "RUN --mount=type=bind,from=bin,source=/out,target=sub cat /w/sub/x > /relative\n"
+        "RUN --mount=type=cache sh -c 'echo kept > /w/c; cat /w/c > /cached'\n"
+        "RUN --mount=type=tmpfs sh -c 'mount | grep -q \" /w \" && echo tmpfs > /tmpfs'\n"
+    )
+    out = tmp_path / "out"
+    rootfs(cache, write_context(tmp_path / "ctx", text), out)
+    assert (out / "at-workdir").read_text() == "hi\n"
+    assert (out / "relative").read_text() == "hi\n"
+    assert (out / "cached").read_text() == "kept\n"
+    assert (out / "tmpfs").read_text() == "tmpfs\n"
+    assert not (out / "w" / "x").exists() and not (out / "w" / "c").exists()  # mounts reach no layer
+
+    root = write_context(tmp_path / "ctx2", f"FROM {BASE}\nRUN --mount=type=bind,target=/ true\n")
+    with pytest.raises(LaminaError, match=r'Dockerfile:2: invalid mount target "/"'):
+        rootfs(cache, root, tmp_path / "out2")

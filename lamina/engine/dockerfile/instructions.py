@@ -718,10 +718,10 @@ def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
     target = options.get("target", "")
     mount_id = options.get("id", "")
     env = options.get("env")
-    if mount_type in (MountType.BIND, MountType.CACHE, MountType.TMPFS) and not target:
-        raise InstructionError(f"mount type={mount_type.value} requires a target")
+    # No target, or a relative one, is the stage's WORKDIR joined with it, when the step runs
+    # (BuildKit's dispatchRunMounts); only a target of `/` is refused there.
     if mount_type is MountType.CACHE and not mount_id:
-        mount_id = target
+        mount_id = posixpath.normpath(target) if target else "."  # path.Clean(target), as BuildKit
     if mount_type is MountType.SECRET:
         if not mount_id:
             if not target:

@@ -275,7 +275,11 @@ def _mounts(
     agents = {agent.id: agent for agent in executor.options.ssh}
     ssh_index = 0
     for mount in instruction.mounts:
-        target = mount.target if mount.target.startswith("/") else posixpath.join(workdir, mount.target)
+        target = mount.target
+        if not target.startswith("/"):  # none or relative: under WORKDIR, as BuildKit's dispatchRunMounts
+            target = posixpath.normpath(posixpath.join(workdir, target))
+        if target == "/" and mount.type in (MountType.BIND, MountType.CACHE, MountType.TMPFS):
+            raise BuildError(f'{instruction.location}: invalid mount target "/"')
         if mount.type is MountType.BIND:
             source_root, digest = _bind_source(executor, mount)
             source = _inside(source_root, mount.source, mount)
