@@ -164,6 +164,32 @@ def _http_server(root: Path, case: dict[str, Any]) -> Iterator[str]:
         server.server_close()
 
 
+@contextlib.contextmanager
+def _echo_server() -> Iterator[int]:
+    """A TCP server on the host's loopback that writes `foo` to each connection (BuildKit's echoserver)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"foo\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
 def _write_files(ctx: Path, case: dict[str, Any]) -> None:
     for name in case.get("remove", []):
         if (ctx / name).is_dir() and not (ctx / name).is_symlink():
@@ -254,7 +280,7 @@ def _build(
     cache: Path, ctx: Path, out: Path, case: dict[str, Any], archive: Path | None = None, sink: Any = None
 ) -> Any:
     kwargs: dict[str, Any] = {"build_args": case.get("build_args", {}), "progress": sink}
-    for key in ("target", "no_cache", "labels"):
+    for key in ("target", "no_cache", "labels", "network", "allow"):
         if key in case:
             kwargs[key] = case[key]
     if "secrets" in case:
@@ -273,6 +299,9 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
     cache = make_cache(tmp_path, busybox_image)
     ctx, out = tmp_path / "ctx", tmp_path / "out"
     with contextlib.ExitStack() as stack:
+        if case.get("echo_server"):
+            port = stack.enter_context(_echo_server())
+            case = {**case, "dockerfile": case["dockerfile"].replace("{ECHO_PORT}", str(port))}
         if "http" in case or "http_tars" in case:
             url = stack.enter_context(_http_server(tmp_path / "http", case))
             case = {**case, "dockerfile": case["dockerfile"].replace("{URL}", url)}
