@@ -577,6 +577,7 @@ def test_a_command_runs_inside_a_running_service_and_can_be_its_readiness(
 ) -> None:
     tests = """
         import pytest
+        from lamina.engine.sandbox.idmap import IdMode, detect_ids
         from lamina.fixtures.runs import RunTimeout
 
         SERVE = "echo started; sleep 0.3; echo up > /tmp/ready; exec sleep 60"
@@ -590,7 +591,11 @@ def test_a_command_runs_inside_a_running_service_and_can_be_its_readiness(
             assert "sleep 60" in svc.exec(["ps", "-o", "args"]).stdout
             assert svc.exec(["cat"], input="in").stdout == "in"
             assert svc.exec("echo out; echo err >&2; exit 3").exit_code == 3
-            assert svc.exec(["id", "-u"], user="65534").stdout == "65534\\n"
+            if detect_ids().mode is not IdMode.SINGLE:
+                assert svc.exec(["id", "-u"], user="65534").stdout == "65534\\n"
+            else:  # only root is mapped: said so, as for a RUN step's USER
+                with pytest.raises(Exception, match="is not mapped: this sandbox maps only root"):
+                    svc.exec(["id", "-u"], user="65534")
             assert svc.exec(["pwd"], workdir="/").stdout == "/\\n"
             with pytest.raises(RunTimeout):
                 svc.exec("sleep 30", timeout=0.5)
