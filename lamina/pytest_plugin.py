@@ -14,15 +14,20 @@ off). Fixtures:
                     environment's, else 0); a build error fails the test with
                     the Dockerfile line
     lamina_run      run(image, command=(), *, env=, workdir=, user=, mounts=,
-                    network="default", input=None, timeout=60, check=False)
-                    -> RunResult (exit_code, stdout, stderr); check=True fails
-                    the test on a non-zero exit; a timeout always fails it
+                    network="default", input=None, timeout=60, check=False,
+                    name=None) -> RunResult (exit_code, stdout, stderr);
+                    check=True fails the test on a non-zero exit; a timeout
+                    always fails it. It reaches the test's and the session's
+                    named services by name
     lamina_service  service(image, command=(), *, ports=EXPOSEd, ready="tcp",
                     timeout=30, stop_timeout=0, env=, workdir=, user=,
                     mounts=, name=None) -> Service (port(80), url(path),
-                    logs()); stopped at the test's end. Services given a
-                    `name` reach each other by it (name:PORT for each port
-                    the peer publishes; lamina.fixtures.peers)
+                    logs(), exec(command)); stopped at the test's end.
+                    ready: "tcp", "http:/PATH", "log:REGEX", "exec:COMMAND"
+                    or an argv (run inside it until it exits 0), a callable,
+                    None. Services given a `name` reach each other by it
+                    (name:PORT for each port the peer publishes;
+                    lamina.fixtures.peers)
     lamina_session_service
                     (session) the same, stopped at the session's end: for a
                     session fixture of your own that many tests share
