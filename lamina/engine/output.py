@@ -397,14 +397,14 @@ def _write_output(
 
         index = getattr(image, "index", None)
         extra = getattr(image, "extra", ())
+        manifest, index = _with_created(store, image.config, image.manifest, index)
         from lamina.oci.reference import parse_reference
 
         # name= values as BuildKit's exporter reads them (ParseNormalizedNamed): org/r -> docker.io/org/r.
         wanted = [str(parse_reference(name)) for name in output.names]
         image_names = list(dict.fromkeys([*wanted, *names])) or [None]
         images = [
-            ExportImage(name, image.manifest, image.config, image.layers, index, extra)
-            for name in image_names
+            ExportImage(name, manifest, image.config, image.layers, index, extra) for name in image_names
         ]
         if not output.tar:
             write_oci_layout(Path(output.dest), images, store)
@@ -427,6 +427,27 @@ class ImageToWrite(Protocol):
 
     @property
     def layers(self) -> tuple[Descriptor, ...]: ...
+
+
+def _with_created(
+    store: Store, config: Descriptor, manifest: Descriptor, index: Descriptor | None
+) -> tuple[Descriptor, Descriptor | None]:
+    """The index.json entry annotated `org.opencontainers.image.created`, as BuildKit's oci and
+    docker exporters do: the image's own `created` (SOURCE_DATE_EPOCH when set), in whole
+    seconds, so a no-op rebuild writes the same index.json (BuildKit uses the time of export)."""
+    import json
+
+    from lamina.oci.image import MAX_DOCUMENT
+
+    top = index if index is not None else manifest
+    created = json.loads(store.read_blob(config.digest, MAX_DOCUMENT)).get("created")
+    if not isinstance(created, str) or len(created) < 19 or top.annotation(CREATED) is not None:
+        return manifest, index
+    top = top.replace_annotations({**dict(top.annotations), CREATED: created[:19] + "Z"})
+    return (manifest, top) if index is not None else (top, None)
+
+
+CREATED = "org.opencontainers.image.created"
 
 
 def _platform_dir() -> str:
