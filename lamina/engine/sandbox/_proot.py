@@ -113,7 +113,8 @@ def run(spec: dict, report_fd: int) -> int:
     except (OSError, _inside.SetupError) as err:
         _inside.report(report_fd, f"prepare the sandbox root: {_inside._describe(err)}")
         return _inside.SETUP_FAILED
-    known = {facts[1] for facts in baseline.facts.values()}
+    # inode -> file type before the step; an inode number reused for another type is a new file
+    known = {facts[1]: stat.S_IFMT(facts[0]) for facts in baseline.facts.values()}
     code = _inside.SETUP_FAILED
     failures: list[str] = []
     try:
@@ -292,7 +293,7 @@ def _install_filter() -> int:
 class _Supervisor:
     """Answers the step's chown, mknod and set*id calls, recording owners in xattrs."""
 
-    def __init__(self, root: str, known: set[int], owner: tuple[int, int], failures: list[str]) -> None:
+    def __init__(self, root: str, known: dict[int, int], owner: tuple[int, int], failures: list[str]) -> None:
         self.root = root.rstrip("/")
         self.known = known  # inodes of the root before the step: the rest default to its USER
         self.owner = owner
@@ -481,7 +482,7 @@ class _Supervisor:
             rel = os.path.relpath(path, self.root)
             path = os.path.join(self.root, _rootfs.resolve_in_dir(self.root, rel))
         st = os.lstat(path)  # FileNotFoundError: ENOENT, as chown would say
-        default = (0, 0) if st.st_ino in self.known else self.owner
+        default = (0, 0) if _was_there(self.known, st) else self.owner
         old = recorded.owner_of(path, default)
         new = (old[0] if uid == _UNCHANGED else uid, old[1] if gid == _UNCHANGED else gid)
         if (uid, gid) == (_UNCHANGED, _UNCHANGED):
@@ -499,7 +500,11 @@ class _Supervisor:
                 self._fail(f"chown {new[0]}:{new[1]} of the symlink or special file /{rel}")
 
 
-def _own_new_files(root: str, known: set[int], owner: tuple[int, int], failures: list[str]) -> None:
+def _was_there(known: dict[int, int], st: os.stat_result) -> bool:
+    return known.get(st.st_ino) == stat.S_IFMT(st.st_mode)
+
+
+def _own_new_files(root: str, known: dict[int, int], owner: tuple[int, int], failures: list[str]) -> None:
     """Files the step made as its (non-root) USER are that user's, unless it chowned them."""
     todo = [root]
     while todo:
@@ -510,7 +515,7 @@ def _own_new_files(root: str, known: set[int], owner: tuple[int, int], failures:
             st = entry.stat(follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 todo.append(entry.path)
-            if st.st_ino in known:
+            if _was_there(known, st):
                 continue
             try:
                 os.getxattr(entry.path, recorded.OWNER_XATTR, follow_symlinks=False)
