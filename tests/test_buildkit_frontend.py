@@ -91,6 +91,9 @@ def _cases() -> list[Any]:
         marks = [pytest.mark.sandbox] if case.get("sandbox") else []
         if "xfail" in case:
             marks.append(pytest.mark.xfail(reason=case["xfail"], strict=True))
+        if "xfail_unprivileged" in case:
+            unprivileged = os.geteuid() != 0
+            marks.append(pytest.mark.xfail(unprivileged, reason=case["xfail_unprivileged"], strict=True))
         params.append(pytest.param(case, id=path.stem, marks=marks))
     return params
 
