@@ -745,7 +745,8 @@ class Store:
         for entry in os.scandir(self._unpacked):
             if not entry.is_dir(follow_symlinks=False):
                 continue
-            stale_tmp = entry.name.startswith(".tmp-") and now - entry.stat().st_mtime > _STALE_TMP_S
+            # .tmp-* (uppers, unpacks) and .lamina-work-* (overlay's work dirs) of dead processes
+            stale_tmp = entry.name.startswith(".") and now - entry.stat().st_mtime > _STALE_TMP_S
             unused = not entry.name.startswith(".") and Digest("sha256", entry.name) not in keep_diff_ids
             if stale_tmp or unused:
                 removed = self._remove_unpacked(Path(entry.path), remove_tree)

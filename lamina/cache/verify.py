@@ -354,7 +354,7 @@ class _Verifier:
         directory = self.root / "unpacked"
         for entry in sorted(os.scandir(directory), key=lambda e: e.name) if directory.is_dir() else ():
             path = Path(entry.path)
-            if entry.name.startswith(".tmp-"):
+            if entry.name.startswith("."):  # .tmp-* (uppers, unpacks), .lamina-work-* (overlay's)
                 if self.alone:
                     what = "a step's or unpack's directory left by a killed process (never named)"
                     self._found(self._rel(path), what, self._remove_path(path))
