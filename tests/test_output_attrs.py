@@ -338,6 +338,26 @@ def test_provenance_is_an_attestation_manifest_in_the_index(cache: Path, ctx: Pa
     assert plain.index["manifests"][0]["mediaType"] == OCI_MANIFEST
 
 
+def test_provenance_in_a_filesystem_output_is_provenance_json(cache: Path, ctx: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    dest = tmp_path / "local"
+    build(cache, ctx, "--provenance", "mode=min", "-o", f"type=local,dest={dest}")
+    statement_file = dest / "provenance.json"
+    assert statement_file.stat().st_mode & 0o777 == 0o600
+    statement = json.loads(statement_file.read_text())
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+    assert subjects["hi"] == hashlib.sha256(b"hi\n").hexdigest()
+    assert "bin/busybox" in subjects and "provenance.json" not in subjects
+    build(cache, ctx, "--provenance", "true", "-o", f"type=tar,dest={tmp_path / 'r.tar'}")
+    with tarfile.open(tmp_path / "r.tar") as tar:
+        member = tar.getmember("provenance.json")
+        assert member.mode == 0o600
+        data = tar.extractfile(member)
+        assert data is not None and json.loads(data.read())["subject"]
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from tests import registry_server

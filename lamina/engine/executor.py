@@ -277,10 +277,11 @@ class Executor:
             image = make_image(self.store, config, target.layers, self.options.compression, self.epoch)
         # Each output's image as its exporter attributes make it (engine.imageexport); the
         # tags name the first type=image output's, as buildx fills its name= with them.
-        from lamina.engine.imageexport import export_all, remember_index
+        from lamina.engine.imageexport import attestation_files, export_all, remember_index
 
         outputs = self.options.outputs
-        args = (self.options.compression, self.epoch, config.platform, self.statements(image, config))
+        statements = self.statements(image, config)
+        args = (self.options.compression, self.epoch, config.platform, statements)
         exported = export_all(self.store, image, target.layers, outputs, *args, self.options.tags)
         images = [e for o, e in zip(outputs, exported, strict=True) if o.type is OutputType.IMAGE and e]
         tagged = images[0] if images else image
@@ -290,7 +291,9 @@ class Executor:
             if output.type is OutputType.IMAGE:
                 remember_index(self.store, self._tag(made, config, output.names), made)
                 continue
-            write_output(output, self.store, made or image, target.layer_dirs, names, self.epoch)
+            # type=local/tar get the attestations as files (provenance.json), as BuildKit's.
+            files = attestation_files(statements, self.epoch) if statements and not made else None
+            write_output(output, self.store, made or image, target.layer_dirs, names, self.epoch, files)
         seconds = time.monotonic() - start
         records = tuple(self.records)
         result = BuildResult(

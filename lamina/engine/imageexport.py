@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lamina.engine.outputspec import Annotation, OutputSpec
@@ -55,6 +56,7 @@ class Statement:
 
     predicate_type: str
     predicate: dict[str, object]
+    filename: str = "provenance.json"  # its name in a type=local/tar output (BuildKit's Path)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -354,3 +356,44 @@ def image_purl(ref: str, platform: str = "") -> str:
     if qualifiers:
         purl += "?" + "&".join(qualifiers)
     return purl
+
+
+def attestation_files(statements: Sequence[Statement], epoch: int | None) -> Callable[[Path], None]:
+    """What BuildKit's local and tar exporters add for attestations: each statement as a file at
+    the root of the tree (`provenance.json`, mode 0600, indented as Go's MarshalIndent), its
+    subjects every regular file of the tree by path and sha256, in walk order."""
+
+    def add(root: Path) -> None:
+        import hashlib
+        import os
+        import stat
+
+        subjects: list[dict[str, object]] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        digest.update(chunk)
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                subjects.append({"name": rel, "digest": {"sha256": digest.hexdigest()}})
+        for statement in statements:
+            body = {
+                "_type": STATEMENT_TYPE,
+                "predicateType": statement.predicate_type,
+                "subject": subjects,
+                "predicate": statement.predicate,
+            }
+            target = root / statement.filename
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(body, indent=2, ensure_ascii=False))
+            os.chmod(target, 0o600)
+            if epoch is not None:
+                os.utime(target, (epoch, epoch), follow_symlinks=False)
+
+    return add

@@ -16,7 +16,7 @@ import dataclasses
 import os
 import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -354,17 +354,20 @@ def write_output(
     layer_dirs: Sequence[Path],
     names: Sequence[str],
     epoch: int | None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> None:
     """Write one non-store output of an image; a full disk names the output and the path.
 
     `image` is what the output's attributes made of the committed image
     (engine.imageexport), or the committed image itself. Files are written
     under a temporary name beside `dest` and renamed when complete, so a
-    failure leaves nothing under the output's name.
+    failure leaves nothing under the output's name. `add_files` adds to a
+    type=local/tar tree before it is final (attestations, as BuildKit's
+    local and tar exporters write `provenance.json`).
     """
     what = f"--output type={output.type.value},dest={output.dest}"
     try:
-        _write_output(output, store, image, layer_dirs, names, epoch)
+        _write_output(output, store, image, layer_dirs, names, epoch, add_files)
     except OutputError:
         raise
     except DiskFull as err:
@@ -382,13 +385,17 @@ def _write_output(
     layer_dirs: Sequence[Path],
     names: Sequence[str],
     epoch: int | None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> None:
     if output.type is OutputType.LOCAL:
         dest = Path(output.dest)
-        write_rootfs(layer_dirs, dest / _platform_dir() if output.platform_split else dest)
+        root = dest / _platform_dir() if output.platform_split else dest
+        write_rootfs(layer_dirs, root)
+        if add_files is not None:
+            add_files(root)
         return
     if output.type is OutputType.TAR:
-        _write_rootfs_tar(output, store, layer_dirs, epoch)
+        _write_rootfs_tar(output, store, layer_dirs, epoch, add_files)
         return
     if output.type in (OutputType.OCI, OutputType.DOCKER):
         # BuildKit's docker exporter writes the same tarball as its oci one (an OCI
@@ -458,7 +465,11 @@ def _platform_dir() -> str:
 
 
 def _write_rootfs_tar(
-    output: OutputSpec, store: Store, layer_dirs: Sequence[Path], epoch: int | None
+    output: OutputSpec,
+    store: Store,
+    layer_dirs: Sequence[Path],
+    epoch: int | None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> None:
     """type=tar: the merged root filesystem as one uncompressed tar."""
     import tempfile
@@ -475,6 +486,8 @@ def _write_rootfs_tar(
             os.chmod(scratch / "root" / _platform_dir(), 0o755)
         else:
             merge_layers(layer_dirs, scratch / "root")
+        if add_files is not None:
+            add_files(scratch / "root" / _platform_dir() if output.platform_split else scratch / "root")
         with _open_dest(output) as out:
             write_layer(entries_from_tree(scratch / "root"), out, Compression.NONE, source_date_epoch=epoch)
     finally:
