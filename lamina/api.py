@@ -465,7 +465,14 @@ def build(
     Registries: `push` pushes the image to every tag afterwards
     (`BuildResult.pushed` has the confirmed digests); `cache_to` /
     `cache_from` take `type=registry,ref=REF[,mode=min|max]` specs (see
-    lamina.cache.remote); `insecure_registries` may use plain HTTP.
+    lamina.cache.remote), `type=local,dest=DIR|src=DIR` and (to) `type=inline`;
+    `insecure_registries` may use plain HTTP.
+
+    Image outputs take BuildKit's exporter attributes (`type=oci,dest=F,compression=zstd`,
+    `type=registry,name=REF`, see lamina.engine.outputspec); `annotations` are buildx's
+    `--annotation [TYPE:]KEY=VALUE`; `provenance` is `--provenance` (`"true"`, `"mode=min"`,
+    ...: an SLSA statement in an OCI index, or provenance.json in a filesystem output);
+    `sbom` is refused unless it turns SBOMs off (no generator).
 
     RUN steps, as buildx's flags: `ssh` forwards ssh-agents to `RUN --mount=type=ssh`
     (`default`, `ID=SOCKET`, `ID=KEYFILE[,KEYFILE]`); `add_hosts` (`NAME:IP`) adds to

@@ -392,6 +392,4 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
                 for ref, outcome in executor.images.items()
             }
             record(store, key, result, images, dict(executor.totals), plan.warnings)
-        from lamina.engine.buildchecks import after_build
-
-        return dataclasses.replace(result, checks=after_build(options, data, store, sink, checks))
+        return dataclasses.replace(result, checks=checks)
