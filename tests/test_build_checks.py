@@ -663,3 +663,55 @@ def test_a_base_stage_named_through_an_arg_is_checked_with_its_target(tmp_path: 
     assert [(w.rule, w.start_line) for w in report.warnings] == [("LegacyKeyValueFormat", 3)]
     result = _outline(text + "ARG MODE=fast\n", None, {})
     assert [a["name"] for a in result["args"]] == ["VARIANT", "MODE"]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests import registry_server
+
+    if registry_server.REGISTRY is None or registry_server.SKOPEO is None:
+        pytest.skip("docker-registry or skopeo is not installed")
+    with registry_server.running_registry(tmp_path_factory.mktemp("registry"), "none") as running:
+        yield running
+
+
+def test_a_base_image_pulled_by_the_build_is_checked_after_it(
+    registry: Any, busybox_image: Path, tmp_path: Path
+) -> None:
+    """Its ENV and SHELL were unknown before the pull: UndefinedVar and JSONArgsRecommended come after
+    the build (on a store that has the image, before it), in the progress and the metadata alike."""
+    import subprocess
+
+    from tests import registry_server
+
+    ref = f"{registry.host}/checks/busybox:1.35"
+    copy = [str(registry_server.SKOPEO), "copy", "-q", "--dest-tls-verify=false"]
+    subprocess.run(
+        [*copy, f"oci-archive:{busybox_image}", f"docker://{ref}"], check=True, capture_output=True
+    )
+    (tmp_path / "Dockerfile").write_text(f"FROM {ref}\nENV P=$PAHT\nCMD run\n")
+    meta = tmp_path / "meta.json"
+    args = [
+        "build",
+        "--progress",
+        "plain",
+        "--metadata-file",
+        str(meta),
+        "--insecure-registry",
+        registry.host,
+    ]
+    status, _, err = _cli([*args, str(tmp_path)], tmp_path / "cache")
+    assert status == 0, err
+    expected = [
+        "warning: UndefinedVar: Usage of undefined variable '$PAHT' (did you mean $PATH?) (line 2)",
+        "warning: JSONArgsRecommended: JSON arguments recommended for CMD to prevent unintended behavior"
+        " related to OS signals (line 3)",
+    ]
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == expected
+    shorts = [
+        base64.b64decode(w["short"]).decode() for w in json.loads(meta.read_text())["buildx.build.warnings"]
+    ]
+    assert shorts == [line.removeprefix("warning: ") for line in expected]
+    # The image is in the store now: the next build knows its config before it starts.
+    status, _, again = _cli(["build", "--progress", "plain", str(tmp_path)], tmp_path / "cache")
+    assert [line for line in again.splitlines() if line.startswith("warning:")] == expected

@@ -201,6 +201,53 @@ def for_build(
     return warnings
 
 
+def after_build(
+    options: BuildOptions,
+    data: bytes | None,
+    store: Store,
+    sink: ProgressSink,
+    earlier: tuple[CheckWarning, ...],
+) -> tuple[CheckWarning, ...]:
+    """Check again when the build pulled a base image the checks could not read before it.
+
+    BuildKit resolves every base image's config before it converts the
+    Dockerfile; lamina pulls during the build, so a stage on an image that was
+    not in the store had its ENV and SHELL rules skipped. Those warnings come
+    now, after the build (where buildx prints its warnings too); with
+    `error=true` they fail it.
+    """
+    import json
+
+    from lamina.engine.dockerfile.checkrules import violation
+
+    if data is None:
+        return earlier
+    path = display_path(options)
+    memo = _memo_path(store, options, data, path)
+    try:
+        unknown = [ref for ref, digest in json.loads(memo.read_text())["bases"].items() if digest is None]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return earlier
+    if not any(_record(store, ref) is not None for ref in unknown):
+        return earlier
+    found = _check_for_build(options, data, path, store, memo)
+    if found is None:
+        return earlier
+    warnings, error = found
+    new = tuple(w for w in warnings if w not in earlier)
+    from lamina.engine.progress import CheckSink
+
+    for warning in new:
+        if isinstance(sink, CheckSink):
+            sink.check(warning)
+        else:
+            sink.warn(warning.short())
+    failure = violation(new, error, path)
+    if failure is not None:
+        raise failure
+    return warnings
+
+
 def _check_for_build(
     options: BuildOptions, data: bytes, path: str, store: Store, memo: Path
 ) -> tuple[tuple[CheckWarning, ...], bool] | None:

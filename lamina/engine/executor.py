@@ -392,4 +392,6 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
                 for ref, outcome in executor.images.items()
             }
             record(store, key, result, images, dict(executor.totals), plan.warnings)
-        return dataclasses.replace(result, checks=checks)
+        from lamina.engine.buildchecks import after_build
+
+        return dataclasses.replace(result, checks=after_build(options, data, store, sink, checks))
