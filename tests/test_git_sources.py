@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -48,6 +49,36 @@ def test_git_url_fragment() -> None:
     assert parse_git_url("https://h/r.git#v1:a/b") == GitRef("https://h/r.git", "v1", "a/b")
     assert parse_git_url("git@h:r.git") == GitRef("git@h:r.git")
     assert parse_git_url("github.com/o/r#main") == GitRef("https://github.com/o/r", "main")
+
+
+def test_git_url_query_as_buildkit() -> None:
+    """BuildKit's dfgitutil query form: ref/tag/branch, subdir, checksum/commit, keep-git-dir, submodules."""
+    assert parse_git_url("https://h/r.git?tag=v1&subdir=app") == GitRef(
+        "https://h/r.git", "refs/tags/v1", "app"
+    )
+    assert parse_git_url("https://h/r.git?branch=dev").ref == "refs/heads/dev"
+    got = parse_git_url("git@h:r.git?ref=main&commit=abc123&keep-git-dir&submodules=false")
+    assert (got.ref, got.checksum, got.keep_git_dir, got.submodules) == ("main", "abc123", True, False)
+    assert parse_git_url("https://h/r.git?ref=main#main:app") == GitRef("https://h/r.git", "main", "app")
+    assert is_git_url("https://h/r.git?ref=main") and not is_git_url("https://h/r?x=.git")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("https://h/r.git?depth=1", "unexpected query 'depth'"),
+        ("https://h/r.git?ref=a#b", "ref conflicts: 'b' vs 'a'"),
+        ("https://h/r.git?tag=v1&branch=main", "branch conflicts with tag"),
+        ("https://h/r.git?ref=", "query 'ref' has no value"),
+        ("https://h/r.git?submodules=maybe", "invalid submodules value: 'maybe'"),
+        ("https://h/r.git?subdir=../x", "leaves the repository"),
+    ],
+)
+def test_git_url_query_refusals(text: str, message: str) -> None:
+    from lamina.errors import ContextError
+
+    with pytest.raises(ContextError, match=re.escape(message)):
+        parse_git_url(text)
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -143,6 +174,26 @@ def test_git_context_keep_git_dir_and_dockerfile_path(
     assert (out / "ctx/top.txt").read_text() == "outside app\n", (
         "a git context's .dockerignore filters nothing"
     )
+
+
+@pytest.mark.sandbox
+def test_git_query_form_context_and_add(
+    served: tuple[str, dict[str, str]], tmp_path: Path, busybox_image: Path
+) -> None:
+    url, facts = served
+    cache = make_cache(tmp_path, busybox_image)
+    out = tmp_path / "out"
+    run_cli("build", "-o", f"type=local,dest={out}", f"{url}?tag=v1&subdir=app", cache=cache)
+    assert (out / "ctx/version.txt").read_text() == "one\n"
+    text = f"FROM {BASE}\nADD {url}?branch=main&subdir=app&checksum={facts['first'][:12]} /x\n"
+    ctx = write_context(tmp_path / "ctx", text)
+    proc = run_cli("build", str(ctx), cache=cache, check=False)
+    assert "expected checksum to match" in proc.stderr, "main is not the pinned commit"
+    ctx = write_context(tmp_path / "ctx2", f"FROM {BASE}\nADD {url}?tag=v1&keep-git-dir=true /x\n")
+    out2 = tmp_path / "out2"
+    rootfs(cache, ctx, out2)
+    assert (out2 / "x/app/version.txt").read_text() == "one\n"
+    assert (out2 / "x/.git").is_dir(), "?keep-git-dir keeps .git"
 
 
 def test_git_context_errors_in_one_line(served: tuple[str, dict[str, str]], tmp_path: Path) -> None:

@@ -138,11 +138,12 @@ def _resolve(
 
 
 def _remote_context(context: str, environ: Mapping[str, str], work: Path, keep_git_dir: bool) -> Path:
-    from lamina.engine.gitsource import checkout, parse_git_url
+    from lamina.engine.gitsource import check_commit, checkout, parse_git_url
 
     ref = parse_git_url(context)
     repo = work / "git"
-    checkout(ref, repo, environ, keep_git_dir=keep_git_dir)
+    keep = ref.keep_git_dir if ref.keep_git_dir is not None else keep_git_dir
+    check_commit(ref, checkout(ref, repo, environ, keep_git_dir=keep))
     return _inside(repo, ref.subdir) if ref.subdir else repo
 
 

@@ -11,6 +11,7 @@ fails the step, as BuildKit's git source checksum does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.engine.context import SourceTree
-from lamina.engine.gitsource import GitRef, checkout, is_git_url, parse_git_url, remote_commit
+from lamina.engine.gitsource import check_commit, checkout, is_git_url, parse_git_url, remote_commit
 from lamina.errors import BuildError, ContextError
 
 if TYPE_CHECKING:
@@ -37,8 +38,10 @@ def commit_of(source: str, checksum: str | None, location: Any) -> str:
         raise BuildError(f"{location}: ADD {err}") from None
     if commit is None:
         raise BuildError(f"{location}: ADD {source}: the remote has no ref {ref.ref or 'HEAD'}")
-    if checksum and not commit.startswith(checksum.removeprefix("sha1:")):
-        raise BuildError(f"{location}: ADD {source}: expected checksum to match {checksum}, got {commit}")
+    try:
+        check_commit(ref, commit, checksum or "")  # --checksum and the URL's ?checksum= both hold
+    except ContextError as err:
+        raise BuildError(f"{location}: ADD {source}: {str(err).partition(': ')[2]}") from None
     return commit
 
 
@@ -49,7 +52,9 @@ def git_tree(executor: StepHost, source: str, commit: str, keep_git_dir: bool) -
     scratch = Path(tempfile.mkdtemp(prefix="git-", dir=executor.store.root / "tmp"))
     try:
         try:
-            checkout(GitRef(ref.remote, commit), scratch / "repo", os.environ, keep_git_dir=keep_git_dir)
+            keep = ref.keep_git_dir if ref.keep_git_dir is not None else keep_git_dir  # ?keep-git-dir wins
+            pinned = dataclasses.replace(ref, ref=commit, subdir="")
+            checkout(pinned, scratch / "repo", os.environ, keep_git_dir=keep)
         except ContextError as err:
             raise BuildError(f"ADD {err}") from None
         root = scratch / "repo" / ref.subdir if ref.subdir else scratch / "repo"
