@@ -657,3 +657,31 @@ def test_a_one_shot_command_reaches_named_services_by_name(tmp_path: Path, cache
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 passed" in done.stdout
     assert not list((cache / "pytest" / "services").iterdir())
+
+
+@pytest.mark.sandbox
+def test_ports_are_relayed_where_slirp4netns_cannot_be_had(tmp_path: Path, cache: Path) -> None:
+    tests = """
+        import urllib.request
+        import lamina.engine.sandbox.network as network
+
+        # As on a host without slirp4netns, or with /dev/net/tun closed to the user.
+        network.unavailable = lambda: "the default network needs slirp4netns, which is not installed (test)"
+
+        SITE = "mkdir /w; echo {} > /w/index.html; exec httpd -f -v -p {} -h /w"
+
+        def test_relayed(bb, lamina_service, lamina_run):
+            site = lamina_service(bb, SITE.format("from-site", 80), ports=[80], name="site")
+            assert urllib.request.urlopen(site.url("/"), timeout=5).read() == b"from-site\\n"
+            # Listening on its loopback alone is enough: that is where the relay connects.
+            local = lamina_service(bb, SITE.format("local", "127.0.0.1:8080"), ports=[8080], name="local")
+            assert urllib.request.urlopen(local.url("/"), timeout=5).read() == b"local\\n"
+            assert "loopback only" in site.logs()  # the sandbox says what it has
+            result = lamina_run(bb, "wget -q -O- http://site/; wget -q -O- http://local:8080/", check=True)
+            assert result.stdout == "from-site\\nlocal\\n"
+            assert site.exec("wget -q -O- http://127.0.0.1/").stdout == "from-site\\n"
+    """
+    done = _pytest(_project(tmp_path / "p", tests), cache, "-q", "-rs", "--lamina-require-sandbox")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+    assert not list((cache / "pytest" / "services").iterdir())
