@@ -420,6 +420,7 @@ def build(
     annotations: Iterable[str] = (),
     provenance: str | None = None,
     sbom: str | None = None,
+    attests: Iterable[str] = (),
     no_cache: bool = False,
     no_cache_filter: Iterable[str] = (),
     labels: Mapping[str, str] | None = None,
@@ -508,6 +509,12 @@ def build(
         why = "is not a directory" if Path(context).exists() else "does not exist"
         raise ContextError(f"build context {context} {why}")
     specs = [*outputs, *([output] if output else [])]
+    for attest in attests:  # buildx's --attest type=provenance|sbom,...: the long form of the two
+        from lamina.engine.provenance import attest_kind
+
+        kind = attest_kind(attest)
+        provenance = attest if kind == "provenance" and provenance is None else provenance
+        sbom = attest if kind == "sbom" and sbom is None else sbom
     output_specs, attestations = _output_specs(specs, annotations, provenance, sbom, compression)
     if any(spec.insecure for spec in output_specs):
         from lamina.engine.push import insecure_hosts

@@ -684,6 +684,14 @@ def _usage(
 )
 @click.option("--sbom", metavar="false", help="SBOM attestation: refused unless false (no generator).")
 @click.option(
+    "--attest",
+    "attests",
+    multiple=True,
+    metavar="type=provenance|sbom[,K=V]",
+    callback=lambda ctx, param, value: _usage(ctx, param, value, "provenance", "attest_kind", each=True),
+    help="Attestation as buildx takes it (type=provenance,mode=max is --provenance mode=max).",
+)
+@click.option(
     "--call",
     "call_method",
     default="build",
@@ -735,6 +743,7 @@ def build(
     annotations: tuple[str, ...],
     provenance: str | None,
     sbom: str | None,
+    attests: tuple[str, ...],
     call_method: str,
     check: bool,
     iidfile: str | None,
@@ -770,6 +779,7 @@ def build(
         annotations=annotations,
         provenance=provenance,
         sbom=sbom,
+        attests=attests,
         no_cache=no_cache,
         no_cache_filter=no_cache_filter,
         labels=dict(_pairs(labels, "--label")),

@@ -230,6 +230,8 @@ def test_annotations_land_on_the_manifest_and_its_descriptor(cache: Path, ctx: P
         (["-o", "{d}", "--annotation", "a=b"], "--annotation: no output of this build is an image"),
         (["-o", "type=registry"], "tag is needed when pushing to registry"),
         (["--sbom", "true"], "--sbom is not supported: no SBOM generator is installed"),
+        (["--attest", "type=sbom"], "--sbom is not supported: no SBOM generator is installed"),
+        (["--attest", "type=nope"], 'unknown attestation type "nope"'),
         (["--provenance", "mode=all"], 'invalid --provenance mode "all"'),
         (
             ["--provenance", "true", "-o", "type=docker,dest={d}"],
@@ -327,7 +329,7 @@ def test_provenance_is_an_attestation_manifest_in_the_index(cache: Path, ctx: Pa
     deps = predicate["buildDefinition"]["resolvedDependencies"]
     assert deps[0]["uri"].startswith("pkg:docker/lamina-test/busybox@1.35?platform=")
     assert image["layers"][1]["mediaType"] == OCI_LAYER_GZIP
-    maximal = oci(cache, ctx, tmp_path / "max", "", "--provenance", "true", "--build-arg", "V=2")
+    maximal = oci(cache, ctx, tmp_path / "max", "", "--attest", "type=provenance", "--build-arg", "V=2")
     predicate = _provenance(maximal)[2]["predicate"]
     assert predicate["buildDefinition"]["externalParameters"]["request"]["args"] == {"build-arg:V": "2"}
     assert (

@@ -181,3 +181,14 @@ def check_sbom(text: str) -> None:
         "--sbom is not supported: no SBOM generator is installed "
         "(BuildKit runs the docker/buildkit-syft-scanner image; lamina runs none)"
     )
+
+
+def attest_kind(text: str) -> str:
+    """The type of a buildx `--attest` value (`type=provenance,...` or `type=sbom,...`)."""
+    fields = dict(field.partition("=")[::2] for field in text.split(","))
+    kind = fields.get("type", "")
+    if not kind:
+        raise PlanError(f"invalid --attest {text!r}: attestation type not specified")
+    if kind not in ("provenance", "sbom"):
+        raise PlanError(f'unknown attestation type "{kind}"')
+    return kind
