@@ -120,7 +120,7 @@ def copy_step(executor: StepHost, state: StageState, plan: PlannedStage, instruc
         _produce(executor, copy, sources.parts, prior, upper)
 
     has_layer = layer_step(executor, state, copy.instruction, inputs, produce, files=sources.list_files)
-    if prior is not None and has_layer:
+    if prior is not None and prior.written and has_layer:  # written: it ran (not a dry run)
         prior.save(state.layers[-1].dir_id)
     _add_history(executor, state, copy, has_layer)
 
