@@ -59,33 +59,11 @@ def layer_step(
         state.base = _base_label(executor, state)
     state.index += 1
     inputs = _explaining(inputs, state)
-    text = one_line(instruction)
-    step = f"{instruction.location}: stage {state.name}: {text}"  # how errors name it
+    named = _Named.of(executor, state, instruction, inputs)
     start = time.monotonic()
-    sink = executor.sink
-    where = executor.cache.step_position(state, instruction)
-    same_text = executor.cache.step_position(state, instruction, inputs.instruction)
     result = None if pending else executor.cache.lookup(inputs, state)
-    line = f"line {instruction.location.line}" if instruction.location.line else ""
     if executor.options.dry_run:
-        if result is None and files is not None and not pending:
-            inputs = dataclasses.replace(inputs, files=files())  # names the files that changed
-        reason = pending or (
-            "" if result is not None else executor.cache.explain(where, inputs, state, line, same_text)
-        )
-        if state.unknown and reason.startswith("the previous step changed") and "; " not in reason:
-            # Its parent's key is a guess: the step that decides may make what it made before.
-            reason = f"may run: depends on {state.unknown}"
-        record = StepRecord(state.name, state.index, text, result is not None, 0.0, inputs.key(), reason)
-        executor.record(record)
-        if result is None:
-            executor.dirty.add(state.name)
-            state.ran = f"step {state.index} ({text}) will run"
-            if pending:
-                state.unknown = f"step {state.index} ({text})"
-            state.key = inputs.key()
-            return True
-        return executor.cache.apply_result(state, inputs, result, step)
+        return _forecast(executor, state, named, inputs, result, pending, files)
     cached = result is not None
     reason = ""
     if result is None:
@@ -99,16 +77,69 @@ def layer_step(
             if result is None:
                 if files is not None:
                     inputs = dataclasses.replace(inputs, files=files())
-                reason = executor.cache.explain(where, inputs, state, line, same_text)
-                result = _produce(executor, state, text, inputs, produce, start, reason)
-                state.ran = f"step {state.index} ({text}) ran"
+                reason = named.explain(executor, state, inputs)
+                result = _produce(executor, state, named.text, inputs, produce, start, reason)
+                state.ran = f"step {state.index} ({named.text}) ran"
     if cached:
-        sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.CACHED))
-    executor.cache.remember_position(where, inputs)
-    executor.cache.remember_position(same_text, inputs)
+        executor.sink.step(StepEvent(state.name, state.index, state.total, named.text, StepStatus.CACHED))
+    executor.cache.remember_position(named.where, inputs)
+    executor.cache.remember_position(named.same_text, inputs)
     seconds = time.monotonic() - start
-    executor.record(StepRecord(state.name, state.index, text, cached, seconds, inputs.key(), reason))
-    return executor.cache.apply_result(state, inputs, result, step)
+    executor.record(StepRecord(state.name, state.index, named.text, cached, seconds, inputs.key(), reason))
+    return executor.cache.apply_result(state, inputs, result, named.step)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Named:
+    """How one step is named: in progress lines, in errors, and across builds."""
+
+    text: str  # the instruction on one line
+    step: str  # `Dockerfile:N: stage NAME: text`, how errors name it
+    line: str  # "line N", or "" when unknown
+    where: str  # its place in the stage (the last inputs there explain its next miss)
+    same_text: str  # the same instruction text in the stage (a line inserted above does not move it)
+
+    @classmethod
+    def of(cls, executor: StepHost, state: StageState, instruction: Instruction, inputs: KeyInputs) -> _Named:
+        text = one_line(instruction)
+        return cls(
+            text,
+            f"{instruction.location}: stage {state.name}: {text}",
+            f"line {instruction.location.line}" if instruction.location.line else "",
+            executor.cache.step_position(state, instruction),
+            executor.cache.step_position(state, instruction, inputs.instruction),
+        )
+
+    def explain(self, executor: StepHost, state: StageState, inputs: KeyInputs) -> str:
+        return executor.cache.explain(self.where, inputs, state, self.line, self.same_text)
+
+
+def _forecast(
+    executor: StepHost,
+    state: StageState,
+    named: _Named,
+    inputs: KeyInputs,
+    result: Any,
+    pending: str,
+    files: Callable[[], tuple[tuple[str, str, str], ...]] | None,
+) -> bool:
+    """--dry-run: record whether the step would hit and, if not, why; nothing runs."""
+    if result is None and files is not None and not pending:
+        inputs = dataclasses.replace(inputs, files=files())  # names the files that changed
+    reason = pending or ("" if result is not None else named.explain(executor, state, inputs))
+    if state.unknown and reason.startswith("the previous step changed") and "; " not in reason:
+        # Its parent's key is a guess: the step that decides may make what it made before.
+        reason = f"may run: depends on {state.unknown}"
+    record = StepRecord(state.name, state.index, named.text, result is not None, 0.0, inputs.key(), reason)
+    executor.record(record)
+    if result is None:
+        executor.dirty.add(state.name)
+        state.ran = f"step {state.index} ({named.text}) will run"
+        if pending:
+            state.unknown = f"step {state.index} ({named.text})"
+        state.key = inputs.key()
+        return True
+    return executor.cache.apply_result(state, inputs, result, named.step)
 
 
 def _base_label(executor: StepHost, state: StageState) -> str:
