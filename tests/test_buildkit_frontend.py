@@ -375,6 +375,9 @@ def _run_case(case: dict[str, Any], cache: Path, ctx: Path, out: Path, tmp_path:
     for name, expected in case.get("expect_json_files", {}).items():
         _subset(expected, json.loads((tmp_path / name).read_text()), name)
     image = result.config.to_json()
+    if "expect_created" in case:  # the image's and every history entry's time
+        times = [image.get("created")] + [h.get("created") for h in image.get("history", [])]
+        assert set(times) == {case["expect_created"]}, times
     if "expect_layer_count" in case:
         assert len(image["rootfs"]["diff_ids"]) == case["expect_layer_count"], image["rootfs"]
     if "expect_history_count" in case:

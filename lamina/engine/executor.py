@@ -93,6 +93,8 @@ class Executor:
         self._scratch.mkdir(exist_ok=True)
         self._warned: set[str] = set()
         self.epoch = options.source_date_epoch
+        if self.epoch is None:
+            self.epoch = _dockerfile_epoch(plan)
         self.images: dict[str, StageOutcome] = {}  # base images loaded by this build
         self.totals: dict[str, int] = {}  # stage name -> its filesystem steps, for replays
         self.temp_files: list[Path] = []  # e.g. secrets given by environment variable
@@ -395,3 +397,18 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         from lamina.engine.buildchecks import after_build
 
         return dataclasses.replace(result, checks=after_build(options, data, store, sink, checks))
+
+
+def _dockerfile_epoch(plan: Any) -> int | None:
+    """BuildKit's Dockerfile default: a global `ARG SOURCE_DATE_EPOCH=...` when no value is given."""
+    from lamina.errors import PlanError
+
+    text = plan.global_args.get("SOURCE_DATE_EPOCH") if plan is not None else None
+    if not text:
+        return None
+    if text.isdigit():
+        return int(text)
+    if any(stage.name and stage.name.lower() == text.lower() for stage in plan.stages):
+        # FIXME: BuildKit takes the epoch from that stage's sources; refused until lamina does.
+        raise PlanError(f"SOURCE_DATE_EPOCH={text}: an epoch taken from a stage's sources is not supported")
+    raise PlanError(f"invalid SOURCE_DATE_EPOCH: {text}")
