@@ -97,7 +97,7 @@ def test_proot_notice_and_refusals_say_what_is_missing() -> None:
     plain = {"uid": 1000, "userns": DENIED, "rootns": DENIED, "effective_caps": 0}
     notice = choose(None, _probe(**plain, proot="/usr/bin/proot")).notice()
     assert notice.startswith("isolation proot: ")
-    for lack in ("network", "PID", "su, setuid", "chown is recorded"):
+    for lack in ("network", "PID", "su, setuid", "ptrace"):
         assert lack in notice
     with pytest.raises(
         SandboxError, match=r"--isolation proot: proot is not installed \(apt-get install proot\)"
@@ -604,8 +604,11 @@ def test_proot_copy_from_key_sees_a_changed_owner(plain_user_dir: Path) -> None:
         "RUN mkdir -p /app/sub && chown -R 5:6 /app && chmod 700 /app\nCOPY app.txt /app/sub/x\n",
         "RUN mkdir /data && chown 5:5 /data && ln -s data /l\n"
         "USER nobody\nRUN mkdir /tmp/n && echo x > /tmp/n/f\n",
+        # cp -a and ls see the owners the layer will have (root's, not the caller's uid)
+        "RUN mkdir /d /e && chown 7:8 /d && cp -a /etc/passwd /d /e/\n"
+        "RUN ls -ln /e/passwd /e | cut -c1-30 > /owners\n",
     ],
-    ids=["copy-into-chowned-dir", "user-nobody"],
+    ids=["copy-into-chowned-dir", "user-nobody", "cp-a-and-ls"],
 )
 def test_proot_build_matches_the_host_build(
     plain_user_dir: Path, tmp_path: Path, busybox_image: Path, steps: str

@@ -12,10 +12,12 @@ source).
 proot's own fake root (`-0`) is not used: it rewrites chown(0) into a chown
 to the caller's uid, so a chown to that uid could not be told from one to
 root. Instead the helper installs a seccomp filter that hands the step's
-get*id, set*id, chown, fchown, lchown, fchownat, mknod(at) and exit_group
-calls to this process (SECCOMP_RET_USER_NOTIF; proot, in ptrace mode on
+get*id, set*id, stat, chown, fchown, lchown, fchownat, mknod(at) and
+exit_group calls to this process (SECCOMP_RET_USER_NOTIF; proot, in ptrace mode on
 kernels since 4.8, has already translated the path):
-- get*id answer the step's USER (root unless USER says otherwise);
+- get*id answer the step's USER (root unless USER says otherwise), and
+  stat, lstat, fstat, newfstatat and statx are run here and show the owner
+  the layer will have (so `cp -a` and `tar` copy root's files as root's);
 - a chown is recorded in the file's `user.lamina.owner` xattr
   (`lamina.oci.recorded`), a device node becomes a placeholder file, and a
   file the step made gets the step's USER as owner;
@@ -67,6 +69,7 @@ _ARCHES = {
             "setresgid": 119, "setfsuid": 122, "setfsgid": 123,
             "setgroups": 116, "exit_group": 231, "getuid": 102,
             "geteuid": 107, "getgid": 104, "getegid": 108, "getresuid": 118, "getresgid": 120,
+            "stat": 4, "fstat": 5, "lstat": 6, "newfstatat": 262, "statx": 332,
         },
     ),
     "aarch64": (
@@ -77,11 +80,14 @@ _ARCHES = {
             "setregid": 143, "setresuid": 147, "setresgid": 149, "setfsuid": 151, "setfsgid": 152,
             "setgroups": 159,
             "exit_group": 94, "getuid": 174, "geteuid": 175, "getgid": 176, "getegid": 177,
-            "getresuid": 148, "getresgid": 150,
+            "getresuid": 148, "getresgid": 150, "fstat": 80, "newfstatat": 79, "statx": 291,
         },
     ),
 }  # fmt: skip
 _DEV_HOST = ("null", "zero", "full", "random", "urandom", "tty")
+# Where struct stat keeps st_ino, st_uid and st_gid (kernel layout), and its size; statx's are common.
+_STAT_LAYOUT = {"x86_64": (8, 28, 32, 144), "aarch64": (8, 24, 28, 128)}
+_STATX_LAYOUT = (32, 20, 24, 256)
 
 
 class _Failed(Exception):
@@ -303,6 +309,9 @@ class _Supervisor:
         self.names = {nr: name for name, nr in numbers.items()}
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+        self.real = (os.getuid(), os.getgid())
+        numbers = _ARCHES[os.uname().machine][2]
+        self.nr_fstatat, self.nr_statx = numbers["newfstatat"], numbers["statx"]
         self.main = -1  # the command's process (proot's first child): its exit ends the step
         self.code = -1  # its exit code, once it called exit_group
 
@@ -384,6 +393,8 @@ class _Supervisor:
             if pid == self.main:
                 self.code = args[0] & 0xFF
             return 0, True
+        if name in ("stat", "fstat", "lstat", "newfstatat", "statx"):
+            return self._stat(name, pid, args, nid, listener)
         if name.startswith("get"):
             return self._get_ids(name, pid, args, nid, listener)
         if name == "setgroups":
@@ -429,6 +440,62 @@ class _Supervisor:
         self._valid(listener, nid)
         self._chown(path, follow, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF)
         return 0, False
+
+    def _stat(self, name: str, pid: int, args: tuple[int, ...], nid: int, listener: int) -> tuple[int, bool]:
+        """Run the stat ourselves and show the owners the layer will have (recorded, else
+        root's for what the image had, else the step USER's), as real root would see them."""
+        follow = True
+        if name == "fstat":
+            target, buf = f"/proc/{pid}/fd/{_signed(args[0])}", args[1]
+        elif name in ("stat", "lstat"):
+            target, buf, follow = self._path(pid, _AT_FDCWD, args[0], 0), args[1], name == "stat"
+        else:
+            flags = args[2] if name == "statx" else args[3]
+            buf = args[4] if name == "statx" else args[2]
+            follow = not flags & _AT_SYMLINK_NOFOLLOW
+            text = _read_string(pid, args[1])
+            if not text and flags & _AT_EMPTY_PATH:
+                target, follow = f"/proc/{pid}/fd/{_signed(args[0])}", True
+            else:
+                target = self._path(pid, _signed(args[0]), args[1], 0)
+        self._valid(listener, nid)
+        path = target.encode("utf-8", "surrogateescape")
+        at = 0 if follow else _AT_SYMLINK_NOFOLLOW
+        if name == "statx":
+            ino_at, uid_at, gid_at, size = _STATX_LAYOUT
+            out = ctypes.create_string_buffer(size)
+            mask = args[3] & 0xFFFFFFFF
+            done = self.libc.syscall(self.nr_statx, _AT_FDCWD, path, at | (args[2] & 0x6000), mask, out)
+        else:
+            ino_at, uid_at, gid_at, size = _STAT_LAYOUT[os.uname().machine]
+            out = ctypes.create_string_buffer(size)
+            done = self.libc.syscall(self.nr_fstatat, _AT_FDCWD, path, out, at)
+        if done != 0:
+            return ctypes.get_errno() or errno.EIO, False
+        raw = bytearray(out.raw)
+        ino = struct.unpack_from("=Q", raw, ino_at)[0]
+        uid, gid = struct.unpack_from("=I", raw, uid_at)[0], struct.unpack_from("=I", raw, gid_at)[0]
+        shown = self._shown(target, follow, ino, uid, gid)
+        struct.pack_into("=I", raw, uid_at, shown[0])
+        struct.pack_into("=I", raw, gid_at, shown[1])
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, bytes(raw), buf)
+        finally:
+            os.close(fd)
+        return 0, False
+
+    def _shown(self, target: str, follow: bool, ino: int, uid: int, gid: int) -> tuple[int, int]:
+        try:
+            found = recorded.parse_owner(os.getxattr(target, recorded.OWNER_XATTR, follow_symlinks=follow))
+            if found is not None:
+                return found
+        except OSError:
+            pass
+        if uid != self.real[0] and gid != self.real[1]:
+            return uid, gid  # not this process's file: shown as it is
+        default = (0, 0) if ino in self.known else self.owner
+        return (default[0] if uid == self.real[0] else uid, default[1] if gid == self.real[1] else gid)
 
     def _get_ids(
         self, name: str, pid: int, args: tuple[int, ...], nid: int, listener: int

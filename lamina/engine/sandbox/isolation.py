@@ -104,8 +104,7 @@ LACKS = {
     Isolation.PROOT: (
         "no namespaces, a plain uid: RUN runs under proot (ptrace, slower system calls), shares "
         "this host's network (--network=none cannot be given), PID space and /proc, sees a /dev of "
-        "the host's null/zero/random/tty, sees files as owned by the uid running lamina (chown is "
-        "recorded for the layer, not shown), may not switch users (su, setuid), and each step copies "
+        "the host's null/zero/random/tty, may not switch users (su, setuid), and each step copies "
         "its root filesystem"
     ),
 }
