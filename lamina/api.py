@@ -631,7 +631,7 @@ def _named_contexts(flags: Iterable[str], cache_root: Any, env: Mapping[str, str
         return contextlib.nullcontext(())
     from lamina.engine.namedcontext import prepared
 
-    def build_dir(directory: Any, name: str) -> str:
+    def build_dir(directory: Any, name: str, ignore: bool) -> str:
         # A directory's image, as BuildKit's llb.Local of it: its files as COPY takes them.
         import tempfile
         from pathlib import Path
@@ -639,6 +639,8 @@ def _named_contexts(flags: Iterable[str], cache_root: Any, env: Mapping[str, str
         with tempfile.TemporaryDirectory(prefix="lamina-context-") as tmp:
             dockerfile = Path(tmp) / "Dockerfile"
             dockerfile.write_text("FROM scratch\nCOPY . /\n")
+            if not ignore:  # an empty Dockerfile.dockerignore wins over the directory's own
+                (Path(tmp) / "Dockerfile.dockerignore").write_text("")
             made = build(directory, dockerfile, tags=[name], cache_dir=cache_root, environ=env)
         return made.image_digest
 

@@ -196,6 +196,23 @@ def test_git_query_form_context_and_add(
     assert (out2 / "x/.git").is_dir(), "?keep-git-dir keeps .git"
 
 
+@pytest.mark.sandbox
+def test_build_context_from_git(
+    served: tuple[str, dict[str, str]], tmp_path: Path, busybox_image: Path
+) -> None:
+    url, _ = served
+    cache = make_cache(tmp_path, busybox_image)
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nCOPY --from=src /top.txt /app/version.txt /got/\n")
+    out = tmp_path / "out"
+    run_cli(
+        "build", "--build-context", f"src={url}#v1", "-o", f"type=local,dest={out}", str(ctx), cache=cache
+    )
+    assert (out / "got/version.txt").read_text() == "one\n"
+    assert (out / "got/top.txt").read_text() == "outside app\n", (
+        "a git context's .dockerignore filters nothing"
+    )
+
+
 def test_git_context_errors_in_one_line(served: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     url, _ = served
     proc = run_cli("build", url + "#nosuchref", cache=tmp_path / "cache", check=False)

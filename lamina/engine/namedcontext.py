@@ -80,11 +80,12 @@ def prepared(
     flags: Iterable[str],
     store_root: Path,
     environ: Mapping[str, str],
-    build_dir: Callable[[Path, str], str],
+    build_dir: Callable[[Path, str, bool], str],
 ) -> Iterator[tuple[NamedContext, ...]]:
     """The named contexts of `--build-context` flags, images made or imported as needed.
 
-    `build_dir(directory, name)` builds the one-layer image of a directory under `name`
+    `build_dir(directory, name, ignore)` builds the one-layer image of a directory under `name`
+    (its .dockerignore applied when `ignore`)
     and returns its manifest digest (api.build, run on its own: no nested store).
     """
     made: list[str] = []
@@ -107,11 +108,11 @@ def _context(
     value: str,
     store_root: Path,
     environ: Mapping[str, str],
-    build_dir: Callable[[Path, str], str],
+    build_dir: Callable[[Path, str, bool], str],
     made: list[str],
     temporary: contextlib.ExitStack,
 ) -> NamedContext:
-    from lamina.engine.gitsource import checkout, is_git_url, parse_git_url
+    from lamina.engine.gitsource import check_commit, checkout, is_git_url, parse_git_url
 
     flag = f"--build-context {key}={value}"
     internal = f"{INTERNAL_REPO}/{hashlib.sha256(f'{key}={value}'.encode()).hexdigest()[:16]}:{os.getpid()}"
@@ -124,17 +125,22 @@ def _context(
         digest = _import_layout(value.removeprefix("oci-layout://"), store_root, internal, flag)
         return NamedContext(key, internal, local=True, digest=digest)
     directory = Path(value)
-    if not directory.is_dir() and is_git_url(value):
+    fetched = not directory.is_dir() and is_git_url(value)
+    if fetched:
         work = Path(temporary.enter_context(tempfile.TemporaryDirectory(prefix="lamina-context-")))
         ref = parse_git_url(value)
-        checkout(ref, work / "git", environ)
+        try:
+            check_commit(ref, checkout(ref, work / "git", environ, keep_git_dir=bool(ref.keep_git_dir)))
+        except LaminaError as err:
+            raise PlanError(f"{flag}: {err}") from None
         directory = work / "git" / ref.subdir if ref.subdir else work / "git"
     if value.startswith(("http://", "https://", "target:", "input:")) and not directory.is_dir():
         raise PlanError(f"{flag}: only a directory, a git URL, docker-image:// or oci-layout:// is supported")
     if not directory.is_dir():
         raise PlanError(f"{flag}: {value} is not a directory")
     made.append(internal)
-    return NamedContext(key, internal, local=True, digest=build_dir(directory, internal))
+    # A git context is taken whole (no .dockerignore), a directory as its upload is.
+    return NamedContext(key, internal, local=True, digest=build_dir(directory, internal, not fetched))
 
 
 def _check_reference(ref: str, flag: str) -> None:
