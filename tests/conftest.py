@@ -1,6 +1,8 @@
 """Shared fixtures.
 
 - `store`: an open, empty `lamina.cache.store.Store` under tmp_path.
+- `cache`: a cache directory under tmp_path holding `busybox_image` (the
+  build tests' store; `tests.support.build` has the helpers that use it).
 - `from tests.support import make_busybox_rootfs, make_busybox_image`
   for the base image helpers; `tests.support.schema.check_document` for
   the OCI JSON schemas.
@@ -40,3 +42,11 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not BUSYBOX.exists():
         pytest.skip(f"{BUSYBOX} is missing (apt-get install busybox-static)")
     return make_busybox_image(tmp_path_factory.mktemp("busybox"))
+
+
+@pytest.fixture
+def cache(tmp_path: Path, busybox_image: Path) -> Path:
+    """A lamina cache under tmp_path holding lamina-test/busybox:1.35 (tests.support.build.make_cache)."""
+    from tests.support.build import make_cache
+
+    return make_cache(tmp_path, busybox_image)

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_build_helpers import rootfs, write_context
 
+from tests.support.build import rootfs, write_context
 from tests.support.minbase import minbase_tar, why_unavailable
 
 pytestmark = pytest.mark.sandbox

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, ROOT, build, cached_steps, make_cache, write_context
+
+from tests.support.build import BASE, ROOT, build, cached_steps, write_context
 
 pytestmark = pytest.mark.sandbox
 
@@ -27,11 +28,6 @@ ARG LATE=a
 RUN echo "$LATE" > /app/late
 """
 FILES = {"src/a.txt": "a\n", "src/b.txt": "b\n", "unrelated.md": "not copied\n"}
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 @pytest.fixture

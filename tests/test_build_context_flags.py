@@ -9,14 +9,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, ROOT, make_cache, write_context
+
+from tests.support.build import BASE, ROOT, write_context
 
 pytestmark = pytest.mark.sandbox
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 def lamina(*args: str, cache: Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:

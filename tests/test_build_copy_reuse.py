@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, build, make_cache, rootfs, write_context
+
+from tests.support.build import BASE, build, make_cache, rootfs, write_context
 
 pytestmark = pytest.mark.sandbox
 
@@ -18,11 +19,6 @@ DOCKERFILE = f"""\
 FROM {BASE}
 COPY . /data/
 """
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 def _layer_files(cache: Path, rel: str) -> dict[Path, os.stat_result]:

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, make_cache, run_cli, write_context
+
+from tests.support.build import BASE, run_cli, write_context
 
 pytestmark = pytest.mark.sandbox
 
@@ -21,11 +22,6 @@ FROM {BASE}
 COPY --from=build /all /all
 RUN echo done > /done
 """
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 @pytest.fixture

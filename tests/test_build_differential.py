@@ -8,14 +8,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, build, image_entries, make_cache, needs_id_range, rootfs, write_context
+
+from tests.support.build import BASE, build, image_entries, needs_id_range, rootfs, write_context
 
 pytestmark = pytest.mark.sandbox
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 def _archive(owner: tuple[int, int]) -> bytes:

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_build_helpers import (
+
+from tests.support.build import (
     BASE,
     build,
     cached_steps,
     image_entries,
-    make_cache,
     needs_id_range,
     rootfs,
     run_cli,
@@ -61,11 +61,6 @@ FILES = {
     "tool.sh": "#!/bin/sh\necho tool ran\n",
     "ignored.txt": "not copied\n",
 }
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 def test_multistage_rootfs(cache: Path, tmp_path: Path) -> None:

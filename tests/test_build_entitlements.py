@@ -13,14 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, make_cache, run_cli, write_context
+
+from tests.support.build import BASE, run_cli, write_context
 
 pytestmark = pytest.mark.sandbox
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 @pytest.fixture

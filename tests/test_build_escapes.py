@@ -13,16 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, build, make_cache, write_context
 
 from lamina.errors import LaminaError
+from tests.support.build import BASE, build, write_context
 
 pytestmark = pytest.mark.sandbox
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 @pytest.fixture

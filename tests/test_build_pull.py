@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_build_helpers import build, write_context
 
 from tests import registry_server
+from tests.support.build import build, write_context
 
 pytestmark = [
     pytest.mark.sandbox,

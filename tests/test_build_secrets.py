@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, ROOT, make_cache, write_context
+
+from tests.support.build import BASE, ROOT, write_context
 
 pytestmark = pytest.mark.sandbox
 
@@ -21,11 +22,6 @@ def run_cli(
     return subprocess.run(
         [sys.executable, "-m", "lamina", *args], capture_output=True, text=True, env=environ, cwd=cwd
     )
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 DOCKERFILE = f"""\

@@ -9,7 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, build, make_cache, write_context
+
+from tests.support.build import BASE, build, make_cache, write_context
 
 pytestmark = pytest.mark.sandbox
 

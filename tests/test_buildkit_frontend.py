@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_build_helpers import BASE, build, image_entries, make_cache, needs_id_range
+
+from tests.support.build import BASE, build, image_entries, make_cache, needs_id_range
 
 BUILDKIT = Path(__file__).parent / "conformance" / "buildkit"
 CASES = BUILDKIT / "cases"

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_build_helpers import build, run_cli, write_context
 
 from lamina.cache.remote import parse_cache_spec
 from lamina.errors import PlanError
 from lamina.oci.digest import Digest
+from tests.support.build import build, run_cli, write_context
 
 DOCKERFILE = """\
 FROM scratch AS builder

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_build_helpers import BASE, build, make_cache, write_context
 
 from lamina import api
 from lamina.cli import cli
+from tests.support.build import BASE, build, make_cache, write_context
 
 DAY = 86400
 LAYER_BYTES = 300_000

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, build, cached_steps, make_cache, run_cli, write_context
 
 from lamina.cache.store import Store
 from lamina.cache.verify import VerifyReport, verify
 from lamina.oci.digest import Digest
+from tests.support.build import BASE, build, cached_steps, make_cache, run_cli, write_context
 
 DOCKERFILE = f"""FROM {BASE} AS b
 RUN echo built > /a

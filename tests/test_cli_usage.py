@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, make_cache, run_cli, write_context
+
+from tests.support.build import BASE, make_cache, run_cli, write_context
 
 
 @pytest.mark.parametrize(

@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, ROOT, run_cli, write_context
 
 from lamina.cache.store import Store
 from lamina.engine.model import BuildResult
+from tests.support.build import BASE, ROOT, run_cli, write_context
 
 RUNS = int(os.environ.get("LAMINA_CRASH_RUNS", "25"))
 SEED = int(os.environ.get("LAMINA_CRASH_SEED", "16"))

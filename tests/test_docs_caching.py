@@ -100,7 +100,7 @@ def run_tutorial(work: Path, cache: Path) -> Iterator[tuple[int, int, str, str]]
 
 @pytest.fixture
 def tutorial_cache(tmp_path: Path, busybox_image: Path) -> Path:
-    from test_build_helpers import make_cache
+    from tests.support.build import make_cache
 
     return make_cache(tmp_path, busybox_image)
 
@@ -119,8 +119,7 @@ def _update() -> None:
 
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
-    from test_build_helpers import make_cache
-
+    from tests.support.build import make_cache
     from tests.support.busybox import make_busybox_image
 
     with tempfile.TemporaryDirectory() as tmp:

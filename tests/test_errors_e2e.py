@@ -19,15 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, build, cached_steps, make_cache, run_cli, write_context
+
+from tests.support.build import BASE, build, cached_steps, run_cli, write_context
 
 GOOD = f"FROM {BASE}\nCOPY a.txt /a.txt\nLABEL ok=1\n"
 GOOD_RUN = f"FROM {BASE}\nCOPY a.txt /a.txt\nRUN echo built > /built\n"
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 @pytest.fixture
@@ -528,7 +524,7 @@ def test_sigkill_scratch_removed_by_gc(cache: Path, tmp_path: Path) -> None:
 
 def test_non_utf8_dockerfile_and_name(cache: Path, tmp_path: Path) -> None:
     """A Latin-1 Dockerfile naming a Latin-1 file builds; the history shows U+FFFD, as Go's JSON does."""
-    from test_build_helpers import oci_config
+    from tests.support.build import oci_config
 
     ctx = tmp_path / "ctx"
     ctx.mkdir()

@@ -281,13 +281,6 @@ def test_buildkit_syntax_build_arg_as_the_directive(tmp_path: Path) -> None:
 # --- with a sandbox -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    from test_build_helpers import make_cache
-
-    return make_cache(tmp_path, busybox_image)
-
-
 def _has_id_range() -> bool:
     from lamina.engine.sandbox.idmap import IdMode, detect_ids
 
@@ -296,7 +289,7 @@ def _has_id_range() -> bool:
 
 @pytest.mark.sandbox
 def test_secret_file_mode_and_owner(cache: Path, tmp_path: Path) -> None:
-    from test_build_helpers import BASE, rootfs, write_context
+    from tests.support.build import BASE, rootfs, write_context
 
     text = (
         f"FROM {BASE}\n"
@@ -315,7 +308,7 @@ def test_secret_file_mode_and_owner(cache: Path, tmp_path: Path) -> None:
 
 @pytest.mark.sandbox
 def test_required_secret_missing_fails_in_one_line(cache: Path, tmp_path: Path) -> None:
-    from test_build_helpers import BASE, rootfs, write_context
+    from tests.support.build import BASE, rootfs, write_context
 
     ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN --mount=type=secret,id=absent,required true\n")
     with pytest.raises(LaminaError) as caught:
@@ -332,7 +325,7 @@ def test_required_secret_missing_fails_in_one_line(cache: Path, tmp_path: Path) 
 @pytest.mark.sandbox
 def test_add_link_writes_an_independent_layer(cache: Path, tmp_path: Path) -> None:
     """ADD --link, as COPY --link: a symlink of the stage below is not followed into its target."""
-    from test_build_helpers import BASE, rootfs, write_context
+    from tests.support.build import BASE, rootfs, write_context
 
     text = f"FROM {BASE}\nRUN mkdir /real && ln -s /real /d\nADD --link f.txt /d/f.txt\nADD g.txt /d/g.txt\n"
     ctx = write_context(tmp_path / "ctx", text, {"f.txt": "f\n", "g.txt": "g\n"})
@@ -366,7 +359,7 @@ def test_buildkit_inline_cache_build_arg_writes_the_inline_cache(tmp_path: Path)
 def test_a_mount_without_a_target_is_mounted_at_the_workdir(cache: Path, tmp_path: Path) -> None:
     """BuildKit's own Dockerfiles (`RUN --mount=from=binaries`, `--mount=type=bind xx-go build .`):
     no target is WORKDIR, a relative one is under it; only `/` is refused."""
-    from test_build_helpers import BASE, rootfs, write_context
+    from tests.support.build import BASE, rootfs, write_context
 
     text = (
         f"FROM {BASE} AS bin\n"

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, cached_steps, make_cache, rootfs, run_cli, write_context
 
 from lamina.engine.gitsource import GitRef, is_git_url, parse_git_url
+from tests.support.build import BASE, cached_steps, make_cache, rootfs, run_cli, write_context
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, build, make_cache, run_cli, write_context
+
+from tests.support.build import BASE, build, run_cli, write_context
 
 pytestmark = pytest.mark.sandbox
 
@@ -26,11 +27,6 @@ COPY src/ /src/
 RUN echo "$MODE $LEVEL" > /mode
 """
 FILES = {"src/a.txt": "a\n", "src/b.txt": "b\n", "src/c.txt": "c\n"}
-
-
-@pytest.fixture
-def cache(tmp_path: Path, busybox_image: Path) -> Path:
-    return make_cache(tmp_path, busybox_image)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_build_helpers import BASE, make_cache, run_cli, write_context
 
 from lamina.oci.compression import Compression
 from lamina.oci.digest import Digest
@@ -31,6 +30,7 @@ from lamina.oci.image import (
     OCI_LAYER_ZSTD,
     OCI_MANIFEST,
 )
+from tests.support.build import BASE, make_cache, run_cli, write_context
 
 DOCKERFILE = f"FROM {BASE}\nARG V=1\nRUN echo hi > /hi\n"
 

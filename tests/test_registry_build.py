@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_build_helpers import BASE, build, make_cache, run_cli, write_context
 
 from lamina.cache.remote import parse_cache_spec
 from lamina.engine.progress import BuildSummary, StepEvent, StepStatus
 from lamina.errors import PlanError, RegistryError
 from tests import registry_server
+from tests.support.build import BASE, build, make_cache, run_cli, write_context
 
 needs_registry = pytest.mark.skipif(
     registry_server.REGISTRY is None, reason="docker-registry is not installed"

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_build_helpers import BASE, cached_steps, make_cache, rootfs, run_cli, write_context
+
+from tests.support.build import BASE, cached_steps, make_cache, rootfs, run_cli, write_context
 
 pytestmark = pytest.mark.sandbox
 

@@ -1,5 +1,7 @@
 """Helpers for the build tests: a cache holding the busybox base, and a one-call build.
 
+The `cache` fixture (tests/conftest.py) is `make_cache` over the session's busybox image.
+
 cache = make_cache(tmp_path, busybox_image)      # a store with lamina-test/busybox:1.35
 result = build(cache, ctx, dockerfile_text)      # lamina.api.build, quiet
 tree = rootfs(cache, ctx, text)                   # -o type=local, returns the dir
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 BASE = "lamina-test/busybox:1.35"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def needs_id_range() -> None:
