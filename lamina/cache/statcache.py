@@ -39,7 +39,9 @@ _RECORD = struct.Struct("<QQQqq32s")
 _SETTLE_NS = 100_000_000  # far above any kernel timestamp granularity
 _SLACK = 10_000  # stale entries a shard may carry before it is pruned to what a build used
 _SHARD_DAYS = 30
-_PARALLEL_FROM = 16  # fewer files than this are hashed on the calling thread
+_SMALL = 256 * 1024  # files up to this size are read in one call, on the calling thread
+_CHUNK = 1 << 20
+_WINDOW = 8  # large files in flight per hashing thread: bounded work, however big the context
 DIR_NAME = "statcache"
 
 
@@ -47,15 +49,26 @@ def stat_key(st: os.stat_result) -> StatKey:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def hash_file(path: str | os.PathLike[str]) -> tuple[bytes, os.stat_result]:
+def hash_file(path: str | os.PathLike[str], size: int = -1) -> tuple[bytes, os.stat_result]:
     """sha256 of a file's bytes, with the stat of the open file after reading it.
 
     Never follows a symlink and never blocks on a FIFO swapped in for the file.
+    `size`, the size lstat saw, lets a small file be read in one call.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        if 0 <= size <= _SMALL:
+            # One read asking for a byte more than lstat saw; only a short
+            # read or a file that grew reads on to the end (and a change while
+            # reading is caught by the stat after).
+            data = os.read(fd, size + 1)
+            h = hashlib.sha256(data)
+            if len(data) != size:
+                while data := os.read(fd, _CHUNK):
+                    h.update(data)
+            return h.digest(), os.fstat(fd)
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             digest = hashlib.file_digest(f, "sha256").digest()
         return digest, os.fstat(fd)
@@ -127,10 +140,14 @@ class StatCache:
         return self.digest_many([(os.fspath(path), key)], scope)[0]
 
     def digest_many(self, items: Sequence[tuple[str, StatKey]], scope: str | None = None) -> list[bytes]:
-        """`digest` for many files; the ones not cached are hashed on a few threads.
+        """`digest` for many files; the ones not cached are read, large ones on a few threads.
 
-        hashlib and file reads release the GIL, so a cold context hashes on
-        every core; a warm one never starts a thread.
+        Small files are hashed on the calling thread: for them the cost is the
+        system calls and the interpreter, which threads only contend for.
+        hashlib and reads of large files release the GIL, so those go to a
+        pool, a bounded window of them at a time, and are hashed on every
+        core while the calling thread reads the small ones. A warm context
+        never starts a thread.
         """
         shard = self._shard(scope)
         entries = shard.entries
@@ -139,22 +156,56 @@ class StatCache:
         self.hits += len(items) - len(missing)
         self.misses += len(missing)
         shard.used.update(key for _, key in items)
-        if len(missing) < _PARALLEL_FROM:
-            results = [hash_file(items[i][0]) for i in missing]
-        else:
-            from concurrent.futures import ThreadPoolExecutor
+        if not missing:
+            return found  # type: ignore[return-value]
+        new = shard.new
 
-            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-                results = list(pool.map(hash_file, (items[i][0] for i in missing)))
-        for i, (digest, after) in zip(missing, results, strict=True):
+        def record(i: int, digest: bytes, after: os.stat_result) -> None:
             key = items[i][1]
             # Keep it only if nothing changed while reading and the file has
             # settled: a later write in the same timestamp tick would go unseen.
             if stat_key(after) == key and time.time_ns() - after.st_ctime_ns > _SETTLE_NS:
                 entries[key] = digest
-                shard.new[key] = digest
+                new[key] = digest
             found[i] = digest
-        return [d for d in found if d is not None]
+
+        large = [i for i in missing if items[i][1][2] > _SMALL]
+        small = [i for i in missing if items[i][1][2] <= _SMALL] if large else missing
+        if len(large) < 2:
+            for i in missing:
+                record(i, *hash_file(items[i][0], items[i][1][2]))
+            return found  # type: ignore[return-value]
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        workers = min(4, os.cpu_count() or 1)
+        queued = iter(large)
+        pending: deque[tuple[int, Future[tuple[bytes, os.stat_result]]]] = deque()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            try:
+
+                def refill() -> None:
+                    while len(pending) < workers * _WINDOW:
+                        i = next(queued, None)
+                        if i is None:
+                            return
+                        pending.append((i, pool.submit(hash_file, items[i][0], items[i][1][2])))
+
+                refill()
+                for i in small:
+                    record(i, *hash_file(items[i][0], items[i][1][2]))
+                    while pending and pending[0][1].done():
+                        j, future = pending.popleft()
+                        record(j, *future.result())
+                        refill()
+                while pending:
+                    j, future = pending.popleft()
+                    record(j, *future.result())
+                    refill()
+            finally:
+                for _, future in pending:
+                    future.cancel()
+        return found  # type: ignore[return-value]
 
     def save(self) -> None:
         """Write new digests to disk (merged with what other processes wrote)."""

@@ -1,0 +1,90 @@
+"""The stat cache on large contexts: bounded work for threads, files read in one call (issue 22)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from lamina.cache import statcache
+from lamina.cache.statcache import StatCache, hash_file, stat_key
+
+
+def _items(paths: list[Path]) -> list[tuple[str, statcache.StatKey]]:
+    return [(str(p), stat_key(os.lstat(p))) for p in paths]
+
+
+def test_small_and_large_files_digest_as_sha256_in_order(tmp_path: Path) -> None:
+    paths = []
+    for i in range(40):
+        path = tmp_path / f"f{i:02d}"
+        # Every third file is larger than what is read in one call.
+        size = statcache._SMALL + 1000 * i if i % 3 == 0 else i * 7
+        path.write_bytes(bytes((i + n) % 251 for n in range(size)))
+        paths.append(path)
+    digests = StatCache(None).digest_many(_items(paths))
+    assert digests == [hashlib.sha256(p.read_bytes()).digest() for p in paths]
+
+
+def test_a_file_that_grew_since_lstat_is_hashed_whole(tmp_path: Path) -> None:
+    path = tmp_path / "grows"
+    path.write_bytes(b"x" * 10)
+    size = os.lstat(path).st_size
+    path.write_bytes(b"x" * 100_000)
+    digest, after = hash_file(path, size)
+    assert digest == hashlib.sha256(b"x" * 100_000).digest()
+    assert after.st_size == 100_000
+
+
+def test_a_file_that_shrank_since_lstat_is_hashed_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "shrinks"
+    path.write_bytes(b"y" * 5000)
+    size = os.lstat(path).st_size
+    path.write_bytes(b"y" * 3)
+    assert hash_file(path, size)[0] == hashlib.sha256(b"yyy").digest()
+
+
+def test_threads_get_a_bounded_window_of_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many files a context has, only a few are handed to threads at once."""
+    monkeypatch.setattr(statcache, "_SMALL", 0)  # every file goes to the pool
+    paths = []
+    for i in range(300):
+        path = tmp_path / f"f{i:03d}"
+        path.write_bytes(b"%d" % i)
+        paths.append(path)
+    outstanding = 0
+    most = 0
+    submit = ThreadPoolExecutor.submit
+
+    def counting_submit(self: ThreadPoolExecutor, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal outstanding, most
+        outstanding += 1
+        most = max(most, outstanding)
+        future = submit(self, fn, *args, **kwargs)
+
+        def done(_: object) -> None:
+            nonlocal outstanding
+            outstanding -= 1
+
+        future.add_done_callback(done)
+        return future
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", counting_submit)
+    digests = StatCache(None).digest_many(_items(paths))
+    assert digests == [hashlib.sha256(p.read_bytes()).digest() for p in paths]
+    assert most <= min(4, os.cpu_count() or 1) * statcache._WINDOW
+
+
+def test_an_unreadable_large_file_raises_and_stops_the_pool(tmp_path: Path) -> None:
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"big{i}"
+        path.write_bytes(b"z" * (statcache._SMALL + 1))
+        paths.append(path)
+    items = _items(paths)
+    os.unlink(paths[3])
+    with pytest.raises(FileNotFoundError):
+        StatCache(None).digest_many(items)
