@@ -34,42 +34,15 @@ from lamina.engine.sandbox import (
 from lamina.engine.sandbox import remove_tree as sandbox_remove_tree
 from lamina.engine.snapshot import capture
 from lamina.errors import SandboxError
-from tests.support.busybox import BUSYBOX, make_busybox_rootfs
+from tests.support.busybox import BUSYBOX
+from tests.support.sandbox import make_rootfs, userns_available
 
 pytestmark = pytest.mark.sandbox
 
-PASSWD_EXTRA = "app:x:1000:1000:app:/home/app:/bin/sh\n"
-GROUP_EXTRA = "app:x:1000:\nextra:x:2000:app\nwheel:x:10:root\n"
-
-
-def _userns_available() -> bool:
-    try:
-        done = subprocess.run(
-            ["unshare", "--user", "--map-root-user", "true"], capture_output=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
 if not BUSYBOX.exists():
     pytest.skip(f"{BUSYBOX} is missing (apt-get install busybox-static)", allow_module_level=True)
-if not _userns_available():
+if not userns_available():
     pytest.skip("user namespaces are not available here", allow_module_level=True)
-
-
-def make_rootfs(root: Path) -> Path:
-    """The busybox base, plus a user `app` (1000) in groups app and extra (2000), root in wheel, /data."""
-    make_busybox_rootfs(root)
-    with open(root / "etc/passwd", "a") as f:
-        f.write(PASSWD_EXTRA)
-    with open(root / "etc/group", "a") as f:
-        f.write(GROUP_EXTRA)
-    (root / "data/sub").mkdir(parents=True)
-    (root / "data/a").write_text("a\n")
-    (root / "data/sub/b").write_text("b\n")
-    (root / "etc/marker").write_text("from the image\n")
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ from lamina import api
 from lamina.engine.sandbox import IdMode, detect_ids, parse_mount
 from lamina.engine.sandbox.spec import BindMount, TmpfsMount
 from lamina.errors import SandboxError
-from tests.test_sandbox import _userns_available
+from tests.support.sandbox import userns_available
 
 pytestmark = pytest.mark.sandbox
 
-if not _userns_available():
+if not userns_available():
     pytest.skip("user namespaces are not available here", allow_module_level=True)
 
 

@@ -506,9 +506,9 @@ def plain_user_dir(busybox_image: Path) -> Path:
     import pwd
     import tempfile
 
-    from tests.test_unprivileged import _ensure_user
+    from tests.support.sandbox import ensure_user
 
-    _ensure_user(PLAIN_USER)
+    ensure_user(PLAIN_USER)
     entry = pwd.getpwnam(PLAIN_USER)
     base = Path(tempfile.mkdtemp(prefix="lamina-proot-"))
     base.chmod(0o755)

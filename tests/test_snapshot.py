@@ -28,7 +28,7 @@ from lamina.engine.snapshot import capture
 from lamina.oci.entry import EntryType, LayerEntry
 from lamina.oci.extract import Whiteouts, extract_layer, iter_layer
 from lamina.oci.layer import Compression, write_layer
-from tests.test_sandbox import make_rootfs
+from tests.support.sandbox import make_rootfs
 
 pytestmark = pytest.mark.sandbox
 

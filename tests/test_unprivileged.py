@@ -19,17 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.sandbox import ensure_user, system_tool
+
 PROJECT = Path(__file__).resolve().parent.parent
 WITH_RANGE = "lamina-sb-sub"
 WITHOUT_RANGE = "lamina-sb-nosub"
 RANGE_SIZE = 65536
 INNER_TIMEOUT = 900
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    assert path is not None, name
-    return path
 
 
 def _require_root_tools() -> None:
@@ -38,13 +34,6 @@ def _require_root_tools() -> None:
     for tool in ("runuser", "useradd", "newuidmap", "newgidmap"):
         if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
             pytest.skip(f"{tool} is not installed")
-
-
-def _ensure_user(name: str) -> None:
-    if subprocess.run(["id", "-u", name], capture_output=True).returncode == 0:
-        return
-    # A system user: useradd gives it no subordinate range of its own.
-    subprocess.run([_tool("useradd"), "--system", "--no-create-home", "--shell", "/bin/sh", name], check=True)
 
 
 def _set_range(name: str, wanted: bool) -> None:
@@ -84,7 +73,7 @@ def _interpreter(user: str, project: Path) -> tuple[str, str]:
     """(python, PYTHONPATH) that `user` can run pytest with, the copy first on the path."""
     probe = [sys.executable, "-c", "import pytest, click, zstandard, hypothesis"]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(project), "HOME": "/tmp"}
-    probed = subprocess.run([_tool("runuser"), "-u", user, "--", *probe], env=env, capture_output=True)
+    probed = subprocess.run([system_tool("runuser"), "-u", user, "--", *probe], env=env, capture_output=True)
     if probed.returncode == 0:
         return sys.executable, str(project)
     # The venv is not readable by that user: copy its site-packages next to the project.
@@ -133,7 +122,7 @@ def _run_as(user: str, project: Path) -> subprocess.CompletedProcess[str]:
     )
     args = [python, "-m", "pytest", "-m", "sandbox or unprivileged", "-q", "-p", "no:cacheprovider", *files]
     return subprocess.run(
-        [_tool("runuser"), "-u", user, "--", *args],
+        [system_tool("runuser"), "-u", user, "--", *args],
         cwd=project,
         env=env,
         capture_output=True,
@@ -170,7 +159,7 @@ def open_tun() -> Iterator[None]:
 def test_sandbox_suite_as_unprivileged_user(
     project_copy: Path, user: str, has_range: bool, open_tun: None
 ) -> None:
-    _ensure_user(user)
+    ensure_user(user)
     _set_range(user, has_range)
     done = _run_as(user, project_copy)
     output = done.stdout + done.stderr
@@ -181,9 +170,9 @@ def test_sandbox_suite_as_unprivileged_user(
 
 
 def test_id_map_detection_matches_the_user(project_copy: Path) -> None:
-    _ensure_user(WITH_RANGE)
+    ensure_user(WITH_RANGE)
     _set_range(WITH_RANGE, True)
-    _ensure_user(WITHOUT_RANGE)
+    ensure_user(WITHOUT_RANGE)
     _set_range(WITHOUT_RANGE, False)
     code = (
         "from lamina.engine.sandbox import detect_ids; i = detect_ids(); print(i.mode.value, bool(i.warning))"
@@ -192,7 +181,7 @@ def test_id_map_detection_matches_the_user(project_copy: Path) -> None:
     for user in (WITH_RANGE, WITHOUT_RANGE):
         python, pythonpath = _interpreter(user, project_copy)
         done = subprocess.run(
-            [_tool("runuser"), "-u", user, "--", python, "-c", code],
+            [system_tool("runuser"), "-u", user, "--", python, "-c", code],
             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": pythonpath, "PYTHONDONTWRITEBYTECODE": "1"},
             capture_output=True,
             text=True,
