@@ -214,6 +214,10 @@ def test_annotations_land_on_the_manifest_and_its_descriptor(cache: Path, ctx: P
         (["-o", "type=image,name=x:1,push-by-digest=true"], "push-by-digest= is not supported"),
         (["-o", "type=oci,dest={d},rewrite-timestamp=false"], "rewrite-timestamp=false is not supported"),
         (["-o", "type=local,dest={d},mode=delete"], "mode=delete is not supported"),
+        (
+            ["-o", "type=oci,dest={d},oci-artifact=true,oci-mediatypes=false"],
+            'exporter option "oci-artifact=true" conflicts with "oci-mediatypes=false"',
+        ),
         (["-o", "type=local,dest={d},annotation.a=b"], "type=local has no manifest to annotate"),
         (
             ["-o", "type=oci,dest={d},annotation-index.a=b"],
@@ -336,6 +340,14 @@ def test_provenance_is_an_attestation_manifest_in_the_index(cache: Path, ctx: Pa
         predicate["runDetails"]["metadata"]["buildkit_metadata"]["source"]["infos"][0]["filename"]
         == "Dockerfile"
     )
+    artifact = oci(cache, ctx, tmp_path / "artifact", ",oci-artifact=true", "--provenance", "mode=min")
+    index = artifact.doc(artifact.index["manifests"][0]["digest"])
+    image, attestation = index["manifests"]
+    document = artifact.doc(attestation["digest"])
+    assert document["artifactType"] == "application/vnd.docker.attestation.manifest.v1+json"
+    assert document["subject"] == {k: image[k] for k in ("mediaType", "digest", "size")}
+    assert document["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
+    assert artifact.blob(document["config"]["digest"]) == b"{}"
     plain = oci(cache, ctx, tmp_path / "none", "", "--provenance", "false", "--sbom", "false")
     assert plain.index["manifests"][0]["mediaType"] == OCI_MANIFEST
 
@@ -352,6 +364,9 @@ def test_provenance_in_a_filesystem_output_is_provenance_json(cache: Path, ctx: 
     subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
     assert subjects["hi"] == hashlib.sha256(b"hi\n").hexdigest()
     assert "bin/busybox" in subjects and "provenance.json" not in subjects
+    prefixed = f"type=local,dest={tmp_path / 'p'},attestation-prefix=att."
+    build(cache, ctx, "--provenance", "true", "-o", prefixed)
+    assert json.loads((tmp_path / "p" / "att.provenance.json").read_text())["subject"]
     build(cache, ctx, "--provenance", "true", "-o", f"type=tar,dest={tmp_path / 'r.tar'}")
     with tarfile.open(tmp_path / "r.tar") as tar:
         member = tar.getmember("provenance.json")

@@ -294,7 +294,11 @@ class Executor:
                 remember_index(self.store, self._tag(made, config, output.names), made)
                 continue
             # type=local/tar get the attestations as files (provenance.json), as BuildKit's.
-            files = attestation_files(statements, self.epoch) if statements and not made else None
+            files = (
+                attestation_files(statements, self.epoch, output.attestation_prefix)
+                if statements and not made
+                else None
+            )
             write_output(output, self.store, made or image, target.layer_dirs, names, self.epoch, files)
         seconds = time.monotonic() - start
         records = tuple(self.records)

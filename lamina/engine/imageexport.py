@@ -48,6 +48,7 @@ REFERENCE_TYPE = "vnd.docker.reference.type"
 REFERENCE_DIGEST = "vnd.docker.reference.digest"
 PREDICATE_TYPE = "in-toto.io/predicate-type"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+ATTESTATION_ARTIFACT = "application/vnd.docker.attestation.manifest.v1+json"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -124,7 +125,9 @@ def export_image(
     descriptor = descriptor_of(data, media_type).replace_annotations(annotations["manifest-descriptor"])
     exported = ExportedImage(descriptor, config, blobs)
     if statements:
-        exported = _with_attestations(store, exported, names, platform, statements, annotations)
+        exported = _with_attestations(
+            store, exported, names, platform, statements, annotations, output.oci_artifact
+        )
     return exported
 
 
@@ -229,10 +232,12 @@ def _with_attestations(
     platform: Platform,
     statements: Sequence[Statement],
     annotations: dict[str, dict[str, str]],
+    artifact: bool = False,
 ) -> ExportedImage:
     """An index of the image and one attestation manifest over `statements`, as BuildKit's writer."""
     from lamina.oci.image import (
         OCI_CONFIG,
+        OCI_EMPTY,
         OCI_INDEX,
         OCI_MANIFEST,
         Index,
@@ -266,9 +271,26 @@ def _with_attestations(
         "rootfs": {"type": "layers", "diff_ids": [str(layer.digest) for layer in layers]},
     }
     config_bytes = canonical_json(config_obj)
-    _put(store, config_bytes)
     config = descriptor_of(config_bytes, OCI_CONFIG)
-    manifest_bytes = Manifest(config, tuple(layers)).to_bytes()
+    if artifact:  # oci-artifact=true: the empty config, artifactType and subject, as BuildKit's
+        config_bytes = b"{}"
+        config = descriptor_of(config_bytes, OCI_EMPTY)
+        document = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": ATTESTATION_ARTIFACT,
+            "config": {**config.to_json(), "data": "e30="},
+            "layers": [layer.to_json() for layer in layers],
+            "subject": {
+                "mediaType": image.manifest.media_type,
+                "digest": str(image.manifest.digest),
+                "size": image.manifest.size,
+            },
+        }
+        manifest_bytes = canonical_json(document)
+    else:
+        manifest_bytes = Manifest(config, tuple(layers)).to_bytes()
+    _put(store, config_bytes)
     _put(store, manifest_bytes)
     attestation = dataclasses.replace(
         descriptor_of(manifest_bytes, OCI_MANIFEST),
@@ -358,7 +380,9 @@ def image_purl(ref: str, platform: str = "") -> str:
     return purl
 
 
-def attestation_files(statements: Sequence[Statement], epoch: int | None) -> Callable[[Path], None]:
+def attestation_files(
+    statements: Sequence[Statement], epoch: int | None, prefix: str = ""
+) -> Callable[[Path], None]:
     """What BuildKit's local and tar exporters add for attestations: each statement as a file at
     the root of the tree (`provenance.json`, mode 0600, indented as Go's MarshalIndent), its
     subjects every regular file of the tree by path and sha256, in walk order."""
@@ -388,7 +412,7 @@ def attestation_files(statements: Sequence[Statement], epoch: int | None) -> Cal
                 "subject": subjects,
                 "predicate": statement.predicate,
             }
-            target = root / statement.filename
+            target = root / f"{prefix}{statement.filename}"  # attestation-prefix=
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(json.dumps(body, indent=2, ensure_ascii=False))

@@ -67,6 +67,8 @@ class OutputSpec:
     push: bool = False  # type=image,push=true and type=registry
     insecure: bool = False  # registry.insecure=true: plain HTTP for the push
     platform_split: bool = False  # type=local/tar: the tree under linux_amd64/
+    oci_artifact: bool = False  # attestation manifests as OCI artifacts (artifactType, subject)
+    attestation_prefix: str = ""  # type=local/tar: prefix of provenance.json's name
 
     @property
     def to_stdout(self) -> bool:
@@ -106,13 +108,14 @@ _IMAGE_KEYS = {
     "force-compression",
     "oci-mediatypes",
     "rewrite-timestamp",
+    "oci-artifact",
 }
 _KEYS: dict[OutputType, set[str]] = {
     OutputType.IMAGE: _IMAGE_KEYS | {"push", "registry.insecure", "unpack", "store"},
     OutputType.OCI: _IMAGE_KEYS | {"dest", "tar"},
     OutputType.DOCKER: _IMAGE_KEYS | {"dest", "tar"},
-    OutputType.LOCAL: {"dest", "platform-split", "mode"},
-    OutputType.TAR: {"dest", "platform-split"},
+    OutputType.LOCAL: {"dest", "platform-split", "mode", "attestation-prefix"},
+    OutputType.TAR: {"dest", "platform-split", "attestation-prefix"},
 }
 # Attributes BuildKit (or buildx) takes that lamina cannot honour: refused, never ignored.
 _REFUSED = {
@@ -120,9 +123,7 @@ _REFUSED = {
     "dangling-name-prefix": "lamina's store names images only by name=/-t",
     "danging-name-empty-only": "lamina's store names images only by name=/-t",
     "name-canonical": "lamina's store names images only by name=/-t",
-    "oci-artifact": "attestation manifests are written as BuildKit's default image manifests",
     "attestation-inline": "attestations are attached only with --provenance",
-    "attestation-prefix": "no attestation is written into a filesystem output",
     "prefer-nondist-layers": "lamina writes only distributable layer media types",
     "source-date-epoch": "set SOURCE_DATE_EPOCH with --build-arg or the environment",
     "context": "there is no docker context to load into; write the archive with dest=",
@@ -272,6 +273,9 @@ def parse_output(spec: str) -> OutputSpec:
         )
     split = _bool(spec, "platform-split", fields["platform-split"]) if "platform-split" in fields else False
     names = tuple(name for name in fields.get("name", "").split(",") if name)
+    artifact = _bool(spec, "oci-artifact", fields["oci-artifact"]) if "oci-artifact" in fields else False
+    if artifact and oci_types is False:
+        raise OutputError('exporter option "oci-artifact=true" conflicts with "oci-mediatypes=false"')
     return OutputSpec(
         output_type,
         dest,
@@ -285,6 +289,8 @@ def parse_output(spec: str) -> OutputSpec:
         push=push,
         insecure=insecure,
         platform_split=split,
+        oci_artifact=artifact,
+        attestation_prefix=fields.get("attestation-prefix", ""),
     )
 
 
