@@ -280,13 +280,32 @@ def _check_config(result: Any, case: dict[str, Any]) -> None:
             assert value in got if isinstance(value, str) else got == value, f"history[{index}]: {history}"
 
 
+# Keys of a case (and of a rebuild, which may change them) that are lamina.build's own arguments.
+_BUILD_KEYS = frozenset(
+    {
+        "build_args",
+        "target",
+        "no_cache",
+        "no_cache_filter",
+        "labels",
+        "network",
+        "allow",
+        "cache_to",
+        "cache_from",
+    }
+)
+
+
 def _build(
     cache: Path, ctx: Path, out: Path, case: dict[str, Any], archive: Path | None = None, sink: Any = None
 ) -> Any:
     kwargs: dict[str, Any] = {"build_args": case.get("build_args", {}), "progress": sink}
-    for key in ("target", "no_cache", "labels", "network", "allow"):
+    for key in _BUILD_KEYS - {"build_args"}:
         if key in case:
             kwargs[key] = case[key]
+    for key in ("cache_to", "cache_from"):
+        if key in case:
+            kwargs[key] = [spec.replace("{TMP}", os.fspath(out.parent)) for spec in case[key]]
     if "secrets" in case:
         kwargs["secrets"] = [f"id={key},src={out.parent / 'secrets' / key}" for key in case["secrets"]]
     if "dockerfile_path" in case:
@@ -313,7 +332,7 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
         for key, value in case.get("secrets", {}).items():
             (tmp_path / "secrets").mkdir(exist_ok=True)
             (tmp_path / "secrets" / key).write_text(value)
-        _run_case(case, cache, ctx, out, tmp_path)
+        _run_case(case, cache, ctx, out, tmp_path, busybox_image)
         for name, served in case.get("expect_same_as_http", {}).items():
             data = (tmp_path / "http" / served.strip("/")).read_bytes()
             assert (out / name).read_bytes() == data, f"{name}: not the bytes served at {served}"
@@ -351,7 +370,9 @@ def _run_call(case: dict[str, Any], cache: Path, ctx: Path) -> None:
     _subset(case["expect_call"], json.loads(out))
 
 
-def _run_case(case: dict[str, Any], cache: Path, ctx: Path, out: Path, tmp_path: Path) -> None:
+def _run_case(
+    case: dict[str, Any], cache: Path, ctx: Path, out: Path, tmp_path: Path, busybox_image: Path
+) -> None:
     if "call" in case:
         _run_call(case, cache, ctx)
         return
@@ -400,7 +421,14 @@ def _run_case(case: dict[str, Any], cache: Path, ctx: Path, out: Path, tmp_path:
         # A later build of the same context, changed: which outputs must stay and which must change.
         _write_files(ctx, again)
         out2 = tmp_path / f"out{number + 2}"
-        overrides = {k: v for k, v in again.items() if k in ("build_args", "no_cache")}
+        overrides = {k: v for k, v in again.items() if k in _BUILD_KEYS}
+        if again.get("fresh_cache"):  # upstream prunes the daemon's cache: a store with the base only
+            cache = make_cache(tmp_path / f"fresh{number + 2}", busybox_image)
+        if "expect_error" in again:
+            with pytest.raises(Exception) as caught:
+                _build(cache, ctx, out2, {**case, **overrides})
+            assert all(fragment in str(caught.value) for fragment in again["expect_error"]), caught.value
+            continue
         result2 = _build(cache, ctx, out2, {**case, **overrides})
         if "expect_same_image" in again:
             assert (result2.image_digest == result.image_digest) is again["expect_same_image"], "image digest"

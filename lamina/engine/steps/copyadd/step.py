@@ -412,8 +412,11 @@ def _select(
         digest = str(selection_key(tree, selection))
         return (lambda: (tree, selection)), digest
     outcome = source_stage(executor, from_, instruction.location)
-    # The selection also depends on what the destination stage holds: its key says.
-    memo_key = _memo_key(outcome.key, state.key, sources, dest, options, image is None)
+    # The selection also depends on what the destination stage holds: its key says. The
+    # stage's layer dirs are in it too: --no-cache(-filter) reruns a stage under the same
+    # key, and what it made then is not what the memo saw (BuildKit copies the new content).
+    made = ",".join(layer.dir_id or str(layer.diff_id) for layer in outcome.layers)
+    memo_key = _memo_key(f"{outcome.key}:{made}", state.key, sources, dest, options, image is None)
 
     def materialize() -> tuple[Any, Any]:
         roots = [_literal_prefix(source) for source in sources]
