@@ -598,7 +598,8 @@ def test_a_command_runs_inside_a_running_service_and_can_be_its_readiness(
                     svc.exec(["id", "-u"], user="65534")
             assert svc.exec(["pwd"], workdir="/").stdout == "/\\n"
             with pytest.raises(RunTimeout):
-                svc.exec("sleep 30", timeout=0.5)
+                svc.exec("sleep 30 & sleep 31", timeout=0.5)
+            assert "sleep 3" not in svc.exec(["ps", "-o", "args"]).stdout  # killed, with what it started
             svc.stop()
             with pytest.raises(Exception, match="not running"):
                 svc.exec("true")

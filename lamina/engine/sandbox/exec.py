@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 _START_WAIT = 10.0  # seconds an exec waits for a starting sandbox's command to be exec'd
 _NAMESPACES = ("user", "mnt", "pid", "net", "uts", "ipc")  # user first: it grants the others
@@ -128,20 +129,43 @@ def exec_in(
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()  # its death takes the command along (PR_SET_PDEATHSIG)
-            proc.wait()
+            _kill(proc, report_r)
             raise TimeoutError(f"exec {' '.join(argv)}: timed out after {timeout:g} s") from None
-        with open(report_r, "rb", buffering=0) as report:
+        with open(report_r, "rb", buffering=0, closefd=False) as report:
             messages = report.read().decode(errors="replace")
     except BaseException:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            _kill(proc, report_r)
         raise
+    finally:
+        os.close(report_r)
     errors = [line[1:] for line in messages.splitlines() if line.startswith("E")]
     if errors:
         raise SandboxError(f"exec {argv[0]}: {errors[0]}")
     return 128 - code if code < 0 else code
+
+
+def _kill(proc: Any, report_r: int) -> None:
+    """Kill the command's process group (its pid is on the report pipe once forked), then the helper.
+
+    In that order: until the helper is gone, the command's pid cannot be
+    reused (the helper has not reaped it). Killing the helper alone would not
+    do: the command's parent-death signal is cleared when it changes user.
+    """
+    import contextlib
+    import signal
+
+    os.set_blocking(report_r, False)
+    try:
+        seen = os.read(report_r, 1 << 16).decode(errors="replace")
+    except (BlockingIOError, OSError):
+        seen = ""
+    for line in seen.splitlines():
+        if line.startswith("P") and line[1:].isdigit():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(line[1:]), signal.SIGKILL)
+    proc.kill()
+    proc.wait()
 
 
 def _targets(helper: int) -> list[int]:
@@ -247,9 +271,11 @@ def _main() -> int:
     child = os.fork()
     if child == 0:
         try:
+            os.setpgid(0, 0)  # a group of its own: a timeout kills it and what it started
             _inside._command(spec, report_fd, seccomp)
         finally:
             os._exit(_inside.EXEC_FAILED)
+    os.write(report_fd, f"P{child}\n".encode())  # its pid here, the host's: for a kill on timeout
     os.close(report_fd)
     _inside.forward_signals(child)
     _, status = os.waitpid(child, 0)
