@@ -136,6 +136,13 @@ def run(spec: dict, report_fd: int) -> int:
         env.setdefault("PATH", _inside._DEFAULT_PATH)
         env.setdefault("HOME", home)
         env.setdefault("HOSTNAME", spec["hostname"])
+        steering = sorted(k for k in env if k.startswith("PROOT_"))
+        if steering:
+            # proot reads these itself (PROOT_ASSUME_NEW_SECCOMP would hand it chown untranslated)
+            _inside.report(
+                report_fd, f"proot isolation: the step's environment sets {steering[0]}, which proot reads"
+            )
+            return _inside.SETUP_FAILED
         ours, theirs = socket.socketpair()
         child = os.fork()
         if child == 0:
@@ -255,11 +262,8 @@ def _command(
     except OSError as err:
         _inside.report(report_fd, f"set up the sandbox: {_inside._describe(err)}")
         os._exit(_inside.SETUP_FAILED)
-    # proot's own settings: ptrace mode (its seccomp mode would let a chown
-    # reach our filter untranslated) and its scratch files next to the root.
-    proot_env = env
     try:
-        os.execve(argv[0], argv, proot_env)
+        os.execve(argv[0], argv, env)  # proot passes its environment on to the command
     except OSError as err:
         _inside.report(report_fd, f"exec {argv[0]}: {err.strerror}")
         os._exit(_inside.EXEC_FAILED)
