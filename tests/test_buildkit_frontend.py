@@ -23,6 +23,7 @@ import stat
 import tarfile
 import threading
 import tomllib
+import unittest.mock
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,12 @@ class _Steps:
 
 def _write_tar(path: Path, members: list[dict[str, Any]]) -> None:
     """A tar archive of `members` (name, and data, or type = "dir" / "symlink" with linkname)."""
-    with tarfile.open(path, "w:gz" if path.name.endswith("gz") else "w") as tar:
+    with open(path, "wb") as out:
+        _write_tar_to(out, members, gzip=path.name.endswith("gz"))
+
+
+def _write_tar_to(out: Any, members: list[dict[str, Any]], gzip: bool = False) -> None:
+    with tarfile.open(fileobj=out, mode="w:gz" if gzip else "w") as tar:
         for member in members:
             info = tarfile.TarInfo(member["name"])
             info.mode = int(member.get("mode", "644"), 8)
@@ -310,8 +316,16 @@ def _build(
         kwargs["secrets"] = [f"id={key},src={out.parent / 'secrets' / key}" for key in case["secrets"]]
     if "dockerfile_path" in case:
         kwargs["dockerfile"] = ctx / case["dockerfile_path"]
-    outputs = [f"type=local,dest={out}"] + ([f"type=oci,dest={archive}"] if archive else [])
+    outputs = [] if case.get("no_local_output") else [f"type=local,dest={out}"]
+    outputs += [f"type=oci,dest={archive}"] if archive else []
     outputs += [spec.replace("{TMP}", os.fspath(out.parent)) for spec in case.get("outputs", [])]
+    if "stdin_tar" in case:  # the context is `-`: a tar of it on stdin
+        buffer = io.BytesIO()
+        _write_tar_to(buffer, case["stdin_tar"])
+        buffer.seek(0)
+        stdin = type("Stdin", (), {"buffer": buffer})()
+        with unittest.mock.patch("sys.stdin", stdin):
+            return build(cache, "-", outputs=outputs, **kwargs)
     return build(cache, ctx, outputs=outputs, **kwargs)
 
 
@@ -394,6 +408,11 @@ def _run_case(
     for name, source in case.get("expect_same_as_context", {}).items():
         assert (out / name).read_bytes() == (ctx / source).read_bytes(), f"{name}: not the bytes of {source}"
     _check_config(result, case)
+    for name, members in case.get("expect_tar_members", {}).items():
+        with tarfile.open(tmp_path / name) as tar:
+            for member, data in members.items():
+                found = tar.extractfile(member)
+                assert found is not None and found.read().decode() == data, f"{name}: {member}"
     for name, expected in case.get("expect_json_files", {}).items():
         _subset(expected, json.loads((tmp_path / name).read_text()), name)
     image = result.config.to_json()
