@@ -409,8 +409,21 @@ def test_type_registry_and_push_true_push_the_output_image(
     assert f"pushed {host}/attrs/zstd:1@sha256:" in proc.stderr
     layers = _remote_manifest(f"{host}/attrs/zstd:1")["layers"]
     assert [m["mediaType"] for m in layers] == [OCI_LAYER_GZIP, OCI_LAYER_ZSTD]
-    build(cache, ctx, "-t", f"{host}/attrs/prov:1", "--push", "--provenance", "mode=min")
+    meta = tmp_path / "meta.json"
+    build(
+        cache,
+        ctx,
+        "-t",
+        f"{host}/attrs/prov:1",
+        "--push",
+        "--provenance",
+        "mode=min",
+        "--metadata-file",
+        str(meta),
+    )
     pushed = _remote_manifest(f"{host}/attrs/prov:1")
+    document = json.loads(meta.read_text())  # BuildKit reports the index it pushed
+    assert document["containerimage.digest"] == document["lamina.push"][0]["digest"]
     assert pushed["mediaType"] == OCI_INDEX and len(pushed["manifests"]) == 2
     assert pushed["manifests"][1]["annotations"]["vnd.docker.reference.type"] == "attestation-manifest"
     assert OCI_CONFIG  # the image manifest's config stays OCI's

@@ -303,7 +303,8 @@ class Executor:
         seconds = time.monotonic() - start
         records = tuple(self.records)
         result = BuildResult(
-            str(tagged.manifest.digest),
+            # with attestations, the index's digest, as BuildKit reports containerimage.digest
+            str(getattr(tagged, "top", tagged.manifest).digest),
             str(image.config.digest),
             dataclasses.replace(config, diff_ids=image.diff_ids),
             names,
