@@ -288,17 +288,10 @@ def _check_config(result: Any, case: dict[str, Any]) -> None:
 
 # Keys of a case (and of a rebuild, which may change them) that are lamina.build's own arguments.
 _BUILD_KEYS = frozenset(
-    {
-        "build_args",
-        "target",
-        "no_cache",
-        "no_cache_filter",
-        "labels",
-        "network",
-        "allow",
-        "cache_to",
-        "cache_from",
-    }
+    (
+        *("build_args", "target", "no_cache", "no_cache_filter", "labels", "network", "allow"),
+        *("cache_to", "cache_from", "ulimits", "shm_size", "add_hosts"),
+    )
 )
 
 
