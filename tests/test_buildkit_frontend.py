@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import tarfile
 import threading
 import tomllib
@@ -307,6 +308,13 @@ def _build(
             kwargs[key] = [spec.replace("{TMP}", os.fspath(out.parent)) for spec in case[key]]
     if "secrets" in case:
         kwargs["secrets"] = [f"id={key},src={out.parent / 'secrets' / key}" for key in case["secrets"]]
+    if case.get("ssh_key"):  # --ssh default=KEYFILE: an RSA key made for the case (ssh-keygen)
+        key = out.parent / "ssh-key"
+        if not key.exists():
+            if shutil.which("ssh-keygen") is None:
+                pytest.skip("ssh-keygen is not installed (apt-get install openssh-client)")
+            subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", key], check=True)
+        kwargs["ssh"] = [f"default={key}"]
     if "dockerfile_path" in case:
         kwargs["dockerfile"] = ctx / case["dockerfile_path"]
     outputs = [] if case.get("no_local_output") else [f"type=local,dest={out}"]
