@@ -38,11 +38,12 @@ class SandboxInfo:
         ]
         if self.id_warning:
             out.append(f"                 {self.id_warning}")
+        caps = " ".join(self.capabilities) or "none"
         out += [
-            f"capabilities:    bounding set {self.capability_mask:#010x}: {' '.join(self.capabilities)}",
+            f"capabilities:    bounding set {self.capability_mask:#010x}: {caps}",
             f"seccomp:         {self.seccomp}",
-            f"masked paths:    {' '.join(self.masked_paths)}",
-            f"read-only paths: {' '.join(self.readonly_paths)} /sys",
+            f"masked paths:    {' '.join(self.masked_paths) or 'none'}",
+            f"read-only paths: {' '.join((*self.readonly_paths, '/sys')) if self.readonly_paths else 'none'}",
             f"network:         {self.network}",
             "opt-ins:         RUN --security=insecure (--allow security.insecure): all capabilities, "
             "no seccomp, no masked paths; --network=host (RUN: --allow network.host): the host's network",
@@ -78,6 +79,15 @@ def describe() -> SandboxInfo:
         )
     except OSError as err:
         seccomp = f"unavailable: {err.strerror or err} (RUN steps will fail to start)"
+    caps, cap_mask = tuple(_confine.DEFAULT_CAPS), _confine.DEFAULT_CAP_MASK
+    masked, readonly = _confine.MASKED_PATHS, _confine.READONLY_PATHS
+    if mode is isolation.Isolation.PROOT:
+        # A plain uid under proot: no capabilities, the container's /proc as it is, and
+        # the calls that would show or change owners answered by lamina.
+        caps, cap_mask, masked, readonly = (), 0, (), ()
+        seccomp = seccomp.replace("no_new_privs off", "no_new_privs on") + (
+            "; chown, mknod, stat, get*id and set*id answered by lamina (seccomp user notification)"
+        )
     why = network.unavailable()
     net = (
         f"default: a namespace of its own through {network.slirp4netns()}, host loopback unreachable"
@@ -95,11 +105,11 @@ def describe() -> SandboxInfo:
         uid_map=tuple((r.inside, r.outside, r.count) for r in ids.uids),
         gid_map=tuple((r.inside, r.outside, r.count) for r in ids.gids),
         id_warning=ids.warning,
-        capabilities=tuple(_confine.DEFAULT_CAPS),
-        capability_mask=_confine.DEFAULT_CAP_MASK,
+        capabilities=caps,
+        capability_mask=cap_mask,
         seccomp=seccomp,
-        masked_paths=_confine.MASKED_PATHS,
-        readonly_paths=_confine.READONLY_PATHS,
+        masked_paths=masked,
+        readonly_paths=readonly,
         network=net if namespaces else "the host's (no network namespace)",
         isolation=chosen,
         isolation_lacks=lacks,

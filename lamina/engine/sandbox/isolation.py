@@ -214,10 +214,11 @@ def _allowed(p: Probe) -> list[Choice]:
         why = f"no user namespaces ({p.userns or 'asked for'}); root may make the others"
         out.append(Choice(Isolation.ROOTNS, why, ""))
     if p.uid == 0 and p.has_cap(CAP_SYS_CHROOT):
-        why = f"no namespaces ({p.userns or p.rootns or 'asked for'}); root holds CAP_SYS_CHROOT"
+        denied = (p.rootns or p.userns) if p.userns else "asked for"
+        why = f"no namespaces ({denied}); root holds CAP_SYS_CHROOT"
         out.append(Choice(Isolation.CHROOT, why, LACKS[Isolation.CHROOT]))
     if p.uid != 0 and p.proot:
-        why = f"no namespaces ({p.userns or p.rootns or 'asked for'}) and uid {p.uid}; proot is installed"
+        why = f"no namespaces ({p.userns or 'asked for'}) and uid {p.uid}; proot is installed"
         out.append(Choice(Isolation.PROOT, why, LACKS[Isolation.PROOT]))
     return out
 
