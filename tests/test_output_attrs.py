@@ -211,7 +211,7 @@ def test_annotations_land_on_the_manifest_and_its_descriptor(cache: Path, ctx: P
             "non-bool value 'maybe' specified for oci-mediatypes",
         ),
         (["-o", "type=oci,dest={d},bogus=1"], "unknown key 'bogus' for type=oci"),
-        (["-o", "type=image,name=x:1,push-by-digest=true"], "push-by-digest= is not supported"),
+        (["-o", "type=image,name=x:1,push-by-digest=true"], "push-by-digest=true needs push=true"),
         (["-o", "type=oci,dest={d},rewrite-timestamp=false"], "rewrite-timestamp=false is not supported"),
         (["-o", "type=local,dest={d},mode=delete"], "mode=delete is not supported"),
         (
@@ -409,6 +409,17 @@ def test_type_registry_and_push_true_push_the_output_image(
     assert f"pushed {host}/attrs/zstd:1@sha256:" in proc.stderr
     layers = _remote_manifest(f"{host}/attrs/zstd:1")["layers"]
     assert [m["mediaType"] for m in layers] == [OCI_LAYER_GZIP, OCI_LAYER_ZSTD]
+    by_digest = build(cache, ctx, "-o", f"type=registry,name={host}/attrs/bydigest,push-by-digest=true")
+    digest = by_digest.stderr.split(f"pushed {host}/attrs/bydigest@")[1].split()[0]
+    assert _remote_manifest(f"{host}/attrs/bydigest@{digest}")["mediaType"] == OCI_MANIFEST
+    import urllib.error
+    import urllib.request
+
+    try:  # pushed without a tag: this registry answers 404 for a repository with no tags
+        with urllib.request.urlopen(f"http://{host}/v2/attrs/bydigest/tags/list", timeout=10) as answer:
+            assert json.loads(answer.read()).get("tags") in ([], None)
+    except urllib.error.HTTPError as err:
+        assert err.code == 404
     meta = tmp_path / "meta.json"
     build(
         cache,

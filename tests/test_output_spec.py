@@ -39,7 +39,8 @@ def test_parse_output_names_and_compression():
     [
         ("type=oci", "needs dest="),
         ("type=nope,dest=x", "unknown type"),
-        ("type=image,name=x,push-by-digest=true", "not supported"),
+        ("type=image,name=x,push-by-digest=true", "needs push=true"),
+        ("type=image,name=x,dangling-name-prefix=d", "not supported"),
         ("dest=x", "missing type"),
         ("type=oci,dest=x,bogus=1", "unknown key"),
         ("type=oci,dest=x,compression=lz4", "compression"),

@@ -69,6 +69,7 @@ class OutputSpec:
     platform_split: bool = False  # type=local/tar: the tree under linux_amd64/
     oci_artifact: bool = False  # attestation manifests as OCI artifacts (artifactType, subject)
     attestation_prefix: str = ""  # type=local/tar: prefix of provenance.json's name
+    push_by_digest: bool = False  # push=true without a tag: the manifest under its digest
 
     @property
     def to_stdout(self) -> bool:
@@ -111,7 +112,7 @@ _IMAGE_KEYS = {
     "oci-artifact",
 }
 _KEYS: dict[OutputType, set[str]] = {
-    OutputType.IMAGE: _IMAGE_KEYS | {"push", "registry.insecure", "unpack", "store"},
+    OutputType.IMAGE: _IMAGE_KEYS | {"push", "push-by-digest", "registry.insecure", "unpack", "store"},
     OutputType.OCI: _IMAGE_KEYS | {"dest", "tar"},
     OutputType.DOCKER: _IMAGE_KEYS | {"dest", "tar"},
     OutputType.LOCAL: {"dest", "platform-split", "mode", "attestation-prefix"},
@@ -119,7 +120,6 @@ _KEYS: dict[OutputType, set[str]] = {
 }
 # Attributes BuildKit (or buildx) takes that lamina cannot honour: refused, never ignored.
 _REFUSED = {
-    "push-by-digest": "an image pushed without a name is not supported; name it with name= or -t",
     "dangling-name-prefix": "lamina's store names images only by name=/-t",
     "danging-name-empty-only": "lamina's store names images only by name=/-t",
     "name-canonical": "lamina's store names images only by name=/-t",
@@ -274,6 +274,9 @@ def parse_output(spec: str) -> OutputSpec:
     split = _bool(spec, "platform-split", fields["platform-split"]) if "platform-split" in fields else False
     names = tuple(name for name in fields.get("name", "").split(",") if name)
     artifact = _bool(spec, "oci-artifact", fields["oci-artifact"]) if "oci-artifact" in fields else False
+    by_digest = _bool(spec, "push-by-digest", fields.get("push-by-digest") or "false")
+    if by_digest and not push:
+        raise OutputError("--output push-by-digest=true needs push=true (or type=registry)")
     if artifact and oci_types is False:
         raise OutputError('exporter option "oci-artifact=true" conflicts with "oci-mediatypes=false"')
     return OutputSpec(
@@ -291,6 +294,7 @@ def parse_output(spec: str) -> OutputSpec:
         platform_split=split,
         oci_artifact=artifact,
         attestation_prefix=fields.get("attestation-prefix", ""),
+        push_by_digest=by_digest,
     )
 
 

@@ -68,30 +68,52 @@ def push_result(
     if factory is None:
         raise PlanError("--push needs a registry client")
     pushed: list[tuple[str, str]] = []
+    by_digest = _by_digest(options)
     with Store(options.cache_root) as store, factory() as client:
         for name in result.names if names is None else names:
             ref = parse_reference(name)
-            done = _push_one(client, store, name, ref)
-            pushed.append((str(ref), str(done.digest)))
+            done = _push_one(client, store, name, ref, name in by_digest)
+            shown = done.reference.name if done.reference.tag is None else str(done.reference)
+            pushed.append((shown, str(done.digest)))
             if log is not None:
                 log(f"pushed {ref.name}@{done.digest}")
     return dataclasses.replace(result, pushed=(*result.pushed, *pushed))
 
 
-def _push_one(client: Any, store: Any, name: str, ref: Any) -> Any:
+def _by_digest(options: BuildOptions) -> set[str]:
+    """Names of `push-by-digest=true` outputs: pushed without a tag, by the manifest's digest."""
+    from lamina.engine.outputspec import OutputType
+    from lamina.oci.reference import store_name
+
+    return {
+        store_name(name)
+        for output in options.outputs
+        if output.type is OutputType.IMAGE and output.push and output.push_by_digest
+        for name in [*output.names, *options.tags]
+    }
+
+
+def _push_one(client: Any, store: Any, name: str, ref: Any, by_digest: bool = False) -> Any:
     """Push `name`; an image built with attestations goes up as its index (image + attestation
-    manifest), as buildx pushes it, through a store name made for the push and removed after."""
+    manifest), as buildx pushes it, through a store name made for the push and removed after.
+    `by_digest` (push-by-digest=true): the repository gets the manifest under its digest, no tag."""
     import json
 
     from lamina.cache.transfer import push
     from lamina.engine.imageexport import attested_key
     from lamina.oci.digest import Digest
+    from lamina.oci.reference import Reference
 
     found = store.cache_get(attested_key(name))
     record = store.resolve(name)
-    if found is None or json.loads(found)["manifest"] != str(record.manifest):
+    top = record.manifest
+    if found is not None and json.loads(found)["manifest"] == str(record.manifest):
+        top = Digest.parse(json.loads(found)["index"])
+    if by_digest:
+        ref = Reference(ref.registry, ref.repository, None, top)
+    if top == record.manifest:
         return push(client, store, name, ref)
-    index = Digest.parse(json.loads(found)["index"])
+    index = top
     temporary = f"lamina.invalid/attested/{index.hex}:push"
     store.tag(temporary, index, size=record.size, created=record.created)
     try:
