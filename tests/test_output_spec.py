@@ -62,6 +62,13 @@ def test_registry_is_image_with_push_and_attributes_parse():
     assert not parse_output("type=docker,dest=x").oci_types
 
 
+def test_unpack_is_accepted_as_buildx_push_passes_it():
+    # buildx's --push is -o type=registry,unpack=false: lamina unpacks nothing for an image
+    assert parse_output("type=registry,name=r/a:1,unpack=false").push
+    with pytest.raises(OutputError, match="store=false is not supported"):
+        parse_output("type=image,name=a,store=false")
+
+
 def test_only_one_stdout_output():
     with pytest.raises(OutputError, match="stdout"):
         parse_outputs(["-", "type=oci,dest=-"])

@@ -256,12 +256,13 @@ def parse_output(spec: str) -> OutputSpec:
         if "registry.insecure" in fields
         else False
     )
-    for key, meaning in (
-        ("unpack", "layers are always kept unpacked"),
-        ("store", "the image always goes into the store"),
-    ):
-        if key in fields and not _bool(spec, key, fields[key]):
-            raise OutputError(f"--output {key}=false is not supported: in lamina's store {meaning}")
+    # unpack= asks containerd to unpack the image into its snapshotter (buildx's --push passes
+    # unpack=false); lamina has no such step: an image's layers are the build's own directories,
+    # so either value describes what happens. store=false would drop the image from the store.
+    if "unpack" in fields:
+        _bool(spec, "unpack", fields["unpack"])
+    if "store" in fields and not _bool(spec, "store", fields["store"]):
+        raise OutputError("--output store=false is not supported: in lamina's store the image always goes")
     if "rewrite-timestamp" in fields and not _bool(spec, "rewrite-timestamp", fields["rewrite-timestamp"]):
         raise OutputError(
             "--output rewrite-timestamp=false is not supported: with SOURCE_DATE_EPOCH set, "
