@@ -226,6 +226,13 @@ def _write_files(ctx: Path, case: dict[str, Any]) -> None:
         os.chmod(ctx / name, int(mode, 8))
 
 
+def _write_files_in(root: Path, files: dict[str, str]) -> None:
+    root.mkdir(parents=True)
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(data)
+
+
 def _write_context(ctx: Path, case: dict[str, Any]) -> None:
     ctx.mkdir()
     if "dockerfile" in case:
@@ -308,6 +315,12 @@ def _build(
             kwargs[key] = [spec.replace("{TMP}", os.fspath(out.parent)) for spec in case[key]]
     if "secrets" in case:
         kwargs["secrets"] = [f"id={key},src={out.parent / 'secrets' / key}" for key in case["secrets"]]
+    if "build_contexts" in case:  # {DIR:name} is a directory of `context_dirs`
+        dirs = out.parent / "context-dirs"
+        kwargs["build_contexts"] = [
+            f"{name}={value}".replace("{DIR:", f"{dirs}/").replace("}", "")
+            for name, value in case["build_contexts"].items()
+        ]
     if case.get("ssh_key"):  # --ssh default=KEYFILE: an RSA key made for the case (ssh-keygen)
         key = out.parent / "ssh-key"
         if not key.exists():
@@ -344,6 +357,8 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
             url = stack.enter_context(_http_server(tmp_path / "http", case))
             case = {**case, "dockerfile": case["dockerfile"].replace("{URL}", url)}
         _write_context(ctx, case)
+        for name, files in case.get("context_dirs", {}).items():
+            _write_files_in(tmp_path / "context-dirs" / name, files)
         for key, value in case.get("secrets", {}).items():
             (tmp_path / "secrets").mkdir(exist_ok=True)
             (tmp_path / "secrets" / key).write_text(value)

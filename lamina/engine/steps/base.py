@@ -27,6 +27,13 @@ def base_image(executor: StepHost, ref: str, location: Any) -> StageOutcome:
 
     named = lookup(executor.options.build_contexts, ref)
     ref = named.ref if named is not None else ref
+    if named is not None and ref.lower() == "scratch":
+        # dockerui: docker-image://scratch is the empty image, never pulled.
+        from lamina.engine.model import PLATFORM
+        from lamina.oci.image import Platform, default_config
+
+        os_name, arch = PLATFORM.split("/", 1)
+        return StageOutcome(named.name, default_config(Platform(arch, os_name)), (), "scratch", None, ())
     with executor.image_lock(ref):
         found = executor.images.get(ref)
         if found is None:
