@@ -469,66 +469,16 @@ def make_plan(
         if stages[target_index].name:
             scope["TARGETSTAGE"] = stages[target_index].name or "default"
 
-    planned: list[PlannedStage] = []
     declared = set(meta_declared)
+    planned: list[PlannedStage] = []
     walks: list[_StageWalk] = []
-    for stage in stages:
-        location = stage.from_.location
-        from_ = stage.from_.expand(_expander(scope, escape, location))
-        if not from_.image:
-            raise InstructionError(f"base name ({stage.from_.image}) should not be blank", location)
-        if from_.platform is not None:
-            _check_platform_value(stage.from_.platform or "", from_.platform, scope, location)
-        dependencies: list[Dependency] = []
-        earlier = _find_stage(stages[: stage.index], from_.image)
-        if earlier is not None and _stage_index(from_.image) is None:
-            base = Base(BaseKind.STAGE, stage=earlier.index)
-            dependencies.append(Dependency(earlier.index, DependencyKind.FROM, location))
-        elif from_.image == SCRATCH:
-            base = Base(BaseKind.SCRATCH)
-        else:
-            _check_reference(from_.image, location, "FROM")
-            base = Base(BaseKind.IMAGE, image=from_.image)
-        walk = _walk_stage(stage, scope, build_args, escape)
+    for stage in stages:  # in file order: the first stage in error is the one named
+        one, walk = _plan_stage(stage, stages, scope, build_args, escape)
+        planned.append(one)
         walks.append(walk)
-        images: list[str] = []
-        for text, kind, where in walk.froms:
-            resolved = _resolve_from(text, kind, where, stages)
-            if isinstance(resolved, str):
-                images.append(resolved)
-            elif resolved.stage == stage.index:
-                raise PlanError(f"{where}: {kind.value}={text}: a stage cannot depend on itself")
-            else:
-                dependencies.append(resolved)
-        planned.append(
-            PlannedStage(
-                index=stage.index,
-                name=stage.name,
-                from_=from_,
-                instructions=stage.instructions,
-                base=base,
-                platform=from_.platform,
-                dependencies=tuple(dependencies),
-                images=tuple(dict.fromkeys(images)),
-                args=tuple(walk.args),
-            )
-        )
-
     order = _topological_order(planned, target_index, dockerfile.path)
     needed = set(order)
-    for index in order:
-        # BuildKit dispatches the stages in file order and copies only from one
-        # already dispatched (convert.go); a RUN --mount=from may look ahead.
-        for dep in planned[index].dependencies:
-            if dep.kind is DependencyKind.COPY_FROM and dep.stage > index:
-                source, current = stages[dep.stage], stages[index]
-                raise PlanError(
-                    f"{dep.location}: cannot copy from stage {source.name or dep.stage!s},"
-                    f" it needs to be defined before current stage {current.name or index!s}"
-                )
-    for index in order:
-        for instruction in stages[index].instructions:
-            _check_literal_words(instruction, escape)
+    _check_needed(planned, stages, order, escape)
     for index in order:
         declared |= walks[index].declared
     unused = sorted(k for k in build_args if k not in declared and k not in PROXY_ARGS and not _builtin(k))
@@ -551,6 +501,75 @@ def make_plan(
         syntax=dockerfile.directive("syntax"),
         warnings=tuple(warnings),
     )
+
+
+def _plan_stage(
+    stage: Stage,
+    stages: Sequence[Stage],
+    scope: Mapping[str, str],
+    build_args: Mapping[str, str],
+    escape: str,
+) -> tuple[PlannedStage, _StageWalk]:
+    """One stage planned: its FROM expanded and resolved (image, earlier stage or scratch),
+    then its lines walked for ARG values and `--from` references (stages it needs, images
+    it reads)."""
+    location = stage.from_.location
+    from_ = stage.from_.expand(_expander(scope, escape, location))
+    if not from_.image:
+        raise InstructionError(f"base name ({stage.from_.image}) should not be blank", location)
+    if from_.platform is not None:
+        _check_platform_value(stage.from_.platform or "", from_.platform, scope, location)
+    dependencies: list[Dependency] = []
+    earlier = _find_stage(stages[: stage.index], from_.image)
+    if earlier is not None and _stage_index(from_.image) is None:
+        base = Base(BaseKind.STAGE, stage=earlier.index)
+        dependencies.append(Dependency(earlier.index, DependencyKind.FROM, location))
+    elif from_.image == SCRATCH:
+        base = Base(BaseKind.SCRATCH)
+    else:
+        _check_reference(from_.image, location, "FROM")
+        base = Base(BaseKind.IMAGE, image=from_.image)
+    walk = _walk_stage(stage, scope, build_args, escape)
+    images: list[str] = []
+    for text, kind, where in walk.froms:
+        resolved = _resolve_from(text, kind, where, tuple(stages))
+        if isinstance(resolved, str):
+            images.append(resolved)
+        elif resolved.stage == stage.index:
+            raise PlanError(f"{where}: {kind.value}={text}: a stage cannot depend on itself")
+        else:
+            dependencies.append(resolved)
+    planned = PlannedStage(
+        index=stage.index,
+        name=stage.name,
+        from_=from_,
+        instructions=stage.instructions,
+        base=base,
+        platform=from_.platform,
+        dependencies=tuple(dependencies),
+        images=tuple(dict.fromkeys(images)),
+        args=tuple(walk.args),
+    )
+    return planned, walk
+
+
+def _check_needed(
+    planned: list[PlannedStage], stages: Sequence[Stage], order: Sequence[int], escape: str
+) -> None:
+    """What BuildKit refuses in the stages the target needs, before anything runs."""
+    for index in order:
+        # BuildKit dispatches the stages in file order and copies only from one
+        # already dispatched (convert.go); a RUN --mount=from may look ahead.
+        for dep in planned[index].dependencies:
+            if dep.kind is DependencyKind.COPY_FROM and dep.stage > index:
+                source, current = stages[dep.stage], stages[index]
+                raise PlanError(
+                    f"{dep.location}: cannot copy from stage {source.name or dep.stage!s},"
+                    f" it needs to be defined before current stage {current.name or index!s}"
+                )
+    for index in order:
+        for instruction in stages[index].instructions:
+            _check_literal_words(instruction, escape)
 
 
 def _check_literal_words(instruction: Instruction, escape: str) -> None:
