@@ -648,8 +648,17 @@ def test_copy_heredoc_of_four_mib_expands_at_string_speed() -> None:
 
 
 def test_copy_heredoc_past_the_expansion_limit_is_an_error() -> None:
+    import dataclasses
+
     from lamina.engine.steps.copyadd.heredoc import expand_heredoc
 
-    content = _heredoc_content(("x" * 1023 + "\n") * (MAX_EXPANDED // 1024 + 1))
+    body = ("x" * 1023 + "\n") * (MAX_EXPANDED // 1024 + 1)
+    # Refused where it is written: a heredoc may be as long as an expanded word (parser's
+    # MAX_HEREDOC_BYTES), and expand_heredoc keeps its own check for other callers.
+    with pytest.raises(
+        DockerfileError, match=rf"Dockerfile:{MAX_EXPANDED // 1024 + 3}: heredoc EOF is larger than"
+    ):
+        _heredoc_content(body)
+    content = dataclasses.replace(_heredoc_content("x\n"), data=body)
     with pytest.raises(LaminaError, match=rf"heredoc EOF: {MAX_EXPANDED + 1024} characters, longer than"):
         expand_heredoc(content, {})

@@ -382,13 +382,13 @@ def call(method: str, options: BuildOptions, store: Store | None) -> tuple[str, 
     """
     import json
 
-    from lamina.engine.dockerfile.parser import parse
+    from lamina.engine.dockerfile.parser import parse, read_source
     from lamina.errors import PlanError
 
     name, fmt, ignore_status = parse_call(method)
     path = display_path(options)
     try:
-        data = (options.dockerfile or options.context / "Dockerfile").read_bytes()
+        data = read_source(options.dockerfile or options.context / "Dockerfile")  # capped
     except OSError as err:
         raise PlanError(f"cannot read Dockerfile {path}: {err.strerror}") from None
     if name in ("outline", "targets"):

@@ -32,6 +32,10 @@ from lamina.oci.entry import EntryType, type_of_mode
 __all__ = ["SourceTree", "TreeEntry", "entry_record", "open_build_context", "open_rootfs"]
 
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS
+# lamina's limits on one walk (BuildKit has none), so that a runaway context (a build
+# directory, a home directory) stops with a line saying what to leave out, not after hours.
+MAX_CONTEXT_ENTRIES = 1_000_000  # entries looked at by one COPY/ADD source walk
+MAX_CONTEXT_DEPTH = 1024  # directory levels below the walk's start (PATH_MAX allows ~2048)
 
 
 _EMPTY_DIGEST = hashlib.sha256(b"").digest()
@@ -282,6 +286,7 @@ class _Walk:
         stack: list[tuple[Frame, Iterator[os.DirEntry[str]], TreeEntry | None]] = [
             ((rel, state, None, None), iter(self.children(rel)), None)
         ]
+        seen, start = 0, rel
         while stack:
             (rel, state, xstate, istate), children, own = stack[-1]
             child = next(children, None)
@@ -291,6 +296,16 @@ class _Walk:
                     pending.pop()
                 continue
             path = f"{rel}/{child.name}" if rel else child.name
+            seen += 1
+            if seen > MAX_CONTEXT_ENTRIES:
+                raise ContextError(
+                    f"{start or '.'}: more than {MAX_CONTEXT_ENTRIES} files and directories"
+                    " (lamina's limit): leave some out with .dockerignore"
+                )
+            if len(stack) > MAX_CONTEXT_DEPTH:
+                raise ContextError(
+                    f"{path[:100]}...: more than {MAX_CONTEXT_DEPTH} directory levels deep (lamina's limit)"
+                )
             entry = tree._entry(path, child.stat(follow_symlinks=False))
             if entry is None:
                 continue

@@ -356,9 +356,11 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
     start = time.monotonic()
     for name in options.tags:
         store_name(name)  # a bad -t fails before the build, not after it
+    from lamina.engine.dockerfile.parser import read_source
+
     dockerfile = options.dockerfile or options.context / "Dockerfile"
     try:
-        data: bytes | None = dockerfile.read_bytes()
+        data: bytes | None = read_source(dockerfile)  # capped: parse refuses a larger one
     except OSError:
         data = None  # make_plan says why
     options.cache_root.mkdir(parents=True, exist_ok=True)

@@ -1166,6 +1166,11 @@ class Stages:
     meta_args: tuple[ArgInstruction, ...]
 
 
+# lamina's limit (BuildKit has none): planning walks the stage graph depth first, and real
+# Dockerfiles have tens of stages.
+MAX_STAGES = 512
+
+
 def parse_stages(dockerfile: Dockerfile) -> Stages:
     """Split a parsed Dockerfile into stages, validating every instruction."""
     meta_args: list[ArgInstruction] = []
@@ -1179,6 +1184,10 @@ def parse_stages(dockerfile: Dockerfile) -> Stages:
             # not an error: a later reference means the last stage of that name.
             if current is not None:
                 stages.append(Stage(len(stages), current, tuple(body)))
+                if len(stages) >= MAX_STAGES:
+                    raise InstructionError(
+                        f"more than {MAX_STAGES} stages (lamina's limit)", instruction.location
+                    )
             current, body = instruction, []
         elif current is None:
             if not isinstance(instruction, ArgInstruction):

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Callable
 
-from lamina.engine.dockerfile.shell import MAX_NESTING
+from lamina.engine.dockerfile.shell import MAX_EXPANDED, MAX_NESTING
 from lamina.errors import DockerfileSyntaxError, Location
 
 DEFAULT_ESCAPE = "\\"
 MAX_LINE_BYTES = 65536  # Go's bufio.MaxScanTokenSize: a longer line is an error
+# Limits BuildKit does not have (lamina's, for bounded work: parsing and planning grow
+# linearly, a few seconds for 8 MiB of instructions). Real Dockerfiles are kilobytes. A
+# heredoc may be as long as an expanded word (shell.MAX_EXPANDED); the file, twice that.
+MAX_HEREDOC_BYTES = MAX_EXPANDED
+MAX_DOCKERFILE_BYTES = 2 * MAX_EXPANDED
 HEREDOC_KEYWORDS = frozenset({"add", "copy", "run"})
 KNOWN_DIRECTIVES = frozenset({"syntax", "escape", "check"})
 # `ONBUILD ONBUILD ...` levels the parser nests before it refuses. BuildKit has
@@ -824,8 +830,28 @@ def _is_comment(line: str) -> bool:
     return _lstrip(line).startswith("#")
 
 
+def read_source(path: str | os.PathLike[str]) -> bytes:
+    """A Dockerfile's bytes, never more than one past MAX_DOCKERFILE_BYTES (parse refuses
+    those): a huge file or /dev/zero is not read whole. OSError as open() raises it."""
+    with open(path, "rb") as f:
+        return f.read(MAX_DOCKERFILE_BYTES + 1)
+
+
+def _check_size(source: str | bytes, path: str) -> None:
+    if len(source) <= MAX_DOCKERFILE_BYTES // 4:
+        return
+    data = source if isinstance(source, bytes) else _encode(source)
+    if len(data) > MAX_DOCKERFILE_BYTES:
+        line = data.count(b"\n", 0, MAX_DOCKERFILE_BYTES) + 1  # where the limit is crossed
+        raise DockerfileSyntaxError(
+            f"the Dockerfile is larger than {MAX_DOCKERFILE_BYTES} bytes (lamina's limit, 8 MiB)",
+            Location(path, line),
+        )
+
+
 def parse(source: str | bytes, path: str = "Dockerfile") -> Dockerfile:
     """Parse Dockerfile text; raises DockerfileSyntaxError naming `path:line`."""
+    _check_size(source, path)
     text = source if isinstance(source, str) else source.decode("utf-8", "surrogateescape")
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -895,6 +921,7 @@ def parse(source: str | bytes, path: str = "Dockerfile") -> Dockerfile:
                 raise err.with_location(Location(path, start)) from None
             for marker in markers:
                 body: list[str] = []
+                size = 0
                 while True:
                     if i >= n:
                         raise DockerfileSyntaxError(
@@ -907,6 +934,13 @@ def parse(source: str | bytes, path: str = "Dockerfile") -> Dockerfile:
                     if candidate == marker.name:
                         break
                     body.append(raw)
+                    size += len(raw) if raw.isascii() else len(_encode(raw))
+                    if size > MAX_HEREDOC_BYTES:
+                        raise DockerfileSyntaxError(
+                            f"heredoc {marker.name} is larger than {MAX_HEREDOC_BYTES} bytes"
+                            " (lamina's limit, 4 MiB)",
+                            Location(path, current),
+                        )
                 heredocs.append(dataclasses.replace(marker, content="".join(body)))
         children.append(
             Node(
