@@ -153,6 +153,35 @@ def _write_tar_to(out: Any, members: list[dict[str, Any]], gzip: bool = False) -
 HTTP_MTIME = 1700000000  # Last-Modified of every served file: 2023-11-14T22:13:20Z
 
 
+def _git_repo(repo: Path, commits: list[dict[str, Any]], object_format: str) -> None:
+    """A git repository served by plain HTTP (`update-server-info`): each commit writes its
+    `files`, and `branch` names the commit made so far."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed (apt-get install git)")
+    repo.mkdir()
+
+    def git(*args: str) -> None:
+        env = {
+            **os.environ,
+            "GIT_AUTHOR_DATE": "2023-11-14T22:13:20Z",
+            "GIT_COMMITTER_DATE": "2023-11-14T22:13:20Z",
+        }
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
+
+    git("init", "-q", "-b", "main", f"--object-format={object_format}")
+    git("config", "--local", "user.email", "test@example.com")
+    git("config", "--local", "user.name", "test")
+    for commit in commits:
+        for name, data in commit.get("files", {}).items():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            (repo / name).write_text(_text(data))
+        git("add", "-A")
+        git("commit", "-q", "-m", commit.get("message", "commit"))
+        if "branch" in commit:
+            git("branch", commit["branch"])
+    git("update-server-info")
+
+
 @contextlib.contextmanager
 def _http_server(root: Path, case: dict[str, Any]) -> Iterator[str]:
     """Serve `http` (path -> text; `/` is index.html) and `http_tars` on loopback; yields the base URL."""
@@ -163,6 +192,8 @@ def _http_server(root: Path, case: dict[str, Any]) -> Iterator[str]:
         _write_tar(root / name.strip("/"), members)
     for path in root.iterdir():
         os.utime(path, (HTTP_MTIME, HTTP_MTIME))
+    if "git_commits" in case:
+        _git_repo(root / "repo", case["git_commits"], case.get("git_object_format", "sha1"))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.fspath(root))
     handler.log_message = lambda *args: None  # type: ignore[attr-defined]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -333,6 +364,8 @@ def _build(
     outputs = [] if case.get("no_local_output") else [f"type=local,dest={out}"]
     outputs += [f"type=oci,dest={archive}"] if archive else []
     outputs += [spec.replace("{TMP}", os.fspath(out.parent)) for spec in case.get("outputs", [])]
+    if "context_url" in case:  # a remote context (git, HTTP) instead of the directory
+        return build(cache, case["context_url"], outputs=outputs, **kwargs)
     if "stdin_tar" in case:  # the context is `-`: a tar of it on stdin
         buffer = io.BytesIO()
         _write_tar_to(buffer, case["stdin_tar"])
@@ -353,9 +386,13 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
         if case.get("echo_server"):
             port = stack.enter_context(_echo_server())
             case = {**case, "dockerfile": case["dockerfile"].replace("{ECHO_PORT}", str(port))}
-        if "http" in case or "http_tars" in case:
+        if "http" in case or "http_tars" in case or "git_commits" in case:
             url = stack.enter_context(_http_server(tmp_path / "http", case))
-            case = {**case, "dockerfile": case["dockerfile"].replace("{URL}", url)}
+            case = {**case, "dockerfile": case.get("dockerfile", "").replace("{URL}", url)}
+            if "context_url" in case:
+                case["context_url"] = case["context_url"].replace("{URL}", url)
+            if not case["dockerfile"]:
+                del case["dockerfile"]
         _write_context(ctx, case)
         for name, files in case.get("context_dirs", {}).items():
             _write_files_in(tmp_path / "context-dirs" / name, files)

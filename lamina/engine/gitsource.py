@@ -161,6 +161,21 @@ def remote_commit(ref: GitRef, environ: Mapping[str, str]) -> str | None:
     return None
 
 
+def _object_format(git: str, env: Mapping[str, str], remote: str) -> tuple[str, ...]:
+    """`--object-format=sha256` for a SHA-256 remote (its ls-remote hashes are 64 digits long),
+    which a local repository of git's default SHA-1 format cannot fetch from; else nothing."""
+    done = subprocess.run(
+        [git, "ls-remote", remote, "HEAD"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    first = done.stdout.split("\t", 1)[0].strip() if done.returncode == 0 else ""
+    return ("--object-format=sha256",) if len(first) == 64 else ()
+
+
 def checkout(ref: GitRef, dest: Path, environ: Mapping[str, str], *, keep_git_dir: bool = False) -> str:
     """Fetch `ref` into the new directory `dest` and check it out; return the commit."""
     git, env = _git_env(ref.remote, environ)
@@ -182,7 +197,7 @@ def checkout(ref: GitRef, dest: Path, environ: Mapping[str, str], *, keep_git_di
         return done
 
     dest.mkdir(parents=True)
-    run("init", "-q")
+    run("init", "-q", *_object_format(git, env, ref.remote))
     run("remote", "add", "origin", ref.remote)
     wanted = ref.ref or "HEAD"
     shallow = run("fetch", "-q", "--depth=1", "--no-tags", "origin", wanted, check=False)
