@@ -158,49 +158,67 @@ def select_sources(
     """Decide what COPY `sources` `dest` writes; raises ContextError for a missing source."""
     if not sources:
         raise ContextError("COPY failed: no source files were specified")
-    dest_dir = dest.endswith("/") or dest in ("", ".")
     dest_rel = _clean_rel(dest)
     if image is not None:
         dest_rel = resolve_in_image(image, dest_rel)
-    owner = options.chown
-    made: list[MadeDir] = []
-    items: list[CopyItem] = []
-    excludes = DockerIgnore(options.excludes, source="--exclude") if options.excludes else None
-    base_uid, base_gid = owner if owner is not None else (0, 0)
-    made_dirs_seen: set[str] = set()
-    # fsutil's MkdirAll takes an octal --chmod as the mode of the directories it
-    # creates (`COPY --chmod=777 f /parent/f` makes /parent 0777); symbolic modes do not.
-    octal = options.chmod.octal if options.chmod is not None else None
-    made_mode = octal if octal is not None else DIR_MODE
+    picked = _Picked(tree, options, image)
+    if options.parents:
+        picked.make_dirs(dest_rel)
+        for source in sources:
+            _select_parents(tree, source, dest_rel, options, picked.excludes, picked.items, picked.made)
+        return picked.selection()
+    into_dir = dest.endswith("/") or dest in ("", ".") or len(sources) > 1
+    for source in sources:
+        picked.add_source(source, dest_rel, into_dir)
+    return picked.selection()
 
-    def make_dirs(path: str) -> None:
+
+class _Picked:
+    """What one COPY has picked so far: the directories it makes, the items it writes."""
+
+    def __init__(self, tree: SourceTree, options: CopyOptions, image: ImageLookup | None) -> None:
+        self.tree = tree
+        self.options = options
+        self.image = image
+        self.made: list[MadeDir] = []
+        self.items: list[CopyItem] = []
+        self.excludes = DockerIgnore(options.excludes, source="--exclude") if options.excludes else None
+        self.owner = options.chown if options.chown is not None else (0, 0)
+        self.made_dirs_seen: set[str] = set()
+        # fsutil's MkdirAll takes an octal --chmod as the mode of the directories it
+        # creates (`COPY --chmod=777 f /parent/f` makes /parent 0777); symbolic modes do not.
+        octal = options.chmod.octal if options.chmod is not None else None
+        self.made_mode = octal if octal is not None else DIR_MODE
+
+    def selection(self) -> Selection:
+        return Selection(tuple(self.made), tuple(self.items))
+
+    def make_dirs(self, path: str) -> None:
         """MkdirAll of `path` and its parents, owned by the --chown user."""
         parts = path.split("/") if path else []
         for depth in range(1, len(parts) + 1):
             sub = "/".join(parts[:depth])
-            if sub not in made_dirs_seen:
-                made_dirs_seen.add(sub)
-                made.append(MadeDir(sub, base_uid, base_gid, made_mode))
+            if sub not in self.made_dirs_seen:
+                self.made_dirs_seen.add(sub)
+                self.made.append(MadeDir(sub, *self.owner, self.made_mode))
 
-    def is_dir_in_image(path: str) -> bool:
-        if path in made_dirs_seen or any(i.dest == path and i.entry.type is EntryType.DIR for i in items):
+    def is_dir_in_image(self, path: str) -> bool:
+        if path in self.made_dirs_seen:
             return True
-        if image is None:
+        if any(i.dest == path and i.entry.type is EntryType.DIR for i in self.items):
+            return True
+        if self.image is None:
             return False
-        st = image.stat("/" + path)
+        st = self.image.stat("/" + path)
         return st is not None and stat.S_ISDIR(st.st_mode)
 
-    if options.parents:
-        make_dirs(dest_rel)
-        for source in sources:
-            _select_parents(tree, source, dest_rel, options, excludes, items, made)
-        return Selection(tuple(made), tuple(items))
-
-    several = len(sources) > 1
-    for source in sources:
+    def add_source(self, source: str, dest_rel: str, dest_is_dir: bool) -> None:
+        """One source (a path or a wildcard) to `dest_rel`; `dest_is_dir`: dest ends in `/`,
+        is `.`, or there are several sources."""
+        tree, options = self.tree, self.options
         rel = _source_rel(tree, source, options)
         wildcard = _has_wildcards(rel)
-        matches = _glob(tree, rel, excludes) if wildcard else [rel]
+        matches = _glob(tree, rel, self.excludes) if wildcard else [rel]
         for match in matches:
             real = tree.resolve(match)  # the top-level source follows symlinks
             entry = tree.entry(real)
@@ -209,20 +227,19 @@ def select_sources(
                     continue
                 raise ContextError(f"COPY failed: file not found in {options.source_name}: {source}")
             if entry.type is EntryType.DIR:
-                make_dirs(dest_rel)
-                for child in tree.walk(real, exclude=excludes):
+                self.make_dirs(dest_rel)
+                for child in tree.walk(real, exclude=self.excludes):
                     target = _join(dest_rel, child.path[len(real) + 1 :] if real else child.path)
-                    items.append(_item(tree, target, child, options))
+                    self.items.append(_item(tree, target, child, options))
                 continue
             # fsutil's prepareTargetDir: a wildcard's matches are copied one by one like a
             # named file, so one match to `foo2.go` writes the file `foo2.go`.
-            into_dir = dest_dir or several or is_dir_in_image(dest_rel)
+            into_dir = dest_is_dir or self.is_dir_in_image(dest_rel)
             target = _join(dest_rel, posixpath.basename(match)) if into_dir else dest_rel
             if not target:
                 raise ContextError(f"COPY failed: cannot copy {source} over the root directory")
-            make_dirs(posixpath.dirname(target))
-            items.append(_item(tree, target, entry, options))
-    return Selection(tuple(made), tuple(items))
+            self.make_dirs(posixpath.dirname(target))
+            self.items.append(_item(tree, target, entry, options))
 
 
 def _item(tree: SourceTree, dest: str, entry: TreeEntry, options: CopyOptions) -> CopyItem:
