@@ -139,8 +139,13 @@ class StatCache:
         """The sha256 of the regular file at `path`, whose `stat_key` of its lstat is `key`."""
         return self.digest_many([(os.fspath(path), key)], scope)[0]
 
-    def digest_many(self, items: Sequence[tuple[str, StatKey]], scope: str | None = None) -> list[bytes]:
+    def digest_many(
+        self, items: Sequence[tuple[str, StatKey]], scope: str | None = None, root: str | None = None
+    ) -> list[bytes]:
         """`digest` for many files; the ones not cached are read, large ones on a few threads.
+
+        With `root`, the paths of `items` are relative to it (joined only for
+        the files that are read).
 
         Small files are hashed on the calling thread: for them the cost is the
         system calls and the interpreter, which threads only contend for.
@@ -169,11 +174,14 @@ class StatCache:
                 new[key] = digest
             found[i] = digest
 
+        def path(i: int) -> str:
+            return f"{root}/{items[i][0]}" if root is not None else items[i][0]
+
         large = [i for i in missing if items[i][1][2] > _SMALL]
         small = [i for i in missing if items[i][1][2] <= _SMALL] if large else missing
         if len(large) < 2:
             for i in missing:
-                record(i, *hash_file(items[i][0], items[i][1][2]))
+                record(i, *hash_file(path(i), items[i][1][2]))
             return found  # type: ignore[return-value]
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
@@ -189,11 +197,11 @@ class StatCache:
                         i = next(queued, None)
                         if i is None:
                             return
-                        pending.append((i, pool.submit(hash_file, items[i][0], items[i][1][2])))
+                        pending.append((i, pool.submit(hash_file, path(i), items[i][1][2])))
 
                 refill()
                 for i in small:
-                    record(i, *hash_file(items[i][0], items[i][1][2]))
+                    record(i, *hash_file(path(i), items[i][1][2]))
                     while pending and pending[0][1].done():
                         j, future = pending.popleft()
                         record(j, *future.result())

@@ -41,9 +41,13 @@ MAX_CONTEXT_DEPTH = 1024  # directory levels below the walk's start (PATH_MAX al
 _EMPTY_DIGEST = hashlib.sha256(b"").digest()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class TreeEntry:
-    """One path of a source tree, as lstat saw it."""
+    """One path of a source tree, as lstat saw it (read-only by convention).
+
+    Not a frozen dataclass: one is made per entry of contexts of a million
+    files, and a frozen one's __init__ costs four times as much.
+    """
 
     path: str  # relative to the tree root
     type: EntryType
@@ -216,6 +220,11 @@ class SourceTree:
                 key=stat_key(st),
                 socket=True,
             )
+        if kind is EntryType.FILE or kind is EntryType.DIR:  # most entries: no more calls than needed
+            uid, gid = self._owner(rel, st) if self.chroot else (st.st_uid, st.st_gid)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            size = st.st_size if kind is EntryType.FILE else 0
+            return TreeEntry(rel, kind, st.st_mode & 0o7777, uid, gid, size, st.st_mtime_ns, "", 0, key)
         link = os.readlink(self.abspath(rel)) if kind is EntryType.SYMLINK else ""
         uid, gid = self._owner(rel, st)
         return TreeEntry(
@@ -244,7 +253,7 @@ class SourceTree:
         """Content digests of the FILE entries among `entries`, by path (hashed in parallel)."""
         files = [e for e in entries if e.type is EntryType.FILE and not e.socket]
         try:
-            digests = self.stat_cache.digest_many([(self.abspath(e.path), e.key) for e in files], self.scope)
+            digests = self.stat_cache.digest_many([(e.path, e.key) for e in files], self.scope, self._root)
         except OSError as err:
             name = os.path.relpath(err.filename, self._root) if err.filename else "?"
             raise ContextError(f"{name}: cannot read: {err.strerror or err}") from None
