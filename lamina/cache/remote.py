@@ -265,24 +265,10 @@ def parse_cache_spec(text: str, flag: str) -> CacheSpec:
     entries in an OCI layout directory (lamina.oci.layoutclient), as BuildKit's local cache."""
     from lamina.oci.reference import parse_reference
 
-    fields: dict[str, str] = {}
-    if "=" not in text:
-        fields = {"type": "registry", "ref": text.strip()}
-    for part in text.split(",") if not fields else ():
-        key, sep, value = part.partition("=")
-        key = key.strip().lower()
-        if not sep:
-            raise PlanError(f"invalid {flag} {text!r}: {part!r} is not key=value")
-        fields[key] = value.strip()
+    fields = _spec_fields(text, flag)
     kind = fields.pop("type", "registry")
     if kind == "inline":
-        if flag != "--cache-to":
-            raise PlanError(f"invalid {flag} {text!r}: read an inline cache with type=registry,ref=IMAGE")
-        if fields.pop("mode", "min") != "min":
-            raise PlanError(f"invalid {flag} {text!r}: an inline cache is mode=min only, as BuildKit's")
-        if fields:
-            raise PlanError(f"invalid {flag} {text!r}: unknown key {sorted(fields)[0]!r}")
-        return CacheSpec(Reference("inline", "cache"), inline=True)
+        return _inline_spec(fields, text, flag)
     if kind in ("gha", "s3", "azblob"):
         raise PlanError(f"{flag} type={kind} is not supported: use type=registry or type=local")
     if kind not in ("registry", "local"):
@@ -322,6 +308,31 @@ def parse_cache_spec(text: str, flag: str) -> CacheSpec:
     if ref.digest is not None:
         raise PlanError(f"invalid {flag} {text!r}: a cache ref takes a tag, not a digest")
     return CacheSpec(ref, mode, ignore == "true", path)
+
+
+def _spec_fields(text: str, flag: str) -> dict[str, str]:
+    """`k=v,k=v` as a dict (keys lower case); a bare REF is `type=registry,ref=REF`."""
+    if "=" not in text:
+        return {"type": "registry", "ref": text.strip()}
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not sep:
+            raise PlanError(f"invalid {flag} {text!r}: {part!r} is not key=value")
+        fields[key] = value.strip()
+    return fields
+
+
+def _inline_spec(fields: dict[str, str], text: str, flag: str) -> CacheSpec:
+    """`--cache-to type=inline`: the cache in the image's own config (mode=min only)."""
+    if flag != "--cache-to":
+        raise PlanError(f"invalid {flag} {text!r}: read an inline cache with type=registry,ref=IMAGE")
+    if fields.pop("mode", "min") != "min":
+        raise PlanError(f"invalid {flag} {text!r}: an inline cache is mode=min only, as BuildKit's")
+    if fields:
+        raise PlanError(f"invalid {flag} {text!r}: unknown key {sorted(fields)[0]!r}")
+    return CacheSpec(Reference("inline", "cache"), inline=True)
 
 
 def parse_cache_specs(texts: Iterable[str], flag: str) -> tuple[CacheSpec, ...]:
