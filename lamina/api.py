@@ -309,6 +309,7 @@ def run(
     on_warning: Callable[[str], None] | None = None,
     on_started: Callable[[Any], None] | None = None,
     isolation: str | Isolation | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
 ) -> int:
     """Run `command` in the stored `image`, as `docker run --rm` does; return its exit code.
 
@@ -319,10 +320,13 @@ def run(
     `publish` are `-p` strings (`8080:80`, `127.0.0.1:8080:80`, TCP) forwarded
     into the default network. `on_started` gets a `sandbox.Started` (pid,
     stop()) once the command's namespaces exist and its ports listen.
-    `isolation` as for `build`. Nothing the command changes is kept. Raises LaminaError (ImageNotFound,
+    `isolation` as for `build`. Nothing the command changes is kept.
+    `scratch_dir` holds the sandbox's scratch (its upper dir; default the
+    store's tmp/, which `cache gc` empties). Raises LaminaError (ImageNotFound,
     SandboxError) when it cannot start.
     """
     import os
+    from pathlib import Path
 
     from lamina.cache.images import stored_image
     from lamina.cache.store import Store
@@ -355,8 +359,8 @@ def run(
             net = sandbox.Network(network)
         except ValueError:
             raise SandboxError(f"--network {network}: expected default, host or none") from None
-        scratch = store.root / "tmp"
-        scratch.mkdir(exist_ok=True)
+        scratch = store.root / "tmp" if scratch_dir is None else Path(scratch_dir)
+        scratch.mkdir(parents=True, exist_ok=True)
         spec = sandbox.SandboxSpec(
             argv=argv,
             lower_dirs=tuple(reversed(lowers)),

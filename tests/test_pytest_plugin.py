@@ -277,7 +277,9 @@ def test_a_killed_pytest_leaves_no_service_behind(tmp_path: Path, cache: Path) -
     assert list((cache / "pytest" / "services").iterdir())
     again = _pytest(_project(tmp_path / "q", "def test_nothing():\n    pass\n"), cache, "-q")
     assert again.returncode == 0, again.stdout
-    assert not list((cache / "pytest" / "services").iterdir())
+    assert not list((cache / "pytest" / "services").iterdir())  # its scratch (upper dir) with it
+    scratch = cache / "tmp"
+    assert not (list(scratch.glob("lamina-sandbox-*")) if scratch.is_dir() else [])
 
 
 def test_the_next_session_kills_what_a_dead_pytest_left(tmp_path: Path, cache: Path) -> None:
