@@ -88,3 +88,23 @@ def test_an_unreadable_large_file_raises_and_stops_the_pool(tmp_path: Path) -> N
     os.unlink(paths[3])
     with pytest.raises(FileNotFoundError):
         StatCache(None).digest_many(items)
+
+
+def test_a_saved_shard_is_read_back_record_for_record(tmp_path: Path) -> None:
+    """The on-disk format (fixed records of the five stat fields and the digest) is what a
+    new process loads: an unchanged file's digest comes from it, the file is never opened."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    path = ctx / "f"
+    path.write_bytes(b"content")
+    key = stat_key(os.lstat(path))
+    cache = StatCache(tmp_path / "cache")
+    shard = cache.shard_path("scope")
+    assert shard is not None
+    shard.parent.mkdir(parents=True)
+    recorded = b"r" * 32  # not the file's sha256: proves the record, not the file, answered
+    other = statcache._RECORD.pack(1, 2, 3, 4, 5, b"o" * 32)
+    shard.write_bytes(statcache._MAGIC + other + statcache._RECORD.pack(*key, recorded) + b"torn")
+    assert cache.size("scope") == 2
+    assert cache.digest(path, key, "scope") == recorded
+    assert cache.hits == 1 and cache.misses == 0
