@@ -229,6 +229,8 @@ def lamina_run(lamina_cache: Path, request: pytest.FixtureRequest) -> Iterator[C
         if isinstance(command, str):
             command = ["/bin/sh", "-c", command]
         member = None
+        if name is not None and kwargs.get("network", "default") != "default":
+            pytest.fail(f"lamina run {image}: name= needs the default network", pytrace=False)
         try:
             if kwargs.get("network", "default") == "default" and (
                 group or request.config.stash.get(_SESSION_GROUP, []) or name
