@@ -311,7 +311,7 @@ def forwarding(case: Path) -> Iterator[None]:
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
     saved = os.environ.get("SSH_AUTH_SOCK")
     try:
-        while not sock.exists():
+        while not _listening(sock):  # the file appears at bind(), before listen()
             if agent.poll() is not None:
                 raise SystemExit("differential: ssh-agent did not start")
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / "key"))
@@ -374,6 +374,13 @@ def git_served(ctx: Path) -> Iterator[str | None]:
         daemon.terminate()
         daemon.wait()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _listening(sock: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as probe:
+        return sock.exists() and probe.connect_ex(str(sock)) == 0
 
 
 def ssh_flags(ctx: Path) -> list[str]:

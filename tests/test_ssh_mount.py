@@ -11,8 +11,10 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,10 +50,11 @@ def _agent(*keys: Path) -> Iterator[Path]:
     sock = home / "sock"
     proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
     try:
-        for _ in range(500):
-            if sock.exists():
-                break
-            subprocess.run(["sleep", "0.01"], check=True)
+        for _ in range(500):  # the file appears at bind(), before listen()
+            with socket.socket(socket.AF_UNIX) as probe:
+                if sock.exists() and probe.connect_ex(str(sock)) == 0:
+                    break
+            time.sleep(0.01)
         for key in keys:
             subprocess.run(
                 ["ssh-add", "-q", str(key)], env={**os.environ, "SSH_AUTH_SOCK": str(sock)}, check=True
@@ -100,7 +103,16 @@ RUN --mount=type=ssh sh -c 'ssh-add -D; echo $? > /delete-status; ssh-add -l > /
 """
 
 
-def test_ssh_agent_reaches_run_mounts(cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolation", ["auto", "chroot"])
+def test_ssh_agent_reaches_run_mounts(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str
+) -> None:
+    if isolation == "chroot":
+        if os.geteuid() != 0:
+            pytest.skip("chroot isolation needs uid 0 (CAP_SYS_CHROOT)")
+        # No mount namespace: the relay socket is staged into the copied root, and must
+        # still be the listening socket there (a copy would be a new, dead one).
+        monkeypatch.setenv("LAMINA_ISOLATION", "chroot")
     key, fingerprint = _key(tmp_path)
     other, other_fingerprint = _key(tmp_path, "other")
     ctx = write_context(tmp_path / "ctx", DOCKERFILE)
@@ -175,7 +187,6 @@ def test_ssh_flag_errors(
 def test_relay_answers_only_list_and_sign_and_takes_long_paths(tmp_path: Path) -> None:
     """BuildKit's readOnlyAgent: add, remove, lock and extensions fail; socket paths past
     the 107 bytes a sockaddr_un holds still work (a deep cache directory)."""
-    import socket
     import threading
 
     from lamina.engine.sshforward import Relay

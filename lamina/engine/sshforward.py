@@ -137,9 +137,11 @@ def _key_agent(name: str, keys: list[str]) -> Iterator[Path]:
 def _wait_for(sock: Path, proc: subprocess.Popen[bytes]) -> None:
     import time
 
-    for _ in range(500):  # ssh-agent binds before it daemonises; -D keeps it ours
+    for _ in range(500):  # the file appears at bind(), before listen(): wait for a connection
         if sock.exists():
-            return
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(str(sock)) == 0:
+                    return
         if proc.poll() is not None:
             break
         time.sleep(0.01)

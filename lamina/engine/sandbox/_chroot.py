@@ -169,6 +169,11 @@ def _copy_tree(src: str, dest: str) -> None:
             names = sorted(e.name for e in it)
         for name in names:
             _copy_tree(os.path.join(src, name), os.path.join(dest, name))
+    elif stat.S_ISSOCK(st.st_mode):
+        # A listening socket (RUN --mount=type=ssh's relay): a copy would be a new, dead one;
+        # a hard link is the same socket, with its owner and mode.
+        os.link(src, dest)
+        return
     else:
         _rootfs.copy_node(src, dest, st)
     _rootfs.copy_meta(src, dest, st)
