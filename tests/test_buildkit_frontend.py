@@ -187,7 +187,7 @@ def _http_server(root: Path, case: dict[str, Any]) -> Iterator[str]:
     """Serve `http` (path -> text; `/` is index.html) and `http_tars` on loopback; yields the base URL."""
     root.mkdir()
     for name, data in case.get("http", {}).items():
-        (root / (name.strip("/") or "index.html")).write_text(data)
+        (root / (name.strip("/") or "index.html")).write_text(_text(data))
     for name, members in case.get("http_tars", {}).items():
         _write_tar(root / name.strip("/"), members)
     for path in root.iterdir():
@@ -359,8 +359,10 @@ def _build(
                 pytest.skip("ssh-keygen is not installed (apt-get install openssh-client)")
             subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", key], check=True)
         kwargs["ssh"] = [f"default={key}"]
-    if "dockerfile_path" in case:
-        kwargs["dockerfile"] = ctx / case["dockerfile_path"]
+    if "dockerfile_path" in case:  # a remote context's is a name inside it
+        kwargs["dockerfile"] = (
+            case["dockerfile_path"] if "context_url" in case else ctx / case["dockerfile_path"]
+        )
     outputs = [] if case.get("no_local_output") else [f"type=local,dest={out}"]
     outputs += [f"type=oci,dest={archive}"] if archive else []
     outputs += [spec.replace("{TMP}", os.fspath(out.parent)) for spec in case.get("outputs", [])]

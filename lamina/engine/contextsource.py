@@ -70,7 +70,11 @@ def is_remote(context: str) -> bool:
     """True for a context that is not a local path: stdin or a git URL."""
     from lamina.engine.gitsource import is_git_url
 
-    return context == STDIN or (not os.path.exists(context) and is_git_url(context))
+    return context == STDIN or (not os.path.exists(context) and (is_git_url(context) or _is_http(context)))
+
+
+def _is_http(context: str) -> bool:
+    return context.startswith(("http://", "https://"))
 
 
 @contextlib.contextmanager
@@ -117,24 +121,61 @@ def _resolve(
         spooled = work / "stdin.bin"
         with open(spooled, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 20)
-        from lamina.engine.steps.copyadd.archive import is_archive
-
-        if is_archive(str(spooled)):
-            root = work / "context"
-            _unpack(spooled, root)
-            spooled.unlink()
-            return Resolved(root, _inside(root, dockerfile) if dockerfile else None)
-        if dockerfile is not None:
+        if dockerfile is not None and not _is_tar(spooled):
             raise ContextError("ambiguous Dockerfile source: both stdin and flag correspond to Dockerfiles")
-        if spooled.stat().st_size > _MAX_STDIN_DOCKERFILE:
-            raise ContextError("stdin: a Dockerfile of more than 16 MiB")
-        (work / "empty").mkdir(mode=0o755)
-        path = work / "stdin" / "Dockerfile"
-        path.parent.mkdir()
-        spooled.rename(path)
-        return Resolved(work / "empty", path, True)
+        return _tar_or_dockerfile(spooled, dockerfile, work, "stdin")
+    from lamina.engine.gitsource import is_git_url
+
+    if _is_http(context) and not is_git_url(context):
+        # BuildKit's HTTP context: a tar (any compression) is the context; any other file is
+        # the Dockerfile, whatever -f names (buildx's "bogus" filename), with an empty context.
+        spooled = work / "http.bin"
+        _download(context, spooled)
+        return _tar_or_dockerfile(spooled, dockerfile if _is_tar(spooled) else None, work, context)
     root = _remote_context(context, environ, work, keep_git_dir)
     return Resolved(root, _inside(root, dockerfile) if dockerfile else None)
+
+
+def _is_tar(path: Path) -> bool:
+    from lamina.engine.steps.copyadd.archive import is_archive
+
+    return is_archive(str(path))
+
+
+def _tar_or_dockerfile(spooled: Path, dockerfile: str | None, work: Path, what: str) -> Resolved:
+    """A spooled context: a tar unpacked as the context, else the Dockerfile of an empty one."""
+    if _is_tar(spooled):
+        root = work / "context"
+        _unpack(spooled, root)
+        spooled.unlink()
+        return Resolved(root, _inside(root, dockerfile) if dockerfile else None)
+    if spooled.stat().st_size > _MAX_STDIN_DOCKERFILE:
+        raise ContextError(f"{what}: a Dockerfile of more than 16 MiB")
+    (work / "empty").mkdir(mode=0o755)
+    path = work / "stdin" / "Dockerfile"
+    path.parent.mkdir()
+    spooled.rename(path)
+    return Resolved(work / "empty", path, True)
+
+
+_MAX_HTTP_CONTEXT = 8 << 30  # a context tarball; more is refused rather than filling the disk
+
+
+def _download(url: str, dest: Path) -> None:
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, follow_redirects=True, timeout=60) as response, open(dest, "wb") as out:
+            if response.status_code != 200:
+                raise ContextError(f"build context {url}: HTTP {response.status_code}")
+            count = 0
+            for chunk in response.iter_bytes(1 << 20):
+                count += len(chunk)
+                if count > _MAX_HTTP_CONTEXT:
+                    raise ContextError(f"build context {url}: more than {_MAX_HTTP_CONTEXT >> 30} GiB")
+                out.write(chunk)
+    except httpx.HTTPError as err:
+        raise ContextError(f"build context {url}: {err}") from None
 
 
 def _remote_context(context: str, environ: Mapping[str, str], work: Path, keep_git_dir: bool) -> Path:
