@@ -108,3 +108,41 @@ def test_a_saved_shard_is_read_back_record_for_record(tmp_path: Path) -> None:
     assert cache.size("scope") == 2
     assert cache.digest(path, key, "scope") == recorded
     assert cache.hits == 1 and cache.misses == 0
+
+
+def test_hashing_a_big_context_reports_progress_to_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(statcache, "_PROGRESS_FROM", 10)
+    monkeypatch.setattr(statcache, "_PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(statcache, "_SETTLE_NS", 0)  # the files just written count as settled
+    paths = []
+    for i in range(30):
+        path = tmp_path / f"f{i:02d}"
+        path.write_bytes(b"a" * i)
+        paths.append(path)
+    cache = StatCache(None)
+    reports: list[tuple[int, int, int]] = []
+    cache.progress = lambda done, total, nbytes: reports.append((done, total, nbytes))
+    cache.digest_many(_items(paths), scope="context")
+    assert reports[-1] == (30, 30, sum(range(30)))
+    assert [r[0] for r in reports] == sorted(r[0] for r in reports)
+    # A stage's files (no scope) and a warm context report nothing.
+    reports.clear()
+    cache.digest_many(_items(paths), scope="context")
+    StatCache(None).digest_many(_items(paths))
+    assert reports == []
+
+
+def test_the_tty_view_shows_the_context_being_hashed() -> None:
+    import io
+
+    from lamina.engine.progress import ContextSink, TtyProgress
+
+    stream = io.StringIO()
+    sink = TtyProgress(stream)
+    assert isinstance(sink, ContextSink)
+    sink.context_progress(1_234, 100_000, 5_600_000)
+    sink.context_progress(100_000, 100_000, 9_100_000)
+    sink.finish(None)
+    assert "[internal] load build context: 100,000/100,000 files hashed, 9.1 MB done" in stream.getvalue()

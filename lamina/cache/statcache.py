@@ -26,7 +26,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -44,6 +44,11 @@ _SHARD_DAYS = 30
 _SMALL = 256 * 1024  # files up to this size are read in one call, on the calling thread
 _CHUNK = 1 << 20
 _WINDOW = 8  # large files in flight per hashing thread: bounded work, however big the context
+_PROGRESS_FROM = 2_000  # files to hash before progress is shown (a big context's first build)
+_PROGRESS_EVERY = 0.1  # seconds between progress reports
+
+# files hashed, files to hash, bytes hashed; called with files hashed == files to hash at the end
+Progress = Callable[[int, int, int], None]
 DIR_NAME = "statcache"
 
 
@@ -113,6 +118,9 @@ class StatCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        # Told how the hashing of a persistent scope's (a build context's) files goes,
+        # when there are many to read: `lamina build`'s "load build context" line.
+        self.progress: Progress | None = None
 
     def __enter__(self) -> StatCache:
         return self
@@ -172,6 +180,9 @@ class StatCache:
         if not missing:
             return found  # type: ignore[return-value]
         new = shard.new
+        progress = self.progress if scope is not None and len(missing) >= _PROGRESS_FROM else None
+        files_done = bytes_done = 0
+        reported = time.monotonic()
 
         def record(i: int, digest: bytes, after: os.stat_result) -> None:
             key = items[i][1]
@@ -181,6 +192,14 @@ class StatCache:
                 entries[keys[i]] = digest
                 new[keys[i]] = digest
             found[i] = digest
+            if progress is not None:
+                nonlocal files_done, bytes_done, reported
+                files_done += 1
+                bytes_done += after.st_size
+                if files_done == len(missing) or time.monotonic() - reported >= _PROGRESS_EVERY:
+                    reported = time.monotonic()
+                    with contextlib.suppress(Exception):  # a display never fails the build
+                        progress(files_done, len(missing), bytes_done)
 
         def path(i: int) -> str:
             return f"{root}/{items[i][0]}" if root is not None else items[i][0]

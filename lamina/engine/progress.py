@@ -76,6 +76,22 @@ class CheckSink(Protocol):
     def check(self, warning: Any) -> None: ...
 
 
+@runtime_checkable
+class ContextSink(Protocol):
+    """A sink that shows the hashing of a big build context (tty), as BuildKit's
+    "transferring context" line: files hashed of those to hash, and their bytes."""
+
+    def context_progress(self, files_done: int, files_total: int, bytes_done: int) -> None: ...
+
+
+def context_line(files_done: int, files_total: int, bytes_done: int) -> str:
+    """`[internal] load build context: 1,234/100,000 files hashed, 1.2 MB`."""
+    return (
+        f"[internal] load build context: {files_done:,}/{files_total:,} files hashed,"
+        f" {bytes_done / 1e6:.1f} MB"
+    )
+
+
 def _label(event: StepEvent) -> str:
     return f"[{event.stage} {event.index}/{event.total}] {event.instruction}"
 
@@ -193,6 +209,7 @@ class TtyProgress:
         self._console = Console(file=stream if stream is not None else sys.stderr)
         self._lines: dict[tuple[str, int], StepEvent] = {}
         self._tail: dict[tuple[str, int], str] = {}
+        self._context: tuple[int, int, int] | None = None  # the last context_progress
         self._lock = threading.Lock()
         self._live = Live(console=self._console, refresh_per_second=8, transient=False)
         self._live.start()
@@ -201,6 +218,14 @@ class TtyProgress:
         from rich.text import Text
 
         text = Text()
+        if self._context is not None:
+            files_done, files_total, _ = self._context
+            text.append(f"{context_line(*self._context)} ")
+            if files_done < files_total:
+                text.append("...", style="yellow")
+            else:
+                text.append("done", style="green")
+            text.append("\n")
         for key, event in self._lines.items():
             status = {
                 StepStatus.CACHED: ("CACHED", "cyan"),
@@ -227,6 +252,11 @@ class TtyProgress:
     def log(self, stage: str, index: int, line: str) -> None:
         with self._lock:
             self._tail[(stage, index)] = line
+            self._live.update(self._render())
+
+    def context_progress(self, files_done: int, files_total: int, bytes_done: int) -> None:
+        with self._lock:
+            self._context = (files_done, files_total, bytes_done)
             self._live.update(self._render())
 
     def warn(self, message: str) -> None:
