@@ -191,3 +191,12 @@ def test_cli_exit_code_and_lines(built: tuple[Path, Path]) -> None:
     proc = run_cli("cache", "verify", "--repair", cache=cache)
     assert proc.stdout.splitlines()[0].startswith("repaired: unpacked/.tmp-killed: ")
     assert proc.stdout.strip().endswith("repaired 1, now clean")
+
+
+def test_prune_clears_the_step_locks_and_the_cache_stays_usable(built: tuple[Path, Path]) -> None:
+    cache, ctx = built
+    assert any((cache / "locks").iterdir())  # one per step key built
+    run_cli("cache", "prune", cache=cache)
+    assert not any((cache / "locks").iterdir())  # they only grew before
+    assert all(cached_steps(build(cache, ctx)))
+    assert check(cache).clean

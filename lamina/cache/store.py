@@ -759,7 +759,17 @@ class Store:
                 (_json_list(str(d) for d in keep_diff_ids),),
             )
         freed += self._clear_scratch(remove_tree)
+        self._clear_locks()
         return GcReport(blobs_removed, unpacked_removed, 0, freed)
+
+    def _clear_locks(self) -> None:
+        """Remove the step lock files under locks/ (one per step key ever built: they only
+        grow). gc holds the store alone, so no build holds one; a build makes its own again."""
+        locks = self.root / "locks"
+        for entry in os.scandir(locks) if locks.is_dir() else ():
+            if entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
     @staticmethod
     def _remove_unpacked(path: Path, remove_tree: Callable[[Path], None]) -> int | None:
