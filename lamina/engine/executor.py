@@ -380,23 +380,7 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
 
         plan = make_plan(options, data)  # the bytes read once, above
         executor = Executor(options, sink, store, plan)
-        try:
-            result = executor.run()
-            if options.cache_to and not options.dry_run:
-                from lamina.engine.stepcache import export_cache
-
-                export_cache(executor, result)
-        except LaminaError:
-            sink.finish(None)
-            raise
-        except OSError as err:  # writing the image or an output: still one line
-            sink.finish(None)
-            if is_disk_full(err):
-                raise BuildError(f"build: {DiskFull.writing(None, err)}") from err
-            what = f"{err.filename}: " if err.filename else ""
-            raise BuildError(f"build: {what}{err.strerror or err}") from err
-        finally:
-            executor.cleanup()
+        result = _run(executor, options, sink)
         if key is not None:
             images = {
                 store_name(ref, pinned=True): outcome.key.split(":", 1)[1]
@@ -406,6 +390,28 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         from lamina.engine.buildchecks import after_build
 
         return dataclasses.replace(result, checks=after_build(options, data, store, sink, checks))
+
+
+def _run(executor: Executor, options: BuildOptions, sink: ProgressSink) -> BuildResult:
+    """Run the build and export --cache-to; any failure is one line, the sink told it ended."""
+    try:
+        result = executor.run()
+        if options.cache_to and not options.dry_run:
+            from lamina.engine.stepcache import export_cache
+
+            export_cache(executor, result)
+        return result
+    except LaminaError:
+        sink.finish(None)
+        raise
+    except OSError as err:  # writing the image or an output: still one line
+        sink.finish(None)
+        if is_disk_full(err):
+            raise BuildError(f"build: {DiskFull.writing(None, err)}") from err
+        what = f"{err.filename}: " if err.filename else ""
+        raise BuildError(f"build: {what}{err.strerror or err}") from err
+    finally:
+        executor.cleanup()
 
 
 def _dockerfile_epoch(plan: Any) -> int | None:

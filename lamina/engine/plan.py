@@ -444,7 +444,11 @@ def make_plan(
     target_platform: Platform | None = None,
     build_platform: Platform | None = None,
 ) -> Plan:
-    """Plan the build of `target` (default: the last stage) from a parsed Dockerfile."""
+    """Plan the build of `target` (default: the last stage) from a parsed Dockerfile.
+
+    One pass in BuildKit's order, kept in one function as the global ARG scope it
+    grows (TARGETSTAGE, the target) is what every later part reads.
+    """
     build_args = dict(build_args or {})
     if "BUILDKIT_SYNTAX" not in build_args:  # the build arg stands for the directive (buildchecks)
         _check_syntax(dockerfile)

@@ -166,6 +166,8 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
 
 
 def dispatch(executor: StepHost, state: StageState, plan: PlannedStage, instruction: Instruction) -> None:
+    """One instruction of a stage. About 60 lines on purpose: a table, one short branch per
+    instruction (the metadata ones inline, RUN and COPY/ADD handed to their modules)."""
     from lamina.engine.dockerfile import instructions as ins
 
     created = executor.created(state)
