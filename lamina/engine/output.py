@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 from lamina.cache.images import CommittedImage
 from lamina.engine.outputspec import OutputSpec, OutputType, check_dest
 from lamina.errors import BuildError, DiskFull, OutputError, is_disk_full
+from lamina.oci import xattrs
 from lamina.oci.digest import Digest
 from lamina.oci.overlay import is_opaque, is_whiteout
 
@@ -45,7 +46,9 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _copy_entry(src: Path, dst: Path, st: os.stat_result, links: dict[tuple[int, int], Path]) -> None:
+def _copy_entry(
+    src: Path, dst: Path, st: os.stat_result, links: dict[tuple[int, int], Path], record: bool = False
+) -> None:
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
@@ -74,6 +77,10 @@ def _copy_entry(src: Path, dst: Path, st: os.stat_result, links: dict[tuple[int,
     # Unprivileged export: files end up owned by the caller.
     with contextlib.suppress(PermissionError):
         os.lchown(dst, st.st_uid, st.st_gid)
+    # After chown (it clears security.capability); `record`: a scratch tree the tar is read from.
+    found = xattrs.read(os.fspath(src))
+    if found:
+        xattrs.write(os.fspath(dst), found, symlink=stat.S_ISLNK(mode), record=record)
     if not stat.S_ISLNK(mode):
         os.chmod(dst, stat.S_IMODE(mode))
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -81,8 +88,12 @@ def _copy_entry(src: Path, dst: Path, st: os.stat_result, links: dict[tuple[int,
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def merge_layers(layer_dirs: Sequence[Path], dest: Path) -> None:
+def merge_layers(layer_dirs: Sequence[Path], dest: Path, record: bool = False) -> None:
     """Apply overlay-form layer dirs (bottom first) onto `dest`, honouring whiteouts.
+
+    Files keep their xattrs where this process may set them; with `record`,
+    the others are kept as lamina's records (`lamina.oci.xattrs`), for a
+    tree that is read back into a tar.
 
     A 0/0 char device deletes the path below it; an opaque dir hides the
     lower dir's contents. Directory modes and times are set after their
@@ -102,7 +113,7 @@ def merge_layers(layer_dirs: Sequence[Path], dest: Path) -> None:
                 if is_whiteout(st):
                     _remove(target)
                 else:
-                    _copy_entry(src, target, st, links)
+                    _copy_entry(src, target, st, links, record)
             for name in list(dirs):
                 src = Path(root, name)
                 if src.is_symlink():
@@ -112,7 +123,7 @@ def merge_layers(layer_dirs: Sequence[Path], dest: Path) -> None:
                 target = dest / rel / name
                 if is_opaque(src):
                     _remove(target)
-                _copy_entry(src, target, st, links)
+                _copy_entry(src, target, st, links, record)
                 os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))
                 dir_stats.append((target, st))
         for target, st in reversed(dir_stats):
@@ -482,13 +493,18 @@ def _write_rootfs_tar(
     try:
         if output.platform_split:  # the tree under linux_amd64/, as BuildKit splits it
             (scratch / "root").mkdir(mode=0o755)
-            merge_layers(layer_dirs, scratch / "root" / _platform_dir())
+            merge_layers(layer_dirs, scratch / "root" / _platform_dir(), record=True)
             os.chmod(scratch / "root" / _platform_dir(), 0o755)
         else:
-            merge_layers(layer_dirs, scratch / "root")
+            merge_layers(layer_dirs, scratch / "root", record=True)
         if add_files is not None:
             add_files(scratch / "root" / _platform_dir() if output.platform_split else scratch / "root")
         with _open_dest(output) as out:
-            write_layer(entries_from_tree(scratch / "root"), out, Compression.NONE, source_date_epoch=epoch)
+            # lamina's records (an xattr it could not set on the scratch tree) leave as themselves.
+            entries = (
+                dataclasses.replace(e, xattrs=xattrs.from_disk(e.xattrs)) if e.xattrs else e
+                for e in entries_from_tree(scratch / "root")
+            )
+            write_layer(entries, out, Compression.NONE, source_date_epoch=epoch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

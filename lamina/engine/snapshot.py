@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node
 from lamina.engine.sandbox.idmap import IdMap
-from lamina.oci import recorded
+from lamina.oci import recorded, xattrs
 from lamina.oci.entry import EntryType, LayerEntry
 from lamina.oci.walk import entries_from_tree, read_xattrs
 
@@ -62,9 +62,8 @@ def _recorded(entry: LayerEntry) -> LayerEntry:
     if not any(name.startswith(recorded.PREFIX) for name, _ in entry.xattrs):
         return entry
     found = dict(entry.xattrs)
-    changes: dict[str, object] = {
-        "xattrs": tuple((k, v) for k, v in entry.xattrs if not k.startswith(recorded.PREFIX))
-    }
+    # `user.lamina.xattr.NAME` (one this process could not set) goes to the layer as NAME.
+    changes: dict[str, object] = {"xattrs": xattrs.from_disk(entry.xattrs)}
     owner = recorded.parse_owner(found.get(recorded.OWNER_XATTR, b""))
     if owner is not None:
         changes["uid"], changes["gid"] = owner

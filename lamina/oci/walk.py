@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina.errors import LayerError
+from lamina.oci import xattrs
 from lamina.oci.entry import EntryType, LayerEntry, type_of_mode
 from lamina.oci.overlay import OPAQUE_MARKER, WHITEOUT_PREFIX, is_opaque, is_whiteout
 
@@ -151,17 +152,14 @@ def _open_file(host_path: str) -> BinaryIO:
 
 
 def read_xattrs(host_path: str) -> tuple[tuple[str, bytes], ...]:
-    """The xattrs of `host_path` that belong in a layer, sorted by name."""
-    try:
-        names = os.listxattr(host_path, follow_symlinks=False)
-    except OSError:  # ENOTSUP on filesystems without xattrs
-        return ()
+    """The xattrs of `host_path` that belong in a layer, sorted by name.
+
+    lamina's own `user.lamina.*` records are kept, for `snapshot.capture` to
+    apply and take off; a namespaced (v3) file capability is read as v2.
+    """
     found = []
-    for name in sorted(names):
+    for name, value in xattrs.read_raw(host_path):
         if name.startswith(_SKIPPED_XATTR_PREFIXES):
             continue
-        try:
-            found.append((name, os.getxattr(host_path, name, follow_symlinks=False)))
-        except OSError:  # removed meanwhile, or not readable by us
-            continue
+        found.append((name, xattrs.as_v2(value) if name == xattrs.CAPABILITY else value))
     return tuple(found)

@@ -176,6 +176,10 @@ def _copy_meta(
         # caller can give it back inside the user namespace.
         if lost is not None and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
             lost[os.fspath(dst)] = (st.st_uid, st.st_gid)
+    if real is not None:  # after chown, which clears security.capability
+        from lamina.oci import xattrs
+
+        xattrs.write(os.fspath(dst), xattrs.read(os.fspath(real)), symlink=stat.S_ISLNK(st.st_mode))
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(dst, stat.S_IMODE(st.st_mode))
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
@@ -187,8 +191,12 @@ def _node(
     dest: Path,
     dirs: list[tuple[Path, os.stat_result, Path]],
     lost: dict[str, tuple[int, int]],
+    links: dict[tuple[int, int], Path] | None = None,
 ) -> None:
-    """Put the view's entry at `rel` into `dest`, recursing into directories."""
+    """Put the view's entry at `rel` into `dest`, recursing into directories.
+
+    Files hard-linked in a layer dir stay linked in `dest` (`links`: inode -> first copy).
+    """
     import shutil
 
     found = view._lookup_exact(rel)
@@ -206,17 +214,23 @@ def _node(
         _copy_meta(target, st, lost, real)
         return
     elif stat.S_ISREG(st.st_mode):
+        first = links.get((st.st_dev, st.st_ino)) if links is not None and st.st_nlink > 1 else None
+        if first is not None:
+            os.link(first, target)  # linked in the layer: linked in the copy
+            return
         # A copy, not a hard link: linking changes the layer file's ctime,
         # which a concurrent build reading the same file takes for a change.
         shutil.copyfile(real, target, follow_symlinks=False)
         _copy_meta(target, st, lost, real)
+        if links is not None and st.st_nlink > 1:
+            links[(st.st_dev, st.st_ino)] = target
         return
     else:
         return  # devices and fifos are not needed to read files from a stage
     dirs.append((target, st, real))
     os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))
     for name in _listdir(view, rel):
-        _node(view, f"{rel}/{name}" if rel else name, dest, dirs, lost)
+        _node(view, f"{rel}/{name}" if rel else name, dest, dirs, lost, links)
 
 
 def materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tuple[int, int]]:
@@ -232,6 +246,7 @@ def materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tupl
     dirs: list[tuple[Path, os.stat_result, Path]] = []
     pending = list(paths)
     seen: set[str] = set()
+    links: dict[tuple[int, int], Path] = {}
     while pending:
         path = posixpath.normpath("/" + pending.pop()).lstrip("/")
         if path in seen:
@@ -266,7 +281,7 @@ def materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tupl
                 (dest / rel).mkdir()
                 dirs.append((dest / rel, st, real))
         if complete:
-            _node(view, "/".join(parts), dest, dirs, lost)
+            _node(view, "/".join(parts), dest, dirs, lost, links)
     for target, st, real in reversed(dirs):
         _copy_meta(target, st, lost, real)
     return lost

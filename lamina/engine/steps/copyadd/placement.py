@@ -7,7 +7,9 @@ change them; a file or symlink this step wrote is replaced, never written
 through (`clear_target`).
 
 Files that are hardlinks of each other in the source stay hardlinked in the
-destination, as with fsutil's copier. FIXME: xattrs are not copied.
+destination, as with fsutil's copier. Extended attributes are copied too
+(`lamina.oci.xattrs`), after the owner (chown clears `security.capability`):
+a file given `setcap` in a build stage keeps its capability in the next.
 
 A rebuild after a small change copies mostly what the last run of the same
 COPY already wrote into its layer directory, which never changes once
@@ -41,6 +43,7 @@ from lamina.engine.steps.copyadd.selection import (
 )
 from lamina.engine.steps.owners import chown_all, container_owner, keep_lower_dir_meta
 from lamina.errors import ContextError, DiskFull, is_disk_full
+from lamina.oci import xattrs
 from lamina.oci.entry import EntryType
 
 __all__ = ["PriorCopy", "WrittenFile", "clear_target", "make_dest_dirs", "write_selection"]
@@ -269,6 +272,7 @@ class _Writer:
             elif not stat.S_ISDIR(existing.st_mode):
                 raise ContextError(f"COPY failed: cannot copy to non-directory: /{item.dest}")
             _chown(path, item.uid, item.gid)
+            self.copy_xattrs(entry, path)
             self.dir_mode(path, item.mode)
             self.known_dirs.add(item.dest)
             self.dir_times.append((item.dest, entry.mtime_ns))
@@ -299,6 +303,7 @@ class _Writer:
             except PermissionError:
                 raise ContextError(f"COPY failed: {entry.path}: creating a device node needs root") from None
         _chown(path, item.uid, item.gid)
+        self.copy_xattrs(entry, path)
         if entry.type is not EntryType.SYMLINK:
             os.chmod(path, item.mode)
         when = self.mtime_ns if self.mtime_ns is not None else entry.mtime_ns
@@ -343,6 +348,8 @@ class _Writer:
                 before.mtime_ns,
             ):
                 return False
+            if xattrs.read(source) != self.source_xattrs(item.entry):
+                return False
             os.link(source, path)
         except OSError:  # gone, another file system, too many links: copy it
             return False
@@ -371,6 +378,7 @@ class _Writer:
                 continue
             copied += self.copy_file(item.entry, path)
             _chown(path, item.uid, item.gid)
+            self.copy_xattrs(item.entry, path)
             os.chmod(path, item.mode)
             when = self.mtime_ns if self.mtime_ns is not None else item.entry.mtime_ns
             os.utime(path, ns=(when, when), follow_symlinks=False)
@@ -404,11 +412,27 @@ class _Writer:
             self.pool.shutdown()
             self.pool = None
 
+    def source_xattrs(self, entry: TreeEntry) -> tuple[tuple[str, bytes], ...]:
+        return () if entry.socket else xattrs.read(self.tree.abspath(entry.path))
+
+    def copy_xattrs(self, entry: TreeEntry, path: str) -> None:
+        """The source's xattrs onto `path` (after its chown, which clears security.capability)."""
+        found = self.source_xattrs(entry)
+        if not found:
+            return
+        try:
+            xattrs.write(path, found, symlink=entry.type is EntryType.SYMLINK)
+        except OSError as err:
+            raise ContextError(f"COPY failed: {entry.path}: {err.strerror or err}") from None
+
     def copy_file(self, entry: TreeEntry, path: str) -> int:
         if entry.socket:  # a stub: an empty regular file (see TreeEntry.socket)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             os.close(os.open(path, flags, 0o600))
             return 0
+        kept = None if self.tree.chroot else self.tree.stat_cache.take(entry.key)
+        if kept is not None:  # the bytes its digest was made of, read once (StatCache.take)
+            return self.write_kept(kept, path)
         source = self.tree.abspath(entry.path)
         try:
             src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -439,6 +463,20 @@ class _Writer:
         if copied != entry.size:
             raise ContextError(f"COPY failed: {entry.path}: short copy, {copied} of {entry.size} bytes")
         return copied
+
+    def write_kept(self, data: bytes, path: str) -> int:
+        dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view) :]
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFull.writing(path, err) from err
+            raise
+        finally:
+            os.close(dst)
+        return len(data)
 
     def finish(self) -> None:
         self.drain()

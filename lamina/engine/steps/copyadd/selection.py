@@ -56,6 +56,7 @@ from lamina.engine.context import SourceTree, TreeEntry, entry_record
 from lamina.engine.dockerfile.ignore import DockerIgnore, compile_glob
 from lamina.engine.steps.copyadd.chmod import Chmod
 from lamina.errors import ContextError
+from lamina.oci import xattrs
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType
 
@@ -418,6 +419,12 @@ def selection_key(tree: SourceTree, selection: Selection) -> Digest:
     for item in selection.items:
         content = digests.get(item.entry.path, b"")
         h.update(entry_record(item.dest, item.entry, item.mode, item.uid, item.gid, content))
+        # The xattrs COPY writes too (a file's ctime, hence its digest's stat key, moves with them).
+        found = () if item.entry.socket else xattrs.read(tree.abspath(item.entry.path))
+        if found:
+            h.update(
+                b"xattrs\0" + b"".join(b"%s\0%d:%s" % (os.fsencode(n), len(v), v) for n, v in found) + b"\n"
+            )
         if item.entry.type is EntryType.FILE:
             first = first_links.setdefault(item.entry.key[:2], item.dest)
             if first != item.dest:  # written as a hardlink: the layer differs

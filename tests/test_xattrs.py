@@ -1,0 +1,216 @@
+"""Extended attributes through every path: COPY, COPY --from, ADD of an archive, RUN, base unpack.
+
+An image carries xattrs as PAX `SCHILY.xattr.NAME` records, as BuildKit and
+containerd write them. The issue's case first: `setcap cap_net_raw+ep` on a
+copy of busybox in a build stage, `COPY --from` into the final stage, and
+the capability is in the final layer (and, as root, `getcap` shows it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from lamina.oci import xattrs
+from tests.support.build import BASE, build, rootfs, write_context
+
+pytestmark = pytest.mark.sandbox
+
+# cap_net_raw+ep as `setcap` stores it: v2, effective, permitted bit 13.
+NET_RAW_V2 = bytes.fromhex("01000002" + "00200000" + "00000000" + "00000000" + "00000000")
+
+
+def _last_layer(archive: Path) -> dict[str, tarfile.TarInfo]:
+    """The entries of the image's top layer in an OCI archive, by name."""
+    with tarfile.open(archive) as outer:
+
+        def blob(digest: str) -> bytes:
+            member = outer.extractfile("blobs/sha256/" + digest.split(":")[1])
+            assert member is not None
+            return member.read()
+
+        index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        with tarfile.open(fileobj=io.BytesIO(blob(manifest["layers"][-1]["digest"]))) as layer:
+            return {member.name: member for member in layer}
+
+
+def _pax_xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
+    prefix = "SCHILY.xattr."
+    return {
+        key[len(prefix) :]: value.encode("utf-8", "surrogateescape")
+        for key, value in member.pax_headers.items()
+        if key.startswith(prefix)
+    }
+
+
+def _user_xattrs_work(where: Path) -> bool:
+    probe = where / ".xattr-probe"
+    probe.write_bytes(b"")
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+def _needs_user_xattrs(where: Path) -> None:
+    if not _user_xattrs_work(where):
+        pytest.skip(f"the file system of {where} does not take user.* xattrs")
+
+
+def _setcap_bundle(dest: Path) -> None:
+    """The host's setcap with its libraries and loader, to run in a busybox stage."""
+    setcap = shutil.which("setcap") or shutil.which("setcap", path="/usr/sbin:/sbin")
+    if setcap is None or shutil.which("ldd") is None:
+        pytest.skip("setcap (libcap2-bin) or ldd is not installed")
+    dest.mkdir(parents=True)
+    shutil.copy(setcap, dest / "setcap")
+    out = subprocess.run(["ldd", setcap], capture_output=True, text=True, check=True).stdout
+    loader = None
+    for line in out.splitlines():
+        parts = line.split()
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if path.startswith("/"):
+            shutil.copy(os.path.realpath(path), dest / os.path.basename(path))
+            if "ld-linux" in path:
+                loader = os.path.basename(path)
+    if loader is None:
+        pytest.skip("setcap's dynamic loader was not found by ldd")
+    (dest / "loader").write_text(loader)
+
+
+def _recorded_mode() -> bool:
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+    return detect_ids().mode is IdMode.RECORDED
+
+
+def test_setcap_in_a_build_stage_survives_copy_from(cache: Path, tmp_path: Path) -> None:
+    if _recorded_mode():
+        pytest.skip("no user namespace: a RUN step cannot set a file capability (no CAP_SETFCAP)")
+    ctx = tmp_path / "ctx"
+    _setcap_bundle(ctx / "sc")
+    loader = (ctx / "sc" / "loader").read_text()
+    write_context(
+        ctx,
+        f"FROM {BASE} AS build\n"
+        "COPY sc /sc\n"
+        f"RUN cp /bin/busybox /ping && /sc/{loader} --library-path /sc /sc/setcap cap_net_raw+ep /ping\n"
+        f"FROM {BASE}\n"
+        "COPY --from=build /ping /usr/local/bin/ping\n",
+    )
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    member = _last_layer(archive)["usr/local/bin/ping"]
+    assert _pax_xattrs(member) == {"security.capability": NET_RAW_V2}
+    assert oct(member.mode) == "0o755"
+    if os.geteuid() == 0:
+        getcap = shutil.which("getcap") or shutil.which("getcap", path="/usr/sbin:/sbin")
+        assert getcap is not None
+        out = tmp_path / "out"
+        rootfs(cache, ctx, out)
+        shown = subprocess.run([getcap, str(out / "usr/local/bin/ping")], capture_output=True, text=True)
+        assert "cap_net_raw=ep" in shown.stdout, shown
+
+
+def test_context_file_user_xattr_is_copied_and_keys_the_step(cache: Path, tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    write_context(ctx, f"FROM {BASE}\nCOPY tagged /tagged\n", {"tagged": "data\n"})
+    _needs_user_xattrs(ctx)
+    os.setxattr(ctx / "tagged", "user.origin", b"first")
+    archive = tmp_path / "one.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    assert _pax_xattrs(_last_layer(archive)["tagged"]) == {"user.origin": b"first"}
+    # Only the xattr changes: the COPY is not a cache hit of the old one.
+    os.setxattr(ctx / "tagged", "user.origin", b"second")
+    archive2 = tmp_path / "two.tar"
+    result = build(cache, ctx, outputs=[f"type=oci,dest={archive2}"])
+    assert not result.steps[-1].cached
+    assert _pax_xattrs(_last_layer(archive2)["tagged"]) == {"user.origin": b"second"}
+
+
+def test_add_of_an_archive_keeps_its_xattrs(cache: Path, tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    write_context(ctx, f"FROM {BASE}\nADD files.tar /unpacked/\n")
+    _needs_user_xattrs(ctx)
+    with tarfile.open(ctx / "files.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("tool")
+        info.size, info.mode, info.mtime = 4, 0o755, 1_700_000_000
+        info.pax_headers = {"SCHILY.xattr.user.kind": "tool"}
+        tar.addfile(info, io.BytesIO(b"abc\n"))
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    assert _pax_xattrs(_last_layer(archive)["unpacked/tool"]) == {"user.kind": b"tool"}
+
+
+def test_base_image_xattrs_round_trip_through_unpack_and_run(
+    cache: Path, tmp_path: Path, busybox_image: Path
+) -> None:
+    """A pulled/loaded image's xattrs are restored on unpack: a RUN that copies the file up keeps them."""
+    from lamina.cache.images import load_image_file
+    from lamina.cache.store import Store
+    from tests.support.build import make_cache
+
+    ctx = tmp_path / "ctx"
+    write_context(ctx, f"FROM {BASE}\nCOPY tagged /tagged\n", {"tagged": "data\n"})
+    _needs_user_xattrs(ctx)
+    os.setxattr(ctx / "tagged", "user.origin", b"base")
+    archive = tmp_path / "base.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive},name=lamina-test/tagged:1"])
+    fresh = make_cache(tmp_path / "fresh", busybox_image)
+    with Store(fresh) as store:
+        load_image_file(store, archive, "lamina-test/tagged:1")
+    ctx2 = tmp_path / "ctx2"
+    write_context(ctx2, "FROM lamina-test/tagged:1\nRUN chmod 4711 /tagged\n")
+    archive2 = tmp_path / "run.tar"
+    build(fresh, ctx2, outputs=[f"type=oci,dest={archive2}"])
+    member = _last_layer(archive2)["tagged"]
+    assert _pax_xattrs(member) == {"user.origin": b"base"}
+    assert member.mode == 0o4711
+
+
+def test_lamina_records_never_reach_a_layer(tmp_path: Path) -> None:
+    """What a plain uid could not set is kept as user.lamina.xattr.NAME and leaves as NAME."""
+    from lamina.engine.snapshot import capture
+
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    _needs_user_xattrs(upper)
+    (upper / "ping").write_bytes(b"x")
+    os.setxattr(upper / "ping", xattrs.RECORDED_PREFIX + "security.capability", NET_RAW_V2)
+    os.setxattr(upper / "ping", "user.lamina.owner", b"5:6")
+    os.setxattr(upper / "ping", "user.keep", b"1")
+    (entry,) = capture(upper)
+    assert entry.xattrs == (("security.capability", NET_RAW_V2), ("user.keep", b"1"))
+    assert (entry.uid, entry.gid) == (5, 6)
+
+
+def test_write_records_what_cannot_be_set(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    target.write_bytes(b"")
+    _needs_user_xattrs(tmp_path)
+    xattrs.write(str(target), [("security.capability", NET_RAW_V2), ("user.a", b"1")])
+    if os.geteuid() == 0:
+        assert os.getxattr(target, "security.capability") == NET_RAW_V2
+    else:  # a plain uid has no CAP_SETFCAP
+        assert os.getxattr(target, xattrs.RECORDED_PREFIX + "security.capability") == NET_RAW_V2
+    assert xattrs.read(str(target)) == (("security.capability", NET_RAW_V2), ("user.a", b"1"))
+
+
+def test_namespaced_capability_reads_as_v2() -> None:
+    v3 = bytes.fromhex("01000003") + NET_RAW_V2[4:] + (100000).to_bytes(4, "little")
+    assert xattrs.as_v2(v3) == NET_RAW_V2
+    assert xattrs.as_v2(NET_RAW_V2) == NET_RAW_V2
+    assert xattrs.from_disk([("security.capability", v3), ("user.overlay.opaque", b"y")]) == (
+        ("security.capability", NET_RAW_V2),
+    )
