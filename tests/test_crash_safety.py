@@ -202,3 +202,44 @@ def _rebuild(cache: Path, ctx: Path) -> BuildResult:
 
     env = {**os.environ, **EPOCH}
     return api.build(ctx, cache_dir=cache, environ=env, tags=["app:1"])
+
+
+def test_killed_load_and_save_leave_a_cache_that_verifies(
+    setup: dict[str, object], busybox_image: Path
+) -> None:
+    """`lamina load` killed while it writes a blob or names it, and `lamina save` killed at a
+    seeded moment: the cache verifies (after --repair), the load again gives the same image,
+    and no half archive is left under the saved name."""
+    from lamina.oci.validate import validate_image
+
+    root: Path = setup["root"]  # type: ignore[assignment]
+    rng = random.Random(SEED)
+    runs = 0
+    for point in ("blob-write", "blob-commit", "tag"):
+        cache = root / f"load-{point}"
+        proc = _cli(cache, ["load", "-q", str(busybox_image)], {"LAMINA_TEST_CRASH_AT": f"{point}:1"})
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, f"load ({point}) was not killed: {err}"
+        if run_cli("cache", "verify", cache=cache, check=False).returncode != 0:
+            run_cli("cache", "verify", "--repair", cache=cache)
+        run_cli("load", "-q", str(busybox_image), cache=cache)
+        assert run_cli("cache", "verify", cache=cache).stdout.strip().endswith("; clean")
+        runs += 1
+    cache = root / "save"
+    shutil.copytree(setup["template"], cache, symlinks=True)  # type: ignore[arg-type]
+    for fmt in ("oci", "docker", "oci", "docker"):
+        out = root / f"saved-{runs}.tar"
+        proc = _cli(cache, ["save", "--format", fmt, "--compression", "zstd", "-o", str(out), BASE], {})
+        try:
+            proc.wait(timeout=rng.uniform(0.1, 1.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=120)
+        assert _session_gone(proc.pid)
+        if out.exists():
+            validate_image(out)  # whole, or not there
+        if run_cli("cache", "verify", cache=cache, check=False).returncode != 0:
+            run_cli("cache", "verify", "--repair", cache=cache)
+        assert run_cli("cache", "verify", cache=cache).stdout.strip().endswith("; clean")
+        runs += 1
+    assert runs == 7
