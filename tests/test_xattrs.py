@@ -214,3 +214,26 @@ def test_namespaced_capability_reads_as_v2() -> None:
     assert xattrs.from_disk([("security.capability", v3), ("user.overlay.opaque", b"y")]) == (
         ("security.capability", NET_RAW_V2),
     )
+
+
+def test_unpack_keeps_capabilities_and_drops_lamina_records_from_a_layer(tmp_path: Path) -> None:
+    """A layer's file capability is restored (recorded where a plain uid cannot set it); a layer's
+    own `user.lamina.*` xattrs are dropped: they would fake the owners lamina records."""
+    from lamina.oci.extract import extract_layer
+
+    _needs_user_xattrs(tmp_path)
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("ping")
+        info.size, info.mode = 1, 0o755
+        info.pax_headers = {
+            "SCHILY.xattr.security.capability": NET_RAW_V2.decode("utf-8", "surrogateescape"),
+            "SCHILY.xattr.user.lamina.owner": "7:7",
+        }
+        tar.addfile(info, io.BytesIO(b"x"))
+    data.seek(0)
+    result = extract_layer(data, tmp_path / "root", record_owners=True)
+    path = str(tmp_path / "root" / "ping")
+    assert xattrs.read(path) == (("security.capability", NET_RAW_V2),)
+    assert "user.lamina.owner" not in os.listxattr(path)
+    assert any("lamina's own xattrs" in warning for warning in result.warnings)

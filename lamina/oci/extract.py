@@ -507,11 +507,21 @@ class _Unpacker:
             if name.startswith(_OVERLAY_XATTR_PREFIXES):
                 self.warnings.add("overlayfs xattrs in the layer dropped", rel)
                 continue
+            if name.startswith("user.lamina."):  # would fake lamina's own records of owners
+                self.warnings.add("lamina's own xattrs in the layer dropped", rel)
+                continue
             try:
                 os.setxattr(fd, name, value)
             except OSError as err:
                 if err.errno not in _NOT_PERMITTED:
                     raise
+                if self._record and not name.startswith("user."):
+                    # Kept as lamina's record (security.capability as a plain uid): the
+                    # layer capture and COPY read it back as NAME (lamina.oci.xattrs).
+                    from lamina.oci.xattrs import RECORDED_PREFIX
+
+                    os.setxattr(fd, RECORDED_PREFIX + name, value)
+                    continue
                 self.warnings.add(f"xattr {name} not restored ({err.strerror})", rel)
 
     # -- whiteouts --------------------------------------------------------
