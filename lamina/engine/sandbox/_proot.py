@@ -459,7 +459,7 @@ class _Supervisor:
             follow = not flags & _AT_SYMLINK_NOFOLLOW
             text = _read_string(pid, args[1])
             if not text and flags & _AT_EMPTY_PATH:
-                target, follow = f"/proc/{pid}/fd/{_signed(args[0])}", True
+                target, follow = _fd_path(pid, _signed(args[0])), True
             else:
                 target = self._path(pid, _signed(args[0]), args[1], 0)
         self._valid(listener, nid)
@@ -530,10 +530,10 @@ class _Supervisor:
     def _path(self, pid: int, dirfd: int, address: int, flags: int) -> str:
         text = _read_string(pid, address)
         if not text and flags & _AT_EMPTY_PATH:
-            return os.readlink(f"/proc/{pid}/fd/{dirfd}")
+            return os.readlink(_fd_path(pid, dirfd))
         if text.startswith("/"):
             return text
-        base = os.readlink(f"/proc/{pid}/cwd" if dirfd == _AT_FDCWD else f"/proc/{pid}/fd/{dirfd}")
+        base = os.readlink(_fd_path(pid, dirfd))
         return os.path.join(base, text)
 
     def _valid(self, listener: int, nid: int) -> None:
@@ -639,6 +639,11 @@ def _kill_tree(top: int, spare: int) -> None:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+
+
+def _fd_path(pid: int, dirfd: int) -> str:
+    """The /proc link of a process's descriptor; AT_FDCWD is its working directory."""
+    return f"/proc/{pid}/cwd" if dirfd == _AT_FDCWD else f"/proc/{pid}/fd/{dirfd}"
 
 
 def _signed(value: int) -> int:
