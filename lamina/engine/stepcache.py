@@ -36,6 +36,9 @@ from lamina.engine.model import CacheResult
 from lamina.errors import LaminaError, RegistryError
 from lamina.oci.digest import Digest
 
+# The executor imports this module on the no-op replay path too (tests/test_imports.py):
+# what only a real build needs (the remote cache, the output writers, the sandbox,
+# the miss explainer) is imported in the functions that use it.
 if TYPE_CHECKING:
     from lamina.cache.remote import CacheEntry, RemoteCache
     from lamina.cache.store import Store
