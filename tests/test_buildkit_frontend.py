@@ -17,6 +17,7 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -179,7 +180,14 @@ def _git_repo(repo: Path, commits: list[dict[str, Any]], object_format: str) -> 
         git("commit", "-q", "-m", commit.get("message", "commit"))
         if "branch" in commit:
             git("branch", commit["branch"])
+        if "tag" in commit:
+            git("tag", commit["tag"])
     git("update-server-info")
+
+
+def _rev_parse(repo: Path, rev: str) -> str:
+    done = subprocess.run(["git", "rev-parse", rev], cwd=repo, check=True, capture_output=True, text=True)
+    return done.stdout.strip()
 
 
 @contextlib.contextmanager
@@ -391,6 +399,11 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
         if "http" in case or "http_tars" in case or "git_commits" in case:
             url = stack.enter_context(_http_server(tmp_path / "http", case))
             case = {**case, "dockerfile": case.get("dockerfile", "").replace("{URL}", url)}
+            if "git_commits" in case:  # {COMMIT:rev}: that commit's hash in the served repository
+                repo = tmp_path / "http" / "repo"
+                case["dockerfile"] = re.sub(
+                    r"\{COMMIT:([^}]+)\}", lambda m: _rev_parse(repo, m.group(1)), case["dockerfile"]
+                )
             if "context_url" in case:
                 case["context_url"] = case["context_url"].replace("{URL}", url)
             if not case["dockerfile"]:

@@ -46,6 +46,10 @@ class GitRef:
 def check_commit(ref: GitRef, commit: str, checksum: str = "") -> None:
     """`commit` against the URL's checksum (and an ADD --checksum): BuildKit's git source check."""
     for wanted in {c for c in (ref.checksum, checksum.removeprefix("sha1:")) if c}:
+        if not all(ch in "0123456789abcdefABCDEF" for ch in wanted):  # BuildKit's resolveMetadata
+            raise ContextError(
+                f"{ref.remote}: invalid checksum {wanted} for Git URL, expected hex commit hash"
+            )
         if not commit.startswith(wanted):
             raise ContextError(f"{ref.remote}: expected checksum to match {wanted}, got {commit}")
 
