@@ -524,22 +524,24 @@ def plain_user_dir(busybox_image: Path) -> Path:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _as_plain_user(where: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
-    deny = [sys.executable, str(NO_NAMESPACES), "docker", "--"]
+def _as_plain_user(where: Path, args: list[str], denial: str = "docker") -> subprocess.CompletedProcess[str]:
+    deny = [sys.executable, str(NO_NAMESPACES), denial, "--"]
     return _lamina(where, args, ["runuser", "-u", PLAIN_USER, "--", *deny])
 
 
 @pytest.mark.skipif(bool(_plain_user_ready()), reason=_plain_user_ready() or "ready")
+@pytest.mark.parametrize("denial", ["docker", "nouserns"])
 def test_build_as_a_plain_user_without_namespaces_makes_the_same_image(
-    host_image: Path, plain_user_dir: Path
+    denial: str, host_image: Path, plain_user_dir: Path
 ) -> None:
-    # docker's seccomp denials as uid != 0: no namespace, no chown, no mknod.
+    # docker's seccomp denials as uid != 0 (no namespace, no chown, no mknod), or a
+    # host with user namespaces off (user.max_user_namespaces=0).
     where = plain_user_dir
-    info = _as_plain_user(where, ["info"])
+    info = _as_plain_user(where, ["info"], denial)
     assert info.returncode == 0, info.stderr
     assert info.stdout.startswith("isolation:       proot "), info.stdout
-    assert _as_plain_user(where, ["load", str(where / "base.tar")]).returncode == 0
-    done = _as_plain_user(where, _build_args(where, where / "image.tar"))
+    assert _as_plain_user(where, ["load", str(where / "base.tar")], denial).returncode == 0
+    done = _as_plain_user(where, _build_args(where, where / "image.tar"), denial)
     assert done.returncode == 0, done.stderr
     said = [line for line in done.stderr.splitlines() if "isolation proot" in line]
     assert len(said) == 1, done.stderr
