@@ -303,3 +303,38 @@ def test_add_http_git_url_clones_not_the_page(
         assert (out / "src/version.txt").read_text() == "one\n"
     finally:
         server.shutdown()
+
+
+@pytest.mark.sandbox
+def test_add_git_over_ssh_uses_the_forwarded_agent(
+    served: tuple[str, dict[str, str]], tmp_path: Path, busybox_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ADD git@...` authenticates with the `--ssh default` agent, as BuildKit's git source mounts
+    it (a deploy key handed as --ssh default=KEY); without --ssh, with the caller's own. A fake
+    `ssh` (GIT_SSH_COMMAND) records the agent it was given and serves the repository locally."""
+    if shutil.which("ssh-keygen") is None or shutil.which("ssh-agent") is None:
+        pytest.skip("ssh-keygen/ssh-agent missing (apt-get install openssh-client)")
+    _, facts = served
+    record = tmp_path / "agents"
+    fake = tmp_path / "fake-ssh"
+    # git runs: $GIT_SSH_COMMAND [options] HOST "git-upload-pack '/path'"; the last word is the command.
+    fake.write_text(
+        f'#!/bin/sh\necho "$SSH_AUTH_SOCK" >> {record}\nfor last; do :; done\neval "exec $last"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("GIT_SSH_COMMAND", str(fake))
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/the/callers/agent")
+    key = tmp_path / "deploy"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    url = f"ssh://git@127.0.0.1{facts['base']}/repo.git#v1:app"
+    cache = make_cache(tmp_path, busybox_image)
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nADD {url} /src\n")
+    out = tmp_path / "out"
+    rootfs(cache, ctx, out, ssh=[f"default={key}"])
+    assert (out / "src/version.txt").read_text() == "one\n"
+    agents = set(record.read_text().split())
+    assert len(agents) == 1 and "/the/callers/agent" not in agents, agents
+    assert Path(agents.pop()).name == "agent", "lamina's own agent holding the deploy key"
+    record.unlink()
+    rootfs(cache, write_context(tmp_path / "ctx2", f"FROM {BASE}\nADD {url} /other\n"), tmp_path / "out2")
+    assert set(record.read_text().split()) == {"/the/callers/agent"}, "no --ssh: the caller's own"

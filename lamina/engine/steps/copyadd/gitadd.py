@@ -5,7 +5,10 @@
 `--keep-git-dir`. The step is keyed by the commit the ref names now (asked
 with `git ls-remote`, so a cache hit fetches nothing), never by the
 checkout's bytes. `--checksum=COMMIT` pins it: a ref naming another commit
-fails the step, as BuildKit's git source checksum does.
+fails the step, as BuildKit's git source checksum does. An ssh URL
+(`git@host:repo.git`) authenticates with the agent forwarded as `--ssh
+default` when there is one (as llb.Git mounts that socket for it; `--ssh
+default=KEYFILE` is how CI hands a deploy key), else with the caller's own.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,14 +29,25 @@ from lamina.errors import BuildError, ContextError
 if TYPE_CHECKING:
     from lamina.engine.model import StepHost
 
-__all__ = ["commit_of", "git_tree", "is_git_url"]
+__all__ = ["commit_of", "git_environ", "git_tree", "is_git_url"]
 
 
-def commit_of(source: str, checksum: str | None, location: Any) -> str:
+def git_environ(options: Any) -> dict[str, str]:
+    """The environment `git` runs in for ADD: ours, SSH_AUTH_SOCK the `--ssh default` agent's."""
+    env = dict(os.environ)
+    for agent in options.ssh:
+        if agent.id == "default":
+            env["SSH_AUTH_SOCK"] = str(agent.socket)
+    return env
+
+
+def commit_of(
+    source: str, checksum: str | None, location: Any, environ: Mapping[str, str] | None = None
+) -> str:
     """The commit `source` names on its remote now, checked against `--checksum`."""
     ref = parse_git_url(source)
     try:
-        commit = remote_commit(ref, os.environ)
+        commit = remote_commit(ref, os.environ if environ is None else environ)
     except ContextError as err:
         raise BuildError(f"{location}: ADD {err}") from None
     if commit is None:
@@ -54,7 +68,7 @@ def git_tree(executor: StepHost, source: str, commit: str, keep_git_dir: bool) -
         try:
             keep = ref.keep_git_dir if ref.keep_git_dir is not None else keep_git_dir  # ?keep-git-dir wins
             pinned = dataclasses.replace(ref, ref=commit, subdir="")
-            checkout(pinned, scratch / "repo", os.environ, keep_git_dir=keep)
+            checkout(pinned, scratch / "repo", git_environ(executor.options), keep_git_dir=keep)
         except ContextError as err:
             raise BuildError(f"ADD {err}") from None
         root = scratch / "repo" / ref.subdir if ref.subdir else scratch / "repo"

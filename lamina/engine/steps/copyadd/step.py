@@ -227,9 +227,10 @@ def _read_sources(executor: StepHost, state: StageState, copy: _Copy) -> _Source
         sources.files += ((url, fetched.digest, "url"),)  # a miss names the URL whose content changed
         sources.parts.append(("url", fetched))
     for src in copy.gits:
-        from lamina.engine.steps.copyadd.gitadd import commit_of
+        from lamina.engine.steps.copyadd.gitadd import commit_of, git_environ
 
-        commit = commit_of(src, copy.instruction.checksum, copy.instruction.location)  # keyed by the commit
+        env = git_environ(executor.options)  # an ssh URL: the --ssh default agent, as BuildKit's
+        commit = commit_of(src, copy.instruction.checksum, copy.instruction.location, env)  # the key
         content.update(f"git\0{src}\0{commit}\0{copy.instruction.keep_git_dir}\n".encode())
         sources.files += ((src, commit, "git"),)
         sources.parts.append(("git", (src, commit)))
