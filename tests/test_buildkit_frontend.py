@@ -357,7 +357,9 @@ def _build(
     if "build_contexts" in case:  # {DIR:name} is a directory of `context_dirs`
         dirs = out.parent / "context-dirs"
         kwargs["build_contexts"] = [
-            f"{name}={value}".replace("{DIR:", f"{dirs}/").replace("}", "")
+            f"{name}={value}".replace("{DIR:", f"{dirs}/")
+            .replace("}", "")
+            .replace("{TMP", os.fspath(out.parent))
             for name, value in case["build_contexts"].items()
         ]
     if case.get("ssh_key"):  # --ssh default=KEYFILE: an RSA key made for the case (ssh-keygen)
@@ -462,7 +464,9 @@ def _run_case(
         # An image upstream pushes to a registry and builds FROM: here it goes into the store.
         image_ctx = tmp_path / f"image{number}"
         _write_context(image_ctx, image)
-        build(cache, image_ctx, tags=[image["tag"]], build_args=image.get("build_args", {}))
+        outputs = [spec.replace("{TMP}", os.fspath(tmp_path)) for spec in image.get("outputs", [])]
+        tags = [image["tag"]] if "tag" in image else []
+        build(cache, image_ctx, tags=tags, outputs=outputs, build_args=image.get("build_args", {}))
     if "expect_error" in case:
         with pytest.raises(Exception) as caught:
             _build(cache, ctx, out, case)
