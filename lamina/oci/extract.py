@@ -58,6 +58,7 @@ __all__ = ["ExtractResult", "Whiteouts", "extract_layer", "iter_layer"]
 
 _AUFS_META_PREFIX = ".wh..wh."  # aufs bookkeeping (.wh..wh.plnk...), not a whiteout
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
+_ZEROS = bytes(CHUNK)
 _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -411,12 +412,17 @@ class _Unpacker:
                 raise LayerError(f"short file: the stream ends inside its {member.size} bytes") from None
             if not n:
                 break
+            copied += n
+            if n == CHUNK and _ZEROS.startswith(view):  # a hole: a sparse file stays sparse
+                os.lseek(fd, n, os.SEEK_CUR)
+                continue
             written = 0
             while written < n:
                 written += os.write(fd, view[written:n])
-            copied += n
         if copied != member.size:
             raise LayerError(f"short file, {copied} of {member.size} bytes")
+        if copied and os.lseek(fd, 0, os.SEEK_CUR) != os.fstat(fd).st_size:
+            os.ftruncate(fd, copied)  # it ended in a hole
 
     def _link(self, parent_fd: int, name: str, linkname: str) -> None:
         try:

@@ -492,7 +492,12 @@ def _chown(path: str, uid: int, gid: int) -> None:
 
 
 def _copy_fd(src: int, dst: int, size: int) -> int:
-    """Copy exactly what `src` holds (up to `size` + 1 bytes, to notice growth)."""
+    """Copy exactly what `src` holds (up to `size` + 1 bytes, to notice growth).
+
+    A sparse file's holes stay holes: only its data ranges are copied.
+    """
+    if os.fstat(src).st_blocks * 512 < size and _seeks_data(src):
+        return _copy_sparse(src, dst, size)
     copied = 0
     try:
         while copied <= size:
@@ -514,6 +519,42 @@ def _copy_fd(src: int, dst: int, size: int) -> int:
             view = view[written:]
         copied += len(chunk)
     return copied
+
+
+def _seeks_data(fd: int) -> bool:
+    """Whether the file system of `fd` answers SEEK_DATA (position left at 0)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as err:
+        if err.errno != errno.ENXIO:  # ENXIO: all of it is a hole
+            return False
+    os.lseek(fd, 0, os.SEEK_SET)
+    return True
+
+
+def _copy_sparse(src: int, dst: int, size: int) -> int:
+    """Copy the data ranges of `src` (SEEK_DATA/SEEK_HOLE) into `dst`, then its length."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno != errno.ENXIO:  # ENXIO: only a hole is left
+                raise
+            break
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        while start < end:
+            data = os.pread(src, min(_CHUNK, end - start), start)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(dst, view, start)
+                view, start = view[written:], start + written
+        offset = max(end, start)
+    os.ftruncate(dst, size)
+    os.lseek(src, size, os.SEEK_SET)
+    return size + len(os.read(src, 1))  # one byte more: it grew
 
 
 # --- destinations of ADD's files and archives and of heredocs ---------------------------------

@@ -1,0 +1,136 @@
+"""File metadata kept exactly in the exported image: hard links inside a layer, setuid/setgid/sticky
+bits, names that are not UTF-8 or hold a newline, and sparse files (not inflated on disk)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.support.build import BASE, build, write_context
+
+pytestmark = pytest.mark.sandbox
+
+
+def _layers(archive: Path) -> list[dict[bytes, tarfile.TarInfo]]:
+    """Each layer's entries, by raw name, of the image in an OCI archive (bottom first)."""
+    with tarfile.open(archive) as outer:
+
+        def blob(digest: str) -> bytes:
+            member = outer.extractfile("blobs/sha256/" + digest.split(":")[1])
+            assert member is not None
+            return member.read()
+
+        index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        found = []
+        for layer in manifest["layers"]:
+            with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"])), errors="surrogateescape") as tar:
+                found.append({os.fsencode(m.name): m for m in tar})
+        return found
+
+
+def _export(
+    cache: Path, ctx: Path, tmp_path: Path, name: str = "image.tar"
+) -> list[dict[bytes, tarfile.TarInfo]]:
+    archive = tmp_path / name
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    return _layers(archive)
+
+
+def test_hard_links_stay_links_in_copy_copy_from_and_run(cache: Path, tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    write_context(
+        ctx,
+        f"FROM {BASE} AS build\n"
+        "RUN mkdir /made && echo one > /made/a && ln /made/a /made/b\n"
+        f"FROM {BASE}\n"
+        "COPY linked /linked/\n"
+        "COPY --from=build /made /made/\n"
+        "RUN echo two > /ran && ln /ran /ran-too\n",
+        {"linked/a": "shared\n"},
+    )
+    os.link(ctx / "linked/a", ctx / "linked/b")
+    copied, from_stage, ran = _export(cache, ctx, tmp_path)[-3:]
+    for layer, first, second in (
+        (copied, b"linked/a", b"linked/b"),
+        (from_stage, b"made/a", b"made/b"),
+        (ran, b"ran", b"ran-too"),
+    ):
+        assert layer[first].isfile() and layer[first].size > 0, sorted(layer)
+        assert layer[second].islnk() and layer[second].linkname == first.decode(), sorted(layer)
+
+
+def test_setuid_setgid_and_sticky_bits_are_kept(cache: Path, tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    write_context(
+        ctx,
+        f"FROM {BASE}\nCOPY tool /tool\nCOPY shared /shared/\nRUN chmod 2755 /tool && mkdir -m 1777 /drop\n",
+        {"tool": "#!/bin/sh\n", "shared/drop/f": "f"},
+    )
+    os.chmod(ctx / "tool", 0o4755)
+    os.chmod(ctx / "shared/drop", 0o1777)
+    copied, copied_dir, ran = _export(cache, ctx, tmp_path)[-3:]
+    assert copied[b"tool"].mode == 0o4755
+    assert copied_dir[b"shared/drop"].mode == 0o1777
+    assert ran[b"tool"].mode == 0o2755
+    assert ran[b"drop"].mode == 0o1777
+
+
+def test_names_not_utf8_or_with_a_newline_are_kept_byte_for_byte(cache: Path, tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    write_context(ctx, f"FROM {BASE}\nCOPY names /names/\nRUN touch \"/made-$(printf 'a\\nb')\"\n")
+    (ctx / "names").mkdir()
+    (ctx / os.fsdecode(b"names/caf\xe9")).write_bytes(b"latin-1\n")
+    (ctx / "names/two\nlines").write_bytes(b"newline\n")
+    copied, ran = _export(cache, ctx, tmp_path)[-2:]
+    assert {b"names/caf\xe9", b"names/two\nlines"} <= copied.keys(), sorted(copied)
+    assert copied[b"names/caf\xe9"].size == len(b"latin-1\n")
+    assert b"made-a\nb" in ran, sorted(ran)
+
+
+def _allocated(path: Path) -> int:
+    return os.lstat(path).st_blocks * 512
+
+
+def test_sparse_files_are_not_inflated(cache: Path, tmp_path: Path) -> None:
+    """A 64 MiB file of one byte and holes: the layer holds its 64 MiB (tar has no holes, gzip
+    makes them small); copied from the context and unpacked from the image it stays sparse."""
+    from lamina.cache.images import load_image_file
+    from lamina.cache.store import Store
+    from tests.support.build import make_cache
+
+    size = 64 << 20
+    ctx = tmp_path / "ctx"
+    write_context(ctx, f"FROM {BASE}\nCOPY sparse /sparse\n")
+    with open(ctx / "sparse", "wb") as f:
+        f.truncate(size)
+        f.seek(size // 2)
+        f.write(b"x")
+    if _allocated(ctx / "sparse") >= size // 2:
+        pytest.skip(f"the file system of {ctx} does not keep holes")
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive},name=lamina-test/sparse:1"])
+    assert _layers(archive)[-1][b"sparse"].size == size
+    # The COPY's own layer directory in the cache: not inflated.
+    copies = [p for p in (cache / "unpacked").glob("*/sparse") if p.stat().st_size == size]
+    assert copies and all(_allocated(p) < size // 2 for p in copies), copies
+    # Loaded into a fresh cache and unpacked for a step: not inflated either.
+    fresh = make_cache(tmp_path / "fresh", next((tmp_path).glob("busybox*.tar"), None) or _busybox(tmp_path))
+    with Store(fresh) as store:
+        load_image_file(store, archive, "lamina-test/sparse:1")
+    ctx2 = tmp_path / "ctx2"
+    write_context(ctx2, "FROM lamina-test/sparse:1\nRUN test -s /sparse\n")
+    build(fresh, ctx2)
+    unpacked = [p for p in (fresh / "unpacked").glob("*/sparse") if p.stat().st_size == size]
+    assert unpacked and all(_allocated(p) < size // 2 for p in unpacked), unpacked
+
+
+def _busybox(tmp_path: Path) -> Path:
+    from tests.support.busybox import make_busybox_image
+
+    return make_busybox_image(tmp_path / "busybox")
