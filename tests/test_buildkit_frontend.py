@@ -567,3 +567,16 @@ def test_proxy_env_from_build_args_deterministic_order() -> None:
         "no_proxy": "no-proxy",
     }
     assert proxy_env({"FOO": "bar"}) == {}
+
+
+def test_plan_finds_a_lower_case_dockerfile(tmp_path: Path) -> None:
+    """testDockerfileLowercase for `lamina plan`: with no -f, `dockerfile` when there is no `Dockerfile`."""
+    from click.testing import CliRunner
+
+    from lamina.cli import cli
+
+    (tmp_path / "dockerfile").write_text("FROM scratch AS only\nCOPY dockerfile /found\n")
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f"Dockerfile: {tmp_path}/dockerfile" in result.output
+    assert "target: only" in result.output
