@@ -21,7 +21,8 @@ Entering side, in order (each step needs the one before):
 4. fork (a setns into a PID namespace holds for children only): the child
    takes the command's confinement as PID 1's command does (default
    signals, umask, the bounding set, seccomp, user and groups, cwd) and
-   execs; this process forwards signals to it and exits with its status.
+   execs; this process reports its pid (a `P` line: a timeout kills its
+   process group by it), forwards signals to it and exits with its status.
 
 The command is a member of the sandbox's PID namespace, so it dies with it:
 when the sandbox's PID 1 exits, the kernel kills every process left there.
@@ -35,7 +36,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported: this file is the entering interpreter's script too
+if TYPE_CHECKING:
+    import subprocess
 
 _START_WAIT = 10.0  # seconds an exec waits for a starting sandbox's command to be exec'd
 _NAMESPACES = ("user", "mnt", "pid", "net", "uts", "ipc")  # user first: it grants the others
@@ -145,7 +149,7 @@ def exec_in(
     return 128 - code if code < 0 else code
 
 
-def _kill(proc: Any, report_r: int) -> None:
+def _kill(proc: subprocess.Popen[bytes], report_r: int) -> None:
     """Kill the command's process group (its pid is on the report pipe once forked), then the helper.
 
     In that order: until the helper is gone, the command's pid cannot be
