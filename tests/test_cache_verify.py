@@ -15,6 +15,8 @@ from lamina.cache.verify import VerifyReport, verify
 from lamina.oci.digest import Digest
 from tests.support.build import BASE, build, cached_steps, make_cache, run_cli, write_context
 
+pytestmark = pytest.mark.sandbox  # rootless too: torn dirs of subordinate ids need the sandbox's remover
+
 DOCKERFILE = f"""FROM {BASE} AS b
 RUN echo built > /a
 FROM {BASE}

@@ -10,8 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from lamina.oci.validate import validate_image
 from tests.support.build import BASE, ROOT, run_cli, write_context
+
+pytestmark = pytest.mark.sandbox
 
 EPOCH = {"SOURCE_DATE_EPOCH": "1700000000"}
 TIMEOUT_S = 300  # far above a build's seconds: only a deadlock gets near it

@@ -35,7 +35,11 @@ from lamina.cache.store import Store
 from lamina.engine.model import BuildResult
 from tests.support.build import BASE, ROOT, run_cli, write_context
 
-RUNS = int(os.environ.get("LAMINA_CRASH_RUNS", "25"))
+pytestmark = pytest.mark.sandbox
+
+# tests/test_unprivileged.py runs this again as two users (with and without subordinate
+# ids, where torn dirs hold files only the sandbox's remover can delete): 10 runs each there.
+RUNS = int(os.environ.get("LAMINA_CRASH_RUNS", "25" if os.geteuid() == 0 else "10"))
 SEED = int(os.environ.get("LAMINA_CRASH_SEED", "16"))
 EPOCH = {"SOURCE_DATE_EPOCH": "1700000000"}
 DOCKERFILE = f"""FROM {BASE} AS b
@@ -194,7 +198,7 @@ def test_killed_builds_leave_a_cache_that_verifies_and_rebuilds_identically(setu
         assert run_cli("cache", "verify", cache=cache).stdout.strip().endswith("; clean"), where
         shutil.rmtree(cache, ignore_errors=True)
     print(f"\n{RUNS} runs (seed {SEED}): {killed} killed, {repaired} needed --repair")
-    assert killed >= RUNS * 4 // 5  # every hooked run, at least
+    assert killed >= RUNS - RUNS // 5  # every hooked run, at least
 
 
 def _rebuild(cache: Path, ctx: Path) -> BuildResult:
