@@ -671,3 +671,21 @@ def test_api_build_takes_a_typed_isolation(
         lamina.build(where / "ctx", cache_dir=cache, isolation="proot")
     with pytest.raises(SandboxError, match=r"isolation 'jail': expected auto\|userns"):
         lamina.build(where / "ctx", cache_dir=cache, isolation="jail")
+
+
+@pytest.mark.skipif(bool(_plain_user_ready()), reason=_plain_user_ready() or "ready")
+def test_a_cache_keeps_owners_one_way(plain_user_dir: Path) -> None:
+    # Layer dirs made with a user namespace hold owners on disk; proot's hold them in
+    # xattrs. Reading a cache the other way would give wrong owners: one line instead.
+    where = plain_user_dir
+    user = ["runuser", "-u", PLAIN_USER, "--"]
+    (where / "ctx/Dockerfile").write_text("FROM lamina-test/busybox:1.35\nRUN true\n")
+    assert _lamina(where, ["load", str(where / "base.tar")], user).returncode == 0
+    assert _lamina(where, ["build", "--progress", "quiet", f"{where}/ctx"], user).returncode == 0
+    (where / "ctx/Dockerfile").write_text("FROM lamina-test/busybox:1.35\nRUN true\nRUN echo more\n")
+    done = _lamina(
+        where, ["build", "--progress", "quiet", f"{where}/ctx"], [*user, "env", "LAMINA_ISOLATION=proot"]
+    )
+    assert done.returncode == 1
+    error = done.stderr.strip().splitlines()[-1]
+    assert "keeps layer owners on disk" in error and "use another cache" in error, done.stderr

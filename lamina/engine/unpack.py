@@ -22,6 +22,7 @@ def unpacked_layer(store: Store, blob: Digest, name: Digest, ids: Any = None) ->
     A dir another build published first is kept (and touched for gc). `ids`
     is the sandbox's id map (`sandbox.detect_ids()` when None).
     """
+    ids = _check_owner_form(store, ids)
     if store.has_unpacked(name):
         store.touch_unpacked(name)
         return store.unpacked_path(name)
@@ -41,3 +42,42 @@ def unpacked_layer(store: Store, blob: Digest, name: Digest, ids: Any = None) ->
         remove_tree(tmp, ids)
         raise
     return store.publish_unpacked(tmp, name)
+
+
+OWNER_FORM = "owner-form"  # in the store root: how its layer dirs keep owners
+
+
+def _check_owner_form(store: Store, ids: Any) -> Any:
+    """The id map, once this store's layer dirs are known to keep owners the way it does.
+
+    Layer dirs unpacked with a user namespace (or as root) hold owners on disk;
+    without one (proot isolation) they are the caller's and hold them in
+    xattrs (lamina.oci.recorded). A store is one or the other: read the other
+    way, its owners would silently be wrong, so mixing is one line.
+    """
+    from lamina.engine.sandbox import detect_ids
+    from lamina.engine.sandbox.idmap import IdMode
+    from lamina.errors import SandboxError
+
+    ids = ids or detect_ids()
+    form = "xattrs" if ids.mode is IdMode.RECORDED else "disk"
+    marker = store.root / OWNER_FORM
+    try:
+        found = marker.read_text().strip()
+    except FileNotFoundError:
+        found = ""
+    if not found:
+        if not any(store.root.joinpath("unpacked").glob("*")):
+            tmp = store.root / f".{OWNER_FORM}.{os.getpid()}"
+            tmp.write_text(form + "\n")
+            os.replace(tmp, marker)
+            return ids
+        found = "disk"  # a store from before the marker: owners on disk
+    if found != form:
+        where = "in xattrs (no user namespace: proot isolation)" if found == "xattrs" else "on disk"
+        raise SandboxError(
+            f"the cache at {store.root} keeps layer owners {where}, which this process "
+            f"({'proot isolation' if form == 'xattrs' else 'with user namespaces or as root'}) cannot read "
+            "right: use another cache (LAMINA_CACHE or --cache-dir) for it"
+        )
+    return ids
