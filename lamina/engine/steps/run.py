@@ -31,7 +31,7 @@ from lamina.engine.cachekey import make_inputs
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.layerstep import layer_step, step_env
 from lamina.engine.steps.missfacts import bind_files, pending_mount
-from lamina.errors import BuildError
+from lamina.errors import BuildError, SandboxError
 
 if TYPE_CHECKING:
     from lamina.engine.model import StageState, StepHost
@@ -191,7 +191,7 @@ def _sandbox_run(
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=executor.store.root / "tmp"))
     relays = contextlib.ExitStack()  # ssh-agent relays live as long as the command
     try:
-        mounts = relays.enter_context(_ssh_relays(mounts, scratch))
+        mounts = relays.enter_context(_ssh_relays(mounts, scratch, instruction.location))
         if script is not None:
             pipes = scratch / "pipes"
             pipes.mkdir()
@@ -391,7 +391,7 @@ def ssh_auth_sock(instruction: Any, env: Mapping[str, str], workdir: str) -> str
 
 
 @contextlib.contextmanager
-def _ssh_relays(mounts: list[Any], scratch: Path) -> Iterator[list[Any]]:
+def _ssh_relays(mounts: list[Any], scratch: Path, location: Any) -> Iterator[list[Any]]:
     """`mounts` with each SshMount made a bind mount of a relay socket of the step's own."""
     if not any(isinstance(m, SshMount) for m in mounts):
         yield mounts
@@ -409,7 +409,12 @@ def _ssh_relays(mounts: list[Any], scratch: Path) -> Iterator[list[Any]]:
             path = scratch / f"ssh-{i}"
             stack.enter_context(Relay(mount.upstream, path))
             os.chmod(path, mount.mode)
-            set_owners([(path, mount.uid, mount.gid)])
+            try:
+                set_owners([(path, mount.uid, mount.gid)])
+            except SandboxError as err:  # proot isolation: a socket's owner cannot be recorded
+                why = str(err).rpartition(": ")[2]
+                where = f"{location}: RUN --mount=type=ssh,uid={mount.uid},gid={mount.gid}"
+                raise BuildError(f"{where}: {why}") from None
             # Read-only: connect(2) needs no write access to the file system, only to the socket.
             out.append(BindMount(path, mount.target, readonly=True))
         yield out
