@@ -400,12 +400,17 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
             case = {**case, "dockerfile": case["dockerfile"].replace("{ECHO_PORT}", str(port))}
         if "http" in case or "http_tars" in case or "git_commits" in case:
             url = stack.enter_context(_http_server(tmp_path / "http", case))
-            case = {**case, "dockerfile": case.get("dockerfile", "").replace("{URL}", url)}
-            if "git_commits" in case:  # {COMMIT:rev}: that commit's hash in the served repository
-                repo = tmp_path / "http" / "repo"
-                case["dockerfile"] = re.sub(
-                    r"\{COMMIT:([^}]+)\}", lambda m: _rev_parse(repo, m.group(1)), case["dockerfile"]
-                )
+            repo = tmp_path / "http" / "repo"
+
+            def served(text: str) -> str:  # {COMMIT:rev}: that commit's hash in the served repository
+                text = text.replace("{URL}", url)
+                return re.sub(r"\{COMMIT:([^}]+)\}", lambda m: _rev_parse(repo, m.group(1)), text)
+
+            case = {**case, "dockerfile": served(case.get("dockerfile", ""))}
+            case["rebuilds"] = [
+                {**again, "files": {k: served(v) for k, v in again.get("files", {}).items()}}
+                for again in case.get("rebuilds", [])
+            ]
             if "context_url" in case:
                 case["context_url"] = case["context_url"].replace("{URL}", url)
             if not case["dockerfile"]:

@@ -146,8 +146,9 @@ def _resolve(state: StageState, instruction: Any) -> _Copy:
         source_name=f"stage {from_}" if from_ else "build context",
     )
     keyword = "ADD" if is_add else "COPY"
-    described = _describe(keyword, instruction, dest, owner, options.parents)
     gits = _git_sources(instruction.sources) if is_add else []  # before URLs: https://h/r.git is one
+    # A git source's commit is in the key; --checksum only checks it, so adding one keeps the cache.
+    described = _describe(keyword, instruction, dest, owner, options.parents, keyed_checksum=not gits)
     urls = [s for s in instruction.sources if is_add and _is_url(s) and s not in gits]
     local = [s for s in instruction.sources if s not in urls and s not in gits]
     _check_checksum(instruction, urls, gits)
@@ -157,7 +158,15 @@ def _resolve(state: StageState, instruction: Any) -> _Copy:
     )
 
 
-def _describe(keyword: str, instruction: Any, dest: str, owner: tuple[int, int] | None, parents: bool) -> str:
+def _describe(
+    keyword: str,
+    instruction: Any,
+    dest: str,
+    owner: tuple[int, int] | None,
+    parents: bool,
+    *,
+    keyed_checksum: bool = True,
+) -> str:
     """The instruction as its key reads it (JSON, sorted keys)."""
     described = {
         "op": keyword,
@@ -169,7 +178,7 @@ def _describe(keyword: str, instruction: Any, dest: str, owner: tuple[int, int] 
         "parents": parents,
         "link": instruction.link,
         "heredocs": [[c.path, hashlib.sha256(c.data.encode()).hexdigest()] for c in instruction.contents],
-        "checksum": getattr(instruction, "checksum", None),
+        "checksum": getattr(instruction, "checksum", None) if keyed_checksum else None,
         "unpack": getattr(instruction, "unpack", None),
     }
     return json.dumps(described, sort_keys=True)
