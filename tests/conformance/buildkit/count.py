@@ -114,8 +114,9 @@ def main(argv: list[str]) -> int:
     print(f"skipped with a reason: {len(skipped)}")
     print(f"neither ported nor skipped: {len(missing)}")
     print(
-        f"{len(passing)} of BuildKit's {len(names)} frontend tests pass; {len(ported & failing)} fail "
-        f"(expected failures); {len(skipped)} not applicable; {len(missing)} not yet ported"
+        f"{len(passing)} of BuildKit's {len(names)} frontend tests pass, {len(ported & failing)} are "
+        f"expected failures, {len(skipped)} are skipped with a reason (skipped.tsv), "
+        f"{len(missing)} not ported yet"
     )
     return 0
 
