@@ -404,12 +404,25 @@ def test_file_over_existing_directory_is_an_error(ctx: SourceTree, tmp_path: Pat
 
 
 def test_source_changed_after_keying_is_not_written(ctx: SourceTree, tmp_path: Path) -> None:
+    """What a COPY writes is what its key was made of, never a later change."""
+    from lamina.cache import statcache
+
+    before = (ctx.root / "a.txt").read_bytes()
     selection = select_sources(ctx, ["a.txt"], "/app/", CopyOptions())
     selection_key(ctx, selection)
     (ctx.root / "a.txt").write_text("changed!")
     (tmp_path / "out").mkdir()
-    with pytest.raises(ContextError, match=r"a\.txt changed while the build was reading it"):
-        write_selection(ctx, selection, tmp_path / "out")
+    # A small file is kept from the read that hashed it: written as it was then.
+    write_selection(ctx, selection, tmp_path / "out")
+    assert (tmp_path / "out" / "app" / "a.txt").read_bytes() == before
+    # A big one is read again, and a change since keying is refused.
+    (ctx.root / "big.bin").write_bytes(b"b" * (statcache._KEEP_FILE + 1))
+    selection = select_sources(ctx, ["big.bin"], "/app/", CopyOptions())
+    selection_key(ctx, selection)
+    (ctx.root / "big.bin").write_bytes(b"c" * (statcache._KEEP_FILE + 1))
+    (tmp_path / "out2").mkdir()
+    with pytest.raises(ContextError, match=r"big\.bin changed while the build was reading it"):
+        write_selection(ctx, selection, tmp_path / "out2")
 
 
 def test_source_date_epoch_sets_mtimes(ctx: SourceTree, tmp_path: Path) -> None:

@@ -146,3 +146,48 @@ def test_the_tty_view_shows_the_context_being_hashed() -> None:
     sink.context_progress(100_000, 100_000, 9_100_000)
     sink.finish(None)
     assert "[internal] load build context: 100,000/100,000 files hashed, 9.1 MB done" in stream.getvalue()
+
+
+def test_a_context_file_read_for_its_digest_is_kept_once_for_the_copy(tmp_path: Path) -> None:
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.write_bytes(b"small file\n")
+    large.write_bytes(b"L" * (statcache._KEEP_FILE + 1))
+    items = _items([small, large])
+    cache = StatCache(None)
+    cache.digest_many(items, scope="context")
+    assert cache.take(items[0][1]) == b"small file\n"
+    assert cache.take(items[0][1]) is None  # handed out once
+    assert cache.take(items[1][1]) is None  # too big to keep: the copy reads it
+    other = StatCache(None)
+    other.digest_many(items)  # a stage's files (no scope) are never kept
+    assert other.take(items[0][1]) is None
+
+
+def test_copy_writes_what_was_hashed_reading_each_file_once(tmp_path: Path) -> None:
+    from lamina.engine.context import open_build_context
+    from lamina.engine.steps.copyadd.placement import write_selection
+    from lamina.engine.steps.copyadd.selection import CopyOptions, select_sources, selection_key
+
+    ctx = tmp_path / "ctx"
+    (ctx / "d").mkdir(parents=True)
+    for i in range(50):
+        (ctx / "d" / f"f{i}").write_bytes(b"%d\n" % i * i)
+    tree = open_build_context(ctx, StatCache(tmp_path / "cache"))
+    selection = select_sources(tree, ["."], "/out/", CopyOptions())
+    selection_key(tree, selection)
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).startswith(str(ctx)):
+            opened.append(str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "open", counting_open)
+        write_selection(tree, selection, dest)
+    assert opened == []  # every file came from the read that hashed it
+    for i in range(50):
+        assert (dest / "out" / "d" / f"f{i}").read_bytes() == b"%d\n" % i * i

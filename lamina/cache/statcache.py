@@ -44,6 +44,9 @@ _SHARD_DAYS = 30
 _SMALL = 256 * 1024  # files up to this size are read in one call, on the calling thread
 _CHUNK = 1 << 20
 _WINDOW = 8  # large files in flight per hashing thread: bounded work, however big the context
+_KEEP_FILE = 64 * 1024  # a build context's files up to this size are kept after hashing ...
+_KEEP_BUDGET = 32 * 1024 * 1024  # ... up to this many bytes in all, for the COPY that writes them
+_KEPT_OVERHEAD = 200  # an entry's objects beside its bytes (key, bytes header, dict slot)
 _PROGRESS_FROM = 2_000  # files to hash before progress is shown (a big context's first build)
 _PROGRESS_EVERY = 0.1  # seconds between progress reports
 
@@ -62,6 +65,12 @@ def hash_file(path: str | os.PathLike[str], size: int = -1) -> tuple[bytes, os.s
     Never follows a symlink and never blocks on a FIFO swapped in for the file.
     `size`, the size lstat saw, lets a small file be read in one call.
     """
+    digest, after, _ = _hash_file(path, size)
+    return digest, after
+
+
+def _hash_file(path: str | os.PathLike[str], size: int) -> tuple[bytes, os.stat_result, bytes | None]:
+    """`hash_file`, and the file's bytes when one read of `size` bytes held them all."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -72,13 +81,14 @@ def hash_file(path: str | os.PathLike[str], size: int = -1) -> tuple[bytes, os.s
             # reading is caught by the stat after).
             data = os.read(fd, size + 1)
             h = hashlib.sha256(data)
-            if len(data) != size:
-                while data := os.read(fd, _CHUNK):
-                    h.update(data)
-            return h.digest(), os.fstat(fd)
+            if len(data) == size:
+                return h.digest(), os.fstat(fd), data
+            while data := os.read(fd, _CHUNK):
+                h.update(data)
+            return h.digest(), os.fstat(fd), None
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             digest = hashlib.file_digest(f, "sha256").digest()
-        return digest, os.fstat(fd)
+        return digest, os.fstat(fd), None
     finally:
         os.close(fd)
 
@@ -121,6 +131,26 @@ class StatCache:
         # Told how the hashing of a persistent scope's (a build context's) files goes,
         # when there are many to read: `lamina build`'s "load build context" line.
         self.progress: Progress | None = None
+        # The bytes of small build-context files read for their digest, for COPY to
+        # write without reading them again (each file read once per build; see take).
+        self._kept: dict[bytes, bytes] = {}
+        self._kept_bytes = 0
+
+    def take(self, key: StatKey) -> bytes | None:
+        """The content of the build-context file of stat identity `key`, if this
+        process read it for its digest (once: it is forgotten here)."""
+        data = self._kept.pop(_pack(*key), None)
+        if data is not None:
+            with self._lock:
+                self._kept_bytes -= len(data) + _KEPT_OVERHEAD
+        return data
+
+    def _keep(self, key: bytes, data: bytes) -> None:
+        with self._lock:
+            cost = len(data) + _KEPT_OVERHEAD
+            if self._kept_bytes + cost <= _KEEP_BUDGET:
+                self._kept[key] = data
+                self._kept_bytes += cost
 
     def __enter__(self) -> StatCache:
         return self
@@ -184,13 +214,18 @@ class StatCache:
         files_done = bytes_done = 0
         reported = time.monotonic()
 
-        def record(i: int, digest: bytes, after: os.stat_result) -> None:
+        keep = scope is not None
+
+        def record(i: int, digest: bytes, after: os.stat_result, data: bytes | None = None) -> None:
             key = items[i][1]
+            unchanged = stat_key(after) == key
             # Keep it only if nothing changed while reading and the file has
             # settled: a later write in the same timestamp tick would go unseen.
-            if stat_key(after) == key and time.time_ns() - after.st_ctime_ns > _SETTLE_NS:
+            if unchanged and time.time_ns() - after.st_ctime_ns > _SETTLE_NS:
                 entries[keys[i]] = digest
                 new[keys[i]] = digest
+            if keep and unchanged and data is not None and len(data) <= _KEEP_FILE:
+                self._keep(keys[i], data)  # exactly the bytes the digest is of
             found[i] = digest
             if progress is not None:
                 nonlocal files_done, bytes_done, reported
@@ -208,14 +243,14 @@ class StatCache:
         small = [i for i in missing if items[i][1][2] <= _SMALL] if large else missing
         if len(large) < 2:
             for i in missing:
-                record(i, *hash_file(path(i), items[i][1][2]))
+                record(i, *_hash_file(path(i), items[i][1][2]))
             return found  # type: ignore[return-value]
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
 
         workers = min(4, os.cpu_count() or 1)
         queued = iter(large)
-        pending: deque[tuple[int, Future[tuple[bytes, os.stat_result]]]] = deque()
+        pending: deque[tuple[int, Future[tuple[bytes, os.stat_result, bytes | None]]]] = deque()
         with ThreadPoolExecutor(max_workers=workers) as pool:
             try:
 
@@ -224,11 +259,11 @@ class StatCache:
                         i = next(queued, None)
                         if i is None:
                             return
-                        pending.append((i, pool.submit(hash_file, path(i), items[i][1][2])))
+                        pending.append((i, pool.submit(_hash_file, path(i), items[i][1][2])))
 
                 refill()
                 for i in small:
-                    record(i, *hash_file(path(i), items[i][1][2]))
+                    record(i, *_hash_file(path(i), items[i][1][2]))
                     while pending and pending[0][1].done():
                         j, future = pending.popleft()
                         record(j, *future.result())

@@ -430,6 +430,9 @@ class _Writer:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             os.close(os.open(path, flags, 0o600))
             return 0
+        kept = None if self.tree.chroot else self.tree.stat_cache.take(entry.key)
+        if kept is not None:  # the bytes its digest was made of, read once (StatCache.take)
+            return self.write_kept(kept, path)
         source = self.tree.abspath(entry.path)
         try:
             src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -460,6 +463,20 @@ class _Writer:
         if copied != entry.size:
             raise ContextError(f"COPY failed: {entry.path}: short copy, {copied} of {entry.size} bytes")
         return copied
+
+    def write_kept(self, data: bytes, path: str) -> int:
+        dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view) :]
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFull.writing(path, err) from err
+            raise
+        finally:
+            os.close(dst)
+        return len(data)
 
     def finish(self) -> None:
         self.drain()
