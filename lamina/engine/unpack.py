@@ -67,12 +67,12 @@ def _check_owner_form(store: Store, ids: Any) -> Any:
     except FileNotFoundError:
         found = ""
     if not found:
-        if not any(store.root.joinpath("unpacked").glob("*")):
-            tmp = store.root / f".{OWNER_FORM}.{os.getpid()}"
-            tmp.write_text(form + "\n")
-            os.replace(tmp, marker)
-            return ids
-        found = "disk"  # a store from before the marker: owners on disk
+        # The first base layer this store unpacks says how it keeps owners (step
+        # results made before, FROM scratch, were made by a process of the same form).
+        tmp = store.root / f".{OWNER_FORM}.{os.getpid()}"
+        tmp.write_text(form + "\n")
+        os.replace(tmp, marker)
+        return ids
     if found != form:
         where = "in xattrs (no user namespace: proot isolation)" if found == "xattrs" else "on disk"
         raise SandboxError(
