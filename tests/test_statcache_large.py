@@ -191,3 +191,42 @@ def test_copy_writes_what_was_hashed_reading_each_file_once(tmp_path: Path) -> N
     assert opened == []  # every file came from the read that hashed it
     for i in range(50):
         assert (dest / "out" / "d" / f"f{i}").read_bytes() == b"%d\n" % i * i
+
+
+def test_a_rebuild_appends_only_the_new_digests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(statcache, "_SETTLE_NS", 0)
+    paths = []
+    for i in range(20):
+        path = tmp_path / f"f{i:02d}"
+        path.write_bytes(b"%d" % i)
+        paths.append(path)
+    cache_dir = tmp_path / "cache"
+    with StatCache(cache_dir) as cache:
+        cache.digest_many(_items(paths), "ctx")
+    shard = StatCache(cache_dir).shard_path("ctx")
+    assert shard is not None
+    size = shard.stat().st_size
+    assert size == len(statcache._MAGIC) + 20 * statcache._RECORD.size
+    paths[3].write_bytes(b"changed")
+    with StatCache(cache_dir) as cache:
+        cache.digest_many(_items(paths), "ctx")
+    assert shard.stat().st_size == size + statcache._RECORD.size  # one record appended
+    with StatCache(cache_dir) as cache:
+        digests = cache.digest_many(_items(paths), "ctx")
+        assert cache.misses == 0  # every digest, old and appended, is read back
+    assert digests == [hashlib.sha256(p.read_bytes()).digest() for p in paths]
+
+
+def test_a_torn_shard_is_rewritten_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(statcache, "_SETTLE_NS", 0)
+    path = tmp_path / "f"
+    path.write_bytes(b"content")
+    cache = StatCache(tmp_path / "cache")
+    shard = cache.shard_path("ctx")
+    assert shard is not None
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(statcache._MAGIC + b"torn record")
+    with cache:
+        cache.digest_many(_items([path]), "ctx")
+    assert shard.stat().st_size == len(statcache._MAGIC) + statcache._RECORD.size
+    assert StatCache(tmp_path / "cache").size("ctx") == 1

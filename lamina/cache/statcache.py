@@ -278,21 +278,25 @@ class StatCache:
         return found  # type: ignore[return-value]
 
     def save(self) -> None:
-        """Write new digests to disk (merged with what other processes wrote)."""
+        """Write new digests to disk: appended to the shard (a rebuild that hashed
+        a few files writes a few records, not the whole context's), or the shard
+        rewritten, merged with what other processes wrote, when it needs pruning."""
         with self._lock:
             for shard in self._shards.values():
                 if shard.path is None or not shard.new:
                     continue
-                merged = _load(shard.path)
-                merged.update(shard.entries)
-                # Bound a shard to about its context's size: drop what this
-                # build did not see once stale entries dominate.
-                if len(merged) > 2 * len(shard.used) + _SLACK:
-                    merged = {k: v for k, v in merged.items() if k in shard.used}
                 with contextlib.suppress(OSError):  # an unwritable cache only costs re-hashing
-                    _store(shard.path, merged)
+                    # Bound a shard to about its context's size: drop what this
+                    # build did not see once stale entries dominate.
+                    stale = len(shard.entries) > 2 * len(shard.used) + _SLACK
+                    if stale or not _append(shard.path, shard.new):
+                        merged = _load(shard.path)
+                        merged.update(shard.entries)
+                        if len(merged) > 2 * len(shard.used) + _SLACK:
+                            merged = {k: v for k, v in merged.items() if k in shard.used}
+                        _store(shard.path, merged)
+                        shard.entries = merged
                     _forget_old_shards(shard.path.parent)
-                shard.entries = merged
                 shard.new = {}
 
 
@@ -319,6 +323,28 @@ def _load(path: Path) -> dict[bytes, bytes]:
     start, size, cut = len(_MAGIC), _RECORD.size, _KEY.size
     end = len(data) - (len(data) - start) % size  # a torn tail is ignored
     return {data[at : at + cut]: data[at + cut : at + size] for at in range(start, end, size)}
+
+
+def _append(path: Path, entries: dict[bytes, bytes]) -> bool:
+    """Append records to an existing, whole shard; False when there is none to append to."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if (size - len(_MAGIC)) % _RECORD.size or os.pread(fd, len(_MAGIC), 0) != _MAGIC:
+            return False  # torn or foreign: rewritten whole
+        data = memoryview(b"".join(key + digest for key, digest in entries.items()))
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError:
+            os.ftruncate(fd, size)  # never leave a torn record for records to follow
+            raise
+        return True
+    finally:
+        os.close(fd)
 
 
 def _store(path: Path, entries: dict[bytes, bytes]) -> None:
