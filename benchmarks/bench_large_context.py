@@ -1,0 +1,262 @@
+"""Large build contexts (issue 22): 10,000 / 100,000 / (--million) 1,000,000 small files.
+
+    .venv/bin/python benchmarks/bench_large_context.py [--sizes 10000,100000] [--million]
+                                                      [--rounds 3] [--no-peers] [--lab /tmp/lamina-bigctx]
+
+Each context is generated deterministically (small text files, 100 per
+directory) and built with
+
+    FROM lamina-test/busybox:1.35
+    COPY . /ctx
+    RUN wc -l /ctx/d00000/f00000.txt > /count
+
+Scenarios, each the wall time of the whole client command (Python start-up
+included), medians over --rounds:
+
+    cold    an empty cache holding only the base image
+    hit     every step a cache hit but the build memo missed: one file
+            rewritten with the same bytes (its ctime changes, its content
+            does not), so the context is walked and looked up again
+    noop    the same build again (the memo replays it)
+    mod     one file's content changed: COPY and RUN rerun
+
+and `peak MB`, the largest sum of the resident sets of every process of a
+lamina build (polled from /proc every 20 ms, and at least the client's own
+ru_maxrss), over the cold builds. BuildKit (docker 20.10,
+`DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none -q`) is timed the
+same way, rounds taking turns, when `docker info` answers, and the table
+gets lamina's ratio to it (< 1: lamina faster). The machine these numbers
+come from is shared and loaded: compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "bench"
+BASE = "lamina-test/busybox:1.35"
+DOCKER = "/usr/bin/docker"
+SCENARIOS = ("cold", "hit", "noop", "mod")
+PER_DIR = 100
+DOCKERFILE = f"""FROM {BASE}
+COPY . /ctx
+RUN wc -l /ctx/d00000/f00000.txt > /count
+"""
+
+
+def make_context(path: Path, files: int) -> None:
+    """`files` small text files, 100 per directory, the same bytes every time."""
+    done = path / ".complete"
+    if done.exists():
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    for i in range(files):
+        d, f = divmod(i, PER_DIR)
+        folder = path / f"d{d:05d}"
+        if f == 0:
+            folder.mkdir()
+        lines = "".join(f"line {n} of file {i}\n" for n in range(1 + i % 7))
+        (folder / f"f{f:05d}.txt").write_text(lines)
+    (path / ".dockerignore").write_text(".complete\n")
+    done.touch()
+
+
+class Proc:
+    """Run a command; wall seconds and peak summed RSS of its session."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.args = args
+        self.env = env
+
+    def run(self) -> tuple[float, float]:
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            self.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+        peak = [0]
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(0.02):
+                peak[0] = max(peak[0], _session_rss(proc.pid))
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        out, err = proc.communicate()
+        seconds = time.monotonic() - start
+        stop.set()
+        poller.join()
+        if proc.returncode != 0:
+            raise SystemExit(f"failed ({proc.returncode}): {' '.join(self.args)}\n{err.decode()[-3000:]}")
+        return seconds, peak[0] / 1024
+
+
+def _session_rss(sid: int) -> int:
+    """Summed VmRSS (kB) of every process in session `sid`."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+            if int(fields[3]) != sid:  # field 6, the session id
+                continue
+            with open(f"/proc/{name}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class Lamina:
+    name = "lamina"
+
+    def __init__(self, lab: Path) -> None:
+        self.lab = lab
+        self.cache = lab / "lamina-cache"
+        self.env = {**os.environ, "LAMINA_CACHE": str(self.cache)}
+        self.env.pop("SOURCE_DATE_EPOCH", None)
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(ROOT / "lamina")], env=self.env, check=False
+        )
+
+    def prune(self) -> None:
+        shutil.rmtree(self.cache, ignore_errors=True)
+        subprocess.run(
+            [sys.executable, "-m", "lamina", "load", str(self.lab / "base" / "busybox-oci.tar")],
+            env=self.env, check=True, capture_output=True,
+        )  # fmt: skip
+
+    def build(self, ctx: Path, dockerfile: Path) -> tuple[float, float]:
+        args = [sys.executable, "-m", "lamina", "build", "--progress", "quiet", "-f", str(dockerfile)]
+        return Proc([*args, "-t", "bench/bigctx:lamina", str(ctx)], self.env).run()
+
+
+class BuildKit:
+    name = "buildkit"
+
+    def __init__(self, lab: Path) -> None:
+        self.lab = lab
+        self.env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+
+    def available(self) -> bool:
+        if not Path(DOCKER).exists():
+            return False
+        try:
+            return subprocess.run([DOCKER, "info"], capture_output=True, timeout=20).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def prune(self) -> None:
+        subprocess.run([DOCKER, "rmi", "-f", "bench/bigctx:bk"], capture_output=True)
+        subprocess.run([DOCKER, "builder", "prune", "-af"], capture_output=True)
+        if subprocess.run([DOCKER, "image", "inspect", BASE], capture_output=True).returncode:
+            subprocess.run([DOCKER, "load", "-i", str(self.lab / "base" / "busybox-docker.tar")], check=True)
+
+    def build(self, ctx: Path, dockerfile: Path) -> tuple[float, float]:
+        args = [
+            DOCKER,
+            "build",
+            "--network=none",
+            "-q",
+            "-f",
+            str(dockerfile),
+            "-t",
+            "bench/bigctx:bk",
+            str(ctx),
+        ]
+        seconds, _ = Proc(args, self.env).run()
+        return seconds, float("nan")  # dockerd's memory is not the client's
+
+
+def one_round(tool: Lamina | BuildKit, ctx: Path, dockerfile: Path, round_no: int) -> dict[str, float]:
+    probe = ctx / "d00000" / "f00001.txt"
+    pristine = probe.read_bytes()
+    tool.prune()
+    result: dict[str, float] = {}
+    result["cold"], result["peak"] = tool.build(ctx, dockerfile)
+    probe.write_bytes(pristine)  # same bytes, new ctime: the memo misses, every key hits
+    result["hit"], _ = tool.build(ctx, dockerfile)
+    result["noop"], _ = tool.build(ctx, dockerfile)
+    probe.write_bytes(pristine + f"change {round_no} {time.time_ns()}\n".encode())
+    result["mod"], _ = tool.build(ctx, dockerfile)
+    probe.write_bytes(pristine)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--million", action="store_true", help="also 1,000,000 files (~4 GB of inodes, slow)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-peers", action="store_true", help="lamina only")
+    parser.add_argument("--lab", type=Path, default=Path("/tmp/lamina-bigctx"))
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if args.million:
+        sizes.append(1_000_000)
+    lab: Path = args.lab
+    lab.mkdir(parents=True, exist_ok=True)
+    if not (lab / "base" / "busybox-oci.tar").exists():
+        subprocess.run(
+            [sys.executable, str(SHARED / "mkbase.py"), str(lab / "base")], check=True, stdout=sys.stderr
+        )
+    dockerfile = lab / "Dockerfile"
+    dockerfile.write_text(DOCKERFILE)
+    tools: list[Lamina | BuildKit] = [Lamina(lab)]
+    if not args.no_peers:
+        peer = BuildKit(lab)
+        if peer.available():
+            tools.append(peer)
+        else:
+            print("BuildKit: `docker info` does not answer; lamina only", file=sys.stderr)
+    table: dict[tuple[str, int], dict[str, float]] = {}
+    for size in sizes:
+        ctx = lab / f"ctx-{size}"
+        print(f"context of {size:,} files: {ctx}", file=sys.stderr)
+        make_context(ctx, size)
+        runs: dict[str, list[dict[str, float]]] = {tool.name: [] for tool in tools}
+        for round_no in range(args.rounds):
+            for tool in tools:
+                result = one_round(tool, ctx, dockerfile, round_no)
+                runs[tool.name].append(result)
+                cells = " ".join(f"{k}={v:.2f}" for k, v in result.items())
+                print(f"  {tool.name:8} {size:>9,} round {round_no + 1}: {cells}", file=sys.stderr)
+        for name, results in runs.items():
+            table[name, size] = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    print(
+        f"median wall seconds over {args.rounds} round(s); peak MB = summed RSS of the cold build's processes"
+    )
+    print("| files | tool | cold | hit (memo missed) | noop | mod (one file) | peak MB |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for size in sizes:
+        for tool in tools:
+            row = table[tool.name, size]
+            cells = " | ".join(f"{row[s]:.2f}" for s in SCENARIOS)
+            peak = "" if row["peak"] != row["peak"] else f"{row['peak']:.0f}"
+            print(f"| {size:,} | {tool.name} | {cells} | {peak} |")
+            if tool.name != "lamina":
+                mine = table["lamina", size]
+                ratios = " | ".join(f"{mine[s] / row[s]:.2f}x" for s in SCENARIOS)
+                print(f"| {size:,} | ratio | {ratios} | |")
+
+
+if __name__ == "__main__":
+    main()
