@@ -92,7 +92,7 @@ class Proc:
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        out, err = proc.communicate()
+        _, err = proc.communicate()
         seconds = time.monotonic() - start
         stop.set()
         poller.join()
