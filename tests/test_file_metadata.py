@@ -134,3 +134,30 @@ def _busybox(tmp_path: Path) -> Path:
     from tests.support.busybox import make_busybox_image
 
     return make_busybox_image(tmp_path / "busybox")
+
+
+def test_pax_mtimes_are_restored_to_the_nanosecond(cache: Path, tmp_path: Path) -> None:
+    """A layer or ADD archive with sub-second PAX mtimes unpacks with exactly them; a layer lamina
+    writes keeps whole seconds, as BuildKit's differ (containerd's ChangeWriter) truncates them."""
+    from lamina.oci.extract import extract_layer
+
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, mtime in (("exact", "1700000000.123456789"), ("short", "1700000000.5"), ("old", "-1.25")):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            info.pax_headers = {"mtime": mtime}
+            tar.addfile(info, io.BytesIO(b"x"))
+    layer = data.getvalue()
+    extract_layer(io.BytesIO(layer), tmp_path / "root")
+    times = {name: os.lstat(tmp_path / "root" / name).st_mtime_ns for name in ("exact", "short", "old")}
+    assert times == {"exact": 1700000000123456789, "short": 1700000000500000000, "old": -1250000000}
+    ctx = tmp_path / "ctx"
+    write_context(ctx, f"FROM {BASE}\nADD times.tar /t/\nRUN stat -c %y /t/exact > /seen\n")
+    (ctx / "times.tar").write_bytes(layer)
+    added = _export(cache, ctx, tmp_path)[-2]
+    assert added[b"t/exact"].mtime == 1700000000
+    assert "mtime" not in added[b"t/exact"].pax_headers
+    out = tmp_path / "out"
+    build(cache, ctx, outputs=[f"type=local,dest={out}"])
+    assert "22:13:20.123456789" in (out / "seen").read_text()

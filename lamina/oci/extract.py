@@ -251,6 +251,17 @@ def _entry_type(member: tarfile.TarInfo, label: str) -> EntryType:
     raise LayerError(f"{label}: {show(member.name)}: unsupported tar entry type {member.type!r}")
 
 
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """The entry's mtime in nanoseconds: a PAX `mtime` record exactly (tarfile's float
+    keeps about a microsecond of a 2020s time), else the header's whole seconds."""
+    record = member.pax_headers.get("mtime", "")
+    sign = -1 if record.startswith("-") else 1
+    whole, _, fraction = record.lstrip("-").partition(".")
+    if whole.isdigit() and (fraction.isdigit() or not fraction):
+        return sign * (int(whole) * 1_000_000_000 + int(fraction[:9].ljust(9, "0")))
+    return int(member.mtime * 1_000_000_000)
+
+
 def _xattrs(member: tarfile.TarInfo) -> Iterator[tuple[str, bytes]]:
     for key, value in member.pax_headers.items():
         if key.startswith(_XATTR_PAX_PREFIX):
@@ -362,7 +373,7 @@ class _Unpacker:
         tar: tarfile.TarFile,
     ) -> None:
         mode = member.mode & 0o7777
-        mtime_ns = int(member.mtime * 1_000_000_000)
+        mtime_ns = _mtime_ns(member)
         if kind is EntryType.DIR:
             with contextlib.suppress(FileExistsError):  # merging into an existing directory
                 os.mkdir(name, 0o700, dir_fd=parent_fd)
