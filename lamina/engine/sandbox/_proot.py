@@ -194,6 +194,10 @@ def _stage_all(spec: dict, stage: _chroot.Stage) -> list[tuple[str, str]]:
         os.chmod(os.path.join(path, "shm"), 0o1777)
 
     stage.place("/dev", dev)
+    apt = os.path.join(stage.root, os.path.dirname(_inside.APT_SNIPPET))
+    if spec["apt_snippet"] and os.path.isdir(apt) and not os.path.islink(apt):
+        # apt drops to user _apt, which proot isolation cannot follow: APT::Sandbox::User "root"
+        stage.place("/" + _inside.APT_SNIPPET, lambda p: _copy_secret(spec["apt_snippet"], p, 0o644))
     for rel, source in spec["host_binds"]:
         stage.place("/" + rel, lambda p, s=source: _copy_secret(s, p, 0o644))
     for m in spec["mounts"]:
