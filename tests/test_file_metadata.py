@@ -161,3 +161,24 @@ def test_pax_mtimes_are_restored_to_the_nanosecond(cache: Path, tmp_path: Path) 
     out = tmp_path / "out"
     build(cache, ctx, outputs=[f"type=local,dest={out}"])
     assert "22:13:20.123456789" in (out / "seen").read_text()
+
+
+def test_fifos_and_device_nodes_are_copied_from_stages_and_the_context(cache: Path, tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    devices = os.geteuid() == 0  # a device node in the context needs root to make (and to copy)
+    write_context(
+        ctx,
+        f"FROM {BASE} AS build\n"
+        "RUN mkdir /made && mkfifo /made/pipe\n"
+        + ("COPY null /made/null\n" if devices else "")
+        + f"FROM {BASE}\n"
+        "COPY --from=build /made /made/\n",
+    )
+    if devices:
+        os.mknod(ctx / "null", 0o600 | 0o020000, os.makedev(1, 3))
+        os.chmod(ctx / "null", 0o666)
+    (layer,) = _export(cache, ctx, tmp_path)[-1:]
+    assert layer[b"made/pipe"].isfifo() and layer[b"made/pipe"].mode == 0o644
+    if devices:
+        null = layer[b"made/null"]
+        assert null.ischr() and (null.devmajor, null.devminor, null.mode) == (1, 3, 0o666)

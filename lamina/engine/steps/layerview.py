@@ -226,7 +226,17 @@ def _node(
             links[(st.st_dev, st.st_ino)] = target
         return
     else:
-        return  # devices and fifos are not needed to read files from a stage
+        # A FIFO or device node, for COPY --from to copy (a device only where this
+        # process may make one: rootless, COPY never sees it, as before).
+        try:
+            if stat.S_ISFIFO(st.st_mode):
+                os.mkfifo(target, 0o600)
+            else:
+                os.mknod(target, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev)
+        except PermissionError:
+            return
+        _copy_meta(target, st, lost, real)
+        return
     dirs.append((target, st, real))
     os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))
     for name in _listdir(view, rel):
