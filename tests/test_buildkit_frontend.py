@@ -173,6 +173,8 @@ def _git_repo(repo: Path, commits: list[dict[str, Any]], object_format: str) -> 
     git("config", "--local", "user.email", "test@example.com")
     git("config", "--local", "user.name", "test")
     for commit in commits:
+        if "from" in commit:  # a branch off an earlier commit: main restarts there
+            git("checkout", "-q", "-B", "main", commit["from"])
         for name, data in commit.get("files", {}).items():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             (repo / name).write_text(_text(data))
@@ -402,9 +404,10 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
             url = stack.enter_context(_http_server(tmp_path / "http", case))
             repo = tmp_path / "http" / "repo"
 
-            def served(text: str) -> str:  # {COMMIT:rev}: that commit's hash in the served repository
+            def served(text: str) -> str:  # {COMMIT:rev} / {SHORT:rev}: a commit's hash, or 8 digits of it
                 text = text.replace("{URL}", url)
-                return re.sub(r"\{COMMIT:([^}]+)\}", lambda m: _rev_parse(repo, m.group(1)), text)
+                text = re.sub(r"\{COMMIT:([^}]+)\}", lambda m: _rev_parse(repo, m.group(1)), text)
+                return re.sub(r"\{SHORT:([^}]+)\}", lambda m: _rev_parse(repo, m.group(1))[:8], text)
 
             case = {**case, "dockerfile": served(case.get("dockerfile", ""))}
             case["rebuilds"] = [
@@ -412,7 +415,10 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
                 for again in case.get("rebuilds", [])
             ]
             if "context_url" in case:
-                case["context_url"] = case["context_url"].replace("{URL}", url)
+                case["context_url"] = served(case["context_url"])
+            case["expect_files"] = {k: served(v) for k, v in case.get("expect_files", {}).items()}
+            if "expect_error" in case:
+                case["expect_error"] = [served(fragment) for fragment in case["expect_error"]]
             if not case["dockerfile"]:
                 del case["dockerfile"]
         _write_context(ctx, case)
