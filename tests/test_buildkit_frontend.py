@@ -24,6 +24,7 @@ import stat
 import subprocess
 import tarfile
 import threading
+import time
 import tomllib
 import unittest.mock
 from collections.abc import Iterator
@@ -471,13 +472,17 @@ def _run_case(
     if "call" in case:
         _run_call(case, cache, ctx)
         return
+    base_created = ""
     for number, image in enumerate(case.get("images", [])):
         # An image upstream pushes to a registry and builds FROM: here it goes into the store.
         image_ctx = tmp_path / f"image{number}"
         _write_context(image_ctx, image)
         outputs = [spec.replace("{TMP}", os.fspath(tmp_path)) for spec in image.get("outputs", [])]
         tags = [image["tag"]] if "tag" in image else []
-        build(cache, image_ctx, tags=tags, outputs=outputs, build_args=image.get("build_args", {}))
+        made = build(cache, image_ctx, tags=tags, outputs=outputs, build_args=image.get("build_args", {}))
+        if "expect_newer_than" in case:
+            base_created = made.config.created
+            time.sleep(1.1)  # image times have whole seconds: the next build's must be later
     if "expect_error" in case:
         with pytest.raises(Exception) as caught:
             _build(cache, ctx, out, case)
@@ -499,6 +504,8 @@ def _run_case(
     for name, expected in case.get("expect_json_files", {}).items():
         _subset(expected, json.loads((tmp_path / name).read_text()), name)
     image = result.config.to_json()
+    if "expect_newer_than" in case:  # not the base image's time: the build's own
+        assert image["created"] > base_created, (image["created"], base_created)
     if "expect_created" in case:  # the image's and every history entry's time
         times = [image.get("created")] + [h.get("created") for h in image.get("history", [])]
         assert set(times) == {case["expect_created"]}, times
