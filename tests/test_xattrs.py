@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,24 @@ def _last_layer(archive: Path) -> dict[str, tarfile.TarInfo]:
         manifest = json.loads(blob(index["manifests"][0]["digest"]))
         with tarfile.open(fileobj=io.BytesIO(blob(manifest["layers"][-1]["digest"]))) as layer:
             return {member.name: member for member in layer}
+
+
+def _layers(archive: Path) -> list[list[tarfile.TarInfo]]:
+    """Every layer's entries of the image in an OCI archive."""
+    with tarfile.open(archive) as outer:
+
+        def blob(digest: str) -> bytes:
+            member = outer.extractfile("blobs/sha256/" + digest.split(":")[1])
+            assert member is not None
+            return member.read()
+
+        index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        layers = []
+        for layer in manifest["layers"]:
+            with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"]))) as tar:
+                layers.append(list(tar))
+        return layers
 
 
 def _pax_xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
@@ -237,3 +257,66 @@ def test_unpack_keeps_capabilities_and_drops_lamina_records_from_a_layer(tmp_pat
     assert xattrs.read(path) == (("security.capability", NET_RAW_V2),)
     assert "user.lamina.owner" not in os.listxattr(path)
     assert any("lamina's own xattrs" in warning for warning in result.warnings)
+
+
+PLAIN_USER = "lamina-sb-nosub"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _plain_user_missing() -> str:
+    if os.geteuid() != 0:
+        return "sets a capability on a context file and runs lamina as lamina-sb-nosub: needs root"
+    for tool in ("runuser", "proot"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return ""
+
+
+@pytest.mark.skipif(bool(_plain_user_missing()), reason=_plain_user_missing() or "ready")
+def test_capability_survives_proot_isolation_as_a_plain_user(busybox_image: Path) -> None:
+    """No user namespace (docker's seccomp denials, a plain uid): the capability cannot be set
+    on disk, so it is recorded, and the image still has it, with none of lamina's records."""
+    import pwd
+
+    from tests.support.sandbox import ensure_user
+
+    ensure_user(PLAIN_USER)
+    entry = pwd.getpwnam(PLAIN_USER)
+    base = Path(tempfile.mkdtemp(prefix="lamina-xattr-proot-"))
+    try:
+        base.chmod(0o755)
+        ctx = base / "ctx"
+        write_context(
+            ctx,
+            f"FROM {BASE} AS build\nCOPY ping /ping\nRUN chmod 750 /ping\n"
+            f"FROM {BASE}\nCOPY --from=build /ping /usr/local/bin/ping\n",
+        )
+        shutil.copy("/bin/busybox", ctx / "ping")
+        shutil.copy(busybox_image, base / "base.tar")
+        subprocess.run(["chown", "-R", f"{entry.pw_uid}:{entry.pw_gid}", str(base)], check=True)
+        os.setxattr(ctx / "ping", "security.capability", NET_RAW_V2)  # after chown, which clears it
+        deny = [sys.executable, str(ROOT / "tests/support/no_namespaces.py"), "docker", "--"]
+        env = {**os.environ, "LAMINA_CACHE": str(base / "cache")}
+        env.pop("LAMINA_ISOLATION", None)
+        env.pop("SOURCE_DATE_EPOCH", None)
+
+        def lamina(*args: str) -> subprocess.CompletedProcess[str]:
+            command = ["runuser", "-u", PLAIN_USER, "--", *deny, sys.executable, "-m", "lamina", *args]
+            return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+
+        loaded = lamina("load", str(base / "base.tar"))
+        if loaded.returncode != 0 and "import" in loaded.stderr:
+            pytest.skip(f"{PLAIN_USER} cannot run {sys.executable} with lamina importable")
+        assert loaded.returncode == 0, loaded.stderr
+        archive = base / "image.tar"
+        done = lamina("build", "--progress", "quiet", "-o", f"type=oci,dest={archive}", str(ctx))
+        assert done.returncode == 0, done.stderr
+        assert any("proot" in line for line in done.stderr.splitlines()), done.stderr
+        member = _last_layer(archive)["usr/local/bin/ping"]
+        assert _pax_xattrs(member) == {"security.capability": NET_RAW_V2}
+        assert member.mode == 0o750
+        for layer in _layers(archive):
+            for found in layer:
+                assert not any("user.lamina" in key for key in found.pax_headers), found.name
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
