@@ -291,7 +291,8 @@ def test_manifest_that_lies_is_refused_at_load(world: World, lie: str) -> None:
     archive = oci_archive(world.root.parent / "lying.tar", GOOD, **kwargs)  # type: ignore[arg-type]
     proc = run_cli("load", "-q", str(archive), cache=world.cache, check=False)
     assert proc.returncode == 1
-    assert message in one_error(proc.stderr)
+    line = one_error(proc.stderr)
+    assert message in line and str(archive) in line, line  # names the file being loaded
     images = run_cli("images", cache=world.cache).stdout
     assert "hostile" not in images  # nothing named
     world.untouched()

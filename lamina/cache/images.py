@@ -73,6 +73,8 @@ def load_image_file(store: Store, path: Path, name: str | None = None) -> tuple[
         return _load(store, path, name)
     except DiskFull as err:  # the store's writers name the blob: the input is fine
         raise err.within(f"load {path}") from err
+    except DigestMismatch as err:  # a blob of the file is not what its descriptor says
+        raise DigestMismatch(f"load {path}: {err}") from err
     except OSError as err:
         if is_disk_full(err):
             raise DiskFull.writing(None, err).within(f"load {path}") from err
