@@ -689,3 +689,36 @@ def test_a_cache_keeps_owners_one_way(plain_user_dir: Path) -> None:
     assert done.returncode == 1
     error = done.stderr.strip().splitlines()[-1]
     assert "keeps layer owners on disk" in error and "use another cache" in error, done.stderr
+
+
+def _archive_with_a_device(path: Path) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        node = tarfile.TarInfo("dev/null")
+        node.type, node.devmajor, node.devminor, node.mode = tarfile.CHRTYPE, 1, 3, 0o666
+        tar.addfile(node)
+        owned = tarfile.TarInfo("data/f")
+        owned.uid, owned.gid, owned.size, owned.mode = 5, 6, 3, 0o640
+        tar.addfile(owned, io.BytesIO(b"hi\n"))
+
+
+@pytest.mark.skipif(bool(_plain_user_ready()), reason=_plain_user_ready() or "ready")
+def test_proot_add_of_an_archive_keeps_devices_and_owners(
+    plain_user_dir: Path, tmp_path: Path, busybox_image: Path
+) -> None:
+    dockerfile = "FROM lamina-test/busybox:1.35\nADD dev.tar /x/\n"
+    host = _context(tmp_path / "host", busybox_image)
+    digests = []
+    for where, lamina_as in ((host, _lamina), (plain_user_dir, _as_plain_user)):
+        (where / "ctx/Dockerfile").write_text(dockerfile)
+        _archive_with_a_device(where / "ctx/dev.tar")
+        os.chmod(where / "ctx/dev.tar", 0o644)
+        assert lamina_as(where, ["load", str(where / "base.tar")]).returncode == 0
+        done = lamina_as(
+            where, ["build", "--progress", "quiet", "-o", f"type=oci,dest={where}/image.tar", f"{where}/ctx"]
+        )
+        assert done.returncode == 0, done.stderr
+        digests.append(_digest(where / "image.tar"))
+    assert digests[0] == digests[1]

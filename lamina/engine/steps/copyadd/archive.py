@@ -142,7 +142,13 @@ def unpack_into(
         if renames:
             stream = stack.enter_context(_renamed(stream, renames))
         try:
-            extract_layer(stream, target, whiteouts=Whiteouts.APPLY, ignore_owners=os.geteuid() != 0)
+            # No user namespace (proot isolation): owners and device nodes go to xattrs
+            # (lamina.oci.recorded), rather than being lost.
+            record = os.geteuid() != 0 and _owners_recorded()
+            unprivileged = os.geteuid() != 0 and not record
+            extract_layer(
+                stream, target, whiteouts=Whiteouts.APPLY, ignore_owners=unprivileged, record_owners=record
+            )
         except LaminaError as err:
             raise BuildError(f"ADD {shown}: {err}") from err
     if image is not None:
@@ -153,6 +159,12 @@ def unpack_into(
         chown_all([(path, *owner) for path in made])
     elif os.geteuid() != 0:
         _rootless_archive_owners(source, target)
+
+
+def _owners_recorded() -> bool:
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+    return detect_ids().mode is IdMode.RECORDED
 
 
 def _resolve_under(image: Any, base: str, rel: str) -> str:
