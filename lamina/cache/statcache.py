@@ -10,9 +10,15 @@ at least `_SETTLE_NS` older than the end of the hash ("racy git" rule).
 
 Storage is one small binary file of fixed-size records per build context,
 loaded whole (a dict lookup per file is the cheapest thing a no-op rebuild
-can do) and replaced atomically by rename when new digests were added. Several lamina
-processes may share it: a writer merges what is on disk before replacing
-it, and a lost update only costs a re-hash, never a wrong digest.
+can do). New digests are appended to it; it is replaced atomically by
+rename when it needs pruning or is torn. Several lamina processes may share
+it: a writer merges what is on disk before replacing it, and a lost update
+only costs a re-hash, never a wrong digest.
+
+A cold build of a big context (issue 22) reads each file once: small files
+on the calling thread (threads only contend for the interpreter there),
+large ones on a few threads, a bounded window at a time; the bytes of small
+ones are kept for the COPY that writes them (`take`), up to a budget.
 """
 
 from __future__ import annotations
