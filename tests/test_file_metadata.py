@@ -97,16 +97,21 @@ def _allocated(path: Path) -> int:
     return os.lstat(path).st_blocks * 512
 
 
-def test_sparse_files_are_not_inflated(cache: Path, tmp_path: Path) -> None:
+def test_sparse_files_are_not_inflated(cache: Path, tmp_path: Path, busybox_image: Path) -> None:
     """A 64 MiB file of one byte and holes: the layer holds its 64 MiB (tar has no holes, gzip
-    makes them small); copied from the context and unpacked from the image it stays sparse."""
+    makes them small); copied from the context, copied from a stage and unpacked from the image,
+    it stays sparse on disk."""
     from lamina.cache.images import load_image_file
     from lamina.cache.store import Store
     from tests.support.build import make_cache
 
     size = 64 << 20
     ctx = tmp_path / "ctx"
-    write_context(ctx, f"FROM {BASE}\nCOPY sparse /sparse\n")
+    write_context(
+        ctx,
+        f"FROM {BASE} AS build\nRUN truncate -s 64M /made\n"
+        f"FROM {BASE}\nCOPY sparse /sparse\nCOPY --from=build /made /from-stage\n",
+    )
     with open(ctx / "sparse", "wb") as f:
         f.truncate(size)
         f.seek(size // 2)
@@ -115,12 +120,14 @@ def test_sparse_files_are_not_inflated(cache: Path, tmp_path: Path) -> None:
         pytest.skip(f"the file system of {ctx} does not keep holes")
     archive = tmp_path / "image.tar"
     build(cache, ctx, outputs=[f"type=oci,dest={archive},name=lamina-test/sparse:1"])
-    assert _layers(archive)[-1][b"sparse"].size == size
-    # The COPY's own layer directory in the cache: not inflated.
-    copies = [p for p in (cache / "unpacked").glob("*/sparse") if p.stat().st_size == size]
-    assert copies and all(_allocated(p) < size // 2 for p in copies), copies
+    copied, from_stage = _layers(archive)[-2:]
+    assert copied[b"sparse"].size == size and from_stage[b"from-stage"].size == size
+    # The COPY layers' directories in the cache: not inflated.
+    for name in ("sparse", "from-stage"):
+        copies = [p for p in (cache / "unpacked").glob(f"*/{name}") if p.stat().st_size == size]
+        assert copies and all(_allocated(p) < size // 2 for p in copies), (name, copies)
     # Loaded into a fresh cache and unpacked for a step: not inflated either.
-    fresh = make_cache(tmp_path / "fresh", next((tmp_path).glob("busybox*.tar"), None) or _busybox(tmp_path))
+    fresh = make_cache(tmp_path / "fresh", busybox_image)
     with Store(fresh) as store:
         load_image_file(store, archive, "lamina-test/sparse:1")
     ctx2 = tmp_path / "ctx2"
@@ -128,12 +135,6 @@ def test_sparse_files_are_not_inflated(cache: Path, tmp_path: Path) -> None:
     build(fresh, ctx2)
     unpacked = [p for p in (fresh / "unpacked").glob("*/sparse") if p.stat().st_size == size]
     assert unpacked and all(_allocated(p) < size // 2 for p in unpacked), unpacked
-
-
-def _busybox(tmp_path: Path) -> Path:
-    from tests.support.busybox import make_busybox_image
-
-    return make_busybox_image(tmp_path / "busybox")
 
 
 def test_pax_mtimes_are_restored_to_the_nanosecond(cache: Path, tmp_path: Path) -> None:

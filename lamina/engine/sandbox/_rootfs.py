@@ -19,6 +19,7 @@ import os
 import stat
 
 from lamina.engine.sandbox import _libc
+from lamina.oci import filecopy
 from lamina.oci.overlay import is_opaque, is_whiteout
 
 _MAX_SYMLINKS = 40
@@ -244,6 +245,9 @@ def copy_node(src: str, dest: str, st: os.stat_result) -> None:
             fd_out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 remaining = st.st_size
+                if filecopy.is_sparse(fd_in, remaining):  # holes stay holes
+                    filecopy.copy_sparse(fd_in, fd_out, remaining)
+                    remaining = 0
                 while remaining > 0:
                     n = os.copy_file_range(fd_in, fd_out, min(remaining, 1 << 30))
                     if n == 0:

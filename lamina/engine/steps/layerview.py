@@ -197,7 +197,7 @@ def _node(
 
     Files hard-linked in a layer dir stay linked in `dest` (`links`: inode -> first copy).
     """
-    import shutil
+    from lamina.oci import filecopy
 
     found = view._lookup_exact(rel)
     if found is None:
@@ -220,7 +220,7 @@ def _node(
             return
         # A copy, not a hard link: linking changes the layer file's ctime,
         # which a concurrent build reading the same file takes for a change.
-        shutil.copyfile(real, target, follow_symlinks=False)
+        filecopy.copy_path(os.fspath(real), os.fspath(target))  # holes stay holes
         _copy_meta(target, st, lost, real)
         if links is not None and st.st_nlink > 1:
             links[(st.st_dev, st.st_ino)] = target

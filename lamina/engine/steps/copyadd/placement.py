@@ -43,7 +43,7 @@ from lamina.engine.steps.copyadd.selection import (
 )
 from lamina.engine.steps.owners import chown_all, container_owner, keep_lower_dir_meta
 from lamina.errors import ContextError, DiskFull, is_disk_full
-from lamina.oci import xattrs
+from lamina.oci import filecopy, xattrs
 from lamina.oci.entry import EntryType
 
 __all__ = ["PriorCopy", "WrittenFile", "clear_target", "make_dest_dirs", "write_selection"]
@@ -513,8 +513,8 @@ def _copy_fd(src: int, dst: int, size: int) -> int:
 
     A sparse file's holes stay holes: only its data ranges are copied.
     """
-    if os.fstat(src).st_blocks * 512 < size and _seeks_data(src):
-        return _copy_sparse(src, dst, size)
+    if filecopy.is_sparse(src, size):
+        return filecopy.copy_sparse(src, dst, size)
     copied = 0
     try:
         while copied <= size:
@@ -536,42 +536,6 @@ def _copy_fd(src: int, dst: int, size: int) -> int:
             view = view[written:]
         copied += len(chunk)
     return copied
-
-
-def _seeks_data(fd: int) -> bool:
-    """Whether the file system of `fd` answers SEEK_DATA (position left at 0)."""
-    try:
-        os.lseek(fd, 0, os.SEEK_DATA)
-    except OSError as err:
-        if err.errno != errno.ENXIO:  # ENXIO: all of it is a hole
-            return False
-    os.lseek(fd, 0, os.SEEK_SET)
-    return True
-
-
-def _copy_sparse(src: int, dst: int, size: int) -> int:
-    """Copy the data ranges of `src` (SEEK_DATA/SEEK_HOLE) into `dst`, then its length."""
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(src, offset, os.SEEK_DATA)
-        except OSError as err:
-            if err.errno != errno.ENXIO:  # ENXIO: only a hole is left
-                raise
-            break
-        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
-        while start < end:
-            data = os.pread(src, min(_CHUNK, end - start), start)
-            if not data:
-                break
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(dst, view, start)
-                view, start = view[written:], start + written
-        offset = max(end, start)
-    os.ftruncate(dst, size)
-    os.lseek(src, size, os.SEEK_SET)
-    return size + len(os.read(src, 1))  # one byte more: it grew
 
 
 # --- destinations of ADD's files and archives and of heredocs ---------------------------------
