@@ -126,6 +126,10 @@ def test_sparse_files_are_not_inflated(cache: Path, tmp_path: Path, busybox_imag
     for name in ("sparse", "from-stage"):
         copies = [p for p in (cache / "unpacked").glob(f"*/{name}") if p.stat().st_size == size]
         assert copies and all(_allocated(p) < size // 2 for p in copies), (name, copies)
+    # Exported as a directory (type=local): not inflated.
+    out = tmp_path / "out"
+    build(cache, ctx, outputs=[f"type=local,dest={out}"])
+    assert _allocated(out / "sparse") < size // 2 and _allocated(out / "from-stage") < size // 2
     # Loaded into a fresh cache and unpacked for a step: not inflated either.
     fresh = make_cache(tmp_path / "fresh", busybox_image)
     with Store(fresh) as store:

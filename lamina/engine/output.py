@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 from lamina.cache.images import CommittedImage
 from lamina.engine.outputspec import OutputSpec, OutputType, check_dest
 from lamina.errors import BuildError, DiskFull, OutputError, is_disk_full
-from lamina.oci import xattrs
+from lamina.oci import filecopy, xattrs
 from lamina.oci.digest import Digest
 from lamina.oci.overlay import is_opaque, is_whiteout
 
@@ -64,7 +64,7 @@ def _copy_entry(
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(src), dst)
         elif stat.S_ISREG(mode):
-            shutil.copyfile(src, dst, follow_symlinks=False)
+            filecopy.copy_path(os.fspath(src), os.fspath(dst))  # holes stay holes
         elif stat.S_ISFIFO(mode):
             os.mkfifo(dst)
         else:
