@@ -201,6 +201,18 @@ _DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded")
 _NEARLY_FULL = 1 << 20  # bytes free: nothing a command writes fits in less
 
 
+def file_system_full(path: Path) -> bool:
+    """Whether the file system holding `path` is (nearly) full: a step that failed there filled it."""
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return False
+    # Root may use the blocks ext4 reserves; a user namespace may not. A command
+    # that met ENOSPC leaves a few blocks at most (its last write was partial).
+    blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
+    return blocks * fs.f_frsize < _NEARLY_FULL or (fs.f_files > 0 and fs.f_favail == 0)
+
+
 def _disk_full_reason(err: BuildError, upper: Path) -> str:
     """Why a command failed, when the disk is the reason: its exit code alone does not say.
 
@@ -219,16 +231,7 @@ def _disk_full_reason(err: BuildError, upper: Path) -> str:
         "",
     )
     said = said if len(said) <= 200 else said[:197] + "..."
-    try:
-        fs = os.statvfs(upper)
-    except OSError:
-        full = False
-    else:
-        # Root may use the blocks ext4 reserves; a user namespace may not. A command
-        # that met ENOSPC leaves a few blocks at most (its last write was partial).
-        blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
-        full = blocks * fs.f_frsize < _NEARLY_FULL or (fs.f_files > 0 and fs.f_favail == 0)
-    if full:
+    if file_system_full(upper):
         told = f"; the command said: {said}" if said else ""
         return f"write {upper}: No space left on device (its file system is full){told}"
     return said

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.engine.cachekey import make_inputs
 from lamina.engine.steps import metadata as md
-from lamina.engine.steps.layerstep import layer_step, step_env
+from lamina.engine.steps.layerstep import file_system_full, layer_step, step_env
 from lamina.engine.steps.missfacts import bind_files, pending_mount
 from lamina.errors import BuildError, SandboxError
 
@@ -231,7 +231,9 @@ def _sandbox_run(
                 f"exit code {code}{_signal_note(code)}",
                 tuple(tail),
             )
-            err.debug_id = keep_step(executor, state, instruction, spec)  # `lamina debug ID` enters it
+            # `lamina debug ID` enters it; not kept on a full file system, which it would keep full
+            if not file_system_full(spec.upper_dir):
+                err.debug_id = keep_step(executor, state, instruction, spec)
             raise err
     finally:
         relays.close()
