@@ -93,7 +93,26 @@ def main() -> int:
         print(f"{name:<24} {best:>9.2f} {median:>10.2f} {best * 1000 / count:>9.1f}")
     verdict = "OK" if total_best < TARGET_MS else "SLOWER THAN TARGET"
     print(f"\ntarget: parse + plan < {TARGET_MS:.0f} ms -> {total_best:.2f} ms ({verdict})")
+    print_hostile_expansions(args.repeat)
     return 0
+
+
+def print_hostile_expansions(repeat: int) -> None:
+    """The inputs that were once slow (issue 20): the tests only guard against a hang."""
+    from lamina.engine.dockerfile.shell import MAX_EXPANDED, expand_word
+
+    sixteenfold = "FROM scratch\nENV a=" + "x" * 64 + "\n" + ("ENV a=" + "$a" * 16 + "\n") * 4
+    lines = ("x" * 63 + "\n") * (4 * 1024 * 1024 // 64 - 1)
+    rows = [
+        ("ENV 16x growth, 4 levels", lambda: make_plan(parse(sixteenfold))),
+        ("${V//x*?x*y/r} on 4 MiB", lambda: expand_word("${V//x*?x*y/r}", {"V": lines})),
+        ("20 stars on 1,000 chars", lambda: expand_word("${V#" + "*x" * 20 + "*y}", {"V": "x" * 1000})),
+        ("$a$a to the limit", lambda: expand_word("$a$a", {"a": "x" * (MAX_EXPANDED // 2)})),
+    ]
+    print(f"\n{'hostile expansion':<28} {'best ms':>9} {'median ms':>10}")
+    for name, fn in rows:
+        best, median = timed(fn, max(3, repeat // 4))
+        print(f"{name:<28} {best:>9.2f} {median:>10.2f}")
 
 
 if __name__ == "__main__":
