@@ -587,11 +587,13 @@ def build(
 def _isolation(value: str | Isolation | None) -> Isolation | None:
     """The typed isolation asked for, refused now (one line) if this process may not use it."""
     from lamina.engine.sandbox import isolation
-    from lamina.engine.sandbox.idmap import IdMode, detect_ids
 
     wanted = isolation.parse(value)
-    if wanted is not None:
-        isolation.check_ids(isolation.choose(wanted).isolation, detect_ids().mode is IdMode.RECORDED)
+    if wanted is None:
+        return None  # auto: nothing to check, and a no-op rebuild imports no id-map code
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+    isolation.check_ids(isolation.choose(wanted).isolation, detect_ids().mode is IdMode.RECORDED)
     return wanted
 
 

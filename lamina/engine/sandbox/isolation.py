@@ -26,7 +26,6 @@ import dataclasses
 import enum
 import functools
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,8 +141,16 @@ def probe() -> Probe:
         userns=lines[0].strip(),
         rootns=lines[1].strip(),
         effective_caps=_caps(),
-        proot=shutil.which("proot"),
+        proot=_which("proot"),
     )
+
+
+def _which(name: str) -> str | None:
+    # shutil is imported here, not at the top: a no-op rebuild imports this module
+    # (api's typed isolation) and must stay free of it (tests/test_imports.py).
+    import shutil
+
+    return shutil.which(name)
 
 
 def requested() -> Isolation | None:
