@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamina.engine.cachekey import make_inputs
+from lamina.engine.cachekey import copy_from_key, make_inputs
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.layerstep import file_system_full, layer_step, step_env
 from lamina.engine.steps.missfacts import bind_files, pending_mount
@@ -461,10 +461,21 @@ def _bind_source(executor: StepHost, mount: Any) -> tuple[Path, str]:
         context = executor.context()
         rel = context.resolve(mount.source.strip("/"))
         return executor.options.context.resolve(), str(context.checksum(rel))
+    from lamina.engine.context import open_rootfs
     from lamina.engine.steps.base import source_stage
 
     outcome = source_stage(executor, mount.from_, None)
-    return executor.stage_rootfs(outcome, ["/" + mount.source.strip("/")]), outcome.key
+    root = executor.stage_rootfs(outcome, ["/" + mount.source.strip("/")])
+    # BuildKit keys a mount with no output (a bind's writes are discarded) by the content of
+    # its source path (the exec op's ContentBasedHash), not by how the stage was made. The
+    # digest is memoised under what the stage made (its key and layer dirs), as COPY --from's.
+    made = ",".join(layer.dir_id or str(layer.diff_id) for layer in outcome.layers)
+    memo_key = copy_from_key(json.dumps(["mount", outcome.key, made, mount.source.strip("/")]))
+    digest = executor.store.cache_get(memo_key)
+    if digest is None:
+        digest = str(open_rootfs(root, executor.stat_cache()).checksum(mount.source.strip("/")))
+        executor.store.cache_put(memo_key, digest)
+    return root, digest
 
 
 def _inside(root: Path, source: str, mount: Any) -> Path:
