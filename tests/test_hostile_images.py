@@ -62,8 +62,9 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def docker_archive(path: Path, layer_bytes: bytes) -> Path:
-    config = json.dumps(
+def _config(layer_bytes: bytes) -> bytes:
+    """An amd64 image config whose one layer is `layer_bytes`."""
+    return json.dumps(
         {
             "architecture": "amd64",
             "os": "linux",
@@ -71,6 +72,10 @@ def docker_archive(path: Path, layer_bytes: bytes) -> Path:
             "rootfs": {"type": "layers", "diff_ids": ["sha256:" + _sha(layer_bytes)]},
         }
     ).encode()
+
+
+def docker_archive(path: Path, layer_bytes: bytes) -> Path:
+    config = _config(layer_bytes)
     manifest = [{"Config": f"{_sha(config)}.json", "RepoTags": [NAME], "Layers": ["l0/layer.tar"]}]
     files = {f"{_sha(config)}.json": config, "l0/layer.tar": layer_bytes}
     return _tar(path, {**files, "manifest.json": json.dumps(manifest).encode()})
@@ -86,14 +91,7 @@ def oci_blobs(
 ) -> tuple[dict[str, bytes], bytes, dict[str, object]]:
     """An image's blobs (by hex digest), its manifest and the index entry naming it, with the
     descriptors' sizes and digest overridable (to lie)."""
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {},
-            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + _sha(layer_bytes)]},
-        }
-    ).encode()
+    config = _config(layer_bytes)
     layer_hex = layer_digest or _sha(layer_bytes)
     manifest = json.dumps(
         {
