@@ -84,15 +84,23 @@ def run_cli(*args: str, cache: Path, check: bool = True, **kwargs: Any) -> subpr
 def oci_config(archive: Path) -> dict[str, Any]:
     """The image config inside an OCI archive written by `-o type=oci`."""
     with tarfile.open(archive) as tar:
+        manifest = _first_manifest(tar)
+        return json.loads(_blob(tar, manifest["config"]["digest"]))
 
-        def read(name: str) -> bytes:
-            member = tar.extractfile(name)
-            assert member is not None
-            return member.read()
 
-        index = json.loads(read("index.json"))
-        manifest = json.loads(read("blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]))
-        return json.loads(read("blobs/sha256/" + manifest["config"]["digest"].split(":")[1]))
+def _blob(tar: tarfile.TarFile, digest: str) -> bytes:
+    """The blob `digest` (sha256:HEX) of an OCI archive open as `tar`."""
+    member = tar.extractfile("blobs/sha256/" + digest.split(":")[1])
+    assert member is not None
+    return member.read()
+
+
+def _first_manifest(tar: tarfile.TarFile) -> dict[str, Any]:
+    """The manifest the first entry of an OCI archive's index.json names."""
+    member = tar.extractfile("index.json")
+    assert member is not None
+    index = json.loads(member.read())
+    return dict(json.loads(_blob(tar, index["manifests"][0]["digest"])))
 
 
 def image_entries(archive: Path) -> dict[str, tarfile.TarInfo]:
@@ -107,16 +115,8 @@ def image_entries(archive: Path) -> dict[str, tarfile.TarInfo]:
 
     entries: dict[str, tarfile.TarInfo] = {}
     with tarfile.open(archive) as outer:
-
-        def read(name: str) -> bytes:
-            member = outer.extractfile(name)
-            assert member is not None
-            return member.read()
-
-        index = json.loads(read("index.json"))
-        manifest = json.loads(read("blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]))
-        for layer in manifest["layers"]:
-            blob = io.BytesIO(read("blobs/sha256/" + layer["digest"].split(":")[1]))
+        for layer in _first_manifest(outer)["layers"]:
+            blob = io.BytesIO(_blob(outer, layer["digest"]))
             with tarfile.open(fileobj=open_decompressed(blob), mode="r|") as tar:
                 for info in tar:
                     name = info.name.rstrip("/")
