@@ -96,6 +96,16 @@ def test_explain_names_run_options_and_the_base_image() -> None:
     mount = "cache:pip:/root/.cache"
     assert explain_miss(run(), run(mounts=[mount])) == "RUN options changed: mounts (+cache:pip:/root/.cache)"
     assert explain_miss(run(), run(argv=["make", "all"])) == "instruction text changed (the command)"
+    # the build's RUN flags name themselves (was: 'instruction text changed', a text that did not change)
+    assert explain_miss(run(shm=32 << 20), run(shm=16 << 20)) == "RUN options changed: --shm-size 32m -> 16m"
+    assert (
+        explain_miss(run(), run(ulimits=["nofile=1:2"]))
+        == "RUN options changed: --ulimit default -> nofile=1:2"
+    )
+    assert explain_miss(run(hosts=["a=10.0.0.1"]), run(hosts=["a=10.0.0.2"])) == (
+        "RUN options changed: --add-host a=10.0.0.1 -> a=10.0.0.2"
+    )
+    assert explain_miss(run(), run(hostname="box")) == "RUN options changed: hostname default -> box"
     old = dataclasses.replace(run(), base="image busybox:1.36@sha256:" + "a" * 64)
     new = dataclasses.replace(run(), parent="sha256:base2", base="image busybox:1.36@sha256:" + "b" * 64)
     assert explain_miss(old, new) == (

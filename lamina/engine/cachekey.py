@@ -178,7 +178,17 @@ def _instruction_causes(old: str, new: str) -> list[str]:
     return [f"instruction text changed ({', '.join(changed)})"]
 
 
-_RUN_OPTIONS = ("network", "security", "mounts")
+_RUN_OPTIONS = ("network", "security", "mounts", "hosts", "ulimits", "shm", "hostname")
+# steps.run keys these build flags only when set; a miss names the flag, not the text
+_FLAG_NAMES = {"hosts": "--add-host", "ulimits": "--ulimit", "shm": "--shm-size"}
+
+
+def _option_value(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value) or "default"
+    if isinstance(value, int) and not isinstance(value, bool) and value and value % (1 << 20) == 0:
+        return f"{value >> 20}m"  # --shm-size in bytes
+    return str(value) if value else "default"
 
 
 def _run_causes(before: dict[str, object], after: dict[str, object]) -> list[str]:
@@ -193,7 +203,7 @@ def _run_causes(before: dict[str, object], after: dict[str, object]) -> list[str
         if name == "mounts":
             options.append("mounts " + _mounts_change(old, new))
         else:
-            options.append(f"{name} {old or 'default'} -> {new or 'default'}")
+            options.append(f"{_FLAG_NAMES.get(name, name)} {_option_value(old)} -> {_option_value(new)}")
     if options:
         causes.append("RUN options changed: " + ", ".join(options))
     if before.get("user") != after.get("user"):
