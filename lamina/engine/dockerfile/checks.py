@@ -228,16 +228,20 @@ def split(dockerfile: Dockerfile) -> tuple[list[Step], list[StageSteps]]:
     meta: list[Step] = []
     stages: list[StageSteps] = []
     for node in dockerfile.children:
-        step = Step(node, parse_instruction(node, dockerfile.path))
-        if isinstance(step.instruction, FromInstruction):
-            stages.append(StageSteps(len(stages), step, []))
-        elif stages:
-            stages[-1].steps.append(step)
-        else:
-            meta.append(step)
+        _place(Step(node, parse_instruction(node, dockerfile.path)), meta, stages)
     if not stages:
         raise DockerfileError("dockerfile contains no stages to build", Location(dockerfile.path, 0))
     return meta, stages
+
+
+def _place(step: Step, meta: list[Step], stages: list[StageSteps]) -> None:
+    """A FROM starts a stage; another step joins the last stage, or the ARGs before the first."""
+    if isinstance(step.instruction, FromInstruction):
+        stages.append(StageSteps(len(stages), step, []))
+    elif stages:
+        stages[-1].steps.append(step)
+    else:
+        meta.append(step)
 
 
 def run_checks(
@@ -274,13 +278,7 @@ def run_checks(
             return CheckReport(tuple(lint.found), config, err)
         own = comment_config(config, node.comments)
         _parse_time(lint, own, node, instruction)
-        step = Step(node, instruction)
-        if isinstance(instruction, FromInstruction):
-            stages.append(StageSteps(len(stages), step, []))
-        elif stages:
-            stages[-1].steps.append(step)
-        else:
-            meta.append(step)
+        _place(Step(node, instruction), meta, stages)
     if not stages:
         return CheckReport(tuple(lint.found), config, None)
 
