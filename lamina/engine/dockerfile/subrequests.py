@@ -39,17 +39,23 @@ def _source(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def _named(stage: StageSteps) -> dict[str, object]:
+    """A stage's name and the description its doc comment gives, where it has them."""
+    entry: dict[str, object] = {}
+    if stage.name:
+        entry["name"] = stage.name
+    description = doc_comment(stage.step.node.comments, stage.name or "")
+    if description:
+        entry["description"] = description
+    return entry
+
+
 def targets(dockerfile: Dockerfile, data: bytes) -> dict[str, object]:
     """BuildKit's ListTargets: every stage, the last one the default."""
     _, stages = split(dockerfile)
     listed = []
     for stage in stages:
-        entry: dict[str, object] = {}
-        if stage.name:
-            entry["name"] = stage.name
-        description = doc_comment(stage.step.node.comments, stage.name or "")
-        if description:
-            entry["description"] = description
+        entry = _named(stage)
         if stage.index == len(stages) - 1:
             entry["default"] = True
         entry["base"] = stage.from_.image
@@ -212,12 +218,7 @@ def outline(
         for kind, name, required, line in views[i].mounts:
             (secrets if kind is MountType.SECRET else ssh).setdefault(name, (required, line))
     stage = stages[index]
-    result: dict[str, object] = {}
-    if stage.name:
-        result["name"] = stage.name
-    description = doc_comment(stage.step.node.comments, stage.name or "")
-    if description:
-        result["description"] = description
+    result = _named(stage)
     if args:
         result["args"] = [
             {
