@@ -20,9 +20,10 @@ included), medians over --rounds:
     noop    the same build again (the memo replays it)
     mod     one file's content changed: COPY and RUN rerun
 
-and `peak MB`, the largest sum of the resident sets of every process of a
-lamina build (polled from /proc every 20 ms, and at least the client's own
-ru_maxrss), over the cold builds. BuildKit (docker 20.10,
+Also lamina's CPU seconds (user + system of the build's processes: wall
+time on a loaded machine is mostly waiting for a core), and `peak MB`, the
+largest sum of the resident sets of every process of the cold build's
+session (polled from /proc every 20 ms). BuildKit (docker 20.10,
 `DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none -q`) is timed the
 same way, rounds taking turns, when `docker info` answers, and the table
 gets lamina's ratio to it (< 1: lamina faster). The machine these numbers
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -78,7 +80,9 @@ class Proc:
         self.args = args
         self.env = env
 
-    def run(self) -> tuple[float, float]:
+    def run(self) -> tuple[float, float, float]:
+        """Wall seconds, peak summed RSS (MB), CPU seconds (user + system, its waited processes)."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
         proc = subprocess.Popen(
             self.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
@@ -98,7 +102,9 @@ class Proc:
         poller.join()
         if proc.returncode != 0:
             raise SystemExit(f"failed ({proc.returncode}): {' '.join(self.args)}\n{err.decode()[-3000:]}")
-        return seconds, peak[0] / 1024
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return seconds, peak[0] / 1024, cpu
 
 
 def _session_rss(sid: int) -> int:
@@ -142,7 +148,7 @@ class Lamina:
             env=self.env, check=True, capture_output=True,
         )  # fmt: skip
 
-    def build(self, ctx: Path, dockerfile: Path) -> tuple[float, float]:
+    def build(self, ctx: Path, dockerfile: Path) -> tuple[float, float, float]:
         args = [sys.executable, "-m", "lamina", "build", "--progress", "quiet", "-f", str(dockerfile)]
         return Proc([*args, "-t", "bench/bigctx:lamina", str(ctx)], self.env).run()
 
@@ -168,7 +174,7 @@ class BuildKit:
         if subprocess.run([DOCKER, "image", "inspect", BASE], capture_output=True).returncode:
             subprocess.run([DOCKER, "load", "-i", str(self.lab / "base" / "busybox-docker.tar")], check=True)
 
-    def build(self, ctx: Path, dockerfile: Path) -> tuple[float, float]:
+    def build(self, ctx: Path, dockerfile: Path) -> tuple[float, float, float]:
         args = [
             DOCKER,
             "build",
@@ -180,8 +186,8 @@ class BuildKit:
             "bench/bigctx:bk",
             str(ctx),
         ]
-        seconds, _ = Proc(args, self.env).run()
-        return seconds, float("nan")  # dockerd's memory is not the client's
+        seconds, _, _ = Proc(args, self.env).run()
+        return seconds, float("nan"), float("nan")  # dockerd's memory and CPU are not the client's
 
 
 def one_round(tool: Lamina | BuildKit, ctx: Path, dockerfile: Path, round_no: int) -> dict[str, float]:
@@ -189,12 +195,12 @@ def one_round(tool: Lamina | BuildKit, ctx: Path, dockerfile: Path, round_no: in
     pristine = probe.read_bytes()
     tool.prune()
     result: dict[str, float] = {}
-    result["cold"], result["peak"] = tool.build(ctx, dockerfile)
+    result["cold"], result["peak"], result["cold_cpu"] = tool.build(ctx, dockerfile)
     probe.write_bytes(pristine)  # same bytes, new ctime: the memo misses, every key hits
-    result["hit"], _ = tool.build(ctx, dockerfile)
-    result["noop"], _ = tool.build(ctx, dockerfile)
+    result["hit"], _, result["hit_cpu"] = tool.build(ctx, dockerfile)
+    result["noop"], _, result["noop_cpu"] = tool.build(ctx, dockerfile)
     probe.write_bytes(pristine + f"change {round_no} {time.time_ns()}\n".encode())
-    result["mod"], _ = tool.build(ctx, dockerfile)
+    result["mod"], _, result["mod_cpu"] = tool.build(ctx, dockerfile)
     probe.write_bytes(pristine)
     return result
 
@@ -256,6 +262,15 @@ def main() -> None:
                 mine = table["lamina", size]
                 ratios = " | ".join(f"{mine[s] / row[s]:.2f}x" for s in SCENARIOS)
                 print(f"| {size:,} | ratio | {ratios} | |")
+    print()
+    print(
+        "lamina's CPU seconds (user + system of the build's processes; the machine's load inflates wall time)"
+    )
+    print("| files | cold | hit (memo missed) | noop | mod (one file) |")
+    print("|---:|---:|---:|---:|---:|")
+    for size in sizes:
+        row = table["lamina", size]
+        print(f"| {size:,} | " + " | ".join(f"{row[s + '_cpu']:.2f}" for s in SCENARIOS) + " |")
 
 
 if __name__ == "__main__":
