@@ -154,7 +154,7 @@ def test_pax_mtimes_are_restored_to_the_nanosecond(cache: Path, tmp_path: Path) 
             info.pax_headers = {"mtime": mtime}
             tar.addfile(info, io.BytesIO(b"x"))
     layer = data.getvalue()
-    extract_layer(io.BytesIO(layer), tmp_path / "root")
+    extract_layer(io.BytesIO(layer), tmp_path / "root", ignore_owners=os.geteuid() != 0)
     times = {name: os.lstat(tmp_path / "root" / name).st_mtime_ns for name in ("exact", "short", "old")}
     assert times == {"exact": 1700000000123456789, "short": 1700000000500000000, "old": -1250000000}
     ctx = tmp_path / "ctx"

@@ -320,3 +320,35 @@ def test_capability_survives_proot_isolation_as_a_plain_user(busybox_image: Path
                 assert not any("user.lamina" in key for key in found.pax_headers), found.name
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_add_chown_of_an_archive_keeps_setuid_and_capabilities(cache: Path, tmp_path: Path) -> None:
+    """chown clears setuid/setgid and security.capability; BuildKit chowns while unpacking, so an
+    archive's privileged binary stays privileged under ADD --chown."""
+    ctx = tmp_path / "ctx"
+    write_context(ctx, f"FROM {BASE}\nADD --chown=5:6 files.tar /u/\n")
+    _needs_user_xattrs(ctx)
+    with tarfile.open(ctx / "files.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, mode, records in (
+            (
+                "ping",
+                0o755,
+                {"SCHILY.xattr.security.capability": NET_RAW_V2.decode("utf-8", "surrogateescape")},
+            ),
+            ("su", 0o4755, {}),
+            ("wall", 0o2755, {}),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.pax_headers = 1, mode, records
+            tar.addfile(info, io.BytesIO(b"x"))
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+    layer = _last_layer(archive)
+    assert _pax_xattrs(layer["u/ping"]) == {"security.capability": NET_RAW_V2}
+    modes = {name: layer[f"u/{name}"].mode for name in ("ping", "su", "wall")}
+    assert modes == {"ping": 0o755, "su": 0o4755, "wall": 0o2755}
+    # With a single-id map only root exists in the sandbox (IdMap.warning says so).
+    owner = 0 if detect_ids().mode is IdMode.SINGLE else 5
+    assert {layer[f"u/{name}"].uid for name in modes} == {owner}

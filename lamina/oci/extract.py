@@ -532,13 +532,14 @@ class _Unpacker:
             except OSError as err:
                 if err.errno not in _NOT_PERMITTED:
                     raise
-                if self._record and not name.startswith("user."):
+                if not name.startswith("user."):
                     # Kept as lamina's record (security.capability as a plain uid): the
                     # layer capture and COPY read it back as NAME (lamina.oci.xattrs).
                     from lamina.oci.xattrs import RECORDED_PREFIX
 
-                    os.setxattr(fd, RECORDED_PREFIX + name, value)
-                    continue
+                    with contextlib.suppress(OSError):  # no user xattrs here: say it, below
+                        os.setxattr(fd, RECORDED_PREFIX + name, value)
+                        continue
                 self.warnings.add(f"xattr {name} not restored ({err.strerror})", rel)
 
     # -- whiteouts --------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 from collections.abc import Iterable
 
@@ -116,3 +117,27 @@ def write(
                 raise OSError(err.errno, f"cannot set xattr {name} on a symlink ({err.strerror})") from None
         os.setxattr(target, RECORDED_PREFIX + name, value, follow_symlinks=follow)
     return missed
+
+
+def lchown_keeping(path: str, uid: int, gid: int) -> None:
+    """lchown that keeps a regular file's setuid/setgid bits and file capability.
+
+    The kernel clears both on chown; BuildKit's copier (fsutil) sets the mode
+    and xattrs after the owner, so a privileged binary given to another
+    owner (COPY/ADD --chown) stays privileged.
+    """
+    st = os.lstat(path)
+    kept: tuple[int, bytes | None] | None = None
+    if stat.S_ISREG(st.st_mode):
+        try:
+            capability: bytes | None = os.getxattr(path, CAPABILITY, follow_symlinks=False)
+        except OSError:
+            capability = None
+        if capability is not None or st.st_mode & 0o6000:
+            kept = (stat.S_IMODE(st.st_mode), capability)
+    os.lchown(path, uid, gid)
+    if kept is not None:
+        mode, capability = kept
+        if capability is not None:
+            os.setxattr(path, CAPABILITY, capability, follow_symlinks=False)
+        os.chmod(path, mode)

@@ -191,10 +191,11 @@ def _remove(spec: dict, report_fd: int) -> int:
 
 def _chown(spec: dict, report_fd: int) -> int:
     from lamina.engine.sandbox._inside import report
+    from lamina.oci.xattrs import lchown_keeping
 
     for path, uid, gid in spec["owners"]:
         try:
-            os.lchown(path, uid, gid)
+            lchown_keeping(path, uid, gid)  # setuid bits and capabilities stay, as BuildKit's copier
         except OSError as err:
             report(report_fd, f"chown {path} to {uid}:{gid}: {err.strerror}")
             return 1

@@ -534,9 +534,11 @@ def set_owners(owners: Sequence[tuple[Path, int, int]], ids: IdMap | None = None
                 raise SandboxError(f"chown {path} to {uid}:{gid}: {err.strerror}") from err
         return
     if ids.mode is IdMode.ROOT:
+        from lamina.oci.xattrs import lchown_keeping
+
         for path, uid, gid in owners:
             try:
-                os.lchown(path, uid, gid)
+                lchown_keeping(os.fspath(path), uid, gid)  # setuid bits and capabilities stay
             except OSError as err:
                 raise SandboxError(f"chown {path} to {uid}:{gid}: {err.strerror}") from err
         return

@@ -20,8 +20,10 @@ def chown_all(owners: list[tuple[Path, int, int]]) -> None:
     which the sandbox shows as root, when there is no id range.
     """
     if os.geteuid() == 0:
+        from lamina.oci.xattrs import lchown_keeping
+
         for path, uid, gid in owners:
-            os.lchown(path, uid, gid)
+            lchown_keeping(os.fspath(path), uid, gid)  # setuid bits and capabilities stay
         return
     wanted = [(Path(path), uid, gid) for path, uid, gid in owners if (uid, gid) != (0, 0)]
     if wanted:
