@@ -139,6 +139,15 @@ class Stage:
                 except OSError:
                     pass
 
+    def undo_reported(self, report_fd: int) -> bool:
+        """`undo`; False, with the reason reported on `report_fd`, when it fails."""
+        try:
+            self.undo()
+        except OSError as err:
+            _inside.report(report_fd, f"take the mounts back out of the root: {_inside._describe(err)}")
+            return False
+        return True
+
     def _still(self, rel: str, path: str, ino: tuple[int, int]) -> bool:
         try:
             if _rootfs.resolve_in_dir(self.root, rel) != rel:
@@ -305,10 +314,7 @@ def run(spec: dict, report_fd: int) -> int:
         code = _inside.exit_code(status)
         _kill_leftovers()
     finally:
-        try:
-            stage.undo()
-        except OSError as err:
-            _inside.report(report_fd, f"take the mounts back out of the root: {_inside._describe(err)}")
+        if not stage.undo_reported(report_fd):
             code = _inside.SETUP_FAILED
     try:
         snapshot.write_diff(baseline, root, spec["upper"])

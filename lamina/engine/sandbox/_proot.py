@@ -157,10 +157,7 @@ def run(spec: dict, report_fd: int) -> int:
         code = supervisor.serve(ours, child)
         _chroot._kill_leftovers()
     finally:
-        try:
-            stage.undo()
-        except OSError as err:
-            _inside.report(report_fd, f"take the mounts back out of the root: {_inside._describe(err)}")
+        if not stage.undo_reported(report_fd):
             code = _inside.SETUP_FAILED
     if (uid, gid) != (0, 0) and not failures:
         _own_new_files(root, known, (uid, gid), failures)
