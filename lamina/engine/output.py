@@ -28,7 +28,7 @@ from lamina.oci.digest import Digest
 from lamina.oci.overlay import is_opaque, is_whiteout
 
 if TYPE_CHECKING:
-    from lamina.cache.store import Store
+    from lamina.cache.store import BlobWriter, Store
     from lamina.oci.image import Descriptor, ImageConfig
 
 
@@ -274,47 +274,99 @@ def layer_blob(
     store: Store, layer: ImageLayer, compression: str, epoch: int | None, lowers: Sequence[Path] = ()
 ) -> tuple[Descriptor, Digest]:
     """The blob of `layer` in `compression` (made once, then found in the store's index)."""
+    return layer_blobs(store, [(layer, lowers)], compression, epoch)[0]
+
+
+def layer_blobs(
+    store: Store,
+    layers: Sequence[tuple[ImageLayer, Sequence[Path]]],
+    compression: str,
+    epoch: int | None,
+    failed: list[int] | None = None,
+) -> list[tuple[Descriptor, Digest]]:
+    """`layer_blob` for each (layer, lowers): the missing blobs made together.
+
+    Rootless, one helper process writes all of them (snapshot.write_uppers);
+    as root they are compressed on threads. A blob's bytes do not depend on
+    how many are made at once. On an error, the index of the layer being
+    written is appended to `failed`.
+    """
+    import contextlib
     import json
 
     from lamina.cache.store import LayerRecord
+    from lamina.engine.cachekey import layer_blob_key
     from lamina.oci.compression import Compression
     from lamina.oci.image import Descriptor
 
-    if layer.blob is not None and layer.diff_id is not None:
-        return layer.blob, layer.diff_id
-    from lamina.engine.cachekey import layer_blob_key
-
-    memo = layer_blob_key(layer.dir_id, compression, epoch)
-    found = store.cache_get(memo)
-    if found is not None:
-        record = json.loads(found)
-        digest = Digest.parse(record["digest"])
-        if store.has_blob(digest):
-            descriptor = Descriptor(record["media_type"], digest, record["size"])
-            return descriptor, Digest.parse(record["diff_id"])
-    # snapshot.write_upper maps a rootless sandbox's ids back to the container's
+    found: list[tuple[Descriptor, Digest] | None] = []
+    for layer, _ in layers:
+        if layer.blob is not None and layer.diff_id is not None:
+            found.append((layer.blob, layer.diff_id))
+            continue
+        memo = store.cache_get(layer_blob_key(layer.dir_id, compression, epoch))
+        hit = None
+        if memo is not None:
+            record = json.loads(memo)
+            digest = Digest.parse(record["digest"])
+            if store.has_blob(digest):
+                hit = (
+                    Descriptor(record["media_type"], digest, record["size"]),
+                    Digest.parse(record["diff_id"]),
+                )
+        found.append(hit)
+    missing = [i for i, hit in enumerate(found) if hit is None]
+    if not missing:
+        return found  # type: ignore[return-value]
+    # snapshot.write_uppers maps a rootless sandbox's ids back to the container's
     # and reads files private to subordinate ids inside the user namespace.
-    from lamina.engine.snapshot import write_upper
+    from lamina.engine.snapshot import write_uppers
 
-    with store.blob_writer() as out:
-        info = write_upper(
-            layer.path,
-            out,
-            Compression.parse(compression),
-            lowers=lowers,
-            source_date_epoch=epoch,
-        )
-        blob = out.commit(info.digest)
-    store.record_layer(LayerRecord(blob.digest, info.diff_id, info.media_type, blob.size))
-    record = {
-        "digest": str(blob.digest),
-        "diff_id": str(info.diff_id),
-        "size": blob.size,
-        "media_type": info.media_type,
-    }
-    refs = [blob.digest, Digest("sha256", layer.dir_id)] if layer.dir_id else [blob.digest]
-    store.cache_put(memo, json.dumps(record), refs=refs)
-    return Descriptor(info.media_type, blob.digest, blob.size), info.diff_id
+    with contextlib.ExitStack() as stack:
+        outs = [_Noted(stack.enter_context(store.blob_writer())) for _ in missing]
+        jobs = [(layers[i][0].path, layers[i][1]) for i in missing]
+        try:
+            infos = write_uppers(jobs, outs, Compression.parse(compression), source_date_epoch=epoch)  # type: ignore[arg-type]
+        except BaseException:
+            if failed is not None:
+                failed.append(
+                    next((i for i, out in zip(missing, outs, strict=True) if out.failed), missing[0])
+                )
+            raise
+        for i, out, info in zip(missing, outs, infos, strict=True):
+            layer = layers[i][0]
+            try:
+                blob = out.out.commit(info.digest)
+            except BaseException:
+                if failed is not None:
+                    failed.append(i)
+                raise
+            store.record_layer(LayerRecord(blob.digest, info.diff_id, info.media_type, blob.size))
+            record = {
+                "digest": str(blob.digest),
+                "diff_id": str(info.diff_id),
+                "size": blob.size,
+                "media_type": info.media_type,
+            }
+            refs = [blob.digest, Digest("sha256", layer.dir_id)] if layer.dir_id else [blob.digest]
+            store.cache_put(layer_blob_key(layer.dir_id, compression, epoch), json.dumps(record), refs=refs)
+            found[i] = Descriptor(info.media_type, blob.digest, blob.size), info.diff_id
+    return found  # type: ignore[return-value]
+
+
+class _Noted:
+    """A blob writer that remembers whether a write to it failed (which layer a full disk hit)."""
+
+    def __init__(self, out: BlobWriter) -> None:
+        self.out = out
+        self.failed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            return self.out.write(data)
+        except BaseException:
+            self.failed = True
+            raise
 
 
 def make_image(
@@ -328,16 +380,16 @@ def make_image(
     from lamina.cache.images import commit_image
     from lamina.cache.store import LayerRecord
 
-    records: list[LayerRecord] = []
-    for i, layer in enumerate(layers):
-        lowers = [below.path for below in reversed(layers[:i])]
-        try:
-            descriptor, diff_id = layer_blob(store, layer, compression, epoch, lowers)
-        except DiskFull as err:
-            # The layer was made by a step (maybe cached from an earlier build):
-            # name it, as a failure while the step ran would.
-            raise BuildError(f"{layer.step or f'layer {i + 1}'}: compress the layer: {err}") from err
-        records.append(LayerRecord(descriptor.digest, diff_id, descriptor.media_type, descriptor.size))
+    jobs = [(layer, [below.path for below in reversed(layers[:i])]) for i, layer in enumerate(layers)]
+    failed: list[int] = []
+    try:
+        blobs = layer_blobs(store, jobs, compression, epoch, failed)
+    except DiskFull as err:
+        # The layer was made by a step (maybe cached from an earlier build): name it,
+        # as a failure while the step ran would.
+        i = failed[0] if failed else 0
+        raise BuildError(f"{layers[i].step or f'layer {i + 1}'}: compress the layer: {err}") from err
+    records = [LayerRecord(d.digest, diff_id, d.media_type, d.size) for d, diff_id in blobs]
     try:
         return commit_image(store, config, records)
     except DiskFull as err:

@@ -124,6 +124,53 @@ def write_upper(
     )
 
 
+def write_uppers(
+    jobs: Sequence[tuple[Path, Sequence[Path]]],
+    outs: Sequence[BinaryIO],
+    compression: Compression,
+    *,
+    source_date_epoch: int | None = None,
+    ids: IdMap | None = None,
+) -> list[LayerInfo]:
+    """`write_upper` for each (upper_dir, lowers) in `jobs`, blob i to `outs[i]`.
+
+    Rootless with subordinate ids, one helper process writes them all (not
+    one per layer); otherwise they are written on threads (compression
+    releases the GIL). Each blob's bytes are those `write_upper` writes.
+    """
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+    from lamina.oci import layer
+
+    ids = ids or detect_ids()
+    if ids.mode is IdMode.SUBORDINATE:
+        from lamina.engine.sandbox.runner import write_layers_inside
+        from lamina.oci.digest import Digest
+
+        answers = write_layers_inside(jobs, outs, compression.value, source_date_epoch, ids)
+        return [
+            layer.LayerInfo(
+                digest=Digest.parse(fields["digest"]),
+                diff_id=Digest.parse(fields["diff_id"]),
+                size=fields["size"],
+                media_type=fields["media_type"],
+            )
+            for fields in answers
+        ]
+
+    def one(i: int) -> LayerInfo:
+        upper, lowers = jobs[i]
+        return write_upper(
+            upper, outs[i], compression, lowers=lowers, source_date_epoch=source_date_epoch, ids=ids
+        )
+
+    if len(jobs) < 2:
+        return [one(i) for i in range(len(jobs))]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1), thread_name_prefix="lamina-layer") as pool:
+        return list(pool.map(one, range(len(jobs))))
+
+
 # --- copy snapshotter ---------------------------------------------------------
 
 # (file type and mode, inode, ctime_ns, mtime_ns, size, uid, gid, links): the

@@ -16,7 +16,8 @@ Modes: "run" (a command in a sandbox), "remove" (rm -rf paths inside the user
 namespace, for trees owned by subordinate ids), "extract" (unpack a layer
 inside the user namespace so its owners are the namespace's ids), "chown"
 (set container owners on files the caller wrote, e.g. COPY --chown), "layer"
-(capture an upper dir and write its layer tar to stdout).
+(capture an upper dir and write its layer tar to stdout), "layers" (several,
+framed by `_frames`: one helper for every layer of an image).
 """
 
 from __future__ import annotations
@@ -153,6 +154,8 @@ def main() -> int:
         return _chown(spec, report_fd)
     if spec["mode"] == "layer":
         return _answer(spec, report_fd, _layer)
+    if spec["mode"] == "layers":
+        return _answer(spec, report_fd, _layers)
     try:
         baseline = _inside.prepare(spec)
     except _inside.SetupError as err:
@@ -230,6 +233,26 @@ def _layer(spec: dict) -> str:
     fields = {"digest": str(info.digest), "diff_id": str(info.diff_id), "size": info.size}
     fields["media_type"] = info.media_type
     return json.dumps(fields)
+
+
+def _layers(spec: dict) -> str:
+    """Several uppers' layer blobs, framed on stdout (`_frames`), in the order asked."""
+    import json
+
+    from lamina.engine.sandbox._frames import FrameWriter
+    from lamina.engine.snapshot import capture
+    from lamina.oci.layer import Compression, write_layer
+
+    out = FrameWriter(1)
+    answers = []
+    for job in spec["jobs"]:
+        entries = capture(job["upper"], None, job["lowers"])
+        info = write_layer(entries, out, Compression(spec["compression"]), source_date_epoch=spec["epoch"])  # type: ignore[arg-type]
+        out.next()
+        fields = {"digest": str(info.digest), "diff_id": str(info.diff_id), "size": info.size}
+        fields["media_type"] = info.media_type
+        answers.append(fields)
+    return json.dumps(answers)
 
 
 def _extract(spec: dict) -> str:

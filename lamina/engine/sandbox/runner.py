@@ -572,6 +572,33 @@ def write_layer_inside(
     return _helper_result(wire, ids, f"write the layer of {upper}", sink=out)
 
 
+def write_layers_inside(
+    jobs: Sequence[tuple[Path, Sequence[Path]]],
+    outs: Sequence[BinaryIO],
+    compression: str,
+    source_date_epoch: int | None,
+    ids: IdMap,
+) -> list[dict[str, Any]]:
+    """`write_layer_inside` for several (upper, lowers) at once: one helper, each blob to its `outs`."""
+    from lamina.engine.sandbox._frames import FrameReader
+
+    wire = {
+        "mode": "layers",
+        "jobs": [
+            {"upper": str(Path(upper).absolute()), "lowers": [str(Path(p).absolute()) for p in lowers]}
+            for upper, lowers in jobs
+        ],
+        "compression": compression,
+        "epoch": source_date_epoch,
+    }
+    frames = FrameReader(outs)
+    what = f"write the layers of {', '.join(str(upper) for upper, _ in jobs)}"
+    answers: list[dict[str, Any]] = _helper_result(wire, ids, what, sink=frames)  # type: ignore[assignment,arg-type]
+    if len(answers) != len(jobs) or frames.finished != len(jobs):
+        raise SandboxError(f"{what}: the helper sent {frames.finished} of {len(jobs)} layers")
+    return answers
+
+
 def extract_layer(
     blob: Path, dest: Path, ids: IdMap | None = None, digest: Digest | None = None
 ) -> ExtractResult:
