@@ -134,6 +134,11 @@ def test_setcap_in_a_build_stage_survives_copy_from(cache: Path, tmp_path: Path)
     member = _last_layer(archive)["usr/local/bin/ping"]
     assert _pax_xattrs(member) == {"security.capability": NET_RAW_V2}
     assert oct(member.mode) == "0o755"
+    # The root filesystem as one tar (type=tar) carries it too.
+    rootfs_tar = tmp_path / "rootfs.tar"
+    build(cache, ctx, outputs=[f"type=tar,dest={rootfs_tar}"])
+    with tarfile.open(rootfs_tar) as tar:
+        assert _pax_xattrs(tar.getmember("usr/local/bin/ping")) == {"security.capability": NET_RAW_V2}
     if os.geteuid() == 0:
         getcap = shutil.which("getcap") or shutil.which("getcap", path="/usr/sbin:/sbin")
         assert getcap is not None
