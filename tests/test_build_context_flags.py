@@ -100,6 +100,22 @@ def test_stdin_refusals(cache: Path, args: tuple[str, ...], message: str) -> Non
     assert proc.stderr.decode().strip() == message
 
 
+def test_errors_name_a_fetched_dockerfile_by_its_path_in_the_context(cache: Path, tmp_path: Path) -> None:
+    """As BuildKit: 'Dockerfile:2' for -f -, 'sub/x.Dockerfile:2' in a tar context; never the
+    scratch directory the context was unpacked into (was: /tmp/lamina-context-XXX/stdin/...)."""
+    bad = b"FROM scratch\nFROOM x\n"
+    proc = lamina("build", "-f", "-", str(tmp_path), cache=cache, stdin=bad)
+    assert proc.stderr.decode().splitlines()[0] == (
+        "error: Dockerfile:2: unknown instruction: FROOM (did you mean FROM?)"
+    )
+    proc = lamina("build", "-f", "sub/x.Dockerfile", "-", cache=cache, stdin=_tar({"sub/x.Dockerfile": bad}))
+    assert proc.stderr.decode().splitlines()[0] == (
+        "error: sub/x.Dockerfile:2: unknown instruction: FROOM (did you mean FROM?)"
+    )
+    proc = lamina("build", "--check", "-f", "-", str(tmp_path), cache=cache, stdin=b"FROM scratch\nENV a b\n")
+    assert "\nDockerfile:2\n" in proc.stdout.decode(), proc.stdout.decode()
+
+
 # --- --build-context -----------------------------------------------------------------------
 
 

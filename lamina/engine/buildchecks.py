@@ -48,7 +48,17 @@ def platform_args() -> dict[str, str]:
 
 
 def display_path(options: BuildOptions) -> str:
-    path = options.dockerfile or options.context / "Dockerfile"
+    return shown_dockerfile(options.dockerfile or options.context / "Dockerfile", options.context)
+
+
+def shown_dockerfile(path: Path, context: Path) -> str:
+    """How messages name the Dockerfile `path`: as given; one read from stdin or from a fetched
+    context (git, tar, http) as BuildKit does, by its path in the context ('Dockerfile',
+    'sub/Dockerfile'), never contextsource.resolved()'s scratch directory, gone after the build."""
+    parts = path.parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("lamina-context-") and parts[i + 1] in ("stdin", "git", "context"):
+            return os.path.relpath(path, context) if context in path.parents else path.name
     return os.path.relpath(path) if not path.is_absolute() else str(path)
 
 

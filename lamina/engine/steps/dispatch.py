@@ -51,11 +51,12 @@ if TYPE_CHECKING:
 def make_plan(options: BuildOptions, data: bytes | None) -> Plan:
     """Parse the Dockerfile's bytes and let the front end's planner order the stages the target
     needs; `data` None: it could not be read (said here, naming it)."""
+    from lamina.engine.buildchecks import shown_dockerfile
     from lamina.engine.dockerfile.parser import parse
     from lamina.engine.plan import make_plan as plan_stages
 
     path = options.dockerfile or options.context / "Dockerfile"
-    display = os.path.relpath(path) if not path.is_absolute() else str(path)
+    display = shown_dockerfile(path, options.context)  # stdin's, a git context's: as in the context
     if data is None:
         try:
             data = path.read_bytes()  # again, for the reason it failed
