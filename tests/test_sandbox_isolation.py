@@ -229,6 +229,22 @@ def test_chroot_network_none_is_one_line_naming_what_is_missing(chroot_rootfs: P
 
 
 @needs_root
+def test_chroot_applies_ulimit_and_refuses_shm_size(chroot_rootfs: Path, tmp_path: Path) -> None:
+    """--ulimit reaches the command as under namespaces; --shm-size, which a chroot cannot give
+    (no tmpfs), is one line (both were silently ignored)."""
+    from lamina.engine.sandbox.spec import Ulimit
+
+    code, out, _ = _sh(
+        chroot_rootfs, "ulimit -Sn; ulimit -Hn", tmp_path, ulimits=(Ulimit("nofile", 99, 123),)
+    )
+    assert (code, out) == (0, "99\n123\n")
+    with pytest.raises(SandboxError) as err:
+        _sh(chroot_rootfs, "true", tmp_path, shm_size=8 << 20)
+    assert str(err.value).startswith("--shm-size needs a mount namespace for /dev/shm's tmpfs, which chroot")
+    assert "\n" not in str(err.value)
+
+
+@needs_root
 def test_chroot_step_cannot_chroot_out(chroot_rootfs: Path, tmp_path: Path) -> None:
     # Root holding CAP_SYS_CHROOT leaves a chroot with mkdir x; chroot x; cd ../..
     script = "mkdir -p /x/bin && cp /bin/busybox /x/bin/true && chroot /x /bin/true && echo escaped"

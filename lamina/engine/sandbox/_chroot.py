@@ -360,6 +360,7 @@ def _command(spec: dict, report_fd: int, seccomp: _confine.Filter | None) -> Non
         _inside._default_signals()
         os.setsid()
         os.umask(0o022)  # runc's
+        _inside.set_ulimits(spec)
         os.chroot(spec["rootfs"])
         os.chdir("/")
         uid, gid, groups, home = _inside.resolve_user(spec["user"])

@@ -222,18 +222,23 @@ def _enter_root(spec: dict) -> None:
     os.chdir("/")
 
 
+def set_ulimits(spec: dict) -> None:
+    """--ulimit, as runc's rlimits before exec (here and under chroot isolation)."""
+    for number, soft, hard in spec.get("ulimits", ()):
+        import resource
+
+        try:
+            resource.setrlimit(number, (soft, hard))
+        except ValueError as err:  # Python's word for EPERM/EINVAL here
+            raise SetupError(f"ulimit {number}={soft}:{hard}: {err}") from None
+
+
 def _command(spec: dict, report_fd: int, seccomp: _confine.Filter | None) -> None:
     """Runs in PID 1's child: signals, user, cwd, confinement, exec. Returns only on failure."""
     try:
         _default_signals()
         os.umask(0o022)  # runc's
-        for number, soft, hard in spec.get("ulimits", ()):  # --ulimit, as runc's rlimits before exec
-            import resource
-
-            try:
-                resource.setrlimit(number, (soft, hard))
-            except ValueError as err:  # Python's word for EPERM/EINVAL here
-                raise SetupError(f"ulimit {number}={soft}:{hard}: {err}") from None
+        set_ulimits(spec)
         uid, gid, groups, home = resolve_user(spec["user"])
         cwd = spec["cwd"] or "/"
         os.makedirs(cwd, exist_ok=True)

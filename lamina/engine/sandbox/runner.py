@@ -145,6 +145,10 @@ def _without_namespaces(spec: SandboxSpec, choice: Any) -> SandboxSpec:
         )
     if spec.publish:
         raise SandboxError(f"publishing a port needs a network namespace, {lacking}")
+    if spec.shm_size:  # /dev/shm is a directory of the copied root, of no size
+        raise SandboxError(f"--shm-size needs a mount namespace for /dev/shm's tmpfs, {lacking}")
+    if spec.ulimits and choice.isolation is isolation.Isolation.PROOT:
+        raise SandboxError("--ulimit is not supported under proot isolation (proot itself would run limited)")
     # DEFAULT asks for isolation from the host's loopback, which cannot be
     # had: the step shares the host's network, as the once-per-build notice said.
     return dataclasses.replace(spec, network=Network.HOST)
