@@ -83,14 +83,21 @@ def test_setuid_setgid_and_sticky_bits_are_kept(cache: Path, tmp_path: Path) -> 
 
 def test_names_not_utf8_or_with_a_newline_are_kept_byte_for_byte(cache: Path, tmp_path: Path) -> None:
     ctx = tmp_path / "ctx"
-    write_context(ctx, f"FROM {BASE}\nCOPY names /names/\nRUN touch \"/made-$(printf 'a\\nb')\"\n")
+    write_context(
+        ctx,
+        f"FROM {BASE} AS build\n"
+        "RUN mkdir /made && touch \"/made/$(printf 'a\\nb')\" \"/made/$(printf 'caf\\351')\"\n"
+        f"FROM {BASE}\nCOPY names /names/\nRUN touch \"/ran-$(printf 'a\\nb')\" \"/ran-$(printf '\\377')\"\n"
+        "COPY --from=build /made /from-stage/\n",
+    )
     (ctx / "names").mkdir()
     (ctx / os.fsdecode(b"names/caf\xe9")).write_bytes(b"latin-1\n")
     (ctx / "names/two\nlines").write_bytes(b"newline\n")
-    copied, ran = _export(cache, ctx, tmp_path)[-2:]
+    copied, ran, from_stage = _export(cache, ctx, tmp_path)[-3:]
     assert {b"names/caf\xe9", b"names/two\nlines"} <= copied.keys(), sorted(copied)
     assert copied[b"names/caf\xe9"].size == len(b"latin-1\n")
-    assert b"made-a\nb" in ran, sorted(ran)
+    assert {b"ran-a\nb", b"ran-\xff"} <= ran.keys(), sorted(ran)
+    assert {b"from-stage/a\nb", b"from-stage/caf\xe9"} <= from_stage.keys(), sorted(from_stage)
 
 
 def _allocated(path: Path) -> int:
