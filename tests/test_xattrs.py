@@ -357,3 +357,19 @@ def test_add_chown_of_an_archive_keeps_setuid_and_capabilities(cache: Path, tmp_
     # With a single-id map only root exists in the sandbox (IdMap.warning says so).
     owner = 0 if detect_ids().mode is IdMode.SINGLE else 5
     assert {layer[f"u/{name}"].uid for name in modes} == {owner}
+
+
+def test_a_context_file_cannot_pass_for_lamina_records(cache: Path, tmp_path: Path) -> None:
+    """`user.lamina.*` is lamina's: on a build-context file it is nobody's record, so it is not
+    copied (it would become a file capability or an owner in the image)."""
+    ctx = tmp_path / "ctx"
+    write_context(ctx, f"FROM {BASE}\nCOPY f /f\n", {"f": "x"})
+    _needs_user_xattrs(ctx)
+    os.setxattr(ctx / "f", xattrs.RECORDED_PREFIX + "security.capability", NET_RAW_V2)
+    os.setxattr(ctx / "f", "user.lamina.owner", b"5:5")
+    os.setxattr(ctx / "f", "user.kept", b"1")
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    member = _last_layer(archive)["f"]
+    assert _pax_xattrs(member) == {"user.kept": b"1"}
+    assert (member.uid, member.gid) == (0, 0)

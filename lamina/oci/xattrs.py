@@ -50,17 +50,20 @@ def as_v2(value: bytes) -> bytes:
     return struct.pack("<I", _VFS_CAP_REVISION_2 | (magic & _VFS_CAP_FLAGS_EFFECTIVE)) + value[4:20]
 
 
-def from_disk(pairs: Iterable[tuple[str, bytes]]) -> tuple[tuple[str, bytes], ...]:
+def from_disk(pairs: Iterable[tuple[str, bytes]], records: bool = True) -> tuple[tuple[str, bytes], ...]:
     """The xattrs a file's on-disk ones stand for in an image, sorted by name.
 
     `user.lamina.xattr.NAME` becomes NAME (a real NAME on the file wins);
     other `user.lamina.*` records, overlayfs's and SELinux's are left out.
+    Without `records` (a file lamina did not write: the build context) every
+    `user.lamina.*` is left out, so no one else's file stands for a record.
     """
     found: dict[str, bytes] = {}
     recorded: dict[str, bytes] = {}
     for name, value in pairs:
         if name.startswith(RECORDED_PREFIX):
-            recorded[name[len(RECORDED_PREFIX) :]] = value
+            if records:
+                recorded[name[len(RECORDED_PREFIX) :]] = value
         elif not name.startswith(SKIPPED_PREFIXES) and not name.startswith(_LAMINA_PREFIX):
             found[name] = value
     for name, value in recorded.items():
@@ -85,9 +88,9 @@ def read_raw(path: str) -> list[tuple[str, bytes]]:
     return found
 
 
-def read(path: str) -> tuple[tuple[str, bytes], ...]:
+def read(path: str, records: bool = True) -> tuple[tuple[str, bytes], ...]:
     """The image xattrs of `path` (not followed), sorted by name (see `from_disk`)."""
-    return from_disk(read_raw(path))
+    return from_disk(read_raw(path), records)
 
 
 def write(

@@ -413,7 +413,8 @@ class _Writer:
             self.pool = None
 
     def source_xattrs(self, entry: TreeEntry) -> tuple[tuple[str, bytes], ...]:
-        return () if entry.socket else xattrs.read(self.tree.abspath(entry.path))
+        # lamina's records only in a tree lamina wrote (a stage's), never the context's.
+        return () if entry.socket else xattrs.read(self.tree.abspath(entry.path), self.tree.chroot)
 
     def copy_xattrs(self, entry: TreeEntry, path: str) -> None:
         """The source's xattrs onto `path` (after its chown, which clears security.capability)."""

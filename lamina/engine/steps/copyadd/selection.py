@@ -420,7 +420,7 @@ def selection_key(tree: SourceTree, selection: Selection) -> Digest:
         content = digests.get(item.entry.path, b"")
         h.update(entry_record(item.dest, item.entry, item.mode, item.uid, item.gid, content))
         # The xattrs COPY writes too (a file's ctime, hence its digest's stat key, moves with them).
-        found = () if item.entry.socket else xattrs.read(tree.abspath(item.entry.path))
+        found = () if item.entry.socket else xattrs.read(tree.abspath(item.entry.path), tree.chroot)
         if found:
             h.update(
                 b"xattrs\0" + b"".join(b"%s\0%d:%s" % (os.fsencode(n), len(v), v) for n, v in found) + b"\n"
