@@ -643,7 +643,7 @@ def _usage(
     "--build-context",
     "build_contexts",
     multiple=True,
-    metavar="NAME=DIR|docker-image://REF|oci-layout://PATH",
+    metavar="NAME=DIR|docker-image://REF|oci-layout://PATH|GIT_URL",
     help="Use this instead of the image or stage NAME (repeatable).",
 )
 @_network_option
@@ -709,9 +709,19 @@ def _usage(
 @click.option("--dry-run", is_flag=True, help="Run nothing: say which steps would run, and why.")
 @click.option("--push", is_flag=True, help="Push the image to every -t reference after the build.")
 @click.option(
-    "--cache-to", "cache_to", multiple=True, metavar="SPEC", help="type=registry,ref=REF[,mode=min|max]"
+    "--cache-to",
+    "cache_to",
+    multiple=True,
+    metavar="SPEC",
+    help="type=registry,ref=REF or type=local,dest=DIR[,mode=min|max]",
 )
-@click.option("--cache-from", "cache_from", multiple=True, metavar="SPEC", help="type=registry,ref=REF")
+@click.option(
+    "--cache-from",
+    "cache_from",
+    multiple=True,
+    metavar="SPEC",
+    help="type=registry,ref=REF or type=local,src=DIR",
+)
 @click.option(
     "--insecure-registry",
     "insecure_registries",
@@ -874,25 +884,6 @@ explain = click.Command(
 )
 cli.add_command(explain)
 
-
-def _check_file_dest(path: str, flag: str) -> None:
-    import os
-
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise click.BadParameter(f"directory {parent} does not exist", param_hint=flag)
-
-
-def _write_text(path: str, flag: str, text: str) -> None:
-    from lamina.errors import OutputError
-
-    try:
-        with open(path, "w") as out:
-            out.write(text)
-    except OSError as err:
-        raise OutputError(f"{flag} {path}: {err.strerror}") from err
-
-
 # `lamina plan --cache` takes the build's flags that change a cache key or decide a hit
 # (the build's own option objects, so the two never drift).
 _PLAN_CACHE_FLAGS = (
@@ -976,6 +967,24 @@ def _json(doc: Any) -> str:
 
 def _printable_lines(text: str) -> str:
     return "".join(_printable(line) + "\n" for line in text.splitlines())
+
+
+def _check_file_dest(path: str, flag: str) -> None:
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"directory {parent} does not exist", param_hint=flag)
+
+
+def _write_text(path: str, flag: str, text: str) -> None:
+    from lamina.errors import OutputError
+
+    try:
+        with open(path, "w") as out:
+            out.write(text)
+    except OSError as err:
+        raise OutputError(f"{flag} {path}: {err.strerror}") from err
 
 
 # --- registry: pull, push, login, logout ---------------------------------------

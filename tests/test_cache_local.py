@@ -151,3 +151,14 @@ def test_inline_cache_rides_in_the_pushed_image_and_is_read_back(registry: Any, 
         ("stage-1", True),
     ]
     assert second.config.diff_ids == first.config.diff_ids
+
+
+def test_build_help_names_the_local_cache() -> None:
+    """`lamina build --help` lists type=local for --cache-to/--cache-from (was: type=registry alone)."""
+    from click.testing import CliRunner
+
+    from lamina.cli import cli
+
+    text = " ".join(CliRunner().invoke(cli, ["build", "--help"], terminal_width=200).output.split())
+    assert "--cache-to SPEC type=registry,ref=REF or type=local,dest=DIR" in text
+    assert "--cache-from SPEC type=registry,ref=REF or type=local,src=DIR" in text
