@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 
 from lamina.engine.gitsource import GitRef, is_git_url, parse_git_url
 from tests.support.build import BASE, cached_steps, make_cache, rootfs, run_cli, write_context
+from tests.support.gitdaemon import git_daemon
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -88,12 +87,6 @@ def _git(repo: Path, *args: str) -> str:
     ).stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """git://127.0.0.1:PORT/repo.git: tag v1 and branch main (one commit later), with the
@@ -120,30 +113,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     base.mkdir()
     _git(base, "clone", "-q", "--bare", str(work), str(repo))
     _git(repo, "update-server-info")  # for git's dumb HTTP protocol (the http:// test)
-    port = _free_port()
-    daemon = subprocess.Popen(
-        [
-            "git",
-            "daemon",
-            "--export-all",
-            f"--base-path={base}",
-            "--listen=127.0.0.1",
-            f"--port={port}",
-            str(base),
-        ],
-        env={**os.environ, **GIT_ENV},
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(500):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.01)
-        yield f"git://127.0.0.1:{port}/repo.git", {"first": first, "work": str(work), "base": str(base)}
-    finally:
-        daemon.terminate()
-        daemon.wait()
+    with git_daemon(base, {**os.environ, **GIT_ENV}) as served_at:
+        yield f"{served_at}/repo.git", {"first": first, "work": str(work), "base": str(base)}
 
 
 @pytest.mark.sandbox
