@@ -187,9 +187,16 @@ def test_base_image_xattrs_round_trip_through_unpack_and_run(
     from tests.support.build import make_cache
 
     ctx = tmp_path / "ctx"
-    write_context(ctx, f"FROM {BASE}\nCOPY tagged /tagged\n", {"tagged": "data\n"})
+    write_context(ctx, f"FROM {BASE}\nADD files.tar /\n")
     _needs_user_xattrs(ctx)
-    os.setxattr(ctx / "tagged", "user.origin", b"base")
+    with tarfile.open(ctx / "files.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("tagged")
+        info.size, info.mode = 5, 0o755
+        info.pax_headers = {
+            "SCHILY.xattr.user.origin": "base",
+            "SCHILY.xattr.security.capability": NET_RAW_V2.decode("utf-8", "surrogateescape"),
+        }
+        tar.addfile(info, io.BytesIO(b"data\n"))
     archive = tmp_path / "base.tar"
     build(cache, ctx, outputs=[f"type=oci,dest={archive},name=lamina-test/tagged:1"])
     fresh = make_cache(tmp_path / "fresh", busybox_image)
@@ -200,7 +207,7 @@ def test_base_image_xattrs_round_trip_through_unpack_and_run(
     archive2 = tmp_path / "run.tar"
     build(fresh, ctx2, outputs=[f"type=oci,dest={archive2}"])
     member = _last_layer(archive2)["tagged"]
-    assert _pax_xattrs(member) == {"user.origin": b"base"}
+    assert _pax_xattrs(member) == {"security.capability": NET_RAW_V2, "user.origin": b"base"}
     assert member.mode == 0o4711
 
 
