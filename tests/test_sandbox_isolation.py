@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from lamina.engine.sandbox import BindMount, CacheMount, Network, SandboxSpec, SecretMount, TmpfsMount, run
-from lamina.engine.sandbox.isolation import CAP_MKNOD, CAP_SYS_CHROOT, Isolation, Probe, choose
+from lamina.engine.sandbox.isolation import CAP_MKNOD, CAP_SYS_CHROOT, Isolation, Probe, choose, probe
 from lamina.engine.snapshot import capture
 from lamina.errors import SandboxError
 from tests.support.busybox import BUSYBOX, make_busybox_rootfs
@@ -241,6 +241,8 @@ def test_chroot_applies_ulimit_and_refuses_shm_size(chroot_rootfs: Path, tmp_pat
     with pytest.raises(SandboxError) as err:
         _sh(chroot_rootfs, "true", tmp_path, shm_size=8 << 20)
     assert str(err.value).startswith("--shm-size needs a mount namespace for /dev/shm's tmpfs, which chroot")
+    if not probe().userns:  # asked for, by the flag or the variable (was: '$LAMINA_ISOLATION' alone)
+        assert str(err.value).endswith("(--isolation or $LAMINA_ISOLATION asks for it)")
     assert "\n" not in str(err.value)
 
 

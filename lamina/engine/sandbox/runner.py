@@ -136,7 +136,7 @@ def _without_namespaces(spec: SandboxSpec, choice: Any) -> SandboxSpec:
     """The spec as chroot isolation can run it: the host's network, or a one-line refusal."""
     from lamina.engine.sandbox import isolation
 
-    why = isolation.probe().userns or f"${isolation.ENV_VAR} asks for it"
+    why = isolation.probe().userns or f"--isolation or ${isolation.ENV_VAR} asks for it"
     lacking = f"which {choice.isolation.value} isolation cannot make ({why})"
     if spec.network is Network.NONE:
         raise SandboxError(
