@@ -96,3 +96,18 @@ def test_merge_layers_applies_whiteouts_and_opaque_dirs(tmp_path):
     assert sorted(p.name for p in (dest / "keep").iterdir()) == ["a", "b"]
     assert [p.name for p in (dest / "opq").iterdir()] == ["new"]
     assert os.readlink(dest / "link") == "keep/a"
+
+
+def test_stdout_output_on_a_terminal_is_refused(monkeypatch):
+    """`-o -` / dest=- with stdout a terminal: buildx's refusal (was: the tar written to the terminal)."""
+    import os
+
+    from lamina.engine.outputspec import check_outputs
+
+    monkeypatch.setattr(os, "isatty", lambda fd: fd == 1)
+    for spec in ("-", "type=oci,dest=-"):
+        with pytest.raises(
+            OutputError, match=r"dest file is required for \w+ exporter\. refusing to write to console$"
+        ):
+            check_outputs((parse_output(spec),), "gzip", False)
+    check_outputs((parse_output("type=tar,dest=out.tar"),), "gzip", False)

@@ -397,7 +397,13 @@ def with_annotations(
 
 def check_outputs(outputs: Sequence[OutputSpec], build_compression: str, attestations: bool) -> None:
     """What BuildKit's exporters refuse, refused before the build (one line each)."""
+    import os
+
     for output in outputs:
+        if output.to_stdout and os.isatty(1):  # as buildx: never an archive on the terminal
+            raise OutputError(
+                f"dest file is required for {output.type.value} exporter. refusing to write to console"
+            )
         if not output.is_image:
             continue
         check_image_attrs(output, build_compression)
