@@ -9,6 +9,8 @@
 - `busybox_image`: path of an OCI archive of `lamina-test/busybox:1.35`
   built once per session from /bin/busybox (skips when that is missing);
   see tests/support/busybox.py.
+- `registry`: Debian's docker-registry on 127.0.0.1, open (no auth), one
+  per test module (skips when it is not installed); tests/registry_server.py.
 """
 
 from __future__ import annotations
@@ -50,3 +52,14 @@ def cache(tmp_path: Path, busybox_image: Path) -> Path:
     from tests.support.build import make_cache
 
     return make_cache(tmp_path, busybox_image)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """An open docker-registry on 127.0.0.1 for the module's tests (a `registry_server.Registry`)."""
+    from tests import registry_server
+
+    if registry_server.REGISTRY is None:
+        pytest.skip("docker-registry is not installed")
+    with registry_server.running_registry(tmp_path_factory.mktemp("registry"), "none") as running:
+        yield running

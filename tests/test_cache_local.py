@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,16 +114,6 @@ def test_local_cache_from_a_damaged_directory_warns_and_rebuilds(tmp_path: Path)
 def test_cache_attributes_not_honoured_are_refused(text: str, flag: str, message: str) -> None:
     with pytest.raises(PlanError, match=message.replace("(", r"\(")):
         parse_cache_spec(text, flag)
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from tests import registry_server
-
-    if registry_server.REGISTRY is None:
-        pytest.skip("docker-registry is not installed")
-    with registry_server.running_registry(tmp_path_factory.mktemp("registry"), "none") as running:
-        yield running
 
 
 def test_inline_cache_rides_in_the_pushed_image_and_is_read_back(registry: Any, tmp_path: Path) -> None:

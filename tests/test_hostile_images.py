@@ -321,14 +321,6 @@ def _push(host: str, repo: str, blobs: dict[str, bytes], manifest: bytes) -> Non
         assert put.status_code == 201, put.text
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registry_server.Registry]:
-    if registry_server.REGISTRY is None:
-        pytest.skip("docker-registry is not installed")
-    with registry_server.running_registry(tmp_path_factory.mktemp("registry")) as running:
-        yield running
-
-
 # A registry checks each blob's digest as it is pushed, so a digest that does not match
 # cannot be served; a manifest's sizes it does not check.
 PULLED = {

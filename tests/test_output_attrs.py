@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -373,16 +372,6 @@ def test_provenance_in_a_filesystem_output_is_provenance_json(cache: Path, ctx: 
         assert member.mode == 0o600
         data = tar.extractfile(member)
         assert data is not None and json.loads(data.read())["subject"]
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from tests import registry_server
-
-    if registry_server.REGISTRY is None:
-        pytest.skip("docker-registry is not installed")
-    with registry_server.running_registry(tmp_path_factory.mktemp("registry"), "none") as running:
-        yield running
 
 
 def _remote_manifest(ref: str) -> Any:
