@@ -84,6 +84,8 @@ EXPLAINED: dict[str, str] = {
     "`ARG NAME`; current BuildKit writes `ARG NAME=value`, as lamina does",
     "history:arg-value": "BuildKit 0.8 writes an ARG's Dockerfile default in its history line; current "
     "BuildKit writes the value the build uses (a --build-arg overrides it), as lamina does",
+    "history:expose": "BuildKit 0.8 writes EXPOSE's history as Go's map (`EXPOSE map[80/tcp:{}]`); "
+    "current BuildKit writes the sorted ports as a list (`EXPOSE [80/tcp]`, since 98eab32), as lamina does",
     "tree:mount-stub": "BuildKit 0.8 leaves the empty directories it made as RUN --mount targets in "
     "the image; current BuildKit removes them (executor/stubs.go), as lamina does",
     "history:parent-stage-args": "in a stage built FROM another stage, BuildKit 0.8 leaves the parent's "
@@ -119,6 +121,13 @@ _HEALTHCHECK_DURATIONS = re.compile(r'^(HEALTHCHECK &\{\[.*\] "[^"]*" "[^"]*" "[
 _RUN_ARGS = re.compile(r"^RUN \|(\d+) ")
 
 
+def _expose_ports(line: str, prefix: str, suffix: str) -> list[str] | None:
+    """The ports of an EXPOSE history line in one of its two forms, else None."""
+    if not line.startswith(prefix):
+        return None
+    return [port.removesuffix(suffix) for port in line.removeprefix(prefix).rstrip("]").split()]
+
+
 def explain_history_line(ours: str, theirs: str) -> str | None:
     """The EXPLAINED key for a history line BuildKit 0.8 writes differently, else None."""
     if ours.startswith(("COPY ", "ADD ")) and re.sub(r" --ch(own|mod)=\S+", "", ours) == theirs:
@@ -131,6 +140,8 @@ def explain_history_line(ours: str, theirs: str) -> str | None:
             return "history:inherited-arg"
         if names == [word.partition("=")[0] for word in theirs.split()]:
             return "history:arg-value"
+    if _expose_ports(ours, "EXPOSE [", "") == _expose_ports(theirs, "EXPOSE map[", ":{}") is not None:
+        return "history:expose"
     ours_args, ours_cmd = _run_args(ours)
     theirs_args, theirs_cmd = _run_args(theirs)
     if ours_cmd is not None and ours_cmd == theirs_cmd and set(theirs_args) < set(ours_args):
