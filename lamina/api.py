@@ -63,9 +63,25 @@ def plan(
     from pathlib import Path
 
     from lamina.engine.buildfiles import default_dockerfile
+    from lamina.engine.contextsource import is_local
     from lamina.engine.plan import make_plan
 
     context = os.fspath(context)
+    named = os.fspath(dockerfile) if dockerfile is not None else None
+    if not is_local(context, named):  # `-`, `-f -`, a git or http URL: as `lamina build` reads them
+        from lamina.engine.buildchecks import shown_dockerfile
+        from lamina.engine.contextsource import resolved
+        from lamina.engine.dockerfile.parser import parse, read_source
+
+        with resolved(context, named, os.environ) as found:
+            path = found.dockerfile or default_dockerfile(found.context)
+            try:
+                data = read_source(path)
+            except OSError as err:
+                shown = shown_dockerfile(path, found.context)
+                raise DockerfileError(f"cannot read Dockerfile {shown}: {err.strerror}") from err
+            parsed = parse(data, shown_dockerfile(path, found.context))
+        return make_plan(parsed, target=target, build_args=build_args, context=context)
     path = os.fspath(default_dockerfile(Path(context)) if dockerfile is None else dockerfile)
     parsed = parse_dockerfile(path)
     return make_plan(parsed, target=target, build_args=build_args, context=context)

@@ -177,6 +177,8 @@ def plan(
         raise click.UsageError(f"{flag} changes only the answer of `lamina plan --cache`: add --cache")
     if show_cache and fmt == "dot":
         raise click.UsageError("--cache adds to the text or json plan, not to --format dot")
+    if show_cache and "-" in (context, dockerfile):  # the forecast would read stdin a second time
+        raise click.UsageError("--cache needs a Dockerfile and context it can read again, not stdin")
     args = planning.parse_build_args(build_args)
     result = api.plan(context=context, dockerfile=dockerfile, target=target, build_args=args)
     for warning in result.warnings:

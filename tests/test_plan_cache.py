@@ -59,3 +59,20 @@ def test_plan_without_cache_flag_reads_no_context(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["plan", str(context)], env={"LAMINA_CACHE": str(tmp_path / "c")})
     assert result.exit_code == 0, result.output
     assert "cache:" not in result.output
+
+
+def test_plan_reads_stdin_and_remote_contexts_as_build_does(tmp_path: Path) -> None:
+    """`lamina plan -` and `-f -` read the Dockerfile from stdin, and errors name it as the build
+    does (was: 'cannot read Dockerfile -/Dockerfile'); --cache, which would read stdin again, is refused."""
+    env = {"LAMINA_CACHE": str(tmp_path / "c")}
+    result = CliRunner().invoke(cli, ["plan", "-"], input="FROM scratch AS a\nFROM a\n", env=env)
+    assert result.exit_code == 0, result.output
+    assert "target: stage-1 (stage 1)" in result.output
+    result = CliRunner().invoke(
+        cli, ["plan", "-f", "-", str(tmp_path)], input="FROM scratch\nFROOM x\n", env=env
+    )
+    assert result.exit_code == 1
+    assert "Dockerfile:2: unknown instruction: FROOM" in result.output
+    result = CliRunner().invoke(cli, ["plan", "--cache", "-"], input="FROM scratch\n", env=env)
+    assert result.exit_code == 2
+    assert "--cache needs a Dockerfile and context it can read again, not stdin" in result.output
