@@ -4,16 +4,14 @@ identical digests, the same as one build alone."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from lamina.oci.validate import validate_image
-from tests.support.build import BASE, ROOT, run_cli, write_context
+from tests.support.build import BASE, run_cli, start_cli, write_context
 
 pytestmark = pytest.mark.sandbox
 
@@ -33,15 +31,7 @@ COPY f /f
 
 
 def _start(cache: Path, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "LAMINA_CACHE": str(cache), **EPOCH}
-    return subprocess.Popen(
-        [sys.executable, "-m", "lamina", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+    return start_cli(*args, cache=cache, env=EPOCH)
 
 
 def _finish(proc: subprocess.Popen[str], what: str) -> tuple[int, str, str]:

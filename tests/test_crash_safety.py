@@ -25,7 +25,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import pytest
 
 from lamina.cache.store import Store
 from lamina.engine.model import BuildResult
-from tests.support.build import BASE, ROOT, run_cli, write_context
+from tests.support.build import BASE, run_cli, start_cli, write_context
 
 pytestmark = pytest.mark.sandbox
 
@@ -58,16 +57,8 @@ def _build_args(ctx: Path, out: Path) -> list[str]:
 
 
 def _cli(cache: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    full = {**os.environ, "LAMINA_CACHE": str(cache), **EPOCH, **env}
-    return subprocess.Popen(
-        [sys.executable, "-m", "lamina", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full,
-        cwd=ROOT,
-        start_new_session=True,  # the build's sandbox processes share its session
-    )
+    # a session of its own: the build's sandbox processes share it
+    return start_cli(*args, cache=cache, env={**EPOCH, **env}, start_new_session=True)
 
 
 def _session_gone(sid: int, timeout: float = 10.0) -> bool:

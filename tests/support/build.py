@@ -69,16 +69,37 @@ def cached_steps(result: Any) -> list[bool]:
     return [step.cached for step in result.steps]
 
 
-def run_cli(*args: str, cache: Path, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def _cli_env(cache: Path, extra: dict[str, str]) -> dict[str, str]:
+    """The caller's environment with LAMINA_CACHE=cache, no SOURCE_DATE_EPOCH unless `extra` sets it."""
     env = {**os.environ, "LAMINA_CACHE": str(cache)}
     env.pop("SOURCE_DATE_EPOCH", None)
-    env.update(kwargs.pop("env", {}))
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cache: Path, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = _cli_env(cache, kwargs.pop("env", {}))
     proc = subprocess.run(
         [sys.executable, "-m", "lamina", *args], capture_output=True, text=True, env=env, cwd=ROOT, **kwargs
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"lamina {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def start_cli(
+    *args: str, cache: Path, env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.Popen[str]:
+    """`lamina ARGS` started as run_cli runs it, stdout and stderr piped, not waited for."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "lamina", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_cli_env(cache, env or {}),
+        cwd=ROOT,
+        **kwargs,
+    )
 
 
 def oci_config(archive: Path) -> dict[str, Any]:
