@@ -380,3 +380,15 @@ def test_a_context_file_cannot_pass_for_lamina_records(cache: Path, tmp_path: Pa
     member = _last_layer(archive)["f"]
     assert _pax_xattrs(member) == {"user.kept": b"1"}
     assert (member.uid, member.gid) == (0, 0)
+
+
+def test_a_copied_directory_keeps_its_xattrs(cache: Path, tmp_path: Path) -> None:
+    """The directories below a copied directory keep their xattrs (the destination itself is
+    made as BuildKit's MkdirAll makes it: mode 0755, the --chown owner, no source metadata)."""
+    ctx = tmp_path / "ctx"
+    write_context(ctx, f"FROM {BASE}\nCOPY app /opt/app/\n", {"app/sub/f": "x"})
+    _needs_user_xattrs(ctx)
+    os.setxattr(ctx / "app/sub", "user.sub", b"2")
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    assert _pax_xattrs(_last_layer(archive)["opt/app/sub"]) == {"user.sub": b"2"}
