@@ -262,27 +262,14 @@ def stage_context(case: Path, work: Path) -> Path:
 @contextlib.contextmanager
 def serving(case: Path) -> Iterator[str | None]:
     """Serve CASE/served/ over HTTP on 127.0.0.1 (for ADD of a URL); yield its base URL."""
-    import functools
-    import http.server
-    import threading
-
     if not (case / "served").is_dir():
         yield None
         return
+    sys.path.insert(0, str(ROOT))
+    from tests.support.servers import serve_directory
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    handler = functools.partial(Quiet, directory=str(case / "served"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_directory(case / "served") as url:
+        yield url
 
 
 def stage_with_url(case: Path, dest: Path, url: str | None) -> Path:

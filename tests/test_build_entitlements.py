@@ -7,14 +7,13 @@ asks, and fail with one line naming the Dockerfile line otherwise.
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.build import BASE, run_cli, write_context
+from tests.support.servers import loopback_server
 
 pytestmark = pytest.mark.sandbox
 
@@ -22,26 +21,8 @@ pytestmark = pytest.mark.sandbox
 @pytest.fixture
 def loopback_port() -> Iterator[int]:
     """A server on the host's 127.0.0.1 that answers and hangs up (nc waits for that)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join()
-    server.close()
+    with loopback_server() as port:
+        yield port
 
 
 def _build(cache: Path, ctx: Path, out: Path, *flags: str, check: bool = True) -> object:

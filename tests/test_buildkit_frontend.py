@@ -12,8 +12,6 @@ upstream commit; `count.py` there prints how much of the suite is ported.
 from __future__ import annotations
 
 import contextlib
-import functools
-import http.server
 import io
 import json
 import os
@@ -23,7 +21,6 @@ import socket
 import stat
 import subprocess
 import tarfile
-import threading
 import time
 import tomllib
 import unittest.mock
@@ -34,6 +31,7 @@ from typing import Any
 import pytest
 
 from tests.support.build import BASE, build, image_entries, make_cache, needs_id_range
+from tests.support.servers import loopback_server, serve_directory
 
 BUILDKIT = Path(__file__).parent / "conformance" / "buildkit"
 CASES = BUILDKIT / "cases"
@@ -205,42 +203,8 @@ def _http_server(root: Path, case: dict[str, Any]) -> Iterator[str]:
         os.utime(path, (HTTP_MTIME, HTTP_MTIME))
     if "git_commits" in case:
         _git_repo(root / "repo", case["git_commits"], case.get("git_object_format", "sha1"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.fspath(root))
-    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@contextlib.contextmanager
-def _echo_server() -> Iterator[int]:
-    """A TCP server on the host's loopback that writes `foo` to each connection (BuildKit's echoserver)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.sendall(b"foo\n")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        server.close()
+    with serve_directory(root) as url:
+        yield url
 
 
 def _write_files(ctx: Path, case: dict[str, Any]) -> None:
@@ -399,7 +363,7 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
     ctx, out = tmp_path / "ctx", tmp_path / "out"
     with contextlib.ExitStack() as stack:
         if case.get("echo_server"):
-            port = stack.enter_context(_echo_server())
+            port = stack.enter_context(loopback_server(b"foo\n"))  # BuildKit's echoserver
             case = {**case, "dockerfile": case["dockerfile"].replace("{ECHO_PORT}", str(port))}
         if "http" in case or "http_tars" in case or "git_commits" in case:
             url = stack.enter_context(_http_server(tmp_path / "http", case))
