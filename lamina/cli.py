@@ -831,7 +831,10 @@ def build(
         for ref, digest in result.pushed:
             click.echo(f"pushed {ref}@{digest}", err=True)
     if quiet:
-        click.echo(result.config_digest)
+        from lamina.engine.outputspec import parse_outputs
+
+        # never after a tar on stdout (-o -): the image ID goes to stderr then
+        click.echo(result.config_digest, err=any(o.to_stdout for o in parse_outputs(outputs)))
 
 
 def _call(

@@ -37,7 +37,9 @@ def test_parse_output_names_and_compression():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("type=oci", "needs dest="),
+        ("type=oci,tar=false", "needs dest="),
+        ("type=docker", "needs dest="),
+        ("type=local", "needs dest="),
         ("type=nope,dest=x", "unknown type"),
         ("type=image,name=x,push-by-digest=true", "needs push=true"),
         ("type=image,name=x,dangling-name-prefix=d", "not supported"),
@@ -111,3 +113,33 @@ def test_stdout_output_on_a_terminal_is_refused(monkeypatch):
         ):
             check_outputs((parse_output(spec),), "gzip", False)
     check_outputs((parse_output("type=tar,dest=out.tar"),), "gzip", False)
+
+
+def test_a_file_output_without_dest_goes_to_stdout():
+    """As buildx: type=tar and type=oci (a tar) with no dest= write to stdout (was: refused)."""
+    assert parse_output("type=tar").to_stdout and parse_output("type=oci").to_stdout
+    assert not parse_output("type=oci,dest=x.tar").to_stdout
+
+
+def test_quiet_build_with_a_tar_on_stdout_prints_the_image_id_to_stderr(tmp_path):
+    """`-q -o -`: stdout is the tar alone, the image ID goes to stderr (was: appended to the tar)."""
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    from tests.support.build import ROOT, write_context
+
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY f.txt /f.txt\n", {"f.txt": "x\n"})
+    env = {**os.environ, "LAMINA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    for spec in ("-", "type=oci"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "lamina", "build", "-q", "-o", spec, str(ctx)],
+            capture_output=True,
+            env=env,
+            check=True,
+        )
+        assert proc.stderr.decode().startswith("sha256:"), proc.stderr
+        assert len(proc.stdout) % 512 == 0, "nothing after the tar's last block"
+        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+            assert tar.getnames()

@@ -226,6 +226,11 @@ def parse_output(spec: str) -> OutputSpec:
     if annotations and not output_type_is_image(output_type):
         raise OutputError(f"invalid --output {spec!r}: type={kind} has no manifest to annotate")
     dest = fields.get("dest", "")
+    to_file = output_type is OutputType.TAR or (
+        output_type is OutputType.OCI and _bool(spec, "tar", fields.get("tar") or "true")
+    )
+    if not dest and to_file:
+        dest = "-"  # buildx: a file exporter without dest= writes to stdout (refused on a terminal)
     if output_type is not OutputType.IMAGE and not dest:
         raise OutputError(f"invalid --output {spec!r}: type={kind} needs dest=")
     compression = fields.get("compression", "")

@@ -402,7 +402,7 @@ def write_oci_archive(out: BinaryIO, images: Sequence[ExportImage], source: Blob
     Members are written in sorted order: blobs/, blobs/sha256/, the blobs,
     index.json, manifest.json, oci-layout.
     """
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
         for directory in ("blobs", "blobs/sha256"):
             tar.addfile(archive_member(directory, tarfile.DIRTYPE, 0))
         for descriptor in _blobs_of(images):
