@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.build import BASE, build, image_entries, needs_id_range, rootfs, write_context
+from tests.support.servers import serve_directory
 
 pytestmark = pytest.mark.sandbox
 
@@ -149,19 +150,12 @@ def test_copy_chown_keeps_the_owner_of_existing_parents(cache: Path, tmp_path: P
 def test_add_url_names_and_owners(cache: Path, tmp_path: Path) -> None:
     # A URL ending in `/` is named after its last segment (Go's path.Base), and
     # the directories ADD --chown makes for a download or a heredoc are the owner's.
-    import functools
-    import http.server
-    import threading
-
     needs_id_range()
     served = tmp_path / "served"
     (served / "dir").mkdir(parents=True)
     (served / "dir" / "index.html").write_text("index\n")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/dir/"
+    with serve_directory(served) as served_at:
+        url = f"{served_at}/dir/"
         dockerfile = (
             f"FROM {BASE}\nADD {url} /index/\nADD --chown=nobody:nogroup {url}index.html /web/\n"
             "COPY --chown=nobody:nogroup <<EOF /made/by/heredoc/x\nx\nEOF\n"
@@ -169,9 +163,6 @@ def test_add_url_names_and_owners(cache: Path, tmp_path: Path) -> None:
         ctx = write_context(tmp_path / "ctx", dockerfile)
         archive = tmp_path / "image.tar"
         build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
-    finally:
-        server.shutdown()
-        server.server_close()
     entries = image_entries(archive)
     assert "index/dir" in entries and entries["index/dir"].mode & 0o777 == 0o600
     for path in ("web", "web/index.html", "made", "made/by", "made/by/heredoc", "made/by/heredoc/x"):

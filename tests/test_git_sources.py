@@ -14,6 +14,7 @@ import pytest
 from lamina.engine.gitsource import GitRef, is_git_url, parse_git_url
 from tests.support.build import BASE, cached_steps, make_cache, rootfs, run_cli, write_context
 from tests.support.gitdaemon import git_daemon
+from tests.support.servers import serve_directory
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -257,23 +258,14 @@ def test_add_http_git_url_clones_not_the_page(
     served: tuple[str, dict[str, str]], tmp_path: Path, busybox_image: Path
 ) -> None:
     """`ADD http://host/repo.git` is a git source (was: the server's page saved as a file)."""
-    import functools
-    import http.server
-    import threading
-
     _, facts = served
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=facts["base"])
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/repo.git"
+    with serve_directory(facts["base"]) as served_at:
+        url = f"{served_at}/repo.git"
         cache = make_cache(tmp_path, busybox_image)
         ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nADD {url}#v1:app /src\n")
         out = tmp_path / "out"
         rootfs(cache, ctx, out)
         assert (out / "src/version.txt").read_text() == "one\n"
-    finally:
-        server.shutdown()
 
 
 @pytest.mark.sandbox
