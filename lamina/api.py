@@ -428,6 +428,7 @@ def _entitlements(allow: Iterable[str], network: str) -> frozenset[str]:
 # --- build -------------------------------------------------------------------------
 
 
+# Long for its signature and docstring (the public keywords); the steps are the helpers below.
 def build(
     context: str | os.PathLike[str] = ".",
     dockerfile: str | os.PathLike[str] | None = None,
@@ -510,31 +511,16 @@ def build(
     from lamina.engine.executor import execute
     from lamina.engine.model import BuildOptions, parse_secret
     from lamina.engine.progress import QuietProgress
-    from lamina.errors import PlanError
 
     env = dict(os.environ if environ is None else environ)
     wanted = _isolation(isolation)
     insecure = tuple(insecure_registries)
     args = dict(build_args or {})
     if source_date_epoch is None:
-        text = args.get("SOURCE_DATE_EPOCH") or env.get("SOURCE_DATE_EPOCH")
-        if text:
-            try:
-                source_date_epoch = int(text)
-            except ValueError:
-                raise PlanError(f"SOURCE_DATE_EPOCH must be an integer, not {text!r}") from None
-    if not Path(context).is_dir() and _local_context(context, dockerfile):
-        from lamina.errors import ContextError
-
-        why = "is not a directory" if Path(context).exists() else "does not exist"
-        raise ContextError(f"build context {context} {why}")
+        source_date_epoch = _source_date_epoch(args, env)
+    _check_context(context, dockerfile)
     specs = [*outputs, *([output] if output else [])]
-    for attest in attests:  # buildx's --attest type=provenance|sbom,...: the long form of the two
-        from lamina.engine.provenance import attest_kind
-
-        kind = attest_kind(attest)
-        provenance = attest if kind == "provenance" and provenance is None else provenance
-        sbom = attest if kind == "sbom" and sbom is None else sbom
+    provenance, sbom = _with_attests(attests, provenance, sbom)
     output_specs, attestations = _output_specs(specs, annotations, provenance, sbom, compression)
     if any(spec.insecure for spec in output_specs):
         from lamina.engine.push import insecure_hosts
@@ -567,12 +553,7 @@ def build(
         isolation=wanted,
     )
     to_push = _push_names(options)
-    for secret in options.secrets:
-        # As buildx: a secret file that is not there fails the build before it starts.
-        if not str(secret.source).startswith("env:") and not secret.source.is_file():
-            raise PlanError(f"--secret id={secret.id}: {secret.source} is not a readable file")
-        if not str(secret.source).startswith("env:") and secret.source.stat().st_size > 500 * 1024:
-            raise PlanError(f"--secret id={secret.id}: secret {secret.id} too big. max size 500KiB")
+    _check_secrets(options.secrets)
     if push:
         from lamina.engine.push import check_push
 
@@ -584,16 +565,85 @@ def build(
     ):
         options = dataclasses.replace(options, ssh=agents, build_contexts=named)
         result = execute(options, progress if progress is not None else QuietProgress())
-    if not dry_run:
-        from lamina import diffbuilds  # `lamina diff` compares the last two builds
+    if dry_run:
+        return result
+    _remember_build(options, result, context, dockerfile, target)
+    return _pushed(options, result, push, to_push)
 
-        history = diffbuilds.history_path(options.cache_root, Path(context), dockerfile, target)
-        diffbuilds.remember(history, result)
-    if push and not dry_run:
+
+def _source_date_epoch(args: Mapping[str, str], env: Mapping[str, str]) -> int | None:
+    """SOURCE_DATE_EPOCH from the build arg of that name, else the environment."""
+    from lamina.errors import PlanError
+
+    text = args.get("SOURCE_DATE_EPOCH") or env.get("SOURCE_DATE_EPOCH")
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise PlanError(f"SOURCE_DATE_EPOCH must be an integer, not {text!r}") from None
+
+
+def _check_context(context: str | os.PathLike[str], dockerfile: str | os.PathLike[str] | None) -> None:
+    """A local build context must be a directory."""
+    from pathlib import Path
+
+    if not Path(context).is_dir() and _local_context(context, dockerfile):
+        from lamina.errors import ContextError
+
+        why = "is not a directory" if Path(context).exists() else "does not exist"
+        raise ContextError(f"build context {context} {why}")
+
+
+def _with_attests(
+    attests: Iterable[str], provenance: str | None, sbom: str | None
+) -> tuple[str | None, str | None]:
+    """buildx's --attest type=provenance|sbom,...: the long form of --provenance and --sbom,
+    which win when given."""
+    for attest in attests:
+        from lamina.engine.provenance import attest_kind
+
+        kind = attest_kind(attest)
+        provenance = attest if kind == "provenance" and provenance is None else provenance
+        sbom = attest if kind == "sbom" and sbom is None else sbom
+    return provenance, sbom
+
+
+def _check_secrets(secrets: Iterable[Any]) -> None:
+    """As buildx: a secret file that is not there (or over 500 KiB) fails the build before it starts."""
+    from lamina.errors import PlanError
+
+    for secret in secrets:
+        if not str(secret.source).startswith("env:") and not secret.source.is_file():
+            raise PlanError(f"--secret id={secret.id}: {secret.source} is not a readable file")
+        if not str(secret.source).startswith("env:") and secret.source.stat().st_size > 500 * 1024:
+            raise PlanError(f"--secret id={secret.id}: secret {secret.id} too big. max size 500KiB")
+
+
+def _remember_build(
+    options: Any,
+    result: BuildResult,
+    context: str | os.PathLike[str],
+    dockerfile: str | os.PathLike[str] | None,
+    target: str | None,
+) -> None:
+    """Record the build for `lamina diff`, which compares the last two builds."""
+    from pathlib import Path
+
+    from lamina import diffbuilds
+
+    history = diffbuilds.history_path(options.cache_root, Path(context), dockerfile, target)
+    diffbuilds.remember(history, result)
+
+
+def _pushed(options: Any, result: BuildResult, push: bool, to_push: tuple[str, ...]) -> BuildResult:
+    """Push after the build: `push` to every tag, then the -o type=image,push=true and
+    type=registry outputs' names (`to_push`)."""
+    if push:
         from lamina.engine.push import push_result
 
         result = push_result(options, result)
-    if to_push and not dry_run:  # -o type=image,push=true and type=registry
+    if to_push:
         from lamina.engine.push import push_result
 
         result = push_result(options, result, names=to_push)
