@@ -243,7 +243,8 @@ def test_namespaced_capability_reads_as_v2() -> None:
     v3 = bytes.fromhex("01000003") + NET_RAW_V2[4:] + (100000).to_bytes(4, "little")
     assert xattrs.as_v2(v3) == NET_RAW_V2
     assert xattrs.as_v2(NET_RAW_V2) == NET_RAW_V2
-    assert xattrs.from_disk([("security.capability", v3), ("user.overlay.opaque", b"y")]) == (
+    recorded_label = (xattrs.RECORDED_PREFIX + "security.selinux", b"host_t")
+    assert xattrs.from_disk([("security.capability", v3), ("user.overlay.opaque", b"y"), recorded_label]) == (
         ("security.capability", NET_RAW_V2),
     )
 

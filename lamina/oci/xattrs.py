@@ -67,7 +67,8 @@ def from_disk(pairs: Iterable[tuple[str, bytes]], records: bool = True) -> tuple
         elif not name.startswith(SKIPPED_PREFIXES) and not name.startswith(_LAMINA_PREFIX):
             found[name] = value
     for name, value in recorded.items():
-        found.setdefault(name, value)
+        if not name.startswith(SKIPPED_PREFIXES):
+            found.setdefault(name, value)
     if CAPABILITY in found:
         found[CAPABILITY] = as_v2(found[CAPABILITY])
     return tuple(sorted(found.items()))

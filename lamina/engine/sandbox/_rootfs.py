@@ -19,7 +19,7 @@ import os
 import stat
 
 from lamina.engine.sandbox import _libc
-from lamina.oci import filecopy
+from lamina.oci import filecopy, xattrs
 from lamina.oci.overlay import is_opaque, is_whiteout
 
 _MAX_SYMLINKS = 40
@@ -280,7 +280,10 @@ def copy_meta(src: str, dest: str, st: os.stat_result) -> None:
             if ".overlay." in name:
                 continue
             try:
-                os.setxattr(dest, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+                value = os.getxattr(src, name, follow_symlinks=False)
+                # One this process may not set (a file capability, unprivileged) is kept as
+                # lamina's record (lamina.oci.xattrs), which the layer capture reads back.
+                xattrs.write(dest, [(name, value)])
             except OSError:
                 pass
         os.chmod(dest, stat.S_IMODE(st.st_mode))
