@@ -306,6 +306,7 @@ def diff_images(
 # --- sandbox: run -----------------------------------------------------------------
 
 
+# Long for its signature and docstring (the public keywords); the body is short.
 def run(
     image: str,
     command: Sequence[str] = (),
@@ -358,16 +359,7 @@ def run(
         argv = (*(config.entrypoint or ()), *(command or config.cmd or ()))
         if not argv:
             raise SandboxError(f"run {image}: no command given and the image has no Entrypoint or Cmd")
-        variables = dict(item.partition("=")[::2] for item in config.env)
-        for item in env:
-            key, sep, value = item.partition("=")
-            if not key:
-                raise SandboxError(f"-e {item!r}: the variable needs a name (K=V)")
-            if not sep:
-                if key not in environ:
-                    continue
-                value = environ[key]
-            variables[key] = value
+        variables = _run_env(config.env, env, environ)
         ids = sandbox.detect_ids()
         layers = zip(source.layers, source.diff_ids, strict=True)
         lowers = [unpacked_layer(store, layer.digest, diff_id, ids) for layer, diff_id in layers]
@@ -394,6 +386,24 @@ def run(
             isolation=wanted,
         )
         return sandbox.run(spec, ids=ids, on_warning=on_warning, on_started=on_started)
+
+
+def _run_env(image_env: Iterable[str], env: Iterable[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The image's Env with `docker run -e` items over it (`K=V`, or `K` for the caller's
+    value, skipped when the caller has none)."""
+    from lamina.errors import SandboxError
+
+    variables = dict(item.partition("=")[::2] for item in image_env)
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise SandboxError(f"-e {item!r}: the variable needs a name (K=V)")
+        if not sep:
+            if key not in environ:
+                continue
+            value = environ[key]
+        variables[key] = value
+    return variables
 
 
 def sandbox_info() -> Any:
