@@ -151,3 +151,17 @@ def test_build_help_names_the_local_cache() -> None:
     text = " ".join(CliRunner().invoke(cli, ["build", "--help"], terminal_width=200).output.split())
     assert "--cache-to SPEC type=registry,ref=REF or type=local,dest=DIR" in text
     assert "--cache-from SPEC type=registry,ref=REF or type=local,src=DIR" in text
+
+
+def test_local_cache_to_that_cannot_be_written_honours_ignore_error(tmp_path: Path) -> None:
+    """ignore-error=true: a cache directory that cannot be written is a warning and the build
+    succeeds (was: the build failed anyway); without it, one line naming --cache-to."""
+    ctx = context(tmp_path / "ctx")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory\n")
+    spec = f"type=local,dest={blocked}/cache"
+    proc = run_cli("build", "--cache-to", spec + ",ignore-error=true", str(ctx), cache=tmp_path / "a")
+    assert f"warning: --cache-to {spec}: " in proc.stderr and "(ignored: ignore-error=true)" in proc.stderr
+    proc = run_cli("build", "--cache-to", spec, str(ctx), cache=tmp_path / "a", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --cache-to {spec}: ")

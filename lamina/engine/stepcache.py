@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.engine.model import CacheResult
-from lamina.errors import LaminaError, RegistryError
+from lamina.errors import BuildError, LaminaError, RegistryError
 from lamina.oci.digest import Digest
 
 # The executor imports this module on the no-op replay path too (tests/test_imports.py):
@@ -326,8 +326,12 @@ def export_cache(host: StepHost, result: BuildResult) -> int:
                 raise RegistryError("--cache-to needs a registry client")
             entries = cache_entries(host, result, spec.mode)
             written += push_entries(factory, host.store, spec.ref, entries, spec.path)
-        except LaminaError as err:
+        except (LaminaError, OSError) as err:  # OSError: writing a type=local cache
+            where = f"type=local,dest={spec.path}" if spec.path else str(spec.ref)
+            why = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.strerror else str(err)
             if not spec.ignore_error:
+                if isinstance(err, OSError):
+                    raise BuildError(f"--cache-to {where}: {why}") from err
                 raise
-            host.sink.warn(f"--cache-to {spec.ref}: {err} (ignored: ignore-error=true)")
+            host.sink.warn(f"--cache-to {where}: {why} (ignored: ignore-error=true)")
     return written
