@@ -35,8 +35,12 @@ from __future__ import annotations
 import _signal
 import os
 import stat
+from typing import TYPE_CHECKING
 
 from lamina.engine.sandbox import _confine, _inside, _libc, _rootfs
+
+if TYPE_CHECKING:
+    from lamina.engine.snapshot import Baseline
 
 _PR_SET_CHILD_SUBREAPER = 36
 _CAP_SYS_ADMIN = 21
@@ -316,8 +320,16 @@ def run(spec: dict, report_fd: int) -> int:
     finally:
         if not stage.undo_reported(report_fd):
             code = _inside.SETUP_FAILED
+    return write_diff(baseline, root, spec["upper"], report_fd, code)
+
+
+def write_diff(baseline: Baseline, root: str, upper: str, report_fd: int, code: int) -> int:
+    """What the step changed in the copied `root` written to `upper` (snapshot.write_diff):
+    the step's `code`, or SETUP_FAILED (the reason reported) when that fails."""
+    from lamina.engine import snapshot
+
     try:
-        snapshot.write_diff(baseline, root, spec["upper"])
+        snapshot.write_diff(baseline, root, upper)
     except Exception as err:  # reported, not a traceback: the caller raises SandboxError
         _inside.report(report_fd, f"compare the copied rootfs: {_inside._describe(err)}")
         return _inside.SETUP_FAILED

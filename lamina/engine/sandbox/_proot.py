@@ -165,12 +165,7 @@ def run(spec: dict, report_fd: int) -> int:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         _inside.report(report_fd, f"{failures[0]}{more}, which proot isolation cannot record in the layer")
         return _inside.SETUP_FAILED
-    try:
-        snapshot.write_diff(baseline, root, spec["upper"])
-    except Exception as err:  # reported, not a traceback: the caller raises SandboxError
-        _inside.report(report_fd, f"compare the copied rootfs: {_inside._describe(err)}")
-        return _inside.SETUP_FAILED
-    return code
+    return _chroot.write_diff(baseline, root, spec["upper"], report_fd, code)
 
 
 def _stage_all(spec: dict, stage: _chroot.Stage) -> list[tuple[str, str]]:
