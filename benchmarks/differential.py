@@ -569,6 +569,16 @@ def compare(
     return problems, explained
 
 
+def print_case(name: str, problems: list[str], explained: list[str], what: str = "") -> None:
+    """A case's explained and different lines, then its verdict (`what`: the outputs compared)."""
+    for line in explained:
+        print(f"explained  {line}")
+    for line in problems:
+        print(f"DIFFERENT  {line}")
+    verdict = "identical" if not problems else f"{len(problems)} difference(s)"
+    print(f"{name}: {verdict}{what}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -601,11 +611,7 @@ def main() -> None:
         finally:
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)
-        for line in explained:
-            print(f"explained  {line}")
-        for line in problems:
-            print(f"DIFFERENT  {line}")
-        print(f"{example.name}: {'identical' if not problems else f'{len(problems)} difference(s)'}")
+        print_case(example.name, problems, explained)
         all_problems += problems
     sys.exit(1 if all_problems else 0)
 

@@ -207,12 +207,7 @@ def main() -> None:
         finally:
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)
-        for line in explained:
-            print(f"explained  {line}")
-        for line in problems:
-            print(f"DIFFERENT  {line}")
-        verdict = "identical" if not problems else f"{len(problems)} difference(s)"
-        print(f"{case.name}: {verdict} (type=tar, type=local)")
+        diff.print_case(case.name, problems, explained, " (type=tar, type=local)")
         all_problems += problems
     split = Path(tempfile.mkdtemp(prefix="diffout-split-", dir=args.keep))
     try:
