@@ -197,13 +197,7 @@ def for_build(
         if found is None:
             return ()
         warnings, error = found
-    from lamina.engine.progress import CheckSink
-
-    for warning in warnings:
-        if isinstance(sink, CheckSink):
-            sink.check(warning)
-        else:
-            sink.warn(warning.short())
+    _show(sink, warnings)
     failure = violation(warnings, error, path)
     if failure is not None:
         sink.finish(None)
@@ -245,17 +239,22 @@ def after_build(
         return earlier
     warnings, error = found
     new = tuple(w for w in warnings if w not in earlier)
-    from lamina.engine.progress import CheckSink
-
-    for warning in new:
-        if isinstance(sink, CheckSink):
-            sink.check(warning)
-        else:
-            sink.warn(warning.short())
+    _show(sink, new)
     failure = violation(new, error, path)
     if failure is not None:
         raise failure
     return warnings
+
+
+def _show(sink: ProgressSink, warnings: tuple[CheckWarning, ...]) -> None:
+    """Each warning to `sink`: whole to a sink that takes checks, else as its one-line warning."""
+    from lamina.engine.progress import CheckSink
+
+    for warning in warnings:
+        if isinstance(sink, CheckSink):
+            sink.check(warning)
+        else:
+            sink.warn(warning.short())
 
 
 def _check_for_build(
