@@ -97,3 +97,14 @@ def test_api_secret_from_the_given_environ(
         outputs=[f"type=local,dest={out}"],
     )
     assert (out / "v").read_text() == "given"
+
+
+def test_an_optional_secret_given_or_not_keeps_the_cache(cache: Path, tmp_path: Path) -> None:
+    """As BuildKit's exec op (and lamina's ssh mounts): the key holds the secret mount as written,
+    never whether --secret gave it (was: a build without it reran the RUN)."""
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN --mount=type=secret,id=tok true\n")
+    first = run_cli("build", "--secret", "id=tok,env=T", str(ctx), cache=cache, cwd=tmp_path, env={"T": "1"})
+    assert first.returncode == 0, first.stderr
+    again = run_cli("build", "--progress", "plain", str(ctx), cache=cache, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "RUN --mount=type=secret,id=tok true  CACHED" in again.stderr

@@ -318,6 +318,8 @@ def _mounts(
             mounts.append(TmpfsMount(target, mount.size or 0))
             keys.append(f"tmpfs:{target}:{mount.size or 0}")
         elif mount.type is MountType.SECRET:
+            # The key holds the mount as written, never the value: given or not, the same.
+            keys.append(f"secret:{mount.id}:{target}:{mount.env or ''}")
             secret = secrets.get(mount.id)
             if secret is None:
                 if mount.required:
@@ -339,7 +341,6 @@ def _mounts(
                         mode=mount.mode if mount.mode is not None else 0o400,
                     )
                 )
-            keys.append(f"secret:{mount.id}:{target}:{mount.env or ''}")  # never the value
         else:  # SSH: llb.AddSSHSocket numbers the default targets per ssh mount
             target = _ssh_target(mount, workdir, ssh_index)
             ssh_index += 1
