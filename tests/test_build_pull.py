@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,6 @@ pytestmark = [
     pytest.mark.skipif(registry_server.REGISTRY is None, reason="docker-registry is not installed"),
     pytest.mark.skipif(registry_server.SKOPEO is None, reason="skopeo is not installed"),
 ]
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registry_server.Registry]:
-    with registry_server.running_registry(tmp_path_factory.mktemp("registry"), "none") as running:
-        yield running
 
 
 def push(archive: Path, ref: str) -> None:

@@ -57,14 +57,6 @@ class Recorder:
         return [e.instruction for e in self.events if e.status is StepStatus.RUNNING]
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registry_server.Registry]:
-    if registry_server.REGISTRY is None:
-        pytest.skip("docker-registry is not installed")
-    with registry_server.running_registry(tmp_path_factory.mktemp("registry"), "none") as running:
-        yield running
-
-
 def skopeo(*args: str) -> str:
     assert registry_server.SKOPEO is not None
     done = subprocess.run([registry_server.SKOPEO, *args], capture_output=True, text=True, check=False)

@@ -26,12 +26,6 @@ from tests import registry_server
 pytestmark = pytest.mark.skipif(registry_server.REGISTRY is None, reason="docker-registry is not installed")
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registry_server.Registry]:
-    with registry_server.running_registry(tmp_path_factory.mktemp("cache-registry"), "none") as running:
-        yield running
-
-
 def key_of(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
