@@ -16,7 +16,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -24,6 +23,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.servers import free_port
 
 REGISTRY = shutil.which("docker-registry")
 HTPASSWD = shutil.which("htpasswd")
@@ -39,12 +40,6 @@ class Registry:
     host: str  # "127.0.0.1:PORT"
     storage: Path
     auth: str  # "none", "basic" or "token"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -9,12 +9,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on at 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.servers import free_port
 
 
 @contextlib.contextmanager
