@@ -416,6 +416,8 @@ def _extract_flags(line: str, escape: str) -> tuple[str, list[str]]:
 
 
 def _extract_flags_bytewise(line: str, escape: str) -> tuple[str, list[str]]:
+    # One byte-by-byte state machine (BuildKit's extractBuilderFlags), kept whole: its states share
+    # pos, word and quote.
     raw = _encode(line)
     esc = ord(escape)
     words: list[str] = []
@@ -849,35 +851,41 @@ def _check_size(source: str | bytes, path: str) -> None:
         )
 
 
+class _Lines:
+    """A Dockerfile's physical lines, read one at a time; `number` is the last one read."""
+
+    def __init__(self, text: str, path: str) -> None:
+        self.lines = _split_lines(text)
+        self.path = path
+        self.number = 0
+
+    def more(self) -> bool:
+        return self.number < len(self.lines)
+
+    def read(self) -> str:
+        raw = self.lines[self.number]
+        self.number += 1
+        if len(raw) > MAX_LINE_BYTES // 4 and len(_encode(raw)) > MAX_LINE_BYTES:
+            raise DockerfileSyntaxError(
+                f"dockerfile line greater than max allowed size of {MAX_LINE_BYTES - 1}",
+                Location(self.path, self.number),
+            )
+        return raw
+
+
 def parse(source: str | bytes, path: str = "Dockerfile") -> Dockerfile:
     """Parse Dockerfile text; raises DockerfileSyntaxError naming `path:line`."""
     _check_size(source, path)
     text = source if isinstance(source, str) else source.decode("utf-8", "surrogateescape")
     if text.startswith("\ufeff"):
         text = text[1:]
-    lines = _split_lines(text)
+    lines = _Lines(text, path)
     directives = _Directives(path)
     children: list[Node] = []
     warnings: list[str] = []
     comments: list[str] = []
-    current = 0
-    i, n = 0, len(lines)
-
-    def read() -> str:
-        nonlocal i, current
-        raw = lines[i]
-        i += 1
-        current += 1
-        if len(raw) > MAX_LINE_BYTES // 4 and len(_encode(raw)) > MAX_LINE_BYTES:
-            raise DockerfileSyntaxError(
-                f"dockerfile line greater than max allowed size of {MAX_LINE_BYTES - 1}",
-                Location(path, current),
-            )
-        return raw
-
-    while i < n:
-        raw = read()
-        content = _lstrip(raw.rstrip("\r\n"))
+    while lines.more():
+        content = _lstrip(lines.read().rstrip("\r\n"))
         is_comment = content.startswith("#")
         if directives.check(content):
             continue
@@ -885,63 +893,15 @@ def parse(source: str | bytes, path: str = "Dockerfile") -> Dockerfile:
             comment = content[1:].strip(GO_SPACE)
             comments = [*comments, comment] if comment else []
             continue
-        start = current
+        start = lines.number
         content, ended = _trim_continuation(content, directives.continuation)
         if ended and not content:
             continue
-        buf = [content]
-        empty_continuation = False
-        while not ended and i < n:
-            physical = read().rstrip("\r\n")
-            directives.check(physical)
-            if _is_comment(physical):
-                continue
-            if not _lstrip(physical):
-                empty_continuation = True
-                continue
-            physical, ended = _trim_continuation(physical, directives.continuation)
-            buf.append(physical)
-        line = "".join(buf)
+        line, empty_continuation = _join_continued(lines, directives, content, ended)
         if empty_continuation:
-            warnings.append(f"{path}:{current}: empty continuation line found in: {line}")
-        try:
-            node = _node_from_line(line, directives.escape)
-        except _NotStringArray:
-            raise DockerfileSyntaxError(
-                "when using JSON array syntax, arrays must be comprised of strings only",
-                Location(path, start),
-            ) from None
-        except DockerfileSyntaxError as err:
-            raise err.with_location(Location(path, start)) from None
-        heredocs: list[Heredoc] = []
-        if "<<" in line and node.can_contain_heredoc():
-            try:
-                markers = _heredoc_markers(line)
-            except DockerfileSyntaxError as err:
-                raise err.with_location(Location(path, start)) from None
-            for marker in markers:
-                body: list[str] = []
-                size = 0
-                while True:
-                    if i >= n:
-                        raise DockerfileSyntaxError(
-                            f"unterminated heredoc {marker.name}", Location(path, start)
-                        )
-                    raw = read()
-                    candidate = raw.rstrip("\r\n")
-                    if marker.chomp:
-                        candidate = candidate.lstrip("\t")
-                    if candidate == marker.name:
-                        break
-                    body.append(raw)
-                    size += len(raw) if raw.isascii() else len(_encode(raw))
-                    if size > MAX_HEREDOC_BYTES:
-                        raise DockerfileSyntaxError(
-                            f"heredoc {marker.name} is larger than {MAX_HEREDOC_BYTES} bytes"
-                            " (lamina's limit, 4 MiB)",
-                            Location(path, current),
-                        )
-                heredocs.append(dataclasses.replace(marker, content="".join(body)))
+            warnings.append(f"{path}:{lines.number}: empty continuation line found in: {line}")
+        node = _parse_node(line, directives.escape, path, start)
+        heredocs = _read_heredocs(lines, node, line, start)  # before end_line: they end it
         children.append(
             Node(
                 keyword=node.keyword,
@@ -951,14 +911,14 @@ def parse(source: str | bytes, path: str = "Dockerfile") -> Dockerfile:
                 json=node.json,
                 original=line,
                 start_line=start,
-                end_line=current,
-                heredocs=tuple(heredocs),
+                end_line=lines.number,
+                heredocs=heredocs,
                 comments=tuple(comments),
             )
         )
         comments = []
     if not children:
-        raise DockerfileSyntaxError("file with no instructions", Location(path, max(current, 1)))
+        raise DockerfileSyntaxError("file with no instructions", Location(path, max(lines.number, 1)))
     return Dockerfile(
         path=path,
         children=tuple(children),
@@ -966,6 +926,72 @@ def parse(source: str | bytes, path: str = "Dockerfile") -> Dockerfile:
         escape=directives.escape,
         warnings=tuple(warnings),
     )
+
+
+def _join_continued(lines: _Lines, directives: _Directives, content: str, ended: bool) -> tuple[str, bool]:
+    """The logical line that starts with `content` (its continuation lines joined, comment
+    lines among them left out), and whether an empty continuation line was left out."""
+    buf = [content]
+    empty_continuation = False
+    while not ended and lines.more():
+        physical = lines.read().rstrip("\r\n")
+        directives.check(physical)
+        if _is_comment(physical):
+            continue
+        if not _lstrip(physical):
+            empty_continuation = True
+            continue
+        physical, ended = _trim_continuation(physical, directives.continuation)
+        buf.append(physical)
+    return "".join(buf), empty_continuation
+
+
+def _parse_node(line: str, escape: str, path: str, start: int) -> Node:
+    """One logical line's node; its syntax errors name `path:start`."""
+    try:
+        return _node_from_line(line, escape)
+    except _NotStringArray:
+        raise DockerfileSyntaxError(
+            "when using JSON array syntax, arrays must be comprised of strings only",
+            Location(path, start),
+        ) from None
+    except DockerfileSyntaxError as err:
+        raise err.with_location(Location(path, start)) from None
+
+
+def _read_heredocs(lines: _Lines, node: Node, line: str, start: int) -> tuple[Heredoc, ...]:
+    """The heredocs `line` opens, each with its body read from the lines that follow."""
+    if "<<" not in line or not node.can_contain_heredoc():
+        return ()
+    try:
+        markers = _heredoc_markers(line)
+    except DockerfileSyntaxError as err:
+        raise err.with_location(Location(lines.path, start)) from None
+    return tuple(
+        dataclasses.replace(marker, content=_heredoc_body(lines, marker, start)) for marker in markers
+    )
+
+
+def _heredoc_body(lines: _Lines, marker: Heredoc, start: int) -> str:
+    """The lines up to `marker`'s terminator (not included)."""
+    body: list[str] = []
+    size = 0
+    while True:
+        if not lines.more():
+            raise DockerfileSyntaxError(f"unterminated heredoc {marker.name}", Location(lines.path, start))
+        raw = lines.read()
+        candidate = raw.rstrip("\r\n")
+        if marker.chomp:
+            candidate = candidate.lstrip("\t")
+        if candidate == marker.name:
+            return "".join(body)
+        body.append(raw)
+        size += len(raw) if raw.isascii() else len(_encode(raw))
+        if size > MAX_HEREDOC_BYTES:
+            raise DockerfileSyntaxError(
+                f"heredoc {marker.name} is larger than {MAX_HEREDOC_BYTES} bytes (lamina's limit, 4 MiB)",
+                Location(lines.path, lines.number),
+            )
 
 
 def _node_json(node: Node) -> dict[str, object]:
