@@ -292,11 +292,7 @@ def run_checks(
             err = DockerfileError(f"target stage {target!r} could not be found", Location(path, 0))
             return CheckReport(tuple(lint.found), config, err)
         target_index = found.index
-    scope = dict(predefined or {})
-    scope.setdefault("TARGETSTAGE", stages[target_index].name or "default")
-    for key in list(scope):
-        if key in build_args:
-            scope[key] = build_args[key]
+    scope = _predefined_scope(predefined, build_args, stages[target_index])
     _default_base_names(lint, stages, meta, scope, escape)
     global_args, meta_keys = _meta_args(meta, scope, build_args, escape)
     for stage in stages:
@@ -304,7 +300,37 @@ def run_checks(
             lint, comment_config(config, stage.step.node.comments), stage, global_args, meta_keys, escape
         )
 
-    if all_stages and target is None:
+    every = all_stages and target is None
+    _dispatch_stages(lint, stages, target_index, every, global_args, build_args, escape, ignore, base_facts)
+    return CheckReport(tuple(lint.found), config, None)
+
+
+def _predefined_scope(
+    predefined: Mapping[str, str] | None, build_args: Mapping[str, str], target: StageSteps
+) -> dict[str, str]:
+    """The platform ARGs and TARGETSTAGE, with the build args that set them."""
+    scope = dict(predefined or {})
+    scope.setdefault("TARGETSTAGE", target.name or "default")
+    for key in list(scope):
+        if key in build_args:
+            scope[key] = build_args[key]
+    return scope
+
+
+def _dispatch_stages(
+    lint: _Linter,
+    stages: list[StageSteps],
+    target_index: int,
+    every: bool,
+    global_args: Mapping[str, str],
+    build_args: Mapping[str, str],
+    escape: str,
+    ignore: Sequence[str] | None,
+    base_facts: BaseLookup | None,
+) -> None:
+    """Dispatch the target's stages (`every` stage with `--call check` and no target) in
+    order, each from its base stage's state."""
+    if every:
         wanted = set(range(len(stages)))
     else:
         wanted = reachable(
@@ -317,7 +343,6 @@ def run_checks(
         states[stage.index] = _dispatch(
             lint, stage, stages, states, global_args, build_args, escape, ignore, base_facts
         )
-    return CheckReport(tuple(lint.found), config, None)
 
 
 def _warning_line(message: str, path: str) -> int:
@@ -657,10 +682,7 @@ def _dispatch_step(
         except LaminaError:
             return
         if isinstance(expanded, (CopyInstruction, AddInstruction)):
-            for content in instruction.contents:
-                if content.expand:
-                    _, recorder = expand_recording(content.data, state.env, "\\")
-                    _undefined(lint, config, recorder, state, start, end)
+            _heredoc_variables(lint, config, state, instruction, start, end)
 
     if isinstance(expanded, EnvInstruction):
         for i, pair in enumerate(expanded.env):
@@ -675,22 +697,7 @@ def _dispatch_step(
                 detail = f'"{name} key=value" should be used instead of legacy "{name} key value" format'
                 lint.run(config, "LegacyKeyValueFormat", detail, start, end)
     elif isinstance(expanded, ArgInstruction):
-        for decl in expanded.args:
-            _secret(lint, config, "ARG", decl.name, start, end)
-            value: str | None = None
-            if decl.name in build_args:
-                value = build_args[decl.name]
-            elif decl.default is not None:
-                result, recorder = expand_recording(decl.default, state.env, escape)
-                _undefined(lint, config, recorder, state, start, end)
-                if result is None:
-                    return
-                value = result
-            elif decl.name in global_args:
-                value = global_args[decl.name]
-            if value is not None and decl.name not in _NON_ENV_ARGS:
-                state.env[decl.name] = value
-            state.declared.append(decl.name)
+        _dispatch_arg(lint, config, state, expanded, global_args, build_args, escape, start, end)
     elif isinstance(expanded, WorkdirInstruction):
         if not state.workdir_set and not expanded.path.startswith("/"):
             detail = (
@@ -704,7 +711,53 @@ def _dispatch_step(
         _expose(lint, config, expanded, state, escape, start, end)
     elif isinstance(expanded, (CopyInstruction, AddInstruction)) and ignore and not _from_stage(expanded):
         _ignored_sources(lint, config, expanded, ignore, start, end)
+    _once_and_json_args(lint, config, state, expanded, name, start, end)
 
+
+def _heredoc_variables(
+    lint: _Linter, config: CheckConfig, state: _State, instruction: Instruction, start: int, end: int
+) -> None:
+    """UndefinedVar for the variables a COPY/ADD heredoc expands."""
+    for content in instruction.contents:
+        if content.expand:
+            _, recorder = expand_recording(content.data, state.env, "\\")
+            _undefined(lint, config, recorder, state, start, end)
+
+
+def _dispatch_arg(
+    lint: _Linter,
+    config: CheckConfig,
+    state: _State,
+    arg: ArgInstruction,
+    global_args: Mapping[str, str],
+    build_args: Mapping[str, str],
+    escape: str,
+    start: int,
+    end: int,
+) -> None:
+    """An ARG's declarations into the stage's state (SecretsUsedInArgOrEnv, UndefinedVar)."""
+    for decl in arg.args:
+        _secret(lint, config, "ARG", decl.name, start, end)
+        value: str | None = None
+        if decl.name in build_args:
+            value = build_args[decl.name]
+        elif decl.default is not None:
+            result, recorder = expand_recording(decl.default, state.env, escape)
+            _undefined(lint, config, recorder, state, start, end)
+            if result is None:
+                return
+            value = result
+        elif decl.name in global_args:
+            value = global_args[decl.name]
+        if value is not None and decl.name not in _NON_ENV_ARGS:
+            state.env[decl.name] = value
+        state.declared.append(decl.name)
+
+
+def _once_and_json_args(
+    lint: _Linter, config: CheckConfig, state: _State, expanded: Instruction, name: str, start: int, end: int
+) -> None:
+    """MultipleInstructionsDisallowed (CMD, ENTRYPOINT, HEALTHCHECK) and JSONArgsRecommended."""
     if isinstance(expanded, _ONCE):
         kind = type(expanded).__name__
         earlier = state.used.get(kind)

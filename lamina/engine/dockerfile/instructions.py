@@ -432,6 +432,7 @@ def _shown(text: str) -> str:
     return repr(text) if len(text) <= 40 else repr(text[:32]) + f"... ({len(text)} characters)"
 
 
+# A step-by-step port of Go's time.ParseDuration, kept whole so it can be read beside Go's.
 def parse_go_duration(text: str) -> int:
     """Go's time.ParseDuration, in nanoseconds (`1m30s`, `1.5h`, `300ms`, `0`).
 
@@ -653,6 +654,51 @@ def _parse_size(value: str) -> int | None:
 
 def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
     """One `--mount` value (CSV of key=value) -> Mount, expanding values if asked."""
+    options, deferred = _mount_options(spec, expander)
+    if deferred:
+        # A placeholder until RunInstruction.expand parses the spec again;
+        # only `from` (a literal, checked in _mount_options) is read before that.
+        return Mount(type=MountType.BIND, from_=options.get("from", ""))
+    mount_type = _mount_type(options)
+    read_only = mount_type is MountType.BIND
+    if "readonly" in options:
+        read_only = _parse_bool("readonly", options["readonly"])
+    if "readwrite" in options:
+        read_only = not _parse_bool("readwrite", options["readwrite"])
+    sharing = Sharing.SHARED
+    if options.get("sharing"):
+        try:
+            sharing = Sharing(options["sharing"].lower())
+        except ValueError:
+            raise InstructionError(f"unsupported sharing value {options['sharing']!r}") from None
+    if mount_type is MountType.CACHE and read_only:
+        # FIXME: the sandbox binds a cache directory writable (spec.CacheMount has no read-only
+        # flag yet); refused until it can honour it, never taken and ignored.
+        raise InstructionError(
+            "mount type=cache,readonly: a read-only cache mount is not supported by lamina"
+        )
+    env = options.get("env")
+    mount_id, target = _mount_id_and_target(mount_type, options.get("id", ""), options.get("target", ""), env)
+    return Mount(
+        type=mount_type,
+        target=target,
+        source=options.get("source", ""),
+        from_=options.get("from", ""),
+        read_only=read_only,
+        id=mount_id,
+        sharing=sharing,
+        mode=_parse_uint("mode", options["mode"], 8) if "mode" in options else None,
+        uid=_parse_uint("uid", options["uid"], 10) if "uid" in options else None,
+        gid=_parse_uint("gid", options["gid"], 10) if "gid" in options else None,
+        size=_parse_size(options["size"]) if "size" in options else None,
+        env=env,
+        required=_parse_bool("required", options["required"]) if "required" in options else False,
+    )
+
+
+def _mount_options(spec: str, expander: Expander | None) -> tuple[dict[str, str], bool]:
+    """The `--mount` CSV as {key: value} (aliases resolved, values expanded if asked), and
+    whether a value holds a variable to expand later (no expander yet)."""
     try:
         fields = next(csv.reader([spec]), [])
     except csv.Error as err:
@@ -677,10 +723,11 @@ def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
         if key in options:
             raise InstructionError(f"invalid --mount {spec!r}: {key} given twice")
         options[key] = value
-    if deferred:
-        # A placeholder until RunInstruction.expand parses the spec again;
-        # only `from` (a literal, checked above) is read before that.
-        return Mount(type=MountType.BIND, from_=options.get("from", ""))
+    return options, deferred
+
+
+def _mount_type(options: dict[str, str]) -> MountType:
+    """The mount's type, taken out of `options`; every other key must be one of that type's."""
     type_text = options.pop("type", "bind").lower()
     try:
         mount_type = MountType(type_text)
@@ -698,26 +745,13 @@ def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
                 f"unexpected key {key!r} for mount type {mount_type.value!r}"
                 + (f" (did you mean {hint}?)" if hint else "")
             )
-    read_only = mount_type is MountType.BIND
-    if "readonly" in options:
-        read_only = _parse_bool("readonly", options["readonly"])
-    if "readwrite" in options:
-        read_only = not _parse_bool("readwrite", options["readwrite"])
-    sharing = Sharing.SHARED
-    if options.get("sharing"):
-        try:
-            sharing = Sharing(options["sharing"].lower())
-        except ValueError:
-            raise InstructionError(f"unsupported sharing value {options['sharing']!r}") from None
-    if mount_type is MountType.CACHE and read_only:
-        # FIXME: the sandbox binds a cache directory writable (spec.CacheMount has no read-only
-        # flag yet); refused until it can honour it, never taken and ignored.
-        raise InstructionError(
-            "mount type=cache,readonly: a read-only cache mount is not supported by lamina"
-        )
-    target = options.get("target", "")
-    mount_id = options.get("id", "")
-    env = options.get("env")
+    return mount_type
+
+
+def _mount_id_and_target(
+    mount_type: MountType, mount_id: str, target: str, env: str | None
+) -> tuple[str, str]:
+    """The id and target a cache, secret or ssh mount gets when they are not given."""
     # No target, or a relative one, is the stage's WORKDIR joined with it, when the step runs
     # (BuildKit's dispatchRunMounts); only a target of `/` is refused there.
     if mount_type is MountType.CACHE and not mount_id:
@@ -731,21 +765,7 @@ def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
             target = "/run/secrets/" + mount_id
     if mount_type is MountType.SSH and not mount_id:
         mount_id = "default"
-    return Mount(
-        type=mount_type,
-        target=target,
-        source=options.get("source", ""),
-        from_=options.get("from", ""),
-        read_only=read_only,
-        id=mount_id,
-        sharing=sharing,
-        mode=_parse_uint("mode", options["mode"], 8) if "mode" in options else None,
-        uid=_parse_uint("uid", options["uid"], 10) if "uid" in options else None,
-        gid=_parse_uint("gid", options["gid"], 10) if "gid" in options else None,
-        size=_parse_size(options["size"]) if "size" in options else None,
-        env=env,
-        required=_parse_bool("required", options["required"]) if "required" in options else False,
-    )
+    return mount_id, target
 
 
 # --- per-instruction parsers ---------------------------------------------------------

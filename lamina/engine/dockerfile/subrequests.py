@@ -152,73 +152,24 @@ def outline(
     """BuildKit's Dockerfile2Outline: the target and the build args, secrets and ssh ids it reads."""
     meta, stages = split(dockerfile)
     escape = dockerfile.escape
-    index = len(stages) - 1
-    if target is not None:
-        found = find_stage(stages, target)
-        if found is None:
-            raise InstructionError(
-                f"target stage {target!r} could not be found", Location(dockerfile.path, 0)
-            )
-        index = found.index
+    index = _target_index(dockerfile, stages, target)
     scope = dict(predefined)
     scope.setdefault("TARGETSTAGE", stages[index].name or "default")
     scope.update((k, v) for k, v in build_args.items() if k in scope)
-    meta_infos: dict[str, _Arg] = {}
-    for step in meta:
-        assert isinstance(step.instruction, ArgInstruction)
-        for decl in step.instruction.args:
-            description = doc_comment(step.node.comments, decl.name)
-            deps: frozenset[str] = frozenset()
-            value: str | None = None
-            if decl.name in build_args:
-                value = build_args[decl.name]
-            elif decl.default is not None:
-                expanded, recorder = expand_recording(decl.default, scope, escape)
-                value = expanded if expanded is not None else decl.default
-                deps = frozenset(recorder.matched) - {decl.name}
-                if decl.name in recorder.matched and decl.name in meta_infos:
-                    deps |= meta_infos[decl.name].deps
-            if value is not None:
-                scope[decl.name] = value
-            meta_infos[decl.name] = _Arg(decl.name, value, description, step.node.start_line, deps)
-
-    views: dict[int, _View] = {}
-    for stage in stages:
-        base = find_stage(stages[: stage.index], expand_recording(stage.from_.image, scope, escape)[0] or "")
-        parent = views.get(base.index) if base is not None else None
-        view = _View(dict(meta_infos), set(), {}, [])
-        if parent is not None:
-            view = _View(dict(parent.infos), set(parent.used), dict(parent.env), [])
-        for word in (stage.from_.image, stage.from_.platform or ""):
-            view.used |= set(expand_recording(word, scope, escape)[1].matched)
-        for step in stage.steps:
-            _outline_step(view, step, build_args, scope, escape)
-        views[stage.index] = view
+    meta_infos = _meta_args(meta, build_args, scope, escape)
+    views = _stage_views(stages, meta_infos, build_args, scope, escape)
 
     def base_name(stage: StageSteps) -> str:
         return expand_recording(stage.from_.image, scope, escape)[0] or ""
 
     wanted = sorted(reachable(stages, index, base_name), key=lambda i: (i != index, i))
-    args: dict[str, _Arg] = {}
-    for i in wanted:
-        view = views[i]
-        pending = list(view.used)
-        seen: set[str] = set()
-        while pending:
-            name = pending.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            if name in view.infos:
-                pending.extend(view.infos[name].deps)
-                args.setdefault(name, view.infos[name])
+    args = _used_args(views, wanted)
     secrets: dict[str, tuple[bool, int]] = {}
     ssh: dict[str, tuple[bool, int]] = {}
     for i in sorted(wanted):
         for kind, name, required, line in views[i].mounts:
             (secrets if kind is MountType.SECRET else ssh).setdefault(name, (required, line))
-    stage = stages[index]
-    result = _named(stage)
+    result = _named(stages[index])
     if args:
         result["args"] = [
             {
@@ -237,6 +188,83 @@ def outline(
             ]
     result["sources"] = [_source(data)]
     return result
+
+
+def _target_index(dockerfile: Dockerfile, stages: Sequence[StageSteps], target: str | None) -> int:
+    """The index of the `target` stage (default the last)."""
+    if target is None:
+        return len(stages) - 1
+    found = find_stage(stages, target)
+    if found is None:
+        raise InstructionError(f"target stage {target!r} could not be found", Location(dockerfile.path, 0))
+    return found.index
+
+
+def _meta_args(
+    meta: Sequence[Step], build_args: Mapping[str, str], scope: dict[str, str], escape: str
+) -> dict[str, _Arg]:
+    """The global ARGs (before the first FROM), each with the ARGs its default reads; their
+    values go into `scope`."""
+    meta_infos: dict[str, _Arg] = {}
+    for step in meta:
+        assert isinstance(step.instruction, ArgInstruction)
+        for decl in step.instruction.args:
+            description = doc_comment(step.node.comments, decl.name)
+            deps: frozenset[str] = frozenset()
+            value: str | None = None
+            if decl.name in build_args:
+                value = build_args[decl.name]
+            elif decl.default is not None:
+                expanded, recorder = expand_recording(decl.default, scope, escape)
+                value = expanded if expanded is not None else decl.default
+                deps = frozenset(recorder.matched) - {decl.name}
+                if decl.name in recorder.matched and decl.name in meta_infos:
+                    deps |= meta_infos[decl.name].deps
+            if value is not None:
+                scope[decl.name] = value
+            meta_infos[decl.name] = _Arg(decl.name, value, description, step.node.start_line, deps)
+    return meta_infos
+
+
+def _stage_views(
+    stages: Sequence[StageSteps],
+    meta_infos: Mapping[str, _Arg],
+    build_args: Mapping[str, str],
+    scope: Mapping[str, str],
+    escape: str,
+) -> dict[int, _View]:
+    """Each stage's view (by index), starting from its base stage's when FROM names one."""
+    views: dict[int, _View] = {}
+    for stage in stages:
+        base = find_stage(stages[: stage.index], expand_recording(stage.from_.image, scope, escape)[0] or "")
+        parent = views.get(base.index) if base is not None else None
+        view = _View(dict(meta_infos), set(), {}, [])
+        if parent is not None:
+            view = _View(dict(parent.infos), set(parent.used), dict(parent.env), [])
+        for word in (stage.from_.image, stage.from_.platform or ""):
+            view.used |= set(expand_recording(word, scope, escape)[1].matched)
+        for step in stage.steps:
+            _outline_step(view, step, build_args, scope, escape)
+        views[stage.index] = view
+    return views
+
+
+def _used_args(views: Mapping[int, _View], wanted: Sequence[int]) -> dict[str, _Arg]:
+    """The ARGs the `wanted` stages read, with the ARGs their defaults read in turn."""
+    args: dict[str, _Arg] = {}
+    for i in wanted:
+        view = views[i]
+        pending = list(view.used)
+        seen: set[str] = set()
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in view.infos:
+                pending.extend(view.infos[name].deps)
+                args.setdefault(name, view.infos[name])
+    return args
 
 
 def print_outline(result: Mapping[str, object]) -> str:
