@@ -144,14 +144,7 @@ def remote_commit(ref: GitRef, environ: Mapping[str, str]) -> str | None:
         return ref.ref
     git, env = _git_env(ref.remote, environ)
     wanted = ref.ref or "HEAD"
-    done = subprocess.run(
-        [git, "ls-remote", ref.remote, wanted],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = _ls_remote(git, env, ref.remote, wanted)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         raise ContextError(f"{ref.remote}: git ls-remote {wanted}: {lines[-1] if lines else 'failed'}")
@@ -165,17 +158,22 @@ def remote_commit(ref: GitRef, environ: Mapping[str, str]) -> str | None:
     return None
 
 
-def _object_format(git: str, env: Mapping[str, str], remote: str) -> tuple[str, ...]:
-    """`--object-format=sha256` for a SHA-256 remote (its ls-remote hashes are 64 digits long),
-    which a local repository of git's default SHA-1 format cannot fetch from; else nothing."""
-    done = subprocess.run(
-        [git, "ls-remote", remote, "HEAD"],
+def _ls_remote(git: str, env: Mapping[str, str], remote: str, ref: str) -> subprocess.CompletedProcess[str]:
+    """`git ls-remote REMOTE REF`, its output captured, not checked."""
+    return subprocess.run(
+        [git, "ls-remote", remote, ref],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+def _object_format(git: str, env: Mapping[str, str], remote: str) -> tuple[str, ...]:
+    """`--object-format=sha256` for a SHA-256 remote (its ls-remote hashes are 64 digits long),
+    which a local repository of git's default SHA-1 format cannot fetch from; else nothing."""
+    done = _ls_remote(git, env, remote, "HEAD")
     first = done.stdout.split("\t", 1)[0].strip() if done.returncode == 0 else ""
     return ("--object-format=sha256",) if len(first) == 64 else ()
 
