@@ -12,14 +12,13 @@ against BuildKit's ~0.1 s.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_frontend import generate, timed
+from bench_frontend import generate, size_arguments, timed
 
 from lamina.engine.buildchecks import platform_args
 from lamina.engine.dockerfile.checks import BaseFacts, CheckConfig, run_checks
@@ -45,11 +44,7 @@ FACTS = BaseFacts(("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instructions", type=int, default=1000)
-    parser.add_argument("--stages", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=20)
-    args = parser.parse_args()
+    args = size_arguments(__doc__)
     predefined = platform_args()
     amd64 = Platform(architecture="amd64", os="linux")
 

@@ -62,12 +62,17 @@ def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
     return min(runs), statistics.median(runs)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def size_arguments(doc: str | None) -> argparse.Namespace:
+    """The command line of a benchmark over `generate`'s Dockerfile: its size and the repeats."""
+    parser = argparse.ArgumentParser(description=(doc or "").partition("\n")[0])
     parser.add_argument("--instructions", type=int, default=1000)
     parser.add_argument("--stages", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=20)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = size_arguments(__doc__)
 
     text = generate(args.instructions, args.stages)
     parsed = parse(text)
