@@ -34,7 +34,7 @@ __all__ = ["SourceTree", "TreeEntry", "entry_record", "open_build_context", "ope
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS
 # lamina's limits on one walk (BuildKit has none), so that a runaway context (a build
 # directory, a home directory) stops with a line saying what to leave out, not after hours.
-MAX_CONTEXT_ENTRIES = 1_000_000  # entries looked at by one COPY/ADD source walk
+MAX_CONTEXT_ENTRIES = 10_000_000  # entries looked at by one COPY/ADD source walk (a 1M-file monorepo fits)
 MAX_CONTEXT_DEPTH = 1024  # directory levels below the walk's start (PATH_MAX allows ~2048)
 
 
