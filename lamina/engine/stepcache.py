@@ -247,8 +247,8 @@ def stage_chain(host: StepHost) -> set[str]:
 
 def cache_entries(host: StepHost, result: BuildResult, mode: str) -> list[CacheEntry]:
     """The entries to export: each step's result and (compressed on demand) layer blob."""
-    from lamina.cache.remote import CacheEntry, in_parallel, unwrap_result, wrap_result
-    from lamina.engine.output import layer_blob
+    from lamina.cache.remote import CacheEntry, unwrap_result, wrap_result
+    from lamina.engine.output import layer_blobs
 
     store = host.store
     options = host.options
@@ -278,12 +278,10 @@ def cache_entries(host: StepHost, result: BuildResult, mode: str) -> list[CacheE
         jobs.append((len(entries), layer, lowers))
         entries.append(CacheEntry(step.key, wrapped))
 
-    def compress(job: tuple[int, ImageLayer, list[Any]]) -> None:
-        index, layer, lowers = job
-        blob, diff_id = layer_blob(store, layer, options.compression, host.epoch, lowers)
+    # Together (threads as root, one helper rootless); a blob made once (e.g. for the image) is found.
+    made = layer_blobs(store, [(layer, lowers) for _, layer, lowers in jobs], options.compression, host.epoch)
+    for (index, _, _), (blob, diff_id) in zip(jobs, made, strict=True):
         entries[index] = dataclasses.replace(entries[index], layer=blob, diff_id=diff_id)
-
-    in_parallel(jobs, compress)  # a blob made once (e.g. for the image) is found, not redone
     return entries
 
 
