@@ -637,14 +637,10 @@ class Store:
         them), so the API passes the sandbox's remover, which can. Needs the
         store to itself: raises StoreBusy while another lamina process has it open.
         """
-        assert self._lock_fd is not None, "store not open"
-        try:
-            _flock(self._lock_fd, exclusive=True, wait=False)
-        except BlockingIOError:
-            _flock(self._lock_fd, exclusive=False, wait=True)  # flock conversion may drop ours
-            raise StoreBusy(f"gc {self.root}: another lamina process is using the store") from None
         remove = remove_tree or _remove_tree
-        try:
+        with self.alone() as alone:
+            if not alone:
+                raise StoreBusy(f"gc {self.root}: another lamina process is using the store")
             cutoff = math.inf if drop_all else None
             if cache_older_than is not None:
                 cutoff = time.time() - cache_older_than
@@ -657,8 +653,6 @@ class Store:
             if keep_bytes is not None:
                 report += self._shrink(keep_bytes, remove)
             return report
-        finally:
-            _flock(self._lock_fd, exclusive=False, wait=True)
 
     @contextlib.contextmanager
     def alone(self) -> Iterator[bool]:
