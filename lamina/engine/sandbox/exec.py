@@ -75,15 +75,34 @@ def exec_in(
     Raises SandboxError when the sandbox cannot be entered or the command
     cannot be started, and TimeoutError (the command killed) after `timeout`.
     """
-    import marshal
-    import subprocess
-
     from lamina.engine.sandbox.idmap import IdMode, detect_ids
     from lamina.errors import SandboxError
 
     if not argv:
         raise SandboxError("exec: no command given")
+    request = {
+        "targets": _running_targets(pid, timeout),
+        "argv": list(argv),
+        "env": [f"{k}={v}" for k, v in env],
+        "cwd": cwd or "/",
+        "user": user or "",
+        "hostname": hostname,
+        "single_id": detect_ids().mode is IdMode.SINGLE,  # as the sandbox's own map: no setgroups
+        "insecure": insecure,
+        "parent": os.getpid(),
+    }
+    code, messages = _run_helper(request, argv, stdin, stdout, stderr, timeout)
+    errors = [line[1:] for line in messages.splitlines() if line.startswith("E")]
+    if errors:
+        raise SandboxError(f"exec {argv[0]}: {errors[0]}")
+    return 128 - code if code < 0 else code
+
+
+def _running_targets(pid: int, timeout: float | None) -> list[int]:
+    """The namespaces' target pids of the sandbox whose helper is `pid`, once its command runs."""
     import time
+
+    from lamina.errors import SandboxError
 
     try:
         entered = os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
@@ -98,17 +117,23 @@ def exec_in(
         if not os.path.exists(f"/proc/{pid}") or time.monotonic() > deadline:
             raise SandboxError(f"exec: the sandbox of helper {pid} is not running")
         time.sleep(0.005)
-    request = {
-        "targets": targets,
-        "argv": list(argv),
-        "env": [f"{k}={v}" for k, v in env],
-        "cwd": cwd or "/",
-        "user": user or "",
-        "hostname": hostname,
-        "single_id": detect_ids().mode is IdMode.SINGLE,  # as the sandbox's own map: no setgroups
-        "insecure": insecure,
-        "parent": os.getpid(),
-    }
+    return targets
+
+
+def _run_helper(
+    request: dict[str, object],
+    argv: list[str] | tuple[str, ...],
+    stdin: object,
+    stdout: object,
+    stderr: object,
+    timeout: float | None,
+) -> tuple[int, str]:
+    """Run this file as the entering helper with `request`; (its exit code, its report)."""
+    import marshal
+    import subprocess
+
+    from lamina.errors import SandboxError
+
     request_r, request_w = os.pipe()
     report_r, report_w = os.pipe()
     try:
@@ -143,10 +168,7 @@ def exec_in(
         raise
     finally:
         os.close(report_r)
-    errors = [line[1:] for line in messages.splitlines() if line.startswith("E")]
-    if errors:
-        raise SandboxError(f"exec {argv[0]}: {errors[0]}")
-    return 128 - code if code < 0 else code
+    return code, messages
 
 
 def _kill(proc: subprocess.Popen[bytes], report_r: int) -> None:
