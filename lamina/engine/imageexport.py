@@ -245,21 +245,38 @@ def _with_attestations(
     artifact: bool = False,
 ) -> ExportedImage:
     """An index of the image and one attestation manifest over `statements`, as BuildKit's writer."""
-    from lamina.oci.image import (
-        OCI_CONFIG,
-        OCI_EMPTY,
-        OCI_INDEX,
-        OCI_MANIFEST,
-        Index,
-        Manifest,
-        Platform,
-        canonical_json,
-        descriptor_of,
-    )
+    from lamina.oci.image import OCI_INDEX, OCI_MANIFEST, Index, Platform, descriptor_of
 
     # BuildKit's default subjects: each name the image is exported under, as a purl.
     digest = {image.manifest.digest.algorithm: image.manifest.digest.hex}
     subjects = [{"name": image_purl(name, str(platform)), "digest": digest} for name in names]
+    layers = _statement_layers(store, statements, subjects)
+    unknown = Platform(architecture="unknown", os="unknown")
+    config, config_bytes, manifest_bytes = _attestation_manifest(image, layers, artifact)
+    _put(store, config_bytes)
+    _put(store, manifest_bytes)
+    attestation = dataclasses.replace(
+        descriptor_of(manifest_bytes, OCI_MANIFEST),
+        annotations=(
+            (REFERENCE_DIGEST, str(image.manifest.digest)),
+            (REFERENCE_TYPE, "attestation-manifest"),
+        ),
+        platform=unknown,
+    )
+    entry = dataclasses.replace(image.manifest, platform=platform)
+    index = Index((entry, attestation), OCI_INDEX, tuple(sorted(annotations["index"].items())))
+    index_bytes = index.to_bytes()
+    _put(store, index_bytes)
+    index_desc = descriptor_of(index_bytes, OCI_INDEX).replace_annotations(annotations["index-descriptor"])
+    return dataclasses.replace(image, index=index_desc, extra=(attestation, config, *layers))
+
+
+def _statement_layers(
+    store: Store, statements: Sequence[Statement], subjects: list[dict[str, object]]
+) -> list[Descriptor]:
+    """Each statement over `subjects` as an in-toto layer, stored."""
+    from lamina.oci.image import canonical_json, descriptor_of
+
     layers: list[Descriptor] = []
     for statement in statements:
         body = {
@@ -273,7 +290,15 @@ def _with_attestations(
         layers.append(
             descriptor_of(data, IN_TOTO_LAYER).replace_annotations({PREDICATE_TYPE: statement.predicate_type})
         )
-    unknown = Platform(architecture="unknown", os="unknown")
+    return layers
+
+
+def _attestation_manifest(
+    image: ExportedImage, layers: list[Descriptor], artifact: bool
+) -> tuple[Descriptor, bytes, bytes]:
+    """The attestation manifest over `layers`: (its config, the config's bytes, its bytes)."""
+    from lamina.oci.image import OCI_CONFIG, OCI_EMPTY, OCI_MANIFEST, Manifest, canonical_json, descriptor_of
+
     config_obj = {
         "architecture": "unknown",
         "os": "unknown",
@@ -300,22 +325,7 @@ def _with_attestations(
         manifest_bytes = canonical_json(document)
     else:
         manifest_bytes = Manifest(config, tuple(layers)).to_bytes()
-    _put(store, config_bytes)
-    _put(store, manifest_bytes)
-    attestation = dataclasses.replace(
-        descriptor_of(manifest_bytes, OCI_MANIFEST),
-        annotations=(
-            (REFERENCE_DIGEST, str(image.manifest.digest)),
-            (REFERENCE_TYPE, "attestation-manifest"),
-        ),
-        platform=unknown,
-    )
-    entry = dataclasses.replace(image.manifest, platform=platform)
-    index = Index((entry, attestation), OCI_INDEX, tuple(sorted(annotations["index"].items())))
-    index_bytes = index.to_bytes()
-    _put(store, index_bytes)
-    index_desc = descriptor_of(index_bytes, OCI_INDEX).replace_annotations(annotations["index-descriptor"])
-    return dataclasses.replace(image, index=index_desc, extra=(attestation, config, *layers))
+    return config, config_bytes, manifest_bytes
 
 
 def export_all(

@@ -91,41 +91,19 @@ def provenance_statement(host: Any, config: Any) -> Any:
     """The provenance of the build `host` (the executor) ran, for the image whose config is `config`."""
     import secrets
 
-    from lamina.engine.imageexport import Statement, image_purl
-    from lamina.oci.reference import store_name
+    from lamina.engine.imageexport import Statement
 
     options = host.options
     attrs = dict(options.provenance or ())
     mode = attrs.get("mode", "max")
     platform = str(config.platform)
-    args: dict[str, str] = {}
-    for key, value in options.build_args:
-        args[f"build-arg:{key}"] = value
-    for key, value in options.labels:
-        args[f"label:{key}"] = value
-    if options.target:
-        args["target"] = options.target
-    incomplete_request = False
-    if mode == "min":
-        kept = {k: v for k, v in args.items() if not k.startswith(("build-arg:", "label:"))}
-        incomplete_request = kept != args
-        args = kept
+    args, incomplete_request = _request_args(options, mode)
     request: dict[str, Any] = {"frontend": "dockerfile.v0"}
     if args:
         request["args"] = dict(sorted(args.items()))
     request["locals"] = [{"name": "context"}, {"name": "dockerfile"}]
     dockerfile = options.dockerfile or options.context / "Dockerfile"
-    dependencies = []
-    for ref in sorted(host.images):
-        if ref == "scratch":
-            continue
-        try:
-            record = host.store.resolve(store_name(ref, pinned=True))
-        except LaminaError:  # a base that went away: listed without a digest
-            dependencies.append({"uri": image_purl(ref, platform)})
-            continue
-        digest = record.manifest
-        dependencies.append({"uri": image_purl(ref, platform), "digest": {digest.algorithm: digest.hex}})
+    dependencies = _dependencies(host, platform)
     metadata: dict[str, Any] = {
         "invocationID": secrets.token_hex(13),
         "startedOn": host.started_on if getattr(host, "started_on", "") else _now(),
@@ -164,6 +142,41 @@ def provenance_statement(host: Any, config: Any) -> Any:
     if dependencies:
         predicate["buildDefinition"]["resolvedDependencies"] = dependencies
     return Statement(PREDICATE_SLSA1, predicate)
+
+
+def _request_args(options: Any, mode: str) -> tuple[dict[str, str], bool]:
+    """The build request's args (build args, labels, target); with mode=min, without the
+    build args and labels, and whether that left some out."""
+    args: dict[str, str] = {}
+    for key, value in options.build_args:
+        args[f"build-arg:{key}"] = value
+    for key, value in options.labels:
+        args[f"label:{key}"] = value
+    if options.target:
+        args["target"] = options.target
+    if mode != "min":
+        return args, False
+    kept = {k: v for k, v in args.items() if not k.startswith(("build-arg:", "label:"))}
+    return kept, kept != args
+
+
+def _dependencies(host: Any, platform: str) -> list[dict[str, Any]]:
+    """The base images the build used, as purls with their manifest digests."""
+    from lamina.engine.imageexport import image_purl
+    from lamina.oci.reference import store_name
+
+    dependencies: list[dict[str, Any]] = []
+    for ref in sorted(host.images):
+        if ref == "scratch":
+            continue
+        try:
+            record = host.store.resolve(store_name(ref, pinned=True))
+        except LaminaError:  # a base that went away: listed without a digest
+            dependencies.append({"uri": image_purl(ref, platform)})
+            continue
+        digest = record.manifest
+        dependencies.append({"uri": image_purl(ref, platform), "digest": {digest.algorithm: digest.hex}})
+    return dependencies
 
 
 def check_sbom(text: str) -> None:

@@ -300,6 +300,7 @@ class RegistryClient:
 
     # --- blobs -------------------------------------------------------------
 
+    # Kept whole: `written` counts across a break mid-body, which the resume with Range needs.
     def fetch_blob(
         self,
         ref: Reference,
@@ -563,10 +564,7 @@ class RegistryClient:
         authenticated = False
         attempt = 0
         while True:
-            request_headers = dict(headers or {})
-            authorization = self._authorization(what, registry, scopes, require_credential)
-            if authorization:
-                request_headers["Authorization"] = authorization
+            request_headers = self._with_authorization(what, registry, scopes, headers, require_credential)
             try:
                 request = self._http.build_request(
                     method, url, headers=request_headers, content=content() if content else None
@@ -596,17 +594,46 @@ class RegistryClient:
                 attempt += 1
                 self._sleep(delay)
                 continue
-            if response.status_code in _RETRY_STATUS and not retry:
-                response.close()
-                raise _Transient(f"{response.status_code} {response.reason_phrase}")
-            if response.status_code == 401 and authenticated and self._credentials(registry) is not None:
-                response.close()
-                raise RegistryError(f"{what}: the credentials for {registry} were rejected (401)")
-            if response.status_code not in ok:
-                raise self._status_error(what, response)
-            if not stream:
-                _drain(response, what)
-            return response
+            return self._accepted(what, registry, response, ok, stream, retry, authenticated)
+
+    def _with_authorization(
+        self,
+        what: str,
+        registry: str,
+        scopes: tuple[str, ...],
+        headers: dict[str, str] | None,
+        require_credential: bool,
+    ) -> dict[str, str]:
+        """`headers` and, when there is one for these scopes, the Authorization header."""
+        request_headers = dict(headers or {})
+        authorization = self._authorization(what, registry, scopes, require_credential)
+        if authorization:
+            request_headers["Authorization"] = authorization
+        return request_headers
+
+    def _accepted(
+        self,
+        what: str,
+        registry: str,
+        response: httpx.Response,
+        ok: tuple[int, ...],
+        stream: bool,
+        retry: bool,
+        authenticated: bool,
+    ) -> httpx.Response:
+        """`response` when its status is `ok` (its body drained unless `stream`); else the error
+        it is (_Transient for a status to retry when the caller retries)."""
+        if response.status_code in _RETRY_STATUS and not retry:
+            response.close()
+            raise _Transient(f"{response.status_code} {response.reason_phrase}")
+        if response.status_code == 401 and authenticated and self._credentials(registry) is not None:
+            response.close()
+            raise RegistryError(f"{what}: the credentials for {registry} were rejected (401)")
+        if response.status_code not in ok:
+            raise self._status_error(what, response)
+        if not stream:
+            _drain(response, what)
+        return response
 
     def _delay(self, attempt: int) -> float:
         return self._backoff * (2**attempt)

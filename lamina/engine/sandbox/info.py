@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from lamina.engine.sandbox import _confine, network
 from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+if TYPE_CHECKING:
+    from lamina.engine.sandbox.isolation import Isolation, Probe
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,15 +57,9 @@ class SandboxInfo:
 
 def describe() -> SandboxInfo:
     from lamina.engine.sandbox import isolation
-    from lamina.errors import SandboxError
 
     found = isolation.probe()
-    try:
-        choice = isolation.choose(isolation.requested(), found)
-        mode, why, lacks = choice.isolation, choice.why, choice.lacks
-        chosen = f"{mode.value} ({why})"
-    except SandboxError as err:
-        mode, lacks, chosen = None, "", f"none: {err}"
+    mode, lacks, chosen = _chosen(found)
     namespaces = (
         {
             isolation.Isolation.USERNS: ("user", "mount", "pid", "uts", "ipc", "network"),
@@ -71,14 +69,7 @@ def describe() -> SandboxInfo:
         else ()
     )
     ids = detect_ids()
-    try:
-        _confine.Filter()
-        seccomp = (
-            f"Docker's default profile's denials ({len(_confine.DENIED_SYSCALLS)} calls, clone's namespace "
-            "flags, personality), EPERM; no_new_privs off"
-        )
-    except OSError as err:
-        seccomp = f"unavailable: {err.strerror or err} (RUN steps will fail to start)"
+    seccomp = _seccomp()
     caps, cap_mask = tuple(_confine.DEFAULT_CAPS), _confine.DEFAULT_CAP_MASK
     masked, readonly = _confine.MASKED_PATHS, _confine.READONLY_PATHS
     if mode is isolation.Isolation.PROOT:
@@ -88,12 +79,7 @@ def describe() -> SandboxInfo:
         seccomp = seccomp.replace("no_new_privs off", "no_new_privs on") + (
             "; chown, mknod, stat, get*id and set*id answered by lamina (seccomp user notification)"
         )
-    why = network.unavailable()
-    net = (
-        f"default: a namespace of its own through {network.slirp4netns()}, host loopback unreachable"
-        if not why
-        else f"default: {network.fallback_warning(why)}"
-    )
+    net = _default_network()
     return SandboxInfo(
         namespaces=namespaces,
         id_mode={
@@ -114,4 +100,41 @@ def describe() -> SandboxInfo:
         isolation=chosen,
         isolation_lacks=lacks,
         allowed=tuple(found.facts()),
+    )
+
+
+def _chosen(found: Probe) -> tuple[Isolation | None, str, str]:
+    """(the isolation a build gets here or None, what it lacks, how `lamina sandbox info` says it)."""
+    from lamina.engine.sandbox import isolation
+    from lamina.errors import SandboxError
+
+    try:
+        choice = isolation.choose(isolation.requested(), found)
+        mode, why, lacks = choice.isolation, choice.why, choice.lacks
+        chosen = f"{mode.value} ({why})"
+    except SandboxError as err:
+        mode, lacks, chosen = None, "", f"none: {err}"
+    return mode, lacks, chosen
+
+
+def _seccomp() -> str:
+    """The seccomp filter a RUN step gets, or why it cannot have one."""
+    try:
+        _confine.Filter()
+        seccomp = (
+            f"Docker's default profile's denials ({len(_confine.DENIED_SYSCALLS)} calls, clone's namespace "
+            "flags, personality), EPERM; no_new_privs off"
+        )
+    except OSError as err:
+        seccomp = f"unavailable: {err.strerror or err} (RUN steps will fail to start)"
+    return seccomp
+
+
+def _default_network() -> str:
+    """What the default network is here."""
+    why = network.unavailable()
+    return (
+        f"default: a namespace of its own through {network.slirp4netns()}, host loopback unreachable"
+        if not why
+        else f"default: {network.fallback_warning(why)}"
     )
