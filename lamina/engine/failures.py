@@ -151,8 +151,36 @@ def keep(
     path = root / ident
     path.mkdir()
     os.rename(upper, path / "upper")  # the same file system: the store's unpack dir
-    scratch = (Path(store_root) / "tmp").resolve()
     left_out = [f"secret variable {name}" for name in secret_env]
+    mounts = _kept_mounts(spec, path, (Path(store_root) / "tmp").resolve(), left_out)
+    env = [(k, v) for k, v in spec.env if k not in secret_env]
+    record = {
+        "stage": stage,
+        "step": step,
+        "created": now,
+        "lower_dirs": [str(p) for p in spec.lower_dirs],
+        "env": env,
+        "cwd": spec.cwd,
+        "user": spec.user,
+        "hostname": spec.hostname,
+        "network": spec.network.value,
+        "insecure": spec.insecure,
+        "shell": list(shell),
+        "mounts": mounts,
+        "left_out": left_out,
+        "extra_hosts": [list(pair) for pair in getattr(spec, "extra_hosts", ())],
+        "ulimits": [[u.name, u.soft, u.hard] for u in getattr(spec, "ulimits", ())],
+        "shm_size": getattr(spec, "shm_size", 0),
+    }
+    (path / "failure.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    for old in list_failures(store_root)[:-MAX_KEPT]:
+        remove(old, remove_tree)
+    return ident
+
+
+def _kept_mounts(spec: Any, path: Path, scratch: Path, left_out: list[str]) -> list[dict[str, Any]]:
+    """The step's mounts as JSON; a source in the store's `scratch` (a build's own: gone after
+    it) is copied under `path`. What cannot be kept is said in `left_out`."""
     mounts = []
     for i, mount in enumerate(spec.mounts):
         try:
@@ -183,29 +211,7 @@ def keep(
                 continue
             record["source"] = str(copy)
         mounts.append(record)
-    env = [(k, v) for k, v in spec.env if k not in secret_env]
-    record = {
-        "stage": stage,
-        "step": step,
-        "created": now,
-        "lower_dirs": [str(p) for p in spec.lower_dirs],
-        "env": env,
-        "cwd": spec.cwd,
-        "user": spec.user,
-        "hostname": spec.hostname,
-        "network": spec.network.value,
-        "insecure": spec.insecure,
-        "shell": list(shell),
-        "mounts": mounts,
-        "left_out": left_out,
-        "extra_hosts": [list(pair) for pair in getattr(spec, "extra_hosts", ())],
-        "ulimits": [[u.name, u.soft, u.hard] for u in getattr(spec, "ulimits", ())],
-        "shm_size": getattr(spec, "shm_size", 0),
-    }
-    (path / "failure.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    for old in list_failures(store_root)[:-MAX_KEPT]:
-        remove(old, remove_tree)
-    return ident
+    return mounts
 
 
 def _size(path: Path) -> int:
