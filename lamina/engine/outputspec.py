@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lamina.errors import OutputError
@@ -190,63 +190,12 @@ def parse_output(spec: str) -> OutputSpec:
         return OutputSpec(OutputType.TAR, dest="-")
     if "=" not in text:
         return OutputSpec(OutputType.LOCAL, dest=text)
-    fields: dict[str, str] = {}
-    annotations: list[Annotation] = []
-    for part in _split_fields(text):
-        key, sep, value = part.partition("=")
-        key = key.strip().lower() if not key.strip().startswith("annotation") else key.strip()
-        if not sep:
-            raise OutputError(f"invalid --output {spec!r}: {part!r} is not key=value")
-        if key.startswith("annotation"):
-            annotation = parse_annotation_attr(key, value)
-            if annotation is None:
-                raise OutputError(f"invalid --output {spec!r}: {key!r} is not annotation[-TYPE].KEY")
-            annotations.append(annotation)
-            continue
-        if key == "name" and "name" in fields:
-            fields["name"] += "," + value
-        else:
-            fields[key] = value
-    kind = fields.pop("type", "")
-    if not kind:
-        raise OutputError(f"invalid --output {spec!r}: missing type=")
-    push = False
-    if kind == "registry":  # BuildKit: the image exporter with push=true
-        kind, push = "image", True
-    try:
-        output_type = OutputType(kind)
-    except ValueError:
-        choices = ", ".join([*(t.value for t in OutputType), "registry"])
-        raise OutputError(f"invalid --output {spec!r}: unknown type {kind!r} (use {choices})") from None
-    for key in fields:
-        if key in _REFUSED:
-            raise OutputError(f"--output {key}= is not supported: {_REFUSED[key]}")
-        if key not in _KEYS[output_type]:
-            raise OutputError(f"invalid --output {spec!r}: unknown key {key!r} for type={kind}")
+    fields, annotations = _fields(spec, text)
+    output_type, kind, push = _output_type(spec, fields)
     if annotations and not output_type_is_image(output_type):
         raise OutputError(f"invalid --output {spec!r}: type={kind} has no manifest to annotate")
-    dest = fields.get("dest", "")
-    to_file = output_type is OutputType.TAR or (
-        output_type is OutputType.OCI and _bool(spec, "tar", fields.get("tar") or "true")
-    )
-    if not dest and to_file:
-        dest = "-"  # buildx: a file exporter without dest= writes to stdout (refused on a terminal)
-    if output_type is not OutputType.IMAGE and not dest:
-        raise OutputError(f"invalid --output {spec!r}: type={kind} needs dest=")
-    compression = fields.get("compression", "")
-    if compression == "estargz":
-        raise OutputError("--output compression=estargz is not supported: use gzip, zstd or uncompressed")
-    if compression and compression not in _COMPRESSIONS:
-        raise OutputError(f"invalid --output {spec!r}: compression must be gzip, zstd or uncompressed")
-    compression = _COMPRESSIONS.get(compression, "")
-    level: int | None = None
-    if "compression-level" in fields:
-        try:
-            level = int(fields["compression-level"])
-        except ValueError:
-            raise OutputError(
-                f"non-integer value {fields['compression-level']} specified for compression-level"
-            ) from None
+    dest = _dest(spec, fields, output_type, kind)
+    compression, level = _compression(spec, fields)
     tar_value = _bool(spec, "tar", fields.get("tar") or "true")
     force = "force-compression" in fields and (
         fields["force-compression"] == "" or _bool(spec, "force-compression", fields["force-compression"])
@@ -261,22 +210,7 @@ def parse_output(spec: str) -> OutputSpec:
         if "registry.insecure" in fields
         else False
     )
-    # unpack= asks containerd to unpack the image into its snapshotter (buildx's --push passes
-    # unpack=false); lamina has no such step: an image's layers are the build's own directories,
-    # so either value describes what happens. store=false would drop the image from the store.
-    if "unpack" in fields:
-        _bool(spec, "unpack", fields["unpack"])
-    if "store" in fields and not _bool(spec, "store", fields["store"]):
-        raise OutputError("--output store=false is not supported: in lamina's store the image always goes")
-    if "rewrite-timestamp" in fields and not _bool(spec, "rewrite-timestamp", fields["rewrite-timestamp"]):
-        raise OutputError(
-            "--output rewrite-timestamp=false is not supported: with SOURCE_DATE_EPOCH set, "
-            "lamina always clamps the times of the files its steps write"
-        )
-    if fields.get("mode", "copy") != "copy":
-        raise OutputError(
-            f"--output mode={fields['mode']} is not supported: a local export only adds files (mode=copy)"
-        )
+    _refuse_unsupported(spec, fields)
     split = _bool(spec, "platform-split", fields["platform-split"]) if "platform-split" in fields else False
     names = tuple(name for name in fields.get("name", "").split(",") if name)
     artifact = _bool(spec, "oci-artifact", fields["oci-artifact"]) if "oci-artifact" in fields else False
@@ -302,6 +236,103 @@ def parse_output(spec: str) -> OutputSpec:
         attestation_prefix=fields.get("attestation-prefix", ""),
         push_by_digest=by_digest,
     )
+
+
+def _fields(spec: str, text: str) -> tuple[dict[str, str], list[Annotation]]:
+    """The spec's key=value fields (keys lowered; several name= joined by commas) and its
+    annotation attributes."""
+    fields: dict[str, str] = {}
+    annotations: list[Annotation] = []
+    for part in _split_fields(text):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower() if not key.strip().startswith("annotation") else key.strip()
+        if not sep:
+            raise OutputError(f"invalid --output {spec!r}: {part!r} is not key=value")
+        if key.startswith("annotation"):
+            annotation = parse_annotation_attr(key, value)
+            if annotation is None:
+                raise OutputError(f"invalid --output {spec!r}: {key!r} is not annotation[-TYPE].KEY")
+            annotations.append(annotation)
+            continue
+        if key == "name" and "name" in fields:
+            fields["name"] += "," + value
+        else:
+            fields[key] = value
+    return fields, annotations
+
+
+def _output_type(spec: str, fields: dict[str, str]) -> tuple[OutputType, str, bool]:
+    """(the exporter, the type as given but registry, whether type=registry asks a push),
+    type= taken out of `fields`; every other key must be one the exporter takes."""
+    kind = fields.pop("type", "")
+    if not kind:
+        raise OutputError(f"invalid --output {spec!r}: missing type=")
+    push = False
+    if kind == "registry":  # BuildKit: the image exporter with push=true
+        kind, push = "image", True
+    try:
+        output_type = OutputType(kind)
+    except ValueError:
+        choices = ", ".join([*(t.value for t in OutputType), "registry"])
+        raise OutputError(f"invalid --output {spec!r}: unknown type {kind!r} (use {choices})") from None
+    for key in fields:
+        if key in _REFUSED:
+            raise OutputError(f"--output {key}= is not supported: {_REFUSED[key]}")
+        if key not in _KEYS[output_type]:
+            raise OutputError(f"invalid --output {spec!r}: unknown key {key!r} for type={kind}")
+    return output_type, kind, push
+
+
+def _dest(spec: str, fields: Mapping[str, str], output_type: OutputType, kind: str) -> str:
+    """dest=, `-` (stdout) for a file exporter without one; every exporter but image needs one."""
+    dest = fields.get("dest", "")
+    to_file = output_type is OutputType.TAR or (
+        output_type is OutputType.OCI and _bool(spec, "tar", fields.get("tar") or "true")
+    )
+    if not dest and to_file:
+        dest = "-"  # buildx: a file exporter without dest= writes to stdout (refused on a terminal)
+    if output_type is not OutputType.IMAGE and not dest:
+        raise OutputError(f"invalid --output {spec!r}: type={kind} needs dest=")
+    return dest
+
+
+def _compression(spec: str, fields: Mapping[str, str]) -> tuple[str, int | None]:
+    """compression= (as lamina names it; "" when not given) and compression-level=."""
+    compression = fields.get("compression", "")
+    if compression == "estargz":
+        raise OutputError("--output compression=estargz is not supported: use gzip, zstd or uncompressed")
+    if compression and compression not in _COMPRESSIONS:
+        raise OutputError(f"invalid --output {spec!r}: compression must be gzip, zstd or uncompressed")
+    compression = _COMPRESSIONS.get(compression, "")
+    level: int | None = None
+    if "compression-level" in fields:
+        try:
+            level = int(fields["compression-level"])
+        except ValueError:
+            raise OutputError(
+                f"non-integer value {fields['compression-level']} specified for compression-level"
+            ) from None
+    return compression, level
+
+
+def _refuse_unsupported(spec: str, fields: Mapping[str, str]) -> None:
+    """unpack= (either value holds), store=false, rewrite-timestamp=false and mode= other than copy."""
+    # unpack= asks containerd to unpack the image into its snapshotter (buildx's --push passes
+    # unpack=false); lamina has no such step: an image's layers are the build's own directories,
+    # so either value describes what happens. store=false would drop the image from the store.
+    if "unpack" in fields:
+        _bool(spec, "unpack", fields["unpack"])
+    if "store" in fields and not _bool(spec, "store", fields["store"]):
+        raise OutputError("--output store=false is not supported: in lamina's store the image always goes")
+    if "rewrite-timestamp" in fields and not _bool(spec, "rewrite-timestamp", fields["rewrite-timestamp"]):
+        raise OutputError(
+            "--output rewrite-timestamp=false is not supported: with SOURCE_DATE_EPOCH set, "
+            "lamina always clamps the times of the files its steps write"
+        )
+    if fields.get("mode", "copy") != "copy":
+        raise OutputError(
+            f"--output mode={fields['mode']} is not supported: a local export only adds files (mode=copy)"
+        )
 
 
 def output_type_is_image(kind: OutputType) -> bool:
