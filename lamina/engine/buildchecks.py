@@ -401,22 +401,7 @@ def call(method: str, options: BuildOptions, store: Store | None) -> tuple[str, 
     except OSError as err:
         raise PlanError(f"cannot read Dockerfile {path}: {err.strerror}") from None
     if name in ("outline", "targets"):
-        from lamina.engine.dockerfile import subrequests
-
-        dockerfile = parse(data, path)
-        if name == "targets":
-            result = subrequests.targets(dockerfile, data)
-            text = subrequests.print_targets(result)
-        else:
-            result = subrequests.outline(
-                dockerfile,
-                data,
-                target=options.target,
-                build_args=dict(options.build_args),
-                predefined=platform_args(),
-            )
-            text = subrequests.print_outline(result)
-        return (json.dumps(result, indent=2) + "\n" if fmt == "json" else text), "", 0
+        return _subrequest(name, fmt, options, data, path), "", 0
 
     report: CheckReport | None = None
     error: LaminaError | None = None
@@ -435,6 +420,37 @@ def call(method: str, options: BuildOptions, store: Store | None) -> tuple[str, 
     status = 0 if ignore_status else status
     if fmt == "json":
         return json.dumps(_check_result(report, error, path, data), indent=2) + "\n", "", status
+    text, message = _check_text(report, error, path, data)
+    return text, message, status
+
+
+def _subrequest(name: str, fmt: str, options: BuildOptions, data: bytes, path: str) -> str:
+    """`--call targets` or `--call outline`: what to print."""
+    import json
+
+    from lamina.engine.dockerfile import subrequests
+    from lamina.engine.dockerfile.parser import parse
+
+    dockerfile = parse(data, path)
+    if name == "targets":
+        result = subrequests.targets(dockerfile, data)
+        text = subrequests.print_targets(result)
+    else:
+        result = subrequests.outline(
+            dockerfile,
+            data,
+            target=options.target,
+            build_args=dict(options.build_args),
+            predefined=platform_args(),
+        )
+        text = subrequests.print_outline(result)
+    return json.dumps(result, indent=2) + "\n" if fmt == "json" else text
+
+
+def _check_text(
+    report: CheckReport | None, error: LaminaError | None, path: str, data: bytes
+) -> tuple[str, str]:
+    """`--call check` as text: (the warnings with their source lines, the error with its line)."""
     out = []
     warnings = sorted(report.warnings if report is not None else (), key=lambda w: w.start_line)
     if warnings:
@@ -454,7 +470,7 @@ def call(method: str, options: BuildOptions, store: Store | None) -> tuple[str, 
         message += print_source(path, data, line, line) if line else ""
     elif not warnings:
         out.append("Check complete, no warnings found.\n")
-    return "".join(out), message, status
+    return "".join(out), message
 
 
 def parse_call(value: str) -> tuple[str, str, bool]:
