@@ -890,6 +890,25 @@ explain = click.Command(
 )
 cli.add_command(explain)
 
+
+def _check_file_dest(path: str, flag: str) -> None:
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"directory {parent} does not exist", param_hint=flag)
+
+
+def _write_text(path: str, flag: str, text: str) -> None:
+    from lamina.errors import OutputError
+
+    try:
+        with open(path, "w") as out:
+            out.write(text)
+    except OSError as err:
+        raise OutputError(f"{flag} {path}: {err.strerror}") from err
+
+
 # `lamina plan --cache` takes the build's flags that change a cache key or decide a hit
 # (the build's own option objects, so the two never drift).
 _PLAN_CACHE_FLAGS = (
@@ -973,24 +992,6 @@ def _json(doc: Any) -> str:
 
 def _printable_lines(text: str) -> str:
     return "".join(_printable(line) + "\n" for line in text.splitlines())
-
-
-def _check_file_dest(path: str, flag: str) -> None:
-    import os
-
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise click.BadParameter(f"directory {parent} does not exist", param_hint=flag)
-
-
-def _write_text(path: str, flag: str, text: str) -> None:
-    from lamina.errors import OutputError
-
-    try:
-        with open(path, "w") as out:
-            out.write(text)
-    except OSError as err:
-        raise OutputError(f"{flag} {path}: {err.strerror}") from err
 
 
 # --- registry: pull, push, login, logout ---------------------------------------
