@@ -28,8 +28,9 @@ from lamina.oci.digest import Digest
 from lamina.oci.overlay import is_opaque, is_whiteout
 
 if TYPE_CHECKING:
-    from lamina.cache.store import BlobWriter, Store
+    from lamina.cache.store import BlobInfo, BlobWriter, Store
     from lamina.oci.image import Descriptor, ImageConfig
+    from lamina.oci.layer import LayerInfo
 
 
 # --- root filesystem from overlay-form layer directories ----------------------------------
@@ -291,30 +292,9 @@ def layer_blobs(
     how many are made at once. On an error, the index of the layer being
     written is appended to `failed`.
     """
-    import contextlib
-    import json
-
-    from lamina.cache.store import LayerRecord
-    from lamina.engine.cachekey import layer_blob_key
     from lamina.oci.compression import Compression
-    from lamina.oci.image import Descriptor
 
-    found: list[tuple[Descriptor, Digest] | None] = []
-    for layer, _ in layers:
-        if layer.blob is not None and layer.diff_id is not None:
-            found.append((layer.blob, layer.diff_id))
-            continue
-        memo = store.cache_get(layer_blob_key(layer.dir_id, compression, epoch))
-        hit = None
-        if memo is not None:
-            record = json.loads(memo)
-            digest = Digest.parse(record["digest"])
-            if store.has_blob(digest):
-                hit = (
-                    Descriptor(record["media_type"], digest, record["size"]),
-                    Digest.parse(record["diff_id"]),
-                )
-        found.append(hit)
+    found = [_known_blob(store, layer, compression, epoch) for layer, _ in layers]
     missing = [i for i, hit in enumerate(found) if hit is None]
     if not missing:
         return found  # type: ignore[return-value]
@@ -334,24 +314,60 @@ def layer_blobs(
                 )
             raise
         for i, out, info in zip(missing, outs, infos, strict=True):
-            layer = layers[i][0]
             try:
                 blob = out.out.commit(info.digest)
             except BaseException:
                 if failed is not None:
                     failed.append(i)
                 raise
-            store.record_layer(LayerRecord(blob.digest, info.diff_id, info.media_type, blob.size))
-            record = {
-                "digest": str(blob.digest),
-                "diff_id": str(info.diff_id),
-                "size": blob.size,
-                "media_type": info.media_type,
-            }
-            refs = [blob.digest, Digest("sha256", layer.dir_id)] if layer.dir_id else [blob.digest]
-            store.cache_put(layer_blob_key(layer.dir_id, compression, epoch), json.dumps(record), refs=refs)
-            found[i] = Descriptor(info.media_type, blob.digest, blob.size), info.diff_id
+            found[i] = _record_blob(store, layers[i][0], blob, info, compression, epoch)
     return found  # type: ignore[return-value]
+
+
+def _known_blob(
+    store: Store, layer: ImageLayer, compression: str, epoch: int | None
+) -> tuple[Descriptor, Digest] | None:
+    """`layer`'s blob and diff_id if it has them or the store's index remembers them (blob present)."""
+    import json
+
+    from lamina.engine.cachekey import layer_blob_key
+    from lamina.oci.image import Descriptor
+
+    if layer.blob is not None and layer.diff_id is not None:
+        return (layer.blob, layer.diff_id)
+    memo = store.cache_get(layer_blob_key(layer.dir_id, compression, epoch))
+    hit = None
+    if memo is not None:
+        record = json.loads(memo)
+        digest = Digest.parse(record["digest"])
+        if store.has_blob(digest):
+            hit = (
+                Descriptor(record["media_type"], digest, record["size"]),
+                Digest.parse(record["diff_id"]),
+            )
+    return hit
+
+
+def _record_blob(
+    store: Store, layer: ImageLayer, blob: BlobInfo, info: LayerInfo, compression: str, epoch: int | None
+) -> tuple[Descriptor, Digest]:
+    """Record `layer`'s just-committed blob in the store's layer index and memo; its (descriptor, diff_id)."""
+    import json
+
+    from lamina.cache.store import LayerRecord
+    from lamina.engine.cachekey import layer_blob_key
+    from lamina.oci.image import Descriptor
+
+    store.record_layer(LayerRecord(blob.digest, info.diff_id, info.media_type, blob.size))
+    record = {
+        "digest": str(blob.digest),
+        "diff_id": str(info.diff_id),
+        "size": blob.size,
+        "media_type": info.media_type,
+    }
+    refs = [blob.digest, Digest("sha256", layer.dir_id)] if layer.dir_id else [blob.digest]
+    store.cache_put(layer_blob_key(layer.dir_id, compression, epoch), json.dumps(record), refs=refs)
+    return Descriptor(info.media_type, blob.digest, blob.size), info.diff_id
 
 
 class _Noted:
