@@ -427,3 +427,13 @@ def test_type_registry_and_push_true_push_the_output_image(
     assert pushed["mediaType"] == OCI_INDEX and len(pushed["manifests"]) == 2
     assert pushed["manifests"][1]["annotations"]["vnd.docker.reference.type"] == "attestation-manifest"
     assert OCI_CONFIG  # the image manifest's config stays OCI's
+
+
+def test_save_keeps_the_provenance_a_push_would_send(cache: Path, ctx: Path, tmp_path: Path) -> None:
+    build(cache, ctx, "-t", "attrs:saved", "--provenance", "mode=min")
+    saved = tmp_path / "saved.tar"
+    run_cli("save", "attrs:saved", "-o", str(saved), cache=cache)
+    archive = Archive(saved)
+    index, _, statement = _provenance(archive)
+    assert statement["subject"][0]["digest"]["sha256"] == index["manifests"][0]["digest"].split(":")[1]
+    assert archive.manifest()["layers"][1]["mediaType"] == OCI_LAYER_GZIP

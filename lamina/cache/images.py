@@ -37,6 +37,7 @@ from lamina.oci.image import (
     OCI_MANIFEST,
     Descriptor,
     ImageConfig,
+    Index,
     Manifest,
     descriptor_of,
 )
@@ -289,12 +290,34 @@ def _save(store: Store, name: str, path: Path, format: str, compression: Compres
         image = with_compression(store, image, compression)
         manifest = Manifest.from_bytes(image.manifest_bytes)
         export = ExportImage(record.name, image.manifest, manifest.config, manifest.layers)
+        export = _with_attestations(store, record.name, export)
         with atomic_output(path) as out:
             write_oci_archive(out, [export], store)
         return image.manifest
     with tempfile.TemporaryDirectory(dir=store.root, prefix=".tmp-save-") as tmp, atomic_output(path) as out:
         _write_docker(store, record, image, Path(tmp), out)
     return image.manifest
+
+
+def _with_attestations(store: Store, name: str, export: ExportImage) -> ExportImage:
+    """`export` under the index the build made with its attestations (provenance), as a push
+    sends it (engine.push), when `name` has one for this very manifest (not recompressed)."""
+    import json
+
+    found = store.cache_get(f"attested-index:{name}")  # engine.imageexport.attested_key
+    if found is None or json.loads(found)["manifest"] != str(export.manifest.digest):
+        return export
+    digest = Digest.parse(json.loads(found)["index"])
+    data = store.read_blob(digest, MAX_DOCUMENT)
+    index = Index.from_bytes(data)
+    extra: list[Descriptor] = []
+    for entry in index.manifests:
+        if entry.digest == export.manifest.digest:
+            continue
+        attached = Manifest.from_bytes(store.read_blob(entry.digest, MAX_DOCUMENT))
+        extra.extend((entry, attached.config, *attached.layers))
+    top = Descriptor(index.media_type, digest, len(data))
+    return dataclasses.replace(export, index=top, extra=tuple(extra))
 
 
 def _write_docker(store: Store, record: ImageRecord, image: SourceImage, tmp: Path, out: BinaryIO) -> None:
