@@ -267,7 +267,7 @@ def _mounts(
     mounts: list[Any] = []
     if not instruction.mounts:
         return mounts, [], "", {}  # the common case, without importing the sandbox's types
-    from lamina.engine.sandbox.spec import BindMount, CacheMount, SecretMount, Sharing, TmpfsMount
+    from lamina.engine.sandbox.spec import TmpfsMount
 
     keys: list[str] = []
     content = hashlib.sha256()
@@ -277,89 +277,131 @@ def _mounts(
     agents = {agent.id: agent for agent in executor.options.ssh}
     ssh_index = 0
     for mount in instruction.mounts:
-        target = mount.target
-        if not target.startswith("/"):  # none or relative: under WORKDIR, as BuildKit's dispatchRunMounts
-            target = posixpath.normpath(posixpath.join(workdir, target))
-        if target == "/" and mount.type in (MountType.BIND, MountType.CACHE, MountType.TMPFS):
-            raise BuildError(f'{instruction.location}: invalid mount target "/"')
+        target = _mount_target(mount, workdir, instruction.location)
         if mount.type is MountType.BIND:
-            source_root, digest = _bind_source(executor, mount)
-            source = _inside(source_root, mount.source, mount)
-            mounts.append(
-                BindMount(source, target, readonly=mount.read_only, discard_writes=not mount.read_only)
-            )
-            keys.append(f"bind:{mount.from_}:{mount.source}:{target}:{mount.read_only}")
-            content.update(f"{target}\0{digest}\n".encode())
+            _add_bind(executor, mount, target, mounts, keys, content)
         elif mount.type is MountType.CACHE:
-            cache_dir = (
-                executor.store.root / "cachemounts" / hashlib.sha256(mount.id.encode()).hexdigest()[:32]
-            )
-            cache_dir.parent.mkdir(exist_ok=True)
-            # A dry run seeds nothing: the next build seeds from the stage as it then is.
-            if mount.from_ and not cache_dir.exists() and not executor.options.dry_run:
-                _seed_cache(executor, mount, cache_dir)
-            source_dir, subpath = cache_dir, mount.source.strip("/") if not mount.from_ else ""
-            if subpath:
-                # BuildKit's SourcePath on the cache: that directory of it, never a way out of it.
-                cache_dir.mkdir(exist_ok=True)
-                source_dir = _inside(cache_dir, subpath, mount)
-            mounts.append(
-                CacheMount(
-                    source_dir,
-                    target,
-                    sharing=Sharing(mount.sharing.value),
-                    uid=mount.uid or 0,
-                    gid=mount.gid or 0,
-                    mode=mount.mode if mount.mode is not None else 0o755,
-                )
-            )
-            keys.append(f"cache:{mount.id}:{target}" + (f":{subpath}" if subpath else ""))
+            _add_cache(executor, mount, target, mounts, keys)
         elif mount.type is MountType.TMPFS:
             mounts.append(TmpfsMount(target, mount.size or 0))
             keys.append(f"tmpfs:{target}:{mount.size or 0}")
         elif mount.type is MountType.SECRET:
-            # The key holds the mount as written, never the value: given or not, the same.
-            keys.append(f"secret:{mount.id}:{target}:{mount.env or ''}")
-            secret = secrets.get(mount.id)
-            if secret is None:
-                if mount.required:
-                    raise BuildError(
-                        f"secret {mount.id} is required but was not given (--secret id={mount.id},src=...)"
-                    )
-                continue
-            path = _secret_file(executor, secret)
-            if mount.env:
-                secret_env[mount.env] = path.read_text()
-            if mount.target:
-                mounts.append(
-                    SecretMount(
-                        mount.id,
-                        path,
-                        target,
-                        uid=mount.uid or 0,
-                        gid=mount.gid or 0,
-                        mode=mount.mode if mount.mode is not None else 0o400,
-                    )
-                )
+            _add_secret(executor, mount, target, secrets, mounts, keys, secret_env)
         else:  # SSH: llb.AddSSHSocket numbers the default targets per ssh mount
             target = _ssh_target(mount, workdir, ssh_index)
             ssh_index += 1
-            uid, gid = mount.uid or 0, mount.gid or 0
-            mode = mount.mode if mount.mode is not None else DEFAULT_SSH_MODE
-            # The key holds the mount as written, never the socket: forwarded or not, the same.
-            keys.append(f"ssh:{mount.id}:{target}:{uid}:{gid}:{mode:o}:{mount.required}")
-            agent = agents.get(mount.id)
-            if agent is None:
-                if mount.required:
-                    why = (
-                        f"unset ssh forward key {mount.id}"
-                        if agents
-                        else f"no SSH key {json.dumps(mount.id)} forwarded from the client"
-                    )
-                    raise BuildError(f"{instruction.location}: {why} (lamina build --ssh {mount.id}=...)")
-                continue  # as BuildKit: an optional ssh mount with nothing forwarded is skipped
-            mounts.append(SshMount(agent.socket, target, uid, gid, mode))
+            _add_ssh(instruction, mount, target, agents, mounts, keys)
     return mounts, keys, content.hexdigest() if keys else "", secret_env
+
+
+def _mount_target(mount: Any, workdir: str, location: Any) -> str:
+    """A mount's absolute target; "/" refused for the mounts that would cover the root."""
+    from lamina.engine.dockerfile.instructions import MountType
+
+    target = mount.target
+    if not target.startswith("/"):  # none or relative: under WORKDIR, as BuildKit's dispatchRunMounts
+        target = posixpath.normpath(posixpath.join(workdir, target))
+    if target == "/" and mount.type in (MountType.BIND, MountType.CACHE, MountType.TMPFS):
+        raise BuildError(f'{location}: invalid mount target "/"')
+    return target
+
+
+def _add_bind(
+    executor: StepHost, mount: Any, target: str, mounts: list[Any], keys: list[str], content: Any
+) -> None:
+    """A bind mount: its source read-only or with writes discarded; its digest into `content`."""
+    from lamina.engine.sandbox.spec import BindMount
+
+    source_root, digest = _bind_source(executor, mount)
+    source = _inside(source_root, mount.source, mount)
+    mounts.append(BindMount(source, target, readonly=mount.read_only, discard_writes=not mount.read_only))
+    keys.append(f"bind:{mount.from_}:{mount.source}:{target}:{mount.read_only}")
+    content.update(f"{target}\0{digest}\n".encode())
+
+
+def _add_cache(executor: StepHost, mount: Any, target: str, mounts: list[Any], keys: list[str]) -> None:
+    """A cache mount: a directory of the store named by its id, seeded from `from=` when new."""
+    from lamina.engine.sandbox.spec import CacheMount, Sharing
+
+    cache_dir = executor.store.root / "cachemounts" / hashlib.sha256(mount.id.encode()).hexdigest()[:32]
+    cache_dir.parent.mkdir(exist_ok=True)
+    # A dry run seeds nothing: the next build seeds from the stage as it then is.
+    if mount.from_ and not cache_dir.exists() and not executor.options.dry_run:
+        _seed_cache(executor, mount, cache_dir)
+    source_dir, subpath = cache_dir, mount.source.strip("/") if not mount.from_ else ""
+    if subpath:
+        # BuildKit's SourcePath on the cache: that directory of it, never a way out of it.
+        cache_dir.mkdir(exist_ok=True)
+        source_dir = _inside(cache_dir, subpath, mount)
+    mounts.append(
+        CacheMount(
+            source_dir,
+            target,
+            sharing=Sharing(mount.sharing.value),
+            uid=mount.uid or 0,
+            gid=mount.gid or 0,
+            mode=mount.mode if mount.mode is not None else 0o755,
+        )
+    )
+    keys.append(f"cache:{mount.id}:{target}" + (f":{subpath}" if subpath else ""))
+
+
+def _add_secret(
+    executor: StepHost,
+    mount: Any,
+    target: str,
+    secrets: Mapping[str, Any],
+    mounts: list[Any],
+    keys: list[str],
+    secret_env: dict[str, str],
+) -> None:
+    """A secret mount: a file at `target` and/or an env variable; missing and optional, nothing."""
+    from lamina.engine.sandbox.spec import SecretMount
+
+    # The key holds the mount as written, never the value: given or not, the same.
+    keys.append(f"secret:{mount.id}:{target}:{mount.env or ''}")
+    secret = secrets.get(mount.id)
+    if secret is None:
+        if mount.required:
+            raise BuildError(
+                f"secret {mount.id} is required but was not given (--secret id={mount.id},src=...)"
+            )
+        return
+    path = _secret_file(executor, secret)
+    if mount.env:
+        secret_env[mount.env] = path.read_text()
+    if mount.target:
+        mounts.append(
+            SecretMount(
+                mount.id,
+                path,
+                target,
+                uid=mount.uid or 0,
+                gid=mount.gid or 0,
+                mode=mount.mode if mount.mode is not None else 0o400,
+            )
+        )
+
+
+def _add_ssh(
+    instruction: Any, mount: Any, target: str, agents: Mapping[str, Any], mounts: list[Any], keys: list[str]
+) -> None:
+    """An ssh mount: a relay to the forwarded agent; missing and optional, nothing."""
+    uid, gid = mount.uid or 0, mount.gid or 0
+    mode = mount.mode if mount.mode is not None else DEFAULT_SSH_MODE
+    # The key holds the mount as written, never the socket: forwarded or not, the same.
+    keys.append(f"ssh:{mount.id}:{target}:{uid}:{gid}:{mode:o}:{mount.required}")
+    agent = agents.get(mount.id)
+    if agent is None:
+        if mount.required:
+            why = (
+                f"unset ssh forward key {mount.id}"
+                if agents
+                else f"no SSH key {json.dumps(mount.id)} forwarded from the client"
+            )
+            raise BuildError(f"{instruction.location}: {why} (lamina build --ssh {mount.id}=...)")
+        return  # as BuildKit: an optional ssh mount with nothing forwarded is skipped
+    mounts.append(SshMount(agent.socket, target, uid, gid, mode))
 
 
 DEFAULT_SSH_MODE = 0o600
