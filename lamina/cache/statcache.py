@@ -216,9 +216,8 @@ class StatCache:
         if not missing:
             return found  # type: ignore[return-value]
         new = shard.new
-        progress = self.progress if scope is not None and len(missing) >= _PROGRESS_FROM else None
-        files_done = bytes_done = 0
-        reported = time.monotonic()
+        report = self.progress if scope is not None and len(missing) >= _PROGRESS_FROM else None
+        progress = _Progress(report, len(missing)) if report is not None else None
 
         keep = scope is not None
 
@@ -234,13 +233,7 @@ class StatCache:
                 self._keep(keys[i], data)  # exactly the bytes the digest is of
             found[i] = digest
             if progress is not None:
-                nonlocal files_done, bytes_done, reported
-                files_done += 1
-                bytes_done += after.st_size
-                if files_done == len(missing) or time.monotonic() - reported >= _PROGRESS_EVERY:
-                    reported = time.monotonic()
-                    with contextlib.suppress(Exception):  # a display never fails the build
-                        progress(files_done, len(missing), bytes_done)
+                progress.file_done(after.st_size)
 
         def path(i: int) -> str:
             return f"{root}/{items[i][0]}" if root is not None else items[i][0]
@@ -251,36 +244,7 @@ class StatCache:
             for i in missing:
                 record(i, *_hash_file(path(i), items[i][1][2]))
             return found  # type: ignore[return-value]
-        from collections import deque
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        workers = min(4, os.cpu_count() or 1)
-        queued = iter(large)
-        pending: deque[tuple[int, Future[tuple[bytes, os.stat_result, bytes | None]]]] = deque()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            try:
-
-                def refill() -> None:
-                    while len(pending) < workers * _WINDOW:
-                        i = next(queued, None)
-                        if i is None:
-                            return
-                        pending.append((i, pool.submit(_hash_file, path(i), items[i][1][2])))
-
-                refill()
-                for i in small:
-                    record(i, *_hash_file(path(i), items[i][1][2]))
-                    while pending and pending[0][1].done():
-                        j, future = pending.popleft()
-                        record(j, *future.result())
-                        refill()
-                while pending:
-                    j, future = pending.popleft()
-                    record(j, *future.result())
-                    refill()
-            finally:
-                for _, future in pending:
-                    future.cancel()
+        _hash_on_pool(items, small, large, path, record)
         return found  # type: ignore[return-value]
 
     def save(self) -> None:
@@ -304,6 +268,64 @@ class StatCache:
                         shard.entries = merged
                     _forget_old_shards(shard.path.parent)
                 shard.new = {}
+
+
+class _Progress:
+    """Reports (files done, of `total`, bytes done) at most every _PROGRESS_EVERY, and at the last file."""
+
+    def __init__(self, report: Progress, total: int) -> None:
+        self.report = report
+        self.total = total
+        self.files_done = self.bytes_done = 0
+        self.reported = time.monotonic()
+
+    def file_done(self, size: int) -> None:
+        self.files_done += 1
+        self.bytes_done += size
+        if self.files_done == self.total or time.monotonic() - self.reported >= _PROGRESS_EVERY:
+            self.reported = time.monotonic()
+            with contextlib.suppress(Exception):  # a display never fails the build
+                self.report(self.files_done, self.total, self.bytes_done)
+
+
+def _hash_on_pool(
+    items: Sequence[tuple[str, StatKey]],
+    small: list[int],
+    large: list[int],
+    path: Callable[[int], str],
+    record: Callable[[int, bytes, os.stat_result, bytes | None], None],
+) -> None:
+    """Hash `small` on this thread while a pool hashes `large`, a bounded window at a time; `record` each."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    workers = min(4, os.cpu_count() or 1)
+    queued = iter(large)
+    pending: deque[tuple[int, Future[tuple[bytes, os.stat_result, bytes | None]]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+
+            def refill() -> None:
+                while len(pending) < workers * _WINDOW:
+                    i = next(queued, None)
+                    if i is None:
+                        return
+                    pending.append((i, pool.submit(_hash_file, path(i), items[i][1][2])))
+
+            refill()
+            for i in small:
+                record(i, *_hash_file(path(i), items[i][1][2]))
+                while pending and pending[0][1].done():
+                    j, future = pending.popleft()
+                    record(j, *future.result())
+                    refill()
+            while pending:
+                j, future = pending.popleft()
+                record(j, *future.result())
+                refill()
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
 def _forget_old_shards(directory: Path) -> None:
