@@ -664,7 +664,8 @@ def _isolation(value: str | Isolation | None) -> Isolation | None:
     """The typed isolation asked for, refused now (one line) if this process may not use it."""
     from lamina.engine.sandbox import isolation
 
-    wanted = isolation.parse(value)
+    # `--isolation` reaches here as $LAMINA_ISOLATION (cli sets it): checked now, not at a RUN.
+    wanted = isolation.parse(value) if value is not None else isolation.requested()
     if wanted is None:
         return None  # auto: nothing to check, and a no-op rebuild imports no id-map code
     from lamina.engine.sandbox.idmap import IdMode, detect_ids

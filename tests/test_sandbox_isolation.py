@@ -740,3 +740,16 @@ def test_proot_add_of_an_archive_keeps_devices_and_owners(
         assert done.returncode == 0, done.stderr
         digests.append(_digest(where / "image.tar"))
     assert digests[0] == digests[1]
+
+
+@needs_root
+def test_cli_isolation_proot_as_root_is_refused_before_the_build(tmp_path: Path) -> None:
+    from tests.support.build import run_cli, write_context
+
+    # No RUN step: the refusal must come from the option itself, not from a first RUN.
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY Dockerfile /\n")
+    proc = run_cli("build", "--isolation", "proot", str(ctx), cache=tmp_path / "cache", check=False)
+    assert proc.returncode != 0 and "built " not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: --isolation proot: is for a plain uid (uid 0 uses chroot)"
+    ]
