@@ -112,15 +112,7 @@ def main() -> int:
     if os.getppid() != spec["parent"]:
         return _inside.SETUP_FAILED  # the caller died before we could arm the death signal
     isolation = spec.get("isolation", "userns")
-    # rootns: root where user namespaces are off makes the others without one;
-    # chroot and proot: none at all (the caller has nothing to map either way).
-    flags = 0 if isolation in ("chroot", "proot") else _libc.CLONE_NEWNS
-    if isolation == "userns":
-        flags |= _libc.CLONE_NEWUSER
-    if spec["mode"] == "run" and flags:
-        flags |= _libc.CLONE_NEWPID | _libc.CLONE_NEWUTS | _libc.CLONE_NEWIPC
-        if spec["network"] != "host":
-            flags |= _libc.CLONE_NEWNET
+    flags = _namespace_flags(spec, isolation)
     try:
         if flags:
             _libc.unshare(flags)
@@ -133,6 +125,29 @@ def main() -> int:
     if os.read(request_fd, 1) != b"G":
         return _inside.SETUP_FAILED
     os.close(request_fd)
+    return _in_namespaces(spec, isolation, report_fd)
+
+
+def _namespace_flags(spec: dict, isolation: str) -> int:
+    """The CLONE_NEW* flags the helper unshares for `spec` under `isolation`."""
+    from lamina.engine.sandbox import _libc
+
+    # rootns: root where user namespaces are off makes the others without one;
+    # chroot and proot: none at all (the caller has nothing to map either way).
+    flags = 0 if isolation in ("chroot", "proot") else _libc.CLONE_NEWNS
+    if isolation == "userns":
+        flags |= _libc.CLONE_NEWUSER
+    if spec["mode"] == "run" and flags:
+        flags |= _libc.CLONE_NEWPID | _libc.CLONE_NEWUTS | _libc.CLONE_NEWIPC
+        if spec["network"] != "host":
+            flags |= _libc.CLONE_NEWNET
+    return flags
+
+
+def _in_namespaces(spec: dict, isolation: str, report_fd: int) -> int:
+    """Once the caller said go: do `spec`'s mode (chroot and proot hand the whole request on)."""
+    from lamina.engine.sandbox import _inside, _libc
+
     if isolation == "chroot":
         from lamina.engine.sandbox import _chroot
 
@@ -156,6 +171,13 @@ def main() -> int:
         return _answer(spec, report_fd, _layer)
     if spec["mode"] == "layers":
         return _answer(spec, report_fd, _layers)
+    return _run_command(spec, report_fd)
+
+
+def _run_command(spec: dict, report_fd: int) -> int:
+    """Mode "run": set the sandbox up, fork its init (which runs the command), tidy up; the exit status."""
+    from lamina.engine.sandbox import _inside
+
     try:
         baseline = _inside.prepare(spec)
     except _inside.SetupError as err:
