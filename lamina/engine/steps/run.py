@@ -96,13 +96,7 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
     from lamina.engine.model import PLATFORM
 
     insecure = instruction.security == "insecure"
-    for needed, asked in (("security.insecure", insecure), ("network.host", instruction.network == "host")):
-        if asked and needed not in executor.options.allow:
-            flag = "--security=insecure" if needed == "security.insecure" else "--network=host"
-            why = f"RUN {flag} needs the {needed} entitlement: lamina build --allow {needed}"
-            raise BuildError(f"{instruction.location}: {why}")
-    if instruction.devices:
-        raise BuildError("RUN --device is not supported")
+    _check_allowed(executor, instruction, insecure)
     argv, script = command_line(state, instruction, None)
     env = step_env(state)
     env.setdefault("PATH", DEFAULT_PATH)
@@ -136,19 +130,7 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
         "mounts": mount_keys,
         "script": hashlib.sha256(script.encode()).hexdigest() if script is not None else "",
     }
-    hostname = sandbox_hostname(executor.plan.build_args)
-    if hostname != SANDBOX_HOSTNAME:  # the exec op's key holds it in BuildKit
-        described["hostname"] = hostname
-    if insecure:
-        described["security"] = "insecure"
-    options = executor.options
-    for field, value in (  # in the exec op's meta, and so its key, in BuildKit; only when set
-        ("hosts", [f"{name}={ip}" for name, ip in options.add_hosts]),
-        ("ulimits", [f"{u.name}={u.soft}:{u.hard}" for u in options.ulimits]),
-        ("shm", options.shm_size),
-    ):
-        if value:
-            described[field] = value
+    _describe_sandbox(executor, described, insecure)
     inputs = make_inputs(
         state.key, "RUN " + json.dumps(described, sort_keys=True), key_env, PLATFORM, content
     )
@@ -165,6 +147,34 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
     state.config = md.add_history(
         state.config, created_by, created=executor.created(state), empty_layer=not has_layer, ran=True
     )
+
+
+def _check_allowed(executor: StepHost, instruction: Any, insecure: bool) -> None:
+    """Refuse --security=insecure and --network=host without their entitlement, and --device."""
+    for needed, asked in (("security.insecure", insecure), ("network.host", instruction.network == "host")):
+        if asked and needed not in executor.options.allow:
+            flag = "--security=insecure" if needed == "security.insecure" else "--network=host"
+            why = f"RUN {flag} needs the {needed} entitlement: lamina build --allow {needed}"
+            raise BuildError(f"{instruction.location}: {why}")
+    if instruction.devices:
+        raise BuildError("RUN --device is not supported")
+
+
+def _describe_sandbox(executor: StepHost, described: dict[str, Any], insecure: bool) -> None:
+    """Add to a RUN's key text what of the sandbox is not the default: hostname, security, hosts..."""
+    hostname = sandbox_hostname(executor.plan.build_args)
+    if hostname != SANDBOX_HOSTNAME:  # the exec op's key holds it in BuildKit
+        described["hostname"] = hostname
+    if insecure:
+        described["security"] = "insecure"
+    options = executor.options
+    for field, value in (  # in the exec op's meta, and so its key, in BuildKit; only when set
+        ("hosts", [f"{name}={ip}" for name, ip in options.add_hosts]),
+        ("ulimits", [f"{u.name}={u.soft}:{u.hard}" for u in options.ulimits]),
+        ("shm", options.shm_size),
+    ):
+        if value:
+            described[field] = value
 
 
 def _history_args(state: StageState, build_args: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -186,20 +196,14 @@ def _sandbox_run(
     insecure: bool,
 ) -> None:
     from lamina.engine.sandbox.runner import run
-    from lamina.engine.sandbox.spec import BindMount, Network, SandboxSpec
+    from lamina.engine.sandbox.spec import Network, SandboxSpec
 
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=executor.store.root / "tmp"))
     relays = contextlib.ExitStack()  # ssh-agent relays live as long as the command
     try:
         mounts = relays.enter_context(_ssh_relays(mounts, scratch, instruction.location))
         if script is not None:
-            pipes = scratch / "pipes"
-            pipes.mkdir()
-            name = posixpath.basename(argv[-1])
-            (pipes / name).write_text(script)
-            os.chmod(pipes / name, 0o755)
-            os.chmod(pipes, 0o755)
-            mounts = [*mounts, BindMount(pipes, "/dev/pipes", readonly=True)]
+            mounts = _with_script(mounts, scratch, argv, script)
         index = state.index
         spec = SandboxSpec(
             argv=tuple(argv),
@@ -222,22 +226,48 @@ def _sandbox_run(
             spec = _with_output(spec, fd)
             code = run(spec, on_warning=executor.warn_once)
         if code != 0:
-            from lamina.engine.failures import RunFailed, keep_step
-
-            err = RunFailed(
-                f"{instruction.location}: stage {state.name}: "
-                # BuildKit's exec op: the argv joined by spaces, quoted (Go's %q)
-                f"process {json.dumps(' '.join(argv))} did not complete successfully: "
-                f"exit code {code}{_signal_note(code)}",
-                tuple(tail),
-            )
-            # `lamina debug ID` enters it; not kept on a full file system, which it would keep full
-            if not file_system_full(spec.upper_dir):
-                err.debug_id = keep_step(executor, state, instruction, spec)
-            raise err
+            raise _run_failed(executor, state, instruction, argv, code, tail, spec)
     finally:
         relays.close()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _with_script(mounts: list[Any], scratch: Path, argv: list[str], script: str) -> list[Any]:
+    """`mounts` and a read-only /dev/pipes holding the heredoc script, executable, argv's last."""
+    from lamina.engine.sandbox.spec import BindMount
+
+    pipes = scratch / "pipes"
+    pipes.mkdir()
+    name = posixpath.basename(argv[-1])
+    (pipes / name).write_text(script)
+    os.chmod(pipes / name, 0o755)
+    os.chmod(pipes, 0o755)
+    return [*mounts, BindMount(pipes, "/dev/pipes", readonly=True)]
+
+
+def _run_failed(
+    executor: StepHost,
+    state: StageState,
+    instruction: Any,
+    argv: list[str],
+    code: int,
+    tail: collections.deque[str],
+    spec: Any,
+) -> Exception:
+    """The error for a command that exited non-zero, with its output's tail and a debug id."""
+    from lamina.engine.failures import RunFailed, keep_step
+
+    err = RunFailed(
+        f"{instruction.location}: stage {state.name}: "
+        # BuildKit's exec op: the argv joined by spaces, quoted (Go's %q)
+        f"process {json.dumps(' '.join(argv))} did not complete successfully: "
+        f"exit code {code}{_signal_note(code)}",
+        tuple(tail),
+    )
+    # `lamina debug ID` enters it; not kept on a full file system, which it would keep full
+    if not file_system_full(spec.upper_dir):
+        err.debug_id = keep_step(executor, state, instruction, spec)
+    return err
 
 
 def _signal_note(code: int) -> str:
