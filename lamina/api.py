@@ -285,6 +285,9 @@ def diff_builds(
         return diffbuilds.diff_paths([Path(p) for p in metadata_files])
     root = Path(_store_root(cache_dir, environ))
     path = diffbuilds.history_path(root, Path(context), Path(dockerfile) if dockerfile else None, target)
+    if not path.exists() and not Path(context).is_dir():
+        said = "not a directory" if Path(context).exists() else "no such build context directory"
+        raise diffbuilds.NoBuilds(f"diff {context}: {said}")
     return diffbuilds.compare(*diffbuilds.last_two(path, str(context)))
 
 

@@ -959,7 +959,8 @@ def diff_command(paths: tuple[str, ...], dockerfile: str | None, target: str | N
     from lamina.diffbuilds import to_text
 
     images = len(paths) == 2 and not any(os.path.exists(p) for p in paths)
-    if len(paths) > 2 or (len(paths) == 2 and not images and not all(os.path.isfile(p) for p in paths)):
+    # Two paths, one of them on disk: metadata files (a missing one is named by diffbuilds).
+    if len(paths) > 2 or (len(paths) == 2 and not images and any(os.path.isdir(p) for p in paths)):
         raise click.UsageError("give a build context, two --metadata-file documents or two image names")
     if images:
         from lamina import diffimages

@@ -82,7 +82,16 @@ def test_diff_of_two_metadata_files_and_a_changed_instruction(cache: Path, ctx: 
     history = json.loads(run_cli("diff", "--format", "json", str(ctx), cache=cache).stdout)
     assert [s["change"] for s in history["steps"]] == ["unchanged", "unchanged", "unchanged", "changed"]
     refused = run_cli("diff", str(old), cache=cache, check=False)
-    assert refused.returncode == 1 and "no build recorded yet" in refused.stderr
+    assert refused.returncode == 1 and f"diff {old}: not a directory" in refused.stderr
+    missing = run_cli("diff", str(old), str(old.parent / "missing.json"), cache=cache, check=False)
+    assert missing.returncode == 1
+    assert (
+        missing.stderr.strip()
+        == f"error: diff {old.parent / 'missing.json'}: cannot read: No such file or directory"
+    )
+    gone = run_cli("diff", str(old.parent / "nonexistent"), cache=cache, check=False)
+    assert gone.returncode == 1
+    assert gone.stderr.strip() == f"error: diff {old.parent / 'nonexistent'}: no such build context directory"
 
 
 def test_diff_of_two_images_config_layers_and_files(cache: Path, tmp_path: Path) -> None:
