@@ -228,6 +228,8 @@ def test_annotations_land_on_the_manifest_and_its_descriptor(cache: Path, ctx: P
             'cannot export annotations with "oci-mediatypes=false"',
         ),
         (["-o", "type=oci,dest={d}", "--annotation", "noequals"], 'invalid annotation "noequals"'),
+        (["-o", "type=oci,dest={d}", "--annotation", "=x"], 'invalid annotation "=x", expected key=value'),
+        (["-o", "type=oci,dest={d}", "--annotation", "index:=x"], 'invalid annotation "index:=x"'),
         (["-o", "type=oci,dest={d}", "--annotation", "blob:a=b"], 'unknown annotation type "blob"'),
         (["-o", "type=oci,dest={d}", "--annotation", "manifest[linux/s390x]:a=b"], "no platform linux/s390x"),
         (["-o", "{d}", "--annotation", "a=b"], "--annotation: no output of this build is an image"),

@@ -393,7 +393,7 @@ def parse_annotation_flags(values: Sequence[str]) -> tuple[Annotation, ...]:
         if not text:
             continue
         key, sep, value = text.partition("=")
-        if not sep:
+        if not sep or not key.rpartition(":")[2]:  # no `=`, or an empty KEY (`=x`, `manifest:=x`)
             raise OutputError(f'parse annotations: invalid annotation "{text}", expected key=value')
         types, colon, name = key.partition(":")
         if not colon:
