@@ -250,13 +250,7 @@ class _Writer:
         self.check_stop()
         entry = item.entry
         if entry.type is EntryType.FILE and self.may_queue(item):
-            self.ensure_parent(item.dest)
-            path = self.target(item.dest)
-            self.links[entry.key[:2]] = path
-            self.queued.add(item.dest)
-            self.batch.append((item, path))
-            if len(self.batch) >= _BATCH:
-                self.submit()
+            self.queue(item)
             return
         if entry.type is not EntryType.DIR or self.below_queued(item.dest):
             self.drain()  # a directory of its own does not wait for the files queued
@@ -267,20 +261,49 @@ class _Writer:
         except FileNotFoundError:
             existing = None
         if entry.type is EntryType.DIR:
-            if existing is None:
-                os.mkdir(path, 0o700)
-            elif not stat.S_ISDIR(existing.st_mode):
-                raise ContextError(f"COPY failed: cannot copy to non-directory: /{item.dest}")
-            _chown(path, item.uid, item.gid)
-            self.copy_xattrs(entry, path)
-            self.dir_mode(path, item.mode)
-            self.known_dirs.add(item.dest)
-            self.dir_times.append((item.dest, entry.mtime_ns))
+            self.write_dir(item, path, existing)
             return
         if existing is not None:
             if stat.S_ISDIR(existing.st_mode):
                 raise ContextError(f"COPY failed: cannot replace directory /{item.dest} with a file")
             os.unlink(path)
+        if not self.make_entry(item, path):
+            return  # the inode has its metadata already: leave it alone
+        _chown(path, item.uid, item.gid)
+        self.copy_xattrs(entry, path)
+        if entry.type is not EntryType.SYMLINK:
+            os.chmod(path, item.mode)
+        when = self.mtime_ns if self.mtime_ns is not None else entry.mtime_ns
+        os.utime(path, ns=(when, when), follow_symlinks=False)
+
+    def queue(self, item: CopyItem) -> None:
+        """Queue a file to be written with the next batch, beside the others queued."""
+        self.ensure_parent(item.dest)
+        path = self.target(item.dest)
+        self.links[item.entry.key[:2]] = path
+        self.queued.add(item.dest)
+        self.batch.append((item, path))
+        if len(self.batch) >= _BATCH:
+            self.submit()
+
+    def write_dir(self, item: CopyItem, path: str, existing: os.stat_result | None) -> None:
+        """Make (or keep) a directory with the item's owner, xattrs and mode; its time is set last."""
+        entry = item.entry
+        if existing is None:
+            os.mkdir(path, 0o700)
+        elif not stat.S_ISDIR(existing.st_mode):
+            raise ContextError(f"COPY failed: cannot copy to non-directory: /{item.dest}")
+        _chown(path, item.uid, item.gid)
+        self.copy_xattrs(entry, path)
+        self.dir_mode(path, item.mode)
+        self.known_dirs.add(item.dest)
+        self.dir_times.append((item.dest, entry.mtime_ns))
+
+    def make_entry(self, item: CopyItem, path: str) -> bool:
+        """Make a file, hard link, symlink, fifo or device node at `path` (nothing there now).
+
+        False when it is a link to a file of a prior layer, whose metadata is set already."""
+        entry = item.entry
         if entry.type is EntryType.FILE:
             inode = entry.key[:2]
             first = self.links.get(inode)
@@ -288,7 +311,7 @@ class _Writer:
                 os.link(first, path)  # a hardlink of a file this copy already wrote
             elif self.link_prior(item, path):
                 self.links[inode] = path
-                return  # the inode has its metadata already: leave it alone
+                return False
             else:
                 self.bytes_written += self.copy_file(entry, path)
                 self.links[inode] = path
@@ -302,12 +325,7 @@ class _Writer:
                 os.mknod(path, kind | 0o600, entry.rdev)
             except PermissionError:
                 raise ContextError(f"COPY failed: {entry.path}: creating a device node needs root") from None
-        _chown(path, item.uid, item.gid)
-        self.copy_xattrs(entry, path)
-        if entry.type is not EntryType.SYMLINK:
-            os.chmod(path, item.mode)
-        when = self.mtime_ns if self.mtime_ns is not None else entry.mtime_ns
-        os.utime(path, ns=(when, when), follow_symlinks=False)
+        return True
 
     def may_queue(self, item: CopyItem) -> bool:
         """Whether a file can be written beside the queued ones: it is no hard
