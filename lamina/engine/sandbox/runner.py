@@ -389,24 +389,7 @@ def _helper(
     """
     import marshal
 
-    request_r, request_w = os.pipe()
-    report_r, report_w = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", _HELPER, str(request_r), str(report_w)],
-            pass_fds=(request_r, report_w),
-            # Nothing of ours reaches a step: the helper, PID 1's parent, starts with no environment.
-            env={},
-            stdin=spec.stdin if spec else subprocess.DEVNULL,
-            stdout=spec.stdout if spec else (subprocess.PIPE if sink else subprocess.DEVNULL),
-            stderr=spec.stderr if spec else None,
-        )
-    except OSError as err:
-        for fd in (request_r, request_w, report_r, report_w):
-            os.close(fd)
-        raise SandboxError(f"start the sandbox helper: {err}") from err
-    os.close(request_r)
-    os.close(report_w)
+    proc, request_w, report_r = _start_helper(spec, sink)
     with _LIVE_LOCK:
         _LIVE.add(proc)
     pump = _Pump(proc.stdout, sink) if sink is not None else None
@@ -441,6 +424,36 @@ def _helper(
     finally:
         with _LIVE_LOCK:
             _LIVE.discard(proc)
+    return _outcome(messages, started, code, results)
+
+
+def _start_helper(
+    spec: SandboxSpec | None, sink: BinaryIO | None
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Start the helper process; (it, the fd to write its request to, the fd to read its report from)."""
+    request_r, request_w = os.pipe()
+    report_r, report_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", _HELPER, str(request_r), str(report_w)],
+            pass_fds=(request_r, report_w),
+            # Nothing of ours reaches a step: the helper, PID 1's parent, starts with no environment.
+            env={},
+            stdin=spec.stdin if spec else subprocess.DEVNULL,
+            stdout=spec.stdout if spec else (subprocess.PIPE if sink else subprocess.DEVNULL),
+            stderr=spec.stderr if spec else None,
+        )
+    except OSError as err:
+        for fd in (request_r, request_w, report_r, report_w):
+            os.close(fd)
+        raise SandboxError(f"start the sandbox helper: {err}") from err
+    os.close(request_r)
+    os.close(report_w)
+    return proc, request_w, report_r
+
+
+def _outcome(messages: str, started: bool, code: int, results: list[str] | None) -> tuple[int, list[str]]:
+    """(exit code, error messages) from the helper's report and exit status; result lines to `results`."""
     lines = messages.splitlines()
     errors = [line[1:] for line in lines if line.startswith("E")]
     if not started and not errors:
