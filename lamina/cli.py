@@ -934,7 +934,10 @@ def debug(failure: str | None, command: tuple[str, ...]) -> None:
     from lamina import api
 
     if failure is None:
-        for kept in api.failures():
+        failures = api.failures()
+        if not failures:  # said on stderr: the (empty) listing on stdout stays parseable
+            click.echo("no failed step is kept (a failed RUN step is kept until a prune)", err=True)
+        for kept in failures:
             when = datetime.datetime.fromtimestamp(kept.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
             click.echo(f"{kept.id}  {when}  stage {kept.stage}  {_printable(kept.step)}")
         return
