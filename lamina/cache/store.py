@@ -784,42 +784,10 @@ class Store:
         report = GcReport(0, 0, 0, 0)
         tried: set[str] = set()  # trees asked to go: one that cannot must not be tried forever
         while (total := self.du().total) > keep_bytes:
-            image_blobs, image_diff_ids = self._needed_by_images()
-            with self._sql() as db:
-                entries = db.execute("SELECT key, last_used FROM cache").fetchall()
-                refs: dict[str, list[str]] = {}
-                for key, digest in db.execute("SELECT key, digest FROM cache_refs"):
-                    refs.setdefault(key, []).append(digest)
-                unpacked_used = dict(db.execute("SELECT diff_id, last_used FROM unpacked").fetchall())
-            users: dict[str, int] = {}
-            for digests in refs.values():
-                for digest in digests:
-                    users[digest] = users.get(digest, 0) + 1
-            pinned = {str(d) for d in image_blobs | image_diff_ids}
-            # (last used, kind, name): cache entries and the unpacked trees of named images' layers
-            candidates = [(used, 0, key) for key, used in entries]
-            candidates += [
-                (unpacked_used.get(str(d), 0.0), 1, d.hex)
-                for d in image_diff_ids
-                if d.algorithm == "sha256" and d.hex not in tried and (self._unpacked / d.hex).is_dir()
-            ]
-            candidates.sort()
-            excess = total - keep_bytes
-            drop_keys: list[str] = []
-            drop_trees: list[Path] = []
-            for _, kind, name in candidates:
-                if excess <= 0:
-                    break
-                if kind == 1:
-                    tried.add(name)
-                    drop_trees.append(self._unpacked / name)
-                    excess -= _tree_size(self._unpacked / name, set())
-                    continue
-                drop_keys.append(name)
-                for digest in refs.get(name, ()):
-                    users[digest] -= 1
-                    if users[digest] == 0 and digest not in pinned:
-                        excess -= self._bytes_of(Digest.parse(digest))
+            candidates, refs, users, pinned = self._shrink_candidates(tried)
+            drop_keys, drop_trees = self._shrink_choice(
+                candidates, refs, users, pinned, total - keep_bytes, tried
+            )
             if not drop_keys and not drop_trees:
                 break  # what is left is named images' blobs and the index
             with self._sql() as db:
@@ -834,6 +802,62 @@ class Store:
                     report += GcReport(0, 1, 0, removed)
             report += self._sweep(remove_tree, unpacked_unused_since=None)
         return dataclasses.replace(report, size_after=self.du().total)
+
+    def _shrink_candidates(
+        self, tried: set[str]
+    ) -> tuple[list[tuple[float, int, str]], dict[str, list[str]], dict[str, int], set[str]]:
+        """What _shrink may drop, least recently used first, as (last used, kind, name): cache
+        entries (kind 0) and the unpacked trees of named images' layers not yet tried (kind 1);
+        with each entry's refs, how many entries use each ref, and the refs named images pin."""
+        image_blobs, image_diff_ids = self._needed_by_images()
+        with self._sql() as db:
+            entries = db.execute("SELECT key, last_used FROM cache").fetchall()
+            refs: dict[str, list[str]] = {}
+            for key, digest in db.execute("SELECT key, digest FROM cache_refs"):
+                refs.setdefault(key, []).append(digest)
+            unpacked_used = dict(db.execute("SELECT diff_id, last_used FROM unpacked").fetchall())
+        users: dict[str, int] = {}
+        for digests in refs.values():
+            for digest in digests:
+                users[digest] = users.get(digest, 0) + 1
+        pinned = {str(d) for d in image_blobs | image_diff_ids}
+        # (last used, kind, name): cache entries and the unpacked trees of named images' layers
+        candidates = [(used, 0, key) for key, used in entries]
+        candidates += [
+            (unpacked_used.get(str(d), 0.0), 1, d.hex)
+            for d in image_diff_ids
+            if d.algorithm == "sha256" and d.hex not in tried and (self._unpacked / d.hex).is_dir()
+        ]
+        candidates.sort()
+        return candidates, refs, users, pinned
+
+    def _shrink_choice(
+        self,
+        candidates: list[tuple[float, int, str]],
+        refs: dict[str, list[str]],
+        users: dict[str, int],
+        pinned: set[str],
+        excess: int,
+        tried: set[str],
+    ) -> tuple[list[str], list[Path]]:
+        """The cache keys and unpacked trees to drop, oldest first, until their estimated
+        size covers `excess`; a tree chosen is added to `tried`."""
+        drop_keys: list[str] = []
+        drop_trees: list[Path] = []
+        for _, kind, name in candidates:
+            if excess <= 0:
+                break
+            if kind == 1:
+                tried.add(name)
+                drop_trees.append(self._unpacked / name)
+                excess -= _tree_size(self._unpacked / name, set())
+                continue
+            drop_keys.append(name)
+            for digest in refs.get(name, ()):
+                users[digest] -= 1
+                if users[digest] == 0 and digest not in pinned:
+                    excess -= self._bytes_of(Digest.parse(digest))
+        return drop_keys, drop_trees
 
     def _bytes_of(self, digest: Digest) -> int:
         """What a cache ref takes: its blob, and its unpacked tree if it names one."""
