@@ -132,10 +132,7 @@ def run(spec: dict, report_fd: int) -> int:
         stage.settle()
         _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
         argv = _proot_argv(spec, root, cwd, uid, gid, binds)
-        env = dict(kv.split("=", 1) for kv in spec["env"])
-        env.setdefault("PATH", _inside._DEFAULT_PATH)
-        env.setdefault("HOME", home)
-        env.setdefault("HOSTNAME", spec["hostname"])
+        env = _step_env(spec, home)
         steering = sorted(k for k in env if k.startswith("PROOT_"))
         if steering:
             # proot reads these itself (PROOT_ASSUME_NEW_SECCOMP would hand it chown untranslated)
@@ -143,15 +140,7 @@ def run(spec: dict, report_fd: int) -> int:
                 report_fd, f"proot isolation: the step's environment sets {steering[0]}, which proot reads"
             )
             return _inside.SETUP_FAILED
-        ours, theirs = socket.socketpair()
-        child = os.fork()
-        if child == 0:
-            ours.close()
-            try:
-                _command(argv, env, theirs, seccomp, report_fd)
-            finally:
-                os._exit(_inside.EXEC_FAILED)
-        theirs.close()
+        child, ours = _start_command(argv, env, seccomp, report_fd)
         _inside.forward_signals(child)
         supervisor = _Supervisor(root, known, (uid, gid), failures)
         code = supervisor.serve(ours, child)
@@ -166,6 +155,31 @@ def run(spec: dict, report_fd: int) -> int:
         _inside.report(report_fd, f"{failures[0]}{more}, which proot isolation cannot record in the layer")
         return _inside.SETUP_FAILED
     return _chroot.write_diff(baseline, root, spec["upper"], report_fd, code)
+
+
+def _step_env(spec: dict, home: str) -> dict[str, str]:
+    """The step's environment, with PATH, HOME and HOSTNAME defaulted."""
+    env = dict(kv.split("=", 1) for kv in spec["env"])
+    env.setdefault("PATH", _inside._DEFAULT_PATH)
+    env.setdefault("HOME", home)
+    env.setdefault("HOSTNAME", spec["hostname"])
+    return env
+
+
+def _start_command(
+    argv: list[str], env: dict[str, str], seccomp: _confine.Filter | None, report_fd: int
+) -> tuple[int, socket.socket]:
+    """Fork the child that execs proot; (its pid, our end of the socket it sends the filter's listener on)."""
+    ours, theirs = socket.socketpair()
+    child = os.fork()
+    if child == 0:
+        ours.close()
+        try:
+            _command(argv, env, theirs, seccomp, report_fd)
+        finally:
+            os._exit(_inside.EXEC_FAILED)
+    theirs.close()
+    return child, ours
 
 
 def _stage_all(spec: dict, stage: _chroot.Stage) -> list[tuple[str, str]]:
