@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.build import BASE, build, run_cli, write_context
+from tests.support.build import BASE, build, needs_id_range, run_cli, write_context
 
 pytestmark = pytest.mark.sandbox
 
@@ -290,6 +290,7 @@ def test_plan_cache_takes_the_build_flags_and_agrees_with_the_next_build(cache: 
 
 
 def test_two_causes_at_once_are_both_named_everywhere(cache: Path, tmp_path: Path) -> None:
+    needs_id_range()  # the first build runs as nobody
     text = f"FROM {BASE}\nARG V=1\nUSER nobody\nRUN echo $V > /tmp/v\n"
     ctx = write_context(tmp_path / "two", text)
     run_cli("build", "--progress", "quiet", str(ctx), cache=cache)
