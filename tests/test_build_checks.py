@@ -549,8 +549,18 @@ RUN --mount=type=ssh,id=ssh3,required true
 FROM second
 """
     result = _outline(text, "target", {"BAR": "678"})
-    assert result["secrets"] == [{"name": "passwd", "required": True}, {"name": "second678"}]
-    assert result["ssh"] == [{"name": "default"}, {"name": "ssh3", "required": True}]
+
+    def at(line: int) -> dict[str, object]:
+        return {"ranges": [{"start": {"line": line}, "end": {"line": line}}]}
+
+    assert result["secrets"] == [
+        {"name": "passwd", "required": True, "location": at(3)},
+        {"name": "second678", "location": at(8)},
+    ]
+    assert result["ssh"] == [
+        {"name": "default", "location": at(3)},
+        {"name": "ssh3", "required": True, "location": at(11)},
+    ]
 
 
 def test_outline_recursive_args_as_buildkit() -> None:

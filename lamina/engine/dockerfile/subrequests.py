@@ -102,7 +102,7 @@ class _View:
     infos: dict[str, _Arg]
     used: set[str]
     env: dict[str, str]  # ARG and ENV values so far, to expand defaults and mount ids
-    mounts: list[tuple[MountType, str, bool, int]]  # secret and ssh mounts: kind, id, required, line
+    mounts: list[tuple[MountType, str, bool, Node]]  # secret and ssh mounts: kind, id, required, RUN
 
 
 def _outline_step(
@@ -138,7 +138,7 @@ def _outline_step(
             return  # the build stops at it
         for mount in mounts:
             if mount.type in (MountType.SECRET, MountType.SSH):
-                view.mounts.append((mount.type, mount.id, mount.required, step.node.start_line))
+                view.mounts.append((mount.type, mount.id, mount.required, step.node))
 
 
 def outline(
@@ -164,11 +164,11 @@ def outline(
 
     wanted = sorted(reachable(stages, index, base_name), key=lambda i: (i != index, i))
     args = _used_args(views, wanted)
-    secrets: dict[str, tuple[bool, int]] = {}
-    ssh: dict[str, tuple[bool, int]] = {}
+    secrets: dict[str, tuple[bool, Node]] = {}
+    ssh: dict[str, tuple[bool, Node]] = {}
     for i in sorted(wanted):
-        for kind, name, required, line in views[i].mounts:
-            (secrets if kind is MountType.SECRET else ssh).setdefault(name, (required, line))
+        for kind, name, required, node in views[i].mounts:
+            (secrets if kind is MountType.SECRET else ssh).setdefault(name, (required, node))
     result = _named(stages[index])
     if args:
         result["args"] = [
@@ -183,8 +183,8 @@ def outline(
     for key, found_ids in (("secrets", secrets), ("ssh", ssh)):
         if found_ids:
             result[key] = [
-                {"name": name, **({"required": True} if required else {})}
-                for name, (required, _) in sorted(found_ids.items(), key=lambda kv: kv[1][1])
+                {"name": name, **({"required": True} if required else {}), "location": _location(node)}
+                for name, (required, node) in sorted(found_ids.items(), key=lambda kv: kv[1][1].start_line)
             ]
     result["sources"] = [_source(data)]
     return result
