@@ -422,6 +422,20 @@ def test_progress_json_events(cache: Path, tmp_path: Path) -> None:
     assert statuses == ["cached"]
 
 
+def test_built_line_shows_the_image_id_that_quiet_prints(cache: Path, tmp_path: Path) -> None:
+    # docker build -q prints the image ID (config digest); the plain summary must show that same
+    # digest as the image and name the manifest digest as such, on a build and on a no-op replay.
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN true\n")
+    first = run_cli("build", "--progress", "plain", str(ctx), cache=cache)
+    again = run_cli("build", "--progress", "plain", str(ctx), cache=cache)
+    image_id = run_cli("build", "-q", str(ctx), cache=cache).stdout.strip()
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", image_id)
+    for proc in (first, again):
+        assert re.search(
+            rf"^built image {image_id} \(manifest sha256:[0-9a-f]{{64}}\) in ", proc.stderr, re.M
+        )
+
+
 def test_source_date_epoch_gives_byte_identical_tarballs(cache: Path, tmp_path: Path) -> None:
     ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN echo hi > /hi\nCOPY f /f\n", {"f": "x\n"})
     first, second = tmp_path / "a.tar", tmp_path / "b.tar"

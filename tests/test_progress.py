@@ -18,7 +18,7 @@ from lamina.engine.progress import (
 RUN = StepEvent("builder", 2, 3, "RUN make", StepStatus.RUNNING)
 CACHED = StepEvent("builder", 1, 3, "COPY . /src", StepStatus.CACHED)
 FAILED = StepEvent("builder", 2, 3, "RUN make", StepStatus.ERROR, 1.5, ("make: *** no rule",))
-SUMMARY = BuildSummary("sha256:" + "a" * 64, steps_cached=1, steps_run=2, seconds=3.25)
+SUMMARY = BuildSummary("sha256:" + "a" * 64, "sha256:" + "c" * 64, steps_cached=1, steps_run=2, seconds=3.25)
 
 
 def test_plain_shows_cached_and_failure_tail() -> None:
@@ -60,8 +60,11 @@ def test_quiet_prints_only_failures() -> None:
     assert "ERROR" in out.getvalue()
 
 
-def test_summary_line_names_digest_and_counts() -> None:
-    assert SUMMARY.line() == f"built sha256:{'a' * 64} in 3.25s: 1 step(s) cached, 2 run"
+def test_summary_line_names_image_id_and_manifest() -> None:
+    # The image ID first, as `build -q` prints it; the manifest named as such (`lamina images`).
+    assert SUMMARY.line() == (
+        f"built image sha256:{'c' * 64} (manifest sha256:{'a' * 64}) in 3.25s: 1 step(s) cached, 2 run"
+    )
 
 
 def test_auto_is_plain_when_not_a_terminal() -> None:

@@ -314,7 +314,11 @@ class Executor:
             seconds,
             target.name,
         )
-        self.sink.finish(BuildSummary(result.image_digest, result.steps_cached, result.steps_run, seconds))
+        self.sink.finish(
+            BuildSummary(
+                result.image_digest, result.config_digest, result.steps_cached, result.steps_run, seconds
+            )
+        )
         return result
 
     def statements(self, image: Any, config: ImageConfig) -> tuple[Any, ...]:

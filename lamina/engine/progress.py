@@ -44,14 +44,19 @@ class StepEvent:
 @dataclasses.dataclass(frozen=True, slots=True)
 class BuildSummary:
     image_digest: str  # manifest digest of the target, "" when nothing was exported
+    config_digest: str  # the image ID (what `build -q` and --iidfile give), "" likewise
     steps_cached: int
     steps_run: int
     seconds: float
 
     def line(self) -> str:
-        digest = self.image_digest or "(no image)"
+        # Both digests, each named: the image ID as docker's "writing image" and `-q` show it,
+        # the manifest as `lamina images` and a registry show it.
+        what = "(no image)"
+        if self.config_digest:
+            what = f"image {self.config_digest} (manifest {self.image_digest})"
         return (
-            f"built {digest} in {self.seconds:.2f}s: {self.steps_cached} step(s) cached, {self.steps_run} run"
+            f"built {what} in {self.seconds:.2f}s: {self.steps_cached} step(s) cached, {self.steps_run} run"
         )
 
 

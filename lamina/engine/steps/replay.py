@@ -169,5 +169,5 @@ def replay(
     result = BuildResult(
         value["image"], value["config"], config, tuple(names), tuple(steps), seconds, value["target"]
     )
-    sink.finish(BuildSummary(result.image_digest, len(steps), 0, seconds))
+    sink.finish(BuildSummary(result.image_digest, result.config_digest, len(steps), 0, seconds))
     return result
