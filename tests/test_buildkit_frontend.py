@@ -300,6 +300,17 @@ def _check_config(result: Any, case: dict[str, Any]) -> None:
             assert value in got if isinstance(value, str) else got == value, f"history[{index}]: {history}"
 
 
+def _index_digest(text: str, tmp: Path) -> str:
+    """{INDEX_DIGEST:dir}: the digest of the one manifest in the OCI layout `dir` under {TMP}."""
+
+    def digest(found: re.Match[str]) -> str:
+        manifests = json.loads((tmp / found.group(1) / "index.json").read_text())["manifests"]
+        assert len(manifests) == 1, manifests
+        return str(manifests[0]["digest"])
+
+    return re.sub(r"\{INDEX_DIGEST:([^}]+)\}", digest, text)
+
+
 # Keys of a case (and of a rebuild, which may change them) that are lamina.build's own arguments.
 _BUILD_KEYS = frozenset(
     (
@@ -324,7 +335,8 @@ def _build(
     if "build_contexts" in case:  # {DIR:name} is a directory of `context_dirs`
         dirs = out.parent / "context-dirs"
         kwargs["build_contexts"] = [
-            f"{name}={value}".replace("{DIR:", f"{dirs}/")
+            _index_digest(f"{name}={value}", out.parent)
+            .replace("{DIR:", f"{dirs}/")
             .replace("}", "")
             .replace("{TMP", os.fspath(out.parent))
             for name, value in case["build_contexts"].items()
