@@ -25,6 +25,7 @@ from lamina.engine.outputspec import OutputSpec, OutputType, check_dest
 from lamina.errors import BuildError, DiskFull, OutputError, is_disk_full
 from lamina.oci import filecopy, xattrs
 from lamina.oci.digest import Digest
+from lamina.oci.layout import shown_path
 from lamina.oci.overlay import is_opaque, is_whiteout
 
 if TYPE_CHECKING:
@@ -146,8 +147,11 @@ def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> None:
         raise OutputError(f"{what}: {dest} exists and is not a directory")
     made = _make_parents(dest.parent)
     existed = dest.is_dir()
-    tmp = _temp_dir(dest if existed else dest.parent, f".{dest.name}.tmp-" if not existed else ".lamina-tmp-")
+    tmp: Path | None = None
     try:
+        tmp = _temp_dir(
+            dest if existed else dest.parent, f".{dest.name}.tmp-" if not existed else ".lamina-tmp-"
+        )
         merge_layers(layer_dirs, tmp)
         if existed:
             _move_entries(tmp, dest)
@@ -155,14 +159,15 @@ def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> None:
         else:
             os.rename(tmp, dest)
     except BaseException as err:
-        _discard(tmp)
+        if tmp is not None:
+            _discard(tmp)
         for path in reversed(made):
             with contextlib.suppress(OSError):
                 path.rmdir()
         if not isinstance(err, OSError):
             raise
-        # Name what the user asked for, not the temporary name it had.
-        shown = _shown_path(err.filename2 or err.filename, tmp, dest)
+        # Name what the user asked for, not the temporary name it had (or was to have).
+        shown = shown_path(err.filename2 or err.filename, tmp, dest) if tmp is not None else str(dest)
         if is_disk_full(err):
             raise OutputError(f"{what}: {DiskFull.writing(shown, err)}") from err
         # Rootless, a file the container made private to one of its users
@@ -240,16 +245,6 @@ def _discard(path: Path) -> None:
             remove_tree(path)
     except OSError:
         pass
-
-
-def _shown_path(path: object, tmp: Path, dest: Path) -> str:
-    """`path` as the user knows it: under `dest` rather than the temporary `tmp`."""
-    text = os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else ""
-    if not text:
-        return str(dest)
-    if text == str(tmp) or text.startswith(str(tmp) + os.sep):
-        return str(dest) + text[len(str(tmp)) :]
-    return text
 
 
 # --- committing an image to the store ------------------------------------------------
@@ -452,9 +447,10 @@ def write_output(
     except DiskFull as err:
         raise OutputError(f"{what}: {err}") from err
     except OSError as err:
-        if not is_disk_full(err):
-            raise
-        raise OutputError(f"{what}: {DiskFull.writing(None, err)}") from err
+        if is_disk_full(err):
+            raise OutputError(f"{what}: {DiskFull.writing(None, err)}") from err
+        where = f"{os.fsdecode(err.filename)}: " if isinstance(err.filename, str | bytes) else ""
+        raise OutputError(f"{what}: {where}{err.strerror or err}") from err
 
 
 def _write_output(

@@ -442,10 +442,11 @@ def write_oci_layout(dest: Path, images: Sequence[ExportImage], source: BlobSour
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(tmp)
     try:
-        _fill_layout(tmp, dest, images, source, [])
-        os.rename(tmp, dest)
+        with _shown_as(dest, tmp):
+            os.mkdir(tmp)
+            _fill_layout(tmp, dest, images, source, [])
+            os.rename(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -469,7 +470,7 @@ def _fill_layout(
         added.append(tmp)
         with (
             source.open_blob(descriptor.digest) as blob,
-            _full_disk_names(shown / name),
+            _shown_as(shown / name, tmp),
             open(tmp, "wb") as f,
         ):
             while chunk := blob.read(CHUNK):
@@ -481,7 +482,7 @@ def _fill_layout(
     for name, data in documents.items():
         tmp = root / f".tmp-{name}"
         added.append(tmp)
-        with _full_disk_names(shown / name):
+        with _shown_as(shown / name, tmp):
             tmp.write_bytes(data)
         staged.append((tmp, root / name))
     for tmp, target in staged:  # renames: no space needed, nothing can be half written
@@ -489,14 +490,32 @@ def _fill_layout(
 
 
 @contextlib.contextmanager
-def _full_disk_names(path: Path) -> Iterator[None]:
-    """A full disk in the block is reported as writing `path` (file writes name no file)."""
+def _shown_as(path: Path, tmp: Path) -> Iterator[None]:
+    """An error in the block is about `path`, the name the user gave, never the temporary
+    `tmp` it is written as: a full disk (file writes name no file) is writing `path`, and
+    a failure naming `tmp` or a file under it names `path` or the same file under it."""
     try:
         yield
     except OSError as err:
-        if not is_disk_full(err):
+        if is_disk_full(err):
+            raise DiskFull.writing(path, err) from err
+        name = err.filename
+        if not isinstance(name, str | bytes | os.PathLike):
             raise
-        raise DiskFull.writing(path, err) from err
+        shown = shown_path(name, tmp, path)
+        if shown == os.fsdecode(name):  # some other file: its own name is right
+            raise
+        raise OSError(err.errno, err.strerror, shown) from err  # OSError(errno) picks the subclass
+
+
+def shown_path(path: object, tmp: Path, dest: Path) -> str:
+    """`path` as the user knows it: under `dest` rather than the temporary `tmp`."""
+    text = os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else ""
+    if not text:
+        return str(dest)
+    if text == str(tmp) or text.startswith(str(tmp) + os.sep):
+        return str(dest) + text[len(str(tmp)) :]
+    return text
 
 
 def archive_member(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
@@ -515,17 +534,18 @@ def archive_member(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """A file written beside `path` and renamed over it only when the block succeeds.
 
-    A full disk while writing it is reported as writing `path`: the user never
-    sees the temporary name, which is gone by then. Whatever the block writes
+    A full disk or any failure while writing it is reported as writing `path`:
+    the user never sees the temporary name, which is gone by then. Whatever the block writes
     elsewhere must name its own files (the store's writers do).
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with _full_disk_names(path), open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _shown_as(path, tmp):
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -1,0 +1,81 @@
+"""An output that cannot be written: the one error line names the path the user gave.
+
+Outputs are written under a temporary name beside (or inside) the destination and
+renamed when complete; a failure must still name the destination, never the
+temporary file the user has never heard of. The destination is a directory the
+build's user cannot write: as root, the build runs as nobody (root writes anywhere).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def top() -> Iterator[Path]:
+    """A context (FROM scratch: no base image needed) and a read-only directory, where nobody reaches."""
+    # pytest's own tmp dirs are private to root: nobody could not even read the context there.
+    where = Path(tempfile.mkdtemp(prefix="lamina-unwritable-"))
+    try:
+        where.chmod(0o777)
+        (where / "ctx").mkdir(mode=0o755)
+        (where / "ctx" / "Dockerfile").write_text("FROM scratch\nCOPY a.txt /a.txt\n")
+        (where / "ctx" / "a.txt").write_text("alpha\n")
+        for path in (where / "ctx", where / "ctx" / "Dockerfile", where / "ctx" / "a.txt"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (where / "ro").mkdir()
+        (where / "ro").chmod(0o555)
+        yield where
+    finally:
+        (where / "ro").chmod(0o755)
+        shutil.rmtree(where)
+
+
+def lamina(top: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("root writes anywhere, and setpriv (util-linux) is missing to drop root")
+        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    env = {
+        **os.environ,
+        "LAMINA_CACHE": str(top / "cache"),
+        "HOME": str(top),
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "lamina", *args], capture_output=True, text=True, env=env, cwd=top
+    )
+
+
+@pytest.mark.parametrize(
+    ("output", "dest"),
+    [
+        ("type=oci,dest={ro}/out.tar", "{ro}/out.tar"),
+        ("type=docker,dest={ro}/out.tar", "{ro}/out.tar"),
+        ("type=tar,dest={ro}/out.tar", "{ro}/out.tar"),
+        ("type=local,dest={ro}/out", "{ro}/out"),
+        ("{ro}/out", "{ro}/out"),
+        ("type=oci,dest={ro}/layout,tar=false", "{ro}/layout"),
+    ],
+    ids=["oci", "docker", "tar", "local", "path", "oci-layout"],
+)
+def test_unwritable_output_names_its_dest(top: Path, output: str, dest: str) -> None:
+    ro = top / "ro"
+    proc = lamina(top, "build", "--progress", "plain", "-o", output.format(ro=ro), str(top / "ctx"))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and errors[0].endswith(f": {dest.format(ro=ro)}: Permission denied"), proc.stderr
+    assert ".tmp" not in proc.stderr, proc.stderr
+    assert os.listdir(ro) == []
