@@ -564,6 +564,7 @@ def build(
         cache_to=_cache_specs(_with_inline_cache(cache_to, args), "--cache-to"),
         **_run_inputs(add_hosts, ulimits, shm_size),
         isolation=wanted,
+        source_policy=_source_policy(env, context, dockerfile),
     )
     to_push = _push_names(options)
     _check_secrets(options.secrets)
@@ -574,7 +575,7 @@ def build(
     with (
         _ssh_agents(ssh, env) as agents,
         _local_inputs(options, context, dockerfile, env) as options,
-        _named_contexts(build_contexts, options.cache_root, env) as named,
+        _named_contexts(build_contexts, options, env) as named,
     ):
         options = dataclasses.replace(options, ssh=agents, build_contexts=named)
         result = execute(options, progress if progress is not None else QuietProgress())
@@ -708,7 +709,23 @@ def _local_inputs(
     return local_options(options, os.fspath(context), named, env)
 
 
-def _named_contexts(flags: Iterable[str], cache_root: Any, env: Mapping[str, str]) -> Any:
+def _source_policy(env: Mapping[str, str], context: Any, dockerfile: Any) -> Any:
+    """$EXPERIMENTAL_BUILDKIT_SOURCE_POLICY, as buildx reads it; the main context judged by it."""
+    import os
+
+    from lamina.engine import sourcepolicy
+    from lamina.engine.contextsource import is_local
+
+    policy = sourcepolicy.load(env)
+    if policy is not None:
+        shown = os.fspath(dockerfile) if dockerfile is not None else None
+        local = is_local(os.fspath(context), shown)
+        for source in sourcepolicy.context_sources(os.fspath(context), local):
+            sourcepolicy.require_kept(policy, source, f"build context {os.fspath(context)}")
+    return policy
+
+
+def _named_contexts(flags: Iterable[str], options: Any, env: Mapping[str, str]) -> Any:
     """The `--build-context` stand-ins, their images made before the build (engine.namedcontext)."""
     import contextlib
 
@@ -716,6 +733,11 @@ def _named_contexts(flags: Iterable[str], cache_root: Any, env: Mapping[str, str
     if not flags:
         return contextlib.nullcontext(())
     from lamina.engine.namedcontext import prepared
+    from lamina.engine.sourcepolicy import ENV_VAR
+
+    cache_root = options.cache_root
+    # A directory's image is built under the policy's judgement of it (local://NAME), not again.
+    env = {key: value for key, value in env.items() if key != ENV_VAR}
 
     def build_dir(directory: Any, name: str, ignore: bool) -> str:
         # A directory's image, as BuildKit's llb.Local of it: its files as COPY takes them.
@@ -730,7 +752,7 @@ def _named_contexts(flags: Iterable[str], cache_root: Any, env: Mapping[str, str
             made = build(directory, dockerfile, tags=[name], cache_dir=cache_root, environ=env)
         return made.image_digest
 
-    return prepared(flags, cache_root, env, build_dir)
+    return prepared(flags, cache_root, env, build_dir, options.source_policy, options.context)
 
 
 def _ssh_agents(specs: Iterable[str], env: Mapping[str, str]) -> Any:

@@ -211,6 +211,6 @@ def test_dry_run_names_a_changed_arg(cache: Path, ctx: Path) -> None:
     first_run = 'RUN cat *.txt | sort > /combined && echo "version $VERSION" > /version'
     assert reasons[first_run] == 'build arg VERSION changed: "1" -> "9"'
     assert reasons["RUN echo untouched-by-arg > /stable"] == (
-        f'the previous step changed: step 3 ({first_run}) will run; build arg VERSION changed: "1" -> "9"'
+        f'the previous step changed: step 4 ({first_run}) will run; build arg VERSION changed: "1" -> "9"'
     )
     assert "COPY src/ ./" not in reasons, "COPY does not see VERSION"

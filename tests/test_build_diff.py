@@ -45,19 +45,19 @@ def test_diff_names_each_step_that_ran_again_and_why(cache: Path, ctx: Path) -> 
     assert text.splitlines() == [
         "before: TIME  image sha256:DIGEST  (4 of 4 steps ran)",
         "after:  TIME  image sha256:DIGEST  (4 of 4 steps ran)",
-        "[build 1] COPY src/ /src/                changed, ran: file content changed: src/b.txt",
-        "[build 2] RUN cat /src/* > /all          changed, ran: the previous step changed: "
-        "step 1 (COPY src/ /src/) ran",
-        "[stage-1 1] COPY --from=build /all /all  changed, ran: stage build: file content changed: all",
-        "[stage-1 2] RUN echo done > /done        changed, ran: the previous step changed: "
-        "step 1 (COPY --from=build /all /all) ran",
+        "[build 2] COPY src/ /src/                changed, ran: file content changed: src/b.txt",
+        "[build 3] RUN cat /src/* > /all          changed, ran: the previous step changed: "
+        "step 2 (COPY src/ /src/) ran",
+        "[stage-1 2] COPY --from=build /all /all  changed, ran: stage build: file content changed: all",
+        "[stage-1 3] RUN echo done > /done        changed, ran: the previous step changed: "
+        "step 2 (COPY --from=build /all /all) ran",
     ]
     said = json.loads(run_cli("diff", "--format", "json", str(ctx), cache=cache).stdout)
     assert [(s["stage"], s["step"], s["change"], s["before"], s["after"]) for s in said["steps"]] == [
-        ("build", 1, "changed", "run", "run"),
         ("build", 2, "changed", "run", "run"),
-        ("stage-1", 1, "changed", "run", "run"),
+        ("build", 3, "changed", "run", "run"),
         ("stage-1", 2, "changed", "run", "run"),
+        ("stage-1", 3, "changed", "run", "run"),
     ]
     assert said["before"]["ran"] == 4 and said["after"]["ran"] == 4
 
@@ -76,7 +76,7 @@ def test_diff_of_two_metadata_files_and_a_changed_instruction(cache: Path, ctx: 
     lines = run_cli("diff", str(old), str(new), cache=cache).stdout.splitlines()
     assert lines[2].endswith("unchanged (cached)")
     assert lines[-1] == (
-        "[stage-1 2] RUN echo finished > /done    changed, ran: instruction was: RUN echo done > /done; "
+        "[stage-1 3] RUN echo finished > /done    changed, ran: instruction was: RUN echo done > /done; "
         "instruction text changed (line 7: the command)"
     )
     history = json.loads(run_cli("diff", "--format", "json", str(ctx), cache=cache).stdout)

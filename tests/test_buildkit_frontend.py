@@ -404,6 +404,10 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
         for key, value in case.get("secrets", {}).items():
             (tmp_path / "secrets").mkdir(exist_ok=True)
             (tmp_path / "secrets" / key).write_text(value)
+        if "source_policy" in case:  # buildx reads the file this variable names
+            (tmp_path / "policy.json").write_text(case["source_policy"])
+            variable = {"EXPERIMENTAL_BUILDKIT_SOURCE_POLICY": os.fspath(tmp_path / "policy.json")}
+            stack.enter_context(unittest.mock.patch.dict(os.environ, variable))
         _run_case(case, cache, ctx, out, tmp_path, busybox_image)
         for name, served in case.get("expect_same_as_http", {}).items():
             data = (tmp_path / "http" / served.strip("/")).read_bytes()

@@ -51,7 +51,7 @@ def test_first_build_then_each_kind_of_file_change(cache: Path, ctx: Path) -> No
         "file added: src/d.txt; file removed: src/c.txt"
     )
     assert (
-        told['RUN echo "$MODE $LEVEL" > /mode'] == "the previous step changed: step 1 (COPY src/ /src/) ran"
+        told['RUN echo "$MODE $LEVEL" > /mode'] == "the previous step changed: step 2 (COPY src/ /src/) ran"
     )
 
 
@@ -116,13 +116,13 @@ def test_plain_json_and_metadata_file_carry_the_cause(cache: Path, ctx: Path, tm
     run_cli("build", "--progress", "plain", str(ctx), cache=cache)
     (ctx / "src/a.txt").write_text("A\n")
     plain = run_cli("build", "--progress", "plain", str(ctx), cache=cache).stderr
-    assert "[stage-0 1/2] COPY src/ /src/  (file content changed: src/a.txt)" in plain.splitlines()
+    assert "[stage-0 2/3] COPY src/ /src/  (file content changed: src/a.txt)" in plain.splitlines()
 
     (ctx / "src/a.txt").write_text("AA\n")
     forecast = run_cli("build", "--dry-run", "--progress", "json", str(ctx), cache=cache).stdout
     events = [json.loads(line) for line in forecast.splitlines()]
     assert events[0] == {
-        "type": "forecast", "stage": "stage-0", "step": 1, "instruction": "COPY src/ /src/",
+        "type": "forecast", "stage": "stage-0", "step": 2, "instruction": "COPY src/ /src/",
         "cache": "run", "reason": "file content changed: src/a.txt",
     }  # fmt: skip
 
@@ -132,7 +132,7 @@ def test_plain_json_and_metadata_file_carry_the_cause(cache: Path, ctx: Path, tm
     assert running[0]["reason"] == "file content changed: src/a.txt"
     steps = json.loads(meta.read_text())["lamina.build.steps"]
     assert steps[0]["reason"] == "file content changed: src/a.txt"
-    assert steps[1]["reason"] == "the previous step changed: step 1 (COPY src/ /src/) ran"
+    assert steps[1]["reason"] == "the previous step changed: step 2 (COPY src/ /src/) ran"
 
 
 def test_an_upstream_stage_names_the_files_this_step_takes_from_it(cache: Path, tmp_path: Path) -> None:
@@ -144,7 +144,7 @@ def test_an_upstream_stage_names_the_files_this_step_takes_from_it(cache: Path, 
     (ctx / "src/b.txt").write_text("B\n")
     told = reasons(build(cache, ctx))
     assert told["COPY --from=build /out/ /app/"] == "stage build: file content changed: out/b.txt"
-    assert told["RUN echo x > /out/made"] == "the previous step changed: step 1 (COPY src/ /out/) ran"
+    assert told["RUN echo x > /out/made"] == "the previous step changed: step 2 (COPY src/ /out/) ran"
 
 
 def test_changed_instruction_text_names_its_line(cache: Path, ctx: Path) -> None:
@@ -162,9 +162,9 @@ def test_dry_run_says_may_run_after_a_step_it_cannot_know(cache: Path, tmp_path:
     (ctx / "src/a.txt").write_text("A\n")
     told = reasons(build(cache, ctx, dry_run=True))
     assert told["COPY --from=build /out/ /app/"] == "stage build will run first; the files it selects decide"
-    assert told["RUN echo 1 > /one"] == "may run: depends on step 1 (COPY --from=build /out/ /app/)"
+    assert told["RUN echo 1 > /one"] == "may run: depends on step 2 (COPY --from=build /out/ /app/)"
     lines = run_cli("explain", str(ctx), cache=cache).stdout.splitlines()
-    assert lines[-1].endswith("  may run: depends on step 1 (COPY --from=build /out/ /app/)")
+    assert lines[-1].endswith("  may run: depends on step 2 (COPY --from=build /out/ /app/)")
     said = run_cli("explain", "--format", "json", str(ctx), cache=cache).stdout.splitlines()
     assert json.loads(said[-1])["cache"] == "maybe"
 
@@ -175,8 +175,8 @@ def test_explain_takes_the_build_flags_and_agrees_with_the_next_build(cache: Pat
     flags = ("--build-arg", "MODE=release", "--network", "none", str(ctx))
     text = run_cli("explain", *flags, cache=cache).stdout.splitlines()
     assert [line.split("  ")[0].strip() for line in text if "will run" in line] == [
-        "[stage-0 1] COPY src/ /src/",
-        '[stage-0 2] RUN echo "$MODE $LEVEL" > /mode',
+        "[stage-0 2] COPY src/ /src/",
+        '[stage-0 3] RUN echo "$MODE $LEVEL" > /mode',
     ]
     assert text[0].endswith("will run: file content changed: src/a.txt")
     said = [
@@ -184,7 +184,7 @@ def test_explain_takes_the_build_flags_and_agrees_with_the_next_build(cache: Pat
         for line in run_cli("explain", "--format", "json", *flags, cache=cache).stdout.splitlines()
     ]
     assert said[1]["reason"] == (
-        "the previous step changed: step 1 (COPY src/ /src/) will run; "
+        "the previous step changed: step 2 (COPY src/ /src/) will run; "
         "RUN options changed: network default -> none; "
         'build arg MODE changed: "debug" -> "release"'
     )
@@ -229,9 +229,9 @@ def test_a_line_inserted_above_does_not_shift_the_comparison(cache: Path, ctx: P
     build(cache, ctx)
     (ctx / "Dockerfile").write_text(DOCKERFILE.replace("COPY src/", "RUN echo new > /new\nCOPY src/"))
     told = reasons(build(cache, ctx))
-    assert told["COPY src/ /src/"] == "the previous step changed: step 1 (RUN echo new > /new) ran"
+    assert told["COPY src/ /src/"] == "the previous step changed: step 2 (RUN echo new > /new) ran"
     assert told['RUN echo "$MODE $LEVEL" > /mode'] == (
-        "the previous step changed: step 2 (COPY src/ /src/) ran"
+        "the previous step changed: step 3 (COPY src/ /src/) ran"
     )
 
 
@@ -256,11 +256,11 @@ def test_a_stage_built_from_an_upstream_stage_names_its_step_and_files(cache: Pa
     (ctx / "src/c.txt").write_text("c\n")
     forecast = reasons(build(cache, ctx, dry_run=True))
     assert forecast["RUN cat /out/* > /all"] == (
-        "upstream stage build changed: step 1 (COPY src/ /out/) will run and 1 more"
+        "upstream stage build changed: step 2 (COPY src/ /out/) will run and 1 more"
     )
     told = reasons(build(cache, ctx))
     assert told["RUN cat /out/* > /all"] == (
-        "upstream stage build changed: step 1 (COPY src/ /out/) ran and 1 more; "
+        "upstream stage build changed: step 2 (COPY src/ /out/) ran and 1 more; "
         "file content changed: out/b.txt; file added: out/c.txt"
     )
 
@@ -270,14 +270,14 @@ def test_plan_cache_takes_the_build_flags_and_agrees_with_the_next_build(cache: 
     flags = ("--network", "none", "--build-arg", "MODE=release", str(ctx))
     lines = run_cli("plan", "--cache", *flags, cache=cache).stdout.split("\ncache:\n", 1)[1].splitlines()
     assert lines == [
-        "[stage-0 1] COPY src/ /src/                  cached",
-        '[stage-0 2] RUN echo "$MODE $LEVEL" > /mode  will run: '
+        "[stage-0 2] COPY src/ /src/                  cached",
+        '[stage-0 3] RUN echo "$MODE $LEVEL" > /mode  will run: '
         'RUN options changed: network default -> none; build arg MODE changed: "debug" -> "release"',
     ]
     filtered = run_cli("plan", "--cache", "--no-cache-filter", "stage-0", *flags, cache=cache).stdout
     assert filtered.count("will run: --no-cache-filter stage-0") == 2
     doc = json.loads(run_cli("plan", "--cache", "--format", "json", *flags, cache=cache).stdout)
-    assert [(s["step"], s["cache"]) for s in doc["cache"]] == [(1, "cached"), (2, "run")]
+    assert [(s["step"], s["cache"]) for s in doc["cache"]] == [(2, "cached"), (3, "run")]
     assert doc["cache"][1]["reason"] == lines[1].split("will run: ", 1)[1]
     refused = run_cli("plan", "--network", "none", str(ctx), cache=cache, check=False)
     assert refused.returncode == 2
@@ -286,7 +286,7 @@ def test_plan_cache_takes_the_build_flags_and_agrees_with_the_next_build(cache: 
     meta = ctx.parent / "meta.json"
     run_cli("build", "--progress", "quiet", "--metadata-file", str(meta), *flags, cache=cache)
     ran = [s["step"] for s in json.loads(meta.read_text())["lamina.build.steps"] if s["cache"] == "run"]
-    assert ran == [i + 1 for i, line in enumerate(lines) if "will run" in line]
+    assert ran == [int(line.split()[1].rstrip("]")) for line in lines if "will run" in line]
 
 
 def test_two_causes_at_once_are_both_named_everywhere(cache: Path, tmp_path: Path) -> None:
@@ -403,7 +403,7 @@ def test_a_bind_mount_from_a_stage_that_will_run_is_not_guessed(cache: Path, tmp
     assert reasons(build(cache, ctx, dry_run=True)) == {
         "COPY src/ /out/": "file content changed: src/a.txt",
         mounted: "stage b will run first; the files it mounts decide",
-        "RUN echo 1 > /one": f"may run: depends on step 1 ({mounted})",
+        "RUN echo 1 > /one": f"may run: depends on step 2 ({mounted})",
     }
     told = reasons(build(cache, ctx))
     assert told[mounted] == "mounted file content changed: b:/out/a.txt"

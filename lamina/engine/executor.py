@@ -97,6 +97,7 @@ class Executor:
             self.epoch = _dockerfile_epoch(plan)
         self.images: dict[str, StageOutcome] = {}  # base images loaded by this build
         self.totals: dict[str, int] = {}  # stage name -> its filesystem steps, for replays
+        self.froms: dict[str, str] = {}  # stage name -> `FROM image` (its step 1), for replays
         self.temp_files: list[Path] = []  # e.g. secrets given by environment variable
         self.fetched: dict[str, Any] = {}  # ADD <url>: fetched once per build (steps.copyadd.fetch)
         self.dirty: set[str] = set()  # --dry-run: stages with a step that would run
@@ -390,7 +391,7 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
                 store_name(ref, pinned=True): outcome.key.split(":", 1)[1]
                 for ref, outcome in executor.images.items()
             }
-            record(store, key, result, images, dict(executor.totals), plan.warnings)
+            record(store, key, result, images, dict(executor.totals), plan.warnings, executor.froms)
         from lamina.engine.buildchecks import after_build
 
         return dataclasses.replace(result, checks=after_build(options, data, store, sink, checks))

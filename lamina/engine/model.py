@@ -322,6 +322,7 @@ class StepHost(Protocol):
     dirty: set[str]  # --dry-run: stages with a step that would run
     images: dict[str, StageOutcome]  # base images loaded by this build, by reference
     totals: dict[str, int]  # stage name -> its filesystem steps, for the replay memo
+    froms: dict[str, str]  # stage name -> `FROM image`, its step 1 (a stage from an image)
     temp_files: list[Path]  # removed when the build ends
     lost_owners: dict[Path, dict[str, tuple[int, int]]]  # stage_rootfs tree -> owners it could not keep
     fetched: dict[str, Any]  # ADD <url>: what this build fetched, by URL

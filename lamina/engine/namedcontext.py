@@ -17,6 +17,12 @@ VALUE is, as buildx takes it:
   applied, owners 0:0), as BuildKit's llb.Local of that directory.
 Other values (an HTTP URL, `target:`) are refused.
 
+Under a source policy (engine.sourcepolicy) each value is judged as BuildKit
+names it (`docker-image://FULLNAME`, `local://NAME`, `oci-layout://...`, its git
+source): denied fails the build; converted to `docker-image://REF` or to
+`local://NAME` (the directory of `--build-context NAME=DIR`, `context` the
+build's own) it stands in as that; another conversion is refused.
+
 Images made or imported for a build are named `lamina-build-context/...`
 in the store while the build runs, and untagged afterwards.
 """
@@ -30,9 +36,12 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamina.errors import LaminaError, PlanError
+
+if TYPE_CHECKING:
+    from lamina.engine.sourcepolicy import Policy, Source
 
 INTERNAL_REPO = "lamina-build-context"
 
@@ -81,21 +90,27 @@ def prepared(
     store_root: Path,
     environ: Mapping[str, str],
     build_dir: Callable[[Path, str, bool], str],
+    policy: Policy | None = None,
+    main_context: Path | None = None,
 ) -> Iterator[tuple[NamedContext, ...]]:
     """The named contexts of `--build-context` flags, images made or imported as needed.
 
     `build_dir(directory, name, ignore)` builds the one-layer image of a directory under `name`
     (its .dockerignore applied when `ignore`)
     and returns its manifest digest (api.build, run on its own: no nested store).
+    `policy` judges each value (`main_context` is what `local://context` names).
     """
     made: list[str] = []
     try:
         with contextlib.ExitStack() as temporary:
             found: dict[str, NamedContext] = {}
-            for flag in flags:
-                key, value = parse_flag(flag)
+            flags = tuple(flags)
+            parsed = [parse_flag(flag) for flag in flags]
+            for flag, (key, value) in zip(flags, parsed, strict=True):
                 if key in found:
                     raise PlanError(f"--build-context {flag}: {key} is given twice")
+                if policy is not None:
+                    value = _judged(policy, key, value, dict(parsed), main_context)
                 found[key] = _context(key, value, store_root, environ, build_dir, made, temporary)
             yield tuple(found.values())
     finally:
@@ -141,6 +156,45 @@ def _context(
     made.append(internal)
     # A git context is taken whole (no .dockerignore), a directory as its upload is.
     return NamedContext(key, internal, local=True, digest=build_dir(directory, internal, not fetched))
+
+
+def _judged(policy: Policy, key: str, value: str, values: dict[str, str], main_context: Path | None) -> str:
+    """`value` as the source policy leaves it: the same, another image, or a directory."""
+    flag = f"--build-context {key}={value}"
+    if value.lower() == "docker-image://scratch":  # the empty image: no source to judge
+        return value
+    try:
+        source = _source_of(key, value)
+        converted = policy.evaluate(source)
+    except LaminaError as err:
+        raise PlanError(f"{flag}: {err}") from None
+    if converted.identifier == source.identifier:
+        return value
+    new = converted.identifier
+    if new.startswith("docker-image://"):
+        return new
+    name = new.removeprefix("local://")
+    directory = main_context if name == "context" else Path(values.get(name, ""))
+    if new.startswith("local://") and directory is not None and directory.is_dir():
+        return os.fspath(directory)
+    raise PlanError(
+        f"{flag}: the source policy converts it to {new!r}; lamina takes docker-image://REF or "
+        "local://NAME (a --build-context NAME=DIR, or context) there"
+    )
+
+
+def _source_of(key: str, value: str) -> Source:
+    """A --build-context value as BuildKit's dockerui makes its source."""
+    from lamina.engine.gitsource import is_git_url
+    from lamina.engine.sourcepolicy import Source, git_source, image_source, local_source
+
+    if value.startswith("docker-image://"):
+        return image_source(value.removeprefix("docker-image://"))
+    if value.startswith("oci-layout://"):
+        return Source(value)
+    if not Path(value).is_dir() and is_git_url(value):
+        return git_source(value)
+    return local_source(key)
 
 
 def _check_reference(ref: str, flag: str) -> None:

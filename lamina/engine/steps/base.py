@@ -27,6 +27,8 @@ def base_image(executor: StepHost, ref: str, location: Any) -> StageOutcome:
 
     named = lookup(executor.options.build_contexts, ref)
     ref = named.ref if named is not None else ref
+    if named is None and executor.options.source_policy is not None:  # a named one is judged as made
+        ref = _policy_ref(executor.options.source_policy, ref, location)
     if named is not None and ref.lower() == "scratch":
         # dockerui: docker-image://scratch is the empty image, never pulled.
         from lamina.engine.model import PLATFORM
@@ -75,6 +77,20 @@ def load_image(executor: StepHost, ref: str, location: Any, local: bool = False)
         layers.append(ImageLayer(path, diff_id=diff_id, blob=blob))
     key = f"image:{record.manifest}"
     return StageOutcome(ref, config, tuple(layers), key, config.created, ())
+
+
+def _policy_ref(policy: Any, ref: str, location: Any) -> str:
+    """The image `ref` becomes under the source policy (denied: an error)."""
+    from lamina.engine.sourcepolicy import image_ref, image_source
+
+    try:
+        source = image_source(ref)
+    except LaminaError:  # not a reference: load_image says so
+        return ref
+    try:
+        return image_ref(policy.evaluate(source), _source(location, ref))
+    except BuildError as err:
+        raise BuildError(f"{_source(location, ref)}: {err}") from None
 
 
 def _source(location: Any, ref: str) -> str:

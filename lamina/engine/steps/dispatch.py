@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,6 +114,7 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
 
     if plan.name and lookup(executor.options.build_contexts, plan.name):  # a named stage
         return base_image(executor, plan.name, plan.location)  # --build-context replaces the stage
+    started = time.monotonic()
     base = _base(executor, plan)
     config = md.ensure_path(base.config)
     instructions: list[Instruction] = list(plan.instructions)
@@ -138,6 +140,16 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
         total=sum(1 for i in instructions if i.name in FILESYSTEM_STEPS),
         no_cache=no_cache,
     )
+    # BuildKit numbers the FROM of an image as the stage's step 1 ([base 1/3] FROM busybox,
+    # [base 3/3] RUN ...); FROM scratch or an earlier stage takes no number.
+    if plan.base_stage is None and plan.base_image is not None and base.key != "scratch":
+        state.index, state.total = 1, state.total + 1
+        if not executor.options.dry_run:
+            from lamina.engine.progress import StepEvent, StepStatus
+
+            seconds = time.monotonic() - started
+            text = executor.froms[state.name] = f"FROM {plan.base_image}"
+            executor.sink.step(StepEvent(state.name, 1, state.total, text, StepStatus.DONE, seconds))
     executor.totals[state.name] = state.total
     for instruction in instructions:
         try:

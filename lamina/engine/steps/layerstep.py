@@ -55,7 +55,7 @@ def layer_step(
     lists the input files (missfacts) where that costs work a hit would not
     do: called on a real miss only, to name the files that changed.
     """
-    if state.index == 0 and not state.base:
+    if not state.base:  # the first filesystem step
         state.base = _base_label(executor, state)
     state.index += 1
     inputs = _explaining(inputs, state)

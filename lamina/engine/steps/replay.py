@@ -53,6 +53,8 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
         return None
     if _URL_ADD.search(data):
         return None
+    if options.source_policy is not None:  # its sources are judged again on every build
+        return None
     h = hashlib.sha256()
     settings = {
         "v": MEMO_VERSION,
@@ -106,7 +108,7 @@ def _fingerprint(root: Path, h: Any) -> None:
 
 
 def record(store: Store, key: str, result: BuildResult, images: dict[str, str], totals: dict[str, int],
-           warnings: tuple[str, ...]) -> None:  # fmt: skip
+           warnings: tuple[str, ...], froms: dict[str, str]) -> None:  # fmt: skip
     """Remember a finished build under its memo key."""
     value = {
         "image": result.image_digest,
@@ -115,6 +117,7 @@ def record(store: Store, key: str, result: BuildResult, images: dict[str, str], 
         "images": images,
         "warnings": list(warnings),
         "totals": totals,
+        "froms": froms,
         "steps": [[s.stage, s.index, s.instruction, s.key] for s in result.steps],
     }
     store.cache_put(key, json.dumps(value))
@@ -151,8 +154,13 @@ def replay(
     for warning in value["warnings"]:
         sink.warn(warning)
     steps = []
-    for stage, index, instruction, step_key in value["steps"]:
+    froms = dict(value.get("froms", {}))  # each stage's FROM (its step 1) comes before its other steps
+    for stage, index, instruction, step_key in value["steps"] + [[s, 0, "", ""] for s in list(froms)]:
         total = value["totals"].get(stage, index)
+        if stage in froms:
+            sink.step(StepEvent(stage, 1, total, froms.pop(stage), StepStatus.CACHED))
+        if not instruction:
+            continue
         sink.step(StepEvent(stage, index, total, instruction, StepStatus.CACHED))
         steps.append(StepRecord(stage, index, instruction, True, 0.0, step_key))
     size = manifest.config.size + sum(layer.size for layer in manifest.layers)

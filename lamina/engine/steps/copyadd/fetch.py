@@ -50,6 +50,7 @@ def _filename(url: str) -> str:
 
 def fetch_url(executor: StepHost, url: str, checksum: str | None) -> Fetched:
     """Download `url` once per build (memoised on the executor), verifying `checksum`."""
+    url, checksum = _policy(executor, url, checksum)
     memo: dict[str, Fetched] = executor.fetched
     found = memo.get(url)
     if found is not None:
@@ -93,6 +94,24 @@ def fetch_url(executor: StepHost, url: str, checksum: str | None) -> Fetched:
     memo[url] = fetched
     _check(fetched, checksum)
     return fetched
+
+
+def _policy(executor: StepHost, url: str, checksum: str | None) -> tuple[str, str | None]:
+    """The URL and checksum the source policy makes of them (BuildKit's http source op)."""
+    policy = executor.options.source_policy
+    if policy is None:
+        return url, checksum
+    from lamina.engine.sourcepolicy import http_source
+
+    try:
+        source = policy.evaluate(http_source(url, checksum or ""))
+    except BuildError as err:
+        raise BuildError(f"ADD {url}: {err}") from None
+    if not source.identifier.startswith(("http://", "https://")):
+        raise BuildError(
+            f"ADD {url}: the source policy converts it to {source.identifier!r}; only a URL is taken"
+        )
+    return source.identifier, source.attr("http.checksum") or None
 
 
 def _check(fetched: Fetched, checksum: str | None) -> None:
