@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from lamina.engine.progress import ProgressSink
     from lamina.engine.sandbox.isolation import Isolation
     from lamina.engine.sandbox.spec import Ulimit
+    from lamina.engine.sourcepolicy import Policy
     from lamina.engine.sshforward import SshAgent
-    from lamina.oci.image import ImageConfig
+    from lamina.oci.image import ImageConfig, Platform
 
 PROXY_ARGS = frozenset(
     name
@@ -42,7 +43,7 @@ PROXY_ARGS = frozenset(
     for name in (base, base.lower())
 )
 
-PLATFORM = str(host_platform())  # in every cache key
+PLATFORM = str(host_platform())  # the host's: a stage's platform unless --platform says otherwise
 
 
 # --- options and results ------------------------------------------------------------------
@@ -133,6 +134,9 @@ class BuildOptions:
     build_contexts: tuple[NamedContext, ...] = ()  # --build-context NAME=...: images/stages replaced
     remote_context: bool = False  # a git or tar (stdin) context: BuildKit applies no .dockerignore
     isolation: Isolation | None = None  # --isolation for RUN steps; None: $LAMINA_ISOLATION, else auto
+    source_policy: Policy | None = None  # $EXPERIMENTAL_BUILDKIT_SOURCE_POLICY (engine.sourcepolicy)
+    # --platform: the target platforms, normalised (plan.parse_platforms); () builds the host's.
+    platforms: tuple[Platform, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -242,6 +246,7 @@ class StageState:
     base: str = ""  # "image REF@DIGEST", "stage NAME@KEY" or "scratch": names a changed base in a miss
     ran: str = ""  # the last step of this stage that ran (or will): names the cause of a later miss
     unknown: str = ""  # --dry-run: the step whose result cannot be known before it runs, if any
+    platform: str = PLATFORM  # the stage's platform (plan.PlannedStage.stage_platform): in every key
 
     def outcome(self) -> StageOutcome:
         return StageOutcome(
@@ -320,7 +325,7 @@ class StepHost(Protocol):
     stop: threading.Event  # set on Ctrl-C: long copies poll it
     cache: StepCache  # the step cache: local index, --cache-from, miss explanations
     dirty: set[str]  # --dry-run: stages with a step that would run
-    images: dict[str, StageOutcome]  # base images loaded by this build, by reference
+    images: dict[tuple[str, str], StageOutcome]  # base images loaded by this build, by (ref, platform)
     totals: dict[str, int]  # stage name -> its filesystem steps, for the replay memo
     froms: dict[str, str]  # stage name -> `FROM image`, its step 1 (a stage from an image)
     temp_files: list[Path]  # removed when the build ends
