@@ -21,7 +21,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except LaminaError as err:
+        except (LaminaError, BrokenPipeError) as err:
+            if _stdout_gone(err):
+                _die_of_sigpipe()
+            if not isinstance(err, LaminaError):
+                raise
             click.echo(f"error: {_printable(str(err))}", err=True)
             _failed_step(ctx, err)
             ctx.exit(1)
@@ -40,6 +44,35 @@ class _Group(click.Group):
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (`timeout`, a CI runner), taken like Ctrl-C so sandboxes and scratch dirs are cleaned up."""
+
+
+def _stdout_gone(err: BaseException) -> bool:
+    """`err` is (or was caused by) a broken pipe, and stdout's reader has gone (`| head`):
+    not a pipe of a sandbox or a registry, which is an error like any other."""
+    chain: list[BaseException] = [err]
+    while not isinstance(chain[-1], BrokenPipeError):
+        cause = chain[-1].__cause__ or chain[-1].__context__
+        if cause is None or cause in chain:
+            return False
+        chain.append(cause)
+    import select
+
+    poller = select.poll()
+    poller.register(1, 0)  # POLLERR is always reported: on a pipe, its last reader closed it
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _die_of_sigpipe() -> None:
+    """End as tar and docker do when their reader goes: killed by SIGPIPE (status 141 in a
+    shell), saying nothing. The exception has unwound by now: temporary files are gone."""
+    import os
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # the interpreter's last flush must not fail either
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    sys.exit(128 + signal.SIGPIPE)  # not reached where SIGPIPE kills
 
 
 def _failed_step(ctx: click.Context, err: LaminaError) -> None:

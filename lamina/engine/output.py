@@ -447,8 +447,10 @@ def write_output(
     except DiskFull as err:
         raise OutputError(f"{what}: {err}") from err
     except OSError as err:
-        if is_disk_full(err):
-            raise OutputError(f"{what}: {DiskFull.writing(None, err)}") from err
+        if is_disk_full(err):  # stdout (-o -) has no file name to give
+            raise OutputError(
+                f"{what}: {DiskFull.writing('stdout' if output.to_stdout else None, err)}"
+            ) from err
         where = f"{os.fsdecode(err.filename)}: " if isinstance(err.filename, str | bytes) else ""
         raise OutputError(f"{what}: {where}{err.strerror or err}") from err
 

@@ -530,14 +530,29 @@ def archive_member(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _written_in_place(path: Path) -> bool:
+    """`path` is a device, FIFO or socket, or a name for an open file (/dev/stdout, /dev/fd/N,
+    /proc/self/fd/N): a rename would replace the name (in /dev!) instead of writing through it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode) or Path(os.path.abspath(path)).parts[1:2] in (("dev",), ("proc",))
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """A file written beside `path` and renamed over it only when the block succeeds.
 
     A full disk or any failure while writing it is reported as writing `path`:
     the user never sees the temporary name, which is gone by then. Whatever the block writes
-    elsewhere must name its own files (the store's writers do).
+    elsewhere must name its own files (the store's writers do). A `path` that is not a
+    regular file to replace (/dev/stdout, a FIFO, /dev/null) is written as it is.
     """
+    if _written_in_place(path):
+        with _shown_as(path, path), open(path, "wb") as f:
+            yield f
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with _shown_as(path, tmp):
