@@ -1,37 +1,21 @@
 """File metadata kept exactly in the exported image: hard links inside a layer, setuid/setgid/sticky
-bits, names that are not UTF-8 or hold a newline, and sparse files (not inflated on disk)."""
+bits, names that are not UTF-8 or hold a newline, sparse files (not inflated on disk), nanosecond
+PAX mtimes, FIFOs and device nodes (rootless too: recorded where mknod is refused). Extended
+attributes and file capabilities are tests/test_xattrs.py."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.support.build import BASE, build, write_context
+from tests.support.build import BASE, build, run_cli, write_context
+from tests.support.layers import busybox_entries, commit_image_of, image_layers, layer_digests
 
 pytestmark = pytest.mark.sandbox
-
-
-def _layers(archive: Path) -> list[dict[bytes, tarfile.TarInfo]]:
-    """Each layer's entries, by raw name, of the image in an OCI archive (bottom first)."""
-    with tarfile.open(archive) as outer:
-
-        def blob(digest: str) -> bytes:
-            member = outer.extractfile("blobs/sha256/" + digest.split(":")[1])
-            assert member is not None
-            return member.read()
-
-        index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
-        manifest = json.loads(blob(index["manifests"][0]["digest"]))
-        found = []
-        for layer in manifest["layers"]:
-            with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"])), errors="surrogateescape") as tar:
-                found.append({os.fsencode(m.name): m for m in tar})
-        return found
 
 
 def _export(
@@ -39,7 +23,7 @@ def _export(
 ) -> list[dict[bytes, tarfile.TarInfo]]:
     archive = tmp_path / name
     build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
-    return _layers(archive)
+    return image_layers(archive)
 
 
 def test_hard_links_stay_links_in_copy_copy_from_and_run(cache: Path, tmp_path: Path) -> None:
@@ -127,7 +111,7 @@ def test_sparse_files_are_not_inflated(cache: Path, tmp_path: Path, busybox_imag
         pytest.skip(f"the file system of {ctx} does not keep holes")
     archive = tmp_path / "image.tar"
     build(cache, ctx, outputs=[f"type=oci,dest={archive},name=lamina-test/sparse:1"])
-    copied, from_stage = _layers(archive)[-2:]
+    copied, from_stage = image_layers(archive)[-2:]
     assert copied[b"sparse"].size == size and from_stage[b"from-stage"].size == size
     # The COPY layers' directories in the cache: not inflated.
     for name in ("sparse", "from-stage"):
@@ -194,3 +178,94 @@ def test_fifos_and_device_nodes_are_copied_from_stages_and_the_context(cache: Pa
     if devices:
         null = layer[b"made/null"]
         assert null.ischr() and (null.devmajor, null.devminor, null.mode) == (1, 3, 0o666)
+
+
+def _node(path: str, kind: str, major: int, minor: int, mode: int, gid: int = 0) -> object:
+    from lamina.oci.entry import EntryType, LayerEntry
+
+    which = EntryType.CHAR if kind == "c" else EntryType.BLOCK
+    return LayerEntry(path, which, mode, gid=gid, devmajor=major, devminor=minor, mtime=1_700_000_000)
+
+
+def _dir(path: str) -> object:
+    from lamina.oci.entry import EntryType, LayerEntry
+
+    return LayerEntry(path, EntryType.DIR, 0o755, mtime=1_700_000_000)
+
+
+def test_device_nodes_of_a_base_image_reach_stages_and_exports(cache: Path, tmp_path: Path) -> None:
+    """A base image with /dev/null, a block device and a node outside /dev: rootless, mknod is
+    refused, so the unpacked layer records them (lamina.oci.recorded) and every layer lamina
+    writes holds the very device nodes a root build writes: COPY --from a stage (after a RUN),
+    ADD of an archive holding one, and the type=tar export. type=local makes them as
+    root; rootless it cannot, and says so in one line."""
+    from lamina.cache.store import Store
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+    devices = [
+        _dir("dev"),
+        _node("dev/null", "c", 1, 3, 0o666),
+        _node("dev/sda", "b", 8, 0, 0o660, gid=6),
+        _dir("opt"),
+        _dir("opt/nodes"),
+        _node("opt/nodes/zero", "c", 1, 5, 0o666),
+    ]
+    with Store(cache) as store:
+        base_layers = commit_image_of(
+            store, "lamina-test/devices:1", [busybox_entries(tmp_path / "bb"), devices]
+        )  # type: ignore[list-item]
+    ctx = tmp_path / "ctx"
+    write_context(
+        ctx,
+        "FROM lamina-test/devices:1 AS base\n"
+        "RUN test -e /opt/nodes/zero && touch /ran\n"
+        f"FROM {BASE}\n"
+        "COPY --from=base /dev/ /devs/\n"
+        "COPY --from=base /opt/nodes/ /nodes/\n"
+        "ADD nodes.tar /added/\n",
+    )
+    with tarfile.open(ctx / "nodes.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("tty")
+        info.type, info.devmajor, info.devminor, info.mode = tarfile.CHRTYPE, 5, 0, 0o620
+        tar.addfile(info)
+    group = 0 if detect_ids().mode is IdMode.SINGLE else 6  # one mapped id: only root exists
+
+    def node(member: tarfile.TarInfo) -> tuple[str, int, int, int, int]:
+        kind = "c" if member.ischr() else "b" if member.isblk() else member.type.decode()
+        return kind, member.devmajor, member.devminor, member.mode, member.gid
+
+    stage = tmp_path / "stage.tar"
+    build(cache, ctx, target="base", outputs=[f"type=oci,dest={stage}"])
+    assert layer_digests(stage)[:2] == base_layers  # the base's own blobs, byte for byte
+    (ran,) = image_layers(stage)[-1:]
+    assert sorted(ran) == [b"ran"]  # a RUN above the nodes leaves them as they were
+
+    final = tmp_path / "final.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={final}"])
+    devs, nodes, added = image_layers(final)[-3:]
+    assert node(devs[b"devs/null"]) == ("c", 1, 3, 0o666, 0)
+    assert node(devs[b"devs/sda"]) == ("b", 8, 0, 0o660, group)
+    assert node(nodes[b"nodes/zero"]) == ("c", 1, 5, 0o666, 0)
+    assert node(added[b"added/tty"]) == ("c", 5, 0, 0o620, 0)
+    for layer in (devs, nodes, added):  # lamina's records never reach a layer
+        assert not any("lamina" in key for m in layer.values() for key in m.pax_headers), layer
+
+    rootfs_tar = tmp_path / "rootfs.tar"
+    build(cache, ctx, outputs=[f"type=tar,dest={rootfs_tar}"])
+    with tarfile.open(rootfs_tar) as tar:
+        assert node(tar.getmember("devs/null")) == ("c", 1, 3, 0o666, 0)
+        assert node(tar.getmember("devs/sda")) == ("b", 8, 0, 0o660, group)
+        assert node(tar.getmember("added/tty")) == ("c", 5, 0, 0o620, 0)
+
+    out = tmp_path / "out"
+    done = run_cli("build", "-q", "-o", f"type=local,dest={out}", str(ctx), cache=cache)
+    said = [line for line in done.stderr.splitlines() if "device nodes" in line]
+    if os.geteuid() == 0:
+        assert os.major((out / "devs/null").lstat().st_rdev) == 1 and not said
+        assert (out / "nodes/zero").lstat().st_mode == 0o20666
+    else:
+        assert not os.path.lexists(out / "devs/null")  # never an empty file in its place
+        assert said == [
+            f"warning: --output type=local,dest={out}: device nodes not made (creating them needs root): "
+            "4 files (first: /devs/null)"
+        ], done.stderr

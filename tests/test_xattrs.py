@@ -9,7 +9,6 @@ the capability is in the final layer (and, as root, `getcap` shows it).
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -21,71 +20,13 @@ from pathlib import Path
 import pytest
 
 from lamina.oci import xattrs
-from tests.support.build import BASE, build, rootfs, write_context
+from tests.support.build import BASE, build, rootfs, run_cli, write_context
+from tests.support.layers import image_layers, needs_user_xattrs, pax_xattrs, top_layer
 
 pytestmark = pytest.mark.sandbox
 
 # cap_net_raw+ep as `setcap` stores it: v2, effective, permitted bit 13.
 NET_RAW_V2 = bytes.fromhex("01000002" + "00200000" + "00000000" + "00000000" + "00000000")
-
-
-def _last_layer(archive: Path) -> dict[str, tarfile.TarInfo]:
-    """The entries of the image's top layer in an OCI archive, by name."""
-    with tarfile.open(archive) as outer:
-
-        def blob(digest: str) -> bytes:
-            member = outer.extractfile("blobs/sha256/" + digest.split(":")[1])
-            assert member is not None
-            return member.read()
-
-        index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
-        manifest = json.loads(blob(index["manifests"][0]["digest"]))
-        with tarfile.open(fileobj=io.BytesIO(blob(manifest["layers"][-1]["digest"]))) as layer:
-            return {member.name: member for member in layer}
-
-
-def _layers(archive: Path) -> list[list[tarfile.TarInfo]]:
-    """Every layer's entries of the image in an OCI archive."""
-    with tarfile.open(archive) as outer:
-
-        def blob(digest: str) -> bytes:
-            member = outer.extractfile("blobs/sha256/" + digest.split(":")[1])
-            assert member is not None
-            return member.read()
-
-        index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
-        manifest = json.loads(blob(index["manifests"][0]["digest"]))
-        layers = []
-        for layer in manifest["layers"]:
-            with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"]))) as tar:
-                layers.append(list(tar))
-        return layers
-
-
-def _pax_xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
-    prefix = "SCHILY.xattr."
-    return {
-        key[len(prefix) :]: value.encode("utf-8", "surrogateescape")
-        for key, value in member.pax_headers.items()
-        if key.startswith(prefix)
-    }
-
-
-def _user_xattrs_work(where: Path) -> bool:
-    probe = where / ".xattr-probe"
-    probe.write_bytes(b"")
-    try:
-        os.setxattr(probe, "user.probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
-
-
-def _needs_user_xattrs(where: Path) -> None:
-    if not _user_xattrs_work(where):
-        pytest.skip(f"the file system of {where} does not take user.* xattrs")
 
 
 def _setcap_bundle(dest: Path) -> None:
@@ -131,14 +72,14 @@ def test_setcap_in_a_build_stage_survives_copy_from(cache: Path, tmp_path: Path)
     )
     archive = tmp_path / "image.tar"
     build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
-    member = _last_layer(archive)["usr/local/bin/ping"]
-    assert _pax_xattrs(member) == {"security.capability": NET_RAW_V2}
+    member = top_layer(archive)["usr/local/bin/ping"]
+    assert pax_xattrs(member) == {"security.capability": NET_RAW_V2}
     assert oct(member.mode) == "0o755"
     # The root filesystem as one tar (type=tar) carries it too.
     rootfs_tar = tmp_path / "rootfs.tar"
     build(cache, ctx, outputs=[f"type=tar,dest={rootfs_tar}"])
     with tarfile.open(rootfs_tar) as tar:
-        assert _pax_xattrs(tar.getmember("usr/local/bin/ping")) == {"security.capability": NET_RAW_V2}
+        assert pax_xattrs(tar.getmember("usr/local/bin/ping")) == {"security.capability": NET_RAW_V2}
     if os.geteuid() == 0:
         getcap = shutil.which("getcap") or shutil.which("getcap", path="/usr/sbin:/sbin")
         assert getcap is not None
@@ -151,23 +92,23 @@ def test_setcap_in_a_build_stage_survives_copy_from(cache: Path, tmp_path: Path)
 def test_context_file_user_xattr_is_copied_and_keys_the_step(cache: Path, tmp_path: Path) -> None:
     ctx = tmp_path / "ctx"
     write_context(ctx, f"FROM {BASE}\nCOPY tagged /tagged\n", {"tagged": "data\n"})
-    _needs_user_xattrs(ctx)
+    needs_user_xattrs(ctx)
     os.setxattr(ctx / "tagged", "user.origin", b"first")
     archive = tmp_path / "one.tar"
     build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
-    assert _pax_xattrs(_last_layer(archive)["tagged"]) == {"user.origin": b"first"}
+    assert pax_xattrs(top_layer(archive)["tagged"]) == {"user.origin": b"first"}
     # Only the xattr changes: the COPY is not a cache hit of the old one.
     os.setxattr(ctx / "tagged", "user.origin", b"second")
     archive2 = tmp_path / "two.tar"
     result = build(cache, ctx, outputs=[f"type=oci,dest={archive2}"])
     assert not result.steps[-1].cached
-    assert _pax_xattrs(_last_layer(archive2)["tagged"]) == {"user.origin": b"second"}
+    assert pax_xattrs(top_layer(archive2)["tagged"]) == {"user.origin": b"second"}
 
 
 def test_add_of_an_archive_keeps_its_xattrs(cache: Path, tmp_path: Path) -> None:
     ctx = tmp_path / "ctx"
     write_context(ctx, f"FROM {BASE}\nADD files.tar /unpacked/\n")
-    _needs_user_xattrs(ctx)
+    needs_user_xattrs(ctx)
     with tarfile.open(ctx / "files.tar", "w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo("tool")
         info.size, info.mode, info.mtime = 4, 0o755, 1_700_000_000
@@ -175,7 +116,7 @@ def test_add_of_an_archive_keeps_its_xattrs(cache: Path, tmp_path: Path) -> None
         tar.addfile(info, io.BytesIO(b"abc\n"))
     archive = tmp_path / "image.tar"
     build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
-    assert _pax_xattrs(_last_layer(archive)["unpacked/tool"]) == {"user.kind": b"tool"}
+    assert pax_xattrs(top_layer(archive)["unpacked/tool"]) == {"user.kind": b"tool"}
 
 
 def test_base_image_xattrs_round_trip_through_unpack_and_run(
@@ -188,7 +129,7 @@ def test_base_image_xattrs_round_trip_through_unpack_and_run(
 
     ctx = tmp_path / "ctx"
     write_context(ctx, f"FROM {BASE}\nADD files.tar /\n")
-    _needs_user_xattrs(ctx)
+    needs_user_xattrs(ctx)
     with tarfile.open(ctx / "files.tar", "w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo("tagged")
         info.size, info.mode = 5, 0o755
@@ -206,8 +147,8 @@ def test_base_image_xattrs_round_trip_through_unpack_and_run(
     write_context(ctx2, "FROM lamina-test/tagged:1\nRUN chmod 4711 /tagged\n")
     archive2 = tmp_path / "run.tar"
     build(fresh, ctx2, outputs=[f"type=oci,dest={archive2}"])
-    member = _last_layer(archive2)["tagged"]
-    assert _pax_xattrs(member) == {"security.capability": NET_RAW_V2, "user.origin": b"base"}
+    member = top_layer(archive2)["tagged"]
+    assert pax_xattrs(member) == {"security.capability": NET_RAW_V2, "user.origin": b"base"}
     assert member.mode == 0o4711
 
 
@@ -217,7 +158,7 @@ def test_lamina_records_never_reach_a_layer(tmp_path: Path) -> None:
 
     upper = tmp_path / "upper"
     upper.mkdir()
-    _needs_user_xattrs(upper)
+    needs_user_xattrs(upper)
     (upper / "ping").write_bytes(b"x")
     os.setxattr(upper / "ping", xattrs.RECORDED_PREFIX + "security.capability", NET_RAW_V2)
     os.setxattr(upper / "ping", "user.lamina.owner", b"5:6")
@@ -230,7 +171,7 @@ def test_lamina_records_never_reach_a_layer(tmp_path: Path) -> None:
 def test_write_records_what_cannot_be_set(tmp_path: Path) -> None:
     target = tmp_path / "f"
     target.write_bytes(b"")
-    _needs_user_xattrs(tmp_path)
+    needs_user_xattrs(tmp_path)
     xattrs.write(str(target), [("security.capability", NET_RAW_V2), ("user.a", b"1")])
     if os.geteuid() == 0:
         assert os.getxattr(target, "security.capability") == NET_RAW_V2
@@ -254,7 +195,7 @@ def test_unpack_keeps_capabilities_and_drops_lamina_records_from_a_layer(tmp_pat
     own `user.lamina.*` xattrs are dropped: they would fake the owners lamina records."""
     from lamina.oci.extract import extract_layer
 
-    _needs_user_xattrs(tmp_path)
+    needs_user_xattrs(tmp_path)
     data = io.BytesIO()
     with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo("ping")
@@ -325,11 +266,21 @@ def test_capability_survives_proot_isolation_as_a_plain_user(busybox_image: Path
         done = lamina("build", "--progress", "quiet", "-o", f"type=oci,dest={archive}", str(ctx))
         assert done.returncode == 0, done.stderr
         assert any("proot" in line for line in done.stderr.splitlines()), done.stderr
-        member = _last_layer(archive)["usr/local/bin/ping"]
-        assert _pax_xattrs(member) == {"security.capability": NET_RAW_V2}
+        member = top_layer(archive)["usr/local/bin/ping"]
+        assert pax_xattrs(member) == {"security.capability": NET_RAW_V2}
         assert member.mode == 0o750
-        for layer in _layers(archive):
-            for found in layer:
+        # Exported as a directory: no user namespace to set it in, so one line says so.
+        out = base / "out"
+        done = lamina("build", "--progress", "quiet", "-o", f"type=local,dest={out}", str(ctx))
+        assert done.returncode == 0, done.stderr
+        said = [line for line in done.stderr.splitlines() if "capabilit" in line]
+        assert said == [
+            f"warning: --output type=local,dest={out}: file capabilities (security.capability) not kept: "
+            "1 file (first: /usr/local/bin/ping): no user namespace to set them in"
+        ], done.stderr
+        assert (out / "usr/local/bin/ping").read_bytes() == (ctx / "ping").read_bytes()
+        for layer in image_layers(archive):
+            for found in layer.values():
                 assert not any("user.lamina" in key for key in found.pax_headers), found.name
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -340,7 +291,7 @@ def test_add_chown_of_an_archive_keeps_setuid_and_capabilities(cache: Path, tmp_
     archive's privileged binary stays privileged under ADD --chown."""
     ctx = tmp_path / "ctx"
     write_context(ctx, f"FROM {BASE}\nADD --chown=5:6 files.tar /u/\n")
-    _needs_user_xattrs(ctx)
+    needs_user_xattrs(ctx)
     with tarfile.open(ctx / "files.tar", "w", format=tarfile.PAX_FORMAT) as tar:
         for name, mode, records in (
             (
@@ -358,8 +309,8 @@ def test_add_chown_of_an_archive_keeps_setuid_and_capabilities(cache: Path, tmp_
     build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
     from lamina.engine.sandbox.idmap import IdMode, detect_ids
 
-    layer = _last_layer(archive)
-    assert _pax_xattrs(layer["u/ping"]) == {"security.capability": NET_RAW_V2}
+    layer = top_layer(archive)
+    assert pax_xattrs(layer["u/ping"]) == {"security.capability": NET_RAW_V2}
     modes = {name: layer[f"u/{name}"].mode for name in ("ping", "su", "wall")}
     assert modes == {"ping": 0o755, "su": 0o4755, "wall": 0o2755}
     # With a single-id map only root exists in the sandbox (IdMap.warning says so).
@@ -372,14 +323,14 @@ def test_a_context_file_cannot_pass_for_lamina_records(cache: Path, tmp_path: Pa
     copied (it would become a file capability or an owner in the image)."""
     ctx = tmp_path / "ctx"
     write_context(ctx, f"FROM {BASE}\nCOPY f /f\n", {"f": "x"})
-    _needs_user_xattrs(ctx)
+    needs_user_xattrs(ctx)
     os.setxattr(ctx / "f", xattrs.RECORDED_PREFIX + "security.capability", NET_RAW_V2)
     os.setxattr(ctx / "f", "user.lamina.owner", b"5:5")
     os.setxattr(ctx / "f", "user.kept", b"1")
     archive = tmp_path / "image.tar"
     build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
-    member = _last_layer(archive)["f"]
-    assert _pax_xattrs(member) == {"user.kept": b"1"}
+    member = top_layer(archive)["f"]
+    assert pax_xattrs(member) == {"user.kept": b"1"}
     assert (member.uid, member.gid) == (0, 0)
 
 
@@ -388,8 +339,42 @@ def test_a_copied_directory_keeps_its_xattrs(cache: Path, tmp_path: Path) -> Non
     made as BuildKit's MkdirAll makes it: mode 0755, the --chown owner, no source metadata)."""
     ctx = tmp_path / "ctx"
     write_context(ctx, f"FROM {BASE}\nCOPY app /opt/app/\n", {"app/sub/f": "x"})
-    _needs_user_xattrs(ctx)
+    needs_user_xattrs(ctx)
     os.setxattr(ctx / "app/sub", "user.sub", b"2")
     archive = tmp_path / "image.tar"
     build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
-    assert _pax_xattrs(_last_layer(archive)["opt/app/sub"]) == {"user.sub": b"2"}
+    assert pax_xattrs(top_layer(archive)["opt/app/sub"]) == {"user.sub": b"2"}
+
+
+def _capability_archive(path: Path) -> None:
+    """A tar holding `ping` with cap_net_raw+ep and a user xattr, as an image layer carries them."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("ping")
+        info.size, info.mode = 1, 0o755
+        info.pax_headers = {
+            "SCHILY.xattr.security.capability": NET_RAW_V2.decode("utf-8", "surrogateescape"),
+            "SCHILY.xattr.user.kind": "tool",
+        }
+        tar.addfile(info, io.BytesIO(b"x"))
+
+
+def test_a_type_local_export_keeps_file_capabilities(cache: Path, tmp_path: Path) -> None:
+    """As root the exported file has the capability as the image does (v2). Rootless, a plain
+    uid may not set one, so lamina sets it inside a user namespace whose root is the caller:
+    the kernel keeps it as v3 naming the caller (it works in that user's rootless containers),
+    and nothing is said, as nothing was lost."""
+    ctx = tmp_path / "ctx"
+    write_context(ctx, f"FROM {BASE}\nADD files.tar /bin/\n")
+    needs_user_xattrs(ctx)
+    _capability_archive(ctx / "files.tar")
+    out = tmp_path / "out"
+    done = run_cli("build", "-q", "-o", f"type=local,dest={out}", str(ctx), cache=cache)
+    assert "capabilit" not in done.stderr, done.stderr
+    found = os.getxattr(out / "bin/ping", "security.capability")
+    if os.geteuid() == 0:
+        assert found == NET_RAW_V2
+    else:
+        rootid = os.geteuid().to_bytes(4, "little")
+        assert found == bytes.fromhex("01000003") + NET_RAW_V2[4:] + rootid, found.hex()
+    assert xattrs.read(str(out / "bin/ping")) == (("security.capability", NET_RAW_V2), ("user.kind", b"tool"))
+    assert os.stat(out / "bin/ping").st_mode & 0o7777 == 0o755

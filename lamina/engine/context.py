@@ -26,6 +26,7 @@ from lamina.cache.statcache import StatCache, StatKey, stat_key
 from lamina.engine.buildfiles import dockerfile_ignore_file
 from lamina.engine.dockerfile.ignore import DockerIgnore, IgnoreMatch, read_ignore_file
 from lamina.errors import ContextError
+from lamina.oci import xattrs
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType, type_of_mode
 
@@ -220,6 +221,10 @@ class SourceTree:
                 key=stat_key(st),
                 socket=True,
             )
+        if kind is EntryType.FILE and not st.st_size and self.chroot:
+            device = self._placeholder(rel, st)
+            if device is not None:
+                return device
         if kind is EntryType.FILE or kind is EntryType.DIR:  # most entries: no more calls than needed
             uid, gid = self._owner(rel, st) if self.chroot else (st.st_uid, st.st_gid)
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -237,6 +242,27 @@ class SourceTree:
             mtime_ns=st.st_mtime_ns,
             linkname=link,
             rdev=st.st_rdev if kind in (EntryType.CHAR, EntryType.BLOCK) else 0,
+            key=stat_key(st),
+        )
+
+    def _placeholder(self, rel: str, st: os.stat_result) -> TreeEntry | None:
+        """The device node a stage's empty file stands for where mknod was refused (oci.recorded)."""
+        from lamina.oci import recorded
+
+        device = recorded.device_of(self.abspath(rel))
+        if device is None:
+            return None
+        kind, major, minor = device
+        uid, gid = self._owner(rel, st)
+        return TreeEntry(
+            path=rel,
+            type=EntryType.CHAR if kind == "c" else EntryType.BLOCK,
+            mode=stat.S_IMODE(st.st_mode),
+            uid=uid,
+            gid=gid,
+            size=0,
+            mtime_ns=st.st_mtime_ns,
+            rdev=os.makedev(major, minor),
             key=stat_key(st),
         )
 
@@ -259,6 +285,23 @@ class SourceTree:
             raise ContextError(f"{name}: cannot read: {err.strerror or err}") from None
         found = {e.path: _EMPTY_DIGEST for e in entries if e.socket}
         found.update((e.path, d) for e, d in zip(files, digests, strict=True))
+        return found
+
+    def xattrs(self, entry: TreeEntry) -> tuple[tuple[str, bytes], ...]:
+        """The image xattrs of an entry (lamina's records only in a tree lamina wrote).
+
+        A file whose digest the stat cache holds is noted there when it has
+        none, so an unchanged one costs no listxattr the next time (an xattr
+        change moves the ctime, hence the identity).
+        """
+        if entry.socket:
+            return ()
+        cache = self.stat_cache if entry.type is EntryType.FILE else None
+        if cache is not None and cache.plain(entry.key, self.scope):
+            return ()
+        found = xattrs.read(self.abspath(entry.path), self.chroot)
+        if cache is not None and not found:
+            cache.note_plain(entry.key, self.scope)
         return found
 
     def checksum(self, rel: str = "") -> Digest:

@@ -302,7 +302,10 @@ class Executor:
                 if statements and not made
                 else None
             )
-            write_output(output, self.store, made or image, target.layer_dirs, names, self.epoch, files)
+            for warning in write_output(
+                output, self.store, made or image, target.layer_dirs, names, self.epoch, files
+            ):
+                self.warn_once(warning)  # what a rootless type=local could not keep
         seconds = time.monotonic() - start
         records = tuple(self.records)
         result = BuildResult(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 from lamina.cache.images import CommittedImage
 from lamina.engine.outputspec import OutputSpec, OutputType, check_dest
 from lamina.errors import BuildError, DiskFull, OutputError, is_disk_full
-from lamina.oci import filecopy, xattrs
+from lamina.oci import filecopy, recorded, xattrs
 from lamina.oci.digest import Digest
 from lamina.oci.layout import shown_path
 from lamina.oci.overlay import is_opaque, is_whiteout
@@ -48,10 +48,27 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+@dataclasses.dataclass
+class NotKept:
+    """What a rootless export could not write as itself (device nodes, file capabilities,
+    other privileged xattrs), to be set another way or said in one line each."""
+
+    devices: list[str] = dataclasses.field(default_factory=list)
+    capabilities: list[tuple[Path, bytes]] = dataclasses.field(default_factory=list)
+    xattrs: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # name -> paths
+
+
 def _copy_entry(
-    src: Path, dst: Path, st: os.stat_result, links: dict[tuple[int, int], Path], record: bool = False
+    src: Path,
+    dst: Path,
+    st: os.stat_result,
+    links: dict[tuple[int, int], Path],
+    record: bool = False,
+    missed: NotKept | None = None,
+    inside: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> None:
     mode = st.st_mode
+    device = None
     if stat.S_ISDIR(mode):
         if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
             _remove(dst)
@@ -63,26 +80,47 @@ def _copy_entry(
         if st.st_nlink > 1 and key in links:
             os.link(links[key], dst)
             return
+        # A device node rootless unpacking kept as a placeholder (lamina.oci.recorded).
+        device = recorded.device_of(os.fspath(src)) if stat.S_ISREG(mode) and not st.st_size else None
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(src), dst)
-        elif stat.S_ISREG(mode):
+        elif device is not None and record:
+            filecopy.copy_path(os.fspath(src), os.fspath(dst))
+            recorded.copy_device(os.fspath(src), os.fspath(dst))  # the tar is written with the device
+        elif stat.S_ISREG(mode) and device is None:
             filecopy.copy_path(os.fspath(src), os.fspath(dst))  # holes stay holes
         elif stat.S_ISFIFO(mode):
             os.mkfifo(dst)
         else:
+            rdev = st.st_rdev if device is None else os.makedev(device[1], device[2])
+            kind = (
+                stat.S_IFMT(mode) if device is None else (stat.S_IFCHR if device[0] == "c" else stat.S_IFBLK)
+            )
             try:
-                os.mknod(dst, mode, st.st_rdev)
+                os.mknod(dst, kind | stat.S_IMODE(mode), rdev)
             except PermissionError:
-                return  # device nodes need privilege; a rootfs export skips them
+                if missed is not None:  # device nodes need privilege: said once, after
+                    missed.devices.append(os.fspath(dst))
+                return
         if st.st_nlink > 1:
             links[key] = dst
     # Unprivileged export: files end up owned by the caller.
     with contextlib.suppress(PermissionError):
         os.lchown(dst, st.st_uid, st.st_gid)
+    if inside is not None:  # rootless, for a tar: the container owner as lamina's record
+        owner = recorded.owner_of(os.fspath(src), inside(st.st_uid, st.st_gid))
+        with contextlib.suppress(OSError):  # a symlink's or FIFO's other owner cannot be kept
+            recorded.set_owner(os.fspath(dst), *owner)
     # After chown (it clears security.capability); `record`: a scratch tree the tar is read from.
     found = xattrs.read(os.fspath(src))
     if found:
-        xattrs.write(os.fspath(dst), found, symlink=stat.S_ISLNK(mode), record=record)
+        lost = xattrs.write(os.fspath(dst), found, symlink=stat.S_ISLNK(mode), record=record)
+        if lost and missed is not None:
+            for name, value in found:
+                if name == xattrs.CAPABILITY and name in lost:
+                    missed.capabilities.append((dst, value))
+                elif name in lost:
+                    missed.xattrs.setdefault(name, []).append(os.fspath(dst))
     if not stat.S_ISLNK(mode):
         os.chmod(dst, stat.S_IMODE(mode))
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -90,18 +128,23 @@ def _copy_entry(
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def merge_layers(layer_dirs: Sequence[Path], dest: Path, record: bool = False) -> None:
+def merge_layers(
+    layer_dirs: Sequence[Path], dest: Path, record: bool = False, missed: NotKept | None = None
+) -> None:
     """Apply overlay-form layer dirs (bottom first) onto `dest`, honouring whiteouts.
 
     Files keep their xattrs where this process may set them; with `record`,
     the others are kept as lamina's records (`lamina.oci.xattrs`), for a
-    tree that is read back into a tar.
+    tree that is read back into a tar (rootless, with the container owners
+    recorded too); without, they go to `missed`, as do device nodes this
+    process may not make.
 
     A 0/0 char device deletes the path below it; an opaque dir hides the
     lower dir's contents. Directory modes and times are set after their
     contents, so a read-only directory can still be filled.
     """
     dest.mkdir(parents=True, exist_ok=True)
+    inside = _container_ids() if record and os.geteuid() != 0 else None
     for layer in layer_dirs:
         links: dict[tuple[int, int], Path] = {}
         dir_stats: list[tuple[Path, os.stat_result]] = []
@@ -115,7 +158,7 @@ def merge_layers(layer_dirs: Sequence[Path], dest: Path, record: bool = False) -
                 if is_whiteout(st):
                     _remove(target)
                 else:
-                    _copy_entry(src, target, st, links, record)
+                    _copy_entry(src, target, st, links, record, missed, inside)
             for name in list(dirs):
                 src = Path(root, name)
                 if src.is_symlink():
@@ -125,7 +168,7 @@ def merge_layers(layer_dirs: Sequence[Path], dest: Path, record: bool = False) -
                 target = dest / rel / name
                 if is_opaque(src):
                     _remove(target)
-                _copy_entry(src, target, st, links, record)
+                _copy_entry(src, target, st, links, record, missed, inside)
                 os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))
                 dir_stats.append((target, st))
         for target, st in reversed(dir_stats):
@@ -133,14 +176,23 @@ def merge_layers(layer_dirs: Sequence[Path], dest: Path, record: bool = False) -
             os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> None:
-    """type=local: the merged root filesystem in `dest` (created if missing).
+def _container_ids() -> Callable[[int, int], tuple[int, int]]:
+    """Host ids -> the ids the sandbox shows (the caller is root)."""
+    from lamina.engine.sandbox.idmap import detect_ids
+
+    ids = detect_ids()
+    return lambda uid, gid: (ids.uid_inside(uid), ids.gid_inside(gid))
+
+
+def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> tuple[str, ...]:
+    """type=local: the merged root filesystem in `dest` (created if missing); the warnings.
 
     The tree is written in full under a temporary name first, then moved into
     place, so a failure (a full disk) leaves `dest` as it was: a new `dest` is
     made beside it and renamed; into an existing one (perhaps a mount point)
     the tree is written in a hidden directory inside and its entries renamed
     over what is there, as a merge onto `dest` would have left them.
+    Rootless, what the tree could not keep is named in one warning line each.
     """
     what = f"--output type=local,dest={dest}"
     if dest.exists() and not dest.is_dir():
@@ -152,7 +204,7 @@ def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> None:
         tmp = _temp_dir(
             dest if existed else dest.parent, f".{dest.name}.tmp-" if not existed else ".lamina-tmp-"
         )
-        merge_layers(layer_dirs, tmp)
+        warnings = _merge_keeping(layer_dirs, tmp, what)
         if existed:
             _move_entries(tmp, dest)
             os.rmdir(tmp)
@@ -173,6 +225,49 @@ def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> None:
         # Rootless, a file the container made private to one of its users
         # cannot be read from outside the user namespace.
         raise OutputError(f"{what}: {shown}: {err.strerror or err}") from err
+    return warnings
+
+
+def _merge_keeping(layer_dirs: Sequence[Path], root: Path, what: str) -> tuple[str, ...]:
+    """merge_layers into `root`, then what a rootless process could not write as itself:
+    file capabilities are set in a user namespace whose root is the caller (the kernel keeps
+    them as v3, naming the caller: they work where that uid is a namespace's root, as in a
+    rootless container); what is still not kept is one line each."""
+    missed = NotKept()
+    merge_layers(layer_dirs, root, missed=missed)
+    lines = []
+
+    def first(paths: Sequence[str | Path]) -> str:
+        shown = "/" + os.path.relpath(paths[0], root)
+        return f"{len(paths)} {'file' if len(paths) == 1 else 'files'} (first: {shown})"
+
+    if missed.devices:
+        lines.append(f"{what}: device nodes not made (creating them needs root): {first(missed.devices)}")
+    if missed.capabilities:
+        failed = _set_capabilities(missed.capabilities)
+        if failed:
+            paths, reason = failed
+            lines.append(
+                f"{what}: file capabilities (security.capability) not kept: {first(paths)}: {reason}"
+            )
+    for name, paths in sorted(missed.xattrs.items()):
+        lines.append(f"{what}: xattr {name} not kept (setting it needs root): {first(paths)}")
+    return tuple(lines)
+
+
+def _set_capabilities(found: list[tuple[Path, bytes]]) -> tuple[list[Path], str] | None:
+    """Set each file capability inside a user namespace; None, or (the files not set, why)."""
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+
+    ids = detect_ids()
+    if ids.mode not in (IdMode.SUBORDINATE, IdMode.SINGLE):
+        return [path for path, _ in found], "no user namespace to set them in"
+    from lamina.engine.sandbox.runner import set_xattrs_inside
+
+    failed = set_xattrs_inside([(path, xattrs.CAPABILITY, value) for path, value in found], ids)
+    if not failed:
+        return None
+    return [path for path, _ in failed], failed[0][1]
 
 
 def _make_parents(path: Path) -> list[Path]:
@@ -429,7 +524,7 @@ def write_output(
     names: Sequence[str],
     epoch: int | None,
     add_files: Callable[[Path], None] | None = None,
-) -> None:
+) -> tuple[str, ...]:
     """Write one non-store output of an image; a full disk names the output and the path.
 
     `image` is what the output's attributes made of the committed image
@@ -437,11 +532,12 @@ def write_output(
     under a temporary name beside `dest` and renamed when complete, so a
     failure leaves nothing under the output's name. `add_files` adds to a
     type=local/tar tree before it is final (attestations, as BuildKit's
-    local and tar exporters write `provenance.json`).
+    local and tar exporters write `provenance.json`). Returns warnings (what a
+    rootless type=local export could not keep), one line each.
     """
     what = f"--output type={output.type.value},dest={output.dest}"
     try:
-        _write_output(output, store, image, layer_dirs, names, epoch, add_files)
+        return _write_output(output, store, image, layer_dirs, names, epoch, add_files)
     except OutputError:
         raise
     except DiskFull as err:
@@ -463,17 +559,17 @@ def _write_output(
     names: Sequence[str],
     epoch: int | None,
     add_files: Callable[[Path], None] | None = None,
-) -> None:
+) -> tuple[str, ...]:
     if output.type is OutputType.LOCAL:
         dest = Path(output.dest)
         root = dest / _platform_dir() if output.platform_split else dest
-        write_rootfs(layer_dirs, root)
+        warnings = write_rootfs(layer_dirs, root)
         if add_files is not None:
             add_files(root)
-        return
+        return warnings
     if output.type is OutputType.TAR:
         _write_rootfs_tar(output, store, layer_dirs, epoch, add_files)
-        return
+        return ()
     if output.type in (OutputType.OCI, OutputType.DOCKER):
         # BuildKit's docker exporter writes the same tarball as its oci one (an OCI
         # layout with docker's manifest.json), in docker's media types by default.
@@ -492,10 +588,10 @@ def _write_output(
         ]
         if not output.tar:
             write_oci_layout(Path(output.dest), images, store)
-            return
+            return ()
         with _open_dest(output) as out:
             write_oci_archive(out, images, store)
-        return
+        return ()
     raise OutputError(f"output type {output.type.value} is written by the executor")  # IMAGE
 
 
@@ -556,6 +652,8 @@ def _write_rootfs_tar(
     from lamina.oci.walk import entries_from_tree
 
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-rootfs-", dir=store.root))
+    # Rootless, the tree is the caller's (root in the container), other owners recorded.
+    owners = _container_ids() if os.geteuid() != 0 else None
     try:
         if output.platform_split:  # the tree under linux_amd64/, as BuildKit splits it
             (scratch / "root").mkdir(mode=0o755)
@@ -567,9 +665,10 @@ def _write_rootfs_tar(
             add_files(scratch / "root" / _platform_dir() if output.platform_split else scratch / "root")
         with _open_dest(output) as out:
             # lamina's records (an xattr it could not set on the scratch tree) leave as themselves.
+            # Device placeholders (a rootless build's device nodes) leave as the devices.
             entries = (
                 dataclasses.replace(e, xattrs=xattrs.from_disk(e.xattrs)) if e.xattrs else e
-                for e in entries_from_tree(scratch / "root")
+                for e in map(recorded.restore, entries_from_tree(scratch / "root", uid_map=owners))
             )
             write_layer(entries, out, Compression.NONE, source_date_epoch=epoch)
     finally:

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node
 from lamina.engine.sandbox.idmap import IdMap
-from lamina.oci import recorded, xattrs
-from lamina.oci.entry import EntryType, LayerEntry
+from lamina.oci import recorded
+from lamina.oci.entry import LayerEntry
 from lamina.oci.walk import entries_from_tree, read_xattrs
 
 if TYPE_CHECKING:
@@ -50,34 +50,9 @@ def capture(upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = 
     """
     uid_map = _inside(ids) if ids is not None and ids.rootless else None
     below = functools.partial(_shows_dir, LayerStack([os.fspath(p) for p in lowers])) if lowers else None
-    return map(_recorded, entries_from_tree(upper_dir, uid_map=uid_map, overlay=True, opaque_hides=below))
-
-
-def _recorded(entry: LayerEntry) -> LayerEntry:
-    """An entry with lamina's own records (owner, device placeholder) applied and taken off.
-
-    Written where no user namespace could be made (`lamina.oci.recorded`):
-    the file on disk is the caller's, the container's owner is in the xattr.
-    """
-    if not any(name.startswith(recorded.PREFIX) for name, _ in entry.xattrs):
-        return entry
-    found = dict(entry.xattrs)
-    # `user.lamina.xattr.NAME` (one this process could not set) goes to the layer as NAME.
-    changes: dict[str, object] = {"xattrs": xattrs.from_disk(entry.xattrs)}
-    owner = recorded.parse_owner(found.get(recorded.OWNER_XATTR, b""))
-    if owner is not None:
-        changes["uid"], changes["gid"] = owner
-    device = recorded.parse_rdev(found.get(recorded.RDEV_XATTR, b""))
-    if device is not None and entry.type is EntryType.FILE:
-        kind, major, minor = device
-        changes.update(
-            type=EntryType.CHAR if kind == "c" else EntryType.BLOCK,
-            devmajor=major,
-            devminor=minor,
-            size=0,
-            open=None,
-        )
-    return dataclasses.replace(entry, **changes)  # type: ignore[arg-type]
+    return map(
+        recorded.restore, entries_from_tree(upper_dir, uid_map=uid_map, overlay=True, opaque_hides=below)
+    )
 
 
 def _inside(ids: IdMap) -> Callable[[int, int], tuple[int, int]]:

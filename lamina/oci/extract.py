@@ -23,12 +23,15 @@ magic) into a directory. What it guarantees, and where:
   tar are dropped: they would let a layer fake whiteouts or redirects once
   the directory is used as an overlay lower dir.
 
-Not privileged: device nodes are skipped and a chown failure is an error
-unless `ignore_owners`; both are said once in the returned warnings. With
+Not privileged: a chown failure is an error unless `ignore_owners`, said
+once in the returned warnings. A device node mknod refuses (a user
+namespace, a plain uid) becomes a placeholder file with `record_devices`
+(`lamina.oci.recorded`: a layer dir or an upper dir, which lamina reads
+back as the device), else it is skipped and said once. With
 `record_owners` (a plain uid with no user namespace) nothing is chowned:
 owners other than 0:0 are recorded in `user.lamina.owner` xattrs and device
-nodes become placeholder files (`lamina.engine.sandbox.recorded`), so the
-layer dir still knows them; an owner a symlink would need is an error.
+nodes are placeholders, so the layer dir still knows them; an owner a
+symlink would need is an error.
 
 On error the target directory is left half-written; callers unpack into a
 temporary directory and rename it on success.
@@ -95,6 +98,7 @@ def extract_layer(
     ignore_owners: bool = False,
     digest: Digest | None = None,
     record_owners: bool = False,
+    record_devices: bool = False,
 ) -> ExtractResult:
     """Unpack the layer `stream` into the directory `dest` (made if missing).
 
@@ -110,7 +114,7 @@ def extract_layer(
     except OSError as err:
         raise LayerError(f"{label}: target directory {dest}: {err.strerror or err}") from err
     with root, _open_tar(stream, label) as (tar, compressed, uncompressed):
-        unpacker = _Unpacker(root, label, whiteouts, userxattr, ignore_owners, record_owners)
+        unpacker = _Unpacker(root, label, whiteouts, userxattr, ignore_owners, record_owners, record_devices)
         count = 0
         for member in _members(tar, label):
             unpacker.add(member, tar)
@@ -297,6 +301,7 @@ class _Unpacker:
         userxattr: bool,
         ignore_owners: bool,
         record_owners: bool = False,
+        record_devices: bool = False,
     ) -> None:
         self._root = root
         self._label = label
@@ -304,6 +309,7 @@ class _Unpacker:
         self._opaque_xattr = ("user" if userxattr else "trusted") + ".overlay.opaque"
         self._ignore_owners = ignore_owners
         self._record = record_owners
+        self._record_devices = record_devices or record_owners
         # Paths written by this layer, with all their ancestors: a whiteout
         # or opaque marker of the same layer must leave them alone.
         self._touched: set[str] = set()
@@ -466,17 +472,7 @@ class _Unpacker:
         mtime_ns: int,
     ) -> None:
         if self._record and kind is not EntryType.FIFO:
-            from lamina.oci import recorded
-
-            which = "c" if kind is EntryType.CHAR else "b"
-            recorded.make_device(name, which, member.devmajor, member.devminor, 0o600, dir_fd=parent_fd)
-            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-            try:
-                self._chown(lambda: None, member, fd)
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-            os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
+            self._placeholder(parent_fd, name, kind, member, mode, mtime_ns)
             return
         try:
             if kind is EntryType.FIFO:
@@ -485,12 +481,37 @@ class _Unpacker:
                 fmt = stat.S_IFCHR if kind is EntryType.CHAR else stat.S_IFBLK
                 os.mknod(name, fmt | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=parent_fd)
         except PermissionError:
-            self.warnings.add("device nodes skipped (creating them needs privilege)", rel)
+            if kind is EntryType.FIFO or not self._record_devices:
+                self.warnings.add("device nodes skipped (creating them needs privilege)", rel)
+                return
+            # A user namespace may not mknod: the placeholder is read back as the device.
+            try:
+                self._placeholder(parent_fd, name, kind, member, mode, mtime_ns)
+            except OSError as err:
+                if err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                self.warnings.add("device nodes skipped (no privilege, no user xattrs to record them)", rel)
             return
         self._chown(lambda: os.chown(name, member.uid, member.gid, dir_fd=parent_fd), member, -1)
         # Just created by us, not a symlink: following is safe, and Linux
         # cannot chmod without following anyway.
         os.chmod(name, mode, dir_fd=parent_fd)
+        os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
+
+    def _placeholder(
+        self, parent_fd: int, name: str, kind: EntryType, member: tarfile.TarInfo, mode: int, mtime_ns: int
+    ) -> None:
+        """An empty file recording the device node (`lamina.oci.recorded`), with its owner and mode."""
+        from lamina.oci import recorded
+
+        which = "c" if kind is EntryType.CHAR else "b"
+        recorded.make_device(name, which, member.devmajor, member.devminor, 0o600, dir_fd=parent_fd)
+        fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            self._chown(lambda: os.fchown(fd, member.uid, member.gid), member, fd)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
         os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
 
     def _chown(self, do: Callable[[], None], member: tarfile.TarInfo, fd: int) -> None:

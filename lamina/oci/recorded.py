@@ -13,7 +13,12 @@ rootless unpack does with `user.rootlesscontainers`:
 The xattrs travel with the file through every copy lamina makes (the
 sandbox's root filesystem copy, the copy snapshotter's compare, a stage's
 materialised tree) and are turned back into the owner and type when a
-layer is written (`snapshot.capture`), never reaching the image.
+layer is written (`snapshot.capture`, `restore`), never reaching the image.
+
+Device placeholders are also what a user namespace leaves where mknod is
+refused (rootless with subordinate ids or a single id): a base layer's
+/dev/null, a stage's device nodes, an ADD archive's, so that a rootless
+build writes them to its layers and exports byte for byte as root would.
 
 Symlinks and FIFOs cannot carry `user.` xattrs: an owner other than 0:0 on
 one of them is an error naming the path, never silently dropped.
@@ -24,8 +29,13 @@ Helper-side: the stdlib only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lamina.oci.entry import LayerEntry
 
 OWNER_XATTR = "user.lamina.owner"
 RDEV_XATTR = "user.lamina.rdev"
@@ -113,5 +123,51 @@ def make_device(path: str, kind: str, major: int, minor: int, mode: int, dir_fd:
     try:
         os.setxattr(fd, RDEV_XATTR, f"{kind} {major} {minor}".encode())
         os.fchmod(fd, mode & 0o7777)
+    except OSError:
+        os.unlink(path, dir_fd=dir_fd)  # no empty file standing for nothing
+        raise
     finally:
         os.close(fd)
+
+
+def device_of(path: str) -> tuple[str, int, int] | None:
+    """("c" | "b", major, minor) when `path` (not followed) is a device placeholder, else None."""
+    try:
+        return parse_rdev(os.getxattr(path, RDEV_XATTR, follow_symlinks=False))
+    except OSError:
+        return None
+
+
+def copy_device(src: str, dst: str) -> None:
+    """Give the regular file `dst` the device record of `src`, if `src` is a placeholder."""
+    device = device_of(src)
+    if device is not None:
+        kind, major, minor = device
+        os.setxattr(dst, RDEV_XATTR, f"{kind} {major} {minor}".encode(), follow_symlinks=False)
+
+
+def restore(entry: LayerEntry) -> LayerEntry:
+    """A layer entry with lamina's records (owner, device placeholder, unsettable xattrs)
+    applied and taken off: what the container saw, as a layer carries it."""
+    from lamina.oci import xattrs
+    from lamina.oci.entry import EntryType
+
+    if not any(name.startswith(PREFIX) for name, _ in entry.xattrs):
+        return entry
+    found = dict(entry.xattrs)
+    # `user.lamina.xattr.NAME` (one this process could not set) goes to the layer as NAME.
+    changes: dict[str, object] = {"xattrs": xattrs.from_disk(entry.xattrs)}
+    owner = parse_owner(found.get(OWNER_XATTR, b""))
+    if owner is not None:
+        changes["uid"], changes["gid"] = owner
+    device = parse_rdev(found.get(RDEV_XATTR, b""))
+    if device is not None and entry.type is EntryType.FILE:
+        kind, major, minor = device
+        changes.update(
+            type=EntryType.CHAR if kind == "c" else EntryType.BLOCK,
+            devmajor=major,
+            devminor=minor,
+            size=0,
+            open=None,
+        )
+    return dataclasses.replace(entry, **changes)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ def extract(spec: dict) -> str:
             userxattr=True,
             ignore_owners=spec["ignore_owners"],
             digest=digest,
+            record_devices=True,  # mknod is refused in a user namespace: a placeholder (oci.recorded)
         )
     return json.dumps(
         {

@@ -15,7 +15,8 @@ The exit status is the command's (run), or 0 / 125.
 Modes: "run" (a command in a sandbox), "remove" (rm -rf paths inside the user
 namespace, for trees owned by subordinate ids), "extract" (unpack a layer
 inside the user namespace so its owners are the namespace's ids), "chown"
-(set container owners on files the caller wrote, e.g. COPY --chown), "layer"
+(set container owners on files the caller wrote, e.g. COPY --chown), "xattrs"
+(set xattrs only a namespace's root may, e.g. file capabilities), "layer"
 (capture an upper dir and write its layer tar to stdout), "layers" (several,
 framed by `_frames`: one helper for every layer of an image).
 """
@@ -167,6 +168,8 @@ def _in_namespaces(spec: dict, isolation: str, report_fd: int) -> int:
         return _answer(spec, report_fd, _extract)
     if spec["mode"] == "chown":
         return _chown(spec, report_fd)
+    if spec["mode"] == "xattrs":
+        return _xattrs(spec, report_fd)
     if spec["mode"] == "layer":
         return _answer(spec, report_fd, _layer)
     if spec["mode"] == "layers":
@@ -225,6 +228,20 @@ def _chown(spec: dict, report_fd: int) -> int:
             report(report_fd, f"chown {path} to {uid}:{gid}: {err.strerror}")
             return 1
     return 0
+
+
+def _xattrs(spec: dict, report_fd: int) -> int:
+    """Mode "xattrs": set each (path, name, value); a failure is reported as PATH NUL why."""
+    from lamina.engine.sandbox._inside import report
+
+    failed = 0
+    for path, name, value in spec["xattrs"]:
+        try:
+            os.setxattr(path, name, value, follow_symlinks=False)
+        except OSError as err:
+            report(report_fd, f"{path}\0{name}: {err.strerror}")
+            failed = 1
+    return failed
 
 
 def _answer(spec: dict, report_fd: int, work) -> int:  # type: ignore[no-untyped-def]

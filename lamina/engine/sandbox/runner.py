@@ -569,6 +569,25 @@ def set_owners(owners: Sequence[tuple[Path, int, int]], ids: IdMap | None = None
         raise SandboxError(errors[0])
 
 
+def set_xattrs_inside(items: Sequence[tuple[Path, str, bytes]], ids: IdMap) -> list[tuple[Path, str]]:
+    """setxattr each (path, name, value), not followed, inside a user namespace whose root is
+    the caller: there `security.capability` may be set (the kernel stores it as v3, naming
+    the caller). For files the caller owns; returns (path, why) for each one not set."""
+    wire = {
+        "mode": "xattrs",
+        "parent": os.getpid(),
+        "xattrs": [(str(Path(p).absolute()), name, value) for p, name, value in items],
+    }
+    _, errors = _helper(wire, ids)
+    failed = []
+    for error in errors:
+        path, nul, why = error.partition("\0")
+        if not nul:  # the helper did not start: none was set
+            return [(Path(p), error) for p, _, _ in items]
+        failed.append((Path(path), why))
+    return failed
+
+
 def write_layer_inside(
     upper: Path,
     out: BinaryIO,

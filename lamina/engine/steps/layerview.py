@@ -221,6 +221,10 @@ def _node(
         # A copy, not a hard link: linking changes the layer file's ctime,
         # which a concurrent build reading the same file takes for a change.
         filecopy.copy_path(os.fspath(real), os.fspath(target))  # holes stay holes
+        if not st.st_size:  # a device node rootless unpacking kept as a placeholder stays one
+            from lamina.oci import recorded
+
+            recorded.copy_device(os.fspath(real), os.fspath(target))
         _copy_meta(target, st, lost, real)
         if links is not None and st.st_nlink > 1:
             links[(st.st_dev, st.st_ino)] = target

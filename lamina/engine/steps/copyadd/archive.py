@@ -143,11 +143,16 @@ def unpack_into(
             stream = stack.enter_context(_renamed(stream, renames))
         try:
             # No user namespace (proot isolation): owners and device nodes go to xattrs
-            # (lamina.oci.recorded), rather than being lost.
+            # (lamina.oci.recorded), rather than being lost; rootless, device nodes do.
             record = os.geteuid() != 0 and _owners_recorded()
             unprivileged = os.geteuid() != 0 and not record
             extract_layer(
-                stream, target, whiteouts=Whiteouts.APPLY, ignore_owners=unprivileged, record_owners=record
+                stream,
+                target,
+                whiteouts=Whiteouts.APPLY,
+                ignore_owners=unprivileged,
+                record_owners=record,
+                record_devices=True,
             )
         except LaminaError as err:
             raise BuildError(f"ADD {shown}: {err}") from err

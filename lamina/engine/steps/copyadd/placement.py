@@ -43,7 +43,7 @@ from lamina.engine.steps.copyadd.selection import (
 )
 from lamina.engine.steps.owners import chown_all, container_owner, keep_lower_dir_meta
 from lamina.errors import ContextError, DiskFull, is_disk_full
-from lamina.oci import filecopy, xattrs
+from lamina.oci import filecopy, recorded, xattrs
 from lamina.oci.entry import EntryType
 
 __all__ = ["PriorCopy", "WrittenFile", "clear_target", "make_dest_dirs", "write_selection"]
@@ -324,7 +324,15 @@ class _Writer:
             try:
                 os.mknod(path, kind | 0o600, entry.rdev)
             except PermissionError:
-                raise ContextError(f"COPY failed: {entry.path}: creating a device node needs root") from None
+                # Rootless: a placeholder the layer capture writes as the device (oci.recorded).
+                which = "c" if entry.type is EntryType.CHAR else "b"
+                try:
+                    recorded.make_device(path, which, os.major(entry.rdev), os.minor(entry.rdev), 0o600)
+                except OSError as err:
+                    raise ContextError(
+                        f"COPY failed: {entry.path}: creating a device node needs root, and recording "
+                        f"it needs user xattrs ({err.strerror})"
+                    ) from None
         return True
 
     def may_queue(self, item: CopyItem) -> bool:
