@@ -26,7 +26,6 @@ from lamina.cache.statcache import StatCache, StatKey, stat_key
 from lamina.engine.buildfiles import dockerfile_ignore_file
 from lamina.engine.dockerfile.ignore import DockerIgnore, IgnoreMatch, read_ignore_file
 from lamina.errors import ContextError
-from lamina.oci import xattrs
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType, type_of_mode
 
@@ -285,23 +284,6 @@ class SourceTree:
             raise ContextError(f"{name}: cannot read: {err.strerror or err}") from None
         found = {e.path: _EMPTY_DIGEST for e in entries if e.socket}
         found.update((e.path, d) for e, d in zip(files, digests, strict=True))
-        return found
-
-    def xattrs(self, entry: TreeEntry) -> tuple[tuple[str, bytes], ...]:
-        """The image xattrs of an entry (lamina's records only in a tree lamina wrote).
-
-        A file whose digest the stat cache holds is noted there when it has
-        none, so an unchanged one costs no listxattr the next time (an xattr
-        change moves the ctime, hence the identity).
-        """
-        if entry.socket:
-            return ()
-        cache = self.stat_cache if entry.type is EntryType.FILE else None
-        if cache is not None and cache.plain(entry.key, self.scope):
-            return ()
-        found = xattrs.read(self.abspath(entry.path), self.chroot)
-        if cache is not None and not found:
-            cache.note_plain(entry.key, self.scope)
         return found
 
     def checksum(self, rel: str = "") -> Digest:
