@@ -311,7 +311,7 @@ def _mounts(
         if mount.type is MountType.BIND:
             _add_bind(executor, mount, target, mounts, keys, content)
         elif mount.type is MountType.CACHE:
-            _add_cache(executor, mount, target, mounts, keys)
+            _add_cache(executor, state, mount, target, mounts, keys)
         elif mount.type is MountType.TMPFS:
             mounts.append(TmpfsMount(target, mount.size or 0))
             keys.append(f"tmpfs:{target}:{mount.size or 0}")
@@ -349,16 +349,26 @@ def _add_bind(
     content.update(f"{target}\0{digest}\n".encode())
 
 
-def _add_cache(executor: StepHost, mount: Any, target: str, mounts: list[Any], keys: list[str]) -> None:
-    """A cache mount: a directory of the store named by its id, seeded from `from=` when new."""
+def _add_cache(
+    executor: StepHost, state: StageState, mount: Any, target: str, mounts: list[Any], keys: list[str]
+) -> None:
+    """A cache mount: a directory of the store named by its id and the ref it starts from
+    (steps.cachemount), seeded from `from=` when new."""
     from lamina.engine.sandbox.spec import CacheMount, Sharing
+    from lamina.engine.steps.base import source_stage
+    from lamina.engine.steps.cachemount import cache_dir as cache_mount_dir
+    from lamina.engine.steps.cachemount import mode_ref
 
-    cache_dir = executor.store.root / "cachemounts" / hashlib.sha256(mount.id.encode()).hexdigest()[:32]
-    cache_dir.parent.mkdir(exist_ok=True)
+    subpath = mount.source.strip("/") if not mount.from_ else ""
+    if mount.from_:
+        start = f"{source_stage(executor, mount.from_, None).key}:/{mount.source.strip('/')}"
+    else:
+        start = "" if subpath else mode_ref(mount)
+    cache_dir = cache_mount_dir(executor, state, mount, start)
     # A dry run seeds nothing: the next build seeds from the stage as it then is.
     if mount.from_ and not cache_dir.exists() and not executor.options.dry_run:
         _seed_cache(executor, mount, cache_dir)
-    source_dir, subpath = cache_dir, mount.source.strip("/") if not mount.from_ else ""
+    source_dir = cache_dir
     if subpath:
         # BuildKit's SourcePath on the cache: that directory of it, never a way out of it.
         cache_dir.mkdir(exist_ok=True)
@@ -373,7 +383,10 @@ def _add_cache(executor: StepHost, mount: Any, target: str, mounts: list[Any], k
             mode=mount.mode if mount.mode is not None else 0o755,
         )
     )
-    keys.append(f"cache:{mount.id}:{target}" + (f":{subpath}" if subpath else ""))
+    # The ref it starts from is an input of the RUN, as a mount's source is in BuildKit's key.
+    keys.append(
+        f"cache:{mount.id}:{target}" + (f":{subpath}" if subpath else "") + (f":{start}" if start else "")
+    )
 
 
 def _add_secret(
