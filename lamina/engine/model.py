@@ -37,12 +37,6 @@ if TYPE_CHECKING:
     from lamina.engine.sshforward import SshAgent
     from lamina.oci.image import ImageConfig, Platform
 
-PROXY_ARGS = frozenset(
-    name
-    for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
-    for name in (base, base.lower())
-)
-
 PLATFORM = str(host_platform())  # the host's: a stage's platform unless --platform says otherwise
 
 

@@ -73,7 +73,7 @@ def command_line(state: StageState, instruction: Any, pipes_dir: Path | None) ->
 
 def proxy_env(build_args: Mapping[str, str]) -> dict[str, str]:
     """The proxy variables a RUN sees from `--build-arg`: each in upper and lower case."""
-    from lamina.engine.model import PROXY_ARGS
+    from lamina.engine.plan import PROXY_ARGS  # the front end's: proxy ARGs stay out of keys there
 
     chosen: dict[str, str] = {}
     for name in sorted(build_args):  # BuildKit walks the args sorted: the last spelling wins
