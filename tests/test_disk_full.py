@@ -2,8 +2,9 @@
 
 The cache, or the output, lives on a tmpfs of a few MB (mounting one needs
 root). Each case checks the message, that nothing partial is left under the
-output's name, and that once there is room again the next build succeeds
-with the digest a build in a roomy cache gives (the cache stayed valid).
+output's name, that `lamina cache verify` finds the cache clean while the
+disk is still full, and that once there is room again the next build
+succeeds with the digest a build in a roomy cache gives.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[-1]
 
 
+def intact(cache: Path) -> None:
+    """`lamina cache verify` finds the cache clean: every blob's digest, every index entry's
+    references (run while the disk is still full: checking needs no room)."""
+    check = run_cli("cache", "verify", cache=cache, check=False)
+    assert check.returncode == 0 and check.stdout.strip().endswith("; clean"), check.stdout + check.stderr
+
+
 def built_digest(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
@@ -98,6 +106,7 @@ def test_copy_larger_than_the_free_space(tmpfs: Mount, busybox_image: Path, tmp_
     assert line.startswith(f"error: {ctx}/Dockerfile:2: stage stage-0: COPY r.bin /r.bin: write {cache}/")
     assert line.lower().endswith(f"/r.bin: {NO_SPACE}")
 
+    intact(cache)
     grow(cache)
     again = run_cli("build", "-q", str(ctx), cache=cache, env=EPOCH)
     assert built_digest(again) == clean_digest(tmp_path, busybox_image, ctx)
@@ -116,6 +125,7 @@ def test_layer_compression_on_a_full_cache(tmpfs: Mount, busybox_image: Path, tm
     assert f"write {cache}/blobs/sha256/.tmp-" in line and line.lower().endswith(NO_SPACE)
     assert not [name for name in os.listdir(cache / "blobs" / "sha256") if name.startswith(".tmp-")]
 
+    intact(cache)
     grow(cache)
     again = run_cli("build", "-q", str(ctx), cache=cache, env=EPOCH)
     assert built_digest(again) == clean_digest(tmp_path, busybox_image, ctx)
@@ -142,6 +152,7 @@ def test_run_that_fills_the_cache(
     assert f"{NO_SPACE} (its file system is full){said}" in line.lower()
     assert not [name for name in os.listdir(cache / "unpacked") if name.startswith(".tmp-")]
 
+    intact(cache)
     grow(cache)
     run_cli("build", "-q", str(ctx), cache=cache, env=EPOCH)
 
@@ -156,6 +167,7 @@ def test_base_image_unpacked_into_a_full_cache(tmpfs: Mount, busybox_image: Path
     assert f": write {cache}/unpacked/.tmp-" in line and line.lower().endswith(f"/bin/busybox: {NO_SPACE}")
     assert os.listdir(cache / "unpacked") == []  # no half-unpacked layer
 
+    intact(cache)
     grow(cache)
     again = run_cli("build", "-q", str(ctx), cache=cache, env=EPOCH)
     assert built_digest(again) == clean_digest(tmp_path, busybox_image, ctx)
@@ -169,6 +181,7 @@ def test_load_into_a_full_cache(tmpfs: Mount, busybox_image: Path) -> None:
     assert line.lower().endswith(NO_SPACE)
     assert os.listdir(cache / "blobs" / "sha256") == []
 
+    intact(cache)
     grow(cache)
     run_cli("load", str(busybox_image), cache=cache)
     assert run_cli("images", cache=cache).stdout.splitlines()[1].startswith(BASE)
@@ -211,6 +224,7 @@ def test_export_to_a_full_disk(tmpfs: Mount, built: tuple[Path, Path], spec: str
     assert line.startswith(f"error: --output {kind},"), line
     assert f"write {written}" in line and line.lower().endswith(NO_SPACE), line
     assert sorted(os.listdir(out)) == ["keep.txt"]  # nothing partial, not even a temporary name
+    intact(cache)
 
     grow(out)
     run_cli("build", "-o", spec, str(ctx), cache=cache, env=EPOCH)
@@ -233,6 +247,7 @@ def test_save_to_a_full_disk(tmpfs: Mount, built: tuple[Path, Path], fmt: str) -
     assert line.startswith(f"error: save big:1 to {target}: write {target}: ")
     assert line.lower().endswith(NO_SPACE)
     assert os.listdir(out) == []
+    intact(cache)
 
     grow(out)
     run_cli("save", "big:1", "--format", fmt, "-o", str(target), cache=cache)
