@@ -13,7 +13,16 @@ reason. Without `--run`, passing means ported and not an expected failure
 (the suite asserts each such case passes); with `--run` an upstream test
 passes when every one of its cases passed in this run.
 
-The last line is the README's count line.
+A skip reason that starts with `daemon-only:`, `provenance internals:` or `Windows
+only:` is not applicable (what lamina deliberately lacks); any other names a
+feature lamina is to have, and the test is ported when it lands.
+
+    python tests/conformance/buildkit/count.py --readme   # rewrite README.md's block
+
+The README's block (between `<!-- buildkit-count -->` and `<!-- /buildkit-count -->`)
+is the count line, the commit, and the table of the ported cases that assert
+lamina's documented behaviour where it deliberately differs (`differs = ...`);
+tests/test_buildkit_frontend.py fails when it is stale.
 """
 
 from __future__ import annotations
@@ -76,6 +85,70 @@ def run_outcomes() -> dict[tuple[str, str], set[str]]:
     return outcomes
 
 
+NOT_APPLICABLE = ("daemon-only:", "provenance internals:", "Windows only:")
+README = ROOT / "README.md"
+BEGIN, END = "<!-- buildkit-count -->", "<!-- /buildkit-count -->"
+
+
+def differences() -> list[tuple[str, str, str]]:
+    """(upstream test, case, what differs) for every case that asserts lamina's own behaviour."""
+    found = []
+    for path in sorted((HERE / "cases").glob("*.toml")):
+        case = tomllib.loads(path.read_text())
+        if "differs" in case:
+            found.append((case["upstream"], path.stem, case["differs"]))
+    return found
+
+
+def readme_block(passing: int, total: int, failing: int, not_applicable: int, pending: int) -> str:
+    """The README's count line, the commit it was ported from, and the table of differences."""
+    lines = [
+        BEGIN,
+        f"{passing} of BuildKit's {total} frontend tests pass; {not_applicable} not applicable "
+        f"(daemon-only APIs, provenance internals, Windows); {failing} expected failures; "
+        f"{pending} not yet ported (features lamina is to have). Ported from moby/buildkit "
+        f"{UPSTREAM_COMMIT} (`frontend/dockerfile/*_test.go`); "
+        "`python tests/conformance/buildkit/count.py --readme` refreshes this block.",
+        "",
+        "Where lamina deliberately differs, the ported case asserts lamina's behaviour:",
+        "",
+        "| BuildKit test | case | lamina differs |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | `{case}` | {text} |" for name, case, text in differences()]
+    return "\n".join([*lines, END])
+
+
+def write_readme(block: str) -> bool:
+    """Put `block` in place of README.md's; whether it changed."""
+    text = README.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    new = text[:start] + block + text[end:]
+    if new != text:
+        README.write_text(new)
+    return new != text
+
+
+def file_block() -> str:
+    """The README block from the files alone (the suite asserts every ported case not listed as
+    failing passes): what `--readme` writes and tests/test_buildkit_frontend.py compares."""
+    names, reasons, cases = upstream_tests(), skip_reasons(), ported_cases()
+    failing = {n for n, r in reasons.items() if r.startswith("fails:")}
+    skipped = {n for n in reasons if n not in failing}
+    not_applicable = {n for n in skipped if reasons[n].startswith(NOT_APPLICABLE)}
+    ported = {n for n in names if n in cases}
+    pending = len([n for n in names if n not in ported and n not in not_applicable])
+    return readme_block(
+        len(ported - failing), len(names), len(ported & failing), len(not_applicable), pending
+    )
+
+
+def readme_text_block() -> str:
+    """README.md's block as it stands."""
+    text = README.read_text()
+    return text[text.index(BEGIN) : text.index(END) + len(END)]
+
+
 def main(argv: list[str]) -> int:
     names = upstream_tests()
     reasons = skip_reasons()
@@ -86,6 +159,7 @@ def main(argv: list[str]) -> int:
         return 1
     failing = {n for n, r in reasons.items() if r.startswith("fails:")}
     skipped = {n for n in reasons if n not in failing}
+    not_applicable = {n for n in skipped if reasons[n].startswith(NOT_APPLICABLE)}
     ported = {n for n in names if n in cases}
     if "--run" in argv:
         ran = run_outcomes()
@@ -100,7 +174,9 @@ def main(argv: list[str]) -> int:
                 if name in passing
                 else "failing"
                 if name in ported
-                else "skipped"
+                else "not applicable"
+                if name in not_applicable
+                else "not yet"
                 if name in skipped
                 else "not ported"
             )
@@ -111,13 +187,13 @@ def main(argv: list[str]) -> int:
     print(f"ported: {len(ported)} ({sum(len(cases[n]) for n in ported)} cases)")
     print(f"passing: {len(passing)}")
     print(f"expected failures (xfail): {len(ported & failing)}")
-    print(f"skipped with a reason: {len(skipped)}")
+    print(f"not applicable (daemon-only, provenance internals, Windows): {len(not_applicable)}")
+    print(f"not yet ported (features lamina is to have): {len(skipped - not_applicable)}")
     print(f"neither ported nor skipped: {len(missing)}")
-    print(
-        f"{len(passing)} of BuildKit's {len(names)} frontend tests pass, {len(ported & failing)} are "
-        f"expected failures, {len(skipped)} are skipped with a reason (skipped.tsv), "
-        f"{len(missing)} not ported yet"
-    )
+    block = file_block()
+    print(block.splitlines()[1])
+    if "--readme" in argv:
+        print("README.md " + ("updated" if write_readme(block) else "already current"))
     return 0
 
 
