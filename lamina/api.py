@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from lamina.engine.plan import Plan
     from lamina.engine.progress import ProgressSink
     from lamina.engine.sandbox.isolation import Isolation
-    from lamina.oci.image import Descriptor
+    from lamina.oci.digest import Digest
+    from lamina.oci.image import Descriptor, Platform
     from lamina.oci.registry import RegistryClient
 
 
@@ -104,13 +105,16 @@ def load(
     path: str | os.PathLike[str],
     *,
     name: str | None = None,
+    platform: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> tuple[ImageRecord, ...]:
     """Import the images of an OCI archive, OCI layout dir or docker-archive into the store.
 
     Each image is named as the file names it; `name` overrides that (for a
-    file that holds a single image). Returns the name records made.
+    file that holds a single image). A multi-platform image is loaded whole
+    (its index), or only its `platform` (`os/arch[/variant]`) image. Returns
+    the name records made.
     """
     from pathlib import Path
 
@@ -118,7 +122,14 @@ def load(
     from lamina.cache.store import Store
 
     with Store(_store_root(cache_dir, environ)) as store:
-        return load_image_file(store, Path(path), name)
+        return load_image_file(store, Path(path), name, _platform(platform))
+
+
+def _platform(text: str | None) -> Platform | None:
+    """A `--platform` value (`linux/arm64`), normalised; None stays None (this host)."""
+    from lamina.oci.image import Platform
+
+    return Platform.parse(text).normalized() if text else None
 
 
 def save(
@@ -127,6 +138,7 @@ def save(
     *,
     format: str = "oci",
     compression: str | None = None,
+    platform: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Descriptor:
@@ -134,7 +146,9 @@ def save(
 
     `compression` ("gzip", "zstd", "none") recompresses the layers of an
     OCI archive; None keeps them as stored, so a loaded image saves with
-    its manifest digest unchanged. Returns the written manifest's descriptor.
+    its manifest digest unchanged. A multi-platform image is saved whole
+    (its index) unless `platform` picks one. Returns the written manifest's
+    (or index's) descriptor.
     """
     from pathlib import Path
 
@@ -144,17 +158,42 @@ def save(
 
     wanted = Compression.parse(compression) if compression is not None else None
     with Store(_store_root(cache_dir, environ)) as store:
-        return save_image(store, name, Path(path), format=format, compression=wanted)
+        return save_image(
+            store, name, Path(path), format=format, compression=wanted, platform=_platform(platform)
+        )
 
 
 def images(
-    *, cache_dir: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    *,
+    platform: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> tuple[ImageRecord, ...]:
-    """Every named image in the store, sorted by name."""
-    from lamina.cache.store import Store
+    """Every named image in the store, sorted by name; with `platform`, only the images that
+    hold that platform, each record's `manifest` being that platform's manifest."""
+    import dataclasses
 
+    from lamina.cache.images import image_platforms
+    from lamina.cache.store import Store
+    from lamina.oci.image import match_platform
+
+    want = _platform(platform)
     with Store(_store_root(cache_dir, environ)) as store:
-        return store.images()
+        if want is None:
+            return store.images()
+        found = []
+        for record in store.images():
+            held = image_platforms(store, record.manifest)
+            chosen = match_platform([_descriptor(p, d) for p, d in held], want)
+            if chosen is not None:
+                found.append(dataclasses.replace(record, manifest=chosen.digest))
+        return tuple(found)
+
+
+def _descriptor(platform: Platform, digest: Digest) -> Descriptor:
+    from lamina.oci.image import OCI_MANIFEST, Descriptor
+
+    return Descriptor(OCI_MANIFEST, digest, 0, platform=platform)
 
 
 def rmi(
@@ -330,8 +369,12 @@ def run(
     on_started: Callable[[Any], None] | None = None,
     isolation: str | Isolation | None = None,
     scratch_dir: str | os.PathLike[str] | None = None,
+    platform: str | None = None,
 ) -> int:
     """Run `command` in the stored `image`, as `docker run --rm` does; return its exit code.
+
+    `platform` (`linux/arm64`) picks the image of a multi-platform one (default: this
+    host's); an image of another platform runs under emulation (lamina info lists them).
 
     The image's Entrypoint, Cmd, Env, WorkingDir and User apply; `command`
     replaces Cmd, `env` (`K=V`, or `K` to pass the caller's value) adds to
@@ -357,7 +400,7 @@ def run(
     environ = os.environ if environ is None else environ
     wanted = _isolation(isolation)
     with Store(_store_root(cache_dir, environ)) as store:
-        _, source = stored_image(store, image)
+        _, source = stored_image(store, image, _platform(platform))
         config = source.config.config
         argv = (*(config.entrypoint or ()), *(command or config.cmd or ()))
         if not argv:
@@ -387,6 +430,7 @@ def run(
             stderr=stderr,
             scratch_dir=scratch,
             isolation=wanted,
+            platform=source.config.platform.normalized(),
         )
         return sandbox.run(spec, ids=ids, on_warning=on_warning, on_started=on_started)
 
@@ -479,8 +523,13 @@ def build(
     shm_size: str | int | None = None,
     build_contexts: Iterable[str] = (),
     isolation: str | Isolation | None = None,
+    platforms: Iterable[str] = (),
 ) -> BuildResult:
     """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
+
+    `platforms` (`linux/amd64`, `linux/arm64,linux/arm/v7`: buildx's --platform) builds the
+    target for each; several make one image index (`-t`, `type=image`, `type=oci`), and the
+    result's `image_digest` is the index's (lamina.engine.multiplatform).
 
     As buildx: `context` may be `-` (stdin holds a tar of the context, or a Dockerfile
     and the context is empty) or a git URL (`https://host/repo.git#ref:subdir`,
@@ -563,6 +612,7 @@ def build(
         cache_from=_cache_specs(cache_from, "--cache-from"),
         cache_to=_cache_specs(_with_inline_cache(cache_to, args), "--cache-to"),
         **_run_inputs(add_hosts, ulimits, shm_size),
+        **_platforms(platforms),
         isolation=wanted,
         source_policy=_source_policy(env, context, dockerfile),
     )
@@ -765,6 +815,16 @@ def _ssh_agents(specs: Iterable[str], env: Mapping[str, str]) -> Any:
     from lamina.engine import sshforward
 
     return sshforward.agents([sshforward.parse_ssh(spec) for spec in specs], env)
+
+
+def _platforms(texts: Iterable[str]) -> dict[str, Any]:
+    """BuildOptions' --platform field, parsed and normalised (plan.parse_platforms)."""
+    texts = (texts,) if isinstance(texts, str) else tuple(texts)
+    if not texts:
+        return {}  # the host's, without importing the planner
+    from lamina.engine.plan import parse_platforms
+
+    return {"platforms": parse_platforms(texts)}
 
 
 def _run_inputs(

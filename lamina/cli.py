@@ -281,25 +281,33 @@ def _human_size(n: int) -> str:
 @click.argument("file", type=click.Path(exists=True))
 @click.option("-t", "--tag", "name", help="Name the image NAME[:TAG] instead of the name the file gives.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
-def load(file: str, name: str | None, quiet: bool) -> None:
+@click.option(
+    "--platform", metavar="OS/ARCH[/VARIANT]", help="Load only this platform of a multi-platform image."
+)
+def load(file: str, name: str | None, quiet: bool, platform: str | None) -> None:
     """Import images from an OCI archive, OCI layout directory or docker-archive."""
     from lamina import api
     from lamina.cache.images import display_name
 
-    for record in api.load(file, name=name):
+    for record in api.load(file, name=name, platform=platform):
         if not quiet:
             click.echo(f"Loaded image: {display_name(record.name)} ({record.manifest.short})")
 
 
 @cli.command()
 @click.option("--digests", is_flag=True, help="Show full manifest digests.")
-def images(digests: bool) -> None:
-    """List the images in the store: name, manifest digest, size, created."""
+@click.option(
+    "--platform",
+    metavar="OS/ARCH[/VARIANT]",
+    help="Only images that hold this platform (DIGEST: its manifest).",
+)
+def images(digests: bool, platform: str | None) -> None:
+    """List the images in the store: name, manifest (or multi-platform index) digest, size, created."""
     from lamina import api
     from lamina.cache.images import display_name
 
     rows = [("NAME", "DIGEST", "SIZE", "CREATED")]
-    for record in api.images():
+    for record in api.images(platform=platform):
         digest = str(record.manifest) if digests else record.manifest.short
         rows.append((display_name(record.name), digest, _human_size(record.size), record.created or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
@@ -329,11 +337,18 @@ def rmi(names: tuple[str, ...]) -> None:
     type=click.Choice(["gzip", "zstd", "none"]),
     help="Recompress layers (OCI format; default: as stored).",
 )
-def save(name: str, path: str, fmt: str, compression: str | None) -> None:
-    """Write an image to a file: an OCI archive (docker and podman load it) or a docker-archive."""
+@click.option(
+    "--platform", metavar="OS/ARCH[/VARIANT]", help="Save only this platform of a multi-platform image."
+)
+def save(name: str, path: str, fmt: str, compression: str | None, platform: str | None) -> None:
+    """Write an image to a file: an OCI archive (docker and podman load it) or a docker-archive.
+
+    A multi-platform image is written whole (its index and every platform's image) unless
+    --platform picks one.
+    """
     from lamina import api
 
-    descriptor = api.save(name, path, format=fmt, compression=compression)
+    descriptor = api.save(name, path, format=fmt, compression=compression, platform=platform)
     click.echo(f"Saved {name} ({descriptor.digest}) to {path}", err=True)
 
 
@@ -546,6 +561,11 @@ _network_option = click.option(
     help="type=bind,source=S,target=T[,ro] or type=tmpfs,target=T.",
 )
 @_isolation_option
+@click.option(
+    "--platform",
+    metavar="OS/ARCH[/VARIANT]",
+    help="The image of this platform from a multi-platform one; another platform's runs emulated.",
+)
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
@@ -559,6 +579,7 @@ def run(
     publish: tuple[str, ...],
     hostname: str | None,
     mounts: tuple[str, ...],
+    platform: str | None,
     image: str,
     command: tuple[str, ...],
 ) -> None:
@@ -583,6 +604,7 @@ def run(
         publish=publish,
         hostname=hostname,
         on_warning=warn,
+        platform=platform,
     )
     sys.exit(code)
 
@@ -739,6 +761,13 @@ def _usage(
 @click.option("--metadata-file", type=click.Path(dir_okay=False), help="Write build metadata JSON here.")
 @click.option("--compression", type=click.Choice(["gzip", "zstd"]), default="gzip", show_default=True)
 @click.option("--jobs", type=click.IntRange(min=1), help="Stages to build at once (default: CPU count).")
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    metavar="OS/ARCH[/VARIANT],...",
+    help="Target platforms (default: the host's); several make one image index.",
+)
 @click.option("--pull", is_flag=True, help="Pull base images even when the store has them.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
 @click.option("--dry-run", is_flag=True, help="Run nothing: say which steps would run, and why.")
@@ -796,6 +825,7 @@ def build(
     metadata_file: str | None,
     compression: str,
     jobs: int | None,
+    platforms: tuple[str, ...],
     pull: bool,
     quiet: bool,
     dry_run: bool,
@@ -840,6 +870,7 @@ def build(
         progress=sink,
         compression=compression,
         jobs=jobs,
+        platforms=platforms,
         pull=pull,
         dry_run=dry_run,
         push=push,
@@ -1057,6 +1088,8 @@ def pull(reference: str, platform: str | None, insecure_registries: tuple[str, .
         click.echo(str(result.record.manifest))
         return
     fetched = f"{result.fetched} blobs, {result.fetched_bytes / 1e6:.1f} MB fetched"
+    if result.index is not None:  # the name is the index; say which platform's image came
+        fetched = f"image {result.manifest}, {fetched}"
     click.echo(f"{result.record.name}: {result.record.manifest} ({fetched})")
 
 

@@ -460,15 +460,16 @@ def test_missing_base_image_is_one_line_error(cache: Path, tmp_path: Path) -> No
     assert "nosuch/image" in proc.stderr
 
 
-def test_from_platform_host_only(cache: Path, tmp_path: Path) -> None:
+def test_from_platform_base_of_another_platform(cache: Path, tmp_path: Path) -> None:
     from lamina.engine.model import PLATFORM
-    from lamina.errors import PlanError
+    from lamina.errors import BuildError
 
     ok = write_context(tmp_path / "ok", f"FROM --platform=$BUILDPLATFORM {BASE}\nRUN true\n")
     assert build(cache, ok).config.architecture == PLATFORM.split("/")[1]
     other = "linux/s390x" if not PLATFORM.endswith("s390x") else "linux/amd64"
-    bad = write_context(tmp_path / "bad", f"FROM --platform={other} {BASE}\nRUN true\n")
-    with pytest.raises(PlanError, match="only the host platform"):
+    # The base is the host's only: its binaries must not become another platform's image.
+    bad = write_context(tmp_path / "bad", f"FROM --platform={other} {BASE}\nCOPY Dockerfile /d\n")
+    with pytest.raises(BuildError, match=f"the image is {PLATFORM}, the stage builds for {other}"):
         build(cache, bad)
 
 

@@ -222,10 +222,15 @@ def test_pull_index_chooses_platform(
     assert remote_digest(f"{open_registry.host}/multi:multi") == index_digest
     ref = f"{open_registry.host}/multi:multi"
     arm = api.pull(ref, platform="linux/arm64", environ=env)
-    assert arm.record.manifest == arm_digest
-    assert arm.index == index_digest
+    assert arm.manifest == arm_digest
+    assert arm.index == arm.record.manifest == index_digest  # the name keeps the index
     amd = api.pull(ref, platform="linux/amd64", environ=env)
-    assert amd.record.manifest == amd_digest
+    assert amd.manifest == amd_digest and amd.record.manifest == index_digest
+    # Both platforms are now under the one name, each run by its --platform.
+    listed = {
+        p: [r.manifest for r in api.images(platform=p, environ=env)] for p in ("linux/arm64", "linux/amd64")
+    }
+    assert listed == {"linux/arm64": [arm_digest], "linux/amd64": [amd_digest]}
     code, out = run_cli(env, "pull", "--platform", "linux/s390x", ref)
     assert code == 1
     assert (

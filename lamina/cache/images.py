@@ -27,21 +27,36 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.cache.store import BlobWriter, ImageRecord, LayerRecord, Store
-from lamina.errors import DigestMismatch, DiskFull, ImageFormatError, LayerError, StoreError, is_disk_full
+from lamina.errors import (
+    DigestMismatch,
+    DiskFull,
+    ImageFormatError,
+    ImageNotFound,
+    LayerError,
+    StoreError,
+    is_disk_full,
+)
 from lamina.oci.compression import CHUNK, Compression, TeeReader, hash_decoded
 from lamina.oci.digest import Digest
 from lamina.oci.image import (
     DOCKER_CONFIG,
+    INDEX_TYPES,
     MAX_DOCUMENT,
     OCI_CONFIG,
+    OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
     ImageConfig,
     Index,
     Manifest,
+    Platform,
     descriptor_of,
+    host_platform,
+    match_platform,
+    parse_document,
+    platforms_of,
 )
-from lamina.oci.layout import BlobSource, ExportImage, SourceImage, atomic_output
+from lamina.oci.layout import BlobSource, ExportImage, SourceImage, SourceIndex, atomic_output
 from lamina.oci.reference import InvalidReference, store_name
 
 if TYPE_CHECKING:
@@ -68,10 +83,16 @@ def display_name(name: str) -> str:
 # --- loading ----------------------------------------------------------------------
 
 
-def load_image_file(store: Store, path: Path, name: str | None = None) -> tuple[ImageRecord, ...]:
-    """Import every image in `path`; `name` (only for a file holding one image) replaces its names."""
+def load_image_file(
+    store: Store, path: Path, name: str | None = None, platform: Platform | None = None
+) -> tuple[ImageRecord, ...]:
+    """Import every image in `path`; `name` (only for a file holding one image) replaces its names.
+
+    A multi-platform image (an index of platform manifests) is loaded whole and named as its
+    index; `platform` loads only that platform's image of each, as `docker load --platform`.
+    """
     try:
-        return _load(store, path, name)
+        return _load(store, path, name, platform)
     except DiskFull as err:  # the store's writers name the blob: the input is fine
         raise err.within(f"load {path}") from err
     except DigestMismatch as err:  # a blob of the file is not what its descriptor says
@@ -82,26 +103,87 @@ def load_image_file(store: Store, path: Path, name: str | None = None) -> tuple[
         raise ImageFormatError(f"load {path}: {err.strerror or err}") from err
 
 
-def _load(store: Store, path: Path, name: str | None) -> tuple[ImageRecord, ...]:
+def _load(store: Store, path: Path, name: str | None, platform: Platform | None) -> tuple[ImageRecord, ...]:
     from lamina.oci.archive import open_image_source
+    from lamina.oci.layout import LayoutReader
 
     records: list[ImageRecord] = []
     with open_image_source(path) as source:
-        images = source.images()
-        if not images:
+        entries = source.entries(platform) if isinstance(source, LayoutReader) else source.images()
+        if not entries:
             raise ImageFormatError(f"{path}: holds no image")
-        if name is not None and len({i.manifest.digest for i in images}) != 1:
-            raise ImageFormatError(f"{path}: holds {len(images)} images; -t names only a single image")
-        for image in images:
-            names = (name,) if name is not None else image.names
+        if name is not None and len({_top_digest(e) for e in entries}) != 1:
+            raise ImageFormatError(f"{path}: holds {len(entries)} images; -t names only a single image")
+        for entry in entries:
+            names = (name,) if name is not None else entry.names
             if not names:
                 raise ImageFormatError(
-                    f"{path}: image {image.manifest.digest.short} has no name "
+                    f"{path}: image {_top_digest(entry).short} has no name "
                     "(no io.containerd.image.name nor a full org.opencontainers.image.ref.name); "
                     "give one with -t"
                 )
-            records.extend(import_image(store, source, image, names))
+            if isinstance(entry, SourceIndex):
+                records.extend(import_index(store, source, entry, names))
+                continue
+            if platform is not None and not _is_platform(entry.config.platform, platform):
+                raise ImageFormatError(
+                    f"{path}: image {entry.manifest.digest.short} is {entry.config.platform}, not {platform}"
+                )
+            records.extend(import_image(store, source, entry, names))
     return tuple(records)
+
+
+def _top_digest(entry: SourceImage | SourceIndex) -> Digest:
+    return entry.index.digest if isinstance(entry, SourceIndex) else entry.manifest.digest
+
+
+def _is_platform(have: Platform, want: Platform) -> bool:
+    return (
+        match_platform([Descriptor(OCI_MANIFEST, Digest.of_bytes(b""), 0, platform=have)], want) is not None
+    )
+
+
+def import_index(
+    store: Store, source: BlobSource, entry: SourceIndex, names: Sequence[str]
+) -> tuple[ImageRecord, ...]:
+    """Copy a multi-platform image (every platform's blobs, then the index) and tag `names`."""
+    normalized = [normalize_name(n) for n in names]
+    for image in entry.images:
+        import_image(store, source, image, ())
+    store.put_bytes(entry.index_bytes, entry.index.digest)
+    size, created = _index_facts(store, Index.from_bytes(entry.index_bytes))
+    return tuple(store.tag(n, entry.index.digest, size=size, created=created) for n in normalized)
+
+
+def _index_facts(store: Store, index: Index) -> tuple[int, str]:
+    """(bytes of the stored platforms' configs and layers, the newest `created`) of an index."""
+    blobs: dict[Digest, int] = {}
+    created = ""
+    for entry in index.manifests:
+        if not store.has_blob(entry.digest):
+            continue
+        manifest = _read_manifest(store, entry.digest)
+        if manifest is None:
+            continue
+        for blob in (manifest.config, *manifest.layers):
+            blobs[blob.digest] = blob.size
+        config = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT))
+        created = max(created, config.created or "")
+    return sum(blobs.values()), created
+
+
+def _read_manifest(store: Store, digest: Digest) -> Manifest | None:
+    """The image manifest at `digest`, None for an index or an artifact that is not an image."""
+    data = store.read_blob(digest, MAX_DOCUMENT)
+    if _is_index(data):
+        return None
+    return Manifest.from_bytes(data, f"manifest {digest}")
+
+
+def _is_index(data: bytes) -> bool:
+    obj = parse_document(data, "manifest or index")
+    media_type = obj.get("mediaType")
+    return media_type in INDEX_TYPES or (media_type is None and "manifests" in obj)
 
 
 def import_image(
@@ -195,20 +277,97 @@ def commit_image(
     return CommittedImage(manifest_desc, config_desc, blobs, config_bytes, diff_ids, records)
 
 
+def commit_index(store: Store, images: Sequence[CommittedImage], names: Sequence[str] = ()) -> Descriptor:
+    """Store an OCI index over images already committed (one per platform, each entry with
+    its config's platform) and tag `names` with it: a multi-platform image."""
+    entries = []
+    for image in images:
+        config = ImageConfig.from_bytes(image.config_bytes)
+        platform = Platform(config.architecture, config.os, config.variant)
+        entries.append(dataclasses.replace(image.manifest, platform=platform))
+    data = Index(tuple(entries)).to_bytes()
+    descriptor = descriptor_of(data, OCI_INDEX)
+    if not store.has_blob(descriptor.digest):
+        store.put_bytes(data, descriptor.digest)
+    size, created = _index_facts(store, Index(tuple(entries)))
+    for name in (normalize_name(n) for n in names):
+        store.tag(name, descriptor.digest, size=size, created=created)
+    return descriptor
+
+
+# --- platforms ------------------------------------------------------------------------------
+
+
+def platform_manifest(
+    store: Store, top: Digest, platform: Platform | None, what: str, *, strict: bool = True
+) -> Digest:
+    """The image manifest a stored name's digest `top` means for `platform` (None: this host).
+
+    `top` is that manifest when it is one (checked against an explicit `platform` when
+    `strict`), else an index whose entry for the platform is chosen (match_platform).
+    ImageNotFound says which platforms there are, or that the chosen one was never pulled.
+    """
+    data = store.read_blob(top, MAX_DOCUMENT)
+    if not _is_index(data):
+        if strict and platform is not None:
+            manifest = Manifest.from_bytes(data, f"{what}: manifest {top.short}")
+            have = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT)).platform
+            if not _is_platform(have, platform):
+                raise ImageNotFound(f"{what}: the image is {have}, not {platform}")
+        return top
+    entries = Index.from_bytes(data, f"{what}: index {top.short}").manifests
+    want = platform or host_platform()
+    chosen = match_platform(entries, want)
+    if chosen is None:
+        raise ImageNotFound(f"{what}: no image for {want} (it has {platforms_of(entries)})")
+    if not store.has_blob(chosen.digest):
+        raise ImageNotFound(f"{what}: its {want} image was not pulled (lamina pull --platform {want})")
+    return chosen.digest
+
+
+def image_platforms(store: Store, top: Digest) -> tuple[tuple[Platform, Digest], ...]:
+    """(platform, manifest) of each stored platform image of a name's digest: one for a
+    single manifest (its config's platform), each entry present in the store for an index."""
+    data = store.read_blob(top, MAX_DOCUMENT)
+    if not _is_index(data):
+        manifest = Manifest.from_bytes(data, f"manifest {top}")
+        config = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT))
+        return ((config.platform, top),)
+    entries = Index.from_bytes(data, f"index {top}").manifests
+    return tuple(
+        (e.platform, e.digest) for e in entries if e.platform is not None and store.has_blob(e.digest)
+    )
+
+
 # --- reading back and writing out --------------------------------------------------------
 
 
-def stored_image(store: Store, name: str) -> tuple[ImageRecord, SourceImage]:
-    """The record and documents of a named image in the store."""
+def stored_image(
+    store: Store, name: str, platform: Platform | None = None
+) -> tuple[ImageRecord, SourceImage]:
+    """The record and documents of a named image in the store: for a multi-platform one,
+    its `platform` image (None: this host's; see platform_manifest)."""
     record = store.resolve(normalize_name(name))
-    manifest_bytes = store.read_blob(record.manifest, MAX_DOCUMENT)
-    manifest = Manifest.from_bytes(manifest_bytes, f"manifest {record.manifest}")
+    return record, manifest_image(
+        store, platform_manifest(store, record.manifest, platform, name), record.name
+    )
+
+
+def image_for_platform(store: Store, name: str, platform: Platform | None) -> tuple[ImageRecord, SourceImage]:
+    """stored_image for a build's base: `platform`'s image of a multi-platform `name`; a
+    single-platform image of another platform is refused (ImageNotFound, one line)."""
+    return stored_image(store, name, platform)
+
+
+def manifest_image(store: Store, digest: Digest, name: str | None = None) -> SourceImage:
+    """The documents of the stored image manifest `digest`."""
+    manifest_bytes = store.read_blob(digest, MAX_DOCUMENT)
+    manifest = Manifest.from_bytes(manifest_bytes, f"manifest {digest}")
     config_bytes = store.read_blob(manifest.config.digest, MAX_DOCUMENT)
     config = ImageConfig.from_bytes(config_bytes, f"config {manifest.config.digest}")
-    descriptor = Descriptor(manifest.media_type, record.manifest, len(manifest_bytes))
-    return record, SourceImage(
-        (record.name,), descriptor, manifest_bytes, config_bytes, manifest.layers, config.diff_ids
-    )
+    descriptor = Descriptor(manifest.media_type, digest, len(manifest_bytes))
+    names = (name,) if name is not None else ()
+    return SourceImage(names, descriptor, manifest_bytes, config_bytes, manifest.layers, config.diff_ids)
 
 
 def with_compression(store: Store, image: SourceImage, compression: Compression | None) -> SourceImage:
@@ -268,12 +427,17 @@ def save_image(
     *,
     format: str = "oci",
     compression: Compression | None = None,
+    platform: Platform | None = None,
 ) -> Descriptor:
-    """Write the image `name` to `path` (replaced only once complete); return its manifest descriptor."""
+    """Write the image `name` to `path` (replaced only once complete); return the descriptor of
+    what was written: the manifest, or the index of a multi-platform image saved whole.
+
+    `platform` saves only that platform's image of a multi-platform one (`docker save --platform`).
+    """
     if format not in FORMATS:
         raise StoreError(f"unknown output format {format!r}: use oci or docker")
     try:
-        return _save(store, name, path, format, compression)
+        return _save(store, name, path, format, compression, platform)
     except DiskFull as err:
         raise err.within(f"save {name} to {path}") from err
     except OSError as err:
@@ -282,8 +446,18 @@ def save_image(
         raise StoreError(f"save {name} to {path}: {err.strerror or err}") from err
 
 
-def _save(store: Store, name: str, path: Path, format: str, compression: Compression | None) -> Descriptor:
-    record, image = stored_image(store, name)
+def _save(
+    store: Store,
+    name: str,
+    path: Path,
+    format: str,
+    compression: Compression | None,
+    platform: Platform | None,
+) -> Descriptor:
+    record = store.resolve(normalize_name(name))
+    if platform is None and _is_index(store.read_blob(record.manifest, MAX_DOCUMENT)):
+        return _save_index(store, record, path, format, compression)
+    record, image = stored_image(store, name, platform)
     if format == "oci":
         from lamina.oci.layout import write_oci_archive
 
@@ -297,6 +471,60 @@ def _save(store: Store, name: str, path: Path, format: str, compression: Compres
     with tempfile.TemporaryDirectory(dir=store.root, prefix=".tmp-save-") as tmp, atomic_output(path) as out:
         _write_docker(store, record, image, Path(tmp), out)
     return image.manifest
+
+
+def _save_index(
+    store: Store, record: ImageRecord, path: Path, format: str, compression: Compression | None
+) -> Descriptor:
+    """A multi-platform image written whole: the index, every platform's manifest, config and
+    layers (recompressed: new manifests under a new index); the host's image (else the
+    first) is the one docker's manifest.json names."""
+    from lamina.oci.layout import write_oci_archive
+
+    name = display_name(record.name)
+    data = store.read_blob(record.manifest, MAX_DOCUMENT)
+    index = Index.from_bytes(data, f"{name}: index {record.manifest.short}")
+    missing = [str(e.platform or e.digest.short) for e in index.manifests if not store.has_blob(e.digest)]
+    if format == "docker":
+        raise StoreError(
+            f"save {name}: a multi-platform image ({platforms_of(index.manifests)}); "
+            "a docker-archive holds one platform: add --platform"
+        )
+    if missing:
+        raise StoreError(
+            f"save {name}: its {', '.join(missing)} image was never pulled; "
+            "pull it, or save one platform with --platform"
+        )
+    entries: list[Descriptor] = []
+    images: list[SourceImage] = []
+    kept: list[Descriptor] = []  # attestation manifests and their blobs, as they are
+    for entry in index.manifests:
+        if entry.platform is None or entry.platform.os == "unknown":
+            attached = Manifest.from_bytes(store.read_blob(entry.digest, MAX_DOCUMENT))
+            kept.extend((entry, attached.config, *attached.layers))
+            entries.append(entry)
+            continue
+        image = with_compression(store, manifest_image(store, entry.digest), compression)
+        images.append(image)
+        changed = {"digest": image.manifest.digest, "size": image.manifest.size}
+        entries.append(dataclasses.replace(entry, media_type=image.manifest.media_type, **changed))
+    top = Descriptor(index.media_type, record.manifest, len(data))
+    if tuple(entries) != index.manifests:  # recompressed: new manifests, so a new index
+        data = dataclasses.replace(index, manifests=tuple(entries)).to_bytes()
+        top = descriptor_of(data, index.media_type)
+        store.put_bytes(data, top.digest)
+    host = match_platform(entries, host_platform()) or next(e for e in entries if e.platform is not None)
+    main = next(i for i in images if i.manifest.digest == host.digest)
+    extra = [d for i in images if i is not main for d in (i.manifest, _config_of(i), *i.layers)]
+    manifest = Manifest.from_bytes(main.manifest_bytes)
+    export = ExportImage(record.name, main.manifest, manifest.config, manifest.layers, top, (*extra, *kept))
+    with atomic_output(path) as out:
+        write_oci_archive(out, [export], store)
+    return top
+
+
+def _config_of(image: SourceImage) -> Descriptor:
+    return Manifest.from_bytes(image.manifest_bytes).config
 
 
 def _with_attestations(store: Store, name: str, export: ExportImage) -> ExportImage:

@@ -53,11 +53,12 @@ R = TypeVar("R")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PullResult:
-    record: ImageRecord
+    record: ImageRecord  # the name, pointing at the index when there was one, else the manifest
     reference: Reference
     index: Digest | None  # the index the manifest was chosen from, when there was one
     fetched: int  # blobs downloaded (ones already stored are not)
     fetched_bytes: int
+    manifest: Digest | None = None  # the platform's image manifest (the record's, without an index)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -100,10 +101,28 @@ def pull(
     store.put_bytes(resolved.manifest.data, resolved.manifest.digest)
     size = manifest.config.size + sum(layer.size for layer in manifest.layers)
     name = str(ref)
-    record = store.tag(name, resolved.manifest.digest, size=size, created=config.created or "")
-    index = resolved.index.digest if resolved.index is not None else None
+    top, index = resolved.manifest.digest, None
+    if resolved.index is not None:
+        # The name keeps the whole index, as the registry has it: a pull of another platform
+        # adds that platform's image under the same name instead of renaming it.
+        index = top = resolved.index.digest
+        store.put_bytes(resolved.index.data, index)
+        size = _stored_size(store, resolved.index.data, what)
+    record = store.tag(name, top, size=size, created=config.created or "")
     fetched_bytes = sum(layer.size for layer in missing)
-    return PullResult(record, ref, index, len(missing), fetched_bytes)
+    return PullResult(record, ref, index, len(missing), fetched_bytes, resolved.manifest.digest)
+
+
+def _stored_size(store: Store, index_data: bytes, what: str) -> int:
+    """Bytes of the configs and layers of an index's platforms that are in the store."""
+    blobs: dict[Digest, int] = {}
+    for entry in Index.from_bytes(index_data, f"{what}: index").manifests:
+        if entry.media_type in INDEX_TYPES or not store.has_blob(entry.digest):
+            continue
+        manifest = Manifest.from_bytes(store.read_blob(entry.digest, MAX_DOCUMENT), f"{what}: manifest")
+        for blob in (manifest.config, *manifest.layers):
+            blobs[blob.digest] = blob.size
+    return sum(blobs.values())
 
 
 def ensure_image(
@@ -129,10 +148,21 @@ def ensure_image(
             if pull_policy == "never":
                 raise ImageNotFound(f"image {ref} is not in the store and pulling is off") from None
         else:
-            if store.has_blob(record.manifest):
+            if store.has_blob(record.manifest) and _holds(store, record, platform):
                 return record
     with client_factory() as client:
         return pull(client, store, ref, platform=platform, log=log).record
+
+
+def _holds(store: Store, record: ImageRecord, platform: Platform | None) -> bool:
+    """Whether the stored image has `platform`'s image (a pulled index may hold only some)."""
+    from lamina.cache.images import platform_manifest
+
+    try:
+        platform_manifest(store, record.manifest, platform, record.name, strict=False)
+    except ImageNotFound:
+        return False
+    return True
 
 
 def find_image(store: Store, name: str) -> ImageRecord:

@@ -288,6 +288,12 @@ class _Verifier:
                 if digest in seen:
                     continue
                 seen.add(digest)
+                if (
+                    digest not in self.blobs
+                    and what == "platform manifest"
+                    and not self._was_repaired(digest)
+                ):
+                    continue  # a pulled index holds the platforms pulled, not every one it lists
                 if digest not in self.blobs:
                     gone = "corrupt (removed)" if self._was_repaired(digest) else "missing"
                     self._found(where, f"{what} {digest} is {gone}: load, pull or build the image again")
@@ -296,13 +302,15 @@ class _Verifier:
                 if size is not None and have != size:
                     self._found(where, f"{what} {digest} has {have} bytes, its descriptor says {size}")
                     continue
-                if what != "manifest":
+                if what not in ("manifest", "platform manifest"):
                     continue
                 try:
                     data = self.store.read_blob(digest, MAX_DOCUMENT)
                     media_type = parse_document(data, str(digest)).get("mediaType", "")
                     if "index" in media_type or "list" in media_type:
-                        pending += [(m.digest, m.size, "manifest") for m in Index.from_bytes(data).manifests]
+                        pending += [
+                            (m.digest, m.size, "platform manifest") for m in Index.from_bytes(data).manifests
+                        ]
                     else:
                         manifest = Manifest.from_bytes(data)
                         pending.append((manifest.config.digest, manifest.config.size, "config"))

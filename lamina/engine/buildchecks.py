@@ -30,19 +30,21 @@ if TYPE_CHECKING:
     from lamina.engine.progress import ProgressSink
 
 
-def platform_args() -> dict[str, str]:
-    """The automatic platform ARGs: lamina builds for the host (plan.platform_args, without
-    importing the planner, which a replayed no-op build must not load)."""
+def platform_args(options: BuildOptions | None = None) -> dict[str, str]:
+    """The automatic platform ARGs: the build is the host's, the target the first --platform
+    (plan.platform_args, without importing the planner, which a replayed no-op build must not
+    load)."""
     from lamina.oci.image import host_platform
 
     host = host_platform()
+    target = options.platforms[0] if options is not None and options.platforms else host
     values = {}
-    for prefix in ("TARGET", "BUILD"):
+    for prefix, platform in (("TARGET", target), ("BUILD", host)):
         values |= {
-            f"{prefix}PLATFORM": str(host),
-            f"{prefix}OS": host.os,
-            f"{prefix}ARCH": host.architecture,
-            f"{prefix}VARIANT": host.variant,
+            f"{prefix}PLATFORM": str(platform),
+            f"{prefix}OS": platform.os,
+            f"{prefix}ARCH": platform.architecture,
+            f"{prefix}VARIANT": platform.variant,
         }
     return values
 
@@ -128,7 +130,7 @@ def check(
         dockerfile,
         config=config_for(dockerfile, build_args),
         build_args=build_args,
-        predefined=platform_args(),
+        predefined=platform_args(options),
         target=options.target,
         all_stages=all_stages,
         ignore=ignore_patterns(options.context, options.dockerfile),
@@ -441,7 +443,7 @@ def _subrequest(name: str, fmt: str, options: BuildOptions, data: bytes, path: s
             data,
             target=options.target,
             build_args=dict(options.build_args),
-            predefined=platform_args(),
+            predefined=platform_args(options),
         )
         text = subrequests.print_outline(result)
     return json.dumps(result, indent=2) + "\n" if fmt == "json" else text

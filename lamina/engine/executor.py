@@ -82,7 +82,7 @@ class Executor:
         self.plan = plan
         self.records: list[StepRecord] = []
         self._lock = threading.Lock()
-        self._outcomes: dict[int, StageOutcome] = {}
+        self._outcomes: dict[object, StageOutcome] = {}  # by plan.identity: shared across platforms
         self._rootfs: dict[tuple[str, tuple[str, ...]], Path] = {}  # (stage key, paths) -> tree
         self._rootfs_lock = threading.Lock()
         # Rootless: stage-view root -> {path: host owner} the view copy could not keep.
@@ -95,7 +95,7 @@ class Executor:
         self.epoch = options.source_date_epoch
         if self.epoch is None:
             self.epoch = _dockerfile_epoch(plan)
-        self.images: dict[str, StageOutcome] = {}  # base images loaded by this build
+        self.images: dict[tuple[str, str], StageOutcome] = {}  # base images loaded, by (ref, platform)
         self.totals: dict[str, int] = {}  # stage name -> its filesystem steps, for replays
         self.froms: dict[str, str] = {}  # stage name -> `FROM image` (its step 1), for replays
         self.pruned_cache_ids: set[str] = set()  # cache mounts emptied by this build (--no-cache)
@@ -103,11 +103,22 @@ class Executor:
         self.fetched: dict[str, Any] = {}  # ADD <url>: fetched once per build (steps.copyadd.fetch)
         self.dirty: set[str] = set()  # --dry-run: stages with a step that would run
         self._image_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
-        self._stage_locks: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._stage_locks: dict[object, threading.Lock] = collections.defaultdict(threading.Lock)
         self._building = threading.local()  # the stages this thread is building, innermost last
         # Set on Ctrl-C, which only the main thread sees: long steps in the workers poll it.
         self.stop = threading.Event()
         self.cache = BuildStepCache(options, store, self.records, self.warn_once)
+        self._root = self  # the first target's executor: siblings share its state
+
+    def sibling(self, plan: Plan) -> Executor:
+        """An executor of the same build for another target platform's plan: every piece of
+        state is shared (outcomes by stage identity, so a stage the same in both plans, e.g.
+        `FROM --platform=$BUILDPLATFORM`, is built once; records, images, the step cache)."""
+        import copy
+
+        other = copy.copy(self)
+        other.plan = plan
+        return other
 
     def image_lock(self, ref: str) -> threading.Lock:
         with self._lock:
@@ -131,6 +142,8 @@ class Executor:
 
     def context(self) -> SourceTree:
         """The build context, opened on first use (a build with no COPY never walks it)."""
+        if self._root is not self:
+            return self._root.context()
         with self._lock:
             if self._context is None:
                 from lamina.cache.statcache import StatCache
@@ -146,6 +159,8 @@ class Executor:
             return self._context
 
     def stat_cache(self) -> StatCache:
+        if self._root is not self:
+            return self._root.stat_cache()
         self.context()
         assert self._stat_cache is not None
         return self._stat_cache
@@ -198,35 +213,33 @@ class Executor:
         start = time.monotonic()
         for warning in self.plan.warnings:
             self.sink.warn(warning)
-        waves = self.plan.waves
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.options.jobs))
-        try:
-            for wave in waves:
-                futures = {pool.submit(self.outcome, i): i for i in wave}
-                failure: BaseException | None = None
-                for future in concurrent.futures.as_completed(futures):
-                    try:
-                        self._outcomes[futures[future]] = future.result()
-                    except BaseException as err:
-                        # Keep the first failure; stages not started yet are dropped.
-                        failure = failure or err
-                        for pending in futures:
-                            pending.cancel()
-                if failure is not None:
-                    raise failure
-        except BaseException as err:
-            if isinstance(err, KeyboardInterrupt):
-                # Only this thread saw it: stop the sandboxes the workers wait on,
-                # and the copies they are making.
-                from lamina.engine.sandbox.runner import stop_all
+        from lamina.engine.multiplatform import stopping_on_interrupt
 
-                self.stop.set()
-                stop_all()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        with stopping_on_interrupt(self, pool):
+            target = self.build_target(pool)
         pool.shutdown(wait=True)
-        target = self._outcomes[self.plan.target]
         return self._finish(target, start)
+
+    def build_target(self, pool: Any) -> StageOutcome:
+        """Run the plan's waves on `pool` (shared by every target platform, so --jobs bounds
+        them all) and return the target stage's outcome."""
+        import concurrent.futures
+
+        for wave in self.plan.waves:
+            futures = {pool.submit(self.outcome, i): i for i in wave}
+            failure: BaseException | None = None
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    future.result()
+                except BaseException as err:
+                    # Keep the first failure; stages not started yet are dropped.
+                    failure = failure or err
+                    for pending in futures:
+                        pending.cancel()
+            if failure is not None:
+                raise failure
+        return self.outcome(self.plan.target)
 
     def outcome(self, index: int) -> StageOutcome:
         """Stage `index` built (once, whoever asks first; others wait for it).
@@ -238,24 +251,25 @@ class Executor:
         """
         from lamina.engine.steps.dispatch import run_stage
 
+        identity = self.plan.identity(index) if 0 <= index < len(self.plan.stages) else index
         with self._lock:
-            lock = self._stage_locks[index]
-        building: list[int] = self._building.__dict__.setdefault("stack", [])
-        if index in building:
+            lock = self._stage_locks[identity]
+        building: list[object] = self._building.__dict__.setdefault("stack", [])
+        if identity in building:
             raise BuildError(f"stage {self._stage_name(index)} needs itself (a circular dependency)")
         with lock:
-            found = self._outcomes.get(index)
+            found = self._outcomes.get(identity)
             if found is not None:
                 return found
             if not 0 <= index < len(self.plan.stages):
                 raise BuildError(f"stage {index} does not exist")
             stage = self.plan.stages[index]
-            building.append(index)
+            building.append(identity)
             try:
                 outcome = run_stage(self, stage)
             finally:
                 building.pop()
-            self._outcomes[index] = outcome
+            self._outcomes[identity] = outcome
             return outcome
 
     def _stage_name(self, index: int) -> str:
@@ -379,21 +393,27 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         from lamina.engine.buildchecks import for_build
 
         checks = for_build(options, data, store, sink)  # BuildKit's build checks; error=true raises
-        # A --cache-to build runs for real: a replay has no step results to export.
-        key = memo_key(options, dockerfile, data) if data is not None and not options.cache_to else None
+        # A --cache-to build runs for real: a replay has no step results to export; a --platform
+        # build too (its memo would know one base image per name, not one per platform).
+        replayable = data is not None and not options.cache_to and not options.platforms
+        key = memo_key(options, dockerfile, data) if replayable else None
         if key is not None:
             replayed = replay(store, key, options, sink, start)
             if replayed is not None:
                 return dataclasses.replace(replayed, checks=checks)
-        from lamina.engine.steps.dispatch import make_plan
+        from lamina.engine.multiplatform import check_options, check_runnable
+        from lamina.engine.steps.dispatch import make_plans
 
-        plan = make_plan(options, data)  # the bytes read once, above
+        check_options(options)
+        plans = make_plans(options, data)  # the bytes read once, above; one plan per --platform
+        check_runnable(plans)
+        plan = plans[0]
         executor = Executor(options, sink, store, plan)
-        result = _run(executor, options, sink)
+        result = _run(executor, options, sink, [executor.sibling(other) for other in plans[1:]])
         if key is not None:
             images = {
                 store_name(ref, pinned=True): outcome.key.split(":", 1)[1]
-                for ref, outcome in executor.images.items()
+                for (ref, _platform), outcome in executor.images.items()
             }
             record(store, key, result, images, dict(executor.totals), plan.warnings, executor.froms)
         from lamina.engine.buildchecks import after_build
@@ -401,10 +421,20 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         return dataclasses.replace(result, checks=after_build(options, data, store, sink, checks))
 
 
-def _run(executor: Executor, options: BuildOptions, sink: ProgressSink) -> BuildResult:
-    """Run the build and export --cache-to; any failure is one line, the sink told it ended."""
+def _run(
+    executor: Executor, options: BuildOptions, sink: ProgressSink, siblings: Sequence[Executor] = ()
+) -> BuildResult:
+    """Run the build (with `siblings`: the other target platforms') and export --cache-to; any
+    failure is one line, the sink told it ended."""
     try:
-        result = executor.run()
+        if siblings:
+            from lamina.engine import multiplatform
+
+            start = time.monotonic()
+            executors = (executor, *siblings)
+            result = multiplatform.finish(executors, multiplatform.run_platforms(executors), start)
+        else:
+            result = executor.run()
         if options.cache_to and not options.dry_run:
             from lamina.engine.stepcache import export_cache
 

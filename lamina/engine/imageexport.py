@@ -97,10 +97,13 @@ def export_image(
     platform: Platform,
     statements: Sequence[Statement] = (),
     names: Sequence[str] = (),
+    in_index: Sequence[str] = (),
 ) -> ExportedImage:
     """The image `output` asks for, made from the committed `image` (whose layer dirs are `layers`).
 
-    `names` are the image's names in this output (attestation subjects)."""
+    `names` are the image's names in this output (attestation subjects). `in_index`: every
+    platform of a multi-platform build, whose index (platform_index) takes the index annotations;
+    an annotation for another of them is left to that platform's image."""
     from lamina.oci.image import (
         DOCKER_CONFIG,
         DOCKER_MANIFEST,
@@ -110,7 +113,7 @@ def export_image(
         descriptor_of,
     )
 
-    annotations = _annotations_by_kind(output.annotations, platform, bool(statements))
+    annotations = _annotations_by_kind(output.annotations, platform, bool(statements), in_index)
     if not output.oci_types and statements:
         raise OutputError('cannot export attestations with "oci-mediatypes=false"')
     if default_export(output, build_compression) and not statements:
@@ -132,7 +135,7 @@ def export_image(
 
 
 def _annotations_by_kind(
-    annotations: Sequence[Annotation], platform: Platform, has_index: bool
+    annotations: Sequence[Annotation], platform: Platform, has_index: bool, in_index: Sequence[str] = ()
 ) -> dict[str, dict[str, str]]:
     by_kind: dict[str, dict[str, str]] = {
         "manifest": {},
@@ -142,9 +145,13 @@ def _annotations_by_kind(
     }
     for annotation in annotations:
         if annotation.platform and annotation.platform != str(platform):
+            if annotation.platform in in_index:
+                continue  # another platform's image takes it
             raise OutputError(f"invalid annotation: no platform {annotation.platform} found in source")
         by_kind[annotation.kind][annotation.key] = annotation.value
-    if not has_index and (by_kind["index"] or by_kind["index-descriptor"]):
+    if in_index:  # the index is made by platform_index
+        by_kind["index"], by_kind["index-descriptor"] = {}, {}
+    elif not has_index and (by_kind["index"] or by_kind["index-descriptor"]):
         raise OutputError("index annotations not supported for single platform export")
     return by_kind
 
@@ -441,3 +448,31 @@ def attestation_files(
                 os.utime(target, (epoch, epoch), follow_symlinks=False)
 
     return add
+
+
+def platform_index(
+    store: Store, images: Sequence[tuple[Platform, ExportedImage]], output: OutputSpec | None, main: int = 0
+) -> ExportedImage:
+    """One image index over each platform's image, as BuildKit exports a multi-platform build:
+    an entry per platform (its manifest descriptor with `platform`), the output's `index` and
+    `index-descriptor` annotations. The result reads as image `main` (what manifest.json and a
+    single-image reader take) with the index on top and the other platforms' blobs as `extra`."""
+    from lamina.oci.image import DOCKER_MANIFEST_LIST, OCI_INDEX, Index, descriptor_of
+
+    annotations: dict[str, dict[str, str]] = {"index": {}, "index-descriptor": {}}
+    for annotation in output.annotations if output is not None else ():
+        if annotation.kind in annotations:
+            annotations[annotation.kind][annotation.key] = annotation.value
+    media_type = OCI_INDEX if output is None or output.oci_types else DOCKER_MANIFEST_LIST
+    entries = tuple(dataclasses.replace(image.manifest, platform=platform) for platform, image in images)
+    data = Index(entries, media_type, tuple(sorted(annotations["index"].items()))).to_bytes()
+    _put(store, data)
+    index = descriptor_of(data, media_type).replace_annotations(annotations["index-descriptor"])
+    first = images[main][1]
+    extra = [
+        blob
+        for i, (_, image) in enumerate(images)
+        if i != main
+        for blob in (image.manifest, image.config, *image.layers)
+    ]
+    return ExportedImage(first.manifest, first.config, first.layers, index, tuple(extra))

@@ -241,6 +241,12 @@ class StageState:
     ran: str = ""  # the last step of this stage that ran (or will): names the cause of a later miss
     unknown: str = ""  # --dry-run: the step whose result cannot be known before it runs, if any
     platform: str = PLATFORM  # the stage's platform (plan.PlannedStage.stage_platform): in every key
+    label: str = ""  # how progress names the stage when it is not its name: `linux/arm64 build`
+
+    @property
+    def shown(self) -> str:
+        """The stage as progress and step records name it (BuildKit's `[linux/arm64 build 2/4]`)."""
+        return self.label or self.name
 
     def outcome(self) -> StageOutcome:
         return StageOutcome(

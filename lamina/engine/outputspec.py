@@ -66,7 +66,8 @@ class OutputSpec:
     annotations: tuple[Annotation, ...] = ()
     push: bool = False  # type=image,push=true and type=registry
     insecure: bool = False  # registry.insecure=true: plain HTTP for the push
-    platform_split: bool = False  # type=local/tar: the tree under linux_amd64/
+    # type=local/tar: the tree under linux_amd64/; None: not said (true with several platforms)
+    platform_split: bool | None = None
     oci_artifact: bool = False  # attestation manifests as OCI artifacts (artifactType, subject)
     attestation_prefix: str = ""  # type=local/tar: prefix of provenance.json's name
     push_by_digest: bool = False  # push=true without a tag: the manifest under its digest
@@ -211,7 +212,7 @@ def parse_output(spec: str) -> OutputSpec:
         else False
     )
     _refuse_unsupported(spec, fields)
-    split = _bool(spec, "platform-split", fields["platform-split"]) if "platform-split" in fields else False
+    split = _bool(spec, "platform-split", fields["platform-split"]) if "platform-split" in fields else None
     names = tuple(name for name in fields.get("name", "").split(",") if name)
     artifact = _bool(spec, "oci-artifact", fields["oci-artifact"]) if "oci-artifact" in fields else False
     by_digest = _bool(spec, "push-by-digest", fields.get("push-by-digest") or "false")

@@ -83,6 +83,60 @@ BUILTIN_ARGS = frozenset({"SOURCE_DATE_EPOCH", "TARGETSTAGE"})
 SCRATCH = "scratch"
 
 
+# How users and images spell architectures, as containerd's platforms.Normalize reads them.
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm", "armel": "arm",
+                 "i386": "386", "i686": "386"}  # fmt: skip
+
+
+def normalize_platform(platform: Platform) -> Platform:
+    """`platform` as BuildKit names it: linux/aarch64 -> linux/arm64, arm64/v8 -> arm64,
+    arm -> arm/v7, armel -> arm/v6, x86_64 -> amd64 (containerd's Normalize)."""
+    arch = platform.architecture.lower()
+    variant = platform.variant.lower()
+    if arch == "armel":
+        variant = variant or "v6"
+    elif arch in ("armhf", "arm"):
+        variant = variant or "v7"
+    arch = _ARCH_ALIASES.get(arch, arch)
+    if arch == "arm64" and variant == "v8":
+        variant = ""
+    if arch == "amd64" and variant == "v1":
+        variant = ""
+    return dataclasses.replace(platform, os=platform.os.lower(), architecture=arch, variant=variant)
+
+
+_OS_NAMES = frozenset({"linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos"})
+
+
+def parse_platform(text: str) -> Platform:
+    """One platform as containerd's platforms.Parse takes it, normalised: `os/arch[/variant]`,
+    or a lone OS (this host's architecture) or a lone architecture (linux)."""
+    parts = text.strip().lower().split("/")
+    if len(parts) == 1 and parts[0]:
+        host = host_platform()
+        if parts[0] in _OS_NAMES:
+            return normalize_platform(dataclasses.replace(host, os=parts[0]))
+        return normalize_platform(Platform(architecture=parts[0], os="linux"))
+    return normalize_platform(Platform.parse(text))
+
+
+def parse_platforms(texts: Iterable[str]) -> tuple[Platform, ...]:
+    """`--platform a,b c`: each `os/arch[/variant]` normalised, duplicates dropped, in order."""
+    from lamina.errors import LaminaError
+
+    found: dict[str, Platform] = {}
+    for text in texts:
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            try:
+                platform = parse_platform(part)
+            except LaminaError as err:
+                raise PlanError(f"--platform {part.strip()}: {err}") from None
+            found.setdefault(str(platform), platform)
+    return tuple(found.values())
+
+
 def platform_args(target: Platform, build: Platform) -> tuple[KeyValue, ...]:
     return (
         KeyValue("TARGETPLATFORM", str(target)),
@@ -149,6 +203,9 @@ class PlannedStage:
     dependencies: tuple[Dependency, ...]
     images: tuple[str, ...]  # image references read with COPY --from / mount from=
     args: tuple[KeyValue, ...]
+    # What the stage builds for: FROM --platform, else its base stage's, else the target's
+    # (BuildKit's dispatchState.platform). Its cache keys and base images are this platform's.
+    stage_platform: Platform
 
     @property
     def deps(self) -> tuple[int, ...]:
@@ -213,6 +270,23 @@ class Plan:
         """Proxy build args: in every RUN's environment without an ARG line,
         but kept out of cache keys and history unless a stage declares them."""
         return tuple(KeyValue(key, value) for key, value in self.build_args.items() if key in PROXY_ARGS)
+
+    def identity(self, index: int) -> tuple[object, ...]:
+        """What makes stage `index` the same stage in another target platform's plan: its
+        index, platform, expanded FROM, ARG values and the identities of what it needs. A
+        `FROM --platform=$BUILDPLATFORM` stage that reads no TARGET* ARG has one identity for
+        every target, so a multi-platform build runs it once. (FIXME: a base image's ONBUILD
+        `ARG TARGETARCH` is not seen here.)"""
+        stage = self.stages[index]
+        return (
+            index,
+            str(stage.stage_platform),
+            # COPY --from=<image> reads the image of the target platform (an implicit stage)
+            str(self.target_platform) if stage.images else "",
+            stage.from_.image,
+            stage.args,
+            tuple(self.identity(dep) for dep in stage.deps),
+        )
 
     def resolve_arg(self, decl: ArgDecl, expander: Expander) -> str | None:
         """The value an in-stage `ARG` takes; None when declared without one.
@@ -477,7 +551,7 @@ def make_plan(
     planned: list[PlannedStage] = []
     walks: list[_StageWalk] = []
     for stage in stages:  # in file order: the first stage in error is the one named
-        one, walk = _plan_stage(stage, stages, scope, build_args, escape)
+        one, walk = _plan_stage(stage, stages, scope, build_args, escape, (target_platform, planned))
         planned.append(one)
         walks.append(walk)
     order = _topological_order(planned, target_index, dockerfile.path)
@@ -513,6 +587,7 @@ def _plan_stage(
     scope: Mapping[str, str],
     build_args: Mapping[str, str],
     escape: str,
+    platforms: tuple[Platform, Sequence[PlannedStage]],
 ) -> tuple[PlannedStage, _StageWalk]:
     """One stage planned: its FROM expanded and resolved (image, earlier stage or scratch),
     then its lines walked for ARG values and `--from` references (stages it needs, images
@@ -521,13 +596,18 @@ def _plan_stage(
     from_ = stage.from_.expand(_expander(scope, escape, location))
     if not from_.image:
         raise InstructionError(f"base name ({stage.from_.image}) should not be blank", location)
+    target_platform, earlier_planned = platforms
+    platform = target_platform
     if from_.platform is not None:
         _check_platform_value(stage.from_.platform or "", from_.platform, scope, location)
+        platform = _stage_platform(stage.from_.platform or "", from_.platform, location)
     dependencies: list[Dependency] = []
     earlier = _find_stage(stages[: stage.index], from_.image)
     if earlier is not None and _stage_index(from_.image) is None:
         base = Base(BaseKind.STAGE, stage=earlier.index)
         dependencies.append(Dependency(earlier.index, DependencyKind.FROM, location))
+        if from_.platform is None:  # a stage built FROM another builds for its platform (BuildKit)
+            platform = earlier_planned[earlier.index].stage_platform
     elif from_.image == SCRATCH:
         base = Base(BaseKind.SCRATCH)
     else:
@@ -553,8 +633,20 @@ def _plan_stage(
         dependencies=tuple(dependencies),
         images=tuple(dict.fromkeys(images)),
         args=tuple(walk.args),
+        stage_platform=platform,
     )
     return planned, walk
+
+
+def _stage_platform(written: str, value: str, location: Location) -> Platform:
+    from lamina.errors import LaminaError
+
+    try:
+        return parse_platform(value)
+    except LaminaError:
+        raise InstructionError(
+            f"failed to parse platform {written}: {_go_quote(value)}: expected os/arch[/variant]", location
+        ) from None
 
 
 def _check_needed(

@@ -166,7 +166,7 @@ def _dependencies(host: Any, platform: str) -> list[dict[str, Any]]:
     from lamina.oci.reference import store_name
 
     dependencies: list[dict[str, Any]] = []
-    for ref in sorted(host.images):
+    for ref in sorted({ref for ref, _platform in host.images}):
         if ref == "scratch":
             continue
         try:

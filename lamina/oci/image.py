@@ -176,6 +176,17 @@ class Platform:
             raise ImageFormatError(f"invalid platform {text!r}: expected os/arch[/variant], e.g. linux/amd64")
         return cls(architecture=parts[1], os=parts[0], variant=parts[2] if len(parts) == 3 else "")
 
+    def normalized(self) -> Platform:
+        """The platform as containerd normalises it: aarch64 and arm64/v8 are arm64, x86_64 is
+        amd64, a bare arm is arm/v7; an image and a --platform compare in this form."""
+        arch, variant = self.architecture.lower(), self.variant.lower()
+        arch = {"aarch64": "arm64", "x86_64": "amd64", "x86-64": "amd64", "i386": "386"}.get(arch, arch)
+        if arch == "arm64" and variant == "v8":
+            variant = ""
+        if arch == "arm" and not variant:
+            variant = "v7"
+        return Platform(arch, self.os.lower() or "linux", variant, self.os_version)
+
 
 def host_platform() -> Platform:
     """The platform of this machine, as BuildKit names it (`linux/amd64`, `linux/arm64`,
@@ -194,6 +205,34 @@ def host_platform() -> Platform:
         "i686": ("386", ""),
     }.get(machine, (machine, ""))
     return Platform(architecture=arch, os="linux", variant=variant)
+
+
+# What a platform also runs, best first (containerd's platforms.Only): an arm/v7 CPU runs
+# v6 and v5 code.
+_ALSO_RUNS = {("arm", "v8"): ("v7", "v6", "v5"), ("arm", "v7"): ("v6", "v5"), ("arm", "v6"): ("v5",)}
+
+
+def match_platform(entries: Iterable[Descriptor], want: Platform) -> Descriptor | None:
+    """The entry of an index for platform `want`, or None: the same os and architecture
+    (normalised), the exact variant first, then one `want` also runs; entries with no
+    platform (attestations, artifacts) never match."""
+    target = want.normalized()
+    same = [
+        (d, d.platform.normalized())
+        for d in entries
+        if d.platform is not None and d.platform.normalized().os == target.os
+    ]
+    same = [(d, p) for d, p in same if p.architecture == target.architecture]
+    for variant in (target.variant, *_ALSO_RUNS.get((target.architecture, target.variant), ())):
+        for descriptor, platform in same:
+            if platform.variant == variant:
+                return descriptor
+    return None
+
+
+def platforms_of(entries: Iterable[Descriptor]) -> str:
+    """The platforms an index holds, for an error: `linux/amd64, linux/arm64` or `nothing`."""
+    return ", ".join(sorted({str(d.platform) for d in entries if d.platform is not None})) or "nothing"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -39,9 +39,12 @@ from lamina.oci.image import (
     ImageConfig,
     Index,
     Manifest,
+    Platform,
     canonical_json,
     host_platform,
+    match_platform,
     parse_document,
+    platforms_of,
 )
 
 CHUNK = 1 << 20
@@ -212,6 +215,17 @@ class SourceImage:
         return ImageConfig.from_bytes(self.config_bytes)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SourceIndex:
+    """A multi-platform image in a layout: its index as stored, and one image per platform
+    entry (entries that are not images, such as attestations, are left out)."""
+
+    names: tuple[str, ...]
+    index: Descriptor
+    index_bytes: bytes
+    images: tuple[SourceImage, ...]
+
+
 def read_document(files: Files, descriptor: Descriptor, what: str) -> bytes:
     """A document blob, checked against its descriptor's size and digest."""
     return read_verified(files, descriptor, what, blob_path(descriptor.digest))
@@ -262,6 +276,46 @@ class LayoutReader:
         return self.files.size(blob_path(digest))
 
     def images(self) -> tuple[SourceImage, ...]:
+        """One image per index.json entry (an index's: this host's platform)."""
+        found: list[SourceImage] = []
+        for entry, names in self._top_entries():
+            found.extend(self._images_of(entry, names, depth=0))
+        return tuple(found)
+
+    def entries(self, platform: Platform | None = None) -> tuple[SourceImage | SourceIndex, ...]:
+        """What index.json names, multi-platform images whole: an entry that is an index of
+        platform images is a SourceIndex (with `platform`: only that platform's image)."""
+        found: list[SourceImage | SourceIndex] = []
+        for entry, names in self._top_entries():
+            if entry.media_type not in INDEX_TYPES:
+                found.extend(self._images_of(entry, names, depth=0))
+                continue
+            data = read_document(self.files, entry, "index")
+            index = Index.from_bytes(data, f"{self.label}: index {entry.digest}")
+            if platform is not None:
+                chosen = match_platform(index.manifests, platform)
+                if chosen is None:
+                    raise ImageFormatError(
+                        f"{self.label}: index {entry.digest.short} has no image for {platform} "
+                        f"(it has {platforms_of(index.manifests)})"
+                    )
+                found.extend(self._images_of(chosen, names, depth=1))
+                continue
+            platformed = [
+                m for m in index.manifests if m.platform is not None and m.media_type in MANIFEST_TYPES
+            ]
+            if not platformed:  # an index over one image and its attestations, as before
+                found.extend(self._images_of(entry, names, depth=0))
+                continue
+            images = [image for m in platformed for image in self._images_of(m, names, depth=1)]
+            found.append(
+                SourceIndex(
+                    names, dataclasses.replace(entry, annotations=(), platform=None), data, tuple(images)
+                )
+            )
+        return tuple(found)
+
+    def _top_entries(self) -> list[tuple[Descriptor, tuple[str, ...]]]:
         if not self.files.exists("oci-layout"):
             raise ImageFormatError(f"{self.label}: no oci-layout file: not an OCI image layout")
         layout = parse_document(read_capped(self.files, "oci-layout", 4096), f"{self.label}: oci-layout")
@@ -271,11 +325,11 @@ class LayoutReader:
                 f"is not {OCI_LAYOUT_VERSION}"
             )
         index = Index.from_bytes(read_capped(self.files, "index.json"), f"{self.label}: index.json")
-        found: list[SourceImage] = []
+        out = []
         for entry in index.manifests:
             name = image_name(dict(entry.annotations))
-            found.extend(self._images_of(entry, (name,) if name else (), depth=0))
-        return tuple(found)
+            out.append((entry, (name,) if name else ()))
+        return out
 
     def _images_of(self, descriptor: Descriptor, names: tuple[str, ...], depth: int) -> list[SourceImage]:
         if descriptor.media_type in INDEX_TYPES:
@@ -303,11 +357,12 @@ class LayoutReader:
 
 
 def _pick_platform(manifests: Sequence[Descriptor]) -> Descriptor | None:
-    arch = host_platform().architecture
+    """This host's image of an index; else (an index of other platforms only) its first linux
+    image, which a load keeps as it is (a build or run for it checks the platform)."""
+    found = match_platform(manifests, host_platform())
+    if found is not None:
+        return found
     linux = [m for m in manifests if m.platform is None or m.platform.os in ("linux", "")]
-    for m in linux:
-        if m.platform is not None and m.platform.architecture == arch:
-            return m
     return linux[0] if linux else None
 
 

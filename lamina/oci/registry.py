@@ -52,6 +52,8 @@ from lamina.oci.image import (
     Manifest,
     Platform,
     host_platform,
+    match_platform,
+    platforms_of,
 )
 from lamina.oci.reference import DOCKER_HUB, DOCKER_HUB_API, Reference
 
@@ -112,22 +114,12 @@ def is_loopback(registry: str) -> bool:
 
 
 def select_platform(index: RemoteManifest, want: Platform, what: str) -> Descriptor:
-    """The descriptor in `index` for platform `want`; an exact variant match wins."""
+    """The descriptor in `index` for platform `want` (lamina.oci.image.match_platform)."""
     entries = Index.from_bytes(index.data, f"{what}: index {index.digest.short}").manifests
-    same_arch = [
-        d
-        for d in entries
-        if d.platform is not None and (d.platform.os, d.platform.architecture) == (want.os, want.architecture)
-    ]
-    for descriptor in same_arch:
-        assert descriptor.platform is not None
-        if descriptor.platform.variant == want.variant:
-            return descriptor
-    # arm64 images rarely spell out v8; any variant of the right arch beats none.
-    if same_arch and (not want.variant or want.architecture == "arm64"):
-        return same_arch[0]
-    have = ", ".join(sorted({str(d.platform) for d in entries if d.platform is not None})) or "nothing"
-    raise RegistryError(f"{what}: no image for {want} in the index (it has {have})")
+    found = match_platform(entries, want)
+    if found is None:
+        raise RegistryError(f"{what}: no image for {want} in the index (it has {platforms_of(entries)})")
+    return found
 
 
 def parse_manifest(manifest: RemoteManifest, what: str) -> Manifest:

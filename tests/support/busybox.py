@@ -17,7 +17,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lamina.cache.images import CommittedImage
+    from lamina.cache.store import Store
 
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_NAME = "docker.io/lamina-test/busybox:1.35"
@@ -51,12 +57,16 @@ def _applets() -> list[str]:
     )
 
 
-def make_busybox_rootfs(root: Path) -> Path:
-    """Fill `root` (created, must not exist or be empty) with the base image's tree."""
+def make_busybox_rootfs(root: Path, busybox: Path = BUSYBOX) -> Path:
+    """Fill `root` (created, must not exist or be empty) with the base image's tree.
+
+    `busybox` is the binary to put in (another architecture's: the applet list is still
+    read from the host's /bin/busybox, the same Debian version built the same way).
+    """
     root.mkdir(parents=True, exist_ok=True)
     for directory in sorted(DIRS):
         (root / directory).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(BUSYBOX, root / "bin/busybox")
+    shutil.copyfile(busybox, root / "bin/busybox")
     os.chmod(root / "bin/busybox", 0o755)
     for applet in _applets():
         path = root / applet
@@ -77,36 +87,50 @@ def make_busybox_image(directory: Path, *, compression: str = "gzip") -> Path:
 
     Uses a throwaway store in `directory`/store; returns the archive path.
     """
-    from lamina.cache.images import commit_image, save_image
-    from lamina.cache.store import LayerRecord, Store
+    from lamina.cache.images import save_image
+    from lamina.cache.store import Store
+
+    directory.mkdir(parents=True, exist_ok=True)
+    root = make_busybox_rootfs(directory / "rootfs")
+    with Store(directory / "store") as store:
+        commit_busybox(store, root, compression=compression, names=[BUSYBOX_NAME])
+        archive = directory / "busybox-oci.tar"
+        save_image(store, BUSYBOX_NAME, archive)
+    return archive
+
+
+def commit_busybox(
+    store: Store,
+    root: Path,
+    *,
+    compression: str = "gzip",
+    architecture: str = "amd64",
+    names: Sequence[str] = (),
+) -> CommittedImage:
+    """The busybox tree `root` as a one-layer image of `architecture` in `store`, tagged `names`."""
+    from lamina.cache.images import commit_image
+    from lamina.cache.store import LayerRecord
     from lamina.oci.compression import Compression
     from lamina.oci.image import ContainerConfig, History, ImageConfig
     from lamina.oci.layer import write_layer
     from lamina.oci.walk import entries_from_tree
 
-    directory.mkdir(parents=True, exist_ok=True)
-    root = make_busybox_rootfs(directory / "rootfs")
-    with Store(directory / "store") as store:
-        with store.blob_writer() as out:
-            info = write_layer(
-                entries_from_tree(root, uid_map=lambda uid, gid: (0, 0)),
-                out,  # type: ignore[arg-type]
-                Compression(compression),
-                source_date_epoch=BUSYBOX_EPOCH,
-            )
-            blob = out.commit(info.digest, info.size)
-        layer = LayerRecord(blob.digest, info.diff_id, info.media_type, blob.size)
-        store.record_layer(layer)
-        config = ImageConfig(
-            created=BUSYBOX_CREATED,
-            config=ContainerConfig(
-                env=("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",), cmd=("sh",)
-            ),
-            history=(
-                History(created=BUSYBOX_CREATED, created_by="tests/support: busybox-static 1.35 rootfs"),
-            ),
+    with store.blob_writer() as out:
+        info = write_layer(
+            entries_from_tree(root, uid_map=lambda uid, gid: (0, 0)),
+            out,  # type: ignore[arg-type]
+            Compression(compression),
+            source_date_epoch=BUSYBOX_EPOCH,
         )
-        commit_image(store, config, [layer], [BUSYBOX_NAME])
-        archive = directory / "busybox-oci.tar"
-        save_image(store, BUSYBOX_NAME, archive)
-    return archive
+        blob = out.commit(info.digest, info.size)
+    layer = LayerRecord(blob.digest, info.diff_id, info.media_type, blob.size)
+    store.record_layer(layer)
+    config = ImageConfig(
+        architecture=architecture,
+        created=BUSYBOX_CREATED,
+        config=ContainerConfig(
+            env=("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",), cmd=("sh",)
+        ),
+        history=(History(created=BUSYBOX_CREATED, created_by="tests/support: busybox-static 1.35 rootfs"),),
+    )
+    return commit_image(store, config, [layer], names)

@@ -314,6 +314,8 @@ def _at(root: str, target: str, is_dir: bool) -> str:
 def _system_mounts(spec: dict, root: str) -> None:
     m = _libc
     m.mount("proc", _at(root, "proc", True), "proc", m.MS_NOSUID | m.MS_NODEV | m.MS_NOEXEC)
+    if spec.get("binfmt"):
+        _private_binfmt(root + "/proc/sys/fs/binfmt_misc", spec["binfmt"])
     if not spec["insecure"]:
         _hide_kernel_paths(root, _confine.READONLY_PATHS, _confine.MASKED_PATHS, "/proc/")
     dev = _at(root, "dev", True)
@@ -342,6 +344,33 @@ def _system_mounts(spec: dict, root: str) -> None:
         _hide_kernel_paths(root, (), _confine.MASKED_PATHS, "/sys/")
     for rel, source in spec["host_binds"]:
         _bind(source, _at(root, rel, False), readonly=True)
+
+
+def _private_binfmt(target: str, rules: list[str]) -> None:
+    """This user namespace's own binfmt_misc (Linux 6.7) at `target`, holding `rules` (an
+    emulator registered with F while the host's paths are in view), then read-only. Once
+    mounted it, not the host's, answers for every exec in the sandbox (sandbox.emulation)."""
+    m = _libc
+    try:
+        m.mount("binfmt_misc", target, "binfmt_misc", m.MS_NOSUID | m.MS_NODEV | m.MS_NOEXEC)
+    except OSError as err:
+        raise SetupError(
+            f"mount a binfmt_misc of the sandbox's own for emulation: {_describe(err)} "
+            "(needs Linux 6.7; or as root register qemu-user-static's handlers on the host)"
+        ) from err
+    for rule in rules:
+        fd = os.open(target + "/register", os.O_WRONLY)
+        try:
+            os.write(fd, rule.encode())
+        except OSError as err:
+            raise SetupError(
+                f"register {rule.split(':')[1]} in the sandbox's binfmt_misc: {_describe(err)}"
+            ) from err
+        finally:
+            os.close(fd)
+    m.mount(
+        None, target, None, m.MS_REMOUNT | m.MS_BIND | m.MS_RDONLY | m.MS_NOSUID | m.MS_NODEV | m.MS_NOEXEC
+    )
 
 
 def _hide_kernel_paths(root: str, readonly: tuple[str, ...], masked: tuple[str, ...], under: str) -> None:

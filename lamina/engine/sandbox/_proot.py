@@ -248,6 +248,8 @@ def _proot_argv(
     spec: dict, root: str, cwd: str, uid: int, gid: int, binds: list[tuple[str, str]]
 ) -> list[str]:
     argv = [spec["proot"], "-v", "-1", "-r", root, "-w", cwd]
+    if spec.get("proot_qemu"):  # another platform's programs, each through qemu (sandbox.emulation)
+        argv += ["-q", spec["proot_qemu"]]
     if os.path.isdir("/proc"):
         argv += ["-b", "/proc"]
     for host, guest in binds:

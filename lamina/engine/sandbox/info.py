@@ -28,6 +28,7 @@ class SandboxInfo:
     isolation: str = ""  # the isolation a build would use, and why
     isolation_lacks: str = ""
     allowed: tuple[str, ...] = ()  # what this process may do, as probed
+    platforms: tuple[str, ...] = ()  # each commonly built platform: native, emulated and how, or why not
 
     def lines(self) -> list[str]:
         def ranges(rs: tuple[tuple[int, int, int], ...]) -> str:
@@ -52,6 +53,8 @@ class SandboxInfo:
             "opt-ins:         RUN --security=insecure (--allow security.insecure): all capabilities, "
             "no seccomp, no masked paths; --network=host (RUN: --allow network.host): the host's network",
         ]
+        for i, platform in enumerate(self.platforms):
+            out.append(f"{'platforms:' if i == 0 else '':<17}{platform}")
         return out
 
 
@@ -100,7 +103,15 @@ def describe() -> SandboxInfo:
         isolation=chosen,
         isolation_lacks=lacks,
         allowed=tuple(found.facts()),
+        platforms=_platforms(mode),
     )
+
+
+def _platforms(mode: Isolation | None) -> tuple[str, ...]:
+    """What `lamina info` says of each platform: run natively, emulated (and through what), or not."""
+    from lamina.engine.sandbox.emulation import runnable
+
+    return tuple(how for _, how in runnable(mode.value if mode is not None else "userns"))
 
 
 def _chosen(found: Probe) -> tuple[Isolation | None, str, str]:

@@ -31,6 +31,7 @@ from lamina.engine.sandbox.spec import (
 from lamina.errors import SandboxError
 
 if TYPE_CHECKING:
+    from lamina.engine.sandbox.emulation import Emulator
     from lamina.oci.digest import Digest
     from lamina.oci.extract import ExtractResult
 
@@ -91,6 +92,11 @@ def run(
     isolation.check_ids(choice.isolation, ids.mode is IdMode.RECORDED)
     if choice.notice() and on_warning is not None:
         on_warning(choice.notice())
+    emulator = None
+    if spec.platform is not None:
+        from lamina.engine.sandbox.emulation import emulator as find_emulator
+
+        emulator = find_emulator(spec.platform, choice.isolation.value)
     if choice.isolation in (isolation.Isolation.CHROOT, isolation.Isolation.PROOT):
         spec = _without_namespaces(spec, choice)
     elif spec.network is Network.DEFAULT:
@@ -110,7 +116,7 @@ def run(
     order = [chosen] if chosen else [Snapshotter.OVERLAY, Snapshotter.COPY]
     for i, snapshotter in enumerate(order):
         try:
-            return _run_once(spec, ids, snapshotter, on_started, choice.isolation.value)
+            return _run_once(spec, ids, snapshotter, on_started, choice.isolation.value, emulator)
         except _OverlayUnavailable as err:
             if i + 1 == len(order):
                 raise SandboxError(str(err)) from None
@@ -160,6 +166,7 @@ def _run_once(
     snapshotter: Snapshotter,
     on_started: Callable[[Started], None] | None,
     isolation: str = "userns",
+    emulator: Emulator | None = None,
 ) -> int:
     upper = spec.upper_dir
     if upper is not None:
@@ -182,6 +189,10 @@ def _run_once(
                 (base / name).mkdir()
             wire = _wire(spec, ids, snapshotter, base, upper, locks, isolation)
             wire["work"] = str(work)
+            if emulator is not None and emulator.how == "private":
+                wire["binfmt"] = [emulator.rule]  # registered in the sandbox's own binfmt_misc
+            if emulator is not None and emulator.how == "proot":
+                wire["proot_qemu"] = emulator.interpreter
             code, errors = _helper(wire, ids, spec, on_started=on_started)
             if errors:
                 message = errors[0]

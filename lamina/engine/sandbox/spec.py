@@ -11,6 +11,7 @@ from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lamina.engine.sandbox.isolation import Isolation
+    from lamina.oci.image import Platform
 
 
 class Network(enum.Enum):
@@ -180,6 +181,9 @@ class SandboxSpec:
     shm_size: int = 0  # bytes of the /dev/shm tmpfs; 0: 64 MiB, runc's and BuildKit's default
     # How the step is isolated (isolation.Isolation); None: $LAMINA_ISOLATION, else auto.
     isolation: Isolation | None = None
+    # The platform of the image's programs; None or the host's: native. Another is run
+    # under emulation (sandbox.emulation), or refused in one line with the remedy.
+    platform: Platform | None = None
 
 
 def parse_publish(text: str) -> PublishedPort:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.engine.model import (
     FILESYSTEM_STEPS,
-    PLATFORM,
     BuildOptions,
     StageOutcome,
     StageState,
@@ -39,7 +38,6 @@ from lamina.errors import (
     DiskFull,
     DockerfileError,
     LaminaError,
-    PlanError,
     is_disk_full,
 )
 
@@ -50,8 +48,14 @@ if TYPE_CHECKING:
 
 
 def make_plan(options: BuildOptions, data: bytes | None) -> Plan:
+    """The plan of the first (or only) target platform; see make_plans."""
+    return make_plans(options, data)[0]
+
+
+def make_plans(options: BuildOptions, data: bytes | None) -> tuple[Plan, ...]:
     """Parse the Dockerfile's bytes and let the front end's planner order the stages the target
-    needs; `data` None: it could not be read (said here, naming it)."""
+    needs, once per target platform (`--platform`; none: the host's), as BuildKit converts the
+    Dockerfile once per platform; `data` None: it could not be read (said here, naming it)."""
     from lamina.engine.buildchecks import shown_dockerfile
     from lamina.engine.dockerfile.parser import parse
     from lamina.engine.plan import make_plan as plan_stages
@@ -64,25 +68,16 @@ def make_plan(options: BuildOptions, data: bytes | None) -> Plan:
         except OSError as err:
             raise DockerfileError(f"cannot read Dockerfile {display}: {err.strerror}") from None
     dockerfile = parse(data, display)
-    plan = plan_stages(
-        dockerfile, target=options.target, build_args=dict(options.build_args), context=str(options.context)
-    )
-    for planned in plan.needed.values():
-        _check_platform(planned)
-    return plan
-
-
-def _check_platform(planned: Any) -> None:
-    """`FROM --platform=P` is accepted for the host's platform only (no emulation)."""
-    if not planned.platform:
-        return
-    wanted = planned.platform.lower().split("/")
-    host = PLATFORM.split("/")
-    if wanted[:2] != host[:2]:
-        raise PlanError(
-            f"{planned.location}: FROM --platform={planned.platform}: only the host platform"
-            f" ({PLATFORM}) can be built; lamina does not emulate other platforms"
+    return tuple(
+        plan_stages(
+            dockerfile,
+            target=options.target,
+            build_args=dict(options.build_args),
+            context=str(options.context),
+            target_platform=platform,
         )
+        for platform in (options.platforms or (None,))
+    )
 
 
 # --- running a stage ---------------------------------------------------------------------------
@@ -96,15 +91,14 @@ def _expander(state: StageState, escape: str) -> Callable[[str], str]:
 
 
 def _base(executor: StepHost, plan: PlannedStage) -> StageOutcome:
-    from lamina.oci.image import Platform, default_config
+    from lamina.oci.image import default_config
 
     if plan.base_stage is not None:
         return executor.outcome(plan.base_stage)
     if plan.base_image is None:
-        os_name, arch = PLATFORM.split("/", 1)
-        config = default_config(Platform(arch, os_name))
+        config = default_config(plan.stage_platform)
         return StageOutcome(plan.display_name, config, (), "scratch", None, ())
-    return base_image(executor, plan.base_image, plan.location)
+    return base_image(executor, plan.base_image, plan.location, plan.stage_platform)
 
 
 def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
@@ -113,7 +107,8 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
     from lamina.engine.dockerfile.parser import parse
 
     if plan.name and lookup(executor.options.build_contexts, plan.name):  # a named stage
-        return base_image(executor, plan.name, plan.location)  # --build-context replaces the stage
+        # --build-context replaces the stage
+        return base_image(executor, plan.name, plan.location, plan.stage_platform)
     started = time.monotonic()
     base = _base(executor, plan)
     config = md.ensure_path(base.config)
@@ -139,6 +134,8 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
         args=dict(base.args),
         total=sum(1 for i in instructions if i.name in FILESYSTEM_STEPS),
         no_cache=no_cache,
+        platform=str(plan.stage_platform),
+        label=_label(executor, plan),
     )
     # BuildKit numbers the FROM of an image as the stage's step 1 ([base 1/3] FROM busybox,
     # [base 3/3] RUN ...); FROM scratch or an earlier stage takes no number.
@@ -176,6 +173,17 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
             what = f"{err.filename}: " if err.filename else ""
             raise BuildError(f"{step}: {what}{err.strerror or err}") from err
     return state.outcome()
+
+
+def _label(executor: StepHost, plan: PlannedStage) -> str:
+    """Progress names the platform of a stage in a multi-platform build, or of one built for
+    another platform than the host's, as BuildKit does: `linux/arm64 build`."""
+    from lamina.oci.image import host_platform
+
+    platform = plan.stage_platform
+    if len(executor.options.platforms) > 1 or platform != host_platform():
+        return f"{platform} {plan.display_name}"
+    return ""
 
 
 def dispatch(executor: StepHost, state: StageState, plan: PlannedStage, instruction: Instruction) -> None:
@@ -280,7 +288,7 @@ def _workdir(executor: StepHost, state: StageState, instruction: Any) -> None:
         state.config = md.apply_workdir(state.config, workdir, executor.created(state), has_layer=False)
         return
     user = state.config.config.user
-    inputs = make_inputs(state.key, f"WORKDIR {workdir}", {"user": user} if user else {}, PLATFORM)
+    inputs = make_inputs(state.key, f"WORKDIR {workdir}", {"user": user} if user else {}, state.platform)
 
     def produce(upper: Path) -> None:
         view = LayerView([layer.path for layer in state.layers])

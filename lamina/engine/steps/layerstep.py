@@ -81,11 +81,11 @@ def layer_step(
                 result = _produce(executor, state, named.text, inputs, produce, start, reason)
                 state.ran = f"step {state.index} ({named.text}) ran"
     if cached:
-        executor.sink.step(StepEvent(state.name, state.index, state.total, named.text, StepStatus.CACHED))
+        executor.sink.step(StepEvent(state.shown, state.index, state.total, named.text, StepStatus.CACHED))
     executor.cache.remember_position(named.where, inputs)
     executor.cache.remember_position(named.same_text, inputs)
     seconds = time.monotonic() - start
-    executor.record(StepRecord(state.name, state.index, named.text, cached, seconds, inputs.key(), reason))
+    executor.record(StepRecord(state.shown, state.index, named.text, cached, seconds, inputs.key(), reason))
     return executor.cache.apply_result(state, inputs, result, named.step)
 
 
@@ -130,7 +130,7 @@ def _forecast(
     if state.unknown and reason.startswith("the previous step changed") and "; " not in reason:
         # Its parent's key is a guess: the step that decides may make what it made before.
         reason = f"may run: depends on {state.unknown}"
-    record = StepRecord(state.name, state.index, named.text, result is not None, 0.0, inputs.key(), reason)
+    record = StepRecord(state.shown, state.index, named.text, result is not None, 0.0, inputs.key(), reason)
     executor.record(record)
     if result is None:
         executor.dirty.add(state.name)
@@ -171,7 +171,7 @@ def _produce(
 ) -> Any:
     """Run a step that missed: a fresh upper dir, `produce`, then commit it as the step's layer."""
     sink = executor.sink
-    sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.RUNNING, reason=reason))
+    sink.step(StepEvent(state.shown, state.index, state.total, text, StepStatus.RUNNING, reason=reason))
     upper = executor.cache.new_upper()
     try:
         produce(upper)
@@ -181,7 +181,7 @@ def _produce(
         tail = getattr(err, "output_tail", ())
         seconds = time.monotonic() - start
         sink.step(
-            StepEvent(state.name, state.index, state.total, text, StepStatus.ERROR, seconds, tail, reason)
+            StepEvent(state.shown, state.index, state.total, text, StepStatus.ERROR, seconds, tail, reason)
         )
         why = _disk_full_reason(err, upper) if isinstance(err, BuildError) else ""
         with contextlib.suppress(LaminaError):
@@ -191,7 +191,7 @@ def _produce(
         raise
     result = executor.cache.commit_layer(inputs, state, upper)
     seconds = time.monotonic() - start
-    sink.step(StepEvent(state.name, state.index, state.total, text, StepStatus.DONE, seconds, reason=reason))
+    sink.step(StepEvent(state.shown, state.index, state.total, text, StepStatus.DONE, seconds, reason=reason))
     return result
 
 

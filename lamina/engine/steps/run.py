@@ -93,7 +93,6 @@ def sandbox_hostname(build_args: Mapping[str, str]) -> str:
 
 
 def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruction: Any) -> None:
-    from lamina.engine.model import PLATFORM
 
     insecure = instruction.security == "insecure"
     _check_allowed(executor, instruction, insecure)
@@ -115,7 +114,7 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
     workdir = config.working_dir or "/"
     pending = pending_mount(executor, instruction)
     if pending:  # --dry-run: the stage it mounts will run first, so its files are not known
-        inputs = make_inputs(state.key, "RUN " + json.dumps(argv), {}, PLATFORM, "pending")
+        inputs = make_inputs(state.key, "RUN " + json.dumps(argv), {}, state.platform, "pending")
         layer_step(executor, state, instruction, inputs, lambda upper: None, pending=pending)
         return
     mounts, mount_keys, content, secret_env = _mounts(executor, state, instruction)
@@ -132,7 +131,7 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
     }
     _describe_sandbox(executor, described, insecure)
     inputs = make_inputs(
-        state.key, "RUN " + json.dumps(described, sort_keys=True), key_env, PLATFORM, content
+        state.key, "RUN " + json.dumps(described, sort_keys=True), key_env, state.platform, content
     )
 
     def produce(upper: Path) -> None:

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from lamina.engine.cachekey import copy_files_key, copy_from_key, make_inputs
 from lamina.engine.context import open_rootfs
 from lamina.engine.dockerfile.instructions import AddInstruction
-from lamina.engine.model import PLATFORM
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.base import source_stage, stage_index
 from lamina.engine.steps.copyadd.archive import unpack_archives
@@ -108,7 +107,7 @@ def copy_step(executor: StepHost, state: StageState, plan: PlannedStage, instruc
     if executor.options.dry_run and copy.from_ and _pending_source(executor, state, copy):
         return
     sources = _read_sources(executor, state, copy)
-    inputs = make_inputs(state.key, copy.keyword + " " + copy.described, {}, PLATFORM, sources.digest)
+    inputs = make_inputs(state.key, copy.keyword + " " + copy.described, {}, state.platform, sources.digest)
     inputs = dataclasses.replace(inputs, files=sources.files, source=sources.source)
     # Unchanged files of the build context are linked from the last run's layer
     # (their digests are in the stat cache; a stage's files would be hashed
@@ -206,7 +205,7 @@ def _pending_source(executor: StepHost, state: StageState, copy: _Copy) -> bool:
     if source.name not in executor.dirty:
         return False
     reason = f"stage {source.name} will run first; the files it selects decide"
-    inputs = make_inputs(state.key, copy.keyword + " " + copy.described, {}, PLATFORM, "pending")
+    inputs = make_inputs(state.key, copy.keyword + " " + copy.described, {}, state.platform, "pending")
     layer_step(executor, state, copy.instruction, inputs, lambda upper: None, pending=reason)
     return True
 

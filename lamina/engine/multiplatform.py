@@ -1,0 +1,248 @@
+"""A build for several target platforms (`--platform linux/amd64,linux/arm64`): one image each,
+one image index over them.
+
+BuildKit converts the Dockerfile once per target platform and solves the graphs together;
+lamina plans it once per platform (steps.dispatch.make_plans) and runs one executor per plan,
+siblings sharing every piece of state (executor.Executor.sibling). A stage is the same in two
+plans when plan.Plan.identity says so: a `FROM --platform=$BUILDPLATFORM` stage that reads no
+TARGET* ARG is built once for all targets. All stages run on one thread pool, so `--jobs`
+bounds the whole build.
+
+The outputs then get one OCI image index with a manifest per platform (each descriptor with
+its platform, each config with its os/architecture/variant): the store's image under `-t`,
+`type=image` and `type=oci`; `type=local` gets a directory per platform (BuildKit's
+platform-split). What BuildKit refuses (a docker-type output of several platforms) is refused
+here before anything runs, as is what lamina does not do yet, in one line each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lamina.errors import OutputError
+
+if TYPE_CHECKING:
+    import threading
+
+    from lamina.cache.store import Store
+    from lamina.engine.model import BuildOptions, BuildResult, StageOutcome, StepRecord
+    from lamina.engine.plan import Plan
+    from lamina.engine.progress import ProgressSink
+    from lamina.oci.image import Platform
+
+
+class Executor(Protocol):
+    """What this module needs of one target platform's executor (engine.executor.Executor)."""
+
+    options: BuildOptions
+    plan: Plan
+    store: Store
+    sink: ProgressSink
+    records: list[StepRecord]
+    epoch: int | None
+    stop: threading.Event
+
+    def build_target(self, pool: Any) -> StageOutcome: ...
+    def created_for_image(self, target: StageOutcome) -> str: ...
+
+
+@contextlib.contextmanager
+def stopping_on_interrupt(executor: Executor, pool: Any) -> Iterator[None]:
+    """On any failure, drop the stages not started; on Ctrl-C (which only the main thread
+    sees) also stop the sandboxes the workers wait on and the copies they are making."""
+    try:
+        yield
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):
+            from lamina.engine.sandbox.runner import stop_all
+
+            executor.stop.set()
+            stop_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+
+
+def check_options(options: BuildOptions) -> None:
+    """What a build of several platforms cannot give, refused before it starts."""
+    from lamina.engine.outputspec import OutputType
+
+    if len(options.platforms) < 2:
+        return
+    for output in options.outputs:
+        if output.type is OutputType.DOCKER:  # buildx's own words
+            raise OutputError("docker exporter does not currently support exporting manifest lists")
+        if output.type is OutputType.TAR:  # FIXME: BuildKit writes one tar with a tree per platform
+            raise OutputError("--output type=tar: several platforms in one tar are not supported yet")
+        if output.type is OutputType.LOCAL and output.platform_split is False:
+            raise OutputError(
+                "--output type=local,platform-split=false: several platforms in one tree are not supported"
+            )
+    if options.provenance is not None:  # FIXME: one attestation manifest per platform
+        raise OutputError("--provenance with several platforms is not supported yet")
+    if any(spec.inline for spec in options.cache_to):
+        raise OutputError("--cache-to type=inline with several platforms is not supported yet")
+
+
+def check_runnable(plans: Sequence[Plan]) -> None:
+    """A RUN for a platform this host cannot run fails before the first step: one line naming
+    the first such RUN and the remedy. (A base image's ONBUILD RUN is met when it runs.)"""
+    from lamina.errors import PlanError
+
+    first_run: dict[str, tuple[Platform, Any]] = {}
+    for plan in plans:
+        for index in plan.order:
+            stage = plan.stages[index]
+            run = next((i for i in stage.instructions if i.name == "RUN"), None)
+            if run is not None:
+                first_run.setdefault(str(stage.stage_platform), (stage.stage_platform, run.location))
+    for platform, location in first_run.values():
+        reason = _cannot_run(platform)
+        if reason:
+            raise PlanError(f"{location}: RUN for {platform}: {reason}")
+
+
+def _cannot_run(platform: Platform) -> str:
+    """Why this host cannot run `platform`'s programs, with the remedy; "" when it can."""
+    from lamina.oci.image import host_platform
+
+    host = host_platform()
+    if (platform.os, platform.architecture) == (host.os, host.architecture):
+        return ""
+    return f"this {host} host cannot run {platform} programs (no emulator); apt-get install qemu-user-static"
+
+
+def run_platforms(executors: Sequence[Executor]) -> tuple[StageOutcome, ...]:
+    """Every target platform's stages on one pool bounded by --jobs; the target stage of each."""
+    import concurrent.futures
+
+    first = executors[0]
+    for warning in dict.fromkeys(w for e in executors for w in e.plan.warnings):
+        first.sink.warn(warning)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, first.options.jobs))
+    # One thread per platform only waits on its waves; the stages themselves run on `pool`.
+    drivers = concurrent.futures.ThreadPoolExecutor(max_workers=len(executors))
+    try:
+        with stopping_on_interrupt(first, pool):
+            futures = [drivers.submit(executor.build_target, pool) for executor in executors]
+            for future in concurrent.futures.as_completed(futures):
+                future.result()  # the first failure stops the build
+            targets = tuple(future.result() for future in futures)
+        pool.shutdown(wait=True)
+    finally:
+        drivers.shutdown(wait=True, cancel_futures=True)
+    return targets
+
+
+def finish(executors: Sequence[Executor], targets: Sequence[StageOutcome], start: float) -> BuildResult:
+    """Each platform's image, the index over them, the outputs and the tags."""
+    from lamina.engine.imageexport import export_image, platform_index
+    from lamina.engine.model import BuildResult
+    from lamina.engine.output import make_image, write_output, write_rootfs
+    from lamina.engine.outputspec import OutputType
+    from lamina.engine.progress import BuildSummary
+    from lamina.engine.steps import metadata as md
+
+    first = executors[0]
+    options, store = first.options, first.store
+    platforms = [executor.plan.target_platform for executor in executors]
+    if options.dry_run:
+        seconds = time.monotonic() - start
+        return BuildResult("", "", targets[0].config, (), tuple(first.records), seconds, targets[0].name)
+    committed = []
+    for target, platform in zip(targets, platforms, strict=True):
+        config = md.merge_labels(target.config, options.labels)
+        config = dataclasses.replace(config, created=first.created_for_image(target))
+        config = dataclasses.replace(
+            config, os=platform.os, architecture=platform.architecture, variant=platform.variant
+        )  # as BuildKit's, for a target platform asked for: even a last stage built FROM --platform=X
+        image = make_image(store, config, target.layers, options.compression, first.epoch)
+        committed.append((platform, config, image))
+    main = _main_platform(platforms)
+    shown = tuple(str(p) for p in platforms)
+
+    def exported(output: Any) -> Any:
+        args = (options.compression, first.epoch)
+        images = [
+            (platform, export_image(store, image, target.layers, output, *args, platform, (), [], shown))
+            for (platform, _, image), target in zip(committed, targets, strict=True)
+        ]
+        return platform_index(store, images, output, main)
+
+    from lamina.engine.imageexport import ExportedImage
+
+    stored = platform_index(
+        store, [(p, ExportedImage(i.manifest, i.config, i.layers)) for p, _, i in committed], None, main
+    )
+    images = {i: exported(o) for i, o in enumerate(options.outputs) if o.is_image}
+    image_outputs = [i for i, o in enumerate(options.outputs) if o.type is OutputType.IMAGE]
+    tagged = images[image_outputs[0]] if image_outputs else stored
+    names = _tag(first, tagged, options.tags)
+    for i, output in enumerate(options.outputs):
+        if output.type is OutputType.IMAGE:
+            _tag(first, images[i], output.names)
+        elif output.type is OutputType.LOCAL:
+            for platform, target in zip(platforms, targets, strict=True):
+                write_rootfs(target.layer_dirs, Path(output.dest) / str(platform).replace("/", "_"))
+        else:  # type=oci: the index, every platform's blobs
+            write_output(output, store, images[i], targets[main].layer_dirs, names, first.epoch)
+    seconds = time.monotonic() - start
+    result = BuildResult(
+        str(tagged.top.digest),  # BuildKit's containerimage.digest of a multi-platform build: the index
+        str(committed[main][2].config.digest),
+        dataclasses.replace(committed[main][1], diff_ids=committed[main][2].diff_ids),
+        names,
+        tuple(first.records),
+        seconds,
+        targets[main].name,
+    )
+    cached, ran = result.steps_cached, result.steps_run
+    first.sink.finish(BuildSummary(result.image_digest, result.config_digest, cached, ran, seconds))
+    return result
+
+
+def _main_platform(platforms: Sequence[Platform]) -> int:
+    """The image a single-image reader of the index takes (docker's manifest.json): the host's
+    when it is built, else the first."""
+    from lamina.oci.image import host_platform
+
+    host = str(host_platform())
+    return next((i for i, p in enumerate(platforms) if str(p) == host), 0)
+
+
+def _tag(executor: Executor, image: Any, names: Sequence[str]) -> tuple[str, ...]:
+    """Point each name at the index (`lamina images` lists it; run/save/push read its platforms)."""
+    from lamina.oci.reference import store_name
+
+    size = sum(d.size for d in (image.manifest, image.config, *image.layers, *image.extra))
+    created = ""
+    done = []
+    for name in names:
+        full = store_name(name)
+        executor.store.tag(full, image.top.digest, size=size, created=created)
+        done.append(full)
+    return tuple(done)
+
+
+def plans_text(plans: Sequence[Plan]) -> str:
+    """`lamina plan --platform a,b`: each platform's plan; a stage the same in an earlier
+    platform's plan (built once) says so."""
+    from lamina.engine.plan import to_text
+
+    seen: dict[object, str] = {}
+    parts = []
+    for plan in plans:
+        text = to_text(plan)
+        shared = []
+        for index in plan.order:
+            identity = plan.identity(index)
+            if identity in seen:
+                shared.append(f"{plan.stages[index].display_name} (built once, with {seen[identity]})")
+            else:
+                seen[identity] = str(plan.target_platform)
+        parts.append(f"== {plan.target_platform} ==\n{text}shared: {', '.join(shared) or '-'}\n")
+    return "\n".join(parts)
