@@ -269,3 +269,102 @@ def test_device_nodes_of_a_base_image_reach_stages_and_exports(cache: Path, tmp_
             f"warning: --output type=local,dest={out}: device nodes not made (creating them needs root): "
             "4 files (first: /devs/null)"
         ], done.stderr
+
+
+SPARSE = 8 << 20  # a file of zeros but its last byte: layers carry the zeros, disks need not
+ODD_NAMES = (b"caf\xe9", b"two\nlines")
+
+
+def _meta_entries(prefix: str) -> list[object]:
+    """Setuid, setgid and sticky modes, a hard-linked pair, names that are not UTF-8 or hold a
+    newline and a sparse file, under `prefix`, as layer entries."""
+    from lamina.oci.entry import EntryType, LayerEntry
+
+    def file(name: str, data: bytes, mode: int = 0o644) -> LayerEntry:
+        return LayerEntry(
+            f"{prefix}/{name}", EntryType.FILE, mode, size=len(data), open=lambda: io.BytesIO(data)
+        )
+
+    sparse = bytes(SPARSE - 1) + b"x"
+    return [
+        LayerEntry(prefix, EntryType.DIR, 0o755),
+        file("tool", b"#!/bin/sh\n", 0o4755),
+        file("wall", b"#!/bin/sh\n", 0o2755),
+        LayerEntry(f"{prefix}/drop", EntryType.DIR, 0o1777),
+        file("a", b"shared\n"),
+        LayerEntry(f"{prefix}/b", EntryType.HARDLINK, 0o644, linkname=f"{prefix}/a"),
+        *(file(os.fsdecode(name), name) for name in ODD_NAMES),
+        LayerEntry(f"{prefix}/sparse", EntryType.FILE, 0o644, size=SPARSE, open=lambda: io.BytesIO(sparse)),
+    ]
+
+
+def _check_layer(layer: dict[bytes, tarfile.TarInfo], prefix: bytes) -> None:
+    modes = {name: layer[prefix + b"/" + name].mode for name in (b"tool", b"wall", b"drop")}
+    assert modes == {b"tool": 0o4755, b"wall": 0o2755, b"drop": 0o1777}, sorted(layer)
+    first, second = layer[prefix + b"/a"], layer[prefix + b"/b"]
+    assert first.isfile() and second.islnk() and os.fsencode(second.linkname) == prefix + b"/a"
+    for name in ODD_NAMES:
+        assert layer[prefix + b"/" + name].size == len(name)
+    assert layer[prefix + b"/sparse"].size == SPARSE
+
+
+def _check_tree(root: Path, prefix: str, holes: bool) -> None:
+    here = root / prefix
+    modes = {name: os.lstat(here / name).st_mode & 0o7777 for name in ("tool", "wall", "drop")}
+    assert modes == {"tool": 0o4755, "wall": 0o2755, "drop": 0o1777}
+    assert os.lstat(here / "a").st_ino == os.lstat(here / "b").st_ino  # still one file
+    for name in ODD_NAMES:
+        assert (here / os.fsdecode(name)).read_bytes() == name
+    sparse = here / "sparse"
+    assert sparse.stat().st_size == SPARSE
+    if holes:
+        assert _allocated(sparse) < SPARSE // 2, sparse
+
+
+def test_metadata_of_a_base_image_and_an_added_archive_reach_layers_and_exports(
+    cache: Path, tmp_path: Path
+) -> None:
+    """The same odd files in a base image's layer (unpacked, then COPY --from) and in an ADD
+    archive: setuid/setgid/sticky modes, a hard link, non-UTF-8 and newline names and a sparse
+    file are in the layers lamina writes as they came, and in a type=local export (linked,
+    not inflated)."""
+    from lamina.cache.store import Store
+    from lamina.oci.layer import Compression, sorted_entries, write_layer
+
+    with Store(cache) as store:
+        commit_image_of(
+            store, "lamina-test/meta:1", [busybox_entries(tmp_path / "bb"), _meta_entries("meta")]
+        )  # type: ignore[list-item]
+    ctx = tmp_path / "ctx"
+    write_context(
+        ctx,
+        "FROM lamina-test/meta:1 AS base\n"
+        "RUN ls /meta > /seen\n"
+        f"FROM {BASE}\n"
+        "COPY --from=base /meta/ /meta/\n"
+        "ADD meta.tar /\n",
+    )
+    with open(ctx / "meta.tar", "wb") as f:
+        write_layer(sorted_entries(_meta_entries("added")), f, Compression.NONE)  # type: ignore[arg-type]
+    with open(tmp_path / "probe", "wb") as f:
+        f.truncate(SPARSE)
+    holes = _allocated(tmp_path / "probe") < SPARSE // 2
+
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    copied, added = image_layers(archive)[-2:]
+    _check_layer(copied, b"meta")
+    _check_layer(added, b"added")
+    if holes:  # the layer dirs in the cache: the base's, the COPY's, the ADD's
+        for name in ("meta/sparse", "added/sparse"):
+            found = [p for p in (cache / "unpacked").glob(f"*/{name}")]
+            assert found and all(_allocated(p) < SPARSE // 2 for p in found), found
+
+    out = tmp_path / "out"
+    build(cache, ctx, outputs=[f"type=local,dest={out}"])
+    _check_tree(out, "meta", holes)
+    _check_tree(out, "added", holes)
+    stage = tmp_path / "stage"
+    build(cache, ctx, target="base", outputs=[f"type=local,dest={stage}"])
+    _check_tree(stage, "meta", holes)
+    assert (stage / "seen").read_bytes().split(b"\n")[0] == b"a"  # RUN saw the unpacked files
