@@ -368,13 +368,17 @@ def _build(
 
 
 @pytest.mark.parametrize("case", _cases())
-def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path) -> None:
+def test_buildkit_case(
+    case: dict[str, Any], tmp_path: Path, busybox_image: Path, request: pytest.FixtureRequest
+) -> None:
     if case.get("needs_id_range"):
         needs_id_range()
     if case.get("needs_root") and os.geteuid() != 0:  # upstream skips these rootless too
         pytest.skip("as BuildKit's test, root only (a rootless build has no such devices to give)")
     cache = make_cache(tmp_path, busybox_image)
     ctx, out = tmp_path / "ctx", tmp_path / "out"
+    if case.get("registry"):  # {REGISTRY}: an open registry on loopback (tests/conftest.py)
+        case = _with_registry(case, request.getfixturevalue("registry").host)
     with contextlib.ExitStack() as stack:
         if case.get("echo_server"):
             port = stack.enter_context(loopback_server(b"foo\n"))  # BuildKit's echoserver
@@ -414,6 +418,16 @@ def test_buildkit_case(case: dict[str, Any], tmp_path: Path, busybox_image: Path
         for name, served in case.get("expect_same_as_http", {}).items():
             data = (tmp_path / "http" / served.strip("/")).read_bytes()
             assert (out / name).read_bytes() == data, f"{name}: not the bytes served at {served}"
+
+
+def _with_registry(case: dict[str, Any], host: str) -> dict[str, Any]:
+    """The case's cache specs (its own and its rebuilds') with {REGISTRY} as `host`."""
+
+    def specs(where: dict[str, Any]) -> dict[str, Any]:
+        keys = ("cache_to", "cache_from")
+        return {**where, **{k: [v.replace("{REGISTRY}", host) for v in where[k]] for k in keys if k in where}}
+
+    return {**specs(case), "rebuilds": [specs(again) for again in case.get("rebuilds", [])]}
 
 
 def _subset(expected: Any, actual: Any, where: str = "") -> None:
