@@ -26,7 +26,7 @@ class _Group(click.Group):
                 _die_of_sigpipe()
             if not isinstance(err, LaminaError):
                 raise
-            click.echo(f"error: {_printable(str(err))}", err=True)
+            click.echo(f"error: {_printable(str(err))}{_disk_full_note(err)}", err=True)
             _failed_step(ctx, err)
             ctx.exit(1)
         except click.UsageError as err:
@@ -40,6 +40,23 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
+
+
+def _disk_full_note(err: BaseException) -> str:
+    """A full disk or quota: say that the cache is as it was. Writes go to temporary names
+    that are removed on failure (tests/test_disk_full.py runs `cache verify` after each)."""
+    from lamina.errors import DiskFull, is_disk_full
+
+    seen: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in seen:
+        if isinstance(cause, DiskFull) or is_disk_full(cause):
+            return "; cache intact"
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    # A RUN that filled the cache's file system fails with its words, not an OSError.
+    text = str(err).lower()
+    return "; cache intact" if "no space left on device" in text or "disk quota exceeded" in text else ""
 
 
 class _Terminated(KeyboardInterrupt):
