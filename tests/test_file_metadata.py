@@ -157,6 +157,7 @@ def test_pax_mtimes_are_restored_to_the_nanosecond(cache: Path, tmp_path: Path) 
     out = tmp_path / "out"
     build(cache, ctx, outputs=[f"type=local,dest={out}"])
     assert "22:13:20.123456789" in (out / "seen").read_text()
+    assert os.lstat(out / "t/exact").st_mtime_ns == 1700000000123456789  # exported from the layer dir
 
 
 def test_fifos_and_device_nodes_are_copied_from_stages_and_the_context(cache: Path, tmp_path: Path) -> None:
