@@ -150,6 +150,44 @@ def test_keep_storage_zero_leaves_named_images(store: Built) -> None:
     assert api.cache_du(cache_dir=cache).blob_count == 3
 
 
+def _check_memos(cache: Path) -> int:
+    """What the build checks remember (one per Dockerfile and its inputs): index entries, and
+    files under checks/ where lamina once kept them."""
+    db = sqlite3.connect(cache / "index.db")
+    try:
+        rows = db.execute("SELECT COUNT(*) FROM cache WHERE key LIKE 'build-checks:%'").fetchone()[0]
+    finally:
+        db.close()
+    return int(rows) + (len(os.listdir(cache / "checks")) if (cache / "checks").is_dir() else 0)
+
+
+def test_build_check_memos_are_pruned_like_build_results(store: Built) -> None:
+    # One per Dockerfile ever built: without pruning they only grow.
+    cache = store.cache
+    assert _check_memos(cache) == 3  # the base's and OLD's (aged two days), NEW's (used since)
+    code, out = prune("prune", "--filter", "until=24h")
+    assert code == 0, out
+    assert _check_memos(cache) == 1
+    code, out = prune("prune", "--all")
+    assert code == 0, out
+    assert _check_memos(cache) == 0
+
+
+def test_keep_storage_drops_build_check_memos(store: Built) -> None:
+    code, out = prune("prune", "--keep-storage", "0B")
+    assert code == 0, out
+    assert _check_memos(store.cache) == 0
+
+
+def test_prune_removes_the_old_check_memo_files(store: Built) -> None:
+    # lamina once kept them as files under checks/, which nothing pruned.
+    (store.cache / "checks").mkdir()
+    (store.cache / "checks" / f"{'0' * 64}.json").write_text('{"warnings": [], "error": false, "bases": {}}')
+    code, out = prune("prune")
+    assert code == 0, out
+    assert not (store.cache / "checks").exists()
+
+
 def test_keep_storage_above_the_size_removes_nothing_used(store: Built) -> None:
     cache = store.cache
     code, out = prune("prune", "--keep-storage", "5GB")

@@ -649,6 +649,10 @@ class Store:
                 with self._sql() as db:
                     dropped = db.execute("DELETE FROM cache WHERE last_used < ?", (cutoff,)).rowcount
             report = GcReport(0, 0, dropped, 0)
+            legacy = self.root / "checks"  # build-check memos, files before they were cache entries
+            if legacy.is_dir():
+                report += GcReport(0, 0, 0, _tree_size(legacy, set()))
+                remove(legacy)
             report += self._sweep(remove, unpacked_unused_since=cutoff if drop_all else None)
             if keep_bytes is not None:
                 report += self._shrink(keep_bytes, remove)

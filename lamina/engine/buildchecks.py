@@ -8,12 +8,14 @@ config skip that stage rather than guess).
 
 `for_build` is called once per build, before the no-op replay, so a replayed
 build shows the same warnings and `error=true` fails it the same way. What
-the checks found is kept in the store (`checks/<key>.json`, keyed by every
-input they read) so that a no-op rebuild replays it without the parser.
+the checks found is kept in the store's cache index (`build-checks:<hex>`,
+keyed by every input they read) so that a no-op rebuild replays it without the
+parser; as an index entry it is pruned like a build result (`lamina cache prune`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,7 +192,7 @@ def for_build(
     if data is None:
         return ()
     path = display_path(options)
-    memo = _memo_path(store, options, data, path)
+    memo = _memo_key(options, data, path)
     remembered = _remembered(store, memo)
     if remembered is not None:
         warnings, error = remembered
@@ -229,10 +231,11 @@ def after_build(
     if data is None:
         return earlier
     path = display_path(options)
-    memo = _memo_path(store, options, data, path)
+    memo = _memo_key(options, data, path)
     try:
-        unknown = [ref for ref, digest in json.loads(memo.read_text())["bases"].items() if digest is None]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        entry = json.loads(store.cache_get(memo) or "")
+        unknown = [ref for ref, digest in entry["bases"].items() if digest is None]
+    except (ValueError, KeyError, TypeError, AttributeError):
         return earlier
     if not any(_record(store, ref) is not None for ref in unknown):
         return earlier
@@ -260,7 +263,7 @@ def _show(sink: ProgressSink, warnings: tuple[CheckWarning, ...]) -> None:
 
 
 def _check_for_build(
-    options: BuildOptions, data: bytes, path: str, store: Store, memo: Path
+    options: BuildOptions, data: bytes, path: str, store: Store, memo: str
 ) -> tuple[tuple[CheckWarning, ...], bool] | None:
     """Run the checks and remember what they found; None when the Dockerfile does not parse."""
     import json
@@ -279,21 +282,17 @@ def _check_for_build(
             "error": report.config.error,
             "bases": seen,
         }
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            partial = memo.with_name(f".{memo.name}.{os.getpid()}")
-            partial.write_text(json.dumps(entry))
-            os.replace(partial, memo)
-        except OSError:
-            pass  # only a later rebuild's speed depends on it
+        with contextlib.suppress(LaminaError):  # a full disk: only a later rebuild's speed needs it
+            store.cache_put(memo, json.dumps(entry))
     return report.warnings, report.config.error
 
 
-def _memo_path(store: Store, options: BuildOptions, data: bytes, path: str) -> Path:
+def _memo_key(options: BuildOptions, data: bytes, path: str) -> str:
     import hashlib
     import json
 
     from lamina.engine.buildfiles import dockerfile_ignore_file
+    from lamina.engine.cachekey import build_checks_key
 
     ignore = b""
     for candidate in (
@@ -309,23 +308,23 @@ def _memo_path(store: Store, options: BuildOptions, data: bytes, path: str) -> P
     key = [CHECKS_VERSION, path, options.target or "", sorted(options.build_args)]
     for part in (json.dumps(key).encode(), data, ignore):
         digest.update(len(part).to_bytes(8, "big") + part)
-    return store.root / "checks" / f"{digest.hexdigest()}.json"
+    return build_checks_key(digest.hexdigest())
 
 
-def _remembered(store: Store, memo: Path) -> tuple[tuple[CheckWarning, ...], bool] | None:
+def _remembered(store: Store, memo: str) -> tuple[tuple[CheckWarning, ...], bool] | None:
     """The findings kept for these inputs, unless a base image they read is another one now."""
     import json
 
     from lamina.engine.dockerfile.checkrules import CheckWarning
 
     try:
-        entry = json.loads(memo.read_text())
+        entry = json.loads(store.cache_get(memo) or "")
         for ref, digest in entry["bases"].items():
             record = _record(store, ref)
             if (str(record.manifest) if record is not None else None) != digest:
                 return None
         return tuple(CheckWarning.from_dict(w) for w in entry["warnings"]), bool(entry["error"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

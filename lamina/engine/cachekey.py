@@ -296,6 +296,7 @@ def file_causes(old: tuple[tuple[str, str, str], ...], new: tuple[tuple[str, str
 #   copy-files:step-last:<hex>       the files that position's last COPY wrote (re-linked if unchanged)
 #   copy-from:<hex>                  a COPY --from selection's content digest, per (stage key, instruction)
 #   build-memo:<hex>                 an unchanged build's replay memo (steps.replay)
+#   build-checks:<hex>               what the build checks found, per input (buildchecks)
 #   layer-blob:<dir>:<comp>:<epoch>  the compressed blob made from a layer dir
 
 
@@ -317,6 +318,10 @@ def copy_from_key(text: str) -> str:
 
 def build_memo_key(hexdigest: str) -> str:
     return "build-memo:" + hexdigest
+
+
+def build_checks_key(hexdigest: str) -> str:
+    return "build-checks:" + hexdigest
 
 
 def layer_blob_key(dir_id: str, compression: str, epoch: int | None) -> str:
