@@ -53,8 +53,10 @@ def plan(
     dockerfile: str | os.PathLike[str] | None = None,
     target: str | None = None,
     build_args: Mapping[str, str] | None = None,
+    platform: str | None = None,
 ) -> Plan:
-    """Parse CONTEXT/Dockerfile (or `dockerfile`) and plan the build of `target`.
+    """Parse CONTEXT/Dockerfile (or `dockerfile`) and plan the build of `target` (for the target
+    `platform`, `os/arch[/variant]`, default the host's; `lamina plan --platform a,b` plans each).
 
     The plan lists every stage with its base and dependencies, the order and
     concurrency waves of the stages the target needs, and the skipped ones;
@@ -65,8 +67,9 @@ def plan(
 
     from lamina.engine.buildfiles import default_dockerfile
     from lamina.engine.contextsource import is_local
-    from lamina.engine.plan import make_plan
+    from lamina.engine.plan import make_plan, parse_platforms
 
+    want = parse_platforms([platform])[0] if platform else None
     context = os.fspath(context)
     named = os.fspath(dockerfile) if dockerfile is not None else None
     if not is_local(context, named):  # `-`, `-f -`, a git or http URL: as `lamina build` reads them
@@ -82,10 +85,10 @@ def plan(
                 shown = shown_dockerfile(path, found.context)
                 raise DockerfileError(f"cannot read Dockerfile {shown}: {err.strerror}") from err
             parsed = parse(data, shown_dockerfile(path, found.context))
-        return make_plan(parsed, target=target, build_args=build_args, context=context)
+        return make_plan(parsed, target=target, build_args=build_args, context=context, target_platform=want)
     path = os.fspath(default_dockerfile(Path(context)) if dockerfile is None else dockerfile)
     parsed = parse_dockerfile(path)
-    return make_plan(parsed, target=target, build_args=build_args, context=context)
+    return make_plan(parsed, target=target, build_args=build_args, context=context, target_platform=want)
 
 
 # --- images: load, save, images, rmi, cache ------------------------------------------

@@ -203,6 +203,13 @@ def parse(dockerfile: str | None, fmt: str, path: str | None) -> None:
     is_flag=True,
     help="Also say, for every step, whether it would hit the cache and why not (hashes the context).",
 )
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    metavar="OS/ARCH[/VARIANT],...",
+    help="Plan for these target platforms (default: the host's); shared stages say so.",
+)
 @click.argument("context", default=".", required=False)
 def plan(
     dockerfile: str | None,
@@ -210,6 +217,7 @@ def plan(
     build_args: tuple[str, ...],
     fmt: str,
     show_cache: bool,
+    platforms: tuple[str, ...],
     context: str,
     **cache_flags: Any,
 ) -> None:
@@ -230,12 +238,19 @@ def plan(
     if show_cache and "-" in (context, dockerfile):  # the forecast would read stdin a second time
         raise click.UsageError("--cache needs a Dockerfile and context it can read again, not stdin")
     args = planning.parse_build_args(build_args)
-    result = api.plan(context=context, dockerfile=dockerfile, target=target, build_args=args)
+    wanted = [str(p) for p in planning.parse_platforms(platforms)]
+    if len(wanted) > 1:
+        _plan_platforms(context, dockerfile, target, args, wanted, fmt, show_cache)
+        return
+    one = wanted[0] if wanted else None
+    result = api.plan(context=context, dockerfile=dockerfile, target=target, build_args=args, platform=one)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     forecast = None
     if show_cache:
-        forecast = api.build(context, dockerfile, target=target, build_args=args, dry_run=True, **cache_flags)
+        forecast = api.build(
+            context, dockerfile, target=target, build_args=args, dry_run=True, platforms=wanted, **cache_flags
+        )
     if fmt == "json":
         import json
 
@@ -269,6 +284,35 @@ def _print_forecast_json(steps: Sequence[Any]) -> None:
 
     for step in steps:
         click.echo(json.dumps(_forecast_record(step), sort_keys=True))
+
+
+def _plan_platforms(
+    context: str,
+    dockerfile: str | None,
+    target: str | None,
+    args: dict[str, str],
+    platforms: list[str],
+    fmt: str,
+    show_cache: bool,
+) -> None:
+    """`lamina plan --platform a,b`: each target platform's plan, stages built once for all
+    of them named (engine.multiplatform.plans_text); json: one document per platform."""
+    from lamina import api
+    from lamina.engine import multiplatform
+    from lamina.engine import plan as planning
+
+    if fmt == "dot" or show_cache:
+        raise click.UsageError("several --platform values take the text or json plan, without --cache")
+    plans = [api.plan(context, dockerfile, target, args, platform=p) for p in platforms]
+    for warning in dict.fromkeys(w for p in plans for w in p.warnings):
+        click.echo(f"warning: {warning}", err=True)
+    if fmt == "json":
+        import json
+
+        doc = {"platforms": [planning.to_json(p) for p in plans]}
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        return
+    click.echo(multiplatform.plans_text(plans), nl=False)
 
 
 def _forecast_record(step: Any) -> dict[str, Any]:

@@ -406,7 +406,7 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
 
         check_options(options)
         plans = make_plans(options, data)  # the bytes read once, above; one plan per --platform
-        check_runnable(plans)
+        check_runnable(plans, options.isolation)
         plan = plans[0]
         executor = Executor(options, sink, store, plan)
         result = _run(executor, options, sink, [executor.sibling(other) for other in plans[1:]])

@@ -88,9 +88,10 @@ def check_options(options: BuildOptions) -> None:
         raise OutputError("--cache-to type=inline with several platforms is not supported yet")
 
 
-def check_runnable(plans: Sequence[Plan]) -> None:
-    """A RUN for a platform this host cannot run fails before the first step: one line naming
-    the first such RUN and the remedy. (A base image's ONBUILD RUN is met when it runs.)"""
+def check_runnable(plans: Sequence[Plan], isolation: Any = None) -> None:
+    """A RUN for a platform this host cannot run (sandbox.emulation: no binfmt_misc/qemu handler
+    the build's `isolation` can use) fails before the first step: one line naming the first such
+    RUN and the remedy. (A base image's ONBUILD RUN is met when it runs.)"""
     from lamina.errors import PlanError
 
     first_run: dict[str, tuple[Platform, Any]] = {}
@@ -100,20 +101,16 @@ def check_runnable(plans: Sequence[Plan]) -> None:
             run = next((i for i in stage.instructions if i.name == "RUN"), None)
             if run is not None:
                 first_run.setdefault(str(stage.stage_platform), (stage.stage_platform, run.location))
+    if not first_run:
+        return
+    from lamina.engine.sandbox.emulation import check_platforms
+    from lamina.errors import SandboxError
+
     for platform, location in first_run.values():
-        reason = _cannot_run(platform)
-        if reason:
-            raise PlanError(f"{location}: RUN for {platform}: {reason}")
-
-
-def _cannot_run(platform: Platform) -> str:
-    """Why this host cannot run `platform`'s programs, with the remedy; "" when it can."""
-    from lamina.oci.image import host_platform
-
-    host = host_platform()
-    if (platform.os, platform.architecture) == (host.os, host.architecture):
-        return ""
-    return f"this {host} host cannot run {platform} programs (no emulator); apt-get install qemu-user-static"
+        try:
+            check_platforms([platform], isolation.value if isolation is not None else None)
+        except SandboxError as err:
+            raise PlanError(f"{location}: RUN for {platform}: {err}") from None
 
 
 def run_platforms(executors: Sequence[Executor]) -> tuple[StageOutcome, ...]:

@@ -760,7 +760,10 @@ def to_text(plan: Plan) -> str:
         lines.append(
             f"  {stage.index}  {stage.display_name}  FROM{platform} {stage.base.describe(plan)}{skipped}"
         )
-        lines.append(f"       line {stage.location.line}, {len(stage.instructions)} instructions")
+        lines.append(
+            f"       line {stage.location.line}, {len(stage.instructions)} instructions,"
+            f" builds for {stage.stage_platform}"
+        )
         deps = ", ".join(_dep_text(plan, d) for d in stage.dependencies)
         lines.append(f"       needs: {deps or '-'}")
         if stage.images:
@@ -788,6 +791,7 @@ def to_json(plan: Plan) -> dict[str, object]:
                 "line": s.location.line,
                 "base": {"kind": s.base.kind.value, "image": s.base.image, "stage": s.base.stage},
                 "platform": s.platform,
+                "stage_platform": str(s.stage_platform),
                 "deps": list(s.deps),
                 "dependencies": [
                     {"stage": d.stage, "kind": d.kind.value, "line": d.location.line} for d in s.dependencies

@@ -36,6 +36,7 @@ from lamina.errors import BuildError, SandboxError
 if TYPE_CHECKING:
     from lamina.engine.model import StageState, StepHost
     from lamina.engine.plan import PlannedStage
+    from lamina.oci.image import Platform
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_TAIL = 20  # lines of a failing step's output kept for the error
@@ -148,6 +149,17 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
     )
 
 
+def _platform(state: StageState) -> Platform | None:
+    """The stage's platform for the sandbox when it is not the host's (run emulated)."""
+    from lamina.engine.model import PLATFORM
+
+    if state.platform == PLATFORM:
+        return None
+    from lamina.engine.plan import parse_platform
+
+    return parse_platform(state.platform)
+
+
 def _check_allowed(executor: StepHost, instruction: Any, insecure: bool) -> None:
     """Refuse --security=insecure and --network=host without their entitlement, and --device."""
     for needed, asked in (("security.insecure", insecure), ("network.host", instruction.network == "host")):
@@ -220,6 +232,7 @@ def _sandbox_run(
             ulimits=executor.options.ulimits,
             shm_size=executor.options.shm_size,
             isolation=executor.options.isolation,
+            platform=_platform(state),
         )
         with captured_output(lambda line: executor.sink.log(state.name, index, line)) as (fd, tail):
             spec = _with_output(spec, fd)

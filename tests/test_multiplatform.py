@@ -1,0 +1,229 @@
+"""Multi-platform builds (issue 17), the engine's side: `--platform a,b` plans the target once
+per platform, shares a `FROM --platform=$BUILDPLATFORM` stage, gives BuildKit's automatic args
+per target, and writes one OCI image index. The emulated RUN (`uname -m` per platform) is
+tests/test_multiplatform_images.py's; here every non-host stage runs no program."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lamina.engine.progress import StepEvent, StepStatus
+from lamina.oci.image import host_platform
+from tests.support.build import build, run_cli, write_context
+from tests.support.schema import available as schemas_available
+from tests.support.schema import check_document
+
+HOST = str(host_platform())
+OTHER = "linux/arm64" if HOST != "linux/arm64" else "linux/amd64"
+
+
+class Events:
+    """A progress sink that keeps every step event (and ignores the rest)."""
+
+    def __init__(self) -> None:
+        self.steps: list[StepEvent] = []
+
+    def step(self, event: StepEvent) -> None:
+        self.steps.append(event)
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """(index.json, blobs by digest) of an OCI archive."""
+    blobs: dict[str, bytes] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            data = tar.extractfile(member)
+            if data is None:
+                continue
+            if member.name.startswith("blobs/sha256/"):
+                blobs["sha256:" + member.name.rsplit("/", 1)[1]] = data.read()
+            elif member.name == "index.json":
+                top = json.loads(data.read())
+    return top, blobs
+
+
+def _platform_images(path: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """platform -> (manifest, config) of the one image index an OCI archive holds."""
+    top, blobs = _archive(path)
+    (entry,) = top["manifests"]
+    assert entry["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    index = json.loads(blobs[entry["digest"]])
+    found = {}
+    for descriptor in index["manifests"]:
+        platform = descriptor["platform"]
+        name = "/".join(p for p in (platform["os"], platform["architecture"], platform.get("variant")) if p)
+        manifest = json.loads(blobs[descriptor["digest"]])
+        found[name] = (manifest, json.loads(blobs[manifest["config"]["digest"]]))
+    return found
+
+
+ARGS_DOCKERFILE = """\
+FROM scratch
+ARG TARGETPLATFORM TARGETOS TARGETARCH TARGETVARIANT BUILDPLATFORM BUILDOS BUILDARCH BUILDVARIANT
+ENV T=$TARGETPLATFORM|$TARGETOS|$TARGETARCH|$TARGETVARIANT B=$BUILDPLATFORM|$BUILDOS|$BUILDARCH|$BUILDVARIANT
+COPY f /f
+"""
+
+
+def test_index_one_manifest_per_platform_with_buildkits_automatic_args(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", ARGS_DOCKERFILE, {"f": "x\n"})
+    out = tmp_path / "multi.tar"
+    platforms = ["linux/amd64", "linux/arm64", "linux/arm/v7"]
+    result = build(
+        cache, ctx, platforms=[",".join(platforms)], tags=["multi:1"], outputs=[f"type=oci,dest={out}"]
+    )
+    images = _platform_images(out)
+    assert sorted(images) == sorted(platforms)
+    host = host_platform()
+    build_values = f"B={host}|{host.os}|{host.architecture}|{host.variant}"
+    expected = {
+        "linux/amd64": "T=linux/amd64|linux|amd64|",
+        "linux/arm64": "T=linux/arm64|linux|arm64|",
+        "linux/arm/v7": "T=linux/arm/v7|linux|arm|v7",  # BuildKit's values per target
+    }
+    for platform, (manifest, config) in images.items():
+        os_name, arch, *variant = platform.split("/")
+        assert (config["os"], config["architecture"], config.get("variant", "")) == (
+            os_name,
+            arch,
+            "".join(variant),
+        )
+        env = config["config"]["Env"]
+        assert expected[platform] in env and build_values in env
+        assert len(manifest["layers"]) == 1
+    # -t names the index in the store, and the build's digest is the index's
+    from lamina.cache.store import Store
+    from lamina.oci.reference import store_name
+
+    top, _ = _archive(out)
+    with Store(cache) as store:
+        assert str(store.resolve(store_name("multi:1")).manifest) == result.image_digest
+    assert top["manifests"][0]["digest"] == result.image_digest
+
+
+@pytest.mark.skipif(
+    not schemas_available(), reason="the OCI image-spec schemas are not in ../shared/conformance"
+)
+def test_index_and_every_document_pass_the_oci_schemas(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", ARGS_DOCKERFILE, {"f": "x\n"})
+    out = tmp_path / "multi.tar"
+    build(cache, ctx, platforms=["linux/amd64,linux/arm64"], outputs=[f"type=oci,dest={out}"])
+    top, blobs = _archive(out)
+    check_document(top, "application/vnd.oci.image.index.v1+json")
+    index = json.loads(blobs[top["manifests"][0]["digest"]])
+    check_document(index, "application/vnd.oci.image.index.v1+json")
+    assert [d["platform"] for d in index["manifests"]] == [
+        {"architecture": "amd64", "os": "linux"},
+        {"architecture": "arm64", "os": "linux"},
+    ]
+    for descriptor in index["manifests"]:
+        check_document(descriptor, "application/vnd.oci.descriptor.v1+json")
+        manifest = json.loads(blobs[descriptor["digest"]])
+        check_document(manifest, descriptor["mediaType"])
+        check_document(json.loads(blobs[manifest["config"]["digest"]]), manifest["config"]["mediaType"])
+
+
+CROSS_DOCKERFILE = """\
+FROM --platform=$BUILDPLATFORM scratch AS build
+COPY src /out/tool
+
+FROM scratch
+ARG TARGETARCH
+COPY --from=build /out/tool /usr/bin/tool-$TARGETARCH
+"""
+
+
+def test_a_buildplatform_stage_runs_once_for_every_target(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", CROSS_DOCKERFILE, {"src": "binary\n"})
+    out = tmp_path / "multi.tar"
+    events = Events()
+    result = build(cache, ctx, platforms=["linux/amd64,linux/arm64"], outputs=[f"type=oci,dest={out}"],
+                   progress=events)  # fmt: skip
+    done = [(e.stage, e.instruction) for e in events.steps if e.status is StepStatus.DONE]
+    # The build stage ran once, on the build platform, and says so; the last stage once per target.
+    assert done.count((f"{HOST} build", "COPY src /out/tool")) == 1
+    assert [s for s, _ in done if s.endswith(" build")] == [f"{HOST} build"]
+    copies = sorted(s for s, i in done if i.startswith("COPY --from=build"))
+    assert copies == ["linux/amd64 stage-1", "linux/arm64 stage-1"]
+    assert [r.stage for r in result.steps].count(f"{HOST} build") == 1
+    for platform, (_, config) in _platform_images(out).items():
+        assert config["architecture"] == platform.split("/")[1]
+
+
+def test_the_cache_key_carries_the_stages_platform(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY f /f\n", {"f": "x\n"})
+    build(cache, ctx)
+    again = build(cache, ctx, platforms=[OTHER])
+    (step,) = again.steps
+    assert not step.cached and f"platform changed: {HOST} -> {OTHER}" in step.reason
+    assert build(cache, ctx, platforms=[OTHER]).steps[0].cached
+
+
+def test_one_other_platform_builds_that_platforms_image(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY f /f\n", {"f": "x\n"})
+    result = build(cache, ctx, platforms=[OTHER], tags=["other:1"])
+    assert result.config.architecture == OTHER.split("/")[1]
+    from lamina.cache.store import Store
+    from lamina.oci.image import MAX_DOCUMENT, Manifest
+
+    with Store(cache) as store:  # one platform: a plain image manifest, as buildx's
+        record = store.resolve("docker.io/library/other:1")
+        Manifest.from_bytes(store.read_blob(record.manifest, MAX_DOCUMENT))
+
+
+def test_docker_output_of_several_platforms_is_refused_as_buildx(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY f /f\n", {"f": "x\n"})
+    docker = f"type=docker,dest={tmp_path / 'd.tar'}"
+    two = "linux/amd64,linux/arm64"
+    proc = run_cli("build", "--platform", two, "-o", docker, str(ctx), cache=cache, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "error: docker exporter does not currently support exporting manifest lists"
+    ]
+    assert not (tmp_path / "d.tar").exists()
+
+
+def test_a_run_for_a_platform_no_emulator_runs_fails_before_the_first_step(
+    cache: Path, tmp_path: Path
+) -> None:
+    from lamina.errors import PlanError
+
+    text = "FROM scratch\nCOPY f /f\nRUN true\n"
+    ctx = write_context(tmp_path / "ctx", text, {"f": "x\n"})
+    events = Events()
+    with pytest.raises(PlanError, match=r"Dockerfile:3: RUN for linux/vax: cannot run linux/vax programs"):
+        build(cache, ctx, platforms=["linux/vax"], progress=events)
+    assert events.steps == []  # not even the COPY ran
+
+
+def test_copy_only_targets_from_a_multi_platform_base(
+    cache: Path, tmp_path: Path, multiplatform_image: Any
+) -> None:
+    from lamina.api import load
+    from tests.support.multiplatform import MULTI_NAME
+
+    load(str(multiplatform_image.archive), cache_dir=str(cache))
+    ctx = write_context(tmp_path / "ctx", f"FROM {MULTI_NAME}\nCOPY f /f\n", {"f": "x\n"})
+    out = tmp_path / "multi.tar"
+    build(cache, ctx, platforms=["linux/amd64,linux/arm64"], outputs=[f"type=oci,dest={out}"])
+    _, bases = _archive(multiplatform_image.archive)
+    for platform, (manifest, config) in _platform_images(out).items():
+        base = json.loads(bases[multiplatform_image.manifests[platform]])
+        # each platform's image stands on that platform's base image
+        assert manifest["layers"][: len(base["layers"])] == base["layers"]
+        assert config["architecture"] == platform.split("/")[1]
+
+
+def test_plan_shows_each_platforms_stages(tmp_path: Path, cache: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", CROSS_DOCKERFILE, {"src": "x\n"})
+    proc = run_cli("plan", "--platform", "linux/amd64,linux/arm64", str(ctx), cache=cache)
+    assert "== linux/amd64 ==" in proc.stdout and "== linux/arm64 ==" in proc.stdout
+    assert "build (built once, with linux/amd64)" in proc.stdout
