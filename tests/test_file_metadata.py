@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from tests.support.build import BASE, build, run_cli, write_context
 from tests.support.layers import busybox_entries, commit_image_of, image_layers, layer_digests
+from tests.support.plainuser import plain_user, plain_user_missing
 
 pytestmark = pytest.mark.sandbox
 
@@ -369,3 +371,57 @@ def test_metadata_of_a_base_image_and_an_added_archive_reach_layers_and_exports(
     build(cache, ctx, target="base", outputs=[f"type=local,dest={stage}"])
     _check_tree(stage, "meta", holes)
     assert (stage / "seen").read_bytes().split(b"\n")[0] == b"a"  # RUN saw the unpacked files
+
+
+@pytest.mark.skipif(bool(plain_user_missing()), reason=plain_user_missing() or "ready")
+def test_device_nodes_are_recorded_with_no_user_namespace(busybox_image: Path, tmp_path: Path) -> None:
+    """A plain uid where no user namespace can be made (proot isolation): a base image's device
+    nodes and their owners are recorded in xattrs and reach COPY --from's layer and a type=tar
+    export as the devices; type=local says in one line it could not make them."""
+    from lamina.cache.images import save_image
+    from lamina.cache.store import Store
+
+    with plain_user("lamina-devices-proot-") as user:
+        with Store(tmp_path / "made") as store:
+            devices = [
+                _dir("dev"),
+                _node("dev/null", "c", 1, 3, 0o666),
+                _node("dev/sda", "b", 8, 0, 0o660, 6),
+            ]
+            commit_image_of(store, "lamina-test/devices:1", [busybox_entries(tmp_path / "bb"), devices])  # type: ignore[list-item]
+            save_image(store, "lamina-test/devices:1", user.base / "devices.tar")
+        shutil.copy(busybox_image, user.base / "base.tar")
+        ctx = user.base / "ctx"
+        write_context(
+            ctx,
+            "FROM lamina-test/devices:1 AS base\nRUN touch /ran\n"
+            f"FROM {BASE}\nCOPY --from=base /dev/ /devs/\n",
+        )
+        user.give()
+        for image in ("base.tar", "devices.tar"):
+            loaded = user.lamina("load", str(user.base / image))
+            assert loaded.returncode == 0, loaded.stderr
+        archive = user.base / "image.tar"
+        done = user.lamina("build", "--progress", "quiet", "-o", f"type=oci,dest={archive}", str(ctx))
+        assert done.returncode == 0, done.stderr
+        assert any("proot" in line for line in done.stderr.splitlines()), done.stderr
+        (devs,) = image_layers(archive)[-1:]
+        null, sda = devs[b"devs/null"], devs[b"devs/sda"]
+        assert null.ischr() and (null.devmajor, null.devminor, null.mode, null.gid) == (1, 3, 0o666, 0)
+        assert sda.isblk() and (sda.devmajor, sda.devminor, sda.mode, sda.gid) == (8, 0, 0o660, 6)
+        assert not any("lamina" in key for m in devs.values() for key in m.pax_headers)
+        rootfs_tar = user.base / "rootfs.tar"
+        done = user.lamina("build", "--progress", "quiet", "-o", f"type=tar,dest={rootfs_tar}", str(ctx))
+        assert done.returncode == 0, done.stderr
+        with tarfile.open(rootfs_tar) as tar:
+            sda = tar.getmember("devs/sda")
+            assert sda.isblk() and (sda.devmajor, sda.devminor, sda.gid) == (8, 0, 6)
+        out = user.base / "out"
+        done = user.lamina("build", "--progress", "quiet", "-o", f"type=local,dest={out}", str(ctx))
+        assert done.returncode == 0, done.stderr
+        said = [line for line in done.stderr.splitlines() if "device nodes" in line]
+        assert said == [
+            f"warning: --output type=local,dest={out}: device nodes not made (creating them needs root): "
+            "2 files (first: /devs/null)"
+        ], done.stderr
+        assert not os.path.lexists(out / "devs/null")

@@ -12,9 +12,7 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import pytest
 from lamina.oci import xattrs
 from tests.support.build import BASE, build, rootfs, run_cli, write_context
 from tests.support.layers import image_layers, needs_user_xattrs, pax_xattrs, top_layer
+from tests.support.plainuser import plain_user, plain_user_missing
 
 pytestmark = pytest.mark.sandbox
 
@@ -213,65 +212,33 @@ def test_unpack_keeps_capabilities_and_drops_lamina_records_from_a_layer(tmp_pat
     assert any("lamina's own xattrs" in warning for warning in result.warnings)
 
 
-PLAIN_USER = "lamina-sb-nosub"
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _plain_user_missing() -> str:
-    if os.geteuid() != 0:
-        return "sets a capability on a context file and runs lamina as lamina-sb-nosub: needs root"
-    for tool in ("runuser", "proot"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    return ""
-
-
-@pytest.mark.skipif(bool(_plain_user_missing()), reason=_plain_user_missing() or "ready")
+@pytest.mark.skipif(bool(plain_user_missing()), reason=plain_user_missing() or "ready")
 def test_capability_survives_proot_isolation_as_a_plain_user(busybox_image: Path) -> None:
     """No user namespace (docker's seccomp denials, a plain uid): the capability cannot be set
     on disk, so it is recorded, and the image still has it, with none of lamina's records."""
-    import pwd
-
-    from tests.support.sandbox import ensure_user
-
-    ensure_user(PLAIN_USER)
-    entry = pwd.getpwnam(PLAIN_USER)
-    base = Path(tempfile.mkdtemp(prefix="lamina-xattr-proot-"))
-    try:
-        base.chmod(0o755)
-        ctx = base / "ctx"
+    with plain_user("lamina-xattr-proot-") as user:
+        ctx = user.base / "ctx"
         write_context(
             ctx,
             f"FROM {BASE} AS build\nCOPY ping /ping\nRUN chmod 750 /ping\n"
             f"FROM {BASE}\nCOPY --from=build /ping /usr/local/bin/ping\n",
         )
         shutil.copy("/bin/busybox", ctx / "ping")
-        shutil.copy(busybox_image, base / "base.tar")
-        subprocess.run(["chown", "-R", f"{entry.pw_uid}:{entry.pw_gid}", str(base)], check=True)
+        shutil.copy(busybox_image, user.base / "base.tar")
+        user.give()
         os.setxattr(ctx / "ping", "security.capability", NET_RAW_V2)  # after chown, which clears it
-        deny = [sys.executable, str(ROOT / "tests/support/no_namespaces.py"), "docker", "--"]
-        env = {**os.environ, "LAMINA_CACHE": str(base / "cache")}
-        env.pop("LAMINA_ISOLATION", None)
-        env.pop("SOURCE_DATE_EPOCH", None)
-
-        def lamina(*args: str) -> subprocess.CompletedProcess[str]:
-            command = ["runuser", "-u", PLAIN_USER, "--", *deny, sys.executable, "-m", "lamina", *args]
-            return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-
-        loaded = lamina("load", str(base / "base.tar"))
-        if loaded.returncode != 0 and "import" in loaded.stderr:
-            pytest.skip(f"{PLAIN_USER} cannot run {sys.executable} with lamina importable")
+        loaded = user.lamina("load", str(user.base / "base.tar"))
         assert loaded.returncode == 0, loaded.stderr
-        archive = base / "image.tar"
-        done = lamina("build", "--progress", "quiet", "-o", f"type=oci,dest={archive}", str(ctx))
+        archive = user.base / "image.tar"
+        done = user.lamina("build", "--progress", "quiet", "-o", f"type=oci,dest={archive}", str(ctx))
         assert done.returncode == 0, done.stderr
         assert any("proot" in line for line in done.stderr.splitlines()), done.stderr
         member = top_layer(archive)["usr/local/bin/ping"]
         assert pax_xattrs(member) == {"security.capability": NET_RAW_V2}
         assert member.mode == 0o750
         # Exported as a directory: no user namespace to set it in, so one line says so.
-        out = base / "out"
-        done = lamina("build", "--progress", "quiet", "-o", f"type=local,dest={out}", str(ctx))
+        out = user.base / "out"
+        done = user.lamina("build", "--progress", "quiet", "-o", f"type=local,dest={out}", str(ctx))
         assert done.returncode == 0, done.stderr
         said = [line for line in done.stderr.splitlines() if "capabilit" in line]
         assert said == [
@@ -282,8 +249,6 @@ def test_capability_survives_proot_isolation_as_a_plain_user(busybox_image: Path
         for layer in image_layers(archive):
             for found in layer.values():
                 assert not any("user.lamina" in key for key in found.pax_headers), found.name
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_add_chown_of_an_archive_keeps_setuid_and_capabilities(cache: Path, tmp_path: Path) -> None:
