@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.build import BASE, build, image_entries, make_cache, needs_id_range
+from tests.support.build import BASE, build, image_entries, make_cache, needs_id_range, oci_manifest
 from tests.support.servers import loopback_server, serve_directory
 
 BUILDKIT = Path(__file__).parent / "conformance" / "buildkit"
@@ -137,6 +137,7 @@ def _write_tar_to(out: Any, members: list[dict[str, Any]], gzip: bool = False) -
         for member in members:
             info = tarfile.TarInfo(member["name"])
             info.mode = int(member.get("mode", "644"), 8)
+            info.mtime = member.get("mtime", 0)
             data = member.get("data", "").encode()
             kind = member.get("type", "file")
             if kind == "dir":
@@ -203,7 +204,7 @@ def _http_server(root: Path, case: dict[str, Any]) -> Iterator[str]:
         os.utime(path, (HTTP_MTIME, HTTP_MTIME))
     if "git_commits" in case:
         _git_repo(root / "repo", case["git_commits"], case.get("git_object_format", "sha1"))
-    with serve_directory(root) as url:
+    with serve_directory(root, last_modified=case.get("http_last_modified", True)) as url:
         yield url
 
 
@@ -485,7 +486,8 @@ def _run_case(
         for fragment in case["expect_error"]:
             assert fragment in str(caught.value)
         return
-    archive = tmp_path / "image.tar" if "expect_owners" in case else None
+    wants_archive = {"expect_owners", "expect_last_layer_annotations"} & set(case)
+    archive = tmp_path / "image.tar" if wants_archive else None
     sink = _Steps()
     result = _build(cache, ctx, out, case, archive, sink)
     _check_tree(out, case)
@@ -517,7 +519,10 @@ def _run_case(
         assert any(fragment in warning for warning in sink.warnings), (
             f"no warning {fragment!r}: {sink.warnings}"
         )
-    if archive is not None:
+    for key, value in case.get("expect_last_layer_annotations", {}).items():  # "": not there
+        assert archive is not None
+        assert oci_manifest(archive)["layers"][-1].get("annotations", {}).get(key, "") == value, key
+    if archive is not None and "expect_owners" in case:
         entries = image_entries(archive)
         for name, owner in case["expect_owners"].items():
             info = entries[name]

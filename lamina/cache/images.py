@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -248,9 +248,15 @@ class CommittedImage:
 
 
 def commit_image(
-    store: Store, config: ImageConfig, layers: Sequence[LayerRecord], names: Sequence[str] = ()
+    store: Store,
+    config: ImageConfig,
+    layers: Sequence[LayerRecord],
+    names: Sequence[str] = (),
+    annotations: Sequence[Mapping[str, str]] = (),
 ) -> CommittedImage:
     """Store `config` and a manifest over `layers` (blobs already in the store); tag `names`.
+
+    `annotations`, when given, are each layer's descriptor annotations.
 
     The config's diff_ids are set from `layers`. The one place an image's
     config and manifest are written (a build's too: engine.output.make_image);
@@ -261,6 +267,8 @@ def commit_image(
         if not store.has_blob(layer.blob):
             raise StoreError(f"commit image: layer blob {layer.blob} is not in the store")
     blobs = tuple(Descriptor(layer.media_type, layer.blob, layer.size) for layer in layers)
+    if annotations:
+        blobs = tuple(blob.replace_annotations(a) for blob, a in zip(blobs, annotations, strict=True))
     diff_ids = tuple(layer.diff_id for layer in layers)
     config_bytes = dataclasses.replace(config, diff_ids=diff_ids).to_bytes()
     config_desc = descriptor_of(config_bytes, OCI_CONFIG)

@@ -170,7 +170,7 @@ def _layer_blobs(
     build_compression: str,
     epoch: int | None,
 ) -> tuple[Descriptor, ...]:
-    from lamina.engine.output import layer_blobs
+    from lamina.engine.output import epoch_annotations, layer_blobs
     from lamina.oci.compression import Compression
 
     target = Compression.parse(output.compression or build_compression)
@@ -191,7 +191,10 @@ def _layer_blobs(
     made = layer_blobs(store, [job for _, job in remake], target.value, epoch) if remake else []
     for (i, _), (blob, _) in zip(remake, made, strict=True):
         out[i] = blob
-    return tuple(_typed(blob, output.oci_types) for blob in out)
+    typed = (_typed(blob, output.oci_types) for blob in out)
+    return tuple(
+        b.replace_annotations(epoch_annotations(x, epoch)) for b, x in zip(typed, layers, strict=True)
+    )
 
 
 def _typed(blob: Descriptor, oci_types: bool) -> Descriptor:

@@ -361,6 +361,15 @@ class ImageLayer:
     step: str = ""  # the step that made it (`Dockerfile:3: stage s: RUN ...`), for errors
 
 
+REWRITTEN_TIMESTAMP = "buildkit/rewritten-timestamp"
+
+
+def epoch_annotations(layer: ImageLayer, epoch: int | None) -> dict[str, str]:
+    """BuildKit's annotation on a layer whose file times were clamped to SOURCE_DATE_EPOCH: every
+    layer this build wrote (a base image's layers stay as they came, unannotated)."""
+    return {REWRITTEN_TIMESTAMP: str(epoch)} if epoch is not None and layer.blob is None else {}
+
+
 def layer_blob(
     store: Store, layer: ImageLayer, compression: str, epoch: int | None, lowers: Sequence[Path] = ()
 ) -> tuple[Descriptor, Digest]:
@@ -497,7 +506,7 @@ def make_image(
         raise BuildError(f"{layers[i].step or f'layer {i + 1}'}: compress the layer: {err}") from err
     records = [LayerRecord(d.digest, diff_id, d.media_type, d.size) for d, diff_id in blobs]
     try:
-        return commit_image(store, config, records)
+        return commit_image(store, config, records, annotations=[epoch_annotations(x, epoch) for x in layers])
     except DiskFull as err:
         raise BuildError(f"store the image's config and manifest: {err}") from err
 

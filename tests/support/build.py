@@ -116,6 +116,12 @@ def _blob(tar: tarfile.TarFile, digest: str) -> bytes:
     return member.read()
 
 
+def oci_manifest(archive: Path) -> dict[str, Any]:
+    """The image manifest inside an OCI archive written by `-o type=oci`."""
+    with tarfile.open(archive) as tar:
+        return _first_manifest(tar)
+
+
 def _first_manifest(tar: tarfile.TarFile) -> dict[str, Any]:
     """The manifest the first entry of an OCI archive's index.json names."""
     member = tar.extractfile("index.json")

@@ -23,11 +23,19 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _NoLastModified(_Quiet):
+    """A server that does not say when a file changed (no Last-Modified header)."""
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() != "last-modified":
+            super().send_header(keyword, value)
+
+
 @contextlib.contextmanager
-def serve_directory(root: str | os.PathLike[str]) -> Iterator[str]:
+def serve_directory(root: str | os.PathLike[str], last_modified: bool = True) -> Iterator[str]:
     """The files under `root` over HTTP on 127.0.0.1 until the block ends; yields
-    http://127.0.0.1:PORT (no trailing slash)."""
-    handler = functools.partial(_Quiet, directory=os.fspath(root))
+    http://127.0.0.1:PORT (no trailing slash). `last_modified=False`: no Last-Modified header."""
+    handler = functools.partial(_Quiet if last_modified else _NoLastModified, directory=os.fspath(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
