@@ -526,6 +526,7 @@ def build(
     shm_size: str | int | None = None,
     build_contexts: Iterable[str] = (),
     isolation: str | Isolation | None = None,
+    context_subdir: str | None = None,
     platforms: Iterable[str] = (),
 ) -> BuildResult:
     """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
@@ -536,7 +537,10 @@ def build(
 
     As buildx: `context` may be `-` (stdin holds a tar of the context, or a Dockerfile
     and the context is empty) or a git URL (`https://host/repo.git#ref:subdir`,
-    `git@host:repo.git`), checked out with `git`; `dockerfile` may be `-` (stdin).
+    `git@host:repo.git`), checked out with `git`; `dockerfile` may be `-` (stdin), or,
+    with a URL context, an absolute path of this machine. `context_subdir` (BuildKit's
+    frontend attribute `contextsubdir`) makes a directory of a remote context the context,
+    the Dockerfile still named from its top.
     `build_contexts` (`NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG|@DIGEST]`, or a
     git URL) stand in for the image or stage NAME (lamina.engine.namedcontext).
 
@@ -627,7 +631,7 @@ def build(
         check_push(options.tags)
     with (
         _ssh_agents(ssh, env) as agents,
-        _local_inputs(options, context, dockerfile, env) as options,
+        _local_inputs(options, context, dockerfile, env, context_subdir or "") as options,
         _named_contexts(build_contexts, options, env) as named,
     ):
         options = dataclasses.replace(options, ssh=agents, build_contexts=named)
@@ -748,18 +752,19 @@ def _local_inputs(
     context: str | os.PathLike[str],
     dockerfile: str | os.PathLike[str] | None,
     env: Mapping[str, str],
+    subdir: str = "",
 ) -> Any:
     """`options` with a stdin or git context (or `-f -`) made local for the build's length."""
     import contextlib
 
-    if _local_context(context, dockerfile):
+    if _local_context(context, dockerfile) and not subdir:  # a local one with a subdir is refused there
         return contextlib.nullcontext(options)
     import os
 
     from lamina.engine.contextsource import local_options
 
     named = None if dockerfile is None else os.fspath(dockerfile)
-    return local_options(options, os.fspath(context), named, env)
+    return local_options(options, os.fspath(context), named, env, subdir)
 
 
 def _source_policy(env: Mapping[str, str], context: Any, dockerfile: Any) -> Any:

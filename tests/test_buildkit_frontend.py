@@ -316,7 +316,7 @@ def _index_digest(text: str, tmp: Path) -> str:
 _BUILD_KEYS = frozenset(
     (
         *("build_args", "target", "no_cache", "no_cache_filter", "labels", "network", "allow"),
-        *("cache_to", "cache_from", "ulimits", "shm_size", "add_hosts"),
+        *("cache_to", "cache_from", "ulimits", "shm_size", "add_hosts", "context_subdir"),
     )
 )
 
@@ -349,6 +349,11 @@ def _build(
                 pytest.skip("ssh-keygen is not installed (apt-get install openssh-client)")
             subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", key], check=True)
         kwargs["ssh"] = [f"default={key}"]
+    if "external_dockerfile" in case:  # -f of an absolute path beside a URL context: the client's file
+        external = out.parent / "external" / "Dockerfile"
+        external.parent.mkdir(exist_ok=True)
+        external.write_text(_text(case["external_dockerfile"]))
+        kwargs["dockerfile"] = external
     if "dockerfile_path" in case:  # a remote context's is a name inside it
         kwargs["dockerfile"] = (
             case["dockerfile_path"] if "context_url" in case else ctx / case["dockerfile_path"]

@@ -9,6 +9,14 @@ As buildx reads its positional context and `-f`:
   `github.com/...`): the repository checked out by `git` (engine.gitsource), `subdir`
   of it the context, `-f` a path inside it.
 
+With a remote context (git, HTTP, a tar on stdin), an absolute `-f` names a file of
+the client, as buildx sends it beside a URL context (`dockerfilekey`); and
+`subdir` (BuildKit's frontend attribute `contextsubdir`, lamina.build's
+`context_subdir`) makes a directory of the fetched context the build context,
+while the Dockerfile is still named from the context's top (dockerui scopes the
+context, not the Dockerfile's source). A local context has no such attribute:
+the subdirectory is given as the context itself.
+
 A git or tar context is taken whole, as BuildKit takes one it fetches itself: its
 `.dockerignore` filters nothing (moby/buildkit: the ignore file applies to the upload of
 a local directory only; docker/buildx#2353).
@@ -51,14 +59,14 @@ def is_local(context: str, dockerfile: str | None) -> bool:
 
 @contextlib.contextmanager
 def local_options(
-    options: BuildOptions, context: str, dockerfile: str | None, environ: Mapping[str, str]
+    options: BuildOptions, context: str, dockerfile: str | None, environ: Mapping[str, str], subdir: str = ""
 ) -> Iterator[BuildOptions]:
     """`options` with the context and Dockerfile made local, for the length of the build."""
     from lamina.engine.buildfiles import default_dockerfile
 
     # BuildKit's dockerui takes this build arg for a git context.
     keep = dict(options.build_args).get("BUILDKIT_CONTEXT_KEEP_GIT_DIR", "") in ("1", "true")
-    with resolved(context, dockerfile, environ, keep_git_dir=keep) as found:
+    with resolved(context, dockerfile, environ, keep_git_dir=keep, subdir=subdir) as found:
         chosen = found.dockerfile or default_dockerfile(found.context)
         remote = context == STDIN or is_remote(context)  # `-f -` alone keeps a local context's ignore
         if remote and not found.dockerfile_outside:
@@ -85,16 +93,25 @@ def resolved(
     stdin: BinaryIO | None = None,
     *,
     keep_git_dir: bool = False,
+    subdir: str = "",
 ) -> Iterator[Resolved]:
-    """The local context directory and Dockerfile for `context` and `-f` as given."""
+    """The local context directory and Dockerfile for `context` and `-f` as given (and `subdir`
+    of a remote context as the context)."""
     if context == STDIN and dockerfile == STDIN:
         raise ContextError("invalid argument: can't use stdin for both build context and dockerfile")
-    if context != STDIN and dockerfile != STDIN and not is_remote(context):
-        yield Resolved(Path(context), Path(dockerfile) if dockerfile is not None else None)
-        return
+    if context != STDIN and not is_remote(context):
+        if subdir:
+            raise ContextError(
+                f"context subdirectory {subdir}: only a remote context (git, HTTP, a tar on stdin) "
+                f"takes one; give {os.path.join(context, subdir)} as the context"
+            )
+        if dockerfile != STDIN:
+            yield Resolved(Path(context), Path(dockerfile) if dockerfile is not None else None)
+            return
     work = Path(tempfile.mkdtemp(prefix="lamina-context-"))
     try:
-        yield _resolve(context, dockerfile, environ, stdin, work, keep_git_dir)
+        found = _resolve(context, dockerfile, environ, stdin, work, keep_git_dir)
+        yield _scoped(found, subdir) if subdir else found
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -126,14 +143,37 @@ def _resolve(
         return _tar_or_dockerfile(spooled, dockerfile, work, "stdin")
     from lamina.engine.gitsource import is_git_url
 
+    external = dockerfile is not None and os.path.isabs(dockerfile)  # buildx: -f /abs is the client's
     if _is_http(context) and not is_git_url(context):
         # BuildKit's HTTP context: a tar (any compression) is the context; any other file is
         # the Dockerfile, whatever -f names (buildx's "bogus" filename), with an empty context.
         spooled = work / "http.bin"
         _download(context, spooled)
-        return _tar_or_dockerfile(spooled, dockerfile if _is_tar(spooled) else None, work, context)
+        found = _tar_or_dockerfile(
+            spooled, dockerfile if _is_tar(spooled) and not external else None, work, context
+        )
+        if external and not found.dockerfile_outside:
+            return Resolved(found.context, Path(dockerfile or ""), True)
+        return found
     root = _remote_context(context, environ, work, keep_git_dir)
+    if external:
+        return Resolved(root, Path(dockerfile or ""), True)
     return Resolved(root, _inside(root, dockerfile) if dockerfile else None)
+
+
+def _scoped(found: Resolved, subdir: str) -> Resolved:
+    """BuildKit's contextsubdir: `subdir` of the fetched context is the context; the Dockerfile
+    is still the one named from the top (checked to be a file of it, then read from there)."""
+    from lamina.engine.buildfiles import default_dockerfile
+
+    context = _inside(found.context, subdir)
+    if not context.is_dir():
+        raise ContextError(f"context subdirectory {subdir}: not a directory of the build context")
+    if found.dockerfile_outside:
+        return dataclasses.replace(found, context=context)
+    dockerfile = found.dockerfile or default_dockerfile(found.context)
+    _within(found.context, dockerfile)
+    return Resolved(context, dockerfile, True)
 
 
 def _is_tar(path: Path) -> bool:
