@@ -1,0 +1,160 @@
+"""End to end: one Dockerfile built for linux/amd64 and linux/arm64 into one OCI index.
+
+The base is lamina-test/busybox-multi:1.35 (tests/support/multiplatform.py): amd64 busybox
+and Debian's arm64 busybox-static under one index. On this x86_64 host the arm64 RUN
+steps run under qemu-user-static (binfmt_misc, or the sandbox's own; see
+lamina/engine/sandbox/emulation.py), which CI installs and registers. The files are read
+back from the written OCI archive, and the index goes through skopeo and the test registry.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lamina import api
+from lamina.cache.images import load_image_file
+from lamina.cache.store import Store
+from lamina.errors import SandboxError
+from lamina.oci.compression import open_decompressed
+from lamina.oci.digest import Digest
+from lamina.oci.image import Index, Platform
+from tests import registry_server
+from tests.support.build import build, write_context
+
+pytestmark = pytest.mark.sandbox
+
+BASE = "lamina-test/busybox-multi:1.35"
+PLATFORMS = ("linux/amd64", "linux/arm64")
+ARCH = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
+
+DOCKERFILE = f"""\
+FROM --platform=$BUILDPLATFORM {BASE} AS tools
+RUN uname -m > /built-on
+FROM {BASE}
+ARG TARGETPLATFORM
+COPY --from=tools /built-on /built-on
+RUN uname -m > /arch && echo "$TARGETPLATFORM" > /target
+"""
+
+
+@pytest.fixture
+def multi_cache(tmp_path: Path, multiplatform_image: Any) -> Path:
+    """A store holding the two-platform base (and nothing else)."""
+    if platform.machine() != "x86_64":
+        pytest.skip("the arm64 steps are the emulated ones on an x86_64 host only")
+    from lamina.engine.sandbox.emulation import emulator
+    from lamina.engine.sandbox.isolation import choose, requested
+
+    try:
+        emulator(Platform.parse("linux/arm64"), choose(requested()).isolation.value)
+    except SandboxError as err:
+        pytest.skip(f"{err} (CI installs qemu-user-static and registers it: tests/support/binfmt.sh)")
+    cache = tmp_path / "cache"
+    with Store(cache) as store:
+        load_image_file(store, multiplatform_image.archive)
+    return cache
+
+
+def images_in(archive: Path) -> dict[str, dict[str, bytes]]:
+    """platform -> {path: content} of the regular files of each image of an OCI archive's index."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(archive) as outer:
+
+        def blob(digest: str) -> bytes:
+            member = outer.extractfile("blobs/sha256/" + digest.split(":")[1])
+            assert member is not None
+            return member.read()
+
+        top = json.loads(blob(json.loads(outer.extractfile("index.json").read())["manifests"][0]["digest"]))  # type: ignore[union-attr]
+        for entry in top["manifests"]:
+            manifest = json.loads(blob(entry["digest"]))
+            config = json.loads(blob(manifest["config"]["digest"]))
+            wanted = f"{entry['platform']['os']}/{entry['platform']['architecture']}"
+            assert f"{config['os']}/{config['architecture']}" == wanted  # the config says its platform
+            files: dict[str, bytes] = {}
+            for layer in manifest["layers"]:
+                with tarfile.open(
+                    fileobj=open_decompressed(io.BytesIO(blob(layer["digest"]))), mode="r|"
+                ) as tar:
+                    for info in tar:
+                        if info.isfile():
+                            reader = tar.extractfile(info)
+                            assert reader is not None
+                            files["/" + info.name.lstrip("./")] = reader.read()
+            out[wanted] = files
+    return out
+
+
+def test_two_platform_build_runs_each_platform_and_the_build_stage_once(
+    multi_cache: Path, tmp_path: Path
+) -> None:
+    ctx = write_context(tmp_path / "ctx", DOCKERFILE)
+    archive = tmp_path / "multi.tar"
+    result = build(
+        multi_cache, ctx, platforms=PLATFORMS, tags=["multi/app:1"], outputs=[f"type=oci,dest={archive}"]
+    )
+    images = images_in(archive)
+    assert sorted(images) == sorted(PLATFORMS)
+    for wanted, files in images.items():
+        assert files["/arch"] == f"{ARCH[wanted]}\n".encode()  # the RUN ran as that platform
+        assert files["/target"] == f"{wanted}\n".encode()
+        assert files["/built-on"] == b"x86_64\n"  # the $BUILDPLATFORM stage: native
+    # The build-platform stage ran once for both targets.
+    tools_runs = [s for s in result.steps if s.instruction == "RUN uname -m > /built-on"]
+    assert len(tools_runs) == 1, [(s.stage, s.instruction) for s in result.steps]
+    # The tag names the index: `lamina run --platform` picks each image.
+    with Store(multi_cache) as store:
+        index = Index.from_bytes(store.read_blob(store.resolve("docker.io/multi/app:1").manifest, 1 << 20))
+    assert sorted(str(m.platform) for m in index.manifests) == sorted(PLATFORMS)
+
+
+def skopeo(*args: str) -> str:
+    if registry_server.SKOPEO is None:
+        pytest.skip("skopeo is not installed")
+    done = subprocess.run(["skopeo", *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"skopeo {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def test_the_built_index_goes_through_skopeo_and_the_registry_and_back(
+    multi_cache: Path, tmp_path: Path, registry: Any
+) -> None:
+    ctx = write_context(tmp_path / "ctx", DOCKERFILE)
+    archive = tmp_path / "multi.tar"
+    build(multi_cache, ctx, platforms=PLATFORMS, outputs=[f"type=oci,dest={archive}"])
+    raw = skopeo("inspect", "--raw", f"oci-archive:{archive}")
+    index = Index.from_bytes(raw.encode())
+    assert sorted(str(m.platform) for m in index.manifests) == sorted(PLATFORMS)
+    dest = f"{registry.host}/built:1"
+    skopeo(
+        "copy", "--all", "--quiet", "--dest-tls-verify=false", f"oci-archive:{archive}", f"docker://{dest}"
+    )
+    served = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{dest}")
+    assert Digest.of_bytes(served.encode()) == Digest.of_bytes(raw.encode())  # pushed as written
+    for entry in index.manifests:
+        config = json.loads(
+            skopeo(
+                "inspect", "--config", "--tls-verify=false", f"docker://{registry.host}/built@{entry.digest}"
+            )
+        )
+        assert f"{config['os']}/{config['architecture']}" == str(entry.platform)
+    back = tmp_path / "back"
+    skopeo("copy", "--all", "--quiet", "--src-tls-verify=false", f"docker://{dest}", f"oci:{back}:1")
+    copied = json.loads((back / "index.json").read_text())["manifests"][0]["digest"]
+    assert copied == str(Digest.of_bytes(raw.encode()))  # and back, the very index
+    # lamina pulls each platform of it and finds what its RUN wrote.
+    env = {"LAMINA_CACHE": str(multi_cache)}
+    for wanted in PLATFORMS:
+        pulled = api.pull(dest, platform=wanted, environ=env)
+        assert str(pulled.record.manifest) == str(Digest.of_bytes(raw.encode()))
+    out = tmp_path / "arch"
+    code = api.run(dest, ["cat", "/arch"], platform="linux/arm64", environ=env, stdout=out.open("wb"))
+    assert code == 0 and out.read_text() == "aarch64\n"
