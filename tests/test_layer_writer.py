@@ -83,10 +83,16 @@ def test_same_entries_same_bytes(compression: Compression) -> None:
 
 
 def test_zstd_bytes_do_not_depend_on_worker_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Several of zstd's 1 MB jobs, so that the workers really share the stream.
+    words = [b"lamina", b"layer", b"zstd", b"\n", b"0123", b"worker"]
+    text = b" ".join(random.Random(3).choices(words, k=1_200_000))
+    entries = sorted_entries(
+        [*sample_entries(), LayerEntry("big.txt", EntryType.FILE, size=len(text), open=_content(text))]
+    )
     digests = set()
-    for workers in (1, 2, 4):
+    for workers in (1, 2, 4, 8):
         monkeypatch.setattr(compression_module, "ZSTD_WORKERS", workers)
-        digests.add(write(sample_entries(), Compression.ZSTD)[1].digest)
+        digests.add(write(entries, Compression.ZSTD)[1].digest)
     assert len(digests) == 1
 
 

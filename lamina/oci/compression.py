@@ -35,8 +35,12 @@ from lamina.oci.image import (
 GZIP_LEVEL = 1
 ZSTD_LEVEL = 3
 # Always at least one worker: zstd's multi-threaded format differs from the
-# single-threaded one, but not between worker counts.
-ZSTD_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# single-threaded one, but not between worker counts. Twice the cores (4 on
+# two): the caller fills one job while the oldest is flushed in order, so with
+# as many workers as cores about one compresses at a time (1 MB jobs, level 3
+# on 2 cores: 2 workers 207 MB/s with 0.42 CPU-s per 100 MB, 4 workers 368
+# MB/s with 0.38; the same bytes).
+ZSTD_WORKERS = max(2, min(8, 2 * (os.cpu_count() or 1)))
 # Small jobs bound the multi-threaded compressor's buffers (the default job
 # size for level 3 costs ~50 MB more RSS) at no measurable cost in ratio.
 # Part of the output format: changing it changes every zstd digest.
