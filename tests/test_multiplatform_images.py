@@ -217,5 +217,11 @@ def test_pull_keeps_the_index_and_adds_each_platform_asked_for(
     assert code == 1 and "its linux/amd64 image was never pulled" in out, out
     code, out = run_cli(fresh, "cache", "verify")
     assert code == 0, out  # a partly pulled index is not a damaged one
+    code, out = run_cli(fresh, "push", dest, f"{registry.host}/partial:1")
+    assert code == 1
+    assert out == (
+        f"error: push {registry.host}/partial:1: its linux/amd64 image was never pulled "
+        "(lamina pull --platform linux/amd64 first)\n"
+    )
     api.pull(dest, platform=AMD64, environ=fresh)
     assert [str(r.manifest) for r in api.images(platform=AMD64, environ=fresh)] == [loaded.manifests[AMD64]]

@@ -241,6 +241,11 @@ def _manifests_below(store: Store, digest: Digest, what: str) -> list[tuple[Dige
         for child in Index.from_bytes(data, f"{what}: index {digest.short}").manifests:
             if store.has_blob(child.digest):
                 out.extend(_manifests_below(store, child.digest, what))
+            elif child.platform is not None:  # the registry would refuse an index naming it
+                wanted = child.platform
+                raise RegistryError(
+                    f"{what}: its {wanted} image was never pulled (lamina pull --platform {wanted} first)"
+                )
     out.append((digest, media_type, data))
     return out
 
