@@ -237,7 +237,6 @@ def test_healthcheck_start_interval_reaches_the_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("BUILDKIT_MULTI_PLATFORM", "true"),
         ("BUILDKIT_CACHE_MOUNT_NS", "ns"),
         ("BUILDKIT_BUILD_NAME", "nightly"),
         ("BUILDKIT_SBOM_SCAN_CONTEXT", "true"),

@@ -227,3 +227,18 @@ def test_plan_shows_each_platforms_stages(tmp_path: Path, cache: Path) -> None:
     proc = run_cli("plan", "--platform", "linux/amd64,linux/arm64", str(ctx), cache=cache)
     assert "== linux/amd64 ==" in proc.stdout and "== linux/arm64 ==" in proc.stdout
     assert "build (built once, with linux/amd64)" in proc.stdout
+
+
+def test_buildkit_multi_platform_arg_makes_an_index_of_one_platform(cache: Path, tmp_path: Path) -> None:
+    from lamina.errors import OutputError
+
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY f /f\n", {"f": "x\n"})
+    out = tmp_path / "one.tar"
+    build(cache, ctx, build_args={"BUILDKIT_MULTI_PLATFORM": "1"}, outputs=[f"type=oci,dest={out}"])
+    assert list(_platform_images(out)) == [HOST]
+    plain = tmp_path / "plain.tar"
+    build(cache, ctx, build_args={"BUILDKIT_MULTI_PLATFORM": "false"}, outputs=[f"type=oci,dest={plain}"])
+    top, _ = _archive(plain)
+    assert top["manifests"][0]["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    with pytest.raises(OutputError, match="invalid boolean value for BUILDKIT_MULTI_PLATFORM: maybe"):
+        build(cache, ctx, build_args={"BUILDKIT_MULTI_PLATFORM": "maybe"})

@@ -395,21 +395,23 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         checks = for_build(options, data, store, sink)  # BuildKit's build checks; error=true raises
         # A --cache-to build runs for real: a replay has no step results to export; a --platform
         # build too (its memo would know one base image per name, not one per platform).
-        replayable = data is not None and not options.cache_to and not options.platforms
+        multi = "BUILDKIT_MULTI_PLATFORM" in dict(options.build_args)
+        replayable = data is not None and not options.cache_to and not options.platforms and not multi
         key = memo_key(options, dockerfile, data) if replayable else None
         if key is not None:
             replayed = replay(store, key, options, sink, start)
             if replayed is not None:
                 return dataclasses.replace(replayed, checks=checks)
-        from lamina.engine.multiplatform import check_options, check_runnable
+        from lamina.engine.multiplatform import check_options, check_runnable, makes_index
         from lamina.engine.steps.dispatch import make_plans
 
-        check_options(options)
+        check_options(options)  # and whether it makes an index (multiplatform.makes_index)
         plans = make_plans(options, data)  # the bytes read once, above; one plan per --platform
         check_runnable(plans, options.isolation)
         plan = plans[0]
         executor = Executor(options, sink, store, plan)
-        result = _run(executor, options, sink, [executor.sibling(other) for other in plans[1:]])
+        siblings = [executor.sibling(other) for other in plans[1:]]
+        result = _run(executor, options, sink, siblings, index=makes_index(options))
         if key is not None:
             images = {
                 store_name(ref, pinned=True): outcome.key.split(":", 1)[1]
@@ -422,12 +424,16 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
 
 
 def _run(
-    executor: Executor, options: BuildOptions, sink: ProgressSink, siblings: Sequence[Executor] = ()
+    executor: Executor,
+    options: BuildOptions,
+    sink: ProgressSink,
+    siblings: Sequence[Executor] = (),
+    index: bool = False,
 ) -> BuildResult:
     """Run the build (with `siblings`: the other target platforms') and export --cache-to; any
     failure is one line, the sink told it ended."""
     try:
-        if siblings:
+        if siblings or index:
             from lamina.engine import multiplatform
 
             start = time.monotonic()

@@ -67,11 +67,29 @@ def stopping_on_interrupt(executor: Executor, pool: Any) -> Iterator[None]:
         raise
 
 
+_TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
+_FALSE = frozenset({"0", "f", "F", "false", "FALSE", "False"})
+
+
+def makes_index(options: BuildOptions) -> bool:
+    """Whether the build exports an image index: several --platform values, or BuildKit's
+    `--build-arg BUILDKIT_MULTI_PLATFORM=1` (an index even of one platform); the value is read
+    as Go's strconv.ParseBool, as dockerui reads it."""
+    if len(options.platforms) > 1:
+        return True
+    value = dict(options.build_args).get("BUILDKIT_MULTI_PLATFORM")
+    if value is None or value in _FALSE:
+        return False
+    if value in _TRUE:
+        return True
+    raise OutputError(f"invalid boolean value for BUILDKIT_MULTI_PLATFORM: {value}")
+
+
 def check_options(options: BuildOptions) -> None:
     """What a build of several platforms cannot give, refused before it starts."""
     from lamina.engine.outputspec import OutputType
 
-    if len(options.platforms) < 2:
+    if not makes_index(options):
         return
     for output in options.outputs:
         if output.type is OutputType.DOCKER:  # buildx's own words

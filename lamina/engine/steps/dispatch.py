@@ -146,7 +146,7 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
 
             seconds = time.monotonic() - started
             text = executor.froms[state.name] = f"FROM {plan.base_image}"
-            executor.sink.step(StepEvent(state.name, 1, state.total, text, StepStatus.DONE, seconds))
+            executor.sink.step(StepEvent(state.shown, 1, state.total, text, StepStatus.DONE, seconds))
     executor.totals[state.name] = state.total
     for instruction in instructions:
         try:
