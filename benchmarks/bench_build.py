@@ -13,7 +13,9 @@ Scenarios, as ../shared/bench/run_peers.sh defines them:
     export  the (cached) build written to an OCI archive with -o type=oci
 
 Each number is the median wall time of the whole command (Python start-up
-included) over the rounds. With --peers, BuildKit (docker 20.10,
+included) over the rounds; lamina's cold build also gives its peak RSS
+(`/usr/bin/time -v`: the largest process of the build), printed after the
+table, and each round's line ends with the load averages. With --peers, BuildKit (docker 20.10,
 `DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none`) and Buildah
 (`buildah bud --layers`, overlay) are timed the same way when they are
 installed and working (../shared/bench/peers-setup.sh), and the table gets
@@ -48,6 +50,19 @@ def sh(*args: str, env: dict[str, str] | None = None, check: bool = True) -> flo
     if check and proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr[-2000:]}")
     return seconds
+
+
+def sh_peak(*args: str, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS in MB (`/usr/bin/time -v`: the build's largest process)."""
+    import re
+
+    start = time.monotonic()
+    proc = subprocess.run(["/usr/bin/time", "-v", *args], env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr[-2000:]}")
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    return seconds, int(found.group(1)) / 1024 if found else float("nan")
 
 
 class Lab:
@@ -93,12 +108,17 @@ class Lamina:
         shutil.rmtree(self.cache, ignore_errors=True)
         sh(*self.exe, "load", str(self.lab.base / "busybox-oci.tar"), env=self.env)
 
-    def build(self, workload: str) -> float:
+    def build(self, workload: str, peak: list[float] | None = None) -> float:
         dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
-        return sh(
+        args = [
             *self.exe, "build", "--progress", "quiet", "-f", str(dockerfile),
-            "-t", f"bench/{workload}:lamina", str(self.lab.ctx), env=self.env,
-        )  # fmt: skip
+            "-t", f"bench/{workload}:lamina", str(self.lab.ctx),
+        ]  # fmt: skip
+        if peak is None:
+            return sh(*args, env=self.env)
+        seconds, megabytes = sh_peak(*args, env=self.env)
+        peak.append(megabytes)
+        return seconds
 
     def export(self, workload: str) -> float:
         dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
@@ -190,7 +210,12 @@ def measure_round(tool: object, lab: Lab, workload: str, round_no: int) -> dict[
     """One round of the four scenarios, from a pruned cache."""
     lab.reset_context()
     tool.prune()  # type: ignore[attr-defined]
-    times = {"cold": tool.build(workload)}  # type: ignore[attr-defined]
+    peak: list[float] = []
+    if isinstance(tool, Lamina):
+        times = {"cold": tool.build(workload, peak)}
+        times["peak MB"] = peak[0]
+    else:
+        times = {"cold": tool.build(workload)}  # type: ignore[attr-defined]
     times["noop"] = tool.build(workload)  # type: ignore[attr-defined]
     lab.modify(round_no)
     times["mod"] = tool.build(workload)  # type: ignore[attr-defined]
@@ -205,7 +230,7 @@ def measure(
     """Median seconds per tool and scenario; the tools take turns round by round,
     so a burst of load on the machine hits them alike."""
     times: dict[str, dict[str, list[float]]] = {
-        tool.name: {s: [] for s in SCENARIOS}  # type: ignore[attr-defined]
+        tool.name: {s: [] for s in (*SCENARIOS, "peak MB")}  # type: ignore[attr-defined]
         for tool in tools
     }
     for round_no in range(rounds):
@@ -215,9 +240,12 @@ def measure(
                 times[tool.name][scenario].append(seconds)  # type: ignore[attr-defined]
             log(
                 f"  {tool.name:9} {workload:11} round {round_no + 1}: "  # type: ignore[attr-defined]
-                + " ".join(f"{s}={result[s]:.2f}" for s in SCENARIOS)
+                + " ".join(f"{s}={result[s]:.2f}" for s in (*SCENARIOS, "peak MB") if s in result)
+                + "  (load "
+                + " ".join(f"{x:.2f}" for x in os.getloadavg())
+                + ")"
             )
-    return {name: {s: statistics.median(v) for s, v in row.items()} for name, row in times.items()}
+    return {name: {s: statistics.median(v) for s, v in row.items() if v} for name, row in times.items()}
 
 
 def main() -> None:
@@ -254,6 +282,10 @@ def main() -> None:
                 mine = results["lamina", workload]
                 ratios = " | ".join(f"{mine[s] / row[s]:6.2f}x" for s in SCENARIOS)
                 print(f"| {workload:11} | {'ratio':9} | {ratios} |")
+    for workload in workloads:
+        peak = results["lamina", workload].get("peak MB")
+        if peak is not None:
+            print(f"lamina {workload}: cold build peak RSS {peak:.0f} MB (/usr/bin/time -v, largest process)")
 
 
 if __name__ == "__main__":
