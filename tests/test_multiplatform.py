@@ -242,3 +242,21 @@ def test_buildkit_multi_platform_arg_makes_an_index_of_one_platform(cache: Path,
     assert top["manifests"][0]["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     with pytest.raises(OutputError, match="invalid boolean value for BUILDKIT_MULTI_PLATFORM: maybe"):
         build(cache, ctx, build_args={"BUILDKIT_MULTI_PLATFORM": "maybe"})
+
+
+def test_cache_export_and_import_hold_every_platform(
+    cache: Path, tmp_path: Path, busybox_image: Path
+) -> None:
+    from tests.support.build import make_cache
+
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nARG TARGETARCH\nCOPY f-$TARGETARCH /f\n",
+                        {"f-amd64": "a\n", "f-arm64": "b\n"})  # fmt: skip
+    two = ["linux/amd64,linux/arm64"]
+    dest = tmp_path / "exported"
+    build(cache, ctx, platforms=two, cache_to=[f"type=local,dest={dest},mode=min"])
+    fresh = make_cache(tmp_path / "fresh", busybox_image)
+    again = build(fresh, ctx, platforms=two, cache_from=[f"type=local,src={dest}"])
+    assert sorted((r.stage, r.cached) for r in again.steps) == [
+        ("linux/amd64 stage-0", True),
+        ("linux/arm64 stage-0", True),
+    ]

@@ -109,6 +109,7 @@ class Executor:
         self.stop = threading.Event()
         self.cache = BuildStepCache(options, store, self.records, self.warn_once)
         self._root = self  # the first target's executor: siblings share its state
+        self.family: list[Executor] = [self]  # every target platform's executor (shared)
 
     def sibling(self, plan: Plan) -> Executor:
         """An executor of the same build for another target platform's plan: every piece of
@@ -118,6 +119,7 @@ class Executor:
 
         other = copy.copy(self)
         other.plan = plan
+        self.family.append(other)
         return other
 
     def image_lock(self, ref: str) -> threading.Lock:

@@ -245,6 +245,12 @@ def stage_chain(host: StepHost) -> set[str]:
     return names
 
 
+def _stage_name(shown: str) -> str:
+    """A step record's stage without the platform a multi-platform build shows before it
+    (`linux/arm64 build`: model.StageState.shown; a stage name has no space)."""
+    return shown.rsplit(" ", 1)[-1]
+
+
 def cache_entries(host: StepHost, result: BuildResult, mode: str) -> list[CacheEntry]:
     """The entries to export: each step's result and (compressed on demand) layer blob."""
     from lamina.cache.remote import CacheEntry, unwrap_result, wrap_result
@@ -258,7 +264,7 @@ def cache_entries(host: StepHost, result: BuildResult, mode: str) -> list[CacheE
     jobs: list[tuple[int, ImageLayer, list[Any]]] = []  # entries whose layer blob is still to be found
     seen: set[str] = set()
     for step in result.steps:
-        if not step.key or step.key in seen or (chain is not None and step.stage not in chain):
+        if not step.key or step.key in seen or (chain is not None and _stage_name(step.stage) not in chain):
             continue
         seen.add(step.key)
         text = store.cache_get(step.key)
@@ -288,9 +294,11 @@ def cache_entries(host: StepHost, result: BuildResult, mode: str) -> list[CacheE
 def _layers_by_dir(host: StepHost) -> dict[str, tuple[ImageLayer, list[Any]]]:
     """Every built layer of every stage of this build, with the layer dirs below it (top-most first)."""
     out: dict[str, tuple[ImageLayer, list[Any]]] = {}
-    for index in host.plan.needed:
+    # A multi-platform build's executors (executor.Executor.family): every target platform's stages.
+    hosts = getattr(host, "family", None) or [host]
+    for member, index in ((m, i) for m in hosts for i in m.plan.needed):
         try:
-            outcome = host.outcome(index)
+            outcome = member.outcome(index)
         except LaminaError:
             continue
         for i, layer in enumerate(outcome.layers):
