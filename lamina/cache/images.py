@@ -54,6 +54,7 @@ from lamina.oci.image import (
     host_platform,
     match_platform,
     parse_document,
+    platform_matches,
     platforms_of,
 )
 from lamina.oci.layout import BlobSource, ExportImage, SourceImage, SourceIndex, atomic_output
@@ -125,7 +126,7 @@ def _load(store: Store, path: Path, name: str | None, platform: Platform | None)
             if isinstance(entry, SourceIndex):
                 records.extend(import_index(store, source, entry, names))
                 continue
-            if platform is not None and not _is_platform(entry.config.platform, platform):
+            if platform is not None and not platform_matches(entry.config.platform, platform):
                 raise ImageFormatError(
                     f"{path}: image {entry.manifest.digest.short} is {entry.config.platform}, not {platform}"
                 )
@@ -135,12 +136,6 @@ def _load(store: Store, path: Path, name: str | None, platform: Platform | None)
 
 def _top_digest(entry: SourceImage | SourceIndex) -> Digest:
     return entry.index.digest if isinstance(entry, SourceIndex) else entry.manifest.digest
-
-
-def _is_platform(have: Platform, want: Platform) -> bool:
-    return (
-        match_platform([Descriptor(OCI_MANIFEST, Digest.of_bytes(b""), 0, platform=have)], want) is not None
-    )
 
 
 def import_index(
@@ -320,7 +315,7 @@ def platform_manifest(
         if strict and platform is not None:
             manifest = Manifest.from_bytes(data, f"{what}: manifest {top.short}")
             have = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT)).platform
-            if not _is_platform(have, platform):
+            if not platform_matches(have, platform):
                 raise ImageNotFound(f"{what}: the image is {have}, not {platform}")
         return top
     entries = Index.from_bytes(data, f"{what}: index {top.short}").manifests

@@ -230,6 +230,13 @@ def match_platform(entries: Iterable[Descriptor], want: Platform) -> Descriptor 
     return None
 
 
+def platform_matches(have: Platform, want: Platform) -> bool:
+    """Whether an image of platform `have` is one for `want` (match_platform's rule)."""
+    h, w = have.normalized(), want.normalized()
+    variants = (w.variant, *_ALSO_RUNS.get((w.architecture, w.variant), ()))
+    return (h.os, h.architecture) == (w.os, w.architecture) and h.variant in variants
+
+
 def platforms_of(entries: Iterable[Descriptor]) -> str:
     """The platforms an index holds, for an error: `linux/amd64, linux/arm64` or `nothing`."""
     return ", ".join(sorted({str(d.platform) for d in entries if d.platform is not None})) or "nothing"

@@ -35,6 +35,7 @@ import platform as _platform
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 from lamina.errors import SandboxError
 from lamina.oci.image import Platform, host_platform
@@ -70,14 +71,13 @@ class Emulator:
     """How a sandbox runs `platform`'s programs (see the module docstring)."""
 
     platform: Platform
-    how: str  # native, binfmt, private, proot
+    how: Literal["native", "binfmt", "private", "proot"]
     interpreter: str = ""  # binfmt: the registered one; private, proot: qemu's static binary
     rule: str = ""  # private: the line written to the sandbox's own binfmt_misc register
 
     def describe(self) -> str:
         if self.how == "native":
             return f"{self.platform} (native)"
-        # The rest is emulated.
         where = {"binfmt": "binfmt_misc", "private": "the sandbox's own binfmt_misc", "proot": "proot -q"}
         return f"{self.platform} (emulated: {self.interpreter}, {where[self.how]})"
 
