@@ -425,3 +425,32 @@ def test_device_nodes_are_recorded_with_no_user_namespace(busybox_image: Path, t
             "2 files (first: /devs/null)"
         ], done.stderr
         assert not os.path.lexists(out / "devs/null")
+
+
+def test_type_tar_carries_the_image_owners(cache: Path, tmp_path: Path) -> None:
+    """Every member of a type=tar export has the owner the image gives that path, rootless too
+    (the merged tree there is all the caller's: the owners are kept aside), symlinks and FIFOs
+    included."""
+    from tests.support.build import image_entries, needs_id_range
+
+    needs_id_range()
+    ctx = tmp_path / "ctx"
+    write_context(
+        ctx,
+        f"FROM {BASE}\n"
+        "RUN mkdir /d && echo x > /d/f && ln /d/f /d/hard && ln -s f /d/l && mkfifo /d/p && chown -R 5:6 /d"
+        " && chown -h 7:8 /d/l\n",
+    )
+    archive, rootfs_tar = tmp_path / "image.tar", tmp_path / "rootfs.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}", f"type=tar,dest={rootfs_tar}"])
+    wanted = {name: (m.uid, m.gid) for name, m in image_entries(archive).items()}
+    with tarfile.open(rootfs_tar) as tar:
+        found = {m.name.rstrip("/"): (m.uid, m.gid) for m in tar}
+    assert {name: found[name] for name in ("d", "d/f", "d/hard", "d/l", "d/p")} == {
+        "d": (5, 6),
+        "d/f": (5, 6),
+        "d/hard": (5, 6),
+        "d/l": (7, 8),
+        "d/p": (5, 6),
+    }
+    assert {name: owner for name, owner in found.items() if name in wanted} == wanted

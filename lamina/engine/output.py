@@ -30,6 +30,7 @@ from lamina.oci.overlay import is_opaque, is_whiteout
 
 if TYPE_CHECKING:
     from lamina.cache.store import BlobInfo, BlobWriter, Store
+    from lamina.oci.entry import LayerEntry
     from lamina.oci.image import Descriptor, ImageConfig
     from lamina.oci.layer import LayerInfo
 
@@ -65,7 +66,7 @@ def _copy_entry(
     links: dict[tuple[int, int], Path],
     record: bool = False,
     missed: NotKept | None = None,
-    inside: Callable[[int, int], tuple[int, int]] | None = None,
+    owners: ContainerOwners | None = None,
 ) -> None:
     mode = st.st_mode
     device = None
@@ -79,6 +80,8 @@ def _copy_entry(
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in links:
             os.link(links[key], dst)
+            if owners is not None:
+                owners.note(src, dst, st)
             return
         # A device node rootless unpacking kept as a placeholder (lamina.oci.recorded).
         device = recorded.device_of(os.fspath(src)) if stat.S_ISREG(mode) and not st.st_size else None
@@ -107,10 +110,8 @@ def _copy_entry(
     # Unprivileged export: files end up owned by the caller.
     with contextlib.suppress(PermissionError):
         os.lchown(dst, st.st_uid, st.st_gid)
-    if inside is not None:  # rootless, for a tar: the container owner as lamina's record
-        owner = recorded.owner_of(os.fspath(src), inside(st.st_uid, st.st_gid))
-        with contextlib.suppress(OSError):  # a symlink's or FIFO's other owner cannot be kept
-            recorded.set_owner(os.fspath(dst), *owner)
+    if owners is not None:
+        owners.note(src, dst, st)
     # After chown (it clears security.capability); `record`: a scratch tree the tar is read from.
     found = xattrs.read(os.fspath(src))
     if found:
@@ -129,22 +130,25 @@ def _copy_entry(
 
 
 def merge_layers(
-    layer_dirs: Sequence[Path], dest: Path, record: bool = False, missed: NotKept | None = None
+    layer_dirs: Sequence[Path],
+    dest: Path,
+    record: bool = False,
+    missed: NotKept | None = None,
+    owners: ContainerOwners | None = None,
 ) -> None:
     """Apply overlay-form layer dirs (bottom first) onto `dest`, honouring whiteouts.
 
     Files keep their xattrs where this process may set them; with `record`,
     the others are kept as lamina's records (`lamina.oci.xattrs`), for a
-    tree that is read back into a tar (rootless, with the container owners
-    recorded too); without, they go to `missed`, as do device nodes this
-    process may not make.
+    tree that is read back into a tar; without, they go to `missed`, as do
+    device nodes this process may not make. `owners` (rootless, for a tar)
+    is told every path's container owner, which the tree cannot hold.
 
     A 0/0 char device deletes the path below it; an opaque dir hides the
     lower dir's contents. Directory modes and times are set after their
     contents, so a read-only directory can still be filled.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    inside = _container_ids() if record and os.geteuid() != 0 else None
     for layer in layer_dirs:
         links: dict[tuple[int, int], Path] = {}
         dir_stats: list[tuple[Path, os.stat_result]] = []
@@ -158,7 +162,7 @@ def merge_layers(
                 if is_whiteout(st):
                     _remove(target)
                 else:
-                    _copy_entry(src, target, st, links, record, missed, inside)
+                    _copy_entry(src, target, st, links, record, missed, owners)
             for name in list(dirs):
                 src = Path(root, name)
                 if src.is_symlink():
@@ -168,7 +172,7 @@ def merge_layers(
                 target = dest / rel / name
                 if is_opaque(src):
                     _remove(target)
-                _copy_entry(src, target, st, links, record, missed, inside)
+                _copy_entry(src, target, st, links, record, missed, owners)
                 os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))
                 dir_stats.append((target, st))
         for target, st in reversed(dir_stats):
@@ -176,12 +180,28 @@ def merge_layers(
             os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _container_ids() -> Callable[[int, int], tuple[int, int]]:
-    """Host ids -> the ids the sandbox shows (the caller is root)."""
-    from lamina.engine.sandbox.idmap import detect_ids
+class ContainerOwners:
+    """Rootless, a merged tree is all the caller's: each path's container owner, kept aside
+    (the layer dir's owner as the sandbox shows it, or the owner recorded in an xattr)."""
 
-    ids = detect_ids()
-    return lambda uid, gid: (ids.uid_inside(uid), ids.gid_inside(gid))
+    def __init__(self) -> None:
+        from lamina.engine.sandbox.idmap import detect_ids
+
+        self._ids = detect_ids()
+        self.found: dict[str, tuple[int, int]] = {}
+
+    def inside(self, uid: int, gid: int) -> tuple[int, int]:
+        return self._ids.uid_inside(uid), self._ids.gid_inside(gid)
+
+    def note(self, src: Path, dst: Path, st: os.stat_result) -> None:
+        owner = recorded.owner_of(os.fspath(src), self.inside(st.st_uid, st.st_gid))
+        self.found[os.fspath(dst)] = owner
+
+    def apply(self, root: Path, entry: LayerEntry) -> LayerEntry:
+        owner = self.found.get(os.fspath(root / entry.path))
+        if owner is None or owner == (entry.uid, entry.gid):
+            return entry
+        return dataclasses.replace(entry, uid=owner[0], gid=owner[1])
 
 
 def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> tuple[str, ...]:
@@ -661,23 +681,26 @@ def _write_rootfs_tar(
     from lamina.oci.walk import entries_from_tree
 
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-rootfs-", dir=store.root))
-    # Rootless, the tree is the caller's (root in the container), other owners recorded.
-    owners = _container_ids() if os.geteuid() != 0 else None
+    # Rootless, the tree is the caller's (root in the container); the owners are kept aside.
+    owners = ContainerOwners() if os.geteuid() != 0 else None
     try:
         if output.platform_split:  # the tree under linux_amd64/, as BuildKit splits it
             (scratch / "root").mkdir(mode=0o755)
-            merge_layers(layer_dirs, scratch / "root" / _platform_dir(), record=True)
+            merge_layers(layer_dirs, scratch / "root" / _platform_dir(), record=True, owners=owners)
             os.chmod(scratch / "root" / _platform_dir(), 0o755)
         else:
-            merge_layers(layer_dirs, scratch / "root", record=True)
+            merge_layers(layer_dirs, scratch / "root", record=True, owners=owners)
         if add_files is not None:
             add_files(scratch / "root" / _platform_dir() if output.platform_split else scratch / "root")
         with _open_dest(output) as out:
             # lamina's records (an xattr it could not set on the scratch tree) leave as themselves.
             # Device placeholders (a rootless build's device nodes) leave as the devices.
+            walked = entries_from_tree(scratch / "root", uid_map=owners.inside if owners else None)
+            if owners is not None:
+                walked = (owners.apply(scratch / "root", e) for e in walked)
             entries = (
                 dataclasses.replace(e, xattrs=xattrs.from_disk(e.xattrs)) if e.xattrs else e
-                for e in map(recorded.restore, entries_from_tree(scratch / "root", uid_map=owners))
+                for e in map(recorded.restore, walked)
             )
             write_layer(entries, out, Compression.NONE, source_date_epoch=epoch)
     finally:
