@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lamina.errors import UnsafePath
-from lamina.oci.safepath import Root, clean, remove_tree, resolve_in_root, safe_join
+from lamina.oci.safepath import Root, clean, follow_links, remove_tree, resolve_in_root, safe_join
 
 
 @pytest.mark.parametrize(
@@ -60,6 +60,26 @@ def test_resolve_in_root_stops_loops(tmp_path: Path) -> None:
     (tmp_path / "b").symlink_to("a")
     with pytest.raises(UnsafePath, match="too many levels"):
         resolve_in_root(tmp_path, "a/x")
+
+
+def test_follow_links_over_any_tree() -> None:
+    # The one walk LayerView, ADD's archive destinations and resolve_in_root share: a tree
+    # given only as "what is the link at this path" (here a table; None: not a link).
+    links = {"var/run": "/run", "etc/alt": "../usr/share", "last": "var/run"}
+    asked: list[str] = []
+
+    def readlink(rel: str) -> str | None:
+        asked.append(rel)
+        return links.get(rel)
+
+    assert follow_links("/var/run/x", readlink) == "run/x"
+    assert follow_links("etc/alt/doc", readlink) == "usr/share/doc"
+    assert follow_links("last", readlink) == "run"
+    assert follow_links("last", readlink, follow_last=False) == "last"
+    assert follow_links("..", readlink) == ""
+    asked.clear()
+    follow_links("a/b", readlink, follow_last=False)
+    assert asked == ["a", "a/b"]  # the last is asked too: a caller learns it is missing
 
 
 def test_root_open_dir_creates_and_refuses_symlinks(tmp_path: Path) -> None:

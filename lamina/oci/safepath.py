@@ -22,7 +22,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lamina.errors import UnsafePath
@@ -86,6 +86,28 @@ def resolve_in_root(root: Path, name: str) -> Path:
     """
     if "\0" in name:
         raise UnsafePath("name contains a NUL byte")
+
+    def readlink(rel: str) -> str | None:
+        candidate = root / rel
+        try:
+            return os.readlink(candidate) if stat.S_ISLNK(os.lstat(candidate).st_mode) else None
+        except OSError:
+            return None
+
+    return root / follow_links(name, readlink)
+
+
+def follow_links(name: str, readlink: Callable[[str], str | None], *, follow_last: bool = True) -> str:
+    """`name` (relative to a root, `/`-separated) with its symlinks followed as a chroot
+    would: absolute targets restart at the root, `..` stops at it. The one walk for every
+    tree lamina reads as an image (a host dir, a stack of layers, an image through ADD).
+
+    `readlink(rel)` gives the target of the symlink at `rel` (a path already walked, no
+    leading slash), or None when it is not one; it is asked of every component and may
+    raise to end the walk (a missing component, where the caller wants to know). With
+    `follow_last` False, a symlink as the last component is kept. Returns the relative
+    path, "" for the root; raises UnsafePath after 40 symlinks (a loop).
+    """
     todo = [part for part in reversed(name.split("/")) if part not in ("", ".")]
     done: list[str] = []
     links = 0
@@ -95,22 +117,17 @@ def resolve_in_root(root: Path, name: str) -> Path:
             if done:
                 done.pop()
             continue
-        candidate = root.joinpath(*done, part)
-        try:
-            is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
-        except OSError:
-            is_link = False
-        if not is_link:
+        target = readlink("/".join([*done, part]))  # asked of the last too: it may not exist
+        if target is None or not (todo or follow_last):
             done.append(part)
             continue
         links += 1
         if links > _MAX_SYMLINKS:
             raise UnsafePath(f"{name}: too many levels of symbolic links")
-        target = os.readlink(candidate)
         if target.startswith("/"):
             done = []
         todo.extend(part for part in reversed(target.split("/")) if part not in ("", "."))
-    return root.joinpath(*done)
+    return "/".join(done)
 
 
 def remove_tree(path: str | Path, *, dir_fd: int | None = None) -> None:

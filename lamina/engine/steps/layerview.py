@@ -16,9 +16,9 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from lamina.errors import UnsafePath
 from lamina.oci.overlay import is_opaque, is_whiteout
-
-_MAX_SYMLINKS = 40
+from lamina.oci.safepath import follow_links
 
 
 class LayerView:
@@ -60,31 +60,18 @@ class LayerView:
 
     def resolve(self, path: str, *, follow_last: bool = True) -> str | None:
         """The image path `path` points at after following symlinks; None if it does not exist."""
-        pending = [p for p in path.split("/") if p and p != "."]
-        done: list[str] = []
-        hops = 0
-        while pending:
-            part = pending.pop(0)
-            if part == "..":
-                if done:
-                    done.pop()
-                continue
-            rel = "/".join([*done, part])
+
+        def readlink(rel: str) -> str | None:
             found = self._lookup_exact(rel)
             if found is None:
-                return None
+                raise FileNotFoundError(rel)
             real, st = found
-            if stat.S_ISLNK(st.st_mode) and (pending or follow_last):
-                hops += 1
-                if hops > _MAX_SYMLINKS:
-                    return None
-                target = os.readlink(real)
-                if target.startswith("/"):
-                    done = []
-                pending = [p for p in target.split("/") if p and p != "."] + pending
-                continue
-            done.append(part)
-        return "/" + "/".join(done)
+            return os.readlink(real) if stat.S_ISLNK(st.st_mode) else None
+
+        try:
+            return "/" + follow_links(path, readlink, follow_last=follow_last)
+        except (FileNotFoundError, UnsafePath):  # missing, or a symlink loop
+            return None
 
     def stat(self, path: str) -> os.stat_result | None:
         resolved = self.resolve(path)

@@ -176,26 +176,13 @@ def _resolve_under(image: Any, base: str, rel: str) -> str:
     """`rel` inside the image directory `base`, its symlinks followed with `base`
     as the root (absolute targets restart there, `..` stops there), as
     BuildKit's chrootarchive.Untar into the destination resolves them."""
-    pending = [p for p in rel.split("/") if p and p != "."]
-    done: list[str] = []
-    hops = 0
-    while pending:
-        part = pending.pop(0)
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        target = image.readlink("/" + "/".join(p for p in [base, *done, part] if p))
-        if target is None:
-            done.append(part)
-            continue
-        hops += 1
-        if hops > 40:  # a loop: leave the name alone, the extractor refuses what it must
-            return rel
-        if target.startswith("/"):
-            done = []
-        pending = [p for p in target.split("/") if p and p != "."] + pending
-    return "/".join(done)
+    from lamina.errors import UnsafePath
+    from lamina.oci.safepath import follow_links
+
+    try:
+        return follow_links(rel, lambda walked: image.readlink("/" + posixpath.join(base, walked)))
+    except UnsafePath:  # a loop: leave the name alone, the extractor refuses what it must
+        return rel
 
 
 def _through_image_links(image: Any, base: str, names: list[str]) -> dict[str, str]:

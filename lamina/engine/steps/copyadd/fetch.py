@@ -16,15 +16,14 @@ import hashlib
 import os
 import posixpath
 import shutil
-import stat
 import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.engine.steps.copyadd.archive import is_archive, unpack_into
-from lamina.engine.steps.copyadd.placement import clear_target, make_dest_dirs
-from lamina.engine.steps.owners import chown_all, set_owner_and_mode
+from lamina.engine.steps.copyadd.placement import one_file_target
+from lamina.engine.steps.owners import set_owner_and_mode
 from lamina.errors import BuildError, DiskFull, LaminaError, is_disk_full
 
 if TYPE_CHECKING:
@@ -138,23 +137,9 @@ def write_fetched(
         unpack_into(str(fetched.path), fetched.url, upper, dest, owner, image, late)
         return
 
-    into_dir = dest.endswith("/")
-    if not into_dir and image is not None:
-        st = image.stat(dest)
-        into_dir = st is not None and stat.S_ISDIR(st.st_mode)
-    rel = posixpath.join(dest, fetched.name) if into_dir else dest
-    directory, made = make_dest_dirs(upper, posixpath.dirname(rel).strip("/"), image, late)
-    target = directory / posixpath.basename(rel)
-    clear_target(target)
+    target = one_file_target(upper, dest, fetched.name, image, owner, late)
     shutil.copyfile(fetched.path, target)
     uid, gid = owner if owner else (0, 0)
-    if owner and made:  # the directories made for it are the --chown owner's, as BuildKit's
-        owners = [(path, uid, gid) for path in made]
-        if late is not None:
-            late.extend(owners)
-        else:
-            chown_all(owners)
-
     if fetched.mtime is not None:
         os.utime(target, (fetched.mtime, fetched.mtime))
     set_owner_and_mode(target, uid, gid, chmod.apply(0o600, False) if chmod is not None else 0o600)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import posixpath
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 from lamina.engine.dockerfile.shell import MAX_EXPANDED, expand_word
-from lamina.engine.steps.copyadd.placement import clear_target, make_dest_dirs
+from lamina.engine.steps.copyadd.placement import one_file_target
 from lamina.engine.steps.owners import set_owner_and_mode
 from lamina.errors import ExpansionError
 
@@ -58,16 +56,7 @@ def write_heredoc(
     late: list[tuple[Path, int, int]],
 ) -> None:
     """`COPY <<EOF /dest`: the body as a file (0644 unless --chmod), into dest/ when it is a dir."""
-    into_dir = dest.endswith("/") or several
-    if not into_dir and image is not None:
-        st = image.stat(dest)
-        into_dir = st is not None and stat.S_ISDIR(st.st_mode)
-    target_rel = posixpath.join(dest, heredoc.path) if into_dir else dest
-    directory, made = make_dest_dirs(upper, posixpath.dirname(target_rel).strip("/"), image, late)
-    target = directory / posixpath.basename(target_rel)
-    if owner:  # the directories made for it are the --chown owner's, as BuildKit's
-        late.extend((path, *owner) for path in made)
-    clear_target(target)
+    target = one_file_target(upper, dest, heredoc.path, image, owner, late, into_dir=several)
     target.write_text(heredoc.data)
     mode = chmod.apply(0o644, False) if chmod is not None else 0o644
     uid, gid = owner if owner else (0, 0)

@@ -604,3 +604,35 @@ def make_dest_dirs(
     if image is not None:
         keep_lower_dir_meta(image, upper, "/" + target_rel, late)
     return target, made
+
+
+def one_file_target(
+    upper: Path,
+    dest: str,
+    name: str,
+    image: Any,
+    owner: tuple[int, int] | None,
+    late: list[tuple[Path, int, int]] | None,
+    *,
+    into_dir: bool = False,
+) -> Path:
+    """Where one file (a heredoc, a download) named `name` is written for `dest`:
+    dest/NAME when `into_dir`, dest ends in `/` or the image has a directory
+    there, else dest itself. Its missing parents are made, the --chown owner's
+    as BuildKit's MkdirAll makes them (`late`, else now), and a file this step
+    wrote there before is cleared."""
+    into_dir = into_dir or dest.endswith("/")
+    if not into_dir and image is not None:
+        st = image.stat(dest)
+        into_dir = st is not None and stat.S_ISDIR(st.st_mode)
+    rel = posixpath.join(dest, name) if into_dir else dest
+    directory, made = make_dest_dirs(upper, posixpath.dirname(rel).strip("/"), image, late)
+    if owner and made:
+        owners = [(path, *owner) for path in made]
+        if late is not None:
+            late.extend(owners)
+        else:
+            chown_all(owners)
+    target = directory / posixpath.basename(rel)
+    clear_target(target)
+    return target
