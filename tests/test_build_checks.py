@@ -11,9 +11,9 @@ Each `tests/conformance/buildkit-lint/<case>/` holds a Dockerfile, an optional
     error  TEXT                         the build stops with an error containing TEXT
 
 Not ported, with the reason:
-- testBaseImagePlatformMismatch (InvalidBaseImagePlatform): lamina builds for
-  the host platform only and refuses another before it pulls, so a base image
-  of another platform never reaches the check.
+- testBaseImagePlatformMismatch (InvalidBaseImagePlatform): its base must be in
+  the store, which these cases do not fill; tests/test_multiplatform.py and
+  tests/test_build_e2e.py::test_from_platform_base_of_another_platform assert it.
 - the Windows variants of each case (nanoserver): lamina builds Linux images.
 
 BuildKit's outline and targets tests (dockerfile_outline_test.go,

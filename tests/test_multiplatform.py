@@ -260,3 +260,15 @@ def test_cache_export_and_import_hold_every_platform(
         ("linux/amd64 stage-0", True),
         ("linux/arm64 stage-0", True),
     ]
+
+
+def test_a_base_of_another_platform_warns_as_buildkit(cache: Path, tmp_path: Path) -> None:
+    # testBaseImagePlatformMismatch: an image built for OTHER, then used by a build for the host.
+    ctx = write_context(tmp_path / "base", "FROM scratch\nCOPY foo /foo\n", {"foo": "test"})
+    build(cache, ctx, platforms=[OTHER], tags=["base-other:latest"])
+    user = write_context(tmp_path / "user", "\nFROM base-other:latest\nENV foo=bar\n")
+    result = build(cache, user)
+    detail = f'Base image base-other:latest was pulled with platform "{OTHER}", expected "{HOST}"'
+    found = [(w.rule, w.detail, w.start_line) for w in result.checks]
+    assert found == [("InvalidBaseImagePlatform", detail + " for current build", 2)]
+    assert result.config.architecture == OTHER.split("/")[1]  # built on as it is, as BuildKit

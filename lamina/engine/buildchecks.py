@@ -90,8 +90,9 @@ def store_base_facts(
 
     `seen` gets each reference looked up and its manifest digest (None: not in the store).
     """
+    from lamina.cache.images import image_platforms, manifest_image
     from lamina.engine.dockerfile.checks import BaseFacts
-    from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
+    from lamina.oci.image import Descriptor, ImageConfig, host_platform, match_platform
 
     def facts(ref: str) -> BaseFacts | None:
         record = _record(store, ref)
@@ -100,11 +101,15 @@ def store_base_facts(
         if record is None:
             return None
         try:
-            manifest = Manifest.from_bytes(store.read_blob(record.manifest, MAX_DOCUMENT), ref)
-            config = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT), ref)
-        except (LaminaError, OSError):
+            stored = image_platforms(store, record.manifest)  # one, or each of an index
+            descriptors = [Descriptor("", digest, 0, platform=p) for p, digest in stored]
+            # ENV and SHELL of the host's image (an index's platforms rarely differ in them)
+            chosen = match_platform(descriptors, host_platform()) or descriptors[0]
+            config = ImageConfig.from_bytes(manifest_image(store, chosen.digest).config_bytes, ref)
+        except (LaminaError, OSError, IndexError):
             return None
-        return BaseFacts(config.config.env, config.config.shell)
+        platforms = tuple(str(p.normalized()) for p, _ in stored if p.architecture)
+        return BaseFacts(config.config.env, config.config.shell, platforms)
 
     return facts
 

@@ -25,8 +25,9 @@ Which rules run where (BuildKit 0.15+):
   MultipleInstructionsDisallowed, ExposeProtoCasing, ExposeInvalidFormat,
   CopyIgnoredFile.
 
-InvalidBaseImagePlatform needs the pulled image's platform; lamina builds for
-the host platform only and refuses others before a pull, so it never fires.
+InvalidBaseImagePlatform fires where the store holds the base image (BaseFacts
+.platforms): a single image of another platform than the stage's, which BuildKit
+(and lamina) then builds on as it is.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class BaseFacts:
 
     env: tuple[str, ...]  # KEY=value
     shell: tuple[str, ...]
+    platforms: tuple[str, ...] = ()  # the image's platforms (normalised; several for an index)
 
 
 BaseLookup = Callable[[str], "BaseFacts | None"]  # image reference -> facts, None: unknown
@@ -646,12 +648,44 @@ def _dispatch(
             # (UndefinedVar) nor its SHELL (JSONArgsRecommended) is known; skip the stage's
             # dispatch-time rules rather than guess, where BuildKit resolves the config first.
             return None
+        _base_platform(lint, stage, image, facts, global_args, escape)
         env = dict(e.split("=", 1) if "=" in e else (e, "") for e in facts.env)
         state = _State(env, [], facts.shell)
     state.env.setdefault("PATH", DEFAULT_PATH)
     for step in stage.steps:
         _dispatch_step(lint, state, step, global_args, build_args, escape, ignore)
     return state
+
+
+def _base_platform(
+    lint: _Linter,
+    stage: StageSteps,
+    image: str,
+    facts: BaseFacts,
+    global_args: Mapping[str, str],
+    escape: str,
+) -> None:
+    """InvalidBaseImagePlatform: the base holds no image of the stage's platform (FROM
+    --platform, else TARGETPLATFORM), as BuildKit's validateBaseImagePlatform."""
+    from lamina.oci.image import Platform
+
+    written = stage.from_.platform
+    expected = (
+        expand_recording(written, global_args, escape)[0] if written else global_args.get("TARGETPLATFORM")
+    )
+    if not expected or not facts.platforms:
+        return
+    try:
+        want = str(Platform.parse(expected).normalized())
+    except DockerfileError:
+        return  # not a platform: the build says so
+    if want in facts.platforms:
+        return
+    config = comment_config(lint.config, stage.step.node.comments)
+    start, end = _lines(stage.step.node)
+    have = facts.platforms[0]
+    detail = f'Base image {image} was pulled with platform "{have}", expected "{want}" for current build'
+    lint.run(config, "InvalidBaseImagePlatform", detail, start, end)
 
 
 def _dispatch_step(

@@ -66,13 +66,17 @@ def load_image(
             f"{_source(location, ref)}: image {name} is not in the store "
             "(lamina load or lamina pull it first)"
         ) from None
-    top = store.read_blob(record.manifest, MAX_DOCUMENT)
-    digest = _platform_manifest(top, record.manifest, platform, f"{_source(location, ref)}")
-    data = top if digest == record.manifest else store.read_blob(digest, MAX_DOCUMENT)
-    manifest = Manifest.from_bytes(data, f"manifest of {ref}")
+    from lamina.cache.images import platform_manifest
+
+    # From an index, the stage platform's image; a single image of another platform is built
+    # on as it is, as BuildKit does (its InvalidBaseImagePlatform check warns: buildchecks).
+    try:
+        digest = platform_manifest(store, record.manifest, platform, _source(location, ref), strict=False)
+    except ImageNotFound as err:
+        raise BuildError(str(err)) from None
+    manifest = Manifest.from_bytes(store.read_blob(digest, MAX_DOCUMENT), f"manifest of {ref}")
     config_bytes = store.read_blob(manifest.config.digest, MAX_DOCUMENT)
     config = ImageConfig.from_bytes(config_bytes, f"config of {ref}")
-    _check_platform(config, platform, _source(location, ref))
     if len(config.diff_ids) != len(manifest.layers):
         raise BuildError(f"{_source(location, ref)}: the config and the manifest disagree on the layers")
     layers = []
@@ -86,55 +90,6 @@ def load_image(
         layers.append(ImageLayer(path, diff_id=diff_id, blob=blob))
     key = f"image:{digest}"
     return StageOutcome(ref, config, tuple(layers), key, config.created, ())
-
-
-def _platform_manifest(data: bytes, digest: Any, platform: Platform, what: str) -> Any:
-    """The manifest of `platform` when `data` (the blob named `digest`) is an image index,
-    else `digest` itself (BuildKit's platform matcher: same os and architecture, the exact
-    variant preferred; arm64 without a variant matches v8)."""
-    import json
-
-    from lamina.oci.image import INDEX_TYPES, Index
-
-    try:
-        media_type = json.loads(data).get("mediaType")
-    except (ValueError, AttributeError):
-        return digest
-    if media_type not in INDEX_TYPES:
-        return digest
-    from lamina.engine.plan import normalize_platform
-
-    entries = [
-        entry
-        for entry in Index.from_bytes(data, what).manifests
-        if entry.platform is not None
-        and normalize_platform(entry.platform).os == platform.os
-        and normalize_platform(entry.platform).architecture == platform.architecture
-    ]
-    exact = [e for e in entries if e.platform and normalize_platform(e.platform).variant == platform.variant]
-    chosen = (exact or entries)[:1]
-    if not chosen:
-        listed = Index.from_bytes(data, what).manifests
-        have = ", ".join(sorted({str(e.platform) for e in listed if e.platform is not None})) or "nothing"
-        raise BuildError(f"{what}: no image for {platform} in its index (it has {have})")
-    return chosen[0].digest
-
-
-def _check_platform(config: Any, platform: Platform, what: str) -> None:
-    """An image of another platform is refused: its binaries would end up in this one's image."""
-    from lamina.engine.plan import normalize_platform
-
-    have = config.platform
-    if not have.architecture:
-        return  # no platform recorded: taken as it is
-    have = normalize_platform(have)
-    if (have.os, have.architecture) != (platform.os, platform.architecture) or (
-        have.variant and platform.variant and have.variant != platform.variant
-    ):
-        raise BuildError(
-            f"{what}: the image is {have}, the stage builds for {platform}"
-            " (load or pull an image index that has it)"
-        )
 
 
 def _policy_ref(policy: Any, ref: str, location: Any) -> str:
