@@ -478,8 +478,8 @@ def _entitlements(allow: Iterable[str], network: str) -> frozenset[str]:
 
     granted = set(allow)
     for name in granted:
-        if name not in ("network.host", "security.insecure"):
-            raise PlanError(f"--allow {name}: expected network.host or security.insecure")
+        if name not in ("network.host", "security.insecure", "device"):
+            raise PlanError(f"--allow {name}: expected network.host, security.insecure or device")
     if network == "host":
         granted.add("network.host")
     return frozenset(granted)
@@ -622,6 +622,7 @@ def build(
         **_platforms(platforms),
         isolation=wanted,
         source_policy=_source_policy(env, context, dockerfile),
+        cdi_dirs=_cdi_dirs(env),
     )
     to_push = _push_names(options)
     _check_secrets(options.secrets)
@@ -765,6 +766,12 @@ def _local_inputs(
 
     named = None if dockerfile is None else os.fspath(dockerfile)
     return local_options(options, os.fspath(context), named, env, subdir)
+
+
+def _cdi_dirs(env: Mapping[str, str]) -> tuple[str, ...]:
+    from lamina.engine.cdi import spec_dirs
+
+    return spec_dirs(env)
 
 
 def _source_policy(env: Mapping[str, str], context: Any, dockerfile: Any) -> Any:

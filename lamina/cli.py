@@ -769,8 +769,8 @@ def _usage(
     "--allow",
     "allow",
     multiple=True,
-    type=click.Choice(["network.host", "security.insecure"]),
-    help="Entitlement for RUN --network=host or RUN --security=insecure (repeatable).",
+    type=click.Choice(["network.host", "security.insecure", "device"]),
+    help="Entitlement for RUN --network=host, RUN --security=insecure or RUN --device (repeatable).",
 )
 @click.option(
     "--progress",

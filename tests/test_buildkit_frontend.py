@@ -138,7 +138,7 @@ def _write_tar_to(out: Any, members: list[dict[str, Any]], gzip: bool = False) -
             info = tarfile.TarInfo(member["name"])
             info.mode = int(member.get("mode", "644"), 8)
             info.mtime = member.get("mtime", 0)
-            data = member.get("data", "").encode()
+            data = _text(member.get("data", "")).encode()
             kind = member.get("type", "file")
             if kind == "dir":
                 info.type = tarfile.DIRTYPE
@@ -416,6 +416,12 @@ def test_buildkit_case(
         for key, value in case.get("secrets", {}).items():
             (tmp_path / "secrets").mkdir(exist_ok=True)
             (tmp_path / "secrets" / key).write_text(value)
+        if "cdi_specs" in case:  # RUN --device's CDI specs, in a directory of their own
+            (tmp_path / "cdi").mkdir()
+            for name, text in case["cdi_specs"].items():
+                (tmp_path / "cdi" / name).write_text(text)
+            specs = {"LAMINA_CDI_SPEC_DIRS": os.fspath(tmp_path / "cdi")}
+            stack.enter_context(unittest.mock.patch.dict(os.environ, specs))
         if "source_policy" in case:  # buildx reads the file this variable names
             (tmp_path / "policy.json").write_text(case["source_policy"])
             variable = {"EXPERIMENTAL_BUILDKIT_SOURCE_POLICY": os.fspath(tmp_path / "policy.json")}
@@ -509,6 +515,8 @@ def _run_case(
     image = result.config.to_json()
     if "expect_newer_than" in case:  # not the base image's time: the build's own
         assert image["created"] > base_created, (image["created"], base_created)
+    if "expect_image_created" in case:  # the image's own time (a base image's history keeps its own)
+        assert image["created"] == case["expect_image_created"], image["created"]
     if "expect_created" in case:  # the image's and every history entry's time
         times = [image.get("created")] + [h.get("created") for h in image.get("history", [])]
         assert set(times) == {case["expect_created"]}, times

@@ -188,11 +188,10 @@ def test_an_unknown_instruction_flag_is_refused_on_its_line(instruction: str) ->
     assert "\n" not in str(error)
 
 
-def test_run_device_is_refused_on_its_line() -> None:
-    error = _instruction_error("RUN --device=nvidia.com/gpu=all true")
-    assert (
-        str(error) == "Dockerfile:2: RUN --device: CDI devices (BuildKit's labs frontend) are not supported"
-    )
+def test_a_malformed_run_device_is_refused_on_its_line() -> None:
+    """RUN --device is read as BuildKit's ParseDevice reads it (engine.cdi gives the device)."""
+    error = _instruction_error("RUN --device=nvidia.com/gpu=all,requird=true true")
+    assert str(error) == ("Dockerfile:2: unexpected key 'requird' in 'requird=true' (did you mean required?)")
 
 
 # --- what the walk found without a test -------------------------------------------------------

@@ -129,6 +129,7 @@ class BuildOptions:
     remote_context: bool = False  # a git or tar (stdin) context: BuildKit applies no .dockerignore
     isolation: Isolation | None = None  # --isolation for RUN steps; None: $LAMINA_ISOLATION, else auto
     source_policy: Policy | None = None  # $EXPERIMENTAL_BUILDKIT_SOURCE_POLICY (engine.sourcepolicy)
+    cdi_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")  # RUN --device's CDI specs (engine.cdi)
     # --platform: the target platforms, normalised (plan.parse_platforms); () builds the host's.
     platforms: tuple[Platform, ...] = ()
 

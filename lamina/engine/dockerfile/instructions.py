@@ -652,6 +652,34 @@ def _parse_size(value: str) -> int | None:
     return int(size)
 
 
+def parse_device(spec: str) -> tuple[str, bool]:
+    """One `RUN --device` value as BuildKit's ParseDevice reads it: (name, required)."""
+    name, required = "", False
+    for field in next(csv.reader([spec])) if spec else []:
+        key, eq, value = field.partition("=")
+        key = key.lower()
+        if key == "required":
+            if eq and value.lower() not in ("1", "t", "true", "0", "f", "false"):
+                raise InstructionError(f"invalid value for required: {value}")
+            required = not eq or value.lower() in ("1", "t", "true")
+        elif key == "name" and eq:
+            if name:
+                raise InstructionError(f"device name already set to {name}")
+            name = value
+        elif not name:
+            name = field
+        elif not eq:
+            raise InstructionError(f"invalid field '{field}' must be a key=value pair")
+        else:
+            hint = suggest(key, ["name", "required"])
+            raise InstructionError(
+                f"unexpected key '{key}' in '{field}'" + (f" (did you mean {hint}?)" if hint else "")
+            )
+    if not name:
+        raise InstructionError(f"RUN --device={spec}: no device name")
+    return name, required
+
+
 def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
     """One `--mount` value (CSV of key=value) -> Mount, expanding values if asked."""
     options, deferred = _mount_options(spec, expander)
@@ -849,9 +877,8 @@ def _run(req: _Request) -> RunInstruction:
     security = _str(values, "security")
     if security is not None and security not in ("sandbox", "insecure"):
         raise InstructionError(f"unsupported security mode {security!r} (use sandbox or insecure)")
-    if _strs(values, "device"):
-        # Refused where it is written, never carried to a step that cannot honour it.
-        raise InstructionError("RUN --device: CDI devices (BuildKit's labs frontend) are not supported")
+    for device in _strs(values, "device"):
+        parse_device(device)  # refused where it is written; the step reads it again (engine.cdi)
     specs = _strs(values, "mount")
     command, exec_form = _command(req)
     return _make(

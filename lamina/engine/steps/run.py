@@ -119,6 +119,7 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
         layer_step(executor, state, instruction, inputs, lambda upper: None, pending=pending)
         return
     mounts, mount_keys, content, secret_env = _mounts(executor, state, instruction)
+    devices = _devices(executor, instruction, run_env, mounts)
     # What the command sees: ENV and declared ARGs. An undeclared proxy value
     # never gets here (it is added to run_env only); a declared one counts.
     key_env = {k: v for k, v in env.items() if k in declared or k in md.env_dict(config)}
@@ -131,6 +132,8 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
         "script": hashlib.sha256(script.encode()).hexdigest() if script is not None else "",
     }
     _describe_sandbox(executor, described, insecure)
+    if devices:  # in the exec op's key in BuildKit
+        described["devices"] = devices
     inputs = make_inputs(
         state.key, "RUN " + json.dumps(described, sort_keys=True), key_env, state.platform, content
     )
@@ -167,8 +170,24 @@ def _check_allowed(executor: StepHost, instruction: Any, insecure: bool) -> None
             flag = "--security=insecure" if needed == "security.insecure" else "--network=host"
             why = f"RUN {flag} needs the {needed} entitlement: lamina build --allow {needed}"
             raise BuildError(f"{instruction.location}: {why}")
-    if instruction.devices:
-        raise BuildError("RUN --device is not supported")
+
+
+def _devices(executor: StepHost, instruction: Any, run_env: dict[str, str], mounts: list[Any]) -> list[str]:
+    """RUN --device: the CDI devices it gets (engine.cdi), their env and binds added; their names."""
+    if not instruction.devices:
+        return []
+    from lamina.engine import cdi
+    from lamina.engine.dockerfile.instructions import parse_device
+    from lamina.engine.sandbox.spec import BindMount
+
+    known = cdi.load(executor.options.cdi_dirs)
+    wanted = [parse_device(text) for text in instruction.devices]
+    names = cdi.resolve(wanted, known, "device" in executor.options.allow, str(instruction.location))
+    found = cdi.edits(names, known)
+    run_env.update(entry.split("=", 1) for entry in found.env if "=" in entry)  # type: ignore[arg-type]
+    mounts += [BindMount(Path(node), node, readonly=False) for node in found.nodes]
+    mounts += [BindMount(Path(host), target, readonly=ro) for host, target, ro in found.mounts]
+    return names
 
 
 def _describe_sandbox(executor: StepHost, described: dict[str, Any], insecure: bool) -> None:
