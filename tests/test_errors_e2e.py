@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.build import BASE, build, cached_steps, run_cli, write_context
+from tests.support.nobody import as_nobody
 
 GOOD = f"FROM {BASE}\nCOPY a.txt /a.txt\nLABEL ok=1\n"
 GOOD_RUN = f"FROM {BASE}\nCOPY a.txt /a.txt\nRUN echo built > /built\n"
@@ -202,12 +203,7 @@ def test_dockerfile_unreadable() -> None:
     import shutil
     import tempfile
 
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("root reads a mode-000 file, and setpriv (util-linux) is missing to drop root")
-        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    prefix = as_nobody("root reads a mode-000 file")
     # Somewhere nobody can reach: pytest's own tmp dirs are private to root.
     top = Path(tempfile.mkdtemp(prefix="lamina-unreadable-"))
     try:

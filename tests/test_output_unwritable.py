@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.nobody import as_nobody
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,12 +44,7 @@ def top() -> Iterator[Path]:
 
 
 def lamina(top: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("root writes anywhere, and setpriv (util-linux) is missing to drop root")
-        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    prefix = as_nobody("root writes anywhere")
     env = {
         **os.environ,
         "LAMINA_CACHE": str(top / "cache"),
