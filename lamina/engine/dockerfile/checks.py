@@ -644,9 +644,10 @@ def _dispatch(
     else:
         facts = base_facts(image) if base_facts is not None and image else None
         if facts is None:
-            # FIXME: the image's config is not in the store before it is pulled, so neither its ENV
-            # (UndefinedVar) nor its SHELL (JSONArgsRecommended) is known; skip the stage's
-            # dispatch-time rules rather than guess, where BuildKit resolves the config first.
+            # The image's config is not in the store before it is pulled, so neither its ENV
+            # (UndefinedVar) nor its SHELL (JSONArgsRecommended) is known: skip the stage's
+            # dispatch-time rules rather than guess. BuildKit resolves the config first; lamina
+            # runs them again once the build has pulled it (engine.buildchecks.after_build).
             return None
         _base_platform(lint, stage, image, facts, global_args, escape)
         env = dict(e.split("=", 1) if "=" in e else (e, "") for e in facts.env)
