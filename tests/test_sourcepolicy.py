@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lamina.engine.sourcepolicy import ENV_VAR, Source, http_source, image_source, parse
+from lamina.engine.sourcepolicy import ENV_VAR, Source, git_source, http_source, image_source, parse
 from lamina.errors import BuildError, LaminaError, PlanError
 from tests.support.build import BASE, build, make_cache, write_context
 
@@ -161,4 +161,28 @@ def test_add_of_a_denied_url_fails_before_any_download(
         tmp_path, monkeypatch, {"action": "DENY", "selector": {"identifier": "http://127.0.0.1:9/*"}}
     )
     with pytest.raises(LaminaError, match=r"ADD http://127.0.0.1:9/file: source .* denied by policy"):
+        build(cache, ctx)
+
+
+@pytest.mark.parametrize(
+    "url, identifier",
+    [
+        ("https://github.com/moby/buildkit.git#v0.1:docs", "git://github.com/moby/buildkit.git#v0.1:docs"),
+        ("git@github.com:moby/buildkit.git", "git://github.com/moby/buildkit.git"),
+        ("https://host.example/repo.git?ref=main", "git://host.example/repo.git#main"),
+    ],
+)
+def test_a_git_url_is_named_as_buildkits_git_source(url: str, identifier: str) -> None:
+    assert git_source(url).identifier == identifier
+
+
+def test_add_of_a_denied_git_url_fails_naming_the_line(
+    tmp_path: Path, busybox_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = make_cache(tmp_path, busybox_image)
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nADD https://git.invalid/repo.git#main /src\n")
+    _with_policy(tmp_path, monkeypatch, {"action": "DENY", "selector": {"identifier": "git://git.invalid/*"}})
+    with pytest.raises(
+        LaminaError, match=r"Dockerfile:2: ADD https://git.invalid/repo.git#main: source .* denied"
+    ):
         build(cache, ctx)

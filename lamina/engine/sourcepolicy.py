@@ -235,11 +235,14 @@ def context_sources(context: str, local: bool) -> list[Source]:
 
 def require_kept(policy: Policy, source: Source, what: str) -> None:
     """Judge a source lamina cannot exchange at `what`: denied is an error, converted is refused."""
-    converted = policy.evaluate(source)
+    try:
+        converted = policy.evaluate(source)
+    except BuildError as err:
+        raise BuildError(f"{what}: {err}") from None
     if converted.identifier != source.identifier:
         raise PlanError(
             f"{what}: the source policy converts {source.identifier!r} to {converted.identifier!r}; "
-            "lamina converts only images (docker-image://), ADD URLs and named contexts"
+            "lamina converts only images (docker-image://), ADD <url> and named contexts"
         )
 
 

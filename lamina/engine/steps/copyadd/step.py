@@ -237,6 +237,11 @@ def _read_sources(executor: StepHost, state: StageState, copy: _Copy) -> _Source
     for src in copy.gits:
         from lamina.engine.steps.copyadd.gitadd import commit_of, git_environ
 
+        if executor.options.source_policy is not None:  # BuildKit's git source op is judged too
+            from lamina.engine.sourcepolicy import git_source, require_kept
+
+            where = f"{copy.instruction.location}: ADD {src}"
+            require_kept(executor.options.source_policy, git_source(src), where)
         env = git_environ(executor.options)  # an ssh URL: the --ssh default agent, as BuildKit's
         commit = commit_of(src, copy.instruction.checksum, copy.instruction.location, env)  # the key
         content.update(f"git\0{src}\0{commit}\0{copy.instruction.keep_git_dir}\n".encode())
