@@ -331,3 +331,35 @@ def test_a_file_swapped_for_a_fifo_is_not_read(ctx: Path) -> None:
     os.mkfifo(ctx / "README.md")  # opening it for reading would block forever
     with pytest.raises(ContextError, match=r"^README\.md: cannot read: not a regular file$"):
         tree.file_digests(entries)
+
+
+def test_an_xattr_added_to_a_file_known_plain_is_keyed(
+    ctx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file noted as carrying no xattrs costs no listxattr on a rebuild, and setting one
+    (which moves the ctime, hence the identity) is seen: the COPY's key changes."""
+    from lamina.engine.steps.copyadd.selection import CopyOptions, select_sources, selection_key
+
+    target = ctx / "app" / "util.py"
+    _settle(ctx)
+
+    def key(cache: StatCache) -> str:
+        tree = open_build_context(ctx, cache)
+        return str(selection_key(tree, select_sources(tree, ["app"], "/app/", CopyOptions())))
+
+    with StatCache(tmp_path / "cache") as cache:
+        first = key(cache)
+    listed: list[str] = []
+    real = os.listxattr
+    monkeypatch.setattr(os, "listxattr", lambda path, **kw: listed.append(str(path)) or real(path, **kw))
+    with StatCache(tmp_path / "cache") as cache:  # a new process
+        assert key(cache) == first
+    assert not any(path.endswith(".py") for path in listed)  # only directories are listed
+    try:
+        os.setxattr(target, "user.note", b"x")
+    except OSError as err:
+        pytest.skip(f"this file system has no user xattrs ({err.strerror})")
+    time.sleep(0.15)  # past the stat cache's settle time, as _settle
+    with StatCache(tmp_path / "cache") as cache:
+        assert key(cache) != first
+    assert any(path.endswith("util.py") for path in listed)

@@ -603,15 +603,15 @@ def test_a_stop_set_during_the_copy_ends_it_at_the_next_file(
     selection = select_sources(tree, ["."], "/out/", CopyOptions(), None)
     stop = threading.Event()
     copied = []
-    real_copy = copy_module._Writer.copy_file
+    real_copy = copy_module._Writer.write_file
 
-    def copy_then_stop(self: object, entry: object, path: str) -> int:
+    def copy_then_stop(self: object, item: object, path: str) -> int:
         copied.append(path)
         if len(copied) == 10:
             stop.set()
-        return real_copy(self, entry, path)  # type: ignore[arg-type]
+        return real_copy(self, item, path)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(copy_module._Writer, "copy_file", copy_then_stop)
+    monkeypatch.setattr(copy_module._Writer, "write_file", copy_then_stop)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(KeyboardInterrupt):

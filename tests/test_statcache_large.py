@@ -103,11 +103,12 @@ def test_a_saved_shard_is_read_back_record_for_record(tmp_path: Path) -> None:
     assert shard is not None
     shard.parent.mkdir(parents=True)
     recorded = b"r" * 32  # not the file's sha256: proves the record, not the file, answered
-    other = statcache._RECORD.pack(1, 2, 3, 4, 5, b"o" * 32)
-    shard.write_bytes(statcache._MAGIC + other + statcache._RECORD.pack(*key, recorded) + b"torn")
+    other = statcache._RECORD.pack(1, 2, 3, 4, 5, b"o" * 32, 0)
+    shard.write_bytes(statcache._MAGIC + other + key + recorded + b"\1" + b"torn")
     assert cache.size("scope") == 2
     assert cache.digest(path, key, "scope") == recorded
     assert cache.hits == 1 and cache.misses == 0
+    assert cache.plain(key, "scope") and not cache.plain(statcache._KEY.pack(1, 2, 3, 4, 5), "scope")
 
 
 def test_hashing_a_big_context_reports_progress_to_the_end(

@@ -8,6 +8,11 @@ except for a write in the same clock tick as the hash (the kernel's
 timestamps are coarse), so an entry is only kept when the file's ctime was
 at least `_SETTLE_NS` older than the end of the hash ("racy git" rule).
 
+Each record also says whether the file carries no image xattrs (`plain`):
+a COPY must key and copy a file's xattrs, and setting or removing one
+moves the ctime, so an unchanged identity known plain needs no listxattr
+on a rebuild.
+
 Storage is one small binary file of fixed-size records per build context,
 loaded whole (a dict lookup per file is the cheapest thing a no-op rebuild
 can do). New digests are appended to it; it is replaced atomically by
@@ -36,14 +41,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["StatCache", "StatKey", "hash_file", "stat_key"]
+__all__ = ["StatCache", "StatKey", "hash_file", "key_size", "stat_key"]
 
-StatKey = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
+# st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns packed as `_KEY`: 73 bytes of memory
+# where a tuple of five ints costs ~190, and the form the shard stores (issue 22).
+StatKey = bytes
 
-_MAGIC = b"lamina-statcache-1\n"
-_RECORD = struct.Struct("<QQQqq32s")
-_KEY = struct.Struct("<QQQqq")  # a StatKey as held in memory: 40 bytes, not a tuple of five ints
+_MAGIC = b"lamina-statcache-2\n"
+_RECORD = struct.Struct("<QQQqq32sB")  # StatKey, sha256, 1 when the file has no image xattrs
+_KEY = struct.Struct("<QQQqq")
 _pack = _KEY.pack
+_SIZE = struct.Struct("<Q")
 _SETTLE_NS = 100_000_000  # far above any kernel timestamp granularity
 _SLACK = 10_000  # stale entries a shard may carry before it is pruned to what a build used
 _SHARD_DAYS = 30
@@ -62,7 +70,12 @@ DIR_NAME = "statcache"
 
 
 def stat_key(st: os.stat_result) -> StatKey:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return _pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def key_size(key: StatKey) -> int:
+    """The st_size of a StatKey."""
+    return _SIZE.unpack_from(key, 16)[0]  # type: ignore[no-any-return]
 
 
 def hash_file(path: str | os.PathLike[str], size: int = -1) -> tuple[bytes, os.stat_result]:
@@ -107,11 +120,14 @@ class _Shard:
     context holds a million of them).
     """
 
-    __slots__ = ("entries", "new", "path", "used")
+    __slots__ = ("entries", "new", "path", "plain", "used")
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.entries: dict[bytes, bytes] = _load(path) if path is not None else {}
+        self.entries: dict[bytes, bytes] = {}
+        self.plain: set[bytes] = set()  # keys of files known to carry no image xattrs
+        if path is not None:
+            _load(path, self.entries, self.plain)
         self.new: dict[bytes, bytes] = {}
         self.used: set[bytes] = set()
 
@@ -145,7 +161,7 @@ class StatCache:
     def take(self, key: StatKey) -> bytes | None:
         """The content of the build-context file of stat identity `key`, if this
         process read it for its digest (once: it is forgotten here)."""
-        data = self._kept.pop(_pack(*key), None)
+        data = self._kept.pop(key, None)
         if data is not None:
             with self._lock:
                 self._kept_bytes -= len(data) + _KEPT_OVERHEAD
@@ -182,6 +198,20 @@ class StatCache:
                     self._shards[scope] = shard
         return shard
 
+    def plain(self, key: StatKey, scope: str | None = None) -> bool:
+        """Whether the file of stat identity `key` is known to carry no image xattrs."""
+        return key in self._shard(scope).plain
+
+    def note_plain(self, key: StatKey, scope: str | None = None) -> None:
+        """Remember that the file of identity `key` carries no image xattrs (kept with
+        its digest: only an identity whose digest is kept, hence settled, is noted)."""
+        shard = self._shard(scope)
+        digest = shard.entries.get(key)
+        if digest is not None and key not in shard.plain:
+            with self._lock:
+                shard.plain.add(key)
+                shard.new[key] = digest
+
     def size(self, scope: str | None) -> int:
         """How many digests the scope holds (loading it)."""
         return len(self._shard(scope).entries)
@@ -207,7 +237,7 @@ class StatCache:
         """
         shard = self._shard(scope)
         entries = shard.entries
-        keys = [_pack(*key) for _, key in items]
+        keys = [key for _, key in items]
         found = [entries.get(key) for key in keys]
         missing = [i for i, digest in enumerate(found) if digest is None]
         self.hits += len(items) - len(missing)
@@ -238,13 +268,16 @@ class StatCache:
         def path(i: int) -> str:
             return f"{root}/{items[i][0]}" if root is not None else items[i][0]
 
-        large = [i for i in missing if items[i][1][2] > _SMALL]
-        small = [i for i in missing if items[i][1][2] <= _SMALL] if large else missing
+        def size(i: int) -> int:
+            return key_size(items[i][1])
+
+        large = [i for i in missing if size(i) > _SMALL]
+        small = [i for i in missing if size(i) <= _SMALL] if large else missing
         if len(large) < 2:
             for i in missing:
-                record(i, *_hash_file(path(i), items[i][1][2]))
+                record(i, *_hash_file(path(i), size(i)))
             return found  # type: ignore[return-value]
-        _hash_on_pool(items, small, large, path, record)
+        _hash_on_pool(size, small, large, path, record)
         return found  # type: ignore[return-value]
 
     def save(self) -> None:
@@ -259,13 +292,16 @@ class StatCache:
                     # Bound a shard to about its context's size: drop what this
                     # build did not see once stale entries dominate.
                     stale = len(shard.entries) > 2 * len(shard.used) + _SLACK
-                    if stale or not _append(shard.path, shard.new):
-                        merged = _load(shard.path)
+                    if stale or not _append(shard.path, shard.new, shard.plain):
+                        merged: dict[bytes, bytes] = {}
+                        plain: set[bytes] = set()
+                        _load(shard.path, merged, plain)
                         merged.update(shard.entries)
+                        plain |= shard.plain
                         if len(merged) > 2 * len(shard.used) + _SLACK:
                             merged = {k: v for k, v in merged.items() if k in shard.used}
-                        _store(shard.path, merged)
-                        shard.entries = merged
+                        _store(shard.path, merged, plain)
+                        shard.entries, shard.plain = merged, plain
                     _forget_old_shards(shard.path.parent)
                 shard.new = {}
 
@@ -289,7 +325,7 @@ class _Progress:
 
 
 def _hash_on_pool(
-    items: Sequence[tuple[str, StatKey]],
+    size: Callable[[int], int],
     small: list[int],
     large: list[int],
     path: Callable[[int], str],
@@ -310,11 +346,11 @@ def _hash_on_pool(
                     i = next(queued, None)
                     if i is None:
                         return
-                    pending.append((i, pool.submit(_hash_file, path(i), items[i][1][2])))
+                    pending.append((i, pool.submit(_hash_file, path(i), size(i))))
 
             refill()
             for i in small:
-                record(i, *_hash_file(path(i), items[i][1][2]))
+                record(i, *_hash_file(path(i), size(i)))
                 while pending and pending[0][1].done():
                     j, future = pending.popleft()
                     record(j, *future.result())
@@ -339,21 +375,30 @@ def _forget_old_shards(directory: Path) -> None:
                     os.unlink(entry.path)
 
 
-def _load(path: Path) -> dict[bytes, bytes]:
+def _load(path: Path, entries: dict[bytes, bytes], plain: set[bytes]) -> None:
+    """Fill `entries` (key -> digest) and `plain` from the shard at `path`."""
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        return {}
     except OSError:
-        return {}  # an unreadable cache is an empty cache, never an error
+        return  # missing or unreadable: an empty cache, never an error
     if not data.startswith(_MAGIC):
-        return {}
+        return
     start, size, cut = len(_MAGIC), _RECORD.size, _KEY.size
     end = len(data) - (len(data) - start) % size  # a torn tail is ignored
-    return {data[at : at + cut]: data[at + cut : at + size] for at in range(start, end, size)}
+    flag = size - 1
+    add = plain.add
+    for at in range(start, end, size):
+        key = data[at : at + cut]
+        entries[key] = data[at + cut : at + flag]
+        if data[at + flag]:
+            add(key)
 
 
-def _append(path: Path, entries: dict[bytes, bytes]) -> bool:
+def _records(entries: dict[bytes, bytes], plain: set[bytes]) -> bytes:
+    return b"".join(key + digest + (b"\1" if key in plain else b"\0") for key, digest in entries.items())
+
+
+def _append(path: Path, entries: dict[bytes, bytes], plain: set[bytes]) -> bool:
     """Append records to an existing, whole shard; False when there is none to append to."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -363,7 +408,7 @@ def _append(path: Path, entries: dict[bytes, bytes]) -> bool:
         size = os.fstat(fd).st_size
         if (size - len(_MAGIC)) % _RECORD.size or os.pread(fd, len(_MAGIC), 0) != _MAGIC:
             return False  # torn or foreign: rewritten whole
-        data = memoryview(b"".join(key + digest for key, digest in entries.items()))
+        data = memoryview(_records(entries, plain))
         try:
             while data:
                 data = data[os.write(fd, data) :]
@@ -375,13 +420,13 @@ def _append(path: Path, entries: dict[bytes, bytes]) -> bool:
         os.close(fd)
 
 
-def _store(path: Path, entries: dict[bytes, bytes]) -> None:
+def _store(path: Path, entries: dict[bytes, bytes], plain: set[bytes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-statcache-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(_MAGIC)
-            f.write(b"".join(key + digest for key, digest in entries.items()))
+            f.write(_records(entries, plain))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -26,6 +26,7 @@ from lamina.cache.statcache import StatCache, StatKey, stat_key
 from lamina.engine.buildfiles import dockerfile_ignore_file
 from lamina.engine.dockerfile.ignore import DockerIgnore, IgnoreMatch, read_ignore_file
 from lamina.errors import ContextError
+from lamina.oci import xattrs
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType, type_of_mode
 
@@ -58,7 +59,7 @@ class TreeEntry:
     mtime_ns: int
     linkname: str = ""  # symlink target
     rdev: int = 0
-    key: StatKey = dataclasses.field(default=(0, 0, 0, 0, 0), compare=False)
+    key: StatKey = dataclasses.field(default=b"", compare=False)  # packed (statcache.stat_key)
     # A unix socket, which no layer can hold: copied as an empty regular file
     # with its permission bits (fsutil clears the socket bit, and its copier
     # writes a stub), so its content is never read.
@@ -226,9 +227,10 @@ class SourceTree:
                 return device
         if kind is EntryType.FILE or kind is EntryType.DIR:  # most entries: no more calls than needed
             uid, gid = self._owner(rel, st) if self.chroot else (st.st_uid, st.st_gid)
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             size = st.st_size if kind is EntryType.FILE else 0
-            return TreeEntry(rel, kind, st.st_mode & 0o7777, uid, gid, size, st.st_mtime_ns, "", 0, key)
+            return TreeEntry(
+                rel, kind, st.st_mode & 0o7777, uid, gid, size, st.st_mtime_ns, "", 0, stat_key(st)
+            )
         link = os.readlink(self.abspath(rel)) if kind is EntryType.SYMLINK else ""
         uid, gid = self._owner(rel, st)
         return TreeEntry(
@@ -284,6 +286,23 @@ class SourceTree:
             raise ContextError(f"{name}: cannot read: {err.strerror or err}") from None
         found = {e.path: _EMPTY_DIGEST for e in entries if e.socket}
         found.update((e.path, d) for e, d in zip(files, digests, strict=True))
+        return found
+
+    def xattrs(self, entry: TreeEntry) -> tuple[tuple[str, bytes], ...]:
+        """The image xattrs of an entry (lamina's records only in a tree lamina wrote).
+
+        A file whose digest the stat cache holds is noted there when it has
+        none, so an unchanged one costs no listxattr the next time (an xattr
+        change moves the ctime, hence the identity).
+        """
+        if entry.socket:
+            return ()
+        cache = self.stat_cache if entry.type is EntryType.FILE else None
+        if cache is not None and cache.plain(entry.key, self.scope):
+            return ()
+        found = xattrs.read(self.abspath(entry.path), self.chroot)
+        if cache is not None and not found:
+            cache.note_plain(entry.key, self.scope)
         return found
 
     def checksum(self, rel: str = "") -> Digest:

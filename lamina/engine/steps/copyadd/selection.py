@@ -56,7 +56,6 @@ from lamina.engine.context import SourceTree, TreeEntry, entry_record
 from lamina.engine.dockerfile.ignore import DockerIgnore, compile_glob
 from lamina.engine.steps.copyadd.chmod import Chmod
 from lamina.errors import ContextError
-from lamina.oci import xattrs
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType
 
@@ -415,18 +414,18 @@ def selection_key(tree: SourceTree, selection: Selection) -> Digest:
         record = f"mkdir\0{made.dest}\0{made.mode:o}\0{made.uid}\0{made.gid}\n"
         h.update(record.encode("utf-8", "surrogateescape"))
     digests = tree.file_digests([item.entry for item in selection.items])
-    first_links: dict[tuple[int, int], str] = {}
+    first_links: dict[bytes, str] = {}
     for item in selection.items:
         content = digests.get(item.entry.path, b"")
         h.update(entry_record(item.dest, item.entry, item.mode, item.uid, item.gid, content))
         # The xattrs COPY writes too (a file's ctime, hence its digest's stat key, moves with them).
-        found = () if item.entry.socket else xattrs.read(tree.abspath(item.entry.path), tree.chroot)
+        found = tree.xattrs(item.entry)
         if found:
             h.update(
                 b"xattrs\0" + b"".join(b"%s\0%d:%s" % (os.fsencode(n), len(v), v) for n, v in found) + b"\n"
             )
         if item.entry.type is EntryType.FILE:
-            first = first_links.setdefault(item.entry.key[:2], item.dest)
+            first = first_links.setdefault(item.entry.key[:16], item.dest)  # st_dev, st_ino
             if first != item.dest:  # written as a hardlink: the layer differs
                 h.update(f"hardlink\0{item.dest}\0{first}\n".encode("utf-8", "surrogateescape"))
     return Digest("sha256", h.hexdigest())

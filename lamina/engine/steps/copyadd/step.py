@@ -32,7 +32,7 @@ from lamina.engine.steps.copyadd.archive import unpack_archives
 from lamina.engine.steps.copyadd.chmod import Chmod, parse_chmod
 from lamina.engine.steps.copyadd.fetch import fetch_url, write_fetched
 from lamina.engine.steps.copyadd.heredoc import expand_heredoc, write_heredoc
-from lamina.engine.steps.copyadd.placement import PriorCopy, WrittenFile, write_selection
+from lamina.engine.steps.copyadd.placement import PriorCopy, read_written, write_selection
 from lamina.engine.steps.copyadd.selection import CopyOptions, destination_path, select_sources, selection_key
 from lamina.engine.steps.layerstep import layer_step, step_env
 from lamina.engine.steps.layerview import LayerView
@@ -89,7 +89,7 @@ class _PriorRun:
         self.state = state
         self.instruction = instruction
         self.where = ""
-        self.written: dict[str, WrittenFile] = {}
+        self.written = bytearray()  # placement.WRITTEN records
 
     def load(self) -> PriorCopy | None:
         """Called when the step runs (its position in the stage is known then)."""
@@ -335,28 +335,31 @@ def _add_history(executor: StepHost, state: StageState, copy: _Copy, has_layer: 
 
 def _load_prior_copy(executor: StepHost, where: str) -> PriorCopy | None:
     """The files the last run of this COPY wrote, if its layer directory is still there."""
+    import base64
+    import zlib
+
     text = executor.store.cache_get(where)
     if text is None:
         return None
     try:
         record = json.loads(text)
         root = executor.store.unpacked_path(Digest("sha256", record["dir"]))
-        files = {
-            dest: WrittenFile(bytes.fromhex(content), *numbers)
-            for dest, (content, *numbers) in record["files"].items()
-        }
-    except (ValueError, KeyError, TypeError):
+        if not root.is_dir():
+            return None
+        files = read_written(zlib.decompress(base64.b64decode(record["written"])))
+    except (ValueError, KeyError, TypeError, zlib.error):
         return None  # an older record: copy everything
-    return PriorCopy(root, files) if root.is_dir() else None
+    return PriorCopy(root, files)
 
 
-def _save_prior_copy(executor: StepHost, where: str, dir_id: str, written: dict[str, WrittenFile]) -> None:
-    files = {
-        dest: [f.content.hex(), f.mode, f.uid, f.gid, f.mtime_ns, f.size, f.inode]
-        for dest, f in written.items()
-    }
+def _save_prior_copy(executor: StepHost, where: str, dir_id: str, written: bytearray) -> None:
+    """The packed records, compressed: ~50 bytes a file, never an object per file (issue 22)."""
+    import base64
+    import zlib
+
+    packed = base64.b64encode(zlib.compress(written, 1)).decode("ascii")
     # No refs: this record keeps no layer from gc; a missing directory means copying.
-    executor.store.cache_put(where, json.dumps({"dir": dir_id, "files": files}))
+    executor.store.cache_put(where, json.dumps({"dir": dir_id, "written": packed}))
 
 
 def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int], image: Any) -> None:
