@@ -378,18 +378,8 @@ def test_device_nodes_are_recorded_with_no_user_namespace(busybox_image: Path, t
     """A plain uid where no user namespace can be made (proot isolation): a base image's device
     nodes and their owners are recorded in xattrs and reach COPY --from's layer and a type=tar
     export as the devices; type=local says in one line it could not make them."""
-    from lamina.cache.images import save_image
-    from lamina.cache.store import Store
-
     with plain_user("lamina-devices-proot-") as user:
-        with Store(tmp_path / "made") as store:
-            devices = [
-                _dir("dev"),
-                _node("dev/null", "c", 1, 3, 0o666),
-                _node("dev/sda", "b", 8, 0, 0o660, 6),
-            ]
-            commit_image_of(store, "lamina-test/devices:1", [busybox_entries(tmp_path / "bb"), devices])  # type: ignore[list-item]
-            save_image(store, "lamina-test/devices:1", user.base / "devices.tar")
+        _devices_image(tmp_path, user.base / "devices.tar")
         shutil.copy(busybox_image, user.base / "base.tar")
         ctx = user.base / "ctx"
         write_context(
@@ -454,3 +444,49 @@ def test_type_tar_carries_the_image_owners(cache: Path, tmp_path: Path) -> None:
         "d/p": (5, 6),
     }
     assert {name: owner for name, owner in found.items() if name in wanted} == wanted
+
+
+def _devices_image(tmp_path: Path, dest: Path) -> Path:
+    """An OCI archive of lamina-test/devices:1: busybox, and a layer of device nodes."""
+    from lamina.cache.images import save_image
+    from lamina.cache.store import Store
+
+    with Store(tmp_path / "made") as store:
+        devices = [_dir("dev"), _node("dev/null", "c", 1, 3, 0o666), _node("dev/sda", "b", 8, 0, 0o660, 6)]
+        commit_image_of(store, "lamina-test/devices:1", [busybox_entries(tmp_path / "bb"), devices])  # type: ignore[list-item]
+        save_image(store, "lamina-test/devices:1", dest)
+    return dest
+
+
+@pytest.mark.skipif(bool(plain_user_missing(ranged=True)), reason=plain_user_missing(ranged=True) or "ready")
+def test_a_rootless_build_writes_device_nodes_byte_for_byte_as_root(
+    busybox_image: Path, tmp_path: Path
+) -> None:
+    """The same build FROM an image with device nodes, COPY --from its /dev and ADD of an archive
+    holding one, as root and as a user with a subordinate id range (mknod refused, the nodes
+    recorded): the same image ID."""
+    with plain_user("lamina-devices-rootless-", ranged=True) as user:
+        _devices_image(tmp_path, user.base / "devices.tar")
+        shutil.copy(busybox_image, user.base / "base.tar")
+        ctx = user.base / "ctx"
+        write_context(
+            ctx,
+            "FROM lamina-test/devices:1 AS base\nRUN touch /ran\n"
+            f"FROM {BASE}\nCOPY --from=base /dev/ /devs/\nADD nodes.tar /added/\n",
+        )
+        with tarfile.open(ctx / "nodes.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo("tty")
+            info.type, info.devmajor, info.devminor, info.mode, info.gid = tarfile.CHRTYPE, 5, 0, 0o620, 5
+            tar.addfile(info)
+        epoch = {"SOURCE_DATE_EPOCH": "1700000000"}
+        root_cache = tmp_path / "root-cache"
+        for image in ("base.tar", "devices.tar"):
+            run_cli("load", "-q", str(user.base / image), cache=root_cache)
+        as_root = run_cli("build", "-q", str(ctx), cache=root_cache, env=epoch).stdout.split()[-1]
+        user.give()
+        for image in ("base.tar", "devices.tar"):
+            loaded = user.lamina("load", "-q", str(user.base / image))
+            assert loaded.returncode == 0, loaded.stderr
+        done = user.lamina("build", "-q", str(ctx), env=epoch)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-1] == as_root

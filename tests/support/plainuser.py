@@ -1,10 +1,13 @@
-"""lamina run as a plain user where no user namespace can be made (proot isolation).
+"""lamina run as another, unprivileged user, from a test running as root (CI is root).
 
-Run as root (CI is root): the system user lamina-sb-nosub (made once) runs
-`python -m lamina` under tests/support/no_namespaces.py, which denies
-unshare as docker's default seccomp profile does, so lamina records owners,
-device nodes and privileged xattrs in `user.lamina.*` xattrs
-(lamina.oci.recorded).
+- `plain_user(prefix)`: the system user lamina-sb-nosub (made once) runs
+  `python -m lamina` under tests/support/no_namespaces.py, which denies
+  unshare as docker's default seccomp profile does: proot isolation, where
+  lamina records owners, device nodes and privileged xattrs in
+  `user.lamina.*` xattrs (lamina.oci.recorded).
+- `plain_user(prefix, ranged=True)`: the system user lamina-sb-sub, given a
+  subordinate id range, runs lamina with user namespaces: a rootless build
+  as a developer's laptop runs one.
 
     with plain_user("lamina-x-") as user:   # user.base: a 0755 scratch dir
         ...write files under user.base...
@@ -24,15 +27,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-PLAIN_USER = "lamina-sb-nosub"
+PLAIN_USER = "lamina-sb-nosub"  # no subordinate ids: a single-id map, or none at all
+RANGED_USER = "lamina-sb-sub"  # a subordinate id range (tests/test_unprivileged.py uses both)
+RANGE_SIZE = 65536
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def plain_user_missing() -> str:
+def plain_user_missing(ranged: bool = False) -> str:
     """Why these tests cannot run here ("" when they can)."""
     if os.geteuid() != 0:
-        return f"runs lamina as {PLAIN_USER} with no user namespace: needs root to become it"
-    for tool in ("runuser", "proot"):
+        return "runs lamina as another user: needs root to become it"
+    for tool in ("runuser", "newuidmap", "newgidmap") if ranged else ("runuser", "proot"):
         if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
             return f"{tool} is not installed"
     return ""
@@ -40,41 +45,60 @@ def plain_user_missing() -> str:
 
 @dataclasses.dataclass
 class PlainUser:
+    name: str
     base: Path
     uid: int
     gid: int
+    deny_namespaces: bool
 
     def give(self) -> None:
         """Make everything under `base` the user's."""
         subprocess.run(["chown", "-R", f"{self.uid}:{self.gid}", str(self.base)], check=True)
 
-    def lamina(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """`lamina ARGS` as the user, namespaces denied, its cache in base/cache."""
+    def lamina(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """`lamina ARGS` as the user, its cache in base/cache."""
         import pytest
 
         deny = [sys.executable, str(ROOT / "tests/support/no_namespaces.py"), "docker", "--"]
-        env = {**os.environ, "LAMINA_CACHE": str(self.base / "cache")}
-        env.pop("LAMINA_ISOLATION", None)
-        env.pop("SOURCE_DATE_EPOCH", None)
-        command = ["runuser", "-u", PLAIN_USER, "--", *deny, sys.executable, "-m", "lamina", *args]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+        full = {**os.environ, "LAMINA_CACHE": str(self.base / "cache"), "HOME": str(self.base)}
+        full.pop("LAMINA_ISOLATION", None)
+        full.pop("SOURCE_DATE_EPOCH", None)
+        full.pop("XDG_RUNTIME_DIR", None)
+        full.update(env or {})
+        command = ["runuser", "-u", self.name, "--", *(deny if self.deny_namespaces else [])]
+        command += [sys.executable, "-m", "lamina", *args]
+        done = subprocess.run(command, capture_output=True, text=True, env=full, cwd=ROOT)
         if done.returncode != 0 and "No module named" in done.stderr:
-            pytest.skip(f"{PLAIN_USER} cannot run {sys.executable} with lamina importable")
+            pytest.skip(f"{self.name} cannot run {sys.executable} with lamina importable")
         return done
 
 
 @contextmanager
-def plain_user(prefix: str) -> Iterator[PlainUser]:
-    """A scratch dir any user can enter, and the plain user to run lamina as; removed after."""
+def plain_user(prefix: str, ranged: bool = False) -> Iterator[PlainUser]:
+    """A scratch dir any user can enter, and the user to run lamina as; removed after."""
     import pwd
 
     from tests.support.sandbox import ensure_user
 
-    ensure_user(PLAIN_USER)
-    entry = pwd.getpwnam(PLAIN_USER)
+    name = RANGED_USER if ranged else PLAIN_USER
+    ensure_user(name)
+    if ranged:
+        give_range(name)
+    entry = pwd.getpwnam(name)
     base = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         base.chmod(0o755)
-        yield PlainUser(base, entry.pw_uid, entry.pw_gid)
+        yield PlainUser(name, base, entry.pw_uid, entry.pw_gid, deny_namespaces=not ranged)
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)  # as root: subordinate ids' files too
+
+
+def give_range(name: str) -> None:
+    """Give `name` a range in /etc/subuid and /etc/subgid unless it has one."""
+    for path in (Path("/etc/subuid"), Path("/etc/subgid")):
+        lines = path.read_text().splitlines() if path.exists() else []
+        if any(line.split(":")[0] == name for line in lines):
+            continue
+        ends = [int(p[1]) + int(p[2]) for p in (line.split(":") for line in lines) if len(p) == 3]
+        lines.append(f"{name}:{max([100000, *ends])}:{RANGE_SIZE}")
+        path.write_text("".join(line + "\n" for line in lines))
