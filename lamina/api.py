@@ -643,17 +643,18 @@ def build(
     return _pushed(options, result, push, to_push)
 
 
-def _source_date_epoch(args: Mapping[str, str], env: Mapping[str, str]) -> int | None:
-    """SOURCE_DATE_EPOCH from the build arg of that name, else the environment."""
-    from lamina.errors import PlanError
-
+def _source_date_epoch(args: dict[str, str], env: Mapping[str, str]) -> int | None:
+    """SOURCE_DATE_EPOCH from the build arg of that name, else the environment (which buildx
+    passes as that build arg). Any other value is a source (`context`, a stage, a named context)
+    that the build resolves (engine.sourceepoch), or an error there."""
     text = args.get("SOURCE_DATE_EPOCH") or env.get("SOURCE_DATE_EPOCH")
     if not text:
         return None
     try:
         return int(text)
     except ValueError:
-        raise PlanError(f"SOURCE_DATE_EPOCH must be an integer, not {text!r}") from None
+        args.setdefault("SOURCE_DATE_EPOCH", text)
+        return None
 
 
 def _check_context(context: str | os.PathLike[str], dockerfile: str | os.PathLike[str] | None) -> None:

@@ -50,6 +50,7 @@ class Resolved:
     context: Path
     dockerfile: Path | None  # None: the context's default Dockerfile
     dockerfile_outside: bool = False  # read from stdin, not from the context
+    epoch: int | None = None  # SOURCE_DATE_EPOCH=context: a git commit's or an HTTP source's time
 
 
 def is_local(context: str, dockerfile: str | None) -> bool:
@@ -71,7 +72,13 @@ def local_options(
         remote = context == STDIN or is_remote(context)  # `-f -` alone keeps a local context's ignore
         if remote and not found.dockerfile_outside:
             _within(found.context, chosen)
-        yield dataclasses.replace(options, context=found.context, dockerfile=chosen, remote_context=remote)
+        yield dataclasses.replace(
+            options,
+            context=found.context,
+            dockerfile=chosen,
+            remote_context=remote,
+            context_epoch=found.epoch,
+        )
 
 
 def is_remote(context: str) -> bool:
@@ -132,7 +139,8 @@ def _resolve(
         path.parent.mkdir()
         path.write_bytes(_read_bounded(source, "-f -"))
         if is_remote(context):
-            return Resolved(_remote_context(context, environ, work, keep_git_dir), path, True)
+            root, epoch = _remote_context(context, environ, work, keep_git_dir)
+            return Resolved(root, path, True, epoch)
         return Resolved(Path(context), path, True)
     if context == STDIN:
         spooled = work / "stdin.bin"
@@ -148,17 +156,18 @@ def _resolve(
         # BuildKit's HTTP context: a tar (any compression) is the context; any other file is
         # the Dockerfile, whatever -f names (buildx's "bogus" filename), with an empty context.
         spooled = work / "http.bin"
-        _download(context, spooled)
+        modified = _download(context, spooled)
+        epoch = modified if modified is not None else _newest_file_time(spooled)
         found = _tar_or_dockerfile(
             spooled, dockerfile if _is_tar(spooled) and not external else None, work, context
         )
         if external and not found.dockerfile_outside:
-            return Resolved(found.context, Path(dockerfile or ""), True)
-        return found
-    root = _remote_context(context, environ, work, keep_git_dir)
+            return Resolved(found.context, Path(dockerfile or ""), True, epoch)
+        return dataclasses.replace(found, epoch=epoch)
+    root, epoch = _remote_context(context, environ, work, keep_git_dir)
     if external:
-        return Resolved(root, Path(dockerfile or ""), True)
-    return Resolved(root, _inside(root, dockerfile) if dockerfile else None)
+        return Resolved(root, Path(dockerfile or ""), True, epoch)
+    return Resolved(root, _inside(root, dockerfile) if dockerfile else None, epoch=epoch)
 
 
 def _scoped(found: Resolved, subdir: str) -> Resolved:
@@ -173,7 +182,7 @@ def _scoped(found: Resolved, subdir: str) -> Resolved:
         return dataclasses.replace(found, context=context)
     dockerfile = found.dockerfile or default_dockerfile(found.context)
     _within(found.context, dockerfile)
-    return Resolved(context, dockerfile, True)
+    return Resolved(context, dockerfile, True, found.epoch)
 
 
 def _is_tar(path: Path) -> bool:
@@ -201,13 +210,17 @@ def _tar_or_dockerfile(spooled: Path, dockerfile: str | None, work: Path, what: 
 _MAX_HTTP_CONTEXT = 8 << 30  # a context tarball; more is refused rather than filling the disk
 
 
-def _download(url: str, dest: Path) -> None:
+def _download(url: str, dest: Path) -> int | None:
+    """Fetch `url` into `dest`; its Last-Modified time, if the server gives one."""
     import httpx
+
+    from lamina.engine.sourceepoch import http_date
 
     try:
         with httpx.stream("GET", url, follow_redirects=True, timeout=60) as response, open(dest, "wb") as out:
             if response.status_code != 200:
                 raise ContextError(f"build context {url}: HTTP {response.status_code}")
+            modified = response.headers.get("last-modified")
             count = 0
             for chunk in response.iter_bytes(1 << 20):
                 count += len(chunk)
@@ -216,16 +229,31 @@ def _download(url: str, dest: Path) -> None:
                 out.write(chunk)
     except httpx.HTTPError as err:
         raise ContextError(f"build context {url}: {err}") from None
+    return http_date(modified, url) if modified else None
 
 
-def _remote_context(context: str, environ: Mapping[str, str], work: Path, keep_git_dir: bool) -> Path:
+def _newest_file_time(path: Path) -> int | None:
+    from lamina.engine.sourceepoch import newest_file_time
+
+    with open(path, "rb") as stream:
+        return newest_file_time(stream)
+
+
+def _remote_context(
+    context: str, environ: Mapping[str, str], work: Path, keep_git_dir: bool
+) -> tuple[Path, int]:
+    """A git context checked out, and its commit's time (SOURCE_DATE_EPOCH=context)."""
     from lamina.engine.gitsource import check_commit, checkout, parse_git_url
+    from lamina.engine.sourceepoch import commit_time
 
     ref = parse_git_url(context)
     repo = work / "git"
     keep = ref.keep_git_dir if ref.keep_git_dir is not None else keep_git_dir
-    check_commit(ref, checkout(ref, repo, environ, keep_git_dir=keep))
-    return _inside(repo, ref.subdir) if ref.subdir else repo
+    check_commit(ref, checkout(ref, repo, environ, keep_git_dir=True))
+    epoch = commit_time(repo)
+    if not keep:
+        shutil.rmtree(repo / ".git")
+    return (_inside(repo, ref.subdir) if ref.subdir else repo), epoch
 
 
 def _inside(root: Path, rel: str) -> Path:

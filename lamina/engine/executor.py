@@ -390,6 +390,9 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         data: bytes | None = read_source(dockerfile)  # capped: parse refuses a larger one
     except OSError:
         data = None  # make_plan says why
+    from lamina.engine.sourceepoch import resolved
+
+    options = resolved(options, data)  # SOURCE_DATE_EPOCH=context, =<stage>, =<named context>
     options.cache_root.mkdir(parents=True, exist_ok=True)
     with Store(options.cache_root) as store:
         from lamina.engine.buildchecks import for_build
@@ -470,7 +473,4 @@ def _dockerfile_epoch(plan: Any) -> int | None:
         return None
     if text.isdigit():
         return int(text)
-    if any(stage.name and stage.name.lower() == text.lower() for stage in plan.stages):
-        # FIXME: BuildKit takes the epoch from that stage's sources; refused until lamina does.
-        raise PlanError(f"SOURCE_DATE_EPOCH={text}: an epoch taken from a stage's sources is not supported")
-    raise PlanError(f"invalid SOURCE_DATE_EPOCH: {text}")
+    raise PlanError(f"invalid SOURCE_DATE_EPOCH: {text}")  # a source is a number by now (sourceepoch)

@@ -127,6 +127,9 @@ class BuildOptions:
     shm_size: int = 0  # --shm-size: bytes of RUN's /dev/shm; 0 is the default 64 MiB
     build_contexts: tuple[NamedContext, ...] = ()  # --build-context NAME=...: images/stages replaced
     remote_context: bool = False  # a git or tar (stdin) context: BuildKit applies no .dockerignore
+    # SOURCE_DATE_EPOCH=context (engine.sourceepoch): a git context's commit time, an HTTP one's
+    # Last-Modified or newest file; None for a local context.
+    context_epoch: int | None = None
     isolation: Isolation | None = None  # --isolation for RUN steps; None: $LAMINA_ISOLATION, else auto
     source_policy: Policy | None = None  # $EXPERIMENTAL_BUILDKIT_SOURCE_POLICY (engine.sourcepolicy)
     cdi_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")  # RUN --device's CDI specs (engine.cdi)

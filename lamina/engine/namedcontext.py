@@ -52,6 +52,7 @@ class NamedContext:
     ref: str  # the image reference used instead
     local: bool = False  # only in the local store: never pulled, even with --pull
     digest: str = ""  # the manifest of an image made or imported here (the replay memo's)
+    source: str = ""  # the value given (a URL names the time of SOURCE_DATE_EPOCH=NAME)
 
 
 def key_of(name: str) -> str:
@@ -111,7 +112,8 @@ def prepared(
                     raise PlanError(f"--build-context {flag}: {key} is given twice")
                 if policy is not None:
                     value = _judged(policy, key, value, dict(parsed), main_context)
-                found[key] = _context(key, value, store_root, environ, build_dir, made, temporary)
+                made_context = _context(key, value, store_root, environ, build_dir, made, temporary)
+                found[key] = dataclasses.replace(made_context, source=value)
             yield tuple(found.values())
     finally:
         if made:

@@ -1,0 +1,241 @@
+"""SOURCE_DATE_EPOCH given as a source rather than a number, resolved before the build.
+
+As BuildKit's Dockerfile frontend (dockerfile2llb/epoch.go, docs/build-repro.md):
+the value is the `SOURCE_DATE_EPOCH` build arg (buildx passes the environment's
+as that), else the Dockerfile's global `ARG SOURCE_DATE_EPOCH=...` default, and it is
+- a number: that time;
+- `context`: the main context's time: a git context's commit time, an HTTP context's
+  Last-Modified, else the newest regular file of the archive it serves; a local
+  context has none, which leaves SOURCE_DATE_EPOCH unset;
+- the name of a `--build-context`: that source's time the same way (an http(s) URL or
+  a git URL; an image or a directory has none);
+- the name of a stage: one that is `FROM scratch` with only ARGs and exactly one ADD
+  of an http(s) or git URL (BuildKit's "source-only" stage), whose source's time it is;
+- anything else is an error (`invalid SOURCE_DATE_EPOCH: X`).
+The number found replaces the value every `ARG SOURCE_DATE_EPOCH` sees (none: empty).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from lamina.errors import BuildError, PlanError
+
+if TYPE_CHECKING:
+    from lamina.engine.model import BuildOptions
+
+NAME = "SOURCE_DATE_EPOCH"
+_MAX_DOWNLOAD = 8 << 30  # an archive read for its newest file: more is refused, not spooled
+
+
+def resolved(options: BuildOptions, data: bytes | None) -> BuildOptions:
+    """`options` with SOURCE_DATE_EPOCH a number (or unset) when it was given as a source."""
+    if options.source_date_epoch is not None or data is None:
+        return options
+    args = dict(options.build_args)
+    text = args.get(NAME)
+    plan = None
+    if text is None:
+        if NAME.encode() not in data:
+            return options  # the common case: no default to read, no second parse
+        plan = _plan(options, data)
+        text = plan.global_args.get(NAME) or ""
+    if not text or _number(text) is not None:
+        return options  # a number or nothing: the executor takes it as it is
+    from lamina.engine.steps.copyadd.gitadd import git_environ
+
+    epoch = _from_source(text, options, plan or _plan(options, data), git_environ(options))
+    args[NAME] = str(epoch) if epoch is not None else ""
+    return dataclasses.replace(options, source_date_epoch=epoch, build_args=tuple(args.items()))
+
+
+def _number(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _plan(options: BuildOptions, data: bytes) -> Any:
+    from lamina.engine.steps.dispatch import make_plan
+
+    return make_plan(options, data)
+
+
+def _from_source(text: str, options: BuildOptions, plan: Any, environ: Mapping[str, str]) -> int | None:
+    from lamina.engine.namedcontext import lookup
+
+    if text == "context":
+        return options.context_epoch
+    named = lookup(options.build_contexts, text)
+    if named is not None:
+        return _url_epoch(named.source, None, environ) if named.source else None
+    for stage in plan.stages:
+        if stage.name is not None and stage.name == text.lower():
+            url, checksum = _stage_source(stage, plan, options)
+            return _url_epoch(url, checksum, environ)
+    raise PlanError(f"invalid {NAME}: {text}")
+
+
+def _stage_source(stage: Any, plan: Any, options: BuildOptions) -> tuple[str, str | None]:
+    """The URL (and checksum) of the one ADD of a source-only stage; an error naming the stage's
+    line says what makes it not one."""
+    from lamina.engine.dockerfile.instructions import AddInstruction, ArgInstruction
+    from lamina.engine.dockerfile.shell import expand_word
+
+    where = f"{stage.location}: {NAME}={stage.name}"
+    if stage.from_.image.lower() != "scratch":
+        raise PlanError(f"{where}: {NAME} stage must use FROM scratch")
+    env = {k: v for k, v in plan.global_args.items() if k != NAME}
+    build_args = dict(options.build_args)
+    found: tuple[str, str | None] | None = None
+    for instruction in stage.instructions:
+        if isinstance(instruction, ArgInstruction):
+            for decl in instruction.args:
+                if decl.name in build_args:
+                    env[decl.name] = build_args[decl.name]
+                elif decl.default is not None:
+                    env[decl.name] = expand_word(decl.default, env, plan.escape)
+        elif isinstance(instruction, AddInstruction):
+            if found is not None:
+                raise PlanError(f"{where}: {NAME} stage must contain exactly one remote ADD")
+            if instruction.contents or len(instruction.sources) != 1:
+                raise PlanError(f"{where}: {NAME} stage must contain exactly one remote ADD source")
+            add = instruction.expand(lambda word: expand_word(word, env, plan.escape))
+            found = (add.sources[0], add.checksum)
+        else:
+            raise PlanError(
+                f"{where}: {NAME} stage does not meet source-only requirements: "
+                f"unsupported {instruction.name.lower()} instruction"
+            )
+    if found is None:
+        raise PlanError(f"{where}: {NAME} stage must contain exactly one remote ADD")
+    if not _is_url(found[0]):
+        raise PlanError(f"{where}: {NAME} stage source must be a single HTTP(S) or Git ADD")
+    return found
+
+
+def _is_url(text: str) -> bool:
+    from lamina.engine.gitsource import is_git_url
+
+    return is_git_url(text) or text.startswith(("http://", "https://"))
+
+
+def _url_epoch(url: str, checksum: str | None, environ: Mapping[str, str]) -> int | None:
+    """The time of a git or http(s) source; None for any other (an image, a directory)."""
+    from lamina.engine.gitsource import is_git_url
+
+    if is_git_url(url):
+        return git_epoch(url, environ)
+    if url.startswith(("http://", "https://")):
+        return http_epoch(url, checksum)
+    return None
+
+
+def git_epoch(url: str, environ: Mapping[str, str]) -> int:
+    """The committer time of the commit a git URL names (fetched into a scratch directory)."""
+    from lamina.engine.gitsource import checkout, parse_git_url
+
+    with tempfile.TemporaryDirectory(prefix="lamina-epoch-") as work:
+        repo = Path(work) / "git"
+        checkout(parse_git_url(url), repo, environ, keep_git_dir=True)
+        return commit_time(repo)
+
+
+def commit_time(repo: Path) -> int:
+    """The committer time of HEAD in a checked-out repository (its .git still there)."""
+    done = subprocess.run(
+        ["git", "-C", str(repo), "show", "-s", "--format=%ct", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BuildError(f"{NAME}: the commit time of {repo}: {done.stderr.strip() or 'git show failed'}")
+    return int(done.stdout.strip())
+
+
+def http_epoch(url: str, checksum: str | None = None) -> int | None:
+    """An HTTP source's time: its Last-Modified, else the newest regular file of the archive it
+    serves (None when it serves no archive)."""
+    import httpx
+
+    with tempfile.TemporaryFile() as spool:
+        try:
+            with httpx.stream("GET", url, follow_redirects=True, timeout=60) as response:
+                if response.status_code != 200:
+                    raise BuildError(f"{NAME}: {url}: HTTP {response.status_code}")
+                modified = response.headers.get("last-modified")
+                if modified:
+                    return http_date(modified, url)
+                count = 0
+                for chunk in response.iter_bytes(1 << 20):
+                    count += len(chunk)
+                    if count > _MAX_DOWNLOAD:
+                        raise BuildError(f"{NAME}: {url}: more than {_MAX_DOWNLOAD >> 30} GiB")
+                    spool.write(chunk)
+        except httpx.HTTPError as err:
+            raise BuildError(f"{NAME}: {url}: {err}") from None
+        if checksum:
+            _check(spool, checksum, url)
+        spool.seek(0)
+        return newest_file_time(spool)
+
+
+def http_date(text: str, url: str) -> int:
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return int(parsedate_to_datetime(text).timestamp())
+    except (TypeError, ValueError):
+        raise BuildError(f"{NAME}: {url}: a Last-Modified that is no date: {text!r}") from None
+
+
+def _check(spool: IO[bytes], checksum: str, url: str) -> None:
+    """ADD --checksum of the stage's source, as the ADD itself would check it."""
+    import hashlib
+
+    algorithm, _, expected = checksum.partition(":")
+    if algorithm not in ("sha256", "sha384", "sha512") or not expected:
+        raise BuildError(f"{NAME}: {url}: invalid checksum {checksum}")
+    digest = hashlib.new(algorithm)
+    spool.seek(0)
+    while block := spool.read(1 << 20):
+        digest.update(block)
+    if digest.hexdigest() != expected:
+        raise BuildError(f"{NAME}: {url}: digest mismatch {algorithm}:{digest.hexdigest()}: {checksum}")
+
+
+def newest_file_time(stream: IO[bytes]) -> int | None:
+    """The newest mtime among the regular files of a tar (plain, gzip, bzip2, xz or zstd); None
+    when the stream is no archive."""
+    import bz2
+    import lzma
+    import tarfile
+
+    from lamina.errors import LaminaError
+    from lamina.oci.compression import open_decompressed
+
+    head = stream.read(6)
+    stream.seek(0)
+    try:
+        if head.startswith(b"BZh"):
+            opened: IO[bytes] = bz2.open(stream, "rb")  # noqa: SIM115 (read through below)
+        elif head.startswith(b"\xfd7zXZ\x00"):
+            opened = lzma.open(stream, "rb")  # noqa: SIM115 (read through below)
+        else:
+            opened = open_decompressed(stream)  # type: ignore[arg-type]
+        newest: int | None = None
+        with tarfile.open(fileobj=opened, mode="r|") as tar:
+            for member in tar:
+                # Go's FileInfo counts a hard link as a regular file too.
+                if member.isreg() or member.islnk():
+                    newest = member.mtime if newest is None else max(newest, int(member.mtime))
+        return None if newest is None else int(newest)
+    except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, LaminaError):
+        return None

@@ -1,0 +1,93 @@
+"""SOURCE_DATE_EPOCH given as a source (engine.sourceepoch): what each source's time is, and which
+stages may name one. BuildKit's own cases are in tests/conformance/buildkit (testSourceDateEpoch*)."""
+
+from __future__ import annotations
+
+import bz2
+import io
+import lzma
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from lamina.engine.sourceepoch import http_date, newest_file_time
+from lamina.errors import LaminaError
+from tests.support.build import build, write_context
+
+
+def _tar(members: dict[str, int], links: dict[str, int] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, mtime in members.items():
+            info = tarfile.TarInfo(name)
+            info.mtime = mtime
+            tar.addfile(info, io.BytesIO(b""))
+        for name, mtime in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mtime = tarfile.SYMTYPE, "a", mtime
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "pack",
+    [lambda b: b, lambda b: __import__("gzip").compress(b), bz2.compress, lzma.compress],
+    ids=["plain", "gzip", "bzip2", "xz"],
+)
+def test_the_newest_regular_file_of_an_archive(pack: object) -> None:
+    # A symlink newer than every file does not count, as in BuildKit (regular files only).
+    data = pack(_tar({"a": 100, "dir/b": 300, "c": 200}, links={"l": 900}))  # type: ignore[operator]
+    assert newest_file_time(io.BytesIO(data)) == 300
+
+
+def test_a_file_that_is_no_archive_has_no_time() -> None:
+    assert newest_file_time(io.BytesIO(b"FROM scratch\n")) is None
+    assert newest_file_time(io.BytesIO(b"")) is None
+
+
+def test_last_modified_is_an_http_date() -> None:
+    assert http_date("Tue, 14 Nov 2023 22:13:20 GMT", "u") == 1700000000
+    with pytest.raises(LaminaError, match="no date"):
+        http_date("yesterday", "u")
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ("FROM busybox AS src\nADD http://127.0.0.1:9/x /\n", "stage must use FROM scratch"),
+        ("FROM scratch AS src\nARG X\n", "must contain exactly one remote ADD"),
+        ("FROM scratch AS src\nADD a b /\n", "exactly one remote ADD source"),
+        (
+            "FROM scratch AS src\nADD http://127.0.0.1:9/x /\nADD http://127.0.0.1:9/y /\n",
+            "exactly one remote ADD",
+        ),
+        ("FROM scratch AS src\nADD local.tar /\n", "must be a single HTTP(S) or Git ADD"),
+        ("FROM scratch AS src\nRUN true\n", "unsupported run instruction"),
+    ],
+)
+def test_a_stage_that_is_not_only_its_source_is_refused(
+    cache: Path, tmp_path: Path, stage: str, message: str
+) -> None:
+    text = f"ARG SOURCE_DATE_EPOCH=src\n{stage}FROM scratch\nCOPY Dockerfile /\n"
+    with pytest.raises(LaminaError, match=re.escape(message)) as caught:
+        build(cache, write_context(tmp_path / "ctx", text))
+    assert "Dockerfile:2" in str(caught.value), "the error names the stage's line"
+
+
+def test_an_unknown_source_is_invalid(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY Dockerfile /\n")
+    with pytest.raises(LaminaError, match="invalid SOURCE_DATE_EPOCH: nowhere"):
+        build(cache, ctx, build_args={"SOURCE_DATE_EPOCH": "nowhere"})
+
+
+def test_the_environment_names_a_source_as_the_build_arg_does(cache: Path, tmp_path: Path) -> None:
+    # buildx passes $SOURCE_DATE_EPOCH as the build arg; `context` of a local context is none.
+    from lamina import api
+
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY Dockerfile /\n")
+    made = api.build(ctx, cache_dir=cache, environ={"SOURCE_DATE_EPOCH": "context"})
+    assert made.config.created != "1970-01-01T00:00:00Z"
+    with pytest.raises(LaminaError, match="invalid SOURCE_DATE_EPOCH: nowhere"):
+        api.build(ctx, cache_dir=cache, environ={"SOURCE_DATE_EPOCH": "nowhere"})
