@@ -584,6 +584,24 @@ def test_buildkit_skips_are_counted() -> None:
     assert set(listed) <= failing, "skipped.tsv lists as failing a test with no xfail case"
 
 
+_RUN = re.compile(r"^\s*(?:ONBUILD\s+)?RUN\b", re.MULTILINE | re.IGNORECASE)
+
+
+def test_every_case_that_runs_a_command_is_a_sandbox_case() -> None:
+    """`sandbox = true` is what puts a case in the rootless runs (tests/test_unprivileged.py):
+    a case whose build runs a RUN (its own Dockerfile, an image's, a served one) must say so."""
+    for path in sorted(CASES.glob("*.toml")):
+        case = tomllib.loads(path.read_text())
+        texts = [case.get("dockerfile", ""), case.get("external_dockerfile", "")]
+        texts += [image.get("dockerfile", "") for image in case.get("images", [])]
+        texts += [*case.get("http", {}).values()]
+        texts += [text for commit in case.get("git_commits", []) for text in commit.get("files", {}).values()]
+        # Refused before any step runs, or a --call (no build): nothing runs.
+        no_step = ("expect_error" in case and not case.get("images")) or "call" in case
+        if any(_RUN.search(text) for text in texts) and not no_step:
+            assert case.get("sandbox"), f"{path.name}: runs RUN but is not marked sandbox = true"
+
+
 def test_readme_states_the_current_count() -> None:
     """README.md's count and table of differences are what count.py makes of these files
     (after porting or skipping a test: python tests/conformance/buildkit/count.py --readme)."""
