@@ -272,3 +272,36 @@ def test_a_base_of_another_platform_warns_as_buildkit(cache: Path, tmp_path: Pat
     found = [(w.rule, w.detail, w.start_line) for w in result.checks]
     assert found == [("InvalidBaseImagePlatform", detail + " for current build", 2)]
     assert result.config.architecture == OTHER.split("/")[1]  # built on as it is, as BuildKit
+
+
+def test_inline_cache_of_each_platform_is_pushed_and_read_back(
+    registry: Any, tmp_path: Path, busybox_image: Path
+) -> None:
+    # testCacheMultiPlatformImportExport: a $BUILDPLATFORM stage per target arch, the images pushed
+    # with an inline cache; an empty store then builds both platforms from that cache alone.
+    from tests.support.build import make_cache
+
+    text = """\
+FROM --platform=$BUILDPLATFORM scratch AS base
+ARG TARGETARCH
+COPY f-$TARGETARCH /arch
+FROM scratch
+COPY --from=base /arch /
+COPY unique /
+"""
+    ctx = write_context(tmp_path / "ctx", text, {"f-amd64": "amd64", "f-arm": "arm", "unique": "u\n"})
+    image = f"{registry.host}/multi/inline:1"
+    two = ["linux/amd64,linux/arm/v7"]
+    first = build(make_cache(tmp_path / "a", busybox_image), ctx, platforms=two, tags=[image], push=True,
+                  cache_to=["type=inline"])  # fmt: skip
+    assert [ref for ref, _ in first.pushed] == [image]
+    again = build(make_cache(tmp_path / "b", busybox_image), ctx, platforms=two,
+                  cache_from=[f"type=registry,ref={image}"], cache_to=["type=inline"])  # fmt: skip
+    final = [(r.stage, r.cached) for r in again.steps if not r.stage.endswith(" base")]
+    assert sorted(final) == [
+        ("linux/amd64 stage-1", True),
+        ("linux/amd64 stage-1", True),
+        ("linux/arm/v7 stage-1", True),
+        ("linux/arm/v7 stage-1", True),
+    ]
+    assert again.image_digest == first.image_digest  # the same index, inline caches and all

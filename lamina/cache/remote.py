@@ -584,8 +584,9 @@ def inline_value(entries: Sequence[CacheEntry], diff_ids: Sequence[Digest]) -> s
 def read_inline(client: RegistryClient, ref: Reference, warn: Warn) -> dict[str, CacheEntry]:
     """The inline cache entries of the image `ref` names, by key (none when it has none).
 
-    Only an image manifest is read (an index's first image: attestations and other platforms
-    are skipped); its config is fetched by digest and size-capped.
+    Image manifests only: of an index, every platform's image (a multi-platform build puts
+    each platform's entries in its own config; attestations are skipped). Each config is
+    fetched by digest and size-capped.
     """
     from lamina.errors import DigestMismatch, ImageFormatError
     from lamina.oci.image import INDEX_TYPES, MANIFEST_TYPES, Index
@@ -595,43 +596,48 @@ def read_inline(client: RegistryClient, ref: Reference, warn: Warn) -> dict[str,
         if client.head_manifest(ref, what=what) is None:
             return {}
         remote = client.get_manifest(ref, what=what)
-        if remote.media_type in INDEX_TYPES:
-            images = [
-                m
-                for m in Index.from_bytes(remote.data, what).manifests
-                if m.media_type in MANIFEST_TYPES and (m.platform is None or m.platform.os != "unknown")
-            ]
-            if not images:
-                return {}
-            child = Reference(ref.registry, ref.repository, None, images[0].digest)
-            remote = client.get_manifest(child, what=what)
-        if remote.media_type not in MANIFEST_TYPES:
-            return {}
-        manifest = Manifest.from_bytes(remote.data, f"{what}: manifest")
-        if manifest.config.media_type == CACHE_CONFIG or manifest.config.size > _MAX_INLINE:
-            return {}
-        config = json.loads(_fetch_bytes(client, ref, manifest.config))
-        table = config.get(INLINE_FIELD) if isinstance(config, dict) else None
-        if table is None:
-            return {}
-        diff_ids = [Digest.parse(d) for d in config["rootfs"]["diff_ids"]]
-        if table.get("version") != FORMAT_VERSION or len(diff_ids) != len(manifest.layers):
-            raise ImageFormatError(f"{what}: not an inline cache this lamina reads")
+        if remote.media_type not in INDEX_TYPES:
+            return _inline_entries(client, ref, remote, what)
         out: dict[str, CacheEntry] = {}
-        for item in table["entries"]:
-            key, result, layer = item["key"], item["result"], item["layer"]
-            if not isinstance(key, str) or not isinstance(result, str):
-                raise ImageFormatError(f"{what}: a malformed entry")
-            if layer is None:
-                out[key] = CacheEntry(key, result)
-            elif isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < len(diff_ids):
-                out[key] = CacheEntry(key, result, manifest.layers[layer], diff_ids[layer])
-            else:
-                raise ImageFormatError(f"{what}: entry {key} names layer {layer!r}")
+        for m in Index.from_bytes(remote.data, what).manifests:
+            if m.media_type in MANIFEST_TYPES and (m.platform is None or m.platform.os != "unknown"):
+                child = Reference(ref.registry, ref.repository, None, m.digest)
+                out.update(_inline_entries(client, ref, client.get_manifest(child, what=what), what))
         return out
     except (DigestMismatch, ImageFormatError, ValueError, KeyError, TypeError, AttributeError) as err:
         warn(f"{what}: {err}; not using it")
         return {}
+
+
+def _inline_entries(client: RegistryClient, ref: Reference, remote: Any, what: str) -> dict[str, CacheEntry]:
+    """The inline entries in the config of one image manifest `remote` (none when it has none)."""
+    from lamina.errors import ImageFormatError
+    from lamina.oci.image import MANIFEST_TYPES
+
+    if remote.media_type not in MANIFEST_TYPES:
+        return {}
+    manifest = Manifest.from_bytes(remote.data, f"{what}: manifest")
+    if manifest.config.media_type == CACHE_CONFIG or manifest.config.size > _MAX_INLINE:
+        return {}
+    config = json.loads(_fetch_bytes(client, ref, manifest.config))
+    table = config.get(INLINE_FIELD) if isinstance(config, dict) else None
+    if table is None:
+        return {}
+    diff_ids = [Digest.parse(d) for d in config["rootfs"]["diff_ids"]]
+    if table.get("version") != FORMAT_VERSION or len(diff_ids) != len(manifest.layers):
+        raise ImageFormatError(f"{what}: not an inline cache this lamina reads")
+    out: dict[str, CacheEntry] = {}
+    for item in table["entries"]:
+        key, result, layer = item["key"], item["result"], item["layer"]
+        if not isinstance(key, str) or not isinstance(result, str):
+            raise ImageFormatError(f"{what}: a malformed entry")
+        if layer is None:
+            out[key] = CacheEntry(key, result)
+        elif isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < len(diff_ids):
+            out[key] = CacheEntry(key, result, manifest.layers[layer], diff_ids[layer])
+        else:
+            raise ImageFormatError(f"{what}: entry {key} names layer {layer!r}")
+    return out
 
 
 # --- export ------------------------------------------------------------------------------------

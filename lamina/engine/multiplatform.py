@@ -102,8 +102,6 @@ def check_options(options: BuildOptions) -> None:
             )
     if options.provenance is not None:  # FIXME: one attestation manifest per platform
         raise OutputError("--provenance with several platforms is not supported yet")
-    if any(spec.inline for spec in options.cache_to):
-        raise OutputError("--cache-to type=inline with several platforms is not supported yet")
 
 
 def check_runnable(plans: Sequence[Plan], isolation: Any = None) -> None:
@@ -169,13 +167,21 @@ def finish(executors: Sequence[Executor], targets: Sequence[StageOutcome], start
         seconds = time.monotonic() - start
         return BuildResult("", "", targets[0].config, (), tuple(first.records), seconds, targets[0].name)
     committed = []
-    for target, platform in zip(targets, platforms, strict=True):
+    inline = any(spec.inline for spec in options.cache_to)
+    for executor, target, platform in zip(executors, targets, platforms, strict=True):
         config = md.merge_labels(target.config, options.labels)
         config = dataclasses.replace(config, created=first.created_for_image(target))
         config = dataclasses.replace(
             config, os=platform.os, architecture=platform.architecture, variant=platform.variant
         )  # as BuildKit's, for a target platform asked for: even a last stage built FROM --platform=X
         image = make_image(store, config, target.layers, options.compression, first.epoch)
+        if inline:  # --cache-to type=inline: each platform's config holds its own chain's entries
+            from lamina.engine.stepcache import inline_field
+
+            mine = [r for r in first.records if r.stage.startswith(f"{platform} ")]
+            records = mine if len(executors) > 1 else list(first.records)
+            config = dataclasses.replace(config, extra=(inline_field(executor, records, image.diff_ids),))
+            image = make_image(store, config, target.layers, options.compression, first.epoch)
         committed.append((platform, config, image))
     main = _main_platform(platforms)
     shown = tuple(str(p) for p in platforms)
