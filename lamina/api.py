@@ -145,7 +145,8 @@ def save(
     cache_dir: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Descriptor:
-    """Write the stored image `name` to `path` as an OCI archive or (`format="docker"`) a docker-archive.
+    """Write the stored image `name` to `path` (`-`: stdout) as an OCI archive or
+    (`format="docker"`) a docker-archive.
 
     `compression` ("gzip", "zstd", "none") recompresses the layers of an
     OCI archive; None keeps them as stored, so a loaded image saves with

@@ -391,7 +391,14 @@ def rmi(names: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option("-o", "--output", "path", required=True, type=click.Path(dir_okay=False), help="File to write.")
+@click.option(
+    "-o",
+    "--output",
+    "path",
+    default="-",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="File to write (default: stdout, as docker save; refused on a terminal).",
+)
 @click.option("--format", "fmt", type=click.Choice(["oci", "docker"]), default="oci", show_default=True)
 @click.option(
     "--compression",
@@ -407,10 +414,14 @@ def save(name: str, path: str, fmt: str, compression: str | None, platform: str 
     A multi-platform image is written whole (its index and every platform's image) unless
     --platform picks one.
     """
+    import os
+
     from lamina import api
 
+    if path == "-" and os.isatty(1):  # as docker save: never an archive on the terminal
+        raise click.UsageError("refusing to write an image archive to a terminal: give -o FILE or redirect")
     descriptor = api.save(name, path, format=fmt, compression=compression, platform=platform)
-    click.echo(f"Saved {name} ({descriptor.digest}) to {path}", err=True)
+    click.echo(f"Saved {name} ({descriptor.digest}) to {'stdout' if path == '-' else path}", err=True)
 
 
 @cli.group()

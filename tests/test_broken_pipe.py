@@ -73,6 +73,30 @@ def test_save_to_a_closed_pipe_ends_as_tar_does(tmp_path: Path, ctx: Path) -> No
     assert leftovers(cache, tmp_path) == []
 
 
+def test_save_without_o_writes_stdout_and_refuses_a_terminal(tmp_path: Path, ctx: Path) -> None:
+    # As docker save: `lamina save IMAGE > x.tar`, `lamina save IMAGE | ...`; never onto a terminal.
+    import pty
+
+    cache = tmp_path / "cache"
+    assert lamina(cache, "build", "-q", "-t", "pipe:1", str(ctx), stdout=subprocess.DEVNULL).wait(120) == 0
+    with open(tmp_path / "x.tar", "wb") as out:
+        saved = lamina(cache, "save", "pipe:1", stdout=out)
+        assert saved.wait(timeout=120) == 0
+    loaded = lamina(tmp_path / "other", "load", str(tmp_path / "x.tar"), stdout=subprocess.PIPE)
+    out, err = loaded.communicate(timeout=120)
+    assert loaded.returncode == 0 and out.startswith(b"Loaded image: pipe:1"), err
+    leader, follower = pty.openpty()
+    try:
+        proc = lamina(cache, "save", "pipe:1", stdout=follower)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert proc.returncode == 2 and stderr.decode().startswith("error: refusing to write an image archive"), (
+        stderr
+    )
+
+
 def test_output_to_a_fifo_is_written_through(tmp_path: Path, ctx: Path) -> None:
     # A rename over the FIFO would replace it and the reader would get nothing.
     fifo = tmp_path / "fifo"

@@ -602,8 +602,14 @@ def atomic_output(path: Path) -> Iterator[BinaryIO]:
     A full disk or any failure while writing it is reported as writing `path`:
     the user never sees the temporary name, which is gone by then. Whatever the block writes
     elsewhere must name its own files (the store's writers do). A `path` that is not a
-    regular file to replace (/dev/stdout, a FIFO, /dev/null) is written as it is.
+    regular file to replace (/dev/stdout, a FIFO, /dev/null) is written as it is; `-` is stdout.
     """
+    if str(path) == "-":
+        import sys
+
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
     if _written_in_place(path):
         with _shown_as(path, path), open(path, "wb") as f:
             yield f
