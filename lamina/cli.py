@@ -968,10 +968,25 @@ def build(
         for ref, digest in result.pushed:
             click.echo(f"pushed {ref}@{digest}", err=True)
     if quiet:
-        from lamina.engine.outputspec import parse_outputs
+        # never after a tar on stdout (-o -, dest=/dev/stdout): the image ID goes to stderr then
+        click.echo(result.config_digest, err=_output_on_stdout(outputs))
 
-        # never after a tar on stdout (-o -): the image ID goes to stderr then
-        click.echo(result.config_digest, err=any(o.to_stdout for o in parse_outputs(outputs)))
+
+def _output_on_stdout(outputs: Sequence[str]) -> bool:
+    """An output is written to stdout: `-`, or a dest that is the file stdout is (/dev/stdout)."""
+    import os
+
+    from lamina.engine.outputspec import parse_outputs
+
+    for output in parse_outputs(outputs):
+        if output.to_stdout:
+            return True
+        try:
+            if output.dest and os.path.samestat(os.stat(output.dest), os.fstat(1)):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _call(

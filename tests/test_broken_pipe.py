@@ -97,6 +97,21 @@ def test_save_without_o_writes_stdout_and_refuses_a_terminal(tmp_path: Path, ctx
     )
 
 
+def test_quiet_build_to_stdout_by_name_prints_the_id_on_stderr(tmp_path: Path, ctx: Path) -> None:
+    # -o dest=/proc/self/fd/1 (or /dev/stdout) is stdout too: the image ID after the archive
+    # would spoil it. (/proc/self/fd/1, not /dev/stdout: were the write a rename, /proc refuses.)
+    import tarfile
+
+    with open(tmp_path / "x.tar", "wb") as out:
+        proc = lamina(
+            tmp_path / "cache", "build", "-q", "-o", "type=oci,dest=/proc/self/fd/1", str(ctx), stdout=out
+        )
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and stderr.decode().startswith("sha256:"), stderr
+    with tarfile.open(tmp_path / "x.tar") as archive:
+        assert "index.json" in archive.getnames()
+
+
 def test_output_to_a_fifo_is_written_through(tmp_path: Path, ctx: Path) -> None:
     # A rename over the FIFO would replace it and the reader would get nothing.
     fifo = tmp_path / "fifo"
