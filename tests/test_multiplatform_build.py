@@ -116,6 +116,22 @@ def test_two_platform_build_runs_each_platform_and_the_build_stage_once(
     assert sorted(str(m.platform) for m in index.manifests) == sorted(PLATFORMS)
 
 
+def test_a_multi_platform_oci_layout_context_gives_each_platform_its_image(
+    multi_cache: Path, tmp_path: Path, multiplatform_image: Any
+) -> None:
+    """--build-context base=oci-layout://DIR:TAG of an index: each target's FROM picks its image."""
+    ctx = write_context(tmp_path / "ctx", "FROM base\nRUN uname -m > /arch\n")
+    archive = tmp_path / "multi.tar"
+    context = f"base=oci-layout://{multiplatform_image.layout}:1.35"
+    build(
+        multi_cache, ctx, platforms=PLATFORMS, build_contexts=[context], outputs=[f"type=oci,dest={archive}"]
+    )
+    images = images_in(archive)
+    assert {wanted: files["/arch"] for wanted, files in images.items()} == {
+        wanted: f"{ARCH[wanted]}\n".encode() for wanted in PLATFORMS
+    }
+
+
 def skopeo(*args: str) -> str:
     if registry_server.SKOPEO is None:
         pytest.skip("skopeo is not installed")

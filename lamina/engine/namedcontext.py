@@ -210,9 +210,10 @@ def _check_reference(ref: str, flag: str) -> None:
 
 def _import_layout(text: str, store_root: Path, internal: str, flag: str) -> str:
     """The image of a layout that `PATH[:TAG|@DIGEST]` names, imported as `internal`; its digest."""
-    from lamina.cache.images import import_image
+    from lamina.cache.images import import_image, import_index
     from lamina.cache.store import Store
     from lamina.oci.archive import open_image_source
+    from lamina.oci.layout import SourceIndex
 
     path, at, digest = text.partition("@")
     tag = "latest"
@@ -226,6 +227,9 @@ def _import_layout(text: str, store_root: Path, internal: str, flag: str) -> str
             if image is None:
                 what = f"digest {digest}" if digest else f"tag {tag}"
                 raise PlanError(f"{flag}: the layout has no image of {what}")
+            if isinstance(image, SourceIndex):  # multi-platform: each build platform picks its image
+                import_index(store, source, image, [internal])
+                return str(image.index.digest)
             import_image(store, source, image, [internal])
             return str(image.manifest.digest)
     except PlanError:
@@ -235,26 +239,30 @@ def _import_layout(text: str, store_root: Path, internal: str, flag: str) -> str
 
 
 def _pick(source: Any, path: Path, tag: str, digest: str) -> Any:
-    """The image of `source` whose index entry has ref.name `tag` (or whose digest is `digest`)."""
+    """The image (SourceImage, or a multi-platform SourceIndex) of `source` whose index entry has
+    ref.name `tag`, or whose digest is `digest` (an index's, or one of its platform images')."""
     import json
 
-    images = source.images()
+    from lamina.oci.layout import LayoutReader, SourceIndex
+
+    entries = source.entries() if isinstance(source, LayoutReader) else source.images()
+
+    def top(entry: Any) -> str:
+        return str(entry.index.digest if isinstance(entry, SourceIndex) else entry.manifest.digest)
+
     if digest:
-        return next((image for image in images if str(image.manifest.digest) == digest), None)
+        inner = [i for e in entries if isinstance(e, SourceIndex) for i in e.images]
+        return next((e for e in (*entries, *inner) if top(e) == digest), None)
     try:
         index = json.loads((path / "index.json").read_text())
     except (OSError, ValueError):
         return None
-    entries = [e for e in index.get("manifests", []) if isinstance(e, dict)]
-    for position, entry in enumerate(entries):
-        names = (entry.get("annotations") or {}).values()
-        if not any(name == tag or str(name).endswith(":" + tag) for name in names):
+    for entry in index.get("manifests", []):
+        if not isinstance(entry, dict):
             continue
-        for image in images:  # a manifest entry is its image
-            if str(image.manifest.digest) == entry.get("digest"):
-                return image
-        # An index entry: LayoutReader lists one image per entry, in order.
-        return images[position] if len(images) == len(entries) else None
+        names = (entry.get("annotations") or {}).values()
+        if any(name == tag or str(name).endswith(":" + tag) for name in names):
+            return next((e for e in entries if top(e) == entry.get("digest")), None)
     return None
 
 
