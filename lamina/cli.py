@@ -1045,9 +1045,11 @@ cli.add_command(explain)
 def _check_file_dest(path: str, flag: str) -> None:
     import os
 
+    from lamina.engine.outputspec import missing_dir
+
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise click.BadParameter(f"directory {parent} does not exist", param_hint=flag)
+        raise click.BadParameter(missing_dir(parent), param_hint=flag)
 
 
 def _write_text(path: str, flag: str, text: str) -> None:

@@ -387,6 +387,16 @@ def test_result_file_in_missing_dir(cache: Path, ctx: Path, tmp_path: Path, flag
     assert flag in line and f"directory {dest.parent} does not exist" in line
 
 
+@pytest.mark.parametrize("flag", ["--iidfile", "-o"])
+def test_result_file_under_a_file(cache: Path, ctx: Path, tmp_path: Path, flag: str) -> None:
+    # The parent exists, as a file: saying it does not exist sends the user looking for it.
+    (tmp_path / "afile").write_text("x\n")
+    dest = tmp_path / "afile" / "out"
+    value = f"type=oci,dest={dest}" if flag == "-o" else str(dest)
+    line = bad_build(cache, ctx, GOOD, flag, value)
+    assert f"{tmp_path / 'afile'} is not a directory" in line and "does not exist" not in line
+
+
 # --- RUN --------------------------------------------------------------------------------------
 
 

@@ -380,7 +380,14 @@ def check_dest(output: OutputSpec) -> None:
     if dest.is_dir():
         raise OutputError(f"{what}: {dest} is a directory (a file is written here)")
     if not dest.parent.is_dir():
-        raise OutputError(f"{what}: directory {dest.parent} does not exist")
+        raise OutputError(f"{what}: {missing_dir(str(dest.parent))}")
+
+
+def missing_dir(path: str) -> str:
+    """Why `path`, not a directory, cannot hold an output: missing, or something else."""
+    import os
+
+    return f"{path} is not a directory" if os.path.lexists(path) else f"directory {path} does not exist"
 
 
 _FLAG_TYPE = re.compile(r"^([a-z-]+)(?:\[([A-Za-z0-9_/-]+)\])?$")
