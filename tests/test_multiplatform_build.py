@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import platform
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -27,7 +28,7 @@ from lamina.oci.compression import open_decompressed
 from lamina.oci.digest import Digest
 from lamina.oci.image import Index, Platform
 from tests import registry_server
-from tests.support.build import build, write_context
+from tests.support.build import build, run_cli, write_context
 
 pytestmark = pytest.mark.sandbox
 
@@ -130,6 +131,19 @@ def test_a_multi_platform_oci_layout_context_gives_each_platform_its_image(
     assert {wanted: files["/arch"] for wanted, files in images.items()} == {
         wanted: f"{ARCH[wanted]}\n".encode() for wanted in PLATFORMS
     }
+
+
+def test_lamina_debug_enters_a_failed_arm64_step_emulated(multi_cache: Path, tmp_path: Path) -> None:
+    """The kept failure remembers its platform: `lamina debug` runs the step's shell as arm64."""
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN uname -m > /made && false\n")
+    proc = run_cli("build", "--platform", "linux/arm64", str(ctx), cache=multi_cache, check=False)
+    assert proc.returncode == 1, proc.stderr
+    found = re.search(r"^debug: lamina debug ([0-9a-f]{12})", proc.stderr, re.M)
+    assert found, proc.stderr
+    kept = json.loads((multi_cache / "failures" / found.group(1) / "failure.json").read_text())
+    assert kept["platform"] == "linux/arm64"
+    shell = run_cli("debug", found.group(1), "sh", "-c", "cat /made; uname -m", cache=multi_cache)
+    assert shell.stdout == "aarch64\naarch64\n"
 
 
 def skopeo(*args: str) -> str:

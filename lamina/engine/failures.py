@@ -106,6 +106,7 @@ class KeptFailure:
     extra_hosts: tuple[tuple[str, str], ...] = ()  # --add-host
     ulimits: tuple[tuple[str, int, int], ...] = ()  # --ulimit (name, soft, hard)
     shm_size: int = 0  # --shm-size
+    platform: str = ""  # the step's platform when not the host's (its programs run emulated)
 
     @property
     def upper(self) -> Path:
@@ -171,6 +172,7 @@ def keep(
         "extra_hosts": [list(pair) for pair in getattr(spec, "extra_hosts", ())],
         "ulimits": [[u.name, u.soft, u.hard] for u in getattr(spec, "ulimits", ())],
         "shm_size": getattr(spec, "shm_size", 0),
+        "platform": str(spec.platform) if getattr(spec, "platform", None) is not None else "",
     }
     (path / "failure.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     for old in list_failures(store_root)[:-MAX_KEPT]:
@@ -305,6 +307,7 @@ def _load(path: Path) -> KeptFailure | None:
             extra_hosts=tuple((name, ip) for name, ip in record.get("extra_hosts", ())),
             ulimits=tuple((name, soft, hard) for name, soft, hard in record.get("ulimits", ())),
             shm_size=int(record.get("shm_size", 0)),
+            platform=str(record.get("platform", "")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None  # being written, or by another version of lamina
@@ -378,6 +381,10 @@ def spec_for(failure: KeptFailure, argv: Sequence[str], scratch: Path) -> Any:
         run_flags["ulimits"] = tuple(Ulimit(*limit) for limit in failure.ulimits)
     if failure.shm_size:
         run_flags["shm_size"] = failure.shm_size
+    if failure.platform:
+        from lamina.oci.image import Platform
+
+        run_flags["platform"] = Platform.parse(failure.platform)
     return SandboxSpec(
         **run_flags,
         argv=tuple(argv or failure.shell),
