@@ -434,7 +434,8 @@ def run(
             stderr=stderr,
             scratch_dir=scratch,
             isolation=wanted,
-            platform=source.config.platform.normalized(),
+            # An image that names no architecture is taken as this host's, as docker runs it.
+            platform=source.config.platform.normalized() if source.config.architecture else None,
         )
         return sandbox.run(spec, ids=ids, on_warning=on_warning, on_started=on_started)
 
