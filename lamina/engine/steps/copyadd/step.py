@@ -287,7 +287,7 @@ def _write_files(
         selection = unpack_archives(
             tree, selection, upper, copy.dest, copy.owner, copy.image, copy.local, late
         )
-    written = prior.written if prior is not None else {}
+    written = prior.written if prior is not None else None
     write_selection(
         tree,
         selection,
