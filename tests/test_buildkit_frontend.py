@@ -316,7 +316,7 @@ def _index_digest(text: str, tmp: Path) -> str:
 _BUILD_KEYS = frozenset(
     (
         *("build_args", "target", "no_cache", "no_cache_filter", "labels", "network", "allow"),
-        *("cache_to", "cache_from", "ulimits", "shm_size", "add_hosts", "context_subdir"),
+        *("cache_to", "cache_from", "ulimits", "shm_size", "add_hosts", "context_subdir", "ssh"),
     )
 )
 
@@ -405,6 +405,8 @@ def test_buildkit_case(
             ]
             if "context_url" in case:
                 case["context_url"] = served(case["context_url"])
+            if "build_contexts" in case:
+                case["build_contexts"] = {k: served(v) for k, v in case["build_contexts"].items()}
             case["expect_files"] = {k: served(v) for k, v in case.get("expect_files", {}).items()}
             if "expect_error" in case:
                 case["expect_error"] = [served(fragment) for fragment in case["expect_error"]]
@@ -416,6 +418,14 @@ def test_buildkit_case(
         for key, value in case.get("secrets", {}).items():
             (tmp_path / "secrets").mkdir(exist_ok=True)
             (tmp_path / "secrets" / key).write_text(value)
+        if case.get("minbase"):  # a Debian root (tests/support/minbase), ADDed as minbase.tar
+            from tests.support.minbase import minbase_tar, why_unavailable
+
+            if (why := why_unavailable()) is not None:
+                pytest.skip(why)
+            shutil.copy(minbase_tar(), ctx / "minbase.tar")
+        if case.get("ssh_agent"):  # an ssh-agent of the test's own, its debug log kept
+            case = {**case, "ssh": [f"default={stack.enter_context(_ssh_agent(tmp_path / 'agent.log'))}"]}
         if "cdi_specs" in case:  # RUN --device's CDI specs, in a directory of their own
             (tmp_path / "cdi").mkdir()
             for name, text in case["cdi_specs"].items():
@@ -430,6 +440,36 @@ def test_buildkit_case(
         for name, served in case.get("expect_same_as_http", {}).items():
             data = (tmp_path / "http" / served.strip("/")).read_bytes()
             assert (out / name).read_bytes() == data, f"{name}: not the bytes served at {served}"
+    if case.get("ssh_agent"):  # the agent has stopped: its whole log is there
+        log = (tmp_path / "agent.log").read_text()
+        for fragment in case.get("expect_agent_log_in", []):
+            assert fragment in log, f"no {fragment!r} in the agent's log:\n{log}"
+        for fragment in case.get("expect_agent_log_not_in", []):
+            assert fragment not in log, f"{fragment!r} in the agent's log:\n{log}"
+
+
+@contextlib.contextmanager
+def _ssh_agent(log: Path) -> Iterator[str]:
+    """`ssh-agent -d` on a socket of a short path (a unix socket's is limited), its stderr to `log`."""
+    import tempfile
+
+    if shutil.which("ssh-agent") is None:
+        pytest.skip("ssh-agent is not installed (apt-get install openssh-client)")
+    home = tempfile.mkdtemp(prefix="lamina-agent-")
+    sock = os.path.join(home, "agent.sock")
+    with open(log, "wb") as err:
+        agent = subprocess.Popen(["ssh-agent", "-s", "-d", "-a", sock], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.1)
+        assert os.path.exists(sock), log.read_text()
+        yield sock
+    finally:
+        agent.terminate()
+        agent.wait()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _with_registry(case: dict[str, Any], host: str) -> dict[str, Any]:
