@@ -305,3 +305,22 @@ COPY unique /
         ("linux/arm/v7 stage-1", True),
     ]
     assert again.image_digest == first.image_digest  # the same index, inline caches and all
+
+
+def test_tar_and_local_outputs_hold_a_tree_per_platform(cache: Path, tmp_path: Path) -> None:
+    # testExportMultiPlatform: linux/arm is arm/v7, as BuildKit normalises it
+    text = "FROM scratch\nARG TARGETARCH\nCOPY arch-$TARGETARCH whoami\n"
+    files = {f"arch-{a}": f"i am {a}" for a in ("arm", "amd64", "s390x")}
+    ctx = write_context(tmp_path / "ctx", text, files)
+    local, tar = tmp_path / "local", tmp_path / "out.tar"
+    outputs = [f"type=local,dest={local}", f"type=tar,dest={tar}"]
+    build(cache, ctx, platforms=["windows/amd64,linux/arm,linux/s390x"], outputs=outputs)
+    expected = {"windows_amd64": "i am amd64", "linux_arm_v7": "i am arm", "linux_s390x": "i am s390x"}
+    assert {p.name: (p / "whoami").read_text() for p in local.iterdir()} == expected
+    with tarfile.open(tar) as archive:
+        found = {}
+        for name in expected:
+            member = archive.extractfile(f"{name}/whoami")
+            assert member is not None
+            found[name] = member.read().decode()
+    assert found == expected

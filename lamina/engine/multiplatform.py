@@ -94,11 +94,10 @@ def check_options(options: BuildOptions) -> None:
     for output in options.outputs:
         if output.type is OutputType.DOCKER:  # buildx's own words
             raise OutputError("docker exporter does not currently support exporting manifest lists")
-        if output.type is OutputType.TAR:  # FIXME: BuildKit writes one tar with a tree per platform
-            raise OutputError("--output type=tar: several platforms in one tar are not supported yet")
-        if output.type is OutputType.LOCAL and output.platform_split is False:
+        if output.type in (OutputType.LOCAL, OutputType.TAR) and output.platform_split is False:
             raise OutputError(
-                "--output type=local,platform-split=false: several platforms in one tree are not supported"
+                f"--output type={output.type.value},platform-split=false: several platforms in one tree"
+                " are not supported"
             )
     if options.provenance is not None:  # FIXME: one attestation manifest per platform
         raise OutputError("--provenance with several platforms is not supported yet")
@@ -209,6 +208,9 @@ def finish(executors: Sequence[Executor], targets: Sequence[StageOutcome], start
         elif output.type is OutputType.LOCAL:
             for platform, target in zip(platforms, targets, strict=True):
                 write_rootfs(target.layer_dirs, Path(output.dest) / str(platform).replace("/", "_"))
+        elif output.type is OutputType.TAR:  # one tar, a tree per platform (linux_amd64/...)
+            trees = [(p, t.layer_dirs) for p, t in zip(platforms, targets, strict=True)]
+            write_output(output, store, stored, targets[main].layer_dirs, names, first.epoch, trees=trees)
         else:  # type=oci: the index, every platform's blobs
             write_output(output, store, images[i], targets[main].layer_dirs, names, first.epoch)
     seconds = time.monotonic() - start

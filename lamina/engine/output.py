@@ -31,7 +31,7 @@ from lamina.oci.overlay import is_opaque, is_whiteout
 if TYPE_CHECKING:
     from lamina.cache.store import BlobInfo, BlobWriter, Store
     from lamina.oci.entry import LayerEntry
-    from lamina.oci.image import Descriptor, ImageConfig
+    from lamina.oci.image import Descriptor, ImageConfig, Platform
     from lamina.oci.layer import LayerInfo
 
 
@@ -553,6 +553,7 @@ def write_output(
     names: Sequence[str],
     epoch: int | None,
     add_files: Callable[[Path], None] | None = None,
+    trees: Sequence[tuple[Platform, Sequence[Path]]] | None = None,
 ) -> tuple[str, ...]:
     """Write one non-store output of an image; a full disk names the output and the path.
 
@@ -566,7 +567,7 @@ def write_output(
     """
     what = f"--output type={output.type.value},dest={output.dest}"
     try:
-        return _write_output(output, store, image, layer_dirs, names, epoch, add_files)
+        return _write_output(output, store, image, layer_dirs, names, epoch, add_files, trees)
     except OutputError:
         raise
     except DiskFull as err:
@@ -588,6 +589,7 @@ def _write_output(
     names: Sequence[str],
     epoch: int | None,
     add_files: Callable[[Path], None] | None = None,
+    trees: Sequence[tuple[Platform, Sequence[Path]]] | None = None,
 ) -> tuple[str, ...]:
     if output.type is OutputType.LOCAL:
         dest = Path(output.dest)
@@ -597,7 +599,7 @@ def _write_output(
             add_files(root)
         return warnings
     if output.type is OutputType.TAR:
-        _write_rootfs_tar(output, store, layer_dirs, epoch, add_files)
+        _write_rootfs_tar(output, store, layer_dirs, epoch, add_files, trees)
         return ()
     if output.type in (OutputType.OCI, OutputType.DOCKER):
         # BuildKit's docker exporter writes the same tarball as its oci one (an OCI
@@ -659,11 +661,11 @@ def _with_created(
 CREATED = "org.opencontainers.image.created"
 
 
-def _platform_dir() -> str:
-    """platform-split=true: BuildKit's directory for the build's one platform (`linux_amd64`)."""
+def _platform_dir(platform: Platform | None = None) -> str:
+    """platform-split=true: BuildKit's directory for a platform (`linux_arm_v7`; None: the host's)."""
     from lamina.oci.image import host_platform
 
-    return str(host_platform()).replace("/", "_")
+    return str(platform or host_platform()).replace("/", "_")
 
 
 def _write_rootfs_tar(
@@ -672,8 +674,10 @@ def _write_rootfs_tar(
     layer_dirs: Sequence[Path],
     epoch: int | None,
     add_files: Callable[[Path], None] | None = None,
+    trees: Sequence[tuple[Platform, Sequence[Path]]] | None = None,
 ) -> None:
-    """type=tar: the merged root filesystem as one uncompressed tar."""
+    """type=tar: the merged root filesystem as one uncompressed tar; `trees` (a multi-platform
+    build's layer dirs per platform): each platform's under its directory, as BuildKit's."""
     import tempfile
 
     from lamina.oci.compression import Compression
@@ -684,7 +688,12 @@ def _write_rootfs_tar(
     # Rootless, the tree is the caller's (root in the container); the owners are kept aside.
     owners = ContainerOwners() if os.geteuid() != 0 else None
     try:
-        if output.platform_split:  # the tree under linux_amd64/, as BuildKit splits it
+        if trees is not None:  # several platforms: linux_amd64/, linux_arm64/, ...
+            (scratch / "root").mkdir(mode=0o755)
+            for platform, dirs in trees:
+                merge_layers(dirs, scratch / "root" / _platform_dir(platform), record=True, owners=owners)
+                os.chmod(scratch / "root" / _platform_dir(platform), 0o755)
+        elif output.platform_split:  # the tree under linux_amd64/, as BuildKit splits it
             (scratch / "root").mkdir(mode=0o755)
             merge_layers(layer_dirs, scratch / "root" / _platform_dir(), record=True, owners=owners)
             os.chmod(scratch / "root" / _platform_dir(), 0o755)
