@@ -200,7 +200,7 @@ def test_build_context_dir_change_is_seen_by_a_rebuild(cache: Path, tmp_path: Pa
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("x=https://example.com/ctx.tar.gz", "only a directory, a git URL, docker-image:// or oci-layout://"),
+        ("x=target:other", "only a directory, a git or http(s) URL, docker-image:// or oci-layout://"),
         ("x=/nonexistent/dir", "/nonexistent/dir is not a directory"),
         ("novalue", "expected NAME=VALUE"),
     ],

@@ -91,3 +91,27 @@ def test_the_environment_names_a_source_as_the_build_arg_does(cache: Path, tmp_p
     assert made.config.created != "1970-01-01T00:00:00Z"
     with pytest.raises(LaminaError, match="invalid SOURCE_DATE_EPOCH: nowhere"):
         api.build(ctx, cache_dir=cache, environ={"SOURCE_DATE_EPOCH": "nowhere"})
+
+
+def test_an_http_build_context_is_the_file_it_serves_and_its_time(cache: Path, tmp_path: Path) -> None:
+    # dockerui: llb.HTTP(url, Filename("context")): one file, 0600, timed by Last-Modified.
+    import os
+
+    from tests.support.servers import serve_directory
+
+    served = tmp_path / "http"
+    served.mkdir()
+    (served / "src.tar").write_bytes(_tar({"foo": 1700000602}))
+    os.utime(served / "src.tar", (1700000601, 1700000601))
+    text = "ARG SOURCE_DATE_EPOCH=mysource\nFROM mysource\nLABEL x=y\n"
+    out = tmp_path / "out"
+    with serve_directory(served) as url:
+        made = build(
+            cache,
+            write_context(tmp_path / "ctx", text),
+            build_contexts=[f"mysource={url}/src.tar"],
+            outputs=[f"type=local,dest={out}"],
+        )
+    assert (out / "context").read_bytes() == (served / "src.tar").read_bytes()
+    assert (out / "context").stat().st_mode & 0o777 == 0o600
+    assert made.config.created == "2023-11-14T22:23:21Z", "the Last-Modified, not the archive's newest file"

@@ -156,7 +156,7 @@ def _resolve(
         # BuildKit's HTTP context: a tar (any compression) is the context; any other file is
         # the Dockerfile, whatever -f names (buildx's "bogus" filename), with an empty context.
         spooled = work / "http.bin"
-        modified = _download(context, spooled)
+        modified = download(context, spooled)
         epoch = modified if modified is not None else _newest_file_time(spooled)
         found = _tar_or_dockerfile(
             spooled, dockerfile if _is_tar(spooled) and not external else None, work, context
@@ -210,7 +210,7 @@ def _tar_or_dockerfile(spooled: Path, dockerfile: str | None, work: Path, what: 
 _MAX_HTTP_CONTEXT = 8 << 30  # a context tarball; more is refused rather than filling the disk
 
 
-def _download(url: str, dest: Path) -> int | None:
+def download(url: str, dest: Path) -> int | None:
     """Fetch `url` into `dest`; its Last-Modified time, if the server gives one."""
     import httpx
 

@@ -14,8 +14,12 @@ VALUE is, as buildx takes it:
   `latest` by default), imported into the store;
 - a local directory, or a git URL (engine.gitsource): an image of one layer
   holding its files as a COPY from a context holds them (its .dockerignore
-  applied, owners 0:0), as BuildKit's llb.Local of that directory.
-Other values (an HTTP URL, `target:`) are refused.
+  applied, owners 0:0), as BuildKit's llb.Local of that directory;
+- an http(s) URL: an image of the one file it serves, `/context` (mode 0600,
+  its time the Last-Modified), as dockerui's llb.HTTP with that file name.
+Other values (`target:`, `input:`) are refused. A git or HTTP context's time
+(commit time; Last-Modified, else its archive's newest file) is what
+SOURCE_DATE_EPOCH=NAME takes (engine.sourceepoch).
 
 Under a source policy (engine.sourcepolicy) each value is judged as BuildKit
 names it (`docker-image://FULLNAME`, `local://NAME`, `oci-layout://...`, its git
@@ -33,6 +37,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -52,7 +57,7 @@ class NamedContext:
     ref: str  # the image reference used instead
     local: bool = False  # only in the local store: never pulled, even with --pull
     digest: str = ""  # the manifest of an image made or imported here (the replay memo's)
-    source: str = ""  # the value given (a URL names the time of SOURCE_DATE_EPOCH=NAME)
+    epoch: int | None = None  # SOURCE_DATE_EPOCH=NAME: a git commit's or an HTTP source's time
 
 
 def key_of(name: str) -> str:
@@ -112,8 +117,7 @@ def prepared(
                     raise PlanError(f"--build-context {flag}: {key} is given twice")
                 if policy is not None:
                     value = _judged(policy, key, value, dict(parsed), main_context)
-                made_context = _context(key, value, store_root, environ, build_dir, made, temporary)
-                found[key] = dataclasses.replace(made_context, source=value)
+                found[key] = _context(key, value, store_root, environ, build_dir, made, temporary)
             yield tuple(found.values())
     finally:
         if made:
@@ -143,21 +147,63 @@ def _context(
         return NamedContext(key, internal, local=True, digest=digest)
     directory = Path(value)
     fetched = not directory.is_dir() and is_git_url(value)
+    epoch = None
     if fetched:
+        from lamina.engine.sourceepoch import commit_time
+
         work = Path(temporary.enter_context(tempfile.TemporaryDirectory(prefix="lamina-context-")))
         ref = parse_git_url(value)
         try:
-            check_commit(ref, checkout(ref, work / "git", environ, keep_git_dir=bool(ref.keep_git_dir)))
+            check_commit(ref, checkout(ref, work / "git", environ, keep_git_dir=True))
+            epoch = commit_time(work / "git")
         except LaminaError as err:
             raise PlanError(f"{flag}: {err}") from None
+        if not ref.keep_git_dir:
+            shutil.rmtree(work / "git" / ".git")
         directory = work / "git" / ref.subdir if ref.subdir else work / "git"
-    if value.startswith(("http://", "https://", "target:", "input:")) and not directory.is_dir():
-        raise PlanError(f"{flag}: only a directory, a git URL, docker-image:// or oci-layout:// is supported")
+    elif value.startswith(("http://", "https://")) and not directory.is_dir():
+        return _http_context(key, value, internal, build_dir, made, temporary)
+    if value.startswith(("target:", "input:")) and not directory.is_dir():
+        raise PlanError(
+            f"{flag}: only a directory, a git or http(s) URL, docker-image:// or oci-layout:// is supported"
+        )
     if not directory.is_dir():
         raise PlanError(f"{flag}: {value} is not a directory")
     made.append(internal)
     # A git context is taken whole (no .dockerignore), a directory as its upload is.
-    return NamedContext(key, internal, local=True, digest=build_dir(directory, internal, not fetched))
+    digest = build_dir(directory, internal, not fetched)
+    return NamedContext(key, internal, local=True, digest=digest, epoch=epoch)
+
+
+def _http_context(
+    key: str,
+    url: str,
+    internal: str,
+    build_dir: Callable[[Path, str, bool], str],
+    made: list[str],
+    temporary: contextlib.ExitStack,
+) -> NamedContext:
+    """dockerui's HTTP context: the one file the URL serves, named `context` (llb.HTTP's
+    Filename), mode 0600, its time the Last-Modified; its SOURCE_DATE_EPOCH is that time, else
+    the newest file of the archive it is."""
+    from lamina.engine.contextsource import download
+    from lamina.engine.sourceepoch import newest_file_time
+
+    work = Path(temporary.enter_context(tempfile.TemporaryDirectory(prefix="lamina-context-")))
+    directory = work / "http"
+    directory.mkdir(mode=0o755)
+    path = directory / "context"
+    try:
+        modified = download(url, path)
+    except LaminaError as err:
+        raise PlanError(f"--build-context {key}={url}: {err}") from None
+    os.chmod(path, 0o600)
+    if modified is not None:
+        os.utime(path, (modified, modified))
+    with open(path, "rb") as stream:
+        epoch = modified if modified is not None else newest_file_time(stream)
+    made.append(internal)
+    return NamedContext(key, internal, local=True, digest=build_dir(directory, internal, False), epoch=epoch)
 
 
 def _judged(policy: Policy, key: str, value: str, values: dict[str, str], main_context: Path | None) -> str:

@@ -8,7 +8,7 @@ as that), else the Dockerfile's global `ARG SOURCE_DATE_EPOCH=...` default, and 
   Last-Modified, else the newest regular file of the archive it serves; a local
   context has none, which leaves SOURCE_DATE_EPOCH unset;
 - the name of a `--build-context`: that source's time the same way (an http(s) URL or
-  a git URL; an image or a directory has none);
+  a git URL, timed when it is fetched; an image or a directory has none);
 - the name of a stage: one that is `FROM scratch` with only ARGs and exactly one ADD
   of an http(s) or git URL (BuildKit's "source-only" stage), whose source's time it is;
 - anything else is an error (`invalid SOURCE_DATE_EPOCH: X`).
@@ -74,7 +74,7 @@ def _from_source(text: str, options: BuildOptions, plan: Any, environ: Mapping[s
         return options.context_epoch
     named = lookup(options.build_contexts, text)
     if named is not None:
-        return _url_epoch(named.source, None, environ) if named.source else None
+        return named.epoch  # found when it was fetched (engine.namedcontext)
     for stage in plan.stages:
         if stage.name is not None and stage.name == text.lower():
             url, checksum = _stage_source(stage, plan, options)
