@@ -19,8 +19,9 @@ binfmt-support or systemd-binfmt). How a sandbox gets one, best first:
               filled) and registers Debian's rule there with F, from the host's
               view, before pivot_root; every program the step starts (a shell's
               children too) is emulated. The host's handlers are never touched.
-    proot     nothing registered, proot isolation: `proot -q qemu-<arch>-static`,
-              proot runs every program of the step through the interpreter.
+    proot     proot isolation: `proot -q qemu-<arch>-static`, proot runs every program
+              of the step through the interpreter (registered or not: proot's own
+              loader starts programs, so the kernel's handlers are never asked).
 
 Without any of these, a build fails before its first step with the remedy
 (`check_platforms`). lamina itself never registers a handler on the host: that
@@ -224,12 +225,16 @@ def emulator(
     platform = platform.normalized()
     if is_native(platform):
         return Emulator(platform, "native")
+    rule = private_rule(platform)
+    if isolation == "proot":
+        # proot starts every program through its own loader, which cannot map another
+        # architecture's ELF: the kernel's handler is never reached, so always proot -q.
+        if rule is not None:
+            return Emulator(platform, "proot", rule[1])
+        raise SandboxError(f"cannot run {platform} programs under proot isolation: no emulator ({REMEDY})")
     registered = _host_handler(platform, host_handlers() if handlers is None else handlers)
     if registered is not None and "F" in registered.flags:
         return Emulator(platform, "binfmt", registered.interpreter)
-    rule = private_rule(platform)
-    if rule is not None and isolation == "proot":
-        return Emulator(platform, "proot", rule[1])
     if rule is not None and isolation == "userns" and private_binfmt_works():
         return Emulator(platform, "private", rule[1], rule[0])
     raise SandboxError(_cannot(platform, isolation, registered, rule is not None))
