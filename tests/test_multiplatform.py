@@ -324,3 +324,28 @@ def test_tar_and_local_outputs_hold_a_tree_per_platform(cache: Path, tmp_path: P
             assert member is not None
             found[name] = member.read().decode()
     assert found == expected
+
+
+def test_provenance_of_each_platform_is_attached_in_the_one_index(cache: Path, tmp_path: Path) -> None:
+    # BuildKit's multi-platform export with attestations: after each image, its attestation
+    # manifest (unknown/unknown, naming that image by digest), all in one index.
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY f /f\n", {"f": "x\n"})
+    out = tmp_path / "attested.tar"
+    build(cache, ctx, platforms=["linux/amd64,linux/arm64"], provenance="mode=min", tags=["att:1"],
+          outputs=[f"type=oci,dest={out}"])  # fmt: skip
+    top, blobs = _archive(out)
+    index = json.loads(blobs[top["manifests"][0]["digest"]])
+    kind = "vnd.docker.reference.type"
+    kinds = [(d["platform"]["os"], d["platform"]["architecture"], d.get("annotations", {}).get(kind))
+             for d in index["manifests"]]  # fmt: skip
+    assert kinds == [
+        ("linux", "amd64", None),
+        ("unknown", "unknown", "attestation-manifest"),
+        ("linux", "arm64", None),
+        ("unknown", "unknown", "attestation-manifest"),
+    ]
+    for image, attestation in zip(index["manifests"][::2], index["manifests"][1::2], strict=True):
+        assert attestation["annotations"]["vnd.docker.reference.digest"] == image["digest"]
+        statement = json.loads(blobs[json.loads(blobs[attestation["digest"]])["layers"][0]["digest"]])
+        arch = image["platform"]["architecture"]
+        assert [s["name"] for s in statement["subject"]] == [f"pkg:docker/att@1?platform=linux%2F{arch}"]

@@ -457,9 +457,10 @@ def platform_index(
     store: Store, images: Sequence[tuple[Platform, ExportedImage]], output: OutputSpec | None, main: int = 0
 ) -> ExportedImage:
     """One image index over each platform's image, as BuildKit exports a multi-platform build:
-    an entry per platform (its manifest descriptor with `platform`), the output's `index` and
-    `index-descriptor` annotations. The result reads as image `main` (what manifest.json and a
-    single-image reader take) with the index on top and the other platforms' blobs as `extra`."""
+    an entry per platform (its manifest descriptor with `platform`, then its attestation
+    manifest when it has one), the output's `index` and `index-descriptor` annotations. The
+    result reads as image `main` (what manifest.json and a single-image reader take) with the
+    index on top and the other platforms' blobs (and every attestation's) as `extra`."""
     from lamina.oci.image import DOCKER_MANIFEST_LIST, OCI_INDEX, Index, descriptor_of
 
     annotations: dict[str, dict[str, str]] = {"index": {}, "index-descriptor": {}}
@@ -467,15 +468,18 @@ def platform_index(
         if annotation.kind in annotations:
             annotations[annotation.kind][annotation.key] = annotation.value
     media_type = OCI_INDEX if output is None or output.oci_types else DOCKER_MANIFEST_LIST
-    entries = tuple(dataclasses.replace(image.manifest, platform=platform) for platform, image in images)
-    data = Index(entries, media_type, tuple(sorted(annotations["index"].items()))).to_bytes()
+    entries: list[Descriptor] = []
+    for platform, image in images:
+        entries.append(dataclasses.replace(image.manifest, platform=platform))
+        if image.index is not None:  # attested (_with_attestations): its attestation manifest next
+            entries.append(image.extra[0])
+    data = Index(tuple(entries), media_type, tuple(sorted(annotations["index"].items()))).to_bytes()
     _put(store, data)
     index = descriptor_of(data, media_type).replace_annotations(annotations["index-descriptor"])
     first = images[main][1]
     extra = [
         blob
         for i, (_, image) in enumerate(images)
-        if i != main
-        for blob in (image.manifest, image.config, *image.layers)
+        for blob in (() if i == main else (image.manifest, image.config, *image.layers)) + image.extra
     ]
     return ExportedImage(first.manifest, first.config, first.layers, index, tuple(extra))

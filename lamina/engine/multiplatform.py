@@ -49,6 +49,7 @@ class Executor(Protocol):
 
     def build_target(self, pool: Any) -> StageOutcome: ...
     def created_for_image(self, target: StageOutcome) -> str: ...
+    def statements(self, image: Any, config: Any) -> tuple[Any, ...]: ...
 
 
 @contextlib.contextmanager
@@ -99,8 +100,9 @@ def check_options(options: BuildOptions) -> None:
                 f"--output type={output.type.value},platform-split=false: several platforms in one tree"
                 " are not supported"
             )
-    if options.provenance is not None:  # FIXME: one attestation manifest per platform
-        raise OutputError("--provenance with several platforms is not supported yet")
+    if options.provenance is not None and any(o.type is OutputType.TAR for o in options.outputs):
+        # FIXME: BuildKit's tar exporter writes each platform's provenance.json in its tree
+        raise OutputError("--output type=tar with --provenance of several platforms is not supported yet")
 
 
 def check_runnable(plans: Sequence[Plan], isolation: Any = None) -> None:
@@ -152,22 +154,44 @@ def run_platforms(executors: Sequence[Executor]) -> tuple[StageOutcome, ...]:
 
 def finish(executors: Sequence[Executor], targets: Sequence[StageOutcome], start: float) -> BuildResult:
     """Each platform's image, the index over them, the outputs and the tags."""
-    from lamina.engine.imageexport import export_image, platform_index
     from lamina.engine.model import BuildResult
-    from lamina.engine.output import make_image, write_output, write_rootfs
-    from lamina.engine.outputspec import OutputType
     from lamina.engine.progress import BuildSummary
+
+    first = executors[0]
+    options = first.options
+    if options.dry_run:
+        seconds = time.monotonic() - start
+        return BuildResult("", "", targets[0].config, (), tuple(first.records), seconds, targets[0].name)
+    committed = _commit_images(executors, targets)
+    main = _main_platform([platform for platform, _, _, _ in committed])
+    tagged, names = _write_outputs(executors, targets, committed, main)
+    seconds = time.monotonic() - start
+    _, config, image, _ = committed[main]
+    result = BuildResult(
+        str(tagged.top.digest),  # BuildKit's containerimage.digest of a multi-platform build: the index
+        str(image.config.digest),
+        dataclasses.replace(config, diff_ids=image.diff_ids),
+        names,
+        tuple(first.records),
+        seconds,
+        targets[main].name,
+    )
+    cached, ran = result.steps_cached, result.steps_run
+    first.sink.finish(BuildSummary(result.image_digest, result.config_digest, cached, ran, seconds))
+    return result
+
+
+def _commit_images(executors: Sequence[Executor], targets: Sequence[StageOutcome]) -> list[tuple[Any, ...]]:
+    """(platform, config, committed image, attestation statements) of each target platform."""
+    from lamina.engine.output import make_image
     from lamina.engine.steps import metadata as md
 
     first = executors[0]
     options, store = first.options, first.store
-    platforms = [executor.plan.target_platform for executor in executors]
-    if options.dry_run:
-        seconds = time.monotonic() - start
-        return BuildResult("", "", targets[0].config, (), tuple(first.records), seconds, targets[0].name)
     committed = []
     inline = any(spec.inline for spec in options.cache_to)
-    for executor, target, platform in zip(executors, targets, platforms, strict=True):
+    for executor, target in zip(executors, targets, strict=True):
+        platform = executor.plan.target_platform
         config = md.merge_labels(target.config, options.labels)
         config = dataclasses.replace(config, created=first.created_for_image(target))
         config = dataclasses.replace(
@@ -181,23 +205,46 @@ def finish(executors: Sequence[Executor], targets: Sequence[StageOutcome], start
             records = mine if len(executors) > 1 else list(first.records)
             config = dataclasses.replace(config, extra=(inline_field(executor, records, image.diff_ids),))
             image = make_image(store, config, target.layers, options.compression, first.epoch)
-        committed.append((platform, config, image))
-    main = _main_platform(platforms)
-    shown = tuple(str(p) for p in platforms)
+        committed.append((platform, config, image, executor.statements(image, config)))
+    return committed
+
+
+def _write_outputs(
+    executors: Sequence[Executor],
+    targets: Sequence[StageOutcome],
+    committed: list[tuple[Any, ...]],
+    main: int,
+) -> tuple[Any, tuple[str, ...]]:
+    """Every output of the build and the tags: (what the tags name, the names given)."""
+    from lamina.engine.imageexport import ExportedImage, attestation_files, export_image, platform_index
+    from lamina.engine.output import write_output, write_rootfs
+    from lamina.engine.outputspec import OutputType
+
+    first = executors[0]
+    options, store, epoch = first.options, first.store, first.epoch
+    shown = tuple(str(platform) for platform, _, _, _ in committed)
 
     def exported(output: Any) -> Any:
-        args = (options.compression, first.epoch)
-        images = [
-            (platform, export_image(store, image, target.layers, output, *args, platform, (), [], shown))
-            for (platform, _, image), target in zip(committed, targets, strict=True)
-        ]
+        subjects = list(dict.fromkeys([*output.names, *options.tags]))  # attestation subjects
+        images = []
+        for (platform, _, image, said), target in zip(committed, targets, strict=True):
+            made = export_image(
+                store,
+                image,
+                target.layers,
+                output,
+                options.compression,
+                epoch,
+                platform,
+                said,
+                subjects,
+                shown,
+            )
+            images.append((platform, made))
         return platform_index(store, images, output, main)
 
-    from lamina.engine.imageexport import ExportedImage
-
-    stored = platform_index(
-        store, [(p, ExportedImage(i.manifest, i.config, i.layers)) for p, _, i in committed], None, main
-    )
+    plain = [(p, ExportedImage(i.manifest, i.config, i.layers)) for p, _, i, _ in committed]
+    stored = platform_index(store, plain, None, main)
     images = {i: exported(o) for i, o in enumerate(options.outputs) if o.is_image}
     image_outputs = [i for i, o in enumerate(options.outputs) if o.type is OutputType.IMAGE]
     tagged = images[image_outputs[0]] if image_outputs else stored
@@ -205,27 +252,18 @@ def finish(executors: Sequence[Executor], targets: Sequence[StageOutcome], start
     for i, output in enumerate(options.outputs):
         if output.type is OutputType.IMAGE:
             _tag(first, images[i], output.names)
-        elif output.type is OutputType.LOCAL:
-            for platform, target in zip(platforms, targets, strict=True):
-                write_rootfs(target.layer_dirs, Path(output.dest) / str(platform).replace("/", "_"))
+        elif output.type is OutputType.LOCAL:  # a tree per platform, each with its attestations
+            for (platform, _, _, statements), target in zip(committed, targets, strict=True):
+                root = Path(output.dest) / str(platform).replace("/", "_")
+                write_rootfs(target.layer_dirs, root)
+                if statements:
+                    attestation_files(statements, epoch, output.attestation_prefix)(root)
         elif output.type is OutputType.TAR:  # one tar, a tree per platform (linux_amd64/...)
-            trees = [(p, t.layer_dirs) for p, t in zip(platforms, targets, strict=True)]
-            write_output(output, store, stored, targets[main].layer_dirs, names, first.epoch, trees=trees)
+            trees = [(p, t.layer_dirs) for (p, _, _, _), t in zip(committed, targets, strict=True)]
+            write_output(output, store, stored, targets[main].layer_dirs, names, epoch, trees=trees)
         else:  # type=oci: the index, every platform's blobs
-            write_output(output, store, images[i], targets[main].layer_dirs, names, first.epoch)
-    seconds = time.monotonic() - start
-    result = BuildResult(
-        str(tagged.top.digest),  # BuildKit's containerimage.digest of a multi-platform build: the index
-        str(committed[main][2].config.digest),
-        dataclasses.replace(committed[main][1], diff_ids=committed[main][2].diff_ids),
-        names,
-        tuple(first.records),
-        seconds,
-        targets[main].name,
-    )
-    cached, ran = result.steps_cached, result.steps_run
-    first.sink.finish(BuildSummary(result.image_digest, result.config_digest, cached, ran, seconds))
-    return result
+            write_output(output, store, images[i], targets[main].layer_dirs, names, epoch)
+    return tagged, names
 
 
 def _main_platform(platforms: Sequence[Platform]) -> int:
