@@ -109,6 +109,7 @@ def test_the_caching_tutorial_shows_lamina_s_real_output(tmp_path: Path, tutoria
     work = tmp_path / "example"
     work.mkdir()
     for _, _, expected, actual in run_tutorial(work, tutorial_cache):
+        assert "Traceback" not in actual, actual  # a tutorial never shows a crash, even a faithful one
         assert normalise(expected) == actual, (
             "docs/caching.md is stale: run tests/test_docs_caching.py --update"
         )
@@ -130,6 +131,8 @@ def _update() -> None:
         doc = DOC.read_text()
         pieces, last = [], 0
         for start, end, _, actual in run_tutorial(work, cache):
+            if "Traceback (most recent call last)" in actual:  # twice committed so: a tree mid-change
+                sys.exit(f"{DOC}: not rewritten, lamina crashed in it:\n{actual}")
             pieces += [doc[last:start], actual]
             last = end
         DOC.write_text("".join(pieces) + doc[last:])
