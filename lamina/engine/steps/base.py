@@ -57,7 +57,7 @@ def load_image(
 
     name = store_name(ref, pinned=True)
     record = None
-    if (executor.options.pull and not local) or not _in_store(store, name):
+    if (executor.options.pull and not local) or not _in_store(store, name, platform):
         record = _pull(executor, ref, location, platform)
     try:
         record = record or store.resolve(name)
@@ -111,9 +111,13 @@ def _source(location: Any, ref: str) -> str:
     return f"{location}: FROM {ref}" if location is not None else f"from={ref}"
 
 
-def _in_store(store: Any, name: str) -> bool:
+def _in_store(store: Any, name: str, platform: Platform) -> bool:
+    """Whether the store holds `name`'s image for `platform` (an index pulled for one platform
+    lacks the others: another platform's stage must pull again)."""
+    from lamina.cache.images import platform_manifest
+
     try:
-        store.resolve(name)
+        platform_manifest(store, store.resolve(name).manifest, platform, name, strict=False)
     except LaminaError:
         return False
     return True
