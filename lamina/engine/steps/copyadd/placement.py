@@ -50,7 +50,15 @@ from lamina.errors import ContextError, DiskFull, is_disk_full
 from lamina.oci import filecopy, recorded, xattrs
 from lamina.oci.entry import EntryType
 
-__all__ = ["WRITTEN", "PriorCopy", "clear_target", "make_dest_dirs", "read_written", "write_selection"]
+__all__ = [
+    "WRITTEN",
+    "PriorCopy",
+    "clear_target",
+    "make_dest_dirs",
+    "one_file_target",
+    "read_written",
+    "write_selection",
+]
 
 _CHUNK = 1 << 20
 _BATCH = 64  # files per job of the copy threads
