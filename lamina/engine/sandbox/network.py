@@ -1,6 +1,6 @@
 """A step's default network: a namespace of its own, outbound access through slirp4netns.
 
-As rootless podman and BuildKit's default: the step gets an interface
+As rootless podman and BuildKit's default: the step gets an interface, eth0
 (10.0.2.100/24, gateway 10.0.2.2, DNS forwarder 10.0.2.3) whose traffic
 slirp4netns turns into ordinary sockets of the caller. The host's loopback
 is not reachable (`--disable-host-loopback`: 10.0.2.2 does not lead to the
@@ -78,7 +78,7 @@ def attached(pid: int, publish: Sequence[PublishedPort] = ()) -> Iterator[None]:
                 f"--ready-fd={ready_w}",
                 f"--exit-fd={exit_r}",  # our end closing (even if we are killed) stops it
                 str(pid),
-                "tap0",
+                "eth0",  # the name a RUN sees in BuildKit (its bridge) and docker: scripts look for it
             ],
             pass_fds=(ready_w, exit_r),
             stdin=subprocess.DEVNULL,
