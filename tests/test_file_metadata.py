@@ -490,3 +490,32 @@ def test_a_rootless_build_writes_device_nodes_byte_for_byte_as_root(
         done = user.lamina("build", "-q", str(ctx), env=epoch)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split()[-1] == as_root
+
+
+def test_a_layer_cannot_fake_a_device_node_through_lamina_records(cache: Path, tmp_path: Path) -> None:
+    """`user.lamina.rdev` is lamina's own record: an image layer or an ADD archive that carries
+    it on an empty file gets a plain empty file (the record dropped on unpack), never a device
+    node in the layers lamina writes."""
+    from lamina.cache.store import Store
+    from lamina.oci.entry import EntryType, LayerEntry
+    from lamina.oci.layer import Compression, write_layer
+
+    record = (("user.lamina.rdev", b"b 8 0"),)
+    fake = [_dir("x"), LayerEntry("x/fake", EntryType.FILE, 0o600, xattrs=record, open=lambda: io.BytesIO())]
+    with Store(cache) as store:
+        commit_image_of(store, "lamina-test/fake:1", [busybox_entries(tmp_path / "bb"), fake])  # type: ignore[list-item]
+    ctx = tmp_path / "ctx"
+    write_context(
+        ctx,
+        f"FROM lamina-test/fake:1 AS base\nFROM {BASE}\n"
+        "COPY --from=base /x/fake /copied\nADD fake.tar /added/\n",
+    )
+    with open(ctx / "fake.tar", "wb") as f:
+        write_layer(fake, f, Compression.NONE)  # type: ignore[arg-type]
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}", f"type=tar,dest={tmp_path / 'rootfs.tar'}"])
+    copied, added = image_layers(archive)[-2:]
+    for member in (copied[b"copied"], added[b"added/x/fake"]):
+        assert member.isfile() and member.size == 0 and not member.pax_headers, member.pax_headers
+    with tarfile.open(tmp_path / "rootfs.tar") as tar:
+        assert tar.getmember("copied").isfile() and tar.getmember("added/x/fake").isfile()
