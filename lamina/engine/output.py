@@ -283,8 +283,12 @@ def _set_capabilities(found: list[tuple[Path, bytes]]) -> tuple[list[Path], str]
     if ids.mode not in (IdMode.SUBORDINATE, IdMode.SINGLE):
         return [path for path, _ in found], "no user namespace to set them in"
     from lamina.engine.sandbox.runner import set_xattrs_inside
+    from lamina.errors import SandboxError
 
-    failed = set_xattrs_inside([(path, xattrs.CAPABILITY, value) for path, value in found], ids)
+    try:
+        failed = set_xattrs_inside([(path, xattrs.CAPABILITY, value) for path, value in found], ids)
+    except SandboxError as err:  # no namespace after all: the tree is whole, said in the warning
+        return [path for path, _ in found], str(err)
     if not failed:
         return None
     return [path for path, _ in failed], failed[0][1]
