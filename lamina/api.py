@@ -782,10 +782,11 @@ def _source_policy(env: Mapping[str, str], context: Any, dockerfile: Any) -> Any
     import os
 
     from lamina.engine import sourcepolicy
-    from lamina.engine.contextsource import is_local
 
     policy = sourcepolicy.load(env)
     if policy is not None:
+        from lamina.engine.contextsource import is_local  # not on a no-op replay: it imports shutil
+
         shown = os.fspath(dockerfile) if dockerfile is not None else None
         local = is_local(os.fspath(context), shown)
         for source in sourcepolicy.context_sources(os.fspath(context), local):

@@ -18,13 +18,14 @@ The number found replaces the value every `ARG SOURCE_DATE_EPOCH` sees (none: em
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from lamina.errors import BuildError, PlanError
+
+# tempfile (which imports shutil) and subprocess are imported where a source is timed:
+# every build, the no-op replay too, imports this module.
 
 if TYPE_CHECKING:
     from lamina.engine.model import BuildOptions
@@ -139,6 +140,8 @@ def _url_epoch(url: str, checksum: str | None, environ: Mapping[str, str]) -> in
 
 def git_epoch(url: str, environ: Mapping[str, str]) -> int:
     """The committer time of the commit a git URL names (fetched into a scratch directory)."""
+    import tempfile
+
     from lamina.engine.gitsource import checkout, parse_git_url
 
     with tempfile.TemporaryDirectory(prefix="lamina-epoch-") as work:
@@ -149,6 +152,8 @@ def git_epoch(url: str, environ: Mapping[str, str]) -> int:
 
 def commit_time(repo: Path) -> int:
     """The committer time of HEAD in a checked-out repository (its .git still there)."""
+    import subprocess
+
     done = subprocess.run(
         ["git", "-C", str(repo), "show", "-s", "--format=%ct", "HEAD"],
         capture_output=True,
@@ -163,6 +168,8 @@ def commit_time(repo: Path) -> int:
 def http_epoch(url: str, checksum: str | None = None) -> int | None:
     """An HTTP source's time: its Last-Modified, else the newest regular file of the archive it
     serves (None when it serves no archive)."""
+    import tempfile
+
     import httpx
 
     with tempfile.TemporaryFile() as spool:
