@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lamina.cache.statcache import StatCache, StatKey, stat_key
+from lamina.engine import statpass
 from lamina.engine.buildfiles import dockerfile_ignore_file
 from lamina.engine.dockerfile.ignore import DockerIgnore, IgnoreMatch, read_ignore_file
 from lamina.errors import ContextError
@@ -336,7 +337,7 @@ class _Walk:
         tree = self.tree
         ignore, include, exclude, pending = tree.ignore, self.include, self.exclude, self.pending
         Frame = tuple[str, IgnoreMatch | None, IgnoreMatch | None, IgnoreMatch | None]
-        stack: list[tuple[Frame, Iterator[os.DirEntry[str]], TreeEntry | None]] = [
+        stack: list[tuple[Frame, Iterator[tuple[str, os.stat_result]], TreeEntry | None]] = [
             ((rel, state, None, None), iter(self.children(rel)), None)
         ]
         seen, start = 0, rel
@@ -348,7 +349,8 @@ class _Walk:
                 if own is not None and pending and pending[-1] is own:
                     pending.pop()
                 continue
-            path = f"{rel}/{child.name}" if rel else child.name
+            name, st = child
+            path = f"{rel}/{name}" if rel else name
             seen += 1
             if seen > MAX_CONTEXT_ENTRIES:
                 raise ContextError(
@@ -359,7 +361,7 @@ class _Walk:
                 raise ContextError(
                     f"{path[:100]}...: more than {MAX_CONTEXT_DEPTH} directory levels deep (lamina's limit)"
                 )
-            entry = tree._entry(path, child.stat(follow_symlinks=False))
+            entry = tree._entry(path, st)
             if entry is None:
                 continue
             is_dir = entry.type is EntryType.DIR
@@ -390,10 +392,17 @@ class _Walk:
                 pending.append(entry)
                 stack.append(((path, match, xmatch, imatch), iter(self.children(path)), entry))
 
-    def children(self, rel: str) -> list[os.DirEntry[str]]:
+    def children(self, rel: str) -> list[tuple[str, os.stat_result]]:
+        """The entries of directory `rel` and their lstat, by name: the build context's
+        from the memo's stat pass of this build when it made one (`statpass`)."""
+        tree = self.tree
+        if tree.scope is not None:
+            seen = statpass.take(tree.scope, rel)
+            if seen is not None:
+                return seen
         try:
-            with os.scandir(self.tree.abspath(rel)) as it:
-                return sorted(it, key=_name)
+            with os.scandir(tree.abspath(rel)) as it:
+                return [(e.name, e.stat(follow_symlinks=False)) for e in sorted(it, key=_name)]
         except OSError as err:
             raise ContextError(f"{rel or '.'}: cannot read directory: {err.strerror}") from None
 

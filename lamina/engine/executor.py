@@ -377,9 +377,11 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
     (steps.replay) without planning it again.
     """
     from lamina.cache.store import Store
+    from lamina.engine import statpass
     from lamina.engine.steps.replay import memo_key, record, replay
     from lamina.oci.reference import store_name
 
+    statpass.forget()  # a listing an earlier build of this process left (it failed) is stale
     start = time.monotonic()
     for name in options.tags:
         store_name(name)  # a bad -t fails before the build, not after it
@@ -417,6 +419,7 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         executor = Executor(options, sink, store, plan)
         siblings = [executor.sibling(other) for other in plans[1:]]
         result = _run(executor, options, sink, siblings, index=makes_index(options))
+        statpass.forget()  # what the memo's stat pass saw, kept for this build's walks
         if key is not None:
             images = {
                 store_name(ref, pinned=True): outcome.key.split(":", 1)[1]

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,22 +87,11 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
 
 
 def _fingerprint(root: Path, h: Any) -> None:
-    """Feed the stat identity of every entry under `root` into `h` (no file is read)."""
-    pending = [os.fspath(root)]
-    while pending:
-        directory = pending.pop()
-        with os.scandir(directory) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            h.update(
-                f"{entry.path}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0"
-                f"{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}\n".encode(
-                    "utf-8", "surrogateescape"
-                )
-            )
-            if stat.S_ISDIR(st.st_mode):
-                pending.append(entry.path)
+    """Feed the stat identity of every entry under `root` into `h` (no file is read); the
+    build's COPY walk reuses what this pass saw (engine.statpass)."""
+    from lamina.engine.statpass import fingerprint
+
+    fingerprint(root, h)
 
 
 def record(store: Store, key: str, result: BuildResult, images: dict[str, str], totals: dict[str, int],
