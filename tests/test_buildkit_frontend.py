@@ -359,7 +359,7 @@ def _build(
             case["dockerfile_path"] if "context_url" in case else ctx / case["dockerfile_path"]
         )
     outputs = [] if case.get("no_local_output") else [f"type=local,dest={out}"]
-    outputs += [f"type=oci,dest={archive}"] if archive else []
+    outputs += [f"type=oci,dest={archive}{case.get('oci_output_attrs', '')}"] if archive else []
     outputs += [spec.replace("{TMP}", os.fspath(out.parent)) for spec in case.get("outputs", [])]
     if "context_url" in case:  # a remote context (git, HTTP) instead of the directory
         return build(cache, case["context_url"], outputs=outputs, **kwargs)

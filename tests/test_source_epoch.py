@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import io
 import lzma
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -95,8 +96,6 @@ def test_the_environment_names_a_source_as_the_build_arg_does(cache: Path, tmp_p
 
 def test_an_http_build_context_is_the_file_it_serves_and_its_time(cache: Path, tmp_path: Path) -> None:
     # dockerui: llb.HTTP(url, Filename("context")): one file, 0600, timed by Last-Modified.
-    import os
-
     from tests.support.servers import serve_directory
 
     served = tmp_path / "http"
@@ -115,3 +114,51 @@ def test_an_http_build_context_is_the_file_it_serves_and_its_time(cache: Path, t
     assert (out / "context").read_bytes() == (served / "src.tar").read_bytes()
     assert (out / "context").stat().st_mode & 0o777 == 0o600
     assert made.config.created == "2023-11-14T22:23:21Z", "the Last-Modified, not the archive's newest file"
+
+
+def test_an_output_takes_its_own_source_date_epoch(cache: Path, tmp_path: Path) -> None:
+    # BuildKit's exporter attribute: its layers written again with that epoch (or none), the
+    # image's times clamped to it; another output of the same build keeps the build's.
+    from tests.support.build import oci_config, oci_manifest
+
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY a /a\n", {"a": "x"})
+    os.utime(ctx / "a", (1800000000, 1800000000))
+    outs = {name: tmp_path / f"{name}.tar" for name in ("build", "earlier", "none")}
+    build(
+        cache,
+        ctx,
+        build_args={"SOURCE_DATE_EPOCH": "1700000000"},
+        outputs=[
+            f"type=oci,dest={outs['build']}",
+            f"type=oci,dest={outs['earlier']},source-date-epoch=1600000000",
+            f"type=oci,dest={outs['none']},source-date-epoch=",
+        ],
+    )
+
+    def stamped(name: str) -> tuple[str, str, int]:
+        layer = oci_manifest(outs[name])["layers"][0]
+        with tarfile.open(outs[name]) as tar:
+            blob = tar.extractfile("blobs/sha256/" + layer["digest"].split(":")[1])
+            assert blob is not None
+            with tarfile.open(fileobj=io.BytesIO(blob.read())) as inner:
+                mtime = int(inner.getmember("a").mtime)
+        annotation = layer.get("annotations", {}).get("buildkit/rewritten-timestamp", "")
+        return annotation, oci_config(outs[name])["created"], mtime
+
+    assert stamped("build") == ("1700000000", "2023-11-14T22:13:20Z", 1700000000)
+    assert stamped("earlier") == ("1600000000", "2020-09-13T12:26:40Z", 1600000000)
+    assert stamped("none") == ("", "2023-11-14T22:13:20Z", 1800000000)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("type=oci,dest=x.tar,source-date-epoch=soon", "invalid SOURCE_DATE_EPOCH: soon"),
+        ("type=local,dest=d,source-date-epoch=1", "not supported for type=local"),
+    ],
+)
+def test_a_bad_output_source_date_epoch_is_refused(spec: str, message: str) -> None:
+    from lamina.engine.outputspec import parse_output
+
+    with pytest.raises(LaminaError, match=message):
+        parse_output(spec)

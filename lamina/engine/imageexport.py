@@ -116,11 +116,17 @@ def export_image(
     annotations = _annotations_by_kind(output.annotations, platform, bool(statements), in_index)
     if not output.oci_types and statements:
         raise OutputError('cannot export attestations with "oci-mediatypes=false"')
-    if default_export(output, build_compression) and not statements:
+    out_epoch = output.epoch(epoch)  # source-date-epoch=: the layers written again with that one
+    if default_export(output, build_compression) and not statements and out_epoch == epoch:
         return ExportedImage(image.manifest, image.config, image.layers)
-    blobs = _layer_blobs(store, image, layers, output, build_compression, epoch)
+    blobs, diff_ids = _layer_blobs(
+        store, image, layers, output, build_compression, out_epoch, out_epoch != epoch
+    )
     oci = output.oci_types
-    config = dataclasses.replace(image.config, media_type=OCI_CONFIG if oci else DOCKER_CONFIG)
+    config = image.config
+    if out_epoch != epoch:
+        config = _epoch_config(store, image, layers, diff_ids, out_epoch)
+    config = dataclasses.replace(config, media_type=OCI_CONFIG if oci else DOCKER_CONFIG)
     media_type = OCI_MANIFEST if oci else DOCKER_MANIFEST
     manifest = Manifest(config, blobs, media_type, tuple(sorted(annotations["manifest"].items())))
     data = manifest.to_bytes()
@@ -169,13 +175,17 @@ def _layer_blobs(
     output: OutputSpec,
     build_compression: str,
     epoch: int | None,
-) -> tuple[Descriptor, ...]:
+    rewrite: bool = False,
+) -> tuple[tuple[Descriptor, ...], tuple[Digest, ...]]:
+    """Each layer's blob in this output, and its diff_id; with `rewrite` (an output's own
+    source-date-epoch=), the built layers are written again with `epoch`."""
     from lamina.engine.output import epoch_annotations, layer_blobs
     from lamina.oci.compression import Compression
 
     target = Compression.parse(output.compression or build_compression)
     level = output.compression_level
     out: list[Descriptor] = []
+    diff_ids = list(image.diff_ids)
     # Built layers wanted in another compression: made together (one rootless helper).
     remake: list[tuple[int, tuple[ImageLayer, list[Path]]]] = []
     for i, (layer, blob, diff_id) in enumerate(zip(layers, image.layers, image.diff_ids, strict=True)):
@@ -183,18 +193,61 @@ def _layer_blobs(
         if layer.blob is not None:  # a base image's layer, as it came
             if output.force_compression and (current is not target or level is not None):
                 blob = _recompressed(store, blob, diff_id, current, target, level)
+        elif rewrite or (level is None and current is not target):
+            remake.append((i, (layer, [below.path for below in reversed(layers[:i])])))
         elif level is not None:
             blob = _recompressed(store, blob, diff_id, current, target, level)
-        elif current is not target:
-            remake.append((i, (layer, [below.path for below in reversed(layers[:i])])))
         out.append(blob)
     made = layer_blobs(store, [job for _, job in remake], target.value, epoch) if remake else []
-    for (i, _), (blob, _) in zip(remake, made, strict=True):
-        out[i] = blob
+    for (i, _), (blob, diff_id) in zip(remake, made, strict=True):
+        out[i] = blob if level is None else _recompressed(store, blob, diff_id, target, target, level)
+        diff_ids[i] = diff_id
     typed = (_typed(blob, output.oci_types) for blob in out)
-    return tuple(
+    blobs = tuple(
         b.replace_annotations(epoch_annotations(x, epoch)) for b, x in zip(typed, layers, strict=True)
     )
+    return blobs, tuple(diff_ids)
+
+
+def _epoch_config(
+    store: Store,
+    image: CommittedImage,
+    layers: Sequence[ImageLayer],
+    diff_ids: Sequence[Digest],
+    epoch: int | None,
+) -> Descriptor:
+    """The config of an output with its own source-date-epoch=: its layers' diff_ids, and, as
+    BuildKit's exporter clamps them, the image's and the build's history times no later than
+    `epoch` (the base image's history keeps its times)."""
+    from lamina.oci.image import OCI_CONFIG, ImageConfig, descriptor_of, format_time
+
+    config = ImageConfig.from_bytes(image.config_bytes)
+    config = dataclasses.replace(config, diff_ids=tuple(diff_ids))
+    if epoch is not None:
+        stamp = format_time(epoch)
+
+        def clamped(created: str | None) -> str:
+            return stamp if created is None or _seconds(created) > epoch else created
+
+        base_layers = sum(1 for layer in layers if layer.blob is not None)
+        history, seen = [], 0
+        for entry in config.history:
+            base = seen < base_layers  # the base image's entries: up to its last layer's
+            seen += 0 if entry.empty_layer else 1
+            history.append(entry if base else dataclasses.replace(entry, created=clamped(entry.created)))
+        config = dataclasses.replace(config, created=clamped(config.created), history=tuple(history))
+    data = config.to_bytes()
+    _put(store, data)
+    return descriptor_of(data, OCI_CONFIG)
+
+
+def _seconds(created: str) -> float:
+    """An RFC 3339 time (Go's, up to nanoseconds) as seconds since the epoch."""
+    import datetime
+    import re
+
+    text = re.sub(r"(\.\d{6})\d+", r"\1", created.upper()).replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(text).timestamp()
 
 
 def _typed(blob: Descriptor, oci_types: bool) -> Descriptor:

@@ -71,6 +71,15 @@ class OutputSpec:
     oci_artifact: bool = False  # attestation manifests as OCI artifacts (artifactType, subject)
     attestation_prefix: str = ""  # type=local/tar: prefix of provenance.json's name
     push_by_digest: bool = False  # push=true without a tag: the manifest under its digest
+    # source-date-epoch=: this output's SOURCE_DATE_EPOCH ("" for none); None: the build's
+    source_date_epoch: str | None = None
+
+    def epoch(self, build_epoch: int | None) -> int | None:
+        """The SOURCE_DATE_EPOCH this output's layers are written with (BuildKit's exporter
+        attribute wins over the build's)."""
+        if self.source_date_epoch is None:
+            return build_epoch
+        return int(self.source_date_epoch) if self.source_date_epoch else None
 
     @property
     def to_stdout(self) -> bool:
@@ -96,6 +105,7 @@ class OutputSpec:
             or self.force_compression
             or self.oci_mediatypes is not None
             or self.annotations
+            or self.source_date_epoch is not None
         )
 
     @property
@@ -111,6 +121,7 @@ _IMAGE_KEYS = {
     "oci-mediatypes",
     "rewrite-timestamp",
     "oci-artifact",
+    "source-date-epoch",
 }
 _KEYS: dict[OutputType, set[str]] = {
     OutputType.IMAGE: _IMAGE_KEYS | {"push", "push-by-digest", "registry.insecure", "unpack", "store"},
@@ -126,7 +137,6 @@ _REFUSED = {
     "name-canonical": "lamina's store names images only by name=/-t",
     "attestation-inline": "attestations are attached only with --provenance",
     "prefer-nondist-layers": "lamina writes only distributable layer media types",
-    "source-date-epoch": "set SOURCE_DATE_EPOCH with --build-arg or the environment",
     "context": "there is no docker context to load into; write the archive with dest=",
     "buildinfo": "build info is not recorded",
     "buildinfo-attrs": "build info is not recorded",
@@ -220,6 +230,9 @@ def parse_output(spec: str) -> OutputSpec:
         raise OutputError("--output push-by-digest=true needs push=true (or type=registry)")
     if artifact and oci_types is False:
         raise OutputError('exporter option "oci-artifact=true" conflicts with "oci-mediatypes=false"')
+    epoch = fields.get("source-date-epoch")
+    if epoch and not (epoch.isascii() and epoch.isdigit()):
+        raise OutputError(f"--output source-date-epoch={epoch}: invalid SOURCE_DATE_EPOCH: {epoch}")
     return OutputSpec(
         output_type,
         dest,
@@ -236,6 +249,7 @@ def parse_output(spec: str) -> OutputSpec:
         oci_artifact=artifact,
         attestation_prefix=fields.get("attestation-prefix", ""),
         push_by_digest=by_digest,
+        source_date_epoch=epoch,
     )
 
 
@@ -279,6 +293,10 @@ def _output_type(spec: str, fields: dict[str, str]) -> tuple[OutputType, str, bo
     for key in fields:
         if key in _REFUSED:
             raise OutputError(f"--output {key}= is not supported: {_REFUSED[key]}")
+        if key == "source-date-epoch" and output_type in (OutputType.LOCAL, OutputType.TAR):
+            raise OutputError(
+                f"--output {key}= is not supported for type={kind}: set SOURCE_DATE_EPOCH for the build"
+            )
         if key not in _KEYS[output_type]:
             raise OutputError(f"invalid --output {spec!r}: unknown key {key!r} for type={kind}")
     return output_type, kind, push
