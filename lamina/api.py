@@ -973,11 +973,15 @@ def push(
     *,
     insecure_registries: Iterable[str] = (),
     chunk_size: int | None = None,
+    platform: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> PushResult:
-    """Push the stored image `name` to `reference` (default: `name` itself); return the pushed digest."""
+    """Push the stored image `name` to `reference` (default: `name` itself); return the pushed digest.
+
+    A multi-platform image is pushed whole (each platform's manifest, then the index) unless
+    `platform` picks one, pushed as a single-platform image."""
     import os
 
     from lamina.cache import transfer
@@ -988,7 +992,9 @@ def push(
     ref = parse_reference(reference if reference is not None else name)
     root = cache_dir if cache_dir is not None else default_cache_root(env)
     with Store(root) as store, registry_client(env, insecure_registries) as client:
-        return transfer.push(client, store, name, ref, chunk_size=chunk_size, log=log)
+        return transfer.push(
+            client, store, name, ref, chunk_size=chunk_size, log=log, platform=_platform(platform)
+        )
 
 
 def login(

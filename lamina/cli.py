@@ -1193,19 +1193,28 @@ def pull(reference: str, platform: str | None, insecure_registries: tuple[str, .
     help="Upload blobs in PATCH chunks of this size (default: one request per blob).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the pushed digest.")
+@click.option(
+    "--platform", metavar="OS/ARCH[/VARIANT]", help="Push only this platform's image of a multi-platform one."
+)
 def push(
     name: str,
     reference: str | None,
     insecure_registries: tuple[str, ...],
     chunk_size: int | None,
     quiet: bool,
+    platform: str | None,
 ) -> None:
-    """Push the stored image NAME to REFERENCE (default: NAME)."""
+    """Push the stored image NAME to REFERENCE (default: NAME); a multi-platform image whole."""
     from lamina import api
 
     log = None if quiet else lambda line: click.echo(line, err=True)
     result = api.push(
-        name, reference, insecure_registries=insecure_registries, chunk_size=chunk_size, log=log
+        name,
+        reference,
+        insecure_registries=insecure_registries,
+        chunk_size=chunk_size,
+        log=log,
+        platform=platform,
     )
     if quiet:
         click.echo(str(result.digest))

@@ -201,6 +201,17 @@ def test_push_sends_the_index_and_every_manifest_and_skopeo_copies_it_all(
     again = f"{registry.host}/multi-again:1"
     skopeo("copy", "--all", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:1", f"docker://{again}")
     check_index_in_registry(again, loaded.index, loaded.manifests)
+    # --platform pushes that platform's image alone, as a single-platform image.
+    single = f"{registry.host}/multi-arm64:1"
+    code, out = run_cli(env, "push", "--platform", ARM64, "-q", MULTI_NAME, single)
+    assert (code, out) == (0, loaded.manifests[ARM64] + "\n")
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{single}")
+    assert str(Digest.of_bytes(raw.encode())) == loaded.manifests[ARM64]
+    code, out = run_cli(env, "push", "--platform", "linux/s390x", MULTI_NAME, single)
+    assert (code, out) == (
+        1,
+        f"error: push {single}: no image for linux/s390x (it has linux/amd64, linux/arm64)\n",
+    )
 
 
 def test_pull_keeps_the_index_and_adds_each_platform_asked_for(

@@ -192,10 +192,23 @@ def push(
     workers: int = DEFAULT_WORKERS,
     chunk_size: int | None = None,
     log: Log | None = None,
+    platform: Platform | None = None,
 ) -> PushResult:
-    """Push the stored image `name` to `ref`; return the digest the registry confirmed."""
+    """Push the stored image `name` to `ref`; return the digest the registry confirmed.
+
+    A multi-platform image goes up whole (every platform's manifest, then the index);
+    `platform` pushes only that platform's image, as `docker push --platform`.
+    """
     record = find_image(store, name)
     what = f"push {ref}"
+    top = record.manifest
+    if platform is not None:
+        from lamina.cache.images import platform_manifest
+
+        try:
+            top = platform_manifest(store, top, platform, what)
+        except ImageNotFound as err:
+            raise RegistryError(str(err)) from None
     counts = {"uploaded": 0, "mounted": 0, "exists": 0}
     uploaded_bytes = 0
     mount_from = _mount_candidates(store, ref)
@@ -212,7 +225,7 @@ def push(
             log(f"{descriptor.digest.short}: {outcome}")
         return outcome
 
-    manifests = _manifests_below(store, record.manifest, what)
+    manifests = _manifests_below(store, top, what)
     for digest, media_type, data in manifests:
         if media_type in INDEX_TYPES:
             continue  # children are pushed (by digest) before the index that names them
@@ -222,11 +235,11 @@ def push(
             counts[outcome] += 1
             if outcome == "uploaded":
                 uploaded_bytes += descriptor.size
-        if digest != record.manifest:  # an index's child goes up by digest, untagged
+        if digest != top:  # an index's child goes up by digest, untagged
             child = Reference(ref.registry, ref.repository, None, digest)
             client.put_manifest(child, RemoteManifest(media_type, digest, data))
     top_type, top_data = manifests[-1][1], manifests[-1][2]
-    confirmed = client.put_manifest(ref, RemoteManifest(top_type, record.manifest, top_data))
+    confirmed = client.put_manifest(ref, RemoteManifest(top_type, top, top_data))
     return PushResult(ref, confirmed, counts["uploaded"], uploaded_bytes, counts["mounted"], counts["exists"])
 
 
