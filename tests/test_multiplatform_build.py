@@ -188,3 +188,21 @@ def test_the_built_index_goes_through_skopeo_and_the_registry_and_back(
     out = tmp_path / "arch"
     code = api.run(dest, ["cat", "/arch"], platform="linux/arm64", environ=env, stdout=out.open("wb"))
     assert code == 0 and out.read_text() == "aarch64\n"
+
+
+def test_a_base_in_a_registry_is_pulled_per_platform(
+    multi_cache: Path, tmp_path: Path, registry: Any
+) -> None:
+    """FROM a registry's multi-platform image into an empty store: each target pulls its own."""
+    remote = f"{registry.host}/base-multi:1"
+    api.push(BASE, remote, environ={"LAMINA_CACHE": str(multi_cache)})
+    empty = tmp_path / "empty-cache"
+    ctx = write_context(tmp_path / "ctx", f"FROM {remote}\nRUN uname -m > /arch\n")
+    archive = tmp_path / "multi.tar"
+    build(empty, ctx, platforms=PLATFORMS, outputs=[f"type=oci,dest={archive}"])
+    assert {wanted: files["/arch"] for wanted, files in images_in(archive).items()} == {
+        wanted: f"{ARCH[wanted]}\n".encode() for wanted in PLATFORMS
+    }
+    with Store(empty) as store:  # the name keeps the registry's index, both platforms in it
+        index = Index.from_bytes(store.read_blob(store.resolve(remote).manifest, 1 << 20))
+        assert all(store.has_blob(entry.digest) for entry in index.manifests)
