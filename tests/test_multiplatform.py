@@ -349,3 +349,24 @@ def test_provenance_of_each_platform_is_attached_in_the_one_index(cache: Path, t
         statement = json.loads(blobs[json.loads(blobs[attestation["digest"]])["layers"][0]["digest"]])
         arch = image["platform"]["architecture"]
         assert [s["name"] for s in statement["subject"]] == [f"pkg:docker/att@1?platform=linux%2F{arch}"]
+
+
+def test_an_os_version_reaches_targetplatform_and_targetosversion(cache: Path, tmp_path: Path) -> None:
+    # testPlatformWithOSVersion (local part): TARGETPLATFORM is containerd's FormatAll
+    text = "FROM scratch\nARG TARGETOSVERSION TARGETPLATFORM\nCOPY <<EOF /args\n"
+    text += "$TARGETOSVERSION $TARGETPLATFORM\nEOF\n"
+    ctx = write_context(tmp_path / "ctx", text)
+    out, index = tmp_path / "local", tmp_path / "index.tar"
+    platforms = ["windows(1.2.3)/bar,windows(1.1.0)/bar"]
+    build(cache, ctx, platforms=platforms, outputs=[f"type=local,dest={out}", f"type=oci,dest={index}"])
+    found = {p.name: (p / "args").read_text() for p in out.iterdir()}
+    assert found == {
+        "windows(1.2.3)_bar": "1.2.3 windows(1.2.3)/bar\n",
+        "windows(1.1.0)_bar": "1.1.0 windows(1.1.0)/bar\n",
+    }
+    top, blobs = _archive(index)
+    entries = json.loads(blobs[top["manifests"][0]["digest"]])["manifests"]
+    assert [e["platform"] for e in entries] == [
+        {"architecture": "bar", "os": "windows", "os.version": "1.2.3"},
+        {"architecture": "bar", "os": "windows", "os.version": "1.1.0"},
+    ]

@@ -42,9 +42,13 @@ def platform_args(options: BuildOptions | None = None) -> dict[str, str]:
     target = options.platforms[0] if options is not None and options.platforms else host
     values = {}
     for prefix, platform in (("TARGET", target), ("BUILD", host)):
+        shown = str(platform)
+        if prefix == "TARGET" and platform.os_version:  # FormatAll, as plan.format_all
+            shown = platform.os + f"({platform.os_version})" + shown[len(platform.os) :]
         values |= {
-            f"{prefix}PLATFORM": str(platform),
+            f"{prefix}PLATFORM": shown,
             f"{prefix}OS": platform.os,
+            f"{prefix}OSVERSION": platform.os_version,
             f"{prefix}ARCH": platform.architecture,
             f"{prefix}VARIANT": platform.variant,
         }

@@ -184,6 +184,7 @@ def finish(executors: Sequence[Executor], targets: Sequence[StageOutcome], start
 def _commit_images(executors: Sequence[Executor], targets: Sequence[StageOutcome]) -> list[tuple[Any, ...]]:
     """(platform, config, committed image, attestation statements) of each target platform."""
     from lamina.engine.output import make_image
+    from lamina.engine.plan import format_all
     from lamina.engine.steps import metadata as md
 
     first = executors[0]
@@ -201,7 +202,7 @@ def _commit_images(executors: Sequence[Executor], targets: Sequence[StageOutcome
         if inline:  # --cache-to type=inline: each platform's config holds its own chain's entries
             from lamina.engine.stepcache import inline_field
 
-            mine = [r for r in first.records if r.stage.startswith(f"{platform} ")]
+            mine = [r for r in first.records if r.stage.startswith(f"{format_all(platform)} ")]
             records = mine if len(executors) > 1 else list(first.records)
             config = dataclasses.replace(config, extra=(inline_field(executor, records, image.diff_ids),))
             image = make_image(store, config, target.layers, options.compression, first.epoch)
@@ -219,6 +220,7 @@ def _write_outputs(
     from lamina.engine.imageexport import ExportedImage, attestation_files, export_image, platform_index
     from lamina.engine.output import write_output, write_rootfs
     from lamina.engine.outputspec import OutputType
+    from lamina.engine.plan import format_all
 
     first = executors[0]
     options, store, epoch = first.options, first.store, first.epoch
@@ -254,7 +256,7 @@ def _write_outputs(
             _tag(first, images[i], output.names)
         elif output.type is OutputType.LOCAL:  # a tree per platform, each with its attestations
             for (platform, _, _, statements), target in zip(committed, targets, strict=True):
-                root = Path(output.dest) / str(platform).replace("/", "_")
+                root = Path(output.dest) / format_all(platform).replace("/", "_")
                 write_rootfs(target.layer_dirs, root)
                 if statements:
                     attestation_files(statements, epoch, output.attestation_prefix)(root)

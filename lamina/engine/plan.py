@@ -71,10 +71,12 @@ PROXY_ARGS = frozenset(
 PLATFORM_ARGS = (
     "TARGETPLATFORM",
     "TARGETOS",
+    "TARGETOSVERSION",
     "TARGETARCH",
     "TARGETVARIANT",
     "BUILDPLATFORM",
     "BUILDOS",
+    "BUILDOSVERSION",
     "BUILDARCH",
     "BUILDVARIANT",
 )
@@ -108,9 +110,26 @@ def normalize_platform(platform: Platform) -> Platform:
 _OS_NAMES = frozenset({"linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos"})
 
 
+def format_all(platform: Platform) -> str:
+    """`os[(os.version)]/arch[/variant]`, as containerd's platforms.FormatAll (TARGETPLATFORM)."""
+    text = str(platform)
+    if not platform.os_version:
+        return text
+    return platform.os + f"({platform.os_version})" + text[len(platform.os) :]
+
+
+_OS_VERSION = re.compile(r"([^()/]+)\(([^()]*)\)(/.*)?")
+
+
 def parse_platform(text: str) -> Platform:
-    """One platform as containerd's platforms.Parse takes it, normalised: `os/arch[/variant]`,
-    or a lone OS (this host's architecture) or a lone architecture (linux)."""
+    """One platform as containerd's platforms.Parse takes it, normalised: `os/arch[/variant]`
+    (the OS may carry its version, `windows(10.0.20348)/amd64`), or a lone OS (this host's
+    architecture) or a lone architecture (linux)."""
+    versioned = _OS_VERSION.fullmatch(text.strip())
+    if versioned is not None:
+        os_name, version, rest = versioned.groups()
+        bare = parse_platform(os_name + (rest or ""))
+        return dataclasses.replace(bare, os_version=version)
     parts = text.strip().lower().split("/")
     if len(parts) == 1 and parts[0]:
         host = host_platform()
@@ -133,18 +152,21 @@ def parse_platforms(texts: Iterable[str]) -> tuple[Platform, ...]:
                 platform = parse_platform(part)
             except LaminaError as err:
                 raise PlanError(f"--platform {part.strip()}: {err}") from None
-            found.setdefault(str(platform), platform)
+            found.setdefault(format_all(platform), platform)
     return tuple(found.values())
 
 
 def platform_args(target: Platform, build: Platform) -> tuple[KeyValue, ...]:
+    # BuildKit's defaultArgs: TARGETPLATFORM is FormatAll (with an OS version), BUILDPLATFORM Format.
     return (
-        KeyValue("TARGETPLATFORM", str(target)),
+        KeyValue("TARGETPLATFORM", format_all(target)),
         KeyValue("TARGETOS", target.os),
+        KeyValue("TARGETOSVERSION", target.os_version),
         KeyValue("TARGETARCH", target.architecture),
         KeyValue("TARGETVARIANT", target.variant),
         KeyValue("BUILDPLATFORM", str(build)),
         KeyValue("BUILDOS", build.os),
+        KeyValue("BUILDOSVERSION", build.os_version),
         KeyValue("BUILDARCH", build.architecture),
         KeyValue("BUILDVARIANT", build.variant),
     )
@@ -280,7 +302,7 @@ class Plan:
         stage = self.stages[index]
         return (
             index,
-            str(stage.stage_platform),
+            format_all(stage.stage_platform),
             # COPY --from=<image> reads the image of the target platform (an implicit stage)
             str(self.target_platform) if stage.images else "",
             stage.from_.image,

@@ -105,6 +105,7 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
     """Build one stage on top of its base and return its outcome."""
     from lamina.engine.dockerfile.instructions import parse_instruction
     from lamina.engine.dockerfile.parser import parse
+    from lamina.engine.plan import format_all
 
     if plan.name and lookup(executor.options.build_contexts, plan.name):  # a named stage
         # --build-context replaces the stage
@@ -134,7 +135,7 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
         args=dict(base.args),
         total=sum(1 for i in instructions if i.name in FILESYSTEM_STEPS),
         no_cache=no_cache,
-        platform=str(plan.stage_platform),
+        platform=format_all(plan.stage_platform),  # with its OS version, if any
         label=_label(executor, plan),
     )
     # BuildKit numbers the FROM of an image as the stage's step 1 ([base 1/3] FROM busybox,
@@ -178,11 +179,12 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
 def _label(executor: StepHost, plan: PlannedStage) -> str:
     """Progress names the platform of a stage in a multi-platform build, or of one built for
     another platform than the host's, as BuildKit does: `linux/arm64 build`."""
+    from lamina.engine.plan import format_all
     from lamina.oci.image import host_platform
 
     platform = plan.stage_platform
     if len(executor.options.platforms) > 1 or platform != host_platform():
-        return f"{platform} {plan.display_name}"
+        return f"{format_all(platform)} {plan.display_name}"
     return ""
 
 
