@@ -76,3 +76,17 @@ def test_unwritable_output_names_its_dest(top: Path, output: str, dest: str) -> 
     assert len(errors) == 1 and errors[0].endswith(f": {dest.format(ro=ro)}: Permission denied"), proc.stderr
     assert ".tmp" not in proc.stderr, proc.stderr
     assert os.listdir(ro) == []
+
+
+def test_unwritable_local_cache_names_the_blob(top: Path) -> None:
+    # --cache-to type=local into a layout whose blobs/sha256 this user cannot write.
+    dest = top / "cache-layout"
+    (dest / "blobs" / "sha256").mkdir(parents=True)
+    dest.chmod(0o777)
+    (dest / "blobs").chmod(0o777)
+    (dest / "blobs" / "sha256").chmod(0o555)
+    proc = lamina(top, "build", "-q", "--cache-to", f"type=local,dest={dest}", str(top / "ctx"))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert f"{dest}/blobs/sha256/" in errors[0] and errors[0].endswith(": Permission denied"), proc.stderr
+    assert ".tmp" not in proc.stderr, proc.stderr

@@ -554,13 +554,22 @@ def _shown_as(path: Path, tmp: Path) -> Iterator[None]:
     except OSError as err:
         if is_disk_full(err):
             raise DiskFull.writing(path, err) from err
-        name = err.filename
-        if not isinstance(name, str | bytes | os.PathLike):
+        shown = renamed(err, tmp, path)
+        if shown is None:  # some other file: its own name is right
             raise
-        shown = shown_path(name, tmp, path)
-        if shown == os.fsdecode(name):  # some other file: its own name is right
-            raise
-        raise OSError(err.errno, err.strerror, shown) from err  # OSError(errno) picks the subclass
+        raise shown from err
+
+
+def renamed(err: OSError, tmp: Path, path: Path) -> OSError | None:
+    """`err` said of `path` where it names the temporary `tmp` (or a file under it, then the
+    same file under `path`); None where it names another file, or none."""
+    name = err.filename
+    if not isinstance(name, str | bytes | os.PathLike):
+        return None
+    shown = shown_path(name, tmp, path)
+    if shown == os.fsdecode(name):
+        return None
+    return OSError(err.errno, err.strerror, shown)  # OSError(errno) picks the subclass
 
 
 def shown_path(path: object, tmp: Path, dest: Path) -> str:

@@ -29,6 +29,7 @@ from typing import BinaryIO, Protocol
 from lamina.errors import DigestMismatch, RegistryError
 from lamina.oci.digest import Digest
 from lamina.oci.image import OCI_INDEX, OCI_LAYOUT_VERSION, REF_NAME, Descriptor, Index, canonical_json
+from lamina.oci.layout import renamed
 from lamina.oci.reference import Reference
 from lamina.oci.registry import RemoteManifest
 
@@ -177,6 +178,11 @@ class LayoutClient:
             if digest.hexdigest() != blob.digest.hex:
                 raise DigestMismatch(f"push {blob.digest} to {self.root}: the source has another digest")
             os.replace(tmp, path)
+        except OSError as err:
+            shown = renamed(err, tmp, path)  # the blob, not a temporary name the user never gave
+            if shown is None:
+                raise
+            raise shown from err
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -192,5 +198,11 @@ class LayoutClient:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        shown = renamed(err, tmp, path)
+        if shown is None:
+            raise
+        raise shown from err
