@@ -83,14 +83,21 @@ class Emulator:
         return f"{self.platform} (emulated: {self.interpreter}, {where[self.how]})"
 
 
-# What a host's CPU and kernel run without an emulator besides its own platform: x86_64
-# kernels run i386 programs (IA32 emulation, on in every distribution kernel).
-_ALSO_NATIVE = {("amd64", ""): (("386", ""),)}
-
-
 def is_native(platform: Platform) -> bool:
     host = _key(host_platform())
-    return _key(platform) == host or _key(platform) in _ALSO_NATIVE.get(host, ())
+    return _key(platform) == host or ((host, _key(platform)) == (("amd64", ""), ("386", "")) and _ia32())
+
+
+def _ia32() -> bool:
+    """Whether this x86_64 kernel runs i386 programs: built with IA32 emulation (it then has
+    the abi.vsyscall32 sysctl) and not booted with it off (ia32_emulation=, Linux 6.7)."""
+    if not os.path.exists("/proc/sys/abi/vsyscall32"):
+        return False
+    try:
+        cmdline = Path("/proc/cmdline").read_text().split()
+    except OSError:
+        return True
+    return not any(arg in cmdline for arg in ("ia32_emulation=0", "ia32_emulation=false", "ia32_emulation=n"))
 
 
 def qemu_name(platform: Platform) -> str | None:
