@@ -370,3 +370,13 @@ def test_an_os_version_reaches_targetplatform_and_targetosversion(cache: Path, t
         {"architecture": "bar", "os": "windows", "os.version": "1.2.3"},
         {"architecture": "bar", "os": "windows", "os.version": "1.1.0"},
     ]
+
+
+def test_the_image_of_a_target_platform_says_that_platform(cache: Path, tmp_path: Path) -> None:
+    # BuildKit sets the target platform on the image even when the last stage is built
+    # FROM --platform=$BUILDPLATFORM (convert.go, an explicit target platform).
+    ctx = write_context(tmp_path / "ctx", "FROM --platform=$BUILDPLATFORM scratch\nCOPY f /f\n", {"f": "x"})
+    one = build(cache, ctx, platforms=["linux/arm/v7"])
+    assert (one.config.os, one.config.architecture, one.config.variant) == ("linux", "arm", "v7")
+    host = build(cache, ctx)  # no --platform: the stage's own, the host's
+    assert host.config.architecture == host_platform().architecture

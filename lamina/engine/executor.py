@@ -291,6 +291,10 @@ class Executor:
         config = md.merge_labels(target.config, self.options.labels)
         created = self.created_for_image(target)
         config = dataclasses.replace(config, created=created)
+        if self.options.platforms:  # a target platform asked for names the image's platform
+            from lamina.engine.multiplatform import target_config
+
+            config = target_config(config, self.plan.target_platform)
         image = make_image(self.store, config, target.layers, self.options.compression, self.epoch)
         if any(spec.inline for spec in self.options.cache_to):  # --cache-to type=inline
             from lamina.engine.stepcache import inline_field

@@ -195,9 +195,7 @@ def _commit_images(executors: Sequence[Executor], targets: Sequence[StageOutcome
         platform = executor.plan.target_platform
         config = md.merge_labels(target.config, options.labels)
         config = dataclasses.replace(config, created=first.created_for_image(target))
-        config = dataclasses.replace(
-            config, os=platform.os, architecture=platform.architecture, variant=platform.variant
-        )  # as BuildKit's, for a target platform asked for: even a last stage built FROM --platform=X
+        config = target_config(config, platform)
         image = make_image(store, config, target.layers, options.compression, first.epoch)
         if inline:  # --cache-to type=inline: each platform's config holds its own chain's entries
             from lamina.engine.stepcache import inline_field
@@ -266,6 +264,19 @@ def _write_outputs(
         else:  # type=oci: the index, every platform's blobs
             write_output(output, store, images[i], targets[main].layer_dirs, names, epoch)
     return tagged, names
+
+
+def target_config(config: Any, platform: Platform) -> Any:
+    """The image config of a build for a target platform asked for (--platform), as BuildKit's
+    convert.go sets it: os and architecture of the target (even for a last stage built FROM
+    --platform=X); the variant too when the target has one or names another os/arch; then
+    normalised (arm64/v8 is arm64)."""
+    from lamina.engine.plan import normalize_platform
+
+    same = (config.os, config.architecture) == (platform.os, platform.architecture)
+    variant = platform.variant if platform.variant or not same else config.variant
+    wanted = normalize_platform(dataclasses.replace(platform, variant=variant))
+    return dataclasses.replace(config, os=wanted.os, architecture=wanted.architecture, variant=wanted.variant)
 
 
 def _main_platform(platforms: Sequence[Platform]) -> int:
