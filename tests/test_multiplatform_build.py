@@ -146,6 +146,35 @@ def test_lamina_debug_enters_a_failed_arm64_step_emulated(multi_cache: Path, tmp
     assert shell.stdout == "aarch64\naarch64\n"
 
 
+def test_load_and_save_keep_a_multi_platform_index_with_its_attestations(
+    multi_cache: Path, tmp_path: Path
+) -> None:
+    """A two-platform OCI archive with provenance (an attestation manifest after each image)
+    loads whole into another store and saves as the same index and the same blobs."""
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN uname -m > /arch\n")
+    archive = tmp_path / "built.tar"
+    build(multi_cache, ctx, platforms=PLATFORMS, tags=["multi/prov:1"], provenance="mode=min",
+          outputs=[f"type=oci,dest={archive}"])  # fmt: skip
+    other = {"LAMINA_CACHE": str(tmp_path / "other")}
+    (record,) = api.load(archive, environ=other)
+    saved = tmp_path / "saved.tar"
+    descriptor = api.save("multi/prov:1", saved, environ=other)
+    assert descriptor.digest == record.manifest
+
+    def blobs(path: Path) -> set[str]:
+        with tarfile.open(path) as tar:
+            return {name for name in tar.getnames() if name.startswith("blobs/sha256/")}
+
+    assert blobs(saved) == blobs(archive)
+    index = Index.from_bytes(skopeo("inspect", "--raw", f"oci-archive:{saved}").encode())
+    assert str(Digest.of_bytes(skopeo("inspect", "--raw", f"oci-archive:{archive}").encode())) == str(
+        record.manifest
+    )
+    assert sorted(str(m.platform) for m in index.manifests) == sorted(
+        [*PLATFORMS, "unknown/unknown", "unknown/unknown"]
+    )
+
+
 def skopeo(*args: str) -> str:
     if registry_server.SKOPEO is None:
         pytest.skip("skopeo is not installed")

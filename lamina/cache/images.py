@@ -57,7 +57,7 @@ from lamina.oci.image import (
     platform_matches,
     platforms_of,
 )
-from lamina.oci.layout import BlobSource, ExportImage, SourceImage, SourceIndex, atomic_output
+from lamina.oci.layout import BlobSource, ExportImage, SourceImage, SourceIndex, atomic_output, is_attachment
 from lamina.oci.reference import InvalidReference, store_name
 
 if TYPE_CHECKING:
@@ -145,6 +145,13 @@ def import_index(
     normalized = [normalize_name(n) for n in names]
     for image in entry.images:
         import_image(store, source, image, ())
+    for descriptor, data in entry.attached:  # attestations: copied as they are, each blob verified
+        attached = Manifest.from_bytes(data, f"attestation manifest {descriptor.digest.short}")
+        for blob in (attached.config, *attached.layers):
+            if not store.has_blob(blob.digest):
+                with source.open_blob(blob.digest) as stream:
+                    store.put_blob(stream, blob.digest, blob.size)
+        store.put_bytes(data, descriptor.digest)
     store.put_bytes(entry.index_bytes, entry.index.digest)
     size, created = _index_facts(store, Index.from_bytes(entry.index_bytes))
     return tuple(store.tag(n, entry.index.digest, size=size, created=created) for n in normalized)
@@ -502,7 +509,7 @@ def _save_index(
     images: list[SourceImage] = []
     kept: list[Descriptor] = []  # attestation manifests and their blobs, as they are
     for entry in index.manifests:
-        if entry.platform is None or entry.platform.os == "unknown":
+        if entry.platform is None or is_attachment(entry):
             attached = Manifest.from_bytes(store.read_blob(entry.digest, MAX_DOCUMENT))
             kept.extend((entry, attached.config, *attached.layers))
             entries.append(entry)

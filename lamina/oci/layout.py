@@ -224,6 +224,17 @@ class SourceIndex:
     index: Descriptor
     index_bytes: bytes
     images: tuple[SourceImage, ...]
+    # Attestation manifests beside the images (BuildKit's provenance): descriptor and bytes.
+    attached: tuple[tuple[Descriptor, bytes], ...] = ()
+
+
+def is_attachment(descriptor: Descriptor) -> bool:
+    """An index entry that is not an image but about one: BuildKit's attestation manifest
+    (platform unknown/unknown, vnd.docker.reference.type=attestation-manifest)."""
+    kind = descriptor.annotation("vnd.docker.reference.type")
+    return kind == "attestation-manifest" or (
+        descriptor.platform is not None and descriptor.platform.os == "unknown"
+    )
 
 
 def read_document(files: Files, descriptor: Descriptor, what: str) -> bytes:
@@ -301,18 +312,17 @@ class LayoutReader:
                     )
                 found.extend(self._images_of(chosen, names, depth=1))
                 continue
-            platformed = [
-                m for m in index.manifests if m.platform is not None and m.media_type in MANIFEST_TYPES
-            ]
-            if not platformed:  # an index over one image and its attestations, as before
+            manifests = [m for m in index.manifests if m.media_type in MANIFEST_TYPES]
+            platformed = [m for m in manifests if m.platform is not None and not is_attachment(m)]
+            if len(platformed) < 2:  # one image (and its attestations): loaded as that image
                 found.extend(self._images_of(entry, names, depth=0))
                 continue
             images = [image for m in platformed for image in self._images_of(m, names, depth=1)]
-            found.append(
-                SourceIndex(
-                    names, dataclasses.replace(entry, annotations=(), platform=None), data, tuple(images)
-                )
+            attached = tuple(
+                (m, read_document(self.files, m, "manifest")) for m in manifests if is_attachment(m)
             )
+            top = dataclasses.replace(entry, annotations=(), platform=None)
+            found.append(SourceIndex(names, top, data, tuple(images), attached))
         return tuple(found)
 
     def _top_entries(self) -> list[tuple[Descriptor, tuple[str, ...]]]:
@@ -362,7 +372,11 @@ def _pick_platform(manifests: Sequence[Descriptor]) -> Descriptor | None:
     found = match_platform(manifests, host_platform())
     if found is not None:
         return found
-    linux = [m for m in manifests if m.platform is None or m.platform.os in ("linux", "")]
+    linux = [
+        m
+        for m in manifests
+        if (m.platform is None or m.platform.os in ("linux", "")) and not is_attachment(m)
+    ]
     return linux[0] if linux else None
 
 
