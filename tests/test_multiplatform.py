@@ -380,3 +380,27 @@ def test_the_image_of_a_target_platform_says_that_platform(cache: Path, tmp_path
     assert (one.config.os, one.config.architecture, one.config.variant) == ("linux", "arm", "v7")
     host = build(cache, ctx)  # no --platform: the stage's own, the host's
     assert host.config.architecture == host_platform().architecture
+
+
+def test_one_job_builds_every_platform_and_the_shared_stage_once(cache: Path, tmp_path: Path) -> None:
+    # --jobs bounds the stages of all platforms together: with one, they still all get built
+    ctx = write_context(tmp_path / "ctx", CROSS_DOCKERFILE, {"src": "binary\n"})
+    result = build(cache, ctx, platforms=["linux/amd64,linux/arm64,linux/riscv64"], jobs=1)
+    assert sorted(r.stage for r in result.steps) == [
+        f"{HOST} build",
+        "linux/amd64 stage-1",
+        "linux/arm64 stage-1",
+        "linux/riscv64 stage-1",
+    ]
+
+
+def test_plan_json_has_a_document_per_platform(tmp_path: Path, cache: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", CROSS_DOCKERFILE, {"src": "x\n"})
+    two = "linux/amd64,linux/arm/v7"
+    proc = run_cli("plan", "--format", "json", "--platform", two, str(ctx), cache=cache)
+    docs = json.loads(proc.stdout)["platforms"]
+    assert [d["target_platform"] for d in docs] == ["linux/amd64", "linux/arm/v7"]
+    assert [[s["stage_platform"] for s in d["stages"]] for d in docs] == [
+        [HOST, "linux/amd64"],
+        [HOST, "linux/arm/v7"],
+    ]
