@@ -1057,8 +1057,10 @@ def call(
     build_args: Mapping[str, str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    platforms: Iterable[str] = (),
 ) -> tuple[str, str, int]:
     """A frontend method instead of a build, as buildx's `--call`: `check`, `outline`, `targets`.
+    `platforms` (--platform) set the TARGET* args the checks and the outline see (the first's).
 
     `method` may end in `,format=json` and `,ignorestatus=true`. Returns what
     buildx prints on stdout, the error it would print on stderr (or ""), and
@@ -1077,6 +1079,7 @@ def call(
         dockerfile=Path(dockerfile) if dockerfile is not None else default_dockerfile(Path(context)),
         target=target,
         build_args=tuple(dict(build_args or {}).items()),
+        **_platforms(platforms),
     )
     env = dict(os.environ if environ is None else environ)
     root = Path(_store_root(cache_dir, environ))

@@ -911,7 +911,7 @@ def build(
     from lamina.engine.progress import make_progress
 
     if check or call_method != "build":
-        _call("check" if check else call_method, context, dockerfile, target, build_args)
+        _call("check" if check else call_method, context, dockerfile, target, build_args, platforms)
         return
     for path, flag in ((iidfile, "--iidfile"), (metadata_file, "--metadata-file")):
         if path:
@@ -990,13 +990,19 @@ def _output_on_stdout(outputs: Sequence[str]) -> bool:
 
 
 def _call(
-    method: str, context: str, dockerfile: str | None, target: str | None, args: tuple[str, ...]
+    method: str,
+    context: str,
+    dockerfile: str | None,
+    target: str | None,
+    args: tuple[str, ...],
+    platforms: tuple[str, ...] = (),
 ) -> None:
     """`--call`/`--check`: print what the frontend method gives; exit 1 when a check finds something."""
     from lamina import api
 
+    build_args = dict(_pairs(args, "--build-arg"))
     out, error, status = api.call(
-        method, context, dockerfile, target=target, build_args=dict(_pairs(args, "--build-arg"))
+        method, context, dockerfile, target=target, build_args=build_args, platforms=platforms
     )
     click.echo(out, nl=False)
     if error:

@@ -404,3 +404,13 @@ def test_plan_json_has_a_document_per_platform(tmp_path: Path, cache: Path) -> N
         [HOST, "linux/amd64"],
         [HOST, "linux/arm/v7"],
     ]
+
+
+def test_call_outline_sees_the_target_platform(tmp_path: Path, cache: Path) -> None:
+    from lamina import api
+
+    text = "FROM scratch\nARG TARGETARCH\nARG X=$TARGETARCH\nCOPY f /f\n"
+    ctx = write_context(tmp_path / "ctx", text, {"f": "x"})
+    out, error, _ = api.call("outline,format=json", ctx, cache_dir=cache, platforms=["linux/arm/v7"])
+    assert not error
+    assert [(a["name"], a["value"]) for a in json.loads(out)["args"]] == [("X", "arm")]
