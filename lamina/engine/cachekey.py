@@ -312,6 +312,11 @@ def copy_files_key(position: str) -> str:
     return "copy-files:" + position
 
 
+def defines_key(key: str) -> str:
+    """Under it, the definition key (stepcache.define) of the step whose key is `key`."""
+    return "defines:" + key
+
+
 def copy_from_key(text: str) -> str:
     return "copy-from:" + _sha256(text)
 

@@ -12,11 +12,12 @@ results to --cache-to.
 What is exported:
   - mode=min (the default, as in BuildKit): the steps of the target stage
     and of the stages it is built FROM, i.e. the steps whose layers the
-    image has.
+    image has. A `COPY --from=builder` among them goes by two keys: the
+    content of the files it copies, and its definition key (the builder's
+    key in their place, `define`), which an importer matches when the
+    builder, not exported, ran again and made other files (`fetch_defined`).
   - mode=max: every filesystem step that ran or hit in this build, builder
-    stages included. That is what lets another machine skip a builder
-    stage: `COPY --from=builder` is keyed by the content of the files it
-    copies, so the builder's layers must be present to compute its key.
+    stages included, so another machine skips the builder stages too.
 An export the user asked for fails the build (unless `ignore-error=true`).
 """
 
@@ -105,6 +106,51 @@ class BuildStepCache:
         if self.remote.fetch(self.store, inputs.key()):
             return self.lookup(inputs, state)
         return None
+
+    def fetch_defined(self, defined: KeyInputs, state: StageState) -> tuple[CacheResult, KeyInputs] | None:
+        """A COPY --from's result by its definition key, from --cache-from: (the result, the
+        inputs it was made with, whose key the stage goes on from).
+
+        BuildKit reaches a step through its inputs' definitions without their results, so the
+        final COPY of a mode=min cache hits even though the stage it copies from (not exported)
+        ran again here and made other files. Not when something is rebuilt on purpose
+        (--no-cache, --no-cache-filter): then the files copied decide, as for a local hit.
+        """
+        from lamina.engine.cachekey import KeyInputs
+
+        if (
+            self.remote is None
+            or self.options.no_cache
+            or self.options.no_cache_filter
+            or self.options.dry_run
+        ):
+            return None
+        key = defined.key()
+        if not self.remote.fetch(self.store, key):
+            return None
+        result = self.lookup(defined, state)
+        if result is None:
+            return None
+        try:
+            made = KeyInputs.from_json(result.inputs)
+        except (ValueError, KeyError, TypeError):
+            return None
+        if dataclasses.replace(made, content=defined.content) != defined:
+            return None  # another step's result: only the files it copied may differ
+        refs = [Digest("sha256", result.layer)] if result.layer else []
+        self.store.cache_put(made.key(), result.to_json(), refs=refs)
+        self.define(defined, made)
+        return result, made
+
+    def define(self, defined: KeyInputs, inputs: KeyInputs) -> None:
+        """Remember that the step keyed `inputs` has the definition key of `defined` (exported
+        beside it, stepcache.cache_entries)."""
+        from lamina.engine.cachekey import defines_key
+
+        if self.options.dry_run or self.options.no_cache or self.options.no_cache_filter:
+            return
+        if self.store.cache_get(defines_key(inputs.key())) != defined.key():
+            self.store.cache_put(defines_key(inputs.key()), defined.key())
 
     def commit_layer(self, inputs: KeyInputs, state: StageState, upper: Path) -> CacheResult:
         """Publish a step's upper dir as its layer (or drop it when empty) and record the result."""
@@ -254,6 +300,7 @@ def _stage_name(shown: str) -> str:
 def cache_entries(host: StepHost, result: BuildResult, mode: str) -> list[CacheEntry]:
     """The entries to export: each step's result and (compressed on demand) layer blob."""
     from lamina.cache.remote import CacheEntry, unwrap_result, wrap_result
+    from lamina.engine.cachekey import defines_key
     from lamina.engine.output import layer_blobs
 
     store = host.store
@@ -274,15 +321,20 @@ def cache_entries(host: StepHost, result: BuildResult, mode: str) -> list[CacheE
         unwrapped = unwrap_result(wrapped)
         if unwrapped is None:
             continue  # not a result of this lamina's format
+        # A COPY --from goes by its definition key too (BuildKit's match through the inputs' keys).
+        defined = store.cache_get(defines_key(step.key))
+        keys = [step.key] + ([defined] if defined and defined not in seen else [])
+        seen.update(keys)
         if unwrapped.layer is None:
-            entries.append(CacheEntry(step.key, wrapped))
+            entries.extend(CacheEntry(key, wrapped) for key in keys)
             continue
         found = layers.get(unwrapped.layer)
         if found is None:
             continue  # a result another build wrote for this key, with a layer this one never used
         layer, lowers = found
-        jobs.append((len(entries), layer, lowers))
-        entries.append(CacheEntry(step.key, wrapped))
+        for key in keys:
+            jobs.append((len(entries), layer, lowers))
+            entries.append(CacheEntry(key, wrapped))
 
     # Together (threads as root, one helper rootless); a blob made once (e.g. for the image) is found.
     made = layer_blobs(store, [(layer, lowers) for _, layer, lowers in jobs], options.compression, host.epoch)

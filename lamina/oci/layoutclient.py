@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -168,7 +169,8 @@ class LayoutClient:
         path = self._blob_path(blob.digest)
         if path.is_file() and path.stat().st_size == blob.size:
             return "exists"
-        tmp = path.with_name(f".tmp-{blob.digest.hex}-{os.getpid()}")
+        # Per thread: entries pushed side by side may share a blob (a step and its alias key).
+        tmp = path.with_name(f".tmp-{blob.digest.hex}-{os.getpid()}-{threading.get_ident()}")
         digest = hashlib.sha256()
         try:
             with opener() as src, open(tmp, "wb") as dst:

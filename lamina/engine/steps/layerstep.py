@@ -45,6 +45,7 @@ def layer_step(
     produce: Callable[[Path], None],
     pending: str = "",
     files: Callable[[], tuple[tuple[str, str, str], ...]] | None = None,
+    defined: KeyInputs | None = None,
 ) -> bool:
     """Look `inputs` up; on a miss run `produce(upper_dir)` and commit. True when it made a layer.
 
@@ -53,7 +54,9 @@ def layer_step(
     `dry_run`, nothing runs: the miss is recorded with that reason; `pending`
     says the inputs are not known yet (a stage it reads will run). `files`
     lists the input files (missfacts) where that costs work a hit would not
-    do: called on a real miss only, to name the files that changed.
+    do: called on a real miss only, to name the files that changed. `defined`: a COPY
+    --from's inputs keyed by the stage it copies from rather than the files, which a
+    --cache-from entry may match instead (stepcache.fetch_defined).
     """
     if not state.base:  # the first filesystem step
         state.base = _base_label(executor, state)
@@ -73,6 +76,10 @@ def layer_step(
             result = executor.cache.lookup(inputs, state)
             if result is None:
                 result = executor.cache.fetch_remote(inputs, state)  # --cache-from
+            if result is None and defined is not None:
+                found = executor.cache.fetch_defined(defined, state)
+                if found is not None:
+                    result, inputs = found
             cached = result is not None
             if result is None:
                 if files is not None:
@@ -86,6 +93,8 @@ def layer_step(
     executor.cache.remember_position(named.same_text, inputs)
     seconds = time.monotonic() - start
     executor.record(StepRecord(state.shown, state.index, named.text, cached, seconds, inputs.key(), reason))
+    if defined is not None:
+        executor.cache.define(defined, inputs)
     return executor.cache.apply_result(state, inputs, result, named.step)
 
 

@@ -118,7 +118,15 @@ def copy_step(executor: StepHost, state: StageState, plan: PlannedStage, instruc
     def produce(upper: Path) -> None:
         _produce(executor, copy, sources.parts, prior, upper)
 
-    has_layer = layer_step(executor, state, copy.instruction, inputs, produce, files=sources.list_files)
+    has_layer = layer_step(
+        executor,
+        state,
+        copy.instruction,
+        inputs,
+        produce,
+        files=sources.list_files,
+        defined=_defined(executor, copy, inputs),
+    )
     if prior is not None and prior.written and has_layer:  # written: it ran (not a dry run)
         prior.save(state.layers[-1].dir_id)
     _add_history(executor, state, copy, has_layer)
@@ -195,6 +203,17 @@ def _check_checksum(instruction: Any, urls: list[str], gits: list[str]) -> None:
             f"ADD --checksum {instruction.sources[0]}: checksum requires HTTP(S) or Git sources",
             instruction.location,
         )
+
+
+def _defined(executor: StepHost, copy: _Copy, inputs: Any) -> Any:
+    """A COPY --from's inputs with the stage's key in place of the files' digest: BuildKit's
+    definition key of it, which a --cache-from entry may match (stepcache.fetch_defined)."""
+    if not copy.from_:
+        return None
+    source = source_stage(executor, copy.from_, copy.instruction.location)
+    return make_inputs(
+        inputs.parent, inputs.instruction, dict(inputs.env), inputs.platform, f"from:{source.key}"
+    )
 
 
 def _pending_source(executor: StepHost, state: StageState, copy: _Copy) -> bool:
