@@ -248,10 +248,11 @@ def _write_outputs(
     images = {i: exported(o) for i, o in enumerate(options.outputs) if o.is_image}
     image_outputs = [i for i, o in enumerate(options.outputs) if o.type is OutputType.IMAGE]
     tagged = images[image_outputs[0]] if image_outputs else stored
-    names = _tag(first, tagged, options.tags)
+    created = max((config.created or "" for _, config, _, _ in committed), default="")
+    names = _tag(first, tagged, options.tags, created)
     for i, output in enumerate(options.outputs):
         if output.type is OutputType.IMAGE:
-            _tag(first, images[i], output.names)
+            _tag(first, images[i], output.names, created)
         elif output.type is OutputType.LOCAL:  # a tree per platform, each with its attestations
             for (platform, _, _, statements), target in zip(committed, targets, strict=True):
                 root = Path(output.dest) / format_all(platform).replace("/", "_")
@@ -288,12 +289,12 @@ def _main_platform(platforms: Sequence[Platform]) -> int:
     return next((i for i, p in enumerate(platforms) if str(p) == host), 0)
 
 
-def _tag(executor: Executor, image: Any, names: Sequence[str]) -> tuple[str, ...]:
-    """Point each name at the index (`lamina images` lists it; run/save/push read its platforms)."""
+def _tag(executor: Executor, image: Any, names: Sequence[str], created: str) -> tuple[str, ...]:
+    """Point each name at the index (`lamina images` lists it; run/save/push read its platforms);
+    `created`: the newest image's, as cache.images.commit_index records an index's."""
     from lamina.oci.reference import store_name
 
     size = sum(d.size for d in (image.manifest, image.config, *image.layers, *image.extra))
-    created = ""
     done = []
     for name in names:
         full = store_name(name)
