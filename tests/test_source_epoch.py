@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lamina.engine.sourceepoch import http_date, newest_file_time
+from lamina.engine.sourcetimes import http_date, newest_file_time
 from lamina.errors import LaminaError
 from tests.support.build import build, write_context
 

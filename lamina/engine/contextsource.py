@@ -150,6 +150,7 @@ def _resolve(
             raise ContextError("ambiguous Dockerfile source: both stdin and flag correspond to Dockerfiles")
         return _tar_or_dockerfile(spooled, dockerfile, work, "stdin")
     from lamina.engine.gitsource import is_git_url
+    from lamina.engine.sourcetimes import download
 
     external = dockerfile is not None and os.path.isabs(dockerfile)  # buildx: -f /abs is the client's
     if _is_http(context) and not is_git_url(context):
@@ -207,33 +208,8 @@ def _tar_or_dockerfile(spooled: Path, dockerfile: str | None, work: Path, what: 
     return Resolved(work / "empty", path, True)
 
 
-_MAX_HTTP_CONTEXT = 8 << 30  # a context tarball; more is refused rather than filling the disk
-
-
-def download(url: str, dest: Path) -> int | None:
-    """Fetch `url` into `dest`; its Last-Modified time, if the server gives one."""
-    import httpx
-
-    from lamina.engine.sourceepoch import http_date
-
-    try:
-        with httpx.stream("GET", url, follow_redirects=True, timeout=60) as response, open(dest, "wb") as out:
-            if response.status_code != 200:
-                raise ContextError(f"build context {url}: HTTP {response.status_code}")
-            modified = response.headers.get("last-modified")
-            count = 0
-            for chunk in response.iter_bytes(1 << 20):
-                count += len(chunk)
-                if count > _MAX_HTTP_CONTEXT:
-                    raise ContextError(f"build context {url}: more than {_MAX_HTTP_CONTEXT >> 30} GiB")
-                out.write(chunk)
-    except httpx.HTTPError as err:
-        raise ContextError(f"build context {url}: {err}") from None
-    return http_date(modified, url) if modified else None
-
-
 def _newest_file_time(path: Path) -> int | None:
-    from lamina.engine.sourceepoch import newest_file_time
+    from lamina.engine.sourcetimes import newest_file_time
 
     with open(path, "rb") as stream:
         return newest_file_time(stream)
@@ -244,7 +220,7 @@ def _remote_context(
 ) -> tuple[Path, int]:
     """A git context checked out, and its commit's time (SOURCE_DATE_EPOCH=context)."""
     from lamina.engine.gitsource import check_commit, checkout, parse_git_url
-    from lamina.engine.sourceepoch import commit_time
+    from lamina.engine.sourcetimes import commit_time
 
     ref = parse_git_url(context)
     repo = work / "git"

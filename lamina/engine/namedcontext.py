@@ -149,7 +149,7 @@ def _context(
     fetched = not directory.is_dir() and is_git_url(value)
     epoch = None
     if fetched:
-        from lamina.engine.sourceepoch import commit_time
+        from lamina.engine.sourcetimes import commit_time
 
         work = Path(temporary.enter_context(tempfile.TemporaryDirectory(prefix="lamina-context-")))
         ref = parse_git_url(value)
@@ -186,8 +186,7 @@ def _http_context(
     """dockerui's HTTP context: the one file the URL serves, named `context` (llb.HTTP's
     Filename), mode 0600, its time the Last-Modified; its SOURCE_DATE_EPOCH is that time, else
     the newest file of the archive it is."""
-    from lamina.engine.contextsource import download
-    from lamina.engine.sourceepoch import newest_file_time
+    from lamina.engine.sourcetimes import download, newest_file_time
 
     work = Path(temporary.enter_context(tempfile.TemporaryDirectory(prefix="lamina-context-")))
     directory = work / "http"

@@ -20,18 +20,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from lamina.errors import BuildError, PlanError
+from lamina.engine.sourcetimes import NAME, commit_time, http_epoch
+from lamina.errors import PlanError
 
 # tempfile (which imports shutil) and subprocess are imported where a source is timed:
 # every build, the no-op replay too, imports this module.
 
 if TYPE_CHECKING:
     from lamina.engine.model import BuildOptions
-
-NAME = "SOURCE_DATE_EPOCH"
-_MAX_DOWNLOAD = 8 << 30  # an archive read for its newest file: more is refused, not spooled
 
 
 def resolved(options: BuildOptions, data: bytes | None) -> BuildOptions:
@@ -148,101 +146,3 @@ def git_epoch(url: str, environ: Mapping[str, str]) -> int:
         repo = Path(work) / "git"
         checkout(parse_git_url(url), repo, environ, keep_git_dir=True)
         return commit_time(repo)
-
-
-def commit_time(repo: Path) -> int:
-    """The committer time of HEAD in a checked-out repository (its .git still there)."""
-    import subprocess
-
-    done = subprocess.run(
-        ["git", "-C", str(repo), "show", "-s", "--format=%ct", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise BuildError(f"{NAME}: the commit time of {repo}: {done.stderr.strip() or 'git show failed'}")
-    return int(done.stdout.strip())
-
-
-def http_epoch(url: str, checksum: str | None = None) -> int | None:
-    """An HTTP source's time: its Last-Modified, else the newest regular file of the archive it
-    serves (None when it serves no archive)."""
-    import tempfile
-
-    import httpx
-
-    with tempfile.TemporaryFile() as spool:
-        try:
-            with httpx.stream("GET", url, follow_redirects=True, timeout=60) as response:
-                if response.status_code != 200:
-                    raise BuildError(f"{NAME}: {url}: HTTP {response.status_code}")
-                modified = response.headers.get("last-modified")
-                if modified:
-                    return http_date(modified, url)
-                count = 0
-                for chunk in response.iter_bytes(1 << 20):
-                    count += len(chunk)
-                    if count > _MAX_DOWNLOAD:
-                        raise BuildError(f"{NAME}: {url}: more than {_MAX_DOWNLOAD >> 30} GiB")
-                    spool.write(chunk)
-        except httpx.HTTPError as err:
-            raise BuildError(f"{NAME}: {url}: {err}") from None
-        if checksum:
-            _check(spool, checksum, url)
-        spool.seek(0)
-        return newest_file_time(spool)
-
-
-def http_date(text: str, url: str) -> int:
-    from email.utils import parsedate_to_datetime
-
-    try:
-        return int(parsedate_to_datetime(text).timestamp())
-    except (TypeError, ValueError):
-        raise BuildError(f"{NAME}: {url}: a Last-Modified that is no date: {text!r}") from None
-
-
-def _check(spool: IO[bytes], checksum: str, url: str) -> None:
-    """ADD --checksum of the stage's source, as the ADD itself would check it."""
-    import hashlib
-
-    algorithm, _, expected = checksum.partition(":")
-    if algorithm not in ("sha256", "sha384", "sha512") or not expected:
-        raise BuildError(f"{NAME}: {url}: invalid checksum {checksum}")
-    digest = hashlib.new(algorithm)
-    spool.seek(0)
-    while block := spool.read(1 << 20):
-        digest.update(block)
-    if digest.hexdigest() != expected:
-        raise BuildError(f"{NAME}: {url}: digest mismatch {algorithm}:{digest.hexdigest()}: {checksum}")
-
-
-def newest_file_time(stream: IO[bytes]) -> int | None:
-    """The newest mtime among the regular files of a tar (plain, gzip, bzip2, xz or zstd); None
-    when the stream is no archive."""
-    import bz2
-    import lzma
-    import tarfile
-
-    from lamina.errors import LaminaError
-    from lamina.oci.compression import open_decompressed
-
-    head = stream.read(6)
-    stream.seek(0)
-    try:
-        if head.startswith(b"BZh"):
-            opened: IO[bytes] = bz2.open(stream, "rb")  # noqa: SIM115 (read through below)
-        elif head.startswith(b"\xfd7zXZ\x00"):
-            opened = lzma.open(stream, "rb")  # noqa: SIM115 (read through below)
-        else:
-            opened = open_decompressed(stream)  # type: ignore[arg-type]
-        newest: int | None = None
-        with tarfile.open(fileobj=opened, mode="r|") as tar:
-            for member in tar:
-                # Go's FileInfo counts a hard link as a regular file too.
-                if member.isreg() or member.islnk():
-                    newest = member.mtime if newest is None else max(newest, int(member.mtime))
-        return None if newest is None else int(newest)
-    except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, LaminaError):
-        return None
