@@ -147,10 +147,11 @@ def test_lamina_debug_enters_a_failed_arm64_step_emulated(multi_cache: Path, tmp
 
 
 def test_load_and_save_keep_a_multi_platform_index_with_its_attestations(
-    multi_cache: Path, tmp_path: Path
+    multi_cache: Path, tmp_path: Path, registry: Any
 ) -> None:
     """A two-platform OCI archive with provenance (an attestation manifest after each image)
-    loads whole into another store and saves as the same index and the same blobs."""
+    loads whole into another store and saves as the same index and the same blobs; pushed
+    whole, then one platform pulled, saving it says what was never pulled."""
     ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN uname -m > /arch\n")
     archive = tmp_path / "built.tar"
     build(multi_cache, ctx, platforms=PLATFORMS, tags=["multi/prov:1"], provenance="mode=min",
@@ -173,6 +174,13 @@ def test_load_and_save_keep_a_multi_platform_index_with_its_attestations(
     assert sorted(str(m.platform) for m in index.manifests) == sorted(
         [*PLATFORMS, "unknown/unknown", "unknown/unknown"]
     )
+    remote = f"{registry.host}/prov:1"
+    assert str(api.push("multi/prov:1", remote, environ=other).digest) == str(record.manifest)
+    api.pull(remote, platform="linux/arm64", environ={"LAMINA_CACHE": str(tmp_path / "third")})
+    done = run_cli("save", remote, "-o", str(tmp_path / "x.tar"), cache=tmp_path / "third", check=False)
+    assert done.returncode == 1
+    expected = "never pulled: linux/amd64 image, attestations; pull it, or save one platform with --platform"
+    assert expected in done.stderr
 
 
 def skopeo(*args: str) -> str:

@@ -335,6 +335,16 @@ def platform_manifest(
     return chosen.digest
 
 
+def never_pulled(store: Store, index: Index) -> str:
+    """What of a stored index is not in the store, "" when it is whole: a pull fetches the
+    platform asked for, not the others nor the attestations (`linux/amd64 image, attestations`)."""
+    missing = [f"{e.platform or e.digest.short} image" for e in index.manifests
+               if not store.has_blob(e.digest) and not is_attachment(e)]  # fmt: skip
+    if any(not store.has_blob(e.digest) for e in index.manifests if is_attachment(e)):
+        missing.append("attestations")
+    return ", ".join(missing)
+
+
 def image_platforms(store: Store, top: Digest) -> tuple[tuple[Platform, Digest], ...]:
     """(platform, manifest) of each stored platform image of a name's digest: one for a
     single manifest (its config's platform), each entry present in the store for an index."""
@@ -494,7 +504,7 @@ def _save_index(
     name = display_name(record.name)
     data = store.read_blob(record.manifest, MAX_DOCUMENT)
     index = Index.from_bytes(data, f"{name}: index {record.manifest.short}")
-    missing = [str(e.platform or e.digest.short) for e in index.manifests if not store.has_blob(e.digest)]
+    missing = never_pulled(store, index)
     if format == "docker":
         raise StoreError(
             f"save {name}: a multi-platform image ({platforms_of(index.manifests)}); "
@@ -502,8 +512,7 @@ def _save_index(
         )
     if missing:
         raise StoreError(
-            f"save {name}: its {', '.join(missing)} image was never pulled; "
-            "pull it, or save one platform with --platform"
+            f"save {name}: never pulled: {missing}; pull it, or save one platform with --platform"
         )
     entries: list[Descriptor] = []
     images: list[SourceImage] = []

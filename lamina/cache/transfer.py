@@ -251,14 +251,14 @@ def _manifests_below(store: Store, digest: Digest, what: str) -> list[tuple[Dige
         raise RegistryError(f"{what}: stored manifest {digest.short} has no mediaType")
     out: list[tuple[Digest, str, bytes]] = []
     if media_type in INDEX_TYPES:
-        for child in Index.from_bytes(data, f"{what}: index {digest.short}").manifests:
-            if store.has_blob(child.digest):
-                out.extend(_manifests_below(store, child.digest, what))
-            elif child.platform is not None:  # the registry would refuse an index naming it
-                wanted = child.platform
-                raise RegistryError(
-                    f"{what}: its {wanted} image was never pulled (lamina pull --platform {wanted} first)"
-                )
+        from lamina.cache.images import never_pulled
+
+        index = Index.from_bytes(data, f"{what}: index {digest.short}")
+        missing = never_pulled(store, index)
+        if missing:  # the registry would refuse an index naming what it does not have
+            raise RegistryError(f"{what}: never pulled: {missing} (pull them, or push one --platform)")
+        for child in index.manifests:
+            out.extend(_manifests_below(store, child.digest, what))
     out.append((digest, media_type, data))
     return out
 
