@@ -414,3 +414,12 @@ def test_call_outline_sees_the_target_platform(tmp_path: Path, cache: Path) -> N
     out, error, _ = api.call("outline,format=json", ctx, cache_dir=cache, platforms=["linux/arm/v7"])
     assert not error
     assert [(a["name"], a["value"]) for a in json.loads(out)["args"]] == [("X", "arm")]
+
+
+def test_a_host_platform_rebuild_is_cached_another_platform_is_not(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY f /f\n", {"f": "x"})
+    first = build(cache, ctx, platforms=[HOST], tags=["memo:1"])
+    again = build(cache, ctx, platforms=[HOST], tags=["memo:1"])
+    assert again.image_digest == first.image_digest and again.steps_cached == 1
+    other = build(cache, ctx, platforms=[OTHER], tags=["memo:2"])  # never the host's memo
+    assert other.config.architecture == OTHER.split("/")[1]

@@ -404,10 +404,13 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         from lamina.engine.buildchecks import for_build
 
         checks = for_build(options, data, store, sink)  # BuildKit's build checks; error=true raises
-        # A --cache-to build runs for real: a replay has no step results to export; a --platform
-        # build too (its memo would know one base image per name, not one per platform).
+        # A --cache-to build runs for real: a replay has no step results to export; a build for
+        # another platform too (its memo would know one base image per name, not one per platform).
+        from lamina.oci.image import host_platform
+
         multi = "BUILDKIT_MULTI_PLATFORM" in dict(options.build_args)
-        replayable = data is not None and not options.cache_to and not options.platforms and not multi
+        host_only = options.platforms in ((), (host_platform(),))  # --platform of this host replays
+        replayable = data is not None and not options.cache_to and host_only and not multi
         key = memo_key(options, dockerfile, data) if replayable else None
         if key is not None:
             replayed = replay(store, key, options, sink, start)
