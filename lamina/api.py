@@ -592,7 +592,10 @@ def build(
     _check_context(context, dockerfile)
     specs = [*outputs, *([output] if output else [])]
     provenance, sbom = _with_attests(attests, provenance, sbom)
-    output_specs, attestations = _output_specs(specs, annotations, provenance, sbom, compression)
+    sbom_attrs = _sbom(sbom)
+    output_specs, attestations = _output_specs(
+        specs, annotations, provenance, "generator" if sbom_attrs else None, compression
+    )
     if any(spec.insecure for spec in output_specs):
         from lamina.engine.push import insecure_hosts
 
@@ -624,6 +627,7 @@ def build(
         **_platforms(platforms),
         isolation=wanted,
         source_policy=_source_policy(env, context, dockerfile),
+        sbom=sbom_attrs,
         cdi_dirs=_cdi_dirs(env),
     )
     to_push = _push_names(options)
@@ -771,6 +775,15 @@ def _local_inputs(
     return local_options(options, os.fspath(context), named, env, subdir)
 
 
+def _sbom(text: str | None) -> tuple[tuple[str, str], ...] | None:
+    """--sbom's generator and parameters (engine.sbom); None when not asked for or turned off."""
+    if text is None:
+        return None
+    from lamina.engine.sbom import parse
+
+    return parse(text)
+
+
 def _cdi_dirs(env: Mapping[str, str]) -> tuple[str, ...]:
     from lamina.engine.cdi import spec_dirs
 
@@ -892,15 +905,12 @@ def _output_specs(
         from lamina.engine.provenance import parse_provenance
 
         attestations = parse_provenance(provenance)
-    if sbom is not None:
-        from lamina.engine.provenance import check_sbom
-
-        check_sbom(sbom)
-    if attestations is not None and not outputs:  # the store's image gets them, as buildx's default
+    attested = attestations is not None or sbom is not None
+    if attested and not outputs:  # the store's image gets them, as buildx's default
         from lamina.engine.outputspec import OutputSpec, OutputType
 
         outputs = (OutputSpec(OutputType.IMAGE),)
-    check_outputs(outputs, compression, attestations is not None)
+    check_outputs(outputs, compression, attested)
     return outputs, attestations
 
 

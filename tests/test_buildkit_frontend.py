@@ -316,7 +316,7 @@ def _index_digest(text: str, tmp: Path) -> str:
 _BUILD_KEYS = frozenset(
     (
         *("build_args", "target", "no_cache", "no_cache_filter", "labels", "network", "allow"),
-        *("cache_to", "cache_from", "ulimits", "shm_size", "add_hosts", "context_subdir", "ssh"),
+        *("cache_to", "cache_from", "ulimits", "shm_size", "add_hosts", "context_subdir", "ssh", "sbom"),
     )
 )
 
@@ -477,6 +477,30 @@ def _ssh_agent(log: Path) -> Iterator[str]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def _check_attestations(archive: Path, predicates: dict[str, Any]) -> None:
+    """An OCI archive's index holds the image and one attestation manifest (unknown/unknown) whose
+    layers are in-toto statements: of each predicate type, the predicate `predicates` gives (a subset)."""
+    with tarfile.open(archive) as tar:
+
+        def blob(digest: str) -> Any:
+            found = tar.extractfile("blobs/" + digest.replace(":", "/"))
+            assert found is not None, digest
+            return json.loads(found.read())
+
+        listing = tar.extractfile("index.json")
+        assert listing is not None
+        top = blob(json.loads(listing.read())["manifests"][0]["digest"])
+        platforms = [entry.get("platform", {}) for entry in top["manifests"]]
+        assert len(platforms) == 2 and platforms[1] == {"architecture": "unknown", "os": "unknown"}, platforms
+        statements = [blob(layer["digest"]) for layer in blob(top["manifests"][1]["digest"])["layers"]]
+    by_type = {statement["predicateType"]: statement for statement in statements}
+    for predicate_type, predicate in predicates.items():
+        statement = by_type.get(predicate_type)
+        assert statement is not None, f"no {predicate_type} statement among {sorted(by_type)}"
+        assert statement["_type"] == "https://in-toto.io/Statement/v1", statement
+        _subset(predicate, statement["predicate"], predicate_type)
+
+
 def _with_registry(case: dict[str, Any], host: str) -> dict[str, Any]:
     """The case's cache specs (its own and its rebuilds') with {REGISTRY} as `host`."""
 
@@ -542,7 +566,11 @@ def _run_case(
         for fragment in case["expect_error"]:
             assert fragment in str(caught.value)
         return
-    wants_archive = {"expect_owners", "expect_last_layer_annotations"} & set(case)
+    wants_archive = {
+        "expect_owners",
+        "expect_last_layer_annotations",
+        "expect_first_layer_annotations",
+    } & set(case)
     archive = tmp_path / "image.tar" if wants_archive else None
     sink = _Steps()
     result = _build(cache, ctx, out, case, archive, sink)
@@ -555,6 +583,8 @@ def _run_case(
             for member, data in members.items():
                 found = tar.extractfile(member)
                 assert found is not None and found.read().decode() == data, f"{name}: {member}"
+    for name, predicates in case.get("expect_attestations", {}).items():
+        _check_attestations(tmp_path / name, predicates)
     for name, expected in case.get("expect_json_files", {}).items():
         _subset(expected, json.loads((tmp_path / name).read_text()), name)
     image = result.config.to_json()
@@ -577,9 +607,11 @@ def _run_case(
         assert any(fragment in warning for warning in sink.warnings), (
             f"no warning {fragment!r}: {sink.warnings}"
         )
-    for key, value in case.get("expect_last_layer_annotations", {}).items():  # "": not there
-        assert archive is not None
-        assert oci_manifest(archive)["layers"][-1].get("annotations", {}).get(key, "") == value, key
+    for which, position in (("first", 0), ("last", -1)):
+        for key, value in case.get(f"expect_{which}_layer_annotations", {}).items():  # "": not there
+            assert archive is not None
+            layer = oci_manifest(archive)["layers"][position]
+            assert layer.get("annotations", {}).get(key, "") == value, f"{which} layer: {key}"
     if archive is not None and "expect_owners" in case:
         entries = image_entries(archive)
         for name, owner in case["expect_owners"].items():

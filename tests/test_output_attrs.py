@@ -234,8 +234,8 @@ def test_annotations_land_on_the_manifest_and_its_descriptor(cache: Path, ctx: P
         (["-o", "type=oci,dest={d}", "--annotation", "manifest[linux/s390x]:a=b"], "no platform linux/s390x"),
         (["-o", "{d}", "--annotation", "a=b"], "--annotation: no output of this build is an image"),
         (["-o", "type=registry"], "tag is needed when pushing to registry"),
-        (["--sbom", "true"], "--sbom is not supported: no SBOM generator is installed"),
-        (["--attest", "type=sbom"], "--sbom is not supported: no SBOM generator is installed"),
+        (["--sbom", "generator="], "--sbom: sbom scanner cannot be empty"),
+        (["--attest", "type=sbom,generator=Not A Ref"], "--sbom: failed to parse sbom scanner Not A Ref"),
         (["--attest", "type=nope"], 'unknown attestation type "nope"'),
         (["--provenance", "mode=all"], 'invalid --provenance mode "all"'),
         (

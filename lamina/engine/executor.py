@@ -306,7 +306,7 @@ class Executor:
         from lamina.engine.imageexport import attestation_files, export_all, remember_index
 
         outputs = self.options.outputs
-        statements = self.statements(image, config)
+        statements = self.statements(image, config, target)
         args = (self.options.compression, self.epoch, config.platform, statements)
         exported = export_all(self.store, image, target.layers, outputs, *args, self.options.tags)
         images = [e for o, e in zip(outputs, exported, strict=True) if o.type is OutputType.IMAGE and e]
@@ -346,13 +346,22 @@ class Executor:
         )
         return result
 
-    def statements(self, image: Any, config: ImageConfig) -> tuple[Any, ...]:
-        """The attestations to attach (--provenance), as in-toto statements without subjects."""
-        if self.options.provenance is None:
-            return ()
-        from lamina.engine.provenance import provenance_statement
+    def statements(
+        self, image: Any, config: ImageConfig, target: StageOutcome | None = None
+    ) -> tuple[Any, ...]:
+        """The attestations to attach (--provenance, --sbom), as in-toto statements without subjects."""
+        found: list[Any] = []
+        if self.options.provenance is not None:
+            from lamina.engine.provenance import provenance_statement
 
-        return (provenance_statement(self, config),)
+            found.append(provenance_statement(self, config))
+        if self.options.sbom is not None:
+            if target is None:
+                raise BuildError("--sbom of a build for several platforms is not supported")
+            from lamina.engine import sbom
+
+            found += sbom.statements(self, self.options.sbom, self.stage_rootfs(target))
+        return tuple(found)
 
     def created_for_image(self, target: StageOutcome) -> str:
         if self.epoch is not None:

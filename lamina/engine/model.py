@@ -133,6 +133,7 @@ class BuildOptions:
     isolation: Isolation | None = None  # --isolation for RUN steps; None: $LAMINA_ISOLATION, else auto
     source_policy: Policy | None = None  # $EXPERIMENTAL_BUILDKIT_SOURCE_POLICY (engine.sourcepolicy)
     cdi_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")  # RUN --device's CDI specs (engine.cdi)
+    sbom: tuple[tuple[str, str], ...] | None = None  # --sbom: generator= and its params (engine.sbom)
     # --platform: the target platforms, normalised (plan.parse_platforms); () builds the host's.
     platforms: tuple[Platform, ...] = ()
 

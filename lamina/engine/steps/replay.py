@@ -47,7 +47,9 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
     if any(output.type is not OutputType.IMAGE for output in options.outputs):
         return None
     # An image output with exporter attributes, or attestations, makes its own image (imageexport).
-    if options.provenance is not None or any(o.has_image_attributes for o in options.outputs):
+    if options.provenance is not None or options.sbom is not None:
+        return None
+    if any(o.has_image_attributes for o in options.outputs):
         return None
     if _URL_ADD.search(data):
         return None
