@@ -179,23 +179,6 @@ def _dependencies(host: Any, platform: str) -> list[dict[str, Any]]:
     return dependencies
 
 
-def check_sbom(text: str) -> None:
-    """`--sbom`: `false` is accepted; anything else needs a generator, which lamina does not have.
-
-    BuildKit runs the generator image (docker/buildkit-syft-scanner) over the
-    result; lamina runs no images of its own, so the flag is refused unless
-    it turns SBOMs off.
-    """
-    value = text.strip()
-    fields = dict(field.partition("=")[::2] for field in value.split(",")) if "=" in value else {}
-    if value.lower() in ("false", "0", "f") or fields.get("disabled", "").lower() in ("true", "1"):
-        return
-    raise PlanError(
-        "--sbom is not supported: no SBOM generator is installed "
-        "(BuildKit runs the docker/buildkit-syft-scanner image; lamina runs none)"
-    )
-
-
 def attest_kind(text: str) -> str:
     """The type of a buildx `--attest` value (`type=provenance,...` or `type=sbom,...`)."""
     fields = dict(field.partition("=")[::2] for field in text.split(","))
