@@ -177,7 +177,7 @@ def images(
     hold that platform, each record's `manifest` being that platform's manifest."""
     import dataclasses
 
-    from lamina.cache.images import image_platforms
+    from lamina.cache.platforms import image_platforms
     from lamina.cache.store import Store
     from lamina.oci.image import match_platform
 

@@ -26,12 +26,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from lamina.cache.platforms import index_facts, is_index, never_pulled, platform_manifest
 from lamina.cache.store import BlobWriter, ImageRecord, LayerRecord, Store
 from lamina.errors import (
     DigestMismatch,
     DiskFull,
     ImageFormatError,
-    ImageNotFound,
     LayerError,
     StoreError,
     is_disk_full,
@@ -40,7 +40,6 @@ from lamina.oci.compression import CHUNK, Compression, TeeReader, hash_decoded
 from lamina.oci.digest import Digest
 from lamina.oci.image import (
     DOCKER_CONFIG,
-    INDEX_TYPES,
     MAX_DOCUMENT,
     OCI_CONFIG,
     OCI_INDEX,
@@ -53,7 +52,6 @@ from lamina.oci.image import (
     descriptor_of,
     host_platform,
     match_platform,
-    parse_document,
     platform_matches,
     platforms_of,
 )
@@ -153,39 +151,8 @@ def import_index(
                     store.put_blob(stream, blob.digest, blob.size)
         store.put_bytes(data, descriptor.digest)
     store.put_bytes(entry.index_bytes, entry.index.digest)
-    size, created = _index_facts(store, Index.from_bytes(entry.index_bytes))
+    size, created = index_facts(store, Index.from_bytes(entry.index_bytes))
     return tuple(store.tag(n, entry.index.digest, size=size, created=created) for n in normalized)
-
-
-def _index_facts(store: Store, index: Index) -> tuple[int, str]:
-    """(bytes of the stored platforms' configs and layers, the newest `created`) of an index."""
-    blobs: dict[Digest, int] = {}
-    created = ""
-    for entry in index.manifests:
-        if not store.has_blob(entry.digest):
-            continue
-        manifest = _read_manifest(store, entry.digest)
-        if manifest is None:
-            continue
-        for blob in (manifest.config, *manifest.layers):
-            blobs[blob.digest] = blob.size
-        config = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT))
-        created = max(created, config.created or "")
-    return sum(blobs.values()), created
-
-
-def _read_manifest(store: Store, digest: Digest) -> Manifest | None:
-    """The image manifest at `digest`, None for an index or an artifact that is not an image."""
-    data = store.read_blob(digest, MAX_DOCUMENT)
-    if _is_index(data):
-        return None
-    return Manifest.from_bytes(data, f"manifest {digest}")
-
-
-def _is_index(data: bytes) -> bool:
-    obj = parse_document(data, "manifest or index")
-    media_type = obj.get("mediaType")
-    return media_type in INDEX_TYPES or (media_type is None and "manifests" in obj)
 
 
 def import_image(
@@ -299,64 +266,10 @@ def commit_index(store: Store, images: Sequence[CommittedImage], names: Sequence
     descriptor = descriptor_of(data, OCI_INDEX)
     if not store.has_blob(descriptor.digest):
         store.put_bytes(data, descriptor.digest)
-    size, created = _index_facts(store, Index(tuple(entries)))
+    size, created = index_facts(store, Index(tuple(entries)))
     for name in (normalize_name(n) for n in names):
         store.tag(name, descriptor.digest, size=size, created=created)
     return descriptor
-
-
-# --- platforms ------------------------------------------------------------------------------
-
-
-def platform_manifest(
-    store: Store, top: Digest, platform: Platform | None, what: str, *, strict: bool = True
-) -> Digest:
-    """The image manifest a stored name's digest `top` means for `platform` (None: this host).
-
-    `top` is that manifest when it is one (checked against an explicit `platform` when
-    `strict`), else an index whose entry for the platform is chosen (match_platform).
-    ImageNotFound says which platforms there are, or that the chosen one was never pulled.
-    """
-    data = store.read_blob(top, MAX_DOCUMENT)
-    if not _is_index(data):
-        if strict and platform is not None:
-            manifest = Manifest.from_bytes(data, f"{what}: manifest {top.short}")
-            have = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT)).platform
-            if not platform_matches(have, platform):
-                raise ImageNotFound(f"{what}: the image is {have}, not {platform}")
-        return top
-    entries = Index.from_bytes(data, f"{what}: index {top.short}").manifests
-    want = platform or host_platform()
-    chosen = match_platform(entries, want)
-    if chosen is None:
-        raise ImageNotFound(f"{what}: no image for {want} (it has {platforms_of(entries)})")
-    if not store.has_blob(chosen.digest):
-        raise ImageNotFound(f"{what}: its {want} image was not pulled (lamina pull --platform {want})")
-    return chosen.digest
-
-
-def never_pulled(store: Store, index: Index) -> str:
-    """What of a stored index is not in the store, "" when it is whole: a pull fetches the
-    platform asked for, not the others nor the attestations (`linux/amd64 image, attestations`)."""
-    missing = [f"{e.platform or e.digest.short} image" for e in index.manifests
-               if not store.has_blob(e.digest) and not is_attachment(e)]  # fmt: skip
-    if any(not store.has_blob(e.digest) for e in index.manifests if is_attachment(e)):
-        missing.append("attestations")
-    return ", ".join(missing)
-
-
-def image_platforms(store: Store, top: Digest) -> tuple[tuple[Platform, Digest], ...]:
-    """(platform, manifest) of each stored platform image of a name's digest: one for a
-    single manifest (its config's platform), each entry present in the store for an index."""
-    data = store.read_blob(top, MAX_DOCUMENT)
-    if not _is_index(data):
-        manifest = Manifest.from_bytes(data, f"manifest {top}")
-        config = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT))
-        return ((config.platform, top),)
-    entries = Index.from_bytes(data, f"index {top}").manifests
-    return tuple(
-        (e.platform, e.digest) for e in entries if e.platform is not None and store.has_blob(e.digest)
-    )
 
 
 # --- reading back and writing out --------------------------------------------------------
@@ -371,12 +284,6 @@ def stored_image(
     return record, manifest_image(
         store, platform_manifest(store, record.manifest, platform, name), record.name
     )
-
-
-def image_for_platform(store: Store, name: str, platform: Platform | None) -> tuple[ImageRecord, SourceImage]:
-    """stored_image for a build's base: `platform`'s image of a multi-platform `name`; a
-    single-platform image of another platform is refused (ImageNotFound, one line)."""
-    return stored_image(store, name, platform)
 
 
 def manifest_image(store: Store, digest: Digest, name: str | None = None) -> SourceImage:
@@ -475,7 +382,7 @@ def _save(
     platform: Platform | None,
 ) -> Descriptor:
     record = store.resolve(normalize_name(name))
-    if platform is None and _is_index(store.read_blob(record.manifest, MAX_DOCUMENT)):
+    if platform is None and is_index(store.read_blob(record.manifest, MAX_DOCUMENT)):
         return _save_index(store, record, path, format, compression)
     record, image = stored_image(store, name, platform)
     if format == "oci":

@@ -156,7 +156,7 @@ def ensure_image(
 
 def _holds(store: Store, record: ImageRecord, platform: Platform | None) -> bool:
     """Whether the stored image has `platform`'s image (a pulled index may hold only some)."""
-    from lamina.cache.images import platform_manifest
+    from lamina.cache.platforms import platform_manifest
 
     try:
         platform_manifest(store, record.manifest, platform, record.name, strict=False)
@@ -203,7 +203,7 @@ def push(
     what = f"push {ref}"
     top = record.manifest
     if platform is not None:
-        from lamina.cache.images import platform_manifest
+        from lamina.cache.platforms import platform_manifest
 
         try:
             top = platform_manifest(store, top, platform, what)
@@ -251,7 +251,7 @@ def _manifests_below(store: Store, digest: Digest, what: str) -> list[tuple[Dige
         raise RegistryError(f"{what}: stored manifest {digest.short} has no mediaType")
     out: list[tuple[Digest, str, bytes]] = []
     if media_type in INDEX_TYPES:
-        from lamina.cache.images import never_pulled
+        from lamina.cache.platforms import never_pulled
 
         index = Index.from_bytes(data, f"{what}: index {digest.short}")
         missing = never_pulled(store, index)

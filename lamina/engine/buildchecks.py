@@ -94,7 +94,8 @@ def store_base_facts(
 
     `seen` gets each reference looked up and its manifest digest (None: not in the store).
     """
-    from lamina.cache.images import image_platforms, manifest_image
+    from lamina.cache.images import manifest_image
+    from lamina.cache.platforms import image_platforms
     from lamina.engine.dockerfile.checks import BaseFacts
     from lamina.oci.image import Descriptor, ImageConfig, host_platform, match_platform
 

@@ -66,7 +66,7 @@ def load_image(
             f"{_source(location, ref)}: image {name} is not in the store "
             "(lamina load or lamina pull it first)"
         ) from None
-    from lamina.cache.images import platform_manifest
+    from lamina.cache.platforms import platform_manifest
 
     # From an index, the stage platform's image; a single image of another platform is built
     # on as it is, as BuildKit does (its InvalidBaseImagePlatform check warns: buildchecks).
@@ -114,7 +114,7 @@ def _source(location: Any, ref: str) -> str:
 def _in_store(store: Any, name: str, platform: Platform) -> bool:
     """Whether the store holds `name`'s image for `platform` (an index pulled for one platform
     lacks the others: another platform's stage must pull again)."""
-    from lamina.cache.images import platform_manifest
+    from lamina.cache.platforms import platform_manifest
 
     try:
         platform_manifest(store, store.resolve(name).manifest, platform, name, strict=False)
