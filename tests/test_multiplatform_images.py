@@ -105,6 +105,7 @@ def test_save_writes_the_index_whole_and_skopeo_reads_it(
     out = tmp_path / "saved.tar"
     descriptor = api.save(MULTI_NAME, out, environ=env)
     assert str(descriptor.digest) == multiplatform_image.index  # nothing rewritten on the way through
+    assert out.read_bytes() == multiplatform_image.archive.read_bytes()  # the very archive, byte for byte
     raw = skopeo("inspect", "--raw", f"oci-archive:{out}")
     assert [m["digest"] for m in json.loads(raw)["manifests"]] == list(multiplatform_image.manifests.values())
     for wanted, arch in ((AMD64, "amd64"), (ARM64, "arm64")):
