@@ -68,3 +68,16 @@ def test_a_changed_from_stage_seeds_a_new_cache(cache: Path, tmp_path: Path) -> 
     (ctx / "src/a.txt").write_text("new\n")
     rootfs(cache, ctx, tmp_path / "b")
     assert (tmp_path / "b/got").read_text() == "new\n", "the new seed, not the old cache with its log"
+
+
+def test_a_read_only_cache_mount_sees_the_cache_and_cannot_write_it(cache: Path, tmp_path: Path) -> None:
+    """`ro` (alias of `readonly`), as BuildKit: the same cache directory, mounted read-only."""
+    text = f"FROM {BASE}\n" + COUNT.format(id="c", opts="", out="one")
+    text += "RUN --mount=type=cache,id=c,target=/c,ro sh -c 'cat /c/log > /seen; "
+    text += "{ echo y >> /c/log; } 2> /err || true'\n"
+    text += COUNT.format(id="c", opts="", out="two")
+    out = tmp_path / "out"
+    rootfs(cache, write_context(tmp_path / "ctx", text), out)
+    assert (out / "seen").read_text() == "x\n"
+    assert "Read-only file system" in (out / "err").read_text()
+    assert _lines(out, "two") == 2, "the read-only step added nothing to the cache"

@@ -247,6 +247,48 @@ def test_chroot_applies_ulimit_and_refuses_shm_size(chroot_rootfs: Path, tmp_pat
 
 
 @needs_root
+@pytest.mark.parametrize("mode", ["userns", "rootns"])
+def test_read_only_cache_mount_refuses_writes_with_erofs(
+    mode: str, chroot_rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--mount=type=cache,ro`, as BuildKit mounts it: readable, and a write fails with EROFS."""
+    if mode == "rootns" and probe().rootns:
+        pytest.skip(f"rootns isolation is not allowed here: {probe().rootns}")
+    monkeypatch.setenv("LAMINA_ISOLATION", mode)
+    cache = tmp_path / "cache/dir"
+    cache.mkdir(parents=True)
+    (cache / "log").write_text("kept\n")
+    script = "cat /c/log; echo more >> /c/log || echo refused; touch /c/new || echo refused"
+    code, out, _ = _sh(chroot_rootfs, script, tmp_path, mounts=(CacheMount(cache, "/c", readonly=True),))
+    assert code == 0, out
+    assert out.count("Read-only file system") == 2 and out.split("\n")[0] == "kept", out
+    assert sorted(p.name for p in cache.iterdir()) == ["log"] and (cache / "log").read_text() == "kept\n"
+
+
+@needs_root
+def test_chroot_read_only_cache_mount_is_one_line(chroot_rootfs: Path, tmp_path: Path) -> None:
+    """chroot isolation can mount nothing and its root writes any file: refused, not pretended."""
+    cache = tmp_path / "cache/dir"
+    with pytest.raises(SandboxError) as err:
+        _sh(chroot_rootfs, "true", tmp_path, mounts=(CacheMount(cache, "/c", readonly=True),))
+    assert str(err.value).startswith(
+        "--mount=type=cache,readonly needs a read-only mount, which chroot isolation cannot make"
+    )
+    assert "\n" not in str(err.value)
+
+
+def test_proot_read_only_cache_mount_is_one_line(tmp_path: Path) -> None:
+    from lamina.engine.sandbox.isolation import Choice
+    from lamina.engine.sandbox.runner import _without_namespaces
+
+    spec = SandboxSpec(argv=("true",), mounts=(CacheMount(tmp_path, "/c", readonly=True),))
+    with pytest.raises(SandboxError, match=r"^--mount=type=cache,readonly needs .* which proot isolation"):
+        _without_namespaces(spec, Choice(Isolation.PROOT, "", ""))
+    writable = SandboxSpec(argv=("true",), mounts=(CacheMount(tmp_path, "/c"),))
+    assert _without_namespaces(writable, Choice(Isolation.PROOT, "", "")).network is Network.HOST
+
+
+@needs_root
 def test_chroot_step_cannot_chroot_out(chroot_rootfs: Path, tmp_path: Path) -> None:
     # Root holding CAP_SYS_CHROOT leaves a chroot with mkdir x; chroot x; cd ../..
     script = "mkdir -p /x/bin && cp /bin/busybox /x/bin/true && chroot /x /bin/true && echo escaped"

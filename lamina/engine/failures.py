@@ -249,6 +249,7 @@ def _mount_json(mount: Any) -> dict[str, Any]:
             "uid": mount.uid,
             "gid": mount.gid,
             "mode": mount.mode,
+            "readonly": mount.readonly,
         }
     if isinstance(mount, TmpfsMount):
         return {"type": "tmpfs", "target": mount.target, "size": mount.size}
@@ -276,7 +277,13 @@ def _mount_from_json(record: dict[str, Any]) -> Any:
     if kind == "cache":
         sharing = Sharing(record["sharing"])
         return CacheMount(
-            Path(record["source"]), record["target"], sharing, record["uid"], record["gid"], record["mode"]
+            Path(record["source"]),
+            record["target"],
+            sharing,
+            record["uid"],
+            record["gid"],
+            record["mode"],
+            record.get("readonly", False),  # failures kept before read-only cache mounts
         )
     if kind == "tmpfs":
         return TmpfsMount(record["target"], record["size"])

@@ -699,12 +699,6 @@ def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
             sharing = Sharing(options["sharing"].lower())
         except ValueError:
             raise InstructionError(f"unsupported sharing value {options['sharing']!r}") from None
-    if mount_type is MountType.CACHE and read_only:
-        # FIXME: the sandbox binds a cache directory writable (spec.CacheMount has no read-only
-        # flag yet); refused until it can honour it, never taken and ignored.
-        raise InstructionError(
-            "mount type=cache,readonly: a read-only cache mount is not supported by lamina"
-        )
     env = options.get("env")
     mount_id, target = _mount_id_and_target(mount_type, options.get("id", ""), options.get("target", ""), env)
     return Mount(

@@ -486,7 +486,7 @@ def _user_mount(m: dict, root: str, single_id: bool) -> None:
         if m["fresh"]:
             _chown(m["source"], m["uid"], m["gid"], single_id)
             os.chmod(m["source"], m["mode"])
-        _bind(m["source"], target, readonly=False)
+        _bind(m["source"], target, readonly=m.get("readonly", False))
     elif kind == "secret":
         # A private tmpfs holds the copy with the asked owner and mode; it
         # lives only in this mount namespace, never in a layer.

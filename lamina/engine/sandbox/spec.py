@@ -52,7 +52,8 @@ class BindMount:
 class CacheMount:
     """A persistent directory (the caller picks it, e.g. keyed by cache id) at `target`.
 
-    `uid`, `gid` and `mode` apply when the directory is first created.
+    `uid`, `gid` and `mode` apply when the directory is first created. With
+    `readonly` (`--mount=type=cache,ro`) the step sees it read-only: writes fail with EROFS.
     """
 
     source: Path
@@ -61,6 +62,7 @@ class CacheMount:
     uid: int = 0
     gid: int = 0
     mode: int = 0o755
+    readonly: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -412,11 +412,15 @@ def _add_cache(
             uid=mount.uid or 0,
             gid=mount.gid or 0,
             mode=mount.mode if mount.mode is not None else 0o755,
+            readonly=mount.read_only,
         )
     )
     # The ref it starts from is an input of the RUN, as a mount's source is in BuildKit's key.
     keys.append(
-        f"cache:{mount.id}:{target}" + (f":{subpath}" if subpath else "") + (f":{start}" if start else "")
+        f"cache:{mount.id}:{target}"
+        + (f":{subpath}" if subpath else "")
+        + (f":{start}" if start else "")
+        + (":ro" if mount.read_only else "")  # BuildKit's Mount.Readonly is in its op's digest
     )
 
 
