@@ -478,8 +478,26 @@ def _ssh_agent(log: Path) -> Iterator[str]:
 
 
 def _check_attestations(archive: Path, predicates: dict[str, Any]) -> None:
-    """An OCI archive's index holds the image and one attestation manifest (unknown/unknown) whose
-    layers are in-toto statements: of each predicate type, the predicate `predicates` gives (a subset)."""
+    """Of each predicate type among the archive's statements, the predicate `predicates` gives (a subset)."""
+    by_type = {statement["predicateType"]: statement for statement in _statements(archive)}
+    for predicate_type, predicate in predicates.items():
+        statement = by_type.get(predicate_type)
+        assert statement is not None, f"no {predicate_type} statement among {sorted(by_type)}"
+        assert statement["_type"] == "https://in-toto.io/Statement/v1", statement
+        _subset(predicate, statement["predicate"], predicate_type)
+
+
+def _check_attestation_names(archive: Path, counts: dict[str, int]) -> None:
+    """The archive's statements, counted by their predicate's `name`: exactly `counts`."""
+    import collections
+
+    found = collections.Counter(str(s["predicate"].get("name")) for s in _statements(archive))
+    assert dict(found) == counts, f"{archive.name}: statements by name {dict(found)}"
+
+
+def _statements(archive: Path) -> list[Any]:
+    """An OCI archive's index holds the image and one attestation manifest (unknown/unknown):
+    the in-toto statements that are its layers."""
     with tarfile.open(archive) as tar:
 
         def blob(digest: str) -> Any:
@@ -492,13 +510,7 @@ def _check_attestations(archive: Path, predicates: dict[str, Any]) -> None:
         top = blob(json.loads(listing.read())["manifests"][0]["digest"])
         platforms = [entry.get("platform", {}) for entry in top["manifests"]]
         assert len(platforms) == 2 and platforms[1] == {"architecture": "unknown", "os": "unknown"}, platforms
-        statements = [blob(layer["digest"]) for layer in blob(top["manifests"][1]["digest"])["layers"]]
-    by_type = {statement["predicateType"]: statement for statement in statements}
-    for predicate_type, predicate in predicates.items():
-        statement = by_type.get(predicate_type)
-        assert statement is not None, f"no {predicate_type} statement among {sorted(by_type)}"
-        assert statement["_type"] == "https://in-toto.io/Statement/v1", statement
-        _subset(predicate, statement["predicate"], predicate_type)
+        return [blob(layer["digest"]) for layer in blob(top["manifests"][1]["digest"])["layers"]]
 
 
 def _with_registry(case: dict[str, Any], host: str) -> dict[str, Any]:
@@ -585,6 +597,8 @@ def _run_case(
                 assert found is not None and found.read().decode() == data, f"{name}: {member}"
     for name, predicates in case.get("expect_attestations", {}).items():
         _check_attestations(tmp_path / name, predicates)
+    for name, counts in case.get("expect_attestation_names", {}).items():
+        _check_attestation_names(tmp_path / name, counts)
     for name, expected in case.get("expect_json_files", {}).items():
         _subset(expected, json.loads((tmp_path / name).read_text()), name)
     image = result.config.to_json()
@@ -621,7 +635,7 @@ def _run_case(
         # A later build of the same context, changed: which outputs must stay and which must change.
         _write_files(ctx, again)
         out2 = tmp_path / f"out{number + 2}"
-        overrides = {k: v for k, v in again.items() if k in _BUILD_KEYS}
+        overrides = {k: v for k, v in again.items() if k in _BUILD_KEYS or k == "outputs"}
         if again.get("fresh_cache"):  # upstream prunes the daemon's cache: a store with the base only
             cache = make_cache(tmp_path / f"fresh{number + 2}", busybox_image)
         if "expect_error" in again:
@@ -641,6 +655,8 @@ def _run_case(
                 f"build {number + 2}: {name} is the same"
             )
         _check_tree(out2, again)
+        for name, counts in again.get("expect_attestation_names", {}).items():
+            _check_attestation_names(tmp_path / name, counts)
         out, result = out2, result2
 
 

@@ -238,8 +238,6 @@ def test_healthcheck_start_interval_reaches_the_config(tmp_path: Path) -> None:
     [
         ("BUILDKIT_CACHE_MOUNT_NS", "ns"),
         ("BUILDKIT_BUILD_NAME", "nightly"),
-        ("BUILDKIT_SBOM_SCAN_CONTEXT", "true"),
-        ("BUILDKIT_SBOM_SCAN_STAGE", "build"),
         ("BUILDKIT_SYNTAX", "example.com/frontend:1"),
     ],
 )

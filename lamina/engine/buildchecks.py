@@ -155,8 +155,6 @@ def check(
 _UNSUPPORTED_BUILD_ARGS = {
     "BUILDKIT_CACHE_MOUNT_NS": "cache mount ids are not namespaced by lamina",
     "BUILDKIT_BUILD_NAME": "lamina keeps no build history to name",
-    "BUILDKIT_SBOM_SCAN_CONTEXT": "lamina makes no SBOM",
-    "BUILDKIT_SBOM_SCAN_STAGE": "lamina makes no SBOM",
 }
 _OFF = frozenset({"", "0", "f", "F", "false", "FALSE", "False"})
 

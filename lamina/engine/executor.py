@@ -360,7 +360,8 @@ class Executor:
                 raise BuildError("--sbom of a build for several platforms is not supported")
             from lamina.engine import sbom
 
-            found += sbom.statements(self, self.options.sbom, self.stage_rootfs(target))
+            more = sbom.extras(self, self.plan.target)  # BUILDKIT_SBOM_SCAN_CONTEXT / _STAGE
+            found += sbom.statements(self, self.options.sbom, self.stage_rootfs(target), more)
         return tuple(found)
 
     def created_for_image(self, target: StageOutcome) -> str:

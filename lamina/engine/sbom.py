@@ -7,8 +7,16 @@ its ENV, WORKDIR, with the image's files read-only at `/run/src/core/sbom`
 tmpfs `/tmp`, and every other attribute given as `$BUILDKIT_SCAN_<KEY>`. Each
 `*.json` it leaves in /run/out is an in-toto statement whose predicate is attached
 to the image (an attestation manifest in an index, as BuildKit's; a type=local or
-type=tar output gets it as a file of the same name). The scan of the build context
-and stages (`BUILDKIT_SBOM_SCAN_CONTEXT`, `BUILDKIT_SBOM_SCAN_STAGE`) is refused.
+type=tar output gets it as a file of the same name).
+
+More sources, as BuildKit's dockerfile2llb picks them: where the target stage declares
+`ARG BUILDKIT_SBOM_SCAN_CONTEXT` (globally or in the stage) true, or naming the stage,
+the build context; and each stage the target is built from or copies from that declares
+`ARG BUILDKIT_SBOM_SCAN_STAGE` so. They are mounted read-only under `/run/src/extras/`
+as `sbom-context` and `sbom-<stage>`, and `$BUILDKIT_SCAN_SOURCE_EXTRAS` names that
+directory. A `--build-arg` of either name counts only where the Dockerfile declares it.
+FIXME: the context is mounted whole, its .dockerignore not applied (BuildKit's llb.Local
+filters it).
 """
 
 from __future__ import annotations
@@ -55,8 +63,47 @@ def parse(text: str) -> tuple[tuple[str, str], ...] | None:
     return (("generator", generator), *sorted(fields.items()))
 
 
-def statements(host: StepHost, attrs: tuple[tuple[str, str], ...], rootfs: Path) -> list[Any]:
-    """Run the generator over `rootfs`; the statements it wrote, as `imageexport.Statement`s."""
+SCAN_CONTEXT, SCAN_STAGE = "BUILDKIT_SBOM_SCAN_CONTEXT", "BUILDKIT_SBOM_SCAN_STAGE"
+EXTRAS = "/run/src/extras"
+
+
+def extras(host: StepHost, target: int) -> dict[str, Path]:
+    """The more sources to scan for the target stage (name -> tree), as dockerfile2llb's SBOM extras."""
+    plan = host.plan
+    stage = plan.stages[target]
+    found: dict[str, Path] = {}
+    if _enabled(plan, stage, SCAN_CONTEXT):
+        found["context"] = host.options.context
+    seen: set[int] = set()
+    todo = [target]
+    while todo:  # the stages reachable from the target: its base chain and what it copies from
+        index = todo.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        here = plan.stages[index]
+        todo += [*here.deps, *([here.base_stage] if here.base_stage is not None else [])]
+        if index != target and _enabled(plan, here, SCAN_STAGE):
+            found[here.display_name] = host.stage_rootfs(host.outcome(index))
+    return found
+
+
+def _enabled(plan: Any, stage: Any, name: str) -> bool:
+    """BuildKit's isEnabledForStage over the declared value: the stage's ARG, else the global one."""
+    value = dict((kv.key, kv.value) for kv in stage.args).get(name, plan.global_args.get(name))
+    if not value:  # undeclared, or declared without a value
+        return False
+    if value.lower() in ("1", "t", "true"):
+        return True
+    if value.lower() in ("0", "f", "false"):
+        return False
+    return (stage.name or "") in value.split(",")
+
+
+def statements(
+    host: StepHost, attrs: tuple[tuple[str, str], ...], rootfs: Path, more: dict[str, Path] | None = None
+) -> list[Any]:
+    """Run the generator over `rootfs` (and `more`, by name); its statements, as `imageexport.Statement`s."""
     from lamina.engine.imageexport import Statement
     from lamina.engine.sandbox.runner import run
     from lamina.engine.sandbox.spec import BindMount, Network, SandboxSpec, TmpfsMount
@@ -72,6 +119,9 @@ def statements(host: StepHost, attrs: tuple[tuple[str, str], ...], rootfs: Path)
     env = dict(entry.split("=", 1) for entry in config.env if "=" in entry)
     env.update({"BUILDKIT_SCAN_DESTINATION": DESTINATION, "BUILDKIT_SCAN_SOURCE": SOURCE})
     env.update({f"BUILDKIT_SCAN_{key}": value for key, value in fields.items()})
+    more = more or {}
+    if more:
+        env["BUILDKIT_SCAN_SOURCE_EXTRAS"] = EXTRAS + "/"
     scratch = Path(tempfile.mkdtemp(prefix="sbom-", dir=host.store.root / "tmp"))
     try:
         out, upper = scratch / "out", scratch / "upper"
@@ -89,6 +139,7 @@ def statements(host: StepHost, attrs: tuple[tuple[str, str], ...], rootfs: Path)
                 BindMount(rootfs, SOURCE),
                 BindMount(out, DESTINATION.rstrip("/"), readonly=False),
                 TmpfsMount("/tmp"),
+                *(BindMount(tree, f"{EXTRAS}/sbom-{name}") for name, tree in sorted(more.items())),
             ),
             scratch_dir=scratch,
             isolation=host.options.isolation,
