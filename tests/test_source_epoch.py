@@ -162,3 +162,20 @@ def test_a_bad_output_source_date_epoch_is_refused(spec: str, message: str) -> N
 
     with pytest.raises(LaminaError, match=message):
         parse_output(spec)
+
+
+def test_local_and_tar_outputs_time_every_file_by_the_epoch(cache: Path, tmp_path: Path) -> None:
+    # BuildKit's local and tar exporters: each file's time is SOURCE_DATE_EPOCH, older or newer.
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY . /in/\n", {"old": "o", "new": "n"})
+    os.utime(ctx / "old", (1000000000, 1000000000))
+    os.utime(ctx / "new", (1900000000, 1900000000))
+    local, archive = tmp_path / "local", tmp_path / "root.tar"
+    build(
+        cache,
+        ctx,
+        build_args={"SOURCE_DATE_EPOCH": "1700000000"},
+        outputs=[f"type=local,dest={local}", f"type=tar,dest={archive}"],
+    )
+    assert {int(p.lstat().st_mtime) for p in [local, *local.rglob("*")]} == {1700000000}
+    with tarfile.open(archive) as tar:
+        assert {m.mtime for m in tar.getmembers()} == {1700000000}

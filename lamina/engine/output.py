@@ -204,8 +204,11 @@ class ContainerOwners:
         return dataclasses.replace(entry, uid=owner[0], gid=owner[1])
 
 
-def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> tuple[str, ...]:
+def write_rootfs(layer_dirs: Sequence[Path], dest: Path, epoch: int | None = None) -> tuple[str, ...]:
     """type=local: the merged root filesystem in `dest` (created if missing); the warnings.
+
+    With `epoch` (SOURCE_DATE_EPOCH), every file written has that time, as BuildKit's local
+    exporter gives them.
 
     The tree is written in full under a temporary name first, then moved into
     place, so a failure (a full disk) leaves `dest` as it was: a new `dest` is
@@ -225,6 +228,8 @@ def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> tuple[str, ...]:
             dest if existed else dest.parent, f".{dest.name}.tmp-" if not existed else ".lamina-tmp-"
         )
         warnings = _merge_keeping(layer_dirs, tmp, what)
+        if epoch is not None:
+            _set_times(tmp, epoch)
         if existed:
             _move_entries(tmp, dest)
             os.rmdir(tmp)
@@ -246,6 +251,14 @@ def write_rootfs(layer_dirs: Sequence[Path], dest: Path) -> tuple[str, ...]:
         # cannot be read from outside the user namespace.
         raise OutputError(f"{what}: {shown}: {err.strerror or err}") from err
     return warnings
+
+
+def _set_times(root: Path, epoch: int) -> None:
+    """Every entry under `root` (and `root`) timed `epoch`, links themselves not followed."""
+    for top, dirs, files in os.walk(root, topdown=False):
+        for name in (*files, *dirs):
+            os.utime(os.path.join(top, name), (epoch, epoch), follow_symlinks=False)
+    os.utime(root, (epoch, epoch))
 
 
 def _merge_keeping(layer_dirs: Sequence[Path], root: Path, what: str) -> tuple[str, ...]:
@@ -598,7 +611,7 @@ def _write_output(
     if output.type is OutputType.LOCAL:
         dest = Path(output.dest)
         root = dest / _platform_dir() if output.platform_split else dest
-        warnings = write_rootfs(layer_dirs, root)
+        warnings = write_rootfs(layer_dirs, root, epoch)
         if add_files is not None:
             add_files(root)
         return warnings
@@ -715,6 +728,8 @@ def _write_rootfs_tar(
                 dataclasses.replace(e, xattrs=xattrs.from_disk(e.xattrs)) if e.xattrs else e
                 for e in map(recorded.restore, walked)
             )
+            if epoch is not None:  # BuildKit's tar exporter times every file by SOURCE_DATE_EPOCH
+                entries = (dataclasses.replace(e, mtime=epoch) for e in entries)
             write_layer(entries, out, Compression.NONE, source_date_epoch=epoch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
