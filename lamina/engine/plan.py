@@ -18,10 +18,12 @@ steps.dispatch.run_stage):
 
 Dependencies come from `FROM <stage>`, `COPY --from=<stage|index>` and
 `RUN --mount=from=<stage>`. A `--from` naming neither a stage nor an index
-is an image reference (listed in `PlannedStage.images`). `--from` values are
-expanded with the ARG/ENV values the Dockerfile itself sets before that line;
-values inherited from a base image are unknown here (FIXME: the executor
-could refine this once base configs are pulled).
+is an image reference (listed in `PlannedStage.images`). As in BuildKit,
+`--from` is never expanded: a word with a variable (COPY) or a `$` before its
+end (RUN --mount) is refused with BuildKit's workaround (a stage FROM a global
+ARG), so no value a base image's ENV holds can change the graph. That ENV is
+seen where BuildKit sees it, by the executor (ARG defaults, WORKDIR, paths,
+mount values; tests/test_base_image_env.py).
 """
 
 from __future__ import annotations
