@@ -423,3 +423,15 @@ def test_a_host_platform_rebuild_is_cached_another_platform_is_not(cache: Path, 
     assert again.image_digest == first.image_digest and again.steps_cached == 1
     other = build(cache, ctx, platforms=[OTHER], tags=["memo:2"])  # never the host's memo
     assert other.config.architecture == OTHER.split("/")[1]
+
+
+def test_a_failing_step_names_its_platform(cache: Path, tmp_path: Path) -> None:
+    from lamina.errors import BuildError
+
+    text = "FROM scratch\nARG TARGETARCH\nCOPY f-$TARGETARCH /f\n"
+    ctx = write_context(tmp_path / "ctx", text, {"f-amd64": "x"})
+    with pytest.raises(BuildError) as caught:
+        build(cache, ctx, platforms=["linux/amd64,linux/arm64"])
+    message = str(caught.value)
+    assert message.startswith(f"{ctx}/Dockerfile:3: stage stage-0 (linux/arm64): COPY f-$TARGETARCH /f: ")
+    assert "f-arm64" in message

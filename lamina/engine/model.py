@@ -253,6 +253,12 @@ class StageState:
         """The stage as progress and step records name it (BuildKit's `[linux/arm64 build 2/4]`)."""
         return self.label or self.name
 
+    @property
+    def in_errors(self) -> str:
+        """The stage as an error names it: `build`, or `build (linux/arm64)` when progress names
+        its platform (a multi-platform build)."""
+        return f"{self.name} ({self.platform})" if self.label else self.name
+
     def outcome(self) -> StageOutcome:
         return StageOutcome(
             self.name, self.config, tuple(self.layers), self.key, self.created, tuple(self.args.items())

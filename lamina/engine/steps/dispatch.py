@@ -159,16 +159,16 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
             if err.args and str(err).startswith(str(instruction.location)):
                 raise
             raise BuildError(
-                f"{instruction.location}: stage {plan.display_name}: {one_line(instruction)}: {err}",
+                f"{instruction.location}: stage {state.in_errors}: {one_line(instruction)}: {err}",
                 err.output_tail,
             ) from err
         except LaminaError as err:
             raise BuildError(
-                f"{instruction.location}: stage {plan.display_name}: {one_line(instruction)}: {err}"
+                f"{instruction.location}: stage {state.in_errors}: {one_line(instruction)}: {err}"
             ) from err
         except OSError as err:
             # A full disk or a vanished file is still one line naming the step.
-            step = f"{instruction.location}: stage {plan.display_name}: {one_line(instruction)}"
+            step = f"{instruction.location}: stage {state.in_errors}: {one_line(instruction)}"
             if is_disk_full(err):
                 raise BuildError(f"{step}: {DiskFull.writing(None, err)}") from err
             what = f"{err.filename}: " if err.filename else ""

@@ -113,7 +113,7 @@ class _Named:
         text = one_line(instruction)
         return cls(
             text,
-            f"{instruction.location}: stage {state.name}: {text}",
+            f"{instruction.location}: stage {state.in_errors}: {text}",
             f"line {instruction.location.line}" if instruction.location.line else "",
             executor.cache.step_position(state, instruction),
             executor.cache.step_position(state, instruction, inputs.instruction),

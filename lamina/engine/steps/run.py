@@ -289,7 +289,7 @@ def _run_failed(
     from lamina.engine.failures import RunFailed, keep_step
 
     err = RunFailed(
-        f"{instruction.location}: stage {state.name}: "
+        f"{instruction.location}: stage {state.in_errors}: "
         # BuildKit's exec op: the argv joined by spaces, quoted (Go's %q)
         f"process {json.dumps(' '.join(argv))} did not complete successfully: "
         f"exit code {code}{_signal_note(code)}",
