@@ -1059,11 +1059,19 @@ def _check_file_dest(path: str, flag: str) -> None:
 
 
 def _write_text(path: str, flag: str, text: str) -> None:
-    from lamina.errors import OutputError
+    """`text` at `path` as buildx writes it: a file beside it renamed over it, so a failed write
+    (a full disk) leaves the old file or none, never half of one; a FIFO or device is written
+    through. `-` is a file named -, as for buildx, not stdout."""
+    from pathlib import Path
+
+    from lamina.errors import DiskFull, OutputError
+    from lamina.oci.layout import atomic_output
 
     try:
-        with open(path, "w") as out:
-            out.write(text)
+        with atomic_output(Path.cwd() / path if path == "-" else Path(path)) as out:
+            out.write(text.encode())
+    except DiskFull as err:
+        raise err.within(flag) from err.__cause__
     except OSError as err:
         raise OutputError(f"{flag} {path}: {err.strerror}") from err
 

@@ -255,3 +255,39 @@ def test_save_to_a_full_disk(tmpfs: Mount, built: tuple[Path, Path], fmt: str) -
     grow(out)
     run_cli("save", "big:1", "--format", fmt, "-o", str(target), cache=cache)
     assert os.listdir(out) == ["image.tar"]
+
+
+def _fill(directory: Path) -> None:
+    """Take every free byte of `directory`'s file system."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (65536, 1):  # then the last partial block, byte by byte
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("flag", ["--iidfile", "--metadata-file"])
+def test_result_file_on_a_full_disk_keeps_the_old_one(
+    tmpfs: Mount, built: tuple[Path, Path], flag: str
+) -> None:
+    """As buildx writes them (a temporary file renamed over): the last build's file stays whole."""
+    cache, ctx = built
+    out = tmpfs("out", "1m")
+    dest = out / "result"
+    dest.write_text("the last build's\n")
+    _fill(out)
+
+    line = one_error_line(run_cli("build", flag, str(dest), str(ctx), cache=cache, env=EPOCH, check=False))
+    assert line.startswith(f"error: {flag}: write {dest}: "), line
+    assert line.lower().endswith(NO_SPACE + INTACT), line
+    assert dest.read_text() == "the last build's\n"  # was: emptied, then nothing written
+    assert sorted(os.listdir(out)) == ["filler", "result"]  # no temporary name left
+
+    (out / "filler").unlink()
+    run_cli("build", flag, str(dest), str(ctx), cache=cache, env=EPOCH)
+    assert dest.read_text().startswith("sha256:" if flag == "--iidfile" else "{")

@@ -397,6 +397,22 @@ def test_result_file_under_a_file(cache: Path, ctx: Path, tmp_path: Path, flag: 
     assert f"{tmp_path / 'afile'} is not a directory" in line and "does not exist" not in line
 
 
+def test_result_file_to_a_fifo_is_written_through(cache: Path, ctx: Path, tmp_path: Path) -> None:
+    """--iidfile is written beside and renamed over a file, but a FIFO is written through (a
+    rename would replace the pipe its reader holds)."""
+    import stat
+    import threading
+
+    fifo = tmp_path / "iid"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    run_cli("build", "--progress", "quiet", "--iidfile", str(fifo), str(ctx), cache=cache)
+    reader.join(timeout=60)
+    assert got and got[0].startswith("sha256:") and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
 # --- RUN --------------------------------------------------------------------------------------
 
 
