@@ -94,6 +94,23 @@ def test_config_round_trip() -> None:
     assert again.to_bytes() == config.to_bytes()
 
 
+def test_config_of_a_platform_with_an_os_version_keeps_it_where_go_writes_it() -> None:
+    config = dataclasses.replace(
+        _config(), architecture="amd64", os="windows", os_version="10.0.17763.1234", variant="v2"
+    )
+    obj = json.loads(config.to_bytes())
+    assert list(obj)[:5] == [
+        "created",
+        "architecture",
+        "os",
+        "os.version",
+        "variant",
+    ]  # ocispec.Platform's order
+    again = ImageConfig.from_bytes(config.to_bytes())
+    assert again == config and str(again.platform) == "windows/amd64/v2"
+    assert again.platform.os_version == "10.0.17763.1234"
+
+
 def test_unset_and_empty_cmd_differ() -> None:
     unset = ImageConfig.from_bytes(b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}')
     assert unset.config.cmd is None

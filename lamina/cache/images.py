@@ -259,8 +259,7 @@ def commit_index(store: Store, images: Sequence[CommittedImage], names: Sequence
     its config's platform) and tag `names` with it: a multi-platform image."""
     entries = []
     for image in images:
-        config = ImageConfig.from_bytes(image.config_bytes)
-        platform = Platform(config.architecture, config.os, config.variant)
+        platform = ImageConfig.from_bytes(image.config_bytes).platform
         entries.append(dataclasses.replace(image.manifest, platform=platform))
     data = Index(tuple(entries)).to_bytes()
     descriptor = descriptor_of(data, OCI_INDEX)

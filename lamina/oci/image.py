@@ -547,10 +547,12 @@ class ImageConfig:
     # cache (lamina.cache.remote.INLINE_FIELD) as BuildKit writes moby.buildkit.cache.v0.
     # Not read back from a config: a base image's never reaches the images built on it.
     extra: tuple[tuple[str, str], ...] = ()
+    # The target's OS version (`os.version`, Windows' 10.0.17763.1234), as BuildKit writes it.
+    os_version: str = ""
 
     @property
     def platform(self) -> Platform:
-        return Platform(self.architecture, self.os, self.variant)
+        return Platform(self.architecture, self.os, self.variant, self.os_version)
 
     def to_json(self) -> dict[str, Any]:
         # ocispec.Image field order, with the embedded Platform's fields in place.
@@ -561,6 +563,8 @@ class ImageConfig:
             obj["author"] = self.author
         obj["architecture"] = self.architecture
         obj["os"] = self.os
+        if self.os_version:
+            obj["os.version"] = self.os_version
         if self.variant:
             obj["variant"] = self.variant
         obj["config"] = self.config.to_json()
@@ -586,6 +590,7 @@ class ImageConfig:
             architecture=_get(obj, "architecture", str, what, ""),
             os=_get(obj, "os", str, what, ""),
             variant=_get(obj, "variant", str, what, ""),
+            os_version=_get(obj, "os.version", str, what, ""),
             created=_get(obj, "created", str, what),
             author=_get(obj, "author", str, what, ""),
             config=ContainerConfig.from_json(obj.get("config"), f"{what}: config"),
