@@ -11,6 +11,9 @@ are directories holding a Dockerfile and its context. A case may also hold:
   lamina-diff/CASE-base:latest, for a case that builds FROM an image made by
   the same builder (ONBUILD triggers);
 - `build-args`: one K=V per line, passed to both builds;
+- `platform`: one os/arch[/variant], passed to both as `--platform` (lamina:
+  `platforms=`), and the image's os/architecture/variant compared too (a
+  case without RUN: no emulation is needed);
 - `secrets`: one ID=PATH per line, passed to both as `--secret id=ID,src=PATH`;
 - `served/`: served over HTTP on 127.0.0.1 while the case builds, its base
   URL passed to both as the build arg URL_BASE (for ADD of a URL);
@@ -70,6 +73,7 @@ CONTAINER_DIRS = ("dev", "proc", "sys")
 CONFIG_FIELDS = (
     "Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts", "Volumes",
     "StopSignal", "Healthcheck", "Shell", "OnBuild",
+    "Platform",  # os/architecture/variant, for a case with a `platform` file
 )  # fmt: skip
 # Differences that are deliberate or not lamina's (see README "Differences from BuildKit").
 EXPLAINED: dict[str, str] = {
@@ -289,6 +293,22 @@ def read_build_args(ctx: Path) -> dict[str, str]:
     return {key: value for key, _, value in pairs}
 
 
+def read_platform(ctx: Path) -> str | None:
+    """`platform`: the one target platform of the case (os/arch[/variant]), or None (the host's)."""
+    path = ctx / "platform"
+    return path.read_text().strip() if path.exists() else None
+
+
+def with_platform(ctx: Path, container_config: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """The config to compare: for a case with a `platform`, plus the image's own os/arch/variant
+    (`top`: the image config, or docker's inspect with Os/Architecture/Variant)."""
+    if read_platform(ctx) is None:
+        return container_config
+    parts = [top.get("os") or top.get("Os"), top.get("architecture") or top.get("Architecture")]
+    variant = top.get("variant") or top.get("Variant")
+    return {**container_config, "Platform": "/".join([*parts, *([variant] if variant else [])])}
+
+
 def read_secrets(ctx: Path) -> list[str]:
     """`secrets`: one ID=PATH per line (PATH relative to the case) -> `id=ID,src=ABS` specs."""
     path = ctx / "secrets"
@@ -378,6 +398,7 @@ def lamina_build(case: Path, ctx: Path, work: Path) -> Result:
     dest = work / "lamina-root"
     # --no-cache: a result cached by an older lamina must not stand in for this one's.
     with git_served(ctx) as url:
+        platform = read_platform(ctx)
         result = api.build(
             url or ctx,
             build_args=args,
@@ -385,10 +406,11 @@ def lamina_build(case: Path, ctx: Path, work: Path) -> Result:
             ssh=ssh_flags(ctx)[1:],
             outputs=[f"type=local,dest={dest}"],
             no_cache=True,
+            **({"platforms": [platform]} if platform else {}),
         )
     config = json.loads(result.config.to_bytes())
     history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
-    return describe_tree(dest), config.get("config", {}), history
+    return describe_tree(dest), with_platform(ctx, config.get("config", {}), config), history
 
 
 def lamina_build_as(user: str, case: Path, ctx: Path, work: Path) -> Result:
@@ -408,6 +430,7 @@ def lamina_build_as(user: str, case: Path, ctx: Path, work: Path) -> Result:
     flags = [part for k, v in read_build_args(ctx).items() for part in ("--build-arg", f"{k}={v}")]
     flags += [part for spec in read_secrets(ctx) for part in ("--secret", spec)]
     flags += ["--progress", "quiet", "--no-cache", *ssh_flags(ctx)]
+    flags += ["--platform", platform] if (platform := read_platform(ctx)) else []
     # runuser with a plain environment, as ../shared/bench/peers-setup.sh's asuser.sh does
     env = [
         "env",
@@ -427,7 +450,7 @@ def lamina_build_as(user: str, case: Path, ctx: Path, work: Path) -> Result:
     dest = work / "lamina-root"
     config = unpack_oci(archive, dest)
     history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
-    return describe_tree(dest), config.get("config", {}), history
+    return describe_tree(dest), with_platform(ctx, config.get("config", {}), config), history
 
 
 def unpack_oci(archive: Path, dest: Path) -> dict[str, Any]:
@@ -483,6 +506,7 @@ def docker_build(ctx: Path, tag: str, args: dict[str, str]) -> None:
     flags = [part for key, value in args.items() for part in ("--build-arg", f"{key}={value}")]
     flags += [part for spec in read_secrets(ctx) for part in ("--secret", spec)]
     flags += ssh_flags(ctx)
+    flags += ["--platform", platform] if (platform := read_platform(ctx)) else []
     with git_served(ctx) as url:
         run(DOCKER, "build", "--network=none", "-q", *flags, "-t", tag, url or str(ctx), env=env)
 
@@ -507,7 +531,7 @@ def buildkit_build(case: Path, ctx: Path, work: Path) -> Result:
     # The image's own config: `docker image history` shows tabs as spaces.
     config = json.loads(run("skopeo", "inspect", "--config", f"docker-daemon:{tag}"))
     history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
-    return describe_tree(dest), inspect.get("Config", {}), history
+    return describe_tree(dest), with_platform(ctx, inspect.get("Config", {}), inspect), history
 
 
 def compare(
