@@ -14,7 +14,7 @@ import pytest
 
 from lamina.engine.progress import StepEvent, StepStatus
 from lamina.oci.image import host_platform
-from tests.support.build import build, run_cli, write_context
+from tests.support.build import BASE, build, run_cli, write_context
 from tests.support.schema import available as schemas_available
 from tests.support.schema import check_document
 
@@ -131,8 +131,8 @@ def test_index_and_every_document_pass_the_oci_schemas(cache: Path, tmp_path: Pa
         check_document(json.loads(blobs[manifest["config"]["digest"]]), manifest["config"]["mediaType"])
 
 
-CROSS_DOCKERFILE = """\
-FROM --platform=$BUILDPLATFORM scratch AS build
+CROSS_DOCKERFILE = f"""\
+FROM --platform=$BUILDPLATFORM {BASE} AS build
 COPY src /out/tool
 
 FROM scratch
@@ -150,7 +150,10 @@ def test_a_buildplatform_stage_runs_once_for_every_target(cache: Path, tmp_path:
     done = [(e.stage, e.instruction) for e in events.steps if e.status is StepStatus.DONE]
     # The build stage ran once, on the build platform, and says so; the last stage once per target.
     assert done.count((f"{HOST} build", "COPY src /out/tool")) == 1
-    assert [s for s, _ in done if s.endswith(" build")] == [f"{HOST} build"]
+    assert [(s, i.split()[0]) for s, i in done if s.endswith(" build")] == [
+        (f"{HOST} build", "FROM"),
+        (f"{HOST} build", "COPY"),
+    ]
     copies = sorted(s for s, i in done if i.startswith("COPY --from=build"))
     assert copies == ["linux/amd64 stage-1", "linux/arm64 stage-1"]
     assert [r.stage for r in result.steps].count(f"{HOST} build") == 1
@@ -375,7 +378,7 @@ def test_an_os_version_reaches_targetplatform_and_targetosversion(cache: Path, t
 def test_the_image_of_a_target_platform_says_that_platform(cache: Path, tmp_path: Path) -> None:
     # BuildKit sets the target platform on the image even when the last stage is built
     # FROM --platform=$BUILDPLATFORM (convert.go, an explicit target platform).
-    ctx = write_context(tmp_path / "ctx", "FROM --platform=$BUILDPLATFORM scratch\nCOPY f /f\n", {"f": "x"})
+    ctx = write_context(tmp_path / "ctx", f"FROM --platform=$BUILDPLATFORM {BASE}\nCOPY f /f\n", {"f": "x"})
     one = build(cache, ctx, platforms=["linux/arm/v7"])
     assert (one.config.os, one.config.architecture, one.config.variant) == ("linux", "arm", "v7")
     host = build(cache, ctx)  # no --platform: the stage's own, the host's
@@ -435,3 +438,13 @@ def test_a_failing_step_names_its_platform(cache: Path, tmp_path: Path) -> None:
     message = str(caught.value)
     assert message.startswith(f"{ctx}/Dockerfile:3: stage stage-0 (linux/arm64): COPY f-$TARGETARCH /f: ")
     assert "f-arm64" in message
+
+
+def test_from_scratch_is_the_target_platform_whatever_platform_it_names() -> None:
+    # BuildKit's convert.go gives a scratch stage the target platform even with FROM --platform
+    from lamina.engine.dockerfile.parser import parse
+    from lamina.engine.plan import make_plan, parse_platform
+
+    dockerfile = parse(b"FROM --platform=$BUILDPLATFORM scratch AS a\nFROM --platform=linux/s390x scratch\n")
+    plan = make_plan(dockerfile, target_platform=parse_platform("linux/arm64"))
+    assert [str(s.stage_platform) for s in plan.stages] == ["linux/arm64", "linux/arm64"]

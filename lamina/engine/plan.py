@@ -227,8 +227,9 @@ class PlannedStage:
     dependencies: tuple[Dependency, ...]
     images: tuple[str, ...]  # image references read with COPY --from / mount from=
     args: tuple[KeyValue, ...]
-    # What the stage builds for: FROM --platform, else its base stage's, else the target's
-    # (BuildKit's dispatchState.platform). Its cache keys and base images are this platform's.
+    # What the stage builds for: FROM --platform, else its base stage's, else the target's; FROM
+    # scratch always the target's (BuildKit's dispatchState.platform). Its cache keys and base
+    # images are this platform's.
     stage_platform: Platform
 
     @property
@@ -634,6 +635,7 @@ def _plan_stage(
             platform = earlier_planned[earlier.index].stage_platform
     elif from_.image == SCRATCH:
         base = Base(BaseKind.SCRATCH)
+        platform = target_platform  # BuildKit's convert.go: scratch is the target's, --platform or not
     else:
         _check_reference(from_.image, location, "FROM")
         base = Base(BaseKind.IMAGE, image=from_.image)
