@@ -81,3 +81,20 @@ def test_a_read_only_cache_mount_sees_the_cache_and_cannot_write_it(cache: Path,
     assert (out / "seen").read_text() == "x\n"
     assert "Read-only file system" in (out / "err").read_text()
     assert _lines(out, "two") == 2, "the read-only step added nothing to the cache"
+
+
+def test_cache_mount_namespace_build_arg_keeps_caches_apart(cache: Path, tmp_path: Path) -> None:
+    """BUILDKIT_CACHE_MOUNT_NS puts every cache id under it (BuildKit's NS/ID): another namespace,
+    or none, is another cache; the same namespace shares it (was: the build arg refused)."""
+
+    def count(out: str, ns: str | None) -> int:
+        # a step before it of its own: the RUN runs every time (no hit), its cache mount kept
+        text = f"FROM {BASE}\nRUN echo {out}\n" + COUNT.format(id="c", opts="", out="n")
+        args = {"BUILDKIT_CACHE_MOUNT_NS": ns} if ns is not None else {}
+        rootfs(cache, write_context(tmp_path / out / "ctx", text), tmp_path / out / "root", build_args=args)
+        return _lines(tmp_path / out / "root", "n")
+
+    assert count("a1", "a") == 1
+    assert count("none", None) == 1
+    assert count("b", "b") == 1
+    assert count("a2", "a") == 2

@@ -236,7 +236,6 @@ def test_healthcheck_start_interval_reaches_the_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("BUILDKIT_CACHE_MOUNT_NS", "ns"),
         ("BUILDKIT_BUILD_NAME", "nightly"),
         ("BUILDKIT_SYNTAX", "example.com/frontend:1"),
     ],

@@ -153,7 +153,6 @@ def check(
 # Build args with a meaning to BuildKit that lamina does not give them: refused when they ask for
 # something (a true value, a name), so that a build never silently does less than it was asked.
 _UNSUPPORTED_BUILD_ARGS = {
-    "BUILDKIT_CACHE_MOUNT_NS": "cache mount ids are not namespaced by lamina",
     "BUILDKIT_BUILD_NAME": "lamina keeps no build history to name",
 }
 _OFF = frozenset({"", "0", "f", "F", "false", "FALSE", "False"})

@@ -13,6 +13,9 @@ cache, and the later RUNs of that build and later builds share the new one.
 BuildKit prunes when it loads the build; lamina prunes at the first such RUN,
 so a RUN of another stage that ran before it in the same build saw the old
 content (FIXME if it matters: collect the ids from the plan first).
+
+`--build-arg BUILDKIT_CACHE_MOUNT_NS=NS` puts every cache mount's id under NS
+(dockerfile2llb: `NS/ID`), so builds of another namespace share no cache.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,13 +37,21 @@ def cache_dir(executor: StepHost, state: StageState, mount: Any, start_ref: str)
     ignores the cache; its parent exists, the directory itself may not yet."""
     root = executor.store.root / "cachemounts"
     root.mkdir(exist_ok=True)
-    name = _hex(mount.id)
+    ns = namespace(executor.plan.build_args)
+    # NUL: no id holds one, so NS+ID is never another mount's plain id (BuildKit: "/ID" vs "NS/ID")
+    ident = f"{ns}\0{mount.id}" if ns else mount.id
+    name = _hex(ident)
     ignores = executor.options.no_cache or state.no_cache
-    if ignores and not executor.options.dry_run and mount.id not in executor.pruned_cache_ids:
-        executor.pruned_cache_ids.add(mount.id)
+    if ignores and not executor.options.dry_run and ident not in executor.pruned_cache_ids:
+        executor.pruned_cache_ids.add(ident)
         prune(root, name)
     # Without a ref, the name is the id's alone: the layout stores made before refs counted.
     return root / (f"{name}-{_hex(start_ref)[:16]}" if start_ref else name)
+
+
+def namespace(build_args: Mapping[str, str]) -> str:
+    """BUILDKIT_CACHE_MOUNT_NS (dockerui's CacheIDNamespace), "" for none."""
+    return build_args.get("BUILDKIT_CACHE_MOUNT_NS", "")
 
 
 def prune(root: Path, name: str) -> None:

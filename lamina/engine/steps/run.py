@@ -388,7 +388,7 @@ def _add_cache(
     from lamina.engine.sandbox.spec import CacheMount, Sharing
     from lamina.engine.steps.base import source_stage
     from lamina.engine.steps.cachemount import cache_dir as cache_mount_dir
-    from lamina.engine.steps.cachemount import mode_ref
+    from lamina.engine.steps.cachemount import mode_ref, namespace
 
     subpath = mount.source.strip("/") if not mount.from_ else ""
     if mount.from_:
@@ -421,6 +421,7 @@ def _add_cache(
         + (f":{subpath}" if subpath else "")
         + (f":{start}" if start else "")
         + (":ro" if mount.read_only else "")  # BuildKit's Mount.Readonly is in its op's digest
+        + (f":ns={ns}" if (ns := namespace(executor.plan.build_args)) else "")  # its NS/ID too
     )
 
 
