@@ -5,6 +5,7 @@ tests/test_multiplatform_images.py's; here every non-host stage runs no program.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -448,3 +449,15 @@ def test_from_scratch_is_the_target_platform_whatever_platform_it_names() -> Non
     dockerfile = parse(b"FROM --platform=$BUILDPLATFORM scratch AS a\nFROM --platform=linux/s390x scratch\n")
     plan = make_plan(dockerfile, target_platform=parse_platform("linux/arm64"))
     assert [str(s.stage_platform) for s in plan.stages] == ["linux/arm64", "linux/arm64"]
+
+
+def test_local_output_of_each_platform_gets_its_provenance_and_the_epoch(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY f /f\n", {"f": "x\n"})
+    out = tmp_path / "local"
+    build(cache, ctx, platforms=["linux/amd64,linux/arm64"], provenance="mode=min", source_date_epoch=7,
+          outputs=[f"type=local,dest={out}"])  # fmt: skip
+    for platform in ("linux_amd64", "linux_arm64"):
+        statement = json.loads((out / platform / "provenance.json").read_text())
+        digest = hashlib.sha256(b"x\n").hexdigest()
+        assert statement["subject"] == [{"name": "f", "digest": {"sha256": digest}}]
+        assert (out / platform / "f").stat().st_mtime == 7

@@ -50,6 +50,7 @@ class Executor(Protocol):
     def build_target(self, pool: Any) -> StageOutcome: ...
     def created_for_image(self, target: StageOutcome) -> str: ...
     def statements(self, image: Any, config: Any) -> tuple[Any, ...]: ...
+    def warn_once(self, message: str) -> None: ...
 
 
 @contextlib.contextmanager
@@ -216,7 +217,7 @@ def _write_outputs(
 ) -> tuple[Any, tuple[str, ...]]:
     """Every output of the build and the tags: (what the tags name, the names given)."""
     from lamina.engine.imageexport import ExportedImage, attestation_files, export_image, platform_index
-    from lamina.engine.output import write_output, write_rootfs
+    from lamina.engine.output import write_output
     from lamina.engine.outputspec import OutputType
     from lamina.engine.plan import format_all
 
@@ -254,11 +255,14 @@ def _write_outputs(
         if output.type is OutputType.IMAGE:
             _tag(first, images[i], output.names, created)
         elif output.type is OutputType.LOCAL:  # a tree per platform, each with its attestations
-            for (platform, _, _, statements), target in zip(committed, targets, strict=True):
+            for (platform, _, image, statements), target in zip(committed, targets, strict=True):
+                # each platform's tree as its own type=local output (times, errors, warnings)
                 root = Path(output.dest) / format_all(platform).replace("/", "_")
-                write_rootfs(target.layer_dirs, root)
-                if statements:
-                    attestation_files(statements, epoch, output.attestation_prefix)(root)
+                one = dataclasses.replace(output, dest=str(root), platform_split=False)
+                prefix = output.attestation_prefix
+                files = attestation_files(statements, epoch, prefix) if statements else None
+                for warning in write_output(one, store, image, target.layer_dirs, names, epoch, files):
+                    first.warn_once(warning)  # what a rootless type=local could not keep
         elif output.type is OutputType.TAR:  # one tar, a tree per platform (linux_amd64/...)
             trees = [(p, t.layer_dirs) for (p, _, _, _), t in zip(committed, targets, strict=True)]
             write_output(output, store, stored, targets[main].layer_dirs, names, epoch, trees=trees)
