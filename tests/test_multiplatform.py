@@ -461,3 +461,12 @@ def test_local_output_of_each_platform_gets_its_provenance_and_the_epoch(cache: 
         digest = hashlib.sha256(b"x\n").hexdigest()
         assert statement["subject"] == [{"name": "f", "digest": {"sha256": digest}}]
         assert (out / platform / "f").stat().st_mtime == 7
+
+
+def test_an_index_of_one_platform_splits_its_tree_unless_told_not_to(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY f /f\n", {"f": "x\n"})
+    multi = {"BUILDKIT_MULTI_PLATFORM": "1"}
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    build(cache, ctx, build_args=multi, outputs=[f"type=local,dest={split}"])
+    build(cache, ctx, build_args=multi, outputs=[f"type=local,dest={whole},platform-split=false"])
+    assert (split / HOST.replace("/", "_") / "f").read_text() == (whole / "f").read_text() == "x\n"

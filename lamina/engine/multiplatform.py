@@ -10,8 +10,8 @@ bounds the whole build.
 
 The outputs then get one OCI image index with a manifest per platform (each descriptor with
 its platform, each config with its os/architecture/variant): the store's image under `-t`,
-`type=image` and `type=oci`; `type=local` gets a directory per platform (BuildKit's
-platform-split). What BuildKit refuses (a docker-type output of several platforms) is refused
+`type=image` and `type=oci`; `type=local` and `type=tar` get a directory per platform
+(BuildKit's platform-split). What BuildKit refuses (a docker-type output of several platforms) is refused
 here before anything runs, as is what lamina does not do yet, in one line each.
 """
 
@@ -96,7 +96,8 @@ def check_options(options: BuildOptions) -> None:
     for output in options.outputs:
         if output.type is OutputType.DOCKER:  # buildx's own words
             raise OutputError("docker exporter does not currently support exporting manifest lists")
-        if output.type in (OutputType.LOCAL, OutputType.TAR) and output.platform_split is False:
+        split = output.type in (OutputType.LOCAL, OutputType.TAR) and output.platform_split is False
+        if split and len(options.platforms) > 1:
             raise OutputError(
                 f"--output type={output.type.value},platform-split=false: several platforms in one tree"
                 " are not supported"
@@ -257,7 +258,9 @@ def _write_outputs(
         elif output.type is OutputType.LOCAL:  # a tree per platform, each with its attestations
             for (platform, _, image, statements), target in zip(committed, targets, strict=True):
                 # each platform's tree as its own type=local output (times, errors, warnings)
-                root = Path(output.dest) / format_all(platform).replace("/", "_")
+                root = Path(output.dest)
+                if output.platform_split is not False:  # only one platform may leave it out
+                    root /= format_all(platform).replace("/", "_")
                 one = dataclasses.replace(output, dest=str(root), platform_split=False)
                 prefix = output.attestation_prefix
                 files = attestation_files(statements, epoch, prefix) if statements else None
@@ -265,6 +268,8 @@ def _write_outputs(
                     first.warn_once(warning)  # what a rootless type=local could not keep
         elif output.type is OutputType.TAR:  # one tar, a tree per platform (linux_amd64/...)
             trees = [(p, t.layer_dirs) for (p, _, _, _), t in zip(committed, targets, strict=True)]
+            if output.platform_split is False:  # one platform, asked for as one tree
+                trees = None
             write_output(output, store, stored, targets[main].layer_dirs, names, epoch, trees=trees)
         else:  # type=oci: the index, every platform's blobs
             write_output(output, store, images[i], targets[main].layer_dirs, names, epoch)
