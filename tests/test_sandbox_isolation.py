@@ -414,17 +414,24 @@ def test_build_without_namespaces_makes_the_same_image(
 
 
 @needs_root
-def test_build_network_none_without_namespaces_names_the_line(busybox_image: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        ("--network=none", "--network=none needs a network namespace"),
+        ("--mount=type=cache,target=/c,ro", "--mount=type=cache,readonly needs a read-only mount"),
+    ],
+)
+def test_build_network_none_without_namespaces_names_the_line(
+    flag: str, said: str, busybox_image: Path, tmp_path: Path
+) -> None:
     where = _context(tmp_path / "w", busybox_image)
-    (where / "ctx/Dockerfile").write_text(
-        "FROM lamina-test/busybox:1.35\nRUN true\nRUN --network=none true\n"
-    )
+    (where / "ctx/Dockerfile").write_text(f"FROM lamina-test/busybox:1.35\nRUN true\nRUN {flag} true\n")
     wrap = [sys.executable, str(NO_NAMESPACES), "docker", "--"]
     assert _lamina(where, ["load", str(where / "base.tar")], wrap).returncode == 0
     done = _lamina(where, ["build", "--progress", "quiet", f"{where}/ctx"], wrap)
     assert done.returncode == 1
     error = done.stderr.strip().splitlines()[-1]
-    assert "Dockerfile:3" in error and "--network=none needs a network namespace" in error, done.stderr
+    assert "Dockerfile:3" in error and said in error, done.stderr
 
 
 # --- inside docker ------------------------------------------------------------------
