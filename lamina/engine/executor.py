@@ -98,7 +98,7 @@ class Executor:
         self.images: dict[tuple[str, str], StageOutcome] = {}  # base images loaded, by (ref, platform)
         self.totals: dict[str, int] = {}  # stage name -> its filesystem steps, for replays
         self.froms: dict[str, str] = {}  # stage name -> `FROM image` (its step 1), for replays
-        self.pruned_cache_ids: set[str] = set()  # cache mounts emptied by this build (--no-cache)
+        self.pruned_cache_ids: dict[str, object] = {}  # cache mounts emptied by this build (--no-cache)
         self.temp_files: list[Path] = []  # e.g. secrets given by environment variable
         self.fetched: dict[str, Any] = {}  # ADD <url>: fetched once per build (steps.copyadd.fetch)
         self.dirty: set[str] = set()  # --dry-run: stages with a step that would run

@@ -343,7 +343,7 @@ class StepHost(Protocol):
     images: dict[tuple[str, str], StageOutcome]  # base images loaded by this build, by (ref, platform)
     totals: dict[str, int]  # stage name -> its filesystem steps, for the replay memo
     froms: dict[str, str]  # stage name -> `FROM image`, its step 1 (a stage from an image)
-    pruned_cache_ids: set[str]  # cache mount ids a RUN ignoring the cache emptied (steps.cachemount)
+    pruned_cache_ids: dict[str, object]  # cache mount ids a RUN ignoring the cache emptied (steps.cachemount)
     temp_files: list[Path]  # removed when the build ends
     lost_owners: dict[Path, dict[str, tuple[int, int]]]  # stage_rootfs tree -> owners it could not keep
     fetched: dict[str, Any]  # ADD <url>: what this build fetched, by URL

@@ -42,8 +42,12 @@ def cache_dir(executor: StepHost, state: StageState, mount: Any, start_ref: str)
     ident = f"{ns}\0{mount.id}" if ns else mount.id
     name = _hex(ident)
     ignores = executor.options.no_cache or state.no_cache
-    if ignores and not executor.options.dry_run and ident not in executor.pruned_cache_ids:
-        executor.pruned_cache_ids.add(ident)
+    token = object()  # dict.setdefault is atomic: one RUN of the build prunes, whatever runs beside it
+    if (
+        ignores
+        and not executor.options.dry_run
+        and executor.pruned_cache_ids.setdefault(ident, token) is token
+    ):
         prune(root, name)
     # Without a ref, the name is the id's alone: the layout stores made before refs counted.
     return root / (f"{name}-{_hex(start_ref)[:16]}" if start_ref else name)
