@@ -195,6 +195,19 @@ def test_mount_defaults_per_type() -> None:
     assert parse_mount("type=bind,from=build,source=/out,target=/in").from_ == "build"
 
 
+def test_secret_mount_source_is_its_id() -> None:
+    """BuildKit's dispatchSecret: `source`/`src` names the secret (was: an unexpected key); the
+    default target is /run/secrets/ and the id's last element (path.Base)."""
+    assert (parse_mount("type=secret,src=npmrc").id, parse_mount("type=secret,src=npmrc").target) == (
+        "npmrc",
+        "/run/secrets/npmrc",
+    )
+    assert parse_mount("type=secret,source=ci/token").target == "/run/secrets/token"
+    assert parse_mount("type=secret,id=ci/token").target == "/run/secrets/token"
+    with pytest.raises(InstructionError, match="both source and id can't be set"):
+        parse_mount("type=secret,id=a,source=b")
+
+
 def test_mount_type_from_a_variable_is_expanded() -> None:
     """BuildKit's testMountArg: every --mount value is expanded, `type` too; parsing waits for the values."""
     assert parse_mount("type=$MNT_TYPE,target=/c").type is MountType.BIND  # a placeholder until expanded

@@ -595,7 +595,7 @@ _MOUNT_KEYS: dict[MountType, frozenset[str]] = {
         {"target", "source", "from", "readonly", "readwrite", "id", "sharing", "mode", "uid", "gid"}
     ),
     MountType.TMPFS: frozenset({"target", "size"}),
-    MountType.SECRET: frozenset({"target", "id", "env", "required", "mode", "uid", "gid"}),
+    MountType.SECRET: frozenset({"target", "source", "id", "env", "required", "mode", "uid", "gid"}),
     MountType.SSH: frozenset({"target", "id", "required", "mode", "uid", "gid"}),
 }
 _MOUNT_ALIASES = {
@@ -700,7 +700,13 @@ def parse_mount(spec: str, expander: Expander | None = None) -> Mount:
         except ValueError:
             raise InstructionError(f"unsupported sharing value {options['sharing']!r}") from None
     env = options.get("env")
-    mount_id, target = _mount_id_and_target(mount_type, options.get("id", ""), options.get("target", ""), env)
+    mount_id = options.get("id", "")
+    if mount_type is MountType.SECRET and options.get("source"):
+        # BuildKit's dispatchSecret: a secret's source is its id (the older spelling)
+        if mount_id:
+            raise InstructionError("secret mount: both source and id can't be set")
+        mount_id = options.pop("source")
+    mount_id, target = _mount_id_and_target(mount_type, mount_id, options.get("target", ""), env)
     return Mount(
         type=mount_type,
         target=target,
@@ -784,7 +790,7 @@ def _mount_id_and_target(
                 raise InstructionError("secret mount requires an id or a target")
             mount_id = posixpath.basename(target)
         if not target and env is None:
-            target = "/run/secrets/" + mount_id
+            target = "/run/secrets/" + posixpath.basename(mount_id)  # path.Base(id), as BuildKit
     if mount_type is MountType.SSH and not mount_id:
         mount_id = "default"
     return mount_id, target
