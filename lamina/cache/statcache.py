@@ -59,7 +59,7 @@ _SMALL = 256 * 1024  # files up to this size are read in one call, on the callin
 _CHUNK = 1 << 20
 _WINDOW = 8  # large files in flight per hashing thread: bounded work, however big the context
 _KEEP_FILE = 64 * 1024  # a build context's files up to this size are kept after hashing ...
-_KEEP_BUDGET = 16 * 1024 * 1024  # ... up to this many bytes in all (with _KEPT_OVERHEAD), for the COPY
+_KEEP_BUDGET = 8 * 1024 * 1024  # ... up to this many bytes in all (with _KEPT_OVERHEAD), for the COPY
 _KEPT_OVERHEAD = 200  # an entry's objects beside its bytes (key, bytes header, dict slot)
 _PROGRESS_FROM = 2_000  # files to hash before progress is shown (a big context's first build)
 _PROGRESS_EVERY = 0.1  # seconds between progress reports
@@ -120,7 +120,7 @@ class _Shard:
     context holds a million of them).
     """
 
-    __slots__ = ("entries", "new", "path", "plain", "used")
+    __slots__ = ("entries", "fresh", "new", "path", "plain", "used")
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -128,8 +128,15 @@ class _Shard:
         self.plain: set[bytes] = set()  # keys of files known to carry no image xattrs
         if path is not None:
             _load(path, self.entries, self.plain)
-        self.new: dict[bytes, bytes] = {}
+        # A shard that loaded empty (a context's first build) has every entry new and
+        # used: `new` is `entries` itself and `used` stays empty, not two more tables
+        # the size of the context.
+        self.fresh = not self.entries
+        self.new: dict[bytes, bytes] = self.entries if self.fresh else {}
         self.used: set[bytes] = set()
+
+    def used_count(self) -> int:
+        return len(self.entries) if self.fresh else len(self.used)
 
 
 class StatCache:
@@ -198,6 +205,10 @@ class StatCache:
                     self._shards[scope] = shard
         return shard
 
+    def known(self, key: StatKey, scope: str | None = None) -> bytes | None:
+        """The digest kept for identity `key`, if any (no file is read, no count kept)."""
+        return self._shard(scope).entries.get(key)
+
     def plain(self, key: StatKey, scope: str | None = None) -> bool:
         """Whether the file of stat identity `key` is known to carry no image xattrs."""
         return key in self._shard(scope).plain
@@ -242,7 +253,8 @@ class StatCache:
         missing = [i for i, digest in enumerate(found) if digest is None]
         self.hits += len(items) - len(missing)
         self.misses += len(missing)
-        shard.used.update(keys)
+        if not shard.fresh:
+            shard.used.update(keys)
         if not missing:
             return found  # type: ignore[return-value]
         new = shard.new
@@ -291,19 +303,21 @@ class StatCache:
                 with contextlib.suppress(OSError):  # an unwritable cache only costs re-hashing
                     # Bound a shard to about its context's size: drop what this
                     # build did not see once stale entries dominate.
-                    stale = len(shard.entries) > 2 * len(shard.used) + _SLACK
+                    used = shard.used_count()
+                    stale = len(shard.entries) > 2 * used + _SLACK
                     if stale or not _append(shard.path, shard.new, shard.plain):
                         merged: dict[bytes, bytes] = {}
                         plain: set[bytes] = set()
                         _load(shard.path, merged, plain)
                         merged.update(shard.entries)
                         plain |= shard.plain
-                        if len(merged) > 2 * len(shard.used) + _SLACK:
-                            merged = {k: v for k, v in merged.items() if k in shard.used}
+                        if len(merged) > 2 * used + _SLACK:
+                            kept = shard.entries if shard.fresh else shard.used
+                            merged = {k: v for k, v in merged.items() if k in kept}
                         _store(shard.path, merged, plain)
                         shard.entries, shard.plain = merged, plain
                     _forget_old_shards(shard.path.parent)
-                shard.new = {}
+                shard.new = {}  # a fresh shard's entries all stay "used" (never pruned here)
 
 
 class _Progress:

@@ -65,6 +65,8 @@ class TreeEntry:
     # with its permission bits (fsutil clears the socket bit, and its copier
     # writes a stub), so its content is never read.
     socket: bool = False
+    # Hard links: only a FILE with more than one can share its inode with another path.
+    nlink: int = 1
 
     @property
     def name(self) -> str:
@@ -229,9 +231,10 @@ class SourceTree:
         if kind is EntryType.FILE or kind is EntryType.DIR:  # most entries: no more calls than needed
             uid, gid = self._owner(rel, st) if self.chroot else (st.st_uid, st.st_gid)
             size = st.st_size if kind is EntryType.FILE else 0
-            return TreeEntry(
-                rel, kind, st.st_mode & 0o7777, uid, gid, size, st.st_mtime_ns, "", 0, stat_key(st)
-            )
+            nlink = st.st_nlink if kind is EntryType.FILE else 1
+            mode = st.st_mode & 0o7777
+            key = stat_key(st)
+            return TreeEntry(rel, kind, mode, uid, gid, size, st.st_mtime_ns, "", 0, key, False, nlink)
         link = os.readlink(self.abspath(rel)) if kind is EntryType.SYMLINK else ""
         uid, gid = self._owner(rel, st)
         return TreeEntry(
@@ -272,6 +275,9 @@ class SourceTree:
         """sha256 of a FILE entry's content (from the stat cache when unchanged)."""
         if entry.socket:
             return _EMPTY_DIGEST
+        known = self.stat_cache.known(entry.key, self.scope)
+        if known is not None:
+            return known
         try:
             return self.stat_cache.digest(self.abspath(entry.path), entry.key, self.scope)
         except OSError as err:

@@ -30,6 +30,7 @@ import posixpath
 import stat
 import struct
 import threading
+import zlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +54,7 @@ from lamina.oci.entry import EntryType
 __all__ = [
     "WRITTEN",
     "PriorCopy",
+    "Written",
     "clear_target",
     "make_dest_dirs",
     "one_file_target",
@@ -63,6 +65,7 @@ __all__ = [
 _CHUNK = 1 << 20
 _BATCH = 64  # files per job of the copy threads
 _THREADS = max(2, min(4, os.cpu_count() or 1))
+_IN_FLIGHT = 4 * _THREADS  # batches submitted and not yet collected
 _T = TypeVar("_T")
 
 
@@ -105,6 +108,33 @@ def _written(dest: str, record: bytes) -> bytes:
     return _DEST.pack(len(name)) + name + record
 
 
+class Written:
+    """What a copy wrote (`WRITTEN` records after their destinations), zlib-compressed as
+    it grows: ~40 bytes a file (most of it the digest), never an object per file.
+    `data()` is what `read_written` reads once decompressed. Safe for the copy threads."""
+
+    def __init__(self) -> None:
+        self._zip = zlib.compressobj(1)
+        self._parts: list[bytes] = []
+        self._lock = threading.Lock()
+        self.files = 0
+
+    def __len__(self) -> int:
+        return self.files
+
+    def add(self, dest: str, record: bytes) -> None:
+        with self._lock:
+            if chunk := self._zip.compress(_written(dest, record)):
+                self._parts.append(chunk)
+            self.files += 1
+
+    def data(self) -> bytes:
+        """The compressed records (once: the stream is closed)."""
+        with self._lock:
+            self._parts.append(self._zip.flush())
+            return b"".join(self._parts)
+
+
 def write_selection(
     tree: SourceTree,
     selection: Selection,
@@ -113,7 +143,7 @@ def write_selection(
     mtime_ns: int | None = None,
     late_owners: list[tuple[Path, int, int]] | None = None,
     prior: PriorCopy | None = None,
-    written: bytearray | None = None,
+    written: Written | None = None,
     stop: threading.Event | None = None,
 ) -> int:
     """Write the selection under `dest_root` (a layer dir or a root filesystem).
@@ -131,10 +161,7 @@ def write_selection(
     the next run's `prior`. Once `stop` is set (Ctrl-C), the copy ends with
     KeyboardInterrupt at the next file.
     """
-    digests = None
-    if prior is not None or written is not None:
-        digests = tree.file_digests([item.entry for item in selection.items])
-    writer = _Writer(tree, dest_root, image, mtime_ns, prior, digests, stop)
+    writer = _Writer(tree, dest_root, image, mtime_ns, prior, stop)
     writer.written = written
     try:
         for made in selection.made_dirs:
@@ -169,7 +196,6 @@ class _Writer:
         image: ImageLookup | None,
         mtime_ns: int | None,
         prior: PriorCopy | None = None,
-        digests: Mapping[str, bytes] | None = None,
         stop: threading.Event | None = None,
     ) -> None:
         self.tree = tree
@@ -177,15 +203,13 @@ class _Writer:
         self.image = image
         self.mtime_ns = mtime_ns
         self.prior = prior
-        self.digests = digests or {}
         self.stop = stop
         self.dir_times: list[tuple[str, int]] = []
         self.bytes_written = 0
         self.known_dirs: set[str] = {""}
         # source stat key (hard links of one inode share it) -> the first destination written
         self.links: dict[bytes, str] = {}
-        self.written: bytearray | None = None  # WRITTEN records of the plain files, as written
-        self.written_lock = threading.Lock()
+        self.written: Written | None = None  # what the plain files became, as written
         self.late_owners: list[tuple[Path, int, int]] = []
         self.dir_modes: list[tuple[str, int]] = []  # unprivileged: modes set at the end
         self.batch: list[tuple[CopyItem, str]] = []
@@ -312,7 +336,8 @@ class _Writer:
         """Queue a file to be written with the next batch, beside the others queued."""
         self.ensure_parent(item.dest)
         path = self.target(item.dest)
-        self.links[item.entry.key] = item.dest
+        if item.entry.nlink > 1:
+            self.links[item.entry.key] = item.dest
         self.queued.add(item.dest)
         self.batch.append((item, path))
         if len(self.batch) >= _BATCH:
@@ -334,8 +359,10 @@ class _Writer:
     def make_file(self, item: CopyItem, path: str) -> None:
         """A plain file at `path` (nothing there now): a hard link of one this copy wrote,
         the last run's file linked, or written."""
-        first = self.links.get(item.entry.key)
-        self.links[item.entry.key] = item.dest
+        first = None
+        if item.entry.nlink > 1:
+            first = self.links.get(item.entry.key)
+            self.links[item.entry.key] = item.dest
         if first is not None and first != item.dest and os.path.lexists(self.target(first)):
             os.link(self.target(first), path)  # a hardlink of a file this copy already wrote
             self.set_meta(item, path)
@@ -349,14 +376,13 @@ class _Writer:
         """Note what a plain file became, for the next run's `prior`."""
         if self.written is None:
             return
-        content = self.digests.get(item.entry.path, b"")
+        content = self.tree.file_digest(item.entry)  # from the stat cache: the key read it
         packed = WRITTEN.pack(content, item.mode, item.uid, item.gid, mtime_ns, size, inode, has_xattrs)
         self.add_record(item.dest, packed)
 
     def add_record(self, dest: str, packed: bytes) -> None:
         assert self.written is not None
-        with self.written_lock:
-            self.written += _written(dest, packed)
+        self.written.add(dest, packed)
 
     def make_entry(self, item: CopyItem, path: str) -> None:
         """Make a symlink, fifo or device node at `path` (nothing there now)."""
@@ -383,7 +409,8 @@ class _Writer:
     def may_queue(self, item: CopyItem) -> bool:
         """Whether a file can be written beside the queued ones: it is no hard
         link of a file met before, and lands neither on nor below a queued one."""
-        return item.entry.key not in self.links and not self.below_queued(item.dest)
+        linked = item.entry.nlink > 1 and item.entry.key in self.links
+        return not linked and not self.below_queued(item.dest)
 
     def below_queued(self, rel: str) -> bool:
         """Whether `rel` is a queued file or below one."""
@@ -402,7 +429,7 @@ class _Writer:
             return False
         entry = item.entry
         when = self.mtime_ns if self.mtime_ns is not None else entry.mtime_ns
-        digest = self.digests.get(entry.path, b"")
+        digest = self.tree.file_digest(entry)
         wanted = WRITTEN.pack(digest, item.mode, item.uid, item.gid, when, entry.size, 0, 0)
         if before[:_SAME] != wanted[:_SAME]:
             return False
@@ -443,6 +470,10 @@ class _Writer:
     def submit(self) -> None:
         if self.pool is None:
             self.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="copy")
+        # A bounded number of batches in flight: the walk outruns the disk, and
+        # queueing a whole context holds a path and a future per file (issue 22).
+        while self.jobs and (self.jobs[0].done() or len(self.jobs) >= _IN_FLIGHT):
+            self.bytes_written += self.jobs.pop(0).result()
         self.jobs.append(self.pool.submit(self.write_files, self.batch))
         self.batch = []
 
@@ -453,6 +484,10 @@ class _Writer:
             self.check_stop()
             if not self.link_prior(item, path):
                 copied += self.write_file(item, path)
+        # On disk now: what lands on or below them sees them there (and fails or
+        # replaces as it would after a drain), so the set stays the files in flight.
+        for item, _ in batch:
+            self.queued.discard(item.dest)
         return copied
 
     def write_file(self, item: CopyItem, path: str) -> int:

@@ -424,7 +424,7 @@ def selection_key(tree: SourceTree, selection: Selection) -> Digest:
             h.update(
                 b"xattrs\0" + b"".join(b"%s\0%d:%s" % (os.fsencode(n), len(v), v) for n, v in found) + b"\n"
             )
-        if item.entry.type is EntryType.FILE:
+        if item.entry.type is EntryType.FILE and item.entry.nlink > 1:
             first = first_links.setdefault(item.entry.key[:16], item.dest)  # st_dev, st_ino
             if first != item.dest:  # written as a hardlink: the layer differs
                 h.update(f"hardlink\0{item.dest}\0{first}\n".encode("utf-8", "surrogateescape"))

@@ -32,7 +32,7 @@ from lamina.engine.steps.copyadd.archive import unpack_archives
 from lamina.engine.steps.copyadd.chmod import Chmod, parse_chmod
 from lamina.engine.steps.copyadd.fetch import fetch_url, write_fetched
 from lamina.engine.steps.copyadd.heredoc import expand_heredoc, write_heredoc
-from lamina.engine.steps.copyadd.placement import PriorCopy, read_written, write_selection
+from lamina.engine.steps.copyadd.placement import PriorCopy, Written, read_written, write_selection
 from lamina.engine.steps.copyadd.selection import CopyOptions, destination_path, select_sources, selection_key
 from lamina.engine.steps.layerstep import layer_step, step_env
 from lamina.engine.steps.layerview import LayerView
@@ -89,7 +89,7 @@ class _PriorRun:
         self.state = state
         self.instruction = instruction
         self.where = ""
-        self.written = bytearray()  # placement.WRITTEN records
+        self.written = Written()
 
     def load(self) -> PriorCopy | None:
         """Called when the step runs (its position in the stage is known then)."""
@@ -371,12 +371,11 @@ def _load_prior_copy(executor: StepHost, where: str) -> PriorCopy | None:
     return PriorCopy(root, files)
 
 
-def _save_prior_copy(executor: StepHost, where: str, dir_id: str, written: bytearray) -> None:
+def _save_prior_copy(executor: StepHost, where: str, dir_id: str, written: Written) -> None:
     """The packed records, compressed: ~50 bytes a file, never an object per file (issue 22)."""
     import base64
-    import zlib
 
-    packed = base64.b64encode(zlib.compress(written, 1)).decode("ascii")
+    packed = base64.b64encode(written.data()).decode("ascii")
     # No refs: this record keeps no layer from gc; a missing directory means copying.
     executor.store.cache_put(where, json.dumps({"dir": dir_id, "written": packed}))
 
