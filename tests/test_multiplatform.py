@@ -470,3 +470,15 @@ def test_an_index_of_one_platform_splits_its_tree_unless_told_not_to(cache: Path
     build(cache, ctx, build_args=multi, outputs=[f"type=local,dest={split}"])
     build(cache, ctx, build_args=multi, outputs=[f"type=local,dest={whole},platform-split=false"])
     assert (split / HOST.replace("/", "_") / "f").read_text() == (whole / "f").read_text() == "x\n"
+
+
+def test_platform_values_as_buildx_and_containerd_read_them() -> None:
+    from lamina.engine.plan import parse_platforms
+    from lamina.errors import PlanError
+
+    found = parse_platforms(["local,linux/aarch64", "linux/arm,linux/arm64/v8", "x86_64"])
+    assert [str(p) for p in found] == [HOST, "linux/arm64", "linux/arm/v7"] + (
+        [] if HOST == "linux/amd64" else ["linux/amd64"]
+    )
+    with pytest.raises(PlanError, match="--platform bogus: bogus: unknown operating system or architecture"):
+        parse_platforms(["bogus"])

@@ -110,6 +110,14 @@ def normalize_platform(platform: Platform) -> Platform:
 
 
 _OS_NAMES = frozenset({"linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos"})
+# containerd's knownArchs: a lone word is one of them (or an OS) or no platform at all.
+_ARCH_NAMES = frozenset(
+    (
+        *("386", "amd64", "amd64p32", "arm", "armbe", "arm64", "arm64be", "ppc64", "ppc64le", "loong64"),
+        *("mips", "mipsle", "mips64", "mips64le", "mips64p32", "mips64p32le", "ppc", "riscv", "riscv64"),
+        *("s390", "s390x", "sparc", "sparc64", "wasm"),
+    )
+)
 
 
 def format_all(platform: Platform) -> str:
@@ -137,6 +145,8 @@ def parse_platform(text: str) -> Platform:
         host = host_platform()
         if parts[0] in _OS_NAMES:
             return normalize_platform(dataclasses.replace(host, os=parts[0]))
+        if parts[0] not in _ARCH_NAMES and parts[0] not in _ARCH_ALIASES:
+            raise PlanError(f"{parts[0]}: unknown operating system or architecture")
         return normalize_platform(Platform(architecture=parts[0], os="linux"))
     return normalize_platform(Platform.parse(text))
 
@@ -151,7 +161,8 @@ def parse_platforms(texts: Iterable[str]) -> tuple[Platform, ...]:
             if not part.strip():
                 continue
             try:
-                platform = parse_platform(part)
+                # buildx's platformutil: `local` is this machine's platform
+                platform = host_platform() if part.strip() == "local" else parse_platform(part)
             except LaminaError as err:
                 raise PlanError(f"--platform {part.strip()}: {err}") from None
             found.setdefault(format_all(platform), platform)
