@@ -192,6 +192,7 @@ def test_mount_defaults_per_type() -> None:
     assert parse_mount("type=secret,id=t,env=TOKEN").target == ""
     assert parse_mount("type=ssh").id == "default"
     assert parse_mount("type=tmpfs,dst=/t,size=64m").size == 64 * 1024 * 1024
+    assert parse_mount("type=tmpfs,dst=/t,ro").read_only and not parse_mount("type=tmpfs,dst=/t").read_only
     assert parse_mount("type=bind,from=build,source=/out,target=/in").from_ == "build"
 
 

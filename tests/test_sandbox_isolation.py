@@ -266,13 +266,30 @@ def test_read_only_cache_mount_refuses_writes_with_erofs(
 
 
 @needs_root
-def test_chroot_read_only_cache_mount_is_one_line(chroot_rootfs: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["userns", "rootns"])
+def test_read_only_tmpfs_mount_refuses_writes_with_erofs(
+    mode: str, chroot_rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--mount=type=tmpfs,ro`, as BuildKit mounts it: an empty tmpfs, read-only."""
+    if mode == "rootns" and probe().rootns:
+        pytest.skip(f"rootns isolation is not allowed here: {probe().rootns}")
+    monkeypatch.setenv("LAMINA_ISOLATION", mode)
+    script = "ls -A /t; touch /t/x || echo refused; grep -c ' /t tmpfs ro,' /proc/mounts"
+    code, out, _ = _sh(chroot_rootfs, script, tmp_path, mounts=(TmpfsMount("/t", readonly=True),))
+    assert code == 0, out
+    assert "Read-only file system" in out and out.endswith("refused\n1\n"), out
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["cache", "tmpfs"])
+def test_chroot_read_only_cache_mount_is_one_line(kind: str, chroot_rootfs: Path, tmp_path: Path) -> None:
     """chroot isolation can mount nothing and its root writes any file: refused, not pretended."""
-    cache = tmp_path / "cache/dir"
+    mount = CacheMount(tmp_path / "cache/dir", "/c", readonly=True) if kind == "cache" else None
+    mount = mount or TmpfsMount("/c", readonly=True)
     with pytest.raises(SandboxError) as err:
-        _sh(chroot_rootfs, "true", tmp_path, mounts=(CacheMount(cache, "/c", readonly=True),))
+        _sh(chroot_rootfs, "true", tmp_path, mounts=(mount,))
     assert str(err.value).startswith(
-        "--mount=type=cache,readonly needs a read-only mount, which chroot isolation cannot make"
+        f"--mount=type={kind},readonly needs a read-only mount, which chroot isolation cannot make"
     )
     assert "\n" not in str(err.value)
 

@@ -252,7 +252,7 @@ def _mount_json(mount: Any) -> dict[str, Any]:
             "readonly": mount.readonly,
         }
     if isinstance(mount, TmpfsMount):
-        return {"type": "tmpfs", "target": mount.target, "size": mount.size}
+        return {"type": "tmpfs", "target": mount.target, "size": mount.size, "readonly": mount.readonly}
     if isinstance(mount, SecretMount):
         return {
             "type": "secret",
@@ -286,7 +286,7 @@ def _mount_from_json(record: dict[str, Any]) -> Any:
             record.get("readonly", False),  # failures kept before read-only cache mounts
         )
     if kind == "tmpfs":
-        return TmpfsMount(record["target"], record["size"])
+        return TmpfsMount(record["target"], record["size"], record.get("readonly", False))
     return SecretMount(
         record["id"], Path(record["source"]), record["target"], record["uid"], record["gid"], record["mode"]
     )

@@ -594,7 +594,7 @@ _MOUNT_KEYS: dict[MountType, frozenset[str]] = {
     MountType.CACHE: frozenset(
         {"target", "source", "from", "readonly", "readwrite", "id", "sharing", "mode", "uid", "gid"}
     ),
-    MountType.TMPFS: frozenset({"target", "size"}),
+    MountType.TMPFS: frozenset({"target", "size", "readonly", "readwrite"}),
     MountType.SECRET: frozenset({"target", "source", "id", "env", "required", "mode", "uid", "gid"}),
     MountType.SSH: frozenset({"target", "id", "required", "mode", "uid", "gid"}),
 }

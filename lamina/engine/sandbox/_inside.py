@@ -469,7 +469,8 @@ def _user_mount(m: dict, root: str, single_id: bool) -> None:
         raise SetupError(f"--mount target {where}: the image has a directory there; the mount is a file")
     if kind == "tmpfs":
         opts = "mode=755" + (f",size={m['size']}" if m["size"] else "")
-        _libc.mount("tmpfs", target, "tmpfs", _libc.MS_NOSUID | _libc.MS_NODEV, opts)
+        flags = _libc.MS_NOSUID | _libc.MS_NODEV | (_libc.MS_RDONLY if m.get("readonly") else 0)
+        _libc.mount("tmpfs", target, "tmpfs", flags, opts)
     elif kind == "bind":
         if m["discard"]:
             # Writes land in a scratch upper dir that the runner throws away.

@@ -157,8 +157,10 @@ def _without_namespaces(spec: SandboxSpec, choice: Any) -> SandboxSpec:
         raise SandboxError("--ulimit is not supported under proot isolation (proot itself would run limited)")
     # Nothing can be mounted read-only, and the step's root (chroot) or uid (proot) may write
     # any file of the cache it is given: a read-only cache mount could only be pretended.
-    if any(isinstance(m, CacheMount) and m.readonly for m in spec.mounts):
-        raise SandboxError(f"--mount=type=cache,readonly needs a read-only mount, {lacking}")
+    for m in spec.mounts:
+        if isinstance(m, CacheMount | TmpfsMount) and m.readonly:
+            kind = "cache" if isinstance(m, CacheMount) else "tmpfs"
+            raise SandboxError(f"--mount=type={kind},readonly needs a read-only mount, {lacking}")
     # DEFAULT asks for isolation from the host's loopback, which cannot be
     # had: the step shares the host's network, as the once-per-build notice said.
     return dataclasses.replace(spec, network=Network.HOST)
@@ -351,7 +353,7 @@ def _wire_mount(
         out.update(_cache_source(m, index, base, locks), kind="cache", uid=m.uid, gid=m.gid, mode=m.mode)
         out["readonly"] = m.readonly
     elif isinstance(m, TmpfsMount):
-        out.update(kind="tmpfs", size=m.size)
+        out.update(kind="tmpfs", size=m.size, readonly=m.readonly)
     elif isinstance(m, SecretMount):
         if not m.source.is_file():
             raise SandboxError(f"secret {m.id}: {m.source} is not a readable file")

@@ -69,6 +69,7 @@ class CacheMount:
 class TmpfsMount:
     target: str
     size: int = 0  # bytes; 0 is the kernel default (half of RAM)
+    readonly: bool = False  # `--mount=type=tmpfs,ro`: an empty read-only tmpfs, as BuildKit's
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -344,8 +344,8 @@ def _mounts(
         elif mount.type is MountType.CACHE:
             _add_cache(executor, state, mount, target, mounts, keys)
         elif mount.type is MountType.TMPFS:
-            mounts.append(TmpfsMount(target, mount.size or 0))
-            keys.append(f"tmpfs:{target}:{mount.size or 0}")
+            mounts.append(TmpfsMount(target, mount.size or 0, readonly=mount.read_only))
+            keys.append(f"tmpfs:{target}:{mount.size or 0}" + (":ro" if mount.read_only else ""))
         elif mount.type is MountType.SECRET:
             _add_secret(executor, mount, target, secrets, mounts, keys, secret_env)
         else:  # SSH: llb.AddSSHSocket numbers the default targets per ssh mount
