@@ -118,7 +118,7 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
         inputs = make_inputs(state.key, "RUN " + json.dumps(argv), {}, state.platform, "pending")
         layer_step(executor, state, instruction, inputs, lambda upper: None, pending=pending)
         return
-    mounts, mount_keys, content, secret_env = _mounts(executor, state, instruction)
+    mounts, mount_keys, content, secret_env, defined_content = _mounts(executor, state, instruction)
     devices = _devices(executor, instruction, run_env, mounts)
     # What the command sees: ENV and declared ARGs. An undeclared proxy value
     # never gets here (it is added to run_env only); a declared one counts.
@@ -144,7 +144,9 @@ def run_step(executor: StepHost, state: StageState, plan: PlannedStage, instruct
 
     binds = any(mount.type.value == "bind" for mount in instruction.mounts)
     files = (lambda: bind_files(executor, instruction)) if binds else None  # a miss names mounted files
-    has_layer = layer_step(executor, state, instruction, inputs, produce, files=files)
+    # Bound from a stage: its key may match a --cache-from entry the files' digest misses.
+    defined = dataclasses.replace(inputs, content=defined_content) if defined_content else None
+    has_layer = layer_step(executor, state, instruction, inputs, produce, files=files, defined=defined)
     build_args = [(name, value or "") for name, value in state.args.items()]
     created_by = md.run_created_by(argv, _history_args(state, build_args))
     state.config = md.add_history(
@@ -321,17 +323,19 @@ def _with_output(spec: Any, fd: int) -> Any:
 
 def _mounts(
     executor: StepHost, state: StageState, instruction: Any
-) -> tuple[list[Any], list[str], str, dict[str, str]]:
-    """Sandbox mounts for RUN --mount, their key text, the digest of bound content, secret env."""
+) -> tuple[list[Any], list[str], str, dict[str, str], str]:
+    """Sandbox mounts for RUN --mount, their key text, the digest of bound content, secret env,
+    and the digest with each stage's key for its files' (stepcache.fetch_defined; "" when no
+    bind mount is from a stage)."""
     from lamina.engine.dockerfile.instructions import MountType
 
     mounts: list[Any] = []
     if not instruction.mounts:
-        return mounts, [], "", {}  # the common case, without importing the sandbox's types
+        return mounts, [], "", {}, ""  # the common case, without importing the sandbox's types
     from lamina.engine.sandbox.spec import TmpfsMount
 
     keys: list[str] = []
-    content = hashlib.sha256()
+    content, defined = hashlib.sha256(), hashlib.sha256()
     secrets = {secret.id: secret for secret in executor.options.secrets}
     workdir = state.config.config.working_dir or "/"
     secret_env: dict[str, str] = {}
@@ -340,7 +344,7 @@ def _mounts(
     for mount in instruction.mounts:
         target = _mount_target(mount, workdir, instruction.location)
         if mount.type is MountType.BIND:
-            _add_bind(executor, mount, target, mounts, keys, content)
+            _add_bind(executor, mount, target, mounts, keys, content, defined)
         elif mount.type is MountType.CACHE:
             _add_cache(executor, state, mount, target, mounts, keys)
         elif mount.type is MountType.TMPFS:
@@ -352,7 +356,9 @@ def _mounts(
             target = _ssh_target(mount, workdir, ssh_index)
             ssh_index += 1
             _add_ssh(instruction, mount, target, agents, mounts, keys)
-    return mounts, keys, content.hexdigest() if keys else "", secret_env
+    from_stage = any(m.type is MountType.BIND and m.from_ for m in instruction.mounts)
+    bound = content.hexdigest() if keys else ""
+    return mounts, keys, bound, secret_env, defined.hexdigest() if from_stage else ""
 
 
 def _mount_target(mount: Any, workdir: str, location: Any) -> str:
@@ -368,16 +374,26 @@ def _mount_target(mount: Any, workdir: str, location: Any) -> str:
 
 
 def _add_bind(
-    executor: StepHost, mount: Any, target: str, mounts: list[Any], keys: list[str], content: Any
+    executor: StepHost,
+    mount: Any,
+    target: str,
+    mounts: list[Any],
+    keys: list[str],
+    content: Any,
+    defined: Any,
 ) -> None:
-    """A bind mount: its source read-only or with writes discarded; its digest into `content`."""
+    """A bind mount: its source read-only or with writes discarded; its digest into `content`,
+    and into `defined` the stage's key in its place (BuildKit's definition of the mount)."""
     from lamina.engine.sandbox.spec import BindMount
+    from lamina.engine.steps.base import source_stage
 
     source_root, digest = _bind_source(executor, mount)
     source = _inside(source_root, mount.source, mount)
     mounts.append(BindMount(source, target, readonly=mount.read_only, discard_writes=not mount.read_only))
     keys.append(f"bind:{mount.from_}:{mount.source}:{target}:{mount.read_only}")
     content.update(f"{target}\0{digest}\n".encode())
+    made = f"from:{source_stage(executor, mount.from_, None).key}:{mount.source}" if mount.from_ else digest
+    defined.update(f"{target}\0{made}\n".encode())
 
 
 def _add_cache(
