@@ -153,7 +153,8 @@ def check(
 # Build args with a meaning to BuildKit that lamina does not give them: refused when they ask for
 # something (a true value, a name), so that a build never silently does less than it was asked.
 _UNSUPPORTED_BUILD_ARGS = {
-    "BUILDKIT_BUILD_NAME": "lamina keeps no build history to name",
+    # buildx history's name; lamina's build records (`lamina diff`) are named by context and target
+    "BUILDKIT_BUILD_NAME": "lamina's build records (lamina diff) have no name to set",
 }
 _OFF = frozenset({"", "0", "f", "F", "false", "FALSE", "False"})
 
