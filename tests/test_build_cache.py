@@ -181,6 +181,24 @@ def test_unchanged_build_is_replayed_and_a_retagged_base_is_not(
     assert not all(cached_steps(rebuilt)), "steps on a new base run again"
 
 
+def test_unchanged_build_with_an_oci_output_is_replayed_to_the_same_archive(
+    cache: Path, ctx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = build(cache, ctx, tags=["oci:1"], outputs=[f"type=oci,dest={tmp_path / 'a.tar'}"])
+    from lamina.engine.steps import dispatch
+
+    def planned(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the unchanged build was planned again, not replayed")
+
+    monkeypatch.setattr(dispatch, "make_plans", planned)
+    again = build(cache, ctx, tags=["oci:1"], outputs=[f"type=oci,dest={tmp_path / 'b.tar'}"])
+    assert again.image_digest == first.image_digest and all(cached_steps(again))
+    assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
+    # docker's media types make another image: that output is built, never replayed
+    with pytest.raises(AssertionError, match="planned again"):
+        build(cache, ctx, tags=["oci:1"], outputs=[f"type=docker,dest={tmp_path / 'c.tar'}"])
+
+
 def test_a_declared_proxy_arg_is_an_ordinary_arg(cache: Path, tmp_path: Path) -> None:
     ctx = write_context(tmp_path / "c4", f'FROM {BASE}\nARG HTTP_PROXY\nRUN echo "$HTTP_PROXY" > /proxy\n')
     build(cache, ctx, build_args={"HTTP_PROXY": "http://one:3128"})

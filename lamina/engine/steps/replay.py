@@ -3,7 +3,8 @@
 A no-op rebuild is judged against BuildKit's ~0.1 s, and most of lamina's
 time there goes to importing and running the front end and walking the
 context through .dockerignore. So a finished build that went to the store
-(no `-o` other than `type=image`) records a *build memo*:
+(no `-o` other than `type=image` and a plain `type=oci`) records a *build
+memo*:
 
     key   = sha256(lamina version, Dockerfile bytes, every option that can
             change the result, and a stat fingerprint of the whole context:
@@ -13,9 +14,11 @@ context through .dockerignore. So a finished build that went to the store
 
 The next build with the same key checks that each base image name still
 resolves to the same manifest and that the image's blobs are still in the
-store, then re-tags and reports every step as cached. Anything else (a
+store, then re-tags, writes the `type=oci` outputs from that image (as
+the build would: the same bytes) and reports every step as cached.
+Anything else (a
 changed file, even an ignored one; a re-tagged base; `--no-cache`; `--pull`;
-an `ADD` of a URL, whose remote content may change; an output to write)
+an `ADD` of a URL, whose remote content may change; any other output)
 goes the normal way, which is always correct: the memo can only say "same
 as last time".
 """
@@ -44,7 +47,9 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
 
     if options.no_cache or options.no_cache_filter or options.pull or options.dry_run:
         return None
-    if any(output.type is not OutputType.IMAGE for output in options.outputs):
+    # type=oci writes the committed image as it is (imageexport.default_export); docker's
+    # media types, local and tar trees are made by the build.
+    if any(output.type not in (OutputType.IMAGE, OutputType.OCI) for output in options.outputs):
         return None
     # An image output with exporter attributes, or attestations, makes its own image (imageexport).
     if options.provenance is not None or options.sbom is not None:
@@ -122,7 +127,7 @@ def replay(
     from lamina.engine.progress import BuildSummary, StepEvent, StepStatus
     from lamina.errors import LaminaError
     from lamina.oci.digest import Digest
-    from lamina.oci.image import MAX_DOCUMENT, ImageConfig, Manifest
+    from lamina.oci.image import MAX_DOCUMENT, OCI_MANIFEST, Descriptor, ImageConfig, Manifest
     from lamina.oci.reference import store_name
 
     text = store.cache_get(key)
@@ -134,7 +139,8 @@ def replay(
             if str(store.resolve(name).manifest) != digest:
                 return None
         manifest_digest = Digest.parse(value["image"])
-        manifest = Manifest.from_bytes(store.read_blob(manifest_digest, MAX_DOCUMENT))
+        manifest_bytes = store.read_blob(manifest_digest, MAX_DOCUMENT)
+        manifest = Manifest.from_bytes(manifest_bytes)
         if not all(store.has_blob(layer.digest) for layer in manifest.layers):
             return None
         config = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT))
@@ -162,9 +168,34 @@ def replay(
         store.tag(full, manifest_digest, size=size, created=config.created or "")
         if name in options.tags:
             names.append(full)
+    top = Descriptor(OCI_MANIFEST, manifest_digest, len(manifest_bytes))
+    _write_outputs(store, options, top, manifest, tuple(names), sink)
     seconds = time.monotonic() - start
     result = BuildResult(
         value["image"], value["config"], config, tuple(names), tuple(steps), seconds, value["target"]
     )
     sink.finish(BuildSummary(result.image_digest, result.config_digest, len(steps), 0, seconds))
     return result
+
+
+def _write_outputs(
+    store: Store, options: BuildOptions, top: Any, manifest: Any, names: tuple[str, ...], sink: ProgressSink
+) -> None:
+    """The replayed build's `type=oci` outputs, written as executor._finish writes them."""
+    from lamina.engine.outputspec import OutputType
+
+    wanted = [output for output in options.outputs if output.type is OutputType.OCI]
+    if not wanted:
+        return
+    from lamina.engine.imageexport import ExportedImage
+    from lamina.engine.output import write_output
+    from lamina.errors import LaminaError
+
+    image = ExportedImage(top, manifest.config, manifest.layers)
+    try:
+        for output in wanted:
+            for warning in write_output(output, store, image, (), names, options.source_date_epoch):
+                sink.warn(warning)
+    except LaminaError:
+        sink.finish(None)
+        raise
