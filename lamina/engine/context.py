@@ -41,6 +41,10 @@ MAX_CONTEXT_DEPTH = 1024  # directory levels below the walk's start (PATH_MAX al
 
 
 _EMPTY_DIGEST = hashlib.sha256(b"").digest()
+# Modes and owners as shared int objects: few distinct values in a tree (at most
+# one per entry, so no worse than not sharing them).
+_SAME: dict[int, int] = {}
+_same = _SAME.setdefault
 
 
 @dataclasses.dataclass(slots=True)
@@ -232,7 +236,10 @@ class SourceTree:
             uid, gid = self._owner(rel, st) if self.chroot else (st.st_uid, st.st_gid)
             size = st.st_size if kind is EntryType.FILE else 0
             nlink = st.st_nlink if kind is EntryType.FILE else 1
+            # One int object per distinct mode and owner, not three per entry (ints above
+            # 256 are objects of their own: ~80 bytes an entry of a big context).
             mode = st.st_mode & 0o7777
+            mode, uid, gid = _same(mode, mode), _same(uid, uid), _same(gid, gid)
             key = stat_key(st)
             return TreeEntry(rel, kind, mode, uid, gid, size, st.st_mtime_ns, "", 0, key, False, nlink)
         link = os.readlink(self.abspath(rel)) if kind is EntryType.SYMLINK else ""
