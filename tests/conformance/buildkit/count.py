@@ -105,7 +105,8 @@ def readme_block(passing: int, total: int, failing: int, not_applicable: int, pe
     lines = [
         BEGIN,
         f"{passing} of BuildKit's {total} frontend tests pass; {not_applicable} not applicable "
-        f"(daemon-only APIs, provenance internals, Windows); {failing} expected failure{'' if failing == 1 else 's'}; "
+        f"(daemon-only APIs, provenance internals, Windows); {failing} expected "
+        f"failure{'' if failing == 1 else 's'}; "
         f"{pending} not yet ported (features lamina is to have). Ported from moby/buildkit "
         f"{UPSTREAM_COMMIT} (`frontend/dockerfile/*_test.go`); "
         "`python tests/conformance/buildkit/count.py --readme` refreshes this block.",
