@@ -278,9 +278,8 @@ def _network_files(spec: SandboxSpec, base: Path) -> list[tuple[str, str]]:
     binds: list[tuple[str, str]] = []
     # --add-host: BuildKit's GetHostsFile appends "IP\tNAME" lines to the hosts file it makes.
     extra = "".join(f"{ip}\t{name}\n" for name, ip in spec.extra_hosts)
-    if spec.network is Network.NONE:
-        if extra:
-            binds.append(_write_net_file(base, "etc/hosts", network.hosts(spec.hostname) + extra))
+    if spec.network is Network.NONE:  # BuildKit writes every RUN's hosts file (localhost, its name)
+        binds.append(_write_net_file(base, "etc/hosts", network.hosts(spec.hostname) + extra))
         return binds
     resolv = os.path.realpath("/etc/resolv.conf")
     if spec.network is Network.HOST:
