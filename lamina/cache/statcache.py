@@ -400,12 +400,10 @@ def _load(path: Path, entries: dict[bytes, bytes], plain: set[bytes]) -> None:
     start, size, cut = len(_MAGIC), _RECORD.size, _KEY.size
     end = len(data) - (len(data) - start) % size  # a torn tail is ignored
     flag = size - 1
-    add = plain.add
-    for at in range(start, end, size):
-        key = data[at : at + cut]
-        entries[key] = data[at + cut : at + flag]
-        if data[at + flag]:
-            add(key)
+    # Comprehensions and zip, not a loop of statements: a million records load in C loops.
+    keys = [data[at : at + cut] for at in range(start, end, size)]
+    entries.update(zip(keys, [data[at + cut : at + flag] for at in range(start, end, size)], strict=True))
+    plain.update(key for key, flagged in zip(keys, data[start + flag : end : size], strict=True) if flagged)
 
 
 def _records(entries: dict[bytes, bytes], plain: set[bytes]) -> bytes:
