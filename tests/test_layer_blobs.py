@@ -49,6 +49,35 @@ def test_frames_carry_each_stream_to_its_output_however_the_pipe_cuts_them(tmp_p
         assert [o.getvalue() for o in outs] == streams
 
 
+def test_frames_of_streams_written_at_once_reach_their_outputs(tmp_path: Path) -> None:
+    # The helper writes several layers on threads: their frames interleave on the pipe.
+    import threading
+
+    streams = [os.urandom(5 << 20), b"second" * 50_000, b"", os.urandom(1 << 20)]
+    lock = threading.Lock()
+    with open(tmp_path / "framed", "wb+") as f:
+
+        def write(i: int) -> None:
+            writer = FrameWriter(f.fileno(), i, lock)
+            for start in range(0, len(streams[i]), 300_001):
+                writer.write(streams[i][start : start + 300_001])
+            writer.next()
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(len(streams))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        f.seek(0)
+        framed = f.read()
+    outs = [io.BytesIO() for _ in streams]
+    reader = FrameReader(outs)
+    for start in range(0, len(framed), 65_536):
+        reader.write(framed[start : start + 65_536])
+    assert reader.finished == len(streams)
+    assert [o.getvalue() for o in outs] == streams
+
+
 def test_frames_refuse_more_streams_than_outputs(tmp_path: Path) -> None:
     framed = _framed(tmp_path, [b"one", b"two"], 1 << 20)
     with pytest.raises(ValueError, match="more layers"):
