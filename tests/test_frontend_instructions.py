@@ -209,6 +209,31 @@ def test_secret_mount_source_is_its_id() -> None:
         parse_mount("type=secret,id=a,source=b")
 
 
+@pytest.mark.parametrize(
+    ("spec", "inert"),
+    [
+        ("type=bind,target=/m", ",id=x,env=E"),
+        ("type=cache,target=/c", ",env=E"),
+        ("type=tmpfs,target=/t", ",id=x,env=E,source=s"),
+        ("type=secret,id=s", ",ro"),
+        ("type=secret,id=s", ",readwrite=true"),
+        ("type=ssh", ",rw,env=E"),
+    ],
+)
+def test_mount_keys_buildkit_takes_and_never_reads_change_nothing(spec: str, inert: str) -> None:
+    """BuildKit's parseMount takes every key for every type; those its dispatch never reads for
+    that type (an id on a bind, ro on a secret, which is read-only anyway) build the same here
+    (was: refused as unexpected keys). A key with an effect elsewhere is still refused."""
+    assert parse_mount(spec + inert) == parse_mount(spec)
+
+
+def test_mount_keys_with_an_effect_buildkit_gives_are_still_refused() -> None:
+    with pytest.raises(InstructionError, match="unexpected key 'from' for mount type 'tmpfs'"):
+        parse_mount("type=tmpfs,target=/t,from=stage")  # BuildKit would build that stage
+    with pytest.raises(InstructionError, match="expecting true or false"):
+        parse_mount("type=secret,id=s,ro=maybe")
+
+
 def test_mount_type_from_a_variable_is_expanded() -> None:
     """BuildKit's testMountArg: every --mount value is expanded, `type` too; parsing waits for the values."""
     assert parse_mount("type=$MNT_TYPE,target=/c").type is MountType.BIND  # a placeholder until expanded

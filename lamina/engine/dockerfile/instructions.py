@@ -598,6 +598,17 @@ _MOUNT_KEYS: dict[MountType, frozenset[str]] = {
     MountType.SECRET: frozenset({"target", "source", "id", "env", "required", "mode", "uid", "gid"}),
     MountType.SSH: frozenset({"target", "id", "required", "mode", "uid", "gid"}),
 }
+# Keys BuildKit's parseMount takes for every type that its dispatch never reads for this one
+# (an id on a bind, `ro` on a secret, which is read-only anyway): taken and dropped, as there, so a
+# Dockerfile BuildKit builds builds the same here. `from` on tmpfs/ssh is not inert (BuildKit then
+# builds that stage) and stays refused.
+_INERT_MOUNT_KEYS: dict[MountType, frozenset[str]] = {
+    MountType.BIND: frozenset({"id", "env"}),
+    MountType.CACHE: frozenset({"env"}),
+    MountType.TMPFS: frozenset({"id", "env", "source"}),
+    MountType.SECRET: frozenset({"readonly", "readwrite"}),
+    MountType.SSH: frozenset({"readonly", "readwrite", "env"}),
+}
 _MOUNT_ALIASES = {
     "dst": "target",
     "destination": "target",
@@ -765,6 +776,10 @@ def _mount_type(options: dict[str, str]) -> MountType:
             f"unsupported mount type {type_text!r}" + (f" (did you mean {hint}?)" if hint else "")
         ) from None
     allowed = _MOUNT_KEYS[mount_type]
+    for key in _INERT_MOUNT_KEYS[mount_type] & options.keys():
+        if key in ("readonly", "readwrite"):
+            _parse_bool(key, options[key])  # a bad value is still an error, as in BuildKit
+        del options[key]
     for key in options:
         if key not in allowed:
             known = set().union(*_MOUNT_KEYS.values()) | {"type"}
