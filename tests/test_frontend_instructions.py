@@ -229,7 +229,7 @@ def test_mount_keys_buildkit_takes_and_never_reads_change_nothing(spec: str, ine
 
 def test_mount_keys_with_an_effect_buildkit_gives_are_still_refused() -> None:
     with pytest.raises(InstructionError, match="unexpected key 'from' for mount type 'tmpfs'"):
-        parse_mount("type=tmpfs,target=/t,from=stage")  # BuildKit would build that stage
+        parse_mount("type=tmpfs,target=/t,from=stage")  # BuildKit resolves that stage first
     with pytest.raises(InstructionError, match="expecting true or false"):
         parse_mount("type=secret,id=s,ro=maybe")
 

@@ -600,8 +600,8 @@ _MOUNT_KEYS: dict[MountType, frozenset[str]] = {
 }
 # Keys BuildKit's parseMount takes for every type that its dispatch never reads for this one
 # (an id on a bind, `ro` on a secret, which is read-only anyway): taken and dropped, as there, so a
-# Dockerfile BuildKit builds builds the same here. `from` on tmpfs/ssh is not inert (BuildKit then
-# builds that stage) and stays refused.
+# Dockerfile BuildKit builds builds the same here. `from` on tmpfs/ssh is not inert (BuildKit
+# resolves that stage or image, which must come before the RUN, and mounts nothing of it): refused.
 _INERT_MOUNT_KEYS: dict[MountType, frozenset[str]] = {
     MountType.BIND: frozenset({"id", "env"}),
     MountType.CACHE: frozenset({"env"}),
