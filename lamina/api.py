@@ -712,7 +712,8 @@ def _remember_build(
     from lamina import diffbuilds
 
     history = diffbuilds.history_path(options.cache_root, Path(context), dockerfile, target)
-    diffbuilds.remember(history, result)
+    # BUILDKIT_BUILD_NAME names the build as buildx history shows it: here, as `lamina diff` does
+    diffbuilds.remember(history, result, dict(options.build_args).get("BUILDKIT_BUILD_NAME", ""))
 
 
 def _pushed(options: Any, result: BuildResult, push: bool, to_push: tuple[str, ...]) -> BuildResult:

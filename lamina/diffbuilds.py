@@ -41,9 +41,11 @@ def history_path(
     return Path(cache_root) / "builds" / (hashlib.sha256(name.encode()).hexdigest()[:32] + ".json")
 
 
-def record(result: Any, when: float | None = None) -> dict[str, Any]:
-    """A build (model.BuildResult) as `compare` reads it."""
+def record(result: Any, when: float | None = None, name: str = "") -> dict[str, Any]:
+    """A build (model.BuildResult) as `compare` reads it; `name` is BUILDKIT_BUILD_NAME's (the
+    name buildx history shows), kept only when given."""
     return {
+        **({"name": name} if name else {}),
         "time": time.time() if when is None else when,
         "image": result.image_digest,
         "target": result.target,
@@ -61,10 +63,10 @@ def record(result: Any, when: float | None = None) -> dict[str, Any]:
     }
 
 
-def remember(path: Path, result: Any) -> None:
+def remember(path: Path, result: Any, name: str = "") -> None:
     """Append a build to its history file, keeping the last KEPT (written whole, then renamed)."""
     builds = load_history(path)[-(KEPT - 1) :] if KEPT > 1 else []
-    builds.append(record(result))
+    builds.append(record(result, name=name))
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,8 @@ class BuildDiff:
     def to_json(self) -> dict[str, Any]:
         def summary(build: dict[str, Any]) -> dict[str, Any]:
             ran = sum(1 for s in build["steps"] if s.get("cache") == "run")
-            return {"time": build.get("time"), "image": build.get("image", ""), "ran": ran}
+            named = {"name": build["name"]} if build.get("name") else {}
+            return {**named, "time": build.get("time"), "image": build.get("image", ""), "ran": ran}
 
         return {
             "before": summary(self.before),
@@ -172,7 +175,10 @@ def to_text(diff: BuildDiff) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when)) + " UTC" if when else "-"
         ran = sum(1 for s in build["steps"] if s.get("cache") == "run")
         steps = len(build["steps"])
-        lines.append(f"{label} {stamp}  image {_short(build.get('image', ''))}  ({ran} of {steps} steps ran)")
+        name = f"  {build['name']}" if build.get("name") else ""
+        lines.append(
+            f"{label} {stamp}{name}  image {_short(build.get('image', ''))}  ({ran} of {steps} steps ran)"
+        )
     labels = [f"[{s.stage} {s.step}] {s.instruction}" for s in diff.steps]
     width = max((len(label) for label in labels), default=0)
     for step, label in zip(diff.steps, labels, strict=True):

@@ -129,3 +129,18 @@ def test_diff_of_two_images_config_layers_and_files(cache: Path, tmp_path: Path)
     # busybox's /bin/true, removed by a whiteout in layer 3 of both, is in neither.
     base = run_cli("diff", BASE, "one:2", cache=cache).stdout
     assert "removed  /bin/true" in base and "layer 2: only in b" in base
+
+
+def test_build_name_build_arg_names_the_build_lamina_diff_shows(cache: Path, ctx: Path) -> None:
+    """BUILDKIT_BUILD_NAME names a build as buildx history shows it; lamina's record of it is what
+    `lamina diff` reads (was: the build arg refused)."""
+    run_cli(
+        "build", "--progress", "quiet", "--build-arg", "BUILDKIT_BUILD_NAME=nightly", str(ctx), cache=cache
+    )
+    (ctx / "src/a.txt").write_text("A\n")
+    run_cli("build", "--progress", "quiet", str(ctx), cache=cache)
+    text = run_cli("diff", str(ctx), cache=cache).stdout.splitlines()
+    assert re.match(r"before: \S+ \S+ UTC  nightly  image sha256:", text[0]), text[0]
+    assert re.match(r"after:  \S+ \S+ UTC  image sha256:", text[1]), text[1]
+    doc = json.loads(run_cli("diff", "--format", "json", str(ctx), cache=cache).stdout)
+    assert doc["before"]["name"] == "nightly" and "name" not in doc["after"]

@@ -233,25 +233,18 @@ def test_healthcheck_start_interval_reaches_the_config(tmp_path: Path) -> None:
     assert check.test == ("CMD", "/probe")
 
 
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("BUILDKIT_BUILD_NAME", "nightly"),
-        ("BUILDKIT_SYNTAX", "example.com/frontend:1"),
-    ],
-)
-def test_buildkit_build_args_lamina_cannot_honour_fail_the_build(
-    name: str, value: str, tmp_path: Path
-) -> None:
+def test_buildkit_build_args_lamina_cannot_honour_fail_the_build(tmp_path: Path) -> None:
     from lamina import api
 
     (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY Dockerfile /\n")
     with pytest.raises(LaminaError) as caught:
-        api.build(tmp_path, cache_dir=tmp_path / "cache", build_args={name: value}, environ={})
-    assert str(caught.value).startswith(f"--build-arg {name}={value}: ")
-    # Off is off: a false or empty value asks for nothing.
-    if name not in ("BUILDKIT_SYNTAX",):
-        api.build(tmp_path, cache_dir=tmp_path / "cache", build_args={name: "0"}, environ={})
+        api.build(
+            tmp_path,
+            cache_dir=tmp_path / "cache",
+            build_args={"BUILDKIT_SYNTAX": "example.com/frontend:1"},
+            environ={},
+        )
+    assert str(caught.value).startswith("--build-arg BUILDKIT_SYNTAX=example.com/frontend:1: ")
 
 
 def test_buildkit_syntax_build_arg_as_the_directive(tmp_path: Path) -> None:

@@ -150,23 +150,12 @@ def check(
     )
 
 
-# Build args with a meaning to BuildKit that lamina does not give them: refused when they ask for
-# something (a true value, a name), so that a build never silently does less than it was asked.
-_UNSUPPORTED_BUILD_ARGS = {
-    # buildx history's name; lamina's build records (`lamina diff`) are named by context and target
-    "BUILDKIT_BUILD_NAME": "lamina's build records (lamina diff) have no name to set",
-}
-_OFF = frozenset({"", "0", "f", "F", "false", "FALSE", "False"})
-
-
 def refuse_unsupported_build_args(build_args: Mapping[str, str]) -> None:
-    """A --build-arg BuildKit gives a meaning lamina cannot honour is a one-line error naming it."""
+    """A --build-arg BuildKit gives a meaning lamina cannot honour is a one-line error naming it:
+    of BuildKit's own build args (dockerui, dockerfile2llb), only a BUILDKIT_SYNTAX naming
+    another front end is left; the others are honoured."""
     from lamina.errors import PlanError
 
-    for name, why in _UNSUPPORTED_BUILD_ARGS.items():
-        value = build_args.get(name)
-        if value is not None and value not in _OFF:
-            raise PlanError(f"--build-arg {name}={value}: not supported: {why}")
     syntax = build_args.get("BUILDKIT_SYNTAX")
     if syntax:
         from lamina.engine.plan import is_dockerfile_frontend
