@@ -72,7 +72,8 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
         "allow": sorted(options.allow),  # a build replayed without its --allow must fail as it would
         "compression": options.compression,
         "epoch": options.source_date_epoch,
-        "outputs": [(o.type.value, list(o.names)) for o in options.outputs],
+        # a type=oci output writes the image as it is: a plain build's memo serves it
+        "outputs": [(o.type.value, list(o.names)) for o in options.outputs if o.type is OutputType.IMAGE],
         # what a RUN sees beyond its key (a required ssh mount fails without --ssh), and the
         # images a --build-context stands in for
         "ssh": sorted(agent.id for agent in options.ssh),
