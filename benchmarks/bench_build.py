@@ -1,7 +1,7 @@
 """Time `lamina build` on the shared workloads: cold, no-op, one-file change, export.
 
     .venv/bin/python benchmarks/bench_build.py [--rounds 3] [--workloads multistage,manysteps,bigcopy]
-                                               [--peers] [--lab /tmp/lamina-bench]
+                                               [--peers] [--user lamina-sb-sub] [--lab /tmp/lamina-bench]
 
 Workloads are ../shared/bench/dockerfiles/*.Dockerfile over the context that
 ../shared/bench/gen_context.py makes, on the base image lamina-test/busybox:1.35.
@@ -15,7 +15,9 @@ Scenarios, as ../shared/bench/run_peers.sh defines them:
 Each number is the median wall time of the whole command (Python start-up
 included) over the rounds; lamina's cold build also gives its peak RSS
 (`/usr/bin/time -v`: the largest process of the build), printed after the
-table, and each round's line ends with the load averages. With --peers, BuildKit (docker 20.10,
+table, and each round's line ends with the load averages. With --user
+(as root), lamina also runs rootless as that user (who needs subordinate
+ids), and its row's ratio is rootless / root. With --peers, BuildKit (docker 20.10,
 `DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none`) and Buildah
 (`buildah bud --layers`, overlay) are timed the same way when they are
 installed and working (../shared/bench/peers-setup.sh), and the table gets
@@ -88,11 +90,15 @@ class Lab:
 
 
 class Lamina:
-    name = "lamina"
+    """lamina as the caller, or rootless as `user` (runuser with a plain environment, as
+    ../shared/bench/peers-setup.sh's asuser.sh; the user needs subordinate ids)."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, user: str | None = None) -> None:
         self.lab = lab
-        self.cache = lab.root / "lamina-cache"
+        self.name = "rootless" if user else "lamina"
+        home = lab.root / f"user-{user}" if user else lab.root
+        self.home = home
+        self.cache = home / "lamina-cache"
         self.env = {**os.environ, "LAMINA_CACHE": str(self.cache)}
         self.env.pop("SOURCE_DATE_EPOCH", None)
         # As installed: bytecode compiled once (pip does), not every run
@@ -100,12 +106,23 @@ class Lamina:
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         sh(sys.executable, "-m", "compileall", "-q", str(ROOT / "lamina"), env=self.env, check=False)
         self.exe = [sys.executable, "-m", "lamina"]
+        if user:
+            import pwd
+
+            entry = pwd.getpwnam(user)
+            home.mkdir(parents=True, exist_ok=True)
+            os.chown(home, entry.pw_uid, entry.pw_gid)
+            self.exe = [
+                "runuser", "-u", user, "--", "env", "-i", f"HOME={entry.pw_dir}", f"USER={user}",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                f"LAMINA_CACHE={self.cache}", f"PYTHONPATH={ROOT}", *self.exe,
+            ]  # fmt: skip
 
     def available(self) -> bool:
         return True
 
     def prune(self) -> None:
-        shutil.rmtree(self.cache, ignore_errors=True)
+        shutil.rmtree(self.cache, ignore_errors=True)  # as root, a rootless cache too
         sh(*self.exe, "load", str(self.lab.base / "busybox-oci.tar"), env=self.env)
 
     def build(self, workload: str, peak: list[float] | None = None) -> float:
@@ -122,7 +139,7 @@ class Lamina:
 
     def export(self, workload: str) -> float:
         dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
-        out = self.lab.root / f"lamina-{workload}-oci.tar"
+        out = self.home / f"lamina-{workload}-oci.tar"
         return sh(
             *self.exe, "build", "--progress", "quiet", "-f", str(dockerfile),
             "-t", f"bench/{workload}:lamina", "-o", f"type=oci,dest={out}", str(self.lab.ctx), env=self.env,
@@ -256,10 +273,13 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--peers", action="store_true", help="also time BuildKit and Buildah when available")
     parser.add_argument("--lab", type=Path, default=Path("/tmp/lamina-bench"))
+    parser.add_argument("--user", help="also time lamina rootless as this user (run as root)")
     args = parser.parse_args()
     lab = Lab(args.lab)
     lab.prepare()
     tools: list[object] = [Lamina(lab)]
+    if args.user:
+        tools.append(Lamina(lab, args.user))
     if args.peers:
         tools += [tool for tool in (BuildKit(lab), Buildah(lab)) if tool.available()]
     workloads = [w for w in args.workloads.split(",") if w]
@@ -279,9 +299,11 @@ def main() -> None:
             cells = " | ".join(f"{row[s]:7.2f}" for s in SCENARIOS)
             print(f"| {workload:11} | {name:9} | {cells} |")
             if name != "lamina":
-                mine = results["lamina", workload]
-                ratios = " | ".join(f"{mine[s] / row[s]:6.2f}x" for s in SCENARIOS)
-                print(f"| {workload:11} | {'ratio':9} | {ratios} |")
+                # rootless: rootless / root; a peer: lamina / peer
+                mine, theirs = (row, results["lamina", workload]) if name == "rootless" else (
+                    results["lamina", workload], row)  # fmt: skip
+                ratios = " | ".join(f"{mine[s] / theirs[s]:6.2f}x" for s in SCENARIOS)
+                print(f"| {workload:11} | {'vs root' if name == 'rootless' else 'ratio':9} | {ratios} |")
     for workload in workloads:
         peak = results["lamina", workload].get("peak MB")
         if peak is not None:
