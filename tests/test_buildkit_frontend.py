@@ -317,6 +317,7 @@ _BUILD_KEYS = frozenset(
     (
         *("build_args", "target", "no_cache", "no_cache_filter", "labels", "network", "allow"),
         *("cache_to", "cache_from", "ulimits", "shm_size", "add_hosts", "context_subdir", "ssh", "sbom"),
+        "platforms",  # --platform (issue 17): a type=local output is then split per platform
     )
 )
 
