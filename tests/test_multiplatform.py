@@ -374,6 +374,8 @@ def test_an_os_version_reaches_targetplatform_and_targetosversion(cache: Path, t
         {"architecture": "bar", "os": "windows", "os.version": "1.2.3"},
         {"architecture": "bar", "os": "windows", "os.version": "1.1.0"},
     ]
+    configs = [json.loads(blobs[json.loads(blobs[e["digest"]])["config"]["digest"]]) for e in entries]
+    assert [c["os.version"] for c in configs] == ["1.2.3", "1.1.0"]  # as BuildKit's image.OSVersion
 
 
 def test_the_image_of_a_target_platform_says_that_platform(cache: Path, tmp_path: Path) -> None:

@@ -279,14 +279,17 @@ def _write_outputs(
 def target_config(config: Any, platform: Platform) -> Any:
     """The image config of a build for a target platform asked for (--platform), as BuildKit's
     convert.go sets it: os and architecture of the target (even for a last stage built FROM
-    --platform=X); the variant too when the target has one or names another os/arch; then
-    normalised (arm64/v8 is arm64)."""
+    --platform=X); the variant and OS version too when the target has one or names another
+    os/arch; then normalised (arm64/v8 is arm64)."""
     from lamina.engine.plan import normalize_platform
 
     same = (config.os, config.architecture) == (platform.os, platform.architecture)
     variant = platform.variant if platform.variant or not same else config.variant
+    os_version = platform.os_version if platform.os_version or not same else config.os_version
     wanted = normalize_platform(dataclasses.replace(platform, variant=variant))
-    return dataclasses.replace(config, os=wanted.os, architecture=wanted.architecture, variant=wanted.variant)
+    return dataclasses.replace(
+        config, os=wanted.os, architecture=wanted.architecture, variant=wanted.variant, os_version=os_version
+    )
 
 
 def _main_platform(platforms: Sequence[Platform]) -> int:
