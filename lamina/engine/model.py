@@ -1,7 +1,8 @@
 """The values that cross the engine's boundaries, and what a step is given.
 
-Types only, and the constants every step reads (the platform in each cache
-key, the proxy ARGs kept out of keys and history). Steps, the step cache
+Types only, and the constant steps read (PLATFORM: the host's, a stage's
+platform unless --platform or FROM --platform names another; a stage's own
+is StageState.platform, in each of its cache keys). Steps, the step cache
 and the replay memo import this module, never the executor: the executor
 makes these values and runs the steps over them.
 """
