@@ -79,7 +79,7 @@ def test_auto_picks_the_strongest_allowed(facts: dict[str, object], expected: Is
 def test_chroot_notice_names_what_a_step_lacks() -> None:
     notice = choose(None, _probe(userns=DENIED, rootns=DENIED, effective_caps=DOCKER_CAPS)).notice()
     assert notice.startswith("isolation chroot: ")
-    for lack in ("network", "/proc", "--mount", "PID"):
+    for lack in ("network", "/proc", "--mount", "PID", "read-only cache or tmpfs mount"):
         assert lack in notice
 
 
@@ -97,7 +97,7 @@ def test_proot_notice_and_refusals_say_what_is_missing() -> None:
     plain = {"uid": 1000, "userns": DENIED, "rootns": DENIED, "effective_caps": 0}
     notice = choose(None, _probe(**plain, proot="/usr/bin/proot")).notice()
     assert notice.startswith("isolation proot: ")
-    for lack in ("network", "PID", "su, setuid", "ptrace"):
+    for lack in ("network", "PID", "su, setuid", "ptrace", "read-only cache or tmpfs mount"):
         assert lack in notice
     with pytest.raises(
         SandboxError, match=r"--isolation proot: proot is not installed \(apt-get install proot\)"

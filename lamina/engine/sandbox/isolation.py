@@ -98,13 +98,14 @@ LACKS = {
         "(--network=none cannot be given) and PID space, sees no /proc or /sys and a /dev of "
         "device nodes, gets --mount contents as copies (writes to a RUN's binds are dropped, a "
         "writable `lamina run --mount` bind is written back when the command ends, cache dirs "
-        "are moved in), may not chroot itself, and each step copies its root filesystem"
+        "are moved in; a read-only cache or tmpfs mount cannot be given), may not chroot itself, "
+        "and each step copies its root filesystem"
     ),
     Isolation.PROOT: (
         "no namespaces, a plain uid: RUN runs under proot (ptrace, slower system calls), shares "
         "this host's network (--network=none cannot be given), PID space and /proc, sees a /dev of "
-        "the host's null/zero/random/tty, may not switch users (su, setuid), and each step copies "
-        "its root filesystem"
+        "the host's null/zero/random/tty, gets no read-only cache or tmpfs mount, may not switch "
+        "users (su, setuid), and each step copies its root filesystem"
     ),
 }
 
