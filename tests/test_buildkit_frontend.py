@@ -515,13 +515,94 @@ def _statements(archive: Path) -> list[Any]:
 
 
 def _with_registry(case: dict[str, Any], host: str) -> dict[str, Any]:
-    """The case's cache specs (its own and its rebuilds') with {REGISTRY} as `host`."""
+    """The case with every {REGISTRY} (cache specs, outputs, Dockerfiles, expectations) as `host`."""
+    return dict(json.loads(json.dumps(case).replace("{REGISTRY}", host)))
 
-    def specs(where: dict[str, Any]) -> dict[str, Any]:
-        keys = ("cache_to", "cache_from")
-        return {**where, **{k: [v.replace("{REGISTRY}", host) for v in where[k]] for k in keys if k in where}}
 
-    return {**specs(case), "rebuilds": [specs(again) for again in case.get("rebuilds", [])]}
+def _pulled(ref: str) -> tuple[str, list[dict[str, Any]]]:
+    """What a plain-HTTP registry holds at `ref` (host/name:tag): the digest it names and, per image,
+    its platform, config and the files of each layer (path -> bytes), as upstream's ReadImages."""
+    import gzip
+    import hashlib
+
+    import httpx
+
+    host, rest = ref.split("/", 1)
+    name, tag = rest.rsplit(":", 1)
+    accept = ", ".join(
+        f"application/vnd.{kind}+json"
+        for kind in (
+            "oci.image.index.v1",
+            "oci.image.manifest.v1",
+            "docker.distribution.manifest.list.v2",
+            "docker.distribution.manifest.v2",
+        )
+    )
+    with httpx.Client(base_url=f"http://{host}/v2/{name}") as client:
+
+        def get(kind: str, digest: str) -> bytes:
+            response = client.get(f"/{kind}/{digest}", headers={"Accept": accept})
+            response.raise_for_status()
+            return response.content
+
+        top = get("manifests", tag)
+        digest = "sha256:" + hashlib.sha256(top).hexdigest()
+        entries = json.loads(top).get("manifests", [{"digest": digest}])
+        images = []
+        for entry in entries:
+            manifest = json.loads(get("manifests", entry["digest"]))
+            if entry.get("platform", {}).get("os") == "unknown":  # an attestation manifest
+                continue
+            layers = []
+            for layer in manifest["layers"]:
+                data = get("blobs", layer["digest"])
+                with tarfile.open(
+                    fileobj=io.BytesIO(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+                ) as tar:
+                    layers.append({m.name: tar.extractfile(m).read() for m in tar if m.isfile()})  # type: ignore[union-attr]
+            config = json.loads(get("blobs", manifest["config"]["digest"]))
+            # An image alone (no index) has its platform in its config, as ReadImages reads it.
+            keys = ("os", "architecture", "variant", "os.version")
+            platform = entry.get("platform") or {key: config[key] for key in keys if key in config}
+            images.append({"platform": platform, "config": config, "layers": layers})
+    return digest, images
+
+
+def _platform_text(platform: dict[str, Any]) -> str:
+    """os[(os.version)]/arch[/variant], as containerd's FormatAll."""
+    version = f"({platform['os.version']})" if platform.get("os.version") else ""
+    tail = f"/{platform['variant']}" if platform.get("variant") else ""
+    return f"{platform.get('os')}{version}/{platform.get('architecture')}{tail}"
+
+
+def _check_pushed(case: dict[str, Any], earlier: dict[str, str]) -> dict[str, str]:
+    """`expect_pushed`: ref -> its images, by platform, each a JSON subset of its `config` and the
+    `files` (path -> text) of its layer `layer`; `expect_pushed_count`, `expect_pushed_distinct`
+    (ref -> a file that differs between its platforms) and `expect_same_pushed` (refs whose digest is
+    the one the build before pushed). Returns ref -> digest for the next build."""
+    refs = {*case.get("expect_pushed", {}), *case.get("expect_pushed_count", {})}
+    refs |= {*case.get("expect_pushed_distinct", {}), *case.get("expect_same_pushed", [])}
+    digests = {}
+    for ref in sorted(refs):
+        digest, images = _pulled(ref)
+        digests[ref] = digest
+        by_platform = {_platform_text(image["platform"]): image for image in images}
+        if ref in case.get("expect_pushed_count", {}):
+            assert len(images) == case["expect_pushed_count"][ref], f"{ref}: {sorted(by_platform)}"
+        for platform, want in case.get("expect_pushed", {}).get(ref, {}).items():
+            assert platform in by_platform, f"{ref}: no {platform} among {sorted(by_platform)}"
+            image = by_platform[platform]
+            _subset(want.get("config", {}), image["config"], f"{ref} {platform} config")
+            for name, text in want.get("files", {}).items():
+                layer = image["layers"][want.get("layer", -1)]
+                assert layer.get(name, b"").decode().strip() == text, f"{ref} {platform}: {name}"
+        if ref in case.get("expect_pushed_distinct", {}):
+            name = case["expect_pushed_distinct"][ref]
+            found = [next(la[name] for la in i["layers"] if name in la) for i in images]
+            assert len(set(found)) == len(found) > 1, f"{ref}: {name} the same for every platform"
+        if ref in case.get("expect_same_pushed", []):
+            assert digest == earlier.get(ref), f"{ref}: {digest}, the build before pushed {earlier.get(ref)}"
+    return digests
 
 
 def _subset(expected: Any, actual: Any, where: str = "") -> None:
@@ -632,6 +713,7 @@ def _run_case(
         for name, owner in case["expect_owners"].items():
             info = entries[name]
             assert f"{info.uid}:{info.gid}" == owner, name
+    pushed = _check_pushed(case, {})
     for number, again in enumerate(case.get("rebuilds", [])):
         # A later build of the same context, changed: which outputs must stay and which must change.
         _write_files(ctx, again)
@@ -658,6 +740,7 @@ def _run_case(
         _check_tree(out2, again)
         for name, counts in again.get("expect_attestation_names", {}).items():
             _check_attestation_names(tmp_path / name, counts)
+        pushed = _check_pushed(again, pushed)
         out, result = out2, result2
 
 
@@ -738,3 +821,20 @@ def test_plan_finds_a_lower_case_dockerfile(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert f"Dockerfile: {tmp_path}/dockerfile" in result.output
     assert "target: only" in result.output
+
+
+def test_a_windows_os_version_picks_as_containerd() -> None:
+    """testPlatformWithOSVersion's pull: an index entry runs where --platform asks when its
+    os.version has the same major.minor and build (from LTSC 2022 on, a build since the LTSC
+    before); an unset version either side matches; other systems' versions are not compared."""
+    from lamina.oci.image import Platform, platform_matches
+
+    def runs(have: str, want: str, os: str = "windows") -> bool:
+        return platform_matches(Platform("amd64", os, "", have), Platform("amd64", os, "", want))
+
+    assert runs("1.1.0", "1.1.0") and not runs("1.2.3", "1.1.0") and not runs("1.1.0", "1.2.3")
+    assert runs("10.0.20348.1006", "") and runs("", "10.0.17763")
+    assert runs("10.0.17763.1", "10.0.17763") and not runs("10.0.17763", "10.0.19041")
+    assert runs("10.0.20348", "10.0.26100") and not runs("10.0.17763", "10.0.26100")
+    assert not runs("10.0.26100", "10.0.20348")
+    assert runs("1.1.0", "1.2.3", os="linux")

@@ -299,6 +299,8 @@ def _stage_name(shown: str) -> str:
 
 def cache_entries(host: StepHost, result: BuildResult, mode: str) -> list[CacheEntry]:
     """The entries to export: each step's result and (compressed on demand) layer blob."""
+    import json
+
     from lamina.cache.remote import CacheEntry, unwrap_result, wrap_result
     from lamina.engine.cachekey import defines_key
     from lamina.engine.output import layer_blobs
@@ -332,6 +334,12 @@ def cache_entries(host: StepHost, result: BuildResult, mode: str) -> list[CacheE
         if found is None:
             continue  # a result another build wrote for this key, with a layer this one never used
         layer, lowers = found
+        # Its layer named by the step's key, as an importer names it anyway: a build from this
+        # cache (which reached the step by another key) exports the same entries, so the same
+        # inline cache and image digest (BuildKit's testCacheMultiPlatformImportExport).
+        named = json.loads(unwrapped.step)
+        named["layer"] = step.key.split(":", 1)[1]
+        wrapped = wrap_result(json.dumps(named), options.compression, host.epoch)
         for key in keys:
             jobs.append((len(entries), layer, lowers))
             entries.append(CacheEntry(key, wrapped))

@@ -222,7 +222,7 @@ def match_platform(entries: Iterable[Descriptor], want: Platform) -> Descriptor 
         for d in entries
         if d.platform is not None and d.platform.normalized().os == target.os
     ]
-    same = [(d, p) for d, p in same if p.architecture == target.architecture]
+    same = [(d, p) for d, p in same if p.architecture == target.architecture and _os_version_runs(p, target)]
     for variant in (target.variant, *_ALSO_RUNS.get((target.architecture, target.variant), ())):
         for descriptor, platform in same:
             if platform.variant == variant:
@@ -234,7 +234,43 @@ def platform_matches(have: Platform, want: Platform) -> bool:
     """Whether an image of platform `have` is one for `want` (match_platform's rule)."""
     h, w = have.normalized(), want.normalized()
     variants = (w.variant, *_ALSO_RUNS.get((w.architecture, w.variant), ()))
-    return (h.os, h.architecture) == (w.os, w.architecture) and h.variant in variants
+    return (
+        (h.os, h.architecture) == (w.os, w.architecture) and h.variant in variants and _os_version_runs(h, w)
+    )
+
+
+# Windows Server LTSC builds whose hosts run the previous LTSC's containers (containerd's
+# compatLTSCReleases): 2022, 2025.
+_LTSC_BUILDS = (20348, 26100)
+
+
+def _windows_version(text: str) -> tuple[int, int, int] | None:
+    """major.minor.build of a Windows os.version (more parts ignored), None when not one."""
+    parts = text.split(".")
+    try:
+        major, minor, build = (int(part) for part in parts[:3])
+    except ValueError:
+        return None
+    return (
+        (major, minor, build) if len(parts) >= 3 and major < 256 and minor < 256 and build < 65536 else None
+    )
+
+
+def _os_version_runs(have: Platform, want: Platform) -> bool:
+    """Whether an image of os.version `have` runs where `want` asks (containerd's Windows
+    matcher; other systems' versions are not compared): either unset, the same major.minor,
+    and the same build, or from a host of LTSC 2022 on, a build between the LTSC before it and its own."""
+    if want.os != "windows" or not have.os_version:
+        return True
+    host, image = _windows_version(want.os_version), _windows_version(have.os_version)
+    if host is None:
+        return True
+    if image is None or host[:2] != image[:2]:
+        return False
+    if host[2] < _LTSC_BUILDS[0]:
+        return host[2] == image[2]
+    oldest = max((b for b in _LTSC_BUILDS if b < host[2]), default=_LTSC_BUILDS[0])
+    return oldest <= image[2] <= host[2]
 
 
 def platforms_of(entries: Iterable[Descriptor]) -> str:
