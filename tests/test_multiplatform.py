@@ -484,3 +484,13 @@ def test_platform_values_as_buildx_and_containerd_read_them() -> None:
     )
     with pytest.raises(PlanError, match="--platform bogus: bogus: unknown operating system or architecture"):
         parse_platforms(["bogus"])
+
+
+def test_the_image_id_of_an_index_is_its_digest_as_buildx_gives_it(cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY f /f\n", {"f": "x"})
+    iid, meta = tmp_path / "iid", tmp_path / "meta.json"
+    proc = run_cli("build", "-q", "--platform", "linux/amd64,linux/arm64", "--iidfile", str(iid),
+                   "--metadata-file", str(meta), str(ctx), cache=cache)  # fmt: skip
+    document = json.loads(meta.read_text())
+    assert proc.stdout.strip() == iid.read_text() == document["containerimage.digest"]
+    assert "containerimage.config.digest" not in document  # BuildKit gives none for an index

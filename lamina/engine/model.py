@@ -163,6 +163,9 @@ class BuildResult:
     target: str
     pushed: tuple[tuple[str, str], ...] = ()  # (reference, digest the registry confirmed) per --push
     checks: tuple[Any, ...] = ()  # build-check warnings (engine/dockerfile/checks.CheckWarning)
+    # A multi-platform build's image index: image_digest is the index's and so is the image ID
+    # (buildx's getImageID, as BuildKit gives no containerimage.config.digest for an index).
+    index: bool = False
 
     @property
     def steps_cached(self) -> int:
@@ -174,7 +177,7 @@ class BuildResult:
 
     def metadata(self) -> dict[str, Any]:
         """The `--metadata-file` document, with buildx's keys where they exist."""
-        return {
+        document = {
             "containerimage.digest": self.image_digest,
             "containerimage.config.digest": self.config_digest,
             "image.name": ",".join(self.names),
@@ -194,6 +197,9 @@ class BuildResult:
             **({"lamina.push": [{"ref": ref, "digest": d} for ref, d in self.pushed]} if self.pushed else {}),
             **({"buildx.build.warnings": [_warning_json(w) for w in self.checks]} if self.checks else {}),
         }
+        if self.index:
+            del document["containerimage.config.digest"]
+        return document
 
 
 def _warning_json(warning: Any) -> dict[str, Any]:

@@ -171,12 +171,13 @@ def finish(executors: Sequence[Executor], targets: Sequence[StageOutcome], start
     _, config, image, _ = committed[main]
     result = BuildResult(
         str(tagged.top.digest),  # BuildKit's containerimage.digest of a multi-platform build: the index
-        str(image.config.digest),
+        str(tagged.top.digest),  # and the image ID buildx gives (--iidfile, -q)
         dataclasses.replace(config, diff_ids=image.diff_ids),
         names,
         tuple(first.records),
         seconds,
         targets[main].name,
+        index=True,
     )
     cached, ran = result.steps_cached, result.steps_run
     first.sink.finish(BuildSummary(result.image_digest, result.config_digest, cached, ran, seconds))
