@@ -42,7 +42,7 @@ def test_progress_rawjson_is_buildkits_solve_status_stream(tmp_path: Path, busyb
     assert all(set(s) <= {"vertexes", "statuses", "logs", "warnings"} for s in statuses)
     vertexes = [v for s in statuses for v in s.get("vertexes", [])]
     # BuildKit's names: the FROM of an image is the stage's step 1.
-    assert {v["name"] for v in vertexes} == {f"[stage-0 1/2] FROM {BASE}", "[stage-0 2/2] RUN echo out-line"}
+    assert {v["name"] for v in vertexes} == {f"[1/2] FROM {BASE}", "[2/2] RUN echo out-line"}
     run = [v for v in vertexes if "RUN" in v["name"]]
     assert run[0]["digest"].startswith("sha256:") and "started" in run[0]
     assert "completed" in run[-1] and not run[-1].get("cached")
@@ -52,7 +52,7 @@ def test_progress_rawjson_is_buildkits_solve_status_stream(tmp_path: Path, busyb
     again = run_cli("build", "--progress", "rawjson", str(ctx), cache=cache)
     cached = [v for line in again.stderr.splitlines() for v in json.loads(line).get("vertexes", [])]
     assert [(v["name"], v["cached"]) for v in cached] == [
-        (f"[stage-0 1/2] FROM {BASE}", True),
-        ("[stage-0 2/2] RUN echo out-line", True),
+        (f"[1/2] FROM {BASE}", True),
+        ("[2/2] RUN echo out-line", True),
     ]
     assert cached[1]["digest"] == run[0]["digest"]  # the same step, the same vertex

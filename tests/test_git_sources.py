@@ -246,7 +246,7 @@ def test_add_git_checksum_mismatch_fails(
     ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nADD --checksum={facts['first']} {url}#main /x\n")
     proc = run_cli("build", str(ctx), cache=cache, check=False)
     assert proc.returncode == 1
-    # One line after the progress lines (`[stage-0 1/2] FROM ...`).
+    # One line after the progress lines (`[1/2] FROM ...`).
     lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[")]
     assert len(lines) == 1
     assert lines[0].startswith(

@@ -116,7 +116,7 @@ def test_plain_json_and_metadata_file_carry_the_cause(cache: Path, ctx: Path, tm
     run_cli("build", "--progress", "plain", str(ctx), cache=cache)
     (ctx / "src/a.txt").write_text("A\n")
     plain = run_cli("build", "--progress", "plain", str(ctx), cache=cache).stderr
-    assert "[stage-0 2/3] COPY src/ /src/  (file content changed: src/a.txt)" in plain.splitlines()
+    assert "[2/3] COPY src/ /src/  (file content changed: src/a.txt)" in plain.splitlines()
 
     (ctx / "src/a.txt").write_text("AA\n")
     forecast = run_cli("build", "--dry-run", "--progress", "json", str(ctx), cache=cache).stdout

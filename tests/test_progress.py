@@ -91,3 +91,17 @@ def test_a_running_step_says_why_in_plain_json_and_tty() -> None:
     sink.step(dataclasses.replace(running, status=StepStatus.DONE, seconds=0.5))
     sink.finish(None)
     assert f"[builder 2/3] RUN make 0.5s  ({why})" in tty.getvalue()
+
+
+def test_labels_are_buildkits_vertex_names() -> None:
+    # dockerfile2llb prefixCommand: the step right-aligned to the total's width; no stage name in
+    # a one-stage Dockerfile (label ""), the platform alone when a one-stage build names it.
+    import dataclasses
+
+    from lamina.engine.progress import step_label
+
+    assert step_label(RUN) == "[builder 2/3] RUN make"
+    wide = dataclasses.replace(RUN, index=3, total=12)
+    assert step_label(wide) == "[builder  3/12] RUN make"
+    assert step_label(dataclasses.replace(RUN, label="")) == "[2/3] RUN make"
+    assert step_label(dataclasses.replace(wide, label="linux/arm64")) == "[linux/arm64  3/12] RUN make"

@@ -442,7 +442,16 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
                 store_name(ref, pinned=True): outcome.key.split(":", 1)[1]
                 for (ref, _platform), outcome in executor.images.items()
             }
-            record(store, key, result, images, dict(executor.totals), plan.warnings, executor.froms)
+            record(
+                store,
+                key,
+                result,
+                images,
+                dict(executor.totals),
+                plan.warnings,
+                executor.froms,
+                len(plan.stages) == 1,
+            )
         from lamina.engine.buildchecks import after_build
 
         return dataclasses.replace(result, checks=after_build(options, data, store, sink, checks))

@@ -254,11 +254,19 @@ class StageState:
     unknown: str = ""  # --dry-run: the step whose result cannot be known before it runs, if any
     platform: str = PLATFORM  # the stage's platform (plan.PlannedStage.stage_platform): in every key
     label: str = ""  # how progress names the stage when it is not its name: `linux/arm64 build`
+    one_stage: bool = False  # the Dockerfile's only stage: BuildKit's progress names no stage
 
     @property
     def shown(self) -> str:
         """The stage as progress and step records name it (BuildKit's `[linux/arm64 build 2/4]`)."""
         return self.label or self.name
+
+    @property
+    def in_progress(self) -> str | None:
+        """The stage as a progress label names it (progress.StepEvent.label); None: `shown`."""
+        if not self.one_stage:
+            return None
+        return self.label.removesuffix(" " + self.name) if self.label else ""
 
     @property
     def in_errors(self) -> str:

@@ -39,6 +39,9 @@ class StepEvent:
     seconds: float = 0.0
     output_tail: tuple[str, ...] = ()  # last lines of a failing step
     reason: str = ""  # why a step runs (cachekey.explain_miss); "" when cached
+    # How the label names the stage when not as `stage`: "" in a one-stage Dockerfile (BuildKit
+    # then names none: `[2/2] RUN ...`), `linux/arm64` for its platform alone.
+    label: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,8 +100,15 @@ def context_line(files_done: int, files_total: int, bytes_done: int) -> str:
     )
 
 
-def _label(event: StepEvent) -> str:
-    return f"[{event.stage} {event.index}/{event.total}] {event.instruction}"
+def step_label(event: StepEvent) -> str:
+    """BuildKit's vertex name (dockerfile2llb prefixCommand): the stage (none in a one-stage
+    Dockerfile), the step right-aligned to the width of the total: `[build  3/12] RUN make`."""
+    stage = event.stage if event.label is None else event.label
+    width = len(str(event.total))
+    return f"[{stage}{' ' if stage else ''}{event.index:>{width}}/{event.total}] {event.instruction}"
+
+
+_label = step_label
 
 
 class PlainProgress:

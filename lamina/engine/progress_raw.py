@@ -53,7 +53,7 @@ class RawJsonProgress:
         now = _now()
         vertex: dict[str, object] = {
             "digest": digest,
-            "name": f"[{event.stage} {event.index}/{event.total}] {event.instruction}",
+            "name": _step_label(event),
         }
         status = event.status.value
         if status == "running":
@@ -97,3 +97,9 @@ class RawJsonProgress:
 
     def finish(self, summary: Any) -> None:
         pass
+
+
+def _step_label(event: Any) -> str:
+    from lamina.engine.progress import step_label
+
+    return step_label(event)

@@ -137,6 +137,7 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
         no_cache=no_cache,
         platform=format_all(plan.stage_platform),  # with its OS version, if any
         label=_label(executor, plan),
+        one_stage=len(executor.plan.stages) == 1,
     )
     # BuildKit numbers the FROM of an image as the stage's step 1 ([base 1/3] FROM busybox,
     # [base 3/3] RUN ...); FROM scratch or an earlier stage takes no number.
@@ -147,7 +148,10 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
 
             seconds = time.monotonic() - started
             text = executor.froms[state.name] = f"FROM {plan.base_image}"
-            executor.sink.step(StepEvent(state.shown, 1, state.total, text, StepStatus.DONE, seconds))
+            label = state.in_progress
+            executor.sink.step(
+                StepEvent(state.shown, 1, state.total, text, StepStatus.DONE, seconds, label=label)
+            )
     executor.totals[state.name] = state.total
     for instruction in instructions:
         try:

@@ -88,7 +88,8 @@ def layer_step(
                 result = _produce(executor, state, named.text, inputs, produce, start, reason)
                 state.ran = f"step {state.index} ({named.text}) ran"
     if cached:
-        executor.sink.step(StepEvent(state.shown, state.index, state.total, named.text, StepStatus.CACHED))
+        cached_event = StepEvent(state.shown, state.index, state.total, named.text, StepStatus.CACHED)
+        executor.sink.step(dataclasses.replace(cached_event, label=state.in_progress))
     executor.cache.remember_position(named.where, inputs)
     executor.cache.remember_position(named.same_text, inputs)
     seconds = time.monotonic() - start
@@ -180,7 +181,10 @@ def _produce(
 ) -> Any:
     """Run a step that missed: a fresh upper dir, `produce`, then commit it as the step's layer."""
     sink = executor.sink
-    sink.step(StepEvent(state.shown, state.index, state.total, text, StepStatus.RUNNING, reason=reason))
+    label = state.in_progress
+    sink.step(
+        StepEvent(state.shown, state.index, state.total, text, StepStatus.RUNNING, reason=reason, label=label)
+    )
     upper = executor.cache.new_upper()
     try:
         produce(upper)
@@ -190,7 +194,9 @@ def _produce(
         tail = getattr(err, "output_tail", ())
         seconds = time.monotonic() - start
         sink.step(
-            StepEvent(state.shown, state.index, state.total, text, StepStatus.ERROR, seconds, tail, reason)
+            StepEvent(
+                state.shown, state.index, state.total, text, StepStatus.ERROR, seconds, tail, reason, label
+            )
         )
         why = _disk_full_reason(err, upper) if isinstance(err, BuildError) else ""
         with contextlib.suppress(LaminaError):
@@ -200,7 +206,11 @@ def _produce(
         raise
     result = executor.cache.commit_layer(inputs, state, upper)
     seconds = time.monotonic() - start
-    sink.step(StepEvent(state.shown, state.index, state.total, text, StepStatus.DONE, seconds, reason=reason))
+    sink.step(
+        StepEvent(
+            state.shown, state.index, state.total, text, StepStatus.DONE, seconds, reason=reason, label=label
+        )
+    )
     return result
 
 

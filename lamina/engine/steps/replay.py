@@ -103,7 +103,7 @@ def _fingerprint(root: Path, h: Any) -> None:
 
 
 def record(store: Store, key: str, result: BuildResult, images: dict[str, str], totals: dict[str, int],
-           warnings: tuple[str, ...], froms: dict[str, str]) -> None:  # fmt: skip
+           warnings: tuple[str, ...], froms: dict[str, str], one_stage: bool = False) -> None:  # fmt: skip
     """Remember a finished build under its memo key."""
     value = {
         "image": result.image_digest,
@@ -113,6 +113,7 @@ def record(store: Store, key: str, result: BuildResult, images: dict[str, str], 
         "warnings": list(warnings),
         "totals": totals,
         "froms": froms,
+        "one_stage": one_stage,  # progress names no stage (model.StageState.in_progress)
         "steps": [[s.stage, s.index, s.instruction, s.key] for s in result.steps],
     }
     store.cache_put(key, json.dumps(value))
@@ -150,14 +151,15 @@ def replay(
     for warning in value["warnings"]:
         sink.warn(warning)
     steps = []
+    label = "" if value.get("one_stage") else None
     froms = dict(value.get("froms", {}))  # each stage's FROM (its step 1) comes before its other steps
     for stage, index, instruction, step_key in value["steps"] + [[s, 0, "", ""] for s in list(froms)]:
         total = value["totals"].get(stage, index)
         if stage in froms:
-            sink.step(StepEvent(stage, 1, total, froms.pop(stage), StepStatus.CACHED))
+            sink.step(StepEvent(stage, 1, total, froms.pop(stage), StepStatus.CACHED, label=label))
         if not instruction:
             continue
-        sink.step(StepEvent(stage, index, total, instruction, StepStatus.CACHED))
+        sink.step(StepEvent(stage, index, total, instruction, StepStatus.CACHED, label=label))
         steps.append(StepRecord(stage, index, instruction, True, 0.0, step_key))
     size = manifest.config.size + sum(layer.size for layer in manifest.layers)
     from lamina.engine.outputspec import OutputType
