@@ -114,7 +114,9 @@ class _Steps:
         self.warnings: list[str] = []
 
     def step(self, event: Any) -> None:
-        self.labels.append(f"[{event.stage} {event.index}/{event.total}] {event.instruction}")
+        from lamina.engine.progress import step_label
+
+        self.labels.append(step_label(event))
 
     def log(self, stage: str, index: int, line: str) -> None:
         pass
