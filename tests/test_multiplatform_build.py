@@ -243,3 +243,50 @@ def test_a_base_in_a_registry_is_pulled_per_platform(
     with Store(empty) as store:  # the name keeps the registry's index, both platforms in it
         index = Index.from_bytes(store.read_blob(store.resolve(remote).manifest, 1 << 20))
         assert all(store.has_blob(entry.digest) for entry in index.manifests)
+
+
+def test_an_unchanged_multi_platform_build_is_replayed_to_the_same_index(
+    multi_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The no-op rebuild of a two-platform build comes from the build memo (not planned, every
+    step cached, each platform's steps named), tags the same index and writes the same archive;
+    once one platform's base changes in the index, it builds again."""
+    ctx = write_context(tmp_path / "ctx", DOCKERFILE)
+    first = build(multi_cache, ctx, platforms=PLATFORMS, tags=["multi/memo:1"],
+                  outputs=[f"type=oci,dest={tmp_path / 'a.tar'}"])  # fmt: skip
+    from lamina.engine.steps import dispatch
+
+    real = dispatch.make_plans
+
+    def planned(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the unchanged build was planned again, not replayed")
+
+    monkeypatch.setattr(dispatch, "make_plans", planned)
+    again = build(multi_cache, ctx, platforms=PLATFORMS, tags=["multi/memo:1"],
+                  outputs=[f"type=oci,dest={tmp_path / 'b.tar'}"])  # fmt: skip
+    assert again.image_digest == first.image_digest and again.index
+    assert again.steps and all(step.cached for step in again.steps)
+    assert {
+        s.stage.split()[0] for s in again.steps if s.instruction.startswith("RUN uname -m > /arch")
+    } == set(PLATFORMS)
+    assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
+    build(multi_cache, ctx, platforms=PLATFORMS, tags=["multi/memo:2"])  # replayed under a new tag
+    with Store(multi_cache) as store:
+        assert str(store.resolve("docker.io/multi/memo:2").manifest) == first.image_digest
+    # the same build for one of the platforms is another build (its own image, not the index)
+    with pytest.raises(AssertionError, match="planned again"):
+        build(multi_cache, ctx, platforms=PLATFORMS[1:])
+    monkeypatch.setattr(dispatch, "make_plans", real)
+    # The base's arm64 image changes (a new index under the same name): arm64 builds again.
+    with Store(multi_cache) as store:
+        name = f"docker.io/{BASE}"
+        base = Index.from_bytes(store.read_blob(store.resolve(name).manifest, 1 << 20))
+        built = Index.from_bytes(store.read_blob(Digest.parse(first.image_digest), 1 << 20))
+        arm64 = next(e for e in built.manifests if str(e.platform) == "linux/arm64")
+        entries = tuple(arm64 if str(e.platform) == "linux/arm64" else e for e in base.manifests)
+        data = Index(entries).to_bytes()
+        store.put_bytes(data, Digest.of_bytes(data))
+        store.tag(name, Digest.of_bytes(data), size=1)
+    rebuilt = build(multi_cache, ctx, platforms=PLATFORMS)
+    ran = {s.stage.split()[0] for s in rebuilt.steps if not s.cached}
+    assert ran == {"linux/arm64"}, [(s.stage, s.instruction, s.cached) for s in rebuilt.steps]

@@ -96,8 +96,8 @@ class Executor:
         if self.epoch is None:
             self.epoch = _dockerfile_epoch(plan)
         self.images: dict[tuple[str, str], StageOutcome] = {}  # base images loaded, by (ref, platform)
-        self.totals: dict[str, int] = {}  # stage name -> its filesystem steps, for replays
-        self.froms: dict[str, str] = {}  # stage name -> `FROM image` (its step 1), for replays
+        self.totals: dict[str, int] = {}  # stage (as shown) -> its filesystem steps, for replays
+        self.froms: dict[str, str] = {}  # stage (as shown) -> `FROM image` (its step 1), for replays
         self.pruned_cache_ids: dict[str, object] = {}  # cache mounts emptied by this build (--no-cache)
         self.temp_files: list[Path] = []  # e.g. secrets given by environment variable
         self.fetched: dict[str, Any] = {}  # ADD <url>: fetched once per build (steps.copyadd.fetch)
@@ -414,13 +414,8 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         from lamina.engine.buildchecks import for_build
 
         checks = for_build(options, data, store, sink)  # BuildKit's build checks; error=true raises
-        # A --cache-to build runs for real: a replay has no step results to export; a build for
-        # another platform too (its memo would know one base image per name, not one per platform).
-        from lamina.oci.image import host_platform
-
-        multi = "BUILDKIT_MULTI_PLATFORM" in dict(options.build_args)
-        host_only = options.platforms in ((), (host_platform(),))  # --platform of this host replays
-        replayable = data is not None and not options.cache_to and host_only and not multi
+        # A --cache-to build runs for real: a replay has no step results to export.
+        replayable = data is not None and not options.cache_to
         key = memo_key(options, dockerfile, data) if replayable else None
         if key is not None:
             replayed = replay(store, key, options, sink, start)
@@ -438,10 +433,10 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
         result = _run(executor, options, sink, siblings, index=makes_index(options))
         statpass.forget()  # what the memo's stat pass saw, kept for this build's walks
         if key is not None:
-            images = {
-                store_name(ref, pinned=True): outcome.key.split(":", 1)[1]
-                for (ref, _platform), outcome in executor.images.items()
-            }
+            images = [  # each base image per platform (every target's executor shares the dict)
+                [store_name(ref, pinned=True), platform, outcome.key.split(":", 1)[1]]
+                for (ref, platform), outcome in executor.images.items()
+            ]
             record(
                 store,
                 key,

@@ -147,12 +147,12 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
             from lamina.engine.progress import StepEvent, StepStatus
 
             seconds = time.monotonic() - started
-            text = executor.froms[state.name] = f"FROM {plan.base_image}"
+            text = executor.froms[state.shown] = f"FROM {plan.base_image}"
             label = state.in_progress
             executor.sink.step(
                 StepEvent(state.shown, 1, state.total, text, StepStatus.DONE, seconds, label=label)
             )
-    executor.totals[state.name] = state.total
+    executor.totals[state.shown] = state.total
     for instruction in instructions:
         try:
             dispatch(executor, state, plan, instruction)

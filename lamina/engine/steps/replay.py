@@ -25,6 +25,7 @@ as last time".
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -79,6 +80,7 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
         "ssh": sorted(agent.id for agent in options.ssh),
         "run": [options.add_hosts, [(u.name, u.soft, u.hard) for u in options.ulimits], options.shm_size],
         "contexts": sorted((c.name, c.ref, c.digest) for c in options.build_contexts),
+        "platforms": [p.to_json() for p in options.platforms],  # each target's image (an index of several)
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(b"\0dockerfile\0" + data)
@@ -102,14 +104,15 @@ def _fingerprint(root: Path, h: Any) -> None:
     fingerprint(root, h)
 
 
-def record(store: Store, key: str, result: BuildResult, images: dict[str, str], totals: dict[str, int],
+def record(store: Store, key: str, result: BuildResult, images: list[list[str]], totals: dict[str, int],
            warnings: tuple[str, ...], froms: dict[str, str], one_stage: bool = False) -> None:  # fmt: skip
-    """Remember a finished build under its memo key."""
+    """Remember a finished build under its memo key; `images`: [name, platform, manifest digest]
+    of each base image (a name for an index: the platform's manifest in it)."""
     value = {
         "image": result.image_digest,
         "config": result.config_digest,
         "target": result.target,
-        "images": images,
+        "bases": images,
         "warnings": list(warnings),
         "totals": totals,
         "froms": froms,
@@ -129,7 +132,7 @@ def replay(
     from lamina.engine.progress import BuildSummary, StepEvent, StepStatus
     from lamina.errors import LaminaError
     from lamina.oci.digest import Digest
-    from lamina.oci.image import MAX_DOCUMENT, OCI_MANIFEST, Descriptor, ImageConfig, Manifest
+    from lamina.oci.image import MAX_DOCUMENT, ImageConfig
     from lamina.oci.reference import store_name
 
     text = store.cache_get(key)
@@ -137,52 +140,123 @@ def replay(
         return None
     try:
         value = json.loads(text)
-        for name, digest in value["images"].items():
-            if str(store.resolve(name).manifest) != digest:
-                return None
-        manifest_digest = Digest.parse(value["image"])
-        manifest_bytes = store.read_blob(manifest_digest, MAX_DOCUMENT)
-        manifest = Manifest.from_bytes(manifest_bytes)
-        if not all(store.has_blob(layer.digest) for layer in manifest.layers):
+        if not all(_same_base(store, name, platform, digest) for name, platform, digest in value["bases"]):
             return None
-        config = ImageConfig.from_bytes(store.read_blob(manifest.config.digest, MAX_DOCUMENT))
+        stored = _stored_image(store, Digest.parse(value["image"]))
+        if stored is None:
+            return None
+        config = ImageConfig.from_bytes(store.read_blob(stored.manifest.config.digest, MAX_DOCUMENT))
     except (LaminaError, ValueError, KeyError, TypeError):
         return None
     for warning in value["warnings"]:
         sink.warn(warning)
     steps = []
-    label = "" if value.get("one_stage") else None
+    one_stage = value.get("one_stage")  # the label: the platform a shown `linux/arm64 NAME` has, or none
     froms = dict(value.get("froms", {}))  # each stage's FROM (its step 1) comes before its other steps
     for stage, index, instruction, step_key in value["steps"] + [[s, 0, "", ""] for s in list(froms)]:
         total = value["totals"].get(stage, index)
+        label = stage.rpartition(" ")[0] if one_stage else None  # model.StageState.in_progress
         if stage in froms:
             sink.step(StepEvent(stage, 1, total, froms.pop(stage), StepStatus.CACHED, label=label))
         if not instruction:
             continue
         sink.step(StepEvent(stage, index, total, instruction, StepStatus.CACHED, label=label))
         steps.append(StepRecord(stage, index, instruction, True, 0.0, step_key))
+    manifest = stored.manifest
     size = manifest.config.size + sum(layer.size for layer in manifest.layers)
+    if stored.index is not None:  # as multiplatform._tag: every document and blob
+        size += sum(d.size for d in (stored.main, *stored.extra))
+    created = stored.created or config.created or ""
     from lamina.engine.outputspec import OutputType
 
     wanted = [*options.tags, *(n for o in options.outputs if o.type is OutputType.IMAGE for n in o.names)]
     names = []
     for name in wanted:
         full = store_name(name)
-        store.tag(full, manifest_digest, size=size, created=config.created or "")
+        store.tag(full, stored.top.digest, size=size, created=created)
         if name in options.tags:
             names.append(full)
-    top = Descriptor(OCI_MANIFEST, manifest_digest, len(manifest_bytes))
-    _write_outputs(store, options, top, manifest, tuple(names), sink)
+    _write_outputs(store, options, stored, tuple(names), sink)
     seconds = time.monotonic() - start
     result = BuildResult(
-        value["image"], value["config"], config, tuple(names), tuple(steps), seconds, value["target"]
-    )
+        value["image"], value["config"], config, tuple(names), tuple(steps), seconds, value["target"],
+        index=stored.index is not None,
+    )  # fmt: skip
     sink.finish(BuildSummary(result.image_digest, result.config_digest, len(steps), 0, seconds))
     return result
 
 
+def _same_base(store: Store, name: str, platform: str, digest: str) -> bool:
+    """Whether base image `name` still means manifest `digest` for `platform`."""
+    top = store.resolve(name).manifest
+    if str(top) == digest:
+        return True
+    from lamina.cache.platforms import platform_manifest  # the name is an index (or changed)
+    from lamina.oci.image import Platform
+
+    return str(platform_manifest(store, top, Platform.parse(platform), name, strict=False)) == digest
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Stored:
+    """The build's image as the store holds it: its manifest (for an index, the main platform's:
+    the host's or the first, as multiplatform._main_platform), and for an index the index and
+    every other blob (the other platforms' manifests, configs and layers)."""
+
+    main: Any  # the manifest's descriptor
+    manifest: Any
+    index: Any = None
+    extra: tuple[Any, ...] = ()
+    created: str = ""  # an index's: its newest platform image's
+
+    @property
+    def top(self) -> Any:
+        return self.index if self.index is not None else self.main
+
+
+def _stored_image(store: Store, digest: Any) -> _Stored | None:
+    """The build's image when all of it is still in the store, else None."""
+    from lamina.oci.image import (
+        INDEX_TYPES,
+        MAX_DOCUMENT,
+        OCI_MANIFEST,
+        Descriptor,
+        ImageConfig,
+        Index,
+        Manifest,
+        descriptor_of,
+        host_platform,
+        parse_document,
+    )
+
+    data = store.read_blob(digest, MAX_DOCUMENT)
+    media_type = parse_document(data, "build memo image").get("mediaType")
+    if media_type not in INDEX_TYPES:
+        manifest = Manifest.from_bytes(data)
+        if not all(store.has_blob(layer.digest) for layer in manifest.layers):
+            return None
+        return _Stored(Descriptor(OCI_MANIFEST, digest, len(data)), manifest)
+    entries = Index.from_bytes(data).manifests
+    host = str(host_platform())
+    main = next((e for e in entries if str(e.platform) == host), entries[0])
+    extra: list[Descriptor] = []
+    created = ""
+    for entry in entries:
+        one = Manifest.from_bytes(store.read_blob(entry.digest, MAX_DOCUMENT))
+        blobs = (one.config, *one.layers)
+        if not all(store.has_blob(blob.digest) for blob in blobs):
+            return None
+        config = ImageConfig.from_bytes(store.read_blob(one.config.digest, MAX_DOCUMENT))
+        created = max(created, config.created or "")
+        if entry is not main:
+            extra += [dataclasses.replace(entry, platform=None), *blobs]
+    chosen = Manifest.from_bytes(store.read_blob(main.digest, MAX_DOCUMENT))
+    top = descriptor_of(data, media_type)
+    return _Stored(dataclasses.replace(main, platform=None), chosen, top, tuple(extra), created)
+
+
 def _write_outputs(
-    store: Store, options: BuildOptions, top: Any, manifest: Any, names: tuple[str, ...], sink: ProgressSink
+    store: Store, options: BuildOptions, stored: _Stored, names: tuple[str, ...], sink: ProgressSink
 ) -> None:
     """The replayed build's `type=oci` outputs, written as executor._finish writes them."""
     from lamina.engine.outputspec import OutputType
@@ -194,7 +268,9 @@ def _write_outputs(
     from lamina.engine.output import write_output
     from lamina.errors import LaminaError
 
-    image = ExportedImage(top, manifest.config, manifest.layers)
+    # an index: over every platform's image, as multiplatform._write_outputs writes it
+    manifest = stored.manifest
+    image = ExportedImage(stored.main, manifest.config, manifest.layers, stored.index, stored.extra)
     try:
         for output in wanted:
             for warning in write_output(output, store, image, (), names, options.source_date_epoch):
