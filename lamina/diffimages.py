@@ -197,11 +197,14 @@ _KINDS = {
 def _entries(blob: BinaryIO, label: str) -> Iterator[tuple[str, FileFacts | None]]:
     """(cleaned path, facts) per tar member; facts None for whiteout markers."""
     from lamina.oci.compression import open_decompressed, sniff_stream
+    from lamina.oci.extract import BoundedTarInfo
     from lamina.oci.safepath import clean
 
     try:
         compression, raw = sniff_stream(blob)
-        tar = tarfile.open(fileobj=open_decompressed(raw, compression), mode="r|", bufsize=_CHUNK)  # noqa: SIM115
+        tar = tarfile.open(  # noqa: SIM115
+            fileobj=open_decompressed(raw, compression), mode="r|", bufsize=_CHUNK, tarinfo=BoundedTarInfo
+        )
     except (tarfile.TarError, OSError, EOFError) as err:
         raise LayerError(f"diff {label}: not a tar stream: {err}") from err
     with tar:

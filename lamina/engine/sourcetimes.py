@@ -104,7 +104,9 @@ def newest_file_time(stream: IO[bytes]) -> int | None:
         else:
             opened = open_decompressed(stream)  # type: ignore[arg-type]
         newest: int | None = None
-        with tarfile.open(fileobj=opened, mode="r|") as tar:
+        from lamina.oci.extract import BoundedTarInfo
+
+        with tarfile.open(fileobj=opened, mode="r|", tarinfo=BoundedTarInfo) as tar:
             for member in tar:
                 # Go's FileInfo counts a hard link as a regular file too.
                 if member.isreg() or member.islnk():

@@ -57,7 +57,7 @@ from lamina.oci.entry import EntryType, LayerEntry
 from lamina.oci.overlay import OPAQUE_MARKER, WHITEOUT_PREFIX
 from lamina.oci.safepath import Root, clean, remove_tree, split
 
-__all__ = ["ExtractResult", "Whiteouts", "extract_layer", "iter_layer"]
+__all__ = ["BoundedTarInfo", "ExtractResult", "Whiteouts", "extract_layer", "iter_layer"]
 
 _AUFS_META_PREFIX = ".wh..wh."  # aufs bookkeeping (.wh..wh.plnk...), not a whiteout
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
@@ -173,9 +173,45 @@ def show(name: str, limit: int = 120) -> str:
 # -- reading the tar ------------------------------------------------------
 
 
+# A PAX or GNU long-name header is read whole into memory by tarfile: a gzip
+# bomb of one (a few MB compressed) would take gigabytes. Go's archive/tar
+# (BuildKit, containerd) refuses such headers over 1 MiB (maxSpecialFileSize).
+MAX_SPECIAL_HEADER = 1 << 20
+_SPECIAL_HEADERS = {
+    tarfile.XHDTYPE: "PAX",
+    tarfile.XGLTYPE: "PAX global",
+    tarfile.SOLARIS_XHDTYPE: "PAX",
+    tarfile.GNUTYPE_LONGNAME: "GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long link",
+}
+
+
+def special_header_too_large(info: tarfile.TarInfo) -> str:
+    """Why `info`'s PAX or GNU long-name header is refused unread ("" when it is not)."""
+    kind = _SPECIAL_HEADERS.get(info.type)
+    if kind is None or info.size <= MAX_SPECIAL_HEADER:
+        return ""
+    return (
+        f"a {kind} header of {info.size} bytes at byte {info.offset} "
+        f"(lamina's limit, as Go's archive/tar: {MAX_SPECIAL_HEADER} bytes)"
+    )
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """For any tarfile reading hostile input (`tarinfo=BoundedTarInfo`): a special
+    header over MAX_SPECIAL_HEADER is a tarfile.ReadError, never read into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        why = special_header_too_large(self)
+        if why:
+            raise tarfile.SubsequentHeaderError(why)  # tarfile turns it into a ReadError
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
 class _StrictTarInfo(tarfile.TarInfo):
     """tarfile ends an archive silently at a damaged or missing header once
-    past the first member; a layer must end with a zero block instead."""
+    past the first member; a layer must end with a zero block instead. Its
+    special headers are bounded (MAX_SPECIAL_HEADER) before they are read."""
 
     @classmethod
     def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
@@ -187,6 +223,12 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise LayerError("truncated: the stream ends without an end-of-archive marker") from None
         except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as err:
             raise LayerError(f"damaged tar header at byte {tarfile_.offset}: {err}") from None
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        why = special_header_too_large(self)
+        if why:
+            raise LayerError(why)
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
 @contextlib.contextmanager
@@ -551,6 +593,12 @@ class _Unpacker:
             try:
                 os.setxattr(fd, name, value)
             except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.E2BIG):
+                    # ext4 says ENOSPC for a value larger than its xattr block, on a roomy disk.
+                    raise LayerError(
+                        f"xattr {name} of {len(value)} bytes: {err.strerror} (this file system "
+                        "is full, or takes no xattr that large)"
+                    ) from None
                 if err.errno not in _NOT_PERMITTED:
                     raise
                 if not name.startswith("user."):

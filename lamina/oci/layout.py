@@ -137,7 +137,9 @@ class TarFiles:
     def __init__(self, path: Path) -> None:
         self.label = str(path)
         try:
-            self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
+            from lamina.oci.extract import BoundedTarInfo  # a hostile PAX header is never read whole
+
+            self._tar = tarfile.open(path, "r:*", tarinfo=BoundedTarInfo)  # noqa: SIM115 - closed by close()
         except (OSError, tarfile.TarError) as err:
             # tarfile's message lists every method it tried, over several lines.
             reason = (

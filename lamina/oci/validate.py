@@ -79,7 +79,9 @@ def layer_problems(source: BlobSource, image: SourceImage) -> list[str]:
 
 def _check_members(tar_bytes: BinaryIO, what: str, problems: list[str]) -> None:
     try:
-        with tarfile.open(fileobj=tar_bytes, mode="r|") as tar:
+        from lamina.oci.extract import BoundedTarInfo
+
+        with tarfile.open(fileobj=tar_bytes, mode="r|", tarinfo=BoundedTarInfo) as tar:
             for member in tar:
                 parts = member.name.split("/")
                 if member.name.startswith("/") or ".." in parts:
