@@ -290,3 +290,8 @@ def test_an_unchanged_multi_platform_build_is_replayed_to_the_same_index(
     rebuilt = build(multi_cache, ctx, platforms=PLATFORMS)
     ran = {s.stage.split()[0] for s in rebuilt.steps if not s.cached}
     assert ran == {"linux/arm64"}, [(s.stage, s.instruction, s.cached) for s in rebuilt.steps]
+    # replayed again, the summary line names the index as an index
+    done = run_cli("build", "--platform", ",".join(PLATFORMS), str(ctx), cache=multi_cache)
+    digest = rebuilt.image_digest
+    assert f"built image {digest} (index {digest}) in " in done.stderr
+    assert "FROM lamina-test/busybox-multi:1.35  CACHED" in done.stderr, done.stderr  # the memo's

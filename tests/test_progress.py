@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -65,6 +66,9 @@ def test_summary_line_names_image_id_and_manifest() -> None:
     assert SUMMARY.line() == (
         f"built image sha256:{'c' * 64} (manifest sha256:{'a' * 64}) in 3.25s: 1 step(s) cached, 2 run"
     )
+    # a multi-platform build made an image index: its digest is named so
+    index = dataclasses.replace(SUMMARY, config_digest=SUMMARY.image_digest, index=True)
+    assert index.line().startswith(f"built image sha256:{'a' * 64} (index sha256:{'a' * 64}) in ")
 
 
 def test_auto_is_plain_when_not_a_terminal() -> None:

@@ -180,7 +180,9 @@ def finish(executors: Sequence[Executor], targets: Sequence[StageOutcome], start
         index=True,
     )
     cached, ran = result.steps_cached, result.steps_run
-    first.sink.finish(BuildSummary(result.image_digest, result.config_digest, cached, ran, seconds))
+    first.sink.finish(
+        BuildSummary(result.image_digest, result.config_digest, cached, ran, seconds, index=True)
+    )
     return result
 
 

@@ -51,13 +51,15 @@ class BuildSummary:
     steps_cached: int
     steps_run: int
     seconds: float
+    index: bool = False  # image_digest is an image index's (a multi-platform build), not a manifest's
 
     def line(self) -> str:
         # Both digests, each named: the image ID as docker's "writing image" and `-q` show it,
-        # the manifest as `lamina images` and a registry show it.
+        # the manifest (or index) as `lamina images` and a registry show it.
         what = "(no image)"
         if self.config_digest:
-            what = f"image {self.config_digest} (manifest {self.image_digest})"
+            kind = "index" if self.index else "manifest"
+            what = f"image {self.config_digest} ({kind} {self.image_digest})"
         return (
             f"built {what} in {self.seconds:.2f}s: {self.steps_cached} step(s) cached, {self.steps_run} run"
         )

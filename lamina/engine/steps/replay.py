@@ -182,7 +182,8 @@ def replay(
         value["image"], value["config"], config, tuple(names), tuple(steps), seconds, value["target"],
         index=stored.index is not None,
     )  # fmt: skip
-    sink.finish(BuildSummary(result.image_digest, result.config_digest, len(steps), 0, seconds))
+    summary = BuildSummary(result.image_digest, result.config_digest, len(steps), 0, seconds, result.index)
+    sink.finish(summary)
     return result
 
 
