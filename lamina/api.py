@@ -530,6 +530,8 @@ def build(
     isolation: str | Isolation | None = None,
     context_subdir: str | None = None,
     platforms: Iterable[str] = (),
+    cgroup_parent: str | None = None,
+    memory: str | int | None = None,
 ) -> BuildResult:
     """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
 
@@ -570,6 +572,9 @@ def build(
     RUN steps, as buildx's flags: `ssh` forwards ssh-agents to `RUN --mount=type=ssh`
     (`default`, `ID=SOCKET`, `ID=KEYFILE[,KEYFILE]`); `add_hosts` (`NAME:IP`) adds to
     /etc/hosts, `ulimits` (`nofile=1024:2048`) sets limits, `shm_size` (`128m`) sizes /dev/shm.
+    `cgroup_parent` (`--cgroup-parent`) runs each RUN in a cgroup of its own below it, and
+    `memory` (BuildKit's frontend attribute `memory=`, bytes) limits that cgroup's memory
+    (sandbox.cgroups; refused where this host cannot give a cgroup, e.g. rootless on cgroup v1).
     `isolation` (`sandbox.isolation.Isolation` or its name; None or "auto": `$LAMINA_ISOLATION`,
     else the strongest allowed) is checked before the build: one not allowed here is an error.
     """
@@ -624,6 +629,7 @@ def build(
         cache_from=_cache_specs(cache_from, "--cache-from"),
         cache_to=_cache_specs(_with_inline_cache(cache_to, args), "--cache-to"),
         **_run_inputs(add_hosts, ulimits, shm_size),
+        **_cgroup_inputs(cgroup_parent, memory),
         **_platforms(platforms),
         isolation=wanted,
         source_policy=_source_policy(env, context, dockerfile),
@@ -874,6 +880,30 @@ def _run_inputs(
         "ulimits": tuple(runflags.parse_ulimit(text) for text in ulimits),
         "shm_size": runflags.parse_shm_size(shm_size) if shm_size not in (None, "", 0) else 0,
     }
+
+
+def _cgroup_inputs(cgroup_parent: str | None, memory: str | int | None) -> dict[str, Any]:
+    """BuildOptions' cgroup_parent and memory (memory= as BuildKit parses it: bytes, above 0),
+    refused before the build where this host cannot give a RUN a cgroup (sandbox.cgroups)."""
+    import os
+
+    from lamina.errors import PlanError
+
+    out: dict[str, Any] = {"cgroup_parent": cgroup_parent} if cgroup_parent else {}
+    if memory not in (None, ""):
+        text = str(memory)
+        if not (text.isascii() and text.isdigit()) or int(text) <= 0:
+            raise PlanError(f"invalid memory value: {text}: must be a number of bytes above 0")
+        out["memory"] = int(text)
+    if out:
+        from lamina.engine.sandbox import cgroups
+
+        if why := cgroups.why_not(os.geteuid() != 0):
+            raise PlanError(f"{' and '.join(_CGROUP_FLAGS[k] for k in out)}: {why}")
+    return out
+
+
+_CGROUP_FLAGS = {"cgroup_parent": "--cgroup-parent", "memory": "memory="}
 
 
 def _cache_specs(texts: Iterable[str], flag: str) -> tuple[Any, ...]:

@@ -768,6 +768,7 @@ def _usage(
 @click.option("--add-host", "add_hosts", multiple=True, metavar="HOST:IP", help="A line of RUN's /etc/hosts.")
 @click.option("--ulimit", "ulimits", multiple=True, metavar="NAME=SOFT[:HARD]", help="RUN's limit.")
 @click.option("--shm-size", metavar="SIZE", help="Size of RUN's /dev/shm (default 64m).")
+@click.option("--cgroup-parent", metavar="PATH", help="Run each RUN in a cgroup below PATH.")
 @click.option(
     "--build-context",
     "build_contexts",
@@ -882,6 +883,7 @@ def build(
     add_hosts: tuple[str, ...],
     ulimits: tuple[str, ...],
     shm_size: str | None,
+    cgroup_parent: str | None,
     build_contexts: tuple[str, ...],
     network: str,
     allow: tuple[str, ...],
@@ -936,6 +938,7 @@ def build(
         add_hosts=add_hosts,
         ulimits=ulimits,
         shm_size=shm_size,
+        cgroup_parent=cgroup_parent,
         build_contexts=build_contexts,
         network=network,
         allow=allow,
@@ -1081,7 +1084,7 @@ def _write_text(path: str, flag: str, text: str) -> None:
 _PLAN_CACHE_FLAGS = (
     *("no_cache", "no_cache_filter", "secrets", "network", "allow", "pull", "cache_from"),
     *("insecure_registries", "isolation"),
-    *("ssh", "add_hosts", "ulimits", "shm_size", "build_contexts"),
+    *("ssh", "add_hosts", "ulimits", "shm_size", "build_contexts", "cgroup_parent"),
 )
 plan.params.extend(param for param in build.params if param.name in _PLAN_CACHE_FLAGS)
 

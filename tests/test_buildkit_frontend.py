@@ -320,6 +320,7 @@ _BUILD_KEYS = frozenset(
         *("build_args", "target", "no_cache", "no_cache_filter", "labels", "network", "allow"),
         *("cache_to", "cache_from", "ulimits", "shm_size", "add_hosts", "context_subdir", "ssh", "sbom"),
         "platforms",  # --platform (issue 17): a type=local output is then split per platform
+        *("cgroup_parent", "memory"),  # --cgroup-parent, the frontend attribute memory=
     )
 )
 
@@ -440,6 +441,8 @@ def test_buildkit_case(
                 (tmp_path / "cdi" / name).write_text(text)
             specs = {"LAMINA_CDI_SPEC_DIRS": os.fspath(tmp_path / "cdi")}
             stack.enter_context(unittest.mock.patch.dict(os.environ, specs))
+        if "cgroup_parent" in case or "memory" in case:  # {CGROUP}: a parent cgroup made for the case
+            case = stack.enter_context(_cgroup_case(case))
         if "source_policy" in case:  # buildx reads the file this variable names
             (tmp_path / "policy.json").write_text(case["source_policy"])
             variable = {"EXPERIMENTAL_BUILDKIT_SOURCE_POLICY": os.fspath(tmp_path / "policy.json")}
@@ -454,6 +457,37 @@ def test_buildkit_case(
             assert fragment in log, f"no {fragment!r} in the agent's log:\n{log}"
         for fragment in case.get("expect_agent_log_not_in", []):
             assert fragment not in log, f"{fragment!r} in the agent's log:\n{log}"
+
+
+@contextlib.contextmanager
+def _cgroup_case(case: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The case with {CGROUP} a new cgroup (`cgroup_pids_max` its pids.max) where the build may
+    give a RUN a cgroup (root); where it cannot, the case expects lamina's one-line refusal."""
+    from lamina.engine.sandbox import cgroups
+
+    name = f"lamina-test.{os.getpid()}.{time.monotonic_ns()}"
+    case = json.loads(json.dumps(case).replace("{CGROUP}", name))
+    if why := cgroups.why_not(os.geteuid() != 0):  # rootless on cgroup v1: refused, never ignored
+        flags = [
+            flag for key, flag in (("cgroup_parent", "--cgroup-parent"), ("memory", "memory=")) if key in case
+        ]
+        yield {**case, "expect_error": [" and ".join(flags), why]}
+        return
+    if os.geteuid() != 0:
+        pytest.skip("as BuildKit's test, root only (the parent cgroup is made at the hierarchy's top)")
+    found = cgroups.hierarchies()
+    v2 = any(h.version == 2 and h.mount == "/sys/fs/cgroup" for h in found)
+    pids = "/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/pids"
+    os.mkdir(f"{pids}/{name}")
+    try:
+        if "cgroup_pids_max" in case:
+            Path(f"{pids}/{name}/pids.max").write_text(str(case["cgroup_pids_max"]))
+        yield case
+    finally:
+        for h in found:  # the step's cgroup is gone; BuildKit leaves <parent>/buildkit, the test removes it
+            for left in (f"{h.mount}/{name}/buildkit", f"{h.mount}/{name}"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(left)
 
 
 @contextlib.contextmanager

@@ -126,6 +126,8 @@ class BuildOptions:
     add_hosts: tuple[tuple[str, str], ...] = ()  # --add-host NAME:IP, appended to RUN's /etc/hosts
     ulimits: tuple[Ulimit, ...] = ()  # --ulimit NAME=SOFT:HARD for every RUN
     shm_size: int = 0  # --shm-size: bytes of RUN's /dev/shm; 0 is the default 64 MiB
+    cgroup_parent: str = ""  # --cgroup-parent: every RUN in /<it>/buildkit/<id> (sandbox.cgroups)
+    memory: int = 0  # the frontend attribute memory=: bytes a RUN's cgroup may use; 0: no limit
     build_contexts: tuple[NamedContext, ...] = ()  # --build-context NAME=...: images/stages replaced
     remote_context: bool = False  # a git or tar (stdin) context: BuildKit applies no .dockerignore
     # SOURCE_DATE_EPOCH=context (engine.sourceepoch): a git context's commit time, an HTTP one's

@@ -340,6 +340,8 @@ def _system_mounts(spec: dict, root: str) -> None:
     shm = f"size={spec['shm_size'] // 1024}k" if spec.get("shm_size") else "size=65536k"  # --shm-size
     m.mount("shm", os.path.join(dev, "shm"), "tmpfs", m.MS_NOSUID | m.MS_NODEV, "mode=1777," + shm)
     _mount_sys(_at(root, "sys", True))
+    if spec.get("cgroups"):
+        _mount_cgroups(_at(root, "sys/fs/cgroup", True), spec["cgroups"])
     if not spec["insecure"]:
         _hide_kernel_paths(root, (), _confine.MASKED_PATHS, "/sys/")
     for rel, source in spec["host_binds"]:
@@ -417,6 +419,25 @@ def _mount_sys(target: str) -> None:
             _libc.mount(None, point, None, remount | _locked_flags(point))
     except OSError:
         _libc.umount(target, _libc.MNT_DETACH)
+
+
+def _mount_cgroups(target: str, found: list[tuple[str, int, str]]) -> None:
+    """The step's own cgroups, read-only at /sys/fs/cgroup as runc mounts them: cgroup v2 there,
+    or v1's hierarchies each in its directory of a tmpfs. The cgroup namespace roots them at
+    the step's cgroup, where its limits are."""
+    flags = _libc.MS_RDONLY | _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC
+    if any(mount == "/sys/fs/cgroup" and version == 2 for mount, version, _ in found):
+        _libc.mount("cgroup2", target, "cgroup2", flags)
+        return
+    _libc.mount("tmpfs", target, "tmpfs", _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC, "mode=755")
+    for mount, version, options in found:
+        where = os.path.join(target, os.path.basename(mount))
+        os.mkdir(where, 0o555)
+        if version == 2:
+            _libc.mount("cgroup2", where, "cgroup2", flags)
+        else:
+            _libc.mount("cgroup", where, "cgroup", flags, options)
+    _libc.mount(None, target, None, _libc.MS_REMOUNT | _libc.MS_BIND | flags)
 
 
 def _mount_points_under(top: str) -> list[str]:

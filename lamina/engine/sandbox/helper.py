@@ -126,6 +126,12 @@ def main() -> int:
     if os.read(request_fd, 1) != b"G":
         return _inside.SETUP_FAILED
     os.close(request_fd)
+    if spec.get("cgroups"):  # the caller moved us into the step's cgroup: our view is rooted there
+        try:
+            _libc.unshare(_libc.CLONE_NEWCGROUP)
+        except OSError as err:
+            _inside.report(report_fd, f"create the cgroup namespace: {err.strerror}")
+            return _inside.SETUP_FAILED
     return _in_namespaces(spec, isolation, report_fd)
 
 

@@ -153,6 +153,8 @@ def _without_namespaces(spec: SandboxSpec, choice: Any) -> SandboxSpec:
         raise SandboxError(f"publishing a port needs a network namespace, {lacking}")
     if spec.shm_size:  # /dev/shm is a directory of the copied root, of no size
         raise SandboxError(f"--shm-size needs a mount namespace for /dev/shm's tmpfs, {lacking}")
+    if spec.cgroup_parent or spec.memory:  # the step's cgroup is seen through a cgroup namespace
+        raise SandboxError(f"--cgroup-parent and memory= need a cgroup namespace, {lacking}")
     if spec.ulimits and choice.isolation is isolation.Isolation.PROOT:
         raise SandboxError("--ulimit is not supported under proot isolation (proot itself would run limited)")
     # Nothing can be mounted read-only, and the step's root (chroot) or uid (proot) may write
@@ -258,9 +260,25 @@ def _wire(
         "apt_snippet": apt_snippet,
         "ulimits": [(_ulimit_number(u.name), u.soft, u.hard) for u in spec.ulimits],
         "shm_size": spec.shm_size,
+        "cgroups": _cgroups(spec),
         # chroot isolation moves a cache directory in: no sharing it while it is away.
         "mounts": [_wire_mount(m, i, base, locks, isolation == "chroot") for i, m in enumerate(spec.mounts)],
     }
+
+
+def _cgroups(spec: SandboxSpec) -> list[tuple[str, int, str]]:
+    """The hierarchies the step gets a cgroup of its own in (--cgroup-parent, memory=), for its
+    /sys/fs/cgroup; none without either. Refused in one line where it cannot (cgroups.why_not)."""
+    if not (spec.cgroup_parent or spec.memory):
+        return []
+    from lamina.engine.sandbox import cgroups
+
+    rootless = os.geteuid() != 0
+    if why := cgroups.why_not(rootless):
+        raise SandboxError(f"--cgroup-parent / memory=: {why}")
+    return [
+        (h.mount, h.version, h.options) for h in cgroups.hierarchies() if not (rootless and h.version == 1)
+    ]
 
 
 def _ulimit_number(name: str) -> int:
@@ -420,6 +438,12 @@ def _helper(
                 if started:
                     if wire.get("isolation", "userns") == "userns":
                         write_maps(proc.pid, ids)
+                    if spec is not None and (spec.cgroup_parent or spec.memory):
+                        from lamina.engine.sandbox import cgroups
+
+                        # Before it goes on: the helper's cgroup namespace is rooted where it is then.
+                        rootless = os.geteuid() != 0
+                        net.enter_context(cgroups.placed(proc.pid, spec.cgroup_parent, spec.memory, rootless))
                     if wire.get("network") == "default":
                         from lamina.engine.sandbox import network
 

@@ -182,6 +182,10 @@ class SandboxSpec:
     extra_hosts: tuple[tuple[str, str], ...] = ()  # (name, ip) lines added to /etc/hosts
     ulimits: tuple[Ulimit, ...] = ()
     shm_size: int = 0  # bytes of the /dev/shm tmpfs; 0: 64 MiB, runc's and BuildKit's default
+    # --cgroup-parent and the memory= limit (bytes, 0: none): the step in a cgroup of its own
+    # below the parent (sandbox.cgroups); either set makes one.
+    cgroup_parent: str = ""
+    memory: int = 0
     # How the step is isolated (isolation.Isolation); None: $LAMINA_ISOLATION, else auto.
     isolation: Isolation | None = None
     # The platform of the image's programs; None or the host's: native. Another is run

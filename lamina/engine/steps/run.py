@@ -204,6 +204,8 @@ def _describe_sandbox(executor: StepHost, described: dict[str, Any], insecure: b
         ("hosts", [f"{name}={ip}" for name, ip in options.add_hosts]),
         ("ulimits", [f"{u.name}={u.soft}:{u.hard}" for u in options.ulimits]),
         ("shm", options.shm_size),
+        ("cgroup_parent", options.cgroup_parent),
+        ("memory", options.memory),
     ):
         if value:
             described[field] = value
@@ -252,6 +254,8 @@ def _sandbox_run(
             extra_hosts=executor.options.add_hosts,
             ulimits=executor.options.ulimits,
             shm_size=executor.options.shm_size,
+            cgroup_parent=executor.options.cgroup_parent,
+            memory=executor.options.memory,
             isolation=executor.options.isolation,
             platform=_platform(state),
         )
