@@ -175,23 +175,37 @@ def images(
 ) -> tuple[ImageRecord, ...]:
     """Every named image in the store, sorted by name; with `platform`, only the images that
     hold that platform, each record's `manifest` being that platform's manifest."""
+    return tuple(
+        record for record, _ in image_platforms(platform=platform, cache_dir=cache_dir, environ=environ)
+    )
+
+
+def image_platforms(
+    *,
+    platform: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[tuple[ImageRecord, tuple[str, ...]], ...]:
+    """`images`, each with the platforms it is for (cache.platforms.listed_platforms: every
+    platform of a multi-platform index; with `platform`, the one chosen)."""
     import dataclasses
 
-    from lamina.cache.platforms import image_platforms
+    from lamina.cache.platforms import image_platforms, listed_platforms
     from lamina.cache.store import Store
     from lamina.oci.image import match_platform
 
     want = _platform(platform)
     with Store(_store_root(cache_dir, environ)) as store:
-        if want is None:
-            return store.images()
-        found = []
-        for record in store.images():
-            held = image_platforms(store, record.manifest)
-            chosen = match_platform([_descriptor(p, d) for p, d in held], want)
-            if chosen is not None:
-                found.append(dataclasses.replace(record, manifest=chosen.digest))
-        return tuple(found)
+        records = store.images()
+        if want is not None:
+            found = []
+            for record in records:
+                held = image_platforms(store, record.manifest)
+                chosen = match_platform([_descriptor(p, d) for p, d in held], want)
+                if chosen is not None:
+                    found.append(dataclasses.replace(record, manifest=chosen.digest))
+            records = tuple(found)
+        return tuple((record, listed_platforms(store, record.manifest)) for record in records)
 
 
 def _descriptor(platform: Platform, digest: Digest) -> Descriptor:

@@ -363,18 +363,20 @@ def load(file: str, name: str | None, quiet: bool, platform: str | None) -> None
     help="Only images that hold this platform (DIGEST: its manifest).",
 )
 def images(digests: bool, platform: str | None) -> None:
-    """List the images in the store: name, manifest (or multi-platform index) digest, size, created."""
+    """List the images in the store: name, manifest (or multi-platform index) digest, the
+    platforms it is for ("(P)": P's image was never pulled), size, created."""
     from lamina import api
     from lamina.cache.images import display_name
 
-    rows = [("NAME", "DIGEST", "SIZE", "CREATED")]
-    for record in api.images(platform=platform):
+    rows = [("NAME", "DIGEST", "PLATFORMS", "SIZE", "CREATED")]
+    for record, platforms in api.image_platforms(platform=platform):
         digest = str(record.manifest) if digests else record.manifest.short
-        rows.append((display_name(record.name), digest, _human_size(record.size), record.created or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        size, created = _human_size(record.size), record.created or "-"
+        rows.append((display_name(record.name), digest, ",".join(platforms) or "-", size, created))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        click.echo("  ".join([*cells, row[3]]))
+        click.echo("  ".join([*cells, row[4]]))
 
 
 @cli.command()

@@ -29,9 +29,10 @@ def test_load_images_save_rmi(run, busybox_image: Path, tmp_path: Path) -> None:
     code, out = run("images")
     assert code == 0
     header, row = out.splitlines()
-    assert header.split() == ["NAME", "DIGEST", "SIZE", "CREATED"]
+    assert header.split() == ["NAME", "DIGEST", "PLATFORMS", "SIZE", "CREATED"]
     assert row.split()[0] == "lamina-test/busybox:1.35"
-    assert row.split()[3] == "2024-01-01T00:00:00Z"
+    assert row.split()[2] == "linux/amd64"  # the config's platform
+    assert row.split()[4] == "2024-01-01T00:00:00Z"
 
     for fmt, compression in (("oci", "zstd"), ("docker", None), ("oci", None)):
         target = tmp_path / f"{fmt}-{compression}.tar"

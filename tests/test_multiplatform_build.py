@@ -181,6 +181,8 @@ def test_load_and_save_keep_a_multi_platform_index_with_its_attestations(
     assert done.returncode == 1
     expected = "never pulled: linux/amd64 image, attestations; pull it, or save one platform with --platform"
     assert expected in done.stderr
+    listed = run_cli("images", cache=tmp_path / "third").stdout.splitlines()[1].split()
+    assert listed[2] == "(linux/amd64),linux/arm64"  # the index's platforms; amd64's never pulled
 
 
 def skopeo(*args: str) -> str:

@@ -80,6 +80,10 @@ def test_load_keeps_every_platform_under_the_index(
     assert api.images(platform="linux/s390x", environ=env) == ()
     code, out = run_cli(env, "images", "--platform", ARM64, "--digests")
     assert code == 0 and multiplatform_image.manifests[ARM64] in out, out
+    assert out.splitlines()[1].split()[2] == ARM64
+    code, out = run_cli(env, "images")  # the index's digest, and every platform it holds
+    assert out.splitlines()[0].split()[:3] == ["NAME", "DIGEST", "PLATFORMS"]
+    assert out.splitlines()[1].split()[2] == f"{AMD64},{ARM64}", out
 
 
 def test_load_platform_takes_only_that_image(multiplatform_image: Any, env: dict[str, str]) -> None:

@@ -6,6 +6,7 @@ index holds only the platforms pulled: the others are listed, not stored.
 
 - `platform_manifest(store, top, platform, what)`: the image manifest for a platform.
 - `image_platforms(store, top)`: (platform, manifest) of each stored image of a name.
+- `listed_platforms(store, top)`: the platforms a name is for, as `lamina images` lists them.
 - `never_pulled(store, index)`: what of an index is not in the store.
 - `index_facts(store, index)`: the size and newest `created` of the stored platform images.
 """
@@ -115,4 +116,19 @@ def image_platforms(store: Store, top: Digest) -> tuple[tuple[Platform, Digest],
     entries = Index.from_bytes(data, f"index {top}").manifests
     return tuple(
         (e.platform, e.digest) for e in entries if e.platform is not None and store.has_blob(e.digest)
+    )
+
+
+def listed_platforms(store: Store, top: Digest) -> tuple[str, ...]:
+    """The platforms a name's digest `top` is for, as `lamina images` lists them: a manifest's
+    (its config's); each image entry of an index (not its attestations), in parentheses when
+    that platform's image was never pulled."""
+    data = store.read_blob(top, MAX_DOCUMENT)
+    if not is_index(data):
+        return tuple(str(platform) for platform, _ in image_platforms(store, top))
+    entries = Index.from_bytes(data, f"index {top}").manifests
+    return tuple(
+        str(e.platform) if store.has_blob(e.digest) else f"({e.platform})"
+        for e in entries
+        if e.platform is not None and not is_attachment(e)
     )
