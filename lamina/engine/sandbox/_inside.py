@@ -326,6 +326,8 @@ def _system_mounts(spec: dict, root: str) -> None:
         m.mount("/dev/" + name, node, None, m.MS_BIND)
     for name, target in _DEV_LINKS:
         os.symlink(target, os.path.join(dev, name))
+    if spec["insecure"]:
+        _host_devices(dev)
     os.mkdir(os.path.join(dev, "pts"), 0o755)
     os.mkdir(os.path.join(dev, "shm"), 0o1777)
     os.chmod(os.path.join(dev, "shm"), 0o1777)
@@ -346,6 +348,30 @@ def _system_mounts(spec: dict, root: str) -> None:
         _hide_kernel_paths(root, (), _confine.MASKED_PATHS, "/sys/")
     for rel, source in spec["host_binds"]:
         _bind(source, _at(root, rel, False), readonly=True)
+
+
+def _host_devices(dev: str) -> None:
+    """--security=insecure: every device node of the host's /dev bound at the same place, as
+    BuildKit's privileged spec adds the host's devices (/dev/fuse, /dev/loop*, ...). Using one
+    still takes what the host allows the step's user; a node that cannot be bound is left out."""
+    for top, dirs, files in os.walk("/dev"):
+        rel = os.path.relpath(top, "/dev")
+        if rel == ".":
+            dirs[:] = [d for d in dirs if d not in ("pts", "shm", "mqueue")]
+        for name in files:
+            path = os.path.join(top, name)
+            target = os.path.normpath(os.path.join(dev, rel, name))
+            try:
+                mode = os.lstat(path).st_mode
+                if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+                    continue
+                if os.path.lexists(target):
+                    continue  # made already (null, zero, ...)
+                os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+                os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
+                _libc.mount(path, target, None, _libc.MS_BIND)
+            except OSError:
+                continue
 
 
 def _private_binfmt(target: str, rules: list[str]) -> None:
