@@ -93,3 +93,28 @@ EOF
     rootfs(cache, ctx, out)
     assert outside.read_text() == "host file\n"
     assert (out / "d/EOF").read_text() == "from the heredoc\n"
+
+
+def test_rename_mode_and_xattr_changes_equal_a_build_from_an_empty_cache(
+    cache: Path, tmp_path: Path, busybox_image: Path
+) -> None:
+    """What the last run linked is only what a full copy would write: a renamed file, a
+    file whose mode changed and one that gained an xattr (same content, same mtime)
+    give the image a build from an empty cache gives, digest for digest."""
+    files = {f"d{i % 3}/f{i}": f"{i}\n" * i for i in range(30)}
+    ctx = write_context(tmp_path / "ctx", DOCKERFILE, files)
+    build(cache, ctx, source_date_epoch=1700000000)
+    (ctx / "d0/f3").rename(ctx / "d1/renamed")
+    (ctx / "d2/f5").chmod(0o700)
+    stamp = os.stat(ctx / "d1/f4")
+    try:
+        os.setxattr(ctx / "d1/f4", "user.note", b"kept")
+    except OSError as err:
+        pytest.skip(f"this file system has no user xattrs ({err.strerror})")
+    os.utime(ctx / "d1/f4", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    linked = build(cache, ctx, source_date_epoch=1700000000)
+    assert not linked.steps[-1].cached
+    fresh = build(make_cache(tmp_path / "fresh", busybox_image), ctx, source_date_epoch=1700000000)
+    assert linked.image_digest == fresh.image_digest
+    assert len(_layer_files(cache, "d0/f6")) == 2  # an unchanged file: in both layers ...
+    assert len({st.st_ino for st in _layer_files(cache, "d0/f6").values()}) == 1  # ... linked
