@@ -9,7 +9,7 @@
 - `busybox_image`: path of an OCI archive of `lamina-test/busybox:1.35`
   built once per session from /bin/busybox (skips when that is missing);
   see tests/support/busybox.py.
-- `multiplatform_image`: lamina-test/busybox-multi:1.35 (amd64 + arm64 under one
+- `multiplatform_image`: lamina-test/busybox-multi:1.35 (amd64, arm64, arm/v7 under one
   index) as an OCI archive and layout; see tests/support/multiplatform.py.
 - `registry`: Debian's docker-registry on 127.0.0.1, open (no auth), one
   per test module (skips when it is not installed); tests/registry_server.py.
@@ -50,8 +50,8 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def multiplatform_image(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """lamina-test/busybox-multi:1.35: the amd64 busybox image and its arm64 twin (Debian's
-    busybox-static:arm64) under one index, as an OCI archive and an OCI layout directory
+    """lamina-test/busybox-multi:1.35: the amd64 busybox image and its arm64 and arm/v7 twins (Debian's
+    busybox-static:arm64/armhf) under one index, as an OCI archive and an OCI layout directory
     (a `tests.support.multiplatform.MultiPlatformImage`, made once per session)."""
     from tests.support.multiplatform import make_multiplatform_image, why_no_arm64
 

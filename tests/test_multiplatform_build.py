@@ -117,6 +117,45 @@ def test_two_platform_build_runs_each_platform_and_the_build_stage_once(
     assert sorted(str(m.platform) for m in index.manifests) == sorted(PLATFORMS)
 
 
+def test_three_platforms_with_arm_v7_run_each_under_its_own_machine(
+    multi_cache: Path, tmp_path: Path
+) -> None:
+    """amd64, arm64 and arm/v7 from the three-platform base: each RUN sees its machine (armv7l
+    through qemu-arm), TARGETVARIANT is v7 for arm, each config names its variant."""
+    arm = Platform.parse("linux/arm/v7")
+    from lamina.engine.sandbox.emulation import emulator
+    from lamina.engine.sandbox.isolation import choose, requested
+
+    try:
+        emulator(arm, choose(requested()).isolation.value)
+    except SandboxError as err:
+        pytest.skip(f"{err} (CI installs qemu-user-static and registers it: tests/support/binfmt.sh)")
+    three = (*PLATFORMS, str(arm))
+    dockerfile = DOCKERFILE + 'ARG TARGETVARIANT\nRUN echo "[$TARGETVARIANT]" > /variant\n'
+    ctx = write_context(tmp_path / "ctx", dockerfile)
+    archive = tmp_path / "three.tar"
+    result = build(multi_cache, ctx, platforms=three, outputs=[f"type=oci,dest={archive}"])
+    images = images_in(archive)
+    assert sorted(images) == ["linux/amd64", "linux/arm", "linux/arm64"]
+    machine = {"linux/amd64": b"x86_64\n", "linux/arm64": b"aarch64\n", "linux/arm": b"armv7l\n"}
+    for wanted, files in images.items():
+        assert files["/arch"] == machine[wanted], wanted
+        assert files["/built-on"] == b"x86_64\n"  # the $BUILDPLATFORM stage: native, once
+    assert images["linux/arm"]["/target"] == b"linux/arm/v7\n"
+    assert images["linux/arm"]["/variant"] == b"[v7]\n"
+    assert images["linux/arm64"]["/variant"] == images["linux/amd64"]["/variant"] == b"[]\n"
+    assert len([s for s in result.steps if s.instruction == "RUN uname -m > /built-on"]) == 1
+    with tarfile.open(archive) as tar:  # the index entry and the config both say arm/v7
+        top = json.loads(tar.extractfile("blobs/sha256/" + result.image_digest.split(":")[1]).read())  # type: ignore[union-attr]
+        (entry,) = [m for m in top["manifests"] if m["platform"]["architecture"] == "arm"]
+        assert entry["platform"] == {"architecture": "arm", "os": "linux", "variant": "v7"}
+        manifest = json.loads(tar.extractfile("blobs/sha256/" + entry["digest"].split(":")[1]).read())  # type: ignore[union-attr]
+        config = json.loads(
+            tar.extractfile("blobs/sha256/" + manifest["config"]["digest"].split(":")[1]).read()
+        )  # type: ignore[union-attr]
+    assert (config["architecture"], config["variant"]) == ("arm", "v7")
+
+
 def test_a_multi_platform_oci_layout_context_gives_each_platform_its_image(
     multi_cache: Path, tmp_path: Path, multiplatform_image: Any
 ) -> None:
@@ -242,9 +281,10 @@ def test_a_base_in_a_registry_is_pulled_per_platform(
     assert {wanted: files["/arch"] for wanted, files in images_in(archive).items()} == {
         wanted: f"{ARCH[wanted]}\n".encode() for wanted in PLATFORMS
     }
-    with Store(empty) as store:  # the name keeps the registry's index, both platforms in it
+    with Store(empty) as store:  # the name keeps the registry's index, the two platforms built in it
         index = Index.from_bytes(store.read_blob(store.resolve(remote).manifest, 1 << 20))
-        assert all(store.has_blob(entry.digest) for entry in index.manifests)
+        pulled = {str(entry.platform): store.has_blob(entry.digest) for entry in index.manifests}
+        assert pulled == {"linux/amd64": True, "linux/arm64": True, "linux/arm/v7": False}
 
 
 def test_an_unchanged_multi_platform_build_is_replayed_to_the_same_index(

@@ -83,7 +83,7 @@ def test_load_keeps_every_platform_under_the_index(
     assert out.splitlines()[1].split()[2] == ARM64
     code, out = run_cli(env, "images")  # the index's digest, and every platform it holds
     assert out.splitlines()[0].split()[:3] == ["NAME", "DIGEST", "PLATFORMS"]
-    assert out.splitlines()[1].split()[2] == f"{AMD64},{ARM64}", out
+    assert out.splitlines()[1].split()[2] == f"{AMD64},{ARM64},linux/arm/v7", out
 
 
 def test_load_platform_takes_only_that_image(multiplatform_image: Any, env: dict[str, str]) -> None:
@@ -96,7 +96,7 @@ def test_load_platform_takes_only_that_image(multiplatform_image: Any, env: dict
         )
     code, out = run_cli(env, "load", "--platform", "linux/s390x", str(multiplatform_image.archive))
     assert code == 1
-    assert out.endswith("has no image for linux/s390x (it has linux/amd64, linux/arm64)\n"), out
+    assert out.endswith("has no image for linux/s390x (it has linux/amd64, linux/arm/v7, linux/arm64)\n"), out
 
 
 # --- save ----------------------------------------------------------------------------------
@@ -145,7 +145,9 @@ def test_run_platform_picks_the_image_and_emulates_it(multiplatform_image: Any, 
     assert _run(env, "--platform", ARM64, MULTI_NAME, "sh", "-c", script)[:2] == (0, "aarch64\naarch64\n")
     code, out, err = _run(env, "--platform", "linux/s390x", MULTI_NAME, "true")
     assert (code, out) == (1, "")
-    assert err.endswith(f"error: {MULTI_NAME}: no image for linux/s390x (it has linux/amd64, linux/arm64)\n")
+    assert err.endswith(
+        f"error: {MULTI_NAME}: no image for linux/s390x (it has linux/amd64, linux/arm/v7, linux/arm64)\n"
+    )
 
 
 def _run(env: dict[str, str], *args: str) -> tuple[int, str, str]:
@@ -190,7 +192,7 @@ def check_index_in_registry(ref: str, index_digest: str, manifests: dict[str, st
         config = json.loads(
             skopeo("inspect", "--config", "--tls-verify=false", f"docker://{repository}@{digest}")
         )
-        assert f"{config['os']}/{config['architecture']}" == wanted
+        assert "/".join(filter(None, [config["os"], config["architecture"], config.get("variant")])) == wanted
 
 
 def test_push_sends_the_index_and_every_manifest_and_skopeo_copies_it_all(
@@ -215,7 +217,7 @@ def test_push_sends_the_index_and_every_manifest_and_skopeo_copies_it_all(
     code, out = run_cli(env, "push", "--platform", "linux/s390x", MULTI_NAME, single)
     assert (code, out) == (
         1,
-        f"error: push {single}: no image for linux/s390x (it has linux/amd64, linux/arm64)\n",
+        f"error: push {single}: no image for linux/s390x (it has linux/amd64, linux/arm/v7, linux/arm64)\n",
     )
 
 
@@ -230,14 +232,15 @@ def test_pull_keeps_the_index_and_adds_each_platform_asked_for(
     assert [str(r.manifest) for r in api.images(platform=ARM64, environ=fresh)] == [loaded.manifests[ARM64]]
     assert api.images(platform=AMD64, environ=fresh) == ()  # listed in the index, never pulled
     code, out = run_cli(fresh, "save", dest, "-o", str(tmp_path / "x.tar"))
-    assert code == 1 and "never pulled: linux/amd64 image; pull it" in out, out
+    assert code == 1 and "never pulled: linux/amd64 image, linux/arm/v7 image; pull it" in out, out
     code, out = run_cli(fresh, "cache", "verify")
     assert code == 0, out  # a partly pulled index is not a damaged one
     code, out = run_cli(fresh, "push", dest, f"{registry.host}/partial:1")
     assert code == 1
     assert out == (
-        f"error: push {registry.host}/partial:1: never pulled: linux/amd64 image "
+        f"error: push {registry.host}/partial:1: never pulled: linux/amd64 image, linux/arm/v7 image "
         "(pull them, or push one --platform)\n"
     )
+    api.pull(dest, platform="linux/arm/v7", environ=fresh)
     api.pull(dest, platform=AMD64, environ=fresh)
     assert [str(r.manifest) for r in api.images(platform=AMD64, environ=fresh)] == [loaded.manifests[AMD64]]

@@ -116,6 +116,7 @@ def _run_as(user: str, project: Path) -> subprocess.CompletedProcess[str]:
 
     if multiplatform.why_no_arm64() is None:  # fetched as root (apt-get download), read by them
         env[multiplatform.ENV_VAR] = str(multiplatform.arm64_busybox())
+        env[multiplatform.ARMHF_ENV_VAR] = str(multiplatform.foreign_busybox("armhf"))
     # Only the files that have sandbox tests: a half-written unrelated test
     # file must not stop the run at collection.
     files = sorted(

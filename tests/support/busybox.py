@@ -105,9 +105,11 @@ def commit_busybox(
     *,
     compression: str = "gzip",
     architecture: str = "amd64",
+    variant: str = "",
     names: Sequence[str] = (),
 ) -> CommittedImage:
-    """The busybox tree `root` as a one-layer image of `architecture` in `store`, tagged `names`."""
+    """The busybox tree `root` as a one-layer image of `architecture` (and `variant`) in
+    `store`, tagged `names`."""
     from lamina.cache.images import commit_image
     from lamina.cache.store import LayerRecord
     from lamina.oci.compression import Compression
@@ -127,6 +129,7 @@ def commit_busybox(
     store.record_layer(layer)
     config = ImageConfig(
         architecture=architecture,
+        variant=variant,
         created=BUSYBOX_CREATED,
         config=ContainerConfig(
             env=("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",), cmd=("sh",)
