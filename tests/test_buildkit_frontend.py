@@ -874,3 +874,14 @@ def test_a_windows_os_version_picks_as_containerd() -> None:
     assert runs("10.0.20348", "10.0.26100") and not runs("10.0.17763", "10.0.26100")
     assert not runs("10.0.26100", "10.0.20348")
     assert runs("1.1.0", "1.2.3", os="linux")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "64m", "1.5"])
+def test_memory_is_a_number_of_bytes_above_zero(value: str, tmp_path: Path) -> None:
+    """memory= as BuildKit's dockerui parses it: an integer of bytes, above 0; else refused."""
+    from lamina import api
+    from lamina.errors import PlanError
+
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    with pytest.raises(PlanError, match=f"invalid memory value: {re.escape(value)}: must be"):
+        api.build(tmp_path, memory=value, cache_dir=tmp_path / "cache", dry_run=True)
