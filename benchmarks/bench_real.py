@@ -32,7 +32,9 @@ only that binary. Scenarios, as benchmarks/bench_build.py's:
             command: the no-op check, then the archive)
 
 and, from the cold build's plain progress, the seconds of the apt-get step
-(`apt`) and of every step, so the table says where the time goes; `peak MB`
+(`apt`) and of every step, so the table says where the time goes (the row
+`chroot floor` is the same apt-get in a plain chroot of the base on the
+same disk, once a round: what dpkg costs with no builder around it); `peak MB`
 is the cold build's maximum resident set size by `/usr/bin/time -v` (the
 largest process of the build, the sandboxed apt/dpkg/gcc included).
 
@@ -71,15 +73,18 @@ PACKAGES = ("gcc", "libc6-dev")
 MOD_FILE = "src/util.c"
 APT_MARK = "apt-get"
 
+# The apt-get step, in the build and in the plain chroot that gives its floor.
+APT_SCRIPT = (
+    "apt-get -qq -o Dir::Etc::SourceList=/debs/local.list -o Dir::Etc::SourceParts=- update"
+    " && apt-get -qq -o Dir::Etc::SourceList=/debs/local.list -o Dir::Etc::SourceParts=-"
+    f" install -y --no-install-recommends {' '.join(PACKAGES)}"
+    " && rm -rf /var/lib/apt/lists/*"
+)
 DOCKERFILE = f"""\
 FROM {BASE} AS build
 # The packages come from debs/, a flat repository in the context: the step times
 # apt and dpkg in the builder, not the network.
-RUN --mount=type=bind,source=debs,target=/debs \\
-    apt-get -qq -o Dir::Etc::SourceList=/debs/local.list -o Dir::Etc::SourceParts=- update \\
- && apt-get -qq -o Dir::Etc::SourceList=/debs/local.list -o Dir::Etc::SourceParts=- \\
-      install -y --no-install-recommends {" ".join(PACKAGES)} \\
- && rm -rf /var/lib/apt/lists/*
+RUN --mount=type=bind,source=debs,target=/debs {APT_SCRIPT}
 WORKDIR /src
 COPY src/ /src/
 RUN mkdir -p /out && gcc -O2 -static -o /out/hello main.c util.c && strip /out/hello
@@ -370,6 +375,22 @@ def apt_seconds(steps: dict[str, float]) -> float | None:
     return next((seconds for label, seconds in steps.items() if "RUN --mount" in label), None)
 
 
+def chroot_floor(lab: Lab) -> float:
+    """The apt-get step with no builder around it: the same command in a plain chroot of the
+    base's root filesystem on the same disk (what dpkg itself costs here)."""
+    from tests.support.minbase import minbase_tar
+
+    root = lab.root / "floor"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    try:
+        run(["tar", "-xf", str(minbase_tar()), "-C", str(root)])
+        shutil.copytree(lab.ctx / "debs", root / "debs")
+        return run(["chroot", str(root), "sh", "-c", APT_SCRIPT]).seconds
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def measure_round(tool: object, lab: Lab, round_no: int, log: list[str]) -> dict[str, float]:
     """One round of the four scenarios from a pruned cache; the cold build's steps logged."""
     lab.reset_context()
@@ -441,7 +462,11 @@ def main() -> None:
         tools = [tool for tool in tools if tool.name in args.tools.split(",")]  # type: ignore[attr-defined]
     columns = (*SCENARIOS, "build -o", "apt", "peak MB", "unpack")
     times: dict[str, dict[str, list[float]]] = {t.name: {c: [] for c in columns} for t in tools}  # type: ignore[attr-defined]
+    times["chroot floor"] = {c: [] for c in columns}
     for round_no in range(args.rounds):
+        floor = chroot_floor(lab)
+        times["chroot floor"]["apt"].append(floor)
+        print(f"  {'chroot floor':16} round {round_no + 1}: apt={floor:.2f}  ({uptime()})", file=sys.stderr)
         for tool in tools:
             log: list[str] = []
             result = measure_round(tool, lab, round_no, log)
