@@ -6,6 +6,7 @@ tests/test_multiplatform_images.py's; here every non-host stage runs no program.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -494,3 +495,29 @@ def test_the_image_id_of_an_index_is_its_digest_as_buildx_gives_it(cache: Path, 
     document = json.loads(meta.read_text())
     assert proc.stdout.strip() == iid.read_text() == document["containerimage.digest"]
     assert "containerimage.config.digest" not in document  # BuildKit gives none for an index
+
+
+def test_a_base_images_onbuild_arg_targetarch_makes_the_stage_one_per_target(
+    cache: Path, tmp_path: Path
+) -> None:
+    """A `FROM --platform=$BUILDPLATFORM` stage is one for every target unless it reads a
+    TARGET* ARG, and an ARG its base image's ONBUILD triggers declare counts: BuildKit runs
+    the triggers as the stage's first instructions, so each target gets its own value."""
+    base_ctx = write_context(tmp_path / "base", f"FROM {BASE}\nONBUILD ARG TARGETARCH\n"
+                             "ONBUILD RUN echo \"$TARGETARCH\" > /onbuild-arch\n")  # fmt: skip
+    build(cache, base_ctx, tags=["onbuild/base:1"])
+    ctx = write_context(
+        tmp_path / "ctx",
+        "FROM --platform=$BUILDPLATFORM onbuild/base:1 AS tools\n"
+        "FROM scratch\nCOPY --from=tools /onbuild-arch /a\n",
+    )
+    out = tmp_path / "multi.tar"
+    result = build(cache, ctx, platforms=["linux/amd64,linux/arm64"], outputs=[f"type=oci,dest={out}"])
+    _, blobs = _archive(out)
+    for platform, (manifest, _) in _platform_images(out).items():
+        (layer,) = manifest["layers"]
+        with tarfile.open(fileobj=io.BytesIO(blobs[layer["digest"]])) as tar:
+            member = tar.extractfile("a")
+            assert member is not None and member.read() == f"{platform.split('/')[1]}\n".encode()
+    runs = [s for s in result.steps if s.instruction.startswith("RUN echo")]
+    assert len(runs) == 2, [(s.stage, s.instruction) for s in result.steps]  # the triggers ran per target

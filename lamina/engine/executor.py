@@ -253,7 +253,7 @@ class Executor:
         """
         from lamina.engine.steps.dispatch import run_stage
 
-        identity = self.plan.identity(index) if 0 <= index < len(self.plan.stages) else index
+        identity = self._identity(index)
         with self._lock:
             lock = self._stage_locks[identity]
         building: list[object] = self._building.__dict__.setdefault("stack", [])
@@ -273,6 +273,19 @@ class Executor:
                 building.pop()
             self._outcomes[identity] = outcome
             return outcome
+
+    def _identity(self, index: int) -> object:
+        """plan.identity, and in a build of several platforms the target's values of the ARGs
+        a base image's ONBUILD triggers declare (multiplatform.onbuild_args), here and in
+        what the stage needs."""
+        if not 0 <= index < len(self.plan.stages):
+            return index
+        if len(self.family) == 1:
+            return self.plan.identity(index)
+        from lamina.engine.multiplatform import onbuild_args
+
+        deps = tuple(self._identity(dep) for dep in self.plan.stages[index].deps)
+        return (self.plan.identity(index), onbuild_args(self, self.plan.stages[index]), deps)
 
     def _stage_name(self, index: int) -> str:
         if 0 <= index < len(self.plan.stages):

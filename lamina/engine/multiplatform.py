@@ -132,6 +132,35 @@ def check_runnable(plans: Sequence[Plan], isolation: Any = None) -> None:
             raise PlanError(f"{location}: RUN for {platform}: {err}") from None
 
 
+def onbuild_args(executor: Any, stage: Any) -> tuple[tuple[str, str | None, str | None], ...]:
+    """What a stage FROM an image reads of the target through the image's ONBUILD triggers:
+    (name, --build-arg, global value) of each ARG they declare. BuildKit runs the triggers as
+    the stage's first instructions, so `ONBUILD ARG TARGETARCH` in the base of a `FROM
+    --platform=$BUILDPLATFORM` stage makes that stage one per target; a part of its identity
+    (plan.Plan.identity knows the Dockerfile only)."""
+    from lamina.engine.dockerfile.instructions import ArgInstruction, parse_instruction
+    from lamina.engine.dockerfile.parser import parse
+    from lamina.engine.namedcontext import lookup
+    from lamina.engine.steps.base import base_image
+    from lamina.errors import DockerfileError
+
+    if stage.base_stage is not None or stage.base_image is None:
+        return ()
+    if stage.name and lookup(executor.options.build_contexts, stage.name):  # replaced: no FROM
+        return ()
+    base = base_image(executor, stage.base_image, stage.location, stage.stage_platform)
+    names: list[str] = []
+    for text in base.config.config.on_build:
+        try:
+            instruction = parse_instruction(parse(text, stage.location.path).children[0], stage.location.path)
+        except (DockerfileError, IndexError):
+            continue  # steps.dispatch.run_stage refuses it on the stage's line
+        if isinstance(instruction, ArgInstruction):
+            names += [decl.name for decl in instruction.args]
+    plan = executor.plan
+    return tuple((name, plan.build_args.get(name), plan.global_args.get(name)) for name in names)
+
+
 def run_platforms(executors: Sequence[Executor]) -> tuple[StageOutcome, ...]:
     """Every target platform's stages on one pool bounded by --jobs; the target stage of each."""
     import concurrent.futures

@@ -311,8 +311,8 @@ class Plan:
         """What makes stage `index` the same stage in another target platform's plan: its
         index, platform, expanded FROM, ARG values and the identities of what it needs. A
         `FROM --platform=$BUILDPLATFORM` stage that reads no TARGET* ARG has one identity for
-        every target, so a multi-platform build runs it once. (FIXME: a base image's ONBUILD
-        `ARG TARGETARCH` is not seen here.)"""
+        every target, so a multi-platform build runs it once. (What a base image's ONBUILD
+        triggers read, e.g. `ARG TARGETARCH`, executor.Executor._identity adds.)"""
         stage = self.stages[index]
         return (
             index,
