@@ -8,6 +8,7 @@ layer by its diff_id, an imported step result by the step's layer id.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,7 @@ def _check_owner_form(store: Store, ids: Any) -> Any:
     if not found:
         # The first base layer this store unpacks says how it keeps owners (step
         # results made before, FROM scratch, were made by a process of the same form).
-        tmp = store.root / f".{OWNER_FORM}.{os.getpid()}"
+        tmp = store.root / f".{OWNER_FORM}.{os.getpid()}.{threading.get_ident()}"  # stages unpack at once
         tmp.write_text(form + "\n")
         os.replace(tmp, marker)
         return ids
