@@ -143,6 +143,8 @@ def test_run_platform_picks_the_image_and_emulates_it(multiplatform_image: Any, 
     # A shell starting another program: the child is emulated too.
     script = "uname -m; /bin/busybox uname -m"
     assert _run(env, "--platform", ARM64, MULTI_NAME, "sh", "-c", script)[:2] == (0, "aarch64\naarch64\n")
+    needs_emulation("linux/arm/v7")
+    assert _run(env, "--platform", "linux/arm/v7", MULTI_NAME, "uname", "-m")[:2] == (0, "armv7l\n")
     code, out, err = _run(env, "--platform", "linux/s390x", MULTI_NAME, "true")
     assert (code, out) == (1, "")
     assert err.endswith(
@@ -226,6 +228,10 @@ def test_pull_keeps_the_index_and_adds_each_platform_asked_for(
 ) -> None:
     dest = f"{registry.host}/pulled:1"
     api.push(MULTI_NAME, dest, environ=env)
+    host_is_amd64()
+    default = api.pull(dest, environ={**env, "LAMINA_CACHE": str(tmp_path / "default")})
+    assert str(default.manifest) == loaded.manifests[AMD64]  # no --platform: this host's image
+    assert str(default.record.manifest) == loaded.index
     fresh = {**env, "LAMINA_CACHE": str(tmp_path / "fresh")}
     arm = api.pull(dest, platform=ARM64, environ=fresh)
     assert (str(arm.record.manifest), str(arm.manifest)) == (loaded.index, loaded.manifests[ARM64])
