@@ -71,7 +71,10 @@ def why_not(rootless: bool) -> str | None:
     if not found:
         return f"no cgroup hierarchy is mounted under {_ROOT}"
     if not rootless:
-        return None
+        closed = [h.mount for h in found if not os.access(h.mount, os.W_OK)]
+        return (
+            f"{closed[0]} is not writable (a read-only cgroup mount, as in a container)" if closed else None
+        )
     if not any(h.version == 2 and h.mount == _ROOT for h in found):
         return (
             "rootless, a cgroup can only be delegated on cgroup v2 and this host's hierarchy is cgroup v1 "
@@ -94,30 +97,38 @@ def placed(pid: int, parent: str, memory: int, rootless: bool) -> Iterator[list[
         raise SandboxError(f"--cgroup-parent / memory=: {why}")
     found = [h for h in hierarchies() if not (rootless and h.version == 1)]
     name = os.path.join(parent.strip("/"), "buildkit", secrets.token_hex(12))
-    if memory and not any(h.version == 1 and "memory" in h.options.split(",") for h in found):
-        found_v2 = [h for h in found if h.version == 2 and _controllers(h.mount)]
-        if not any("memory" in _controllers(h.mount) for h in found_v2):
-            raise SandboxError("memory=: no cgroup memory controller is available here")
+    if memory and not any(_has_memory(h) for h in found):
+        raise SandboxError("memory=: no cgroup memory controller is available here")
     made: list[str] = []
     try:
         for h in found:
             base = h.mount + (_own(2) if rootless else "")
             path = os.path.join(base, name)
-            if h.version == 2 and memory and "memory" in _controllers(h.mount):
-                _enable_memory(base, path)
-            os.makedirs(path, exist_ok=True)
-            made.append(path)
-            if h.version == 1 and "cpuset" in h.options.split(","):
-                _inherit_cpuset(base, path)
-            if memory and h.version == 1 and "memory" in h.options.split(","):
-                _write(path, "memory.limit_in_bytes", str(memory))
-            elif memory and h.version == 2 and "memory" in _controllers(h.mount):
-                _write(path, "memory.max", str(memory))
-            _write(path, "cgroup.procs", str(pid))
+            try:
+                _join(h, base, path, pid, memory, made)
+            except OSError as err:
+                raise SandboxError(f"cgroup {path}: {err.strerror or err}") from None
         yield found
     finally:
         for path in made:
             _remove(path)
+
+
+def _has_memory(h: Hierarchy) -> bool:
+    return "memory" in (h.options.split(",") if h.version == 1 else _controllers(h.mount))
+
+
+def _join(h: Hierarchy, base: str, path: str, pid: int, memory: int, made: list[str]) -> None:
+    """Make the step's cgroup `path` in `h` (appended to `made`), its limit set, `pid` in it."""
+    if h.version == 2 and memory and _has_memory(h):
+        _enable_memory(base, path)
+    os.makedirs(path, exist_ok=True)
+    made.append(path)
+    if h.version == 1 and "cpuset" in h.options.split(","):
+        _inherit_cpuset(base, path)
+    if memory and _has_memory(h):
+        _write(path, "memory.limit_in_bytes" if h.version == 1 else "memory.max", str(memory))
+    _write(path, "cgroup.procs", str(pid))
 
 
 def _controllers(mount: str) -> list[str]:
