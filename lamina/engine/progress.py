@@ -43,6 +43,13 @@ class StepEvent:
     # then names none: `[2/2] RUN ...`), `linux/arm64` for its platform alone.
     label: str | None = None
 
+    def vertex_name(self) -> str:
+        """BuildKit's vertex name (dockerfile2llb prefixCommand): the stage (none in a one-stage
+        Dockerfile), the step right-aligned to the width of the total: `[build  3/12] RUN make`."""
+        stage = self.stage if self.label is None else self.label
+        width = len(str(self.total))
+        return f"[{stage}{' ' if stage else ''}{self.index:>{width}}/{self.total}] {self.instruction}"
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BuildSummary:
@@ -103,11 +110,7 @@ def context_line(files_done: int, files_total: int, bytes_done: int) -> str:
 
 
 def step_label(event: StepEvent) -> str:
-    """BuildKit's vertex name (dockerfile2llb prefixCommand): the stage (none in a one-stage
-    Dockerfile), the step right-aligned to the width of the total: `[build  3/12] RUN make`."""
-    stage = event.stage if event.label is None else event.label
-    width = len(str(event.total))
-    return f"[{stage}{' ' if stage else ''}{event.index:>{width}}/{event.total}] {event.instruction}"
+    return event.vertex_name()
 
 
 _label = step_label

@@ -53,7 +53,7 @@ class RawJsonProgress:
         now = _now()
         vertex: dict[str, object] = {
             "digest": digest,
-            "name": _step_label(event),
+            "name": event.vertex_name(),
         }
         status = event.status.value
         if status == "running":
@@ -97,9 +97,3 @@ class RawJsonProgress:
 
     def finish(self, summary: Any) -> None:
         pass
-
-
-def _step_label(event: Any) -> str:
-    from lamina.engine.progress import step_label
-
-    return step_label(event)
