@@ -98,3 +98,18 @@ def test_cache_mount_namespace_build_arg_keeps_caches_apart(cache: Path, tmp_pat
     assert count("none", None) == 1
     assert count("b", "b") == 1
     assert count("a2", "a") == 2
+
+
+def test_no_cache_leaves_no_files_behind_and_keeps_the_lock(cache: Path, tmp_path: Path) -> None:
+    # mode= makes a ref'd directory (ID-REF) with its lock file ID-REF.lock beside it.
+    ctx = write_context(
+        tmp_path / "ctx", f"FROM {BASE}\n" + COUNT.format(id="c", opts=",mode=0700", out="one")
+    )
+    rootfs(cache, ctx, tmp_path / "a")
+    mounts = cache / "cachemounts"
+    locks = sorted(p.name for p in mounts.glob("*.lock"))
+    for run in ("b", "c"):
+        rootfs(cache, ctx, tmp_path / run, no_cache=True)
+        assert _lines(tmp_path / run, "one") == 1
+    assert not list(mounts.glob(".pruned-*")), "a pruned cache is removed, not left under another name"
+    assert sorted(p.name for p in mounts.glob("*.lock")) == locks, "the lock a concurrent build holds stays"

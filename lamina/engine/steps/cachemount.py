@@ -60,9 +60,9 @@ def namespace(build_args: Mapping[str, str]) -> str:
 
 def prune(root: Path, name: str) -> None:
     """Drop the cache directories of one id (every ref's): renamed away first, so a new one of
-    the same name can be made at once."""
+    the same name can be made at once. Their lock files stay: a build sharing the cache may hold one."""
     for path in [root / name, *root.glob(f"{name}-*")]:
-        if not path.exists():
+        if path.name.endswith(".lock") or not path.exists():
             continue
         gone = root / f".pruned-{uuid.uuid4().hex}"
         try:
