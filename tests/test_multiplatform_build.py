@@ -9,6 +9,7 @@ back from the written OCI archive, and the index goes through skopeo and the tes
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import platform
@@ -337,3 +338,18 @@ def test_an_unchanged_multi_platform_build_is_replayed_to_the_same_index(
     digest = rebuilt.image_digest
     assert f"built image {digest} (index {digest}) in " in done.stderr
     assert "FROM lamina-test/busybox-multi:1.35  CACHED" in done.stderr, done.stderr  # the memo's
+
+
+def test_each_platforms_run_output_is_under_its_own_step(multi_cache: Path, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nRUN uname -m\n")
+    args = ("build", "--platform", ",".join(PLATFORMS), "--progress", "rawjson", str(ctx))
+    events = [json.loads(line) for line in run_cli(*args, cache=multi_cache).stderr.splitlines() if line]
+    names = {v["digest"]: v["name"] for e in events for v in e.get("vertexes", ())}
+    logs = {
+        (names.get(log["vertex"]), base64.b64decode(log["data"])) for e in events for log in e.get("logs", ())
+    }
+    # Each machine's output belongs to that platform's RUN vertex (BuildKit: one vertex per platform).
+    assert logs == {
+        ("[linux/amd64 2/2] RUN uname -m", b"x86_64\n"),
+        ("[linux/arm64 2/2] RUN uname -m", b"aarch64\n"),
+    }

@@ -259,7 +259,7 @@ def _sandbox_run(
             isolation=executor.options.isolation,
             platform=_platform(state),
         )
-        with captured_output(lambda line: executor.sink.log(state.name, index, line)) as (fd, tail):
+        with captured_output(lambda line: executor.sink.log(state.shown, index, line)) as (fd, tail):
             spec = _with_output(spec, fd)
             code = run(spec, on_warning=executor.warn_once)
         if code != 0:
