@@ -363,3 +363,22 @@ def test_an_xattr_added_to_a_file_known_plain_is_keyed(
     with StatCache(tmp_path / "cache") as cache:
         assert key(cache) != first
     assert any(path.endswith("util.py") for path in listed)
+
+
+def test_bulk_pauses_cycle_collection_and_always_resumes_it() -> None:
+    """A big selection is built without cycle collection, which resumes after, also when
+    the build fails inside, and only once the last of nested (or concurrent) uses ends."""
+    import gc
+
+    from lamina.engine.context import bulk
+
+    assert gc.isenabled()
+    with bulk():
+        assert not gc.isenabled()
+        with bulk():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ContextError), bulk():
+        raise ContextError("a failed COPY")
+    assert gc.isenabled()

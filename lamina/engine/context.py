@@ -15,10 +15,13 @@ Paths inside a tree are relative, `/`-separated, clean, with "" for the root.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import os
 import stat
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,11 +30,11 @@ from lamina.engine import statpass
 from lamina.engine.buildfiles import dockerfile_ignore_file
 from lamina.engine.dockerfile.ignore import DockerIgnore, IgnoreMatch, read_ignore_file
 from lamina.errors import ContextError
-from lamina.oci import xattrs
+from lamina.oci import opened, xattrs
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType, type_of_mode
 
-__all__ = ["SourceTree", "TreeEntry", "entry_record", "open_build_context", "open_rootfs"]
+__all__ = ["SourceTree", "TreeEntry", "bulk", "entry_record", "open_build_context", "open_rootfs"]
 
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS
 # lamina's limits on one walk (BuildKit has none), so that a runaway context (a build
@@ -44,6 +47,36 @@ _EMPTY_DIGEST = hashlib.sha256(b"").digest()
 # Modes and owners as shared int objects: few distinct values in a tree (at most
 # one per entry, so no worse than not sharing them).
 _SAME: dict[int, int] = {}
+_bulk_lock = threading.Lock()
+_bulk_depth = 0
+_bulk_restore = False
+
+
+@contextlib.contextmanager
+def bulk() -> Iterator[None]:
+    """No cycle collection while a big selection is built or written.
+
+    Each full collection visits every live object, and making a million
+    entries triggers many of them (a quarter of the CPU of a 100,000-file
+    rebuild, more at 1,000,000). Entries, items and digests form no cycles:
+    reference counting frees them, and collection resumes after (nested and
+    concurrent uses keep it off until the last one ends).
+    """
+    global _bulk_depth, _bulk_restore
+    with _bulk_lock:
+        if _bulk_depth == 0:
+            _bulk_restore = gc.isenabled()
+            gc.disable()
+        _bulk_depth += 1
+    try:
+        yield
+    finally:
+        with _bulk_lock:
+            _bulk_depth -= 1
+            if _bulk_depth == 0 and _bulk_restore:
+                gc.enable()
+
+
 _same = _SAME.setdefault
 
 
@@ -157,7 +190,7 @@ class SourceTree:
     def entry(self, rel: str) -> TreeEntry | None:
         """The entry at `rel` (not following a final symlink), or None if missing or ignored."""
         try:
-            st = os.lstat(self.abspath(rel))
+            st = opened.true_stat(os.lstat(self.abspath(rel)))  # a rootless stage tree's shut dirs
         except (FileNotFoundError, NotADirectoryError):
             return None
         entry = self._entry(rel, st)
@@ -415,7 +448,9 @@ class _Walk:
                 return seen
         try:
             with os.scandir(tree.abspath(rel)) as it:
-                return [(e.name, e.stat(follow_symlinks=False)) for e in sorted(it, key=_name)]
+                return [
+                    (e.name, opened.true_stat(e.stat(follow_symlinks=False))) for e in sorted(it, key=_name)
+                ]
         except OSError as err:
             raise ContextError(f"{rel or '.'}: cannot read directory: {err.strerror}") from None
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.engine.cachekey import copy_files_key, copy_from_key, make_inputs
-from lamina.engine.context import open_rootfs
+from lamina.engine.context import bulk, open_rootfs
 from lamina.engine.dockerfile.instructions import AddInstruction
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.base import source_stage, stage_index
@@ -307,16 +307,17 @@ def _write_files(
             tree, selection, upper, copy.dest, copy.owner, copy.image, copy.local, late
         )
     written = prior.written if prior is not None else None
-    write_selection(
-        tree,
-        selection,
-        upper,
-        copy.image,
-        late_owners=late,
-        prior=prior.load() if prior is not None else None,
-        written=written,
-        stop=executor.stop,
-    )
+    with bulk():
+        write_selection(
+            tree,
+            selection,
+            upper,
+            copy.image,
+            late_owners=late,
+            prior=prior.load() if prior is not None else None,
+            written=written,
+            stop=executor.stop,
+        )
     if os.geteuid() != 0 and copy.owner is not None:
         _rootless_owners(upper, selection, copy.owner, copy.image)
     elif os.geteuid() != 0 and copy.from_:
@@ -443,8 +444,9 @@ def _select(
     """
     if not from_:
         tree = executor.context()
-        selection = select_sources(tree, sources, dest, options, image)
-        digest = str(selection_key(tree, selection))
+        with bulk():
+            selection = select_sources(tree, sources, dest, options, image)
+            digest = str(selection_key(tree, selection))
         return (lambda: (tree, selection)), digest
     outcome = source_stage(executor, from_, instruction.location)
     # The selection also depends on what the destination stage holds: its key says. The
