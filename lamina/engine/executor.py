@@ -35,6 +35,7 @@ SOURCE_DATE_EPOCH replaces all of them and clamps new layers' mtimes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 import time
@@ -85,6 +86,7 @@ class Executor:
         self._outcomes: dict[object, StageOutcome] = {}  # by plan.identity: shared across platforms
         self._rootfs: dict[tuple[str, tuple[str, ...]], Path] = {}  # (stage key, paths) -> tree
         self._rootfs_lock = threading.Lock()
+        self._opened = contextlib.ExitStack()  # rootless: the trees' shut dirs, opened until cleanup
         # Rootless: stage-view root -> {path: host owner} the view copy could not keep.
         self.lost_owners: dict[Path, dict[str, tuple[int, int]]] = {}
         self._context: SourceTree | None = None
@@ -183,6 +185,9 @@ class Executor:
 
             dest = Path(self._tmpdir("rootfs-")) / "root"
             lost = materialize(LayerView(outcome.layer_dirs), list(wanted), dest)
+            from lamina.oci.opened import opened
+
+            self._opened.enter_context(opened([dest]))  # COPY --from reads it (true modes: true_stat)
             self._rootfs[(outcome.key, wanted)] = dest
             self.lost_owners[dest] = lost
             return dest
@@ -201,6 +206,7 @@ class Executor:
 
         for path in self._rootfs.values():
             shutil.rmtree(path.parent, ignore_errors=True)
+        self._opened.close()
         for path in self.temp_files:
             path.unlink(missing_ok=True)
         if self._stat_cache is not None:

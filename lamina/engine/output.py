@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 from lamina.cache.images import CommittedImage
 from lamina.engine.outputspec import OutputSpec, OutputType, check_dest
 from lamina.errors import BuildError, DiskFull, OutputError, is_disk_full
-from lamina.oci import filecopy, recorded, xattrs
+from lamina.oci import filecopy, opened, recorded, xattrs
 from lamina.oci.digest import Digest
 from lamina.oci.layout import shown_path
 from lamina.oci.overlay import is_opaque, is_whiteout
@@ -149,35 +149,42 @@ def merge_layers(
     contents, so a read-only directory can still be filled.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    for layer in layer_dirs:
-        links: dict[tuple[int, int], Path] = {}
-        dir_stats: list[tuple[Path, os.stat_result]] = []
-        for root, dirs, files in os.walk(layer):
-            rel = Path(root).relative_to(layer)
-            dirs.sort()
-            for name in sorted(files) + [d for d in dirs if Path(root, d).is_symlink()]:
-                src = Path(root, name)
-                st = src.lstat()
-                target = dest / rel / name
-                if is_whiteout(st):
-                    _remove(target)
-                else:
-                    _copy_entry(src, target, st, links, record, missed, owners)
-            for name in list(dirs):
-                src = Path(root, name)
-                if src.is_symlink():
-                    dirs.remove(name)
-                    continue
-                st = src.lstat()
-                target = dest / rel / name
-                if is_opaque(src):
-                    _remove(target)
+    with opened.opened(layer_dirs):  # rootless: dirs shut to their owner (COPY --chmod=0644 dir)
+        for layer in layer_dirs:
+            _merge_layer(layer, dest, record, missed, owners)
+
+
+def _merge_layer(
+    layer: Path, dest: Path, record: bool, missed: NotKept | None, owners: ContainerOwners | None
+) -> None:
+    links: dict[tuple[int, int], Path] = {}
+    dir_stats: list[tuple[Path, os.stat_result]] = []
+    for root, dirs, files in os.walk(layer):
+        rel = Path(root).relative_to(layer)
+        dirs.sort()
+        for name in sorted(files) + [d for d in dirs if Path(root, d).is_symlink()]:
+            src = Path(root, name)
+            st = opened.true_stat(src.lstat())  # the mode without merge_layers' grant
+            target = dest / rel / name
+            if is_whiteout(st):
+                _remove(target)
+            else:
                 _copy_entry(src, target, st, links, record, missed, owners)
-                os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))
-                dir_stats.append((target, st))
-        for target, st in reversed(dir_stats):
-            os.chmod(target, stat.S_IMODE(st.st_mode))
-            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        for name in list(dirs):
+            src = Path(root, name)
+            if src.is_symlink():
+                dirs.remove(name)
+                continue
+            st = opened.true_stat(src.lstat())  # the mode without merge_layers' grant
+            target = dest / rel / name
+            if is_opaque(src):
+                _remove(target)
+            _copy_entry(src, target, st, links, record, missed, owners)
+            os.chmod(target, 0o700 | stat.S_IMODE(st.st_mode))
+            dir_stats.append((target, st))
+    for target, st in reversed(dir_stats):
+        os.chmod(target, stat.S_IMODE(st.st_mode))
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 class ContainerOwners:
@@ -229,7 +236,8 @@ def write_rootfs(layer_dirs: Sequence[Path], dest: Path, epoch: int | None = Non
         )
         warnings = _merge_keeping(layer_dirs, tmp, what)
         if epoch is not None:
-            _set_times(tmp, epoch)
+            with opened.opened([tmp]):  # rootless: the tree's dirs shut to their owner reached too
+                _set_times(tmp, epoch)
         if existed:
             _move_entries(tmp, dest)
             os.rmdir(tmp)

@@ -85,8 +85,11 @@ def write_upper(
 
     ids = ids or detect_ids()
     if ids.mode is not IdMode.SUBORDINATE:
-        entries = capture(upper_dir, ids, lowers)
-        return layer.write_layer(entries, out, compression, source_date_epoch=source_date_epoch)
+        from lamina.oci.opened import opened
+
+        with opened([upper_dir]):  # its dirs shut to their owner (COPY --chmod=0644 dir) read too
+            entries = capture(upper_dir, ids, lowers)
+            return layer.write_layer(entries, out, compression, source_date_epoch=source_date_epoch)
     from lamina.engine.sandbox.runner import write_layer_inside
     from lamina.oci.digest import Digest
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina.errors import LayerError
-from lamina.oci import xattrs
+from lamina.oci import opened, xattrs
 from lamina.oci.entry import EntryType, LayerEntry, type_of_mode
 from lamina.oci.overlay import OPAQUE_MARKER, WHITEOUT_PREFIX, is_opaque, is_whiteout
 
@@ -96,7 +96,7 @@ def _children(host_dir: str, overlay: bool) -> list[_Child]:
     children: list[_Child] = []
     with os.scandir(host_dir) as it:
         for dirent in it:
-            st = dirent.stat(follow_symlinks=False)
+            st = opened.true_stat(dirent.stat(follow_symlinks=False))  # without a rootless read's grant
             # Before hard links: overlayfs links all its whiteouts to one inode.
             if overlay and is_whiteout(st):
                 children.append((WHITEOUT_PREFIX + dirent.name, None))

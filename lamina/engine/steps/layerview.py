@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lamina.errors import UnsafePath
+from lamina.oci import opened
 from lamina.oci.overlay import is_opaque, is_whiteout
 from lamina.oci.safepath import follow_links
 
@@ -40,7 +41,7 @@ class LayerView:
                 continue
             if is_whiteout(st):
                 return None
-            return candidate, st
+            return candidate, opened.true_stat(st)  # the mode without materialize's grant
         return None
 
     def _hidden_below(self, layer: Path, parts: list[str]) -> bool:
@@ -242,6 +243,11 @@ def materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tupl
     the (host) owners the copy could not keep, by path under `dest`
     (unprivileged runs only).
     """
+    with opened.opened(view.layers):  # rootless: dirs shut to their owner (COPY --chmod=0644 dir)
+        return _materialize(view, paths, dest)
+
+
+def _materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tuple[int, int]]:
     lost: dict[str, tuple[int, int]] = {}
     dest.mkdir(parents=True, exist_ok=True)
     dirs: list[tuple[Path, os.stat_result, Path]] = []
