@@ -676,10 +676,10 @@ def _source_date_epoch(args: dict[str, str], env: Mapping[str, str]) -> int | No
     text = args.get("SOURCE_DATE_EPOCH") or env.get("SOURCE_DATE_EPOCH")
     if not text:
         return None
+    args.setdefault("SOURCE_DATE_EPOCH", text)  # an `ARG SOURCE_DATE_EPOCH` sees it, as with buildx
     try:
         return int(text)
     except ValueError:
-        args.setdefault("SOURCE_DATE_EPOCH", text)
         return None
 
 

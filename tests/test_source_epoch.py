@@ -15,7 +15,7 @@ import pytest
 
 from lamina.engine.sourcetimes import http_date, newest_file_time
 from lamina.errors import LaminaError
-from tests.support.build import build, write_context
+from tests.support.build import BASE, build, write_context
 
 
 def _tar(members: dict[str, int], links: dict[str, int] | None = None) -> bytes:
@@ -179,3 +179,20 @@ def test_local_and_tar_outputs_time_every_file_by_the_epoch(cache: Path, tmp_pat
     assert {int(p.lstat().st_mtime) for p in [local, *local.rglob("*")]} == {1700000000}
     with tarfile.open(archive) as tar:
         assert {m.mtime for m in tar.getmembers()} == {1700000000}
+
+
+@pytest.mark.sandbox
+def test_the_environments_epoch_is_the_build_arg_a_stage_declares(cache: Path, tmp_path: Path) -> None:
+    # buildx: $SOURCE_DATE_EPOCH becomes the build arg unless --build-arg gives one.
+    from lamina import api
+
+    ctx = write_context(
+        tmp_path / "ctx", f"FROM {BASE}\nARG SOURCE_DATE_EPOCH\nRUN echo $SOURCE_DATE_EPOCH > /e\n"
+    )
+    for args, wanted in (({}, "1000\n"), ({"SOURCE_DATE_EPOCH": "2000"}, "2000\n")):
+        out = tmp_path / f"out{len(args)}"
+        api.build(
+            ctx, cache_dir=cache, build_args=args, outputs=[f"type=local,dest={out}"],
+            environ={"SOURCE_DATE_EPOCH": "1000"},
+        )  # fmt: skip
+        assert (out / "e").read_text() == wanted
