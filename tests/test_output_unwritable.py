@@ -90,3 +90,19 @@ def test_unwritable_local_cache_names_the_blob(top: Path) -> None:
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr
     assert f"{dest}/blobs/sha256/" in errors[0] and errors[0].endswith(": Permission denied"), proc.stderr
     assert ".tmp" not in proc.stderr, proc.stderr
+
+
+def test_a_cache_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text("FROM scratch\n")
+    env = {**os.environ, "LAMINA_CACHE": str(tmp_path / "file" / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "lamina", "build", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode != 0
+    (line,) = done.stderr.splitlines()  # one line, never a traceback
+    assert line.startswith(f"error: open store {tmp_path}/file/cache: ") and "Not a directory" in line

@@ -428,7 +428,6 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
     from lamina.engine.sourceepoch import resolved
 
     options = resolved(options, data)  # SOURCE_DATE_EPOCH=context, =<stage>, =<named context>
-    options.cache_root.mkdir(parents=True, exist_ok=True)
     with Store(options.cache_root) as store:
         from lamina.engine.buildchecks import for_build
 
