@@ -77,3 +77,21 @@ def test_grant_lasts_until_the_last_reader_is_done(tmp_path: Path) -> None:
         os.listdir(shut)
     os.chmod(shut, 0o755)
     os.chmod(shut / "inner", 0o755)
+
+
+def test_a_root_below_a_shut_directory_is_reached_and_links_are_not_followed(tmp_path: Path) -> None:
+    _as_user()
+    shut = _shut_tree(tmp_path / "layer")
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o100)  # the user's, shut: a link to it must not open it
+    os.chmod(shut, 0o755)
+    os.symlink(outside, shut / "link")
+    os.chmod(shut, 0o124)
+    with opened([shut / "inner" / "f"], base=tmp_path / "layer"):
+        assert (shut / "inner" / "f").read_text() == "data"
+    with opened([shut / "link" / "x"], base=tmp_path / "layer"), opened([shut]):
+        assert stat.S_IMODE(os.lstat(outside).st_mode) == 0o100
+    assert stat.S_IMODE(os.lstat(tmp_path / "layer" / "shut").st_mode) == 0o124
+    os.chmod(shut, 0o755)
+    os.chmod(shut / "inner", 0o755)
+    outside.chmod(0o755)

@@ -31,16 +31,17 @@ _EXTRA += ("st_blksize", "st_blocks", "st_rdev")
 
 
 @contextlib.contextmanager
-def opened(roots: Sequence[Path | str]) -> Iterator[None]:
+def opened(roots: Sequence[Path | str], base: Path | str | None = None) -> Iterator[None]:
     """While inside, every directory under `roots` this process owns can be listed and searched,
-    and every regular file it owns read."""
+    and every regular file it owns read; with `base`, the directories from `base` down to each
+    root too (so a root below a shut directory is reached)."""
     if os.geteuid() == 0:  # root reads them as they are
         yield
         return
     held: list[tuple[str, tuple[int, int]]] = []
     try:
         for root in roots:
-            _open_tree(os.fspath(root), held)
+            _open_tree(os.fspath(root), held, None if base is None else os.fspath(base))
         yield
     finally:
         _release(held)
@@ -59,37 +60,63 @@ def true_stat(st: os.stat_result) -> os.stat_result:
     return os.stat_result(fields, {name: getattr(st, name) for name in _EXTRA})
 
 
-def _open_tree(root: str, held: list[tuple[str, tuple[int, int]]]) -> None:
-    """Grant u+rx to `root` and the directories below it that need it (top-down, so each is
-    reachable), u+r to the regular files."""
+def _open_tree(root: str, held: list[tuple[str, tuple[int, int]]], base: str | None) -> None:
+    """Grant u+rx to `root`, the directories below it (top-down, so each is reachable) and
+    those from `base` down to it; u+r to the regular files below it."""
     uid = os.geteuid()
-    pending = [root]
-    while pending:
-        path = pending.pop()
-        with _LOCK:  # the mode read and changed under the lock: a release cannot come between
+    above = [] if base is None else _between(base, root)
+    with _LOCK:  # modes read and changed under the lock: no release comes between
+        for path in [*above, root]:
             try:
                 st = os.lstat(path)
-            except (FileNotFoundError, PermissionError):  # gone, or under another id's shut dir
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                return
+            if path is not root and not stat.S_ISDIR(st.st_mode):
+                return  # a file, or a symlink the host would follow out of the tree
+            _grant(path, st, uid, held)
+    pending = [root] if stat.S_ISDIR(st.st_mode) else []
+    while pending:
+        path = pending.pop()
+        with _LOCK:  # one directory's entries at a time
+            try:
+                with os.scandir(path) as entries:
+                    for entry in entries:
+                        if entry.is_symlink():  # never followed
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                        _grant(entry.path, st, uid, held)
+                        if stat.S_ISDIR(st.st_mode):
+                            pending.append(entry.path)
+            except (FileNotFoundError, PermissionError):  # gone, or another id's, shut
                 continue
-            needed = _NEEDED if stat.S_ISDIR(st.st_mode) else stat.S_IRUSR
-            if not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
-                continue
-            key = (st.st_dev, st.st_ino)
-            entry = _GRANTED.get(key)
-            if entry is not None:
-                entry[1] += 1
-                held.append((path, key))
-            elif st.st_mode & needed != needed and st.st_uid == uid:
-                os.chmod(path, stat.S_IMODE(st.st_mode) | needed)
-                _GRANTED[key] = [st.st_mode, 1]
-                held.append((path, key))
-        if not stat.S_ISDIR(st.st_mode):
-            continue
-        try:
-            with os.scandir(path) as entries:  # symlinks are never followed
-                pending.extend(e.path for e in entries if not e.is_symlink())
-        except PermissionError:  # another id's, shut: reading it fails where it is read
-            continue
+
+
+def _between(base: str, root: str) -> list[str]:
+    """The directories from `base` (included) down to `root`'s parent."""
+    rel = os.path.relpath(root, base)
+    if rel == "." or rel.startswith(".."):
+        return []
+    parts = rel.split(os.sep)[:-1]
+    return [os.path.join(base, *parts[:i]) for i in range(len(parts) + 1)]
+
+
+def _grant(path: str, st: os.stat_result, uid: int, held: list[tuple[str, tuple[int, int]]]) -> None:
+    """Join the grant `path` has, or make one if it lacks what a reader needs (with _LOCK held)."""
+    if stat.S_ISDIR(st.st_mode):
+        needed = _NEEDED
+    elif stat.S_ISREG(st.st_mode):
+        needed = stat.S_IRUSR
+    else:
+        return
+    key = (st.st_dev, st.st_ino)
+    entry = _GRANTED.get(key)
+    if entry is not None:
+        entry[1] += 1
+        held.append((path, key))
+    elif st.st_mode & needed != needed and st.st_uid == uid:
+        os.chmod(path, stat.S_IMODE(st.st_mode) | needed)
+        _GRANTED[key] = [st.st_mode, 1]
+        held.append((path, key))
 
 
 def _release(held: list[tuple[str, tuple[int, int]]]) -> None:

@@ -10,6 +10,7 @@ out of it), which is what WORKDIR, `--chown` name lookups and USER need.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import stat
@@ -243,11 +244,13 @@ def materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tupl
     the (host) owners the copy could not keep, by path under `dest`
     (unprivileged runs only).
     """
-    with opened.opened(view.layers):  # rootless: dirs shut to their owner (COPY --chmod=0644 dir)
-        return _materialize(view, paths, dest)
+    with contextlib.ExitStack() as grants:  # rootless: what is shut to its owner (opened)
+        return _materialize(view, paths, dest, grants)
 
 
-def _materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tuple[int, int]]:
+def _materialize(
+    view: LayerView, paths: list[str], dest: Path, grants: contextlib.ExitStack
+) -> dict[str, tuple[int, int]]:
     lost: dict[str, tuple[int, int]] = {}
     dest.mkdir(parents=True, exist_ok=True)
     dirs: list[tuple[Path, os.stat_result, Path]] = []
@@ -259,6 +262,8 @@ def _materialize(view: LayerView, paths: list[str], dest: Path) -> dict[str, tup
         if path in seen:
             continue
         seen.add(path)
+        for layer in view.layers:  # the path's subtree and the directories down to it
+            grants.enter_context(opened.opened([layer / path], base=layer))
         # Walk the components; a symlink is recreated and its target queued.
         parts = [p for p in path.split("/") if p]
         done: list[str] = []
