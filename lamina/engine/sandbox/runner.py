@@ -483,6 +483,11 @@ def _start_helper(
             stdin=spec.stdin if spec else subprocess.DEVNULL,
             stdout=spec.stdout if spec else (subprocess.PIPE if sink else subprocess.DEVNULL),
             stderr=spec.stderr if spec else None,
+            # A step that reads no terminal runs in a process group of its own: Ctrl-C reaches
+            # lamina alone, which stops the sandbox and says "interrupted" (in lamina's group
+            # the step could die of the SIGINT first and be reported as a failed step). An
+            # interactive `lamina run -it` stays in the terminal's foreground group.
+            process_group=None if _reads_terminal(spec) else 0,
         )
     except OSError as err:
         for fd in (request_r, request_w, report_r, report_w):
@@ -491,6 +496,19 @@ def _start_helper(
     os.close(request_r)
     os.close(report_w)
     return proc, request_w, report_r
+
+
+def _reads_terminal(spec: SandboxSpec | None) -> bool:
+    stdin = spec.stdin if spec else subprocess.DEVNULL
+    if stdin is None:
+        stdin = 0
+    if isinstance(stdin, int) and stdin >= 0:
+        return os.isatty(stdin)
+    fileno = getattr(stdin, "fileno", None)
+    try:
+        return fileno is not None and os.isatty(fileno())
+    except (OSError, ValueError):
+        return False
 
 
 def _outcome(messages: str, started: bool, code: int, results: list[str] | None) -> tuple[int, list[str]]:
