@@ -353,3 +353,18 @@ def test_each_platforms_run_output_is_under_its_own_step(multi_cache: Path, tmp_
         ("[linux/amd64 2/2] RUN uname -m", b"x86_64\n"),
         ("[linux/arm64 2/2] RUN uname -m", b"aarch64\n"),
     }
+
+
+def test_a_failure_of_one_platform_ends_the_build_while_the_other_has_stages_queued(
+    multi_cache: Path, tmp_path: Path
+) -> None:
+    # --jobs 1: when the arm64 RUN fails, amd64's stages wait in the shared pool, dropped; the
+    # build must end with the failure, not wait forever for them.
+    text = f'FROM {BASE} AS a\nARG TARGETARCH\nRUN [ "$TARGETARCH" != arm64 ]\n'
+    text += "".join(f"FROM {BASE} AS {name}\nRUN sleep 1\n" for name in "bcd")
+    text += "FROM scratch\n" + "".join(f"COPY --from={name} /bin/busybox /{name}\n" for name in "abcd")
+    ctx = write_context(tmp_path / "ctx", text)
+    args = ("build", "--no-cache", "--jobs", "1", "--platform", "linux/arm64,linux/amd64", str(ctx))
+    done = run_cli(*args, cache=multi_cache, check=False, timeout=90)
+    assert done.returncode == 1
+    assert "stage a (linux/arm64): process" in done.stderr.splitlines()[-2], done.stderr

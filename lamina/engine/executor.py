@@ -39,7 +39,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -232,12 +232,10 @@ class Executor:
     def build_target(self, pool: Any) -> StageOutcome:
         """Run the plan's waves on `pool` (shared by every target platform, so --jobs bounds
         them all) and return the target stage's outcome."""
-        import concurrent.futures
-
         for wave in self.plan.waves:
             futures = {pool.submit(self.outcome, i): i for i in wave}
             failure: BaseException | None = None
-            for future in concurrent.futures.as_completed(futures):
+            for future in _completed(futures):
                 try:
                     future.result()
                 except BaseException as err:
@@ -516,3 +514,17 @@ def _dockerfile_epoch(plan: Any) -> int | None:
     if text.isdigit():
         return int(text)
     raise PlanError(f"invalid SOURCE_DATE_EPOCH: {text}")  # a source is a number by now (sourceepoch)
+
+
+def _completed(futures: Iterable[Any]) -> Iterator[Any]:
+    """concurrent.futures.as_completed, also yielding a future that another platform's failure
+    dropped (pool.shutdown(cancel_futures=True)): CPython tells no waiter of those, so
+    as_completed would wait for them forever."""
+    import concurrent.futures
+
+    pending = set(futures)
+    while pending:
+        done, pending = concurrent.futures.wait(pending, 0.5, concurrent.futures.FIRST_COMPLETED)
+        dropped = {future for future in pending if future.cancelled()}
+        pending -= dropped
+        yield from (*done, *dropped)
