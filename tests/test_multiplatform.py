@@ -356,6 +356,33 @@ def test_provenance_of_each_platform_is_attached_in_the_one_index(cache: Path, t
         assert [s["name"] for s in statement["subject"]] == [f"pkg:docker/att@1?platform=linux%2F{arch}"]
 
 
+def test_an_sbom_of_each_platform_is_attached_in_the_one_index(cache: Path, tmp_path: Path) -> None:
+    # BuildKit scans each platform's image with the generator: one SPDX statement per platform,
+    # in the attestation manifest right after that platform's image (was: refused after building).
+    scanner = "FROM " + BASE + "\nCOPY scan.sh /scan.sh\nCMD sh /scan.sh\n"
+    script = (
+        'set -e\ncat <<BUNDLE > "$BUILDKIT_SCAN_DESTINATION/spdx.json"\n'
+        '{"_type": "https://in-toto.io/Statement/v1", "predicateType": "https://spdx.dev/Document",'
+        ' "predicate": {"name": "$(cat $BUILDKIT_SCAN_SOURCE/arch)"}}\nBUNDLE\n'
+    )
+    build(cache, write_context(tmp_path / "scanner", scanner, {"scan.sh": script}), tags=["scanner:1"])
+    text = "FROM scratch\nARG TARGETARCH\nCOPY <<EOF /arch\n$TARGETARCH\nEOF\n"
+    ctx = write_context(tmp_path / "ctx", text)
+    out = tmp_path / "sbom.tar"
+    build(cache, ctx, platforms=["linux/amd64,linux/arm64"], sbom="generator=scanner:1",
+          outputs=[f"type=oci,dest={out}"])  # fmt: skip
+    top, blobs = _archive(out)
+    index = json.loads(blobs[top["manifests"][0]["digest"]])
+    for image, attestation in zip(index["manifests"][::2], index["manifests"][1::2], strict=True):
+        assert attestation["annotations"]["vnd.docker.reference.digest"] == image["digest"]
+        layers = json.loads(blobs[attestation["digest"]])["layers"]
+        statements = [json.loads(blobs[layer["digest"]]) for layer in layers]
+        names = [
+            s["predicate"]["name"] for s in statements if s["predicateType"] == "https://spdx.dev/Document"
+        ]
+        assert names == [image["platform"]["architecture"]]
+
+
 def test_an_os_version_reaches_targetplatform_and_targetosversion(cache: Path, tmp_path: Path) -> None:
     # testPlatformWithOSVersion (local part): TARGETPLATFORM is containerd's FormatAll
     text = "FROM scratch\nARG TARGETOSVERSION TARGETPLATFORM\nCOPY <<EOF /args\n"

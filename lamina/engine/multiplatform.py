@@ -238,7 +238,7 @@ def _commit_images(executors: Sequence[Executor], targets: Sequence[StageOutcome
             records = mine if len(executors) > 1 else list(first.records)
             config = dataclasses.replace(config, extra=(inline_field(executor, records, image.diff_ids),))
             image = make_image(store, config, target.layers, options.compression, first.epoch)
-        committed.append((platform, config, image, executor.statements(image, config)))
+        committed.append((platform, config, image, executor.statements(image, config, target)))
     return committed
 
 
