@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,16 @@ from lamina.cache.store import Store
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell starting the suite as a background job (`.ci/run &`, nohup) makes it ignore
+    # SIGINT and SIGQUIT, and every program it starts inherits that: lamina would then rightly
+    # not stop on the Ctrl-C the interrupt tests send. Give the suite's children the defaults.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture
