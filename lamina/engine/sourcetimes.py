@@ -8,12 +8,12 @@ sourceepoch (which plans the Dockerfile to find a stage's source) builds on it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from lamina.errors import BuildError, ContextError
 
 NAME = "SOURCE_DATE_EPOCH"
-_MAX_DOWNLOAD = 8 << 30  # an archive read for its newest file: more is refused, not spooled
+_MAX_DOWNLOAD = 8 << 30  # a context or an archive timed by its newest file: more is refused, not spooled
 
 
 def commit_time(repo: Path) -> int:
@@ -46,12 +46,7 @@ def http_epoch(url: str, checksum: str | None = None) -> int | None:
                 modified = response.headers.get("last-modified")
                 if modified:
                     return http_date(modified, url)
-                count = 0
-                for chunk in response.iter_bytes(1 << 20):
-                    count += len(chunk)
-                    if count > _MAX_DOWNLOAD:
-                        raise BuildError(f"{NAME}: {url}: more than {_MAX_DOWNLOAD >> 30} GiB")
-                    spool.write(chunk)
+                _copy_capped(response, spool, BuildError, f"{NAME}: {url}")
         except httpx.HTTPError as err:
             raise BuildError(f"{NAME}: {url}: {err}") from None
         if checksum:
@@ -116,9 +111,6 @@ def newest_file_time(stream: IO[bytes]) -> int | None:
         return None
 
 
-_MAX_HTTP_CONTEXT = 8 << 30  # a context tarball; more is refused rather than filling the disk
-
-
 def download(url: str, dest: Path) -> int | None:
     """Fetch `url` into `dest`; its Last-Modified time, if the server gives one."""
     import httpx
@@ -128,12 +120,17 @@ def download(url: str, dest: Path) -> int | None:
             if response.status_code != 200:
                 raise ContextError(f"build context {url}: HTTP {response.status_code}")
             modified = response.headers.get("last-modified")
-            count = 0
-            for chunk in response.iter_bytes(1 << 20):
-                count += len(chunk)
-                if count > _MAX_HTTP_CONTEXT:
-                    raise ContextError(f"build context {url}: more than {_MAX_HTTP_CONTEXT >> 30} GiB")
-                out.write(chunk)
+            _copy_capped(response, out, ContextError, f"build context {url}")
     except httpx.HTTPError as err:
         raise ContextError(f"build context {url}: {err}") from None
     return http_date(modified, url) if modified else None
+
+
+def _copy_capped(response: Any, out: IO[bytes], error: type[Exception], what: str) -> None:
+    """Copy an HTTP response's body to `out`; `error` naming `what` once it passes _MAX_DOWNLOAD."""
+    count = 0
+    for chunk in response.iter_bytes(1 << 20):
+        count += len(chunk)
+        if count > _MAX_DOWNLOAD:
+            raise error(f"{what}: more than {_MAX_DOWNLOAD >> 30} GiB")
+        out.write(chunk)
