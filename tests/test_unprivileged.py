@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.plainuser import PLAIN_USER as WITHOUT_RANGE
+from tests.support.plainuser import RANGED_USER as WITH_RANGE
+from tests.support.plainuser import set_range, user_scratch
 from tests.support.sandbox import ensure_user, system_tool
 
 PROJECT = Path(__file__).resolve().parent.parent
-WITH_RANGE = "lamina-sb-sub"
-WITHOUT_RANGE = "lamina-sb-nosub"
-RANGE_SIZE = 65536
 INNER_TIMEOUT = 2400  # seconds: each user runs every sandbox-marked file (about 6 min on an idle machine)
 
 
@@ -34,23 +34,6 @@ def _require_root_tools() -> None:
     for tool in ("runuser", "useradd", "newuidmap", "newgidmap"):
         if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
             pytest.skip(f"{tool} is not installed")
-
-
-def _set_range(name: str, wanted: bool) -> None:
-    """Give `name` one range in /etc/subuid and /etc/subgid (wanted) or none."""
-    for path in (Path("/etc/subuid"), Path("/etc/subgid")):
-        lines = path.read_text().splitlines() if path.exists() else []
-        mine = [line for line in lines if line.split(":")[0] == name]
-        others = [line for line in lines if line.split(":")[0] != name]
-        if wanted and mine:
-            continue
-        if wanted:
-            ends = [int(p[1]) + int(p[2]) for p in (line.split(":") for line in others) if len(p) == 3]
-            start = max([100000, *ends])
-            others.append(f"{name}:{start}:{RANGE_SIZE}")
-        elif not mine:
-            continue
-        path.write_text("".join(line + "\n" for line in others))
 
 
 @pytest.fixture(scope="module")
@@ -86,54 +69,63 @@ def _interpreter(user: str, project: Path) -> tuple[str, str]:
     return "/usr/bin/python3", f"{project}:{site_copy}"
 
 
-def _runtime_dir(user: str, parent: Path) -> str:
+def _user_dir(user: str, path: Path) -> str:
+    """`path`, made 0700 and the user's."""
     import pwd
 
-    path = parent / f"run-{user}"
-    path.mkdir(mode=0o700, exist_ok=True)
+    path.mkdir(mode=0o700)
     entry = pwd.getpwnam(user)
     os.chown(path, entry.pw_uid, entry.pw_gid)
     return str(path)
 
 
-def _run_as(user: str, project: Path) -> subprocess.CompletedProcess[str]:
-    python, pythonpath = _interpreter(user, project)
-    env = {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "PYTHONPATH": pythonpath,
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "HOME": str(project.parent),
-        "LANG": "C.UTF-8",
-        # A login session's own runtime dir: without one, skopeo and podman look in
-        # /run/containers/UID, which a root podman or buildah leaves closed (0700).
-        "XDG_RUNTIME_DIR": _runtime_dir(user, project.parent),
-    }
-    from tests.support.minbase import CACHED, ENV_VAR
-
-    if CACHED.is_file():  # the Debian root tests/test_build_apt.py made as root
-        env[ENV_VAR] = str(CACHED)
-    from tests.support import multiplatform
-
-    if multiplatform.why_no_arm64() is None:  # fetched as root (apt-get download), read by them
-        env[multiplatform.ENV_VAR] = str(multiplatform.arm64_busybox())
-        env[multiplatform.ARMHF_ENV_VAR] = str(multiplatform.foreign_busybox("armhf"))
-    # Only the files that have sandbox tests: a half-written unrelated test
-    # file must not stop the run at collection.
-    files = sorted(
+def _sandbox_files(project: Path) -> list[str]:
+    """The test files that have sandbox tests: a half-written unrelated test file must not
+    stop the run at collection."""
+    return sorted(
         str(p.relative_to(project))
         for p in (project / "tests").glob("test_*.py")
         if ("mark.sandbox" in p.read_text() or "mark.unprivileged" in p.read_text())
         and p.name != Path(__file__).name
     )
-    args = [python, "-m", "pytest", "-m", "sandbox or unprivileged", "-q", "-p", "no:cacheprovider", *files]
-    return subprocess.run(
-        [system_tool("runuser"), "-u", user, "--", *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=INNER_TIMEOUT,
-    )
+
+
+def _pytest_as(user: str, project: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`pytest ARGS` as `user` in the project copy. Its TMPDIR, --basetemp and runtime dir
+    live in a scratch directory root removes after: what the run leaves there, owned by
+    the user's subordinate ids too, never piles up in /tmp/pytest-of-USER."""
+    python, pythonpath = _interpreter(user, project)
+    with user_scratch(user, f"lamina-pytest-{user}-") as scratch:
+        tmp = scratch / "tmp"
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PYTHONPATH": pythonpath,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": str(project.parent),
+            "LANG": "C.UTF-8",
+            "TMPDIR": str(tmp),
+            # A login session's own runtime dir: without one, skopeo and podman look in
+            # /run/containers/UID, which a root podman or buildah leaves closed (0700).
+            "XDG_RUNTIME_DIR": _user_dir(user, tmp / "run"),
+        }
+        from tests.support.minbase import CACHED, ENV_VAR
+
+        if CACHED.is_file():  # the Debian root tests/test_build_apt.py made as root
+            env[ENV_VAR] = str(CACHED)
+        from tests.support import multiplatform
+
+        if multiplatform.why_no_arm64() is None:  # fetched as root (apt-get download), read by them
+            env[multiplatform.ENV_VAR] = str(multiplatform.arm64_busybox())
+            env[multiplatform.ARMHF_ENV_VAR] = str(multiplatform.foreign_busybox("armhf"))
+        command = [python, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={tmp / 'pytest'}", *args]
+        return subprocess.run(
+            [system_tool("runuser"), "-u", user, "--", *command],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def _passed(output: str) -> int:
@@ -165,8 +157,10 @@ def test_sandbox_suite_as_unprivileged_user(
     project_copy: Path, user: str, has_range: bool, open_tun: None
 ) -> None:
     ensure_user(user)
-    _set_range(user, has_range)
-    done = _run_as(user, project_copy)
+    set_range(user, has_range)
+    files = _sandbox_files(project_copy)
+    args = ("-m", "sandbox or unprivileged", "-q", *files)
+    done = _pytest_as(user, project_copy, *args, timeout=INNER_TIMEOUT)
     output = done.stdout + done.stderr
     tail = "\n".join(output.splitlines()[-40:])
     assert done.returncode == 0, f"pytest -m sandbox as {user} failed:\n{tail}"
@@ -176,9 +170,9 @@ def test_sandbox_suite_as_unprivileged_user(
 
 def test_id_map_detection_matches_the_user(project_copy: Path) -> None:
     ensure_user(WITH_RANGE)
-    _set_range(WITH_RANGE, True)
+    set_range(WITH_RANGE, True)
     ensure_user(WITHOUT_RANGE)
-    _set_range(WITHOUT_RANGE, False)
+    set_range(WITHOUT_RANGE, False)
     code = (
         "from lamina.engine.sandbox import detect_ids; i = detect_ids(); print(i.mode.value, bool(i.warning))"
     )
@@ -195,3 +189,39 @@ def test_id_map_detection_matches_the_user(project_copy: Path) -> None:
         assert done.returncode == 0, done.stderr
         seen[user] = done.stdout.split()
     assert seen == {WITH_RANGE: ["subordinate", "False"], WITHOUT_RANGE: ["single", "True"]}
+
+
+LEAVES_A_TREE = """
+import os
+import tempfile
+from pathlib import Path
+
+from lamina.engine.sandbox.runner import set_owners
+
+
+def test_leaves_trees_of_a_subordinate_id(tmp_path):
+    print("TMPDIR=" + os.environ["TMPDIR"])
+    for where in (tmp_path, Path(tempfile.mkdtemp())):
+        (where / "d").mkdir()
+        (where / "d" / "f").write_text("x")
+        set_owners([(where / "d" / "f", 1000, 1000), (where / "d", 1000, 1000)])
+        assert (where / "d").stat().st_uid != os.getuid()  # the user cannot remove d/f now
+"""
+
+
+def test_a_run_as_a_user_with_subordinate_ids_leaves_nothing_behind(project_copy: Path) -> None:
+    """Trees a user's subordinate ids own (a rootless build's layers) can be removed by neither
+    that user nor its pytest: they filled the disk from /tmp/pytest-of-USER run after run."""
+    ensure_user(WITH_RANGE)
+    set_range(WITH_RANGE, True)
+    test_file = project_copy.parent / "leaves" / "test_leaves.py"
+    test_file.parent.mkdir(mode=0o755, exist_ok=True)
+    test_file.write_text(LEAVES_A_TREE)
+    test_file.chmod(0o644)
+    shared = Path("/tmp") / f"pytest-of-{WITH_RANGE}"  # where its pytest puts them by default
+    before = sorted(shared.iterdir()) if shared.exists() else []
+    done = _pytest_as(WITH_RANGE, project_copy, "-q", "-s", str(test_file), timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
+    tmpdir = Path(re.search(r"TMPDIR=(\S+)", done.stdout).group(1))  # type: ignore[union-attr]
+    assert not tmpdir.parent.exists()  # its scratch: TMPDIR, --basetemp and all in them
+    assert (sorted(shared.iterdir()) if shared.exists() else []) == before

@@ -13,6 +13,11 @@
         ...write files under user.base...
         user.give()                          # chown it all to the user
         done = user.lamina("build", ...)     # a CompletedProcess
+
+- `user_scratch(name, prefix)`: a directory for one run as `name` holding the
+  user's TMPDIR (and a pytest's --basetemp), removed as root after: a run as
+  a user with subordinate ids leaves trees those ids own, which neither the
+  user nor pytest's rotation of /tmp/pytest-of-USER can remove.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class PlainUser:
 
         deny = [sys.executable, str(ROOT / "tests/support/no_namespaces.py"), "docker", "--"]
         full = {**os.environ, "LAMINA_CACHE": str(self.base / "cache"), "HOME": str(self.base)}
+        full["TMPDIR"] = str(self.base / "tmp")  # lamina's own scratch goes with base
         full.pop("LAMINA_ISOLATION", None)
         full.pop("SOURCE_DATE_EPOCH", None)
         full.pop("XDG_RUNTIME_DIR", None)
@@ -83,22 +89,42 @@ def plain_user(prefix: str, ranged: bool = False) -> Iterator[PlainUser]:
     name = RANGED_USER if ranged else PLAIN_USER
     ensure_user(name)
     if ranged:
-        give_range(name)
+        set_range(name, True)
+    entry = pwd.getpwnam(name)
+    with user_scratch(name, prefix) as base:
+        yield PlainUser(name, base, entry.pw_uid, entry.pw_gid, deny_namespaces=not ranged)
+
+
+@contextmanager
+def user_scratch(name: str, prefix: str) -> Iterator[Path]:
+    """A 0755 directory of root's with `tmp` (name's own, 0700) in it; removed as root after.
+
+    Give the run TMPDIR=<it>/tmp (and pytest --basetemp under it): whatever it leaves,
+    owned by the user or its subordinate ids, goes with the directory.
+    """
+    import pwd
+
     entry = pwd.getpwnam(name)
     base = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         base.chmod(0o755)
-        yield PlainUser(name, base, entry.pw_uid, entry.pw_gid, deny_namespaces=not ranged)
+        (base / "tmp").mkdir(mode=0o700)
+        os.chown(base / "tmp", entry.pw_uid, entry.pw_gid)
+        yield base
     finally:
-        shutil.rmtree(base, ignore_errors=True)  # as root: subordinate ids' files too
+        # As root, so files of any owner go; not ignoring errors: a tree that stays is a bug.
+        shutil.rmtree(base)
 
 
-def give_range(name: str) -> None:
-    """Give `name` a range in /etc/subuid and /etc/subgid unless it has one."""
+def set_range(name: str, wanted: bool) -> None:
+    """Give `name` one range in /etc/subuid and /etc/subgid (wanted), or take away the one it has."""
     for path in (Path("/etc/subuid"), Path("/etc/subgid")):
         lines = path.read_text().splitlines() if path.exists() else []
-        if any(line.split(":")[0] == name for line in lines):
+        mine = [line for line in lines if line.split(":")[0] == name]
+        others = [line for line in lines if line.split(":")[0] != name]
+        if bool(mine) == wanted:
             continue
-        ends = [int(p[1]) + int(p[2]) for p in (line.split(":") for line in lines) if len(p) == 3]
-        lines.append(f"{name}:{max([100000, *ends])}:{RANGE_SIZE}")
-        path.write_text("".join(line + "\n" for line in lines))
+        if wanted:
+            ends = [int(p[1]) + int(p[2]) for p in (line.split(":") for line in others) if len(p) == 3]
+            others.append(f"{name}:{max([100000, *ends])}:{RANGE_SIZE}")
+        path.write_text("".join(line + "\n" for line in others))
