@@ -25,7 +25,8 @@ mkdir "$work/example"
 "$work/venv/bin/pip" install -q "$project" pytest pytest-xdist
 cat > "$work/suite.sh" <<EOS
 #!/bin/sh
-# suite.sh DIR [pytest options]: the suite, its cache and HOME in DIR, from a clean environment.
+# suite.sh DIR [pytest options]: the suite, its cache, HOME and tmp_path in DIR (removed with
+# \$work: nothing left in /tmp/pytest-of-USER), from a clean environment.
 set -eu
 dir=\$1
 shift
@@ -33,7 +34,7 @@ echo "+ pytest \$* (as \$(id -un))"
 cd "$work/example"
 exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME="\$dir" LANG=C.UTF-8 \\
     PYTHONDONTWRITEBYTECODE=1 "$work/venv/bin/python" -m pytest -q -rs -p no:cacheprovider \\
-    --lamina-cache="\$dir/lamina" "\$@"
+    --lamina-cache="\$dir/lamina" --basetemp="\$dir/tmp" "\$@"
 EOS
 chmod -R a+rX "$work"
 mkdir "$work/first" "$work/second"
