@@ -16,15 +16,22 @@ content (FIXME if it matters: collect the ids from the plan first).
 
 `--build-arg BUILDKIT_CACHE_MOUNT_NS=NS` puts every cache mount's id under NS
 (dockerfile2llb: `NS/ID`), so builds of another namespace share no cache.
+
+Builds sharing the store seed and prune these directories at the same time, so
+both follow the store's rule for work in flight: it happens under the store's
+scratch dir (`tmp/`) and is renamed into place, or out of it. A prune, which
+renames `cachemounts/ID*` away, never sees another build's half-made seed, and
+what a killed build leaves in `tmp/` goes with gc, which holds the store alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
-import uuid
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +55,7 @@ def cache_dir(executor: StepHost, state: StageState, mount: Any, start_ref: str)
         and not executor.options.dry_run
         and executor.pruned_cache_ids.setdefault(ident, token) is token
     ):
-        prune(root, name)
+        prune(root, name, executor.store.root / "tmp")
     # Without a ref, the name is the id's alone: the layout stores made before refs counted.
     return root / (f"{name}-{_hex(start_ref)[:16]}" if start_ref else name)
 
@@ -58,18 +65,42 @@ def namespace(build_args: Mapping[str, str]) -> str:
     return build_args.get("BUILDKIT_CACHE_MOUNT_NS", "")
 
 
-def prune(root: Path, name: str) -> None:
-    """Drop the cache directories of one id (every ref's): renamed away first, so a new one of
-    the same name can be made at once. Their lock files stay: a build sharing the cache may hold one."""
+def prune(root: Path, name: str, scratch: Path) -> None:
+    """Drop the cache directories of one id (every ref's): renamed into `scratch` (the store's
+    tmp/) first, so a new one of the same name can be made at once. Their lock files stay: a
+    build sharing the cache may hold one."""
     for path in [root / name, *root.glob(f"{name}-*")]:
         if path.name.endswith(".lock") or not path.exists():
             continue
-        gone = root / f".pruned-{uuid.uuid4().hex}"
+        gone = Path(tempfile.mkdtemp(prefix="cache-pruned-", dir=scratch))
         try:
-            os.rename(path, gone)
+            os.rename(path, gone / "d")
         except FileNotFoundError:
+            os.rmdir(gone)
             continue  # another build pruned it first
+        # What subordinate ids own may stay (rootless); gc's sweep of tmp/ removes it.
         shutil.rmtree(gone, ignore_errors=True)
+
+
+def seed(
+    cache_dir: Path, source: Path, scratch: Path, copy: Callable[[Path, Path], object] | None = None
+) -> None:
+    """Make the new `cache_dir` a copy of `source` (`from=`), unless another build seeds it first.
+
+    Copied under `scratch` (the store's tmp/) and renamed into place: a prune of the same id
+    in another build never renames the copy away half-made. `copy(src, dst)` defaults to
+    shutil.copytree keeping symlinks."""
+    work = Path(tempfile.mkdtemp(prefix="cache-seed-", dir=scratch))
+    try:
+        (copy or _copy_tree)(source, work / "d")
+        with contextlib.suppress(OSError):  # another build seeded it first: its copy stays
+            os.rename(work / "d", cache_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _copy_tree(source: Path, dest: Path) -> None:
+    shutil.copytree(source, dest, symlinks=True)
 
 
 def mode_ref(mount: Any) -> str:

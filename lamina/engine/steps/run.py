@@ -567,17 +567,12 @@ def _ssh_relays(mounts: list[Any], scratch: Path, location: Any) -> Iterator[lis
 def _seed_cache(executor: StepHost, mount: Any, cache_dir: Path) -> None:
     """A new cache mount with `from=` starts as a copy of that stage's (or image's) `source`."""
     from lamina.engine.steps.base import source_stage
+    from lamina.engine.steps.cachemount import seed
 
     outcome = source_stage(executor, mount.from_, None)
     source = "/" + mount.source.strip("/")
     root = executor.stage_rootfs(outcome, [source])
-    seed = _inside(root, mount.source, mount)
-    tmp = cache_dir.with_name(cache_dir.name + f".seed-{os.getpid()}")
-    shutil.copytree(seed, tmp, symlinks=True)
-    try:
-        os.rename(tmp, cache_dir)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another build seeded it first
+    seed(cache_dir, _inside(root, mount.source, mount), executor.store.root / "tmp")
 
 
 def _secret_file(executor: StepHost, secret: Any) -> Path:
