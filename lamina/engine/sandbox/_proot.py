@@ -39,51 +39,15 @@ import socket
 import stat
 import struct
 
-from lamina.engine.sandbox import _chroot, _confine, _inside, _libc, _rootfs
+from lamina.engine.sandbox import _chroot, _confine, _inside, _libc, _notify, _rootfs
 from lamina.oci import recorded
 
-_PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_CHILD_SUBREAPER = 36
-_SECCOMP_SET_MODE_FILTER = 1
-_SECCOMP_FILTER_FLAG_NEW_LISTENER = 8
-_RET_ALLOW = 0x7FFF0000
-_RET_USER_NOTIF = 0x7FC00000
-_NOTIF_RECV = 0xC0502100
-_NOTIF_SEND = 0xC0182101
-_NOTIF_ID_VALID = 0x40082102
-_FLAG_CONTINUE = 1
-_AT_FDCWD = -100
-_AT_SYMLINK_NOFOLLOW = 0x100
-_AT_EMPTY_PATH = 0x1000
+_AT_FDCWD = _notify.AT_FDCWD
+_AT_SYMLINK_NOFOLLOW = _notify.AT_SYMLINK_NOFOLLOW
+_AT_EMPTY_PATH = _notify.AT_EMPTY_PATH
 _UNCHANGED = 0xFFFFFFFF  # (uid_t)-1
-_X32_BIT = 0x40000000
-
-# (audit arch, seccomp syscall number, {name: number}); x86_64 keeps its x32 numbers too.
-_ARCHES = {
-    "x86_64": (
-        0xC000003E,
-        317,
-        {
-            "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260, "mknod": 133, "mknodat": 259,
-            "setuid": 105, "setgid": 106, "setreuid": 113, "setregid": 114, "setresuid": 117,
-            "setresgid": 119, "setfsuid": 122, "setfsgid": 123,
-            "setgroups": 116, "exit_group": 231, "getuid": 102,
-            "geteuid": 107, "getgid": 104, "getegid": 108, "getresuid": 118, "getresgid": 120,
-            "stat": 4, "fstat": 5, "lstat": 6, "newfstatat": 262, "statx": 332,
-        },
-    ),
-    "aarch64": (
-        0xC00000B7,
-        277,
-        {
-            "fchown": 55, "fchownat": 54, "mknodat": 33, "setuid": 146, "setgid": 144, "setreuid": 145,
-            "setregid": 143, "setresuid": 147, "setresgid": 149, "setfsuid": 151, "setfsgid": 152,
-            "setgroups": 159,
-            "exit_group": 94, "getuid": 174, "geteuid": 175, "getgid": 176, "getegid": 177,
-            "getresuid": 148, "getresgid": 150, "fstat": 80, "newfstatat": 79, "statx": 291,
-        },
-    ),
-}  # fmt: skip
+_ARCHES = _notify.ARCHES
 _DEV_HOST = ("null", "zero", "full", "random", "urandom", "tty")
 # Where struct stat keeps st_ino, st_uid and st_gid (kernel layout), and its size; statx's are common.
 _STAT_LAYOUT = {"x86_64": (8, 28, 32, 144), "aarch64": (8, 24, 28, 128)}
@@ -283,33 +247,8 @@ def _command(
 
 def _install_filter() -> int:
     """Load the filter that hands chown, device mknod and set*id to our listener; return its fd."""
-    arch, seccomp_nr, numbers = _ARCHES[os.uname().machine]
-    nrs = sorted(set(numbers.values()))
-    code: list[bytes] = []
-
-    def op(kind: int, jt: int, jf: int, k: int) -> None:
-        code.append(struct.pack("=HBBI", kind, jt, jf, k))
-
-    n = len(nrs)
-    op(0x20, 0, 0, 4)  # ld arch
-    op(0x15, 1, 0, arch)  # native: go on
-    op(0x06, 0, 0, _RET_USER_NOTIF)  # another ABI (i386): the supervisor refuses to follow it
-    op(0x20, 0, 0, 0)  # ld nr
-    op(0x54, 0, 0, ~_X32_BIT & 0xFFFFFFFF)  # x32 numbers are the x86_64 ones with a bit set
-    for i, nr in enumerate(nrs):
-        op(0x15, n - i, 0, nr)
-    op(0x06, 0, 0, _RET_ALLOW)
-    op(0x06, 0, 0, _RET_USER_NOTIF)
-    program = ctypes.create_string_buffer(b"".join(code))
-    fprog = ctypes.create_string_buffer(struct.pack("=HxxxxxxQ", len(code), ctypes.addressof(program)))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "no_new_privs")
-    fd = libc.syscall(seccomp_nr, _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_NEW_LISTENER, fprog)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"seccomp user notification: {os.strerror(err)}")
-    return int(fd)
+    names = _ARCHES[os.uname().machine][2]
+    return _notify.install_filter(names, foreign_notified=True, no_new_privs=True)
 
 
 class _Supervisor:
@@ -320,15 +259,10 @@ class _Supervisor:
         self.known = known  # inodes of the root before the step: the rest default to its USER
         self.owner = owner
         self.failures = failures
-        arch, _, numbers = _ARCHES[os.uname().machine]
-        self.arch = arch
-        self.names = {nr: name for name, nr in numbers.items()}
         self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
         self.real = (os.getuid(), os.getgid())
         self.proot = -1  # proot's pid: its own calls are let through untouched
-        self._recv = ctypes.create_string_buffer(80)
-        self._send = ctypes.create_string_buffer(24)
+        self.channel: _notify.Listener | None = None
         numbers = _ARCHES[os.uname().machine][2]
         self.nr_fstatat, self.nr_statx = numbers["newfstatat"], numbers["statx"]
         self.main = -1  # the command's process (proot's first child): its exit ends the step
@@ -378,35 +312,31 @@ class _Supervisor:
                     os.close(fd)
 
     def _one(self, listener: int) -> None:
-        buf = self._recv
-        ctypes.memset(buf, 0, 80)
-        if self.libc.ioctl(listener, _NOTIF_RECV, buf) != 0:
+        if self.channel is None:
+            self.channel = _notify.Listener(listener)
+        channel = self.channel
+        call = channel.receive()
+        if call is None:
             return  # the caller died (ENOENT) or an interrupt: nothing to answer
-        nid, pid, _flags, nr, arch = struct.unpack_from("=QIIiI", buf.raw)
-        if pid == self.proot:
+        if call.pid == self.proot:
             # proot's own calls (it stats every path it translates): the filter is
             # inherited by proot too; they run as they are, the cheapest answer there is.
-            struct.pack_into("=QqiI", self._send, 0, nid, 0, 0, _FLAG_CONTINUE)
-            self.libc.ioctl(listener, _NOTIF_SEND, self._send)
+            channel.answer(call.nid, cont=True)
             return
-        args = struct.unpack_from("=6Q", buf.raw, 32)
         error, cont, value = 0, False, 0
         try:
-            if arch != self.arch:
+            if call.arch != channel.arch:
                 self._fail("a 32-bit system call")
                 cont = True
             else:
-                error, cont = self._handle(self.names.get(nr & ~_X32_BIT, ""), pid, args, nid, listener)
+                error, cont = self._handle(call.name, call.pid, call.args, call.nid, listener)
         except _Answer as answer:
             value = answer.value
         except _Failed:
             error = errno.EPERM
         except OSError as err:
             error = err.errno or errno.EPERM
-        resp = ctypes.create_string_buffer(
-            struct.pack("=QqiI", nid, value, -error if error else 0, _FLAG_CONTINUE if cont else 0), 24
-        )
-        self.libc.ioctl(listener, _NOTIF_SEND, resp)
+        channel.answer(call.nid, value, error, cont)
 
     def _fail(self, what: str) -> None:
         if what not in self.failures:
@@ -431,28 +361,17 @@ class _Supervisor:
             if name.startswith("setfs"):
                 raise _Answer(self.owner[0] if name == "setfsuid" else self.owner[1])
             return 0, False
-        if name in ("mknod", "mknodat"):
-            path_arg, mode, dev = (
-                (args[0], args[1], args[2]) if name == "mknod" else (args[1], args[2], args[3])
-            )
-            kind = stat.S_IFMT(mode)
-            if kind not in (stat.S_IFCHR, stat.S_IFBLK):
+        if name in _notify.MKNOD_CALLS:
+            dirfd, path_arg, mode, dev = _notify.mknod_args(_notify.Call(nid, pid, 0, 0, args, name))
+            if stat.S_IFMT(mode) not in (stat.S_IFCHR, stat.S_IFBLK):
                 return 0, True
-            dirfd = _AT_FDCWD if name == "mknod" else _signed(args[0])
             path = self._path(pid, dirfd, path_arg, 0)
             self._valid(listener, nid)
             if not self._inside(path):
                 return errno.EPERM, False
             if os.path.lexists(path):
                 return errno.EEXIST, False
-            umask = _umask(pid)
-            recorded.make_device(
-                path,
-                "c" if kind == stat.S_IFCHR else "b",
-                os.major(dev),
-                os.minor(dev),
-                mode & ~umask & 0o7777,
-            )
+            _notify.record_device(path, mode, dev, _notify.umask(pid))
             return 0, False
         if name == "fchown":
             path, follow, uid, gid = f"/proc/{pid}/fd/{args[0]}", True, args[1], args[2]
@@ -463,7 +382,7 @@ class _Supervisor:
         else:  # fchownat
             flags = args[4]
             follow = not flags & _AT_SYMLINK_NOFOLLOW
-            path, uid, gid = self._path(pid, _signed(args[0]), args[1], flags), args[2], args[3]
+            path, uid, gid = self._path(pid, _notify.signed(args[0]), args[1], flags), args[2], args[3]
         self._valid(listener, nid)
         self._chown(path, follow, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF)
         return 0, False
@@ -473,18 +392,18 @@ class _Supervisor:
         root's for what the image had, else the step USER's), as real root would see them."""
         follow = True
         if name == "fstat":
-            target, buf = f"/proc/{pid}/fd/{_signed(args[0])}", args[1]
+            target, buf = f"/proc/{pid}/fd/{_notify.signed(args[0])}", args[1]
         elif name in ("stat", "lstat"):
             target, buf, follow = self._path(pid, _AT_FDCWD, args[0], 0), args[1], name == "stat"
         else:
             flags = args[2] if name == "statx" else args[3]
             buf = args[4] if name == "statx" else args[2]
             follow = not flags & _AT_SYMLINK_NOFOLLOW
-            text = _read_string(pid, args[1])
+            text = _notify.read_string(pid, args[1])
             if not text and flags & _AT_EMPTY_PATH:
-                target, follow = _fd_path(pid, _signed(args[0])), True
+                target, follow = _notify.fd_path(pid, _notify.signed(args[0])), True
             else:
-                target = self._path(pid, _signed(args[0]), args[1], 0)
+                target = self._path(pid, _notify.signed(args[0]), args[1], 0)
         self._valid(listener, nid)
         path = target.encode("utf-8", "surrogateescape")
         at = 0 if follow else _AT_SYMLINK_NOFOLLOW
@@ -551,17 +470,16 @@ class _Supervisor:
             )
 
     def _path(self, pid: int, dirfd: int, address: int, flags: int) -> str:
-        text = _read_string(pid, address)
+        text = _notify.read_string(pid, address)
         if not text and flags & _AT_EMPTY_PATH:
-            return os.readlink(_fd_path(pid, dirfd))
+            return os.readlink(_notify.fd_path(pid, dirfd))
         if text.startswith("/"):
             return text
-        base = os.readlink(_fd_path(pid, dirfd))
+        base = os.readlink(_notify.fd_path(pid, dirfd))
         return os.path.join(base, text)
 
     def _valid(self, listener: int, nid: int) -> None:
-        ident = ctypes.c_uint64(nid)
-        if self.libc.ioctl(listener, _NOTIF_ID_VALID, ctypes.byref(ident)) != 0:
+        if self.channel is None or not self.channel.valid(nid):
             raise _Failed  # the caller is gone: what was read may be another process's
 
     def _inside(self, path: str) -> bool:
@@ -662,42 +580,3 @@ def _kill_tree(top: int, spare: int) -> None:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
-
-
-def _fd_path(pid: int, dirfd: int) -> str:
-    """The /proc link of a process's descriptor; AT_FDCWD is its working directory."""
-    return f"/proc/{pid}/cwd" if dirfd == _AT_FDCWD else f"/proc/{pid}/fd/{dirfd}"
-
-
-def _signed(value: int) -> int:
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value & 0x80000000 else value
-
-
-def _umask(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def _read_string(pid: int, address: int, limit: int = 4096) -> str:
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        out = b""
-        while len(out) < limit:
-            chunk = os.pread(fd, 4096 - address % 4096, address)
-            if not chunk:
-                break
-            end = chunk.find(b"\0")
-            if end >= 0:
-                return (out + chunk[:end]).decode("utf-8", "surrogateescape")
-            out += chunk
-            address += len(chunk)
-        raise OSError(errno.ENAMETOOLONG, "path too long")
-    finally:
-        os.close(fd)
