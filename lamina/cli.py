@@ -6,8 +6,9 @@ and a no-op rebuild do not pay for modules they never use.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
@@ -339,20 +340,49 @@ def _human_size(n: int) -> str:
 
 
 @cli.command()
-@click.argument("file", type=click.Path(exists=True))
+@click.argument("file", required=False, type=click.Path(exists=True))
+@click.option(
+    "-i", "--input", "input_", type=click.Path(exists=True), help="Read FILE (docker's spelling of FILE)."
+)
 @click.option("-t", "--tag", "name", help="Name the image NAME[:TAG] instead of the name the file gives.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option(
     "--platform", metavar="OS/ARCH[/VARIANT]", help="Load only this platform of a multi-platform image."
 )
-def load(file: str, name: str | None, quiet: bool, platform: str | None) -> None:
-    """Import images from an OCI archive, OCI layout directory or docker-archive."""
+def load(file: str | None, input_: str | None, name: str | None, quiet: bool, platform: str | None) -> None:
+    """Import images from an OCI archive, OCI layout directory or docker-archive: FILE, -i FILE,
+    or, as docker load, a tar piped to stdin."""
     from lamina import api
     from lamina.cache.images import display_name
 
-    for record in api.load(file, name=name, platform=platform):
-        if not quiet:
-            click.echo(f"Loaded image: {display_name(record.name)} ({record.manifest.short})")
+    if file is not None and input_ is not None:
+        raise click.UsageError("give the file once: FILE or -i FILE")
+    with contextlib.ExitStack() as stack:
+        path = file or input_ or stack.enter_context(_stdin_archive())
+        for record in api.load(path, name=name, platform=platform):
+            if not quiet:
+                click.echo(f"Loaded image: {display_name(record.name)} ({record.manifest.short})")
+
+
+@contextlib.contextmanager
+def _stdin_archive() -> Iterator[str]:
+    """stdin's tar as a file in the store's tmp/ (an archive is read out of order; gc sweeps
+    what a killed load leaves), for `load` without a file, as docker load reads stdin."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from lamina.cache.store import default_cache_root
+
+    if sys.stdin.isatty():
+        raise click.UsageError("no file given and stdin is a terminal: give FILE, -i FILE or pipe a tar")
+    scratch = Path(default_cache_root(os.environ)) / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(prefix="load-stdin-", suffix=".tar", dir=scratch) as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+        spool.flush()
+        yield spool.name
 
 
 @cli.command()
@@ -954,6 +984,7 @@ def build(
         cache_to=cache_to,
         cache_from=cache_from,
         insecure_registries=insecure_registries,
+        lazy_image=not metadata_file,  # its containerimage.digest names the manifest
     )
     if dry_run:
         if progress == "json":
