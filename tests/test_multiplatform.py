@@ -546,5 +546,5 @@ def test_a_base_images_onbuild_arg_targetarch_makes_the_stage_one_per_target(
         with tarfile.open(fileobj=io.BytesIO(blobs[layer["digest"]])) as tar:
             member = tar.extractfile("a")
             assert member is not None and member.read() == f"{platform.split('/')[1]}\n".encode()
-    runs = [s for s in result.steps if s.instruction.startswith("RUN echo")]
+    runs = [s for s in result.steps if s.instruction.startswith("ONBUILD RUN echo")]  # as BuildKit names it
     assert len(runs) == 2, [(s.stage, s.instruction) for s in result.steps]  # the triggers ran per target

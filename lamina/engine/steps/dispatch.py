@@ -14,6 +14,7 @@ target needs and the order to build them in: a `plan.Plan`, the one plan type.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import stat
@@ -121,7 +122,11 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
         for text in triggers:
             try:
                 node = parse(text, plan.location.path).children[0]
-                parsed_triggers.append(parse_instruction(node, plan.location.path))
+                trigger = parse_instruction(node, plan.location.path)
+                # As BuildKit: shown as `[stage-1 1/2] ONBUILD RUN ...` (prefixCommand), and located
+                # at the stage's FROM (initOnBuildTriggers), not at line 1 of the trigger's text.
+                shown = f"ONBUILD {trigger.original}"
+                parsed_triggers.append(dataclasses.replace(trigger, original=shown, location=plan.location))
             except (DockerfileError, IndexError) as err:
                 raise BuildError(f"{plan.location}: ONBUILD trigger {text!r}: {err}") from None
         instructions = parsed_triggers + instructions
