@@ -11,9 +11,10 @@ are directories holding a Dockerfile and its context. A case may also hold:
   lamina-diff/CASE-base:latest, for a case that builds FROM an image made by
   the same builder (ONBUILD triggers);
 - `build-args`: one K=V per line, passed to both builds;
-- `platform`: one os/arch[/variant], passed to both as `--platform` (lamina:
-  `platforms=`), and the image's os/architecture/variant compared too (a
-  case without RUN: no emulation is needed);
+- `platform`: os/arch[/variant], one a line: the case is built once for each,
+  passed to both as `--platform` (lamina: `platforms=`), and the image's
+  os/architecture/variant compared too (a case without RUN: no emulation is
+  needed);
 - `secrets`: one ID=PATH per line, passed to both as `--secret id=ID,src=PATH`;
 - `served/`: served over HTTP on 127.0.0.1 while the case builds, its base
   URL passed to both as the build arg URL_BASE (for ADD of a URL);
@@ -276,13 +277,24 @@ def serving(case: Path) -> Iterator[str | None]:
         yield url
 
 
-def stage_with_url(case: Path, dest: Path, url: str | None) -> Path:
-    """stage_context, plus URL_BASE=url among the build args when the case serves files."""
+def stage_with_url(case: Path, dest: Path, url: str | None, platform: str | None = None) -> Path:
+    """stage_context, plus URL_BASE=url among the build args when the case serves files, and
+    `platform` the one this run builds for (of those the case's `platform` file lists)."""
     ctx = stage_context(case, dest)
     if url is not None:
         with open(ctx / "build-args", "a") as f:
             f.write(f"URL_BASE={url}\n")
+    if platform is not None:
+        (ctx / "platform").write_text(platform + "\n")
     return ctx
+
+
+def case_platforms(case: Path) -> list[str | None]:
+    """The platforms a case is built for, one run each: the lines of its `platform`, or the host's."""
+    path = case / "platform"
+    lines = path.read_text().splitlines() if path.exists() else []
+    listed: list[str | None] = [line.strip() for line in lines if line.strip()]
+    return listed or [None]
 
 
 def read_build_args(ctx: Path) -> dict[str, str]:
@@ -620,22 +632,24 @@ def main() -> None:
         for path in (ROOT / folder).glob("*/Dockerfile")
     )
     all_problems: list[str] = []
-    for example in cases:
+    for example, platform in ((case, p) for case in cases for p in case_platforms(case)):
+        name = example.name + (f"[{platform}]" if platform is not None else "")
         work = Path(tempfile.mkdtemp(prefix=f"diff-{example.name}-", dir=args.keep))
         try:
             with serving(example) as url, forwarding(example):
-                ctx = stage_with_url(example, work / "lamina", url)
+                ctx = stage_with_url(example, work / "lamina", url, platform)
                 if args.as_user:
                     ours = lamina_build_as(args.as_user, example, ctx, work / "lamina")
                 else:
                     ours = lamina_build(example, ctx, work)
-                theirs = buildkit_build(example, stage_with_url(example, work / "buildkit", url), work)
+                theirs_ctx = stage_with_url(example, work / "buildkit", url, platform)
+                theirs = buildkit_build(example, theirs_ctx, work)
             stubs = mount_stubs(example / "Dockerfile")
-            problems, explained = compare(example.name, ours, theirs, stubs)
+            problems, explained = compare(name, ours, theirs, stubs)
         finally:
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)
-        print_case(example.name, problems, explained)
+        print_case(name, problems, explained)
         all_problems += problems
     sys.exit(1 if all_problems else 0)
 
