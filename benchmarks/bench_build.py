@@ -36,35 +36,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from peers import DOCKER, BuildahStore, run, uptime
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "bench"
 WORKLOADS = ("multistage", "manysteps", "bigcopy")
 SCENARIOS = ("cold", "noop", "mod", "export")
 MOD_FILE = "src/pkg07/mod3/f07312.c"
 BASE = "lamina-test/busybox:1.35"
-DOCKER = "/usr/bin/docker"
-
-
-def sh(*args: str, env: dict[str, str] | None = None, check: bool = True) -> float:
-    start = time.monotonic()
-    proc = subprocess.run(args, env=env, capture_output=True, text=True)
-    seconds = time.monotonic() - start
-    if check and proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr[-2000:]}")
-    return seconds
-
-
-def sh_peak(*args: str, env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS in MB (`/usr/bin/time -v`: the build's largest process)."""
-    import re
-
-    start = time.monotonic()
-    proc = subprocess.run(["/usr/bin/time", "-v", *args], env=env, capture_output=True, text=True)
-    seconds = time.monotonic() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr[-2000:]}")
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return seconds, int(found.group(1)) / 1024 if found else float("nan")
 
 
 class Lab:
@@ -76,9 +55,9 @@ class Lab:
 
     def prepare(self) -> None:
         if not (self.ctx / "src").is_dir():
-            sh(sys.executable, str(SHARED / "gen_context.py"), str(self.ctx))
+            run([sys.executable, str(SHARED / "gen_context.py"), str(self.ctx)])
         if not (self.base / "busybox-oci.tar").exists():
-            sh(sys.executable, str(SHARED / "mkbase.py"), str(self.base))
+            run([sys.executable, str(SHARED / "mkbase.py"), str(self.base)])
         self.pristine = (self.ctx / MOD_FILE).read_bytes()
 
     def reset_context(self) -> None:
@@ -104,7 +83,7 @@ class Lamina:
         # As installed: bytecode compiled once (pip does), not every run
         # (~15 ms of a no-op build when the environment forbids writing it).
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
-        sh(sys.executable, "-m", "compileall", "-q", str(ROOT / "lamina"), env=self.env, check=False)
+        run([sys.executable, "-m", "compileall", "-q", str(ROOT / "lamina")], env=self.env, check=False)
         self.exe = [sys.executable, "-m", "lamina"]
         if user:
             import pwd
@@ -123,7 +102,7 @@ class Lamina:
 
     def prune(self) -> None:
         shutil.rmtree(self.cache, ignore_errors=True)  # as root, a rootless cache too
-        sh(*self.exe, "load", str(self.lab.base / "busybox-oci.tar"), env=self.env)
+        run([*self.exe, "load", str(self.lab.base / "busybox-oci.tar")], env=self.env)
 
     def build(self, workload: str, peak: list[float] | None = None) -> float:
         dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
@@ -131,19 +110,18 @@ class Lamina:
             *self.exe, "build", "--progress", "quiet", "-f", str(dockerfile),
             "-t", f"bench/{workload}:lamina", str(self.lab.ctx),
         ]  # fmt: skip
-        if peak is None:
-            return sh(*args, env=self.env)
-        seconds, megabytes = sh_peak(*args, env=self.env)
-        peak.append(megabytes)
-        return seconds
+        timed = run(args, env=self.env, peak=peak is not None)
+        if peak is not None:
+            peak.append(timed.peak_mb if timed.peak_mb is not None else float("nan"))
+        return timed.seconds
 
     def export(self, workload: str) -> float:
         dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
         out = self.home / f"lamina-{workload}-oci.tar"
-        return sh(
+        return run([
             *self.exe, "build", "--progress", "quiet", "-f", str(dockerfile),
-            "-t", f"bench/{workload}:lamina", "-o", f"type=oci,dest={out}", str(self.lab.ctx), env=self.env,
-        )  # fmt: skip
+            "-t", f"bench/{workload}:lamina", "-o", f"type=oci,dest={out}", str(self.lab.ctx),
+        ], env=self.env).seconds  # fmt: skip
 
 
 class BuildKit:
@@ -164,25 +142,25 @@ class BuildKit:
         ).stdout.split()
         for image in images:
             if image.startswith("bench/"):
-                sh(DOCKER, "rmi", "-f", image, check=False)
-        sh(DOCKER, "builder", "prune", "-af", check=False)
+                run([DOCKER, "rmi", "-f", image], check=False)
+        run([DOCKER, "builder", "prune", "-af"], check=False)
         if subprocess.run([DOCKER, "image", "inspect", BASE], capture_output=True).returncode:
-            sh(DOCKER, "load", "-i", str(self.lab.base / "busybox-docker.tar"))
+            run([DOCKER, "load", "-i", str(self.lab.base / "busybox-docker.tar")])
 
     def build(self, workload: str) -> float:
         dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
-        return sh(
+        return run([
             DOCKER, "build", "--network=none", "-q", "-f", str(dockerfile),
-            "-t", f"bench/{workload}:bk", str(self.lab.ctx), env=self.env,
-        )  # fmt: skip
+            "-t", f"bench/{workload}:bk", str(self.lab.ctx),
+        ], env=self.env).seconds  # fmt: skip
 
     def export(self, workload: str) -> float:
         out = self.lab.root / f"bk-{workload}-oci.tar"
         out.unlink(missing_ok=True)
-        return sh(
+        return run([
             "skopeo", "copy", "-q", f"docker-daemon:bench/{workload}:bk",
             f"oci-archive:{out}:bench/{workload}:bk",
-        )  # fmt: skip
+        ]).seconds  # fmt: skip
 
 
 class Buildah:
@@ -190,37 +168,28 @@ class Buildah:
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
-        store = lab.root / "buildah"
-        self.cmd = [
-            "buildah", "--root", str(store / "root"), "--runroot", str(store / "run"),
-            "--storage-driver", "overlay",
-        ]  # fmt: skip
+        self.store = BuildahStore(lab.root / "buildah")
 
     def available(self) -> bool:
-        return shutil.which("buildah") is not None and os.geteuid() == 0
+        return self.store.available()
 
     def prune(self) -> None:
-        sh(*self.cmd, "rm", "-a", check=False)
-        sh(*self.cmd, "rmi", "-a", "-f", check=False)
-        sh(*self.cmd, "pull", "-q", f"oci-archive:{self.lab.base / 'busybox-oci.tar'}")
+        self.store.reset(self.lab.base / "busybox-oci.tar")
 
     def build(self, workload: str) -> float:
         dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
-        return sh(
-            *self.cmd, "bud", "--isolation", "chroot", "--layers", "-q", "-f", str(dockerfile),
+        return run([
+            *self.store.cmd, "bud", "--isolation", "chroot", "--layers", "-q", "-f", str(dockerfile),
             "-t", f"localhost/bench/{workload}:bah", str(self.lab.ctx),
-        )  # fmt: skip
+        ]).seconds  # fmt: skip
 
     def export(self, workload: str) -> float:
         out = self.lab.root / f"bah-{workload}-oci.tar"
         out.unlink(missing_ok=True)
-        return sh(
-            *self.cmd,
-            "push",
-            "-q",
-            f"localhost/bench/{workload}:bah",
+        return run([
+            *self.store.cmd, "push", "-q", f"localhost/bench/{workload}:bah",
             f"oci-archive:{out}:bench/{workload}:bah",
-        )
+        ]).seconds  # fmt: skip
 
 
 def measure_round(tool: object, lab: Lab, workload: str, round_no: int) -> dict[str, float]:
@@ -258,9 +227,7 @@ def measure(
             log(
                 f"  {tool.name:9} {workload:11} round {round_no + 1}: "  # type: ignore[attr-defined]
                 + " ".join(f"{s}={result[s]:.2f}" for s in (*SCENARIOS, "peak MB") if s in result)
-                + "  (load "
-                + " ".join(f"{x:.2f}" for x in os.getloadavg())
-                + ")"
+                + f"  ({uptime()})"
             )
     return {name: {s: statistics.median(v) for s, v in row.items() if v} for name, row in times.items()}
 

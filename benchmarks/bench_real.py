@@ -65,7 +65,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
-from bench_build import DOCKER  # noqa: E402
+from peers import DOCKER, BuildahStore, Timed, run, uptime  # noqa: E402
 
 BASE = "bench/minbase:bookworm"
 SCENARIOS = ("cold", "noop", "mod", "export")
@@ -115,32 +115,6 @@ unsigned long checksum(const char *text) {
     return sum;
 }
 """
-
-
-def uptime() -> str:
-    """The load averages, to print beside a number taken on a shared machine."""
-    return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-class Timed:
-    """One command's wall seconds, its stderr+stdout text and (with /usr/bin/time -v) peak RSS."""
-
-    def __init__(self, seconds: float, output: str, peak_mb: float | None) -> None:
-        self.seconds = seconds
-        self.output = output
-        self.peak_mb = peak_mb
-
-
-def run(args: Sequence[str], env: dict[str, str] | None = None, peak: bool = False) -> Timed:
-    argv = ["/usr/bin/time", "-v", *args] if peak else list(args)
-    start = time.monotonic()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-    seconds = time.monotonic() - start
-    text = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(args)}\n{text[-3000:]}")
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr) if peak else None
-    return Timed(seconds, text, int(found.group(1)) / 1024 if found else None)
 
 
 class Lab:
@@ -340,19 +314,14 @@ class Buildah:
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
-        store = lab.root / "buildah"
-        self.cmd = [
-            "buildah", "--root", str(store / "root"), "--runroot", str(store / "run"),
-            "--storage-driver", "overlay",
-        ]  # fmt: skip
+        self.store = BuildahStore(lab.root / "buildah")
+        self.cmd = self.store.cmd
 
     def available(self) -> bool:
-        return shutil.which("buildah") is not None and os.geteuid() == 0
+        return self.store.available()
 
     def prune(self) -> None:
-        subprocess.run([*self.cmd, "rm", "-a"], capture_output=True)
-        subprocess.run([*self.cmd, "rmi", "-a", "-f"], capture_output=True)
-        run([*self.cmd, "pull", "-q", f"oci-archive:{self.lab.base_oci}"])
+        self.store.reset(self.lab.base_oci)
 
     def build(self, peak: bool = False) -> Timed:
         del peak
