@@ -28,12 +28,13 @@ Helper-side: the stdlib only.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import stat
-from typing import TYPE_CHECKING
 
+# os and stat alone at import: a user namespace's PID 1 imports this module for every RUN
+# (sandbox._notify records device nodes) before pivot_root, and typing or dataclasses
+# would cost each step milliseconds. mypy reads any `TYPE_CHECKING` name as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lamina.oci.entry import LayerEntry
 
@@ -87,32 +88,28 @@ def set_owner(path: str, uid: int, gid: int, *, follow: bool = False) -> None:
             return
         kind = "symlink" if stat.S_ISLNK(st.st_mode) else "special file"
         raise CannotRecord(1, f"cannot record owner {uid}:{gid} of a {kind} without chown privilege", path)
-    with _writable(path, st):
-        if (uid, gid) == (0, 0):
-            with contextlib.suppress(OSError):
-                os.removexattr(path, OWNER_XATTR, follow_symlinks=False)
+    mode = stat.S_IMODE(st.st_mode)
+    # `user.` xattrs need write permission on the inode: lend the owner's w bit meanwhile.
+    lend = not mode & 0o200 and st.st_uid == os.geteuid()
+    if lend:
+        os.chmod(path, mode | 0o200)
+    try:
+        if (uid, gid) != (0, 0):
+            os.setxattr(path, OWNER_XATTR, f"{uid}:{gid}".encode(), follow_symlinks=False)
             return
-        os.setxattr(path, OWNER_XATTR, f"{uid}:{gid}".encode(), follow_symlinks=False)
+        try:  # noqa: SIM105 (contextlib is not imported here: see the imports)
+            os.removexattr(path, OWNER_XATTR, follow_symlinks=False)
+        except OSError:
+            pass
+    finally:
+        if lend:
+            os.chmod(path, mode)
 
 
 def set_owner_fd(fd: int, uid: int, gid: int) -> None:
     """set_owner for a regular file or directory this process just opened (and may write)."""
     if (uid, gid) != (0, 0):
         os.setxattr(fd, OWNER_XATTR, f"{uid}:{gid}".encode())
-
-
-@contextlib.contextmanager
-def _writable(path: str, st: os.stat_result):  # type: ignore[no-untyped-def]
-    """`user.` xattrs need write permission on the inode: lend the owner's w bit meanwhile."""
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o200 or st.st_uid != os.geteuid():
-        yield
-        return
-    os.chmod(path, mode | 0o200)
-    try:
-        yield
-    finally:
-        os.chmod(path, mode)
 
 
 def make_device(path: str, kind: str, major: int, minor: int, mode: int, dir_fd: int | None = None) -> None:
@@ -149,6 +146,8 @@ def copy_device(src: str, dst: str) -> None:
 def restore(entry: LayerEntry) -> LayerEntry:
     """A layer entry with lamina's records (owner, device placeholder, unsettable xattrs)
     applied and taken off: what the container saw, as a layer carries it."""
+    import dataclasses
+
     from lamina.oci import xattrs
     from lamina.oci.entry import EntryType
 

@@ -107,32 +107,105 @@ def init(spec: dict, report_fd: int) -> int:
     helper keeps the host view): a command may read /proc/1/root.
     """
     _libc.set_parent_death_signal(_signal.SIGKILL)
+    devices = None
     try:
         _confine.hide_process("init")
         # Built while the host's libseccomp is still reachable; loaded by the command before exec.
         seccomp = None if spec["insecure"] else _confine.Filter()
         if spec.get("ulimits"):
             import resource  # noqa: F401  (for _command: the host's stdlib is gone after pivot_root)
+        record = _records_devices(spec)
+        if record:
+            import select  # noqa: F401  (for _serve: imported while the host's stdlib is reachable)
+
+            from lamina.engine.sandbox import _notify
         _enter_root(spec)
+        if record:
+            devices = _device_recorder(_notify)
     except (OSError, SetupError) as err:
         report(report_fd, f"set up the sandbox: {_describe(err)}")
         return SETUP_FAILED
     child = os.fork()
     if child == 0:
         try:
+            if devices is not None:
+                os.close(devices.listener.fd)
             _command(spec, report_fd, seccomp)
         finally:
             os._exit(EXEC_FAILED)
     os.close(report_fd)  # the command has its own copy until exec; PID 1 holds nothing of the caller's
     forward_signals(child)
-    status = 0
+    status = _wait(child) if devices is None else _serve(child, devices)
+    _kill_all()
+    return exit_code(status)
+
+
+def _records_devices(spec: dict) -> bool:
+    """Whether PID 1 answers the step's device mknod: in a user namespace, which refuses it even
+    to root (BuildKit's root makes the node); rootns's real root makes it itself. Not with
+    --security=insecure, which has no seccomp filter at all (/proc/self/status says 0), as
+    BuildKit's: there mknod stays refused."""
+    from lamina.engine.sandbox import _notify
+
+    return spec.get("isolation", "userns") == "userns" and not spec["insecure"] and _notify.supported()
+
+
+def _device_recorder(notify):  # type: ignore[no-untyped-def]
+    """After pivot_root: the filter handing this process's descendants' mknod to it (only
+    mknod: every other call never leaves the kernel), and the mounts a node may be made on."""
+    mounts = []
+    for path in ("/", "/dev"):
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            mounts.append(notify.mount_id(fd))
+        finally:
+            os.close(fd)
+    # PID 1 holds CAP_SYS_ADMIN in the namespace: no no_new_privs, so setuid programs still work.
+    listener = notify.install_filter(notify.MKNOD_CALLS, foreign_notified=False, no_new_privs=False)
+    return notify.DeviceRecorder(notify.Listener(listener), tuple(mounts))
+
+
+def _wait(child: int) -> int:
+    """Reap every process until `child` exits; its wait status."""
     while True:
         pid, st = os.waitpid(-1, 0)
         if pid == child:
-            status = st
-            break
-    _kill_all()
-    return exit_code(status)
+            return st
+
+
+def _serve(child: int, devices) -> int:  # type: ignore[no-untyped-def]
+    """_wait, answering the step's device mknod meanwhile; SIGCHLD wakes the poll to reap."""
+    import select
+
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    _signal.signal(_signal.SIGCHLD, lambda _signum, _frame: None)
+    poll = select.poll()
+    poll.register(wake_r, select.POLLIN)
+    poll.register(devices.listener.fd, select.POLLIN)
+    try:
+        while True:
+            while True:  # reap first: the child may be gone before the handler was set
+                pid, st = os.waitpid(-1, os.WNOHANG)
+                if pid == child:
+                    return st
+                if pid == 0:
+                    break
+            for fd, events in poll.poll():
+                if fd == wake_r:
+                    try:
+                        while os.read(wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif events & select.POLLIN:
+                    devices.serve_one()
+                else:
+                    poll.unregister(fd)  # every filtered process is gone
+    finally:
+        _signal.set_wakeup_fd(-1)
+        for fd in (wake_r, wake_w, devices.listener.fd):
+            os.close(fd)
 
 
 def _kill_all() -> None:
@@ -323,7 +396,9 @@ def _system_mounts(spec: dict, root: str) -> None:
     for name in _DEV_NODES:
         node = os.path.join(dev, name)
         os.close(os.open(node, os.O_CREAT | os.O_WRONLY, 0o666))
-        m.mount("/dev/" + name, node, None, m.MS_BIND)
+        # Read-only binds: the host's own nodes, which a step's root could otherwise chmod,
+        # chown or touch for the host (identity-mapped, as root); reads and writes still work.
+        _bind("/dev/" + name, node, readonly=True)
     for name, target in _DEV_LINKS:
         os.symlink(target, os.path.join(dev, name))
     if spec["insecure"]:
@@ -369,7 +444,7 @@ def _host_devices(dev: str) -> None:
                     continue  # made already (null, zero, ...)
                 os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
                 os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
-                _libc.mount(path, target, None, _libc.MS_BIND)
+                _bind(path, target, readonly=True)  # the host's node: its mode and owner stay the host's
             except OSError:
                 continue
 

@@ -22,7 +22,6 @@ import errno
 import os
 import stat
 import struct
-from collections.abc import Iterable
 
 from lamina.oci import recorded
 
@@ -84,7 +83,7 @@ def supported() -> bool:
     return os.uname().machine in ARCHES
 
 
-def install_filter(names: Iterable[str], *, foreign_notified: bool, no_new_privs: bool) -> int:
+def install_filter(names: tuple[str, ...], *, foreign_notified: bool, no_new_privs: bool) -> int:
     """Load a filter handing `names` of this architecture to a new listener; return its fd
     (close-on-exec). A call of another ABI (i386) is notified too with `foreign_notified`
     (a supervisor that must refuse to follow it), else allowed (the kernel answers it)."""
@@ -220,3 +219,80 @@ def read_string(pid: int, address: int, limit: int = 4096) -> str:
         raise OSError(errno.ENAMETOOLONG, "path too long")
     finally:
         os.close(fd)
+
+
+def mount_id(fd: int) -> int:
+    """The mount an open fd is on (its fdinfo's mnt_id): binds of one file system told apart."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    return -1
+
+
+class DeviceRecorder:
+    """PID 1 of a user namespace: a step's mknod of a device node, which the kernel refuses
+    there even to root, made as its placeholder (`lamina.oci.recorded`) and answered as done;
+    the layer written from the upper dir holds the device node, as BuildKit's as root does.
+
+    As the kernel would: a caller without CAP_MKNOD gets EPERM; the node is owned by the
+    caller's fsuid and fsgid (the directory's group when it is setgid), the caller's umask
+    applied. Only on the mounts in `mounts` (the root file system, the layer; /dev's tmpfs,
+    gone after the step as BuildKit's): on a bind or cache mount EPERM, as before.
+    """
+
+    def __init__(self, listener: Listener, mounts: tuple[int, ...]) -> None:
+        self.listener = listener
+        self.mounts = mounts
+
+    def serve_one(self) -> None:
+        call = self.listener.receive()
+        if call is None:
+            return
+        if call.name not in MKNOD_CALLS:  # another ABI's call: the kernel answers it
+            self.listener.answer(call.nid, cont=True)
+            return
+        dirfd, address, mode, dev = mknod_args(call)
+        if not is_device(mode, dev):
+            self.listener.answer(call.nid, cont=True)  # a FIFO, socket or file: no help needed
+            return
+        try:
+            self._mknod(call, dirfd, address, mode, dev)
+            error = 0
+        except OSError as err:
+            error = err.errno or errno.EPERM
+        self.listener.answer(call.nid, error=error)
+
+    def _mknod(self, call: Call, dirfd: int, address: int, mode: int, dev: int) -> None:
+        fields = status_fields(call.pid, ("CapEff", "Uid", "Gid", "Umask"))
+        try:
+            caps = int(fields["CapEff"][0], 16)
+            fsuid, fsgid = int(fields["Uid"][3]), int(fields["Gid"][3])
+            mask = int(fields["Umask"][0], 8)
+        except (KeyError, IndexError, ValueError):
+            raise OSError(errno.ESRCH, "the caller is gone") from None
+        if not caps & (1 << _CAP_MKNOD):
+            raise OSError(errno.EPERM, "no CAP_MKNOD")
+        text = read_string(call.pid, address)
+        name = os.path.basename(text.rstrip("/"))
+        if not text or text.endswith("/"):
+            raise OSError(errno.EEXIST if name in ("", ".", "..") else errno.ENOENT, "not a new name")
+        if name in (".", ".."):
+            raise OSError(errno.EEXIST, "exists")
+        # Resolved from the caller's root, cwd or dirfd, as the kernel would for it.
+        base = f"/proc/{call.pid}/root" if text.startswith("/") else fd_path(call.pid, dirfd)
+        parent = os.path.join(base, os.path.dirname(text.rstrip("/")).lstrip("/"))
+        parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if not self.listener.valid(call.nid):
+                raise OSError(errno.ESRCH, "the caller is gone")  # what was read was another's
+            if mount_id(parent_fd) not in self.mounts:
+                raise OSError(errno.EPERM, "not on the layer's file system")
+            parent_st = os.fstat(parent_fd)
+            kind = "c" if stat.S_IFMT(mode) == stat.S_IFCHR else "b"
+            recorded.make_device(name, kind, os.major(dev), os.minor(dev), mode & ~mask, dir_fd=parent_fd)
+            gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else fsgid
+            if (fsuid, gid) != (os.getuid(), os.getgid()):
+                os.chown(name, fsuid, gid, dir_fd=parent_fd, follow_symlinks=False)
+        finally:
+            os.close(parent_fd)

@@ -247,7 +247,7 @@ def _command(
 
 def _install_filter() -> int:
     """Load the filter that hands chown, device mknod and set*id to our listener; return its fd."""
-    names = _ARCHES[os.uname().machine][2]
+    names = tuple(_ARCHES[os.uname().machine][2])
     return _notify.install_filter(names, foreign_notified=True, no_new_privs=True)
 
 
