@@ -546,6 +546,7 @@ def build(
     platforms: Iterable[str] = (),
     cgroup_parent: str | None = None,
     memory: str | int | None = None,
+    lazy_image: bool = False,
 ) -> BuildResult:
     """Build `dockerfile` (default CONTEXT/Dockerfile) and return a BuildResult.
 
@@ -591,6 +592,9 @@ def build(
     (sandbox.cgroups; refused where this host cannot give a cgroup, e.g. rootless on cgroup v1).
     `isolation` (`sandbox.isolation.Isolation` or its name; None or "auto": `$LAMINA_ISOLATION`,
     else the strongest allowed) is checked before the build: one not allowed here is an error.
+    `lazy_image` (what `lamina build` does): when only the store takes the image, its new layers
+    stay uncompressed until something reads it (cache.store "Pending images"); the result's
+    `image_digest` is then "" and `pending` set, as `docker build` names only the image ID.
     """
     import dataclasses
     import os
@@ -651,6 +655,7 @@ def build(
         cdi_dirs=_cdi_dirs(env),
     )
     to_push = _push_names(options)
+    options = dataclasses.replace(options, lazy_image=lazy_image and not push and not to_push)
     _check_secrets(options.secrets)
     if push:
         from lamina.engine.push import check_push

@@ -984,6 +984,7 @@ def build(
         cache_to=cache_to,
         cache_from=cache_from,
         insecure_registries=insecure_registries,
+        lazy_image=not metadata_file,  # its containerimage.digest names the manifest
     )
     if dry_run:
         if progress == "json":

@@ -47,7 +47,8 @@ def record(result: Any, when: float | None = None, name: str = "") -> dict[str, 
     return {
         **({"name": name} if name else {}),
         "time": time.time() if when is None else when,
-        "image": result.image_digest,
+        # a manifest made on first use (cache.store pending) is not known yet: the image ID
+        "image": result.image_digest or result.config_digest,
         "target": result.target,
         "steps": [
             {

@@ -69,6 +69,9 @@ def test_summary_line_names_image_id_and_manifest() -> None:
     # a multi-platform build made an image index: its digest is named so
     index = dataclasses.replace(SUMMARY, config_digest=SUMMARY.image_digest, index=True)
     assert index.line().startswith(f"built image sha256:{'a' * 64} (index sha256:{'a' * 64}) in ")
+    # an image left pending in the store (cache.store): only the ID, as docker's image store gives
+    pending = dataclasses.replace(SUMMARY, image_digest="", pending=True)
+    assert pending.line().startswith(f"built image sha256:{'c' * 64} (manifest made on first use) in ")
 
 
 def test_auto_is_plain_when_not_a_terminal() -> None:

@@ -214,6 +214,9 @@ class CommittedImage:
     config_bytes: bytes
     diff_ids: tuple[Digest, ...]
     names: tuple[ImageRecord, ...] = ()  # the names tagged
+    # The build's layers are still uncompressed tars: `manifest` names them, and the store
+    # makes the manifest the build asked for on first use (Store.add_pending, .resolve).
+    pending: bool = False
 
 
 def commit_image(

@@ -40,6 +40,9 @@ The API, by kind (all methods are safe to call from several threads):
 - unpacked trees: `new_unpack_dir()`, `publish_unpacked(tmp, diff_id)`,
   `unpacked_path(diff_id)`, `has_unpacked`, `touch_unpacked`;
 - names: `tag(name, manifest, size=, created=)`, `resolve`, `images`, `untag`;
+  `add_pending(manifest, compression, layers)` (a build's image whose new layers are
+  still uncompressed tars: `resolve` and `images` compress them on first use, see
+  "Pending images" below), `lookup` and `names` (as tagged, nothing made);
 - build cache: `cache_get(key)`, `cache_put(key, result, refs)`, `cache_delete`;
 - housekeeping: `du()`, `gc(cache_older_than=, drop_all=, keep_bytes=)`.
 Loading, saving and committing whole images is in lamina.cache.images.
@@ -51,6 +54,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import json
 import math
 import os
 import threading
@@ -73,11 +77,13 @@ from lamina.oci.digest import Digest
 if TYPE_CHECKING:
     import sqlite3
 
+    from lamina.oci.compression import Compression
+
 CHUNK = 1 << 20
 _BUSY_TIMEOUT_S = 60.0
 _LAST_USED_GRAIN_S = 60.0  # gc ages cache entries in hours: a minute's precision is plenty
 _STALE_TMP_S = 24 * 3600  # a temp file this old belongs to a dead process
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: the pending table
 _SQLITE_FULL = 13  # "database or disk is full": sqlite3.SQLITE_FULL from Python 3.11.4 on
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -108,6 +114,12 @@ CREATE TABLE IF NOT EXISTS cache_refs (
 CREATE TABLE IF NOT EXISTS unpacked (
     diff_id TEXT PRIMARY KEY,
     last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending (
+    manifest TEXT PRIMARY KEY,
+    compression TEXT NOT NULL,
+    layers TEXT NOT NULL,
+    made TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -543,6 +555,12 @@ class Store:
         return ImageRecord(name, manifest, size, created)
 
     def resolve(self, name: str) -> ImageRecord:
+        """The image `name` names, its layers compressed first if it is pending (every reader
+        of an image goes through here or `images`, so none sees a pending one)."""
+        return self.materialised(self.lookup(name))
+
+    def lookup(self, name: str) -> ImageRecord:
+        """The image `name` names as tagged: perhaps pending (nothing is made)."""
         with self._sql() as db:
             row = db.execute(
                 "SELECT name, manifest, size, created FROM images WHERE name = ?", (name,)
@@ -552,16 +570,111 @@ class Store:
         return _image_record(row)
 
     def images(self) -> tuple[ImageRecord, ...]:
+        """Every named image, pending ones made (as `resolve`)."""
+        return tuple(self.materialised(record) for record in self.names())
+
+    def names(self) -> tuple[ImageRecord, ...]:
+        """Every name as tagged: pending images stay pending (`cache verify` checks them so)."""
         with self._sql() as db:
             rows = db.execute("SELECT name, manifest, size, created FROM images ORDER BY name").fetchall()
         return tuple(_image_record(row) for row in rows)
 
     def untag(self, name: str) -> ImageRecord:
         """Remove a name; its blobs stay until gc finds nothing else uses them."""
-        record = self.resolve(name)
+        record = self.lookup(name)
         with self._sql() as db:
             db.execute("DELETE FROM images WHERE name = ?", (name,))
         return record
+
+    # --- pending images ---------------------------------------------------------
+    # A `lamina build -t` image is stored with the layers the build made as uncompressed tars
+    # (a valid image: its manifest names them with the tar media type) and a pending row:
+    # the compression the build asked for and which layers to compress. Its config, hence
+    # the image ID, is final. The first reader (`resolve`, `images`) compresses those layers
+    # (on threads; the bytes depend on the tar only, lamina.oci.layer), writes the manifest
+    # the build would have written, and points every name of the pending manifest at it.
+    # A crash before that leaves the names on the pending manifest, a whole image; two
+    # processes making the same one write the same bytes (blobs are renamed into place)
+    # and the same rows, so they agree without a lock.
+
+    def add_pending(self, manifest: Digest, compression: str, layers: Iterable[int]) -> None:
+        """Record the stored `manifest` as pending: its `layers` (indices, uncompressed tars)
+        are to be compressed as `compression` when the image is first read."""
+        with self._sql() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO pending (manifest, compression, layers) VALUES (?, ?, ?)",
+                (str(manifest), compression, _json_list(str(i) for i in layers)),
+            )
+
+    def made_from(self, manifest: Digest) -> Digest | None:
+        """For a pending manifest, the one made of it if that is still stored; else None."""
+        with self._sql() as db:
+            row = db.execute("SELECT made FROM pending WHERE manifest = ?", (str(manifest),)).fetchone()
+        made = Digest.parse(row[0]) if row is not None and row[0] else None
+        return made if made is not None and self.has_blob(made) else None
+
+    def materialised(self, record: ImageRecord) -> ImageRecord:
+        """`record` with a pending manifest made (see above) and its name moved to it."""
+        made = self.make_pending(record.manifest)
+        if made is None:
+            return record
+        return ImageRecord(record.name, made[0], made[1], record.created)
+
+    def make_pending(self, manifest: Digest) -> tuple[Digest, int] | None:
+        """For a pending `manifest`: the manifest made of it (now, unless made and stored
+        already) and its size; every name of `manifest` is moved to it. None when not pending."""
+        with self._sql() as db:
+            row = db.execute(
+                "SELECT compression, layers, made FROM pending WHERE manifest = ?", (str(manifest),)
+            ).fetchone()
+        if row is None:
+            return None
+        compression, layers, made = row
+        if not made or not self.has_blob(Digest.parse(made)):
+            made = str(self._make_pending(manifest, compression, [int(i) for i in json.loads(layers)]))
+        from lamina.oci.image import MAX_DOCUMENT, Manifest
+
+        document = Manifest.from_bytes(self.read_blob(Digest.parse(made), MAX_DOCUMENT))
+        size = document.config.size + sum(layer.size for layer in document.layers)
+        crash_point("pending-made")
+        with self._sql() as db, _transaction(db):
+            db.execute("UPDATE pending SET made = ? WHERE manifest = ?", (made, str(manifest)))
+            db.execute(
+                "UPDATE images SET manifest = ?, size = ? WHERE manifest = ?", (made, size, str(manifest))
+            )
+        return Digest.parse(made), size
+
+    def _make_pending(self, pending: Digest, compression: str, indices: list[int]) -> Digest:
+        """Compress the pending manifest's `indices` layers (in parallel) and store the manifest."""
+        import concurrent.futures
+
+        from lamina.oci.compression import Compression
+        from lamina.oci.image import MAX_DOCUMENT, Manifest
+
+        manifest = Manifest.from_bytes(self.read_blob(pending, MAX_DOCUMENT), f"manifest {pending}")
+        target = Compression.parse(compression)
+        layers = list(manifest.layers)
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(indices), os.cpu_count() or 1))) as pool:
+            made = list(pool.map(lambda i: self._compress_tar(layers[i].digest, target), indices))
+        for i, record in zip(indices, made, strict=True):
+            self.record_layer(record)
+            layers[i] = dataclasses.replace(
+                layers[i], media_type=record.media_type, digest=record.blob, size=record.size
+            )
+        data = dataclasses.replace(manifest, layers=tuple(layers)).to_bytes()
+        return self.put_bytes(data).digest
+
+    def _compress_tar(self, tar: Digest, target: Compression) -> LayerRecord:
+        """The stored uncompressed tar `tar` compressed as `target` into a new blob."""
+        from lamina.oci.compression import Compression
+        from lamina.oci.layer import recompress
+
+        with self.open_blob(tar) as blob, self.blob_writer() as out:
+            info = recompress(blob, Compression.NONE, target, out)  # type: ignore[arg-type]
+            if info.diff_id != tar:
+                raise DigestMismatch(f"layer {tar}: the stored tar hashes to {info.diff_id}")
+            committed = out.commit(info.digest, info.size)
+        return LayerRecord(committed.digest, tar, info.media_type, committed.size)
 
     # --- cache results (the executor's key -> result table) --------------------
 
@@ -758,7 +871,15 @@ class Store:
             )
         freed += self._clear_scratch(remove_tree)
         self._clear_locks()
+        self._forget_pending()
         return GcReport(blobs_removed, unpacked_removed, 0, freed)
+
+    def _forget_pending(self) -> None:
+        """Drop the pending rows whose manifest went (nothing named it any more)."""
+        with self._sql() as db:
+            rows = [row[0] for row in db.execute("SELECT manifest FROM pending")]
+            gone = [(m,) for m in rows if not self.has_blob(Digest.parse(m))]
+            db.executemany("DELETE FROM pending WHERE manifest = ?", gone)
 
     def _clear_locks(self) -> None:
         """Remove the step lock files under locks/ (one per step key ever built: they only

@@ -278,7 +278,7 @@ class _Verifier:
     def _images(self) -> None:
         from lamina.oci.image import MAX_DOCUMENT, ImageFormatError, Index, Manifest, parse_document
 
-        for record in self.store.images():
+        for record in self.store.names():  # as tagged: a pending image is checked as it is
             self.counts["images"] += 1
             where = f"image {record.name}"
             pending = [(record.manifest, None, "manifest")]

@@ -312,7 +312,8 @@ class Executor:
             from lamina.engine.multiplatform import target_config
 
             config = target_config(config, self.plan.target_platform)
-        image = make_image(self.store, config, target.layers, self.options.compression, self.epoch)
+        lazy = self._lazy_image()
+        image = make_image(self.store, config, target.layers, self.options.compression, self.epoch, lazy)
         if any(spec.inline for spec in self.options.cache_to):  # --cache-to type=inline
             from lamina.engine.stepcache import inline_field
 
@@ -348,20 +349,49 @@ class Executor:
         records = tuple(self.records)
         result = BuildResult(
             # with attestations, the index's digest, as BuildKit reports containerimage.digest
-            str(getattr(tagged, "top", tagged.manifest).digest),
+            "" if image.pending else str(getattr(tagged, "top", tagged.manifest).digest),
             str(image.config.digest),
             dataclasses.replace(config, diff_ids=image.diff_ids),
             names,
             records,
             seconds,
             target.name,
+            pending=str(image.manifest.digest) if image.pending else "",
         )
         self.sink.finish(
             BuildSummary(
-                result.image_digest, result.config_digest, result.steps_cached, result.steps_run, seconds
+                result.image_digest,
+                result.config_digest,
+                result.steps_cached,
+                result.steps_run,
+                seconds,
+                pending=image.pending,
             )
         )
         return result
+
+    def _lazy_image(self) -> bool:
+        """Whether the image may stay pending (cache.store): asked for, and nothing in this build
+        needs its manifest or blobs (only the store takes it, as the image exporter's defaults
+        make it; no attestation, cache export or push names it). A multi-platform build's
+        images are compressed at once (multiplatform: its index names their manifests)."""
+        from lamina.engine.imageexport import default_export
+        from lamina.engine.outputspec import OutputType
+
+        options = self.options
+        return (
+            options.lazy_image
+            and not options.cache_to
+            and options.provenance is None
+            and options.sbom is None
+            and all(
+                o.type is OutputType.IMAGE
+                and not o.push
+                and default_export(o, options.compression)
+                and o.epoch(self.epoch) == self.epoch
+                for o in options.outputs
+            )
+        )
 
     def statements(
         self, image: Any, config: ImageConfig, target: StageOutcome | None = None

@@ -139,6 +139,10 @@ class BuildOptions:
     sbom: tuple[tuple[str, str], ...] | None = None  # --sbom: generator= and its params (engine.sbom)
     # --platform: the target platforms, normalised (plan.parse_platforms); () builds the host's.
     platforms: tuple[Platform, ...] = ()
+    # When only the store needs the image (executor._finish decides), leave its new layers
+    # uncompressed and its manifest to the first reader (cache.store "Pending images");
+    # `lamina build` sets it, the API only on request (its result names the manifest).
+    lazy_image: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -168,6 +172,9 @@ class BuildResult:
     # A multi-platform build's image index: image_digest is the index's and so is the image ID
     # (buildx's getImageID, as BuildKit gives no containerimage.config.digest for an index).
     index: bool = False
+    # A lazy build's stored image whose manifest is made on first use (BuildOptions.lazy_image);
+    # image_digest is "" then, as docker's moby exporter names only the image ID.
+    pending: str = ""
 
     @property
     def steps_cached(self) -> int:

@@ -535,25 +535,52 @@ def make_image(
     layers: Sequence[ImageLayer],
     compression: str,
     epoch: int | None,
+    lazy: bool = False,
 ) -> CommittedImage:
-    """Make every layer blob (`layer_blob`), then commit the image (cache.images.commit_image)."""
+    """Make every layer blob (`layer_blob`), then commit the image (cache.images.commit_image).
+
+    `lazy` (only the store needs the image): the layers without a `compression` blob yet are
+    stored as uncompressed tars and the image is left pending (Store.add_pending), compressed
+    by its first reader into the very blobs and manifest an eager commit makes; the config,
+    hence the image ID, is the same either way.
+    """
     from lamina.cache.images import commit_image
     from lamina.cache.store import LayerRecord
+    from lamina.oci.compression import Compression
 
     jobs = [(layer, [below.path for below in reversed(layers[:i])]) for i, layer in enumerate(layers)]
+    later: list[int] = []
+    if lazy and Compression.parse(compression) is not Compression.NONE:
+        later = [
+            i for i, (layer, _) in enumerate(jobs) if _known_blob(store, layer, compression, epoch) is None
+        ]
+    now = [i for i in range(len(jobs)) if i not in later]
     failed: list[int] = []
     try:
-        blobs = layer_blobs(store, jobs, compression, epoch, failed)
+        blobs = layer_blobs(store, [jobs[i] for i in now], compression, epoch, failed)
+        failed.clear()
+        now = later  # failed[] counts in the second list now
+        tars = layer_blobs(store, [jobs[i] for i in later], "none", epoch, failed) if later else []
     except DiskFull as err:
         # The layer was made by a step (maybe cached from an earlier build): name it,
         # as a failure while the step ran would.
-        i = failed[0] if failed else 0
+        i = now[failed[0]] if failed and now else 0
         raise BuildError(f"{layers[i].step or f'layer {i + 1}'}: compress the layer: {err}") from err
-    records = [LayerRecord(d.digest, diff_id, d.media_type, d.size) for d, diff_id in blobs]
+    made, uncompressed = iter(blobs), iter(tars)
+    records = [
+        LayerRecord(d.digest, diff_id, d.media_type, d.size)
+        for d, diff_id in (next(uncompressed) if i in later else next(made) for i in range(len(layers)))
+    ]
     try:
-        return commit_image(store, config, records, annotations=[epoch_annotations(x, epoch) for x in layers])
+        image = commit_image(
+            store, config, records, annotations=[epoch_annotations(x, epoch) for x in layers]
+        )
     except DiskFull as err:
         raise BuildError(f"store the image's config and manifest: {err}") from err
+    if not later:
+        return image
+    store.add_pending(image.manifest.digest, str(Compression.parse(compression).value), later)
+    return dataclasses.replace(image, pending=True)
 
 
 # --- writing outputs -------------------------------------------------------------------

@@ -59,12 +59,15 @@ class BuildSummary:
     steps_run: int
     seconds: float
     index: bool = False  # image_digest is an image index's (a multi-platform build), not a manifest's
+    pending: bool = False  # the manifest is made on first use (image_digest is "")
 
     def line(self) -> str:
         # Both digests, each named: the image ID as docker's "writing image" and `-q` show it,
         # the manifest (or index) as `lamina images` and a registry show it.
         what = "(no image)"
-        if self.config_digest:
+        if self.config_digest and self.pending:  # docker's moby exporter too names only the ID
+            what = f"image {self.config_digest} (manifest made on first use)"
+        elif self.config_digest:
             kind = "index" if self.index else "manifest"
             what = f"image {self.config_digest} ({kind} {self.image_digest})"
         return (

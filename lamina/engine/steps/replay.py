@@ -109,7 +109,8 @@ def record(store: Store, key: str, result: BuildResult, images: list[list[str]],
     """Remember a finished build under its memo key; `images`: [name, platform, manifest digest]
     of each base image (a name for an index: the platform's manifest in it)."""
     value = {
-        "image": result.image_digest,
+        "image": result.image_digest or result.pending,
+        "pending": bool(result.pending),  # "image" is a pending one (cache.store), made on first use
         "config": result.config_digest,
         "target": result.target,
         "bases": images,
@@ -142,7 +143,11 @@ def replay(
         value = json.loads(text)
         if not all(_same_base(store, name, platform, digest) for name, platform, digest in value["bases"]):
             return None
-        stored = _stored_image(store, Digest.parse(value["image"]))
+        digest, pending = Digest.parse(value["image"]), bool(value.get("pending"))
+        if pending and (store.made_from(digest) or _wants_manifest(options)):  # else it stays pending
+            made = store.make_pending(digest)  # cache.store: compressed now (unless made already)
+            digest, pending = (made[0], False) if made is not None else (digest, pending)
+        stored = _stored_image(store, digest)
         if stored is None:
             return None
         config = ImageConfig.from_bytes(store.read_blob(stored.manifest.config.digest, MAX_DOCUMENT))
@@ -179,12 +184,21 @@ def replay(
     _write_outputs(store, options, stored, tuple(names), sink)
     seconds = time.monotonic() - start
     result = BuildResult(
-        value["image"], value["config"], config, tuple(names), tuple(steps), seconds, value["target"],
-        index=stored.index is not None,
+        "" if pending else str(digest), value["config"], config, tuple(names), tuple(steps), seconds,
+        value["target"], index=stored.index is not None, pending=str(digest) if pending else "",
     )  # fmt: skip
-    summary = BuildSummary(result.image_digest, result.config_digest, len(steps), 0, seconds, result.index)
+    summary = BuildSummary(
+        result.image_digest, result.config_digest, len(steps), 0, seconds, result.index, bool(pending)
+    )
     sink.finish(summary)
     return result
+
+
+def _wants_manifest(options: BuildOptions) -> bool:
+    """Whether this build needs its image's manifest now (not left pending: cache.store)."""
+    from lamina.engine.outputspec import OutputType
+
+    return not options.lazy_image or any(o.type is OutputType.OCI for o in options.outputs)
 
 
 def _same_base(store: Store, name: str, platform: str, digest: str) -> bool:
