@@ -14,7 +14,6 @@ import io
 import json
 import platform
 import re
-import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from lamina.errors import SandboxError
 from lamina.oci.compression import open_decompressed
 from lamina.oci.digest import Digest
 from lamina.oci.image import Index, Platform
-from tests import registry_server
 from tests.support.build import build, run_cli, write_context
+from tests.support.registry import skopeo
 
 pytestmark = pytest.mark.sandbox
 
@@ -223,14 +222,6 @@ def test_load_and_save_keep_a_multi_platform_index_with_its_attestations(
     assert expected in done.stderr
     listed = run_cli("images", cache=tmp_path / "third").stdout.splitlines()[1].split()
     assert listed[2] == "(linux/amd64),linux/arm64"  # the index's platforms; amd64's never pulled
-
-
-def skopeo(*args: str) -> str:
-    if registry_server.SKOPEO is None:
-        pytest.skip("skopeo is not installed")
-    done = subprocess.run(["skopeo", *args], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"skopeo {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 def test_the_built_index_goes_through_skopeo_and_the_registry_and_back(

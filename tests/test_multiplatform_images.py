@@ -25,8 +25,8 @@ from lamina.cli import cli
 from lamina.errors import SandboxError
 from lamina.oci.digest import Digest
 from lamina.oci.image import ImageConfig, Index, Manifest, Platform
-from tests import registry_server
 from tests.support.multiplatform import MULTI_NAME
+from tests.support.registry import client_env, skopeo
 
 ARM64 = "linux/arm64"
 AMD64 = "linux/amd64"
@@ -34,14 +34,7 @@ AMD64 = "linux/amd64"
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    home = tmp_path / "home"
-    home.mkdir()
-    return {
-        "HOME": str(home),
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "LAMINA_CACHE": str(tmp_path / "cache"),
-        "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json"),
-    }
+    return client_env(tmp_path)
 
 
 def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
@@ -166,14 +159,6 @@ def _run(env: dict[str, str], *args: str) -> tuple[int, str, str]:
 
 
 # --- registry ------------------------------------------------------------------------------
-
-
-def skopeo(*args: str) -> str:
-    if registry_server.SKOPEO is None:
-        pytest.skip("skopeo is not installed")
-    done = subprocess.run(["skopeo", *args], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"skopeo {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ ran, and that the image digest is the same.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from lamina.engine.progress import BuildSummary, StepEvent, StepStatus
 from lamina.errors import PlanError, RegistryError
 from tests import registry_server
 from tests.support.build import BASE, build, make_cache, run_cli, write_context
+from tests.support.registry import skopeo
 
 needs_registry = pytest.mark.skipif(
     registry_server.REGISTRY is None, reason="docker-registry is not installed"
@@ -55,13 +55,6 @@ class Recorder:
 
     def ran(self) -> list[str]:
         return [e.instruction for e in self.events if e.status is StepStatus.RUNNING]
-
-
-def skopeo(*args: str) -> str:
-    assert registry_server.SKOPEO is not None
-    done = subprocess.run([registry_server.SKOPEO, *args], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"skopeo {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 def layer_of_entry(registry: registry_server.Registry, cache_ref: str, key: str) -> Path:

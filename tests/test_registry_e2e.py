@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from lamina.oci.image import OCI_INDEX, Descriptor, ImageConfig, Manifest, Platf
 from lamina.oci.reference import parse_reference
 from lamina.oci.registry import RegistryClient, RemoteManifest
 from tests import registry_server
+from tests.support.registry import client_env, skopeo
 
 pytestmark = [
     pytest.mark.skipif(registry_server.REGISTRY is None, reason="docker-registry is not installed"),
@@ -60,21 +59,7 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registr
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    """A private HOME, auth file and cache for one test."""
-    home = tmp_path / "home"
-    home.mkdir()
-    return {
-        "HOME": str(home),
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "LAMINA_CACHE": str(tmp_path / "cache"),
-        "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json"),
-    }
-
-
-def skopeo(*args: str) -> str:
-    done = subprocess.run(["skopeo", *args], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"skopeo {' '.join(args)}: {done.stderr}"
-    return done.stdout
+    return client_env(tmp_path)
 
 
 def skopeo_push(archive: Path, dest: str, *extra: str, creds: bool = False) -> None:
