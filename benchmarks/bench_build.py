@@ -18,10 +18,15 @@ included) over the rounds; lamina's cold build also gives its peak RSS
 table, and each round's line ends with the load averages. With --user
 (as root), lamina also runs rootless as that user (who needs subordinate
 ids), and its row's ratio is rootless / root. With --peers, BuildKit (docker 20.10,
-`DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none`) and Buildah
-(`buildah bud --layers`, overlay) are timed the same way when they are
-installed and working (../shared/bench/peers-setup.sh), and the table gets
-their times and lamina's ratio to each (below 1.0: lamina is faster).
+`DOCKER_BUILDKIT=1 docker build --network=none`) and Buildah (`buildah bud
+--layers`, overlay) are timed the same way when they are installed and we are
+root, and the table gets their times and lamina's ratio to each (below 1.0:
+lamina is faster).
+
+What a cold build clears is the bench's own: lamina's cache and Buildah's store
+live in --lab, and BuildKit runs in a dockerd the bench starts for the run (data
+root LAB/dockerd, stopped at exit), whose build cache it prunes whole. The
+machine's dockerd, its images and its shared BuildKit cache are never touched.
 """
 
 from __future__ import annotations
@@ -30,13 +35,12 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from peers import DOCKER, BuildahStore, run, uptime
+from peers import BuildahStore, Dockerd, run, uptime
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "bench"
@@ -129,28 +133,20 @@ class BuildKit:
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
+        self.docker = Dockerd(lab.root / "dockerd")  # its cache is the bench's alone to prune
         self.env = {**os.environ, "DOCKER_BUILDKIT": "1"}
 
     def available(self) -> bool:
-        if not Path(DOCKER).exists():
-            return False
-        return subprocess.run([DOCKER, "info"], capture_output=True).returncode == 0
+        return self.docker.available()
 
     def prune(self) -> None:
-        images = subprocess.run(
-            [DOCKER, "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True, text=True
-        ).stdout.split()
-        for image in images:
-            if image.startswith("bench/"):
-                run([DOCKER, "rmi", "-f", image], check=False)
-        run([DOCKER, "builder", "prune", "-af"], check=False)
-        if subprocess.run([DOCKER, "image", "inspect", BASE], capture_output=True).returncode:
-            run([DOCKER, "load", "-i", str(self.lab.base / "busybox-docker.tar")])
+        tags = [f"bench/{workload}:bk" for workload in WORKLOADS]
+        self.docker.reset(tags, BASE, self.lab.base / "busybox-docker.tar")
 
     def build(self, workload: str) -> float:
         dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
         return run([
-            DOCKER, "build", "--network=none", "-q", "-f", str(dockerfile),
+            *self.docker.cli, "build", "--network=none", "-q", "-f", str(dockerfile),
             "-t", f"bench/{workload}:bk", str(self.lab.ctx),
         ], env=self.env).seconds  # fmt: skip
 
@@ -158,8 +154,8 @@ class BuildKit:
         out = self.lab.root / f"bk-{workload}-oci.tar"
         out.unlink(missing_ok=True)
         return run([
-            "skopeo", "copy", "-q", f"docker-daemon:bench/{workload}:bk",
-            f"oci-archive:{out}:bench/{workload}:bk",
+            "skopeo", "copy", "-q", "--src-daemon-host", self.docker.host,
+            f"docker-daemon:bench/{workload}:bk", f"oci-archive:{out}:bench/{workload}:bk",
         ]).seconds  # fmt: skip
 
 

@@ -40,9 +40,11 @@ largest process of the build, the sandboxed apt/dpkg/gcc included).
 
 Tools, taking turns round by round: lamina as root, lamina rootless (as
 `--user`, who needs subordinate ids in /etc/subuid: apt-get changes owners),
-BuildKit (docker 20.10's, `DOCKER_BUILDKIT=1 docker build --network=none`,
-dockerd from ../shared/bench/peers-setup.sh) and rootful Buildah (`buildah
-bud --layers`, overlay, chroot isolation) where installed. Every number is
+BuildKit (docker 20.10's, `DOCKER_BUILDKIT=1 docker build --network=none`, in
+a dockerd the bench starts for the run, data root LAB/dockerd) and rootful
+Buildah (`buildah bud --layers`, overlay, chroot isolation, its store in LAB)
+where installed. Caches pruned means the bench's own: the machine's dockerd,
+its images and its shared BuildKit cache are never touched. Every number is
 wall seconds of the whole client command; `uptime` is printed beside each
 round, since the machine this ran on was shared.
 """
@@ -65,7 +67,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
-from peers import DOCKER, BuildahStore, Timed, run, uptime  # noqa: E402
+from peers import BuildahStore, Dockerd, Timed, run, uptime  # noqa: E402
 
 BASE = "bench/minbase:bookworm"
 SCENARIOS = ("cold", "noop", "mod", "export")
@@ -266,23 +268,20 @@ class BuildKit:
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
+        self.docker = Dockerd(lab.root / "dockerd")  # its cache is the bench's alone to prune
         self.env = {**os.environ, "DOCKER_BUILDKIT": "1"}
 
     def available(self) -> bool:
-        if not Path(DOCKER).exists():
-            return False
-        return subprocess.run([DOCKER, "info"], capture_output=True).returncode == 0
+        return self.docker.available()
 
     def prune(self) -> None:
-        subprocess.run([DOCKER, "rmi", "-f", "bench/real:bk"], capture_output=True)
-        run([DOCKER, "builder", "prune", "-af"])
-        if subprocess.run([DOCKER, "image", "inspect", BASE], capture_output=True).returncode:
-            run([DOCKER, "load", "-i", str(self.lab.base_docker)])
+        self.docker.reset(["bench/real:bk"], BASE, self.lab.base_docker)
 
     def build(self, peak: bool = False) -> Timed:
         del peak  # the work happens in dockerd, not under the client
         return run(
-            [DOCKER, "build", "--network=none", "--progress=plain", "-t", "bench/real:bk", str(self.lab.ctx)],
+            [*self.docker.cli, "build", "--network=none", "--progress=plain", "-t", "bench/real:bk",
+             str(self.lab.ctx)],
             env=self.env,
         )  # fmt: skip
 
@@ -290,8 +289,9 @@ class BuildKit:
         out = self.lab.root / "bk-real-oci.tar"
         out.unlink(missing_ok=True)
         return run(
-            ["skopeo", "copy", "-q", "docker-daemon:bench/real:bk", f"oci-archive:{out}:bench/real:bk"]
-        )
+            ["skopeo", "copy", "-q", "--src-daemon-host", self.docker.host, "docker-daemon:bench/real:bk",
+             f"oci-archive:{out}:bench/real:bk"]
+        )  # fmt: skip
 
     @staticmethod
     def steps(output: str) -> dict[str, float]:

@@ -3,12 +3,18 @@ peer builders they time lamina against.
 
 - `run(args, env, peak=False)`: a command's wall seconds, its output and (peak=True, by
   `/usr/bin/time -v`) its largest process's resident set, as a `Timed`.
+- `Dockerd(root)`: BuildKit (docker 20.10's, `DOCKER_BUILDKIT=1 docker build`) in a dockerd of
+  the bench's own, its data root under `root`, started on first use and stopped when the
+  bench exits. A cold build prunes that daemon's whole build cache (`docker builder prune
+  -af`) and it alone: the machine's dockerd, its images and its shared BuildKit cache are
+  never touched.
 - `BuildahStore(root)`: rootful Buildah (overlay) with its store under `root`, emptied for a
   cold build and given the base image again.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import re
@@ -19,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DOCKER = "/usr/bin/docker"
+DOCKERD = "/usr/sbin/dockerd"
+_START_SECONDS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +56,67 @@ def run(
 def uptime() -> str:
     """The load averages, to print beside a number taken on a shared machine."""
     return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+class Dockerd:
+    """A dockerd of this bench run's own (no bridge, no iptables, as tests/support/dockerd.sh):
+    its images and build cache live under `root` and nothing else sees them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.socket = root / "docker.sock"
+        self.host = f"unix://{self.socket}"
+        self.cli = [DOCKER, "-H", self.host]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def available(self) -> bool:
+        """Whether docker and dockerd are installed and we are root; starts the daemon."""
+        if not (Path(DOCKER).exists() and Path(DOCKERD).exists() and os.geteuid() == 0):
+            return False
+        return self._started()
+
+    def reset(self, tags: Sequence[str], base: str, base_archive: Path) -> None:
+        """A cold start on this daemon: our tags and its whole build cache gone, `base` loaded."""
+        for tag in tags:
+            run([*self.cli, "rmi", "-f", tag], check=False)
+        run([*self.cli, "builder", "prune", "-af"])
+        if subprocess.run([*self.cli, "image", "inspect", base], capture_output=True).returncode:
+            run([*self.cli, "load", "-i", str(base_archive)])
+
+    def _started(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "dockerd.log", "ab")  # noqa: SIM115 -- the daemon's, for its life
+        self._proc = subprocess.Popen(
+            [
+                DOCKERD, "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
+                "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
+                "--pidfile", str(self.root / "dockerd.pid"), "--host", self.host,
+            ],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        atexit.register(self.stop)
+        deadline = time.monotonic() + _START_SECONDS
+        while time.monotonic() < deadline and self._proc.poll() is None:
+            if subprocess.run([*self.cli, "info"], capture_output=True).returncode == 0:
+                return True
+            time.sleep(0.5)
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        """Stop the daemon we started (by its process, never by name)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class BuildahStore:
