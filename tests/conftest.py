@@ -43,6 +43,19 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _rootless_tmp_cleanup(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Run as a user with subordinate ids, remove what the suite's rootless builds left in
+    /tmp/pytest-of-USER, which pytest itself cannot (tests/support/rootlesstmp.py)."""
+    yield
+    from tests.support.rootlesstmp import remove_leftovers
+
+    passed = request.session.testsfailed == 0
+    remove_leftovers(tmp_path_factory.getbasetemp(), this_session=passed)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     with Store(tmp_path / "cache") as opened:

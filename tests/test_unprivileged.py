@@ -90,42 +90,47 @@ def _sandbox_files(project: Path) -> list[str]:
     )
 
 
-def _pytest_as(user: str, project: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    """`pytest ARGS` as `user` in the project copy. Its TMPDIR, --basetemp and runtime dir
-    live in a scratch directory root removes after: what the run leaves there, owned by
-    the user's subordinate ids too, never piles up in /tmp/pytest-of-USER."""
+def _pytest_as(
+    user: str, project: Path, *args: str, timeout: float, scratch: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`pytest ARGS` as `user` in the project copy. Its TMPDIR, --basetemp (TMPDIR/pytest) and
+    runtime dir live in a scratch directory (tests.support.plainuser.user_scratch) root removes
+    after: what the run leaves, owned by the user's subordinate ids too, never piles up in
+    /tmp/pytest-of-USER. `scratch`: one the caller made and removes."""
+    if scratch is None:
+        with user_scratch(user, f"lamina-pytest-{user}-") as made:
+            return _pytest_as(user, project, *args, timeout=timeout, scratch=made)
     python, pythonpath = _interpreter(user, project)
-    with user_scratch(user, f"lamina-pytest-{user}-") as scratch:
-        tmp = scratch / "tmp"
-        env = {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "PYTHONPATH": pythonpath,
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "HOME": str(project.parent),
-            "LANG": "C.UTF-8",
-            "TMPDIR": str(tmp),
-            # A login session's own runtime dir: without one, skopeo and podman look in
-            # /run/containers/UID, which a root podman or buildah leaves closed (0700).
-            "XDG_RUNTIME_DIR": _user_dir(user, tmp / "run"),
-        }
-        from tests.support.minbase import CACHED, ENV_VAR
+    tmp = scratch / "tmp"
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": pythonpath,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "HOME": str(project.parent),
+        "LANG": "C.UTF-8",
+        "TMPDIR": str(tmp),
+        # A login session's own runtime dir: without one, skopeo and podman look in
+        # /run/containers/UID, which a root podman or buildah leaves closed (0700).
+        "XDG_RUNTIME_DIR": _user_dir(user, tmp / "run"),
+    }
+    from tests.support.minbase import CACHED, ENV_VAR
 
-        if CACHED.is_file():  # the Debian root tests/test_build_apt.py made as root
-            env[ENV_VAR] = str(CACHED)
-        from tests.support import multiplatform
+    if CACHED.is_file():  # the Debian root tests/test_build_apt.py made as root
+        env[ENV_VAR] = str(CACHED)
+    from tests.support import multiplatform
 
-        if multiplatform.why_no_arm64() is None:  # fetched as root (apt-get download), read by them
-            env[multiplatform.ENV_VAR] = str(multiplatform.arm64_busybox())
-            env[multiplatform.ARMHF_ENV_VAR] = str(multiplatform.foreign_busybox("armhf"))
-        command = [python, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={tmp / 'pytest'}", *args]
-        return subprocess.run(
-            [system_tool("runuser"), "-u", user, "--", *command],
-            cwd=project,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+    if multiplatform.why_no_arm64() is None:  # fetched as root (apt-get download), read by them
+        env[multiplatform.ENV_VAR] = str(multiplatform.arm64_busybox())
+        env[multiplatform.ARMHF_ENV_VAR] = str(multiplatform.foreign_busybox("armhf"))
+    command = [python, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={tmp / 'pytest'}", *args]
+    return subprocess.run(
+        [system_tool("runuser"), "-u", user, "--", *command],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _passed(output: str) -> int:
@@ -225,3 +230,22 @@ def test_a_run_as_a_user_with_subordinate_ids_leaves_nothing_behind(project_copy
     tmpdir = Path(re.search(r"TMPDIR=(\S+)", done.stdout).group(1))  # type: ignore[union-attr]
     assert not tmpdir.parent.exists()  # its scratch: TMPDIR, --basetemp and all in them
     assert (sorted(shared.iterdir()) if shared.exists() else []) == before
+
+
+def test_a_passing_rootless_session_removes_its_subordinate_id_trees(project_copy: Path) -> None:
+    """Run as a user with subordinate ids (a developer's laptop), the suite itself removes
+    the trees its rootless builds left under tmp_path, through the user's namespace helper
+    (tests/conftest.py, tests/support/rootlesstmp.py): pytest, as the user, cannot."""
+    ensure_user(WITH_RANGE)
+    set_range(WITH_RANGE, True)
+    test_file = project_copy / "tests" / "test_zz_leaves_trees.py"  # under the suite's conftest
+    test_file.write_text(LEAVES_A_TREE)
+    test_file.chmod(0o644)
+    try:
+        with user_scratch(WITH_RANGE, "lamina-pytest-rootless-") as scratch:
+            args = ("-q", "-s", str(test_file.relative_to(project_copy)))
+            done = _pytest_as(WITH_RANGE, project_copy, *args, timeout=300, scratch=scratch)
+            assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
+            assert list((scratch / "tmp" / "pytest").iterdir()) == []  # the session's basetemp
+    finally:
+        test_file.unlink()
