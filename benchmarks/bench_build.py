@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from peers import BuildahStore, Dockerd, run, uptime
+from peers import BuildahStore, BuildKitPeer, run, uptime
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "bench"
@@ -128,16 +128,10 @@ class Lamina:
         ], env=self.env).seconds  # fmt: skip
 
 
-class BuildKit:
-    name = "buildkit"
-
+class BuildKit(BuildKitPeer):
     def __init__(self, lab: Lab) -> None:
+        super().__init__(lab.root)
         self.lab = lab
-        self.docker = Dockerd(lab.root / "dockerd")  # its cache is the bench's alone to prune
-        self.env = {**os.environ, "DOCKER_BUILDKIT": "1"}
-
-    def available(self) -> bool:
-        return self.docker.available()
 
     def prune(self) -> None:
         tags = [f"bench/{workload}:bk" for workload in WORKLOADS]

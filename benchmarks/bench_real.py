@@ -67,7 +67,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
-from peers import BuildahStore, Dockerd, Timed, run, uptime  # noqa: E402
+from peers import BuildahStore, BuildKitPeer, Timed, run, uptime  # noqa: E402
 
 BASE = "bench/minbase:bookworm"
 SCENARIOS = ("cold", "noop", "mod", "export")
@@ -263,16 +263,10 @@ class Lamina:
         return found
 
 
-class BuildKit:
-    name = "buildkit"
-
+class BuildKit(BuildKitPeer):
     def __init__(self, lab: Lab) -> None:
+        super().__init__(lab.root)
         self.lab = lab
-        self.docker = Dockerd(lab.root / "dockerd")  # its cache is the bench's alone to prune
-        self.env = {**os.environ, "DOCKER_BUILDKIT": "1"}
-
-    def available(self) -> bool:
-        return self.docker.available()
 
     def prune(self) -> None:
         self.docker.reset(["bench/real:bk"], BASE, self.lab.base_docker)

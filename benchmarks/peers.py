@@ -8,6 +8,7 @@ peer builders they time lamina against.
   bench exits. A cold build prunes that daemon's whole build cache (`docker builder prune
   -af`) and it alone: the machine's dockerd, its images and its shared BuildKit cache are
   never touched.
+- `BuildKitPeer(lab_root)`: the base of a bench's BuildKit tool: `docker build` on its Dockerd.
 - `BuildahStore(root)`: rootful Buildah (overlay) with its store under `root`, emptied for a
   cold build and given the base image again.
 """
@@ -117,6 +118,20 @@ class Dockerd:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class BuildKitPeer:
+    """The BuildKit a bench times: `docker build` (DOCKER_BUILDKIT=1) on its own `Dockerd`,
+    whose data root is `lab_root`/dockerd. A bench's subclass adds prune, build and export."""
+
+    name = "buildkit"
+
+    def __init__(self, lab_root: Path) -> None:
+        self.docker = Dockerd(lab_root / "dockerd")  # its cache is the bench's alone to prune
+        self.env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+
+    def available(self) -> bool:
+        return self.docker.available()
 
 
 class BuildahStore:
