@@ -99,12 +99,16 @@ def attached(pid: int, publish: Sequence[PublishedPort] = ()) -> Iterator[None]:
             why = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace").strip()
             last = why.splitlines()[-1] if why else f"exit status {proc.returncode}"
             raise SandboxError(f"set up the default network (slirp4netns): {last}")
-        for port in publish:
-            _forward(f"{api_dir}/api.sock", port)
+        try:
+            for port in publish:
+                _forward(f"{api_dir}/api.sock", port)
+        finally:
+            # Its API is needed for the forwards alone: gone now, a kill (SIGTERM to a long
+            # `lamina run -p`) cannot leave the directory behind in /tmp.
+            if api_dir:
+                shutil.rmtree(api_dir, ignore_errors=True)
         yield
     finally:
-        if api_dir:
-            shutil.rmtree(api_dir, ignore_errors=True)
         os.close(exit_w)
         # The namespace is gone with the step: nothing to flush. Killed, and
         # reaped on a thread: its poll loop takes ~30 ms to notice the exit
