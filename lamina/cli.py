@@ -359,7 +359,13 @@ def load(file: str | None, input_: str | None, name: str | None, quiet: bool, pl
         raise click.UsageError("give the file once: FILE or -i FILE")
     with contextlib.ExitStack() as stack:
         path = file or input_ or stack.enter_context(_stdin_archive())
-        for record in api.load(path, name=name, platform=platform):
+        try:
+            records = api.load(path, name=name, platform=platform)
+        except LaminaError as err:
+            if path not in (file, input_) and err.args and isinstance(err.args[0], str):
+                err.args = (err.args[0].replace(path, "stdin"), *err.args[1:])  # not the spool's name
+            raise
+        for record in records:
             if not quiet:
                 click.echo(f"Loaded image: {display_name(record.name)} ({record.manifest.short})")
 
@@ -380,8 +386,11 @@ def _stdin_archive() -> Iterator[str]:
     scratch = Path(default_cache_root(os.environ)) / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(prefix="load-stdin-", suffix=".tar", dir=scratch) as spool:
-        shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
-        spool.flush()
+        try:
+            shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+            spool.flush()
+        except OSError as err:  # a full disk, most likely
+            raise LaminaError(f"load stdin: write {spool.name}: {err.strerror or err}") from err
         yield spool.name
 
 

@@ -69,3 +69,13 @@ def test_load_refuses_two_files_and_a_terminal_in_one_line(busybox_image: Path, 
         os.close(follower)
     assert done.returncode == 2
     assert "no file given and stdin is a terminal: give FILE, -i FILE or pipe a tar" in done.stderr
+
+
+def test_junk_on_stdin_is_one_line_naming_stdin(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"junk" * 300)
+    with open(junk, "rb") as stdin:
+        done = _lamina(tmp_path / "cache", "load", stdin=stdin)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: stdin: ") and done.stderr.count("\n") == 1, done.stderr
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
