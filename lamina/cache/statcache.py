@@ -14,11 +14,13 @@ moves the ctime, so an unchanged identity known plain needs no listxattr
 on a rebuild.
 
 Storage is one small binary file of fixed-size records per build context,
-loaded whole (a dict lookup per file is the cheapest thing a no-op rebuild
-can do). New digests are appended to it; it is replaced atomically by
-rename when it needs pruning or is torn. Several lamina processes may share
-it: a writer merges what is on disk before replacing it, and a lost update
-only costs a re-hash, never a wrong digest.
+loaded whole into one packed table (`cache.packedtable`: the records as they
+are on disk, ~83 bytes a file in memory where a dict and a set of them took
+~250; a million-file context holds a million, issue 22). New digests are
+appended to it; it is replaced atomically by rename when it needs pruning or
+is torn. Several lamina processes may share it: a writer merges what is on
+disk before replacing it, and a lost update only costs a re-hash, never a
+wrong digest.
 
 A cold build of a big context (issue 22) reads each file once: small files
 on the calling thread (threads only contend for the interpreter there),
@@ -164,6 +166,7 @@ class StatCache:
         # write without reading them again (each file read once per build; see take).
         self._kept: dict[bytes, bytes] = {}
         self._kept_bytes = 0
+        self._held: set[str | None] = set()  # scopes a build used whole (hold)
 
     def take(self, key: StatKey) -> bytes | None:
         """The content of the build-context file of stat identity `key`, if this
@@ -222,6 +225,11 @@ class StatCache:
             with self._lock:
                 shard.plain.add(key)
                 shard.new[key] = digest
+
+    def hold(self, scope: str | None) -> None:
+        """This build relied on every digest of `scope` without looking each up (a COPY
+        keyed from directory records, steps.copyadd.dirkeys): none is pruned as unused."""
+        self._held.add(scope)
 
     def size(self, scope: str | None) -> int:
         """How many digests the scope holds (loading it)."""
@@ -297,13 +305,14 @@ class StatCache:
         a few files writes a few records, not the whole context's), or the shard
         rewritten, merged with what other processes wrote, when it needs pruning."""
         with self._lock:
-            for shard in self._shards.values():
+            for scope, shard in self._shards.items():
                 if shard.path is None or not shard.new:
                     continue
                 with contextlib.suppress(OSError):  # an unwritable cache only costs re-hashing
                     # Bound a shard to about its context's size: drop what this
                     # build did not see once stale entries dominate.
-                    used = shard.used_count()
+                    held = scope in self._held
+                    used = len(shard.entries) if held else shard.used_count()
                     stale = len(shard.entries) > 2 * used + _SLACK
                     if stale or not _append(shard.path, shard.new, shard.plain):
                         merged: dict[bytes, bytes] = {}
@@ -312,7 +321,7 @@ class StatCache:
                         merged.update(shard.entries)
                         plain |= shard.plain
                         if len(merged) > 2 * used + _SLACK:
-                            kept = shard.entries if shard.fresh else shard.used
+                            kept = shard.entries if shard.fresh or held else shard.used
                             merged = {k: v for k, v in merged.items() if k in kept}
                         _store(shard.path, merged, plain)
                         shard.entries, shard.plain = merged, plain

@@ -7,6 +7,8 @@ pass saw, compactly (per directory: its sorted names and one packed record
 of stat fields per name, ~80 bytes an entry), and the context walk takes a
 directory's listing from here instead of calling lstat again (`take`; each
 directory once, so a second walk of it, or a later build, reads the disk).
+A COPY's directory keys (`steps.copyadd.dirkeys`) look at a listing without
+taking it (`listing`), or `scan` a directory the pass did not see.
 
 What is kept is forgotten when the build ends (`forget`, called by the
 executor), so a listing is never older than the build that made it: a file
@@ -20,50 +22,106 @@ on its start-up time.
 from __future__ import annotations
 
 import os
-import stat
 import struct
 import threading
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
-__all__ = ["fingerprint", "forget", "take"]
+__all__ = ["Listing", "fingerprint", "forget", "listing", "scan", "stats", "take"]
 
 # st_mode, st_uid, st_gid, st_nlink, st_size, st_mtime_ns, st_ctime_ns, st_ino, st_dev, st_rdev
 _FIELDS = struct.Struct("<IIIIQqqQQQ")
+CTIME_AT = 24  # the offset of st_ctime_ns in a packed record
+RECORD_SIZE = _FIELDS.size
 _lock = threading.Lock()
-# context real path -> directory (relative, "" for the root) -> (names joined by "/", packed stats)
-_seen: dict[str, dict[str, tuple[str, bytes]]] = {}
+
+
+class Listing(NamedTuple):
+    """One directory as a stat pass saw it: names joined by "/" ("/" never occurs in a
+    name: one string per directory, not one object per entry), their packed lstat
+    fields in the same order, and the wall clock (ns) before the directory was read."""
+
+    names: str
+    packed: bytes
+    since: int
+
+
+# context real path -> directory (relative, "" for the root) -> its listing
+_seen: dict[str, dict[str, Listing]] = {}
+
+
+def scan(directory: str, since: int = 0) -> tuple[Listing, list[str]]:
+    """The listing of `directory` (by name) and the names of its subdirectories.
+    `since`: the clock reading to record (taken now when 0). Raises OSError."""
+    since = since or time.time_ns()
+    pack = _FIELDS.pack
+    with os.scandir(directory) as it:
+        entries = sorted(it, key=_name)
+    packed = []
+    dirs = []
+    for entry in entries:
+        st = entry.stat(follow_symlinks=False)
+        fields = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size, st.st_mtime_ns)
+        packed.append(pack(*fields, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_rdev))
+        if entry.is_dir(follow_symlinks=False):  # d_type, or the lstat just made
+            dirs.append(entry.name)
+    return Listing("/".join([entry.name for entry in entries]), b"".join(packed), since), dirs
+
+
+def _name(entry: os.DirEntry[str]) -> str:
+    return entry.name
 
 
 def fingerprint(root: str | os.PathLike[str], h: Any) -> None:
     """Feed the stat identity of every entry under `root` into `h` (no file is read),
-    and keep what was seen for the walk of the same build (see the module docstring)."""
+    and keep what was seen for the walk of the same build (see the module docstring).
+
+    Each directory goes in as its path, its names and their packed lstat fields
+    (mode, owner, links, size, mtime, ctime, inode, device, rdev): one update
+    per directory, not a formatted line per entry.
+    """
     top = os.fspath(root)
-    listing: dict[str, tuple[str, bytes]] = {}
-    pack = _FIELDS.pack
+    seen: dict[str, Listing] = {}
+    since = time.time_ns()  # one reading for the pass: earlier than any directory's read
+    h.update(b"%d\0%s\0" % (len(top), _encode(top)))
     pending = [(top, "")]
     while pending:
         directory, rel = pending.pop()
-        with os.scandir(directory) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        packed = []
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            h.update(
-                f"{entry.path}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0"
-                f"{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}\n".encode(
-                    "utf-8", "surrogateescape"
-                )
-            )
-            fields = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size, st.st_mtime_ns)
-            packed.append(pack(*fields, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_rdev))
-            if stat.S_ISDIR(st.st_mode):
-                pending.append((entry.path, f"{rel}/{entry.name}" if rel else entry.name))
-        names = [entry.name for entry in entries]
-        # "/" never occurs in a name: one string per directory, not one object per entry
-        listing[rel] = ("/".join(names), b"".join(packed))
+        found, dirs = scan(directory, since)
+        seen[rel] = found
+        names = _encode(found.names)
+        h.update(b"%d\0%s\0%d\0%s\0%s" % (len(rel), _encode(rel), len(names), names, found.packed))
+        prefix = f"{rel}/" if rel else ""
+        pending.extend((f"{directory}/{name}", prefix + name) for name in dirs)
     with _lock:
         _seen.clear()  # one context at a time: a process building many keeps one listing
-        _seen[os.path.realpath(top)] = listing
+        _seen[os.path.realpath(top)] = seen
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def listing(root: str, rel: str) -> Listing | None:
+    """The listing the fingerprint saw of directory `rel` of the context whose real path
+    is `root`, left in place for the walk; None when it has none."""
+    with _lock:
+        found = _seen.get(root)
+        return found.get(rel) if found is not None else None
+
+
+def stats(found: Listing) -> list[tuple[str, os.stat_result]]:
+    """The entries (name, lstat) of a listing, by name."""
+    if not found.names:
+        return []
+    result = []
+    for name, (mode, uid, gid, nlink, size, mtime_ns, ctime_ns, ino, dev, rdev) in zip(
+        found.names.split("/"), _FIELDS.iter_unpack(found.packed), strict=True
+    ):
+        times = (mtime_ns // 1_000_000_000, ctime_ns // 1_000_000_000, 0.0, mtime_ns / 1e9, ctime_ns / 1e9)
+        fields = (mode, ino, dev, nlink, uid, gid, size, 0, *times, 0, mtime_ns, ctime_ns, 0, 0, rdev)
+        result.append((name, os.stat_result(fields)))
+    return result
 
 
 def take(root: str, rel: str) -> list[tuple[str, os.stat_result]] | None:
@@ -74,19 +132,7 @@ def take(root: str, rel: str) -> list[tuple[str, os.stat_result]] | None:
     with _lock:
         listing = _seen.get(root)
         found = listing.pop(rel, None) if listing is not None else None
-    if found is None:
-        return None
-    names, packed = found
-    if not names:
-        return []
-    result = []
-    for name, (mode, uid, gid, nlink, size, mtime_ns, ctime_ns, ino, dev, rdev) in zip(
-        names.split("/"), _FIELDS.iter_unpack(packed), strict=True
-    ):
-        times = (mtime_ns // 1_000_000_000, ctime_ns // 1_000_000_000, 0.0, mtime_ns / 1e9, ctime_ns / 1e9)
-        fields = (mode, ino, dev, nlink, uid, gid, size, 0, *times, 0, mtime_ns, ctime_ns, 0, 0, rdev)
-        result.append((name, os.stat_result(fields)))
-    return result
+    return stats(found) if found is not None else None
 
 
 def forget() -> None:

@@ -411,21 +411,29 @@ def selection_key(tree: SourceTree, selection: Selection) -> Digest:
     """sha256 over what the selection writes (never mtimes); reads only changed files."""
     h = hashlib.sha256()
     for made in selection.made_dirs:
-        record = f"mkdir\0{made.dest}\0{made.mode:o}\0{made.uid}\0{made.gid}\n"
-        h.update(record.encode("utf-8", "surrogateescape"))
+        h.update(made_dir_record(made))
     digests = tree.file_digests([item.entry for item in selection.items])
     first_links: dict[bytes, str] = {}
     for item in selection.items:
-        content = digests.get(item.entry.path, b"")
-        h.update(entry_record(item.dest, item.entry, item.mode, item.uid, item.gid, content))
-        # The xattrs COPY writes too (a file's ctime, hence its digest's stat key, moves with them).
-        found = tree.xattrs(item.entry)
-        if found:
-            h.update(
-                b"xattrs\0" + b"".join(b"%s\0%d:%s" % (os.fsencode(n), len(v), v) for n, v in found) + b"\n"
-            )
+        h.update(item_record(tree, item, digests.get(item.entry.path, b"")))
         if item.entry.type is EntryType.FILE and item.entry.nlink > 1:
             first = first_links.setdefault(item.entry.key[:16], item.dest)  # st_dev, st_ino
             if first != item.dest:  # written as a hardlink: the layer differs
                 h.update(f"hardlink\0{item.dest}\0{first}\n".encode("utf-8", "surrogateescape"))
     return Digest("sha256", h.hexdigest())
+
+
+def made_dir_record(made: MadeDir) -> bytes:
+    """The bytes the key hashes for a directory the copy makes."""
+    return f"mkdir\0{made.dest}\0{made.mode:o}\0{made.uid}\0{made.gid}\n".encode("utf-8", "surrogateescape")
+
+
+def item_record(tree: SourceTree, item: CopyItem, content: bytes) -> bytes:
+    """The bytes the key hashes for one item (`content`: its file's digest, else b""),
+    but for hard links, which depend on the items before it (dirkeys stores these bytes)."""
+    record = entry_record(item.dest, item.entry, item.mode, item.uid, item.gid, content)
+    # The xattrs COPY writes too (a file's ctime, hence its digest's stat key, moves with them).
+    found = tree.xattrs(item.entry)
+    if found:
+        record += b"xattrs\0" + b"".join(b"%s\0%d:%s" % (os.fsencode(n), len(v), v) for n, v in found) + b"\n"
+    return record

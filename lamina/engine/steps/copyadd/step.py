@@ -30,13 +30,14 @@ from lamina.engine.steps import metadata as md
 from lamina.engine.steps.base import source_stage, stage_index
 from lamina.engine.steps.copyadd.archive import unpack_archives
 from lamina.engine.steps.copyadd.chmod import Chmod, parse_chmod
+from lamina.engine.steps.copyadd.dirkeys import context_key
 from lamina.engine.steps.copyadd.fetch import fetch_url, write_fetched
 from lamina.engine.steps.copyadd.heredoc import expand_heredoc, write_heredoc
 from lamina.engine.steps.copyadd.placement import PriorCopy, Written, read_written, write_selection
 from lamina.engine.steps.copyadd.selection import CopyOptions, destination_path, select_sources, selection_key
 from lamina.engine.steps.layerstep import layer_step, step_env
 from lamina.engine.steps.layerview import LayerView
-from lamina.engine.steps.missfacts import selection_files
+from lamina.engine.steps.missfacts import MAX_FILES, selection_files
 from lamina.engine.steps.owners import chown_all
 from lamina.engine.steps.users import resolve_owner
 from lamina.errors import InstructionError
@@ -235,13 +236,13 @@ def _read_sources(executor: StepHost, state: StageState, copy: _Copy) -> _Source
     sources = _Sources([], "")
     if copy.local:
         from_ = copy.from_
-        materialize, digest = _select(
+        materialize, digest, items = _select(
             executor, state, copy.instruction, from_, copy.local, copy.dest, copy.options, copy.image
         )
         content.update(f"files\0{digest}\n".encode())
         sources.parts.append(("files", materialize))
-        if not from_:  # the context's selection is made already; a stage's may not be
-            sources.files = selection_files(*materialize())
+        if not from_:  # listed on every build (a later miss names them), up to missfacts' limit
+            sources.files = selection_files(*materialize()) if items <= MAX_FILES else ()
         else:
             index = stage_index(from_)
             index = executor.plan.names.get(from_.lower()) if index is None else index
@@ -436,18 +437,31 @@ def _select(
     dest: str,
     options: Any,
     image: Any,
-) -> tuple[Any, str]:
-    """(a function giving (source tree, selection), content digest) of the local sources.
+) -> tuple[Any, str, int]:
+    """(a function giving (source tree, selection), content digest, how many items) of the
+    local sources (items: 0 for a --from stage, whose files are not listed on a hit).
 
-    For an unchanged `--from` stage the digest comes from a memo, and the
-    stage's files are only merged if the step must actually run.
+    The build context's directories are keyed from their records (dirkeys), and the
+    selection is made only if the step runs. For an unchanged `--from` stage the digest
+    comes from a memo, and the stage's files are only merged if the step must actually run.
     """
     if not from_:
         tree = executor.context()
         with bulk():
-            selection = select_sources(tree, sources, dest, options, image)
-            digest = str(selection_key(tree, selection))
-        return (lambda: (tree, selection)), digest
+            keyed = context_key(tree, sources, dest, options, image, executor.store.root)
+            if keyed is None:
+                selection = select_sources(tree, sources, dest, options, image)
+                digest = str(selection_key(tree, selection))
+                return (lambda: (tree, selection)), digest, len(selection.items)
+        made: list[Any] = []
+
+        def select() -> tuple[Any, Any]:
+            if not made:
+                with bulk():
+                    made.append(select_sources(tree, sources, dest, options, image))
+            return tree, made[0]
+
+        return select, str(keyed.digest), keyed.items
     outcome = source_stage(executor, from_, instruction.location)
     # The selection also depends on what the destination stage holds: its key says. The
     # stage's layer dirs are in it too: --no-cache(-filter) reruns a stage under the same
@@ -462,11 +476,11 @@ def _select(
 
     memo = executor.store.cache_get(memo_key)
     if memo is not None:
-        return materialize, memo
+        return materialize, memo, 0
     tree, selection = materialize()
     digest = str(selection_key(tree, selection))
     executor.store.cache_put(memo_key, digest)
-    return (lambda: (tree, selection)), digest
+    return (lambda: (tree, selection)), digest, 0
 
 
 def _literal_prefix(source: str) -> str:

@@ -1,0 +1,237 @@
+"""A COPY of the build context keyed from per-directory records (steps.copyadd.dirkeys).
+
+The key from records must be the key `selection_key` gives the same tree
+keyed from nothing, after any change: a stale record is never used. Each
+case keys a tree once (records stored), changes it, and compares the key
+from records with the key of a fresh walk; the key must also have moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from lamina.cache.statcache import StatCache
+from lamina.engine import statpass
+from lamina.engine.context import open_build_context
+from lamina.engine.steps.copyadd import dirkeys
+from lamina.engine.steps.copyadd.chmod import parse_chmod
+from lamina.engine.steps.copyadd.selection import CopyOptions, select_sources, selection_key
+
+PLAIN = CopyOptions()
+FILES = {
+    "a/x.txt": "x",
+    "a/b/y.txt": "yy",
+    "a/b/c/deep.txt": "deep",
+    "z.txt": "zzz",
+    "keep/k1": "k1",
+    "keep/sub/k2": "k2",
+    "skip/s": "s",
+    "skip/inner/back.txt": "back",
+    "logs/1.log": "one",
+    "logs/keep.log": "kept",
+}
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "ctx"
+    for rel, text in FILES.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "a" / "link").symlink_to("x.txt")
+    (root / "empty").mkdir()
+    os.chmod(root / "z.txt", 0o751)
+    (root / ".dockerignore").write_text("skip\n!skip/inner/back.txt\nlogs/*.log\n!logs/keep.log\n")
+    _settle()
+    yield root
+    statpass.forget()
+
+
+def _settle() -> None:
+    """Let the tree's timestamps age past the racy window, or no record is stored."""
+    time.sleep(dirkeys._SETTLE_NS / 1e9 + 0.05)
+
+
+class Keys:
+    """Keys one tree the way a build does: from records (with a memo stat pass or not),
+    and from nothing (the ordinary walk and selection_key)."""
+
+    def __init__(self, root: Path, cache: Path) -> None:
+        self.root = root
+        self.cache = cache
+        self.drafted: list[str] = []
+
+    def from_records(
+        self, sources: list[str], dest: str = "/out/", options: CopyOptions = PLAIN, memo: bool = True
+    ) -> str:
+        statpass.forget()
+        if memo:
+            statpass.fingerprint(self.root, hashlib.sha256())
+        with StatCache(self.cache) as stat_cache:
+            tree = open_build_context(self.root, stat_cache)
+            keyed = dirkeys.context_key(tree, sources, dest, options, None, self.cache)
+        statpass.forget()
+        assert keyed is not None
+        return str(keyed.digest)
+
+    def fresh(self, sources: list[str], dest: str = "/out/", options: CopyOptions = PLAIN) -> str:
+        statpass.forget()
+        tree = open_build_context(self.root, StatCache(None))
+        return str(selection_key(tree, select_sources(tree, sources, dest, options, None)))
+
+
+@pytest.fixture
+def keys(ctx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Keys:
+    made = Keys(ctx, tmp_path / "cache")
+    original = dirkeys._Walk._draft
+
+    def spy(self: dirkeys._Walk, rel: str, *args: object) -> object:
+        made.drafted.append(rel)
+        return original(self, rel, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dirkeys._Walk, "_draft", spy)
+    return made
+
+
+def test_the_key_from_records_is_the_ordinary_key(keys: Keys) -> None:
+    first = keys.from_records(["."])
+    assert first == keys.fresh(["."])
+    assert "" in keys.drafted and "a/b/c" in keys.drafted
+    keys.drafted.clear()
+    assert keys.from_records(["."]) == first
+    assert keys.drafted == []  # every directory from its record
+    assert keys.from_records(["."], memo=False) == first  # its own stat pass: the same listings
+    assert keys.drafted == []
+
+
+def _rewrite_same_size_keep_mtime(root: Path) -> None:
+    path = root / "a" / "b" / "y.txt"
+    st = path.stat()
+    path.write_text("zz")  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored: only the ctime moves
+
+
+def _set_xattr(root: Path) -> None:
+    try:
+        os.setxattr(root / "a" / "x.txt", "user.h3test", b"v")
+    except OSError as err:
+        pytest.skip(f"{root} holds no user xattrs: {err}")
+
+
+def _retarget(root: Path) -> None:
+    (root / "a" / "link").unlink()
+    (root / "a" / "link").symlink_to("b")
+
+
+def _move(root: Path) -> None:
+    os.rename(root / "a" / "b" / "c" / "deep.txt", root / "keep" / "sub" / "deep.txt")
+
+
+CHANGES: dict[str, tuple[Callable[[Path], None], set[str]]] = {
+    # name: (the change, directories whose record it may make again; the others are reused)
+    "rename": (lambda root: os.rename(root / "a" / "x.txt", root / "a" / "x2.txt"), {"", "a"}),
+    "same size, mtime restored": (_rewrite_same_size_keep_mtime, {"a/b"}),
+    "chmod": (lambda root: os.chmod(root / "a" / "b" / "y.txt", 0o600), {"a/b"}),
+    "xattr added": (_set_xattr, {"a"}),
+    "symlink retargeted": (_retarget, {"", "a"}),
+    "moved between directories": (_move, {"", "a", "a/b", "a/b/c", "keep", "keep/sub"}),
+    "directory chmod": (lambda root: os.chmod(root / "a" / "b" / "c", 0o700), {"a/b"}),
+    "file added": (lambda root: (root / "empty" / "new").write_text("n"), {"", "empty"}),
+    "left-out file kept by a new file": (lambda root: (root / "skip" / "inner" / "x").write_text("x"), None),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_changed_tree_is_keyed_as_the_cold_build_keys_it(keys: Keys, change: str) -> None:
+    before = keys.from_records(["."])
+    apply, may_redo = CHANGES[change]
+    apply(keys.root)
+    keys.drafted.clear()
+    after = keys.from_records(["."])
+    assert after == keys.fresh(["."])
+    assert after != before or change == "left-out file kept by a new file"
+    if may_redo is not None:
+        assert set(keys.drafted) <= may_redo | {"", "a", "a/b", "keep", "keep/sub", "empty"}
+        assert set(keys.drafted) & may_redo  # the changed directory was keyed again
+        assert "a/b/c" not in keys.drafted or "a/b/c" in may_redo
+
+
+def test_a_new_ignore_pattern_or_option_uses_no_record_of_another(keys: Keys) -> None:
+    before = keys.from_records(["."])
+    (keys.root / ".dockerignore").write_text("skip\na/b\n")
+    after = keys.from_records(["."])
+    assert after == keys.fresh(["."]) and after != before
+    for options in (
+        CopyOptions(excludes=("**/*.txt", "!z.txt")),
+        CopyOptions(excludes=("a",)),
+        CopyOptions(chown=(7, 8)),
+        CopyOptions(chmod=parse_chmod("go-r")),
+        CopyOptions(chmod=parse_chmod("0700")),
+    ):
+        keys.from_records(["."], options=options)  # records made, then used
+        assert keys.from_records(["."], options=options) == keys.fresh(["."], options=options)
+        assert keys.from_records(["."], options=options) != after
+
+
+def test_shapes_keyed_from_records_match_the_ordinary_key(keys: Keys) -> None:
+    (keys.root / "dirlink").symlink_to("a")
+    _settle()
+    for sources, dest in (
+        (["a"], "/out"),
+        (["a", "keep"], "/out/"),
+        (["a/b/"], "/"),
+        (["dirlink"], "/o"),
+        (["skip"], "/s/"),  # left out itself; an exception keeps a file below
+        (["logs"], "logs"),
+    ):
+        first = keys.from_records(sources, dest)
+        assert first == keys.fresh(sources, dest), sources
+        assert keys.from_records(sources, dest) == first
+
+
+def test_other_shapes_are_keyed_the_ordinary_way(keys: Keys) -> None:
+    with StatCache(None) as stat_cache:
+        tree = open_build_context(keys.root, stat_cache)
+        for sources, options in (
+            (["z.txt"], CopyOptions()),
+            (["a", "z.txt"], CopyOptions()),
+            (["a/*"], CopyOptions()),
+            (["a"], CopyOptions(parents=True)),
+            (["missing"], CopyOptions()),
+        ):
+            assert dirkeys.context_key(tree, sources, "/o/", options, None, keys.cache) is None
+
+
+def test_a_hard_link_is_keyed_the_ordinary_way(keys: Keys) -> None:
+    os.link(keys.root / "a" / "x.txt", keys.root / "keep" / "x-again")
+    with StatCache(None) as stat_cache:
+        tree = open_build_context(keys.root, stat_cache)
+        assert dirkeys.context_key(tree, ["."], "/o/", CopyOptions(), None, keys.cache) is None
+
+
+def test_a_directory_changed_in_its_racy_window_is_not_recorded(keys: Keys) -> None:
+    keys.from_records(["."])
+    (keys.root / "a" / "b" / "y.txt").write_text("new")  # now: within the window
+    keys.drafted.clear()
+    keys.from_records(["."])
+    assert "a/b" in keys.drafted
+    keys.drafted.clear()
+    assert keys.from_records(["."]) == keys.fresh(["."])
+    assert "a/b" in keys.drafted  # not stored the first time: made again
+
+
+def test_a_rebuild_that_reused_records_keeps_the_stat_cache_whole(keys: Keys) -> None:
+    keys.from_records(["."])
+    shard = StatCache(keys.cache).shard_path(os.path.realpath(keys.root))
+    assert shard is not None
+    held = len(shard.read_bytes())
+    (keys.root / "a" / "x.txt").write_text("changed")  # hashed again: one new digest saved
+    _settle()
+    keys.from_records(["."])
+    assert len(shard.read_bytes()) > held  # appended, not pruned to the one directory looked up
