@@ -14,13 +14,11 @@ moves the ctime, so an unchanged identity known plain needs no listxattr
 on a rebuild.
 
 Storage is one small binary file of fixed-size records per build context,
-loaded whole into one packed table (`cache.packedtable`: the records as they
-are on disk, ~83 bytes a file in memory where a dict and a set of them took
-~250; a million-file context holds a million, issue 22). New digests are
-appended to it; it is replaced atomically by rename when it needs pruning or
-is torn. Several lamina processes may share it: a writer merges what is on
-disk before replacing it, and a lost update only costs a re-hash, never a
-wrong digest.
+loaded whole (a dict lookup per file is the cheapest thing a no-op rebuild
+can do). New digests are appended to it; it is replaced atomically by
+rename when it needs pruning or is torn. Several lamina processes may share
+it: a writer merges what is on disk before replacing it, and a lost update
+only costs a re-hash, never a wrong digest.
 
 A cold build of a big context (issue 22) reads each file once: small files
 on the calling thread (threads only contend for the interpreter there),
@@ -43,8 +41,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from lamina.cache.packedtable import PackedTable
-
 __all__ = ["StatCache", "StatKey", "hash_file", "key_size", "stat_key"]
 
 # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns packed as `_KEY`: 73 bytes of memory
@@ -54,8 +50,6 @@ StatKey = bytes
 _MAGIC = b"lamina-statcache-2\n"
 _RECORD = struct.Struct("<QQQqq32sB")  # StatKey, sha256, 1 when the file has no image xattrs
 _KEY = struct.Struct("<QQQqq")
-_DIGEST = 32  # a row's value: the digest, then the plain flag
-_PLAIN = b"\1"
 _pack = _KEY.pack
 _SIZE = struct.Struct("<Q")
 _SETTLE_NS = 100_000_000  # far above any kernel timestamp granularity
@@ -121,28 +115,28 @@ def _hash_file(path: str | os.PathLike[str], size: int) -> tuple[bytes, os.stat_
 class _Shard:
     """The digests of one scope (one build context), loaded from one file.
 
-    One packed table of the shard's records (`_RECORD`: the StatKey, then the
-    digest and the plain flag): rows before `loaded` are what the file held,
-    the rest were added by this process and are what `save` appends. `used`
-    has a byte per loaded row, 1 once a lookup found it (what pruning keeps).
+    Keys are packed StatKeys (`_KEY`): a 40-byte string costs about half the
+    memory of a tuple of five ints, and loads faster (a million-file
+    context holds a million of them).
     """
 
-    __slots__ = ("loaded", "path", "table", "used")
+    __slots__ = ("entries", "fresh", "new", "path", "plain", "used")
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.table = PackedTable(_KEY.size, _DIGEST + 1, _load(path) if path is not None else b"")
-        self.loaded = len(self.table)
-        self.used = bytearray(self.loaded)
+        self.entries: dict[bytes, bytes] = {}
+        self.plain: set[bytes] = set()  # keys of files known to carry no image xattrs
+        if path is not None:
+            _load(path, self.entries, self.plain)
+        # A shard that loaded empty (a context's first build) has every entry new and
+        # used: `new` is `entries` itself and `used` stays empty, not two more tables
+        # the size of the context.
+        self.fresh = not self.entries
+        self.new: dict[bytes, bytes] = self.entries if self.fresh else {}
+        self.used: set[bytes] = set()
 
     def used_count(self) -> int:
-        """Records this build looked up or added."""
-        return len(self.table) - self.loaded + self.used.count(1)
-
-    def saved(self) -> None:
-        """Everything is on disk now (and counts as used: this build made or saw it)."""
-        self.used += b"\1" * (len(self.table) - self.loaded)
-        self.loaded = len(self.table)
+        return len(self.entries) if self.fresh else len(self.used)
 
 
 class StatCache:
@@ -214,30 +208,21 @@ class StatCache:
 
     def known(self, key: StatKey, scope: str | None = None) -> bytes | None:
         """The digest kept for identity `key`, if any (no file is read, no count kept)."""
-        table = self._shard(scope).table
-        row = table.find(key)
-        return None if row < 0 else table.value(row)[:_DIGEST]
+        return self._shard(scope).entries.get(key)
 
     def plain(self, key: StatKey, scope: str | None = None) -> bool:
         """Whether the file of stat identity `key` is known to carry no image xattrs."""
-        table = self._shard(scope).table
-        row = table.find(key)
-        return row >= 0 and table.rows[(row + 1) * table.row_size - 1] == 1
+        return key in self._shard(scope).plain
 
     def note_plain(self, key: StatKey, scope: str | None = None) -> None:
         """Remember that the file of identity `key` carries no image xattrs (kept with
         its digest: only an identity whose digest is kept, hence settled, is noted)."""
         shard = self._shard(scope)
-        table = shard.table
-        with self._lock:
-            row = table.find(key)
-            if row < 0 or table.rows[(row + 1) * table.row_size - 1] == 1:
-                return
-            value = table.value(row)[:_DIGEST] + _PLAIN
-            if row >= shard.loaded:
-                table.set_value(row, value)  # not on disk yet: saved with its flag
-            else:
-                table.add(key, value)  # a newer record, appended by save
+        digest = shard.entries.get(key)
+        if digest is not None and key not in shard.plain:
+            with self._lock:
+                shard.plain.add(key)
+                shard.new[key] = digest
 
     def hold(self, scope: str | None) -> None:
         """This build relied on every digest of `scope` without looking each up (a COPY
@@ -245,8 +230,8 @@ class StatCache:
         self._held.add(scope)
 
     def size(self, scope: str | None) -> int:
-        """How many digest records the scope holds (loading it)."""
-        return len(self._shard(scope).table)
+        """How many digests the scope holds (loading it)."""
+        return len(self._shard(scope).entries)
 
     def digest(self, path: str | os.PathLike[str], key: StatKey, scope: str | None = None) -> bytes:
         """The sha256 of the regular file at `path`, whose `stat_key` of its lstat is `key`."""
@@ -268,26 +253,17 @@ class StatCache:
         never starts a thread.
         """
         shard = self._shard(scope)
-        table, loaded, used = shard.table, shard.loaded, shard.used
-        find, rows, size = table.find, table.rows, table.row_size
-        cut = _KEY.size
-        found: list[bytes | None] = []
-        missing: list[int] = []
-        for i, (_, key) in enumerate(items):  # a loop, not a call per file: this is the hit path
-            row = find(key)
-            if row < 0:
-                missing.append(i)
-                found.append(None)
-                continue
-            if row < loaded:
-                used[row] = 1
-            at = row * size + cut
-            found.append(bytes(rows[at : at + _DIGEST]))
+        entries = shard.entries
+        keys = [key for _, key in items]
+        found = [entries.get(key) for key in keys]
+        missing = [i for i, digest in enumerate(found) if digest is None]
         self.hits += len(items) - len(missing)
         self.misses += len(missing)
+        if not shard.fresh:
+            shard.used.update(keys)
         if not missing:
             return found  # type: ignore[return-value]
-        lock = self._lock
+        new = shard.new
         report = self.progress if scope is not None and len(missing) >= _PROGRESS_FROM else None
         progress = _Progress(report, len(missing)) if report is not None else None
 
@@ -299,10 +275,10 @@ class StatCache:
             # Keep it only if nothing changed while reading and the file has
             # settled: a later write in the same timestamp tick would go unseen.
             if unchanged and time.time_ns() - after.st_ctime_ns > _SETTLE_NS:
-                with lock:  # the executor's threads may add to one shard at once
-                    table.add(key, digest + b"\0")
+                entries[keys[i]] = digest
+                new[keys[i]] = digest
             if keep and unchanged and data is not None and len(data) <= _KEEP_FILE:
-                self._keep(key, data)  # exactly the bytes the digest is of
+                self._keep(keys[i], data)  # exactly the bytes the digest is of
             found[i] = digest
             if progress is not None:
                 progress.file_done(after.st_size)
