@@ -25,6 +25,7 @@ import os
 import struct
 import threading
 import time
+from stat import S_ISDIR
 from typing import Any, NamedTuple
 
 __all__ = ["Listing", "fingerprint", "forget", "listing", "scan", "stats", "take"]
@@ -54,22 +55,24 @@ def scan(directory: str, since: int = 0) -> tuple[Listing, list[str]]:
     """The listing of `directory` (by name) and the names of its subdirectories.
     `since`: the clock reading to record (taken now when 0). Raises OSError."""
     since = since or time.time_ns()
-    pack = _FIELDS.pack
-    with os.scandir(directory) as it:
-        entries = sorted(it, key=_name)
-    packed = []
-    dirs = []
-    for entry in entries:
-        st = entry.stat(follow_symlinks=False)
-        fields = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size, st.st_mtime_ns)
-        packed.append(pack(*fields, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_rdev))
-        if entry.is_dir(follow_symlinks=False):  # d_type, or the lstat just made
-            dirs.append(entry.name)
-    return Listing("/".join([entry.name for entry in entries]), b"".join(packed), since), dirs
-
-
-def _name(entry: os.DirEntry[str]) -> str:
-    return entry.name
+    pack, lstat = _FIELDS.pack, os.lstat
+    # Names, then lstat relative to the directory's descriptor: no DirEntry objects, and
+    # the kernel resolves one name, not the whole path (a quarter of the pass's time).
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        names = sorted(os.listdir(fd))
+        found = [lstat(name, dir_fd=fd) for name in names]
+    finally:
+        os.close(fd)
+    packed = b"".join(
+        [
+            pack(st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                 st.st_ino, st.st_dev, st.st_rdev)
+            for st in found
+        ]
+    )  # fmt: skip
+    dirs = [name for name, st in zip(names, found, strict=True) if S_ISDIR(st.st_mode)]
+    return Listing("/".join(names), packed, since), dirs
 
 
 def fingerprint(root: str | os.PathLike[str], h: Any) -> None:
