@@ -1,0 +1,46 @@
+"""Mark a directory as the top of unrelated hierarchies (`chattr +T`, FS_TOPDIR_FL).
+
+Each layer directory in the store is a tree of its own. The flag tells
+ext2/3/4's Orlov allocator to place each new subdirectory (and so the inodes
+of the files made in it) in a block group with free room and few
+directories, instead of next to the parent's. That matters on an ext4
+without a journal: there, creating a file skips every inode of its group
+freed in the last minute or more (`recently_deleted` in fs/ext4/ialloc.c),
+one by one, so after a big tree was deleted nearby (an emptied cache, a test
+suite's temporary files) each create scans thousands of them. Measured
+here: 10,000 small files made in 5.3-6.0 CPU-s under a busy `/tmp`, 0.2 CPU-s
+under a directory carrying the flag. A hint only: file systems without it
+(tmpfs, xfs, btrfs) are left alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+__all__ = ["mark_top_dir"]
+
+_FS_IOC_GETFLAGS = 0x80086601  # _IOR('f', 1, long); the kernel reads and writes an int
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_TOPDIR_FL = 0x00020000
+
+
+def mark_top_dir(path: str | os.PathLike[str]) -> bool:
+    """Give the directory `path` the top-dir flag if its file system has it; whether it has it now."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf)
+        (flags,) = struct.unpack_from("I", buf)
+        if not flags & _FS_TOPDIR_FL:
+            struct.pack_into("I", buf, 0, flags | _FS_TOPDIR_FL)
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, buf)
+        return True
+    except OSError:  # ENOTTY, EOPNOTSUPP, EPERM: no such flag here, or not ours to set
+        return False
+    finally:
+        os.close(fd)
