@@ -231,3 +231,41 @@ def test_a_torn_shard_is_rewritten_whole(tmp_path: Path, monkeypatch: pytest.Mon
         cache.digest_many(_items([path]), "ctx")
     assert shard.stat().st_size == len(statcache._MAGIC) + statcache._RECORD.size
     assert StatCache(tmp_path / "cache").size("ctx") == 1
+
+
+def test_a_loaded_digest_noted_plain_is_appended_and_read_back_plain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(statcache, "_SETTLE_NS", 0)
+    paths = [tmp_path / "a", tmp_path / "b"]
+    for path in paths:
+        path.write_bytes(path.name.encode())
+    items = _items(paths)
+    with StatCache(tmp_path / "cache") as cache:
+        cache.digest_many(items, "ctx")
+    with StatCache(tmp_path / "cache") as cache:
+        assert not cache.plain(items[0][1], "ctx")
+        cache.note_plain(items[0][1], "ctx")
+        assert cache.plain(items[0][1], "ctx") and not cache.plain(items[1][1], "ctx")
+    again = StatCache(tmp_path / "cache")
+    assert again.plain(items[0][1], "ctx") and not again.plain(items[1][1], "ctx")
+    assert again.known(items[0][1], "ctx") == hashlib.sha256(b"a").digest()
+
+
+def test_one_process_saves_again_what_it_hashed_after_a_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-lived process (the API, a test session) builds, saves, builds more."""
+    monkeypatch.setattr(statcache, "_SETTLE_NS", 0)
+    paths = [tmp_path / f"f{i}" for i in range(3)]
+    for path in paths:
+        path.write_bytes(path.name.encode())
+    cache = StatCache(tmp_path / "cache")
+    cache.digest_many(_items(paths[:2]), "ctx")
+    cache.save()
+    cache.digest_many(_items(paths[2:]), "ctx")
+    cache.save()
+    fresh = StatCache(tmp_path / "cache")
+    digests = fresh.digest_many(_items(paths), "ctx")
+    assert digests == [hashlib.sha256(p.name.encode()).digest() for p in paths]
+    assert fresh.misses == 0

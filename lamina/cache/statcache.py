@@ -14,11 +14,13 @@ moves the ctime, so an unchanged identity known plain needs no listxattr
 on a rebuild.
 
 Storage is one small binary file of fixed-size records per build context,
-loaded whole (a dict lookup per file is the cheapest thing a no-op rebuild
-can do). New digests are appended to it; it is replaced atomically by
-rename when it needs pruning or is torn. Several lamina processes may share
-it: a writer merges what is on disk before replacing it, and a lost update
-only costs a re-hash, never a wrong digest.
+loaded whole into one packed table (`cache.packedtable`: the records as they
+are on disk, ~83 bytes a file in memory where a dict and a set of them took
+~250; a million-file context holds a million, issue 22). New digests are
+appended to it; it is replaced atomically by rename when it needs pruning or
+is torn. Several lamina processes may share it: a writer merges what is on
+disk before replacing it, and a lost update only costs a re-hash, never a
+wrong digest.
 
 A cold build of a big context (issue 22) reads each file once: small files
 on the calling thread (threads only contend for the interpreter there),
@@ -31,15 +33,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
 import stat
 import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+
+from lamina.cache.packedtable import PackedTable
 
 __all__ = ["StatCache", "StatKey", "hash_file", "key_size", "stat_key"]
 
@@ -50,6 +55,8 @@ StatKey = bytes
 _MAGIC = b"lamina-statcache-2\n"
 _RECORD = struct.Struct("<QQQqq32sB")  # StatKey, sha256, 1 when the file has no image xattrs
 _KEY = struct.Struct("<QQQqq")
+_DIGEST = 32  # a row's value: the digest, then the plain flag
+_PLAIN = b"\1"
 _pack = _KEY.pack
 _SIZE = struct.Struct("<Q")
 _SETTLE_NS = 100_000_000  # far above any kernel timestamp granularity
@@ -115,28 +122,28 @@ def _hash_file(path: str | os.PathLike[str], size: int) -> tuple[bytes, os.stat_
 class _Shard:
     """The digests of one scope (one build context), loaded from one file.
 
-    Keys are packed StatKeys (`_KEY`): a 40-byte string costs about half the
-    memory of a tuple of five ints, and loads faster (a million-file
-    context holds a million of them).
+    One packed table of the shard's records (`_RECORD`: the StatKey, then the
+    digest and the plain flag): rows before `loaded` are what the file held,
+    the rest were added by this process and are what `save` appends. `used`
+    has a byte per loaded row, 1 once a lookup found it (what pruning keeps).
     """
 
-    __slots__ = ("entries", "fresh", "new", "path", "plain", "used")
+    __slots__ = ("loaded", "path", "table", "used")
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.entries: dict[bytes, bytes] = {}
-        self.plain: set[bytes] = set()  # keys of files known to carry no image xattrs
-        if path is not None:
-            _load(path, self.entries, self.plain)
-        # A shard that loaded empty (a context's first build) has every entry new and
-        # used: `new` is `entries` itself and `used` stays empty, not two more tables
-        # the size of the context.
-        self.fresh = not self.entries
-        self.new: dict[bytes, bytes] = self.entries if self.fresh else {}
-        self.used: set[bytes] = set()
+        self.table = PackedTable(_KEY.size, _DIGEST + 1, _load(path) if path is not None else bytearray())
+        self.loaded = len(self.table)
+        self.used = bytearray(self.loaded)
 
     def used_count(self) -> int:
-        return len(self.entries) if self.fresh else len(self.used)
+        """Records this build looked up or added."""
+        return len(self.table) - self.loaded + self.used.count(1)
+
+    def saved(self) -> None:
+        """Everything is on disk now (and counts as used: this build made or saw it)."""
+        self.used += b"\1" * (len(self.table) - self.loaded)
+        self.loaded = len(self.table)
 
 
 class StatCache:
@@ -208,21 +215,30 @@ class StatCache:
 
     def known(self, key: StatKey, scope: str | None = None) -> bytes | None:
         """The digest kept for identity `key`, if any (no file is read, no count kept)."""
-        return self._shard(scope).entries.get(key)
+        table = self._shard(scope).table
+        row = table.find(key)
+        return None if row < 0 else table.value(row)[:_DIGEST]
 
     def plain(self, key: StatKey, scope: str | None = None) -> bool:
         """Whether the file of stat identity `key` is known to carry no image xattrs."""
-        return key in self._shard(scope).plain
+        table = self._shard(scope).table
+        row = table.find(key)
+        return row >= 0 and table.rows[(row + 1) * table.row_size - 1] == 1
 
     def note_plain(self, key: StatKey, scope: str | None = None) -> None:
         """Remember that the file of identity `key` carries no image xattrs (kept with
         its digest: only an identity whose digest is kept, hence settled, is noted)."""
         shard = self._shard(scope)
-        digest = shard.entries.get(key)
-        if digest is not None and key not in shard.plain:
-            with self._lock:
-                shard.plain.add(key)
-                shard.new[key] = digest
+        table = shard.table
+        with self._lock:
+            row = table.find(key)
+            if row < 0 or table.rows[(row + 1) * table.row_size - 1] == 1:
+                return
+            value = table.value(row)[:_DIGEST] + _PLAIN
+            if row >= shard.loaded:
+                table.set_value(row, value)  # not on disk yet: saved with its flag
+            else:
+                table.add(key, value)  # a newer record, appended by save
 
     def hold(self, scope: str | None) -> None:
         """This build relied on every digest of `scope` without looking each up (a COPY
@@ -230,8 +246,8 @@ class StatCache:
         self._held.add(scope)
 
     def size(self, scope: str | None) -> int:
-        """How many digests the scope holds (loading it)."""
-        return len(self._shard(scope).entries)
+        """How many digest records the scope holds (loading it)."""
+        return len(self._shard(scope).table)
 
     def digest(self, path: str | os.PathLike[str], key: StatKey, scope: str | None = None) -> bytes:
         """The sha256 of the regular file at `path`, whose `stat_key` of its lstat is `key`."""
@@ -253,17 +269,26 @@ class StatCache:
         never starts a thread.
         """
         shard = self._shard(scope)
-        entries = shard.entries
-        keys = [key for _, key in items]
-        found = [entries.get(key) for key in keys]
-        missing = [i for i, digest in enumerate(found) if digest is None]
+        table, loaded, used = shard.table, shard.loaded, shard.used
+        find, rows, size = table.find, table.rows, table.row_size
+        cut = _KEY.size
+        found: list[bytes | None] = []
+        missing: list[int] = []
+        for i, (_, key) in enumerate(items):  # a loop, not a call per file: this is the hit path
+            row = find(key)
+            if row < 0:
+                missing.append(i)
+                found.append(None)
+                continue
+            if row < loaded:
+                used[row] = 1
+            at = row * size + cut
+            found.append(bytes(rows[at : at + _DIGEST]))
         self.hits += len(items) - len(missing)
         self.misses += len(missing)
-        if not shard.fresh:
-            shard.used.update(keys)
         if not missing:
             return found  # type: ignore[return-value]
-        new = shard.new
+        lock = self._lock
         report = self.progress if scope is not None and len(missing) >= _PROGRESS_FROM else None
         progress = _Progress(report, len(missing)) if report is not None else None
 
@@ -275,10 +300,10 @@ class StatCache:
             # Keep it only if nothing changed while reading and the file has
             # settled: a later write in the same timestamp tick would go unseen.
             if unchanged and time.time_ns() - after.st_ctime_ns > _SETTLE_NS:
-                entries[keys[i]] = digest
-                new[keys[i]] = digest
+                with lock:  # the executor's threads may add to one shard at once
+                    table.add(key, digest + b"\0")
             if keep and unchanged and data is not None and len(data) <= _KEEP_FILE:
-                self._keep(keys[i], data)  # exactly the bytes the digest is of
+                self._keep(key, data)  # exactly the bytes the digest is of
             found[i] = digest
             if progress is not None:
                 progress.file_done(after.st_size)
@@ -304,27 +329,18 @@ class StatCache:
         rewritten, merged with what other processes wrote, when it needs pruning."""
         with self._lock:
             for scope, shard in self._shards.items():
-                if shard.path is None or not shard.new:
+                if shard.path is None or len(shard.table) == shard.loaded:
                     continue
                 with contextlib.suppress(OSError):  # an unwritable cache only costs re-hashing
                     # Bound a shard to about its context's size: drop what this
                     # build did not see once stale entries dominate.
                     held = scope in self._held
-                    used = len(shard.entries) if held else shard.used_count()
-                    stale = len(shard.entries) > 2 * used + _SLACK
-                    if stale or not _append(shard.path, shard.new, shard.plain):
-                        merged: dict[bytes, bytes] = {}
-                        plain: set[bytes] = set()
-                        _load(shard.path, merged, plain)
-                        merged.update(shard.entries)
-                        plain |= shard.plain
-                        if len(merged) > 2 * used + _SLACK:
-                            kept = shard.entries if shard.fresh or held else shard.used
-                            merged = {k: v for k, v in merged.items() if k in kept}
-                        _store(shard.path, merged, plain)
-                        shard.entries, shard.plain = merged, plain
+                    used = len(shard.table) if held else shard.used_count()
+                    stale = len(shard.table) > 2 * used + _SLACK
+                    if stale or not _append(shard.path, shard.table, shard.loaded):
+                        _rewrite(shard.path, shard, prune=stale and not held)
                     _forget_old_shards(shard.path.parent)
-                shard.new = {}  # a fresh shard's entries all stay "used" (never pruned here)
+                shard.saved()
 
 
 class _Progress:
@@ -396,29 +412,25 @@ def _forget_old_shards(directory: Path) -> None:
                     os.unlink(entry.path)
 
 
-def _load(path: Path, entries: dict[bytes, bytes], plain: set[bytes]) -> None:
-    """Fill `entries` (key -> digest) and `plain` from the shard at `path`."""
+def _load(path: Path) -> bytearray:
+    """The records of the shard at `path`, read into the buffer the table keeps (empty
+    when it is missing, unreadable or foreign; a torn last record is left for the
+    table to drop)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb", buffering=0) as f:
+            if f.read(len(_MAGIC)) != _MAGIC:
+                return bytearray()
+            rows = bytearray(max(0, os.fstat(f.fileno()).st_size - len(_MAGIC)))
+            got = f.readinto(rows)
+            del rows[got:]  # it shrank since (another process rewrote it): what was read
+            return rows
     except OSError:
-        return  # missing or unreadable: an empty cache, never an error
-    if not data.startswith(_MAGIC):
-        return
-    start, size, cut = len(_MAGIC), _RECORD.size, _KEY.size
-    end = len(data) - (len(data) - start) % size  # a torn tail is ignored
-    flag = size - 1
-    # Comprehensions and zip, not a loop of statements: a million records load in C loops.
-    keys = [data[at : at + cut] for at in range(start, end, size)]
-    entries.update(zip(keys, [data[at + cut : at + flag] for at in range(start, end, size)], strict=True))
-    plain.update(key for key, flagged in zip(keys, data[start + flag : end : size], strict=True) if flagged)
+        return bytearray()  # missing or unreadable: an empty cache, never an error
 
 
-def _records(entries: dict[bytes, bytes], plain: set[bytes]) -> bytes:
-    return b"".join(key + digest + (b"\1" if key in plain else b"\0") for key, digest in entries.items())
-
-
-def _append(path: Path, entries: dict[bytes, bytes], plain: set[bytes]) -> bool:
-    """Append records to an existing, whole shard; False when there is none to append to."""
+def _append(path: Path, table: PackedTable, start: int) -> bool:
+    """Append the table's rows from `start` on to an existing, whole shard; False when
+    there is none to append to."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -427,10 +439,11 @@ def _append(path: Path, entries: dict[bytes, bytes], plain: set[bytes]) -> bool:
         size = os.fstat(fd).st_size
         if (size - len(_MAGIC)) % _RECORD.size or os.pread(fd, len(_MAGIC), 0) != _MAGIC:
             return False  # torn or foreign: rewritten whole
-        data = memoryview(_records(entries, plain))
         try:
-            while data:
-                data = data[os.write(fd, data) :]
+            with memoryview(table.rows) as rows:
+                data = rows[start * table.row_size :]
+                while data:
+                    data = data[os.write(fd, data) :]
         except OSError:
             os.ftruncate(fd, size)  # never leave a torn record for records to follow
             raise
@@ -439,15 +452,46 @@ def _append(path: Path, entries: dict[bytes, bytes], plain: set[bytes]) -> bool:
         os.close(fd)
 
 
-def _store(path: Path, entries: dict[bytes, bytes], plain: set[bytes]) -> None:
+def _rewrite(path: Path, shard: _Shard, *, prune: bool) -> None:
+    """Replace the shard by rename: with `prune`, only the records this build used or
+    added; else what the file holds that this process lacks (another process's appends),
+    then this process's records. Written a chunk at a time, never a second table."""
+    table = shard.table
+    chunks: Iterator[bytes]
+    if prune:
+        used, loaded = shard.used, shard.loaded
+        chunks = table.chunks(row for row in range(len(table)) if row >= loaded or used[row])
+    else:
+        chunks = itertools.chain(_theirs(path, table), table.chunks())
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-statcache-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(_MAGIC)
-            f.write(_records(entries, plain))
+            for chunk in chunks:
+                f.write(chunk)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _theirs(path: Path, table: PackedTable) -> Iterator[bytes]:
+    """The whole records of the shard at `path` whose keys `table` lacks, a chunk at a time."""
+    size, cut = _RECORD.size, _KEY.size
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (a generator's file, closed by its with)
+    except OSError:
+        return
+    with f:
+        if f.read(len(_MAGIC)) != _MAGIC:
+            return
+        while data := f.read(size * 8192):
+            whole = len(data) - len(data) % size  # a torn tail is dropped
+            rows = range(0, whole, size)
+            kept = [data[at : at + size] for at in rows if table.find(data[at : at + cut]) < 0]
+            if kept:
+                yield b"".join(kept)
+            if whole < len(data):
+                return
