@@ -235,3 +235,22 @@ def test_a_rebuild_that_reused_records_keeps_the_stat_cache_whole(keys: Keys) ->
     _settle()
     keys.from_records(["."])
     assert len(shard.read_bytes()) > held  # appended, not pruned to the one directory looked up
+
+
+def test_a_build_after_a_same_size_rewrite_copies_the_new_bytes(tmp_path: Path) -> None:
+    from tests.support.build import build, cached_steps, rootfs, write_context
+
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY . /ctx\n", FILES)
+    (ctx / ".dockerignore").write_text("skip\n")
+    _settle()
+    cache = tmp_path / "cache"
+    first = build(cache, ctx)
+    assert (cache / dirkeys.DIR_NAME).is_dir()  # the directories' records were kept
+    (ctx / "a" / "x.txt").write_text("x")  # the same bytes: the memo misses, the key does not
+    again = build(cache, ctx)
+    assert all(cached_steps(again)) and again.image_digest == first.image_digest
+    _rewrite_same_size_keep_mtime(ctx)
+    out = tmp_path / "out"
+    result = rootfs(cache, ctx, out)
+    assert cached_steps(result) == [False]
+    assert (out / "ctx" / "a" / "b" / "y.txt").read_text() == "zz"
