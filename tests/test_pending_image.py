@@ -121,6 +121,32 @@ def test_a_later_build_from_the_pending_image_and_prune(built: dict[str, object]
     _verify_clean(cache)
 
 
+def test_once_made_a_prune_drops_the_tars_and_a_rebuild_compresses_nothing(built: dict[str, object]) -> None:
+    ctx, cache, eager = built["ctx"], built["lazy_cache"], built["eager"]
+    assert isinstance(cache, Path) and isinstance(ctx, Path)
+    with Store(cache) as store:
+        tars = [str(d) for d in _tar_layers(store, Digest.parse(built["lazy"].pending))]  # type: ignore[attr-defined]
+        store.resolve(NAME)
+    assert set(tars) <= _blobs(cache)
+    api.cache_prune(cache_dir=cache)  # nothing names the pending manifest now: its tars go
+    assert not set(tars) & _blobs(cache)
+    _verify_clean(cache)
+    made = _blobs(cache)
+    again = build(cache, ctx, tags=["pending:1"], build_args=EPOCH, lazy_image=True)
+    assert all(step.cached for step in again.steps)
+    # the blobs made are remembered by layer: the image is whole at once, nothing written again
+    assert again.image_digest == eager.image_digest and not again.pending  # type: ignore[attr-defined]
+    assert _blobs(cache) == made
+
+
+def _tar_layers(store: Store, manifest: Digest) -> list[Digest]:
+    from lamina.cache.images import manifest_image
+
+    return [
+        layer.digest for layer in manifest_image(store, manifest).layers if layer.media_type.endswith(".tar")
+    ]
+
+
 def test_run_reads_a_pending_image(built: dict[str, object], tmp_path: Path) -> None:
     cache = built["lazy_cache"]
     with open(tmp_path / "out", "wb") as out:

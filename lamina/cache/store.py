@@ -599,13 +599,18 @@ class Store:
     # processes making the same one write the same bytes (blobs are renamed into place)
     # and the same rows, so they agree without a lock.
 
-    def add_pending(self, manifest: Digest, compression: str, layers: Iterable[int]) -> None:
-        """Record the stored `manifest` as pending: its `layers` (indices, uncompressed tars)
-        are to be compressed as `compression` when the image is first read."""
+    def add_pending(
+        self, manifest: Digest, compression: str, layers: Iterable[tuple[int, str, Digest | None]]
+    ) -> None:
+        """Record the stored `manifest` as pending: its `layers` (index, memo key, layer dir's
+        digest or None), uncompressed tars, are to be compressed as `compression` when the
+        image is first read; each blob made is then remembered under its memo key (the
+        builder's layer-blob memo, engine.output._record_blob), kept with the layer dir."""
+        rows = [[i, key, str(d) if d is not None else ""] for i, key, d in layers]
         with self._sql() as db:
             db.execute(
                 "INSERT OR IGNORE INTO pending (manifest, compression, layers) VALUES (?, ?, ?)",
-                (str(manifest), compression, _json_list(str(i) for i in layers)),
+                (str(manifest), compression, json.dumps(rows)),
             )
 
     def made_from(self, manifest: Digest) -> Digest | None:
@@ -633,7 +638,7 @@ class Store:
             return None
         compression, layers, made = row
         if not made or not self.has_blob(Digest.parse(made)):
-            made = str(self._make_pending(manifest, compression, [int(i) for i in json.loads(layers)]))
+            made = str(self._make_pending(manifest, compression, json.loads(layers)))
         from lamina.oci.image import MAX_DOCUMENT, Manifest
 
         document = Manifest.from_bytes(self.read_blob(Digest.parse(made), MAX_DOCUMENT))
@@ -646,8 +651,8 @@ class Store:
             )
         return Digest.parse(made), size
 
-    def _make_pending(self, pending: Digest, compression: str, indices: list[int]) -> Digest:
-        """Compress the pending manifest's `indices` layers (in parallel) and store the manifest."""
+    def _make_pending(self, pending: Digest, compression: str, rows: list[list[object]]) -> Digest:
+        """Compress the pending manifest's layers `rows` names (in parallel) and store the manifest."""
         import concurrent.futures
 
         from lamina.oci.compression import Compression
@@ -656,13 +661,19 @@ class Store:
         manifest = Manifest.from_bytes(self.read_blob(pending, MAX_DOCUMENT), f"manifest {pending}")
         target = Compression.parse(compression)
         layers = list(manifest.layers)
+        indices = [int(row[0]) for row in rows]  # type: ignore[call-overload]
         with concurrent.futures.ThreadPoolExecutor(max(1, min(len(indices), os.cpu_count() or 1))) as pool:
             made = list(pool.map(lambda i: self._compress_tar(layers[i].digest, target), indices))
-        for i, record in zip(indices, made, strict=True):
+        for (i, key, layer_dir), record in zip(rows, made, strict=True):
             self.record_layer(record)
-            layers[i] = dataclasses.replace(
+            layers[i] = dataclasses.replace(  # type: ignore[call-overload]
                 layers[i], media_type=record.media_type, digest=record.blob, size=record.size
             )
+            # (not when the layer dir went, to a prune since the build: nothing to remember it by)
+            if key and layer_dir and self.has_unpacked(Digest.parse(str(layer_dir))):
+                memo = {"digest": str(record.blob), "diff_id": str(record.diff_id), "size": record.size}
+                refs = [record.blob, Digest.parse(str(layer_dir))]
+                self.cache_put(str(key), json.dumps({**memo, "media_type": record.media_type}), refs=refs)
         data = dataclasses.replace(manifest, layers=tuple(layers)).to_bytes()
         return self.put_bytes(data).digest
 

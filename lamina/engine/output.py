@@ -500,6 +500,7 @@ def _record_blob(
 
     from lamina.cache.store import LayerRecord
     from lamina.engine.cachekey import layer_blob_key
+    from lamina.oci.compression import Compression
     from lamina.oci.image import Descriptor
 
     store.record_layer(LayerRecord(blob.digest, info.diff_id, info.media_type, blob.size))
@@ -509,7 +510,10 @@ def _record_blob(
         "size": blob.size,
         "media_type": info.media_type,
     }
-    refs = [blob.digest, Digest("sha256", layer.dir_id)] if layer.dir_id else [blob.digest]
+    # An uncompressed tar (a pending image's, cache.store) is not kept by its memo: the
+    # compressed blob is what stays, and the tar goes at the next prune once nothing names it.
+    kept = [] if info.media_type == Compression.NONE.media_type else [blob.digest]
+    refs = [*kept, Digest("sha256", layer.dir_id)] if layer.dir_id else kept
     store.cache_put(layer_blob_key(layer.dir_id, compression, epoch), json.dumps(record), refs=refs)
     return Descriptor(info.media_type, blob.digest, blob.size), info.diff_id
 
@@ -579,7 +583,14 @@ def make_image(
         raise BuildError(f"store the image's config and manifest: {err}") from err
     if not later:
         return image
-    store.add_pending(image.manifest.digest, str(Compression.parse(compression).value), later)
+    from lamina.engine.cachekey import layer_blob_key
+
+    # each blob, once made, is remembered as layer_blobs remembers it (by its layer dir)
+    pending = [
+        (i, layer_blob_key(d, compression, epoch), Digest("sha256", d)) if d else (i, "", None)
+        for i, d in ((i, layers[i].dir_id) for i in later)
+    ]
+    store.add_pending(image.manifest.digest, str(Compression.parse(compression).value), pending)
     return dataclasses.replace(image, pending=True)
 
 
