@@ -353,7 +353,14 @@ def test_user_that_is_not_a_number_is_a_name(rootfs: Path, tmp_path: Path, user:
 
 
 @needs_slirp
-def test_published_port_reaches_the_command_and_stop_ends_it(rootfs: Path, tmp_path: Path) -> None:
+def test_published_port_reaches_the_command_and_stop_ends_it(
+    rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where slirp4netns's API dir is made
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     host_port = probe.getsockname()[1]
@@ -381,6 +388,8 @@ def test_published_port_reaches_the_command_and_stop_ends_it(rootfs: Path, tmp_p
         except OSError:
             time.sleep(0.05)
     assert len(started) == 1
+    # Its API dir went once the port was forwarded: a lamina killed while serving leaves none.
+    assert list(scratch.glob("lamina-slirp-*")) == []
     started[0].stop()
     runner.join(10)
     assert not runner.is_alive() and codes  # stopped: the run returned
