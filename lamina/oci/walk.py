@@ -148,7 +148,9 @@ def _entry(
 def _open_file(host_path: str) -> BinaryIO:
     # O_NOFOLLOW: the walk saw a regular file here; if a symlink has taken
     # its place since, fail rather than read what the link points at.
-    return os.fdopen(os.open(host_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+    # Unbuffered: the layer writer reads whole files or CHUNKs, and a buffered reader
+    # costs two more system calls a file (isatty, lseek) for nothing.
+    return os.fdopen(os.open(host_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb", buffering=0)
 
 
 def read_xattrs(host_path: str) -> tuple[tuple[str, bytes], ...]:

@@ -494,21 +494,26 @@ class _Writer:
         """Write a plain file and its metadata through one descriptor; the bytes copied."""
         entry = item.entry
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        dst = self.replacing(item, path, lambda: os.open(path, flags, 0o600))
+        # Made with its permission bits (the umask may take some: checked below), so that
+        # an owner and mode already right cost no call: 5 system calls a file, not 7.
+        dst = self.replacing(item, path, lambda: os.open(path, flags, item.mode & 0o777))
         try:
+            st = os.fstat(dst)
             copied = self.fill(entry, dst, path)
-            _fchown(dst, item.uid, item.gid)
+            if (st.st_uid, st.st_gid) != (item.uid, item.gid):
+                _fchown(dst, item.uid, item.gid)
             found = self.source_xattrs(entry)
             if found:
                 try:
                     xattrs.write(dst, found)
                 except OSError as err:
                     raise ContextError(f"COPY failed: {entry.path}: {err.strerror or err}") from None
-            os.fchmod(dst, item.mode)
+            if stat.S_IMODE(st.st_mode) != item.mode:  # after chown, which clears setuid/setgid
+                os.fchmod(dst, item.mode)
             when = self.mtime_ns if self.mtime_ns is not None else entry.mtime_ns
             os.utime(dst, ns=(when, when))
             if self.written is not None:
-                self.record(item, when, copied, os.fstat(dst).st_ino, bool(found))
+                self.record(item, when, copied, st.st_ino, bool(found))
         finally:
             os.close(dst)
         return copied
