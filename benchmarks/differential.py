@@ -528,20 +528,24 @@ def buildkit_build(case: Path, ctx: Path, work: Path) -> Result:
     if (ctx / "base" / "Dockerfile").exists():
         docker_build(ctx / "base", base_tag(case), args)
     tag = f"lamina-diff/{case.name}:bk"
-    docker_build(ctx, tag, args)
-    container = run(DOCKER, "create", tag, "true").strip()  # never started; an image may have no CMD
-    archive = work / "bk.tar"
     try:
-        run(DOCKER, "export", "-o", str(archive), container)
+        docker_build(ctx, tag, args)
+        container = run(DOCKER, "create", tag, "true").strip()  # never started; an image may have no CMD
+        archive = work / "bk.tar"
+        try:
+            run(DOCKER, "export", "-o", str(archive), container)
+        finally:
+            run(DOCKER, "rm", container)
+        dest = work / "bk-root"
+        dest.mkdir()
+        # GNU tar as root keeps owners, modes and special files (tarfile's filters need 3.11.4+)
+        run("tar", "--numeric-owner", "--same-permissions", "-xf", str(archive), "-C", str(dest))
+        inspect = json.loads(run(DOCKER, "image", "inspect", tag))[0]
+        # The image's own config: `docker image history` shows tabs as spaces.
+        config = json.loads(run("skopeo", "inspect", "--config", f"docker-daemon:{tag}"))
     finally:
-        run(DOCKER, "rm", container)
-    dest = work / "bk-root"
-    dest.mkdir()
-    # GNU tar as root keeps owners, modes and special files (tarfile's filters need 3.11.4+)
-    run("tar", "--numeric-owner", "--same-permissions", "-xf", str(archive), "-C", str(dest))
-    inspect = json.loads(run(DOCKER, "image", "inspect", tag))[0]
-    # The image's own config: `docker image history` shows tabs as spaces.
-    config = json.loads(run("skopeo", "inspect", "--config", f"docker-daemon:{tag}"))
+        # Our images go (docker's shared store would keep each run's as a dangling image).
+        subprocess.run([DOCKER, "rmi", "-f", tag, base_tag(case)], capture_output=True)
     history = [(h.get("created_by", ""), h.get("empty_layer", False)) for h in config.get("history", [])]
     return describe_tree(dest), with_platform(ctx, inspect.get("Config", {}), inspect), history
 
