@@ -31,6 +31,16 @@ def test_trigger_steps_are_labelled_onbuild_as_buildkit_does(cache: Path, tmp_pa
     assert (tmp_path / "out" / "seen").read_text() == "triggered\n"
 
 
+def test_every_trigger_counts_in_the_total_as_buildkit_counts(cache: Path, tmp_path: Path) -> None:
+    # initOnBuildTriggers adds every trigger to cmdTotal, an ENV as much as a RUN; only the
+    # steps that make a vertex get a number.
+    text = f"FROM {BASE} AS parent\nONBUILD ENV X=1\nONBUILD RUN echo $X > /x\n\nFROM parent\nRUN cat /x\n"
+    ctx = write_context(tmp_path / "ctx", text)
+    err = run_cli("build", "--progress", "plain", str(ctx), cache=cache).stderr
+    assert "[stage-1 1/3] ONBUILD RUN echo $X > /x" in err, err
+    assert "[stage-1 2/3] RUN cat /x" in err, err
+
+
 def test_a_failing_trigger_is_located_at_the_from_that_ran_it(cache: Path, tmp_path: Path) -> None:
     text = f"FROM {BASE} AS parent\nONBUILD RUN exit 3\n\nFROM parent\nRUN true\n"
     ctx = write_context(tmp_path / "ctx", text)

@@ -19,7 +19,7 @@ import os
 import posixpath
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,7 +138,7 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
         key=base.key,
         created=base.created,
         args=dict(base.args),
-        total=sum(1 for i in instructions if i.name in FILESYSTEM_STEPS),
+        total=_step_total(plan.instructions, len(instructions) - len(plan.instructions)),
         no_cache=no_cache,
         platform=format_all(plan.stage_platform),  # with its OS version, if any
         label=_label(executor, plan),
@@ -183,6 +183,12 @@ def run_stage(executor: StepHost, plan: PlannedStage) -> StageOutcome:
             what = f"{err.filename}: " if err.filename else ""
             raise BuildError(f"{step}: {what}{err.strerror or err}") from err
     return state.outcome()
+
+
+def _step_total(written: Sequence[Instruction], triggers: int) -> int:
+    """The steps a stage's progress counts: its filesystem steps, and each of its base's ONBUILD
+    triggers, whatever the instruction (BuildKit's initOnBuildTriggers adds them all)."""
+    return sum(1 for i in written if i.name in FILESYSTEM_STEPS) + triggers
 
 
 def _label(executor: StepHost, plan: PlannedStage) -> str:
