@@ -38,7 +38,6 @@ import dataclasses
 import hashlib
 import marshal
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -175,7 +174,7 @@ class _Walk:
         name = hashlib.sha256(self.context.encode("utf-8", "surrogateescape")).hexdigest()[:32]
         self.path = cache_root / DIR_NAME / f"{name}.bin"
         self.records: dict[str, _Record] = {}
-        self.pieces: list[bytes] = []
+        self.pieces: list[bytes | memoryview] = []
         self.items = 0
 
     def run(self) -> bool:
@@ -227,7 +226,7 @@ class _Walk:
             self._finish(drafts)
         if reused:
             tree.stat_cache.hold(tree.scope)  # digests it did not look up are still in use
-        self.pieces, self.items = self._expand(self.real, 0)
+        self.pieces, self.items = self._expand(self.real)
         if drafts:
             _save(self.path, self.context, self.records)
         else:
@@ -296,16 +295,17 @@ class _Walk:
                 self.records[draft.rel] = (b"", *self.records[draft.rel][1:])  # used now, never again
         del digests
 
-    def _expand(self, rel: str, depth: int) -> tuple[list[bytes], int]:
+    def _expand(self, rel: str) -> tuple[list[bytes | memoryview], int]:
         """The bytes below directory `rel` in walk order, and how many items they hold."""
         _, blob, subs, _, items = self.records[rel]
-        pieces: list[bytes] = []
+        view = memoryview(blob)  # pieces of it, not copies (a million files' are ~70 MB)
+        pieces: list[bytes | memoryview] = []
         at = 0
         for offset, name, left_out in subs:
             if offset > at:
-                pieces.append(blob[at:offset])
+                pieces.append(view[at:offset])
                 at = offset
-            below, count = self._expand(f"{rel}/{name}" if rel else name, depth + 1)
+            below, count = self._expand(f"{rel}/{name}" if rel else name)
             if left_out is not None:
                 if not below:
                     continue  # a left-out directory with nothing kept below is not written
@@ -314,7 +314,7 @@ class _Walk:
             pieces.extend(below)
             items += count
         if at < len(blob):
-            pieces.append(blob[at:])
+            pieces.append(view[at:])
         return pieces, items
 
 
@@ -344,6 +344,8 @@ def _load(path: Path, context: str) -> dict[str, _Record]:
 def _save(path: Path, context: str, records: dict[str, _Record]) -> None:
     """Replace the file by rename (a reader sees the old one or the new one, whole); records
     made unsettled (no listing digest) are left out. Unwritable: keyed again next time."""
+    import tempfile
+
     kept = {rel: record for rel, record in records.items() if record[0]}
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
