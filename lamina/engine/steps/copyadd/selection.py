@@ -49,12 +49,13 @@ import hashlib
 import os
 import posixpath
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol, runtime_checkable
 
 from lamina.engine.context import SourceTree, TreeEntry, entry_record
 from lamina.engine.dockerfile.ignore import DockerIgnore, compile_glob
 from lamina.engine.steps.copyadd.chmod import Chmod
+from lamina.engine.steps.copyadd.items import CopyItem, Items
 from lamina.errors import ContextError
 from lamina.oci.digest import Digest
 from lamina.oci.entry import EntryType
@@ -109,17 +110,6 @@ class CopyOptions:
     source_name: str = "build context"  # for messages: "build context", "stage builder"
 
 
-@dataclasses.dataclass(slots=True)  # not frozen: one per source file, frozen's __init__ is 4x slower
-class CopyItem:
-    """One path to write: where it comes from and what it will be (read-only by convention)."""
-
-    dest: str  # relative to the destination root, clean, never ""
-    entry: TreeEntry  # the source (its `path` is in the source tree)
-    mode: int
-    uid: int
-    gid: int
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class MadeDir:
     """A destination directory to create when missing (BuildKit's MkdirAll)."""
@@ -133,10 +123,11 @@ class MadeDir:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Selection:
-    """Everything one COPY/ADD writes, in write order; last write to a path wins."""
+    """Everything one COPY/ADD writes, in write order; last write to a path wins.
+    `items` is iterated (packed `Items` for a walk's, issue 22), never indexed."""
 
     made_dirs: tuple[MadeDir, ...]
-    items: tuple[CopyItem, ...]
+    items: Collection[CopyItem]
 
 
 def destination_path(dest: str, workdir: str) -> str:
@@ -181,7 +172,8 @@ class _Picked:
         self.options = options
         self.image = image
         self.made: list[MadeDir] = []
-        self.items: list[CopyItem] = []
+        self.items = Items()
+        self.dir_dests: set[str] = set()  # the items' that are directories (is_dir_in_image)
         self.excludes = DockerIgnore(options.excludes, source="--exclude") if options.excludes else None
         self.owner = options.chown if options.chown is not None else (0, 0)
         self.made_dirs_seen: set[str] = set()
@@ -191,7 +183,13 @@ class _Picked:
         self.made_mode = octal if octal is not None else DIR_MODE
 
     def selection(self) -> Selection:
-        return Selection(tuple(self.made), tuple(self.items))
+        self.items.seal()
+        return Selection(tuple(self.made), self.items)
+
+    def add(self, item: CopyItem) -> None:
+        self.items.append(item)
+        if item.entry.type is EntryType.DIR:
+            self.dir_dests.add(item.dest)
 
     def make_dirs(self, path: str) -> None:
         """MkdirAll of `path` and its parents, owned by the --chown user."""
@@ -205,7 +203,7 @@ class _Picked:
     def is_dir_in_image(self, path: str) -> bool:
         if path in self.made_dirs_seen:
             return True
-        if any(i.dest == path and i.entry.type is EntryType.DIR for i in self.items):
+        if path in self.dir_dests:
             return True
         if self.image is None:
             return False
@@ -230,7 +228,7 @@ class _Picked:
                 self.make_dirs(dest_rel)
                 for child in tree.walk(real, exclude=self.excludes):
                     target = _join(dest_rel, child.path[len(real) + 1 :] if real else child.path)
-                    self.items.append(_item(tree, target, child, options))
+                    self.add(_item(tree, target, child, options))
                 continue
             # fsutil's prepareTargetDir: a wildcard's matches are copied one by one like a
             # named file, so one match to `foo2.go` writes the file `foo2.go`.
@@ -239,7 +237,7 @@ class _Picked:
             if not target:
                 raise ContextError(f"COPY failed: cannot copy {source} over the root directory")
             self.make_dirs(posixpath.dirname(target))
-            self.items.append(_item(tree, target, entry, options))
+            self.add(_item(tree, target, entry, options))
 
 
 def _item(tree: SourceTree, dest: str, entry: TreeEntry, options: CopyOptions) -> CopyItem:
@@ -372,7 +370,7 @@ def _select_parents(
     dest_rel: str,
     options: CopyOptions,
     excludes: DockerIgnore | None,
-    items: list[CopyItem],
+    items: Items,
     made: list[MadeDir],
 ) -> None:
     pivot, sep, pattern = source.partition("/./")
