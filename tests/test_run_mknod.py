@@ -8,7 +8,6 @@ into the node: root, rootless (a subordinate id range) and proot isolation give 
 
 from __future__ import annotations
 
-import shutil
 import stat
 import tarfile
 from pathlib import Path
@@ -89,22 +88,57 @@ def test_run_cannot_change_the_hosts_device_nodes(cache: Path, tmp_path: Path) -
     assert stat.S_ISCHR(after.st_mode)
 
 
+CHANGES_NODES = "FROM lamina-test/nodes:1\nRUN chmod 0600 /opt/zero && chown 0:6 /opt/sda\n"
+
+
+def _nodes_image(tmp_path: Path, dest: Path) -> None:
+    """An OCI archive of lamina-test/nodes:1: busybox, and a layer with device nodes in /opt
+    (out of /dev, which is a tmpfs in a step, as in BuildKit's)."""
+    from lamina.cache.images import save_image
+    from lamina.cache.store import Store
+    from lamina.oci.entry import EntryType, LayerEntry
+    from tests.support.layers import busybox_entries, commit_image_of
+
+    nodes = [
+        LayerEntry("opt", EntryType.DIR, 0o755, mtime=1_700_000_000),
+        LayerEntry("opt/zero", EntryType.CHAR, 0o666, devmajor=1, devminor=5, mtime=1_700_000_000),
+        LayerEntry("opt/sda", EntryType.BLOCK, 0o660, devmajor=8, devminor=0, mtime=1_700_000_000),
+    ]
+    with Store(tmp_path / "made") as store:
+        commit_image_of(store, "lamina-test/nodes:1", [busybox_entries(tmp_path / "bb"), nodes])
+        save_image(store, "lamina-test/nodes:1", dest)
+
+
+def test_run_changes_an_inherited_device_node(tmp_path: Path) -> None:
+    """chmod and chown of a base image's device nodes: the RUN's layer holds the nodes with
+    the new mode and owner (overlayfs copies a node up by mknod, which a user namespace
+    refuses: the base's nodes are unpacked as placeholders, which it copies up as files)."""
+    _nodes_image(tmp_path, tmp_path / "nodes.tar")
+    cache = tmp_path / "cache"
+    run_cli("load", "-q", str(tmp_path / "nodes.tar"), cache=cache)
+    ctx = write_context(tmp_path / "ctx", CHANGES_NODES)
+    archive = tmp_path / "image.tar"
+    build(cache, ctx, outputs=[f"type=oci,dest={archive}"])
+    layer = image_layers(archive)[-1]
+    assert _node(layer[b"opt/zero"]) == ("c", 1, 5, 0o600, 0, 0)
+    assert _node(layer[b"opt/sda"]) == ("b", 8, 0, 0o660, 0, 6)
+
+
 @pytest.mark.parametrize("ranged", [True, False], ids=["rootless", "proot"])
-def test_rootless_and_proot_builds_make_the_same_nodes_as_root(
-    busybox_image: Path, tmp_path: Path, ranged: bool
-) -> None:
-    """The same mknod RUN as root and as a plain user (a subordinate id range: user namespaces;
-    none and no namespaces: proot isolation): the same image ID."""
+def test_rootless_and_proot_builds_make_and_change_nodes_as_root(tmp_path: Path, ranged: bool) -> None:
+    """The same RUNs making and changing device nodes as root and as a plain user (a
+    subordinate id range: user namespaces; none and no namespaces: proot isolation): the
+    same image ID."""
     if why := plain_user_missing(ranged=ranged):
         pytest.skip(why)
     root_cache = tmp_path / "root-cache"
     with plain_user("lamina-mknod-", ranged=ranged) as user:
-        shutil.copy(busybox_image, user.base / "base.tar")
-        ctx = write_context(user.base / "ctx", MAKES_NODES)
-        run_cli("load", "-q", str(user.base / "base.tar"), cache=root_cache)
+        _nodes_image(tmp_path, user.base / "nodes.tar")
+        ctx = write_context(user.base / "ctx", CHANGES_NODES + MAKES_NODES.split("\n", 1)[1])
+        run_cli("load", "-q", str(user.base / "nodes.tar"), cache=root_cache)
         as_root = run_cli("build", "-q", str(ctx), cache=root_cache, env=EPOCH).stdout.split()[-1]
         user.give()
-        loaded = user.lamina("load", "-q", str(user.base / "base.tar"))
+        loaded = user.lamina("load", "-q", str(user.base / "nodes.tar"))
         assert loaded.returncode == 0, loaded.stderr
         done = user.lamina("build", "-q", str(ctx), env=EPOCH)
         assert done.returncode == 0, done.stderr

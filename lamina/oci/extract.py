@@ -99,6 +99,7 @@ def extract_layer(
     digest: Digest | None = None,
     record_owners: bool = False,
     record_devices: bool = False,
+    device_placeholders: bool = False,
 ) -> ExtractResult:
     """Unpack the layer `stream` into the directory `dest` (made if missing).
 
@@ -106,6 +107,9 @@ def extract_layer(
     to it (checked at the end: on a mismatch `dest` must be discarded).
     `ignore_owners` lets a chown that the process may not do be skipped,
     for rootless unpacking where every file ends up owned by the caller.
+    `device_placeholders`: device nodes as `lamina.oci.recorded` placeholders even
+    where mknod works (root's layer dirs: a step's user namespace can copy a
+    placeholder up to chmod it, never a real node).
     """
     label = f"unpack {digest.short if digest else 'layer'}"
     try:
@@ -114,7 +118,8 @@ def extract_layer(
     except OSError as err:
         raise LayerError(f"{label}: target directory {dest}: {err.strerror or err}") from err
     with root, _open_tar(stream, label) as (tar, compressed, uncompressed):
-        unpacker = _Unpacker(root, label, whiteouts, userxattr, ignore_owners, record_owners, record_devices)
+        records = (record_owners, record_devices, device_placeholders)
+        unpacker = _Unpacker(root, label, whiteouts, userxattr, ignore_owners, *records)
         count = 0
         for member in _members(tar, label):
             unpacker.add(member, tar)
@@ -344,6 +349,7 @@ class _Unpacker:
         ignore_owners: bool,
         record_owners: bool = False,
         record_devices: bool = False,
+        device_placeholders: bool = False,
     ) -> None:
         self._root = root
         self._label = label
@@ -352,6 +358,7 @@ class _Unpacker:
         self._ignore_owners = ignore_owners
         self._record = record_owners
         self._record_devices = record_devices or record_owners
+        self._placeholders = device_placeholders or record_owners
         # Paths written by this layer, with all their ancestors: a whiteout
         # or opaque marker of the same layer must leave them alone.
         self._touched: set[str] = set()
@@ -513,7 +520,7 @@ class _Unpacker:
         mode: int,
         mtime_ns: int,
     ) -> None:
-        if self._record and kind is not EntryType.FIFO:
+        if self._placeholders and kind is not EntryType.FIFO:
             self._placeholder(parent_fd, name, kind, member, mode, mtime_ns)
             return
         try:

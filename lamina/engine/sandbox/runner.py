@@ -717,6 +717,9 @@ def extract_layer(
                 userxattr=True,
                 digest=digest,
                 record_owners=ids.mode is IdMode.RECORDED,
+                # Root's too: overlayfs copies a real node up by mknod, which a step's user
+                # namespace refuses; a placeholder it copies up, so RUN can chmod it.
+                device_placeholders=True,
             )
     wire = {
         "mode": "extract",
