@@ -254,3 +254,25 @@ def test_a_build_after_a_same_size_rewrite_copies_the_new_bytes(tmp_path: Path) 
     result = rootfs(cache, ctx, out)
     assert cached_steps(result) == [False]
     assert (out / "ctx" / "a" / "b" / "y.txt").read_text() == "zz"
+
+
+def test_a_fetched_context_leaves_no_records(tmp_path: Path) -> None:
+    """A tar or git context is unpacked to a new directory each build: records of it would
+    never serve, only fill the cache."""
+    import io
+    import tarfile
+
+    from tests.support.build import build
+    from tests.support.servers import serve_directory
+
+    (tmp_path / "www").mkdir()
+    with tarfile.open(tmp_path / "www" / "ctx.tar", "w") as tar:
+        for name, text in {"Dockerfile": "FROM scratch\nCOPY . /ctx\n", **FILES}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    cache = tmp_path / "cache"
+    with serve_directory(tmp_path / "www") as url:
+        build(cache, f"{url}/ctx.tar", outputs=[f"type=local,dest={tmp_path / 'out'}"])
+    assert (tmp_path / "out" / "ctx" / "a" / "b" / "y.txt").read_text() == "yy"
+    assert not (cache / dirkeys.DIR_NAME).exists()

@@ -448,7 +448,9 @@ def _select(
     if not from_:
         tree = executor.context()
         with bulk():
-            keyed = context_key(tree, sources, dest, options, image, executor.store.root)
+            # A fetched (git, tar) context is a new directory every build: no record would serve.
+            remote = executor.options.remote_context
+            keyed = None if remote else context_key(tree, sources, dest, options, image, executor.store.root)
             if keyed is None:
                 selection = select_sources(tree, sources, dest, options, image)
                 digest = str(selection_key(tree, selection))
