@@ -331,3 +331,9 @@ def build_checks_key(hexdigest: str) -> str:
 
 def layer_blob_key(dir_id: str, compression: str, epoch: int | None) -> str:
     return f"layer-blob:{dir_id}:{compression}:{epoch if epoch is not None else ''}"
+
+
+def layer_donor_key(dir_id: str) -> str:
+    """Under it, the layer dir a COPY rerun linked the unchanged files of layer dir `dir_id`
+    from (engine.snapshot.Donor: its blob gives those files' bytes)."""
+    return "layer-donor:" + dir_id

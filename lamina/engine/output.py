@@ -30,6 +30,7 @@ from lamina.oci.overlay import is_opaque, is_whiteout
 
 if TYPE_CHECKING:
     from lamina.cache.store import BlobInfo, BlobWriter, Store
+    from lamina.engine.snapshot import Donor
     from lamina.oci.entry import LayerEntry
     from lamina.oci.image import Descriptor, ImageConfig, Platform
     from lamina.oci.layer import LayerInfo
@@ -449,8 +450,15 @@ def layer_blobs(
     with contextlib.ExitStack() as stack:
         outs = [_Noted(stack.enter_context(store.blob_writer())) for _ in missing]
         jobs = [(layers[i][0].path, layers[i][1]) for i in missing]
+        donors = [_donor(store, layers[i][0], epoch) for i in missing]
         try:
-            infos = write_uppers(jobs, outs, Compression.parse(compression), source_date_epoch=epoch)  # type: ignore[arg-type]
+            infos = write_uppers(
+                jobs,
+                outs,  # type: ignore[arg-type]
+                Compression.parse(compression),
+                source_date_epoch=epoch,
+                donors=donors,
+            )
         except BaseException:
             if failed is not None:
                 failed.append(
@@ -466,6 +474,32 @@ def layer_blobs(
                 raise
             found[i] = _record_blob(store, layers[i][0], blob, info, compression, epoch)
     return found  # type: ignore[return-value]
+
+
+def _donor(store: Store, layer: ImageLayer, epoch: int | None) -> Donor | None:
+    """The layer dir a COPY rerun linked `layer`'s unchanged files from, with a reader of
+    its tar (a blob of it in any compression, same SOURCE_DATE_EPOCH), if both are there."""
+    import json
+
+    from lamina.engine.cachekey import layer_donor_key
+    from lamina.oci.compression import Compression, open_decompressed
+
+    text = store.cache_get(layer_donor_key(layer.dir_id)) if layer.dir_id else None
+    if text is None:
+        return None
+    try:
+        dir_id = str(json.loads(text)["dir"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    donor = ImageLayer(store.unpacked_path(Digest("sha256", dir_id)), dir_id)
+    if not donor.path.is_dir():
+        return None
+    for compression in Compression:  # "none" first: a pending image's tar reads fastest
+        known = _known_blob(store, donor, compression.value, epoch)
+        if known is not None:
+            blob = known[0].digest
+            return donor.path, lambda: open_decompressed(store.open_blob(blob), compression)  # noqa: B023 (returned at once)
+    return None
 
 
 def _known_blob(

@@ -18,6 +18,7 @@ dropped, whiteouts become `.wh.NAME` and opaque dirs `.wh..wh..opq`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -28,7 +29,9 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node
 from lamina.engine.sandbox.idmap import IdMap
+from lamina.errors import LaminaError
 from lamina.oci import recorded
+from lamina.oci.donor import DonorTar
 from lamina.oci.entry import LayerEntry
 from lamina.oci.walk import entries_from_tree, read_xattrs
 
@@ -37,8 +40,15 @@ if TYPE_CHECKING:
 
 OPAQUE_XATTR = "user.overlay.opaque"
 
+# An earlier layer directory this one was linked from, and a fresh reader of the
+# uncompressed tar of that directory (see oci.donor): a COPY rerun's blob takes the
+# bytes of every file the two share from there instead of reading the file again.
+Donor = tuple[Path, Callable[[], BinaryIO]]
 
-def capture(upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = ()) -> Iterator[LayerEntry]:
+
+def capture(
+    upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = (), donor: DonorTar | None = None
+) -> Iterator[LayerEntry]:
     """The layer entries of an upper dir, in `write_layer` order, owners as the container saw them.
 
     Whiteouts and opaque markers come out as BuildKit writes them: empty
@@ -47,11 +57,19 @@ def capture(upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = 
     made where a file was deleted) is left out, as the copy snapshotter does.
     Rootless with subordinate ids, files a container user kept private are
     unreadable from here: `write_upper()` reads them inside the namespace.
+    With a `donor`, files it holds (the same inode) take their content from it.
     """
     uid_map = _inside(ids) if ids is not None and ids.rootless else None
     below = functools.partial(_shows_dir, LayerStack([os.fspath(p) for p in lowers])) if lowers else None
     return map(
-        recorded.restore, entries_from_tree(upper_dir, uid_map=uid_map, overlay=True, opaque_hides=below)
+        recorded.restore,
+        entries_from_tree(
+            upper_dir,
+            uid_map=uid_map,
+            overlay=True,
+            opaque_hides=below,
+            content=donor.opener if donor is not None else None,
+        ),
     )
 
 
@@ -74,11 +92,13 @@ def write_upper(
     lowers: Sequence[Path] = (),
     source_date_epoch: int | None = None,
     ids: IdMap | None = None,
+    donor: Donor | None = None,
 ) -> LayerInfo:
     """Capture `upper_dir` and write it as a layer blob to `out` (only `out.write` is called).
 
     Rootless with subordinate ids, this runs inside a user namespace, where
-    files the container made private to one of its users can be read.
+    files the container made private to one of its users can be read (the
+    `donor`, written as the caller, is not used there).
     """
     from lamina.engine.sandbox.idmap import IdMode, detect_ids
     from lamina.oci import layer
@@ -87,8 +107,12 @@ def write_upper(
     if ids.mode is not IdMode.SUBORDINATE:
         from lamina.oci.opened import opened
 
-        with opened([upper_dir]):  # its dirs shut to their owner (COPY --chmod=0644 dir) read too
-            entries = capture(upper_dir, ids, lowers)
+        with opened([upper_dir]), contextlib.ExitStack() as stack:  # dirs shut to their owner read too
+            tar = None
+            if donor is not None:
+                with contextlib.suppress(OSError, LaminaError):  # no donor: every file is read
+                    tar = stack.enter_context(contextlib.closing(DonorTar(donor[1](), os.fspath(donor[0]))))
+            entries = capture(upper_dir, ids, lowers, tar)
             return layer.write_layer(entries, out, compression, source_date_epoch=source_date_epoch)
     from lamina.engine.sandbox.runner import write_layer_inside
     from lamina.oci.digest import Digest
@@ -109,8 +133,10 @@ def write_uppers(
     *,
     source_date_epoch: int | None = None,
     ids: IdMap | None = None,
+    donors: Sequence[Donor | None] = (),
 ) -> list[LayerInfo]:
-    """`write_upper` for each (upper_dir, lowers) in `jobs`, blob i to `outs[i]`.
+    """`write_upper` for each (upper_dir, lowers) in `jobs`, blob i to `outs[i]`, with
+    `donors[i]` if given.
 
     Rootless with subordinate ids, one helper process writes them all (not
     one per layer); otherwise they are written on threads (compression
@@ -137,8 +163,15 @@ def write_uppers(
 
     def one(i: int) -> LayerInfo:
         upper, lowers = jobs[i]
+        donor = donors[i] if i < len(donors) else None
         return write_upper(
-            upper, outs[i], compression, lowers=lowers, source_date_epoch=source_date_epoch, ids=ids
+            upper,
+            outs[i],
+            compression,
+            lowers=lowers,
+            source_date_epoch=source_date_epoch,
+            ids=ids,
+            donor=donor,
         )
 
     if len(jobs) < 2:

@@ -48,6 +48,7 @@ def entries_from_tree(
     uid_map: IdMap | None = None,
     overlay: bool = False,
     opaque_hides: Callable[[str], bool] | None = None,
+    content: Callable[[str, os.stat_result], Callable[[], BinaryIO] | None] | None = None,
 ) -> Iterator[LayerEntry]:
     """Every file, directory, link and device under `root` (not `root` itself),
     sorted by `entry_key`. Sockets are skipped, as Docker does.
@@ -57,6 +58,8 @@ def entries_from_tree(
     given, says whether the opaque marker of directory `dir` (a layer path,
     "" for the top) hides anything below; a marker that hides nothing is
     left out (overlayfs marks a directory made where a file was deleted).
+    `content(path, lstat)`, if given, may give a regular file's opener instead
+    of reading it from disk (an earlier layer's tar holding the same inode).
     """
     top = os.fspath(root)
 
@@ -83,7 +86,7 @@ def entries_from_tree(
             yield LayerEntry(layer_path, EntryType.FILE, 0)
             continue
         try:
-            entry = _entry(os.path.join(top, layer_path), layer_path, st, first_path, uid_map)
+            entry = _entry(os.path.join(top, layer_path), layer_path, st, first_path, uid_map, content)
             if entry.type is EntryType.DIR:
                 stack.append((layer_path + "/", iter(listing(layer_path))))
         except OSError as err:
@@ -114,6 +117,7 @@ def _entry(
     st: os.stat_result,
     first_path: dict[tuple[int, int], str],
     uid_map: IdMap | None,
+    content: Callable[[str, os.stat_result], Callable[[], BinaryIO] | None] | None = None,
 ) -> LayerEntry:
     kind = type_of_mode(st.st_mode)
     assert kind is not None  # `_children` leaves sockets out
@@ -124,7 +128,8 @@ def _entry(
         if first != layer_path:
             kind, linkname = EntryType.HARDLINK, first
     if kind is EntryType.FILE:
-        size, opener = st.st_size, functools.partial(_open_file, host_path)
+        size, opener = st.st_size, (content(layer_path, st) if content is not None and st.st_size else None)
+        opener = opener or functools.partial(_open_file, host_path)
     elif kind is EntryType.SYMLINK:
         linkname = os.readlink(host_path)
     is_device = kind in (EntryType.CHAR, EntryType.BLOCK)

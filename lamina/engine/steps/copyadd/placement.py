@@ -118,6 +118,7 @@ class Written:
         self._parts: list[bytes] = []
         self._lock = threading.Lock()
         self.files = 0
+        self.linked = 0  # of them, linked from the last run's layer (a donor for the blob)
 
     def __len__(self) -> int:
         return self.files
@@ -452,6 +453,7 @@ class _Writer:
             return False
         if self.written is not None:
             self.add_record(item.dest, before)
+            self.written.linked += 1  # under add's lock or not, only compared with 0
         return True
 
     def replacing(self, item: CopyItem, path: str, make: Callable[[], _T]) -> _T:

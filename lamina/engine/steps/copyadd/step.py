@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamina.engine.cachekey import copy_files_key, copy_from_key, make_inputs
+from lamina.engine.cachekey import copy_files_key, copy_from_key, layer_donor_key, make_inputs
 from lamina.engine.context import bulk, open_rootfs
 from lamina.engine.dockerfile.instructions import AddInstruction
 from lamina.engine.steps import metadata as md
@@ -90,16 +90,24 @@ class _PriorRun:
         self.state = state
         self.instruction = instruction
         self.where = ""
+        self.prior: PriorCopy | None = None
         self.written = Written()
 
     def load(self) -> PriorCopy | None:
         """Called when the step runs (its position in the stage is known then)."""
         self.where = copy_files_key(self.executor.cache.step_position(self.state, self.instruction))
-        return _load_prior_copy(self.executor, self.where)
+        self.prior = _load_prior_copy(self.executor, self.where)
+        return self.prior
 
     def save(self, dir_id: str) -> None:
         if self.where and self.written:
+            linked = self.written.linked
             _save_prior_copy(self.executor, self.where, dir_id, self.written)
+            if linked and self.prior is not None:
+                # The new layer's blob may take those files' bytes from the old one's
+                # (engine.snapshot.Donor). No refs: a donor gone means reading the files.
+                record = json.dumps({"dir": self.prior.root.name})
+                self.executor.store.cache_put(layer_donor_key(dir_id), record)
 
 
 def copy_step(executor: StepHost, state: StageState, plan: PlannedStage, instruction: Any) -> None:
