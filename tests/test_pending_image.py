@@ -20,6 +20,7 @@ from lamina import api
 from lamina.cache.store import Store
 from lamina.oci.digest import Digest
 from tests.support.build import BASE, build, make_cache, run_cli, write_context
+from tests.support.plainuser import plain_user_missing
 
 pytestmark = pytest.mark.sandbox
 
@@ -85,6 +86,18 @@ def test_the_first_reader_makes_the_eager_manifest_once(built: dict[str, object]
         assert listed[NAME] == store.resolve(NAME)  # same digest and size as the eager build's
     assert _blobs(cache) == made  # nothing compressed twice
     _verify_clean(cache)
+
+
+def test_zstd_too(tmp_path: Path, busybox_image: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", DOCKERFILE, {"hello.txt": "hello\n"})
+    made = {}
+    for lazy in (True, False):
+        cache = make_cache(tmp_path / f"c{lazy}", busybox_image)
+        result = build(cache, ctx, tags=["pending:1"], build_args=EPOCH, compression="zstd", lazy_image=lazy)
+        assert bool(result.pending) == lazy
+        with Store(cache) as store:
+            made[lazy] = store.resolve(NAME).manifest
+    assert made[True] == made[False]
 
 
 def test_save_writes_the_eager_archive(built: dict[str, object], tmp_path: Path) -> None:
@@ -211,3 +224,38 @@ def test_the_cli_says_the_manifest_is_made_on_first_use(tmp_path: Path, busybox_
     listed = run_cli("images", cache=cache).stdout
     with Store(cache) as store:
         assert store.lookup(NAME).manifest.short in listed or str(store.lookup(NAME).manifest) in listed
+
+
+@pytest.mark.skipif(bool(plain_user_missing(ranged=True)), reason=plain_user_missing(ranged=True) or "ready")
+def test_rootless_the_first_reader_makes_the_eager_manifest(busybox_image: Path) -> None:
+    """Rootless, the tars are written by the sandbox's helper (files of subordinate ids), and
+    the first reader compresses them outside any namespace: still the eager build's bytes."""
+    import json
+    import shutil
+    import tarfile
+
+    from tests.support.plainuser import plain_user
+
+    dockerfile = DOCKERFILE.replace("> /note", "> /note && chown 1000:1000 /note")
+    with plain_user("lamina-pending-", ranged=True) as user:
+        ctx = write_context(user.base / "ctx", dockerfile, {"hello.txt": "hello\n"})
+        shutil.copy(busybox_image, user.base / "base.tar")
+        user.give()
+        digests = {}
+        for kind in ("lazy", "eager"):
+            env = {"LAMINA_CACHE": str(user.base / kind), **EPOCH}
+            assert user.lamina("load", str(user.base / "base.tar"), env=env).returncode == 0
+            meta = ["--metadata-file", str(user.base / "meta.json")] if kind == "eager" else []
+            done = user.lamina("build", "--progress", "plain", *meta, "-t", "pending:1", str(ctx), env=env)
+            assert done.returncode == 0, done.stderr
+            assert ("(manifest made on first use)" in done.stderr) == (kind == "lazy"), done.stderr
+            saved = user.base / f"{kind}.tar"
+            done = user.lamina("save", "pending:1", "-o", str(saved), env=env)
+            assert done.returncode == 0, done.stderr
+            with tarfile.open(saved) as tar:
+                index = tar.extractfile("index.json")
+                assert index is not None
+                digests[kind] = json.loads(index.read())["manifests"][0]["digest"]
+        assert digests["lazy"] == digests["eager"]
+        assert digests["eager"] == json.loads((user.base / "meta.json").read_text())["containerimage.digest"]
+        assert (user.base / "lazy.tar").read_bytes() == (user.base / "eager.tar").read_bytes()
