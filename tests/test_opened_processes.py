@@ -92,3 +92,20 @@ def test_two_processes_read_one_shut_layer(tmp_path: Path, first: str) -> None:
     os.chmod(shut, 0o755)
     os.chmod(shut / "inner", 0o755)
     assert stat.S_IMODE(os.lstat(shut / "inner" / "f").st_mode) == 0o124
+
+
+def test_modes_are_given_back_after_the_reader_set_times(tmp_path: Path) -> None:
+    """An export clamps times inside opened (SOURCE_DATE_EPOCH): the grants are still given
+    back (a changed ctime does not make an inode another's)."""
+    if os.geteuid() == 0:
+        pytest.skip("root reads any directory; tests/test_unprivileged.py runs this as a user")
+    layer = tmp_path / "layer"
+    shut = _shut_tree(layer)
+    with opened([layer]):
+        for path in (shut / "inner" / "f", shut / "inner", shut):
+            os.utime(path, ns=(1_700_000_000 * 10**9,) * 2, follow_symlinks=False)
+    assert stat.S_IMODE(os.lstat(shut).st_mode) == 0o124
+    os.chmod(shut, 0o755)
+    assert stat.S_IMODE(os.lstat(shut / "inner").st_mode) == 0o644
+    os.chmod(shut / "inner", 0o755)
+    assert stat.S_IMODE(os.lstat(shut / "inner" / "f").st_mode) == 0o124

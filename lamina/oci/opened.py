@@ -14,8 +14,8 @@ state, kept beside the trees in the directory holding them (`unpacked/` for a
 cache's layers; the tree's own parent otherwise):
 
     .lamina-grants    flock'd exclusively while a grant is made or given back;
-                      holds the table of grants: path, true mode, and the ctime
-                      the grant left (a changed or reused inode is not ours)
+                      holds the table of grants: path, inode, true mode and the
+                      mode the grant left (an inode changed since is not ours)
     .lamina-readers   flock'd shared by every process reading a tree there
 
 A process loads the table before it walks (a mode another process raised is
@@ -46,13 +46,13 @@ READERS = ".lamina-readers"
 
 
 class _Grant:
-    """A raised mode: the true st_mode, where it is (path, and the ctime the chmod left), the
+    """A raised mode: the true st_mode, where it is (path, and the st_mode the chmod left), the
     directory whose table records it, and how many of this process's readers hold it."""
 
-    __slots__ = ("ctime_ns", "holders", "mode", "path", "place")
+    __slots__ = ("granted", "holders", "mode", "path", "place")
 
-    def __init__(self, mode: int, path: str, ctime_ns: int, place: str, holders: int) -> None:
-        self.mode, self.path, self.ctime_ns, self.place, self.holders = mode, path, ctime_ns, place, holders
+    def __init__(self, mode: int, path: str, granted: int, place: str, holders: int) -> None:
+        self.mode, self.path, self.granted, self.place, self.holders = mode, path, granted, place, holders
 
 
 class _Place:
@@ -146,13 +146,14 @@ def _write_table(fd: int, rows: list[list]) -> None:
     os.pwrite(fd, data, 0)
 
 
-def _still(path: str, dev: int, ino: int, ctime_ns: int) -> os.stat_result | None:
+def _still(path: str, dev: int, ino: int, granted: int) -> os.stat_result | None:
     """`path`'s stat when it is still the inode a grant left (same inode, untouched since)."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
-    return st if (st.st_dev, st.st_ino, st.st_ctime_ns) == (dev, ino, ctime_ns) else None
+    # Not ctime: a reader may set times inside (an export's SOURCE_DATE_EPOCH clamp).
+    return st if (st.st_dev, st.st_ino, st.st_mode) == (dev, ino, granted) else None
 
 
 def _join_place(place: str) -> None:
@@ -178,10 +179,10 @@ def _open_tree(root: str, held: list[tuple[int, int]], base: str | None, place: 
         added = False
         with _LOCK:
             _join_place(place)
-            for path, mode, dev, ino, ctime_ns in rows:  # grants other processes made
+            for path, mode, dev, ino, granted in rows:  # grants other processes made
                 key = (dev, ino)
-                if key not in _GRANTED and _still(path, dev, ino, ctime_ns) is not None:
-                    _GRANTED[key] = _Grant(mode, path, ctime_ns, place, 0)
+                if key not in _GRANTED and _still(path, dev, ino, granted) is not None:
+                    _GRANTED[key] = _Grant(mode, path, granted, place, 0)
         above = [] if base is None else _between(base, root)
         pending: list[str] = []
         with _LOCK:  # modes read and changed under the lock: no release comes between
@@ -242,10 +243,10 @@ def _grant(
     if st.st_mode & needed == needed or st.st_uid != uid:
         return False
     os.chmod(path, stat.S_IMODE(st.st_mode) | needed)
-    ctime_ns = os.lstat(path).st_ctime_ns
+    granted = st.st_mode | needed
     path = os.path.abspath(path)
-    _GRANTED[key] = _Grant(st.st_mode, path, ctime_ns, place, 1)
-    rows.append([path, st.st_mode, key[0], key[1], ctime_ns])
+    _GRANTED[key] = _Grant(st.st_mode, path, granted, place, 1)
+    rows.append([path, st.st_mode, key[0], key[1], granted])
     held.append(key)
     return True
 
@@ -269,13 +270,13 @@ def _release(held: list[tuple[int, int]], places: list[str]) -> None:
             rows = _read_table(table_fd) if table_fd >= 0 else _own_rows(place)
             kept = []
             for row in reversed(rows):  # deepest first: each given back while its parent is open
-                path, mode, dev, ino, ctime_ns = row
+                path, mode, dev, ino, granted = row
                 grant = _GRANTED.get((dev, ino))
                 if grant is not None and grant.holders > 0:  # a reader of another place holds it
                     kept.append(row)
                     continue
                 _GRANTED.pop((dev, ino), None)
-                if last and _still(path, dev, ino, ctime_ns) is not None:
+                if last and _still(path, dev, ino, granted) is not None:
                     with contextlib.suppress(FileNotFoundError):
                         os.chmod(path, stat.S_IMODE(mode))
                 elif not last:
@@ -290,7 +291,7 @@ def _release(held: list[tuple[int, int]], places: list[str]) -> None:
 
 def _own_rows(place: str) -> list[list]:
     """Where no table can be kept: this process's grants in `place`, as table rows."""
-    return [[g.path, g.mode, key[0], key[1], g.ctime_ns] for key, g in _GRANTED.items() if g.place == place]
+    return [[g.path, g.mode, key[0], key[1], g.granted] for key, g in _GRANTED.items() if g.place == place]
 
 
 def _leave(place: str, fd: int) -> bool:
