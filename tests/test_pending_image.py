@@ -259,3 +259,21 @@ def test_rootless_the_first_reader_makes_the_eager_manifest(busybox_image: Path)
         assert digests["lazy"] == digests["eager"]
         assert digests["eager"] == json.loads((user.base / "meta.json").read_text())["containerimage.digest"]
         assert (user.base / "lazy.tar").read_bytes() == (user.base / "eager.tar").read_bytes()
+
+
+def test_a_multi_platform_image_is_made_at_once(tmp_path: Path, busybox_image: Path) -> None:
+    """Its index names each platform's manifest, so laziness is refused: the result names it."""
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY hello.txt /hello.txt\n", {"hello.txt": "hi\n"})
+    cache = make_cache(tmp_path / "c", busybox_image)
+    platforms = ["linux/amd64", "linux/arm64"]
+    result = build(cache, ctx, tags=["multi:1"], platforms=platforms, lazy_image=True)
+    assert result.index and result.image_digest and not result.pending
+    from lamina.cache.images import manifest_image
+    from lamina.oci.image import MAX_DOCUMENT, Index
+
+    with Store(cache) as store:
+        top = store.lookup("docker.io/library/multi:1").manifest
+        assert str(top) == result.image_digest
+        entries = Index.from_bytes(store.read_blob(top, MAX_DOCUMENT)).manifests
+        layers = [layer for e in entries for layer in manifest_image(store, e.digest).layers]
+    assert len(layers) == 2 and all(layer.media_type.endswith("+gzip") for layer in layers)
