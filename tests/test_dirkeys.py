@@ -195,6 +195,26 @@ def test_shapes_keyed_from_records_match_the_ordinary_key(keys: Keys) -> None:
         assert keys.from_records(sources, dest) == first
 
 
+def test_a_first_build_gets_the_selection_it_walked(keys: Keys) -> None:
+    """No record served: the walk made every item, in select_sources' order (not walked again)."""
+    (keys.root / "dirlink").symlink_to("a")
+    for sources, options in (
+        (["."], PLAIN),
+        (["keep", "dirlink"], CopyOptions(chown=(1, 2), chmod=parse_chmod("u+x"))),
+        (["skip"], PLAIN),
+        (["."], CopyOptions(excludes=("a/b", "!a/b/c/deep.txt", "logs"))),
+    ):
+        with StatCache(None) as stat_cache:
+            tree = open_build_context(keys.root, stat_cache)
+            keyed = dirkeys.context_key(tree, sources, "/o/", options, None, keys.cache / repr(options))
+            again = dirkeys.context_key(tree, sources, "/o/", options, None, keys.cache / repr(options))
+            assert keyed is not None and again is not None
+            want = select_sources(tree, sources, "/o/", options, None)
+            assert keyed.selection is not None and keyed.selection.made_dirs == want.made_dirs
+            assert list(keyed.selection.items) == list(want.items)
+            assert again.selection is None and again.digest == keyed.digest  # from its records
+
+
 def test_other_shapes_are_keyed_the_ordinary_way(keys: Keys) -> None:
     with StatCache(None) as stat_cache:
         tree = open_build_context(keys.root, stat_cache)

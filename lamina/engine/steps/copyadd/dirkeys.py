@@ -46,10 +46,12 @@ from typing import Any
 from lamina.engine import statpass
 from lamina.engine.context import MAX_CONTEXT_ENTRIES, SourceTree, TreeEntry, entry_record
 from lamina.engine.dockerfile.ignore import DockerIgnore, IgnoreMatch
+from lamina.engine.steps.copyadd.items import Items
 from lamina.engine.steps.copyadd.selection import (
     CopyItem,
     CopyOptions,
     ImageLookup,
+    Selection,
     _clean_rel,
     _has_wildcards,
     _item,
@@ -80,10 +82,13 @@ _Record = tuple[bytes, bytes, tuple[_Sub, ...], int, int]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Keyed:
-    """A selection's key, and how many items it writes (without making them)."""
+    """A selection's key, and how many items it writes (without making them). When no
+    record served (a first build), the walk made every item: `selection` is that of
+    select_sources, so it is not walked twice."""
 
     digest: Digest
     items: int
+    selection: Selection | None = None
 
 
 def context_key(
@@ -118,6 +123,7 @@ def context_key(
         h.update(made_dir_record(made))
     exclude = picked.excludes
     items = 0
+    made: Items | None = Items()  # packed, as select_sources keeps them
     for real in starts:
         walk = _Walk(tree, real, dest_rel, options, exclude, cache_root)
         if not walk.run():
@@ -125,7 +131,16 @@ def context_key(
         for piece in walk.pieces:
             h.update(piece)
         items += walk.items
-    return Keyed(Digest("sha256", h.hexdigest()), items)
+        if made is not None and walk.made is not None:
+            for item in walk.made:
+                made.append(item)
+        else:
+            made = None
+        walk.made = None
+    if made is not None:
+        made.seal()
+    selection = Selection(picked.selection().made_dirs, made) if made is not None else None
+    return Keyed(Digest("sha256", h.hexdigest()), items, selection)
 
 
 @dataclasses.dataclass(slots=True)
@@ -176,6 +191,8 @@ class _Walk:
         self.records: dict[str, _Record] = {}
         self.pieces: list[bytes | memoryview] = []
         self.items = 0
+        self.made: list[CopyItem] | None = None  # every item, in walk order, when all were drafted
+        self.drafts: dict[str, _Draft] = {}
 
     def run(self) -> bool:
         """Find or make every directory's record and lay out the bytes; False: key it the
@@ -224,6 +241,10 @@ class _Walk:
                 pending.append((path, match, xmatch, depth + 1))
         if drafts:
             self._finish(drafts)
+        if not reused:
+            self.drafts = {draft.rel: draft for draft in drafts}
+            self.made = self._expand_items(self.real)
+            self.drafts = {}
         if reused:
             tree.stat_cache.hold(tree.scope)  # digests it did not look up are still in use
         self.pieces, self.items = self._expand(self.real)
@@ -316,6 +337,16 @@ class _Walk:
         if at < len(blob):
             pieces.append(view[at:])
         return pieces, items
+
+    def _expand_items(self, rel: str) -> list[CopyItem]:
+        """The items below directory `rel` in walk order, from the drafts (as `_expand`)."""
+        found: list[CopyItem] = []
+        for item, name, left_out in self.drafts[rel].children:
+            below = self._expand_items(f"{rel}/{name}" if rel else name) if name is not None else []
+            if not left_out or below:  # a left-out directory goes before its first kept descendant
+                found.append(item)
+            found.extend(below)
+        return found
 
 
 def _sample() -> str:

@@ -463,7 +463,7 @@ def _select(
                 selection = select_sources(tree, sources, dest, options, image)
                 digest = str(selection_key(tree, selection))
                 return (lambda: (tree, selection)), digest, len(selection.items)
-        made: list[Any] = []
+        made: list[Any] = [keyed.selection] if keyed.selection is not None else []  # a first build's
 
         def select() -> tuple[Any, Any]:
             if not made:
