@@ -44,10 +44,26 @@ def _remove(path: Path) -> None:
         st = path.lstat()
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         path.unlink()
+        return
+    try:
+        shutil.rmtree(path)
+    except PermissionError:
+        # Rootless: an earlier export kept directories the image shut to their owner (0000,
+        # 0124, as BuildKit's rootless local exporter does); ours to open up and remove.
+        _open_up(path)
+        shutil.rmtree(path)
+
+
+def _open_up(top: Path) -> None:
+    """u+rwx on `top` and every directory below it, top-down (each opened before it is listed)."""
+    os.chmod(top, 0o700)
+    for root, dirs, _ in os.walk(top):
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o700)
 
 
 @dataclasses.dataclass
