@@ -638,7 +638,8 @@ class Store:
             return None
         compression, layers, made = row
         if not made or not self.has_blob(Digest.parse(made)):
-            made = str(self._make_pending(manifest, compression, json.loads(layers)))
+            rows = [(int(i), str(key), str(layer_dir)) for i, key, layer_dir in json.loads(layers)]
+            made = str(self._make_pending(manifest, compression, rows))
         from lamina.oci.image import MAX_DOCUMENT, Manifest
 
         document = Manifest.from_bytes(self.read_blob(Digest.parse(made), MAX_DOCUMENT))
@@ -651,8 +652,8 @@ class Store:
             )
         return Digest.parse(made), size
 
-    def _make_pending(self, pending: Digest, compression: str, rows: list[list[object]]) -> Digest:
-        """Compress the pending manifest's layers `rows` names (in parallel) and store the manifest."""
+    def _make_pending(self, pending: Digest, compression: str, rows: list[tuple[int, str, str]]) -> Digest:
+        """Compress the layers `rows` name (index, memo key, layer dir) in parallel; store the manifest."""
         import concurrent.futures
 
         from lamina.oci.compression import Compression
@@ -661,19 +662,19 @@ class Store:
         manifest = Manifest.from_bytes(self.read_blob(pending, MAX_DOCUMENT), f"manifest {pending}")
         target = Compression.parse(compression)
         layers = list(manifest.layers)
-        indices = [int(row[0]) for row in rows]  # type: ignore[call-overload]
+        indices = [i for i, _, _ in rows]
         with concurrent.futures.ThreadPoolExecutor(max(1, min(len(indices), os.cpu_count() or 1))) as pool:
             made = list(pool.map(lambda i: self._compress_tar(layers[i].digest, target), indices))
         for (i, key, layer_dir), record in zip(rows, made, strict=True):
             self.record_layer(record)
-            layers[i] = dataclasses.replace(  # type: ignore[call-overload]
+            layers[i] = dataclasses.replace(
                 layers[i], media_type=record.media_type, digest=record.blob, size=record.size
             )
             # (not when the layer dir went, to a prune since the build: nothing to remember it by)
-            if key and layer_dir and self.has_unpacked(Digest.parse(str(layer_dir))):
+            if key and layer_dir and self.has_unpacked(Digest.parse(layer_dir)):
                 memo = {"digest": str(record.blob), "diff_id": str(record.diff_id), "size": record.size}
-                refs = [record.blob, Digest.parse(str(layer_dir))]
-                self.cache_put(str(key), json.dumps({**memo, "media_type": record.media_type}), refs=refs)
+                refs = [record.blob, Digest.parse(layer_dir)]
+                self.cache_put(key, json.dumps({**memo, "media_type": record.media_type}), refs=refs)
         data = dataclasses.replace(manifest, layers=tuple(layers)).to_bytes()
         return self.put_bytes(data).digest
 
