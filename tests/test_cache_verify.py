@@ -79,6 +79,13 @@ def _half_failure(cache: Path) -> Path:
     return path
 
 
+def _torn_dirkeys(cache: Path) -> Path:
+    path = cache / "dirkeys/.tmp-dirkeys-killed"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"half")
+    return path
+
+
 def _stray_blob(cache: Path) -> Path:
     path = cache / "blobs/sha256/not-a-digest"
     path.write_text("x")
@@ -87,7 +94,7 @@ def _stray_blob(cache: Path) -> Path:
 
 @pytest.mark.parametrize(
     "damage",
-    [_torn_blob, _torn_upper, _scratch, _half_saved, _half_failure, _stray_blob],
+    [_torn_blob, _torn_upper, _scratch, _half_saved, _half_failure, _stray_blob, _torn_dirkeys],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_what_a_killed_process_leaves_is_named_and_repaired(
