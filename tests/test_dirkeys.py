@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lamina.cache.statcache import StatCache
 from lamina.engine import statpass
@@ -296,3 +298,48 @@ def test_a_fetched_context_leaves_no_records(tmp_path: Path) -> None:
         build(cache, f"{url}/ctx.tar", outputs=[f"type=local,dest={tmp_path / 'out'}"])
     assert (tmp_path / "out" / "ctx" / "a" / "b" / "y.txt").read_text() == "yy"
     assert not (cache / dirkeys.DIR_NAME).exists()
+
+
+_NAMES = ("a", "b", "c.txt", "d.log")
+_PATTERNS = ("a", "b/c.txt", "*.log", "**/*.txt", "!a/c.txt", "!**/d.log", "b", "!b/a", "a/*", "c.txt")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    paths=st.lists(st.lists(st.sampled_from(_NAMES), min_size=1, max_size=3), min_size=1, max_size=12),
+    ignore=st.lists(st.sampled_from(_PATTERNS), max_size=4),
+    excludes=st.lists(st.sampled_from(_PATTERNS), max_size=3),
+    change=st.integers(min_value=0, max_value=100),
+)
+def test_any_tree_ignore_and_exclude_key_as_the_ordinary_walk(
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    paths: list[list[str]],
+    ignore: list[str],
+    excludes: list[str],
+    change: int,
+) -> None:
+    """The one-level filters of dirkeys are SourceTree.walk's: for any tree, .dockerignore
+    (with exceptions) and --exclude, first from nothing, then after one file changes."""
+    monkeypatch.setattr(dirkeys, "_SETTLE_NS", -(10**9))  # store every record (a tick is waited below)
+    root = tmp_path_factory.mktemp("tree")
+    ctx = root / "ctx"
+    ctx.mkdir()
+    files = []
+    for parts in sorted(map(tuple, paths)):
+        path = ctx.joinpath(*parts)
+        if any(p.is_file() for p in path.parents if p != ctx) or path.is_dir():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("/".join(parts))
+        files.append(path)
+    if ignore:
+        (ctx / ".dockerignore").write_text("\n".join(ignore) + "\n")
+    keys = Keys(ctx, root / "cache")
+    options = CopyOptions(excludes=tuple(excludes))
+    assert keys.from_records(["."], options=options) == keys.fresh(["."], options=options)
+    time.sleep(0.02)  # past the timestamp tick: the change moves the ctime
+    target = files[change % len(files)] if files else None
+    if target is not None:
+        target.write_text("changed " + target.read_text())
+    assert keys.from_records(["."], options=options) == keys.fresh(["."], options=options)
