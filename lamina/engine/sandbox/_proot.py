@@ -365,6 +365,8 @@ class _Supervisor:
             dirfd, path_arg, mode, dev = _notify.mknod_args(_notify.Call(nid, pid, 0, 0, args, name))
             if stat.S_IFMT(mode) not in (stat.S_IFCHR, stat.S_IFBLK):
                 return 0, True
+            if self.owner[0] != 0:
+                return errno.EPERM, False  # a USER other than root has no CAP_MKNOD
             path = self._path(pid, dirfd, path_arg, 0)
             self._valid(listener, nid)
             if not self._inside(path):
