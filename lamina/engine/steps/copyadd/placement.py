@@ -18,26 +18,29 @@ mode, owner and mtime is hard-linked from there (a metadata write instead of
 a data copy: 3,000 files take 0.05 s instead of about 1 s here). The new
 layer shares those inodes and touches none of their metadata. What a copy
 wrote is recorded compactly (`WRITTEN`, one packed record per file), not as
-an object per file: a 100,000-file COPY keeps 100,000 of them.
+an object per file: a 100,000-file COPY keeps 100,000 of them, spooled to
+the store as they are made and read back into a packed table (`priorcopy`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
 import posixpath
 import stat
-import struct
+import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from lamina.cache.statcache import stat_key
 from lamina.engine.context import SourceTree, TreeEntry
+from lamina.engine.steps.copyadd.priorcopy import WRITTEN, PriorFiles, encode
 from lamina.engine.steps.copyadd.selection import (
     DIR_MODE,
     CopyItem,
@@ -58,7 +61,6 @@ __all__ = [
     "clear_target",
     "make_dest_dirs",
     "one_file_target",
-    "read_written",
     "write_selection",
 ]
 
@@ -69,11 +71,6 @@ _IN_FLIGHT = 4 * _THREADS  # batches submitted and not yet collected
 _T = TypeVar("_T")
 
 
-# A plain file a copy wrote: sha256 of its bytes, mode, uid, gid, mtime_ns, size, its
-# inode on disk, 1 if it was given xattrs. In a record of a copy, each follows its
-# destination path (`_DEST`: the length of the UTF-8 path, then the path).
-WRITTEN = struct.Struct("<32sIIIqQQB")
-_DEST = struct.Struct("<H")
 _SAME = WRITTEN.size - 9  # the part of a record that says what the file holds (not where)
 
 
@@ -83,39 +80,20 @@ class PriorCopy:
     records), in `root` (its published layer directory), to be hard-linked when unchanged."""
 
     root: Path
-    files: Mapping[str, bytes]
-
-
-def read_written(data: bytes) -> dict[str, bytes]:
-    """The records `write_selection` appended to `written`, by destination (the last wins).
-
-    Raises ValueError for a torn record."""
-    files: dict[str, bytes] = {}
-    at, end, size = 0, len(data), WRITTEN.size
-    while at < end:
-        (length,) = _DEST.unpack_from(data, at)
-        at += _DEST.size
-        if at + length + size > end:
-            raise ValueError("torn record of a copy")
-        dest = data[at : at + length].decode("utf-8", "surrogateescape")
-        files[dest] = data[at + length : at + length + size]
-        at += length + size
-    return files
-
-
-def _written(dest: str, record: bytes) -> bytes:
-    name = dest.encode("utf-8", "surrogateescape")
-    return _DEST.pack(len(name)) + name + record
+    files: PriorFiles
 
 
 class Written:
-    """What a copy wrote (`WRITTEN` records after their destinations), zlib-compressed as
-    it grows: ~40 bytes a file (most of it the digest), never an object per file.
-    `data()` is what `read_written` reads once decompressed. Safe for the copy threads."""
+    """What a copy wrote (`WRITTEN` records after their destinations, `priorcopy`),
+    zlib-compressed as it grows (~40 bytes a file, most of it the digest) and spooled
+    to a file in the directory `spool`, not held (a million-file copy writes a million).
+    Safe for the copy threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, spool: Path) -> None:
         self._zip = zlib.compressobj(1)
-        self._parts: list[bytes] = []
+        self._spool = spool
+        self._file: BinaryIO | None = None
+        self._spooled = ""  # its path
         self._lock = threading.Lock()
         self.files = 0
         self.linked = 0  # of them, linked from the last run's layer (a donor for the blob)
@@ -125,15 +103,33 @@ class Written:
 
     def add(self, dest: str, record: bytes) -> None:
         with self._lock:
-            if chunk := self._zip.compress(_written(dest, record)):
-                self._parts.append(chunk)
+            if chunk := self._zip.compress(encode(dest, record)):
+                self._put(chunk)
             self.files += 1
 
-    def data(self) -> bytes:
-        """The compressed records (once: the stream is closed)."""
+    def _put(self, chunk: bytes) -> None:
+        if self._file is None:
+            self._spool.mkdir(parents=True, exist_ok=True)
+            fd, self._spooled = tempfile.mkstemp(prefix=".tmp-copy-", dir=self._spool)
+            self._file = os.fdopen(fd, "wb")
+        self._file.write(chunk)
+
+    def save(self) -> Path:
+        """The finished stream: its file in the spool directory, for the caller to rename
+        (once: the stream is closed)."""
         with self._lock:
-            self._parts.append(self._zip.flush())
-            return b"".join(self._parts)
+            self._put(self._zip.flush())
+            assert self._file is not None
+            self._file.close()
+            return Path(self._spooled)
+
+    def discard(self) -> None:
+        """Remove what was spooled (the copy failed, or its record is not kept)."""
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(self._spooled)
 
 
 def write_selection(

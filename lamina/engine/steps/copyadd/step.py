@@ -28,12 +28,8 @@ from lamina.engine.context import bulk, open_rootfs
 from lamina.engine.dockerfile.instructions import AddInstruction
 from lamina.engine.steps import metadata as md
 from lamina.engine.steps.base import source_stage, stage_index
-from lamina.engine.steps.copyadd.archive import unpack_archives
 from lamina.engine.steps.copyadd.chmod import Chmod, parse_chmod
 from lamina.engine.steps.copyadd.dirkeys import context_key
-from lamina.engine.steps.copyadd.fetch import fetch_url, write_fetched
-from lamina.engine.steps.copyadd.heredoc import expand_heredoc, write_heredoc
-from lamina.engine.steps.copyadd.placement import PriorCopy, Written, read_written, write_selection
 from lamina.engine.steps.copyadd.selection import CopyOptions, destination_path, select_sources, selection_key
 from lamina.engine.steps.layerstep import layer_step, step_env
 from lamina.engine.steps.layerview import LayerView
@@ -46,6 +42,7 @@ from lamina.oci.digest import Digest
 if TYPE_CHECKING:
     from lamina.engine.model import StageState, StepHost
     from lamina.engine.plan import PlannedStage
+    from lamina.engine.steps.copyadd.placement import PriorCopy, Written
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,11 +87,15 @@ class _PriorRun:
         self.state = state
         self.instruction = instruction
         self.where = ""
+        self.written: Written | None = None  # made when the step runs (the writer is imported then)
         self.prior: PriorCopy | None = None
-        self.written = Written()
 
     def load(self) -> PriorCopy | None:
         """Called when the step runs (its position in the stage is known then)."""
+        from lamina.engine.steps.copyadd.placement import Written
+        from lamina.engine.steps.copyadd.priorcopy import spool_dir
+
+        self.written = Written(spool_dir(self.executor.store.root))
         self.where = copy_files_key(self.executor.cache.step_position(self.state, self.instruction))
         self.prior = _load_prior_copy(self.executor, self.where)
         return self.prior
@@ -108,6 +109,12 @@ class _PriorRun:
                 # (engine.snapshot.Donor). No refs: a donor gone means reading the files.
                 record = json.dumps({"dir": self.prior.root.name})
                 self.executor.store.cache_put(layer_donor_key(dir_id), record)
+            self.written = None
+
+    def close(self) -> None:
+        """Drop what a copy that is not saved spooled (it failed, or wrote no layer)."""
+        if self.written is not None:
+            self.written.discard()
 
 
 def copy_step(executor: StepHost, state: StageState, plan: PlannedStage, instruction: Any) -> None:
@@ -127,17 +134,21 @@ def copy_step(executor: StepHost, state: StageState, plan: PlannedStage, instruc
     def produce(upper: Path) -> None:
         _produce(executor, copy, sources.parts, prior, upper)
 
-    has_layer = layer_step(
-        executor,
-        state,
-        copy.instruction,
-        inputs,
-        produce,
-        files=sources.list_files,
-        defined=_defined(executor, copy, inputs),
-    )
-    if prior is not None and prior.written and has_layer:  # written: it ran (not a dry run)
-        prior.save(state.layers[-1].dir_id)
+    try:
+        has_layer = layer_step(
+            executor,
+            state,
+            copy.instruction,
+            inputs,
+            produce,
+            files=sources.list_files,
+            defined=_defined(executor, copy, inputs),
+        )
+        if prior is not None and prior.written and has_layer:  # written: it ran (not a dry run)
+            prior.save(state.layers[-1].dir_id)
+    finally:
+        if prior is not None:
+            prior.close()
     _add_history(executor, state, copy, has_layer)
 
 
@@ -147,6 +158,8 @@ def _resolve(state: StageState, instruction: Any) -> _Copy:
     is_add = isinstance(instruction, AddInstruction)
     if any(content.expand for content in instruction.contents):
         env = step_env(state)
+        from lamina.engine.steps.copyadd.heredoc import expand_heredoc
+
         contents = tuple(expand_heredoc(content, env) for content in instruction.contents)
         instruction = dataclasses.replace(instruction, contents=contents)
     view = LayerView([layer.path for layer in state.layers])
@@ -258,6 +271,8 @@ def _read_sources(executor: StepHost, state: StageState, copy: _Copy) -> _Source
             sources.source = f"stage {stage.display_name}" if stage is not None else f"image {from_}"
             sources.list_files = lambda: selection_files(*materialize())
     for url in copy.urls:
+        from lamina.engine.steps.copyadd.fetch import fetch_url
+
         fetched = fetch_url(executor, url, copy.instruction.checksum)
         content.update(f"url\0{url}\0{fetched.digest}\n".encode())
         sources.files += ((url, fetched.digest, "url"),)  # a miss names the URL whose content changed
@@ -285,6 +300,9 @@ def _produce(
     """Write every part into the step's upper dir, then the heredocs, then the late owners."""
     # Owners of directories kept from the layers below: set after every write
     # (unprivileged, a directory given to another id is no longer writable).
+    from lamina.engine.steps.copyadd.fetch import write_fetched
+    from lamina.engine.steps.copyadd.heredoc import write_heredoc
+
     late: list[tuple[Path, int, int]] = []
     for kind, part in parts:
         if kind == "files":
@@ -310,12 +328,15 @@ def _write_files(
 ) -> None:
     """The local sources: ADD's archives unpacked, the rest written (linked from the last
     run where unchanged), then the owners an unprivileged copy could not give."""
+    from lamina.engine.steps.copyadd.archive import unpack_archives
+    from lamina.engine.steps.copyadd.placement import write_selection
+
     tree, selection = materialize()
     if copy.is_add and copy.instruction.unpack is not False:
         selection = unpack_archives(
             tree, selection, upper, copy.dest, copy.owner, copy.image, copy.local, late
         )
-    written = prior.written if prior is not None else None
+    last = prior.load() if prior is not None else None  # and prior.written made
     with bulk():
         write_selection(
             tree,
@@ -323,8 +344,8 @@ def _write_files(
             upper,
             copy.image,
             late_owners=late,
-            prior=prior.load() if prior is not None else None,
-            written=written,
+            prior=last,
+            written=prior.written if prior is not None else None,
             stop=executor.stop,
         )
     if os.geteuid() != 0 and copy.owner is not None:
@@ -338,6 +359,7 @@ def _write_git(
 ) -> None:
     """ADD <git URL>: the repository's tree at the keyed commit."""
     from lamina.engine.steps.copyadd.gitadd import git_tree
+    from lamina.engine.steps.copyadd.placement import write_selection
 
     with git_tree(executor, *part, copy.instruction.keep_git_dir) as tree:
         selection = select_sources(tree, ["."], copy.dest, copy.options, copy.image)
@@ -364,30 +386,36 @@ def _add_history(executor: StepHost, state: StageState, copy: _Copy, has_layer: 
 
 def _load_prior_copy(executor: StepHost, where: str) -> PriorCopy | None:
     """The files the last run of this COPY wrote, if its layer directory is still there."""
-    import base64
-    import zlib
+    from lamina.engine.steps.copyadd import priorcopy
+    from lamina.engine.steps.copyadd.placement import PriorCopy
 
     text = executor.store.cache_get(where)
     if text is None:
         return None
     try:
         record = json.loads(text)
-        root = executor.store.unpacked_path(Digest("sha256", record["dir"]))
-        if not root.is_dir():
-            return None
-        files = read_written(zlib.decompress(base64.b64decode(record["written"])))
-    except (ValueError, KeyError, TypeError, zlib.error):
-        return None  # an older record: copy everything
-    return PriorCopy(root, files)
+        dir_id = record["dir"]
+        root = executor.store.unpacked_path(Digest("sha256", dir_id))
+        if not record.get("spooled") or not root.is_dir():
+            return None  # gone, or an older record's: copy everything
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    files = priorcopy.load(executor.store.root, where, dir_id)
+    return PriorCopy(root, files) if files is not None else None
 
 
 def _save_prior_copy(executor: StepHost, where: str, dir_id: str, written: Written) -> None:
-    """The packed records, compressed: ~50 bytes a file, never an object per file (issue 22)."""
-    import base64
+    """The packed records, compressed, in a file of the store (`priorcopy`): never an
+    object per file, nor the stream in memory (issue 22)."""
+    from lamina.engine.steps.copyadd import priorcopy
 
-    packed = base64.b64encode(written.data()).decode("ascii")
+    try:
+        priorcopy.keep(written.save(), executor.store.root, where, dir_id)
+    except OSError:
+        written.discard()
+        return  # a full or unwritable store: the next run copies every file
     # No refs: this record keeps no layer from gc; a missing directory means copying.
-    executor.store.cache_put(where, json.dumps({"dir": dir_id, "written": packed}))
+    executor.store.cache_put(where, json.dumps({"dir": dir_id, "spooled": True}))
 
 
 def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int], image: Any) -> None:

@@ -1,0 +1,145 @@
+"""What a COPY wrote, kept on disk for its next run (issue 22's memory goal).
+
+A rebuild after a small change hard-links the files the last run of the
+same COPY wrote (`placement`), so it needs, for each destination path, the
+record of the file written there (`WRITTEN`). A 1,000,000-file COPY writes
+a million of them: they are never held as objects, nor as one string.
+
+- While the copy runs, `placement.Written` compresses each record as it is
+  made and spools the stream to a file under the store's `copies/`.
+- `keep` names that file after the COPY's position (`where`, one file per
+  position, replaced by each run) and the layer directory it describes.
+- The next run `load`s it a chunk at a time into a `PriorFiles` table keyed
+  by a 16-byte hash of the destination (~100 bytes a file, where a dict of
+  paths and records took ~220 and the base64 text of the stream three
+  transient copies of it).
+
+Two destinations whose hashes collide would only cost a copy: a record is
+trusted only for the file whose inode, size, mtime, mode, owner and digest
+it names (`placement._Writer.link_prior`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from lamina.cache.packedtable import PackedTable
+
+__all__ = ["DIR_NAME", "WRITTEN", "PriorFiles", "encode", "keep", "load", "read_written", "spool_dir"]
+
+DIR_NAME = "copies"
+# A plain file a copy wrote: sha256 of its bytes, mode, uid, gid, mtime_ns, size, its
+# inode on disk, 1 if it was given xattrs. In a copy's stream each follows its
+# destination path (`_DEST`: the length of the UTF-8 path, then the path).
+WRITTEN = struct.Struct("<32sIIIqQQB")
+_DEST = struct.Struct("<H")
+_HASH = 16  # bytes of blake2b naming a destination in the table
+_CHUNK = 1 << 20  # compressed bytes read at a time
+_DAYS = 30  # files of COPY positions not built for this long are removed
+
+
+def encode(dest: str, record: bytes) -> bytes:
+    """One destination and its `WRITTEN` record, as a copy's stream holds them."""
+    name = dest.encode("utf-8", "surrogateescape")
+    return _DEST.pack(len(name)) + name + record
+
+
+def _name_key(dest: str) -> bytes:
+    return hashlib.blake2b(dest.encode("utf-8", "surrogateescape"), digest_size=_HASH).digest()
+
+
+class PriorFiles:
+    """The `WRITTEN` record of each destination (the last one a stream gave for it)."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self) -> None:
+        self._table = PackedTable(_HASH, WRITTEN.size)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def get(self, dest: str) -> bytes | None:
+        return self._table.get(_name_key(dest))
+
+    def add(self, dest: str, record: bytes) -> None:
+        self._table.add(_name_key(dest), record)
+
+
+def read_written(chunks: Iterable[bytes]) -> PriorFiles:
+    """The records of a copy's (decompressed) stream, given in chunks cut anywhere.
+
+    Raises ValueError for a torn record."""
+    files = PriorFiles()
+    size, head = WRITTEN.size, _DEST.size
+    pending = b""
+    for chunk in chunks:
+        data = pending + chunk if pending else chunk
+        at, end = 0, len(data)
+        while at + head <= end:
+            (length,) = _DEST.unpack_from(data, at)
+            stop = at + head + length + size
+            if stop > end:
+                break
+            dest = data[at + head : at + head + length].decode("utf-8", "surrogateescape")
+            files.add(dest, data[stop - size : stop])
+            at = stop
+        pending = data[at:]
+    if pending:
+        raise ValueError("torn record of a copy")
+    return files
+
+
+def spool_dir(store_root: Path) -> Path:
+    """Where a running copy spools its records (the store's file system: renamed, not copied)."""
+    return store_root / DIR_NAME
+
+
+def _path(store_root: Path, where: str, dir_id: str) -> Path:
+    position = hashlib.sha256(where.encode()).hexdigest()[:32]
+    return store_root / DIR_NAME / f"{position}-{dir_id}.bin"
+
+
+def load(store_root: Path, where: str, dir_id: str) -> PriorFiles | None:
+    """What the run of the COPY at `where` that made layer dir `dir_id` wrote; None when
+    its file is gone or torn (the copy then writes every file)."""
+    path = _path(store_root, where, dir_id)
+    try:
+        with open(path, "rb") as f:
+            with contextlib.suppress(OSError):
+                os.utime(f.fileno())  # in use: not one to forget
+            return read_written(_inflate(f))
+    except (OSError, ValueError, zlib.error):
+        return None
+
+
+def _inflate(f: object) -> Iterable[bytes]:
+    inflate = zlib.decompressobj()
+    read = f.read  # type: ignore[attr-defined]
+    while chunk := read(_CHUNK):
+        yield inflate.decompress(chunk)
+    yield inflate.flush()
+    if not inflate.eof:
+        raise ValueError("truncated record of a copy")
+
+
+def keep(spooled: Path, store_root: Path, where: str, dir_id: str) -> None:
+    """Name the spooled stream of a finished copy (replacing the position's older ones)."""
+    path = _path(store_root, where, dir_id)
+    os.replace(spooled, path)
+    prefix = path.name.partition("-")[0] + "-"
+    cutoff = time.time() - _DAYS * 86400
+    with os.scandir(path.parent) as it:
+        for entry in it:
+            older = entry.name.startswith(prefix) and entry.name != path.name
+            stale = not older and entry.stat(follow_symlinks=False).st_mtime < cutoff  # or a crashed spool
+            if older or stale:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
