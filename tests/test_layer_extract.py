@@ -403,3 +403,25 @@ def test_round_trip_of_non_utf8_names_and_binary_xattrs(tmp_path: Path) -> None:
     extract_layer(io.BytesIO(blob.getvalue()), dest)
     assert list(entries_from_tree(dest)) == list(entries_from_tree(source))
     assert os.getxattr(dest / name, "user.blob") == b"\x00\xff\xfe\n="
+
+
+def test_a_layer_rewriting_its_own_paths(tmp_path: Path) -> None:
+    # An entry that replaces, links or removes what an earlier entry of the same layer wrote.
+    many = [f(f"d/f{i}", b"%d" % i) for i in range(200)]
+    layer = tar_of(
+        d("d"),
+        *many,
+        f("d/f0", b"again"),  # the same path twice: the last wins
+        ("d/link", tarfile.LNKTYPE, None, {"linkname": "d/f1"}),  # a link to a file just written
+        d("d/f2"),  # a file replaced by a directory
+        f("d/f2/in", b"in"),
+        ("d/f3", tarfile.SYMTYPE, None, {"linkname": "f4"}),  # a file replaced by a symlink
+        f("e/x", b"x"),
+        f("e", b"e is a file now"),  # a directory holding a file just written, replaced by a file
+    )
+    extract(layer, tmp_path)
+    expected = {f"d/f{i}": str(i) for i in range(4, 200)}
+    expected |= {"d": "dir", "d/f0": "again", "d/f1": "1", "d/link": "hardlink", "d/f2": "dir"}
+    expected |= {"d/f2/in": "in", "d/f3": "-> f4", "e": "e is a file now"}
+    assert listing(tmp_path) == expected
+    assert os.stat(tmp_path / "d/link").st_ino == os.stat(tmp_path / "d/f1").st_ino

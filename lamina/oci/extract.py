@@ -43,12 +43,13 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import io
 import os
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from lamina.errors import DiskFull, LayerError, UnsafePath, is_disk_full
 from lamina.oci.compression import CHUNK, HashingReader, drain, open_decompressed, sniff_stream
@@ -242,11 +243,12 @@ def _open_tar(stream: BinaryIO, label: str) -> Iterator[tuple[tarfile.TarFile, H
     try:
         compression, raw = sniff_stream(compressed)  # type: ignore[arg-type]
         uncompressed = HashingReader(open_decompressed(raw, compression))
-        # Stream mode: never seeks; 64 KiB keeps tarfile's buffer re-slicing cheap.
+        # Not tarfile's stream mode ("r|"): its buffer is re-sliced, a copy of up to
+        # bufsize bytes, on every read of a header or a file. "r:" over a C buffered reader
+        # slices in C; tarfile only ever seeks forward, which _Forward does by reading.
         tar = tarfile.open(  # noqa: SIM115 - closed by the with below
-            fileobj=uncompressed,  # type: ignore[arg-type]
-            mode="r|",
-            bufsize=1 << 16,
+            fileobj=io.BufferedReader(_Forward(uncompressed), CHUNK),
+            mode="r:",
             encoding="utf-8",
             errors="surrogateescape",
             tarinfo=_StrictTarInfo,
@@ -257,6 +259,40 @@ def _open_tar(stream: BinaryIO, label: str) -> Iterator[tuple[tarfile.TarFile, H
         raise LayerError(f"{label}: not a tar stream: {err}") from err
     with tar:
         yield tar, compressed, uncompressed
+
+
+class _Forward(io.RawIOBase):
+    """A forward-only stream as a raw file that tarfile may seek in: forward, by reading."""
+
+    def __init__(self, source: HashingReader) -> None:
+        self._source = source
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._source.read(len(buffer))
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        target = offset + (self._position if whence == os.SEEK_CUR else 0)
+        if whence == os.SEEK_END or target < self._position:
+            raise io.UnsupportedOperation("a layer stream is read forward only")
+        while self._position < target:
+            skipped = len(self._source.read(min(CHUNK, target - self._position)))
+            if not skipped:
+                break  # past the end: the next read says so
+            self._position += skipped
+        return self._position
 
 
 def _members(tar: tarfile.TarFile, label: str) -> Iterator[tarfile.TarInfo]:
@@ -471,6 +507,7 @@ class _Unpacker:
         assert source is not None  # a regular file
         view = self._buffer
         copied = 0
+        hole = False
         while copied < member.size:
             try:
                 n = source.readinto(view[: min(CHUNK, member.size - copied)])
@@ -479,7 +516,8 @@ class _Unpacker:
             if not n:
                 break
             copied += n
-            if n == CHUNK and _ZEROS.startswith(view):  # a hole: a sparse file stays sparse
+            hole = n == CHUNK and _ZEROS.startswith(view)
+            if hole:  # a sparse file stays sparse
                 os.lseek(fd, n, os.SEEK_CUR)
                 continue
             written = 0
@@ -487,8 +525,8 @@ class _Unpacker:
                 written += os.write(fd, view[written:n])
         if copied != member.size:
             raise LayerError(f"short file, {copied} of {member.size} bytes")
-        if copied and os.lseek(fd, 0, os.SEEK_CUR) != os.fstat(fd).st_size:
-            os.ftruncate(fd, copied)  # it ended in a hole
+        if hole:
+            os.ftruncate(fd, copied)  # it ended in a hole: the size is set by hand
 
     def _link(self, parent_fd: int, name: str, linkname: str) -> None:
         try:
