@@ -109,3 +109,34 @@ def test_modes_are_given_back_after_the_reader_set_times(tmp_path: Path) -> None
     assert stat.S_IMODE(os.lstat(shut / "inner").st_mode) == 0o644
     os.chmod(shut / "inner", 0o755)
     assert stat.S_IMODE(os.lstat(shut / "inner" / "f").st_mode) == 0o124
+
+
+def test_cache_verify_gives_back_what_a_killed_reader_left(tmp_path: Path) -> None:
+    """A lamina process killed while it reads a shut layer leaves its grants raised: `lamina
+    cache verify` names them, `--repair` gives the modes back and removes the table."""
+    if os.geteuid() == 0:
+        pytest.skip("root reads any directory; tests/test_unprivileged.py runs this as a user")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LAMINA_CACHE": str(tmp_path / "cache")}
+
+    def verify(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "lamina", "cache", "verify", *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+
+    assert verify().returncode == 0  # the store made, empty
+    layer = tmp_path / "cache" / "unpacked" / ("ab" * 32)
+    shut = _shut_tree(layer)
+    other = _other(shut)
+    assert other.stdout is not None
+    assert other.stdout.readline().startswith("in ")
+    other.kill()
+    other.wait()
+    assert stat.S_IMODE(os.lstat(shut).st_mode) == 0o524  # raised, and nobody left to give it back
+
+    found = verify()
+    assert found.returncode != 0 and "a killed rootless reader left raised" in found.stdout, found.stdout
+    assert verify("--repair").returncode == 0
+    assert stat.S_IMODE(os.lstat(shut).st_mode) == 0o124
+    assert sorted(os.listdir(layer.parent)) == [layer.name]
+    assert verify().stdout.strip().endswith("; clean")
+    os.chmod(shut, 0o755)
+    os.chmod(shut / "inner", 0o755)

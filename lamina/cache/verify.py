@@ -40,6 +40,7 @@ from pathlib import Path
 
 from lamina.cache.store import LayerRecord, Store
 from lamina.errors import LaminaError, StoreBusy
+from lamina.oci import opened
 from lamina.oci.digest import Digest
 
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -363,6 +364,11 @@ class _Verifier:
         for entry in sorted(os.scandir(directory), key=lambda e: e.name) if directory.is_dir() else ():
             path = Path(entry.path)
             if entry.name.startswith("."):  # .tmp-* (uppers, unpacks), .lamina-work-* (overlay's)
+                if self.alone and entry.name in (opened.TABLE, opened.READERS):
+                    if entry.name == opened.TABLE or not (directory / opened.TABLE).exists():
+                        what = "modes a killed rootless reader left raised (given back, its table removed)"
+                        self._found(self._rel(path), what, lambda: _give_back(directory))
+                    continue
                 if self.alone:
                     what = "a step's or unpack's directory left by a killed process (never named)"
                     self._found(self._rel(path), what, self._remove_path(path))
@@ -436,3 +442,7 @@ def describe(report: VerifyReport) -> list[str]:
     if not report.torn_judged:
         summary += " (another lamina process has the store open: temporary files not judged)"
     return [*lines, summary]
+
+
+def _give_back(directory: Path) -> None:
+    opened.give_back(directory)

@@ -306,3 +306,30 @@ def _leave(place: str, fd: int) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def give_back(place: Path | str) -> int:
+    """What a killed reader left in `place` (its table and lock files): every mode in the
+    table given back and both files removed, when no process reads there; how many modes."""
+    place = os.fspath(place)
+    with _table_lock(place) as table_fd:
+        if table_fd < 0:
+            return 0
+        try:
+            fd = os.open(
+                os.path.join(place, READERS), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+        except OSError:
+            return 0
+        if not _leave(place, fd):
+            return 0  # read by a live process: its last reader gives them back
+        given = 0
+        for path, mode, dev, ino, granted in reversed(_read_table(table_fd)):
+            if _still(path, dev, ino, granted) is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(path, stat.S_IMODE(mode))
+                    given += 1
+        for name in (READERS, TABLE):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(place, name))
+        return given
