@@ -155,4 +155,36 @@ def test_the_rerun_layer_blob_takes_unchanged_files_from_the_last_blob(
     read = sorted(path.split("/data/", 1)[1] for path in opened if "/data/" in path)
     if detect_ids().mode is IdMode.SUBORDINATE:
         pytest.skip("with subordinate ids a helper in the user namespace writes the blob, reading every file")
-    assert read == ["d0/new", "d1/f19", "d1/renamed", "d2/f08"]
+    # the files it linked come from the old blob, those it wrote from the bytes it copied
+    assert read == []
+
+
+def test_a_cold_copy_layer_is_written_from_the_bytes_it_copied(
+    cache: Path, tmp_path: Path, busybox_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first build reads each context file once: the layer's tar takes the bytes the copy
+    wrote (oci.fresh) rather than opening the new files again, and is the blob reading
+    them from disk gives."""
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+    from lamina.oci import fresh, walk
+
+    files = {f"d{i % 3}/f{i:02d}": f"{i}\n" * i for i in range(1, 30)}
+    ctx = write_context(tmp_path / "ctx", DOCKERFILE, files)
+    opened: list[str] = []
+    real_open = walk._open_file
+
+    def spy(host_path: str) -> object:
+        opened.append(host_path)
+        return real_open(host_path)
+
+    monkeypatch.setattr(walk, "_open_file", spy)
+    first = build(cache, ctx, source_date_epoch=1700000000)
+    monkeypatch.setattr(fresh, "opener", lambda path, st: None)
+    from_disk = build(make_cache(tmp_path / "disk", busybox_image), ctx, source_date_epoch=1700000000)
+    assert first.image_digest == from_disk.image_digest
+    if detect_ids().mode is IdMode.SUBORDINATE:
+        pytest.skip("with subordinate ids a helper in the user namespace writes the blob, reading every file")
+    read_first = [path for path in opened if "/data/" in path and str(cache) in path]
+    assert read_first == []
+    in_context = sum(1 for path in ctx.rglob("*") if path.is_file())  # the Dockerfile too
+    assert len([path for path in opened if "/data/" in path]) == in_context  # the disk build read them

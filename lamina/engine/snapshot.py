@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node
 from lamina.engine.sandbox.idmap import IdMap
 from lamina.errors import LaminaError
-from lamina.oci import recorded
+from lamina.oci import fresh, recorded
 from lamina.oci.donor import DonorTar
 from lamina.oci.entry import LayerEntry
 from lamina.oci.walk import entries_from_tree, read_xattrs
@@ -68,9 +68,17 @@ def capture(
             uid_map=uid_map,
             overlay=True,
             opaque_hides=below,
-            content=donor.opener if donor is not None else None,
+            content=_content(donor),
         ),
     )
+
+
+def _content(donor: DonorTar | None) -> Callable[[str, os.stat_result], Callable[[], BinaryIO] | None]:
+    """Where a file's bytes come from if not from disk: what a COPY of this process just
+    wrote (oci.fresh), else the old layer's tar (a rerun's `donor`)."""
+    if donor is None:
+        return fresh.opener
+    return lambda path, st: fresh.opener(path, st) or donor.opener(path, st)
 
 
 def _inside(ids: IdMap) -> Callable[[int, int], tuple[int, int]]:

@@ -51,7 +51,7 @@ from lamina.engine.steps.copyadd.selection import (
 )
 from lamina.engine.steps.owners import chown_all, container_owner, keep_lower_dir_meta
 from lamina.errors import ContextError, DiskFull, is_disk_full
-from lamina.oci import filecopy, recorded, xattrs
+from lamina.oci import filecopy, fresh, recorded, xattrs
 from lamina.oci.entry import EntryType
 
 __all__ = [
@@ -497,7 +497,9 @@ class _Writer:
         dst = self.replacing(item, path, lambda: os.open(path, flags, item.mode & 0o777))
         try:
             st = os.fstat(dst)
-            copied = self.fill(entry, dst, path)
+            kept = None if entry.socket or self.tree.chroot else self.tree.stat_cache.take(entry.key)
+            # the bytes its digest was made of, read once (StatCache.take), else read now
+            copied = self.write_kept(kept, dst, path) if kept is not None else self.fill(entry, dst, path)
             if (st.st_uid, st.st_gid) != (item.uid, item.gid):
                 _fchown(dst, item.uid, item.gid)
             found = self.source_xattrs(entry)
@@ -510,6 +512,8 @@ class _Writer:
                 os.fchmod(dst, item.mode)
             when = self.mtime_ns if self.mtime_ns is not None else entry.mtime_ns
             os.utime(dst, ns=(when, when))
+            if kept:  # for the layer's tar, as stamped (oci.fresh)
+                fresh.keep(os.fstat(dst), kept)
             if self.written is not None:
                 self.record(item, when, copied, st.st_ino, bool(found))
         finally:
@@ -561,9 +565,6 @@ class _Writer:
         """Copy the source file's content into `dst`, the new file at `path`; the bytes copied."""
         if entry.socket:  # a stub: an empty regular file (see TreeEntry.socket)
             return 0
-        kept = None if self.tree.chroot else self.tree.stat_cache.take(entry.key)
-        if kept is not None:  # the bytes its digest was made of, read once (StatCache.take)
-            return self.write_kept(kept, dst, path)
         source = self.tree.abspath(entry.path)
         try:
             src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
