@@ -25,6 +25,12 @@ import stat
 
 from lamina.engine.sandbox import _confine, _libc, _rootfs
 
+TYPE_CHECKING = False  # typing is not imported helper-side; mypy reads the name as true
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from lamina.engine.sandbox._notify import DeviceRecorder
+
 SETUP_FAILED = 125
 EXEC_FAILED = 127
 _FORWARDED = (
@@ -150,7 +156,7 @@ def _records_devices(spec: dict) -> bool:
     return spec.get("isolation", "userns") == "userns" and not spec["insecure"] and _notify.supported()
 
 
-def _device_recorder(notify):  # type: ignore[no-untyped-def]
+def _device_recorder(notify: ModuleType) -> DeviceRecorder:
     """After pivot_root: the filter handing this process's descendants' mknod to it (only
     mknod: every other call never leaves the kernel), and the mounts a node may be made on."""
     mounts = []
@@ -173,7 +179,7 @@ def _wait(child: int) -> int:
             return st
 
 
-def _serve(child: int, devices) -> int:  # type: ignore[no-untyped-def]
+def _serve(child: int, devices: DeviceRecorder) -> int:
     """_wait, answering the step's device mknod meanwhile; SIGCHLD wakes the poll to reap."""
     import select
 
