@@ -98,7 +98,7 @@ def _pytest_as(
     after: what the run leaves, owned by the user's subordinate ids too, never piles up in
     /tmp/pytest-of-USER. `scratch`: one the caller made and removes."""
     if scratch is None:
-        with user_scratch(user, f"lamina-pytest-{user}-") as made:
+        with user_scratch(user, "lamina-u-") as made:  # short: the socket paths under it
             return _pytest_as(user, project, *args, timeout=timeout, scratch=made)
     python, pythonpath = _interpreter(user, project)
     tmp = scratch / "tmp"
