@@ -22,7 +22,7 @@ import pytest
 from tests.support.plainuser import PLAIN_USER as WITHOUT_RANGE
 from tests.support.plainuser import RANGED_USER as WITH_RANGE
 from tests.support.plainuser import set_range, user_scratch
-from tests.support.sandbox import ensure_user, system_tool
+from tests.support.sandbox import ensure_user, system_tool, tun_open_to_users
 
 PROJECT = Path(__file__).resolve().parent.parent
 INNER_TIMEOUT = 2400  # seconds: each user runs every sandbox-marked file (about 6 min on an idle machine)
@@ -145,16 +145,8 @@ def open_tun() -> Iterator[None]:
     Some hosts (this CI's VM) have no udev and keep it 0600: then the default
     network falls back to an isolated one, which the suite tests separately.
     """
-    tun = Path("/dev/net/tun")
-    if not tun.exists():
+    with tun_open_to_users():
         yield
-        return
-    mode = tun.stat().st_mode & 0o777
-    tun.chmod(0o666)
-    try:
-        yield
-    finally:
-        tun.chmod(mode)
 
 
 @pytest.mark.parametrize("user,has_range", [(WITH_RANGE, True), (WITHOUT_RANGE, False)])
@@ -249,3 +241,37 @@ def test_a_passing_rootless_session_removes_its_subordinate_id_trees(project_cop
             assert list((scratch / "tmp" / "pytest").iterdir()) == []  # the session's basetemp
     finally:
         test_file.unlink()
+
+
+def test_tun_stays_open_until_the_last_run_using_it_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs at once (xdist, or two sessions): the first one out must not close /dev/net/tun
+    under the other (its network tests then failed), and the last gives the mode back.
+    On a stand-in file, so that the host's device is never closed under a run."""
+    from tests.support import sandbox
+
+    tun, state = tmp_path / "tun", tmp_path / "tun.json"
+    tun.touch(mode=0o600)
+    monkeypatch.setattr(sandbox, "TUN", tun)
+    monkeypatch.setattr(sandbox, "_TUN_STATE", state)
+    code = (
+        "import sys; from pathlib import Path; from tests.support import sandbox as s\n"
+        "s.TUN, s._TUN_STATE = Path(sys.argv[1]), Path(sys.argv[2])\n"
+        "with s.tun_open_to_users():\n    print('in', flush=True); sys.stdin.readline()"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", code, str(tun), str(state)],
+        cwd=PROJECT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert other.stdout is not None and other.stdin is not None
+    try:
+        assert other.stdout.readline() == "in\n"
+        with tun_open_to_users():
+            assert tun.stat().st_mode & 0o777 == 0o666
+        assert tun.stat().st_mode & 0o777 == 0o666  # the other run is still inside
+    finally:
+        other.stdin.close()
+        other.wait(timeout=30)
+    assert tun.stat().st_mode & 0o777 == 0o600
+    assert not state.exists()

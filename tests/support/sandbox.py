@@ -7,12 +7,18 @@
 - `system_tool(name)`, `ensure_user(name)`: useradd/runuser from /usr/sbin
   too, and a system user made once (tests/test_unprivileged.py and the
   isolation tests).
+- `tun_open_to_users()`: /dev/net/tun mode 0666 while inside, given back by the
+  last of the runs that opened it at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support.busybox import make_busybox_rootfs
@@ -58,3 +64,52 @@ def ensure_user(name: str) -> None:
     subprocess.run(
         [system_tool("useradd"), "--system", "--no-create-home", "--shell", "/bin/sh", name], check=True
     )
+
+
+TUN = Path("/dev/net/tun")
+_TUN_STATE = Path("/run/lamina-test-tun.json")  # {"mode": the mode before, "pids": the runs inside}
+
+
+@contextlib.contextmanager
+def tun_open_to_users() -> Iterator[None]:
+    """/dev/net/tun as Debian's udev leaves it (0666) while inside, for slirp4netns run by a
+    user (as root). Runs at once (xdist, another session) share it: the first one in saves
+    the mode, the last one out gives it back, so none closes it under another."""
+    if not TUN.exists():
+        yield
+        return
+    _tun_users(enter=True)
+    try:
+        yield
+    finally:
+        _tun_users(enter=False)
+
+
+def _tun_users(*, enter: bool) -> None:
+    import fcntl
+
+    with open(_TUN_STATE.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.loads(_TUN_STATE.read_text()) if _TUN_STATE.exists() else {}
+        pids = [pid for pid in state.get("pids", []) if _alive(pid)]  # a killed run's go too
+        state.setdefault("mode", TUN.stat().st_mode & 0o777)  # a killed run's saved mode stands
+        if enter:
+            pids.append(os.getpid())
+            TUN.chmod(0o666)
+        elif os.getpid() in pids:
+            pids.remove(os.getpid())
+        if pids:
+            _TUN_STATE.write_text(json.dumps({"mode": state["mode"], "pids": pids}))
+        else:
+            TUN.chmod(state["mode"])
+            _TUN_STATE.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
