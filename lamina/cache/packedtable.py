@@ -29,7 +29,7 @@ class PackedTable:
     for writers: callers serialise `add` and `set_value` (readers may run beside them only
     when no row is being added)."""
 
-    __slots__ = ("_index", "key_size", "row_size", "rows")
+    __slots__ = ("_index", "_last", "key_size", "row_size", "rows")
 
     def __init__(self, key_size: int, value_size: int, rows: bytearray | None = None) -> None:
         """`rows`: packed rows to start from, kept as the table's own (a torn last row
@@ -41,6 +41,9 @@ class PackedTable:
         # The index and its mask in one attribute: a reader in another thread sees both
         # old or both new, never one of each.
         self._index: tuple[array[int], int] = (array("I"), 0)
+        # The last key found (the very object) and its row: a copy asks about one file's
+        # key two or three times in a row (its digest, its xattrs, its record).
+        self._last: tuple[bytes | None, int] = (None, -1)
         self._reindex(len(self))
 
     def __len__(self) -> int:
@@ -66,6 +69,9 @@ class PackedTable:
 
     def find(self, key: bytes) -> int:
         """The newest row of `key`, or -1."""
+        last = self._last
+        if last[0] is key:
+            return last[1]
         (index, mask), rows, size = self._index, self.rows, self.row_size
         slot = hash(key) & mask
         while True:
@@ -73,6 +79,7 @@ class PackedTable:
             if not row:
                 return -1
             if rows.startswith(key, (row - 1) * size):
+                self._last = (key, row - 1)  # until the next add
                 return row - 1
             slot = (slot + 1) & mask
 
@@ -99,6 +106,7 @@ class PackedTable:
             raise ValueError(f"a row is {self.key_size} + {self.row_size - self.key_size} bytes")
         row = len(self)
         self.rows += key + value
+        self._last = (None, -1)
         index, mask = self._index
         if 2 * (row + 1) > len(index):
             self._reindex(2 * (row + 1))  # doubling: each row re-entered O(1) times on average
