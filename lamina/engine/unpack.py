@@ -31,12 +31,17 @@ def unpacked_layer(store: Store, blob: Digest, name: Digest, ids: Any = None) ->
     # layer is unpacked already (a cached build, a second `lamina run`). It
     # unpacks inside the user namespace when rootless, so files owned by
     # subordinate ids stay manageable.
+    from lamina.cache.topdir import mark_top_dir
     from lamina.engine.sandbox import extract_layer, remove_tree
 
     tmp = store.new_unpack_dir()
     # A layer's root is `/`: mkdtemp's 0700 would lock every user but root out
     # (the sandbox copies the top lower's root metadata onto the upper dir).
     os.chmod(tmp, 0o755)
+    # Its usr/, var/, etc/ each in a block group of their own choosing (lamina.cache.topdir):
+    # on an ext4 without a journal, unpacking the bookworm minbase took 2.1 CPU-s of system
+    # time without the flag, 1.2 with it (medians of 6 alternations at load 13).
+    mark_top_dir(tmp)
     try:
         extract_layer(store.blob_path(blob), tmp, ids, digest=blob)
     except BaseException:
