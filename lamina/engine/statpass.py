@@ -28,7 +28,7 @@ import time
 from stat import S_ISDIR
 from typing import Any, NamedTuple
 
-__all__ = ["Listing", "fingerprint", "forget", "listing", "scan", "stats", "take"]
+__all__ = ["Listing", "drop", "fingerprint", "forget", "listing", "scan", "stats", "take"]
 
 # st_mode, st_uid, st_gid, st_nlink, st_size, st_mtime_ns, st_ctime_ns, st_ino, st_dev, st_rdev
 _FIELDS = struct.Struct("<IIIIQqqQQQ")
@@ -136,6 +136,14 @@ def take(root: str, rel: str) -> list[tuple[str, os.stat_result]] | None:
         listing = _seen.get(root)
         found = listing.pop(rel, None) if listing is not None else None
     return stats(found) if found is not None else None
+
+
+def drop(root: str, rel: str) -> None:
+    """Forget the listing of directory `rel` (its walk is done another way)."""
+    with _lock:
+        found = _seen.get(root)
+        if found is not None:
+            found.pop(rel, None)
 
 
 def forget() -> None:

@@ -39,7 +39,7 @@ import hashlib
 import marshal
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,34 +126,40 @@ def context_key(
     made: Items | None = Items()  # packed, as select_sources keeps them
     for real in starts:
         walk = _Walk(tree, real, dest_rel, options, exclude, cache_root)
-        if not walk.run():
+        if not walk.run(made):
             return None
         for piece in walk.pieces:
             h.update(piece)
         items += walk.items
-        if made is not None and walk.made is not None:
-            for item in walk.made:
-                made.append(item)
-        else:
-            made = None
-        walk.made = None
+        if walk.reused:
+            made = None  # the selection is made if the step runs
+    selection = None
     if made is not None:
         made.seal()
-    selection = Selection(picked.selection().made_dirs, made) if made is not None else None
+        selection = Selection(picked.selection().made_dirs, made)
     return Keyed(Digest("sha256", h.hexdigest()), items, selection)
 
 
 @dataclasses.dataclass(slots=True)
 class _Draft:
-    """A directory whose record is made again: its children's items in walk order."""
+    """A directory whose record is made again: its children's items in walk order, packed
+    (`Items`: a first build drafts every directory, and objects per item would double
+    its peak memory)."""
 
     rel: str
     fp: bytes
     count: int
     settled: bool
-    # (item, the name when it is a subdirectory walked into, whether it is left out: a
-    # directory walked into only for what an exception keeps below it)
-    children: list[tuple[CopyItem, str | None, bool]]
+    items: Items
+    left_out: set[int]  # positions of directories walked into only for what is kept below
+    subs: list[str]  # the subdirectories walked into, in order
+
+    def children(self) -> Iterator[tuple[CopyItem, str | None, bool]]:
+        """(item, its name when a subdirectory walked into, whether it is left out)."""
+        left_out = self.left_out
+        for at, item in enumerate(self.items):
+            entry = item.entry
+            yield item, entry.name if entry.type is EntryType.DIR else None, at in left_out
 
 
 class _Walk:
@@ -191,12 +197,13 @@ class _Walk:
         self.records: dict[str, _Record] = {}
         self.pieces: list[bytes | memoryview] = []
         self.items = 0
-        self.made: list[CopyItem] | None = None  # every item, in walk order, when all were drafted
+        self.reused = False  # some directory's record served
         self.drafts: dict[str, _Draft] = {}
 
-    def run(self) -> bool:
+    def run(self, made: Items | None) -> bool:
         """Find or make every directory's record and lay out the bytes; False: key it the
-        ordinary way (a hard link, an unreadable directory, a tree past the limits)."""
+        ordinary way (a hard link, an unreadable directory, a tree past the limits). When
+        no record served, the items are appended to `made` in walk order."""
         old = _load(self.path, self.context)
         tree, ignore, exclude = self.tree, self.tree.ignore, self.exclude
         state: IgnoreMatch | None = None
@@ -233,22 +240,28 @@ class _Walk:
                 if draft is None:
                     return False
                 drafts.append(draft)
-                subs = [name for _, name, _ in draft.children if name is not None]
+                subs = draft.subs
             for name in subs:
                 path = f"{rel}/{name}" if rel else name
                 match = ignore.match(path, state) if ignore is not None else None
                 xmatch = exclude.match(path[self.cut :], xstate) if exclude is not None else None
                 pending.append((path, match, xmatch, depth + 1))
-        if drafts:
+        remade = bool(drafts)
+        if remade:
             self._finish(drafts)
-        if not reused:
+        self.reused = reused
+        if not reused and made is not None:
             self.drafts = {draft.rel: draft for draft in drafts}
-            self.made = self._expand_items(self.real)
+            for item in self._expand_items(self.real):
+                made.append(item)
             self.drafts = {}
+            for draft in drafts:  # the selection is made: no walk will want these listings
+                statpass.drop(tree.scope or "", draft.rel)
+        drafts.clear()
         if reused:
             tree.stat_cache.hold(tree.scope)  # digests it did not look up are still in use
         self.pieces, self.items = self._expand(self.real)
-        if drafts:
+        if remade:
             _save(self.path, self.context, self.records)
         else:
             with contextlib.suppress(OSError):
@@ -266,7 +279,9 @@ class _Walk:
     ) -> _Draft | None:
         """One level of SourceTree.walk below `rel` (its filters, in its order)."""
         tree, ignore, exclude, cut = self.tree, self.tree.ignore, self.exclude, self.cut
-        children: list[tuple[CopyItem, str | None, bool]] = []
+        items = Items()
+        left_out: set[int] = set()
+        subs: list[str] = []
         newest = 0
         for name, st in statpass.stats(found):
             newest = max(newest, st.st_ctime_ns)
@@ -287,20 +302,25 @@ class _Walk:
             if entry.type is EntryType.FILE and entry.nlink > 1 and not entry.socket:
                 return None  # its bytes depend on the items before it (selection_key)
             item = _item(tree, _join(self.dest_rel, path[cut:]), entry, self.options)
-            children.append((item, name if descend else None, not keep))
+            if not keep:
+                left_out.add(len(items))
+            if descend:
+                subs.append(name)
+            items.append(item)
         settled = newest < found.since - _SETTLE_NS
-        return _Draft(rel, fp, count, settled, children)
+        items.seal()
+        return _Draft(rel, fp, count, settled, items, left_out, subs)
 
     def _finish(self, drafts: list[_Draft]) -> None:
         """The drafts' bytes: their files' digests in one call (hashed in parallel, with the
         stat cache's progress), then each item's record."""
         tree = self.tree
-        digests = tree.file_digests([item.entry for draft in drafts for item, _, _ in draft.children])
+        digests = tree.file_digests([item.entry for draft in drafts for item in draft.items])
         for draft in drafts:
             blob: list[bytes] = []
             subs: list[_Sub] = []
             offset = kept = 0
-            for item, name, left_out in draft.children:
+            for item, name, left_out in draft.children():
                 record = item_record(tree, item, digests.get(item.entry.path, b""))
                 if left_out:
                     assert name is not None
@@ -338,15 +358,20 @@ class _Walk:
             pieces.append(view[at:])
         return pieces, items
 
-    def _expand_items(self, rel: str) -> list[CopyItem]:
-        """The items below directory `rel` in walk order, from the drafts (as `_expand`)."""
-        found: list[CopyItem] = []
-        for item, name, left_out in self.drafts[rel].children:
-            below = self._expand_items(f"{rel}/{name}" if rel else name) if name is not None else []
-            if not left_out or below:  # a left-out directory goes before its first kept descendant
-                found.append(item)
-            found.extend(below)
-        return found
+    def _expand_items(self, rel: str) -> Iterator[CopyItem]:
+        """The items below directory `rel` in walk order, from the drafts (as `_expand`);
+        made one at a time (a first build's are packed into the selection as they come)."""
+        for item, name, left_out in self.drafts[rel].children():
+            below = self._expand_items(f"{rel}/{name}" if rel else name) if name is not None else iter(())
+            if left_out:  # written before its first kept descendant, if it has one
+                first = next(below, None)
+                if first is None:
+                    continue
+                yield item
+                yield first
+            else:
+                yield item
+            yield from below
 
 
 def _sample() -> str:
