@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
-__all__ = ["keep", "opener"]
+__all__ = ["forget", "keep", "opener"]
 
 _BUDGET = 16 << 20
 _OVERHEAD = 120  # a dict slot, the key tuple and the bytes object's header, roughly
@@ -40,6 +40,18 @@ def keep(st: os.stat_result, data: bytes) -> None:
         if _used + len(data) + _OVERHEAD <= _BUDGET:
             _table[key] = (st.st_mtime_ns, st.st_ctime_ns, data)
             _used += len(data) + _OVERHEAD
+
+
+def forget(st: os.stat_result) -> None:
+    """Drop what is kept for the inode of `st`: a file just made there without kept bytes
+    may have a freed kept file's inode and, with coarse timestamps, its size and times too."""
+    global _used
+    if not _table:
+        return
+    with _lock:
+        old = _table.pop((st.st_dev, st.st_ino), None)
+        if old is not None:
+            _used -= len(old[2]) + _OVERHEAD
 
 
 def opener(layer_path: str, st: os.stat_result) -> Callable[[], BinaryIO] | None:

@@ -498,6 +498,8 @@ class _Writer:
         try:
             st = os.fstat(dst)
             kept = None if entry.socket or self.tree.chroot else self.tree.stat_cache.take(entry.key)
+            if not kept:  # a freed kept file's inode reused must not lend its bytes (oci.fresh)
+                fresh.forget(st)
             # the bytes its digest was made of, read once (StatCache.take), else read now
             copied = self.write_kept(kept, dst, path) if kept is not None else self.fill(entry, dst, path)
             if (st.st_uid, st.st_gid) != (item.uid, item.gid):
