@@ -153,6 +153,7 @@ def unpack_into(
                 ignore_owners=unprivileged,
                 record_owners=record,
                 record_devices=True,
+                device_placeholders=True,  # as a base layer's: a later RUN can chmod them
             )
         except LaminaError as err:
             raise BuildError(f"ADD {shown}: {err}") from err

@@ -389,15 +389,19 @@ class _Writer:
         elif entry.type is EntryType.FIFO:
             os.mkfifo(path, 0o600)
         else:
-            kind = stat.S_IFCHR if entry.type is EntryType.CHAR else stat.S_IFBLK
+            # A placeholder the layer capture writes as the device (oci.recorded), as root's
+            # too: a later RUN's overlayfs copies a real node up by mknod, which the step's
+            # user namespace refuses (chmod failed), and a placeholder as a file.
+            which = "c" if entry.type is EntryType.CHAR else "b"
             try:
-                os.mknod(path, kind | 0o600, entry.rdev)
-            except PermissionError:
-                # Rootless: a placeholder the layer capture writes as the device (oci.recorded).
-                which = "c" if entry.type is EntryType.CHAR else "b"
-                try:
-                    recorded.make_device(path, which, os.major(entry.rdev), os.minor(entry.rdev), 0o600)
-                except OSError as err:
+                recorded.make_device(path, which, os.major(entry.rdev), os.minor(entry.rdev), 0o600)
+            except OSError as err:
+                if err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                kind = stat.S_IFCHR if entry.type is EntryType.CHAR else stat.S_IFBLK
+                try:  # no user xattrs here: the node itself, if we may
+                    os.mknod(path, kind | 0o600, entry.rdev)
+                except PermissionError:
                     raise ContextError(
                         f"COPY failed: {entry.path}: creating a device node needs root, and recording "
                         f"it needs user xattrs ({err.strerror})"
