@@ -170,6 +170,19 @@ def test_symlink_out_of_context_is_refused(ctx: Path) -> None:
         tree.resolve("app/up")
 
 
+def test_a_context_given_as_a_symlink_is_the_directory_it_names(ctx: Path, tmp_path: Path) -> None:
+    from lamina.engine.steps.copyadd.selection import CopyOptions, select_sources
+
+    link = tmp_path / "link"
+    link.symlink_to(ctx)
+    tree = open_build_context(link, StatCache(None))
+    items = list(select_sources(tree, ["."], "/ctx/", CopyOptions()).items)
+    assert [i.dest for i in items] == [
+        f"ctx/{e.path}" for e in open_build_context(ctx, StatCache(None)).walk()
+    ]
+    assert EntryType.SYMLINK not in {i.entry.type for i in items if i.dest == "ctx"}
+
+
 def test_symlink_inside_context_resolves(ctx: Path) -> None:
     (ctx / "link").symlink_to("app")
     (ctx / "app" / "self").symlink_to("../README.md")

@@ -497,7 +497,10 @@ def open_build_context(
             raise ContextError(f"{candidate}: cannot read: {err.strerror}") from None
         rules = read_ignore_file(text, source=str(candidate))
         break
-    return SourceTree(root, stat_cache, ignore=rules, scope=os.path.realpath(root))
+    # A context given as a symlink is the directory it names (docker's CLI evaluates the
+    # symlinks of the context path): its root is never copied as the link itself.
+    real = os.path.realpath(root)
+    return SourceTree(Path(real), stat_cache, ignore=rules, scope=real)
 
 
 def open_rootfs(root: Path, stat_cache: StatCache) -> SourceTree:
