@@ -88,16 +88,23 @@ def test_the_first_reader_makes_the_eager_manifest_once(built: dict[str, object]
     _verify_clean(cache)
 
 
-def test_zstd_too(tmp_path: Path, busybox_image: Path) -> None:
+def test_zstd_too_and_each_compression_its_own(tmp_path: Path, busybox_image: Path) -> None:
+    """The same tars pending under two compressions (one cache) make two images, each its own."""
     ctx = write_context(tmp_path / "ctx", DOCKERFILE, {"hello.txt": "hello\n"})
-    made = {}
-    for lazy in (True, False):
-        cache = make_cache(tmp_path / f"c{lazy}", busybox_image)
-        result = build(cache, ctx, tags=["pending:1"], build_args=EPOCH, compression="zstd", lazy_image=lazy)
-        assert bool(result.pending) == lazy
-        with Store(cache) as store:
-            made[lazy] = store.resolve(NAME).manifest
-    assert made[True] == made[False]
+    eager = {}
+    for compression in ("zstd", "gzip"):
+        cache = make_cache(tmp_path / f"eager-{compression}", busybox_image)
+        result = build(cache, ctx, tags=["pending:1"], build_args=EPOCH, compression=compression)
+        eager[compression] = result.image_digest
+    cache = make_cache(tmp_path / "lazy", busybox_image)
+    for compression in ("zstd", "gzip"):
+        tag = f"{compression}:1"
+        result = build(cache, ctx, tags=[tag], build_args=EPOCH, compression=compression, lazy_image=True)
+        assert result.pending
+    with Store(cache) as store:
+        for compression in ("zstd", "gzip"):
+            made = store.resolve(f"docker.io/library/{compression}:1").manifest
+            assert str(made) == eager[compression], compression
 
 
 def test_save_writes_the_eager_archive(built: dict[str, object], tmp_path: Path) -> None:

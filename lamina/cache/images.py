@@ -225,10 +225,12 @@ def commit_image(
     layers: Sequence[LayerRecord],
     names: Sequence[str] = (),
     annotations: Sequence[Mapping[str, str]] = (),
+    manifest_annotations: Mapping[str, str] | None = None,
 ) -> CommittedImage:
     """Store `config` and a manifest over `layers` (blobs already in the store); tag `names`.
 
-    `annotations`, when given, are each layer's descriptor annotations.
+    `annotations`, when given, are each layer's descriptor annotations;
+    `manifest_annotations` the manifest's (a pending image's: Store.add_pending).
 
     The config's diff_ids are set from `layers`. The one place an image's
     config and manifest are written (a build's too: engine.output.make_image);
@@ -244,7 +246,7 @@ def commit_image(
     diff_ids = tuple(layer.diff_id for layer in layers)
     config_bytes = dataclasses.replace(config, diff_ids=diff_ids).to_bytes()
     config_desc = descriptor_of(config_bytes, OCI_CONFIG)
-    manifest = Manifest(config_desc, blobs)
+    manifest = Manifest(config_desc, blobs, annotations=tuple(sorted((manifest_annotations or {}).items())))
     manifest_bytes = manifest.to_bytes()
     manifest_desc = descriptor_of(manifest_bytes, OCI_MANIFEST)
     for data, descriptor in ((config_bytes, config_desc), (manifest_bytes, manifest_desc)):

@@ -599,6 +599,10 @@ class Store:
     # processes making the same one write the same bytes (blobs are renamed into place)
     # and the same rows, so they agree without a lock.
 
+    # The pending manifest carries this annotation, so the same tars pending under gzip and
+    # under zstd are two manifests (two rows); the manifest made has it no more.
+    PENDING_ANNOTATION = "org.lamina.pending.compression"
+
     def add_pending(
         self, manifest: Digest, compression: str, layers: Iterable[tuple[int, str, Digest | None]]
     ) -> None:
@@ -675,7 +679,8 @@ class Store:
                 memo = {"digest": str(record.blob), "diff_id": str(record.diff_id), "size": record.size}
                 refs = [record.blob, Digest.parse(layer_dir)]
                 self.cache_put(key, json.dumps({**memo, "media_type": record.media_type}), refs=refs)
-        data = dataclasses.replace(manifest, layers=tuple(layers)).to_bytes()
+        kept = tuple((k, v) for k, v in manifest.annotations if k != self.PENDING_ANNOTATION)
+        data = dataclasses.replace(manifest, layers=tuple(layers), annotations=kept).to_bytes()
         return self.put_bytes(data).digest
 
     def _compress_tar(self, tar: Digest, target: Compression) -> LayerRecord:

@@ -599,7 +599,7 @@ def make_image(
     hence the image ID, is the same either way.
     """
     from lamina.cache.images import commit_image
-    from lamina.cache.store import LayerRecord
+    from lamina.cache.store import LayerRecord, Store
     from lamina.oci.compression import Compression
 
     jobs = [(layer, [below.path for below in reversed(layers[:i])]) for i, layer in enumerate(layers)]
@@ -625,9 +625,14 @@ def make_image(
         LayerRecord(d.digest, diff_id, d.media_type, d.size)
         for d, diff_id in (next(uncompressed) if i in later else next(made) for i in range(len(layers)))
     ]
+    codec = Compression.parse(compression).value
     try:
         image = commit_image(
-            store, config, records, annotations=[epoch_annotations(x, epoch) for x in layers]
+            store,
+            config,
+            records,
+            annotations=[epoch_annotations(x, epoch) for x in layers],
+            manifest_annotations={Store.PENDING_ANNOTATION: codec} if later else None,
         )
     except DiskFull as err:
         raise BuildError(f"store the image's config and manifest: {err}") from err
@@ -640,7 +645,7 @@ def make_image(
         (i, layer_blob_key(d, compression, epoch), Digest("sha256", d)) if d else (i, "", None)
         for i, d in ((i, layers[i].dir_id) for i in later)
     ]
-    store.add_pending(image.manifest.digest, str(Compression.parse(compression).value), pending)
+    store.add_pending(image.manifest.digest, codec, pending)
     return dataclasses.replace(image, pending=True)
 
 
