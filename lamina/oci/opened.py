@@ -142,8 +142,10 @@ def _write_table(fd: int, rows: list[list]) -> None:
     if fd < 0:
         return
     data = json.dumps(rows).encode() if rows else b""
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    # Over the old table, padded with spaces to its length (JSON allows them), then cut:
+    # killed between the two, the table still reads; cut first, every grant was lost.
+    os.pwrite(fd, data + b" " * (os.fstat(fd).st_size - len(data)), 0)
+    os.ftruncate(fd, len(data))
 
 
 def _still(path: str, dev: int, ino: int, granted: int) -> os.stat_result | None:
