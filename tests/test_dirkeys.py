@@ -172,6 +172,7 @@ def test_a_new_ignore_pattern_or_option_uses_no_record_of_another(keys: Keys) ->
     for options in (
         CopyOptions(excludes=("**/*.txt", "!z.txt")),
         CopyOptions(excludes=("a",)),
+        CopyOptions(excludes=("a", "!a/b/y.txt")),  # a left-out directory walked for an exception
         CopyOptions(chown=(7, 8)),
         CopyOptions(chmod=parse_chmod("go-r")),
         CopyOptions(chmod=parse_chmod("0700")),
