@@ -86,6 +86,13 @@ def _torn_dirkeys(cache: Path) -> Path:
     return path
 
 
+def _torn_copy_spool(cache: Path) -> Path:
+    path = cache / "copies/.tmp-copy-killed"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"half")
+    return path
+
+
 def _stray_blob(cache: Path) -> Path:
     path = cache / "blobs/sha256/not-a-digest"
     path.write_text("x")
@@ -94,7 +101,16 @@ def _stray_blob(cache: Path) -> Path:
 
 @pytest.mark.parametrize(
     "damage",
-    [_torn_blob, _torn_upper, _scratch, _half_saved, _half_failure, _stray_blob, _torn_dirkeys],
+    [
+        _torn_blob,
+        _torn_upper,
+        _scratch,
+        _half_saved,
+        _half_failure,
+        _stray_blob,
+        _torn_dirkeys,
+        _torn_copy_spool,
+    ],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_what_a_killed_process_leaves_is_named_and_repaired(

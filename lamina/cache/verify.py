@@ -390,6 +390,8 @@ class _Verifier:
             self._found(self._rel(path), f"a stat cache write {killed}", self._remove_path(path))
         for path in sorted((self.root / "dirkeys").glob(".tmp-dirkeys-*")):  # steps.copyadd.dirkeys
             self._found(self._rel(path), f"a COPY's key records write {killed}", self._remove_path(path))
+        for path in sorted((self.root / "copies").glob(".tmp-copy-*")):  # steps.copyadd.priorcopy
+            self._found(self._rel(path), f"a COPY's written-files record {killed}", self._remove_path(path))
         for path in sorted((self.root / "builds").glob("*.tmp")):
             self._found(self._rel(path), f"a build history write {killed}", self._remove_path(path))
         for path in sorted((self.root / "checks").glob(".*")):
