@@ -35,7 +35,7 @@ class DonorTar:
     def __init__(self, stream: BinaryIO, root: str) -> None:
         self._stream = io.BufferedReader(stream, _BUFFER)  # type: ignore[arg-type]  # read forward in blocks
         self._root = root
-        self._head: tuple[tuple[bytes, ...], str, bytes, int] | None = None  # key, path, typeflag, size
+        self._head: tuple[str, bytes, int] | None = None  # path, typeflag, size
         self._done = False
         self.reused = 0  # files whose content came from here
 
@@ -66,29 +66,34 @@ class DonorTar:
     def _content(self, path: str, size: int) -> bytes | None:
         """Move past every member before `path`; a regular file member at `path` of `size`
         bytes gives its content (consumed), any other leaves the reader where it is."""
-        key = entry_key(path)
+        key = None  # the sort key, made only when the paths differ (seldom: they go in step)
         while True:
             head = self._peek()
-            if head is None or head[0] > key:
+            if head is None:
                 return None
-            member_key, _, typeflag, member_size = head
+            member, typeflag, member_size = head
+            same = member == path
+            if not same:
+                key = key or entry_key(path)
+                if entry_key(member) > key:
+                    return None
             self._head = None
-            if member_key == key and typeflag in (b"0", b"\0") and member_size == size:
+            if same and typeflag in (b"0", b"\0") and member_size == size:
                 data = self._read(size)
                 self._skip_padding(size)
                 return data
             self._skip(member_size)
-            if member_key == key:
+            if same:
                 return None
 
-    def _peek(self) -> tuple[tuple[bytes, ...], str, bytes, int] | None:
+    def _peek(self) -> tuple[str, bytes, int] | None:
         if self._head is None and not self._done:
             self._head = self._next_header()
             self._done = self._head is None
         return self._head
 
-    def _next_header(self) -> tuple[tuple[bytes, ...], str, bytes, int] | None:
-        """The next member's (key, path, typeflag, size), its content left to read."""
+    def _next_header(self) -> tuple[str, bytes, int] | None:
+        """The next member's (path, typeflag, size), its content left to read."""
         pax: dict[bytes, bytes] = {}
         while True:
             block = self._stream.read(BLOCK)
@@ -110,7 +115,7 @@ class DonorTar:
             if b"size" in pax:
                 size = int(pax[b"size"])
             path = name.decode("utf-8", "surrogateescape").rstrip("/")
-            return entry_key(path), path, typeflag, size
+            return path, typeflag, size
 
     def _read(self, size: int) -> bytes:
         data = self._stream.read(size)
