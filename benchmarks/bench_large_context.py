@@ -113,8 +113,10 @@ class Proc:
 
 
 def _session_rss(sid: int) -> int:
-    """Summed VmRSS (kB) of every process in session `sid`."""
-    total = 0
+    """Summed VmRSS (kB) of every process in session `sid`, a process counted once: a child
+    forked (or vforked) from another that has not exec'd yet shares its parent's pages, and
+    its VmRSS repeats the parent's (seen for a moment as lamina starts a RUN's helper)."""
+    found: dict[int, tuple[int, int, int]] = {}  # pid -> (parent, VmRSS, VmSize)
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -123,13 +125,20 @@ def _session_rss(sid: int) -> int:
                 fields = f.read().rpartition(b")")[2].split()
             if int(fields[3]) != sid:  # field 6, the session id
                 continue
+            sizes = {}
             with open(f"/proc/{name}/status", "rb") as f:
                 for line in f:
-                    if line.startswith(b"VmRSS:"):
-                        total += int(line.split()[1])
-                        break
+                    if line.startswith((b"VmRSS:", b"VmSize:")):
+                        sizes[line[:6]] = int(line.split()[1])
+            found[int(name)] = (int(fields[1]), sizes.get(b"VmRSS:", 0), sizes.get(b"VmSize", 0))
         except (OSError, ValueError, IndexError):
             continue
+    total = 0
+    for parent, rss, size in found.values():
+        twin = found.get(parent)
+        if twin is not None and twin[2] == size and size:
+            continue  # its parent's image, not exec'd yet: the same pages
+        total += rss
     return total
 
 
