@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.plainuser import PLAIN_USER as WITHOUT_RANGE
 from tests.support.plainuser import RANGED_USER as WITH_RANGE
-from tests.support.plainuser import set_range, user_scratch
+from tests.support.plainuser import root_scratch, set_range, user_scratch
 from tests.support.sandbox import ensure_user, system_tool, tun_open_to_users
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -40,16 +40,12 @@ def _require_root_tools() -> None:
 def project_copy() -> Iterator[Path]:
     """The project (sources and tests) in a directory any user can read (pytest's tmp is 0700)."""
     _require_root_tools()
-    base = Path(tempfile.mkdtemp(prefix="lamina-unprivileged-"))
-    try:
-        base.chmod(0o755)
+    with root_scratch("lamina-unprivileged-") as base:
         copy = base / "project"
         ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", ".pytest_cache", "*.egg-info")
         shutil.copytree(PROJECT, copy, ignore=ignore)
         subprocess.run(["chmod", "-R", "a+rX", str(copy)], check=True)
         yield copy
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _interpreter(user: str, project: Path) -> tuple[str, str]:
@@ -275,3 +271,23 @@ def test_tun_stays_open_until_the_last_run_using_it_is_done(
         other.wait(timeout=30)
     assert tun.stat().st_mode & 0o777 == 0o600
     assert not state.exists()
+
+
+def test_a_killed_runs_scratch_goes_with_the_next_run() -> None:
+    """A run killed before its teardown (a timeout, SIGKILL) leaves its scratch dir, with the
+    trees its users' subordinate ids own; the next run of the same helper removes it."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead_pid = int(gone.stdout)
+    prefix = "lamina-test-sweep-"
+    stale = Path(tempfile.mkdtemp(prefix=f"{prefix}{dead_pid}-"))
+    (stale / "left").write_text("by a killed run\n")
+    live = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))  # a run still going
+    try:
+        with root_scratch(prefix) as base:
+            assert base.is_dir() and base.name.startswith(f"{prefix}{os.getpid()}-")
+            assert not stale.exists()
+            assert live.is_dir()
+        assert not base.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)

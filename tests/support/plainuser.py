@@ -18,6 +18,8 @@
   user's TMPDIR (and a pytest's --basetemp), removed as root after: a run as
   a user with subordinate ids leaves trees those ids own, which neither the
   user nor pytest's rotation of /tmp/pytest-of-USER can remove.
+- `root_scratch(prefix)`: the directory under it, which also removes those a
+  killed run left.
 """
 
 from __future__ import annotations
@@ -105,14 +107,31 @@ def user_scratch(name: str, prefix: str) -> Iterator[Path]:
     import pwd
 
     entry = pwd.getpwnam(name)
-    base = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        base.chmod(0o755)
+    with root_scratch(prefix) as base:
         (base / "tmp").mkdir(mode=0o700)
         os.chown(base / "tmp", entry.pw_uid, entry.pw_gid)
         yield base
+
+
+@contextmanager
+def root_scratch(prefix: str) -> Iterator[Path]:
+    """A 0755 directory of root's in the temp dir, removed after (as root: files of any owner).
+
+    Named PREFIX<pid>-XXXX: first, those of the same prefix whose pid is gone (a run killed
+    before it could remove them, with its subordinate ids' trees) are removed too.
+    """
+    from tests.support.sandbox import pid_alive
+
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        maker = stale.name[len(prefix) :].split("-", 1)[0]
+        if maker.isdigit() and not pid_alive(int(maker)):
+            shutil.rmtree(stale, ignore_errors=True)
+    base = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    try:
+        base.chmod(0o755)
+        yield base
     finally:
-        # As root, so files of any owner go; not ignoring errors: a tree that stays is a bug.
+        # Not ignoring errors: a tree that stays is a bug.
         shutil.rmtree(base)
 
 

@@ -91,7 +91,7 @@ def _tun_users(*, enter: bool) -> None:
     with open(_TUN_STATE.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = json.loads(_TUN_STATE.read_text()) if _TUN_STATE.exists() else {}
-        pids = [pid for pid in state.get("pids", []) if _alive(pid)]  # a killed run's go too
+        pids = [pid for pid in state.get("pids", []) if pid_alive(pid)]  # a killed run's go too
         state.setdefault("mode", TUN.stat().st_mode & 0o777)  # a killed run's saved mode stands
         if enter:
             pids.append(os.getpid())
@@ -105,7 +105,8 @@ def _tun_users(*, enter: bool) -> None:
             _TUN_STATE.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
