@@ -479,6 +479,8 @@ def cache_du() -> None:
     click.echo(f"{'blobs':<10}{_human_size(usage.blobs):>10}  ({usage.blob_count} blobs)")
     click.echo(f"{'unpacked':<10}{_human_size(usage.unpacked):>10}  ({usage.unpacked_count} layers)")
     click.echo(f"{'index':<10}{_human_size(usage.index):>10}")
+    records = f"({usage.derived_count} files: COPY, stat cache)"
+    click.echo(f"{'records':<10}{_human_size(usage.derived):>10}  {records}")
     kept = api.failures()
     failed = sum(failure.disk_size() for failure in kept)
     if kept:

@@ -170,10 +170,12 @@ class Usage:
     unpacked: int
     unpacked_count: int
     index: int
+    derived: int = 0  # DERIVED_DIRS: COPY's records, directory keys, the stat cache
+    derived_count: int = 0
 
     @property
     def total(self) -> int:
-        return self.blobs + self.unpacked + self.index
+        return self.blobs + self.unpacked + self.index + self.derived
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -332,6 +334,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Records other modules derive from builds and keep under the store, a directory each (the
+# store cannot import them, DESIGN.md's import direction; tests/test_cache_derived.py checks
+# the names): rebuilt when missing, so `prune -a` removes them all and `du` counts them.
+# COPY's records of what it wrote (engine.steps.copyadd.priorcopy) are named
+# `<position>-<layer dir>.bin`: each serves only while that layer dir is unpacked.
+DERIVED_DIRS = ("copies", "dirkeys", "statcache")
+_BY_LAYER_DIR = "copies"
 
 
 class Store:
@@ -745,7 +756,17 @@ class Store:
                 unpacked_count += 1
                 unpacked += _tree_size(Path(entry.path), seen)
         index = sum(p.stat().st_size for p in self.root.glob("index.db*") if p.is_file())
-        return Usage(blobs, count, unpacked, unpacked_count, index)
+        derived = [stat.st_size for _, stat in self._derived_files()]
+        return Usage(blobs, count, unpacked, unpacked_count, index, sum(derived), len(derived))
+
+    def _derived_files(self, name: str | None = None) -> Iterator[tuple[os.DirEntry[str], os.stat_result]]:
+        """The files under DERIVED_DIRS (or the one `name`), with their stat."""
+        for directory in DERIVED_DIRS if name is None else (name,):
+            path = self.root / directory
+            with contextlib.suppress(FileNotFoundError), os.scandir(path) as it:
+                for entry in it:
+                    if entry.is_file(follow_symlinks=False):
+                        yield entry, entry.stat(follow_symlinks=False)
 
     def gc(
         self,
@@ -786,6 +807,8 @@ class Store:
                 report += GcReport(0, 0, 0, _tree_size(legacy, set()))
                 remove(legacy)
             report += self._sweep(remove, unpacked_unused_since=cutoff if drop_all else None)
+            if drop_all:
+                report += self._drop_derived(cutoff or math.inf)
             if keep_bytes is not None:
                 report += self._shrink(keep_bytes, remove)
             return report
@@ -889,9 +912,36 @@ class Store:
                 (_json_list(str(d) for d in keep_diff_ids),),
             )
         freed += self._clear_scratch(remove_tree)
+        freed += self._sweep_copies(now)
         self._clear_locks()
         self._forget_pending()
         return GcReport(blobs_removed, unpacked_removed, 0, freed)
+
+    def _sweep_copies(self, now: float) -> int:
+        """Remove COPY's records of layer dirs no longer unpacked (and stale temporary
+        files there); the bytes freed."""
+        freed = 0
+        for entry, stat in list(self._derived_files(_BY_LAYER_DIR)):
+            if entry.name.startswith("."):
+                gone = now - stat.st_mtime > _STALE_TMP_S
+            else:
+                layer_dir = entry.name.removesuffix(".bin").partition("-")[2]
+                gone = not layer_dir or not (self._unpacked / layer_dir).is_dir()
+            if gone:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    freed += stat.st_size
+        return freed
+
+    def _drop_derived(self, unused_since: float) -> GcReport:
+        """Remove every derived record (DERIVED_DIRS) not used since `unused_since` (`prune -a`)."""
+        freed = 0
+        for entry, stat in list(self._derived_files()):
+            if stat.st_mtime < unused_since:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    freed += stat.st_size
+        return GcReport(0, 0, 0, freed)
 
     def _forget_pending(self) -> None:
         """Drop the pending rows whose manifest went (nothing named it any more)."""
