@@ -532,6 +532,9 @@ def _run(
         raise BuildError(f"build: {what}{err.strerror or err}") from err
     finally:
         executor.cleanup()
+        from lamina.oci import fresh
+
+        fresh.clear()  # what a COPY kept for the layer writer is this build's only
 
 
 def _dockerfile_epoch(plan: Any) -> int | None:

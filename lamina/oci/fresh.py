@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
-__all__ = ["forget", "keep", "opener"]
+__all__ = ["clear", "forget", "keep", "opener"]
 
 _BUDGET = 16 << 20
 _OVERHEAD = 120  # a dict slot, the key tuple and the bytes object's header, roughly
@@ -52,6 +52,16 @@ def forget(st: os.stat_result) -> None:
         old = _table.pop((st.st_dev, st.st_ino), None)
         if old is not None:
             _used -= len(old[2]) + _OVERHEAD
+
+
+def clear() -> None:
+    """Drop everything kept: at the end of a build (engine.executor), so bytes a COPY left
+    for a layer that was never written (a stage only copied from) do not outlive it, and
+    a later build in the same process (the Python API) never meets them at a reused inode."""
+    global _used
+    with _lock:
+        _table.clear()
+        _used = 0
 
 
 def opener(layer_path: str, st: os.stat_result) -> Callable[[], BinaryIO] | None:
