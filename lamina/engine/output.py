@@ -610,16 +610,19 @@ def make_image(
         ]
     now = [i for i in range(len(jobs)) if i not in later]
     failed: list[int] = []
+    target = Compression.parse(compression)
+    doing = "write the layer tar" if target is Compression.NONE else f"compress the layer ({target.value})"
     try:
         blobs = layer_blobs(store, [jobs[i] for i in now], compression, epoch, failed)
         failed.clear()
         now = later  # failed[] counts in the second list now
+        doing = "write the layer tar (uncompressed until the image is first read)"
         tars = layer_blobs(store, [jobs[i] for i in later], "none", epoch, failed) if later else []
     except DiskFull as err:
         # The layer was made by a step (maybe cached from an earlier build): name it,
         # as a failure while the step ran would.
         i = now[failed[0]] if failed and now else 0
-        raise BuildError(f"{layers[i].step or f'layer {i + 1}'}: compress the layer: {err}") from err
+        raise BuildError(f"{layers[i].step or f'layer {i + 1}'}: {doing}: {err}") from err
     made, uncompressed = iter(blobs), iter(tars)
     records = [
         LayerRecord(d.digest, diff_id, d.media_type, d.size)
