@@ -32,6 +32,7 @@ from lamina.errors import (
     DigestMismatch,
     DiskFull,
     ImageFormatError,
+    ImageNotFound,
     LayerError,
     StoreError,
     is_disk_full,
@@ -279,12 +280,38 @@ def commit_index(store: Store, images: Sequence[CommittedImage], names: Sequence
 # --- reading back and writing out --------------------------------------------------------
 
 
+def resolve_name(store: Store, name: str) -> ImageRecord:
+    """The stored image `name` names, or (as docker save takes one) whose image ID it is:
+    `sha256:` and the ID's hex or a prefix of it, or 12 to 64 hex digits naming no image."""
+    hex_part = name.removeprefix("sha256:")
+    looks_like_id = bool(hex_part) and all(c in "0123456789abcdef" for c in hex_part) and len(hex_part) <= 64
+    if looks_like_id and (hex_part != name or len(hex_part) >= 12):
+        try:
+            return store.resolve(normalize_name(name))  # a name that only looks like an ID
+        except (ImageNotFound, StoreError):
+            pass
+        found = {r.name: r for r in store.names() if _image_id(store, r.manifest).hex.startswith(hex_part)}
+        ids = {_image_id(store, r.manifest) for r in found.values()}
+        if len(ids) > 1:
+            raise StoreError(f"image ID {name} is ambiguous: {', '.join(sorted(d.short for d in ids))}")
+        if found:
+            return store.resolve(min(found))
+        raise ImageNotFound(f"image {name} is not in the store (see `lamina images`)")
+    return store.resolve(normalize_name(name))
+
+
+def _image_id(store: Store, top: Digest) -> Digest:
+    """docker's image ID: a manifest's config digest; a multi-platform index's own digest."""
+    data = store.read_blob(top, MAX_DOCUMENT)
+    return top if is_index(data) else Manifest.from_bytes(data, f"manifest {top}").config.digest
+
+
 def stored_image(
     store: Store, name: str, platform: Platform | None = None
 ) -> tuple[ImageRecord, SourceImage]:
-    """The record and documents of a named image in the store: for a multi-platform one,
-    its `platform` image (None: this host's; see platform_manifest)."""
-    record = store.resolve(normalize_name(name))
+    """The record and documents of a named image in the store (or an image ID, resolve_name):
+    for a multi-platform one, its `platform` image (None: this host's; see platform_manifest)."""
+    record = resolve_name(store, name)
     return record, manifest_image(
         store, platform_manifest(store, record.manifest, platform, name), record.name
     )
@@ -385,7 +412,7 @@ def _save(
     compression: Compression | None,
     platform: Platform | None,
 ) -> Descriptor:
-    record = store.resolve(normalize_name(name))
+    record = resolve_name(store, name)
     if platform is None and is_index(store.read_blob(record.manifest, MAX_DOCUMENT)):
         return _save_index(store, record, path, format, compression)
     record, image = stored_image(store, name, platform)
