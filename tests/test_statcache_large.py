@@ -269,3 +269,27 @@ def test_one_process_saves_again_what_it_hashed_after_a_save(
     digests = fresh.digest_many(_items(paths), "ctx")
     assert digests == [hashlib.sha256(p.name.encode()).digest() for p in paths]
     assert fresh.misses == 0
+
+
+def test_a_context_hashed_in_batches_reports_one_count_to_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller digesting a big context a batch at a time (bounded memory) shows one line."""
+    monkeypatch.setattr(statcache, "_PROGRESS_FROM", 10)
+    monkeypatch.setattr(statcache, "_PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(statcache, "_SETTLE_NS", 0)  # the files just written count as settled
+    paths = []
+    for i in range(30):
+        path = tmp_path / f"f{i:02d}"
+        path.write_bytes(b"b" * i)
+        paths.append(path)
+    cache = StatCache(None)
+    cache.digest_many(_items(paths[:5]), scope="context")  # known before: not hashed again
+    reports: list[tuple[int, int, int]] = []
+    cache.progress = lambda done, total, nbytes: reports.append((done, total, nbytes))
+    with cache.hashing(30):
+        for start in range(0, 30, 10):
+            cache.digest_many(_items(paths[start : start + 10]), scope="context")
+    assert {total for _, total, _ in reports[:-1]} == {30}  # one count across the batches
+    assert reports[-1] == (25, 25, sum(range(5, 30)))  # ends at what was hashed
+    assert [r[0] for r in reports] == sorted(r[0] for r in reports)

@@ -172,6 +172,7 @@ class StatCache:
         self._kept: dict[bytes, bytes] = {}
         self._kept_bytes = 0
         self._held: set[str | None] = set()  # scopes a build used whole (hold)
+        self._batches: _Progress | None = None  # the progress of hashing() calls, if any
 
     def take(self, key: StatKey) -> bytes | None:
         """The content of the build-context file of stat identity `key`, if this
@@ -245,6 +246,23 @@ class StatCache:
         keyed from directory records, steps.copyadd.dirkeys): none is pruned as unused."""
         self._held.add(scope)
 
+    @contextlib.contextmanager
+    def hashing(self, files: int) -> Iterator[None]:
+        """One progress count for the `digest_many` calls made inside, for a caller that
+        digests a big context a batch at a time (so that a million files' entries are
+        never all alive at once): it counts towards `files`, the files the batches hold
+        (some may be known already), and ends at the number hashed."""
+        report = self.progress
+        batches = _Progress(report, files) if report is not None and files >= _PROGRESS_FROM else None
+        self._batches = batches
+        try:
+            yield
+        finally:
+            self._batches = None
+            if batches is not None and batches.files_done:
+                batches.total = batches.files_done
+                batches.file_done(0, counted=False)  # the last report: done of done
+
     def size(self, scope: str | None) -> int:
         """How many digest records the scope holds (loading it)."""
         return len(self._shard(scope).table)
@@ -291,6 +309,8 @@ class StatCache:
         lock = self._lock
         report = self.progress if scope is not None and len(missing) >= _PROGRESS_FROM else None
         progress = _Progress(report, len(missing)) if report is not None else None
+        if scope is not None and self._batches is not None:
+            progress = self._batches  # one of several batches (hashing)
 
         keep = scope is not None
 
@@ -352,8 +372,8 @@ class _Progress:
         self.files_done = self.bytes_done = 0
         self.reported = time.monotonic()
 
-    def file_done(self, size: int) -> None:
-        self.files_done += 1
+    def file_done(self, size: int, *, counted: bool = True) -> None:
+        self.files_done += counted
         self.bytes_done += size
         if self.files_done == self.total or time.monotonic() - self.reported >= _PROGRESS_EVERY:
             self.reported = time.monotonic()
