@@ -198,6 +198,15 @@ def test_shapes_keyed_from_records_match_the_ordinary_key(keys: Keys) -> None:
         assert keys.from_records(sources, dest) == first
 
 
+def test_a_first_build_keyed_in_small_batches_is_the_ordinary_key(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drafts are digested a batch at a time (bounded memory): any cut gives the same key."""
+    monkeypatch.setattr(dirkeys, "_BATCH", 2)
+    assert keys.from_records(["."]) == keys.fresh(["."])
+    assert keys.from_records(["a", "keep"], "/o/") == keys.fresh(["a", "keep"], "/o/")
+
+
 def test_a_first_build_gets_the_selection_it_walked(keys: Keys) -> None:
     """No record served: the walk made every item, in select_sources' order (not walked again)."""
     (keys.root / "dirlink").symlink_to("a")

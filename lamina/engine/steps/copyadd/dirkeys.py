@@ -70,6 +70,7 @@ __all__ = ["DIR_NAME", "Keyed", "context_key"]
 FORMAT = "lamina-dirkeys-1"  # bump when a record's meaning changes
 DIR_NAME = "dirkeys"
 _SETTLE_NS = 100_000_000  # as the stat cache's: far above any kernel timestamp granularity
+_BATCH = 20_000  # items whose digests and records are made at once (bounded memory)
 _MAX_DEPTH = 200  # deeper trees are keyed the ordinary way (the expansion recurses)
 _DAYS = 30  # records of a keying context not used for this long are removed
 
@@ -312,8 +313,24 @@ class _Walk:
         return _Draft(rel, fp, count, settled, items, left_out, subs)
 
     def _finish(self, drafts: list[_Draft]) -> None:
-        """The drafts' bytes: their files' digests in one call (hashed in parallel, with the
-        stat cache's progress), then each item's record."""
+        """The drafts' bytes, a batch of drafts at a time (their entries, digests and the
+        path->digest table of a million files made at once peaked at ~870 MB; a batch holds
+        at most `_BATCH` items), with one progress count for all (StatCache.hashing)."""
+        stat_cache = self.tree.stat_cache
+        with stat_cache.hashing(sum(len(draft.items) for draft in drafts)):
+            batch: list[_Draft] = []
+            held = 0
+            for draft in drafts:
+                batch.append(draft)
+                held += len(draft.items)
+                if held >= _BATCH:
+                    self._finish_batch(batch)
+                    batch, held = [], 0
+            if batch:
+                self._finish_batch(batch)
+
+    def _finish_batch(self, drafts: list[_Draft]) -> None:
+        """The drafts' files' digests in one call (hashed in parallel), then each item's record."""
         tree = self.tree
         digests = tree.file_digests([item.entry for draft in drafts for item in draft.items])
         for draft in drafts:
