@@ -406,10 +406,17 @@ def images(digests: bool, platform: str | None) -> None:
     platforms it is for ("(P)": P's image was never pulled), size, created."""
     from lamina import api
     from lamina.cache.images import display_name
+    from lamina.cache.store import Store
 
     rows = [("NAME", "DIGEST", "PLATFORMS", "SIZE", "CREATED")]
     for record, platforms in api.image_platforms(platform=platform):
         digest = str(record.manifest) if digests else record.manifest.short
+        if record.unmade:  # pending, and this user or this store cannot make it now
+            image_id = record.image_id.short if record.image_id else "?"
+            digest = f"- (ID {image_id}; manifest not made)"
+            if record.unmade != Store.READ_ONLY:  # damage: say it (a read-only store is no news)
+                name = display_name(record.name)
+                click.echo(f"warning: {name}: manifest not made: {record.unmade}", err=True)
         size, created = _human_size(record.size), record.created or "-"
         rows.append((display_name(record.name), digest, ",".join(platforms) or "-", size, created))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

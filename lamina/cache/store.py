@@ -161,6 +161,10 @@ class ImageRecord:
     manifest: Digest
     size: int  # bytes of config and layer blobs as stored
     created: str  # the config's `created`, RFC 3339, or "" when it has none
+    # A pending image `images` could not make (a store this user cannot write, a stored tar
+    # that no longer hashes): why, and its image ID; `manifest` is then the pending one.
+    unmade: str = ""
+    image_id: Digest | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -355,6 +359,7 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._mutex = threading.RLock()  # one connection shared by the executor's threads
+        self.read_only = False  # opened by a user who cannot write it (see open)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -365,9 +370,17 @@ class Store:
             self._blobs.mkdir(parents=True, exist_ok=True)
             self._unpacked.mkdir(parents=True, exist_ok=True)
             mark_top_dir(self._unpacked)  # each layer dir a tree of its own (see topdir)
-            self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                # a store this user may only read (another user's, a read-only mount): it
+                # lists and exports; what would write fails on its own, one line
+                self._lock_fd = os.open(self.root / "lock", os.O_RDONLY | os.O_CLOEXEC)
+                self.read_only = True
             _flock(self._lock_fd, exclusive=False, wait=True)
-            self._db = _open_index(self.root)
+            self._db = _open_index(self.root, read_only=self.read_only)
         except (OSError, sqlite3.Error) as err:
             self.close()
             raise StoreError(f"open store {self.root}: {err}") from err
@@ -583,8 +596,33 @@ class Store:
         return _image_record(row)
 
     def images(self) -> tuple[ImageRecord, ...]:
-        """Every named image, pending ones made (as `resolve`)."""
-        return tuple(self.materialised(record) for record in self.names())
+        """Every named image, pending ones made (as `resolve`) when they can be: one that cannot
+        be made now stays as tagged (a whole image of uncompressed tars), with `unmade` set,
+        so one damaged or unwritable image does not hide the others."""
+        out: list[ImageRecord] = []
+        failed: dict[Digest, ImageRecord] = {}  # a pending manifest under several names: tried once
+        for record in self.names():
+            if record.manifest in failed:
+                out.append(dataclasses.replace(failed[record.manifest], name=record.name))
+                continue
+            if self.read_only and self.is_pending(record.manifest):  # making it writes
+                failed[record.manifest] = unmade = self._unmade(record, StoreError(self.READ_ONLY))
+                out.append(unmade)
+                continue
+            try:
+                out.append(self.materialised(record))
+            except (LaminaError, OSError) as err:
+                failed[record.manifest] = unmade = self._unmade(record, err)
+                out.append(unmade)
+        return tuple(out)
+
+    def _unmade(self, record: ImageRecord, err: Exception) -> ImageRecord:
+        from lamina.oci.image import MAX_DOCUMENT, Manifest
+
+        image_id = None
+        with contextlib.suppress(LaminaError, OSError):
+            image_id = Manifest.from_bytes(self.read_blob(record.manifest, MAX_DOCUMENT)).config.digest
+        return dataclasses.replace(record, unmade=str(err) or "not made", image_id=image_id)
 
     def names(self) -> tuple[ImageRecord, ...]:
         """Every name as tagged: pending images stay pending (`cache verify` checks them so)."""
@@ -613,6 +651,12 @@ class Store:
     # The pending manifest carries this annotation, so the same tars pending under gzip and
     # under zstd are two manifests (two rows); the manifest made has it no more.
     PENDING_ANNOTATION = "org.lamina.pending.compression"
+    READ_ONLY = "the store is read-only for this user"  # why images() left one unmade
+
+    def is_pending(self, manifest: Digest) -> bool:
+        with self._sql() as db:
+            row = db.execute("SELECT 1 FROM pending WHERE manifest = ?", (str(manifest),)).fetchone()
+        return row is not None
 
     def add_pending(
         self, manifest: Digest, compression: str, layers: Iterable[tuple[int, str, Digest | None]]
@@ -1117,8 +1161,11 @@ def _tree_size(root: Path, seen: set[tuple[int, int]]) -> int:
     return total
 
 
-def _open_index(root: Path) -> sqlite3.Connection:
+def _open_index(root: Path, read_only: bool = False) -> sqlite3.Connection:
     import sqlite3
+
+    if read_only:
+        return _open_index_read_only(root)
 
     # Switching a new database to WAL answers "database is locked" at once, without
     # waiting on the busy timeout, when another process is doing the same: openers
@@ -1146,6 +1193,25 @@ def _open_index(root: Path) -> sqlite3.Connection:
             db.close()
             raise
         return db
+
+
+def _open_index_read_only(root: Path) -> sqlite3.Connection:
+    """The index of a store this user cannot write. SQLite reads a WAL database so only when
+    its -shm file is there (a writer has the store open) or, failing that, as immutable."""
+    import sqlite3
+    import urllib.parse
+
+    uri = "file:" + urllib.parse.quote(str(root / "index.db"))
+    for flags in ("?mode=ro", "?mode=ro&immutable=1"):
+        db = sqlite3.connect(uri + flags, uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                db.close()
+                raise StoreError(f"store index {root / 'index.db'}: an older lamina's, read-only here")
+            return db
+        except sqlite3.OperationalError:
+            db.close()
+    raise StoreError(f"store index {root / 'index.db'}: cannot be read by this user")
 
 
 def _take_open_lock(root: Path) -> int:
