@@ -37,7 +37,7 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from lamina.engine.sandbox import _confine, _inside, _libc, _rootfs
+from lamina.engine.sandbox import _confine, _forged, _inside, _libc, _rootfs
 
 if TYPE_CHECKING:
     from lamina.engine.snapshot import Baseline
@@ -320,18 +320,28 @@ def run(spec: dict, report_fd: int) -> int:
     finally:
         if not stage.undo_reported(report_fd):
             code = _inside.SETUP_FAILED
-    return write_diff(baseline, root, spec["upper"], report_fd, code)
+    return write_diff(baseline, root, spec["upper"], report_fd, code, {})  # real root makes no records
 
 
-def write_diff(baseline: Baseline, root: str, upper: str, report_fd: int, code: int) -> int:
+def write_diff(
+    baseline: Baseline, root: str, upper: str, report_fd: int, code: int, made: _forged.Made | None = None
+) -> int:
     """What the step changed in the copied `root` written to `upper` (snapshot.write_diff):
-    the step's `code`, or SETUP_FAILED (the reason reported) when that fails."""
+    the step's `code`, or SETUP_FAILED (the reason reported) when that fails or a step that
+    succeeded left a `user.lamina.*` record lamina did not make (`made`; None: every record
+    is the step's own, sandbox._forged)."""
     from lamina.engine import snapshot
 
     try:
         snapshot.write_diff(baseline, root, upper)
+        forged = None
+        if code == 0 and made is not None:
+            forged = _forged.first_forged(upper, list(baseline.lowers), made, root)
     except Exception as err:  # reported, not a traceback: the caller raises SandboxError
         _inside.report(report_fd, f"compare the copied rootfs: {_inside._describe(err)}")
+        return _inside.SETUP_FAILED
+    if forged is not None:
+        _inside.report(report_fd, forged)
         return _inside.SETUP_FAILED
     return code
 

@@ -94,16 +94,28 @@ def prepare(spec: dict) -> object | None:
         raise SetupError(f"prepare the sandbox root: {_describe(err)}") from err
 
 
-def finish(spec: dict, baseline: object | None) -> None:
-    """In the helper, once PID 1 is gone: the copy snapshotter's compare."""
-    if baseline is None:
-        return
-    try:
-        from lamina.engine import snapshot
+def finish(spec: dict, baseline: object | None, made: bytes | None = None) -> None:
+    """In the helper, once PID 1 is gone: the copy snapshotter's compare; then no record in the
+    upper dir that lamina did not make (`made`: PID 1's placeholders, as `_forged.load` reads; None:
+    the step failed, its layer is thrown away)."""
+    if baseline is not None:
+        try:
+            from lamina.engine import snapshot
 
-        snapshot.write_diff(baseline, spec["rootfs"], spec["upper"])  # type: ignore[arg-type]
-    except Exception as err:  # reported, not a traceback: the caller raises SandboxError
-        raise SetupError(f"compare the copied rootfs: {_describe(err)}") from err
+            snapshot.write_diff(baseline, spec["rootfs"], spec["upper"])  # type: ignore[arg-type]
+        except Exception as err:  # reported, not a traceback: the caller raises SandboxError
+            raise SetupError(f"compare the copied rootfs: {_describe(err)}") from err
+    if made is None or spec["single_id"]:
+        return  # only root is mapped: every process of the step may make what a record stands for
+    from lamina.engine.sandbox import _forged
+
+    ran_on = spec["rootfs"] if baseline is not None else None
+    try:
+        forged = _forged.first_forged(spec["upper"], spec["lowers"], _forged.load(made), ran_on)
+    except OSError as err:
+        raise SetupError(f"check the step's records: {_describe(err)}") from err
+    if forged is not None:
+        raise SetupError(forged)
 
 
 def init(spec: dict, report_fd: int) -> int:
@@ -127,7 +139,7 @@ def init(spec: dict, report_fd: int) -> int:
             from lamina.engine.sandbox import _notify
         _enter_root(spec)
         if record:
-            devices = _device_recorder(_notify)
+            devices = _device_recorder(_notify, spec)
     except (OSError, SetupError) as err:
         report(report_fd, f"set up the sandbox: {_describe(err)}")
         return SETUP_FAILED
@@ -156,7 +168,7 @@ def _records_devices(spec: dict) -> bool:
     return spec.get("isolation", "userns") == "userns" and not spec["insecure"] and _notify.supported()
 
 
-def _device_recorder(notify: ModuleType) -> DeviceRecorder:
+def _device_recorder(notify: ModuleType, spec: dict) -> DeviceRecorder:
     """After pivot_root: the filter handing this process's descendants' mknod to it (only
     mknod: every other call never leaves the kernel), and the mounts a node may be made on."""
     mounts = []
@@ -168,7 +180,7 @@ def _device_recorder(notify: ModuleType) -> DeviceRecorder:
             os.close(fd)
     # PID 1 holds CAP_SYS_ADMIN in the namespace: no no_new_privs, so setuid programs still work.
     listener = notify.install_filter(notify.MKNOD_CALLS, foreign_notified=False, no_new_privs=False)
-    return notify.DeviceRecorder(notify.Listener(listener), tuple(mounts))
+    return notify.DeviceRecorder(notify.Listener(listener), tuple(mounts), spec.get("made_fd", -1))
 
 
 def _wait(child: int) -> int:

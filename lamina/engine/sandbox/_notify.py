@@ -241,9 +241,10 @@ class DeviceRecorder:
     gone after the step as BuildKit's): on a bind or cache mount EPERM, as before.
     """
 
-    def __init__(self, listener: Listener, mounts: tuple[int, ...]) -> None:
+    def __init__(self, listener: Listener, mounts: tuple[int, ...], made_fd: int = -1) -> None:
         self.listener = listener
         self.mounts = mounts
+        self.made_fd = made_fd  # each placeholder's inode and record, for the helper (sandbox._forged)
 
     def serve_one(self) -> None:
         call = self.listener.receive()
@@ -291,6 +292,10 @@ class DeviceRecorder:
             parent_st = os.fstat(parent_fd)
             kind = "c" if stat.S_IFMT(mode) == stat.S_IFCHR else "b"
             recorded.make_device(name, kind, os.major(dev), os.minor(dev), mode & ~mask, dir_fd=parent_fd)
+            if self.made_fd >= 0:
+                ino = os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_ino
+                value = f"{kind} {os.major(dev)} {os.minor(dev)}".encode().hex()
+                os.write(self.made_fd, f"{ino} {recorded.RDEV_XATTR} {value}\n".encode())
             gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else fsgid
             if (fsuid, gid) != (os.getuid(), os.getgid()):
                 os.chown(name, fsuid, gid, dir_fd=parent_fd, follow_symlinks=False)

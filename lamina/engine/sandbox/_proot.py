@@ -39,7 +39,7 @@ import socket
 import stat
 import struct
 
-from lamina.engine.sandbox import _chroot, _confine, _inside, _libc, _notify, _rootfs
+from lamina.engine.sandbox import _chroot, _confine, _forged, _inside, _libc, _notify, _rootfs
 from lamina.oci import recorded
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -87,6 +87,7 @@ def run(spec: dict, report_fd: int) -> int:
     known = {facts[1]: stat.S_IFMT(facts[0]) for facts in baseline.facts.values()}
     code = _inside.SETUP_FAILED
     failures: list[str] = []
+    made: _forged.Made = {}  # the records the supervisor set, by inode
     try:
         try:
             binds = _stage_all(spec, stage)
@@ -106,19 +107,22 @@ def run(spec: dict, report_fd: int) -> int:
             return _inside.SETUP_FAILED
         child, ours = _start_command(argv, env, seccomp, report_fd)
         _inside.forward_signals(child)
-        supervisor = _Supervisor(root, known, (uid, gid), failures)
+        supervisor = _Supervisor(root, known, (uid, gid), failures, made)
         code = supervisor.serve(ours, child)
         _chroot._kill_leftovers()
     finally:
         if not stage.undo_reported(report_fd):
             code = _inside.SETUP_FAILED
     if (uid, gid) != (0, 0) and not failures:
-        _own_new_files(root, known, (uid, gid), failures)
+        _own_new_files(root, known, (uid, gid), failures, made)
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         _inside.report(report_fd, f"{failures[0]}{more}, which proot isolation cannot record in the layer")
         return _inside.SETUP_FAILED
-    return _chroot.write_diff(baseline, root, spec["upper"], report_fd, code)
+    # A root step's every process is root (switching uid fails it), which may chown and mknod:
+    # any record is its own. Another USER's records must be the supervisor's (sandbox._forged).
+    trusted = None if (uid, gid) == (0, 0) else made
+    return _chroot.write_diff(baseline, root, spec["upper"], report_fd, code, trusted)
 
 
 def _step_env(spec: dict, home: str) -> dict[str, str]:
@@ -254,8 +258,16 @@ def _install_filter() -> int:
 class _Supervisor:
     """Answers the step's chown, mknod and set*id calls, recording owners in xattrs."""
 
-    def __init__(self, root: str, known: dict[int, int], owner: tuple[int, int], failures: list[str]) -> None:
+    def __init__(
+        self,
+        root: str,
+        known: dict[int, int],
+        owner: tuple[int, int],
+        failures: list[str],
+        made: _forged.Made,
+    ) -> None:
         self.root = root.rstrip("/")
+        self.made = made
         self.known = known  # inodes of the root before the step: the rest default to its USER
         self.owner = owner
         self.failures = failures
@@ -374,6 +386,7 @@ class _Supervisor:
             if os.path.lexists(path):
                 return errno.EEXIST, False
             _notify.record_device(path, mode, dev, _notify.umask(pid))
+            _forged.note_path(self.made, path, recorded.RDEV_XATTR)
             return 0, False
         if name == "fchown":
             path, follow, uid, gid = f"/proc/{pid}/fd/{args[0]}", True, args[1], args[2]
@@ -501,6 +514,11 @@ class _Supervisor:
         new = (old[0] if uid == _UNCHANGED else uid, old[1] if gid == _UNCHANGED else gid)
         if (uid, gid) == (_UNCHANGED, _UNCHANGED):
             return
+        if self.owner[0] != 0 and (
+            old[0] != self.owner[0] or new[0] != old[0] or new[1] not in (old[1], self.owner[1])
+        ):
+            # as the kernel: without CAP_CHOWN only the owner changes a file's group, to its own
+            raise OSError(errno.EPERM, "chown without CAP_CHOWN")
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISREG(st.st_mode) and mode & (stat.S_ISUID | stat.S_ISGID):
             # chown clears setuid, and setgid of a group-executable file, as the kernel does
@@ -508,6 +526,7 @@ class _Supervisor:
             os.chmod(path, mode & ~kill)
         try:
             recorded.set_owner(path, *new)
+            _forged.note_path(self.made, path, recorded.OWNER_XATTR)
         except recorded.CannotRecord:
             if new != old:
                 rel = os.path.relpath(path, self.root)
@@ -518,7 +537,9 @@ def _was_there(known: dict[int, int], st: os.stat_result) -> bool:
     return known.get(st.st_ino) == stat.S_IFMT(st.st_mode)
 
 
-def _own_new_files(root: str, known: dict[int, int], owner: tuple[int, int], failures: list[str]) -> None:
+def _own_new_files(
+    root: str, known: dict[int, int], owner: tuple[int, int], failures: list[str], made: _forged.Made
+) -> None:
     """Files the step made as its (non-root) USER are that user's, unless it chowned them."""
     todo = [root]
     while todo:
@@ -538,6 +559,7 @@ def _own_new_files(root: str, known: dict[int, int], owner: tuple[int, int], fai
                 pass
             try:
                 recorded.set_owner(entry.path, *owner)
+                _forged.note_path(made, entry.path, recorded.OWNER_XATTR)
             except recorded.CannotRecord:
                 rel = os.path.relpath(entry.path, root)
                 failures.append(f"/{rel} is a symlink or special file made as user {owner[0]}:{owner[1]}")

@@ -192,6 +192,8 @@ def _run_command(spec: dict, report_fd: int) -> int:
     except _inside.SetupError as err:
         _inside.report(report_fd, str(err))
         return _inside.SETUP_FAILED
+    # PID 1 writes what it made here (the placeholders of a device mknod), read once it is gone.
+    spec["made_fd"] = os.memfd_create("lamina-made", os.MFD_CLOEXEC)
     child = os.fork()
     if child == 0:
         code = _inside.SETUP_FAILED
@@ -201,8 +203,10 @@ def _run_command(spec: dict, report_fd: int) -> int:
             os._exit(code)
     _inside.forward_signals(child)
     _, status = os.waitpid(child, 0)
-    try:
-        _inside.finish(spec, baseline)
+    made = os.pread(spec["made_fd"], os.fstat(spec["made_fd"]).st_size, 0)
+    os.close(spec["made_fd"])
+    try:  # a failed step's layer is thrown away: its records are not checked
+        _inside.finish(spec, baseline, made if _inside.exit_code(status) == 0 else None)
     except _inside.SetupError as err:
         _inside.report(report_fd, str(err))
         return _inside.SETUP_FAILED

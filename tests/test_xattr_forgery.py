@@ -1,0 +1,194 @@
+"""A RUN cannot forge lamina's own records (`user.lamina.*`, lamina.oci.recorded).
+
+Any process may set `user.*` xattrs on a file it may write. lamina turns its
+records into a file's owner, device type and privileged xattrs when it writes
+a layer, so a step running as USER 1000 (an untrusted package install) could
+otherwise put a root-owned setuid binary, a block device or file capabilities
+into the image, which BuildKit never allows. Each forgery fails the build with
+one line naming the Dockerfile line and the path, as root, rootless (user
+namespaces with a subordinate id range) and under proot isolation; records
+lamina itself makes (RUN mknod, chown under proot, a lower layer's) still work.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.support.build import BASE, build, write_context
+from tests.support.layers import image_layers
+from tests.support.plainuser import PlainUser, plain_user, plain_user_missing
+
+pytestmark = pytest.mark.sandbox
+
+needs_x86_64 = pytest.mark.skipif(
+    os.uname().machine != "x86_64", reason="the test's setxattr program is x86_64 machine code"
+)
+
+# setxattr(argv[1], argv[2], argv[3], strlen(argv[3]), 0); exit(result != 0): x86_64, no libc.
+# busybox has no setfattr, and the base image has nothing else that sets an xattr.
+_CODE = bytes.fromhex(
+    "488b7c2410"  # mov rdi, [rsp+16]   path
+    "488b742418"  # mov rsi, [rsp+24]   name
+    "488b542420"  # mov rdx, [rsp+32]   value
+    "4d31d2"  # xor r10, r10        size
+    "42803c1200"  # cmp byte [rdx+r10], 0
+    "7405"  # je +5
+    "49ffc2"  # inc r10
+    "ebf4"  # jmp back to the cmp
+    "4531c0"  # xor r8d, r8d        flags
+    "b8bc000000"  # mov eax, 188 (setxattr)
+    "0f05"  # syscall
+    "4885c0"  # test rax, rax
+    "400f95c7"  # setne dil
+    "400fb6ff"  # movzx edi, dil
+    "b83c000000"  # mov eax, 60 (exit)
+    "0f05"  # syscall
+)
+
+
+def setxattr_program() -> bytes:
+    """A static ELF: `setx PATH NAME VALUE`."""
+    base, start = 0x400000, 64 + 56
+    header = struct.pack(
+        "<4s5B7x2HI3QI6H",
+        b"\x7fELF", 2, 1, 1, 0, 0,  # 64-bit, little-endian, version 1, SysV
+        2, 0x3E, 1, base + start, 64, 0,  # ET_EXEC, x86-64, entry, program headers at 64
+        0, 64, 56, 1, 0, 0, 0,
+    )  # fmt: skip
+    size = start + len(_CODE)
+    program = struct.pack("<2I6Q", 1, 5, 0, base, base, size, size, 0x1000)  # PT_LOAD, R+X
+    return header + program + _CODE
+
+
+FORGERIES = {
+    "setuid-root": ("/tmp/sh", "user.lamina.owner", "0:0", "cp /bin/busybox /tmp/sh && chmod 4755 /tmp/sh"),
+    "block-device": ("/tmp/dev", "user.lamina.rdev", "b 8 0", "touch /tmp/dev"),
+    "capability": ("/tmp/cap", "user.lamina.xattr.security.capability", "x", "cp /bin/busybox /tmp/cap"),
+}
+
+
+def _forging(path: str, name: str, value: str, make: str) -> str:
+    setx = f'/setx {path} {name} "{value}"'
+    return f"FROM {BASE}\nCOPY --chmod=755 setx /setx\nUSER 1000:1000\nRUN {make} && {setx}\n"
+
+
+def _refusal(name: str, path: str) -> str:
+    return f"RUN left lamina's own xattr {name} on {path}, which only lamina may set"
+
+
+def _one_error(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@needs_x86_64
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_a_forged_record_fails_the_build_as_root(cache: Path, tmp_path: Path, forgery: str) -> None:
+    from lamina.errors import LaminaError
+
+    path, name, value, make = FORGERIES[forgery]
+    ctx = write_context(tmp_path / "ctx", _forging(path, name, value, make), {"setx": setxattr_program()})
+    with pytest.raises(LaminaError) as caught:
+        build(cache, ctx, outputs=[f"type=oci,dest={tmp_path / 'image.tar'}"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{ctx / 'Dockerfile'}:4:") and message.endswith(_refusal(name, path))
+    assert not (tmp_path / "image.tar").exists()
+
+
+@needs_x86_64
+def test_the_setxattr_program_works_on_a_name_lamina_does_not_own(cache: Path, tmp_path: Path) -> None:
+    """The forgeries fail because of their names, not because the program does nothing."""
+    dockerfile = _forging("/tmp/f", "user.mine", "v", "touch /tmp/f")
+    ctx = write_context(tmp_path / "ctx", dockerfile, {"setx": setxattr_program()})
+    build(cache, ctx, outputs=[f"type=oci,dest={tmp_path / 'image.tar'}"])
+    layer = image_layers(tmp_path / "image.tar")[-1]
+    assert layer[b"tmp/f"].pax_headers.get("SCHILY.xattr.user.mine") == "v"
+
+
+@needs_x86_64
+@pytest.mark.parametrize("ranged", [True, False], ids=["rootless", "proot"])
+def test_a_forged_record_fails_the_build_as_a_plain_user(
+    tmp_path: Path, busybox_image: Path, ranged: bool
+) -> None:
+    if why := plain_user_missing(ranged=ranged):
+        pytest.skip(why)
+    with plain_user("lamina-forge-", ranged=ranged) as user:
+        for forgery, (path, name, value, make) in sorted(FORGERIES.items()):
+            write_context(
+                user.base / forgery, _forging(path, name, value, make), {"setx": setxattr_program()}
+            )
+        user.give()
+        loaded = _load(user, busybox_image)
+        assert loaded.returncode == 0, loaded.stderr
+        for forgery, (path, name, _value, _make) in sorted(FORGERIES.items()):
+            done = user.lamina("build", "-q", str(user.base / forgery))
+            assert done.returncode == 1, (forgery, done.stderr)
+            error = _one_error(done.stderr)
+            assert "Dockerfile:4:" in error and error.endswith(_refusal(name, path)), error
+
+
+def _load(user: PlainUser, image: Path) -> subprocess.CompletedProcess[str]:
+    """`lamina load` of the base image as `user` (who cannot read pytest's root-owned tmp)."""
+    shutil.copy(image, user.base / "base.tar")
+    os.chown(user.base / "base.tar", user.uid, user.gid)
+    return user.lamina("load", "-q", str(user.base / "base.tar"))
+
+
+def _tar_member(layer: dict[bytes, tarfile.TarInfo], name: str) -> tuple[int, int, int]:
+    member = layer[name.encode()]
+    return member.uid, member.gid, member.mode
+
+
+@pytest.mark.parametrize("ranged", [True, False], ids=["rootless", "proot"])
+def test_records_lamina_makes_still_reach_the_layer_as_a_plain_user(
+    tmp_path: Path, busybox_image: Path, ranged: bool
+) -> None:
+    """chown and mknod as root, a chown to itself as USER 1000, a chmod of an inherited
+    record: lamina's own records, which come out as owners and nodes, never refused."""
+    if why := plain_user_missing(ranged=ranged):
+        pytest.skip(why)
+    dockerfile = (
+        f"FROM {BASE}\n"
+        "RUN mkdir /d && chown 7:8 /d && mknod /null2 c 1 3 && touch /u && chown 1000:1000 /u\n"
+        "RUN chmod 0700 /d && chmod 0600 /null2\n"
+        "USER 1000:1000\n"
+        "RUN chown 1000:1000 /u && echo x > /u\n"
+    )
+    with plain_user("lamina-forge-", ranged=ranged) as user:
+        write_context(user.base / "ctx", dockerfile)
+        user.give()
+        loaded = _load(user, busybox_image)
+        assert loaded.returncode == 0, loaded.stderr
+        out = user.base / "image.tar"
+        done = user.lamina("build", "-q", "-o", f"type=oci,dest={out}", str(user.base / "ctx"))
+        assert done.returncode == 0, done.stderr
+        layers = image_layers(out)
+    assert _tar_member(layers[-2], "d") == (7, 8, 0o700)
+    assert layers[-2][b"null2"].ischr() and layers[-2][b"null2"].mode == 0o600
+    assert _tar_member(layers[-1], "u")[:2] == (1000, 1000)
+    assert not any("lamina" in key for layer in layers for m in layer.values() for key in m.pax_headers)
+
+
+def test_proot_refuses_a_chown_without_cap_chown(tmp_path: Path, busybox_image: Path) -> None:
+    """Under proot, USER 1000's chown of its file to root is EPERM, as the kernel says: it is
+    never recorded as an owner (a root setuid binary by another way)."""
+    if why := plain_user_missing(ranged=False):
+        pytest.skip(why)
+    dockerfile = f"FROM {BASE}\nUSER 1000:1000\nRUN cp /bin/busybox /tmp/sh && chown 0:0 /tmp/sh\n"
+    with plain_user("lamina-forge-", ranged=False) as user:
+        write_context(user.base / "ctx", dockerfile)
+        user.give()
+        loaded = _load(user, busybox_image)
+        assert loaded.returncode == 0, loaded.stderr
+        done = user.lamina("build", "-q", str(user.base / "ctx"))
+    assert done.returncode == 1, done.stderr
+    assert "Operation not permitted" in done.stderr
