@@ -217,12 +217,18 @@ def _descriptor(platform: Platform, digest: Digest) -> Descriptor:
 def rmi(
     name: str, *, cache_dir: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ImageRecord:
-    """Remove the name `name` (its blobs stay until `cache_gc` finds them unused)."""
-    from lamina.cache.images import normalize_name
+    """Remove the name `name` (its blobs stay until `cache_gc` finds them unused), or as
+    docker rmi the one name of the image whose ID `name` is (cache.images.resolve_name)."""
+    from lamina.cache.images import display_name, names_of_id, normalize_name
     from lamina.cache.store import Store
+    from lamina.errors import StoreError
 
     with Store(_store_root(cache_dir, environ)) as store:
-        return store.untag(normalize_name(name))
+        named = names_of_id(store, name)
+        if len(named) > 1:  # docker: "image is referenced in multiple repositories"
+            names = ", ".join(display_name(r.name) for r in named)
+            raise StoreError(f"rmi {name}: the image has several names ({names}): remove them by name")
+        return store.untag(named[0].name if named else normalize_name(name))
 
 
 def cache_du(

@@ -3,12 +3,14 @@ all or a prefix of the hex, or 12+ hex digits alone) names the stored image."""
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from lamina.cache.store import Store
 from lamina.cli import cli
 from tests.support.build import BASE, build, make_cache, write_context
 
@@ -52,3 +54,20 @@ def test_an_unknown_image_id_is_not_in_the_store(image_id: str, tmp_path: Path) 
     assert result.exit_code != 0
     assert f"image {unknown} is not in the store" in result.output
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_rmi_takes_the_id_of_an_image_with_one_name(image_id: str) -> None:
+    result = CliRunner().invoke(cli, ["rmi", image_id[7:19]])
+    assert result.exit_code == 0, result.output
+    assert result.output == "Untagged: byid:1\n"
+    assert "byid" not in CliRunner().invoke(cli, ["images"]).output
+
+
+def test_rmi_of_an_id_with_two_names_asks_for_a_name(image_id: str) -> None:
+    with Store(Path(os.environ["LAMINA_CACHE"])) as store:
+        record = store.lookup("docker.io/library/byid:1")
+        store.tag("docker.io/library/byid:2", record.manifest, size=record.size)
+    result = CliRunner().invoke(cli, ["rmi", image_id])
+    assert result.exit_code != 0
+    assert "the image has several names (byid:1, byid:2): remove them by name" in result.output
+    assert "byid:1" in CliRunner().invoke(cli, ["images"]).output

@@ -19,6 +19,7 @@ Dockerfile.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -283,21 +284,28 @@ def commit_index(store: Store, images: Sequence[CommittedImage], names: Sequence
 def resolve_name(store: Store, name: str) -> ImageRecord:
     """The stored image `name` names, or (as docker save takes one) whose image ID it is:
     `sha256:` and the ID's hex or a prefix of it, or 12 to 64 hex digits naming no image."""
+    named = names_of_id(store, name)
+    return store.resolve(min(r.name for r in named)) if named else store.resolve(normalize_name(name))
+
+
+def names_of_id(store: Store, name: str) -> tuple[ImageRecord, ...]:
+    """The names (as tagged, nothing made) of the image whose ID `name` is (see resolve_name);
+    () when `name` is no ID or a stored name. Raises ImageNotFound for an ID no image has,
+    StoreError for a prefix two images share."""
     hex_part = name.removeprefix("sha256:")
     looks_like_id = bool(hex_part) and all(c in "0123456789abcdef" for c in hex_part) and len(hex_part) <= 64
-    if looks_like_id and (hex_part != name or len(hex_part) >= 12):
-        try:
-            return store.resolve(normalize_name(name))  # a name that only looks like an ID
-        except (ImageNotFound, StoreError):
-            pass
-        found = {r.name: r for r in store.names() if _image_id(store, r.manifest).hex.startswith(hex_part)}
-        ids = {_image_id(store, r.manifest) for r in found.values()}
-        if len(ids) > 1:
-            raise StoreError(f"image ID {name} is ambiguous: {', '.join(sorted(d.short for d in ids))}")
-        if found:
-            return store.resolve(min(found))
+    if not looks_like_id or (hex_part == name and len(hex_part) < 12):
+        return ()
+    with contextlib.suppress(StoreError):
+        store.lookup(normalize_name(name))
+        return ()  # a name that only looks like an ID
+    found = [r for r in store.names() if _image_id(store, r.manifest).hex.startswith(hex_part)]
+    ids = {_image_id(store, r.manifest) for r in found}
+    if len(ids) > 1:
+        raise StoreError(f"image ID {name} is ambiguous: {', '.join(sorted(d.short for d in ids))}")
+    if not found:
         raise ImageNotFound(f"image {name} is not in the store (see `lamina images`)")
-    return store.resolve(normalize_name(name))
+    return tuple(found)
 
 
 def _image_id(store: Store, top: Digest) -> Digest:
