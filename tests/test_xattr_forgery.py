@@ -12,6 +12,7 @@ lamina itself makes (RUN mknod, chown under proot, a lower layer's) still work.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import struct
@@ -192,3 +193,20 @@ def test_proot_refuses_a_chown_without_cap_chown(tmp_path: Path, busybox_image: 
         done = user.lamina("build", "-q", str(user.base / "ctx"))
     assert done.returncode == 1, done.stderr
     assert "Operation not permitted" in done.stderr
+
+
+def test_an_added_archive_cannot_carry_lamina_records(cache: Path, tmp_path: Path) -> None:
+    """ADD of a tar whose PAX headers hold `user.lamina.owner=0:0` on a setuid file of uid
+    1000: the record is dropped, the file keeps the tar's owner."""
+    archive = tmp_path / "ctx/a.tar"
+    archive.parent.mkdir(parents=True)
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("sh")
+        info.size, info.mode, info.uid, info.gid = 1, 0o4755, 1000, 1000
+        info.pax_headers = {"SCHILY.xattr.user.lamina.owner": "0:0"}
+        tar.addfile(info, io.BytesIO(b"x"))
+    ctx = write_context(tmp_path / "ctx", f"FROM {BASE}\nADD a.tar /x/\n")
+    build(cache, ctx, outputs=[f"type=oci,dest={tmp_path / 'image.tar'}"])
+    member = image_layers(tmp_path / "image.tar")[-1][b"x/sh"]
+    assert (member.uid, member.gid, member.mode) == (1000, 1000, 0o4755)
+    assert not any("lamina" in key for key in member.pax_headers)
