@@ -34,9 +34,8 @@ _KEY = struct.Struct("<QQQqq")
 _TYPES = (EntryType.FILE, EntryType.DIR)
 _CODE = {kind: code for code, kind in enumerate(_TYPES)}
 _ODD = 255
+_FILE = _CODE[EntryType.FILE]
 _BLANK = _RECORD.pack(_ODD, 0, 0, 0, 0, 0, 0, 0, b"")
-_MAX_MODE = 0xFFFF
-_MAX_ID = 0xFFFFFFFF
 
 
 @dataclasses.dataclass(slots=True)  # not frozen: one per source file, frozen's __init__ is 4x slower
@@ -92,10 +91,11 @@ class Items:
     """The items of a selection in write order; `append` them, then iterate (see the
     module docstring). Not thread-safe while appending."""
 
-    __slots__ = ("_count", "_runs")
+    __slots__ = ("_count", "_open", "_runs")
 
     def __init__(self) -> None:
         self._runs: list[_Run] = []
+        self._open: _Run | None = None  # the last run, still appended to
         self._count = 0
 
     def __len__(self) -> int:
@@ -112,52 +112,48 @@ class Items:
         entry = item.entry
         source, _, name = entry.path.rpartition("/")
         dest, _, dest_name = item.dest.rpartition("/")
-        runs = self._runs
-        run = runs[-1] if runs else None
-        if run is None or run.source != source or run.dest != dest or isinstance(run.names, str):
+        run = self._open
+        if run is None or run.source != source or run.dest != dest:
             if run is not None:
                 run.seal()
-            run = _Run(source, dest)
-            runs.append(run)
-        assert isinstance(run.names, list) and isinstance(run.records, bytearray)
-        if _fits(item, name, dest_name):
-            record = _RECORD.pack(
-                _CODE[entry.type],
-                entry.mode,
-                entry.uid,
-                entry.gid,
-                entry.nlink,
-                item.mode,
-                item.uid,
-                item.gid,
-                entry.key,
-            )
-        else:
+            run = self._open = _Run(source, dest)
+            self._runs.append(run)
+        names, records = run.names, run.records
+        assert isinstance(names, list) and isinstance(records, bytearray)
+        record = _record(item, name, dest_name)
+        if record is None:
             record = _BLANK
             if run.odd is None:
                 run.odd = {}
-            run.odd[len(run.names)] = item
+            run.odd[len(names)] = item
             name = ""
-        run.names.append(name)
-        run.records += record
+        names.append(name)
+        records += record
         self._count += 1
 
     def seal(self) -> None:
         """Appending is over: the last run packed too."""
-        if self._runs:
-            self._runs[-1].seal()
+        if self._open is not None:
+            self._open.seal()
+            self._open = None
 
 
-def _fits(item: CopyItem, name: str, dest_name: str) -> bool:
-    """Whether iterating a record of `item` gives `item` back."""
+def _record(item: CopyItem, name: str, dest_name: str) -> bytes | None:
+    """The record of `item`, or None when iterating one would not give `item` back."""
     entry = item.entry
-    if name != dest_name or entry.type not in _CODE or entry.socket:
-        return False
-    if entry.linkname or entry.rdev or len(entry.key) != _KEY.size:
-        return False
-    if max(entry.mode, item.mode) > _MAX_MODE or max(entry.uid, entry.gid, item.uid, item.gid) > _MAX_ID:
-        return False
-    if min(entry.uid, entry.gid, item.uid, item.gid, entry.nlink) < 0 or entry.nlink > _MAX_ID:
-        return False
-    _, _, size, mtime_ns, _ = _KEY.unpack(entry.key)
-    return mtime_ns == entry.mtime_ns and entry.size == (size if entry.type is EntryType.FILE else 0)
+    code = _CODE.get(entry.type)
+    key = entry.key
+    if code is None or name != dest_name or entry.socket or entry.linkname or entry.rdev:
+        return None
+    if len(key) != _KEY.size:
+        return None
+    try:
+        # the size and mtime iteration takes from the stat key
+        if key[24:32] != entry.mtime_ns.to_bytes(8, "little", signed=True):
+            return None
+        if entry.size != (int.from_bytes(key[16:24], "little") if code == _FILE else 0):
+            return None
+        mode, uid, gid = entry.mode, entry.uid, entry.gid
+        return _RECORD.pack(code, mode, uid, gid, entry.nlink, item.mode, item.uid, item.gid, key)
+    except (struct.error, OverflowError):  # a mode or id past the record's fields
+        return None
