@@ -67,8 +67,9 @@ def test_cache_du_and_gc(run, busybox_image: Path) -> None:  # type: ignore[no-u
     code, out = run("cache", "du")
     assert code == 0
     lines = {line.split()[0]: line for line in out.splitlines()}
-    assert set(lines) == {"blobs", "unpacked", "index", "total"}
+    assert set(lines) == {"blobs", "unpacked", "index", "records", "total"}
     assert "(3 blobs)" in lines["blobs"]
+    assert "(0 files: COPY, stat cache)" in lines["records"]  # no build yet
     run("rmi", "lamina-test/busybox:1.35")
     code, out = run("cache", "gc")
     assert code == 0 and out.startswith("removed 3 blobs")
