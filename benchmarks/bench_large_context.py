@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_large_context.py [--sizes 10000,100000] [--million]
                                                       [--rounds 3] [--no-peers] [--peer-max N]
-                                                      [--lab /tmp/lamina-bigctx]
+                                                      [--lab /var/tmp/lamina-bigctx]
 
 Each context is generated deterministically (small text files, 100 per
 directory) and built with
@@ -25,14 +25,19 @@ Also lamina's CPU seconds (user + system of the build's processes: wall
 time on a loaded machine is mostly waiting for a core), and `peak MB`, the
 largest sum of the resident sets of every process of the cold build's
 session (polled from /proc every 20 ms), and of the mod build's. BuildKit (docker 20.10,
-`DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none -q`) is timed the
-same way, rounds taking turns, when `docker info` answers (and the size
-is at most --peer-max), and the table gets lamina's ratio to it (< 1:
+`DOCKER_BUILDKIT=1 docker build --network=none -q` on a dockerd of the bench's
+own, its data root under --lab: benchmarks/peers.Dockerd) is timed the same way,
+rounds taking turns, when that daemon starts (as root; and the size is at most
+--peer-max), and the table gets lamina's ratio to it (< 1:
 lamina faster). Each tool's cache is emptied after its round, so that one
 tool's copy of a big context is gone before the other's is made (a
 1,000,000-file context is ~4 GB on ext4; BuildKit holds two copies of it,
 lamina one). The machine these numbers come from is shared and loaded:
-compare ratios from one run; each round prints the load average.
+compare ratios from one run; each round prints the load average. The
+default --lab is under /var/tmp, not /tmp: on an ext4 without a journal,
+creating files in a block group where other processes (test suites under
+/tmp) just deleted thousands costs several times more (see the README), and
+docker keeps BuildKit's files under its data root, not /tmp.
 """
 
 from __future__ import annotations
@@ -49,9 +54,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import BuildKitPeer  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "bench"
 BASE = "lamina-test/busybox:1.35"
-DOCKER = "/usr/bin/docker"
 SCENARIOS = ("cold", "hit", "noop", "mod")
 PER_DIR = 100
 DOCKERFILE = f"""FROM {BASE}
@@ -170,33 +177,24 @@ class Lamina:
         return Proc([*args, "-t", "bench/bigctx:lamina", str(ctx)], self.env).run()
 
 
-class BuildKit:
-    name = "buildkit"
+class BuildKit(BuildKitPeer):
+    """`docker build` on the bench's own dockerd (data root under the lab, beside lamina's
+    cache): emptying its build cache never touches the machine's dockerd."""
 
     def __init__(self, lab: Path) -> None:
+        super().__init__(lab)
         self.lab = lab
-        self.env = {**os.environ, "DOCKER_BUILDKIT": "1"}
-
-    def available(self) -> bool:
-        if not Path(DOCKER).exists():
-            return False
-        try:
-            return subprocess.run([DOCKER, "info"], capture_output=True, timeout=20).returncode == 0
-        except subprocess.TimeoutExpired:
-            return False
 
     def clean(self) -> None:
-        subprocess.run([DOCKER, "rmi", "-f", "bench/bigctx:bk"], capture_output=True)
-        subprocess.run([DOCKER, "builder", "prune", "-af"], capture_output=True)
+        subprocess.run([*self.docker.cli, "rmi", "-f", "bench/bigctx:bk"], capture_output=True)
+        subprocess.run([*self.docker.cli, "builder", "prune", "-af"], capture_output=True)
 
     def prune(self) -> None:
-        self.clean()
-        if subprocess.run([DOCKER, "image", "inspect", BASE], capture_output=True).returncode:
-            subprocess.run([DOCKER, "load", "-i", str(self.lab / "base" / "busybox-docker.tar")], check=True)
+        self.docker.reset(["bench/bigctx:bk"], BASE, self.lab / "base" / "busybox-docker.tar")
 
     def build(self, ctx: Path, dockerfile: Path) -> tuple[float, float, float]:
         args = [
-            DOCKER,
+            *self.docker.cli,
             "build",
             "--network=none",
             "-q",
@@ -236,7 +234,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true", help="lamina only")
     parser.add_argument("--peer-max", type=int, default=0, help="BuildKit only up to this many files")
-    parser.add_argument("--lab", type=Path, default=Path("/tmp/lamina-bigctx"))
+    parser.add_argument("--lab", type=Path, default=Path("/var/tmp/lamina-bigctx"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.million:
@@ -255,7 +253,10 @@ def main() -> None:
         if peer.available():
             tools.append(peer)
         else:
-            print("BuildKit: `docker info` does not answer; lamina only", file=sys.stderr)
+            print(
+                "BuildKit: its dockerd did not start (root and docker.io needed); lamina only",
+                file=sys.stderr,
+            )
     table: dict[tuple[str, int], dict[str, float]] = {}
     for size in sizes:
         ctx = lab / f"ctx-{size}"
