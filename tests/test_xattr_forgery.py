@@ -210,3 +210,64 @@ def test_an_added_archive_cannot_carry_lamina_records(cache: Path, tmp_path: Pat
     member = image_layers(tmp_path / "image.tar")[-1][b"x/sh"]
     assert (member.uid, member.gid, member.mode) == (1000, 1000, 0o4755)
     assert not any("lamina" in key for key in member.pax_headers)
+
+
+# What a USER other than root may not do to root's files; under proot every file on disk is the
+# caller's, so the kernel allows each of these, and the first gives the image a root setuid shell.
+NOT_ITS_FILES = {
+    "chmod-setuid": ("chmod 4755 /bin/busybox", "changed the mode of /bin/busybox"),
+    "write": ("echo x >> /etc/passwd", "wrote /etc/passwd"),
+    "create": ("touch /etc/x", "made /etc/x"),
+    "remove": ("rm /etc/passwd", "removed /etc/passwd"),
+    "remove-tree": ("mkdir -p /tmp/d && mv /etc /tmp/d/", "removed /etc"),
+}
+
+
+@pytest.mark.parametrize("ranged", [True, False], ids=["rootless", "proot"])
+def test_another_user_cannot_change_roots_files(tmp_path: Path, busybox_image: Path, ranged: bool) -> None:
+    """USER 1000 making root's busybox setuid, writing /etc/passwd, adding or removing a file in
+    /etc fails the step, as the kernel fails it in a user namespace (rootless with subordinate
+    ids) and as BuildKit's does; under proot, where it cannot be refused as it happens, the step
+    fails after it ran, in one line naming the path."""
+    if why := plain_user_missing(ranged=ranged):
+        pytest.skip(why)
+    with plain_user("lamina-perm-", ranged=ranged) as user:
+        for attack, (step, _) in NOT_ITS_FILES.items():
+            write_context(user.base / attack, f"FROM {BASE}\nUSER 1000:1000\nRUN {step}\n")
+        user.give()
+        loaded = _load(user, busybox_image)
+        assert loaded.returncode == 0, loaded.stderr
+        for attack, (_, what) in sorted(NOT_ITS_FILES.items()):
+            done = user.lamina("build", "-q", str(user.base / attack))
+            assert done.returncode == 1, (attack, done.stderr)
+            error = _one_error(done.stderr)
+            assert "Dockerfile:3:" in error, error
+            if not ranged:
+                assert f"RUN as user 1000 {what}" in error, error
+
+
+@pytest.mark.parametrize("ranged", [True, False], ids=["rootless", "proot"])
+def test_another_user_changes_what_it_may(tmp_path: Path, busybox_image: Path, ranged: bool) -> None:
+    """What USER 1000 may change still works: its files in sticky /tmp (made, chmodded setuid,
+    removed), a directory root gave it, a file others may write."""
+    if why := plain_user_missing(ranged=ranged):
+        pytest.skip(why)
+    dockerfile = (
+        f"FROM {BASE}\n"
+        "RUN mkdir -p /tmp /home/u && chmod 1777 /tmp && chown 1000:1000 /home/u"
+        " && touch /shared /tmp/gone && chmod 0666 /shared && chown 1000:1000 /tmp/gone\n"
+        "USER 1000:1000\n"
+        "RUN cp /bin/busybox /tmp/sh && chmod 4755 /tmp/sh && rm /tmp/gone"
+        " && mkdir /home/u/d && echo x > /home/u/d/f && echo y >> /shared\n"
+    )
+    with plain_user("lamina-perm-", ranged=ranged) as user:
+        write_context(user.base / "ctx", dockerfile)
+        user.give()
+        loaded = _load(user, busybox_image)
+        assert loaded.returncode == 0, loaded.stderr
+        out = user.base / "image.tar"
+        done = user.lamina("build", "-q", "-o", f"type=oci,dest={out}", str(user.base / "ctx"))
+        assert done.returncode == 0, done.stderr
+        layer = image_layers(out)[-1]
+    assert _tar_member(layer, "tmp/sh") == (1000, 1000, 0o4755)
+    assert b"tmp/.wh.gone" in layer and b"home/u/d/f" in layer and layer[b"shared"].size == 2

@@ -39,7 +39,7 @@ import socket
 import stat
 import struct
 
-from lamina.engine.sandbox import _chroot, _confine, _forged, _inside, _libc, _notify, _rootfs
+from lamina.engine.sandbox import _chroot, _confine, _forged, _inside, _libc, _notify, _permitted, _rootfs
 from lamina.oci import recorded
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -76,7 +76,7 @@ def run(spec: dict, report_fd: int) -> int:
     try:
         _rootfs.merge_copy(spec["lowers"], root)
         baseline = snapshot.record(root, spec["lowers"])
-        uid, gid, _groups, home = _inside.resolve_user(spec["user"], root)
+        uid, gid, groups, home = _inside.resolve_user(spec["user"], root)
         cwd = spec["cwd"] or "/"
         os.makedirs(os.path.join(root, _rootfs.resolve_in_dir(root, cwd)), exist_ok=True)
         seccomp = None if spec["insecure"] else _confine.Filter(no_new_privs=True)
@@ -122,7 +122,22 @@ def run(spec: dict, report_fd: int) -> int:
     # A root step's every process is root (switching uid fails it), which may chown and mknod:
     # any record is its own. Another USER's records must be the supervisor's (sandbox._forged).
     trusted = None if (uid, gid) == (0, 0) else made
-    return _chroot.write_diff(baseline, root, spec["upper"], report_fd, code, trusted)
+    code = _chroot.write_diff(baseline, root, spec["upper"], report_fd, code, trusted)
+    if code != 0 or uid == 0:
+        return code
+    # Every file on disk is the caller's: what the kernel let USER change, root's files
+    # included, is checked now against what that user may change (sandbox._permitted).
+    try:
+        refused = _permitted.first_refused(
+            spec["upper"], baseline.facts, root, spec["lowers"], (uid, gid, groups)
+        )
+    except OSError as err:
+        _inside.report(report_fd, f"check what the step changed: {_inside._describe(err)}")
+        return _inside.SETUP_FAILED
+    if refused is not None:
+        _inside.report(report_fd, refused)
+        return _inside.SETUP_FAILED
+    return code
 
 
 def _step_env(spec: dict, home: str) -> dict[str, str]:
