@@ -253,4 +253,34 @@ def _disk_full_reason(err: BuildError, upper: Path) -> str:
     if file_system_full(upper):
         told = f"; the command said: {said}" if said else ""
         return f"write {upper}: No space left on device (its file system is full){told}"
-    return said
+    if said:
+        return said
+    refused = _room_refused(upper.parent)
+    if refused is not None:
+        return f"write {upper}: {refused.strerror} (a write of 1 MiB beside it fails too)"
+    return ""
+
+
+def _room_refused(directory: Path) -> OSError | None:
+    """The error a 1 MiB write in `directory` meets for want of room, if it does: a quota
+    (a btrfs qgroup, a user's) that the command hit without saying so, which statvfs does not show."""
+    import tempfile
+
+    from lamina.errors import is_disk_full
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".tmp-room-", dir=directory)
+    except OSError as err:
+        return err if is_disk_full(err) else None
+    try:
+        data = memoryview(bytes(_NEARLY_FULL))
+        while data:  # a short write, then the error
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)  # where the file system allocates late (ext4's delayed allocation)
+    except OSError as err:
+        return err if is_disk_full(err) else None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    return None
