@@ -25,14 +25,14 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, overload
 
 from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node
 from lamina.engine.sandbox.idmap import IdMap
 from lamina.errors import LaminaError
 from lamina.oci import fresh, recorded
 from lamina.oci.donor import DonorTar
-from lamina.oci.entry import LayerEntry
+from lamina.oci.entry import LayerEntry, Verbatim
 from lamina.oci.walk import entries_from_tree, read_xattrs
 
 if TYPE_CHECKING:
@@ -46,9 +46,21 @@ OPAQUE_XATTR = "user.overlay.opaque"
 Donor = tuple[Path, Callable[[], BinaryIO]]
 
 
+@overload
+def capture(
+    upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = (), donor: None = None
+) -> Iterator[LayerEntry]: ...
+
+
+@overload
+def capture(
+    upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = (), *, donor: DonorTar | None
+) -> Iterator[LayerEntry | Verbatim]: ...
+
+
 def capture(
     upper_dir: Path, ids: IdMap | None = None, lowers: Sequence[Path] = (), donor: DonorTar | None = None
-) -> Iterator[LayerEntry]:
+) -> Iterator[LayerEntry | Verbatim]:
     """The layer entries of an upper dir, in `write_layer` order, owners as the container saw them.
 
     Whiteouts and opaque markers come out as BuildKit writes them: empty
@@ -57,20 +69,21 @@ def capture(
     made where a file was deleted) is left out, as the copy snapshotter does.
     Rootless with subordinate ids, files a container user kept private are
     unreadable from here: `write_upper()` reads them inside the namespace.
-    With a `donor`, files it holds (the same inode) take their content from it.
+    With a `donor`, files it holds (the same inode) take their content from it, and runs
+    of them come out as its tar's members as they are (`Verbatim`, see oci.donor).
     """
     uid_map = _inside(ids) if ids is not None and ids.rootless else None
     below = functools.partial(_shows_dir, LayerStack([os.fspath(p) for p in lowers])) if lowers else None
-    return map(
-        recorded.restore,
-        entries_from_tree(
-            upper_dir,
-            uid_map=uid_map,
-            overlay=True,
-            opaque_hides=below,
-            content=_content(donor),
-        ),
+    walked = entries_from_tree(
+        upper_dir,
+        uid_map=uid_map,
+        overlay=True,
+        opaque_hides=below,
+        content=_content(donor),
+        holder=donor,
     )
+    # A donor's members as they are already carry the records applied (oci.donor).
+    return (entry if isinstance(entry, Verbatim) else recorded.restore(entry) for entry in walked)
 
 
 def _content(donor: DonorTar | None) -> Callable[[str, os.stat_result], Callable[[], BinaryIO] | None]:
@@ -120,7 +133,7 @@ def write_upper(
             if donor is not None:
                 with contextlib.suppress(OSError, LaminaError):  # no donor: every file is read
                     tar = stack.enter_context(contextlib.closing(DonorTar(donor[1](), os.fspath(donor[0]))))
-            entries = capture(upper_dir, ids, lowers, tar)
+            entries = capture(upper_dir, ids, lowers, donor=tar)
             return layer.write_layer(entries, out, compression, source_date_epoch=source_date_epoch)
     from lamina.engine.sandbox.runner import write_layer_inside
     from lamina.oci.digest import Digest

@@ -55,3 +55,16 @@ class LayerEntry:
     xattrs: tuple[tuple[str, bytes], ...] = ()  # sorted by name
     # A fresh reader of exactly `size` bytes, for FILE entries.
     open: Callable[[], BinaryIO] | None = dataclasses.field(default=None, compare=False)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verbatim:
+    """Consecutive whole tar members taken as they are from an earlier layer's tar
+    (`oci.donor`): the entries `first` to `last`, which a walk would encode as exactly
+    `data` (headers, content and padding). `files` are those of them that are regular
+    files, which later hard links of the same layer may name."""
+
+    first: str
+    last: str
+    files: tuple[str, ...]
+    data: bytes

@@ -38,7 +38,7 @@ from lamina.oci.compression import (
     sniff_stream,
 )
 from lamina.oci.digest import Digest
-from lamina.oci.entry import EntryType, LayerEntry
+from lamina.oci.entry import EntryType, LayerEntry, Verbatim
 
 __all__ = [
     "Compression",
@@ -80,7 +80,7 @@ def sorted_entries(entries: Iterable[LayerEntry]) -> list[LayerEntry]:
 
 
 def write_layer(
-    entries: Iterable[LayerEntry],
+    entries: Iterable[LayerEntry | Verbatim],
     out: BinaryIO,
     compression: Compression,
     *,
@@ -91,12 +91,20 @@ def write_layer(
     `entries` must be sorted by `entry_key(path)` with no duplicate paths
     (`sorted_entries` sorts a list); a HARDLINK's `linkname` must be an
     earlier path of the same layer. Only `out.write` is called on `out`.
+    A `Verbatim` stands for the entries it holds: its bytes go to the stream
+    as they are (its maker vouches that they are what those entries encode
+    to, under the same `source_date_epoch`).
     """
     sink = _HashingSink(out, encoder(compression), compression)
     try:
         previous: tuple[bytes, ...] | None = None
         seen_files: set[str] = set()
         for entry in entries:
+            if isinstance(entry, Verbatim):
+                previous = _check_verbatim(entry, previous)
+                seen_files.update(entry.files)
+                sink.write(entry.data)
+                continue
             previous = _check_entry(entry, previous, seen_files)
             if entry.type is EntryType.FILE:
                 seen_files.add(entry.path)
@@ -169,6 +177,15 @@ def _check_entry(
     if entry.type is EntryType.FILE and entry.size and entry.open is None:
         raise LayerError(f"write layer: {path}: file of {entry.size} bytes has no opener")
     return key
+
+
+def _check_verbatim(run: Verbatim, previous: tuple[bytes, ...] | None) -> tuple[bytes, ...]:
+    """The order check of `_check_entry` for a run of members: it comes after `previous`.
+    (The run's own members are in order: its maker matched each against a sorted listing.)"""
+    first, last = entry_key(run.first), entry_key(run.last)
+    if (previous is not None and first <= previous) or last < first:
+        raise LayerError(f"write layer: {run.first}: entries out of order (use sorted_entries)")
+    return last
 
 
 def _add(sink: _HashingSink, entry: LayerEntry, source_date_epoch: int | None) -> None:
