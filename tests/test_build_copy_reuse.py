@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.build import BASE, build, make_cache, rootfs, write_context
+from tests.support.plainuser import plain_user_missing
 
 pytestmark = pytest.mark.sandbox
 
@@ -382,3 +383,34 @@ def test_a_tar_taking_the_donors_members_is_the_tar_read_from_disk(
     monkeypatch.undo()
     assert spliced == tar(new)
     assert sum(taken) >= (5 if cut else 15)  # of 20 files, those the donor still held went as they were
+
+
+@pytest.mark.skipif(bool(plain_user_missing()), reason=plain_user_missing() or "ready")
+def test_as_a_plain_user_the_rerun_blob_is_a_cold_builds(busybox_image: Path) -> None:
+    """Without root or subordinate ids (owners read through lamina's id mapping, proot for
+    RUN), a rerun still takes the last blob's members, and its image is a cold build's."""
+    import json
+    import shutil
+
+    from tests.support.plainuser import plain_user
+
+    with plain_user("lamina-splice-") as user:
+        ctx = _splice_context(user.base / "ctx")
+        shutil.copy(busybox_image, user.base / "base.tar")
+        user.give()
+        env = {"SOURCE_DATE_EPOCH": "1700000000"}
+
+        def build_in(cache: str) -> str:
+            full = {"LAMINA_CACHE": str(user.base / cache), **env}
+            if not (user.base / cache).exists():
+                assert user.lamina("load", str(user.base / "base.tar"), env=full).returncode == 0
+            meta = user.base / "meta.json"
+            done = user.lamina("build", "--progress=plain", "--metadata-file", str(meta), str(ctx), env=full)
+            assert done.returncode == 0, done.stderr
+            return str(json.loads(meta.read_text())["containerimage.digest"])
+
+        first = build_in("cache")
+        (ctx / "d1/f07").write_text("changed\n")
+        rerun = build_in("cache")
+        assert rerun != first
+        assert rerun == build_in("fresh")
