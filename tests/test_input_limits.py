@@ -127,6 +127,7 @@ def test_context_with_more_entries_than_the_limit(
     """The real limit is a million entries; the test lowers it to 50 (the same code path)."""
     from lamina import api
     from lamina.engine import context
+    from lamina.engine.steps.copyadd import dirkeys  # noqa: F401 -- imported before the limit moves, as in a full run
     from lamina.errors import LaminaError
 
     monkeypatch.setattr(context, "MAX_CONTEXT_ENTRIES", 50)

@@ -43,8 +43,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lamina.engine import statpass
-from lamina.engine.context import MAX_CONTEXT_ENTRIES, SourceTree, TreeEntry, entry_record
+from lamina.engine import context, statpass
+from lamina.engine.context import SourceTree, TreeEntry, entry_record
 from lamina.engine.dockerfile.ignore import DockerIgnore, IgnoreMatch
 from lamina.engine.steps.copyadd.items import Items
 from lamina.engine.steps.copyadd.selection import (
@@ -182,7 +182,7 @@ class _Walk:
         self.exclude = exclude
         self.cut = len(real) + 1 if real else 0
         ignore = tree.ignore
-        context = [
+        keying = [
             FORMAT,
             _sample(),
             tree.scope,
@@ -192,7 +192,7 @@ class _Walk:
             list(ignore.patterns) if ignore is not None else None,
             list(exclude.patterns) if exclude is not None else None,
         ]
-        self.context = repr(context)
+        self.context = repr(keying)
         name = hashlib.sha256(self.context.encode("utf-8", "surrogateescape")).hexdigest()[:32]
         self.path = cache_root / DIR_NAME / f"{name}.bin"
         self.records: dict[str, _Record] = {}
@@ -229,7 +229,7 @@ class _Walk:
             fp = hashlib.sha256(_encode(found.names) + b"\0" + found.packed).digest()
             count = len(found.packed) // statpass.RECORD_SIZE
             listed += count
-            if listed > MAX_CONTEXT_ENTRIES:
+            if listed > context.MAX_CONTEXT_ENTRIES:  # read now: the ordinary walk's limit, which says so
                 return False
             record = old.get(rel)
             if record is not None and record[0] == fp:
