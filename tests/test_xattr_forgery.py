@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.build import BASE, build, write_context
+from tests.support.build import BASE, build, needs_id_range, write_context
 from tests.support.layers import image_layers
 from tests.support.plainuser import PlainUser, plain_user, plain_user_missing
 
@@ -93,6 +93,7 @@ def _one_error(stderr: str) -> str:
 @needs_x86_64
 @pytest.mark.parametrize("forgery", sorted(FORGERIES))
 def test_a_forged_record_fails_the_build_as_root(cache: Path, tmp_path: Path, forgery: str) -> None:
+    needs_id_range()  # USER 1000 and a file of uid 1000 need ids other than root
     from lamina.errors import LaminaError
 
     path, name, value, make = FORGERIES[forgery]
@@ -108,6 +109,7 @@ def test_a_forged_record_fails_the_build_as_root(cache: Path, tmp_path: Path, fo
 @needs_x86_64
 def test_the_setxattr_program_works_on_a_name_lamina_does_not_own(cache: Path, tmp_path: Path) -> None:
     """The forgeries fail because of their names, not because the program does nothing."""
+    needs_id_range()  # USER 1000 and a file of uid 1000 need ids other than root
     dockerfile = _forging("/tmp/f", "user.mine", "v", "touch /tmp/f")
     ctx = write_context(tmp_path / "ctx", dockerfile, {"setx": setxattr_program()})
     build(cache, ctx, outputs=[f"type=oci,dest={tmp_path / 'image.tar'}"])
@@ -198,6 +200,7 @@ def test_proot_refuses_a_chown_without_cap_chown(tmp_path: Path, busybox_image: 
 def test_an_added_archive_cannot_carry_lamina_records(cache: Path, tmp_path: Path) -> None:
     """ADD of a tar whose PAX headers hold `user.lamina.owner=0:0` on a setuid file of uid
     1000: the record is dropped, the file keeps the tar's owner."""
+    needs_id_range()  # USER 1000 and a file of uid 1000 need ids other than root
     archive = tmp_path / "ctx/a.tar"
     archive.parent.mkdir(parents=True)
     with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
