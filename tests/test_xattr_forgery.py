@@ -54,8 +54,34 @@ _CODE = bytes.fromhex(
 )
 
 
-def setxattr_program() -> bytes:
-    """A static ELF: `setx PATH NAME VALUE`."""
+# n = getxattr(argv[1], argv[3], buf, 256); setxattr(argv[2], argv[3], buf, n, 0): what `cp -a`
+# (coreutils, --preserve=all) does with each xattr of a file it copies.
+_COPY_CODE = bytes.fromhex(
+    "488b7c2410"  # mov rdi, [rsp+16]   source
+    "488b742420"  # mov rsi, [rsp+32]   name
+    "488d942400feffff"  # lea rdx, [rsp-512]  buffer
+    "41ba00010000"  # mov r10d, 256       size
+    "b8bf000000"  # mov eax, 191 (getxattr)
+    "0f05"  # syscall
+    "4885c0"  # test rax, rax
+    "781f"  # js to the exit
+    "4989c2"  # mov r10, rax        size read
+    "488b7c2418"  # mov rdi, [rsp+24]   destination
+    "488b742420"  # mov rsi, [rsp+32]   name
+    "488d942400feffff"  # lea rdx, [rsp-512]  buffer
+    "4531c0"  # xor r8d, r8d        flags
+    "b8bc000000"  # mov eax, 188 (setxattr)
+    "0f05"  # syscall
+    "4885c0"  # test rax, rax
+    "400f95c7"  # setne dil
+    "400fb6ff"  # movzx edi, dil
+    "b83c000000"  # mov eax, 60 (exit)
+    "0f05"  # syscall
+)
+
+
+def setxattr_program(code: bytes = _CODE) -> bytes:
+    """A static ELF: `setx PATH NAME VALUE` (with `_COPY_CODE`: `copyx SOURCE DEST NAME`)."""
     base, start = 0x400000, 64 + 56
     header = struct.pack(
         "<4s5B7x2HI3QI6H",
@@ -63,9 +89,9 @@ def setxattr_program() -> bytes:
         2, 0x3E, 1, base + start, 64, 0,  # ET_EXEC, x86-64, entry, program headers at 64
         0, 64, 56, 1, 0, 0, 0,
     )  # fmt: skip
-    size = start + len(_CODE)
+    size = start + len(code)
     program = struct.pack("<2I6Q", 1, 5, 0, base, base, size, size, 0x1000)  # PT_LOAD, R+X
-    return header + program + _CODE
+    return header + program + code
 
 
 FORGERIES = {
@@ -274,3 +300,78 @@ def test_another_user_changes_what_it_may(tmp_path: Path, busybox_image: Path, r
         layer = image_layers(out)[-1]
     assert _tar_member(layer, "tmp/sh") == (1000, 1000, 0o4755)
     assert b"tmp/.wh.gone" in layer and b"home/u/d/f" in layer and layer[b"shared"].size == 2
+
+
+def _laundering() -> str:
+    """USER 1000 leaves a forged record on a file in a cache mount (never in a layer); a later
+    root step copies the file out keeping its xattrs, as `cp -a` does."""
+    cache = "--mount=type=cache,id=shared,target=/c,uid=1000,gid=1000"
+    return (
+        f"FROM {BASE}\nCOPY --chmod=755 setx copyx /\nUSER 1000:1000\n"
+        f'RUN {cache} cp /bin/busybox /c/sh && chmod 4755 /c/sh && /setx /c/sh user.lamina.owner "0:0"\n'
+        f"USER 0:0\nRUN {cache} cp -p /c/sh /sh && /copyx /c/sh /sh user.lamina.owner\n"
+    )
+
+
+_TOOLS = {"setx": setxattr_program(), "copyx": setxattr_program(_COPY_CODE)}
+
+
+@needs_x86_64
+def test_a_record_forged_in_a_cache_mount_cannot_be_copied_into_a_layer_as_root(
+    cache: Path, tmp_path: Path
+) -> None:
+    needs_id_range()  # USER 1000 and a file of uid 1000 need ids other than root
+    from lamina.errors import LaminaError
+
+    ctx = write_context(tmp_path / "ctx", _laundering(), _TOOLS)
+    with pytest.raises(LaminaError) as caught:
+        build(cache, ctx, outputs=[f"type=oci,dest={tmp_path / 'image.tar'}"])
+    message = str(caught.value)
+    assert message.startswith(f"{ctx / 'Dockerfile'}:6:") and message.endswith(
+        _refusal("user.lamina.owner", "/sh")
+    )
+
+
+@needs_x86_64
+@pytest.mark.parametrize("ranged", [True, False], ids=["rootless", "proot"])
+def test_a_record_forged_in_a_cache_mount_cannot_be_copied_into_a_layer(
+    tmp_path: Path, busybox_image: Path, ranged: bool
+) -> None:
+    """Root's step is held to the same rule: a record in its layer is a lower layer's, lamina's,
+    or a copy of a lower layer's file (cp -a inside the image), never one from a mount."""
+    if why := plain_user_missing(ranged=ranged):
+        pytest.skip(why)
+    with plain_user("lamina-forge-", ranged=ranged) as user:
+        write_context(user.base / "ctx", _laundering(), _TOOLS)
+        user.give()
+        loaded = _load(user, busybox_image)
+        assert loaded.returncode == 0, loaded.stderr
+        done = user.lamina("build", "-q", str(user.base / "ctx"))
+    assert done.returncode == 1, done.stderr
+    error = _one_error(done.stderr)
+    assert "Dockerfile:6:" in error and error.endswith(_refusal("user.lamina.owner", "/sh")), error
+
+
+@needs_x86_64
+def test_root_copies_a_lower_layers_records_under_proot(tmp_path: Path, busybox_image: Path) -> None:
+    """Root's `cp -a` of a device node and of a file of uid 7 (lamina's records in the layer
+    below) keeps both in the copy, as it does as root."""
+    if why := plain_user_missing(ranged=False):
+        pytest.skip(why)
+    dockerfile = (
+        f"FROM {BASE}\nCOPY --chmod=755 copyx /\n"
+        "RUN mknod /null2 c 1 3 && echo x > /o && chown 7:8 /o\n"
+        "RUN cp -p /null2 /null3 && /copyx /null2 /null3 user.lamina.rdev"
+        " && cp -p /o /o2 && /copyx /o /o2 user.lamina.owner\n"
+    )
+    with plain_user("lamina-forge-", ranged=False) as user:
+        write_context(user.base / "ctx", dockerfile, _TOOLS)
+        user.give()
+        loaded = _load(user, busybox_image)
+        assert loaded.returncode == 0, loaded.stderr
+        out = user.base / "image.tar"
+        done = user.lamina("build", "-q", "-o", f"type=oci,dest={out}", str(user.base / "ctx"))
+        assert done.returncode == 0, done.stderr
+        layer = image_layers(out)[-1]
+    assert layer[b"null3"].ischr() and (layer[b"null3"].devmajor, layer[b"null3"].devminor) == (1, 3)
+    assert _tar_member(layer, "o2")[:2] == (7, 8)

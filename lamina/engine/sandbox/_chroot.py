@@ -324,19 +324,27 @@ def run(spec: dict, report_fd: int) -> int:
 
 
 def write_diff(
-    baseline: Baseline, root: str, upper: str, report_fd: int, code: int, made: _forged.Made | None = None
+    baseline: Baseline,
+    root: str,
+    upper: str,
+    report_fd: int,
+    code: int,
+    made: _forged.Made | None = None,
+    copies: bool = False,
 ) -> int:
     """What the step changed in the copied `root` written to `upper` (snapshot.write_diff):
     the step's `code`, or SETUP_FAILED (the reason reported) when that fails or a step that
     succeeded left a `user.lamina.*` record lamina did not make (`made`; None: every record
-    is the step's own, sandbox._forged)."""
+    is the step's own; with `copies`, a lower layer's file's record on a copy of it is kept,
+    sandbox._forged)."""
     from lamina.engine import snapshot
 
     try:
         snapshot.write_diff(baseline, root, upper)
         forged = None
         if code == 0 and made is not None:
-            forged = _forged.first_forged(upper, list(baseline.lowers), made, root)
+            before = baseline.facts if copies else None
+            forged = _forged.first_forged(upper, list(baseline.lowers), made, root, before)
     except Exception as err:  # reported, not a traceback: the caller raises SandboxError
         _inside.report(report_fd, f"compare the copied rootfs: {_inside._describe(err)}")
         return _inside.SETUP_FAILED

@@ -12,7 +12,13 @@ none of that. A record in the upper dir is kept only when it is
   snapshotter's copy: a chmod of an inherited placeholder), or
 - what lamina's own supervisor made on that inode during the step (the user
   namespace's PID 1 for a device mknod, proot's for chown and mknod), given
-  here as `made`: inode -> {xattr name: value}.
+  here as `made`: inode -> {xattr name: value}, or
+- for a root step under proot, which copies with `cp -a` or `tar --xattrs`
+  what it may (the kernel lets it chown, mknod and set capabilities alike),
+  a copy of a lower layer's file: the same content and the same record
+  (`Copies`). A record on a file from a cache or bind mount is not one: a
+  step as another USER may have left it there, for root's `cp -a` to carry
+  into the layer as a root setuid binary.
 
 Anything else fails the step with one line naming the path and the record,
 never a silently different image. Checking setxattr's name in a seccomp
@@ -50,13 +56,23 @@ def records(path: str) -> dict[str, bytes]:
     return found
 
 
-def first_forged(upper: str, lowers: list[str], made: Made, ran_on: str | None = None) -> str | None:
+def first_forged(
+    upper: str,
+    lowers: list[str],
+    made: Made,
+    ran_on: str | None = None,
+    before: dict[str, tuple[int, ...]] | None = None,
+) -> str | None:
     """The first record in `upper` lamina did not make, as a message; None when there is none.
 
     `ran_on` is the tree the step's processes saw when that is not `upper`
     itself (the copy snapshotter's rootfs): `made`'s inodes are that tree's.
+    With `before` (the copy snapshotter's baseline: path -> facts, mode first,
+    size fifth), a record a lower layer's file of the same content holds is
+    kept too: a root step's copy of it.
     """
     stack = LayerStack(lowers)
+    copies = Copies(stack, before) if before is not None else None
     todo = [""]
     while todo:
         rel = todo.pop()
@@ -77,9 +93,53 @@ def first_forged(upper: str, lowers: list[str], made: Made, ran_on: str | None =
             ino = st.st_ino if ran_on is None else _inode(os.path.join(ran_on, child))
             ours = made.get(ino, {})
             for name, value in sorted(found.items()):
-                if held.get(name) != value and ours.get(name) != value:
+                if held.get(name) == value or ours.get(name) == value:
+                    continue
+                if copies is None or not copies.hold(entry.path, st, name, value):
                     return f"RUN left lamina's own xattr {name} on /{child}, which only lamina may set"
     return None
+
+
+class Copies:
+    """Which lower layer files a file in the upper dir may be a copy of, with their records."""
+
+    def __init__(self, stack: LayerStack, before: dict[str, tuple[int, ...]]) -> None:
+        self.stack = stack
+        self.before = before
+        self.alike: dict[int, list[str]] | None = None  # size (-1: a directory) -> paths
+        self.digests: dict[str, bytes] = {}
+
+    def hold(self, path: str, st: os.stat_result, name: str, value: bytes) -> bool:
+        """Whether a lower file like `path` (a directory: any; a file: the same bytes) has
+        record `name` = `value`."""
+        if self.alike is None:
+            self.alike = {}
+            for rel, facts in self.before.items():
+                if stat.S_ISDIR(facts[0]):
+                    self.alike.setdefault(-1, []).append(rel)
+                elif stat.S_ISREG(facts[0]):
+                    self.alike.setdefault(facts[4], []).append(rel)
+        key = -1 if stat.S_ISDIR(st.st_mode) else st.st_size
+        mine = b""
+        for rel in self.alike.get(key, ()):
+            below = self.stack.find(rel)
+            if below is None or records(below[0]).get(name) != value:
+                continue
+            if key == -1:
+                return True
+            mine = mine or _digest(path)
+            if rel not in self.digests:
+                self.digests[rel] = _digest(below[0])
+            if self.digests[rel] == mine:
+                return True
+        return False
+
+
+def _digest(path: str) -> bytes:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").digest()
 
 
 def _inode(path: str) -> int:

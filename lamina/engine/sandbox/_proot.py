@@ -119,10 +119,9 @@ def run(spec: dict, report_fd: int) -> int:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         _inside.report(report_fd, f"{failures[0]}{more}, which proot isolation cannot record in the layer")
         return _inside.SETUP_FAILED
-    # A root step's every process is root (switching uid fails it), which may chown and mknod:
-    # any record is its own. Another USER's records must be the supervisor's (sandbox._forged).
-    trusted = None if (uid, gid) == (0, 0) else made
-    code = _chroot.write_diff(baseline, root, spec["upper"], report_fd, code, trusted)
+    # A step's records must be the supervisor's (chown, mknod) or the lower layers'; a root
+    # step's may also be copies of a lower layer's file (cp -a), not of a mount's (sandbox._forged).
+    code = _chroot.write_diff(baseline, root, spec["upper"], report_fd, code, made, copies=uid == 0)
     if code != 0 or uid == 0:
         return code
     # Every file on disk is the caller's: what the kernel let USER change, root's files
