@@ -107,6 +107,7 @@ class Copies:
         self.stack = stack
         self.before = before
         self.alike: dict[int, list[str]] | None = None  # size (-1: a directory) -> paths
+        self.held: dict[str, dict[str, bytes]] = {}  # path -> the records of its lower file
         self.digests: dict[str, bytes] = {}
 
     def hold(self, path: str, st: os.stat_result, name: str, value: bytes) -> bool:
@@ -122,14 +123,17 @@ class Copies:
         key = -1 if stat.S_ISDIR(st.st_mode) else st.st_size
         mine = b""
         for rel in self.alike.get(key, ()):
-            below = self.stack.find(rel)
-            if below is None or records(below[0]).get(name) != value:
+            if rel not in self.held:  # a copied tree asks of the same few files again and again
+                below = self.stack.find(rel)
+                self.held[rel] = records(below[0]) if below is not None else {}
+            if self.held[rel].get(name) != value:
                 continue
             if key == -1:
                 return True
             mine = mine or _digest(path)
             if rel not in self.digests:
-                self.digests[rel] = _digest(below[0])
+                below = self.stack.find(rel)
+                self.digests[rel] = _digest(below[0]) if below is not None else b""
             if self.digests[rel] == mine:
                 return True
         return False
