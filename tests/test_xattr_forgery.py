@@ -375,3 +375,26 @@ def test_root_copies_a_lower_layers_records_under_proot(tmp_path: Path, busybox_
         layer = image_layers(out)[-1]
     assert layer[b"null3"].ischr() and (layer[b"null3"].devmajor, layer[b"null3"].devminor) == (1, 3)
     assert _tar_member(layer, "o2")[:2] == (7, 8)
+
+
+@pytest.mark.parametrize("ranged", [True, False], ids=["rootless", "proot"])
+def test_a_workdir_made_again_is_roots(tmp_path: Path, busybox_image: Path, ranged: bool) -> None:
+    """A WORKDIR an earlier step removed is made again for the next step, as runc makes it:
+    root's, so USER 1000's step runs in it but may not write there."""
+    if why := plain_user_missing(ranged=ranged):
+        pytest.skip(why)
+    head = f"FROM {BASE}\nWORKDIR /w\nRUN rmdir /w\nUSER 1000:1000\n"
+    with plain_user("lamina-perm-", ranged=ranged) as user:
+        write_context(user.base / "runs", head + "RUN touch /tmp/f\n")
+        write_context(user.base / "writes", head + "RUN touch f\n")
+        user.give()
+        loaded = _load(user, busybox_image)
+        assert loaded.returncode == 0, loaded.stderr
+        out = user.base / "image.tar"
+        done = user.lamina("build", "-q", "-o", f"type=oci,dest={out}", str(user.base / "runs"))
+        assert done.returncode == 0, done.stderr
+        layer = image_layers(out)[-1]
+        writes = user.lamina("build", "-q", str(user.base / "writes"))
+    assert _tar_member(layer, "w") == (0, 0, 0o755) and b"tmp/f" in layer
+    assert writes.returncode == 1, writes.stderr
+    assert "Dockerfile:5:" in _one_error(writes.stderr)

@@ -44,10 +44,18 @@ def first_refused(
     root: str,
     lowers: list[str],
     user: tuple[int, int, list[int]],
+    lamina_made: list[str] | None = None,
 ) -> str | None:
     """The first change in `upper` that `user` (uid, gid, supplementary gids) may not have made,
     as a message; None when there is none. `before` is the compare's baseline (path -> facts,
-    mode and inode first), `root` the copied root filesystem the step changed."""
+    mode and inode first), `root` the copied root filesystem the step changed, `lamina_made`
+    the directories lamina made in it after the baseline (a missing WORKDIR): root's, as if
+    they had been there."""
+    if lamina_made:
+        before = dict(before)
+        for rel in lamina_made:
+            st = os.lstat(os.path.join(root, rel))
+            before[rel] = (st.st_mode, st.st_ino)
     return _Check(before, root, lowers, user).upper_dir(upper)
 
 

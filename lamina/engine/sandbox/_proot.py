@@ -78,13 +78,19 @@ def run(spec: dict, report_fd: int) -> int:
         baseline = snapshot.record(root, spec["lowers"])
         uid, gid, groups, home = _inside.resolve_user(spec["user"], root)
         cwd = spec["cwd"] or "/"
-        os.makedirs(os.path.join(root, _rootfs.resolve_in_dir(root, cwd)), exist_ok=True)
+        workdir = _rootfs.resolve_in_dir(root, cwd).strip("/")
+        parts = workdir.split("/") if workdir else []
+        # A WORKDIR a step removed is made again by lamina, as root's (as runc makes it).
+        paths = ("/".join(parts[: i + 1]) for i in range(len(parts)))
+        lamina_made = [p for p in paths if not os.path.lexists(os.path.join(root, p))]
+        os.makedirs(os.path.join(root, workdir), exist_ok=True)
         seccomp = None if spec["insecure"] else _confine.Filter(no_new_privs=True)
     except (OSError, _inside.SetupError) as err:
         _inside.report(report_fd, f"prepare the sandbox root: {_inside._describe(err)}")
         return _inside.SETUP_FAILED
     # inode -> file type before the step; an inode number reused for another type is a new file
     known = {facts[1]: stat.S_IFMT(facts[0]) for facts in baseline.facts.values()}
+    known.update((os.lstat(os.path.join(root, p)).st_ino, stat.S_IFDIR) for p in lamina_made)
     code = _inside.SETUP_FAILED
     failures: list[str] = []
     made: _forged.Made = {}  # the records the supervisor set, by inode
@@ -128,7 +134,7 @@ def run(spec: dict, report_fd: int) -> int:
     # included, is checked now against what that user may change (sandbox._permitted).
     try:
         refused = _permitted.first_refused(
-            spec["upper"], baseline.facts, root, spec["lowers"], (uid, gid, groups)
+            spec["upper"], baseline.facts, root, spec["lowers"], (uid, gid, groups), lamina_made
         )
     except OSError as err:
         _inside.report(report_fd, f"check what the step changed: {_inside._describe(err)}")
