@@ -263,24 +263,30 @@ def _disk_full_reason(err: BuildError, upper: Path) -> str:
 
 def _room_refused(directory: Path) -> OSError | None:
     """The error a 1 MiB write in `directory` meets for want of room, if it does: a quota
-    (a btrfs qgroup, a user's) that the command hit without saying so, which statvfs does not show."""
+    (a btrfs qgroup, a user's) that the command hit without saying so, which statvfs does not show.
+
+    Written in a `.tmp-` directory of its own, which gc and `cache verify` remove if this
+    process is killed meanwhile, as an upper dir's."""
+    import shutil
     import tempfile
 
     from lamina.errors import is_disk_full
 
     try:
-        fd, name = tempfile.mkstemp(prefix=".tmp-room-", dir=directory)
+        probe = tempfile.mkdtemp(prefix=".tmp-room-", dir=directory)
     except OSError as err:
         return err if is_disk_full(err) else None
     try:
-        data = memoryview(bytes(_NEARLY_FULL))
-        while data:  # a short write, then the error
-            data = data[os.write(fd, data) :]
-        os.fsync(fd)  # where the file system allocates late (ext4's delayed allocation)
+        fd = os.open(os.path.join(probe, "room"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            data = memoryview(bytes(_NEARLY_FULL))
+            while data:  # a short write, then the error
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)  # where the file system allocates late (ext4's delayed allocation)
+        finally:
+            os.close(fd)
     except OSError as err:
         return err if is_disk_full(err) else None
     finally:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(name)
+        shutil.rmtree(probe, ignore_errors=True)
     return None
