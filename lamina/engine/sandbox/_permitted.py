@@ -74,6 +74,8 @@ class _Check:
         self.gids = {user[1], *user[2]}
         self.me = os.getuid()
         self.children: dict[str, list[str]] | None = None
+        self.owners: dict[str, tuple[int, int]] = {}  # many files made in one directory: one lookup
+        self.same: dict[str, bool] = {}  # directory -> still the inode it was
 
     def upper_dir(self, upper: str) -> str | None:
         mode = stat.S_IMODE(os.lstat(self.root).st_mode)
@@ -136,11 +138,13 @@ class _Check:
         old = self.before.get(parent)
         if old is None:
             return None  # made by the step
-        try:
-            if os.lstat(os.path.join(self.root, parent) if parent else self.root).st_ino != old[1]:
-                return None  # replaced by the step: checked where it was removed
-        except FileNotFoundError:
-            pass  # removed as well: checked there, and this entry with it
+        if parent not in self.same:
+            try:
+                self.same[parent] = os.lstat(os.path.join(self.root, parent)).st_ino == old[1]
+            except FileNotFoundError:
+                self.same[parent] = True  # removed as well: checked there, and this entry with it
+        if not self.same[parent]:
+            return None  # replaced by the step: checked where it was removed
         owner = self.owner(parent)
         if owner[0] == self.uid:
             return None
@@ -161,11 +165,15 @@ class _Check:
     def owner(self, rel: str) -> tuple[int, int]:
         """Who owned `rel` when the step began: lamina's record in the layers, else root
         (the caller's own files; another id's as they are, as the supervisor shows them)."""
-        found = self.stack.find(rel) if rel else None
-        if found is None:
-            return (0, 0)
-        path, st = found
-        return recorded.owner_of(path, (0, 0) if st.st_uid == self.me else (st.st_uid, st.st_gid))
+        if rel not in self.owners:
+            found = self.stack.find(rel) if rel else None
+            if found is None:
+                self.owners[rel] = (0, 0)
+            else:
+                path, st = found
+                default = (0, 0) if st.st_uid == self.me else (st.st_uid, st.st_gid)
+                self.owners[rel] = recorded.owner_of(path, default)
+        return self.owners[rel]
 
     def may(self, owner: tuple[int, int], mode: int, want: int) -> bool:
         if owner[0] == self.uid:
