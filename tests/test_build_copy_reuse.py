@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
-from tests.support.build import BASE, build, make_cache, rootfs, write_context
+from tests.support.build import BASE, build, make_cache, oci_manifest, rootfs, write_context
 from tests.support.plainuser import plain_user_missing
 
 pytestmark = pytest.mark.sandbox
@@ -270,6 +271,161 @@ def test_the_rerun_blob_takes_whole_members_of_the_last_blob(
     if detect_ids().mode is IdMode.SUBORDINATE:
         pytest.skip("with subordinate ids a helper in the user namespace writes the blob, reading every file")
     assert sum(taken) >= 20  # of the 31 files, most went as they were
+
+
+# -- hard-link groups that change between runs --------------------------------------------
+#
+# A rerun links each unchanged file from the last run's layer dir by its path, and the last
+# run may have written several paths as one inode. Where the context's link groups changed
+# while every path kept its bytes, mode and times (`cp -p a b.new && mv b.new b`), the new
+# layer must still link exactly the paths a cold build links.
+
+_GROUP_TIME = 1_600_000_000_000_000_000
+
+
+def _group_context(ctx: Path) -> Path:
+    """g/a, g/b, g/c one inode; g/d, g/e, g/f separate files with the same bytes, mode and
+    mtime; a few other files around them."""
+    files: dict[str, str | bytes] = {f"g/{name}": "the same bytes\n" for name in "adef"}
+    files.update({f"g/m{i}": f"other {i}\n" for i in range(6)})
+    write_context(ctx, DOCKERFILE, files)
+    for name in "bc":
+        os.link(ctx / "g/a", ctx / "g" / name)
+    for name in "adef":
+        os.utime(ctx / "g" / name, ns=(_GROUP_TIME, _GROUP_TIME))
+    return ctx
+
+
+def _unlink_from_group(path: Path) -> None:
+    """`cp -p path path.new && mv path.new path`: its own inode, same bytes, mode and times."""
+    spare = path.with_name(path.name + ".new")
+    shutil.copy2(path, spare)
+    spare.rename(path)
+
+
+def _join(first: Path, *others: Path) -> None:
+    """Make `others` hard links of `first` (all had its bytes, mode and times)."""
+    for other in others:
+        other.unlink()
+        os.link(first, other)
+
+
+_GROUP_CHANGES = {
+    "a link broken, same bytes and times": lambda g: _unlink_from_group(g / "b"),
+    "the first path's link broken": lambda g: _unlink_from_group(g / "a"),
+    "a 3-way group split into three": lambda g: [_unlink_from_group(g / n) for n in "bc"],
+    "a 3-way group split into a pair and one": lambda g: _unlink_from_group(g / "c"),
+    "a 3-way group split, the one joining another file": lambda g: (
+        _unlink_from_group(g / "c"),
+        _join(g / "c", g / "d"),
+    ),
+    "two separate files hard-linked": lambda g: _join(g / "d", g / "e"),
+    "three separate files hard-linked": lambda g: _join(g / "d", g / "e", g / "f"),
+    "a separate file joining a group": lambda g: _join(g / "a", g / "e"),
+    "a pair's second path removed": lambda g: (g / "c").unlink() or (g / "b").unlink(),
+    "a group's first path removed": lambda g: (g / "a").unlink(),
+    "a group's first path removed, another broken out": lambda g: (
+        (g / "a").unlink(),
+        _unlink_from_group(g / "c"),
+    ),
+}
+
+
+def _copy_layer(cache: Path, ctx: Path, out: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    """Build with an OCI export to `out`: the image digest and the COPY layer's tar members
+    (path, kind: a file or a hard link, the link's target)."""
+    import io
+    import tarfile
+
+    from lamina.oci.compression import open_decompressed
+
+    result = build(cache, ctx, source_date_epoch=1700000000, outputs=[f"type=oci,dest={out}"])
+    assert not result.steps[-1].cached
+    digest = oci_manifest(out)["layers"][-1]["digest"].split(":")[1]
+    with tarfile.open(out) as outer:
+        blob = outer.extractfile(f"blobs/sha256/{digest}")
+        assert blob is not None
+        members = []
+        with tarfile.open(fileobj=open_decompressed(io.BytesIO(blob.read())), mode="r|") as tar:
+            for info in tar:
+                kind = "link" if info.islnk() else "file" if info.isfile() else "other"
+                members.append((info.name, kind, info.linkname))
+    return result.image_digest, members
+
+
+@pytest.mark.parametrize("change", list(_GROUP_CHANGES))
+def test_a_rerun_links_the_paths_a_cold_build_links(
+    change: str, cache: Path, tmp_path: Path, busybox_image: Path
+) -> None:
+    """Paths the last run wrote as one inode are not linked from it as one unless the
+    context still links them; paths it wrote apart are linked when the context links
+    them: the rerun's layer holds the cold build's hard links, member for member."""
+    ctx = _group_context(tmp_path / "ctx")
+    _copy_layer(cache, ctx, tmp_path / "first.tar")
+    _GROUP_CHANGES[change](ctx / "g")
+    rerun, members = _copy_layer(cache, ctx, tmp_path / "rerun.tar")
+    fresh = make_cache(tmp_path / "fresh", busybox_image)
+    cold, cold_members = _copy_layer(fresh, ctx, tmp_path / "cold.tar")
+    assert [m for m in members if m[0].startswith("data/g/")] == [
+        m for m in cold_members if m[0].startswith("data/g/")
+    ]
+    assert rerun == cold
+    reused = {st.st_ino for st in _layer_files(cache, "g/m3").values()}
+    assert len(reused) == 1  # an unchanged file is still linked from the last run
+
+
+def test_a_file_copied_to_two_places_and_no_longer_hard_linked_is_two_files(
+    cache: Path, tmp_path: Path, busybox_image: Path
+) -> None:
+    """A hard-linked file that two sources copy to two destinations is one inode there; once
+    its other link is gone a cold build writes it twice, and so does a rerun."""
+    text = f"FROM {BASE}\nCOPY g g/sub /data/\n"
+    ctx = write_context(tmp_path / "ctx", text, {"g/sub/x": "shared\n", "g/y": "other\n"})
+    os.link(ctx / "g/sub/x", ctx / "elsewhere")  # outside the sources
+    _copy_layer(cache, ctx, tmp_path / "first.tar")
+    (ctx / "elsewhere").unlink()
+    rerun, members = _copy_layer(cache, ctx, tmp_path / "rerun.tar")
+    cold, cold_members = _copy_layer(
+        make_cache(tmp_path / "fresh", busybox_image), ctx, tmp_path / "cold.tar"
+    )
+    assert members == cold_members
+    assert rerun == cold
+
+
+def test_records_of_an_older_lamina_are_not_used(cache: Path, tmp_path: Path, busybox_image: Path) -> None:
+    """A last run's records written before they said which files were hard-linked (an
+    older lamina's) cannot tell a broken link: that run's files are not linked, they
+    are copied."""
+    import json
+    import sqlite3
+    import zlib
+
+    from lamina.engine.steps.copyadd.priorcopy import IN_GROUP, WRITTEN, encode
+
+    ctx = _group_context(tmp_path / "ctx")
+    _copy_layer(cache, ctx, tmp_path / "first.tar")
+    # What an older lamina kept: the same records, none saying its file was hard-linked ...
+    (spooled,) = (cache / "copies").glob("*.bin")
+    data, stream = zlib.decompress(spooled.read_bytes()), b""
+    while data:
+        length = int.from_bytes(data[:2], "little")
+        dest, record = data[2 : 2 + length].decode(), data[2 + length : 2 + length + WRITTEN.size]
+        stream += encode(dest, record[:-1] + bytes((record[-1] & ~IN_GROUP,)))
+        data = data[2 + length + WRITTEN.size :]
+    spooled.write_bytes(zlib.compress(stream))
+    # ... under the step's older cache record
+    with contextlib.closing(sqlite3.connect(cache / "index.db")) as db, db:
+        rows = db.execute("SELECT key, result FROM cache WHERE key LIKE 'copy-files:%'").fetchall()
+        assert len(rows) == 1
+        older = json.dumps({"dir": json.loads(rows[0][1])["dir"], "spooled": True})
+        db.execute("UPDATE cache SET result = ? WHERE key = ?", (older, rows[0][0]))
+    _unlink_from_group(ctx / "g/b")
+    rerun, members = _copy_layer(cache, ctx, tmp_path / "rerun.tar")
+    cold, cold_members = _copy_layer(
+        make_cache(tmp_path / "fresh", busybox_image), ctx, tmp_path / "cold.tar"
+    )
+    assert (rerun, members) == (cold, cold_members)
+    assert len({st.st_ino for st in _layer_files(cache, "g/m3").values()}) == 2  # copied, not linked
 
 
 # -- the splice against hand-made layer dirs --------------------------------------------

@@ -16,10 +16,13 @@ COPY already wrote into its layer directory, which never changes once
 published: given that run's `PriorCopy`, a file with the same content,
 mode, owner and mtime is hard-linked from there (a metadata write instead of
 a data copy: 3,000 files take 0.05 s instead of about 1 s here). The new
-layer shares those inodes and touches none of their metadata. What a copy
-wrote is recorded compactly (`WRITTEN`, one packed record per file), not as
-an object per file: a 100,000-file COPY keeps 100,000 of them, spooled to
-the store as they are made and read back into a packed table (`priorcopy`).
+layer shares those inodes and touches none of their metadata. An inode the
+last run wrote under several destinations (from a hard-linked source) is
+linked for one hard-linked source or one destination only: the new layer's
+hard links are the context's, not the last run's. What a copy wrote is
+recorded compactly (`WRITTEN`, one packed record per file), not as an object
+per file: a 100,000-file COPY keeps 100,000 of them, spooled to the store as
+they are made and read back into a packed table (`priorcopy`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from lamina.cache.statcache import stat_key
 from lamina.engine.context import SourceTree, TreeEntry
-from lamina.engine.steps.copyadd.priorcopy import WRITTEN, PriorFiles, encode
+from lamina.engine.steps.copyadd.priorcopy import HAS_XATTRS, IN_GROUP, WRITTEN, PriorFiles, encode
 from lamina.engine.steps.copyadd.selection import (
     DIR_MODE,
     CopyItem,
@@ -206,6 +209,10 @@ class _Writer:
         self.known_dirs: set[str] = {""}
         # source stat key (hard links of one inode share it) -> the first destination written
         self.links: dict[bytes, str] = {}
+        # an inode of the last run's layer that may be at several destinations (IN_GROUP) ->
+        # what it was linked for (link_prior): a hard-linked source's stat key, or the one
+        # destination of a source with no other links; for no other
+        self.claimed: dict[int, bytes | str] = {}
         self.written: Written | None = None  # what the plain files became, as written
         self.late_owners: list[tuple[Path, int, int]] = []
         self.dir_modes: list[tuple[str, int]] = []  # unprivileged: modes set at the end
@@ -374,7 +381,8 @@ class _Writer:
         if self.written is None:
             return
         content = self.tree.file_digest(item.entry)  # from the stat cache: the key read it
-        packed = WRITTEN.pack(content, item.mode, item.uid, item.gid, mtime_ns, size, inode, has_xattrs)
+        flags = (HAS_XATTRS if has_xattrs else 0) | (IN_GROUP if item.entry.nlink > 1 else 0)
+        packed = WRITTEN.pack(content, item.mode, item.uid, item.gid, mtime_ns, size, inode, flags)
         self.add_record(item.dest, packed)
 
     def add_record(self, dest: str, packed: bytes) -> None:
@@ -434,7 +442,7 @@ class _Writer:
         wanted = WRITTEN.pack(digest, item.mode, item.uid, item.gid, when, entry.size, 0, 0)
         if before[:_SAME] != wanted[:_SAME]:
             return False
-        *_, inode, had_xattrs = WRITTEN.unpack(before)
+        *_, inode, flags = WRITTEN.unpack(before)
         source = os.path.join(self.prior.root, item.dest)
         try:
             st = os.lstat(source)
@@ -446,13 +454,22 @@ class _Writer:
             ):
                 return False
             mine = self.source_xattrs(entry)
-            if (had_xattrs or mine) and xattrs.read(source) != mine:
+            if (flags & HAS_XATTRS or mine) and xattrs.read(source) != mine:
                 return False
+            # The last run may have written this inode for other destinations too (their
+            # source was one inode then): it serves one hard-linked source now (written
+            # once, linked for its other paths, as `links` does), or one destination, or
+            # paths the context holds apart would be one file in the layer.
+            if flags & IN_GROUP:
+                owner = entry.key if entry.nlink > 1 else item.dest
+                if self.claimed.setdefault(inode, owner) != owner:  # setdefault: copy threads
+                    return False
             self.replacing(item, path, lambda: os.link(source, path))
         except OSError:  # gone, another file system, too many links: copy it
             return False
         if self.written is not None:
-            self.add_record(item.dest, before)
+            now = flags & HAS_XATTRS | (IN_GROUP if entry.nlink > 1 else 0)
+            self.add_record(item.dest, before if now == flags else before[:-1] + bytes((now,)))
             self.written.linked += 1  # under add's lock or not, only compared with 0
         return True
 

@@ -17,6 +17,12 @@ a million of them: they are never held as objects, nor as one string.
 Two destinations whose hashes collide would only cost a copy: a record is
 trusted only for the file whose inode, size, mtime, mode, owner and digest
 it names (`placement._Writer.link_prior`).
+
+A record also says whether its file's source had other hard links (`IN_GROUP`):
+only such a file can be one inode under several destinations of the layer, and
+the next run links one of those inodes for one hard-linked source (or one
+destination) alone, so that a link broken in the context (`cp -p a b.new &&
+mv b.new b`: same bytes, mode and times) is broken in the layer too.
 """
 
 from __future__ import annotations
@@ -32,13 +38,30 @@ from pathlib import Path
 
 from lamina.cache.packedtable import PackedTable
 
-__all__ = ["DIR_NAME", "WRITTEN", "PriorFiles", "encode", "keep", "load", "read_written", "spool_dir"]
+__all__ = [
+    "DIR_NAME",
+    "FORMAT",
+    "HAS_XATTRS",
+    "IN_GROUP",
+    "WRITTEN",
+    "PriorFiles",
+    "encode",
+    "keep",
+    "load",
+    "read_written",
+    "spool_dir",
+]
 
 DIR_NAME = "copies"
 # A plain file a copy wrote: sha256 of its bytes, mode, uid, gid, mtime_ns, size, its
-# inode on disk, 1 if it was given xattrs. In a copy's stream each follows its
+# inode on disk, flags (HAS_XATTRS, IN_GROUP). In a copy's stream each follows its
 # destination path (`_DEST`: the length of the UTF-8 path, then the path).
 WRITTEN = struct.Struct("<32sIIIqQQB")
+HAS_XATTRS = 1  # it was given xattrs
+IN_GROUP = 2  # its source had other hard links (st_nlink > 1): its inode may be at other destinations
+# What the step's cache record names (`format`) for streams of these records: one written
+# before IN_GROUP (which says nothing of hard links) is not used.
+FORMAT = 2
 _DEST = struct.Struct("<H")
 _HASH = 16  # bytes of blake2b naming a destination in the table
 _CHUNK = 1 << 20  # compressed bytes read at a time

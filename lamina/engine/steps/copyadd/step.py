@@ -396,7 +396,7 @@ def _load_prior_copy(executor: StepHost, where: str) -> PriorCopy | None:
         record = json.loads(text)
         dir_id = record["dir"]
         root = executor.store.unpacked_path(Digest("sha256", dir_id))
-        if not record.get("spooled") or not root.is_dir():
+        if record.get("format") != priorcopy.FORMAT or not root.is_dir():
             return None  # gone, or an older record's: copy everything
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -415,7 +415,7 @@ def _save_prior_copy(executor: StepHost, where: str, dir_id: str, written: Writt
         written.discard()
         return  # a full or unwritable store: the next run copies every file
     # No refs: this record keeps no layer from gc; a missing directory means copying.
-    executor.store.cache_put(where, json.dumps({"dir": dir_id, "spooled": True}))
+    executor.store.cache_put(where, json.dumps({"dir": dir_id, "format": priorcopy.FORMAT}))
 
 
 def _rootless_owners(upper: Path, selection: Any, owner: tuple[int, int], image: Any) -> None:
