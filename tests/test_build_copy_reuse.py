@@ -409,6 +409,34 @@ def test_a_file_copied_to_two_places_and_no_longer_hard_linked_is_two_files(
     assert rerun == cold
 
 
+def test_a_rerun_never_clears_the_setuid_bit_of_the_last_layers_hard_linked_file(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hard-linked pair's second path is a link of the first, which the rerun linked from
+    the last run's layer: giving it its owner again would clear that published inode's
+    setuid bit (chown does, even to the same owner) until its mode is set back, so a
+    Ctrl-C there, or a build reading that layer meanwhile, would see it gone."""
+    ctx = write_context(tmp_path / "ctx", DOCKERFILE, {"bin/tool": "#!/bin/sh\n", "other": "x\n"})
+    (ctx / "bin/tool").chmod(0o4755)
+    os.link(ctx / "bin/tool", ctx / "bin/tool-alias")
+    build(cache, ctx)
+    (old,) = _layer_files(cache, "bin/tool")
+    (ctx / "other").write_text("changed\n")
+    real_chmod = os.chmod
+
+    def interrupted(path: object, mode: int, *args: object, **kwargs: object) -> None:
+        if os.stat(path).st_ino == (old / "data/bin/tool").stat().st_ino:  # type: ignore[arg-type]
+            raise KeyboardInterrupt  # a Ctrl-C between its chown and its chmod
+        real_chmod(path, mode, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "chmod", interrupted)
+    with contextlib.suppress(KeyboardInterrupt):  # the build stops there; the question is the old layer
+        build(cache, ctx)
+    monkeypatch.undo()
+    assert stat.S_IMODE((old / "data/bin/tool").stat().st_mode) == 0o4755
+    assert len({st.st_ino for st in _layer_files(cache, "bin/tool-alias").values()}) == 1  # linked
+
+
 def test_records_of_an_older_lamina_are_not_used(cache: Path, tmp_path: Path, busybox_image: Path) -> None:
     """A last run's records written before they said which files were hard-linked (an
     older lamina's) cannot tell a broken link: that run's files are not linked, they

@@ -369,12 +369,29 @@ class _Writer:
             self.links[item.entry.key] = item.dest
         if first is not None and first != item.dest and os.path.lexists(self.target(first)):
             os.link(self.target(first), path)  # a hardlink of a file this copy already wrote
-            self.set_meta(item, path)
-            if self.written is not None:
+            st = os.lstat(path)
+            if not self.holds_meta(item, path, st):
+                self.set_meta(item, path)
                 st = os.lstat(path)
+            if self.written is not None:
                 self.record(item, st.st_mtime_ns, st.st_size, st.st_ino, bool(self.source_xattrs(item.entry)))
         elif not self.link_prior(item, path):
             self.bytes_written += self.write_file(item, path)
+
+    def holds_meta(self, item: CopyItem, path: str, st: os.stat_result) -> bool:
+        """Whether the file at `path` (lstat `st`) has the owner, mode, mtime and xattrs `set_meta`
+        would give it. The first path of a hard-linked source, written or linked from the last
+        run, has them: its inode is then left alone, for chown clears setuid and file
+        capabilities until they are set again, and that inode may be a published layer's."""
+        when = self.mtime_ns if self.mtime_ns is not None else item.entry.mtime_ns
+        if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) != (
+            item.uid,
+            item.gid,
+            item.mode,
+            when,
+        ):
+            return False
+        return xattrs.read(path) == self.source_xattrs(item.entry)
 
     def record(self, item: CopyItem, mtime_ns: int, size: int, inode: int, has_xattrs: bool) -> None:
         """Note what a plain file became, for the next run's `prior`."""
