@@ -130,7 +130,6 @@ def test_the_rerun_layer_blob_takes_unchanged_files_from_the_last_blob(
     """The rerun's layer blob is written from the last run's blob for every file it linked
     (not read again from disk) and is byte for byte a cold build's: renames, a deletion,
     a mode change, a changed file in the middle and a new one."""
-    from lamina.engine.sandbox.idmap import IdMode, detect_ids
     from lamina.oci import walk
 
     files = {f"d{i % 3}/f{i:02d}": f"{i}\n" * i for i in range(1, 40)}
@@ -157,8 +156,6 @@ def test_the_rerun_layer_blob_takes_unchanged_files_from_the_last_blob(
     fresh = build(make_cache(tmp_path / "fresh", busybox_image), ctx, source_date_epoch=1700000000)
     assert linked.image_digest == fresh.image_digest  # every blob and diff_id the same
     read = sorted(path.split("/data/", 1)[1] for path in opened if "/data/" in path)
-    if detect_ids().mode is IdMode.SUBORDINATE:
-        pytest.skip("with subordinate ids a helper in the user namespace writes the blob, reading every file")
     # the files it linked come from the old blob, those it wrote from the bytes it copied
     assert read == []
 
@@ -169,7 +166,6 @@ def test_a_cold_copy_layer_is_written_from_the_bytes_it_copied(
     """A first build reads each context file once: the layer's tar takes the bytes the copy
     wrote (oci.fresh) rather than opening the new files again, and is the blob reading
     them from disk gives."""
-    from lamina.engine.sandbox.idmap import IdMode, detect_ids
     from lamina.oci import fresh, walk
 
     files = {f"d{i % 3}/f{i:02d}": f"{i}\n" * i for i in range(1, 30)}
@@ -186,8 +182,6 @@ def test_a_cold_copy_layer_is_written_from_the_bytes_it_copied(
     monkeypatch.setattr(fresh, "opener", lambda path, st: None)
     from_disk = build(make_cache(tmp_path / "disk", busybox_image), ctx, source_date_epoch=1700000000)
     assert first.image_digest == from_disk.image_digest
-    if detect_ids().mode is IdMode.SUBORDINATE:
-        pytest.skip("with subordinate ids a helper in the user namespace writes the blob, reading every file")
     read_first = [path for path in opened if "/data/" in path and str(cache) in path]
     assert read_first == []
     in_context = sum(1 for path in ctx.rglob("*") if path.is_file())  # the Dockerfile too
@@ -248,7 +242,6 @@ def test_the_rerun_blob_takes_whole_members_of_the_last_blob(
     """A rerun's blob takes the runs of unchanged files' tar members from the last run's blob
     as they are (headers with their pax records, content, padding), and is byte for byte a
     cold build's, with SOURCE_DATE_EPOCH set, whatever changed around them."""
-    from lamina.engine.sandbox.idmap import IdMode, detect_ids
     from lamina.oci.donor import DonorTar
 
     ctx = _splice_context(tmp_path / "ctx")
@@ -268,8 +261,6 @@ def test_the_rerun_blob_takes_whole_members_of_the_last_blob(
     assert not linked.steps[-1].cached
     fresh = build(make_cache(tmp_path / "fresh", busybox_image), ctx, source_date_epoch=1700000000)
     assert linked.image_digest == fresh.image_digest  # every blob and diff_id the same
-    if detect_ids().mode is IdMode.SUBORDINATE:
-        pytest.skip("with subordinate ids a helper in the user namespace writes the blob, reading every file")
     assert sum(taken) >= 20  # of the 31 files, most went as they were
 
 

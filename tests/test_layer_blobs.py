@@ -138,3 +138,170 @@ def test_layers_written_together_are_the_blobs_written_alone(
     assert (key.uid, key.gid) == ((0, 0) if detect_ids().mode is IdMode.SINGLE else (1000, 1000))
     assert "one/.wh..wh..opq" not in found
     assert {e.path for e in iter_layer(io.BytesIO(outs[2].getvalue()))} >= {".wh.one", "three"}
+
+
+class _Restartable(io.BytesIO):
+    """An output that can start over (snapshot.Restartable), as the store's blob writer can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.discarded = 0
+
+    def discard(self) -> None:
+        self.seek(0)
+        self.truncate()
+        self.discarded += 1
+
+
+def _copied_layer(root: Path) -> Path:
+    """A layer dir as a COPY leaves it: the caller's files and directories, a directory and
+    files chowned to user 1000 that others may read, one shut to its owner, links, an xattr."""
+    files = {"app/a.txt": "a\n", "app/bin/run": "#!/bin/sh\n", "app/data/big": "x" * 300_000}
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "app/bin/run").chmod(0o755)
+    (root / "app/a.txt").chmod(0o600)  # the caller's own: read as it is
+    (root / "app/link").symlink_to("a.txt")
+    os.link(root / "app/a.txt", root / "app/hard")
+    os.setxattr(root / "app/data/big", "user.note", b"kept")
+    (root / "app/shut").mkdir(mode=0o500)
+    (root / "srv/www").mkdir(parents=True)
+    (root / "srv/www/index.html").write_text("<p>hi</p>\n")
+    sandbox.set_owners([(root / "srv/www", 1000, 1000), (root / "srv/www/index.html", 1000, 1000)])
+    return root
+
+
+def _spy_helper(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many layers each call of the helper wrote (engine.sandbox.runner.write_layers_inside)."""
+    from lamina.engine.sandbox import runner
+
+    calls: list[int] = []
+    real = runner.write_layers_inside
+
+    def spy(jobs: list, *args: object, **kwargs: object) -> object:
+        calls.append(len(jobs))
+        return real(jobs, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "write_layers_inside", spy)
+    return calls
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    sandbox_remove_tree(tmp_path, keep_root=True)  # files chowned to subordinate ids
+
+
+@pytest.mark.sandbox
+def test_a_copy_layer_is_written_by_the_caller_as_the_helper_writes_it(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rootless, a layer of files lamina wrote as the caller (COPY) is written in this process,
+    ids mapped back as the helper sees them, byte for byte the helper's blob."""
+    layer = _copied_layer(scratch / "layer")
+    alone = io.BytesIO()
+    expected = snapshot.write_upper(layer, alone, Compression.GZIP, source_date_epoch=1)  # the helper's
+    calls = _spy_helper(monkeypatch)
+    out = _Restartable()
+    (info,) = snapshot.write_uppers([(layer, [])], [out], Compression.GZIP, source_date_epoch=1)
+    assert (info, out.getvalue()) == (expected, alone.getvalue())
+    assert (calls, out.discarded) == ([], 0)  # no helper: this process read every file
+    found = {e.path: e for e in iter_layer(io.BytesIO(out.getvalue()), digest=info.digest)}
+    chowned = (0, 0) if detect_ids().mode is IdMode.SINGLE else (1000, 1000)
+    assert (found["srv/www/index.html"].uid, found["srv/www/index.html"].gid) == chowned
+    assert (found["app/a.txt"].mode, found["app/shut"].mode) == (0o600, 0o500)
+    assert dict(found["app/data/big"].xattrs) == {"user.note": b"kept"}
+
+
+_PRIVATE = {
+    # COPY --chown=1000 of a 0600 file: only user 1000 (and the namespace's root) may read it
+    "a file shut to user 1000": lambda p: (p.write_text("secret\n"), p.chmod(0o600)),
+    "a directory shut to user 1000": lambda p: (p.mkdir(), (p / "inner").write_text("in\n"), p.chmod(0o700)),
+    "a file only user 1000's group may read": lambda p: (p.write_text("group\n"), p.chmod(0o640)),
+}
+
+
+@pytest.mark.sandbox
+@pytest.mark.parametrize("private", list(_PRIVATE))
+def test_a_layer_with_a_file_the_caller_cannot_read_is_written_by_the_helper_the_same(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch, private: str
+) -> None:
+    """Where the caller may not read a file (chowned to a subordinate id, its mode shutting
+    others out), what this process wrote of the blob is dropped and the helper writes it all."""
+    layer = _copied_layer(scratch / "layer")
+    target = layer / "srv/zz-private"  # after most of the layer in the tar's order
+    _PRIVATE[private](target)
+    owned = [target, *(target.iterdir() if target.is_dir() else ())]
+    sandbox.set_owners([(path, 1000, 1000) for path in reversed(owned)])
+    alone = io.BytesIO()
+    expected = snapshot.write_upper(layer, alone, Compression.ZSTD, source_date_epoch=1)
+    calls = _spy_helper(monkeypatch)
+    out = _Restartable()
+    (info,) = snapshot.write_uppers([(layer, [])], [out], Compression.ZSTD, source_date_epoch=1)
+    assert (info, out.getvalue()) == (expected, alone.getvalue())
+    if detect_ids().mode is IdMode.SUBORDINATE:
+        assert (calls, out.discarded) == ([1], 1)
+    found = {e.path for e in iter_layer(io.BytesIO(out.getvalue()), digest=info.digest)}
+    assert "srv/zz-private" in found
+
+
+@pytest.mark.sandbox
+def test_a_runs_layer_goes_to_the_helper_without_a_try_here(
+    uppers: list[tuple[Path, list[Path]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alone = [io.BytesIO() for _ in uppers]
+    expected = [
+        snapshot.write_upper(upper, out, Compression.GZIP, lowers=lowers, source_date_epoch=1)
+        for (upper, lowers), out in zip(uppers, alone, strict=True)
+    ]
+    calls = _spy_helper(monkeypatch)
+    outs = [_Restartable() for _ in uppers]
+    ran = [True, True, False]  # the third read here, the others by one helper meanwhile
+    infos = snapshot.write_uppers(uppers, outs, Compression.GZIP, source_date_epoch=1, ran=ran)
+    assert [(i, o.getvalue()) for i, o in zip(infos, outs, strict=True)] == [
+        (i, o.getvalue()) for i, o in zip(expected, alone, strict=True)
+    ]
+    assert [o.discarded for o in outs] == [0, 0, 0]
+    if detect_ids().mode is IdMode.SUBORDINATE:
+        assert calls == [2]
+
+
+@pytest.mark.sandbox
+def test_a_copy_rerun_takes_its_unchanged_files_from_the_old_tar_rootless_too(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A COPY rerun's layer (unchanged files hard-linked from the last run's) takes their bytes
+    from the last run's tar (oci.donor) in this process, and is the blob the helper writes."""
+    from lamina.oci.donor import DonorTar
+
+    old, new = scratch / "old", scratch / "new"
+    for i in range(40):
+        (old / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        (old / f"d{i % 2}/f{i:02d}").write_text(f"{i}\n" * (i + 1))
+    old_tar = _Restartable()
+    snapshot.write_uppers([(old, [])], [old_tar], Compression.NONE, source_date_epoch=1)
+    for path in sorted(old.rglob("*")):
+        rel = path.relative_to(old)
+        if path.is_dir():
+            (new / rel).mkdir(parents=True)
+        else:
+            os.link(path, new / rel)
+    (new / "d1/f07").unlink()
+    (new / "d1/f07").write_text("changed\n")
+    alone = io.BytesIO()
+    expected = snapshot.write_upper(new, alone, Compression.NONE, source_date_epoch=1)
+    taken: list[int] = []
+    real_take = DonorTar.take
+
+    def take(self: DonorTar, *args: object) -> tuple[int, bytes]:
+        count, data = real_take(self, *args)  # type: ignore[arg-type]
+        taken.append(count)
+        return count, data
+
+    monkeypatch.setattr(DonorTar, "take", take)
+    out = _Restartable()
+    donor = (old, lambda: io.BytesIO(old_tar.getvalue()))
+    (info,) = snapshot.write_uppers([(new, [])], [out], Compression.NONE, source_date_epoch=1, donors=[donor])
+    assert (info, out.getvalue()) == (expected, alone.getvalue())
+    assert sum(taken) == 39  # every file but the changed one, as the old tar has it

@@ -421,6 +421,7 @@ class ImageLayer:
     diff_id: Digest | None = None
     blob: Descriptor | None = None
     step: str = ""  # the step that made it (`Dockerfile:3: stage s: RUN ...`), for errors
+    ran: bool = False  # made by a RUN: the container's files (rootless, read in its user namespace)
 
 
 REWRITTEN_TIMESTAMP = "buildkit/rewritten-timestamp"
@@ -448,10 +449,10 @@ def layer_blobs(
 ) -> list[tuple[Descriptor, Digest]]:
     """`layer_blob` for each (layer, lowers): the missing blobs made together.
 
-    Rootless, one helper process writes all of them (snapshot.write_uppers);
-    as root they are compressed on threads. A blob's bytes do not depend on
-    how many are made at once. On an error, the index of the layer being
-    written is appended to `failed`.
+    They are compressed on threads; rootless, one helper process writes those
+    this process cannot read (snapshot.write_uppers). A blob's bytes do not
+    depend on how many are made at once, nor on which process wrote them. On
+    an error, the index of the layer being written is appended to `failed`.
     """
     from lamina.oci.compression import Compression
 
@@ -464,7 +465,7 @@ def layer_blobs(
     from lamina.engine.snapshot import write_uppers
 
     with contextlib.ExitStack() as stack:
-        outs = [_Noted(stack.enter_context(store.blob_writer())) for _ in missing]
+        outs = [stack.enter_context(_Noted(store)) for _ in missing]
         jobs = [(layers[i][0].path, layers[i][1]) for i in missing]
         donors = [_donor(store, layers[i][0], epoch) for i in missing]
         try:
@@ -474,6 +475,7 @@ def layer_blobs(
                 Compression.parse(compression),
                 source_date_epoch=epoch,
                 donors=donors,
+                ran=[layers[i][0].ran for i in missing],
             )
         except BaseException:
             if failed is not None:
@@ -569,11 +571,25 @@ def _record_blob(
 
 
 class _Noted:
-    """A blob writer that remembers whether a write to it failed (which layer a full disk hit)."""
+    """A store blob writer that remembers whether a write to it failed (which layer a full disk
+    hit) and can start over (`discard`: snapshot.Restartable); the one in use is aborted on
+    leaving the `with` block uncommitted."""
 
-    def __init__(self, out: BlobWriter) -> None:
-        self.out = out
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.out: BlobWriter = store.blob_writer()
         self.failed = False
+
+    def __enter__(self) -> _Noted:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.out.__exit__(*exc)
+
+    def discard(self) -> None:
+        """Drop every byte written so far: a new temporary blob."""
+        self.out.abort()
+        self.out = self._store.blob_writer()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         try:

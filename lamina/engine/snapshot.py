@@ -25,14 +25,14 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, overload
+from typing import TYPE_CHECKING, BinaryIO, Protocol, overload, runtime_checkable
 
 from lamina.engine.sandbox._rootfs import LayerStack, copy_meta, copy_node
 from lamina.engine.sandbox.idmap import IdMap
 from lamina.errors import LaminaError
 from lamina.oci import fresh, recorded
 from lamina.oci.donor import DonorTar
-from lamina.oci.entry import LayerEntry, Verbatim
+from lamina.oci.entry import EntryType, LayerEntry, Verbatim
 from lamina.oci.walk import entries_from_tree, read_xattrs
 
 if TYPE_CHECKING:
@@ -72,9 +72,16 @@ def capture(
     With a `donor`, files it holds (the same inode) take their content from it, and runs
     of them come out as its tar's members as they are (`Verbatim`, see oci.donor).
     """
+    return _restored(_walked(upper_dir, ids, lowers, donor))
+
+
+def _walked(
+    upper_dir: Path, ids: IdMap | None, lowers: Sequence[Path], donor: DonorTar | None
+) -> Iterator[LayerEntry | Verbatim]:
+    """`capture`'s entries before lamina's records are applied."""
     uid_map = _inside(ids) if ids is not None and ids.rootless else None
     below = functools.partial(_shows_dir, LayerStack([os.fspath(p) for p in lowers])) if lowers else None
-    walked = entries_from_tree(
+    return entries_from_tree(
         upper_dir,
         uid_map=uid_map,
         overlay=True,
@@ -82,6 +89,9 @@ def capture(
         content=_content(donor),
         holder=donor,
     )
+
+
+def _restored(walked: Iterator[LayerEntry | Verbatim]) -> Iterator[LayerEntry | Verbatim]:
     # A donor's members as they are already carry the records applied (oci.donor).
     return (entry if isinstance(entry, Verbatim) else recorded.restore(entry) for entry in walked)
 
@@ -105,6 +115,20 @@ def _shows_dir(stack: LayerStack, rel: str) -> bool:
     return hit is not None and stat.S_ISDIR(hit[1].st_mode)
 
 
+@runtime_checkable
+class Restartable(Protocol):
+    """An output that can drop what was written to it and start again empty (the store's
+    blob writer, engine.output): rootless, a layer tried in this process goes there."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int: ...
+
+    def discard(self) -> None: ...
+
+
+class _Unreadable(Exception):
+    """A file of the layer the caller may not read as the user namespace's root reads it."""
+
+
 def write_upper(
     upper_dir: Path,
     out: BinaryIO,
@@ -119,22 +143,15 @@ def write_upper(
 
     Rootless with subordinate ids, this runs inside a user namespace, where
     files the container made private to one of its users can be read (the
-    `donor`, written as the caller, is not used there).
+    `donor`, written as the caller, is not used there); `write_uppers` writes
+    the same bytes in this process where it can.
     """
     from lamina.engine.sandbox.idmap import IdMode, detect_ids
     from lamina.oci import layer
 
     ids = ids or detect_ids()
     if ids.mode is not IdMode.SUBORDINATE:
-        from lamina.oci.opened import opened
-
-        with opened([upper_dir]), contextlib.ExitStack() as stack:  # dirs shut to their owner read too
-            tar = None
-            if donor is not None:
-                with contextlib.suppress(OSError, LaminaError):  # no donor: every file is read
-                    tar = stack.enter_context(contextlib.closing(DonorTar(donor[1](), os.fspath(donor[0]))))
-            entries = capture(upper_dir, ids, lowers, donor=tar)
-            return layer.write_layer(entries, out, compression, source_date_epoch=source_date_epoch)
+        return _write_here(upper_dir, out, compression, lowers, source_date_epoch, ids, donor)
     from lamina.engine.sandbox.runner import write_layer_inside
     from lamina.oci.digest import Digest
 
@@ -147,60 +164,177 @@ def write_upper(
     )
 
 
+def _write_here(
+    upper_dir: Path,
+    out: BinaryIO | Restartable,
+    compression: Compression,
+    lowers: Sequence[Path],
+    source_date_epoch: int | None,
+    ids: IdMap,
+    donor: Donor | None,
+) -> LayerInfo:
+    """`write_upper` in this process. Rootless with subordinate ids, `_Unreadable` is raised
+    (some of the blob written) where a file might read otherwise than the helper reads it."""
+    from lamina.engine.sandbox.idmap import IdMode
+    from lamina.oci import layer
+    from lamina.oci.opened import opened
+
+    with opened([upper_dir]), contextlib.ExitStack() as stack:  # dirs shut to their owner read too
+        tar = None
+        if donor is not None:
+            with contextlib.suppress(OSError, LaminaError):  # no donor: every file is read
+                tar = stack.enter_context(contextlib.closing(DonorTar(donor[1](), os.fspath(donor[0]))))
+        walked = _walked(upper_dir, ids, lowers, tar)
+        if ids.mode is not IdMode.SUBORDINATE:
+            return layer.write_layer(_restored(walked), out, compression, source_date_epoch=source_date_epoch)  # type: ignore[arg-type]
+        try:
+            entries = _restored(_as_caller(walked))
+            return layer.write_layer(entries, out, compression, source_date_epoch=source_date_epoch)  # type: ignore[arg-type]
+        except (OSError, LaminaError) as err:
+            if _denied(err):
+                raise _Unreadable(str(err)) from err
+            raise
+
+
+def _as_caller(walked: Iterator[LayerEntry | Verbatim]) -> Iterator[LayerEntry | Verbatim]:
+    """`walked`, up to the first entry whose bytes the caller might read otherwise than the user
+    namespace's root (`_Unreadable` there, before its content is read).
+
+    The walk maps the ids back as the helper sees them (0 is the caller) and reads what the
+    caller may: its own files and directories (`opened` lends u+rx), another id's that are
+    readable (and searchable) by group and others alike, whatever groups the caller has. Any
+    xattr but a `user.` one may read otherwise across the namespace (a POSIX ACL's ids, a file
+    capability's root id), and a `user.` one is not read (silently) where the file is not: such
+    an entry is left to the helper too. A donor's members (`Verbatim`) are taken without
+    reading their files. A walk denied anyway (an ACL, a security module) fails with EACCES:
+    `_write_here` makes that `_Unreadable` as well.
+    """
+    for entry in walked:
+        if not isinstance(entry, Verbatim):
+            if any(not name.startswith("user.") for name, _ in entry.xattrs):
+                raise _Unreadable(f"{entry.path}: xattrs read otherwise outside the user namespace")
+            if entry.uid != 0 and entry.type in (EntryType.FILE, EntryType.DIR):
+                needed = 0o044 if entry.type is EntryType.FILE else 0o055
+                if entry.mode & needed != needed:
+                    raise _Unreadable(f"{entry.path}: mode {entry.mode:04o} of uid {entry.uid}")
+        yield entry
+
+
+def _denied(err: BaseException) -> bool:
+    """Whether `err` comes of a permission denied (EACCES, EPERM) to this process."""
+    import errno
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.EACCES, errno.EPERM):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def write_uppers(
     jobs: Sequence[tuple[Path, Sequence[Path]]],
-    outs: Sequence[BinaryIO],
+    outs: Sequence[BinaryIO | Restartable],
     compression: Compression,
     *,
     source_date_epoch: int | None = None,
     ids: IdMap | None = None,
     donors: Sequence[Donor | None] = (),
+    ran: Sequence[bool] = (),
 ) -> list[LayerInfo]:
     """`write_upper` for each (upper_dir, lowers) in `jobs`, blob i to `outs[i]`, with
-    `donors[i]` if given.
+    `donors[i]` if given. Each blob's bytes are those `write_upper` writes.
 
-    Rootless with subordinate ids, one helper process writes them all (not
-    one per layer); otherwise they are written on threads (compression
-    releases the GIL). Each blob's bytes are those `write_upper` writes.
+    They are written on threads (compression releases the GIL). Rootless with
+    subordinate ids, a layer whose files lamina wrote as the caller (COPY, ADD,
+    WORKDIR) is written here too, with the ids mapped back as the helper does,
+    the bytes a COPY just wrote (oci.fresh) and its donor; one helper process
+    writes the others, inside the user namespace (not one per layer): those
+    `ran[i]` says a RUN made (the container's files, often private to one of its
+    users), those whose `outs[i]` cannot start over (not `Restartable`), and
+    those where a file turned out unreadable here (the blob written so far
+    discarded).
     """
     from lamina.engine.sandbox.idmap import IdMode, detect_ids
-    from lamina.oci import layer
 
     ids = ids or detect_ids()
-    if ids.mode is IdMode.SUBORDINATE:
-        from lamina.engine.sandbox.runner import write_layers_inside
-        from lamina.oci.digest import Digest
 
-        answers = write_layers_inside(jobs, outs, compression.value, source_date_epoch, ids)
-        return [
-            layer.LayerInfo(
-                digest=Digest.parse(fields["digest"]),
-                diff_id=Digest.parse(fields["diff_id"]),
-                size=fields["size"],
-                media_type=fields["media_type"],
-            )
-            for fields in answers
-        ]
-
-    def one(i: int) -> LayerInfo:
+    def here(i: int) -> LayerInfo | None:
         upper, lowers = jobs[i]
         donor = donors[i] if i < len(donors) else None
-        return write_upper(
-            upper,
-            outs[i],
-            compression,
-            lowers=lowers,
-            source_date_epoch=source_date_epoch,
-            ids=ids,
-            donor=donor,
-        )
+        try:
+            return _write_here(upper, outs[i], compression, lowers, source_date_epoch, ids, donor)
+        except _Unreadable:  # rootless with subordinate ids, into a Restartable only
+            outs[i].discard()  # type: ignore[union-attr]
+            return None
 
-    if len(jobs) < 2:
-        return [one(i) for i in range(len(jobs))]
+    if ids.mode is not IdMode.SUBORDINATE:
+        return _on_threads(here, range(len(jobs)))  # type: ignore[arg-type]
+    inside = [
+        i for i in range(len(jobs)) if (i < len(ran) and ran[i]) or not isinstance(outs[i], Restartable)
+    ]
+    tried = [i for i in range(len(jobs)) if i not in inside]
+    found: dict[int, LayerInfo | None] = dict.fromkeys(inside)
+    if tried:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # The helper writes the RUN layers meanwhile (it is another process). Those it writes
+        # again start once every try here is over, its `opened` grants given back.
+        with ThreadPoolExecutor(1, thread_name_prefix="lamina-layers") as pool:
+            mine = pool.submit(_on_threads, here, tried)
+            made = _helper_writes(
+                [jobs[i] for i in inside], [outs[i] for i in inside], compression, source_date_epoch, ids
+            )
+            found.update(zip(inside, made, strict=True))
+            found.update(zip(tried, mine.result(), strict=True))
+        again = [i for i in tried if found[i] is None]
+        made = _helper_writes(
+            [jobs[i] for i in again], [outs[i] for i in again], compression, source_date_epoch, ids
+        )
+        found.update(zip(again, made, strict=True))
+    else:
+        found.update(
+            zip(inside, _helper_writes(jobs, outs, compression, source_date_epoch, ids), strict=True)
+        )
+    return [found[i] for i in range(len(jobs))]  # type: ignore[misc]
+
+
+def _on_threads(one: Callable[[int], LayerInfo | None], indices: Sequence[int]) -> list[LayerInfo | None]:
+    """`one(i)` for each of `indices`, several at once."""
+    if len(indices) < 2:
+        return [one(i) for i in indices]
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1), thread_name_prefix="lamina-layer") as pool:
-        return list(pool.map(one, range(len(jobs))))
+    with ThreadPoolExecutor(
+        min(len(indices), os.cpu_count() or 1), thread_name_prefix="lamina-layer"
+    ) as pool:
+        return list(pool.map(one, indices))
+
+
+def _helper_writes(
+    jobs: Sequence[tuple[Path, Sequence[Path]]],
+    outs: Sequence[BinaryIO | Restartable],
+    compression: Compression,
+    source_date_epoch: int | None,
+    ids: IdMap,
+) -> list[LayerInfo]:
+    """The blobs of `jobs`, each to its `outs`, written by one helper in the user namespace."""
+    if not jobs:
+        return []
+    from lamina.engine.sandbox.runner import write_layers_inside
+    from lamina.oci import layer
+    from lamina.oci.digest import Digest
+
+    answers = write_layers_inside(jobs, outs, compression.value, source_date_epoch, ids)  # type: ignore[arg-type]
+    return [
+        layer.LayerInfo(
+            digest=Digest.parse(fields["digest"]),
+            diff_id=Digest.parse(fields["diff_id"]),
+            size=fields["size"],
+            media_type=fields["media_type"],
+        )
+        for fields in answers
+    ]
 
 
 # --- copy snapshotter ---------------------------------------------------------

@@ -190,7 +190,9 @@ class BuildStepCache:
         digest = Digest("sha256", result.layer)
         from lamina.engine.output import ImageLayer
 
-        state.layers.append(ImageLayer(self.store.unpacked_path(digest), dir_id=result.layer, step=step))
+        ran = inputs.instruction.startswith("RUN ")  # steps/run.py's inputs
+        layer = ImageLayer(self.store.unpacked_path(digest), dir_id=result.layer, step=step, ran=ran)
+        state.layers.append(layer)
         return True
 
     @contextlib.contextmanager
