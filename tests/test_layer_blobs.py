@@ -22,6 +22,7 @@ from lamina.engine.sandbox import remove_tree as sandbox_remove_tree
 from lamina.engine.sandbox._frames import FrameReader, FrameWriter
 from lamina.oci.extract import iter_layer
 from lamina.oci.layer import Compression
+from tests.support.plainuser import plain_user_missing
 from tests.support.sandbox import make_rootfs
 
 
@@ -305,3 +306,40 @@ def test_a_copy_rerun_takes_its_unchanged_files_from_the_old_tar_rootless_too(
     (info,) = snapshot.write_uppers([(new, [])], [out], Compression.NONE, source_date_epoch=1, donors=[donor])
     assert (info, out.getvalue()) == (expected, alone.getvalue())
     assert sum(taken) == 39  # every file but the changed one, as the old tar has it
+
+
+@pytest.mark.skipif(bool(plain_user_missing(ranged=True)), reason=plain_user_missing(ranged=True) or "ready")
+def test_a_rootless_build_copying_private_files_to_user_1000_is_roots_image(busybox_image: Path) -> None:
+    """COPY --chown=1000 of a 0600 file and a 0700 directory (unreadable to the caller once
+    chowned), beside a COPY the build's process writes itself, cold and after a one-file
+    change (a rerun with a donor): the image rootless with subordinate ids is root's, byte for byte."""
+    import shutil
+
+    from tests.support.build import BASE, build, make_cache, write_context
+    from tests.support.plainuser import plain_user
+
+    dockerfile = (
+        f"FROM {BASE}\nCOPY --chown=1000:1000 key /etc/app/key\nCOPY --chown=1000 private /srv/private\n"
+        "COPY . /data/\nRUN cat /etc/app/key /srv/private/inner > /seen\n"
+    )
+    files = {"key": "secret\n", "private/inner": "inner\n", **{f"src/f{i:03d}": f"{i}\n" for i in range(200)}}
+    epoch = {"SOURCE_DATE_EPOCH": "1700000000"}
+    with plain_user("lamina-asbytes-", ranged=True) as user:
+        ctx = write_context(user.base / "ctx", dockerfile, files)
+        (ctx / "key").chmod(0o600)
+        (ctx / "private").chmod(0o700)
+        shutil.copy(busybox_image, user.base / "base.tar")
+        user.give()
+        env = {"LAMINA_CACHE": str(user.base / "cache")}
+        assert user.lamina("load", str(user.base / "base.tar"), env=env).returncode == 0
+        root_cache = make_cache(user.base / "root", busybox_image)
+        for n, change in enumerate(("cold", "one file changed")):
+            if n:
+                (ctx / "src/f100").write_text("changed\n")
+            rootless = user.base / f"rootless-{n}.tar"
+            args = ["build", "--progress", "plain", "--build-arg", "SOURCE_DATE_EPOCH=1700000000"]
+            done = user.lamina(*args, "-o", f"type=oci,dest={rootless}", str(ctx), env=env)
+            assert done.returncode == 0, done.stderr
+            as_root = user.base / f"root-{n}.tar"
+            build(root_cache, ctx, build_args=epoch, outputs=[f"type=oci,dest={as_root}"])
+            assert rootless.read_bytes() == as_root.read_bytes(), change
