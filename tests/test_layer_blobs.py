@@ -215,11 +215,27 @@ def test_a_copy_layer_is_written_by_the_caller_as_the_helper_writes_it(
     assert dict(found["app/data/big"].xattrs) == {"user.note": b"kept"}
 
 
+def _noted_and_shut(path: Path) -> None:
+    path.write_text("")
+    os.setxattr(path, "user.note", b"x")  # read only by who may read the file: not silently lost
+    path.chmod(0)
+
+
 _PRIVATE = {
     # COPY --chown=1000 of a 0600 file: only user 1000 (and the namespace's root) may read it
-    "a file shut to user 1000": lambda p: (p.write_text("secret\n"), p.chmod(0o600)),
-    "a directory shut to user 1000": lambda p: (p.mkdir(), (p / "inner").write_text("in\n"), p.chmod(0o700)),
-    "a file only user 1000's group may read": lambda p: (p.write_text("group\n"), p.chmod(0o640)),
+    "a file shut to user 1000": (lambda p: (p.write_text("secret\n"), p.chmod(0o600)), True),
+    "a directory shut to user 1000": (
+        lambda p: (p.mkdir(), (p / "inner").write_text("in\n"), p.chmod(0o700)),
+        True,
+    ),
+    "a file only user 1000's group may read": (lambda p: (p.write_text("group\n"), p.chmod(0o640)), True),
+    # COPY --chmod=0200: the caller's own, its owner may not read it
+    "the caller's file shut to its owner": (lambda p: (p.write_text("mine\n"), p.chmod(0o200)), False),
+    "the caller's empty file with an xattr, shut": (_noted_and_shut, False),
+    "the caller's directory shut to its owner": (
+        lambda p: (p.mkdir(), (p / "inner").write_text("in\n"), p.chmod(0o300)),
+        False,
+    ),
 }
 
 
@@ -229,12 +245,15 @@ def test_a_layer_with_a_file_the_caller_cannot_read_is_written_by_the_helper_the
     scratch: Path, monkeypatch: pytest.MonkeyPatch, private: str
 ) -> None:
     """Where the caller may not read a file (chowned to a subordinate id, its mode shutting
-    others out), what this process wrote of the blob is dropped and the helper writes it all."""
+    others out, or its own shut to it), what this process wrote of the blob is dropped and
+    the helper writes it all."""
     layer = _copied_layer(scratch / "layer")
     target = layer / "srv/zz-private"  # after most of the layer in the tar's order
-    _PRIVATE[private](target)
-    owned = [target, *(target.iterdir() if target.is_dir() else ())]
-    sandbox.set_owners([(path, 1000, 1000) for path in reversed(owned)])
+    make, chown = _PRIVATE[private]
+    make(target)
+    if chown:
+        owned = [target, *(target.iterdir() if target.is_dir() else ())]
+        sandbox.set_owners([(path, 1000, 1000) for path in reversed(owned)])
     alone = io.BytesIO()
     expected = snapshot.write_upper(layer, alone, Compression.ZSTD, source_date_epoch=1)
     calls = _spy_helper(monkeypatch)

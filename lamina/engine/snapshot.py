@@ -179,13 +179,17 @@ def _write_here(
     from lamina.oci import layer
     from lamina.oci.opened import opened
 
-    with opened([upper_dir]), contextlib.ExitStack() as stack:  # dirs shut to their owner read too
+    subordinate = ids.mode is IdMode.SUBORDINATE
+    # Dirs shut to their owner read too; not with subordinate ids, where `opened` would stat
+    # the whole tree first and chmod the published layer's inodes: `_as_caller` refuses those.
+    lend = contextlib.nullcontext() if subordinate else opened([upper_dir])
+    with lend, contextlib.ExitStack() as stack:
         tar = None
         if donor is not None:
             with contextlib.suppress(OSError, LaminaError):  # no donor: every file is read
                 tar = stack.enter_context(contextlib.closing(DonorTar(donor[1](), os.fspath(donor[0]))))
         walked = _walked(upper_dir, ids, lowers, tar)
-        if ids.mode is not IdMode.SUBORDINATE:
+        if not subordinate:
             return layer.write_layer(_restored(walked), out, compression, source_date_epoch=source_date_epoch)  # type: ignore[arg-type]
         try:
             entries = _restored(_as_caller(walked))
@@ -201,8 +205,8 @@ def _as_caller(walked: Iterator[LayerEntry | Verbatim]) -> Iterator[LayerEntry |
     namespace's root (`_Unreadable` there, before its content is read).
 
     The walk maps the ids back as the helper sees them (0 is the caller) and reads what the
-    caller may: its own files and directories (`opened` lends u+rx), another id's that are
-    readable (and searchable) by group and others alike, whatever groups the caller has. Any
+    caller may: its own files and directories that its owner may read (and search), another
+    id's that group and others alike may, whatever groups the caller has. Any
     xattr but a `user.` one may read otherwise across the namespace (a POSIX ACL's ids, a file
     capability's root id), and a `user.` one is not read (silently) where the file is not: such
     an entry is left to the helper too. A donor's members (`Verbatim`) are taken without
@@ -213,8 +217,10 @@ def _as_caller(walked: Iterator[LayerEntry | Verbatim]) -> Iterator[LayerEntry |
         if not isinstance(entry, Verbatim):
             if any(not name.startswith("user.") for name, _ in entry.xattrs):
                 raise _Unreadable(f"{entry.path}: xattrs read otherwise outside the user namespace")
-            if entry.uid != 0 and entry.type in (EntryType.FILE, EntryType.DIR):
-                needed = 0o044 if entry.type is EntryType.FILE else 0o055
+            # (A whiteout or opaque marker the walk makes up has no opener: nothing to read.)
+            if entry.type is EntryType.DIR or (entry.type is EntryType.FILE and entry.open is not None):
+                needed = 0o444 if entry.type is EntryType.FILE else 0o555
+                needed &= 0o700 if entry.uid == 0 else 0o077
                 if entry.mode & needed != needed:
                     raise _Unreadable(f"{entry.path}: mode {entry.mode:04o} of uid {entry.uid}")
         yield entry
@@ -278,8 +284,8 @@ def write_uppers(
     if tried:
         from concurrent.futures import ThreadPoolExecutor
 
-        # The helper writes the RUN layers meanwhile (it is another process). Those it writes
-        # again start once every try here is over, its `opened` grants given back.
+        # The helper writes the RUN layers meanwhile (it is another process), then those
+        # found unreadable here.
         with ThreadPoolExecutor(1, thread_name_prefix="lamina-layers") as pool:
             mine = pool.submit(_on_threads, here, tried)
             made = _helper_writes(
