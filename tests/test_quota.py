@@ -6,6 +6,11 @@ root too. As tests/test_disk_full.py for a full disk: one line saying the quota 
 naming the path written and ending `cache intact`; `lamina cache verify` clean while the
 quota is still hit; once it is lifted, the next build succeeds with the digest a roomy
 cache gives. Needs root (a loop mount) and btrfs-progs (in the README's test command).
+
+The store's index is SQLite in WAL mode, whose -shm file SQLite writes through a memory
+mapping: a page btrfs cannot find room for is a SIGBUS there, not an error. The index tests
+write it in a loop, in a child process (a SIGBUS would kill pytest), until the quota or the
+full disk stops them.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.build import BASE, run_cli, write_context
+from tests.support.build import BASE, ROOT, run_cli, write_context
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a loop mount needs root")
 
@@ -159,3 +166,133 @@ def test_load_past_the_quota(btrfs: tuple[Path, Limit], busybox_image: Path) -> 
     limit(None)
     run_cli("load", "-q", str(busybox_image), cache=cache)
     assert run_cli("images", cache=cache).stdout.splitlines()[1].startswith(BASE)
+
+
+# A child that fills the store's index: it opens the store, says "open", and on a line read
+# from stdin writes cache entries (each key on stdout once committed) until one fails; it
+# prints the failure as the CLI does, says "stopped" and, on the next line read (not at the
+# end of its input), writes one more entry.
+_FILL_INDEX = """
+import sys
+from lamina.cache.store import Store
+from lamina.cli import _disk_full_note
+from lamina.errors import LaminaError
+
+with Store(sys.argv[1]) as store:
+    print("open", flush=True)
+    sys.stdin.readline()
+    n = 0
+    try:
+        while True:
+            store.cache_put(f"k{n}", '{"result": "' + "x" * 300 + '"}')
+            print(f"k{n}", flush=True)
+            n += 1
+    except LaminaError as err:
+        print(f"error: {err}{_disk_full_note(err)}", file=sys.stderr, flush=True)
+    print("stopped", flush=True)
+    if sys.stdin.readline():
+        store.cache_put("after", "{}")
+        print("after" if store.cache_get("after") == "{}" else "lost", flush=True)
+"""
+
+
+def _fill_index(cache: Path, first: Callable[[], None]) -> tuple[subprocess.Popen[str], list[str], str]:
+    """Fill the index of the store at `cache` from a child (_FILL_INDEX), calling `first` once the
+    store is open; the child (still running if it survived the failure), the keys it committed
+    and the line it failed with."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FILL_INDEX, str(cache)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    assert child.stdout.readline() == "open\n", child.communicate(timeout=60)
+    first()
+    child.stdin.write("fill\n")
+    child.stdin.flush()
+    keys: list[str] = []
+    while (line := child.stdout.readline()).startswith("k"):
+        keys.append(line.strip())
+    assert line in ("stopped\n", ""), line  # "": it exited (the SIGBUS of the index's shared memory)
+    return child, keys, child.stderr.readline()
+
+
+def _entries(cache: Path, keys: list[str]) -> list[str]:
+    from lamina.cache.store import Store
+
+    with Store(cache) as store:
+        return [key for key in keys if store.cache_get(key) is not None]
+
+
+def test_index_past_the_quota(btrfs: tuple[Path, Limit]) -> None:
+    """The quota hit writing the index: one line (SQLite's "disk I/O error", or the SIGBUS of
+    its shared memory, said as lamina says a quota), never exit 135; every entry committed stays."""
+    mnt, limit = btrfs
+    cache = mnt / "cache"
+    child, keys, said = _fill_index(cache, lambda: limit(64 << 10))
+    rest = child.communicate("", timeout=60)[1]  # exited already, or stops at the end of its input
+    assert child.returncode in (0, 1) and not rest.strip(), (child.returncode, said, rest)
+    assert said.startswith(f"error: write {cache}/index.db"), said
+    assert QUOTA in said.lower() and said.rstrip("\n").endswith(INTACT), said
+    assert keys, said  # the limit left room for some
+
+    # under the quota the index cannot be opened to be read either (SQLite's recovery writes)
+    refused = _one_error_line(run_cli("cache", "verify", cache=cache, check=False))
+    assert refused.startswith(f"error: open store {cache}: write {cache}/index.db"), refused
+    assert QUOTA in refused.lower() and refused.endswith(INTACT), refused
+
+    limit(None)
+    _verify_clean(cache)
+    assert _entries(cache, keys) == keys
+
+
+def test_index_on_a_full_disk(btrfs: tuple[Path, Limit]) -> None:
+    """A full btrfs writing the index: SQLite's error, said as lamina says a full disk, and the
+    process goes on (its index files are no-copy-on-write: btrfs overwrites their pages in
+    place, so the -shm mapping needs no new room, since the 2025 kernel fix "btrfs: fix -ENOSPC
+    mmap write failure on NOCOW files/extents"); once there is room, it writes again."""
+    mnt, _ = btrfs
+    cache, filler = mnt / "cache", mnt / "filler"
+
+    def fill() -> None:
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], check=False, capture_output=True)
+        subprocess.run(["sync", "-f", str(mnt)], check=True)
+
+    child, keys, said = _fill_index(cache, fill)
+    assert said.startswith(f"error: write {cache}/index.db: No space left on device"), said
+    assert said.rstrip("\n").endswith(INTACT), said
+    filler.unlink()
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    assert child.communicate("room\n", timeout=60)[0] == "after\n"
+    assert child.returncode == 0
+    _verify_clean(cache)
+    assert _entries(cache, [*keys, "after"]) == [*keys, "after"]
+
+
+def test_other_sigbus_is_not_the_index(btrfs: tuple[Path, Limit], tmp_path: Path) -> None:
+    """With a store open on btrfs (lamina watches SIGBUS there), a SIGBUS elsewhere (a mapped
+    file truncated under it) still kills the process as SIGBUS does, not said as a quota."""
+    mnt, _ = btrfs
+    touch_truncated = """
+import mmap, sys
+from lamina.cache.store import Store
+
+with Store(sys.argv[1]) as store, open(sys.argv[2], "w+b") as f:
+    store.cache_put("k", "{}")
+    f.truncate(4096)
+    mapped = mmap.mmap(f.fileno(), 4096)
+    f.truncate(0)
+    mapped[0] = 1
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", touch_truncated, str(mnt / "cache"), str(tmp_path / "mapped")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stderr)
+    assert INTACT not in proc.stderr

@@ -6,7 +6,7 @@ Layout under the root (see `default_cache_root` for where that is):
     blobs/sha256/.tmp-*      writes in flight (same directory: rename is atomic)
     unpacked/<hex>/          a layer unpacked, keyed by its diff_id
     unpacked/.tmp-*/         unpacks in flight
-    index.db (-wal, -shm)    SQLite in WAL mode: names, layers, cache results
+    index.db (-wal, -shm)    SQLite in WAL mode: names, layers, cache results (no-copy-on-write)
     lock                     flock: shared while a Store is open, exclusive for gc
     open.lock                flock: openers take turns setting up the index
 
@@ -63,7 +63,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from lamina.cache.topdir import mark_top_dir
+from lamina.cache.topdir import mark_no_cow, mark_top_dir
 from lamina.errors import (
     DigestMismatch,
     DiskFull,
@@ -86,6 +86,7 @@ _LAST_USED_GRAIN_S = 60.0  # gc ages cache entries in hours: a minute's precisio
 _STALE_TMP_S = 24 * 3600  # a temp file this old belongs to a dead process
 _SCHEMA_VERSION = 2  # 2: the pending table
 _SQLITE_FULL = 13  # "database or disk is full": sqlite3.SQLITE_FULL from Python 3.11.4 on
+_SQLITE_IOERR = 10  # "disk I/O error", the primary code of SQLITE_IOERR_WRITE, _FSYNC, _SHMSIZE, ...
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     name TEXT PRIMARY KEY,
@@ -360,6 +361,7 @@ class Store:
         self._lock_fd: int | None = None
         self._mutex = threading.RLock()  # one connection shared by the executor's threads
         self.read_only = False  # opened by a user who cannot write it (see open)
+        self._guarded = False  # lamina.cache.sigbus watches this store's index (see open)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -380,9 +382,16 @@ class Store:
                 self._lock_fd = os.open(self.root / "lock", os.O_RDONLY | os.O_CLOEXEC)
                 self.read_only = True
             _flock(self._lock_fd, exclusive=False, wait=True)
+            from lamina.cache.sigbus import guard_store
+
+            # a page of the index's shared memory refused: one line, not exit 135
+            self._guarded = guard_store(self.root)
             self._db = _open_index(self.root, read_only=self.read_only)
         except (OSError, sqlite3.Error) as err:
+            said = self._index_error(err) if isinstance(err, sqlite3.Error) else None
             self.close()
+            if isinstance(said, DiskFull):
+                raise said.within(f"open store {self.root}") from err
             raise StoreError(f"open store {self.root}: {err}") from err
         return self
 
@@ -400,6 +409,11 @@ class Store:
             finally:
                 if fd is not None:
                     os.close(fd)
+        if self._guarded:
+            from lamina.cache.sigbus import forget_store
+
+            forget_store(self.root)
+            self._guarded = False
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -424,10 +438,23 @@ class Store:
             try:
                 yield self.db
             except sqlite3.Error as err:
-                index = self.root / "index.db"
-                if getattr(err, "sqlite_errorcode", None) == _SQLITE_FULL:
-                    raise DiskFull(f"write {index}: No space left on device ({err})", str(index)) from err
-                raise StoreError(f"store index {index}: {err}") from err
+                raise self._index_error(err) from err
+
+    def _index_error(self, err: sqlite3.Error) -> LaminaError:
+        """SQLite's error as lamina says it. A write that found no room is "database or disk is
+        full" only for ENOSPC; a quota (EDQUOT) is "disk I/O error", as a failing disk is: a
+        1 MiB write beside the index tells them apart."""
+        index = self.root / "index.db"
+        code = getattr(err, "sqlite_errorcode", None)
+        if code == _SQLITE_FULL:
+            return DiskFull(f"write {index}: No space left on device ({err})", str(index))
+        if code is not None and code & 0xFF == _SQLITE_IOERR and not self.read_only:
+            from lamina.cache.room import room_refused
+
+            refused = room_refused(self._unpacked)
+            if refused is not None:
+                return DiskFull(f"write {index}: {refused.strerror} ({err})", str(index))
+        return StoreError(f"store index {index}: {err}")
 
     # --- blobs -----------------------------------------------------------------
 
@@ -1171,6 +1198,7 @@ def _open_index(root: Path, read_only: bool = False) -> sqlite3.Connection:
     # waiting on the busy timeout, when another process is doing the same: openers
     # take turns on a lock of their own (not the store lock, which gc upgrades).
     with _open_lock(root):
+        _make_no_cow(root)
         db = sqlite3.connect(
             root / "index.db",
             timeout=_BUSY_TIMEOUT_S,
@@ -1193,6 +1221,31 @@ def _open_index(root: Path, read_only: bool = False) -> sqlite3.Connection:
             db.close()
             raise
         return db
+
+
+def _make_no_cow(root: Path) -> None:
+    """Make the index's files that do not exist yet, empty and no-copy-on-write (btrfs).
+
+    SQLite writes the -shm file through a memory mapping: where btrfs must find room again
+    for a page it has written back (copy on write), a full disk is a SIGBUS, not an error
+    SQLite could return (lamina.cache.sigbus). A no-copy-on-write file is overwritten in
+    place, so only growing one needs room, and SQLite grows the -shm and -wal files with
+    write(2), which fails as it should (a mapped write into a no-copy-on-write file on a
+    full btrfs works since the kernel fix "btrfs: fix -ENOSPC mmap write failure on NOCOW
+    files/extents", 2025; a qgroup limit still refuses it). Only an empty file takes the
+    flag, and the last connection to close removes the -wal and -shm files: each first
+    opener makes them again here (under open.lock, which closers take too). SQLite keeps
+    the files it finds (and gives them the database file's mode).
+    """
+    for name in ("index.db", "index.db-wal", "index.db-shm"):
+        try:
+            fd = os.open(root / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError:  # there already (another process has the store open), or not ours to make
+            continue
+        try:
+            mark_no_cow(fd)
+        finally:
+            os.close(fd)
 
 
 def _open_index_read_only(root: Path) -> sqlite3.Connection:

@@ -255,38 +255,9 @@ def _disk_full_reason(err: BuildError, upper: Path) -> str:
         return f"write {upper}: No space left on device (its file system is full){told}"
     if said:
         return said
-    refused = _room_refused(upper.parent)
+    from lamina.cache.room import room_refused
+
+    refused = room_refused(upper.parent)
     if refused is not None:
         return f"write {upper}: {refused.strerror} (a write of 1 MiB beside it fails too)"
     return ""
-
-
-def _room_refused(directory: Path) -> OSError | None:
-    """The error a 1 MiB write in `directory` meets for want of room, if it does: a quota
-    (a btrfs qgroup, a user's) that the command hit without saying so, which statvfs does not show.
-
-    Written in a `.tmp-` directory of its own, which gc and `cache verify` remove if this
-    process is killed meanwhile, as an upper dir's."""
-    import shutil
-    import tempfile
-
-    from lamina.errors import is_disk_full
-
-    try:
-        probe = tempfile.mkdtemp(prefix=".tmp-room-", dir=directory)
-    except OSError as err:
-        return err if is_disk_full(err) else None
-    try:
-        fd = os.open(os.path.join(probe, "room"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            data = memoryview(bytes(_NEARLY_FULL))
-            while data:  # a short write, then the error
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)  # where the file system allocates late (ext4's delayed allocation)
-        finally:
-            os.close(fd)
-    except OSError as err:
-        return err if is_disk_full(err) else None
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
-    return None
