@@ -22,11 +22,16 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except (LaminaError, BrokenPipeError) as err:
+        except (LaminaError, OSError) as err:
             if _stdout_gone(err):
                 _die_of_sigpipe()
             if not isinstance(err, LaminaError):
-                raise
+                from lamina.errors import DiskFull, is_disk_full
+
+                if not is_disk_full(err):
+                    raise
+                # a write no step or output said (a scratch dir made in the store): as one
+                err = DiskFull.writing(None, err)
             click.echo(f"error: {_printable(str(err))}{_disk_full_note(err)}", err=True)
             _failed_step(ctx, err)
             ctx.exit(1)

@@ -249,6 +249,43 @@ def test_index_past_the_quota(btrfs: tuple[Path, Limit]) -> None:
     assert _entries(cache, keys) == keys
 
 
+def test_open_past_the_quota(btrfs: tuple[Path, Limit]) -> None:
+    """Past the quota, btrfs refuses even the index's empty -wal and -shm files that the first
+    opener of a store makes (SQLite's "unable to open database file"): one line saying so."""
+    mnt, limit = btrfs
+    cache = mnt / "cache"
+    run_cli("images", cache=cache)  # the store made, and closed: no -wal, no -shm
+    limit(64 << 10)
+
+    line = _one_error_line(run_cli("images", cache=cache, check=False))
+    assert line.startswith(f"error: open store {cache}: write {cache}/index.db: "), line
+    assert QUOTA in line.lower() and line.endswith(INTACT), line
+
+    limit(None)
+    assert run_cli("images", cache=cache).stdout.startswith("NAME")
+    _verify_clean(cache)
+
+
+@pytest.mark.parametrize("headroom_kib", [32, 64, 96, 128, 160, 192, 256, 384, 512, 1024])
+def test_first_build_at_the_quota(btrfs: tuple[Path, Limit], tmp_path: Path, headroom_kib: int) -> None:
+    """A new store's first build, a few KiB short of room or more: wherever the quota strikes
+    (the store's scratch dir, the index, a layer dir's rename, a blob), one line ending
+    `cache intact` (or a build that fits), and a cache `cache verify` finds clean."""
+    mnt, limit = btrfs
+    cache = mnt / "cache"
+    ctx = write_context(tmp_path / "ctx", "FROM scratch\nCOPY a /a\n", {"a": os.urandom(3000)})
+    run_cli("images", cache=cache)
+    limit(headroom_kib << 10)
+
+    proc = run_cli("build", "-q", str(ctx), cache=cache, env=EPOCH, check=False)
+    if proc.returncode != 0:
+        line = _one_error_line(proc)
+        assert QUOTA in line.lower() and line.endswith(INTACT), line
+    limit(None)
+    _verify_clean(cache)
+    run_cli("build", "-q", str(ctx), cache=cache, env=EPOCH)
+
+
 def test_index_on_a_full_disk(btrfs: tuple[Path, Limit]) -> None:
     """A full btrfs writing the index: SQLite's error, said as lamina says a full disk, and the
     process goes on (its index files are no-copy-on-write: btrfs overwrites their pages in

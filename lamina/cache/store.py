@@ -87,6 +87,7 @@ _STALE_TMP_S = 24 * 3600  # a temp file this old belongs to a dead process
 _SCHEMA_VERSION = 2  # 2: the pending table
 _SQLITE_FULL = 13  # "database or disk is full": sqlite3.SQLITE_FULL from Python 3.11.4 on
 _SQLITE_IOERR = 10  # "disk I/O error", the primary code of SQLITE_IOERR_WRITE, _FSYNC, _SHMSIZE, ...
+_SQLITE_CANTOPEN = 14  # "unable to open database file": also a -wal or -shm file it could not make
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     name TEXT PRIMARY KEY,
@@ -442,13 +443,15 @@ class Store:
 
     def _index_error(self, err: sqlite3.Error) -> LaminaError:
         """SQLite's error as lamina says it. A write that found no room is "database or disk is
-        full" only for ENOSPC; a quota (EDQUOT) is "disk I/O error", as a failing disk is: a
-        1 MiB write beside the index tells them apart."""
+        full" only for ENOSPC; a quota (EDQUOT) is "disk I/O error", as a failing disk is, or
+        "unable to open database file" when the -wal or -shm file could not be made (btrfs
+        refuses even an empty file past a qgroup limit): a 1 MiB write beside the index
+        tells them apart."""
         index = self.root / "index.db"
         code = getattr(err, "sqlite_errorcode", None)
         if code == _SQLITE_FULL:
             return DiskFull(f"write {index}: No space left on device ({err})", str(index))
-        if code is not None and code & 0xFF == _SQLITE_IOERR and not self.read_only:
+        if code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_CANTOPEN) and not self.read_only:
             from lamina.cache.room import room_refused
 
             refused = room_refused(self._unpacked)
@@ -569,13 +572,19 @@ class Store:
         try:
             os.rename(tmpdir, final)
         except OSError as err:
-            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise StoreError(f"publish unpacked layer {diff_id}: {err}") from err
+            # Another process won, or the rename failed (btrfs past a qgroup limit: EDQUOT):
+            # ours goes either way, or `cache verify` finds it left over.
             # FIXME: files owned by subordinate ids can only be removed inside the
             # sandbox's namespace; what is left here is cleared by gc's stale sweep.
             import shutil
 
             shutil.rmtree(tmpdir, ignore_errors=True)
+            if is_disk_full(err):
+                raise DiskFull(
+                    f"publish unpacked layer {diff_id}: rename to {final}: {err.strerror}", str(final)
+                ) from err
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise StoreError(f"publish unpacked layer {diff_id}: {err}") from err
         self.touch_unpacked(diff_id)
         return final
 
