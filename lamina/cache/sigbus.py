@@ -44,13 +44,20 @@ _lock = threading.Lock()
 _stores: dict[str, int] = {}  # real path of an open store's index.db-shm -> how many Stores have it open
 _previous: Any = None  # the sigaction that handled SIGBUS before ours; None: ours not installed
 _handler: Any = None  # the C callable of _on_sigbus, kept alive while installed
+_kinds: dict[tuple[str, int], str] = {}  # (a store's real path, its st_dev) -> its file system's type
 
 
 def guard_store(root: Path) -> bool:
     """Say a SIGBUS in the index of the store at `root` in one line (see above), until
     `forget_store`; whether it is watched (not on a file system that needs it not)."""
     real = os.path.realpath(root)
-    if _file_system(real) in _PAGES_STAY:
+    try:
+        where = (real, os.stat(real).st_dev)
+    except OSError:
+        where = (real, -1)
+    if where not in _kinds:  # once per store and device in a process: a build opens several
+        _kinds[where] = _file_system(real)
+    if _kinds[where] in _PAGES_STAY:
         return False
     shm = os.path.join(real, "index.db-shm")
     with _lock:

@@ -385,9 +385,10 @@ class Store:
             _flock(self._lock_fd, exclusive=False, wait=True)
             from lamina.cache.sigbus import guard_store
 
-            # a page of the index's shared memory refused: one line, not exit 135
+            # a page of the index's shared memory refused: one line, not exit 135 (where
+            # that can happen: then the index's new files are made no-copy-on-write too)
             self._guarded = guard_store(self.root)
-            self._db = _open_index(self.root, read_only=self.read_only)
+            self._db = _open_index(self.root, read_only=self.read_only, no_cow=self._guarded)
         except (OSError, sqlite3.Error) as err:
             said = self._index_error(err) if isinstance(err, sqlite3.Error) else None
             self.close()
@@ -1197,7 +1198,7 @@ def _tree_size(root: Path, seen: set[tuple[int, int]]) -> int:
     return total
 
 
-def _open_index(root: Path, read_only: bool = False) -> sqlite3.Connection:
+def _open_index(root: Path, read_only: bool = False, no_cow: bool = False) -> sqlite3.Connection:
     import sqlite3
 
     if read_only:
@@ -1207,7 +1208,8 @@ def _open_index(root: Path, read_only: bool = False) -> sqlite3.Connection:
     # waiting on the busy timeout, when another process is doing the same: openers
     # take turns on a lock of their own (not the store lock, which gc upgrades).
     with _open_lock(root):
-        _make_no_cow(root)
+        if no_cow:
+            _make_no_cow(root)
         db = sqlite3.connect(
             root / "index.db",
             timeout=_BUSY_TIMEOUT_S,
