@@ -49,7 +49,7 @@ _kinds: dict[tuple[str, int], str] = {}  # (a store's real path, its st_dev) -> 
 
 def guard_store(root: Path) -> bool:
     """Say a SIGBUS in the index of the store at `root` in one line (see above), until
-    `forget_store`; whether it is watched (not on a file system that needs it not)."""
+    `forget_store`; whether it is watched (not on ext2/3/4, xfs or tmpfs, where no page faults so)."""
     real = os.path.realpath(root)
     try:
         where = (real, os.stat(real).st_dev)
