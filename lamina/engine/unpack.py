@@ -43,11 +43,43 @@ def unpacked_layer(store: Store, blob: Digest, name: Digest, ids: Any = None) ->
     # time without the flag, 1.2 with it (medians of 6 alternations at load 13).
     mark_top_dir(tmp)
     try:
-        extract_layer(store.blob_path(blob), tmp, ids, digest=blob)
+        if not _unpacked_as_caller(store.blob_path(blob), tmp, ids, blob):
+            extract_layer(store.blob_path(blob), tmp, ids, digest=blob)
     except BaseException:
         remove_tree(tmp, ids)
         raise
     return store.publish_unpacked(tmp, name)
+
+
+def _unpacked_as_caller(path: Path, tmp: Path, ids: Any, blob: Digest) -> bool:
+    """Rootless with subordinate ids, a layer whose every entry is root's (busybox, most
+    distroless bases) unpacked in this process as the user namespace's root would (the
+    caller's id is that root), without a helper process (~0.09 s of a cold rootless build).
+    Whether it was; if not, `tmp` is left empty for the helper, which makes what only the
+    namespace's root can (other owners, security xattrs, overlay whiteouts)."""
+    from lamina.engine.sandbox import remove_tree
+    from lamina.engine.sandbox.idmap import IdMode, detect_ids
+    from lamina.oci.extract import NeedsNamespace, Whiteouts
+    from lamina.oci.extract import extract_layer as unpack
+
+    if (ids or detect_ids()).mode is not IdMode.SUBORDINATE:
+        return False
+    try:
+        with open(path, "rb") as stream:
+            # As the helper unpacks (sandbox/_extract.py): device nodes as placeholders.
+            unpack(
+                stream,
+                tmp,
+                whiteouts=Whiteouts.OVERLAY,
+                userxattr=True,
+                digest=blob,
+                record_devices=True,
+                as_namespace_root=True,
+            )
+    except NeedsNamespace:
+        remove_tree(tmp, ids, keep_root=True)
+        return False
+    return True
 
 
 OWNER_FORM = "owner-form"  # in the store root: how its layer dirs keep owners

@@ -58,7 +58,7 @@ from lamina.oci.entry import EntryType, LayerEntry
 from lamina.oci.overlay import OPAQUE_MARKER, WHITEOUT_PREFIX
 from lamina.oci.safepath import Root, clean, remove_tree, split
 
-__all__ = ["BoundedTarInfo", "ExtractResult", "Whiteouts", "extract_layer", "iter_layer"]
+__all__ = ["BoundedTarInfo", "ExtractResult", "NeedsNamespace", "Whiteouts", "extract_layer", "iter_layer"]
 
 _AUFS_META_PREFIX = ".wh..wh."  # aufs bookkeeping (.wh..wh.plnk...), not a whiteout
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
@@ -67,6 +67,11 @@ _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOT_PERMITTED = (errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+class NeedsNamespace(LayerError):
+    """`extract_layer(as_namespace_root=True)` met an entry that only a user namespace's root
+    can make as the layer says: unpack the layer there instead (into an empty directory)."""
 
 
 class Whiteouts(enum.Enum):
@@ -101,6 +106,7 @@ def extract_layer(
     record_owners: bool = False,
     record_devices: bool = False,
     device_placeholders: bool = False,
+    as_namespace_root: bool = False,
 ) -> ExtractResult:
     """Unpack the layer `stream` into the directory `dest` (made if missing).
 
@@ -111,6 +117,10 @@ def extract_layer(
     `device_placeholders`: device nodes as `lamina.oci.recorded` placeholders even
     where mknod works (root's layer dirs: a step's user namespace can copy a
     placeholder up to chmod it, never a real node).
+    `as_namespace_root`: a plain caller unpacking what a user namespace's root
+    (the caller's id) would, byte for byte: owners 0:0 are the caller's own;
+    anything only that root can make as the layer says (another owner, an xattr
+    outside `user.`, an overlay whiteout) raises `NeedsNamespace` at once.
     """
     label = f"unpack {digest.short if digest else 'layer'}"
     try:
@@ -120,7 +130,7 @@ def extract_layer(
         raise LayerError(f"{label}: target directory {dest}: {err.strerror or err}") from err
     with root, _open_tar(stream, label) as (tar, compressed, uncompressed):
         records = (record_owners, record_devices, device_placeholders)
-        unpacker = _Unpacker(root, label, whiteouts, userxattr, ignore_owners, *records)
+        unpacker = _Unpacker(root, label, whiteouts, userxattr, ignore_owners, *records, as_namespace_root)
         count = 0
         for member in _members(tar, label):
             unpacker.add(member, tar)
@@ -386,8 +396,10 @@ class _Unpacker:
         record_owners: bool = False,
         record_devices: bool = False,
         device_placeholders: bool = False,
+        as_namespace_root: bool = False,
     ) -> None:
         self._root = root
+        self._as_namespace_root = as_namespace_root
         self._label = label
         self._whiteouts = whiteouts
         self._opaque_xattr = ("user" if userxattr else "trusted") + ".overlay.opaque"
@@ -407,6 +419,8 @@ class _Unpacker:
         try:
             rel = clean(member.name)
             self._add(rel, member, tar)
+        except NeedsNamespace:
+            raise
         except LayerError as err:
             raise LayerError(f"{self._label}: {show(member.name)}: {err}") from err
         except OSError as err:
@@ -603,6 +617,10 @@ class _Unpacker:
 
     def _chown(self, do: Callable[[], None], member: tarfile.TarInfo, fd: int) -> None:
         """`do` the chown; recording owners, set the xattr on `fd` instead (-1: none can be set)."""
+        if self._as_namespace_root:
+            if (member.uid, member.gid) != (0, 0):
+                raise NeedsNamespace(f"owner {member.uid}:{member.gid}")
+            return  # the caller's own id is the namespace's root
         if self._record:
             if (member.uid, member.gid) == (0, 0):
                 return
@@ -635,6 +653,8 @@ class _Unpacker:
             if name.startswith("user.lamina."):  # would fake lamina's own records of owners
                 self.warnings.add("lamina's own xattrs in the layer dropped", rel)
                 continue
+            if self._as_namespace_root and not name.startswith("user."):
+                raise NeedsNamespace(f"xattr {name}")  # set as it is only by the namespace's root
             try:
                 os.setxattr(fd, name, value)
             except OSError as err:
@@ -685,6 +705,8 @@ class _Unpacker:
             try:
                 os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=parent_fd)
             except PermissionError as err:
+                if self._as_namespace_root:
+                    raise NeedsNamespace("an overlay whiteout") from None
                 raise LayerError(f"cannot create an overlay whiteout device: {err.strerror}") from None
 
     def _opaque(self, parent: str) -> None:
