@@ -16,7 +16,6 @@ import io
 import os
 import shutil
 import struct
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -155,9 +154,7 @@ def test_a_forged_record_fails_the_build_as_a_plain_user(
             write_context(
                 user.base / forgery, _forging(path, name, value, make), {"setx": setxattr_program()}
             )
-        user.give()
-        loaded = _load(user, busybox_image)
-        assert loaded.returncode == 0, loaded.stderr
+        _ready(user, busybox_image)
         for forgery, (path, name, _value, _make) in sorted(FORGERIES.items()):
             done = user.lamina("build", "-q", str(user.base / forgery))
             assert done.returncode == 1, (forgery, done.stderr)
@@ -165,11 +162,22 @@ def test_a_forged_record_fails_the_build_as_a_plain_user(
             assert "Dockerfile:4:" in error and error.endswith(_refusal(name, path)), error
 
 
-def _load(user: PlainUser, image: Path) -> subprocess.CompletedProcess[str]:
-    """`lamina load` of the base image as `user` (who cannot read pytest's root-owned tmp)."""
+def _ready(user: PlainUser, image: Path) -> None:
+    """Give `user` the contexts written under its base, and the base image in its cache
+    (`lamina load` as `user`, who cannot read pytest's root-owned tmp)."""
+    user.give()
     shutil.copy(image, user.base / "base.tar")
     os.chown(user.base / "base.tar", user.uid, user.gid)
-    return user.lamina("load", "-q", str(user.base / "base.tar"))
+    loaded = user.lamina("load", "-q", str(user.base / "base.tar"))
+    assert loaded.returncode == 0, loaded.stderr
+
+
+def _built_layers(user: PlainUser, context: str) -> list[dict[bytes, tarfile.TarInfo]]:
+    """The layers of the image `user` builds from its context `context` (the build must work)."""
+    out = user.base / "image.tar"
+    done = user.lamina("build", "-q", "-o", f"type=oci,dest={out}", str(user.base / context))
+    assert done.returncode == 0, done.stderr
+    return image_layers(out)
 
 
 def _tar_member(layer: dict[bytes, tarfile.TarInfo], name: str) -> tuple[int, int, int]:
@@ -194,13 +202,8 @@ def test_records_lamina_makes_still_reach_the_layer_as_a_plain_user(
     )
     with plain_user("lamina-forge-", ranged=ranged) as user:
         write_context(user.base / "ctx", dockerfile)
-        user.give()
-        loaded = _load(user, busybox_image)
-        assert loaded.returncode == 0, loaded.stderr
-        out = user.base / "image.tar"
-        done = user.lamina("build", "-q", "-o", f"type=oci,dest={out}", str(user.base / "ctx"))
-        assert done.returncode == 0, done.stderr
-        layers = image_layers(out)
+        _ready(user, busybox_image)
+        layers = _built_layers(user, "ctx")
     assert _tar_member(layers[-2], "d") == (7, 8, 0o700)
     assert layers[-2][b"null2"].ischr() and layers[-2][b"null2"].mode == 0o600
     assert _tar_member(layers[-1], "u")[:2] == (1000, 1000)
@@ -215,9 +218,7 @@ def test_proot_refuses_a_chown_without_cap_chown(tmp_path: Path, busybox_image: 
     dockerfile = f"FROM {BASE}\nUSER 1000:1000\nRUN cp /bin/busybox /tmp/sh && chown 0:0 /tmp/sh\n"
     with plain_user("lamina-forge-", ranged=False) as user:
         write_context(user.base / "ctx", dockerfile)
-        user.give()
-        loaded = _load(user, busybox_image)
-        assert loaded.returncode == 0, loaded.stderr
+        _ready(user, busybox_image)
         done = user.lamina("build", "-q", str(user.base / "ctx"))
     assert done.returncode == 1, done.stderr
     assert "Operation not permitted" in done.stderr
@@ -263,9 +264,7 @@ def test_another_user_cannot_change_roots_files(tmp_path: Path, busybox_image: P
     with plain_user("lamina-perm-", ranged=ranged) as user:
         for attack, (step, _) in NOT_ITS_FILES.items():
             write_context(user.base / attack, f"FROM {BASE}\nUSER 1000:1000\nRUN {step}\n")
-        user.give()
-        loaded = _load(user, busybox_image)
-        assert loaded.returncode == 0, loaded.stderr
+        _ready(user, busybox_image)
         for attack, (_, what) in sorted(NOT_ITS_FILES.items()):
             done = user.lamina("build", "-q", str(user.base / attack))
             assert done.returncode == 1, (attack, done.stderr)
@@ -291,13 +290,8 @@ def test_another_user_changes_what_it_may(tmp_path: Path, busybox_image: Path, r
     )
     with plain_user("lamina-perm-", ranged=ranged) as user:
         write_context(user.base / "ctx", dockerfile)
-        user.give()
-        loaded = _load(user, busybox_image)
-        assert loaded.returncode == 0, loaded.stderr
-        out = user.base / "image.tar"
-        done = user.lamina("build", "-q", "-o", f"type=oci,dest={out}", str(user.base / "ctx"))
-        assert done.returncode == 0, done.stderr
-        layer = image_layers(out)[-1]
+        _ready(user, busybox_image)
+        layer = _built_layers(user, "ctx")[-1]
     assert _tar_member(layer, "tmp/sh") == (1000, 1000, 0o4755)
     assert b"tmp/.wh.gone" in layer and b"home/u/d/f" in layer and layer[b"shared"].size == 2
 
@@ -343,9 +337,7 @@ def test_a_record_forged_in_a_cache_mount_cannot_be_copied_into_a_layer(
         pytest.skip(why)
     with plain_user("lamina-forge-", ranged=ranged) as user:
         write_context(user.base / "ctx", _laundering(), _TOOLS)
-        user.give()
-        loaded = _load(user, busybox_image)
-        assert loaded.returncode == 0, loaded.stderr
+        _ready(user, busybox_image)
         done = user.lamina("build", "-q", str(user.base / "ctx"))
     assert done.returncode == 1, done.stderr
     error = _one_error(done.stderr)
@@ -366,13 +358,8 @@ def test_root_copies_a_lower_layers_records_under_proot(tmp_path: Path, busybox_
     )
     with plain_user("lamina-forge-", ranged=False) as user:
         write_context(user.base / "ctx", dockerfile, _TOOLS)
-        user.give()
-        loaded = _load(user, busybox_image)
-        assert loaded.returncode == 0, loaded.stderr
-        out = user.base / "image.tar"
-        done = user.lamina("build", "-q", "-o", f"type=oci,dest={out}", str(user.base / "ctx"))
-        assert done.returncode == 0, done.stderr
-        layer = image_layers(out)[-1]
+        _ready(user, busybox_image)
+        layer = _built_layers(user, "ctx")[-1]
     assert layer[b"null3"].ischr() and (layer[b"null3"].devmajor, layer[b"null3"].devminor) == (1, 3)
     assert _tar_member(layer, "o2")[:2] == (7, 8)
 
@@ -387,13 +374,8 @@ def test_a_workdir_made_again_is_roots(tmp_path: Path, busybox_image: Path, rang
     with plain_user("lamina-perm-", ranged=ranged) as user:
         write_context(user.base / "runs", head + "RUN touch /tmp/f\n")
         write_context(user.base / "writes", head + "RUN touch f\n")
-        user.give()
-        loaded = _load(user, busybox_image)
-        assert loaded.returncode == 0, loaded.stderr
-        out = user.base / "image.tar"
-        done = user.lamina("build", "-q", "-o", f"type=oci,dest={out}", str(user.base / "runs"))
-        assert done.returncode == 0, done.stderr
-        layer = image_layers(out)[-1]
+        _ready(user, busybox_image)
+        layer = _built_layers(user, "runs")[-1]
         writes = user.lamina("build", "-q", str(user.base / "writes"))
     assert _tar_member(layer, "w") == (0, 0, 0o755) and b"tmp/f" in layer
     assert writes.returncode == 1, writes.stderr
