@@ -253,11 +253,10 @@ class _Walk:
         self.reused = reused
         if not reused and made is not None:
             self.drafts = {draft.rel: draft for draft in drafts}
+            drafts.clear()  # each draft is let go as it is expanded
             for item in self._expand_items(self.real):
                 made.append(item)
             self.drafts = {}
-            for draft in drafts:  # the selection is made: no walk will want these listings
-                statpass.drop(tree.scope or "", draft.rel)
         drafts.clear()
         if reused:
             tree.stat_cache.hold(tree.scope)  # digests it did not look up are still in use
@@ -377,8 +376,11 @@ class _Walk:
 
     def _expand_items(self, rel: str) -> Iterator[CopyItem]:
         """The items below directory `rel` in walk order, from the drafts (as `_expand`);
-        made one at a time (a first build's are packed into the selection as they come)."""
-        for item, name, left_out in self.drafts[rel].children():
+        made one at a time (a first build's are packed into the selection as they come), each
+        draft let go once expanded: the drafts and the selection are never whole at once."""
+        draft = self.drafts.pop(rel)
+        statpass.drop(self.tree.scope or "", rel)  # the selection is made from it: no walk will want it
+        for item, name, left_out in draft.children():
             below = self._expand_items(f"{rel}/{name}" if rel else name) if name is not None else iter(())
             if left_out:  # written before its first kept descendant, if it has one
                 first = next(below, None)
