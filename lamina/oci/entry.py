@@ -55,6 +55,9 @@ class LayerEntry:
     xattrs: tuple[tuple[str, bytes], ...] = ()  # sorted by name
     # A fresh reader of exactly `size` bytes, for FILE entries.
     open: Callable[[], BinaryIO] | None = dataclasses.field(default=None, compare=False)
+    # Whether a later HARDLINK of the same layer may name this FILE: False where its maker
+    # knows none will (a walk's file of one link), so the writer need not remember its path.
+    linkable: bool = dataclasses.field(default=True, compare=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -106,7 +106,7 @@ def write_layer(
                 sink.write(entry.data)
                 continue
             previous = _check_entry(entry, previous, seen_files)
-            if entry.type is EntryType.FILE:
+            if entry.type is EntryType.FILE and entry.linkable:  # a million paths kept otherwise
                 seen_files.add(entry.path)
             _add(sink, entry, source_date_epoch)
         sink.write(_END_OF_ARCHIVE)

@@ -275,6 +275,7 @@ def _entry(
         # A hard link shares its target's inode, xattrs included.
         xattrs=() if kind is EntryType.HARDLINK else read_xattrs(host_path),
         open=opener,
+        linkable=st.st_nlink > 1,  # only such a file can be a `first_path` a HARDLINK names
     )
 
 
