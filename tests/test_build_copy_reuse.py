@@ -130,7 +130,6 @@ def test_the_rerun_layer_blob_takes_unchanged_files_from_the_last_blob(
     """The rerun's layer blob is written from the last run's blob for every file it linked
     (not read again from disk) and is byte for byte a cold build's: renames, a deletion,
     a mode change, a changed file in the middle and a new one."""
-    from lamina.oci import walk
 
     files = {f"d{i % 3}/f{i:02d}": f"{i}\n" * i for i in range(1, 40)}
     files["d1/" + "long" * 40] = "a pax path record\n"
@@ -142,14 +141,7 @@ def test_the_rerun_layer_blob_takes_unchanged_files_from_the_last_blob(
     (ctx / "d2/f08").chmod(0o700)
     (ctx / "d1/f19").write_text("changed in the middle\n")
     (ctx / "d0/new").write_text("added\n")
-    opened: list[str] = []
-    real_open = walk._open_file
-
-    def spy(host_path: str) -> object:
-        opened.append(host_path)
-        return real_open(host_path)
-
-    monkeypatch.setattr(walk, "_open_file", spy)
+    opened = _spy_opens(monkeypatch)
     linked = build(cache, ctx, source_date_epoch=1700000000)
     monkeypatch.undo()
     assert not linked.steps[-1].cached
@@ -166,18 +158,11 @@ def test_a_cold_copy_layer_is_written_from_the_bytes_it_copied(
     """A first build reads each context file once: the layer's tar takes the bytes the copy
     wrote (oci.fresh) rather than opening the new files again, and is the blob reading
     them from disk gives."""
-    from lamina.oci import fresh, walk
+    from lamina.oci import fresh
 
     files = {f"d{i % 3}/f{i:02d}": f"{i}\n" * i for i in range(1, 30)}
     ctx = write_context(tmp_path / "ctx", DOCKERFILE, files)
-    opened: list[str] = []
-    real_open = walk._open_file
-
-    def spy(host_path: str) -> object:
-        opened.append(host_path)
-        return real_open(host_path)
-
-    monkeypatch.setattr(walk, "_open_file", spy)
+    opened = _spy_opens(monkeypatch)
     first = build(cache, ctx, source_date_epoch=1700000000)
     monkeypatch.setattr(fresh, "opener", lambda path, st: None)
     from_disk = build(make_cache(tmp_path / "disk", busybox_image), ctx, source_date_epoch=1700000000)
@@ -186,6 +171,21 @@ def test_a_cold_copy_layer_is_written_from_the_bytes_it_copied(
     assert read_first == []
     in_context = sum(1 for path in ctx.rglob("*") if path.is_file())  # the Dockerfile too
     assert len([path for path in opened if "/data/" in path]) == in_context  # the disk build read them
+
+
+def _spy_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The host paths the layer walk opens to read a file from disk, as it opens them."""
+    from lamina.oci import walk
+
+    opened: list[str] = []
+    real_open = walk._open_file
+
+    def spy(host_path: str) -> object:
+        opened.append(host_path)
+        return real_open(host_path)
+
+    monkeypatch.setattr(walk, "_open_file", spy)
+    return opened
 
 
 def _splice_context(ctx: Path) -> Path:
