@@ -20,7 +20,7 @@ import pytest
 from lamina.errors import LayerError
 from lamina.oci import compression as compression_module
 from lamina.oci.compression import Compression, open_decompressed
-from lamina.oci.entry import EntryType, LayerEntry
+from lamina.oci.entry import EntryType, LayerEntry, Verbatim
 from lamina.oci.layer import LayerInfo, describe_layer, entry_key, recompress, sorted_entries, write_layer
 from lamina.oci.walk import entries_from_tree
 
@@ -370,3 +370,18 @@ def test_zstd_concatenated_and_skippable_frames_decode() -> None:
     assert described.diff_id == info.diff_id
     with pytest.raises(LayerError, match="bad frame magic"):
         describe_layer(io.BytesIO(frames[0] + b"trailing garbage"))
+
+
+def test_a_hardlink_may_name_a_file_of_an_earlier_verbatim_run_and_nothing_else() -> None:
+    plain, _ = write([LayerEntry("d/a", EntryType.FILE), LayerEntry("d/b", EntryType.FILE)], Compression.NONE)
+    members = plain[: 2 * 512]  # two empty files: a header each
+    after = LayerEntry("e", EntryType.HARDLINK, linkname="d/b")
+    tar, _ = write(
+        [LayerEntry("d", EntryType.DIR), Verbatim("d/a", "d/b", "d/a\0d/b", members), after], Compression.NONE
+    )
+    assert tar[512 : 3 * 512] == members
+    with tarfile.open(fileobj=io.BytesIO(tar)) as read:
+        assert [(m.name, m.linkname) for m in read] == [("d", ""), ("d/a", ""), ("d/b", ""), ("e", "d/b")]
+    unnamed = Verbatim("d/a", "d/b", "d/a", members)  # d/b is not one a link may name
+    with pytest.raises(LayerError, match="'d/b' is not an earlier file"):
+        write([LayerEntry("d", EntryType.DIR), unnamed, after], Compression.NONE)

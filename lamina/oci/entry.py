@@ -65,9 +65,10 @@ class Verbatim:
     """Consecutive whole tar members taken as they are from an earlier layer's tar
     (`oci.donor`): the entries `first` to `last`, which a walk would encode as exactly
     `data` (headers, content and padding). `files` are those of them that are regular
-    files, which later hard links of the same layer may name."""
+    files, which later hard links of the same layer may name, in order, joined by NUL
+    (one string, not a string each: a rerun COPY's layer has a million of them)."""
 
     first: str
     last: str
-    files: tuple[str, ...]
+    files: str
     data: bytes

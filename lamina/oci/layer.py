@@ -18,6 +18,7 @@ Determinism, so that the same input gives the same bytes:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import queue
@@ -98,11 +99,11 @@ def write_layer(
     sink = _HashingSink(out, encoder(compression), compression)
     try:
         previous: tuple[bytes, ...] | None = None
-        seen_files: set[str] = set()
+        seen_files = _SeenFiles()
         for entry in entries:
             if isinstance(entry, Verbatim):
                 previous = _check_verbatim(entry, previous)
-                seen_files.update(entry.files)
+                seen_files.add_run(entry)
                 sink.write(entry.data)
                 continue
             previous = _check_entry(entry, previous, seen_files)
@@ -159,8 +160,34 @@ def describe_layer(
     )
 
 
+class _SeenFiles:
+    """The layer's regular files so far that a later HARDLINK may name: a set of paths,
+    and each `Verbatim`'s joined `files` as they are, found by key when asked for."""
+
+    __slots__ = ("_paths", "_run_files", "_run_keys")
+
+    def __init__(self) -> None:
+        self._paths: set[str] = set()
+        self._run_keys: list[tuple[bytes, ...]] = []  # each run's first key, ascending
+        self._run_files: list[str] = []
+
+    def add(self, path: str) -> None:
+        self._paths.add(path)
+
+    def add_run(self, run: Verbatim) -> None:
+        if run.files:
+            self._run_keys.append(entry_key(run.first))
+            self._run_files.append(run.files)
+
+    def __contains__(self, path: str) -> bool:
+        if path in self._paths:
+            return True
+        at = bisect.bisect_right(self._run_keys, entry_key(path)) - 1  # the run it would be in
+        return at >= 0 and path in self._run_files[at].split("\0")
+
+
 def _check_entry(
-    entry: LayerEntry, previous: tuple[bytes, ...] | None, seen_files: set[str]
+    entry: LayerEntry, previous: tuple[bytes, ...] | None, seen_files: _SeenFiles
 ) -> tuple[bytes, ...]:
     path = entry.path
     parts = path.split("/")

@@ -36,6 +36,7 @@ from typing import BinaryIO, Protocol, overload
 from lamina.errors import LayerError
 from lamina.oci import opened, xattrs
 from lamina.oci.entry import EntryType, LayerEntry, Verbatim, type_of_mode
+from lamina.oci.firstpaths import FirstPaths
 from lamina.oci.overlay import OPAQUE_MARKER, WHITEOUT_PREFIX, is_opaque, is_whiteout
 
 # (uid, gid) on the host -> (uid, gid) recorded in the layer, e.g. to map a
@@ -138,7 +139,7 @@ def entries_from_tree(
         stack = [("", iter(listing("")))]
     except OSError as err:
         raise LayerError(f"walk {root}: {err.strerror or err}") from err
-    first_path: dict[tuple[int, int], str] = {}
+    first_path = FirstPaths()
     while stack:
         prefix, children = stack[-1]
         child = next(children, None)
@@ -213,7 +214,7 @@ def _taken(
     top: str,
     prefix: str,
     run: _Run,
-    first_path: dict[tuple[int, int], str],
+    first_path: FirstPaths,
     uid_map: IdMap | None,
     content: Opener | None,
 ) -> Iterator[LayerEntry | Verbatim]:
@@ -222,14 +223,14 @@ def _taken(
     paths = [prefix + name for name, _ in files]
     # What `_entry` would note, in the same order: each of these inodes is linked from the old
     # layer too (st_nlink > 1), so the first path met is every later path's link target.
-    links = [first_path.setdefault((device, ino), path) for path, (_, ino) in zip(paths, files, strict=True)]
+    links = first_path.firsts(device, prefix, files)
     at = 0
     while at < len(paths):
         count, data = holder.take(paths, links, at)
         if count:
             end = at + count
             pairs = zip(paths[at:end], links[at:end], strict=True)
-            firsts = tuple(path for path, first in pairs if first == path)
+            firsts = "\0".join(path for path, first in pairs if first == path)
             yield Verbatim(paths[at], paths[end - 1], firsts, data)
             at = end
             continue
@@ -243,7 +244,7 @@ def _entry(
     host_path: str,
     layer_path: str,
     st: os.stat_result,
-    first_path: dict[tuple[int, int], str],
+    first_path: FirstPaths,
     uid_map: IdMap | None,
     content: Callable[[str, os.stat_result], Callable[[], BinaryIO] | None] | None = None,
 ) -> LayerEntry:
@@ -252,7 +253,7 @@ def _entry(
     uid, gid = (st.st_uid, st.st_gid) if uid_map is None else uid_map(st.st_uid, st.st_gid)
     size, linkname, opener = 0, "", None
     if kind is EntryType.FILE and st.st_nlink > 1:
-        first = first_path.setdefault((st.st_dev, st.st_ino), layer_path)
+        first = first_path.first(st.st_dev, st.st_ino, layer_path)
         if first != layer_path:
             kind, linkname = EntryType.HARDLINK, first
     if kind is EntryType.FILE:
