@@ -258,6 +258,20 @@ def test_a_directory_changed_in_its_racy_window_is_not_recorded(keys: Keys) -> N
     assert "a/b" in keys.drafted  # not stored the first time: made again
 
 
+@pytest.mark.parametrize("cut", [1, 40, -1])
+def test_a_torn_records_file_is_not_used(keys: Keys, cut: int) -> None:
+    keys.from_records(["."])
+    (stored,) = (keys.cache / dirkeys.DIR_NAME).iterdir()
+    data = stored.read_bytes()
+    stored.write_bytes(data[:cut])  # a crash mid-write, before its end mark
+    keys.drafted.clear()
+    assert keys.from_records(["."]) == keys.fresh(["."])
+    assert "a/b" in keys.drafted and "" in keys.drafted  # every directory made again
+    keys.drafted.clear()
+    keys.from_records(["."])
+    assert keys.drafted == []  # and stored whole again
+
+
 def test_a_rebuild_that_reused_records_keeps_the_stat_cache_whole(keys: Keys) -> None:
     keys.from_records(["."])
     shard = StatCache(keys.cache).shard_path(os.path.realpath(keys.root))

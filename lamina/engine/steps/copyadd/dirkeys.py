@@ -41,7 +41,6 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from lamina.engine import context, statpass
 from lamina.engine.context import SourceTree, TreeEntry, entry_record
@@ -67,7 +66,7 @@ from lamina.oci.entry import EntryType
 
 __all__ = ["DIR_NAME", "Keyed", "context_key"]
 
-FORMAT = "lamina-dirkeys-1"  # bump when a record's meaning changes
+FORMAT = "lamina-dirkeys-2"  # bump when a record's meaning changes
 DIR_NAME = "dirkeys"
 _SETTLE_NS = 100_000_000  # as the stat cache's: far above any kernel timestamp granularity
 _BATCH = 20_000  # items whose digests and records are made at once (bounded memory)
@@ -240,6 +239,8 @@ class _Walk:
                 draft = self._draft(rel, fp, count, found, state, xstate)
                 if draft is None:
                     return False
+                # Its items are the listing's, made: keying a million files otherwise holds both.
+                statpass.drop(tree.scope or "", rel)
                 drafts.append(draft)
                 subs = draft.subs
             for name in subs:
@@ -379,7 +380,6 @@ class _Walk:
         made one at a time (a first build's are packed into the selection as they come), each
         draft let go once expanded: the drafts and the selection are never whole at once."""
         draft = self.drafts.pop(rel)
-        statpass.drop(self.tree.scope or "", rel)  # the selection is made from it: no walk will want it
         for item, name, left_out in draft.children():
             below = self._expand_items(f"{rel}/{name}" if rel else name) if name is not None else iter(())
             if left_out:  # written before its first kept descendant, if it has one
@@ -405,29 +405,36 @@ def _encode(text: str) -> bytes:
 
 def _load(path: Path, context: str) -> dict[str, _Record]:
     """The records of a keying context; empty when none, torn or of another format."""
+    records: dict[str, _Record] = {}
     try:
-        data = path.read_bytes()
-        loaded: Any = marshal.loads(data)
+        with open(path, "rb") as f:
+            if marshal.load(f) != (FORMAT, context):
+                return {}
+            while (pair := marshal.load(f)) is not None:
+                rel, record = pair
+                records[rel] = record
     except (OSError, ValueError, EOFError, TypeError):
         return {}
-    if not isinstance(loaded, tuple) or len(loaded) != 3 or loaded[:2] != (FORMAT, context):
-        return {}
-    records = loaded[2]
-    return records if isinstance(records, dict) else {}
+    return records
 
 
 def _save(path: Path, context: str, records: dict[str, _Record]) -> None:
     """Replace the file by rename (a reader sees the old one or the new one, whole); records
-    made unsettled (no listing digest) are left out. Unwritable: keyed again next time."""
+    made unsettled (no listing digest) are left out. Unwritable: keyed again next time.
+    Written a record at a time, then None: a million files' records are ~60 MB, which one
+    `marshal.dumps` of them all would hold again, at the build's peak."""
     import tempfile
 
-    kept = {rel: record for rel, record in records.items() if record[0]}
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-dirkeys-", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(marshal.dumps((FORMAT, context, kept)))
+                marshal.dump((FORMAT, context), f)
+                for rel, record in records.items():
+                    if record[0]:
+                        marshal.dump((rel, record), f)
+                marshal.dump(None, f)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
