@@ -20,13 +20,25 @@ def test_a_stream_cut_anywhere_reads_back_every_destination() -> None:
     for cut in (1, 3, 50, 97, len(stream)):
         files = read_written(stream[at : at + cut] for at in range(0, len(stream), cut))
         assert len(files) == len(dests)
-        assert all(files.get(dest) == _record(i) for i, dest in enumerate(dests))
-        assert files.get("ctx/d0/f9.txt") is None
+        assert all(files.get(dest, _record(i)) == _record(i) for i, dest in enumerate(dests))
+        assert files.get("ctx/d0/f9.txt", _record(9)) is None
 
 
 def test_a_destination_written_twice_answers_with_the_last_record() -> None:
     files = read_written([encode("a", _record(1)) + encode("a", _record(2))])
-    assert files.get("a") == _record(2)
+    assert files.get("a", _record(2)) == _record(2)
+    assert files.get("a", _record(1)) is None
+
+
+def test_a_record_answers_only_for_the_file_it_describes() -> None:
+    files = read_written([encode("a", _record(1))])
+    wanted = _record(1)
+    asked = WRITTEN.pack(*WRITTEN.unpack(wanted)[:6], 0, 0)  # what a rerun knows: not the inode
+    assert files.get("a", asked) == wanted  # the inode and flags are the record's own
+    for field, other in enumerate((b"\7" * 32, 0o600, 5, 5, 10**18, 99)):
+        changed = list(WRITTEN.unpack(asked))
+        changed[field] = other
+        assert files.get("a", WRITTEN.pack(*changed)) is None, field
 
 
 def test_a_torn_stream_is_refused() -> None:
@@ -51,7 +63,7 @@ def test_a_copys_records_are_spooled_kept_and_loaded_by_position_and_layer(tmp_p
         )
     priorcopy.keep(spooled, store, "COPY at 3", "aa11")
     files = priorcopy.load(store, "COPY at 3", "aa11")
-    assert files is not None and files.get("out/f999") == _record(999)
+    assert files is not None and files.get("out/f999", _record(999)) == _record(999)
     assert priorcopy.load(store, "COPY at 3", "bb22") is None  # another layer's: none
     assert priorcopy.load(store, "COPY at 4", "aa11") is None  # another position's: none
     # The next run of the same COPY replaces the position's file.

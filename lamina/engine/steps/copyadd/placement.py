@@ -74,9 +74,6 @@ _IN_FLIGHT = 4 * _THREADS  # batches submitted and not yet collected
 _T = TypeVar("_T")
 
 
-_SAME = WRITTEN.size - 9  # the part of a record that says what the file holds (not where)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class PriorCopy:
     """The files an earlier run of the same COPY wrote, by destination (`WRITTEN`
@@ -450,14 +447,12 @@ class _Writer:
         """Hard-link the file the last run wrote for `item`, if it is exactly this one."""
         if self.prior is None:
             return False
-        before = self.prior.files.get(item.dest)
-        if before is None:
-            return False
         entry = item.entry
         when = self.mtime_ns if self.mtime_ns is not None else entry.mtime_ns
         digest = self.tree.file_digest(entry)
         wanted = WRITTEN.pack(digest, item.mode, item.uid, item.gid, when, entry.size, 0, 0)
-        if before[:_SAME] != wanted[:_SAME]:
+        before = self.prior.files.get(item.dest, wanted)
+        if before is None:
             return False
         *_, inode, flags = WRITTEN.unpack(before)
         source = os.path.join(self.prior.root, item.dest)

@@ -10,13 +10,15 @@ a million of them: they are never held as objects, nor as one string.
 - `keep` names that file after the COPY's position (`where`, one file per
   position, replaced by each run) and the layer directory it describes.
 - The next run `load`s it a chunk at a time into a `PriorFiles` table keyed
-  by a 16-byte hash of the destination (~100 bytes a file, where a dict of
-  paths and records took ~220 and the base64 text of the stream three
+  by an 8-byte hash of the destination, each row a 16-byte hash of what the
+  file held (digest, mode, owner, mtime, size) beside its inode and flags
+  (~45 bytes a file with the index, where the whole records took ~100, a
+  dict of paths and records ~220, and the base64 text of the stream three
   transient copies of it).
 
 Two destinations whose hashes collide would only cost a copy: a record is
 trusted only for the file whose inode, size, mtime, mode, owner and digest
-it names (`placement._Writer.link_prior`).
+it names (`placement._Writer.link_prior`), at the destination's own path.
 
 A record also says whether its file's source had other hard links (`IN_GROUP`):
 only such a file can be one inode under several destinations of the layer, and
@@ -63,7 +65,11 @@ IN_GROUP = 2  # its source had other hard links (st_nlink > 1): its inode may be
 # before IN_GROUP (which says nothing of hard links) is not used.
 FORMAT = 2
 _DEST = struct.Struct("<H")
-_HASH = 16  # bytes of blake2b naming a destination in the table
+SAME = WRITTEN.size - 9  # the part of a record that says what the file holds (not where)
+# Bytes of blake2b naming a destination in the table (two that collide cost a copy: the
+# inode a record names is checked at the destination's own path), and of a record's `SAME`.
+_HASH = 8
+_FIELDS_HASH = 16
 _CHUNK = 1 << 20  # compressed bytes read at a time
 _DAYS = 30  # files of COPY positions not built for this long are removed
 
@@ -78,22 +84,32 @@ def _name_key(dest: str) -> bytes:
     return hashlib.blake2b(dest.encode("utf-8", "surrogateescape"), digest_size=_HASH).digest()
 
 
+def _fields_key(record: bytes) -> bytes:
+    return hashlib.blake2b(record[:SAME], digest_size=_FIELDS_HASH).digest()
+
+
 class PriorFiles:
-    """The `WRITTEN` record of each destination (the last one a stream gave for it)."""
+    """The `WRITTEN` record of each destination (the last one a stream gave for it), held
+    as a hash of what its file holds (`SAME`) beside its inode and flags: 33 bytes a row."""
 
     __slots__ = ("_table",)
 
     def __init__(self) -> None:
-        self._table = PackedTable(_HASH, WRITTEN.size)
+        self._table = PackedTable(_HASH, _FIELDS_HASH + WRITTEN.size - SAME)
 
     def __len__(self) -> int:
         return len(self._table)
 
-    def get(self, dest: str) -> bytes | None:
-        return self._table.get(_name_key(dest))
+    def get(self, dest: str, wanted: bytes) -> bytes | None:
+        """The record of `dest` when the file written there held what `wanted` (a `WRITTEN`
+        record, inode and flags aside) says, with that file's inode and flags; else None."""
+        row = self._table.get(_name_key(dest))
+        if row is None or row[:_FIELDS_HASH] != _fields_key(wanted):
+            return None
+        return wanted[:SAME] + row[_FIELDS_HASH:]
 
     def add(self, dest: str, record: bytes) -> None:
-        self._table.add(_name_key(dest), record)
+        self._table.add(_name_key(dest), _fields_key(record) + record[SAME:])
 
 
 def read_written(chunks: Iterable[bytes]) -> PriorFiles:
