@@ -35,7 +35,7 @@ from lamina.oci.image import (
     Manifest,
     descriptor_of,
 )
-from lamina.oci.layout import CHUNK, Files, SourceImage, archive_member, familiar_name, read_capped
+from lamina.oci.layout import Files, SourceImage, archive_member, archive_writer, familiar_name, read_capped
 
 _HEX_PATH = re.compile(r"(?:^|/)(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?$")
 
@@ -166,7 +166,7 @@ def write_docker_archive(out: BinaryIO, images: Sequence[DockerImage]) -> None:
     files["manifest.json"] = _document(manifest)
     files["repositories"] = _document(dict(sorted(repositories.items())))
     directories = sorted({name.rsplit("/", 1)[0] for name in files if "/" in name})
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
+    with archive_writer(out) as tar:
         members = [(d, None) for d in directories] + [(n, files[n]) for n in files]
         for name, content in sorted(members, key=lambda m: m[0]):
             if content is None:

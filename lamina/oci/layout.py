@@ -473,7 +473,7 @@ def write_oci_archive(out: BinaryIO, images: Sequence[ExportImage], source: Blob
     Members are written in sorted order: blobs/, blobs/sha256/, the blobs,
     index.json, manifest.json, oci-layout.
     """
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
+    with archive_writer(out) as tar:
         for directory in ("blobs", "blobs/sha256"):
             tar.addfile(archive_member(directory, tarfile.DIRTYPE, 0))
         for descriptor in _blobs_of(images):
@@ -596,6 +596,33 @@ def shown_path(path: object, tmp: Path, dest: Path) -> str:
     if text == str(tmp) or text.startswith(str(tmp) + os.sep):
         return str(dest) + text[len(str(tmp)) :]
     return text
+
+
+def archive_writer(out: BinaryIO) -> tarfile.TarFile:
+    """A tar writer appending to `out` (a file, or a pipe: stdout), in one pass.
+
+    tarfile's mode 'w' over a writer that counts what it was given, not its stream mode
+    'w|': that one keeps a 10 KiB record buffer which it re-copies whole for every record
+    it writes out, so each 1 MiB chunk copied in costs ~50 MiB of copying (a 100 MB layer
+    took 340 ms, not 80). The bytes written are the same in both modes.
+    """
+    return tarfile.open(fileobj=_Appending(out), mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK)
+
+
+class _Appending:
+    """`out` with tell(), which mode 'w' asks once to learn where the archive starts."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._offset = 0
+
+    def write(self, data: bytes) -> int:
+        self._out.write(data)
+        self._offset += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._offset
 
 
 def archive_member(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
