@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -434,6 +433,8 @@ def _save(
         with atomic_output(path) as out:
             write_oci_archive(out, [export], store)
         return image.manifest
+    import tempfile
+
     with tempfile.TemporaryDirectory(dir=store.root, prefix=".tmp-save-") as tmp, atomic_output(path) as out:
         _write_docker(store, record, image, Path(tmp), out)
     return image.manifest

@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import math
 import os
@@ -211,6 +210,7 @@ class BlobWriter:
     """
 
     def __init__(self, directory: Path) -> None:
+        import hashlib  # here: a store that is only read (save, images) never loads OpenSSL
         import tempfile
 
         fd, name = tempfile.mkstemp(dir=directory, prefix=".tmp-")
