@@ -44,3 +44,13 @@ def test_a_value_set_in_place_is_what_is_read_and_written_out() -> None:
     assert table.get(_key(3)) == b"!!"
     assert b"".join(table.chunks(size=30)) == bytes(table.rows)  # in chunks of whole rows
     assert b"".join(table.chunks(iter([3, 0]))) == _key(3) + b"!!" + _key(0) + b".."
+
+
+def test_setdefault_keeps_the_first_value_of_a_key_across_growth() -> None:
+    table = PackedTable(8, 4)
+    for i in range(3000):
+        assert table.setdefault(_key(i), i.to_bytes(4, "little")) == i
+    for i in range(0, 3000, 7):
+        assert table.setdefault(_key(i), b"\xff" * 4) == i  # there: its row, unchanged
+        assert table.get(_key(i)) == i.to_bytes(4, "little")
+    assert len(table) == 3000

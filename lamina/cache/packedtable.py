@@ -120,6 +120,27 @@ class PackedTable:
         index[slot] = row + 1
         return row
 
+    def setdefault(self, key: bytes, value: bytes) -> int:
+        """The newest row of `key`; when it has none, a new row of `key` and `value` (its
+        number is then the table's length before the call). One probe where `find`
+        then `add` make two."""
+        if len(key) != self.key_size or len(key) + len(value) != self.row_size:
+            raise ValueError(f"a row is {self.key_size} + {self.row_size - self.key_size} bytes")
+        (index, mask), rows, size = self._index, self.rows, self.row_size
+        slot = hash(key) & mask
+        while found := index[slot]:
+            if rows.startswith(key, (found - 1) * size):
+                return found - 1
+            slot = (slot + 1) & mask
+        row = len(rows) // size
+        rows += key + value
+        self._last = (None, -1)
+        if 2 * (row + 1) > len(index):
+            self._reindex(2 * (row + 1))
+        else:
+            index[slot] = row + 1
+        return row
+
     def set_value(self, row: int, value: bytes) -> None:
         """Overwrite a row's value in place (same key, same length)."""
         at = row * self.row_size + self.key_size

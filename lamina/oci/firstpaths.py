@@ -48,14 +48,13 @@ class FirstPaths:
         start = self._count
         found: list[str] = []
         names: list[str] = []
-        pack, find, add = _INODE.pack, table.find, table.add
+        pack, ordinal, enter = _INODE.pack, _ORDINAL.pack, table.setdefault
         for name, inode in files:
-            key = pack(inode)
-            row = find(key)
-            if row >= 0:
+            new = len(table)
+            row = enter(pack(inode), ordinal(start + len(names)))
+            if row < new:  # entered before: a hard link
                 found.append(self._path(_ORDINAL.unpack(table.value(row))[0], prefix, names, start))
                 continue
-            add(key, _ORDINAL.pack(start + len(names)))
             names.append(name)
             found.append(prefix + name)
         if names:
