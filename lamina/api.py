@@ -824,6 +824,8 @@ def _cdi_dirs(env: Mapping[str, str]) -> tuple[str, ...]:
 
 def _source_policy(env: Mapping[str, str], context: Any, dockerfile: Any) -> Any:
     """$EXPERIMENTAL_BUILDKIT_SOURCE_POLICY, as buildx reads it; the main context judged by it."""
+    if not env.get("EXPERIMENTAL_BUILDKIT_SOURCE_POLICY"):  # sourcepolicy.ENV_VAR: unset, not loaded
+        return None
     import os
 
     from lamina.engine import sourcepolicy
@@ -948,6 +950,9 @@ def _output_specs(
     compression: str,
 ) -> tuple[tuple[Any, ...], tuple[tuple[str, str], ...] | None]:
     """The -o outputs with --annotation applied, and the --provenance attributes, all checked."""
+    annotations = tuple(annotations)
+    if not specs and not any(annotations) and provenance is None and sbom is None:
+        return (), None  # the store's image alone (a no-op rebuild loads no output parser)
     from lamina.engine.outputspec import (
         check_outputs,
         parse_annotation_flags,

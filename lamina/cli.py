@@ -1048,6 +1048,8 @@ def build(
 
 def _output_on_stdout(outputs: Sequence[str]) -> bool:
     """An output is written to stdout: `-`, or a dest that is the file stdout is (/dev/stdout)."""
+    if not outputs:
+        return False
     import os
 
     from lamina.engine.outputspec import parse_outputs

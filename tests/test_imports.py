@@ -57,5 +57,8 @@ def test_noop_rebuild_replays_without_the_build_machinery(tmp_path: Path) -> Non
         "concurrent.futures",
         "lamina.engine.output",
         "shutil",
+        "subprocess",  # the isolation probe's, run only for a RUN
+        "lamina.engine.outputspec",  # no -o given
+        "lamina.engine.sourcepolicy",  # no policy set
     }
     assert not again & heavy, sorted(again & heavy)

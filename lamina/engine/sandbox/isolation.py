@@ -26,7 +26,6 @@ import dataclasses
 import enum
 import functools
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -124,6 +123,8 @@ def _caps() -> int:
 @functools.cache
 def probe() -> Probe:
     """Measure, once per process, which namespaces this process may make."""
+    import subprocess  # here: a no-op rebuild, which runs nothing, does not load it
+
     try:
         done = subprocess.run(
             [sys.executable, "-I", "-S", _HELPER, "--probe"],

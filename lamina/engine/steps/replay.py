@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lamina.cache.store import Store
     from lamina.engine.model import BuildOptions, BuildResult
+    from lamina.engine.outputspec import OutputSpec
     from lamina.engine.progress import ProgressSink
 
 MEMO_VERSION = "lamina-build-memo-v1"
@@ -44,13 +45,14 @@ _URL_ADD = re.compile(rb"(?im)^[ \t]*(?:onbuild[ \t]+)?add\b[^\n]*\bhttps?://")
 def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None:
     """The memo key of this build, or None when it must not be replayed."""
     from lamina.engine.buildfiles import dockerfile_ignore_file
-    from lamina.engine.outputspec import OutputType
 
     if options.no_cache or options.no_cache_filter or options.pull or options.dry_run:
         return None
     # type=oci writes the committed image as it is (imageexport.default_export); docker's
     # media types, local and tar trees are made by the build.
-    if any(output.type not in (OutputType.IMAGE, OutputType.OCI) for output in options.outputs):
+    oci = _outputs_of(options, "oci")
+    images = _outputs_of(options, "image")
+    if len(oci) + len(images) != len(options.outputs):
         return None
     # An image output with exporter attributes, or attestations, makes its own image (imageexport).
     if options.provenance is not None or options.sbom is not None:
@@ -74,7 +76,7 @@ def memo_key(options: BuildOptions, dockerfile: Path, data: bytes) -> str | None
         "compression": options.compression,
         "epoch": options.source_date_epoch,
         # a type=oci output writes the image as it is: a plain build's memo serves it
-        "outputs": [(o.type.value, list(o.names)) for o in options.outputs if o.type is OutputType.IMAGE],
+        "outputs": [(o.type.value, list(o.names)) for o in images],
         # what a RUN sees beyond its key (a required ssh mount fails without --ssh), and the
         # images a --build-context stands in for
         "ssh": sorted(agent.id for agent in options.ssh),
@@ -172,9 +174,7 @@ def replay(
     if stored.index is not None:  # as multiplatform._tag: every document and blob
         size += sum(d.size for d in (stored.main, *stored.extra))
     created = stored.created or config.created or ""
-    from lamina.engine.outputspec import OutputType
-
-    wanted = [*options.tags, *(n for o in options.outputs if o.type is OutputType.IMAGE for n in o.names)]
+    wanted = [*options.tags, *(n for o in _outputs_of(options, "image") for n in o.names)]
     names = []
     for name in wanted:
         full = store_name(name)
@@ -196,9 +196,17 @@ def replay(
 
 def _wants_manifest(options: BuildOptions) -> bool:
     """Whether this build needs its image's manifest now (not left pending: cache.store)."""
+    return not options.lazy_image or bool(_outputs_of(options, "oci"))
+
+
+def _outputs_of(options: BuildOptions, kind: str) -> list[OutputSpec]:
+    """The build's outputs of type `kind` (an OutputType value). A plain `lamina build` has
+    none: its no-op rebuild then never loads the -o parser (engine.outputspec)."""
+    if not options.outputs:
+        return []
     from lamina.engine.outputspec import OutputType
 
-    return not options.lazy_image or any(o.type is OutputType.OCI for o in options.outputs)
+    return [output for output in options.outputs if output.type is OutputType(kind)]
 
 
 def _same_base(store: Store, name: str, platform: str, digest: str) -> bool:
@@ -274,9 +282,7 @@ def _write_outputs(
     store: Store, options: BuildOptions, stored: _Stored, names: tuple[str, ...], sink: ProgressSink
 ) -> None:
     """The replayed build's `type=oci` outputs, written as executor._finish writes them."""
-    from lamina.engine.outputspec import OutputType
-
-    wanted = [output for output in options.outputs if output.type is OutputType.OCI]
+    wanted = _outputs_of(options, "oci")
     if not wanted:
         return
     from lamina.engine.imageexport import ExportedImage
