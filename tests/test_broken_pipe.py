@@ -97,6 +97,19 @@ def test_save_without_o_writes_stdout_and_refuses_a_terminal(tmp_path: Path, ctx
     )
 
 
+@pytest.mark.parametrize("fmt", ["oci", "docker"])
+def test_save_through_a_pipe_writes_the_bytes_of_a_file(tmp_path: Path, ctx: Path, fmt: str) -> None:
+    # `lamina save IMAGE | ...` streams the archive (no seek on a pipe): the same bytes as -o FILE.
+    cache = tmp_path / "cache"
+    assert lamina(cache, "build", "-q", "-t", "pipe:1", str(ctx), stdout=subprocess.DEVNULL).wait(120) == 0
+    saved = lamina(cache, "save", "--format", fmt, "pipe:1", "-o", str(tmp_path / "x.tar"))
+    assert saved.wait(timeout=120) == 0
+    piped = lamina(cache, "save", "--format", fmt, "pipe:1", stdout=subprocess.PIPE)
+    out, err = piped.communicate(timeout=120)
+    assert piped.returncode == 0, err
+    assert len(out) > 1 << 20 and out == (tmp_path / "x.tar").read_bytes()
+
+
 def test_quiet_build_to_stdout_by_name_prints_the_id_on_stderr(tmp_path: Path, ctx: Path) -> None:
     # -o dest=/proc/self/fd/1 (or /dev/stdout) is stdout too: the image ID after the archive
     # would spoil it. (/proc/self/fd/1, not /dev/stdout: were the write a rename, /proc refuses.)
