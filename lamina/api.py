@@ -75,7 +75,8 @@ def plan(
     if not is_local(context, named):  # `-`, `-f -`, a git or http URL: as `lamina build` reads them
         from lamina.engine.buildchecks import shown_dockerfile
         from lamina.engine.contextsource import resolved
-        from lamina.engine.dockerfile.parser import parse, read_source
+        from lamina.engine.dockerfile.parser import parse
+        from lamina.engine.dockerfile.source import read_source
 
         with resolved(context, named, os.environ) as found:
             path = found.dockerfile or default_dockerfile(found.context)

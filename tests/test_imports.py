@@ -60,5 +60,6 @@ def test_noop_rebuild_replays_without_the_build_machinery(tmp_path: Path) -> Non
         "subprocess",  # the isolation probe's, run only for a RUN
         "lamina.engine.outputspec",  # no -o given
         "lamina.engine.sourcepolicy",  # no policy set
+        "lamina.engine.dockerfile.parser",  # the memo is keyed by the Dockerfile's bytes
     }
     assert not again & heavy, sorted(again & heavy)

@@ -388,7 +388,8 @@ def call(method: str, options: BuildOptions, store: Store | None) -> tuple[str, 
     """
     import json
 
-    from lamina.engine.dockerfile.parser import parse, read_source
+    from lamina.engine.dockerfile.parser import parse
+    from lamina.engine.dockerfile.source import read_source
     from lamina.errors import PlanError
 
     name, fmt, ignore_status = parse_call(method)

@@ -446,7 +446,7 @@ def execute(options: BuildOptions, sink: ProgressSink) -> BuildResult:
     start = time.monotonic()
     for name in options.tags:
         store_name(name)  # a bad -t fails before the build, not after it
-    from lamina.engine.dockerfile.parser import read_source
+    from lamina.engine.dockerfile.source import read_source
 
     dockerfile = options.dockerfile or options.context / "Dockerfile"
     try:

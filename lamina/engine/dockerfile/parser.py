@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Callable
 
 from lamina.engine.dockerfile.shell import MAX_EXPANDED, MAX_NESTING
+from lamina.engine.dockerfile.source import MAX_DOCKERFILE_BYTES
 from lamina.errors import DockerfileSyntaxError, Location
 
 DEFAULT_ESCAPE = "\\"
 MAX_LINE_BYTES = 65536  # Go's bufio.MaxScanTokenSize: a longer line is an error
 # Limits BuildKit does not have (lamina's, for bounded work: parsing and planning grow
 # linearly, a few seconds for 8 MiB of instructions). Real Dockerfiles are kilobytes. A
-# heredoc may be as long as an expanded word (shell.MAX_EXPANDED); the file, twice that.
+# heredoc may be as long as an expanded word (shell.MAX_EXPANDED); the file, twice that
+# (source.MAX_DOCKERFILE_BYTES, read_source: there for a no-op rebuild, which never parses).
 MAX_HEREDOC_BYTES = MAX_EXPANDED
-MAX_DOCKERFILE_BYTES = 2 * MAX_EXPANDED
+assert MAX_DOCKERFILE_BYTES == 2 * MAX_EXPANDED
 HEREDOC_KEYWORDS = frozenset({"add", "copy", "run"})
 KNOWN_DIRECTIVES = frozenset({"syntax", "escape", "check"})
 # `ONBUILD ONBUILD ...` levels the parser nests before it refuses. BuildKit has
@@ -830,13 +831,6 @@ def _trim_continuation(line: str, regex: re.Pattern[str]) -> tuple[str, bool]:
 
 def _is_comment(line: str) -> bool:
     return _lstrip(line).startswith("#")
-
-
-def read_source(path: str | os.PathLike[str]) -> bytes:
-    """A Dockerfile's bytes, never more than one past MAX_DOCKERFILE_BYTES (parse refuses
-    those): a huge file or /dev/zero is not read whole. OSError as open() raises it."""
-    with open(path, "rb") as f:
-        return f.read(MAX_DOCKERFILE_BYTES + 1)
 
 
 def _check_size(source: str | bytes, path: str) -> None:
