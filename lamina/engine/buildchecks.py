@@ -182,8 +182,6 @@ def for_build(
     images the rules read), so that a no-op rebuild replays them without
     loading the instruction parser.
     """
-    from lamina.engine.dockerfile.checkrules import violation
-
     refuse_unsupported_build_args(dict(options.build_args))
     if data is None:
         return ()
@@ -197,6 +195,10 @@ def for_build(
         if found is None:
             return ()
         warnings, error = found
+    if not warnings:  # the common case, where a no-op rebuild loads no rules (checkrules)
+        return warnings
+    from lamina.engine.dockerfile.checkrules import violation
+
     _show(sink, warnings)
     failure = violation(warnings, error, path)
     if failure is not None:
@@ -311,14 +313,16 @@ def _remembered(store: Store, memo: str) -> tuple[tuple[CheckWarning, ...], bool
     """The findings kept for these inputs, unless a base image they read is another one now."""
     import json
 
-    from lamina.engine.dockerfile.checkrules import CheckWarning
-
     try:
         entry = json.loads(store.cache_get(memo) or "")
         for ref, digest in entry["bases"].items():
             record = _record(store, ref)
             if (str(record.manifest) if record is not None else None) != digest:
                 return None
+        if entry["warnings"] == []:  # nothing found: no rules module to load (checkrules)
+            return (), bool(entry["error"])
+        from lamina.engine.dockerfile.checkrules import CheckWarning
+
         return tuple(CheckWarning.from_dict(w) for w in entry["warnings"]), bool(entry["error"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
