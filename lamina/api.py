@@ -659,7 +659,7 @@ def build(
         isolation=wanted,
         source_policy=_source_policy(env, context, dockerfile),
         sbom=sbom_attrs,
-        cdi_dirs=_cdi_dirs(env),
+        **_cdi_dirs(env),
     )
     to_push = _push_names(options)
     options = dataclasses.replace(options, lazy_image=lazy_image and not push and not to_push)
@@ -764,6 +764,10 @@ def _pushed(options: Any, result: BuildResult, push: bool, to_push: tuple[str, .
 
 def _isolation(value: str | Isolation | None) -> Isolation | None:
     """The typed isolation asked for, refused now (one line) if this process may not use it."""
+    import os
+
+    if value is None and "LAMINA_ISOLATION" not in os.environ:  # isolation.ENV_VAR unset: auto
+        return None  # nothing to check, and a no-op rebuild loads no sandbox module
     from lamina.engine.sandbox import isolation
 
     # `--isolation` reaches here as $LAMINA_ISOLATION (cli sets it): checked now, not at a RUN.
@@ -817,10 +821,14 @@ def _sbom(text: str | None) -> tuple[tuple[str, str], ...] | None:
     return parse(text)
 
 
-def _cdi_dirs(env: Mapping[str, str]) -> tuple[str, ...]:
+def _cdi_dirs(env: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """RUN --device's CDI spec dirs where $LAMINA_CDI_SPEC_DIRS (cdi.ENV_VAR) names them; else
+    BuildOptions' default, cdi.DEFAULT_DIRS (then a no-op rebuild loads no cdi module)."""
+    if "LAMINA_CDI_SPEC_DIRS" not in env:
+        return {}
     from lamina.engine.cdi import spec_dirs
 
-    return spec_dirs(env)
+    return {"cdi_dirs": spec_dirs(env)}
 
 
 def _source_policy(env: Mapping[str, str], context: Any, dockerfile: Any) -> Any:

@@ -62,5 +62,7 @@ def test_noop_rebuild_replays_without_the_build_machinery(tmp_path: Path) -> Non
         "lamina.engine.sourcepolicy",  # no policy set
         "lamina.engine.dockerfile.parser",  # the memo is keyed by the Dockerfile's bytes
         "lamina.engine.dockerfile.checkrules",  # the build checks found nothing
+        "lamina.engine.sandbox.isolation",  # no --isolation, no $LAMINA_ISOLATION
+        "lamina.engine.cdi",  # no $LAMINA_CDI_SPEC_DIRS
     }
     assert not again & heavy, sorted(again & heavy)
