@@ -29,7 +29,9 @@ session (polled from /proc every 20 ms), and of the mod build's. BuildKit (docke
 own, its data root under --lab: benchmarks/peers.Dockerd) is timed the same way,
 rounds taking turns, when that daemon starts (as root; and the size is at most
 --peer-max), and the table gets lamina's ratio to it (< 1:
-lamina faster). Each tool's cache is emptied after its round, so that one
+lamina faster). Each tool's round starts with every file of the context
+read once (in the page cache for both: whichever went first paid for the
+disk before). Each tool's cache is emptied after its round, so that one
 tool's copy of a big context is gone before the other's is made (a
 1,000,000-file context is ~4 GB on ext4; BuildKit holds two copies of it,
 lamina one). The machine these numbers come from is shared and loaded:
@@ -208,6 +210,16 @@ class BuildKit(BuildKitPeer):
         return seconds, float("nan"), float("nan")  # dockerd's memory and CPU are not the client's
 
 
+def warm(ctx: Path) -> None:
+    """Read every file of the context, so that each tool's round starts with it in the page
+    cache (the other tool's copies, or the last size's context, may have pushed it out):
+    neither pays for the disk the other does not."""
+    for top, _, files in os.walk(ctx):
+        for name in files:
+            with open(os.path.join(top, name), "rb") as f:
+                f.read()
+
+
 def one_round(tool: Lamina | BuildKit, ctx: Path, dockerfile: Path, round_no: int) -> dict[str, float]:
     probe = ctx / "d00000" / "f00001.txt"
     pristine = probe.read_bytes()
@@ -266,6 +278,7 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {tool.name: [] for tool in here}
         for round_no in range(args.rounds):
             for tool in here:
+                warm(ctx)
                 result = one_round(tool, ctx, dockerfile, round_no)
                 runs[tool.name].append(result)
                 cells = " ".join(f"{k}={v:.2f}" for k, v in result.items())
