@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -270,6 +271,35 @@ def test_a_torn_records_file_is_not_used(keys: Keys, cut: int) -> None:
     keys.drafted.clear()
     keys.from_records(["."])
     assert keys.drafted == []  # and stored whole again
+
+
+def test_keying_and_walking_end_at_the_next_directory_once_the_build_is_stopping(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or SIGTERM) while a big context is keyed or walked ends it at the next
+    directory or file (the executor sets the stat cache's `stop`), not after all of them."""
+    stop = threading.Event()
+    drafted = keys.drafted
+    original = dirkeys._Walk._draft
+
+    def draft_then_stop(self: dirkeys._Walk, rel: str, *args: object) -> object:
+        stop.set()
+        return original(self, rel, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dirkeys._Walk, "_draft", draft_then_stop)
+    with StatCache(keys.cache) as stat_cache:
+        stat_cache.stop = stop
+        tree = open_build_context(keys.root, stat_cache)
+        with pytest.raises(KeyboardInterrupt):
+            dirkeys.context_key(tree, ["."], "/o/", PLAIN, None, keys.cache)
+        assert drafted == [""] and stat_cache.misses == 0  # the top drafted, then stopped: no file hashed
+        with pytest.raises(KeyboardInterrupt):
+            select_sources(tree, ["."], "/o/", PLAIN, None)
+        files = [(rel, tree.entry(rel).key) for rel in ("z.txt", "a/x.txt")]  # type: ignore[union-attr]
+        with pytest.raises(KeyboardInterrupt):
+            stat_cache.digest_many(files, tree.scope, str(keys.root))
+        stop.clear()
+        assert len(stat_cache.digest_many(files, tree.scope, str(keys.root))) == 2
 
 
 def test_a_rebuild_that_reused_records_keeps_the_stat_cache_whole(keys: Keys) -> None:

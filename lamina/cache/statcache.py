@@ -173,6 +173,15 @@ class StatCache:
         self._kept_bytes = 0
         self._held: set[str | None] = set()  # scopes a build used whole (hold)
         self._batches: _Progress | None = None  # the progress of hashing() calls, if any
+        # Set when the build is stopping (Ctrl-C, SIGTERM): hashing, and the walks of the
+        # context that check it (`check_stop`), end with KeyboardInterrupt at the next file
+        # or directory, not after a million of them.
+        self.stop: threading.Event | None = None
+
+    def check_stop(self) -> None:
+        """Raise KeyboardInterrupt once `stop` is set."""
+        if self.stop is not None and self.stop.is_set():
+            raise KeyboardInterrupt
 
     def take(self, key: StatKey) -> bytes | None:
         """The content of the build-context file of stat identity `key`, if this
@@ -313,8 +322,11 @@ class StatCache:
             progress = self._batches  # one of several batches (hashing)
 
         keep = scope is not None
+        stop = self.stop
 
         def record(i: int, digest: bytes, after: os.stat_result, data: bytes | None = None) -> None:
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt
             key = items[i][1]
             unchanged = stat_key(after) == key
             # Keep it only if nothing changed while reading and the file has

@@ -442,6 +442,7 @@ class _Walk:
         """The entries of directory `rel` and their lstat, by name: the build context's
         from the memo's stat pass of this build when it made one (`statpass`)."""
         tree = self.tree
+        tree.stat_cache.check_stop()  # a directory at a time: a big context's walk is long
         if tree.scope is not None:
             seen = statpass.take(tree.scope, rel)
             if seen is not None:

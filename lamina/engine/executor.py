@@ -154,6 +154,7 @@ class Executor:
                 from lamina.engine.context import open_build_context
 
                 self._stat_cache = StatCache(Path(self.store.root))
+                self._stat_cache.stop = self.stop  # keying a big context ends at Ctrl-C
                 if isinstance(self.sink, ContextSink):  # "load build context: N/M files hashed"
                     self._stat_cache.progress = self.sink.context_progress
                 dockerfile = self.options.dockerfile

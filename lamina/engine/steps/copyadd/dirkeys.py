@@ -216,6 +216,7 @@ class _Walk:
         listed = 0
         pending: list[tuple[str, IgnoreMatch | None, IgnoreMatch | None, int]] = [(self.real, state, None, 0)]
         while pending:
+            tree.stat_cache.check_stop()  # the build is stopping: not after a million files
             rel, state, xstate, depth = pending.pop()
             if depth > _MAX_DEPTH:
                 return False
@@ -379,6 +380,7 @@ class _Walk:
         """The items below directory `rel` in walk order, from the drafts (as `_expand`);
         made one at a time (a first build's are packed into the selection as they come), each
         draft let go once expanded: the drafts and the selection are never whole at once."""
+        self.tree.stat_cache.check_stop()
         draft = self.drafts.pop(rel)
         for item, name, left_out in draft.children():
             below = self._expand_items(f"{rel}/{name}" if rel else name) if name is not None else iter(())
