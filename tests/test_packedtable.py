@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from lamina.cache.packedtable import PackedTable
+from lamina.packedtable import PackedTable
 
 
 def _key(i: int) -> bytes:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from lamina.cache.packedtable import PackedTable
+from lamina.packedtable import PackedTable
 
 __all__ = ["StatCache", "StatKey", "hash_file", "key_size", "stat_key"]
 

@@ -15,7 +15,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
 
-from lamina.cache.packedtable import PackedTable
+from lamina.packedtable import PackedTable
 
 __all__ = ["FirstPaths"]
 

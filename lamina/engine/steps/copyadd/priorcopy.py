@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from lamina.cache.packedtable import PackedTable
+from lamina.packedtable import PackedTable
 
 __all__ = [
     "DIR_NAME",

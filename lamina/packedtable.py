@@ -12,6 +12,10 @@ row that supersedes the old one (`find` reaches the newest first); the old
 row stays, so a caller writing rows out keeps the order it saw and `latest`
 says which row is current. Lookups hash the key with Python's `hash` of
 bytes: a table lives in one process, whose hash seed never changes.
+
+Stdlib only, at the package's top (as `errors`): the cache's stat table, a
+COPY's prior records and the layer walk's hard-link table (`oci/`, which
+imports nothing of the cache) all use it.
 """
 
 from __future__ import annotations
