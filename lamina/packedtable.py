@@ -106,41 +106,37 @@ class PackedTable:
 
     def add(self, key: bytes, value: bytes) -> int:
         """Append a row (superseding any of the same key); its number."""
-        if len(key) != self.key_size or len(key) + len(value) != self.row_size:
-            raise ValueError(f"a row is {self.key_size} + {self.row_size - self.key_size} bytes")
-        row = len(self)
-        self.rows += key + value
-        self._last = (None, -1)
-        index, mask = self._index
-        if 2 * (row + 1) > len(index):
-            self._reindex(2 * (row + 1))  # doubling: each row re-entered O(1) times on average
-            return row
-        size = self.row_size
-        slot = hash(key) & mask
-        while index[slot]:
-            if self.rows.startswith(key, (index[slot] - 1) * size):
-                break  # the old row's slot now names the new row
-            slot = (slot + 1) & mask
-        index[slot] = row + 1
-        return row
+        slot, _ = self._probe(key, value)
+        return self._append(key, value, slot)  # the old row's slot, if any, names the new row
 
     def setdefault(self, key: bytes, value: bytes) -> int:
         """The newest row of `key`; when it has none, a new row of `key` and `value` (its
         number is then the table's length before the call). One probe where `find`
         then `add` make two."""
+        slot, found = self._probe(key, value)
+        return found - 1 if found else self._append(key, value, slot)
+
+    def _probe(self, key: bytes, value: bytes) -> tuple[int, int]:
+        """The index slot of `key`'s newest row, or of the empty slot its probe ends at, and
+        what the slot holds (row + 1, or 0); `value` is only checked for its length."""
         if len(key) != self.key_size or len(key) + len(value) != self.row_size:
             raise ValueError(f"a row is {self.key_size} + {self.row_size - self.key_size} bytes")
         (index, mask), rows, size = self._index, self.rows, self.row_size
         slot = hash(key) & mask
         while found := index[slot]:
             if rows.startswith(key, (found - 1) * size):
-                return found - 1
+                return slot, found
             slot = (slot + 1) & mask
-        row = len(rows) // size
-        rows += key + value
+        return slot, 0
+
+    def _append(self, key: bytes, value: bytes, slot: int) -> int:
+        """Append a row, entered at `slot` (from `_probe`) or by a new index; its number."""
+        row = len(self)
+        self.rows += key + value
         self._last = (None, -1)
+        index = self._index[0]
         if 2 * (row + 1) > len(index):
-            self._reindex(2 * (row + 1))
+            self._reindex(2 * (row + 1))  # doubling: each row re-entered O(1) times on average
         else:
             index[slot] = row + 1
         return row
