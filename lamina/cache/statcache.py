@@ -14,7 +14,7 @@ moves the ctime, so an unchanged identity known plain needs no listxattr
 on a rebuild.
 
 Storage is one small binary file of fixed-size records per build context,
-loaded whole into one packed table (`cache.packedtable`: the records as they
+loaded whole into one packed table (`lamina.packedtable`: the records as they
 are on disk, ~83 bytes a file in memory where a dict and a set of them took
 ~250; a million-file context holds a million, issue 22). New digests are
 appended to it; it is replaced atomically by rename when it needs pruning or
