@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from peers import BuildahStore, BuildKitPeer, run, uptime
+from peers import BuildahStore, BuildKitPeer, run, settle, uptime
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "bench"
@@ -108,6 +108,9 @@ class Lamina:
         shutil.rmtree(self.cache, ignore_errors=True)  # as root, a rootless cache too
         run([*self.exe, "load", str(self.lab.base / "busybox-oci.tar")], env=self.env)
 
+    def start(self) -> None:
+        run([*self.exe, "images"], env=self.env)
+
     def build(self, workload: str, peak: list[float] | None = None) -> float:
         dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
         args = [
@@ -166,6 +169,9 @@ class Buildah:
     def prune(self) -> None:
         self.store.reset(self.lab.base / "busybox-oci.tar")
 
+    def start(self) -> None:
+        self.store.start()
+
     def build(self, workload: str) -> float:
         dockerfile = SHARED / "dockerfiles" / f"{workload}.Dockerfile"
         return run([
@@ -186,6 +192,8 @@ def measure_round(tool: object, lab: Lab, workload: str, round_no: int) -> dict[
     """One round of the four scenarios, from a pruned cache."""
     lab.reset_context()
     tool.prune()  # type: ignore[attr-defined]
+    settle(lab.ctx)  # see peers.settle
+    tool.start()  # type: ignore[attr-defined]
     peak: list[float] = []
     if isinstance(tool, Lamina):
         times = {"cold": tool.build(workload, peak)}

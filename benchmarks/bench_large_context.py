@@ -42,13 +42,11 @@ creating files in a block group where other processes (test suites under
 docker keeps BuildKit's files under its data root, not /tmp.
 
 Before each cold build, and as root, the bench syncs and drops the kernel's
-caches (then reads the context back in and starts each tool once). On ext4
-without a journal (this VM's root), a file created within 60-360 s of a mass
-deletion pays for it: the kernel skips every recently freed inode whose
-inode-table block is still cached (ext4's recently_deleted()), and a
-100,000-file cold build that follows a cache's emptying took 24-35 s where it
-otherwise takes 11-12 s. Each tool's round follows the other's emptying, so
-without this the cold column measured which tool the deletion hurt more.
+caches, then reads the context back in and starts each tool once
+(peers.settle says why: on this VM's ext4, creating files right after another
+tool's cache was deleted cost 2-3x). Each tool's round follows the other's
+emptying, so without this the cold column measured which tool the deletion
+hurt more.
 """
 
 from __future__ import annotations
@@ -66,7 +64,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import BuildKitPeer  # noqa: E402
+from peers import BuildKitPeer, settle  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "bench"
 BASE = "lamina-test/busybox:1.35"
@@ -209,9 +207,6 @@ class BuildKit(BuildKitPeer):
     def prune(self) -> None:
         self.docker.reset(["bench/bigctx:bk"], BASE, self.lab / "base" / "busybox-docker.tar")
 
-    def start(self) -> None:
-        subprocess.run([*self.docker.cli, "images"], check=True, capture_output=True)
-
     def build(self, ctx: Path, dockerfile: Path) -> tuple[float, float, float]:
         args = [
             *self.docker.cli,
@@ -228,32 +223,12 @@ class BuildKit(BuildKitPeer):
         return seconds, float("nan"), float("nan")  # dockerd's memory and CPU are not the client's
 
 
-def warm(ctx: Path) -> None:
-    """Read every file of the context, so that each tool's round starts with it in the page
-    cache (the other tool's copies, or the last size's context, may have pushed it out):
-    neither pays for the disk the other does not."""
-    for top, _, files in os.walk(ctx):
-        for name in files:
-            with open(os.path.join(top, name), "rb") as f:
-                f.read()
-
-
-def settle(tool: Lamina | BuildKit, ctx: Path) -> None:
-    """After a cache's emptying: write back and drop the kernel's caches (root only), so that
-    the freed inodes are not skipped one by one (see the module's docstring); then the
-    context and the tool back in memory, as before."""
-    if os.geteuid() == 0:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    warm(ctx)
-    tool.start()
-
-
 def one_round(tool: Lamina | BuildKit, ctx: Path, dockerfile: Path, round_no: int) -> dict[str, float]:
     probe = ctx / "d00000" / "f00001.txt"
     pristine = probe.read_bytes()
     tool.prune()
-    settle(tool, ctx)
+    settle(ctx)  # see peers.settle
+    tool.start()
     result: dict[str, float] = {}
     result["cold"], result["peak"], result["cold_cpu"] = tool.build(ctx, dockerfile)
     probe.write_bytes(pristine)  # same bytes, new ctime: the memo misses, every key hits
