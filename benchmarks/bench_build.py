@@ -17,7 +17,8 @@ included) over the rounds; lamina's cold build also gives its peak RSS
 (`/usr/bin/time -v`: the largest process of the build), printed after the
 table, and each round's line ends with the load averages. With --user
 (as root), lamina also runs rootless as that user (who needs subordinate
-ids), and its row's ratio is rootless / root. With --peers, BuildKit (docker 20.10,
+ids), and its row's ratio is rootless / root; root's lamina then runs through
+the same runuser and plain environment (peers.as_user), so the ratio is lamina's. With --peers, BuildKit (docker 20.10,
 `DOCKER_BUILDKIT=1 docker build --network=none`) and Buildah (`buildah bud
 --layers`, overlay) are timed the same way when they are installed and we are
 root, and the table gets their times and lamina's ratio to each (below 1.0:
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from peers import BuildahStore, BuildKitPeer, run, settle, uptime
+from peers import BuildahStore, BuildKitPeer, as_user, run, settle, uptime
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "bench"
@@ -74,9 +75,10 @@ class Lab:
 
 class Lamina:
     """lamina as the caller, or rootless as `user` (runuser with a plain environment, as
-    ../shared/bench/peers-setup.sh's asuser.sh; the user needs subordinate ids)."""
+    ../shared/bench/peers-setup.sh's asuser.sh; the user needs subordinate ids). With
+    `plain`, root's lamina goes through the same runuser and plain environment (peers.as_user)."""
 
-    def __init__(self, lab: Lab, user: str | None = None) -> None:
+    def __init__(self, lab: Lab, user: str | None = None, plain: bool = False) -> None:
         self.lab = lab
         self.name = "rootless" if user else "lamina"
         home = lab.root / f"user-{user}" if user else lab.root
@@ -89,17 +91,16 @@ class Lamina:
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         run([sys.executable, "-m", "compileall", "-q", str(ROOT / "lamina")], env=self.env, check=False)
         self.exe = [sys.executable, "-m", "lamina"]
+        plain_env = {"LAMINA_CACHE": str(self.cache), "PYTHONPATH": str(ROOT)}
         if user:
             import pwd
 
             entry = pwd.getpwnam(user)
             home.mkdir(parents=True, exist_ok=True)
             os.chown(home, entry.pw_uid, entry.pw_gid)
-            self.exe = [
-                "runuser", "-u", user, "--", "env", "-i", f"HOME={entry.pw_dir}", f"USER={user}",
-                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                f"LAMINA_CACHE={self.cache}", f"PYTHONPATH={ROOT}", *self.exe,
-            ]  # fmt: skip
+            self.exe = [*as_user(user, plain_env), *self.exe]
+        elif plain:
+            self.exe = [*as_user("root", plain_env), *self.exe]
 
     def available(self) -> bool:
         return True
@@ -242,7 +243,8 @@ def main() -> None:
     args = parser.parse_args()
     lab = Lab(args.lab)
     lab.prepare()
-    tools: list[object] = [Lamina(lab)]
+    rootless = bool(args.user) and os.geteuid() == 0
+    tools: list[object] = [Lamina(lab, plain=rootless)]
     if args.user:
         tools.append(Lamina(lab, args.user))
     if args.peers:

@@ -39,7 +39,9 @@ is the cold build's maximum resident set size by `/usr/bin/time -v` (the
 largest process of the build, the sandboxed apt/dpkg/gcc included).
 
 Tools, taking turns round by round: lamina as root, lamina rootless (as
-`--user`, who needs subordinate ids in /etc/subuid: apt-get changes owners),
+`--user`, who needs subordinate ids in /etc/subuid: apt-get changes owners;
+both through runuser with a plain environment, peers.as_user, so that
+rootless / root is lamina's ratio and not runuser's),
 BuildKit (docker 20.10's, `DOCKER_BUILDKIT=1 docker build --network=none`, in
 a dockerd the bench starts for the run, data root LAB/dockerd) and rootful
 Buildah (`buildah bud --layers`, overlay, chroot isolation, its store in LAB)
@@ -67,7 +69,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
-from peers import BuildahStore, BuildKitPeer, Timed, run, settle, uptime  # noqa: E402
+from peers import BuildahStore, BuildKitPeer, Timed, as_user, run, settle, uptime  # noqa: E402
 
 BASE = "bench/minbase:bookworm"
 SCENARIOS = ("cold", "noop", "mod", "export")
@@ -201,9 +203,10 @@ class Lab:
 
 
 class Lamina:
-    """lamina as root, or rootless as `user` (through runuser with a plain environment)."""
+    """lamina as root, or rootless as `user` (through runuser with a plain environment). With
+    `plain`, root's lamina goes through the same runuser and plain environment (peers.as_user)."""
 
-    def __init__(self, lab: Lab, user: str | None = None) -> None:
+    def __init__(self, lab: Lab, user: str | None = None, plain: bool = False) -> None:
         self.lab = lab
         self.user = user
         self.name = "lamina-rootless" if user else "lamina-root"
@@ -218,14 +221,12 @@ class Lamina:
         # As installed: bytecode compiled once (pip does); a rootless user cannot write
         # __pycache__ here and would compile every changed module on every run.
         run([sys.executable, "-m", "compileall", "-q", str(ROOT / "lamina")])
+        plain_env = {"LAMINA_CACHE": str(self.cache), "PYTHONPATH": str(ROOT)}
         if user is not None:
             lab.give_to(user)
-            entry = pwd.getpwnam(user)
-            self.exe = [
-                "runuser", "-u", user, "--", "env", "-i", f"HOME={entry.pw_dir}", f"USER={user}",
-                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                f"LAMINA_CACHE={self.cache}", f"PYTHONPATH={ROOT}", *self.exe,
-            ]  # fmt: skip
+            self.exe = [*as_user(user, plain_env), *self.exe]
+        elif plain:
+            self.exe = [*as_user("root", plain_env), *self.exe]
         self.profile_args: list[str] = []
 
     def available(self) -> bool:
@@ -423,7 +424,7 @@ def main() -> None:
     if args.profile:
         profile_lamina(lab)
         return
-    tools: list[object] = [Lamina(lab)]
+    tools: list[object] = [Lamina(lab, plain=bool(args.user))]
     if args.user:
         with contextlib.suppress(KeyError):
             tools.append(Lamina(lab, pwd.getpwnam(args.user).pw_name))

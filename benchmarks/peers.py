@@ -11,6 +11,9 @@ peer builders they time lamina against.
 - `BuildKitPeer(lab_root)`: the base of a bench's BuildKit tool: `docker build` on its Dockerd.
 - `BuildahStore(root)`: rootful Buildah (overlay) with its store under `root`, emptied for a
   cold build and given the base image again.
+- `as_user(user, env)`: the command prefix that runs as `user` (runuser) in a plain
+  environment; lamina as root goes through it too when a bench also runs it rootless, so
+  that rootless / root compares lamina and not runuser (~2-4 ms a command).
 - `settle(ctx)`: after a cache was emptied and before a cold build, the kernel's caches
   written back and dropped (as root), the context read back in; then each bench starts the
   tool once (`start()`), so that neither tool pays the disk the other does not.
@@ -62,6 +65,18 @@ def run(
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(args)}\n{text[-3000:]}")
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr) if peak else None
     return Timed(seconds, text, int(found.group(1)) / 1024 if found else None)
+
+
+def as_user(user: str, env: dict[str, str]) -> list[str]:
+    """`runuser -u USER -- env -i HOME=.. USER=.. PATH=.. NAME=VALUE..` (root only)."""
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return [
+        "runuser", "-u", user, "--", "env", "-i", f"HOME={entry.pw_dir}", f"USER={user}",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        *(f"{name}={value}" for name, value in env.items()),
+    ]  # fmt: skip
 
 
 def settle(ctx: Path) -> None:
