@@ -5,6 +5,7 @@ the COPY records of layer dirs that went, and `cache prune -a` removes them all.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,10 @@ def cache(tmp_path: Path, busybox_image: Path, monkeypatch: pytest.MonkeyPatch) 
     cache = make_cache(tmp_path, busybox_image)
     monkeypatch.setenv("LAMINA_CACHE", str(cache))
     files = {f"d/f{i:03}.txt": f"file {i}\n" for i in range(300)}
-    build(cache, write_context(tmp_path / "ctx", f"FROM {BASE}\nCOPY d /d/\n", files))
+    context = write_context(tmp_path / "ctx", f"FROM {BASE}\nCOPY d /d/\n", files)
+    # The stat cache keeps a digest only once its file's ctime is _SETTLE_NS old ("racy git").
+    time.sleep(statcache._SETTLE_NS / 1e9 + 0.05)
+    build(cache, context)
     for name in DERIVED_DIRS:
         assert _files(cache, name), f"the build kept no {name}/ records"
     return cache
