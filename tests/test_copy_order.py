@@ -4,7 +4,6 @@ stay hard links, and a file that changed after it was keyed stops the copy."""
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import pytest
@@ -31,23 +30,6 @@ def _context(root: Path) -> SourceTree:
         for i in range(80):
             (root / side / "same" / f"n{i:02}").write_text(f"{side} {i}\n")
     return open_build_context(root, StatCache(None))
-
-
-def _listing(out: Path) -> dict[str, tuple[object, ...]]:
-    found: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(out):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            kind = stat.S_IFMT(st.st_mode)
-            if stat.S_ISLNK(st.st_mode):
-                body: object = os.readlink(path)
-            elif stat.S_ISREG(st.st_mode):
-                body = (path.read_bytes(), st.st_nlink)
-            else:
-                body = None
-            found[str(path.relative_to(out))] = (kind, stat.S_IMODE(st.st_mode), st.st_mtime_ns, body)
-    return found
 
 
 def _write(tree: SourceTree, sources: list[str], out: Path, **options: object) -> int:
