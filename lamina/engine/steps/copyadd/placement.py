@@ -168,8 +168,8 @@ class _Writer:
 
     Items are written one by one, in order, by the calling thread. Copy
     threads were slower on two cores (issue 22): a 100,000-file cold build
-    took 10.5-12.3 s with two, 7.9-9.8 s with none, and linking a rerun's
-    unchanged files 3.4 s against 1.6-1.9 s. The kernel serialises creating
+    took 12.1-12.3 s with two, 7.9-9.8 s with none, and linking a rerun's
+    unchanged files 3.4-3.6 s against 1.6-1.9 s. The kernel serialises creating
     files in one directory, and the Python around each system call holds the
     GIL longer than the call releases it.
     """
