@@ -18,7 +18,8 @@ included) over the rounds; lamina's cold build also gives its peak RSS
 table, and each round's line ends with the load averages. With --user
 (as root), lamina also runs rootless as that user (who needs subordinate
 ids), and its row's ratio is rootless / root; root's lamina then runs through
-the same runuser and plain environment (peers.as_user), so the ratio is lamina's. With --peers, BuildKit (docker 20.10,
+the same runuser and plain environment (peers.as_user), so the ratio is
+lamina's. With --peers, BuildKit (docker 20.10,
 `DOCKER_BUILDKIT=1 docker build --network=none`) and Buildah (`buildah bud
 --layers`, overlay) are timed the same way when they are installed and we are
 root, and the table gets their times and lamina's ratio to each (below 1.0:
