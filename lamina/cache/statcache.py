@@ -322,11 +322,10 @@ class StatCache:
             progress = self._batches  # one of several batches (hashing)
 
         keep = scope is not None
-        stop = self.stop
+        check_stop = self.check_stop
 
         def record(i: int, digest: bytes, after: os.stat_result, data: bytes | None = None) -> None:
-            if stop is not None and stop.is_set():
-                raise KeyboardInterrupt
+            check_stop()
             key = items[i][1]
             unchanged = stat_key(after) == key
             # Keep it only if nothing changed while reading and the file has
