@@ -27,14 +27,19 @@ only that binary. Scenarios, as benchmarks/bench_build.py's:
     noop    the same build again
     mod     one line appended to src/util.c (COPY and the compile re-run)
     export  the built image written from the tool's store to an OCI archive
-            (`lamina save`, `skopeo copy docker-daemon:`, `buildah push`)
+            (`lamina save`, `skopeo copy docker-daemon:`, `buildah push`); the
+            median of EXPORT_RUNS runs in each round, the cell being ~0.05 s
     build -o  lamina only: the cached build again with `-o type=oci` (one
             command: the no-op check, then the archive)
 
 and, from the cold build's plain progress, the seconds of the apt-get step
 (`apt`) and of every step, so the table says where the time goes (the row
 `chroot floor` is the same apt-get in a plain chroot of the base on the
-same disk, once a round: what dpkg costs with no builder around it); `peak MB`
+same disk, once a round: what dpkg costs with no builder around it), and
+the row `python floor` gives export's: the interpreter, started as lamina's
+is, importing every module but lamina's own that its `save` loads (stdlib,
+click, codecs), the median of EXPORT_RUNS runs a round: what a save in
+Python costs with no lamina code in it); `peak MB`
 is the cold build's maximum resident set size by `/usr/bin/time -v` (the
 largest process of the build, the sandboxed apt/dpkg/gcc included).
 
@@ -76,6 +81,7 @@ SCENARIOS = ("cold", "noop", "mod", "export")
 PACKAGES = ("gcc", "libc6-dev")
 MOD_FILE = "src/util.c"
 APT_MARK = "apt-get"
+EXPORT_RUNS = 5
 
 # The apt-get step, in the build and in the plain chroot that gives its floor.
 APT_SCRIPT = (
@@ -118,6 +124,20 @@ unsigned long checksum(const char *text) {
     while (*text) sum = sum * 33 + (unsigned char)*text++;
     return sum;
 }
+"""
+
+
+# Runs `lamina save ARGS` in-process, then prints the modules loaded that are not lamina's.
+SAVE_MODULES = """\
+import sys
+from lamina.cli import main
+sys.argv[0] = "lamina"
+try:
+    main()
+except SystemExit as done:
+    if done.code:
+        raise
+print("modules:", *sorted(m for m in sys.modules if m.partition(".")[0] not in ("lamina", "__main__")))
 """
 
 
@@ -217,16 +237,17 @@ class Lamina:
         self.env = {**os.environ, "LAMINA_CACHE": str(self.cache)}
         for name in ("SOURCE_DATE_EPOCH", "PYTHONDONTWRITEBYTECODE"):
             self.env.pop(name, None)
-        self.exe = [sys.executable, "-m", "lamina"]
+        self.python = [sys.executable]
         # As installed: bytecode compiled once (pip does); a rootless user cannot write
         # __pycache__ here and would compile every changed module on every run.
         run([sys.executable, "-m", "compileall", "-q", str(ROOT / "lamina")])
         plain_env = {"LAMINA_CACHE": str(self.cache), "PYTHONPATH": str(ROOT)}
         if user is not None:
             lab.give_to(user)
-            self.exe = [*as_user(user, plain_env), *self.exe]
+            self.python = [*as_user(user, plain_env), *self.python]
         elif plain:
-            self.exe = [*as_user("root", plain_env), *self.exe]
+            self.python = [*as_user("root", plain_env), *self.python]
+        self.exe = [*self.python, "-m", "lamina"]
         self.profile_args: list[str] = []
 
     def available(self) -> bool:
@@ -248,10 +269,19 @@ class Lamina:
             env=self.env, peak=peak,
         )  # fmt: skip
 
+    def save_args(self) -> list[str]:
+        return ["save", "bench/real:lamina", "-o", str(self.home / "real-oci.tar")]
+
     def export(self) -> Timed:
-        return run(
-            [*self.exe, "save", "bench/real:lamina", "-o", str(self.home / "real-oci.tar")], env=self.env
-        )
+        return run([*self.exe, *self.save_args()], env=self.env)
+
+    def floor(self) -> float:
+        """Export's floor: this interpreter, started the same way, importing every module but
+        lamina's own that `lamina save` loads (listed by running the save); median of EXPORT_RUNS."""
+        output = run([*self.python, "-c", SAVE_MODULES, *self.save_args()], env=self.env).output
+        listed = next(line.split()[1:] for line in output.splitlines() if line.startswith("modules: "))
+        imports = [*self.python, "-c", "import sys\nfor name in sys.argv[1:]: __import__(name)", *listed]
+        return statistics.median(run(imports, env=self.env).seconds for _ in range(EXPORT_RUNS))
 
     def build_output(self) -> Timed:
         return self.build(["-o", f"type=oci,dest={self.home / 'real-build-oci.tar'}"])
@@ -372,7 +402,7 @@ def measure_round(tool: object, lab: Lab, round_no: int, log: list[str]) -> dict
     times = {"cold": cold.seconds, "noop": tool.build().seconds}  # type: ignore[attr-defined]
     lab.modify(round_no)
     times["mod"] = tool.build().seconds  # type: ignore[attr-defined]
-    times["export"] = tool.export().seconds  # type: ignore[attr-defined]
+    times["export"] = statistics.median(tool.export().seconds for _ in range(EXPORT_RUNS))  # type: ignore[attr-defined]
     if isinstance(tool, Lamina):
         times["build -o"] = tool.build_output().seconds
     lab.reset_context()
@@ -402,6 +432,11 @@ def profile_lamina(lab: Lab) -> None:
 
         pstats.Stats(str(stats)).sort_stats("cumulative").print_stats(25)
     lab.reset_context()
+
+
+def _cell(seconds: float) -> str:
+    """Two decimals; three below 0.1 s, where the export cells are."""
+    return f"{seconds:.3f}" if seconds < 0.1 else f"{seconds:.2f}"
 
 
 def main() -> None:
@@ -435,6 +470,9 @@ def main() -> None:
     columns = (*SCENARIOS, "build -o", "apt", "peak MB", "unpack")
     times: dict[str, dict[str, list[float]]] = {t.name: {c: [] for c in columns} for t in tools}  # type: ignore[attr-defined]
     times["chroot floor"] = {c: [] for c in columns}
+    python = next((tool for tool in tools if isinstance(tool, Lamina)), None)
+    if python is not None:
+        times["python floor"] = {c: [] for c in columns}
     for round_no in range(args.rounds):
         floor = chroot_floor(lab)
         times["chroot floor"]["apt"].append(floor)
@@ -444,9 +482,13 @@ def main() -> None:
             result = measure_round(tool, lab, round_no, log)
             for column, value in result.items():
                 times[tool.name][column].append(value)  # type: ignore[attr-defined]
-            cells = " ".join(f"{c}={result[c]:.2f}" for c in columns if c in result)
+            cells = " ".join(f"{c}={_cell(result[c])}" for c in columns if c in result)
             print(f"  {tool.name:16} round {round_no + 1}: {cells}  ({uptime()})", file=sys.stderr)  # type: ignore[attr-defined]
             print("\n".join(log), file=sys.stderr)
+        if python is not None:  # after its build, which made the image the save reads
+            export_floor = python.floor()
+            times["python floor"]["export"].append(export_floor)
+            print(f"  {'python floor':16} round {round_no + 1}: export={export_floor:.3f}", file=sys.stderr)
     print(
         f"median wall seconds over {args.rounds} round(s); apt = the apt-get step; peak MB = /usr/bin/time -v"
     )
@@ -454,10 +496,10 @@ def main() -> None:
     print("|---|" + "---:|" * len(columns))
     medians = {name: {c: statistics.median(v) for c, v in row.items() if v} for name, row in times.items()}
     for name, row in medians.items():
-        print(f"| {name} | " + " | ".join(f"{row[c]:.2f}" if c in row else "" for c in columns) + " |")
+        print(f"| {name} | " + " | ".join(_cell(row[c]) if c in row else "" for c in columns) + " |")
     if "buildkit" in medians:
         peer = medians["buildkit"]
-        for name in (n for n in medians if n.startswith("lamina")):
+        for name in (n for n in medians if n.startswith("lamina") or n == "python floor"):
             row = medians[name]
             ratios = [f"{row[c] / peer[c]:.2f}x" if c in row and peer.get(c) else "" for c in columns]
             print(f"| {name} / buildkit | " + " | ".join(ratios) + " |")
