@@ -36,8 +36,8 @@ and, from the cold build's plain progress, the seconds of the apt-get step
 (`apt`) and of every step, so the table says where the time goes (the row
 `chroot floor` is the same apt-get in a plain chroot of the base on the
 same disk, once a round: what dpkg costs with no builder around it), and
-the row `python floor` gives export's: the interpreter, started as lamina's
-is, importing every module but lamina's own that its `save` loads (stdlib,
+the row `python floor` gives export's: the interpreter, started as lamina
+root's is, importing every module but lamina's own that its `save` loads (stdlib,
 click, codecs), the median of EXPORT_RUNS runs a round: what a save in
 Python costs with no lamina code in it); `peak MB`
 is the cold build's maximum resident set size by `/usr/bin/time -v` (the
@@ -470,8 +470,8 @@ def main() -> None:
     columns = (*SCENARIOS, "build -o", "apt", "peak MB", "unpack")
     times: dict[str, dict[str, list[float]]] = {t.name: {c: [] for c in columns} for t in tools}  # type: ignore[attr-defined]
     times["chroot floor"] = {c: [] for c in columns}
-    python = next((tool for tool in tools if isinstance(tool, Lamina)), None)
-    if python is not None:
+    floor_from = next((tool for tool in tools if isinstance(tool, Lamina)), None)  # root's, if timed
+    if floor_from is not None:
         times["python floor"] = {c: [] for c in columns}
     for round_no in range(args.rounds):
         floor = chroot_floor(lab)
@@ -485,8 +485,8 @@ def main() -> None:
             cells = " ".join(f"{c}={_cell(result[c])}" for c in columns if c in result)
             print(f"  {tool.name:16} round {round_no + 1}: {cells}  ({uptime()})", file=sys.stderr)  # type: ignore[attr-defined]
             print("\n".join(log), file=sys.stderr)
-        if python is not None:  # after its build, which made the image the save reads
-            export_floor = python.floor()
+        if floor_from is not None:  # after its build, which made the image the save reads
+            export_floor = floor_from.floor()
             times["python floor"]["export"].append(export_floor)
             print(f"  {'python floor':16} round {round_no + 1}: export={export_floor:.3f}", file=sys.stderr)
     print(
