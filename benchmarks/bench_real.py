@@ -34,14 +34,14 @@ only that binary. Scenarios, as benchmarks/bench_build.py's:
 
 and, from the cold build's plain progress, the seconds of the apt-get step
 (`apt`) and of every step, so the table says where the time goes (the row
-`chroot floor` is the same apt-get in a plain chroot of the base on the
-same disk, once a round: what dpkg costs with no builder around it), and
-the row `python floor` gives export's: the interpreter, started as lamina
-root's is, importing every module but lamina's own that its `save` loads (stdlib,
-click, codecs), the median of EXPORT_RUNS runs a round: what a save in
-Python costs with no lamina code in it); `peak MB`
-is the cold build's maximum resident set size by `/usr/bin/time -v` (the
-largest process of the build, the sandboxed apt/dpkg/gcc included).
+`chroot floor` is the same apt-get in a plain chroot of the base on the same
+disk, once a round: what dpkg costs with no builder around it), and the row
+`python floor` gives export's: the interpreter, started as lamina root's is,
+importing every module but lamina's own that its `save` loads (the stdlib's,
+click's, a codec library's if used), the median of EXPORT_RUNS runs a round:
+what a save in Python costs with no lamina code in it); `peak MB` is the
+cold build's maximum resident set size by `/usr/bin/time -v` (the largest
+process of the build, the sandboxed apt/dpkg/gcc included).
 
 Tools, taking turns round by round: lamina as root, lamina rootless (as
 `--user`, who needs subordinate ids in /etc/subuid: apt-get changes owners;
